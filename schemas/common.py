@@ -1,0 +1,145 @@
+"""Shared value types of the wire contracts: severity, GPU and tenant references, timestamps.
+
+Collectors build these from raw readings; the correlator and remediator read them back
+from NATS messages. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, field_validator
+
+
+class Severity(StrEnum):
+    """How bad a fault is. Ordered: ``info`` < ``warning`` < ``critical`` < ``fatal``."""
+
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+    FATAL = "fatal"
+
+    @property
+    def rank(self) -> int:
+        return _SEVERITY_RANK[self]
+
+
+_SEVERITY_RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.CRITICAL: 2, Severity.FATAL: 3}
+
+
+def max_severity(a: Severity, b: Severity) -> Severity:
+    """The worse of two severities."""
+    return a if a.rank >= b.rank else b
+
+
+_PCI_RE = re.compile(
+    r"^(?:PCI:)?(?:(?P<dom>[0-9a-fA-F]{1,8}):)?(?P<bus>[0-9a-fA-F]{1,2}):(?P<dev>[0-9a-fA-F]{1,2})"
+    r"(?:\.(?P<fn>[0-7]))?$"
+)
+
+
+def normalize_pci_bus_id(raw: str) -> str:
+    """Normalise a PCI address to lowercase ``dddd:bb:dd.f``.
+
+    The kernel prints ``PCI:0000:3b:00`` (no function), NVML prints ``00000000:3B:00.0``
+    (8-hex domain); both become ``0000:3b:00.0``. Raises ``ValueError`` on anything else.
+    """
+    m = _PCI_RE.match(raw.strip())
+    if m is None:
+        raise ValueError(f"not a PCI bus id: {raw!r}")
+    dom = int(m.group("dom") or "0", 16)
+    if dom > 0xFFFF:
+        raise ValueError(f"PCI domain out of range: {raw!r}")
+    bus = int(m.group("bus"), 16)
+    dev = int(m.group("dev"), 16)
+    fn = int(m.group("fn") or "0")
+    return f"{dom:04x}:{bus:02x}:{dev:02x}.{fn:x}"
+
+
+def _to_utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("timestamp must carry a timezone (RFC 3339)")
+    return value.astimezone(UTC)
+
+
+def format_rfc3339(value: datetime) -> str:
+    """RFC 3339 in UTC with a ``Z`` suffix and microseconds only when present."""
+    value = value.astimezone(UTC)
+    if value.microsecond:
+        return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+UtcDatetime = Annotated[
+    datetime,
+    AfterValidator(_to_utc),
+    PlainSerializer(format_rfc3339, return_type=str, when_used="json"),
+]
+"""A timezone-aware timestamp, stored in UTC, written as RFC 3339."""
+
+
+FROZEN = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+
+class GpuRef(BaseModel):
+    """One GPU on a node. ``index`` is the NVML index; ``pci_bus_id`` is normalised."""
+
+    model_config = FROZEN
+
+    index: int | None = Field(default=None, ge=0)
+    uuid: str | None = None
+    pci_bus_id: str | None = None
+
+    @field_validator("pci_bus_id")
+    @classmethod
+    def _norm_pci(cls, v: str | None) -> str | None:
+        return None if v is None else normalize_pci_bus_id(v)
+
+    def key(self) -> str:
+        """A stable identity for grouping: UUID when known, then index, then PCI address."""
+        if self.uuid:
+            return self.uuid
+        if self.index is not None:
+            return f"gpu{self.index}"
+        return self.pci_bus_id or "gpu?"
+
+    def label(self) -> str:
+        """Short human label, e.g. ``gpu3``."""
+        if self.index is not None:
+            return f"gpu{self.index}"
+        return self.pci_bus_id or self.uuid or "gpu?"
+
+
+class TenantRef(BaseModel):
+    """The workload that owns a GPU or an endpoint."""
+
+    model_config = FROZEN
+
+    namespace: str
+    pod: str | None = None
+    container: str | None = None
+    endpoint: str | None = None
+
+    def key(self) -> str:
+        return f"{self.namespace}/{self.endpoint or self.pod or '*'}"
+
+
+def json_compact(model: BaseModel) -> bytes:
+    """Serialise a model to compact JSON bytes for the wire."""
+    return model.model_dump_json(by_alias=True, exclude_none=False).encode()
+
+
+def first_error(exc: Any) -> str:
+    """One readable line from a pydantic ValidationError (or any exception)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        errs = errors()
+        if errs:
+            e = errs[0]
+            loc = ".".join(str(p) for p in e.get("loc", ())) or "<root>"
+            more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
+            return f"{loc}: {e.get('msg')}{more}"
+    return str(exc)

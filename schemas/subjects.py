@@ -1,0 +1,69 @@
+"""Every NATS subject and JetStream stream name breakfix uses, in one place.
+
+Producers call the ``*_subject`` helpers; the bus adapter creates the streams listed in
+``STREAMS``. Subject tokens are sanitised: NATS tokens cannot hold ``.``, ``*``, ``>`` or spaces.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+PREFIX = "breakfix"
+
+_BAD = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+def token(value: str) -> str:
+    """Make one safe subject token from a name (dots and wildcards become ``_``)."""
+    t = _BAD.sub("_", value)
+    return t or "_"
+
+
+def signal_subject(cluster: str, node: str) -> str:
+    """``breakfix.signals.<cluster>.<node>``: collectors publish here."""
+    return f"{PREFIX}.signals.{token(cluster)}.{token(node)}"
+
+
+def incident_subject(cluster: str) -> str:
+    """``breakfix.incidents.<cluster>``: the correlator publishes incident changes here."""
+    return f"{PREFIX}.incidents.{token(cluster)}"
+
+
+def action_subject(cluster: str) -> str:
+    """``breakfix.actions.<cluster>``: the remediator's audit trail."""
+    return f"{PREFIX}.actions.{token(cluster)}"
+
+
+def dead_letter_subject(stream: str) -> str:
+    """``breakfix.dlq.<stream>``: undecodable messages, with the reason in headers."""
+    return f"{PREFIX}.dlq.{token(stream.lower())}"
+
+
+SIGNALS_ALL = f"{PREFIX}.signals.>"
+INCIDENTS_ALL = f"{PREFIX}.incidents.>"
+ACTIONS_ALL = f"{PREFIX}.actions.>"
+DLQ_ALL = f"{PREFIX}.dlq.>"
+
+HDR_MSG_ID = "Nats-Msg-Id"
+HDR_DLQ_REASON = "Breakfix-Dead-Letter-Reason"
+HDR_DLQ_SUBJECT = "Breakfix-Original-Subject"
+HDR_DLQ_CONSUMER = "Breakfix-Consumer"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSpec:
+    """A JetStream stream: its name, subjects and duplicate-detection window."""
+
+    name: str
+    subjects: tuple[str, ...]
+    duplicate_window_s: float = 120.0
+    max_age_s: float = 7 * 24 * 3600.0
+
+
+SIGNALS = StreamSpec("BREAKFIX_SIGNALS", (SIGNALS_ALL,))
+INCIDENTS = StreamSpec("BREAKFIX_INCIDENTS", (INCIDENTS_ALL,))
+ACTIONS = StreamSpec("BREAKFIX_ACTIONS", (ACTIONS_ALL,), max_age_s=90 * 24 * 3600.0)
+DEAD_LETTERS = StreamSpec("BREAKFIX_DLQ", (DLQ_ALL,), max_age_s=30 * 24 * 3600.0)
+
+STREAMS: tuple[StreamSpec, ...] = (SIGNALS, INCIDENTS, ACTIONS, DEAD_LETTERS)
