@@ -1,0 +1,184 @@
+"""The ``breakfix`` command line (typer).
+
+``demo`` runs the whole pipeline on embedded defaults; ``replay`` correlates and decides
+over a recorded JSONL of signals with no NATS; ``schema export`` regenerates the JSON
+Schemas; ``correlator`` and ``remediator`` run the daemons against a NATS URL.
+Data-file errors print ``file:line: message`` and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+
+from breakfix import logs
+from schemas.datafile import DataFileError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="GPU health and break-fix for GPU clusters.")
+schema_app = typer.Typer(no_args_is_help=True, help="Wire contracts.")
+app.add_typer(schema_app, name="schema")
+
+out = Console(width=None if sys.stdout.isatty() else 180)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 180)
+T = TypeVar("T")
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(2)
+
+
+def _load(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except DataFileError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def demo(
+    nodes: Annotated[int, typer.Option(min=1, max=10_000, help="Simulated nodes (8 GPUs each).")] = 16,
+    scenario: Annotated[str, typer.Option(help="Bundled scenario name or a YAML file.")] = "mixed",
+    duration: Annotated[float, typer.Option(min=1, help="Stop after this many seconds at most.")] = 60.0,
+    data_dir: Annotated[Path | None, typer.Option(help="Keep NATS data here (default: a temp dir).")] = None,
+    policy: Annotated[Path | None, typer.Option(help="Remediation policy YAML.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Record what would be done; touch nothing.")] = False,
+    speed: Annotated[float, typer.Option(min=0.1, help="Replay speed factor.")] = 1.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show daemon logs.")] = False,
+) -> None:
+    """Run collectors, correlator and remediator over a simulated fleet and print what happened."""
+    from breakfix.demo import run_demo
+    from breakfix.render import print_demo
+    from collectors.sim import load_scenario
+    from remediator.policy import load_policy
+    from schemas.catalog import load_catalog
+
+    logs.configure(json=False, level="INFO" if verbose else "WARNING")
+    catalog = _load(load_catalog)
+    scen = _load(lambda: load_scenario(scenario))
+    pol = _load(lambda: load_policy(policy))
+    if dry_run:
+        pol = pol.model_copy(update={"dry_run": True})
+    out.print(f"[bold]breakfix demo[/bold]: {scen.name} - {scen.description}")
+
+    def run(d: Path) -> None:
+        result = asyncio.run(run_demo(scenario=scen, nodes=nodes, data_dir=d, catalog=catalog, policy=pol,
+                                      duration_s=duration, speed=speed, progress=lambda s: out.print(f"  {s}")))
+        print_demo(result, out)
+
+    if data_dir is not None:
+        run(data_dir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="breakfix-demo-") as d:
+            run(Path(d))
+
+
+@app.command()
+def replay(
+    signals: Annotated[Path, typer.Argument(help="JSONL file, one Signal per line.")],
+    policy: Annotated[Path | None, typer.Option(help="Remediation policy YAML.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    skip_invalid: Annotated[bool, typer.Option(help="Report broken lines and go on.")] = False,
+) -> None:
+    """Correlate recorded signals and decide plans, using each signal's observed_at as the clock."""
+    from breakfix.render import incident_table
+    from breakfix.replay import ReplayError
+    from breakfix.replay import replay as do_replay
+    from remediator.policy import load_policy
+    from schemas.catalog import load_catalog
+
+    if fmt not in ("table", "json"):
+        raise _fail(f"--format must be table or json, not {fmt!r}")
+    catalog = _load(load_catalog)
+    pol = _load(lambda: load_policy(policy))
+    errors: list[str] = []
+    try:
+        incidents = do_replay(signals, catalog=catalog, policy=pol, skip_invalid=skip_invalid, errors=errors)
+    except ReplayError as exc:
+        raise _fail(str(exc)) from None
+    for e in errors:
+        err.print(f"[yellow]skipped:[/yellow] {e}", highlight=False)
+    if fmt == "json":
+        for inc in incidents:
+            sys.stdout.write(inc.model_dump_json(by_alias=True) + "\n")
+    else:
+        out.print(incident_table(incidents, f"Incidents from {signals}"))
+
+
+@schema_app.command("export")
+def schema_export() -> None:
+    """Regenerate schemas/json/*.json from the pydantic models."""
+    from schemas.export import export
+
+    for p in export():
+        out.print(f"wrote {p}")
+
+
+@schema_app.command("check")
+def schema_check() -> None:
+    """Exit 1 when schemas/json is stale."""
+    from schemas.export import stale
+
+    bad = stale()
+    if bad:
+        err.print(f"stale JSON Schema files: {', '.join(bad)}; run 'breakfix schema export'")
+        raise typer.Exit(1)
+    out.print("schemas/json is up to date")
+
+
+@app.command()
+def catalog(code: Annotated[str, typer.Argument(help="XID number or DCGM_FR_* code.")]) -> None:
+    """Show how breakfix classifies one fault code, and NVIDIA's source for it."""
+    from schemas.catalog import load_catalog
+
+    cat = _load(load_catalog)
+    fc = cat.dcgm_code(code) if code.startswith("DCGM_FR_") else cat.xid(code)
+    out.print_json(json.dumps({"code": code, "category": fc.category, "severity": fc.severity.value,
+                               "domain": fc.domain.value, "nvidia_bucket": fc.bucket, "known": fc.known,
+                               "title": fc.title, "source": fc.source}))
+
+
+def _daemon(main: Callable[[asyncio.Event], object]) -> None:
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)  # type: ignore[misc]
+
+    asyncio.run(runner())
+
+
+@app.command()
+def correlator(nats: Annotated[str, typer.Option(envvar="BREAKFIX_NATS_URL", help="NATS URL.")]) -> None:
+    """Run the correlator daemon (JSON logs)."""
+    from bus.jetstream import JetStreamBus
+    from correlator.grouping import Correlator
+    from correlator.service import CorrelatorService
+    from schemas.catalog import load_catalog
+
+    logs.configure(json=True)
+    cat = _load(load_catalog)
+
+    async def main(stop: asyncio.Event) -> None:
+        bus = await JetStreamBus.connect(nats, name="breakfix-correlator")
+        try:
+            await CorrelatorService(bus, Correlator(cat), lambda: datetime.now(UTC)).run(stop)
+        finally:
+            await bus.close()
+
+    _daemon(main)
+
+
+def main() -> None:  # pragma: no cover
+    app()

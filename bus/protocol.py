@@ -1,0 +1,70 @@
+"""The small ``Bus`` protocol every stage talks to, and NATS subject matching.
+
+Implemented by ``bus.jetstream.JetStreamBus`` (real NATS JetStream) and
+``bus.memory.MemoryBus`` (in-process fake with the same semantics: msg-id dedupe,
+durable pull consumers, explicit ack, redelivery after nak).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from schemas.subjects import StreamSpec
+
+
+@dataclass(frozen=True, slots=True)
+class PublishAck:
+    stream: str
+    seq: int
+    duplicate: bool
+
+
+class Delivery(Protocol):
+    """One message handed to a consumer; ack only after its effect is durable."""
+
+    @property
+    def subject(self) -> str: ...
+    @property
+    def data(self) -> bytes: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def num_delivered(self) -> int: ...
+
+    async def ack(self) -> None: ...
+    async def nak(self, delay: float | None = None) -> None: ...
+    async def term(self) -> None: ...
+
+
+class Bus(Protocol):
+    async def ensure_streams(self, specs: Sequence[StreamSpec]) -> None:
+        """Create or update streams; safe to call any number of times."""
+
+    async def ensure_consumer(self, *, stream: str, durable: str, filter_subject: str,
+                              ack_wait_s: float = 30.0, max_deliver: int = 20) -> None:
+        """Create a durable pull consumer if it does not exist."""
+
+    async def publish(self, subject: str, data: bytes, *, msg_id: str | None = None,
+                      headers: Mapping[str, str] | None = None) -> PublishAck:
+        """Publish to a stream subject; a repeated ``msg_id`` is dropped as a duplicate."""
+
+    async def pull(self, *, stream: str, durable: str, batch: int, timeout_s: float) -> list[Delivery]:
+        """Fetch up to ``batch`` messages; an empty list when none arrive within the timeout."""
+
+    async def close(self) -> None: ...
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard match: ``*`` is one token, ``>`` is one or more trailing tokens."""
+    p = pattern.split(".")
+    s = subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(s) > i
+        if i >= len(s):
+            return False
+        if tok != "*" and tok != s[i]:
+            return False
+    return len(p) == len(s)

@@ -1,0 +1,39 @@
+"""The one place breakfix retries: transient bus errors only, with bounded backoff.
+
+Publishing and stream set-up call ``transient_retry``; permanent errors (bad stream
+config, authorisation, our own bugs) are raised at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import nats.errors
+import nats.js.errors
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+T = TypeVar("T")
+
+TRANSIENT: tuple[type[BaseException], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.js.errors.ServiceUnavailableError,
+    asyncio.TimeoutError,
+    ConnectionError,
+)
+
+
+async def transient_retry(fn: Callable[[], Awaitable[T]], *, attempts: int = 5, max_wait_s: float = 2.0) -> T:
+    """Call ``fn`` and retry it on transient errors only; re-raise the last error."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(TRANSIENT),
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential_jitter(initial=0.05, max=max_wait_s),
+        reraise=True,
+    ):
+        with attempt:
+            return await fn()
+    raise AssertionError("unreachable")  # pragma: no cover
