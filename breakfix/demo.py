@@ -9,11 +9,13 @@ a scenario, waits until every plan has finished, and returns the result for prin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from bus.codec import decoder
 from bus.consumer import ConsumerSpec, run_consumer
@@ -105,7 +107,7 @@ async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: C
                                        actor="remediator/demo")
         console = Console()
         console_bus = await bus("breakfix-console")
-        specs = [
+        specs: list[ConsumerSpec[Any]] = [
             ConsumerSpec(subjects.INCIDENTS.name, "console", subjects.INCIDENTS_ALL, decoder(IncidentChange),
                          console.on_change),
             ConsumerSpec(subjects.ACTIONS.name, "console-actions", subjects.ACTIONS_ALL, decoder(ActionRecord),
@@ -137,8 +139,6 @@ async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: C
                           time.monotonic() - started, server.url)
     finally:
         for b in buses:
-            try:
+            with contextlib.suppress(Exception):
                 await b.close()
-            except Exception:
-                pass
         server.stop()

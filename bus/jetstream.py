@@ -7,6 +7,7 @@ stream's duplicate window. Transient failures are retried by ``bus.retry`` only.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 
 import nats
@@ -86,12 +87,16 @@ class JetStreamBus:
                 storage=api.StorageType.FILE,
                 retention=api.RetentionPolicy.LIMITS,
             )
-            try:
-                await transient_retry(lambda: self._js.stream_info(spec.name))
-            except nats.js.errors.NotFoundError:
-                await transient_retry(lambda: self._js.add_stream(config))
-            else:
-                await transient_retry(lambda: self._js.update_stream(config))
+            await self._ensure_stream(config)
+
+    async def _ensure_stream(self, config: api.StreamConfig) -> None:
+        name = config.name or ""
+        try:
+            await transient_retry(lambda: self._js.stream_info(name))
+        except nats.js.errors.NotFoundError:
+            await transient_retry(lambda: self._js.add_stream(config))
+        else:
+            await transient_retry(lambda: self._js.update_stream(config))
 
     async def ensure_consumer(self, *, stream: str, durable: str, filter_subject: str,
                               ack_wait_s: float = 30.0, max_deliver: int = 20) -> None:
@@ -128,7 +133,7 @@ class JetStreamBus:
             self._subs[key] = sub
         try:
             msgs = await sub.fetch(batch=batch, timeout=timeout_s)
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, TimeoutError):
             return []
         return [_NatsDelivery(m) for m in msgs]
 
@@ -138,10 +143,8 @@ class JetStreamBus:
 
     async def close(self) -> None:
         for sub in self._subs.values():
-            try:
+            with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-            except Exception:
-                pass
         self._subs.clear()
         if not self._nc.is_closed:
             await self._nc.drain()

@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.common import GpuRef, Severity, TenantRef, UtcDatetime
 
-INCIDENT_SCHEMA = "breakfix.incident/v1"
-ACTION_SCHEMA = "breakfix.action/v1"
+INCIDENT_SCHEMA: Literal["breakfix.incident/v1"] = "breakfix.incident/v1"
+ACTION_SCHEMA: Literal["breakfix.action/v1"] = "breakfix.action/v1"
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

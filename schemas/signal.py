@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from schemas.common import GpuRef, Severity, TenantRef, UtcDatetime, format_rfc3339
 
-SIGNAL_SCHEMA = "breakfix.signal/v1"
+SIGNAL_SCHEMA: Literal["breakfix.signal/v1"] = "breakfix.signal/v1"
 
 _CHECK_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
 
