@@ -25,6 +25,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy schemas correlator remediator bus collectors breakfix
 	$(BIN)/lint-imports
 	$(BIN)/breakfix schema check
 	$(BIN)/pytest -q

@@ -11,6 +11,10 @@ import sys
 import structlog
 
 
+def _stderr_logger(*_args: object) -> structlog.PrintLogger:
+    return structlog.PrintLogger(file=sys.stderr)
+
+
 def configure(*, json: bool, level: str = "INFO") -> None:
     lvl = getattr(logging, level.upper(), logging.INFO)
     renderer: structlog.typing.Processor = (
@@ -25,6 +29,7 @@ def configure(*, json: bool, level: str = "INFO") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # Resolve sys.stderr at each use: a test runner may swap and close streams.
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )

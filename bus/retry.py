@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
 
 T = TypeVar("T")
 
@@ -31,7 +31,7 @@ async def transient_retry(fn: Callable[[], Awaitable[T]], *, attempts: int = 5, 
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(TRANSIENT),
         stop=stop_after_attempt(attempts),
-        wait=wait_exponential_jitter(initial=0.05, max=max_wait_s),
+        wait=wait_exponential(multiplier=0.05, max=max_wait_s) + wait_random(0, 0.05),
         reraise=True,
     ):
         with attempt:

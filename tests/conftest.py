@@ -1,0 +1,58 @@
+"""Shared fixtures: the shipped catalog and policy, a fixed clock, signal builders, a real nats-server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bus.server import EmbeddedNats
+from remediator.policy import Policy, load_policy
+from schemas.catalog import Catalog, default_catalog
+from schemas.common import GpuRef, TenantRef
+from schemas.signal import Signal, SignalSource, make_signal_id
+
+T0 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="session")
+def catalog() -> Catalog:
+    return default_catalog()
+
+
+@pytest.fixture(scope="session")
+def policy() -> Policy:
+    return load_policy()
+
+
+def gpu(index: int) -> GpuRef:
+    return GpuRef(index=index, uuid=f"GPU-0000000{index}-aaaa-bbbb-cccc-dddddddddddd",
+                  pci_bus_id=f"0000:{18 + index:02x}:00.0")
+
+
+def sig(*, node: str = "n1", check: str = "xid", code: str | None = "48", gpu_index: int | None = 0,
+        at: float = 0.0, healthy: bool = False, pod: str | None = None, ns: str = "team-a",
+        message: str = "", n: int = 0, **kw: Any) -> Signal:
+    """A signal at T0 + ``at`` seconds; ``n`` makes otherwise identical observations distinct."""
+    observed = T0 + timedelta(seconds=at)
+    g = gpu(gpu_index) if gpu_index is not None else None
+    return Signal(
+        id=make_signal_id(cluster="c1", node=node, source="sim", check=check, code=code, healthy=healthy,
+                          observed_at=observed, gpu=g, discriminator=str(n)),
+        cluster="c1", node=node, source=SignalSource.SIM, check=check, code=code, healthy=healthy, gpu=g,
+        tenant=TenantRef(namespace=ns, pod=pod) if pod else None, message=message or f"{check} {code}",
+        observed_at=observed, **kw,
+    )
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    """A real loopback nats-server with JetStream, started and stopped by the test."""
+    server = EmbeddedNats(tmp_path / "nats").start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,160 @@
+"""The Bus protocol, against the real nats-server and against the in-memory fake, same tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from bus.codec import decoder
+from bus.consumer import ConsumerSpec, run_consumer
+from bus.jetstream import JetStreamBus
+from bus.memory import MemoryBus
+from bus.protocol import Bus, Delivery, subject_matches
+from bus.server import EmbeddedNats
+from schemas import subjects
+from schemas.signal import Signal
+from tests.conftest import sig
+
+
+@pytest.fixture(params=["jetstream", "memory"])
+async def bus(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Bus]:
+    if request.param == "memory":
+        b: Bus = MemoryBus()
+        await b.ensure_streams(subjects.STREAMS)
+        yield b
+        return
+    server = EmbeddedNats(tmp_path / "nats").start()
+    js = await JetStreamBus.connect(server.url)
+    try:
+        await js.ensure_streams(subjects.STREAMS)
+        yield js
+    finally:
+        await js.close()
+        server.stop()
+
+
+async def drain(b: Bus, durable: str, n: int, filter_subject: str = subjects.SIGNALS_ALL) -> list[Delivery]:
+    await b.ensure_consumer(stream=subjects.SIGNALS.name, durable=durable, filter_subject=filter_subject)
+    got: list[Delivery] = []
+    for _ in range(20):
+        got += await b.pull(stream=subjects.SIGNALS.name, durable=durable, batch=100, timeout_s=0.2)
+        if len(got) >= n:
+            break
+    return got
+
+
+class TestSubjectMatch:
+    @pytest.mark.parametrize(("pattern", "subject", "ok"), [
+        ("breakfix.signals.>", "breakfix.signals.c.n", True),
+        ("breakfix.signals.>", "breakfix.signals", False),
+        ("breakfix.*.c", "breakfix.signals.c", True),
+        ("breakfix.*.c", "breakfix.signals.c.n", False),
+        ("a.b", "a.b", True),
+    ])
+    def test_wildcards(self, pattern: str, subject: str, ok: bool) -> None:
+        assert subject_matches(pattern, subject) is ok
+
+
+class TestBus:
+    async def test_ensure_streams_is_idempotent(self, bus: Bus) -> None:
+        await bus.ensure_streams(subjects.STREAMS)
+        await bus.ensure_streams(subjects.STREAMS)
+
+    async def test_repeated_msg_id_is_dropped(self, bus: Bus) -> None:
+        s = sig()
+        subj = subjects.signal_subject("c1", "n1")
+        first = await bus.publish(subj, s.model_dump_json().encode(), msg_id=s.id)
+        second = await bus.publish(subj, s.model_dump_json().encode(), msg_id=s.id)
+        assert not first.duplicate and second.duplicate
+        got = await drain(bus, "t-dedupe", 1)
+        assert len(got) == 1
+
+    async def test_unacked_message_is_redelivered_after_nak(self, bus: Bus) -> None:
+        await bus.publish(subjects.signal_subject("c1", "n1"), b"x", msg_id="m1")
+        [first] = await drain(bus, "t-nak", 1)
+        await first.nak(delay=0.05)
+        await asyncio.sleep(0.1)
+        again = await drain(bus, "t-nak", 1)
+        assert [m.data for m in again] == [b"x"]
+        assert again[0].num_delivered == 2
+
+    async def test_durable_consumer_resumes_where_it_acked(self, bus: Bus) -> None:
+        for i in range(5):
+            await bus.publish(subjects.signal_subject("c1", "n1"), str(i).encode(), msg_id=f"r{i}")
+        first = await drain(bus, "t-resume", 5)
+        for m in first[:3]:
+            await m.ack()
+        for m in first[3:]:
+            await m.nak(delay=0.01)
+        await asyncio.sleep(0.05)
+        rest = await drain(bus, "t-resume", 2)
+        assert sorted(m.data for m in rest) == [b"3", b"4"]
+
+
+class TestConsumerLoop:
+    async def test_malformed_message_is_dead_lettered_and_loop_keeps_going(self, bus: Bus) -> None:
+        handled: list[Signal] = []
+
+        async def handle(s: Signal, _m: Delivery) -> None:
+            handled.append(s)
+
+        subj = subjects.signal_subject("c1", "n1")
+        await bus.publish(subj, b"{not json", msg_id="bad-1")
+        await bus.publish(subj, b'{"schema": "breakfix.signal/v1"}', msg_id="bad-2")
+        good = sig()
+        await bus.publish(subj, good.model_dump_json(by_alias=True).encode(), msg_id=good.id)
+        stop = asyncio.Event()
+        spec = ConsumerSpec(subjects.SIGNALS.name, "t-dlq", subjects.SIGNALS_ALL, decoder(Signal), handle,
+                            fetch_timeout_s=0.1)
+        task = asyncio.create_task(run_consumer(bus, spec, stop=stop), name="t-dlq")
+        for _ in range(50):
+            if handled:
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        stats = await task
+        assert handled == [good]
+        assert stats.dead_lettered == 2
+        await bus.ensure_consumer(stream=subjects.DEAD_LETTERS.name, durable="t-dlq-read",
+                                  filter_subject=subjects.DLQ_ALL)
+        dead = await bus.pull(stream=subjects.DEAD_LETTERS.name, durable="t-dlq-read", batch=10, timeout_s=1)
+        assert [m.data for m in dead] == [b"{not json", b'{"schema": "breakfix.signal/v1"}']
+        assert all(m.headers[subjects.HDR_DLQ_SUBJECT] == subj for m in dead)
+        assert "invalid Signal" in dead[1].headers[subjects.HDR_DLQ_REASON]
+
+    async def test_handler_error_naks_and_message_is_retried(self, bus: Bus) -> None:
+        calls: list[int] = []
+
+        async def flaky(s: Signal, m: Delivery) -> None:
+            calls.append(m.num_delivered)
+            if len(calls) == 1:
+                raise RuntimeError("store briefly unavailable")
+
+        good = sig()
+        await bus.publish(subjects.signal_subject("c1", "n1"), good.model_dump_json(by_alias=True).encode(),
+                          msg_id=good.id)
+        stop = asyncio.Event()
+        spec = ConsumerSpec(subjects.SIGNALS.name, "t-retry", subjects.SIGNALS_ALL, decoder(Signal), flaky,
+                            fetch_timeout_s=0.1, retry_delay_s=0.05)
+        task = asyncio.create_task(run_consumer(bus, spec, stop=stop), name="t-retry")
+        for _ in range(60):
+            if len(calls) >= 2:
+                break
+            if isinstance(bus, MemoryBus):
+                await asyncio.sleep(0.05)
+            else:
+                await asyncio.sleep(0.05)
+        stop.set()
+        stats = await task
+        assert calls[:2] == [1, 2]
+        assert stats.failed == 1 and stats.handled == 1
+
+
+class TestEmbeddedServer:
+    def test_server_listens_on_loopback_with_store_under_data_dir(self, nats_server: EmbeddedNats) -> None:
+        assert nats_server.url.startswith("nats://127.0.0.1:")
+        assert nats_server.running
+        assert (nats_server.store_dir / "jetstream").exists()

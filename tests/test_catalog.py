@@ -1,0 +1,111 @@
+"""The fault catalog: NVIDIA's documented resolution per XID, and the cautious default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from schemas.catalog import CATALOG_DIR, Catalog, load_catalog
+from schemas.datafile import DataFileError
+from schemas.incident import Domain
+
+
+class TestDocumentedXids:
+    @pytest.mark.parametrize(
+        ("xid", "bucket", "category", "domain"),
+        [
+            ("13", "RESTART_APP", "application_fault", Domain.TENANT),
+            ("31", "RESTART_APP", "application_fault", Domain.TENANT),
+            ("43", "IGNORE", "informational", Domain.TENANT),
+            ("45", "WORKFLOW_XID_45", "sympathetic", Domain.NONE),
+            ("48", "WORKFLOW_XID_48", "gpu_reset_required", Domain.OPERATOR),
+            ("63", "IGNORE", "informational", Domain.NONE),
+            ("64", "RESET_GPU", "gpu_reset_required", Domain.OPERATOR),
+            ("74", "WORKFLOW_NVLINK_ERR", "nvlink_fault", Domain.OPERATOR),
+            ("79", "RESTART_BM", "node_reboot_required", Domain.OPERATOR),
+            ("92", "IGNORE", "informational", Domain.NONE),
+            ("94", "RESTART_APP", "application_fault", Domain.TENANT),
+            ("95", "RESET_GPU", "gpu_reset_required", Domain.OPERATOR),
+            ("119", "RESET_GPU", "gpu_reset_required", Domain.OPERATOR),
+            ("120", "RESET_GPU", "gpu_reset_required", Domain.OPERATOR),
+        ],
+        ids=lambda v: str(v),
+    )
+    def test_xid_follows_nvidia_immediate_bucket(self, catalog: Catalog, xid: str, bucket: str, category: str,
+                                                 domain: Domain) -> None:
+        fc = catalog.xid(xid)
+        assert fc.known
+        assert fc.bucket == bucket
+        assert fc.category == category
+        assert fc.domain == domain
+        assert "docs.nvidia.com/deploy/xid-errors" in fc.source
+
+    def test_xid_94_contained_error_is_app_restart_in_either_domain(self, catalog: Catalog) -> None:
+        """NVIDIA says 'either' for 94: the category restarts the app; policy decides the domain."""
+        assert catalog.xids[94].default_domain == "either"
+
+    def test_every_entry_cites_a_source(self, catalog: Catalog) -> None:
+        assert len(catalog.xids) >= 170
+        assert all(e.source for e in catalog.xids.values())
+
+
+class TestCautiousDefault:
+    @pytest.mark.parametrize("code", ["173", "999", "abc", "", "165"],
+                             ids=["next", "huge", "text", "empty", "no-bucket"])
+    def test_unknown_or_unbucketed_xid_is_unknown_fault(self, catalog: Catalog, code: str) -> None:
+        fc = catalog.xid(code)
+        assert fc.category == "unknown_fault"
+        assert fc.domain == Domain.OPERATOR
+        assert not fc.known
+
+    def test_unknown_check_is_unknown_fault(self, catalog: Catalog) -> None:
+        assert catalog.classify(check="psu.smoke", code=None).category == "unknown_fault"
+
+    def test_unknown_dcgm_code_is_unknown_fault(self, catalog: Catalog) -> None:
+        assert catalog.dcgm_code("DCGM_FR_FROM_THE_FUTURE").category == "unknown_fault"
+
+
+class TestXid154:
+    @pytest.mark.parametrize(
+        ("verdict", "category"),
+        [("None", "informational"), ("Drain and Reset", "gpu_drain_reset_required"),
+         ("GPU Reset Required", "gpu_reset_required"), ("Node Reboot Required", "node_reboot_required")],
+    )
+    def test_recovery_action_text_decides(self, catalog: Catalog, verdict: str, category: str) -> None:
+        msg = f"GPU recovery action changed from 0x0 (None) to 0x4 ({verdict})"
+        assert catalog.xid("154", msg).category == category
+
+    def test_unreadable_recovery_action_is_cautious(self, catalog: Catalog) -> None:
+        assert catalog.xid("154", "garbled").category == "unknown_fault"
+
+
+class TestDcgm:
+    @pytest.mark.parametrize(
+        ("code", "category"),
+        [("DCGM_FR_VOLATILE_DBE_DETECTED", "gpu_reset_required"), ("DCGM_FR_NVLINK_DOWN", "node_reboot_required"),
+         ("DCGM_FR_VOLATILE_SBE_DETECTED", "informational"), ("DCGM_FR_RETIRED_PAGES_LIMIT", "hardware_support")],
+    )
+    def test_dcgm_failure_codes_follow_nvsentinel_mapping(self, catalog: Catalog, code: str, category: str) -> None:
+        assert catalog.classify(check="dcgm.health", code=code).category == category
+
+
+class TestLoadFailsFast:
+    def test_unknown_category_reference_names_file(self, tmp_path: Path) -> None:
+        for f in CATALOG_DIR.iterdir():
+            if f.suffix in (".csv", ".yaml"):
+                (tmp_path / f.name).write_text(f.read_text())
+        text = (tmp_path / "classes.yaml").read_text().replace("IGNORE: informational", "IGNORE: nonsense")
+        (tmp_path / "classes.yaml").write_text(text)
+        with pytest.raises(DataFileError, match=r"classes.yaml.*unknown category 'nonsense'"):
+            load_catalog(tmp_path)
+
+    def test_bad_xid_row_names_line(self, tmp_path: Path) -> None:
+        for f in CATALOG_DIR.iterdir():
+            if f.suffix in (".csv", ".yaml"):
+                (tmp_path / f.name).write_text(f.read_text())
+        lines = (tmp_path / "xid_catalog.csv").read_text().splitlines()
+        lines[3] = "x" + lines[3]
+        (tmp_path / "xid_catalog.csv").write_text("\n".join(lines) + "\n")
+        with pytest.raises(DataFileError, match=r"xid_catalog.csv:4: bad XID row"):
+            load_catalog(tmp_path)
