@@ -1,0 +1,36 @@
+"""Runbooks: one per incident category, and their machine-readable steps match the default policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from remediator.policy import Policy
+from schemas.catalog import default_catalog
+
+RUNBOOKS = Path(__file__).resolve().parent.parent / "runbooks"
+CATEGORIES = sorted(default_catalog().classes.categories)
+
+
+def front_matter(path: Path) -> dict:  # type: ignore[type-arg]
+    text = path.read_text()
+    assert text.startswith("---\n"), f"{path} has no front matter"
+    return yaml.safe_load(text.split("---\n", 2)[1])  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_every_category_has_a_runbook_whose_steps_match_the_policy(category: str, policy: Policy) -> None:
+    path = RUNBOOKS / f"{category}.md"
+    assert path.exists(), f"missing runbook for {category}"
+    fm = front_matter(path)
+    assert fm["category"] == category
+    rule = next(r for r in policy.rules if r.name == fm["policy_rule"])
+    assert category in rule.match.categories
+    assert [s["action"] for s in fm["steps"]] == [s.action.value for s in rule.steps]
+    assert "## What the on-call SRE does" in path.read_text()
+
+
+def test_no_runbook_without_a_category() -> None:
+    assert sorted(p.stem for p in RUNBOOKS.glob("*.md")) == CATEGORIES
