@@ -76,7 +76,7 @@ async def bench_nats(signals: list[Signal], data: Path) -> dict[str, float]:
         for subj, body in payloads:
             await bus.client.publish(subj, body)  # core publish; the stream captures it
         await bus.client.flush()
-        while await bus.stream_messages(subjects.SIGNALS.name) < len(payloads):
+        while await bus.stream_messages(subjects.SIGNALS.name) < len(payloads):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         # raw: nats-py pull + ack, nothing else
         await bus.ensure_consumer(stream=subjects.SIGNALS.name, durable="raw", filter_subject=subjects.SIGNALS_ALL)
@@ -91,7 +91,7 @@ async def bench_nats(signals: list[Signal], data: Path) -> dict[str, float]:
         stop = asyncio.Event()
         start = time.perf_counter()
         task = asyncio.create_task(svc.run(stop), name="bench-correlator")
-        while svc.signal_stats.handled + svc.signal_stats.dead_lettered < len(payloads):
+        while svc.signal_stats.handled + svc.signal_stats.dead_lettered < len(payloads):  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         corr_s = time.perf_counter() - start
         stop.set()
