@@ -160,24 +160,36 @@ def _daemon(main: Callable[[asyncio.Event], object]) -> None:
 
 
 @app.command()
-def correlator(nats: Annotated[str, typer.Option(envvar="BREAKFIX_NATS_URL", help="NATS URL.")]) -> None:
+def correlator(
+    nats: Annotated[str | None, typer.Option(envvar="BREAKFIX_NATS_URL",
+                                             help="NATS URL; without one breakfix starts its own nats-server.")] = None,
+    data_dir: Annotated[Path, typer.Option(envvar="BREAKFIX_DATA_DIR", help="Store for an embedded server.")] = Path(
+        ".breakfix"),
+) -> None:
     """Run the correlator daemon (JSON logs)."""
     from bus.jetstream import JetStreamBus
+    from bus.server import EmbeddedNats
     from correlator.grouping import Correlator
     from correlator.service import CorrelatorService
     from schemas.catalog import load_catalog
 
     logs.configure(json=True)
     cat = _load(load_catalog)
+    server = None if nats else EmbeddedNats(data_dir / "nats").start()
+    url = nats or (server.url if server else "")
 
     async def main(stop: asyncio.Event) -> None:
-        bus = await JetStreamBus.connect(nats, name="breakfix-correlator")
+        bus = await JetStreamBus.connect(url, name="breakfix-correlator")
         try:
             await CorrelatorService(bus, Correlator(cat), lambda: datetime.now(UTC)).run(stop)
         finally:
             await bus.close()
 
-    _daemon(main)
+    try:
+        _daemon(main)
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def main() -> None:  # pragma: no cover
