@@ -27,6 +27,8 @@ from schemas.datafile import DataFileError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="GPU health and break-fix for GPU clusters.")
 schema_app = typer.Typer(no_args_is_help=True, help="Wire contracts.")
 app.add_typer(schema_app, name="schema")
+signals_app = typer.Typer(no_args_is_help=True, help="Offline sources: print one Signal JSON per line.")
+app.add_typer(signals_app, name="signals")
 
 out = Console(width=None if sys.stdout.isatty() else 180)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 180)
@@ -146,6 +148,36 @@ def catalog(code: Annotated[str, typer.Argument(help="XID number or DCGM_FR_* co
     out.print_json(json.dumps({"code": code, "category": fc.category, "severity": fc.severity.value,
                                "domain": fc.domain.value, "nvidia_bucket": fc.bucket, "known": fc.known,
                                "title": fc.title, "source": fc.source}))
+
+
+@signals_app.command("kmsg")
+def signals_kmsg(
+    file: Annotated[Path, typer.Argument(help="A kernel log: dmesg, dmesg -T, syslog, journalctl -k, /dev/kmsg dump.")],
+    node: Annotated[str, typer.Option(help="Node the log came from.")],
+    cluster: Annotated[str, typer.Option(help="Cluster name.")] = "default",
+) -> None:
+    """Parse NVIDIA XID, SXid and fallen-off-the-bus lines from a copied kernel log."""
+    from collectors.kmsg import gpu_map_entry, parse_line, to_signal
+    from schemas.catalog import load_catalog
+    from schemas.common import GpuRef
+
+    cat = _load(load_catalog)
+    gpus: dict[str, GpuRef] = {}
+    now = datetime.now(UTC)
+    try:
+        fh = file.open(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise _fail(f"{file}: cannot read: {exc.strerror or exc}") from None
+    with fh:
+        for line in fh:
+            mapped = gpu_map_entry(line)
+            if mapped:
+                gpus[mapped[0]] = GpuRef(uuid=mapped[1], pci_bus_id=mapped[0])
+                continue
+            ev = parse_line(line)
+            if ev is not None:
+                sig = to_signal(ev, cluster=cluster, node=node, observed_at=now, catalog=cat, gpus=gpus)
+                sys.stdout.write(sig.model_dump_json(by_alias=True) + "\n")
 
 
 def _daemon(main: Callable[[asyncio.Event], object]) -> None:

@@ -124,6 +124,7 @@ async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: C
             timed = timeline(scenario, fleet, utcnow(), catalog)
             progress(f"replaying scenario {scenario.name!r}: {len(timed)} signals over {len(fleet.nodes)} nodes")
             if malformed:
+                progress("publishing one malformed signal, as a broken collector would; it must be dead-lettered")
                 await collector_bus.publish(subjects.signal_subject(fleet.cluster, "gpu-node-bad"),
                                             b'{"schema": "breakfix.signal/v1", "node": 42}')
             sent = await run_scenario(publisher, timed, speed=speed)

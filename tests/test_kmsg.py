@@ -1,0 +1,103 @@
+"""Kernel-log rules: real NVIDIA driver lines in every prefix -> exactly the right events."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from collectors.kmsg import gpu_map_entry, parse_line, to_signal
+from schemas.catalog import Catalog
+from schemas.common import GpuRef
+from tests.conftest import T0
+
+REAL = (Path(__file__).parent / "data" / "kmsg_real.log").read_text().splitlines()
+
+EXPECTED = [
+    ("xid", "13", "0000:cb:00.0"), ("xid", "13", "0000:38:00.0"), ("xid", "13", "0000:01:00.0"),
+    ("xid", "31", "0000:08:00.0"), ("xid", "43", "0000:38:00.0"), ("xid", "45", "0000:dc:00.0"),
+    ("xid", "48", "0000:07:00.0"), ("xid", "63", "0000:10:1c.0"), ("xid", "64", "0000:07:00.0"),
+    ("xid", "79", "0000:2b:00.0"), ("xid", "79", "0000:91:00.0"), ("xid", "149", "0009:01:00.0"),
+    ("xid", "154", "0009:01:00.0"), ("xid", "119", "0002:00:00.0"), ("sxid", "24007", "0000:c3:00.0"),
+    ("sxid", "26006", "0004:00:00.0"), ("gpu.lost", None, "0000:2b:00.0"), ("gpu.lost", None, "0000:b3:00.0"),
+    None, None, None, None, None,
+]
+
+
+class TestParseLine:
+    @pytest.mark.parametrize(("line", "expected"), list(zip(REAL, EXPECTED, strict=True)),
+                             ids=[f"line{i + 1}" for i in range(len(REAL))])
+    def test_real_lines(self, line: str, expected: tuple[str, str | None, str] | None) -> None:
+        ev = parse_line(line)
+        if expected is None:
+            assert ev is None
+        else:
+            assert ev is not None and (ev.kind, ev.code, ev.pci) == expected
+
+    def test_pid_and_process_are_kept_as_evidence(self) -> None:
+        ev = parse_line(REAL[3])
+        assert ev is not None and ev.details["pid"] == "169800" and ev.details["process"] == "chrome"
+
+    def test_unknown_pid_is_not_evidence(self) -> None:
+        ev = parse_line(REAL[0])
+        assert ev is not None and "pid" not in ev.details and "process" not in ev.details
+
+    def test_process_names_with_colons_and_brackets(self) -> None:
+        ev = parse_line(REAL[13])
+        assert ev is not None and ev.details["process"] == "nvc:[driver]"
+
+    def test_raw_kmsg_sequence_number_distinguishes_repeats(self) -> None:
+        ev = parse_line(REAL[11])
+        assert ev is not None and ev.seq == "1234"
+
+    def test_sxid_fatal_class_and_link(self) -> None:
+        ev = parse_line(REAL[14])
+        assert ev is not None and ev.details["fatal"] == "Fatal" and ev.details["link"] == "28"
+        linkless = parse_line(REAL[15])
+        assert linkless is not None and "link" not in linkless.details
+
+    def test_gpu_map_line(self) -> None:
+        assert gpu_map_entry(REAL[18]) == ("0000:01:00.0", "GPU-8a47641b-dff6-f09f-618c-c3eb58fb430d")
+
+
+class TestToSignal:
+    def test_xid_signal_maps_pci_to_gpu_and_classifies(self, catalog: Catalog) -> None:
+        ev = parse_line(REAL[6])
+        assert ev is not None
+        gpus = {"0000:07:00.0": GpuRef(index=1, uuid="GPU-1", pci_bus_id="0000:07:00.0")}
+        s = to_signal(ev, cluster="c1", node="n1", observed_at=T0, catalog=catalog, gpus=gpus)
+        assert s.check == "xid" and s.code == "48" and s.gpu is not None and s.gpu.index == 1
+        assert s.severity.value == "critical" and s.message.startswith("NVRM: Xid (PCI:0000:07:00): 48")
+
+    def test_same_line_same_id(self, catalog: Catalog) -> None:
+        ev = parse_line(REAL[6])
+        assert ev is not None
+        a = to_signal(ev, cluster="c1", node="n1", observed_at=T0, catalog=catalog)
+        b = to_signal(ev, cluster="c1", node="n1", observed_at=T0, catalog=catalog)
+        assert a.id == b.id
+
+    def test_xid154_carries_recovery_action_into_classification(self, catalog: Catalog) -> None:
+        ev = parse_line(REAL[12])
+        assert ev is not None
+        s = to_signal(ev, cluster="c1", node="n1", observed_at=T0, catalog=catalog)
+        assert catalog.classify(check=s.check, code=s.code, message=s.message).category == "gpu_drain_reset_required"
+
+    def test_noise_in_bulk_yields_only_fault_lines(self) -> None:
+        lines = REAL * 1000
+        events = [e for e in map(parse_line, lines) if e is not None]
+        assert len(events) == 18 * 1000
+
+
+def test_signals_kmsg_cli_prints_one_signal_per_fault_line() -> None:
+    from typer.testing import CliRunner
+
+    from breakfix.cli import app
+    from schemas.signal import Signal
+
+    path = Path(__file__).parent / "data" / "kmsg_real.log"
+    result = CliRunner().invoke(app, ["signals", "kmsg", str(path), "--node", "n1", "--cluster", "c1"])
+    assert result.exit_code == 0, result.output
+    signals = [Signal.model_validate_json(x) for x in result.stdout.splitlines()]
+    assert len(signals) == 18
+    assert {s.check for s in signals} == {"xid", "sxid", "gpu.lost"}
+    assert all(s.node == "n1" and s.cluster == "c1" and s.source.value == "kmsg" for s in signals)
