@@ -127,11 +127,6 @@ class TenantRef(BaseModel):
         return f"{self.namespace}/{self.endpoint or self.pod or '*'}"
 
 
-def json_compact(model: BaseModel) -> bytes:
-    """Serialise a model to compact JSON bytes for the wire."""
-    return model.model_dump_json(by_alias=True, exclude_none=False).encode()
-
-
 def first_error(exc: Any) -> str:
     """One readable line from a pydantic ValidationError (or any exception)."""
     errors = getattr(exc, "errors", None)

@@ -143,10 +143,7 @@ class TestConsumerLoop:
         for _ in range(60):
             if len(calls) >= 2:
                 break
-            if isinstance(bus, MemoryBus):
-                await asyncio.sleep(0.05)
-            else:
-                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)
         stop.set()
         stats = await task
         assert calls[:2] == [1, 2]

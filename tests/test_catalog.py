@@ -90,20 +90,23 @@ class TestDcgm:
         assert catalog.classify(check="dcgm.health", code=code).category == category
 
 
+def copy_catalog(dest: Path) -> None:
+    """The shipped catalog files, copied so a test can break one of them."""
+    for f in CATALOG_DIR.iterdir():
+        if f.suffix in (".csv", ".yaml"):
+            (dest / f.name).write_text(f.read_text())
+
+
 class TestLoadFailsFast:
     def test_unknown_category_reference_names_file(self, tmp_path: Path) -> None:
-        for f in CATALOG_DIR.iterdir():
-            if f.suffix in (".csv", ".yaml"):
-                (tmp_path / f.name).write_text(f.read_text())
+        copy_catalog(tmp_path)
         text = (tmp_path / "classes.yaml").read_text().replace("IGNORE: informational", "IGNORE: nonsense")
         (tmp_path / "classes.yaml").write_text(text)
         with pytest.raises(DataFileError, match=r"classes.yaml.*unknown category 'nonsense'"):
             load_catalog(tmp_path)
 
     def test_bad_xid_row_names_line(self, tmp_path: Path) -> None:
-        for f in CATALOG_DIR.iterdir():
-            if f.suffix in (".csv", ".yaml"):
-                (tmp_path / f.name).write_text(f.read_text())
+        copy_catalog(tmp_path)
         lines = (tmp_path / "xid_catalog.csv").read_text().splitlines()
         lines[3] = "x" + lines[3]
         (tmp_path / "xid_catalog.csv").write_text("\n".join(lines) + "\n")
