@@ -17,6 +17,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
+from nats.js.object_store import ObjectStore
 
 from bus.protocol import Delivery, PublishAck
 from bus.retry import transient_retry
@@ -48,6 +49,13 @@ class _NatsDelivery:
         except Exception:  # not a JetStream message
             return 1
 
+    @property
+    def stream_seq(self) -> int:
+        try:
+            return int(self._msg.metadata.sequence.stream)
+        except Exception:  # not a JetStream message
+            return 0
+
     async def ack(self) -> None:
         await self._msg.ack()
 
@@ -65,6 +73,7 @@ class JetStreamBus:
         self._nc = nc
         self._js = js
         self._subs: dict[tuple[str, str], JetStreamContext.PullSubscription] = {}
+        self._stores: dict[str, ObjectStore] = {}
 
     @classmethod
     async def connect(cls, url: str, *, name: str = "breakfix") -> JetStreamBus:
@@ -86,17 +95,21 @@ class JetStreamBus:
                 max_age=spec.max_age_s,
                 storage=api.StorageType.FILE,
                 retention=api.RetentionPolicy.LIMITS,
+                subject_transform=api.SubjectTransform(src=spec.transform[0], dest=spec.transform[1])
+                if spec.transform else None,
             )
-            await self._ensure_stream(config)
+            await self._ensure_stream(config, keep_transform=spec.transform is None)
 
-    async def _ensure_stream(self, config: api.StreamConfig) -> None:
+    async def _ensure_stream(self, config: api.StreamConfig, *, keep_transform: bool) -> None:
         name = config.name or ""
         try:
-            await transient_retry(lambda: self._js.stream_info(name))
+            info = await transient_retry(lambda: self._js.stream_info(name))
         except nats.js.errors.NotFoundError:
             await transient_retry(lambda: self._js.add_stream(config))
-        else:
-            await transient_retry(lambda: self._js.update_stream(config))
+            return
+        if keep_transform:  # only the partitioned correlator decides partitioning; others keep it
+            config.subject_transform = info.config.subject_transform
+        await transient_retry(lambda: self._js.update_stream(config))
 
     async def ensure_consumer(self, *, stream: str, durable: str, filter_subject: str,
                               ack_wait_s: float = 30.0, max_deliver: int = 20) -> None:
@@ -116,6 +129,50 @@ class JetStreamBus:
             max_ack_pending=20_000,
         )
         await transient_retry(lambda: self._js.add_consumer(stream, config=config))
+
+    async def reset_consumer(self, *, stream: str, durable: str, filter_subject: str, start_seq: int,
+                             ack_all: bool = True, max_ack_pending: int = 200_000,
+                             ack_wait_s: float = 60.0) -> None:
+        sub = self._subs.pop((stream, durable), None)
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await transient_retry(lambda: self._js.delete_consumer(stream, durable))
+        config = api.ConsumerConfig(
+            durable_name=durable,
+            name=durable,
+            ack_policy=api.AckPolicy.ALL if ack_all else api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE if start_seq > 1 else api.DeliverPolicy.ALL,
+            opt_start_seq=start_seq if start_seq > 1 else None,
+            filter_subject=filter_subject,
+            ack_wait=ack_wait_s,
+            max_ack_pending=max_ack_pending,
+        )
+        await transient_retry(lambda: self._js.add_consumer(stream, config=config))
+
+    async def put_blob(self, bucket: str, name: str, data: bytes) -> None:
+        store = await self._object_store(bucket)
+        await transient_retry(lambda: store.put(name, data))
+
+    async def get_blob(self, bucket: str, name: str) -> bytes | None:
+        store = await self._object_store(bucket)
+        try:
+            result = await transient_retry(lambda: store.get(name))
+        except nats.js.errors.ObjectNotFoundError:
+            return None
+        return bytes(result.data or b"")
+
+    async def _object_store(self, bucket: str) -> ObjectStore:
+        store = self._stores.get(bucket)
+        if store is None:
+            try:
+                store = await self._js.object_store(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                store = await self._js.create_object_store(bucket, config=api.ObjectStoreConfig(
+                    bucket=bucket, storage=api.StorageType.FILE))
+            self._stores[bucket] = store
+        return store
 
     async def publish(self, subject: str, data: bytes, *, msg_id: str | None = None,
                       headers: Mapping[str, str] | None = None) -> PublishAck:

@@ -27,6 +27,7 @@ class _Stored:
 class _Consumer:
     filter_subject: str
     next_index: int = 0
+    ack_all: bool = False
     pending: dict[int, int] = field(default_factory=dict)  # seq -> deliveries
     redeliver: list[int] = field(default_factory=list)
 
@@ -59,7 +60,14 @@ class _MemDelivery:
     def num_delivered(self) -> int:
         return self._n
 
+    @property
+    def stream_seq(self) -> int:
+        return self._stored.seq
+
     async def ack(self) -> None:
+        if self._consumer.ack_all:
+            for seq in [q for q in self._consumer.pending if q <= self._stored.seq]:
+                del self._consumer.pending[seq]
         self._consumer.pending.pop(self._stored.seq, None)
 
     async def term(self) -> None:
@@ -74,6 +82,7 @@ class _MemDelivery:
 class MemoryBus:
     def __init__(self) -> None:
         self.streams: dict[str, _Stream] = {}
+        self.blobs: dict[tuple[str, str], bytes] = {}
         self._cond = asyncio.Condition()
         self.closed = False
 
@@ -86,6 +95,8 @@ class MemoryBus:
 
     async def ensure_streams(self, specs: Sequence[StreamSpec]) -> None:
         for spec in specs:
+            if spec.transform is not None:
+                raise NotImplementedError("MemoryBus does not apply subject transforms; use a real nats-server")
             existing = self.streams.get(spec.name)
             if existing is None:
                 self.streams[spec.name] = _Stream(spec)
@@ -96,6 +107,18 @@ class MemoryBus:
                               ack_wait_s: float = 30.0, max_deliver: int = 20) -> None:
         st = self.streams[stream]
         st.consumers.setdefault(durable, _Consumer(filter_subject))
+
+    async def reset_consumer(self, *, stream: str, durable: str, filter_subject: str, start_seq: int,
+                             ack_all: bool = True, max_ack_pending: int = 200_000,
+                             ack_wait_s: float = 60.0) -> None:
+        st = self.streams[stream]
+        st.consumers[durable] = _Consumer(filter_subject, next_index=max(start_seq, 1) - 1, ack_all=ack_all)
+
+    async def put_blob(self, bucket: str, name: str, data: bytes) -> None:
+        self.blobs[(bucket, name)] = bytes(data)
+
+    async def get_blob(self, bucket: str, name: str) -> bytes | None:
+        return self.blobs.get((bucket, name))
 
     def _stream_for(self, subject: str) -> _Stream:
         for st in self.streams.values():

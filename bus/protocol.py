@@ -32,6 +32,10 @@ class Delivery(Protocol):
     def headers(self) -> Mapping[str, str]: ...
     @property
     def num_delivered(self) -> int: ...
+    @property
+    def stream_seq(self) -> int:
+        """The message's sequence number in its stream (0 when not known)."""
+        ...
 
     async def ack(self) -> None: ...
     async def nak(self, delay: float | None = None) -> None: ...
@@ -46,6 +50,16 @@ class Bus(Protocol):
                               ack_wait_s: float = 30.0, max_deliver: int = 20) -> None:
         """Create a durable pull consumer if it does not exist."""
 
+    async def reset_consumer(self, *, stream: str, durable: str, filter_subject: str, start_seq: int,
+                             ack_all: bool = True, max_ack_pending: int = 200_000,
+                             ack_wait_s: float = 60.0) -> None:
+        """(Re)create a durable pull consumer that starts at ``start_seq``.
+
+        For stages whose checkpoint, not the consumer, is the source of truth: at start-up
+        they point the cursor just past what their checkpoint covers. With ``ack_all`` one
+        ack covers every earlier message, so a stage acks once per checkpoint.
+        """
+
     async def publish(self, subject: str, data: bytes, *, msg_id: str | None = None,
                       headers: Mapping[str, str] | None = None) -> PublishAck:
         """Publish to a stream subject; a repeated ``msg_id`` is dropped as a duplicate."""
@@ -54,6 +68,13 @@ class Bus(Protocol):
         """Fetch up to ``batch`` messages; an empty list when none arrive within the timeout."""
 
     async def close(self) -> None: ...
+
+
+class BlobStore(Protocol):
+    """Named blobs that outlive a process (checkpoints). JetStream Object Store, or memory."""
+
+    async def put_blob(self, bucket: str, name: str, data: bytes) -> None: ...
+    async def get_blob(self, bucket: str, name: str) -> bytes | None: ...
 
 
 def subject_matches(pattern: str, subject: str) -> bool:

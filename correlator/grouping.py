@@ -1,202 +1,242 @@
-"""The pure grouping core: (state, signal, now) -> incident changes. No I/O, no clock reads.
+"""The pure grouping core: (state, signal, now) -> state + incident changes. No I/O, no clock reads.
 
-``Correlator.ingest`` folds one ``Signal`` into the open incidents; ``Correlator.apply_action``
-folds one remediator ``ActionRecord`` into an incident's lifecycle. Both return the
-``IncidentChange``s to publish. ``correlator.service`` (NATS) and ``breakfix replay`` (a file)
-drive it; both pass time in.
+``Correlator.ingest`` folds one ``Signal`` into the open incidents; ``apply_action`` folds one
+remediator ``ActionRecord`` into an incident's lifecycle; ``expire`` forgets what is long
+settled. Each returns ``Change``s (``correlator.model``) for the service to publish. The
+service (``correlator.service``, NATS) and ``breakfix replay`` (a file) drive it and pass time
+in. What the rules mean is data: ``correlator/rules/default.yaml`` via ``correlator.rules``.
 
-Grouping keys:
-- tenant-domain faults with a known tenant -> one incident per (namespace, workload);
-- GPU faults -> one per (node, GPU); node faults -> one per node;
-- collateral XIDs (45) fold into the open incident of the same GPU they follow.
+Grouping, in the order a fault signal meets it:
+1. duplicates (same id) are counted on their incident and dropped;
+2. collateral XID 45 within the window of another fault on the same GPU folds into it;
+3. XID 74 / NVLink errors on the peers of a GPU that just went down fold into its incident;
+4. an endpoint SLO breach served by a node with an open hardware incident becomes its impact;
+5. application XIDs on one GPU across several workloads open a suspect-GPU incident;
+6. otherwise the key: tenant (namespace, workload), GPU (node, GPU) or node;
+7. count-in-window thresholds hold back an incident until the count is reached;
+8. new and reopened incidents feed lemon detection and topology grouping.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from correlator.model import TrackedIncident, category_rank, incident_id
-from schemas.catalog import Catalog, FaultClass
+from correlator.lifecycle import Lifecycle
+from correlator.model import Change, TrackedIncident, category_rank, incident_id
+from correlator.patterns import Patterns
+from correlator.state import LEMON_LABEL, CoreState
+from schemas.catalog import FaultClass
 from schemas.common import max_severity
-from schemas.incident import (
-    ActionKind,
-    ActionOutcome,
-    ActionRecord,
-    ChangeKind,
-    Domain,
-    IncidentChange,
-    IncidentScope,
-    IncidentStatus,
-    StepAction,
-)
+from schemas.incident import ChangeKind, Domain, IncidentScope, IncidentStatus
 from schemas.signal import Signal
 
 NODE_CATEGORIES = frozenset({"node_reboot_required"})
-
-
-@dataclass(frozen=True, slots=True)
-class CorrelatorConfig:
-    dedupe_window_s: float = 60.0
-    flap_window_s: float = 600.0
-    sympathetic_window_s: float = 120.0
-    evidence_limit: int = 20
-    signal_id_limit: int = 50
-    seen_id_limit: int = 200_000
+__all__ = ["LEMON_LABEL", "CoreState", "Correlator", "code_key"]
 
 
 def code_key(signal: Signal) -> str:
-    """``xid:48``, ``dcgm:DCGM_FR_...``, or the check name when there is no code."""
-    if signal.check == "xid" and signal.code:
-        return f"xid:{signal.code}"
+    """``xid:48``, ``dcgm:DCGM_FR_...``, ``<check>:<code>``, or the check name when there is no code."""
     if signal.code:
         return f"{signal.check}:{signal.code}"
     return signal.check
 
 
-class Correlator:
-    """Open incidents and the indexes to find them. Mutated only by ``ingest``/``apply_action``."""
+class Correlator(Lifecycle, Patterns, CoreState):
+    """The grouping core. State and checkpoint form: ``CoreState``; healthy/actions: ``Lifecycle``;
+    multi-signal patterns: ``Patterns``."""
 
-    def __init__(self, catalog: Catalog, config: CorrelatorConfig | None = None) -> None:
-        self.catalog = catalog
-        self.config = config or CorrelatorConfig()
-        self.incidents: dict[str, TrackedIncident] = {}
-        self.by_key: dict[str, str] = {}
-        self.by_fault: dict[str, str] = {}
-        self.seen: OrderedDict[str, str] = OrderedDict()
-        self.last_fault_at: dict[tuple[str, str], datetime] = {}
-        self.stats = {"signals": 0, "duplicates": 0, "suppressed": 0, "healthy": 0}
-
-    # -- keys ---------------------------------------------------------------------------------
-    def _key(self, s: Signal, fc: FaultClass) -> tuple[str, IncidentScope, str | None]:
-        if fc.domain is Domain.TENANT and s.tenant is not None:
-            workload = s.tenant.endpoint or s.tenant.pod or "*"
-            return f"tenant|{s.cluster}|{s.tenant.namespace}|{workload}", IncidentScope.TENANT, s.node
-        if s.gpu is not None and fc.category not in NODE_CATEGORIES:
-            return f"gpu|{s.cluster}|{s.node}|{s.gpu.key()}", IncidentScope.GPU, s.node
-        return f"node|{s.cluster}|{s.node}", IncidentScope.NODE, s.node
-
-    def _gpu_incident(self, s: Signal) -> TrackedIncident | None:
-        if s.gpu is None:
-            return None
-        iid = self.by_key.get(f"gpu|{s.cluster}|{s.node}|{s.gpu.key()}")
-        inc = self.incidents.get(iid) if iid else None
-        if inc is None or inc.status is IncidentStatus.RESOLVED:
-            return None
-        return inc
-
-    # -- signals ------------------------------------------------------------------------------
-    def ingest(self, s: Signal, now: datetime) -> list[IncidentChange]:
+    # -- signals ----------------------------------------------------------------------------------
+    def ingest(self, s: Signal, now: datetime) -> list[Change]:
         """Fold one signal in; return the changes to publish (often none)."""
         self.stats["signals"] += 1
-        if s.id in self.seen:
+        hit = self.seen.get(s.id)
+        if hit is not None:
             self.stats["duplicates"] += 1
-            inc = self.incidents.get(self.seen[s.id])
+            inc = self.incidents.get(hit)
             if inc is not None:
                 inc.duplicate_count += 1
             return []
+        fk = s.fault_key()
         if s.healthy:
             self._remember(s.id, "")
-            return self._clear(s, now)
-        fc = self.catalog.classify(check=s.check, code=s.code, message=s.message)
-        if s.check == "xid" and s.code in self.catalog.correlation.sympathetic_xids:
-            host = self._gpu_incident(s)
-            window = timedelta(seconds=self.config.sympathetic_window_s)
-            if host is not None and s.observed_at - host.last_seen <= window:
-                return self._add(host, s, fc, now, fold=True)
-        key, scope, node = self._key(s, fc)
-        iid = self.by_key.get(key)
-        inc = self.incidents.get(iid) if iid else None
-        if inc is not None and inc.status is IncidentStatus.RESOLVED:
-            assert inc.resolved_at is not None
-            if s.observed_at - inc.resolved_at <= timedelta(seconds=self.config.flap_window_s):
-                return self._reopen(inc, s, fc, now)
+            return self._clear(fk, s, now)
+        ck = code_key(s)
+        fc = self._classify(s)
+        at = s.observed_at
+        rules = self.rules
+        gkey = s.gpu.key() if s.gpu is not None else None
+        gpu_key = f"gpu|{s.cluster}|{s.node}|{gkey}" if gkey is not None else None
+        if gpu_key is not None and s.check == "xid" and s.code in self._symp:
+            host = self._live(self.by_key.get(gpu_key))
+            if host is not None and at - host.last_seen <= self._symp_td:
+                return self._add(host, s, fk, ck, fc, now, fold=True)
+        if ck in rules.peer_codes:
+            d = self.down.get(s.node)
+            if d is not None and d[1] != gkey and at - d[2] <= self._peer_td:
+                host = self._live(d[0])
+                if host is not None:
+                    return self._add(host, s, fk, ck, fc, now, fold=True)
+        if fc.category in rules.impact_categories and s.tenant is not None:
+            changes = self._endpoint(s, fk, ck, fc, now)
+            if changes is not None:
+                return changes
+        if gpu_key is not None and ck in rules.suspect_codes and s.tenant is not None:
+            changes = self._suspect(gpu_key, s, fk, ck, fc, now)
+            if changes is not None:
+                return changes
+        key, scope = self._key(s, fc, gpu_key)
+        inc = self.incidents.get(self.by_key.get(key, ""))
+        if inc is not None and inc.status.terminal:
+            if inc.status is IncidentStatus.RESOLVED and inc.resolved_at is not None \
+                    and (at - inc.resolved_at).total_seconds() <= rules.flap_s:
+                return self._reopen(inc, s, fk, ck, fc, now)
             inc = None
         if inc is None:
-            return self._open(key, scope, node, s, fc, now)
-        return self._add(inc, s, fc, now)
+            thr = rules.thresholds.get(ck)
+            if thr is not None and not self._threshold_met(f"{fk}#{ck}", at, thr.count, thr.window_s):
+                self.stats["below_threshold"] += 1
+                self._remember(s.id, "")
+                return []
+            return self._open(key, scope, s, fk, ck, fc, now)
+        return self._add(inc, s, fk, ck, fc, now)
 
-    def _remember(self, signal_id: str, incident: str) -> None:
-        self.seen[signal_id] = incident
-        if len(self.seen) > self.config.seen_id_limit:
-            self.seen.popitem(last=False)
+    def _key(self, s: Signal, fc: FaultClass, gpu_key: str | None) -> tuple[str, IncidentScope]:
+        if fc.domain is Domain.TENANT and s.tenant is not None:
+            workload = s.tenant.endpoint or s.tenant.pod or "*"
+            return f"tenant|{s.cluster}|{s.tenant.namespace}|{workload}", IncidentScope.TENANT
+        if gpu_key is not None and fc.category not in NODE_CATEGORIES:
+            return gpu_key, IncidentScope.GPU
+        return f"node|{s.cluster}|{s.node}", IncidentScope.NODE
 
-    def _open(self, key: str, scope: IncidentScope, node: str | None, s: Signal, fc: FaultClass,
-              now: datetime) -> list[IncidentChange]:
+    def _threshold_met(self, key: str, at: datetime, count: int, window_s: float) -> bool:
+        times = self.pending.setdefault(key, [])
+        times.append(at)
+        while times and (at - times[0]).total_seconds() > window_s:
+            times.pop(0)
+        if len(times) >= count:
+            del self.pending[key]
+            return True
+        del times[:-count]
+        return False
+
+    def _open(self, key: str, scope: IncidentScope, s: Signal, fk: str, ck: str, fc: FaultClass,
+              now: datetime, note: str = "") -> list[Change]:
         inc = TrackedIncident(
-            id=incident_id(key, s.id), key=key, cluster=s.cluster, scope=scope, node=node,
-            category=fc.category, severity=max_severity(fc.severity, s.severity) if not fc.known else fc.severity,
+            id=incident_id(key, s.id), key=key, cluster=s.cluster, scope=scope, node=s.node,
+            category=fc.category, severity=fc.severity if fc.known else max_severity(fc.severity, s.severity),
             domain=fc.domain, title=fc.title, first_seen=s.observed_at, last_seen=s.observed_at,
         )
         self.incidents[inc.id] = inc
         self.by_key[key] = inc.id
-        self._absorb(inc, s, fc)
-        return [IncidentChange(kind=ChangeKind.OPENED, incident=inc.snapshot(), at=now)]
+        self._absorb(inc, s, fk, ck, fc)
+        inc.note(s.observed_at, "opened", note or f"{ck} on {s.entity_key()}", self.rules.timeline_limit)
+        return [Change(ChangeKind.OPENED, inc), *self._after_open(inc, s, now)]
 
-    def _reopen(self, inc: TrackedIncident, s: Signal, fc: FaultClass, now: datetime) -> list[IncidentChange]:
+    def _reopen(self, inc: TrackedIncident, s: Signal, fk: str, ck: str, fc: FaultClass,
+                now: datetime) -> list[Change]:
         inc.status = IncidentStatus.OPEN
         inc.flaps += 1
         inc.plan = None
         inc.resolved_at = None
+        inc.time_to_repair_s = None
         inc.version += 1
-        self._absorb(inc, s, fc)
-        return [IncidentChange(kind=ChangeKind.REOPENED, incident=inc.snapshot(), at=now)]
+        self._absorb(inc, s, fk, ck, fc)
+        inc.note(s.observed_at, "reopened", f"{ck} again (flap {inc.flaps})", self.rules.timeline_limit)
+        return [Change(ChangeKind.REOPENED, inc), *self._after_open(inc, s, now)]
 
-    def _add(self, inc: TrackedIncident, s: Signal, fc: FaultClass, now: datetime,
-             fold: bool = False) -> list[IncidentChange]:
-        dedupe_key = (inc.id, f"{s.fault_key()}#{s.code or ''}")
-        last = self.last_fault_at.get(dedupe_key)
-        window = timedelta(seconds=self.config.dedupe_window_s)
-        material = self._absorb(inc, s, fc, fold=fold)
-        if not material and last is not None and s.observed_at - last <= window:
+    def _after_open(self, inc: TrackedIncident, s: Signal, now: datetime) -> list[Change]:
+        changes: list[Change] = []
+        if inc.domain is Domain.OPERATOR and inc.node is not None:
+            self.on_node.setdefault(inc.node, {})[inc.id] = None
+            changes.extend(self._link_impacted(inc))
+        if inc.scope is IncidentScope.GPU and inc.domain is Domain.OPERATOR:
+            self._lemon(inc, s)
+        if self.topology is not None:
+            changes.extend(self.topology.observe(inc, self.incidents, self.by_key, s.observed_at))
+        return changes
+
+    def _add(self, inc: TrackedIncident, s: Signal, fk: str, ck: str, fc: FaultClass, now: datetime,
+             fold: bool = False) -> list[Change]:
+        at = s.observed_at
+        lk = f"{fk}#{ck}"
+        last = inc.last_at.get(lk)
+        if last is not None and fk in inc.open_faults and at - last <= self._dedupe and ck in inc.counts:
+            # the storm path: count it, store nothing new, publish nothing
             self.stats["suppressed"] += 1
+            self._remember(s.id, inc.id)
+            inc.signal_count += 1
+            inc.counts[ck] += 1
+            inc.last_at[lk] = at
+            if at > inc.last_seen:
+                inc.last_seen = at
+            if at > inc.open_faults[fk]:
+                inc.open_faults[fk] = at
             return []
-        if not material:
+        if fold:
+            self.stats["folded"] += 1
+        if not self._absorb(inc, s, fk, ck, fc, fold=fold):
             return []
         inc.version += 1
-        return [IncidentChange(kind=ChangeKind.UPDATED, incident=inc.snapshot(), at=now)]
+        changes = [Change(ChangeKind.UPDATED, inc)]
+        if self.topology is not None and not fold and inc.parent is None and inc.node is not None:
+            changes.extend(self.topology.observe(inc, self.incidents, self.by_key, at))
+        return changes
 
-    def _absorb(self, inc: TrackedIncident, s: Signal, fc: FaultClass, fold: bool = False) -> bool:
+    def _absorb(self, inc: TrackedIncident, s: Signal, fk: str, ck: str, fc: FaultClass,
+                fold: bool = False) -> bool:
         """Add a fault signal's facts to an incident; True when something an SRE would notice changed."""
+        rules = self.rules
+        at = s.observed_at
         self._remember(s.id, inc.id)
-        self.last_fault_at[(inc.id, f"{s.fault_key()}#{s.code or ''}")] = s.observed_at
+        inc.last_at[f"{fk}#{ck}"] = at
         material = False
         inc.signal_count += 1
-        if len(inc.signal_ids) < self.config.signal_id_limit:
+        if len(inc.signal_ids) < rules.evidence_ids:
             inc.signal_ids.append(s.id)
-        if len(inc.evidence) < self.config.evidence_limit and s.message:
+        if len(inc.evidence) < rules.evidence_messages and s.message:
             inc.evidence.append(s.message)
-        inc.last_seen = max(inc.last_seen, s.observed_at)
-        ck = code_key(s)
-        if ck not in inc.counts:
+        if at > inc.last_seen:
+            inc.last_seen = at
+        n = inc.counts.get(ck)
+        inc.counts[ck] = 1 if n is None else n + 1
+        if n is None:
             material = True
-        inc.counts[ck] = inc.counts.get(ck, 0) + 1
-        if s.check not in inc.checks:
-            inc.checks.append(s.check)
-        if s.node not in inc.nodes:
-            inc.nodes.append(s.node)
-            material = True
-        if s.gpu is not None and s.gpu.key() not in inc.gpus:
-            inc.gpus[s.gpu.key()] = s.gpu
-            material = True
-        if s.tenant is not None and s.tenant.key() not in inc.tenants:
-            inc.tenants[s.tenant.key()] = s.tenant
-            material = True
-        for k, v in s.labels.items():
-            inc.labels.setdefault(k, v)
-        fk = s.fault_key()
-        if fk not in inc.open_faults or inc.open_faults[fk] < s.observed_at:
-            inc.open_faults[fk] = s.observed_at
-            self.by_fault[fk] = inc.id
+            if fold:
+                inc.note(at, "folded", f"{ck} on {s.entity_key()}", rules.timeline_limit)
+        inc.checks[s.check] = None
         if not fold:
-            material |= self._merge_class(inc, fc)
-        material |= self._companions(inc)
+            if s.node not in inc.nodes:
+                inc.nodes[s.node] = None
+                for k, v in s.labels.items():
+                    inc.labels.setdefault(k, v)
+                material = True
+            if s.gpu is not None:
+                g = s.gpu.key()
+                if g not in inc.gpus:
+                    inc.gpus[g] = s.gpu
+                    material = True
+            if s.tenant is not None:
+                t = s.tenant.key()
+                if t not in inc.tenants:
+                    inc.tenants[t] = s.tenant
+                    material = True
+            material |= self._merge_class(inc, fc, at)
+        prev = inc.open_faults.get(fk)
+        if prev is None or prev < at:
+            inc.open_faults[fk] = at
+            self.by_fault[fk] = inc.id
+            material |= prev is None
+        if ck in rules.down_codes and s.gpu is not None:
+            self.down[s.node] = (inc.id, s.gpu.key(), at)
+        if inc.category == "gpu_reset_required" and "xid:48" in inc.counts \
+                and not self._companion_keys.isdisjoint(inc.counts):
+            material |= self._companions(inc, at)
         return material
 
-    def _merge_class(self, inc: TrackedIncident, fc: FaultClass) -> bool:
+    def _merge_class(self, inc: TrackedIncident, fc: FaultClass, at: datetime) -> bool:
         changed = False
         if category_rank(fc.category) < category_rank(inc.category):
+            inc.note(at, "category", f"{inc.category} -> {fc.category}", self.rules.timeline_limit)
             inc.category, inc.title = fc.category, fc.title
             if fc.domain is Domain.OPERATOR or inc.domain is not Domain.OPERATOR:
                 inc.domain = fc.domain
@@ -206,74 +246,10 @@ class Correlator:
             inc.severity, changed = sev, True
         return changed
 
-    def _companions(self, inc: TrackedIncident) -> bool:
+    def _companions(self, inc: TrackedIncident, at: datetime) -> bool:
         """XID 48 with 63/64 on the same GPU means drain-and-reset (NVIDIA WORKFLOW_XID_48)."""
-        if "xid:48" not in inc.counts or inc.category != "gpu_reset_required":
-            return False
-        if any(f"xid:{c}" in inc.counts for c in self.catalog.correlation.dbe_companions):
-            spec = self.catalog.category("gpu_drain_reset_required")
-            inc.category, inc.title = "gpu_drain_reset_required", "XID 48 DBE with row-remap event: drain and reset"
-            inc.severity = max_severity(inc.severity, spec.severity)
-            return True
-        return False
-
-    def _clear(self, s: Signal, now: datetime) -> list[IncidentChange]:
-        self.stats["healthy"] += 1
-        fk = s.fault_key()
-        iid = self.by_fault.get(fk)
-        inc = self.incidents.get(iid) if iid else None
-        if inc is None or fk not in inc.open_faults:
-            return []
-        if s.observed_at < inc.open_faults[fk]:
-            return []  # a healthy reading older than the fault never clears it
-        del inc.open_faults[fk]
-        self.by_fault.pop(fk, None)
-        inc.version += 1
-        if not inc.open_faults and inc.status is IncidentStatus.OPEN and inc.plan is None:
-            inc.status = IncidentStatus.RESOLVED
-            inc.resolved_at = s.observed_at
-            return [IncidentChange(kind=ChangeKind.RESOLVED, incident=inc.snapshot(), at=now)]
-        return [IncidentChange(kind=ChangeKind.UPDATED, incident=inc.snapshot(), at=now)]
-
-    # -- remediator feedback ---------------------------------------------------------------------
-    def apply_action(self, rec: ActionRecord, now: datetime) -> list[IncidentChange]:
-        """Fold one audit record into the incident lifecycle."""
-        inc = self.incidents.get(rec.incident_id)
-        if inc is None or rec.dry_run:
-            if inc is not None and rec.kind is ActionKind.PLAN and rec.plan is not None and inc.plan is None:
-                inc.plan = rec.plan
-                inc.version += 1
-                return [IncidentChange(kind=ChangeKind.STATUS, incident=inc.snapshot(), at=now)]
-            return []
-        before = (inc.status, inc.plan)
-        if rec.kind is ActionKind.PLAN:
-            if rec.outcome is ActionOutcome.PLANNED and rec.plan is not None:
-                inc.plan = rec.plan
-            elif rec.outcome is ActionOutcome.COMPLETED:
-                self._set_status(inc, IncidentStatus.RESOLVED, rec.at)
-            elif rec.outcome in (ActionOutcome.ESCALATED, ActionOutcome.FAILED):
-                self._set_status(inc, IncidentStatus.ESCALATED, rec.at)
-        elif rec.kind is ActionKind.STEP and rec.outcome in (ActionOutcome.STARTED, ActionOutcome.SUCCEEDED):
-            if rec.action is StepAction.VALIDATE:
-                self._set_status(inc, IncidentStatus.VALIDATING, rec.at)
-            elif rec.action is StepAction.RETURN_TO_SERVICE and rec.outcome is ActionOutcome.SUCCEEDED:
-                self._set_status(inc, IncidentStatus.RESOLVED, rec.at)
-            elif rec.action is StepAction.ESCALATE:
-                self._set_status(inc, IncidentStatus.ESCALATED, rec.at)
-            elif rec.action not in (StepAction.RETURN_TO_SERVICE, StepAction.NOTIFY_TENANT):
-                self._set_status(inc, IncidentStatus.MITIGATING, rec.at)
-        if (inc.status, inc.plan) == before:
-            return []
-        inc.version += 1
-        kind = ChangeKind.RESOLVED if inc.status is IncidentStatus.RESOLVED else ChangeKind.STATUS
-        return [IncidentChange(kind=kind, incident=inc.snapshot(), at=now)]
-
-    def _set_status(self, inc: TrackedIncident, status: IncidentStatus, at: datetime) -> None:
-        if inc.status.terminal:
-            return
-        inc.status = status
-        if status is IncidentStatus.RESOLVED:
-            inc.resolved_at = at
-            for fk in list(inc.open_faults):
-                self.by_fault.pop(fk, None)
-            inc.open_faults.clear()
+        spec = self.catalog.category("gpu_drain_reset_required")
+        inc.note(at, "category", "XID 48 with a row-remap event: drain and reset", self.rules.timeline_limit)
+        inc.category, inc.title = "gpu_drain_reset_required", "XID 48 DBE with row-remap event: drain and reset"
+        inc.severity = max_severity(inc.severity, spec.severity)
+        return True

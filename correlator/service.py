@@ -1,63 +1,195 @@
-"""The correlator daemon: consume signals and action records, publish incident changes.
+"""The correlator daemon: consume signals and action records, publish incident changes, checkpoint.
 
-Reads ``breakfix.signals.>`` (durable ``correlator``) and ``breakfix.actions.>`` (durable
-``correlator-actions``), feeds the pure ``Correlator`` core with an injected clock, and
-publishes every ``IncidentChange`` on ``breakfix.incidents.<cluster>`` with msg-id
-``<incident>:<version>`` so re-publication after a redelivery is dropped by JetStream.
-Each message is acked only after its changes are published.
+Reads ``breakfix.signals.>`` (or one partition of it, ``breakfix.signals.*.*.<p>``) and
+``breakfix.actions.>``, feeds the pure core (``correlator.grouping``) a batch at a time with
+an injected clock, and publishes one ``IncidentChange`` per touched incident per batch on
+``breakfix.incidents.<cluster>``, with msg-id ``<incident>:<version>``.
+
+Durability: the checkpoint (``correlator.checkpoint``: the core's state plus the last stream
+sequence of each consumer) is the truth. Messages are acked (ack-all) only after a checkpoint
+that covers them is stored. At start-up the service loads the checkpoint and re-points its
+durable consumers just past it, so a process that was killed re-reads exactly what its last
+checkpoint did not cover. The core is deterministic in the signals, so the changes it
+publishes again carry the same msg-ids and JetStream drops them: no lost signals, no
+duplicate incidents, nothing reopened twice. Undecodable messages go to the dead-letter
+subject with the reason and are covered by the next ack like any other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, Protocol
 
 import structlog
 
 from bus.codec import decoder, encode
-from bus.consumer import ConsumerSpec, ConsumerStats, run_consumer
-from bus.protocol import Bus, Delivery
+from bus.consumer import ConsumerStats, DecodeError
+from bus.protocol import BlobStore, Bus, Delivery
+from correlator.checkpoint import Checkpoint, CheckpointStore
 from correlator.grouping import Correlator
+from correlator.model import Change, coalesce
 from schemas import subjects
-from schemas.incident import ActionRecord, IncidentChange
+from schemas.incident import ActionRecord
 from schemas.signal import Signal
 
 log = structlog.get_logger("breakfix.correlator")
 
 
+class StoreBus(Bus, BlobStore, Protocol):
+    """A bus that can also keep checkpoints (``JetStreamBus``, ``MemoryBus``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    durable: str = "correlator"
+    partition: int = 0
+    partitions: int = 1
+    batch: int = 1024
+    fetch_timeout_s: float = 0.05
+    checkpoint_interval_s: float = 1.0
+    expire_interval_s: float = 60.0
+
+    @property
+    def name(self) -> str:
+        return self.durable if self.partitions == 1 else f"{self.durable}-p{self.partition}"
+
+
 class CorrelatorService:
-    def __init__(self, bus: Bus, core: Correlator, clock: Callable[[], datetime], *,
-                 durable: str = "correlator") -> None:
+    def __init__(self, bus: StoreBus, core: Correlator, clock: Callable[[], datetime], *,
+                 config: ServiceConfig | None = None, checkpoints: CheckpointStore | None = None) -> None:
         self.bus = bus
         self.core = core
         self.clock = clock
-        self.durable = durable
+        self.config = config or ServiceConfig()
+        self.checkpoints = checkpoints or CheckpointStore(bus, self.config.name)
         self.signal_stats = ConsumerStats()
         self.action_stats = ConsumerStats()
+        self.published = 0
+        self.positions: dict[str, int] = {}
+        self._unacked: dict[str, Delivery] = {}
+        self._lock = asyncio.Lock()
+        self._dirty = False
+        self.ready = asyncio.Event()
 
-    async def _publish(self, changes: list[IncidentChange]) -> None:
-        for ch in changes:
+    # -- one batch -------------------------------------------------------------------------------
+    async def _publish(self, changes: list[Change], now: datetime) -> None:
+        wire = [ch.to_wire(now) for ch in coalesce(changes)]
+        await asyncio.gather(*(self.bus.publish(subjects.incident_subject(ch.incident.cluster), encode(ch),
+                                                msg_id=f"{ch.incident.id}:{ch.incident.version}") for ch in wire))
+        self.published += len(wire)
+        for ch in wire:
             inc = ch.incident
-            await self.bus.publish(subjects.incident_subject(inc.cluster), encode(ch),
-                                   msg_id=f"{inc.id}:{inc.version}")
             log.info("incident_" + ch.kind.value, incident=inc.id, node=inc.node, category=inc.category,
-                     status=inc.status.value, signals=inc.signal_count)
+                     status=inc.status.value, signals=inc.signal_count, parent=inc.parent)
 
-    async def on_signal(self, signal: Signal, _msg: Delivery) -> None:
-        await self._publish(self.core.ingest(signal, self.clock()))
+    async def _dead_letter(self, msg: Delivery, stream: str, durable: str, reason: str) -> None:
+        log.warning("dead_lettered", subject=msg.subject, reason=reason)
+        await self.bus.publish(subjects.dead_letter_subject(stream), msg.data, headers={
+            subjects.HDR_DLQ_REASON: reason[:1000], subjects.HDR_DLQ_SUBJECT: msg.subject,
+            subjects.HDR_DLQ_CONSUMER: durable})
 
-    async def on_action(self, record: ActionRecord, _msg: Delivery) -> None:
-        await self._publish(self.core.apply_action(record, self.clock()))
+    async def _batch(self, msgs: list[Delivery], *, stream: str, durable: str, decode: Callable[[bytes], Any],
+                     handle: Callable[[Any, datetime], list[Change]], stats: ConsumerStats) -> None:
+        async with self._lock:
+            now = self.clock()
+            changes: list[Change] = []
+            for msg in msgs:
+                try:
+                    item = decode(msg.data)
+                except DecodeError as exc:
+                    stats.dead_lettered += 1
+                    await self._dead_letter(msg, stream, durable, str(exc))
+                    continue
+                try:
+                    changes.extend(handle(item, now))
+                except Exception as exc:  # a poison message must not stall the partition
+                    stats.failed += 1
+                    log.error("handler_failed", subject=msg.subject, error=repr(exc))
+                    await self._dead_letter(msg, stream, durable, f"correlator error: {exc!r}")
+                    continue
+                stats.handled += 1
+            await self._publish(changes, now)
+            self._unacked[durable] = msgs[-1]
+            self._dirty = True
+
+    async def _consume(self, stop: asyncio.Event, *, stream: str, durable: str, decode: Callable[[bytes], Any],
+                       handle: Callable[[Any, datetime], list[Change]], stats: ConsumerStats) -> None:
+        while not stop.is_set():
+            try:
+                msgs = await self.bus.pull(stream=stream, durable=durable, batch=self.config.batch,
+                                           timeout_s=self.config.fetch_timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # connection trouble: back off, keep running
+                log.warning("pull_failed", stream=stream, error=repr(exc))
+                await asyncio.sleep(0.5)
+                continue
+            if msgs:
+                await self._batch(msgs, stream=stream, durable=durable, decode=decode, handle=handle, stats=stats)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    async def checkpoint(self) -> bool:
+        """Store the state and ack what it covers; False when there was nothing new."""
+        async with self._lock:
+            if not self._dirty:
+                return False
+            for durable, msg in self._unacked.items():
+                self.positions[durable] = max(self.positions.get(durable, 0), msg.stream_seq)
+            started = time.perf_counter()
+            await self.checkpoints.save(Checkpoint(self.core.to_state(), dict(self.positions)))
+            for msg in self._unacked.values():
+                await msg.ack()
+            self._unacked.clear()
+            self._dirty = False
+            log.debug("checkpoint", positions=self.positions, bytes=self.checkpoints.last_size,
+                      ms=round((time.perf_counter() - started) * 1000, 1))
+            return True
+
+    async def _checkpointer(self, stop: asyncio.Event) -> None:
+        last_expire = time.monotonic()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.config.checkpoint_interval_s)
+            if time.monotonic() - last_expire >= self.config.expire_interval_s:
+                async with self._lock:
+                    gone = self.core.expire(self.clock())
+                    self._dirty |= bool(gone)
+                last_expire = time.monotonic()
+            await self.checkpoint()
+
+    async def restore(self) -> None:
+        """Load the checkpoint (if any) and point both consumers just past it."""
+        cfg = self.config
+        await self.bus.ensure_streams(subjects.streams(cfg.partitions) if cfg.partitions > 1 else subjects.STREAMS)
+        cp = await self.checkpoints.load()
+        if cp is not None:
+            self.core.load_state(cp.state)
+            self.positions = dict(cp.positions)
+            log.info("checkpoint_loaded", incidents=len(self.core.incidents), positions=self.positions)
+        for stream, durable, filt in self._consumers():
+            await self.bus.reset_consumer(stream=stream, durable=durable, filter_subject=filt,
+                                          start_seq=self.positions.get(durable, 0) + 1)
+
+    def _consumers(self) -> list[tuple[str, str, str]]:
+        cfg = self.config
+        return [(subjects.SIGNALS.name, cfg.name, subjects.signal_partition_filter(cfg.partition, cfg.partitions)),
+                (subjects.ACTIONS.name, f"{cfg.name}-actions", subjects.ACTIONS_ALL)]
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.bus.ensure_streams(subjects.STREAMS)
-        sig = ConsumerSpec(subjects.SIGNALS.name, self.durable, subjects.SIGNALS_ALL,
-                           decoder(Signal), self.on_signal)
-        act = ConsumerSpec(subjects.ACTIONS.name, f"{self.durable}-actions", subjects.ACTIONS_ALL,
-                           decoder(ActionRecord), self.on_action)
+        await self.restore()
+        (sig_stream, sig_durable, _), (act_stream, act_durable, _) = self._consumers()
+        self.ready.set()
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(run_consumer(self.bus, sig, stop=stop, stats=self.signal_stats),
-                           name="correlator-signals")
-            tg.create_task(run_consumer(self.bus, act, stop=stop, stats=self.action_stats),
-                           name="correlator-actions")
+            tg.create_task(self._consume(stop, stream=sig_stream, durable=sig_durable, decode=decoder(Signal),
+                                         handle=self.core.ingest, stats=self.signal_stats),
+                           name=f"{self.config.name}-signals")
+            tg.create_task(self._consume(stop, stream=act_stream, durable=act_durable,
+                                         decode=decoder(ActionRecord), handle=self.core.apply_action,
+                                         stats=self.action_stats), name=f"{self.config.name}-actions")
+            tg.create_task(self._checkpointer(stop), name=f"{self.config.name}-checkpoint")
+        await self.checkpoint()

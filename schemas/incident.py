@@ -106,6 +106,16 @@ class CodeCount(BaseModel):
     count: int
 
 
+class TimelineEntry(BaseModel):
+    """One state change in an incident's life, for the SRE reading why it exists."""
+
+    model_config = _FROZEN
+
+    at: UtcDatetime
+    event: str = Field(description="opened, escalated, folded, status:<s>, lemon, ...")
+    note: str = ""
+
+
 class Incident(BaseModel):
     """A correlated problem: one per real fault, however many signals it took to see it."""
 
@@ -139,6 +149,20 @@ class Incident(BaseModel):
     plan: Plan | None = None
     resolved_at: UtcDatetime | None = None
     version: int = 1
+    timeline: tuple[TimelineEntry, ...] = Field(default=(), description="State changes, oldest first (bounded).")
+    parent: str | None = Field(
+        default=None,
+        description="The incident this one is folded into: a fabric incident, or the hardware incident "
+        "that causes this endpoint breach. The remediator acts on the parent only.",
+    )
+    members: tuple[str, ...] = Field(default=(), description="Fabric incidents: the folded node/GPU incidents.")
+    topology: dict[str, str] = Field(
+        default_factory=dict, description="Fabric incidents: the shared component, e.g. {switch: leaf-03}."
+    )
+    impact: tuple[TenantRef, ...] = Field(
+        default=(), description="Tenant endpoints whose SLO breach this hardware incident causes."
+    )
+    time_to_repair_s: float | None = None
 
 
 class ChangeKind(StrEnum):
@@ -147,6 +171,7 @@ class ChangeKind(StrEnum):
     REOPENED = "reopened"
     STATUS = "status"
     RESOLVED = "resolved"
+    FOLDED = "folded"
 
 
 class IncidentChange(BaseModel):

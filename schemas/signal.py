@@ -69,14 +69,14 @@ class Signal(BaseModel):
 
     def entity_key(self) -> str:
         """The entity this signal speaks about: node, GPU, component, and tenant endpoint."""
-        parts = [self.node]
+        key = self.node
         if self.gpu is not None:
-            parts.append(self.gpu.key())
+            key += "/" + self.gpu.key()
         if self.component:
-            parts.append(self.component)
+            key += "/" + self.component
         if self.tenant is not None and self.tenant.endpoint:
-            parts.append(self.tenant.key())
-        return "/".join(parts)
+            key += "/" + self.tenant.key()
+        return key
 
     def fault_key(self) -> str:
         """Check plus entity: what a healthy signal must match to clear a fault."""

@@ -59,6 +59,33 @@ class StreamSpec:
     subjects: tuple[str, ...]
     duplicate_window_s: float = 120.0
     max_age_s: float = 7 * 24 * 3600.0
+    transform: tuple[str, str] | None = None  # (source, destination) subject transform applied on store
+
+
+def signals_stream(partitions: int = 1) -> StreamSpec:
+    """The signal stream. With ``partitions`` > 1 the server appends a partition token to every
+    subject, ``breakfix.signals.<cluster>.<node>.<p>``, hashed on the node, so each correlator
+    instance consumes only its nodes (``signal_partition_filter``)."""
+    if partitions < 1:
+        raise ValueError("partitions must be >= 1")
+    if partitions == 1:
+        return SIGNALS
+    dest = f"{PREFIX}.signals.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{partition({partitions},2)}}}}"
+    return StreamSpec(SIGNALS.name, SIGNALS.subjects, transform=(f"{PREFIX}.signals.*.*", dest))
+
+
+def signal_partition_filter(partition: int, partitions: int) -> str:
+    """The consumer filter for one partition of ``signals_stream(partitions)``."""
+    if partitions == 1:
+        return SIGNALS_ALL
+    if not 0 <= partition < partitions:
+        raise ValueError(f"partition {partition} outside 0..{partitions - 1}")
+    return f"{PREFIX}.signals.*.*.{partition}"
+
+
+def streams(partitions: int = 1) -> tuple[StreamSpec, ...]:
+    """Every stream, with the signal stream partitioned ``partitions`` ways."""
+    return (signals_stream(partitions), INCIDENTS, ACTIONS, DEAD_LETTERS)
 
 
 SIGNALS = StreamSpec("BREAKFIX_SIGNALS", (SIGNALS_ALL,))

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from bus.server import EmbeddedNats
+from correlator.rules import DEFAULT_RULES, Rules, RulesFile
 from remediator.policy import Policy, load_policy
 from schemas.catalog import Catalog, default_catalog
 from schemas.common import GpuRef, TenantRef
@@ -26,6 +28,17 @@ def catalog() -> Catalog:
 @pytest.fixture(scope="session")
 def policy() -> Policy:
     return load_policy()
+
+
+def make_rules(**sections: Any) -> Rules:
+    """The shipped correlator rules with some sections' keys replaced (``windows={"flap_s": 60}``)."""
+    data = yaml.safe_load(DEFAULT_RULES.read_text())
+    for name, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(name), dict):
+            data[name] = {**data[name], **value}
+        else:
+            data[name] = value
+    return Rules.compile(RulesFile.model_validate(data), default_catalog())
 
 
 def gpu(index: int) -> GpuRef:

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from correlator.grouping import Correlator, CorrelatorConfig
+from correlator.grouping import Correlator
 from schemas.catalog import Catalog
 from schemas.incident import (
     ActionKind,
@@ -20,7 +20,7 @@ from schemas.incident import (
     StepAction,
 )
 from schemas.signal import Signal
-from tests.conftest import T0, sig
+from tests.conftest import T0, make_rules, sig
 
 
 def feed(core: Correlator, signals: list[Signal]) -> list[str]:
@@ -77,8 +77,8 @@ class TestGrouping:
         assert [t.pod for t in inc.tenants] == ["train-0"]
 
     def test_evidence_keeps_first_raw_lines_and_counts_per_code(self, catalog: Catalog) -> None:
-        core = Correlator(catalog, CorrelatorConfig(evidence_limit=3))
-        feed(core, [sig(code="48", at=i, n=i, message=f"line {i}") for i in range(10)])
+        core = Correlator(catalog, make_rules(evidence={'messages': 3}))
+        feed(core, [sig(code="48", at=i * 61, n=i, message=f"line {i}") for i in range(10)])
         inc = only(core)
         assert inc.evidence == ("line 0", "line 1", "line 2")
         assert {c.key: c.count for c in inc.counts} == {"xid:48": 10}
@@ -95,17 +95,21 @@ class TestDedupe:
         assert core.incidents[inc.id].duplicate_count == 2
 
     def test_repeats_within_window_publish_nothing_new(self, catalog: Catalog) -> None:
-        core = Correlator(catalog, CorrelatorConfig(dedupe_window_s=60))
+        core = Correlator(catalog, make_rules(windows={'dedupe_s': 60}))
         kinds = feed(core, [sig(code="48", at=i * 0.1, n=i) for i in range(1000)])
         assert kinds == ["opened"]
-        assert only(core).signal_count == 1000
+        inc = only(core)
+        assert inc.signal_count == 1000
+        assert len(inc.signal_ids) == 1 and len(inc.evidence) == 1, "repeats are counted, not stored again"
 
     def test_storm_memory_is_bounded(self, catalog: Catalog) -> None:
-        core = Correlator(catalog, CorrelatorConfig(seen_id_limit=500, evidence_limit=5, signal_id_limit=5))
-        feed(core, [sig(check="clock.hw_slowdown", code=None, at=i * 0.1, n=i) for i in range(5000)])
+        core = Correlator(catalog, make_rules(evidence={"seen_ids": 1000, "messages": 5, "signal_ids": 5}))
+        feed(core, [sig(check="clock.hw_slowdown", code=None, at=i * 61, n=i) for i in range(5000)])
         inc = only(core)
-        assert len(core.seen) <= 500
+        assert len(core.seen) <= 1000
+        assert inc.signal_count == 5000 and len(inc.open_faults) == 1
         assert len(inc.signal_ids) == 5 and len(inc.evidence) == 5
+        assert len(inc.timeline) <= core.rules.timeline_limit
 
 
 class TestHealthy:
@@ -128,7 +132,7 @@ class TestHealthy:
         assert only(core).status == IncidentStatus.OPEN
 
     def test_recurrence_within_flap_window_reopens_same_incident(self, catalog: Catalog) -> None:
-        core = Correlator(catalog, CorrelatorConfig(flap_window_s=600))
+        core = Correlator(catalog, make_rules(windows={'flap_s': 600}))
         kinds = feed(core, [
             sig(check="clock.hw_slowdown", code=None), sig(check="clock.hw_slowdown", code=None, healthy=True, at=1),
             sig(check="clock.hw_slowdown", code=None, at=60),
@@ -138,7 +142,7 @@ class TestHealthy:
         assert inc.flaps == 1 and inc.status == IncidentStatus.OPEN
 
     def test_recurrence_after_flap_window_opens_new_incident(self, catalog: Catalog) -> None:
-        core = Correlator(catalog, CorrelatorConfig(flap_window_s=60))
+        core = Correlator(catalog, make_rules(windows={'flap_s': 60}))
         feed(core, [sig(check="clock.hw_slowdown", code=None), sig(check="clock.hw_slowdown", code=None, healthy=True,
                                                                     at=1),
                     sig(check="clock.hw_slowdown", code=None, at=3600)])

@@ -1,0 +1,123 @@
+"""Multi-signal patterns in the grouping core: suspect GPUs, lemons, and endpoint impact.
+
+- **Suspect GPU**: application XIDs (13/31/43) on one GPU from several different workloads
+  within the window mean the GPU, not the code, is suspect: a GPU incident in the operator
+  domain opens for diagnostics. The same XIDs across different GPUs of one tenant never meet
+  here (each GPU keeps its own history), so they stay tenant incidents.
+- **Lemon**: a GPU that opens ``bursts`` incidents within the window goes to the RMA path.
+- **Endpoint impact**: an endpoint SLO breach served from a node with an open hardware incident
+  is that incident's impact; an endpoint incident that opened first is folded under the
+  hardware incident when it appears. The serving nodes come from the endpoint collector's
+  ``details.serving_nodes`` (comma-separated), falling back to the signal's node.
+Called by ``correlator.grouping``; pure.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from correlator.model import Change, TrackedIncident
+from correlator.state import LEMON_LABEL, CoreState
+from schemas.catalog import FaultClass
+from schemas.common import max_severity
+from schemas.incident import ChangeKind, Domain, IncidentScope
+from schemas.signal import Signal
+
+_HISTORY_CAP = 32
+
+
+class Patterns(CoreState):
+    def _suspect(self, gpu_key: str, s: Signal, fk: str, ck: str, fc: FaultClass,
+                 now: datetime) -> list[Change] | None:
+        rule = self.rules.suspect
+        assert rule is not None and s.tenant is not None
+        host = self._live(self.by_key.get(gpu_key))
+        if host is not None and host.category == rule.category:
+            return self._add(host, s, fk, ck, fc, now)
+        at = s.observed_at
+        workload = f"{s.tenant.namespace}/{s.tenant.pod or s.tenant.endpoint or '*'}"
+        hist = self.app_hist.setdefault(gpu_key, {})  # workload -> last time, oldest first
+        hist.pop(workload, None)
+        hist[workload] = at
+        for w, t in list(hist.items()):
+            if (at - t).total_seconds() <= rule.window_s and len(hist) <= _HISTORY_CAP:
+                break
+            del hist[w]
+        workloads = list(hist)
+        if len(workloads) < rule.min_workloads:
+            return None
+        spec = self.catalog.category(rule.category)
+        suspect = FaultClass(rule.category, spec.severity, spec.domain, "", True, spec.title,
+                             "correlator rules: suspect_gpu")
+        note = f"{ck} from {len(workloads)} workloads within {rule.window_s:g}s: {', '.join(workloads)}"
+        if host is not None:
+            changes = self._add(host, s, fk, ck, suspect, now)
+            host.note(at, "suspect", note, self.rules.timeline_limit)
+            return changes
+        return self._open(gpu_key, IncidentScope.GPU, s, fk, ck, suspect, now, note=note)
+
+    def _lemon(self, inc: TrackedIncident, s: Signal) -> None:
+        rule = self.rules.lemon
+        if rule is None or inc.labels.get(LEMON_LABEL) == "true":
+            return
+        at = s.observed_at
+        times = self.bursts.setdefault(inc.key, [])
+        times.append(at)
+        while times and (at - times[0]).total_seconds() > rule.window_s:
+            times.pop(0)
+        if len(times) < rule.bursts:
+            return
+        spec = self.catalog.category(rule.category)
+        inc.labels[LEMON_LABEL] = "true"
+        inc.note(at, "lemon", f"{len(times)} incidents on this GPU within {rule.window_s:g}s; was {inc.category}",
+                 self.rules.timeline_limit)
+        inc.category = rule.category
+        inc.title = f"Lemon GPU ({len(times)} incidents within {rule.window_s / 3600:g} h): {spec.title}"
+        inc.severity = max_severity(inc.severity, spec.severity)
+        inc.domain = Domain.OPERATOR
+
+    def _endpoint(self, s: Signal, fk: str, ck: str, fc: FaultClass, now: datetime) -> list[Change] | None:
+        assert s.tenant is not None
+        serving = [n for n in s.details.get("serving_nodes", "").split(",") if n] or [s.node]
+        for node in serving:
+            for iid in self.on_node.get(node, ()):
+                host = self._live(iid)
+                if host is not None and host.domain is Domain.OPERATOR and host.scope is not IncidentScope.TENANT:
+                    return self._impact(host, s, fk, ck, fc, now)
+        key = f"tenant|{s.cluster}|{s.tenant.namespace}|{s.tenant.endpoint or s.tenant.pod or '*'}"
+        for node in serving:
+            self.serving.setdefault(node, {})[key] = None
+        return None
+
+    def _impact(self, host: TrackedIncident, s: Signal, fk: str, ck: str, fc: FaultClass,
+                now: datetime) -> list[Change]:
+        assert s.tenant is not None
+        self.stats["impact"] += 1
+        t = s.tenant.key()
+        new = t not in host.impact
+        host.impact[t] = s.tenant
+        changes = self._add(host, s, fk, ck, fc, now, fold=True)
+        if new:
+            host.note(s.observed_at, "impact", f"endpoint {t} out of SLO ({ck})", self.rules.timeline_limit)
+            if not changes:
+                host.version += 1
+                changes = [Change(ChangeKind.UPDATED, host)]
+        return changes
+
+    def _link_impacted(self, inc: TrackedIncident) -> list[Change]:
+        """A hardware incident opened on a node that serves breached endpoints: fold them under it."""
+        changes: list[Change] = []
+        assert inc.node is not None
+        for key in self.serving.get(inc.node, ()):
+            ep = self._live(self.by_key.get(key))
+            if ep is None or ep.parent is not None or ep.scope is not IncidentScope.TENANT:
+                continue
+            ep.parent = inc.id
+            ep.version += 1
+            ep.note(inc.first_seen, "folded", f"caused by hardware incident {inc.id} on {inc.node}",
+                    self.rules.timeline_limit)
+            for t in ep.tenants.values():
+                inc.impact[t.key()] = t
+            inc.note(inc.first_seen, "impact", f"endpoint incident {ep.id}", self.rules.timeline_limit)
+            changes.append(Change(ChangeKind.FOLDED, ep))
+        return changes
