@@ -197,23 +197,37 @@ def correlator(
                                              help="NATS URL; without one breakfix starts its own nats-server.")] = None,
     data_dir: Annotated[Path, typer.Option(envvar="BREAKFIX_DATA_DIR", help="Store for an embedded server.")] = Path(
         ".breakfix"),
+    rules: Annotated[Path | None, typer.Option(envvar="BREAKFIX_CORRELATOR_RULES",
+                                               help="Correlator rules YAML (default: the shipped rules).")] = None,
+    partitions: Annotated[int, typer.Option(envvar="BREAKFIX_PARTITIONS", min=1,
+                                            help="How many correlator partitions share the signal stream.")] = 1,
+    partition: Annotated[int, typer.Option(envvar="BREAKFIX_PARTITION", min=0,
+                                           help="Which partition this instance owns (0-based).")] = 0,
+    checkpoint_interval: Annotated[float, typer.Option(help="Seconds between state checkpoints.")] = 1.0,
 ) -> None:
-    """Run the correlator daemon (JSON logs)."""
+    """Run the correlator daemon (JSON logs). State is checkpointed to the JetStream object store."""
     from bus.jetstream import JetStreamBus
     from bus.server import EmbeddedNats
     from correlator.grouping import Correlator
-    from correlator.service import CorrelatorService
+    from correlator.rules import load_rules
+    from correlator.service import CorrelatorService, ServiceConfig
     from schemas.catalog import load_catalog
 
     logs.configure(json=True)
     cat = _load(load_catalog)
+    compiled = _load(lambda: load_rules(rules, cat))
+    if partition >= partitions:
+        raise typer.BadParameter(f"--partition {partition} must be below --partitions {partitions}")
+    config = ServiceConfig(partition=partition, partitions=partitions, checkpoint_interval_s=checkpoint_interval)
     server = None if nats else EmbeddedNats(data_dir / "nats").start()
     url = nats or (server.url if server else "")
 
     async def main(stop: asyncio.Event) -> None:
-        bus = await JetStreamBus.connect(url, name="breakfix-correlator")
+        bus = await JetStreamBus.connect(url, name=f"breakfix-{config.name}")
         try:
-            await CorrelatorService(bus, Correlator(cat), lambda: datetime.now(UTC)).run(stop)
+            # partitioned instances leave fabric grouping to the fleet stage (breakfix correlator-fleet)
+            core = Correlator(cat, compiled, topology=partitions == 1)
+            await CorrelatorService(bus, core, lambda: datetime.now(UTC), config=config).run(stop)
         finally:
             await bus.close()
 
@@ -222,6 +236,31 @@ def correlator(
     finally:
         if server is not None:
             server.stop()
+
+
+@app.command("correlator-fleet")
+def correlator_fleet(
+    nats: Annotated[str, typer.Option(envvar="BREAKFIX_NATS_URL", help="NATS URL of the partitioned correlators.")],
+    rules: Annotated[Path | None, typer.Option(envvar="BREAKFIX_CORRELATOR_RULES",
+                                               help="Correlator rules YAML (its topology section is used).")] = None,
+) -> None:
+    """Run the fleet stage: fabric incidents across partitioned correlators (JSON logs)."""
+    from bus.jetstream import JetStreamBus
+    from correlator.fleet import FleetCorrelator, FleetService
+    from correlator.rules import load_rules
+    from schemas.catalog import load_catalog
+
+    logs.configure(json=True)
+    compiled = _load(lambda: load_rules(rules, _load(load_catalog)))
+
+    async def main(stop: asyncio.Event) -> None:
+        bus = await JetStreamBus.connect(nats, name="breakfix-correlator-fleet")
+        try:
+            await FleetService(bus, FleetCorrelator(compiled), lambda: datetime.now(UTC)).run(stop)
+        finally:
+            await bus.close()
+
+    _daemon(main)
 
 
 def main() -> None:  # pragma: no cover

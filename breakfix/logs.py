@@ -6,6 +6,7 @@ Daemon loggers bind ``node``, ``gpu`` and ``incident`` where they know them.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
@@ -16,6 +17,8 @@ def _stderr_logger(*_args: object) -> structlog.PrintLogger:
 
 
 def configure(*, json: bool, level: str = "INFO") -> None:
+    """``BREAKFIX_LOG_LEVEL`` in the environment overrides ``level`` (daemons under load run WARNING)."""
+    level = os.environ.get("BREAKFIX_LOG_LEVEL", level)
     lvl = getattr(logging, level.upper(), logging.INFO)
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)

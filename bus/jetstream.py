@@ -7,21 +7,27 @@ stream's duplicate window. Transient failures are retried by ``bus.retry`` only.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 
 import nats
 import nats.errors
 import nats.js.errors
+import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.object_store import ObjectStore
 
+from bus.pipeline import PipelinedPublisher, PublishError
 from bus.protocol import Delivery, PublishAck
+from bus.puller import BatchPuller
 from bus.retry import transient_retry
 from schemas.subjects import HDR_MSG_ID, StreamSpec
+
+log = structlog.get_logger("breakfix.bus")
 
 
 class _NatsDelivery:
@@ -73,6 +79,8 @@ class JetStreamBus:
         self._nc = nc
         self._js = js
         self._subs: dict[tuple[str, str], JetStreamContext.PullSubscription] = {}
+        self._pullers: dict[tuple[str, str], BatchPuller] = {}
+        self._pipeline: PipelinedPublisher | None = None
         self._stores: dict[str, ObjectStore] = {}
 
     @classmethod
@@ -133,10 +141,9 @@ class JetStreamBus:
     async def reset_consumer(self, *, stream: str, durable: str, filter_subject: str, start_seq: int,
                              ack_all: bool = True, max_ack_pending: int = 200_000,
                              ack_wait_s: float = 60.0) -> None:
-        sub = self._subs.pop((stream, durable), None)
-        if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        puller = self._pullers.pop((stream, durable), None)
+        if puller is not None:
+            await puller.close()
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await transient_retry(lambda: self._js.delete_consumer(stream, durable))
         config = api.ConsumerConfig(
@@ -184,21 +191,43 @@ class JetStreamBus:
 
     async def pull(self, *, stream: str, durable: str, batch: int, timeout_s: float) -> list[Delivery]:
         key = (stream, durable)
-        sub = self._subs.get(key)
-        if sub is None:
-            sub = await self._js.pull_subscribe_bind(durable=durable, stream=stream)
-            self._subs[key] = sub
+        puller = self._pullers.get(key)
+        if puller is None:
+            puller = self._pullers[key] = BatchPuller(self._nc, stream, durable)
+        return [_NatsDelivery(m) for m in await puller.pull(batch, timeout_s)]
+
+    async def publish_start(self, items: Sequence[tuple[str, bytes, str | None]]) -> Awaitable[list[PublishAck]]:
+        """Send now (nats-py publish_async), collect the acks later: the caller keeps working meanwhile."""
+        if self._pipeline is None:
+            self._pipeline = PipelinedPublisher(self._nc)
+        send = self._pipeline.send
+        futures = [await send(subject, data, {HDR_MSG_ID: msg_id} if msg_id else None)
+                   for subject, data, msg_id in items]
+
+        async def acks() -> list[PublishAck]:
+            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout=30.0))
+
+        return acks()
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes, str | None]]) -> list[PublishAck]:
+        """Publish many messages with one round of acks; on any failure fall back to one-by-one
+        publishing with retries, which msg-ids make idempotent."""
         try:
-            msgs = await sub.fetch(batch=batch, timeout=timeout_s)
-        except (nats.errors.TimeoutError, TimeoutError):
-            return []
-        return [_NatsDelivery(m) for m in msgs]
+            return await (await self.publish_start(items))
+        except (nats.errors.Error, PublishError, TimeoutError) as exc:
+            log.warning("publish_many_fallback", error=repr(exc), messages=len(items))
+            return [await self.publish(subject, data, msg_id=msg_id) for subject, data, msg_id in items]
 
     async def stream_messages(self, stream: str) -> int:
         info = await self._js.stream_info(stream)
         return int(info.state.messages)
 
     async def close(self) -> None:
+        for puller in self._pullers.values():
+            await puller.close()
+        self._pullers.clear()
+        if self._pipeline is not None:
+            await self._pipeline.close()
         for sub in self._subs.values():
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

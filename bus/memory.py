@@ -8,7 +8,7 @@ ack, and redelivery of nak'ed or un-acked messages (on ``redeliver_unacked``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bus.protocol import Delivery, PublishAck, subject_matches
@@ -138,6 +138,14 @@ class MemoryBus:
         async with self._cond:
             self._cond.notify_all()
         return PublishAck(st.spec.name, seq, duplicate=False)
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes, str | None]]) -> list[PublishAck]:
+        return [await self.publish(subject, data, msg_id=msg_id) for subject, data, msg_id in items]
+
+    async def publish_start(self, items: Sequence[tuple[str, bytes, str | None]]) -> Awaitable[list[PublishAck]]:
+        fut: asyncio.Future[list[PublishAck]] = asyncio.get_running_loop().create_future()
+        fut.set_result(await self.publish_many(items))
+        return fut
 
     def _take(self, st: _Stream, c: _Consumer, batch: int) -> list[Delivery]:
         out: list[Delivery] = []

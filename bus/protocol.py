@@ -7,7 +7,7 @@ durable pull consumers, explicit ack, redelivery after nak).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -63,6 +63,12 @@ class Bus(Protocol):
     async def publish(self, subject: str, data: bytes, *, msg_id: str | None = None,
                       headers: Mapping[str, str] | None = None) -> PublishAck:
         """Publish to a stream subject; a repeated ``msg_id`` is dropped as a duplicate."""
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes, str | None]]) -> list[PublishAck]:
+        """Publish ``(subject, data, msg_id)`` items; acks in the same order."""
+
+    async def publish_start(self, items: Sequence[tuple[str, bytes, str | None]]) -> Awaitable[list[PublishAck]]:
+        """Send ``items`` in order now; await the returned object for their acks later (pipelining)."""
 
     async def pull(self, *, stream: str, durable: str, batch: int, timeout_s: float) -> list[Delivery]:
         """Fetch up to ``batch`` messages; an empty list when none arrive within the timeout."""

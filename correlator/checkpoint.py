@@ -8,16 +8,24 @@ zlib-compressed JSON (orjson) with a format tag, so a stranger's blob fails loud
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from pydantic import BaseModel
 
 from bus.protocol import BlobStore
 
 BUCKET = "breakfix-correlator"
 FORMAT = "breakfix.correlator-checkpoint/v1"
+
+
+def _pydantic(obj: Any) -> Any:
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    raise TypeError(f"cannot checkpoint {type(obj).__name__}")
 
 
 class CheckpointError(ValueError):
@@ -29,9 +37,13 @@ class Checkpoint:
     state: dict[str, Any]
     positions: dict[str, int] = field(default_factory=dict)  # consumer durable -> last stream seq covered
 
+    def to_json(self) -> bytes:
+        """The uncompressed document; must run where the state is consistent (the event loop)."""
+        return orjson.dumps({"format": FORMAT, "positions": self.positions, "state": self.state},
+                            default=_pydantic, option=orjson.OPT_UTC_Z)
+
     def encode(self) -> bytes:
-        body = orjson.dumps({"format": FORMAT, "positions": self.positions, "state": self.state})
-        return zlib.compress(body, 1)
+        return zlib.compress(self.to_json(), 1)
 
     @classmethod
     def decode(cls, blob: bytes) -> Checkpoint:
@@ -56,7 +68,11 @@ class CheckpointStore:
         self.last_size = 0
 
     async def save(self, cp: Checkpoint) -> None:
-        blob = cp.encode()
+        await self.save_json(cp.to_json())
+
+    async def save_json(self, body: bytes) -> None:
+        """Compress off the event loop (zlib releases the GIL), then store."""
+        blob = await asyncio.to_thread(zlib.compress, body, 1)
         await self.blobs.put_blob(self.bucket, self.name, blob)
         self.saved += 1
         self.last_size = len(blob)

@@ -130,6 +130,8 @@ class Correlator(Lifecycle, Patterns, CoreState):
         self.by_key[key] = inc.id
         self._absorb(inc, s, fk, ck, fc)
         inc.note(s.observed_at, "opened", note or f"{ck} on {s.entity_key()}", self.rules.timeline_limit)
+        if scope is IncidentScope.GPU and inc.domain is Domain.OPERATOR:
+            self._lemon(inc, s)  # a new incident is a new burst; a flap reopen is not
         return [Change(ChangeKind.OPENED, inc), *self._after_open(inc, s, now)]
 
     def _reopen(self, inc: TrackedIncident, s: Signal, fk: str, ck: str, fc: FaultClass,
@@ -149,8 +151,6 @@ class Correlator(Lifecycle, Patterns, CoreState):
         if inc.domain is Domain.OPERATOR and inc.node is not None:
             self.on_node.setdefault(inc.node, {})[inc.id] = None
             changes.extend(self._link_impacted(inc))
-        if inc.scope is IncidentScope.GPU and inc.domain is Domain.OPERATOR:
-            self._lemon(inc, s)
         if self.topology is not None:
             changes.extend(self.topology.observe(inc, self.incidents, self.by_key, s.observed_at))
         return changes

@@ -3,8 +3,9 @@
 ``TrackedIncident`` is what the grouping core (``correlator.grouping``) updates in place for
 speed. The core returns ``Change``s that point at it; the service turns each into the frozen
 ``schemas.IncidentChange`` only when it publishes (``Change.to_wire``), so a storm that
-touches one incident a thousand times in one batch costs one snapshot. ``to_state`` /
-``from_state`` give the plain-JSON form that ``correlator.checkpoint`` stores.
+touches one incident a thousand times in one batch costs one snapshot; ``change_json`` writes
+the same JSON straight from the tracked state for the service's hot path. ``from_state`` reads
+back the form ``correlator.checkpoint`` stores.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
+
+import orjson
 
 from schemas.common import GpuRef, Severity, TenantRef
 from schemas.incident import (
@@ -105,61 +109,48 @@ class TrackedIncident:
             del self.timeline[limit // 2]
 
     def snapshot(self) -> Incident:
-        return Incident(
+        """The wire model. Built without re-validation: every value here came from validated
+        signals, records and rules, and is already the right type (``tests`` compare it with a
+        validated round trip)."""
+        return Incident.model_construct(
             id=self.id, cluster=self.cluster, scope=self.scope, node=self.node, nodes=tuple(self.nodes),
             gpus=tuple(self.gpus.values()), tenants=tuple(self.tenants.values()), category=self.category,
             severity=self.severity, domain=self.domain, status=self.status, title=self.title,
             codes=tuple(self.counts), checks=tuple(self.checks), labels=dict(self.labels),
             first_seen=self.first_seen, last_seen=self.last_seen, signal_ids=tuple(self.signal_ids),
             signal_count=self.signal_count, duplicate_count=self.duplicate_count,
-            counts=tuple(CodeCount(key=k, count=v) for k, v in self.counts.items()), flaps=self.flaps,
-            open_faults=tuple(self.open_faults), evidence=tuple(self.evidence), plan=self.plan,
+            counts=tuple(CodeCount.model_construct(key=k, count=v) for k, v in self.counts.items()),
+            flaps=self.flaps, open_faults=tuple(self.open_faults), evidence=tuple(self.evidence), plan=self.plan,
             resolved_at=self.resolved_at, version=self.version,
-            timeline=tuple(TimelineEntry(at=a, event=e, note=n) for a, e, n in self.timeline),
+            timeline=tuple(TimelineEntry.model_construct(at=a, event=e, note=n) for a, e, n in self.timeline),
             parent=self.parent, members=tuple(self.members), topology=dict(self.topology),
             impact=tuple(self.impact.values()), time_to_repair_s=self.time_to_repair_s,
         )
 
     # -- checkpoint form ------------------------------------------------------------------------
-    def to_state(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in _PLAIN}
-        d.update(
-            scope=self.scope.value, severity=self.severity.value, domain=self.domain.value, status=self.status.value,
-            first_seen=self.first_seen.isoformat(), last_seen=self.last_seen.isoformat(),
-            resolved_at=self.resolved_at.isoformat() if self.resolved_at else None,
-            nodes=list(self.nodes), checks=list(self.checks), members=list(self.members),
-            gpus=[g.model_dump(exclude_none=True) for g in self.gpus.values()],
-            tenants=[t.model_dump(exclude_none=True) for t in self.tenants.values()],
-            impact=[t.model_dump(exclude_none=True) for t in self.impact.values()],
-            open_faults={k: v.isoformat() for k, v in self.open_faults.items()},
-            plan=self.plan.model_dump(mode="json") if self.plan else None,
-            timeline=[[a.isoformat(), e, n] for a, e, n in self.timeline],
-            last_at={k: v.isoformat() for k, v in self.last_at.items()},
-        )
-        return d
-
+    # ``correlator.checkpoint`` writes a TrackedIncident with orjson's native dataclass support
+    # (pydantic values through ``model_dump``); ``from_state`` reads that dict back.
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> TrackedIncident:
-        gpus = [GpuRef.model_validate(g) for g in d["gpus"]]
-        tenants = [TenantRef.model_validate(t) for t in d["tenants"]]
-        impact = [TenantRef.model_validate(t) for t in d["impact"]]
+        def dt(v: str) -> datetime:
+            return datetime.fromisoformat(v)
+
         return cls(
-            **{k: d[k] for k in _PLAIN},
-            scope=IncidentScope(d["scope"]), severity=Severity(d["severity"]), domain=Domain(d["domain"]),
-            status=IncidentStatus(d["status"]), first_seen=datetime.fromisoformat(d["first_seen"]),
-            last_seen=datetime.fromisoformat(d["last_seen"]),
-            resolved_at=datetime.fromisoformat(d["resolved_at"]) if d["resolved_at"] else None,
-            nodes=dict.fromkeys(d["nodes"]), checks=dict.fromkeys(d["checks"]), members=dict.fromkeys(d["members"]),
-            gpus={g.key(): g for g in gpus}, tenants={t.key(): t for t in tenants}, impact={t.key(): t for t in impact},
-            open_faults={k: datetime.fromisoformat(v) for k, v in d["open_faults"].items()},
+            id=d["id"], key=d["key"], cluster=d["cluster"], scope=IncidentScope(d["scope"]), node=d["node"],
+            category=d["category"], severity=Severity(d["severity"]), domain=Domain(d["domain"]), title=d["title"],
+            first_seen=dt(d["first_seen"]), last_seen=dt(d["last_seen"]), status=IncidentStatus(d["status"]),
+            nodes=dict.fromkeys(d["nodes"]), gpus={k: GpuRef.model_validate(v) for k, v in d["gpus"].items()},
+            tenants={k: TenantRef.model_validate(v) for k, v in d["tenants"].items()}, counts=dict(d["counts"]),
+            checks=dict.fromkeys(d["checks"]), labels=dict(d["labels"]), signal_ids=list(d["signal_ids"]),
+            signal_count=d["signal_count"], duplicate_count=d["duplicate_count"], flaps=d["flaps"],
+            open_faults={k: dt(v) for k, v in d["open_faults"].items()}, evidence=list(d["evidence"]),
             plan=Plan.model_validate(d["plan"]) if d["plan"] else None,
-            timeline=[(datetime.fromisoformat(a), e, n) for a, e, n in d["timeline"]],
-            last_at={k: datetime.fromisoformat(v) for k, v in d["last_at"].items()},
+            resolved_at=dt(d["resolved_at"]) if d["resolved_at"] else None, version=d["version"],
+            timeline=[(dt(a), e, n) for a, e, n in d["timeline"]], parent=d["parent"],
+            members=dict.fromkeys(d["members"]), topology=dict(d["topology"]),
+            impact={k: TenantRef.model_validate(v) for k, v in d["impact"].items()},
+            time_to_repair_s=d["time_to_repair_s"], last_at={k: dt(v) for k, v in d["last_at"].items()},
         )
-
-
-_PLAIN = ("id", "key", "cluster", "node", "category", "title", "counts", "labels", "signal_ids", "signal_count",
-          "duplicate_count", "flaps", "evidence", "version", "parent", "topology", "time_to_repair_s")
 
 
 @dataclass(slots=True)
@@ -170,7 +161,10 @@ class Change:
     incident: TrackedIncident
 
     def to_wire(self, at: datetime) -> IncidentChange:
-        return IncidentChange(kind=self.kind, incident=self.incident.snapshot(), at=at)
+        return IncidentChange.model_construct(kind=self.kind, incident=self.incident.snapshot(), at=at)
+
+    def to_json_bytes(self, at: datetime) -> bytes:
+        return change_json(self.kind, self.incident, at)
 
 
 def coalesce(changes: list[Change]) -> list[Change]:
@@ -183,3 +177,39 @@ def coalesce(changes: list[Change]) -> list[Change]:
         elif KIND_STRENGTH[ch.kind] > KIND_STRENGTH[prev.kind]:
             prev.kind = ch.kind
     return list(out.values())
+
+
+_OPTS = orjson.OPT_UTC_Z
+
+
+@lru_cache(maxsize=65536)
+def _ref(obj: GpuRef | TenantRef) -> dict[str, Any]:
+    """Frozen refs repeat across changes; dump each once (callers never mutate the dict)."""
+    return obj.model_dump(mode="json")
+
+
+def change_json(kind: ChangeKind, inc: TrackedIncident, at: datetime) -> bytes:
+    """The ``IncidentChange`` JSON for ``inc``, written directly (orjson) for the hot path.
+
+    Byte-for-byte it decodes to the same ``IncidentChange`` as ``Change.to_wire`` (pinned by
+    ``tests/test_correlator_wire.py``); timestamps come out as RFC 3339 with ``Z``.
+    """
+    doc = {
+        "kind": kind.value, "at": at,
+        "incident": {
+            "schema": "breakfix.incident/v1", "id": inc.id, "cluster": inc.cluster, "scope": inc.scope.value,
+            "node": inc.node, "nodes": list(inc.nodes), "gpus": [_ref(g) for g in inc.gpus.values()],
+            "tenants": [_ref(t) for t in inc.tenants.values()], "category": inc.category,
+            "severity": inc.severity.value, "domain": inc.domain.value, "status": inc.status.value,
+            "title": inc.title, "codes": list(inc.counts), "checks": list(inc.checks), "labels": inc.labels,
+            "first_seen": inc.first_seen, "last_seen": inc.last_seen, "signal_ids": inc.signal_ids,
+            "signal_count": inc.signal_count, "duplicate_count": inc.duplicate_count,
+            "counts": [{"key": k, "count": v} for k, v in inc.counts.items()], "flaps": inc.flaps,
+            "open_faults": list(inc.open_faults), "evidence": inc.evidence,
+            "plan": inc.plan.model_dump(mode="json") if inc.plan else None, "resolved_at": inc.resolved_at,
+            "version": inc.version, "timeline": [{"at": a, "event": e, "note": n} for a, e, n in inc.timeline],
+            "parent": inc.parent, "members": list(inc.members), "topology": inc.topology,
+            "impact": [_ref(t) for t in inc.impact.values()], "time_to_repair_s": inc.time_to_repair_s,
+        },
+    }
+    return orjson.dumps(doc, option=_OPTS)

@@ -3,7 +3,7 @@
 Reads ``breakfix.signals.>`` (or one partition of it, ``breakfix.signals.*.*.<p>``) and
 ``breakfix.actions.>``, feeds the pure core (``correlator.grouping``) a batch at a time with
 an injected clock, and publishes one ``IncidentChange`` per touched incident per batch on
-``breakfix.incidents.<cluster>``, with msg-id ``<incident>:<version>``.
+``breakfix.incidents.<cluster>``, with a deterministic msg-id (``change_msg_id``).
 
 Durability: the checkpoint (``correlator.checkpoint``: the core's state plus the last stream
 sequence of each consumer) is the truth. Messages are acked (ack-all) only after a checkpoint
@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -29,15 +29,58 @@ import structlog
 
 from bus.codec import decoder, encode
 from bus.consumer import ConsumerStats, DecodeError
-from bus.protocol import BlobStore, Bus, Delivery
+from bus.protocol import BlobStore, Bus, Delivery, PublishAck
 from correlator.checkpoint import Checkpoint, CheckpointStore
 from correlator.grouping import Correlator
-from correlator.model import Change, coalesce
+from correlator.model import Change, TrackedIncident, change_json, coalesce
 from schemas import subjects
-from schemas.incident import ActionRecord
+from schemas.incident import ActionRecord, ChangeKind, IncidentChange
 from schemas.signal import Signal
 
 log = structlog.get_logger("breakfix.correlator")
+
+
+_LIFECYCLE = (ChangeKind.OPENED, ChangeKind.REOPENED, ChangeKind.RESOLVED)
+
+
+def change_msg_id(ch: IncidentChange) -> str:
+    """Lifecycle events are named by incident and flap count, whatever version a batch reached;
+    other changes by version. Either way a re-publication after a restart is a duplicate."""
+    inc = ch.incident
+    if ch.kind in _LIFECYCLE:
+        return f"{inc.id}:{ch.kind.value}:{inc.flaps}"
+    return f"{inc.id}:{inc.version}"
+
+
+def _items(wire: list[IncidentChange]) -> list[tuple[str, bytes, str | None]]:
+    return [(subjects.incident_subject(ch.incident.cluster), encode(ch), change_msg_id(ch)) for ch in wire]
+
+
+def _msg_id(kind: ChangeKind, inc: TrackedIncident) -> str:
+    if kind in _LIFECYCLE:
+        return f"{inc.id}:{kind.value}:{inc.flaps}"
+    return f"{inc.id}:{inc.version}"
+
+
+async def settle_publishes(bus: Bus, items: list[tuple[str, bytes, str | None]], acks: list[PublishAck]) -> None:
+    """A lifecycle event the stream already held was dropped as a duplicate; publish its state
+    (which may be newer than the stored event) as an update instead."""
+    again: list[tuple[str, bytes, str | None]] = []
+    for (subject, data, _mid), ack in zip(items, acks, strict=True):
+        if not ack.duplicate:
+            continue
+        ch = IncidentChange.model_validate_json(data)
+        if ch.kind in _LIFECYCLE:
+            again.append((subject, *_items([ch.model_copy(update={"kind": ChangeKind.UPDATED})])[0][1:]))
+    if again:
+        await bus.publish_many(again)
+
+
+async def publish_changes(bus: Bus, wire: list[IncidentChange]) -> None:
+    """Publish and wait for the acks (the fleet stage; the correlator pipelines instead)."""
+    if wire:
+        items = _items(wire)
+        await settle_publishes(bus, items, await bus.publish_many(items))
 
 
 class StoreBus(Bus, BlobStore, Protocol):
@@ -72,20 +115,39 @@ class CorrelatorService:
         self.published = 0
         self.positions: dict[str, int] = {}
         self._unacked: dict[str, Delivery] = {}
+        self._inflight: list[tuple[list[tuple[str, bytes, str | None]], Awaitable[list[PublishAck]]]] = []
         self._lock = asyncio.Lock()
         self._dirty = False
+        self.last_checkpoint_s = 0.0
         self.ready = asyncio.Event()
 
     # -- one batch -------------------------------------------------------------------------------
     async def _publish(self, changes: list[Change], now: datetime) -> None:
-        wire = [ch.to_wire(now) for ch in coalesce(changes)]
-        await asyncio.gather(*(self.bus.publish(subjects.incident_subject(ch.incident.cluster), encode(ch),
-                                                msg_id=f"{ch.incident.id}:{ch.incident.version}") for ch in wire))
-        self.published += len(wire)
-        for ch in wire:
+        """Send now; the acks are collected before the next checkpoint (``_settle``)."""
+        items: list[tuple[str, bytes, str | None]] = []
+        for ch in coalesce(changes):
             inc = ch.incident
+            items.append((subjects.incident_subject(inc.cluster), change_json(ch.kind, inc, now),
+                          _msg_id(ch.kind, inc)))
             log.info("incident_" + ch.kind.value, incident=inc.id, node=inc.node, category=inc.category,
                      status=inc.status.value, signals=inc.signal_count, parent=inc.parent)
+        if not items:
+            return
+        self._inflight.append((items, await self.bus.publish_start(items)))
+        self.published += len(items)
+        if len(self._inflight) >= 256:
+            await self._settle()
+
+    async def _settle(self) -> None:
+        """Wait for every publish in flight; on a failure publish again one by one (msg-ids dedupe)."""
+        inflight, self._inflight = self._inflight, []
+        for items, pending in inflight:
+            try:
+                acks = await pending
+            except Exception as exc:
+                log.warning("publish_retry", error=repr(exc), changes=len(items))
+                acks = [await self.bus.publish(s, d, msg_id=m) for s, d, m in items]
+            await settle_publishes(self.bus, items, acks)
 
     async def _dead_letter(self, msg: Delivery, stream: str, durable: str, reason: str) -> None:
         log.warning("dead_lettered", subject=msg.subject, reason=reason)
@@ -134,27 +196,37 @@ class CorrelatorService:
 
     # -- checkpoints -----------------------------------------------------------------------------
     async def checkpoint(self) -> bool:
-        """Store the state and ack what it covers; False when there was nothing new."""
+        """Store the state and ack what it covers; False when there was nothing new.
+
+        The state is serialised under the lock (a consistent cut); compressing and storing it
+        runs while the next batches are processed, and the acks wait for the store.
+        """
+        started = time.perf_counter()
         async with self._lock:
             if not self._dirty:
                 return False
+            await self._settle()
             for durable, msg in self._unacked.items():
                 self.positions[durable] = max(self.positions.get(durable, 0), msg.stream_seq)
-            started = time.perf_counter()
-            await self.checkpoints.save(Checkpoint(self.core.to_state(), dict(self.positions)))
-            for msg in self._unacked.values():
-                await msg.ack()
+            to_ack = list(self._unacked.values())
             self._unacked.clear()
             self._dirty = False
-            log.debug("checkpoint", positions=self.positions, bytes=self.checkpoints.last_size,
-                      ms=round((time.perf_counter() - started) * 1000, 1))
-            return True
+            body = Checkpoint(self.core.to_state(), dict(self.positions)).to_json()
+        await self.checkpoints.save_json(body)
+        for msg in to_ack:
+            await msg.ack()
+        self.last_checkpoint_s = time.perf_counter() - started
+        log.debug("checkpoint", positions=self.positions, bytes=self.checkpoints.last_size,
+                  ms=round(self.last_checkpoint_s * 1000, 1))
+        return True
 
     async def _checkpointer(self, stop: asyncio.Event) -> None:
         last_expire = time.monotonic()
         while not stop.is_set():
+            # a big state checkpoints less often, so checkpoints stay under ~5% of the time
+            interval = max(self.config.checkpoint_interval_s, 20 * self.last_checkpoint_s)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.config.checkpoint_interval_s)
+                await asyncio.wait_for(stop.wait(), timeout=interval)
             if time.monotonic() - last_expire >= self.config.expire_interval_s:
                 async with self._lock:
                     gone = self.core.expire(self.clock())

@@ -92,12 +92,13 @@ class CoreState:
 
     # -- checkpoint form ---------------------------------------------------------------------------
     def to_state(self) -> dict[str, Any]:
-        """Everything needed to continue exactly where this core stands, as plain JSON values."""
+        """Everything needed to continue exactly where this core stands, for ``Checkpoint.encode``
+        (orjson: plain values, datetimes, dataclasses; pydantic models through ``model_dump``)."""
         groups = {k: {"members": {m: [n, _ts(t)] for m, (n, t) in g.members.items()}, "fabric": g.fabric}
                   for k, g in (self.topology.groups.items() if self.topology else ())}
         return {
             "version": STATE_VERSION,
-            "incidents": [inc.to_state() for inc in self.incidents.values()],
+            "incidents": list(self.incidents.values()),  # dataclasses: orjson writes them natively
             "seen": list(self.seen.items()),
             "serving": {k: list(v) for k, v in self.serving.items()},
             "down": {k: [i, g, _ts(t)] for k, (i, g, t) in self.down.items()},

@@ -1,7 +1,8 @@
 """The remediator daemon: consume incident changes, decide, execute, publish the audit trail.
 
 Reads ``breakfix.incidents.>`` (durable ``remediator``). For each newly opened or reopened
-incident it waits ``policy.settle_s`` so companion signals can land (XID 63 after 48), then
+incident that is not folded into another (``parent``, or a fabric incident's ``members``)
+it waits ``policy.settle_s`` so companion signals can land (XID 63 after 48), then
 runs ``decide`` on the latest version and hands the plan to the ``Executor``. Plans on one
 node run one at a time. ``ActionRecord``s go to ``breakfix.actions.<cluster>``.
 """
@@ -37,6 +38,7 @@ class RemediatorService:
         self.durable = durable
         self.sleep = sleep
         self.latest: dict[str, Incident] = {}
+        self.covered: dict[str, str] = {}  # member incident -> open fabric incident that covers it
         self.started: set[tuple[str, int]] = set()
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.node_locks: dict[str, asyncio.Lock] = {}
@@ -51,6 +53,11 @@ class RemediatorService:
         prev = self.latest.get(inc.id)
         if prev is None or inc.version >= prev.version:
             self.latest[inc.id] = inc
+        for member in inc.members:
+            if inc.status.terminal:
+                self.covered.pop(member, None)
+            else:
+                self.covered[member] = inc.id
         if change.kind not in (ChangeKind.OPENED, ChangeKind.REOPENED):
             return
         attempt = (inc.id, inc.flaps)
@@ -66,6 +73,10 @@ class RemediatorService:
             await self.sleep(self.policy.settle_s)
             inc = self.latest[incident_id]
             if inc.status.terminal or inc.flaps != attempt:
+                return
+            cover = inc.parent or self.covered.get(inc.id)
+            if cover is not None:  # folded: the fabric (or causing hardware) incident is the one to act on
+                ilog.info("covered", by=cover)
                 return
             lock = self.node_locks.setdefault(inc.node or f"fabric:{inc.id}", asyncio.Lock())
             async with lock:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import lru_cache
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, field_validator
@@ -41,6 +42,7 @@ _PCI_RE = re.compile(
 )
 
 
+@lru_cache(maxsize=8192)
 def normalize_pci_bus_id(raw: str) -> str:
     """Normalise a PCI address to lowercase ``dddd:bb:dd.f``.
 
@@ -60,6 +62,8 @@ def normalize_pci_bus_id(raw: str) -> str:
 
 
 def _to_utc(value: datetime) -> datetime:
+    if value.tzinfo is UTC:
+        return value
     if value.tzinfo is None:
         raise ValueError("timestamp must carry a timezone (RFC 3339)")
     return value.astimezone(UTC)

@@ -12,6 +12,7 @@ import hashlib
 import re
 from datetime import datetime
 from enum import StrEnum
+from functools import lru_cache
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -21,6 +22,11 @@ from schemas.common import GpuRef, Severity, TenantRef, UtcDatetime, format_rfc3
 SIGNAL_SCHEMA: Literal["breakfix.signal/v1"] = "breakfix.signal/v1"
 
 _CHECK_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
+
+
+@lru_cache(maxsize=4096)
+def _valid_check(name: str) -> bool:
+    return _CHECK_RE.match(name) is not None
 
 
 class SignalSource(StrEnum):
@@ -63,7 +69,7 @@ class Signal(BaseModel):
     @field_validator("check")
     @classmethod
     def _check_name(cls, v: str) -> str:
-        if not _CHECK_RE.match(v):
+        if not _valid_check(v):
             raise ValueError(f"check must be a dotted lowercase name, got {v!r}")
         return v
 

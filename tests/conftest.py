@@ -48,7 +48,7 @@ def gpu(index: int) -> GpuRef:
 
 def sig(*, node: str = "n1", check: str = "xid", code: str | None = "48", gpu_index: int | None = 0,
         at: float = 0.0, healthy: bool = False, pod: str | None = None, ns: str = "team-a",
-        message: str = "", n: int = 0, **kw: Any) -> Signal:
+        message: str = "", n: int = 0, tenant: TenantRef | None = None, **kw: Any) -> Signal:
     """A signal at T0 + ``at`` seconds; ``n`` makes otherwise identical observations distinct."""
     observed = T0 + timedelta(seconds=at)
     g = gpu(gpu_index) if gpu_index is not None else None
@@ -56,7 +56,7 @@ def sig(*, node: str = "n1", check: str = "xid", code: str | None = "48", gpu_in
         id=make_signal_id(cluster="c1", node=node, source="sim", check=check, code=code, healthy=healthy,
                           observed_at=observed, gpu=g, discriminator=str(n)),
         cluster="c1", node=node, source=SignalSource.SIM, check=check, code=code, healthy=healthy, gpu=g,
-        tenant=TenantRef(namespace=ns, pod=pod) if pod else None, message=message or f"{check} {code}",
+        tenant=tenant or (TenantRef(namespace=ns, pod=pod) if pod else None), message=message or f"{check} {code}",
         observed_at=observed, **kw,
     )
 

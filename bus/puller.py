@@ -1,0 +1,70 @@
+"""A lean JetStream pull loop: one inbox subscription per consumer, batched pull requests.
+
+nats-py's ``fetch`` waits on each message with its own timer, which costs more than the
+correlator's own work per message. ``BatchPuller`` sends the JetStream pull request
+(``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>``, ``{"batch": n, "expires": ns}``) itself,
+lets the subscription callback append the replies to a buffer, and hands out whatever has
+arrived. At most one request is outstanding; the server ends it by filling the batch or with
+a 404/408 status. Messages are ordinary ``nats.aio.msg.Msg``s, so ack and metadata work as
+usual. Used by ``bus.jetstream.JetStreamBus.pull``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections import deque
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+_STATUS = "Status"
+
+
+class BatchPuller:
+    def __init__(self, nc: Client, stream: str, durable: str) -> None:
+        self._nc = nc
+        self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._inbox = nc.new_inbox()
+        self._sub: Subscription | None = None
+        self._buffer: deque[Msg] = deque()
+        self._remaining = 0  # messages the outstanding request may still bring
+        self._arrived = asyncio.Event()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = msg.headers.get(_STATUS) if msg.headers else None
+        if status is not None and not msg.data:
+            if status != "100":  # 404 no messages, 408 expired, 409 limits: the request is over
+                self._remaining = 0
+        else:
+            self._buffer.append(msg)
+            self._remaining = max(0, self._remaining - 1)
+        self._arrived.set()
+
+    def _take(self, batch: int) -> list[Msg]:
+        n = min(batch, len(self._buffer))
+        return [self._buffer.popleft() for _ in range(n)]
+
+    async def pull(self, batch: int, timeout_s: float) -> list[Msg]:
+        if self._sub is None:
+            self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg, pending_msgs_limit=1_000_000)
+        if self._buffer:
+            return self._take(batch)
+        if self._remaining == 0:
+            self._arrived.clear()
+            req = {"batch": batch, "expires": int(timeout_s * 1e9)}
+            self._remaining = batch
+            await self._nc.publish(self._subject, json.dumps(req).encode(), reply=self._inbox)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._arrived.wait(), timeout=timeout_s + 0.5)
+        self._arrived.clear()
+        await asyncio.sleep(0)  # let the rest of a burst land in the buffer
+        return self._take(batch)
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None

@@ -1,0 +1,181 @@
+"""The data-driven correlation rules: suspect GPUs, lemons, peer folds, thresholds, topology, impact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from correlator.grouping import LEMON_LABEL, Correlator
+from correlator.rules import load_rules
+from schemas.catalog import Catalog
+from schemas.common import TenantRef
+from schemas.datafile import DataFileError
+from schemas.incident import Domain, Incident, IncidentScope, IncidentStatus
+from schemas.signal import Signal
+from tests.conftest import make_rules, sig
+
+HOUR = 3600.0
+XID154_DRAIN = ("NVRM: Xid (PCI:0000:18:00): 154, GPU recovery action changed from 0x0 (None) to 0x2 "
+                "(Drain and Reset)")
+
+
+def run(catalog: Catalog, signals: list[Signal], **rules: object) -> Correlator:
+    core = Correlator(catalog, make_rules(**rules) if rules else None)
+    for s in signals:
+        core.ingest(s, s.observed_at)
+    return core
+
+
+def top_level(core: Correlator) -> list[Incident]:
+    """What the on-call SRE sees first: incidents not folded into another."""
+    return [i.snapshot() for i in core.incidents.values() if i.parent is None]
+
+
+def ib_down(node: str, switch: str, at: float = 0.0, port: str = "mlx5_0/1") -> Signal:
+    return sig(node=node, check="ib.link_down", code=None, gpu_index=None, at=at, component=port,
+               labels={"switch": switch, "rack": f"rack-{switch}"})
+
+
+def endpoint(at: float, serving: str, healthy: bool = False) -> Signal:
+    return sig(node="router-0", check="endpoint.ttft", code=None, gpu_index=None, at=at, healthy=healthy,
+               tenant=TenantRef(namespace="team-llm", endpoint="chat"), details={"serving_nodes": serving})
+
+
+# (signals, expected top-level (category, scope, domain) sorted, id)
+RULE_CASES = [
+    pytest.param([sig(code="13", pod="job-a", at=0), sig(code="31", pod="job-b", at=HOUR)],
+                 [("application_fault", "tenant", "tenant"), ("gpu_suspect", "gpu", "operator")],
+                 id="app-xids-same-gpu-two-pods-make-gpu-suspect"),
+    pytest.param([sig(code="13", pod="job-a", gpu_index=0), sig(code="13", pod="job-a", gpu_index=1, at=5),
+                  sig(code="31", pod="job-a", gpu_index=2, at=9)],
+                 [("application_fault", "tenant", "tenant")],
+                 id="app-xids-different-gpus-one-tenant-stay-tenant"),
+    pytest.param([sig(code="13", pod="job-a", at=0), sig(code="13", pod="job-b", at=25 * HOUR)],
+                 [("application_fault", "tenant", "tenant"), ("application_fault", "tenant", "tenant")],
+                 id="app-xids-two-pods-beyond-24h-are-not-suspect"),
+    pytest.param([sig(code="79", gpu_index=0), sig(code="74", gpu_index=1, at=1), sig(code="74", gpu_index=2, at=2)],
+                 [("node_reboot_required", "node", "operator")],
+                 id="xid74-on-nvlink-peers-folds-into-the-gpu-that-went-down"),
+    pytest.param([sig(code="74", gpu_index=1)], [("nvlink_fault", "gpu", "operator")],
+                 id="xid74-alone-is-its-own-nvlink-incident"),
+    pytest.param([sig(code="48"), sig(code="45", at=1, message="Xid 45, caused by previous Xid")],
+                 [("gpu_reset_required", "gpu", "operator")], id="xid45-after-another-xid-folds"),
+    pytest.param([sig(code="154", message=XID154_DRAIN)], [("gpu_drain_reset_required", "gpu", "operator")],
+                 id="xid154-carries-its-recovery-action"),
+    pytest.param([sig(check="pcie.replay", code=None, at=i, n=i) for i in range(2)], [],
+                 id="below-count-in-window-threshold-opens-nothing"),
+    pytest.param([sig(check="pcie.replay", code=None, at=i, n=i) for i in range(3)],
+                 [("hardware_support", "gpu", "operator")], id="threshold-reached-opens-one-incident"),
+    pytest.param([sig(check="pcie.replay", code=None, at=i * 400, n=i) for i in range(3)], [],
+                 id="threshold-counts-only-inside-its-window"),
+]
+
+
+class TestRules:
+    @pytest.mark.parametrize(("signals", "expected"), RULE_CASES)
+    def test_rule_table(self, catalog: Catalog, signals: list[Signal], expected: list[tuple[str, str, str]]) -> None:
+        core = run(catalog, signals)
+        got = sorted((i.category, i.scope.value, i.domain.value) for i in top_level(core))
+        assert got == sorted(expected)
+
+    def test_suspect_incident_names_the_workloads(self, catalog: Catalog) -> None:
+        core = run(catalog, [sig(code="13", pod="job-a"), sig(code="31", pod="job-b", at=60)])
+        inc = next(i for i in top_level(core) if i.category == "gpu_suspect")
+        assert "team-a/job-a" in inc.timeline[0].note and "team-a/job-b" in inc.timeline[0].note
+        assert {t.pod for t in inc.tenants} == {"job-b"}
+
+    def test_third_burst_on_one_gpu_in_a_day_is_a_lemon(self, catalog: Catalog) -> None:
+        signals = []
+        for burst in range(3):
+            t = burst * 2 * HOUR
+            signals += [sig(check="ecc.dbe", code=None, at=t, n=burst),
+                        sig(check="ecc.dbe", code=None, at=t + 60, healthy=True, n=burst)]
+        core = run(catalog, signals, windows={"flap_s": 60})
+        incs = sorted(top_level(core), key=lambda i: i.first_seen)
+        assert len(incs) == 3
+        assert incs[-1].category == "hardware_support" and incs[-1].labels[LEMON_LABEL] == "true"
+        assert all(LEMON_LABEL not in i.labels for i in incs[:2])
+        assert any(e.event == "lemon" for e in incs[-1].timeline)
+
+    def test_folded_peer_is_evidence_not_a_gpu_to_reset(self, catalog: Catalog) -> None:
+        core = run(catalog, [sig(code="79", gpu_index=0), sig(code="74", gpu_index=1, at=1)])
+        (inc,) = top_level(core)
+        assert {c.key: c.count for c in inc.counts} == {"xid:79": 1, "xid:74": 1}
+        assert [g.index for g in inc.gpus] == [0]
+        assert [e.event for e in inc.timeline] == ["opened", "folded"]
+
+
+class TestTopology:
+    def test_link_down_under_one_switch_is_one_fabric_incident(self, catalog: Catalog) -> None:
+        core = run(catalog, [ib_down(f"n{i}", "leaf-03", at=i) for i in range(12)])
+        (fab,) = top_level(core)
+        assert fab.scope is IncidentScope.FABRIC and fab.node is None
+        assert fab.topology == {"switch": "leaf-03"}
+        assert len(fab.members) == 12 and len(fab.nodes) == 12
+        assert all(i.parent == fab.id for i in core.incidents.values() if i.id != fab.id)
+
+    def test_two_nodes_are_below_min_nodes(self, catalog: Catalog) -> None:
+        core = run(catalog, [ib_down("n1", "leaf-03"), ib_down("n2", "leaf-03", at=1)])
+        assert {i.scope for i in top_level(core)} == {IncidentScope.NODE}
+
+    def test_different_switches_do_not_group(self, catalog: Catalog) -> None:
+        core = run(catalog, [ib_down(f"n{i}", f"leaf-{i}") for i in range(6)])
+        assert len(top_level(core)) == 6
+
+    def test_nodes_outside_the_window_do_not_group(self, catalog: Catalog) -> None:
+        core = run(catalog, [ib_down(f"n{i}", "leaf-03", at=i * 200) for i in range(4)])
+        assert all(i.scope is IncidentScope.NODE for i in top_level(core))
+
+    def test_fabric_incident_resolves_when_every_link_is_back(self, catalog: Catalog) -> None:
+        down = [ib_down(f"n{i}", "leaf-03", at=i) for i in range(3)]
+        up = [sig(node=f"n{i}", check="ib.link_down", code=None, gpu_index=None, at=30 + i, component="mlx5_0/1",
+                  healthy=True) for i in range(3)]
+        core = run(catalog, down + up[:2])
+        (fab,) = top_level(core)
+        assert fab.status is IncidentStatus.OPEN
+        core.ingest(up[2], up[2].observed_at)
+        (fab,) = top_level(core)
+        assert fab.status is IncidentStatus.RESOLVED
+
+
+class TestEndpointImpact:
+    def test_breach_on_a_node_with_hardware_incident_is_its_impact(self, catalog: Catalog) -> None:
+        core = run(catalog, [sig(node="n7", code="48"), endpoint(5, "n7,n8")])
+        (inc,) = top_level(core)
+        assert inc.category == "gpu_reset_required"
+        assert [t.key() for t in inc.impact] == ["team-llm/chat"]
+
+    def test_breach_first_then_hardware_folds_breach_under_cause(self, catalog: Catalog) -> None:
+        core = run(catalog, [endpoint(0, "n7"), sig(node="n7", code="48", at=5)])
+        (inc,) = top_level(core)
+        assert inc.category == "gpu_reset_required"
+        ep = next(i for i in core.incidents.values() if i.parent == inc.id)
+        assert ep.category == "endpoint_slo" and ep.domain is Domain.TENANT
+        assert [t.key() for t in inc.impact] == ["team-llm/chat"]
+
+    def test_breach_without_hardware_is_a_tenant_incident(self, catalog: Catalog) -> None:
+        core = run(catalog, [endpoint(0, "n9")])
+        (inc,) = top_level(core)
+        assert (inc.category, inc.scope) == ("endpoint_slo", IncidentScope.TENANT)
+
+
+class TestRulesFile:
+    def test_shipped_rules_load(self, catalog: Catalog) -> None:
+        rules = load_rules(catalog=catalog)
+        assert rules.topology["fabric_link"].key == "switch"
+
+    @pytest.mark.parametrize(("text", "message"), [
+        ("version: 1\nwindows: {flap_s: -1}\n", "greater than or equal"),
+        ("version: 1\nthresholds:\n  - {code: a, count: 2, window_s: 1}\n  - {code: a, count: 3, window_s: 1}\n",
+         "listed twice"),
+        ("version: 1\ntopology:\n  - {category: nope, key: switch, min_nodes: 2, window_s: 1}\n", "unknown category"),
+        ("version: 1\nsurprise: true\n", "Extra inputs"),
+    ], ids=["negative-window", "duplicate-threshold", "unknown-category", "unknown-key"])
+    def test_bad_rules_fail_fast_with_file_and_reason(self, catalog: Catalog, tmp_path: Path, text: str,
+                                                      message: str) -> None:
+        p = tmp_path / "rules.yaml"
+        p.write_text(text)
+        with pytest.raises(DataFileError, match=message) as err:
+            load_rules(p, catalog)
+        assert str(p) in str(err.value)
