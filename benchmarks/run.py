@@ -258,7 +258,9 @@ def main() -> None:
     configure(json=True, level="WARNING")
     signals = mix(200_000)
     gc.freeze()  # the input list is long-lived; keep the collector off it, as the daemon does with its state
-    result: dict[str, object] = {"core": bench_core(signals)}
+    storm = switch_storm(build_fleet(1000), start=T0).signals
+    gc.freeze()
+    result: dict[str, object] = {"core": bench_core(signals), "core_storm_mix": bench_core(storm)}
     with tempfile.TemporaryDirectory(prefix="breakfix-bench-") as d:
         result["nats"] = asyncio.run(bench_nats(signals[:60_000], Path(d)))
         result["latency"] = asyncio.run(bench_latency(Path(d)))
