@@ -1,0 +1,217 @@
+"""The NVML calls breakfix makes, as a Protocol, with the real binding and a faithful fake.
+
+The real adapter is the ``pynvml`` module of nvidia-ml-py itself (``real_nvml()``): the
+Protocol names its functions exactly, so nothing sits between breakfix and NVML. The fake
+(``FakeNvml``) keeps per-GPU state a test can change and raises the same
+``pynvml.NVMLError`` subclasses the driver does (``NVMLError_GpuIsLost``, ``ResetRequired``,
+``NotSupported``, ``Timeout``, ...). ``collectors.nvml`` is the only user. Facts from
+nvidia-ml-py 13.615.71 ``pynvml.py`` (see ``collectors/SOURCES.md``).
+"""
+
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pynvml
+
+
+class Nvml(Protocol):
+    def nvmlInit(self) -> None: ...
+    def nvmlShutdown(self) -> None: ...
+    def nvmlDeviceGetCount(self) -> int: ...
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> Any: ...
+    def nvmlDeviceGetUUID(self, handle: Any) -> str: ...
+    def nvmlDeviceGetPciInfo(self, handle: Any) -> Any: ...
+    def nvmlDeviceGetTotalEccErrors(self, handle: Any, error_type: int, counter_type: int) -> int: ...
+    def nvmlDeviceGetRemappedRows(self, handle: Any) -> tuple[int, int, int, int]: ...
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, handle: Any) -> int: ...
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: Any) -> int: ...
+    def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int: ...
+    def nvmlDeviceGetTemperatureThreshold(self, handle: Any, threshold: int) -> int: ...
+    def nvmlDeviceGetPcieReplayCounter(self, handle: Any) -> int: ...
+    def nvmlDeviceGetNvLinkState(self, handle: Any, link: int) -> int: ...
+    def nvmlDeviceGetNvLinkErrorCounter(self, handle: Any, link: int, counter: int) -> int: ...
+    def nvmlDeviceGetGpuFabricInfo(self, handle: Any, info: Any) -> None: ...
+    def nvmlEventSetCreate(self) -> Any: ...
+    def nvmlDeviceGetSupportedEventTypes(self, handle: Any) -> int: ...
+    def nvmlDeviceRegisterEvents(self, handle: Any, mask: int, event_set: Any) -> None: ...
+    def nvmlEventSetWait_v2(self, event_set: Any, timeout_ms: int) -> Any: ...
+    def nvmlEventSetFree(self, event_set: Any) -> None: ...
+
+
+def real_nvml() -> Nvml:
+    """The nvidia-ml-py module; ``nvmlInit`` raises ``NVMLError_LibraryNotFound`` without a driver."""
+    return pynvml  # type: ignore[return-value]
+
+
+@dataclass
+class FakeLink:
+    up: bool = True
+    errors: dict[int, int] = field(default_factory=dict)  # NVML_NVLINK_ERROR_DL_* -> count
+
+
+@dataclass
+class FakeGpu:
+    uuid: str
+    pci_bus_id: str  # NVML's form, e.g. 00000000:18:00.0
+    dbe_volatile: int = 0
+    sbe_volatile: int = 0
+    remapped: tuple[int, int, int, int] = (0, 0, 0, 0)  # corrRows, uncRows, isPending, failureOccurred
+    retired_pending: int = 0
+    clocks_event_reasons: int = 0
+    temperature: int = 45
+    slowdown_temperature: int = 87
+    pcie_replay: int = 0
+    links: list[FakeLink] = field(default_factory=lambda: [FakeLink() for _ in range(18)])
+    fabric: tuple[int, int] | None = None  # (state, status); None: NotSupported
+    lost: bool = False
+    reset_required: bool = False
+    fail: dict[str, pynvml.NVMLError] = field(default_factory=dict)  # method name -> error to raise
+
+
+@dataclass
+class _PciInfo:
+    busId: str
+
+
+@dataclass
+class _Event:
+    device: int
+    eventType: int
+    eventData: int
+    gpuInstanceId: int = 0xFFFFFFFF
+    computeInstanceId: int = 0xFFFFFFFF
+
+
+class FakeNvml:
+    """In-memory NVML with the real error types. Handles are GPU indexes."""
+
+    def __init__(self, gpus: list[FakeGpu], *, library_missing: bool = False) -> None:
+        self.gpus = gpus
+        self.library_missing = library_missing
+        self.initialised = False
+        self.events: queue.Queue[_Event] = queue.Queue()
+        self.registered: dict[int, int] = {}
+        self.calls = 0
+
+    @classmethod
+    def hgx(cls, n: int = 8, seed: str = "fake") -> FakeNvml:
+        buses = ("18", "2a", "3a", "5d", "9a", "ab", "ba", "db")
+        return cls([FakeGpu(uuid=f"GPU-{seed[:4]:0>4}{i:04x}-0000-1111-2222-{i:012x}",
+                            pci_bus_id=f"00000000:{buses[i % 8]}:00.0") for i in range(n)])
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _gpu(self, handle: int, method: str) -> FakeGpu:
+        self.calls += 1
+        if not self.initialised:
+            raise pynvml.NVMLError_Uninitialized()
+        g = self.gpus[handle]
+        if g.lost:
+            raise pynvml.NVMLError_GpuIsLost()
+        if g.reset_required and method != "nvmlDeviceGetUUID":
+            raise pynvml.NVMLError_ResetRequired()
+        err = g.fail.get(method)
+        if err is not None:
+            raise err
+        return g
+
+    def xid(self, index: int, xid: int) -> None:
+        """The driver reports XID ``xid`` on GPU ``index`` (delivered if registered)."""
+        if self.registered.get(index, 0) & pynvml.nvmlEventTypeXidCriticalError:
+            self.events.put(_Event(index, pynvml.nvmlEventTypeXidCriticalError, xid))
+
+    # -- the NVML surface ------------------------------------------------------------------------
+    def nvmlInit(self) -> None:
+        if self.library_missing:
+            raise pynvml.NVMLError_LibraryNotFound()
+        self.initialised = True
+
+    def nvmlShutdown(self) -> None:
+        self.initialised = False
+        self.registered.clear()
+
+    def nvmlDeviceGetCount(self) -> int:
+        if not self.initialised:
+            raise pynvml.NVMLError_Uninitialized()
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        if not 0 <= index < len(self.gpus):
+            raise pynvml.NVMLError_InvalidArgument()
+        if self.gpus[index].lost:
+            raise pynvml.NVMLError_GpuIsLost()
+        return index
+
+    def nvmlDeviceGetUUID(self, handle: int) -> str:
+        return self._gpu(handle, "nvmlDeviceGetUUID").uuid
+
+    def nvmlDeviceGetPciInfo(self, handle: int) -> _PciInfo:
+        return _PciInfo(self._gpu(handle, "nvmlDeviceGetPciInfo").pci_bus_id)
+
+    def nvmlDeviceGetTotalEccErrors(self, handle: int, error_type: int, counter_type: int) -> int:
+        g = self._gpu(handle, "nvmlDeviceGetTotalEccErrors")
+        if counter_type != pynvml.NVML_VOLATILE_ECC:
+            raise pynvml.NVMLError_NotSupported()
+        return g.dbe_volatile if error_type == pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED else g.sbe_volatile
+
+    def nvmlDeviceGetRemappedRows(self, handle: int) -> tuple[int, int, int, int]:
+        return self._gpu(handle, "nvmlDeviceGetRemappedRows").remapped
+
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, handle: int) -> int:
+        return self._gpu(handle, "nvmlDeviceGetRetiredPagesPendingStatus").retired_pending
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: int) -> int:
+        return self._gpu(handle, "nvmlDeviceGetCurrentClocksEventReasons").clocks_event_reasons
+
+    def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
+        return self._gpu(handle, "nvmlDeviceGetTemperature").temperature
+
+    def nvmlDeviceGetTemperatureThreshold(self, handle: int, threshold: int) -> int:
+        g = self._gpu(handle, "nvmlDeviceGetTemperatureThreshold")
+        if threshold != pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN:
+            raise pynvml.NVMLError_NotSupported()
+        return g.slowdown_temperature
+
+    def nvmlDeviceGetPcieReplayCounter(self, handle: int) -> int:
+        return self._gpu(handle, "nvmlDeviceGetPcieReplayCounter").pcie_replay
+
+    def nvmlDeviceGetNvLinkState(self, handle: int, link: int) -> int:
+        g = self._gpu(handle, "nvmlDeviceGetNvLinkState")
+        if link >= len(g.links):
+            raise pynvml.NVMLError_InvalidArgument()
+        return pynvml.NVML_FEATURE_ENABLED if g.links[link].up else pynvml.NVML_FEATURE_DISABLED
+
+    def nvmlDeviceGetNvLinkErrorCounter(self, handle: int, link: int, counter: int) -> int:
+        g = self._gpu(handle, "nvmlDeviceGetNvLinkErrorCounter")
+        if link >= len(g.links):
+            raise pynvml.NVMLError_InvalidArgument()
+        return g.links[link].errors.get(counter, 0)
+
+    def nvmlDeviceGetGpuFabricInfo(self, handle: int, info: Any) -> None:
+        g = self._gpu(handle, "nvmlDeviceGetGpuFabricInfo")
+        if g.fabric is None:
+            raise pynvml.NVMLError_NotSupported()
+        struct = getattr(info, "_obj", info)  # ctypes.byref(...) or the struct itself
+        struct.state, struct.status = g.fabric
+
+    def nvmlEventSetCreate(self) -> str:
+        return "event-set"
+
+    def nvmlDeviceGetSupportedEventTypes(self, handle: int) -> int:
+        self._gpu(handle, "nvmlDeviceGetSupportedEventTypes")
+        return int(pynvml.nvmlEventTypeAll)
+
+    def nvmlDeviceRegisterEvents(self, handle: int, mask: int, event_set: Any) -> None:
+        self._gpu(handle, "nvmlDeviceRegisterEvents")
+        self.registered[handle] = mask
+
+    def nvmlEventSetWait_v2(self, event_set: Any, timeout_ms: int) -> _Event:
+        try:
+            return self.events.get(timeout=timeout_ms / 1000)
+        except queue.Empty:
+            raise pynvml.NVMLError_Timeout() from None
+
+    def nvmlEventSetFree(self, event_set: Any) -> None:
+        return None

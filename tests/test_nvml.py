@@ -1,0 +1,180 @@
+"""The nvml source against a faithful fake that raises real pynvml errors, and real NVML on a GPU."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from datetime import timedelta
+
+import pynvml
+import pytest
+
+from collectors.context import NodeContext
+from collectors.edge import Cycle, EdgeFilter
+from collectors.nvml import NvmlSource
+from collectors.nvml_api import FakeNvml, real_nvml
+from schemas.catalog import Catalog
+from schemas.signal import Signal
+from tests.conftest import T0
+
+
+def ctx(catalog: Catalog) -> NodeContext:
+    return NodeContext(cluster="c1", node="n1", catalog=catalog, labels={"rack": "r1"})
+
+
+def faults(cycle: Cycle) -> set[tuple[str, int | None, str | None]]:
+    return {(s.check, s.gpu.index if s.gpu else None, s.component) for s in cycle.states if not s.healthy}
+
+
+def poll(src: NvmlSource, t: float = 0.0) -> Cycle:
+    return src.collect(T0 + timedelta(seconds=t), t)
+
+
+class TestEnumeration:
+    def test_gpus_enumerated_with_index_uuid_and_normalised_pci(self, catalog: Catalog) -> None:
+        fake = FakeNvml.hgx(8)
+        c = ctx(catalog)
+        src = NvmlSource(fake, c, expected_gpus=8)
+        cycle = poll(src)
+        assert [r.index for r in src.refs.values()] == list(range(8))
+        assert src.refs[0].pci_bus_id == "0000:18:00.0" and src.refs[0].uuid == fake.gpus[0].uuid
+        assert c.gpu(pci="0000:18:00.0").uuid == fake.gpus[0].uuid
+        assert faults(cycle) == set()
+
+    def test_missing_gpu_is_a_count_mismatch(self, catalog: Catalog) -> None:
+        src = NvmlSource(FakeNvml.hgx(7), ctx(catalog), expected_gpus=8)
+        assert ("gpu.count_mismatch", None, None) in faults(poll(src))
+
+    def test_no_driver_raises_library_not_found(self, catalog: Catalog) -> None:
+        with pytest.raises(pynvml.NVMLError_LibraryNotFound):
+            NvmlSource(FakeNvml([], library_missing=True), ctx(catalog)).start()
+
+
+FAULT_CASES = [
+    pytest.param(lambda g: setattr(g, "dbe_volatile", 1), "ecc.dbe", None, id="volatile-dbe"),
+    pytest.param(lambda g: setattr(g, "remapped", (0, 1, 1, 0)), "row_remap.pending", None, id="remap-pending"),
+    pytest.param(lambda g: setattr(g, "remapped", (0, 1, 0, 1)), "row_remap.failure", None, id="remap-failure"),
+    pytest.param(lambda g: setattr(g, "retired_pending", 1), "retired_pages.pending", None, id="retired-pending"),
+    pytest.param(lambda g: setattr(g, "clocks_event_reasons", pynvml.nvmlClocksEventReasonHwSlowdown),
+                 "clock.hw_slowdown", None, id="hw-slowdown"),
+    pytest.param(lambda g: setattr(g, "clocks_event_reasons", pynvml.nvmlClocksEventReasonHwThermalSlowdown),
+                 "clock.hw_thermal", None, id="hw-thermal"),
+    pytest.param(lambda g: setattr(g, "clocks_event_reasons", pynvml.nvmlClocksEventReasonHwPowerBrakeSlowdown),
+                 "clock.power_brake", None, id="power-brake"),
+    pytest.param(lambda g: setattr(g, "temperature", 90), "temperature.slowdown", None, id="over-slowdown-temp"),
+    pytest.param(lambda g: setattr(g.links[3], "up", False), "nvlink.down", "nvlink3", id="nvlink-down"),
+    pytest.param(lambda g: setattr(g, "fabric", (pynvml.NVML_GPU_FABRIC_STATE_IN_PROGRESS, 0)), "fabric.gpu", None,
+                 id="fabric-not-completed"),
+    pytest.param(lambda g: setattr(g, "lost", True), "gpu.lost", None, id="gpu-is-lost"),
+    pytest.param(lambda g: setattr(g, "reset_required", True), "gpu.reset_required", None, id="reset-required"),
+]
+
+
+class TestPolledChecks:
+    @pytest.mark.parametrize(("mutate", "check", "component"), FAULT_CASES)
+    def test_fault_appears_then_clears(self, catalog: Catalog, mutate, check: str, component: str | None) -> None:  # type: ignore[no-untyped-def]
+        fake = FakeNvml.hgx(8)
+        fake.gpus[2].fabric = (pynvml.NVML_GPU_FABRIC_STATE_COMPLETED, pynvml.NVML_SUCCESS)
+        src = NvmlSource(fake, ctx(catalog))
+        assert faults(poll(src)) == set()
+        mutate(fake.gpus[2])
+        assert faults(poll(src, 10)) == {(check, 2, component)}
+        fake.gpus[2] = FakeNvml.hgx(8).gpus[2]
+        fake.gpus[2].fabric = (pynvml.NVML_GPU_FABRIC_STATE_COMPLETED, pynvml.NVML_SUCCESS)
+        assert faults(poll(src, 20)) == set()
+
+    @pytest.mark.parametrize(("attr", "check", "delta"), [
+        ("pcie_replay", "pcie.replay", 500), ("sbe_volatile", "ecc.sbe", 1000)], ids=["pcie-replay-rate", "sbe-burst"])
+    def test_counter_rates_need_two_samples(self, catalog: Catalog, attr: str, check: str, delta: int) -> None:
+        fake = FakeNvml.hgx(2)
+        src = NvmlSource(fake, ctx(catalog))
+        poll(src)
+        setattr(fake.gpus[1], attr, delta)
+        assert (check, 1, None) in faults(poll(src, 60))
+        assert (check, 1, None) not in faults(poll(src, 120)), "a counter that stopped rising is healthy again"
+
+    def test_nvlink_error_rate_per_link(self, catalog: Catalog) -> None:
+        fake = FakeNvml.hgx(1)
+        src = NvmlSource(fake, ctx(catalog))
+        poll(src)
+        fake.gpus[0].links[5].errors[pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT] = 100
+        assert faults(poll(src, 60)) == {("nvlink.errors", 0, "nvlink5")}
+
+    def test_unsupported_reads_are_absent_not_faults(self, catalog: Catalog) -> None:
+        fake = FakeNvml.hgx(1)
+        fake.gpus[0].fail["nvmlDeviceGetRemappedRows"] = pynvml.NVMLError_NotSupported()
+        checks = {s.check for s in poll(NvmlSource(fake, ctx(catalog))).states}
+        assert "row_remap.pending" not in checks and "ecc.dbe" in checks
+
+    def test_lost_gpu_never_crashes_and_others_keep_reporting(self, catalog: Catalog) -> None:
+        fake = FakeNvml.hgx(8)
+        src = NvmlSource(fake, ctx(catalog))
+        poll(src)
+        fake.gpus[4].lost = True
+        fake.gpus[6].dbe_volatile = 2
+        assert faults(poll(src, 5)) == {("gpu.lost", 4, None), ("ecc.dbe", 6, None)}
+
+    def test_signals_carry_tenant_of_the_pod_on_the_gpu(self, catalog: Catalog) -> None:
+        from schemas.common import TenantRef
+        fake = FakeNvml.hgx(2)
+        c = ctx(catalog)
+        src = NvmlSource(fake, c)
+        poll(src)
+        c.set_tenants({fake.gpus[1].uuid: TenantRef(namespace="ml", pod="train-0", container="main")})
+        fake.gpus[1].dbe_volatile = 1
+        (s,) = [s for s in poll(src, 5).states if not s.healthy]
+        assert s.tenant is not None and s.tenant.pod == "train-0" and s.labels == {"rack": "r1"}
+
+
+class TestXidEvents:
+    async def test_xid_event_becomes_signal_without_blocking_the_loop(self, catalog: Catalog) -> None:
+        fake = FakeNvml.hgx(8)
+        src = NvmlSource(fake, ctx(catalog))
+        stop = asyncio.Event()
+        got: list[Signal] = []
+        ticks = 0
+
+        async def consume() -> None:
+            async for s in src.watch_xids(stop, lambda: T0):
+                got.append(s)
+                stop.set()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(consume(), name="test-xids")
+        tick = asyncio.create_task(ticker(), name="test-ticker")
+        while not fake.registered:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        fake.xid(3, 79)
+        await asyncio.wait_for(task, 5)
+        await tick
+        assert [(s.check, s.code, s.gpu.index if s.gpu else None) for s in got] == [("xid", "79", 3)]
+        assert ticks > 10, "the event loop kept running while NVML waited"
+
+    def test_edge_filter_sends_the_fault_once(self, catalog: Catalog) -> None:
+        fake = FakeNvml.hgx(2)
+        src = NvmlSource(fake, ctx(catalog))
+        edge = EdgeFilter(resync_s=3600)
+        sent = edge.apply(poll(src), T0)
+        fake.gpus[0].dbe_volatile = 1
+        sent += edge.apply(poll(src, 1), T0 + timedelta(seconds=1))
+        sent += edge.apply(poll(src, 2), T0 + timedelta(seconds=2))
+        fake.gpus[0].dbe_volatile = 0
+        sent += edge.apply(poll(src, 3), T0 + timedelta(seconds=3))
+        assert [(s.check, s.healthy) for s in sent] == [("ecc.dbe", False), ("ecc.dbe", True)]
+
+
+@pytest.mark.gpu
+def test_real_nvml_enumerates_and_polls_without_faults_on_a_healthy_gpu(catalog: Catalog) -> None:
+    """Runs only where a GPU and driver exist (the ``gpu`` marker); skipped elsewhere with the reason."""
+    if shutil.which("nvidia-smi") is None:
+        pytest.skip("no NVIDIA driver on this machine (gpu marker)")
+    src = NvmlSource(real_nvml(), ctx(catalog))
+    cycle = poll(src)
+    assert src.refs and all(r.uuid and r.pci_bus_id for r in src.refs.values())
+    assert {s.check for s in cycle.states} >= {"gpu.lost", "ecc.dbe"}
