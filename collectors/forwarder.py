@@ -67,10 +67,10 @@ class Forwarder:
 
     async def send(self, signals: list[Signal]) -> None:
         for s in signals:
-            if self.up and self.bus is not None and not len(self.spool):
-                if await self._publish(subjects.signal_subject(s.cluster, s.node), encode(s), s.id):
-                    self.stats.published += 1
-                    continue
+            direct = self.up and self.bus is not None and not len(self.spool)
+            if direct and await self._publish(subjects.signal_subject(s.cluster, s.node), encode(s), s.id):
+                self.stats.published += 1
+                continue
             self.spool.append(s)
             self.stats.spooled += 1
             self._wake.set()

@@ -43,7 +43,7 @@ class Nvml(Protocol):
 
 def real_nvml() -> Nvml:
     """The nvidia-ml-py module; ``nvmlInit`` raises ``NVMLError_LibraryNotFound`` without a driver."""
-    return pynvml  # type: ignore[return-value]
+    return pynvml  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -181,7 +181,7 @@ class FakeNvml:
         g = self._gpu(handle, "nvmlDeviceGetNvLinkState")
         if link >= len(g.links):
             raise pynvml.NVMLError_InvalidArgument()
-        return pynvml.NVML_FEATURE_ENABLED if g.links[link].up else pynvml.NVML_FEATURE_DISABLED
+        return int(pynvml.NVML_FEATURE_ENABLED if g.links[link].up else pynvml.NVML_FEATURE_DISABLED)
 
     def nvmlDeviceGetNvLinkErrorCounter(self, handle: int, link: int, counter: int) -> int:
         g = self._gpu(handle, "nvmlDeviceGetNvLinkErrorCounter")
