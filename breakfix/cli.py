@@ -157,26 +157,29 @@ def signals_kmsg(
     cluster: Annotated[str, typer.Option(help="Cluster name.")] = "default",
 ) -> None:
     """Parse NVIDIA XID, SXid and fallen-off-the-bus lines from a copied kernel log."""
+    from collectors.context import NodeContext
     from collectors.kmsg import gpu_map_entry, parse_line, to_signal
+    from collectors.kmsg_follow import boot_time, line_time
     from schemas.catalog import load_catalog
     from schemas.common import GpuRef
 
-    cat = _load(load_catalog)
-    gpus: dict[str, GpuRef] = {}
+    ctx = NodeContext(cluster=cluster, node=node, catalog=_load(load_catalog))
     now = datetime.now(UTC)
+    booted = boot_time()
     try:
         fh = file.open(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise _fail(f"{file}: cannot read: {exc.strerror or exc}") from None
     with fh:
-        for line in fh:
+        for lineno, line in enumerate(fh, start=1):
             mapped = gpu_map_entry(line)
             if mapped:
-                gpus[mapped[0]] = GpuRef(uuid=mapped[1], pci_bus_id=mapped[0])
+                ctx.register_gpus([GpuRef(uuid=mapped[1], pci_bus_id=mapped[0])])
                 continue
             ev = parse_line(line)
             if ev is not None:
-                sig = to_signal(ev, cluster=cluster, node=node, observed_at=now, catalog=cat, gpus=gpus)
+                at = line_time(line, booted=booted, now=now)
+                sig = to_signal(ev, ctx, observed_at=at, discriminator=f"{file.name}:{lineno}")
                 sys.stdout.write(sig.model_dump_json(by_alias=True) + "\n")
 
 

@@ -3,10 +3,11 @@
 Pure: ``parse_line`` takes one line in any prefix seen in the wild (raw ``/dev/kmsg``
 records ``6,1234,5678,-;``, dmesg ``[ts]``, ``dmesg -T``, syslog, journald short-iso) and
 returns a ``KernelEvent`` or None for everything else (non-XID NVRM noise included).
-``to_signal`` turns an event into a ``Signal`` for one node, mapping the PCI address to the
-GPU through the ``NVRM: GPU at PCI:... GPU-<uuid>`` lines the driver prints. Line grammar and
-real examples: NVIDIA driver output as collected in runbooks and tests/data/kmsg_real.log.
-The file/``/dev/kmsg`` follower with persisted positions is a separate module (to come).
+``to_signal`` turns an event into a ``Signal`` through the node's ``NodeContext``, mapping the
+PCI address to the GPU (from NVML, or from the ``NVRM: GPU at PCI:... GPU-<uuid>`` lines the
+driver prints). Line grammar and real examples: NVIDIA driver output collected in
+tests/data/kmsg_real.log. Following the log with persisted positions: ``collectors.kmsg_follow``;
+the daemon's source: ``collectors.kmsg_source``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from schemas.catalog import Catalog
-from schemas.common import GpuRef, Severity, normalize_pci_bus_id
-from schemas.signal import Signal, SignalSource, make_signal_id
+from collectors.context import NodeContext
+from schemas.catalog.nvlink5 import NVLINK5_XIDS, decode
+from schemas.common import Severity, normalize_pci_bus_id
+from schemas.signal import Signal, SignalSource
 
 _XID = re.compile(
     r"NVRM: Xid \((?:PCI:)?(?P<pci>[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}(?:\.[0-7])?)\): (?P<xid>\d+)"
@@ -89,23 +91,20 @@ def gpu_map_entry(line: str) -> tuple[str, str] | None:
     return (normalize_pci_bus_id(m.group("pci")), m.group("uuid")) if m else None
 
 
-def to_signal(ev: KernelEvent, *, cluster: str, node: str, observed_at: datetime, catalog: Catalog,
-              gpus: dict[str, GpuRef] | None = None, labels: dict[str, str] | None = None) -> Signal:
-    """A kernel event as a signal for ``node``; ``gpus`` maps normalised PCI to the GPU's identity."""
-    gpu = (gpus or {}).get(ev.pci) or GpuRef(pci_bus_id=ev.pci)
+def to_signal(ev: KernelEvent, ctx: NodeContext, *, observed_at: datetime, discriminator: str = "") -> Signal:
+    """A kernel event as a signal for the context's node. The PCI address maps to the GPU's identity
+    (and so to its pod); NVLink5 XIDs 144-150 carry NVIDIA's decode of their subcode and status."""
+    disc = discriminator or ev.seq or ev.message
     if ev.kind == "sxid":
         fatal = ev.details.get("fatal") == "Fatal"
-        severity = Severity.CRITICAL if fatal else Severity.WARNING
-        return Signal(
-            id=make_signal_id(cluster=cluster, node=node, source="kmsg", check="sxid", code=ev.code, healthy=False,
-                              observed_at=observed_at, component=f"nvswitch{ev.details.get('switch', '?')}",
-                              discriminator=ev.seq or ev.message),
-            cluster=cluster, node=node, source=SignalSource.KMSG, check="sxid", code=ev.code, severity=severity,
-            component=f"nvswitch{ev.details.get('switch', '?')}:{ev.pci}", message=ev.message,
-            details=ev.details, labels=labels or {}, observed_at=observed_at)
-    fc = catalog.classify(check=ev.kind, code=ev.code, message=ev.message)
-    return Signal(
-        id=make_signal_id(cluster=cluster, node=node, source="kmsg", check=ev.kind, code=ev.code, healthy=False,
-                          observed_at=observed_at, gpu=gpu, discriminator=ev.seq or ev.message),
-        cluster=cluster, node=node, source=SignalSource.KMSG, check=ev.kind, code=ev.code, severity=fc.severity,
-        gpu=gpu, message=ev.message, details=ev.details, labels=labels or {}, observed_at=observed_at)
+        component = f"nvswitch{ev.details.get('switch', '?')}:{ev.pci}"
+        return ctx.signal(source=SignalSource.KMSG, check="sxid", code=ev.code, healthy=False, at=observed_at,
+                          component=component, message=ev.message, details=ev.details,
+                          severity=Severity.CRITICAL if fatal else Severity.WARNING, discriminator=disc)
+    details = dict(ev.details)
+    if ev.kind == "xid" and ev.code in NVLINK5_XIDS:
+        decoded = decode(ctx.catalog.nvlink5, ev.code, ev.message)
+        if decoded is not None:
+            details.update(decoded.details())
+    return ctx.signal(source=SignalSource.KMSG, check=ev.kind, code=ev.code, healthy=False, at=observed_at,
+                      gpu=ctx.gpu(pci=ev.pci), message=ev.message, details=details, discriminator=disc)

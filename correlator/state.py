@@ -53,6 +53,7 @@ class CoreState:
         self.stats = {"signals": 0, "duplicates": 0, "suppressed": 0, "healthy": 0, "folded": 0,
                       "below_threshold": 0, "impact": 0, "expired": 0}
         self._symp = catalog.correlation.sympathetic_xids
+        self._message_xids = catalog.message_xids
         self._dedupe = timedelta(seconds=self.rules.dedupe_s)
         self._symp_td = timedelta(seconds=self.rules.sympathetic_s)
         self._peer_td = timedelta(seconds=self.rules.peer.window_s if self.rules.peer else self.rules.sympathetic_s)
@@ -60,7 +61,7 @@ class CoreState:
 
     # -- helpers shared by the mixins --------------------------------------------------------------
     def _classify(self, s: Signal) -> FaultClass:
-        if s.check == "xid" and s.code == "154":  # the recovery action is in the message
+        if s.check == "xid" and s.code in self._message_xids:  # recovery action / NVLink5 decode in the text
             return self.catalog.classify(check=s.check, code=s.code, message=s.message)
         k = (s.check, s.code)
         fc = self._classes.get(k)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from collectors.context import NodeContext
 from collectors.kmsg import gpu_map_entry, parse_line, to_signal
 from schemas.catalog import Catalog
 from schemas.common import GpuRef
@@ -64,22 +65,24 @@ class TestToSignal:
     def test_xid_signal_maps_pci_to_gpu_and_classifies(self, catalog: Catalog) -> None:
         ev = parse_line(REAL[6])
         assert ev is not None
-        gpus = {"0000:07:00.0": GpuRef(index=1, uuid="GPU-1", pci_bus_id="0000:07:00.0")}
-        s = to_signal(ev, cluster="c1", node="n1", observed_at=T0, catalog=catalog, gpus=gpus)
+        c = NodeContext(cluster="c1", node="n1", catalog=catalog)
+        c.register_gpus([GpuRef(index=1, uuid="GPU-1", pci_bus_id="0000:07:00.0")])
+        s = to_signal(ev, c, observed_at=T0)
         assert s.check == "xid" and s.code == "48" and s.gpu is not None and s.gpu.index == 1
         assert s.severity.value == "critical" and s.message.startswith("NVRM: Xid (PCI:0000:07:00): 48")
 
     def test_same_line_same_id(self, catalog: Catalog) -> None:
         ev = parse_line(REAL[6])
         assert ev is not None
-        a = to_signal(ev, cluster="c1", node="n1", observed_at=T0, catalog=catalog)
-        b = to_signal(ev, cluster="c1", node="n1", observed_at=T0, catalog=catalog)
+        c = NodeContext(cluster="c1", node="n1", catalog=catalog)
+        a = to_signal(ev, c, observed_at=T0)
+        b = to_signal(ev, c, observed_at=T0)
         assert a.id == b.id
 
     def test_xid154_carries_recovery_action_into_classification(self, catalog: Catalog) -> None:
         ev = parse_line(REAL[12])
         assert ev is not None
-        s = to_signal(ev, cluster="c1", node="n1", observed_at=T0, catalog=catalog)
+        s = to_signal(ev, NodeContext(cluster="c1", node="n1", catalog=catalog), observed_at=T0)
         assert catalog.classify(check=s.check, code=s.code, message=s.message).category == "gpu_drain_reset_required"
 
     def test_noise_in_bulk_yields_only_fault_lines(self) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.catalog.nvlink5 import NVLINK5_XIDS, Nvlink5Row, decode, read_table
 from schemas.common import Severity
 from schemas.datafile import DataFileError, load_model
 from schemas.incident import Domain
@@ -56,6 +57,7 @@ class ClassesFile(BaseModel):
     dcgm_actions: dict[str, str]
     checks: dict[str, CheckSpec]
     correlation: CorrelationFacts
+    nvlink5_actions: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _known_categories(self) -> ClassesFile:
@@ -66,6 +68,7 @@ class ClassesFile(BaseModel):
             *(("xid154_actions", k, v) for k, v in self.xid154_actions.items()),
             *(("dcgm_actions", k, v) for k, v in self.dcgm_actions.items()),
             *(("checks", k, v.category) for k, v in self.checks.items()),
+            *(("nvlink5_actions", k, v) for k, v in self.nvlink5_actions.items()),
         ]
         for section, key, cat in refs:
             if cat not in self.categories:
@@ -100,11 +103,15 @@ class FaultClass:
 class Catalog:
     """Read-only lookups over the validated catalog files."""
 
-    def __init__(self, classes: ClassesFile, xids: dict[int, XidEntry], dcgm: dict[str, str]) -> None:
+    def __init__(self, classes: ClassesFile, xids: dict[int, XidEntry], dcgm: dict[str, str],
+                 nvlink5: list[Nvlink5Row] | None = None) -> None:
         self.classes = classes
         self.xids = xids
         self.dcgm = dcgm
+        self.nvlink5 = nvlink5 or []
         self.correlation = classes.correlation
+        # XIDs whose class depends on the message text (recovery action, NVLink5 decode)
+        self.message_xids = frozenset({"154"}) | NVLINK5_XIDS
 
     def category(self, name: str) -> CategorySpec:
         return self.classes.categories.get(name) or self.classes.categories[UNKNOWN]
@@ -136,6 +143,12 @@ class Catalog:
                 return self._make(UNKNOWN, bucket, False, f"XID 154 with unreadable recovery action {verdict!r}",
                                   entry.source)
             return self._make(cat, bucket, True, f"XID 154 recovery action: {verdict}", entry.source)
+        if bucket == "WORKFLOW_NVLINK5_ERR" and message:
+            d = decode(self.nvlink5, str(entry.xid), message)
+            action_cat = self.classes.nvlink5_actions.get(d.immediate) if d else None
+            if d is not None and action_cat is not None:
+                return self._make(action_cat, bucket, True, f"{title}: {d.subcode} -> {d.immediate}",
+                                  "NVIDIA Xid catalog NVLink5 decode (xid_144_150_nvlink5_decode.csv)")
         cat = self.classes.buckets.get(bucket)
         if cat is None:
             return self._make(UNKNOWN, bucket, False, title, entry.source)
@@ -187,7 +200,8 @@ def _read_dcgm(path: Path) -> dict[str, str]:
 def load_catalog(directory: Path = CATALOG_DIR) -> Catalog:
     """Load and validate the catalog. Raises ``DataFileError`` naming the bad file and line."""
     classes = load_model(ClassesFile, directory / "classes.yaml")
-    return Catalog(classes, _read_xids(directory / "xid_catalog.csv"), _read_dcgm(directory / "dcgm_fr_catalog.csv"))
+    return Catalog(classes, _read_xids(directory / "xid_catalog.csv"), _read_dcgm(directory / "dcgm_fr_catalog.csv"),
+                   read_table(directory / "xid_144_150_nvlink5_decode.csv"))
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,242 @@
+"""Follow the kernel log (``/dev/kmsg`` or a log file) without missing or replaying a line.
+
+``KmsgFollower.read`` returns the lines that appeared since the last call, each with the
+position just after it; the daemon commits a position (``commit``) only after the signals from
+those lines were published or spooled, so a crash re-reads at most what was not yet safe.
+
+- ``/dev/kmsg``: records carry a sequence number that restarts at boot; the stored position is
+  ``(boot_id, seq)`` and records at or below it are skipped after a restart of the daemon. A
+  new boot id (the node rebooted) starts from the oldest record still in the ring.
+- a file (syslog, ``journalctl -k -f`` output, a copied log): the stored position is
+  ``(inode, offset)``. Rotation by rename is followed: the old file is read to its end (found
+  again by inode as ``<path>.1`` after a restart) before the new one is read from the start; a
+  file truncated in place (copytruncate) is read again from the start.
+Positions live in one small JSON file, written atomically. Line timestamps come from the line
+(raw kmsg microseconds or ``[seconds]`` since boot, ISO, ``dmesg -T``, syslog) so a line read
+twice yields the same signal id. The kmsg source (``collectors.kmsg_source``) drives this.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import BinaryIO
+
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+_RAW = re.compile(r"^\d+,(?P<seq>\d+),(?P<usec>\d+),[^;]*;")
+_MONO = re.compile(r"^(?:\S+\s+){0,5}?\[\s*(?P<mono>\d+\.\d+)\]")
+_ISO = re.compile(r"^(?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d\d:?\d\d)?)")
+_DMESG_T = re.compile(r"^\[(?P<t>\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4})\]")
+_SYSLOG = re.compile(r"^(?P<t>\w{3} [ \d]\d \d\d:\d\d:\d\d) ")
+
+
+def read_boot_id(path: Path = BOOT_ID) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return "unknown-boot"
+
+
+def boot_time(stat: Path = Path("/proc/stat")) -> datetime:
+    try:
+        for line in stat.read_text().splitlines():
+            if line.startswith("btime "):
+                return datetime.fromtimestamp(int(line.split()[1]), UTC)
+    except OSError:
+        pass
+    return datetime.fromtimestamp(0, UTC)
+
+
+def line_time(line: str, *, booted: datetime, now: datetime) -> datetime:
+    """When the kernel wrote ``line``, from the line itself; ``now`` when it says nothing."""
+    if m := _RAW.match(line):
+        return booted + timedelta(microseconds=int(m.group("usec")))
+    if m := _ISO.match(line):
+        iso = m.group("iso").replace(",", ".")
+        if re.search(r"[+-]\d{4}$", iso):
+            iso = iso[:-2] + ":" + iso[-2:]
+        t = datetime.fromisoformat(iso)
+        return t if t.tzinfo else t.replace(tzinfo=UTC)
+    if m := _DMESG_T.match(line):
+        return datetime.strptime(m.group("t"), "%a %b %d %H:%M:%S %Y").replace(tzinfo=UTC)
+    if m := _SYSLOG.match(line):
+        t = datetime.strptime(f"{now.year} {m.group('t')}", "%Y %b %d %H:%M:%S").replace(tzinfo=UTC)
+        return t if t <= now + timedelta(days=1) else t.replace(year=now.year - 1)
+    if m := _MONO.match(line):
+        return booted + timedelta(seconds=float(m.group("mono")))
+    return now
+
+
+@dataclass
+class Position:
+    boot_id: str = ""
+    seq: int = -1          # /dev/kmsg
+    inode: int = 0         # files
+    offset: int = 0
+
+
+class PositionStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> Position:
+        try:
+            return Position(**json.loads(self.path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return Position()
+
+    def save(self, pos: Position) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(pos)))
+        os.replace(tmp, self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    text: str
+    position: Position
+    key: str  # stable identity of this line: boot id + seq, or inode + offset
+
+
+class KmsgFollower:
+    def __init__(self, path: Path, store: PositionStore, *, boot_id: str | None = None,
+                 max_lines: int = 5000, from_start: bool = False) -> None:
+        self.path = path
+        self.store = store
+        self.boot_id = boot_id or read_boot_id()
+        self.dev = str(path).startswith("/dev/")
+        self.max_lines = max_lines
+        self.pos = store.load()
+        self.from_start = from_start  # a file never followed before: read its history too?
+        self._file: BinaryIO | None = None
+        self._fd: int | None = None
+        self._inode = 0
+        self._offset = 0
+        self._buf = b""
+        self._rotated_tail: Path | None = None
+        if self.dev:
+            if self.pos.boot_id != self.boot_id:
+                self.pos = Position(boot_id=self.boot_id)
+        else:
+            self._resume_file()
+
+    # -- files -------------------------------------------------------------------------------------
+    def _resume_file(self) -> None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return
+        if self.pos.inode == st.st_ino and self.pos.offset <= st.st_size:
+            self._open(self.path, st.st_ino, self.pos.offset)
+            return
+        rotated = self.path.with_name(self.path.name + ".1")
+        if self.pos.inode and rotated.exists() and rotated.stat().st_ino == self.pos.inode:
+            self._open(rotated, self.pos.inode, self.pos.offset)  # finish what rotated away while we were down
+            self._rotated_tail = rotated
+            return
+        # a new file since our last position: all of it is new; never followed before: history is old news
+        self._open(self.path, st.st_ino, 0 if self.pos.inode or self.from_start else st.st_size)
+
+    def _open(self, path: Path, inode: int, offset: int) -> None:
+        fh = path.open("rb")
+        fh.seek(offset)
+        self._file, self._inode, self._offset, self._buf = fh, inode, offset, b""
+
+    def _read_file(self) -> list[Line]:
+        out: list[Line] = []
+        if self._file is None:
+            self._resume_file()
+            if self._file is None:
+                return out
+        while len(out) < self.max_lines:
+            got, eof = self._drain_open()
+            out.extend(got)
+            if not eof:
+                continue
+            try:
+                st = self.path.stat()
+            except FileNotFoundError:
+                break
+            if self._rotated_tail is not None or st.st_ino != self._inode:
+                self._close_file()
+                self._rotated_tail = None
+                self._open(self.path, st.st_ino, 0)
+                continue
+            if st.st_size < self._offset:  # truncated in place
+                self._close_file()
+                self._open(self.path, st.st_ino, 0)
+                continue
+            break
+        return out
+
+    def _drain_open(self) -> tuple[list[Line], bool]:
+        """Lines from the next chunk of the open file, and whether it was at its end."""
+        out: list[Line] = []
+        assert self._file is not None
+        chunk = self._file.read(1 << 20)
+        if not chunk:
+            return out, True
+        data = self._buf + chunk
+        start = self._offset - len(self._buf)
+        pieces = data.split(b"\n")
+        self._buf = pieces.pop()
+        for piece in pieces:
+            end = start + len(piece) + 1
+            out.append(Line(piece.decode("utf-8", errors="replace"),
+                            Position(boot_id=self.boot_id, inode=self._inode, offset=end), f"{self._inode}:{start}"))
+            start = end
+        self._offset += len(chunk)
+        return out, False
+
+    # -- /dev/kmsg ---------------------------------------------------------------------------------
+    def _read_dev(self) -> list[Line]:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+        out: list[Line] = []
+        while len(out) < self.max_lines:
+            try:
+                rec = os.read(self._fd, 8192)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EPIPE:  # records overwritten before we read them: go on
+                    continue
+                raise
+            text = rec.decode("utf-8", errors="replace").split("\n", 1)[0]
+            m = _RAW.match(text)
+            seq = int(m.group("seq")) if m else self.pos.seq + 1
+            if seq <= self.pos.seq:
+                continue
+            out.append(Line(text, Position(boot_id=self.boot_id, seq=seq), f"{self.boot_id}:{seq}"))
+        return out
+
+    # -- API ---------------------------------------------------------------------------------------
+    def read(self) -> list[Line]:
+        """Lines written since the last read (at most ``max_lines``); never blocks."""
+        lines = self._read_dev() if self.dev else self._read_file()
+        if lines and self.dev:
+            self.pos = lines[-1].position
+        return lines
+
+    def commit(self, pos: Position) -> None:
+        """Remember ``pos`` durably: everything up to it has been published or spooled."""
+        self.pos = pos
+        self.store.save(pos)
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        self._close_file()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
