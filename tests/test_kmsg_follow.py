@@ -18,7 +18,7 @@ from tests.conftest import T0
 
 DATA = Path(__file__).resolve().parent / "data"
 REAL = (DATA / "kmsg_real.log").read_text().splitlines()
-XID = "[  219.470994] NVRM: Xid (PCI:0000:07:00): 48, pid='<unknown>', name=<unknown>, An uncorrectable double bit error"
+XID = "[  219.470994] NVRM: Xid (PCI:0000:07:00): 48, pid='<unknown>', name=<unknown>, An uncorrectable DBE"
 NOISE = "[  219.470000] NVRM: loading NVIDIA UNIX x86_64 Kernel Module  550.90.07"
 
 
