@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -181,6 +181,71 @@ def signals_kmsg(
                 at = line_time(line, booted=booted, now=now)
                 sig = to_signal(ev, ctx, observed_at=at, discriminator=f"{file.name}:{lineno}")
                 sys.stdout.write(sig.model_dump_json(by_alias=True) + "\n")
+
+
+def _print_signals(signals: list[Any]) -> None:
+    for sig in signals:
+        sys.stdout.write(sig.model_dump_json(by_alias=True) + "\n")
+
+
+@signals_app.command("dcgm")
+def signals_dcgm(
+    file: Annotated[Path, typer.Argument(help="A saved dcgm-exporter /metrics page.")],
+    node: Annotated[str, typer.Option(help="Node the page came from.")],
+    cluster: Annotated[str, typer.Option(help="Cluster name.")] = "default",
+    all_states: Annotated[bool, typer.Option("--all", help="Print healthy readings too.")] = False,
+) -> None:
+    """Health signals from one dcgm-exporter scrape (faults, and every non-zero last XID)."""
+    from collectors.context import NodeContext
+    from collectors.dcgm import DcgmRules
+    from schemas.catalog import load_catalog
+
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise _fail(f"{file}: cannot read: {exc.strerror or exc}") from None
+    rules = DcgmRules(NodeContext(cluster=cluster, node=node, catalog=_load(load_catalog)))
+    try:
+        cycle = rules.apply(text, datetime.now(UTC), 0.0, baseline_xids=False)
+    except ValueError as exc:
+        raise _fail(f"{file}: {exc}") from None
+    _print_signals([s for s in cycle.states if all_states or not s.healthy] + cycle.events)
+
+
+@signals_app.command("ib")
+def signals_ib(
+    sysfs: Annotated[Path, typer.Argument(help="A /sys/class/infiniband tree (live or copied).")],
+    node: Annotated[str, typer.Option(help="Node the tree came from.")],
+    cluster: Annotated[str, typer.Option(help="Cluster name.")] = "default",
+    expected_rate: Annotated[float | None, typer.Option(help="Expected port rate in Gb/sec.")] = None,
+    all_states: Annotated[bool, typer.Option("--all", help="Print healthy readings too.")] = False,
+) -> None:
+    """Link state and rate of every InfiniBand port (one reading: no counter rates)."""
+    from collectors.context import NodeContext
+    from collectors.fabric import FabricRules, FabricThresholds, read_ports
+    from schemas.catalog import load_catalog
+
+    if not sysfs.is_dir():
+        raise _fail(f"{sysfs}: not a directory")
+    rules = FabricRules(NodeContext(cluster=cluster, node=node, catalog=_load(load_catalog)),
+                        FabricThresholds(expected_rate_gbps=expected_rate))
+    cycle = rules.apply(read_ports(sysfs), datetime.now(UTC), 0.0)
+    _print_signals([s for s in cycle.states if all_states or not s.healthy])
+
+
+@app.command()
+def collector(
+    config: Annotated[Path, typer.Option("--config", envvar="BREAKFIX_COLLECTOR_CONFIG", help="Collector YAML.")],
+) -> None:
+    """Run the node collector daemon (JSON logs, /metrics and /healthz)."""
+    from collectors.config import load_config
+    from collectors.daemon import CollectorDaemon
+    from schemas.catalog import load_catalog
+
+    logs.configure(json=True)
+    cfg = _load(lambda: load_config(config))
+    daemon = CollectorDaemon(cfg, _load(load_catalog))
+    _daemon(daemon.run)
 
 
 def _daemon(main: Callable[[asyncio.Event], object]) -> None:

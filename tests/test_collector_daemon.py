@@ -1,0 +1,266 @@
+"""The collector daemon: edge behaviour, the spool, store-and-forward through a real nats-server
+that is stopped mid-stream, and a full daemon end to end with /metrics and /healthz."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from bus.jetstream import JetStreamBus
+from bus.server import EmbeddedNats, free_port
+from collectors.config import CollectorConfig
+from collectors.daemon import CollectorDaemon
+from collectors.edge import Cycle, EdgeFilter
+from collectors.forwarder import Forwarder
+from collectors.nvml_api import FakeNvml
+from collectors.spool import Spool
+from schemas import subjects
+from schemas.catalog import Catalog
+from schemas.common import Severity
+from schemas.signal import Signal
+from tests.conftest import T0, sig
+from tests.test_collector_sources import SAMPLE, FakeVllm
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def flap(healthy: bool, at: float, check: str = "clock.hw_slowdown", **kw: object) -> Signal:
+    return sig(check=check, code=None, healthy=healthy, at=at, **kw)  # type: ignore[arg-type]
+
+
+class TestEdgeFilter:
+    def test_transitions_only_and_first_healthy_is_not_news(self) -> None:
+        edge = EdgeFilter(resync_s=3600)
+        seq = [True, True, False, False, False, True, True]
+        sent = [s for i, h in enumerate(seq) for s in edge.apply(Cycle(states=[flap(h, i)]), T0)]
+        assert [s.healthy for s in sent] == [False, True]
+        assert edge.stats.suppressed_states == 4
+
+    def test_entity_missing_from_a_cycle_is_never_cleared(self) -> None:
+        edge = EdgeFilter(resync_s=3600)
+        edge.apply(Cycle(states=[flap(False, 0, gpu_index=0), flap(False, 0, gpu_index=1)]), T0)
+        sent = edge.apply(Cycle(states=[flap(True, 1, gpu_index=0)]), T0)  # gpu1 unreadable this cycle
+        assert [(s.gpu.index if s.gpu else None, s.healthy) for s in sent] == [(0, True)]
+
+    def test_resync_resends_faults_and_recovered_entities(self) -> None:
+        edge = EdgeFilter(resync_s=60)
+        edge.apply(Cycle(states=[flap(False, 0, gpu_index=0), flap(False, 0, gpu_index=1), flap(True, 0, gpu_index=2)]),
+                   T0)
+        edge.apply(Cycle(states=[flap(True, 10, gpu_index=1)]), T0 + timedelta(seconds=10))
+        sent = edge.apply(Cycle(), T0 + timedelta(seconds=61))
+        assert sorted((s.gpu.index if s.gpu else -1, s.healthy, s.details.get("resync")) for s in sent) == [
+            (0, False, "true"), (1, True, "true")], "never-faulted gpu2 is not resent"
+        assert len({s.id for s in sent}) == 2
+
+    def test_repeated_events_are_counted_then_reported(self) -> None:
+        edge = EdgeFilter(repeat_window_s=60)
+        xids = [sig(code="13", at=i, n=i, pod="p1") for i in range(5)] + [sig(code="13", at=61, n=99, pod="p1")]
+        sent = [s for x in xids for s in edge.apply(Cycle(events=[x]), T0)]
+        assert len(sent) == 2 and sent[1].details["suppressed_repeats"] == "4"
+
+    def test_same_xid_from_another_pod_is_not_a_repeat(self) -> None:
+        edge = EdgeFilter(repeat_window_s=60)
+        sent = [s for x in (sig(code="13", pod="p1"), sig(code="13", at=1, pod="p2"))
+                for s in edge.apply(Cycle(events=[x]), T0)]
+        assert len(sent) == 2
+
+
+def sev_sig(i: int, severity: Severity) -> Signal:
+    return sig(check="ecc.dbe", code=None, at=i, n=i, severity=severity)
+
+
+class TestSpool:
+    def test_order_survives_a_restart(self, tmp_path: Path) -> None:
+        spool = Spool(tmp_path / "spool")
+        for i in range(5):
+            spool.append(sev_sig(i, Severity.WARNING))
+        again = Spool(tmp_path / "spool")
+        assert [Signal.model_validate_json(d).observed_at for _, d in again.peek(10)] == [
+            T0 + timedelta(seconds=i) for i in range(5)]
+
+    def test_full_spool_drops_informational_first_and_fatal_never(self, tmp_path: Path) -> None:
+        spool = Spool(tmp_path / "spool", max_records=10)
+        for i in range(4):
+            spool.append(sev_sig(i, Severity.INFO))
+        for i in range(4, 10):
+            spool.append(sev_sig(i, Severity.FATAL))
+        for i in range(10, 14):
+            spool.append(sev_sig(i, Severity.WARNING))  # evicts the 4 info ones
+        assert spool.dropped == Counter({"info": 4})
+        for i in range(14, 20):
+            spool.append(sev_sig(i, Severity.FATAL))  # evicts warnings, then grows rather than lose a fatal
+        kept = [Signal.model_validate_json(d).severity for _, d in spool.peek(100)]
+        assert kept.count(Severity.FATAL) == 12 and Severity.INFO not in kept
+        assert spool.dropped == Counter({"info": 4, "warning": 4})
+        spool.append(sev_sig(30, Severity.INFO))  # nothing less important to evict: the newcomer goes
+        assert spool.dropped["info"] == 5
+
+    def test_half_written_entry_is_discarded_on_start(self, tmp_path: Path) -> None:
+        d = tmp_path / "spool"
+        Spool(d).append(sev_sig(1, Severity.CRITICAL))
+        (d / "000000000099-2.tmp").write_text("{partial")
+        assert len(Spool(d)) == 1 and not list(d.glob("*.tmp"))
+
+
+async def wait_for(cond: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not await cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.nats
+class TestStoreAndForward:
+    async def test_server_stopped_mid_stream_loses_nothing_and_delivers_once(self, tmp_path: Path) -> None:
+        """Acceptance: stop nats-server mid-stream, keep collecting, restart it: every signal arrives
+        exactly once."""
+        server = EmbeddedNats(tmp_path / "nats", port=free_port()).start()
+        bus = await JetStreamBus.connect(server.url)
+        await bus.ensure_streams(subjects.STREAMS)
+        fwd = Forwarder(Spool(tmp_path / "spool"), publish_timeout_s=0.5, retry_s=0.2)
+        fwd.attach(bus)
+        stop = asyncio.Event()
+        drain = asyncio.create_task(fwd.drain(stop), name="test-drain")
+        signals = [sig(code="48", gpu_index=i % 8, at=i, n=i) for i in range(300)]
+        try:
+            await fwd.send(signals[:100])
+            server.stop()
+            await fwd.send(signals[100:200])  # NATS is gone: these wait in the spool
+            assert len(fwd.spool) > 0 and not fwd.up
+            server.start()
+            await fwd.send(signals[200:])
+
+            async def drained() -> bool:
+                return len(fwd.spool) == 0 and fwd.up
+
+            await wait_for(drained, 30, "the spool to drain after the restart")
+            stored = await bus.stream_messages(subjects.SIGNALS.name)
+            await bus.reset_consumer(stream=subjects.SIGNALS.name, durable="count", filter_subject=subjects.SIGNALS_ALL,
+                                     start_seq=1, ack_all=False)
+            ids: list[str] = []
+            while batch := await bus.pull(stream=subjects.SIGNALS.name, durable="count", batch=500, timeout_s=0.5):
+                ids.extend(Signal.model_validate_json(m.data).id for m in batch)
+        finally:
+            stop.set()
+            await drain
+            await bus.close()
+            server.stop()
+        assert stored == len(signals) and len(ids) == len(signals), "0 lost"
+        assert len(set(ids)) == len(ids), "0 duplicates delivered"
+        assert fwd.stats.spooled >= 100
+
+
+class _Http:
+    def __init__(self, app: web.Application) -> None:
+        self.runner = web.AppRunner(app)
+        self.port = 0
+
+    async def __aenter__(self) -> _Http:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self.runner.addresses[0][1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.runner.cleanup()
+
+
+def dcgm_app() -> web.Application:
+    async def metrics(_r: web.Request) -> web.Response:
+        return web.Response(text=SAMPLE)
+
+    a = web.Application()
+    a.add_routes([web.get("/metrics", metrics)])
+    return a
+
+
+@pytest.mark.nats
+class TestDaemonEndToEnd:
+    async def test_all_sources_reach_nats_and_metrics_and_health_answer(self, tmp_path: Path, catalog: Catalog,
+                                                                         nats_server: EmbeddedNats) -> None:
+        kern = tmp_path / "kern.log"
+        kern.write_text("")
+        ib = tmp_path / "ib"
+        shutil.copytree(DATA / "ib_sysfs", ib)
+        fake = FakeNvml.hgx(8)
+        vllm = FakeVllm()
+        async with _Http(dcgm_app()) as dcgm, _Http(vllm.app()) as ep:
+            cfg = CollectorConfig.model_validate({
+                "cluster": "c1", "node": "gpu-node-007", "labels": {"rack": "r1", "switch": "leaf-01"},
+                "state_dir": str(tmp_path / "state"), "http_listen": "127.0.0.1:0",
+                "nats": {"url": nats_server.url}, "spool": {"dir": str(tmp_path / "spool")},
+                "sources": {
+                    "nvml": {"interval_s": 0.2, "expected_gpus": 8},
+                    "kmsg": {"path": str(kern), "poll_s": 0.1},
+                    "dcgm": {"enabled": True, "url": f"http://127.0.0.1:{dcgm.port}/metrics", "interval_s": 0.2},
+                    "fabric": {"sysfs": str(ib), "interval_s": 0.2, "expected_rate_gbps": 400},
+                    "endpoint": {"enabled": True, "interval_s": 0.2, "endpoints": [
+                        {"name": "chat", "namespace": "team-llm", "url": f"http://127.0.0.1:{ep.port}"}]},
+                }})
+            daemon = CollectorDaemon(cfg, catalog, nvml=fake)
+            stop = asyncio.Event()
+            task = asyncio.create_task(daemon.run(stop), name="test-collector")
+            await asyncio.wait_for(daemon.ready.wait(), 10)
+            bus = await JetStreamBus.connect(nats_server.url)
+            await bus.ensure_streams(subjects.STREAMS)
+            await bus.reset_consumer(stream=subjects.SIGNALS.name, durable="t", filter_subject=subjects.SIGNALS_ALL,
+                                     start_seq=1, ack_all=False)
+            seen: list[Signal] = []
+
+            async def has(check: str, **match: object) -> bool:
+                for m in await bus.pull(stream=subjects.SIGNALS.name, durable="t", batch=500, timeout_s=0.2):
+                    seen.append(Signal.model_validate_json(m.data))
+                return any(s.check == check and all(getattr(s, k) == v for k, v in match.items()) for s in seen)
+
+            try:
+                await asyncio.sleep(0.5)
+                fake.gpus[2].dbe_volatile = 1
+                with kern.open("a") as fh:
+                    fh.write("[  219.470994] NVRM: Xid (PCI:0000:3a:00): 79, pid='<unknown>', name=<unknown>, "
+                             "GPU has fallen off the bus.\n")
+                vllm.healthy = False
+                for check, match in [("ecc.dbe", {"source": "nvml"}), ("xid", {"source": "kmsg", "code": "79"}),
+                                     ("ecc.dbe", {"source": "dcgm"}), ("ib.link_down", {"component": "mlx5_1/1"}),
+                                     ("ib.rate_degraded", {"component": "mlx5_2/1"}), ("endpoint.down", {})]:
+                    await wait_for(lambda c=check, m=match: has(c, **m), 15, f"{check} {match}")  # type: ignore[misc]
+                kmsg_xid = next(s for s in seen if s.source.value == "kmsg")
+                assert kmsg_xid.gpu is not None and kmsg_xid.gpu.index == 2, "PCI 3a maps to NVML GPU 2"
+                assert kmsg_xid.labels == {"rack": "r1", "switch": "leaf-01"}
+                async with aiohttp.ClientSession() as http:
+                    async with http.get(f"http://127.0.0.1:{daemon.port}/metrics") as r:
+                        text = await r.text()
+                        assert r.status == 200 and 'breakfix_collector_signals_total{source="nvml"}' in text
+                    async with http.get(f"http://127.0.0.1:{daemon.port}/healthz") as r:
+                        body = await r.json()
+                        assert r.status == 200 and body["nats"] is True and body["stale_sources"] == {}
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 15)
+                await bus.close()
+        assert (tmp_path / "state" / "kmsg-position.json").exists(), "the kmsg position was committed"
+
+    async def test_broken_source_is_counted_and_retried_not_fatal(self, tmp_path: Path, catalog: Catalog) -> None:
+        cfg = CollectorConfig.model_validate({
+            "cluster": "c1", "node": "n1", "state_dir": str(tmp_path), "http_listen": "127.0.0.1:0",
+            "nats": {"url": "nats://127.0.0.1:9", "connect_retry_s": 0.2}, "spool": {"dir": str(tmp_path / "spool")},
+            "sources": {"nvml": {"interval_s": 0.1}, "kmsg": {"enabled": False}, "fabric": {"enabled": False}}})
+        daemon = CollectorDaemon(cfg, catalog, nvml=FakeNvml([], library_missing=True))
+        stop = asyncio.Event()
+        task = asyncio.create_task(daemon.run(stop), name="test-broken-collector")
+        await asyncio.sleep(1.5)
+        _ok, body = daemon.health()
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        assert daemon.metrics.errors.labels("nvml")._value.get() >= 1
+        assert body["nats"] is False

@@ -1,0 +1,249 @@
+"""Collector sources on real formats: dcgm-exporter pages, InfiniBand sysfs, inference endpoints,
+the kubelet PodResources gRPC API, and the offline CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from aiohttp import web
+from typer.testing import CliRunner
+
+from breakfix.cli import app
+from collectors.context import NodeContext
+from collectors.dcgm import DcgmRules
+from collectors.edge import Cycle
+from collectors.endpoint import EndpointRules, EndpointSpec, Slo, probe
+from collectors.fabric import FabricRules, FabricThresholds, read_ports
+from collectors.podresources import PodResourcesClient, api_pb2, api_pb2_grpc, gpu_tenants
+from schemas.catalog import Catalog
+from tests.conftest import T0
+
+DATA = Path(__file__).resolve().parent / "data"
+SAMPLE = (DATA / "dcgm_exporter_sample.txt").read_text()
+runner = CliRunner()
+
+
+def ctx(catalog: Catalog) -> NodeContext:
+    return NodeContext(cluster="c1", node="n1", catalog=catalog)
+
+
+def bad(cycle: Cycle) -> set[tuple[str, str]]:
+    return {(s.check, s.gpu.label() if s.gpu else s.component or "") for s in cycle.states if not s.healthy}
+
+
+class TestDcgm:
+    def test_sample_page_dbe_and_last_xid(self, catalog: Catalog) -> None:
+        cycle = DcgmRules(ctx(catalog)).apply(SAMPLE, T0, 0.0, baseline_xids=False)
+        assert bad(cycle) == {("ecc.dbe", "gpu1")}
+        assert [(s.code, s.gpu.uuid if s.gpu else None) for s in cycle.events] == [
+            ("79", "GPU-6043e4b2-feaa-8010-34c7-61d1a01576bb")]
+
+    def test_last_xid_gauge_is_an_event_only_when_it_changes(self, catalog: Catalog) -> None:
+        rules = DcgmRules(ctx(catalog))
+        assert rules.apply(SAMPLE, T0, 0.0).events == [], "the first scrape is a baseline"
+        assert rules.apply(SAMPLE, T0, 30.0).events == [], "the same last XID is not a new one"
+        changed = SAMPLE.replace('err_msg="GPU has fallen off the bus"} 79', 'err_msg="x"} 48') \
+            if 'err_msg="GPU has fallen off the bus"} 79' in SAMPLE else SAMPLE.replace("} 79\n", "} 48\n")
+        assert [s.code for s in rules.apply(changed, T0, 60.0).events] == ["48"]
+
+    @pytest.mark.parametrize(("hostname_label",), [("Hostname",), ("hostname",)], ids=["old-Hostname", "new-hostname"])
+    def test_both_hostname_spellings_parse(self, catalog: Catalog, hostname_label: str) -> None:
+        page = SAMPLE.replace('Hostname="', f'{hostname_label}="')
+        assert ("ecc.dbe", "gpu1") in bad(DcgmRules(ctx(catalog)).apply(page, T0, 0.0))
+
+    def test_counter_rates_and_throttle_bits(self, catalog: Catalog) -> None:
+        def page(replay: int, reasons: int) -> str:
+            labels = 'gpu="0",UUID="GPU-aa",pci_bus_id="00000000:1A:00.0",device="nvidia0",hostname="n1"'
+            return (f"# TYPE DCGM_FI_DEV_PCIE_REPLAY_COUNTER counter\nDCGM_FI_DEV_PCIE_REPLAY_COUNTER{{{labels}}} "
+                    f"{replay}\n# TYPE DCGM_FI_DEV_CLOCKS_EVENT_REASONS gauge\n"
+                    f"DCGM_FI_DEV_CLOCKS_EVENT_REASONS{{{labels}}} {reasons}\n")
+        rules = DcgmRules(ctx(catalog))
+        rules.apply(page(0, 0), T0, 0.0)
+        assert bad(rules.apply(page(1000, 0x40), T0, 60.0)) == {("pcie.replay", "gpu0"), ("clock.hw_thermal", "gpu0")}
+
+    def test_blank_sentinel_values_are_ignored(self, catalog: Catalog) -> None:
+        page = ('# TYPE DCGM_FI_DEV_ECC_DBE_VOL_TOTAL counter\n'
+                'DCGM_FI_DEV_ECC_DBE_VOL_TOTAL{gpu="0",UUID="GPU-aa"} 9223372036854775794\n')
+        assert DcgmRules(ctx(catalog)).apply(page, T0, 0.0).states == []
+
+    def test_garbage_page_is_a_clear_error(self, catalog: Catalog) -> None:
+        with pytest.raises(ValueError, match="not Prometheus text"):
+            DcgmRules(ctx(catalog)).apply("this is { not metrics", T0, 0.0)
+
+
+def ib_tree(tmp_path: Path) -> Path:
+    root = tmp_path / "ib"
+    shutil.copytree(DATA / "ib_sysfs", root)
+    return root
+
+
+def bump(root: Path, port: str, counter: str, by: int) -> None:
+    p = root / port.split("/")[0] / "ports" / port.split("/")[1] / "counters" / counter
+    p.write_text(f"{int(p.read_text()) + by}\n")
+
+
+class TestFabric:
+    def test_real_formats_down_port_and_degraded_rate(self, catalog: Catalog) -> None:
+        ports = read_ports(DATA / "ib_sysfs")
+        assert [(p.port, p.state, p.phys_state, p.rate_gbps) for p in ports] == [
+            ("mlx5_0/1", 4, 5, 400.0), ("mlx5_1/1", 1, 2, 400.0), ("mlx5_2/1", 4, 5, 200.0)]
+        cycle = FabricRules(ctx(catalog), FabricThresholds(expected_rate_gbps=400)).apply(ports, T0, 0.0)
+        assert bad(cycle) == {("ib.link_down", "mlx5_1/1"), ("ib.rate_degraded", "mlx5_2/1")}
+
+    def test_error_rate_and_flapping_from_counter_deltas(self, catalog: Catalog, tmp_path: Path) -> None:
+        root = ib_tree(tmp_path)
+        rules = FabricRules(ctx(catalog), FabricThresholds(errors_per_min=10, flap_count=2, flap_window_s=600))
+        rules.apply(read_ports(root), T0, 0.0)
+        bump(root, "mlx5_0/1", "symbol_error", 50)
+        bump(root, "mlx5_0/1", "link_downed", 1)
+        bump(root, "mlx5_0/1", "link_error_recovery", 1)
+        got = bad(rules.apply(read_ports(root), T0, 60.0))
+        assert {("ib.errors", "mlx5_0/1"), ("ib.flapping", "mlx5_0/1")} <= got
+        later = bad(rules.apply(read_ports(root), T0 + timedelta(seconds=700), 700.0))
+        assert ("ib.flapping", "mlx5_0/1") not in later and ("ib.errors", "mlx5_0/1") not in later
+
+    def test_counter_reset_is_not_a_burst_of_errors(self, catalog: Catalog, tmp_path: Path) -> None:
+        root = ib_tree(tmp_path)
+        rules = FabricRules(ctx(catalog))
+        rules.apply(read_ports(root), T0, 0.0)
+        (root / "mlx5_0/ports/1/counters/port_rcv_errors").write_text("0\n")  # perfquery -R
+        assert ("ib.errors", "mlx5_0/1") not in bad(rules.apply(read_ports(root), T0, 60.0))
+
+
+VLLM = """# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_bucket{{le="0.5",model_name="m"}} {a}
+vllm:time_to_first_token_seconds_bucket{{le="1.0",model_name="m"}} {b}
+vllm:time_to_first_token_seconds_bucket{{le="5.0",model_name="m"}} {c}
+vllm:time_to_first_token_seconds_bucket{{le="+Inf",model_name="m"}} {c}
+vllm:time_to_first_token_seconds_count{{model_name="m"}} {c}
+vllm:time_to_first_token_seconds_sum{{model_name="m"}} 1.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{{model_name="m"}} {kv}
+# TYPE vllm:request_success counter
+vllm:request_success_total{{model_name="m",finished_reason="stop"}} {ok}
+vllm:request_success_total{{model_name="m",finished_reason="abort"}} {abort}
+"""
+
+
+class FakeVllm:
+    """A real HTTP server speaking vLLM's health, model list and metric names."""
+
+    def __init__(self) -> None:
+        self.healthy = True
+        self.metrics = VLLM.format(a=0, b=0, c=0, kv=0.1, ok=0, abort=0)
+
+    def app(self) -> web.Application:
+        async def health(_r: web.Request) -> web.Response:
+            return web.Response(status=200 if self.healthy else 503)
+
+        async def models(_r: web.Request) -> web.Response:
+            return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+        async def metrics(_r: web.Request) -> web.Response:
+            return web.Response(text=self.metrics)
+
+        a = web.Application()
+        a.add_routes([web.get("/health", health), web.get("/v1/models", models), web.get("/metrics", metrics)])
+        return a
+
+
+class TestEndpoint:
+    async def test_slo_breaches_from_a_live_vllm_style_server(self, catalog: Catalog) -> None:
+        fake = FakeVllm()
+        site_runner = web.AppRunner(fake.app())
+        await site_runner.setup()
+        site = web.TCPSite(site_runner, "127.0.0.1", 0)
+        await site.start()
+        port = site_runner.addresses[0][1]
+        spec = EndpointSpec(name="chat", namespace="team-llm", url=f"http://127.0.0.1:{port}",
+                            slo=Slo(ttft_p95_s=2.0, error_rate=0.05, kv_cache=0.9), serving_pods=("chat-0",),
+                            serving_nodes=("n7",))
+        rules = EndpointRules(ctx(catalog), spec)
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http:
+            first = rules.apply(await probe(http, spec), T0)
+            assert bad(first) == set()
+            fake.metrics = VLLM.format(a=10, b=20, c=100, kv=0.97, ok=80, abort=20)  # slow, full, failing
+            second = rules.apply(await probe(http, spec), T0)
+            assert {c for c, _ in bad(second)} == {"endpoint.ttft", "endpoint.kv_cache", "endpoint.errors"}
+            s = next(s for s in second.states if s.check == "endpoint.ttft")
+            assert s.tenant is not None and s.tenant.key() == "team-llm/chat" and s.value == 5.0
+            assert s.details["serving_nodes"] == "n7" and s.details["serving_pods"] == "chat-0"
+            fake.healthy = False
+            assert "endpoint.down" in {c for c, _ in bad(rules.apply(await probe(http, spec), T0))}
+        await site_runner.cleanup()
+
+    async def test_unreachable_endpoint_is_down_not_an_exception(self, catalog: Catalog) -> None:
+        import aiohttp
+
+        spec = EndpointSpec(name="gone", namespace="t", url="http://127.0.0.1:9", timeout_s=1)
+        async with aiohttp.ClientSession() as http:
+            cycle = EndpointRules(ctx(catalog), spec).apply(await probe(http, spec), T0)
+        assert bad(cycle) == {("endpoint.down", "")}
+
+
+class _Lister(api_pb2_grpc.PodResourcesListerServicer):
+    async def List(self, request, context):  # type: ignore[no-untyped-def]
+        return api_pb2.ListPodResourcesResponse(pod_resources=[
+            api_pb2.PodResources(name="train-0", namespace="ml", containers=[
+                api_pb2.ContainerResources(name="main", devices=[
+                    api_pb2.ContainerDevices(resource_name="nvidia.com/gpu", device_ids=["GPU-aaaa", "GPU-bbbb::2"]),
+                    api_pb2.ContainerDevices(resource_name="rdma/ib", device_ids=["mlx5_0"])])]),
+            api_pb2.PodResources(name="infer-0", namespace="serve", containers=[
+                api_pb2.ContainerResources(name="vllm", dynamic_resources=[api_pb2.DynamicResource(
+                    claim_name="gpu", claim_namespace="serve", claim_resources=[api_pb2.ClaimResource(
+                        driver_name="gpu.nvidia.com", device_name="GPU-cccc",
+                        cdi_devices=[api_pb2.CDIDevice(name="nvidia.com/gpu=2")])])])]),
+        ])
+
+
+class TestPodResources:
+    async def test_list_over_a_real_grpc_unix_socket_maps_gpus_to_pods(self, tmp_path: Path) -> None:
+        sock = tmp_path / "kubelet.sock"
+        server = grpc.aio.server()
+        api_pb2_grpc.add_PodResourcesListerServicer_to_server(_Lister(), server)
+        server.add_insecure_port(f"unix://{sock}")
+        await server.start()
+        client = PodResourcesClient(sock)
+        try:
+            tenants = gpu_tenants(await client.list())
+        finally:
+            await client.close()
+            await server.stop(None)
+        assert {k: (t.namespace, t.pod, t.container) for k, t in tenants.items()} == {
+            "GPU-aaaa": ("ml", "train-0", "main"), "GPU-bbbb": ("ml", "train-0", "main"),
+            "GPU-cccc": ("serve", "infer-0", "vllm")}
+
+    async def test_no_kubelet_is_a_grpc_error_the_daemon_can_retry(self, tmp_path: Path) -> None:
+        client = PodResourcesClient(tmp_path / "missing.sock", timeout_s=1)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await client.list()
+        await client.close()
+
+
+class TestOfflineCli:
+    def test_signals_dcgm_prints_one_signal_json_per_line(self) -> None:
+        res = runner.invoke(app, ["signals", "dcgm", str(DATA / "dcgm_exporter_sample.txt"), "--node", "n1"])
+        assert res.exit_code == 0, res.output
+        rows = [json.loads(line) for line in res.output.splitlines()]
+        assert {(r["check"], r.get("code")) for r in rows} == {("ecc.dbe", None), ("xid", "79")}
+        assert all(r["node"] == "n1" and r["source"] == "dcgm" for r in rows)
+
+    def test_signals_ib_reports_down_and_degraded_ports(self) -> None:
+        res = runner.invoke(app, ["signals", "ib", str(DATA / "ib_sysfs"), "--node", "n1", "--expected-rate", "400"])
+        assert res.exit_code == 0, res.output
+        rows = [json.loads(line) for line in res.output.splitlines()]
+        assert {(r["check"], r["component"]) for r in rows} == {("ib.link_down", "mlx5_1/1"),
+                                                               ("ib.rate_degraded", "mlx5_2/1")}
+
+    @pytest.mark.parametrize("cmd", [["signals", "dcgm", "/nope"], ["signals", "ib", "/nope"]],
+                             ids=["dcgm-missing-file", "ib-missing-dir"])
+    def test_missing_input_is_a_clear_error(self, cmd: list[str]) -> None:
+        res = runner.invoke(app, [*cmd, "--node", "n1"])
+        assert res.exit_code == 2 and "/nope" in res.output
