@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench schema clean venv
+.PHONY: demo test lint bench schema clean venv system-deps proto
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ lint: $(STAMP)
 	$(BIN)/mypy schemas correlator remediator bus collectors breakfix
 	$(BIN)/lint-imports
 
-test: $(STAMP)
+# Real components the tests start themselves (Debian packages; this runs as root in CI).
+system-deps:
+	@command -v prometheus >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
+
+test: $(STAMP) system-deps
 	$(BIN)/ruff check .
 	$(BIN)/mypy schemas correlator remediator bus collectors breakfix
 	$(BIN)/lint-imports
@@ -32,6 +36,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. collectors/podresources/api.proto
 
 schema: $(STAMP)
 	$(BIN)/breakfix schema export

@@ -248,6 +248,31 @@ def collector(
     _daemon(daemon.run)
 
 
+@app.command("fleet-collector")
+def fleet_collector(
+    prometheus: Annotated[str, typer.Option(envvar="BREAKFIX_PROMETHEUS_URL", help="Prometheus base URL.")],
+    cluster: Annotated[str, typer.Option(envvar="BREAKFIX_CLUSTER", help="Cluster the fleet belongs to.")],
+    nats: Annotated[str, typer.Option(envvar="BREAKFIX_NATS_URL", help="NATS URL.")] = "nats://127.0.0.1:4222",
+    rules: Annotated[Path | None, typer.Option(help="Fleet rules YAML (default: the shipped rules).")] = None,
+    interval: Annotated[float, typer.Option(min=1, help="Seconds between evaluations.")] = 30.0,
+    spool_dir: Annotated[Path, typer.Option(help="Spool while NATS is away.")] = Path("/var/lib/breakfix/fleet-spool"),
+) -> None:
+    """Evaluate PromQL health rules over the whole fleet and publish signals (JSON logs)."""
+    from collectors.fleetd import run_fleet
+    from collectors.promfleet import FleetRules, PrometheusClient, load_fleet_rules
+    from schemas.catalog import load_catalog
+
+    logs.configure(json=True)
+    spec = _load(lambda: load_fleet_rules(rules))
+    fleet = FleetRules(spec, cluster=cluster, catalog=_load(load_catalog))
+
+    async def main(stop: asyncio.Event) -> None:
+        await run_fleet(rules=fleet, prom=PrometheusClient(prometheus), nats_url=nats, spool_dir=spool_dir,
+                        interval_s=interval, clock=lambda: datetime.now(UTC), stop=stop)
+
+    _daemon(main)
+
+
 def _daemon(main: Callable[[asyncio.Event], object]) -> None:
     async def runner() -> None:
         stop = asyncio.Event()

@@ -37,6 +37,7 @@ class SignalSource(StrEnum):
     KMSG = "kmsg"
     FABRIC = "fabric"
     ENDPOINT = "endpoint"
+    PROMETHEUS = "prometheus"
     KUBERNETES = "kubernetes"
     VALIDATION = "validation"
     SIM = "sim"

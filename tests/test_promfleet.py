@@ -1,0 +1,151 @@
+"""The fleet collector against a real Prometheus (Debian's package) scraping fixture exporters.
+
+The test starts ``prometheus`` itself on a free loopback port with a temp TSDB; it fails with
+the install command when the binary is missing (``make test`` installs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from bus.server import free_port
+from collectors.promfleet import FleetRules, PrometheusClient, load_fleet_rules
+from schemas.catalog import Catalog
+from tests.conftest import T0
+from tests.test_collector_sources import SAMPLE
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+
+
+class Exporters:
+    """dcgm-exporter pages for two hosts (old ``Hostname`` and new ``hostname`` labels) and a vLLM
+    endpoint whose counters move between scrapes."""
+
+    def __init__(self) -> None:
+        self.scrapes = 0
+
+    def app(self) -> web.Application:
+        async def dcgm_a(_r: web.Request) -> web.Response:
+            return web.Response(text=SAMPLE)
+
+        async def dcgm_b(_r: web.Request) -> web.Response:
+            page = SAMPLE.replace('Hostname="gpu-node-074"', 'hostname="gpu-node-075"')
+            page = page.replace("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL{", "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL_X{")
+            page = page.replace("DCGM_FI_DEV_ROW_REMAP_FAILURE{gpu=\"0\"", "DCGM_FI_DEV_ROW_REMAP_FAILURE{gpu=\"0\"")
+            lines = []
+            for line in page.splitlines():
+                if line.startswith("DCGM_FI_DEV_ROW_REMAP_FAILURE{") and 'gpu="0"' in line:
+                    line = line.rsplit(" ", 1)[0] + " 1"
+                lines.append(line)
+            return web.Response(text="\n".join(lines) + "\n")
+
+        async def vllm(_r: web.Request) -> web.Response:
+            self.scrapes += 1
+            n = self.scrapes * 100
+            return web.Response(text=(
+                "# TYPE vllm:time_to_first_token_seconds histogram\n"
+                f'vllm:time_to_first_token_seconds_bucket{{le="0.5",model_name="m"}} 0\n'
+                f'vllm:time_to_first_token_seconds_bucket{{le="1.0",model_name="m"}} 0\n'
+                f'vllm:time_to_first_token_seconds_bucket{{le="5.0",model_name="m"}} {n}\n'
+                f'vllm:time_to_first_token_seconds_bucket{{le="+Inf",model_name="m"}} {n}\n'
+                f'vllm:time_to_first_token_seconds_count{{model_name="m"}} {n}\n'
+                f'vllm:time_to_first_token_seconds_sum{{model_name="m"}} {n * 4}\n'
+                "# TYPE vllm:kv_cache_usage_perc gauge\n"
+                'vllm:kv_cache_usage_perc{model_name="m"} 0.97\n'))
+
+        a = web.Application()
+        a.add_routes([web.get("/dcgm-a", dcgm_a), web.get("/dcgm-b", dcgm_b), web.get("/vllm", vllm)])
+        return a
+
+
+def _start(cfg: Path, tsdb: Path, port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={tsdb}",
+                             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture
+async def prometheus(tmp_path: Path) -> AsyncIterator[str]:
+    if not shutil.which(PROMETHEUS):
+        pytest.fail("prometheus not installed: apt-get install -y --no-install-recommends prometheus (make test does)")
+    exporters = Exporters()
+    runner = web.AppRunner(exporters.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    target = f"127.0.0.1:{runner.addresses[0][1]}"
+    port = free_port()
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text(f"""
+global: {{scrape_interval: 1s, evaluation_interval: 1s}}
+scrape_configs:
+  - job_name: dcgm-a
+    metrics_path: /dcgm-a
+    static_configs: [{{targets: ["{target}"]}}]
+  - job_name: dcgm-b
+    metrics_path: /dcgm-b
+    static_configs: [{{targets: ["{target}"]}}]
+  - job_name: inference-chat
+    metrics_path: /vllm
+    static_configs: [{{targets: ["{target}"], labels: {{namespace: team-llm, endpoint: chat, node: gpu-node-074}}}}]
+""")
+    proc = _start(cfg, tmp_path / "tsdb", port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        async with aiohttp.ClientSession() as http:
+            while True:
+                try:
+                    async with http.get(f"{url}/api/v1/query", params={
+                            "query": "count(rate(vllm:time_to_first_token_seconds_count[5m]) > 0)"}) as r:
+                        body = await r.json()
+                        if body.get("data", {}).get("result"):
+                            break
+                except aiohttp.ClientError:
+                    pass
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise AssertionError("prometheus did not scrape the fixture exporters in time")
+                await asyncio.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        await runner.cleanup()
+
+
+async def test_fleet_rules_find_each_fault_on_the_right_node_gpu_and_endpoint(prometheus: str,
+                                                                             catalog: Catalog) -> None:
+    rules = FleetRules(load_fleet_rules(), cluster="c1", catalog=catalog)
+    cycle = await asyncio.to_thread(rules.evaluate, PrometheusClient(prometheus), T0)
+    faults = {(s.node, s.check, s.gpu.index if s.gpu else None, s.tenant.key() if s.tenant else None)
+              for s in cycle.states if not s.healthy}
+    assert faults == {
+        ("gpu-node-074", "ecc.dbe", 1, None),
+        ("gpu-node-075", "row_remap.failure", 0, None),
+        ("gpu-node-074", "endpoint.ttft", None, "team-llm/chat"),
+        ("gpu-node-074", "endpoint.kv_cache", None, "team-llm/chat"),
+    }
+    healthy = {(s.node, s.check, s.gpu.index if s.gpu else None) for s in cycle.states if s.healthy}
+    assert ("gpu-node-074", "row_remap.failure", 0) in healthy, "observed and under threshold -> healthy"
+    assert {(s.node, s.code) for s in cycle.events} == {("gpu-node-074", "79"), ("gpu-node-075", "79")}
+    assert all(s.source.value == "prometheus" and s.cluster == "c1" for s in cycle.states)
+    again = await asyncio.to_thread(rules.evaluate, PrometheusClient(prometheus), T0)
+    assert again.events == [], "the same last XID is reported once, not on every evaluation"
+
+
+def test_bad_rules_file_names_file_and_line(tmp_path: Path) -> None:
+    from schemas.datafile import DataFileError
+
+    p = tmp_path / "fleet.yaml"
+    p.write_text("version: 1\nrules:\n  - name: x\n    check: xid\n    kind: sometimes\n    expr: up\n")
+    with pytest.raises(DataFileError, match=r"fleet\.yaml:5"):
+        load_fleet_rules(p)
