@@ -7,6 +7,7 @@
 3. Latency from publish to incident published at a steady 1,000 signals/s (p50, p99).
 4. Storm: 1,000 nodes x 8 GPUs for 10 s (leaf-switch failures plus 100 flapping GPUs),
    published as fast as the server takes them; catch-up time after the storm and peak RSS.
+5. Collector overhead: one node daemon with every source on for 60 s (benchmarks/collector.py).
 Prints one JSON object; nothing here is a pass/fail test.
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 
+from benchmarks.collector import bench_collector
 from breakfix.logs import configure
 from bus.codec import encode
 from bus.jetstream import JetStreamBus
@@ -265,6 +267,7 @@ def main() -> None:
         result["nats"] = asyncio.run(bench_nats(signals[:60_000], Path(d)))
         result["latency"] = asyncio.run(bench_latency(Path(d)))
         result["storm"] = asyncio.run(bench_storm(Path(d)))
+    result["collector"] = asyncio.run(bench_collector())
     print(json.dumps(result, indent=2))
 
 
