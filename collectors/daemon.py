@@ -38,7 +38,6 @@ from collectors.nvml_api import FakeNvml, Nvml, real_nvml
 from collectors.spool import Spool
 from schemas import subjects
 from schemas.catalog import Catalog
-from schemas.signal import Signal
 
 log = structlog.get_logger("breakfix.collector")
 
@@ -289,7 +288,3 @@ class CollectorDaemon:
         if self.bus is not None:
             await self.bus.close()
 
-
-def signals_of(cycle: Cycle) -> list[Signal]:
-    """Every signal of a cycle (offline CLI use: no edge filtering)."""
-    return [*cycle.states, *cycle.events]

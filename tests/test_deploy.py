@@ -21,3 +21,16 @@ def test_manifests_parse_and_name_real_commands() -> None:
                 cmd = c.get("command") or []
                 if cmd[:1] == ["breakfix"]:
                     assert cmd[1] in commands, f"{path}: breakfix {cmd[1]} does not exist"
+
+
+def test_example_and_deployed_collector_configs_validate() -> None:
+    """The shipped example and the DaemonSet's ConfigMap are valid collector configs."""
+    import os
+
+    from collectors.config import CollectorConfig, load_config
+
+    root = DEPLOY.parent
+    os.environ.setdefault("NODE_NAME", "gpu-node-000")
+    assert load_config(root / "collectors" / "examples" / "collector.yaml").cluster == "prod-a"
+    cm = next(d for d in yaml.safe_load_all((DEPLOY / "collector.yaml").read_text()) if d["kind"] == "ConfigMap")
+    assert CollectorConfig.model_validate(yaml.safe_load(cm["data"]["collector.yaml"])).sources.dcgm.enabled
