@@ -8,29 +8,11 @@ policy says, and an opted-out node only gets an escalation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from remediator.policy import FORBIDDEN_FOR_UNKNOWN, Match, Policy, StepSpec
+from remediator.view import ClusterView, NodeView
+from schemas.incident import Domain, Incident, Plan, Rung, Step, StepAction
 
-from remediator.policy import FORBIDDEN_FOR_UNKNOWN, Match, Policy, Rule, StepSpec
-from schemas.incident import Domain, Incident, Plan, Step, StepAction
-
-
-@dataclass(frozen=True, slots=True)
-class NodeView:
-    name: str
-    labels: dict[str, str] = field(default_factory=dict)
-    cordoned: bool = False
-    cordoned_by_breakfix: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterView:
-    """What the decision may know about the cluster, read before deciding."""
-
-    nodes: dict[str, NodeView] = field(default_factory=dict)
-    controller_owned_pods: frozenset[str] = frozenset()  # "namespace/pod"
-
-    def node(self, name: str | None) -> NodeView | None:
-        return self.nodes.get(name) if name else None
+__all__ = ["CAUTIOUS_RULE", "ClusterView", "NodeView", "cautious_plan", "decide", "matches"]
 
 
 CAUTIOUS_RULE = "fallback-cautious"
@@ -61,10 +43,10 @@ def _target_params(incident: Incident) -> dict[str, str | int | bool]:
     return params
 
 
-def _steps(rule: Rule, incident: Incident, view: ClusterView) -> tuple[Step, ...]:
+def _steps(specs: tuple[StepSpec, ...], incident: Incident, view: ClusterView) -> tuple[Step, ...]:
     base = _target_params(incident)
     out: list[Step] = []
-    for spec in rule.steps:
+    for spec in specs:
         if not _when(spec, incident, view):
             continue
         if spec.action in (StepAction.NOTIFY_TENANT, StepAction.RESTART_POD):
@@ -117,9 +99,12 @@ def decide(incident: Incident, view: ClusterView, policy: Policy) -> Plan:
     for rule in policy.rules:
         if not rule.enabled or not matches(rule.match, incident):
             continue
-        steps = _steps(rule, incident, view)
-        if incident.category == "unknown_fault" and any(s.action in FORBIDDEN_FOR_UNKNOWN for s in steps):
+        ladder = tuple(Rung(name=r.name, steps=_steps(r.steps, incident, view), timeout_s=r.timeout_s)
+                       for r in rule.rungs())
+        every = [s for r in ladder for s in r.steps]
+        if incident.category == "unknown_fault" and any(s.action in FORBIDDEN_FOR_UNKNOWN for s in every):
             break
-        return Plan(domain=rule.domain, rule=rule.name, reason=rule.reason, steps=steps, dry_run=policy.dry_run)
+        return Plan(domain=rule.domain, rule=rule.name, reason=rule.reason, steps=ladder[0].steps if ladder else (),
+                    ladder=ladder if len(ladder) > 1 else (), dry_run=policy.dry_run, shadow=rule.shadow)
     plan = cautious_plan(incident, "No policy rule fits this incident safely; cordon and escalate to a human.")
     return plan.model_copy(update={"dry_run": policy.dry_run})

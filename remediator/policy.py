@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from remediator.guards import GuardsSpec
 from schemas.common import Severity
 from schemas.datafile import load_model
 from schemas.incident import Domain, IncidentScope, StepAction
@@ -47,6 +48,16 @@ class StepSpec(BaseModel):
     when: str | None = Field(default=None, pattern=r"^(controller_owned|tenant_known)$")
 
 
+class RungSpec(BaseModel):
+    """One rung of a ladder; when a step fails (a validation included) the next rung runs."""
+
+    model_config = _STRICT
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9\-]*$")
+    steps: tuple[StepSpec, ...] = Field(min_length=1)
+    timeout_s: float = Field(default=3600.0, gt=0)
+
+
 class Rule(BaseModel):
     model_config = _STRICT
 
@@ -55,12 +66,22 @@ class Rule(BaseModel):
     domain: Domain
     reason: str = Field(min_length=1)
     steps: tuple[StepSpec, ...] = ()
+    ladder: tuple[RungSpec, ...] = ()
     enabled: bool = True
+    shadow: bool = Field(default=False, description="Record what would happen; never act.")
+
+    def rungs(self) -> tuple[RungSpec, ...]:
+        if self.ladder:
+            return self.ladder
+        return (RungSpec(name="main", steps=self.steps),) if self.steps else ()
 
     @model_validator(mode="after")
     def _unknown_is_cautious(self) -> Rule:
+        if self.steps and self.ladder:
+            raise ValueError(f"rule {self.name!r}: give either steps or a ladder, not both")
         may_match_unknown = not self.match.categories or "unknown_fault" in self.match.categories
-        bad = [s.action.value for s in self.steps if s.action in FORBIDDEN_FOR_UNKNOWN]
+        every = [s for r in self.rungs() for s in r.steps]
+        bad = sorted({s.action.value for s in every if s.action in FORBIDDEN_FOR_UNKNOWN})
         if may_match_unknown and bad:
             raise ValueError(
                 f"rule {self.name!r} can match unknown faults and must not {', '.join(bad)}; "
@@ -76,6 +97,7 @@ class Policy(BaseModel):
     dry_run: bool = False
     settle_s: float = Field(default=2.0, ge=0, description="Wait for companion signals before deciding.")
     opt_out_label: str = "breakfix.io/opt-out"
+    guards: GuardsSpec = GuardsSpec()
     rules: tuple[Rule, ...] = Field(min_length=1)
 
     @model_validator(mode="after")

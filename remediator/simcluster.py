@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from remediator.actuator import StepResult
-from remediator.decide import ClusterView, NodeView
+from remediator.view import ClusterView, NodeView
 
 
 @dataclass
@@ -45,6 +45,7 @@ class SimCluster:
         self.history: list[tuple[str, ...]] = []
         self.notifications: list[tuple[str, str, str]] = []
         self.escalations: list[tuple[str, str]] = []
+        self.done: dict[str, StepResult] = {}
 
     def _node(self, name: str) -> SimNode:
         node = self.nodes.get(name)
@@ -86,7 +87,15 @@ class SimCluster:
         n.drained_gpus.add(gpu)
         return StepResult(True, f"evicted {len(victims)} pods from {node} gpu{gpu}")
 
-    async def reset_gpu(self, node: str, gpu: int, *, incident: str) -> StepResult:
+    async def reset_gpu(self, node: str, gpu: int, *, incident: str, key: str = "") -> StepResult:
+        if key and key in self.done:  # idempotent: a resumed plan gets the same answer, no second effect
+            return self.done[key]
+        result = await self._reset_gpu(node, gpu, incident=incident)
+        if key:
+            self.done[key] = result
+        return result
+
+    async def _reset_gpu(self, node: str, gpu: int, *, incident: str) -> StepResult:
         n = self._node(node)
         self.history.append(("reset_gpu", node, str(gpu)))
         if (node, gpu) in self.failing_resets:
@@ -94,19 +103,43 @@ class SimCluster:
         n.gpu_resets[gpu] = n.gpu_resets.get(gpu, 0) + 1
         return StepResult(True, f"reset {node} gpu{gpu}")
 
-    async def reboot(self, node: str, *, incident: str) -> StepResult:
+    async def reboot(self, node: str, *, incident: str, key: str = "") -> StepResult:
+        if key and key in self.done:  # idempotent: a resumed plan gets the same answer, no second effect
+            return self.done[key]
+        result = await self._reboot(node, incident=incident)
+        if key:
+            self.done[key] = result
+        return result
+
+    async def _reboot(self, node: str, *, incident: str) -> StepResult:
         n = self._node(node)
         self.history.append(("reboot", node))
         n.reboots += 1
         return StepResult(True, f"rebooted {node} (boot #{n.reboots + 1})")
 
-    async def reprovision(self, node: str, *, incident: str) -> StepResult:
+    async def reprovision(self, node: str, *, incident: str, key: str = "") -> StepResult:
+        if key and key in self.done:  # idempotent: a resumed plan gets the same answer, no second effect
+            return self.done[key]
+        result = await self._reprovision(node, incident=incident)
+        if key:
+            self.done[key] = result
+        return result
+
+    async def _reprovision(self, node: str, *, incident: str) -> StepResult:
         n = self._node(node)
         self.history.append(("reprovision", node))
         n.reprovisions += 1
         return StepResult(True, f"reprovisioned {node}")
 
-    async def validate(self, node: str, gpu: int | None, level: int, *, incident: str) -> StepResult:
+    async def validate(self, node: str, gpu: int | None, level: int, *, incident: str, key: str = "") -> StepResult:
+        if key and key in self.done:  # idempotent: a resumed plan gets the same answer, no second effect
+            return self.done[key]
+        result = await self._validate(node, gpu, level, incident=incident)
+        if key:
+            self.done[key] = result
+        return result
+
+    async def _validate(self, node: str, gpu: int | None, level: int, *, incident: str) -> StepResult:
         self.history.append(("validate", node, str(level)))
         if node in self.failing_validation:
             return StepResult(False, f"DCGM diag r{level} failed on {node}", {"memory": "fail"})

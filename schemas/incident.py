@@ -84,8 +84,22 @@ class Step(BaseModel):
     requires_approval: bool = False
 
 
+class Rung(BaseModel):
+    """One rung of an escalation ladder: its steps all succeed, or the next rung is taken."""
+
+    model_config = _FROZEN
+
+    name: str
+    steps: tuple[Step, ...]
+    timeout_s: float = Field(default=3600.0, gt=0, description="The whole rung must finish within this.")
+
+
 class Plan(BaseModel):
-    """What the remediator decided for one incident, and why."""
+    """What the remediator decided for one incident, and why.
+
+    ``steps`` is the first rung; ``ladder`` holds every rung in order (a one-rung plan when the
+    rule has no ladder). ``shadow`` plans are recorded, never carried out.
+    """
 
     model_config = _FROZEN
 
@@ -93,10 +107,15 @@ class Plan(BaseModel):
     rule: str = Field(description="Name of the policy rule that chose this plan.")
     reason: str = Field(description="One human sentence.")
     steps: tuple[Step, ...] = ()
+    ladder: tuple[Rung, ...] = ()
     dry_run: bool = False
+    shadow: bool = False
 
     def actions(self) -> list[str]:
         return [s.action.value for s in self.steps]
+
+    def rungs(self) -> tuple[Rung, ...]:
+        return self.ladder or (Rung(name="main", steps=self.steps),)
 
 
 class CodeCount(BaseModel):

@@ -73,20 +73,35 @@ class TestExecutor:
         assert all(r.rule == "gpu-reset" and r.actor == "test" and r.incident_id == "inc-9" for r in h.records)
         assert len({r.id for r in h.records}) == len(h.records), "record ids are unique"
 
-    async def test_failed_reset_stops_and_escalates_without_returning_capacity(self, policy: Policy) -> None:
+    async def test_failed_reset_takes_the_reboot_rung(self, policy: Policy) -> None:
         h = Harness(cluster(failing_resets={("n1", 2)}))
         inc = incident("gpu_drain_reset_required")
         outcome = await h.executor.run(inc, decide(inc, await h.cluster.view(), policy))
-        assert outcome is ActionOutcome.ESCALATED
-        assert "reset_gpu:failed" in h.outcomes()
+        assert outcome is ActionOutcome.COMPLETED
+        assert "reset_gpu:failed" in h.outcomes() and "reboot:succeeded" in h.outcomes()
+        assert h.cluster.nodes["n1"].reboots == 1
+        assert [r.details.get("rung") for r in h.records if r.action is StepAction.VALIDATE][-1] == "reboot"
+
+    async def test_exhausted_ladder_escalates_and_keeps_the_node_cordoned(self, policy: Policy) -> None:
+        h = Harness(cluster(failing_resets={("n1", 2)}, failing_validation={"n1"}))
+        inc = incident("gpu_drain_reset_required")
+        outcome = await h.executor.run(inc, decide(inc, await h.cluster.view(), policy))
+        assert outcome is ActionOutcome.REFUSED, "the last rung (reprovision) waits for a human's approval"
         assert "return_to_service:succeeded" not in h.outcomes()
         assert h.cluster.nodes["n1"].cordoned, "node stays cordoned for a human"
-        assert h.cluster.escalations and "reset_gpu failed" in h.cluster.escalations[0][1]
+
+    async def test_single_rung_failure_escalates_with_rma_summary(self, policy: Policy) -> None:
+        h = Harness(cluster(failing_validation={"n1"}))
+        inc = incident("gpu_suspect")
+        outcome = await h.executor.run(inc, decide(inc, await h.cluster.view(), policy))
+        assert outcome is ActionOutcome.ESCALATED
+        assert h.cluster.escalations and "validate failed" in h.cluster.escalations[0][1]
+        assert "category=gpu_suspect" in h.cluster.escalations[0][1]
 
     async def test_failed_validation_never_returns_to_service(self, policy: Policy) -> None:
         h = Harness(cluster(failing_validation={"n1"}))
         inc = incident("node_reboot_required")
-        await h.executor.run(inc, decide(inc, await h.cluster.view(), policy))
+        assert await h.executor.run(inc, decide(inc, await h.cluster.view(), policy)) is ActionOutcome.ESCALATED
         assert ("return_to_service", "n1") not in h.cluster.history
         assert h.cluster.nodes["n1"].cordoned
 

@@ -28,7 +28,11 @@ def test_every_category_has_a_runbook_whose_steps_match_the_policy(category: str
     assert fm["category"] == category
     rule = next(r for r in policy.rules if r.name == fm["policy_rule"])
     assert category in rule.match.categories
-    assert [s["action"] for s in fm["steps"]] == [s.action.value for s in rule.steps]
+    rungs = rule.rungs()
+    first = rungs[0].steps if rungs else ()
+    assert [s["action"] for s in fm["steps"]] == [s.action.value for s in first]
+    if len(rungs) > 1:
+        assert fm.get("ladder") == [r.name for r in rungs], f"{path}: front matter must name the ladder's rungs"
     assert "## What the on-call SRE does" in path.read_text()
 
 
