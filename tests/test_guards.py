@@ -1,0 +1,136 @@
+"""Pure safety guards and ladders: budgets, breaker, cooldowns, retry caps, kill switches, unknown codes."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from remediator.decide import decide
+from remediator.guards import BreakerSpec, BudgetSpec, GuardsSpec, GuardState, KillSwitchSpec, TopologyBudgetSpec, check
+from remediator.policy import Policy
+from remediator.view import ClusterView, NodeView
+from schemas.common import GpuRef, Severity
+from schemas.incident import Incident, IncidentScope, StepAction
+from tests.conftest import T0
+
+
+def inc(node: str = "n1", category: str = "gpu_reset_required", codes: tuple[str, ...] = ("xid:48",),
+        iid: str = "inc-1") -> Incident:
+    return Incident(id=iid, cluster="c1", scope=IncidentScope.GPU, node=node, nodes=(node,), gpus=(GpuRef(index=0),),
+                    category=category, severity=Severity.CRITICAL, codes=codes, first_seen=T0, last_seen=T0)
+
+
+def view(n: int, **labels_by_node: dict[str, str]) -> ClusterView:
+    return ClusterView(nodes={f"n{i}": NodeView(f"n{i}", labels_by_node.get(f"n{i}", {})) for i in range(1, n + 1)})
+
+
+class TestBudgets:
+    @pytest.mark.parametrize(("pool", "busy", "spec", "allowed"), [
+        (3, 0, BudgetSpec(max_nodes=1, max_percent=20), True),
+        (3, 1, BudgetSpec(max_nodes=1, max_percent=20), False),
+        (1000, 49, BudgetSpec(max_nodes=1, max_percent=5), True),
+        (1000, 50, BudgetSpec(max_nodes=1, max_percent=5), False),
+        (10, 1, BudgetSpec(max_nodes=2, max_percent=0), True),
+    ], ids=["small-pool-can-heal-one", "small-pool-one-at-a-time", "big-pool-gets-its-percentage",
+            "big-pool-percentage-is-a-cap", "absolute-count-when-larger"])
+    def test_cluster_budget_is_the_larger_of_count_and_percentage(self, pool: int, busy: int, spec: BudgetSpec,
+                                                                  allowed: bool, policy: Policy) -> None:
+        state = GuardState(active={f"n{i}": f"inc-{i}" for i in range(2, 2 + busy)})
+        i = inc("n1")
+        refusal = check(i, decide(i, view(pool), policy), state, view(pool), GuardsSpec(budget=spec), T0)
+        assert (refusal is None) is allowed
+        if refusal:
+            assert refusal.guard == "budget" and refusal.retry
+
+    def test_topology_budget_per_rack(self, policy: Policy) -> None:
+        v = view(8, **{f"n{i}": {"rack": "r1" if i <= 4 else "r2"} for i in range(1, 9)})
+        spec = GuardsSpec(budget=BudgetSpec(max_nodes=8), topology_budgets=(
+            TopologyBudgetSpec(key="rack", max_nodes=1, max_percent=0),))
+        state = GuardState(active={"n2": "inc-2"})
+        same_rack = check(inc("n1"), decide(inc("n1"), v, policy), state, v, spec, T0)
+        other_rack = check(inc("n5"), decide(inc("n5"), v, policy), state, v, spec, T0)
+        assert same_rack is not None and same_rack.guard == "topology_budget" and other_rack is None
+
+    def test_tenant_domain_plans_are_not_budgeted(self, policy: Policy) -> None:
+        i = inc(category="application_fault").model_copy(update={"domain": "tenant"})
+        state = GuardState(active={f"n{k}": "x" for k in range(2, 10)})
+        assert check(i, decide(i, view(10), policy), state, view(10), GuardsSpec(), T0) is None
+
+
+class TestBreaker:
+    def test_trips_when_too_many_nodes_open_incidents_and_resets_only_explicitly(self, policy: Policy) -> None:
+        state = GuardState()
+        spec = BreakerSpec(max_percent=10, min_nodes=3, window_s=600)
+        tripped = [state.observe_open(f"n{k}", T0 + timedelta(seconds=k), spec, pool=20) for k in range(1, 4)]
+        assert tripped == [False, False, True]
+        refusal = check(inc("n9"), decide(inc("n9"), view(20), policy), state, view(20), GuardsSpec(), T0)
+        assert refusal is not None and refusal.guard == "breaker" and not refusal.retry
+        assert "breakfix breaker reset" in refusal.reason
+        later = T0 + timedelta(hours=5)
+        assert check(inc("n9"), decide(inc("n9"), view(20), policy), state, view(20), GuardsSpec(), later) is not None, \
+            "the breaker does not reset itself with time"
+        state.reset_breaker()
+        assert check(inc("n9"), decide(inc("n9"), view(20), policy), state, view(20), GuardsSpec(), later) is None
+
+    def test_slow_trickle_does_not_trip(self) -> None:
+        state = GuardState()
+        spec = BreakerSpec(max_percent=10, min_nodes=3, window_s=600)
+        assert not any(state.observe_open(f"n{k}", T0 + timedelta(hours=k), spec, pool=20) for k in range(10))
+
+
+class TestLoopsAndSwitches:
+    def test_no_double_reboot_within_the_window(self, policy: Policy) -> None:
+        state = GuardState()
+        state.record_action("n1", StepAction.REBOOT, T0)
+        i = inc("n1", category="node_reboot_required", codes=("xid:79",), iid="inc-2")
+        refusal = check(i, decide(i, view(10), policy), state, view(10), GuardsSpec(cooldown_s=0), T0 +
+                        timedelta(hours=2))
+        assert refusal is not None and refusal.guard == "retry_cap" and "reboot" in refusal.reason
+
+    def test_cooldown_after_a_finished_plan(self, policy: Policy) -> None:
+        state = GuardState()
+        state.start("n1", "inc-1")
+        state.finish("n1", "inc-1", T0)
+        i = inc("n1", iid="inc-2")
+        soon = check(i, decide(i, view(10), policy), state, view(10), GuardsSpec(cooldown_s=1800), T0 +
+                     timedelta(minutes=5))
+        later = check(i, decide(i, view(10), policy), state, view(10), GuardsSpec(cooldown_s=1800), T0 +
+                      timedelta(hours=1))
+        assert soon is not None and soon.guard == "cooldown" and soon.retry and later is None
+
+    @pytest.mark.parametrize("switch", [KillSwitchSpec(rules=frozenset({"gpu-reset"})),
+                                        KillSwitchSpec(codes=frozenset({"xid:48"}))], ids=["per-rule", "per-code"])
+    def test_kill_switch_refuses(self, switch: KillSwitchSpec, policy: Policy) -> None:
+        i = inc()
+        refusal = check(i, decide(i, view(10), policy), GuardState(), view(10), GuardsSpec(kill_switch=switch), T0)
+        assert refusal is not None and refusal.guard == "kill_switch"
+
+    def test_state_round_trips_through_the_store_form(self) -> None:
+        state = GuardState(active={"n1": "i"}, approvals={("i", "reprovision")})
+        state.record_action("n1", StepAction.REBOOT, T0)
+        state.observe_open("n1", T0, BreakerSpec(min_nodes=1, max_percent=1), pool=10)
+        again = GuardState.from_dict(state.to_dict())
+        assert again == state
+
+
+class TestLadders:
+    def test_xid48_solo_has_reset_then_reboot_then_reprovision(self, policy: Policy) -> None:
+        plan = decide(inc(), view(4), policy)
+        assert [r.name for r in plan.rungs()] == ["reset", "reboot", "reprovision"]
+        assert [s.action.value for s in plan.steps] == ["drain_gpu", "reset_gpu", "validate", "return_to_service"]
+        assert plan.rungs()[1].steps[3].params["level"] == 3
+        assert plan.rungs()[2].steps[0].requires_approval
+
+    @pytest.mark.parametrize("codes", [("xid:173",), ("dcgm:DCGM_FR_SOMETHING_NEW",), ("xid:48", "xid:173")])
+    def test_unknown_codes_never_reset_reboot_or_reprovision(self, codes: tuple[str, ...], policy: Policy) -> None:
+        i = inc(category="unknown_fault", codes=codes)
+        plan = decide(i, view(4), policy)
+        every = {s.action for r in plan.rungs() for s in r.steps}
+        assert not every & {StepAction.RESET_GPU, StepAction.REBOOT, StepAction.REPROVISION}
+        assert StepAction.ESCALATE in every
+
+    def test_shadow_rule_plans_but_is_marked(self, policy: Policy) -> None:
+        rules = tuple(r.model_copy(update={"shadow": r.name == "gpu-reset"}) for r in policy.rules)
+        plan = decide(inc(), view(4), policy.model_copy(update={"rules": rules}))
+        assert plan.shadow and plan.rule == "gpu-reset"
