@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import nats
 import nats.errors
@@ -217,6 +217,19 @@ class JetStreamBus:
         except (nats.errors.Error, PublishError, TimeoutError) as exc:
             log.warning("publish_many_fallback", error=repr(exc), messages=len(items))
             return [await self.publish(subject, data, msg_id=msg_id) for subject, data, msg_id in items]
+
+    async def request(self, subject: str, data: bytes, *, timeout_s: float) -> bytes:
+        msg = await self._nc.request(subject, data, timeout=timeout_s)
+        return bytes(msg.data)
+
+    async def serve(self, subject: str, handler: Callable[[bytes], Awaitable[bytes]]) -> None:
+        async def on_request(msg: Msg) -> None:
+            reply = await handler(msg.data)
+            if msg.reply:
+                await self._nc.publish(msg.reply, reply)
+
+        await self._nc.subscribe(subject, cb=on_request)
+        await self._nc.flush()  # the server knows the responder before anyone asks
 
     async def stream_messages(self, stream: str) -> int:
         info = await self._js.stream_info(stream)

@@ -8,7 +8,7 @@ ack, and redelivery of nak'ed or un-acked messages (on ``redeliver_unacked``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bus.protocol import Delivery, PublishAck, subject_matches
@@ -83,6 +83,7 @@ class MemoryBus:
     def __init__(self) -> None:
         self.streams: dict[str, _Stream] = {}
         self.blobs: dict[tuple[str, str], bytes] = {}
+        self.responders: dict[str, Callable[[bytes], Awaitable[bytes]]] = {}
         self._cond = asyncio.Condition()
         self.closed = False
 
@@ -113,6 +114,15 @@ class MemoryBus:
                              ack_wait_s: float = 60.0) -> None:
         st = self.streams[stream]
         st.consumers[durable] = _Consumer(filter_subject, next_index=max(start_seq, 1) - 1, ack_all=ack_all)
+
+    async def request(self, subject: str, data: bytes, *, timeout_s: float) -> bytes:
+        handler = self.responders.get(subject)
+        if handler is None:
+            raise TimeoutError(f"no responder on {subject}")
+        return await asyncio.wait_for(handler(data), timeout=timeout_s)
+
+    async def serve(self, subject: str, handler: Callable[[bytes], Awaitable[bytes]]) -> None:
+        self.responders[subject] = handler
 
     async def put_blob(self, bucket: str, name: str, data: bytes) -> None:
         self.blobs[(bucket, name)] = bytes(data)

@@ -7,7 +7,7 @@ durable pull consumers, explicit ack, redelivery after nak).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -74,6 +74,13 @@ class Bus(Protocol):
         """Fetch up to ``batch`` messages; an empty list when none arrive within the timeout."""
 
     async def close(self) -> None: ...
+
+
+class Requester(Protocol):
+    """Core NATS request/reply (the node agent): no stream, a reply or a timeout."""
+
+    async def request(self, subject: str, data: bytes, *, timeout_s: float) -> bytes: ...
+    async def serve(self, subject: str, handler: Callable[[bytes], Awaitable[bytes]]) -> None: ...
 
 
 class BlobStore(Protocol):

@@ -113,6 +113,17 @@ class PodResourcesConfig(BaseModel):
     interval_s: float = Field(30.0, gt=0)
 
 
+class AgentConfig(BaseModel):
+    """The node agent (``collectors.agent``): remediation commands the remediator may send here."""
+
+    model_config = _STRICT
+    enabled: bool = False
+    allow: tuple[str, ...] = ("reset_gpu", "validate", "reboot")
+    nvidia_smi: str = "nvidia-smi"
+    dcgmi: str = "dcgmi"
+    reboot_command: tuple[str, ...] = ("systemctl", "reboot")
+
+
 class Sources(BaseModel):
     model_config = _STRICT
     nvml: NvmlConfig = NvmlConfig()
@@ -136,6 +147,7 @@ class CollectorConfig(BaseModel):
     spool: SpoolConfig = SpoolConfig()
     edge: EdgeConfig = EdgeConfig()
     sources: Sources = Sources()
+    agent: AgentConfig = AgentConfig()
 
     @model_validator(mode="after")
     def _node(self) -> CollectorConfig:

@@ -16,6 +16,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Protocol
 
 import aiohttp
 import structlog
@@ -23,7 +24,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from bus.protocol import Bus
+from bus.protocol import Bus, Requester
+from collectors.agent import NodeAgent
 from collectors.config import CollectorConfig
 from collectors.context import NodeContext
 from collectors.dcgm import DcgmRules, DcgmThresholds
@@ -37,9 +39,14 @@ from collectors.nvml import NvmlSource, Thresholds
 from collectors.nvml_api import FakeNvml, Nvml, real_nvml
 from collectors.spool import Spool
 from schemas import subjects
+from schemas.agent import AgentAction
 from schemas.catalog import Catalog
 
 log = structlog.get_logger("breakfix.collector")
+
+
+class ServiceBus(Bus, Requester, Protocol):
+    """The collector publishes signals and serves node-agent requests on one connection."""
 
 
 def utcnow() -> datetime:
@@ -66,7 +73,7 @@ class Metrics:
 class CollectorDaemon:
     def __init__(self, config: CollectorConfig, catalog: Catalog, *, nvml: Nvml | None = None,
                  clock: Callable[[], datetime] = utcnow,
-                 connect: Callable[[str], Awaitable[Bus]] | None = None) -> None:
+                 connect: Callable[[str], Awaitable[ServiceBus]] | None = None) -> None:
         self.config = config
         self.clock = clock
         self.ctx = NodeContext(cluster=config.cluster, node=config.node_name, catalog=catalog,
@@ -77,11 +84,15 @@ class CollectorDaemon:
         self.metrics = Metrics()
         self.nvml = nvml
         self._connect = connect
-        self.bus: Bus | None = None
+        self.bus: ServiceBus | None = None
         self.last_ok: dict[str, float] = {}
         self.intervals: dict[str, float] = {}
         self.port: int | None = None
         self.ready = asyncio.Event()
+        a = config.agent
+        self.agent = NodeAgent(self.ctx.node, config.state_dir, nvidia_smi=a.nvidia_smi, dcgmi=a.dcgmi,
+                               reboot_cmd=a.reboot_command,
+                               allow=frozenset(AgentAction(x) for x in a.allow)) if a.enabled else None
 
     # -- plumbing ----------------------------------------------------------------------------------
     async def emit(self, source: str, cycle: Cycle) -> None:
@@ -141,6 +152,8 @@ class CollectorDaemon:
             try:
                 bus = attempt.result()
                 await bus.ensure_streams(subjects.STREAMS)
+                if self.agent is not None:
+                    await bus.serve(subjects.agent_subject(self.ctx.cluster, self.ctx.node), self.agent.handle_bytes)
                 self.bus = bus
                 self.forwarder.attach(bus)
                 log.info("nats_connected", node=self.ctx.node, url=self.config.nats.url)

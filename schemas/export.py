@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from schemas.agent import AgentCommand, AgentReply
 from schemas.incident import ActionRecord, Incident, IncidentChange, Plan
 from schemas.signal import Signal
 
@@ -22,6 +23,8 @@ MODELS: dict[str, type[BaseModel]] = {
     "incident-change.v1.json": IncidentChange,
     "plan.v1.json": Plan,
     "action.v1.json": ActionRecord,
+    "agent-command.v1.json": AgentCommand,
+    "agent-reply.v1.json": AgentReply,
 }
 
 

@@ -35,6 +35,11 @@ def action_subject(cluster: str) -> str:
     return f"{PREFIX}.actions.{token(cluster)}"
 
 
+def agent_subject(cluster: str, node: str) -> str:
+    """``breakfix.agent.<cluster>.<node>``: node-agent commands (core NATS request/reply, no stream)."""
+    return f"{PREFIX}.agent.{token(cluster)}.{token(node)}"
+
+
 def dead_letter_subject(stream: str) -> str:
     """``breakfix.dlq.<stream>``: undecodable messages, with the reason in headers."""
     return f"{PREFIX}.dlq.{token(stream.lower())}"

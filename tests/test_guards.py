@@ -68,8 +68,8 @@ class TestBreaker:
         assert refusal is not None and refusal.guard == "breaker" and not refusal.retry
         assert "breakfix breaker reset" in refusal.reason
         later = T0 + timedelta(hours=5)
-        assert check(inc("n9"), decide(inc("n9"), view(20), policy), state, view(20), GuardsSpec(), later) is not None, \
-            "the breaker does not reset itself with time"
+        plan = decide(inc("n9"), view(20), policy)
+        assert check(inc("n9"), plan, state, view(20), GuardsSpec(), later) is not None, "no reset by time alone"
         state.reset_breaker()
         assert check(inc("n9"), decide(inc("n9"), view(20), policy), state, view(20), GuardsSpec(), later) is None
 
