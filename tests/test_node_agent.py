@@ -42,8 +42,8 @@ class TestResetGpu:
         reply = await agent(tmp_path).handle(cmd(AgentAction.RESET_GPU))
         assert reply.ok and "successfully reset" in reply.detail
         calls = nvsmi_log.read_text().splitlines()
-        assert [c.split()[0] for c in calls] == ["--query-compute-apps=pid,process_name", "--query-gpu=persistence_mode",
-                                                 "-pm", "--gpu-reset", "-pm"]
+        assert [c.split()[0] for c in calls] == [
+            "--query-compute-apps=pid,process_name", "--query-gpu=persistence_mode", "-pm", "--gpu-reset", "-pm"]
         assert calls[2].startswith("-pm 0") and calls[4].startswith("-pm 1") and "-i GPU-aaaa" in calls[3]
 
     @pytest.mark.parametrize(("mode", "words"), [("inuse", "held by 1 process"), ("lost", "GPU is lost"),
