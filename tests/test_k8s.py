@@ -1,0 +1,176 @@
+"""The Kubernetes adapter with the official client against kmock (a Kubernetes API emulator).
+
+kmock keeps objects and serves CRUD; the eviction subresource is scripted here (kmock has no
+PodDisruptionBudgets), including the 429 a PDB answers with. This is an emulator, not a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import kmock
+import pytest
+
+from remediator.k8s import OWNER, QUARANTINE, DrainPolicy, KubernetesActuator, api_for
+from remediator.leader import LeaseElector
+
+
+class Cluster:
+    def __init__(self, emulator: kmock.KubernetesEmulator, url: str) -> None:
+        self.k = emulator
+        self.api = api_for(url)
+        self.evictions: list[str] = []
+        self.pdb_refusals: dict[str, int] = {}
+
+    def obj(self, resource: str, ns: str | None, name: str) -> dict[str, Any]:
+        return dict(self.k.objects[resource, ns, name])
+
+    async def add_node(self, name: str, **spec: Any) -> None:
+        from kubernetes import client
+        node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"rack": "r1"}},
+                "spec": spec}
+        await asyncio.to_thread(client.CoreV1Api(self.api).create_node, node)
+
+    async def add_pod(self, ns: str, name: str, node: str, *, owner: str | None = "ReplicaSet",
+                      refusals: int = 0) -> None:
+        from kubernetes import client
+        meta: dict[str, Any] = {"name": name, "namespace": ns}
+        if owner:
+            meta["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": owner, "name": f"{name}-owner", "uid": "u",
+                                        "controller": True}]
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
+               "spec": {"nodeName": node, "containers": [{"name": "c", "image": "i"}]}, "status": {"phase": "Running"}}
+        await asyncio.to_thread(client.CoreV1Api(self.api).create_namespaced_pod, ns, pod)
+        self.pdb_refusals[f"{ns}/{name}"] = refusals
+
+        def evict(req: kmock.Request) -> kmock.Response:
+            key = f"{ns}/{name}"
+            if self.pdb_refusals[key] > 0:
+                self.pdb_refusals[key] -= 1
+                return kmock.Response(status=429, payload={
+                    "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 429, "reason": "TooManyRequests",
+                    "message": "Cannot evict pod as it would violate the pod's disruption budget."})
+            self.evictions.append(key)
+            return kmock.Response(status=201, payload={"kind": "Status", "apiVersion": "v1", "status": "Success",
+                                                       "code": 201})
+
+        self.k[f"post /api/v1/namespaces/{ns}/pods/{name}/eviction"] << evict
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    async with kmock.KubernetesEmulator() as k, kmock.Server(k) as srv:
+        for res, namespaced, kind in (("v1/nodes", False, "Node"), ("v1/pods", True, "Pod"),
+                                      ("v1/events", True, "Event"), ("v1/namespaces", False, "Namespace"),
+                                      ("coordination.k8s.io/v1/leases", True, "Lease")):
+            k.resources[res] = kmock.ResourceInfo(namespaced=namespaced, kind=kind)
+        yield Cluster(k, str(srv.url).rstrip("/"))
+
+
+async def no_sleep(_s: float) -> None:
+    await asyncio.sleep(0)
+
+
+class TestCordon:
+    async def test_cordon_sets_taint_and_ownership_and_uncordon_reverts(self, cluster: Cluster) -> None:
+        await cluster.add_node("n1")
+        act = KubernetesActuator(cluster.api)
+        assert (await act.cordon("n1", incident="inc-1", reason="xid 48")).ok
+        node = cluster.obj("v1/nodes", None, "n1")
+        assert node["spec"]["unschedulable"] is True
+        assert {"key": QUARANTINE, "value": "true", "effect": "NoSchedule"} in node["spec"]["taints"]
+        assert node["metadata"]["annotations"][OWNER] == "breakfix"
+        view = await act.view()
+        assert view.nodes["n1"].cordoned and view.nodes["n1"].cordoned_by_breakfix
+        assert (await act.uncordon("n1", incident="inc-1")).detail == "uncordoned n1"
+        node = cluster.obj("v1/nodes", None, "n1")
+        assert node["spec"]["unschedulable"] is False and node["spec"]["taints"] == []
+
+    async def test_node_cordoned_by_someone_else_is_never_touched(self, cluster: Cluster) -> None:
+        await cluster.add_node("n1", unschedulable=True)
+        act = KubernetesActuator(cluster.api)
+        cordon = await act.cordon("n1", incident="inc-1", reason="x")
+        uncordon = await act.uncordon("n1", incident="inc-1")
+        assert "someone else" in cordon.detail and "stays cordoned" in uncordon.detail
+        assert cluster.obj("v1/nodes", None, "n1")["spec"]["unschedulable"] is True
+
+
+class TestDrain:
+    async def test_eviction_honours_pdb_429_with_retries_never_force(self, cluster: Cluster) -> None:
+        await cluster.add_node("n1")
+        await cluster.add_pod("ml", "train-0", "n1", refusals=2)
+        await cluster.add_pod("ml", "train-1", "n1")
+        await cluster.add_pod("kube-system", "gpu-feature-discovery", "n1", owner="DaemonSet")
+        act = KubernetesActuator(cluster.api, drain=DrainPolicy(retry_s=0.01, timeout_s=30), sleep=no_sleep)
+        result = await act.drain("n1", incident="inc-1")
+        assert result.ok, result.detail
+        assert sorted(cluster.evictions) == ["ml/train-0", "ml/train-1"], "DaemonSet pods stay"
+        assert cluster.pdb_refusals["ml/train-0"] == 0, "the PDB's two refusals were waited out"
+        assert len(cluster.k["delete"]) == 0, "nothing was force-deleted"
+
+    async def test_pdb_that_never_yields_fails_the_drain_cleanly(self, cluster: Cluster) -> None:
+        await cluster.add_node("n1")
+        await cluster.add_pod("ml", "stuck", "n1", refusals=10_000)
+        act = KubernetesActuator(cluster.api, drain=DrainPolicy(retry_s=0.01, timeout_s=0.3))
+        result = await act.drain("n1", incident="inc-1")
+        assert not result.ok and "HTTP 429" in result.detail and result.evidence["blocked"] == "1"
+
+    async def test_delete_after_timeout_namespace_mode(self, cluster: Cluster) -> None:
+        await cluster.add_node("n1")
+        await cluster.add_pod("scratch", "stuck", "n1", refusals=10_000)
+        act = KubernetesActuator(cluster.api, drain=DrainPolicy(retry_s=0.01, timeout_s=0.3,
+                                                                namespaces={"scratch": "delete-after-timeout"}))
+        result = await act.drain("n1", incident="inc-1")
+        assert result.ok
+        assert ("v1/pods", "scratch", "stuck") not in cluster.k.objects or \
+            cluster.k.objects["v1/pods", "scratch", "stuck"].deleted
+
+    async def test_partial_drain_moves_only_the_gpus_pods(self, cluster: Cluster) -> None:
+        await cluster.add_node("n1")
+        for i in range(4):
+            await cluster.add_pod("ml", f"w{i}", "n1")
+        act = KubernetesActuator(cluster.api, sleep=no_sleep)
+        result = await act.drain_gpu("n1", 2, incident="inc-1", pods=("ml/w2", "ml/not-here"))
+        assert result.ok and cluster.evictions == ["ml/w2"] and "gpu2" in result.detail
+
+    async def test_evictions_run_in_bounded_parallel(self, cluster: Cluster) -> None:
+        await cluster.add_node("n1")
+        for i in range(40):
+            await cluster.add_pod("ml", f"w{i}", "n1")
+        act = KubernetesActuator(cluster.api, drain=DrainPolicy(parallel=8), sleep=no_sleep)
+        result = await act.drain("n1", incident="inc-1")
+        assert result.ok and len(cluster.evictions) == 40 and act.evictions == 40
+
+
+class TestPodsEventsConditions:
+    async def test_restart_pod_event_and_gpu_condition(self, cluster: Cluster) -> None:
+        await cluster.add_node("n1")
+        await cluster.add_pod("ml", "train-0", "n1")
+        act = KubernetesActuator(cluster.api)
+        assert (await act.restart_pod("ml", "train-0", incident="inc-1")).ok
+        assert (await act.notify_tenant("ml", "train-0", "XID 13 on your pod", incident="inc-1")).ok
+        events = [o for key, o in cluster.k.objects.items() if key[0] == "v1/events"]
+        assert events and events[0]["involvedObject"]["name"] == "train-0" and events[0]["type"] == "Warning"
+        assert (await act.set_gpu_condition("n1", False, "XidCritical", "XID 48 on gpu2")).ok
+        conds = cluster.obj("v1/nodes", None, "n1")["status"]["conditions"]
+        assert {"type": "GPUHealthy", "status": "False", "reason": "XidCritical"}.items() <= conds[-1].items()
+
+
+class TestLeaderElection:
+    async def test_one_leader_until_its_lease_expires(self, cluster: Cluster) -> None:
+        now = [datetime(2026, 11, 23, tzinfo=UTC)]
+        a = LeaseElector(cluster.api, name="breakfix-remediator", namespace="breakfix", identity="a", lease_s=15,
+                         clock=lambda: now[0])
+        b = LeaseElector(cluster.api, name="breakfix-remediator", namespace="breakfix", identity="b", lease_s=15,
+                         clock=lambda: now[0])
+        assert await a.try_acquire() and not await b.try_acquire()
+        now[0] += timedelta(seconds=10)
+        assert await a.try_acquire() and not await b.try_acquire(), "renewals keep the lease"
+        now[0] += timedelta(seconds=30)
+        assert await b.try_acquire(), "an expired lease is taken over"
+        assert not await a.try_acquire()
+        lease = cluster.obj("coordination.k8s.io/v1/leases", "breakfix", "breakfix-remediator")
+        assert lease["spec"]["holderIdentity"] == "b"
