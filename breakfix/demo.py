@@ -75,6 +75,17 @@ class DemoResult:
     nats_url: str
 
 
+def demo_policy(policy: Policy) -> Policy:
+    """The demo compresses time: a 1 s soak instead of minutes, and a breaker sized for a fleet
+    where a quarter of the nodes fail on purpose. Everything else is the policy as loaded."""
+    guards = policy.guards.model_copy(update={
+        "soak_s": min(policy.guards.soak_s, 1.0),
+        "breaker": policy.guards.breaker.model_copy(update={"max_percent": 60.0}),
+        "budget": policy.guards.budget.model_copy(update={"max_nodes": max(policy.guards.budget.max_nodes, 4)}),
+    })
+    return policy.model_copy(update={"guards": guards})
+
+
 def sim_cluster_for(fleet: Fleet) -> SimCluster:
     nodes = {}
     for spec in fleet.nodes:
@@ -87,6 +98,9 @@ async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: C
                    duration_s: float, speed: float = 1.0, malformed: bool = True,
                    progress: Callable[[str], None] = lambda _s: None) -> DemoResult:
     started = time.monotonic()
+    policy = demo_policy(policy)
+    progress(f"demo timing: soak {policy.guards.soak_s:g}s, breaker at {policy.guards.breaker.max_percent:g}% of nodes "
+             "(remediator/policies/default.yaml has the production values)")
     fleet = build_fleet(max(nodes, scenario.nodes))
     cluster = sim_cluster_for(fleet)
     server = EmbeddedNats(data_dir / "nats")
@@ -104,7 +118,7 @@ async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: C
         await collector_bus.ensure_streams(subjects.STREAMS)
         correlator = CorrelatorService(await bus("breakfix-correlator"), Correlator(catalog), utcnow)
         remediator = RemediatorService(await bus("breakfix-remediator"), cluster, policy, utcnow,
-                                       actor="remediator/demo")
+                                       actor="remediator/demo", retry_refused_s=1.0)
         console = Console()
         console_bus = await bus("breakfix-console")
         specs: list[ConsumerSpec[Any]] = [

@@ -40,6 +40,9 @@ def _target_params(incident: Incident) -> dict[str, str | int | bool]:
         params["gpu"] = incident.gpus[0].index
     if incident.gpus and incident.gpus[0].uuid:
         params["gpu_uuid"] = incident.gpus[0].uuid
+    pods = [f"{t.namespace}/{t.pod}" for t in incident.tenants if t.pod]
+    if pods and incident.gpus:
+        params["pods"] = ",".join(pods)  # the pods holding the GPU, for a partial drain
     return params
 
 

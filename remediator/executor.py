@@ -203,7 +203,8 @@ class Executor:
                 return StepResult(False, f"{step.action.value} needs a GPU index and the incident has none")
             case StepAction.DRAIN_GPU:
                 assert gpu_i is not None
-                return await a.drain_gpu(node, gpu_i, incident=iid)
+                pods = tuple(x for x in str(p.get("pods", "")).split(",") if x)
+                return await a.drain_gpu(node, gpu_i, incident=iid, pods=pods)
             case StepAction.RESET_GPU:
                 assert gpu_i is not None
                 return await a.reset_gpu(node, gpu_i, incident=iid, key=key)

@@ -78,7 +78,7 @@ class SimCluster:
         n.drained = True
         return StepResult(True, f"evicted {moved} pods from {node}")
 
-    async def drain_gpu(self, node: str, gpu: int, *, incident: str) -> StepResult:
+    async def drain_gpu(self, node: str, gpu: int, *, incident: str, pods: tuple[str, ...] = ()) -> StepResult:
         n = self._node(node)
         self.history.append(("drain_gpu", node, str(gpu)))
         victims = [p for p, g in n.pods.items() if g == gpu]
