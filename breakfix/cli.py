@@ -248,6 +248,119 @@ def collector(
     _daemon(daemon.run)
 
 
+@app.command()
+def remediator(
+    config: Annotated[Path, typer.Option("--config", envvar="BREAKFIX_REMEDIATOR_CONFIG", help="Remediator YAML.")],
+) -> None:
+    """Run the remediator daemon: Kubernetes, the node agents and the provider hook (JSON logs)."""
+    from bus.jetstream import JetStreamBus
+    from remediator.composite import ClusterActuator
+    from remediator.config import load_config
+    from remediator.k8s import DrainPolicy, KubernetesActuator, api_for
+    from remediator.leader import LeaseElector
+    from remediator.nodeagent import NodeAgentClient
+    from remediator.policy import load_policy
+    from remediator.provider import ProviderHook
+    from remediator.service import RemediatorService
+    from remediator.store import KvStore
+
+    logs.configure(json=True)
+    cfg = _load(lambda: load_config(config))
+    pol = _load(lambda: load_policy(cfg.policy))
+    k = cfg.kubernetes
+    if k.in_cluster:
+        from kubernetes import client as kclient
+        from kubernetes import config as kconfig
+
+        kconfig.load_incluster_config()  # type: ignore[no-untyped-call]
+        api = kclient.ApiClient()
+    else:
+        token = k.token_file.read_text().strip() if k.token_file else None
+        api = api_for(k.host or "http://127.0.0.1:8080", token=token, verify_ssl=k.verify_ssl)
+
+    async def main(stop: asyncio.Event) -> None:
+        bus = await JetStreamBus.connect(cfg.nats_url, name="breakfix-remediator")
+        try:
+            clock = lambda: datetime.now(UTC)  # noqa: E731
+            k8s = KubernetesActuator(api, drain=DrainPolicy(default=k.drain_default, namespaces=k.drain_namespaces,
+                                                            timeout_s=k.drain_timeout_s, parallel=k.drain_parallel))
+            actuator = ClusterActuator(k8s, NodeAgentClient(bus, cfg.cluster, clock),
+                                       ProviderHook(cfg.provider_url) if cfg.provider_url else None,
+                                       event_namespace=k.event_namespace, reboot_wait_s=cfg.reboot_wait_s,
+                                       poll_s=cfg.reboot_poll_s)
+            lease = cfg.lease
+            elector = LeaseElector(api, name=lease.name, namespace=lease.namespace, identity=lease.identity,
+                                   lease_s=lease.lease_s) if lease.enabled else None
+            store = await KvStore.open(bus.client.jetstream())
+            await RemediatorService(bus, actuator, pol, clock, actor=cfg.actor, store=store, elector=elector).run(stop)
+        finally:
+            await bus.close()
+
+    _daemon(main)
+
+
+def _publish_decision(nats: str, record: Any) -> None:
+    from bus.codec import encode
+    from bus.jetstream import JetStreamBus
+    from schemas import subjects as subj
+
+    async def send() -> None:
+        bus = await JetStreamBus.connect(nats, name="breakfix-cli")
+        try:
+            await bus.ensure_streams(subj.STREAMS)
+            await bus.publish(subj.action_subject(record.cluster), encode(record), msg_id=record.id)
+        finally:
+            await bus.close()
+
+    try:
+        asyncio.run(send())
+    except Exception as exc:
+        raise _fail(f"could not publish to {nats}: {exc}") from None
+
+
+@app.command()
+def approve(
+    incident: Annotated[str, typer.Argument(help="Incident id, e.g. inc-1a2b3c4d5e6f7a8b.")],
+    step: Annotated[str, typer.Argument(help="The step waiting for approval, e.g. reprovision.")],
+    cluster: Annotated[str, typer.Option(envvar="BREAKFIX_CLUSTER", help="Cluster of the incident.")],
+    nats: Annotated[str, typer.Option(envvar="BREAKFIX_NATS_URL", help="NATS URL.")] = "nats://127.0.0.1:4222",
+    by: Annotated[str, typer.Option(envvar="USER", help="Who approves (recorded in the audit trail).")] = "unknown",
+    reason: Annotated[str, typer.Option(help="Why (recorded).")] = "",
+) -> None:
+    """Approve a step that waits for a human (recorded as an audited approval)."""
+    from remediator.service import APPROVE, approval_record
+    from schemas.incident import StepAction
+
+    try:
+        action = StepAction(step)
+    except ValueError:
+        raise _fail(f"unknown step {step!r}; one of: {', '.join(a.value for a in StepAction)}") from None
+    rec = approval_record(cluster=cluster, incident=incident, action=action, actor=by, reason=reason or "approved",
+                          command=APPROVE, at=datetime.now(UTC))
+    _publish_decision(nats, rec)
+    out.print(f"approved {step} for {incident} as {by}")
+
+
+breaker_app = typer.Typer(help="The remediation circuit breaker.", no_args_is_help=True)
+app.add_typer(breaker_app, name="breaker")
+
+
+@breaker_app.command("reset")
+def breaker_reset(
+    cluster: Annotated[str, typer.Option(envvar="BREAKFIX_CLUSTER", help="Cluster whose breaker to reset.")],
+    reason: Annotated[str, typer.Option(help="Why it is safe to act again (recorded).")],
+    nats: Annotated[str, typer.Option(envvar="BREAKFIX_NATS_URL", help="NATS URL.")] = "nats://127.0.0.1:4222",
+    by: Annotated[str, typer.Option(envvar="USER", help="Who resets it (recorded).")] = "unknown",
+) -> None:
+    """Close the circuit breaker so automated operator actions resume (audited)."""
+    from remediator.service import BREAKER_RESET, approval_record
+
+    rec = approval_record(cluster=cluster, incident="-", action=None, actor=by, reason=reason, command=BREAKER_RESET,
+                          at=datetime.now(UTC))
+    _publish_decision(nats, rec)
+    out.print(f"breaker reset requested for {cluster} by {by}")
+
+
 @app.command("fleet-collector")
 def fleet_collector(
     prometheus: Annotated[str, typer.Option(envvar="BREAKFIX_PROMETHEUS_URL", help="Prometheus base URL.")],
