@@ -200,7 +200,8 @@ async def test_failed_reset_escalates_to_the_reboot_rung(rig: Rig, catalog: Cata
         await bus.close()
     assert "reset_gpu" in rig.steps(ActionOutcome.FAILED)
     assert rig.steps() == ["drain_gpu", "cordon", "drain", "reboot", "validate", "return_to_service"]
-    validate = next(r for r in rig.records if r.action and r.action.value == "validate" and r.outcome.value == "started")
+    validate = next(r for r in rig.records if r.action and r.action.value == "validate"
+                    and r.outcome is ActionOutcome.STARTED)
     assert validate.details["rung"] == "reboot"
     node = rig.cluster.obj("v1/nodes", None, "gpu-node-1")
     assert node["spec"]["unschedulable"] is False, "breakfix cordoned it, so breakfix uncordons it"
