@@ -1,0 +1,203 @@
+"""The remediator service on the in-memory bus: approvals, the breaker reset, shadow mode, soak,
+refusals, resume from the store, and the provider hook against a real HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from aiohttp import web
+
+from bus.codec import encode
+from bus.memory import MemoryBus
+from remediator.executor import Executor, Progress
+from remediator.policy import Policy
+from remediator.provider import ProviderHook
+from remediator.service import APPROVE, BREAKER_RESET, RemediatorService, approval_record
+from remediator.simcluster import SimCluster, SimNode
+from remediator.store import MemoryStore, plan_key
+from schemas import subjects
+from schemas.common import GpuRef, Severity
+from schemas.incident import (
+    ActionKind,
+    ActionOutcome,
+    ActionRecord,
+    ChangeKind,
+    Incident,
+    IncidentChange,
+    IncidentScope,
+    StepAction,
+)
+from tests.conftest import T0
+
+
+def incident(node: str = "n1", category: str = "gpu_reset_required", iid: str = "inc-1", **kw: Any) -> Incident:
+    return Incident(id=iid, cluster="c1", scope=IncidentScope.GPU, node=node, nodes=(node,), gpus=(GpuRef(index=2),),
+                    category=category, severity=Severity.CRITICAL, codes=("xid:48",), first_seen=T0, last_seen=T0,
+                    **kw)
+
+
+def fast(policy: Policy, **guards: Any) -> Policy:
+    return policy.model_copy(update={"settle_s": 0.0, "guards": policy.guards.model_copy(
+        update={"soak_s": 0.0, **guards})})
+
+
+async def nosleep(_s: float) -> None:
+    await asyncio.sleep(0)
+
+
+class Harness:
+    def __init__(self, policy: Policy, cluster: SimCluster | None = None, store: MemoryStore | None = None) -> None:
+        self.bus = MemoryBus()
+        self.cluster = cluster or SimCluster({f"n{i}": SimNode(f"n{i}", pods={"ml/p": 2}) for i in range(1, 11)})
+        self.store = store or MemoryStore()
+        self.svc = RemediatorService(self.bus, self.cluster, policy, lambda: T0, store=self.store, sleep=nosleep,
+                                     retry_refused_s=0.01)
+        self.stop = asyncio.Event()
+
+    async def __aenter__(self) -> Harness:
+        await self.bus.ensure_streams(subjects.STREAMS)
+        self.task = asyncio.create_task(self.svc.run(self.stop), name="test-remediator")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        await self.task
+
+    async def open(self, inc: Incident) -> None:
+        ch = IncidentChange(kind=ChangeKind.OPENED, incident=inc, at=T0)
+        await self.bus.publish(subjects.incident_subject("c1"), encode(ch), msg_id=f"{inc.id}:open")
+
+    async def decide(self, rec: ActionRecord) -> None:
+        await self.bus.publish(subjects.action_subject("c1"), encode(rec), msg_id=rec.id)
+
+    def records(self) -> list[ActionRecord]:
+        return [ActionRecord.model_validate_json(m.data) for m in self.bus.messages(subjects.ACTIONS.name)]
+
+    async def until(self, pred: Any, within: float = 5.0) -> None:
+        for _ in range(int(within / 0.01)):
+            if pred():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("condition not reached; records: " +
+                             str([(r.kind.value, r.action.value if r.action else "", r.outcome.value)
+                                  for r in self.records()]))
+
+
+def outcome_of_plan(h: Harness) -> list[str]:
+    return [r.outcome.value for r in h.records() if r.kind is ActionKind.PLAN]
+
+
+class TestApprovalsAndBreaker:
+    async def test_approval_resumes_the_waiting_step(self, policy: Policy) -> None:
+        cluster = SimCluster({"n1": SimNode("n1")}, failing_resets={("n1", 2)}, failing_validation={"n1"})
+        async with Harness(fast(policy, retry_caps={}), cluster) as h:
+            await h.open(incident())
+            await h.until(lambda: any(r.kind is ActionKind.REFUSAL and r.action is StepAction.REPROVISION
+                                      for r in h.records()))
+            assert cluster.nodes["n1"].reprovisions == 0
+            cluster.failing_validation.clear()
+            await h.decide(approval_record(cluster="c1", incident="inc-1", action=StepAction.REPROVISION,
+                                           actor="alice", reason="RMA agreed", command=APPROVE, at=T0))
+            await h.until(lambda: "completed" in outcome_of_plan(h))
+        assert cluster.nodes["n1"].reprovisions == 1
+
+    async def test_breaker_refuses_until_an_audited_reset(self, policy: Policy) -> None:
+        async with Harness(fast(policy)) as h:
+            for i in range(1, 5):  # 4 of 10 nodes open operator incidents within the window: > 10%
+                await h.open(incident(f"n{i}", iid=f"inc-{i}", category="node_reboot_required"))
+            await h.until(lambda: any(r.details.get("guard") == "breaker" for r in h.records()))
+            assert h.svc.guards.breaker_tripped_at is not None
+            await h.decide(approval_record(cluster="c1", incident="-", action=None, actor="bob",
+                                           reason="rack power restored", command=BREAKER_RESET, at=T0))
+            await h.until(lambda: h.svc.guards.breaker_tripped_at is None)
+
+    async def test_budget_refusal_is_retried_until_capacity_frees(self, policy: Policy) -> None:
+        from remediator.guards import BudgetSpec
+
+        async with Harness(fast(policy, budget=BudgetSpec(max_nodes=1, max_percent=0), topology_budgets=(),
+                                cooldown_s=0)) as h:
+            await h.open(incident("n1", iid="inc-1"))
+            await h.open(incident("n2", iid="inc-2"))
+            await h.until(lambda: outcome_of_plan(h).count("completed") == 2)
+        assert any(r.details.get("guard") == "budget" for r in h.records()), "the second node waited its turn"
+
+
+class TestModesAndSoak:
+    async def test_shadow_rule_records_but_never_acts(self, policy: Policy) -> None:
+        rules = tuple(r.model_copy(update={"shadow": r.name == "gpu-reset"}) for r in policy.rules)
+        cluster = SimCluster({"n1": SimNode("n1")})
+        records: list[ActionRecord] = []
+
+        async def publish(r: ActionRecord) -> None:
+            records.append(r)
+
+        from remediator.decide import decide
+        plan = decide(incident(), await cluster.view(), policy.model_copy(update={"rules": rules}))
+        out = await Executor(cluster, publish, lambda: T0, actor="t").run(incident(), plan)
+        assert out is ActionOutcome.DRY_RUN and cluster.history == [] and all(r.dry_run for r in records)
+
+    async def test_new_fault_during_soak_keeps_capacity_out(self, policy: Policy) -> None:
+        cluster = SimCluster({"n1": SimNode("n1")})
+        async with Harness(fast(policy), cluster) as h:
+            async def soak(inc: Incident) -> Any:
+                from remediator.actuator import StepResult
+                return StepResult(False, "new fault during the soak: xid@n1/gpu2")
+
+            h.svc.executor.soak = soak
+            await h.open(incident())
+            await h.until(lambda: any(r.kind is ActionKind.REFUSAL for r in h.records()))
+        fails = [r for r in h.records() if r.action is StepAction.RETURN_TO_SERVICE and r.outcome.value == "failed"]
+        assert fails and "new fault during the soak" in fails[0].reason
+        assert ("return_to_service", "n1") not in cluster.history
+
+
+class TestResume:
+    async def test_running_plan_in_the_store_resumes_at_its_step(self, policy: Policy) -> None:
+        cluster = SimCluster({"n1": SimNode("n1", pods={"ml/p": 2})})
+        store = MemoryStore()
+        from remediator.decide import decide
+        inc = incident()
+        plan = decide(inc, await cluster.view(), fast(policy))
+        await store.put(plan_key(inc.id), {"incident": inc.model_dump(mode="json"), "plan": plan.model_dump(mode="json"),
+                                           "progress": Progress(inc.id, 0, rung=0, step=2).to_dict()}, None)
+        async with Harness(fast(policy), cluster, store) as h:
+            await h.until(lambda: "completed" in outcome_of_plan(h))
+        assert [h[0] for h in cluster.history] == ["validate", "return_to_service"], "no drain or reset again"
+
+
+class TestProvider:
+    async def test_webhook_post_then_poll_until_done(self) -> None:
+        polls = {"n": 0}
+
+        async def create(req: web.Request) -> web.Response:
+            body = await req.json()
+            assert body == {"node": "n1", "reason": "breakfix inc-1", "incident": "inc-1"}
+            return web.json_response({"id": "job-7"}, status=202)
+
+        async def status(req: web.Request) -> web.Response:
+            polls["n"] += 1
+            return web.json_response({"state": "done" if polls["n"] >= 3 else "running"})
+
+        app = web.Application()
+        app.add_routes([web.post("/reprovision", create), web.get("/reprovision/{id}", status)])
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            hook = ProviderHook(f"http://127.0.0.1:{port}/reprovision", poll_s=0.0, sleep=nosleep)
+            result = await hook.reprovision("n1", reason="breakfix inc-1", incident="inc-1")
+            down = await ProviderHook("http://127.0.0.1:9/x", timeout_s=1).reprovision("n1", reason="r", incident="i")
+        finally:
+            await runner.cleanup()
+        assert result.ok and result.evidence["provider_job"] == "job-7" and polls["n"] == 3
+        assert not down.ok and "unreachable" in down.detail
+
+
+def test_approval_record_is_audited() -> None:
+    rec = approval_record(cluster="c1", incident="inc-1", action=StepAction.REPROVISION, actor="alice", reason="ok",
+                          command=APPROVE, at=T0 + timedelta(seconds=1))
+    assert rec.kind is ActionKind.APPROVAL and rec.actor == "alice" and rec.details == {"command": "approve"}
