@@ -160,8 +160,9 @@ class TestResume:
         from remediator.decide import decide
         inc = incident()
         plan = decide(inc, await cluster.view(), fast(policy))
-        await store.put(plan_key(inc.id), {"incident": inc.model_dump(mode="json"), "plan": plan.model_dump(mode="json"),
-                                           "progress": Progress(inc.id, 0, rung=0, step=2).to_dict()}, None)
+        saved = {"incident": inc.model_dump(mode="json"), "plan": plan.model_dump(mode="json"),
+                 "progress": Progress(inc.id, 0, rung=0, step=2).to_dict()}
+        await store.put(plan_key(inc.id), saved, None)
         async with Harness(fast(policy), cluster, store) as h:
             await h.until(lambda: "completed" in outcome_of_plan(h))
         assert [h[0] for h in cluster.history] == ["validate", "return_to_service"], "no drain or reset again"
