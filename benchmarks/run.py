@@ -8,6 +8,8 @@
 4. Storm: 1,000 nodes x 8 GPUs for 10 s (leaf-switch failures plus 100 flapping GPUs),
    published as fast as the server takes them; catch-up time after the storm and peak RSS.
 5. Collector overhead: one node daemon with every source on for 60 s (benchmarks/collector.py).
+6. Remediator: incident to first action for 1,000 incidents, and concurrent node drains against
+   kmock (benchmarks/remediator.py).
 Prints one JSON object; nothing here is a pass/fail test.
 """
 
@@ -28,6 +30,7 @@ from pathlib import Path
 from nats.aio.msg import Msg
 
 from benchmarks.collector import bench_collector
+from benchmarks.remediator import bench_drains, bench_first_action
 from breakfix.logs import configure
 from bus.codec import encode
 from bus.jetstream import JetStreamBus
@@ -268,6 +271,8 @@ def main() -> None:
         result["latency"] = asyncio.run(bench_latency(Path(d)))
         result["storm"] = asyncio.run(bench_storm(Path(d)))
     result["collector"] = asyncio.run(bench_collector())
+    result["remediator_first_action"] = asyncio.run(bench_first_action())
+    result["remediator_drains_kmock"] = asyncio.run(bench_drains())
     print(json.dumps(result, indent=2))
 
 

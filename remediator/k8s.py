@@ -19,8 +19,10 @@ All writes use JSON merge patches (``application/merge-patch+json``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -71,9 +73,11 @@ class KubernetesActuator:
         self.drain_policy = drain or DrainPolicy()
         self.sleep = sleep
         self.evictions = 0
+        # the client blocks; give it as many threads as evictions may run at once
+        self._pool = ThreadPoolExecutor(max_workers=self.drain_policy.parallel + 4, thread_name_prefix="breakfix-k8s")
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        return await asyncio.to_thread(fn, *args, **kw)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kw))
 
     # -- view ------------------------------------------------------------------------------------
     async def view(self) -> ClusterView:

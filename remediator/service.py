@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Protocol
@@ -32,6 +33,7 @@ from remediator.executor import Executor, Progress
 from remediator.guards import GuardState, check
 from remediator.policy import Policy
 from remediator.store import Conflict, MemoryStore, PlanStore, plan_key
+from remediator.view import ClusterView
 from schemas import subjects
 from schemas.incident import (
     ActionKind,
@@ -60,6 +62,7 @@ class RemediatorService:
     def __init__(self, bus: Bus, actuator: Actuator, policy: Policy, clock: Callable[[], datetime], *,
                  actor: str = "remediator", durable: str = "remediator", store: PlanStore | None = None,
                  elector: Elector | None = None, lease_renew_s: float = 5.0, retry_refused_s: float = 60.0,
+                 view_ttl_s: float = 2.0,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.bus = bus
         self.actuator = actuator
@@ -82,6 +85,10 @@ class RemediatorService:
         self.guards = GuardState()
         self._guards_rev: int | None = None
         self.first_action_at: dict[str, datetime] = {}
+        self._guards_lock = asyncio.Lock()
+        self._guards_dirty = asyncio.Event()
+        self._view_cache: tuple[float, ClusterView] | None = None
+        self.view_ttl_s = view_ttl_s
         self.executor = Executor(actuator, self._publish_record, clock, actor=actor, soak=self._soak)
         self._leading = asyncio.Event()
         if elector is None:
@@ -97,14 +104,43 @@ class RemediatorService:
         await self.bus.publish(subjects.action_subject(rec.cluster), encode(rec), msg_id=rec.id)
 
     async def _save_guards(self) -> None:
-        for _ in range(3):
-            try:
-                self._guards_rev = await self.store.put(GUARDS_KEY, self.guards.to_dict(), self._guards_rev)
-                return
-            except Conflict:
-                entry = await self.store.get(GUARDS_KEY)  # another writer: take its view, reapply ours next time
-                self._guards_rev = entry.revision if entry else None
-        log.error("guard_state_not_saved")
+        """Ask the writer task to store the guard state soon (write-behind: many plans starting at
+        once cost one write, not one each). Plans in flight are also in their own store entries, so
+        ``_load`` rebuilds the active set even if the last write was lost in a crash."""
+        self._guards_dirty.set()
+
+    async def _guard_writer(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            waiter = asyncio.create_task(self._guards_dirty.wait(), name="remediator-guards-wait")
+            stopper = asyncio.create_task(stop.wait(), name="remediator-guards-stop")
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopper.cancel()
+            if self._guards_dirty.is_set():
+                self._guards_dirty.clear()
+                await self._write_guards()
+                await asyncio.sleep(0.05)
+        if self._guards_dirty.is_set():
+            await self._write_guards()
+
+    async def _write_guards(self) -> None:
+        async with self._guards_lock:
+            for _ in range(3):
+                try:
+                    self._guards_rev = await self.store.put(GUARDS_KEY, self.guards.to_dict(), self._guards_rev)
+                    return
+                except Conflict:
+                    entry = await self.store.get(GUARDS_KEY)  # an ex-leader wrote last: ours is current, retry
+                    self._guards_rev = entry.revision if entry else None
+            log.error("guard_state_not_saved")
+
+    async def _view(self) -> ClusterView:
+        """The actuator's cluster view, reused for ``view_ttl_s``: listing every node and pod per
+        incident would cost O(nodes) per decision in a storm."""
+        now = time.monotonic()
+        if self._view_cache is None or now - self._view_cache[0] > self.view_ttl_s:
+            self._view_cache = (now, await self.actuator.view())
+        return self._view_cache[1]
 
     async def _load(self) -> list[dict[str, Any]]:
         entry = await self.store.get(GUARDS_KEY)
@@ -115,6 +151,9 @@ class RemediatorService:
             e = await self.store.get(key)
             if e is not None and e.value["progress"]["state"] in ("running", "awaiting_approval"):
                 running.append(e.value)
+                inc = e.value["incident"]
+                if e.value["plan"]["domain"] == "operator" and inc.get("node"):
+                    self.guards.start(inc["node"], inc["id"])  # the budget counts plans in flight
         return running
 
     def _refusal(self, inc: Incident, plan: Plan, why: str, guard: str) -> ActionRecord:
@@ -137,7 +176,7 @@ class RemediatorService:
         if change.kind not in (ChangeKind.OPENED, ChangeKind.REOPENED):
             return
         if change.kind is ChangeKind.OPENED and inc.domain.value == "operator" and self.guards.observe_open(
-                inc.node, inc.first_seen, self.policy.guards.breaker, len((await self.actuator.view()).nodes)):
+                inc.node, inc.first_seen, self.policy.guards.breaker, len((await self._view()).nodes)):
             log.error("breaker_tripped", reason=self.guards.breaker_reason)
             await self._save_guards()
         attempt = (inc.id, inc.flaps)
@@ -183,7 +222,7 @@ class RemediatorService:
             progress = None
         lock = self.node_locks.setdefault(inc.node or f"fabric:{inc.id}", asyncio.Lock())
         async with lock:
-            view = await self.actuator.view()
+            view = await self._view()
             if resume is None:
                 inc = self.latest.get(incident_id, inc)
                 if inc.status.terminal:
@@ -310,6 +349,7 @@ class RemediatorService:
                                name="remediator-incidents")
                 tg.create_task(run_consumer(self.bus, control, stop=stop, stats=self.control_stats),
                                name="remediator-control")
+                tg.create_task(self._guard_writer(stop), name="remediator-guards")
                 if self.elector is not None:
                     tg.create_task(self._lead(stop), name="remediator-lease")
         finally:
