@@ -34,3 +34,13 @@ def test_example_and_deployed_collector_configs_validate() -> None:
     assert load_config(root / "collectors" / "examples" / "collector.yaml").cluster == "prod-a"
     cm = next(d for d in yaml.safe_load_all((DEPLOY / "collector.yaml").read_text()) if d["kind"] == "ConfigMap")
     assert CollectorConfig.model_validate(yaml.safe_load(cm["data"]["collector.yaml"])).sources.dcgm.enabled
+
+
+def test_remediator_configs_validate() -> None:
+    """The shipped remediator example and the Deployment's ConfigMap are valid configs."""
+    from remediator.config import RemediatorConfig, load_config
+
+    root = DEPLOY.parent
+    assert load_config(root / "remediator" / "examples" / "remediator.yaml").lease.enabled
+    cm = next(d for d in yaml.safe_load_all((DEPLOY / "remediator.yaml").read_text()) if d["kind"] == "ConfigMap")
+    assert RemediatorConfig.model_validate(yaml.safe_load(cm["data"]["remediator.yaml"])).cluster == "prod-a"
