@@ -179,6 +179,14 @@ class RemediatorService:
                 inc.node, inc.first_seen, self.policy.guards.breaker, len((await self._view()).nodes)):
             log.error("breaker_tripped", reason=self.guards.breaker_reason)
             await self._save_guards()
+            why = f"circuit breaker tripped: {self.guards.breaker_reason}"
+            await self.actuator.escalate(None, why, incident=inc.id)
+            page = ActionRecord(id=f"breaker-{inc.id}", cluster=inc.cluster, incident_id=inc.id, kind=ActionKind.STEP,
+                                action=StepAction.ESCALATE, outcome=ActionOutcome.SUCCEEDED, actor=self.actor,
+                                reason=f"circuit breaker tripped, automated operator actions stopped: "
+                                       f"{self.guards.breaker_reason}; reset with 'breakfix breaker reset'",
+                                details={"guard": "breaker"}, at=self.clock())
+            await self._publish_record(page)
         attempt = (inc.id, inc.flaps)
         if attempt in self.started:
             return

@@ -128,6 +128,23 @@ class TestDrain:
         assert ("v1/pods", "scratch", "stuck") not in cluster.k.objects or \
             cluster.k.objects["v1/pods", "scratch", "stuck"].deleted
 
+    async def test_allow_completion_namespace_waits_for_the_pod_to_finish(self, cluster: Cluster) -> None:
+        from kubernetes import client
+        await cluster.add_node("n1")
+        await cluster.add_pod("batch", "job-0", "n1")
+        act = KubernetesActuator(cluster.api, drain=DrainPolicy(retry_s=0.05, timeout_s=10,
+                                                                namespaces={"batch": "allow-completion"}))
+
+        async def finish() -> None:
+            await asyncio.sleep(0.2)
+            await asyncio.to_thread(client.CoreV1Api(cluster.api).patch_namespaced_pod, "job-0", "batch",
+                                    {"status": {"phase": "Succeeded"}}, _content_type="application/merge-patch+json")
+
+        done = asyncio.create_task(finish(), name="test-job-finishes")
+        result = await act.drain("n1", incident="inc-1")
+        await done
+        assert result.ok and cluster.evictions == [], "the job finished on its own; nothing was evicted"
+
     async def test_partial_drain_moves_only_the_gpus_pods(self, cluster: Cluster) -> None:
         await cluster.add_node("n1")
         for i in range(4):

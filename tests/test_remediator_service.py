@@ -107,8 +107,11 @@ class TestApprovalsAndBreaker:
         async with Harness(fast(policy)) as h:
             for i in range(1, 5):  # 4 of 10 nodes open operator incidents within the window: > 10%
                 await h.open(incident(f"n{i}", iid=f"inc-{i}", category="node_reboot_required"))
-            await h.until(lambda: any(r.details.get("guard") == "breaker" for r in h.records()))
+            await h.until(lambda: any(r.details.get("guard") == "breaker" and r.kind is ActionKind.REFUSAL
+                                      for r in h.records()))
             assert h.svc.guards.breaker_tripped_at is not None
+            pages = [r for r in h.records() if r.action is StepAction.ESCALATE and r.details.get("guard") == "breaker"]
+            assert len(pages) == 1 and "breaker reset" in pages[0].reason, "the breaker pages once"
             await h.decide(approval_record(cluster="c1", incident="-", action=None, actor="bob",
                                            reason="rack power restored", command=BREAKER_RESET, at=T0))
             await h.until(lambda: h.svc.guards.breaker_tripped_at is None)
