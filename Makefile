@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy schemas correlator remediator bus collectors breakfix
+	$(BIN)/mypy schemas correlator remediator bus collectors breakfix benchmarks
 	$(BIN)/lint-imports
 
 # Real components the tests start themselves (Debian packages; this runs as root in CI).
@@ -29,7 +29,7 @@ system-deps:
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check .
-	$(BIN)/mypy schemas correlator remediator bus collectors breakfix
+	$(BIN)/mypy schemas correlator remediator bus collectors breakfix benchmarks
 	$(BIN)/lint-imports
 	$(BIN)/breakfix schema check
 	$(BIN)/pytest -q

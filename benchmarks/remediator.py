@@ -104,15 +104,16 @@ async def bench_drains(nodes: int = 50, pods: int = 20, parallel: int = 32) -> d
 
         def seed() -> None:
             for n in range(nodes):
-                core.create_node({"apiVersion": "v1", "kind": "Node", "metadata": {"name": f"n{n}"}})
+                core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=f"n{n}")))
                 for p in range(pods):
-                    core.create_namespaced_pod("ml", {"apiVersion": "v1", "kind": "Pod",
-                                                      "metadata": {"name": f"n{n}-p{p}", "namespace": "ml"},
-                                                      "spec": {"nodeName": f"n{n}", "containers": [{"name": "c"}]}})
+                    core.create_namespaced_pod("ml", client.V1Pod(
+                        metadata=client.V1ObjectMeta(name=f"n{n}-p{p}", namespace="ml"),
+                        spec=client.V1PodSpec(node_name=f"n{n}", containers=[client.V1Container(name="c")])))
 
         await asyncio.to_thread(seed)
         # kmock has no eviction subresource: after seeding, every POST is an eviction, and succeeds
-        k["post"] << (lambda req: kmock.Response(status=201, payload={"kind": "Status", "code": 201}))
+        ok = kmock.Response(status=201, payload={"kind": "Status", "code": 201})  # type: ignore[attr-defined]
+        k["post"] << (lambda req: ok)
         act = KubernetesActuator(api, drain=DrainPolicy(parallel=parallel))
         start = time.perf_counter()
         results = await asyncio.gather(*(act.drain(f"n{n}", incident=f"inc-{n}") for n in range(nodes)))
