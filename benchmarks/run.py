@@ -1,9 +1,10 @@
 """``make bench``: correlator figures, measured side by side in one run.
 
-1. The pure grouping core on a realistic signal mix over a 10,000-GPU fleet (signals/s).
+1. The pure grouping core (signals/s) on three mixes from ``benchmarks/mixes.py``: an hour of a
+   10,000-GPU fleet (the realistic mix), the storm below, and a change-heavy stress mix.
 2. Through one real nats-server: the raw nats-py JetStream pull-and-ack rate, then the
    correlator service (consume, correlate, publish incident changes, checkpoint, ack) over
-   the same signals on the same machine, reported as a ratio.
+   the same signals on the same machine, reported as a ratio (fleet hour and stress mix).
 3. Latency from publish to incident published at a steady 1,000 signals/s (p50, p99).
 4. Storm: 1,000 nodes x 8 GPUs for 10 s (leaf-switch failures plus 100 flapping GPUs),
    published as fast as the server takes them; catch-up time after the storm and peak RSS.
@@ -19,7 +20,6 @@ import asyncio
 import gc
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -30,6 +30,7 @@ from pathlib import Path
 from nats.aio.msg import Msg
 
 from benchmarks.collector import bench_collector
+from benchmarks.mixes import fleet_hour, stress_mix
 from benchmarks.remediator import bench_drains, bench_first_action
 from breakfix.logs import configure
 from bus.codec import encode
@@ -45,32 +46,6 @@ from schemas.incident import IncidentChange
 from schemas.signal import Signal, SignalSource, make_signal_id
 
 T0 = datetime(2026, 11, 23, tzinfo=UTC)
-
-
-def mix(n: int, seed: int = 7) -> list[Signal]:
-    """Throttle flaps, app XIDs, DBEs with remaps, off-the-bus, re-sends: a busy fleet's hour."""
-    rng = random.Random(seed)
-    fleet = build_fleet(1250)
-    out: list[Signal] = []
-    kinds = [("clock.hw_slowdown", None, 0.45), ("xid", "13", 0.2), ("xid", "31", 0.1), ("xid", "48", 0.05),
-             ("xid", "63", 0.05), ("xid", "45", 0.05), ("ecc.dbe", None, 0.05), ("xid", "79", 0.01),
-             ("xid", "173", 0.04)]
-    weights = [k[2] for k in kinds]
-    for i in range(n):
-        if out and rng.random() < 0.05:
-            out.append(out[rng.randrange(len(out))])  # a re-send
-            continue
-        check, code, _ = rng.choices(kinds, weights)[0]
-        node = fleet.node(rng.randrange(len(fleet.nodes)) if rng.random() < 0.3 else rng.randrange(40))
-        g = node.gpus[rng.randrange(8)]
-        healthy = check == "clock.hw_slowdown" and rng.random() < 0.5
-        at = T0 + timedelta(milliseconds=i * 5)
-        out.append(Signal(
-            id=make_signal_id(cluster="bench", node=node.name, source="sim", check=check, code=code, healthy=healthy,
-                              observed_at=at, gpu=g.ref, discriminator=str(i)),
-            cluster="bench", node=node.name, source=SignalSource.SIM, check=check, code=code, healthy=healthy,
-            gpu=g.ref, tenant=g.tenant, message=f"{check} {code}", labels=dict(node.labels), observed_at=at))
-    return out
 
 
 def bench_core(signals: list[Signal]) -> dict[str, float]:
@@ -261,13 +236,15 @@ async def bench_storm(data: Path) -> dict[str, object]:
 
 def main() -> None:
     configure(json=True, level="WARNING")
-    signals = mix(200_000)
-    gc.freeze()  # the input list is long-lived; keep the collector off it, as the daemon does with its state
+    hour = fleet_hour()
+    stress = stress_mix(200_000)
     storm = switch_storm(build_fleet(1000), start=T0).signals
-    gc.freeze()
-    result: dict[str, object] = {"core": bench_core(signals), "core_storm_mix": bench_core(storm)}
+    gc.freeze()  # the inputs are long-lived; keep the collector off them, as the daemon does with its state
+    result: dict[str, object] = {"core_fleet_hour": bench_core(hour), "core_storm_mix": bench_core(storm),
+                                 "core_stress_mix": bench_core(stress)}
     with tempfile.TemporaryDirectory(prefix="breakfix-bench-") as d:
-        result["nats"] = asyncio.run(bench_nats(signals[:60_000], Path(d)))
+        result["nats_fleet_hour"] = asyncio.run(bench_nats(hour[:60_000], Path(d) / "a"))
+        result["nats_stress_mix"] = asyncio.run(bench_nats(stress[:60_000], Path(d) / "b"))
         result["latency"] = asyncio.run(bench_latency(Path(d)))
         result["storm"] = asyncio.run(bench_storm(Path(d)))
     result["collector"] = asyncio.run(bench_collector())
