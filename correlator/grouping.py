@@ -57,8 +57,7 @@ class Correlator(Lifecycle, Patterns, CoreState):
                 inc.duplicate_count += 1
             return []
         fk = s.fault_key()
-        if s.healthy:
-            self._remember(s.id, "")
+        if s.healthy:  # not remembered: a repeated healthy reading clears nothing twice
             return self._clear(fk, s, now)
         ck = code_key(s)
         fc = self._classify(s)

@@ -23,7 +23,10 @@ _MITIGATING_EXEMPT = (StepAction.RETURN_TO_SERVICE, StepAction.NOTIFY_TENANT)
 class Lifecycle(CoreState):
     def _clear(self, fk: str, s: Signal, now: datetime) -> list[Change]:
         self.stats["healthy"] += 1
-        inc = self.incidents.get(self.by_fault.get(fk, ""))
+        iid = self.by_fault.get(fk)
+        if iid is None:  # the common case: a heartbeat for something that is fine
+            return []
+        inc = self.incidents.get(iid)
         if inc is None:
             return []
         opened = inc.open_faults.get(fk)

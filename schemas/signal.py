@@ -77,17 +77,19 @@ class Signal(BaseModel):
     def entity_key(self) -> str:
         """The entity this signal speaks about: node, GPU, component, and tenant endpoint."""
         key = self.node
-        if self.gpu is not None:
-            key += "/" + self.gpu.key()
+        g = self.gpu
+        if g is not None:  # GpuRef.key(), inlined: this runs for every signal the correlator sees
+            key += "/" + (g.uuid or (f"gpu{g.index}" if g.index is not None else g.pci_bus_id or "gpu?"))
         if self.component:
             key += "/" + self.component
-        if self.tenant is not None and self.tenant.endpoint:
-            key += "/" + self.tenant.key()
+        t = self.tenant
+        if t is not None and t.endpoint:
+            key += "/" + t.key()
         return key
 
     def fault_key(self) -> str:
         """Check plus entity: what a healthy signal must match to clear a fault."""
-        return f"{self.check}@{self.entity_key()}"
+        return self.check + "@" + self.entity_key()
 
 
 def make_signal_id(
