@@ -52,6 +52,19 @@ class TestBudgets:
         other_rack = check(inc("n5"), decide(inc("n5"), v, policy), state, v, spec, T0)
         assert same_rack is not None and same_rack.guard == "topology_budget" and other_rack is None
 
+    def test_small_nodepool_heals_one_node_while_a_big_one_gets_its_percentage(self, policy: Policy) -> None:
+        small = {f"n{i}": {"nodepool": "a100-small"} for i in range(1, 4)}
+        big = {f"n{i}": {"nodepool": "h100"} for i in range(4, 104)}
+        v = view(103, **small, **big)
+        spec = policy.guards.model_copy(update={"budget": BudgetSpec(max_nodes=100, max_percent=100)})
+        state = GuardState(active={"n2": "inc-2", **{f"n{i}": f"inc-{i}" for i in range(4, 23)}})
+        small_pool = check(inc("n1"), decide(inc("n1"), v, policy), state, v, spec, T0)
+        assert small_pool is not None and "nodepool=a100-small" in small_pool.reason
+        state.active.pop("n2")
+        assert check(inc("n1"), decide(inc("n1"), v, policy), state, v, spec, T0) is None, "1 of 3 may heal"
+        big_pool = check(inc("n99"), decide(inc("n99"), v, policy), state, v, spec, T0)
+        assert big_pool is None, "19 of 100 busy: 20% allows one more"
+
     def test_tenant_domain_plans_are_not_budgeted(self, policy: Policy) -> None:
         i = inc(category="application_fault").model_copy(update={"domain": "tenant"})
         state = GuardState(active={f"n{k}": "x" for k in range(2, 10)})
