@@ -124,6 +124,17 @@ class AgentConfig(BaseModel):
     reboot_command: tuple[str, ...] = ("systemctl", "reboot")
 
 
+class TopologyFromNode(BaseModel):
+    """Read per-node topology from the Node's labels (the DaemonSet's config is the same everywhere)."""
+
+    model_config = _STRICT
+    enabled: bool = False
+    host: str | None = Field(None, description="API server URL; in-cluster service account when unset.")
+    labels: dict[str, str] = Field(default_factory=lambda: {
+        "rack": "topology.breakfix.io/rack", "switch": "topology.breakfix.io/switch",
+        "nvlink_domain": "nvidia.com/gpu.clique", "nodepool": "node.kubernetes.io/instance-type"})
+
+
 class Sources(BaseModel):
     model_config = _STRICT
     nvml: NvmlConfig = NvmlConfig()
@@ -141,6 +152,7 @@ class CollectorConfig(BaseModel):
     node: str | None = None
     node_env: str = "NODE_NAME"
     labels: dict[str, str] = Field(default_factory=dict, description="Topology: rack, switch, nvlink_domain, ...")
+    topology_from_node: TopologyFromNode = TopologyFromNode()
     state_dir: Path = Path("/var/lib/breakfix")
     http_listen: str = "0.0.0.0:9410"
     nats: NatsConfig = NatsConfig()

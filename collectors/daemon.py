@@ -290,8 +290,23 @@ class CollectorDaemon:
         finally:
             await runner.cleanup()
 
+    async def _topology(self) -> None:
+        t = self.config.topology_from_node
+        if not t.enabled:
+            return
+        from collectors.nodelabels import node_topology
+
+        try:
+            found = await asyncio.to_thread(node_topology, self.ctx.node, t.labels, host=t.host)
+        except Exception as exc:
+            log.warning("node_labels_unavailable", node=self.ctx.node, error=repr(exc))
+            return
+        self.ctx.labels.update(found)  # signals made from now on carry them
+        log.info("node_topology", node=self.ctx.node, labels=found)
+
     async def run(self, stop: asyncio.Event) -> None:
         log.info("collector_start", node=self.ctx.node, cluster=self.ctx.cluster, spooled=len(self.spool))
+        await self._topology()
         async with aiohttp.ClientSession() as http, asyncio.TaskGroup() as tg:
             tg.create_task(self._http(stop), name="collector-http")
             tg.create_task(self._nats(stop), name="collector-nats")

@@ -191,3 +191,19 @@ class TestLeaderElection:
         assert not await a.try_acquire()
         lease = cluster.obj("coordination.k8s.io/v1/leases", "breakfix", "breakfix-remediator")
         assert lease["spec"]["holderIdentity"] == "b"
+
+
+class TestCollectorTopologyFromNode:
+    async def test_node_labels_become_signal_topology(self, cluster: Cluster) -> None:
+        """The collector reads its Node's labels (one ConfigMap serves every node of a DaemonSet)."""
+        from kubernetes import client
+
+        from collectors.nodelabels import node_topology
+
+        node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "gpu-node-7", "labels": {
+            "topology.breakfix.io/rack": "rack-03", "nvidia.com/gpu.clique": "clique-9", "other": "x"}}}
+        await asyncio.to_thread(client.CoreV1Api(cluster.api).create_node, node)
+        mapping = {"rack": "topology.breakfix.io/rack", "switch": "topology.breakfix.io/switch",
+                   "nvlink_domain": "nvidia.com/gpu.clique"}
+        got = await asyncio.to_thread(node_topology, "gpu-node-7", mapping, host=cluster.api.configuration.host)
+        assert got == {"rack": "rack-03", "nvlink_domain": "clique-9"}
