@@ -14,7 +14,16 @@ from datetime import datetime, timedelta
 
 from correlator.model import Change, TrackedIncident
 from correlator.state import CoreState
-from schemas.incident import ActionKind, ActionOutcome, ActionRecord, ChangeKind, IncidentStatus, StepAction
+from schemas.incident import (
+    ActionKind,
+    ActionOutcome,
+    ActionRecord,
+    ChangeKind,
+    IncidentChange,
+    IncidentScope,
+    IncidentStatus,
+    StepAction,
+)
 from schemas.signal import Signal
 
 _MITIGATING_EXEMPT = (StepAction.RETURN_TO_SERVICE, StepAction.NOTIFY_TENANT)
@@ -54,6 +63,22 @@ class Lifecycle(CoreState):
                     member.version += 1
                     changes.append(Change(ChangeKind.STATUS if inc.status is IncidentStatus.ESCALATED
                                           else ChangeKind.RESOLVED, member))
+        return changes
+
+    def adopt(self, change: IncidentChange, now: datetime) -> list[Change]:
+        """A fabric incident from the fleet stage (partitioned mode): fold the members we own."""
+        fab = change.incident
+        if fab.scope is not IncidentScope.FABRIC or fab.status.terminal:
+            return []
+        changes: list[Change] = []
+        for mid in fab.members:
+            inc = self.incidents.get(mid)
+            if inc is None or inc.parent is not None or inc.status.terminal:
+                continue
+            inc.parent = fab.id
+            inc.version += 1
+            inc.note(fab.last_seen, "folded", f"into fabric incident {fab.id}", self.rules.timeline_limit)
+            changes.append(Change(ChangeKind.FOLDED, inc))
         return changes
 
     def apply_action(self, rec: ActionRecord, now: datetime) -> list[Change]:

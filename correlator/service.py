@@ -112,6 +112,7 @@ class CorrelatorService:
         self.checkpoints = checkpoints or CheckpointStore(bus, self.config.name)
         self.signal_stats = ConsumerStats()
         self.action_stats = ConsumerStats()
+        self.fabric_stats = ConsumerStats()
         self.published = 0
         self.positions: dict[str, int] = {}
         self._unacked: dict[str, Delivery] = {}
@@ -249,12 +250,16 @@ class CorrelatorService:
 
     def _consumers(self) -> list[tuple[str, str, str]]:
         cfg = self.config
-        return [(subjects.SIGNALS.name, cfg.name, subjects.signal_partition_filter(cfg.partition, cfg.partitions)),
-                (subjects.ACTIONS.name, f"{cfg.name}-actions", subjects.ACTIONS_ALL)]
+        out = [(subjects.SIGNALS.name, cfg.name, subjects.signal_partition_filter(cfg.partition, cfg.partitions)),
+               (subjects.ACTIONS.name, f"{cfg.name}-actions", subjects.ACTIONS_ALL)]
+        if cfg.partitions > 1:  # fabric incidents from the fleet stage fold this partition's members
+            out.append((subjects.INCIDENTS.name, f"{cfg.name}-fabric", subjects.INCIDENTS_ALL))
+        return out
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.restore()
-        (sig_stream, sig_durable, _), (act_stream, act_durable, _) = self._consumers()
+        consumers = self._consumers()
+        (sig_stream, sig_durable, _), (act_stream, act_durable, _) = consumers[:2]
         self.ready.set()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._consume(stop, stream=sig_stream, durable=sig_durable, decode=decoder(Signal),
@@ -263,5 +268,10 @@ class CorrelatorService:
             tg.create_task(self._consume(stop, stream=act_stream, durable=act_durable,
                                          decode=decoder(ActionRecord), handle=self.core.apply_action,
                                          stats=self.action_stats), name=f"{self.config.name}-actions")
+            if len(consumers) > 2:
+                fab_stream, fab_durable, _ = consumers[2]
+                tg.create_task(self._consume(stop, stream=fab_stream, durable=fab_durable,
+                                             decode=decoder(IncidentChange), handle=self.core.adopt,
+                                             stats=self.fabric_stats), name=f"{self.config.name}-fabric")
             tg.create_task(self._checkpointer(stop), name=f"{self.config.name}-checkpoint")
         await self.checkpoint()

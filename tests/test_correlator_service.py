@@ -247,9 +247,11 @@ class TestPartitions:
                 await bus.publish(subjects.signal_subject(s.cluster, s.node), encode(s))  # re-sends reach the core
 
             async def done() -> bool:
-                fabric = [i for i in latest(await read_changes(bus)).values() if i.scope is IncidentScope.FABRIC]
+                now = latest(await read_changes(bus))
+                fabric = [i for i in now.values() if i.scope is IncidentScope.FABRIC]
+                folded = [i for i in now.values() if i.parent is not None]
                 return sum(p.signal_stats.handled for p in parts) == len(signals) and len(fabric) == 1 \
-                    and len(fabric[0].members) == 8
+                    and len(fabric[0].members) == 8 and len(folded) == 8
 
             await wait_until(done, 30, "both partitions and the fleet stage")
             stop.set()
@@ -258,6 +260,9 @@ class TestPartitions:
         assert not by_part[0] & by_part[1], "a node belongs to exactly one partition"
         fabric = [i for i in latest(await read_changes(bus)).values() if i.scope is IncidentScope.FABRIC]
         assert fabric[0].topology == {"switch": "leaf-07"}
+        members = [i for p in parts for i in p.core.incidents.values() if i.id in fabric[0].members]
+        assert len(members) == 8 and all(i.parent == fabric[0].id for i in members), \
+            "each partition folded its own members under the fabric incident"
         await bus.close()
 
 
