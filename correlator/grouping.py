@@ -150,6 +150,7 @@ class Correlator(Lifecycle, Patterns, CoreState):
         if inc.domain is Domain.OPERATOR and inc.node is not None:
             self.on_node.setdefault(inc.node, {})[inc.id] = None
             changes.extend(self._link_impacted(inc))
+            changes.extend(self._multi_gpu(inc, s.observed_at))
         if self.topology is not None:
             changes.extend(self.topology.observe(inc, self.incidents, self.by_key, s.observed_at))
         return changes

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 from correlator.model import Change, TrackedIncident
 from correlator.state import CoreState
+from correlator.topology import settle_parent
 from schemas.incident import (
     ActionKind,
     ActionOutcome,
@@ -53,8 +54,8 @@ class Lifecycle(CoreState):
     def _settled(self, inc: TrackedIncident, at: datetime) -> list[Change]:
         """Hooks when an incident resolves or escalates: fabric parents and members follow."""
         changes: list[Change] = []
-        if self.topology is not None and inc.parent is not None:
-            changes.extend(self.topology.member_settled(inc, self.incidents, at))
+        if inc.parent is not None:
+            changes.extend(settle_parent(inc, self.incidents, at, self.rules.timeline_limit))
         if inc.members:
             for mid in inc.members:
                 member = self.incidents.get(mid)

@@ -35,6 +35,7 @@ from schemas.incident import (
 CATEGORY_PRIORITY: tuple[str, ...] = (
     "unknown_fault",
     "node_reboot_required",
+    "multi_gpu_failure",
     "hardware_support",
     "mechanical_inspection",
     "software_update",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from correlator.model import Change, TrackedIncident
+from correlator.model import Change, TrackedIncident, incident_id
 from correlator.state import LEMON_LABEL, CoreState
 from schemas.catalog import FaultClass
 from schemas.common import max_severity
@@ -102,6 +102,65 @@ class Patterns(CoreState):
             if not changes:
                 host.version += 1
                 changes = [Change(ChangeKind.UPDATED, host)]
+        return changes
+
+    def _multi_gpu(self, inc: TrackedIncident, at: datetime) -> list[Change]:
+        """Several GPU incidents on one node within the window become one node incident."""
+        rule = self.rules.multi_gpu
+        if rule is None or inc.scope is not IncidentScope.GPU or inc.domain is not Domain.OPERATOR \
+                or inc.parent is not None or inc.node is None:
+            return []
+        node_key = f"node|{inc.cluster}|{inc.node}"
+        host = self._live(self.by_key.get(node_key))
+        if host is not None and host.category in (rule.category, "node_reboot_required"):
+            return self._fold_into_node(host, [inc], at)  # the node is already the unit being fixed
+        if host is not None:
+            return []  # a node incident of another kind (an IB link, say) owns the key: keep GPUs separate
+        peers = [p for iid in self.on_node.get(inc.node, ()) if (p := self._live(iid)) is not None
+                 and p.scope is IncidentScope.GPU and p.parent is None
+                 and (at - p.first_seen).total_seconds() <= rule.window_s]
+        gpus = {g for p in peers for g in p.gpus}
+        if len(gpus) < rule.min_gpus:
+            return []
+        spec = self.catalog.category(rule.category)
+        first = min(peers, key=lambda p: p.first_seen)
+        node = TrackedIncident(
+            id=incident_id(node_key, first.id), key=node_key, cluster=inc.cluster, scope=IncidentScope.NODE,
+            node=inc.node, category=rule.category, severity=spec.severity, domain=Domain.OPERATOR,
+            title=f"{len(gpus)} GPUs failing together on {inc.node}: {spec.title}", first_seen=first.first_seen,
+            last_seen=at)
+        node.nodes[inc.node] = None
+        node.labels.update(first.labels)
+        node.note(at, "opened", f"{len(gpus)} GPU incidents on {inc.node} within {rule.window_s:g}s",
+                  self.rules.timeline_limit)
+        self.incidents[node.id] = node
+        self.by_key[node_key] = node.id
+        self.on_node.setdefault(inc.node, {})[node.id] = None
+        return [Change(ChangeKind.OPENED, node), *self._fold_into_node(node, peers, at, opening=True)]
+
+    def _fold_into_node(self, node: TrackedIncident, members: list[TrackedIncident], at: datetime,
+                        opening: bool = False) -> list[Change]:
+        changes: list[Change] = []
+        for m in members:
+            m.parent = node.id
+            m.version += 1
+            m.note(at, "folded", f"into node incident {node.id}", self.rules.timeline_limit)
+            node.members[m.id] = None
+            node.gpus.update(m.gpus)
+            node.tenants.update(m.tenants)
+            for k, v in m.counts.items():
+                node.counts[k] = node.counts.get(k, 0) + v
+            node.open_faults.update(m.open_faults)
+            node.signal_count += m.signal_count
+            node.severity = max_severity(node.severity, m.severity)
+            node.last_seen = max(node.last_seen, m.last_seen)
+            if len(node.evidence) < self.rules.evidence_messages and m.evidence:
+                node.evidence.append(m.evidence[0])
+            changes.append(Change(ChangeKind.FOLDED, m))
+        if not opening:
+            node.version += 1
+            node.title = f"{len(node.gpus)} GPUs failing together on {node.node}"
+            changes.append(Change(ChangeKind.UPDATED, node))
         return changes
 
     def _link_impacted(self, inc: TrackedIncident) -> list[Change]:

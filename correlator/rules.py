@@ -61,6 +61,13 @@ class NvlinkPeerFold(BaseModel):
     window_s: float = Field(120.0, gt=0)
 
 
+class MultiGpu(BaseModel):
+    model_config = _STRICT
+    min_gpus: int = Field(3, ge=2)
+    window_s: float = Field(120.0, gt=0)
+    category: str
+
+
 class Threshold(BaseModel):
     model_config = _STRICT
     code: str
@@ -89,6 +96,7 @@ class RulesFile(BaseModel):
     suspect_gpu: SuspectGpu | None = None
     lemon: Lemon | None = None
     nvlink_peer_fold: NvlinkPeerFold | None = None
+    multi_gpu: MultiGpu | None = None
     thresholds: tuple[Threshold, ...] = ()
     topology: tuple[TopologyRule, ...] = ()
     endpoint_impact: EndpointImpact = EndpointImpact()
@@ -123,6 +131,7 @@ class Rules:
     suspect_codes: frozenset[str]
     lemon: Lemon | None
     peer: NvlinkPeerFold | None
+    multi_gpu: MultiGpu | None
     peer_codes: frozenset[str]
     down_codes: frozenset[str]
     thresholds: dict[str, Threshold]
@@ -135,6 +144,7 @@ class Rules:
             cats = set(catalog.classes.categories)
             named = [("suspect_gpu.category", f.suspect_gpu.category if f.suspect_gpu else None),
                      ("lemon.category", f.lemon.category if f.lemon else None),
+                     ("multi_gpu.category", f.multi_gpu.category if f.multi_gpu else None),
                      *((f"topology[{t.category}]", t.category) for t in f.topology),
                      *(("endpoint_impact.categories", c) for c in f.endpoint_impact.categories)]
             for where, cat in named:
@@ -145,7 +155,7 @@ class Rules:
             retention_s=f.windows.resolved_retention_s, evidence_messages=f.evidence.messages,
             evidence_ids=f.evidence.signal_ids, timeline_limit=f.evidence.timeline, seen_limit=f.evidence.seen_ids,
             suspect=f.suspect_gpu, suspect_codes=frozenset(f.suspect_gpu.codes if f.suspect_gpu else ()),
-            lemon=f.lemon, peer=f.nvlink_peer_fold,
+            lemon=f.lemon, peer=f.nvlink_peer_fold, multi_gpu=f.multi_gpu,
             peer_codes=frozenset(f.nvlink_peer_fold.codes if f.nvlink_peer_fold else ()),
             down_codes=frozenset(f.nvlink_peer_fold.down_codes if f.nvlink_peer_fold else ()),
             thresholds={t.code: t for t in f.thresholds}, topology={t.category: t for t in f.topology},

@@ -28,6 +28,25 @@ class _Candidates:
     fabric: str | None = None
 
 
+def settle_parent(inc: TrackedIncident, incidents: dict[str, TrackedIncident], at: datetime,
+                  limit: int) -> list[Change]:
+    """A member resolved or escalated: resolve its parent (fabric or node group) once every member has."""
+    parent = incidents.get(inc.parent) if inc.parent else None
+    if parent is None or parent.status.terminal:
+        return []
+    live = [incidents[m] for m in parent.members if m in incidents and not incidents[m].status.terminal]
+    parent.open_faults = {fk: t for m in live for fk, t in m.open_faults.items()}
+    if not live:
+        parent.status = IncidentStatus.RESOLVED
+        parent.resolved_at = at
+        parent.time_to_repair_s = round((at - parent.first_seen).total_seconds(), 3)
+        parent.open_faults.clear()
+        parent.version += 1
+        parent.note(at, "resolved", "every member incident settled", limit)
+        return [Change(ChangeKind.RESOLVED, parent)]
+    return []
+
+
 def fabric_key(cluster: str, rule: TopologyRule, value: str) -> str:
     return f"fabric|{cluster}|{rule.category}|{rule.key}={value}"
 
@@ -108,20 +127,7 @@ class TopologyGrouper:
 
     def member_settled(self, inc: TrackedIncident, incidents: dict[str, TrackedIncident],
                        at: datetime) -> list[Change]:
-        """A member resolved or escalated: resolve the fabric incident once every member has."""
-        fab = incidents.get(inc.parent) if inc.parent else None
-        if fab is None or fab.status.terminal:
-            return []
-        live = [incidents[m] for m in fab.members if m in incidents and not incidents[m].status.terminal]
-        fab.open_faults = {fk: t for m in live for fk, t in m.open_faults.items()}
-        if not live:
-            fab.status = IncidentStatus.RESOLVED
-            fab.resolved_at = at
-            fab.open_faults.clear()
-            fab.version += 1
-            fab.note(at, "resolved", "every member incident settled", self.rules.timeline_limit)
-            return [Change(ChangeKind.RESOLVED, fab)]
-        return []
+        return settle_parent(inc, incidents, at, self.rules.timeline_limit)
 
     def forget(self, incident_ids: set[str]) -> None:
         for key in list(self.groups):

@@ -179,3 +179,28 @@ class TestRulesFile:
         with pytest.raises(DataFileError, match=message) as err:
             load_rules(p, catalog)
         assert str(p) in str(err.value)
+
+
+class TestMultiGpu:
+    def test_three_gpus_failing_together_become_one_node_incident(self, catalog: Catalog) -> None:
+        later = sig(check="ecc.dbe", code=None, gpu_index=5, at=10)
+        core = run(catalog, [sig(code="48", gpu_index=g, at=g) for g in range(3)] + [later])
+        (node,) = top_level(core)
+        assert (node.scope, node.category) == (IncidentScope.NODE, "multi_gpu_failure")
+        assert len(node.members) == 4 and sorted(g.index for g in node.gpus) == [0, 1, 2, 5]
+        assert all(i.parent == node.id for i in core.incidents.values() if i.id != node.id)
+
+    def test_two_gpus_stay_gpu_incidents(self, catalog: Catalog) -> None:
+        core = run(catalog, [sig(code="48", gpu_index=g, at=g) for g in range(2)])
+        assert {i.scope for i in top_level(core)} == {IncidentScope.GPU}
+
+    def test_gpus_failing_hours_apart_are_not_grouped(self, catalog: Catalog) -> None:
+        core = run(catalog, [sig(code="48", gpu_index=g, at=g * HOUR) for g in range(3)])
+        assert len(top_level(core)) == 3
+
+    def test_node_incident_resolves_when_every_gpu_is_healthy(self, catalog: Catalog) -> None:
+        faults = [sig(check="ecc.dbe", code=None, gpu_index=g, at=g) for g in range(3)]
+        heals = [sig(check="ecc.dbe", code=None, gpu_index=g, at=30 + g, healthy=True) for g in range(3)]
+        core = run(catalog, faults + heals)
+        (node,) = top_level(core)
+        assert node.status is IncidentStatus.RESOLVED and node.time_to_repair_s is not None
