@@ -33,6 +33,7 @@ _FALLEN = re.compile(
     r"(?:GPU )?has fallen off the bus|The NVIDIA GPU (?P<pci2>[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]))"
 )
 _GPU_MAP = re.compile(r"NVRM: GPU at PCI:(?P<pci>[0-9a-fA-F:.]+): (?P<uuid>GPU-[0-9a-fA-F-]+)")
+_RECOVERY = re.compile(r"recovery action changed from 0x[0-9a-fA-F]+ \([^)]*\) to 0x[0-9a-fA-F]+ \((?P<action>[^)]*)\)")
 _RAW_KMSG = re.compile(r"^\d+,(?P<seq>\d+),(?P<usec>\d+),[^;]*;")
 _MONO = re.compile(r"\[\s*(?P<mono>\d+\.\d+)\]")
 
@@ -102,6 +103,10 @@ def to_signal(ev: KernelEvent, ctx: NodeContext, *, observed_at: datetime, discr
                           component=component, message=ev.message, details=ev.details,
                           severity=Severity.CRITICAL if fatal else Severity.WARNING, discriminator=disc)
     details = dict(ev.details)
+    if ev.kind == "xid" and ev.code == "154":
+        m = _RECOVERY.search(ev.message)
+        if m:
+            details["recovery_action"] = m.group("action").strip()
     if ev.kind == "xid" and ev.code in NVLINK5_XIDS:
         decoded = decode(ctx.catalog.nvlink5, ev.code, ev.message)
         if decoded is not None:

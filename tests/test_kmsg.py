@@ -83,6 +83,7 @@ class TestToSignal:
         ev = parse_line(REAL[12])
         assert ev is not None
         s = to_signal(ev, NodeContext(cluster="c1", node="n1", catalog=catalog), observed_at=T0)
+        assert s.details["recovery_action"] == "Drain and Reset"
         assert catalog.classify(check=s.check, code=s.code, message=s.message).category == "gpu_drain_reset_required"
 
     def test_noise_in_bulk_yields_only_fault_lines(self) -> None:
