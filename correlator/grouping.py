@@ -101,8 +101,8 @@ class Correlator(Lifecycle, Patterns, CoreState):
 
     def _key(self, s: Signal, fc: FaultClass, gpu_key: str | None) -> tuple[str, IncidentScope]:
         if fc.domain is Domain.TENANT and s.tenant is not None:
-            workload = s.tenant.endpoint or s.tenant.pod or "*"
-            return f"tenant|{s.cluster}|{s.tenant.namespace}|{workload}", IncidentScope.TENANT
+            # one tenant workload across its pods, GPUs and nodes
+            return f"tenant|{s.cluster}|{s.tenant.namespace}|{s.tenant.workload()}", IncidentScope.TENANT
         if gpu_key is not None and fc.category not in NODE_CATEGORIES:
             return gpu_key, IncidentScope.GPU
         return f"node|{s.cluster}|{s.node}", IncidentScope.NODE

@@ -84,7 +84,7 @@ class Patterns(CoreState):
                 host = self._live(iid)
                 if host is not None and host.domain is Domain.OPERATOR and host.scope is not IncidentScope.TENANT:
                     return self._impact(host, s, fk, ck, fc, now)
-        key = f"tenant|{s.cluster}|{s.tenant.namespace}|{s.tenant.endpoint or s.tenant.pod or '*'}"
+        key = f"tenant|{s.cluster}|{s.tenant.namespace}|{s.tenant.workload()}"
         for node in serving:
             self.serving.setdefault(node, {})[key] = None
         return None

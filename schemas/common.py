@@ -117,6 +117,20 @@ class GpuRef(BaseModel):
         return self.pci_bus_id or self.uuid or "gpu?"
 
 
+_DEPLOYMENT_POD = re.compile(r"^(?P<w>.+)-[a-z0-9]{6,10}-[a-z0-9]{5}$")
+_INDEXED_POD = re.compile(r"^(?P<w>.+)-[0-9]+$")
+_JOB_POD = re.compile(r"^(?P<w>.+)-[a-z0-9]{5}$")
+
+
+@lru_cache(maxsize=65536)
+def _workload_of(pod: str) -> str:
+    for pattern in (_DEPLOYMENT_POD, _INDEXED_POD, _JOB_POD):
+        m = pattern.match(pod)
+        if m:
+            return m.group("w")
+    return pod
+
+
 class TenantRef(BaseModel):
     """The workload that owns a GPU or an endpoint."""
 
@@ -129,6 +143,16 @@ class TenantRef(BaseModel):
 
     def key(self) -> str:
         return f"{self.namespace}/{self.endpoint or self.pod or '*'}"
+
+    def workload(self) -> str:
+        """The workload the pod belongs to, from Kubernetes' naming conventions: ``train-worker-3``
+        (StatefulSet / indexed Job) -> ``train-worker``; ``api-7d9f8c6b5-x2k4p`` (Deployment) -> ``api``;
+        ``batch-x7k2q`` (Job) -> ``batch``. An endpoint is its own workload."""
+        if self.endpoint:
+            return self.endpoint
+        if not self.pod:
+            return "*"
+        return _workload_of(self.pod)
 
 
 def first_error(exc: Any) -> str:

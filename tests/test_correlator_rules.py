@@ -204,3 +204,17 @@ class TestMultiGpu:
         core = run(catalog, faults + heals)
         (node,) = top_level(core)
         assert node.status is IncidentStatus.RESOLVED and node.time_to_repair_s is not None
+
+
+class TestTenantWorkload:
+    @pytest.mark.parametrize(("pod", "workload"), [
+        ("train-worker-3", "train-worker"), ("api-7d9f8c6b5-x2k4p", "api"), ("batch-x7k2q", "batch"),
+        ("standalone", "standalone")], ids=["indexed", "deployment", "job", "bare-pod"])
+    def test_workload_from_pod_name(self, pod: str, workload: str) -> None:
+        assert TenantRef(namespace="ml", pod=pod).workload() == workload
+
+    def test_one_workload_across_pods_gpus_and_nodes_is_one_tenant_incident(self, catalog: Catalog) -> None:
+        core = run(catalog, [sig(node=f"n{i}", code="13", gpu_index=i, pod=f"train-worker-{i}", at=i)
+                             for i in range(4)])
+        (inc,) = top_level(core)
+        assert inc.scope is IncidentScope.TENANT and len(inc.nodes) == 4 and len(inc.tenants) == 4
