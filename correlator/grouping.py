@@ -131,7 +131,7 @@ class Correlator(Lifecycle, Patterns, CoreState):
         inc.note(s.observed_at, "opened", note or f"{ck} on {s.entity_key()}", self.rules.timeline_limit)
         if scope is IncidentScope.GPU and inc.domain is Domain.OPERATOR:
             self._lemon(inc, s)  # a new incident is a new burst; a flap reopen is not
-        return [Change(ChangeKind.OPENED, inc), *self._after_open(inc, s, now)]
+        return [Change(ChangeKind.OPENED, inc), *self._after_open(inc, s, now, new=True)]
 
     def _reopen(self, inc: TrackedIncident, s: Signal, fk: str, ck: str, fc: FaultClass,
                 now: datetime) -> list[Change]:
@@ -145,12 +145,13 @@ class Correlator(Lifecycle, Patterns, CoreState):
         inc.note(s.observed_at, "reopened", f"{ck} again (flap {inc.flaps})", self.rules.timeline_limit)
         return [Change(ChangeKind.REOPENED, inc), *self._after_open(inc, s, now)]
 
-    def _after_open(self, inc: TrackedIncident, s: Signal, now: datetime) -> list[Change]:
+    def _after_open(self, inc: TrackedIncident, s: Signal, now: datetime, new: bool = False) -> list[Change]:
         changes: list[Change] = []
         if inc.domain is Domain.OPERATOR and inc.node is not None:
             self.on_node.setdefault(inc.node, {})[inc.id] = None
             changes.extend(self._link_impacted(inc))
-            changes.extend(self._multi_gpu(inc, s.observed_at))
+            if new:  # a flap reopening its incident is not another GPU failing
+                changes.extend(self._multi_gpu(inc, s.observed_at))
         if self.topology is not None:
             changes.extend(self.topology.observe(inc, self.incidents, self.by_key, s.observed_at))
         return changes
