@@ -4,7 +4,8 @@
 (real ``pynvml`` or ``FakeNvml``) into a ``GpuSample``; the pure ``evaluate`` turns a sample
 (and the previous one, for counter rates) into state signals: ``gpu.lost`` /
 ``gpu.reset_required`` (``NVMLError_GpuIsLost`` / ``ResetRequired`` never escape), volatile
-``ecc.dbe`` and SBE bursts, ``row_remap.pending`` / ``failure``, ``retired_pages.pending``,
+``ecc.dbe`` and SBE bursts, ``row_remap.pending`` / ``failure``, ``retired_pages.pending`` and
+``retired_pages.limit`` (pre-Ampere page retirement near NVIDIA's 64-page limit),
 clocks-event reasons (``clock.hw_slowdown`` / ``hw_thermal`` / ``power_brake``),
 ``temperature.slowdown``, ``pcie.replay`` rate, per-link ``nvlink.down`` / ``nvlink.errors``,
 ``fabric.gpu`` state, and ``gpu.count_mismatch`` against the expected count. ``watch_xids``
@@ -35,6 +36,8 @@ log = structlog.get_logger("breakfix.collector.nvml")
 CLOCK_BITS = (("clock.hw_slowdown", pynvml.nvmlClocksEventReasonHwSlowdown),
               ("clock.hw_thermal", pynvml.nvmlClocksEventReasonHwThermalSlowdown),
               ("clock.power_brake", pynvml.nvmlClocksEventReasonHwPowerBrakeSlowdown))
+SBE_PAGES = pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS
+DBE_PAGES = pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR
 NVLINK_COUNTERS = (pynvml.NVML_NVLINK_ERROR_DL_REPLAY, pynvml.NVML_NVLINK_ERROR_DL_RECOVERY,
                    pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT, pynvml.NVML_NVLINK_ERROR_DL_CRC_DATA)
 
@@ -45,6 +48,7 @@ class Thresholds:
     pcie_replay_per_min: float = 60.0
     nvlink_errors_per_min: float = 10.0
     temperature_margin_c: int = 0    # fault at slowdown threshold minus this
+    retired_pages_limit: int = 60    # NVIDIA retires at most 64 pages per GPU; near the end, RMA
 
 
 @dataclass
@@ -62,6 +66,7 @@ class GpuSample:
     remap_pending: bool | None = None
     remap_failure: bool | None = None
     retired_pending: bool | None = None
+    retired_pages: int | None = None
     clocks: int | None = None
     temperature: int | None = None
     slowdown: int | None = None
@@ -95,6 +100,9 @@ def evaluate(ctx: NodeContext, s: GpuSample, prev: GpuSample | None, at: datetim
         state("row_remap.failure", s.remap_failure)
     if s.retired_pending is not None:
         state("retired_pages.pending", s.retired_pending)
+    if s.retired_pages is not None:
+        state("retired_pages.limit", s.retired_pages >= th.retired_pages_limit, value=s.retired_pages,
+              threshold=th.retired_pages_limit)
     if s.clocks is not None:
         for check, bit in CLOCK_BITS:
             state(check, bool(s.clocks & bit), value=s.clocks)
@@ -179,6 +187,10 @@ class NvmlSource:
                 s.remap_pending, s.remap_failure = bool(rows[2]), bool(rows[3])
             pending = _read(n.nvmlDeviceGetRetiredPagesPendingStatus, h)
             s.retired_pending = None if pending is None else bool(pending)
+            sbe_pages = _read(n.nvmlDeviceGetRetiredPages, h, SBE_PAGES)
+            dbe_pages = _read(n.nvmlDeviceGetRetiredPages, h, DBE_PAGES)
+            if sbe_pages is not None and dbe_pages is not None:
+                s.retired_pages = len(sbe_pages) + len(dbe_pages)
             s.clocks = _read(n.nvmlDeviceGetCurrentClocksEventReasons, h)
             s.temperature = _read(n.nvmlDeviceGetTemperature, h, pynvml.NVML_TEMPERATURE_GPU)
             s.slowdown = _read(n.nvmlDeviceGetTemperatureThreshold, h, pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN)

@@ -27,6 +27,7 @@ class Nvml(Protocol):
     def nvmlDeviceGetTotalEccErrors(self, handle: Any, error_type: int, counter_type: int) -> int: ...
     def nvmlDeviceGetRemappedRows(self, handle: Any) -> tuple[int, int, int, int]: ...
     def nvmlDeviceGetRetiredPagesPendingStatus(self, handle: Any) -> int: ...
+    def nvmlDeviceGetRetiredPages(self, handle: Any, cause: int) -> list[int]: ...
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle: Any) -> int: ...
     def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int: ...
     def nvmlDeviceGetTemperatureThreshold(self, handle: Any, threshold: int) -> int: ...
@@ -60,6 +61,7 @@ class FakeGpu:
     sbe_volatile: int = 0
     remapped: tuple[int, int, int, int] = (0, 0, 0, 0)  # corrRows, uncRows, isPending, failureOccurred
     retired_pending: int = 0
+    retired_pages: int | None = None  # None: NotSupported (Ampere and later use row remapping)
     clocks_event_reasons: int = 0
     temperature: int = 45
     slowdown_temperature: int = 87
@@ -161,6 +163,13 @@ class FakeNvml:
 
     def nvmlDeviceGetRetiredPagesPendingStatus(self, handle: int) -> int:
         return self._gpu(handle, "nvmlDeviceGetRetiredPagesPendingStatus").retired_pending
+
+    def nvmlDeviceGetRetiredPages(self, handle: int, cause: int) -> list[int]:
+        g = self._gpu(handle, "nvmlDeviceGetRetiredPages")
+        if g.retired_pages is None:
+            raise pynvml.NVMLError_NotSupported()
+        share = g.retired_pages // 2 + (g.retired_pages % 2 if cause else 0)
+        return [0x1000 * i for i in range(share)]
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle: int) -> int:
         return self._gpu(handle, "nvmlDeviceGetCurrentClocksEventReasons").clocks_event_reasons

@@ -55,6 +55,7 @@ FAULT_CASES = [
     pytest.param(lambda g: setattr(g, "remapped", (0, 1, 1, 0)), "row_remap.pending", None, id="remap-pending"),
     pytest.param(lambda g: setattr(g, "remapped", (0, 1, 0, 1)), "row_remap.failure", None, id="remap-failure"),
     pytest.param(lambda g: setattr(g, "retired_pending", 1), "retired_pages.pending", None, id="retired-pending"),
+    pytest.param(lambda g: setattr(g, "retired_pages", 61), "retired_pages.limit", None, id="retired-pages-limit"),
     pytest.param(lambda g: setattr(g, "clocks_event_reasons", pynvml.nvmlClocksEventReasonHwSlowdown),
                  "clock.hw_slowdown", None, id="hw-slowdown"),
     pytest.param(lambda g: setattr(g, "clocks_event_reasons", pynvml.nvmlClocksEventReasonHwThermalSlowdown),
