@@ -9,10 +9,7 @@ time as a share of one core (from /proc/<pid>/stat) and its peak RSS (VmHWM).
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +17,7 @@ from pathlib import Path
 import yaml
 from aiohttp import web
 
+from benchmarks.measure import cpu_seconds, peak_rss_mb, spawn_breakfix
 from bus.server import EmbeddedNats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,24 +28,6 @@ VLLM = ('# TYPE vllm:time_to_first_token_seconds histogram\n'
         'vllm:time_to_first_token_seconds_count{{model_name="m"}} {n}\n'
         'vllm:time_to_first_token_seconds_sum{{model_name="m"}} {n}\n'
         '# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{{model_name="m"}} 0.4\n')
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
-
-
-def _spawn(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", "from breakfix.cli import app; app()", "collector", "--config",
-                             str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "BREAKFIX_LOG_LEVEL": "WARNING"})
 
 
 async def bench_collector(seconds: float = 60.0) -> dict[str, float]:
@@ -89,10 +69,10 @@ async def bench_collector(seconds: float = 60.0) -> dict[str, float]:
                 "endpoint": {"enabled": True, "interval_s": 15, "endpoints": [
                     {"name": "chat", "namespace": "bench", "url": f"http://127.0.0.1:{port}"}]},
             }}))
-        proc = _spawn(cfg)
+        proc = spawn_breakfix("collector", "--config", str(cfg))
         try:
             await asyncio.sleep(5)  # imports and first cycles are start-up, not steady state
-            cpu0, t0 = _cpu_s(proc.pid), time.monotonic()
+            cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
             lines = 0
             while time.monotonic() - t0 < seconds:
                 with kern.open("a") as fh:  # a chatty kernel: noise plus an occasional XID
@@ -101,9 +81,9 @@ async def bench_collector(seconds: float = 60.0) -> dict[str, float]:
                     if lines % 40 == 0:
                         fh.write(f"[ 101.{lines:06d}] NVRM: Xid (PCI:0000:18:00): 13, pid=1, name=python3, x\n")
                 await asyncio.sleep(1.0)
-            cpu = _cpu_s(proc.pid) - cpu0
+            cpu = cpu_seconds(proc.pid) - cpu0
             wall = time.monotonic() - t0
-            rss = _hwm_mb(proc.pid)
+            rss = peak_rss_mb(proc.pid)
             alive = proc.poll() is None
         finally:
             proc.terminate()

@@ -20,6 +20,7 @@ from pathlib import Path
 import kmock
 from kubernetes import client
 
+from benchmarks.measure import pct_ms
 from bus.codec import encode
 from bus.jetstream import JetStreamBus
 from bus.server import EmbeddedNats
@@ -40,11 +41,6 @@ from schemas.incident import (
     IncidentChange,
     IncidentScope,
 )
-
-
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 1)
 
 
 async def bench_first_action(n: int = 1000) -> dict[str, float]:
@@ -90,7 +86,8 @@ async def bench_first_action(n: int = 1000) -> dict[str, float]:
             await sub.unsubscribe()
             await bus.close()
             lat = [first[k] - sent[k] for k in first if k in sent]
-            return {"incidents": n, "with_first_action": len(lat), "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99)}
+            return {"incidents": n, "with_first_action": len(lat), "p50_ms": pct_ms(lat, 0.5),
+                    "p99_ms": pct_ms(lat, 0.99)}
         finally:
             server.stop()
 

@@ -19,9 +19,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -30,6 +27,7 @@ from pathlib import Path
 from nats.aio.msg import Msg
 
 from benchmarks.collector import bench_collector
+from benchmarks.measure import pct_ms, peak_rss_mb, spawn_breakfix
 from benchmarks.mixes import fleet_hour, stress_mix
 from benchmarks.remediator import bench_drains, bench_first_action
 from breakfix.logs import configure
@@ -109,11 +107,6 @@ async def bench_nats(signals: list[Signal], data: Path) -> dict[str, float]:
         server.stop()
 
 
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 1)
-
-
 async def bench_latency(data: Path, rate: int = 1000, seconds: int = 10) -> dict[str, float]:
     """Each signal opens a new incident; time from publish to the incident change arriving."""
     server = EmbeddedNats(data / "nats-latency").start()
@@ -156,30 +149,17 @@ async def bench_latency(data: Path, rate: int = 1000, seconds: int = 10) -> dict
         await task
         await sub.unsubscribe()
         await bus.close()
-        return {"rate_per_s": rate, "signals": len(refs), "measured": len(lat), "p50_ms": _pct(lat, 0.5),
-                "p99_ms": _pct(lat, 0.99), "max_ms": _pct(lat, 1.0)}
+        return {"rate_per_s": rate, "signals": len(refs), "measured": len(lat), "p50_ms": pct_ms(lat, 0.5),
+                "p99_ms": pct_ms(lat, 0.99), "max_ms": pct_ms(lat, 1.0)}
     finally:
         server.stop()
-
-
-def _vm_hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
-
-
-def _spawn_correlator(url: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", "from breakfix.cli import app; app()", "correlator", "--nats", url,
-                             "--checkpoint-interval", "0.5"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "BREAKFIX_LOG_LEVEL": "WARNING"})
 
 
 async def bench_storm(data: Path) -> dict[str, object]:
     """The storm through a separate ``breakfix correlator`` process; catch-up and its peak RSS."""
     server = EmbeddedNats(data / "nats-storm").start()
     storm = switch_storm(build_fleet(1000), start=T0)
-    proc = _spawn_correlator(server.url)
+    proc = spawn_breakfix("correlator", "--nats", server.url, "--checkpoint-interval", "0.5")
     try:
         bus = await JetStreamBus.connect(server.url)
         await bus.ensure_streams(subjects.STREAMS)
@@ -208,7 +188,7 @@ async def bench_storm(data: Path) -> dict[str, object]:
                 break
             await asyncio.sleep(0.05)
         done = time.perf_counter()
-        rss = _vm_hwm_mb(proc.pid)
+        rss = peak_rss_mb(proc.pid)
         incidents: dict[str, IncidentChange] = {}
         await bus.reset_consumer(stream=subjects.INCIDENTS.name, durable="bench-reader",
                                  filter_subject=subjects.INCIDENTS_ALL, start_seq=1, ack_all=False)

@@ -24,7 +24,7 @@ from bus.protocol import Bus, Delivery
 from correlator.model import Change, TrackedIncident, coalesce
 from correlator.rules import Rules
 from correlator.service import publish_changes
-from correlator.topology import TopologyGrouper
+from correlator.topology import TopologyGrouper, settle_parent
 from schemas import subjects
 from schemas.incident import Incident, IncidentChange, IncidentScope
 
@@ -65,7 +65,7 @@ class FleetCorrelator:
             fresh.parent = mirror.parent
             mirror = self.incidents[inc.id] = fresh
         if inc.status.terminal:
-            changes = self.grouper.member_settled(mirror, self.incidents, inc.resolved_at or inc.last_seen)
+            changes = settle_parent(mirror, self.incidents, inc.resolved_at or inc.last_seen, self.rules.timeline_limit)
         else:
             changes = self.grouper.observe(mirror, self.incidents, self.by_key, inc.last_seen)
         return [c for c in changes if c.incident.scope is IncidentScope.FABRIC]

@@ -32,7 +32,7 @@ from bus.consumer import ConsumerStats, DecodeError
 from bus.protocol import BlobStore, Bus, Delivery, PublishAck
 from correlator.checkpoint import Checkpoint, CheckpointStore
 from correlator.grouping import Correlator
-from correlator.model import Change, TrackedIncident, change_json, coalesce
+from correlator.model import Change, change_json, coalesce
 from schemas import subjects
 from schemas.incident import ActionRecord, ChangeKind, IncidentChange
 from schemas.signal import Signal
@@ -46,20 +46,17 @@ _LIFECYCLE = (ChangeKind.OPENED, ChangeKind.REOPENED, ChangeKind.RESOLVED)
 def change_msg_id(ch: IncidentChange) -> str:
     """Lifecycle events are named by incident and flap count, whatever version a batch reached;
     other changes by version. Either way a re-publication after a restart is a duplicate."""
-    inc = ch.incident
-    if ch.kind in _LIFECYCLE:
-        return f"{inc.id}:{ch.kind.value}:{inc.flaps}"
-    return f"{inc.id}:{inc.version}"
+    return _msg_id(ch.kind, ch.incident.id, ch.incident.version, ch.incident.flaps)
 
 
 def _items(wire: list[IncidentChange]) -> list[tuple[str, bytes, str | None]]:
     return [(subjects.incident_subject(ch.incident.cluster), encode(ch), change_msg_id(ch)) for ch in wire]
 
 
-def _msg_id(kind: ChangeKind, inc: TrackedIncident) -> str:
+def _msg_id(kind: ChangeKind, incident: str, version: int, flaps: int) -> str:
     if kind in _LIFECYCLE:
-        return f"{inc.id}:{kind.value}:{inc.flaps}"
-    return f"{inc.id}:{inc.version}"
+        return f"{incident}:{kind.value}:{flaps}"
+    return f"{incident}:{version}"
 
 
 async def settle_publishes(bus: Bus, items: list[tuple[str, bytes, str | None]], acks: list[PublishAck]) -> None:
@@ -129,7 +126,7 @@ class CorrelatorService:
         for ch in coalesce(changes):
             inc = ch.incident
             items.append((subjects.incident_subject(inc.cluster), change_json(ch.kind, inc, now),
-                          _msg_id(ch.kind, inc)))
+                          _msg_id(ch.kind, inc.id, inc.version, inc.flaps)))
             log.info("incident_" + ch.kind.value, incident=inc.id, node=inc.node, category=inc.category,
                      status=inc.status.value, signals=inc.signal_count, parent=inc.parent)
         if not items:

@@ -125,10 +125,6 @@ class TopologyGrouper:
             changes.append(Change(ChangeKind.UPDATED, fab))
         return changes
 
-    def member_settled(self, inc: TrackedIncident, incidents: dict[str, TrackedIncident],
-                       at: datetime) -> list[Change]:
-        return settle_parent(inc, incidents, at, self.rules.timeline_limit)
-
     def forget(self, incident_ids: set[str]) -> None:
         for key in list(self.groups):
             g = self.groups[key]

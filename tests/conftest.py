@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,15 @@ def sig(*, node: str = "n1", check: str = "xid", code: str | None = "48", gpu_in
         tenant=tenant or (TenantRef(namespace=ns, pod=pod) if pod else None), message=message or f"{check} {code}",
         observed_at=observed, **kw,
     )
+
+
+async def wait_until(cond: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
+    """Poll ``cond`` until it holds; fail naming ``what`` after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not await cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from schemas import subjects
 from schemas.catalog import Catalog
 from schemas.common import Severity
 from schemas.signal import Signal
-from tests.conftest import T0, sig
+from tests.conftest import T0, sig, wait_until
 from tests.test_collector_sources import SAMPLE, FakeVllm
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -111,14 +109,6 @@ class TestSpool:
         assert len(Spool(d)) == 1 and not list(d.glob("*.tmp"))
 
 
-async def wait_for(cond: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not await cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 @pytest.mark.nats
 class TestStoreAndForward:
     async def test_server_stopped_mid_stream_loses_nothing_and_delivers_once(self, tmp_path: Path) -> None:
@@ -143,7 +133,7 @@ class TestStoreAndForward:
             async def drained() -> bool:
                 return len(fwd.spool) == 0 and fwd.up
 
-            await wait_for(drained, 30, "the spool to drain after the restart")
+            await wait_until(drained, 30, "the spool to drain after the restart")
             stored = await bus.stream_messages(subjects.SIGNALS.name)
             await bus.reset_consumer(stream=subjects.SIGNALS.name, durable="count", filter_subject=subjects.SIGNALS_ALL,
                                      start_seq=1, ack_all=False)
@@ -233,7 +223,7 @@ class TestDaemonEndToEnd:
                 for check, match in [("ecc.dbe", {"source": "nvml"}), ("xid", {"source": "kmsg", "code": "79"}),
                                      ("ecc.dbe", {"source": "dcgm"}), ("ib.link_down", {"component": "mlx5_1/1"}),
                                      ("ib.rate_degraded", {"component": "mlx5_2/1"}), ("endpoint.down", {})]:
-                    await wait_for(lambda c=check, m=match: has(c, **m), 15, f"{check} {match}")  # type: ignore[misc]
+                    await wait_until(lambda c=check, m=match: has(c, **m), 15, f"{check} {match}")  # type: ignore[misc]
                 kmsg_xid = next(s for s in seen if s.source.value == "kmsg")
                 assert kmsg_xid.gpu is not None and kmsg_xid.gpu.index == 2, "PCI 3a maps to NVML GPU 2"
                 assert kmsg_xid.labels == {"rack": "r1", "switch": "leaf-01"}

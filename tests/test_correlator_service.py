@@ -11,9 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -32,7 +30,7 @@ from schemas import subjects
 from schemas.catalog import Catalog
 from schemas.incident import ChangeKind, Incident, IncidentChange, IncidentScope
 from schemas.signal import Signal
-from tests.conftest import T0, sig
+from tests.conftest import T0, sig, wait_until
 
 
 def workload(nodes: int = 40, rounds: int = 30) -> list[Signal]:
@@ -74,14 +72,6 @@ def reference(catalog: Catalog, signals: list[Signal]) -> dict[str, Incident]:
 def essence(inc: Incident) -> tuple[object, ...]:
     """What a consumer of the incident stream must agree on (counts of repeats are not re-published)."""
     return (inc.category, inc.status, inc.flaps, inc.parent, inc.version, tuple(inc.members), inc.codes)
-
-
-async def wait_until(cond: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not await cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def read_changes(bus: JetStreamBus) -> list[IncidentChange]:

@@ -7,6 +7,7 @@ PodDisruptionBudgets), including the 429 a PDB answers with. This is an emulator
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -60,14 +61,23 @@ class Cluster:
         self.k[f"post /api/v1/namespaces/{ns}/pods/{name}/eviction"] << evict
 
 
+RESOURCES = (("v1/nodes", False, "Node"), ("v1/pods", True, "Pod"), ("v1/events", True, "Event"),
+             ("v1/namespaces", False, "Namespace"), ("coordination.k8s.io/v1/leases", True, "Lease"))
+
+
+@contextlib.asynccontextmanager
+async def emulator() -> AsyncIterator[tuple[kmock.KubernetesEmulator, str]]:
+    """kmock with the resources breakfix touches declared; yields the emulator and its URL."""
+    async with kmock.KubernetesEmulator() as k, kmock.Server(k) as srv:
+        for res, namespaced, kind in RESOURCES:
+            k.resources[res] = kmock.ResourceInfo(namespaced=namespaced, kind=kind)
+        yield k, str(srv.url).rstrip("/")
+
+
 @pytest.fixture
 async def cluster() -> AsyncIterator[Cluster]:
-    async with kmock.KubernetesEmulator() as k, kmock.Server(k) as srv:
-        for res, namespaced, kind in (("v1/nodes", False, "Node"), ("v1/pods", True, "Pod"),
-                                      ("v1/events", True, "Event"), ("v1/namespaces", False, "Namespace"),
-                                      ("coordination.k8s.io/v1/leases", True, "Lease")):
-            k.resources[res] = kmock.ResourceInfo(namespaced=namespaced, kind=kind)
-        yield Cluster(k, str(srv.url).rstrip("/"))
+    async with emulator() as (k, url):
+        yield Cluster(k, url)
 
 
 async def no_sleep(_s: float) -> None:

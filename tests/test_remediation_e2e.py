@@ -15,8 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,8 +40,8 @@ from schemas import subjects
 from schemas.catalog import Catalog
 from schemas.common import TenantRef
 from schemas.incident import ActionKind, ActionOutcome, ActionRecord
-from tests.conftest import sig
-from tests.test_k8s import Cluster
+from tests.conftest import sig, wait_until
+from tests.test_k8s import Cluster, emulator
 
 pytestmark = pytest.mark.nats
 BIN = Path(__file__).resolve().parent / "bin"
@@ -59,14 +58,6 @@ def fast_policy(tmp_path: Path) -> Path:
     p = tmp_path / "policy.yaml"
     p.write_text(yaml.safe_dump(data))
     return p
-
-
-async def wait_for(cond: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not await cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 class Rig:
@@ -129,11 +120,8 @@ async def rig(tmp_path: Path, nats_server: EmbeddedNats, catalog: Catalog,
               monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Rig]:
     monkeypatch.setenv("FAKE_NVSMI_LOG", str(tmp_path / "nvidia-smi.log"))
     monkeypatch.setenv("FAKE_DCGMI_LOG", str(tmp_path / "dcgmi.log"))
-    async with kmock.KubernetesEmulator() as k, kmock.Server(k) as srv:
-        for res, namespaced, kind in (("v1/nodes", False, "Node"), ("v1/pods", True, "Pod"),
-                                      ("v1/events", True, "Event"), ("coordination.k8s.io/v1/leases", True, "Lease")):
-            k.resources[res] = kmock.ResourceInfo(namespaced=namespaced, kind=kind)
-        r = Rig(tmp_path, nats_server, k, str(srv.url).rstrip("/"))
+    async with emulator() as (k, url):
+        r = Rig(tmp_path, nats_server, k, url)
         await r.start(catalog)
         try:
             yield r
@@ -163,11 +151,11 @@ async def test_xid48_runs_drain_reset_validate_return_and_survives_a_kill_mid_va
         async def validating() -> bool:
             return dcgmi_log.exists()
 
-        await wait_for(validating, 30, "the remediator to reach validation")
+        await wait_until(validating, 30, "the remediator to reach validation")
         proc.send_signal(signal.SIGKILL)  # killed, not stopped: no cleanup, no goodbye
         proc.wait(10)
         proc = spawn_remediator(rig)
-        await wait_for(rig.plan_done, 60, "the resumed plan to finish")
+        await wait_until(rig.plan_done, 60, "the resumed plan to finish")
     finally:
         proc.kill()
         proc.wait(10)
@@ -193,7 +181,7 @@ async def test_failed_reset_escalates_to_the_reboot_rung(rig: Rig, catalog: Cata
     task = asyncio.create_task(service.run(rig.stop), name="e2e-remediator")
     try:
         await rig.xid48()
-        await wait_for(rig.plan_done, 60, "the ladder to finish")
+        await wait_until(rig.plan_done, 60, "the ladder to finish")
     finally:
         rig.stop.set()
         await task
