@@ -20,16 +20,20 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy schemas correlator remediator bus collectors breakfix benchmarks
+	$(BIN)/mypy breakfix benchmarks
 	$(BIN)/lint-imports
 
 # Real components the tests start themselves (Debian packages; this runs as root in CI).
+# prometheus (+promtool), prometheus-alertmanager, chromium (console browser tests), buildah (image build).
+SYSTEM_PKGS := prometheus prometheus-alertmanager chromium buildah
 system-deps:
-	@command -v prometheus >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
+	@missing=""; for p in $(SYSTEM_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check .
-	$(BIN)/mypy schemas correlator remediator bus collectors breakfix benchmarks
+	$(BIN)/mypy breakfix benchmarks
 	$(BIN)/lint-imports
 	$(BIN)/breakfix schema check
 	$(BIN)/pytest -q
@@ -38,7 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
 proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. collectors/podresources/api.proto
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. breakfix/collectors/podresources/api.proto
 
 schema: $(STAMP)
 	$(BIN)/breakfix schema export

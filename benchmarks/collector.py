@@ -18,7 +18,7 @@ import yaml
 from aiohttp import web
 
 from benchmarks.measure import cpu_seconds, peak_rss_mb, spawn_breakfix
-from bus.server import EmbeddedNats
+from breakfix.bus.server import EmbeddedNats
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"

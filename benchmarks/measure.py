@@ -29,6 +29,6 @@ def peak_rss_mb(pid: int) -> float:
 
 def spawn_breakfix(*args: str) -> subprocess.Popen[bytes]:
     """``breakfix ARGS`` in a child process, quiet, logging warnings only."""
-    return subprocess.Popen([sys.executable, "-c", "from breakfix.cli import app; app()", *args],
+    return subprocess.Popen([sys.executable, "-c", "from breakfix.cli.main import app; app()", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "BREAKFIX_LOG_LEVEL": "WARNING"})

@@ -14,8 +14,8 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta
 
-from collectors.fleet import Fleet, SimGpu, SimNodeSpec, build_fleet
-from schemas.signal import Signal, SignalSource, make_signal_id
+from breakfix.collectors.fleet import Fleet, SimGpu, SimNodeSpec, build_fleet
+from breakfix.schemas.signal import Signal, SignalSource, make_signal_id
 
 T0 = datetime(2026, 11, 23, tzinfo=UTC)
 

@@ -21,18 +21,18 @@ import kmock
 from kubernetes import client
 
 from benchmarks.measure import pct_ms
-from bus.codec import encode
-from bus.jetstream import JetStreamBus
-from bus.server import EmbeddedNats
-from remediator.guards import BudgetSpec
-from remediator.k8s import DrainPolicy, KubernetesActuator, api_for
-from remediator.policy import load_policy
-from remediator.service import RemediatorService
-from remediator.simcluster import SimCluster, SimNode
-from remediator.store import KvStore
-from schemas import subjects
-from schemas.common import GpuRef, Severity
-from schemas.incident import (
+from breakfix.bus.codec import encode
+from breakfix.bus.jetstream import JetStreamBus
+from breakfix.bus.server import EmbeddedNats
+from breakfix.remediator.guards import BudgetSpec
+from breakfix.remediator.k8s import DrainPolicy, KubernetesActuator, api_for
+from breakfix.remediator.policy import load_policy
+from breakfix.remediator.service import RemediatorService
+from breakfix.remediator.simcluster import SimCluster, SimNode
+from breakfix.remediator.store import KvStore
+from breakfix.schemas import subjects
+from breakfix.schemas.common import GpuRef, Severity
+from breakfix.schemas.incident import (
     ActionKind,
     ActionOutcome,
     ActionRecord,

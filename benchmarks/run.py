@@ -30,18 +30,18 @@ from benchmarks.collector import bench_collector
 from benchmarks.measure import pct_ms, peak_rss_mb, spawn_breakfix
 from benchmarks.mixes import fleet_hour, stress_mix
 from benchmarks.remediator import bench_drains, bench_first_action
-from breakfix.logs import configure
-from bus.codec import encode
-from bus.jetstream import JetStreamBus
-from bus.server import EmbeddedNats
-from collectors.fleet import build_fleet
-from collectors.storm import switch_storm
-from correlator.grouping import Correlator
-from correlator.service import CorrelatorService, ServiceConfig
-from schemas import subjects
-from schemas.catalog import default_catalog
-from schemas.incident import IncidentChange
-from schemas.signal import Signal, SignalSource, make_signal_id
+from breakfix.bus.codec import encode
+from breakfix.bus.jetstream import JetStreamBus
+from breakfix.bus.server import EmbeddedNats
+from breakfix.cli.logs import configure
+from breakfix.collectors.fleet import build_fleet
+from breakfix.collectors.storm import switch_storm
+from breakfix.correlator.grouping import Correlator
+from breakfix.correlator.service import CorrelatorService, ServiceConfig
+from breakfix.schemas import subjects
+from breakfix.schemas.catalog import default_catalog
+from breakfix.schemas.incident import IncidentChange
+from breakfix.schemas.signal import Signal, SignalSource, make_signal_id
 
 T0 = datetime(2026, 11, 23, tzinfo=UTC)
 

@@ -1,7 +1,14 @@
-"""The breakfix application shell: CLI, settings, logging, and the wiring of each daemon.
+"""breakfix: event-driven GPU health and break-fix for GPU clusters.
 
-This is the top layer: it builds the collectors, correlator and remediator from their
-adapters (NATS, simulated cluster) and starts them. Nothing below imports it.
+One import namespace, five layers (each a sub-package, bottom first):
+
+- ``breakfix.schemas``  - the wire contracts, subjects and the fault catalog (pure)
+- ``breakfix.bus``      - the NATS JetStream boundary: protocols, adapters, fakes
+- ``breakfix.collectors`` / ``breakfix.correlator`` / ``breakfix.remediator`` - the three stages,
+  which never import each other and meet only through ``schemas`` and the bus
+- ``breakfix.cli``      - the application shell: CLI, demo, replay and logging
+
+import-linter enforces the layers (``pyproject.toml``).
 """
 
 __version__ = "0.1.0"

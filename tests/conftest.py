@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 import yaml
 
-from bus.server import EmbeddedNats
-from correlator.rules import DEFAULT_RULES, Rules, RulesFile
-from remediator.policy import Policy, load_policy
-from schemas.catalog import Catalog, default_catalog
-from schemas.common import GpuRef, TenantRef
-from schemas.signal import Signal, SignalSource, make_signal_id
+from breakfix.bus.server import EmbeddedNats
+from breakfix.correlator.rules import DEFAULT_RULES, Rules, RulesFile
+from breakfix.remediator.policy import Policy, load_policy
+from breakfix.schemas.catalog import Catalog, default_catalog
+from breakfix.schemas.common import GpuRef, TenantRef
+from breakfix.schemas.signal import Signal, SignalSource, make_signal_id
 
 T0 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 

@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 
-from bus.codec import decoder
-from bus.consumer import ConsumerSpec, run_consumer
-from bus.jetstream import JetStreamBus
-from bus.memory import MemoryBus
-from bus.protocol import Bus, Delivery, subject_matches
-from bus.server import EmbeddedNats
-from schemas import subjects
-from schemas.signal import Signal
+from breakfix.bus.codec import decoder
+from breakfix.bus.consumer import ConsumerSpec, run_consumer
+from breakfix.bus.jetstream import JetStreamBus
+from breakfix.bus.memory import MemoryBus
+from breakfix.bus.protocol import Bus, Delivery, subject_matches
+from breakfix.bus.server import EmbeddedNats
+from breakfix.schemas import subjects
+from breakfix.schemas.signal import Signal
 from tests.conftest import sig
 
 

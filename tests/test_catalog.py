@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from schemas.catalog import CATALOG_DIR, Catalog, load_catalog
-from schemas.datafile import DataFileError
-from schemas.incident import Domain
+from breakfix.schemas.catalog import CATALOG_DIR, Catalog, load_catalog
+from breakfix.schemas.datafile import DataFileError
+from breakfix.schemas.incident import Domain
 
 
 class TestDocumentedXids:

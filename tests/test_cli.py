@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from breakfix.cli import app
-from schemas.incident import Incident
+from breakfix.cli.main import app
+from breakfix.schemas.incident import Incident
 from tests.conftest import sig
 
 BREAKFIX = str(Path(sys.executable).parent / "breakfix")

@@ -7,13 +7,13 @@ import asyncio
 import pytest
 from typer.testing import CliRunner
 
-from breakfix.cli import app
-from bus.codec import encode
-from bus.jetstream import JetStreamBus
-from bus.server import EmbeddedNats
-from schemas import subjects
-from schemas.common import GpuRef, Severity
-from schemas.incident import (
+from breakfix.bus.codec import encode
+from breakfix.bus.jetstream import JetStreamBus
+from breakfix.bus.server import EmbeddedNats
+from breakfix.cli.main import app
+from breakfix.schemas import subjects
+from breakfix.schemas.common import GpuRef, Severity
+from breakfix.schemas.incident import (
     ActionKind,
     ActionOutcome,
     ActionRecord,

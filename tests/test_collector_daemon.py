@@ -13,18 +13,18 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from bus.jetstream import JetStreamBus
-from bus.server import EmbeddedNats, free_port
-from collectors.config import CollectorConfig
-from collectors.daemon import CollectorDaemon
-from collectors.edge import Cycle, EdgeFilter
-from collectors.forwarder import Forwarder
-from collectors.nvml_api import FakeNvml
-from collectors.spool import Spool
-from schemas import subjects
-from schemas.catalog import Catalog
-from schemas.common import Severity
-from schemas.signal import Signal
+from breakfix.bus.jetstream import JetStreamBus
+from breakfix.bus.server import EmbeddedNats, free_port
+from breakfix.collectors.config import CollectorConfig
+from breakfix.collectors.daemon import CollectorDaemon
+from breakfix.collectors.edge import Cycle, EdgeFilter
+from breakfix.collectors.forwarder import Forwarder
+from breakfix.collectors.nvml_api import FakeNvml
+from breakfix.collectors.spool import Spool
+from breakfix.schemas import subjects
+from breakfix.schemas.catalog import Catalog
+from breakfix.schemas.common import Severity
+from breakfix.schemas.signal import Signal
 from tests.conftest import T0, sig, wait_until
 from tests.test_collector_sources import SAMPLE, FakeVllm
 

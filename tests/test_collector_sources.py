@@ -13,14 +13,14 @@ import pytest
 from aiohttp import web
 from typer.testing import CliRunner
 
-from breakfix.cli import app
-from collectors.context import NodeContext
-from collectors.dcgm import DcgmRules
-from collectors.edge import Cycle
-from collectors.endpoint import EndpointRules, EndpointSpec, Slo, probe
-from collectors.fabric import FabricRules, FabricThresholds, read_ports
-from collectors.podresources import PodResourcesClient, api_pb2, api_pb2_grpc, gpu_tenants
-from schemas.catalog import Catalog
+from breakfix.cli.main import app
+from breakfix.collectors.context import NodeContext
+from breakfix.collectors.dcgm import DcgmRules
+from breakfix.collectors.edge import Cycle
+from breakfix.collectors.endpoint import EndpointRules, EndpointSpec, Slo, probe
+from breakfix.collectors.fabric import FabricRules, FabricThresholds, read_ports
+from breakfix.collectors.podresources import PodResourcesClient, api_pb2, api_pb2_grpc, gpu_tenants
+from breakfix.schemas.catalog import Catalog
 from tests.conftest import T0
 
 DATA = Path(__file__).resolve().parent / "data"

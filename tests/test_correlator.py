@@ -6,9 +6,9 @@ from datetime import timedelta
 
 import pytest
 
-from correlator.grouping import Correlator
-from schemas.catalog import Catalog
-from schemas.incident import (
+from breakfix.correlator.grouping import Correlator
+from breakfix.schemas.catalog import Catalog
+from breakfix.schemas.incident import (
     ActionKind,
     ActionOutcome,
     ActionRecord,
@@ -19,7 +19,7 @@ from schemas.incident import (
     Plan,
     StepAction,
 )
-from schemas.signal import Signal
+from breakfix.schemas.signal import Signal
 from tests.conftest import T0, make_rules, sig
 
 

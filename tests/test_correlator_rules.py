@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from correlator.grouping import LEMON_LABEL, Correlator
-from correlator.rules import load_rules
-from schemas.catalog import Catalog
-from schemas.common import TenantRef
-from schemas.datafile import DataFileError
-from schemas.incident import Domain, Incident, IncidentScope, IncidentStatus
-from schemas.signal import Signal
+from breakfix.correlator.grouping import LEMON_LABEL, Correlator
+from breakfix.correlator.rules import load_rules
+from breakfix.schemas.catalog import Catalog
+from breakfix.schemas.common import TenantRef
+from breakfix.schemas.datafile import DataFileError
+from breakfix.schemas.incident import Domain, Incident, IncidentScope, IncidentStatus
+from breakfix.schemas.signal import Signal
 from tests.conftest import make_rules, sig
 
 HOUR = 3600.0

@@ -16,20 +16,20 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from bus.codec import encode
-from bus.jetstream import JetStreamBus
-from bus.memory import MemoryBus
-from bus.server import EmbeddedNats
-from collectors.fleet import build_fleet
-from collectors.storm import switch_storm
-from correlator.checkpoint import Checkpoint, CheckpointError
-from correlator.fleet import FleetCorrelator, FleetService
-from correlator.grouping import Correlator
-from correlator.service import CorrelatorService, ServiceConfig
-from schemas import subjects
-from schemas.catalog import Catalog
-from schemas.incident import ChangeKind, Incident, IncidentChange, IncidentScope
-from schemas.signal import Signal
+from breakfix.bus.codec import encode
+from breakfix.bus.jetstream import JetStreamBus
+from breakfix.bus.memory import MemoryBus
+from breakfix.bus.server import EmbeddedNats
+from breakfix.collectors.fleet import build_fleet
+from breakfix.collectors.storm import switch_storm
+from breakfix.correlator.checkpoint import Checkpoint, CheckpointError
+from breakfix.correlator.fleet import FleetCorrelator, FleetService
+from breakfix.correlator.grouping import Correlator
+from breakfix.correlator.service import CorrelatorService, ServiceConfig
+from breakfix.schemas import subjects
+from breakfix.schemas.catalog import Catalog
+from breakfix.schemas.incident import ChangeKind, Incident, IncidentChange, IncidentScope
+from breakfix.schemas.signal import Signal
 from tests.conftest import T0, sig, wait_until
 
 
@@ -147,7 +147,7 @@ class TestServiceOnMemoryBus:
 
 def _spawn(url: str, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-c", "from breakfix.cli import app; app()", "correlator", "--nats", url,
+        [sys.executable, "-c", "from breakfix.cli.main import app; app()", "correlator", "--nats", url,
          "--checkpoint-interval", "0.3", *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from bus.codec import encode
-from correlator.grouping import Correlator
-from correlator.model import Change
-from schemas.catalog import Catalog
-from schemas.incident import (
+from breakfix.bus.codec import encode
+from breakfix.correlator.grouping import Correlator
+from breakfix.correlator.model import Change
+from breakfix.schemas.catalog import Catalog
+from breakfix.schemas.incident import (
     ActionKind,
     ActionOutcome,
     ActionRecord,

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from remediator.decide import CAUTIOUS_RULE, ClusterView, NodeView, decide
-from remediator.policy import Policy, load_policy
-from schemas.common import GpuRef, Severity, TenantRef
-from schemas.datafile import DataFileError
-from schemas.incident import Domain, Incident, IncidentScope, StepAction
+from breakfix.remediator.decide import CAUTIOUS_RULE, ClusterView, NodeView, decide
+from breakfix.remediator.policy import Policy, load_policy
+from breakfix.schemas.common import GpuRef, Severity, TenantRef
+from breakfix.schemas.datafile import DataFileError
+from breakfix.schemas.incident import Domain, Incident, IncidentScope, StepAction
 from tests.conftest import T0
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from breakfix.cli import app
+from breakfix.cli.main import app
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -27,20 +27,20 @@ def test_example_and_deployed_collector_configs_validate() -> None:
     """The shipped example and the DaemonSet's ConfigMap are valid collector configs."""
     import os
 
-    from collectors.config import CollectorConfig, load_config
+    from breakfix.collectors.config import CollectorConfig, load_config
 
     root = DEPLOY.parent
     os.environ.setdefault("NODE_NAME", "gpu-node-000")
-    assert load_config(root / "collectors" / "examples" / "collector.yaml").cluster == "prod-a"
+    assert load_config(root / "breakfix" / "collectors" / "examples" / "collector.yaml").cluster == "prod-a"
     cm = next(d for d in yaml.safe_load_all((DEPLOY / "collector.yaml").read_text()) if d["kind"] == "ConfigMap")
     assert CollectorConfig.model_validate(yaml.safe_load(cm["data"]["collector.yaml"])).sources.dcgm.enabled
 
 
 def test_remediator_configs_validate() -> None:
     """The shipped remediator example and the Deployment's ConfigMap are valid configs."""
-    from remediator.config import RemediatorConfig, load_config
+    from breakfix.remediator.config import RemediatorConfig, load_config
 
     root = DEPLOY.parent
-    assert load_config(root / "remediator" / "examples" / "remediator.yaml").lease.enabled
+    assert load_config(root / "breakfix" / "remediator" / "examples" / "remediator.yaml").lease.enabled
     cm = next(d for d in yaml.safe_load_all((DEPLOY / "remediator.yaml").read_text()) if d["kind"] == "ConfigMap")
     assert RemediatorConfig.model_validate(yaml.safe_load(cm["data"]["remediator.yaml"])).cluster == "prod-a"

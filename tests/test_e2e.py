@@ -7,19 +7,19 @@ from datetime import UTC, datetime
 
 import pytest
 
-from breakfix.demo import run_demo
-from bus.codec import decoder, encode
-from bus.consumer import ConsumerSpec, run_consumer
-from bus.jetstream import JetStreamBus
-from bus.protocol import Delivery
-from bus.server import EmbeddedNats
-from collectors.sim import load_scenario
-from correlator.grouping import Correlator
-from correlator.service import CorrelatorService
-from remediator.policy import Policy
-from schemas import subjects
-from schemas.catalog import Catalog
-from schemas.incident import ActionKind, ActionOutcome, IncidentChange, IncidentStatus
+from breakfix.bus.codec import decoder, encode
+from breakfix.bus.consumer import ConsumerSpec, run_consumer
+from breakfix.bus.jetstream import JetStreamBus
+from breakfix.bus.protocol import Delivery
+from breakfix.bus.server import EmbeddedNats
+from breakfix.cli.demo import run_demo
+from breakfix.collectors.sim import load_scenario
+from breakfix.correlator.grouping import Correlator
+from breakfix.correlator.service import CorrelatorService
+from breakfix.remediator.policy import Policy
+from breakfix.schemas import subjects
+from breakfix.schemas.catalog import Catalog
+from breakfix.schemas.incident import ActionKind, ActionOutcome, IncidentChange, IncidentStatus
 from tests.conftest import sig
 
 pytestmark = pytest.mark.nats

@@ -6,12 +6,12 @@ from datetime import datetime
 
 import pytest
 
-from remediator.decide import decide
-from remediator.executor import Executor
-from remediator.policy import Policy
-from remediator.simcluster import SimCluster, SimNode
-from schemas.common import GpuRef, Severity
-from schemas.incident import (
+from breakfix.remediator.decide import decide
+from breakfix.remediator.executor import Executor
+from breakfix.remediator.policy import Policy
+from breakfix.remediator.simcluster import SimCluster, SimNode
+from breakfix.schemas.common import GpuRef, Severity
+from breakfix.schemas.incident import (
     ActionKind,
     ActionOutcome,
     ActionRecord,

@@ -6,12 +6,20 @@ from datetime import timedelta
 
 import pytest
 
-from remediator.decide import decide
-from remediator.guards import BreakerSpec, BudgetSpec, GuardsSpec, GuardState, KillSwitchSpec, TopologyBudgetSpec, check
-from remediator.policy import Policy
-from remediator.view import ClusterView, NodeView
-from schemas.common import GpuRef, Severity
-from schemas.incident import Incident, IncidentScope, StepAction
+from breakfix.remediator.decide import decide
+from breakfix.remediator.guards import (
+    BreakerSpec,
+    BudgetSpec,
+    GuardsSpec,
+    GuardState,
+    KillSwitchSpec,
+    TopologyBudgetSpec,
+    check,
+)
+from breakfix.remediator.policy import Policy
+from breakfix.remediator.view import ClusterView, NodeView
+from breakfix.schemas.common import GpuRef, Severity
+from breakfix.schemas.incident import Incident, IncidentScope, StepAction
 from tests.conftest import T0
 
 

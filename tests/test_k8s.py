@@ -15,8 +15,8 @@ from typing import Any
 import kmock
 import pytest
 
-from remediator.k8s import OWNER, QUARANTINE, DrainPolicy, KubernetesActuator, api_for
-from remediator.leader import LeaseElector
+from breakfix.remediator.k8s import OWNER, QUARANTINE, DrainPolicy, KubernetesActuator, api_for
+from breakfix.remediator.leader import LeaseElector
 
 
 class Cluster:
@@ -208,7 +208,7 @@ class TestCollectorTopologyFromNode:
         """The collector reads its Node's labels (one ConfigMap serves every node of a DaemonSet)."""
         from kubernetes import client
 
-        from collectors.nodelabels import node_topology
+        from breakfix.collectors.nodelabels import node_topology
 
         node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "gpu-node-7", "labels": {
             "topology.breakfix.io/rack": "rack-03", "nvidia.com/gpu.clique": "clique-9", "other": "x"}}}

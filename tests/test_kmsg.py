@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from collectors.context import NodeContext
-from collectors.kmsg import gpu_map_entry, parse_line, to_signal
-from schemas.catalog import Catalog
-from schemas.common import GpuRef
+from breakfix.collectors.context import NodeContext
+from breakfix.collectors.kmsg import gpu_map_entry, parse_line, to_signal
+from breakfix.schemas.catalog import Catalog
+from breakfix.schemas.common import GpuRef
 from tests.conftest import T0
 
 REAL = (Path(__file__).parent / "data" / "kmsg_real.log").read_text().splitlines()
@@ -95,8 +95,8 @@ class TestToSignal:
 def test_signals_kmsg_cli_prints_one_signal_per_fault_line() -> None:
     from typer.testing import CliRunner
 
-    from breakfix.cli import app
-    from schemas.signal import Signal
+    from breakfix.cli.main import app
+    from breakfix.schemas.signal import Signal
 
     path = Path(__file__).parent / "data" / "kmsg_real.log"
     result = CliRunner().invoke(app, ["signals", "kmsg", str(path), "--node", "n1", "--cluster", "c1"])

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from collectors.context import NodeContext
-from collectors.kmsg_follow import KmsgFollower, PositionStore, line_time
-from collectors.kmsg_source import KmsgSource
-from schemas.catalog import Catalog
+from breakfix.collectors.context import NodeContext
+from breakfix.collectors.kmsg_follow import KmsgFollower, PositionStore, line_time
+from breakfix.collectors.kmsg_source import KmsgSource
+from breakfix.schemas.catalog import Catalog
 from tests.conftest import T0
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -107,7 +107,7 @@ class TestDevKmsg:
     def test_sequence_numbers_skip_what_was_read_this_boot(self, tmp_path: Path) -> None:
         store = PositionStore(tmp_path / "kmsg.json")
         f = KmsgFollower(Path("/dev/kmsg"), store, boot_id="boot-a")
-        from collectors.kmsg_follow import Position
+        from breakfix.collectors.kmsg_follow import Position
         f.commit(Position(boot_id="boot-a", seq=41))
         again = KmsgFollower(Path("/dev/kmsg"), store, boot_id="boot-a")
         assert again.pos.seq == 41

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from bus.jetstream import JetStreamBus
-from bus.server import EmbeddedNats
-from collectors.agent import NodeAgent, parse_diag
-from remediator.nodeagent import NodeAgentClient
-from schemas import subjects
-from schemas.agent import AgentAction, AgentCommand
+from breakfix.bus.jetstream import JetStreamBus
+from breakfix.bus.server import EmbeddedNats
+from breakfix.collectors.agent import NodeAgent, parse_diag
+from breakfix.remediator.nodeagent import NodeAgentClient
+from breakfix.schemas import subjects
+from breakfix.schemas.agent import AgentAction, AgentCommand
 from tests.conftest import T0
 
 BIN = Path(__file__).resolve().parent / "bin"

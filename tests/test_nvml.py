@@ -9,12 +9,12 @@ from datetime import timedelta
 import pynvml
 import pytest
 
-from collectors.context import NodeContext
-from collectors.edge import Cycle, EdgeFilter
-from collectors.nvml import NvmlSource
-from collectors.nvml_api import FakeNvml, real_nvml
-from schemas.catalog import Catalog
-from schemas.signal import Signal
+from breakfix.collectors.context import NodeContext
+from breakfix.collectors.edge import Cycle, EdgeFilter
+from breakfix.collectors.nvml import NvmlSource
+from breakfix.collectors.nvml_api import FakeNvml, real_nvml
+from breakfix.schemas.catalog import Catalog
+from breakfix.schemas.signal import Signal
 from tests.conftest import T0
 
 
@@ -116,7 +116,7 @@ class TestPolledChecks:
         assert faults(poll(src, 5)) == {("gpu.lost", 4, None), ("ecc.dbe", 6, None)}
 
     def test_signals_carry_tenant_of_the_pod_on_the_gpu(self, catalog: Catalog) -> None:
-        from schemas.common import TenantRef
+        from breakfix.schemas.common import TenantRef
         fake = FakeNvml.hgx(2)
         c = ctx(catalog)
         src = NvmlSource(fake, c)

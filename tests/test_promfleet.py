@@ -17,9 +17,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from bus.server import free_port
-from collectors.promfleet import FleetRules, PrometheusClient, load_fleet_rules
-from schemas.catalog import Catalog
+from breakfix.bus.server import free_port
+from breakfix.collectors.promfleet import FleetRules, PrometheusClient, load_fleet_rules
+from breakfix.schemas.catalog import Catalog
 from tests.conftest import T0
 from tests.test_collector_sources import SAMPLE
 
@@ -143,7 +143,7 @@ async def test_fleet_rules_find_each_fault_on_the_right_node_gpu_and_endpoint(pr
 
 
 def test_bad_rules_file_names_file_and_line(tmp_path: Path) -> None:
-    from schemas.datafile import DataFileError
+    from breakfix.schemas.datafile import DataFileError
 
     p = tmp_path / "fleet.yaml"
     p.write_text("version: 1\nrules:\n  - name: x\n    check: xid\n    kind: sometimes\n    expr: up\n")

@@ -24,22 +24,22 @@ import kmock
 import pytest
 import yaml
 
-from bus.codec import encode
-from bus.jetstream import JetStreamBus
-from bus.server import EmbeddedNats
-from collectors.agent import NodeAgent
-from correlator.grouping import Correlator
-from correlator.service import CorrelatorService
-from remediator.composite import ClusterActuator
-from remediator.k8s import KubernetesActuator, api_for
-from remediator.nodeagent import NodeAgentClient
-from remediator.policy import DEFAULT_POLICY, load_policy
-from remediator.service import RemediatorService
-from remediator.store import KvStore
-from schemas import subjects
-from schemas.catalog import Catalog
-from schemas.common import TenantRef
-from schemas.incident import ActionKind, ActionOutcome, ActionRecord
+from breakfix.bus.codec import encode
+from breakfix.bus.jetstream import JetStreamBus
+from breakfix.bus.server import EmbeddedNats
+from breakfix.collectors.agent import NodeAgent
+from breakfix.correlator.grouping import Correlator
+from breakfix.correlator.service import CorrelatorService
+from breakfix.remediator.composite import ClusterActuator
+from breakfix.remediator.k8s import KubernetesActuator, api_for
+from breakfix.remediator.nodeagent import NodeAgentClient
+from breakfix.remediator.policy import DEFAULT_POLICY, load_policy
+from breakfix.remediator.service import RemediatorService
+from breakfix.remediator.store import KvStore
+from breakfix.schemas import subjects
+from breakfix.schemas.catalog import Catalog
+from breakfix.schemas.common import TenantRef
+from breakfix.schemas.incident import ActionKind, ActionOutcome, ActionRecord
 from tests.conftest import sig, wait_until
 from tests.test_k8s import Cluster, emulator
 
@@ -135,7 +135,7 @@ def spawn_remediator(rig: Rig) -> subprocess.Popen[bytes]:
         "cluster": "c1", "nats_url": rig.nats.url, "policy": str(fast_policy(rig.tmp)),
         "kubernetes": {"in_cluster": False, "host": rig.k8s_url, "drain_timeout_s": 30},
         "lease": {"enabled": True, "identity": "e2e", "lease_s": 5}, "reboot_wait_s": 30, "reboot_poll_s": 0.2}))
-    return subprocess.Popen([sys.executable, "-c", "from breakfix.cli import app; app()", "remediator", "--config",
+    return subprocess.Popen([sys.executable, "-c", "from breakfix.cli.main import app; app()", "remediator", "--config",
                              str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "BREAKFIX_LOG_LEVEL": "WARNING"})
 

@@ -9,17 +9,17 @@ from typing import Any
 
 from aiohttp import web
 
-from bus.codec import encode
-from bus.memory import MemoryBus
-from remediator.executor import Executor, Progress
-from remediator.policy import Policy
-from remediator.provider import ProviderHook
-from remediator.service import APPROVE, BREAKER_RESET, RemediatorService, approval_record
-from remediator.simcluster import SimCluster, SimNode
-from remediator.store import MemoryStore, plan_key
-from schemas import subjects
-from schemas.common import GpuRef, Severity
-from schemas.incident import (
+from breakfix.bus.codec import encode
+from breakfix.bus.memory import MemoryBus
+from breakfix.remediator.executor import Executor, Progress
+from breakfix.remediator.policy import Policy
+from breakfix.remediator.provider import ProviderHook
+from breakfix.remediator.service import APPROVE, BREAKER_RESET, RemediatorService, approval_record
+from breakfix.remediator.simcluster import SimCluster, SimNode
+from breakfix.remediator.store import MemoryStore, plan_key
+from breakfix.schemas import subjects
+from breakfix.schemas.common import GpuRef, Severity
+from breakfix.schemas.incident import (
     ActionKind,
     ActionOutcome,
     ActionRecord,
@@ -117,7 +117,7 @@ class TestApprovalsAndBreaker:
             await h.until(lambda: h.svc.guards.breaker_tripped_at is None)
 
     async def test_budget_refusal_is_retried_until_capacity_frees(self, policy: Policy) -> None:
-        from remediator.guards import BudgetSpec
+        from breakfix.remediator.guards import BudgetSpec
 
         async with Harness(fast(policy, budget=BudgetSpec(max_nodes=1, max_percent=0), topology_budgets=(),
                                 cooldown_s=0)) as h:
@@ -136,7 +136,7 @@ class TestModesAndSoak:
         async def publish(r: ActionRecord) -> None:
             records.append(r)
 
-        from remediator.decide import decide
+        from breakfix.remediator.decide import decide
         plan = decide(incident(), await cluster.view(), policy.model_copy(update={"rules": rules}))
         out = await Executor(cluster, publish, lambda: T0, actor="t").run(incident(), plan)
         assert out is ActionOutcome.DRY_RUN and cluster.history == [] and all(r.dry_run for r in records)
@@ -145,7 +145,7 @@ class TestModesAndSoak:
         cluster = SimCluster({"n1": SimNode("n1")})
         async with Harness(fast(policy), cluster) as h:
             async def soak(inc: Incident) -> Any:
-                from remediator.actuator import StepResult
+                from breakfix.remediator.actuator import StepResult
                 return StepResult(False, "new fault during the soak: xid@n1/gpu2")
 
             h.svc.executor.soak = soak
@@ -160,7 +160,7 @@ class TestResume:
     async def test_running_plan_in_the_store_resumes_at_its_step(self, policy: Policy) -> None:
         cluster = SimCluster({"n1": SimNode("n1", pods={"ml/p": 2})})
         store = MemoryStore()
-        from remediator.decide import decide
+        from breakfix.remediator.decide import decide
         inc = incident()
         plan = decide(inc, await cluster.view(), fast(policy))
         saved = {"incident": inc.model_dump(mode="json"), "plan": plan.model_dump(mode="json"),

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from remediator.policy import Policy
-from schemas.catalog import default_catalog
+from breakfix.remediator.policy import Policy
+from breakfix.schemas.catalog import default_catalog
 
 RUNBOOKS = Path(__file__).resolve().parent.parent / "runbooks"
 CATEGORIES = sorted(default_catalog().classes.categories)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from schemas.common import normalize_pci_bus_id
-from schemas.export import stale
-from schemas.incident import IncidentChange
-from schemas.signal import Signal
-from schemas.subjects import signal_subject, token
+from breakfix.schemas.common import normalize_pci_bus_id
+from breakfix.schemas.export import stale
+from breakfix.schemas.incident import IncidentChange
+from breakfix.schemas.signal import Signal
+from breakfix.schemas.subjects import signal_subject, token
 from tests.conftest import sig
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from collectors.fleet import build_fleet
-from collectors.sim import SCENARIO_DIR, kernel_line, load_scenario, timeline
-from schemas.catalog import Catalog
-from schemas.datafile import DataFileError
+from breakfix.collectors.fleet import build_fleet
+from breakfix.collectors.sim import SCENARIO_DIR, kernel_line, load_scenario, timeline
+from breakfix.schemas.catalog import Catalog
+from breakfix.schemas.datafile import DataFileError
 from tests.conftest import T0
 
 

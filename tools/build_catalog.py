@@ -15,7 +15,7 @@ import csv
 import sys
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "schemas" / "catalog"
+OUT = Path(__file__).resolve().parent.parent / "breakfix" / "schemas" / "catalog"
 
 
 def main(ref: Path) -> None:

@@ -1,0 +1,97 @@
+"""The consume loop every stage uses: pull, decode, handle, then ack.
+
+A message is acked only after ``handle`` returns, so its effect is done before JetStream
+forgets it. A message that cannot be decoded goes to ``breakfix.dlq.<stream>`` with the
+reason in headers, is acked, and the loop keeps running. A handler error naks the message
+with a delay so it is retried; nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import structlog
+
+from breakfix.bus.protocol import Bus, Delivery
+from breakfix.schemas.subjects import HDR_DLQ_CONSUMER, HDR_DLQ_REASON, HDR_DLQ_SUBJECT, dead_letter_subject
+
+T = TypeVar("T")
+
+log = structlog.get_logger("breakfix.bus")
+
+
+class DecodeError(ValueError):
+    """Raised by a decoder for a message that can never be processed."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerSpec(Generic[T]):
+    stream: str
+    durable: str
+    filter_subject: str
+    decode: Callable[[bytes], T]
+    handle: Callable[[T, Delivery], Awaitable[None]]
+    batch: int = 256
+    fetch_timeout_s: float = 0.5
+    retry_delay_s: float = 1.0
+    ack_wait_s: float = 30.0
+
+
+@dataclass
+class ConsumerStats:
+    handled: int = 0
+    dead_lettered: int = 0
+    failed: int = 0
+
+
+async def dead_letter(bus: Bus, msg: Delivery, *, stream: str, consumer: str, reason: str) -> None:
+    """Copy a message to the dead-letter subject with the reason, then ack it."""
+    headers = {
+        HDR_DLQ_REASON: reason[:1000],
+        HDR_DLQ_SUBJECT: msg.subject,
+        HDR_DLQ_CONSUMER: consumer,
+    }
+    await bus.publish(dead_letter_subject(stream), msg.data, headers=headers)
+    await msg.ack()
+
+
+async def run_consumer(bus: Bus, spec: ConsumerSpec[T], *, stop: asyncio.Event,
+                       stats: ConsumerStats | None = None) -> ConsumerStats:
+    """Consume until ``stop`` is set. Never raises on bad messages or handler errors."""
+    stats = stats or ConsumerStats()
+    await bus.ensure_consumer(stream=spec.stream, durable=spec.durable, filter_subject=spec.filter_subject,
+                              ack_wait_s=spec.ack_wait_s)
+    clog = log.bind(stream=spec.stream, consumer=spec.durable)
+    while not stop.is_set():
+        try:
+            batch = await bus.pull(stream=spec.stream, durable=spec.durable, batch=spec.batch,
+                                   timeout_s=spec.fetch_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # connection trouble: back off, keep running
+            clog.warning("pull_failed", error=repr(exc))
+            await asyncio.sleep(spec.retry_delay_s)
+            continue
+        for msg in batch:
+            try:
+                item = spec.decode(msg.data)
+            except DecodeError as exc:
+                stats.dead_lettered += 1
+                clog.warning("dead_lettered", subject=msg.subject, reason=str(exc))
+                await dead_letter(bus, msg, stream=spec.stream, consumer=spec.durable, reason=str(exc))
+                continue
+            try:
+                await spec.handle(item, msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                stats.failed += 1
+                clog.error("handler_failed", subject=msg.subject, error=repr(exc), delivered=msg.num_delivered)
+                await msg.nak(delay=spec.retry_delay_s)
+                continue
+            await msg.ack()
+            stats.handled += 1
+    return stats

@@ -1,0 +1,249 @@
+"""``JetStreamBus``: the ``Bus`` protocol over a real NATS JetStream server (nats-py).
+
+Streams come from ``schemas.subjects.STREAMS``; consumers are durable pull consumers with
+explicit ack. Publishing sets ``Nats-Msg-Id`` so the server drops re-sends inside the
+stream's duplicate window. Transient failures are retried by ``bus.retry`` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.client import JetStreamContext
+from nats.js.object_store import ObjectStore
+
+from breakfix.bus.pipeline import PipelinedPublisher, PublishError
+from breakfix.bus.protocol import Delivery, PublishAck
+from breakfix.bus.puller import BatchPuller
+from breakfix.bus.retry import transient_retry
+from breakfix.schemas.subjects import HDR_MSG_ID, StreamSpec
+
+log = structlog.get_logger("breakfix.bus")
+
+
+class _NatsDelivery:
+    __slots__ = ("_msg",)
+
+    def __init__(self, msg: Msg) -> None:
+        self._msg = msg
+
+    @property
+    def subject(self) -> str:
+        return self._msg.subject
+
+    @property
+    def data(self) -> bytes:
+        return self._msg.data
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._msg.headers or {}
+
+    @property
+    def num_delivered(self) -> int:
+        try:
+            return int(self._msg.metadata.num_delivered)
+        except Exception:  # not a JetStream message
+            return 1
+
+    @property
+    def stream_seq(self) -> int:
+        try:
+            return int(self._msg.metadata.sequence.stream)
+        except Exception:  # not a JetStream message
+            return 0
+
+    async def ack(self) -> None:
+        await self._msg.ack()
+
+    async def nak(self, delay: float | None = None) -> None:
+        await self._msg.nak(delay=delay)
+
+    async def term(self) -> None:
+        await self._msg.term()
+
+
+class JetStreamBus:
+    """A connected JetStream bus. Create with ``await JetStreamBus.connect(url)``."""
+
+    def __init__(self, nc: Client, js: JetStreamContext) -> None:
+        self._nc = nc
+        self._js = js
+        self._subs: dict[tuple[str, str], JetStreamContext.PullSubscription] = {}
+        self._pullers: dict[tuple[str, str], BatchPuller] = {}
+        self._pipeline: PipelinedPublisher | None = None
+        self._stores: dict[str, ObjectStore] = {}
+
+    @classmethod
+    async def connect(cls, url: str, *, name: str = "breakfix") -> JetStreamBus:
+        nc = await nats.connect(
+            url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, allow_reconnect=True
+        )
+        return cls(nc, nc.jetstream(timeout=10.0))
+
+    @property
+    def client(self) -> Client:
+        return self._nc
+
+    async def ensure_streams(self, specs: Sequence[StreamSpec]) -> None:
+        for spec in specs:
+            config = api.StreamConfig(
+                name=spec.name,
+                subjects=list(spec.subjects),
+                duplicate_window=spec.duplicate_window_s,
+                max_age=spec.max_age_s,
+                storage=api.StorageType.FILE,
+                retention=api.RetentionPolicy.LIMITS,
+                subject_transform=api.SubjectTransform(src=spec.transform[0], dest=spec.transform[1])
+                if spec.transform else None,
+            )
+            await self._ensure_stream(config, keep_transform=spec.transform is None)
+
+    async def _ensure_stream(self, config: api.StreamConfig, *, keep_transform: bool) -> None:
+        name = config.name or ""
+        try:
+            info = await transient_retry(lambda: self._js.stream_info(name))
+        except nats.js.errors.NotFoundError:
+            await transient_retry(lambda: self._js.add_stream(config))
+            return
+        if keep_transform:  # only the partitioned correlator decides partitioning; others keep it
+            config.subject_transform = info.config.subject_transform
+        await transient_retry(lambda: self._js.update_stream(config))
+
+    async def ensure_consumer(self, *, stream: str, durable: str, filter_subject: str,
+                              ack_wait_s: float = 30.0, max_deliver: int = 20) -> None:
+        try:
+            await self._js.consumer_info(stream, durable)
+            return
+        except nats.js.errors.NotFoundError:
+            pass
+        config = api.ConsumerConfig(
+            durable_name=durable,
+            name=durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            filter_subject=filter_subject,
+            ack_wait=ack_wait_s,
+            max_deliver=max_deliver,
+            max_ack_pending=20_000,
+        )
+        await transient_retry(lambda: self._js.add_consumer(stream, config=config))
+
+    async def reset_consumer(self, *, stream: str, durable: str, filter_subject: str, start_seq: int,
+                             ack_all: bool = True, max_ack_pending: int = 200_000,
+                             ack_wait_s: float = 60.0) -> None:
+        puller = self._pullers.pop((stream, durable), None)
+        if puller is not None:
+            await puller.close()
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await transient_retry(lambda: self._js.delete_consumer(stream, durable))
+        config = api.ConsumerConfig(
+            durable_name=durable,
+            name=durable,
+            ack_policy=api.AckPolicy.ALL if ack_all else api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE if start_seq > 1 else api.DeliverPolicy.ALL,
+            opt_start_seq=start_seq if start_seq > 1 else None,
+            filter_subject=filter_subject,
+            ack_wait=ack_wait_s,
+            max_ack_pending=max_ack_pending,
+        )
+        await transient_retry(lambda: self._js.add_consumer(stream, config=config))
+
+    async def put_blob(self, bucket: str, name: str, data: bytes) -> None:
+        store = await self._object_store(bucket)
+        await transient_retry(lambda: store.put(name, data))
+
+    async def get_blob(self, bucket: str, name: str) -> bytes | None:
+        store = await self._object_store(bucket)
+        try:
+            result = await transient_retry(lambda: store.get(name))
+        except nats.js.errors.ObjectNotFoundError:
+            return None
+        return bytes(result.data or b"")
+
+    async def _object_store(self, bucket: str) -> ObjectStore:
+        store = self._stores.get(bucket)
+        if store is None:
+            try:
+                store = await self._js.object_store(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                store = await self._js.create_object_store(bucket, config=api.ObjectStoreConfig(
+                    bucket=bucket, storage=api.StorageType.FILE))
+            self._stores[bucket] = store
+        return store
+
+    async def publish(self, subject: str, data: bytes, *, msg_id: str | None = None,
+                      headers: Mapping[str, str] | None = None) -> PublishAck:
+        hdrs = dict(headers or {})
+        if msg_id:
+            hdrs[HDR_MSG_ID] = msg_id
+        ack = await transient_retry(lambda: self._js.publish(subject, data, headers=hdrs or None))
+        return PublishAck(stream=ack.stream, seq=ack.seq, duplicate=bool(ack.duplicate))
+
+    async def pull(self, *, stream: str, durable: str, batch: int, timeout_s: float) -> list[Delivery]:
+        key = (stream, durable)
+        puller = self._pullers.get(key)
+        if puller is None:
+            puller = self._pullers[key] = BatchPuller(self._nc, stream, durable)
+        return [_NatsDelivery(m) for m in await puller.pull(batch, timeout_s)]
+
+    async def publish_start(self, items: Sequence[tuple[str, bytes, str | None]]) -> Awaitable[list[PublishAck]]:
+        """Send now (nats-py publish_async), collect the acks later: the caller keeps working meanwhile."""
+        if self._pipeline is None:
+            self._pipeline = PipelinedPublisher(self._nc)
+        send = self._pipeline.send
+        futures = [await send(subject, data, {HDR_MSG_ID: msg_id} if msg_id else None)
+                   for subject, data, msg_id in items]
+
+        async def acks() -> list[PublishAck]:
+            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout=30.0))
+
+        return acks()
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes, str | None]]) -> list[PublishAck]:
+        """Publish many messages with one round of acks; on any failure fall back to one-by-one
+        publishing with retries, which msg-ids make idempotent."""
+        try:
+            return await (await self.publish_start(items))
+        except (nats.errors.Error, PublishError, TimeoutError) as exc:
+            log.warning("publish_many_fallback", error=repr(exc), messages=len(items))
+            return [await self.publish(subject, data, msg_id=msg_id) for subject, data, msg_id in items]
+
+    async def request(self, subject: str, data: bytes, *, timeout_s: float) -> bytes:
+        msg = await self._nc.request(subject, data, timeout=timeout_s)
+        return bytes(msg.data)
+
+    async def serve(self, subject: str, handler: Callable[[bytes], Awaitable[bytes]]) -> None:
+        async def on_request(msg: Msg) -> None:
+            reply = await handler(msg.data)
+            if msg.reply:
+                await self._nc.publish(msg.reply, reply)
+
+        await self._nc.subscribe(subject, cb=on_request)
+        await self._nc.flush()  # the server knows the responder before anyone asks
+
+    async def stream_messages(self, stream: str) -> int:
+        info = await self._js.stream_info(stream)
+        return int(info.state.messages)
+
+    async def close(self) -> None:
+        for puller in self._pullers.values():
+            await puller.close()
+        self._pullers.clear()
+        if self._pipeline is not None:
+            await self._pipeline.close()
+        for sub in self._subs.values():
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+        if not self._nc.is_closed:
+            await self._nc.drain()

@@ -1,0 +1,197 @@
+"""``MemoryBus``: an in-process fake of the ``Bus`` protocol for pure tests and replay.
+
+It keeps JetStream's semantics that breakfix relies on: streams bound to subject filters,
+msg-id duplicate detection, durable pull consumers that remember their position, explicit
+ack, and redelivery of nak'ed or un-acked messages (on ``redeliver_unacked``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from breakfix.bus.protocol import Delivery, PublishAck, subject_matches
+from breakfix.schemas.subjects import StreamSpec
+
+
+@dataclass
+class _Stored:
+    seq: int
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+
+
+@dataclass
+class _Consumer:
+    filter_subject: str
+    next_index: int = 0
+    ack_all: bool = False
+    pending: dict[int, int] = field(default_factory=dict)  # seq -> deliveries
+    redeliver: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Stream:
+    spec: StreamSpec
+    messages: list[_Stored] = field(default_factory=list)
+    msg_ids: set[str] = field(default_factory=set)
+    consumers: dict[str, _Consumer] = field(default_factory=dict)
+
+
+class _MemDelivery:
+    def __init__(self, bus: MemoryBus, stream: _Stream, consumer: _Consumer, stored: _Stored, n: int) -> None:
+        self._bus, self._stream, self._consumer, self._stored, self._n = bus, stream, consumer, stored, n
+
+    @property
+    def subject(self) -> str:
+        return self._stored.subject
+
+    @property
+    def data(self) -> bytes:
+        return self._stored.data
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._stored.headers
+
+    @property
+    def num_delivered(self) -> int:
+        return self._n
+
+    @property
+    def stream_seq(self) -> int:
+        return self._stored.seq
+
+    async def ack(self) -> None:
+        if self._consumer.ack_all:
+            for seq in [q for q in self._consumer.pending if q <= self._stored.seq]:
+                del self._consumer.pending[seq]
+        self._consumer.pending.pop(self._stored.seq, None)
+
+    async def term(self) -> None:
+        self._consumer.pending.pop(self._stored.seq, None)
+
+    async def nak(self, delay: float | None = None) -> None:
+        if self._stored.seq in self._consumer.pending:
+            self._consumer.redeliver.append(self._stored.seq)
+            self._bus._wake()
+
+
+class MemoryBus:
+    def __init__(self) -> None:
+        self.streams: dict[str, _Stream] = {}
+        self.blobs: dict[tuple[str, str], bytes] = {}
+        self.responders: dict[str, Callable[[bytes], Awaitable[bytes]]] = {}
+        self._cond = asyncio.Condition()
+        self.closed = False
+
+    def _wake(self) -> None:
+        async def _notify() -> None:
+            async with self._cond:
+                self._cond.notify_all()
+
+        asyncio.get_running_loop().create_task(_notify(), name="memorybus-wake")
+
+    async def ensure_streams(self, specs: Sequence[StreamSpec]) -> None:
+        for spec in specs:
+            if spec.transform is not None:
+                raise NotImplementedError("MemoryBus does not apply subject transforms; use a real nats-server")
+            existing = self.streams.get(spec.name)
+            if existing is None:
+                self.streams[spec.name] = _Stream(spec)
+            else:
+                existing.spec = spec
+
+    async def ensure_consumer(self, *, stream: str, durable: str, filter_subject: str,
+                              ack_wait_s: float = 30.0, max_deliver: int = 20) -> None:
+        st = self.streams[stream]
+        st.consumers.setdefault(durable, _Consumer(filter_subject))
+
+    async def reset_consumer(self, *, stream: str, durable: str, filter_subject: str, start_seq: int,
+                             ack_all: bool = True, max_ack_pending: int = 200_000,
+                             ack_wait_s: float = 60.0) -> None:
+        st = self.streams[stream]
+        st.consumers[durable] = _Consumer(filter_subject, next_index=max(start_seq, 1) - 1, ack_all=ack_all)
+
+    async def request(self, subject: str, data: bytes, *, timeout_s: float) -> bytes:
+        handler = self.responders.get(subject)
+        if handler is None:
+            raise TimeoutError(f"no responder on {subject}")
+        return await asyncio.wait_for(handler(data), timeout=timeout_s)
+
+    async def serve(self, subject: str, handler: Callable[[bytes], Awaitable[bytes]]) -> None:
+        self.responders[subject] = handler
+
+    async def put_blob(self, bucket: str, name: str, data: bytes) -> None:
+        self.blobs[(bucket, name)] = bytes(data)
+
+    async def get_blob(self, bucket: str, name: str) -> bytes | None:
+        return self.blobs.get((bucket, name))
+
+    def _stream_for(self, subject: str) -> _Stream:
+        for st in self.streams.values():
+            if any(subject_matches(p, subject) for p in st.spec.subjects):
+                return st
+        raise LookupError(f"no stream for subject {subject!r}")
+
+    async def publish(self, subject: str, data: bytes, *, msg_id: str | None = None,
+                      headers: Mapping[str, str] | None = None) -> PublishAck:
+        st = self._stream_for(subject)
+        if msg_id and msg_id in st.msg_ids:
+            return PublishAck(st.spec.name, len(st.messages), duplicate=True)
+        if msg_id:
+            st.msg_ids.add(msg_id)
+        seq = len(st.messages) + 1
+        st.messages.append(_Stored(seq, subject, data, dict(headers or {})))
+        async with self._cond:
+            self._cond.notify_all()
+        return PublishAck(st.spec.name, seq, duplicate=False)
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes, str | None]]) -> list[PublishAck]:
+        return [await self.publish(subject, data, msg_id=msg_id) for subject, data, msg_id in items]
+
+    async def publish_start(self, items: Sequence[tuple[str, bytes, str | None]]) -> Awaitable[list[PublishAck]]:
+        fut: asyncio.Future[list[PublishAck]] = asyncio.get_running_loop().create_future()
+        fut.set_result(await self.publish_many(items))
+        return fut
+
+    def _take(self, st: _Stream, c: _Consumer, batch: int) -> list[Delivery]:
+        out: list[Delivery] = []
+        while c.redeliver and len(out) < batch:
+            seq = c.redeliver.pop(0)
+            c.pending[seq] = c.pending.get(seq, 1) + 1
+            out.append(_MemDelivery(self, st, c, st.messages[seq - 1], c.pending[seq]))
+        while c.next_index < len(st.messages) and len(out) < batch:
+            stored = st.messages[c.next_index]
+            c.next_index += 1
+            if subject_matches(c.filter_subject, stored.subject):
+                c.pending[stored.seq] = 1
+                out.append(_MemDelivery(self, st, c, stored, 1))
+        return out
+
+    async def pull(self, *, stream: str, durable: str, batch: int, timeout_s: float) -> list[Delivery]:
+        st = self.streams[stream]
+        c = st.consumers[durable]
+        got = self._take(st, c, batch)
+        if got:
+            return got
+        try:
+            async with self._cond:
+                await asyncio.wait_for(self._cond.wait(), timeout=timeout_s)
+        except TimeoutError:
+            return []
+        return self._take(st, c, batch)
+
+    def redeliver_unacked(self) -> None:
+        """Simulate ack-wait expiry: every pending message is delivered again."""
+        for st in self.streams.values():
+            for c in st.consumers.values():
+                c.redeliver.extend(sorted(set(c.pending) - set(c.redeliver)))
+
+    def messages(self, stream: str) -> list[_Stored]:
+        return list(self.streams[stream].messages)
+
+    async def close(self) -> None:
+        self.closed = True

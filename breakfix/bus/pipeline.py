@@ -1,0 +1,80 @@
+"""Pipelined JetStream publishing: send many messages now, collect their acks later.
+
+Each message goes out as a core NATS publish whose reply subject is a token under one inbox
+subscription; the server's PubAck (or error) for that token resolves a future. This is what
+nats-py's ``publish_async`` does, without a timer task per message. A bounded number of acks
+may be outstanding (``max_pending``); past it, ``send`` waits for the oldest. Used by
+``bus.jetstream.JetStreamBus.publish_start``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections import deque
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from breakfix.bus.protocol import PublishAck
+
+
+class PublishError(RuntimeError):
+    """The server refused a publish (no stream, wrong sequence, ...)."""
+
+
+class PipelinedPublisher:
+    def __init__(self, nc: Client, *, max_pending: int = 20_000) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox() + "."
+        self._sub: Subscription | None = None
+        self._futures: dict[str, asyncio.Future[PublishAck]] = {}
+        self._order: deque[asyncio.Future[PublishAck]] = deque()
+        self._next = 0
+        self._max = max_pending
+
+    async def _on_ack(self, msg: Msg) -> None:
+        fut = self._futures.pop(msg.subject[len(self._prefix):], None)
+        if fut is None or fut.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            fut.set_exception(PublishError("no stream answers this subject"))
+            return
+        try:
+            resp = json.loads(msg.data)
+        except ValueError as exc:
+            fut.set_exception(PublishError(f"unreadable publish ack: {exc}"))
+            return
+        if "error" in resp:
+            fut.set_exception(PublishError(str(resp["error"].get("description", resp["error"]))))
+            return
+        fut.set_result(PublishAck(stream=resp.get("stream", ""), seq=int(resp.get("seq", 0)),
+                                  duplicate=bool(resp.get("duplicate", False))))
+
+    async def send(self, subject: str, data: bytes, headers: dict[str, str] | None) -> asyncio.Future[PublishAck]:
+        if self._sub is None:
+            self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_ack, pending_msgs_limit=1_000_000)
+        while len(self._futures) >= self._max and self._order:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._order.popleft()), timeout=30.0)
+        self._next += 1
+        token = str(self._next)
+        fut: asyncio.Future[PublishAck] = asyncio.get_running_loop().create_future()
+        self._futures[token] = fut
+        self._order.append(fut)
+        if len(self._order) > 2 * self._max:
+            self._order = deque(f for f in self._order if not f.done())
+        await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
+        return fut
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+        for fut in self._futures.values():
+            if not fut.done():
+                fut.cancel()
+        self._futures.clear()

@@ -1,0 +1,104 @@
+"""The small ``Bus`` protocol every stage talks to, and NATS subject matching.
+
+Implemented by ``bus.jetstream.JetStreamBus`` (real NATS JetStream) and
+``bus.memory.MemoryBus`` (in-process fake with the same semantics: msg-id dedupe,
+durable pull consumers, explicit ack, redelivery after nak).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from breakfix.schemas.subjects import StreamSpec
+
+
+@dataclass(frozen=True, slots=True)
+class PublishAck:
+    stream: str
+    seq: int
+    duplicate: bool
+
+
+class Delivery(Protocol):
+    """One message handed to a consumer; ack only after its effect is durable."""
+
+    @property
+    def subject(self) -> str: ...
+    @property
+    def data(self) -> bytes: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def num_delivered(self) -> int: ...
+    @property
+    def stream_seq(self) -> int:
+        """The message's sequence number in its stream (0 when not known)."""
+        ...
+
+    async def ack(self) -> None: ...
+    async def nak(self, delay: float | None = None) -> None: ...
+    async def term(self) -> None: ...
+
+
+class Bus(Protocol):
+    async def ensure_streams(self, specs: Sequence[StreamSpec]) -> None:
+        """Create or update streams; safe to call any number of times."""
+
+    async def ensure_consumer(self, *, stream: str, durable: str, filter_subject: str,
+                              ack_wait_s: float = 30.0, max_deliver: int = 20) -> None:
+        """Create a durable pull consumer if it does not exist."""
+
+    async def reset_consumer(self, *, stream: str, durable: str, filter_subject: str, start_seq: int,
+                             ack_all: bool = True, max_ack_pending: int = 200_000,
+                             ack_wait_s: float = 60.0) -> None:
+        """(Re)create a durable pull consumer that starts at ``start_seq``.
+
+        For stages whose checkpoint, not the consumer, is the source of truth: at start-up
+        they point the cursor just past what their checkpoint covers. With ``ack_all`` one
+        ack covers every earlier message, so a stage acks once per checkpoint.
+        """
+
+    async def publish(self, subject: str, data: bytes, *, msg_id: str | None = None,
+                      headers: Mapping[str, str] | None = None) -> PublishAck:
+        """Publish to a stream subject; a repeated ``msg_id`` is dropped as a duplicate."""
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes, str | None]]) -> list[PublishAck]:
+        """Publish ``(subject, data, msg_id)`` items; acks in the same order."""
+
+    async def publish_start(self, items: Sequence[tuple[str, bytes, str | None]]) -> Awaitable[list[PublishAck]]:
+        """Send ``items`` in order now; await the returned object for their acks later (pipelining)."""
+
+    async def pull(self, *, stream: str, durable: str, batch: int, timeout_s: float) -> list[Delivery]:
+        """Fetch up to ``batch`` messages; an empty list when none arrive within the timeout."""
+
+    async def close(self) -> None: ...
+
+
+class Requester(Protocol):
+    """Core NATS request/reply (the node agent): no stream, a reply or a timeout."""
+
+    async def request(self, subject: str, data: bytes, *, timeout_s: float) -> bytes: ...
+    async def serve(self, subject: str, handler: Callable[[bytes], Awaitable[bytes]]) -> None: ...
+
+
+class BlobStore(Protocol):
+    """Named blobs that outlive a process (checkpoints). JetStream Object Store, or memory."""
+
+    async def put_blob(self, bucket: str, name: str, data: bytes) -> None: ...
+    async def get_blob(self, bucket: str, name: str) -> bytes | None: ...
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard match: ``*`` is one token, ``>`` is one or more trailing tokens."""
+    p = pattern.split(".")
+    s = subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(s) > i
+        if i >= len(s):
+            return False
+        if tok != "*" and tok != s[i]:
+            return False
+    return len(p) == len(s)

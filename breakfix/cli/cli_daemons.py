@@ -1,0 +1,177 @@
+"""The long-running services: ``collector``, ``fleet-collector``, ``correlator``, ``correlator-fleet``,
+``remediator``. Each logs JSON, stops cleanly on SIGTERM and refuses a bad config with file:line."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from breakfix.cli import logs
+from breakfix.cli.cliutil import app, daemon, load
+
+
+@app.command()
+def collector(
+    config: Annotated[Path, typer.Option("--config", envvar="BREAKFIX_COLLECTOR_CONFIG", help="Collector YAML.")],
+) -> None:
+    """Run the node collector daemon (JSON logs, /metrics and /healthz)."""
+    from breakfix.collectors.config import load_config
+    from breakfix.collectors.daemon import CollectorDaemon
+    from breakfix.schemas.catalog import load_catalog
+
+    logs.configure(json=True)
+    cfg = load(lambda: load_config(config))
+    collector_daemon = CollectorDaemon(cfg, load(load_catalog))
+    daemon(collector_daemon.run)
+
+
+@app.command()
+def remediator(
+    config: Annotated[Path, typer.Option("--config", envvar="BREAKFIX_REMEDIATOR_CONFIG", help="Remediator YAML.")],
+) -> None:
+    """Run the remediator daemon: Kubernetes, the node agents and the provider hook (JSON logs)."""
+    from breakfix.bus.jetstream import JetStreamBus
+    from breakfix.remediator.composite import ClusterActuator
+    from breakfix.remediator.config import load_config
+    from breakfix.remediator.k8s import DrainPolicy, KubernetesActuator, api_for
+    from breakfix.remediator.leader import LeaseElector
+    from breakfix.remediator.nodeagent import NodeAgentClient
+    from breakfix.remediator.policy import load_policy
+    from breakfix.remediator.provider import ProviderHook
+    from breakfix.remediator.service import RemediatorService
+    from breakfix.remediator.store import KvStore
+
+    logs.configure(json=True)
+    cfg = load(lambda: load_config(config))
+    pol = load(lambda: load_policy(cfg.policy))
+    k = cfg.kubernetes
+    if k.in_cluster:
+        from kubernetes import client as kclient
+        from kubernetes import config as kconfig
+
+        kconfig.load_incluster_config()  # type: ignore[no-untyped-call]
+        api = kclient.ApiClient()
+    else:
+        token = k.token_file.read_text().strip() if k.token_file else None
+        api = api_for(k.host or "http://127.0.0.1:8080", token=token, verify_ssl=k.verify_ssl)
+
+    async def main(stop: asyncio.Event) -> None:
+        bus = await JetStreamBus.connect(cfg.nats_url, name="breakfix-remediator")
+        try:
+            clock = lambda: datetime.now(UTC)  # noqa: E731
+            k8s = KubernetesActuator(api, drain=DrainPolicy(default=k.drain_default, namespaces=k.drain_namespaces,
+                                                            timeout_s=k.drain_timeout_s, parallel=k.drain_parallel))
+            actuator = ClusterActuator(k8s, NodeAgentClient(bus, cfg.cluster, clock),
+                                       ProviderHook(cfg.provider_url) if cfg.provider_url else None,
+                                       event_namespace=k.event_namespace, reboot_wait_s=cfg.reboot_wait_s,
+                                       poll_s=cfg.reboot_poll_s)
+            lease = cfg.lease
+            elector = LeaseElector(api, name=lease.name, namespace=lease.namespace, identity=lease.identity,
+                                   lease_s=lease.lease_s) if lease.enabled else None
+            store = await KvStore.open(bus.client.jetstream())
+            await RemediatorService(bus, actuator, pol, clock, actor=cfg.actor, store=store, elector=elector).run(stop)
+        finally:
+            await bus.close()
+
+    daemon(main)
+
+
+@app.command("fleet-collector")
+def fleet_collector(
+    prometheus: Annotated[str, typer.Option(envvar="BREAKFIX_PROMETHEUS_URL", help="Prometheus base URL.")],
+    cluster: Annotated[str, typer.Option(envvar="BREAKFIX_CLUSTER", help="Cluster the fleet belongs to.")],
+    nats: Annotated[str, typer.Option(envvar="BREAKFIX_NATS_URL", help="NATS URL.")] = "nats://127.0.0.1:4222",
+    rules: Annotated[Path | None, typer.Option(help="Fleet rules YAML (default: the shipped rules).")] = None,
+    interval: Annotated[float, typer.Option(min=1, help="Seconds between evaluations.")] = 30.0,
+    spool_dir: Annotated[Path, typer.Option(help="Spool while NATS is away.")] = Path("/var/lib/breakfix/fleet-spool"),
+) -> None:
+    """Evaluate PromQL health rules over the whole fleet and publish signals (JSON logs)."""
+    from breakfix.collectors.fleetd import run_fleet
+    from breakfix.collectors.promfleet import FleetRules, PrometheusClient, load_fleet_rules
+    from breakfix.schemas.catalog import load_catalog
+
+    logs.configure(json=True)
+    spec = load(lambda: load_fleet_rules(rules))
+    fleet = FleetRules(spec, cluster=cluster, catalog=load(load_catalog))
+
+    async def main(stop: asyncio.Event) -> None:
+        await run_fleet(rules=fleet, prom=PrometheusClient(prometheus), nats_url=nats, spool_dir=spool_dir,
+                        interval_s=interval, clock=lambda: datetime.now(UTC), stop=stop)
+
+    daemon(main)
+
+
+@app.command()
+def correlator(
+    nats: Annotated[str | None, typer.Option(envvar="BREAKFIX_NATS_URL",
+                                             help="NATS URL; without one breakfix starts its own nats-server.")] = None,
+    data_dir: Annotated[Path, typer.Option(envvar="BREAKFIX_DATA_DIR", help="Store for an embedded server.")] = Path(
+        ".breakfix"),
+    rules: Annotated[Path | None, typer.Option(envvar="BREAKFIX_CORRELATOR_RULES",
+                                               help="Correlator rules YAML (default: the shipped rules).")] = None,
+    partitions: Annotated[int, typer.Option(envvar="BREAKFIX_PARTITIONS", min=1,
+                                            help="How many correlator partitions share the signal stream.")] = 1,
+    partition: Annotated[int, typer.Option(envvar="BREAKFIX_PARTITION", min=0,
+                                           help="Which partition this instance owns (0-based).")] = 0,
+    checkpoint_interval: Annotated[float, typer.Option(help="Seconds between state checkpoints.")] = 1.0,
+) -> None:
+    """Run the correlator daemon (JSON logs). State is checkpointed to the JetStream object store."""
+    from breakfix.bus.jetstream import JetStreamBus
+    from breakfix.bus.server import EmbeddedNats
+    from breakfix.correlator.grouping import Correlator
+    from breakfix.correlator.rules import load_rules
+    from breakfix.correlator.service import CorrelatorService, ServiceConfig
+    from breakfix.schemas.catalog import load_catalog
+
+    logs.configure(json=True)
+    cat = load(load_catalog)
+    compiled = load(lambda: load_rules(rules, cat))
+    if partition >= partitions:
+        raise typer.BadParameter(f"--partition {partition} must be below --partitions {partitions}")
+    config = ServiceConfig(partition=partition, partitions=partitions, checkpoint_interval_s=checkpoint_interval)
+    server = None if nats else EmbeddedNats(data_dir / "nats").start()
+    url = nats or (server.url if server else "")
+
+    async def main(stop: asyncio.Event) -> None:
+        bus = await JetStreamBus.connect(url, name=f"breakfix-{config.name}")
+        try:
+            # partitioned instances leave fabric grouping to the fleet stage (breakfix correlator-fleet)
+            core = Correlator(cat, compiled, topology=partitions == 1)
+            await CorrelatorService(bus, core, lambda: datetime.now(UTC), config=config).run(stop)
+        finally:
+            await bus.close()
+
+    try:
+        daemon(main)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+@app.command("correlator-fleet")
+def correlator_fleet(
+    nats: Annotated[str, typer.Option(envvar="BREAKFIX_NATS_URL", help="NATS URL of the partitioned correlators.")],
+    rules: Annotated[Path | None, typer.Option(envvar="BREAKFIX_CORRELATOR_RULES",
+                                               help="Correlator rules YAML (its topology section is used).")] = None,
+) -> None:
+    """Run the fleet stage: fabric incidents across partitioned correlators (JSON logs)."""
+    from breakfix.bus.jetstream import JetStreamBus
+    from breakfix.correlator.fleet import FleetCorrelator, FleetService
+    from breakfix.correlator.rules import load_rules
+    from breakfix.schemas.catalog import load_catalog
+
+    logs.configure(json=True)
+    compiled = load(lambda: load_rules(rules, load(load_catalog)))
+
+    async def main(stop: asyncio.Event) -> None:
+        bus = await JetStreamBus.connect(nats, name="breakfix-correlator-fleet")
+        try:
+            await FleetService(bus, FleetCorrelator(compiled), lambda: datetime.now(UTC)).run(stop)
+        finally:
+            await bus.close()
+
+    daemon(main)

@@ -1,0 +1,70 @@
+"""Human output for the CLI: incident tables, the audit trail, the simulated cluster's state.
+
+Reads the demo's ``DemoResult`` or replayed incidents; writes with rich to the terminal.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from rich.console import Console
+from rich.table import Table
+
+from breakfix.cli.demo import DemoResult
+from breakfix.schemas.incident import ActionKind, ActionOutcome, Incident
+
+
+def incident_table(incidents: list[Incident], title: str) -> Table:
+    t = Table(title=title, show_lines=False, expand=False)
+    for col in ("incident", "scope", "where", "category", "domain", "severity", "status", "signals", "plan"):
+        t.add_column(col, overflow="fold")
+    for inc in incidents:
+        where = inc.node or ",".join(inc.nodes) or "-"
+        if inc.gpus:
+            where += " " + ",".join(g.label() for g in inc.gpus)
+        if inc.tenants:
+            where += " " + ",".join(x.key() for x in inc.tenants)
+        plan = "-"
+        if inc.plan is not None:
+            plan = f"{inc.plan.rule}: " + (" -> ".join(inc.plan.actions()) or "(record only)")
+        signals = str(inc.signal_count) + (f" (+{inc.duplicate_count} dup)" if inc.duplicate_count else "")
+        t.add_row(inc.id, inc.scope.value, where, inc.category, inc.domain.value, inc.severity.value,
+                  inc.status.value, signals, plan)
+    return t
+
+
+def print_demo(result: DemoResult, console: Console) -> None:
+    incidents = sorted(result.console.incidents.values(), key=lambda i: (i.first_seen, i.id))
+    console.print(incident_table(incidents, f"Incidents - scenario {result.scenario.name}"))
+    by_inc: dict[str, list[str]] = defaultdict(list)
+    for rec in result.console.actions:
+        if rec.kind is ActionKind.STEP and rec.outcome in (ActionOutcome.STARTED,):
+            continue
+        if rec.kind is ActionKind.PLAN and rec.outcome is ActionOutcome.PLANNED:
+            continue
+        label = rec.action.value if rec.action else rec.kind.value
+        by_inc[rec.incident_id].append(f"{label}={rec.outcome.value}" + (f" ({rec.reason})" if rec.reason and
+                                       rec.kind is not ActionKind.PLAN and rec.action is not None else ""))
+    console.print("\n[bold]What was done[/bold] (audit trail on breakfix.actions.>)")
+    for inc in incidents:
+        done = by_inc.get(inc.id)
+        if not done:
+            continue
+        console.print(f"  {inc.id} {inc.node} {inc.category} [{inc.status.value}]")
+        for line in done:
+            console.print(f"    - {line}")
+    cl = result.cluster
+    console.print("\n[bold]Simulated cluster[/bold]")
+    for n in cl.nodes.values():
+        if not (n.cordoned or n.reboots or n.gpu_resets or n.drained or n.drained_gpus or n.pod_restarts):
+            continue
+        console.print(f"  {n.name}: cordoned={n.cordoned} reboots={n.reboots} gpu_resets={dict(n.gpu_resets)} "
+                      f"pod_restarts={dict(n.pod_restarts)}")
+    console.print(f"  escalations: {len(cl.escalations)}, tenant notifications: {len(cl.notifications)}")
+    console.print(
+        f"\nsignals sent {result.signals_sent} (JetStream dropped {result.duplicates_dropped} re-sent by msg-id), "
+        f"dead-lettered {len(result.console.dead_letters)}, "
+        f"{len(incidents)} incidents, {len(result.console.actions)} audit records, {result.elapsed_s:.1f}s"
+    )
+    for subject, reason in result.console.dead_letters:
+        console.print(f"  dead letter from {subject}: {reason}")

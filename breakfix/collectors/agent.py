@@ -1,0 +1,182 @@
+"""The node agent: the remediator's hands on a node, inside the collector daemon.
+
+Answers ``AgentCommand``s on ``breakfix.agent.<cluster>.<node>`` (core NATS request/reply) for
+an allow-listed set of actions and nothing else:
+
+- ``reset_gpu``: refused while processes hold the GPU (``nvidia-smi --query-compute-apps``);
+  persistence mode, which counts as a client, is switched off for the reset and restored; then
+  ``nvidia-smi --gpu-reset -i <uuid>``. A lost GPU fails cleanly (the driver says so).
+- ``validate``: ``dcgmi diag -r <level> -j``, parsed into per-test outcomes (DCGM 3 and 4 JSON).
+- ``reboot``: the configured command (``systemctl reboot``), after the command is recorded.
+
+Every command's id is an idempotency key kept on disk: a repeated id gets the stored reply
+(``replayed``) and never acts twice. A reboot is recorded with the boot id it started from; a
+repeat after the node came back confirms the reboot happened instead of rebooting again.
+Facts on GPU reset constraints: NVIDIA nvidia-smi documentation and NVSentinel's gpu-reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+from pydantic import ValidationError
+
+from breakfix.collectors.kmsg_follow import read_boot_id
+from breakfix.schemas.agent import AgentAction, AgentCommand, AgentReply, DiagTest
+from breakfix.schemas.common import first_error
+
+log = structlog.get_logger("breakfix.collector.agent")
+
+
+async def run(argv: list[str], timeout_s: float) -> tuple[int, str]:
+    """Run one executable; (exit code, stdout+stderr). A missing binary or a timeout is rc 127 / 124."""
+    try:
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT)
+    except (FileNotFoundError, PermissionError) as exc:
+        return 127, f"{argv[0]}: {exc}"
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return 124, f"{argv[0]} timed out after {timeout_s:g}s"
+    return proc.returncode or 0, out.decode(errors="replace").strip()
+
+
+def parse_diag(text: str) -> tuple[bool, list[DiagTest]]:
+    """``dcgmi diag -j`` output -> (passed, tests). Keys: "DCGM GPU Diagnostic" (3.x) or "DCGM Diagnostic" (4.x)."""
+    doc = json.loads(text[text.find("{"):text.rfind("}") + 1])
+    root = doc.get("DCGM GPU Diagnostic") or doc.get("DCGM Diagnostic") or {}
+    tests: list[DiagTest] = []
+    for cat in root.get("test_categories", []):
+        for t in cat.get("tests", []):
+            statuses = [str(r.get("status", "")).lower() for r in t.get("results", [])] or ["skip"]
+            worst = "fail" if "fail" in statuses else "warn" if "warn" in statuses else \
+                "pass" if "pass" in statuses else statuses[0]
+            info = "; ".join(str(r.get("info") or (r.get("warnings") or [{}])[0].get("warning", ""))
+                             for r in t.get("results", []) if r.get("info") or r.get("warnings"))
+            tests.append(DiagTest(category=cat.get("category", ""), name=t.get("name", "?"), status=worst, info=info))
+    return bool(tests) and not any(t.status == "fail" for t in tests), tests
+
+
+class NodeAgent:
+    def __init__(self, node: str, state_dir: Path, *, nvidia_smi: str = "nvidia-smi", dcgmi: str = "dcgmi",
+                 reboot_cmd: tuple[str, ...] = ("systemctl", "reboot"),
+                 allow: frozenset[AgentAction] = frozenset(AgentAction),
+                 boot_id: Callable[[], str] = read_boot_id, timeout_s: float = 3600.0) -> None:
+        self.node = node
+        self.path = state_dir / "agent-commands.json"
+        self.nvidia_smi = nvidia_smi
+        self.dcgmi = dcgmi
+        self.reboot_cmd = reboot_cmd
+        self.allow = allow
+        self.boot_id = boot_id
+        self.timeout_s = timeout_s
+        self.done: dict[str, dict[str, object]] = self._load()
+        self._lock = asyncio.Lock()
+
+    def _load(self) -> dict[str, dict[str, object]]:
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keep = dict(list(self.done.items())[-2000:])
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(keep))
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        self.done = keep
+
+    def _reply(self, cmd: AgentCommand, ok: bool, detail: str, **kw: object) -> AgentReply:
+        return AgentReply(id=cmd.id, node=self.node, action=cmd.action, ok=ok, detail=detail, at=datetime.now(UTC),
+                          **kw)
+
+    async def handle_bytes(self, data: bytes) -> bytes:
+        """One request -> one reply; a malformed request gets a clear error reply, never a crash."""
+        try:
+            cmd = AgentCommand.model_validate_json(data)
+        except (ValidationError, ValueError) as exc:
+            return json.dumps({"ok": False, "detail": f"invalid agent command: {first_error(exc)}"}).encode()
+        return (await self.handle(cmd)).model_dump_json().encode()
+
+    async def handle(self, cmd: AgentCommand) -> AgentReply:
+        if cmd.node != self.node:
+            return self._reply(cmd, False, f"command for {cmd.node} reached {self.node}")
+        if cmd.action not in self.allow:
+            return self._reply(cmd, False, f"{cmd.action.value} is not allowed on this node")
+        async with self._lock:  # one command at a time on a node
+            prior = self.done.get(cmd.id)
+            if prior is not None:
+                return self._replay(cmd, prior)
+            if cmd.action is AgentAction.REBOOT:
+                self.done[cmd.id] = {"state": "rebooting", "boot_id": self.boot_id()}
+                self._save()
+                rc, out = await run(list(self.reboot_cmd), 60)
+                if rc == 0:  # keep the boot id record: a repeat of this id checks it instead of rebooting
+                    log.info("agent_command", node=self.node, action="reboot", id=cmd.id, ok=True)
+                    return self._reply(cmd, True, f"reboot requested ({out or 'no output'})")
+                reply = self._reply(cmd, False, f"reboot command failed rc={rc}: {out}")
+            elif cmd.action is AgentAction.RESET_GPU:
+                reply = await self._reset(cmd)
+            else:
+                reply = await self._validate(cmd)
+            self.done[cmd.id] = {"state": "done", "reply": reply.model_dump(mode="json")}
+            self._save()
+            log.info("agent_command", node=self.node, action=cmd.action.value, id=cmd.id, ok=reply.ok)
+            return reply
+
+    def _replay(self, cmd: AgentCommand, prior: dict[str, object]) -> AgentReply:
+        if prior.get("state") == "rebooting":
+            booted = self.boot_id() != prior.get("boot_id")
+            return self._reply(cmd, booted, "rebooted (new boot id)" if booted else
+                               "reboot was requested but the node has not rebooted", replayed=True)
+        stored = AgentReply.model_validate(prior["reply"])
+        return stored.model_copy(update={"replayed": True})
+
+    async def _reset(self, cmd: AgentCommand) -> AgentReply:
+        target = cmd.gpu_uuid or (str(cmd.gpu_index) if cmd.gpu_index is not None else None)
+        if target is None:
+            return self._reply(cmd, False, "reset_gpu needs a GPU UUID or index")
+        smi = self.nvidia_smi
+        rc, out = await run([smi, "--query-compute-apps=pid,process_name", "--format=csv,noheader", "-i", target], 60)
+        if rc != 0:
+            return self._reply(cmd, False, f"cannot query GPU {target}: {out}")
+        procs = [ln for ln in out.splitlines() if ln.strip() and "No running processes" not in ln]
+        if procs:
+            return self._reply(cmd, False, f"GPU {target} is held by {len(procs)} process(es): {procs[0]}",
+                               evidence={"processes": str(len(procs))})
+        rc, pm = await run([smi, "--query-gpu=persistence_mode", "--format=csv,noheader", "-i", target], 60)
+        persistence = rc == 0 and pm.strip().lower() == "enabled"
+        if persistence:
+            await run([smi, "-pm", "0", "-i", target], 60)
+        rc, out = await run([smi, "--gpu-reset", "-i", target], self.timeout_s)
+        if persistence:
+            await run([smi, "-pm", "1", "-i", target], 60)
+        ok = rc == 0 and "successfully reset" in out.lower()
+        said = " ".join(ln.strip() for ln in out.splitlines() if ln.strip())[:400]
+        return self._reply(cmd, ok, said or f"nvidia-smi rc={rc}",
+                           evidence={"rc": str(rc), "persistence_mode_restored": str(persistence).lower()})
+
+    async def _validate(self, cmd: AgentCommand) -> AgentReply:
+        rc, out = await run([self.dcgmi, "diag", "-r", str(cmd.level), "-j"], self.timeout_s)
+        try:
+            passed, tests = parse_diag(out)
+        except (ValueError, AttributeError) as exc:
+            return self._reply(cmd, False, f"dcgmi diag -r {cmd.level} gave no readable result (rc={rc}): {exc}")
+        failed = [t.name for t in tests if t.status == "fail"]
+        detail = (f"DCGM diag r{cmd.level} passed ({len(tests)} tests)" if passed else
+                  f"DCGM diag r{cmd.level} failed: {', '.join(failed)}")
+        return self._reply(cmd, passed, detail, tests=tuple(tests),
+                           evidence={t.name: t.status for t in tests})

@@ -1,0 +1,106 @@
+"""Edge behaviour: turn each source's readings into the few signals worth publishing. Pure.
+
+Sources (``collectors.nvml``, ``dcgm``, ``fabric``, ``endpoint``, ``kmsg``, ...) hand the daemon a
+``Cycle``: *states* (the current health of every check/entity they observed this cycle, healthy
+or not) and *events* (occurrences such as an XID line). ``EdgeFilter.apply`` returns what goes
+to the forwarder (``collectors.forwarder``):
+
+- states: only transitions per (check, entity): fault, a changed fault code, then healthy. A
+  first healthy reading is not news. An entity missing from a cycle is never cleared.
+- every ``resync_s`` the current faults, and the healthy state of every entity that was ever
+  faulted, are sent again (``details.resync``) so the correlator can reconcile after a loss;
+- events: the same (check, entity, code, workload) again within ``repeat_window_s`` is counted,
+  not sent; the next one sent carries ``details.suppressed_repeats``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from breakfix.schemas.signal import Signal
+
+
+@dataclass(frozen=True, slots=True)
+class Cycle:
+    states: list[Signal] = field(default_factory=list)
+    events: list[Signal] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _State:
+    healthy: bool
+    code: str | None
+    signal: Signal
+    ever_faulted: bool
+
+
+@dataclass
+class EdgeStats:
+    transitions: int = 0
+    suppressed_states: int = 0
+    suppressed_events: int = 0
+    resyncs: int = 0
+
+
+def _with(s: Signal, **details: str) -> Signal:
+    return s.model_copy(update={"details": {**s.details, **details}})
+
+
+class EdgeFilter:
+    def __init__(self, *, resync_s: float = 300.0, repeat_window_s: float = 60.0) -> None:
+        self.resync_s = resync_s
+        self.repeat_window_s = repeat_window_s
+        self.states: dict[str, _State] = {}
+        self.events: dict[str, tuple[datetime, int]] = {}  # key -> (last sent, suppressed since)
+        self.last_resync: datetime | None = None
+        self.stats = EdgeStats()
+
+    def apply(self, cycle: Cycle, now: datetime) -> list[Signal]:
+        out: list[Signal] = []
+        for s in cycle.states:
+            key = s.fault_key()
+            prev = self.states.get(key)
+            if prev is None:
+                self.states[key] = _State(s.healthy, s.code, s, not s.healthy)
+                if not s.healthy:
+                    out.append(s)
+                    self.stats.transitions += 1
+                continue
+            changed = prev.healthy != s.healthy or (not s.healthy and prev.code != s.code)
+            prev.healthy, prev.code, prev.signal = s.healthy, s.code, s
+            prev.ever_faulted |= not s.healthy
+            if changed:
+                out.append(s)
+                self.stats.transitions += 1
+            else:
+                self.stats.suppressed_states += 1
+        for s in cycle.events:
+            out.extend(self._event(s))
+        if self.last_resync is None:
+            self.last_resync = now
+        elif (now - self.last_resync).total_seconds() >= self.resync_s:
+            self.last_resync = now
+            sent = {s.fault_key() for s in out}
+            for key, st in self.states.items():
+                if key not in sent and (not st.healthy or st.ever_faulted):
+                    out.append(_with(st.signal.model_copy(update={"observed_at": max(now, st.signal.observed_at),
+                                                                  "id": f"{st.signal.id[:24]}r{int(now.timestamp())}"}),
+                                     resync="true"))
+                    self.stats.resyncs += 1
+        return out
+
+    def _event(self, s: Signal) -> list[Signal]:
+        key = f"{s.fault_key()}#{s.code or ''}#{s.tenant.key() if s.tenant else ''}"
+        last = self.events.get(key)
+        if last is not None and (s.observed_at - last[0]).total_seconds() < self.repeat_window_s:
+            self.events[key] = (last[0], last[1] + 1)
+            self.stats.suppressed_events += 1
+            return []
+        self.events[key] = (s.observed_at, 0)
+        if len(self.events) > 50_000:  # forget the oldest half; bounded whatever a log throws at us
+            for k in sorted(self.events, key=lambda k: self.events[k][0])[:25_000]:
+                del self.events[k]
+        if last is not None and last[1]:
+            return [_with(s, suppressed_repeats=str(last[1]))]
+        return [s]

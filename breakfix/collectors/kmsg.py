@@ -1,0 +1,115 @@
+"""The kernel-log rules: NVIDIA driver lines (XID, SXid, fallen off the bus) -> ``Signal``s.
+
+Pure: ``parse_line`` takes one line in any prefix seen in the wild (raw ``/dev/kmsg``
+records ``6,1234,5678,-;``, dmesg ``[ts]``, ``dmesg -T``, syslog, journald short-iso) and
+returns a ``KernelEvent`` or None for everything else (non-XID NVRM noise included).
+``to_signal`` turns an event into a ``Signal`` through the node's ``NodeContext``, mapping the
+PCI address to the GPU (from NVML, or from the ``NVRM: GPU at PCI:... GPU-<uuid>`` lines the
+driver prints). Line grammar and real examples: NVIDIA driver output collected in
+tests/data/kmsg_real.log. Following the log with persisted positions: ``collectors.kmsg_follow``;
+the daemon's source: ``collectors.kmsg_source``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from breakfix.collectors.context import NodeContext
+from breakfix.schemas.catalog.nvlink5 import NVLINK5_XIDS, decode
+from breakfix.schemas.common import Severity, normalize_pci_bus_id
+from breakfix.schemas.signal import Signal, SignalSource
+
+_XID = re.compile(
+    r"NVRM: Xid \((?:PCI:)?(?P<pci>[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}(?:\.[0-7])?)\): (?P<xid>\d+)"
+    r"(?:, pid=(?P<pid>'<unknown>'|\d+|[^,]*))?(?:, name=(?P<name>[^,]*))?(?:, (?P<rest>.*))?$"
+)
+_SXID = re.compile(
+    r"nvidia-nvswitch(?P<switch>\d+): SXid \(PCI:(?P<pci>[0-9a-fA-F:.]+)\): (?P<sxid>\d+), (?P<rest>.*)$"
+)
+_FALLEN = re.compile(
+    r"NVRM: (?:GPU (?:at )?(?:PCI:)?(?P<pci1>[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]):? "
+    r"(?:GPU )?has fallen off the bus|The NVIDIA GPU (?P<pci2>[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]))"
+)
+_GPU_MAP = re.compile(r"NVRM: GPU at PCI:(?P<pci>[0-9a-fA-F:.]+): (?P<uuid>GPU-[0-9a-fA-F-]+)")
+_RECOVERY = re.compile(r"recovery action changed from 0x[0-9a-fA-F]+ \([^)]*\) to 0x[0-9a-fA-F]+ \((?P<action>[^)]*)\)")
+_RAW_KMSG = re.compile(r"^\d+,(?P<seq>\d+),(?P<usec>\d+),[^;]*;")
+_MONO = re.compile(r"\[\s*(?P<mono>\d+\.\d+)\]")
+
+
+@dataclass(frozen=True, slots=True)
+class KernelEvent:
+    kind: str  # "xid" | "sxid" | "gpu.lost"
+    code: str | None
+    pci: str
+    message: str
+    details: dict[str, str] = field(default_factory=dict)
+    seq: str = ""
+
+
+def _details(**kv: str | None) -> dict[str, str]:
+    return {k: v.strip() for k, v in kv.items() if v is not None and v.strip()}
+
+
+def parse_line(line: str) -> KernelEvent | None:
+    """One kernel-log line -> an event, or None when it is not an NVIDIA fault line."""
+    if "NVRM" not in line and "SXid" not in line:
+        return None
+    line = line.rstrip("\n")
+    raw = _RAW_KMSG.match(line)
+    seq = raw.group("seq") if raw else ""
+    mono = _MONO.search(line)
+    if seq == "" and mono:
+        seq = mono.group("mono")
+    m = _XID.search(line)
+    if m:
+        msg = line[line.index("NVRM: Xid"):]
+        pid = (m.group("pid") or "").strip("'")
+        d = _details(pid=None if pid in ("", "<unknown>") else pid,
+                     process=None if (m.group("name") or "").strip() in ("", "<unknown>") else m.group("name"),
+                     text=m.group("rest"))
+        return KernelEvent("xid", m.group("xid"), normalize_pci_bus_id(m.group("pci")), msg, d, seq)
+    m = _SXID.search(line)
+    if m:
+        rest = m.group("rest")
+        fatal = rest.split(",", 1)[0].strip()
+        link = re.search(r"Link (\d+)", rest)
+        d = _details(switch=m.group("switch"), fatal=fatal if fatal in ("Fatal", "Non-fatal") else None,
+                     link=link.group(1) if link else None, text=rest)
+        return KernelEvent("sxid", m.group("sxid"), normalize_pci_bus_id(m.group("pci")),
+                           line[line.index("nvidia-nvswitch"):], d, seq)
+    m = _FALLEN.search(line)
+    if m:
+        pci = m.group("pci1") or m.group("pci2")
+        return KernelEvent("gpu.lost", None, normalize_pci_bus_id(pci), line[line.index("NVRM"):], {}, seq)
+    return None
+
+
+def gpu_map_entry(line: str) -> tuple[str, str] | None:
+    """``NVRM: GPU at PCI:0000:01:00: GPU-...`` -> (normalised PCI, UUID)."""
+    m = _GPU_MAP.search(line)
+    return (normalize_pci_bus_id(m.group("pci")), m.group("uuid")) if m else None
+
+
+def to_signal(ev: KernelEvent, ctx: NodeContext, *, observed_at: datetime, discriminator: str = "") -> Signal:
+    """A kernel event as a signal for the context's node. The PCI address maps to the GPU's identity
+    (and so to its pod); NVLink5 XIDs 144-150 carry NVIDIA's decode of their subcode and status."""
+    disc = discriminator or ev.seq or ev.message
+    if ev.kind == "sxid":
+        fatal = ev.details.get("fatal") == "Fatal"
+        component = f"nvswitch{ev.details.get('switch', '?')}:{ev.pci}"
+        return ctx.signal(source=SignalSource.KMSG, check="sxid", code=ev.code, healthy=False, at=observed_at,
+                          component=component, message=ev.message, details=ev.details,
+                          severity=Severity.CRITICAL if fatal else Severity.WARNING, discriminator=disc)
+    details = dict(ev.details)
+    if ev.kind == "xid" and ev.code == "154":
+        m = _RECOVERY.search(ev.message)
+        if m:
+            details["recovery_action"] = m.group("action").strip()
+    if ev.kind == "xid" and ev.code in NVLINK5_XIDS:
+        decoded = decode(ctx.catalog.nvlink5, ev.code, ev.message)
+        if decoded is not None:
+            details.update(decoded.details())
+    return ctx.signal(source=SignalSource.KMSG, check=ev.kind, code=ev.code, healthy=False, at=observed_at,
+                      gpu=ctx.gpu(pci=ev.pci), message=ev.message, details=details, discriminator=disc)

@@ -1,0 +1,275 @@
+"""The nvml source: GPU health from NVML, polled, plus XID events from the driver.
+
+``NvmlSource.collect`` reads every GPU through the ``collectors.nvml_api.Nvml`` Protocol
+(real ``pynvml`` or ``FakeNvml``) into a ``GpuSample``; the pure ``evaluate`` turns a sample
+(and the previous one, for counter rates) into state signals: ``gpu.lost`` /
+``gpu.reset_required`` (``NVMLError_GpuIsLost`` / ``ResetRequired`` never escape), volatile
+``ecc.dbe`` and SBE bursts, ``row_remap.pending`` / ``failure``, ``retired_pages.pending`` and
+``retired_pages.limit`` (pre-Ampere page retirement near NVIDIA's 64-page limit),
+clocks-event reasons (``clock.hw_slowdown`` / ``hw_thermal`` / ``power_brake``),
+``temperature.slowdown``, ``pcie.replay`` rate, per-link ``nvlink.down`` / ``nvlink.errors``,
+``fabric.gpu`` state, and ``gpu.count_mismatch`` against the expected count. ``watch_xids``
+waits on ``nvmlEventSetWait_v2`` in a worker thread (never on the event loop) and yields
+``xid`` event signals. The daemon passes both through ``collectors.edge``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import pynvml
+import structlog
+
+from breakfix.collectors.context import NodeContext
+from breakfix.collectors.edge import Cycle
+from breakfix.collectors.nvml_api import Nvml
+from breakfix.schemas.common import GpuRef, normalize_pci_bus_id
+from breakfix.schemas.signal import Signal, SignalSource
+
+log = structlog.get_logger("breakfix.collector.nvml")
+
+CLOCK_BITS = (("clock.hw_slowdown", pynvml.nvmlClocksEventReasonHwSlowdown),
+              ("clock.hw_thermal", pynvml.nvmlClocksEventReasonHwThermalSlowdown),
+              ("clock.power_brake", pynvml.nvmlClocksEventReasonHwPowerBrakeSlowdown))
+SBE_PAGES = pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS
+DBE_PAGES = pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR
+NVLINK_COUNTERS = (pynvml.NVML_NVLINK_ERROR_DL_REPLAY, pynvml.NVML_NVLINK_ERROR_DL_RECOVERY,
+                   pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT, pynvml.NVML_NVLINK_ERROR_DL_CRC_DATA)
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    sbe_burst: int = 100             # new volatile SBEs within one poll
+    pcie_replay_per_min: float = 60.0
+    nvlink_errors_per_min: float = 10.0
+    temperature_margin_c: int = 0    # fault at slowdown threshold minus this
+    retired_pages_limit: int = 60    # NVIDIA retires at most 64 pages per GPU; near the end, RMA
+
+
+@dataclass
+class LinkSample:
+    up: bool
+    errors: int
+
+
+@dataclass
+class GpuSample:
+    gpu: GpuRef
+    lost: str | None = None  # "gpu.lost" | "gpu.reset_required"
+    dbe: int | None = None
+    sbe: int | None = None
+    remap_pending: bool | None = None
+    remap_failure: bool | None = None
+    retired_pending: bool | None = None
+    retired_pages: int | None = None
+    clocks: int | None = None
+    temperature: int | None = None
+    slowdown: int | None = None
+    pcie_replay: int | None = None
+    links: dict[int, LinkSample] = field(default_factory=dict)
+    fabric: tuple[int, int] | None = None
+
+
+def evaluate(ctx: NodeContext, s: GpuSample, prev: GpuSample | None, at: datetime, elapsed_s: float,
+             th: Thresholds, links_seen_up: set[int]) -> list[Signal]:
+    """One GPU's sample -> its state signals. Checks whose reading failed are simply absent."""
+    out: list[Signal] = []
+
+    def state(check: str, bad: bool, *, value: float | None = None, threshold: float | None = None,
+              component: str | None = None, message: str = "") -> None:
+        out.append(ctx.signal(source=SignalSource.NVML, check=check, healthy=not bad, at=at, gpu=s.gpu,
+                              component=component, value=value, threshold=threshold,
+                              message=message or f"{check} on {s.gpu.label()} {'fault' if bad else 'ok'}"))
+
+    state("gpu.lost", s.lost == "gpu.lost", message=f"NVML: GPU {s.gpu.label()} is lost" if s.lost else "")
+    state("gpu.reset_required", s.lost == "gpu.reset_required")
+    if s.lost:
+        return out
+    if s.dbe is not None:
+        state("ecc.dbe", s.dbe > 0, value=s.dbe, threshold=0)
+    if s.sbe is not None and prev is not None and prev.sbe is not None:
+        state("ecc.sbe", s.sbe - prev.sbe >= th.sbe_burst, value=s.sbe - prev.sbe, threshold=th.sbe_burst)
+    if s.remap_pending is not None:
+        state("row_remap.pending", s.remap_pending)
+    if s.remap_failure is not None:
+        state("row_remap.failure", s.remap_failure)
+    if s.retired_pending is not None:
+        state("retired_pages.pending", s.retired_pending)
+    if s.retired_pages is not None:
+        state("retired_pages.limit", s.retired_pages >= th.retired_pages_limit, value=s.retired_pages,
+              threshold=th.retired_pages_limit)
+    if s.clocks is not None:
+        for check, bit in CLOCK_BITS:
+            state(check, bool(s.clocks & bit), value=s.clocks)
+    if s.temperature is not None and s.slowdown:
+        limit = s.slowdown - th.temperature_margin_c
+        state("temperature.slowdown", s.temperature >= limit, value=s.temperature, threshold=limit)
+    if s.pcie_replay is not None and prev is not None and prev.pcie_replay is not None and elapsed_s > 0:
+        rate = max(0, s.pcie_replay - prev.pcie_replay) * 60 / elapsed_s
+        state("pcie.replay", rate >= th.pcie_replay_per_min, value=round(rate, 2), threshold=th.pcie_replay_per_min)
+    for link, ls in s.links.items():
+        if ls.up:
+            links_seen_up.add(link)
+        if link in links_seen_up:  # a link never up on this GPU is not wired, not down
+            state("nvlink.down", not ls.up, component=f"nvlink{link}")
+        before = prev.links.get(link) if prev is not None else None
+        if before is not None and elapsed_s > 0:
+            rate = max(0, ls.errors - before.errors) * 60 / elapsed_s
+            state("nvlink.errors", rate >= th.nvlink_errors_per_min, component=f"nvlink{link}", value=round(rate, 2),
+                  threshold=th.nvlink_errors_per_min)
+    if s.fabric is not None and s.fabric[0] != pynvml.NVML_GPU_FABRIC_STATE_NOT_SUPPORTED:
+        fstate, status = s.fabric
+        state("fabric.gpu", fstate != pynvml.NVML_GPU_FABRIC_STATE_COMPLETED or status != pynvml.NVML_SUCCESS,
+              value=fstate, message=f"GPU fabric state {fstate} status {status} on {s.gpu.label()}")
+    return out
+
+
+def _read(fn: Callable[..., Any], *args: Any) -> Any:
+    """One NVML read; None when the GPU does not support it. Lost/reset errors propagate."""
+    try:
+        return fn(*args)
+    except (pynvml.NVMLError_GpuIsLost, pynvml.NVMLError_ResetRequired):
+        raise
+    except pynvml.NVMLError:
+        return None
+
+
+class NvmlSource:
+    name = "nvml"
+
+    def __init__(self, nvml: Nvml, ctx: NodeContext, *, expected_gpus: int | None = None,
+                 thresholds: Thresholds | None = None, max_links: int = 18) -> None:
+        self.nvml = nvml
+        self.ctx = ctx
+        self.expected = expected_gpus
+        self.th = thresholds or Thresholds()
+        self.max_links = max_links
+        self.handles: dict[int, Any] = {}
+        self.refs: dict[int, GpuRef] = {}
+        self.prev: dict[int, tuple[GpuSample, float]] = {}
+        self.links_up: dict[int, set[int]] = {}
+        self.started = False
+
+    def start(self) -> None:
+        """``nvmlInit`` and enumerate GPUs (index, UUID, PCI bus id) into the node context."""
+        self.nvml.nvmlInit()
+        self.started = True
+        for i in range(self.nvml.nvmlDeviceGetCount()):
+            try:
+                h = self.nvml.nvmlDeviceGetHandleByIndex(i)
+                ref = GpuRef(index=i, uuid=self.nvml.nvmlDeviceGetUUID(h),
+                             pci_bus_id=normalize_pci_bus_id(self.nvml.nvmlDeviceGetPciInfo(h).busId))
+            except pynvml.NVMLError as exc:
+                log.warning("gpu_enumeration_failed", gpu=i, error=str(exc))
+                ref = GpuRef(index=i)
+                h = None
+            self.handles[i] = h
+            self.refs[i] = ref
+        self.ctx.register_gpus(list(self.refs.values()))
+
+    def sample(self, index: int) -> GpuSample:
+        ref, h, n = self.refs[index], self.handles[index], self.nvml
+        s = GpuSample(gpu=ref)
+        try:
+            if h is None:
+                h = self.handles[index] = n.nvmlDeviceGetHandleByIndex(index)
+            s.dbe = _read(n.nvmlDeviceGetTotalEccErrors, h, pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+                          pynvml.NVML_VOLATILE_ECC)
+            s.sbe = _read(n.nvmlDeviceGetTotalEccErrors, h, pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED,
+                          pynvml.NVML_VOLATILE_ECC)
+            rows = _read(n.nvmlDeviceGetRemappedRows, h)
+            if rows is not None:
+                s.remap_pending, s.remap_failure = bool(rows[2]), bool(rows[3])
+            pending = _read(n.nvmlDeviceGetRetiredPagesPendingStatus, h)
+            s.retired_pending = None if pending is None else bool(pending)
+            sbe_pages = _read(n.nvmlDeviceGetRetiredPages, h, SBE_PAGES)
+            dbe_pages = _read(n.nvmlDeviceGetRetiredPages, h, DBE_PAGES)
+            if sbe_pages is not None and dbe_pages is not None:
+                s.retired_pages = len(sbe_pages) + len(dbe_pages)
+            s.clocks = _read(n.nvmlDeviceGetCurrentClocksEventReasons, h)
+            s.temperature = _read(n.nvmlDeviceGetTemperature, h, pynvml.NVML_TEMPERATURE_GPU)
+            s.slowdown = _read(n.nvmlDeviceGetTemperatureThreshold, h, pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN)
+            s.pcie_replay = _read(n.nvmlDeviceGetPcieReplayCounter, h)
+            for link in range(self.max_links):
+                st = _read(n.nvmlDeviceGetNvLinkState, h, link)
+                if st is None:
+                    break
+                errs = [_read(n.nvmlDeviceGetNvLinkErrorCounter, h, link, c) for c in NVLINK_COUNTERS]
+                s.links[link] = LinkSample(up=st == pynvml.NVML_FEATURE_ENABLED, errors=sum(e or 0 for e in errs))
+            s.fabric = self._fabric(h)
+        except pynvml.NVMLError_GpuIsLost:
+            s = GpuSample(gpu=ref, lost="gpu.lost")
+        except pynvml.NVMLError_ResetRequired:
+            s = GpuSample(gpu=ref, lost="gpu.reset_required")
+        return s
+
+    def _fabric(self, h: Any) -> tuple[int, int] | None:
+        info = pynvml.c_nvmlGpuFabricInfo_t()
+        try:
+            self.nvml.nvmlDeviceGetGpuFabricInfo(h, ctypes.byref(info))  # NVML fills the struct in place
+        except (pynvml.NVMLError_GpuIsLost, pynvml.NVMLError_ResetRequired):
+            raise
+        except pynvml.NVMLError:
+            return None  # not an NVSwitch/NVL system, or an older driver
+        return int(info.state), int(info.status)
+
+    def collect(self, at: datetime, mono: float) -> Cycle:
+        """One poll of every GPU (blocking NVML calls: the daemon runs this in a worker thread)."""
+        if not self.started:
+            self.start()
+        states: list[Signal] = []
+        if self.expected is not None:
+            count = len(self.refs)
+            states.append(self.ctx.signal(source=SignalSource.NVML, check="gpu.count_mismatch",
+                                          healthy=count == self.expected, at=at, value=count, threshold=self.expected,
+                                          message=f"NVML sees {count} GPUs, expected {self.expected}"))
+        for i in self.refs:
+            sample = self.sample(i)
+            prev, prev_t = self.prev.get(i, (None, mono))
+            states.extend(evaluate(self.ctx, sample, prev, at, mono - prev_t, self.th,
+                                   self.links_up.setdefault(i, set())))
+            if sample.lost is None:
+                self.prev[i] = (sample, mono)
+        return Cycle(states=states)
+
+    async def watch_xids(self, stop: asyncio.Event, clock: Callable[[], datetime]) -> AsyncIterator[Signal]:
+        """XID events from ``nvmlEventSetWait_v2``; each wait runs in a worker thread."""
+        n = self.nvml
+        if not self.started:
+            await asyncio.to_thread(self.start)
+        es = n.nvmlEventSetCreate()
+        for i, h in self.handles.items():
+            if h is None:
+                continue
+            try:
+                mask = n.nvmlDeviceGetSupportedEventTypes(h) & pynvml.nvmlEventTypeXidCriticalError
+                n.nvmlDeviceRegisterEvents(h, mask, es)
+            except pynvml.NVMLError as exc:
+                log.warning("xid_events_unavailable", gpu=i, error=str(exc))
+        try:
+            while not stop.is_set():
+                try:
+                    ev = await asyncio.to_thread(n.nvmlEventSetWait_v2, es, 1000)
+                except pynvml.NVMLError_Timeout:
+                    continue
+                except pynvml.NVMLError as exc:  # e.g. a GPU fell off: the poll reports it; keep watching
+                    log.warning("xid_wait_failed", error=str(exc))
+                    await asyncio.sleep(1.0)
+                    continue
+                if ev.eventType != pynvml.nvmlEventTypeXidCriticalError:
+                    continue
+                try:
+                    gpu = self.ctx.gpu(uuid=n.nvmlDeviceGetUUID(ev.device))
+                except pynvml.NVMLError:
+                    gpu = self.refs.get(ev.device, GpuRef(index=None))
+                at = clock()
+                yield self.ctx.signal(source=SignalSource.NVML, check="xid", code=str(ev.eventData), healthy=False,
+                                      at=at, gpu=gpu, message=f"NVML event: Xid {ev.eventData} on {gpu.label()}",
+                                      discriminator=f"nvml-event-{at.timestamp()}")
+        finally:
+            n.nvmlEventSetFree(es)

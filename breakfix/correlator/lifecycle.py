@@ -1,0 +1,180 @@
+"""Incident lifecycle in the grouping core: healthy signals, remediator records, expiry.
+
+``open -> mitigating -> validating -> resolved | escalated``. Healthy signals (from the
+collectors) clear the faults they match and resolve an incident once none is left and no plan
+runs; ``ActionRecord``s (from the remediator, on ``breakfix.actions.>``) move it through the
+remediation states. A healthy signal older than the fault never clears it. ``expire`` forgets
+settled incidents after the flap window plus the retention window, so memory stays bounded.
+Pure: times come from the signals, records and the caller.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from breakfix.correlator.model import Change, TrackedIncident
+from breakfix.correlator.state import CoreState
+from breakfix.correlator.topology import settle_parent
+from breakfix.schemas.incident import (
+    ActionKind,
+    ActionOutcome,
+    ActionRecord,
+    ChangeKind,
+    IncidentChange,
+    IncidentScope,
+    IncidentStatus,
+    StepAction,
+)
+from breakfix.schemas.signal import Signal
+
+_MITIGATING_EXEMPT = (StepAction.RETURN_TO_SERVICE, StepAction.NOTIFY_TENANT)
+
+
+class Lifecycle(CoreState):
+    def _clear(self, fk: str, s: Signal, now: datetime) -> list[Change]:
+        self.stats["healthy"] += 1
+        iid = self.by_fault.get(fk)
+        if iid is None:  # the common case: a heartbeat for something that is fine
+            return []
+        inc = self.incidents.get(iid)
+        if inc is None:
+            return []
+        opened = inc.open_faults.get(fk)
+        if opened is None or s.observed_at < opened:
+            return []  # a healthy reading older than the fault never clears it
+        del inc.open_faults[fk]
+        del self.by_fault[fk]
+        inc.version += 1
+        inc.note(s.observed_at, "cleared", fk, self.rules.timeline_limit)
+        if not inc.open_faults and inc.status is IncidentStatus.OPEN and inc.plan is None:
+            self._set_status(inc, IncidentStatus.RESOLVED, s.observed_at, "every fault cleared by a healthy signal")
+            return [Change(ChangeKind.RESOLVED, inc), *self._settled(inc, s.observed_at)]
+        return [Change(ChangeKind.UPDATED, inc)]
+
+    def _settled(self, inc: TrackedIncident, at: datetime) -> list[Change]:
+        """Hooks when an incident resolves or escalates: fabric parents and members follow."""
+        changes: list[Change] = []
+        if inc.parent is not None:
+            changes.extend(settle_parent(inc, self.incidents, at, self.rules.timeline_limit))
+        if inc.members:
+            for mid in inc.members:
+                member = self.incidents.get(mid)
+                if member is not None and not member.status.terminal:
+                    self._set_status(member, inc.status, at, f"fabric incident {inc.id} settled")
+                    member.version += 1
+                    changes.append(Change(ChangeKind.STATUS if inc.status is IncidentStatus.ESCALATED
+                                          else ChangeKind.RESOLVED, member))
+        return changes
+
+    def adopt(self, change: IncidentChange, now: datetime) -> list[Change]:
+        """A fabric incident from the fleet stage (partitioned mode): fold the members we own."""
+        fab = change.incident
+        if fab.scope is not IncidentScope.FABRIC or fab.status.terminal:
+            return []
+        changes: list[Change] = []
+        for mid in fab.members:
+            inc = self.incidents.get(mid)
+            if inc is None or inc.parent is not None or inc.status.terminal:
+                continue
+            inc.parent = fab.id
+            inc.version += 1
+            inc.note(fab.last_seen, "folded", f"into fabric incident {fab.id}", self.rules.timeline_limit)
+            changes.append(Change(ChangeKind.FOLDED, inc))
+        return changes
+
+    def apply_action(self, rec: ActionRecord, now: datetime) -> list[Change]:
+        """Fold one audit record into the incident lifecycle."""
+        inc = self.incidents.get(rec.incident_id)
+        if inc is None:
+            return []
+        if rec.dry_run:
+            if rec.kind is ActionKind.PLAN and rec.plan is not None and inc.plan is None:
+                inc.plan = rec.plan
+                inc.version += 1
+                inc.note(rec.at, "plan", f"{rec.plan.rule} (dry run)", self.rules.timeline_limit)
+                return [Change(ChangeKind.STATUS, inc)]
+            return []
+        before = (inc.status, inc.plan)
+        if rec.kind is ActionKind.PLAN:
+            if rec.outcome is ActionOutcome.PLANNED and rec.plan is not None:
+                inc.plan = rec.plan
+                inc.note(rec.at, "plan", f"{rec.plan.rule}: {' -> '.join(rec.plan.actions())}",
+                         self.rules.timeline_limit)
+            elif rec.outcome is ActionOutcome.COMPLETED:
+                self._set_status(inc, IncidentStatus.RESOLVED, rec.at, rec.reason or "plan completed")
+            elif rec.outcome in (ActionOutcome.ESCALATED, ActionOutcome.FAILED):
+                self._set_status(inc, IncidentStatus.ESCALATED, rec.at, rec.reason or "plan failed")
+        elif rec.kind is ActionKind.STEP and rec.outcome in (ActionOutcome.STARTED, ActionOutcome.SUCCEEDED):
+            if rec.action is StepAction.VALIDATE:
+                self._set_status(inc, IncidentStatus.VALIDATING, rec.at, "validation started")
+            elif rec.action is StepAction.RETURN_TO_SERVICE and rec.outcome is ActionOutcome.SUCCEEDED:
+                self._set_status(inc, IncidentStatus.RESOLVED, rec.at, "returned to service")
+            elif rec.action is StepAction.ESCALATE:
+                self._set_status(inc, IncidentStatus.ESCALATED, rec.at, rec.reason or "escalated")
+            elif rec.action not in _MITIGATING_EXEMPT:
+                self._set_status(inc, IncidentStatus.MITIGATING, rec.at, f"{rec.action} {rec.outcome}")
+        if (inc.status, inc.plan) == before:
+            return []
+        inc.version += 1
+        kind = ChangeKind.RESOLVED if inc.status is IncidentStatus.RESOLVED else ChangeKind.STATUS
+        changes = [Change(kind, inc)]
+        if inc.status.terminal:
+            changes.extend(self._settled(inc, rec.at))
+        return changes
+
+    def _set_status(self, inc: TrackedIncident, status: IncidentStatus, at: datetime, why: str) -> None:
+        if inc.status.terminal or inc.status is status:
+            return
+        inc.status = status
+        inc.note(at, status.value, why, self.rules.timeline_limit)
+        if status.terminal:
+            if status is IncidentStatus.RESOLVED:
+                inc.resolved_at = at
+                inc.time_to_repair_s = round((at - inc.first_seen).total_seconds(), 3)
+            for fk in inc.open_faults:
+                if self.by_fault.get(fk) == inc.id:
+                    del self.by_fault[fk]
+            inc.open_faults.clear()
+            if inc.node is not None and inc.node in self.on_node:
+                self.on_node[inc.node].pop(inc.id, None)
+
+    def expire(self, now: datetime) -> list[str]:
+        """Forget resolved incidents past flap + retention, and history past its windows.
+
+        Escalated incidents wait for a human and are kept. Returns the forgotten incident ids.
+        """
+        rules = self.rules
+        cutoff = now - timedelta(seconds=rules.flap_s + rules.retention_s)
+        gone = {i for i, inc in self.incidents.items()
+                if inc.status is IncidentStatus.RESOLVED and inc.resolved_at is not None and inc.resolved_at < cutoff
+                and not any(self._live(m) for m in inc.members)}
+        for iid in gone:
+            inc = self.incidents.pop(iid)
+            if self.by_key.get(inc.key) == iid:
+                del self.by_key[inc.key]
+        for index in (self.on_node, self.serving):
+            for node in list(index):
+                for iid in [i for i in index[node] if i in gone or i not in self.incidents]:
+                    del index[node][iid]
+                if not index[node]:
+                    del index[node]
+        if self.topology is not None:
+            self.topology.forget(gone)
+        self.stats["expired"] += len(gone)
+        self._prune(now)
+        return sorted(gone)
+
+    def _prune(self, now: datetime) -> None:
+        rules = self.rules
+        peer_s = rules.peer.window_s if rules.peer else rules.sympathetic_s
+        self.down = {k: v for k, v in self.down.items() if (now - v[2]).total_seconds() <= peer_s}
+        if rules.suspect is not None:
+            w = rules.suspect.window_s
+            self.app_hist = {k: kept for k, v in self.app_hist.items()
+                             if (kept := {n: t for n, t in v.items() if (now - t).total_seconds() <= w})}
+        if rules.lemon is not None:
+            w = rules.lemon.window_s
+            self.bursts = {k: kept_t for k, v in self.bursts.items()
+                           if (kept_t := [t for t in v if (now - t).total_seconds() <= w])}
+        longest = max((t.window_s for t in rules.thresholds.values()), default=0.0)
+        self.pending = {k: v for k, v in self.pending.items() if v and (now - v[-1]).total_seconds() <= longest}

@@ -1,0 +1,182 @@
+"""Multi-signal patterns in the grouping core: suspect GPUs, lemons, and endpoint impact.
+
+- **Suspect GPU**: application XIDs (13/31/43) on one GPU from several different workloads
+  within the window mean the GPU, not the code, is suspect: a GPU incident in the operator
+  domain opens for diagnostics. The same XIDs across different GPUs of one tenant never meet
+  here (each GPU keeps its own history), so they stay tenant incidents.
+- **Lemon**: a GPU that opens ``bursts`` incidents within the window goes to the RMA path.
+- **Endpoint impact**: an endpoint SLO breach served from a node with an open hardware incident
+  is that incident's impact; an endpoint incident that opened first is folded under the
+  hardware incident when it appears. The serving nodes come from the endpoint collector's
+  ``details.serving_nodes`` (comma-separated), falling back to the signal's node.
+Called by ``correlator.grouping``; pure.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from breakfix.correlator.model import Change, TrackedIncident, incident_id
+from breakfix.correlator.state import LEMON_LABEL, CoreState
+from breakfix.schemas.catalog import FaultClass
+from breakfix.schemas.common import max_severity
+from breakfix.schemas.incident import ChangeKind, Domain, IncidentScope
+from breakfix.schemas.signal import Signal
+
+_HISTORY_CAP = 32
+
+
+class Patterns(CoreState):
+    def _suspect(self, gpu_key: str, s: Signal, fk: str, ck: str, fc: FaultClass,
+                 now: datetime) -> list[Change] | None:
+        rule = self.rules.suspect
+        assert rule is not None and s.tenant is not None
+        host = self._live(self.by_key.get(gpu_key))
+        if host is not None and host.category == rule.category:
+            return self._add(host, s, fk, ck, fc, now)
+        at = s.observed_at
+        workload = f"{s.tenant.namespace}/{s.tenant.pod or s.tenant.endpoint or '*'}"
+        hist = self.app_hist.setdefault(gpu_key, {})  # workload -> last time, oldest first
+        hist.pop(workload, None)
+        hist[workload] = at
+        for w, t in list(hist.items()):
+            if (at - t).total_seconds() <= rule.window_s and len(hist) <= _HISTORY_CAP:
+                break
+            del hist[w]
+        workloads = list(hist)
+        if len(workloads) < rule.min_workloads:
+            return None
+        spec = self.catalog.category(rule.category)
+        suspect = FaultClass(rule.category, spec.severity, spec.domain, "", True, spec.title,
+                             "correlator rules: suspect_gpu")
+        note = f"{ck} from {len(workloads)} workloads within {rule.window_s:g}s: {', '.join(workloads)}"
+        if host is not None:
+            changes = self._add(host, s, fk, ck, suspect, now)
+            host.note(at, "suspect", note, self.rules.timeline_limit)
+            return changes
+        return self._open(gpu_key, IncidentScope.GPU, s, fk, ck, suspect, now, note=note)
+
+    def _lemon(self, inc: TrackedIncident, s: Signal) -> None:
+        rule = self.rules.lemon
+        if rule is None or inc.labels.get(LEMON_LABEL) == "true":
+            return
+        at = s.observed_at
+        times = self.bursts.setdefault(inc.key, [])
+        times.append(at)
+        while times and (at - times[0]).total_seconds() > rule.window_s:
+            times.pop(0)
+        if len(times) < rule.bursts:
+            return
+        spec = self.catalog.category(rule.category)
+        inc.labels[LEMON_LABEL] = "true"
+        inc.note(at, "lemon", f"{len(times)} incidents on this GPU within {rule.window_s:g}s; was {inc.category}",
+                 self.rules.timeline_limit)
+        inc.category = rule.category
+        inc.title = f"Lemon GPU ({len(times)} incidents within {rule.window_s / 3600:g} h): {spec.title}"
+        inc.severity = max_severity(inc.severity, spec.severity)
+        inc.domain = Domain.OPERATOR
+
+    def _endpoint(self, s: Signal, fk: str, ck: str, fc: FaultClass, now: datetime) -> list[Change] | None:
+        assert s.tenant is not None
+        serving = [n for n in s.details.get("serving_nodes", "").split(",") if n] or [s.node]
+        for node in serving:
+            for iid in self.on_node.get(node, ()):
+                host = self._live(iid)
+                if host is not None and host.domain is Domain.OPERATOR and host.scope is not IncidentScope.TENANT:
+                    return self._impact(host, s, fk, ck, fc, now)
+        key = f"tenant|{s.cluster}|{s.tenant.namespace}|{s.tenant.workload()}"
+        for node in serving:
+            self.serving.setdefault(node, {})[key] = None
+        return None
+
+    def _impact(self, host: TrackedIncident, s: Signal, fk: str, ck: str, fc: FaultClass,
+                now: datetime) -> list[Change]:
+        assert s.tenant is not None
+        self.stats["impact"] += 1
+        t = s.tenant.key()
+        new = t not in host.impact
+        host.impact[t] = s.tenant
+        changes = self._add(host, s, fk, ck, fc, now, fold=True)
+        if new:
+            host.note(s.observed_at, "impact", f"endpoint {t} out of SLO ({ck})", self.rules.timeline_limit)
+            if not changes:
+                host.version += 1
+                changes = [Change(ChangeKind.UPDATED, host)]
+        return changes
+
+    def _multi_gpu(self, inc: TrackedIncident, at: datetime) -> list[Change]:
+        """Several GPU incidents on one node within the window become one node incident."""
+        rule = self.rules.multi_gpu
+        if rule is None or inc.scope is not IncidentScope.GPU or inc.domain is not Domain.OPERATOR \
+                or inc.parent is not None or inc.node is None:
+            return []
+        node_key = f"node|{inc.cluster}|{inc.node}"
+        host = self._live(self.by_key.get(node_key))
+        if host is not None and host.category in (rule.category, "node_reboot_required"):
+            return self._fold_into_node(host, [inc], at)  # the node is already the unit being fixed
+        if host is not None:
+            return []  # a node incident of another kind (an IB link, say) owns the key: keep GPUs separate
+        peers = [p for iid in self.on_node.get(inc.node, ()) if (p := self._live(iid)) is not None
+                 and p.scope is IncidentScope.GPU and p.parent is None
+                 and (at - p.first_seen).total_seconds() <= rule.window_s]
+        gpus = {g for p in peers for g in p.gpus}
+        if len(gpus) < rule.min_gpus:
+            return []
+        spec = self.catalog.category(rule.category)
+        first = min(peers, key=lambda p: p.first_seen)
+        node = TrackedIncident(
+            id=incident_id(node_key, first.id), key=node_key, cluster=inc.cluster, scope=IncidentScope.NODE,
+            node=inc.node, category=rule.category, severity=spec.severity, domain=Domain.OPERATOR,
+            title=f"{len(gpus)} GPUs failing together on {inc.node}: {spec.title}", first_seen=first.first_seen,
+            last_seen=at)
+        node.nodes[inc.node] = None
+        node.labels.update(first.labels)
+        node.note(at, "opened", f"{len(gpus)} GPU incidents on {inc.node} within {rule.window_s:g}s",
+                  self.rules.timeline_limit)
+        self.incidents[node.id] = node
+        self.by_key[node_key] = node.id
+        self.on_node.setdefault(inc.node, {})[node.id] = None
+        return [Change(ChangeKind.OPENED, node), *self._fold_into_node(node, peers, at, opening=True)]
+
+    def _fold_into_node(self, node: TrackedIncident, members: list[TrackedIncident], at: datetime,
+                        opening: bool = False) -> list[Change]:
+        changes: list[Change] = []
+        for m in members:
+            m.parent = node.id
+            m.version += 1
+            m.note(at, "folded", f"into node incident {node.id}", self.rules.timeline_limit)
+            node.members[m.id] = None
+            node.gpus.update(m.gpus)
+            node.tenants.update(m.tenants)
+            for k, v in m.counts.items():
+                node.counts[k] = node.counts.get(k, 0) + v
+            node.open_faults.update(m.open_faults)
+            node.signal_count += m.signal_count
+            node.severity = max_severity(node.severity, m.severity)
+            node.last_seen = max(node.last_seen, m.last_seen)
+            if len(node.evidence) < self.rules.evidence_messages and m.evidence:
+                node.evidence.append(m.evidence[0])
+            changes.append(Change(ChangeKind.FOLDED, m))
+        if not opening:
+            node.version += 1
+            node.title = f"{len(node.gpus)} GPUs failing together on {node.node}"
+            changes.append(Change(ChangeKind.UPDATED, node))
+        return changes
+
+    def _link_impacted(self, inc: TrackedIncident) -> list[Change]:
+        """A hardware incident opened on a node that serves breached endpoints: fold them under it."""
+        changes: list[Change] = []
+        assert inc.node is not None
+        for key in self.serving.get(inc.node, ()):
+            ep = self._live(self.by_key.get(key))
+            if ep is None or ep.parent is not None or ep.scope is not IncidentScope.TENANT:
+                continue
+            ep.parent = inc.id
+            ep.version += 1
+            ep.note(inc.first_seen, "folded", f"caused by hardware incident {inc.id} on {inc.node}",
+                    self.rules.timeline_limit)
+            for t in ep.tenants.values():
+                inc.impact[t.key()] = t
+            inc.note(inc.first_seen, "impact", f"endpoint incident {ep.id}", self.rules.timeline_limit)
+            changes.append(Change(ChangeKind.FOLDED, ep))
+        return changes

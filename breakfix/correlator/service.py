@@ -1,0 +1,274 @@
+"""The correlator daemon: consume signals and action records, publish incident changes, checkpoint.
+
+Reads ``breakfix.signals.>`` (or one partition of it, ``breakfix.signals.*.*.<p>``) and
+``breakfix.actions.>``, feeds the pure core (``correlator.grouping``) a batch at a time with
+an injected clock, and publishes one ``IncidentChange`` per touched incident per batch on
+``breakfix.incidents.<cluster>``, with a deterministic msg-id (``change_msg_id``).
+
+Durability: the checkpoint (``correlator.checkpoint``: the core's state plus the last stream
+sequence of each consumer) is the truth. Messages are acked (ack-all) only after a checkpoint
+that covers them is stored. At start-up the service loads the checkpoint and re-points its
+durable consumers just past it, so a process that was killed re-reads exactly what its last
+checkpoint did not cover. The core is deterministic in the signals, so the changes it
+publishes again carry the same msg-ids and JetStream drops them: no lost signals, no
+duplicate incidents, nothing reopened twice. Undecodable messages go to the dead-letter
+subject with the reason and are covered by the next ack like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+import structlog
+
+from breakfix.bus.codec import decoder, encode
+from breakfix.bus.consumer import ConsumerStats, DecodeError
+from breakfix.bus.protocol import BlobStore, Bus, Delivery, PublishAck
+from breakfix.correlator.checkpoint import Checkpoint, CheckpointStore
+from breakfix.correlator.grouping import Correlator
+from breakfix.correlator.model import Change, change_json, coalesce
+from breakfix.schemas import subjects
+from breakfix.schemas.incident import ActionRecord, ChangeKind, IncidentChange
+from breakfix.schemas.signal import Signal
+
+log = structlog.get_logger("breakfix.correlator")
+
+
+_LIFECYCLE = (ChangeKind.OPENED, ChangeKind.REOPENED, ChangeKind.RESOLVED)
+
+
+def change_msg_id(ch: IncidentChange) -> str:
+    """Lifecycle events are named by incident and flap count, whatever version a batch reached;
+    other changes by version. Either way a re-publication after a restart is a duplicate."""
+    return _msg_id(ch.kind, ch.incident.id, ch.incident.version, ch.incident.flaps)
+
+
+def _items(wire: list[IncidentChange]) -> list[tuple[str, bytes, str | None]]:
+    return [(subjects.incident_subject(ch.incident.cluster), encode(ch), change_msg_id(ch)) for ch in wire]
+
+
+def _msg_id(kind: ChangeKind, incident: str, version: int, flaps: int) -> str:
+    if kind in _LIFECYCLE:
+        return f"{incident}:{kind.value}:{flaps}"
+    return f"{incident}:{version}"
+
+
+async def settle_publishes(bus: Bus, items: list[tuple[str, bytes, str | None]], acks: list[PublishAck]) -> None:
+    """A lifecycle event the stream already held was dropped as a duplicate; publish its state
+    (which may be newer than the stored event) as an update instead."""
+    again: list[tuple[str, bytes, str | None]] = []
+    for (subject, data, _mid), ack in zip(items, acks, strict=True):
+        if not ack.duplicate:
+            continue
+        ch = IncidentChange.model_validate_json(data)
+        if ch.kind in _LIFECYCLE:
+            again.append((subject, *_items([ch.model_copy(update={"kind": ChangeKind.UPDATED})])[0][1:]))
+    if again:
+        await bus.publish_many(again)
+
+
+async def publish_changes(bus: Bus, wire: list[IncidentChange]) -> None:
+    """Publish and wait for the acks (the fleet stage; the correlator pipelines instead)."""
+    if wire:
+        items = _items(wire)
+        await settle_publishes(bus, items, await bus.publish_many(items))
+
+
+class StoreBus(Bus, BlobStore, Protocol):
+    """A bus that can also keep checkpoints (``JetStreamBus``, ``MemoryBus``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    durable: str = "correlator"
+    partition: int = 0
+    partitions: int = 1
+    batch: int = 1024
+    fetch_timeout_s: float = 0.05
+    checkpoint_interval_s: float = 1.0
+    expire_interval_s: float = 60.0
+
+    @property
+    def name(self) -> str:
+        return self.durable if self.partitions == 1 else f"{self.durable}-p{self.partition}"
+
+
+class CorrelatorService:
+    def __init__(self, bus: StoreBus, core: Correlator, clock: Callable[[], datetime], *,
+                 config: ServiceConfig | None = None, checkpoints: CheckpointStore | None = None) -> None:
+        self.bus = bus
+        self.core = core
+        self.clock = clock
+        self.config = config or ServiceConfig()
+        self.checkpoints = checkpoints or CheckpointStore(bus, self.config.name)
+        self.signal_stats = ConsumerStats()
+        self.action_stats = ConsumerStats()
+        self.fabric_stats = ConsumerStats()
+        self.published = 0
+        self.positions: dict[str, int] = {}
+        self._unacked: dict[str, Delivery] = {}
+        self._inflight: list[tuple[list[tuple[str, bytes, str | None]], Awaitable[list[PublishAck]]]] = []
+        self._lock = asyncio.Lock()
+        self._dirty = False
+        self.last_checkpoint_s = 0.0
+        self.ready = asyncio.Event()
+
+    # -- one batch -------------------------------------------------------------------------------
+    async def _publish(self, changes: list[Change], now: datetime) -> None:
+        """Send now; the acks are collected before the next checkpoint (``_settle``)."""
+        items: list[tuple[str, bytes, str | None]] = []
+        for ch in coalesce(changes):
+            inc = ch.incident
+            items.append((subjects.incident_subject(inc.cluster), change_json(ch.kind, inc, now),
+                          _msg_id(ch.kind, inc.id, inc.version, inc.flaps)))
+            log.info("incident_" + ch.kind.value, incident=inc.id, node=inc.node, category=inc.category,
+                     status=inc.status.value, signals=inc.signal_count, parent=inc.parent)
+        if not items:
+            return
+        self._inflight.append((items, await self.bus.publish_start(items)))
+        self.published += len(items)
+        if len(self._inflight) >= 256:
+            await self._settle()
+
+    async def _settle(self) -> None:
+        """Wait for every publish in flight; on a failure publish again one by one (msg-ids dedupe)."""
+        inflight, self._inflight = self._inflight, []
+        for items, pending in inflight:
+            try:
+                acks = await pending
+            except Exception as exc:
+                log.warning("publish_retry", error=repr(exc), changes=len(items))
+                acks = [await self.bus.publish(s, d, msg_id=m) for s, d, m in items]
+            await settle_publishes(self.bus, items, acks)
+
+    async def _dead_letter(self, msg: Delivery, stream: str, durable: str, reason: str) -> None:
+        log.warning("dead_lettered", subject=msg.subject, reason=reason)
+        await self.bus.publish(subjects.dead_letter_subject(stream), msg.data, headers={
+            subjects.HDR_DLQ_REASON: reason[:1000], subjects.HDR_DLQ_SUBJECT: msg.subject,
+            subjects.HDR_DLQ_CONSUMER: durable})
+
+    async def _batch(self, msgs: list[Delivery], *, stream: str, durable: str, decode: Callable[[bytes], Any],
+                     handle: Callable[[Any, datetime], list[Change]], stats: ConsumerStats) -> None:
+        async with self._lock:
+            now = self.clock()
+            changes: list[Change] = []
+            for msg in msgs:
+                try:
+                    item = decode(msg.data)
+                except DecodeError as exc:
+                    stats.dead_lettered += 1
+                    await self._dead_letter(msg, stream, durable, str(exc))
+                    continue
+                try:
+                    changes.extend(handle(item, now))
+                except Exception as exc:  # a poison message must not stall the partition
+                    stats.failed += 1
+                    log.error("handler_failed", subject=msg.subject, error=repr(exc))
+                    await self._dead_letter(msg, stream, durable, f"correlator error: {exc!r}")
+                    continue
+                stats.handled += 1
+            await self._publish(changes, now)
+            self._unacked[durable] = msgs[-1]
+            self._dirty = True
+
+    async def _consume(self, stop: asyncio.Event, *, stream: str, durable: str, decode: Callable[[bytes], Any],
+                       handle: Callable[[Any, datetime], list[Change]], stats: ConsumerStats) -> None:
+        while not stop.is_set():
+            try:
+                msgs = await self.bus.pull(stream=stream, durable=durable, batch=self.config.batch,
+                                           timeout_s=self.config.fetch_timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # connection trouble: back off, keep running
+                log.warning("pull_failed", stream=stream, error=repr(exc))
+                await asyncio.sleep(0.5)
+                continue
+            if msgs:
+                await self._batch(msgs, stream=stream, durable=durable, decode=decode, handle=handle, stats=stats)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    async def checkpoint(self) -> bool:
+        """Store the state and ack what it covers; False when there was nothing new.
+
+        The state is serialised under the lock (a consistent cut); compressing and storing it
+        runs while the next batches are processed, and the acks wait for the store.
+        """
+        started = time.perf_counter()
+        async with self._lock:
+            if not self._dirty:
+                return False
+            await self._settle()
+            for durable, msg in self._unacked.items():
+                self.positions[durable] = max(self.positions.get(durable, 0), msg.stream_seq)
+            to_ack = list(self._unacked.values())
+            self._unacked.clear()
+            self._dirty = False
+            body = Checkpoint(self.core.to_state(), dict(self.positions)).to_json()
+        await self.checkpoints.save_json(body)
+        for msg in to_ack:
+            await msg.ack()
+        self.last_checkpoint_s = time.perf_counter() - started
+        log.debug("checkpoint", positions=self.positions, bytes=self.checkpoints.last_size,
+                  ms=round(self.last_checkpoint_s * 1000, 1))
+        return True
+
+    async def _checkpointer(self, stop: asyncio.Event) -> None:
+        last_expire = time.monotonic()
+        while not stop.is_set():
+            # a big state checkpoints less often, so checkpoints stay under ~5% of the time
+            interval = max(self.config.checkpoint_interval_s, 20 * self.last_checkpoint_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+            if time.monotonic() - last_expire >= self.config.expire_interval_s:
+                async with self._lock:
+                    gone = self.core.expire(self.clock())
+                    self._dirty |= bool(gone)
+                last_expire = time.monotonic()
+            await self.checkpoint()
+
+    async def restore(self) -> None:
+        """Load the checkpoint (if any) and point both consumers just past it."""
+        cfg = self.config
+        await self.bus.ensure_streams(subjects.streams(cfg.partitions) if cfg.partitions > 1 else subjects.STREAMS)
+        cp = await self.checkpoints.load()
+        if cp is not None:
+            self.core.load_state(cp.state)
+            self.positions = dict(cp.positions)
+            log.info("checkpoint_loaded", incidents=len(self.core.incidents), positions=self.positions)
+        for stream, durable, filt in self._consumers():
+            await self.bus.reset_consumer(stream=stream, durable=durable, filter_subject=filt,
+                                          start_seq=self.positions.get(durable, 0) + 1)
+
+    def _consumers(self) -> list[tuple[str, str, str]]:
+        cfg = self.config
+        out = [(subjects.SIGNALS.name, cfg.name, subjects.signal_partition_filter(cfg.partition, cfg.partitions)),
+               (subjects.ACTIONS.name, f"{cfg.name}-actions", subjects.ACTIONS_ALL)]
+        if cfg.partitions > 1:  # fabric incidents from the fleet stage fold this partition's members
+            out.append((subjects.INCIDENTS.name, f"{cfg.name}-fabric", subjects.INCIDENTS_ALL))
+        return out
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.restore()
+        consumers = self._consumers()
+        (sig_stream, sig_durable, _), (act_stream, act_durable, _) = consumers[:2]
+        self.ready.set()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._consume(stop, stream=sig_stream, durable=sig_durable, decode=decoder(Signal),
+                                         handle=self.core.ingest, stats=self.signal_stats),
+                           name=f"{self.config.name}-signals")
+            tg.create_task(self._consume(stop, stream=act_stream, durable=act_durable,
+                                         decode=decoder(ActionRecord), handle=self.core.apply_action,
+                                         stats=self.action_stats), name=f"{self.config.name}-actions")
+            if len(consumers) > 2:
+                fab_stream, fab_durable, _ = consumers[2]
+                tg.create_task(self._consume(stop, stream=fab_stream, durable=fab_durable,
+                                             decode=decoder(IncidentChange), handle=self.core.adopt,
+                                             stats=self.fabric_stats), name=f"{self.config.name}-fabric")
+            tg.create_task(self._checkpointer(stop), name=f"{self.config.name}-checkpoint")
+        await self.checkpoint()

@@ -1,0 +1,141 @@
+"""The correlator core's state, its indexes, and the plain-JSON form a checkpoint stores.
+
+``CoreState`` is the base of ``correlator.grouping.Correlator``: every dict the grouping rules
+read and write lives here, so ``to_state`` / ``load_state`` capture all of it. The service
+(``correlator.service``) writes ``to_state()`` through ``correlator.checkpoint`` together with
+the stream sequence it covers, and a restarted correlator calls ``load_state`` before it
+consumes again. Stub methods name what the mixins (``lifecycle``, ``patterns``) expect.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from datetime import datetime, timedelta
+from typing import Any
+
+from breakfix.correlator.model import Change, TrackedIncident
+from breakfix.correlator.rules import Rules, default_rules
+from breakfix.correlator.topology import TopologyGrouper, _Candidates
+from breakfix.schemas.catalog import Catalog, FaultClass
+from breakfix.schemas.incident import IncidentScope
+from breakfix.schemas.signal import Signal
+
+LEMON_LABEL = "breakfix.io/lemon"
+STATE_VERSION = 1
+
+
+def _ts(d: datetime) -> str:
+    return d.isoformat()
+
+
+def _dt(s: str) -> datetime:
+    return datetime.fromisoformat(s)
+
+
+class CoreState:
+    """Open incidents and the indexes to find them. Mutated only through the core's methods."""
+
+    def __init__(self, catalog: Catalog, rules: Rules | None = None, *, topology: bool = True) -> None:
+        self.catalog = catalog
+        self.rules = rules or default_rules()
+        self.incidents: dict[str, TrackedIncident] = {}
+        self.by_key: dict[str, str] = {}
+        self.by_fault: dict[str, str] = {}
+        self.seen: OrderedDict[str, str] = OrderedDict()
+        self.on_node: dict[str, dict[str, None]] = {}      # node -> operator incidents touching it
+        self.serving: dict[str, dict[str, None]] = {}      # node -> endpoint incidents served from it
+        self.down: dict[str, tuple[str, str, datetime]] = {}  # node -> (incident, gpu key, at) of a GPU that died
+        self.app_hist: dict[str, dict[str, datetime]] = {}  # gpu -> workload -> last app XID
+        self.bursts: dict[str, list[datetime]] = {}        # gpu -> incident opens
+        self.pending: dict[str, list[datetime]] = {}       # fault key -> times below its threshold
+        self.topology = TopologyGrouper(self.rules) if topology else None
+        self._classes: dict[tuple[str, str | None], FaultClass] = {}
+        self.stats = {"signals": 0, "duplicates": 0, "suppressed": 0, "healthy": 0, "folded": 0,
+                      "below_threshold": 0, "impact": 0, "expired": 0}
+        self._symp = catalog.correlation.sympathetic_xids
+        self._message_xids = catalog.message_xids
+        self._dedupe = timedelta(seconds=self.rules.dedupe_s)
+        self._symp_td = timedelta(seconds=self.rules.sympathetic_s)
+        self._peer_td = timedelta(seconds=self.rules.peer.window_s if self.rules.peer else self.rules.sympathetic_s)
+        self._companion_keys = frozenset(f"xid:{c}" for c in catalog.correlation.dbe_companions)
+
+    # -- helpers shared by the mixins --------------------------------------------------------------
+    def _classify(self, s: Signal) -> FaultClass:
+        if s.check == "xid" and s.code in self._message_xids:  # recovery action / NVLink5 decode in the text
+            return self.catalog.classify(check=s.check, code=s.code, message=s.message)
+        k = (s.check, s.code)
+        fc = self._classes.get(k)
+        if fc is None:
+            fc = self._classes[k] = self.catalog.classify(check=s.check, code=s.code, message=s.message)
+        return fc
+
+    def _remember(self, signal_id: str, incident: str) -> None:
+        seen = self.seen
+        seen[signal_id] = incident
+        if len(seen) > self.rules.seen_limit:
+            seen.popitem(last=False)
+
+    def _live(self, iid: str | None) -> TrackedIncident | None:
+        inc = self.incidents.get(iid) if iid else None
+        return None if inc is None or inc.status.terminal else inc
+
+    def _open(self, key: str, scope: IncidentScope, s: Signal, fk: str, ck: str, fc: FaultClass,
+              now: datetime, note: str = "") -> list[Change]:
+        raise NotImplementedError
+
+    def _add(self, inc: TrackedIncident, s: Signal, fk: str, ck: str, fc: FaultClass, now: datetime,
+             fold: bool = False) -> list[Change]:
+        raise NotImplementedError
+
+    def _absorb(self, inc: TrackedIncident, s: Signal, fk: str, ck: str, fc: FaultClass,
+                fold: bool = False) -> bool:
+        raise NotImplementedError
+
+    # -- checkpoint form ---------------------------------------------------------------------------
+    def to_state(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where this core stands, for ``Checkpoint.encode``
+        (orjson: plain values, datetimes, dataclasses; pydantic models through ``model_dump``)."""
+        groups = {k: {"members": {m: [n, _ts(t)] for m, (n, t) in g.members.items()}, "fabric": g.fabric}
+                  for k, g in (self.topology.groups.items() if self.topology else ())}
+        return {
+            "version": STATE_VERSION,
+            "incidents": list(self.incidents.values()),  # dataclasses: orjson writes them natively
+            "seen": list(self.seen.items()),
+            "serving": {k: list(v) for k, v in self.serving.items()},
+            "down": {k: [i, g, _ts(t)] for k, (i, g, t) in self.down.items()},
+            "app_hist": {k: {w: _ts(t) for w, t in v.items()} for k, v in self.app_hist.items()},
+            "bursts": {k: [_ts(t) for t in v] for k, v in self.bursts.items()},
+            "pending": {k: [_ts(t) for t in v] for k, v in self.pending.items()},
+            "topology": groups,
+            "stats": dict(self.stats),
+        }
+
+    def load_state(self, d: dict[str, Any]) -> None:
+        """Replace this core's state with a checkpoint's; indexes are rebuilt from the incidents."""
+        if d.get("version") != STATE_VERSION:
+            raise ValueError(f"checkpoint state version {d.get('version')!r}, this correlator reads {STATE_VERSION}")
+        self.incidents = {}
+        self.by_key, self.by_fault, self.on_node = {}, {}, {}
+        for raw in d["incidents"]:
+            inc = TrackedIncident.from_state(raw)
+            self.incidents[inc.id] = inc
+        for inc in sorted(self.incidents.values(), key=lambda i: i.first_seen):
+            self.by_key[inc.key] = inc.id
+            if not inc.status.terminal:
+                for fk in inc.open_faults:
+                    self.by_fault[fk] = inc.id
+                if inc.domain.value == "operator" and inc.node is not None:
+                    self.on_node.setdefault(inc.node, {})[inc.id] = None
+        self.seen = OrderedDict((k, v) for k, v in d["seen"])
+        self.serving = {k: dict.fromkeys(v) for k, v in d["serving"].items()}
+        self.down = {k: (i, g, _dt(t)) for k, (i, g, t) in d["down"].items()}
+        self.app_hist = {k: {w: _dt(t) for w, t in v.items()} for k, v in d["app_hist"].items()}
+        self.bursts = {k: [_dt(t) for t in v] for k, v in d["bursts"].items()}
+        self.pending = {k: [_dt(t) for t in v] for k, v in d["pending"].items()}
+        if self.topology is not None:
+            self.topology.groups = {}
+            for k, g in d["topology"].items():
+                c = _Candidates(fabric=g["fabric"])
+                c.members = {m: (n, _dt(t)) for m, (n, t) in g["members"].items()}
+                self.topology.groups[k] = c
+        self.stats.update(d["stats"])

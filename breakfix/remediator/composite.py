@@ -1,0 +1,90 @@
+"""The production actuator: Kubernetes for scheduling and pods, the node agent for the GPU and
+the machine, the provider hook for reprovisioning. It implements ``remediator.actuator.Actuator``
+so the executor cannot tell it from the simulated cluster.
+
+A reboot succeeds only when the node agent confirms a new boot id: the same idempotency key is
+sent again until the agent answers that the node rebooted (or the wait runs out), so the next
+step (validation) talks to the rebooted node. Escalation leaves a Warning event and
+``GPUHealthy=False`` on the node for the humans who take over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from breakfix.remediator.actuator import StepResult
+from breakfix.remediator.k8s import KubernetesActuator
+from breakfix.remediator.nodeagent import NodeAgentClient
+from breakfix.remediator.provider import ProviderHook
+from breakfix.remediator.view import ClusterView
+from breakfix.schemas.agent import AgentAction
+
+
+class ClusterActuator:
+    def __init__(self, k8s: KubernetesActuator, agent: NodeAgentClient, provider: ProviderHook | None = None, *,
+                 event_namespace: str = "breakfix", reboot_wait_s: float = 1800.0, poll_s: float = 10.0,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.k8s = k8s
+        self.agent = agent
+        self.provider = provider
+        self.ns = event_namespace
+        self.reboot_wait_s = reboot_wait_s
+        self.poll_s = poll_s
+        self.sleep = sleep
+
+    async def view(self) -> ClusterView:
+        return await self.k8s.view()
+
+    async def cordon(self, node: str, *, incident: str, reason: str) -> StepResult:
+        return await self.k8s.cordon(node, incident=incident, reason=reason)
+
+    async def drain(self, node: str, *, incident: str) -> StepResult:
+        return await self.k8s.drain(node, incident=incident)
+
+    async def drain_gpu(self, node: str, gpu: int, *, incident: str, pods: tuple[str, ...] = ()) -> StepResult:
+        return await self.k8s.drain_gpu(node, gpu, incident=incident, pods=pods)
+
+    async def reset_gpu(self, node: str, gpu: int, *, incident: str, key: str = "") -> StepResult:
+        await self.k8s.set_gpu_condition(node, False, "GPUReset", f"breakfix {incident}: resetting gpu{gpu}")
+        return await self.agent.call(node, AgentAction.RESET_GPU, key=key or f"{incident}:reset:{gpu}",
+                                     incident=incident, gpu_index=gpu)
+
+    async def reboot(self, node: str, *, incident: str, key: str = "") -> StepResult:
+        key = key or f"{incident}:reboot"
+        first = await self.agent.call(node, AgentAction.REBOOT, key=key, incident=incident)
+        if not first.ok and "did not answer" not in first.detail:
+            return first
+        deadline = time.monotonic() + self.reboot_wait_s
+        while time.monotonic() < deadline:
+            await self.sleep(self.poll_s)
+            again = await self.agent.call(node, AgentAction.REBOOT, key=key, incident=incident)
+            if again.ok and again.evidence.get("replayed") == "true" and "new boot id" in again.detail:
+                return StepResult(True, f"{node} rebooted and its agent is back", again.evidence)
+        return StepResult(False, f"{node} did not come back from its reboot within {self.reboot_wait_s:g}s")
+
+    async def reprovision(self, node: str, *, incident: str, key: str = "") -> StepResult:
+        if self.provider is None:
+            return StepResult(False, "no provider hook configured for reprovision")
+        return await self.provider.reprovision(node, reason=f"breakfix {incident}", incident=incident)
+
+    async def validate(self, node: str, gpu: int | None, level: int, *, incident: str, key: str = "") -> StepResult:
+        return await self.agent.call(node, AgentAction.VALIDATE, key=key or f"{incident}:validate:{level}",
+                                     incident=incident, gpu_index=gpu, level=level)
+
+    async def return_to_service(self, node: str, *, incident: str) -> StepResult:
+        await self.k8s.set_gpu_condition(node, True, "Validated", f"breakfix {incident}: passed validation")
+        return await self.k8s.uncordon(node, incident=incident)
+
+    async def notify_tenant(self, namespace: str, pod: str | None, message: str, *, incident: str) -> StepResult:
+        return await self.k8s.notify_tenant(namespace, pod, message, incident=incident)
+
+    async def restart_pod(self, namespace: str, pod: str, *, incident: str) -> StepResult:
+        return await self.k8s.restart_pod(namespace, pod, incident=incident)
+
+    async def escalate(self, node: str | None, summary: str, *, incident: str) -> StepResult:
+        if node:
+            await self.k8s.set_gpu_condition(node, False, "Escalated", summary)
+            await self.k8s.event(self.ns, "Node", node, "BreakfixEscalated", summary, incident=incident)
+        return StepResult(True, f"escalated: {summary}")

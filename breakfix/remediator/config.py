@@ -1,0 +1,58 @@
+"""The remediator daemon's configuration file (``breakfix remediator --config FILE``), validated at
+start-up. Example: ``remediator/examples/remediator.yaml``; deployed by ``deploy/remediator.yaml``."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from breakfix.remediator.k8s import DrainMode
+from breakfix.schemas.datafile import DataFileError, load_model
+
+_STRICT = ConfigDict(frozen=True, extra="forbid")
+
+
+class KubernetesConfig(BaseModel):
+    model_config = _STRICT
+    in_cluster: bool = True
+    host: str | None = Field(None, description="API server URL when not in-cluster.")
+    token_file: Path | None = None
+    verify_ssl: bool = True
+    event_namespace: str = "breakfix"
+    drain_default: DrainMode = "immediate"
+    drain_namespaces: dict[str, DrainMode] = Field(default_factory=dict)
+    drain_timeout_s: float = Field(600.0, gt=0)
+    drain_parallel: int = Field(16, ge=1, le=256)
+
+
+class LeaseConfig(BaseModel):
+    model_config = _STRICT
+    enabled: bool = True
+    name: str = "breakfix-remediator"
+    namespace: str = "breakfix"
+    identity: str = Field(default_factory=lambda: os.environ.get("POD_NAME") or socket.gethostname())
+    lease_s: int = Field(15, ge=5)
+
+
+class RemediatorConfig(BaseModel):
+    model_config = _STRICT
+    version: int = Field(1, ge=1, le=1)
+    cluster: str
+    nats_url: str = "nats://127.0.0.1:4222"
+    policy: Path | None = None
+    kubernetes: KubernetesConfig = KubernetesConfig()
+    lease: LeaseConfig = LeaseConfig()
+    provider_url: str | None = None
+    reboot_wait_s: float = Field(1800.0, gt=0)
+    reboot_poll_s: float = Field(10.0, gt=0)
+    actor: str = Field(default_factory=lambda: f"remediator/{socket.gethostname()}")
+
+
+def load_config(path: str | Path) -> RemediatorConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise DataFileError(p, None, "no such file")
+    return load_model(RemediatorConfig, p)

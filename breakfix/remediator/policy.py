@@ -1,0 +1,115 @@
+"""The remediation policy: a validated YAML file of rules that map incidents to steps.
+
+Loaded once at start-up by ``load_policy`` (file and line in every error). ``decide``
+matches rules in order; the first match wins. The shipped default is
+``remediator/policies/default.yaml``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from breakfix.remediator.guards import GuardsSpec
+from breakfix.schemas.common import Severity
+from breakfix.schemas.datafile import load_model
+from breakfix.schemas.incident import Domain, IncidentScope, StepAction
+
+POLICY_DIR = Path(__file__).resolve().parent / "policies"
+DEFAULT_POLICY = POLICY_DIR / "default.yaml"
+
+# Actions an unknown fault may never take automatically.
+FORBIDDEN_FOR_UNKNOWN = frozenset({StepAction.RESET_GPU, StepAction.REBOOT, StepAction.REPROVISION})
+
+_STRICT = ConfigDict(frozen=True, extra="forbid")
+
+
+class Match(BaseModel):
+    """All given fields must match; an empty match matches every incident."""
+
+    model_config = _STRICT
+
+    categories: frozenset[str] = frozenset()
+    scopes: frozenset[IncidentScope] = frozenset()
+    domains: frozenset[Domain] = frozenset()
+    codes: frozenset[str] = Field(default=frozenset(), description="Any of these codes, e.g. xid:48.")
+    min_severity: Severity | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class StepSpec(BaseModel):
+    model_config = _STRICT
+
+    action: StepAction
+    params: dict[str, str | int | bool] = Field(default_factory=dict)
+    timeout_s: float = Field(default=600.0, gt=0)
+    requires_approval: bool = False
+    when: str | None = Field(default=None, pattern=r"^(controller_owned|tenant_known)$")
+
+
+class RungSpec(BaseModel):
+    """One rung of a ladder; when a step fails (a validation included) the next rung runs."""
+
+    model_config = _STRICT
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9\-]*$")
+    steps: tuple[StepSpec, ...] = Field(min_length=1)
+    timeout_s: float = Field(default=3600.0, gt=0)
+
+
+class Rule(BaseModel):
+    model_config = _STRICT
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9\-]*$")
+    match: Match = Field(default_factory=Match)
+    domain: Domain
+    reason: str = Field(min_length=1)
+    steps: tuple[StepSpec, ...] = ()
+    ladder: tuple[RungSpec, ...] = ()
+    enabled: bool = True
+    shadow: bool = Field(default=False, description="Record what would happen; never act.")
+
+    def rungs(self) -> tuple[RungSpec, ...]:
+        if self.ladder:
+            return self.ladder
+        return (RungSpec(name="main", steps=self.steps),) if self.steps else ()
+
+    @model_validator(mode="after")
+    def _unknown_is_cautious(self) -> Rule:
+        if self.steps and self.ladder:
+            raise ValueError(f"rule {self.name!r}: give either steps or a ladder, not both")
+        may_match_unknown = not self.match.categories or "unknown_fault" in self.match.categories
+        every = [s for r in self.rungs() for s in r.steps]
+        bad = sorted({s.action.value for s in every if s.action in FORBIDDEN_FOR_UNKNOWN})
+        if may_match_unknown and bad:
+            raise ValueError(
+                f"rule {self.name!r} can match unknown faults and must not {', '.join(bad)}; "
+                "list its categories explicitly"
+            )
+        return self
+
+
+class Policy(BaseModel):
+    model_config = _STRICT
+
+    version: int = Field(ge=1, le=1)
+    dry_run: bool = False
+    settle_s: float = Field(default=2.0, ge=0, description="Wait for companion signals before deciding.")
+    opt_out_label: str = "breakfix.io/opt-out"
+    guards: GuardsSpec = GuardsSpec()
+    rules: tuple[Rule, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Policy:
+        seen: set[str] = set()
+        for r in self.rules:
+            if r.name in seen:
+                raise ValueError(f"duplicate rule name {r.name!r}")
+            seen.add(r.name)
+        return self
+
+
+def load_policy(path: str | Path | None = None) -> Policy:
+    """Load and validate a policy file (the shipped default when ``path`` is None)."""
+    return load_model(Policy, path or DEFAULT_POLICY)

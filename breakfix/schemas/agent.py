@@ -1,0 +1,62 @@
+"""Node-agent commands (``breakfix.agent-command/v1``) and replies, over NATS request/reply.
+
+The remediator's node-agent adapter (``remediator.nodeagent``) sends an ``AgentCommand`` to
+``breakfix.agent.<cluster>.<node>``; the agent inside the node's collector daemon
+(``collectors.agent``) answers with an ``AgentReply``. ``id`` is the idempotency key: the agent
+never runs the same id twice and answers a repeat with the stored reply (``replayed``).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from breakfix.schemas.common import UtcDatetime
+
+AGENT_COMMAND_SCHEMA: Literal["breakfix.agent-command/v1"] = "breakfix.agent-command/v1"
+_FROZEN = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class AgentAction(StrEnum):
+    RESET_GPU = "reset_gpu"
+    VALIDATE = "validate"
+    REBOOT = "reboot"
+
+
+class AgentCommand(BaseModel):
+    model_config = _FROZEN
+
+    schema_: Literal["breakfix.agent-command/v1"] = Field(default=AGENT_COMMAND_SCHEMA, alias="schema")
+    id: str = Field(min_length=8, max_length=200, description="Idempotency key: one step of one plan.")
+    node: str
+    action: AgentAction
+    incident: str = ""
+    gpu_uuid: str | None = None
+    gpu_index: int | None = Field(default=None, ge=0)
+    level: int = Field(default=2, ge=1, le=4, description="DCGM diag run level for validate.")
+    issued_at: UtcDatetime
+
+
+class DiagTest(BaseModel):
+    model_config = _FROZEN
+
+    category: str = ""
+    name: str
+    status: str = Field(description="pass | fail | warn | skip, as DCGM reports it (lower case).")
+    info: str = ""
+
+
+class AgentReply(BaseModel):
+    model_config = _FROZEN
+
+    id: str
+    node: str
+    action: AgentAction
+    ok: bool
+    detail: str
+    evidence: dict[str, str] = Field(default_factory=dict)
+    tests: tuple[DiagTest, ...] = ()
+    replayed: bool = False
+    at: UtcDatetime

@@ -1,0 +1,128 @@
+"""The ``Signal`` contract (``breakfix.signal/v1``): one observed state of one health check.
+
+Collectors create signals from raw readings (NVML, DCGM, kernel log, fabric, endpoints,
+the simulator) and publish them on ``breakfix.signals.<cluster>.<node>``. The correlator
+consumes them. A signal with ``healthy=True`` clears the fault that the same check raised
+on the same entity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime
+from enum import StrEnum
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from breakfix.schemas.common import GpuRef, Severity, TenantRef, UtcDatetime, format_rfc3339
+
+SIGNAL_SCHEMA: Literal["breakfix.signal/v1"] = "breakfix.signal/v1"
+
+_CHECK_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
+
+
+@lru_cache(maxsize=4096)
+def _valid_check(name: str) -> bool:
+    return _CHECK_RE.match(name) is not None
+
+
+class SignalSource(StrEnum):
+    """Which collector source produced a signal."""
+
+    NVML = "nvml"
+    DCGM = "dcgm"
+    KMSG = "kmsg"
+    FABRIC = "fabric"
+    ENDPOINT = "endpoint"
+    PROMETHEUS = "prometheus"
+    KUBERNETES = "kubernetes"
+    VALIDATION = "validation"
+    SIM = "sim"
+
+
+class Signal(BaseModel):
+    """One observation of one check on one entity. Frozen; safe to hash and share."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, str_strip_whitespace=True)
+
+    schema_: Literal["breakfix.signal/v1"] = Field(default=SIGNAL_SCHEMA, alias="schema")
+    id: str = Field(min_length=8, max_length=128, description="Deterministic for one observation.")
+    cluster: str = Field(min_length=1)
+    node: str = Field(min_length=1)
+    source: SignalSource
+    check: str = Field(description="Dotted lowercase check name, e.g. xid, ecc.dbe, ib.link_down.")
+    code: str | None = Field(default=None, description="XID number, DCGM_FR_* code, ...")
+    healthy: bool = False
+    severity: Severity = Severity.WARNING
+    gpu: GpuRef | None = None
+    component: str | None = Field(default=None, description="A link, port or endpoint.")
+    tenant: TenantRef | None = None
+    value: float | None = None
+    threshold: float | None = None
+    message: str = ""
+    details: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict, description="Topology: rack, switch, ...")
+    observed_at: UtcDatetime
+
+    @field_validator("check")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if not _valid_check(v):
+            raise ValueError(f"check must be a dotted lowercase name, got {v!r}")
+        return v
+
+    def entity_key(self) -> str:
+        """The entity this signal speaks about: node, GPU, component, and tenant endpoint."""
+        key = self.node
+        g = self.gpu
+        if g is not None:  # GpuRef.key(), inlined: this runs for every signal the correlator sees
+            key += "/" + (g.uuid or (f"gpu{g.index}" if g.index is not None else g.pci_bus_id or "gpu?"))
+        if self.component:
+            key += "/" + self.component
+        t = self.tenant
+        if t is not None and t.endpoint:
+            key += "/" + t.key()
+        return key
+
+    def fault_key(self) -> str:
+        """Check plus entity: what a healthy signal must match to clear a fault."""
+        return self.check + "@" + self.entity_key()
+
+
+def make_signal_id(
+    *,
+    cluster: str,
+    node: str,
+    source: str,
+    check: str,
+    code: str | None,
+    healthy: bool,
+    observed_at: datetime,
+    gpu: GpuRef | None = None,
+    component: str | None = None,
+    discriminator: str = "",
+) -> str:
+    """A deterministic id: the same observation always yields the same id, so re-sends dedupe.
+
+    ``discriminator`` separates distinct observations that share everything else (e.g. a
+    kernel-log sequence number).
+    """
+    gpu_key = gpu.key() if gpu is not None else ""
+    raw = "\x1f".join(
+        [
+            cluster,
+            node,
+            source,
+            check,
+            code or "",
+            "1" if healthy else "0",
+            gpu_key,
+            component or "",
+            format_rfc3339(observed_at),
+            discriminator,
+        ]
+    )
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
