@@ -29,6 +29,7 @@ from breakfix.schemas.incident import (
     IncidentStatus,
     Plan,
     TimelineEntry,
+    WaitingOn,
 )
 
 # Most cautious first. Merging two faults into one incident keeps the earlier entry here.
@@ -101,6 +102,7 @@ class TrackedIncident:
     topology: dict[str, str] = field(default_factory=dict)
     impact: dict[str, TenantRef] = field(default_factory=dict)
     time_to_repair_s: float | None = None
+    waiting: WaitingOn | None = None
     last_at: dict[str, datetime] = field(default_factory=dict)  # fault key#code -> last occurrence (dedupe)
 
     def note(self, at: datetime, event: str, text: str = "", limit: int = 64) -> None:
@@ -125,7 +127,7 @@ class TrackedIncident:
             resolved_at=self.resolved_at, version=self.version,
             timeline=tuple(TimelineEntry.model_construct(at=a, event=e, note=n) for a, e, n in self.timeline),
             parent=self.parent, members=tuple(self.members), topology=dict(self.topology),
-            impact=tuple(self.impact.values()), time_to_repair_s=self.time_to_repair_s,
+            impact=tuple(self.impact.values()), time_to_repair_s=self.time_to_repair_s, waiting=self.waiting,
         )
 
     # -- checkpoint form ------------------------------------------------------------------------
@@ -150,7 +152,9 @@ class TrackedIncident:
             timeline=[(dt(a), e, n) for a, e, n in d["timeline"]], parent=d["parent"],
             members=dict.fromkeys(d["members"]), topology=dict(d["topology"]),
             impact={k: TenantRef.model_validate(v) for k, v in d["impact"].items()},
-            time_to_repair_s=d["time_to_repair_s"], last_at={k: dt(v) for k, v in d["last_at"].items()},
+            time_to_repair_s=d["time_to_repair_s"],
+            waiting=WaitingOn(d["waiting"]) if d.get("waiting") else None,
+            last_at={k: dt(v) for k, v in d["last_at"].items()},
         )
 
 
@@ -211,6 +215,7 @@ def change_json(kind: ChangeKind, inc: TrackedIncident, at: datetime) -> bytes:
             "version": inc.version, "timeline": [{"at": a, "event": e, "note": n} for a, e, n in inc.timeline],
             "parent": inc.parent, "members": list(inc.members), "topology": inc.topology,
             "impact": [_ref(t) for t in inc.impact.values()], "time_to_repair_s": inc.time_to_repair_s,
+            "waiting": inc.waiting.value if inc.waiting else None,
         },
     }
     return orjson.dumps(doc, option=_OPTS)

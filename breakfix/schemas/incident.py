@@ -49,6 +49,18 @@ class Domain(StrEnum):
     NONE = "none"
 
 
+class WaitingOn(StrEnum):
+    """What an open incident's plan is waiting on, shown instead of a bare ``open``."""
+
+    APPROVAL = "approval"
+    BUDGET = "budget"
+    BREAKER = "breaker"
+    COOLDOWN = "cooldown"
+    SOAK = "soak"
+    HUMAN = "human"
+    IDLE = "idle"  # deferred repair: waits for the GPU to go idle or its job to end (with a deadline)
+
+
 class StepAction(StrEnum):
     NOTIFY_TENANT = "notify_tenant"
     RESTART_POD = "restart_pod"
@@ -182,6 +194,9 @@ class Incident(BaseModel):
         default=(), description="Tenant endpoints whose SLO breach this hardware incident causes."
     )
     time_to_repair_s: float | None = None
+    waiting: WaitingOn | None = Field(
+        default=None, description="What the plan waits on (from the remediator's latest record); null when nothing."
+    )
 
 
 class ChangeKind(StrEnum):
@@ -208,6 +223,18 @@ class ActionKind(StrEnum):
     STEP = "step"
     REFUSAL = "refusal"
     APPROVAL = "approval"
+    # human verbs (published on the on-call / admin subjects, see ``subjects.oncall_subject``)
+    DENIAL = "denial"
+    ACK = "ack"
+    SILENCE = "silence"
+    NOTE = "note"
+    ASSIGN = "assign"
+    RELEASE = "release"
+    CANCEL = "cancel"
+    BREAKER = "breaker"
+    KILL_SWITCH = "kill_switch"
+    # the remediator's record of a notification it sent (or failed to send)
+    NOTIFICATION = "notification"
 
 
 class ActionOutcome(StrEnum):
@@ -221,6 +248,10 @@ class ActionOutcome(StrEnum):
     APPROVED = "approved"
     COMPLETED = "completed"
     ESCALATED = "escalated"
+    DENIED = "denied"
+    REQUESTED = "requested"
+    CANCELLED = "cancelled"
+    WAITING = "waiting"
 
 
 class ActionRecord(BaseModel):
@@ -245,4 +276,5 @@ class ActionRecord(BaseModel):
     dry_run: bool = False
     plan: Plan | None = None
     details: dict[str, str] = Field(default_factory=dict)
+    waiting: WaitingOn | None = Field(default=None, description="Set when the plan now waits on something.")
     at: UtcDatetime

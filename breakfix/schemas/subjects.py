@@ -35,6 +35,38 @@ def action_subject(cluster: str) -> str:
     return f"{PREFIX}.actions.{token(cluster)}"
 
 
+# Human verbs. The user's name is a subject token, so the server's per-user permissions (a
+# template on the user's own name) prove who published: a consumer compares the token with the
+# record's ``actor``. Operators may publish only ``oncall`` verbs, admins also ``admin`` verbs.
+ONCALL_VERBS = ("approve", "deny", "ack", "silence", "unsilence", "note", "assign", "release", "cancel")
+ADMIN_VERBS = ("breaker_reset", "kill_switch")
+
+
+def oncall_subject(cluster: str, user: str, verb: str) -> str:
+    """``breakfix.actions.<cluster>.oncall.<user>.<verb>``: an operator's audited decision."""
+    if verb not in ONCALL_VERBS:
+        raise ValueError(f"unknown on-call verb {verb!r}")
+    return f"{PREFIX}.actions.{token(cluster)}.oncall.{token(user)}.{verb}"
+
+
+def admin_subject(cluster: str, user: str, verb: str) -> str:
+    """``breakfix.actions.<cluster>.admin.<user>.<verb>``: an admin's breaker reset or kill switch."""
+    if verb not in ADMIN_VERBS:
+        raise ValueError(f"unknown admin verb {verb!r}")
+    return f"{PREFIX}.actions.{token(cluster)}.admin.{token(user)}.{verb}"
+
+
+def human_subject_parts(subject: str) -> tuple[str, str, str, str] | None:
+    """``(cluster, role, user, verb)`` of an on-call or admin subject, or None for any other subject."""
+    parts = subject.split(".")
+    if len(parts) != 6 or parts[0] != PREFIX or parts[1] != "actions" or parts[3] not in ("oncall", "admin"):
+        return None
+    verbs = ONCALL_VERBS if parts[3] == "oncall" else ADMIN_VERBS
+    if parts[5] not in verbs:
+        return None
+    return parts[2], parts[3], parts[4], parts[5]
+
+
 def agent_subject(cluster: str, node: str) -> str:
     """``breakfix.agent.<cluster>.<node>``: node-agent commands (core NATS request/reply, no stream)."""
     return f"{PREFIX}.agent.{token(cluster)}.{token(node)}"
