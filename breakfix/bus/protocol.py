@@ -7,7 +7,7 @@ durable pull consumers, explicit ack, redelivery after nak).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -88,6 +88,38 @@ class BlobStore(Protocol):
 
     async def put_blob(self, bucket: str, name: str, data: bytes) -> None: ...
     async def get_blob(self, bucket: str, name: str) -> bytes | None: ...
+
+
+class KvConflict(RuntimeError):
+    """A conditional key-value write lost: the key exists (create) or moved on (update)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KvEntry:
+    """One key's latest value. ``value`` is None for a deleted key (watch only)."""
+
+    key: str
+    value: bytes | None
+    revision: int
+
+
+class KeyValue(Protocol):
+    """Latest-value buckets (JetStream KV, or memory): plan progress, guard state, the incident index.
+
+    Conditional writes give optimistic concurrency: ``kv_create`` fails if the key exists,
+    ``kv_update`` fails unless the key is still at ``revision``; both raise ``KvConflict``.
+    """
+
+    async def ensure_kv(self, bucket: str, *, history: int = 1, max_age_s: float | None = None) -> None: ...
+    async def kv_get(self, bucket: str, key: str) -> KvEntry | None: ...
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> int: ...
+    async def kv_create(self, bucket: str, key: str, value: bytes) -> int: ...
+    async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int: ...
+    async def kv_delete(self, bucket: str, key: str) -> None: ...
+    async def kv_keys(self, bucket: str, prefix: str = "") -> list[str]: ...
+    def kv_watch(self, bucket: str, prefix: str = "") -> AsyncIterator[KvEntry]:
+        """Every current value, then each change as it happens (deletes have ``value`` None)."""
+        ...
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
