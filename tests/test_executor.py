@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 import pytest
 
+from breakfix.bus.clock import ManualClock
 from breakfix.remediator.decide import decide
 from breakfix.remediator.executor import Executor
 from breakfix.remediator.policy import Policy
@@ -31,15 +30,15 @@ def incident(category: str) -> Incident:
                     first_seen=T0, last_seen=T0)
 
 
-def clock() -> datetime:
-    return T0
+def clock() -> ManualClock:
+    return ManualClock(T0)
 
 
 class Harness:
     def __init__(self, cluster: SimCluster) -> None:
         self.records: list[ActionRecord] = []
         self.cluster = cluster
-        self.executor = Executor(cluster, self.publish, clock, actor="test")
+        self.executor = Executor(cluster, self.publish, clock(), actor="test")
 
     async def publish(self, rec: ActionRecord) -> None:
         self.records.append(rec)
@@ -69,7 +68,7 @@ class TestExecutor:
         inc = incident("gpu_reset_required")
         await h.executor.run(inc, decide(inc, await h.cluster.view(), policy))
         steps = [r for r in h.records if r.kind is ActionKind.STEP]
-        assert len(steps) == 8
+        assert len(steps) == 10, "cordon, drain_gpu, reset_gpu, validate, return: started + finished"
         assert all(r.rule == "gpu-reset" and r.actor == "test" and r.incident_id == "inc-9" for r in h.records)
         assert len({r.id for r in h.records}) == len(h.records), "record ids are unique"
 

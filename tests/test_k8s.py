@@ -15,8 +15,10 @@ from typing import Any
 import kmock
 import pytest
 
+from breakfix.bus.clock import ManualClock
 from breakfix.remediator.k8s import OWNER, QUARANTINE, DrainPolicy, KubernetesActuator, api_for
 from breakfix.remediator.leader import LeaseElector
+from tests.conftest import T0
 
 
 class Cluster:
@@ -80,10 +82,6 @@ async def cluster() -> AsyncIterator[Cluster]:
         yield Cluster(k, url)
 
 
-async def no_sleep(_s: float) -> None:
-    await asyncio.sleep(0)
-
-
 class TestCordon:
     async def test_cordon_sets_taint_and_ownership_and_uncordon_reverts(self, cluster: Cluster) -> None:
         await cluster.add_node("n1")
@@ -114,7 +112,7 @@ class TestDrain:
         await cluster.add_pod("ml", "train-0", "n1", refusals=2)
         await cluster.add_pod("ml", "train-1", "n1")
         await cluster.add_pod("kube-system", "gpu-feature-discovery", "n1", owner="DaemonSet")
-        act = KubernetesActuator(cluster.api, drain=DrainPolicy(retry_s=0.01, timeout_s=30), sleep=no_sleep)
+        act = KubernetesActuator(cluster.api, drain=DrainPolicy(retry_s=0.01, timeout_s=30), clock=ManualClock(T0))
         result = await act.drain("n1", incident="inc-1")
         assert result.ok, result.detail
         assert sorted(cluster.evictions) == ["ml/train-0", "ml/train-1"], "DaemonSet pods stay"
@@ -159,7 +157,7 @@ class TestDrain:
         await cluster.add_node("n1")
         for i in range(4):
             await cluster.add_pod("ml", f"w{i}", "n1")
-        act = KubernetesActuator(cluster.api, sleep=no_sleep)
+        act = KubernetesActuator(cluster.api, clock=ManualClock(T0))
         result = await act.drain_gpu("n1", 2, incident="inc-1", pods=("ml/w2", "ml/not-here"))
         assert result.ok and cluster.evictions == ["ml/w2"] and "gpu2" in result.detail
 
@@ -167,7 +165,7 @@ class TestDrain:
         await cluster.add_node("n1")
         for i in range(40):
             await cluster.add_pod("ml", f"w{i}", "n1")
-        act = KubernetesActuator(cluster.api, drain=DrainPolicy(parallel=8), sleep=no_sleep)
+        act = KubernetesActuator(cluster.api, drain=DrainPolicy(parallel=8), clock=ManualClock(T0))
         result = await act.drain("n1", incident="inc-1")
         assert result.ok and len(cluster.evictions) == 40 and act.evictions == 40
 

@@ -24,18 +24,16 @@ import kmock
 import pytest
 import yaml
 
+from breakfix.bus.clock import SystemClock
 from breakfix.bus.codec import encode
 from breakfix.bus.jetstream import JetStreamBus
 from breakfix.bus.server import EmbeddedNats
 from breakfix.collectors.agent import NodeAgent
 from breakfix.correlator.grouping import Correlator
 from breakfix.correlator.service import CorrelatorService
-from breakfix.remediator.composite import ClusterActuator
-from breakfix.remediator.k8s import KubernetesActuator, api_for
-from breakfix.remediator.nodeagent import NodeAgentClient
-from breakfix.remediator.policy import DEFAULT_POLICY, load_policy
-from breakfix.remediator.service import RemediatorService
-from breakfix.remediator.store import KvStore
+from breakfix.remediator.app import build_remediator
+from breakfix.remediator.config import RemediatorConfig
+from breakfix.remediator.policy import DEFAULT_POLICY
 from breakfix.schemas import subjects
 from breakfix.schemas.catalog import Catalog
 from breakfix.schemas.common import TenantRef
@@ -51,11 +49,12 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def fast_policy(tmp_path: Path) -> Path:
+def fast_policy(tmp_path: Path, **guards: Any) -> Path:
     data = yaml.safe_load(DEFAULT_POLICY.read_text())
     data["settle_s"] = 0.3
     data["guards"]["soak_s"] = 0.2
-    p = tmp_path / "policy.yaml"
+    data["guards"].update(guards)
+    p = tmp_path / f"policy-{len(list(tmp_path.glob('policy*.yaml')))}.yaml"
     p.write_text(yaml.safe_dump(data))
     return p
 
@@ -87,6 +86,12 @@ class Rig:
         await corr.ready.wait()
         await self.bus.reset_consumer(stream=subjects.ACTIONS.name, durable="e2e-audit",
                                       filter_subject=subjects.ACTIONS_ALL, start_seq=1, ack_all=False)
+
+    def config(self, **policy: Any) -> RemediatorConfig:
+        return RemediatorConfig.model_validate({
+            "cluster": "c1", "nats_url": self.nats.url, "policy": str(fast_policy(self.tmp, **policy)),
+            "kubernetes": {"in_cluster": False, "host": self.k8s_url, "drain_timeout_s": 30},
+            "lease": {"enabled": False}, "reboot_wait_s": 10, "reboot_poll_s": 0.1})
 
     def _reboot_aware_boot_id(self) -> str:
         log = self.tmp / "rebooted"
@@ -131,10 +136,8 @@ async def rig(tmp_path: Path, nats_server: EmbeddedNats, catalog: Catalog,
 
 def spawn_remediator(rig: Rig) -> subprocess.Popen[bytes]:
     cfg = rig.tmp / "remediator.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "cluster": "c1", "nats_url": rig.nats.url, "policy": str(fast_policy(rig.tmp)),
-        "kubernetes": {"in_cluster": False, "host": rig.k8s_url, "drain_timeout_s": 30},
-        "lease": {"enabled": True, "identity": "e2e", "lease_s": 5}, "reboot_wait_s": 30, "reboot_poll_s": 0.2}))
+    cfg.write_text(yaml.safe_dump({**rig.config().model_dump(mode="json", exclude_none=True),
+                                   "lease": {"enabled": True, "identity": "e2e", "lease_s": 5}}))
     return subprocess.Popen([sys.executable, "-c", "from breakfix.cli.main import app; app()", "remediator", "--config",
                              str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "BREAKFIX_LOG_LEVEL": "WARNING"})
@@ -160,7 +163,7 @@ async def test_xid48_runs_drain_reset_validate_return_and_survives_a_kill_mid_va
         proc.kill()
         proc.wait(10)
     assert [r.outcome for r in rig.records if r.kind is ActionKind.PLAN][-1] is ActionOutcome.COMPLETED
-    assert rig.steps() == ["drain_gpu", "reset_gpu", "validate", "return_to_service"]
+    assert rig.steps() == ["cordon", "drain_gpu", "reset_gpu", "validate", "return_to_service"]
     assert rig.cluster.evictions == ["ml/train-0"], "only the pod on the failing GPU moved"
     assert (rig.tmp / "nvidia-smi.log").read_text().count("--gpu-reset") == 1, "the GPU was reset once"
     assert dcgmi_log.read_text().count("diag") == 1, "the resumed plan got the agent's stored diagnosis"
@@ -173,11 +176,7 @@ async def test_failed_reset_escalates_to_the_reboot_rung(rig: Rig, catalog: Cata
     monkeypatch.setenv("FAKE_NVSMI_MODE", "fail")
     (rig.tmp / "agent").mkdir(exist_ok=True)
     bus = await JetStreamBus.connect(rig.nats.url)
-    k8s = KubernetesActuator(api_for(rig.k8s_url))
-
-    actuator = ClusterActuator(k8s, NodeAgentClient(bus, "c1", now), reboot_wait_s=10, poll_s=0.1)
-    service = RemediatorService(bus, actuator, load_policy(fast_policy(rig.tmp)), now,
-                                store=await KvStore.open(bus.client.jetstream()))
+    service = await build_remediator(rig.config(), bus=bus, clock=SystemClock())
     task = asyncio.create_task(service.run(rig.stop), name="e2e-remediator")
     try:
         await rig.xid48()
@@ -187,7 +186,7 @@ async def test_failed_reset_escalates_to_the_reboot_rung(rig: Rig, catalog: Cata
         await task
         await bus.close()
     assert "reset_gpu" in rig.steps(ActionOutcome.FAILED)
-    assert rig.steps() == ["drain_gpu", "cordon", "drain", "reboot", "validate", "return_to_service"]
+    assert rig.steps() == ["cordon", "drain_gpu", "cordon", "drain", "reboot", "validate", "return_to_service"]
     validate = next(r for r in rig.records if r.action and r.action.value == "validate"
                     and r.outcome is ActionOutcome.STARTED)
     assert validate.details["rung"] == "reboot"

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from breakfix.cli import logs
-from breakfix.cli.cliutil import app, daemon, load
+from breakfix.cli.cliutil import app, daemon, fail, load
 
 
 @app.command()
@@ -32,48 +32,32 @@ def collector(
 @app.command()
 def remediator(
     config: Annotated[Path, typer.Option("--config", envvar="BREAKFIX_REMEDIATOR_CONFIG", help="Remediator YAML.")],
+    kubeconfig: Annotated[Path | None, typer.Option(envvar="KUBECONFIG", help="A kubeconfig file (outside the "
+                                                    "cluster); default: the config's, else in-cluster.")] = None,
 ) -> None:
     """Run the remediator daemon: Kubernetes, the node agents and the provider hook (JSON logs)."""
+    from breakfix.bus.clock import SystemClock
     from breakfix.bus.jetstream import JetStreamBus
-    from breakfix.remediator.composite import ClusterActuator
+    from breakfix.remediator.app import build_remediator
     from breakfix.remediator.config import load_config
-    from breakfix.remediator.k8s import DrainPolicy, KubernetesActuator, api_for
-    from breakfix.remediator.leader import LeaseElector
-    from breakfix.remediator.nodeagent import NodeAgentClient
+    from breakfix.remediator.k8s import KubeConfigError, load_api
     from breakfix.remediator.policy import load_policy
-    from breakfix.remediator.provider import ProviderHook
-    from breakfix.remediator.service import RemediatorService
-    from breakfix.remediator.store import KvStore
 
     logs.configure(json=True)
     cfg = load(lambda: load_config(config))
     pol = load(lambda: load_policy(cfg.policy))
     k = cfg.kubernetes
-    if k.in_cluster:
-        from kubernetes import client as kclient
-        from kubernetes import config as kconfig
-
-        kconfig.load_incluster_config()  # type: ignore[no-untyped-call]
-        api = kclient.ApiClient()
-    else:
-        token = k.token_file.read_text().strip() if k.token_file else None
-        api = api_for(k.host or "http://127.0.0.1:8080", token=token, verify_ssl=k.verify_ssl)
+    try:  # a missing or unusable Kubernetes configuration is one line and exit 2, before connecting anywhere
+        load_api(kubeconfig=kubeconfig or k.kubeconfig, context=k.context, host=k.host, token_file=k.token_file,
+                 verify_ssl=k.verify_ssl, in_cluster=k.in_cluster)
+    except KubeConfigError as exc:
+        raise fail(str(exc)) from None
 
     async def main(stop: asyncio.Event) -> None:
         bus = await JetStreamBus.connect(cfg.nats_url, name="breakfix-remediator")
         try:
-            clock = lambda: datetime.now(UTC)  # noqa: E731
-            k8s = KubernetesActuator(api, drain=DrainPolicy(default=k.drain_default, namespaces=k.drain_namespaces,
-                                                            timeout_s=k.drain_timeout_s, parallel=k.drain_parallel))
-            actuator = ClusterActuator(k8s, NodeAgentClient(bus, cfg.cluster, clock),
-                                       ProviderHook(cfg.provider_url) if cfg.provider_url else None,
-                                       event_namespace=k.event_namespace, reboot_wait_s=cfg.reboot_wait_s,
-                                       poll_s=cfg.reboot_poll_s)
-            lease = cfg.lease
-            elector = LeaseElector(api, name=lease.name, namespace=lease.namespace, identity=lease.identity,
-                                   lease_s=lease.lease_s) if lease.enabled else None
-            store = await KvStore.open(bus.client.jetstream())
-            await RemediatorService(bus, actuator, pol, clock, actor=cfg.actor, store=store, elector=elector).run(stop)
+            service = await build_remediator(cfg, bus=bus, clock=SystemClock(), policy=pol, kubeconfig=kubeconfig)
+            await service.run(stop)
         finally:
             await bus.close()
 

@@ -12,7 +12,7 @@ import typer
 from breakfix.cli.cliutil import app, breaker_app, fail, out
 
 
-def _publish_decision(nats: str, record: Any) -> None:
+def _publish_decision(nats: str, record: Any, subject: str | None = None) -> None:
     from breakfix.bus.codec import encode
     from breakfix.bus.jetstream import JetStreamBus
     from breakfix.schemas import subjects as subj
@@ -21,7 +21,7 @@ def _publish_decision(nats: str, record: Any) -> None:
         bus = await JetStreamBus.connect(nats, name="breakfix-cli")
         try:
             await bus.ensure_streams(subj.STREAMS)
-            await bus.publish(subj.action_subject(record.cluster), encode(record), msg_id=record.id)
+            await bus.publish(subject or subj.action_subject(record.cluster), encode(record), msg_id=record.id)
         finally:
             await bus.close()
 
@@ -41,16 +41,16 @@ def approve(
     reason: Annotated[str, typer.Option(help="Why (recorded).")] = "",
 ) -> None:
     """Approve a step that waits for a human (recorded as an audited approval)."""
-    from breakfix.remediator.service import APPROVE, approval_record
+    from breakfix.remediator.human import human_record
     from breakfix.schemas.incident import StepAction
 
     try:
         action = StepAction(step)
     except ValueError:
         raise fail(f"unknown step {step!r}; one of: {', '.join(a.value for a in StepAction)}") from None
-    rec = approval_record(cluster=cluster, incident=incident, action=action, actor=by, reason=reason or "approved",
-                          command=APPROVE, at=datetime.now(UTC))
-    _publish_decision(nats, rec)
+    subject, rec = human_record(verb="approve", cluster=cluster, incident=incident, action=action, actor=by,
+                                reason=reason or "approved", at=datetime.now(UTC))
+    _publish_decision(nats, rec, subject)
     out.print(f"approved {step} for {incident} as {by}")
 
 
@@ -62,9 +62,9 @@ def breaker_reset(
     by: Annotated[str, typer.Option(envvar="USER", help="Who resets it (recorded).")] = "unknown",
 ) -> None:
     """Close the circuit breaker so automated operator actions resume (audited)."""
-    from breakfix.remediator.service import BREAKER_RESET, approval_record
+    from breakfix.remediator.human import human_record
 
-    rec = approval_record(cluster=cluster, incident="-", action=None, actor=by, reason=reason, command=BREAKER_RESET,
-                          at=datetime.now(UTC))
-    _publish_decision(nats, rec)
+    subject, rec = human_record(verb="breaker_reset", cluster=cluster, incident="-", actor=by, reason=reason,
+                                at=datetime.now(UTC))
+    _publish_decision(nats, rec, subject)
     out.print(f"breaker reset requested for {cluster} by {by}")

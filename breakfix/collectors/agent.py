@@ -155,7 +155,7 @@ class NodeAgent:
             return self._reply(cmd, False, f"cannot query GPU {target}: {out}")
         procs = [ln for ln in out.splitlines() if ln.strip() and "No running processes" not in ln]
         if procs:
-            return self._reply(cmd, False, f"GPU {target} is held by {len(procs)} process(es): {procs[0]}",
+            return self._reply(cmd, False, f"busy: GPU {target} is held by {len(procs)} process(es): {procs[0]}",
                                evidence={"processes": str(len(procs))})
         rc, pm = await run([smi, "--query-gpu=persistence_mode", "--format=csv,noheader", "-i", target], 60)
         persistence = rc == 0 and pm.strip().lower() == "enabled"
@@ -170,7 +170,8 @@ class NodeAgent:
                            evidence={"rc": str(rc), "persistence_mode_restored": str(persistence).lower()})
 
     async def _validate(self, cmd: AgentCommand) -> AgentReply:
-        rc, out = await run([self.dcgmi, "diag", "-r", str(cmd.level), "-j"], self.timeout_s)
+        scope = ["-i", str(cmd.gpu_index)] if cmd.gpu_index is not None else []  # one GPU after a single-GPU reset
+        rc, out = await run([self.dcgmi, "diag", "-r", str(cmd.level), *scope, "-j"], self.timeout_s)
         try:
             passed, tests = parse_diag(out)
         except (ValueError, AttributeError) as exc:
