@@ -225,16 +225,16 @@ def check(incident: Incident, plan: Plan, state: GuardState, view: ClusterView, 
         return Refusal("breaker", f"circuit breaker open since {state.breaker_tripped_at.isoformat()}: "
                                   f"{state.breaker_reason}; reset with 'breakfix breaker reset'", retry=False,
                        waiting=WaitingOn.BREAKER)
+    for step in sorted(operator, key=lambda s: s.action.value):
+        capped = step_check(incident, step, state, spec, now)
+        if capped is not None:
+            return capped
     done = state.finished.get(node)
     if done is not None and (now - done.at).total_seconds() < spec.cooldown_s \
             and state.active.get(node) != incident.id and done.same_or_lesser(incident):
         return Refusal("cooldown", f"{node} finished a remediation of the same fault ({done.category}) at "
                                    f"{done.at.isoformat()}; cooldown {spec.cooldown_s:g}s", retry=True,
                        waiting=WaitingOn.COOLDOWN)
-    for step in sorted(operator, key=lambda s: s.action.value):
-        capped = step_check(incident, step, state, spec, now)
-        if capped is not None:
-            return capped
     others = {n for n in state.active if n != node}
     pool = len(view.nodes) or 1
     limit = spec.budget.limit(pool)

@@ -44,6 +44,7 @@ from breakfix.remediator.records import PlanBook, PlanRecord, Progress
 from breakfix.remediator.store import Conflict, MemoryStore, PlanStore
 from breakfix.remediator.view import ClusterView
 from breakfix.schemas import subjects
+from breakfix.schemas.common import Severity
 from breakfix.schemas.incident import (
     ActionKind,
     ActionOutcome,
@@ -82,6 +83,7 @@ class RemediatorService:
         self.node_locks: dict[str, asyncio.Lock] = {}             # one plan at a time per node
         self.current: dict[str, tuple[Plan, str, int]] = {}       # incident -> (plan, category, attempt) in flight
         self.acted: set[str] = set()                              # incidents whose plan ran a disruptive step
+        self.cordoned: set[str] = set()                           # incidents cordoned while their repair waits
         self.budget_since: dict[str, datetime] = {}
         self.stats, self.control_stats = ConsumerStats(), ConsumerStats()
         self._view_cache: tuple[float, ClusterView] | None = None
@@ -178,6 +180,7 @@ class RemediatorService:
         inc = self.latest.pop(iid, None)
         self.covered = {m: c for m, c in self.covered.items() if c != iid and m != iid}
         self.acted.discard(iid)
+        self.cordoned.discard(iid)
         self.budget_since.pop(iid, None)
         if inc is not None and inc.status is IncidentStatus.RESOLVED:
             self.guards.forget(iid)  # an escalated incident keeps its hold until a human releases it
@@ -284,6 +287,14 @@ class RemediatorService:
         if refusal.fence and inc.node is not None:
             await self._fence(inc, refusal, attempt)
             return False
+        if refusal.guard == "cooldown" and inc.node is not None and inc.severity.rank >= Severity.CRITICAL.rank \
+                and inc.id not in self.cordoned:
+            self.cordoned.add(inc.id)  # a broken node does not take work while its repair is damped
+            done = await self.actuator.cordon(inc.node, incident=inc.id, reason=f"breakfix {inc.id}: {inc.category}")
+            await self.publish(self.record(inc, ActionKind.STEP, ActionOutcome.SUCCEEDED if done.ok else
+                                           ActionOutcome.FAILED, f"{done.detail} while the cooldown damps the repair",
+                                           tag="cooldown-cordon", action=StepAction.CORDON,
+                                           waiting=WaitingOn.COOLDOWN, rule=plan.rule))
         return refusal.retry
 
     async def _fence(self, inc: Incident, refusal: Refusal, attempt: int) -> None:
