@@ -36,9 +36,9 @@ from tests.conftest import T0
 
 
 def incident(node: str = "n1", category: str = "gpu_reset_required", iid: str = "inc-1", **kw: Any) -> Incident:
+    kw = {"codes": ("xid:48",), "severity": Severity.CRITICAL, **kw}
     return Incident(id=iid, cluster="c1", scope=IncidentScope.GPU, node=node, nodes=(node,), gpus=(GpuRef(index=2),),
-                    category=category, severity=Severity.CRITICAL, codes=("xid:48",), first_seen=T0, last_seen=T0,
-                    **kw)
+                    category=category, first_seen=T0, last_seen=T0, **kw)
 
 
 def fast(policy: Policy, **guards: Any) -> Policy:

@@ -297,5 +297,7 @@ class Executor:
             case StepAction.RESTART_POD:
                 return await a.restart_pod(str(p.get("namespace", "")), str(p.get("pod", "")), incident=iid)
             case StepAction.ESCALATE:
-                return await a.escalate(incident.node, rma_summary(incident), incident=iid)
+                why = p.get("reason")
+                summary = f"{why}; {rma_summary(incident)}" if why else rma_summary(incident)
+                return await a.escalate(incident.node, summary, incident=iid)
         return StepResult(False, f"no actuator for {step.action.value}")  # pragma: no cover

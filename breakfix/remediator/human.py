@@ -23,6 +23,7 @@ own records on the same stream are not human verbs and pass by.
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING
 
 import structlog
@@ -212,7 +213,9 @@ def human_record(*, verb: str, cluster: str, actor: str, incident: str, reason: 
     kind, outcome = VERBS[verb]
     subject = (subjects.admin_subject if verb in subjects.ADMIN_VERBS else subjects.oncall_subject)(
         cluster, actor, verb)
-    rec = ActionRecord(id=f"{verb}-{incident}-{actor}-{int(at.timestamp() * 1000)}", cluster=cluster,
+    raw = "\x1f".join([verb, cluster, actor, incident, reason, str(step_index), str(action), str(sorted(
+        (details or {}).items())), at.isoformat()])
+    rec = ActionRecord(id=f"{verb}-" + hashlib.sha256(raw.encode()).hexdigest()[:20], cluster=cluster,
                        incident_id=incident, kind=kind, outcome=outcome, actor=actor, reason=reason,
                        step_index=step_index, action=action, details=details or {}, at=at)
     return subject, rec

@@ -301,8 +301,8 @@ class RemediatorService:
         """Cordon + taint the node and page a human with the refusal's reason; the incident keeps its hold."""
         params: dict[str, str | int | bool] = {"node": inc.node or ""}
         plan = Plan(domain=Domain.OPERATOR, rule=f"fence-{refusal.guard}", reason=refusal.reason,
-                    steps=(Step(action=StepAction.CORDON, params=params), Step(action=StepAction.ESCALATE,
-                                                                               params=params)))
+                    steps=(Step(action=StepAction.CORDON, params=params),
+                           Step(action=StepAction.ESCALATE, params={**params, "reason": refusal.reason})))
         assert inc.node is not None
         self.guards.hold(inc.node, inc.id, f"fenced: {refusal.reason}")
         self.keeper.save()
