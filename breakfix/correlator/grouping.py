@@ -172,10 +172,13 @@ class Correlator(Lifecycle, Patterns, CoreState):
                 inc.last_seen = at
             if at > inc.open_faults[fk]:
                 inc.open_faults[fk] = at
-            return []
+            if inc.status is not IncidentStatus.VALIDATING:
+                return []
+            inc.version += 1  # a repeat while the remediator validates and soaks is a recurrence it must see
+            return [Change(ChangeKind.UPDATED, inc)]
         if fold:
             self.stats["folded"] += 1
-        if not self._absorb(inc, s, fk, ck, fc, fold=fold):
+        if not self._absorb(inc, s, fk, ck, fc, fold=fold) and inc.status is not IncidentStatus.VALIDATING:
             return []
         inc.version += 1
         changes = [Change(ChangeKind.UPDATED, inc)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from breakfix.schemas.incident import Incident, Plan, StepAction
+from breakfix.schemas.incident import Domain, Incident, Plan, StepAction
 
 # how far each action takes capacity away: a plan is re-decided when the new one needs more
 ACTION_RANK = {StepAction.NOTIFY_TENANT: 0, StepAction.RESTART_POD: 0, StepAction.ESCALATE: 0,
@@ -54,3 +54,9 @@ def recurrence(before: Incident, after: Incident, companion: Callable[[str], boo
     if after.severity.rank > before.severity.rank:
         return f"severity {before.severity.value} -> {after.severity.value}"
     return None
+
+
+def needs_node(plan: Plan) -> bool:
+    """An operator plan that would cordon or disrupt the node: its incident holds the node until it is done."""
+    return not (plan.dry_run or plan.shadow) and plan.domain is Domain.OPERATOR and any(
+        s.action.disruptive or s.action is StepAction.CORDON for r in plan.rungs() for s in r.steps)

@@ -7,15 +7,14 @@ Reads ``breakfix.incidents.>`` (durable ``remediator``) and the human verbs on
 the plan to the ``Executor``. A plan follows its incident: when later signals change the category
 before anything disruptive ran, or make the required action more severe, it is re-decided.
 
-Refusals never leave a broken node in service unseen: a retry cap, a kill switch or a budget wait
-past ``budget_wait_s`` fences the node (cordon + taint) and escalates with the reason; a cooldown
-or budget refusal waits and tries again; the breaker queues the incident until ``breakfix breaker
-reset`` re-drives the queue, oldest first. Every wait is published as ``ActionRecord.waiting``.
+Refusals never leave a broken node in service unseen: a retry cap, a kill switch or a budget wait past
+``budget_wait_s`` fences the node (cordon + taint) and escalates with the reason; a cooldown or budget
+refusal waits and retries; the breaker queues the incident until ``breakfix breaker reset`` re-drives
+the queue, oldest first. Every wait is published as ``ActionRecord.waiting``. Holds: ``guards``.
 
-Crash safety: plan progress (``remediator.records.PlanRecord``) and guard state
-(``remediator.keeper``) live in the ``PlanStore``. On start the service resumes every plan the
-store says was running, at the step it was on, with the same idempotency keys. With a
-``LeaseElector`` only the lease holder starts or resumes plans.
+Crash safety: plan progress (``records.PlanRecord``) and guard state (``keeper``) live in the ``PlanStore``;
+on start every plan the store says was running resumes at its step, with the same idempotency keys. With
+a ``LeaseElector`` only the lease holder starts or resumes plans.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from breakfix.bus.protocol import Bus, Delivery
 from breakfix.remediator.actuator import Actuator, StepResult
 from breakfix.remediator.decide import decide
 from breakfix.remediator.executor import Executor
-from breakfix.remediator.follow import recurrence, redecision
+from breakfix.remediator.follow import needs_node, recurrence, redecision
 from breakfix.remediator.guards import GPU_ACTIONS, GuardState, Refusal, check, step_check
 from breakfix.remediator.keeper import GuardKeeper
 from breakfix.remediator.leading import Elector, lead
@@ -121,9 +120,8 @@ class RemediatorService:
 
     async def _view(self) -> ClusterView:
         """The actuator's cluster view, reused for ``view_ttl_s`` (listing every node per incident is O(nodes))."""
-        now = self.clock.monotonic()
-        if self._view_cache is None or now - self._view_cache[0] > self.view_ttl_s:
-            self._view_cache = (now, await self.actuator.view())
+        if self._view_cache is None or self.clock.monotonic() - self._view_cache[0] > self.view_ttl_s:
+            self._view_cache = (self.clock.monotonic(), await self.actuator.view())
         return self._view_cache[1]
 
     # -- incidents ---------------------------------------------------------------------------------
@@ -150,6 +148,9 @@ class RemediatorService:
         if change.kind is ChangeKind.OPENED and inc.domain is Domain.OPERATOR and self.guards.observe_open(
                 inc.node, inc.first_seen, self.policy.guards.breaker, len((await self._view()).nodes)):
             await self._breaker_tripped(inc)
+        if inc.node is not None and inc.parent is None and needs_node(decide(inc, await self._view(), self.policy)):
+            self.guards.hold(inc.node, inc.id, inc.category)  # from now on, no other plan returns this node
+            self.keeper.save()
         self.spawn(inc.id, inc.flaps * 100, None)
 
     async def _breaker_tripped(self, inc: Incident) -> None:
@@ -253,9 +254,8 @@ class RemediatorService:
         else:
             plan, progress = resume.plan, resume.progress
         live = not (plan.dry_run or plan.shadow)
-        needs_node = live and plan.domain is Domain.OPERATOR and inc.node is not None and any(
-            s.action.disruptive or s.action is StepAction.CORDON for r in plan.rungs() for s in r.steps)
-        if needs_node:
+        held = needs_node(plan) and inc.node is not None
+        if held:
             assert inc.node is not None
             self.guards.hold(inc.node, inc.id, f"{plan.rule}: {inc.category}")
             self.keeper.save()
@@ -265,7 +265,7 @@ class RemediatorService:
                 return await self._refused(inc, plan, refusal, attempt)
         self.budget_since.pop(inc.id, None)
         self.guards.queued.pop(inc.id, None)
-        return await self._run(inc, plan, attempt, progress, needs_node)
+        return await self._run(inc, plan, attempt, progress, held)
 
     async def _refused(self, inc: Incident, plan: Plan, refusal: Refusal, attempt: int) -> bool:
         now = self.clock.now()
