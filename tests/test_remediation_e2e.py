@@ -33,11 +33,12 @@ from breakfix.correlator.grouping import Correlator
 from breakfix.correlator.service import CorrelatorService
 from breakfix.remediator.app import build_remediator
 from breakfix.remediator.config import RemediatorConfig
+from breakfix.remediator.human import human_record
 from breakfix.remediator.policy import DEFAULT_POLICY
 from breakfix.schemas import subjects
 from breakfix.schemas.catalog import Catalog
 from breakfix.schemas.common import TenantRef
-from breakfix.schemas.incident import ActionKind, ActionOutcome, ActionRecord
+from breakfix.schemas.incident import ActionKind, ActionOutcome, ActionRecord, StepAction, WaitingOn
 from tests.conftest import sig, wait_until
 from tests.test_k8s import Cluster, emulator
 
@@ -192,3 +193,106 @@ async def test_failed_reset_escalates_to_the_reboot_rung(rig: Rig, catalog: Cata
     assert validate.details["rung"] == "reboot"
     node = rig.cluster.obj("v1/nodes", None, "gpu-node-1")
     assert node["spec"]["unschedulable"] is False, "breakfix cordoned it, so breakfix uncordons it"
+
+
+async def publish_signal(rig: Rig, **kw: Any) -> None:
+    s = sig(node="gpu-node-1", **kw)
+    await rig.bus.publish(subjects.signal_subject(s.cluster, s.node), encode(s), msg_id=s.id)
+
+
+async def human(rig: Rig, verb: str, incident: str, reason: str, **kw: Any) -> None:
+    subject, rec = human_record(verb=verb, cluster="c1", actor="alice", incident=incident, reason=reason,
+                                at=now(), **kw)
+    await rig.bus.publish(subject, encode(rec), msg_id=rec.id)
+
+
+class Running:
+    """The remediator in this process, built by the composition root."""
+
+    def __init__(self, rig: Rig, **policy: Any) -> None:
+        self.rig, self.policy = rig, policy
+
+    async def __aenter__(self) -> Running:
+        self.bus = await JetStreamBus.connect(self.rig.nats.url)
+        self.service = await build_remediator(self.rig.config(**self.policy), bus=self.bus, clock=SystemClock())
+        self.stop = asyncio.Event()
+        self.task = asyncio.create_task(self.service.run(self.stop), name="e2e-remediator")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        await self.task
+        await self.bus.close()
+
+
+def unschedulable(rig: Rig) -> bool:
+    return bool(rig.cluster.obj("v1/nodes", None, "gpu-node-1")["spec"].get("unschedulable"))
+
+
+async def until_record(rig: Rig, what: str, pred: Any, within: float = 60) -> ActionRecord:
+    async def seen() -> bool:
+        return any(pred(r) for r in await rig.audit())
+
+    await wait_until(seen, within, what)
+    return next(r for r in rig.records if pred(r))
+
+
+class TestLifecyclePipeline:
+    async def test_an_rma_hold_keeps_the_node_out_until_a_human_releases_it(self, rig: Rig) -> None:
+        async with Running(rig):
+            await publish_signal(rig, check="row_remap.failure", code=None, gpu_index=1)
+            rma = await until_record(rig, "the RMA escalation", lambda r: r.action is StepAction.ESCALATE
+                                     and r.outcome is ActionOutcome.SUCCEEDED)
+            await publish_signal(rig, code="95", gpu_index=2, at=5)
+            kept = await until_record(rig, "the XID 95 plan's return", lambda r: r.incident_id != rma.incident_id
+                                      and r.action is StepAction.RETURN_TO_SERVICE
+                                      and r.outcome is ActionOutcome.SUCCEEDED)
+            assert f"still held by {rma.incident_id}" in kept.reason and unschedulable(rig)
+            await human(rig, "release", rma.incident_id, "GPU 1 swapped")
+
+            async def back() -> bool:
+                return not unschedulable(rig)
+
+            await wait_until(back, 30, "the released node to return")
+        assert any("-i 1" in line for line in (rig.tmp / "dcgmi.log").read_text().splitlines()), \
+            "the release validated the RMA GPU only"
+
+    async def test_a_fault_again_after_its_reboot_fences_the_node_and_pages_with_the_reason(self, rig: Rig) -> None:
+        async with Running(rig):
+            await publish_signal(rig, code="79", gpu_index=3)
+            await until_record(rig, "the reboot plan", lambda r: r.kind is ActionKind.PLAN
+                               and r.outcome is ActionOutcome.COMPLETED)
+            assert not unschedulable(rig)
+            await publish_signal(rig, code="79", gpu_index=3, at=600)
+            refusal = await until_record(rig, "the retry cap", lambda r: r.kind is ActionKind.REFUSAL)
+            await until_record(rig, "the page", lambda r: r.kind is ActionKind.PLAN
+                               and r.outcome is ActionOutcome.ESCALATED)
+        assert "reboot already ran 1x on gpu-node-1" in refusal.reason and refusal.waiting is WaitingOn.HUMAN
+        assert unschedulable(rig), "a broken node is never left in service"
+        node = rig.cluster.obj("v1/nodes", None, "gpu-node-1")
+        assert any(t["key"] == "breakfix.io/quarantine" for t in node["spec"]["taints"])
+
+    async def test_a_reboot_required_after_a_reset_keeps_the_node_until_the_reboot(self, rig: Rig) -> None:
+        async with Running(rig):
+            await publish_signal(rig, code="48", gpu_index=2)
+            await publish_signal(rig, code="154", gpu_index=2, at=1, message="NVRM: Xid (PCI:0000:1a:00): 154, GPU "
+                                 "recovery action changed from 0x0 (None) to 0x2 (Node Reboot Required)")
+            await until_record(rig, "the reboot", lambda r: r.action is StepAction.REBOOT
+                               and r.outcome is ActionOutcome.SUCCEEDED)
+            await until_record(rig, "both plans", lambda _r: sum(
+                1 for x in rig.records if x.kind is ActionKind.PLAN and x.outcome is ActionOutcome.COMPLETED) == 2)
+        returns = [r for r in rig.records if r.action is StepAction.RETURN_TO_SERVICE
+                   and r.outcome is ActionOutcome.SUCCEEDED]
+        first, reboot = returns[0], next(r for r in rig.records if r.action is StepAction.REBOOT)
+        assert first.at <= reboot.at and "still held by" in first.reason, "the reset did not return the node"
+        assert not unschedulable(rig)
+
+    async def test_the_soak_sees_the_fault_recur_and_ignores_an_informational_companion(self, rig: Rig) -> None:
+        async with Running(rig, soak_s=2.0):
+            await publish_signal(rig, code="48", gpu_index=2)
+            await until_record(rig, "the soak", lambda r: r.waiting is WaitingOn.SOAK)
+            await publish_signal(rig, code="63", gpu_index=2, at=2)  # companion: NVIDIA IGNORE
+            await publish_signal(rig, code="48", gpu_index=2, at=3, n=1)  # the same fault again
+            failed = await until_record(rig, "the blocked return", lambda r: r.action is StepAction.RETURN_TO_SERVICE
+                                        and r.outcome is ActionOutcome.FAILED)
+        assert "recurred" in failed.reason and "xid:48" in failed.reason and "xid:63" not in failed.reason
