@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,11 +166,7 @@ def sim_cluster_for(fleet: Fleet, failures: tuple[Failure, ...] = ()) -> SimClus
 _GUARDIAN = """
 import os, shutil, signal, sys, time
 parent, pgid, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-while True:
-    try:
-        os.kill(parent, 0)
-    except ProcessLookupError:
-        break
+while os.getppid() == parent:  # reparented: the demo is gone, however it went
     time.sleep(0.2)
 try:
     os.killpg(pgid, signal.SIGKILL)
@@ -201,7 +198,13 @@ def guard_cleanup(server: EmbeddedNats, temp_dir: Path | None) -> Callable[[], N
             guardian.wait(2)
 
     atexit.register(cleanup)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     return cleanup
+
+
+def _exit_on_sigterm(_sig: int, _frame: object) -> None:
+    raise SystemExit(143)  # unwinds through the finally blocks and atexit: server stopped, folder removed
 
 
 async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: Catalog, policy: Policy,
@@ -223,6 +226,7 @@ async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: C
     progress(f"starting nats-server (JetStream) in {server.store_dir}")
     server.start()
     cleanup = guard_cleanup(server, temp_dir)
+    progress(f"nats-server on {server.url}; stopped and its folder removed however the demo ends")
     buses: list[JetStreamBus] = []
     stop = asyncio.Event()
     try:
