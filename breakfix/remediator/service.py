@@ -32,6 +32,7 @@ from breakfix.bus.codec import decoder, encode
 from breakfix.bus.consumer import ConsumerSpec, ConsumerStats, run_consumer
 from breakfix.bus.protocol import Bus, Delivery
 from breakfix.remediator.actuator import Actuator, StepResult
+from breakfix.remediator.breaker import page_breaker
 from breakfix.remediator.decide import decide
 from breakfix.remediator.executor import Executor
 from breakfix.remediator.follow import needs_node, recurrence, redecision
@@ -60,6 +61,8 @@ from breakfix.schemas.incident import (
 )
 
 log = structlog.get_logger("breakfix.remediator")
+
+
 class RemediatorService:
     def __init__(self, bus: Bus, actuator: Actuator, policy: Policy, clock: Clock, *, cluster: str,
                  actor: str = "remediator", durable: str = "remediator", store: PlanStore | None = None,
@@ -87,6 +90,7 @@ class RemediatorService:
         self.stats, self.control_stats = ConsumerStats(), ConsumerStats()
         self._view_cache: tuple[float, ClusterView] | None = None
         self.view_ttl_s = view_ttl_s
+        self._swept = float("-inf")
         self.executor = Executor(actuator, self.publish, clock, actor=actor, soak=self._soak, gate=self._gate,
                                  holders=self._holders, idle_poll_s=policy.guards.idle_poll_s)
         self.human = HumanVerbs(self)
@@ -147,24 +151,11 @@ class RemediatorService:
             return
         if change.kind is ChangeKind.OPENED and inc.domain is Domain.OPERATOR and self.guards.observe_open(
                 inc.node, inc.first_seen, self.policy.guards.breaker, len((await self._view()).nodes)):
-            await self._breaker_tripped(inc)
+            await page_breaker(self, inc)
         if inc.node is not None and inc.parent is None and needs_node(decide(inc, await self._view(), self.policy)):
             self.guards.hold(inc.node, inc.id, inc.category)  # from now on, no other plan returns this node
             self.keeper.save()
         self.spawn(inc.id, inc.flaps * 100, None)
-
-    async def _breaker_tripped(self, inc: Incident) -> None:
-        """One page listing every incident the breaker now holds; it marks no incident escalated."""
-        reason = self.guards.breaker_reason
-        log.error("breaker_tripped", reason=reason)
-        self.keeper.save()
-        held = sorted(i.id for i in self.latest.values() if not i.status.terminal and i.domain is Domain.OPERATOR)
-        why = (f"circuit breaker tripped, automated operator actions stopped: {reason}; held incidents: "
-               f"{', '.join(held)}; reset with 'breakfix breaker reset' to re-drive them")
-        await self.actuator.escalate(None, why, incident=inc.id)
-        await self.publish(self.record(inc, ActionKind.NOTIFICATION, ActionOutcome.SUCCEEDED, why, tag="breaker",
-                                       waiting=WaitingOn.BREAKER, details={"guard": "breaker",
-                                                                           "held": ",".join(held)}))
 
     def _forget_old(self) -> None:
         """Finished incidents leave memory after ``retention_s``; the map is LRU-capped at ``max_incidents``."""
@@ -172,6 +163,9 @@ class RemediatorService:
         now = self.clock.now()
         while len(self.latest) > self.max_incidents:
             self._forget(next(iter(self.latest)))
+        if self.clock.monotonic() - self._swept < min(60.0, horizon / 10):
+            return  # a sweep is O(incidents): at most once a minute
+        self._swept = self.clock.monotonic()
         for iid in [i for i, inc in self.latest.items() if inc.status.terminal and i not in self.tasks
                     and (now - inc.last_seen).total_seconds() > horizon
                     and (inc.resolved_at is None or (now - inc.resolved_at).total_seconds() > horizon)]:
