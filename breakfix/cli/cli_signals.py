@@ -41,6 +41,11 @@ def _read(file: Path, wanted: str, max_bytes: int = MAX_INPUT) -> str:
     return text
 
 
+def _one_line(text: str, limit: int = 160) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
 def _ctx(cluster: str, node: str) -> Any:
     from breakfix.collectors.context import NodeContext
     from breakfix.schemas.catalog import load_catalog
@@ -150,7 +155,7 @@ def signals_dcgm(
     try:
         cycle = rules.apply(text, datetime.now(UTC), 0.0, baseline_xids=False)
     except ValueError as exc:
-        raise fail(f"{file}: {exc}") from None
+        raise fail(f"{file}: {_one_line(str(exc))}") from None
     _print_signals([s for s in cycle.states if all_states or not s.healthy] + cycle.events)
     _skipped(file, "sample", rules.reasons, rules.skipped)
 
@@ -260,7 +265,7 @@ def signals_nvsmi(
     try:
         read = parse_nvsmi(text)
     except NvsmiFormatError as exc:
-        raise fail(f"{file}: {exc}") from None
+        raise fail(f"{file}: {_one_line(str(exc))}") from None
     if not read.gpus:
         raise fail(f"{file}: nvidia-smi output with no GPU section")
     th = NvsmiThresholds(pcie_replay_total=pcie_replay_limit, expected_gpus=expected_gpus)

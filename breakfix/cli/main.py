@@ -19,6 +19,9 @@ import typer
 
 from breakfix.cli import logs
 from breakfix.cli.cliutil import app, err, fail, load, out, schema_app
+from breakfix.schemas.datafile import read_text
+
+MAX_REPLAY_BYTES = 256 * 1024 * 1024
 
 __all__ = ["app", "cli_daemons", "cli_oncall", "cli_ops", "cli_signals", "main"]
 
@@ -77,6 +80,7 @@ def replay(
 
     if fmt not in ("table", "json"):
         raise fail(f"--format must be table or json, not {fmt!r}")
+    load(lambda: read_text(signals, MAX_REPLAY_BYTES))  # size, binary, UTF-8: refused before line-by-line reading
     catalog = load(load_catalog)
     pol = load(lambda: load_policy(policy))
     errors: list[str] = []

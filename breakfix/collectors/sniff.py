@@ -24,7 +24,9 @@ COMMANDS = {"kmsg": ("a kernel log", "breakfix signals kmsg FILE --node N"),
 _KERNEL = re.compile(
     r"^(?:\d+,\d+,\d+,[^;]*;|\[\s*\d+\.\d+\]|\[\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\]|\w{3} [ \d]\d \d\d:\d\d:\d\d "
     r"|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d|-- (?:Logs|Journal|No entries|Boot))|kernel: |NVRM|nvidia|SXid")
-_PROM = re.compile(r"^(?:# (?:TYPE|HELP) \S+|[a-zA-Z_:][a-zA-Z0-9_:]*(?:\{.*\})?\s+\S+(?:\s+-?\d+)?)\s*$")
+_PROM = re.compile(r"^(?:# (?:TYPE|HELP) \S+.*"
+                   r"|[a-zA-Z_:][a-zA-Z0-9_:]*(?:\{.*\})?\s+(?:[-+]?(?:[\d.]|Inf|inf|NaN|nan))\S*(?:\s+-?\d+)?"
+                   r"|[a-zA-Z_:][a-zA-Z0-9_:]*\{.*\}\s+.*)\s*$")
 
 
 def sniff(text: str) -> str | None:

@@ -72,11 +72,11 @@ def read_text(path: str | Path, max_bytes: int = MAX_DATA_BYTES, *, what: str = 
             raw = fh.read(max_bytes + 1)
     except OSError as exc:
         raise DataFileError(p, None, f"cannot read: {exc.strerror or exc}") from None
-    if len(raw) > max_bytes:
-        raise DataFileError(p, None, f"larger than {max_bytes} bytes{what}")
     nul = raw.find(b"\x00")
     if nul >= 0:
         raise DataFileError(p, None, f"binary data, not text (NUL byte at byte {nul})")
+    if len(raw) > max_bytes:
+        raise DataFileError(p, None, f"larger than {max_bytes} bytes{what}")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -141,6 +141,8 @@ def parse_yaml(text: str, path: str | Path) -> tuple[Any, LineMap]:
         _check_events(text, path)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
+    except DataFileError:
+        raise
     except yaml.YAMLError as exc:
         raise _yaml_error(path, exc) from None
     except (RecursionError, MemoryError, ValueError, OverflowError) as exc:
