@@ -146,7 +146,7 @@ def test_a_breaker_trip_is_one_notification_listing_held_incidents_resolved_by_t
     (n,) = core.record(trip)
     assert core.record(trip) == []
     assert (n.dedup_key, n.event, n.category) == ("breaker-c1", NotifyEvent.BREAKER, "breaker")
-    assert n.held == ("inc-0", "inc-1", "inc-2") and n.runbook_url.endswith("breaker_tripped.md")
+    assert n.held == ("inc-0", "inc-1", "inc-2") and n.runbook_url.endswith("alerts/breaker_tripped.md")
     reset = rec(ActionKind.APPROVAL, ActionOutcome.APPROVED, actor="bob", details={"command": "breaker-reset"})
     assert events(core.record(reset)) == [("breaker-c1", "resolved", "resolve")]
 

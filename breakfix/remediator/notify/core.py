@@ -236,7 +236,7 @@ class NotifyCore:
             summary=rec.reason[:1000], cluster=rec.cluster, incident=rec.incident_id, category="breaker",
             severity="critical", domain="operator", held=tuple(held),
             next="nothing automatic until 'breakfix breaker reset --cluster C --reason ...'",
-            runbook_url=f"{self.config.runbook_base}breaker_tripped.md", at=rec.at)
+            runbook_url=f"{self.config.runbook_base}alerts/breaker_tripped.md", at=rec.at)
         self.breaker[rec.cluster] = n
         return [n]
 
