@@ -54,7 +54,7 @@ test: $(STAMP) system-deps $(CHECKOV_STAMP)
 	$(BIN)/mypy breakfix benchmarks
 	$(BIN)/lint-imports
 	$(BIN)/breakfix schema check
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -rs
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

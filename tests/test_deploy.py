@@ -52,7 +52,7 @@ def test_manifests_and_units_run_real_commands_with_known_flags() -> None:
     cli = typer.main.get_command(app)
     commands = cli.commands  # type: ignore[attr-defined]
     seen = _invocations()
-    assert len(seen) >= 7
+    assert len(seen) >= 9
     for where, argv in seen:
         assert argv[1] in commands, f"{where}: breakfix {argv[1]} does not exist"
         known = {o for p in commands[argv[1]].params for o in p.opts}
