@@ -29,7 +29,11 @@ RUN if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY breakfix ./breakfix
-RUN python3 -m venv /opt/breakfix \
+# Behind a TLS-intercepting proxy, hand its CA in as a build secret (never a layer):
+#   --secret id=pip_ca,src=/etc/ssl/certs/ca-certificates.crt   (deploy/image/build.sh does)
+RUN --mount=type=secret,id=pip_ca \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && python3 -m venv /opt/breakfix \
     && /opt/breakfix/bin/pip install --no-cache-dir --disable-pip-version-check . \
     && /opt/breakfix/bin/breakfix --help >/dev/null
 

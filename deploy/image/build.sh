@@ -16,5 +16,8 @@ if [ "$BASE" != default ]; then
   [[ "$BASE" != localhost/debian-min:* ]] || deploy/image/debian-base.sh "$BASE"
   args+=(--build-arg "BASE=$BASE")
 fi
+# the CA pip trusts here (a proxy's, for instance) reaches the build as a secret, not a layer
+CA=${PIP_CERT:-$(python3 -m pip config get global.cert 2>/dev/null || true)}
+[ -z "$CA" ] || [ ! -s "$CA" ] || args+=(--secret "id=pip_ca,src=$CA")
 "${B[@]}" bud --isolation chroot --layers=false "${args[@]}" -f Dockerfile -t "$IMAGE" .
 "${B[@]}" images "$IMAGE"
