@@ -58,6 +58,7 @@ def test_dockerignore_sends_only_the_package() -> None:
     assert lines[lines.index("*")] == "*" and {"!pyproject.toml", "!README.md", "!breakfix/"} <= set(lines)
 
 
+@pytest.mark.timeout(1800)
 def test_image_builds_offline_and_runs_as_non_root() -> None:
     if os.environ.get("BREAKFIX_IMAGE_TEST") != "1":
         pytest.skip("the image build takes minutes (debootstrap + pip in buildah): "
