@@ -46,7 +46,8 @@ class Lifecycle(CoreState):
         del self.by_fault[fk]
         inc.version += 1
         inc.note(s.observed_at, "cleared", fk, self.rules.timeline_limit)
-        if not inc.open_faults and inc.status is IncidentStatus.OPEN and inc.plan is None:
+        if not inc.open_faults and inc.status is IncidentStatus.OPEN and inc.plan is None \
+                and not inc.overflow.get("open_faults"):  # faults past the cap were never listed, so never cleared
             self._set_status(inc, IncidentStatus.RESOLVED, s.observed_at, "every fault cleared by a healthy signal")
             return [Change(ChangeKind.RESOLVED, inc), *self._settled(inc, s.observed_at)]
         return [Change(ChangeKind.UPDATED, inc)]
@@ -94,7 +95,9 @@ class Lifecycle(CoreState):
                 inc.note(rec.at, "plan", f"{rec.plan.rule} (dry run)", self.rules.timeline_limit)
                 return [Change(ChangeKind.STATUS, inc)]
             return []
-        before = (inc.status, inc.plan)
+        before = (inc.status, inc.plan, inc.waiting)
+        if not inc.status.terminal:
+            inc.waiting = rec.waiting  # what the plan waits on now (approval, budget, ...); None once it moves
         if rec.kind is ActionKind.PLAN:
             if rec.outcome is ActionOutcome.PLANNED and rec.plan is not None:
                 inc.plan = rec.plan
@@ -113,7 +116,9 @@ class Lifecycle(CoreState):
                 self._set_status(inc, IncidentStatus.ESCALATED, rec.at, rec.reason or "escalated")
             elif rec.action not in _MITIGATING_EXEMPT:
                 self._set_status(inc, IncidentStatus.MITIGATING, rec.at, f"{rec.action} {rec.outcome}")
-        if (inc.status, inc.plan) == before:
+        if inc.status.terminal:
+            inc.waiting = None
+        if (inc.status, inc.plan, inc.waiting) == before:
             return []
         inc.version += 1
         kind = ChangeKind.RESOLVED if inc.status is IncidentStatus.RESOLVED else ChangeKind.STATUS
@@ -138,6 +143,35 @@ class Lifecycle(CoreState):
             if inc.node is not None and inc.node in self.on_node:
                 self.on_node[inc.node].pop(inc.id, None)
 
+    def close_stale(self, now: datetime) -> list[Change]:
+        """Open and escalated incidents with no signal for ``max_open_age_s`` close as ``stale``.
+
+        Each gets a timeline entry and a STATUS change, so the remediator sees it and pages on-call about
+        any node hold (cordon) that depended on it instead of releasing it silently (issue 12).
+        """
+        max_age = timedelta(seconds=self.rules.max_open_age_s)
+        changes: list[Change] = []
+        for inc in list(self.incidents.values()):
+            if inc.status in (IncidentStatus.RESOLVED, IncidentStatus.STALE) or now - inc.last_seen <= max_age:
+                continue
+            was = inc.status
+            inc.status = IncidentStatus.STALE
+            inc.resolved_at = now
+            inc.waiting = None
+            held = f"; {inc.node} may still be held (cordoned) for it: release by hand" \
+                if inc.node and (inc.plan is not None or was is IncidentStatus.ESCALATED) else ""
+            inc.note(now, "stale", f"{was.value} with no signal for {(now - inc.last_seen).days} days "
+                                   f"(max_open_age_s {self.rules.max_open_age_s:g}){held}", self.rules.timeline_limit)
+            for fk in inc.open_faults:
+                if self.by_fault.get(fk) == inc.id:
+                    del self.by_fault[fk]
+            inc.open_faults.clear()
+            if inc.node is not None and inc.node in self.on_node:
+                self.on_node[inc.node].pop(inc.id, None)
+            inc.version += 1
+            changes.append(Change(ChangeKind.STATUS, inc))
+        return changes
+
     def expire(self, now: datetime) -> list[str]:
         """Forget resolved incidents past flap + retention, and history past its windows.
 
@@ -146,8 +180,8 @@ class Lifecycle(CoreState):
         rules = self.rules
         cutoff = now - timedelta(seconds=rules.flap_s + rules.retention_s)
         gone = {i for i, inc in self.incidents.items()
-                if inc.status is IncidentStatus.RESOLVED and inc.resolved_at is not None and inc.resolved_at < cutoff
-                and not any(self._live(m) for m in inc.members)}
+                if inc.status in (IncidentStatus.RESOLVED, IncidentStatus.STALE) and inc.resolved_at is not None
+                and inc.resolved_at < cutoff and not any(self._live(m) for m in inc.members)}
         for iid in gone:
             inc = self.incidents.pop(iid)
             if self.by_key.get(inc.key) == iid:
@@ -158,6 +192,7 @@ class Lifecycle(CoreState):
                     del index[node][iid]
                 if not index[node]:
                     del index[node]
+        self.by_gpu = {k: v for k, v in self.by_gpu.items() if self._live(v) is not None}
         if self.topology is not None:
             self.topology.forget(gone)
         self.stats["expired"] += len(gone)

@@ -24,6 +24,29 @@ from breakfix.schemas.incident import ChangeKind, Domain, IncidentScope
 from breakfix.schemas.signal import Signal
 
 _HISTORY_CAP = 32
+SUSPECT_SOURCE = ("NVIDIA Xid catalog WORKFLOW_XID_13 / WORKFLOW_XID_31 (repeats on one GPU: run diagnostics); "
+                  "NVSentinel analyzer (repeated XID 31/13 on one GPU -> diagnostics)")
+LEMON_SOURCE = "NVSentinel analyzer: repeated hardware XID bursts on one GPU within 24 h -> CONTACT_SUPPORT"
+MULTI_GPU_SOURCE = "breakfix correlator rule multi_gpu: several GPUs of one node failing together point at the host"
+
+
+def controller_of(s: Signal) -> str:
+    """The workload an application fault belongs to: its controller, not its pod name (issue 11).
+
+    ``details.controller`` (e.g. ``Deployment/api``) when a collector knows it; otherwise Kubernetes'
+    pod naming: Deployment/ReplicaSet ``api-7d9f8c6b5-x2k4p`` -> ``api``, Job ``batch-x7k2q`` -> ``batch``,
+    StatefulSet ``train-3`` -> ``train``, LeaderWorkerSet ``lws-2`` (leader) / ``lws-2-1`` (worker) -> ``lws``.
+    """
+    assert s.tenant is not None
+    owner = s.details.get("controller") or s.details.get("owner")
+    if owner:
+        return f"{s.tenant.namespace}/{owner}"
+    w = s.tenant.workload()
+    if s.tenant.pod and w != s.tenant.pod:
+        head, _, tail = w.rpartition("-")
+        if head and tail.isdigit():  # a LeaderWorkerSet worker: <lws>-<group>-<index>
+            w = head
+    return f"{s.tenant.namespace}/{w}"
 
 
 class Patterns(CoreState):
@@ -35,7 +58,7 @@ class Patterns(CoreState):
         if host is not None and host.category == rule.category:
             return self._add(host, s, fk, ck, fc, now)
         at = s.observed_at
-        workload = f"{s.tenant.namespace}/{s.tenant.pod or s.tenant.endpoint or '*'}"
+        workload = controller_of(s)
         hist = self.app_hist.setdefault(gpu_key, {})  # workload -> last time, oldest first
         hist.pop(workload, None)
         hist[workload] = at
@@ -47,8 +70,7 @@ class Patterns(CoreState):
         if len(workloads) < rule.min_workloads:
             return None
         spec = self.catalog.category(rule.category)
-        suspect = FaultClass(rule.category, spec.severity, spec.domain, "", True, spec.title,
-                             "correlator rules: suspect_gpu")
+        suspect = FaultClass(rule.category, spec.severity, spec.domain, "", True, spec.title, SUSPECT_SOURCE)
         note = f"{ck} from {len(workloads)} workloads within {rule.window_s:g}s: {', '.join(workloads)}"
         if host is not None:
             changes = self._add(host, s, fk, ck, suspect, now)
@@ -58,8 +80,8 @@ class Patterns(CoreState):
 
     def _lemon(self, inc: TrackedIncident, s: Signal) -> None:
         rule = self.rules.lemon
-        if rule is None or inc.labels.get(LEMON_LABEL) == "true":
-            return
+        if rule is None or inc.labels.get(LEMON_LABEL) == "true" or inc.category not in self.rules.lemon_categories:
+            return  # only hardware incidents count: application XIDs alone never take the RMA path
         at = s.observed_at
         times = self.bursts.setdefault(inc.key, [])
         times.append(at)
@@ -72,6 +94,7 @@ class Patterns(CoreState):
         inc.note(at, "lemon", f"{len(times)} incidents on this GPU within {rule.window_s:g}s; was {inc.category}",
                  self.rules.timeline_limit)
         inc.category = rule.category
+        inc.source = LEMON_SOURCE
         inc.title = f"Lemon GPU ({len(times)} incidents within {rule.window_s / 3600:g} h): {spec.title}"
         inc.severity = max_severity(inc.severity, spec.severity)
         inc.domain = Domain.OPERATOR
@@ -108,8 +131,8 @@ class Patterns(CoreState):
         """Several GPU incidents on one node within the window become one node incident."""
         rule = self.rules.multi_gpu
         if rule is None or inc.scope is not IncidentScope.GPU or inc.domain is not Domain.OPERATOR \
-                or inc.parent is not None or inc.node is None:
-            return []
+                or inc.parent is not None or inc.node is None or inc.category not in self.rules.multi_gpu_categories:
+            return []  # only hardware faults: XID 74 on several GPUs is an NVLink fault, not a host fault
         node_key = f"node|{inc.cluster}|{inc.node}"
         host = self._live(self.by_key.get(node_key))
         if host is not None and host.category in (rule.category, "node_reboot_required"):
@@ -117,7 +140,7 @@ class Patterns(CoreState):
         if host is not None:
             return []  # a node incident of another kind (an IB link, say) owns the key: keep GPUs separate
         peers = [p for iid in self.on_node.get(inc.node, ()) if (p := self._live(iid)) is not None
-                 and p.scope is IncidentScope.GPU and p.parent is None
+                 and p.scope is IncidentScope.GPU and p.parent is None and p.category in self.rules.multi_gpu_categories
                  and (at - p.first_seen).total_seconds() <= rule.window_s]
         gpus = {g for p in peers for g in p.gpus}
         if len(gpus) < rule.min_gpus:
@@ -128,7 +151,7 @@ class Patterns(CoreState):
             id=incident_id(node_key, first.id), key=node_key, cluster=inc.cluster, scope=IncidentScope.NODE,
             node=inc.node, category=rule.category, severity=spec.severity, domain=Domain.OPERATOR,
             title=f"{len(gpus)} GPUs failing together on {inc.node}: {spec.title}", first_seen=first.first_seen,
-            last_seen=at)
+            last_seen=at, source=MULTI_GPU_SOURCE)
         node.nodes[inc.node] = None
         node.labels.update(first.labels)
         node.note(at, "opened", f"{len(gpus)} GPU incidents on {inc.node} within {rule.window_s:g}s",
