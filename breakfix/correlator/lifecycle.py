@@ -211,6 +211,6 @@ class Lifecycle(CoreState):
             w = rules.lemon.window_s
             self.bursts = {k: kept_t for k, v in self.bursts.items()
                            if (kept_t := [t for t in v if (now - t).total_seconds() <= w])}
-        longest = max((t.window_s for t in (*rules.thresholds.values(), *rules.category_thresholds.values())),
-                      default=0.0)
+        longest = max([t.window_s for t in rules.thresholds.values()]
+                      + [t.window_s for t in rules.category_thresholds.values()], default=0.0)
         self.pending = {k: v for k, v in self.pending.items() if v and (now - v[-1]).total_seconds() <= longest}
