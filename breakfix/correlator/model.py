@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from breakfix.schemas.catalog import FaultClass
 from breakfix.schemas.common import GpuRef, Severity, TenantRef
 from breakfix.schemas.incident import (
     ChangeKind,
@@ -32,6 +33,7 @@ from breakfix.schemas.incident import (
     TimelineEntry,
     WaitingOn,
 )
+from breakfix.schemas.signal import Signal
 
 # Most cautious first. Merging two faults into one incident keeps the earlier entry here.
 CATEGORY_PRIORITY: tuple[str, ...] = (
@@ -137,6 +139,18 @@ class TrackedIncident:
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> TrackedIncident:
         return cls(**{name: dec(d[name]) for name, dec in _STATE.items() if name in d})
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """The facts of one fault signal that the core's collaborators need, worked out once per signal."""
+
+    signal: Signal
+    fk: str  # fault key: check@entity, what a healthy signal must match to clear it
+    ck: str  # code key as counted on the incident: ``xid:48``, ``dcgm:DCGM_FR_...``, or the check
+    eck: str  # the key the rules match: a DCGM code's XID equivalent, otherwise ``ck``
+    fc: FaultClass
+    gpu_key: str | None  # ``gpu|cluster|node|gpu`` when the signal names a GPU
 
 
 @dataclass(slots=True)

@@ -9,14 +9,16 @@
   is that incident's impact; an endpoint incident that opened first is folded under the
   hardware incident when it appears. The serving nodes come from the endpoint collector's
   ``details.serving_nodes`` (comma-separated), falling back to the signal's node.
-Called by ``correlator.grouping``; pure.
+Wired by ``correlator.grouping.Correlator`` with the shared ``CoreState`` and the ``IncidentBook``; pure.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 
-from breakfix.correlator.model import Change, TrackedIncident, incident_id
+from breakfix.correlator.book import IncidentBook
+from breakfix.correlator.model import Change, Observation, TrackedIncident, incident_id
 from breakfix.correlator.state import LEMON_LABEL, CoreState
 from breakfix.schemas.catalog import FaultClass
 from breakfix.schemas.common import max_severity
@@ -49,17 +51,24 @@ def controller_of(s: Signal) -> str:
     return f"{s.tenant.namespace}/{w}"
 
 
-class Patterns(CoreState):
-    def _suspect(self, gpu_key: str, s: Signal, fk: str, ck: str, fc: FaultClass,
-                 now: datetime) -> list[Change] | None:
-        rule = self.rules.suspect
+class Patterns:
+    """Multi-signal patterns over the shared state; opens and grows incidents through the book."""
+
+    def __init__(self, state: CoreState, book: IncidentBook) -> None:
+        self.state = state
+        self.book = book
+        self.rules = state.rules
+        self.catalog = state.catalog
+
+    def suspect(self, gpu_key: str, o: Observation) -> list[Change] | None:
+        rule, s = self.rules.suspect, o.signal
         assert rule is not None and s.tenant is not None
-        host = self._live(self.by_key.get(gpu_key))
+        host = self.state.live(self.state.by_key.get(gpu_key))
         if host is not None and host.category == rule.category:
-            return self._add(host, s, fk, ck, fc, now)
+            return self.book.add(host, o)
         at = s.observed_at
         workload = controller_of(s)
-        hist = self.app_hist.setdefault(gpu_key, {})  # workload -> last time, oldest first
+        hist = self.state.app_hist.setdefault(gpu_key, {})  # workload -> last time, oldest first
         hist.pop(workload, None)
         hist[workload] = at
         for w, t in list(hist.items()):
@@ -71,19 +80,19 @@ class Patterns(CoreState):
             return None
         spec = self.catalog.category(rule.category)
         suspect = FaultClass(rule.category, spec.severity, spec.domain, "", True, spec.title, SUSPECT_SOURCE)
-        note = f"{ck} from {len(workloads)} workloads within {rule.window_s:g}s: {', '.join(workloads)}"
+        note = f"{o.ck} from {len(workloads)} workloads within {rule.window_s:g}s: {', '.join(workloads)}"
         if host is not None:
-            changes = self._add(host, s, fk, ck, suspect, now)
+            changes = self.book.add(host, replace(o, fc=suspect))
             host.note(at, "suspect", note, self.rules.timeline_limit)
             return changes
-        return self._open(gpu_key, IncidentScope.GPU, s, fk, ck, suspect, now, note=note)
+        return self.book.open(gpu_key, IncidentScope.GPU, replace(o, fc=suspect), note=note)
 
-    def _lemon(self, inc: TrackedIncident, s: Signal) -> None:
+    def lemon(self, inc: TrackedIncident, s: Signal) -> None:
         rule = self.rules.lemon
         if rule is None or inc.labels.get(LEMON_LABEL) == "true" or inc.category not in self.rules.lemon_categories:
             return  # only hardware incidents count: application XIDs alone never take the RMA path
         at = s.observed_at
-        times = self.bursts.setdefault(inc.key, [])
+        times = self.state.bursts.setdefault(inc.key, [])
         times.append(at)
         while times and (at - times[0]).total_seconds() > rule.window_s:
             times.pop(0)
@@ -99,47 +108,48 @@ class Patterns(CoreState):
         inc.severity = max_severity(inc.severity, spec.severity)
         inc.domain = Domain.OPERATOR
 
-    def _endpoint(self, s: Signal, fk: str, ck: str, fc: FaultClass, now: datetime) -> list[Change] | None:
+    def endpoint(self, o: Observation) -> list[Change] | None:
+        s = o.signal
         assert s.tenant is not None
         serving = [n for n in s.details.get("serving_nodes", "").split(",") if n] or [s.node]
         for node in serving:
-            for iid in self.on_node.get(node, ()):
-                host = self._live(iid)
+            for iid in self.state.on_node.get(node, ()):
+                host = self.state.live(iid)
                 if host is not None and host.domain is Domain.OPERATOR and host.scope is not IncidentScope.TENANT:
-                    return self._impact(host, s, fk, ck, fc, now)
+                    return self._impact(host, o)
         key = f"tenant|{s.cluster}|{s.tenant.namespace}|{s.tenant.workload()}"
         for node in serving:
-            self.serving.setdefault(node, {})[key] = None
+            self.state.serving.setdefault(node, {})[key] = None
         return None
 
-    def _impact(self, host: TrackedIncident, s: Signal, fk: str, ck: str, fc: FaultClass,
-                now: datetime) -> list[Change]:
+    def _impact(self, host: TrackedIncident, o: Observation) -> list[Change]:
+        s = o.signal
         assert s.tenant is not None
-        self.stats["impact"] += 1
+        self.state.stats["impact"] += 1
         t = s.tenant.key()
         new = t not in host.impact
         host.impact[t] = s.tenant
-        changes = self._add(host, s, fk, ck, fc, now, fold=True)
+        changes = self.book.add(host, o, fold=True)
         if new:
-            host.note(s.observed_at, "impact", f"endpoint {t} out of SLO ({ck})", self.rules.timeline_limit)
+            host.note(s.observed_at, "impact", f"endpoint {t} out of SLO ({o.ck})", self.rules.timeline_limit)
             if not changes:
                 host.version += 1
                 changes = [Change(ChangeKind.UPDATED, host)]
         return changes
 
-    def _multi_gpu(self, inc: TrackedIncident, at: datetime) -> list[Change]:
+    def multi_gpu(self, inc: TrackedIncident, at: datetime) -> list[Change]:
         """Several GPU incidents on one node within the window become one node incident."""
         rule = self.rules.multi_gpu
         if rule is None or inc.scope is not IncidentScope.GPU or inc.domain is not Domain.OPERATOR \
                 or inc.parent is not None or inc.node is None or inc.category not in self.rules.multi_gpu_categories:
             return []  # only hardware faults: XID 74 on several GPUs is an NVLink fault, not a host fault
         node_key = f"node|{inc.cluster}|{inc.node}"
-        host = self._live(self.by_key.get(node_key))
+        host = self.state.live(self.state.by_key.get(node_key))
         if host is not None and host.category in (rule.category, "node_reboot_required"):
             return self._fold_into_node(host, [inc], at)  # the node is already the unit being fixed
         if host is not None:
             return []  # a node incident of another kind (an IB link, say) owns the key: keep GPUs separate
-        peers = [p for iid in self.on_node.get(inc.node, ()) if (p := self._live(iid)) is not None
+        peers = [p for iid in self.state.on_node.get(inc.node, ()) if (p := self.state.live(iid)) is not None
                  and p.scope is IncidentScope.GPU and p.parent is None and p.category in self.rules.multi_gpu_categories
                  and (at - p.first_seen).total_seconds() <= rule.window_s]
         gpus = {g for p in peers for g in p.gpus}
@@ -156,9 +166,9 @@ class Patterns(CoreState):
         node.labels.update(first.labels)
         node.note(at, "opened", f"{len(gpus)} GPU incidents on {inc.node} within {rule.window_s:g}s",
                   self.rules.timeline_limit)
-        self.incidents[node.id] = node
-        self.by_key[node_key] = node.id
-        self.on_node.setdefault(inc.node, {})[node.id] = None
+        self.state.incidents[node.id] = node
+        self.state.by_key[node_key] = node.id
+        self.state.on_node.setdefault(inc.node, {})[node.id] = None
         return [Change(ChangeKind.OPENED, node), *self._fold_into_node(node, peers, at, opening=True)]
 
     def _fold_into_node(self, node: TrackedIncident, members: list[TrackedIncident], at: datetime,
@@ -186,12 +196,12 @@ class Patterns(CoreState):
             changes.append(Change(ChangeKind.UPDATED, node))
         return changes
 
-    def _link_impacted(self, inc: TrackedIncident) -> list[Change]:
+    def link_impacted(self, inc: TrackedIncident) -> list[Change]:
         """A hardware incident opened on a node that serves breached endpoints: fold them under it."""
         changes: list[Change] = []
         assert inc.node is not None
-        for key in self.serving.get(inc.node, ()):
-            ep = self._live(self.by_key.get(key))
+        for key in self.state.serving.get(inc.node, ()):
+            ep = self.state.live(self.state.by_key.get(key))
             if ep is None or ep.parent is not None or ep.scope is not IncidentScope.TENANT:
                 continue
             ep.parent = inc.id

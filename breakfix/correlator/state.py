@@ -1,10 +1,11 @@
 """The correlator core's state, its indexes, and the plain-JSON form a checkpoint stores.
 
-``CoreState`` is the base of ``correlator.grouping.Correlator``: every dict the grouping rules
-read and write lives here, so ``to_state`` / ``load_state`` capture all of it. The service
-(``correlator.service``) writes ``to_state()`` through ``correlator.checkpoint`` together with
-the stream sequence it covers, and a restarted correlator calls ``load_state`` before it
-consumes again. Stub methods name what the mixins (``lifecycle``, ``patterns``) expect.
+``CoreState`` is shared by reference between the core's collaborators (``correlator.book``,
+``correlator.patterns``, ``correlator.lifecycle``, wired by ``correlator.grouping.Correlator``): every
+dict the grouping rules read and write lives here, so ``to_state`` / ``load_state`` capture all of
+it. The service (``correlator.service``) writes ``to_state()`` through ``correlator.checkpoint``
+together with the stream sequence it covers, and a restarted correlator calls ``load_state`` before
+it consumes again.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from collections import OrderedDict
 from datetime import datetime, timedelta
 from typing import Any
 
-from breakfix.correlator.model import Change, TrackedIncident
+from breakfix.correlator.model import TrackedIncident
 from breakfix.correlator.rules import Rules, default_rules
 from breakfix.correlator.topology import TopologyGrouper, _Candidates
 from breakfix.schemas.catalog import Catalog, FaultClass
-from breakfix.schemas.incident import IncidentScope
 from breakfix.schemas.signal import Signal
 
 LEMON_LABEL = "breakfix.io/lemon"
@@ -55,15 +55,14 @@ class CoreState:
         self._classes: OrderedDict[tuple[str, str | None], FaultClass] = OrderedDict()  # LRU, _CLASS_CACHE
         self.stats = {"signals": 0, "duplicates": 0, "suppressed": 0, "healthy": 0, "folded": 0,
                       "below_threshold": 0, "impact": 0, "expired": 0}
-        self._symp = catalog.correlation.sympathetic_xids
-        self._message_xids = catalog.message_xids
-        self._dedupe = timedelta(seconds=self.rules.dedupe_s)
-        self._symp_td = timedelta(seconds=self.rules.sympathetic_s)
-        self._peer_td = timedelta(seconds=self.rules.peer.window_s if self.rules.peer else self.rules.sympathetic_s)
-        self._companion_keys = frozenset(f"xid:{c}" for c in catalog.correlation.dbe_companions)
+        self.symp = catalog.correlation.sympathetic_xids
+        self.dedupe_td = timedelta(seconds=self.rules.dedupe_s)
+        self.symp_td = timedelta(seconds=self.rules.sympathetic_s)
+        self.peer_td = timedelta(seconds=self.rules.peer.window_s if self.rules.peer else self.rules.sympathetic_s)
+        self.companion_keys = frozenset(f"xid:{c}" for c in catalog.correlation.dbe_companions)
 
-    # -- helpers shared by the mixins --------------------------------------------------------------
-    def _classify(self, s: Signal) -> FaultClass:
+    # -- helpers shared by the collaborators --------------------------------------------------------------
+    def classify(self, s: Signal) -> FaultClass:
         if self.catalog.message_dependent(s.check, s.code):  # XID 154 / 74 / NVLink5, SXid fatal word
             return self.catalog.classify(check=s.check, code=s.code, message=s.message, details=s.details)
         k = (s.check, s.code)
@@ -77,27 +76,15 @@ class CoreState:
             cache.move_to_end(k)
         return fc
 
-    def _remember(self, signal_id: str, incident: str) -> None:
+    def remember(self, signal_id: str, incident: str) -> None:
         seen = self.seen
         seen[signal_id] = incident
         if len(seen) > self.rules.seen_limit:
             seen.popitem(last=False)
 
-    def _live(self, iid: str | None) -> TrackedIncident | None:
+    def live(self, iid: str | None) -> TrackedIncident | None:
         inc = self.incidents.get(iid) if iid else None
         return None if inc is None or inc.status.terminal else inc
-
-    def _open(self, key: str, scope: IncidentScope, s: Signal, fk: str, ck: str, fc: FaultClass,
-              now: datetime, note: str = "") -> list[Change]:
-        raise NotImplementedError
-
-    def _add(self, inc: TrackedIncident, s: Signal, fk: str, ck: str, fc: FaultClass, now: datetime,
-             fold: bool = False) -> list[Change]:
-        raise NotImplementedError
-
-    def _absorb(self, inc: TrackedIncident, s: Signal, fk: str, ck: str, fc: FaultClass,
-                fold: bool = False) -> bool:
-        raise NotImplementedError
 
     # -- checkpoint form ---------------------------------------------------------------------------
     def to_state(self) -> dict[str, Any]:
