@@ -191,6 +191,21 @@ class TestNvsmi:
         assert dbe["details"]["ecc_volatile_sram_unc"] == "1" and dbe["details"]["ecc_aggregate_sram_unc"] == "3"
         assert dbe["details"]["mig_mode"] == "Enabled" and dbe["details"]["mig_devices"] == "2"
 
+    def test_mig_text_dump_reads_instances_and_thermal_slowdown(self) -> None:
+        got = rows(["nvsmi", str(DATA / "nvsmi_1gpu_mig_a100.txt"), "--all"])
+        assert [r["check"] for r in got if not r["healthy"]] == ["clock.hw_thermal"]
+        dbe = next(r for r in got if r["check"] == "ecc.dbe")
+        assert (dbe["details"]["mig_mode"], dbe["details"]["mig_devices"]) == ("Enabled", "2")
+
+    def test_xml_names_the_mig_instance_with_sram_errors(self) -> None:
+        dbe = next(r for r in rows(["nvsmi", str(DATA / "nvsmi_1gpu_mig.xml")]) if r["check"] == "ecc.dbe")
+        assert dbe["details"]["GPU_I_ID"] == "1"
+
+    def test_pre_r535_layout_double_bit_totals_and_retired_pages(self) -> None:
+        got = rows(["nvsmi", str(DATA / "nvsmi_1gpu_v100_r470.txt")])
+        assert sorted((r["check"], r["value"]) for r in got) == [
+            ("ecc.dbe", 2.0), ("retired_pages.limit", 62.0), ("retired_pages.pending", None)]
+
     def test_dump_and_live_nvml_give_the_same_signal(self, catalog: Catalog) -> None:
         from breakfix.collectors.nvml import Thresholds, evaluate
 
