@@ -13,14 +13,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from breakfix.bus.options import NatsOptions
 from breakfix.schemas.datafile import DataFileError, load_model
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
 
-class NatsConfig(BaseModel):
+class NatsConfig(NatsOptions):  # url, creds, tls_ca, tls_cert, tls_key (bus.options)
     model_config = _STRICT
-    url: str = "nats://127.0.0.1:4222"
     publish_timeout_s: float = Field(2.0, gt=0)
     connect_retry_s: float = Field(2.0, gt=0)
 
