@@ -220,7 +220,9 @@ class CollectorDaemon:
             f = cfg.fabric
             fabric = FabricRules(self.ctx, FabricThresholds(errors_per_min=f.errors_per_min, flap_count=f.flap_count,
                                                             flap_window_s=f.flap_window_s,
-                                                            expected_rate_gbps=f.expected_rate_gbps))
+                                                            expected_rate_gbps=f.expected_rate_gbps,
+                                                            expected_ethernet_rate_gbps=f.expected_ethernet_rate_gbps,
+                                                            skip_ethernet=f.skip_ethernet))
 
             async def fabric_step() -> None:
                 ports = await asyncio.to_thread(read_ports, f.sysfs, fabric.skipped_files)
