@@ -1,5 +1,7 @@
 """The long-running services: ``collector``, ``fleet-collector``, ``correlator``, ``correlator-fleet``,
-``remediator``. Each logs JSON, stops cleanly on SIGTERM and refuses a bad config with file:line."""
+``remediator``. Each logs JSON, stops cleanly on SIGTERM (also while still connecting to NATS) and refuses a
+bad config with file:line. NATS options come from the config file's ``nats:`` section, overridden by the
+``--nats --creds --tls-*`` flags (``cliutil.with_nats``)."""
 
 from __future__ import annotations
 
@@ -11,33 +13,43 @@ from typing import Annotated
 import typer
 
 from breakfix.cli import logs
-from breakfix.cli.cliutil import app, daemon, fail, load
+from breakfix.cli.cliutil import NatsFlags, app, daemon, fail, load, with_nats
 
 
 @app.command()
+@with_nats(default_url=None)
 def collector(
     config: Annotated[Path, typer.Option("--config", envvar="BREAKFIX_COLLECTOR_CONFIG", help="Collector YAML.")],
+    nats: NatsFlags,
 ) -> None:
     """Run the node collector daemon (JSON logs, /metrics and /healthz)."""
+    from breakfix.bus.jetstream import JetStreamBus
+    from breakfix.bus.options import NatsOptions
     from breakfix.collectors.config import load_config
     from breakfix.collectors.daemon import CollectorDaemon
     from breakfix.schemas.catalog import load_catalog
 
     logs.configure(json=True)
     cfg = load(lambda: load_config(config))
-    collector_daemon = CollectorDaemon(cfg, load(load_catalog))
+    opts = nats.options(NatsOptions.model_validate(cfg.nats.model_dump(include=set(NatsOptions.model_fields))))
+    name = f"breakfix-collector-{cfg.node_name}"
+    collector_daemon = CollectorDaemon(cfg, load(load_catalog),
+                                       connect=lambda _url: JetStreamBus.connect(opts, name=name))
     daemon(collector_daemon.run)
 
 
 @app.command()
+@with_nats(default_url=None)
 def remediator(
     config: Annotated[Path, typer.Option("--config", envvar="BREAKFIX_REMEDIATOR_CONFIG", help="Remediator YAML.")],
+    nats: NatsFlags,
     kubeconfig: Annotated[Path | None, typer.Option(envvar="KUBECONFIG", help="A kubeconfig file (outside the "
                                                     "cluster); default: the config's, else in-cluster.")] = None,
 ) -> None:
     """Run the remediator daemon: Kubernetes, the node agents and the provider hook (JSON logs)."""
     from breakfix.bus.clock import SystemClock
     from breakfix.bus.jetstream import JetStreamBus
+    from breakfix.bus.options import NatsOptions
     from breakfix.remediator.app import build_remediator
     from breakfix.remediator.config import load_config
     from breakfix.remediator.k8s import KubeConfigError, load_api
@@ -46,6 +58,7 @@ def remediator(
     logs.configure(json=True)
     cfg = load(lambda: load_config(config))
     pol = load(lambda: load_policy(cfg.policy))
+    opts = nats.options(cfg.nats or NatsOptions(url=cfg.nats_url))
     k = cfg.kubernetes
     try:  # a missing or unusable Kubernetes configuration is one line and exit 2, before connecting anywhere
         load_api(kubeconfig=kubeconfig or k.kubeconfig, context=k.context, host=k.host, token_file=k.token_file,
@@ -54,7 +67,7 @@ def remediator(
         raise fail(str(exc)) from None
 
     async def main(stop: asyncio.Event) -> None:
-        bus = await JetStreamBus.connect(cfg.nats_url, name="breakfix-remediator")
+        bus = await JetStreamBus.connect(opts, name="breakfix-remediator", stop=stop)
         try:
             service = await build_remediator(cfg, bus=bus, clock=SystemClock(), policy=pol, kubeconfig=kubeconfig)
             await service.run(stop)
@@ -65,10 +78,11 @@ def remediator(
 
 
 @app.command("fleet-collector")
+@with_nats()
 def fleet_collector(
     prometheus: Annotated[str, typer.Option(envvar="BREAKFIX_PROMETHEUS_URL", help="Prometheus base URL.")],
     cluster: Annotated[str, typer.Option(envvar="BREAKFIX_CLUSTER", help="Cluster the fleet belongs to.")],
-    nats: Annotated[str, typer.Option(envvar="BREAKFIX_NATS_URL", help="NATS URL.")] = "nats://127.0.0.1:4222",
+    nats: NatsFlags,
     rules: Annotated[Path | None, typer.Option(help="Fleet rules YAML (default: the shipped rules).")] = None,
     interval: Annotated[float, typer.Option(min=1, help="Seconds between evaluations.")] = 30.0,
     spool_dir: Annotated[Path, typer.Option(help="Spool while NATS is away.")] = Path("/var/lib/breakfix/fleet-spool"),
@@ -81,18 +95,19 @@ def fleet_collector(
     logs.configure(json=True)
     spec = load(lambda: load_fleet_rules(rules))
     fleet = FleetRules(spec, cluster=cluster, catalog=load(load_catalog))
+    opts = nats.options()
 
     async def main(stop: asyncio.Event) -> None:
-        await run_fleet(rules=fleet, prom=PrometheusClient(prometheus), nats_url=nats, spool_dir=spool_dir,
+        await run_fleet(rules=fleet, prom=PrometheusClient(prometheus), nats_url=opts, spool_dir=spool_dir,
                         interval_s=interval, clock=lambda: datetime.now(UTC), stop=stop)
 
     daemon(main)
 
 
 @app.command()
+@with_nats(default_url=None)
 def correlator(
-    nats: Annotated[str | None, typer.Option(envvar="BREAKFIX_NATS_URL",
-                                             help="NATS URL; without one breakfix starts its own nats-server.")] = None,
+    nats: NatsFlags,
     data_dir: Annotated[Path, typer.Option(envvar="BREAKFIX_DATA_DIR", help="Store for an embedded server.")] = Path(
         ".breakfix"),
     rules: Annotated[Path | None, typer.Option(envvar="BREAKFIX_CORRELATOR_RULES",
@@ -104,11 +119,13 @@ def correlator(
     checkpoint_interval: Annotated[float, typer.Option(help="Seconds between state checkpoints.")] = 1.0,
 ) -> None:
     """Run the correlator daemon (JSON logs). State is checkpointed to the JetStream object store."""
+    from breakfix.bus.clock import SystemClock
     from breakfix.bus.jetstream import JetStreamBus
+    from breakfix.bus.options import NatsOptions
     from breakfix.bus.server import EmbeddedNats
-    from breakfix.correlator.grouping import Correlator
+    from breakfix.correlator.app import CorrelatorConfig, build_correlator
     from breakfix.correlator.rules import load_rules
-    from breakfix.correlator.service import CorrelatorService, ServiceConfig
+    from breakfix.correlator.service import ServiceConfig
     from breakfix.schemas.catalog import load_catalog
 
     logs.configure(json=True)
@@ -117,15 +134,15 @@ def correlator(
     if partition >= partitions:
         raise typer.BadParameter(f"--partition {partition} must be below --partitions {partitions}")
     config = ServiceConfig(partition=partition, partitions=partitions, checkpoint_interval_s=checkpoint_interval)
-    server = None if nats else EmbeddedNats(data_dir / "nats").start()
-    url = nats or (server.url if server else "")
+    server = None if nats.url else EmbeddedNats(data_dir / "nats").start()
+    opts = nats.options(NatsOptions(url=server.url) if server else None)
 
     async def main(stop: asyncio.Event) -> None:
-        bus = await JetStreamBus.connect(url, name=f"breakfix-{config.name}")
+        bus = await JetStreamBus.connect(opts, name=f"breakfix-{config.name}", stop=stop)
         try:
             # partitioned instances leave fabric grouping to the fleet stage (breakfix correlator-fleet)
-            core = Correlator(cat, compiled, topology=partitions == 1)
-            await CorrelatorService(bus, core, lambda: datetime.now(UTC), config=config).run(stop)
+            cfg = CorrelatorConfig(rules=compiled, catalog=cat, service=config)
+            await build_correlator(cfg, bus=bus, clock=SystemClock()).run(stop)
         finally:
             await bus.close()
 
@@ -137,24 +154,27 @@ def correlator(
 
 
 @app.command("correlator-fleet")
+@with_nats()
 def correlator_fleet(
-    nats: Annotated[str, typer.Option(envvar="BREAKFIX_NATS_URL", help="NATS URL of the partitioned correlators.")],
+    nats: NatsFlags,
     rules: Annotated[Path | None, typer.Option(envvar="BREAKFIX_CORRELATOR_RULES",
                                                help="Correlator rules YAML (its topology section is used).")] = None,
 ) -> None:
     """Run the fleet stage: fabric incidents across partitioned correlators (JSON logs)."""
+    from breakfix.bus.clock import SystemClock
     from breakfix.bus.jetstream import JetStreamBus
-    from breakfix.correlator.fleet import FleetCorrelator, FleetService
+    from breakfix.correlator.app import CorrelatorConfig, build_fleet_stage
     from breakfix.correlator.rules import load_rules
     from breakfix.schemas.catalog import load_catalog
 
     logs.configure(json=True)
     compiled = load(lambda: load_rules(rules, load(load_catalog)))
+    opts = nats.options()
 
     async def main(stop: asyncio.Event) -> None:
-        bus = await JetStreamBus.connect(nats, name="breakfix-correlator-fleet")
+        bus = await JetStreamBus.connect(opts, name="breakfix-correlator-fleet", stop=stop)
         try:
-            await FleetService(bus, FleetCorrelator(compiled), lambda: datetime.now(UTC)).run(stop)
+            await build_fleet_stage(CorrelatorConfig(rules=compiled), bus=bus, clock=SystemClock()).run(stop)
         finally:
             await bus.close()
 

@@ -46,8 +46,7 @@ from breakfix.bus.server import EmbeddedNats
 from breakfix.collectors.fleet import Fleet, build_fleet
 from breakfix.collectors.publisher import SignalPublisher
 from breakfix.collectors.sim import Scenario, load_scenario, run_scenario, timeline
-from breakfix.correlator.grouping import Correlator
-from breakfix.correlator.service import CorrelatorService
+from breakfix.correlator.app import CorrelatorConfig, build_correlator
 from breakfix.remediator.app import build_remediator
 from breakfix.remediator.config import RemediatorConfig
 from breakfix.remediator.policy import Policy
@@ -237,7 +236,8 @@ async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: C
 
         collector_bus = await bus("breakfix-collector-sim")
         await collector_bus.ensure_streams(subjects.STREAMS)
-        correlator = CorrelatorService(await bus("breakfix-correlator"), Correlator(catalog), CLOCK.now)
+        correlator = build_correlator(CorrelatorConfig(catalog=catalog), bus=await bus("breakfix-correlator"),
+                                      clock=CLOCK)
         config = RemediatorConfig(cluster=fleet.cluster, actor="remediator/demo")
         remediator = await build_remediator(config, bus=await bus("breakfix-remediator"), clock=CLOCK,
                                             cluster_api=cluster, policy=policy, catalog=catalog, retry_refused_s=1.0)

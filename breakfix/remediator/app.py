@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from breakfix.bus.clock import Clock
-from breakfix.bus.protocol import Bus
+from breakfix.bus.protocol import Bus, KeyValue
 from breakfix.remediator.actuator import Actuator
 from breakfix.remediator.config import RemediatorConfig
 from breakfix.remediator.policy import Policy, load_policy
 from breakfix.remediator.service import RemediatorService
-from breakfix.remediator.store import MemoryStore, PlanStore
+from breakfix.remediator.store import KvStore, MemoryStore, PlanStore
 from breakfix.schemas.catalog import Catalog, default_catalog
 
 __all__ = ["build_remediator", "companion_codes"]
@@ -39,12 +39,10 @@ def companion_codes(catalog: Catalog) -> Any:
 
 
 async def _store_for(bus: Bus) -> PlanStore:
-    client = getattr(bus, "client", None)
-    if client is None:
+    if not hasattr(bus, "kv_get"):  # a bus without the KeyValue protocol keeps plans in memory
         return MemoryStore()
-    from breakfix.remediator.store import KvStore
-
-    return await KvStore.open(client.jetstream())
+    kv: KeyValue = bus  # type: ignore[assignment]
+    return await KvStore.open(kv)
 
 
 async def build_remediator(config: RemediatorConfig, *, bus: Bus, clock: Clock, cluster_api: Actuator | None = None,

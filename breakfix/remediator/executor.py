@@ -131,6 +131,7 @@ class Executor:
                                        index=i, rung=r, reason=f"{why}: would have run this step")
             return ActionOutcome.DRY_RUN
         escalated = False
+        climbed = ""  # why the ladder left its last rung: an escalation on a later rung pages with it
         while prog.rung < len(rungs):
             rung = rungs[prog.rung]
             used = 0.0  # seconds this rung's steps have taken (waits for a human, soak and idle excluded)
@@ -153,7 +154,7 @@ class Executor:
                     await self._until_idle(incident, plan, attempt, prog, step)
                 await self._record(incident, plan, attempt, ActionKind.STEP, ActionOutcome.STARTED, step=step,
                                    index=prog.step, rung=prog.rung)
-                result, took = await self._timed(incident, plan, attempt, prog, step, rung.timeout_s - used)
+                result, took = await self._timed(incident, plan, attempt, prog, step, rung.timeout_s - used, climbed)
                 used += took
                 outcome = ActionOutcome.SUCCEEDED if result.ok else ActionOutcome.FAILED
                 await self._record(incident, plan, attempt, ActionKind.STEP, outcome, step=step, index=prog.step,
@@ -172,6 +173,7 @@ class Executor:
                                    reason=f"rung {rung.name} completed" if not escalated else "")
                 return final
             step, result = failed
+            climbed = f"{step.action.value} failed: {result.detail}"
             prog.rung += 1
             prog.step = 0
             if prog.rung < len(rungs):
@@ -185,7 +187,7 @@ class Executor:
         return await self._exhausted(incident, plan, attempt, prog, save, "ladder exhausted")
 
     async def _timed(self, incident: Incident, plan: Plan, attempt: int, prog: Progress, step: Step,
-                     rung_left: float) -> tuple[StepResult, float]:
+                     rung_left: float, climbed: str = "") -> tuple[StepResult, float]:
         """Run one step under its timeout and what is left of the rung's; (result, seconds it took)."""
         key = step_key(incident.id, attempt, prog.rung, prog.step)
         soak = step.params.get("soak") is not False
@@ -203,7 +205,7 @@ class Executor:
             if limit <= 0:
                 raise TimeoutError
             async with asyncio.timeout(limit):
-                result = await self._call(incident, step, key)
+                result = await self._call(incident, step, key, climbed)
         except TimeoutError:
             result = StepResult(False, f"{step.action.value} timed out after {max(limit, 0):g}s "
                                        f"({which} timeout_s)", {"timeout": which})
@@ -257,7 +259,7 @@ class Executor:
         return StepResult(again.ok, f"{first.detail}; drained {node} ({drained.detail}); {again.detail}",
                           {**again.evidence, "drained_for_busy": "true"})
 
-    async def _call(self, incident: Incident, step: Step, key: str) -> StepResult:
+    async def _call(self, incident: Incident, step: Step, key: str, climbed: str = "") -> StepResult:
         a, p, iid = self.actuator, step.params, incident.id
         node = str(p.get("node", incident.node or ""))
         gpu_i = _gpu(step)
@@ -297,7 +299,7 @@ class Executor:
             case StepAction.RESTART_POD:
                 return await a.restart_pod(str(p.get("namespace", "")), str(p.get("pod", "")), incident=iid)
             case StepAction.ESCALATE:
-                why = p.get("reason")
+                why = p.get("reason") or climbed
                 summary = f"{why}; {rma_summary(incident)}" if why else rma_summary(incident)
                 return await a.escalate(incident.node, summary, incident=iid)
         return StepResult(False, f"no actuator for {step.action.value}")  # pragma: no cover
