@@ -8,15 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import kmock
 import pytest
+import yaml
 
 from breakfix.bus.clock import ManualClock
-from breakfix.remediator.k8s import OWNER, QUARANTINE, DrainPolicy, KubernetesActuator, api_for
+from breakfix.remediator.k8s import (
+    OWNER,
+    QUARANTINE,
+    DrainPolicy,
+    KubeConfigError,
+    KubernetesActuator,
+    api_for,
+    load_api,
+)
 from breakfix.remediator.leader import LeaseElector
 from tests.conftest import T0
 
@@ -215,3 +228,50 @@ class TestCollectorTopologyFromNode:
                    "nvlink_domain": "nvidia.com/gpu.clique"}
         got = await asyncio.to_thread(node_topology, "gpu-node-7", mapping, host=cluster.api.configuration.host)
         assert got == {"rack": "rack-03", "nvlink_domain": "clique-9"}
+
+
+class TestKubeConfig:
+    """The remediator's Kubernetes configuration: kubeconfig, explicit host or in-cluster; anything missing or
+    unusable is one line (``KubeConfigError``), and the CLI prints it with exit 2, never a traceback."""
+
+    @pytest.mark.parametrize(("content", "words"), [
+        (None, "no such kubeconfig file"),
+        ("not: [a kubeconfig", "not a usable kubeconfig"),
+        ("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n", "not a usable kubeconfig"),
+    ], ids=["missing", "not-yaml", "no-context"])
+    def test_a_bad_kubeconfig_is_one_line(self, tmp_path: Path, content: str | None, words: str) -> None:
+        path = tmp_path / "kubeconfig"
+        if content is not None:
+            path.write_text(content)
+        with pytest.raises(KubeConfigError) as exc:
+            load_api(kubeconfig=path)
+        assert words in str(exc.value) and "\n" not in str(exc.value) and str(path) in str(exc.value)
+
+    def test_outside_a_pod_without_any_configuration_the_error_says_what_to_give(self, monkeypatch:
+                                                                                  pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        with pytest.raises(KubeConfigError, match="--kubeconfig FILE"):
+            load_api(in_cluster=True)
+
+    async def test_a_kubeconfig_reaches_the_api_server_it_names(self, tmp_path: Path, cluster: Cluster) -> None:
+        path = tmp_path / "kubeconfig"
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+            "clusters": [{"name": "kmock", "cluster": {"server": cluster.api.configuration.host}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "me"}}],
+            "users": [{"name": "me", "user": {"token": "t"}}]}))
+        await cluster.add_node("gpu-node-9")
+        act = KubernetesActuator(load_api(kubeconfig=path), clock=ManualClock(T0))
+        assert "gpu-node-9" in (await act.view()).nodes
+
+    def test_the_cli_prints_one_line_and_exits_2_for_the_shipped_example_outside_a_cluster(
+            self, tmp_path: Path) -> None:
+        example = Path(__file__).resolve().parents[1] / "breakfix/remediator/examples/remediator.yaml"
+        env = {k: v for k, v in os.environ.items() if k not in ("KUBERNETES_SERVICE_HOST", "KUBECONFIG")}
+        for extra in ([], ["--kubeconfig", str(tmp_path / "nope")]):
+            proc = subprocess.run([sys.executable, "-c", "from breakfix.cli.main import app; app()", "remediator",
+                                   "--config", str(example), *extra], capture_output=True, text=True, timeout=60,
+                                  env={**env, "COLUMNS": "300"})
+            assert proc.returncode == 2, proc.stderr
+            assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+            assert "kubeconfig" in proc.stderr
