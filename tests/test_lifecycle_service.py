@@ -186,3 +186,16 @@ class TestPlansFollowAndMemory:
             await h.open(incident(iid="inc-2", category="informational"))
             await h.until(lambda: "inc-2" in h.svc.latest)
             assert "inc-1" not in h.svc.latest
+
+    async def test_a_stale_incident_keeps_its_hold_and_on_call_is_told(self, policy: Policy) -> None:
+        c = one_node()
+        async with Harness(fast(policy), c) as h:
+            await h.open(incident(category="hardware_support"))
+            await h.until(lambda: "escalated" in plans(h, "inc-1"))
+            stale = incident(category="hardware_support").model_copy(update={
+                "status": IncidentStatus.STALE, "version": 5, "resolved_at": T0})
+            await h.open(stale, ChangeKind.STATUS)
+            await h.until(lambda: any(r.kind is ActionKind.NOTIFICATION for r in h.records()))
+        page = next(r for r in h.records() if r.kind is ActionKind.NOTIFICATION)
+        assert "stays cordoned" in page.reason and "breakfix release inc-1" in page.reason
+        assert c.nodes["n1"].cordoned and list(h.svc.guards.holders("n1", besides="-")) == ["inc-1"]

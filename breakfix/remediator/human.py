@@ -23,6 +23,7 @@ own records on the same stream are not human verbs and pass by.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import TYPE_CHECKING
 
@@ -174,11 +175,22 @@ class HumanVerbs:
         svc.guards.unhold(inc.id)
         svc.keeper.save()
         self.releases += 1
-        outcome = await svc.executor.run(inc, plan, attempt=10_000 + self.releases)
-        if outcome is not ActionOutcome.COMPLETED and inc.node:
-            svc.guards.hold(inc.node, inc.id, "release failed validation")  # the node stays out
-            svc.keeper.save()
-        log.warning("released", incident=inc.id, by=rec.actor, outcome=outcome.value, skip_validation=skip)
+        attempt = int(svc.clock.now().timestamp())  # a release is its own attempt: its records never collide
+
+        async def release() -> None:  # validation takes minutes: other verbs must not wait behind it
+            try:
+                outcome = await svc.executor.run(inc, plan, attempt=attempt)
+                if outcome is not ActionOutcome.COMPLETED and inc.node:
+                    svc.guards.hold(inc.node, inc.id, "release failed validation")  # the node stays out
+                    svc.keeper.save()
+                log.warning("released", incident=inc.id, by=rec.actor, outcome=outcome.value, skip_validation=skip)
+            except Exception as exc:
+                log.error("release_crashed", incident=inc.id, error=repr(exc))
+            finally:
+                if svc.tasks.get(inc.id) is asyncio.current_task():
+                    del svc.tasks[inc.id]
+
+        svc.tasks[inc.id] = asyncio.create_task(release(), name=f"release-{inc.id}")
 
     async def _breaker_reset(self, rec: ActionRecord) -> None:
         order = self.svc.guards.reset_breaker()

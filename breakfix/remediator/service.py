@@ -32,7 +32,7 @@ from breakfix.bus.codec import decoder, encode
 from breakfix.bus.consumer import ConsumerSpec, ConsumerStats, run_consumer
 from breakfix.bus.protocol import Bus, Delivery
 from breakfix.remediator.actuator import Actuator, StepResult
-from breakfix.remediator.breaker import page_breaker
+from breakfix.remediator.breaker import page_breaker, page_stale_hold
 from breakfix.remediator.decide import decide
 from breakfix.remediator.executor import Executor
 from breakfix.remediator.follow import needs_node, recurrence, redecision
@@ -40,7 +40,7 @@ from breakfix.remediator.guards import GPU_ACTIONS, GuardState, Refusal, check, 
 from breakfix.remediator.keeper import GuardKeeper
 from breakfix.remediator.leading import Elector, lead
 from breakfix.remediator.policy import Policy
-from breakfix.remediator.records import PlanBook, PlanRecord, Progress
+from breakfix.remediator.records import PlanBook, PlanRecord, Progress, ProgressState
 from breakfix.remediator.store import Conflict, MemoryStore, PlanStore
 from breakfix.remediator.view import ClusterView
 from breakfix.schemas import subjects
@@ -144,6 +144,8 @@ class RemediatorService:
         if inc.status is IncidentStatus.RESOLVED and inc.id not in self.current:
             self.guards.unhold(inc.id)  # fixed (healthy signals, or its plan completed): it holds nothing
             self.keeper.save()
+        elif inc.status is IncidentStatus.STALE and prev is not None and prev.status is not IncidentStatus.STALE:
+            await page_stale_hold(self, inc)
         self._forget_old()
         if change.kind is ChangeKind.UPDATED and inc.id in self.current:
             await self._maybe_redecide(inc)
@@ -368,7 +370,7 @@ class RemediatorService:
             if rec.plan.domain is Domain.OPERATOR and node:
                 self.guards.start(node, inc.id)  # the budget counts plans in flight, the hold stays
             self.latest.setdefault(inc.id, inc)
-            if rec.progress.state.value == "running":
+            if rec.progress.state is ProgressState.RUNNING:
                 log.warning("resuming", incident=inc.id, rung=rec.progress.rung, step=rec.progress.step)
                 self.spawn(inc.id, rec.progress.attempt, rec)
         incidents = ConsumerSpec(subjects.INCIDENTS.name, self.durable, subjects.INCIDENTS_ALL,
