@@ -5,7 +5,11 @@ Kubernetes (kmock, an API emulator) and the node agent (stand-in nvidia-smi / dc
 - the remediator process is SIGKILLed during validation and resumes at that step: nothing
   is reset twice, the validation is not run twice;
 - a reset that fails takes the reboot rung: cordon, drain, reboot (confirmed by a new boot id),
-  validate r3, return, and the node is uncordoned because breakfix cordoned it.
+  validate r3, return, and the node is uncordoned because breakfix cordoned it;
+- the lifecycle (issue 10): an RMA incident holds its node through another GPU's reset until a human releases
+  it (validated on that GPU only); XID 79 again after its reboot fences the node and pages with the reason;
+  XID 154 "Node Reboot Required" during a reset re-decides the plan; a repeat during the soak blocks the
+  return while an XID 63 companion does not.
 """
 
 from __future__ import annotations
