@@ -352,3 +352,55 @@ def test_auth_conf_from_a_real_bus_init_is_accepted_by_nats_server(tmp_path: Pat
     out = subprocess.run([server, "-c", str(tmp_path / "server.conf"), "-t"], capture_output=True, text=True,
                          timeout=30, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.nats
+async def test_the_deployed_agent_config_runs_as_its_own_process_and_answers_only_its_node(
+        nats_server: Any, tmp_path: Path) -> None:
+    """The lab overlay's agent ConfigMap, as rendered (only NATS URL, state dir and listen port moved to the
+    test's), runs `breakfix collector` as a pure node agent: no signal source, answers its node's subject."""
+    import asyncio
+    import os
+    import socket
+    import sys
+    from datetime import UTC, datetime
+
+    import aiohttp
+    import nats
+
+    from tests.conftest import wait_until
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = yaml.safe_load(config_text("lab", "breakfix-agent", "agent.yaml"))
+    cfg.update(state_dir=str(tmp_path / "agent"), http_listen=f"127.0.0.1:{port}",
+               nats={"url": nats_server.url}, spool={"dir": str(tmp_path / "agent" / "spool")})
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(cfg))
+    exe = Path(sys.executable).parent / "breakfix"
+    proc = await asyncio.create_subprocess_exec(str(exe), "collector", "--config", str(tmp_path / "agent.yaml"),
+                                                env={**os.environ, "NODE_NAME": "gpu-node-7"},
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    nc = await nats.connect(nats_server.url)
+    try:
+        async def healthy() -> bool:
+            try:
+                async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                    body = await r.json()
+                    return r.status == 200 and body["nats"] is True and body["stale_sources"] == {}
+            except (aiohttp.ClientError, OSError):
+                return False
+
+        await wait_until(healthy, 30, "the agent's /healthz with NATS up")
+        cmd = {"id": "deploy-test-validate-1", "node": "gpu-node-7", "action": "validate", "level": 1,
+               "issued_at": datetime.now(UTC).isoformat()}
+        reply = json.loads((await nc.request("breakfix.agent.lab.gpu-node-7", json.dumps(cmd).encode(),
+                                             timeout=10)).data)
+        # no DCGM here: the agent ran the configured NVIDIA dcgmi path and reported that it is missing
+        assert reply["node"] == "gpu-node-7" and reply["action"] == "validate" and reply["ok"] is False
+        assert "dcgmi diag -r 1" in reply["detail"]
+    finally:
+        await nc.close()
+        proc.terminate()
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()[-2000:]
