@@ -399,6 +399,10 @@ async def test_the_deployed_agent_config_runs_as_its_own_process_and_answers_onl
         # no DCGM here: the agent ran the configured NVIDIA dcgmi path and reported that it is missing
         assert reply["node"] == "gpu-node-7" and reply["action"] == "validate" and reply["ok"] is False
         assert "dcgmi diag -r 1" in reply["detail"]
+        other = {**cmd, "id": "deploy-test-validate-2", "node": "gpu-node-8"}
+        refused = json.loads((await nc.request("breakfix.agent.lab.gpu-node-7", json.dumps(other).encode(),
+                                               timeout=10)).data)
+        assert refused["ok"] is False and "gpu-node-8" in refused["detail"]
     finally:
         await nc.close()
         proc.terminate()
