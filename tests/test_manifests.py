@@ -408,3 +408,15 @@ async def test_the_deployed_agent_config_runs_as_its_own_process_and_answers_onl
         proc.terminate()
         _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()[-2000:]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_breakfix_pod_is_admitted_to_nats_by_the_network_policy(overlay: str) -> None:
+    nats = next(p for p in of_kind(overlay, "NetworkPolicy") if p["metadata"]["name"] == "nats")
+    client = next(r for r in nats["spec"]["ingress"] if r["ports"] == [{"port": 4222, "protocol": "TCP"}])
+    (peer,) = client["from"]
+    (ns_rule,) = peer["namespaceSelector"]["matchExpressions"]
+    for w, _c in breakfix_containers(overlay):
+        labels = w["spec"]["template"]["metadata"]["labels"]
+        assert w["metadata"]["namespace"] in ns_rule["values"], w["metadata"]["name"]
+        assert peer["podSelector"]["matchLabels"].items() <= labels.items(), w["metadata"]["name"]
