@@ -17,7 +17,7 @@ import yaml
 from breakfix.cli.demo import load_demo_scenario, run_demo
 from breakfix.remediator.policy import DEFAULT_POLICY, load_policy
 from breakfix.schemas.catalog import Catalog
-from breakfix.schemas.incident import ActionKind, ActionOutcome, StepAction
+from breakfix.schemas.incident import ActionKind, ActionOutcome, StepAction, WaitingOn
 
 SCENARIO = {
     "name": "policy-bench", "description": "failing steps and a tight breaker", "nodes": 6,
@@ -65,6 +65,9 @@ def test_demo_honours_the_policy_and_plays_the_scenarios_failing_steps(tmp_path:
     assert len(pages) == 1 and "4 of 6 nodes" in pages[0].reason, "the policy's breaker (50%, 4 nodes) tripped"
     refused = [r for r in recs if r.kind is ActionKind.REFUSAL and r.node == "gpu-node-003"]
     assert refused and "circuit breaker open" in refused[0].reason
+    waiting = {i.node: i.waiting for i in result.console.incidents.values()}
+    assert waiting["gpu-node-003"] is WaitingOn.BREAKER, "the incident shows what it waits on, not a bare open"
+    assert waiting["gpu-node-002"] is WaitingOn.APPROVAL
 
 
 def test_demo_json_prints_incidents_and_the_audit_trail_with_refusal_reasons(tmp_path: Path) -> None:
