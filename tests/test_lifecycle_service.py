@@ -199,3 +199,33 @@ class TestPlansFollowAndMemory:
         page = next(r for r in h.records() if r.kind is ActionKind.NOTIFICATION)
         assert "stays cordoned" in page.reason and "breakfix release inc-1" in page.reason
         assert c.nodes["n1"].cordoned and list(h.svc.guards.holders("n1", besides="-")) == ["inc-1"]
+
+    async def test_a_deferred_repair_waits_for_the_job_without_holding_up_another_repair(self, policy: Policy
+                                                                                         ) -> None:
+        import asyncio
+
+        c = one_node()
+        job_ended = asyncio.Event()
+        polls = []
+
+        async def idle(node: str, gpu: int, *, pods: tuple[str, ...] = ()) -> bool:
+            polls.append(gpu)
+            if len(polls) > 1:
+                await job_ended.wait()  # the job on the GPU runs until the test ends it
+            return job_ended.is_set()
+
+        c.gpu_idle = idle  # type: ignore[method-assign]
+        async with Harness(fast(policy, cooldown_s=0), c) as h:
+            remap = incident(iid="inc-remap", codes=("row_remap.pending",), severity=Severity.WARNING)
+            await h.open(remap)
+            await h.until(lambda: any(r.waiting is WaitingOn.IDLE for r in h.records()))
+            assert c.nodes["n1"].pods == {"ml/p": 2, "ml/q": 1}, "the running job is not evicted"
+            other = incident(iid="inc-79", category="node_reboot_required", codes=("xid:79",),
+                             severity=Severity.FATAL).model_copy(update={"gpus": (GpuRef(index=5),)})
+            await h.open(other)
+            await h.until(lambda: "completed" in plans(h, "inc-79"))
+            assert plans(h, "inc-remap") == [], "still waiting for its GPU's job"
+            assert not c.nodes["n1"].cordoned, "a deferred repair does not hold the node while work continues"
+            job_ended.set()
+            await h.until(lambda: "completed" in plans(h, "inc-remap"))
+        assert c.nodes["n1"].gpu_resets == {2: 1} and c.nodes["n1"].reboots == 1

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from breakfix.bus.clock import Clock
 from breakfix.remediator.actuator import Actuator, StepResult
@@ -151,7 +151,11 @@ class Executor:
                 prog.state = ProgressState.RUNNING
                 await save(prog)  # a crash from here on resumes at this very step, with the same key
                 if "defer_s" in step.params:
-                    await self._until_idle(incident, plan, attempt, prog, step)
+                    if prog.deadline is None:
+                        prog.deadline = self.clock.now() + timedelta(seconds=float(step.params["defer_s"]))
+                        await save(prog)  # a restart keeps the deadline it promised
+                    await self.wait_idle(incident, plan, attempt, step, prog.deadline, rung=prog.rung,
+                                         index=prog.step)
                 await self._record(incident, plan, attempt, ActionKind.STEP, ActionOutcome.STARTED, step=step,
                                    index=prog.step, rung=prog.rung)
                 result, took = await self._timed(incident, plan, attempt, prog, step, rung.timeout_s - used, climbed)
@@ -213,20 +217,19 @@ class Executor:
             result = StepResult(False, f"{type(exc).__name__}: {exc}")
         return result, max(0.0, self.clock.monotonic() - start)
 
-    async def _until_idle(self, incident: Incident, plan: Plan, attempt: int, prog: Progress, step: Step) -> None:
-        """Deferred repair: wait until the GPU's job has ended, or the deadline, whichever comes first."""
+    async def wait_idle(self, incident: Incident, plan: Plan, attempt: int, step: Step, deadline: datetime, *,
+                        rung: int = 0, index: int = 0) -> None:
+        """Deferred repair: wait until the GPU's job has ended, or ``deadline``, whichever comes first."""
         node, gpu = str(step.params.get("node", incident.node or "")), _gpu(step)
         pods = tuple(x for x in str(step.params.get("pods", "")).split(",") if x)
-        if prog.deadline is None:
-            prog.deadline = self.clock.now() + timedelta(seconds=float(step.params["defer_s"]))
-        if gpu is None or await self.actuator.gpu_idle(node, gpu, pods=pods):
+        if gpu is None or self.clock.now() >= deadline or await self.actuator.gpu_idle(node, gpu, pods=pods):
             return
         await self._record(incident, plan, attempt, ActionKind.STEP, ActionOutcome.WAITING, step=step,
-                           index=prog.step, rung=prog.rung, waiting=WaitingOn.IDLE,
+                           index=index, rung=rung, waiting=WaitingOn.IDLE,
                            reason=f"deferred repair: waits for gpu{gpu} to go idle or until "
-                                  f"{prog.deadline.isoformat()}; the running job is not evicted now")
-        while self.clock.now() < prog.deadline:
-            await self.clock.sleep(min(self.idle_poll_s, (prog.deadline - self.clock.now()).total_seconds()))
+                                  f"{deadline.isoformat()}; the running job is not evicted now")
+        while self.clock.now() < deadline:
+            await self.clock.sleep(min(self.idle_poll_s, (deadline - self.clock.now()).total_seconds()))
             if await self.actuator.gpu_idle(node, gpu, pods=pods):
                 return
 

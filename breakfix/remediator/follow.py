@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from breakfix.schemas.incident import Domain, Incident, Plan, StepAction
+from breakfix.schemas.incident import Domain, Incident, Plan, Step, StepAction
 
 # how far each action takes capacity away: a plan is re-decided when the new one needs more
 ACTION_RANK = {StepAction.NOTIFY_TENANT: 0, StepAction.RESTART_POD: 0, StepAction.ESCALATE: 0,
@@ -60,3 +60,21 @@ def needs_node(plan: Plan) -> bool:
     """An operator plan that would cordon or disrupt the node: its incident holds the node until it is done."""
     return not (plan.dry_run or plan.shadow) and plan.domain is Domain.OPERATOR and any(
         s.action.disruptive or s.action is StepAction.CORDON for r in plan.rungs() for s in r.steps)
+
+
+def deferral(plan: Plan) -> tuple[Step, float] | None:
+    """The deferred step of the plan's first rung and its wait (``defer_s``), or None when it acts at once."""
+    for s in plan.rungs()[0].steps if plan.rungs() else ():
+        wait = s.params.get("defer_s")
+        if wait is not None and not isinstance(wait, bool | str):
+            return s, float(wait)
+    return None
+
+
+def undefer(plan: Plan) -> Plan:
+    """The plan once its deferral is over: the same steps, acting at once."""
+    def strip(steps: tuple[Step, ...]) -> tuple[Step, ...]:
+        return tuple(s.model_copy(update={"params": {k: v for k, v in s.params.items() if k != "defer_s"}})
+                     for s in steps)
+    ladder = tuple(r.model_copy(update={"steps": strip(r.steps)}) for r in plan.ladder)
+    return plan.model_copy(update={"steps": strip(plan.steps), "ladder": ladder})

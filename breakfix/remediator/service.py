@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -35,7 +35,7 @@ from breakfix.remediator.actuator import Actuator, StepResult
 from breakfix.remediator.breaker import page_breaker, page_stale_hold
 from breakfix.remediator.decide import decide
 from breakfix.remediator.executor import Executor
-from breakfix.remediator.follow import needs_node, recurrence, redecision
+from breakfix.remediator.follow import deferral, needs_node, recurrence, redecision, undefer
 from breakfix.remediator.guards import GPU_ACTIONS, GuardState, Refusal, check, step_check
 from breakfix.remediator.keeper import GuardKeeper
 from breakfix.remediator.leading import Elector, lead
@@ -77,8 +77,7 @@ class RemediatorService:
         self.book = PlanBook(self.store)
         self.keeper = GuardKeeper(self.store, policy.guards, clock)
         self.elector, self.lease_renew_s, self.retry_refused_s = elector, lease_renew_s, retry_refused_s
-        self.companion = companion
-        self.max_incidents = max_incidents
+        self.companion, self.max_incidents = companion, max_incidents
         self.latest: OrderedDict[str, Incident] = OrderedDict()  # LRU-bounded; finished ones forgotten
         self.covered: dict[str, str] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}            # incident -> its one live task
@@ -86,11 +85,11 @@ class RemediatorService:
         self.current: dict[str, tuple[Plan, str, int]] = {}       # incident -> (plan, category, attempt) in flight
         self.acted: set[str] = set()                              # incidents whose plan ran a disruptive step
         self.cordoned: set[str] = set()                           # incidents cordoned while their repair waits
+        self.deferred: set[str] = set()                           # incidents whose deferred repair waited
         self.budget_since: dict[str, datetime] = {}
         self.stats, self.control_stats = ConsumerStats(), ConsumerStats()
         self._view_cache: tuple[float, ClusterView] | None = None
-        self.view_ttl_s = view_ttl_s
-        self._swept = float("-inf")
+        self.view_ttl_s, self._swept = view_ttl_s, float("-inf")
         self.executor = Executor(actuator, self.publish, clock, actor=actor, soak=self._soak, gate=self._gate,
                                  holders=self._holders, idle_poll_s=policy.guards.idle_poll_s)
         self.human = HumanVerbs(self)
@@ -102,7 +101,6 @@ class RemediatorService:
     def guards(self) -> GuardState:
         return self.keeper.state
 
-    # -- records -------------------------------------------------------------------------------------
     async def publish(self, rec: ActionRecord) -> None:
         if rec.kind is ActionKind.STEP and rec.outcome is ActionOutcome.STARTED and rec.node and rec.action \
                 and rec.action.disruptive and not rec.dry_run:
@@ -154,7 +152,8 @@ class RemediatorService:
         if change.kind is ChangeKind.OPENED and inc.domain is Domain.OPERATOR and self.guards.observe_open(
                 inc.node, inc.first_seen, self.policy.guards.breaker, len((await self._view()).nodes)):
             await page_breaker(self, inc)
-        if inc.node is not None and inc.parent is None and needs_node(decide(inc, await self._view(), self.policy)):
+        plan = decide(inc, await self._view(), self.policy)
+        if inc.node is not None and inc.parent is None and needs_node(plan) and deferral(plan) is None:
             self.guards.hold(inc.node, inc.id, inc.category)  # from now on, no other plan returns this node
             self.keeper.save()
         self.spawn(inc.id, inc.flaps * 100, None)
@@ -178,6 +177,7 @@ class RemediatorService:
         self.covered = {m: c for m, c in self.covered.items() if c != iid and m != iid}
         self.acted.discard(iid)
         self.cordoned.discard(iid)
+        self.deferred.discard(iid)
         self.budget_since.pop(iid, None)
         if inc is not None and inc.status is IncidentStatus.RESOLVED:
             self.guards.forget(iid)  # an escalated incident keeps its hold until a human releases it
@@ -234,6 +234,11 @@ class RemediatorService:
             if cover is not None:
                 log.info("covered", incident=inc.id, by=cover)
                 return False
+            first = decide(inc, await self._view(), self.policy)
+            if inc.id not in self.deferred and (early := deferral(first)) is not None:  # outside the node lock
+                until = self.clock.now() + timedelta(seconds=early[1])
+                await self.executor.wait_idle(inc, first, attempt, early[0], until)
+                self.deferred.add(inc.id)
         else:
             inc = resume.incident
         async with self.node_locks.setdefault(inc.node or f"fabric:{inc.id}", asyncio.Lock()):
@@ -246,6 +251,7 @@ class RemediatorService:
             if inc.status.terminal:
                 return False
             plan = decide(inc, view, self.policy)
+            plan = undefer(plan) if inc.id in self.deferred else plan
             progress = None
         else:
             plan, progress = resume.plan, resume.progress
@@ -335,7 +341,6 @@ class RemediatorService:
         log.info("plan_done", incident=inc.id, outcome=outcome.value)
         return False
 
-    # -- executor hooks ----------------------------------------------------------------------------
     def _gate(self, inc: Incident, step: Step) -> str | None:
         refusal = step_check(inc, step, self.guards, self.policy.guards, self.clock.now())
         return refusal.reason if refusal else None
@@ -354,7 +359,6 @@ class RemediatorService:
                               {"recurred": what})
         return StepResult(True, f"quiet for {self.policy.guards.soak_s:g}s")
 
-    # -- lifecycle ---------------------------------------------------------------------------------
     async def idle(self) -> None:
         """Wait for every running plan (tests and the demo use this)."""
         while pending := [t for t in self.tasks.values() if not t.done()]:
