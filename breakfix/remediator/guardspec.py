@@ -54,8 +54,5 @@ class GuardsSpec(BaseModel):
     kill_switch: KillSwitchSpec = KillSwitchSpec()
     soak_s: float = Field(300.0, ge=0, description="Quiet time with no new fault before capacity returns.")
     budget_wait_s: float = Field(3600.0, gt=0, description="A plan waiting this long for budget goes to a human.")
-    idle_deadline_s: float = Field(
-        14400.0, gt=0, description="Deferred repair (pending row remap, XID 94): reset when the GPU goes idle, "
-        "or at this deadline at the latest.")
     idle_poll_s: float = Field(30.0, gt=0, description="How often a deferred repair looks whether the GPU is idle.")
     retention_s: float = Field(86400.0, gt=0, description="Finished incidents are forgotten after this.")
