@@ -19,13 +19,17 @@ def collector(
     config: Annotated[Path, typer.Option("--config", envvar="BREAKFIX_COLLECTOR_CONFIG", help="Collector YAML.")],
 ) -> None:
     """Run the node collector daemon (JSON logs, /metrics and /healthz)."""
+    from breakfix.bus.clock import SystemClock
+    from breakfix.bus.jetstream import JetStreamBus
+    from breakfix.collectors.app import build_collector
     from breakfix.collectors.config import load_config
-    from breakfix.collectors.daemon import CollectorDaemon
     from breakfix.schemas.catalog import load_catalog
 
     logs.configure(json=True)
     cfg = load(lambda: load_config(config))
-    collector_daemon = CollectorDaemon(cfg, load(load_catalog))
+    collector_daemon = build_collector(
+        cfg, clock=SystemClock(), catalog=load(load_catalog),
+        connect=lambda: JetStreamBus.connect(cfg.nats.url, name=f"breakfix-collector-{cfg.node_name}"))
     daemon(collector_daemon.run)
 
 
@@ -90,19 +94,19 @@ def fleet_collector(
     spool_dir: Annotated[Path, typer.Option(help="Spool while NATS is away.")] = Path("/var/lib/breakfix/fleet-spool"),
 ) -> None:
     """Evaluate PromQL health rules over the whole fleet and publish signals (JSON logs)."""
-    from breakfix.collectors.fleetd import run_fleet
+    from breakfix.bus.clock import SystemClock
+    from breakfix.bus.jetstream import JetStreamBus
+    from breakfix.collectors.app import build_fleet_collector
     from breakfix.collectors.promfleet import FleetRules, PrometheusClient, load_fleet_rules
     from breakfix.schemas.catalog import load_catalog
 
     logs.configure(json=True)
     spec = load(lambda: load_fleet_rules(rules))
     fleet = FleetRules(spec, cluster=cluster, catalog=load(load_catalog))
-
-    async def main(stop: asyncio.Event) -> None:
-        await run_fleet(rules=fleet, prom=PrometheusClient(prometheus), nats_url=nats, spool_dir=spool_dir,
-                        interval_s=interval, clock=lambda: datetime.now(UTC), stop=stop)
-
-    daemon(main)
+    collector = build_fleet_collector(fleet, prom=PrometheusClient(prometheus), clock=SystemClock(),
+                                      spool_dir=spool_dir, interval_s=interval,
+                                      connect=lambda: JetStreamBus.connect(nats, name="breakfix-fleet-collector"))
+    daemon(collector.run)
 
 
 @app.command()

@@ -21,12 +21,12 @@ import asyncio
 import json
 import os
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
 from pydantic import ValidationError
 
+from breakfix.bus.clock import SYSTEM_CLOCK, Clock
 from breakfix.collectors.kmsg_follow import read_boot_id
 from breakfix.schemas.agent import AgentAction, AgentCommand, AgentReply, DiagTest
 from breakfix.schemas.common import first_error
@@ -70,8 +70,10 @@ class NodeAgent:
     def __init__(self, node: str, state_dir: Path, *, nvidia_smi: str = "nvidia-smi", dcgmi: str = "dcgmi",
                  reboot_cmd: tuple[str, ...] = ("systemctl", "reboot"),
                  allow: frozenset[AgentAction] = frozenset(AgentAction),
-                 boot_id: Callable[[], str] = read_boot_id, timeout_s: float = 3600.0) -> None:
+                 boot_id: Callable[[], str] = read_boot_id, timeout_s: float = 3600.0,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.node = node
+        self.clock = clock
         self.path = state_dir / "agent-commands.json"
         self.nvidia_smi = nvidia_smi
         self.dcgmi = dcgmi
@@ -100,7 +102,7 @@ class NodeAgent:
         self.done = keep
 
     def _reply(self, cmd: AgentCommand, ok: bool, detail: str, **kw: object) -> AgentReply:
-        return AgentReply(id=cmd.id, node=self.node, action=cmd.action, ok=ok, detail=detail, at=datetime.now(UTC),
+        return AgentReply(id=cmd.id, node=self.node, action=cmd.action, ok=ok, detail=detail, at=self.clock.now(),
                           **kw)
 
     async def handle_bytes(self, data: bytes) -> bytes:

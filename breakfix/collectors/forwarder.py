@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import structlog
 
+from breakfix.bus.clock import SYSTEM_CLOCK, Clock
 from breakfix.bus.codec import encode
 from breakfix.bus.protocol import Bus
+from breakfix.collectors.link import pause
 from breakfix.collectors.spool import Spool
 from breakfix.schemas import subjects
 from breakfix.schemas.signal import Signal
@@ -34,8 +36,10 @@ class ForwarderStats:
 
 
 class Forwarder:
-    def __init__(self, spool: Spool, *, publish_timeout_s: float = 2.0, retry_s: float = 1.0) -> None:
+    def __init__(self, spool: Spool, *, publish_timeout_s: float = 2.0, retry_s: float = 1.0,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.spool = spool
+        self.clock = clock
         self.bus: Bus | None = None
         self.publish_timeout_s = publish_timeout_s
         self.retry_s = retry_s
@@ -82,9 +86,11 @@ class Forwarder:
                 self._wake.clear()
                 waiter = asyncio.create_task(self._wake.wait(), name="forwarder-wake")
                 stopper = asyncio.create_task(stop.wait(), name="forwarder-stop")
-                await asyncio.wait({waiter, stopper}, timeout=self.retry_s, return_when=asyncio.FIRST_COMPLETED)
-                for t in (waiter, stopper):
+                sleeper = asyncio.create_task(self.clock.sleep(self.retry_s), name="forwarder-retry")
+                await asyncio.wait({waiter, stopper, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+                for t in (waiter, stopper, sleeper):
                     t.cancel()
+                await asyncio.gather(waiter, stopper, sleeper, return_exceptions=True)
                 continue
             batch = self.spool.peek(256)
             done = []
@@ -96,7 +102,7 @@ class Forwarder:
             self.spool.remove(done)
             self.stats.replayed += len(done)
             if len(done) < len(batch):
-                await asyncio.sleep(self.retry_s)  # still unreachable: back off, keep collecting
+                await pause(self.clock, stop, self.retry_s)  # still unreachable: back off, keep collecting
             else:
                 if not self.up:
                     log.info("nats_reachable_again", remaining=len(self.spool))

@@ -154,6 +154,7 @@ class NvmlSource:
         self.prev: dict[int, tuple[GpuSample, float]] = {}
         self.links_up: dict[int, set[int]] = {}
         self.started = False
+        self.skipped = 0
 
     def start(self) -> None:
         """``nvmlInit`` and enumerate GPUs (index, UUID, PCI bus id) into the node context."""
@@ -218,24 +219,47 @@ class NvmlSource:
             return None  # not an NVSwitch/NVL system, or an older driver
         return int(info.state), int(info.status)
 
-    def collect(self, at: datetime, mono: float) -> Cycle:
-        """One poll of every GPU (blocking NVML calls: the daemon runs this in a worker thread)."""
+    def read(self) -> list[GpuSample]:
+        """One sample of every GPU (blocking NVML calls: the daemon runs this in a worker thread).
+
+        A GPU whose read fails in a way NVML does not name is skipped and counted (``skipped``);
+        the other GPUs' samples still go out."""
         if not self.started:
             self.start()
+        out: list[GpuSample] = []
+        for i in self.refs:
+            try:
+                out.append(self.sample(i))
+            except Exception as exc:
+                self.skipped += 1
+                log.warning("gpu_sample_skipped", node=self.ctx.node, gpu=i, error=repr(exc)[:200])
+        return out
+
+    def evaluate(self, samples: list[GpuSample], at: datetime, mono: float) -> Cycle:
+        """Samples -> state signals, with counter rates against each GPU's previous sample."""
         states: list[Signal] = []
         if self.expected is not None:
             count = len(self.refs)
             states.append(self.ctx.signal(source=SignalSource.NVML, check="gpu.count_mismatch",
                                           healthy=count == self.expected, at=at, value=count, threshold=self.expected,
                                           message=f"NVML sees {count} GPUs, expected {self.expected}"))
-        for i in self.refs:
-            sample = self.sample(i)
+        for sample in samples:
+            i = sample.gpu.index if sample.gpu.index is not None else -1
             prev, prev_t = self.prev.get(i, (None, mono))
-            states.extend(evaluate(self.ctx, sample, prev, at, mono - prev_t, self.th,
-                                   self.links_up.setdefault(i, set())))
+            try:
+                states.extend(evaluate(self.ctx, sample, prev, at, mono - prev_t, self.th,
+                                       self.links_up.setdefault(i, set())))
+            except Exception as exc:  # one GPU's odd reading never hides another GPU's fault
+                self.skipped += 1
+                log.warning("gpu_sample_skipped", node=self.ctx.node, gpu=i, error=repr(exc)[:200])
+                continue
             if sample.lost is None:
                 self.prev[i] = (sample, mono)
         return Cycle(states=states)
+
+    def collect(self, at: datetime, mono: float) -> Cycle:
+        """One poll of every GPU: ``read`` then ``evaluate`` (blocking)."""
+        return self.evaluate(self.read(), at, mono)
 
     async def watch_xids(self, stop: asyncio.Event, clock: Callable[[], datetime]) -> AsyncIterator[Signal]:
         """XID events from ``nvmlEventSetWait_v2``; each wait runs in a worker thread."""

@@ -34,6 +34,7 @@ class Spool:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_records = max_records
         self.dropped: Counter[str] = Counter()
+        self.quarantined = 0
         self.entries: list[_Entry] = []
         for p in self.dir.glob("*.json"):
             try:
