@@ -52,9 +52,10 @@ async def keep_connected(connect: Callable[[], Awaitable[B]], on_connected: Call
         await asyncio.wait({attempt, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
         if not attempt.done():
-            attempt.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await attempt
+            attempt.cancel()  # a client library that ignores the cancel is left behind, not waited for
+            done, _ = await asyncio.wait({attempt}, timeout=2.0)
+            if not done:
+                log.warning("nats_connect_ignored_cancel", what=what, **bind)
             return None
         bus: B | None = None
         try:

@@ -27,7 +27,7 @@ import structlog
 
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.edge import Cycle
-from breakfix.collectors.nvml_api import Nvml
+from breakfix.collectors.nvml_api import Nvml, handle_address
 from breakfix.schemas.common import GpuRef, normalize_pci_bus_id
 from breakfix.schemas.signal import Signal, SignalSource
 
@@ -127,6 +127,14 @@ def evaluate(ctx: NodeContext, s: GpuSample, prev: GpuSample | None, at: datetim
         state("fabric.gpu", fstate != pynvml.NVML_GPU_FABRIC_STATE_COMPLETED or status != pynvml.NVML_SUCCESS,
               value=fstate, message=f"GPU fabric state {fstate} status {status} on {s.gpu.label()}")
     return out
+
+
+def _address(handle: Any) -> int | None:
+    """A device handle's address: NVML hands out a new pointer object per call, equal only by address."""
+    try:
+        return handle_address(handle)
+    except (TypeError, ctypes.ArgumentError):
+        return None
 
 
 def _read(fn: Callable[..., Any], *args: Any) -> Any:
@@ -261,6 +269,20 @@ class NvmlSource:
         """One poll of every GPU: ``read`` then ``evaluate`` (blocking)."""
         return self.evaluate(self.read(), at, mono)
 
+    def event_gpu(self, device: Any) -> GpuRef:
+        """The GPU an event's device handle names. The handle is a new pointer object, so it is matched
+        by address against the handles enumerated at start; a GPU that fell off the bus (no UUID
+        read any more) keeps its index, UUID and PCI id that way."""
+        try:
+            return self.ctx.gpu(uuid=self.nvml.nvmlDeviceGetUUID(device))
+        except pynvml.NVMLError:
+            pass
+        addr = _address(device)
+        for i, h in self.handles.items():
+            if h is not None and addr is not None and _address(h) == addr:
+                return self.refs[i]
+        return GpuRef(index=None)
+
     async def watch_xids(self, stop: asyncio.Event, clock: Callable[[], datetime]) -> AsyncIterator[Signal]:
         """XID events from ``nvmlEventSetWait_v2``; each wait runs in a worker thread."""
         n = self.nvml
@@ -287,10 +309,7 @@ class NvmlSource:
                     continue
                 if ev.eventType != pynvml.nvmlEventTypeXidCriticalError:
                     continue
-                try:
-                    gpu = self.ctx.gpu(uuid=n.nvmlDeviceGetUUID(ev.device))
-                except pynvml.NVMLError:
-                    gpu = self.refs.get(ev.device, GpuRef(index=None))
+                gpu = self.event_gpu(ev.device)
                 at = clock()
                 yield self.ctx.signal(source=SignalSource.NVML, check="xid", code=str(ev.eventData), healthy=False,
                                       at=at, gpu=gpu, message=f"NVML event: Xid {ev.eventData} on {gpu.label()}",
