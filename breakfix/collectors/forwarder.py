@@ -4,7 +4,8 @@ The daemon (``collectors.daemon``) hands every signal the edge filter lets throu
 ``Forwarder.send``. While the bus answers and the spool is empty a signal is published
 directly (msg-id = the signal id). Otherwise it is appended to the on-disk ``Spool``, and
 ``drain`` replays the spool in order once the bus answers again, deleting each entry only
-after JetStream acked it. A signal that was in flight when the link broke may reach the
+after JetStream acked it; a spool file that is not a signal is quarantined on the way
+(``Spool.reject``) and the replay goes on. A signal that was in flight when the link broke may reach the
 stream twice; its msg-id makes the second copy a duplicate the server drops.
 """
 
@@ -75,8 +76,8 @@ class Forwarder:
             if direct and await self._publish(subjects.signal_subject(s.cluster, s.node), encode(s), s.id):
                 self.stats.published += 1
                 continue
-            self.spool.append(s)
-            self.stats.spooled += 1
+            if self.spool.append(s):
+                self.stats.spooled += 1
             self._wake.set()
 
     async def drain(self, stop: asyncio.Event) -> None:
@@ -94,14 +95,20 @@ class Forwarder:
                 continue
             batch = self.spool.peek(256)
             done = []
+            failed = False
             for entry, data in batch:
-                signal = Signal.model_validate_json(data)
+                try:
+                    signal = Signal.model_validate_json(data)
+                except Exception as exc:  # a torn or foreign file (any decode failure): quarantined, replay goes on
+                    self.spool.reject(entry, f"not a signal: {str(exc).splitlines()[0][:160]}")
+                    continue
                 if not await self._publish(subjects.signal_subject(signal.cluster, signal.node), data, signal.id):
+                    failed = True
                     break
                 done.append(entry)
             self.spool.remove(done)
             self.stats.replayed += len(done)
-            if len(done) < len(batch):
+            if failed:
                 await pause(self.clock, stop, self.retry_s)  # still unreachable: back off, keep collecting
             else:
                 if not self.up:
