@@ -13,9 +13,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from breakfix.bus.clock import Clock
-from breakfix.collectors.agent import NodeAgent
+from breakfix.collectors.agent import BusyCheck, NodeAgent
 from breakfix.collectors.config import CollectorConfig
+from breakfix.collectors.context import NodeContext
 from breakfix.collectors.daemon import CollectorDaemon, ServiceBus
 from breakfix.collectors.fleetd import FleetBus, FleetCollector
 from breakfix.collectors.nvml_api import Nvml
@@ -39,25 +42,35 @@ def _connector(bus: ServiceBus | None,
     return ready
 
 
-def build_agent(config: CollectorConfig, *, clock: Clock) -> NodeAgent | None:
-    """The node agent the config enables, or None."""
+def build_agent(config: CollectorConfig, ctx: NodeContext, *, clock: Clock, busy: BusyCheck | None = None,
+                registry: CollectorRegistry | None = None) -> NodeAgent | None:
+    """The node agent the config enables, or None. Its GPU count: the config's, else NVML's enumeration."""
     a = config.agent
     if not a.enabled:
         return None
+
+    def gpu_count() -> int | None:
+        if a.gpu_count is not None:
+            return a.gpu_count
+        indices = [g.index for g in ctx.gpus_by_uuid.values() if g.index is not None]
+        return max(indices) + 1 if indices else None
+
     return NodeAgent(config.node_name, config.state_dir, nvidia_smi=a.nvidia_smi, dcgmi=a.dcgmi,
-                     reboot_cmd=a.reboot_command, allow=frozenset(AgentAction(x) for x in a.allow), clock=clock)
+                     reboot_cmd=a.reboot_command, allow=frozenset(AgentAction(x) for x in a.allow), clock=clock,
+                     busy=busy, gpu_count=gpu_count, reboot_window_s=a.reboot_window_s,
+                     reset_window_s=a.reset_window_s, registry=registry)
 
 
 def build_collector(config: CollectorConfig, *, clock: Clock, bus: ServiceBus | None = None,
                     connect: Callable[[], Awaitable[ServiceBus]] | None = None, catalog: Catalog | None = None,
-                    nvml: Nvml | None = None) -> CollectorDaemon:
+                    nvml: Nvml | None = None, agent_busy: BusyCheck | None = None) -> CollectorDaemon:
     """The node collector daemon: sources from the registry, edge filter, spool, forwarder, node agent.
 
     ``bus``: an already-connected bus; ``connect``: how to connect (retried with backoff while
     the spool holds the signals). Neither: a spool-only collector (nothing leaves the node)."""
     daemon = CollectorDaemon(config, catalog or default_catalog(), clock=clock, connect=_connector(bus, connect),
                              nvml=nvml)
-    daemon.agent = build_agent(config, clock=clock)
+    daemon.agent = build_agent(config, daemon.ctx, clock=clock, busy=agent_busy, registry=daemon.metrics.registry)
     return daemon
 
 

@@ -164,6 +164,11 @@ class AgentConfig(BaseModel):
     nvidia_smi: str = "nvidia-smi"
     dcgmi: str = "dcgmi"
     reboot_command: tuple[str, ...] = ("systemctl", "reboot")
+    gpu_count: int | None = Field(None, ge=1, le=64, description="GPUs on this node; unset: NVML's enumeration.")
+    reboot_window_s: float = Field(3600.0, gt=0, allow_inf_nan=False,
+                                   description="At most one reboot per node within this window (agent's own cap).")
+    reset_window_s: float = Field(300.0, gt=0, allow_inf_nan=False,
+                                  description="At most one reset per GPU within this window.")
 
 
 class TopologyFromNode(BaseModel):
