@@ -5,27 +5,35 @@ tests build the collectors here and nowhere else. Each root takes the config, th
 ``Clock`` and the bus: either a connected bus, or a ``connect`` callable that the daemon keeps
 retrying in the background while its signals wait in the spool (NATS connection options,
 URL, credentials and TLS, are the CLI's business; it passes the callable). The node agent is
-built here from the config's ``agent`` section with its busy-check (processes on the GPU).
+built here from the config's ``agent`` section with its busy-check (processes on the GPU) and
+the node's GPU count. ``build_sim_collector`` is the demo's collector: a scenario's timeline
+published at its own pace on the injected clock.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
 from breakfix.bus.clock import Clock
+from breakfix.bus.protocol import Bus
 from breakfix.collectors.agent import BusyCheck, NodeAgent
 from breakfix.collectors.config import CollectorConfig
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.daemon import CollectorDaemon, ServiceBus
+from breakfix.collectors.fleet import Fleet
 from breakfix.collectors.fleetd import FleetBus, FleetCollector
 from breakfix.collectors.nvml_api import Nvml
 from breakfix.collectors.promfleet import FleetRules, Prometheus
+from breakfix.collectors.publisher import SignalPublisher
+from breakfix.collectors.sim import Scenario, run_scenario, timeline
 from breakfix.collectors.spool import Spool
 from breakfix.schemas.agent import AgentAction
 from breakfix.schemas.catalog import Catalog, default_catalog
+from breakfix.schemas.signal import Signal
 
 
 def _connector(bus: ServiceBus | None,
@@ -90,3 +98,24 @@ def build_fleet_collector(rules: FleetRules, *, prom: Prometheus, clock: Clock, 
         connect = ready
     return FleetCollector(rules, prom=prom, clock=clock, spool=Spool(spool_dir), interval_s=interval_s,
                           connect=connect, resync_s=resync_s, retry_s=retry_s, connect_timeout_s=connect_timeout_s)
+
+
+@dataclass
+class SimCollector:
+    """The demo's collector: one scenario's timed signals, published with their spacing on ``clock``."""
+
+    publisher: SignalPublisher
+    timed: list[tuple[float, Signal]]
+    clock: Clock
+    speed: float = 1.0
+
+    async def run(self) -> int:
+        """Publish the whole timeline; the number of signals sent."""
+        return await run_scenario(self.publisher, self.timed, speed=self.speed, sleep=self.clock.sleep)
+
+
+def build_sim_collector(scenario: Scenario, fleet: Fleet, *, bus: Bus, clock: Clock, catalog: Catalog | None = None,
+                        speed: float = 1.0) -> SimCollector:
+    """A scenario over a simulated fleet, starting at ``clock.now()``, published on ``bus``."""
+    timed = timeline(scenario, fleet, clock.now(), catalog or default_catalog())
+    return SimCollector(SignalPublisher(bus), timed, clock, speed)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -283,7 +283,8 @@ class NvmlSource:
                 return self.refs[i]
         return GpuRef(index=None)
 
-    async def watch_xids(self, stop: asyncio.Event, clock: Callable[[], datetime]) -> AsyncIterator[Signal]:
+    async def watch_xids(self, stop: asyncio.Event, clock: Callable[[], datetime],
+                         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> AsyncIterator[Signal]:
         """XID events from ``nvmlEventSetWait_v2``; each wait runs in a worker thread."""
         n = self.nvml
         if not self.started:
@@ -305,7 +306,7 @@ class NvmlSource:
                     continue
                 except pynvml.NVMLError as exc:  # e.g. a GPU fell off: the poll reports it; keep watching
                     log.warning("xid_wait_failed", error=str(exc))
-                    await asyncio.sleep(1.0)
+                    await sleep(1.0)
                     continue
                 if ev.eventType != pynvml.nvmlEventTypeXidCriticalError:
                     continue

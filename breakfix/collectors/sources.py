@@ -70,7 +70,7 @@ class NvmlXids:
         self.env = env
 
     async def watch(self, stop: asyncio.Event) -> AsyncIterator[Cycle]:
-        async for s in self.src.watch_xids(stop, self.env.clock.now):
+        async for s in self.src.watch_xids(stop, self.env.clock.now, self.env.clock.sleep):
             yield Cycle(events=[s])
 
 
