@@ -148,20 +148,25 @@ class TestKmsgBatch:
 
     async def test_a_bad_line_between_two_fatal_xids_costs_neither(self, tmp_path: Path, catalog: Catalog,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-        real = kmsg_source.parse_line
+        real = kmsg_source.line_signal
 
-        def hostile(text: str) -> Any:
+        def hostile(text: str, *args: Any, **kw: Any) -> Any:
             if "POISON" in text:
                 raise OverflowError("date value out of range")
-            return real(text)
+            return real(text, *args, **kw)
 
-        monkeypatch.setattr(kmsg_source, "parse_line", hostile)
+        monkeypatch.setattr(kmsg_source, "line_signal", hostile)
         daemon, plugin = self.kmsg_daemon(tmp_path, catalog, XID79 + "[ 219.5] NVRM: Xid POISON\n" + XID48)
         await daemon.poll_once(plugin)
         spooled = [Signal.model_validate_json(d) for _, d in daemon.spool.peek(10)]
         assert sorted(s.code or "" for s in spooled) == ["48", "79"]
         assert plugin.skipped == 1
         assert (daemon.config.state_dir / "kmsg-position.json").exists(), "the batch was spooled, then committed"
+        daemon.plugins = [plugin]
+        daemon.refresh_metrics()
+        daemon.refresh_metrics()  # counted once, however often /metrics is scraped
+        assert daemon.metrics.registry.get_sample_value("breakfix_collector_parse_skipped_total",
+                                                        {"source": "kmsg"}) == 1.0
 
     async def test_position_is_not_committed_when_the_batch_was_not_spooled(self, tmp_path: Path, catalog: Catalog,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:

@@ -161,14 +161,10 @@ class TestKilledMidStream:
         signals = workload()
         bus = await JetStreamBus.connect(nats_server.url)
         await bus.ensure_streams(subjects.STREAMS)
-        js = bus.client.jetstream()
 
         async def acked() -> int:
-            try:
-                info = await js.consumer_info(subjects.SIGNALS.name, "correlator")
-            except Exception:
-                return 0
-            return int(info.ack_floor.stream_seq if info.ack_floor else 0)
+            state = await bus.consumer_state(subjects.SIGNALS.name, "correlator")
+            return state.ack_floor if state else 0
 
         async def incidents_published() -> int:
             return await bus.stream_messages(subjects.INCIDENTS.name)

@@ -26,6 +26,7 @@ from breakfix.collectors.context import NodeContext
 from breakfix.collectors.daemon import CollectorDaemon, ServiceBus
 from breakfix.collectors.fleet import Fleet
 from breakfix.collectors.fleetd import FleetBus, FleetCollector
+from breakfix.collectors.metrics import FleetCollectorMetrics
 from breakfix.collectors.nvml_api import Nvml
 from breakfix.collectors.promfleet import FleetRules, Prometheus
 from breakfix.collectors.publisher import SignalPublisher
@@ -85,7 +86,8 @@ def build_collector(config: CollectorConfig, *, clock: Clock, bus: ServiceBus | 
 def build_fleet_collector(rules: FleetRules, *, prom: Prometheus, clock: Clock, spool_dir: Path,
                           interval_s: float, bus: FleetBus | None = None,
                           connect: Callable[[], Awaitable[FleetBus]] | None = None, resync_s: float = 300.0,
-                          retry_s: float = 2.0, connect_timeout_s: float = 10.0) -> FleetCollector:
+                          retry_s: float = 2.0, connect_timeout_s: float = 10.0,
+                          metrics: FleetCollectorMetrics | None = None) -> FleetCollector:
     """The fleet collector: PromQL rules -> edge filter -> forwarder, spooling while NATS is away."""
     if bus is not None and connect is not None:
         raise ValueError("give build_fleet_collector a connected bus or a connect callable, not both")
@@ -97,7 +99,8 @@ def build_fleet_collector(rules: FleetRules, *, prom: Prometheus, clock: Clock, 
 
         connect = ready
     return FleetCollector(rules, prom=prom, clock=clock, spool=Spool(spool_dir), interval_s=interval_s,
-                          connect=connect, resync_s=resync_s, retry_s=retry_s, connect_timeout_s=connect_timeout_s)
+                          connect=connect, resync_s=resync_s, retry_s=retry_s, connect_timeout_s=connect_timeout_s,
+                          metrics=metrics)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from breakfix.bus.options import NatsOptions
 from breakfix.collectors.dcgm import DcgmThresholds
 from breakfix.collectors.fabric import FabricThresholds
 from breakfix.collectors.nvml import Thresholds as NvmlThresholds
@@ -65,9 +66,8 @@ FabricThresholdsField = Annotated[FabricThresholds, BeforeValidator(_known_keys(
                                   AfterValidator(_finite_non_negative)]
 
 
-class NatsConfig(BaseModel):
+class NatsConfig(NatsOptions):  # url, creds, tls_ca, tls_cert, tls_key (bus.options)
     model_config = _STRICT
-    url: str = "nats://127.0.0.1:4222"
     publish_timeout_s: float = Field(2.0, gt=0)
     connect_retry_s: float = Field(2.0, gt=0, allow_inf_nan=False)
     connect_timeout_s: float = Field(10.0, gt=0, allow_inf_nan=False)

@@ -34,6 +34,7 @@ from breakfix.collectors.context import NodeContext
 from breakfix.collectors.edge import Cycle, EdgeFilter
 from breakfix.collectors.forwarder import Forwarder
 from breakfix.collectors.link import keep_connected, pause
+from breakfix.collectors.metrics import AgentMetrics, counted
 from breakfix.collectors.nvml_api import Nvml
 from breakfix.collectors.source import Commits, Plugin, Skips, Source, SourceEnv, Watcher, build_sources
 from breakfix.collectors.spool import Spool
@@ -56,8 +57,9 @@ class Metrics:
         self.signals = Counter("breakfix_collector_signals", "Signals sent on, by source", ["source"], registry=r)
         self.cycles = Counter("breakfix_collector_cycles", "Completed source cycles", ["source"], registry=r)
         self.errors = Counter("breakfix_collector_source_errors", "Source loop failures", ["source"], registry=r)
-        self.skipped = Gauge("breakfix_collector_skipped", "Samples or lines a source skipped as unreadable",
-                             ["source"], registry=r)
+        self.skipped = Counter("breakfix_collector_parse_skipped",
+                               "Samples, lines or files a source skipped as unreadable (the rest still counted)",
+                               ["source"], registry=r)
         self.last_ok = Gauge("breakfix_collector_source_last_success_timestamp_seconds",
                              "Unix time of the last good cycle", ["source"], registry=r)
         self.spool_depth = Gauge("breakfix_collector_spool_depth", "Signals waiting in the spool", registry=r)
@@ -92,6 +94,8 @@ class CollectorDaemon:
         self.port: int | None = None
         self.ready = asyncio.Event()
         self.agent = agent
+        self.agent_metrics: AgentMetrics | None = None
+        self._skipped_seen: dict[str, int] = {}
 
     # -- plumbing ----------------------------------------------------------------------------------
     async def emit(self, source: str, cycle: Cycle) -> None:
@@ -146,7 +150,10 @@ class CollectorDaemon:
     async def _setup(self, bus: ServiceBus) -> None:
         await bus.ensure_streams(subjects.STREAMS)
         if self.agent is not None:
-            await bus.serve(subjects.agent_subject(self.ctx.cluster, self.ctx.node), self.agent.handle_bytes)
+            if self.agent_metrics is None:
+                self.agent_metrics = AgentMetrics(self.metrics.registry)
+            await bus.serve(subjects.agent_subject(self.ctx.cluster, self.ctx.node),
+                            counted(self.agent.handle_bytes, self.agent_metrics, self.clock.monotonic))
         self.bus = bus
         self.forwarder.attach(bus)
 
@@ -179,20 +186,28 @@ class CollectorDaemon:
                                    "stale_sources": stale}
         return not stale, body
 
+    def refresh_metrics(self) -> None:
+        """Copy the spool's, the forwarder's, the edge filter's and the sources' counts into /metrics."""
+        m = self.metrics
+        m.spool_depth.set(len(self.spool))
+        for sev, n in self.spool.dropped.items():
+            m.spool_dropped.labels(sev).set(n)
+        m.spool_quarantined.set(self.spool.quarantined)
+        for p in self.plugins:
+            if isinstance(p, Skips):
+                new = p.skipped - self._skipped_seen.get(p.name, 0)
+                if new > 0:
+                    m.skipped.labels(p.name).inc(new)
+                    self._skipped_seen[p.name] = p.skipped
+        m.nats_up.set(1 if self.forwarder.up else 0)
+        m.published.set(self.forwarder.stats.published + self.forwarder.stats.replayed)
+        m.suppressed.labels("state").set(self.edge.stats.suppressed_states)
+        m.suppressed.labels("event").set(self.edge.stats.suppressed_events)
+
     async def _http(self, stop: asyncio.Event) -> None:
         async def metrics(_req: web.Request) -> web.Response:
+            self.refresh_metrics()
             m = self.metrics
-            m.spool_depth.set(len(self.spool))
-            for sev, n in self.spool.dropped.items():
-                m.spool_dropped.labels(sev).set(n)
-            m.spool_quarantined.set(self.spool.quarantined)
-            for p in self.plugins:
-                if isinstance(p, Skips):
-                    m.skipped.labels(p.name).set(p.skipped)
-            m.nats_up.set(1 if self.forwarder.up else 0)
-            m.published.set(self.forwarder.stats.published + self.forwarder.stats.replayed)
-            m.suppressed.labels("state").set(self.edge.stats.suppressed_states)
-            m.suppressed.labels("event").set(self.edge.stats.suppressed_events)
             return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         async def healthz(_req: web.Request) -> web.Response:

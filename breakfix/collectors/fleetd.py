@@ -6,6 +6,7 @@ rules against Prometheus in a worker thread, passes the result through the edge 
 The bus link is kept by ``collectors.link.keep_connected`` in its own task, so the rules are
 evaluated from the first cycle whether or not NATS answers: while it is away the signals wait
 in the spool and are replayed in order when it returns. All time comes from the injected clock.
+Its cycles, failures and signals go to ``collectors.metrics.FleetCollectorMetrics``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from breakfix.bus.protocol import Bus
 from breakfix.collectors.edge import EdgeFilter
 from breakfix.collectors.forwarder import Forwarder
 from breakfix.collectors.link import keep_connected, pause
+from breakfix.collectors.metrics import FleetCollectorMetrics
 from breakfix.collectors.promfleet import FleetRules, Prometheus
 from breakfix.collectors.spool import Spool
 from breakfix.schemas import subjects
@@ -32,8 +34,9 @@ FleetBus = Bus
 class FleetCollector:
     def __init__(self, rules: FleetRules, *, prom: Prometheus, clock: Clock, spool: Spool, interval_s: float,
                  connect: Callable[[], Awaitable[FleetBus]] | None, resync_s: float = 300.0, retry_s: float = 2.0,
-                 connect_timeout_s: float = 10.0) -> None:
+                 connect_timeout_s: float = 10.0, metrics: FleetCollectorMetrics | None = None) -> None:
         self.rules = rules
+        self.metrics = metrics or FleetCollectorMetrics()
         self.prom = prom
         self.clock = clock
         self.interval_s = interval_s
@@ -65,10 +68,13 @@ class FleetCollector:
             cycle = await asyncio.to_thread(self.rules.evaluate, self.prom, self.clock.now())
         except Exception as exc:  # Prometheus down or a bad answer: report, keep going
             self.failures += 1
+            self.metrics.cycle_failed()
             log.error("fleet_rules_failed", error=repr(exc)[:300])
             return
-        await self.forwarder.send(self.edge.apply(cycle, self.clock.now()))
+        out = self.edge.apply(cycle, self.clock.now())
+        await self.forwarder.send(out)
         self.cycles += 1
+        self.metrics.cycle_ok(self.clock.now(), len(out))
 
     async def run(self, stop: asyncio.Event) -> None:
         link = asyncio.create_task(self._link(stop), name="fleet-link")

@@ -130,6 +130,10 @@ class DcgmPlugin:
             r.raise_for_status()
             return await r.text()
 
+    @property
+    def skipped(self) -> int:
+        return self.rules.skipped
+
     def apply(self, raw: str, at: datetime, mono: float) -> Cycle:
         return self.rules.apply(raw, at, mono)
 
@@ -147,9 +151,18 @@ class FabricPlugin:
         self.sysfs = c.sysfs
         self.interval = c.interval_s
         self.rules = FabricRules(env.ctx, c.thresholds)
+        self.skipped = 0
+
+    def _read(self) -> list[PortSample]:
+        bad: list[str] = []
+        ports = read_ports(self.sysfs, bad)
+        if bad:
+            self.skipped += len(bad)
+            log.warning("fabric_files_skipped", count=len(bad), first=bad[0][:200], total=self.skipped)
+        return ports
 
     async def read(self) -> list[PortSample]:
-        return await asyncio.to_thread(read_ports, self.sysfs)
+        return await asyncio.to_thread(self._read)
 
     def apply(self, raw: list[PortSample], at: datetime, mono: float) -> Cycle:
         return self.rules.apply(raw, at, mono)
