@@ -216,7 +216,11 @@ class TestDaemonEndToEnd:
                 return any(s.check == check and all(getattr(s, k) == v for k, v in match.items()) for s in seen)
 
             try:
-                await asyncio.sleep(0.5)
+                async def first_cycles() -> bool:  # healthy baselines first, so the faults below are transitions
+                    return all(daemon.metrics.cycles.labels(n)._value.get() >= 1
+                               for n in ("nvml", "kmsg", "dcgm", "fabric", "endpoint"))
+
+                await wait_until(first_cycles, 15, "every source's first cycle")
                 fake.gpus[2].dbe_volatile = 1
                 with kern.open("a") as fh:
                     fh.write("[  219.470994] NVRM: Xid (PCI:0000:3a:00): 79, pid='<unknown>', name=<unknown>, "
