@@ -116,7 +116,7 @@ class FabricConfig(BaseModel):
     enabled: bool = True
     sysfs: Path = Path("/sys/class/infiniband")
     interval_s: float = Field(10.0, gt=0)
-    thresholds: FabricThresholdsField = FabricThresholds()
+    thresholds: FabricThresholdsField = FabricThresholds()  # expected_(ethernet_)rate_gbps, skip_ethernet, ...
 
 
 class SloConfig(BaseModel):

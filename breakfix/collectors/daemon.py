@@ -36,6 +36,7 @@ from breakfix.collectors.forwarder import Forwarder
 from breakfix.collectors.link import keep_connected, pause
 from breakfix.collectors.metrics import AgentMetrics, counted
 from breakfix.collectors.nvml_api import Nvml
+from breakfix.collectors.parse_metrics import ParseSkipped
 from breakfix.collectors.source import Commits, Plugin, Skips, Source, SourceEnv, Watcher, build_sources
 from breakfix.collectors.spool import Spool
 from breakfix.schemas import subjects
@@ -57,9 +58,6 @@ class Metrics:
         self.signals = Counter("breakfix_collector_signals", "Signals sent on, by source", ["source"], registry=r)
         self.cycles = Counter("breakfix_collector_cycles", "Completed source cycles", ["source"], registry=r)
         self.errors = Counter("breakfix_collector_source_errors", "Source loop failures", ["source"], registry=r)
-        self.skipped = Counter("breakfix_collector_parse_skipped",
-                               "Samples, lines or files a source skipped as unreadable (the rest still counted)",
-                               ["source"], registry=r)
         self.last_ok = Gauge("breakfix_collector_source_last_success_timestamp_seconds",
                              "Unix time of the last good cycle", ["source"], registry=r)
         self.spool_depth = Gauge("breakfix_collector_spool_depth", "Signals waiting in the spool", registry=r)
@@ -68,6 +66,7 @@ class Metrics:
                                    ["severity"], registry=r)
         self.spool_quarantined = Gauge("breakfix_collector_spool_quarantined",
                                        "Unreadable spool files moved to quarantine/", registry=r)
+        self.parse_skipped = ParseSkipped(r)  # read from every source that Skips, at scrape time
         self.nats_up = Gauge("breakfix_collector_nats_up", "1 while NATS answers", registry=r)
         self.published = Gauge("breakfix_collector_published", "Signals acked by JetStream", registry=r)
         self.suppressed = Gauge("breakfix_collector_suppressed", "Repeats counted instead of sent", ["kind"],
@@ -95,7 +94,6 @@ class CollectorDaemon:
         self.ready = asyncio.Event()
         self.agent = agent
         self.agent_metrics: AgentMetrics | None = None
-        self._skipped_seen: dict[str, int] = {}
 
     # -- plumbing ----------------------------------------------------------------------------------
     async def emit(self, source: str, cycle: Cycle) -> None:
@@ -171,6 +169,8 @@ class CollectorDaemon:
         self.plugins = build_sources(self.config.sources, env)
         out: list[tuple[str, Awaitable[None]]] = []
         for p in self.plugins:
+            if isinstance(p, Skips):
+                self.metrics.parse_skipped.watch(p.name, functools.partial(getattr, p, "skipped"))
             if isinstance(p, Watcher) and not isinstance(p, Source):
                 out.append((p.name, self.guard(p.name, functools.partial(self._watch, p, stop), stop)))
             else:
@@ -193,12 +193,6 @@ class CollectorDaemon:
         for sev, n in self.spool.dropped.items():
             m.spool_dropped.labels(sev).set(n)
         m.spool_quarantined.set(self.spool.quarantined)
-        for p in self.plugins:
-            if isinstance(p, Skips):
-                new = p.skipped - self._skipped_seen.get(p.name, 0)
-                if new > 0:
-                    m.skipped.labels(p.name).inc(new)
-                    self._skipped_seen[p.name] = p.skipped
         m.nats_up.set(1 if self.forwarder.up else 0)
         m.published.set(self.forwarder.stats.published + self.forwarder.stats.replayed)
         m.suppressed.labels("state").set(self.edge.stats.suppressed_states)

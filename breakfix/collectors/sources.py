@@ -151,18 +151,13 @@ class FabricPlugin:
         self.sysfs = c.sysfs
         self.interval = c.interval_s
         self.rules = FabricRules(env.ctx, c.thresholds)
-        self.skipped = 0
 
-    def _read(self) -> list[PortSample]:
-        bad: list[str] = []
-        ports = read_ports(self.sysfs, bad)
-        if bad:
-            self.skipped += len(bad)
-            log.warning("fabric_files_skipped", count=len(bad), first=bad[0][:200], total=self.skipped)
-        return ports
+    @property
+    def skipped(self) -> int:
+        return self.rules.skipped_files.n
 
     async def read(self) -> list[PortSample]:
-        return await asyncio.to_thread(self._read)
+        return await asyncio.to_thread(read_ports, self.sysfs, self.rules.skipped_files)
 
     def apply(self, raw: list[PortSample], at: datetime, mono: float) -> Cycle:
         return self.rules.apply(raw, at, mono)
