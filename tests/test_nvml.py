@@ -208,3 +208,18 @@ def test_real_nvml_enumerates_and_polls_without_faults_on_a_healthy_gpu(catalog:
     cycle = poll(src)
     assert src.refs and all(r.uuid and r.pci_bus_id for r in src.refs.values())
     assert {s.check for s in cycle.states} >= {"gpu.lost", "ecc.dbe"}
+
+
+@pytest.mark.gpu
+def test_real_nvml_handles_match_by_address_as_xid_events_need(catalog: Catalog) -> None:
+    """A second handle for the same GPU is a new pointer object with the same address (what an event carries)."""
+    if shutil.which("nvidia-smi") is None:
+        pytest.skip("no NVIDIA driver on this machine (gpu marker)")
+    from breakfix.collectors.nvml_api import handle_address
+
+    nvml = real_nvml()
+    src = NvmlSource(nvml, ctx(catalog))
+    src.start()
+    for i, h in src.handles.items():
+        again = nvml.nvmlDeviceGetHandleByIndex(i)
+        assert handle_address(again) == handle_address(h) and src.event_gpu(again) == src.refs[i]

@@ -11,6 +11,7 @@ nvidia-ml-py 13.615.71 ``pynvml.py`` (see ``collectors/SOURCES.md``).
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import queue
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -118,7 +119,8 @@ class FakeNvml:
     @classmethod
     def hgx(cls, n: int = 8, seed: str = "fake") -> FakeNvml:
         buses = ("18", "2a", "3a", "5d", "9a", "ab", "ba", "db")
-        return cls([FakeGpu(uuid=f"GPU-{seed[:4]:0>4}{i:04x}-0000-1111-2222-{i:012x}",
+        tag = hashlib.sha256(seed.encode()).hexdigest()[:4]  # NVML UUIDs are hex, as the agent checks
+        return cls([FakeGpu(uuid=f"GPU-{tag}{i:04x}-0000-1111-2222-{i:012x}",
                             pci_bus_id=f"00000000:{buses[i % 8]}:00.0") for i in range(n)])
 
     # -- helpers ---------------------------------------------------------------------------------

@@ -72,7 +72,14 @@ class Spool:
             except ValueError:
                 self.quarantine(p, "not a spool file name")
                 continue
-            if entry.rank not in _RANKS or p.stat().st_size == 0:
+            try:
+                empty = p.stat().st_size == 0
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                self.quarantine(p, f"unreadable: {exc}")
+                continue
+            if entry.rank not in _RANKS or empty:
                 self.quarantine(p, "empty file" if entry.rank in _RANKS else "unknown severity rank")
                 continue
             self.entries.append(entry)
