@@ -265,12 +265,41 @@ class TestFormatRefusals:
         res = runner.invoke(app, ["signals", cmd, str(f), "--node", "n1"])
         assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
 
+    def test_plain_nvidia_smi_table_points_to_nvidia_smi_q(self, tmp_path: Path) -> None:
+        f = tmp_path / "smi.txt"
+        f.write_text("+-----------------------------------------------------------------------------+\n"
+                     "| NVIDIA-SMI 535.161.08   Driver Version: 535.161.08   CUDA Version: 12.2     |\n"
+                     "|-------------------------------+----------------------+----------------------+\n")
+        res = runner.invoke(app, ["signals", "nvsmi", str(f), "--node", "n1"])
+        assert res.exit_code == 2 and "nvidia-smi -q" in res.stderr
+
+    def test_files_copied_through_windows_read_the_same(self, tmp_path: Path) -> None:
+        f = tmp_path / "ibstat.txt"
+        f.write_bytes(b"\xef\xbb\xbf" + (DATA / "ibstat_down_and_ethernet.txt").read_bytes().replace(b"\n", b"\r\n"))
+        def strip(got: list[dict[str, object]]) -> list[dict[str, object]]:
+            return [{k: v for k, v in r.items() if k not in ("id", "observed_at")} for r in got]
+
+        assert strip(rows(["ibstat", str(f)])) == strip(rows(["ibstat", str(DATA / "ibstat_down_and_ethernet.txt")]))
+
     def test_healthy_input_of_the_right_format_is_empty_exit_0(self, tmp_path: Path) -> None:
         f = tmp_path / "dmesg.txt"
         f.write_text("[    0.000000] Linux version 6.8.0\n"
                      "[    5.223456] NVRM: loading NVIDIA UNIX x86_64 Kernel Module\n")
         res = runner.invoke(app, ["signals", "kmsg", str(f), "--node", "n1"])
         assert res.exit_code == 0 and res.stdout == ""
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("Mar 04 09:12:41.250000 gpu-node-17 kernel: NVRM: Xid (PCI:0000:01:00): 13, x", "2025-03-04T09:12:41.250000"),
+    ("Mar  4 09:12:41 gpu-node-17 kernel: NVRM: Xid (PCI:0000:01:00): 13, x", "2025-03-04T09:12:41"),
+    ("2025-03-04T09:12:41,123456+00:00 NVRM: Xid (PCI:0000:01:00): 13, x", "2025-03-04T09:12:41.123456"),
+    ("kern  :warn  : [   10.500000] NVRM: Xid (PCI:0000:01:00): 13, x", "2025-03-04T00:00:10.500000"),
+], ids=["journalctl-short-precise", "syslog", "dmesg-time-format-iso", "dmesg-x-facility"])
+def test_more_copied_log_time_forms(line: str, expected: str) -> None:
+    from breakfix.collectors.kmsg_follow import line_time
+
+    booted = datetime(2025, 3, 4, tzinfo=UTC)
+    assert line_time(line, booted=booted, now=datetime(2025, 3, 5, tzinfo=UTC)).isoformat() == expected + "+00:00"
 
 
 def test_boot_time_is_now_when_nothing_anchors_a_line() -> None:

@@ -121,7 +121,7 @@ def test_nvsmi_any_text_is_signals_or_format_error(text: str) -> None:
 @BUDGET
 @given(TEXT)
 def test_sniff_never_raises(text: str) -> None:
-    assert sniff(text) in (None, "binary", "nvsmi", "ibstat", "signals", "prometheus", "kmsg")
+    assert sniff(text) in (None, "binary", "nvsmi", "nvsmi-table", "ibstat", "signals", "prometheus", "kmsg")
 
 
 @pytest.mark.parametrize("line", ["[99999999999999999999.0] NVRM: Xid (PCI:0000:01:00): 48, x",

@@ -33,6 +33,7 @@ def _read(file: Path, wanted: str, max_bytes: int = MAX_INPUT) -> str:
         text = read_text(file, max_bytes)
     except DataFileError as exc:
         raise fail(str(exc)) from None
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n")  # a BOM and CRLF from files copied through Windows
     if not text.strip():
         raise fail(f"{file}: empty, not {wanted} output")
     fmt = sniff(text)
