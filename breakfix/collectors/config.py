@@ -44,9 +44,9 @@ class NvmlConfig(BaseModel):
     expected_gpus: int | None = Field(None, ge=0)
     xid_events: bool = True
     fake_gpus: int | None = Field(None, ge=1, description="Use the in-memory fake NVML (benchmarks, demos).")
-    sbe_burst: int = 100
-    pcie_replay_per_min: float = 60.0
-    nvlink_errors_per_min: float = 10.0
+    sbe_burst: int = Field(100, ge=1)
+    pcie_replay_per_min: float = Field(60.0, gt=0, allow_inf_nan=False)
+    nvlink_errors_per_min: float = Field(10.0, gt=0, allow_inf_nan=False)
 
 
 class KmsgConfig(BaseModel):
@@ -62,8 +62,8 @@ class DcgmConfig(BaseModel):
     enabled: bool = False
     url: str = "http://127.0.0.1:9400/metrics"
     interval_s: float = Field(30.0, gt=0)
-    nvlink_errors_per_min: float = 10.0
-    pcie_replay_per_min: float = 60.0
+    nvlink_errors_per_min: float = Field(10.0, gt=0, allow_inf_nan=False)
+    pcie_replay_per_min: float = Field(60.0, gt=0, allow_inf_nan=False)
 
 
 class FabricConfig(BaseModel):
@@ -71,7 +71,7 @@ class FabricConfig(BaseModel):
     enabled: bool = True
     sysfs: Path = Path("/sys/class/infiniband")
     interval_s: float = Field(10.0, gt=0)
-    errors_per_min: float = 10.0
+    errors_per_min: float = Field(10.0, gt=0, allow_inf_nan=False)
     flap_count: int = Field(2, ge=1)
     flap_window_s: float = Field(600.0, gt=0)
     expected_rate_gbps: float | None = Field(None, gt=0, allow_inf_nan=False)
