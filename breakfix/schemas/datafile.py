@@ -68,15 +68,23 @@ def read_text(path: str | Path, max_bytes: int = MAX_DATA_BYTES, *, what: str = 
     try:
         if p.is_dir():
             raise DataFileError(p, None, "is a directory, not a file")
+        chunks: list[bytes] = []
+        size = 0
         with p.open("rb") as fh:
-            raw = fh.read(max_bytes + 1)
+            while size <= max_bytes:
+                chunk = fh.read(min(1 << 20, max_bytes + 1 - size))
+                if not chunk:
+                    break
+                nul = chunk.find(b"\x00")
+                if nul >= 0:  # binary: refused at the first NUL, before reading on (``/dev/zero``)
+                    raise DataFileError(p, None, f"binary data, not text (NUL byte at byte {size + nul})")
+                chunks.append(chunk)
+                size += len(chunk)
     except OSError as exc:
         raise DataFileError(p, None, f"cannot read: {exc.strerror or exc}") from None
-    nul = raw.find(b"\x00")
-    if nul >= 0:
-        raise DataFileError(p, None, f"binary data, not text (NUL byte at byte {nul})")
-    if len(raw) > max_bytes:
+    if size > max_bytes:
         raise DataFileError(p, None, f"larger than {max_bytes} bytes{what}")
+    raw = b"".join(chunks)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -9,6 +9,7 @@ import json
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,15 @@ def test_hostile_yaml_reason_names_the_problem(results: dict[str, dict[str, obje
 
 def test_line_of_a_bad_number_is_named(results: dict[str, dict[str, object]]) -> None:
     assert "negative.yaml:2: interval_s" in str(results["correlator-rules:negative"]["stderr"])
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (b"a" * 10, "larger than 5 bytes"), (b"ab\x00", "NUL byte at byte 2"), (b"ok\xff", "not UTF-8 at byte 2"),
+], ids=["over-the-limit", "binary", "invalid-utf8"])
+def test_read_text_refuses_before_reading_on(tmp_path: Path, data: bytes, reason: str) -> None:
+    from breakfix.schemas.datafile import DataFileError, read_text
+
+    f = tmp_path / "f"
+    f.write_bytes(data)
+    with pytest.raises(DataFileError, match=reason):
+        read_text(f, 5)
