@@ -213,6 +213,18 @@ class TestNvsmi:
         assert dbe["details"]["ecc_volatile_sram_unc"] == "1" and dbe["details"]["ecc_aggregate_sram_unc"] == "3"
         assert dbe["details"]["mig_mode"] == "Enabled" and dbe["details"]["mig_devices"] == "2"
 
+    def test_no_devices_found_is_a_clear_error(self, tmp_path: Path) -> None:
+        f = tmp_path / "smi.txt"
+        f.write_text("No devices were found\n")
+        res = runner.invoke(app, ["signals", "nvsmi", str(f), "--node", "n1"])
+        assert res.exit_code == 2 and "found no GPU" in res.stderr
+
+    def test_zero_attached_gpus_is_a_count_mismatch(self, tmp_path: Path) -> None:
+        f = tmp_path / "smi.txt"
+        f.write_text("==============NVSMI LOG==============\n\nAttached GPUs                             : 0\n")
+        assert [(r["check"], r["value"]) for r in rows(["nvsmi", str(f), "--expected-gpus", "8"])] == [
+            ("gpu.count_mismatch", 0.0)]
+
     def test_mig_text_dump_reads_instances_and_thermal_slowdown(self) -> None:
         got = rows(["nvsmi", str(DATA / "nvsmi_1gpu_mig_a100.txt"), "--all"])
         assert [r["check"] for r in got if not r["healthy"]] == ["clock.hw_thermal"]
@@ -264,6 +276,12 @@ class TestFormatRefusals:
         f.write_text("shopping list\neggs\nmilk\n")
         res = runner.invoke(app, ["signals", cmd, str(f), "--node", "n1"])
         assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
+
+    def test_prometheus_page_of_another_exporter_is_not_dcgm(self, tmp_path: Path) -> None:
+        f = tmp_path / "node.prom"
+        f.write_text("# TYPE node_load1 gauge\nnode_load1 0.42\n")
+        res = runner.invoke(app, ["signals", "dcgm", str(f), "--node", "n1"])
+        assert res.exit_code == 2 and "not dcgm-exporter" in res.stderr
 
     def test_plain_nvidia_smi_table_points_to_nvidia_smi_q(self, tmp_path: Path) -> None:
         f = tmp_path / "smi.txt"

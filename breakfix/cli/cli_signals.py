@@ -152,6 +152,8 @@ def signals_dcgm(
     from breakfix.collectors.dcgm import DcgmRules
 
     text = _read(file, "prometheus")
+    if "DCGM_" not in text:
+        raise fail(f"{file}: a Prometheus page without one DCGM_ metric: not dcgm-exporter's /metrics")
     rules = DcgmRules(_ctx(cluster, node))
     try:
         cycle = rules.apply(text, datetime.now(UTC), 0.0, baseline_xids=False)
@@ -262,12 +264,19 @@ def signals_nvsmi(
     """GPU health from an nvidia-smi dump: ECC, row remaps, retired pages, clocks events, PCIe replays, fabric."""
     from breakfix.collectors.nvsmi import NvsmiFormatError, NvsmiThresholds, nvsmi_signals, parse_nvsmi
 
+    try:
+        head = read_text(file, 4096)
+    except DataFileError:
+        head = ""
+    if head.strip().startswith("No devices were found"):
+        raise fail(f"{file}: nvidia-smi found no GPU on that node (\"No devices were found\"): check the driver and "
+                   "`lspci | grep -i nvidia`")
     text = _read(file, "nvsmi")
     try:
         read = parse_nvsmi(text)
     except NvsmiFormatError as exc:
         raise fail(f"{file}: {_one_line(str(exc))}") from None
-    if not read.gpus:
+    if not read.gpus and read.attached != 0:
         raise fail(f"{file}: nvidia-smi output with no GPU section")
     th = NvsmiThresholds(pcie_replay_total=pcie_replay_limit, expected_gpus=expected_gpus)
     signals = nvsmi_signals(read, _ctx(cluster, node), datetime.now(UTC), th)

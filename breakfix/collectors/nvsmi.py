@@ -188,7 +188,7 @@ def gpu_sample(gpu: Node, index: int) -> NvsmiGpu:
         s.remap_failure = _yes(first(rows, "remapping_failure_occurred", "remapped_row_failure"))
     pages = gpu.get("retired_pages")
     if pages is not None:
-        s.retired_pending = _yes(first(pages, "pending_page_blacklist", "pending_blacklist"))
+        s.retired_pending = _yes(first(pages, "pending_page_blacklist", "pending_blacklist", "pending"))
         sbe = _int(first(pages, "single_bit_ecc", "multiple_single_bit_retirement/retired_count"))
         dbe = _int(first(pages, "double_bit_ecc", "double_bit_retirement/retired_count"))
         s.retired_pages = None if sbe is None or dbe is None else sbe + dbe
