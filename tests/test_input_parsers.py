@@ -299,6 +299,13 @@ class TestFormatRefusals:
 
         assert strip(rows(["ibstat", str(f)])) == strip(rows(["ibstat", str(DATA / "ibstat_down_and_ethernet.txt")]))
 
+    def test_kernel_log_with_a_stray_byte_is_read_with_a_warning(self, tmp_path: Path) -> None:
+        f = tmp_path / "kern.log"
+        f.write_bytes(b"[    3.1] usb 1-1: Product: \xff\xfe\n" + (DATA / "kmsg_mig_and_bare.log").read_bytes())
+        res = runner.invoke(app, ["signals", "kmsg", str(f), "--node", "n1", "--boot-time", "2025-03-04T00:00:00Z"])
+        assert res.exit_code == 0 and len(res.stdout.splitlines()) == 5
+        assert "not UTF-8 at byte 28" in res.stderr
+
     def test_healthy_input_of_the_right_format_is_empty_exit_0(self, tmp_path: Path) -> None:
         f = tmp_path / "dmesg.txt"
         f.write_text("[    0.000000] Linux version 6.8.0\n"

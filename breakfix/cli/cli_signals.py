@@ -25,20 +25,27 @@ Cluster = Annotated[str, typer.Option(help="Cluster name.")]
 AllStates = Annotated[bool, typer.Option("--all", help="Print healthy readings too.")]
 
 
-def _read(file: Path, wanted: str, max_bytes: int = MAX_INPUT) -> str:
-    """The input's text, refused (exit 2, one line) when it is unreadable or not in the ``wanted`` format."""
+def _read(file: Path, wanted: str, max_bytes: int = MAX_INPUT, *, lenient: bool = False) -> str:
+    """The input's text, refused (exit 2, one line) when it is unreadable or not in the ``wanted`` format.
+    ``lenient`` (kernel logs): bytes that are not UTF-8 are replaced and warned about, not fatal."""
     from breakfix.collectors.sniff import refusal, sniff
 
+    warning = ""
     try:
         text = read_text(file, max_bytes)
     except DataFileError as exc:
-        raise fail(str(exc)) from None
+        if not (lenient and "not UTF-8" in exc.message):
+            raise fail(str(exc)) from None
+        text = read_text(file, max_bytes, lenient=True)
+        warning = f"warning: {exc}; undecodable bytes read as U+FFFD"
     text = text.removeprefix("\ufeff").replace("\r\n", "\n")  # a BOM and CRLF from files copied through Windows
     if not text.strip():
         raise fail(f"{file}: empty, not {wanted} output")
     fmt = sniff(text)
     if fmt != wanted:
         raise fail(f"{file}: {refusal(fmt, wanted)}")
+    if warning:
+        err.print(warning, highlight=False, markup=False)
     return text
 
 
@@ -109,7 +116,7 @@ def signals_kmsg(
     from breakfix.collectors.kmsg_follow import RELATIVE, line_time_source
 
     anchored = _anchor(boot_time, reference)
-    text = _read(file, "kmsg")
+    text = _read(file, "kmsg", lenient=True)
     ctx = _ctx(cluster, node)
     now = datetime.now(UTC)
     booted = anchored or now  # unanchored: relative stamps are counted from now, and marked

@@ -61,9 +61,10 @@ def _walk(node: yaml.Node, path: tuple[str | int, ...], out: LineMap) -> None:
             _walk(item, (*path, i), out)
 
 
-def read_text(path: str | Path, max_bytes: int = MAX_DATA_BYTES, *, what: str = "") -> str:
+def read_text(path: str | Path, max_bytes: int = MAX_DATA_BYTES, *, what: str = "", lenient: bool = False) -> str:
     """A text file's content, refused with one ``DataFileError`` when it is too large, binary or not UTF-8.
-    Reads at most ``max_bytes + 1`` bytes, so a device like ``/dev/zero`` costs no more than that."""
+    Reads at most ``max_bytes + 1`` bytes, so a device like ``/dev/zero`` costs no more than that.
+    ``lenient``: undecodable bytes become U+FFFD instead (logs, where one odd byte must not cost the file)."""
     p = Path(path)
     try:
         if p.is_dir():
@@ -86,7 +87,7 @@ def read_text(path: str | Path, max_bytes: int = MAX_DATA_BYTES, *, what: str = 
         raise DataFileError(p, None, f"larger than {max_bytes} bytes{what}")
     raw = b"".join(chunks)
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8", errors="replace" if lenient else "strict")
     except UnicodeDecodeError as exc:
         raise DataFileError(p, None, f"not UTF-8 at byte {exc.start}") from None
 
