@@ -72,6 +72,13 @@ class TestKmsgTimes:
         got = rows(["kmsg", str(self.LOG), "--reference", "9934.120417=2025-03-04T02:45:34.120417+00:00"])
         assert got[0]["observed_at"] == "2025-03-04T02:45:34.120417Z"
 
+    def test_coloured_dmesg_reads_like_plain(self, tmp_path: Path) -> None:
+        f = tmp_path / "dmesg-color.txt"
+        f.write_text("".join(f"\x1b[32m{x[:15]}\x1b[0m\x1b[33m{x[15:]}\x1b[0m\n"
+                             for x in self.LOG.read_text().splitlines()))
+        got = rows(["kmsg", str(f), "--boot-time", "2025-03-04T00:00:00Z"])
+        assert got[0]["observed_at"] == "2025-03-04T02:45:34.120417Z" and got[0]["code"] == "94"
+
     def test_unanchored_relative_stamps_are_marked_and_warned_about(self) -> None:
         res = runner.invoke(app, ["signals", "kmsg", str(self.LOG), "--node", "n1"])
         assert res.exit_code == 0
@@ -212,6 +219,19 @@ class TestNvsmi:
         dbe = next(r for r in got if r["check"] == "ecc.dbe")
         assert dbe["details"]["ecc_volatile_sram_unc"] == "1" and dbe["details"]["ecc_aggregate_sram_unc"] == "3"
         assert dbe["details"]["mig_mode"] == "Enabled" and dbe["details"]["mig_devices"] == "2"
+
+    def test_gpu_nvidia_smi_cannot_open_is_lost_or_reset_required(self, tmp_path: Path) -> None:
+        f = tmp_path / "smi.txt"
+        text = (DATA / "nvsmi_8gpu_row_remap_pending.txt").read_text()
+        head = text.partition("GPU 00000000:DB:00.0")  # the 8th GPU fell off: nvidia-smi prints one line
+        f.write_text(head[0] + "Unable to determine the device handle for GPU0000:DB:00.0: Unknown Error\n"
+                     "Unable to determine the device handle for gpu 0000:e1:00.0: GPU requires reset\n")
+        got = rows(["nvsmi", str(f), "--expected-gpus", "8"])
+        assert sorted((r["check"], r["gpu"]["pci_bus_id"] if r["gpu"] else None) for r in got) == [  # type: ignore[index]
+            ("gpu.count_mismatch", None), ("gpu.lost", "0000:db:00.0"), ("gpu.reset_required", "0000:e1:00.0"),
+            ("row_remap.pending", "0000:5d:00.0")]
+        lost = next(r for r in got if r["check"] == "gpu.lost")
+        assert lost["severity"] == "fatal" and lost["details"] == {"nvidia_smi": "Unknown Error"}
 
     def test_no_devices_found_is_a_clear_error(self, tmp_path: Path) -> None:
         f = tmp_path / "smi.txt"

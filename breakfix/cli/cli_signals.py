@@ -9,6 +9,7 @@ Bad lines or samples are skipped, counted and reported on stderr; the rest is pr
 
 from __future__ import annotations
 
+import re
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +21,7 @@ from breakfix.cli.cliutil import err, fail, load, signals_app
 from breakfix.schemas.datafile import DataFileError, read_text
 
 MAX_INPUT = 256 * 1024 * 1024
+_ANSI = re.compile(r"\x1b\[[0-9;?]{0,32}[A-Za-z]")
 Node = Annotated[str, typer.Option(help="Node the input came from.")]
 Cluster = Annotated[str, typer.Option(help="Cluster name.")]
 AllStates = Annotated[bool, typer.Option("--all", help="Print healthy readings too.")]
@@ -39,6 +41,8 @@ def _read(file: Path, wanted: str, max_bytes: int = MAX_INPUT, *, lenient: bool 
         text = read_text(file, max_bytes, lenient=True)
         warning = f"warning: {exc}; undecodable bytes read as U+FFFD"
     text = text.removeprefix("\ufeff").replace("\r\n", "\n")  # a BOM and CRLF from files copied through Windows
+    if "\x1b[" in text:  # `dmesg --color=always`, a terminal capture: colour codes are not text
+        text = _ANSI.sub("", text)
     if not text.strip():
         raise fail(f"{file}: empty, not {wanted} output")
     fmt = sniff(text)
