@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -31,7 +32,7 @@ def ctx(catalog: Catalog) -> NodeContext:
     return NodeContext(cluster="c1", node="n1", catalog=catalog)
 
 
-def rows(args: list[str]) -> list[dict[str, object]]:
+def rows(args: list[str]) -> list[dict[str, Any]]:
     res = runner.invoke(app, ["signals", *args, "--node", "n1"])
     assert res.exit_code == 0, res.output
     return [json.loads(x) for x in res.stdout.splitlines()]
@@ -53,7 +54,7 @@ class TestXidForms:
 
     def test_mig_line_signal_names_the_gpu_and_its_instance(self) -> None:
         got = rows(["kmsg", str(DATA / "kmsg_mig_and_bare.log"), "--boot-time", "2025-03-04T00:00:00Z"])
-        assert [(r["code"], r["details"].get("GPU_I_ID")) for r in got] == [  # type: ignore[union-attr]
+        assert [(r["code"], r["details"].get("GPU_I_ID")) for r in got] == [
             ("94", "5"), ("14", None), ("48", None), ("137", None), ("79", None)]
         assert got[0]["gpu"] == {"index": None, "uuid": "GPU-0f6a1c2d-3e4f-5a6b-7c8d-9e0f1a2b3c4d",
                                  "pci_bus_id": "0000:01:00.0"}
@@ -66,7 +67,7 @@ class TestKmsgTimes:
     def test_boot_time_anchors_relative_stamps(self) -> None:
         got = rows(["kmsg", str(self.LOG), "--boot-time", "2025-03-04T00:00:00Z"])
         assert got[0]["observed_at"] == "2025-03-04T02:45:34.120417Z"
-        assert all("time_source" not in r["details"] for r in got)  # type: ignore[operator]
+        assert all("time_source" not in r["details"] for r in got)
 
     def test_reference_line_anchors_relative_stamps(self) -> None:
         got = rows(["kmsg", str(self.LOG), "--reference", "9934.120417=2025-03-04T02:45:34.120417+00:00"])
@@ -206,7 +207,7 @@ class TestIbstat:
 class TestNvsmi:
     def test_eight_gpu_text_dump_with_a_pending_row_remap(self) -> None:
         got = rows(["nvsmi", str(DATA / "nvsmi_8gpu_row_remap_pending.txt"), "--expected-gpus", "8"])
-        assert [(r["check"], r["gpu"]["index"]) for r in got] == [("row_remap.pending", 3)]  # type: ignore[index]
+        assert [(r["check"], r["gpu"]["index"]) for r in got] == [("row_remap.pending", 3)]
 
     def test_missing_gpu_is_a_count_mismatch(self) -> None:
         got = rows(["nvsmi", str(DATA / "nvsmi_8gpu_row_remap_pending.txt"), "--expected-gpus", "9"])
@@ -227,7 +228,7 @@ class TestNvsmi:
         f.write_text(head[0] + "Unable to determine the device handle for GPU0000:DB:00.0: Unknown Error\n"
                      "Unable to determine the device handle for gpu 0000:e1:00.0: GPU requires reset\n")
         got = rows(["nvsmi", str(f), "--expected-gpus", "8"])
-        assert sorted((r["check"], r["gpu"]["pci_bus_id"] if r["gpu"] else None) for r in got) == [  # type: ignore[index]
+        assert sorted((r["check"], r["gpu"]["pci_bus_id"] if r["gpu"] else None) for r in got) == [
             ("gpu.count_mismatch", None), ("gpu.lost", "0000:db:00.0"), ("gpu.reset_required", "0000:e1:00.0"),
             ("row_remap.pending", "0000:5d:00.0")]
         lost = next(r for r in got if r["check"] == "gpu.lost")
@@ -314,7 +315,7 @@ class TestFormatRefusals:
     def test_files_copied_through_windows_read_the_same(self, tmp_path: Path) -> None:
         f = tmp_path / "ibstat.txt"
         f.write_bytes(b"\xef\xbb\xbf" + (DATA / "ibstat_down_and_ethernet.txt").read_bytes().replace(b"\n", b"\r\n"))
-        def strip(got: list[dict[str, object]]) -> list[dict[str, object]]:
+        def strip(got: list[dict[str, Any]]) -> list[dict[str, Any]]:
             return [{k: v for k, v in r.items() if k not in ("id", "observed_at")} for r in got]
 
         assert strip(rows(["ibstat", str(f)])) == strip(rows(["ibstat", str(DATA / "ibstat_down_and_ethernet.txt")]))
