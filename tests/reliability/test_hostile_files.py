@@ -46,6 +46,7 @@ TEXT_COMMANDS = {
     "signals-dcgm": ["signals", "dcgm", "{f}", "--node", "n"],
     "signals-ibstat": ["signals", "ibstat", "{f}", "--node", "n"],
     "signals-nvsmi": ["signals", "nvsmi", "{f}", "--node", "n"],
+    "signals-ib": ["signals", "ib", "{f}", "--node", "n"],
 }
 TEXT_KINDS = ("yaml-bomb", "dev-zero", "invalid-utf8", "deep-nesting")
 
