@@ -10,7 +10,8 @@ before they cost memory or a traceback (``read_text``, ``parse_yaml``):
 - YAML aliases (``*ref``: the alias bomb) and merge keys are refused; nesting deeper than ``MAX_DEPTH``
   and more than ``MAX_NODES`` nodes are refused, checked on the parser's event stream before anything
   is built;
-- every number must be finite (``.inf`` / ``.nan`` are refused wherever they appear), and a number
+- every number must be finite (``.inf`` / ``.nan`` are refused wherever they appear, integers beyond 2**63
+  too), and a number
   under a key that names a duration, interval, window, timeout, threshold, limit or count must not be
   negative (``_non_negative``). The models add their own tighter bounds.
 """
@@ -133,6 +134,9 @@ def _check_numbers(data: Any, path: str | Path, lines: LineMap) -> None:
         elif isinstance(value, float) and not math.isfinite(value):
             dotted = ".".join(str(x) for x in loc) or "<root>"
             raise DataFileError(path, line_for(lines, loc), f"{dotted}: {value} is not a finite number")
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**63:
+            dotted = ".".join(str(x) for x in loc) or "<root>"
+            raise DataFileError(path, line_for(lines, loc), f"{dotted}: {str(value)[:20]}... is out of range")
         elif isinstance(value, int | float) and not isinstance(value, bool) and value < 0 and _non_negative(loc):
             dotted = ".".join(str(x) for x in loc)
             raise DataFileError(path, line_for(lines, loc), f"{dotted}: must be greater than or equal to 0, "

@@ -25,6 +25,7 @@ HOSTILE = {
     "nan": b"version: 1\ninterval_s: .nan\n",
     "inf": b"version: 1\nretry_window_s: .inf\n",
     "negative": b"version: 1\ninterval_s: -5\n",
+    "huge-int": b"version: 1\nmax_records: " + b"9" * 400 + b"\n",
 }
 # Commands that take a YAML data file (scenario, policy, rules, configs), and how to pass it.
 YAML_COMMANDS = {
@@ -107,7 +108,7 @@ def test_hostile_file_is_one_line_exit_2_in_bounded_memory(results: dict[str, di
 @pytest.mark.parametrize(("kind", "reason"), [
     ("yaml-bomb", "aliases"), ("dev-zero", "NUL byte"), ("invalid-utf8", "not UTF-8 at byte 17"),
     ("deep-nesting", "nested deeper"), ("nan", "not a finite number"), ("inf", "not a finite number"),
-    ("negative", "greater than or equal to 0"),
+    ("negative", "greater than or equal to 0"), ("huge-int", "out of range"),
 ])
 def test_hostile_yaml_reason_names_the_problem(results: dict[str, dict[str, object]], kind: str, reason: str) -> None:
     assert reason in str(results[f"demo-policy:{kind}"]["stderr"])
