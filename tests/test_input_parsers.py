@@ -348,7 +348,7 @@ def test_more_copied_log_time_forms(line: str, expected: str) -> None:
     assert line_time(line, booted=booted, now=datetime(2025, 3, 5, tzinfo=UTC)).isoformat() == expected + "+00:00"
 
 
-def test_boot_time_is_now_when_nothing_anchors_a_line() -> None:
+def test_a_line_without_a_time_is_stamped_now_and_says_so() -> None:
     from breakfix.collectors.kmsg_follow import NO_TIME, line_time_source
 
     now = datetime(2025, 1, 1, tzinfo=UTC)
