@@ -251,7 +251,7 @@ class Executor:
     async def _reset(self, incident: Incident, step: Step, node: str, gpu: int, key: str) -> StepResult:
         a, iid = self.actuator, incident.id
         first = await a.reset_gpu(node, gpu, incident=iid, key=key)
-        if first.ok or not first.detail.startswith(BUSY):
+        if first.ok or not first.evidence.get("error", first.detail).startswith(BUSY):
             return first
         # processes still hold the GPU (pods the incident did not name): the node is fenced, move them, try again
         drained = await a.drain(node, incident=iid)
