@@ -43,7 +43,6 @@ class Progress(BaseModel):
     state: ProgressState = ProgressState.RUNNING
     approved: list[str] = []
     deadline: datetime | None = None  # deferred repair: act at this time at the latest
-    redecided: int = 0                # how often the incident's plan was replaced by a more fitting one
 
     @property
     def tag(self) -> str:
