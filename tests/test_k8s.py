@@ -275,3 +275,16 @@ class TestKubeConfig:
             assert proc.returncode == 2, proc.stderr
             assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
             assert "kubeconfig" in proc.stderr
+
+
+async def test_deferred_repair_sees_the_gpu_idle_once_its_pods_are_gone(cluster: Cluster) -> None:
+    from kubernetes import client
+
+    await cluster.add_node("n1")
+    await cluster.add_pod("ml", "train-0", "n1")
+    await cluster.add_pod("ml", "serve-0", "n1")
+    act = KubernetesActuator(cluster.api, clock=ManualClock(T0))
+    assert await act.pods_running("n1", ("ml/train-0",)), "the job holding the GPU still runs"
+    await asyncio.to_thread(client.CoreV1Api(cluster.api).delete_namespaced_pod, "train-0", "ml")
+    assert not await act.pods_running("n1", ("ml/train-0",)), "its job ended: the GPU may be reset"
+    assert await act.pods_running("n1", ("ml/serve-0",))
