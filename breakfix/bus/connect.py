@@ -47,6 +47,7 @@ class _Callbacks:
 
     def __init__(self, name: str, url: str) -> None:
         self.name, self.url = name, url
+        self.nc: Client | None = None
         self.connected = False
         self.last_error: BaseException | None = None
 
@@ -56,7 +57,7 @@ class _Callbacks:
             log.warning("nats_error", client=self.name, url=self.url, error=str(exc) or repr(exc))
 
     async def disconnected(self) -> None:
-        if self.connected:
+        if self.connected and not (self.nc is not None and self.nc.is_closed):  # not our own close()
             log.warning("nats_disconnected", client=self.name, url=self.url)
 
     async def reconnected(self) -> None:
@@ -88,16 +89,17 @@ async def open_client(opts: NatsOptions, *, name: str, attempt_timeout_s: float 
     if tls is not None:
         kwargs["tls"] = tls
     nc = Client()
+    cb.nc = nc
     try:
-        await asyncio.wait_for(nc.connect(**kwargs), timeout=attempt_timeout_s)
-    except asyncio.CancelledError:
-        await _close_quietly(nc)
+        async with asyncio.timeout(attempt_timeout_s):  # no inner task: a cancel reaches the socket read at once
+            await nc.connect(**kwargs)
+    except asyncio.CancelledError:  # stopping: closing a half-open client can wait out connect_timeout, so don't
         raise
     except Exception as exc:
         await _close_quietly(nc)
         cause = cb.last_error if isinstance(exc, nats.errors.NoServersError) and cb.last_error else exc
         if isinstance(cause, TimeoutError | asyncio.TimeoutError):
-            cause = TimeoutError(f"no answer within {attempt_timeout_s:g}s")
+            cause = TimeoutError("the server did not answer in time")
         kind = BusUnavailable if transient_connect_error(cause) else BusRefused
         raise kind(f"cannot connect to {opts.url}: {_one_line(cause)}") from None
     # connected: from now on nats-py reconnects by itself, for ever, and we log what happens
@@ -122,9 +124,13 @@ async def until_stopped(aw: Awaitable[T], stop: asyncio.Event) -> T:
     finally:
         stopping.cancel()
     if not work.done():
-        work.cancel()
+        # Python 3.11's wait_for (inside nats-py) can swallow a cancel that lands as a socket connects, and
+        # then sits out connect_timeout; cancel again until the attempt is really gone.
+        while not work.done():
+            work.cancel()
+            await asyncio.wait({work}, timeout=0.05)
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await work
+            work.result()
         raise ConnectAborted("stopped while connecting")
     return work.result()
 
