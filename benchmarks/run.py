@@ -11,6 +11,8 @@
 5. Collector overhead: one node daemon with every source on for 60 s (benchmarks/collector.py).
 6. Remediator: incident to first action for 1,000 incidents, and concurrent node drains against
    kmock (benchmarks/remediator.py).
+7. ``breakfix signals kmsg`` over 100,000 mixed kernel-log lines beside a plain regex pass over the same
+   file (benchmarks/parsers.py).
 Prints one JSON object; nothing here is a pass/fail test.
 """
 
@@ -29,6 +31,7 @@ import nats
 from benchmarks.collector import bench_collector
 from benchmarks.measure import pct_ms, peak_rss_mb, spawn_breakfix
 from benchmarks.mixes import fleet_hour, stress_mix
+from benchmarks.parsers import bench_kmsg_cli
 from benchmarks.remediator import bench_drains, bench_first_action
 from benchmarks.simulate import bench_simulate
 from breakfix.bus.codec import encode
@@ -229,6 +232,7 @@ def main() -> None:
     result["remediator_first_action"] = asyncio.run(bench_first_action())
     result["remediator_drains_kmock"] = asyncio.run(bench_drains())
     result["simulate"] = bench_simulate()
+    result["signals_kmsg_100k_lines"] = bench_kmsg_cli()
     print(json.dumps(result, indent=2))
 
 
