@@ -99,7 +99,7 @@ class TestDaemon:
 class TestConnect:
     async def test_one_attempt_against_refused_port_raises_unavailable(self) -> None:
         with pytest.raises(BusUnavailable, match=r"cannot connect to nats://127\.0\.0\.1:1"):
-            await open_client(NatsOptions(url="nats://127.0.0.1:1"), name="t")
+            await open_client(NatsOptions(url="nats://127.0.0.1:1"), name="t")  # raises
 
     async def test_daemon_connect_logs_each_attempt_and_stops_when_told(self) -> None:
         stop = asyncio.Event()

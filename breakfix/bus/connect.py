@@ -20,6 +20,7 @@ import nats.errors
 import structlog
 from nats.aio.client import Client
 
+from breakfix.bus.nkeyjwt import CredsError, creds_user_name
 from breakfix.bus.options import NatsOptions
 from breakfix.bus.retry import ConnectAborted, retry_connect, transient_connect_error
 
@@ -42,7 +43,7 @@ class BusRefused(BusConnectError):
     """The server or our own files refused the connection (credentials, TLS): retrying cannot help."""
 
 
-class _Callbacks:
+class ConnectionEvents:
     """nats-py's callbacks: silent while connecting (the caller reports the failure), logged after."""
 
     def __init__(self, name: str, url: str) -> None:
@@ -50,9 +51,17 @@ class _Callbacks:
         self.nc: Client | None = None
         self.connected = False
         self.last_error: BaseException | None = None
+        self.violations: set[str] = set()  # subjects the server refused us, lower case as it reports them
+
+    def denied(self, subject: str) -> bool:
+        """Whether the server refused us ``subject`` (a permissions violation: retrying cannot help)."""
+        return subject.lower() in self.violations
 
     async def error(self, exc: Exception) -> None:
         self.last_error = exc
+        text = str(exc)
+        if "permissions violation" in text and '"' in text and len(self.violations) < 1000:
+            self.violations.add(text.split('"')[1].lower())
         if self.connected:
             log.warning("nats_error", client=self.name, url=self.url, error=str(exc) or repr(exc))
 
@@ -69,15 +78,17 @@ def _one_line(exc: BaseException) -> str:
     return text[:300]
 
 
-async def open_client(opts: NatsOptions, *, name: str, attempt_timeout_s: float = ATTEMPT_TIMEOUT_S) -> Client:
-    """One bounded connect attempt; raises ``BusUnavailable`` or ``BusRefused``."""
+async def open_client(opts: NatsOptions, *, name: str,
+                      attempt_timeout_s: float = ATTEMPT_TIMEOUT_S) -> tuple[Client, ConnectionEvents]:
+    """One bounded connect attempt; raises ``BusUnavailable`` or ``BusRefused``. The events object
+    logs what happens to the connection and remembers which subjects the server refused."""
     if opts.creds is not None and not opts.creds.is_file():
         raise BusRefused(f"NATS credentials file {opts.creds} does not exist")
     try:
         tls = opts.tls_context()
     except (OSError, ssl.SSLError) as exc:
         raise BusRefused(f"NATS TLS files: {_one_line(exc)}") from None
-    cb = _Callbacks(name, opts.url)
+    cb = ConnectionEvents(name, opts.url)
     kwargs: dict[str, Any] = {
         "servers": opts.servers, "name": name, "connect_timeout": min(2.0, attempt_timeout_s),
         # one pass over the servers, no reconnect loop inside nats-py while connecting
@@ -85,6 +96,10 @@ async def open_client(opts: NatsOptions, *, name: str, attempt_timeout_s: float 
         "error_cb": cb.error, "disconnected_cb": cb.disconnected, "reconnected_cb": cb.reconnected,
     }
     if opts.creds is not None:
+        try:  # a private inbox per identity: the server lets each user subscribe only to _INBOX.<name>.>
+            kwargs["inbox_prefix"] = f"_INBOX.{creds_user_name(opts.creds)}"
+        except CredsError as exc:
+            raise BusRefused(str(exc)) from None
         kwargs["user_credentials"] = str(opts.creds)
     if tls is not None:
         kwargs["tls"] = tls
@@ -107,7 +122,7 @@ async def open_client(opts: NatsOptions, *, name: str, attempt_timeout_s: float 
     nc.options["max_reconnect_attempts"] = -1
     nc.options["reconnect_time_wait"] = RECONNECT_WAIT_S
     cb.connected = True
-    return nc
+    return nc, cb
 
 
 async def _close_quietly(nc: Client) -> None:
@@ -136,7 +151,8 @@ async def until_stopped(aw: Awaitable[T], stop: asyncio.Event) -> T:
 
 
 async def connect_client(opts: NatsOptions, *, name: str, stop: asyncio.Event | None = None,
-                         attempt_timeout_s: float = ATTEMPT_TIMEOUT_S, max_wait_s: float = 15.0) -> Client:
+                         attempt_timeout_s: float = ATTEMPT_TIMEOUT_S,
+                         max_wait_s: float = 15.0) -> tuple[Client, ConnectionEvents]:
     """Without ``stop``: one attempt (CLI). With ``stop``: retry transient failures until connected
     or stopped (daemon), one ``nats_connect_retry`` log line per failed attempt."""
     if stop is None:
@@ -147,7 +163,7 @@ async def connect_client(opts: NatsOptions, *, name: str, stop: asyncio.Event | 
         log.warning("nats_connect_retry", client=name, url=opts.url, attempt=attempt, error=str(exc),
                     retry_in_s=round(wait_s, 2))
 
-    async def attempt() -> Client:
+    async def attempt() -> tuple[Client, ConnectionEvents]:
         return await until_stopped(open_client(opts, name=name, attempt_timeout_s=attempt_timeout_s), stopping)
 
     return await retry_connect(attempt, stop=stop, on_retry=on_retry, max_wait_s=max_wait_s)
