@@ -34,16 +34,16 @@ from benchmarks.mixes import fleet_hour, stress_mix
 from benchmarks.parsers import bench_kmsg_cli
 from benchmarks.remediator import bench_drains, bench_first_action
 from benchmarks.simulate import bench_simulate
+from breakfix.bus.clock import SystemClock
 from breakfix.bus.codec import encode
 from breakfix.bus.jetstream import JetStreamBus
 from breakfix.bus.server import EmbeddedNats
 from breakfix.cli.logs import configure
 from breakfix.collectors.fleet import build_fleet
 from breakfix.collectors.storm import switch_storm
-from breakfix.correlator.grouping import Correlator
-from breakfix.correlator.service import CorrelatorService, ServiceConfig
+from breakfix.correlator.app import CorrelatorConfig, build_core, build_correlator
+from breakfix.correlator.service import ServiceConfig
 from breakfix.schemas import subjects
-from breakfix.schemas.catalog import default_catalog
 from breakfix.schemas.incident import IncidentChange
 from breakfix.schemas.signal import Signal, SignalSource, make_signal_id
 
@@ -51,7 +51,7 @@ T0 = datetime(2026, 11, 23, tzinfo=UTC)
 
 
 def bench_core(signals: list[Signal]) -> dict[str, float]:
-    core = Correlator(default_catalog())
+    core = build_core()
     start = time.perf_counter()
     for s in signals:
         core.ingest(s, s.observed_at)
@@ -94,8 +94,7 @@ async def bench_nats(signals: list[Signal], data: Path) -> dict[str, float]:
                 await batch[-1].ack()
         lean_s = time.perf_counter() - start
         # correlator service over the same stream
-        svc = CorrelatorService(bus, Correlator(default_catalog()), lambda: datetime.now(UTC),
-                                config=ServiceConfig(durable="bench"))
+        svc = build_correlator(CorrelatorConfig(service=ServiceConfig(durable="bench")), bus=bus, clock=SystemClock())
         stop = asyncio.Event()
         start = time.perf_counter()
         task = asyncio.create_task(svc.run(stop), name="bench-correlator")
@@ -131,8 +130,8 @@ async def bench_latency(data: Path, rate: int = 1000, seconds: int = 10) -> dict
                 lat.append(time.perf_counter() - t)
 
         unsubscribe = await bus.subscribe(subjects.INCIDENTS_ALL, on_incident)
-        svc = CorrelatorService(bus, Correlator(default_catalog()), lambda: datetime.now(UTC),
-                                config=ServiceConfig(durable="latency"))
+        svc = build_correlator(CorrelatorConfig(service=ServiceConfig(durable="latency")), bus=bus,
+                               clock=SystemClock())
         stop = asyncio.Event()
         task = asyncio.create_task(svc.run(stop), name="bench-latency-correlator")
         await svc.ready.wait()

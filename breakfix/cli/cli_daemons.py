@@ -135,12 +135,13 @@ def correlator(
     checkpoint_interval: Annotated[float, typer.Option(help="Seconds between state checkpoints.")] = 1.0,
 ) -> None:
     """Run the correlator daemon (JSON logs). State is checkpointed to the JetStream object store."""
+    from breakfix.bus.clock import SystemClock
     from breakfix.bus.jetstream import JetStreamBus
     from breakfix.bus.options import NatsOptions
     from breakfix.bus.server import EmbeddedNats
-    from breakfix.correlator.grouping import Correlator
+    from breakfix.correlator.app import CorrelatorConfig, build_correlator
     from breakfix.correlator.rules import load_rules
-    from breakfix.correlator.service import CorrelatorService, ServiceConfig
+    from breakfix.correlator.service import ServiceConfig
     from breakfix.schemas.catalog import load_catalog
 
     logs.configure(json=True)
@@ -156,8 +157,8 @@ def correlator(
         bus = await JetStreamBus.connect(opts, name=f"breakfix-{config.name}", stop=stop)
         try:
             # partitioned instances leave fabric grouping to the fleet stage (breakfix correlator-fleet)
-            core = Correlator(cat, compiled, topology=partitions == 1)
-            await CorrelatorService(bus, core, lambda: datetime.now(UTC), config=config).run(stop)
+            cfg = CorrelatorConfig(rules=compiled, catalog=cat, service=config)
+            await build_correlator(cfg, bus=bus, clock=SystemClock()).run(stop)
         finally:
             await bus.close()
 
@@ -176,8 +177,9 @@ def correlator_fleet(
                                                help="Correlator rules YAML (its topology section is used).")] = None,
 ) -> None:
     """Run the fleet stage: fabric incidents across partitioned correlators (JSON logs)."""
+    from breakfix.bus.clock import SystemClock
     from breakfix.bus.jetstream import JetStreamBus
-    from breakfix.correlator.fleet import FleetCorrelator, FleetService
+    from breakfix.correlator.app import CorrelatorConfig, build_fleet_stage
     from breakfix.correlator.rules import load_rules
     from breakfix.schemas.catalog import load_catalog
 
@@ -188,7 +190,7 @@ def correlator_fleet(
     async def main(stop: asyncio.Event) -> None:
         bus = await JetStreamBus.connect(opts, name="breakfix-correlator-fleet", stop=stop)
         try:
-            await FleetService(bus, FleetCorrelator(compiled), lambda: datetime.now(UTC)).run(stop)
+            await build_fleet_stage(CorrelatorConfig(rules=compiled), bus=bus, clock=SystemClock()).run(stop)
         finally:
             await bus.close()
 
