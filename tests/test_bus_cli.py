@@ -43,7 +43,11 @@ def test_init_refuses_to_replace_existing_keys_in_one_line(tmp_path: Path) -> No
 @pytest.mark.parametrize(("args", "role", "name"), [
     (["--node", "gpu-node-7"], "node", "gpu-node-7"),
     (["--role", "operator", "--name", "alice"], "operator", "alice"),
-    (["--role", "remediator", "--name", "remediator"], "remediator", "remediator"),
+    (["--role", "remediator"], "remediator", "remediator"),
+    (["--role", "correlator", "--partition", "2"], "correlator", "correlator-p2"),
+    (["--role", "correlator-fleet"], "correlator", "correlator-fleet"),
+    (["--role", "fleet-collector"], "fleet", "fleet-collector"),
+    (["--node", "n3", "--role", "agent"], "node", "n3"),
 ])
 def test_user_writes_creds_naming_the_identity_and_its_role(tmp_path: Path, args: list[str], role: str,
                                                             name: str) -> None:

@@ -20,6 +20,10 @@ from breakfix.cli.cliutil import app, fail, out
 bus_app = typer.Typer(no_args_is_help=True, help="Keys, certificates and credentials for a secured bus.")
 app.add_typer(bus_app, name="bus")
 
+# names the deploy manifests use for the same roles: a node's collector and agent share the node identity
+ALIASES = {"collector": "node", "agent": "node", "fleet-collector": "fleet", "correlator-fleet": "correlator"}
+SERVICES = ("correlator", "remediator", "fleet")  # one identity each: the name defaults to the role
+
 BusDir = Annotated[Path, typer.Option("--dir", envvar="BREAKFIX_BUS_DIR",
                                       help="Where the bus's keys, certificates and server config live.")]
 
@@ -54,20 +58,26 @@ def bus_user(
     directory: BusDir = Path("breakfix-bus"),
     node: Annotated[str | None, typer.Option(help="Issue a node identity (collector and agent) for NODE.")] = None,
     role: Annotated[str | None, typer.Option(
-        help="correlator, fleet, remediator, operator, admin or viewer.")] = None,
+        help="correlator, fleet, remediator, operator, admin or viewer (aliases: collector and agent with "
+             "--node, fleet-collector, correlator-fleet).")] = None,
     name: Annotated[str | None, typer.Option(help="The identity's name (a person's login for operator/admin).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write (default DIR/users).")] = None,
+    partition: Annotated[int | None, typer.Option(min=0, help="Correlator partition (name correlator-pP).")] = None,
 ) -> None:
     """Write NAME.creds (user JWT + seed) and a client certificate NAME.crt/NAME.key."""
     from breakfix.bus.authinit import BusAuthError, issue_user
 
-    if (node is None) == (role is None):
-        raise fail("give either --node NODE or --role ROLE --name NAME")
-    if node is not None:
+    requested = role
+    role = ALIASES.get(role, role) if role else None
+    if node is not None and role in (None, "node"):
         role, name = "node", node
+    elif node is not None or role is None:
+        raise fail("give either --node NODE or --role ROLE --name NAME")
+    if role == "correlator" and partition is not None:
+        name = name or f"correlator-p{partition}"
+    name = name or (requested if role in SERVICES else None)
     if not name:
         raise fail(f"--role {role} needs --name NAME")
-    assert role is not None
     try:
         files = issue_user(directory, role=role, name=name, now=datetime.now(UTC), out_dir=out_dir)
     except (BusAuthError, OSError) as exc:
