@@ -154,6 +154,46 @@ class TestNodeIdentity:
             await node.close()
 
 
+class TestStores:
+    @pytest.mark.parametrize(("role", "name"), [("node", "node-a"), ("operator", "alice"),
+                                                ("correlator", "correlator")])
+    async def test_only_the_remediator_writes_or_reads_its_plan_store(self, secure: SecureBus, streams: JetStreamBus,
+                                                                     role: str, name: str) -> None:
+        other = await secure.connect(role, name)
+        try:
+            with capture_logs() as logs:
+                await other.publish_core("$KV.breakfix-remediator.plan.inc-1", b'{"forged": "plan"}')
+                await other.subscribe("$KV.breakfix-remediator.>", lambda _s, _d: asyncio.sleep(0))
+                await other.flush()
+                await refused(other, logs, "publish", "$KV.breakfix-remediator.plan.inc-1")
+                await refused(other, logs, "subscription", "$KV.breakfix-remediator.>")
+        finally:
+            await other.close()
+
+    async def test_only_the_correlator_touches_its_checkpoint(self, secure: SecureBus, streams: JetStreamBus) -> None:
+        node = await secure.connect("node", "node-a")
+        try:
+            with capture_logs() as logs:
+                await node.publish_core("$O.breakfix-correlator.C.forged", b"state")
+                await node.flush()
+                await refused(node, logs, "publish", "$O.breakfix-correlator.C.forged")
+        finally:
+            await node.close()
+
+    async def test_a_node_cannot_answer_into_the_remediators_inbox(self, secure: SecureBus,
+                                                                  streams: JetStreamBus) -> None:
+        node = await secure.connect("node", "node-a")
+        try:
+            with capture_logs() as logs:
+                await node.publish_core("_INBOX.remediator.abc", b'{"ok": true}')
+                await node.subscribe("_INBOX.remediator.>", lambda _s, _d: asyncio.sleep(0))
+                await node.flush()
+                await refused(node, logs, "publish", "_INBOX.remediator.abc")
+                await refused(node, logs, "subscription", "_INBOX.remediator.>")
+        finally:
+            await node.close()
+
+
 class TestHumans:
     async def test_an_operator_may_approve_under_their_own_name_only(self, secure: SecureBus,
                                                                       streams: JetStreamBus) -> None:
