@@ -33,6 +33,18 @@ def test_init_writes_a_config_nats_server_accepts_with_secrets_private(tmp_path:
     assert json.loads((d / "bus.json").read_text())["cluster"] == "c1"
 
 
+def test_init_puts_every_host_in_the_server_certificate(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    res = runner.invoke(app, ["bus", "init", "--dir", str(tmp_path), "--cluster", "c1", "--host", "nats.a",
+                              "--hosts", "nats.b.svc, 127.0.0.1"])
+    assert res.exit_code == 0, res.output
+    cert = x509.load_pem_x509_certificate((tmp_path / "tls" / "server.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["nats.a", "nats.b.svc"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+
+
 def test_init_refuses_to_replace_existing_keys_in_one_line(tmp_path: Path) -> None:
     args = ["bus", "init", "--dir", str(tmp_path), "--cluster", "c1"]
     assert runner.invoke(app, args).exit_code == 0

@@ -34,6 +34,7 @@ def bus_init(
     directory: BusDir = Path("breakfix-bus"),
     host: Annotated[list[str] | None, typer.Option(
         "--host", help="Name or IP clients use for the server (repeat); default localhost and 127.0.0.1.")] = None,
+    hosts: Annotated[str | None, typer.Option(help="The same, comma-separated.")] = None,
     listen: Annotated[str, typer.Option(help="Client address and port of nats-server.")] = "0.0.0.0:4222",
     monitor_port: Annotated[int, typer.Option(min=0, max=65535,
                                               help="Monitoring port, bound to 127.0.0.1; 0 turns it off.")] = 8222,
@@ -42,10 +43,10 @@ def bus_init(
     """Create the operator, account, role signing keys, CA, server certificate and nats-server config."""
     from breakfix.bus.authinit import BusAuthError, init_bus
 
-    hosts = tuple(host) if host else ("localhost", "127.0.0.1")
+    names = tuple(dict.fromkeys([*(host or []), *(h.strip() for h in (hosts or "").split(",") if h.strip())]))
     try:
-        conf = init_bus(directory, cluster=cluster, hosts=hosts, listen=listen, monitor_port=monitor_port,
-                        force=force, now=datetime.now(UTC))
+        conf = init_bus(directory, cluster=cluster, hosts=names or ("localhost", "127.0.0.1"), listen=listen,
+                        monitor_port=monitor_port, force=force, now=datetime.now(UTC))
     except (BusAuthError, OSError) as exc:
         raise fail(str(exc)) from None
     out.print(f"wrote {conf} (start: nats-server -c {conf})", highlight=False)
