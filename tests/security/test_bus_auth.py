@@ -23,8 +23,14 @@ from breakfix.bus.options import NatsOptions
 from breakfix.bus.server import EmbeddedNats
 from breakfix.correlator.grouping import Correlator
 from breakfix.correlator.service import CorrelatorService
+from breakfix.remediator.policy import Policy
+from breakfix.remediator.service import RemediatorService
+from breakfix.remediator.simcluster import SimCluster, SimNode
+from breakfix.remediator.store import KvStore
 from breakfix.schemas import subjects
 from breakfix.schemas.catalog import Catalog
+from breakfix.schemas.common import GpuRef, Severity
+from breakfix.schemas.incident import ChangeKind, Incident, IncidentChange, IncidentScope
 from tests.conftest import sig, wait_until
 
 pytestmark = pytest.mark.nats
@@ -248,6 +254,36 @@ class TestConnecting:
         opts = secure.options("admin", "carol", tls_ca=tmp_path / "other" / "tls" / "ca.crt")
         with pytest.raises(BusRefused, match=r"(?i)certificate verify failed"):
             await JetStreamBus.connect(opts, name="carol")
+
+
+class TestServicesUnderTheirOwnIdentity:
+    async def test_the_remediator_runs_on_its_permissions_alone(self, secure: SecureBus, streams: JetStreamBus,
+                                                                 policy: Policy) -> None:
+        """Consumers on incidents and actions, its KV plan store, action records: all within its role."""
+        rem_bus = await secure.connect("remediator", "remediator")
+        svc = RemediatorService(rem_bus, SimCluster({"n1": SimNode("n1")}), policy.model_copy(update={"dry_run": True}),
+                                lambda: datetime.now(UTC), store=await KvStore.open(rem_bus))
+        stop = asyncio.Event()
+        task = asyncio.create_task(svc.run(stop), name="secure-remediator")
+        try:
+            inc = Incident(id="inc-secure-1", cluster="c1", scope=IncidentScope.GPU, node="n1", nodes=("n1",),
+                           gpus=(GpuRef(index=0),), category="gpu_reset_required", severity=Severity.CRITICAL,
+                           codes=("xid:48",), first_seen=NOW, last_seen=NOW)
+            await streams.publish(subjects.incident_subject("c1"),
+                                  encode(IncidentChange(kind=ChangeKind.OPENED, incident=inc, at=NOW)))
+
+            async def recorded() -> bool:
+                return await streams.stream_messages(subjects.ACTIONS.name) >= 1
+
+            await wait_until(recorded, 20, "the remediator's first action record")
+            assert svc.stats.handled == 1 and not task.done()
+            store = KvStore(rem_bus)
+            rev = await store.put("probe", {"ok": True}, None)
+            assert (await store.get("probe")) is not None and (await store.get("probe")).revision == rev  # type: ignore[union-attr]
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+            await rem_bus.close()
 
 
 class TestForgedBody:
