@@ -139,7 +139,8 @@ class CollectorDaemon:
     async def _nats(self, stop: asyncio.Event) -> None:
         from breakfix.bus.jetstream import JetStreamBus
 
-        connect = self._connect or (lambda url: JetStreamBus.connect(url, name=f"breakfix-collector-{self.ctx.node}"))
+        connect = self._connect or (lambda url: JetStreamBus.connect(  # url, creds and TLS from the nats: section
+            self.config.nats.merged(url=url), name=f"breakfix-collector-{self.ctx.node}"))
         while not stop.is_set() and self.bus is None:
             attempt = asyncio.create_task(asyncio.wait_for(connect(self.config.nats.url), timeout=10),
                                           name="collector-nats-connect")

@@ -23,11 +23,13 @@ from breakfix.bus.options import NatsOptions
 from breakfix.bus.server import EmbeddedNats
 from breakfix.correlator.grouping import Correlator
 from breakfix.correlator.service import CorrelatorService
+from breakfix.remediator.nodeagent import NodeAgentClient
 from breakfix.remediator.policy import Policy
 from breakfix.remediator.service import RemediatorService
 from breakfix.remediator.simcluster import SimCluster, SimNode
 from breakfix.remediator.store import KvStore
 from breakfix.schemas import subjects
+from breakfix.schemas.agent import AgentAction
 from breakfix.schemas.catalog import Catalog
 from breakfix.schemas.common import GpuRef, Severity
 from breakfix.schemas.incident import ChangeKind, Incident, IncidentChange, IncidentScope
@@ -284,6 +286,41 @@ class TestServicesUnderTheirOwnIdentity:
             stop.set()
             await asyncio.wait_for(task, 10)
             await rem_bus.close()
+
+
+    async def test_a_node_collector_publishes_and_serves_its_agent_on_the_node_identity(
+            self, secure: SecureBus, streams: JetStreamBus, catalog: Catalog, tmp_path: Path) -> None:
+        """The collector daemon reads creds and TLS from its config's nats: section; its spool replay and
+        its agent fit inside the node role."""
+        from breakfix.collectors.config import CollectorConfig
+        from breakfix.collectors.daemon import CollectorDaemon
+        from breakfix.collectors.nvml_api import FakeNvml
+
+        opts = secure.options("node", "gpu-node-7")
+        cfg = CollectorConfig.model_validate({
+            "cluster": "c1", "node": "gpu-node-7", "state_dir": str(tmp_path / "state"), "http_listen": "127.0.0.1:0",
+            "nats": {k: str(v) for k, v in opts.model_dump().items()}, "spool": {"dir": str(tmp_path / "spool")},
+            "agent": {"enabled": True, "allow": ["validate"], "dcgmi": "/bin/false"},
+            "sources": {"nvml": {"interval_s": 0.2, "expected_gpus": 8}}})
+        fake = FakeNvml.hgx(8)
+        daemon = CollectorDaemon(cfg, catalog, nvml=fake)
+        stop = asyncio.Event()
+        task = asyncio.create_task(daemon.run(stop), name="secure-collector")
+        remediator = await secure.connect("remediator", "remediator")
+        try:
+            fake.gpus[2].dbe_volatile = 1
+
+            async def published() -> bool:
+                return daemon.bus is not None and await streams.stream_messages(subjects.SIGNALS.name) >= 1
+
+            await wait_until(published, 20, "the node's DBE signal on the stream")
+            client = NodeAgentClient(remediator, "c1", lambda: datetime.now(UTC))
+            result = await client.call("gpu-node-7", AgentAction.REBOOT, key="inc-9/0/reboot", incident="inc-9")
+            assert not result.ok and "not allowed" in result.detail  # the agent answered: the reply path works
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 15)
+            await remediator.close()
 
 
 class TestForgedBody:
