@@ -1,16 +1,11 @@
-"""A bus nobody can forge: a nats-server with TLS (client certificates required) and JWT auth from
-``breakfix bus init``; identities from ``breakfix bus user``. Each forgery is refused by the server
-itself, and the test sees the permissions violation where nats-py reports it (``error_cb``, which
-``bus.connect`` logs as ``nats_error``) or the refused connection."""
+"""A bus nobody can forge: each forgery is refused by nats-server itself (TLS with client certificates,
+JWT auth with scoped signing keys), and the test sees the permissions violation where nats-py reports it
+(``error_cb``, which ``bus.connect`` logs as ``nats_error``) or the refused connection."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -19,70 +14,14 @@ from breakfix.bus.authinit import init_bus, issue_user
 from breakfix.bus.codec import encode
 from breakfix.bus.connect import BusConnectError, BusRefused
 from breakfix.bus.jetstream import JetStreamBus
-from breakfix.bus.options import NatsOptions
-from breakfix.bus.server import EmbeddedNats
 from breakfix.correlator.grouping import Correlator
 from breakfix.correlator.service import CorrelatorService
-from breakfix.remediator.nodeagent import NodeAgentClient
-from breakfix.remediator.policy import Policy
-from breakfix.remediator.service import RemediatorService
-from breakfix.remediator.simcluster import SimCluster, SimNode
-from breakfix.remediator.store import KvStore
 from breakfix.schemas import subjects
-from breakfix.schemas.agent import AgentAction
 from breakfix.schemas.catalog import Catalog
-from breakfix.schemas.common import GpuRef, Severity
-from breakfix.schemas.incident import ChangeKind, Incident, IncidentChange, IncidentScope
 from tests.conftest import sig, wait_until
+from tests.security.conftest import NOW, SecureBus, refused
 
 pytestmark = pytest.mark.nats
-NOW = datetime.now(UTC)
-
-
-@dataclass
-class SecureBus:
-    root: Path
-    server: EmbeddedNats
-
-    def options(self, role: str, name: str, **overrides: Any) -> NatsOptions:
-        files = issue_user(self.root, role=role, name=name, now=NOW, out_dir=self.root / "users")
-        base = {"url": self.server.url, "creds": files.creds, "tls_ca": files.ca, "tls_cert": files.cert,
-                "tls_key": files.key}
-        return NatsOptions.model_validate({**base, **overrides})
-
-    async def connect(self, role: str, name: str) -> JetStreamBus:
-        return await JetStreamBus.connect(self.options(role, name), name=name)
-
-
-@pytest.fixture
-def secure(tmp_path: Path) -> Iterator[SecureBus]:
-    conf = init_bus(tmp_path / "bus", cluster="c1", monitor_port=0, store_dir=tmp_path / "js", now=NOW)
-    server = EmbeddedNats(tmp_path / "nats", config=conf).start()
-    try:
-        yield SecureBus(tmp_path / "bus", server)
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def streams(secure: SecureBus) -> AsyncIterator[JetStreamBus]:
-    """The correlator's connection; it creates the streams as it does at start-up."""
-    bus = await secure.connect("correlator", "correlator")
-    await bus.ensure_streams(subjects.STREAMS)
-    try:
-        yield bus
-    finally:
-        await bus.close()
-
-
-async def refused(bus: JetStreamBus, logs: list[dict[str, Any]], what: str, subject: str) -> None:
-    """Wait for the server's permissions violation for ``what`` (publish/subscription) on ``subject``."""
-    needle = f'permissions violation for {what} to "{subject.lower()}"'
-
-    async def seen() -> bool:
-        return any(e["event"] == "nats_error" and needle in e["error"].lower() for e in logs)
-
-    await wait_until(seen, 5, needle)
 
 
 class TestNodeIdentity:
@@ -256,71 +195,6 @@ class TestConnecting:
         opts = secure.options("admin", "carol", tls_ca=tmp_path / "other" / "tls" / "ca.crt")
         with pytest.raises(BusRefused, match=r"(?i)certificate verify failed"):
             await JetStreamBus.connect(opts, name="carol")
-
-
-class TestServicesUnderTheirOwnIdentity:
-    async def test_the_remediator_runs_on_its_permissions_alone(self, secure: SecureBus, streams: JetStreamBus,
-                                                                 policy: Policy) -> None:
-        """Consumers on incidents and actions, its KV plan store, action records: all within its role."""
-        rem_bus = await secure.connect("remediator", "remediator")
-        svc = RemediatorService(rem_bus, SimCluster({"n1": SimNode("n1")}), policy.model_copy(update={"dry_run": True}),
-                                lambda: datetime.now(UTC), store=await KvStore.open(rem_bus))
-        stop = asyncio.Event()
-        task = asyncio.create_task(svc.run(stop), name="secure-remediator")
-        try:
-            inc = Incident(id="inc-secure-1", cluster="c1", scope=IncidentScope.GPU, node="n1", nodes=("n1",),
-                           gpus=(GpuRef(index=0),), category="gpu_reset_required", severity=Severity.CRITICAL,
-                           codes=("xid:48",), first_seen=NOW, last_seen=NOW)
-            await streams.publish(subjects.incident_subject("c1"),
-                                  encode(IncidentChange(kind=ChangeKind.OPENED, incident=inc, at=NOW)))
-
-            async def recorded() -> bool:
-                return await streams.stream_messages(subjects.ACTIONS.name) >= 1
-
-            await wait_until(recorded, 20, "the remediator's first action record")
-            assert svc.stats.handled == 1 and not task.done()
-            store = KvStore(rem_bus)
-            rev = await store.put("probe", {"ok": True}, None)
-            assert (await store.get("probe")) is not None and (await store.get("probe")).revision == rev  # type: ignore[union-attr]
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 10)
-            await rem_bus.close()
-
-
-    async def test_a_node_collector_publishes_and_serves_its_agent_on_the_node_identity(
-            self, secure: SecureBus, streams: JetStreamBus, catalog: Catalog, tmp_path: Path) -> None:
-        """The collector daemon reads creds and TLS from its config's nats: section; its spool replay and
-        its agent fit inside the node role."""
-        from breakfix.collectors.config import CollectorConfig
-        from breakfix.collectors.daemon import CollectorDaemon
-        from breakfix.collectors.nvml_api import FakeNvml
-
-        opts = secure.options("node", "gpu-node-7")
-        cfg = CollectorConfig.model_validate({
-            "cluster": "c1", "node": "gpu-node-7", "state_dir": str(tmp_path / "state"), "http_listen": "127.0.0.1:0",
-            "nats": {k: str(v) for k, v in opts.model_dump().items()}, "spool": {"dir": str(tmp_path / "spool")},
-            "agent": {"enabled": True, "allow": ["validate"], "dcgmi": "/bin/false"},
-            "sources": {"nvml": {"interval_s": 0.2, "expected_gpus": 8}}})
-        fake = FakeNvml.hgx(8)
-        daemon = CollectorDaemon(cfg, catalog, nvml=fake)
-        stop = asyncio.Event()
-        task = asyncio.create_task(daemon.run(stop), name="secure-collector")
-        remediator = await secure.connect("remediator", "remediator")
-        try:
-            fake.gpus[2].dbe_volatile = 1
-
-            async def published() -> bool:
-                return daemon.bus is not None and await streams.stream_messages(subjects.SIGNALS.name) >= 1
-
-            await wait_until(published, 20, "the node's DBE signal on the stream")
-            client = NodeAgentClient(remediator, "c1", lambda: datetime.now(UTC))
-            result = await client.call("gpu-node-7", AgentAction.REBOOT, key="inc-9/0/reboot", incident="inc-9")
-            assert not result.ok and "not allowed" in result.detail  # the agent answered: the reply path works
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 15)
-            await remediator.close()
 
 
 class TestForgedBody:
