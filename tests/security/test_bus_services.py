@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from breakfix.bus.clock import SystemClock
 from breakfix.bus.codec import encode
 from breakfix.bus.jetstream import JetStreamBus
 from breakfix.correlator.grouping import Correlator
@@ -64,8 +65,8 @@ class TestServicesUnderTheirOwnIdentity:
             self, secure: SecureBus, streams: JetStreamBus, catalog: Catalog, tmp_path: Path) -> None:
         """The collector daemon reads creds and TLS from its config's nats: section; its spool replay and
         its agent fit inside the node role."""
+        from breakfix.collectors.app import build_collector
         from breakfix.collectors.config import CollectorConfig
-        from breakfix.collectors.daemon import CollectorDaemon
         from breakfix.collectors.nvml_api import FakeNvml
 
         opts = secure.options("node", "gpu-node-7")
@@ -75,7 +76,8 @@ class TestServicesUnderTheirOwnIdentity:
             "agent": {"enabled": True, "allow": ["validate"], "dcgmi": "/bin/false"},
             "sources": {"nvml": {"interval_s": 0.2, "expected_gpus": 8}}})
         fake = FakeNvml.hgx(8)
-        daemon = CollectorDaemon(cfg, catalog, nvml=fake)
+        daemon = build_collector(cfg, clock=SystemClock(), catalog=catalog, nvml=fake,
+                                 connect=lambda: JetStreamBus.connect(cfg.nats, name="gpu-node-7"))
         stop = asyncio.Event()
         task = asyncio.create_task(daemon.run(stop), name="secure-collector")
         remediator = await secure.connect("remediator", "remediator")
@@ -100,8 +102,8 @@ class TestEndToEnd:
             self, secure: SecureBus, catalog: Catalog, policy: Policy, tmp_path: Path) -> None:
         """Collector (node), correlator, remediator (dry run) and an operator reading the result: the whole
         path works under TLS and JWT auth with nothing but each role's permissions."""
+        from breakfix.collectors.app import build_collector
         from breakfix.collectors.config import CollectorConfig
-        from breakfix.collectors.daemon import CollectorDaemon
         from breakfix.collectors.nvml_api import FakeNvml
 
         corr_bus = await secure.connect("correlator", "correlator")
@@ -119,9 +121,11 @@ class TestEndToEnd:
                                 policy.model_copy(update={"dry_run": True}), lambda: datetime.now(UTC),
                                 store=await KvStore.open(rem_bus))
         stop = asyncio.Event()
+        collector = build_collector(cfg, clock=SystemClock(), catalog=catalog, nvml=fake,
+                                    connect=lambda: JetStreamBus.connect(cfg.nats, name="gpu-node-7"))
         tasks = [asyncio.create_task(corr.run(stop), name="e2e-secure-correlator"),
                  asyncio.create_task(rem.run(stop), name="e2e-secure-remediator"),
-                 asyncio.create_task(CollectorDaemon(cfg, catalog, nvml=fake).run(stop), name="e2e-secure-collector")]
+                 asyncio.create_task(collector.run(stop), name="e2e-secure-collector")]
         try:
             fake.gpus[2].dbe_volatile = 1
 
