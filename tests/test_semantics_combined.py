@@ -170,7 +170,7 @@ CASES = [
                  lambda o: (o.categories() == ["application_fault", "gpu_suspect"] or pytest.fail(str(o.categories())),
                             next(p for i, p in o.plans.items() if i == next(x.id for x in o.incidents
                                                                              if x.category == "gpu_suspect"))
-                            == ["drain_gpu", "validate", "return_to_service", "cordon", "escalate"]
+                            == ["cordon", "drain_gpu", "validate", "return_to_service"]
                             or pytest.fail(str(o.plans))),
                  id=f"{NVSENTINEL} / {XID_CATALOG} WORKFLOW_XID_31: XID 31 from two workloads runs diagnostics, "
                     "fences on failure"),
