@@ -195,7 +195,8 @@ class IncidentBook:
                     inc.over("components", at, caps.components, limit)
             if s.gpu is not None:
                 g = s.gpu.key()
-                self.state.by_gpu[f"gpu|{s.cluster}|{s.node}|{g}"] = inc.id
+                if o.gpu_key is not None:
+                    self.state.by_gpu[o.gpu_key] = inc.id
                 if g not in inc.gpus:
                     if len(inc.gpus) < caps.components:
                         inc.gpus[g] = s.gpu

@@ -56,6 +56,7 @@ class CoreState:
         self.stats = {"signals": 0, "duplicates": 0, "suppressed": 0, "healthy": 0, "folded": 0,
                       "below_threshold": 0, "impact": 0, "expired": 0}
         self.symp = catalog.correlation.sympathetic_xids
+        self._message_xids = catalog.message_xids  # classes depend on the message: never cached
         self.dedupe_td = timedelta(seconds=self.rules.dedupe_s)
         self.symp_td = timedelta(seconds=self.rules.sympathetic_s)
         self.peer_td = timedelta(seconds=self.rules.peer.window_s if self.rules.peer else self.rules.sympathetic_s)
@@ -63,7 +64,8 @@ class CoreState:
 
     # -- helpers shared by the collaborators --------------------------------------------------------------
     def classify(self, s: Signal) -> FaultClass:
-        if self.catalog.message_dependent(s.check, s.code):  # XID 154 / 74 / NVLink5, SXid fatal word
+        check = s.check
+        if (check == "xid" and s.code in self._message_xids) or check == "sxid":  # 154/74/NVLink5, SXid's Fatal
             return self.catalog.classify(check=s.check, code=s.code, message=s.message, details=s.details)
         k = (s.check, s.code)
         cache = self._classes
