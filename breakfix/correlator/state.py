@@ -60,7 +60,9 @@ class CoreState:
         self.dedupe_td = timedelta(seconds=self.rules.dedupe_s)
         self.symp_td = timedelta(seconds=self.rules.sympathetic_s)
         self.peer_td = timedelta(seconds=self.rules.peer.window_s if self.rules.peer else self.rules.sympathetic_s)
-        self.companion_keys = frozenset(f"xid:{c}" for c in catalog.correlation.dbe_companions)
+        corr = catalog.correlation
+        self.dbe_facts = frozenset({"xid:48", *corr.dbe_equivalents})
+        self.remap_facts = frozenset({*(f"xid:{c}" for c in corr.dbe_companions), *corr.remap_equivalents})
 
     # -- helpers shared by the collaborators --------------------------------------------------------------
     def classify(self, s: Signal) -> FaultClass:
@@ -77,6 +79,11 @@ class CoreState:
         else:
             cache.move_to_end(k)
         return fc
+
+    def dbe_with_remap(self, counts: dict[str, int]) -> bool:
+        """A DBE and a row-remap event on one incident, from any source (a DCGM code counts by its name)."""
+        facts = {k if k in self.dbe_facts or k in self.remap_facts else k.rpartition(":")[2] for k in counts}
+        return not facts.isdisjoint(self.dbe_facts) and not facts.isdisjoint(self.remap_facts)
 
     def remember(self, signal_id: str, incident: str) -> None:
         seen = self.seen

@@ -56,6 +56,9 @@ class CorrelationFacts(BaseModel):
     application_xids: frozenset[str]
     sympathetic_xids: frozenset[str]
     dbe_companions: frozenset[str]
+    # the same facts from other sources: a DBE (XID 48) and a row-remap event/failure (XID 63/64)
+    dbe_equivalents: frozenset[str] = frozenset()
+    remap_equivalents: frozenset[str] = frozenset()
 
 
 class ClassesFile(BaseModel):
