@@ -102,6 +102,28 @@ class TestDcgmEdges:
         assert bad == {("ecc.dbe", "mig2", "GPU-0f6a1c2d-3e4f-5a6b-7c8d-9e0f1a2b3c4d"),
                        ("ecc.dbe", None, "GPU-1a7b2d3e-4f50-6b7c-8d9e-0f1a2b3c4d5e")}, "N/A pci_bus_id costs nothing"
 
+    def test_skipped_samples_are_exported_by_the_daemon_metrics(self, catalog: Catalog, tmp_path: Path) -> None:
+        from prometheus_client import generate_latest
+
+        from breakfix.collectors.daemon import Metrics
+        from breakfix.collectors.fabric import read_ports
+
+        metrics = Metrics()
+        rules = DcgmRules(ctx(catalog))
+        fabric = FabricRules(ctx(catalog))
+        metrics.parse_skipped.watch("dcgm", lambda: rules.skipped)
+        metrics.parse_skipped.watch("fabric", lambda: fabric.skipped_files.n)
+        rules.apply(self.PAGE, T0, 0.0)
+        port = tmp_path / "mlx5_0" / "ports" / "1"
+        (port / "counters").mkdir(parents=True)
+        (port / "state").write_text("4: ACTIVE\n")
+        (port / "phys_state").write_text("5: LinkUp\n")
+        (port / "counters" / "symbol_error").write_bytes(b"\xff\xfe\n")
+        assert len(read_ports(tmp_path, fabric.skipped_files)) == 1
+        page = generate_latest(metrics.registry).decode()
+        assert 'breakfix_collector_parse_skipped_total{source="dcgm"} 2.0' in page
+        assert 'breakfix_collector_parse_skipped_total{source="fabric"} 1.0' in page
+
     def test_mig_labels_ride_on_signals(self, catalog: Catalog) -> None:
         cycle = DcgmRules(ctx(catalog)).apply(self.PAGE, T0, 0.0, baseline_xids=False)
         dbe = next(s for s in cycle.states if s.component == "mig2")
@@ -190,6 +212,21 @@ class TestNvsmi:
         dbe = next(r for r in got if r["check"] == "ecc.dbe")
         assert dbe["details"]["ecc_volatile_sram_unc"] == "1" and dbe["details"]["ecc_aggregate_sram_unc"] == "3"
         assert dbe["details"]["mig_mode"] == "Enabled" and dbe["details"]["mig_devices"] == "2"
+
+    def test_mig_text_dump_reads_instances_and_thermal_slowdown(self) -> None:
+        got = rows(["nvsmi", str(DATA / "nvsmi_1gpu_mig_a100.txt"), "--all"])
+        assert [r["check"] for r in got if not r["healthy"]] == ["clock.hw_thermal"]
+        dbe = next(r for r in got if r["check"] == "ecc.dbe")
+        assert (dbe["details"]["mig_mode"], dbe["details"]["mig_devices"]) == ("Enabled", "2")
+
+    def test_xml_names_the_mig_instance_with_sram_errors(self) -> None:
+        dbe = next(r for r in rows(["nvsmi", str(DATA / "nvsmi_1gpu_mig.xml")]) if r["check"] == "ecc.dbe")
+        assert dbe["details"]["GPU_I_ID"] == "1"
+
+    def test_pre_r535_layout_double_bit_totals_and_retired_pages(self) -> None:
+        got = rows(["nvsmi", str(DATA / "nvsmi_1gpu_v100_r470.txt")])
+        assert sorted((r["check"], r["value"]) for r in got) == [
+            ("ecc.dbe", 2.0), ("retired_pages.limit", 62.0), ("retired_pages.pending", None)]
 
     def test_dump_and_live_nvml_give_the_same_signal(self, catalog: Catalog) -> None:
         from breakfix.collectors.nvml import Thresholds, evaluate

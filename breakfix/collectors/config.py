@@ -74,7 +74,9 @@ class FabricConfig(BaseModel):
     errors_per_min: float = 10.0
     flap_count: int = Field(2, ge=1)
     flap_window_s: float = Field(600.0, gt=0)
-    expected_rate_gbps: float | None = None
+    expected_rate_gbps: float | None = Field(None, gt=0, allow_inf_nan=False)
+    expected_ethernet_rate_gbps: float | None = Field(None, gt=0, allow_inf_nan=False)  # RoCE ports; None: own best
+    skip_ethernet: bool = False
 
 
 class SloConfig(BaseModel):

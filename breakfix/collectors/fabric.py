@@ -74,6 +74,16 @@ class PortSample:
     counters: dict[str, int] = field(default_factory=dict)
 
 
+class SkipCount:
+    """A ``skipped`` sink for ``read_ports`` that only counts (the daemon's: nothing grows with input)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def append(self, _what: str) -> None:
+        self.n += 1
+
+
 def port_sample(port: str, state: Reading, phys: Reading, rate: str, link_layer: str,
                 counters: dict[str, int]) -> PortSample:
     """One port's reading, however it was read (sysfs here, ``ibstat`` text in ``collectors.ibstat``)."""
@@ -82,7 +92,10 @@ def port_sample(port: str, state: Reading, phys: Reading, rate: str, link_layer:
                       rate.strip(), link_layer.strip(), counters)
 
 
-def _read(path: Path, skipped: list[str] | None = None) -> str | None:
+Skipped = list[str] | SkipCount
+
+
+def _read(path: Path, skipped: Skipped | None = None) -> str | None:
     try:
         with path.open("rb") as fh:
             return fh.read(4096).decode("utf-8")
@@ -94,7 +107,7 @@ def _read(path: Path, skipped: list[str] | None = None) -> str | None:
         return None
 
 
-def _dirs(path: Path, skipped: list[str] | None) -> list[Path]:
+def _dirs(path: Path, skipped: Skipped | None) -> list[Path]:
     try:
         return sorted((p for p in path.iterdir() if p.is_dir()), key=lambda p: p.name)[:4096]
     except OSError as exc:
@@ -103,7 +116,7 @@ def _dirs(path: Path, skipped: list[str] | None) -> list[Path]:
         return []
 
 
-def read_ports(root: Path = SYSFS, skipped: list[str] | None = None) -> list[PortSample]:
+def read_ports(root: Path = SYSFS, skipped: Skipped | None = None) -> list[PortSample]:
     """Every port under ``root``; a port whose files vanish mid-read is skipped this cycle, and a file that
     cannot be read or parsed (a counter that is no number, ``N/A (no PMA)`` aside) is added to ``skipped``."""
     out: list[PortSample] = []
@@ -139,6 +152,7 @@ class FabricRules:
         self.prev: dict[str, tuple[PortSample, float]] = {}
         self.flaps: dict[str, list[float]] = {}
         self.best_rate: dict[str, float] = {}
+        self.skipped_files = SkipCount()  # pass to read_ports: breakfix_collector_parse_skipped_total{source="fabric"}
 
     def apply(self, ports: list[PortSample], at: datetime, mono: float) -> Cycle:
         states: list[Signal] = []

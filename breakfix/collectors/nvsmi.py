@@ -218,8 +218,14 @@ def gpu_sample(gpu: Node, index: int) -> NvsmiGpu:
     mig = _value(first(gpu, "mig_mode/current", "mig_mode/current_mig"))
     if mig:
         details["mig_mode"] = mig
-        migs = first(gpu, "mig_devices")
-        details["mig_devices"] = str(len(migs.all("mig_device")) if migs is not None else 0)
+        holder = first(gpu, "mig_devices")
+        devices = gpu.all("mig_device") + (holder.all("mig_device") if holder is not None else [])
+        details["mig_devices"] = str(len(devices))
+        bad = [gi for d in devices if (gi := _value(first(d, "gpu_instance_id"))) and
+               (_int(first(d, "ecc_errors/volatile/sram_uncorrectable",
+                           "ecc_error_count/volatile_count/sram_uncorrectable")) or 0) > 0]
+        if bad:  # the instances that saw the uncorrectable SRAM errors, named as dcgm-exporter names them
+            details["GPU_I_ID"] = ",".join(bad[:16])
     replays = _int(first(gpu, "pci/replays_since_reset", "pci/replay_counter"))
     return NvsmiGpu(s, details, replays)
 
