@@ -32,6 +32,7 @@ from breakfix.bus.consumer import ConsumerStats, DecodeError
 from breakfix.bus.protocol import BlobStore, Bus, Delivery, PublishAck
 from breakfix.correlator.checkpoint import Checkpoint, CheckpointStore
 from breakfix.correlator.grouping import Correlator
+from breakfix.correlator.index import index_for
 from breakfix.correlator.model import Change, change_json, coalesce
 from breakfix.schemas import subjects
 from breakfix.schemas.incident import ActionRecord, ChangeKind, IncidentChange
@@ -77,6 +78,7 @@ async def publish_changes(bus: Bus, wire: list[IncidentChange]) -> None:
     """Publish and wait for the acks (the fleet stage; the correlator pipelines instead)."""
     if wire:
         items = _items(wire)
+        await index_for(bus).write_items(items)  # the incident index (KV bucket): latest versions
         await settle_publishes(bus, items, await bus.publish_many(items))
 
 
@@ -131,6 +133,7 @@ class CorrelatorService:
                      status=inc.status.value, signals=inc.signal_count, parent=inc.parent)
         if not items:
             return
+        await index_for(self.bus).write_items(items)  # the incident index (KV bucket): latest versions
         self._inflight.append((items, await self.bus.publish_start(items)))
         self.published += len(items)
         if len(self._inflight) >= 256:
