@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import nats
 import nats.errors
@@ -21,8 +21,9 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.object_store import ObjectStore
 
+from breakfix.bus.jskv import JetStreamKv
 from breakfix.bus.pipeline import PipelinedPublisher, PublishError
-from breakfix.bus.protocol import Delivery, PublishAck
+from breakfix.bus.protocol import Delivery, KvEntry, PublishAck
 from breakfix.bus.puller import BatchPuller
 from breakfix.bus.retry import transient_retry
 from breakfix.schemas.subjects import HDR_MSG_ID, StreamSpec
@@ -82,6 +83,7 @@ class JetStreamBus:
         self._pullers: dict[tuple[str, str], BatchPuller] = {}
         self._pipeline: PipelinedPublisher | None = None
         self._stores: dict[str, ObjectStore] = {}
+        self._kv = JetStreamKv(js)
 
     @classmethod
     async def connect(cls, url: str, *, name: str = "breakfix") -> JetStreamBus:
@@ -157,6 +159,30 @@ class JetStreamBus:
             max_ack_pending=max_ack_pending,
         )
         await transient_retry(lambda: self._js.add_consumer(stream, config=config))
+
+    async def ensure_kv(self, bucket: str, *, history: int = 1, max_age_s: float | None = None) -> None:
+        await self._kv.ensure_kv(bucket, history=history, max_age_s=max_age_s)
+
+    async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
+        return await self._kv.kv_get(bucket, key)
+
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
+        return await self._kv.kv_put(bucket, key, value)
+
+    async def kv_create(self, bucket: str, key: str, value: bytes) -> int:
+        return await self._kv.kv_create(bucket, key, value)
+
+    async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int:
+        return await self._kv.kv_update(bucket, key, value, revision)
+
+    async def kv_delete(self, bucket: str, key: str) -> None:
+        await self._kv.kv_delete(bucket, key)
+
+    async def kv_keys(self, bucket: str, prefix: str = "") -> list[str]:
+        return await self._kv.kv_keys(bucket, prefix)
+
+    def kv_watch(self, bucket: str, prefix: str = "") -> AsyncIterator[KvEntry]:
+        return self._kv.kv_watch(bucket, prefix)
 
     async def put_blob(self, bucket: str, name: str, data: bytes) -> None:
         store = await self._object_store(bucket)

@@ -8,10 +8,11 @@ ack, and redelivery of nak'ed or un-acked messages (on ``redeliver_unacked``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from breakfix.bus.protocol import Delivery, PublishAck, subject_matches
+from breakfix.bus.memkv import MemoryKv
+from breakfix.bus.protocol import Delivery, KvEntry, PublishAck, subject_matches
 from breakfix.schemas.subjects import StreamSpec
 
 
@@ -86,6 +87,7 @@ class MemoryBus:
         self.responders: dict[str, Callable[[bytes], Awaitable[bytes]]] = {}
         self._cond = asyncio.Condition()
         self.closed = False
+        self.kv = MemoryKv()
 
     def _wake(self) -> None:
         async def _notify() -> None:
@@ -123,6 +125,30 @@ class MemoryBus:
 
     async def serve(self, subject: str, handler: Callable[[bytes], Awaitable[bytes]]) -> None:
         self.responders[subject] = handler
+
+    async def ensure_kv(self, bucket: str, *, history: int = 1, max_age_s: float | None = None) -> None:
+        await self.kv.ensure_kv(bucket, history=history, max_age_s=max_age_s)
+
+    async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
+        return await self.kv.kv_get(bucket, key)
+
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
+        return await self.kv.kv_put(bucket, key, value)
+
+    async def kv_create(self, bucket: str, key: str, value: bytes) -> int:
+        return await self.kv.kv_create(bucket, key, value)
+
+    async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int:
+        return await self.kv.kv_update(bucket, key, value, revision)
+
+    async def kv_delete(self, bucket: str, key: str) -> None:
+        await self.kv.kv_delete(bucket, key)
+
+    async def kv_keys(self, bucket: str, prefix: str = "") -> list[str]:
+        return await self.kv.kv_keys(bucket, prefix)
+
+    def kv_watch(self, bucket: str, prefix: str = "") -> AsyncIterator[KvEntry]:
+        return self.kv.kv_watch(bucket, prefix)
 
     async def put_blob(self, bucket: str, name: str, data: bytes) -> None:
         self.blobs[(bucket, name)] = bytes(data)
