@@ -1,0 +1,64 @@
+"""``breakfix console``: the SRE web console over NATS; ``breakfix console-token``: a built-in user's token.
+
+The console itself lives in ``breakfix.console``; this module parses options and runs it until
+Ctrl-C. Without ``--auth`` it runs in lab mode (local user as admin), on loopback only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from breakfix.cli.cli_oncall import DEFAULT_NATS, CredsOpt, NatsOpt
+from breakfix.cli.cliutil import app, daemon, fail, load, out
+
+
+@app.command()
+def console(
+    nats: NatsOpt = DEFAULT_NATS,
+    creds: CredsOpt = None,
+    listen: Annotated[str, typer.Option(help="HOST:PORT to serve on.")] = "127.0.0.1:8080",
+    auth: Annotated[Path | None, typer.Option(envvar="BREAKFIX_CONSOLE_AUTH",
+                                              help="Auth config YAML (users or proxy mode).")] = None,
+) -> None:
+    """Serve the SRE console (incidents, fleet, history, on-call actions) until Ctrl-C."""
+    import getpass
+
+    from nats.errors import Error as NatsError
+
+    from breakfix.cli import logs
+    from breakfix.console.auth import AuthConfig, load_auth
+    from breakfix.console.server import serve
+
+    logs.configure(json=True, level="INFO")
+    cfg = load(lambda: load_auth(auth)) if auth else AuthConfig(mode="lab", lab_user=getpass.getuser())
+
+    async def main(stop: asyncio.Event) -> None:
+        await serve(nats, listen=listen, auth=cfg, creds=creds, stop=stop,
+                    announce=lambda u: out.print(f"breakfix console on {u} ({cfg.mode} mode); Ctrl-C stops it"))
+
+    try:
+        daemon(main)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    except (OSError, TimeoutError, NatsError) as exc:
+        raise fail(f"cannot reach NATS at {nats}: {exc or type(exc).__name__}") from None
+
+
+@app.command("console-token")
+def console_token(
+    name: Annotated[str, typer.Argument(help="User name.")],
+    role: Annotated[str, typer.Option(help="viewer, operator or admin.")] = "viewer",
+) -> None:
+    """Make a random token for a built-in console user; prints the token and the users: entry (argon2 hash)."""
+    from breakfix.console.auth import hash_token, new_token
+    from breakfix.console.verbs import Role
+
+    if role not in {r.value for r in Role}:
+        raise fail(f"--role must be viewer, operator or admin, not {role!r}")
+    token = new_token()
+    out.print(f"token (give it to {name}, it is not stored): {token}", highlight=False)
+    out.print(f"  - {{name: {name}, role: {role}, token_hash: '{hash_token(token)}'}}", highlight=False)
