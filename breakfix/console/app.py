@@ -41,6 +41,7 @@ class Console:
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(),
                                trim_blocks=True, lstrip_blocks=True)
         self.env.globals.update(age=views.age, iso=lambda d: d.isoformat() if d else "")
+        self.env.filters["links"] = views.link_urls
 
     # -- plumbing ----------------------------------------------------------------------------------
     def _remote(self, request: Request) -> str:
@@ -82,7 +83,7 @@ class Console:
                 pg = max(0, int(request.query_params.get("page", "0")))
             except ValueError:
                 pg = 0
-            rows, total = views.rows(self.state.incidents.values(), self.state.progress, f, pg)
+            rows, total = views.rows(self.state.incidents.values(), self.state.progress, f, pg, self.state.waiting)
             template = "_rows.html" if request.headers.get("hx-request") else "incidents.html"
             return self._page(request, template, s, new, rows=rows, total=total, filters=f, page=pg,
                               page_size=views.PAGE, choices=views.choices(self.state.incidents.values()))
@@ -105,6 +106,7 @@ class Console:
             now = self.clock()
             return self._page(request, "incident.html", s, new, inc=inc, records=records,
                               ladder=views.ladder(inc, records), waiting=verbs.waiting_step(inc, records),
+                              waiting_hint=self.state.waiting.get(iid, ""),
                               runbook=runbook_html(inc.category), entry=entry,
                               notifications=views.notifications(records),
                               members=views.members(inc, self.state.incidents),

@@ -15,10 +15,11 @@ from datetime import datetime
 
 from breakfix.schemas.incident import ActionKind, ActionRecord, Domain, Incident, IncidentStatus
 
-STATES = ("healthy", "held", "cordoned", "remediating", "lemon")
+STATES = ("healthy", "cordoned", "remediating", "held", "lemon")  # least to most urgent
 _RANK = {s: i for i, s in enumerate(STATES)}
 TOPOLOGY_KEYS = ("nvlink_domain", "switch", "rack")
 MAX_NODES = 5000
+_NODE_ACTIONS = frozenset({"cordon", "drain", "reboot", "reprovision"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,8 @@ def fleet_grid(incidents: Iterable[Incident], group_by: str = "rack") -> dict[st
             if inc.gpus and inc.scope.value == "gpu":
                 for g in inc.gpus:
                     row.gpus[g.index or 0] = _worse(row.gpus[g.index or 0], state)
+                if inc.plan is not None and any(a in _NODE_ACTIONS for a in inc.plan.actions()):
+                    row.gpus = [_worse(s, "cordoned") for s in row.gpus]  # the whole node is fenced
             else:
                 row.node_state = _worse(row.node_state, state)
                 row.gpus = [_worse(s, state) for s in row.gpus]

@@ -35,4 +35,13 @@ def runbook_html(category: str) -> str | None:
         path = runbook_dir() / "unknown_fault.md"
         if not path.is_file():
             return None
-    return str(_md.render(path.read_text()))
+    return str(_md.render(strip_front_matter(path.read_text())))
+
+
+def strip_front_matter(text: str) -> str:
+    """Drop the YAML front matter (``---`` ... ``---``) the runbook tests read; the page shows the prose."""
+    if text.startswith("---\n"):
+        end = text.find("\n---\n", 4)
+        if end != -1:
+            return text[end + 5:]
+    return text

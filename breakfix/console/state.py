@@ -48,6 +48,7 @@ class ConsoleState:
     records: deque[ActionRecord] = field(default_factory=lambda: deque(maxlen=MAX_RECORDS))
     by_incident: OrderedDict[str, deque[ActionRecord]] = field(default_factory=OrderedDict)
     progress: dict[str, Progress] = field(default_factory=dict)
+    waiting: dict[str, str] = field(default_factory=dict)  # from records, until the incident carries it
     listeners: set[asyncio.Queue[str]] = field(default_factory=set)
     seen: set[str] = field(default_factory=set)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -72,6 +73,11 @@ class ConsoleState:
             if len(self.by_incident) > MAX_TRACKED:
                 self.by_incident.popitem(last=False)
         q.append(rec)
+        hint = waiting_hint(rec)
+        if hint:
+            self.waiting[rec.incident_id] = hint
+        elif rec.kind in (ActionKind.STEP, ActionKind.PLAN, ActionKind.APPROVAL):
+            self.waiting.pop(rec.incident_id, None)
         if rec.kind is ActionKind.STEP and rec.step_index is not None and rec.step_index < 99:
             self.progress[rec.incident_id] = Progress(rec.details.get("rung", ""), rec.step_index,
                                                       rec.action.value if rec.action else "", rec.outcome.value)
@@ -98,6 +104,20 @@ class ConsoleState:
         for q in list(self.listeners):
             with contextlib.suppress(asyncio.QueueFull):
                 q.put_nowait(event)
+
+
+_GUARD_WAITS = {"budget": "budget", "topology_budget": "budget", "breaker": "breaker", "cooldown": "cooldown"}
+
+
+def waiting_hint(rec: ActionRecord) -> str:
+    """What a record says the plan now waits on (``ActionRecord.waiting``, or a guard's refusal)."""
+    if rec.waiting is not None:
+        return rec.waiting.value
+    if rec.kind is ActionKind.REFUSAL:
+        if rec.reason.startswith("awaiting approval"):
+            return "approval"
+        return _GUARD_WAITS.get(rec.details.get("guard", ""), "")
+    return ""
 
 
 async def follow(state: ConsoleState, bus: JetStreamBus, clock: Callable[[], datetime], *, records_days: float,

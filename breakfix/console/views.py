@@ -6,9 +6,13 @@ dicts and lists the Jinja2 templates render. No I/O.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from html import escape
+
+from markupsafe import Markup
 
 from breakfix.console.state import Progress
 from breakfix.schemas.incident import ActionKind, ActionRecord, Incident, IncidentStatus
@@ -59,7 +63,7 @@ def progress_text(inc: Incident, p: Progress | None) -> str:
 
 
 def rows(incidents: Iterable[Incident], progress: Mapping[str, Progress], f: Mapping[str, str],
-         page: int = 0) -> tuple[list[Row], int]:
+         page: int = 0, waiting: Mapping[str, str] | None = None) -> tuple[list[Row], int]:
     """Matching incidents, open first then most severe then oldest, one page; and the total."""
     chosen = [i for i in incidents if matches(i, f)]
     chosen.sort(key=lambda i: (not is_open(i), i.status is IncidentStatus.ESCALATED, -i.severity.rank,
@@ -70,7 +74,7 @@ def rows(incidents: Iterable[Incident], progress: Mapping[str, Progress], f: Map
                        ", ".join(g.label() for g in inc.gpus) or "-",
                        ", ".join(t.key() for t in (*inc.tenants, *inc.impact)[:6]) or "-",
                        progress_text(inc, progress.get(inc.id)),
-                       inc.waiting.value if inc.waiting else "-"))
+                       inc.waiting.value if inc.waiting else (waiting or {}).get(inc.id, "-")))
     return out, len(chosen)
 
 
@@ -122,6 +126,21 @@ def notifications(records: Iterable[ActionRecord]) -> list[ActionRecord]:
 def members(inc: Incident, incidents: Mapping[str, Incident]) -> list[Incident]:
     found = [incidents[m] for m in inc.members if m in incidents]
     return found + [i for i in incidents.values() if i.parent == inc.id and i.id not in inc.members][:100]
+
+
+_URL = re.compile(r"https://[^\s<>\"')]+")
+
+
+def link_urls(text: str) -> Markup:
+    """Escape ``text`` and turn each https URL in it into a link (catalog sources)."""
+    out, last = [], 0
+    for m in _URL.finditer(text):
+        out.append(escape(text[last:m.start()]))
+        url = escape(m.group(0))
+        out.append(f'<a href="{url}" rel="noreferrer">{url}</a>')
+        last = m.end()
+    out.append(escape(text[last:]))
+    return Markup("".join(out))
 
 
 def age(inc: Incident, now: datetime) -> str:
