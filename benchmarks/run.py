@@ -30,6 +30,7 @@ from benchmarks.collector import bench_collector
 from benchmarks.measure import pct_ms, peak_rss_mb, spawn_breakfix
 from benchmarks.mixes import fleet_hour, stress_mix
 from benchmarks.remediator import bench_drains, bench_first_action
+from benchmarks.simulate import bench_simulate
 from breakfix.bus.codec import encode
 from breakfix.bus.jetstream import JetStreamBus
 from breakfix.bus.server import EmbeddedNats
@@ -230,6 +231,7 @@ def main() -> None:
     result["collector"] = asyncio.run(bench_collector())
     result["remediator_first_action"] = asyncio.run(bench_first_action())
     result["remediator_drains_kmock"] = asyncio.run(bench_drains())
+    result["simulate"] = bench_simulate()
     print(json.dumps(result, indent=2))
 
 

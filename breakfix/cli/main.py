@@ -20,7 +20,7 @@ import typer
 from breakfix.cli import logs
 from breakfix.cli.cliutil import app, err, fail, load, out, schema_app
 
-__all__ = ["app", "cli_console", "cli_daemons", "cli_oncall", "cli_ops", "cli_signals", "main"]
+__all__ = ["app", "cli_console", "cli_daemons", "cli_oncall", "cli_ops", "cli_signals", "cli_simulate", "main"]
 
 
 @app.command()
@@ -128,7 +128,7 @@ def catalog(code: Annotated[str, typer.Argument(help="XID number or DCGM_FR_* co
 
 # The other command groups register on the same app, after these (so `breakfix --help` lists
 # the demo first).
-from breakfix.cli import cli_console, cli_daemons, cli_oncall, cli_ops, cli_signals  # noqa: E402
+from breakfix.cli import cli_console, cli_daemons, cli_oncall, cli_ops, cli_signals, cli_simulate  # noqa: E402
 
 
 def main() -> None:  # pragma: no cover
