@@ -62,3 +62,34 @@ def console_token(
     token = new_token()
     out.print(f"token (give it to {name}, it is not stored): {token}", highlight=False)
     out.print(f"  - {{name: {name}, role: {role}, token_hash: '{hash_token(token)}'}}", highlight=False)
+
+
+DEMO_LISTEN = "127.0.0.1:8080"
+
+
+def demo_console(data_dir: Path, *, serve: bool, listen: str = DEMO_LISTEN) -> None:
+    """The demo's closing lines: where the console is; with ``serve``, serve it over the demo's data
+    (nats-server restarted on the demo's JetStream store) until Ctrl-C."""
+    import getpass
+
+    from breakfix.bus.server import EmbeddedNats
+    from breakfix.console.auth import AuthConfig
+    from breakfix.console.server import serve as serve_console
+
+    if not serve:
+        out.print(f"\nconsole: [bold]breakfix demo --console[/bold] serves these incidents at http://{listen} "
+                  "until Ctrl-C (or [bold]breakfix console --nats URL[/bold] on a running pipeline)")
+        return
+    server = EmbeddedNats(data_dir / "nats").start()
+    try:
+        async def main(stop: asyncio.Event) -> None:
+            await serve_console(server.url, listen=listen, auth=AuthConfig(mode="lab", lab_user=getpass.getuser()),
+                                creds=None, stop=stop,
+                                announce=lambda u: out.print(f"\nconsole: [bold]{u}[/bold] (the demo's incidents, "
+                                                             "lab mode); Ctrl-C stops it"))
+
+        daemon(main)
+    except OSError as exc:
+        raise fail(f"cannot serve the console on {listen}: {exc.strerror or exc}") from None
+    finally:
+        server.stop()

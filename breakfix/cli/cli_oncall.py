@@ -17,10 +17,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
+import orjson
 import typer
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from breakfix.cli.cliutil import app, fail, out
-from breakfix.schemas.incident import ActionRecord, Incident
+from breakfix.cli.cliutil import app, err, fail, out
+from breakfix.schemas.common import Severity, UtcDatetime
+from breakfix.schemas.incident import ActionRecord, Domain, Incident, IncidentStatus, WaitingOn
 
 NatsOpt = Annotated[str, typer.Option(envvar=["BREAKFIX_NATS", "BREAKFIX_NATS_URL"], help="NATS URL.")]
 CredsOpt = Annotated[Path | None, typer.Option(envvar="BREAKFIX_NATS_CREDS", help="NATS user creds file.")]
@@ -28,20 +31,89 @@ FormatOpt = Annotated[str, typer.Option("--format", help="table or json")]
 DEFAULT_NATS = "nats://127.0.0.1:4222"
 
 
-def shown(inc: Incident, show_all: bool) -> bool:
+_LEAN = ConfigDict(extra="ignore", frozen=True)
+
+
+class _Gpu(BaseModel):
+    model_config = _LEAN
+    index: int | None = None
+    uuid: str | None = None
+    pci_bus_id: str | None = None
+
+    def label(self) -> str:
+        return f"gpu{self.index}" if self.index is not None else (self.pci_bus_id or self.uuid or "gpu?")
+
+
+class _Tenant(BaseModel):
+    model_config = _LEAN
+    namespace: str
+    pod: str | None = None
+    endpoint: str | None = None
+
+    def key(self) -> str:
+        return f"{self.namespace}/{self.endpoint or self.pod or '*'}"
+
+
+class _Step(BaseModel):
+    model_config = _LEAN
+    action: str
+
+
+class _Plan(BaseModel):
+    model_config = _LEAN
+    rule: str
+    steps: tuple[_Step, ...] = ()
+
+    def actions(self) -> list[str]:
+        return [s.action for s in self.steps]
+
+
+class Row(BaseModel):
+    """The fields the listing shows, validated; the rest of the incident is not decoded (10,000
+    incidents list in a fraction of the full decode)."""
+
+    model_config = _LEAN
+    id: str
+    cluster: str
+    node: str | None = None
+    nodes: tuple[str, ...] = ()
+    gpus: tuple[_Gpu, ...] = ()
+    tenants: tuple[_Tenant, ...] = ()
+    impact: tuple[_Tenant, ...] = ()
+    category: str
+    severity: Severity
+    domain: Domain
+    status: IncidentStatus
+    waiting: WaitingOn | None = None
+    parent: str | None = None
+    first_seen: UtcDatetime
+    version: int = 1
+    plan: _Plan | None = None
+
+
+def lean(value: bytes) -> tuple[Row, dict[str, object]] | None:
+    """One index value (an ``IncidentChange``) as a row and the incident's JSON document; None if broken."""
+    try:
+        doc = orjson.loads(value)["incident"]
+        return Row.model_validate(doc), doc
+    except (orjson.JSONDecodeError, ValidationError, KeyError, TypeError):
+        return None
+
+
+def shown(inc: Incident | Row, show_all: bool) -> bool:
     return show_all or ((not inc.status.terminal or inc.status.value == "escalated") and inc.parent is None)
 
 
-def order(rows: list[Incident]) -> list[Incident]:
+def order(rows: list[Row]) -> list[Row]:
     return sorted(rows, key=lambda i: (i.status.terminal, -i.severity.rank, i.first_seen, i.id))
 
 
-def since(inc: Incident, now: datetime) -> str:
+def since(inc: Incident | Row, now: datetime) -> str:
     s = int((now - inc.first_seen).total_seconds())
     return f"{s // 86400}d{s % 86400 // 3600}h" if s >= 86400 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def line(inc: Incident, now: datetime) -> list[str]:
+def line(inc: Incident | Row, now: datetime) -> list[str]:
     where = f"{inc.cluster}/{inc.node or ','.join(inc.nodes) or '-'}"
     if inc.gpus:
         where += " gpu " + ",".join(g.label() for g in inc.gpus)
@@ -78,8 +150,6 @@ def incidents(
     watch: Annotated[bool, typer.Option("--watch", help="Keep printing changes until Ctrl-C.")] = False,
 ) -> None:
     """Every incident as it is now (open and escalated first), from the incident index."""
-    from rich.table import Table
-
     from breakfix.console.oncall import connect
     from breakfix.correlator.index import IncidentIndex
 
@@ -90,20 +160,20 @@ def incidents(
         try:
             idx = IncidentIndex(bus)
             now = datetime.now(UTC)
-            rows = order([i for i in (await idx.snapshot(cluster)).values() if shown(i, show_all)])
+            decoded = [lean(e.value) for e in await idx.entries(cluster) if e.value is not None]
+            broken = sum(1 for d in decoded if d is None)
+            rows = [d for d in decoded if d is not None and shown(d[0], show_all)]
+            rows.sort(key=lambda d: (d[0].status.terminal, -d[0].severity.rank, d[0].first_seen, d[0].id))
             if fmt == "json":
-                for inc in rows:
-                    sys.stdout.write(inc.model_dump_json(by_alias=True) + "\n")
+                sys.stdout.buffer.write(b"".join(orjson.dumps(doc) + b"\n" for _row, doc in rows))
+                sys.stdout.flush()
             else:
-                t = Table(title=f"{len(rows)} incidents" + (f" in {cluster}" if cluster else ""))
-                for col in ("incident", "since", "where", "category", "severity", "domain", "status", "waiting on",
-                            "blast radius", "plan"):
-                    t.add_column(col, overflow="fold")
-                for inc in rows:
-                    t.add_row(*line(inc, now))
-                out.print(t)
+                title = f"{len(rows)} incidents" + (f" in {cluster}" if cluster else "")
+                print_rows([r for r, _doc in rows], now, title)
+            if broken:
+                err.print(f"[yellow]skipped {broken} undecodable index entries[/yellow]")
             if watch:
-                await _watch(idx, cluster, fmt, {i.id: i.version for i in rows})
+                await _watch(idx, cluster, fmt, {r.id: r.version for r, _doc in rows})
         finally:
             await bus.close()
 
@@ -113,6 +183,21 @@ def incidents(
         pass
     except _errors() as exc:
         raise _bus_error(nats, exc) from None
+
+
+HEADER = ["incident", "since", "where", "category", "severity", "domain", "status", "waiting on", "blast radius",
+          "plan"]
+MAX_COL = 48
+
+
+def print_rows(rows: list[Row], now: datetime, title: str) -> None:
+    """A plain aligned table: fast for 10,000 rows, and easy to grep."""
+    cells = [[c if len(c) <= MAX_COL else c[:MAX_COL - 1] + "~" for c in line(r, now)] for r in rows]
+    widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(HEADER)]
+    out_lines = [title, "  ".join(h.ljust(w) for h, w in zip(HEADER, widths, strict=True)).rstrip()]
+    out_lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    sys.stdout.write("\n".join(out_lines) + "\n")
+    sys.stdout.flush()
 
 
 async def _watch(idx: object, cluster: str | None, fmt: str, seen: dict[str, int]) -> None:

@@ -33,6 +33,7 @@ def demo(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Record what would be done; touch nothing.")] = False,
     speed: Annotated[float, typer.Option(min=0.1, help="Replay speed factor.")] = 1.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show daemon logs.")] = False,
+    console: Annotated[bool, typer.Option("--console", help="Then serve the SRE console on it until Ctrl-C.")] = False,
 ) -> None:
     """Run collectors, correlator and remediator over a simulated fleet and print what happened."""
     from breakfix.cli.demo import run_demo
@@ -53,6 +54,7 @@ def demo(
         result = asyncio.run(run_demo(scenario=scen, nodes=nodes, data_dir=d, catalog=catalog, policy=pol,
                                       duration_s=duration, speed=speed, progress=lambda s: out.print(f"  {s}")))
         print_demo(result, out)
+        cli_console.demo_console(d, serve=console)  # the console over the demo's data (hook: breakfix.cli.cli_console)
 
     if data_dir is not None:
         run(data_dir)

@@ -16,11 +16,12 @@ import contextlib
 import weakref
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 import structlog
 from pydantic import ValidationError
 
-from breakfix.bus.protocol import KeyValue, KvEntry
+from breakfix.bus.protocol import Bus, KeyValue, KvEntry
 from breakfix.schemas.incident import ChangeKind, Incident, IncidentChange
 from breakfix.schemas.subjects import token
 
@@ -94,6 +95,14 @@ class IncidentIndex:
         if not values:
             return
         await self.ensure()
+        if _jetstream(self.kv):
+            # On JetStream a KV put is a publish to ``$KV.<bucket>.<key>`` (the KV wire contract):
+            # send them pipelined, one round trip per batch instead of one per incident.
+            bus = cast("Bus", self.kv)
+            ack = await bus.publish_start([(f"$KV.{self.bucket}.{k}", v, None) for k, v in values.items()])
+            await ack
+            self.written += len(values)
+            return
         items = list(values.items())
         for start in range(0, len(items), WRITE_CONCURRENCY):
             chunk = items[start:start + WRITE_CONCURRENCY]
@@ -117,31 +126,57 @@ class IncidentIndex:
         return None
 
     async def snapshot(self, cluster: str | None = None, *, timeout_s: float = 10.0) -> dict[str, Incident]:
-        """Every incident now in the bucket (one cluster's with ``cluster``), by id.
+        """Every incident now in the bucket (one cluster's with ``cluster``), by id, decoded.
 
-        Reads the keys, then one watch until each key has been seen (a key deleted in between
-        arrives as a delete marker); each wait for the next entry times out after ``timeout_s``.
+        On JetStream: one watch of the bucket (server-side prefix filter) up to the end-of-values
+        marker. Elsewhere: the keys, then one watch until each key has been seen (a key deleted in
+        between arrives as a delete marker). Waits time out after ``timeout_s`` without progress.
         """
+        out: dict[str, Incident] = {}
+        for entry in await self.entries(cluster, timeout_s=timeout_s):
+            inc = decode(entry)
+            if inc is not None:
+                out[inc.id] = inc
+        return out
+
+    async def _raw_js(self, prefix: str, timeout_s: float) -> list[KvEntry]:
+        kv = await self.kv.client.jetstream().key_value(self.bucket)  # type: ignore[attr-defined]
+        watcher = await kv.watch(f"{prefix}>", ignore_deletes=True)
+        out: list[KvEntry] = []
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout_s) as deadline:
+                async for e in watcher:
+                    if e is None:  # the end of the current values
+                        break
+                    out.append(KvEntry(e.key, e.value, int(e.revision or 0)))
+                    if len(out) % 1000 == 0:
+                        deadline.reschedule(loop.time() + timeout_s)
+                        if len(out) >= MAX_SNAPSHOT:
+                            break
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+        return out
+
+    async def entries(self, cluster: str | None = None, *, timeout_s: float = 10.0) -> list[KvEntry]:
+        """Every current entry, undecoded (for readers that decode only what they show)."""
         await self.ensure()
         prefix = cluster_prefix(cluster)
+        if _jetstream(self.kv):
+            return await self._raw_js(prefix, timeout_s)
         keys = set(await self.kv.kv_keys(self.bucket, prefix))
-        out: dict[str, Incident] = {}
+        latest: dict[str, KvEntry] = {}
         if not keys:
-            return out
+            return []
         it = self.kv.kv_watch(self.bucket, prefix)
-        seen: set[str] = set()
         try:
-            while not keys <= seen and len(seen) < MAX_SNAPSHOT:
+            while not keys <= latest.keys() and len(latest) < MAX_SNAPSHOT:
                 entry = await asyncio.wait_for(anext(it), timeout=timeout_s)
-                seen.add(entry.key)
-                inc = decode(entry)
-                if inc is not None:
-                    out[inc.id] = inc
-                else:
-                    out.pop(entry.key.rsplit(".", 1)[-1], None)
+                latest[entry.key] = entry
         finally:
             await _close(it)
-        return out
+        return [e for e in latest.values() if e.value is not None]
 
     async def watch(self, cluster: str | None = None) -> AsyncIterator[tuple[str, Incident | None]]:
         """``(key, incident)`` for every current entry, then for each change (None: deleted)."""
@@ -152,6 +187,11 @@ class IncidentIndex:
                 yield entry.key, decode(entry)
         finally:
             await _close(it)
+
+
+def _jetstream(kv: object) -> bool:
+    """A JetStream-backed bus (it exposes its NATS client and the pipelined publish)."""
+    return hasattr(kv, "client") and hasattr(kv, "publish_start")
 
 
 async def _close(it: AsyncIterator[KvEntry]) -> None:
