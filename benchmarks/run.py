@@ -11,6 +11,8 @@
 5. Collector overhead: one node daemon with every source on for 60 s (benchmarks/collector.py).
 6. Remediator: incident to first action for 1,000 incidents, and concurrent node drains against
    kmock (benchmarks/remediator.py).
+7. Console: 10,000 open incidents in the index beside a long incident history; the console's
+   list and ``breakfix incidents`` side by side with a raw KV read (benchmarks/console.py).
 Prints one JSON object; nothing here is a pass/fail test.
 """
 
@@ -27,6 +29,7 @@ from pathlib import Path
 from nats.aio.msg import Msg
 
 from benchmarks.collector import bench_collector
+from benchmarks.console import bench_console
 from benchmarks.measure import pct_ms, peak_rss_mb, spawn_breakfix
 from benchmarks.mixes import fleet_hour, stress_mix
 from benchmarks.remediator import bench_drains, bench_first_action
@@ -228,6 +231,7 @@ def main() -> None:
         result["nats_stress_mix"] = asyncio.run(bench_nats(stress[:60_000], Path(d) / "b"))
         result["latency"] = asyncio.run(bench_latency(Path(d)))
         result["storm"] = asyncio.run(bench_storm(Path(d)))
+        result["console"] = bench_console(Path(d))
     result["collector"] = asyncio.run(bench_collector())
     result["remediator_first_action"] = asyncio.run(bench_first_action())
     result["remediator_drains_kmock"] = asyncio.run(bench_drains())

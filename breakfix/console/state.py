@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -135,6 +136,7 @@ async def follow(state: ConsoleState, bus: JetStreamBus, clock: Callable[[], dat
         state.add_record(rec, notify=False)
     for inc in (await index.snapshot()).values():
         state.incidents[inc.id] = inc
+    gc.freeze()  # the loaded state is long-lived: keep the collector's passes off it
     state.ready.set()
     log.info("console_loaded", incidents=len(state.incidents), records=len(state.records))
 
