@@ -160,3 +160,28 @@ def test_subjects_carry_the_user(nats_server: EmbeddedNats, monkeypatch: pytest.
 
     assert runner.invoke(app, ["ack", "inc-open", "--nats", nats_server.url]).exit_code == 0
     assert "breakfix.actions.c1.oncall.olga.ack" in asyncio.run(subjects_seen())
+
+
+async def test_incidents_watch_prints_each_change_until_interrupted(nats_server: EmbeddedNats) -> None:
+    import signal
+    import sys
+
+    from breakfix.correlator.index import IncidentIndex
+
+    await _seed(nats_server.url)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from breakfix.cli.main import app; app()", "incidents", "--nats", nats_server.url,
+        "--format", "json", "--watch", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        first = {json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))["id"] for _ in range(2)}
+        assert first == {"inc-open", "inc-far"}
+        bus = await JetStreamBus.connect(nats_server.url)
+        await IncidentIndex(bus).write([incident("inc-open", status=IncidentStatus.RESOLVED, version=2)])
+        await bus.close()
+        change = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        assert (change["id"], change["status"], change["version"]) == ("inc-open", "resolved", 2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), 30)
+    assert proc.returncode == 0

@@ -101,12 +101,12 @@ def lean(value: bytes) -> tuple[Row, dict[str, object]] | None:
         return None
 
 
+_CLOSED = frozenset({IncidentStatus.RESOLVED})
+
+
 def shown(inc: Incident | Row, show_all: bool) -> bool:
-    return show_all or ((not inc.status.terminal or inc.status.value == "escalated") and inc.parent is None)
-
-
-def order(rows: list[Row]) -> list[Row]:
-    return sorted(rows, key=lambda i: (i.status.terminal, -i.severity.rank, i.first_seen, i.id))
+    """Open and escalated top-level incidents (everything with ``--all``)."""
+    return show_all or (inc.status not in _CLOSED and inc.parent is None)
 
 
 def since(inc: Incident | Row, now: datetime) -> str:
@@ -168,7 +168,8 @@ def incidents(
                 gc.enable()
             broken = sum(1 for d in decoded if d is None)
             rows = [d for d in decoded if d is not None and shown(d[0], show_all)]
-            rows.sort(key=lambda d: (d[0].status.terminal, -d[0].severity.rank, d[0].first_seen, d[0].id))
+            rows.sort(key=lambda d: (d[0].status in _CLOSED, d[0].status is IncidentStatus.ESCALATED,
+                                     -d[0].severity.rank, d[0].first_seen, d[0].id))
             if fmt == "json":
                 sys.stdout.buffer.write(b"".join(orjson.dumps(doc) + b"\n" for _row, doc in rows))
                 sys.stdout.flush()
@@ -178,7 +179,7 @@ def incidents(
             if broken:
                 err.print(f"[yellow]skipped {broken} undecodable index entries[/yellow]")
             if watch:
-                await _watch(idx, cluster, fmt, {r.id: r.version for r, _doc in rows})
+                await _watch(idx, cluster, fmt, {r.id: r.version for r, _doc in rows}, show_all)
         finally:
             await bus.close()
 
@@ -205,12 +206,13 @@ def print_rows(rows: list[Row], now: datetime, title: str) -> None:
     sys.stdout.flush()
 
 
-async def _watch(idx: object, cluster: str | None, fmt: str, seen: dict[str, int]) -> None:
+async def _watch(idx: object, cluster: str | None, fmt: str, seen: dict[str, int], show_all: bool) -> None:
+    """Print incidents whose version moved on: listed ones (also when they resolve), and new ones."""
     from breakfix.correlator.index import IncidentIndex
 
     assert isinstance(idx, IncidentIndex)
     async for _key, inc in idx.watch(cluster):
-        if inc is None or seen.get(inc.id) == inc.version:
+        if inc is None or seen.get(inc.id) == inc.version or (inc.id not in seen and not shown(inc, show_all)):
             continue
         seen[inc.id] = inc.version
         if fmt == "json":

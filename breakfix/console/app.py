@@ -24,7 +24,7 @@ from starlette.staticfiles import StaticFiles
 
 from breakfix.console import fleetview, history, verbs, views
 from breakfix.console.auth import COOKIE, Auth, Refusal, Session
-from breakfix.console.runbooks import runbook_html
+from breakfix.console.runbook import runbook_html
 from breakfix.console.state import ConsoleState
 from breakfix.schemas.catalog import Catalog
 
