@@ -25,6 +25,7 @@ from breakfix.bus.codec import encode
 from breakfix.bus.jetstream import JetStreamBus
 from breakfix.bus.server import EmbeddedNats
 from breakfix.console.auth import AuthConfig
+from breakfix.console.oncall import jetstream
 from breakfix.console.server import start
 from breakfix.correlator.index import BUCKET, IncidentIndex
 from breakfix.schemas import subjects
@@ -71,10 +72,10 @@ async def seed(url: str, history: int) -> dict[str, float]:
     template = encode(IncidentChange(kind=ChangeKind.UPDATED, at=NOW, incident=old))
     subject = subjects.incident_subject("c0")
     for k in range(history):  # five changes per old incident; the id is patched into the encoded bytes
-        await bus.client.publish(subject, template.replace(b"old-000000000000", f"old-{k // 5:012x}".encode()))
+        await bus.publish_core(subject, template.replace(b"old-000000000000", f"old-{k // 5:012x}".encode()))
         if k % 5000 == 4999:
-            await bus.client.flush()
-    await bus.client.flush()
+            await bus.flush()
+    await bus.flush()
     while await bus.stream_messages(subjects.INCIDENTS.name) < history:  # noqa: ASYNC110
         await asyncio.sleep(0.1)
     history_s = time.perf_counter() - t
@@ -91,7 +92,7 @@ async def raw_kv_read(url: str) -> tuple[float, int]:
     """The baseline: nats-py's own KV watcher delivering every current value, nothing decoded."""
     bus = await JetStreamBus.connect(url, name="bench-raw")
     t = time.perf_counter()
-    kv = await bus.client.jetstream().key_value(BUCKET)
+    kv = await jetstream(bus).key_value(BUCKET)
     watcher = await kv.watchall()
     n = 0
     async for e in watcher:

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from breakfix.bus.jetstream import JetStreamBus
 from breakfix.bus.server import EmbeddedNats
 from breakfix.cli.main import app
-from breakfix.console.oncall import OncallError, read_records, user_from_creds
+from breakfix.console.oncall import OncallError, jetstream, read_records, user_from_creds
 from breakfix.schemas import subjects
 from breakfix.schemas.incident import (
     ActionKind,
@@ -60,12 +60,12 @@ def test_incidents_lists_open_ones_and_audit_tells_the_story(nats_server: Embedd
     everything = runner.invoke(app, ["incidents", "--nats", nats_server.url, "--all", "--cluster", "c1"])
     assert "inc-done" in everything.output and "resolved" in everything.output and "inc-far" not in everything.output
     as_json = runner.invoke(app, ["incidents", "--nats", nats_server.url, "--format", "json"])
-    assert {json.loads(x)["id"] for x in as_json.output.splitlines()} == {"inc-open", "inc-far"}
+    assert {json.loads(x)["id"] for x in as_json.stdout.splitlines()} == {"inc-open", "inc-far"}
     story = runner.invoke(app, ["audit", "inc-open", "--nats", nats_server.url])
     assert story.exit_code == 0, story.output
     assert "opened: xid:48 on gpu-node-001/gpu2" in story.output
     assert "reset_gpu=succeeded by remediator/test" in story.output
-    doc = json.loads(runner.invoke(app, ["audit", "inc-open", "--nats", nats_server.url, "--format", "json"]).output)
+    doc = json.loads(runner.invoke(app, ["audit", "inc-open", "--nats", nats_server.url, "--format", "json"]).stdout)
     assert doc["incident"]["id"] == "inc-open" and [r["id"] for r in doc["records"]] == ["a1", "wait-inc-open"]
     missing = runner.invoke(app, ["audit", "inc-nope", "--nats", nats_server.url])
     assert missing.exit_code == 2 and "no incident inc-nope" in missing.output
@@ -148,7 +148,7 @@ def test_subjects_carry_the_user(nats_server: EmbeddedNats, monkeypatch: pytest.
     async def subjects_seen() -> list[str]:
         bus = await JetStreamBus.connect(nats_server.url)
         try:
-            sub = await bus.client.jetstream().subscribe(subjects.ACTIONS_ALL, ordered_consumer=True)
+            sub = await jetstream(bus).subscribe(subjects.ACTIONS_ALL, ordered_consumer=True)
             out = []
             while True:
                 try:

@@ -38,3 +38,41 @@ def test_every_category_has_a_runbook_whose_steps_match_the_policy(category: str
 
 def test_no_runbook_without_a_category() -> None:
     assert sorted(p.stem for p in RUNBOOKS.glob("*.md")) == CATEGORIES
+
+
+SECTIONS = ("## What it means", "## What breakfix does", "## What the on-call SRE does", "## NVIDIA source",
+            "## Check by hand", "## Release or escalate", "## RMA ticket")
+ALERT_SECTIONS = ("## What it means", "## What breakfix already did, and does next", "## Check by hand",
+                  "## Release or escalate", "## RMA ticket")
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_every_category_runbook_has_what_on_call_needs_at_3am(category: str) -> None:
+    text = (RUNBOOKS / f"{category}.md").read_text()
+    assert [s for s in SECTIONS if s not in text] == []
+    source = text.split("## NVIDIA source", 1)[1].split("\n## ", 1)[0]
+    assert "https://docs.nvidia.com/" in source, "cite NVIDIA's source"
+    checks = text.split("## Check by hand", 1)[1].split("\n## ", 1)[0]
+    assert any(cmd in checks for cmd in ("nvidia-smi", "dcgmi diag", "ibstat")), "a hardware check by hand"
+    assert any(cmd in checks for cmd in ("kubectl", "breakfix audit", "breakfix incidents", "journalctl")), \
+        "a cluster-side check"
+    release = text.split("## Release or escalate", 1)[1].split("\n## ", 1)[0]
+    front = front_matter(RUNBOOKS / f"{category}.md")
+    if front["domain"] == "operator":
+        assert "breakfix release <incident> --reason" in release, "say how to hand the node back"
+
+
+def alert_names() -> set[str]:
+    rules = yaml.safe_load((RUNBOOKS.parent / "deploy" / "prometheus" / "breakfix-rules.yaml").read_text())
+    return {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+
+
+def test_every_alert_has_exactly_one_runbook_with_the_on_call_sections() -> None:
+    seen = {}
+    for path in sorted((RUNBOOKS / "alerts").glob("*.md")):
+        fm = front_matter(path)
+        seen[fm["alert"]] = path
+        text = path.read_text()
+        assert [s for s in ALERT_SECTIONS if s not in text] == [], path
+        assert "```" in text, f"{path}: commands to check by hand"
+    assert set(seen) == alert_names()

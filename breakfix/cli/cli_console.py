@@ -12,14 +12,13 @@ from typing import Annotated
 
 import typer
 
-from breakfix.cli.cli_oncall import DEFAULT_NATS, CredsOpt, NatsOpt
-from breakfix.cli.cliutil import app, daemon, fail, load, out
+from breakfix.cli.cliutil import NatsFlags, app, daemon, fail, load, out, with_nats
 
 
 @app.command()
+@with_nats()
 def console(
-    nats: NatsOpt = DEFAULT_NATS,
-    creds: CredsOpt = None,
+    nats: NatsFlags,
     listen: Annotated[str, typer.Option(help="HOST:PORT to serve on.")] = "127.0.0.1:8080",
     auth: Annotated[Path | None, typer.Option(envvar="BREAKFIX_CONSOLE_AUTH",
                                               help="Auth config YAML (users or proxy mode).")] = None,
@@ -27,25 +26,25 @@ def console(
     """Serve the SRE console (incidents, fleet, history, on-call actions) until Ctrl-C."""
     import getpass
 
-    from nats.errors import Error as NatsError
-
     from breakfix.cli import logs
     from breakfix.console.auth import AuthConfig, load_auth
+    from breakfix.console.oncall import BUS_ERRORS
     from breakfix.console.server import serve
 
     logs.configure(json=True, level="INFO")
     cfg = load(lambda: load_auth(auth)) if auth else AuthConfig(mode="lab", lab_user=getpass.getuser())
+    opts = nats.options()
 
     async def main(stop: asyncio.Event) -> None:
-        await serve(nats, listen=listen, auth=cfg, creds=creds, stop=stop,
+        await serve(opts, listen=listen, auth=cfg, stop=stop,
                     announce=lambda u: out.print(f"breakfix console on {u} ({cfg.mode} mode); Ctrl-C stops it"))
 
     try:
         daemon(main)
     except ValueError as exc:
         raise fail(str(exc)) from None
-    except (OSError, TimeoutError, NatsError) as exc:
-        raise fail(f"cannot reach NATS at {nats}: {exc or type(exc).__name__}") from None
+    except BUS_ERRORS as exc:
+        raise fail(f"cannot reach NATS at {opts.url}: {exc or type(exc).__name__}") from None
 
 
 @app.command("console-token")
@@ -84,7 +83,7 @@ def demo_console(data_dir: Path, *, serve: bool, listen: str = DEMO_LISTEN) -> N
     try:
         async def main(stop: asyncio.Event) -> None:
             await serve_console(server.url, listen=listen, auth=AuthConfig(mode="lab", lab_user=getpass.getuser()),
-                                creds=None, stop=stop,
+                                stop=stop,
                                 announce=lambda u: out.print(f"\nconsole: [bold]{u}[/bold] (the demo's incidents, "
                                                              "lab mode); Ctrl-C stops it"))
 

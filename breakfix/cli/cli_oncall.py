@@ -15,21 +15,17 @@ import gc
 import json
 import sys
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Annotated
 
 import orjson
 import typer
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from breakfix.cli.cliutil import app, err, fail, out
+from breakfix.cli.cliutil import NatsFlags, app, err, fail, out, with_nats
 from breakfix.schemas.common import Severity, UtcDatetime
 from breakfix.schemas.incident import ActionRecord, Domain, Incident, IncidentStatus, WaitingOn
 
-NatsOpt = Annotated[str, typer.Option(envvar=["BREAKFIX_NATS", "BREAKFIX_NATS_URL"], help="NATS URL.")]
-CredsOpt = Annotated[Path | None, typer.Option(envvar="BREAKFIX_NATS_CREDS", help="NATS user creds file.")]
 FormatOpt = Annotated[str, typer.Option("--format", help="table or json")]
-DEFAULT_NATS = "nats://127.0.0.1:4222"
 
 
 _LEAN = ConfigDict(extra="ignore", frozen=True)
@@ -125,16 +121,18 @@ def line(inc: Incident | Row, now: datetime) -> list[str]:
 
 
 def _check_format(fmt: str) -> None:
+    """Check ``--format``; logs go to stderr so stdout stays the listing (or clean JSON)."""
+    from breakfix.cli import logs
+
     if fmt not in ("table", "json"):
         raise fail(f"--format must be table or json, not {fmt!r}")
+    logs.configure(json=False, level="WARNING")
 
 
 def _errors() -> tuple[type[BaseException], ...]:
-    import nats.errors
+    from breakfix.console.oncall import BUS_ERRORS, OncallError
 
-    from breakfix.console.oncall import OncallError
-
-    return (OSError, TimeoutError, nats.errors.Error, OncallError)
+    return (*BUS_ERRORS, OncallError)
 
 
 def _bus_error(nats: str, exc: BaseException) -> typer.Exit:
@@ -142,9 +140,9 @@ def _bus_error(nats: str, exc: BaseException) -> typer.Exit:
 
 
 @app.command()
+@with_nats()
 def incidents(
-    nats: NatsOpt = DEFAULT_NATS,
-    creds: CredsOpt = None,
+    nats: NatsFlags,
     cluster: Annotated[str | None, typer.Option(envvar="BREAKFIX_CLUSTER", help="Only this cluster.")] = None,
     show_all: Annotated[bool, typer.Option("--all", help="Include resolved and folded incidents.")] = False,
     fmt: FormatOpt = "table",
@@ -155,9 +153,10 @@ def incidents(
     from breakfix.correlator.index import IncidentIndex
 
     _check_format(fmt)
+    opts = nats.options()
 
     async def main() -> None:
-        bus = await connect(nats, creds=creds, name="breakfix-cli")
+        bus = await connect(opts, name="breakfix-cli")
         try:
             idx = IncidentIndex(bus)
             now = datetime.now(UTC)
@@ -188,7 +187,7 @@ def incidents(
     except KeyboardInterrupt:
         pass
     except _errors() as exc:
-        raise _bus_error(nats, exc) from None
+        raise _bus_error(opts.url, exc) from None
 
 
 HEADER = ["incident", "since", "where", "category", "severity", "domain", "status", "waiting on", "blast radius",
@@ -245,10 +244,10 @@ def _print_record(r: ActionRecord) -> None:
 
 
 @app.command()
+@with_nats()
 def audit(
     incident: Annotated[str, typer.Argument(help="Incident id.")],
-    nats: NatsOpt = DEFAULT_NATS,
-    creds: CredsOpt = None,
+    nats: NatsFlags,
     fmt: FormatOpt = "table",
     watch: Annotated[bool, typer.Option("--watch", help="Keep printing new records until Ctrl-C.")] = False,
 ) -> None:
@@ -258,11 +257,12 @@ def audit(
     from breakfix.schemas import subjects
 
     _check_format(fmt)
+    opts = nats.options()
     missing = False
 
     async def main() -> None:
         nonlocal missing
-        bus = await connect(nats, creds=creds, name="breakfix-cli")
+        bus = await connect(opts, name="breakfix-cli")
         try:
             inc = await IncidentIndex(bus).find(incident)
             if inc is None:
@@ -279,32 +279,28 @@ def audit(
             if not watch:
                 return
             seen = {r.id for r in records}
-            sub = await bus.client.subscribe(subjects.action_subject(inc.cluster))
-            sub2 = await bus.client.subscribe(subjects.action_subject(inc.cluster) + ".>")
             queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=10_000)
 
-            async def pump(s: object) -> None:
-                async for m in s.messages:  # type: ignore[attr-defined]
-                    with contextlib.suppress(asyncio.QueueFull):
-                        queue.put_nowait(m.data)
+            async def on_msg(_subject: str, data: bytes) -> None:
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.put_nowait(data)
 
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(pump(sub), name="audit-watch-actions")
-                tg.create_task(pump(sub2), name="audit-watch-oncall")
-                while True:
-                    data = await queue.get()
-                    try:
-                        rec = ActionRecord.model_validate_json(data)
-                    except ValueError:
-                        continue
-                    if rec.incident_id != inc.id or rec.id in seen:
-                        continue
-                    seen.add(rec.id)
-                    if fmt == "json":
-                        sys.stdout.write(rec.model_dump_json(by_alias=True) + "\n")
-                        sys.stdout.flush()
-                    else:
-                        _print_record(rec)
+            await bus.subscribe(subjects.action_subject(inc.cluster), on_msg)
+            await bus.subscribe(subjects.action_subject(inc.cluster) + ".>", on_msg)
+            while True:
+                data = await queue.get()
+                try:
+                    rec = ActionRecord.model_validate_json(data)
+                except ValueError:
+                    continue
+                if rec.incident_id != inc.id or rec.id in seen:
+                    continue
+                seen.add(rec.id)
+                if fmt == "json":
+                    sys.stdout.write(rec.model_dump_json(by_alias=True) + "\n")
+                    sys.stdout.flush()
+                else:
+                    _print_record(rec)
         finally:
             await bus.close()
 
@@ -313,6 +309,6 @@ def audit(
     except KeyboardInterrupt:
         pass
     except _errors() as exc:
-        raise _bus_error(nats, exc) from None
+        raise _bus_error(opts.url, exc) from None
     if missing:
-        raise fail(f"no incident {incident} on {nats}")
+        raise fail(f"no incident {incident} on {opts.url}")

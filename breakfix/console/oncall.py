@@ -21,10 +21,13 @@ from pathlib import Path
 
 import nats
 from nats.js import api
+from nats.js.client import JetStreamContext
 from pydantic import ValidationError
 
 from breakfix.bus.codec import encode
+from breakfix.bus.connect import BusConnectError
 from breakfix.bus.jetstream import JetStreamBus
+from breakfix.bus.options import NatsOptions
 from breakfix.console import verbs
 from breakfix.correlator.index import IncidentIndex
 from breakfix.schemas import subjects
@@ -34,8 +37,19 @@ MAX_RECORDS = 500_000  # audit records read in one call at most
 _JWT_BEGIN = "-----BEGIN NATS USER JWT-----"
 
 
+def jetstream(bus: JetStreamBus) -> JetStreamContext:
+    """nats-py's JetStream context behind the bus: the ``Bus`` protocol has no read-from-a-start-time,
+    which the audit trail needs (an incident's records start at its first sighting)."""
+    return bus._js
+
+
 class OncallError(RuntimeError):
     """A one-line reason the CLI prints before exiting 2."""
+
+
+# What talking to NATS can raise once connected or while connecting; the CLI turns each into one line
+# (the CLI itself never imports nats: this module is the console's one NATS adapter beside breakfix.bus).
+BUS_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, nats.errors.Error, BusConnectError)
 
 
 def user_from_creds(creds: Path | None, *, env: dict[str, str] | None = None) -> str:
@@ -61,12 +75,9 @@ def user_from_creds(creds: Path | None, *, env: dict[str, str] | None = None) ->
     return name
 
 
-async def connect(url: str, *, creds: Path | None = None, name: str = "breakfix-oncall") -> JetStreamBus:
-    """A bus for a short-lived command: two connect attempts, then an error."""
-    kwargs: dict[str, object] = {"user_credentials": str(creds)} if creds else {}
-    nc = await nats.connect(url, name=name, connect_timeout=3, max_reconnect_attempts=2, reconnect_time_wait=0.5,
-                            allow_reconnect=True, **kwargs)
-    return JetStreamBus(nc, nc.jetstream(timeout=10.0))
+async def connect(target: str | NatsOptions, *, name: str = "breakfix-oncall") -> JetStreamBus:
+    """A bus for a short-lived command or the console: one bounded attempt (``BusConnectError``)."""
+    return await JetStreamBus.connect(target, name=name)
 
 
 async def read_records(bus: JetStreamBus, *, cluster: str | None = None, since: datetime | None = None,
@@ -74,7 +85,7 @@ async def read_records(bus: JetStreamBus, *, cluster: str | None = None, since: 
                        idle_s: float = 1.0) -> list[ActionRecord]:
     """Audit records (oldest first) of one cluster or all, stored at or after ``since``; only one
     incident's with ``incident``. Undecodable records are skipped."""
-    js = bus.client.jetstream()
+    js = jetstream(bus)
     filt = f"{subjects.action_subject(cluster)}.>" if cluster else subjects.ACTIONS_ALL
     filters = [subjects.action_subject(cluster), filt] if cluster else [filt]
     out: list[ActionRecord] = []

@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import structlog
 import uvicorn
 
 from breakfix.bus.jetstream import JetStreamBus
+from breakfix.bus.options import NatsOptions
 from breakfix.console import verbs
 from breakfix.console.app import Console
 from breakfix.console.auth import Auth, AuthConfig
@@ -61,13 +61,13 @@ class Running:
         await self.bus.close()
 
 
-async def start(nats: str, *, listen: str = "127.0.0.1:0", auth: AuthConfig, creds: Path | None = None,
+async def start(nats: str | NatsOptions, *, listen: str = "127.0.0.1:0", auth: AuthConfig,
                 records_days: float = 7.0, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                 monotonic: Callable[[], float] = time.monotonic, bus: JetStreamBus | None = None) -> Running:
     host, port = parse_listen(listen)
     if auth.mode == "lab" and not loopback(host):
         raise ValueError("lab mode (no --auth) listens on loopback only; give --auth FILE to listen on " + host)
-    bus = bus or await connect(nats, creds=creds, name="breakfix-console")
+    bus = bus or await connect(nats, name="breakfix-console")
     state = ConsoleState()
     stop = asyncio.Event()
 
@@ -93,9 +93,9 @@ async def start(nats: str, *, listen: str = "127.0.0.1:0", auth: AuthConfig, cre
     return Running(url, state, console, server, bus, stop, [loader, serving])
 
 
-async def serve(nats: str, *, listen: str, auth: AuthConfig, creds: Path | None, stop: asyncio.Event,
+async def serve(nats: str | NatsOptions, *, listen: str, auth: AuthConfig, stop: asyncio.Event,
                 announce: Callable[[str], None] = lambda _u: None) -> None:
-    running = await start(nats, listen=listen, auth=auth, creds=creds)
+    running = await start(nats, listen=listen, auth=auth)
     announce(running.url)
     try:
         await stop.wait()

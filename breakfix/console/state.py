@@ -127,11 +127,11 @@ async def follow(state: ConsoleState, bus: JetStreamBus, clock: Callable[[], dat
     index = IncidentIndex(bus)
     queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=100_000)
 
-    async def on_msg(msg: object) -> None:
+    async def on_msg(_subject: str, data: bytes) -> None:
         with contextlib.suppress(asyncio.QueueFull):
-            queue.put_nowait(msg.data)  # type: ignore[attr-defined]
+            queue.put_nowait(data)
 
-    sub = await bus.client.subscribe(subjects.ACTIONS_ALL, cb=on_msg)  # live first, so nothing falls between
+    unsubscribe = await bus.subscribe(subjects.ACTIONS_ALL, on_msg)  # live first, so nothing falls between
     for rec in await read_records(bus, since=clock() - timedelta(days=records_days)):
         state.add_record(rec, notify=False)
     for inc in (await index.snapshot()).values():
@@ -162,4 +162,4 @@ async def follow(state: ConsoleState, bus: JetStreamBus, clock: Callable[[], dat
                 t.cancel()
     finally:
         with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+            await unsubscribe()

@@ -16,7 +16,7 @@ import contextlib
 import weakref
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import structlog
 from pydantic import ValidationError
@@ -140,7 +140,7 @@ class IncidentIndex:
         return out
 
     async def _raw_js(self, prefix: str, timeout_s: float) -> list[KvEntry]:
-        kv = await self.kv.client.jetstream().key_value(self.bucket)  # type: ignore[attr-defined]
+        kv = await _js(self.kv).key_value(self.bucket)
         watcher = await kv.watch(f"{prefix}>", ignore_deletes=True)
         out: list[KvEntry] = []
         loop = asyncio.get_running_loop()
@@ -189,9 +189,15 @@ class IncidentIndex:
             await _close(it)
 
 
+def _js(kv: object) -> Any:
+    """The nats-py JetStream context of a ``JetStreamBus`` (None for other buses). The ``KeyValue``
+    protocol has no bulk read or pipelined put yet; until it does, the index uses the context for
+    both (what ``kv.watch`` and ``kv.put`` do on the wire) and the protocol everywhere else."""
+    return getattr(kv, "_js", None)
+
+
 def _jetstream(kv: object) -> bool:
-    """A JetStream-backed bus (it exposes its NATS client and the pipelined publish)."""
-    return hasattr(kv, "client") and hasattr(kv, "publish_start")
+    return _js(kv) is not None and hasattr(kv, "publish_start")
 
 
 async def _close(it: AsyncIterator[KvEntry]) -> None:

@@ -1,0 +1,146 @@
+"""The correlator's and the fleet stage's Prometheus metrics (``/metrics`` on ``--metrics-port``).
+
+Fed by the service (``correlator.service``, ``correlator.fleet``) through a few calls: every decoded
+message (``consumed``), every dead letter (``dead_lettered``), every published incident change
+(``published``), every stored checkpoint (``checkpointed``), and consumer lag polled from JetStream
+(``lag``). Served by ``bus.observe.ObserveServer``; read by Prometheus, the alert rules in
+``deploy/prometheus/breakfix-rules.yaml`` and the dashboards in ``deploy/grafana/``.
+
+Labels stay bounded: sources, checks (capped), reason classes, categories, severities, domains,
+statuses, waiting states and change kinds; never incident ids, nodes or pods.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from breakfix.bus.observe import LabelCap
+from breakfix.schemas.incident import ChangeKind, Incident, IncidentChange
+from breakfix.schemas.signal import Signal
+
+OPEN_LABELS = ("category", "severity", "domain", "status", "waiting")
+MAX_TRACKED = 200_000  # open incidents tracked for the gauge; beyond it they are counted as overflow
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# dead-letter reasons as the bus and the service write them -> a bounded class
+_REASON_CLASSES = (("correlator error", "handler_error"), ("json", "invalid_json"), ("validation", "schema"),
+                   ("schema", "schema"), ("too large", "oversize"), ("oversize", "oversize"), ("utf", "encoding"))
+
+
+def reason_class(reason: str) -> str:
+    low = reason.lower()
+    for needle, cls in _REASON_CLASSES:
+        if needle in low:
+            return cls
+    return "other"
+
+
+class OpenIncidents(Collector):
+    """The open-incident gauge, computed at scrape time from the last change seen per incident.
+
+    Folded incidents are left out (their parent stands for them); resolved ones drop out; escalated
+    ones stay (they are open work for a human)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.by_id: dict[str, tuple[str, ...]] = {}
+        self.overflow = 0
+
+    def apply(self, inc: Incident) -> None:
+        if inc.status.value == "resolved" or inc.parent is not None:
+            self.by_id.pop(inc.id, None)
+            return
+        labels = (inc.category, inc.severity.value, inc.domain.value, inc.status.value,
+                  inc.waiting.value if inc.waiting else "none")
+        if inc.id not in self.by_id and len(self.by_id) >= MAX_TRACKED:
+            self.overflow += 1
+            return
+        self.by_id[inc.id] = labels
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        fam = GaugeMetricFamily(self.name, "Incidents not resolved (folded members excluded), by category, severity, "
+                                           "domain, status and what the plan waits on", labels=list(OPEN_LABELS))
+        for labels, n in sorted(Tally(self.by_id.values()).items()):
+            fam.add_metric(list(labels), n)
+        yield fam
+
+
+class CorrelatorMetrics:
+    """One registry per daemon; ``prefix`` is ``breakfix_correlator`` or ``breakfix_fleet_stage``."""
+
+    def __init__(self, prefix: str = "breakfix_correlator", *, clock: Callable[[], datetime] | None = None) -> None:
+        r = self.registry = CollectorRegistry()
+        self.prefix = prefix
+        self.clock = clock
+        self._check = LabelCap(128)
+        self.signals = Counter(f"{prefix}_signals_consumed", "Signals decoded and correlated, by source and check",
+                               ["source", "check"], registry=r)
+        self.messages = Counter(f"{prefix}_messages_consumed", "Messages decoded, by stream", ["stream"], registry=r)
+        self.dead_letters = Counter(f"{prefix}_dead_letters", "Messages dead-lettered, by reason class", ["reason"],
+                                    registry=r)
+        self.lag_gauge = Gauge(f"{prefix}_consumer_lag", "Messages not yet delivered to the durable consumer "
+                                                         "(JetStream num_pending)", ["consumer"], registry=r)
+        self.checkpoint_ts = Gauge(f"{prefix}_last_checkpoint_timestamp_seconds",
+                                   "Unix time of the last stored checkpoint", registry=r)
+        self.checkpoint_age = Gauge(f"{prefix}_checkpoint_age_seconds",
+                                    "Seconds since the last stored checkpoint (since start when none yet)", registry=r)
+        self.checkpoints = Counter(f"{prefix}_checkpoints", "Checkpoints stored", registry=r)
+        self.latency = Histogram(f"{prefix}_ingest_to_publish_seconds",
+                                 "From a batch's arrival to its incident changes being published",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.changes = Counter(f"{prefix}_incident_changes", "Incident changes published, by kind", ["kind"],
+                               registry=r)
+        for kind in ChangeKind:
+            self.changes.labels(kind.value)
+        self.dead_letters.labels("schema")
+        self.open = OpenIncidents(f"{prefix}_open_incidents")
+        r.register(self.open)
+        self._started = clock() if clock else None
+        self._last_checkpoint: float | None = None
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def consumed(self, item: object, stream: str = "") -> None:
+        if stream:
+            self.messages.labels(stream).inc()
+        if isinstance(item, Signal):
+            self.signals.labels(item.source.value, self._check(item.check)).inc()
+        elif isinstance(item, IncidentChange):
+            self.open.apply(item.incident)
+
+    def dead_lettered(self, reason: str) -> None:
+        self.dead_letters.labels(reason_class(reason)).inc()
+
+    def published(self, changes: Iterable[IncidentChange | tuple[ChangeKind, Incident]]) -> None:
+        for ch in changes:
+            kind, inc = (ch.kind, ch.incident) if isinstance(ch, IncidentChange) else ch
+            self.changes.labels(kind.value).inc()
+            self.open.apply(inc)
+
+    def observe_latency(self, seconds: float) -> None:
+        self.latency.observe(max(0.0, seconds))
+
+    def checkpointed(self, at: datetime) -> None:
+        self.checkpoints.inc()
+        self._last_checkpoint = at.timestamp()
+        self.checkpoint_ts.set(self._last_checkpoint)
+
+    def lag(self, consumer: str, pending: int | None) -> None:
+        if pending is not None:
+            self.lag_gauge.labels(consumer).set(pending)
+
+    def refresh(self) -> None:
+        """Before a scrape: the checkpoint's age from the injected clock."""
+        if self.clock is None:
+            return
+        now = self.clock().timestamp()
+        last = self._last_checkpoint or (self._started.timestamp() if self._started else now)
+        self.checkpoint_age.set(max(0.0, now - last))
+
+
+__all__ = ["CorrelatorMetrics", "OpenIncidents", "reason_class"]

@@ -1,0 +1,199 @@
+"""Delivering notifications without ever holding up remediation.
+
+``notify.service`` hands each ``Notification`` to ``Dispatcher.submit``, which routes it
+(``notify.core.route``) and puts it on a bounded per-channel queue without waiting: a full queue
+drops it, counts it as a failure and logs it. One named worker task per channel drains its queue,
+so a stalling channel delays only itself. Each delivery retries transient errors with exponential
+backoff (tenacity, the clock's sleep), gives up after ``attempts``, and ends in one audit record
+(``ActionRecord`` kind NOTIFICATION, outcome succeeded/failed, published through the remediator's
+bus) and one count (``on_delivery``, the remediator's metrics). A notification id already
+delivered on a channel is not sent again (idempotent re-sends, beside each channel's dedup key).
+Alertmanager channels re-post their firing alerts every ``resend_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from breakfix.bus.clock import Clock
+from breakfix.remediator.notify.channels import Permanent, Sender, Transient, alertmanager_alert
+from breakfix.remediator.notify.config import AlertmanagerChannel, Channel, NotifyConfig
+from breakfix.remediator.notify.core import route
+from breakfix.remediator.notify.model import Notification
+from breakfix.schemas.incident import ActionKind, ActionOutcome, ActionRecord
+
+log = structlog.get_logger("breakfix.remediator.notify")
+SENT_MEMORY = 10_000
+
+PublishRecord = Callable[[ActionRecord], Awaitable[None]]
+
+
+def notification_record(n: Notification, channel: str, ok: bool, detail: str, actor: str,
+                        at: datetime) -> ActionRecord:
+    """The audit line for one delivery: what was sent where, and whether it arrived."""
+    return ActionRecord(
+        id=f"notify-{channel}-{n.id}-{'ok' if ok else 'failed'}", cluster=n.cluster, incident_id=n.incident,
+        kind=ActionKind.NOTIFICATION, outcome=ActionOutcome.SUCCEEDED if ok else ActionOutcome.FAILED, actor=actor,
+        reason=f"{n.event.value} via {channel}: {detail}"[:500], node=n.node,
+        details={"channel": channel, "event": n.event.value, "action": n.action.value, "dedup_key": n.dedup_key,
+                 "notification": n.id}, at=at)
+
+
+class Dispatcher:
+    def __init__(self, config: NotifyConfig, senders: dict[str, Sender], clock: Clock, *, actor: str = "remediator",
+                 publish_record: PublishRecord | None = None,
+                 on_delivery: Callable[[str, bool], None] | None = None) -> None:
+        self.config = config
+        self.senders = senders
+        self.clock = clock
+        self.actor = actor
+        self.publish_record = publish_record
+        self.on_delivery = on_delivery or (lambda _c, _ok: None)
+        self.specs: dict[str, Channel] = {c.name: c for c in config.channels}
+        self.queues: dict[str, asyncio.Queue[Notification]] = {
+            name: asyncio.Queue(maxsize=config.queue_size) for name in senders}
+        self.sent: dict[str, OrderedDict[str, None]] = {name: OrderedDict() for name in senders}
+        self.dropped = 0
+        self.delivered = 0
+        self.failed = 0
+
+    # -- never blocks --------------------------------------------------------------------------------
+    def submit(self, n: Notification) -> list[str]:
+        """Queue ``n`` for each routed channel now; returns the channels it was queued for."""
+        queued = []
+        for name in route(n, self.config):
+            q = self.queues.get(name)
+            if q is None:
+                continue
+            try:
+                q.put_nowait(n)
+                queued.append(name)
+            except asyncio.QueueFull:
+                self.dropped += 1
+                self.failed += 1
+                self.on_delivery(name, False)
+                log.error("notification_dropped", channel=name, incident=n.incident, notice=n.event.value,
+                          reason="queue full")
+        return queued
+
+    def remember(self, n: Notification) -> None:
+        """A trigger rebuilt by replay after a restart: Alertmanager channels keep re-posting it, nobody is paged
+        again."""
+        for name in route(n, self.config):
+            sender = self.senders.get(name)
+            if sender is not None and isinstance(self.specs.get(name), AlertmanagerChannel):
+                firing = getattr(sender, "firing", None)
+                if isinstance(firing, dict) and n.action.value == "trigger":
+                    spec = self.specs[name]
+                    assert isinstance(spec, AlertmanagerChannel)
+                    firing[n.dedup_key] = alertmanager_alert(n, spec)
+                elif isinstance(firing, dict):
+                    firing.pop(n.dedup_key, None)
+
+    # -- workers -------------------------------------------------------------------------------------
+    async def _deliver(self, name: str, n: Notification) -> tuple[bool, str]:
+        spec = self.specs[name]
+        sender = self.senders[name]
+        tries = 0
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(Transient), stop=stop_after_attempt(spec.attempts),
+                wait=wait_exponential(multiplier=spec.backoff_s, max=spec.backoff_max_s), sleep=self.clock.sleep,
+                reraise=True,
+            ):
+                with attempt:
+                    tries += 1
+                    await sender.send(n)
+        except (Transient, Permanent) as exc:
+            return False, f"{type(exc).__name__.lower()} after {tries} tries: {exc}"
+        except Exception as exc:  # a channel bug must not kill the worker
+            return False, f"error after {tries} tries: {exc!r}"
+        return True, f"delivered ({tries} {'try' if tries == 1 else 'tries'})"
+
+    async def _worker(self, name: str, stop: asyncio.Event) -> None:
+        q = self.queues[name]
+        sent = self.sent[name]
+        while not stop.is_set():
+            getter = asyncio.ensure_future(q.get())
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if not getter.done():
+                getter.cancel()
+                return
+            n = getter.result()
+            try:
+                await self._handle(name, n, sent)
+            finally:
+                q.task_done()
+
+    async def _handle(self, name: str, n: Notification, sent: OrderedDict[str, None]) -> None:
+        if n.id in sent:
+            return
+        ok, detail = await self._deliver(name, n)
+        if ok:
+            sent[n.id] = None
+            while len(sent) > SENT_MEMORY:
+                sent.popitem(last=False)
+            self.delivered += 1
+            log.info("notified", channel=name, incident=n.incident, notice=n.event.value, action=n.action.value)
+        else:
+            self.failed += 1
+            log.error("notification_failed", channel=name, incident=n.incident, notice=n.event.value,
+                      detail=detail)
+        self.on_delivery(name, ok)
+        if self.publish_record is not None:
+            try:
+                await self.publish_record(notification_record(n, name, ok, detail, self.actor, self.clock.now()))
+            except Exception as exc:
+                log.warning("notification_record_failed", channel=name, error=repr(exc))
+
+    async def _reposter(self, name: str, stop: asyncio.Event) -> None:
+        spec = self.specs[name]
+        every_s = spec.resend_s if isinstance(spec, AlertmanagerChannel) else 60.0
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=every_s)
+            if stop.is_set():
+                return
+            try:
+                await self.senders[name].repost()
+            except Exception as exc:
+                self.on_delivery(name, False)
+                log.warning("alertmanager_repost_failed", channel=name, error=repr(exc))
+
+    async def idle(self) -> None:
+        """Wait until every queue is empty (tests, benchmarks, shutdown)."""
+        await asyncio.gather(*(q.join() for q in self.queues.values()))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for name in self.senders:
+                tg.create_task(self._guarded(self._worker, name, stop), name=f"notify-{name}")
+                spec = self.specs[name]
+                if isinstance(spec, AlertmanagerChannel):
+                    tg.create_task(self._guarded(self._reposter, name, stop), name=f"notify-{name}-repost")
+
+    async def _guarded(self, fn: Callable[[str, asyncio.Event], Awaitable[None]], name: str,
+                       stop: asyncio.Event) -> None:
+        """Restart a crashed worker after a pause; never let it take the remediator down."""
+        while not stop.is_set():
+            try:
+                await fn(name, stop)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("notify_worker_crashed", channel=name, error=repr(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+
+
+__all__ = ["Dispatcher", "notification_record"]

@@ -1,0 +1,129 @@
+"""The notifier inside the remediator daemon: streams in, notifications out, remediation untouched.
+
+Reads ``breakfix.incidents.>`` and ``breakfix.actions.>`` with its own durable consumers
+(``<durable>-incidents``, ``<durable>-actions``), re-read from the start at every start-up so the
+pure ``NotifyCore`` rebuilds what was paged; events older than ``replay_send_s`` before the start are
+only remembered (Alertmanager keeps re-posting what still fires; nobody is paged twice). It shares
+nothing with the remediation loop but the bus: a slow or failing channel can only fill its own
+bounded queue (``notify.sender.Dispatcher``). Only the leader sends (``is_leader``); a follower
+keeps the same state and takes over. On-call acks and silences are believed only when the
+subject's user and cluster match the record (``schemas.subjects.human_subject_parts``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+import aiohttp
+import structlog
+
+from breakfix.bus.clock import Clock
+from breakfix.bus.codec import decoder, encode
+from breakfix.bus.consumer import ConsumerSpec, ConsumerStats, run_consumer
+from breakfix.bus.protocol import Bus, Delivery
+from breakfix.remediator.notify.channels import HttpSender, Sender
+from breakfix.remediator.notify.config import NotifyConfig, PagerDutyChannel, SlackChannel, load_secret
+from breakfix.remediator.notify.core import NotifyCore
+from breakfix.remediator.notify.model import Notification
+from breakfix.remediator.notify.sender import Dispatcher
+from breakfix.schemas import subjects
+from breakfix.schemas.incident import ActionKind, ActionRecord, IncidentChange
+
+log = structlog.get_logger("breakfix.remediator.notify")
+HUMAN_KINDS = frozenset({ActionKind.ACK, ActionKind.SILENCE, ActionKind.RELEASE, ActionKind.CANCEL})
+
+
+def check_secrets(config: NotifyConfig) -> None:
+    """Fail at start-up, not at the first page, when a credential is missing (raises ``SecretError``)."""
+    for c in config.channels:
+        if isinstance(c, PagerDutyChannel):
+            load_secret(c.routing_key_file, c.routing_key_env, f"channel {c.name}")
+        elif isinstance(c, SlackChannel):
+            load_secret(c.webhook_url_file, c.webhook_url_env, f"channel {c.name}")
+
+
+def believed(rec: ActionRecord, subject: str) -> bool:
+    """A human verb counts only from its own on-call subject, published by the user it names."""
+    if rec.kind not in HUMAN_KINDS:
+        return True
+    parts = subjects.human_subject_parts(subject)
+    return parts is not None and parts[0] == subjects.token(rec.cluster) and parts[2] == subjects.token(rec.actor)
+
+
+class NotifierService:
+    def __init__(self, bus: Bus, config: NotifyConfig, clock: Clock, *, actor: str = "remediator",
+                 durable: str = "remediator-notify", is_leader: Callable[[], bool] = lambda: True,
+                 on_delivery: Callable[[str, bool], None] | None = None, replay_send_s: float = 300.0,
+                 senders: dict[str, Sender] | None = None) -> None:
+        check_secrets(config)
+        self.bus = bus
+        self.config = config
+        self.clock = clock
+        self.actor = actor
+        self.durable = durable
+        self.is_leader = is_leader
+        self.on_delivery = on_delivery
+        self.replay_send_s = replay_send_s
+        self.core = NotifyCore(config)
+        self._senders = senders
+        self.dispatcher: Dispatcher | None = None
+        self.started_at: datetime = clock.now()
+        self.incident_stats = ConsumerStats()
+        self.action_stats = ConsumerStats()
+        self.ready = asyncio.Event()
+        self.notified = 0
+
+    def _emit(self, out: list[Notification]) -> None:
+        d = self.dispatcher
+        if d is None:
+            return
+        fresh = self.started_at - timedelta(seconds=self.replay_send_s)
+        for n in out:
+            if n.at >= fresh and self.is_leader():
+                self.notified += 1
+                d.submit(n)
+            else:
+                d.remember(n)
+
+    async def on_change(self, change: IncidentChange, _msg: Delivery) -> None:
+        self._emit(self.core.change(change))
+
+    async def on_record(self, rec: ActionRecord, msg: Delivery) -> None:
+        if not believed(rec, msg.subject):
+            log.warning("human_record_refused", subject=msg.subject, actor=rec.actor, kind=rec.kind.value)
+            return
+        self._emit(self.core.record(rec))
+
+    async def _publish_record(self, rec: ActionRecord) -> None:
+        await self.bus.publish(subjects.action_subject(rec.cluster), encode(rec), msg_id=rec.id)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.started_at = self.clock.now()
+        async with aiohttp.ClientSession() as session:
+            senders: dict[str, Sender] = dict(self._senders) if self._senders is not None else {
+                c.name: HttpSender(c, session) for c in self.config.channels}
+            self.dispatcher = Dispatcher(self.config, senders, self.clock, actor=self.actor,
+                                         publish_record=self._publish_record, on_delivery=self.on_delivery)
+            await self.bus.ensure_streams(subjects.STREAMS)
+            changes = ConsumerSpec(subjects.INCIDENTS.name, f"{self.durable}-incidents", subjects.INCIDENTS_ALL,
+                                   decoder(IncidentChange), self.on_change)
+            records = ConsumerSpec(subjects.ACTIONS.name, f"{self.durable}-actions", subjects.ACTIONS_ALL,
+                                   decoder(ActionRecord), self.on_record)
+            for stream, durable, filt in ((changes.stream, changes.durable, changes.filter_subject),
+                                          (records.stream, records.durable, records.filter_subject)):
+                # the state is derived from the streams: re-read them from the start
+                await self.bus.reset_consumer(stream=stream, durable=durable, filter_subject=filt, start_seq=1,
+                                              ack_all=False)
+            self.ready.set()
+            log.info("notifier_start", channels=list(senders), routes=len(self.config.routes))
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.dispatcher.run(stop), name="notify-dispatch")
+                tg.create_task(run_consumer(self.bus, changes, stop=stop, stats=self.incident_stats),
+                               name="notify-incidents")
+                tg.create_task(run_consumer(self.bus, records, stop=stop, stats=self.action_stats),
+                               name="notify-actions")
+
+
+__all__ = ["NotifierService", "believed", "check_secrets"]

@@ -1,0 +1,123 @@
+"""The notifier inside the remediator: from the incident and action streams to channels and back to the
+audit trail (NOTIFICATION records), with on-call verbs believed only from their own subject, followers
+silent, and a restart that re-reads the streams without paging anyone twice."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from breakfix.bus.clock import ManualClock
+from breakfix.bus.codec import encode
+from breakfix.bus.memory import MemoryBus
+from breakfix.remediator.notify.config import NotifyConfig
+from breakfix.remediator.notify.model import Notification
+from breakfix.remediator.notify.service import NotifierService, believed
+from breakfix.schemas import subjects
+from breakfix.schemas.incident import ActionKind, ActionOutcome, ActionRecord, ChangeKind
+from tests.conftest import T0, wait_until
+from tests.test_notify_core import ESCALATED, change, inc, rec
+
+CFG = NotifyConfig.model_validate({"channels": [{"name": "hook", "type": "webhook", "url": "https://h.example/"}],
+                                   "default": ["hook"]})
+
+
+class FakeSender:
+    name = "hook"
+    kind = "webhook"
+
+    def __init__(self) -> None:
+        self.sent: list[Notification] = []
+
+    async def send(self, n: Notification) -> None:
+        self.sent.append(n)
+
+    async def repost(self) -> int:
+        return 0
+
+
+async def read_records(bus: MemoryBus) -> list[ActionRecord]:
+    await bus.reset_consumer(stream=subjects.ACTIONS.name, durable="t-read", filter_subject=subjects.ACTIONS_ALL,
+                             start_seq=1, ack_all=False)
+    msgs = await bus.pull(stream=subjects.ACTIONS.name, durable="t-read", batch=1000, timeout_s=0.05)
+    return [ActionRecord.model_validate_json(m.data) for m in msgs]
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[Any]:
+    stops: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+
+    async def start(bus: MemoryBus, clock: ManualClock, **kw: Any) -> tuple[NotifierService, FakeSender]:
+        sender = FakeSender()
+        svc = NotifierService(bus, CFG, clock, senders={"hook": sender}, **kw)
+        stop = asyncio.Event()
+        stops.append((stop, asyncio.create_task(svc.run(stop), name="test-notifier")))
+        await asyncio.wait_for(svc.ready.wait(), 10)
+        svc.stop = stop  # type: ignore[attr-defined]
+        return svc, sender
+
+    yield start
+    for stop, task in stops:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def publish_change(bus: MemoryBus, ch: Any) -> None:
+    await bus.publish(subjects.incident_subject("c1"), encode(ch))
+
+
+async def test_an_escalation_on_the_streams_is_sent_and_audited_as_a_notification_record(running: Any) -> None:
+    bus = MemoryBus()
+    clock = ManualClock(T0)
+    _, sender = await running(bus, clock)
+    await publish_change(bus, change(inc()))
+    await bus.publish(subjects.action_subject("c1"), encode(rec(*ESCALATED, at=1)))
+
+    async def audited() -> bool:
+        return any(r.kind is ActionKind.NOTIFICATION for r in await read_records(bus))
+    await wait_until(audited, 10, "the NOTIFICATION record")
+    (n,) = sender.sent
+    (note,) = [r for r in await read_records(bus) if r.kind is ActionKind.NOTIFICATION]
+    assert note.outcome is ActionOutcome.SUCCEEDED and note.details["channel"] == "hook"
+    assert note.details["notification"] == n.id and note.incident_id == "inc-1"
+
+
+async def test_an_ack_counts_only_from_its_own_oncall_subject() -> None:
+    ack = rec(ActionKind.ACK, ActionOutcome.SUCCEEDED, actor="alice")
+    assert believed(ack, subjects.oncall_subject("c1", "alice", "ack"))
+    assert not believed(ack, subjects.oncall_subject("c1", "mallory", "ack"))
+    assert not believed(ack, subjects.action_subject("c1"))
+    assert not believed(ack, subjects.oncall_subject("c2", "alice", "ack"))
+    assert believed(rec(*ESCALATED), subjects.action_subject("c1"))
+
+
+async def test_a_follower_sends_nothing_and_a_restart_does_not_page_twice(running: Any) -> None:
+    bus = MemoryBus()
+    clock = ManualClock(T0)
+    _, follower = await running(bus, clock, is_leader=lambda: False, durable="follower")
+    leader, sender = await running(bus, clock, durable="leader")
+    await publish_change(bus, change(inc()))
+    await bus.publish(subjects.action_subject("c1"), encode(rec(*ESCALATED, at=1)))
+
+    async def sent() -> bool:
+        return len(sender.sent) == 1 and leader.core.firing() != []
+    await wait_until(sent, 10, "the leader's page")
+    leader.stop.set()  # type: ignore[attr-defined]
+    clock.advance(3600)  # an hour later the leader restarts and re-reads both streams
+    again, resent = await running(bus, clock, durable="leader")
+
+    async def rebuilt() -> bool:
+        return [n.dedup_key for n in again.core.firing()] == ["inc-1"]
+    await wait_until(rebuilt, 10, "the restarted notifier's state")
+    await publish_change(bus, change(inc(status=inc().status.RESOLVED, version=5), ChangeKind.RESOLVED,
+                                     at=3601))
+
+    async def resolved() -> bool:
+        return [n.action.value for n in resent.sent] == ["resolve"]
+    await wait_until(resolved, 10, "only the resolve after the restart")
+    assert follower.sent == []
+    assert clock.now() == T0 + timedelta(seconds=3600)
