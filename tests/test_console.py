@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -174,3 +175,34 @@ async def test_events_stream_announces_a_new_incident(nats_server: EmbeddedNats)
             while "inc-new" not in got:
                 got += await asyncio.wait_for(anext(lines), 10)
         assert "inc-new" in (await c.get("/incidents")).text
+
+
+def test_console_refuses_bad_auth_files_and_lab_mode_off_loopback(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from breakfix.cli.main import app
+
+    runner = CliRunner()
+    bad = tmp_path / "auth.yaml"
+    bad.write_text("mode: users\nusers: []\n")
+    r = runner.invoke(app, ["console", "--auth", str(bad), "--nats", "nats://127.0.0.1:1"])
+    assert r.exit_code == 2 and f"{bad}:1:" in r.output and "Traceback" not in r.output
+    bad.write_text("mode: proxy\nproxy: {trusted: [not-an-address]}\n")
+    assert runner.invoke(app, ["console", "--auth", str(bad)]).exit_code == 2
+    r = runner.invoke(app, ["console", "--listen", "0.0.0.0:0", "--nats", "nats://127.0.0.1:1"])
+    assert r.exit_code == 2 and "loopback only" in r.output
+
+
+def test_console_token_prints_a_token_and_its_argon2_entry() -> None:
+    from argon2 import PasswordHasher
+    from typer.testing import CliRunner
+
+    from breakfix.cli.main import app
+
+    r = CliRunner().invoke(app, ["console-token", "olga", "--role", "operator"])
+    token = r.stdout.split("not stored): ", 1)[1].split()[0]
+    entry = r.stdout.split("token_hash: '", 1)[1].split("'", 1)[0]
+    assert r.exit_code == 0 and "role: operator" in r.stdout and PasswordHasher().verify(entry, token)
+    cfg = AuthConfig.model_validate({"mode": "users", "users": [{"name": "olga", "role": "operator",
+                                                                 "token_hash": entry}]})
+    assert cfg.users[0].name == "olga"

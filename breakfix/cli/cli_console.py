@@ -22,6 +22,8 @@ def console(
     listen: Annotated[str, typer.Option(help="HOST:PORT to serve on.")] = "127.0.0.1:8080",
     auth: Annotated[Path | None, typer.Option(envvar="BREAKFIX_CONSOLE_AUTH",
                                               help="Auth config YAML (users or proxy mode).")] = None,
+    records_days: Annotated[float, typer.Option(min=1, max=90, help="Days of audit records held for the fleet, "
+                                                "history and silences views.")] = 7.0,
 ) -> None:
     """Serve the SRE console (incidents, fleet, history, on-call actions) until Ctrl-C."""
     import getpass
@@ -36,7 +38,7 @@ def console(
     opts = nats.options()
 
     async def main(stop: asyncio.Event) -> None:
-        await serve(opts, listen=listen, auth=cfg, stop=stop,
+        await serve(opts, listen=listen, auth=cfg, stop=stop, records_days=records_days,
                     announce=lambda u: out.print(f"breakfix console on {u} ({cfg.mode} mode); Ctrl-C stops it"))
 
     try:

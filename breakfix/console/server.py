@@ -94,8 +94,8 @@ async def start(nats: str | NatsOptions, *, listen: str = "127.0.0.1:0", auth: A
 
 
 async def serve(nats: str | NatsOptions, *, listen: str, auth: AuthConfig, stop: asyncio.Event,
-                announce: Callable[[str], None] = lambda _u: None) -> None:
-    running = await start(nats, listen=listen, auth=auth)
+                announce: Callable[[str], None] = lambda _u: None, records_days: float = 7.0) -> None:
+    running = await start(nats, listen=listen, auth=auth, records_days=records_days)
     announce(running.url)
     try:
         await stop.wait()
