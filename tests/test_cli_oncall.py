@@ -185,3 +185,29 @@ async def test_incidents_watch_prints_each_change_until_interrupted(nats_server:
         proc.send_signal(signal.SIGINT)
         await asyncio.wait_for(proc.wait(), 30)
     assert proc.returncode == 0
+
+
+async def test_audit_watch_prints_new_records_of_the_incident(nats_server: EmbeddedNats,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+    import sys
+
+    await _seed(nats_server.url)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from breakfix.cli.main import app; app()", "audit", "inc-open", "--nats",
+        nats_server.url, "--format", "json", "--watch", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        doc = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        assert [r["id"] for r in doc["records"]] == ["a1", "wait-inc-open"]
+        monkeypatch.setenv("USER", "olga")
+        note = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "from breakfix.cli.main import app; app()", "note", "inc-open", "vendor ticket 4711",
+            "--nats", nats_server.url, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        assert await asyncio.wait_for(note.wait(), 60) == 0
+        rec = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        assert (rec["kind"], rec["actor"], rec["reason"]) == ("note", "olga", "vendor ticket 4711")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), 30)
+    assert proc.returncode == 0
