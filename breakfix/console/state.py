@@ -24,7 +24,7 @@ from breakfix.bus.jetstream import JetStreamBus
 from breakfix.console.oncall import read_records
 from breakfix.correlator.index import IncidentIndex
 from breakfix.schemas import subjects
-from breakfix.schemas.incident import ActionKind, ActionRecord, Incident
+from breakfix.schemas.incident import ActionKind, ActionOutcome, ActionRecord, Incident
 
 log = structlog.get_logger("breakfix.console")
 MAX_RECORDS = 200_000
@@ -79,11 +79,16 @@ class ConsoleState:
             self.waiting[rec.incident_id] = hint
         elif rec.kind in (ActionKind.STEP, ActionKind.PLAN, ActionKind.APPROVAL):
             self.waiting.pop(rec.incident_id, None)
-        if rec.kind is ActionKind.STEP and rec.step_index is not None and rec.step_index < 99:
+        if rec.kind in (ActionKind.STEP, ActionKind.REFUSAL) and rec.step_index is not None and rec.step_index < 99:
             self.progress[rec.incident_id] = Progress(rec.details.get("rung", ""), rec.step_index,
-                                                      rec.action.value if rec.action else "", rec.outcome.value)
-        elif rec.kind is ActionKind.PLAN:
-            self.progress.pop(rec.incident_id, None)
+                                                      rec.action.value if rec.action else "",
+                                                      f"waiting for {hint}" if hint else rec.outcome.value)
+        elif rec.kind is ActionKind.PLAN and rec.outcome is ActionOutcome.PLANNED:
+            self.progress.pop(rec.incident_id, None)  # a new plan (or attempt) starts from its first step
+        elif rec.kind is ActionKind.PLAN and rec.incident_id in self.progress:
+            p = self.progress[rec.incident_id]
+            self.progress[rec.incident_id] = Progress(p.rung, p.step, p.action,
+                                                      f"{p.outcome}; plan {rec.outcome.value}")
         if notify:
             self.notify(f"record:{rec.incident_id}")
 
