@@ -25,7 +25,8 @@ from breakfix.schemas.datafile import read_text
 
 MAX_REPLAY_BYTES = 256 * 1024 * 1024
 
-__all__ = ["app", "cli_console", "cli_daemons", "cli_oncall", "cli_ops", "cli_signals", "cli_simulate", "main"]
+__all__ = ["app", "cli_bus", "cli_console", "cli_daemons", "cli_oncall", "cli_ops", "cli_signals", "cli_simulate",
+           "main"]
 
 
 @app.command()
@@ -211,7 +212,7 @@ def _root(
 
 # The other command groups register on the same app, after these (so `breakfix --help` lists
 # the demo first).
-from breakfix.cli import cli_console, cli_daemons, cli_oncall, cli_ops, cli_signals, cli_simulate  # noqa: E402
+from breakfix.cli import cli_bus, cli_console, cli_daemons, cli_oncall, cli_ops, cli_signals, cli_simulate  # noqa: E402
 
 
 def main() -> None:  # pragma: no cover
