@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -24,7 +25,8 @@ from breakfix.schemas.datafile import read_text
 
 MAX_REPLAY_BYTES = 256 * 1024 * 1024
 
-__all__ = ["app", "cli_bus", "cli_daemons", "cli_oncall", "cli_ops", "cli_signals", "cli_simulate", "main"]
+__all__ = ["app", "cli_bus", "cli_console", "cli_daemons", "cli_oncall", "cli_ops", "cli_signals", "cli_simulate",
+           "main"]
 
 
 @app.command()
@@ -38,6 +40,7 @@ def demo(
     speed: Annotated[float, typer.Option(min=0.1, help="Replay speed factor.")] = 1.0,
     fmt: Annotated[str, typer.Option("--format", help="table, or json: incidents and the full audit trail")] = "table",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show daemon logs.")] = False,
+    console: Annotated[bool, typer.Option("--console", help="Then serve the SRE console on it until Ctrl-C.")] = False,
 ) -> None:
     """Run collectors, correlator and remediator over a simulated fleet and print what happened."""
     from breakfix.cli.demo import demo_json, load_demo_scenario, run_demo, temp_data_dir
@@ -58,13 +61,22 @@ def demo(
 
     say(f"breakfix demo: {scen.name} - {scen.description}")
     temp = None if data_dir is not None else temp_data_dir()
-    result = asyncio.run(run_demo(scenario=scen, nodes=nodes, data_dir=data_dir or temp or Path("."), catalog=catalog,
-                                  policy=pol, duration_s=duration, speed=speed, policy_given=policy is not None,
-                                  failures=failures, temp_dir=temp, progress=say))
-    if fmt == "json":
-        sys.stdout.write(demo_json(result) + "\n")
-    else:
-        print_demo(result, out)
+    # with --console the demo's data must outlive the run: the folder is removed after the console stops
+    keep = temp if console else None
+    try:
+        result = asyncio.run(run_demo(scenario=scen, nodes=nodes, data_dir=data_dir or temp or Path("."),
+                                      catalog=catalog, policy=pol, duration_s=duration, speed=speed,
+                                      policy_given=policy is not None, failures=failures,
+                                      temp_dir=None if console else temp, progress=say))
+        if fmt == "json":
+            sys.stdout.write(demo_json(result) + "\n")
+        else:
+            print_demo(result, out)
+            # the console over the demo's data (hook: breakfix.cli.cli_console)
+            cli_console.demo_console(data_dir or temp or Path("."), serve=console)
+    finally:
+        if keep is not None:
+            shutil.rmtree(keep, ignore_errors=True)
 
 
 @app.command()
@@ -210,7 +222,7 @@ def _root(
 
 # The other command groups register on the same app, after these (so `breakfix --help` lists
 # the demo first).
-from breakfix.cli import cli_bus, cli_daemons, cli_oncall, cli_ops, cli_signals, cli_simulate  # noqa: E402
+from breakfix.cli import cli_bus, cli_console, cli_daemons, cli_oncall, cli_ops, cli_signals, cli_simulate  # noqa: E402
 
 
 def main() -> None:  # pragma: no cover
