@@ -18,7 +18,8 @@ Roles:
 - ``remediator``: reads incidents and action records, publishes action records and dead letters,
   keeps plans in KV ``breakfix-remediator``; the only identity that may call ``breakfix.agent.>``.
 - ``operator``: publishes only ``breakfix.actions.<cluster>.oncall.<their name>.>``; reads incidents
-  and actions and the incident index. ``admin``: also ``...admin.<their name>.>``. ``viewer``: reads only.
+  and actions, the dead letters and the incident index. ``admin``: also ``...admin.<their name>.>``.
+  ``viewer``: reads only.
 - ``console``: the web console reads like a viewer and publishes on-call and admin verbs on behalf of the
   users it authenticated itself (``breakfix console --auth``), on their own subjects.
 """
@@ -83,7 +84,7 @@ def role_template(role: str, cluster: str) -> dict[str, Any]:
     actions = f"{subjects.PREFIX}.actions.{c}"
     dlq = f"{subjects.PREFIX}.dlq.>"
     readers = [*_stream_info(), *_consume(subjects.INCIDENTS.name), *_consume(subjects.ACTIONS.name),
-               *_read_store(f"KV_{INDEX_BUCKET}")]
+               *_consume(subjects.DEAD_LETTERS.name), *_read_store(f"KV_{INDEX_BUCKET}")]
     if role == "node":
         return _perm([f"{signals}.{NAME}", *_stream_info()], [f"{subjects.PREFIX}.agent.{c}.{NAME}"],
                      responses=True)
