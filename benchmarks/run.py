@@ -32,10 +32,11 @@ import nats
 
 from benchmarks.collector import bench_collector
 from benchmarks.console import bench_console
+from benchmarks.drains import bench_drains
 from benchmarks.measure import pct_ms, peak_rss_mb, spawn_breakfix
 from benchmarks.mixes import fleet_hour, stress_mix
 from benchmarks.parsers import bench_kmsg_cli
-from benchmarks.remediator import bench_drains, bench_first_action
+from benchmarks.remediator import bench_first_action
 from benchmarks.simulate import bench_simulate
 from breakfix.bus.clock import SystemClock
 from breakfix.bus.codec import encode
