@@ -29,6 +29,7 @@ from nats.aio.msg import Msg
 from benchmarks.collector import bench_collector
 from benchmarks.measure import pct_ms, peak_rss_mb, spawn_breakfix
 from benchmarks.mixes import fleet_hour, stress_mix
+from benchmarks.notify import bench_notify
 from benchmarks.remediator import bench_drains, bench_first_action
 from breakfix.bus.codec import encode
 from breakfix.bus.jetstream import JetStreamBus
@@ -230,6 +231,7 @@ def main() -> None:
     result["collector"] = asyncio.run(bench_collector())
     result["remediator_first_action"] = asyncio.run(bench_first_action())
     result["remediator_drains_kmock"] = asyncio.run(bench_drains())
+    result["remediator_notify_stalling_receiver"] = asyncio.run(bench_notify())
     print(json.dumps(result, indent=2))
 
 

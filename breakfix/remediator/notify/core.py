@@ -48,6 +48,13 @@ WAIT_GUARDS = frozenset({"budget", "topology_budget", "cooldown"})
 FOREVER = datetime.max.replace(tzinfo=UTC)
 
 
+@dataclass(frozen=True, slots=True)
+class StepSeen:
+    incident_id: str
+    action: str
+    outcome: str
+
+
 @dataclass
 class Tracked:
     incident: Incident | None = None
@@ -191,10 +198,7 @@ class NotifyCore:
         if rec.kind is ActionKind.STEP and rec.details.get("guard") == "breaker":
             return self._breaker(rec)
         if rec.kind is ActionKind.STEP and rec.action is not None and rec.outcome is not ActionOutcome.DRY_RUN:
-            if rec.outcome is ActionOutcome.STARTED:
-                t.waiting_since = None
-            else:
-                t.done = [*t.done, f"{rec.action.value}: {rec.outcome.value}"][-MAX_DONE:]
+            self.step(StepSeen(rec.incident_id, rec.action.value, rec.outcome.value))
             return []
         if rec.kind is ActionKind.PLAN and rec.outcome in (ActionOutcome.ESCALATED, ActionOutcome.FAILED):
             if "RMA" in rec.reason or "ladder" in rec.reason or "failed" in rec.reason:
@@ -204,6 +208,16 @@ class NotifyCore:
         if rec.kind is ActionKind.REFUSAL:
             return self._refusal(t, rec)
         return []
+
+    def step(self, seen: StepSeen) -> None:
+        """A step record, read cheaply (a plan makes two per step; the notifier only keeps what was done)."""
+        t = self.tracked.get(seen.incident_id)
+        if t is None:
+            return
+        if seen.outcome == "started":
+            t.waiting_since = None
+        else:
+            t.done = [*t.done, f"{seen.action}: {seen.outcome}"][-MAX_DONE:]
 
     def _refusal(self, t: Tracked, rec: ActionRecord) -> list[Notification]:
         guard = rec.details.get("guard", "")
@@ -265,4 +279,4 @@ def _until(rec: ActionRecord) -> datetime:
     return FOREVER
 
 
-__all__ = ["NotifyCore", "Tracked", "route"]
+__all__ = ["NotifyCore", "StepSeen", "Tracked", "route"]

@@ -31,6 +31,7 @@ from breakfix.schemas.incident import ActionKind, ActionOutcome, ActionRecord
 
 log = structlog.get_logger("breakfix.remediator.notify")
 SENT_MEMORY = 10_000
+DROP_LOG_EVERY_S = 10.0
 
 PublishRecord = Callable[[ActionRecord], Awaitable[None]]
 
@@ -61,6 +62,8 @@ class Dispatcher:
             name: asyncio.Queue(maxsize=config.queue_size) for name in senders}
         self.sent: dict[str, OrderedDict[str, None]] = {name: OrderedDict() for name in senders}
         self.dropped = 0
+        self._drops: dict[str, int] = {}
+        self._drop_logged: dict[str, float] = {}
         self.delivered = 0
         self.failed = 0
 
@@ -79,9 +82,17 @@ class Dispatcher:
                 self.dropped += 1
                 self.failed += 1
                 self.on_delivery(name, False)
-                log.error("notification_dropped", channel=name, incident=n.incident, notice=n.event.value,
-                          reason="queue full")
+                self._log_drop(name, n)
         return queued
+
+    def _log_drop(self, name: str, n: Notification) -> None:
+        """One line per channel per ``DROP_LOG_EVERY_S`` (a stalled channel drops many; each is counted anyway)."""
+        now = self.clock.monotonic()
+        self._drops[name] = self._drops.get(name, 0) + 1
+        if now - self._drop_logged.get(name, -DROP_LOG_EVERY_S) >= DROP_LOG_EVERY_S:
+            self._drop_logged[name] = now
+            log.error("notification_dropped", channel=name, incident=n.incident, notice=n.event.value,
+                      reason="queue full", dropped_total=self._drops[name])
 
     def remember(self, n: Notification) -> None:
         """A trigger rebuilt by replay after a restart: Alertmanager channels keep re-posting it, nobody is paged

@@ -13,19 +13,21 @@ subject's user and cluster match the record (``schemas.subjects.human_subject_pa
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 import aiohttp
+import orjson
 import structlog
+from pydantic import ValidationError
 
 from breakfix.bus.clock import Clock
-from breakfix.bus.codec import decoder, encode
-from breakfix.bus.consumer import ConsumerSpec, ConsumerStats, run_consumer
+from breakfix.bus.codec import encode
 from breakfix.bus.protocol import Bus, Delivery
 from breakfix.remediator.notify.channels import HttpSender, Sender
 from breakfix.remediator.notify.config import NotifyConfig, PagerDutyChannel, SlackChannel, load_secret
-from breakfix.remediator.notify.core import NotifyCore
+from breakfix.remediator.notify.core import NotifyCore, StepSeen
 from breakfix.remediator.notify.model import Notification
 from breakfix.remediator.notify.sender import Dispatcher
 from breakfix.schemas import subjects
@@ -42,6 +44,37 @@ def check_secrets(config: NotifyConfig) -> None:
             load_secret(c.routing_key_file, c.routing_key_env, f"channel {c.name}")
         elif isinstance(c, SlackChannel):
             load_secret(c.webhook_url_file, c.webhook_url_env, f"channel {c.name}")
+
+
+def decode_record(data: bytes) -> ActionRecord | StepSeen | None:
+    """Total, and cheap for what the notifier skips: decided on the raw dict, so plan-heavy records are never
+    validated and step records become a ``StepSeen``. None for what the notifier ignores or cannot read (the
+    stage that owns the stream dead-letters bad messages; the notifier must not do it a second time)."""
+    try:
+        d = orjson.loads(data)
+        if not isinstance(d, dict):
+            return None
+        kind, outcome = d.get("kind"), d.get("outcome")
+        raw = d.get("details")
+        details: dict[str, object] = raw if isinstance(raw, dict) else {}
+        if kind == "step" and details.get("guard") != "breaker":
+            iid, action = d.get("incident_id"), d.get("action")
+            if outcome == "dry_run" or not isinstance(iid, str) or not isinstance(action, str):
+                return None
+            return StepSeen(iid, action, str(outcome))
+        wanted = kind in ("ack", "silence", "release", "cancel", "refusal", "step") \
+            or (kind == "plan" and outcome in ("escalated", "failed")) \
+            or (kind == "approval" and details.get("command") == "breaker-reset")
+        return ActionRecord.model_validate(d) if wanted else None
+    except (orjson.JSONDecodeError, ValidationError):
+        return None
+
+
+def decode_change(data: bytes) -> IncidentChange | None:
+    try:
+        return IncidentChange.model_validate_json(data)
+    except (ValidationError, ValueError):
+        return None
 
 
 def believed(rec: ActionRecord, subject: str) -> bool:
@@ -70,8 +103,6 @@ class NotifierService:
         self._senders = senders
         self.dispatcher: Dispatcher | None = None
         self.started_at: datetime = clock.now()
-        self.incident_stats = ConsumerStats()
-        self.action_stats = ConsumerStats()
         self.ready = asyncio.Event()
         self.notified = 0
 
@@ -87,10 +118,16 @@ class NotifierService:
             else:
                 d.remember(n)
 
-    async def on_change(self, change: IncidentChange, _msg: Delivery) -> None:
-        self._emit(self.core.change(change))
+    async def on_change(self, change: IncidentChange | None, _msg: Delivery) -> None:
+        if change is not None:
+            self._emit(self.core.change(change))
 
-    async def on_record(self, rec: ActionRecord, msg: Delivery) -> None:
+    async def on_record(self, rec: ActionRecord | StepSeen | None, msg: Delivery) -> None:
+        if rec is None:
+            return
+        if isinstance(rec, StepSeen):
+            self.core.step(rec)
+            return
         if not believed(rec, msg.subject):
             log.warning("human_record_refused", subject=msg.subject, actor=rec.actor, kind=rec.kind.value)
             return
@@ -107,23 +144,49 @@ class NotifierService:
             self.dispatcher = Dispatcher(self.config, senders, self.clock, actor=self.actor,
                                          publish_record=self._publish_record, on_delivery=self.on_delivery)
             await self.bus.ensure_streams(subjects.STREAMS)
-            changes = ConsumerSpec(subjects.INCIDENTS.name, f"{self.durable}-incidents", subjects.INCIDENTS_ALL,
-                                   decoder(IncidentChange), self.on_change)
-            records = ConsumerSpec(subjects.ACTIONS.name, f"{self.durable}-actions", subjects.ACTIONS_ALL,
-                                   decoder(ActionRecord), self.on_record)
-            for stream, durable, filt in ((changes.stream, changes.durable, changes.filter_subject),
-                                          (records.stream, records.durable, records.filter_subject)):
-                # the state is derived from the streams: re-read them from the start
+            streams = ((subjects.INCIDENTS.name, f"{self.durable}-incidents", subjects.INCIDENTS_ALL),
+                       (subjects.ACTIONS.name, f"{self.durable}-actions", subjects.ACTIONS_ALL))
+            for stream, durable, filt in streams:
+                # the state is derived from the streams: re-read them from the start; one ack per batch
                 await self.bus.reset_consumer(stream=stream, durable=durable, filter_subject=filt, start_seq=1,
-                                              ack_all=False)
+                                              ack_all=True)
             self.ready.set()
             log.info("notifier_start", channels=list(senders), routes=len(self.config.routes))
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.dispatcher.run(stop), name="notify-dispatch")
-                tg.create_task(run_consumer(self.bus, changes, stop=stop, stats=self.incident_stats),
+                tg.create_task(self._consume(streams[0][0], streams[0][1], self._changes, stop),
                                name="notify-incidents")
-                tg.create_task(run_consumer(self.bus, records, stop=stop, stats=self.action_stats),
+                tg.create_task(self._consume(streams[1][0], streams[1][1], self._records, stop),
                                name="notify-actions")
+
+    async def _changes(self, msg: Delivery) -> None:
+        await self.on_change(decode_change(msg.data), msg)
+
+    async def _records(self, msg: Delivery) -> None:
+        await self.on_record(decode_record(msg.data), msg)
+
+    async def _consume(self, stream: str, durable: str, handle: Callable[[Delivery], Awaitable[None]],
+                       stop: asyncio.Event) -> None:
+        """Pull, handle, ack the batch's last message (ack-all): the notifier only reads, so a lost ack costs a
+        re-read at most, and one ack per batch keeps it cheap beside the remediator on the same connection."""
+        while not stop.is_set():
+            try:
+                batch = await self.bus.pull(stream=stream, durable=durable, batch=512, timeout_s=0.5)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # connection trouble: back off, keep running
+                log.warning("notify_pull_failed", stream=stream, error=repr(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+                continue
+            for msg in batch:
+                try:
+                    await handle(msg)
+                except Exception as exc:  # a core bug must not stop notifications for everything else
+                    log.error("notify_handler_failed", subject=msg.subject, error=repr(exc))
+            if batch:
+                with contextlib.suppress(Exception):
+                    await batch[-1].ack()
 
 
 __all__ = ["NotifierService", "believed", "check_secrets"]
