@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench schema clean venv system-deps proto
+.PHONY: demo test lint bench schema clean venv system-deps proto checkov image image-base
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,12 +31,30 @@ system-deps:
 	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
 
-test: $(STAMP) system-deps
+# checkov pins many dependencies of its own: it lives in its own venv (tests/test_manifests.py runs it).
+CHECKOV_VENV := .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
+$(CHECKOV_STAMP):
+	@test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet 'checkov>=3.2,<4'
+	@touch $(CHECKOV_STAMP)
+checkov: $(CHECKOV_STAMP)
+
+# The container image (Dockerfile), built daemonless with Debian's buildah: chroot isolation, vfs
+# storage under .buildah/ (no registry is needed: `make image-base` makes the Debian base offline).
+IMAGE ?= localhost/breakfix:dev
+BASE_IMAGE ?= localhost/debian-min:bookworm
+image-base:
+	deploy/image/debian-base.sh
+image:
+	deploy/image/build.sh $(IMAGE) $(BASE_IMAGE)
+
+test: $(STAMP) system-deps $(CHECKOV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy breakfix benchmarks
 	$(BIN)/lint-imports
 	$(BIN)/breakfix schema check
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -rs
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
@@ -48,4 +66,4 @@ schema: $(STAMP)
 	$(BIN)/breakfix schema export
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

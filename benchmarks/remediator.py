@@ -55,16 +55,16 @@ async def bench_first_action(n: int = 1000) -> dict[str, float]:
                 "breaker": policy.guards.breaker.model_copy(update={"max_percent": 100.0})})})
             cluster = SimCluster({f"n{i}": SimNode(f"n{i}") for i in range(n)})
             svc = RemediatorService(bus, cluster, policy, lambda: datetime.now(UTC),
-                                    store=await KvStore.open(bus.client.jetstream()))
+                                    store=await KvStore.open(bus))
             sent: dict[str, float] = {}
             first: dict[str, float] = {}
 
-            async def on_action(msg: object) -> None:
-                rec = ActionRecord.model_validate_json(msg.data)  # type: ignore[attr-defined]
+            async def on_action(_subject: str, data: bytes) -> None:
+                rec = ActionRecord.model_validate_json(data)
                 if rec.kind is ActionKind.STEP and rec.outcome is ActionOutcome.STARTED:
                     first.setdefault(rec.incident_id, time.perf_counter())
 
-            sub = await bus.client.subscribe(subjects.ACTIONS_ALL, cb=on_action)
+            unsubscribe = await bus.subscribe(subjects.ACTIONS_ALL, on_action)
             stop = asyncio.Event()
             task = asyncio.create_task(svc.run(stop), name="bench-remediator")
             await asyncio.sleep(0.5)
@@ -74,7 +74,7 @@ async def bench_first_action(n: int = 1000) -> dict[str, float]:
                                nodes=(f"n{i}",), gpus=(GpuRef(index=i % 8),), category="gpu_reset_required",
                                severity=Severity.CRITICAL, codes=("xid:48",), first_seen=t0, last_seen=t0)
                 sent[inc.id] = time.perf_counter()
-                await bus.client.publish(subjects.incident_subject("bench"),
+                await bus.publish_core(subjects.incident_subject("bench"),
                                          encode(IncidentChange(kind=ChangeKind.OPENED, incident=inc, at=t0)))
                 if i % 50 == 0:
                     await asyncio.sleep(0)
@@ -83,7 +83,7 @@ async def bench_first_action(n: int = 1000) -> dict[str, float]:
                 await asyncio.sleep(0.05)
             stop.set()
             await task
-            await sub.unsubscribe()
+            await unsubscribe()
             await bus.close()
             lat = [first[k] - sent[k] for k in first if k in sent]
             return {"incidents": n, "with_first_action": len(lat), "p50_ms": pct_ms(lat, 0.5),

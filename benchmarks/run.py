@@ -11,6 +11,8 @@
 5. Collector overhead: one node daemon with every source on for 60 s (benchmarks/collector.py).
 6. Remediator: incident to first action for 1,000 incidents, and concurrent node drains against
    kmock (benchmarks/remediator.py).
+7. ``breakfix signals kmsg`` over 100,000 mixed kernel-log lines beside a plain regex pass over the same
+   file (benchmarks/parsers.py).
 Prints one JSON object; nothing here is a pass/fail test.
 """
 
@@ -24,23 +26,25 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from nats.aio.msg import Msg
+import nats
 
 from benchmarks.collector import bench_collector
 from benchmarks.measure import pct_ms, peak_rss_mb, spawn_breakfix
 from benchmarks.mixes import fleet_hour, stress_mix
 from benchmarks.notify import bench_notify
+from benchmarks.parsers import bench_kmsg_cli
 from benchmarks.remediator import bench_drains, bench_first_action
+from benchmarks.simulate import bench_simulate
+from breakfix.bus.clock import SystemClock
 from breakfix.bus.codec import encode
 from breakfix.bus.jetstream import JetStreamBus
 from breakfix.bus.server import EmbeddedNats
 from breakfix.cli.logs import configure
 from breakfix.collectors.fleet import build_fleet
 from breakfix.collectors.storm import switch_storm
-from breakfix.correlator.grouping import Correlator
-from breakfix.correlator.service import CorrelatorService, ServiceConfig
+from breakfix.correlator.app import CorrelatorConfig, build_core, build_correlator
+from breakfix.correlator.service import ServiceConfig
 from breakfix.schemas import subjects
-from breakfix.schemas.catalog import default_catalog
 from breakfix.schemas.incident import IncidentChange
 from breakfix.schemas.signal import Signal, SignalSource, make_signal_id
 
@@ -48,7 +52,7 @@ T0 = datetime(2026, 11, 23, tzinfo=UTC)
 
 
 def bench_core(signals: list[Signal]) -> dict[str, float]:
-    core = Correlator(default_catalog())
+    core = build_core()
     start = time.perf_counter()
     for s in signals:
         core.ingest(s, s.observed_at)
@@ -64,13 +68,14 @@ async def bench_nats(signals: list[Signal], data: Path) -> dict[str, float]:
         await bus.ensure_streams(subjects.STREAMS)
         payloads = [(subjects.signal_subject(s.cluster, s.node), encode(s)) for s in signals]
         for subj, body in payloads:
-            await bus.client.publish(subj, body)  # core publish; the stream captures it
-        await bus.client.flush()
+            await bus.publish_core(subj, body)  # core publish; the stream captures it
+        await bus.flush()
         while await bus.stream_messages(subjects.SIGNALS.name) < len(payloads):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         # raw: nats-py's own pull subscription, fetch and per-message ack, nothing else
         await bus.ensure_consumer(stream=subjects.SIGNALS.name, durable="raw", filter_subject=subjects.SIGNALS_ALL)
-        sub = await bus.client.jetstream().pull_subscribe_bind(durable="raw", stream=subjects.SIGNALS.name)
+        raw_nc = await nats.connect(server.url)  # the baseline is nats-py itself, not breakfix's bus
+        sub = await raw_nc.jetstream().pull_subscribe_bind(durable="raw", stream=subjects.SIGNALS.name)
         start, got = time.perf_counter(), 0
         while got < len(payloads):
             for m in await sub.fetch(batch=256, timeout=1):
@@ -78,6 +83,7 @@ async def bench_nats(signals: list[Signal], data: Path) -> dict[str, float]:
                 got += 1
         raw_s = time.perf_counter() - start
         await sub.unsubscribe()
+        await raw_nc.close()
         # breakfix's lean puller (bus.puller) with one ack-all per batch: the ceiling for our consume loop
         await bus.reset_consumer(stream=subjects.SIGNALS.name, durable="lean", filter_subject=subjects.SIGNALS_ALL,
                                  start_seq=1)
@@ -89,8 +95,7 @@ async def bench_nats(signals: list[Signal], data: Path) -> dict[str, float]:
                 await batch[-1].ack()
         lean_s = time.perf_counter() - start
         # correlator service over the same stream
-        svc = CorrelatorService(bus, Correlator(default_catalog()), lambda: datetime.now(UTC),
-                                config=ServiceConfig(durable="bench"))
+        svc = build_correlator(CorrelatorConfig(service=ServiceConfig(durable="bench")), bus=bus, clock=SystemClock())
         stop = asyncio.Event()
         start = time.perf_counter()
         task = asyncio.create_task(svc.run(stop), name="bench-correlator")
@@ -119,15 +124,15 @@ async def bench_latency(data: Path, rate: int = 1000, seconds: int = 10) -> dict
         sent: dict[str, float] = {}
         lat: list[float] = []
 
-        async def on_incident(msg: Msg) -> None:
-            ch = IncidentChange.model_validate_json(msg.data)
+        async def on_incident(_subject: str, data: bytes) -> None:
+            ch = IncidentChange.model_validate_json(data)
             t = sent.get(ch.incident.signal_ids[0]) if ch.incident.signal_ids else None
             if t is not None and ch.kind.value == "opened":
                 lat.append(time.perf_counter() - t)
 
-        sub = await bus.client.subscribe(subjects.INCIDENTS_ALL, cb=on_incident)
-        svc = CorrelatorService(bus, Correlator(default_catalog()), lambda: datetime.now(UTC),
-                                config=ServiceConfig(durable="latency"))
+        unsubscribe = await bus.subscribe(subjects.INCIDENTS_ALL, on_incident)
+        svc = build_correlator(CorrelatorConfig(service=ServiceConfig(durable="latency")), bus=bus,
+                               clock=SystemClock())
         stop = asyncio.Event()
         task = asyncio.create_task(svc.run(stop), name="bench-latency-correlator")
         await svc.ready.wait()
@@ -139,7 +144,7 @@ async def bench_latency(data: Path, rate: int = 1000, seconds: int = 10) -> dict
                        cluster="bench", node=node.name, source=SignalSource.SIM, check="ecc.dbe", gpu=g.ref,
                        labels=dict(node.labels), observed_at=at)
             sent[s.id] = time.perf_counter()
-            await bus.client.publish(subjects.signal_subject(s.cluster, s.node), encode(s))
+            await bus.publish_core(subjects.signal_subject(s.cluster, s.node), encode(s))
             delay = start + (i + 1) / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -148,7 +153,7 @@ async def bench_latency(data: Path, rate: int = 1000, seconds: int = 10) -> dict
             await asyncio.sleep(0.05)
         stop.set()
         await task
-        await sub.unsubscribe()
+        await unsubscribe()
         await bus.close()
         return {"rate_per_s": rate, "signals": len(refs), "measured": len(lat), "p50_ms": pct_ms(lat, 0.5),
                 "p99_ms": pct_ms(lat, 0.99), "max_ms": pct_ms(lat, 1.0)}
@@ -164,28 +169,23 @@ async def bench_storm(data: Path) -> dict[str, object]:
     try:
         bus = await JetStreamBus.connect(server.url)
         await bus.ensure_streams(subjects.STREAMS)
-        js = bus.client.jetstream()
-        while True:
-            try:
-                await js.consumer_info(subjects.SIGNALS.name, "correlator")
-                break
-            except Exception:
-                await asyncio.sleep(0.1)
+        while await bus.consumer_state(subjects.SIGNALS.name, "correlator") is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
         payloads = [(subjects.signal_subject(s.cluster, s.node), encode(s)) for s in storm.signals]
         start = time.perf_counter()
         per_tick = len(payloads) // 100
         for k in range(100):  # emitted over 10 s, as the storm happened
             for subj, body in payloads[k * per_tick:(k + 1) * per_tick if k < 99 else len(payloads)]:
-                await bus.client.publish(subj, body)
-            await bus.client.flush()
+                await bus.publish_core(subj, body)
+            await bus.flush()
             delay = start + (k + 1) * 0.1 - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
         storm_end = time.perf_counter()
         last = await bus.stream_messages(subjects.SIGNALS.name)
         while True:
-            info = await js.consumer_info(subjects.SIGNALS.name, "correlator")
-            if info.ack_floor and info.ack_floor.stream_seq >= last:
+            state = await bus.consumer_state(subjects.SIGNALS.name, "correlator")
+            if state is not None and state.ack_floor >= last:
                 break
             await asyncio.sleep(0.05)
         done = time.perf_counter()
@@ -232,6 +232,8 @@ def main() -> None:
     result["remediator_first_action"] = asyncio.run(bench_first_action())
     result["remediator_drains_kmock"] = asyncio.run(bench_drains())
     result["remediator_notify_stalling_receiver"] = asyncio.run(bench_notify())
+    result["simulate"] = bench_simulate()
+    result["signals_kmsg_100k_lines"] = bench_kmsg_cli()
     print(json.dumps(result, indent=2))
 
 

@@ -16,7 +16,7 @@ from breakfix.bus.protocol import Bus, Delivery, subject_matches
 from breakfix.bus.server import EmbeddedNats
 from breakfix.schemas import subjects
 from breakfix.schemas.signal import Signal
-from tests.conftest import sig
+from tests.conftest import sig, wait_until
 
 
 @pytest.fixture(params=["jetstream", "memory"])
@@ -59,9 +59,44 @@ class TestSubjectMatch:
 
 
 class TestBus:
-    async def test_ensure_streams_is_idempotent(self, bus: Bus) -> None:
+    async def test_ensure_streams_again_keeps_messages_and_consumer_positions(self, bus: Any) -> None:
+        s = sig()
+        await bus.publish(subjects.signal_subject(s.cluster, s.node), s.model_dump_json().encode(), msg_id=s.id)
+        got = await drain(bus, "idem", 1)
+        await got[0].ack()
         await bus.ensure_streams(subjects.STREAMS)
         await bus.ensure_streams(subjects.STREAMS)
+        assert await bus.stream_messages(subjects.SIGNALS.name) == 1
+        state = await bus.consumer_state(subjects.SIGNALS.name, "idem")
+        assert state is not None and state.num_pending == 0 and state.ack_floor == 1
+        dup = await bus.publish(subjects.signal_subject(s.cluster, s.node), b"again", msg_id=s.id)
+        assert dup.duplicate  # the duplicate window survived too
+
+    async def test_consumer_state_is_none_for_a_missing_consumer_and_delete_reports_it(self, bus: Any) -> None:
+        assert await bus.consumer_state(subjects.SIGNALS.name, "never") is None
+        assert await bus.delete_consumer(subjects.SIGNALS.name, "never") is False
+        await bus.ensure_consumer(stream=subjects.SIGNALS.name, durable="once", filter_subject=subjects.SIGNALS_ALL)
+        assert await bus.delete_consumer(subjects.SIGNALS.name, "once") is True
+
+    async def test_core_subscribers_see_publishes_until_they_unsubscribe(self, bus: Any) -> None:
+        seen: list[tuple[str, bytes]] = []
+
+        async def on_msg(subject: str, data: bytes) -> None:
+            seen.append((subject, data))
+
+        unsubscribe = await bus.subscribe(subjects.SIGNALS_ALL, on_msg)
+        await bus.publish_core("breakfix.signals.c1.n1", b"one")
+        await bus.flush()
+
+        async def arrived() -> bool:
+            return len(seen) == 1
+
+        await wait_until(arrived, 5, "the core message")
+        await unsubscribe()
+        await bus.publish_core("breakfix.signals.c1.n1", b"two")
+        await bus.flush()
+        assert seen == [("breakfix.signals.c1.n1", b"one")]
+        assert await bus.stream_messages(subjects.SIGNALS.name) == 2  # the stream captures core publishes
 
     async def test_repeated_msg_id_is_dropped(self, bus: Bus) -> None:
         s = sig()

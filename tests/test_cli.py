@@ -125,3 +125,52 @@ class TestSchemaAndCatalog:
         result = runner.invoke(app, ["catalog", "79"])
         assert result.exit_code == 0
         assert "node_reboot_required" in result.stdout and "docs.nvidia.com" in result.stdout
+
+
+class TestFirstFiveMinutes:
+    def test_version_prints_the_package_version(self) -> None:
+        result = runner.invoke(app, ["--version"])
+        assert result.exit_code == 0 and result.stdout.startswith("breakfix ")
+
+    def test_catalog_human_summary_names_mnemonic_buckets_architectures_and_runbook(self) -> None:
+        result = runner.invoke(app, ["catalog", "48"])
+        assert result.exit_code == 0
+        for part in ("ROBUST_CHANNEL_GPU_ECC_DBE", "immediate WORKFLOW_XID_48", "investigatory WORKFLOW_XID_48",
+                     "A100, H100", "runbooks/gpu_reset_required.md"):
+            assert part in result.stdout
+
+    def test_catalog_json_on_request(self) -> None:
+        result = runner.invoke(app, ["catalog", "xid79", "--format", "json"])
+        data = json.loads(result.stdout)
+        assert (data["mnemonic"], data["immediate_bucket"], data["runbook"]) == (
+            "ROBUST_CHANNEL_GPU_HAS_FALLEN_OFF_THE_BUS", "RESTART_BM", "runbooks/node_reboot_required.md")
+        assert "H100" in data["architectures"]
+
+    @pytest.mark.parametrize("code", ["abc", "nvlink", "", "DCGM_XYZ"])
+    def test_catalog_input_that_is_no_code_is_an_error_with_a_hint(self, code: str) -> None:
+        result = runner.invoke(app, ["catalog", code])
+        assert result.exit_code == 2 and "XID number" in result.stderr
+
+    def test_unknown_xid_number_is_the_cautious_path(self) -> None:
+        result = runner.invoke(app, ["catalog", "173"])
+        assert result.exit_code == 0 and "unknown_fault" in result.stdout
+
+    def test_status_in_brackets_survives_and_table_fits_80_columns(self) -> None:
+        from io import StringIO
+
+        from rich.console import Console
+
+        from breakfix.cli.render import incident_table, plural
+        from breakfix.schemas.incident import Incident
+
+        inc = Incident.model_validate({
+            "id": "inc-7f3a2b1c", "cluster": "c1", "scope": "gpu", "category": "gpu_reset_required",
+            "domain": "operator", "severity": "critical", "status": "resolved", "node": "node-017",
+            "first_seen": "2026-01-01T00:00:00Z", "last_seen": "2026-01-01T00:00:00Z"})
+        buf = StringIO()
+        console = Console(file=buf, width=80)
+        console.print(incident_table([inc], "Incidents [resolved]"))
+        text = buf.getvalue()
+        assert "inc-7f3a2b1c" in text and "[resolved]" in text
+        assert max(len(x) for x in text.splitlines()) <= 80
+        assert (plural(1, "incident"), plural(2, "incident")) == ("1 incident", "2 incidents")

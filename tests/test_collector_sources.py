@@ -41,7 +41,7 @@ class TestDcgm:
         cycle = DcgmRules(ctx(catalog)).apply(SAMPLE, T0, 0.0, baseline_xids=False)
         assert bad(cycle) == {("ecc.dbe", "gpu1")}
         assert [(s.code, s.gpu.uuid if s.gpu else None) for s in cycle.events] == [
-            ("79", "GPU-6043e4b2-feaa-8010-34c7-61d1a01576bb")]
+            ("79", "GPU-6043e4b2-feaa-8010-34c7-61d1a01576bb")] * 2, "the last-XID gauge and the XID-count family"
 
     def test_last_xid_gauge_is_an_event_only_when_it_changes(self, catalog: Catalog) -> None:
         rules = DcgmRules(ctx(catalog))

@@ -18,6 +18,7 @@ from breakfix.schemas.incident import (
     IncidentStatus,
     Plan,
     StepAction,
+    WaitingOn,
 )
 from breakfix.schemas.signal import Signal
 from tests.conftest import T0, make_rules, sig
@@ -203,3 +204,16 @@ class TestLifecycle:
         core.apply_action(rec(iid, ActionKind.PLAN, ActionOutcome.COMPLETED), T0)
         core.apply_action(rec(iid, ActionKind.STEP, ActionOutcome.STARTED, StepAction.CORDON), T0)
         assert only(core).status == IncidentStatus.RESOLVED
+
+    @pytest.mark.parametrize("waiting", list(WaitingOn), ids=lambda w: str(w.value))
+    def test_remediator_records_waiting_is_copied_onto_the_incident_and_cleared_when_it_moves(
+            self, catalog: Catalog, waiting: WaitingOn) -> None:
+        core = Correlator(catalog)
+        feed(core, [sig(code="48")])
+        iid = only(core).id
+        r = rec(iid, ActionKind.STEP, ActionOutcome.WAITING, StepAction.RESET_GPU).model_copy(
+            update={"waiting": waiting})
+        assert [c.kind for c in core.apply_action(r, T0)] == [ChangeKind.STATUS]
+        assert only(core).waiting is waiting
+        core.apply_action(rec(iid, ActionKind.STEP, ActionOutcome.STARTED, StepAction.RESET_GPU), T0)
+        assert only(core).waiting is None

@@ -22,8 +22,8 @@ from breakfix.bus.memory import MemoryBus
 from breakfix.bus.server import EmbeddedNats
 from breakfix.collectors.fleet import build_fleet
 from breakfix.collectors.storm import switch_storm
+from breakfix.correlator.app import CorrelatorConfig, build_correlator, build_fleet_stage
 from breakfix.correlator.checkpoint import Checkpoint, CheckpointError
-from breakfix.correlator.fleet import FleetCorrelator, FleetService
 from breakfix.correlator.grouping import Correlator
 from breakfix.correlator.service import CorrelatorService, ServiceConfig
 from breakfix.schemas import subjects
@@ -133,13 +133,13 @@ class TestServiceOnMemoryBus:
             stop.set()
             await task
 
-        first = CorrelatorService(bus, Correlator(catalog), lambda: T0)
+        first = build_correlator(CorrelatorConfig(catalog=catalog), bus=bus, clock=lambda: T0)
         await run_until(first, 31)
         assert first.signal_stats.dead_lettered == 1
         assert len(bus.messages(subjects.DEAD_LETTERS.name)) == 1
         for s in signals[30:]:
             await bus.publish(subjects.signal_subject(s.cluster, s.node), encode(s))
-        second = CorrelatorService(bus, Correlator(catalog), lambda: T0)
+        second = build_correlator(CorrelatorConfig(catalog=catalog), bus=bus, clock=lambda: T0)
         await run_until(second, len(signals) - 30)
         assert second.signal_stats.handled == len(signals) - 30, "the restart re-read nothing its checkpoint covered"
         assert {i.id: i.snapshot() for i in second.core.incidents.values()} == reference(catalog, signals)
@@ -161,14 +161,10 @@ class TestKilledMidStream:
         signals = workload()
         bus = await JetStreamBus.connect(nats_server.url)
         await bus.ensure_streams(subjects.STREAMS)
-        js = bus.client.jetstream()
 
         async def acked() -> int:
-            try:
-                info = await js.consumer_info(subjects.SIGNALS.name, "correlator")
-            except Exception:
-                return 0
-            return int(info.ack_floor.stream_seq if info.ack_floor else 0)
+            state = await bus.consumer_state(subjects.SIGNALS.name, "correlator")
+            return state.ack_floor if state else 0
 
         async def incidents_published() -> int:
             return await bus.stream_messages(subjects.INCIDENTS.name)
@@ -225,9 +221,9 @@ class TestPartitions:
         signals += [sig(node=f"m{i}", code="48", at=i) for i in range(12)]
         bus = await JetStreamBus.connect(nats_server.url)
         stop = asyncio.Event()
-        parts = [CorrelatorService(bus, Correlator(catalog, topology=False), lambda: T0,
-                                   config=ServiceConfig(partition=p, partitions=2)) for p in range(2)]
-        fleet = FleetService(bus, FleetCorrelator(parts[0].core.rules), lambda: T0)
+        parts = [build_correlator(CorrelatorConfig(catalog=catalog, service=ServiceConfig(partition=p, partitions=2)),
+                                  bus=bus, clock=lambda: T0) for p in range(2)]
+        fleet = build_fleet_stage(CorrelatorConfig(rules=parts[0].core.rules), bus=bus, clock=lambda: T0)
         async with asyncio.TaskGroup() as tg:
             for p, svc in enumerate(parts):
                 tg.create_task(svc.run(stop), name=f"test-partition-{p}")

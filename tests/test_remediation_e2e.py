@@ -177,7 +177,7 @@ async def test_failed_reset_escalates_to_the_reboot_rung(rig: Rig, catalog: Cata
 
     actuator = ClusterActuator(k8s, NodeAgentClient(bus, "c1", now), reboot_wait_s=10, poll_s=0.1)
     service = RemediatorService(bus, actuator, load_policy(fast_policy(rig.tmp)), now,
-                                store=await KvStore.open(bus.client.jetstream()))
+                                store=await KvStore.open(bus))
     task = asyncio.create_task(service.run(rig.stop), name="e2e-remediator")
     try:
         await rig.xid48()

@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
-import nats
 import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.object_store import ObjectStore
 
+from breakfix.bus.connect import connect_client
+from breakfix.bus.jskv import JetStreamKv
+from breakfix.bus.options import NatsOptions
 from breakfix.bus.pipeline import PipelinedPublisher, PublishError
-from breakfix.bus.protocol import Delivery, PublishAck
+from breakfix.bus.protocol import ConsumerState, Delivery, KvEntry, PublishAck, Unsubscribe
 from breakfix.bus.puller import BatchPuller
 from breakfix.bus.retry import transient_retry
 from breakfix.schemas.subjects import HDR_MSG_ID, StreamSpec
@@ -78,21 +81,21 @@ class JetStreamBus:
     def __init__(self, nc: Client, js: JetStreamContext) -> None:
         self._nc = nc
         self._js = js
-        self._subs: dict[tuple[str, str], JetStreamContext.PullSubscription] = {}
+        self._subs: list[Subscription] = []  # core subscriptions (serve, subscribe), closed on close()
         self._pullers: dict[tuple[str, str], BatchPuller] = {}
         self._pipeline: PipelinedPublisher | None = None
         self._stores: dict[str, ObjectStore] = {}
+        self._kv = JetStreamKv(js)
 
     @classmethod
-    async def connect(cls, url: str, *, name: str = "breakfix") -> JetStreamBus:
-        nc = await nats.connect(
-            url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, allow_reconnect=True
-        )
+    async def connect(cls, target: str | NatsOptions, *, name: str = "breakfix",
+                      stop: asyncio.Event | None = None) -> JetStreamBus:
+        """Connect to ``target`` (a URL or full ``NatsOptions``). Without ``stop``: one bounded attempt
+        that raises ``BusConnectError`` (CLI). With ``stop``: retry with backoff until connected, or
+        raise ``ConnectAborted`` once ``stop`` is set (daemons). See ``bus.connect``."""
+        opts = target if isinstance(target, NatsOptions) else NatsOptions(url=target)
+        nc = await connect_client(opts, name=name, stop=stop)
         return cls(nc, nc.jetstream(timeout=10.0))
-
-    @property
-    def client(self) -> Client:
-        return self._nc
 
     async def ensure_streams(self, specs: Sequence[StreamSpec]) -> None:
         for spec in specs:
@@ -157,6 +160,30 @@ class JetStreamBus:
             max_ack_pending=max_ack_pending,
         )
         await transient_retry(lambda: self._js.add_consumer(stream, config=config))
+
+    async def ensure_kv(self, bucket: str, *, history: int = 1, max_age_s: float | None = None) -> None:
+        await self._kv.ensure_kv(bucket, history=history, max_age_s=max_age_s)
+
+    async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
+        return await self._kv.kv_get(bucket, key)
+
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
+        return await self._kv.kv_put(bucket, key, value)
+
+    async def kv_create(self, bucket: str, key: str, value: bytes) -> int:
+        return await self._kv.kv_create(bucket, key, value)
+
+    async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int:
+        return await self._kv.kv_update(bucket, key, value, revision)
+
+    async def kv_delete(self, bucket: str, key: str) -> None:
+        await self._kv.kv_delete(bucket, key)
+
+    async def kv_keys(self, bucket: str, prefix: str = "") -> list[str]:
+        return await self._kv.kv_keys(bucket, prefix)
+
+    def kv_watch(self, bucket: str, prefix: str = "") -> AsyncIterator[KvEntry]:
+        return self._kv.kv_watch(bucket, prefix)
 
     async def put_blob(self, bucket: str, name: str, data: bytes) -> None:
         store = await self._object_store(bucket)
@@ -228,12 +255,53 @@ class JetStreamBus:
             if msg.reply:
                 await self._nc.publish(msg.reply, reply)
 
-        await self._nc.subscribe(subject, cb=on_request)
+        self._subs.append(await self._nc.subscribe(subject, cb=on_request))
         await self._nc.flush()  # the server knows the responder before anyone asks
 
+    async def publish_core(self, subject: str, data: bytes) -> None:
+        await self._nc.publish(subject, data)
+
+    async def flush(self) -> None:
+        await self._nc.flush()
+
+    async def subscribe(self, subject: str, handler: Callable[[str, bytes], Awaitable[None]]) -> Unsubscribe:
+        async def on_msg(msg: Msg) -> None:
+            await handler(msg.subject, msg.data)
+
+        sub = await self._nc.subscribe(subject, cb=on_msg)
+        self._subs.append(sub)
+        await self._nc.flush()
+
+        async def unsubscribe() -> None:
+            if sub in self._subs:
+                self._subs.remove(sub)
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
+
+        return unsubscribe
+
     async def stream_messages(self, stream: str) -> int:
-        info = await self._js.stream_info(stream)
+        info = await transient_retry(lambda: self._js.stream_info(stream))
         return int(info.state.messages)
+
+    async def consumer_state(self, stream: str, durable: str) -> ConsumerState | None:
+        try:
+            info = await transient_retry(lambda: self._js.consumer_info(stream, durable))
+        except nats.js.errors.NotFoundError:
+            return None
+        return ConsumerState(num_pending=int(info.num_pending or 0), num_ack_pending=int(info.num_ack_pending or 0),
+                             ack_floor=int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0,
+                             delivered=int(info.delivered.stream_seq or 0) if info.delivered else 0)
+
+    async def delete_consumer(self, stream: str, durable: str) -> bool:
+        puller = self._pullers.pop((stream, durable), None)
+        if puller is not None:
+            await puller.close()
+        try:
+            await transient_retry(lambda: self._js.delete_consumer(stream, durable))
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
 
     async def close(self) -> None:
         for puller in self._pullers.values():
@@ -241,7 +309,7 @@ class JetStreamBus:
         self._pullers.clear()
         if self._pipeline is not None:
             await self._pipeline.close()
-        for sub in self._subs.values():
+        for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subs.clear()

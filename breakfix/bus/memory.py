@@ -8,10 +8,11 @@ ack, and redelivery of nak'ed or un-acked messages (on ``redeliver_unacked``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from breakfix.bus.protocol import Delivery, PublishAck, subject_matches
+from breakfix.bus.memkv import MemoryKv
+from breakfix.bus.protocol import ConsumerState, Delivery, KvEntry, PublishAck, Unsubscribe, subject_matches
 from breakfix.schemas.subjects import StreamSpec
 
 
@@ -86,6 +87,8 @@ class MemoryBus:
         self.responders: dict[str, Callable[[bytes], Awaitable[bytes]]] = {}
         self._cond = asyncio.Condition()
         self.closed = False
+        self.kv = MemoryKv()
+        self.subscribers: list[tuple[str, Callable[[str, bytes], Awaitable[None]]]] = []
 
     def _wake(self) -> None:
         async def _notify() -> None:
@@ -124,6 +127,30 @@ class MemoryBus:
     async def serve(self, subject: str, handler: Callable[[bytes], Awaitable[bytes]]) -> None:
         self.responders[subject] = handler
 
+    async def ensure_kv(self, bucket: str, *, history: int = 1, max_age_s: float | None = None) -> None:
+        await self.kv.ensure_kv(bucket, history=history, max_age_s=max_age_s)
+
+    async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
+        return await self.kv.kv_get(bucket, key)
+
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
+        return await self.kv.kv_put(bucket, key, value)
+
+    async def kv_create(self, bucket: str, key: str, value: bytes) -> int:
+        return await self.kv.kv_create(bucket, key, value)
+
+    async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int:
+        return await self.kv.kv_update(bucket, key, value, revision)
+
+    async def kv_delete(self, bucket: str, key: str) -> None:
+        await self.kv.kv_delete(bucket, key)
+
+    async def kv_keys(self, bucket: str, prefix: str = "") -> list[str]:
+        return await self.kv.kv_keys(bucket, prefix)
+
+    def kv_watch(self, bucket: str, prefix: str = "") -> AsyncIterator[KvEntry]:
+        return self.kv.kv_watch(bucket, prefix)
+
     async def put_blob(self, bucket: str, name: str, data: bytes) -> None:
         self.blobs[(bucket, name)] = bytes(data)
 
@@ -139,6 +166,13 @@ class MemoryBus:
     async def publish(self, subject: str, data: bytes, *, msg_id: str | None = None,
                       headers: Mapping[str, str] | None = None) -> PublishAck:
         st = self._stream_for(subject)
+        for pattern, handler in list(self.subscribers):
+            if subject_matches(pattern, subject):
+                await handler(subject, data)
+        return await self._store(st, subject, data, msg_id, headers)
+
+    async def _store(self, st: _Stream, subject: str, data: bytes, msg_id: str | None,
+                     headers: Mapping[str, str] | None) -> PublishAck:
         if msg_id and msg_id in st.msg_ids:
             return PublishAck(st.spec.name, len(st.messages), duplicate=True)
         if msg_id:
@@ -183,6 +217,45 @@ class MemoryBus:
         except TimeoutError:
             return []
         return self._take(st, c, batch)
+
+    async def publish_core(self, subject: str, data: bytes) -> None:
+        for pattern, handler in list(self.subscribers):
+            if subject_matches(pattern, subject):
+                await handler(subject, data)
+        for st in self.streams.values():  # a stream captures core publishes on its subjects, as JetStream does
+            if any(subject_matches(p, subject) for p in st.spec.subjects):
+                await self._store(st, subject, data, None, {})
+                return
+
+    async def flush(self) -> None:
+        return None
+
+    async def subscribe(self, subject: str, handler: Callable[[str, bytes], Awaitable[None]]) -> Unsubscribe:
+        entry = (subject, handler)
+        self.subscribers.append(entry)
+
+        async def unsubscribe() -> None:
+            if entry in self.subscribers:
+                self.subscribers.remove(entry)
+
+        return unsubscribe
+
+    async def stream_messages(self, stream: str) -> int:
+        return len(self.streams[stream].messages)
+
+    async def consumer_state(self, stream: str, durable: str) -> ConsumerState | None:
+        st = self.streams[stream]
+        c = st.consumers.get(durable)
+        if c is None:
+            return None
+        pending = sum(1 for m in st.messages[c.next_index:] if subject_matches(c.filter_subject, m.subject))
+        delivered = st.messages[c.next_index - 1].seq if c.next_index else 0
+        floor = min(c.pending, default=delivered + 1) - 1
+        return ConsumerState(num_pending=pending, num_ack_pending=len(c.pending), ack_floor=max(floor, 0),
+                             delivered=delivered)
+
+    async def delete_consumer(self, stream: str, durable: str) -> bool:
+        return self.streams[stream].consumers.pop(durable, None) is not None
 
     def redeliver_unacked(self) -> None:
         """Simulate ack-wait expiry: every pending message is delivered again."""

@@ -83,6 +83,43 @@ class Requester(Protocol):
     async def serve(self, subject: str, handler: Callable[[bytes], Awaitable[bytes]]) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class ConsumerState:
+    """Where a durable consumer stands: what it has not been sent yet, what awaits its ack."""
+
+    num_pending: int
+    num_ack_pending: int
+    ack_floor: int  # highest stream sequence acked with everything before it
+    delivered: int  # highest stream sequence delivered
+
+
+class StreamAdmin(Protocol):
+    """Read-mostly stream administration for operators' commands, tests and readiness checks."""
+
+    async def stream_messages(self, stream: str) -> int:
+        """Messages the stream holds now."""
+        ...
+
+    async def consumer_state(self, stream: str, durable: str) -> ConsumerState | None:
+        """None when the consumer does not exist."""
+        ...
+
+    async def delete_consumer(self, stream: str, durable: str) -> bool:
+        """True when it existed."""
+        ...
+
+
+Unsubscribe = Callable[[], Awaitable[None]]
+
+
+class CorePubSub(Protocol):
+    """Core NATS publish/subscribe (no stream ack): watchers and load generators."""
+
+    async def publish_core(self, subject: str, data: bytes) -> None: ...
+    async def flush(self) -> None: ...
+    async def subscribe(self, subject: str, handler: Callable[[str, bytes], Awaitable[None]]) -> Unsubscribe: ...
+
+
 class BlobStore(Protocol):
     """Named blobs that outlive a process (checkpoints). JetStream Object Store, or memory."""
 

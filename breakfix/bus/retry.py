@@ -1,12 +1,15 @@
 """The one place breakfix retries: transient errors only, with bounded backoff.
 
-Publishing and stream set-up call ``transient_retry``; permanent errors (bad stream
-config, authorisation, our own bugs) are raised at once.
+Publishing and stream set-up call ``transient_retry``; a daemon's first connect calls
+``retry_connect`` (backoff, one log line per attempt, stops when told); Kubernetes calls
+``retry_when``. Permanent errors (bad stream config, authorisation, a certificate that does
+not verify, our own bugs) are raised at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -14,6 +17,7 @@ import nats.errors
 import nats.js.errors
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception,
     retry_if_exception_type,
     stop_after_attempt,
@@ -60,5 +64,56 @@ async def retry_when(fn: Callable[[], Awaitable[T]], predicate: Callable[[BaseEx
         reraise=True,
     ):
         with attempt:
+            return await fn()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class ConnectAborted(Exception):
+    """The process was asked to stop while it was still connecting."""
+
+
+def transient_connect_error(exc: BaseException) -> bool:
+    """Worth another connect attempt: the server is down, unreachable or slow. Refused credentials,
+    a certificate that does not verify and a missing creds file are permanent: retrying cannot help."""
+    if isinstance(exc, ssl.SSLError | FileNotFoundError | PermissionError | IsADirectoryError):
+        return False
+    text = str(exc).lower()
+    if isinstance(exc, nats.errors.Error) and ("authorization" in text or "authentication" in text):
+        return False
+    return isinstance(exc, nats.errors.Error | OSError | asyncio.TimeoutError)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        return
+    raise ConnectAborted("stopped while waiting to reconnect")
+
+
+async def retry_connect(fn: Callable[[], Awaitable[T]], *, stop: asyncio.Event,
+                        on_retry: Callable[[int, BaseException, float], None],
+                        initial_s: float = 0.5, max_wait_s: float = 15.0) -> T:
+    """Connect until it works, backing off exponentially (``initial_s`` doubling up to ``max_wait_s``,
+    with jitter) while the error is transient; ``on_retry(attempt, error, wait_s)`` logs each failed
+    attempt. Raises ``ConnectAborted`` as soon as ``stop`` is set, a permanent error at once."""
+    wait = wait_exponential(multiplier=initial_s, max=max_wait_s) + wait_random(0, initial_s / 2)
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        if exc is not None:
+            on_retry(state.attempt_number, exc, state.upcoming_sleep)
+
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception(transient_connect_error),
+        stop=stop_never,
+        wait=wait,
+        sleep=lambda s: _sleep_or_stop(stop, s),
+        before_sleep=before_sleep,
+        reraise=True,
+    ):
+        with attempt:
+            if stop.is_set():
+                raise ConnectAborted("stopped before connecting")
             return await fn()
     raise AssertionError("unreachable")  # pragma: no cover

@@ -1,5 +1,7 @@
 """The long-running services: ``collector``, ``fleet-collector``, ``correlator``, ``correlator-fleet``,
-``remediator``. Each logs JSON, stops cleanly on SIGTERM and refuses a bad config with file:line."""
+``remediator``. Each logs JSON, stops cleanly on SIGTERM (also while still connecting to NATS) and refuses a
+bad config with file:line. NATS options come from the config file's ``nats:`` section, overridden by the
+``--nats --creds --tls-*`` flags (``cliutil.with_nats``)."""
 
 from __future__ import annotations
 
@@ -11,30 +13,40 @@ from typing import Annotated
 import typer
 
 from breakfix.cli import logs
-from breakfix.cli.cliutil import app, daemon, load
+from breakfix.cli.cliutil import NatsFlags, app, daemon, load, with_nats
 
 
 @app.command()
+@with_nats(default_url=None)
 def collector(
     config: Annotated[Path, typer.Option("--config", envvar="BREAKFIX_COLLECTOR_CONFIG", help="Collector YAML.")],
+    nats: NatsFlags,
 ) -> None:
     """Run the node collector daemon (JSON logs, /metrics and /healthz)."""
+    from breakfix.bus.jetstream import JetStreamBus
+    from breakfix.bus.options import NatsOptions
     from breakfix.collectors.config import load_config
     from breakfix.collectors.daemon import CollectorDaemon
     from breakfix.schemas.catalog import load_catalog
 
     logs.configure(json=True)
     cfg = load(lambda: load_config(config))
-    collector_daemon = CollectorDaemon(cfg, load(load_catalog))
+    opts = nats.options(NatsOptions.model_validate(cfg.nats.model_dump(include=set(NatsOptions.model_fields))))
+    name = f"breakfix-collector-{cfg.node_name}"
+    collector_daemon = CollectorDaemon(cfg, load(load_catalog),
+                                       connect=lambda _url: JetStreamBus.connect(opts, name=name))
     daemon(collector_daemon.run)
 
 
 @app.command()
+@with_nats(default_url=None)
 def remediator(
     config: Annotated[Path, typer.Option("--config", envvar="BREAKFIX_REMEDIATOR_CONFIG", help="Remediator YAML.")],
+    nats: NatsFlags,
 ) -> None:
     """Run the remediator daemon: Kubernetes, the node agents and the provider hook (JSON logs)."""
     from breakfix.bus.jetstream import JetStreamBus
+    from breakfix.bus.options import NatsOptions
     from breakfix.remediator.composite import ClusterActuator
     from breakfix.remediator.config import load_config
     from breakfix.remediator.k8s import DrainPolicy, KubernetesActuator, api_for
@@ -48,6 +60,7 @@ def remediator(
     logs.configure(json=True)
     cfg = load(lambda: load_config(config))
     pol = load(lambda: load_policy(cfg.policy))
+    opts = nats.options(cfg.nats or NatsOptions(url=cfg.nats_url))
     k = cfg.kubernetes
     if k.in_cluster:
         from kubernetes import client as kclient
@@ -60,7 +73,7 @@ def remediator(
         api = api_for(k.host or "http://127.0.0.1:8080", token=token, verify_ssl=k.verify_ssl)
 
     async def main(stop: asyncio.Event) -> None:
-        bus = await JetStreamBus.connect(cfg.nats_url, name="breakfix-remediator")
+        bus = await JetStreamBus.connect(opts, name="breakfix-remediator", stop=stop)
         try:
             clock = lambda: datetime.now(UTC)  # noqa: E731
             k8s = KubernetesActuator(api, drain=DrainPolicy(default=k.drain_default, namespaces=k.drain_namespaces,
@@ -72,7 +85,7 @@ def remediator(
             lease = cfg.lease
             elector = LeaseElector(api, name=lease.name, namespace=lease.namespace, identity=lease.identity,
                                    lease_s=lease.lease_s) if lease.enabled else None
-            store = await KvStore.open(bus.client.jetstream())
+            store = await KvStore.open(bus)
             await RemediatorService(bus, actuator, pol, clock, actor=cfg.actor, store=store, elector=elector).run(stop)
         finally:
             await bus.close()
@@ -81,10 +94,11 @@ def remediator(
 
 
 @app.command("fleet-collector")
+@with_nats()
 def fleet_collector(
     prometheus: Annotated[str, typer.Option(envvar="BREAKFIX_PROMETHEUS_URL", help="Prometheus base URL.")],
     cluster: Annotated[str, typer.Option(envvar="BREAKFIX_CLUSTER", help="Cluster the fleet belongs to.")],
-    nats: Annotated[str, typer.Option(envvar="BREAKFIX_NATS_URL", help="NATS URL.")] = "nats://127.0.0.1:4222",
+    nats: NatsFlags,
     rules: Annotated[Path | None, typer.Option(help="Fleet rules YAML (default: the shipped rules).")] = None,
     interval: Annotated[float, typer.Option(min=1, help="Seconds between evaluations.")] = 30.0,
     spool_dir: Annotated[Path, typer.Option(help="Spool while NATS is away.")] = Path("/var/lib/breakfix/fleet-spool"),
@@ -97,18 +111,19 @@ def fleet_collector(
     logs.configure(json=True)
     spec = load(lambda: load_fleet_rules(rules))
     fleet = FleetRules(spec, cluster=cluster, catalog=load(load_catalog))
+    opts = nats.options()
 
     async def main(stop: asyncio.Event) -> None:
-        await run_fleet(rules=fleet, prom=PrometheusClient(prometheus), nats_url=nats, spool_dir=spool_dir,
+        await run_fleet(rules=fleet, prom=PrometheusClient(prometheus), nats_url=opts, spool_dir=spool_dir,
                         interval_s=interval, clock=lambda: datetime.now(UTC), stop=stop)
 
     daemon(main)
 
 
 @app.command()
+@with_nats(default_url=None)
 def correlator(
-    nats: Annotated[str | None, typer.Option(envvar="BREAKFIX_NATS_URL",
-                                             help="NATS URL; without one breakfix starts its own nats-server.")] = None,
+    nats: NatsFlags,
     data_dir: Annotated[Path, typer.Option(envvar="BREAKFIX_DATA_DIR", help="Store for an embedded server.")] = Path(
         ".breakfix"),
     rules: Annotated[Path | None, typer.Option(envvar="BREAKFIX_CORRELATOR_RULES",
@@ -120,11 +135,13 @@ def correlator(
     checkpoint_interval: Annotated[float, typer.Option(help="Seconds between state checkpoints.")] = 1.0,
 ) -> None:
     """Run the correlator daemon (JSON logs). State is checkpointed to the JetStream object store."""
+    from breakfix.bus.clock import SystemClock
     from breakfix.bus.jetstream import JetStreamBus
+    from breakfix.bus.options import NatsOptions
     from breakfix.bus.server import EmbeddedNats
-    from breakfix.correlator.grouping import Correlator
+    from breakfix.correlator.app import CorrelatorConfig, build_correlator
     from breakfix.correlator.rules import load_rules
-    from breakfix.correlator.service import CorrelatorService, ServiceConfig
+    from breakfix.correlator.service import ServiceConfig
     from breakfix.schemas.catalog import load_catalog
 
     logs.configure(json=True)
@@ -133,15 +150,15 @@ def correlator(
     if partition >= partitions:
         raise typer.BadParameter(f"--partition {partition} must be below --partitions {partitions}")
     config = ServiceConfig(partition=partition, partitions=partitions, checkpoint_interval_s=checkpoint_interval)
-    server = None if nats else EmbeddedNats(data_dir / "nats").start()
-    url = nats or (server.url if server else "")
+    server = None if nats.url else EmbeddedNats(data_dir / "nats").start()
+    opts = nats.options(NatsOptions(url=server.url) if server else None)
 
     async def main(stop: asyncio.Event) -> None:
-        bus = await JetStreamBus.connect(url, name=f"breakfix-{config.name}")
+        bus = await JetStreamBus.connect(opts, name=f"breakfix-{config.name}", stop=stop)
         try:
             # partitioned instances leave fabric grouping to the fleet stage (breakfix correlator-fleet)
-            core = Correlator(cat, compiled, topology=partitions == 1)
-            await CorrelatorService(bus, core, lambda: datetime.now(UTC), config=config).run(stop)
+            cfg = CorrelatorConfig(rules=compiled, catalog=cat, service=config)
+            await build_correlator(cfg, bus=bus, clock=SystemClock()).run(stop)
         finally:
             await bus.close()
 
@@ -153,24 +170,27 @@ def correlator(
 
 
 @app.command("correlator-fleet")
+@with_nats()
 def correlator_fleet(
-    nats: Annotated[str, typer.Option(envvar="BREAKFIX_NATS_URL", help="NATS URL of the partitioned correlators.")],
+    nats: NatsFlags,
     rules: Annotated[Path | None, typer.Option(envvar="BREAKFIX_CORRELATOR_RULES",
                                                help="Correlator rules YAML (its topology section is used).")] = None,
 ) -> None:
     """Run the fleet stage: fabric incidents across partitioned correlators (JSON logs)."""
+    from breakfix.bus.clock import SystemClock
     from breakfix.bus.jetstream import JetStreamBus
-    from breakfix.correlator.fleet import FleetCorrelator, FleetService
+    from breakfix.correlator.app import CorrelatorConfig, build_fleet_stage
     from breakfix.correlator.rules import load_rules
     from breakfix.schemas.catalog import load_catalog
 
     logs.configure(json=True)
     compiled = load(lambda: load_rules(rules, load(load_catalog)))
+    opts = nats.options()
 
     async def main(stop: asyncio.Event) -> None:
-        bus = await JetStreamBus.connect(nats, name="breakfix-correlator-fleet")
+        bus = await JetStreamBus.connect(opts, name="breakfix-correlator-fleet", stop=stop)
         try:
-            await FleetService(bus, FleetCorrelator(compiled), lambda: datetime.now(UTC)).run(stop)
+            await build_fleet_stage(CorrelatorConfig(rules=compiled), bus=bus, clock=SystemClock()).run(stop)
         finally:
             await bus.close()
 

@@ -15,12 +15,13 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from breakfix.cli.cliutil import app, fail, out
+from breakfix.bus.options import NatsOptions
+from breakfix.cli.cliutil import NatsFlags, app, fail, out, with_nats
 from breakfix.schemas import subjects
 from breakfix.schemas.incident import ActionRecord, Incident, IncidentChange
 
 
-async def _read(nats: str, stream: str, filter_subject: str) -> list[bytes]:
+async def _read(nats: NatsOptions, stream: str, filter_subject: str) -> list[bytes]:
     from breakfix.bus.jetstream import JetStreamBus
 
     bus = await JetStreamBus.connect(nats, name="breakfix-cli")
@@ -35,7 +36,7 @@ async def _read(nats: str, stream: str, filter_subject: str) -> list[bytes]:
         return data
     finally:
         with contextlib.suppress(Exception):
-            await bus.client.jetstream().delete_consumer(stream, durable)
+            await bus.delete_consumer(stream, durable)
         await bus.close()
 
 
@@ -53,8 +54,9 @@ def _latest(raw: list[bytes]) -> dict[str, Incident]:
 
 
 @app.command()
+@with_nats()
 def incidents(
-    nats: Annotated[str, typer.Option(envvar="BREAKFIX_NATS_URL", help="NATS URL.")] = "nats://127.0.0.1:4222",
+    nats: NatsFlags,
     cluster: Annotated[str | None, typer.Option(envvar="BREAKFIX_CLUSTER", help="Only this cluster.")] = None,
     show_all: Annotated[bool, typer.Option("--all", help="Include resolved and folded incidents.")] = False,
 ) -> None:
@@ -62,10 +64,11 @@ def incidents(
     from breakfix.cli.render import incident_table
 
     filt = subjects.incident_subject(cluster) if cluster else subjects.INCIDENTS_ALL
+    opts = nats.options()
     try:
-        raw = asyncio.run(_read(nats, subjects.INCIDENTS.name, filt))
+        raw = asyncio.run(_read(opts, subjects.INCIDENTS.name, filt))
     except Exception as exc:
-        raise fail(f"cannot read incidents from {nats}: {exc}") from None
+        raise fail(f"cannot read incidents from {opts.url}: {exc}") from None
     rows = [i for i in _latest(raw).values()
             if show_all or ((not i.status.terminal or i.status.value == "escalated") and i.parent is None)]
     rows.sort(key=lambda i: (i.status.terminal, -i.severity.rank, i.first_seen))
@@ -73,19 +76,21 @@ def incidents(
 
 
 @app.command()
+@with_nats()
 def audit(
     incident: Annotated[str, typer.Argument(help="Incident id.")],
-    nats: Annotated[str, typer.Option(envvar="BREAKFIX_NATS_URL", help="NATS URL.")] = "nats://127.0.0.1:4222",
+    nats: NatsFlags,
 ) -> None:
     """Why an incident exists and everything done about it: timeline, evidence, action records."""
+    opts = nats.options()
     try:
-        latest = _latest(asyncio.run(_read(nats, subjects.INCIDENTS.name, subjects.INCIDENTS_ALL))).get(incident)
+        latest = _latest(asyncio.run(_read(opts, subjects.INCIDENTS.name, subjects.INCIDENTS_ALL))).get(incident)
         records = [ActionRecord.model_validate_json(d) for d in
-                   asyncio.run(_read(nats, subjects.ACTIONS.name, subjects.ACTIONS_ALL))]
+                   asyncio.run(_read(opts, subjects.ACTIONS.name, subjects.ACTIONS_ALL))]
     except Exception as exc:
-        raise fail(f"cannot read from {nats}: {exc}") from None
+        raise fail(f"cannot read from {opts.url}: {exc}") from None
     if latest is None:
-        raise fail(f"no incident {incident} on {nats}")
+        raise fail(f"no incident {incident} on {opts.url}")
     i = latest
     out.print(f"[bold]{i.id}[/bold] {i.category} ({i.domain.value}, {i.severity.value}) {i.status.value}: {i.title}")
     out.print(f"  where: {i.node or ','.join(i.nodes)} gpus={','.join(g.label() for g in i.gpus) or '-'} "

@@ -25,8 +25,7 @@ from breakfix.bus.server import EmbeddedNats
 from breakfix.collectors.fleet import Fleet, build_fleet
 from breakfix.collectors.publisher import SignalPublisher
 from breakfix.collectors.sim import Scenario, run_scenario, timeline
-from breakfix.correlator.grouping import Correlator
-from breakfix.correlator.service import CorrelatorService
+from breakfix.correlator.app import CorrelatorConfig, build_correlator
 from breakfix.remediator.policy import Policy
 from breakfix.remediator.service import RemediatorService
 from breakfix.remediator.simcluster import SimCluster, SimNode
@@ -116,7 +115,8 @@ async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: C
 
         collector_bus = await bus("breakfix-collector-sim")
         await collector_bus.ensure_streams(subjects.STREAMS)
-        correlator = CorrelatorService(await bus("breakfix-correlator"), Correlator(catalog), utcnow)
+        correlator = build_correlator(CorrelatorConfig(catalog=catalog), bus=await bus("breakfix-correlator"),
+                                      clock=utcnow)
         remediator = RemediatorService(await bus("breakfix-remediator"), cluster, policy, utcnow,
                                        actor="remediator/demo", retry_refused_s=1.0)
         console = Console()

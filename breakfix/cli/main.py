@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from breakfix.cli import logs
 from breakfix.cli.cliutil import app, err, fail, load, out, schema_app
+from breakfix.schemas.datafile import read_text
 
-__all__ = ["app", "cli_daemons", "cli_oncall", "cli_ops", "cli_signals", "main"]
+MAX_REPLAY_BYTES = 256 * 1024 * 1024
+
+__all__ = ["app", "cli_daemons", "cli_oncall", "cli_ops", "cli_signals", "cli_simulate", "main"]
 
 
 @app.command()
@@ -77,6 +82,7 @@ def replay(
 
     if fmt not in ("table", "json"):
         raise fail(f"--format must be table or json, not {fmt!r}")
+    load(lambda: read_text(signals, MAX_REPLAY_BYTES))  # size, binary, UTF-8: refused before line-by-line reading
     catalog = load(load_catalog)
     pol = load(lambda: load_policy(policy))
     errors: list[str] = []
@@ -114,21 +120,96 @@ def schema_check() -> None:
     out.print("schemas/json is up to date")
 
 
+_CODE = re.compile(r"^(?:xid\s*)?(?P<xid>\d{1,5})$|^(?P<dcgm>DCGM_FR_[A-Z0-9_]{1,80})$", re.IGNORECASE)
+ARCHS = (("applies_a100", "A100"), ("applies_h100", "H100"), ("applies_b100", "B100"), ("applies_gb200", "GB200"))
+
+
+def _xid_row(xid: int) -> dict[str, str]:
+    """The catalog CSV row of one XID (architectures are not on the loaded entry)."""
+    import csv
+
+    from breakfix.schemas.catalog import CATALOG_DIR
+
+    with (CATALOG_DIR / "xid_catalog.csv").open(newline="", encoding="utf-8") as fh:
+        return next((row for row in csv.DictReader(fh) if row.get("xid") == str(xid)), {})
+
+
 @app.command()
-def catalog(code: Annotated[str, typer.Argument(help="XID number or DCGM_FR_* code.")]) -> None:
-    """Show how breakfix classifies one fault code, and NVIDIA's source for it."""
+def catalog(
+    code: Annotated[str, typer.Argument(help="XID number (79, xid79) or DCGM_FR_* code.")],
+    fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+) -> None:
+    """Show how breakfix classifies one fault code: NVIDIA's mnemonic and buckets, architectures, the runbook."""
     from breakfix.schemas.catalog import load_catalog
 
+    if fmt not in ("text", "json"):
+        raise fail(f"--format must be text or json, not {fmt!r}")
+    m = _CODE.match(code.strip())
+    if m is None:
+        raise fail(f"{code!r} is not a fault code: give an XID number (e.g. 79) or a DCGM_FR_* code "
+                   "(e.g. DCGM_FR_VOLATILE_DBE_DETECTED)")
     cat = load(load_catalog)
-    fc = cat.dcgm_code(code) if code.startswith("DCGM_FR_") else cat.xid(code)
-    out.print_json(json.dumps({"code": code, "category": fc.category, "severity": fc.severity.value,
-                               "domain": fc.domain.value, "nvidia_bucket": fc.bucket, "known": fc.known,
-                               "title": fc.title, "source": fc.source}))
+    info: dict[str, object]
+    if m.group("xid"):
+        xid = int(m.group("xid"))
+        fc = cat.xid(str(xid))
+        entry = cat.xids.get(xid)
+        row = _xid_row(xid) if entry else {}
+        info = {"code": str(xid), "kind": "xid", "mnemonic": entry.mnemonic if entry else None,
+                "description": entry.description if entry else None,
+                "immediate_bucket": entry.immediate_bucket if entry else None,
+                "investigatory_bucket": entry.investigatory_bucket if entry else None,
+                "architectures": [name for col, name in ARCHS if row.get(col, "").upper() == "YES"]}
+    else:
+        fc = cat.dcgm_code(m.group("dcgm").upper())
+        info = {"code": m.group("dcgm").upper(), "kind": "dcgm", "mnemonic": None, "description": None,
+                "immediate_bucket": cat.dcgm.get(m.group("dcgm").upper()), "investigatory_bucket": None,
+                "architectures": []}
+    info.update({"category": fc.category, "severity": fc.severity.value, "domain": fc.domain.value,
+                 "nvidia_bucket": fc.bucket, "known": fc.known, "title": fc.title, "source": fc.source,
+                 "runbook": f"runbooks/{fc.category}.md"})
+    if fmt == "json":
+        out.print_json(json.dumps(info))
+        return
+    head = f"{'XID ' if info['kind'] == 'xid' else ''}{info['code']}"
+    lines = [f"[bold]{escape(head)}[/bold]  {escape(str(info['mnemonic'] or ''))}"]
+    if info["description"]:
+        lines.append(f"  {escape(str(info['description']))}")
+    if not fc.known:
+        lines.append("  [yellow]not a known fault in NVIDIA's catalog: the cautious path (cordon, escalate)[/yellow]")
+    archs = info["architectures"]
+    rows = [("category", f"{fc.category} ({fc.domain.value} domain, {fc.severity.value})"),
+            ("NVIDIA buckets", f"immediate {info['immediate_bucket'] or '-'}, "
+                               f"investigatory {info['investigatory_bucket'] or '-'}"),
+            ("architectures", ", ".join(archs) if isinstance(archs, list) and archs else "-"),
+            ("runbook", str(info["runbook"])), ("source", fc.source or "-")]
+    lines += [f"  {k:<15}{escape(v)}" for k, v in rows]
+    out.print("\n".join(lines), highlight=False, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("breakfix")
+        except PackageNotFoundError:
+            v = "unknown"
+        out.print(f"breakfix {v}", highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False,
+) -> None:
+    """GPU health and break-fix for GPU clusters."""
 
 
 # The other command groups register on the same app, after these (so `breakfix --help` lists
 # the demo first).
-from breakfix.cli import cli_daemons, cli_oncall, cli_ops, cli_signals  # noqa: E402
+from breakfix.cli import cli_daemons, cli_oncall, cli_ops, cli_signals, cli_simulate  # noqa: E402
 
 
 def main() -> None:  # pragma: no cover

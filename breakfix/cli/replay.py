@@ -2,7 +2,9 @@
 
 Reads a JSONL file of ``Signal``s, uses each signal's ``observed_at`` as the clock, and
 returns every incident in its final state with the plan ``decide`` gives it (nothing is
-executed). A broken line is a ``ReplayError`` naming the file and line.
+executed). Each incident carries ``source``: the NVIDIA document (or breakfix correlation rule)
+behind its category; its plan names the policy rule and that rule's reason. A broken line is a
+``ReplayError`` naming the file and line.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from breakfix.correlator.grouping import Correlator
+from breakfix.correlator.app import CorrelatorConfig, build_core
 from breakfix.remediator.decide import ClusterView, decide
 from breakfix.remediator.policy import Policy
 from breakfix.schemas.catalog import Catalog
@@ -47,7 +49,7 @@ def read_signals(path: Path, *, skip_invalid: bool = False,
 
 def replay(path: Path, *, catalog: Catalog, policy: Policy, skip_invalid: bool = False,
            errors: list[str] | None = None) -> list[Incident]:
-    core = Correlator(catalog)
+    core = build_core(CorrelatorConfig(catalog=catalog))
     for sig in read_signals(path, skip_invalid=skip_invalid, errors=errors):
         core.ingest(sig, sig.observed_at)
     view = ClusterView()

@@ -13,14 +13,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from breakfix.bus.options import NatsOptions
 from breakfix.schemas.datafile import DataFileError, load_model
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
 
-class NatsConfig(BaseModel):
+class NatsConfig(NatsOptions):  # url, creds, tls_ca, tls_cert, tls_key (bus.options)
     model_config = _STRICT
-    url: str = "nats://127.0.0.1:4222"
     publish_timeout_s: float = Field(2.0, gt=0)
     connect_retry_s: float = Field(2.0, gt=0)
 
@@ -74,7 +74,9 @@ class FabricConfig(BaseModel):
     errors_per_min: float = 10.0
     flap_count: int = Field(2, ge=1)
     flap_window_s: float = Field(600.0, gt=0)
-    expected_rate_gbps: float | None = None
+    expected_rate_gbps: float | None = Field(None, gt=0, allow_inf_nan=False)
+    expected_ethernet_rate_gbps: float | None = Field(None, gt=0, allow_inf_nan=False)  # RoCE ports; None: own best
+    skip_ethernet: bool = False
 
 
 class SloConfig(BaseModel):

@@ -37,6 +37,7 @@ from breakfix.collectors.kmsg_follow import KmsgFollower, PositionStore
 from breakfix.collectors.kmsg_source import KmsgSource
 from breakfix.collectors.nvml import NvmlSource, Thresholds
 from breakfix.collectors.nvml_api import FakeNvml, Nvml, real_nvml
+from breakfix.collectors.parse_metrics import ParseSkipped
 from breakfix.collectors.spool import Spool
 from breakfix.schemas import subjects
 from breakfix.schemas.agent import AgentAction
@@ -64,6 +65,7 @@ class Metrics:
         self.spool_depth = Gauge("breakfix_collector_spool_depth", "Signals waiting in the spool", registry=r)
         self.spool_dropped = Gauge("breakfix_collector_spool_dropped", "Signals dropped by a full spool, by severity",
                                    ["severity"], registry=r)
+        self.parse_skipped = ParseSkipped(r)
         self.nats_up = Gauge("breakfix_collector_nats_up", "1 while NATS answers", registry=r)
         self.published = Gauge("breakfix_collector_published", "Signals acked by JetStream", registry=r)
         self.suppressed = Gauge("breakfix_collector_suppressed", "Repeats counted instead of sent", ["kind"],
@@ -193,6 +195,7 @@ class CollectorDaemon:
             follower = KmsgFollower(cfg.kmsg.path, PositionStore(self.config.state_dir / "kmsg-position.json"),
                                     from_start=cfg.kmsg.from_start)
             kmsg = KmsgSource(follower, self.ctx)
+            self.metrics.parse_skipped.watch("kmsg", lambda: kmsg.skipped)
 
             async def kmsg_step() -> None:
                 signals, pos = await asyncio.to_thread(kmsg.poll, self.clock())
@@ -204,6 +207,7 @@ class CollectorDaemon:
         if cfg.dcgm.enabled:
             dcgm = DcgmRules(self.ctx, DcgmThresholds(nvlink_errors_per_min=cfg.dcgm.nvlink_errors_per_min,
                                                       pcie_replay_per_min=cfg.dcgm.pcie_replay_per_min))
+            self.metrics.parse_skipped.watch("dcgm", lambda: dcgm.skipped)
 
             async def dcgm_step() -> None:
                 async with http.get(cfg.dcgm.url, timeout=aiohttp.ClientTimeout(total=10)) as r:
@@ -216,12 +220,15 @@ class CollectorDaemon:
             f = cfg.fabric
             fabric = FabricRules(self.ctx, FabricThresholds(errors_per_min=f.errors_per_min, flap_count=f.flap_count,
                                                             flap_window_s=f.flap_window_s,
-                                                            expected_rate_gbps=f.expected_rate_gbps))
+                                                            expected_rate_gbps=f.expected_rate_gbps,
+                                                            expected_ethernet_rate_gbps=f.expected_ethernet_rate_gbps,
+                                                            skip_ethernet=f.skip_ethernet))
 
             async def fabric_step() -> None:
-                ports = await asyncio.to_thread(read_ports, f.sysfs)
+                ports = await asyncio.to_thread(read_ports, f.sysfs, fabric.skipped_files)
                 await self.emit("fabric", fabric.apply(ports, self.clock(), time.monotonic()))
 
+            self.metrics.parse_skipped.watch("fabric", lambda: fabric.skipped_files.n)
             out.append(("fabric", self.every("fabric", f.interval_s, stop, fabric_step)))
         if cfg.endpoint.enabled:
             rules = [EndpointRules(self.ctx, EndpointSpec(

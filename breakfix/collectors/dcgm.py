@@ -14,20 +14,34 @@ accepted):
 - clocks-event reasons bitmask -> ``clock.hw_slowdown`` / ``hw_thermal`` / ``power_brake``; without
   it, the share of time under ``DCGM_FI_DEV_THERMAL_VIOLATION`` -> ``clock.hw_thermal``;
 - ``DCGM_FI_DEV_PCIE_REPLAY_COUNTER`` rate -> ``pcie.replay``; GPU temperature at its slowdown
-  threshold -> ``temperature.slowdown``.
+  threshold -> ``temperature.slowdown``;
+- the exporter's XID-count family (dcgm-exporter PR 239: ``DCGM_EXP_XID_ERRORS_COUNT``, some builds
+  ``DCGM_FI_DEV_XID_ERRORS_ACTIVE``; labels ``xid`` and ``window_size_in_ms``): a count that rises is
+  one ``xid`` event per XID (the first scrape is a baseline too, unless ``baseline_xids=False``).
+MIG rows (``GPU_I_ID``, ``GPU_I_PROFILE``) are their own entities (component ``mig<id>``) and carry
+both labels in ``details``, so incidents name the instance. One bad sample (a value no parser takes,
+a non-finite or out-of-range number, a ``pci_bus_id`` of ``N/A``) is skipped, counted in
+``DcgmRules.skipped`` (``breakfix_collector_parse_skipped_total{source="dcgm"}``) and logged once per
+family; the rest of the page is used (``collectors.promlines``).
 Field facts: NVIDIA dcgm-exporter ``etc/default-counters.csv`` and DCGM ``dcgm_fields.h``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import structlog
+
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.edge import Cycle
-from breakfix.collectors.promtext import Sample, parse
+from breakfix.collectors.promlines import parse_tolerant
+from breakfix.collectors.promtext import Sample
 from breakfix.schemas.common import GpuRef, normalize_pci_bus_id
 from breakfix.schemas.signal import Signal, SignalSource
+
+log = structlog.get_logger("breakfix.collector.dcgm")
 
 XID = ("DCGM_FI_DEV_XID_ERRORS", "DCGM_FI_DEV_XID_ERROR")
 DBE = ("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",)
@@ -41,6 +55,9 @@ THERMAL_VIOLATION = ("DCGM_FI_DEV_THERMAL_VIOLATION",)
 PCIE_REPLAY = ("DCGM_FI_DEV_PCIE_REPLAY_COUNTER",)
 GPU_TEMP = ("DCGM_FI_DEV_GPU_TEMP",)
 SLOWDOWN_TEMP = ("DCGM_FI_DEV_SLOWDOWN_TEMP",)
+XID_COUNT = ("DCGM_EXP_XID_ERRORS_COUNT", "DCGM_FI_DEV_XID_ERRORS_ACTIVE")
+MIG_LABELS = ("GPU_I_ID", "GPU_I_PROFILE")
+MAX_XID = 65535
 CLOCK_BITS = (("clock.hw_slowdown", 0x8), ("clock.hw_thermal", 0x40), ("clock.power_brake", 0x80))
 
 
@@ -56,31 +73,68 @@ class GpuFields:
     gpu: GpuRef
     values: dict[str, float] = field(default_factory=dict)
     xid_labels: dict[str, str] = field(default_factory=dict)
+    xid_counts: dict[str, tuple[float, str]] = field(default_factory=dict)  # xid -> (count, window ms)
     hostname: str | None = None
+    mig: dict[str, str] = field(default_factory=dict)  # GPU_I_ID / GPU_I_PROFILE of a MIG row
+
+
+class BadSample(ValueError):
+    """A sample whose labels or value cannot name a GPU reading."""
 
 
 def gpu_of(labels: dict[str, str]) -> tuple[str, GpuRef, str | None]:
-    uuid = labels.get("UUID") or labels.get("uuid")
+    """(entity key, GPU, hostname) of one sample. A ``pci_bus_id`` that is no address (``N/A``) is dropped,
+    not fatal: the UUID or index still names the GPU. MIG rows key by GPU and instance."""
+    uuid = labels.get("UUID") or labels.get("uuid") or None
     pci = labels.get("pci_bus_id")
+    try:
+        pci = normalize_pci_bus_id(pci) if pci else None
+    except ValueError:
+        pci = None
     index = labels.get("gpu")
-    ref = GpuRef(index=int(index) if index and index.isdigit() else None, uuid=uuid,
-                 pci_bus_id=normalize_pci_bus_id(pci) if pci else None)
-    return ref.key(), ref, labels.get("Hostname") or labels.get("hostname")
+    idx = int(index) if index and index.isdigit() and len(index) <= 6 else None
+    if uuid is None and pci is None and idx is None:
+        raise BadSample("no gpu, UUID or pci_bus_id label")
+    ref = GpuRef(index=idx, uuid=uuid, pci_bus_id=pci)
+    key = ref.key()
+    if labels.get("GPU_I_ID"):
+        key += f"/mig{labels['GPU_I_ID']}"
+    return key, ref, labels.get("Hostname") or labels.get("hostname")
 
 
-def by_gpu(samples: dict[str, list[Sample]]) -> dict[str, GpuFields]:
-    """Fields of interest per GPU, first name found wins for each aliased field."""
+def _value(s: Sample) -> float:
+    if not math.isfinite(s.value) or abs(s.value) > 2.0**63:
+        raise BadSample(f"value {s.value!r} out of range")
+    return s.value
+
+
+def by_gpu(samples: dict[str, list[Sample]], skipped: list[tuple[str, str]] | None = None) -> dict[str, GpuFields]:
+    """Fields of interest per GPU (and MIG instance), first name found wins for each aliased field.
+    Bad samples are appended to ``skipped`` as (family, reason) and left out."""
     out: dict[str, GpuFields] = {}
+    bad = skipped if skipped is not None else []
     groups = (XID, DBE, REMAP_FAILURE, REMAP_PENDING, CLOCK_REASONS, THERMAL_VIOLATION, PCIE_REPLAY, GPU_TEMP,
-              SLOWDOWN_TEMP)
+              SLOWDOWN_TEMP, XID_COUNT)
     for names in (*groups, *((n,) for n in NVLINK)):
         for name in names:
             for s in samples.get(name, ()):
-                if "GPU_I_ID" in s.labels:  # MIG instance rows repeat the parent GPU's device fields
+                try:
+                    key, ref, host = gpu_of(s.labels)
+                    value = _value(s)
+                    if names in (XID, XID_COUNT) and not (0 <= value <= (MAX_XID if names is XID else 2.0**31)):
+                        raise BadSample(f"value {value:g} out of range")
+                    xid = s.labels.get("xid", "")
+                    if names is XID_COUNT and not (xid.isdigit() and int(xid) <= MAX_XID):
+                        raise BadSample(f"xid label {xid[:20]!r} is no XID")
+                except BadSample as exc:
+                    bad.append((names[0], str(exc)))
                     continue
-                key, ref, host = gpu_of(s.labels)
-                g = out.setdefault(key, GpuFields(ref, hostname=host))
-                g.values.setdefault(names[0], s.value)
+                g = out.setdefault(key, GpuFields(ref, hostname=host,
+                                                  mig={k: s.labels[k] for k in MIG_LABELS if s.labels.get(k)}))
+                if names is XID_COUNT:
+                    g.xid_counts[str(int(xid))] = (value, s.labels.get("window_size_in_ms", ""))
+                    continue
+                g.values.setdefault(names[0], value)
                 if names is XID:
                     g.xid_labels = {k: v for k, v in s.labels.items() if k in ("err_code", "err_msg")}
             if any(names[0] in g.values for g in out.values()):
@@ -95,62 +149,99 @@ class DcgmRules:
         self.ctx = ctx
         self.th = thresholds or DcgmThresholds()
         self.prev: dict[str, tuple[dict[str, float], float]] = {}
+        self.prev_counts: dict[str, dict[str, float]] = {}
+        self.skipped = 0  # bad samples since start
+        self.logged: set[str] = set()  # families already logged as bad (once each)
+        self.reasons: list[str] = []  # the first bad samples' reasons, for the offline command
+
+    def _skip(self, bad: list[tuple[str, str]]) -> None:
+        self.skipped += len(bad)
+        self.reasons.extend(f"{family}: {reason}" for family, reason in bad[: max(0, 100 - len(self.reasons))])
+        for family, reason in bad:
+            if family not in self.logged and len(self.logged) < 1000:
+                self.logged.add(family)
+                log.warning("dcgm_sample_skipped", node=self.ctx.node, family=family, reason=reason)
 
     def apply(self, text: str, at: datetime, mono: float, *, baseline_xids: bool = True) -> Cycle:
+        """One scrape -> states and events. ``ValueError`` only when nothing on the page is Prometheus text."""
+        samples, skipped = parse_tolerant(text)
+        bad = [(s.family, s.reason) for s in skipped]
+        gpus = by_gpu(samples, bad)
+        self._skip(bad)
         states: list[Signal] = []
         events: list[Signal] = []
-        for key, g in by_gpu(parse(text)).items():
-            gpu = self.ctx.gpu(uuid=g.gpu.uuid, pci=g.gpu.pci_bus_id, index=g.gpu.index)
-            prev, prev_t = self.prev.get(key, ({}, mono))
-            elapsed = mono - prev_t
-            v = g.values
-
-            def state(check: str, bad: bool, value: float | None = None, threshold: float | None = None,
-                      component: str | None = None, gpu: GpuRef = gpu) -> None:
-                states.append(self.ctx.signal(source=SignalSource.DCGM, check=check, healthy=not bad, at=at, gpu=gpu,
-                                              component=component, value=value, threshold=threshold,
-                                              message=f"dcgm-exporter: {check} {'fault' if bad else 'ok'} on "
-                                                      f"{gpu.label()}"))
-
-            def rate(name: str, v: dict[str, float] = v, prev: dict[str, float] = prev,
-                     elapsed: float = elapsed) -> float | None:
-                if name not in v or name not in prev or elapsed <= 0:
-                    return None
-                return max(0.0, v[name] - prev[name]) * 60 / elapsed
-
-            xid = v.get(XID[0])
-            if xid and (xid != prev.get(XID[0]) if (prev or not baseline_xids) else False):
-                code = str(int(xid))
-                msg = g.xid_labels.get("err_msg", "")
-                events.append(self.ctx.signal(source=SignalSource.DCGM, check="xid", code=code, healthy=False, at=at,
-                                              gpu=gpu, message=f"dcgm-exporter: last Xid {code} on {gpu.label()}"
-                                                               + (f": {msg}" if msg else ""),
-                                              details=g.xid_labels, discriminator=f"dcgm-xid-{code}-{at.timestamp()}"))
-            if DBE[0] in v:
-                state("ecc.dbe", v[DBE[0]] > 0, v[DBE[0]], 0)
-            if REMAP_FAILURE[0] in v:
-                state("row_remap.failure", v[REMAP_FAILURE[0]] >= 1)
-            if REMAP_PENDING[0] in v:
-                state("row_remap.pending", v[REMAP_PENDING[0]] >= 1)
-            nv = [r for n in NVLINK if (r := rate(n)) is not None]
-            if nv:
-                total = sum(nv)
-                state("nvlink.errors", total >= self.th.nvlink_errors_per_min, round(total, 2),
-                      self.th.nvlink_errors_per_min, component="nvlink")
-            if CLOCK_REASONS[0] in v:
-                bits = int(v[CLOCK_REASONS[0]])
-                for check, bit in CLOCK_BITS:
-                    state(check, bool(bits & bit), bits)
-            elif THERMAL_VIOLATION[0] in v and THERMAL_VIOLATION[0] in prev and elapsed > 0:
-                share = max(0.0, v[THERMAL_VIOLATION[0]] - prev[THERMAL_VIOLATION[0]]) / 1e9 / elapsed
-                state("clock.hw_thermal", share >= self.th.thermal_violation_share, round(share, 3),
-                      self.th.thermal_violation_share)
-            replay = rate(PCIE_REPLAY[0])
-            if replay is not None:
-                limit = self.th.pcie_replay_per_min
-                state("pcie.replay", replay >= limit, round(replay, 2), limit)
-            if GPU_TEMP[0] in v and v.get(SLOWDOWN_TEMP[0]):
-                state("temperature.slowdown", v[GPU_TEMP[0]] >= v[SLOWDOWN_TEMP[0]], v[GPU_TEMP[0]],
-                      v[SLOWDOWN_TEMP[0]])
-            self.prev[key] = (dict(v), mono)
+        for key, g in gpus.items():
+            self._gpu(key, g, at, mono, baseline_xids, states, events)
         return Cycle(states=states, events=events)
+
+    def _gpu(self, key: str, g: GpuFields, at: datetime, mono: float, baseline_xids: bool,
+             states: list[Signal], events: list[Signal]) -> None:
+        gpu = self.ctx.gpu(uuid=g.gpu.uuid, pci=g.gpu.pci_bus_id, index=g.gpu.index)
+        prev, prev_t = self.prev.get(key, ({}, mono))
+        elapsed = mono - prev_t
+        v = g.values
+        mig = g.mig
+        where = gpu.label() + (f" GPU-I {mig['GPU_I_ID']}" if mig.get("GPU_I_ID") else "")
+
+        def comp(name: str | None) -> str | None:
+            if not mig.get("GPU_I_ID"):
+                return name
+            return f"{name}:mig{mig['GPU_I_ID']}" if name else f"mig{mig['GPU_I_ID']}"
+
+        def state(check: str, bad: bool, value: float | None = None, threshold: float | None = None,
+                  component: str | None = None) -> None:
+            states.append(self.ctx.signal(source=SignalSource.DCGM, check=check, healthy=not bad, at=at, gpu=gpu,
+                                          component=comp(component), value=value, threshold=threshold,
+                                          details=dict(mig) or None,
+                                          message=f"dcgm-exporter: {check} {'fault' if bad else 'ok'} on {where}"))
+
+        def rate(name: str) -> float | None:
+            if name not in v or name not in prev or elapsed <= 0:
+                return None
+            return max(0.0, v[name] - prev[name]) * 60 / elapsed
+
+        def xid_event(code: str, msg: str, details: dict[str, str], disc: str) -> None:
+            events.append(self.ctx.signal(source=SignalSource.DCGM, check="xid", code=code, healthy=False, at=at,
+                                          gpu=gpu, component=comp(None), message=f"dcgm-exporter: {msg}",
+                                          details={**details, **mig}, discriminator=disc))
+
+        xid = v.get(XID[0])
+        if xid and (xid != prev.get(XID[0]) if (prev or not baseline_xids) else False):
+            code = str(int(xid))
+            msg = g.xid_labels.get("err_msg", "")
+            xid_event(code, f"last Xid {code} on {where}" + (f": {msg}" if msg else ""), g.xid_labels,
+                      f"dcgm-xid-{code}-{at.timestamp()}")
+        before = self.prev_counts.get(key)
+        for code, (count, window) in g.xid_counts.items():
+            if (before is not None or not baseline_xids) and count > (before or {}).get(code, 0):
+                xid_event(code, f"{count:g} x Xid {code} on {where} in the last {window or '?'} ms",
+                          {"count": f"{count:g}", "window_size_in_ms": window},
+                          f"dcgm-xidcount-{code}-{at.timestamp()}")
+        self.prev_counts[key] = {c: n for c, (n, _w) in g.xid_counts.items()}
+        if DBE[0] in v:
+            state("ecc.dbe", v[DBE[0]] > 0, v[DBE[0]], 0)
+        if REMAP_FAILURE[0] in v:
+            state("row_remap.failure", v[REMAP_FAILURE[0]] >= 1)
+        if REMAP_PENDING[0] in v:
+            state("row_remap.pending", v[REMAP_PENDING[0]] >= 1)
+        nv = [r for n in NVLINK if (r := rate(n)) is not None]
+        if nv:
+            total = sum(nv)
+            state("nvlink.errors", total >= self.th.nvlink_errors_per_min, round(total, 2),
+                  self.th.nvlink_errors_per_min, component="nvlink")
+        if CLOCK_REASONS[0] in v and v[CLOCK_REASONS[0]] >= 0:
+            bits = int(v[CLOCK_REASONS[0]])
+            for check, bit in CLOCK_BITS:
+                state(check, bool(bits & bit), bits)
+        elif THERMAL_VIOLATION[0] in v and THERMAL_VIOLATION[0] in prev and elapsed > 0:
+            share = max(0.0, v[THERMAL_VIOLATION[0]] - prev[THERMAL_VIOLATION[0]]) / 1e9 / elapsed
+            state("clock.hw_thermal", share >= self.th.thermal_violation_share, round(share, 3),
+                  self.th.thermal_violation_share)
+        replay = rate(PCIE_REPLAY[0])
+        if replay is not None:
+            limit = self.th.pcie_replay_per_min
+            state("pcie.replay", replay >= limit, round(replay, 2), limit)
+        if GPU_TEMP[0] in v and v.get(SLOWDOWN_TEMP[0]):
+            state("temperature.slowdown", v[GPU_TEMP[0]] >= v[SLOWDOWN_TEMP[0]], v[GPU_TEMP[0]],
+                  v[SLOWDOWN_TEMP[0]])
+        self.prev[key] = (dict(v), mono)

@@ -16,6 +16,7 @@ from pathlib import Path
 import structlog
 
 from breakfix.bus.jetstream import JetStreamBus
+from breakfix.bus.options import NatsOptions
 from breakfix.collectors.edge import EdgeFilter
 from breakfix.collectors.forwarder import Forwarder
 from breakfix.collectors.promfleet import FleetRules, Prometheus
@@ -25,8 +26,9 @@ from breakfix.schemas import subjects
 log = structlog.get_logger("breakfix.collector.fleet")
 
 
-async def run_fleet(*, rules: FleetRules, prom: Prometheus, nats_url: str, spool_dir: Path, interval_s: float,
-                    clock: Callable[[], datetime], stop: asyncio.Event, resync_s: float = 300.0) -> None:
+async def run_fleet(*, rules: FleetRules, prom: Prometheus, nats_url: str | NatsOptions, spool_dir: Path,
+                    interval_s: float, clock: Callable[[], datetime], stop: asyncio.Event,
+                    resync_s: float = 300.0) -> None:
     edge = EdgeFilter(resync_s=resync_s)
     fwd = Forwarder(Spool(spool_dir))
     bus = None

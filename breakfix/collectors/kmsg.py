@@ -13,18 +13,24 @@ the daemon's source: ``collectors.kmsg_source``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from breakfix.collectors.context import NodeContext
 from breakfix.schemas.catalog.nvlink5 import NVLINK5_XIDS, decode
-from breakfix.schemas.common import Severity, normalize_pci_bus_id
+from breakfix.schemas.common import GpuRef, Severity, normalize_pci_bus_id
 from breakfix.schemas.signal import Signal, SignalSource
 
+# Every prefix form of the Xid line (kernel_log_formats.md section 1): ``(PCI:dddd:bb:dd)``, the old ``(dddd:bb:dd)``,
+# the MIG form ``(PCI:dddd:bb:dd GPU-I:05)``, an address with a function, a redacted ``(PCI:...)`` and no
+# parenthesis at all. The PCI address and the GPU instance are found inside the parenthesis.
 _XID = re.compile(
-    r"NVRM: Xid \((?:PCI:)?(?P<pci>[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}(?:\.[0-7])?)\): (?P<xid>\d+)"
+    r"NVRM: Xid(?: ?\((?P<inside>[^)]{0,80})\))?:? (?P<xid>\d{1,6})\b"
     r"(?:, pid=(?P<pid>'<unknown>'|\d+|[^,]*))?(?:, name=(?P<name>[^,]*))?(?:, (?P<rest>.*))?$"
 )
+_XID_PCI = re.compile(r"(?:PCI:)?(?P<pci>[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}(?:\.[0-7])?)")
+_XID_MIG = re.compile(r"GPU-I:\s*(?P<gi>[0-9a-fA-F]{1,4})")
 _SXID = re.compile(
     r"nvidia-nvswitch(?P<switch>\d+): SXid \(PCI:(?P<pci>[0-9a-fA-F:.]+)\): (?P<sxid>\d+), (?P<rest>.*)$"
 )
@@ -38,11 +44,15 @@ _RAW_KMSG = re.compile(r"^\d+,(?P<seq>\d+),(?P<usec>\d+),[^;]*;")
 _MONO = re.compile(r"\[\s*(?P<mono>\d+\.\d+)\]")
 
 
+class BadLine(ValueError):
+    """A line that names an NVIDIA fault but cannot be read (impossible address, date or number)."""
+
+
 @dataclass(frozen=True, slots=True)
 class KernelEvent:
     kind: str  # "xid" | "sxid" | "gpu.lost"
     code: str | None
-    pci: str
+    pci: str | None  # None: the line names no PCI address
     message: str
     details: dict[str, str] = field(default_factory=dict)
     seq: str = ""
@@ -52,8 +62,21 @@ def _details(**kv: str | None) -> dict[str, str]:
     return {k: v.strip() for k, v in kv.items() if v is not None and v.strip()}
 
 
+def _instance(raw: str) -> str:
+    return str(int(raw)) if raw.isdigit() else raw.lower()
+
+
+def _pci(raw: str) -> str:
+    try:
+        return normalize_pci_bus_id(raw)
+    except ValueError as exc:
+        raise BadLine(str(exc)) from None
+
+
 def parse_line(line: str) -> KernelEvent | None:
-    """One kernel-log line -> an event, or None when it is not an NVIDIA fault line."""
+    """One kernel-log line -> an event, or None when it is not an NVIDIA fault line.
+
+    Raises ``BadLine`` for a fault line with an impossible PCI address; callers skip and count it."""
     if "NVRM" not in line and "SXid" not in line:
         return None
     line = line.rstrip("\n")
@@ -66,10 +89,13 @@ def parse_line(line: str) -> KernelEvent | None:
     if m:
         msg = line[line.index("NVRM: Xid"):]
         pid = (m.group("pid") or "").strip("'")
+        inside = m.group("inside") or ""
+        pm = _XID_PCI.search(inside)
+        gi = _XID_MIG.search(inside)
         d = _details(pid=None if pid in ("", "<unknown>") else pid,
                      process=None if (m.group("name") or "").strip() in ("", "<unknown>") else m.group("name"),
-                     text=m.group("rest"))
-        return KernelEvent("xid", m.group("xid"), normalize_pci_bus_id(m.group("pci")), msg, d, seq)
+                     text=m.group("rest"), GPU_I_ID=_instance(gi.group("gi")) if gi else None)
+        return KernelEvent("xid", m.group("xid"), _pci(pm.group("pci")) if pm else None, msg, d, seq)
     m = _SXID.search(line)
     if m:
         rest = m.group("rest")
@@ -77,22 +103,28 @@ def parse_line(line: str) -> KernelEvent | None:
         link = re.search(r"Link (\d+)", rest)
         d = _details(switch=m.group("switch"), fatal=fatal if fatal in ("Fatal", "Non-fatal") else None,
                      link=link.group(1) if link else None, text=rest)
-        return KernelEvent("sxid", m.group("sxid"), normalize_pci_bus_id(m.group("pci")),
+        return KernelEvent("sxid", m.group("sxid"), _pci(m.group("pci")),
                            line[line.index("nvidia-nvswitch"):], d, seq)
     m = _FALLEN.search(line)
     if m:
         pci = m.group("pci1") or m.group("pci2")
-        return KernelEvent("gpu.lost", None, normalize_pci_bus_id(pci), line[line.index("NVRM"):], {}, seq)
+        return KernelEvent("gpu.lost", None, _pci(pci), line[line.index("NVRM"):], {}, seq)
     return None
 
 
 def gpu_map_entry(line: str) -> tuple[str, str] | None:
     """``NVRM: GPU at PCI:0000:01:00: GPU-...`` -> (normalised PCI, UUID)."""
     m = _GPU_MAP.search(line)
-    return (normalize_pci_bus_id(m.group("pci")), m.group("uuid")) if m else None
+    if m is None:
+        return None
+    try:
+        return normalize_pci_bus_id(m.group("pci")), m.group("uuid")
+    except ValueError:
+        return None
 
 
-def to_signal(ev: KernelEvent, ctx: NodeContext, *, observed_at: datetime, discriminator: str = "") -> Signal:
+def to_signal(ev: KernelEvent, ctx: NodeContext, *, observed_at: datetime, discriminator: str = "",
+              extra: dict[str, str] | None = None) -> Signal:
     """A kernel event as a signal for the context's node. The PCI address maps to the GPU's identity
     (and so to its pod); NVLink5 XIDs 144-150 carry NVIDIA's decode of their subcode and status."""
     disc = discriminator or ev.seq or ev.message
@@ -100,9 +132,9 @@ def to_signal(ev: KernelEvent, ctx: NodeContext, *, observed_at: datetime, discr
         fatal = ev.details.get("fatal") == "Fatal"
         component = f"nvswitch{ev.details.get('switch', '?')}:{ev.pci}"
         return ctx.signal(source=SignalSource.KMSG, check="sxid", code=ev.code, healthy=False, at=observed_at,
-                          component=component, message=ev.message, details=ev.details,
+                          component=component, message=ev.message, details={**ev.details, **(extra or {})},
                           severity=Severity.CRITICAL if fatal else Severity.WARNING, discriminator=disc)
-    details = dict(ev.details)
+    details = {**ev.details, **(extra or {})}
     if ev.kind == "xid" and ev.code == "154":
         m = _RECOVERY.search(ev.message)
         if m:
@@ -112,4 +144,32 @@ def to_signal(ev: KernelEvent, ctx: NodeContext, *, observed_at: datetime, discr
         if decoded is not None:
             details.update(decoded.details())
     return ctx.signal(source=SignalSource.KMSG, check=ev.kind, code=ev.code, healthy=False, at=observed_at,
-                      gpu=ctx.gpu(pci=ev.pci), message=ev.message, details=details, discriminator=disc)
+                      gpu=ctx.gpu(pci=ev.pci) if ev.pci else None, message=ev.message, details=details,
+                      discriminator=disc)
+
+
+def line_signal(text: str, ctx: NodeContext, *, observed_at: Callable[[str], tuple[datetime, str]],
+                discriminator: str, extra: dict[str, str] | None = None) -> Signal | None:
+    """One line -> its signal (or None), learning PCI-to-UUID pairs on the way. Any failure of this one line
+    (impossible address, date, or number; a value the contract refuses) is one ``BadLine``: the caller skips
+    and counts it and goes on with the rest of its batch."""
+    if "NVRM" not in text and "SXid" not in text:
+        return None
+    try:
+        mapped = gpu_map_entry(text)
+        if mapped is not None:
+            if mapped[0] not in ctx.gpus_by_pci:
+                ctx.register_gpus([GpuRef(uuid=mapped[1], pci_bus_id=mapped[0])])
+            return None
+        ev = parse_line(text)
+        if ev is None:
+            return None
+        at, source = observed_at(text)  # source: "" or how the time was found, for details.time_source
+        more = dict(extra or {})
+        if source:
+            more["time_source"] = source
+        return to_signal(ev, ctx, observed_at=at, discriminator=discriminator, extra=more)
+    except BadLine:
+        raise
+    except (ValueError, OverflowError, TypeError, IndexError, KeyError) as exc:
+        raise BadLine(f"{type(exc).__name__}: {exc}"[:300]) from None

@@ -53,24 +53,45 @@ def boot_time(stat: Path = Path("/proc/stat")) -> datetime:
     return datetime.fromtimestamp(0, UTC)
 
 
+# Time sources of a line (``details.time_source`` on offline signals): the line carries wall-clock time;
+# the line carries seconds since boot, anchored to a boot time; the line carries no time at all.
+ABSOLUTE, RELATIVE, NO_TIME = "absolute", "relative", "none"
+
+
 def line_time(line: str, *, booted: datetime, now: datetime) -> datetime:
-    """When the kernel wrote ``line``, from the line itself; ``now`` when it says nothing."""
+    """When the kernel wrote ``line``, from the line itself; ``now`` when it says nothing.
+
+    Raises ``ValueError`` / ``OverflowError`` for an impossible date or a timestamp out of range."""
+    return line_time_source(line, booted=booted, now=now)[0]
+
+
+def line_time_source(line: str, *, booted: datetime, now: datetime) -> tuple[datetime, str]:
+    """``line_time`` and where it came from: ``ABSOLUTE``, ``RELATIVE`` (seconds since ``booted``) or ``NO_TIME``."""
     if m := _RAW.match(line):
-        return booted + timedelta(microseconds=int(m.group("usec")))
+        return booted + timedelta(microseconds=int(m.group("usec"))), RELATIVE
     if m := _ISO.match(line):
         iso = m.group("iso").replace(",", ".")
         if re.search(r"[+-]\d{4}$", iso):
             iso = iso[:-2] + ":" + iso[-2:]
         t = datetime.fromisoformat(iso)
-        return t if t.tzinfo else t.replace(tzinfo=UTC)
+        return (t if t.tzinfo else t.replace(tzinfo=UTC)), ABSOLUTE
     if m := _DMESG_T.match(line):
-        return datetime.strptime(m.group("t"), "%a %b %d %H:%M:%S %Y").replace(tzinfo=UTC)
+        return datetime.strptime(m.group("t"), "%a %b %d %H:%M:%S %Y").replace(tzinfo=UTC), ABSOLUTE
     if m := _SYSLOG.match(line):
         t = datetime.strptime(f"{now.year} {m.group('t')}", "%Y %b %d %H:%M:%S").replace(tzinfo=UTC)
-        return t if t <= now + timedelta(days=1) else t.replace(year=now.year - 1)
+        return (t if t <= now + timedelta(days=1) else t.replace(year=now.year - 1)), ABSOLUTE
     if m := _MONO.match(line):
-        return booted + timedelta(seconds=float(m.group("mono")))
-    return now
+        return booted + timedelta(seconds=float(m.group("mono"))), RELATIVE
+    return now, NO_TIME
+
+
+def relative_seconds(line: str) -> float | None:
+    """The seconds-since-boot stamp of a line (``[1234.5]`` or a raw kmsg record), if it has one."""
+    if m := _RAW.match(line):
+        return int(m.group("usec")) / 1e6
+    if m := _MONO.match(line):
+        return float(m.group("mono"))
+    return None
 
 
 @dataclass

@@ -4,18 +4,23 @@ Reads through ``collectors.kmsg_follow.KmsgFollower`` (``/dev/kmsg`` or a file),
 pure line rules of ``collectors.kmsg``, learns PCI-to-UUID pairs from the driver's own
 ``NVRM: GPU at PCI:...`` lines, and stamps each signal with the time in the line and an id
 made from the line's stable identity (boot id + sequence, or inode + offset). ``poll`` returns
-the signals and the position to commit once they are safely published or spooled.
+the signals and the position to commit once they are safely published or spooled. One bad line
+(impossible date, PCI domain, timestamp) is skipped, counted in ``skipped`` and logged; the rest of
+its batch is still returned, so a poison line never costs the faults around it.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
+import structlog
+
 from breakfix.collectors.context import NodeContext
-from breakfix.collectors.kmsg import gpu_map_entry, parse_line, to_signal
+from breakfix.collectors.kmsg import BadLine, line_signal
 from breakfix.collectors.kmsg_follow import KmsgFollower, Position, boot_time, line_time
-from breakfix.schemas.common import GpuRef
 from breakfix.schemas.signal import Signal
+
+log = structlog.get_logger("breakfix.collector.kmsg")
 
 
 class KmsgSource:
@@ -26,22 +31,29 @@ class KmsgSource:
         self.ctx = ctx
         self.booted = booted or boot_time()
         self.lines = 0
+        self.skipped = 0  # bad lines since start: breakfix_collector_parse_skipped_total{source="kmsg"}
 
     def poll(self, now: datetime) -> tuple[list[Signal], Position | None]:
         """Everything new since the last poll (blocking file reads: run it in a worker thread)."""
         lines = self.follower.read()
         self.lines += len(lines)
         out: list[Signal] = []
+        bad = 0
+        first = ""
+
+        def at(text: str) -> tuple[datetime, str]:
+            return line_time(text, booted=self.booted, now=now), ""
+
         for ln in lines:
-            if "NVRM" not in ln.text and "SXid" not in ln.text:
+            try:
+                sig = line_signal(ln.text, self.ctx, observed_at=at, discriminator=ln.key)
+            except BadLine as exc:
+                bad += 1
+                first = first or f"{ln.key}: {exc}"
                 continue
-            mapped = gpu_map_entry(ln.text)
-            if mapped is not None:
-                if mapped[0] not in self.ctx.gpus_by_pci:
-                    self.ctx.register_gpus([GpuRef(uuid=mapped[1], pci_bus_id=mapped[0])])
-                continue
-            ev = parse_line(ln.text)
-            if ev is not None:
-                at = line_time(ln.text, booted=self.booted, now=now)
-                out.append(to_signal(ev, self.ctx, observed_at=at, discriminator=ln.key))
+            if sig is not None:
+                out.append(sig)
+        if bad:
+            self.skipped += bad
+            log.warning("kmsg_lines_skipped", node=self.ctx.node, count=bad, first=first, total=self.skipped)
         return out, lines[-1].position if lines else None

@@ -5,7 +5,7 @@ nodes under one leaf switch land in different partitions, so no partition can se
 shared component. This stage consumes every partition's incident changes from
 ``breakfix.incidents.>``, mirrors the node/GPU incidents of topological categories, and runs
 the same ``TopologyGrouper`` as the single-instance core. It publishes only FABRIC incidents
-(msg-ids as ``correlator.service.change_msg_id``); their ``members`` name the node incidents they cover, which the
+(msg-ids as ``correlator.model.msg_id``); their ``members`` name the node incidents they cover, which the
 remediator then leaves alone. Fabric ids are deterministic, so a restarted stage that
 re-reads the stream publishes the same incidents again and JetStream drops the repeats.
 """
@@ -22,8 +22,8 @@ from breakfix.bus.codec import decoder
 from breakfix.bus.consumer import ConsumerSpec, ConsumerStats, run_consumer
 from breakfix.bus.protocol import Bus, Delivery
 from breakfix.correlator.model import Change, TrackedIncident, coalesce
+from breakfix.correlator.publish import publish_changes
 from breakfix.correlator.rules import Rules
-from breakfix.correlator.service import publish_changes
 from breakfix.correlator.topology import TopologyGrouper, settle_parent
 from breakfix.schemas import subjects
 from breakfix.schemas.incident import Incident, IncidentChange, IncidentScope

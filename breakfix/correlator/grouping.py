@@ -6,32 +6,40 @@ settled. Each returns ``Change``s (``correlator.model``) for the service to publ
 service (``correlator.service``, NATS) and ``breakfix replay`` (a file) drive it and pass time
 in. What the rules mean is data: ``correlator/rules/default.yaml`` via ``correlator.rules``.
 
-Grouping, in the order a fault signal meets it:
+Grouping, in the order a fault signal meets it (its facts bundled once into an ``Observation``):
 1. duplicates (same id) are counted on their incident and dropped;
 2. collateral XID 45 within the window of another fault on the same GPU folds into it;
-3. XID 74 / NVLink errors on the peers of a GPU that just went down fold into its incident;
-4. an endpoint SLO breach served by a node with an open hardware incident becomes its impact;
-5. application XIDs on one GPU across several workloads open a suspect-GPU incident;
-6. otherwise the key: tenant (namespace, workload), GPU (node, GPU) or node;
-7. count-in-window thresholds hold back an incident until the count is reached;
-8. new and reopened incidents feed lemon detection and topology grouping.
+3. XID 154 (or its DCGM equivalent) and a GPU off the bus join the incident already holding that
+   GPU's codes, raising its required action (NVIDIA Xid catalog, XID_154);
+4. XID 74 / NVLink errors on the peers of a GPU that just went down (or behind a fatal NVSwitch
+   SXid) fold into its incident; peers' incidents opened just before fold in when it arrives;
+5. an endpoint SLO breach served by a node with an open hardware incident becomes its impact;
+6. application XIDs on one GPU from different workloads (controllers) open a suspect-GPU incident;
+7. otherwise the key: tenant (namespace, workload), GPU (node, GPU) or node;
+8. count-in-window thresholds (per code, or per category and entity) hold back an incident;
+9. new and reopened incidents feed lemon detection, multi-GPU and topology grouping.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from datetime import datetime
+from typing import Any
 
+from breakfix.correlator.book import IncidentBook
 from breakfix.correlator.lifecycle import Lifecycle
-from breakfix.correlator.model import Change, TrackedIncident, category_rank, incident_id
+from breakfix.correlator.model import Change, Observation, TrackedIncident
 from breakfix.correlator.patterns import Patterns
+from breakfix.correlator.rules import Rules
 from breakfix.correlator.state import LEMON_LABEL, CoreState
-from breakfix.schemas.catalog import FaultClass
-from breakfix.schemas.common import max_severity
-from breakfix.schemas.incident import ChangeKind, Domain, IncidentScope, IncidentStatus
+from breakfix.correlator.topology import TopologyGrouper
+from breakfix.schemas.catalog import Catalog, FaultClass
+from breakfix.schemas.incident import ActionRecord, Domain, IncidentChange, IncidentScope, IncidentStatus
 from breakfix.schemas.signal import Signal
 
 NODE_CATEGORIES = frozenset({"node_reboot_required"})
-__all__ = ["LEMON_LABEL", "CoreState", "Correlator", "code_key"]
+_XID154 = "xid:154"
+__all__ = ["LEMON_LABEL", "CoreState", "Correlator", "Observation", "code_key"]
 
 
 def code_key(signal: Signal) -> str:
@@ -41,63 +49,131 @@ def code_key(signal: Signal) -> str:
     return signal.check
 
 
-class Correlator(Lifecycle, Patterns, CoreState):
-    """The grouping core. State and checkpoint form: ``CoreState``; healthy/actions: ``Lifecycle``;
-    multi-signal patterns: ``Patterns``."""
+class Correlator:
+    """The grouping core, by composition: ``CoreState`` (state, indexes, checkpoint form) shared by reference
+    with the ``IncidentBook`` (incident mutations), ``Patterns`` (multi-signal patterns) and ``Lifecycle``
+    (healthy signals, remediator records, stale closing, expiry). This class routes each signal."""
+
+    def __init__(self, catalog: Catalog, rules: Rules | None = None, *, topology: bool = True) -> None:
+        self.state = CoreState(catalog, rules, topology=topology)
+        self.book = IncidentBook(self.state)
+        self.patterns = Patterns(self.state, self.book)
+        self.book.patterns = self.patterns
+        self.lifecycle = Lifecycle(self.state)
+
+    # -- the state, for callers (the service, replay, tests) ----------------------------------------
+    @property
+    def catalog(self) -> Catalog:
+        return self.state.catalog
+
+    @property
+    def rules(self) -> Rules:
+        return self.state.rules
+
+    @property
+    def incidents(self) -> dict[str, TrackedIncident]:
+        return self.state.incidents
+
+    @property
+    def seen(self) -> OrderedDict[str, str]:
+        return self.state.seen
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self.state.stats
+
+    @property
+    def topology(self) -> TopologyGrouper | None:
+        return self.state.topology
+
+    def to_state(self) -> dict[str, Any]:
+        return self.state.to_state()
+
+    def load_state(self, d: dict[str, Any]) -> None:
+        self.state.load_state(d)
+
+    # -- records and housekeeping -------------------------------------------------------------------
+    def apply_action(self, rec: ActionRecord, now: datetime) -> list[Change]:
+        return self.lifecycle.apply_action(rec, now)
+
+    def adopt(self, change: IncidentChange, now: datetime) -> list[Change]:
+        return self.lifecycle.adopt(change, now)
+
+    def close_stale(self, now: datetime) -> list[Change]:
+        return self.lifecycle.close_stale(now)
+
+    def expire(self, now: datetime) -> list[str]:
+        return self.lifecycle.expire(now)
 
     # -- signals ----------------------------------------------------------------------------------
     def ingest(self, s: Signal, now: datetime) -> list[Change]:
         """Fold one signal in; return the changes to publish (often none)."""
-        self.stats["signals"] += 1
-        hit = self.seen.get(s.id)
+        st, book = self.state, self.book
+        st.stats["signals"] += 1
+        hit = st.seen.get(s.id)
         if hit is not None:
-            self.stats["duplicates"] += 1
-            inc = self.incidents.get(hit)
+            st.stats["duplicates"] += 1
+            inc = st.incidents.get(hit)
             if inc is not None:
                 inc.duplicate_count += 1
             return []
         fk = s.fault_key()
         if s.healthy:  # not remembered: a repeated healthy reading clears nothing twice
-            return self._clear(fk, s, now)
+            return self.lifecycle.clear(fk, s)
         ck = code_key(s)
-        fc = self._classify(s)
+        fc = st.classify(s)
+        eck = fc.equivalent or ck  # a DCGM code counts as its XID equivalent (one fault, one plan)
         at = s.observed_at
-        rules = self.rules
+        rules = st.rules
         gkey = s.gpu.key() if s.gpu is not None else None
         gpu_key = f"gpu|{s.cluster}|{s.node}|{gkey}" if gkey is not None else None
-        if gpu_key is not None and s.check == "xid" and s.code in self._symp:
-            host = self._live(self.by_key.get(gpu_key))
-            if host is not None and at - host.last_seen <= self._symp_td:
-                return self._add(host, s, fk, ck, fc, now, fold=True)
-        if ck in rules.peer_codes:
-            d = self.down.get(s.node)
-            if d is not None and d[1] != gkey and at - d[2] <= self._peer_td:
-                host = self._live(d[0])
+        o = Observation(s, fk, ck, eck, fc, gpu_key)
+        if gpu_key is not None and s.check == "xid" and s.code in st.symp:
+            host = st.live(st.by_key.get(gpu_key))
+            if host is not None and at - host.last_seen <= st.symp_td:
+                return book.add(host, o, fold=True)
+        if gpu_key is not None and (eck == _XID154 or fc.category in NODE_CATEGORIES):
+            # NVIDIA Xid catalog, XID_154: the recovery action applies to the GPU's fault; it raises the
+            # incident already holding that GPU's codes (and a GPU off the bus joins that incident too)
+            host = book.gpu_host(gpu_key, s)
+            if host is not None:
+                return book.add(host, o, fold=not fc.known) + book.after_down(host, o)
+        if eck in rules.peer_codes:
+            d = st.down.get(s.node)
+            if d is not None and d[1] != gkey and at - d[2] <= st.peer_td:
+                host = st.live(d[0])
                 if host is not None:
-                    return self._add(host, s, fk, ck, fc, now, fold=True)
+                    return book.add(host, o, fold=True)
         if fc.category in rules.impact_categories and s.tenant is not None:
-            changes = self._endpoint(s, fk, ck, fc, now)
+            changes = self.patterns.endpoint(o)
             if changes is not None:
                 return changes
-        if gpu_key is not None and ck in rules.suspect_codes and s.tenant is not None:
-            changes = self._suspect(gpu_key, s, fk, ck, fc, now)
+        if gpu_key is not None and eck in rules.suspect_codes and s.tenant is not None:
+            changes = self.patterns.suspect(gpu_key, o)
             if changes is not None:
                 return changes
         key, scope = self._key(s, fc, gpu_key)
-        inc = self.incidents.get(self.by_key.get(key, ""))
+        inc = st.incidents.get(st.by_key.get(key, ""))
         if inc is not None and inc.status.terminal:
             if inc.status is IncidentStatus.RESOLVED and inc.resolved_at is not None \
                     and (at - inc.resolved_at).total_seconds() <= rules.flap_s:
-                return self._reopen(inc, s, fk, ck, fc, now)
+                return book.reopen(inc, o) + book.after_down(inc, o)
             inc = None
         if inc is None:
-            thr = rules.thresholds.get(ck)
-            if thr is not None and not self._threshold_met(f"{fk}#{ck}", at, thr.count, thr.window_s):
-                self.stats["below_threshold"] += 1
-                self._remember(s.id, "")
+            thr = rules.thresholds.get(eck)
+            if thr is not None and not book.threshold_met(f"{fk}#{eck}", at, thr.count, thr.window_s):
+                st.stats["below_threshold"] += 1
+                st.remember(s.id, "")
                 return []
-            return self._open(key, scope, s, fk, ck, fc, now)
-        return self._add(inc, s, fk, ck, fc, now)
+            cthr = rules.category_thresholds.get(fc.category)
+            if cthr is not None and not book.threshold_met(f"{fk}#cat:{fc.category}", at, cthr.count,
+                                                            cthr.window_s):
+                st.stats["below_threshold"] += 1
+                st.remember(s.id, "")
+                return []
+            changes = book.open(key, scope, o)
+            return changes + book.after_down(st.incidents[st.by_key[key]], o)
+        return book.add(inc, o) + book.after_down(inc, o)
 
     def _key(self, s: Signal, fc: FaultClass, gpu_key: str | None) -> tuple[str, IncidentScope]:
         if fc.domain is Domain.TENANT and s.tenant is not None:
@@ -107,150 +183,3 @@ class Correlator(Lifecycle, Patterns, CoreState):
             return gpu_key, IncidentScope.GPU
         return f"node|{s.cluster}|{s.node}", IncidentScope.NODE
 
-    def _threshold_met(self, key: str, at: datetime, count: int, window_s: float) -> bool:
-        times = self.pending.setdefault(key, [])
-        times.append(at)
-        while times and (at - times[0]).total_seconds() > window_s:
-            times.pop(0)
-        if len(times) >= count:
-            del self.pending[key]
-            return True
-        del times[:-count]
-        return False
-
-    def _open(self, key: str, scope: IncidentScope, s: Signal, fk: str, ck: str, fc: FaultClass,
-              now: datetime, note: str = "") -> list[Change]:
-        inc = TrackedIncident(
-            id=incident_id(key, s.id), key=key, cluster=s.cluster, scope=scope, node=s.node,
-            category=fc.category, severity=fc.severity if fc.known else max_severity(fc.severity, s.severity),
-            domain=fc.domain, title=fc.title, first_seen=s.observed_at, last_seen=s.observed_at,
-        )
-        self.incidents[inc.id] = inc
-        self.by_key[key] = inc.id
-        self._absorb(inc, s, fk, ck, fc)
-        inc.note(s.observed_at, "opened", note or f"{ck} on {s.entity_key()}", self.rules.timeline_limit)
-        if scope is IncidentScope.GPU and inc.domain is Domain.OPERATOR:
-            self._lemon(inc, s)  # a new incident is a new burst; a flap reopen is not
-        return [Change(ChangeKind.OPENED, inc), *self._after_open(inc, s, now, new=True)]
-
-    def _reopen(self, inc: TrackedIncident, s: Signal, fk: str, ck: str, fc: FaultClass,
-                now: datetime) -> list[Change]:
-        inc.status = IncidentStatus.OPEN
-        inc.flaps += 1
-        inc.plan = None
-        inc.resolved_at = None
-        inc.time_to_repair_s = None
-        inc.version += 1
-        self._absorb(inc, s, fk, ck, fc)
-        inc.note(s.observed_at, "reopened", f"{ck} again (flap {inc.flaps})", self.rules.timeline_limit)
-        return [Change(ChangeKind.REOPENED, inc), *self._after_open(inc, s, now)]
-
-    def _after_open(self, inc: TrackedIncident, s: Signal, now: datetime, new: bool = False) -> list[Change]:
-        changes: list[Change] = []
-        if inc.domain is Domain.OPERATOR and inc.node is not None:
-            self.on_node.setdefault(inc.node, {})[inc.id] = None
-            changes.extend(self._link_impacted(inc))
-            if new:  # a flap reopening its incident is not another GPU failing
-                changes.extend(self._multi_gpu(inc, s.observed_at))
-        if self.topology is not None:
-            changes.extend(self.topology.observe(inc, self.incidents, self.by_key, s.observed_at))
-        return changes
-
-    def _add(self, inc: TrackedIncident, s: Signal, fk: str, ck: str, fc: FaultClass, now: datetime,
-             fold: bool = False) -> list[Change]:
-        at = s.observed_at
-        lk = f"{fk}#{ck}"
-        last = inc.last_at.get(lk)
-        if last is not None and fk in inc.open_faults and at - last <= self._dedupe and ck in inc.counts:
-            # the storm path: count it, store nothing new, publish nothing
-            self.stats["suppressed"] += 1
-            self._remember(s.id, inc.id)
-            inc.signal_count += 1
-            inc.counts[ck] += 1
-            inc.last_at[lk] = at
-            if at > inc.last_seen:
-                inc.last_seen = at
-            if at > inc.open_faults[fk]:
-                inc.open_faults[fk] = at
-            return []
-        if fold:
-            self.stats["folded"] += 1
-        if not self._absorb(inc, s, fk, ck, fc, fold=fold):
-            return []
-        inc.version += 1
-        changes = [Change(ChangeKind.UPDATED, inc)]
-        if self.topology is not None and not fold and inc.parent is None and inc.node is not None:
-            changes.extend(self.topology.observe(inc, self.incidents, self.by_key, at))
-        return changes
-
-    def _absorb(self, inc: TrackedIncident, s: Signal, fk: str, ck: str, fc: FaultClass,
-                fold: bool = False) -> bool:
-        """Add a fault signal's facts to an incident; True when something an SRE would notice changed."""
-        rules = self.rules
-        at = s.observed_at
-        self._remember(s.id, inc.id)
-        inc.last_at[f"{fk}#{ck}"] = at
-        material = False
-        inc.signal_count += 1
-        if len(inc.signal_ids) < rules.evidence_ids:
-            inc.signal_ids.append(s.id)
-        if len(inc.evidence) < rules.evidence_messages and s.message:
-            inc.evidence.append(s.message)
-        if at > inc.last_seen:
-            inc.last_seen = at
-        n = inc.counts.get(ck)
-        inc.counts[ck] = 1 if n is None else n + 1
-        if n is None:
-            material = True
-            if fold:
-                inc.note(at, "folded", f"{ck} on {s.entity_key()}", rules.timeline_limit)
-        inc.checks[s.check] = None
-        if not fold:
-            if s.node not in inc.nodes:
-                inc.nodes[s.node] = None
-                for k, v in s.labels.items():
-                    inc.labels.setdefault(k, v)
-                material = True
-            if s.gpu is not None:
-                g = s.gpu.key()
-                if g not in inc.gpus:
-                    inc.gpus[g] = s.gpu
-                    material = True
-            if s.tenant is not None:
-                t = s.tenant.key()
-                if t not in inc.tenants:
-                    inc.tenants[t] = s.tenant
-                    material = True
-            material |= self._merge_class(inc, fc, at)
-        prev = inc.open_faults.get(fk)
-        if prev is None or prev < at:
-            inc.open_faults[fk] = at
-            self.by_fault[fk] = inc.id
-            material |= prev is None
-        if ck in rules.down_codes and s.gpu is not None:
-            self.down[s.node] = (inc.id, s.gpu.key(), at)
-        if inc.category == "gpu_reset_required" and "xid:48" in inc.counts \
-                and not self._companion_keys.isdisjoint(inc.counts):
-            material |= self._companions(inc, at)
-        return material
-
-    def _merge_class(self, inc: TrackedIncident, fc: FaultClass, at: datetime) -> bool:
-        changed = False
-        if category_rank(fc.category) < category_rank(inc.category):
-            inc.note(at, "category", f"{inc.category} -> {fc.category}", self.rules.timeline_limit)
-            inc.category, inc.title = fc.category, fc.title
-            if fc.domain is Domain.OPERATOR or inc.domain is not Domain.OPERATOR:
-                inc.domain = fc.domain
-            changed = True
-        sev = max_severity(inc.severity, fc.severity)
-        if sev is not inc.severity:
-            inc.severity, changed = sev, True
-        return changed
-
-    def _companions(self, inc: TrackedIncident, at: datetime) -> bool:
-        """XID 48 with 63/64 on the same GPU means drain-and-reset (NVIDIA WORKFLOW_XID_48)."""
-        spec = self.catalog.category("gpu_drain_reset_required")
-        inc.note(at, "category", "XID 48 with a row-remap event: drain and reset", self.rules.timeline_limit)
-        inc.category, inc.title = "gpu_drain_reset_required", "XID 48 DBE with row-remap event: drain and reset"
-        inc.severity = max_severity(inc.severity, spec.severity)
-        return True

@@ -5,7 +5,8 @@ collectors) clear the faults they match and resolve an incident once none is lef
 runs; ``ActionRecord``s (from the remediator, on ``breakfix.actions.>``) move it through the
 remediation states. A healthy signal older than the fault never clears it. ``expire`` forgets
 settled incidents after the flap window plus the retention window, so memory stays bounded.
-Pure: times come from the signals, records and the caller.
+Wired by ``correlator.grouping.Correlator`` with the shared ``CoreState``. Pure: times come from
+the signals, records and the caller.
 """
 
 from __future__ import annotations
@@ -30,23 +31,30 @@ from breakfix.schemas.signal import Signal
 _MITIGATING_EXEMPT = (StepAction.RETURN_TO_SERVICE, StepAction.NOTIFY_TENANT)
 
 
-class Lifecycle(CoreState):
-    def _clear(self, fk: str, s: Signal, now: datetime) -> list[Change]:
-        self.stats["healthy"] += 1
-        iid = self.by_fault.get(fk)
+class Lifecycle:
+    """Lifecycle over the shared state: healthy signals, remediator records, stale closing and expiry."""
+
+    def __init__(self, state: CoreState) -> None:
+        self.state = state
+        self.rules = state.rules
+
+    def clear(self, fk: str, s: Signal) -> list[Change]:
+        self.state.stats["healthy"] += 1
+        iid = self.state.by_fault.get(fk)
         if iid is None:  # the common case: a heartbeat for something that is fine
             return []
-        inc = self.incidents.get(iid)
+        inc = self.state.incidents.get(iid)
         if inc is None:
             return []
         opened = inc.open_faults.get(fk)
         if opened is None or s.observed_at < opened:
             return []  # a healthy reading older than the fault never clears it
         del inc.open_faults[fk]
-        del self.by_fault[fk]
+        del self.state.by_fault[fk]
         inc.version += 1
         inc.note(s.observed_at, "cleared", fk, self.rules.timeline_limit)
-        if not inc.open_faults and inc.status is IncidentStatus.OPEN and inc.plan is None:
+        if not inc.open_faults and inc.status is IncidentStatus.OPEN and inc.plan is None \
+                and not inc.overflow.get("open_faults"):  # faults past the cap were never listed, so never cleared
             self._set_status(inc, IncidentStatus.RESOLVED, s.observed_at, "every fault cleared by a healthy signal")
             return [Change(ChangeKind.RESOLVED, inc), *self._settled(inc, s.observed_at)]
         return [Change(ChangeKind.UPDATED, inc)]
@@ -55,10 +63,10 @@ class Lifecycle(CoreState):
         """Hooks when an incident resolves or escalates: fabric parents and members follow."""
         changes: list[Change] = []
         if inc.parent is not None:
-            changes.extend(settle_parent(inc, self.incidents, at, self.rules.timeline_limit))
+            changes.extend(settle_parent(inc, self.state.incidents, at, self.rules.timeline_limit))
         if inc.members:
             for mid in inc.members:
-                member = self.incidents.get(mid)
+                member = self.state.incidents.get(mid)
                 if member is not None and not member.status.terminal:
                     self._set_status(member, inc.status, at, f"fabric incident {inc.id} settled")
                     member.version += 1
@@ -73,7 +81,7 @@ class Lifecycle(CoreState):
             return []
         changes: list[Change] = []
         for mid in fab.members:
-            inc = self.incidents.get(mid)
+            inc = self.state.incidents.get(mid)
             if inc is None or inc.parent is not None or inc.status.terminal:
                 continue
             inc.parent = fab.id
@@ -84,7 +92,7 @@ class Lifecycle(CoreState):
 
     def apply_action(self, rec: ActionRecord, now: datetime) -> list[Change]:
         """Fold one audit record into the incident lifecycle."""
-        inc = self.incidents.get(rec.incident_id)
+        inc = self.state.incidents.get(rec.incident_id)
         if inc is None:
             return []
         if rec.dry_run:
@@ -94,7 +102,9 @@ class Lifecycle(CoreState):
                 inc.note(rec.at, "plan", f"{rec.plan.rule} (dry run)", self.rules.timeline_limit)
                 return [Change(ChangeKind.STATUS, inc)]
             return []
-        before = (inc.status, inc.plan)
+        before = (inc.status, inc.plan, inc.waiting)
+        if not inc.status.terminal:
+            inc.waiting = rec.waiting  # what the plan waits on now (approval, budget, ...); None once it moves
         if rec.kind is ActionKind.PLAN:
             if rec.outcome is ActionOutcome.PLANNED and rec.plan is not None:
                 inc.plan = rec.plan
@@ -113,7 +123,9 @@ class Lifecycle(CoreState):
                 self._set_status(inc, IncidentStatus.ESCALATED, rec.at, rec.reason or "escalated")
             elif rec.action not in _MITIGATING_EXEMPT:
                 self._set_status(inc, IncidentStatus.MITIGATING, rec.at, f"{rec.action} {rec.outcome}")
-        if (inc.status, inc.plan) == before:
+        if inc.status.terminal:
+            inc.waiting = None
+        if (inc.status, inc.plan, inc.waiting) == before:
             return []
         inc.version += 1
         kind = ChangeKind.RESOLVED if inc.status is IncidentStatus.RESOLVED else ChangeKind.STATUS
@@ -132,11 +144,40 @@ class Lifecycle(CoreState):
                 inc.resolved_at = at
                 inc.time_to_repair_s = round((at - inc.first_seen).total_seconds(), 3)
             for fk in inc.open_faults:
-                if self.by_fault.get(fk) == inc.id:
-                    del self.by_fault[fk]
+                if self.state.by_fault.get(fk) == inc.id:
+                    del self.state.by_fault[fk]
             inc.open_faults.clear()
-            if inc.node is not None and inc.node in self.on_node:
-                self.on_node[inc.node].pop(inc.id, None)
+            if inc.node is not None and inc.node in self.state.on_node:
+                self.state.on_node[inc.node].pop(inc.id, None)
+
+    def close_stale(self, now: datetime) -> list[Change]:
+        """Open and escalated incidents with no signal for ``max_open_age_s`` close as ``stale``.
+
+        Each gets a timeline entry and a STATUS change, so the remediator sees it and pages on-call about
+        any node hold (cordon) that depended on it instead of releasing it silently (issue 12).
+        """
+        max_age = timedelta(seconds=self.rules.max_open_age_s)
+        changes: list[Change] = []
+        for inc in list(self.state.incidents.values()):
+            if inc.status in (IncidentStatus.RESOLVED, IncidentStatus.STALE) or now - inc.last_seen <= max_age:
+                continue
+            was = inc.status
+            inc.status = IncidentStatus.STALE
+            inc.resolved_at = now
+            inc.waiting = None
+            held = f"; {inc.node} may still be held (cordoned) for it: release by hand" \
+                if inc.node and (inc.plan is not None or was is IncidentStatus.ESCALATED) else ""
+            inc.note(now, "stale", f"{was.value} with no signal for {(now - inc.last_seen).days} days "
+                                   f"(max_open_age_s {self.rules.max_open_age_s:g}){held}", self.rules.timeline_limit)
+            for fk in inc.open_faults:
+                if self.state.by_fault.get(fk) == inc.id:
+                    del self.state.by_fault[fk]
+            inc.open_faults.clear()
+            if inc.node is not None and inc.node in self.state.on_node:
+                self.state.on_node[inc.node].pop(inc.id, None)
+            inc.version += 1
+            changes.append(Change(ChangeKind.STATUS, inc))
+        return changes
 
     def expire(self, now: datetime) -> list[str]:
         """Forget resolved incidents past flap + retention, and history past its windows.
@@ -145,36 +186,38 @@ class Lifecycle(CoreState):
         """
         rules = self.rules
         cutoff = now - timedelta(seconds=rules.flap_s + rules.retention_s)
-        gone = {i for i, inc in self.incidents.items()
-                if inc.status is IncidentStatus.RESOLVED and inc.resolved_at is not None and inc.resolved_at < cutoff
-                and not any(self._live(m) for m in inc.members)}
+        gone = {i for i, inc in self.state.incidents.items()
+                if inc.status in (IncidentStatus.RESOLVED, IncidentStatus.STALE) and inc.resolved_at is not None
+                and inc.resolved_at < cutoff and not any(self.state.live(m) for m in inc.members)}
         for iid in gone:
-            inc = self.incidents.pop(iid)
-            if self.by_key.get(inc.key) == iid:
-                del self.by_key[inc.key]
-        for index in (self.on_node, self.serving):
+            inc = self.state.incidents.pop(iid)
+            if self.state.by_key.get(inc.key) == iid:
+                del self.state.by_key[inc.key]
+        for index in (self.state.on_node, self.state.serving):
             for node in list(index):
-                for iid in [i for i in index[node] if i in gone or i not in self.incidents]:
+                for iid in [i for i in index[node] if i in gone or i not in self.state.incidents]:
                     del index[node][iid]
                 if not index[node]:
                     del index[node]
-        if self.topology is not None:
-            self.topology.forget(gone)
-        self.stats["expired"] += len(gone)
+        self.state.by_gpu = {k: v for k, v in self.state.by_gpu.items() if self.state.live(v) is not None}
+        if self.state.topology is not None:
+            self.state.topology.forget(gone)
+        self.state.stats["expired"] += len(gone)
         self._prune(now)
         return sorted(gone)
 
     def _prune(self, now: datetime) -> None:
-        rules = self.rules
+        rules, st = self.rules, self.state
         peer_s = rules.peer.window_s if rules.peer else rules.sympathetic_s
-        self.down = {k: v for k, v in self.down.items() if (now - v[2]).total_seconds() <= peer_s}
+        self.state.down = {k: v for k, v in self.state.down.items() if (now - v[2]).total_seconds() <= peer_s}
         if rules.suspect is not None:
             w = rules.suspect.window_s
-            self.app_hist = {k: kept for k, v in self.app_hist.items()
+            self.state.app_hist = {k: kept for k, v in self.state.app_hist.items()
                              if (kept := {n: t for n, t in v.items() if (now - t).total_seconds() <= w})}
         if rules.lemon is not None:
             w = rules.lemon.window_s
-            self.bursts = {k: kept_t for k, v in self.bursts.items()
+            self.state.bursts = {k: kept_t for k, v in self.state.bursts.items()
                            if (kept_t := [t for t in v if (now - t).total_seconds() <= w])}
-        longest = max((t.window_s for t in rules.thresholds.values()), default=0.0)
-        self.pending = {k: v for k, v in self.pending.items() if v and (now - v[-1]).total_seconds() <= longest}
+        longest = max([t.window_s for t in rules.thresholds.values()]
+                      + [t.window_s for t in rules.category_thresholds.values()], default=0.0)
+        st.pending = {k: v for k, v in st.pending.items() if v and (now - v[-1]).total_seconds() <= longest}

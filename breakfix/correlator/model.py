@@ -11,6 +11,7 @@ back the form ``correlator.checkpoint`` stores.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -18,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from breakfix.schemas.catalog import FaultClass
 from breakfix.schemas.common import GpuRef, Severity, TenantRef
 from breakfix.schemas.incident import (
     ChangeKind,
@@ -31,11 +33,13 @@ from breakfix.schemas.incident import (
     TimelineEntry,
     WaitingOn,
 )
+from breakfix.schemas.signal import Signal
 
 # Most cautious first. Merging two faults into one incident keeps the earlier entry here.
 CATEGORY_PRIORITY: tuple[str, ...] = (
     "unknown_fault",
     "node_reboot_required",
+    "nvswitch_fatal",
     "multi_gpu_failure",
     "hardware_support",
     "mechanical_inspection",
@@ -46,6 +50,8 @@ CATEGORY_PRIORITY: tuple[str, ...] = (
     "gpu_suspect",
     "fabric_link",
     "thermal_power",
+    "nvswitch_nonfatal",
+    "gpu_monitor",
     "endpoint_slo",
     "application_fault",
     "sympathetic",
@@ -103,59 +109,48 @@ class TrackedIncident:
     impact: dict[str, TenantRef] = field(default_factory=dict)
     time_to_repair_s: float | None = None
     waiting: WaitingOn | None = None
+    source: str = ""  # the NVIDIA document (or breakfix rule) behind the category
+    overflow: dict[str, int] = field(default_factory=dict)  # items past a cap, by kind ("+N more")
     last_at: dict[str, datetime] = field(default_factory=dict)  # fault key#code -> last occurrence (dedupe)
 
     def note(self, at: datetime, event: str, text: str = "", limit: int = 64) -> None:
-        """Append to the timeline; past ``limit`` keep the first half and the latest entries."""
-        self.timeline.append((at, event, text))
+        """Append to the timeline; past ``limit`` keep the first half and the latest entries (counted)."""
+        self.timeline.append((at, event, text[:512]))
         if len(self.timeline) > limit:
             del self.timeline[limit // 2]
+            self.overflow["timeline"] = self.overflow.get("timeline", 0) + 1
+
+    def over(self, kind: str, at: datetime, cap: int, limit: int) -> None:
+        """One more item of ``kind`` past its cap: count it, and say so on the timeline the first time."""
+        n = self.overflow.get(kind)
+        self.overflow[kind] = 1 if n is None else n + 1
+        if n is None:
+            self.note(at, "capped", f"more than {cap} {kind}; further ones are counted in overflow", limit)
 
     def snapshot(self) -> Incident:
-        """The wire model. Built without re-validation: every value here came from validated
-        signals, records and rules, and is already the right type (``tests`` compare it with a
+        """The wire model, from ``FIELDS``. Built without re-validation: every value here came from
+        validated signals, records and rules, and is already the right type (``tests`` compare it with a
         validated round trip)."""
-        return Incident.model_construct(
-            id=self.id, cluster=self.cluster, scope=self.scope, node=self.node, nodes=tuple(self.nodes),
-            gpus=tuple(self.gpus.values()), tenants=tuple(self.tenants.values()), category=self.category,
-            severity=self.severity, domain=self.domain, status=self.status, title=self.title,
-            codes=tuple(self.counts), checks=tuple(self.checks), labels=dict(self.labels),
-            first_seen=self.first_seen, last_seen=self.last_seen, signal_ids=tuple(self.signal_ids),
-            signal_count=self.signal_count, duplicate_count=self.duplicate_count,
-            counts=tuple(CodeCount.model_construct(key=k, count=v) for k, v in self.counts.items()),
-            flaps=self.flaps, open_faults=tuple(self.open_faults), evidence=tuple(self.evidence), plan=self.plan,
-            resolved_at=self.resolved_at, version=self.version,
-            timeline=tuple(TimelineEntry.model_construct(at=a, event=e, note=n) for a, e, n in self.timeline),
-            parent=self.parent, members=tuple(self.members), topology=dict(self.topology),
-            impact=tuple(self.impact.values()), time_to_repair_s=self.time_to_repair_s, waiting=self.waiting,
-        )
+        return Incident.model_construct(**{f.wire_name: f.wire(getattr(self, f.attr)) for f in _WIRE})
 
     # -- checkpoint form ------------------------------------------------------------------------
     # ``correlator.checkpoint`` writes a TrackedIncident with orjson's native dataclass support
-    # (pydantic values through ``model_dump``); ``from_state`` reads that dict back.
+    # (pydantic values through ``model_dump``); ``from_state`` reads that dict back through ``FIELDS``.
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> TrackedIncident:
-        def dt(v: str) -> datetime:
-            return datetime.fromisoformat(v)
+        return cls(**{name: dec(d[name]) for name, dec in _STATE.items() if name in d})
 
-        return cls(
-            id=d["id"], key=d["key"], cluster=d["cluster"], scope=IncidentScope(d["scope"]), node=d["node"],
-            category=d["category"], severity=Severity(d["severity"]), domain=Domain(d["domain"]), title=d["title"],
-            first_seen=dt(d["first_seen"]), last_seen=dt(d["last_seen"]), status=IncidentStatus(d["status"]),
-            nodes=dict.fromkeys(d["nodes"]), gpus={k: GpuRef.model_validate(v) for k, v in d["gpus"].items()},
-            tenants={k: TenantRef.model_validate(v) for k, v in d["tenants"].items()}, counts=dict(d["counts"]),
-            checks=dict.fromkeys(d["checks"]), labels=dict(d["labels"]), signal_ids=list(d["signal_ids"]),
-            signal_count=d["signal_count"], duplicate_count=d["duplicate_count"], flaps=d["flaps"],
-            open_faults={k: dt(v) for k, v in d["open_faults"].items()}, evidence=list(d["evidence"]),
-            plan=Plan.model_validate(d["plan"]) if d["plan"] else None,
-            resolved_at=dt(d["resolved_at"]) if d["resolved_at"] else None, version=d["version"],
-            timeline=[(dt(a), e, n) for a, e, n in d["timeline"]], parent=d["parent"],
-            members=dict.fromkeys(d["members"]), topology=dict(d["topology"]),
-            impact={k: TenantRef.model_validate(v) for k, v in d["impact"].items()},
-            time_to_repair_s=d["time_to_repair_s"],
-            waiting=WaitingOn(d["waiting"]) if d.get("waiting") else None,
-            last_at={k: dt(v) for k, v in d["last_at"].items()},
-        )
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """The facts of one fault signal that the core's collaborators need, worked out once per signal."""
+
+    signal: Signal
+    fk: str  # fault key: check@entity, what a healthy signal must match to clear it
+    ck: str  # code key as counted on the incident: ``xid:48``, ``dcgm:DCGM_FR_...``, or the check
+    eck: str  # the key the rules match: a DCGM code's XID equivalent, otherwise ``ck``
+    fc: FaultClass
+    gpu_key: str | None  # ``gpu|cluster|node|gpu`` when the signal names a GPU
 
 
 @dataclass(slots=True)
@@ -167,9 +162,6 @@ class Change:
 
     def to_wire(self, at: datetime) -> IncidentChange:
         return IncidentChange.model_construct(kind=self.kind, incident=self.incident.snapshot(), at=at)
-
-    def to_json_bytes(self, at: datetime) -> bytes:
-        return change_json(self.kind, self.incident, at)
 
 
 def coalesce(changes: list[Change]) -> list[Change]:
@@ -193,29 +185,140 @@ def _ref(obj: GpuRef | TenantRef) -> dict[str, Any]:
     return obj.model_dump(mode="json")
 
 
-def change_json(kind: ChangeKind, inc: TrackedIncident, at: datetime) -> bytes:
-    """The ``IncidentChange`` JSON for ``inc``, written directly (orjson) for the hot path.
+def change_json(kind: ChangeKind, inc: TrackedIncident, at: datetime, max_bytes: int | None = None) -> bytes:
+    """The ``IncidentChange`` JSON for ``inc``, written directly (orjson) from ``FIELDS`` for the hot path.
 
-    Byte-for-byte it decodes to the same ``IncidentChange`` as ``Change.to_wire`` (pinned by
-    ``tests/test_correlator_wire.py``); timestamps come out as RFC 3339 with ``Z``.
+    It decodes to the same ``IncidentChange`` as ``Change.to_wire`` (pinned by
+    ``tests/test_correlator_wire.py``); timestamps come out as RFC 3339 with ``Z``. Past
+    ``max_bytes`` the long lists (signal ids, evidence, timeline) are trimmed and counted in
+    ``overflow``, so a change always fits under NATS's ``max_payload``.
     """
-    doc = {
-        "kind": kind.value, "at": at,
-        "incident": {
-            "schema": "breakfix.incident/v1", "id": inc.id, "cluster": inc.cluster, "scope": inc.scope.value,
-            "node": inc.node, "nodes": list(inc.nodes), "gpus": [_ref(g) for g in inc.gpus.values()],
-            "tenants": [_ref(t) for t in inc.tenants.values()], "category": inc.category,
-            "severity": inc.severity.value, "domain": inc.domain.value, "status": inc.status.value,
-            "title": inc.title, "codes": list(inc.counts), "checks": list(inc.checks), "labels": inc.labels,
-            "first_seen": inc.first_seen, "last_seen": inc.last_seen, "signal_ids": inc.signal_ids,
-            "signal_count": inc.signal_count, "duplicate_count": inc.duplicate_count,
-            "counts": [{"key": k, "count": v} for k, v in inc.counts.items()], "flaps": inc.flaps,
-            "open_faults": list(inc.open_faults), "evidence": inc.evidence,
-            "plan": inc.plan.model_dump(mode="json") if inc.plan else None, "resolved_at": inc.resolved_at,
-            "version": inc.version, "timeline": [{"at": a, "event": e, "note": n} for a, e, n in inc.timeline],
-            "parent": inc.parent, "members": list(inc.members), "topology": inc.topology,
-            "impact": [_ref(t) for t in inc.impact.values()], "time_to_repair_s": inc.time_to_repair_s,
-            "waiting": inc.waiting.value if inc.waiting else None,
-        },
-    }
-    return orjson.dumps(doc, option=_OPTS)
+    body = {f.wire_name: f.json(getattr(inc, f.attr)) for f in _WIRE}
+    body["schema"] = "breakfix.incident/v1"
+    data = orjson.dumps({"kind": kind.value, "at": at, "incident": body}, option=_OPTS)
+    if max_bytes is not None and len(data) > max_bytes:
+        data = _trimmed(kind, body, at, max_bytes)
+    return data
+
+
+_TRIM_ORDER = ("signal_ids", "evidence", "timeline", "members", "nodes", "gpus", "tenants", "impact", "counts",
+               "codes", "open_faults", "checks")
+
+
+def _trimmed(kind: ChangeKind, body: dict[str, Any], at: datetime, max_bytes: int) -> bytes:
+    """Cut the long lists to their first and last two items (counted in ``overflow``) until it fits."""
+    overflow: dict[str, int] = dict(body.get("overflow") or {})
+    body["overflow"] = overflow
+    data = b""
+    for name in _TRIM_ORDER:
+        items = body.get(name)
+        if isinstance(items, list) and len(items) > 4:
+            overflow[name] = overflow.get(name, 0) + len(items) - 4
+            body[name] = items[:2] + items[-2:]
+        data = orjson.dumps({"kind": kind.value, "at": at, "incident": body}, option=_OPTS)
+        if len(data) <= max_bytes:
+            return data
+    body["title"] = str(body["title"])[:200]
+    body["evidence"] = [str(e)[:200] for e in body["evidence"]]
+    body["labels"] = dict(list(body["labels"].items())[:16])
+    body["topology"] = dict(list(body["topology"].items())[:16])
+    return orjson.dumps({"kind": kind.value, "at": at, "incident": body}, option=_OPTS)
+
+
+LIFECYCLE = (ChangeKind.OPENED, ChangeKind.REOPENED, ChangeKind.RESOLVED)
+
+
+def msg_id(kind: ChangeKind, incident: str, version: int, flaps: int) -> str:
+    """The ``Nats-Msg-Id`` of an incident change. Lifecycle events are named by incident and flap
+    count, whatever version a batch reached; other changes by version. Either way a
+    re-publication after a restart is a duplicate that JetStream drops."""
+    if kind in LIFECYCLE:
+        return f"{incident}:{kind.value}:{flaps}"
+    return f"{incident}:{version}"
+
+
+def change_msg_id(ch: IncidentChange) -> str:
+    return msg_id(ch.kind, ch.incident.id, ch.incident.version, ch.incident.flaps)
+
+
+# -- the one field map -------------------------------------------------------------------------------
+# Every field of the Incident's wire form and of the checkpoint form, once: the TrackedIncident
+# attribute, the wire field it becomes, how it becomes the pydantic value (``snapshot``), the JSON
+# value (``change_json``) and how the checkpoint's JSON reads back (``from_state``).
+
+def _same(v: Any) -> Any:
+    return v
+
+
+def _dt(v: str) -> datetime:
+    return datetime.fromisoformat(v)
+
+
+def _opt_dt(v: str | None) -> datetime | None:
+    return datetime.fromisoformat(v) if v else None
+
+
+def _value(v: Any) -> Any:
+    return v.value if v is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    attr: str
+    wire_name: str
+    wire: Callable[[Any], Any] = _same
+    json: Callable[[Any], Any] = _same
+    state: Callable[[Any], Any] | None = _same  # None: derived, not read back from this entry
+
+
+def _refs(model: type[GpuRef] | type[TenantRef]) -> Callable[[Any], Any]:
+    return lambda d: {k: model.model_validate(v) for k, v in d.items()}
+
+
+_NO_WIRE = ""
+FIELDS: tuple[Field, ...] = (
+    Field("id", "id"), Field("cluster", "cluster"),
+    Field("scope", "scope", json=_value, state=IncidentScope),
+    Field("node", "node"),
+    Field("nodes", "nodes", tuple, list, dict.fromkeys),
+    Field("gpus", "gpus", lambda d: tuple(d.values()), lambda d: [_ref(g) for g in d.values()], _refs(GpuRef)),
+    Field("tenants", "tenants", lambda d: tuple(d.values()), lambda d: [_ref(t) for t in d.values()],
+          _refs(TenantRef)),
+    Field("category", "category"),
+    Field("severity", "severity", json=_value, state=Severity),
+    Field("domain", "domain", json=_value, state=Domain),
+    Field("status", "status", json=_value, state=IncidentStatus),
+    Field("title", "title"),
+    Field("counts", "codes", tuple, list, None),
+    Field("checks", "checks", tuple, list, dict.fromkeys),
+    Field("labels", "labels", dict, _same, dict),
+    Field("first_seen", "first_seen", state=_dt), Field("last_seen", "last_seen", state=_dt),
+    Field("signal_ids", "signal_ids", tuple, _same, list),
+    Field("signal_count", "signal_count"), Field("duplicate_count", "duplicate_count"),
+    Field("counts", "counts", lambda d: tuple(CodeCount.model_construct(key=k, count=v) for k, v in d.items()),
+          lambda d: [{"key": k, "count": v} for k, v in d.items()], dict),
+    Field("flaps", "flaps"),
+    Field("open_faults", "open_faults", tuple, list, lambda d: {k: _dt(v) for k, v in d.items()}),
+    Field("evidence", "evidence", tuple, _same, list),
+    Field("plan", "plan", json=lambda p: p.model_dump(mode="json") if p else None,
+          state=lambda v: Plan.model_validate(v) if v else None),
+    Field("resolved_at", "resolved_at", state=_opt_dt),
+    Field("version", "version"),
+    Field("timeline", "timeline",
+          lambda t: tuple(TimelineEntry.model_construct(at=a, event=e, note=n) for a, e, n in t),
+          lambda t: [{"at": a, "event": e, "note": n} for a, e, n in t], lambda t: [(_dt(a), e, n) for a, e, n in t]),
+    Field("parent", "parent"),
+    Field("members", "members", tuple, list, dict.fromkeys),
+    Field("topology", "topology", dict, _same, dict),
+    Field("impact", "impact", lambda d: tuple(d.values()), lambda d: [_ref(t) for t in d.values()],
+          _refs(TenantRef)),
+    Field("time_to_repair_s", "time_to_repair_s"),
+    Field("waiting", "waiting", json=_value, state=lambda v: WaitingOn(v) if v else None),
+    Field("source", "source"),
+    Field("overflow", "overflow", dict, _same, dict),
+    # checkpoint only
+    Field("key", _NO_WIRE),
+    Field("last_at", _NO_WIRE, state=lambda d: {k: _dt(v) for k, v in d.items()}),
+)
+_WIRE = tuple(f for f in FIELDS if f.wire_name)
+_STATE: dict[str, Callable[[Any], Any]] = {f.attr: f.state for f in FIELDS if f.state is not None}

@@ -9,14 +9,16 @@
   is that incident's impact; an endpoint incident that opened first is folded under the
   hardware incident when it appears. The serving nodes come from the endpoint collector's
   ``details.serving_nodes`` (comma-separated), falling back to the signal's node.
-Called by ``correlator.grouping``; pure.
+Wired by ``correlator.grouping.Correlator`` with the shared ``CoreState`` and the ``IncidentBook``; pure.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 
-from breakfix.correlator.model import Change, TrackedIncident, incident_id
+from breakfix.correlator.book import IncidentBook
+from breakfix.correlator.model import Change, Observation, TrackedIncident, incident_id
 from breakfix.correlator.state import LEMON_LABEL, CoreState
 from breakfix.schemas.catalog import FaultClass
 from breakfix.schemas.common import max_severity
@@ -24,19 +26,49 @@ from breakfix.schemas.incident import ChangeKind, Domain, IncidentScope
 from breakfix.schemas.signal import Signal
 
 _HISTORY_CAP = 32
+SUSPECT_SOURCE = ("NVIDIA Xid catalog WORKFLOW_XID_13 / WORKFLOW_XID_31 (repeats on one GPU: run diagnostics); "
+                  "NVSentinel analyzer (repeated XID 31/13 on one GPU -> diagnostics)")
+LEMON_SOURCE = "NVSentinel analyzer: repeated hardware XID bursts on one GPU within 24 h -> CONTACT_SUPPORT"
+MULTI_GPU_SOURCE = "breakfix correlator rule multi_gpu: several GPUs of one node failing together point at the host"
 
 
-class Patterns(CoreState):
-    def _suspect(self, gpu_key: str, s: Signal, fk: str, ck: str, fc: FaultClass,
-                 now: datetime) -> list[Change] | None:
-        rule = self.rules.suspect
+def controller_of(s: Signal) -> str:
+    """The workload an application fault belongs to: its controller, not its pod name (issue 11).
+
+    ``details.controller`` (e.g. ``Deployment/api``) when a collector knows it; otherwise Kubernetes'
+    pod naming: Deployment/ReplicaSet ``api-7d9f8c6b5-x2k4p`` -> ``api``, Job ``batch-x7k2q`` -> ``batch``,
+    StatefulSet ``train-3`` -> ``train``, LeaderWorkerSet ``lws-2`` (leader) / ``lws-2-1`` (worker) -> ``lws``.
+    """
+    assert s.tenant is not None
+    owner = s.details.get("controller") or s.details.get("owner")
+    if owner:
+        return f"{s.tenant.namespace}/{owner}"
+    w = s.tenant.workload()
+    if s.tenant.pod and w != s.tenant.pod:
+        head, _, tail = w.rpartition("-")
+        if head and tail.isdigit():  # a LeaderWorkerSet worker: <lws>-<group>-<index>
+            w = head
+    return f"{s.tenant.namespace}/{w}"
+
+
+class Patterns:
+    """Multi-signal patterns over the shared state; opens and grows incidents through the book."""
+
+    def __init__(self, state: CoreState, book: IncidentBook) -> None:
+        self.state = state
+        self.book = book
+        self.rules = state.rules
+        self.catalog = state.catalog
+
+    def suspect(self, gpu_key: str, o: Observation) -> list[Change] | None:
+        rule, s = self.rules.suspect, o.signal
         assert rule is not None and s.tenant is not None
-        host = self._live(self.by_key.get(gpu_key))
+        host = self.state.live(self.state.by_key.get(gpu_key))
         if host is not None and host.category == rule.category:
-            return self._add(host, s, fk, ck, fc, now)
+            return self.book.add(host, o)
         at = s.observed_at
-        workload = f"{s.tenant.namespace}/{s.tenant.pod or s.tenant.endpoint or '*'}"
-        hist = self.app_hist.setdefault(gpu_key, {})  # workload -> last time, oldest first
+        workload = controller_of(s)
+        hist = self.state.app_hist.setdefault(gpu_key, {})  # workload -> last time, oldest first
         hist.pop(workload, None)
         hist[workload] = at
         for w, t in list(hist.items()):
@@ -47,21 +79,20 @@ class Patterns(CoreState):
         if len(workloads) < rule.min_workloads:
             return None
         spec = self.catalog.category(rule.category)
-        suspect = FaultClass(rule.category, spec.severity, spec.domain, "", True, spec.title,
-                             "correlator rules: suspect_gpu")
-        note = f"{ck} from {len(workloads)} workloads within {rule.window_s:g}s: {', '.join(workloads)}"
+        suspect = FaultClass(rule.category, spec.severity, spec.domain, "", True, spec.title, SUSPECT_SOURCE)
+        note = f"{o.ck} from {len(workloads)} workloads within {rule.window_s:g}s: {', '.join(workloads)}"
         if host is not None:
-            changes = self._add(host, s, fk, ck, suspect, now)
+            changes = self.book.add(host, replace(o, fc=suspect))
             host.note(at, "suspect", note, self.rules.timeline_limit)
             return changes
-        return self._open(gpu_key, IncidentScope.GPU, s, fk, ck, suspect, now, note=note)
+        return self.book.open(gpu_key, IncidentScope.GPU, replace(o, fc=suspect), note=note)
 
-    def _lemon(self, inc: TrackedIncident, s: Signal) -> None:
+    def lemon(self, inc: TrackedIncident, s: Signal) -> None:
         rule = self.rules.lemon
-        if rule is None or inc.labels.get(LEMON_LABEL) == "true":
-            return
+        if rule is None or inc.labels.get(LEMON_LABEL) == "true" or inc.category not in self.rules.lemon_categories:
+            return  # only hardware incidents count: application XIDs alone never take the RMA path
         at = s.observed_at
-        times = self.bursts.setdefault(inc.key, [])
+        times = self.state.bursts.setdefault(inc.key, [])
         times.append(at)
         while times and (at - times[0]).total_seconds() > rule.window_s:
             times.pop(0)
@@ -72,52 +103,54 @@ class Patterns(CoreState):
         inc.note(at, "lemon", f"{len(times)} incidents on this GPU within {rule.window_s:g}s; was {inc.category}",
                  self.rules.timeline_limit)
         inc.category = rule.category
+        inc.source = LEMON_SOURCE
         inc.title = f"Lemon GPU ({len(times)} incidents within {rule.window_s / 3600:g} h): {spec.title}"
         inc.severity = max_severity(inc.severity, spec.severity)
         inc.domain = Domain.OPERATOR
 
-    def _endpoint(self, s: Signal, fk: str, ck: str, fc: FaultClass, now: datetime) -> list[Change] | None:
+    def endpoint(self, o: Observation) -> list[Change] | None:
+        s = o.signal
         assert s.tenant is not None
         serving = [n for n in s.details.get("serving_nodes", "").split(",") if n] or [s.node]
         for node in serving:
-            for iid in self.on_node.get(node, ()):
-                host = self._live(iid)
+            for iid in self.state.on_node.get(node, ()):
+                host = self.state.live(iid)
                 if host is not None and host.domain is Domain.OPERATOR and host.scope is not IncidentScope.TENANT:
-                    return self._impact(host, s, fk, ck, fc, now)
+                    return self._impact(host, o)
         key = f"tenant|{s.cluster}|{s.tenant.namespace}|{s.tenant.workload()}"
         for node in serving:
-            self.serving.setdefault(node, {})[key] = None
+            self.state.serving.setdefault(node, {})[key] = None
         return None
 
-    def _impact(self, host: TrackedIncident, s: Signal, fk: str, ck: str, fc: FaultClass,
-                now: datetime) -> list[Change]:
+    def _impact(self, host: TrackedIncident, o: Observation) -> list[Change]:
+        s = o.signal
         assert s.tenant is not None
-        self.stats["impact"] += 1
+        self.state.stats["impact"] += 1
         t = s.tenant.key()
         new = t not in host.impact
         host.impact[t] = s.tenant
-        changes = self._add(host, s, fk, ck, fc, now, fold=True)
+        changes = self.book.add(host, o, fold=True)
         if new:
-            host.note(s.observed_at, "impact", f"endpoint {t} out of SLO ({ck})", self.rules.timeline_limit)
+            host.note(s.observed_at, "impact", f"endpoint {t} out of SLO ({o.ck})", self.rules.timeline_limit)
             if not changes:
                 host.version += 1
                 changes = [Change(ChangeKind.UPDATED, host)]
         return changes
 
-    def _multi_gpu(self, inc: TrackedIncident, at: datetime) -> list[Change]:
+    def multi_gpu(self, inc: TrackedIncident, at: datetime) -> list[Change]:
         """Several GPU incidents on one node within the window become one node incident."""
         rule = self.rules.multi_gpu
         if rule is None or inc.scope is not IncidentScope.GPU or inc.domain is not Domain.OPERATOR \
-                or inc.parent is not None or inc.node is None:
-            return []
+                or inc.parent is not None or inc.node is None or inc.category not in self.rules.multi_gpu_categories:
+            return []  # only hardware faults: XID 74 on several GPUs is an NVLink fault, not a host fault
         node_key = f"node|{inc.cluster}|{inc.node}"
-        host = self._live(self.by_key.get(node_key))
+        host = self.state.live(self.state.by_key.get(node_key))
         if host is not None and host.category in (rule.category, "node_reboot_required"):
             return self._fold_into_node(host, [inc], at)  # the node is already the unit being fixed
         if host is not None:
             return []  # a node incident of another kind (an IB link, say) owns the key: keep GPUs separate
-        peers = [p for iid in self.on_node.get(inc.node, ()) if (p := self._live(iid)) is not None
-                 and p.scope is IncidentScope.GPU and p.parent is None
+        peers = [p for iid in self.state.on_node.get(inc.node, ()) if (p := self.state.live(iid)) is not None
+                 and p.scope is IncidentScope.GPU and p.parent is None and p.category in self.rules.multi_gpu_categories
                  and (at - p.first_seen).total_seconds() <= rule.window_s]
         gpus = {g for p in peers for g in p.gpus}
         if len(gpus) < rule.min_gpus:
@@ -128,14 +161,14 @@ class Patterns(CoreState):
             id=incident_id(node_key, first.id), key=node_key, cluster=inc.cluster, scope=IncidentScope.NODE,
             node=inc.node, category=rule.category, severity=spec.severity, domain=Domain.OPERATOR,
             title=f"{len(gpus)} GPUs failing together on {inc.node}: {spec.title}", first_seen=first.first_seen,
-            last_seen=at)
+            last_seen=at, source=MULTI_GPU_SOURCE)
         node.nodes[inc.node] = None
         node.labels.update(first.labels)
         node.note(at, "opened", f"{len(gpus)} GPU incidents on {inc.node} within {rule.window_s:g}s",
                   self.rules.timeline_limit)
-        self.incidents[node.id] = node
-        self.by_key[node_key] = node.id
-        self.on_node.setdefault(inc.node, {})[node.id] = None
+        self.state.incidents[node.id] = node
+        self.state.by_key[node_key] = node.id
+        self.state.on_node.setdefault(inc.node, {})[node.id] = None
         return [Change(ChangeKind.OPENED, node), *self._fold_into_node(node, peers, at, opening=True)]
 
     def _fold_into_node(self, node: TrackedIncident, members: list[TrackedIncident], at: datetime,
@@ -163,12 +196,12 @@ class Patterns(CoreState):
             changes.append(Change(ChangeKind.UPDATED, node))
         return changes
 
-    def _link_impacted(self, inc: TrackedIncident) -> list[Change]:
+    def link_impacted(self, inc: TrackedIncident) -> list[Change]:
         """A hardware incident opened on a node that serves breached endpoints: fold them under it."""
         changes: list[Change] = []
         assert inc.node is not None
-        for key in self.serving.get(inc.node, ()):
-            ep = self._live(self.by_key.get(key))
+        for key in self.state.serving.get(inc.node, ()):
+            ep = self.state.live(self.state.by_key.get(key))
             if ep is None or ep.parent is not None or ep.scope is not IncidentScope.TENANT:
                 continue
             ep.parent = inc.id

@@ -29,6 +29,8 @@ class Windows(BaseModel):
     flap_s: float = Field(600.0, ge=0)
     sympathetic_s: float = Field(120.0, ge=0)
     resolved_retention_s: float = Field(3600.0, ge=0)
+    # open and escalated incidents older than this (since last_seen) close as ``stale`` (issue 12)
+    max_open_age_s: float = Field(30 * 86400.0, gt=0, allow_inf_nan=False)
 
 
 class Evidence(BaseModel):
@@ -37,6 +39,17 @@ class Evidence(BaseModel):
     signal_ids: int = Field(50, ge=0, le=10_000)
     timeline: int = Field(64, ge=4, le=10_000)
     seen_ids: int = Field(100_000, ge=1000)
+    message_chars: int = Field(512, ge=16, le=4096)
+
+
+class Caps(BaseModel):
+    """Per-incident caps; past one the incident keeps a count (``overflow``) instead of the item."""
+
+    model_config = _STRICT
+    codes: int = Field(64, ge=1, le=1000)
+    components: int = Field(256, ge=1, le=5000)
+    open_faults: int = Field(512, ge=1, le=5000)
+    max_change_bytes: int = Field(512 * 1024, ge=16 * 1024, le=1024 * 1024)
 
 
 class SuspectGpu(BaseModel):
@@ -47,11 +60,16 @@ class SuspectGpu(BaseModel):
     category: str
 
 
+_HARDWARE = ("gpu_reset_required", "gpu_drain_reset_required", "node_reboot_required", "hardware_support",
+             "mechanical_inspection", "nvlink_fault", "nvswitch_fatal")
+
+
 class Lemon(BaseModel):
     model_config = _STRICT
     bursts: int = Field(3, ge=2)
     window_s: float = Field(86400.0, gt=0)
     category: str
+    categories: tuple[str, ...] = _HARDWARE  # only hardware incidents count (issue 11: never application XIDs)
 
 
 class NvlinkPeerFold(BaseModel):
@@ -59,6 +77,8 @@ class NvlinkPeerFold(BaseModel):
     codes: tuple[str, ...]
     down_codes: tuple[str, ...]
     window_s: float = Field(120.0, gt=0)
+    # incidents of these categories absorb the node's peer codes too (a fatal SXid and its XID 74s)
+    down_categories: tuple[str, ...] = ()
 
 
 class MultiGpu(BaseModel):
@@ -66,6 +86,15 @@ class MultiGpu(BaseModel):
     min_gpus: int = Field(3, ge=2)
     window_s: float = Field(120.0, gt=0)
     category: str
+    categories: tuple[str, ...] = tuple(c for c in _HARDWARE if c != "nvlink_fault")
+
+
+class CategoryThreshold(BaseModel):
+    model_config = _STRICT
+    category: str
+    count: int = Field(ge=1)
+    window_s: float = Field(gt=0)
+    source: str = ""
 
 
 class Threshold(BaseModel):
@@ -98,8 +127,10 @@ class RulesFile(BaseModel):
     nvlink_peer_fold: NvlinkPeerFold | None = None
     multi_gpu: MultiGpu | None = None
     thresholds: tuple[Threshold, ...] = ()
+    category_thresholds: tuple[CategoryThreshold, ...] = ()
     topology: tuple[TopologyRule, ...] = ()
     endpoint_impact: EndpointImpact = EndpointImpact()
+    caps: Caps = Caps()
 
     @model_validator(mode="after")
     def _unique(self) -> RulesFile:
@@ -137,6 +168,13 @@ class Rules:
     thresholds: dict[str, Threshold]
     topology: dict[str, TopologyRule]
     impact_categories: frozenset[str]
+    category_thresholds: dict[str, CategoryThreshold]
+    caps: Caps
+    max_open_age_s: float
+    message_chars: int
+    lemon_categories: frozenset[str]
+    multi_gpu_categories: frozenset[str]
+    down_categories: frozenset[str]
 
     @classmethod
     def compile(cls, f: RulesFile, catalog: Catalog | None = None, path: str | Path = "<rules>") -> Rules:
@@ -146,7 +184,8 @@ class Rules:
                      ("lemon.category", f.lemon.category if f.lemon else None),
                      ("multi_gpu.category", f.multi_gpu.category if f.multi_gpu else None),
                      *((f"topology[{t.category}]", t.category) for t in f.topology),
-                     *(("endpoint_impact.categories", c) for c in f.endpoint_impact.categories)]
+                     *(("endpoint_impact.categories", c) for c in f.endpoint_impact.categories),
+                     *((f"category_thresholds[{t.category}]", t.category) for t in f.category_thresholds)]
             for where, cat in named:
                 if cat is not None and cat not in cats:
                     raise DataFileError(path, None, f"{where}: unknown category {cat!r} (not in the catalog)")
@@ -160,6 +199,11 @@ class Rules:
             down_codes=frozenset(f.nvlink_peer_fold.down_codes if f.nvlink_peer_fold else ()),
             thresholds={t.code: t for t in f.thresholds}, topology={t.category: t for t in f.topology},
             impact_categories=frozenset(f.endpoint_impact.categories),
+            category_thresholds={t.category: t for t in f.category_thresholds}, caps=f.caps,
+            max_open_age_s=f.windows.max_open_age_s, message_chars=f.evidence.message_chars,
+            lemon_categories=frozenset(f.lemon.categories if f.lemon else ()),
+            multi_gpu_categories=frozenset(f.multi_gpu.categories if f.multi_gpu else ()),
+            down_categories=frozenset(f.nvlink_peer_fold.down_categories if f.nvlink_peer_fold else ()),
         )
 
 

@@ -3,7 +3,7 @@
 Reads ``breakfix.signals.>`` (or one partition of it, ``breakfix.signals.*.*.<p>``) and
 ``breakfix.actions.>``, feeds the pure core (``correlator.grouping``) a batch at a time with
 an injected clock, and publishes one ``IncidentChange`` per touched incident per batch on
-``breakfix.incidents.<cluster>``, with a deterministic msg-id (``change_msg_id``).
+``breakfix.incidents.<cluster>``, with a deterministic msg-id (``correlator.model.msg_id``).
 
 Durability: the checkpoint (``correlator.checkpoint``: the core's state plus the last stream
 sequence of each consumer) is the truth. Messages are acked (ack-all) only after a checkpoint
@@ -27,57 +27,19 @@ from typing import Any, Protocol
 
 import structlog
 
-from breakfix.bus.codec import decoder, encode
+from breakfix.bus.clock import Clock, SystemClock
+from breakfix.bus.codec import decoder
 from breakfix.bus.consumer import ConsumerStats, DecodeError
 from breakfix.bus.protocol import BlobStore, Bus, Delivery, PublishAck
 from breakfix.correlator.checkpoint import Checkpoint, CheckpointStore
 from breakfix.correlator.grouping import Correlator
-from breakfix.correlator.model import Change, change_json, coalesce
+from breakfix.correlator.model import Change, change_json, coalesce, msg_id
+from breakfix.correlator.publish import Item, settle_publishes
 from breakfix.schemas import subjects
-from breakfix.schemas.incident import ActionRecord, ChangeKind, IncidentChange
+from breakfix.schemas.incident import ActionRecord, IncidentChange
 from breakfix.schemas.signal import Signal
 
 log = structlog.get_logger("breakfix.correlator")
-
-
-_LIFECYCLE = (ChangeKind.OPENED, ChangeKind.REOPENED, ChangeKind.RESOLVED)
-
-
-def change_msg_id(ch: IncidentChange) -> str:
-    """Lifecycle events are named by incident and flap count, whatever version a batch reached;
-    other changes by version. Either way a re-publication after a restart is a duplicate."""
-    return _msg_id(ch.kind, ch.incident.id, ch.incident.version, ch.incident.flaps)
-
-
-def _items(wire: list[IncidentChange]) -> list[tuple[str, bytes, str | None]]:
-    return [(subjects.incident_subject(ch.incident.cluster), encode(ch), change_msg_id(ch)) for ch in wire]
-
-
-def _msg_id(kind: ChangeKind, incident: str, version: int, flaps: int) -> str:
-    if kind in _LIFECYCLE:
-        return f"{incident}:{kind.value}:{flaps}"
-    return f"{incident}:{version}"
-
-
-async def settle_publishes(bus: Bus, items: list[tuple[str, bytes, str | None]], acks: list[PublishAck]) -> None:
-    """A lifecycle event the stream already held was dropped as a duplicate; publish its state
-    (which may be newer than the stored event) as an update instead."""
-    again: list[tuple[str, bytes, str | None]] = []
-    for (subject, data, _mid), ack in zip(items, acks, strict=True):
-        if not ack.duplicate:
-            continue
-        ch = IncidentChange.model_validate_json(data)
-        if ch.kind in _LIFECYCLE:
-            again.append((subject, *_items([ch.model_copy(update={"kind": ChangeKind.UPDATED})])[0][1:]))
-    if again:
-        await bus.publish_many(again)
-
-
-async def publish_changes(bus: Bus, wire: list[IncidentChange]) -> None:
-    """Publish and wait for the acks (the fleet stage; the correlator pipelines instead)."""
-    if wire:
-        items = _items(wire)
-        await settle_publishes(bus, items, await bus.publish_many(items))
 
 
 class StoreBus(Bus, BlobStore, Protocol):
@@ -93,40 +55,76 @@ class ServiceConfig:
     fetch_timeout_s: float = 0.05
     checkpoint_interval_s: float = 1.0
     expire_interval_s: float = 60.0
+    stuck_after_s: float = 30.0  # no batch, pull or checkpoint completed for this long: not ready
 
     @property
     def name(self) -> str:
         return self.durable if self.partitions == 1 else f"{self.durable}-p{self.partition}"
 
 
+class _WallOnly:
+    """A bare ``() -> datetime`` as a ``Clock`` (monotonic from the system), for older call sites."""
+
+    def __init__(self, wall: Callable[[], datetime]) -> None:
+        self._wall = wall
+        self._sys = SystemClock()
+
+    def now(self) -> datetime:
+        return self._wall()
+
+    def monotonic(self) -> float:
+        return self._sys.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await self._sys.sleep(seconds)
+
+
 class CorrelatorService:
-    def __init__(self, bus: StoreBus, core: Correlator, clock: Callable[[], datetime], *,
+    def __init__(self, bus: StoreBus, core: Correlator, clock: Clock | Callable[[], datetime], *,
                  config: ServiceConfig | None = None, checkpoints: CheckpointStore | None = None) -> None:
         self.bus = bus
         self.core = core
-        self.clock = clock
+        self.clocks: Clock = clock if isinstance(clock, Clock) else _WallOnly(clock)
+        self.clock = self.clocks.now
         self.config = config or ServiceConfig()
         self.checkpoints = checkpoints or CheckpointStore(bus, self.config.name)
         self.signal_stats = ConsumerStats()
         self.action_stats = ConsumerStats()
         self.fabric_stats = ConsumerStats()
         self.published = 0
+        self.publish_failed = 0
         self.positions: dict[str, int] = {}
         self._unacked: dict[str, Delivery] = {}
-        self._inflight: list[tuple[list[tuple[str, bytes, str | None]], Awaitable[list[PublishAck]]]] = []
+        self._inflight: list[tuple[list[Item], Awaitable[list[PublishAck]]]] = []
         self._lock = asyncio.Lock()
         self._dirty = False
         self.last_checkpoint_s = 0.0
         self.ready = asyncio.Event()
+        self._progress = self.clocks.monotonic()
+
+    # -- readiness -------------------------------------------------------------------------------
+    def _alive(self) -> None:
+        self._progress = self.clocks.monotonic()
+
+    @property
+    def stuck(self) -> bool:
+        """True when no pull, batch or checkpoint has completed for ``stuck_after_s`` (a wedged publish,
+        a store that never answers): readiness should fail so an orchestrator restarts or pages."""
+        return self.clocks.monotonic() - self._progress > self.config.stuck_after_s
+
+    def is_ready(self) -> bool:
+        """Restored from the checkpoint, consuming, and not stuck (for ``/readyz``)."""
+        return self.ready.is_set() and not self.stuck
 
     # -- one batch -------------------------------------------------------------------------------
     async def _publish(self, changes: list[Change], now: datetime) -> None:
         """Send now; the acks are collected before the next checkpoint (``_settle``)."""
-        items: list[tuple[str, bytes, str | None]] = []
+        items: list[Item] = []
+        limit = self.core.rules.caps.max_change_bytes
         for ch in coalesce(changes):
             inc = ch.incident
-            items.append((subjects.incident_subject(inc.cluster), change_json(ch.kind, inc, now),
-                          _msg_id(ch.kind, inc.id, inc.version, inc.flaps)))
+            items.append((subjects.incident_subject(inc.cluster), change_json(ch.kind, inc, now, limit),
+                          msg_id(ch.kind, inc.id, inc.version, inc.flaps)))
             log.info("incident_" + ch.kind.value, incident=inc.id, node=inc.node, category=inc.category,
                      status=inc.status.value, signals=inc.signal_count, parent=inc.parent)
         if not items:
@@ -137,15 +135,37 @@ class CorrelatorService:
             await self._settle()
 
     async def _settle(self) -> None:
-        """Wait for every publish in flight; on a failure publish again one by one (msg-ids dedupe)."""
+        """Wait for every publish in flight; on a failure publish again one by one (msg-ids dedupe),
+        once. A change that still fails is logged, counted and dead-lettered, never retried forever."""
         inflight, self._inflight = self._inflight, []
         for items, pending in inflight:
             try:
                 acks = await pending
             except Exception as exc:
                 log.warning("publish_retry", error=repr(exc), changes=len(items))
-                acks = [await self.bus.publish(s, d, msg_id=m) for s, d, m in items]
+                kept: list[Item] = []
+                acks = []
+                for item in items:
+                    try:
+                        acks.append(await self.bus.publish(item[0], item[1], msg_id=item[2]))
+                        kept.append(item)
+                    except Exception as again:
+                        await self._publish_failed(item, again)
+                items = kept
             await settle_publishes(self.bus, items, acks)
+        self._alive()
+
+    async def _publish_failed(self, item: Item, exc: BaseException) -> None:
+        subject, data, mid = item
+        self.publish_failed += 1
+        log.error("publish_failed", subject=subject, msg_id=mid, bytes=len(data), error=repr(exc))
+        headers = {subjects.HDR_DLQ_REASON: f"publish failed: {exc!r}"[:1000], subjects.HDR_DLQ_SUBJECT: subject,
+                   subjects.HDR_DLQ_CONSUMER: self.config.name}
+        body = data if len(data) < 256 * 1024 else data[:1024]  # the head names the incident
+        try:
+            await self.bus.publish(subjects.dead_letter_subject(subjects.INCIDENTS.name), body, headers=headers)
+        except Exception as dlq:  # the bus itself is gone: the log line and the counter are what is left
+            log.error("dead_letter_failed", msg_id=mid, error=repr(dlq))
 
     async def _dead_letter(self, msg: Delivery, stream: str, durable: str, reason: str) -> None:
         log.warning("dead_lettered", subject=msg.subject, reason=reason)
@@ -189,6 +209,8 @@ class CorrelatorService:
                 log.warning("pull_failed", stream=stream, error=repr(exc))
                 await asyncio.sleep(0.5)
                 continue
+            if not self._inflight:
+                self._alive()  # a pull that returned (even empty) while nothing waits on a publish
             if msgs:
                 await self._batch(msgs, stream=stream, durable=durable, decode=decode, handle=handle, stats=stats)
 
@@ -211,6 +233,7 @@ class CorrelatorService:
             self._dirty = False
             body = Checkpoint(self.core.to_state(), dict(self.positions)).to_json()
         await self.checkpoints.save_json(body)
+        self._alive()
         for msg in to_ack:
             await msg.ack()
         self.last_checkpoint_s = time.perf_counter() - started
@@ -227,8 +250,11 @@ class CorrelatorService:
                 await asyncio.wait_for(stop.wait(), timeout=interval)
             if time.monotonic() - last_expire >= self.config.expire_interval_s:
                 async with self._lock:
-                    gone = self.core.expire(self.clock())
-                    self._dirty |= bool(gone)
+                    now = self.clock()
+                    stale = self.core.close_stale(now)  # published: on-call sees holds that depended on them
+                    await self._publish(stale, now)
+                    gone = self.core.expire(now)
+                    self._dirty |= bool(gone) or bool(stale)
                 last_expire = time.monotonic()
             await self.checkpoint()
 

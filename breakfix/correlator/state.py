@@ -1,10 +1,11 @@
 """The correlator core's state, its indexes, and the plain-JSON form a checkpoint stores.
 
-``CoreState`` is the base of ``correlator.grouping.Correlator``: every dict the grouping rules
-read and write lives here, so ``to_state`` / ``load_state`` capture all of it. The service
-(``correlator.service``) writes ``to_state()`` through ``correlator.checkpoint`` together with
-the stream sequence it covers, and a restarted correlator calls ``load_state`` before it
-consumes again. Stub methods name what the mixins (``lifecycle``, ``patterns``) expect.
+``CoreState`` is shared by reference between the core's collaborators (``correlator.book``,
+``correlator.patterns``, ``correlator.lifecycle``, wired by ``correlator.grouping.Correlator``): every
+dict the grouping rules read and write lives here, so ``to_state`` / ``load_state`` capture all of
+it. The service (``correlator.service``) writes ``to_state()`` through ``correlator.checkpoint``
+together with the stream sequence it covers, and a restarted correlator calls ``load_state`` before
+it consumes again.
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ from collections import OrderedDict
 from datetime import datetime, timedelta
 from typing import Any
 
-from breakfix.correlator.model import Change, TrackedIncident
+from breakfix.correlator.model import TrackedIncident
 from breakfix.correlator.rules import Rules, default_rules
 from breakfix.correlator.topology import TopologyGrouper, _Candidates
 from breakfix.schemas.catalog import Catalog, FaultClass
-from breakfix.schemas.incident import IncidentScope
 from breakfix.schemas.signal import Signal
 
 LEMON_LABEL = "breakfix.io/lemon"
+TENANT_LABEL = "breakfix.io/tenant"
 STATE_VERSION = 1
+_CLASS_CACHE = 4096
 
 
 def _ts(d: datetime) -> str:
@@ -45,51 +47,44 @@ class CoreState:
         self.on_node: dict[str, dict[str, None]] = {}      # node -> operator incidents touching it
         self.serving: dict[str, dict[str, None]] = {}      # node -> endpoint incidents served from it
         self.down: dict[str, tuple[str, str, datetime]] = {}  # node -> (incident, gpu key, at) of a GPU that died
+        self.by_gpu: dict[str, str] = {}                    # gpu key -> the incident that last took this GPU's codes
         self.app_hist: dict[str, dict[str, datetime]] = {}  # gpu -> workload -> last app XID
         self.bursts: dict[str, list[datetime]] = {}        # gpu -> incident opens
         self.pending: dict[str, list[datetime]] = {}       # fault key -> times below its threshold
         self.topology = TopologyGrouper(self.rules) if topology else None
-        self._classes: dict[tuple[str, str | None], FaultClass] = {}
+        self._classes: OrderedDict[tuple[str, str | None], FaultClass] = OrderedDict()  # LRU, _CLASS_CACHE
         self.stats = {"signals": 0, "duplicates": 0, "suppressed": 0, "healthy": 0, "folded": 0,
                       "below_threshold": 0, "impact": 0, "expired": 0}
-        self._symp = catalog.correlation.sympathetic_xids
-        self._message_xids = catalog.message_xids
-        self._dedupe = timedelta(seconds=self.rules.dedupe_s)
-        self._symp_td = timedelta(seconds=self.rules.sympathetic_s)
-        self._peer_td = timedelta(seconds=self.rules.peer.window_s if self.rules.peer else self.rules.sympathetic_s)
-        self._companion_keys = frozenset(f"xid:{c}" for c in catalog.correlation.dbe_companions)
+        self.symp = catalog.correlation.sympathetic_xids
+        self.dedupe_td = timedelta(seconds=self.rules.dedupe_s)
+        self.symp_td = timedelta(seconds=self.rules.sympathetic_s)
+        self.peer_td = timedelta(seconds=self.rules.peer.window_s if self.rules.peer else self.rules.sympathetic_s)
+        self.companion_keys = frozenset(f"xid:{c}" for c in catalog.correlation.dbe_companions)
 
-    # -- helpers shared by the mixins --------------------------------------------------------------
-    def _classify(self, s: Signal) -> FaultClass:
-        if s.check == "xid" and s.code in self._message_xids:  # recovery action / NVLink5 decode in the text
-            return self.catalog.classify(check=s.check, code=s.code, message=s.message)
+    # -- helpers shared by the collaborators --------------------------------------------------------------
+    def classify(self, s: Signal) -> FaultClass:
+        if self.catalog.message_dependent(s.check, s.code):  # XID 154 / 74 / NVLink5, SXid fatal word
+            return self.catalog.classify(check=s.check, code=s.code, message=s.message, details=s.details)
         k = (s.check, s.code)
-        fc = self._classes.get(k)
+        cache = self._classes
+        fc = cache.get(k)
         if fc is None:
-            fc = self._classes[k] = self.catalog.classify(check=s.check, code=s.code, message=s.message)
+            fc = cache[k] = self.catalog.classify(check=s.check, code=s.code, message=s.message, details=s.details)
+            if len(cache) > _CLASS_CACHE:  # codes are open-ended input: keep the cache bounded
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(k)
         return fc
 
-    def _remember(self, signal_id: str, incident: str) -> None:
+    def remember(self, signal_id: str, incident: str) -> None:
         seen = self.seen
         seen[signal_id] = incident
         if len(seen) > self.rules.seen_limit:
             seen.popitem(last=False)
 
-    def _live(self, iid: str | None) -> TrackedIncident | None:
+    def live(self, iid: str | None) -> TrackedIncident | None:
         inc = self.incidents.get(iid) if iid else None
         return None if inc is None or inc.status.terminal else inc
-
-    def _open(self, key: str, scope: IncidentScope, s: Signal, fk: str, ck: str, fc: FaultClass,
-              now: datetime, note: str = "") -> list[Change]:
-        raise NotImplementedError
-
-    def _add(self, inc: TrackedIncident, s: Signal, fk: str, ck: str, fc: FaultClass, now: datetime,
-             fold: bool = False) -> list[Change]:
-        raise NotImplementedError
-
-    def _absorb(self, inc: TrackedIncident, s: Signal, fk: str, ck: str, fc: FaultClass,
-                fold: bool = False) -> bool:
-        raise NotImplementedError
 
     # -- checkpoint form ---------------------------------------------------------------------------
     def to_state(self) -> dict[str, Any]:
@@ -103,6 +98,7 @@ class CoreState:
             "seen": list(self.seen.items()),
             "serving": {k: list(v) for k, v in self.serving.items()},
             "down": {k: [i, g, _ts(t)] for k, (i, g, t) in self.down.items()},
+            "by_gpu": dict(self.by_gpu),
             "app_hist": {k: {w: _ts(t) for w, t in v.items()} for k, v in self.app_hist.items()},
             "bursts": {k: [_ts(t) for t in v] for k, v in self.bursts.items()},
             "pending": {k: [_ts(t) for t in v] for k, v in self.pending.items()},
@@ -129,6 +125,7 @@ class CoreState:
         self.seen = OrderedDict((k, v) for k, v in d["seen"])
         self.serving = {k: dict.fromkeys(v) for k, v in d["serving"].items()}
         self.down = {k: (i, g, _dt(t)) for k, (i, g, t) in d["down"].items()}
+        self.by_gpu = dict(d.get("by_gpu", {}))
         self.app_hist = {k: {w: _dt(t) for w, t in v.items()} for k, v in d["app_hist"].items()}
         self.bursts = {k: [_dt(t) for t in v] for k, v in d["bursts"].items()}
         self.pending = {k: [_dt(t) for t in v] for k, v in d["pending"].items()}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from breakfix.bus.options import NatsOptions
 from breakfix.remediator.k8s import DrainMode
 from breakfix.schemas.datafile import DataFileError, load_model
 
@@ -42,6 +43,7 @@ class RemediatorConfig(BaseModel):
     version: int = Field(1, ge=1, le=1)
     cluster: str
     nats_url: str = "nats://127.0.0.1:4222"
+    nats: NatsOptions | None = None  # url, creds, tls_ca, tls_cert, tls_key; wins over nats_url
     policy: Path | None = None
     kubernetes: KubernetesConfig = KubernetesConfig()
     lease: LeaseConfig = LeaseConfig()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from breakfix.remediator.policy import FORBIDDEN_FOR_UNKNOWN, Match, Policy, StepSpec
 from breakfix.remediator.view import ClusterView, NodeView
-from breakfix.schemas.incident import Domain, Incident, Plan, Rung, Step, StepAction
+from breakfix.schemas.incident import Domain, Incident, IncidentScope, Plan, Rung, Step, StepAction
 
 __all__ = ["CAUTIOUS_RULE", "ClusterView", "NodeView", "cautious_plan", "decide", "matches"]
 
@@ -46,7 +46,16 @@ def _target_params(incident: Incident) -> dict[str, str | int | bool]:
     return params
 
 
-def _steps(specs: tuple[StepSpec, ...], incident: Incident, view: ClusterView) -> tuple[Step, ...]:
+_MEMBER_ACTIONS = (StepAction.CORDON, StepAction.DRAIN)
+
+
+def fenced_members(incident: Incident, view: ClusterView, budget: int) -> list[str]:
+    """A group (fabric) incident's member nodes that its plan fences: at most ``budget`` of them, in order."""
+    return list(incident.nodes)[:max(budget, 0)]
+
+
+def _steps(specs: tuple[StepSpec, ...], incident: Incident, view: ClusterView,
+           budget: int = 0) -> tuple[Step, ...]:
     base = _target_params(incident)
     out: list[Step] = []
     for spec in specs:
@@ -54,6 +63,12 @@ def _steps(specs: tuple[StepSpec, ...], incident: Incident, view: ClusterView) -
             continue
         if spec.action in (StepAction.NOTIFY_TENANT, StepAction.RESTART_POD):
             out.extend(_tenant_steps(spec, incident, view, base))
+            continue
+        if incident.scope is IncidentScope.FABRIC and not incident.node and spec.action in _MEMBER_ACTIONS:
+            # a group incident reaches its members: one step per fenced member node (issue 11 item 5)
+            out.extend(Step(action=spec.action, params={**base, "node": n, **spec.params}, timeout_s=spec.timeout_s,
+                            requires_approval=spec.requires_approval)
+                       for n in fenced_members(incident, view, budget))
             continue
         out.append(Step(action=spec.action, params={**base, **spec.params}, timeout_s=spec.timeout_s,
                         requires_approval=spec.requires_approval))
@@ -99,10 +114,11 @@ def decide(incident: Incident, view: ClusterView, policy: Policy) -> Plan:
         return Plan(domain=Domain.OPERATOR, rule="node-opt-out", dry_run=policy.dry_run,
                     reason=f"Node {node.name} carries {policy.opt_out_label}=true; breakfix only escalates.",
                     steps=(Step(action=StepAction.ESCALATE, params=_target_params(incident)),))
+    budget = policy.guards.budget.limit(len(view.nodes) or len(incident.nodes))
     for rule in policy.rules:
         if not rule.enabled or not matches(rule.match, incident):
             continue
-        ladder = tuple(Rung(name=r.name, steps=_steps(r.steps, incident, view), timeout_s=r.timeout_s)
+        ladder = tuple(Rung(name=r.name, steps=_steps(r.steps, incident, view, budget), timeout_s=r.timeout_s)
                        for r in rule.rungs())
         every = [s for r in ladder for s in r.steps]
         if incident.category == "unknown_fault" and any(s.action in FORBIDDEN_FOR_UNKNOWN for s in every):

@@ -1,7 +1,8 @@
 """The remediator's durable state: plan progress and guard state, with optimistic concurrency.
 
 ``KvStore`` keeps one entry per incident (``plan.<incident>``: the incident, its plan and its
-``Progress``) and one for the guards (``guards``) in a JetStream KV bucket; every write names
+``Progress``) and one for the guards (``guards``) in a KV bucket behind the bus's ``KeyValue``
+protocol (JetStream KV on a real bus, ``MemoryKv`` on the fake); every write names
 the revision it read, so two writers (a stale ex-leader and the new one) cannot both win: the
 loser gets ``Conflict`` and stops. ``MemoryStore`` is the same behaviour in memory for tests.
 The service (``remediator.service``) resumes every plan whose progress says it was running.
@@ -12,16 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import nats.js.errors
 import orjson
-from nats.js import api
-from nats.js.client import JetStreamContext
-from nats.js.kv import KeyValue
+
+from breakfix.bus.protocol import KeyValue, KvConflict
 
 BUCKET = "breakfix-remediator"
+HISTORY = 5
 
 
-class Conflict(RuntimeError):
+class Conflict(KvConflict):
     """Someone else wrote this entry since we read it."""
 
 
@@ -63,38 +63,29 @@ class MemoryStore:
 
 
 class KvStore:
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, bucket: str = BUCKET) -> None:
         self.kv = kv
+        self.bucket = bucket
 
     @classmethod
-    async def open(cls, js: JetStreamContext, bucket: str = BUCKET) -> KvStore:
-        try:
-            kv = await js.key_value(bucket)
-        except nats.js.errors.BucketNotFoundError:
-            kv = await js.create_key_value(api.KeyValueConfig(bucket=bucket, history=5,
-                                                              storage=api.StorageType.FILE))
-        return cls(kv)
+    async def open(cls, kv: KeyValue, bucket: str = BUCKET) -> KvStore:
+        await kv.ensure_kv(bucket, history=HISTORY)
+        return cls(kv, bucket)
 
     async def get(self, key: str) -> Entry | None:
-        try:
-            e = await self.kv.get(key)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+        e = await self.kv.kv_get(self.bucket, key)
+        if e is None or not e.value:
             return None
-        if not e.value:
-            return None
-        return Entry(orjson.loads(e.value), int(e.revision or 0))
+        return Entry(orjson.loads(e.value), e.revision)
 
     async def put(self, key: str, value: dict[str, Any], revision: int | None) -> int:
         data = orjson.dumps(value)
         try:
             if revision is None:
-                return int(await self.kv.create(key, data))
-            return int(await self.kv.update(key, data, last=revision))
-        except nats.js.errors.KeyWrongLastSequenceError as exc:
+                return await self.kv.kv_create(self.bucket, key, data)
+            return await self.kv.kv_update(self.bucket, key, data, revision)
+        except KvConflict as exc:
             raise Conflict(f"{key}: {exc}") from None
 
     async def keys(self, prefix: str) -> list[str]:
-        try:
-            return sorted(k for k in await self.kv.keys() if k.startswith(prefix))
-        except nats.js.errors.NoKeysError:
-            return []
+        return await self.kv.kv_keys(self.bucket, prefix)

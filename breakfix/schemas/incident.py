@@ -35,10 +35,11 @@ class IncidentStatus(StrEnum):
     VALIDATING = "validating"
     RESOLVED = "resolved"
     ESCALATED = "escalated"
+    STALE = "stale"  # closed by the correlator after ``max_open_age_s`` without a signal; on-call is told
 
     @property
     def terminal(self) -> bool:
-        return self in (IncidentStatus.RESOLVED, IncidentStatus.ESCALATED)
+        return self in (IncidentStatus.RESOLVED, IncidentStatus.ESCALATED, IncidentStatus.STALE)
 
 
 class Domain(StrEnum):
@@ -196,6 +197,14 @@ class Incident(BaseModel):
     time_to_repair_s: float | None = None
     waiting: WaitingOn | None = Field(
         default=None, description="What the plan waits on (from the remediator's latest record); null when nothing."
+    )
+    source: str = Field(
+        default="", description="The NVIDIA document (or breakfix rule) behind the incident's category."
+    )
+    overflow: dict[str, int] = Field(
+        default_factory=dict,
+        description="Items past a per-incident cap, by kind (codes, components, open_faults, evidence, timeline): "
+                    "'+N more' that were counted but not listed.",
     )
 
 

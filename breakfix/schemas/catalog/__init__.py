@@ -18,6 +18,14 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from breakfix.schemas.catalog.nvlink5 import NVLINK5_XIDS, Nvlink5Row, decode, read_table
+from breakfix.schemas.catalog.semantics import (
+    DCGM_SEVERITY_SOURCE,
+    SXID_SOURCE,
+    XID74_SOURCE,
+    Semantics,
+    load_semantics,
+    xid74_verdict,
+)
 from breakfix.schemas.common import Severity
 from breakfix.schemas.datafile import DataFileError, load_model
 from breakfix.schemas.incident import Domain
@@ -98,20 +106,34 @@ class FaultClass:
     known: bool
     title: str
     source: str = ""
+    equivalent: str = ""  # the code key this fault counts as, e.g. ``xid:95`` for DCGM_FR_UNCONTAINED_ERROR
+
+
+# A DCGM code DCGM marks "can perform workload" never takes a path that reboots, resets or RMAs.
+_WORKLOAD_OK_CAP = frozenset({"node_reboot_required", "hardware_support", "gpu_reset_required",
+                              "gpu_drain_reset_required", "multi_gpu_failure", "software_update",
+                              "mechanical_inspection", "unknown_fault"})
+_XID154_NAMES = ("Node Reboot Required", "GPU Reset Required", "Drain and Reset", "Drain P2P",
+                 "Recover IMEX Domain")
 
 
 class Catalog:
     """Read-only lookups over the validated catalog files."""
 
     def __init__(self, classes: ClassesFile, xids: dict[int, XidEntry], dcgm: dict[str, str],
-                 nvlink5: list[Nvlink5Row] | None = None) -> None:
+                 nvlink5: list[Nvlink5Row] | None = None, semantics: Semantics | None = None) -> None:
         self.classes = classes
         self.xids = xids
         self.dcgm = dcgm
         self.nvlink5 = nvlink5 or []
+        self.semantics = semantics or Semantics({}, {})
         self.correlation = classes.correlation
-        # XIDs whose class depends on the message text (recovery action, NVLink5 decode)
-        self.message_xids = frozenset({"154"}) | NVLINK5_XIDS
+        # XIDs whose class depends on the message text (recovery action, NVLink5 decode, XID 74 registers)
+        self.message_xids = frozenset({"154", "74"}) | NVLINK5_XIDS
+
+    def message_dependent(self, check: str, code: str | None) -> bool:
+        """True when the same check and code can classify differently by message (no caching)."""
+        return check == "sxid" or (check == "xid" and code in self.message_xids)
 
     def category(self, name: str) -> CategorySpec:
         return self.classes.categories.get(name) or self.classes.categories[UNKNOWN]
@@ -125,7 +147,7 @@ class Catalog:
     def unknown(self, what: str) -> FaultClass:
         return self._make(UNKNOWN, "", False, f"Unknown fault {what}", "")
 
-    def xid(self, code: str, message: str = "") -> FaultClass:
+    def xid(self, code: str, message: str = "", details: dict[str, str] | None = None) -> FaultClass:
         """Classify an XID by NVIDIA's immediate resolution bucket."""
         try:
             entry = self.xids.get(int(code))
@@ -136,8 +158,7 @@ class Catalog:
         bucket = entry.immediate_bucket
         title = f"XID {entry.xid} {entry.description}"
         if bucket == "XID_154":
-            m = _XID154_RE.search(message)
-            verdict = m.group(1).strip() if m else ""
+            verdict = _xid154_action(message, details)
             cat = self.classes.xid154_actions.get(verdict)
             if cat is None:
                 return self._make(UNKNOWN, bucket, False, f"XID 154 with unreadable recovery action {verdict!r}",
@@ -149,29 +170,79 @@ class Catalog:
             if d is not None and action_cat is not None:
                 return self._make(action_cat, bucket, True, f"{title}: {d.subcode} -> {d.immediate}",
                                   "NVIDIA Xid catalog NVLink5 decode (xid_144_150_nvlink5_decode.csv)")
+        if bucket == "WORKFLOW_NVLINK_ERR" and message:
+            v = xid74_verdict(message)
+            if v is not None:
+                cat = "informational" if v == "IGNORE" else "sympathetic"
+                return self._make(cat, bucket, True, f"{title}: only bits NVIDIA lists as {v.lower()}", XID74_SOURCE)
         cat = self.classes.buckets.get(bucket)
         if cat is None:
             return self._make(UNKNOWN, bucket, False, title, entry.source)
         domain = Domain.TENANT if entry.default_domain == "tenant" else None
         return self._make(cat, bucket, True, title, entry.source, domain=domain)
 
+    def dcgm_name(self, code: str) -> str | None:
+        """The catalog's name for a DCGM failure code, with or without the ``DCGM_FR_`` prefix."""
+        for name in (code, "DCGM_FR_" + code, code.removeprefix("DCGM_FR_")):
+            if name in self.dcgm or name in self.semantics.dcgm:
+                return name
+        return None
+
     def dcgm_code(self, code: str) -> FaultClass:
-        action = self.dcgm.get(code)
+        """NVSentinel's action for a DCGM code; a code with an XID equivalent classifies as that XID
+        (one fault, one plan, whatever the source), and "can perform workload" codes are capped."""
+        name = self.dcgm_name(code) or code
+        sem = self.semantics.dcgm.get(name)
+        if sem is not None and sem.xid_equivalent:
+            msg = f"GPU recovery action changed from 0x0 (None) to 0x0 ({sem.xid154_action})" if sem.xid154_action \
+                else ""
+            fc = self.xid(sem.xid_equivalent, msg)
+            return FaultClass(fc.category, fc.severity, fc.domain, fc.bucket, fc.known, f"DCGM {name} (as XID "
+                              f"{sem.xid_equivalent}): {fc.title}", f"{sem.source}; {fc.source}",
+                              equivalent=f"xid:{sem.xid_equivalent}")
+        action = self.dcgm.get(name)
         cat = self.classes.dcgm_actions.get(action or "")
         if cat is None:
             return self.unknown(code)
-        return self._make(cat, action or "", True, f"DCGM {code}", "NVIDIA NVSentinel dcgmerrorsmapping.csv")
+        if sem is not None and sem.can_perform_workload and cat in _WORKLOAD_OK_CAP:
+            return self._make("gpu_monitor", action or "", True, f"DCGM {name}: can perform workload, monitor",
+                              DCGM_SEVERITY_SOURCE)
+        return self._make(cat, action or "", True, f"DCGM {name}", "NVIDIA NVSentinel dcgmerrorsmapping.csv")
 
-    def classify(self, *, check: str, code: str | None, message: str = "") -> FaultClass:
+    def sxid(self, code: str, message: str = "", details: dict[str, str] | None = None) -> FaultClass:
+        """NVSwitch SXid: fatal ones need the documented recovery; non-fatal ones are only counted."""
+        entry = self.semantics.sxids.get(code)
+        fatal = self.semantics.sxid_fatal(code, message, details)
+        name = entry.name if entry else "unlisted SXid"
+        cat = "nvswitch_fatal" if fatal else "nvswitch_nonfatal"
+        return self._make(cat, entry.fm_class if entry else "", True,
+                          f"SXid {code} {name} ({'fatal' if fatal else 'non-fatal'})", SXID_SOURCE)
+
+    def classify(self, *, check: str, code: str | None, message: str = "",
+                 details: dict[str, str] | None = None) -> FaultClass:
         """Map one fault (check and code) to its class. Unknown anything -> ``unknown_fault``."""
         if check == "xid":
-            return self.xid(code or "", message)
-        if code and code.startswith("DCGM_FR_"):
+            return self.xid(code or "", message, details)
+        if check == "sxid" and code:
+            return self.sxid(code, message, details)
+        if code and (code.startswith("DCGM_FR_") or (check.startswith("dcgm") and self.dcgm_name(code))):
             return self.dcgm_code(code)
         spec = self.classes.checks.get(check)
         if spec is None:
             return self.unknown(f"check {check}" + (f" code {code}" if code else ""))
         return self._make(spec.category, "", True, "", "breakfix classes.yaml", severity=spec.severity)
+
+
+def _xid154_action(message: str, details: dict[str, str] | None) -> str:
+    """The recovery action of an XID 154: the driver's full line, the kmsg source's ``recovery_action``
+    detail, or (dcgm-exporter's last-XID gauge) the action's name alone in the message."""
+    m = _XID154_RE.search(message)
+    if m:
+        return m.group(1).strip()
+    if details and details.get("recovery_action"):
+        return details["recovery_action"].strip()
+    low = message.lower()
+    return next((n for n in _XID154_NAMES if n.lower() in low), "")
 
 
 def _read_xids(path: Path) -> dict[int, XidEntry]:
@@ -201,7 +272,7 @@ def load_catalog(directory: Path = CATALOG_DIR) -> Catalog:
     """Load and validate the catalog. Raises ``DataFileError`` naming the bad file and line."""
     classes = load_model(ClassesFile, directory / "classes.yaml")
     return Catalog(classes, _read_xids(directory / "xid_catalog.csv"), _read_dcgm(directory / "dcgm_fr_catalog.csv"),
-                   read_table(directory / "xid_144_150_nvlink5_decode.csv"))
+                   read_table(directory / "xid_144_150_nvlink5_decode.csv"), load_semantics(directory))
 
 
 @lru_cache(maxsize=1)

@@ -35,6 +35,7 @@ class Nvlink5Row:
     severity: str
     hw_sw: str
     impact: str
+    intr_masks: tuple[str, ...] = ()  # IntrInfo bit patterns (MSB first, '-' = any), before and from R575
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +70,9 @@ def read_table(path: Path) -> list[Nvlink5Row]:
                 raise DataFileError(path, lineno, f"bad error_status_hex {status!r}") from None
             rows.append(Nvlink5Row(r["xid"], frozenset(s.strip() for s in r["subcode"].split("/")),
                                    masks, r["immediate_action"],
-                                   r["investigatory_action"], r["severity"], r["hw_sw"], r["local_remote_impact"]))
+                                   r["investigatory_action"], r["severity"], r["hw_sw"], r["local_remote_impact"],
+                                   tuple(m for m in (r["intrinfo_mask_v1_lt_R575"], r["intrinfo_mask_v2_ge_R575"])
+                                         if m)))
     return rows
 
 
@@ -77,6 +80,11 @@ def _status_matches(masks: tuple[int, ...] | None, status: int) -> bool:
     if masks is None:
         return True
     return any(m == 0xFFFFFFFF or (m == 0 and status == 0) or (status & m) for m in masks)
+
+
+def _intr_matches(mask: str, intr: int) -> bool:
+    bits = format(intr, f"0{len(mask)}b")[-len(mask):]
+    return all(c == "-" or c == b for c, b in zip(mask, bits, strict=True))
 
 
 def decode(rows: list[Nvlink5Row], xid: str, message: str) -> Nvlink5Decode | None:
@@ -88,6 +96,11 @@ def decode(rows: list[Nvlink5Row], xid: str, message: str) -> Nvlink5Decode | No
     matches = [r for r in rows if r.xid == xid and sub in r.subcodes and _status_matches(r.error_status, status)]
     if not matches:
         return None
+    # rows that differ only by IntrInfo (XID 149 link-down reasons, some ignorable) are told apart by its mask;
+    # when no mask fits, keep every row (the most urgent action wins, as before)
+    intr = int(m.group("intr"), 16)
+    by_mask = [r for r in matches if any(_intr_matches(mask, intr) for mask in r.intr_masks)]
+    matches = by_mask or matches
     best = max(matches, key=lambda r: _URGENCY[r.immediate])
     return Nvlink5Decode(sub, m.group("fatal") == "Fatal", int(m.group("link")), int(m.group("intr"), 16), status,
                          best.immediate, best.investigatory, best.hw_sw, best.impact)

@@ -1,0 +1,112 @@
+"""The ``KeyValue`` protocol over JetStream KV buckets (nats-py), used by ``JetStreamBus``.
+
+Buckets are created on first ``ensure_kv`` (file storage); conditional writes map nats-py's
+wrong-last-sequence errors to ``KvConflict``. Callers are the remediator's plan store, guard
+state and any stage that keeps latest values; none of them sees a nats type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import nats.errors
+import nats.js.errors
+from nats.js import api
+from nats.js.client import JetStreamContext
+from nats.js.kv import KV_DEL, KV_PURGE
+from nats.js.kv import KeyValue as NatsKv
+
+from breakfix.bus.protocol import KvConflict, KvEntry
+from breakfix.bus.retry import transient_retry
+
+
+def _conflict(exc: BaseException) -> bool:
+    if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError):
+        return True
+    # the server's "wrong last sequence" (10071) surfaces as a plain APIError on some paths
+    return isinstance(exc, nats.js.errors.APIError) and getattr(exc, "err_code", None) == 10071
+
+
+class JetStreamKv:
+    """Key-value buckets of one JetStream context; one handle per bucket, opened once."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+        self._buckets: dict[str, NatsKv] = {}
+
+    async def ensure_kv(self, bucket: str, *, history: int = 1, max_age_s: float | None = None) -> None:
+        await self._bucket(bucket, history=history, max_age_s=max_age_s)
+
+    async def _bucket(self, bucket: str, *, history: int = 1, max_age_s: float | None = None) -> NatsKv:
+        kv = self._buckets.get(bucket)
+        if kv is not None:
+            return kv
+        try:
+            kv = await transient_retry(lambda: self._js.key_value(bucket))
+        except nats.js.errors.BucketNotFoundError:
+            config = api.KeyValueConfig(bucket=bucket, history=history, ttl=max_age_s,
+                                        storage=api.StorageType.FILE)
+            kv = await transient_retry(lambda: self._js.create_key_value(config))
+        self._buckets[bucket] = kv
+        return kv
+
+    async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
+        kv = await self._bucket(bucket)
+        try:
+            e = await transient_retry(lambda: kv.get(key))
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        if e.operation in (KV_DEL, KV_PURGE):
+            return None
+        return KvEntry(key=key, value=bytes(e.value or b""), revision=int(e.revision or 0))
+
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
+        kv = await self._bucket(bucket)
+        return int(await transient_retry(lambda: kv.put(key, value)))
+
+    async def kv_create(self, bucket: str, key: str, value: bytes) -> int:
+        kv = await self._bucket(bucket)
+        try:
+            return int(await transient_retry(lambda: kv.create(key, value)))
+        except nats.js.errors.Error as exc:
+            if _conflict(exc):
+                raise KvConflict(f"{bucket}/{key}: exists") from None
+            raise
+
+    async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int:
+        kv = await self._bucket(bucket)
+        try:
+            return int(await transient_retry(lambda: kv.update(key, value, last=revision)))
+        except nats.js.errors.Error as exc:
+            if _conflict(exc):
+                raise KvConflict(f"{bucket}/{key}: not at revision {revision}") from None
+            raise
+
+    async def kv_delete(self, bucket: str, key: str) -> None:
+        kv = await self._bucket(bucket)
+        await transient_retry(lambda: kv.delete(key))
+
+    async def kv_keys(self, bucket: str, prefix: str = "") -> list[str]:
+        kv = await self._bucket(bucket)
+        try:
+            keys = await transient_retry(lambda: kv.keys())
+        except nats.js.errors.NoKeysError:
+            return []
+        return sorted(k for k in keys if k.startswith(prefix))
+
+    async def kv_watch(self, bucket: str, prefix: str = "") -> AsyncIterator[KvEntry]:
+        kv = await self._bucket(bucket)
+        watcher = await kv.watch(">")
+        try:
+            async for e in watcher:
+                if e is None:  # the marker between the current values and live changes
+                    continue
+                if not e.key.startswith(prefix):
+                    continue
+                deleted = e.operation in (KV_DEL, KV_PURGE)
+                yield KvEntry(key=e.key, value=None if deleted else bytes(e.value or b""),
+                              revision=int(e.revision or 0))
+        finally:
+            with contextlib.suppress(nats.errors.Error, AttributeError):
+                await watcher.stop()  # type: ignore[no-untyped-call]

@@ -1,0 +1,251 @@
+"""The incident book: opening, reopening and growing incidents from observations, in place.
+
+Part of the pure grouping core, wired by ``correlator.grouping.Correlator``: it mutates the shared
+``CoreState`` (incidents and their indexes) and calls ``correlator.patterns.Patterns`` for what a
+new incident may trigger (lemons, multi-GPU failures, endpoint impact) and the topology grouper.
+Every fault signal reaches it as one ``Observation`` (``correlator.model``). Per-incident caps
+(``rules.caps``) bound every list; past a cap the incident counts the rest in ``overflow``.
+Returns ``Change``s; no I/O, no clock reads.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from breakfix.correlator.model import Change, Observation, TrackedIncident, category_rank, incident_id
+from breakfix.correlator.state import TENANT_LABEL, CoreState
+from breakfix.schemas.catalog import FaultClass
+from breakfix.schemas.common import max_severity
+from breakfix.schemas.incident import ChangeKind, Domain, IncidentScope, IncidentStatus
+from breakfix.schemas.signal import Signal
+
+if TYPE_CHECKING:
+    from breakfix.correlator.patterns import Patterns
+
+_COMPANION_SOURCE = "NVIDIA Xid catalog WORKFLOW_XID_48: with XID 63/64, DRAIN_AND_RESET"
+
+
+class IncidentBook:
+    """Incident mutations over the shared state; ``patterns`` is set by the ``Correlator`` that wires both."""
+
+    def __init__(self, state: CoreState) -> None:
+        self.state = state
+        self.rules = state.rules
+        self.patterns: Patterns
+
+    def gpu_host(self, gpu_key: str, s: Signal) -> TrackedIncident | None:
+        """The live incident holding this GPU's codes (its own, or the one that took them), or its parent.
+        A tenant incident qualifies only when this GPU on this node is all it holds (a plan targets one GPU)."""
+        host = self.state.live(self.state.by_key.get(gpu_key)) or self.state.live(self.state.by_gpu.get(gpu_key))
+        if host is None:
+            return None
+        if host.scope is IncidentScope.TENANT and (len(host.gpus) != 1 or list(host.nodes) != [s.node]):
+            return None
+        parent = self.state.live(host.parent)
+        return parent if parent is not None and parent.scope is not IncidentScope.FABRIC else host
+
+    def after_down(self, host: TrackedIncident, o: Observation) -> list[Change]:
+        """A GPU went down (or a fatal NVSwitch SXid): NVLink peers' incidents opened just before fold in."""
+        rules, s, eck = self.rules, o.signal, o.eck
+        if eck not in rules.down_codes and o.fc.category not in rules.down_categories:
+            return []
+        down_gpu = s.gpu.key() if s.gpu is not None and eck in rules.down_codes else ""
+        changes: list[Change] = []
+        at = s.observed_at
+        for iid in list(self.state.on_node.get(s.node, ())):
+            p = self.state.live(iid)
+            if p is None or p is host or p.parent is not None or p.scope is not IncidentScope.GPU \
+                    or not p.counts or not rules.peer_codes.issuperset(p.counts) or down_gpu in p.gpus \
+                    or abs(at - p.first_seen) > self.state.peer_td:
+                continue
+            p.parent = host.id
+            p.version += 1
+            p.note(at, "folded", f"NVLink peer of {host.id}: {', '.join(p.counts)} follows the fault there",
+                   rules.timeline_limit)
+            host.members[p.id] = None
+            for k, v in p.counts.items():
+                host.counts[k] = host.counts.get(k, 0) + v
+            for fk, t in p.open_faults.items():
+                host.open_faults[fk] = t
+                self.state.by_fault[fk] = host.id
+            host.note(at, "folded", f"peer incident {p.id} ({', '.join(p.counts)})", rules.timeline_limit)
+            self.state.stats["folded"] += 1
+            changes.append(Change(ChangeKind.FOLDED, p))
+        if changes:
+            host.version += 1
+            changes.append(Change(ChangeKind.UPDATED, host))
+        return changes
+
+    def threshold_met(self, key: str, at: datetime, count: int, window_s: float) -> bool:
+        times = self.state.pending.setdefault(key, [])
+        times.append(at)
+        while times and (at - times[0]).total_seconds() > window_s:
+            times.pop(0)
+        if len(times) >= count:
+            del self.state.pending[key]
+            return True
+        del times[:-count]
+        return False
+
+    def open(self, key: str, scope: IncidentScope, o: Observation, note: str = "") -> list[Change]:
+        s, fc = o.signal, o.fc
+        inc = TrackedIncident(
+            id=incident_id(key, s.id), key=key, cluster=s.cluster, scope=scope, node=s.node,
+            category=fc.category, severity=fc.severity if fc.known else max_severity(fc.severity, s.severity),
+            domain=fc.domain, title=fc.title, first_seen=s.observed_at, last_seen=s.observed_at, source=fc.source,
+        )
+        if fc.category == "application_fault" and s.tenant is None:
+            # NVIDIA RESTART_APP, but no pod is known to hold the GPU: on-call must find the workload
+            inc.labels[TENANT_LABEL] = "unknown"
+            inc.title = f"Tenant unknown: {fc.title}"
+        self.state.incidents[inc.id] = inc
+        self.state.by_key[key] = inc.id
+        self.absorb(inc, o)
+        inc.note(s.observed_at, "opened", note or f"{o.ck} on {s.entity_key()}", self.rules.timeline_limit)
+        if scope is IncidentScope.GPU and inc.domain is Domain.OPERATOR:
+            self.patterns.lemon(inc, s)  # a new incident is a new burst; a flap reopen is not
+        return [Change(ChangeKind.OPENED, inc), *self._after_open(inc, s, new=True)]
+
+    def reopen(self, inc: TrackedIncident, o: Observation) -> list[Change]:
+        s = o.signal
+        inc.status = IncidentStatus.OPEN
+        inc.flaps += 1
+        inc.plan = None
+        inc.resolved_at = None
+        inc.time_to_repair_s = None
+        inc.version += 1
+        self.absorb(inc, o)
+        inc.note(s.observed_at, "reopened", f"{o.ck} again (flap {inc.flaps})", self.rules.timeline_limit)
+        return [Change(ChangeKind.REOPENED, inc), *self._after_open(inc, s)]
+
+    def _after_open(self, inc: TrackedIncident, s: Signal, new: bool = False) -> list[Change]:
+        changes: list[Change] = []
+        if inc.domain is Domain.OPERATOR and inc.node is not None:
+            self.state.on_node.setdefault(inc.node, {})[inc.id] = None
+            changes.extend(self.patterns.link_impacted(inc))
+            if new:  # a flap reopening its incident is not another GPU failing
+                changes.extend(self.patterns.multi_gpu(inc, s.observed_at))
+        if self.state.topology is not None:
+            changes.extend(self.state.topology.observe(inc, self.state.incidents, self.state.by_key, s.observed_at))
+        return changes
+
+    def add(self, inc: TrackedIncident, o: Observation, fold: bool = False) -> list[Change]:
+        s, fk, ck = o.signal, o.fk, o.ck
+        at = s.observed_at
+        lk = f"{fk}#{ck}"
+        last = inc.last_at.get(lk)
+        if last is not None and fk in inc.open_faults and at - last <= self.state.dedupe_td and ck in inc.counts:
+            # the storm path: count it, store nothing new, publish nothing
+            self.state.stats["suppressed"] += 1
+            self.state.remember(s.id, inc.id)
+            inc.signal_count += 1
+            inc.counts[ck] += 1
+            inc.last_at[lk] = at
+            if at > inc.last_seen:
+                inc.last_seen = at
+            if at > inc.open_faults[fk]:
+                inc.open_faults[fk] = at
+            return []
+        if fold:
+            self.state.stats["folded"] += 1
+        if not self.absorb(inc, o, fold=fold):
+            return []
+        inc.version += 1
+        changes = [Change(ChangeKind.UPDATED, inc)]
+        if self.state.topology is not None and not fold and inc.parent is None and inc.node is not None:
+            changes.extend(self.state.topology.observe(inc, self.state.incidents, self.state.by_key, at))
+        return changes
+
+    def absorb(self, inc: TrackedIncident, o: Observation, fold: bool = False) -> bool:
+        """Add a fault signal's facts to an incident; True when something an SRE would notice changed."""
+        rules, s, fk, ck, fc = self.rules, o.signal, o.fk, o.ck, o.fc
+        at = s.observed_at
+        self.state.remember(s.id, inc.id)
+        inc.last_at[f"{fk}#{ck}"] = at
+        material = False
+        inc.signal_count += 1
+        if len(inc.signal_ids) < rules.evidence_ids:
+            inc.signal_ids.append(s.id)
+        if len(inc.evidence) < rules.evidence_messages and s.message:
+            inc.evidence.append(s.message[:rules.message_chars])
+        if at > inc.last_seen:
+            inc.last_seen = at
+        caps, limit = rules.caps, rules.timeline_limit
+        n = inc.counts.get(ck)
+        if n is not None:
+            inc.counts[ck] = n + 1
+        elif len(inc.counts) < caps.codes:
+            inc.counts[ck] = 1
+            material = True
+            if fold:
+                inc.note(at, "folded", f"{ck} on {s.entity_key()}", limit)
+        else:
+            inc.over("codes", at, caps.codes, limit)
+        if s.check not in inc.checks and len(inc.checks) < caps.codes:
+            inc.checks[s.check] = None
+        if not fold:
+            if s.node not in inc.nodes:
+                if len(inc.nodes) < caps.components:
+                    inc.nodes[s.node] = None
+                    for k, v in s.labels.items():
+                        inc.labels.setdefault(k, v)
+                    material = True
+                else:
+                    inc.over("components", at, caps.components, limit)
+            if s.gpu is not None:
+                g = s.gpu.key()
+                self.state.by_gpu[f"gpu|{s.cluster}|{s.node}|{g}"] = inc.id
+                if g not in inc.gpus:
+                    if len(inc.gpus) < caps.components:
+                        inc.gpus[g] = s.gpu
+                        material = True
+                    else:
+                        inc.over("components", at, caps.components, limit)
+            if s.tenant is not None:
+                t = s.tenant.key()
+                if t not in inc.tenants:
+                    if len(inc.tenants) < caps.components:
+                        inc.tenants[t] = s.tenant
+                        inc.labels.pop(TENANT_LABEL, None)
+                        material = True
+                    else:
+                        inc.over("components", at, caps.components, limit)
+            material |= self.merge_class(inc, fc, at)
+        prev = inc.open_faults.get(fk)
+        if prev is None and len(inc.open_faults) >= caps.open_faults:
+            inc.over("open_faults", at, caps.open_faults, limit)
+        elif prev is None or prev < at:
+            inc.open_faults[fk] = at
+            self.state.by_fault[fk] = inc.id
+            material |= prev is None
+        if s.gpu is not None and (fc.equivalent or ck) in rules.down_codes:
+            self.state.down[s.node] = (inc.id, s.gpu.key(), at)
+        elif fc.category in rules.down_categories:
+            self.state.down[s.node] = (inc.id, "", at)
+        if inc.category == "gpu_reset_required" and "xid:48" in inc.counts \
+                and not self.state.companion_keys.isdisjoint(inc.counts):
+            material |= self.companions(inc, at)
+        return material
+
+    def merge_class(self, inc: TrackedIncident, fc: FaultClass, at: datetime) -> bool:
+        changed = False
+        if category_rank(fc.category) < category_rank(inc.category):
+            inc.note(at, "category", f"{inc.category} -> {fc.category}", self.rules.timeline_limit)
+            inc.category, inc.title, inc.source = fc.category, fc.title, fc.source
+            if fc.domain is Domain.OPERATOR or inc.domain is not Domain.OPERATOR:
+                inc.domain = fc.domain
+            changed = True
+        sev = max_severity(inc.severity, fc.severity)
+        if sev is not inc.severity:
+            inc.severity, changed = sev, True
+        return changed
+
+    def companions(self, inc: TrackedIncident, at: datetime) -> bool:
+        """XID 48 with 63/64 on the same GPU means drain-and-reset (NVIDIA WORKFLOW_XID_48)."""
+        spec = self.state.catalog.category("gpu_drain_reset_required")
+        inc.note(at, "category", "XID 48 with a row-remap event: drain and reset", self.rules.timeline_limit)
+        inc.category, inc.title = "gpu_drain_reset_required", "XID 48 DBE with row-remap event: drain and reset"
+        inc.source = _COMPANION_SOURCE
+        inc.severity = max_severity(inc.severity, spec.severity)
+        return True

@@ -1,0 +1,280 @@
+"""Real-world inputs at the edges (issue 13): MIG and bare Xid lines, anchored dmesg times, dcgm-exporter pages
+with bad samples and MIG rows, Ethernet and odd-state IB ports, ibstat and nvidia-smi -q readers, and the
+format refusals of every ``breakfix signals`` reader."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+from typer.testing import CliRunner
+
+from breakfix.cli.main import app
+from breakfix.collectors.context import NodeContext
+from breakfix.collectors.dcgm import DcgmRules
+from breakfix.collectors.fabric import FabricRules, FabricThresholds, PortSample, port_sample
+from breakfix.collectors.ibstat import parse_ibstat
+from breakfix.collectors.ibstate import PHYS_STATES, PORT_STATES, parse_state
+from breakfix.collectors.kmsg import parse_line
+from breakfix.collectors.nvsmi import nvsmi_signals, parse_nvsmi
+from breakfix.schemas.catalog import Catalog
+from tests.conftest import T0
+
+DATA = Path(__file__).resolve().parent / "data"
+runner = CliRunner()
+
+
+def ctx(catalog: Catalog) -> NodeContext:
+    return NodeContext(cluster="c1", node="n1", catalog=catalog)
+
+
+def rows(args: list[str]) -> list[dict[str, object]]:
+    res = runner.invoke(app, ["signals", *args, "--node", "n1"])
+    assert res.exit_code == 0, res.output
+    return [json.loads(x) for x in res.stdout.splitlines()]
+
+
+class TestXidForms:
+    @pytest.mark.parametrize(("line", "code", "pci", "instance"), [
+        ("NVRM: Xid (PCI:0000:01:00 GPU-I:05): 94, pid=12087, name=python3, Contained: CE User Channel (0x9)",
+         "94", "0000:01:00.0", "5"),
+        ("NVRM: Xid (0000:03:00): 14, Channel 00000001", "14", "0000:03:00.0", None),
+        ("NVRM: Xid (PCI:0000:41:00.0): 48, pid='<unknown>', name=<unknown>, DBE", "48", "0000:41:00.0", None),
+        ("kernel: NVRM: Xid (PCI:...): 137, RLW_RXPIPE interrupt hit on link 11 on GPU0: PRIV Error", "137", None,
+         None),
+        ("[ 9937.000000] NVRM: Xid: 79, GPU has fallen off the bus.", "79", None, None),
+    ], ids=["mig-instance", "no-PCI-prefix", "with-function", "redacted-address", "no-address"])
+    def test_every_xid_prefix_form_is_read(self, line: str, code: str, pci: str | None, instance: str | None) -> None:
+        ev = parse_line(line)
+        assert ev is not None and (ev.code, ev.pci, ev.details.get("GPU_I_ID")) == (code, pci, instance)
+
+    def test_mig_line_signal_names_the_gpu_and_its_instance(self) -> None:
+        got = rows(["kmsg", str(DATA / "kmsg_mig_and_bare.log"), "--boot-time", "2025-03-04T00:00:00Z"])
+        assert [(r["code"], r["details"].get("GPU_I_ID")) for r in got] == [  # type: ignore[union-attr]
+            ("94", "5"), ("14", None), ("48", None), ("137", None), ("79", None)]
+        assert got[0]["gpu"] == {"index": None, "uuid": "GPU-0f6a1c2d-3e4f-5a6b-7c8d-9e0f1a2b3c4d",
+                                 "pci_bus_id": "0000:01:00.0"}
+        assert got[3]["gpu"] is None, "a line without an address names no GPU"
+
+
+class TestKmsgTimes:
+    LOG = DATA / "kmsg_mig_and_bare.log"
+
+    def test_boot_time_anchors_relative_stamps(self) -> None:
+        got = rows(["kmsg", str(self.LOG), "--boot-time", "2025-03-04T00:00:00Z"])
+        assert got[0]["observed_at"] == "2025-03-04T02:45:34.120417Z"
+        assert all("time_source" not in r["details"] for r in got)  # type: ignore[operator]
+
+    def test_reference_line_anchors_relative_stamps(self) -> None:
+        got = rows(["kmsg", str(self.LOG), "--reference", "9934.120417=2025-03-04T02:45:34.120417+00:00"])
+        assert got[0]["observed_at"] == "2025-03-04T02:45:34.120417Z"
+
+    def test_unanchored_relative_stamps_are_marked_and_warned_about(self) -> None:
+        res = runner.invoke(app, ["signals", "kmsg", str(self.LOG), "--node", "n1"])
+        assert res.exit_code == 0
+        got = [json.loads(x) for x in res.stdout.splitlines()]
+        assert {r["details"]["time_source"] for r in got} == {"relative"}
+        assert "--boot-time" in res.stderr
+
+    @pytest.mark.parametrize("args", [["--boot-time", "yesterday"], ["--reference", "abc"],
+                                      ["--boot-time", "2025-03-04T00:00:00"]],
+                             ids=["bad-boot-time", "bad-reference", "boot-time-without-zone"])
+    def test_bad_anchor_is_one_line_exit_2(self, args: list[str]) -> None:
+        res = runner.invoke(app, ["signals", "kmsg", str(self.LOG), "--node", "n1", *args])
+        assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
+
+
+class TestDcgmEdges:
+    PAGE = (DATA / "dcgm_exporter_mig_bad_sample.txt").read_text()
+
+    def test_bad_samples_are_skipped_counted_and_logged_once_per_family(self, catalog: Catalog) -> None:
+        rules = DcgmRules(ctx(catalog))
+        with capture_logs() as logs:
+            cycle = rules.apply(self.PAGE, T0, 0.0, baseline_xids=False)
+            rules.apply(self.PAGE, T0, 30.0)
+        assert rules.skipped == 4, "the unconvertible value and the -Inf, twice"
+        assert sorted(e["family"] for e in logs if e["event"] == "dcgm_sample_skipped") == [
+            "DCGM_FI_DEV_CLOCKS_EVENT_REASONS", "DCGM_FI_DEV_NVML_INDEX"]
+        bad = {(s.check, s.component, s.gpu.uuid if s.gpu else None) for s in cycle.states if not s.healthy}
+        assert bad == {("ecc.dbe", "mig2", "GPU-0f6a1c2d-3e4f-5a6b-7c8d-9e0f1a2b3c4d"),
+                       ("ecc.dbe", None, "GPU-1a7b2d3e-4f50-6b7c-8d9e-0f1a2b3c4d5e")}, "N/A pci_bus_id costs nothing"
+
+    def test_skipped_samples_are_exported_by_the_daemon_metrics(self, catalog: Catalog, tmp_path: Path) -> None:
+        from prometheus_client import generate_latest
+
+        from breakfix.collectors.daemon import Metrics
+        from breakfix.collectors.fabric import read_ports
+
+        metrics = Metrics()
+        rules = DcgmRules(ctx(catalog))
+        fabric = FabricRules(ctx(catalog))
+        metrics.parse_skipped.watch("dcgm", lambda: rules.skipped)
+        metrics.parse_skipped.watch("fabric", lambda: fabric.skipped_files.n)
+        rules.apply(self.PAGE, T0, 0.0)
+        port = tmp_path / "mlx5_0" / "ports" / "1"
+        (port / "counters").mkdir(parents=True)
+        (port / "state").write_text("4: ACTIVE\n")
+        (port / "phys_state").write_text("5: LinkUp\n")
+        (port / "counters" / "symbol_error").write_bytes(b"\xff\xfe\n")
+        assert len(read_ports(tmp_path, fabric.skipped_files)) == 1
+        page = generate_latest(metrics.registry).decode()
+        assert 'breakfix_collector_parse_skipped_total{source="dcgm"} 2.0' in page
+        assert 'breakfix_collector_parse_skipped_total{source="fabric"} 1.0' in page
+
+    def test_mig_labels_ride_on_signals(self, catalog: Catalog) -> None:
+        cycle = DcgmRules(ctx(catalog)).apply(self.PAGE, T0, 0.0, baseline_xids=False)
+        dbe = next(s for s in cycle.states if s.component == "mig2")
+        assert dbe.details == {"GPU_I_ID": "2", "GPU_I_PROFILE": "3g.40gb"}
+
+    def test_xid_count_family_is_one_event_per_rise(self, catalog: Catalog) -> None:
+        rules = DcgmRules(ctx(catalog))
+        (ev,) = rules.apply(self.PAGE, T0, 0.0, baseline_xids=False).events
+        assert (ev.code, ev.details["window_size_in_ms"], ev.details["GPU_I_ID"]) == ("94", "300000", "2")
+        assert rules.apply(self.PAGE, T0, 30.0).events == [], "the same count is not a new XID"
+        risen = self.PAGE.replace('xid="94"} 1', 'xid="94"} 2')
+        assert [e.code for e in rules.apply(risen, T0, 60.0).events] == ["94"]
+        active = risen.replace("DCGM_EXP_XID_ERRORS_COUNT", "DCGM_FI_DEV_XID_ERRORS_ACTIVE")
+        assert [e.code for e in DcgmRules(ctx(catalog)).apply(active, T0, 0.0, baseline_xids=False).events] == ["94"]
+
+
+def port(state: str, phys: str, rate: str = "400 Gb/sec (4X NDR)", layer: str = "InfiniBand",
+         **counters: int) -> PortSample:
+    return port_sample("mlx5_0/1", parse_state(state, PORT_STATES), parse_state(phys, PHYS_STATES), rate, layer,
+                       counters)
+
+
+class TestFabricEdges:
+    @pytest.mark.parametrize(("state", "phys", "expected"), [
+        ("4: ACTIVE", "5: LinkUp", None), ("1: DOWN", "2: Polling", "critical"),
+        ("4: ACTIVE", "3: Disabled", "critical"),
+        ("4: ACTIVE", "4: ACTIVE", "warning"), ("4: ACTIVE", "9: Strange", "warning"), ("Active", "LinkUp", None),
+        ("5: ACTIVE_DEFER", "5: LinkUp", None), ("", "5: LinkUp", "warning"),
+    ], ids=["healthy", "down", "disabled", "phys-reads-4-ACTIVE", "unknown-phys", "ibstat-names", "active-defer",
+            "empty-state"])
+    def test_states_by_number_and_name_unknown_is_never_critical(self, catalog: Catalog, state: str, phys: str,
+                                                                 expected: str | None) -> None:
+        (s,) = [x for x in FabricRules(ctx(catalog)).apply([port(state, phys)], T0, 0.0).states
+                if x.check == "ib.link_down"]
+        assert (None if s.healthy else s.severity.value) == expected
+
+    def test_ethernet_port_is_judged_by_its_own_rate_or_skipped(self, catalog: Catalog) -> None:
+        roce = port("4: ACTIVE", "5: LinkUp", "200 Gb/sec (4X HDR)", "Ethernet")
+        th = FabricThresholds(expected_rate_gbps=400)
+        rate = [s for s in FabricRules(ctx(catalog), th).apply([roce], T0, 0.0).states if s.check == "ib.rate_degraded"]
+        assert [s.healthy for s in rate] == [True]
+        slow = FabricThresholds(expected_rate_gbps=400, expected_ethernet_rate_gbps=400)
+        assert not next(s for s in FabricRules(ctx(catalog), slow).apply([roce], T0, 0.0).states
+                        if s.check == "ib.rate_degraded").healthy
+        skip = FabricThresholds(expected_rate_gbps=400, skip_ethernet=True)
+        assert FabricRules(ctx(catalog), skip).apply([roce], T0, 0.0).states == []
+
+    def test_single_reading_counters_against_limits_then_rates(self, catalog: Catalog) -> None:
+        rules = FabricRules(ctx(catalog), FabricThresholds(single_reading=True))
+        first = rules.apply([port("4: ACTIVE", "5: LinkUp", link_downed=3, symbol_error=5000)], T0, 0.0)
+        assert {s.check for s in first.states if not s.healthy} == {"ib.flapping", "ib.errors"}
+        again = rules.apply([port("4: ACTIVE", "5: LinkUp", link_downed=3, symbol_error=5000)], T0, 60.0)
+        assert {s.check for s in again.states if not s.healthy} == set(), "the second reading judges the rise"
+
+
+class TestIbstat:
+    def test_ibstat_down_port_and_ethernet_bond(self) -> None:
+        got = rows(["ibstat", str(DATA / "ibstat_down_and_ethernet.txt"), "--expected-rate", "400"])
+        assert [(r["check"], r["component"], r["severity"]) for r in got] == [("ib.link_down", "mlx5_1/1", "critical")]
+
+    def test_ibstatus_odd_phys_state_is_a_warning(self) -> None:
+        got = rows(["ibstat", str(DATA / "ibstatus_phys_4_active.txt"), "--expected-rate",
+                    "400"])
+        assert [(r["check"], r["component"], r["severity"]) for r in got] == [("ib.link_down", "mlx5_3/1", "warning")]
+
+    def test_ibstat_and_sysfs_read_the_same_port_alike(self, catalog: Catalog) -> None:
+        text = "CA 'mlx5_1'\n\tPort 1:\n\t\tState: Down\n\t\tPhysical state: Polling\n\t\tRate: 400\n" \
+               "\t\tLink layer: InfiniBand\n"
+        (p,) = parse_ibstat(text).ports
+        assert (p.port, p.state, p.phys_state, p.rate_gbps) == ("mlx5_1/1", 1, 2, 400.0)
+
+
+class TestNvsmi:
+    def test_eight_gpu_text_dump_with_a_pending_row_remap(self) -> None:
+        got = rows(["nvsmi", str(DATA / "nvsmi_8gpu_row_remap_pending.txt"), "--expected-gpus", "8"])
+        assert [(r["check"], r["gpu"]["index"]) for r in got] == [("row_remap.pending", 3)]  # type: ignore[index]
+
+    def test_missing_gpu_is_a_count_mismatch(self) -> None:
+        got = rows(["nvsmi", str(DATA / "nvsmi_8gpu_row_remap_pending.txt"), "--expected-gpus", "9"])
+        assert ("gpu.count_mismatch", 8.0) in [(r["check"], r["value"]) for r in got]
+
+    def test_xml_dump_with_mig_sram_error_slowdowns_replays_and_fabric(self) -> None:
+        got = rows(["nvsmi", str(DATA / "nvsmi_1gpu_mig.xml")])
+        assert sorted(r["check"] for r in got) == ["clock.hw_slowdown", "clock.power_brake", "ecc.dbe", "fabric.gpu",
+                                                   "pcie.replay"]
+        dbe = next(r for r in got if r["check"] == "ecc.dbe")
+        assert dbe["details"]["ecc_volatile_sram_unc"] == "1" and dbe["details"]["ecc_aggregate_sram_unc"] == "3"
+        assert dbe["details"]["mig_mode"] == "Enabled" and dbe["details"]["mig_devices"] == "2"
+
+    def test_mig_text_dump_reads_instances_and_thermal_slowdown(self) -> None:
+        got = rows(["nvsmi", str(DATA / "nvsmi_1gpu_mig_a100.txt"), "--all"])
+        assert [r["check"] for r in got if not r["healthy"]] == ["clock.hw_thermal"]
+        dbe = next(r for r in got if r["check"] == "ecc.dbe")
+        assert (dbe["details"]["mig_mode"], dbe["details"]["mig_devices"]) == ("Enabled", "2")
+
+    def test_xml_names_the_mig_instance_with_sram_errors(self) -> None:
+        dbe = next(r for r in rows(["nvsmi", str(DATA / "nvsmi_1gpu_mig.xml")]) if r["check"] == "ecc.dbe")
+        assert dbe["details"]["GPU_I_ID"] == "1"
+
+    def test_pre_r535_layout_double_bit_totals_and_retired_pages(self) -> None:
+        got = rows(["nvsmi", str(DATA / "nvsmi_1gpu_v100_r470.txt")])
+        assert sorted((r["check"], r["value"]) for r in got) == [
+            ("ecc.dbe", 2.0), ("retired_pages.limit", 62.0), ("retired_pages.pending", None)]
+
+    def test_dump_and_live_nvml_give_the_same_signal(self, catalog: Catalog) -> None:
+        from breakfix.collectors.nvml import Thresholds, evaluate
+
+        read = parse_nvsmi((DATA / "nvsmi_8gpu_row_remap_pending.txt").read_text())
+        offline = {s.id for s in nvsmi_signals(read, ctx(catalog), T0) if s.check == "row_remap.pending"}
+        live = {s.id for g in read.gpus for s in evaluate(ctx(catalog), g.sample, None, T0, 0.0, Thresholds(), set())
+                if s.check == "row_remap.pending"}
+        assert offline == live and len(offline) == 8
+
+
+class TestFormatRefusals:
+    @pytest.mark.parametrize(("cmd", "fixture", "hint"), [
+        ("kmsg", "nvsmi_8gpu_row_remap_pending.txt", "breakfix signals nvsmi"),
+        ("dcgm", "nvsmi_1gpu_mig.xml", "breakfix signals nvsmi"),
+        ("kmsg", "dcgm_exporter_sample.txt", "breakfix signals dcgm"),
+        ("nvsmi", "kmsg_real.log", "breakfix signals kmsg"),
+        ("ibstat", "dcgm_exporter_sample.txt", "breakfix signals dcgm"),
+        ("dcgm", "ibstat_down_and_ethernet.txt", "breakfix signals ibstat"),
+        ("ib", "ibstat_down_and_ethernet.txt", "breakfix signals ibstat"),
+    ], ids=lambda x: x.replace(".", "-") if isinstance(x, str) else str(x))
+    def test_wrong_format_is_one_line_with_the_right_command(self, cmd: str, fixture: str, hint: str) -> None:
+        res = runner.invoke(app, ["signals", cmd, str(DATA / fixture), "--node", "n1"])
+        assert res.exit_code == 2 and res.stdout == ""
+        assert len(res.stderr.strip().splitlines()) == 1 and hint in res.stderr
+
+    def test_ib_folder_of_ibstat_files_points_to_ibstat(self, tmp_path: Path) -> None:
+        (tmp_path / "node1.txt").write_text((DATA / "ibstat_down_and_ethernet.txt").read_text())
+        res = runner.invoke(app, ["signals", "ib", str(tmp_path), "--node", "n1"])
+        assert res.exit_code == 2 and "breakfix signals ibstat" in res.stderr
+
+    @pytest.mark.parametrize("cmd", ["kmsg", "dcgm", "ibstat", "nvsmi"])
+    def test_arbitrary_text_is_refused(self, cmd: str, tmp_path: Path) -> None:
+        f = tmp_path / "notes.txt"
+        f.write_text("shopping list\neggs\nmilk\n")
+        res = runner.invoke(app, ["signals", cmd, str(f), "--node", "n1"])
+        assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
+
+    def test_healthy_input_of_the_right_format_is_empty_exit_0(self, tmp_path: Path) -> None:
+        f = tmp_path / "dmesg.txt"
+        f.write_text("[    0.000000] Linux version 6.8.0\n"
+                     "[    5.223456] NVRM: loading NVIDIA UNIX x86_64 Kernel Module\n")
+        res = runner.invoke(app, ["signals", "kmsg", str(f), "--node", "n1"])
+        assert res.exit_code == 0 and res.stdout == ""
+
+
+def test_boot_time_is_now_when_nothing_anchors_a_line() -> None:
+    from breakfix.collectors.kmsg_follow import NO_TIME, line_time_source
+
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+    assert line_time_source("NVRM: Xid (PCI:0000:01:00): 13, x", booted=now, now=now) == (now, NO_TIME)

@@ -1,0 +1,297 @@
+"""The Kustomize overlays render, validate against Kubernetes 1.30, pass checkov, and hold the
+install's promises: one cluster name, one correlator variant, probes, limits and a ServiceMonitor per
+daemon, restricted stages, the node agent's privileges split from the collector's, narrowed RBAC,
+a dry-run first install, NATS with TLS and per-identity credentials in production.
+
+Renders with ``kubectl kustomize`` (kubectl 1.32 on the machine), validates with
+``kubernetes-validate`` and scans with checkov from ``.venv-checkov`` (``make checkov``)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+OVERLAYS = ("lab", "production")
+CHECKOV = ROOT / ".venv-checkov" / "bin" / "checkov"
+IMAGE = "ghcr.io/breakfix/breakfix"
+# daemon (pod's app.kubernetes.io/name) -> its metrics port (README "Metrics")
+METRICS_PORTS = {"breakfix-correlator": 9471, "breakfix-correlator-fleet": 9472, "breakfix-remediator": 9473,
+                 "breakfix-fleet-collector": 9474, "breakfix-collector": 9410, "breakfix-agent": 9410}
+WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet"}
+Doc = dict[str, Any]
+
+
+@functools.cache
+def rendered(overlay: str) -> tuple[Doc, ...]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (1.27+, with kustomize) is needed to render deploy/overlays"
+    out = subprocess.run([kubectl, "kustomize", str(DEPLOY / "overlays" / overlay)], capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == 0, f"kubectl kustomize {overlay}: {out.stderr}"
+    return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
+
+
+def of_kind(overlay: str, *kinds: str) -> list[Doc]:
+    return [d for d in rendered(overlay) if d["kind"] in kinds]
+
+
+def app_name(doc: Doc) -> str:
+    return str(doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"])
+
+
+def breakfix_containers(overlay: str) -> list[tuple[Doc, Doc]]:
+    return [(w, c) for w in of_kind(overlay, *WORKLOADS) for c in w["spec"]["template"]["spec"]["containers"]
+            if c["image"].startswith(IMAGE)]
+
+
+def config_text(overlay: str, name: str, key: str) -> str:
+    cm = next(d for d in of_kind(overlay, "ConfigMap") if d["metadata"]["name"] == name)
+    return str(cm["data"][key])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_rendered_object_validates_against_kubernetes_1_30(overlay: str) -> None:
+    crds = 0
+    for doc in rendered(overlay):
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):  # a CRD: checked structurally below
+            crds += 1
+            continue
+        try:
+            kubernetes_validate.validate(doc, "1.30.0", strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise AssertionError(f"{overlay}: {doc['kind']}/{doc['metadata']['name']}: {exc.message}") from exc
+    assert crds == len(METRICS_PORTS)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_servicemonitors_select_a_service_with_a_metrics_port(overlay: str) -> None:
+    services = {(s["metadata"]["namespace"], s["metadata"]["labels"]["app.kubernetes.io/name"]): s
+                for s in of_kind(overlay, "Service") if "app.kubernetes.io/name" in s["metadata"].get("labels", {})}
+    for sm in of_kind(overlay, "ServiceMonitor"):
+        assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+        ns = sm["metadata"]["namespace"]
+        assert sm["spec"]["namespaceSelector"] == {"matchNames": [ns]}
+        assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics"]
+        want = sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
+        if want in ("breakfix-correlator-fleet", "breakfix-fleet-collector") and overlay == "lab":
+            continue  # the lab runs neither; the monitor is inert there
+        svc = services[(ns, want)]
+        assert any(p["name"] == "metrics" for p in svc["spec"]["ports"]), want
+
+
+@pytest.fixture(scope="module")
+def checkov_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One checkov run over both rendered overlays (its start-up costs more than the scan)."""
+    assert CHECKOV.is_file(), "checkov is not installed: run `make checkov` (make test does it first)"
+    where = tmp_path_factory.mktemp("checkov")
+    for overlay in OVERLAYS:
+        (where / f"{overlay}.yaml").write_text(yaml.safe_dump_all(rendered(overlay)))
+    out = subprocess.run([str(CHECKOV), "-d", str(where), "--framework", "kubernetes", "--skip-download",
+                          "--compact", "-o", "json"], capture_output=True, text=True, timeout=300,
+                         check=False)
+    report: dict[str, Any] = json.loads(out.stdout)
+    assert report["summary"]["parsing_errors"] == 0, out.stderr
+    return report
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_checkov_passes_with_every_exception_written_down(overlay: str, checkov_report: dict[str, Any]) -> None:
+    results = checkov_report.get("results", {})
+    mine = [r for r in results.get("passed_checks", []) if r["file_path"].endswith(f"/{overlay}.yaml")]
+    assert len(mine) > 100, "checkov scanned nothing"
+    failed = [f"{r['check_id']} {r['resource']}" for r in results.get("failed_checks", [])
+              if r["file_path"].endswith(f"/{overlay}.yaml")]
+    assert not failed, failed
+    for doc in rendered(overlay):
+        for key, value in (doc["metadata"].get("annotations") or {}).items():
+            if key.startswith("checkov.io/skip"):
+                check, _, reason = value.partition("=")
+                assert check.startswith("CKV") and len(reason) > 20, f"{doc['metadata']['name']} {key}: {value}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_exactly_one_correlator_variant_is_installed(overlay: str) -> None:
+    correlators = [w["kind"] for w in of_kind(overlay, *WORKLOADS) if w["metadata"]["name"] == "breakfix-correlator"]
+    assert correlators == (["Deployment"] if overlay == "lab" else ["StatefulSet"])
+    fleet = [w for w in of_kind(overlay, *WORKLOADS) if w["metadata"]["name"] == "breakfix-correlator-fleet"]
+    assert len(fleet) == (0 if overlay == "lab" else 1)
+
+
+@pytest.mark.parametrize(("overlay", "cluster"), [("lab", "lab"), ("production", "prod-a")])
+def test_the_cluster_name_is_set_in_one_place_and_reaches_every_config(overlay: str, cluster: str) -> None:
+    text = (DEPLOY / "overlays" / overlay / "kustomization.yaml").read_text()
+    assert text.count(f"cluster={cluster}") == 1
+    seen = []
+    for name, key in (("breakfix-collector", "collector.yaml"), ("breakfix-agent", "agent.yaml"),
+                      ("breakfix-remediator", "remediator.yaml")):
+        seen.append(yaml.safe_load(config_text(overlay, name, key))["cluster"])
+    seen += [e["value"] for _, c in breakfix_containers(overlay) for e in c.get("env", [])
+             if e["name"] == "BREAKFIX_CLUSTER"]
+    assert set(seen) == {cluster} and len(seen) == (3 if overlay == "lab" else 4)
+    assert "CLUSTER" not in yaml.safe_dump_all(rendered(overlay)).replace("BREAKFIX_CLUSTER", "")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_deployed_configs_validate_against_the_real_config_models(overlay: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from breakfix.collectors.config import CollectorConfig
+    from breakfix.remediator.config import RemediatorConfig
+    from breakfix.remediator.policy import Policy
+
+    monkeypatch.setenv("NODE_NAME", "gpu-node-000")
+    collector = CollectorConfig.model_validate(yaml.safe_load(config_text(overlay, "breakfix-collector",
+                                                                          "collector.yaml")))
+    assert collector.sources.dcgm.enabled and not collector.agent.enabled
+    agent = CollectorConfig.model_validate(yaml.safe_load(config_text(overlay, "breakfix-agent", "agent.yaml")))
+    s = agent.sources
+    assert agent.agent.enabled and not any(x.enabled for x in (s.nvml, s.kmsg, s.dcgm, s.fabric, s.endpoint,
+                                                               s.podresources))
+    remediator = RemediatorConfig.model_validate(yaml.safe_load(config_text(overlay, "breakfix-remediator",
+                                                                            "remediator.yaml")))
+    assert remediator.policy == Path("/etc/breakfix/policy.yaml")
+    policy = Policy.model_validate(yaml.safe_load(config_text(overlay, "breakfix-remediator", "policy.yaml")))
+    assert policy.dry_run, "a first install must change nothing"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_daemon_has_its_metrics_port_probes_and_resources(overlay: str) -> None:
+    daemons = set()
+    for w, c in breakfix_containers(overlay):
+        name = app_name(w)
+        daemons.add(name)
+        assert [p["containerPort"] for p in c["ports"] if p["name"] == "metrics"] == [METRICS_PORTS[name]], name
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}, name
+        assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}, name
+        for part in ("requests", "limits"):
+            assert set(c["resources"][part]) == {"cpu", "memory"}, (name, part)
+        if "--metrics-port" in c["args"]:
+            assert c["args"][c["args"].index("--metrics-port") + 1] == str(METRICS_PORTS[name])
+    expected = set(METRICS_PORTS) - ({"breakfix-correlator-fleet", "breakfix-fleet-collector"}
+                                     if overlay == "lab" else set())
+    assert daemons == expected
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_correlator_fleet_and_remediator_run_restricted(overlay: str) -> None:
+    ns = {d["metadata"]["name"]: d["metadata"].get("labels", {}) for d in of_kind(overlay, "Namespace")}
+    assert ns["breakfix"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for w in of_kind(overlay, *WORKLOADS):
+        if w["metadata"]["namespace"] != "breakfix":
+            continue
+        pod = w["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert "hostPID" not in pod and "hostNetwork" not in pod
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"] == {"drop": ["ALL"]}, w["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_agent_container_holds_reset_and_reboot_privileges(overlay: str) -> None:
+    privileged = []
+    for w in of_kind(overlay, *WORKLOADS):
+        pod = w["spec"]["template"]["spec"]
+        if pod.get("hostPID"):
+            assert w["metadata"]["name"] == "breakfix-agent"
+        for c in pod["containers"] + pod.get("initContainers", []):
+            if c.get("securityContext", {}).get("privileged"):
+                privileged.append(f"{w['metadata']['name']}/{c['name']}")
+    assert privileged == ["breakfix-agent/agent"]
+    collector = next(w for w in of_kind(overlay, "DaemonSet") if w["metadata"]["name"] == "breakfix-collector")
+    sc = collector["spec"]["template"]["spec"]["containers"][0]["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["SYSLOG"]} and sc["allowPrivilegeEscalation"] is False
+    agent = next(w for w in of_kind(overlay, "DaemonSet") if w["metadata"]["name"] == "breakfix-agent")
+    assert agent["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    header = (DEPLOY / "base" / "agent.yaml").read_text().split("apiVersion", 1)[0]
+    for why in ("nvidia-smi --gpu-reset", "hostPID", "nsenter", "NVIDIA container toolkit", "DCGM image"):
+        assert why in header, f"agent.yaml must say why: {why}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_remediator_rbac_is_narrowed_to_what_it_does(overlay: str) -> None:
+    bindings = [b for b in of_kind(overlay, "ClusterRoleBinding", "RoleBinding")
+                if any(s["name"] == "breakfix-remediator" for s in b["subjects"])]
+    roles = {(r["kind"], r["metadata"].get("namespace"), r["metadata"]["name"]): r
+             for r in of_kind(overlay, "ClusterRole", "Role")}
+    evict_namespaces = set()
+    for b in bindings:
+        ref = b["roleRef"]
+        role = roles[(ref["kind"], b["metadata"].get("namespace") if ref["kind"] == "Role" else None, ref["name"])]
+        for rule in role["rules"]:
+            for res in rule["resources"]:
+                if role["kind"] == "ClusterRole":
+                    assert not ({"delete", "create", "*"} & set(rule["verbs"])), f"cluster-wide {res}: {rule}"
+                    assert res in ("nodes", "nodes/status", "pods")
+                    if res == "pods":
+                        assert set(rule["verbs"]) == {"get", "list", "watch"}
+                elif res == "pods/eviction":
+                    evict_namespaces.add(role["metadata"]["namespace"])
+    config = yaml.safe_load(config_text(overlay, "breakfix-remediator", "remediator.yaml"))
+    assert evict_namespaces == set(config["kubernetes"]["drain_namespaces"]) and evict_namespaces
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_nats_monitor_port_is_not_reachable(overlay: str) -> None:
+    for svc in of_kind(overlay, "Service"):
+        assert all(p["port"] != 8222 for p in svc["spec"]["ports"]), svc["metadata"]["name"]
+    for pol in of_kind(overlay, "NetworkPolicy"):
+        for rule in pol["spec"].get("ingress", []):
+            assert all(p["port"] != 8222 for p in rule.get("ports", [])), pol["metadata"]["name"]
+    if overlay == "lab":
+        assert "http: 127.0.0.1:8222" in config_text(overlay, "nats-config", "nats.conf")
+    else:
+        values = yaml.safe_load((DEPLOY / "overlays" / "production" / "nats-values.yaml").read_text())
+        assert values["service"]["ports"]["monitor"] == {"enabled": False}
+
+
+def test_production_nats_runs_tls_with_client_verification_and_jwt_auth() -> None:
+    values = yaml.safe_load((DEPLOY / "overlays" / "production" / "nats-values.yaml").read_text())
+    cfg = values["config"]
+    assert cfg["nats"]["tls"]["enabled"] and cfg["nats"]["tls"]["merge"]["verify"] is True
+    assert cfg["cluster"]["tls"]["enabled"] and cfg["cluster"]["replicas"] == 3
+    assert cfg["resolver"]["enabled"] and "$include" in cfg["merge"]
+    assert values["podDisruptionBudget"]["enabled"] and not values["natsBox"]["enabled"]
+
+
+def test_production_connects_every_daemon_with_tls_and_its_own_identity() -> None:
+    creds = set()
+    for w, c in breakfix_containers("production"):
+        args = c["args"]
+        for flag in ("--creds", "--tls-ca", "--tls-cert", "--tls-key"):
+            assert flag in args, f"{w['metadata']['name']}: {flag}"
+        creds.add(args[args.index("--creds") + 1])
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert {"/etc/breakfix/creds", "/etc/breakfix/tls"} <= mounts
+    assert len(creds) == len(METRICS_PORTS), creds  # one identity per daemon (per node / partition inside)
+    lab_args = [a for _, c in breakfix_containers("lab") for a in c["args"]]
+    assert "--creds" not in lab_args
+
+
+def test_production_has_disruption_budgets_and_network_policies() -> None:
+    pdbs = {p["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] for p in
+            of_kind("production", "PodDisruptionBudget")}
+    assert pdbs == {"breakfix-remediator", "breakfix-correlator"}
+    denied = {p["metadata"]["namespace"] for p in of_kind("production", "NetworkPolicy")
+              if p["spec"]["podSelector"] == {} and p["spec"]["policyTypes"] == ["Ingress"]}
+    assert denied == {"breakfix", "breakfix-node"}
+
+
+def test_fleet_collector_verifies_prometheus_tls() -> None:
+    (c,) = [c for w, c in breakfix_containers("production") if app_name(w) == "breakfix-fleet-collector"]
+    args = c["args"]
+    assert args[args.index("--prometheus") + 1].startswith("https://")
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["REQUESTS_CA_BUNDLE"] == "/etc/breakfix/prometheus/ca.crt"
+    assert not any("insecure" in a or "no-verify" in a or "disable" in a for a in args)

@@ -1,0 +1,131 @@
+"""Property tests for every input parser (kmsg, dcgm, IB sysfs, ibstat, nvidia-smi): arbitrary text never raises
+anything but the parser's own typed error, and never yields a signal without the NVIDIA marker the format needs.
+Fixed example budget, derandomised: the suite costs the same every run."""
+
+from __future__ import annotations
+
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from breakfix.collectors.context import NodeContext
+from breakfix.collectors.dcgm import DcgmRules
+from breakfix.collectors.fabric import FabricRules, FabricThresholds, read_ports
+from breakfix.collectors.ibstat import parse_ibstat
+from breakfix.collectors.kmsg import BadLine, line_signal
+from breakfix.collectors.kmsg_follow import line_time
+from breakfix.collectors.nvsmi import NvsmiFormatError, nvsmi_signals, parse_nvsmi
+from breakfix.collectors.sniff import sniff
+from breakfix.schemas.catalog import Catalog, default_catalog
+from breakfix.schemas.common import Severity
+
+BUDGET = settings(max_examples=100, deadline=None, derandomize=True,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+NOW = datetime(2026, 1, 2, tzinfo=UTC)
+CATALOG: Catalog = default_catalog()
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=300)
+# Fragments of the real formats, so the generator reaches deep into the parsers, not only their first check.
+KMSG_BITS = st.sampled_from(["NVRM: Xid (", "PCI:", "0000:", "ffff:", "1ffff:", "01:00", ".0", " GPU-I:", "05", "): ",
+                             "48", "99999999", ", pid=", "'<unknown>'", ", name=", "[", "99999999999999999999.0", "] ",
+                             "2024-13-45T25:61:00+0000 ", "Feb 30 11:43:09 ", "4,1,99999999999999999999,-;",
+                             "nvidia-nvswitch0: SXid (PCI:", "GPU at PCI:", ": GPU-", "has fallen off the bus", "\n"])
+DCGM_BITS = st.sampled_from(["DCGM_FI_DEV_XID_ERRORS", "DCGM_EXP_XID_ERRORS_COUNT", "DCGM_FI_DEV_CLOCKS_EVENT_REASONS",
+                             "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", '{gpu="0",UUID="GPU-a",pci_bus_id="', "N/A", '"', "}",
+                             ' xid="', "1e308", "-Inf", "NaN", "ERROR", " ", "\n", "# TYPE ", " counter", " gauge",
+                             'GPU_I_ID="', "-1", "99999999999999999999"])
+NVSMI_BITS = st.sampled_from(["==============NVSMI LOG==============\n", "GPU 00000000:18:00.0\n", "    ECC Errors\n",
+                              "        Volatile\n", "            SRAM Uncorrectable     : ", "N/A", "9" * 30, "Yes",
+                              "    Remapped Rows\n", "        Pending      : ", "    Fabric\n", "        State  : ",
+                              "In Progress", "<nvidia_smi_log>", "<gpu id=\"x\">", "</gpu>", "<!ENTITY a", "\n", " : "])
+IBSTAT_BITS = st.sampled_from(["CA 'mlx5_0'\n", "\tPort 1:\n", "\t\tState: ", "\t\tPhysical state: ", "Active", "Down",
+                               "4: ACTIVE", "LinkUp", "\t\tRate: ", "400", "9" * 30, "\t\tLink layer: ", "Ethernet",
+                               "Infiniband device 'x' port 1 status:\n", "\tphys state:\t ", "\n"])
+
+
+def ctx() -> NodeContext:
+    return NodeContext(cluster="c", node="n", catalog=CATALOG)
+
+
+def at(line: str) -> tuple[datetime, str]:
+    return line_time(line, booted=NOW, now=NOW), ""
+
+
+@BUDGET
+@given(st.one_of(TEXT, st.lists(st.one_of(KMSG_BITS, TEXT), max_size=12).map("".join)))
+def test_kmsg_any_text_is_a_signal_none_or_badline(text: str) -> None:
+    for line in text.splitlines() or [text]:
+        try:
+            sig = line_signal(line, ctx(), observed_at=at, discriminator="d")
+        except BadLine:
+            continue
+        if "NVRM" not in line and "SXid" not in line:
+            assert sig is None
+
+
+@BUDGET
+@given(st.one_of(TEXT, st.lists(st.one_of(DCGM_BITS, TEXT), max_size=16).map("".join)))
+def test_dcgm_any_page_is_a_cycle_or_valueerror(text: str) -> None:
+    try:
+        cycle = DcgmRules(ctx()).apply(text, NOW, 0.0, baseline_xids=False)
+    except ValueError:
+        return
+    if "DCGM_" not in text:
+        assert cycle.states == [] and cycle.events == []
+
+
+@BUDGET
+@given(st.lists(st.one_of(IBSTAT_BITS, TEXT), max_size=16).map("".join))
+def test_ibstat_any_text_never_raises_and_no_block_no_port(text: str) -> None:
+    read = parse_ibstat(text)
+    cycle = FabricRules(ctx(), FabricThresholds(single_reading=True)).apply(read.ports, NOW, 0.0)
+    if "CA '" not in text and "Infiniband device '" not in text:
+        assert read.ports == [] and cycle.states == []
+    for s in cycle.states:  # a state the kernel never prints is at most a warning
+        port = next(p for p in read.ports if p.port == s.component)
+        if s.check == "ib.link_down" and (port.state is None or port.phys_state is None) and \
+                s.severity is Severity.CRITICAL:
+            assert (port.state is not None and port.state not in (4, 5)) or (
+                port.phys_state is not None and port.phys_state != 5)
+
+
+@BUDGET
+@given(st.lists(st.one_of(IBSTAT_BITS, TEXT, st.binary(max_size=40).map(lambda b: b.decode("latin-1"))),
+                min_size=4, max_size=4))
+def test_ib_sysfs_any_file_content_never_raises(files: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        port = Path(d) / "mlx5_0" / "ports" / "1"
+        (port / "counters").mkdir(parents=True)
+        for name, content in zip(("state", "phys_state", "rate", "counters/link_downed"), files, strict=True):
+            (port / name).write_bytes(content.encode("utf-8", "surrogatepass"))
+        skipped: list[str] = []
+        ports = read_ports(Path(d), skipped)
+        FabricRules(ctx(), FabricThresholds(single_reading=True)).apply(ports, NOW, 0.0)
+        assert len(ports) <= 1
+
+
+@BUDGET
+@given(st.one_of(TEXT, st.lists(st.one_of(NVSMI_BITS, TEXT), max_size=16).map("".join)))
+def test_nvsmi_any_text_is_signals_or_format_error(text: str) -> None:
+    try:
+        read = parse_nvsmi(text)
+    except NvsmiFormatError:
+        return
+    assert "NVSMI LOG" in text or "<nvidia_smi_log" in text or "Product Name" in text
+    nvsmi_signals(read, ctx(), NOW)
+
+
+@BUDGET
+@given(TEXT)
+def test_sniff_never_raises(text: str) -> None:
+    assert sniff(text) in (None, "binary", "nvsmi", "ibstat", "signals", "prometheus", "kmsg")
+
+
+@pytest.mark.parametrize("line", ["[99999999999999999999.0] NVRM: Xid (PCI:0000:01:00): 48, x",
+                                  "2024-13-45T25:61:00+0000 kernel: NVRM: Xid (PCI:0000:01:00): 48, x"])
+def test_examples_that_crashed_the_line_path_are_badlines(line: str) -> None:
+    with pytest.raises(BadLine):
+        line_signal(line, ctx(), observed_at=at, discriminator="d")

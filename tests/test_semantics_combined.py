@@ -1,0 +1,261 @@
+"""NVIDIA's semantics for combined signals (issue 11): the correlator core and ``decide()`` together.
+
+Each case feeds public-contract ``Signal``s to the pure core, asks ``decide()`` for the plan of every
+incident that stands on its own (not folded, not settled), and checks what an SRE would see. Every
+case names the NVIDIA document it follows in its id and docstring-like ``doc`` column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+from breakfix.correlator.grouping import Correlator
+from breakfix.remediator.decide import ClusterView, decide
+from breakfix.remediator.policy import Policy
+from breakfix.schemas.catalog import Catalog
+from breakfix.schemas.common import TenantRef
+from breakfix.schemas.incident import Incident, IncidentScope
+from breakfix.schemas.signal import Signal
+from tests.conftest import sig
+
+XID_CATALOG = "NVIDIA Xid catalog (Resolution Buckets)"
+FM_GUIDE = "NVIDIA Fabric Manager User Guide App. D"
+DCGM = "NVIDIA DCGM (DcgmHealthWatch.cpp, dcgm_errors.cpp)"
+NVSENTINEL = "NVIDIA NVSentinel analyzer / dcgmerrorsmapping.csv"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    incidents: list[Incident]  # standing on their own: no parent, not terminal
+    plans: dict[str, list[str]]  # incident id -> every action of every rung
+    every: list[Incident]
+
+    def actions(self) -> list[str]:
+        return [a for p in self.plans.values() for a in p]
+
+    def categories(self) -> list[str]:
+        return sorted(i.category for i in self.incidents)
+
+
+def run(catalog: Catalog, policy: Policy, signals: list[Signal]) -> Outcome:
+    core = Correlator(catalog)
+    for s in signals:
+        core.ingest(s, s.observed_at)
+    every = [t.snapshot() for t in core.incidents.values()]
+    standing = [i for i in every if i.parent is None and not i.status.terminal]
+    plans = {}
+    for inc in standing:
+        plan = decide(inc, ClusterView(), policy)
+        plans[inc.id] = [s.action.value for r in (plan.ladder or ()) for s in r.steps] or \
+            [s.action.value for s in plan.steps]
+    return Outcome(standing, plans, every)
+
+
+def xid74(gpu: int, at: float, regs: str = "0x1000, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0", node: str = "n1") -> Signal:
+    return sig(code="74", gpu_index=gpu, at=at, node=node,
+               message=f"NVRM: Xid (PCI:0000:{18 + gpu:02x}:00): 74, NVLink: fatal error detected on link 3({regs})")
+
+
+def xid154(gpu: int, at: float, action: str) -> Signal:
+    return sig(code="154", gpu_index=gpu, at=at,
+               message=f"NVRM: Xid (PCI:0000:{18 + gpu:02x}:00): 154, GPU recovery action changed from 0x0 (None) "
+                       f"to 0x4 ({action})")
+
+
+def sxid(code: str, fatal: bool, at: float, n: int = 0) -> Signal:
+    word = "Fatal" if fatal else "Non-fatal"
+    return sig(check="sxid", code=code, gpu_index=None, at=at, n=n, component="nvswitch0:0000:c3:00.0",
+               message=f"nvidia-nvswitch0: SXid (PCI:0000:c3:00.0): {code}, {word}, Link 28 error",
+               details={"fatal": word})
+
+
+def nvlink5(xid: str, sub: str, intr: int, status: int, gpu: int = 0, at: float = 0.0,
+            pod: str | None = None) -> Signal:
+    return sig(code=xid, gpu_index=gpu, at=at, pod=pod,
+               message=f"NVRM: Xid (PCI:0018:01:00): {xid}, {sub} Fatal XC0 i0 Link 5 (0x{intr:08x} 0x{status:08x} "
+                       "0x00000000 0x00000000 0x00000000 0x00000000)")
+
+
+def netir_down(reason: str) -> int:
+    return int("000000" + reason + "0" * 13 + "0010001", 2)
+
+
+def dcgm(code: str, gpu: int = 0, at: float = 0.0) -> Signal:
+    return sig(check="dcgm.health", code=code, gpu_index=gpu, at=at, message=f"dcgm health {code}")
+
+
+def app(code: str, pod: str, gpu: int = 0, at: float = 0.0, node: str = "n1") -> Signal:
+    return sig(code=code, pod=pod, gpu_index=gpu, at=at, node=node)
+
+
+REBOOTS = {"reboot", "reprovision"}
+Check = Callable[[Outcome], None]
+
+
+def one(category: str, *, has: tuple[str, ...] = (), never: tuple[str, ...] = ()) -> Check:
+    def check(o: Outcome) -> None:
+        assert o.categories() == [category], o.categories()
+        acts = o.actions()
+        assert all(a in acts for a in has), acts
+        assert not set(never) & set(acts), acts
+    return check
+
+
+def nothing_actionable(o: Outcome) -> None:
+    assert not {a for a in o.actions()} - {"notify_tenant"}, o.plans
+
+
+CASES = [
+    # 1. the driver's verdict joins the GPU's incident
+    pytest.param([sig(code="48"), xid154(0, 1, "Drain and Reset")],
+                 one("gpu_drain_reset_required", has=("drain_gpu", "reset_gpu")),
+                 id=f"{XID_CATALOG}: XID 154 Drain and Reset raises the XID 48 incident"),
+    pytest.param([sig(code="48"), xid154(0, 1, "Node Reboot Required")], one("node_reboot_required", has=("reboot",)),
+                 id=f"{XID_CATALOG}: XID 154 Node Reboot Required raises the GPU's incident, not a second one"),
+    pytest.param([sig(code="94", pod="api-7d9f8c6b5-x2k4p"), xid154(0, 1, "GPU Reset Required")],
+                 one("gpu_reset_required", has=("reset_gpu",)),
+                 id=f"{XID_CATALOG}: XID 154 GPU Reset Required raises the one-GPU tenant incident"),
+    pytest.param([sig(code="79", gpu_index=2)] + [xid74(g, 1 + g) for g in (0, 1, 3)],
+                 one("node_reboot_required", has=("reboot",), never=("reset_gpu",)),
+                 id=f"{XID_CATALOG}: XID 79 then peers' XID 74 fold into the 79 incident"),
+    pytest.param([xid74(g, g * 0.1) for g in (0, 1, 3)] + [sig(code="79", gpu_index=2, at=2)],
+                 one("node_reboot_required", has=("reboot",), never=("reset_gpu",)),
+                 id=f"{XID_CATALOG}: peers' XID 74 before XID 79 fold into the 79 incident (either order)"),
+    # 2. NVSwitch SXids
+    pytest.param([sxid("20009", False, i, n=i) for i in range(3)], nothing_actionable,
+                 id=f"{FM_GUIDE}: non-fatal SXids below the count open nothing"),
+    pytest.param([sxid("20009", False, i * 10, n=i) for i in range(8)],
+                 one("nvswitch_nonfatal", has=("escalate",), never=("cordon", "drain", "reboot", "reset_gpu")),
+                 id=f"{FM_GUIDE}: non-fatal SXids past the count never take a node action"),
+    pytest.param([sxid("24007", True, 0)] + [xid74(g, 1 + g) for g in range(4)],
+                 one("nvswitch_fatal", has=("reboot",), never=("reset_gpu",)),
+                 id=f"{FM_GUIDE}: a fatal SXid and the XID 74s it causes are one incident"),
+    pytest.param([xid74(g, g * 0.1) for g in range(4)] + [sxid("24007", True, 1)],
+                 one("nvswitch_fatal", has=("reboot",), never=("reset_gpu",)),
+                 id=f"{FM_GUIDE}: XID 74s before the fatal SXid fold into it"),
+    # 3. NVLink decode
+    pytest.param([xid74(0, 0, "0x800001, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0")], nothing_actionable,
+                 id=f"{XID_CATALOG}: WORKFLOW_NVLINK_ERR XID 74 with only ignorable bits needs no action"),
+    pytest.param([xid74(g, g * 0.1) for g in range(4)],
+                 lambda o: (o.categories() == ["nvlink_fault"] * 4 or pytest.fail(str(o.categories())),
+                            all(p[:2] == ["drain_gpu", "reset_gpu"] for p in o.plans.values())
+                            or pytest.fail(str(o.plans))),
+                 id=f"{XID_CATALOG}: WORKFLOW_NVLINK_ERR XID 74 on several GPUs is an NVLink fault, not multi-GPU"),
+    pytest.param([nvlink5("145", "RLW_REMAP", 0x84, 0x1)], one("application_fault", never=("reset_gpu", "cordon")),
+                 id=f"{XID_CATALOG}: XID_154_EVAL XID 145 with no XID 154 goes to the application"),
+    pytest.param([nvlink5("145", "RLW_REMAP", 0x84, 0x1), xid154(0, 1, "Drain and Reset")],
+                 one("gpu_drain_reset_required", has=("reset_gpu",)),
+                 id=f"{XID_CATALOG}: XID_154_EVAL XID 145 with XID 154 takes the 154's action"),
+    pytest.param([nvlink5("149", "NETIR_LINK_DOWN", netir_down("100110"), 0)], nothing_actionable,
+                 id=f"{XID_CATALOG}: Xid 144-150 decode, XID 149 ignorable link-down reason needs no action"),
+    pytest.param([nvlink5("149", "NETIR_LINK_DOWN", netir_down("000010"), 0)], one("gpu_reset_required"),
+                 id=f"{XID_CATALOG}: Xid 144-150 decode, XID 149 link-down needing a reset still resets"),
+    pytest.param([sig(check="nvlink.errors", code=None, component="link3", at=i, n=i) for i in range(3)],
+                 one("gpu_monitor", never=("reset_gpu", "reboot", "cordon")),
+                 id=f"{XID_CATALOG}: WORKFLOW_NVLINK_ERR / {NVSENTINEL}: an nvlink.errors count alone never resets"),
+    # 4. application faults stay with the tenant
+    pytest.param([app("31", f"api-7d9f8c6b5-{p}", gpu=g, at=i) for i, (g, p) in
+                  enumerate([(0, "aaaaa"), (0, "bbbbb"), (1, "ccccc"), (1, "ddddd"), (2, "eeeee"), (2, "fffff")])],
+                 one("application_fault", never=("reboot", "cordon", "drain")),
+                 id=f"{NVSENTINEL}: a crash-looping Deployment's pods are one workload, not a suspect GPU"),
+    pytest.param([app("43", "a-1"), app("43", "b-1", at=1)], nothing_actionable,
+                 id=f"{XID_CATALOG}: XID 43 GPU remains healthy, never suspect-GPU evidence"),
+    pytest.param([app("13", f"job{i}-abcde", at=i * 3600) for i in range(4)],
+                 lambda o: (LEMON not in {k for i in o.every for k in i.labels} or pytest.fail("lemon")),
+                 id=f"{NVSENTINEL}: application XIDs alone never make a lemon"),
+    pytest.param([app("31", "train-0"), app("31", "serve-6c9d7f8b9-x2k4p", at=3600)],
+                 lambda o: (o.categories() == ["application_fault", "gpu_suspect"] or pytest.fail(str(o.categories())),
+                            next(p for i, p in o.plans.items() if i == next(x.id for x in o.incidents
+                                                                             if x.category == "gpu_suspect"))
+                            == ["drain_gpu", "validate", "return_to_service", "cordon", "escalate"]
+                            or pytest.fail(str(o.plans))),
+                 id=f"{NVSENTINEL} / {XID_CATALOG} WORKFLOW_XID_31: XID 31 from two workloads runs diagnostics, "
+                    "fences on failure"),
+    pytest.param([sig(code="13", gpu_index=0)], one("application_fault", has=("escalate",), never=("cordon",)),
+                 id=f"{XID_CATALOG}: RESTART_APP with no pod is tenant-unknown and reaches on-call"),
+    # 5. group incidents reach their nodes
+    pytest.param([sig(code="79", gpu_index=0, node=f"r{i}", at=i, labels={"rack": "rack-7"}) for i in range(4)],
+                 lambda o: (o.incidents[0].scope is IncidentScope.FABRIC or pytest.fail("no fabric incident"),
+                            len(o.incidents) == 1 or pytest.fail(str(o.categories())),
+                            [a for a in o.actions() if a == "cordon"] == ["cordon", "cordon"]
+                            or pytest.fail(str(o.actions())),
+                            "escalate" in o.actions() or pytest.fail("no escalation")),
+                 id="NVIDIA Fabric Manager guide: a rack incident fences member nodes within budget and escalates"),
+    # 6. same fault, same plan, whatever the source
+    pytest.param([dcgm("DCGM_FR_UNCONTAINED_ERROR")], one("gpu_reset_required", has=("reset_gpu",)),
+                 id=f"{DCGM}: DCGM_FR_UNCONTAINED_ERROR plans as XID 95"),
+    pytest.param([dcgm("DCGM_FR_GPU_RECOVERY_DRAIN_RESET")], one("gpu_drain_reset_required", has=("drain_gpu",)),
+                 id=f"{DCGM}: DCGM_FR_GPU_RECOVERY_DRAIN_RESET plans as XID 154 Drain and Reset"),
+    pytest.param([dcgm("DCGM_FR_GPU_RECOVERY_DRAIN_P2P")], one("gpu_drain_reset_required"),
+                 id=f"{DCGM}: DCGM_FR_GPU_RECOVERY_DRAIN_P2P plans as XID 154 Drain P2P"),
+    pytest.param([dcgm("DCGM_FR_CLOCKS_EVENT_THERMAL")], one("gpu_monitor", never=("reboot", "reprovision", "cordon")),
+                 id=f"{DCGM}: a can-perform-workload code never reboots or RMAs"),
+    pytest.param([dcgm("DCGM_FR_CONTAINED_ERROR", at=0)], lambda o: o.every[0].category == "application_fault"
+                 or pytest.fail(o.every[0].category), id=f"{DCGM}: DCGM_FR_CONTAINED_ERROR classifies as XID 94"),
+    pytest.param([dcgm("DCGM_FR_UNCORRECTABLE_ROW_REMAP_LIMIT")], one("hardware_support"),
+                 id=f"{DCGM}: DCGM_FR_UNCORRECTABLE_ROW_REMAP_LIMIT classifies"),
+    pytest.param([dcgm("VOLATILE_DBE_DETECTED")], one("gpu_reset_required"),
+                 id=f"{DCGM}: a name without the DCGM_FR_ prefix classifies"),
+    pytest.param([sig(code="154", message="dcgm-exporter: last Xid 154 on gpu0: Drain and Reset")],
+                 one("gpu_drain_reset_required", has=("drain_gpu", "reset_gpu")),
+                 id=f"{XID_CATALOG}: dcgm-exporter's last-XID gauge 154 drains and resets like the kernel log"),
+    pytest.param([dcgm("DCGM_FR_FALLEN_OFF_BUS", gpu=2)] + [xid74(g, 1 + g) for g in (0, 1)],
+                 one("node_reboot_required", has=("reboot",), never=("reset_gpu",)),
+                 id=f"{DCGM}: DCGM_FR_FALLEN_OFF_BUS folds peers' XID 74 like XID 79"),
+]
+LEMON = "breakfix.io/lemon"
+
+
+@pytest.mark.parametrize(("signals", "check"), CASES)
+def test_combined_signals_follow_nvidia(catalog: Catalog, policy: Policy, signals: list[Signal],
+                                        check: Check) -> None:
+    check(run(catalog, policy, signals))
+
+
+REGRESSION = [
+    pytest.param([sig(code="48"), sig(code="63", at=0.1)], "gpu_drain_reset_required", ("drain_gpu", "reset_gpu"),
+                 id="XID 48+63 drain and reset (WORKFLOW_XID_48)"),
+    pytest.param([sig(code="79")], "node_reboot_required", ("reboot",), id="XID 79 reboots (RESTART_BM)"),
+    pytest.param([app("94", "api-7d9f8c6b5-x2k4p")], "application_fault", ("notify_tenant",),
+                 id="XID 94 restarts the app (RESTART_APP)"),
+    pytest.param([sig(code="95")], "gpu_reset_required", ("reset_gpu",), id="XID 95 resets (RESET_GPU)"),
+    pytest.param([sig(code="119")], "gpu_reset_required", ("reset_gpu",), id="XID 119 resets (RESET_GPU)"),
+    pytest.param([sig(code="120")], "gpu_reset_required", ("reset_gpu",), id="XID 120 resets (RESET_GPU)"),
+    pytest.param([xid154(0, 0, "GPU Reset Required")], "gpu_reset_required", ("reset_gpu",), id="XID 154 reset"),
+    pytest.param([xid154(0, 0, "Drain and Reset")], "gpu_drain_reset_required", ("drain_gpu",), id="XID 154 drain"),
+    pytest.param([xid154(0, 0, "Node Reboot Required")], "node_reboot_required", ("reboot",), id="XID 154 reboot"),
+    pytest.param([app("13", "p-0")], "application_fault", ("notify_tenant",), id="one pod's XID 13 (RESTART_APP)"),
+    pytest.param([app("13", f"job-{g}", gpu=g, at=g * 0.1) for g in range(8)], "application_fault",
+                 ("notify_tenant",), id="one workload across 8 GPUs stays one tenant incident"),
+    pytest.param([sig(code="173")], "unknown_fault", ("cordon", "escalate"), id="unknown code cordons, escalates"),
+]
+
+
+@pytest.mark.parametrize(("signals", "category", "has"), REGRESSION)
+def test_single_code_results_do_not_regress(catalog: Catalog, policy: Policy, signals: list[Signal], category: str,
+                                            has: tuple[str, ...]) -> None:
+    """NVIDIA Xid catalog immediate buckets for single codes, as before issue 11."""
+    o = run(catalog, policy, signals)
+    assert o.categories() == [category]
+    assert all(a in o.actions() for a in has), o.actions()
+    if category == "unknown_fault":
+        assert not (REBOOTS | {"reset_gpu"}) & set(o.actions())
+
+
+def test_self_clearing_slowdown_resolves_before_any_action(catalog: Catalog, policy: Policy) -> None:
+    """NVIDIA/DCGM THERMAL watch: a slowdown that clears is no incident left standing."""
+    o = run(catalog, policy, [sig(check="clock.hw_slowdown", code=None), sig(check="clock.hw_slowdown", code=None,
+                                                                            healthy=True, at=0.5)])
+    assert o.incidents == []
+
+
+def test_tenant_unknown_label_goes_once_a_pod_is_known(catalog: Catalog) -> None:
+    """NVIDIA RESTART_APP: once the pod is known the normal tenant plan applies."""
+    core = Correlator(catalog)
+    for s in (sig(code="13"), sig(code="13", at=1, tenant=TenantRef(namespace="t", pod="p-0"))):
+        core.ingest(s, s.observed_at)
+    incs = [i.snapshot() for i in core.incidents.values()]
+    assert any(i.labels.get("breakfix.io/tenant") == "unknown" for i in incs)
