@@ -82,12 +82,12 @@ async def one_round(n: int, notify: bool) -> dict[str, float]:
                 SystemClock()) if notify else None
             done: dict[str, float] = {}
 
-            async def on_action(msg: object) -> None:
-                rec = ActionRecord.model_validate_json(msg.data)  # type: ignore[attr-defined]
+            async def on_action(_subject: str, data: bytes) -> None:
+                rec = ActionRecord.model_validate_json(data)
                 if rec.kind is ActionKind.PLAN and rec.outcome in FINAL:
                     done.setdefault(rec.incident_id, time.perf_counter())
 
-            sub = await bus.client.subscribe(subjects.ACTIONS_ALL, cb=on_action)
+            unsubscribe = await bus.subscribe(subjects.ACTIONS_ALL, on_action)
             stop = asyncio.Event()
             tasks = [asyncio.create_task(svc.run(stop), name="bench-remediator")]
             if notifier is not None:
@@ -100,7 +100,7 @@ async def one_round(n: int, notify: bool) -> dict[str, float]:
                 inc = Incident(id=f"inc-nb-{i:05d}", cluster="bench", scope=IncidentScope.NODE, node=f"n{i}",
                                nodes=(f"n{i}",), category="unknown_fault", severity=Severity.CRITICAL,
                                domain=Domain.OPERATOR, codes=("xid:999",), first_seen=t0, last_seen=t0)
-                await bus.client.publish(subjects.incident_subject("bench"),
+                await bus.publish_core(subjects.incident_subject("bench"),
                                          encode(IncidentChange(kind=ChangeKind.OPENED, incident=inc, at=t0)))
                 if i % 50 == 0:
                     await asyncio.sleep(0)
@@ -116,7 +116,7 @@ async def one_round(n: int, notify: bool) -> dict[str, float]:
             stop.set()
             release.set()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await sub.unsubscribe()
+            await unsubscribe()
             await bus.close()
             return {"plans": len(done), "seconds": round(elapsed, 3),
                     "plans_per_s": round(len(done) / elapsed, 1) if elapsed > 0 else 0.0,

@@ -143,17 +143,17 @@ class LabelCap:
 
 
 async def consumer_pending(bus: object, stream: str, durable: str) -> int | None:
-    """JetStream's ``num_pending`` for a durable consumer (its lag), or None on a bus without consumer info
-    (the in-memory fake) or when NATS does not answer."""
-    client = getattr(bus, "client", None)
-    if client is None:
+    """JetStream's ``num_pending`` for a durable consumer (its lag, from ``StreamAdmin.consumer_state``), or None
+    on a bus without it, for a consumer that does not exist yet, or when NATS does not answer."""
+    state_of = getattr(bus, "consumer_state", None)
+    if state_of is None:
         return None
     try:
-        info = await client.jetstream(timeout=2.0).consumer_info(stream, durable)
-    except Exception as exc:  # lag is best effort: a missing consumer or a slow server is not fatal
-        log.debug("consumer_info_failed", stream=stream, durable=durable, error=repr(exc))
+        state = await asyncio.wait_for(state_of(stream, durable), timeout=5.0)
+    except Exception as exc:  # lag is best effort: a slow server is not fatal
+        log.debug("consumer_state_failed", stream=stream, durable=durable, error=repr(exc))
         return None
-    return int(info.num_pending or 0)
+    return None if state is None else int(state.num_pending)
 
 
 __all__ = ["CORRELATOR_PORT", "FLEET_COLLECTOR_PORT", "FLEET_STAGE_PORT", "NODE_COLLECTOR_PORT", "REMEDIATOR_PORT",
