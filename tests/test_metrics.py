@@ -135,3 +135,16 @@ def test_fleet_collector_counts_cycles_and_failures() -> None:
     assert get("breakfix_collector_source_last_success_timestamp_seconds", {"source": "prometheus"}) == T0.timestamp()
     assert get("breakfix_collector_signals_total", {"source": "prometheus"}) == 3
     assert get("breakfix_collector_source_errors_total", {"source": "prometheus"}) == 1
+
+
+def test_the_correlators_own_changes_feed_the_open_incident_gauge(catalog: object) -> None:
+    from breakfix.correlator.grouping import Correlator
+
+    core = Correlator(catalog)  # type: ignore[arg-type]
+    m = CorrelatorMetrics()
+    s = sig(code="79")
+    m.published(core.ingest(s, s.observed_at))
+    get = m.registry.get_sample_value
+    assert get("breakfix_correlator_incident_changes_total", {"kind": "opened"}) == 1
+    assert sum(v for f in m.registry.collect() if f.name == "breakfix_correlator_open_incidents"
+               for v in (x.value for x in f.samples)) == 1
