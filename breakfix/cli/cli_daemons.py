@@ -15,6 +15,9 @@ import typer
 from breakfix.cli import logs
 from breakfix.cli.cliutil import NatsFlags, app, daemon, load, with_nats
 
+MetricsPort = Annotated[int, typer.Option("--metrics-port", envvar="BREAKFIX_METRICS_PORT", min=0, max=65535,
+                                          help="Port for /metrics, /healthz and /readyz (0: any free port).")]
+
 
 @app.command()
 @with_nats(default_url=None)
@@ -133,6 +136,7 @@ def correlator(
     partition: Annotated[int, typer.Option(envvar="BREAKFIX_PARTITION", min=0,
                                            help="Which partition this instance owns (0-based).")] = 0,
     checkpoint_interval: Annotated[float, typer.Option(help="Seconds between state checkpoints.")] = 1.0,
+    metrics_port: MetricsPort = 9471,
 ) -> None:
     """Run the correlator daemon (JSON logs). State is checkpointed to the JetStream object store."""
     from breakfix.bus.clock import SystemClock
@@ -140,6 +144,7 @@ def correlator(
     from breakfix.bus.options import NatsOptions
     from breakfix.bus.server import EmbeddedNats
     from breakfix.correlator.app import CorrelatorConfig, build_correlator
+    from breakfix.correlator.metrics_serve import run_observed
     from breakfix.correlator.rules import load_rules
     from breakfix.correlator.service import ServiceConfig
     from breakfix.schemas.catalog import load_catalog
@@ -158,7 +163,7 @@ def correlator(
         try:
             # partitioned instances leave fabric grouping to the fleet stage (breakfix correlator-fleet)
             cfg = CorrelatorConfig(rules=compiled, catalog=cat, service=config)
-            await build_correlator(cfg, bus=bus, clock=SystemClock()).run(stop)
+            await run_observed(build_correlator(cfg, bus=bus, clock=SystemClock()), stop, port=metrics_port)
         finally:
             await bus.close()
 
@@ -175,11 +180,13 @@ def correlator_fleet(
     nats: NatsFlags,
     rules: Annotated[Path | None, typer.Option(envvar="BREAKFIX_CORRELATOR_RULES",
                                                help="Correlator rules YAML (its topology section is used).")] = None,
+    metrics_port: MetricsPort = 9472,
 ) -> None:
     """Run the fleet stage: fabric incidents across partitioned correlators (JSON logs)."""
     from breakfix.bus.clock import SystemClock
     from breakfix.bus.jetstream import JetStreamBus
     from breakfix.correlator.app import CorrelatorConfig, build_fleet_stage
+    from breakfix.correlator.metrics_serve import run_fleet_observed
     from breakfix.correlator.rules import load_rules
     from breakfix.schemas.catalog import load_catalog
 
@@ -190,7 +197,8 @@ def correlator_fleet(
     async def main(stop: asyncio.Event) -> None:
         bus = await JetStreamBus.connect(opts, name="breakfix-correlator-fleet", stop=stop)
         try:
-            await build_fleet_stage(CorrelatorConfig(rules=compiled), bus=bus, clock=SystemClock()).run(stop)
+            stage = build_fleet_stage(CorrelatorConfig(rules=compiled), bus=bus, clock=SystemClock())
+            await run_fleet_observed(stage, stop, port=metrics_port)
         finally:
             await bus.close()
 

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from breakfix.bus.observe import LabelCap
 from breakfix.schemas.common import Severity
-from breakfix.schemas.incident import ChangeKind, Domain, IncidentChange, IncidentStatus, WaitingOn
+from breakfix.schemas.incident import ChangeKind, Domain, IncidentStatus, WaitingOn
 from breakfix.schemas.signal import Signal
 
 
@@ -74,8 +74,10 @@ MAX_TRACKED = 200_000  # open incidents tracked for the gauge; beyond it they ar
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # dead-letter reasons as the bus and the service write them -> a bounded class
-_REASON_CLASSES = (("correlator error", "handler_error"), ("json", "invalid_json"), ("validation", "schema"),
-                   ("schema", "schema"), ("too large", "oversize"), ("oversize", "oversize"), ("utf", "encoding"))
+# (bus.codec: "undecodable <Model>: ..." for bad JSON, "invalid <Model>: ..." for a valid JSON of the wrong shape)
+_REASON_CLASSES = (("correlator error", "handler_error"), ("publish failed", "publish_failed"),
+                   ("too large", "oversize"), ("oversize", "oversize"), ("undecodable", "invalid_json"),
+                   ("json", "invalid_json"), ("invalid ", "schema"), ("validation", "schema"), ("schema", "schema"))
 
 
 def reason_class(reason: str) -> str:
@@ -134,9 +136,11 @@ class CorrelatorMetrics:
         self.lag_gauge = Gauge(f"{prefix}_consumer_lag", "Messages not yet delivered to the durable consumer "
                                                          "(JetStream num_pending)", ["consumer"], registry=r)
         self.checkpoint_ts = Gauge(f"{prefix}_last_checkpoint_timestamp_seconds",
-                                   "Unix time of the last stored checkpoint", registry=r)
+                                   "Unix time the state was last known durable (checkpoint stored or nothing new)",
+                                   registry=r)
         self.checkpoint_age = Gauge(f"{prefix}_checkpoint_age_seconds",
-                                    "Seconds since the last stored checkpoint (since start when none yet)", registry=r)
+                                    "Seconds since the state was last known durable (since start when never)",
+                                    registry=r)
         self.checkpoints = Counter(f"{prefix}_checkpoints", "Checkpoints stored", registry=r)
         self.latency = Histogram(f"{prefix}_ingest_to_publish_seconds",
                                  "From a batch's arrival to its incident changes being published",
@@ -158,11 +162,13 @@ class CorrelatorMetrics:
             self.messages.inc((stream,))
         if isinstance(item, Signal):
             self.signals.inc((item.source.value, self._check(item.check)))
-        elif isinstance(item, IncidentChange):
-            self.open.apply(item.incident)
 
     def dead_lettered(self, reason: str) -> None:
         self.dead_letters.labels(reason_class(reason)).inc()
+
+    def change(self, ch: ChangeLike) -> None:
+        self.changes.labels(ch.kind.value).inc()
+        self.open.apply(ch.incident)
 
     def published(self, changes: Iterable[ChangeLike]) -> None:
         """Changes as published (``IncidentChange``) or as the core returns them (``Change``)."""
@@ -173,8 +179,10 @@ class CorrelatorMetrics:
     def observe_latency(self, seconds: float) -> None:
         self.latency.observe(max(0.0, seconds))
 
-    def checkpointed(self, at: datetime) -> None:
-        self.checkpoints.inc()
+    def checkpointed(self, at: datetime, stored: bool = True) -> None:
+        """The state is durable as of ``at``: a checkpoint was ``stored``, or there was nothing new to store."""
+        if stored:
+            self.checkpoints.inc()
         self._last_checkpoint = at.timestamp()
         self.checkpoint_ts.set(self._last_checkpoint)
 

@@ -1,0 +1,63 @@
+"""The daemons' metric hooks and endpoints: a correlator on a bus counts what it consumed, dead-lettered and
+published, serves it on /metrics with /readyz following its readiness, and polls its consumers' lag."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from breakfix.bus.codec import encode
+from breakfix.bus.memory import MemoryBus
+from breakfix.correlator.app import CorrelatorConfig, build_correlator
+from breakfix.correlator.metrics_serve import run_observed
+from breakfix.schemas import subjects
+from breakfix.schemas.catalog import Catalog
+from tests.conftest import T0, sig, wait_until
+
+
+async def test_a_running_correlator_serves_what_it_did_on_its_metrics_port(catalog: Catalog) -> None:
+    bus = MemoryBus()
+    await bus.ensure_streams(subjects.STREAMS)
+    for i, s in enumerate([sig(node="n1", code="79"), sig(node="n2", code="48", n=1), sig(node="n3", check="ecc.dbe",
+                                                                                           code=None, n=2)]):
+        await bus.publish(subjects.signal_subject(s.cluster, s.node), encode(s), msg_id=f"s{i}")
+    await bus.publish(subjects.signal_subject("c1", "bad"), b'{"node": 1}')
+    svc = build_correlator(CorrelatorConfig(catalog=catalog), bus=bus, clock=lambda: T0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_observed(svc, stop, port=0, host="127.0.0.1", lag_every_s=0.1), name="test-observed")
+    try:
+        async def handled() -> bool:
+            return svc.signal_stats.handled == 3 and svc.signal_stats.dead_lettered == 1
+        await wait_until(handled, 10, "the correlator to take all four messages")
+        get = svc.metrics.registry.get_sample_value
+        assert get("breakfix_correlator_signals_consumed_total", {"source": "sim", "check": "xid"}) == 2
+        assert get("breakfix_correlator_dead_letters_total", {"reason": "schema"}) == 1
+        assert get("breakfix_correlator_incident_changes_total", {"kind": "opened"}) == 3
+        assert get("breakfix_correlator_ingest_to_publish_seconds_count") >= 1  # type: ignore[operator]
+
+        async def lag_read() -> bool:
+            return get("breakfix_correlator_consumer_lag", {"consumer": "correlator"}) == 0
+        await wait_until(lag_read, 10, "the lag poller")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_the_endpoint_answers_ready_only_once_the_correlator_consumes(catalog: Catalog) -> None:
+    from breakfix.correlator.metrics_serve import correlator_server
+
+    svc = build_correlator(CorrelatorConfig(catalog=catalog), bus=MemoryBus(), clock=lambda: T0)
+    server = correlator_server(svc, port=0, host="127.0.0.1")
+    port = await server.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                assert r.status == 503
+            svc.ready.set()
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                assert r.status == 200
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                assert "breakfix_correlator_checkpoint_age_seconds" in await r.text()
+    finally:
+        await server.stop()
