@@ -97,6 +97,7 @@ def audit(
               f"tenants={','.join(t.key() for t in i.tenants) or '-'} parent={i.parent or '-'}")
     out.print(f"  counts: {', '.join(f'{c.key}={c.count}' for c in i.counts)}; flaps={i.flaps}; "
               f"time to repair={i.time_to_repair_s if i.time_to_repair_s is not None else '-'}s")
+    out.print(f"  runbook: runbooks/{i.category}.md", highlight=False)
     for e in i.timeline:
         out.print(f"  {e.at.isoformat()} {e.event}: {e.note}", highlight=False)
     for line in i.evidence[:5]:
