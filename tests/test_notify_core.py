@@ -210,3 +210,16 @@ def test_secrets_come_from_a_file_or_the_environment(tmp_path: Path, monkeypatch
         load_secret(tmp_path / "empty", None, "pd")
     with pytest.raises(SecretError, match="is not set"):
         load_secret(None, "BF_TEST_UNSET_VAR", "pd")
+
+
+def test_the_remediators_breaker_page_notifies_with_its_held_list_and_an_admin_reset_resolves_it() -> None:
+    core = NotifyCore(CFG)
+    core.change(change(inc()))
+    page = rec(ActionKind.NOTIFICATION, ActionOutcome.SUCCEEDED, details={"guard": "breaker", "held": "inc-1,inc-9"},
+               reason="circuit breaker tripped")
+    (n,) = core.record(page)
+    assert n.event is NotifyEvent.BREAKER and n.held == ("inc-1", "inc-9")
+    own = rec(ActionKind.NOTIFICATION, ActionOutcome.SUCCEEDED, details={"channel": "am"}, at=11)
+    assert core.record(own) == []
+    reset = rec(ActionKind.BREAKER, ActionOutcome.REQUESTED, actor="admin", reason="switch fixed", at=12)
+    assert events(core.record(reset)) == [("breaker-c1", "resolved", "resolve")]

@@ -74,7 +74,10 @@ class RemediatorMetrics:
 
     # -- hooks -------------------------------------------------------------------------------------
     def record(self, rec: ActionRecord) -> None:
-        """One audit record (published by the remediator or read from the actions stream)."""
+        """One audit record the remediator published (its own plans, steps, refusals and breaker page)."""
+        if rec.details.get("guard") == "breaker" and rec.kind in (ActionKind.STEP, ActionKind.NOTIFICATION):
+            self.breaker_trips.inc()
+            self.breaker_open.set(1)
         if rec.kind is ActionKind.PLAN:
             self.plans.labels(self._rule(rec.rule or "none"), rec.outcome.value).inc()
             if rec.outcome is not ActionOutcome.PLANNED:
@@ -90,18 +93,21 @@ class RemediatorMetrics:
                 if began is not None:
                     self.steps.labels(rec.action.value, rec.outcome.value).observe(
                         max(0.0, (rec.at - began).total_seconds()))
-            if rec.details.get("guard") == "breaker":
-                self.breaker_trips.inc()
-                self.breaker_open.set(1)
         elif rec.kind is ActionKind.REFUSAL:
             guard = "approval" if awaiting_approval(rec) else rec.details.get("guard", "other")
             self.refusals.labels(self._rule(guard)).inc()
-        elif rec.kind in (ActionKind.APPROVAL, ActionKind.DENIAL, ActionKind.CANCEL, ActionKind.RELEASE):
-            self._pending.pop(rec.incident_id, None)
-            if rec.details.get("command") == "breaker-reset":
-                self.breaker_open.set(0)
+        elif rec.kind in (ActionKind.APPROVAL, ActionKind.DENIAL, ActionKind.CANCEL, ActionKind.RELEASE,
+                          ActionKind.BREAKER):
+            self.control(rec)
         if awaiting_approval(rec) and (rec.incident_id in self._pending or len(self._pending) < MAX_TRACKED):
             self._pending.setdefault(rec.incident_id, rec.at)
+
+    def control(self, rec: ActionRecord) -> None:
+        """A human decision read from the actions stream (approve, deny, cancel, release, breaker reset)."""
+        if rec.kind in (ActionKind.APPROVAL, ActionKind.DENIAL, ActionKind.CANCEL, ActionKind.RELEASE):
+            self._pending.pop(rec.incident_id, None)
+        if rec.kind is ActionKind.BREAKER or rec.details.get("command") == "breaker-reset":
+            self.breaker_open.set(0)
 
     def change(self, change: IncidentChange) -> None:
         inc = change.incident

@@ -170,12 +170,16 @@ class NotifyCore:
 
     # -- audit records -----------------------------------------------------------------------------
     def record(self, rec: ActionRecord) -> list[Notification]:
-        if rec.kind is ActionKind.NOTIFICATION:
-            return []
-        if rec.kind is ActionKind.APPROVAL and rec.details.get("command") == "breaker-reset":
+        breaker = rec.details.get("guard") == "breaker"
+        if rec.kind is ActionKind.NOTIFICATION and not breaker:
+            return []  # our own delivery records (and other notices) never notify again
+        if rec.kind is ActionKind.BREAKER or (rec.kind is ActionKind.APPROVAL
+                                               and rec.details.get("command") == "breaker-reset"):
             return self._breaker_reset(rec)
+        if breaker and rec.kind in (ActionKind.NOTIFICATION, ActionKind.STEP):  # the remediator's breaker page
+            return self._breaker(rec)
         unknown = rec.incident_id not in self.tracked or self.tracked[rec.incident_id].incident is None
-        if unknown and rec.kind in EARLY_KINDS and rec.details.get("guard") != "breaker":
+        if unknown and rec.kind in EARLY_KINDS:
             held = self.early.setdefault(rec.incident_id, [])
             if len(held) < MAX_DONE:
                 held.append(rec)
@@ -195,8 +199,6 @@ class NotifyCore:
         if rec.kind is ActionKind.SILENCE:
             t.silenced_until = None if rec.outcome is ActionOutcome.CANCELLED else _until(rec)
             return []
-        if rec.kind is ActionKind.STEP and rec.details.get("guard") == "breaker":
-            return self._breaker(rec)
         if rec.kind is ActionKind.STEP and rec.action is not None and rec.outcome is not ActionOutcome.DRY_RUN:
             self.step(StepSeen(rec.incident_id, rec.action.value, rec.outcome.value))
             return []
@@ -242,7 +244,8 @@ class NotifyCore:
             return []
         open_ops = [i for i, t in self.tracked.items() if t.incident is not None and not t.incident.status.terminal
                     and t.incident.domain.value == "operator" and not self._folded(t.incident, i)]
-        held = (self.held.get(rec.cluster) or open_ops)[:MAX_HELD]
+        listed = [h for h in rec.details.get("held", "").split(",") if h]  # the remediator names them itself
+        held = (listed or self.held.get(rec.cluster) or open_ops)[:MAX_HELD]
         n = Notification(
             id=f"breaker-{rec.cluster}:{rec.id}:breaker:trigger", dedup_key=f"breaker-{rec.cluster}",
             event=NotifyEvent.BREAKER, action=NotifyAction.TRIGGER,

@@ -34,7 +34,8 @@ from breakfix.schemas import subjects
 from breakfix.schemas.incident import ActionKind, ActionRecord, IncidentChange
 
 log = structlog.get_logger("breakfix.remediator.notify")
-HUMAN_KINDS = frozenset({ActionKind.ACK, ActionKind.SILENCE, ActionKind.RELEASE, ActionKind.CANCEL})
+HUMAN_KINDS = frozenset({ActionKind.ACK, ActionKind.SILENCE, ActionKind.RELEASE, ActionKind.CANCEL,
+                         ActionKind.BREAKER})
 
 
 def check_secrets(config: NotifyConfig) -> None:
@@ -62,8 +63,9 @@ def decode_record(data: bytes) -> ActionRecord | StepSeen | None:
             if outcome == "dry_run" or not isinstance(iid, str) or not isinstance(action, str):
                 return None
             return StepSeen(iid, action, str(outcome))
-        wanted = kind in ("ack", "silence", "release", "cancel", "refusal", "step") \
+        wanted = kind in ("ack", "silence", "release", "cancel", "refusal", "step", "breaker") \
             or (kind == "plan" and outcome in ("escalated", "failed")) \
+            or (kind == "notification" and details.get("guard") == "breaker") \
             or (kind == "approval" and details.get("command") == "breaker-reset")
         return ActionRecord.model_validate(d) if wanted else None
     except (orjson.JSONDecodeError, ValidationError):
