@@ -5,20 +5,24 @@ silent, and a restart that re-reads the streams without paging anyone twice."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from breakfix.bus.clock import ManualClock
 from breakfix.bus.codec import encode
 from breakfix.bus.memory import MemoryBus
 from breakfix.remediator.notify.config import NotifyConfig
+from breakfix.remediator.notify.core import StepSeen
 from breakfix.remediator.notify.model import Notification
-from breakfix.remediator.notify.service import NotifierService, believed
+from breakfix.remediator.notify.service import NotifierService, believed, decode_change, decode_record
 from breakfix.schemas import subjects
-from breakfix.schemas.incident import ActionKind, ActionOutcome, ActionRecord, ChangeKind
+from breakfix.schemas.incident import ActionKind, ActionOutcome, ActionRecord, ChangeKind, IncidentChange
 from tests.conftest import T0, wait_until
 from tests.test_notify_core import ESCALATED, change, inc, rec
 
@@ -121,3 +125,17 @@ async def test_a_follower_sends_nothing_and_a_restart_does_not_page_twice(runnin
     await wait_until(resolved, 10, "only the resolve after the restart")
     assert follower.sent == []
     assert clock.now() == T0 + timedelta(seconds=3600)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.one_of(st.binary(max_size=300),
+                 st.dictionaries(st.sampled_from(["kind", "outcome", "incident_id", "action", "details", "at",
+                                                  "cluster", "id", "actor"]),
+                                 st.one_of(st.text(max_size=12), st.integers(), st.none(),
+                                           st.dictionaries(st.text(max_size=6), st.text(max_size=6), max_size=2)),
+                                 max_size=9).map(lambda d: json.dumps(d).encode())))
+def test_the_notifiers_decoders_are_total(data: bytes) -> None:
+    rec = decode_record(data)
+    assert rec is None or isinstance(rec, ActionRecord | StepSeen)
+    ch = decode_change(data)
+    assert ch is None or isinstance(ch, IncidentChange)
