@@ -18,6 +18,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
 from aiohttp import web
 
 from breakfix.bus.clock import SystemClock
@@ -25,6 +26,7 @@ from breakfix.bus.codec import encode
 from breakfix.bus.jetstream import JetStreamBus
 from breakfix.bus.server import EmbeddedNats
 from breakfix.remediator.guards import BudgetSpec
+from breakfix.remediator.metrics_serve import run_observed
 from breakfix.remediator.notify.config import NotifyConfig
 from breakfix.remediator.notify.service import NotifierService
 from breakfix.remediator.policy import load_policy
@@ -76,10 +78,9 @@ async def one_round(n: int, notify: bool) -> dict[str, float]:
                 "breaker": policy.guards.breaker.model_copy(update={"max_percent": 100.0})})})
             cluster = SimCluster({f"n{i}": SimNode(f"n{i}") for i in range(n)})
             svc = RemediatorService(bus, cluster, policy, lambda: datetime.now(UTC), actor="remediator/bench")
-            notifier = NotifierService(bus, NotifyConfig.model_validate({
+            config = NotifyConfig.model_validate({
                 "channels": [{"name": "stall", "type": "webhook", "url": url, "timeout_s": 2, "attempts": 3,
-                              "backoff_s": 0.5}], "default": ["stall"], "queue_size": 100}),
-                SystemClock()) if notify else None
+                              "backoff_s": 0.5}], "default": ["stall"], "queue_size": 100}) if notify else None
             done: dict[str, float] = {}
 
             async def on_action(_subject: str, data: bytes) -> None:
@@ -89,12 +90,16 @@ async def one_round(n: int, notify: bool) -> dict[str, float]:
 
             unsubscribe = await bus.subscribe(subjects.ACTIONS_ALL, on_action)
             stop = asyncio.Event()
-            tasks = [asyncio.create_task(svc.run(stop), name="bench-remediator")]
-            if notifier is not None:
-                tasks.append(asyncio.create_task(notifier.run(stop), name="bench-notifier"))
-                await asyncio.wait_for(notifier.ready.wait(), 30)
+            # the daemon's own wiring: the service, its metrics endpoint and (when configured) the notifier
+            tasks = [asyncio.create_task(run_observed(svc, stop, clock=SystemClock(), notify=config, port=0,
+                                                      host="127.0.0.1"), name="bench-remediator")]
             await asyncio.sleep(0.5)
+            notifier = svc.observe.listeners[0] if svc.observe.listeners else None
+            if isinstance(notifier, NotifierService):
+                await asyncio.wait_for(notifier.ready.wait(), 30)
             t0 = datetime.now(UTC)
+            server_proc = psutil.Process(server._proc.pid) if server._proc else None
+            cpu0 = time.process_time() + (sum(server_proc.cpu_times()[:2]) if server_proc else 0.0)
             start = time.perf_counter()
             for i in range(n):
                 inc = Incident(id=f"inc-nb-{i:05d}", cluster="bench", scope=IncidentScope.NODE, node=f"n{i}",
@@ -108,17 +113,19 @@ async def one_round(n: int, notify: bool) -> dict[str, float]:
             while len(done) < n and time.perf_counter() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
             elapsed = max(done.values(), default=start) - start
+            cpu = time.process_time() + (sum(server_proc.cpu_times()[:2]) if server_proc else 0.0) - cpu0
             settle = time.perf_counter() + 10  # after the measurement: let the notifier read every escalation
-            while notifier is not None and notifier.notified < n and time.perf_counter() < settle:  # noqa: ASYNC110
+            while isinstance(notifier, NotifierService) and notifier.notified < n \
+                    and time.perf_counter() < settle:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
-            queued = notifier.notified if notifier else 0
-            dropped = notifier.dispatcher.dropped if notifier and notifier.dispatcher else 0
+            queued = notifier.notified if isinstance(notifier, NotifierService) else 0
+            dropped = notifier.dispatcher.dropped if isinstance(notifier, NotifierService) else 0
             stop.set()
             release.set()
             await asyncio.gather(*tasks, return_exceptions=True)
             await unsubscribe()
             await bus.close()
-            return {"plans": len(done), "seconds": round(elapsed, 3),
+            return {"plans": len(done), "seconds": round(elapsed, 3), "cpu_s": round(cpu, 3),
                     "plans_per_s": round(len(done) / elapsed, 1) if elapsed > 0 else 0.0,
                     "notifications": queued, "dropped": dropped}
         finally:
@@ -136,8 +143,12 @@ async def bench_notify(n: int = 500, rounds: int = 5) -> dict[str, object]:
         on.append(await one_round(n, notify=True))
     off_rate = statistics.median(r["plans_per_s"] for r in off)
     on_rate = statistics.median(r["plans_per_s"] for r in on)
+    off_cpu = statistics.median(r["cpu_s"] for r in off)
+    on_cpu = statistics.median(r["cpu_s"] for r in on)
     return {"incidents": n, "rounds": rounds, "off_plans_per_s": off_rate, "on_stalling_plans_per_s": on_rate,
             "ratio": round(on_rate / off_rate, 3) if off_rate else 0.0,
+            "cpu_s_per_1000_plans_off": round(1000 * off_cpu / n, 2),
+            "cpu_s_per_1000_plans_on": round(1000 * on_cpu / n, 2),
             "notifications_queued": on[-1]["notifications"], "notifications_dropped": on[-1]["dropped"],
             "target": ">= 0.9"}
 

@@ -4,6 +4,7 @@ published, serves it on /metrics with /readyz following its readiness, and polls
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import aiohttp
 
@@ -11,8 +12,10 @@ from breakfix.bus.codec import encode
 from breakfix.bus.memory import MemoryBus
 from breakfix.correlator.app import CorrelatorConfig, build_correlator
 from breakfix.correlator.metrics_serve import run_observed
+from breakfix.remediator.policy import Policy
 from breakfix.schemas import subjects
 from breakfix.schemas.catalog import Catalog
+from breakfix.schemas.incident import ChangeKind, IncidentChange
 from tests.conftest import T0, sig, wait_until
 
 
@@ -61,3 +64,48 @@ async def test_the_endpoint_answers_ready_only_once_the_correlator_consumes(cata
                 assert "breakfix_correlator_checkpoint_age_seconds" in await r.text()
     finally:
         await server.stop()
+
+
+async def test_a_running_remediator_counts_its_plans_and_its_notifier_pages_once_through_the_hooks(
+        policy: Policy) -> None:
+    from breakfix.bus.clock import SystemClock
+    from breakfix.remediator.metrics_serve import run_observed
+    from breakfix.remediator.notify.config import NotifyConfig
+    from breakfix.remediator.service import RemediatorService
+    from breakfix.remediator.simcluster import SimCluster, SimNode
+    from tests.test_notify_core import inc
+    from tests.test_notify_receivers import Receivers
+
+    receivers = Receivers()
+    hook_runner, base = await receivers.start()
+    bus = MemoryBus()
+    await bus.ensure_streams(subjects.STREAMS)
+    fast = policy.model_copy(update={"settle_s": 0.0, "guards": policy.guards.model_copy(update={"soak_s": 0.0})})
+    svc = RemediatorService(bus, SimCluster({f"n{i}": SimNode(f"n{i}") for i in range(1, 11)}), fast,
+                            lambda: datetime.now(UTC), actor="remediator/test")
+    notify = NotifyConfig.model_validate({"channels": [{"name": "hook", "type": "webhook", "url": f"{base}/webhook"}],
+                                          "default": ["hook"]})
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_observed(svc, stop, clock=SystemClock(), notify=notify, port=0,
+                                            host="127.0.0.1"), name="test-remediator-observed")
+    try:
+        unknown = inc(category="unknown_fault", first_seen=datetime.now(UTC), last_seen=datetime.now(UTC))
+        await bus.publish(subjects.incident_subject("c1"),
+                          encode(IncidentChange(kind=ChangeKind.OPENED, incident=unknown, at=datetime.now(UTC))))
+
+        async def paged() -> bool:
+            return len(receivers.webhook) == 1
+        await wait_until(paged, 10, "one page for the escalation")
+        get = svc.observe.metrics.registry.get_sample_value
+        assert get("breakfix_remediator_plans_total", {"rule": "unknown-fault", "outcome": "escalated"}) == 1
+
+        async def counted() -> bool:
+            return get("breakfix_remediator_notification_deliveries_total", {"channel": "hook"}) == 1
+        await wait_until(counted, 10, "the delivery counted")
+        _headers, body = receivers.webhook[0]
+        assert body["event"] == "escalated" and body["incident"] == "inc-1" and body["category"] == "unknown_fault"
+        assert get("breakfix_remediator_notification_failures_total", {"channel": "hook"}) == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await hook_runner.cleanup()

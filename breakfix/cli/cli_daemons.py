@@ -46,15 +46,20 @@ def collector(
 def remediator(
     config: Annotated[Path, typer.Option("--config", envvar="BREAKFIX_REMEDIATOR_CONFIG", help="Remediator YAML.")],
     nats: NatsFlags,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", envvar="BREAKFIX_METRICS_PORT", min=0,
+                                                     max=65535, help="Overrides the config's metrics_port.")] = None,
 ) -> None:
     """Run the remediator daemon: Kubernetes, the node agents and the provider hook (JSON logs)."""
+    from breakfix.bus.clock import SystemClock
     from breakfix.bus.jetstream import JetStreamBus
     from breakfix.bus.options import NatsOptions
     from breakfix.remediator.composite import ClusterActuator
     from breakfix.remediator.config import load_config
     from breakfix.remediator.k8s import DrainPolicy, KubernetesActuator, api_for
     from breakfix.remediator.leader import LeaseElector
+    from breakfix.remediator.metrics_serve import run_observed
     from breakfix.remediator.nodeagent import NodeAgentClient
+    from breakfix.remediator.notify.service import check_secrets
     from breakfix.remediator.policy import load_policy
     from breakfix.remediator.provider import ProviderHook
     from breakfix.remediator.service import RemediatorService
@@ -63,6 +68,7 @@ def remediator(
     logs.configure(json=True)
     cfg = load(lambda: load_config(config))
     pol = load(lambda: load_policy(cfg.policy))
+    load(lambda: check_secrets(cfg.notify) if cfg.notify else None)  # a missing credential: one line, exit 2
     opts = nats.options(cfg.nats or NatsOptions(url=cfg.nats_url))
     k = cfg.kubernetes
     if k.in_cluster:
@@ -89,7 +95,9 @@ def remediator(
             elector = LeaseElector(api, name=lease.name, namespace=lease.namespace, identity=lease.identity,
                                    lease_s=lease.lease_s) if lease.enabled else None
             store = await KvStore.open(bus)
-            await RemediatorService(bus, actuator, pol, clock, actor=cfg.actor, store=store, elector=elector).run(stop)
+            svc = RemediatorService(bus, actuator, pol, clock, actor=cfg.actor, store=store, elector=elector)
+            port = cfg.metrics_port if metrics_port is None else metrics_port
+            await run_observed(svc, stop, clock=SystemClock(), notify=cfg.notify, port=port)
         finally:
             await bus.close()
 

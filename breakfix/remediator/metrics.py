@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -152,4 +153,33 @@ class RemediatorMetrics:
         self.approval_oldest.set(max(0.0, (now - oldest).total_seconds()) if oldest else 0.0)
 
 
-__all__ = ["RemediatorMetrics", "awaiting_approval"]
+class Listener(Protocol):
+    def change(self, change: IncidentChange) -> None: ...
+    def record(self, rec: ActionRecord, subject: str) -> None: ...
+
+
+class Observers:
+    """What the remediator's three hooks call (``on_change``, ``publish``, the control consumer): the metrics
+    always, and the notifier (``notify.service.NotifierService``) once ``remediator.metrics_serve`` attaches one.
+    Both only count or queue, so a hook never waits."""
+
+    def __init__(self, metrics: RemediatorMetrics) -> None:
+        self.metrics = metrics
+        self.listeners: list[Listener] = []
+
+    def change(self, change: IncidentChange) -> None:
+        self.metrics.change(change)
+        for listener in self.listeners:
+            listener.change(change)
+
+    def published(self, rec: ActionRecord) -> None:
+        self.metrics.record(rec)
+
+    def control(self, rec: ActionRecord, subject: str) -> None:
+        """Every record the control consumer reads (the remediator's own come back this way too)."""
+        self.metrics.control(rec)
+        for listener in self.listeners:
+            listener.record(rec, subject)
+
+
+__all__ = ["Listener", "Observers", "RemediatorMetrics", "awaiting_approval"]

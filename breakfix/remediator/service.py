@@ -31,6 +31,7 @@ from breakfix.remediator.actuator import Actuator, StepResult
 from breakfix.remediator.decide import decide
 from breakfix.remediator.executor import Executor, Progress
 from breakfix.remediator.guards import GuardState, check
+from breakfix.remediator.metrics import Observers, RemediatorMetrics
 from breakfix.remediator.policy import Policy
 from breakfix.remediator.store import Conflict, MemoryStore, PlanStore, plan_key
 from breakfix.remediator.view import ClusterView
@@ -90,12 +91,14 @@ class RemediatorService:
         self._view_cache: tuple[float, ClusterView] | None = None
         self.view_ttl_s = view_ttl_s
         self.executor = Executor(actuator, self._publish_record, clock, actor=actor, soak=self._soak)
+        self.observe = Observers(RemediatorMetrics(clock))  # metrics (+ notifier): remediator.metrics_serve
         self._leading = asyncio.Event()
         if elector is None:
             self._leading.set()
 
     # -- records and state ---------------------------------------------------------------------------
     async def _publish_record(self, rec: ActionRecord) -> None:
+        self.observe.published(rec)
         if rec.kind is ActionKind.STEP and rec.outcome is ActionOutcome.STARTED:
             self.first_action_at.setdefault(rec.incident_id, rec.at)
             if rec.node and rec.action is not None and rec.action.disruptive:
@@ -164,6 +167,7 @@ class RemediatorService:
 
     # -- incidents ---------------------------------------------------------------------------------
     async def on_change(self, change: IncidentChange, _msg: Delivery) -> None:
+        self.observe.change(change)
         inc = change.incident
         prev = self.latest.get(inc.id)
         if prev is None or inc.version >= prev.version:
@@ -281,7 +285,8 @@ class RemediatorService:
         return StepResult(True, f"quiet for {self.policy.guards.soak_s:g}s")
 
     # -- approvals and the breaker ------------------------------------------------------------------
-    async def on_control(self, rec: ActionRecord, _msg: Delivery) -> None:
+    async def on_control(self, rec: ActionRecord, msg: Delivery) -> None:
+        self.observe.control(rec, msg.subject)
         if rec.kind is not ActionKind.APPROVAL or rec.outcome is not ActionOutcome.APPROVED:
             return
         command = rec.details.get("command", "")

@@ -58,9 +58,10 @@ class Dispatcher:
         self.publish_record = publish_record
         self.on_delivery = on_delivery or (lambda _c, _ok: None)
         self.specs: dict[str, Channel] = {c.name: c for c in config.channels}
+        names = [c.name for c in config.channels] + [n for n in senders if n not in self.specs]
         self.queues: dict[str, asyncio.Queue[Notification]] = {
-            name: asyncio.Queue(maxsize=config.queue_size) for name in senders}
-        self.sent: dict[str, OrderedDict[str, None]] = {name: OrderedDict() for name in senders}
+            name: asyncio.Queue(maxsize=config.queue_size) for name in names}
+        self.sent: dict[str, OrderedDict[str, None]] = {name: OrderedDict() for name in names}
         self.dropped = 0
         self._drops: dict[str, int] = {}
         self._drop_logged: dict[str, float] = {}
@@ -186,7 +187,10 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
-            for name in self.senders:
+            for name in self.queues:
+                if name not in self.senders:
+                    log.error("notify_channel_without_sender", channel=name)
+                    continue
                 tg.create_task(self._guarded(self._worker, name, stop), name=f"notify-{name}")
                 spec = self.specs[name]
                 if isinstance(spec, AlertmanagerChannel):

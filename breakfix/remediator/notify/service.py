@@ -1,20 +1,20 @@
-"""The notifier inside the remediator daemon: streams in, notifications out, remediation untouched.
+"""The notifier inside the remediator daemon: incident changes and records in, notifications out.
 
-Reads ``breakfix.incidents.>`` and ``breakfix.actions.>`` with its own durable consumers
-(``<durable>-incidents``, ``<durable>-actions``), re-read from the start at every start-up so the
-pure ``NotifyCore`` rebuilds what was paged; events older than ``replay_send_s`` before the start are
-only remembered (Alertmanager keeps re-posting what still fires; nobody is paged twice). It shares
-nothing with the remediation loop but the bus: a slow or failing channel can only fill its own
-bounded queue (``notify.sender.Dispatcher``). Only the leader sends (``is_leader``); a follower
-keeps the same state and takes over. On-call acks and silences are believed only when the
-subject's user and cluster match the record (``schemas.subjects.human_subject_parts``).
+The remediator hands it what it already decoded (``remediator.metrics.Observers``: every incident change it
+consumes and every record on ``breakfix.actions.>`` its control consumer reads), so notifying costs no second
+consumer. At start-up ``run`` reads both streams once from the start so the pure ``NotifyCore`` rebuilds what
+was paged; events older than ``replay_send_s`` before the start are only remembered (Alertmanager keeps
+re-posting what still fires; nobody is paged twice). The hooks only queue: a slow or failing channel can only
+fill its own bounded queue (``notify.sender.Dispatcher``). Only the leader sends (``is_leader``); a follower
+keeps the same state and takes over. On-call acks and silences are believed only when the subject's user and
+cluster match the record (``schemas.subjects.human_subject_parts``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import aiohttp
@@ -34,6 +34,7 @@ from breakfix.schemas import subjects
 from breakfix.schemas.incident import ActionKind, ActionRecord, IncidentChange
 
 log = structlog.get_logger("breakfix.remediator.notify")
+PULL_BATCH = 1024
 HUMAN_KINDS = frozenset({ActionKind.ACK, ActionKind.SILENCE, ActionKind.RELEASE, ActionKind.CANCEL,
                          ActionKind.BREAKER})
 
@@ -88,10 +89,13 @@ def believed(rec: ActionRecord, subject: str) -> bool:
 
 
 class NotifierService:
+    """Fed by the remediator's hooks (``change``, ``record``: objects it already decoded, no second consumer);
+    ``run`` delivers, after one replay of the streams that rebuilds what was paged before a restart."""
+
     def __init__(self, bus: Bus, config: NotifyConfig, clock: Clock, *, actor: str = "remediator",
                  durable: str = "remediator-notify", is_leader: Callable[[], bool] = lambda: True,
                  on_delivery: Callable[[str, bool], None] | None = None, replay_send_s: float = 300.0,
-                 senders: dict[str, Sender] | None = None) -> None:
+                 senders: dict[str, Sender] | None = None, replay: bool = True) -> None:
         check_secrets(config)
         self.bus = bus
         self.config = config
@@ -99,96 +103,101 @@ class NotifierService:
         self.actor = actor
         self.durable = durable
         self.is_leader = is_leader
-        self.on_delivery = on_delivery
         self.replay_send_s = replay_send_s
+        self.replay_streams = replay
         self.core = NotifyCore(config)
         self._senders = senders
-        self.dispatcher: Dispatcher | None = None
+        self.dispatcher = Dispatcher(config, dict(senders or {}), clock, actor=actor,
+                                     publish_record=self._publish_record, on_delivery=on_delivery)
         self.started_at: datetime = clock.now()
         self.ready = asyncio.Event()
         self.notified = 0
+        self.refused = 0
 
     def _emit(self, out: list[Notification]) -> None:
-        d = self.dispatcher
-        if d is None:
-            return
         fresh = self.started_at - timedelta(seconds=self.replay_send_s)
         for n in out:
             if n.at >= fresh and self.is_leader():
                 self.notified += 1
-                d.submit(n)
+                self.dispatcher.submit(n)
             else:
-                d.remember(n)
+                self.dispatcher.remember(n)
 
-    async def on_change(self, change: IncidentChange | None, _msg: Delivery) -> None:
-        if change is not None:
+    # -- hooks: cheap, synchronous, never raise into the remediator -------------------------------
+    def change(self, change: IncidentChange) -> None:
+        """An incident change the remediator consumed."""
+        try:
             self._emit(self.core.change(change))
+        except Exception as exc:  # a notifier bug must never cost a repair
+            log.error("notify_change_failed", incident=change.incident.id, error=repr(exc))
 
-    async def on_record(self, rec: ActionRecord | StepSeen | None, msg: Delivery) -> None:
-        if rec is None:
-            return
-        if isinstance(rec, StepSeen):
-            self.core.step(rec)
-            return
-        if not believed(rec, msg.subject):
-            log.warning("human_record_refused", subject=msg.subject, actor=rec.actor, kind=rec.kind.value)
-            return
-        self._emit(self.core.record(rec))
+    def record(self, rec: ActionRecord | StepSeen, subject: str) -> None:
+        """A record from ``breakfix.actions.>`` (the remediator's own, or a human verb on its on-call subject)."""
+        try:
+            if isinstance(rec, StepSeen):
+                self.core.step(rec)
+                return
+            if not believed(rec, subject):
+                self.refused += 1
+                log.warning("human_record_refused", subject=subject, actor=rec.actor, kind=rec.kind.value)
+                return
+            self._emit(self.core.record(rec))
+        except Exception as exc:
+            log.error("notify_record_failed", subject=subject, error=repr(exc))
 
     async def _publish_record(self, rec: ActionRecord) -> None:
         await self.bus.publish(subjects.action_subject(rec.cluster), encode(rec), msg_id=rec.id)
 
+    # -- effects -----------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         self.started_at = self.clock.now()
         async with aiohttp.ClientSession() as session:
-            senders: dict[str, Sender] = dict(self._senders) if self._senders is not None else {
-                c.name: HttpSender(c, session) for c in self.config.channels}
-            self.dispatcher = Dispatcher(self.config, senders, self.clock, actor=self.actor,
-                                         publish_record=self._publish_record, on_delivery=self.on_delivery)
-            await self.bus.ensure_streams(subjects.STREAMS)
-            streams = ((subjects.INCIDENTS.name, f"{self.durable}-incidents", subjects.INCIDENTS_ALL),
-                       (subjects.ACTIONS.name, f"{self.durable}-actions", subjects.ACTIONS_ALL))
-            for stream, durable, filt in streams:
-                # the state is derived from the streams: re-read them from the start; one ack per batch
-                await self.bus.reset_consumer(stream=stream, durable=durable, filter_subject=filt, start_seq=1,
-                                              ack_all=True)
-            self.ready.set()
-            log.info("notifier_start", channels=list(senders), routes=len(self.config.routes))
+            if self._senders is None:
+                self.dispatcher.senders.update({c.name: HttpSender(c, session) for c in self.config.channels})
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.dispatcher.run(stop), name="notify-dispatch")
-                tg.create_task(self._consume(streams[0][0], streams[0][1], self._changes, stop),
-                               name="notify-incidents")
-                tg.create_task(self._consume(streams[1][0], streams[1][1], self._records, stop),
-                               name="notify-actions")
+                if self.replay_streams:
+                    await self.replay(stop)
+                self.ready.set()
+                log.info("notifier_start", channels=list(self.dispatcher.senders), routes=len(self.config.routes))
 
-    async def _changes(self, msg: Delivery) -> None:
-        await self.on_change(decode_change(msg.data), msg)
-
-    async def _records(self, msg: Delivery) -> None:
-        await self.on_record(decode_record(msg.data), msg)
-
-    async def _consume(self, stream: str, durable: str, handle: Callable[[Delivery], Awaitable[None]],
-                       stop: asyncio.Event) -> None:
-        """Pull, handle, ack the batch's last message (ack-all): the notifier only reads, so a lost ack costs a
-        re-read at most, and one ack per batch keeps it cheap beside the remediator on the same connection."""
-        while not stop.is_set():
-            try:
-                batch = await self.bus.pull(stream=stream, durable=durable, batch=512, timeout_s=0.5)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # connection trouble: back off, keep running
-                log.warning("notify_pull_failed", stream=stream, error=repr(exc))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=1.0)
-                continue
-            for msg in batch:
+    async def replay(self, stop: asyncio.Event) -> None:
+        """Read both streams once from the start (what was paged, what still fires), then drop the readers."""
+        await self.bus.ensure_streams(subjects.STREAMS)
+        for stream, filt, handle in ((subjects.INCIDENTS.name, subjects.INCIDENTS_ALL, self._replay_change),
+                                     (subjects.ACTIONS.name, subjects.ACTIONS_ALL, self._replay_record)):
+            durable = f"{self.durable}-replay-{stream.lower()}"
+            await self.bus.reset_consumer(stream=stream, durable=durable, filter_subject=filt, start_seq=1,
+                                          ack_all=True)
+            while not stop.is_set():
                 try:
-                    await handle(msg)
-                except Exception as exc:  # a core bug must not stop notifications for everything else
-                    log.error("notify_handler_failed", subject=msg.subject, error=repr(exc))
-            if batch:
+                    batch = await self.bus.pull(stream=stream, durable=durable, batch=PULL_BATCH, timeout_s=0.5)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # a replay that cannot finish leaves the live hooks working
+                    log.warning("notify_replay_failed", stream=stream, error=repr(exc))
+                    break
+                for msg in batch:
+                    handle(msg)
+                if batch:
+                    with contextlib.suppress(Exception):
+                        await batch[-1].ack()
+                if len(batch) < PULL_BATCH:
+                    break
+            drop = getattr(self.bus, "delete_consumer", None)
+            if drop is not None:
                 with contextlib.suppress(Exception):
-                    await batch[-1].ack()
+                    await drop(stream, durable)
+
+    def _replay_change(self, msg: Delivery) -> None:
+        change = decode_change(msg.data)
+        if change is not None:
+            self.change(change)
+
+    def _replay_record(self, msg: Delivery) -> None:
+        rec = decode_record(msg.data)
+        if rec is not None:
+            self.record(rec, msg.subject)
 
 
 __all__ = ["NotifierService", "believed", "check_secrets"]
