@@ -7,6 +7,7 @@ import asyncio
 from datetime import UTC, datetime
 
 import aiohttp
+import pytest
 
 from breakfix.bus.codec import encode
 from breakfix.bus.memory import MemoryBus
@@ -109,3 +110,51 @@ async def test_a_running_remediator_counts_its_plans_and_its_notifier_pages_once
         stop.set()
         await asyncio.wait_for(task, 10)
         await hook_runner.cleanup()
+
+
+async def test_the_fleet_stage_counts_the_fabric_incidents_it_publishes(catalog: Catalog) -> None:
+    from breakfix.correlator.app import build_fleet_stage
+    from breakfix.correlator.grouping import Correlator
+    from breakfix.correlator.metrics_serve import run_fleet_observed
+
+    bus = MemoryBus()
+    await bus.ensure_streams(subjects.STREAMS)
+    core = Correlator(catalog, topology=False)  # a partition: node incidents only, the stage groups them
+    for i in range(4):
+        s = sig(node=f"n{i}", check="ib.link_down", code=None, gpu_index=None, component="mlx5_0/1", at=i,
+                labels={"switch": "leaf-07"})
+        for ch in core.ingest(s, s.observed_at):
+            await bus.publish(subjects.incident_subject("c1"), encode(ch.to_wire(s.observed_at)))
+    stage = build_fleet_stage(CorrelatorConfig(catalog=catalog), bus=bus, clock=lambda: T0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_fleet_observed(stage, stop, port=0, host="127.0.0.1", lag_every_s=0.1),
+                               name="test-fleet-observed")
+    try:
+        get = stage.metrics.registry.get_sample_value
+
+        async def grouped() -> bool:
+            return get("breakfix_fleet_stage_incident_changes_total", {"kind": "opened"}) == 1
+        await wait_until(grouped, 10, "one fabric incident")
+        assert get("breakfix_fleet_stage_open_incidents", {"category": "fabric_link", "severity": "critical",
+                                                           "domain": "operator", "status": "open",
+                                                           "waiting": "none"}) == 1
+
+        async def lag_read() -> bool:
+            return get("breakfix_fleet_stage_consumer_lag", {"consumer": "correlator-fleet"}) == 0
+        await wait_until(lag_read, 10, "the fleet stage's lag")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.mark.parametrize(("command", "default"), [("correlator", "9471"), ("correlator-fleet", "9472"),
+                                                  ("remediator", None)])
+def test_every_daemon_command_takes_metrics_port(command: str, default: str | None) -> None:
+    from typer.testing import CliRunner
+
+    from breakfix.cli.main import app
+
+    out = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0 and "--metrics-port" in out.output
+    if default:
+        assert f"[default: {default}]" in out.output
