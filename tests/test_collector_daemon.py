@@ -13,10 +13,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from breakfix.bus.clock import SystemClock
 from breakfix.bus.jetstream import JetStreamBus
 from breakfix.bus.server import EmbeddedNats, free_port
+from breakfix.collectors.app import build_collector
 from breakfix.collectors.config import CollectorConfig
-from breakfix.collectors.daemon import CollectorDaemon
 from breakfix.collectors.edge import Cycle, EdgeFilter
 from breakfix.collectors.forwarder import Forwarder
 from breakfix.collectors.nvml_api import FakeNvml
@@ -194,11 +195,12 @@ class TestDaemonEndToEnd:
                     "nvml": {"interval_s": 0.2, "expected_gpus": 8},
                     "kmsg": {"path": str(kern), "poll_s": 0.1},
                     "dcgm": {"enabled": True, "url": f"http://127.0.0.1:{dcgm.port}/metrics", "interval_s": 0.2},
-                    "fabric": {"sysfs": str(ib), "interval_s": 0.2, "expected_rate_gbps": 400},
+                    "fabric": {"sysfs": str(ib), "interval_s": 0.2, "thresholds": {"expected_rate_gbps": 400}},
                     "endpoint": {"enabled": True, "interval_s": 0.2, "endpoints": [
                         {"name": "chat", "namespace": "team-llm", "url": f"http://127.0.0.1:{ep.port}"}]},
                 }})
-            daemon = CollectorDaemon(cfg, catalog, nvml=fake)
+            daemon = build_collector(cfg, clock=SystemClock(), catalog=catalog, nvml=fake,
+                                     connect=lambda: JetStreamBus.connect(nats_server.url))
             stop = asyncio.Event()
             task = asyncio.create_task(daemon.run(stop), name="test-collector")
             await asyncio.wait_for(daemon.ready.wait(), 10)
@@ -214,7 +216,11 @@ class TestDaemonEndToEnd:
                 return any(s.check == check and all(getattr(s, k) == v for k, v in match.items()) for s in seen)
 
             try:
-                await asyncio.sleep(0.5)
+                async def first_cycles() -> bool:  # healthy baselines first, so the faults below are transitions
+                    return all(daemon.metrics.cycles.labels(n)._value.get() >= 1
+                               for n in ("nvml", "kmsg", "dcgm", "fabric", "endpoint"))
+
+                await wait_until(first_cycles, 15, "every source's first cycle")
                 fake.gpus[2].dbe_volatile = 1
                 with kern.open("a") as fh:
                     fh.write("[  219.470994] NVRM: Xid (PCI:0000:3a:00): 79, pid='<unknown>', name=<unknown>, "
@@ -245,12 +251,18 @@ class TestDaemonEndToEnd:
             "cluster": "c1", "node": "n1", "state_dir": str(tmp_path), "http_listen": "127.0.0.1:0",
             "nats": {"url": "nats://127.0.0.1:9", "connect_retry_s": 0.2}, "spool": {"dir": str(tmp_path / "spool")},
             "sources": {"nvml": {"interval_s": 0.1}, "kmsg": {"enabled": False}, "fabric": {"enabled": False}}})
-        daemon = CollectorDaemon(cfg, catalog, nvml=FakeNvml([], library_missing=True))
+        daemon = build_collector(cfg, clock=SystemClock(), catalog=catalog, nvml=FakeNvml([], library_missing=True),
+                                 connect=lambda: JetStreamBus.connect("nats://127.0.0.1:9"))
         stop = asyncio.Event()
         task = asyncio.create_task(daemon.run(stop), name="test-broken-collector")
-        await asyncio.sleep(1.5)
-        _ok, body = daemon.health()
-        stop.set()
-        await asyncio.wait_for(task, 10)
-        assert daemon.metrics.errors.labels("nvml")._value.get() >= 1
+
+        async def failed_twice() -> bool:
+            return bool(daemon.metrics.errors.labels("nvml")._value.get() >= 2)
+
+        try:
+            await wait_until(failed_twice, 15, "the broken nvml source to fail and be retried")
+            _ok, body = daemon.health()
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
         assert body["nats"] is False

@@ -79,3 +79,4 @@ def test_image_builds_offline_and_runs_as_non_root() -> None:
         assert "correlator" in run.stdout and "--config" in run.stdout
     finally:
         subprocess.run([*b, "rm", ctr], capture_output=True, timeout=120, check=False)
+        subprocess.run([*b, "rmi", tag], capture_output=True, timeout=120, check=False)

@@ -10,13 +10,15 @@ import pytest
 
 from breakfix.bus.jetstream import JetStreamBus
 from breakfix.bus.server import EmbeddedNats
-from breakfix.collectors.agent import NodeAgent, parse_diag
+from breakfix.collectors.agent import Holders, NodeAgent, parse_diag
+from breakfix.collectors.agent_checks import fingerprint, refuse
 from breakfix.remediator.nodeagent import NodeAgentClient
 from breakfix.schemas import subjects
 from breakfix.schemas.agent import AgentAction, AgentCommand
-from tests.conftest import T0
+from tests.conftest import T0, wait_until
 
 BIN = Path(__file__).resolve().parent / "bin"
+UUID = "GPU-0000000a-aaaa-bbbb-cccc-dddddddddddd"
 
 
 def agent(tmp_path: Path, boot: list[str] | None = None, **kw: object) -> NodeAgent:
@@ -27,7 +29,7 @@ def agent(tmp_path: Path, boot: list[str] | None = None, **kw: object) -> NodeAg
 
 def cmd(action: AgentAction, key: str = "inc-1:0:0:1", **kw: object) -> AgentCommand:
     return AgentCommand(id=key, node="n1", action=action, incident="inc-1", issued_at=T0,
-                        gpu_uuid=kw.pop("gpu_uuid", "GPU-aaaa"), **kw)  # type: ignore[arg-type]
+                        gpu_uuid=kw.pop("gpu_uuid", UUID), **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -44,7 +46,7 @@ class TestResetGpu:
         calls = nvsmi_log.read_text().splitlines()
         assert [c.split()[0] for c in calls] == [
             "--query-compute-apps=pid,process_name", "--query-gpu=persistence_mode", "-pm", "--gpu-reset", "-pm"]
-        assert calls[2].startswith("-pm 0") and calls[4].startswith("-pm 1") and "-i GPU-aaaa" in calls[3]
+        assert calls[2].startswith("-pm 0") and calls[4].startswith("-pm 1") and f"-i {UUID}" in calls[3]
 
     @pytest.mark.parametrize(("mode", "words"), [("inuse", "held by 1 process"), ("lost", "GPU is lost"),
                                                  ("fail", "In use by another client")],
@@ -116,11 +118,11 @@ class TestOverNats:
                                                      nvsmi_log: Path) -> None:
         node_bus = await JetStreamBus.connect(nats_server.url)
         remediator_bus = await JetStreamBus.connect(nats_server.url)
-        await node_bus.serve(subjects.agent_subject("c1", "n1"), agent(tmp_path).handle_bytes)
+        await serve_ready(node_bus, remediator_bus, agent(tmp_path))
         client = NodeAgentClient(remediator_bus, "c1", lambda: T0)
-        ok = await client.call("n1", AgentAction.RESET_GPU, key="inc-7:0:0:1", incident="inc-7", gpu_uuid="GPU-aaaa")
+        ok = await client.call("n1", AgentAction.RESET_GPU, key="inc-7:0:0:1", incident="inc-7", gpu_uuid=UUID)
         again = await client.call("n1", AgentAction.RESET_GPU, key="inc-7:0:0:1", incident="inc-7",
-                                  gpu_uuid="GPU-aaaa")
+                                  gpu_uuid=UUID)
         nobody = await NodeAgentClient(remediator_bus, "c1", lambda: T0, timeouts={AgentAction.REBOOT: 0.5}).call(
             "n2", AgentAction.REBOOT, key="inc-7:0:1:2", incident="inc-7")
         await node_bus.close()
@@ -128,3 +130,147 @@ class TestOverNats:
         assert ok.ok and again.ok and again.evidence.get("replayed") == "true"
         assert nvsmi_log.read_text().count("--gpu-reset") == 1
         assert not nobody.ok and "did not answer" in nobody.detail
+
+
+def raw(action: str = "validate", key: str = "inc-9:0:0:1", **kw: object) -> dict[str, object]:
+    return {"schema": "breakfix.agent-command/v1", "id": key, "node": "n1", "action": action, "incident": "inc-9",
+            "issued_at": T0.isoformat(), **kw}
+
+
+REFUSALS = [
+    pytest.param([raw("reset_gpu", gpu_index=8)], "bad_argument", "outside this node's GPUs 0-7",
+                 id="gpu-out-of-range"),
+    pytest.param([raw("format_disk")], "invalid", "invalid agent command", id="unknown-action"),
+    pytest.param([raw("reset_gpu", gpu_uuid="GPU-x; reboot")], "bad_argument", "not a GPU UUID", id="shell-in-uuid"),
+    pytest.param([raw("reset_gpu", gpu_uuid="--help")], "bad_argument", "not a GPU UUID", id="option-like-uuid"),
+    pytest.param([raw("reset_gpu", gpu_uuid="0,1,2,3")], "bad_argument", "not a GPU UUID", id="gpu-list-as-uuid"),
+    pytest.param([raw("reset_gpu", gpu_index="0,1,2,3")], "invalid", "invalid agent command", id="gpu-list-as-index"),
+    pytest.param([raw("validate", incident="$(reboot)")], "bad_argument", "incident", id="shell-in-incident"),
+    pytest.param([raw("validate", key="--help;rm -rf /")], "bad_argument", "id:", id="option-and-shell-in-key"),
+    pytest.param([raw("validate", level=7)], "invalid", "invalid agent command", id="diag-level-out-of-range"),
+    pytest.param([raw("reboot", node="n2")], "wrong_node", "reached n1", id="another-node"),
+    pytest.param([raw("validate", key="inc-9:0:0:5"), raw("reboot", key="inc-9:0:0:5")], "key_reuse",
+                 "already used for another command", id="replayed-key-another-action"),
+    pytest.param([raw("reset_gpu", key="inc-9:0:0:6", gpu_index=1), raw("reset_gpu", key="inc-9:0:0:6", gpu_index=2)],
+                 "key_reuse", "already used for another command", id="replayed-key-other-gpu"),
+    pytest.param([raw("reboot", key="inc-9:0:1:1"), raw("reboot", key="inc-10:0:1:1")], "rate_limited",
+                 "at most one per 3600s", id="second-reboot-inside-window"),
+]
+
+
+async def serve_ready(node_bus: JetStreamBus, caller: JetStreamBus, a: NodeAgent) -> None:
+    """Serve the agent, then wait until the server routes requests to it (right after start-up a fresh
+    nats-server can answer "no responders" for a moment even after the subscriber's flush)."""
+    async def handler(data: bytes) -> bytes:
+        return b"pong" if data == b"ping" else await a.handle_bytes(data)
+
+    await node_bus.serve(subjects.agent_subject("c1", "n1"), handler)
+
+    async def answers() -> bool:
+        try:
+            return await caller.request(subjects.agent_subject("c1", "n1"), b"ping", timeout_s=1) == b"pong"
+        except Exception:
+            return False
+
+    await wait_until(answers, 10, "the agent's subject to have a responder")
+
+
+@pytest.mark.nats
+class TestRefusalsOverNats:
+    @pytest.mark.parametrize(("requests", "reason", "words"), REFUSALS)
+    async def test_agent_refuses_logs_and_counts(self, tmp_path: Path, nats_server: EmbeddedNats, nvsmi_log: Path,
+                                                 requests: list[dict[str, object]], reason: str, words: str) -> None:
+        from prometheus_client import CollectorRegistry
+        from structlog.testing import capture_logs
+
+        reg = CollectorRegistry()
+        a = agent(tmp_path, gpu_count=lambda: 8, registry=reg)
+        node_bus = await JetStreamBus.connect(nats_server.url)
+        caller = await JetStreamBus.connect(nats_server.url)
+        try:
+            await serve_ready(node_bus, caller, a)
+            with capture_logs() as logs:
+                replies = [json.loads(await caller.request(subjects.agent_subject("c1", "n1"), json.dumps(r).encode(),
+                                                           timeout_s=10)) for r in requests]
+        finally:
+            await node_bus.close()
+            await caller.close()
+        *earlier, last = replies
+        assert all(r["ok"] for r in earlier), "the first of a pair is accepted"
+        assert last["ok"] is False and words in last["detail"] and last["error"].startswith("refused:")
+        assert reg.get_sample_value("breakfix_agent_refusals_total", {"reason": reason}) == 1.0
+        assert [e["reason"] for e in logs if e["event"] == "agent_refused"] == [reason]
+        calls = nvsmi_log.read_text() if nvsmi_log.exists() else ""
+        assert "--help" not in calls and "0,1,2,3" not in calls and ";" not in calls and "--gpu-reset -i 8" not in calls
+
+
+class TestBusyAndLimits:
+    async def test_reset_is_refused_while_processes_hold_the_gpu_with_a_busy_error(self, tmp_path: Path,
+                                                                                   nvsmi_log: Path) -> None:
+        asked: list[str] = []
+
+        async def busy(target: str) -> Holders:
+            asked.append(target)
+            return Holders(True, ("4242, /usr/bin/python3", "4343, /usr/bin/python3"))
+
+        reply = await agent(tmp_path, busy=busy, gpu_count=lambda: 8).handle(
+            cmd(AgentAction.RESET_GPU, gpu_uuid=None, gpu_index=3))
+        assert not reply.ok and reply.error.startswith("busy:") and "held by 2 process" in reply.error
+        assert asked == ["3"] and "--gpu-reset" not in (nvsmi_log.read_text() if nvsmi_log.exists() else "")
+
+    async def test_the_reboot_window_holds_across_an_agent_restart(self, tmp_path: Path) -> None:
+        from breakfix.bus.clock import ManualClock
+
+        clock = ManualClock(T0)
+        assert (await agent(tmp_path, clock=clock).handle(cmd(AgentAction.REBOOT, key="inc-1:0:1:1"))).ok
+        clock.advance(1800)
+        again = await agent(tmp_path, clock=clock).handle(cmd(AgentAction.REBOOT, key="inc-2:0:1:1"))
+        assert not again.ok and again.error.startswith("refused:") and "ran 1800s ago" in again.detail
+        clock.advance(1801)
+        assert (await agent(tmp_path, clock=clock).handle(cmd(AgentAction.REBOOT, key="inc-3:0:1:1"))).ok
+
+    async def test_a_second_reset_of_one_gpu_waits_for_its_window_another_gpu_does_not(
+            self, tmp_path: Path, nvsmi_log: Path) -> None:
+        a = agent(tmp_path, gpu_count=lambda: 8)
+        assert (await a.handle(cmd(AgentAction.RESET_GPU, key="inc-1:0:0:1", gpu_uuid=None, gpu_index=1))).ok
+        second = await a.handle(cmd(AgentAction.RESET_GPU, key="inc-2:0:0:1", gpu_uuid=None, gpu_index=1))
+        other = await a.handle(cmd(AgentAction.RESET_GPU, key="inc-3:0:0:1", gpu_uuid=None, gpu_index=2))
+        assert not second.ok and "at most one per 300s" in second.detail and other.ok
+        assert nvsmi_log.read_text().count("--gpu-reset") == 2
+
+    async def test_reply_is_bound_to_its_request(self, tmp_path: Path, nvsmi_log: Path) -> None:
+        c = cmd(AgentAction.RESET_GPU)
+        reply = await agent(tmp_path).handle(c)
+        assert reply.id == c.id and reply.digest == f"{c.id}#{fingerprint(c)}"
+        assert fingerprint(c) != fingerprint(cmd(AgentAction.VALIDATE)), "the key covers the action"
+
+
+@pytest.mark.parametrize(("kw", "reason"), [
+    ({"gpu_index": 7}, None), ({"gpu_index": 8}, "bad_argument"), ({"gpu_uuid": UUID}, None),
+    ({"gpu_uuid": UUID.lower().replace("gpu", "GPU")}, None), ({"gpu_uuid": f"{UUID} -r"}, "bad_argument"),
+    ({"gpu_uuid": "MIG-0000000a-aaaa-bbbb-cccc-dddddddddddd"}, "bad_argument"),
+    ({"gpu_uuid": UUID, "gpu_index": 1}, "bad_argument"), ({}, "bad_argument"),
+], ids=["last-index", "index-past-end", "uuid", "lower-case-hex", "uuid-with-option", "mig-uuid", "both", "neither"])
+def test_reset_gpu_argument_table(kw: dict[str, object], reason: str | None) -> None:
+    c = AgentCommand(id="inc-1:0:0:1", node="n1", action=AgentAction.RESET_GPU, issued_at=T0, **kw)  # type: ignore[arg-type]
+    got = refuse(c, node="n1", allow=frozenset(AgentAction), gpu_count=8)
+    assert (got.reason if got else None) == reason
+
+
+async def test_built_agent_knows_the_nodes_gpus_from_nvml_and_exports_refusals(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from breakfix.bus.clock import ManualClock
+    from breakfix.collectors.app import build_collector
+    from breakfix.collectors.config import CollectorConfig
+    from breakfix.schemas.common import GpuRef
+
+    cfg = CollectorConfig.model_validate({"cluster": "c1", "node": "n1", "state_dir": str(tmp_path / "state"),
+                                          "spool": {"dir": str(tmp_path / "spool")}, "agent": {"enabled": True}})
+    daemon = build_collector(cfg, clock=ManualClock(T0))
+    assert daemon.agent is not None
+    daemon.ctx.register_gpus([GpuRef(index=i, uuid=f"GPU-0000000{i}-aaaa-bbbb-cccc-dddddddddddd") for i in range(4)])
+    reply = await daemon.agent.handle(cmd(AgentAction.RESET_GPU, gpu_uuid=None, gpu_index=4))
+    assert not reply.ok and "outside this node's GPUs 0-3" in reply.detail
+    exported = generate_latest(daemon.metrics.registry).decode()
+    assert 'breakfix_agent_refusals_total{reason="bad_argument"} 1.0' in exported

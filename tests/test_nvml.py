@@ -15,7 +15,7 @@ from breakfix.collectors.nvml import NvmlSource
 from breakfix.collectors.nvml_api import FakeNvml, real_nvml
 from breakfix.schemas.catalog import Catalog
 from breakfix.schemas.signal import Signal
-from tests.conftest import T0
+from tests.conftest import T0, wait_until
 
 
 def ctx(catalog: Catalog) -> NodeContext:
@@ -148,14 +148,43 @@ class TestXidEvents:
 
         task = asyncio.create_task(consume(), name="test-xids")
         tick = asyncio.create_task(ticker(), name="test-ticker")
-        while not fake.registered:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)
+
+        async def registered() -> bool:
+            return len(fake.registered) == 8
+
+        await wait_until(registered, 5, "XID events registered on every GPU")
+        await asyncio.sleep(0.2)  # let the ticker prove the loop runs while NVML waits
         fake.xid(3, 79)
         await asyncio.wait_for(task, 5)
         await tick
         assert [(s.check, s.code, s.gpu.index if s.gpu else None) for s in got] == [("xid", "79", 3)]
         assert ticks > 10, "the event loop kept running while NVML waited"
+
+    async def test_xid_on_a_gpu_that_fell_off_keeps_its_identity(self, catalog: Catalog) -> None:
+        """XID 79: the GPU is gone, so NVML cannot read its UUID from the event's handle. The event's
+        handle (a new pointer object, as from nvmlEventSetWait_v2) still names the GPU it came from."""
+        fake = FakeNvml.hgx(8)
+        src = NvmlSource(fake, ctx(catalog))
+        stop = asyncio.Event()
+        got: list[Signal] = []
+
+        async def consume() -> None:
+            async for s in src.watch_xids(stop, lambda: T0):
+                got.append(s)
+                stop.set()
+
+        task = asyncio.create_task(consume(), name="test-xids-lost")
+
+        async def registered() -> bool:
+            return len(fake.registered) == 8
+
+        await wait_until(registered, 5, "XID events registered on every GPU")
+        fake.gpus[3].lost = True  # fell off the bus: every read of it now raises GpuIsLost
+        fake.xid(3, 79)
+        await asyncio.wait_for(task, 5)
+        (s,) = got
+        assert s.gpu is not None and (s.gpu.index, s.gpu.uuid) == (3, fake.gpus[3].uuid)
+        assert s.gpu.pci_bus_id == "0000:5d:00.0"
 
     def test_edge_filter_sends_the_fault_once(self, catalog: Catalog) -> None:
         fake = FakeNvml.hgx(2)
@@ -179,3 +208,18 @@ def test_real_nvml_enumerates_and_polls_without_faults_on_a_healthy_gpu(catalog:
     cycle = poll(src)
     assert src.refs and all(r.uuid and r.pci_bus_id for r in src.refs.values())
     assert {s.check for s in cycle.states} >= {"gpu.lost", "ecc.dbe"}
+
+
+@pytest.mark.gpu
+def test_real_nvml_handles_match_by_address_as_xid_events_need(catalog: Catalog) -> None:
+    """A second handle for the same GPU is a new pointer object with the same address (what an event carries)."""
+    if shutil.which("nvidia-smi") is None:
+        pytest.skip("no NVIDIA driver on this machine (gpu marker)")
+    from breakfix.collectors.nvml_api import handle_address
+
+    nvml = real_nvml()
+    src = NvmlSource(nvml, ctx(catalog))
+    src.start()
+    for i, h in src.handles.items():
+        again = nvml.nvmlDeviceGetHandleByIndex(i)
+        assert handle_address(again) == handle_address(h) and src.event_gpu(again) == src.refs[i]

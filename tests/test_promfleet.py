@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,10 +16,22 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from breakfix.bus.server import free_port
-from breakfix.collectors.promfleet import FleetRules, PrometheusClient, load_fleet_rules
+from breakfix.bus.clock import SystemClock
+from breakfix.bus.jetstream import JetStreamBus
+from breakfix.bus.server import EmbeddedNats, free_port
+from breakfix.collectors.app import build_fleet_collector
+from breakfix.collectors.promfleet import (
+    FleetRule,
+    FleetRules,
+    FleetRulesFile,
+    PrometheusClient,
+    Series,
+    load_fleet_rules,
+)
+from breakfix.schemas import subjects
 from breakfix.schemas.catalog import Catalog
-from tests.conftest import T0
+from breakfix.schemas.signal import Signal
+from tests.conftest import T0, wait_until
 from tests.test_collector_sources import SAMPLE
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -101,20 +112,19 @@ scrape_configs:
     proc = _start(cfg, tmp_path / "tsdb", port)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
         async with aiohttp.ClientSession() as http:
-            while True:
+            async def scraped() -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError(f"prometheus exited with {proc.returncode}")
                 try:
                     async with http.get(f"{url}/api/v1/query", params={
                             "query": "count(rate(vllm:time_to_first_token_seconds_count[5m]) > 0)"}) as r:
                         body = await r.json()
-                        if body.get("data", {}).get("result"):
-                            break
+                        return bool(body.get("data", {}).get("result"))
                 except aiohttp.ClientError:
-                    pass
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise AssertionError("prometheus did not scrape the fixture exporters in time")
-                await asyncio.sleep(0.3)
+                    return False
+
+            await wait_until(scraped, 30, "prometheus to scrape the fixture exporters")
         yield url
     finally:
         proc.terminate()
@@ -149,3 +159,59 @@ def test_bad_rules_file_names_file_and_line(tmp_path: Path) -> None:
     p.write_text("version: 1\nrules:\n  - name: x\n    check: xid\n    kind: sometimes\n    expr: up\n")
     with pytest.raises(DataFileError, match=r"fleet\.yaml:5"):
         load_fleet_rules(p)
+
+
+class CountingProm:
+    """A Prometheus that answers every query with one XID gauge that changes on every evaluation."""
+
+    def __init__(self) -> None:
+        self.queries = 0
+
+    def query(self, promql: str) -> list[Series]:
+        self.queries += 1
+        return [Series({"Hostname": "gpu-node-003", "gpu": "2", "UUID": "GPU-2"}, float(40 + self.queries))]
+
+
+@pytest.mark.nats
+async def test_fleet_collector_spools_while_nats_is_down_and_replays_when_it_returns(
+        tmp_path: Path, catalog: Catalog) -> None:
+    """NATS down from the start: the rules are still evaluated, their signals wait in the spool, and
+    once the server comes up on its address every one of them reaches the stream, in order."""
+    spec = FleetRulesFile(rules=(FleetRule(name="last-xid", check="xid", expr="DCGM_FI_DEV_XID_ERRORS", kind="event",
+                                           code_from_value=True),))
+    prom = CountingProm()
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    fleet = build_fleet_collector(FleetRules(spec, cluster="c1", catalog=catalog), prom=prom, clock=SystemClock(),
+                                  spool_dir=tmp_path / "spool", interval_s=0.1, retry_s=0.2, connect_timeout_s=0.5,
+                                  connect=lambda: JetStreamBus.connect(url, name="test-fleet"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(fleet.run(stop), name="test-fleet-collector")
+    server = EmbeddedNats(tmp_path / "nats", port=port)
+    try:
+        async def spooled() -> bool:
+            return len(fleet.spool) >= 3
+
+        await wait_until(spooled, 15, "signals spooled while NATS is down")
+        assert fleet.cycles >= 3 and not fleet.forwarder.up
+        waiting = [Signal.model_validate_json(d).id for _, d in fleet.spool.peek(1000)]
+        server.start()
+
+        async def replayed() -> bool:
+            return fleet.forwarder.up and len(fleet.spool) == 0
+
+        await wait_until(replayed, 30, "the spool replayed once NATS is back")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+    bus = await JetStreamBus.connect(server.url)
+    try:
+        await bus.reset_consumer(stream=subjects.SIGNALS.name, durable="audit", filter_subject=subjects.SIGNALS_ALL,
+                                 start_seq=1, ack_all=False)
+        ids = [Signal.model_validate_json(m.data).id
+               for m in await bus.pull(stream=subjects.SIGNALS.name, durable="audit", batch=1000, timeout_s=0.5)]
+    finally:
+        await bus.close()
+        server.stop()
+    assert ids[:len(waiting)] == waiting, "every spooled signal, in the order it was spooled"
+    assert len(set(ids)) == len(ids) and fleet.forwarder.stats.replayed >= len(waiting)

@@ -67,3 +67,22 @@ class TestScenarios:
         assert needle in str(exc.value)
         if line is not None:
             assert exc.value.line == line
+
+
+class TestSimCollector:
+    async def test_scenario_time_passes_on_the_injected_clock(self, catalog: Catalog) -> None:
+        from breakfix.bus.clock import ManualClock
+        from breakfix.bus.memory import MemoryBus
+        from breakfix.collectors.app import build_sim_collector
+        from breakfix.schemas import subjects
+
+        s = load_scenario("mixed")
+        clock = ManualClock(T0)
+        bus = MemoryBus()
+        await bus.ensure_streams(subjects.STREAMS)
+        sim = build_sim_collector(s, build_fleet(s.nodes), bus=bus, clock=clock, catalog=catalog, speed=2.0)
+        sent = await sim.run()
+        assert sent == len(sim.timed) and sim.publisher.duplicates == 1, "the scenario's one re-send is a duplicate"
+        offset, first = sim.timed[0]
+        assert (first.observed_at - T0).total_seconds() == offset, "the timeline starts at the clock's now"
+        assert (clock.now() - T0).total_seconds() == s.duration_s / 2, "half the scenario's time at speed 2"

@@ -37,6 +37,11 @@ def test_units_pass_systemd_analyze_verify_without_warnings(tmp_path: Path) -> N
                          check=False)
     assert out.returncode == 0, out.stderr
     assert not [ln for ln in out.stderr.splitlines() if ".service" in ln], out.stderr  # unknown keys only warn
+    # systemd's own exposure score (0 best .. 10): the unprivileged collector at most 2.5, the root agent 3.0
+    for n, threshold in (("breakfix-collector.service", 25), ("breakfix-agent.service", 30)):
+        sec = subprocess.run([analyze, "security", "--offline=true", f"--threshold={threshold}", n], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert sec.returncode == 0, sec.stdout[-400:]
 
 
 @pytest.mark.parametrize("unit", ["breakfix-collector.service", "breakfix-agent.service"])

@@ -26,18 +26,19 @@ def collector(
     nats: NatsFlags,
 ) -> None:
     """Run the node collector daemon (JSON logs, /metrics and /healthz)."""
+    from breakfix.bus.clock import SystemClock
     from breakfix.bus.jetstream import JetStreamBus
     from breakfix.bus.options import NatsOptions
+    from breakfix.collectors.app import build_collector
     from breakfix.collectors.config import load_config
-    from breakfix.collectors.daemon import CollectorDaemon
     from breakfix.schemas.catalog import load_catalog
 
     logs.configure(json=True)
     cfg = load(lambda: load_config(config))
     opts = nats.options(NatsOptions.model_validate(cfg.nats.model_dump(include=set(NatsOptions.model_fields))))
     name = f"breakfix-collector-{cfg.node_name}"
-    collector_daemon = CollectorDaemon(cfg, load(load_catalog),
-                                       connect=lambda _url: JetStreamBus.connect(opts, name=name))
+    collector_daemon = build_collector(cfg, clock=SystemClock(), catalog=load(load_catalog),
+                                       connect=lambda: JetStreamBus.connect(opts, name=name))
     daemon(collector_daemon.run)
 
 
@@ -115,7 +116,9 @@ def fleet_collector(
     spool_dir: Annotated[Path, typer.Option(help="Spool while NATS is away.")] = Path("/var/lib/breakfix/fleet-spool"),
 ) -> None:
     """Evaluate PromQL health rules over the whole fleet and publish signals (JSON logs)."""
-    from breakfix.collectors.fleetd import run_fleet
+    from breakfix.bus.clock import SystemClock
+    from breakfix.bus.jetstream import JetStreamBus
+    from breakfix.collectors.app import build_fleet_collector
     from breakfix.collectors.promfleet import FleetRules, PrometheusClient, load_fleet_rules
     from breakfix.schemas.catalog import load_catalog
 
@@ -123,12 +126,10 @@ def fleet_collector(
     spec = load(lambda: load_fleet_rules(rules))
     fleet = FleetRules(spec, cluster=cluster, catalog=load(load_catalog))
     opts = nats.options()
-
-    async def main(stop: asyncio.Event) -> None:
-        await run_fleet(rules=fleet, prom=PrometheusClient(prometheus), nats_url=opts, spool_dir=spool_dir,
-                        interval_s=interval, clock=lambda: datetime.now(UTC), stop=stop)
-
-    daemon(main)
+    collector = build_fleet_collector(fleet, prom=PrometheusClient(prometheus), clock=SystemClock(),
+                                      spool_dir=spool_dir, interval_s=interval,
+                                      connect=lambda: JetStreamBus.connect(opts, name="breakfix-fleet-collector"))
+    daemon(collector.run)
 
 
 @app.command()

@@ -17,14 +17,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from breakfix.bus.clock import SystemClock
 from breakfix.bus.codec import decoder
 from breakfix.bus.consumer import ConsumerSpec, run_consumer
 from breakfix.bus.jetstream import JetStreamBus
 from breakfix.bus.protocol import Delivery
 from breakfix.bus.server import EmbeddedNats
+from breakfix.collectors.app import build_sim_collector
 from breakfix.collectors.fleet import Fleet, build_fleet
-from breakfix.collectors.publisher import SignalPublisher
-from breakfix.collectors.sim import Scenario, run_scenario, timeline
+from breakfix.collectors.sim import Scenario
 from breakfix.correlator.app import CorrelatorConfig, build_correlator
 from breakfix.remediator.policy import Policy
 from breakfix.remediator.service import RemediatorService
@@ -134,14 +135,15 @@ async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: C
             tg.create_task(remediator.run(stop), name="remediator")
             for spec in specs:
                 tg.create_task(run_consumer(console_bus, spec, stop=stop), name=f"console-{spec.durable}")
-            publisher = SignalPublisher(collector_bus)
-            timed = timeline(scenario, fleet, utcnow(), catalog)
+            sim = build_sim_collector(scenario, fleet, bus=collector_bus, clock=SystemClock(), catalog=catalog,
+                                      speed=speed)
+            timed = sim.timed
             progress(f"replaying scenario {scenario.name!r}: {len(timed)} signals over {len(fleet.nodes)} nodes")
             if malformed:
                 progress("publishing one malformed signal, as a broken collector would; it must be dead-lettered")
                 await collector_bus.publish(subjects.signal_subject(fleet.cluster, "gpu-node-bad"),
                                             b'{"schema": "breakfix.signal/v1", "node": 42}')
-            sent = await run_scenario(publisher, timed, speed=speed)
+            sent = await sim.run()
             deadline = started + duration_s
             while time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
@@ -150,7 +152,7 @@ async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: C
                 if not busy and quiet:
                     break
             stop.set()
-        return DemoResult(scenario, fleet, cluster, console, sent, publisher.duplicates,
+        return DemoResult(scenario, fleet, cluster, console, sent, sim.publisher.duplicates,
                           time.monotonic() - started, server.url)
     finally:
         for b in buses:

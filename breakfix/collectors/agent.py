@@ -3,16 +3,27 @@
 Answers ``AgentCommand``s on ``breakfix.agent.<cluster>.<node>`` (core NATS request/reply) for
 an allow-listed set of actions and nothing else:
 
-- ``reset_gpu``: refused while processes hold the GPU (``nvidia-smi --query-compute-apps``);
-  persistence mode, which counts as a client, is switched off for the reset and restored; then
-  ``nvidia-smi --gpu-reset -i <uuid>``. A lost GPU fails cleanly (the driver says so).
+- ``reset_gpu``: refused while processes hold the GPU (the injected busy-check; by default
+  ``nvidia-smi --query-compute-apps``), with an ``error`` that starts ``busy:`` so the
+  remediator can drain first; persistence mode, which counts as a client, is switched off for
+  the reset and restored; then ``nvidia-smi --gpu-reset -i <uuid|index>``. A lost GPU fails
+  cleanly (the driver says so).
 - ``validate``: ``dcgmi diag -r <level> -j``, parsed into per-test outcomes (DCGM 3 and 4 JSON).
 - ``reboot``: the configured command (``systemctl reboot``), after the command is recorded.
 
-Every command's id is an idempotency key kept on disk: a repeated id gets the stored reply
-(``replayed``) and never acts twice. A reboot is recorded with the boot id it started from; a
-repeat after the node came back confirms the reboot happened instead of rebooting again.
-Facts on GPU reset constraints: NVIDIA nvidia-smi documentation and NVSentinel's gpu-reset.
+Before acting, every command passes ``collectors.agent_checks``: allow-list, node, every
+argument validated (GPU index in range or a GPU UUID, no shell metacharacters or option-like
+values; executables get argv, never a shell), and the per-node rate limits on reboots and
+resets (kept on disk, so they hold across the reboot). Every refusal is logged
+(``agent_refused``) and counted (``breakfix_agent_refusals_total{reason}``) and its reply's
+``error`` starts ``refused:``.
+
+Every command's id is an idempotency key kept on disk with the fingerprint of its action and
+arguments: a repeated id with the same command gets the stored reply (``replayed``) and never
+acts twice; the same id with another command is refused. Each reply carries the request's
+``digest`` (id + fingerprint). A reboot is recorded with the boot id it started from; a repeat
+after the node came back confirms the reboot happened instead of rebooting again. Facts on GPU
+reset constraints: NVIDIA nvidia-smi documentation and NVSentinel's gpu-reset.
 """
 
 from __future__ import annotations
@@ -20,13 +31,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 
+from breakfix.bus.clock import SYSTEM_CLOCK, Clock
+from breakfix.collectors.agent_checks import RateLimits, Refusal, fingerprint, gpu_target, refuse
 from breakfix.collectors.kmsg_follow import read_boot_id
 from breakfix.schemas.agent import AgentAction, AgentCommand, AgentReply, DiagTest
 from breakfix.schemas.common import first_error
@@ -66,73 +80,141 @@ def parse_diag(text: str) -> tuple[bool, list[DiagTest]]:
     return bool(tests) and not any(t.status == "fail" for t in tests), tests
 
 
+@dataclass(frozen=True, slots=True)
+class Holders:
+    """What holds a GPU: ``known`` False when the check itself failed (then nothing is reset)."""
+
+    known: bool
+    processes: tuple[str, ...] = ()
+    detail: str = ""
+
+
+BusyCheck = Callable[[str], Awaitable[Holders]]
+
+
+def nvidia_smi_busy(nvidia_smi: str = "nvidia-smi") -> BusyCheck:
+    """The default busy-check: ``nvidia-smi --query-compute-apps`` on the one GPU."""
+
+    async def check(target: str) -> Holders:
+        rc, out = await run([nvidia_smi, "--query-compute-apps=pid,process_name", "--format=csv,noheader",
+                             "-i", target], 60)
+        if rc != 0:
+            return Holders(False, detail=out)
+        return Holders(True, tuple(ln.strip() for ln in out.splitlines()
+                                   if ln.strip() and "No running processes" not in ln))
+
+    return check
+
+
+def _load_json(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_json(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    with tmp.open("rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 class NodeAgent:
     def __init__(self, node: str, state_dir: Path, *, nvidia_smi: str = "nvidia-smi", dcgmi: str = "dcgmi",
                  reboot_cmd: tuple[str, ...] = ("systemctl", "reboot"),
                  allow: frozenset[AgentAction] = frozenset(AgentAction),
-                 boot_id: Callable[[], str] = read_boot_id, timeout_s: float = 3600.0) -> None:
+                 boot_id: Callable[[], str] = read_boot_id, timeout_s: float = 3600.0,
+                 clock: Clock = SYSTEM_CLOCK, busy: BusyCheck | None = None,
+                 gpu_count: Callable[[], int | None] = lambda: None, reboot_window_s: float = 3600.0,
+                 reset_window_s: float = 300.0, registry: CollectorRegistry | None = None) -> None:
         self.node = node
+        self.clock = clock
         self.path = state_dir / "agent-commands.json"
+        self.limits_path = state_dir / "agent-limits.json"
         self.nvidia_smi = nvidia_smi
         self.dcgmi = dcgmi
         self.reboot_cmd = reboot_cmd
         self.allow = allow
         self.boot_id = boot_id
         self.timeout_s = timeout_s
+        self.busy = busy or nvidia_smi_busy(nvidia_smi)
+        self.gpu_count = gpu_count
         self.done: dict[str, dict[str, object]] = self._load()
+        last = _load_json(self.limits_path)
+        self.limits = RateLimits(reboot_window_s, reset_window_s,
+                                 {k: float(v) for k, v in last.items() if isinstance(v, int | float)})
+        self.refusals = Counter("breakfix_agent_refusals", "Node-agent commands refused, by reason", ["reason"],
+                                registry=registry if registry is not None else CollectorRegistry())
         self._lock = asyncio.Lock()
 
     def _load(self) -> dict[str, dict[str, object]]:
-        try:
-            data = json.loads(self.path.read_text())
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
+        data = _load_json(self.path)
+        return {k: v for k, v in data.items() if isinstance(v, dict)}
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         keep = dict(list(self.done.items())[-2000:])
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(keep))
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        _save_json(self.path, keep)
         self.done = keep
 
-    def _reply(self, cmd: AgentCommand, ok: bool, detail: str, **kw: object) -> AgentReply:
-        return AgentReply(id=cmd.id, node=self.node, action=cmd.action, ok=ok, detail=detail, at=datetime.now(UTC),
-                          **kw)
+    def _reply(self, cmd: AgentCommand, ok: bool, detail: str, *, error: str = "", **kw: object) -> AgentReply:
+        return AgentReply(id=cmd.id, node=self.node, action=cmd.action, ok=ok, detail=detail, error=error,
+                          digest=f"{cmd.id}#{fingerprint(cmd)}", at=self.clock.now(), **kw)
+
+    def _count(self, r: Refusal, cmd: AgentCommand | None = None) -> None:
+        """Every refusal is logged and counted by reason."""
+        self.refusals.labels(r.reason).inc()
+        log.warning("agent_refused", node=self.node, reason=r.reason, detail=r.detail[:300],
+                    action=cmd.action.value if cmd else None, id=cmd.id[:200] if cmd else None)
+
+    def _refused(self, cmd: AgentCommand, r: Refusal) -> AgentReply:
+        self._count(r, cmd)
+        return self._reply(cmd, False, r.detail, error=f"refused: {r.detail}")
 
     async def handle_bytes(self, data: bytes) -> bytes:
         """One request -> one reply; a malformed request gets a clear error reply, never a crash."""
         try:
             cmd = AgentCommand.model_validate_json(data)
         except (ValidationError, ValueError) as exc:
-            return json.dumps({"ok": False, "detail": f"invalid agent command: {first_error(exc)}"}).encode()
+            detail = f"invalid agent command: {first_error(exc)}"
+            self._count(Refusal("invalid", detail))
+            return json.dumps({"ok": False, "detail": detail, "error": f"refused: {detail}"}).encode()
         return (await self.handle(cmd)).model_dump_json().encode()
 
     async def handle(self, cmd: AgentCommand) -> AgentReply:
-        if cmd.node != self.node:
-            return self._reply(cmd, False, f"command for {cmd.node} reached {self.node}")
-        if cmd.action not in self.allow:
-            return self._reply(cmd, False, f"{cmd.action.value} is not allowed on this node")
+        why = refuse(cmd, node=self.node, allow=self.allow, gpu_count=self.gpu_count())
+        if why is not None:
+            return self._refused(cmd, why)
         async with self._lock:  # one command at a time on a node
             prior = self.done.get(cmd.id)
             if prior is not None:
+                if prior.get("fingerprint", fingerprint(cmd)) != fingerprint(cmd):
+                    return self._refused(cmd, Refusal("key_reuse", f"id {cmd.id} was already used for another "
+                                                      "command; a key covers one action and its arguments"))
                 return self._replay(cmd, prior)
-            if cmd.action is AgentAction.REBOOT:
-                self.done[cmd.id] = {"state": "rebooting", "boot_id": self.boot_id()}
+            now = self.clock.now().timestamp()
+            limited = self.limits.check(cmd, now)
+            if limited is not None:
+                return self._refused(cmd, limited)
+            if cmd.action is AgentAction.RESET_GPU:
+                reply = await self._reset(cmd, now)
+            elif cmd.action is AgentAction.REBOOT:
+                self.limits.record(cmd, now)
+                _save_json(self.limits_path, self.limits.last)
+                self.done[cmd.id] = {"state": "rebooting", "boot_id": self.boot_id(), "fingerprint": fingerprint(cmd)}
                 self._save()
                 rc, out = await run(list(self.reboot_cmd), 60)
                 if rc == 0:  # keep the boot id record: a repeat of this id checks it instead of rebooting
                     log.info("agent_command", node=self.node, action="reboot", id=cmd.id, ok=True)
                     return self._reply(cmd, True, f"reboot requested ({out or 'no output'})")
                 reply = self._reply(cmd, False, f"reboot command failed rc={rc}: {out}")
-            elif cmd.action is AgentAction.RESET_GPU:
-                reply = await self._reset(cmd)
             else:
                 reply = await self._validate(cmd)
-            self.done[cmd.id] = {"state": "done", "reply": reply.model_dump(mode="json")}
+            self.done[cmd.id] = {"state": "done", "reply": reply.model_dump(mode="json"),
+                                 "fingerprint": fingerprint(cmd)}
             self._save()
             log.info("agent_command", node=self.node, action=cmd.action.value, id=cmd.id, ok=reply.ok)
             return reply
@@ -145,18 +227,19 @@ class NodeAgent:
         stored = AgentReply.model_validate(prior["reply"])
         return stored.model_copy(update={"replayed": True})
 
-    async def _reset(self, cmd: AgentCommand) -> AgentReply:
-        target = cmd.gpu_uuid or (str(cmd.gpu_index) if cmd.gpu_index is not None else None)
-        if target is None:
-            return self._reply(cmd, False, "reset_gpu needs a GPU UUID or index")
+    async def _reset(self, cmd: AgentCommand, now: float) -> AgentReply:
+        target = gpu_target(cmd)
+        assert target is not None  # refuse() made sure
+        held = await self.busy(target)
+        if not held.known:
+            return self._reply(cmd, False, f"cannot query GPU {target}: {held.detail}",
+                               error=f"unknown: cannot tell what holds GPU {target}")
+        if held.processes:
+            detail = f"busy: GPU {target} is held by {len(held.processes)} process(es): {held.processes[0]}"
+            return self._reply(cmd, False, detail, error=detail, evidence={"processes": str(len(held.processes))})
+        self.limits.record(cmd, now)  # counts from the first real attempt, success or not
+        _save_json(self.limits_path, self.limits.last)
         smi = self.nvidia_smi
-        rc, out = await run([smi, "--query-compute-apps=pid,process_name", "--format=csv,noheader", "-i", target], 60)
-        if rc != 0:
-            return self._reply(cmd, False, f"cannot query GPU {target}: {out}")
-        procs = [ln for ln in out.splitlines() if ln.strip() and "No running processes" not in ln]
-        if procs:
-            return self._reply(cmd, False, f"GPU {target} is held by {len(procs)} process(es): {procs[0]}",
-                               evidence={"processes": str(len(procs))})
         rc, pm = await run([smi, "--query-gpu=persistence_mode", "--format=csv,noheader", "-i", target], 60)
         persistence = rc == 0 and pm.strip().lower() == "enabled"
         if persistence:
@@ -166,7 +249,7 @@ class NodeAgent:
             await run([smi, "-pm", "1", "-i", target], 60)
         ok = rc == 0 and "successfully reset" in out.lower()
         said = " ".join(ln.strip() for ln in out.splitlines() if ln.strip())[:400]
-        return self._reply(cmd, ok, said or f"nvidia-smi rc={rc}",
+        return self._reply(cmd, ok, said or f"nvidia-smi rc={rc}", error="" if ok else f"failed: nvidia-smi rc={rc}",
                            evidence={"rc": str(rc), "persistence_mode_restored": str(persistence).lower()})
 
     async def _validate(self, cmd: AgentCommand) -> AgentReply:
@@ -174,9 +257,10 @@ class NodeAgent:
         try:
             passed, tests = parse_diag(out)
         except (ValueError, AttributeError) as exc:
-            return self._reply(cmd, False, f"dcgmi diag -r {cmd.level} gave no readable result (rc={rc}): {exc}")
+            return self._reply(cmd, False, f"dcgmi diag -r {cmd.level} gave no readable result (rc={rc}): {exc}",
+                               error="failed: no readable dcgmi result")
         failed = [t.name for t in tests if t.status == "fail"]
         detail = (f"DCGM diag r{cmd.level} passed ({len(tests)} tests)" if passed else
                   f"DCGM diag r{cmd.level} failed: {', '.join(failed)}")
-        return self._reply(cmd, passed, detail, tests=tuple(tests),
-                           evidence={t.name: t.status for t in tests})
+        return self._reply(cmd, passed, detail, tests=tuple(tests), evidence={t.name: t.status for t in tests},
+                           error="" if passed else f"failed: {', '.join(failed)}"[:300])

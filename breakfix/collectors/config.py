@@ -1,28 +1,76 @@
 """The collector daemon's configuration file, validated at start-up (a mistake names file:line).
 
-``breakfix collector --config FILE`` reads it; ``collectors.daemon`` builds the sources it
-enables. ``node`` may come from the environment (``node_env``, the DaemonSet sets
-``NODE_NAME`` from the downward API). Example: ``deploy/collector.yaml`` and
+``breakfix collector --config FILE`` reads it; ``collectors.app.build_collector`` builds the
+daemon and ``collectors.sources`` the plugins of every enabled section. Each source section
+embeds its rules' own ``Thresholds`` model under ``thresholds:`` (bounded: finite, >= 0).
+``node`` may come from the environment (``node_env``, the DaemonSet sets ``NODE_NAME`` from
+the downward API). Example: ``deploy/collector.yaml`` and
 ``collectors/examples/collector.yaml``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from breakfix.bus.options import NatsOptions
+from breakfix.collectors.dcgm import DcgmThresholds
+from breakfix.collectors.fabric import FabricThresholds
+from breakfix.collectors.nvml import Thresholds as NvmlThresholds
 from breakfix.schemas.datafile import DataFileError, load_model
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
 
+def _known_keys(cls: type) -> Callable[[Any], Any]:
+    """A thresholds section names only fields of the rules' own ``Thresholds`` dataclass."""
+    names = {f.name for f in dataclasses.fields(cls)}
+
+    def check(value: Any) -> Any:
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - names)
+            if unknown:
+                raise ValueError(f"unknown threshold(s) {', '.join(map(str, unknown))}; "
+                                 f"known: {', '.join(sorted(names))}")
+        return value
+
+    return check
+
+
+def _finite_non_negative(value: Any) -> Any:
+    """Every number in a thresholds model is finite and not negative (NaN or inf would disable a rule);
+    windows (``*_s``) and counts (``*_count``) are positive."""
+    for f in dataclasses.fields(value):
+        x = getattr(value, f.name)
+        if not isinstance(x, int | float) or isinstance(x, bool):
+            continue
+        if not (math.isfinite(x) and x >= 0):
+            raise ValueError(f"{f.name}: must be a finite number >= 0, got {x}")
+        if f.name.endswith(("_s", "_count")) and x <= 0:
+            raise ValueError(f"{f.name}: must be > 0, got {x}")
+    return value
+
+
+# The rules' own Thresholds models, embedded in each source's section under ``thresholds:``.
+NvmlThresholdsField = Annotated[NvmlThresholds, BeforeValidator(_known_keys(NvmlThresholds)),
+                                AfterValidator(_finite_non_negative)]
+DcgmThresholdsField = Annotated[DcgmThresholds, BeforeValidator(_known_keys(DcgmThresholds)),
+                                AfterValidator(_finite_non_negative)]
+FabricThresholdsField = Annotated[FabricThresholds, BeforeValidator(_known_keys(FabricThresholds)),
+                                  AfterValidator(_finite_non_negative)]
+
+
 class NatsConfig(NatsOptions):  # url, creds, tls_ca, tls_cert, tls_key (bus.options)
     model_config = _STRICT
     publish_timeout_s: float = Field(2.0, gt=0)
-    connect_retry_s: float = Field(2.0, gt=0)
+    connect_retry_s: float = Field(2.0, gt=0, allow_inf_nan=False)
+    connect_timeout_s: float = Field(10.0, gt=0, allow_inf_nan=False)
 
 
 class SpoolConfig(BaseModel):
@@ -44,9 +92,7 @@ class NvmlConfig(BaseModel):
     expected_gpus: int | None = Field(None, ge=0)
     xid_events: bool = True
     fake_gpus: int | None = Field(None, ge=1, description="Use the in-memory fake NVML (benchmarks, demos).")
-    sbe_burst: int = 100
-    pcie_replay_per_min: float = 60.0
-    nvlink_errors_per_min: float = 10.0
+    thresholds: NvmlThresholdsField = NvmlThresholds()
 
 
 class KmsgConfig(BaseModel):
@@ -62,8 +108,7 @@ class DcgmConfig(BaseModel):
     enabled: bool = False
     url: str = "http://127.0.0.1:9400/metrics"
     interval_s: float = Field(30.0, gt=0)
-    nvlink_errors_per_min: float = 10.0
-    pcie_replay_per_min: float = 60.0
+    thresholds: DcgmThresholdsField = DcgmThresholds()
 
 
 class FabricConfig(BaseModel):
@@ -71,12 +116,7 @@ class FabricConfig(BaseModel):
     enabled: bool = True
     sysfs: Path = Path("/sys/class/infiniband")
     interval_s: float = Field(10.0, gt=0)
-    errors_per_min: float = 10.0
-    flap_count: int = Field(2, ge=1)
-    flap_window_s: float = Field(600.0, gt=0)
-    expected_rate_gbps: float | None = Field(None, gt=0, allow_inf_nan=False)
-    expected_ethernet_rate_gbps: float | None = Field(None, gt=0, allow_inf_nan=False)  # RoCE ports; None: own best
-    skip_ethernet: bool = False
+    thresholds: FabricThresholdsField = FabricThresholds()  # expected_(ethernet_)rate_gbps, skip_ethernet, ...
 
 
 class SloConfig(BaseModel):
@@ -124,6 +164,11 @@ class AgentConfig(BaseModel):
     nvidia_smi: str = "nvidia-smi"
     dcgmi: str = "dcgmi"
     reboot_command: tuple[str, ...] = ("systemctl", "reboot")
+    gpu_count: int | None = Field(None, ge=1, le=64, description="GPUs on this node; unset: NVML's enumeration.")
+    reboot_window_s: float = Field(3600.0, gt=0, allow_inf_nan=False,
+                                   description="At most one reboot per node within this window (agent's own cap).")
+    reset_window_s: float = Field(300.0, gt=0, allow_inf_nan=False,
+                                  description="At most one reset per GPU within this window.")
 
 
 class TopologyFromNode(BaseModel):

@@ -4,7 +4,8 @@ The daemon (``collectors.daemon``) hands every signal the edge filter lets throu
 ``Forwarder.send``. While the bus answers and the spool is empty a signal is published
 directly (msg-id = the signal id). Otherwise it is appended to the on-disk ``Spool``, and
 ``drain`` replays the spool in order once the bus answers again, deleting each entry only
-after JetStream acked it. A signal that was in flight when the link broke may reach the
+after JetStream acked it; a spool file that is not a signal is quarantined on the way
+(``Spool.reject``) and the replay goes on. A signal that was in flight when the link broke may reach the
 stream twice; its msg-id makes the second copy a duplicate the server drops.
 """
 
@@ -15,8 +16,10 @@ from dataclasses import dataclass
 
 import structlog
 
+from breakfix.bus.clock import SYSTEM_CLOCK, Clock
 from breakfix.bus.codec import encode
 from breakfix.bus.protocol import Bus
+from breakfix.collectors.link import pause
 from breakfix.collectors.spool import Spool
 from breakfix.schemas import subjects
 from breakfix.schemas.signal import Signal
@@ -34,8 +37,10 @@ class ForwarderStats:
 
 
 class Forwarder:
-    def __init__(self, spool: Spool, *, publish_timeout_s: float = 2.0, retry_s: float = 1.0) -> None:
+    def __init__(self, spool: Spool, *, publish_timeout_s: float = 2.0, retry_s: float = 1.0,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.spool = spool
+        self.clock = clock
         self.bus: Bus | None = None
         self.publish_timeout_s = publish_timeout_s
         self.retry_s = retry_s
@@ -71,8 +76,8 @@ class Forwarder:
             if direct and await self._publish(subjects.signal_subject(s.cluster, s.node), encode(s), s.id):
                 self.stats.published += 1
                 continue
-            self.spool.append(s)
-            self.stats.spooled += 1
+            if self.spool.append(s):
+                self.stats.spooled += 1
             self._wake.set()
 
     async def drain(self, stop: asyncio.Event) -> None:
@@ -82,21 +87,29 @@ class Forwarder:
                 self._wake.clear()
                 waiter = asyncio.create_task(self._wake.wait(), name="forwarder-wake")
                 stopper = asyncio.create_task(stop.wait(), name="forwarder-stop")
-                await asyncio.wait({waiter, stopper}, timeout=self.retry_s, return_when=asyncio.FIRST_COMPLETED)
-                for t in (waiter, stopper):
+                sleeper = asyncio.create_task(self.clock.sleep(self.retry_s), name="forwarder-retry")
+                await asyncio.wait({waiter, stopper, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+                for t in (waiter, stopper, sleeper):
                     t.cancel()
+                await asyncio.gather(waiter, stopper, sleeper, return_exceptions=True)
                 continue
             batch = self.spool.peek(256)
             done = []
+            failed = False
             for entry, data in batch:
-                signal = Signal.model_validate_json(data)
+                try:
+                    signal = Signal.model_validate_json(data)
+                except Exception as exc:  # a torn or foreign file (any decode failure): quarantined, replay goes on
+                    self.spool.reject(entry, f"not a signal: {str(exc).splitlines()[0][:160]}")
+                    continue
                 if not await self._publish(subjects.signal_subject(signal.cluster, signal.node), data, signal.id):
+                    failed = True
                     break
                 done.append(entry)
             self.spool.remove(done)
             self.stats.replayed += len(done)
-            if len(done) < len(batch):
-                await asyncio.sleep(self.retry_s)  # still unreachable: back off, keep collecting
+            if failed:
+                await pause(self.clock, stop, self.retry_s)  # still unreachable: back off, keep collecting
             else:
                 if not self.up:
                     log.info("nats_reachable_again", remaining=len(self.spool))

@@ -3,10 +3,13 @@
 Reads through ``collectors.kmsg_follow.KmsgFollower`` (``/dev/kmsg`` or a file), applies the
 pure line rules of ``collectors.kmsg``, learns PCI-to-UUID pairs from the driver's own
 ``NVRM: GPU at PCI:...`` lines, and stamps each signal with the time in the line and an id
-made from the line's stable identity (boot id + sequence, or inode + offset). ``poll`` returns
-the signals and the position to commit once they are safely published or spooled. One bad line
-(impossible date, PCI domain, timestamp) is skipped, counted in ``skipped`` and logged; the rest of
-its batch is still returned, so a poison line never costs the faults around it.
+made from the line's stable identity (boot id + sequence, or inode + offset). ``signals`` turns
+one batch of lines into signals: one bad line (impossible date, PCI domain, timestamp: a
+``BadLine``; or anything else a line makes the rules raise) is skipped, counted in ``skipped``
+and logged; the rest of its batch is still returned, so a poison line never costs the faults
+around it. ``poll`` returns the signals and the position to commit once they are safely
+published or spooled (the daemon's plugin, ``collectors.sources``, commits it only after the
+forwarder took the batch).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import structlog
 
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.kmsg import BadLine, line_signal
-from breakfix.collectors.kmsg_follow import KmsgFollower, Position, boot_time, line_time
+from breakfix.collectors.kmsg_follow import KmsgFollower, Line, Position, boot_time, line_time
 from breakfix.schemas.signal import Signal
 
 log = structlog.get_logger("breakfix.collector.kmsg")
@@ -36,6 +39,10 @@ class KmsgSource:
     def poll(self, now: datetime) -> tuple[list[Signal], Position | None]:
         """Everything new since the last poll (blocking file reads: run it in a worker thread)."""
         lines = self.follower.read()
+        return self.signals(lines, now), lines[-1].position if lines else None
+
+    def signals(self, lines: list[Line], now: datetime) -> list[Signal]:
+        """One batch of lines -> signals; a line that fails is skipped and counted, the rest still count."""
         self.lines += len(lines)
         out: list[Signal] = []
         bad = 0
@@ -51,9 +58,13 @@ class KmsgSource:
                 bad += 1
                 first = first or f"{ln.key}: {exc}"
                 continue
+            except Exception as exc:  # the daemon's own guard: no line may cost the batch its fatal XIDs
+                bad += 1
+                first = first or f"{ln.key}: {exc!r}"[:300]
+                continue
             if sig is not None:
                 out.append(sig)
         if bad:
             self.skipped += bad
             log.warning("kmsg_lines_skipped", node=self.ctx.node, count=bad, first=first, total=self.skipped)
-        return out, lines[-1].position if lines else None
+        return out

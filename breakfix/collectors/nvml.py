@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -27,7 +27,7 @@ import structlog
 
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.edge import Cycle
-from breakfix.collectors.nvml_api import Nvml
+from breakfix.collectors.nvml_api import Nvml, handle_address
 from breakfix.schemas.common import GpuRef, normalize_pci_bus_id
 from breakfix.schemas.signal import Signal, SignalSource
 
@@ -129,6 +129,14 @@ def evaluate(ctx: NodeContext, s: GpuSample, prev: GpuSample | None, at: datetim
     return out
 
 
+def _address(handle: Any) -> int | None:
+    """A device handle's address: NVML hands out a new pointer object per call, equal only by address."""
+    try:
+        return handle_address(handle)
+    except (TypeError, ctypes.ArgumentError):
+        return None
+
+
 def _read(fn: Callable[..., Any], *args: Any) -> Any:
     """One NVML read; None when the GPU does not support it. Lost/reset errors propagate."""
     try:
@@ -154,6 +162,7 @@ class NvmlSource:
         self.prev: dict[int, tuple[GpuSample, float]] = {}
         self.links_up: dict[int, set[int]] = {}
         self.started = False
+        self.skipped = 0
 
     def start(self) -> None:
         """``nvmlInit`` and enumerate GPUs (index, UUID, PCI bus id) into the node context."""
@@ -218,26 +227,64 @@ class NvmlSource:
             return None  # not an NVSwitch/NVL system, or an older driver
         return int(info.state), int(info.status)
 
-    def collect(self, at: datetime, mono: float) -> Cycle:
-        """One poll of every GPU (blocking NVML calls: the daemon runs this in a worker thread)."""
+    def read(self) -> list[GpuSample]:
+        """One sample of every GPU (blocking NVML calls: the daemon runs this in a worker thread).
+
+        A GPU whose read fails in a way NVML does not name is skipped and counted (``skipped``);
+        the other GPUs' samples still go out."""
         if not self.started:
             self.start()
+        out: list[GpuSample] = []
+        for i in self.refs:
+            try:
+                out.append(self.sample(i))
+            except Exception as exc:
+                self.skipped += 1
+                log.warning("gpu_sample_skipped", node=self.ctx.node, gpu=i, error=repr(exc)[:200])
+        return out
+
+    def evaluate(self, samples: list[GpuSample], at: datetime, mono: float) -> Cycle:
+        """Samples -> state signals, with counter rates against each GPU's previous sample."""
         states: list[Signal] = []
         if self.expected is not None:
             count = len(self.refs)
             states.append(self.ctx.signal(source=SignalSource.NVML, check="gpu.count_mismatch",
                                           healthy=count == self.expected, at=at, value=count, threshold=self.expected,
                                           message=f"NVML sees {count} GPUs, expected {self.expected}"))
-        for i in self.refs:
-            sample = self.sample(i)
+        for sample in samples:
+            i = sample.gpu.index if sample.gpu.index is not None else -1
             prev, prev_t = self.prev.get(i, (None, mono))
-            states.extend(evaluate(self.ctx, sample, prev, at, mono - prev_t, self.th,
-                                   self.links_up.setdefault(i, set())))
+            try:
+                states.extend(evaluate(self.ctx, sample, prev, at, mono - prev_t, self.th,
+                                       self.links_up.setdefault(i, set())))
+            except Exception as exc:  # one GPU's odd reading never hides another GPU's fault
+                self.skipped += 1
+                log.warning("gpu_sample_skipped", node=self.ctx.node, gpu=i, error=repr(exc)[:200])
+                continue
             if sample.lost is None:
                 self.prev[i] = (sample, mono)
         return Cycle(states=states)
 
-    async def watch_xids(self, stop: asyncio.Event, clock: Callable[[], datetime]) -> AsyncIterator[Signal]:
+    def collect(self, at: datetime, mono: float) -> Cycle:
+        """One poll of every GPU: ``read`` then ``evaluate`` (blocking)."""
+        return self.evaluate(self.read(), at, mono)
+
+    def event_gpu(self, device: Any) -> GpuRef:
+        """The GPU an event's device handle names. The handle is a new pointer object, so it is matched
+        by address against the handles enumerated at start; a GPU that fell off the bus (no UUID
+        read any more) keeps its index, UUID and PCI id that way."""
+        try:
+            return self.ctx.gpu(uuid=self.nvml.nvmlDeviceGetUUID(device))
+        except pynvml.NVMLError:
+            pass
+        addr = _address(device)
+        for i, h in self.handles.items():
+            if h is not None and addr is not None and _address(h) == addr:
+                return self.refs[i]
+        return GpuRef(index=None)
+
+    async def watch_xids(self, stop: asyncio.Event, clock: Callable[[], datetime],
+                         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> AsyncIterator[Signal]:
         """XID events from ``nvmlEventSetWait_v2``; each wait runs in a worker thread."""
         n = self.nvml
         if not self.started:
@@ -259,14 +306,11 @@ class NvmlSource:
                     continue
                 except pynvml.NVMLError as exc:  # e.g. a GPU fell off: the poll reports it; keep watching
                     log.warning("xid_wait_failed", error=str(exc))
-                    await asyncio.sleep(1.0)
+                    await sleep(1.0)
                     continue
                 if ev.eventType != pynvml.nvmlEventTypeXidCriticalError:
                     continue
-                try:
-                    gpu = self.ctx.gpu(uuid=n.nvmlDeviceGetUUID(ev.device))
-                except pynvml.NVMLError:
-                    gpu = self.refs.get(ev.device, GpuRef(index=None))
+                gpu = self.event_gpu(ev.device)
                 at = clock()
                 yield self.ctx.signal(source=SignalSource.NVML, check="xid", code=str(ev.eventData), healthy=False,
                                       at=at, gpu=gpu, message=f"NVML event: Xid {ev.eventData} on {gpu.label()}",

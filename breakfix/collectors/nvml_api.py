@@ -10,6 +10,8 @@ nvidia-ml-py 13.615.71 ``pynvml.py`` (see ``collectors/SOURCES.md``).
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import queue
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -78,9 +80,24 @@ class _PciInfo:
     busId: str
 
 
+_HANDLE_BASE = 0x7F00_0000  # fake device handles are opaque pointers, as the real library's are
+
+
+def _handle(index: int) -> Any:
+    """A fresh ``nvmlDevice_t`` for GPU ``index``: equal by address only, like NVML's own handles."""
+    return ctypes.cast(ctypes.c_void_p(_HANDLE_BASE + index), pynvml.c_nvmlDevice_t)
+
+
+def handle_address(handle: Any) -> int | None:
+    """The address an NVML device handle points at (the one stable identity a handle has)."""
+    if handle is None:
+        return None
+    return ctypes.cast(handle, ctypes.c_void_p).value
+
+
 @dataclass
 class _Event:
-    device: int
+    device: Any
     eventType: int
     eventData: int
     gpuInstanceId: int = 0xFFFFFFFF
@@ -88,7 +105,8 @@ class _Event:
 
 
 class FakeNvml:
-    """In-memory NVML with the real error types. Handles are GPU indexes."""
+    """In-memory NVML with the real error types. Handles are opaque ``nvmlDevice_t`` pointers, and an event
+    carries a new pointer object for its device, as ``nvmlEventSetWait_v2`` does."""
 
     def __init__(self, gpus: list[FakeGpu], *, library_missing: bool = False) -> None:
         self.gpus = gpus
@@ -101,15 +119,23 @@ class FakeNvml:
     @classmethod
     def hgx(cls, n: int = 8, seed: str = "fake") -> FakeNvml:
         buses = ("18", "2a", "3a", "5d", "9a", "ab", "ba", "db")
-        return cls([FakeGpu(uuid=f"GPU-{seed[:4]:0>4}{i:04x}-0000-1111-2222-{i:012x}",
+        tag = hashlib.sha256(seed.encode()).hexdigest()[:4]  # NVML UUIDs are hex, as the agent checks
+        return cls([FakeGpu(uuid=f"GPU-{tag}{i:04x}-0000-1111-2222-{i:012x}",
                             pci_bus_id=f"00000000:{buses[i % 8]}:00.0") for i in range(n)])
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _gpu(self, handle: int, method: str) -> FakeGpu:
+    @staticmethod
+    def index_of(handle: Any) -> int:
+        addr = handle_address(handle)
+        if addr is None or not _HANDLE_BASE <= addr < _HANDLE_BASE + 1024:
+            raise pynvml.NVMLError_InvalidArgument()
+        return addr - _HANDLE_BASE
+
+    def _gpu(self, handle: Any, method: str) -> FakeGpu:
         self.calls += 1
         if not self.initialised:
             raise pynvml.NVMLError_Uninitialized()
-        g = self.gpus[handle]
+        g = self.gpus[self.index_of(handle)]
         if g.lost:
             raise pynvml.NVMLError_GpuIsLost()
         if g.reset_required and method != "nvmlDeviceGetUUID":
@@ -122,7 +148,7 @@ class FakeNvml:
     def xid(self, index: int, xid: int) -> None:
         """The driver reports XID ``xid`` on GPU ``index`` (delivered if registered)."""
         if self.registered.get(index, 0) & pynvml.nvmlEventTypeXidCriticalError:
-            self.events.put(_Event(index, pynvml.nvmlEventTypeXidCriticalError, xid))
+            self.events.put(_Event(_handle(index), pynvml.nvmlEventTypeXidCriticalError, xid))
 
     # -- the NVML surface ------------------------------------------------------------------------
     def nvmlInit(self) -> None:
@@ -139,66 +165,66 @@ class FakeNvml:
             raise pynvml.NVMLError_Uninitialized()
         return len(self.gpus)
 
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> Any:
         if not 0 <= index < len(self.gpus):
             raise pynvml.NVMLError_InvalidArgument()
         if self.gpus[index].lost:
             raise pynvml.NVMLError_GpuIsLost()
-        return index
+        return _handle(index)
 
-    def nvmlDeviceGetUUID(self, handle: int) -> str:
+    def nvmlDeviceGetUUID(self, handle: Any) -> str:
         return self._gpu(handle, "nvmlDeviceGetUUID").uuid
 
-    def nvmlDeviceGetPciInfo(self, handle: int) -> _PciInfo:
+    def nvmlDeviceGetPciInfo(self, handle: Any) -> _PciInfo:
         return _PciInfo(self._gpu(handle, "nvmlDeviceGetPciInfo").pci_bus_id)
 
-    def nvmlDeviceGetTotalEccErrors(self, handle: int, error_type: int, counter_type: int) -> int:
+    def nvmlDeviceGetTotalEccErrors(self, handle: Any, error_type: int, counter_type: int) -> int:
         g = self._gpu(handle, "nvmlDeviceGetTotalEccErrors")
         if counter_type != pynvml.NVML_VOLATILE_ECC:
             raise pynvml.NVMLError_NotSupported()
         return g.dbe_volatile if error_type == pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED else g.sbe_volatile
 
-    def nvmlDeviceGetRemappedRows(self, handle: int) -> tuple[int, int, int, int]:
+    def nvmlDeviceGetRemappedRows(self, handle: Any) -> tuple[int, int, int, int]:
         return self._gpu(handle, "nvmlDeviceGetRemappedRows").remapped
 
-    def nvmlDeviceGetRetiredPagesPendingStatus(self, handle: int) -> int:
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, handle: Any) -> int:
         return self._gpu(handle, "nvmlDeviceGetRetiredPagesPendingStatus").retired_pending
 
-    def nvmlDeviceGetRetiredPages(self, handle: int, cause: int) -> list[int]:
+    def nvmlDeviceGetRetiredPages(self, handle: Any, cause: int) -> list[int]:
         g = self._gpu(handle, "nvmlDeviceGetRetiredPages")
         if g.retired_pages is None:
             raise pynvml.NVMLError_NotSupported()
         share = g.retired_pages // 2 + (g.retired_pages % 2 if cause else 0)
         return [0x1000 * i for i in range(share)]
 
-    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: int) -> int:
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: Any) -> int:
         return self._gpu(handle, "nvmlDeviceGetCurrentClocksEventReasons").clocks_event_reasons
 
-    def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
+    def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int:
         return self._gpu(handle, "nvmlDeviceGetTemperature").temperature
 
-    def nvmlDeviceGetTemperatureThreshold(self, handle: int, threshold: int) -> int:
+    def nvmlDeviceGetTemperatureThreshold(self, handle: Any, threshold: int) -> int:
         g = self._gpu(handle, "nvmlDeviceGetTemperatureThreshold")
         if threshold != pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN:
             raise pynvml.NVMLError_NotSupported()
         return g.slowdown_temperature
 
-    def nvmlDeviceGetPcieReplayCounter(self, handle: int) -> int:
+    def nvmlDeviceGetPcieReplayCounter(self, handle: Any) -> int:
         return self._gpu(handle, "nvmlDeviceGetPcieReplayCounter").pcie_replay
 
-    def nvmlDeviceGetNvLinkState(self, handle: int, link: int) -> int:
+    def nvmlDeviceGetNvLinkState(self, handle: Any, link: int) -> int:
         g = self._gpu(handle, "nvmlDeviceGetNvLinkState")
         if link >= len(g.links):
             raise pynvml.NVMLError_InvalidArgument()
         return int(pynvml.NVML_FEATURE_ENABLED if g.links[link].up else pynvml.NVML_FEATURE_DISABLED)
 
-    def nvmlDeviceGetNvLinkErrorCounter(self, handle: int, link: int, counter: int) -> int:
+    def nvmlDeviceGetNvLinkErrorCounter(self, handle: Any, link: int, counter: int) -> int:
         g = self._gpu(handle, "nvmlDeviceGetNvLinkErrorCounter")
         if link >= len(g.links):
             raise pynvml.NVMLError_InvalidArgument()
         return g.links[link].errors.get(counter, 0)
 
-    def nvmlDeviceGetGpuFabricInfo(self, handle: int, info: Any) -> None:
+    def nvmlDeviceGetGpuFabricInfo(self, handle: Any, info: Any) -> None:
         g = self._gpu(handle, "nvmlDeviceGetGpuFabricInfo")
         if g.fabric is None:
             raise pynvml.NVMLError_NotSupported()
@@ -208,13 +234,13 @@ class FakeNvml:
     def nvmlEventSetCreate(self) -> str:
         return "event-set"
 
-    def nvmlDeviceGetSupportedEventTypes(self, handle: int) -> int:
+    def nvmlDeviceGetSupportedEventTypes(self, handle: Any) -> int:
         self._gpu(handle, "nvmlDeviceGetSupportedEventTypes")
         return int(pynvml.nvmlEventTypeAll)
 
-    def nvmlDeviceRegisterEvents(self, handle: int, mask: int, event_set: Any) -> None:
+    def nvmlDeviceRegisterEvents(self, handle: Any, mask: int, event_set: Any) -> None:
         self._gpu(handle, "nvmlDeviceRegisterEvents")
-        self.registered[handle] = mask
+        self.registered[self.index_of(handle)] = mask
 
     def nvmlEventSetWait_v2(self, event_set: Any, timeout_ms: int) -> _Event:
         try:
