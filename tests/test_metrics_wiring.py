@@ -148,7 +148,8 @@ async def test_the_fleet_stage_counts_the_fabric_incidents_it_publishes(catalog:
 
 
 @pytest.mark.parametrize(("command", "default"), [("correlator", "9471"), ("correlator-fleet", "9472"),
-                                                  ("remediator", None)])
+                                                  ("remediator", None), ("collector", None),
+                                                  ("fleet-collector", "9474")])
 def test_every_daemon_command_takes_metrics_port(command: str, default: str | None) -> None:
     from typer.testing import CliRunner
 
@@ -158,3 +159,41 @@ def test_every_daemon_command_takes_metrics_port(command: str, default: str | No
     assert out.exit_code == 0 and "--metrics-port" in out.output
     if default:
         assert f"[default: {default}]" in out.output
+
+
+async def test_the_fleet_collector_serves_its_cycles_and_goes_unhealthy_without_evaluations() -> None:
+    from breakfix.bus.clock import ManualClock
+    from breakfix.collectors.fleetd import FleetCollector
+    from breakfix.collectors.metrics_serve import fleet_server
+    from breakfix.collectors.promfleet import FleetRules, load_fleet_rules
+    from breakfix.collectors.spool import Spool
+    from breakfix.schemas.catalog import default_catalog
+
+    class NoPrometheus:
+        def query(self, promql: str) -> list[object]:
+            raise ConnectionError("prometheus is down")
+
+    import tempfile
+    from pathlib import Path
+
+    clock = ManualClock(T0)
+    with tempfile.TemporaryDirectory() as d:
+        rules = FleetRules(load_fleet_rules(), cluster="c1", catalog=default_catalog())
+        fc = FleetCollector(rules, prom=NoPrometheus(), clock=clock, spool=Spool(Path(d)), interval_s=30,
+                            connect=None)  # type: ignore[arg-type]
+        server = fleet_server(fc, port=0, host="127.0.0.1")
+        port = await server.start()
+        try:
+            await fc.cycle()
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                    assert 'breakfix_collector_source_errors_total{source="prometheus"} 1.0' in await r.text()
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                    assert r.status == 200
+                clock.advance(96)  # three intervals and a bit without a good evaluation
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                    assert r.status == 503
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                    assert r.status == 503 and (await r.json())["checks"]["nats"].startswith("not linked")
+        finally:
+            await server.stop()

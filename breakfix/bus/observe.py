@@ -67,6 +67,7 @@ class ObserveServer:
         self.health = Probes()
         self.readiness = Probes()
         self.refreshers: list[Callable[[], None]] = []
+        self.describe: Callable[[], dict[str, object]] | None = None  # extra keys for the probe bodies
         self._runner: web.AppRunner | None = None
 
     def on_scrape(self, refresh: Callable[[], None]) -> None:
@@ -88,7 +89,13 @@ class ObserveServer:
         def probe(probes: Probes) -> Callable[[web.Request], object]:
             async def handler(_req: web.Request) -> web.Response:
                 ok, detail = probes.run()
-                return web.json_response({"daemon": self.name, "ok": ok, "checks": detail}, status=200 if ok else 503)
+                body: dict[str, object] = {"daemon": self.name, "ok": ok, "checks": detail}
+                if self.describe is not None:
+                    try:
+                        body = {**self.describe(), **body}
+                    except Exception as exc:
+                        body["describe_error"] = repr(exc)
+                return web.json_response(body, status=200 if ok else 503)
             return handler
 
         app = web.Application()

@@ -17,6 +17,9 @@ from breakfix.cli.cliutil import NatsFlags, app, daemon, load, with_nats
 
 MetricsPort = Annotated[int, typer.Option("--metrics-port", envvar="BREAKFIX_METRICS_PORT", min=0, max=65535,
                                           help="Port for /metrics, /healthz and /readyz (0: any free port).")]
+OptionalPort = Annotated[int | None, typer.Option("--metrics-port", envvar="BREAKFIX_METRICS_PORT", min=0, max=65535,
+                                                  help="Port for /metrics, /healthz, /readyz; overrides the config "
+                                                       "file's metrics_port.")]
 
 
 @app.command()
@@ -24,8 +27,9 @@ MetricsPort = Annotated[int, typer.Option("--metrics-port", envvar="BREAKFIX_MET
 def collector(
     config: Annotated[Path, typer.Option("--config", envvar="BREAKFIX_COLLECTOR_CONFIG", help="Collector YAML.")],
     nats: NatsFlags,
+    metrics_port: OptionalPort = None,
 ) -> None:
-    """Run the node collector daemon (JSON logs, /metrics and /healthz)."""
+    """Run the node collector daemon (JSON logs, /metrics, /healthz and /readyz)."""
     from breakfix.bus.clock import SystemClock
     from breakfix.bus.jetstream import JetStreamBus
     from breakfix.bus.options import NatsOptions
@@ -35,6 +39,8 @@ def collector(
 
     logs.configure(json=True)
     cfg = load(lambda: load_config(config))
+    if metrics_port is not None:
+        cfg = cfg.model_copy(update={"metrics_port": metrics_port})
     opts = nats.options(NatsOptions.model_validate(cfg.nats.model_dump(include=set(NatsOptions.model_fields))))
     name = f"breakfix-collector-{cfg.node_name}"
     collector_daemon = build_collector(cfg, clock=SystemClock(), catalog=load(load_catalog),
@@ -47,8 +53,7 @@ def collector(
 def remediator(
     config: Annotated[Path, typer.Option("--config", envvar="BREAKFIX_REMEDIATOR_CONFIG", help="Remediator YAML.")],
     nats: NatsFlags,
-    metrics_port: Annotated[int | None, typer.Option("--metrics-port", envvar="BREAKFIX_METRICS_PORT", min=0,
-                                                     max=65535, help="Overrides the config's metrics_port.")] = None,
+    metrics_port: OptionalPort = None,
 ) -> None:
     """Run the remediator daemon: Kubernetes, the node agents and the provider hook (JSON logs)."""
     from breakfix.bus.clock import SystemClock
@@ -114,11 +119,13 @@ def fleet_collector(
     rules: Annotated[Path | None, typer.Option(help="Fleet rules YAML (default: the shipped rules).")] = None,
     interval: Annotated[float, typer.Option(min=1, help="Seconds between evaluations.")] = 30.0,
     spool_dir: Annotated[Path, typer.Option(help="Spool while NATS is away.")] = Path("/var/lib/breakfix/fleet-spool"),
+    metrics_port: MetricsPort = 9474,
 ) -> None:
     """Evaluate PromQL health rules over the whole fleet and publish signals (JSON logs)."""
     from breakfix.bus.clock import SystemClock
     from breakfix.bus.jetstream import JetStreamBus
     from breakfix.collectors.app import build_fleet_collector
+    from breakfix.collectors.metrics_serve import run_fleet_observed
     from breakfix.collectors.promfleet import FleetRules, PrometheusClient, load_fleet_rules
     from breakfix.schemas.catalog import load_catalog
 
@@ -129,7 +136,7 @@ def fleet_collector(
     collector = build_fleet_collector(fleet, prom=PrometheusClient(prometheus), clock=SystemClock(),
                                       spool_dir=spool_dir, interval_s=interval,
                                       connect=lambda: JetStreamBus.connect(opts, name="breakfix-fleet-collector"))
-    daemon(collector.run)
+    daemon(lambda stop: run_fleet_observed(collector, stop, port=metrics_port))
 
 
 @app.command()
