@@ -5,12 +5,14 @@ journald ISO, raw ``/dev/kmsg``), one in ten an NVIDIA fault line (XID, MIG Xid,
 GPU map lines), the rest ordinary kernel noise. Times, in the same run: (1) one ``re`` search for
 ``NVRM: Xid`` over every line (the floor: what any grep-like pass costs); (2) the whole command in a child
 process (``breakfix signals kmsg FILE --node n --boot-time ...``: start-up, format check, parsing, signal
-building, JSON output). Reported as seconds and the ratio; the target is under 5 s for the command.
+building, JSON output). Reported as wall seconds, the child's CPU seconds (the figure that does not depend on
+how busy a shared machine is) and the ratio; the target is under 5 s for the command.
 """
 
 from __future__ import annotations
 
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -65,18 +67,23 @@ def bench_kmsg_cli() -> dict[str, float]:
         log = Path(d) / "kern.log"
         write_log(log)
         pattern = re.compile(r"NVRM: Xid \((?:PCI:)?([0-9a-fA-F:.]+)[^)]*\): (\d+)")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         matched = sum(1 for line in log.read_text().splitlines() if pattern.search(line))
-        regex_s = time.perf_counter() - start
+        regex_s, regex_cpu = time.perf_counter() - start, time.process_time() - cpu
         start = time.perf_counter()
+        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run([sys.executable, "-c", "from breakfix.cli.main import app; app()", "signals", "kmsg",
                                str(log), "--node", "n", "--boot-time", "2025-03-04T00:00:00Z"],
                               capture_output=True, text=True, check=False)
         cli_s = time.perf_counter() - start
+        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cli_cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
         signals = proc.stdout.count("\n")
     return {"lines": LINES, "regex_pass_s": round(regex_s, 3), "regex_matches": matched,
-            "breakfix_signals_kmsg_s": round(cli_s, 3), "signals": signals, "exit_code": proc.returncode,
-            "ratio_to_regex": round(cli_s / regex_s, 1) if regex_s else 0.0, "target_s": 5.0}
+            "breakfix_signals_kmsg_s": round(cli_s, 3), "breakfix_signals_kmsg_cpu_s": round(cli_cpu, 3),
+            "signals": signals, "exit_code": proc.returncode,
+            "ratio_to_regex": round(cli_s / regex_s, 1) if regex_s else 0.0,
+            "cpu_ratio_to_regex": round(cli_cpu / regex_cpu, 1) if regex_cpu else 0.0, "target_s": 5.0}
 
 
 if __name__ == "__main__":

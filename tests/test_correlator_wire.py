@@ -21,7 +21,7 @@ from breakfix.schemas.incident import (
     Step,
     StepAction,
 )
-from tests.conftest import T0
+from tests.conftest import T0, make_rules
 from tests.test_correlator_rules import RULE_CASES, ib_down
 from tests.test_correlator_service import workload
 
@@ -53,3 +53,24 @@ def test_change_json_decodes_to_the_validated_model(catalog: Catalog) -> None:
 def test_every_change_kind_round_trips(catalog: Catalog, kind: ChangeKind) -> None:
     ch = incidents(catalog)[0]
     assert IncidentChange.model_validate_json(change_json(kind, ch.incident, T0)).kind is kind
+
+
+def test_checkpoint_round_trip_keeps_sources_overflow_and_the_gpu_index(catalog: Catalog) -> None:
+    """One field map for wire and checkpoint: a restored core has the same incidents, and XID 154 still joins
+    the GPU's incident after a restart (NVIDIA Xid catalog, XID_154)."""
+    from breakfix.correlator.app import CorrelatorConfig, build_core
+    from breakfix.correlator.checkpoint import Checkpoint
+    from tests.conftest import sig
+
+    core = build_core(CorrelatorConfig(catalog=catalog, rules=make_rules(caps={"codes": 2})))
+    for s in [sig(code="94", pod="api-7d9f8c6b5-x2k4p"), sig(code="173", gpu_index=1), sig(code="174", gpu_index=1),
+              sig(code="175", gpu_index=1)]:
+        core.ingest(s, s.observed_at)
+    restored = build_core(CorrelatorConfig(catalog=catalog, rules=core.rules))
+    restored.load_state(Checkpoint.decode(Checkpoint(core.to_state()).encode()).state)
+    before = {i: t.snapshot() for i, t in core.incidents.items()}
+    assert {i: t.snapshot() for i, t in restored.incidents.items()} == before
+    assert any(t.overflow for t in restored.incidents.values()) and all(t.source for t in restored.incidents.values())
+    late = sig(code="154", at=5, message="GPU recovery action changed from 0x0 (None) to 0x1 (GPU Reset Required)")
+    restored.ingest(late, late.observed_at)
+    assert sorted(t.category for t in restored.incidents.values()) == ["gpu_reset_required", "unknown_fault"]

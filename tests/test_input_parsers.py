@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -31,7 +32,7 @@ def ctx(catalog: Catalog) -> NodeContext:
     return NodeContext(cluster="c1", node="n1", catalog=catalog)
 
 
-def rows(args: list[str]) -> list[dict[str, object]]:
+def rows(args: list[str]) -> list[dict[str, Any]]:
     res = runner.invoke(app, ["signals", *args, "--node", "n1"])
     assert res.exit_code == 0, res.output
     return [json.loads(x) for x in res.stdout.splitlines()]
@@ -53,7 +54,7 @@ class TestXidForms:
 
     def test_mig_line_signal_names_the_gpu_and_its_instance(self) -> None:
         got = rows(["kmsg", str(DATA / "kmsg_mig_and_bare.log"), "--boot-time", "2025-03-04T00:00:00Z"])
-        assert [(r["code"], r["details"].get("GPU_I_ID")) for r in got] == [  # type: ignore[union-attr]
+        assert [(r["code"], r["details"].get("GPU_I_ID")) for r in got] == [
             ("94", "5"), ("14", None), ("48", None), ("137", None), ("79", None)]
         assert got[0]["gpu"] == {"index": None, "uuid": "GPU-0f6a1c2d-3e4f-5a6b-7c8d-9e0f1a2b3c4d",
                                  "pci_bus_id": "0000:01:00.0"}
@@ -66,11 +67,18 @@ class TestKmsgTimes:
     def test_boot_time_anchors_relative_stamps(self) -> None:
         got = rows(["kmsg", str(self.LOG), "--boot-time", "2025-03-04T00:00:00Z"])
         assert got[0]["observed_at"] == "2025-03-04T02:45:34.120417Z"
-        assert all("time_source" not in r["details"] for r in got)  # type: ignore[operator]
+        assert all("time_source" not in r["details"] for r in got)
 
     def test_reference_line_anchors_relative_stamps(self) -> None:
         got = rows(["kmsg", str(self.LOG), "--reference", "9934.120417=2025-03-04T02:45:34.120417+00:00"])
         assert got[0]["observed_at"] == "2025-03-04T02:45:34.120417Z"
+
+    def test_coloured_dmesg_reads_like_plain(self, tmp_path: Path) -> None:
+        f = tmp_path / "dmesg-color.txt"
+        f.write_text("".join(f"\x1b[32m{x[:15]}\x1b[0m\x1b[33m{x[15:]}\x1b[0m\n"
+                             for x in self.LOG.read_text().splitlines()))
+        got = rows(["kmsg", str(f), "--boot-time", "2025-03-04T00:00:00Z"])
+        assert got[0]["observed_at"] == "2025-03-04T02:45:34.120417Z" and got[0]["code"] == "94"
 
     def test_unanchored_relative_stamps_are_marked_and_warned_about(self) -> None:
         res = runner.invoke(app, ["signals", "kmsg", str(self.LOG), "--node", "n1"])
@@ -199,7 +207,7 @@ class TestIbstat:
 class TestNvsmi:
     def test_eight_gpu_text_dump_with_a_pending_row_remap(self) -> None:
         got = rows(["nvsmi", str(DATA / "nvsmi_8gpu_row_remap_pending.txt"), "--expected-gpus", "8"])
-        assert [(r["check"], r["gpu"]["index"]) for r in got] == [("row_remap.pending", 3)]  # type: ignore[index]
+        assert [(r["check"], r["gpu"]["index"]) for r in got] == [("row_remap.pending", 3)]
 
     def test_missing_gpu_is_a_count_mismatch(self) -> None:
         got = rows(["nvsmi", str(DATA / "nvsmi_8gpu_row_remap_pending.txt"), "--expected-gpus", "9"])
@@ -212,6 +220,31 @@ class TestNvsmi:
         dbe = next(r for r in got if r["check"] == "ecc.dbe")
         assert dbe["details"]["ecc_volatile_sram_unc"] == "1" and dbe["details"]["ecc_aggregate_sram_unc"] == "3"
         assert dbe["details"]["mig_mode"] == "Enabled" and dbe["details"]["mig_devices"] == "2"
+
+    def test_gpu_nvidia_smi_cannot_open_is_lost_or_reset_required(self, tmp_path: Path) -> None:
+        f = tmp_path / "smi.txt"
+        text = (DATA / "nvsmi_8gpu_row_remap_pending.txt").read_text()
+        head = text.partition("GPU 00000000:DB:00.0")  # the 8th GPU fell off: nvidia-smi prints one line
+        f.write_text(head[0] + "Unable to determine the device handle for GPU0000:DB:00.0: Unknown Error\n"
+                     "Unable to determine the device handle for gpu 0000:e1:00.0: GPU requires reset\n")
+        got = rows(["nvsmi", str(f), "--expected-gpus", "8"])
+        assert sorted((r["check"], r["gpu"]["pci_bus_id"] if r["gpu"] else None) for r in got) == [
+            ("gpu.count_mismatch", None), ("gpu.lost", "0000:db:00.0"), ("gpu.reset_required", "0000:e1:00.0"),
+            ("row_remap.pending", "0000:5d:00.0")]
+        lost = next(r for r in got if r["check"] == "gpu.lost")
+        assert lost["severity"] == "fatal" and lost["details"] == {"nvidia_smi": "Unknown Error"}
+
+    def test_no_devices_found_is_a_clear_error(self, tmp_path: Path) -> None:
+        f = tmp_path / "smi.txt"
+        f.write_text("No devices were found\n")
+        res = runner.invoke(app, ["signals", "nvsmi", str(f), "--node", "n1"])
+        assert res.exit_code == 2 and "found no GPU" in res.stderr
+
+    def test_zero_attached_gpus_is_a_count_mismatch(self, tmp_path: Path) -> None:
+        f = tmp_path / "smi.txt"
+        f.write_text("==============NVSMI LOG==============\n\nAttached GPUs                             : 0\n")
+        assert [(r["check"], r["value"]) for r in rows(["nvsmi", str(f), "--expected-gpus", "8"])] == [
+            ("gpu.count_mismatch", 0.0)]
 
     def test_mig_text_dump_reads_instances_and_thermal_slowdown(self) -> None:
         got = rows(["nvsmi", str(DATA / "nvsmi_1gpu_mig_a100.txt"), "--all"])
@@ -265,6 +298,35 @@ class TestFormatRefusals:
         res = runner.invoke(app, ["signals", cmd, str(f), "--node", "n1"])
         assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
 
+    def test_prometheus_page_of_another_exporter_is_not_dcgm(self, tmp_path: Path) -> None:
+        f = tmp_path / "node.prom"
+        f.write_text("# TYPE node_load1 gauge\nnode_load1 0.42\n")
+        res = runner.invoke(app, ["signals", "dcgm", str(f), "--node", "n1"])
+        assert res.exit_code == 2 and "not dcgm-exporter" in res.stderr
+
+    def test_plain_nvidia_smi_table_points_to_nvidia_smi_q(self, tmp_path: Path) -> None:
+        f = tmp_path / "smi.txt"
+        f.write_text("+-----------------------------------------------------------------------------+\n"
+                     "| NVIDIA-SMI 535.161.08   Driver Version: 535.161.08   CUDA Version: 12.2     |\n"
+                     "|-------------------------------+----------------------+----------------------+\n")
+        res = runner.invoke(app, ["signals", "nvsmi", str(f), "--node", "n1"])
+        assert res.exit_code == 2 and "nvidia-smi -q" in res.stderr
+
+    def test_files_copied_through_windows_read_the_same(self, tmp_path: Path) -> None:
+        f = tmp_path / "ibstat.txt"
+        f.write_bytes(b"\xef\xbb\xbf" + (DATA / "ibstat_down_and_ethernet.txt").read_bytes().replace(b"\n", b"\r\n"))
+        def strip(got: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [{k: v for k, v in r.items() if k not in ("id", "observed_at")} for r in got]
+
+        assert strip(rows(["ibstat", str(f)])) == strip(rows(["ibstat", str(DATA / "ibstat_down_and_ethernet.txt")]))
+
+    def test_kernel_log_with_a_stray_byte_is_read_with_a_warning(self, tmp_path: Path) -> None:
+        f = tmp_path / "kern.log"
+        f.write_bytes(b"[    3.1] usb 1-1: Product: \xff\xfe\n" + (DATA / "kmsg_mig_and_bare.log").read_bytes())
+        res = runner.invoke(app, ["signals", "kmsg", str(f), "--node", "n1", "--boot-time", "2025-03-04T00:00:00Z"])
+        assert res.exit_code == 0 and len(res.stdout.splitlines()) == 5
+        assert "not UTF-8 at byte 28" in res.stderr
+
     def test_healthy_input_of_the_right_format_is_empty_exit_0(self, tmp_path: Path) -> None:
         f = tmp_path / "dmesg.txt"
         f.write_text("[    0.000000] Linux version 6.8.0\n"
@@ -273,7 +335,20 @@ class TestFormatRefusals:
         assert res.exit_code == 0 and res.stdout == ""
 
 
-def test_boot_time_is_now_when_nothing_anchors_a_line() -> None:
+@pytest.mark.parametrize(("line", "expected"), [
+    ("Mar 04 09:12:41.250000 gpu-node-17 kernel: NVRM: Xid (PCI:0000:01:00): 13, x", "2025-03-04T09:12:41.250000"),
+    ("Mar  4 09:12:41 gpu-node-17 kernel: NVRM: Xid (PCI:0000:01:00): 13, x", "2025-03-04T09:12:41"),
+    ("2025-03-04T09:12:41,123456+00:00 NVRM: Xid (PCI:0000:01:00): 13, x", "2025-03-04T09:12:41.123456"),
+    ("kern  :warn  : [   10.500000] NVRM: Xid (PCI:0000:01:00): 13, x", "2025-03-04T00:00:10.500000"),
+], ids=["journalctl-short-precise", "syslog", "dmesg-time-format-iso", "dmesg-x-facility"])
+def test_more_copied_log_time_forms(line: str, expected: str) -> None:
+    from breakfix.collectors.kmsg_follow import line_time
+
+    booted = datetime(2025, 3, 4, tzinfo=UTC)
+    assert line_time(line, booted=booted, now=datetime(2025, 3, 5, tzinfo=UTC)).isoformat() == expected + "+00:00"
+
+
+def test_a_line_without_a_time_is_stamped_now_and_says_so() -> None:
     from breakfix.collectors.kmsg_follow import NO_TIME, line_time_source
 
     now = datetime(2025, 1, 1, tzinfo=UTC)

@@ -170,7 +170,7 @@ CASES = [
                  lambda o: (o.categories() == ["application_fault", "gpu_suspect"] or pytest.fail(str(o.categories())),
                             next(p for i, p in o.plans.items() if i == next(x.id for x in o.incidents
                                                                              if x.category == "gpu_suspect"))
-                            == ["drain_gpu", "validate", "return_to_service", "cordon", "escalate"]
+                            == ["cordon", "drain_gpu", "validate", "return_to_service"]
                             or pytest.fail(str(o.plans))),
                  id=f"{NVSENTINEL} / {XID_CATALOG} WORKFLOW_XID_31: XID 31 from two workloads runs diagnostics, "
                     "fences on failure"),
@@ -202,6 +202,12 @@ CASES = [
     pytest.param([sig(code="154", message="dcgm-exporter: last Xid 154 on gpu0: Drain and Reset")],
                  one("gpu_drain_reset_required", has=("drain_gpu", "reset_gpu")),
                  id=f"{XID_CATALOG}: dcgm-exporter's last-XID gauge 154 drains and resets like the kernel log"),
+    pytest.param([sig(check="ecc.dbe", code=None), sig(check="row_remap.pending", code=None, at=1)],
+                 one("gpu_drain_reset_required", has=("drain_gpu", "reset_gpu")),
+                 id=f"{XID_CATALOG} WORKFLOW_XID_48: an NVML DBE with a pending remap drains and resets like 48+63"),
+    pytest.param([sig(code="48"), dcgm("DCGM_FR_PENDING_ROW_REMAP", at=1)],
+                 one("gpu_drain_reset_required", has=("drain_gpu", "reset_gpu")),
+                 id=f"{DCGM} / {XID_CATALOG} WORKFLOW_XID_48: XID 48 with DCGM's pending row remap drains and resets"),
     pytest.param([dcgm("DCGM_FR_FALLEN_OFF_BUS", gpu=2)] + [xid74(g, 1 + g) for g in (0, 1)],
                  one("node_reboot_required", has=("reboot",), never=("reset_gpu",)),
                  id=f"{DCGM}: DCGM_FR_FALLEN_OFF_BUS folds peers' XID 74 like XID 79"),
@@ -259,3 +265,15 @@ def test_tenant_unknown_label_goes_once_a_pod_is_known(catalog: Catalog) -> None
         core.ingest(s, s.observed_at)
     incs = [i.snapshot() for i in core.incidents.values()]
     assert any(i.labels.get("breakfix.io/tenant") == "unknown" for i in incs)
+
+
+def test_group_plan_names_every_member_and_the_fenced_ones(catalog: Catalog, policy: Policy) -> None:
+    """NVIDIA Fabric Manager guide (shared component): the group's page lists its members; the fenced ones are
+    cordoned by name, at most the budget's worth, never a step without a target node."""
+    o = run(catalog, policy, [sig(code="79", gpu_index=0, node=f"r{i}", at=i, labels={"rack": "rack-7"})
+                              for i in range(4)])
+    plan = decide(o.incidents[0], ClusterView(), policy)
+    cordons = [s.params["node"] for s in plan.steps if s.action.value == "cordon"]
+    page = next(s for s in plan.steps if s.action.value == "escalate")
+    assert cordons == ["r0", "r1"] and page.params["fenced"] == "r0,r1"
+    assert page.params["members"] == "r0,r1,r2,r3"

@@ -1,32 +1,86 @@
-"""Decoders from wire bytes to contract models, raising ``DecodeError`` with a clear reason.
+"""Total decoders from wire bytes to contract models: any failure is a ``DecodeError`` with a reason.
 
-A ``DecodeError`` sends the message to the dead-letter subject (see ``bus.consumer``).
+Every consumer (correlator, remediator, fleet stage, CLI readers) decodes through ``decoder(model)``;
+a ``DecodeError`` sends the message to the dead-letter subject (``bus.consumer``,
+``correlator.service``) and the consumer moves on. Nothing a peer sends (an impossible date such as
+``0001-01-01T00:00:00+01:00``, NaN or Infinity, deep nesting, invalid UTF-8, wrong types, a huge
+payload) may raise anything else: one poison message must never stop a daemon.
+
+A signal decoded together with its subject must name, in its body, the cluster and node its subject
+names (``breakfix.signals.<cluster>.<node>[.<partition>]``): with per-node NATS identities a node can
+publish only on its own subject, so a body that claims another node is a forgery.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from breakfix.bus.consumer import DecodeError
+from breakfix.bus.consumer import DecodeError, decode_message
+from breakfix.schemas import subjects
 from breakfix.schemas.common import first_error
+from breakfix.schemas.signal import Signal
 
 M = TypeVar("M", bound=BaseModel)
 
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # above NATS's largest max_payload; anything bigger is not ours
+
+
+class _SubjectAware:
+    """A decoder that can also check the subject a message arrived on (``consumer.decode_message``)."""
+
+    def __init__(self, fn: Callable[[bytes, str | None], Any], name: str) -> None:
+        self._fn = fn
+        self.__name__ = name
+
+    def __call__(self, data: bytes) -> Any:
+        return self._fn(data, None)
+
+    def with_subject(self, data: bytes, subject: str) -> Any:
+        return self._fn(data, subject)
+
+
+def _reason(model: type[BaseModel], exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        return f"invalid {model.__name__}: {first_error(exc)}"
+    text = " ".join(str(exc).split())[:300] or type(exc).__name__
+    return f"undecodable {model.__name__}: {type(exc).__name__}: {text}"
+
+
+def signal_subject_mismatch(signal: Signal, subject: str) -> str | None:
+    """Why ``subject`` may not carry ``signal`` (None when it may)."""
+    parts = subject.split(".")
+    if len(parts) not in (4, 5) or parts[:2] != [subjects.PREFIX, "signals"]:
+        return f"signal on {subject!r}, not a signal subject"
+    if parts[2] != subjects.token(signal.cluster) or parts[3] != subjects.token(signal.node):
+        return (f"signal for {signal.cluster}/{signal.node} published on {subject!r} "
+                f"(the subject names {parts[2]}/{parts[3]})")
+    return None
+
 
 def decoder(model: type[M]) -> Callable[[bytes], M]:
-    def decode(data: bytes) -> M:
-        try:
-            return model.model_validate_json(data)
-        except ValidationError as exc:
-            raise DecodeError(f"invalid {model.__name__}: {first_error(exc)}") from None
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise DecodeError(f"undecodable {model.__name__}: {exc}") from None
+    """A total decoder for ``model``. For ``Signal`` with a subject, the subject must match the body."""
+    check_subject = model is Signal
 
-    decode.__name__ = f"decode_{model.__name__}"
-    return decode
+    def decode(data: bytes, subject: str | None = None) -> M:
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise DecodeError(f"undecodable {model.__name__}: {len(data)} bytes is over {MAX_MESSAGE_BYTES}")
+        try:
+            item = model.model_validate_json(data)
+        except Exception as exc:  # ValidationError, and anything a validator lets escape: all are poison
+            raise DecodeError(_reason(model, exc)) from None
+        if check_subject and subject is not None:
+            why = signal_subject_mismatch(item, subject)  # type: ignore[arg-type]
+            if why is not None:
+                raise DecodeError(f"forged Signal: {why}")
+        return item
+
+    return _SubjectAware(decode, f"decode_{model.__name__}")
+
+
+__all__ = ["MAX_MESSAGE_BYTES", "DecodeError", "decode_message", "decoder", "encode", "signal_subject_mismatch"]
 
 
 def encode(model: BaseModel) -> bytes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import structlog
 
@@ -25,6 +25,15 @@ log = structlog.get_logger("breakfix.bus")
 
 class DecodeError(ValueError):
     """Raised by a decoder for a message that can never be processed."""
+
+
+def decode_message(decode: Callable[[bytes], T], msg: Delivery) -> T:
+    """Decode a delivered message. A ``bus.codec.decoder`` also sees the subject it arrived on
+    (a signal whose body names another node than its subject is a forgery)."""
+    with_subject = getattr(decode, "with_subject", None)
+    if with_subject is not None:
+        return with_subject(msg.data, msg.subject)  # type: ignore[no-any-return]
+    return decode(msg.data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +67,16 @@ async def dead_letter(bus: Bus, msg: Delivery, *, stream: str, consumer: str, re
     await msg.ack()
 
 
+async def _settle(ack: Awaitable[None], clog: Any) -> None:
+    """Ack or nak; if the connection is gone JetStream redelivers after ack_wait, so log and go on."""
+    try:
+        await ack
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        clog.warning("ack_failed", error=repr(exc))
+
+
 async def run_consumer(bus: Bus, spec: ConsumerSpec[T], *, stop: asyncio.Event,
                        stats: ConsumerStats | None = None) -> ConsumerStats:
     """Consume until ``stop`` is set. Never raises on bad messages or handler errors."""
@@ -77,11 +96,18 @@ async def run_consumer(bus: Bus, spec: ConsumerSpec[T], *, stop: asyncio.Event,
             continue
         for msg in batch:
             try:
-                item = spec.decode(msg.data)
+                item = decode_message(spec.decode, msg)
             except DecodeError as exc:
+                try:
+                    await dead_letter(bus, msg, stream=spec.stream, consumer=spec.durable, reason=str(exc))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as dlq_exc:  # the dead-letter stream is unreachable: try again later
+                    clog.error("dead_letter_failed", subject=msg.subject, reason=str(exc), error=repr(dlq_exc))
+                    await _settle(msg.nak(delay=spec.retry_delay_s), clog)
+                    continue
                 stats.dead_lettered += 1
                 clog.warning("dead_lettered", subject=msg.subject, reason=str(exc))
-                await dead_letter(bus, msg, stream=spec.stream, consumer=spec.durable, reason=str(exc))
                 continue
             try:
                 await spec.handle(item, msg)
@@ -90,8 +116,8 @@ async def run_consumer(bus: Bus, spec: ConsumerSpec[T], *, stop: asyncio.Event,
             except Exception as exc:
                 stats.failed += 1
                 clog.error("handler_failed", subject=msg.subject, error=repr(exc), delivered=msg.num_delivered)
-                await msg.nak(delay=spec.retry_delay_s)
+                await _settle(msg.nak(delay=spec.retry_delay_s), clog)
                 continue
-            await msg.ack()
+            await _settle(msg.ack(), clog)
             stats.handled += 1
     return stats

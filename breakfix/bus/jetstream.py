@@ -21,7 +21,7 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.object_store import ObjectStore
 
-from breakfix.bus.connect import connect_client
+from breakfix.bus.connect import ConnectionEvents, connect_client
 from breakfix.bus.jskv import JetStreamKv
 from breakfix.bus.options import NatsOptions
 from breakfix.bus.pipeline import PipelinedPublisher, PublishError
@@ -75,12 +75,27 @@ class _NatsDelivery:
         await self._msg.term()
 
 
+def _transform(c: api.StreamConfig) -> tuple[str, str] | None:
+    t = c.subject_transform
+    return (t.src or "", t.dest or "") if t is not None else None
+
+
+def _same_stream(want: api.StreamConfig, have: api.StreamConfig) -> bool:
+    """Whether ``have`` already is what ``want`` asks for, in the fields breakfix sets."""
+    return (sorted(want.subjects or []) == sorted(have.subjects or [])
+            and abs((want.duplicate_window or 0) - (have.duplicate_window or 0)) < 1e-3
+            and abs((want.max_age or 0) - (have.max_age or 0)) < 1e-3
+            and want.storage == have.storage and want.retention == have.retention
+            and _transform(want) == _transform(have))
+
+
 class JetStreamBus:
     """A connected JetStream bus. Create with ``await JetStreamBus.connect(url)``."""
 
-    def __init__(self, nc: Client, js: JetStreamContext) -> None:
+    def __init__(self, nc: Client, js: JetStreamContext, events: ConnectionEvents | None = None) -> None:
         self._nc = nc
         self._js = js
+        self._events = events
         self._subs: list[Subscription] = []  # core subscriptions (serve, subscribe), closed on close()
         self._pullers: dict[tuple[str, str], BatchPuller] = {}
         self._pipeline: PipelinedPublisher | None = None
@@ -94,8 +109,12 @@ class JetStreamBus:
         that raises ``BusConnectError`` (CLI). With ``stop``: retry with backoff until connected, or
         raise ``ConnectAborted`` once ``stop`` is set (daemons). See ``bus.connect``."""
         opts = target if isinstance(target, NatsOptions) else NatsOptions(url=target)
-        nc = await connect_client(opts, name=name, stop=stop)
-        return cls(nc, nc.jetstream(timeout=10.0))
+        nc, events = await connect_client(opts, name=name, stop=stop)
+        return cls(nc, nc.jetstream(timeout=10.0), events)
+
+    def _denied(self, subject: str) -> Callable[[], bool]:
+        events = self._events
+        return lambda: events is not None and events.denied(subject)
 
     async def ensure_streams(self, specs: Sequence[StreamSpec]) -> None:
         for spec in specs:
@@ -120,6 +139,8 @@ class JetStreamBus:
             return
         if keep_transform:  # only the partitioned correlator decides partitioning; others keep it
             config.subject_transform = info.config.subject_transform
+        if _same_stream(config, info.config):
+            return  # nothing to change: a least-privilege identity (a node) needs only STREAM.INFO
         await transient_retry(lambda: self._js.update_stream(config))
 
     async def ensure_consumer(self, *, stream: str, durable: str, filter_subject: str,
@@ -213,7 +234,8 @@ class JetStreamBus:
         hdrs = dict(headers or {})
         if msg_id:
             hdrs[HDR_MSG_ID] = msg_id
-        ack = await transient_retry(lambda: self._js.publish(subject, data, headers=hdrs or None))
+        ack = await transient_retry(lambda: self._js.publish(subject, data, headers=hdrs or None),
+                                    give_up=self._denied(subject))
         return PublishAck(stream=ack.stream, seq=ack.seq, duplicate=bool(ack.duplicate))
 
     async def pull(self, *, stream: str, durable: str, batch: int, timeout_s: float) -> list[Delivery]:

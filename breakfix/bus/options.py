@@ -59,7 +59,7 @@ class NatsOptions(BaseModel):
     def merged(self, **overrides: Any) -> NatsOptions:
         """These options with the non-None ``overrides`` (CLI flags over a config file's section)."""
         changes = {k: v for k, v in overrides.items() if v is not None}
-        return NatsOptions.model_validate({**self.model_dump(), **changes}) if changes else self
+        return type(self).model_validate({**self.model_dump(), **changes}) if changes else self
 
     def describe(self) -> str:
         return self.url + (" (creds)" if self.creds else "") + (" (tls)" if self.tls_ca or self.tls_cert else "")

@@ -19,7 +19,6 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception,
-    retry_if_exception_type,
     stop_after_attempt,
     stop_never,
     wait_exponential,
@@ -38,10 +37,29 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 )
 
 
-async def transient_retry(fn: Callable[[], Awaitable[T]], *, attempts: int = 5, max_wait_s: float = 2.0) -> T:
-    """Call ``fn`` and retry it on transient errors only; re-raise the last error."""
+class PermissionDenied(RuntimeError):
+    """The server refused this subject to our identity: permanent, never retried."""
+
+
+async def transient_retry(fn: Callable[[], Awaitable[T]], *, attempts: int = 5, max_wait_s: float = 2.0,
+                          give_up: Callable[[], bool] | None = None) -> T:
+    """Call ``fn`` and retry it on transient errors only; re-raise the last error. ``give_up`` says the
+    timeout was the server refusing the subject (a permissions violation): ``PermissionDenied`` at once."""
+    def worth_retrying(exc: BaseException) -> bool:
+        return isinstance(exc, TRANSIENT) and not (give_up is not None and give_up())
+
+    try:
+        return await _retry(fn, worth_retrying, attempts, max_wait_s)
+    except TRANSIENT as exc:
+        if give_up is not None and give_up():
+            raise PermissionDenied(f"the server refused this identity: {exc!r}") from None
+        raise
+
+
+async def _retry(fn: Callable[[], Awaitable[T]], worth: Callable[[BaseException], bool], attempts: int,
+                 max_wait_s: float) -> T:
     async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type(TRANSIENT),
+        retry=retry_if_exception(worth),
         stop=stop_after_attempt(attempts),
         wait=wait_exponential(multiplier=0.05, max=max_wait_s) + wait_random(0, 0.05),
         reraise=True,

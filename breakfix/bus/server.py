@@ -41,14 +41,15 @@ def free_port() -> int:
 class EmbeddedNats:
     """A child ``nats-server -js`` process. Use as a context manager or call start/stop."""
 
-    def __init__(self, store_dir: str | Path, *, port: int | None = None) -> None:
+    def __init__(self, store_dir: str | Path, *, port: int | None = None, config: Path | None = None) -> None:
         self.store_dir = Path(store_dir)
         self.port = port or free_port()
+        self.config = config  # a server config (``breakfix bus init``); address, port and store still come from here
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"{'tls' if self.config else 'nats'}://127.0.0.1:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -57,8 +58,8 @@ class EmbeddedNats:
     def start(self, timeout_s: float = 15.0) -> EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log = self.store_dir / "nats-server.log"
-        cmd = [find_nats_server(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-               "-sd", str(self.store_dir), "-l", str(log)]
+        store = ["-c", str(self.config)] if self.config else ["-js", "-sd", str(self.store_dir)]  # config: its own
+        cmd = [find_nats_server(), *store, "-a", "127.0.0.1", "-p", str(self.port), "-l", str(log)]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, start_new_session=True)
         deadline = time.monotonic() + timeout_s

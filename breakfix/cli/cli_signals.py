@@ -9,6 +9,7 @@ Bad lines or samples are skipped, counted and reported on stderr; the rest is pr
 
 from __future__ import annotations
 
+import re
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,24 +21,35 @@ from breakfix.cli.cliutil import err, fail, load, signals_app
 from breakfix.schemas.datafile import DataFileError, read_text
 
 MAX_INPUT = 256 * 1024 * 1024
+_ANSI = re.compile(r"\x1b\[[0-9;?]{0,32}[A-Za-z]")
 Node = Annotated[str, typer.Option(help="Node the input came from.")]
 Cluster = Annotated[str, typer.Option(help="Cluster name.")]
 AllStates = Annotated[bool, typer.Option("--all", help="Print healthy readings too.")]
 
 
-def _read(file: Path, wanted: str, max_bytes: int = MAX_INPUT) -> str:
-    """The input's text, refused (exit 2, one line) when it is unreadable or not in the ``wanted`` format."""
+def _read(file: Path, wanted: str, max_bytes: int = MAX_INPUT, *, lenient: bool = False) -> str:
+    """The input's text, refused (exit 2, one line) when it is unreadable or not in the ``wanted`` format.
+    ``lenient`` (kernel logs): bytes that are not UTF-8 are replaced and warned about, not fatal."""
     from breakfix.collectors.sniff import refusal, sniff
 
+    warning = ""
     try:
         text = read_text(file, max_bytes)
     except DataFileError as exc:
-        raise fail(str(exc)) from None
+        if not (lenient and "not UTF-8" in exc.message):
+            raise fail(str(exc)) from None
+        text = read_text(file, max_bytes, lenient=True)
+        warning = f"warning: {exc}; undecodable bytes read as U+FFFD"
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n")  # a BOM and CRLF from files copied through Windows
+    if "\x1b[" in text:  # `dmesg --color=always`, a terminal capture: colour codes are not text
+        text = _ANSI.sub("", text)
     if not text.strip():
         raise fail(f"{file}: empty, not {wanted} output")
     fmt = sniff(text)
     if fmt != wanted:
         raise fail(f"{file}: {refusal(fmt, wanted)}")
+    if warning:
+        err.print(warning, highlight=False, markup=False)
     return text
 
 
@@ -108,7 +120,7 @@ def signals_kmsg(
     from breakfix.collectors.kmsg_follow import RELATIVE, line_time_source
 
     anchored = _anchor(boot_time, reference)
-    text = _read(file, "kmsg")
+    text = _read(file, "kmsg", lenient=True)
     ctx = _ctx(cluster, node)
     now = datetime.now(UTC)
     booted = anchored or now  # unanchored: relative stamps are counted from now, and marked
@@ -151,6 +163,8 @@ def signals_dcgm(
     from breakfix.collectors.dcgm import DcgmRules
 
     text = _read(file, "prometheus")
+    if "DCGM_" not in text:
+        raise fail(f"{file}: a Prometheus page without one DCGM_ metric: not dcgm-exporter's /metrics")
     rules = DcgmRules(_ctx(cluster, node))
     try:
         cycle = rules.apply(text, datetime.now(UTC), 0.0, baseline_xids=False)
@@ -261,12 +275,19 @@ def signals_nvsmi(
     """GPU health from an nvidia-smi dump: ECC, row remaps, retired pages, clocks events, PCIe replays, fabric."""
     from breakfix.collectors.nvsmi import NvsmiFormatError, NvsmiThresholds, nvsmi_signals, parse_nvsmi
 
+    try:
+        head = read_text(file, 4096)
+    except DataFileError:
+        head = ""
+    if head.strip().startswith("No devices were found"):
+        raise fail(f"{file}: nvidia-smi found no GPU on that node (\"No devices were found\"): check the driver and "
+                   "`lspci | grep -i nvidia`")
     text = _read(file, "nvsmi")
     try:
         read = parse_nvsmi(text)
     except NvsmiFormatError as exc:
         raise fail(f"{file}: {_one_line(str(exc))}") from None
-    if not read.gpus:
+    if not read.gpus and read.attached != 0:
         raise fail(f"{file}: nvidia-smi output with no GPU section")
     th = NvsmiThresholds(pcie_replay_total=pcie_replay_limit, expected_gpus=expected_gpus)
     signals = nvsmi_signals(read, _ctx(cluster, node), datetime.now(UTC), th)

@@ -25,7 +25,7 @@ from breakfix.schemas.datafile import read_text
 
 MAX_REPLAY_BYTES = 256 * 1024 * 1024
 
-__all__ = ["app", "cli_daemons", "cli_oncall", "cli_ops", "cli_signals", "cli_simulate", "main"]
+__all__ = ["app", "cli_bus", "cli_daemons", "cli_oncall", "cli_ops", "cli_signals", "cli_simulate", "main"]
 
 
 @app.command()
@@ -209,7 +209,7 @@ def _root(
 
 # The other command groups register on the same app, after these (so `breakfix --help` lists
 # the demo first).
-from breakfix.cli import cli_daemons, cli_oncall, cli_ops, cli_signals, cli_simulate  # noqa: E402
+from breakfix.cli import cli_bus, cli_daemons, cli_oncall, cli_ops, cli_signals, cli_simulate  # noqa: E402
 
 
 def main() -> None:  # pragma: no cover

@@ -77,8 +77,8 @@ def parse_line(line: str) -> KernelEvent | None:
     """One kernel-log line -> an event, or None when it is not an NVIDIA fault line.
 
     Raises ``BadLine`` for a fault line with an impossible PCI address; callers skip and count it."""
-    if "NVRM" not in line and "SXid" not in line:
-        return None
+    if "Xid" not in line and "fallen off" not in line and "The NVIDIA GPU" not in line:
+        return None  # cheap substring checks first: most NVRM lines are driver chatter
     line = line.rstrip("\n")
     raw = _RAW_KMSG.match(line)
     seq = raw.group("seq") if raw else ""
@@ -114,7 +114,7 @@ def parse_line(line: str) -> KernelEvent | None:
 
 def gpu_map_entry(line: str) -> tuple[str, str] | None:
     """``NVRM: GPU at PCI:0000:01:00: GPU-...`` -> (normalised PCI, UUID)."""
-    m = _GPU_MAP.search(line)
+    m = _GPU_MAP.search(line) if "GPU at PCI:" in line else None
     if m is None:
         return None
     try:

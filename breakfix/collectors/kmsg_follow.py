@@ -33,7 +33,7 @@ _RAW = re.compile(r"^\d+,(?P<seq>\d+),(?P<usec>\d+),[^;]*;")
 _MONO = re.compile(r"^(?:\S+\s+){0,5}?\[\s*(?P<mono>\d+\.\d+)\]")
 _ISO = re.compile(r"^(?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d\d:?\d\d)?)")
 _DMESG_T = re.compile(r"^\[(?P<t>\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4})\]")
-_SYSLOG = re.compile(r"^(?P<t>\w{3} [ \d]\d \d\d:\d\d:\d\d) ")
+_SYSLOG = re.compile(r"^(?P<t>\w{3} [ \d]\d \d\d:\d\d:\d\d)(?P<frac>\.\d{1,9})? ")
 
 
 def read_boot_id(path: Path = BOOT_ID) -> str:
@@ -79,6 +79,8 @@ def line_time_source(line: str, *, booted: datetime, now: datetime) -> tuple[dat
         return datetime.strptime(m.group("t"), "%a %b %d %H:%M:%S %Y").replace(tzinfo=UTC), ABSOLUTE
     if m := _SYSLOG.match(line):
         t = datetime.strptime(f"{now.year} {m.group('t')}", "%Y %b %d %H:%M:%S").replace(tzinfo=UTC)
+        if m.group("frac"):  # journalctl -o short-precise
+            t += timedelta(microseconds=int(m.group("frac")[1:7].ljust(6, "0")))
         return (t if t <= now + timedelta(days=1) else t.replace(year=now.year - 1)), ABSOLUTE
     if m := _MONO.match(line):
         return booted + timedelta(seconds=float(m.group("mono"))), RELATIVE

@@ -14,7 +14,9 @@ signals, so a fault reads the same from a dump as from a live GPU:
   HW Power Brake Slowdown -> ``clock.*`` (NVML bits 0x8, 0x40, 0x80);
 - ``Fabric`` State / Status -> ``fabric.gpu`` (NVML_GPU_FABRIC_STATE_*; N/A: not an NVSwitch system);
 - ``Replays Since Reset`` (one reading: a total, not a rate) against ``pcie_replay_total`` -> ``pcie.replay``;
-- the GPU count (``Attached GPUs`` and the GPU sections) against an expected count -> ``gpu.count_mismatch``.
+- the GPU count (``Attached GPUs`` and the GPU sections) against an expected count -> ``gpu.count_mismatch``;
+- ``Unable to determine the device handle for GPU <bus>: <why>`` -> ``gpu.lost`` (``gpu.reset_required`` when
+  the reason asks for a reset), as NVML's own GpuIsLost / ResetRequired errors are read live.
 MIG mode and MIG devices are read per GPU (``details.mig_mode``, ``details.mig_devices``). Values that read
 ``N/A``, ``[N/A]``, ``Not Supported`` or ``[Requires Root]`` are absent, never zero. XML with entity
 declarations is refused (no entity expansion). Field names: NVIDIA nvidia-smi(1) and ``nvsmi_device_v12.dtd``.
@@ -38,6 +40,10 @@ _KV = re.compile(r"^(?P<indent> *)(?P<key>\S.*?)\s+:\s?(?P<value>.*?)\s*$")
 _GPU = re.compile(r"^GPU (?P<bus>[0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7])\s*$")
 _ABSENT = {"n/a", "[n/a]", "not supported", "[not supported]", "[requires root]", "unknown error", "[unknown error]",
            "none", ""}
+# What nvidia-smi prints for a GPU NVML cannot open: "GPU is lost. Reboot the system to recover this GPU",
+# "GPU requires reset", "Unknown Error" (the usual face of a GPU off the bus, Xid 79): lost unless it says reset.
+_NO_HANDLE = re.compile(r"Unable to determine the device handle for (?:GPU|gpu)\s*"
+                        r"(?P<bus>[0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}(?:\.[0-7])?):\s*(?P<why>[^\n]*)")
 FABRIC_STATES = {"not supported": 0, "not started": 1, "in progress": 2, "completed": 3}
 
 
@@ -67,7 +73,7 @@ def norm(key: str) -> str:
 
 def looks_like_nvsmi(text: str) -> bool:
     head = text[:65536]
-    return ("NVSMI LOG" in head or "<nvidia_smi_log" in head
+    return ("NVSMI LOG" in head or "<nvidia_smi_log" in head or "Unable to determine the device handle for" in head
             or bool(re.search(r"^GPU [0-9A-Fa-f]{8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7]\s*$", head, re.M)
                     and "Product Name" in head))
 
@@ -188,7 +194,7 @@ def gpu_sample(gpu: Node, index: int) -> NvsmiGpu:
         s.remap_failure = _yes(first(rows, "remapping_failure_occurred", "remapped_row_failure"))
     pages = gpu.get("retired_pages")
     if pages is not None:
-        s.retired_pending = _yes(first(pages, "pending_page_blacklist", "pending_blacklist"))
+        s.retired_pending = _yes(first(pages, "pending_page_blacklist", "pending_blacklist", "pending"))
         sbe = _int(first(pages, "single_bit_ecc", "multiple_single_bit_retirement/retired_count"))
         dbe = _int(first(pages, "double_bit_ecc", "double_bit_retirement/retired_count"))
         s.retired_pages = None if sbe is None or dbe is None else sbe + dbe
@@ -248,8 +254,21 @@ def parse_nvsmi(text: str) -> NvsmiRead:
     """Every GPU of a dump. ``NvsmiFormatError`` when the text is no nvidia-smi -q output."""
     if not looks_like_nvsmi(text):
         raise NvsmiFormatError("not nvidia-smi -q output")
-    tree = parse_tree(text)
+    tree = parse_tree(text) if "NVSMI LOG" in text or text.lstrip().startswith("<") else Node("")
     gpus = [gpu_sample(g, i) for i, g in enumerate(tree.all("gpu"))]
+    seen = {g.sample.gpu.pci_bus_id for g in gpus}
+    for m in _NO_HANDLE.finditer(text[:1 << 20]):
+        try:
+            pci = normalize_pci_bus_id(m.group("bus"))
+        except ValueError:
+            continue
+        if pci in seen or len(gpus) >= 4096:
+            continue
+        seen.add(pci)
+        why = m.group("why").lower()
+        lost = "gpu.reset_required" if "reset" in why and "reboot" not in why else "gpu.lost"
+        gpus.append(NvsmiGpu(GpuSample(gpu=GpuRef(pci_bus_id=pci), lost=lost), {"nvidia_smi": m.group("why")[:200]},
+                             None))
     return NvsmiRead(gpus, _int(tree.get("attached_gpus")))
 
 
@@ -273,7 +292,7 @@ def nvsmi_signals(read: NvsmiRead, ctx: NodeContext, at: datetime, th: NvsmiThre
     for g in read.gpus:
         ctx.register_gpus([g.sample.gpu])
         for sig in evaluate(ctx, g.sample, None, at, 0.0, th.nvml, set()):
-            if sig.check == "ecc.dbe" and g.details:
+            if g.details and (sig.check == "ecc.dbe" or (g.sample.lost and sig.check == g.sample.lost)):
                 sig = sig.model_copy(update={"details": {**sig.details, **g.details}})
             out.append(sig)
         if g.pcie_replays is not None:

@@ -2,7 +2,8 @@
 
 ``sniff(text)`` looks at the head of an input (at most 64 KiB / 200 lines) and names its format:
 ``nvsmi`` (``nvidia-smi -q`` text or ``-q -x`` XML), ``ibstat`` (``ibstat`` / ``ibstatus``),
-``prometheus`` (a ``/metrics`` page such as dcgm-exporter's), ``signals`` (breakfix Signal JSONL),
+``nvsmi-table`` (plain ``nvidia-smi``: no health fields), ``prometheus`` (a ``/metrics`` page such as
+dcgm-exporter's), ``signals`` (breakfix Signal JSONL),
 ``kmsg`` (a kernel log in any prefix the kmsg rules read), ``binary`` or None. ``hint(fmt)`` is the
 command to use instead. Pure; used by ``breakfix.cli.cli_signals``.
 """
@@ -20,7 +21,8 @@ COMMANDS = {"kmsg": ("a kernel log", "breakfix signals kmsg FILE --node N"),
             "nvsmi": ("nvidia-smi -q output", "breakfix signals nvsmi FILE --node N"),
             "ibstat": ("ibstat / ibstatus output", "breakfix signals ibstat FILE --node N"),
             "signals": ("breakfix Signal JSONL", "breakfix replay FILE"),
-            "ib": ("an InfiniBand sysfs tree", "breakfix signals ib DIR --node N")}
+            "ib": ("an InfiniBand sysfs tree", "breakfix signals ib DIR --node N"),
+            "nvsmi-table": ("nvidia-smi's summary table", "nvidia-smi -q > FILE; breakfix signals nvsmi FILE --node N")}
 _KERNEL = re.compile(
     r"^(?:\d+,\d+,\d+,[^;]*;|\[\s*\d+\.\d+\]|\[\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\]|\w{3} [ \d]\d \d\d:\d\d:\d\d "
     r"|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d|-- (?:Logs|Journal|No entries|Boot))|kernel: |NVRM|nvidia|SXid")
@@ -37,6 +39,8 @@ def sniff(text: str) -> str | None:
         return "nvsmi"
     if looks_like_ibstat(head):
         return "ibstat"
+    if "NVIDIA-SMI" in head and "Driver Version" in head:
+        return "nvsmi-table"
     lines = [x for x in head.splitlines()[:200] if x.strip()]
     if not lines:
         return None

@@ -195,7 +195,8 @@ class IncidentBook:
                     inc.over("components", at, caps.components, limit)
             if s.gpu is not None:
                 g = s.gpu.key()
-                self.state.by_gpu[f"gpu|{s.cluster}|{s.node}|{g}"] = inc.id
+                if o.gpu_key is not None:
+                    self.state.by_gpu[o.gpu_key] = inc.id
                 if g not in inc.gpus:
                     if len(inc.gpus) < caps.components:
                         inc.gpus[g] = s.gpu
@@ -223,8 +224,7 @@ class IncidentBook:
             self.state.down[s.node] = (inc.id, s.gpu.key(), at)
         elif fc.category in rules.down_categories:
             self.state.down[s.node] = (inc.id, "", at)
-        if inc.category == "gpu_reset_required" and "xid:48" in inc.counts \
-                and not self.state.companion_keys.isdisjoint(inc.counts):
+        if inc.category == "gpu_reset_required" and self.state.dbe_with_remap(inc.counts):
             material |= self.companions(inc, at)
         return material
 
@@ -242,7 +242,8 @@ class IncidentBook:
         return changed
 
     def companions(self, inc: TrackedIncident, at: datetime) -> bool:
-        """XID 48 with 63/64 on the same GPU means drain-and-reset (NVIDIA WORKFLOW_XID_48)."""
+        """XID 48 with 63/64 on the same GPU (or the same facts from NVML/DCGM) means drain-and-reset
+        (NVIDIA WORKFLOW_XID_48)."""
         spec = self.state.catalog.category("gpu_drain_reset_required")
         inc.note(at, "category", "XID 48 with a row-remap event: drain and reset", self.rules.timeline_limit)
         inc.category, inc.title = "gpu_drain_reset_required", "XID 48 DBE with row-remap event: drain and reset"

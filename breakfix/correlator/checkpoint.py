@@ -28,6 +28,9 @@ def _pydantic(obj: Any) -> Any:
     raise TypeError(f"cannot checkpoint {type(obj).__name__}")
 
 
+MAX_CHECKPOINT_BYTES = 1 << 30  # inflated; a zip bomb is refused, not expanded
+
+
 class CheckpointError(ValueError):
     """A stored checkpoint that cannot be read; the correlator refuses to start on it."""
 
@@ -48,13 +51,24 @@ class Checkpoint:
     @classmethod
     def decode(cls, blob: bytes) -> Checkpoint:
         try:
-            doc = orjson.loads(zlib.decompress(blob))
+            inflate = zlib.decompressobj()
+            raw = inflate.decompress(blob, MAX_CHECKPOINT_BYTES)
+            if inflate.unconsumed_tail:
+                raise CheckpointError(f"checkpoint inflates past {MAX_CHECKPOINT_BYTES} bytes")
+            doc = orjson.loads(raw)
         except (zlib.error, orjson.JSONDecodeError) as exc:
             raise CheckpointError(f"checkpoint is not readable: {exc}") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise CheckpointError(f"checkpoint format {doc.get('format') if isinstance(doc, dict) else '?'!r}, "
                                   f"expected {FORMAT!r}")
-        return cls(state=doc["state"], positions={k: int(v) for k, v in doc["positions"].items()})
+        try:  # total: a wrong shape is a CheckpointError, never another exception
+            positions = {str(k): int(v) for k, v in doc["positions"].items()}
+            state = doc["state"]
+            if not isinstance(state, dict):
+                raise TypeError(f"state is {type(state).__name__}")
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise CheckpointError(f"checkpoint has a wrong shape: {type(exc).__name__}: {exc}") from None
+        return cls(state=state, positions=positions)
 
 
 class CheckpointStore:

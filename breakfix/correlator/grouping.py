@@ -128,6 +128,7 @@ class Correlator:
         gkey = s.gpu.key() if s.gpu is not None else None
         gpu_key = f"gpu|{s.cluster}|{s.node}|{gkey}" if gkey is not None else None
         o = Observation(s, fk, ck, eck, fc, gpu_key)
+        down = eck in rules.down_codes or fc.category in rules.down_categories  # may fold peers opened before
         if gpu_key is not None and s.check == "xid" and s.code in st.symp:
             host = st.live(st.by_key.get(gpu_key))
             if host is not None and at - host.last_seen <= st.symp_td:
@@ -137,7 +138,8 @@ class Correlator:
             # incident already holding that GPU's codes (and a GPU off the bus joins that incident too)
             host = book.gpu_host(gpu_key, s)
             if host is not None:
-                return book.add(host, o, fold=not fc.known) + book.after_down(host, o)
+                changes = book.add(host, o, fold=not fc.known)
+                return changes + book.after_down(host, o) if down else changes
         if eck in rules.peer_codes:
             d = st.down.get(s.node)
             if d is not None and d[1] != gkey and at - d[2] <= st.peer_td:
@@ -145,19 +147,20 @@ class Correlator:
                 if host is not None:
                     return book.add(host, o, fold=True)
         if fc.category in rules.impact_categories and s.tenant is not None:
-            changes = self.patterns.endpoint(o)
-            if changes is not None:
-                return changes
+            found = self.patterns.endpoint(o)
+            if found is not None:
+                return found
         if gpu_key is not None and eck in rules.suspect_codes and s.tenant is not None:
-            changes = self.patterns.suspect(gpu_key, o)
-            if changes is not None:
-                return changes
+            found = self.patterns.suspect(gpu_key, o)
+            if found is not None:
+                return found
         key, scope = self._key(s, fc, gpu_key)
         inc = st.incidents.get(st.by_key.get(key, ""))
         if inc is not None and inc.status.terminal:
             if inc.status is IncidentStatus.RESOLVED and inc.resolved_at is not None \
                     and (at - inc.resolved_at).total_seconds() <= rules.flap_s:
-                return book.reopen(inc, o) + book.after_down(inc, o)
+                changes = book.reopen(inc, o)
+                return changes + book.after_down(inc, o) if down else changes
             inc = None
         if inc is None:
             thr = rules.thresholds.get(eck)
@@ -172,8 +175,9 @@ class Correlator:
                 st.remember(s.id, "")
                 return []
             changes = book.open(key, scope, o)
-            return changes + book.after_down(st.incidents[st.by_key[key]], o)
-        return book.add(inc, o) + book.after_down(inc, o)
+            return changes + book.after_down(st.incidents[st.by_key[key]], o) if down else changes
+        changes = book.add(inc, o)
+        return changes + book.after_down(inc, o) if down else changes
 
     def _key(self, s: Signal, fc: FaultClass, gpu_key: str | None) -> tuple[str, IncidentScope]:
         if fc.domain is Domain.TENANT and s.tenant is not None:

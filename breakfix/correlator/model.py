@@ -141,9 +141,10 @@ class TrackedIncident:
         return cls(**{name: dec(d[name]) for name, dec in _STATE.items() if name in d})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Observation:
-    """The facts of one fault signal that the core's collaborators need, worked out once per signal."""
+    """The facts of one fault signal that the core's collaborators need, worked out once per signal.
+    Not frozen only because a frozen dataclass is slower to build on this per-signal path; never mutated."""
 
     signal: Signal
     fk: str  # fault key: check@entity, what a healthy signal must match to clear it

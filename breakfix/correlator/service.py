@@ -29,7 +29,7 @@ import structlog
 
 from breakfix.bus.clock import Clock, SystemClock
 from breakfix.bus.codec import decoder
-from breakfix.bus.consumer import ConsumerStats, DecodeError
+from breakfix.bus.consumer import ConsumerStats, DecodeError, decode_message
 from breakfix.bus.protocol import BlobStore, Bus, Delivery, PublishAck
 from breakfix.correlator.checkpoint import Checkpoint, CheckpointStore
 from breakfix.correlator.grouping import Correlator
@@ -185,7 +185,7 @@ class CorrelatorService:
             changes: list[Change] = []
             for msg in msgs:
                 try:
-                    item = decode(msg.data)
+                    item = decode_message(decode, msg)  # signals: the subject must name the body's node
                 except DecodeError as exc:
                     stats.dead_lettered += 1
                     await self._dead_letter(msg, stream, durable, str(exc))

@@ -56,14 +56,18 @@ class CoreState:
         self.stats = {"signals": 0, "duplicates": 0, "suppressed": 0, "healthy": 0, "folded": 0,
                       "below_threshold": 0, "impact": 0, "expired": 0}
         self.symp = catalog.correlation.sympathetic_xids
+        self._message_xids = catalog.message_xids  # classes depend on the message: never cached
         self.dedupe_td = timedelta(seconds=self.rules.dedupe_s)
         self.symp_td = timedelta(seconds=self.rules.sympathetic_s)
         self.peer_td = timedelta(seconds=self.rules.peer.window_s if self.rules.peer else self.rules.sympathetic_s)
-        self.companion_keys = frozenset(f"xid:{c}" for c in catalog.correlation.dbe_companions)
+        corr = catalog.correlation
+        self.dbe_facts = frozenset({"xid:48", *corr.dbe_equivalents})
+        self.remap_facts = frozenset({*(f"xid:{c}" for c in corr.dbe_companions), *corr.remap_equivalents})
 
     # -- helpers shared by the collaborators --------------------------------------------------------------
     def classify(self, s: Signal) -> FaultClass:
-        if self.catalog.message_dependent(s.check, s.code):  # XID 154 / 74 / NVLink5, SXid fatal word
+        check = s.check
+        if (check == "xid" and s.code in self._message_xids) or check == "sxid":  # 154/74/NVLink5, SXid's Fatal
             return self.catalog.classify(check=s.check, code=s.code, message=s.message, details=s.details)
         k = (s.check, s.code)
         cache = self._classes
@@ -75,6 +79,11 @@ class CoreState:
         else:
             cache.move_to_end(k)
         return fc
+
+    def dbe_with_remap(self, counts: dict[str, int]) -> bool:
+        """A DBE and a row-remap event on one incident, from any source (a DCGM code counts by its name)."""
+        facts = {k if k in self.dbe_facts or k in self.remap_facts else k.rpartition(":")[2] for k in counts}
+        return not facts.isdisjoint(self.dbe_facts) and not facts.isdisjoint(self.remap_facts)
 
     def remember(self, signal_id: str, incident: str) -> None:
         seen = self.seen

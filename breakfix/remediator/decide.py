@@ -64,12 +64,18 @@ def _steps(specs: tuple[StepSpec, ...], incident: Incident, view: ClusterView,
         if spec.action in (StepAction.NOTIFY_TENANT, StepAction.RESTART_POD):
             out.extend(_tenant_steps(spec, incident, view, base))
             continue
-        if incident.scope is IncidentScope.FABRIC and not incident.node and spec.action in _MEMBER_ACTIONS:
-            # a group incident reaches its members: one step per fenced member node (issue 11 item 5)
-            out.extend(Step(action=spec.action, params={**base, "node": n, **spec.params}, timeout_s=spec.timeout_s,
-                            requires_approval=spec.requires_approval)
-                       for n in fenced_members(incident, view, budget))
-            continue
+        if incident.scope is IncidentScope.FABRIC and not incident.node:
+            fenced = fenced_members(incident, view, budget)
+            if spec.action in _MEMBER_ACTIONS:
+                # a group incident reaches its members: one step per fenced member node (issue 11 item 5)
+                out.extend(Step(action=spec.action, params={**base, "node": n, **spec.params},
+                                timeout_s=spec.timeout_s, requires_approval=spec.requires_approval) for n in fenced)
+                continue
+            if spec.action is StepAction.ESCALATE:  # the page names every member and which ones were fenced
+                out.append(Step(action=spec.action, params={**base, "members": ",".join(incident.nodes),
+                                                            "fenced": ",".join(fenced), **spec.params},
+                                timeout_s=spec.timeout_s, requires_approval=spec.requires_approval))
+                continue
         out.append(Step(action=spec.action, params={**base, **spec.params}, timeout_s=spec.timeout_s,
                         requires_approval=spec.requires_approval))
     return tuple(out)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from breakfix.schemas.common import UtcDatetime
 
 AGENT_COMMAND_SCHEMA: Literal["breakfix.agent-command/v1"] = "breakfix.agent-command/v1"
-_FROZEN = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+_FROZEN = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False)  # finite numbers only
 
 
 class AgentAction(StrEnum):

@@ -61,12 +61,23 @@ def normalize_pci_bus_id(raw: str) -> str:
     return f"{dom:04x}:{bus:02x}:{dev:02x}.{fn:x}"
 
 
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2200, 1, 1, tzinfo=UTC)
+"""Timestamps in the contracts lie in [EARLIEST, LATEST): the epoch (a node whose clock was never set)
+up to a bound far enough from ``datetime.max`` that adding any window or age cannot overflow."""
+
+
 def _to_utc(value: datetime) -> datetime:
-    if value.tzinfo is UTC:
-        return value
     if value.tzinfo is None:
         raise ValueError("timestamp must carry a timezone (RFC 3339)")
-    return value.astimezone(UTC)
+    if value.tzinfo is not UTC:
+        try:
+            value = value.astimezone(UTC)
+        except OverflowError:  # 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+            raise ValueError("timestamp out of range") from None
+    if not EARLIEST <= value < LATEST:
+        raise ValueError(f"timestamp {value.isoformat()} outside {EARLIEST.year}..{LATEST.year}")
+    return value
 
 
 def format_rfc3339(value: datetime) -> str:
@@ -85,7 +96,7 @@ UtcDatetime = Annotated[
 """A timezone-aware timestamp, stored in UTC, written as RFC 3339."""
 
 
-FROZEN = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+FROZEN = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True, allow_inf_nan=False)
 
 
 class GpuRef(BaseModel):

@@ -10,7 +10,8 @@ before they cost memory or a traceback (``read_text``, ``parse_yaml``):
 - YAML aliases (``*ref``: the alias bomb) and merge keys are refused; nesting deeper than ``MAX_DEPTH``
   and more than ``MAX_NODES`` nodes are refused, checked on the parser's event stream before anything
   is built;
-- every number must be finite (``.inf`` / ``.nan`` are refused wherever they appear), and a number
+- every number must be finite (``.inf`` / ``.nan`` are refused wherever they appear, integers beyond 2**63
+  too), and a number
   under a key that names a duration, interval, window, timeout, threshold, limit or count must not be
   negative (``_non_negative``). The models add their own tighter bounds.
 """
@@ -61,24 +62,33 @@ def _walk(node: yaml.Node, path: tuple[str | int, ...], out: LineMap) -> None:
             _walk(item, (*path, i), out)
 
 
-def read_text(path: str | Path, max_bytes: int = MAX_DATA_BYTES, *, what: str = "") -> str:
+def read_text(path: str | Path, max_bytes: int = MAX_DATA_BYTES, *, what: str = "", lenient: bool = False) -> str:
     """A text file's content, refused with one ``DataFileError`` when it is too large, binary or not UTF-8.
-    Reads at most ``max_bytes + 1`` bytes, so a device like ``/dev/zero`` costs no more than that."""
+    Reads at most ``max_bytes + 1`` bytes, so a device like ``/dev/zero`` costs no more than that.
+    ``lenient``: undecodable bytes become U+FFFD instead (logs, where one odd byte must not cost the file)."""
     p = Path(path)
     try:
         if p.is_dir():
             raise DataFileError(p, None, "is a directory, not a file")
+        chunks: list[bytes] = []
+        size = 0
         with p.open("rb") as fh:
-            raw = fh.read(max_bytes + 1)
+            while size <= max_bytes:
+                chunk = fh.read(min(1 << 20, max_bytes + 1 - size))
+                if not chunk:
+                    break
+                nul = chunk.find(b"\x00")
+                if nul >= 0:  # binary: refused at the first NUL, before reading on (``/dev/zero``)
+                    raise DataFileError(p, None, f"binary data, not text (NUL byte at byte {size + nul})")
+                chunks.append(chunk)
+                size += len(chunk)
     except OSError as exc:
         raise DataFileError(p, None, f"cannot read: {exc.strerror or exc}") from None
-    nul = raw.find(b"\x00")
-    if nul >= 0:
-        raise DataFileError(p, None, f"binary data, not text (NUL byte at byte {nul})")
-    if len(raw) > max_bytes:
+    if size > max_bytes:
         raise DataFileError(p, None, f"larger than {max_bytes} bytes{what}")
+    raw = b"".join(chunks)
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8", errors="replace" if lenient else "strict")
     except UnicodeDecodeError as exc:
         raise DataFileError(p, None, f"not UTF-8 at byte {exc.start}") from None
 
@@ -124,6 +134,9 @@ def _check_numbers(data: Any, path: str | Path, lines: LineMap) -> None:
         elif isinstance(value, float) and not math.isfinite(value):
             dotted = ".".join(str(x) for x in loc) or "<root>"
             raise DataFileError(path, line_for(lines, loc), f"{dotted}: {value} is not a finite number")
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**63:
+            dotted = ".".join(str(x) for x in loc) or "<root>"
+            raise DataFileError(path, line_for(lines, loc), f"{dotted}: {str(value)[:20]}... is out of range")
         elif isinstance(value, int | float) and not isinstance(value, bool) and value < 0 and _non_negative(loc):
             dotted = ".".join(str(x) for x in loc)
             raise DataFileError(path, line_for(lines, loc), f"{dotted}: must be greater than or equal to 0, "

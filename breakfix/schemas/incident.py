@@ -19,7 +19,7 @@ from breakfix.schemas.common import GpuRef, Severity, TenantRef, UtcDatetime
 INCIDENT_SCHEMA: Literal["breakfix.incident/v1"] = "breakfix.incident/v1"
 ACTION_SCHEMA: Literal["breakfix.action/v1"] = "breakfix.action/v1"
 
-_FROZEN = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+_FROZEN = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False)  # finite numbers only
 
 
 class IncidentScope(StrEnum):

@@ -46,7 +46,8 @@ class SignalSource(StrEnum):
 class Signal(BaseModel):
     """One observation of one check on one entity. Frozen; safe to hash and share."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, str_strip_whitespace=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, str_strip_whitespace=True,
+                              allow_inf_nan=False)  # NaN/Infinity readings are invalid, not "very large"
 
     schema_: Literal["breakfix.signal/v1"] = Field(default=SIGNAL_SCHEMA, alias="schema")
     id: str = Field(min_length=8, max_length=128, description="Deterministic for one observation.")

@@ -9,6 +9,7 @@ import json
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,7 @@ HOSTILE = {
     "nan": b"version: 1\ninterval_s: .nan\n",
     "inf": b"version: 1\nretry_window_s: .inf\n",
     "negative": b"version: 1\ninterval_s: -5\n",
+    "huge-int": b"version: 1\nmax_records: " + b"9" * 400 + b"\n",
 }
 # Commands that take a YAML data file (scenario, policy, rules, configs), and how to pass it.
 YAML_COMMANDS = {
@@ -45,6 +47,7 @@ TEXT_COMMANDS = {
     "signals-dcgm": ["signals", "dcgm", "{f}", "--node", "n"],
     "signals-ibstat": ["signals", "ibstat", "{f}", "--node", "n"],
     "signals-nvsmi": ["signals", "nvsmi", "{f}", "--node", "n"],
+    "signals-ib": ["signals", "ib", "{f}", "--node", "n"],
 }
 TEXT_KINDS = ("yaml-bomb", "dev-zero", "invalid-utf8", "deep-nesting")
 
@@ -105,7 +108,7 @@ def test_hostile_file_is_one_line_exit_2_in_bounded_memory(results: dict[str, di
 @pytest.mark.parametrize(("kind", "reason"), [
     ("yaml-bomb", "aliases"), ("dev-zero", "NUL byte"), ("invalid-utf8", "not UTF-8 at byte 17"),
     ("deep-nesting", "nested deeper"), ("nan", "not a finite number"), ("inf", "not a finite number"),
-    ("negative", "greater than or equal to 0"),
+    ("negative", "greater than or equal to 0"), ("huge-int", "out of range"),
 ])
 def test_hostile_yaml_reason_names_the_problem(results: dict[str, dict[str, object]], kind: str, reason: str) -> None:
     assert reason in str(results[f"demo-policy:{kind}"]["stderr"])
@@ -113,3 +116,15 @@ def test_hostile_yaml_reason_names_the_problem(results: dict[str, dict[str, obje
 
 def test_line_of_a_bad_number_is_named(results: dict[str, dict[str, object]]) -> None:
     assert "negative.yaml:2: interval_s" in str(results["correlator-rules:negative"]["stderr"])
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (b"a" * 10, "larger than 5 bytes"), (b"ab\x00", "NUL byte at byte 2"), (b"ok\xff", "not UTF-8 at byte 2"),
+], ids=["over-the-limit", "binary", "invalid-utf8"])
+def test_read_text_refuses_before_reading_on(tmp_path: Path, data: bytes, reason: str) -> None:
+    from breakfix.schemas.datafile import DataFileError, read_text
+
+    f = tmp_path / "f"
+    f.write_bytes(data)
+    with pytest.raises(DataFileError, match=reason):
+        read_text(f, 5)

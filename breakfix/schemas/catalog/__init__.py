@@ -32,6 +32,8 @@ from breakfix.schemas.incident import Domain
 
 CATALOG_DIR = Path(__file__).resolve().parent
 UNKNOWN = "unknown_fault"
+UNKNOWN_SOURCE = ("breakfix cautious default: not in NVIDIA's Xid catalog "
+                  "(https://docs.nvidia.com/deploy/xid-errors/analyzing-xid-catalog.html) or DCGM/NVSentinel tables")
 
 _XID154_RE = re.compile(r"recovery action changed from 0x[0-9a-fA-F]+ \([^)]*\) to 0x[0-9a-fA-F]+ \(([^)]*)\)")
 
@@ -54,6 +56,9 @@ class CorrelationFacts(BaseModel):
     application_xids: frozenset[str]
     sympathetic_xids: frozenset[str]
     dbe_companions: frozenset[str]
+    # the same facts from other sources: a DBE (XID 48) and a row-remap event/failure (XID 63/64)
+    dbe_equivalents: frozenset[str] = frozenset()
+    remap_equivalents: frozenset[str] = frozenset()
 
 
 class ClassesFile(BaseModel):
@@ -145,7 +150,7 @@ class Catalog:
                           title or spec.title, source)
 
     def unknown(self, what: str) -> FaultClass:
-        return self._make(UNKNOWN, "", False, f"Unknown fault {what}", "")
+        return self._make(UNKNOWN, "", False, f"Unknown fault {what}", UNKNOWN_SOURCE)
 
     def xid(self, code: str, message: str = "", details: dict[str, str] | None = None) -> FaultClass:
         """Classify an XID by NVIDIA's immediate resolution bucket."""

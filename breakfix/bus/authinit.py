@@ -1,0 +1,141 @@
+"""Set up a secured bus in one directory (``breakfix bus init``) and issue identities (``breakfix bus user``).
+
+Why decentralized JWT auth with scoped signing keys: the server config names one operator and its
+accounts, never a user. Each role (``bus.permissions``) is a signing key of the cluster's account
+whose permission template names the user (``{{name()}}``); a node's credentials are a user JWT signed
+by the ``node`` key. Adding the 10,001st node is ``breakfix bus user --node N``, with no server
+config change and no reload. Revoking one is a new account JWT (``nats.revocations``).
+
+Layout of the directory (secrets 0600 under ``keys/``):
+``bus.json`` (cluster, public keys), ``operator.jwt``, ``keys/*.nk`` (operator, accounts, role signing
+keys), ``tls/ca.crt|ca.key|server.crt|server.key``, ``nats-server.conf`` (TLS with client
+certificates required, operator mode with a preloaded MEMORY resolver, JetStream, monitor port on
+loopback), and ``users/<name>.creds|.crt|.key`` written by ``issue_user``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from breakfix.bus import tls
+from breakfix.bus.nkeyjwt import Key, account_jwt, creds_text, operator_jwt, scoped_signing_key, user_jwt
+from breakfix.bus.permissions import ROLES, role_template
+from breakfix.schemas import subjects
+
+META = "bus.json"
+
+
+class BusAuthError(ValueError):
+    """A refusal with one line for the operator (exists already, unknown role, bad name)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UserFiles:
+    creds: Path
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def _secret(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text(text)
+
+
+def _conf_str(value: str) -> str:
+    return json.dumps(value)  # nats-server's config accepts JSON strings
+
+
+def server_config(root: Path, *, operator_jwt_path: Path, system: str, preload: dict[str, str], listen: str,
+                  monitor_port: int, store_dir: Path, server_name: str) -> str:
+    lines = [
+        "# Written by 'breakfix bus init'. Users are not listed here: their JWTs are signed by the",
+        "# account's scoped signing keys, so adding a node needs no change to this file.",
+        f"server_name: {_conf_str(server_name)}",
+        f"listen: {_conf_str(listen)}",
+    ]
+    if monitor_port:
+        lines.append(f"http: {_conf_str(f'127.0.0.1:{monitor_port}')}  # monitoring on loopback only")
+    lines += [
+        f"operator: {_conf_str(str(operator_jwt_path))}",
+        f"system_account: {system}",
+        "resolver: MEMORY",
+        "resolver_preload: {",
+        *[f"  {pub}: {_conf_str(token)}" for pub, token in preload.items()],
+        "}",
+        f"jetstream: {{ store_dir: {_conf_str(str(store_dir))}, max_memory_store: 256MB, max_file_store: 50GB }}",
+        "tls {",
+        f"  cert_file: {_conf_str(str(root / 'tls' / 'server.crt'))}",
+        f"  key_file: {_conf_str(str(root / 'tls' / 'server.key'))}",
+        f"  ca_file: {_conf_str(str(root / 'tls' / 'ca.crt'))}",
+        "  verify: true  # every client presents a certificate from this CA",
+        "  timeout: 2",
+        "}",
+        "max_payload: 1MB",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def init_bus(root: Path, *, cluster: str, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
+             listen: str = "0.0.0.0:4222", monitor_port: int = 8222, store_dir: Path | None = None,
+             force: bool = False, now: dt.datetime) -> Path:
+    """Create operator, accounts, role signing keys, CA and server certificate, and the server config;
+    returns the config's path. Refuses to overwrite an existing set unless ``force``."""
+    if subjects.token(cluster) != cluster:
+        raise BusAuthError(f"cluster {cluster!r} is not a subject token (letters, digits, '-', '_')")
+    root = root.resolve()
+    if (root / META).exists() and not force:
+        raise BusAuthError(f"{root / META} exists; use --force to replace every key (all credentials change)")
+    operator, system, account = Key.new("operator"), Key.new("account"), Key.new("account")
+    signers = {role: Key.new("account") for role in ROLES}
+    op_jwt = operator_jwt(operator, f"breakfix-{cluster}", system_account=system.public)
+    sys_jwt = account_jwt(system, "SYS", operator, jetstream=False)
+    app_jwt = account_jwt(account, cluster, operator, signing_keys=[
+        scoped_signing_key(signers[role], role, role_template(role, cluster)) for role in ROLES])
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "operator.jwt").write_text(op_jwt + "\n")
+    for name, key in [("operator", operator), ("system", system), ("account", account),
+                      *[(f"role-{r}", k) for r, k in signers.items()]]:
+        _secret(root / "keys" / f"{name}.nk", key.seed + "\n")
+    (root / "tls").mkdir(exist_ok=True)
+    ca = tls.new_ca(f"breakfix {cluster} bus CA", now=now)
+    tls.write(ca, root / "tls" / "ca.crt", root / "tls" / "ca.key")
+    tls.write(tls.issue(ca, f"nats.{cluster}", server=True, hosts=hosts, now=now),
+              root / "tls" / "server.crt", root / "tls" / "server.key")
+    conf = root / "nats-server.conf"
+    conf.write_text(server_config(root, operator_jwt_path=root / "operator.jwt", system=system.public,
+                                  preload={system.public: sys_jwt, account.public: app_jwt}, listen=listen,
+                                  monitor_port=monitor_port, store_dir=store_dir or root / "jetstream",
+                                  server_name=f"breakfix-{cluster}"))
+    (root / META).write_text(json.dumps({
+        "cluster": cluster, "operator": operator.public, "system_account": system.public,
+        "account": account.public, "signing_keys": {r: k.public for r, k in signers.items()},
+        "hosts": list(hosts)}, indent=2) + "\n")
+    return conf
+
+
+def issue_user(root: Path, *, role: str, name: str, now: dt.datetime, out_dir: Path | None = None) -> UserFiles:
+    """Credentials (user JWT + seed) and a client certificate for ``name`` in ``role``."""
+    if role not in ROLES:
+        raise BusAuthError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+    if not name or subjects.token(name) != name or len(name) > 128:
+        raise BusAuthError(f"name {name!r} must be one subject token (letters, digits, '-', '_'), at most 128")
+    root = root.resolve()
+    if not (root / META).is_file():
+        raise BusAuthError(f"{root / META} not found; run 'breakfix bus init --dir {root}' first")
+    meta = json.loads((root / META).read_text())
+    account = Key.from_seed((root / "keys" / "account.nk").read_text())
+    signer = Key.from_seed((root / "keys" / f"role-{role}.nk").read_text())
+    user = Key.new("user")
+    token = user_jwt(user, name, account=account, signer=signer, tags=[f"role:{role}", f"cluster:{meta['cluster']}"])
+    out = (out_dir or root / "users").resolve()
+    files = UserFiles(out / f"{name}.creds", out / f"{name}.crt", out / f"{name}.key", root / "tls" / "ca.crt")
+    _secret(files.creds, creds_text(token, user))
+    ca = tls.read(root / "tls" / "ca.crt", root / "tls" / "ca.key")
+    tls.write(tls.issue(ca, f"{role}:{name}", server=False, now=now), files.cert, files.key)
+    return files

@@ -1,0 +1,88 @@
+"""``breakfix bus init`` and ``breakfix bus user``: keys, certificates and credentials for a secured bus.
+
+``init`` writes an operator, the cluster's account with one scoped signing key per role, a CA and a
+server certificate, and a nats-server config (TLS with client certificates, JWT auth, monitor port on
+loopback) into one directory. ``user`` issues one identity: a .creds file (user JWT + seed) and a client
+certificate, for a node (``--node N``) or a role (``--role R --name NAME``). Everything is written by
+``breakfix.bus.authinit``; daemons and commands read the files through ``--creds --tls-*``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from breakfix.cli.cliutil import app, fail, out
+
+bus_app = typer.Typer(no_args_is_help=True, help="Keys, certificates and credentials for a secured bus.")
+app.add_typer(bus_app, name="bus")
+
+# names the deploy manifests use for the same roles: a node's collector and agent share the node identity
+ALIASES = {"collector": "node", "agent": "node", "fleet-collector": "fleet", "correlator-fleet": "correlator"}
+SERVICES = ("correlator", "remediator", "fleet")  # one identity each: the name defaults to the role
+
+BusDir = Annotated[Path, typer.Option("--dir", envvar="BREAKFIX_BUS_DIR",
+                                      help="Where the bus's keys, certificates and server config live.")]
+
+
+@bus_app.command("init")
+def bus_init(
+    cluster: Annotated[str, typer.Option(envvar="BREAKFIX_CLUSTER", help="Cluster the bus serves.")],
+    directory: BusDir = Path("breakfix-bus"),
+    host: Annotated[list[str] | None, typer.Option(
+        "--host", help="Name or IP clients use for the server (repeat); default localhost and 127.0.0.1.")] = None,
+    hosts: Annotated[str | None, typer.Option(help="The same, comma-separated.")] = None,
+    listen: Annotated[str, typer.Option(help="Client address and port of nats-server.")] = "0.0.0.0:4222",
+    monitor_port: Annotated[int, typer.Option(min=0, max=65535,
+                                              help="Monitoring port, bound to 127.0.0.1; 0 turns it off.")] = 8222,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing keys (every credential changes).")] = False,
+) -> None:
+    """Create the operator, account, role signing keys, CA, server certificate and nats-server config."""
+    from breakfix.bus.authinit import BusAuthError, init_bus
+
+    names = tuple(dict.fromkeys([*(host or []), *(h.strip() for h in (hosts or "").split(",") if h.strip())]))
+    try:
+        conf = init_bus(directory, cluster=cluster, hosts=names or ("localhost", "127.0.0.1"), listen=listen,
+                        monitor_port=monitor_port, force=force, now=datetime.now(UTC))
+    except (BusAuthError, OSError) as exc:
+        raise fail(str(exc)) from None
+    out.print(f"wrote {conf} (start: nats-server -c {conf})", highlight=False)
+    out.print(f"issue identities: breakfix bus user --dir {directory} --node NODE | --role ROLE --name NAME",
+              highlight=False)
+
+
+@bus_app.command("user")
+def bus_user(
+    directory: BusDir = Path("breakfix-bus"),
+    node: Annotated[str | None, typer.Option(help="Issue a node identity (collector and agent) for NODE.")] = None,
+    role: Annotated[str | None, typer.Option(
+        help="correlator, fleet, remediator, operator, admin or viewer (aliases: collector and agent with "
+             "--node, fleet-collector, correlator-fleet).")] = None,
+    name: Annotated[str | None, typer.Option(help="The identity's name (a person's login for operator/admin).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write (default DIR/users).")] = None,
+    partition: Annotated[int | None, typer.Option(min=0, help="Correlator partition (name correlator-pP).")] = None,
+) -> None:
+    """Write NAME.creds (user JWT + seed) and a client certificate NAME.crt/NAME.key."""
+    from breakfix.bus.authinit import BusAuthError, issue_user
+
+    requested = role
+    role = ALIASES.get(role, role) if role else None
+    if node is not None and role in (None, "node"):
+        role, name = "node", node
+    elif node is not None or role is None:
+        raise fail("give either --node NODE or --role ROLE --name NAME")
+    if role == "correlator" and partition is not None:
+        name = name or f"correlator-p{partition}"
+    name = name or (requested if role in SERVICES else None)
+    if not name:
+        raise fail(f"--role {role} needs --name NAME")
+    try:
+        files = issue_user(directory, role=role, name=name, now=datetime.now(UTC), out_dir=out_dir)
+    except (BusAuthError, OSError) as exc:
+        raise fail(str(exc)) from None
+    out.print(f"wrote {files.creds}, {files.cert}, {files.key}", highlight=False)
+    out.print(f"connect with: --creds {files.creds} --tls-ca {files.ca} --tls-cert {files.cert} "
+              f"--tls-key {files.key}", highlight=False)
