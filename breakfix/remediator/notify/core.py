@@ -14,7 +14,8 @@ Rules (issue 14):
   ``wait_limit_s``, and the resolution of anything that was paged;
 - each event triggers once per incident attempt (``flaps``): the ids are deterministic, so a
   re-send is the same notification and every channel dedupes it by ``dedup_key``;
-- an ack or a silence suppresses further triggers for that incident (never its remediation); an ack
+- an ack suppresses further triggers for that incident, a silence (the console's: cluster plus node, category or
+  code, until a time) those of every incident it matches; neither touches remediation; an ack
   of a paged incident is passed on (PagerDuty ``acknowledge``); resolves are always sent;
 - a page resolves when its incident resolves, folds into another, or a human releases or cancels it
   (an escalated incident stays escalated until someone does: the correlator never resolves it alone).
@@ -22,6 +23,7 @@ Rules (issue 14):
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -42,6 +44,7 @@ MAX_INCIDENTS = 100_000
 MAX_DONE = 20
 MAX_HELD = 50
 MAX_EARLY = 10_000
+MAX_SILENCES = 1_000
 EARLY_KINDS = frozenset({ActionKind.PLAN, ActionKind.REFUSAL, ActionKind.STEP, ActionKind.ACK, ActionKind.SILENCE,
                          ActionKind.RELEASE, ActionKind.CANCEL})
 WAIT_GUARDS = frozenset({"budget", "topology_budget", "cooldown"})
@@ -87,6 +90,7 @@ class NotifyCore:
         self.breaker: dict[str, Notification] = {}  # cluster -> the breaker page while tripped
         self.held: dict[str, list[str]] = {}        # cluster -> incidents the breaker holds
         self.early: OrderedDict[str, list[ActionRecord]] = OrderedDict()  # records that beat their incident
+        self.silences: OrderedDict[str, tuple[dict[str, str], datetime]] = OrderedDict()  # id -> (matcher, until)
 
     # -- state -------------------------------------------------------------------------------------
     def _t(self, incident_id: str) -> Tracked:
@@ -129,6 +133,9 @@ class NotifyCore:
         if inc is None or event in t.paged or self._folded(inc, inc.id) or t.acked:
             return []
         if t.silenced_until is not None and at < t.silenced_until:
+            return []
+        if self._silenced(at, cluster=inc.cluster, category=inc.category, nodes=(inc.node, *inc.nodes),
+                          codes=inc.codes):
             return []
         n = self._build(t, inc, event, NotifyAction.TRIGGER, at, summary=summary, next_=next_)
         t.paged[event] = n
@@ -178,6 +185,9 @@ class NotifyCore:
             return self._breaker_reset(rec)
         if breaker and rec.kind in (ActionKind.NOTIFICATION, ActionKind.STEP):  # the remediator's breaker page
             return self._breaker(rec)
+        if rec.kind is ActionKind.SILENCE and ("matcher" in rec.details or "silence_id" in rec.details):
+            self._silence(rec)  # the console's silences match cluster + node / category / code, not one incident
+            return []
         unknown = rec.incident_id not in self.tracked or self.tracked[rec.incident_id].incident is None
         if unknown and rec.kind in EARLY_KINDS:
             held = self.early.setdefault(rec.incident_id, [])
@@ -211,6 +221,36 @@ class NotifyCore:
             return self._refusal(t, rec)
         return []
 
+    def _silence(self, rec: ActionRecord) -> None:
+        sid = rec.details.get("silence_id") or rec.id
+        if rec.outcome is ActionOutcome.CANCELLED:
+            self.silences.pop(sid, None)
+            return
+        try:
+            matcher = json.loads(rec.details.get("matcher", "{}"))
+        except ValueError:
+            return
+        if not isinstance(matcher, dict) or "cluster" not in matcher:
+            return
+        self.silences[sid] = ({str(k): str(v) for k, v in matcher.items()}, _until(rec))
+        while len(self.silences) > MAX_SILENCES:
+            self.silences.popitem(last=False)
+
+    def _silenced(self, at: datetime, *, cluster: str, category: str, nodes: tuple[str | None, ...],
+                  codes: tuple[str, ...]) -> bool:
+        """Does an active silence match? Every key it names must match (code: ``xid:48`` or ``48``)."""
+        for matcher, until in self.silences.values():
+            if at >= until or matcher.get("cluster") != cluster:
+                continue
+            if "node" in matcher and matcher["node"] not in nodes:
+                continue
+            if "category" in matcher and matcher["category"] != category:
+                continue
+            if "code" in matcher and not any(matcher["code"] in (c, c.partition(":")[2]) for c in codes):
+                continue
+            return True
+        return False
+
     def step(self, seen: StepSeen) -> None:
         """A step record, read cheaply (a plan makes two per step; the notifier only keeps what was done)."""
         t = self.tracked.get(seen.incident_id)
@@ -240,7 +280,8 @@ class NotifyCore:
         return []
 
     def _breaker(self, rec: ActionRecord) -> list[Notification]:
-        if rec.cluster in self.breaker:
+        if rec.cluster in self.breaker or self._silenced(rec.at, cluster=rec.cluster, category="breaker",
+                                                           nodes=(), codes=()):
             return []
         open_ops = [i for i, t in self.tracked.items() if t.incident is not None and not t.incident.status.terminal
                     and t.incident.domain.value == "operator" and not self._folded(t.incident, i)]
