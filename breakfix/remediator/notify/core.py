@@ -164,7 +164,7 @@ class NotifyCore:
         for member in inc.members:
             if inc.status.terminal:
                 self.covered.pop(member, None)
-            else:
+            elif member in self.covered or len(self.covered) < MAX_INCIDENTS:
                 self.covered[member] = inc.id
         if inc.parent is not None or ch.kind is ChangeKind.FOLDED:
             return self._resolve(t, ch.at, f"folded into {inc.parent}: that incident's page stands for it")
