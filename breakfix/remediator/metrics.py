@@ -126,7 +126,8 @@ class RemediatorMetrics:
     def guards(self, state: GuardState, spec: GuardsSpec, view: ClusterView | None) -> None:
         """Before a scrape: breaker, budgets and held nodes from the live guard state."""
         self.breaker_open.set(1 if state.breaker_tripped_at is not None else 0)
-        self.nodes_held.set(len(state.active))
+        holds = getattr(state, "holds", {})  # nodes kept cordoned for an incident beside those in remediation
+        self.nodes_held.set(len(set(state.active) | set(holds)))
         nodes = view.nodes if view is not None else {}
         self.budget_in_use.clear()  # racks that emptied must not keep their last count
         self.budget_limit.clear()
