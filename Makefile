@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench schema clean venv system-deps proto checkov image image-base
+.PHONY: demo test lint bench schema clean venv system-deps proto checkov image image-base vendor
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,15 @@ bench: $(STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. breakfix/collectors/podresources/api.proto
+
+# The console's JS, from the npm registry (never a CDN at run time); version and sha256 in VENDORED.md.
+HTMX_VERSION := 2.0.11
+HTMX_SHA256 := d6fdc75f204e6bdefa99b69bf1e6d4ac69b8a364f77929f45c13476b4000f717
+vendor:
+	@tmp=$$(mktemp -d) && cd $$tmp && npm pack --silent htmx.org@$(HTMX_VERSION) >/dev/null && tar xzf htmx.org-*.tgz && \
+	  echo "$(HTMX_SHA256)  package/dist/htmx.min.js" | sha256sum -c --quiet && \
+	  cp package/dist/htmx.min.js $(CURDIR)/breakfix/console/static/htmx.min.js && rm -rf $$tmp && \
+	  echo "vendored htmx.org $(HTMX_VERSION) into breakfix/console/static/"
 
 schema: $(STAMP)
 	$(BIN)/breakfix schema export

@@ -25,12 +25,13 @@ from breakfix.bus.clock import SystemClock
 from breakfix.bus.codec import encode
 from breakfix.bus.jetstream import JetStreamBus
 from breakfix.bus.server import EmbeddedNats
+from breakfix.remediator.app import build_remediator
+from breakfix.remediator.config import RemediatorConfig
 from breakfix.remediator.guards import BudgetSpec
 from breakfix.remediator.metrics_serve import run_observed
 from breakfix.remediator.notify.config import NotifyConfig
 from breakfix.remediator.notify.service import NotifierService
 from breakfix.remediator.policy import load_policy
-from breakfix.remediator.service import RemediatorService
 from breakfix.remediator.simcluster import SimCluster, SimNode
 from breakfix.schemas import subjects
 from breakfix.schemas.common import Severity
@@ -77,7 +78,8 @@ async def one_round(n: int, notify: bool) -> dict[str, float]:
                 "soak_s": 0.0, "budget": BudgetSpec(max_nodes=n, max_percent=100), "topology_budgets": (),
                 "breaker": policy.guards.breaker.model_copy(update={"max_percent": 100.0})})})
             cluster = SimCluster({f"n{i}": SimNode(f"n{i}") for i in range(n)})
-            svc = RemediatorService(bus, cluster, policy, lambda: datetime.now(UTC), actor="remediator/bench")
+            svc = await build_remediator(RemediatorConfig(cluster="bench", actor="remediator/bench"), bus=bus,
+                                         clock=SystemClock(), cluster_api=cluster, policy=policy)
             config = NotifyConfig.model_validate({
                 "channels": [{"name": "stall", "type": "webhook", "url": url, "timeout_s": 2, "attempts": 3,
                               "backoff_s": 0.5}], "default": ["stall"], "queue_size": 100}) if notify else None

@@ -21,15 +21,16 @@ import kmock
 from kubernetes import client
 
 from benchmarks.measure import pct_ms
+from breakfix.bus.clock import SystemClock
 from breakfix.bus.codec import encode
 from breakfix.bus.jetstream import JetStreamBus
 from breakfix.bus.server import EmbeddedNats
+from breakfix.remediator.app import build_remediator
+from breakfix.remediator.config import RemediatorConfig
 from breakfix.remediator.guards import BudgetSpec
 from breakfix.remediator.k8s import DrainPolicy, KubernetesActuator, api_for
 from breakfix.remediator.policy import load_policy
-from breakfix.remediator.service import RemediatorService
 from breakfix.remediator.simcluster import SimCluster, SimNode
-from breakfix.remediator.store import KvStore
 from breakfix.schemas import subjects
 from breakfix.schemas.common import GpuRef, Severity
 from breakfix.schemas.incident import (
@@ -54,8 +55,8 @@ async def bench_first_action(n: int = 1000) -> dict[str, float]:
                 "soak_s": 0.0, "budget": BudgetSpec(max_nodes=n, max_percent=100), "topology_budgets": (),
                 "breaker": policy.guards.breaker.model_copy(update={"max_percent": 100.0})})})
             cluster = SimCluster({f"n{i}": SimNode(f"n{i}") for i in range(n)})
-            svc = RemediatorService(bus, cluster, policy, lambda: datetime.now(UTC),
-                                    store=await KvStore.open(bus))
+            svc = await build_remediator(RemediatorConfig(cluster="bench"), bus=bus, clock=SystemClock(),
+                                         cluster_api=cluster, policy=policy)
             sent: dict[str, float] = {}
             first: dict[str, float] = {}
 

@@ -13,6 +13,8 @@
    kmock (benchmarks/remediator.py).
 7. ``breakfix signals kmsg`` over 100,000 mixed kernel-log lines beside a plain regex pass over the same
    file (benchmarks/parsers.py).
+8. Console: 10,000 open incidents in the index beside a long incident history; the console's
+   list and ``breakfix incidents`` side by side with a raw KV read (benchmarks/console.py).
 Prints one JSON object; nothing here is a pass/fail test.
 """
 
@@ -29,6 +31,7 @@ from pathlib import Path
 import nats
 
 from benchmarks.collector import bench_collector
+from benchmarks.console import bench_console
 from benchmarks.measure import pct_ms, peak_rss_mb, spawn_breakfix
 from benchmarks.mixes import fleet_hour, stress_mix
 from benchmarks.notify import bench_notify
@@ -228,6 +231,7 @@ def main() -> None:
         result["nats_stress_mix"] = asyncio.run(bench_nats(stress[:60_000], Path(d) / "b"))
         result["latency"] = asyncio.run(bench_latency(Path(d)))
         result["storm"] = asyncio.run(bench_storm(Path(d)))
+        result["console"] = bench_console(Path(d))
     result["collector"] = asyncio.run(bench_collector())
     result["remediator_first_action"] = asyncio.run(bench_first_action())
     result["remediator_drains_kmock"] = asyncio.run(bench_drains())

@@ -29,10 +29,11 @@ from breakfix.collectors.app import build_collector
 from breakfix.collectors.config import CollectorConfig
 from breakfix.correlator.app import CorrelatorConfig, build_correlator
 from breakfix.correlator.metrics_serve import correlator_server, poll_lag
+from breakfix.remediator.app import build_remediator
+from breakfix.remediator.config import RemediatorConfig
 from breakfix.remediator.metrics_serve import run_observed
 from breakfix.remediator.notify.config import NotifyConfig
 from breakfix.remediator.policy import Policy
-from breakfix.remediator.service import RemediatorService
 from breakfix.remediator.simcluster import SimCluster, SimNode
 from breakfix.schemas import subjects
 from breakfix.schemas.catalog import Catalog
@@ -135,8 +136,9 @@ async def pipeline(tmp_path: Path, catalog: Catalog, policy: Policy) -> AsyncIte
         cluster = SimCluster({n: SimNode(n, gpus=8) for n in NODES})
         notify = NotifyConfig.model_validate({"channels": [{"name": "hook", "type": "webhook",
                                                             "url": f"{hook_url}/webhook"}], "default": ["hook"]})
-        rem = RemediatorService(await bus("t-remediator"), cluster, pol, clock.now, actor="remediator/test",
-                                retry_refused_s=1.0)
+        rem = await build_remediator(RemediatorConfig(cluster="c1", actor="remediator/test"),
+                                     bus=await bus("t-remediator"), clock=clock, cluster_api=cluster, policy=pol,
+                                     retry_refused_s=1.0)
         rem_port = free_port()
         tasks.append(asyncio.create_task(run_observed(rem, stop, clock=clock, notify=notify, port=rem_port,
                                                       host="127.0.0.1"), name="t-remediator"))

@@ -36,7 +36,7 @@ DECISIONS = [
     pytest.param(incident("sympathetic", domain=Domain.NONE), OWNED, "informational", Domain.NONE, [],
                  id="solo-xid45-never-escalates"),
     pytest.param(incident("gpu_reset_required"), OWNED, "gpu-reset", Domain.OPERATOR,
-                 ["drain_gpu", "reset_gpu", "validate", "return_to_service"], id="reset-gpu"),
+                 ["cordon", "drain_gpu", "reset_gpu", "validate", "return_to_service"], id="reset-gpu-is-fenced"),
     pytest.param(incident("gpu_drain_reset_required"), OWNED, "gpu-drain-reset", Domain.OPERATOR,
                  ["cordon", "drain_gpu", "reset_gpu", "validate", "return_to_service"], id="drain-and-reset"),
     pytest.param(incident("node_reboot_required", scope=IncidentScope.NODE), OWNED, "node-reboot", Domain.OPERATOR,
@@ -63,12 +63,12 @@ class TestDecide:
     def test_steps_carry_their_target(self, policy: Policy) -> None:
         plan = decide(incident("gpu_reset_required"), OWNED, policy)
         assert all(s.params["node"] == "n1" and s.params["gpu"] == 3 for s in plan.steps)
-        assert plan.steps[2].params["level"] == 2
+        assert plan.steps[3].params["level"] == 2 and plan.steps[3].params["scope"] == "gpu"
 
-    def test_opted_out_node_only_escalates(self, policy: Policy) -> None:
+    def test_opted_out_broken_node_is_fenced_and_escalated_never_repaired(self, policy: Policy) -> None:
         view = ClusterView(nodes={"n1": NodeView("n1", {"breakfix.io/opt-out": "true"})})
         plan = decide(incident("node_reboot_required"), view, policy)
-        assert plan.actions() == ["escalate"]
+        assert plan.actions() == ["cordon", "escalate"]
         assert plan.rule == "node-opt-out"
 
     def test_dry_run_policy_marks_plan(self, policy: Policy) -> None:

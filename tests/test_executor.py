@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import timedelta
 
 import pytest
 
+from breakfix.bus.clock import ManualClock
 from breakfix.remediator.decide import decide
 from breakfix.remediator.executor import Executor
 from breakfix.remediator.policy import Policy
@@ -21,6 +22,7 @@ from breakfix.schemas.incident import (
     Plan,
     Step,
     StepAction,
+    WaitingOn,
 )
 from tests.conftest import T0
 
@@ -31,15 +33,15 @@ def incident(category: str) -> Incident:
                     first_seen=T0, last_seen=T0)
 
 
-def clock() -> datetime:
-    return T0
+def clock() -> ManualClock:
+    return ManualClock(T0)
 
 
 class Harness:
     def __init__(self, cluster: SimCluster) -> None:
         self.records: list[ActionRecord] = []
         self.cluster = cluster
-        self.executor = Executor(cluster, self.publish, clock, actor="test")
+        self.executor = Executor(cluster, self.publish, clock(), actor="test")
 
     async def publish(self, rec: ActionRecord) -> None:
         self.records.append(rec)
@@ -69,7 +71,7 @@ class TestExecutor:
         inc = incident("gpu_reset_required")
         await h.executor.run(inc, decide(inc, await h.cluster.view(), policy))
         steps = [r for r in h.records if r.kind is ActionKind.STEP]
-        assert len(steps) == 8
+        assert len(steps) == 10, "cordon, drain_gpu, reset_gpu, validate, return: started + finished"
         assert all(r.rule == "gpu-reset" and r.actor == "test" and r.incident_id == "inc-9" for r in h.records)
         assert len({r.id for r in h.records}) == len(h.records), "record ids are unique"
 
@@ -139,3 +141,110 @@ class TestExecutor:
         inc = incident("gpu_reset_required").model_copy(update={"gpus": ()})
         plan = Plan(domain=Domain.OPERATOR, rule="r", reason="why", steps=(Step(action=action, params={"node": "n1"}),))
         assert await h.executor.run(inc, plan) is ActionOutcome.ESCALATED
+
+
+def plan_of(*steps: Step, ladder: tuple[tuple[str, tuple[Step, ...]], ...] = ()) -> Plan:
+    from breakfix.schemas.incident import Rung
+
+    if ladder:
+        rungs = tuple(Rung(name=n, steps=s) for n, s in ladder)
+        return Plan(domain=Domain.OPERATOR, rule="r", reason="why", steps=rungs[0].steps, ladder=rungs)
+    return Plan(domain=Domain.OPERATOR, rule="r", reason="why", steps=steps)
+
+
+N1 = {"node": "n1", "gpu": 2}
+
+
+class TestLifecycleExecution:
+    async def test_a_hanging_step_times_out_and_the_next_rung_runs_with_the_reason_audited(self) -> None:
+        h = Harness(cluster(hanging={"reset_gpu"}))
+        plan = plan_of(ladder=(("reset", (Step(action=StepAction.RESET_GPU, params=N1, timeout_s=0.05),)),
+                               ("reboot", (Step(action=StepAction.REBOOT, params=N1),))))
+        assert await h.executor.run(incident("gpu_reset_required"), plan) is ActionOutcome.COMPLETED
+        failed = next(r for r in h.records if r.action is StepAction.RESET_GPU and r.outcome is ActionOutcome.FAILED)
+        assert "timed out after 0.05s (step timeout_s)" in failed.reason
+        assert h.cluster.nodes["n1"].reboots == 1, "the ladder took its next rung"
+
+    async def test_a_rung_timeout_bounds_its_steps(self) -> None:
+        from breakfix.schemas.incident import Rung
+
+        h = Harness(cluster(hanging={"validate"}))
+        rung = Rung(name="only", steps=(Step(action=StepAction.VALIDATE, params=N1, timeout_s=600),), timeout_s=0.05)
+        plan = Plan(domain=Domain.OPERATOR, rule="r", reason="why", steps=rung.steps, ladder=(rung,))
+        assert await h.executor.run(incident("gpu_suspect"), plan) is ActionOutcome.ESCALATED
+        assert any("(rung timeout_s)" in r.reason for r in h.records)
+
+    async def test_a_busy_gpu_is_drained_and_reset_again_not_rebooted(self, policy: Policy) -> None:
+        h = Harness(cluster(busy_gpus={("n1", 2)}))
+        inc = incident("gpu_reset_required")
+        assert await h.executor.run(inc, decide(inc, await h.cluster.view(), policy)) is ActionOutcome.COMPLETED
+        reset = next(r for r in h.records if r.action is StepAction.RESET_GPU and r.outcome is ActionOutcome.SUCCEEDED)
+        assert reset.reason.startswith("busy:") and reset.details["drained_for_busy"] == "true"
+        assert h.cluster.nodes["n1"].reboots == 0 and h.cluster.nodes["n1"].gpu_resets == {2: 1}
+
+    async def test_return_to_service_keeps_the_node_cordoned_while_another_incident_holds_it(self, policy: Policy
+                                                                                              ) -> None:
+        c = cluster()
+        h = Harness(c)
+        h.executor.holders = lambda _inc: "inc-rma (hardware-escalation)"
+        inc = incident("gpu_reset_required")
+        assert await h.executor.run(inc, decide(inc, await c.view(), policy)) is ActionOutcome.COMPLETED
+        assert c.nodes["n1"].cordoned, "the RMA incident still holds the node"
+        back = next(r for r in h.records if r.action is StepAction.RETURN_TO_SERVICE and r.outcome.value == "succeeded")
+        assert "still held by inc-rma" in back.reason
+
+    async def test_a_capped_step_of_a_later_rung_escalates_with_the_reason(self) -> None:
+        h = Harness(cluster(failing_resets={("n1", 2)}))
+        h.executor.gate = lambda _i, s: "reboot already ran 1x on n1" if s.action is StepAction.REBOOT else None
+        plan = plan_of(ladder=(("reset", (Step(action=StepAction.RESET_GPU, params=N1),)),
+                               ("reboot", (Step(action=StepAction.REBOOT, params=N1),))))
+        assert await h.executor.run(incident("gpu_reset_required"), plan) is ActionOutcome.ESCALATED
+        assert h.cluster.nodes["n1"].reboots == 0
+        last = h.records[-1]
+        assert "refused: reboot already ran 1x" in last.reason and last.waiting is WaitingOn.HUMAN
+        esc = h.records[-2]
+        assert esc.action is StepAction.ESCALATE and esc.step_index is None, "no magic index for the closing page"
+
+    async def test_deferred_repair_waits_for_the_gpu_to_go_idle_then_acts(self) -> None:
+        c = cluster()
+        clk = ManualClock(T0)
+        h = Harness(c)
+        h.executor.clock, h.executor.idle_poll_s = clk, 60.0
+        step = Step(action=StepAction.DRAIN_GPU, params={**N1, "defer_s": 3600})
+
+        async def idle_after_ten_minutes(node: str, gpu: int, *, pods: tuple[str, ...] = ()) -> bool:
+            return clk.now() >= T0 + timedelta(minutes=10)  # the job holding the GPU ends then
+
+        c.gpu_idle = idle_after_ten_minutes  # type: ignore[method-assign]
+        assert await h.executor.run(incident("gpu_reset_required"), plan_of(step)) is ActionOutcome.COMPLETED
+        waiting = [r for r in h.records if r.waiting is WaitingOn.IDLE]
+        assert len(waiting) == 1 and "not evicted now" in waiting[0].reason
+        assert T0 + timedelta(minutes=10) <= clk.now() < T0 + timedelta(minutes=12), "acted when the job ended"
+
+    async def test_deferred_repair_acts_at_its_deadline(self) -> None:
+        clk = ManualClock(T0)
+        h = Harness(cluster())
+        h.executor.clock = clk
+        step = Step(action=StepAction.DRAIN_GPU, params={**N1, "defer_s": 600})
+        assert await h.executor.run(incident("gpu_reset_required"), plan_of(step)) is ActionOutcome.COMPLETED
+        assert clk.now() == T0 + timedelta(seconds=600) and h.cluster.nodes["n1"].pods == {"a/p1": 5}
+
+    async def test_mig_reset_drains_every_instance_and_audits_that_they_must_be_recreated(self) -> None:
+        h = Harness(cluster())
+        mig = {**N1, "mig": True}
+        plan = plan_of(Step(action=StepAction.DRAIN_GPU, params=mig), Step(action=StepAction.RESET_GPU, params=mig))
+        assert await h.executor.run(incident("gpu_reset_required"), plan) is ActionOutcome.COMPLETED
+        assert h.cluster.nodes["n1"].pods == {}, "every pod that may hold an instance moved"
+        assert all("must be recreated" in r.details["mig"] for r in h.records if r.action is StepAction.RESET_GPU)
+
+    async def test_the_soak_is_published_as_a_waiting_state(self) -> None:
+        from breakfix.remediator.actuator import StepResult
+
+        async def quiet(_inc: Incident) -> StepResult:
+            return StepResult(True, "quiet")
+
+        h = Harness(cluster())
+        h.executor.soak = quiet
+        await h.executor.run(incident("gpu_reset_required"), plan_of(Step(action=StepAction.RETURN_TO_SERVICE,
+                                                                          params=N1)))
+        assert [r.waiting for r in h.records if r.outcome is ActionOutcome.WAITING] == [WaitingOn.SOAK]

@@ -112,7 +112,7 @@ class TestLoopsAndSwitches:
     def test_cooldown_after_a_finished_plan(self, policy: Policy) -> None:
         state = GuardState()
         state.start("n1", "inc-1")
-        state.finish("n1", "inc-1", T0)
+        state.finish("n1", "inc-1", T0, inc("n1"))
         i = inc("n1", iid="inc-2")
         soon = check(i, decide(i, view(10), policy), state, view(10), GuardsSpec(cooldown_s=1800), T0 +
                      timedelta(minutes=5))
@@ -128,7 +128,8 @@ class TestLoopsAndSwitches:
         assert refusal is not None and refusal.guard == "kill_switch"
 
     def test_state_round_trips_through_the_store_form(self) -> None:
-        state = GuardState(active={"n1": "i"}, approvals={("i", "reprovision")})
+        state = GuardState(active={"n1": "i"}, holds={"n1": {"i": "in remediation"}}, queued={"j": T0})
+        state.finish("n2", "k", T0, inc("n2"))
         state.record_action("n1", StepAction.REBOOT, T0)
         state.observe_open("n1", T0, BreakerSpec(min_nodes=1, max_percent=1), pool=10)
         again = GuardState.from_dict(state.to_dict())
@@ -139,7 +140,8 @@ class TestLadders:
     def test_xid48_solo_has_reset_then_reboot_then_reprovision(self, policy: Policy) -> None:
         plan = decide(inc(), view(4), policy)
         assert [r.name for r in plan.rungs()] == ["reset", "reboot", "reprovision"]
-        assert [s.action.value for s in plan.steps] == ["drain_gpu", "reset_gpu", "validate", "return_to_service"]
+        assert [s.action.value for s in plan.steps] == ["cordon", "drain_gpu", "reset_gpu", "validate",
+                                                        "return_to_service"], "a GPU reset is fenced first"
         assert plan.rungs()[1].steps[3].params["level"] == 3
         assert plan.rungs()[2].steps[0].requires_approval
 

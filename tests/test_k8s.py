@@ -8,15 +8,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import kmock
 import pytest
+import yaml
 
-from breakfix.remediator.k8s import OWNER, QUARANTINE, DrainPolicy, KubernetesActuator, api_for
+from breakfix.bus.clock import ManualClock
+from breakfix.remediator.k8s import (
+    OWNER,
+    QUARANTINE,
+    DrainPolicy,
+    KubeConfigError,
+    KubernetesActuator,
+    api_for,
+    load_api,
+)
 from breakfix.remediator.leader import LeaseElector
+from tests.conftest import T0
 
 
 class Cluster:
@@ -80,10 +95,6 @@ async def cluster() -> AsyncIterator[Cluster]:
         yield Cluster(k, url)
 
 
-async def no_sleep(_s: float) -> None:
-    await asyncio.sleep(0)
-
-
 class TestCordon:
     async def test_cordon_sets_taint_and_ownership_and_uncordon_reverts(self, cluster: Cluster) -> None:
         await cluster.add_node("n1")
@@ -114,7 +125,7 @@ class TestDrain:
         await cluster.add_pod("ml", "train-0", "n1", refusals=2)
         await cluster.add_pod("ml", "train-1", "n1")
         await cluster.add_pod("kube-system", "gpu-feature-discovery", "n1", owner="DaemonSet")
-        act = KubernetesActuator(cluster.api, drain=DrainPolicy(retry_s=0.01, timeout_s=30), sleep=no_sleep)
+        act = KubernetesActuator(cluster.api, drain=DrainPolicy(retry_s=0.01, timeout_s=30), clock=ManualClock(T0))
         result = await act.drain("n1", incident="inc-1")
         assert result.ok, result.detail
         assert sorted(cluster.evictions) == ["ml/train-0", "ml/train-1"], "DaemonSet pods stay"
@@ -159,7 +170,7 @@ class TestDrain:
         await cluster.add_node("n1")
         for i in range(4):
             await cluster.add_pod("ml", f"w{i}", "n1")
-        act = KubernetesActuator(cluster.api, sleep=no_sleep)
+        act = KubernetesActuator(cluster.api, clock=ManualClock(T0))
         result = await act.drain_gpu("n1", 2, incident="inc-1", pods=("ml/w2", "ml/not-here"))
         assert result.ok and cluster.evictions == ["ml/w2"] and "gpu2" in result.detail
 
@@ -167,7 +178,7 @@ class TestDrain:
         await cluster.add_node("n1")
         for i in range(40):
             await cluster.add_pod("ml", f"w{i}", "n1")
-        act = KubernetesActuator(cluster.api, drain=DrainPolicy(parallel=8), sleep=no_sleep)
+        act = KubernetesActuator(cluster.api, drain=DrainPolicy(parallel=8), clock=ManualClock(T0))
         result = await act.drain("n1", incident="inc-1")
         assert result.ok and len(cluster.evictions) == 40 and act.evictions == 40
 
@@ -217,3 +228,63 @@ class TestCollectorTopologyFromNode:
                    "nvlink_domain": "nvidia.com/gpu.clique"}
         got = await asyncio.to_thread(node_topology, "gpu-node-7", mapping, host=cluster.api.configuration.host)
         assert got == {"rack": "rack-03", "nvlink_domain": "clique-9"}
+
+
+class TestKubeConfig:
+    """The remediator's Kubernetes configuration: kubeconfig, explicit host or in-cluster; anything missing or
+    unusable is one line (``KubeConfigError``), and the CLI prints it with exit 2, never a traceback."""
+
+    @pytest.mark.parametrize(("content", "words"), [
+        (None, "no such kubeconfig file"),
+        ("not: [a kubeconfig", "not a usable kubeconfig"),
+        ("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n", "not a usable kubeconfig"),
+    ], ids=["missing", "not-yaml", "no-context"])
+    def test_a_bad_kubeconfig_is_one_line(self, tmp_path: Path, content: str | None, words: str) -> None:
+        path = tmp_path / "kubeconfig"
+        if content is not None:
+            path.write_text(content)
+        with pytest.raises(KubeConfigError) as exc:
+            load_api(kubeconfig=path)
+        assert words in str(exc.value) and "\n" not in str(exc.value) and str(path) in str(exc.value)
+
+    def test_outside_a_pod_without_any_configuration_the_error_says_what_to_give(self, monkeypatch:
+                                                                                  pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        with pytest.raises(KubeConfigError, match="--kubeconfig FILE"):
+            load_api(in_cluster=True)
+
+    async def test_a_kubeconfig_reaches_the_api_server_it_names(self, tmp_path: Path, cluster: Cluster) -> None:
+        path = tmp_path / "kubeconfig"
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+            "clusters": [{"name": "kmock", "cluster": {"server": cluster.api.configuration.host}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "me"}}],
+            "users": [{"name": "me", "user": {"token": "t"}}]}))
+        await cluster.add_node("gpu-node-9")
+        act = KubernetesActuator(load_api(kubeconfig=path), clock=ManualClock(T0))
+        assert "gpu-node-9" in (await act.view()).nodes
+
+    def test_the_cli_prints_one_line_and_exits_2_for_the_shipped_example_outside_a_cluster(
+            self, tmp_path: Path) -> None:
+        example = Path(__file__).resolve().parents[1] / "breakfix/remediator/examples/remediator.yaml"
+        env = {k: v for k, v in os.environ.items() if k not in ("KUBERNETES_SERVICE_HOST", "KUBECONFIG")}
+        for extra in ([], ["--kubeconfig", str(tmp_path / "nope")]):
+            proc = subprocess.run([sys.executable, "-c", "from breakfix.cli.main import app; app()", "remediator",
+                                   "--config", str(example), *extra], capture_output=True, text=True, timeout=60,
+                                  env={**env, "COLUMNS": "300"})
+            assert proc.returncode == 2, proc.stderr
+            assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+            assert "kubeconfig" in proc.stderr
+
+
+async def test_deferred_repair_sees_the_gpu_idle_once_its_pods_are_gone(cluster: Cluster) -> None:
+    from kubernetes import client
+
+    await cluster.add_node("n1")
+    await cluster.add_pod("ml", "train-0", "n1")
+    await cluster.add_pod("ml", "serve-0", "n1")
+    act = KubernetesActuator(cluster.api, clock=ManualClock(T0))
+    assert await act.pods_running("n1", ("ml/train-0",)), "the job holding the GPU still runs"
+    await asyncio.to_thread(client.CoreV1Api(cluster.api).delete_namespaced_pod, "train-0", "ml")
+    assert not await act.pods_running("n1", ("ml/train-0",)), "its job ended: the GPU may be reset"
+    assert await act.pods_running("n1", ("ml/serve-0",))

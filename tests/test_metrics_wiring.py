@@ -70,9 +70,10 @@ async def test_the_endpoint_answers_ready_only_once_the_correlator_consumes(cata
 async def test_a_running_remediator_counts_its_plans_and_its_notifier_pages_once_through_the_hooks(
         policy: Policy) -> None:
     from breakfix.bus.clock import SystemClock
+    from breakfix.remediator.app import build_remediator
+    from breakfix.remediator.config import RemediatorConfig
     from breakfix.remediator.metrics_serve import run_observed
     from breakfix.remediator.notify.config import NotifyConfig
-    from breakfix.remediator.service import RemediatorService
     from breakfix.remediator.simcluster import SimCluster, SimNode
     from tests.test_notify_core import inc
     from tests.test_notify_receivers import Receivers
@@ -82,8 +83,9 @@ async def test_a_running_remediator_counts_its_plans_and_its_notifier_pages_once
     bus = MemoryBus()
     await bus.ensure_streams(subjects.STREAMS)
     fast = policy.model_copy(update={"settle_s": 0.0, "guards": policy.guards.model_copy(update={"soak_s": 0.0})})
-    svc = RemediatorService(bus, SimCluster({f"n{i}": SimNode(f"n{i}") for i in range(1, 11)}), fast,
-                            lambda: datetime.now(UTC), actor="remediator/test")
+    svc = await build_remediator(RemediatorConfig(cluster="c1", actor="remediator/test"), bus=bus,
+                                 clock=SystemClock(), policy=fast,
+                                 cluster_api=SimCluster({f"n{i}": SimNode(f"n{i}") for i in range(1, 11)}))
     notify = NotifyConfig.model_validate({"channels": [{"name": "hook", "type": "webhook", "url": f"{base}/webhook"}],
                                           "default": ["hook"]})
     stop = asyncio.Event()

@@ -265,3 +265,15 @@ def test_an_unsilence_or_the_end_of_a_silence_lets_notifications_through_again()
                     details={"silence_id": "sil-9"}))
     core.change(change(inc("inc-4")))
     assert events(core.record(rec(*ESCALATED, iid="inc-4", at=34))) == [("inc-4", "escalated", "trigger")]
+
+
+def test_a_remediator_notice_that_asks_for_a_human_pages_once() -> None:
+    from breakfix.schemas.incident import WaitingOn
+
+    core = NotifyCore(CFG)
+    core.change(change(inc()))
+    stale = rec(ActionKind.NOTIFICATION, ActionOutcome.SUCCEEDED, waiting=WaitingOn.HUMAN, details={"held": "n1"},
+                reason="inc-1 closed as stale, but n1 stays cordoned for it")
+    (n,) = core.record(stale)
+    assert n.event is NotifyEvent.ESCALATED and "stays cordoned" in n.summary
+    assert core.record(stale) == []

@@ -9,14 +9,17 @@ from typing import Any
 
 from aiohttp import web
 
+from breakfix.bus.clock import ManualClock
 from breakfix.bus.codec import encode
 from breakfix.bus.memory import MemoryBus
-from breakfix.remediator.executor import Executor, Progress
+from breakfix.remediator.executor import Executor
+from breakfix.remediator.human import human_record
 from breakfix.remediator.policy import Policy
 from breakfix.remediator.provider import ProviderHook
-from breakfix.remediator.service import APPROVE, BREAKER_RESET, RemediatorService, approval_record
+from breakfix.remediator.records import PlanBook, PlanRecord, Progress
+from breakfix.remediator.service import RemediatorService
 from breakfix.remediator.simcluster import SimCluster, SimNode
-from breakfix.remediator.store import MemoryStore, plan_key
+from breakfix.remediator.store import MemoryStore
 from breakfix.schemas import subjects
 from breakfix.schemas.common import GpuRef, Severity
 from breakfix.schemas.incident import (
@@ -33,9 +36,9 @@ from tests.conftest import T0
 
 
 def incident(node: str = "n1", category: str = "gpu_reset_required", iid: str = "inc-1", **kw: Any) -> Incident:
+    kw = {"codes": ("xid:48",), "severity": Severity.CRITICAL, **kw}
     return Incident(id=iid, cluster="c1", scope=IncidentScope.GPU, node=node, nodes=(node,), gpus=(GpuRef(index=2),),
-                    category=category, severity=Severity.CRITICAL, codes=("xid:48",), first_seen=T0, last_seen=T0,
-                    **kw)
+                    category=category, first_seen=T0, last_seen=T0, **kw)
 
 
 def fast(policy: Policy, **guards: Any) -> Policy:
@@ -43,17 +46,15 @@ def fast(policy: Policy, **guards: Any) -> Policy:
         update={"soak_s": 0.0, **guards})})
 
 
-async def nosleep(_s: float) -> None:
-    await asyncio.sleep(0)
-
-
 class Harness:
-    def __init__(self, policy: Policy, cluster: SimCluster | None = None, store: MemoryStore | None = None) -> None:
+    def __init__(self, policy: Policy, cluster: SimCluster | None = None, store: MemoryStore | None = None,
+                 **service: Any) -> None:
         self.bus = MemoryBus()
         self.cluster = cluster or SimCluster({f"n{i}": SimNode(f"n{i}", pods={"ml/p": 2}) for i in range(1, 11)})
         self.store = store or MemoryStore()
-        self.svc = RemediatorService(self.bus, self.cluster, policy, lambda: T0, store=self.store, sleep=nosleep,
-                                     retry_refused_s=0.01)
+        self.clock = ManualClock(T0)
+        self.svc = RemediatorService(self.bus, self.cluster, policy, self.clock, cluster="c1", store=self.store,
+                                     retry_refused_s=1.0, **service)
         self.stop = asyncio.Event()
 
     async def __aenter__(self) -> Harness:
@@ -65,12 +66,15 @@ class Harness:
         self.stop.set()
         await self.task
 
-    async def open(self, inc: Incident) -> None:
-        ch = IncidentChange(kind=ChangeKind.OPENED, incident=inc, at=T0)
-        await self.bus.publish(subjects.incident_subject("c1"), encode(ch), msg_id=f"{inc.id}:open")
+    async def open(self, inc: Incident, kind: ChangeKind = ChangeKind.OPENED) -> None:
+        ch = IncidentChange(kind=kind, incident=inc, at=T0)
+        await self.bus.publish(subjects.incident_subject("c1"), encode(ch), msg_id=f"{inc.id}:{kind}:{inc.version}")
 
-    async def decide(self, rec: ActionRecord) -> None:
-        await self.bus.publish(subjects.action_subject("c1"), encode(rec), msg_id=rec.id)
+    async def human(self, verb: str, incident: str = "inc-1", *, actor: str = "alice", reason: str = "ok",
+                    subject: str | None = None, **kw: Any) -> None:
+        subj, rec = human_record(verb=verb, cluster="c1", actor=actor, incident=incident, reason=reason,
+                                 at=self.clock.now(), **kw)
+        await self.bus.publish(subject or subj, encode(rec), msg_id=rec.id)
 
     def records(self) -> list[ActionRecord]:
         return [ActionRecord.model_validate_json(m.data) for m in self.bus.messages(subjects.ACTIONS.name)]
@@ -98,8 +102,7 @@ class TestApprovalsAndBreaker:
                                       for r in h.records()))
             assert cluster.nodes["n1"].reprovisions == 0
             cluster.failing_validation.clear()
-            await h.decide(approval_record(cluster="c1", incident="inc-1", action=StepAction.REPROVISION,
-                                           actor="alice", reason="RMA agreed", command=APPROVE, at=T0))
+            await h.human("approve", action=StepAction.REPROVISION, reason="RMA agreed")
             await h.until(lambda: "completed" in outcome_of_plan(h))
         assert cluster.nodes["n1"].reprovisions == 1
 
@@ -110,10 +113,11 @@ class TestApprovalsAndBreaker:
             await h.until(lambda: any(r.details.get("guard") == "breaker" and r.kind is ActionKind.REFUSAL
                                       for r in h.records()))
             assert h.svc.guards.breaker_tripped_at is not None
-            pages = [r for r in h.records() if r.action is StepAction.ESCALATE and r.details.get("guard") == "breaker"]
+            pages = [r for r in h.records() if r.kind is ActionKind.NOTIFICATION
+                     and r.details.get("guard") == "breaker"]
             assert len(pages) == 1 and "breaker reset" in pages[0].reason, "the breaker pages once"
-            await h.decide(approval_record(cluster="c1", incident="-", action=None, actor="bob",
-                                           reason="rack power restored", command=BREAKER_RESET, at=T0))
+            assert not [r for r in h.records() if r.action is StepAction.ESCALATE], "no incident marked escalated"
+            await h.human("breaker_reset", "-", actor="bob", reason="rack power restored")
             await h.until(lambda: h.svc.guards.breaker_tripped_at is None)
 
     async def test_budget_refusal_is_retried_until_capacity_frees(self, policy: Policy) -> None:
@@ -138,7 +142,7 @@ class TestModesAndSoak:
 
         from breakfix.remediator.decide import decide
         plan = decide(incident(), await cluster.view(), policy.model_copy(update={"rules": rules}))
-        out = await Executor(cluster, publish, lambda: T0, actor="t").run(incident(), plan)
+        out = await Executor(cluster, publish, ManualClock(T0), actor="t").run(incident(), plan)
         assert out is ActionOutcome.DRY_RUN and cluster.history == [] and all(r.dry_run for r in records)
 
     async def test_new_fault_during_soak_keeps_capacity_out(self, policy: Policy) -> None:
@@ -163,9 +167,8 @@ class TestResume:
         from breakfix.remediator.decide import decide
         inc = incident()
         plan = decide(inc, await cluster.view(), fast(policy))
-        saved = {"incident": inc.model_dump(mode="json"), "plan": plan.model_dump(mode="json"),
-                 "progress": Progress(inc.id, 0, rung=0, step=2).to_dict()}
-        await store.put(plan_key(inc.id), saved, None)
+        await PlanBook(store).put(PlanRecord(incident=inc, plan=plan,
+                                             progress=Progress(incident=inc.id, attempt=0, rung=0, step=3)), None)
         async with Harness(fast(policy), cluster, store) as h:
             await h.until(lambda: "completed" in outcome_of_plan(h))
         assert [h[0] for h in cluster.history] == ["validate", "return_to_service"], "no drain or reset again"
@@ -192,7 +195,7 @@ class TestProvider:
         await site.start()
         port = runner.addresses[0][1]
         try:
-            hook = ProviderHook(f"http://127.0.0.1:{port}/reprovision", poll_s=0.0, sleep=nosleep)
+            hook = ProviderHook(f"http://127.0.0.1:{port}/reprovision", poll_s=1.0, clock=ManualClock(T0))
             result = await hook.reprovision("n1", reason="breakfix inc-1", incident="inc-1")
             down = await ProviderHook("http://127.0.0.1:9/x", timeout_s=1).reprovision("n1", reason="r", incident="i")
         finally:
@@ -201,7 +204,8 @@ class TestProvider:
         assert not down.ok and "unreachable" in down.detail
 
 
-def test_approval_record_is_audited() -> None:
-    rec = approval_record(cluster="c1", incident="inc-1", action=StepAction.REPROVISION, actor="alice", reason="ok",
-                          command=APPROVE, at=T0 + timedelta(seconds=1))
-    assert rec.kind is ActionKind.APPROVAL and rec.actor == "alice" and rec.details == {"command": "approve"}
+def test_human_record_names_its_user_in_the_subject() -> None:
+    subject, rec = human_record(verb="approve", cluster="c1", incident="inc-1", action=StepAction.REPROVISION,
+                                actor="alice", reason="ok", at=T0 + timedelta(seconds=1))
+    assert subject == "breakfix.actions.c1.oncall.alice.approve"
+    assert rec.kind is ActionKind.APPROVAL and rec.outcome is ActionOutcome.APPROVED and rec.actor == "alice"

@@ -82,9 +82,9 @@ def test_every_alert_has_exactly_one_runbook_with_the_on_call_sections() -> None
 def test_breakfix_audit_links_the_incidents_runbook(nats_server: EmbeddedNats) -> None:
     import asyncio
 
-    from tests.test_cli_oncall import app, runner, seed
+    from tests.test_cli_oncall import _seed, app, runner
 
-    asyncio.run(seed(nats_server.url))
+    asyncio.run(_seed(nats_server.url))
     story = runner.invoke(app, ["audit", "inc-open", "--nats", nats_server.url])
     assert story.exit_code == 0, story.output
     (line,) = [ln.strip() for ln in story.output.splitlines() if ln.strip().startswith("runbook:")]

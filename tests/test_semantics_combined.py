@@ -141,7 +141,7 @@ CASES = [
                  id=f"{XID_CATALOG}: WORKFLOW_NVLINK_ERR XID 74 with only ignorable bits needs no action"),
     pytest.param([xid74(g, g * 0.1) for g in range(4)],
                  lambda o: (o.categories() == ["nvlink_fault"] * 4 or pytest.fail(str(o.categories())),
-                            all(p[:2] == ["drain_gpu", "reset_gpu"] for p in o.plans.values())
+                            all(p[:3] == ["cordon", "drain_gpu", "reset_gpu"] for p in o.plans.values())
                             or pytest.fail(str(o.plans))),
                  id=f"{XID_CATALOG}: WORKFLOW_NVLINK_ERR XID 74 on several GPUs is an NVLink fault, not multi-GPU"),
     pytest.param([nvlink5("145", "RLW_REMAP", 0x84, 0x1)], one("application_fault", never=("reset_gpu", "cordon")),

@@ -6,14 +6,13 @@ bad config with file:line. NATS options come from the config file's ``nats:`` se
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from breakfix.cli import logs
-from breakfix.cli.cliutil import NatsFlags, app, daemon, load, with_nats
+from breakfix.cli.cliutil import NatsFlags, app, daemon, fail, load, with_nats
 
 MetricsPort = Annotated[int, typer.Option("--metrics-port", envvar="BREAKFIX_METRICS_PORT", min=0, max=65535,
                                           help="Port for /metrics, /healthz and /readyz (0: any free port).")]
@@ -53,23 +52,20 @@ def collector(
 def remediator(
     config: Annotated[Path, typer.Option("--config", envvar="BREAKFIX_REMEDIATOR_CONFIG", help="Remediator YAML.")],
     nats: NatsFlags,
+    kubeconfig: Annotated[Path | None, typer.Option(envvar="KUBECONFIG", help="A kubeconfig file (outside the "
+                                                    "cluster); default: the config's, else in-cluster.")] = None,
     metrics_port: OptionalPort = None,
 ) -> None:
     """Run the remediator daemon: Kubernetes, the node agents and the provider hook (JSON logs)."""
     from breakfix.bus.clock import SystemClock
     from breakfix.bus.jetstream import JetStreamBus
     from breakfix.bus.options import NatsOptions
-    from breakfix.remediator.composite import ClusterActuator
+    from breakfix.remediator.app import build_remediator
     from breakfix.remediator.config import load_config
-    from breakfix.remediator.k8s import DrainPolicy, KubernetesActuator, api_for
-    from breakfix.remediator.leader import LeaseElector
+    from breakfix.remediator.k8s import KubeConfigError, load_api
     from breakfix.remediator.metrics_serve import run_observed
-    from breakfix.remediator.nodeagent import NodeAgentClient
     from breakfix.remediator.notify.service import check_secrets
     from breakfix.remediator.policy import load_policy
-    from breakfix.remediator.provider import ProviderHook
-    from breakfix.remediator.service import RemediatorService
-    from breakfix.remediator.store import KvStore
 
     logs.configure(json=True)
     cfg = load(lambda: load_config(config))
@@ -77,33 +73,18 @@ def remediator(
     load(lambda: check_secrets(cfg.notify) if cfg.notify else None)  # a missing credential: one line, exit 2
     opts = nats.options(cfg.nats or NatsOptions(url=cfg.nats_url))
     k = cfg.kubernetes
-    if k.in_cluster:
-        from kubernetes import client as kclient
-        from kubernetes import config as kconfig
-
-        kconfig.load_incluster_config()  # type: ignore[no-untyped-call]
-        api = kclient.ApiClient()
-    else:
-        token = k.token_file.read_text().strip() if k.token_file else None
-        api = api_for(k.host or "http://127.0.0.1:8080", token=token, verify_ssl=k.verify_ssl)
+    try:  # a missing or unusable Kubernetes configuration is one line and exit 2, before connecting anywhere
+        load_api(kubeconfig=kubeconfig or k.kubeconfig, context=k.context, host=k.host, token_file=k.token_file,
+                 verify_ssl=k.verify_ssl, in_cluster=k.in_cluster)
+    except KubeConfigError as exc:
+        raise fail(str(exc)) from None
 
     async def main(stop: asyncio.Event) -> None:
         bus = await JetStreamBus.connect(opts, name="breakfix-remediator", stop=stop)
         try:
-            clock = lambda: datetime.now(UTC)  # noqa: E731
-            k8s = KubernetesActuator(api, drain=DrainPolicy(default=k.drain_default, namespaces=k.drain_namespaces,
-                                                            timeout_s=k.drain_timeout_s, parallel=k.drain_parallel))
-            actuator = ClusterActuator(k8s, NodeAgentClient(bus, cfg.cluster, clock),
-                                       ProviderHook(cfg.provider_url) if cfg.provider_url else None,
-                                       event_namespace=k.event_namespace, reboot_wait_s=cfg.reboot_wait_s,
-                                       poll_s=cfg.reboot_poll_s)
-            lease = cfg.lease
-            elector = LeaseElector(api, name=lease.name, namespace=lease.namespace, identity=lease.identity,
-                                   lease_s=lease.lease_s) if lease.enabled else None
-            store = await KvStore.open(bus)
-            svc = RemediatorService(bus, actuator, pol, clock, actor=cfg.actor, store=store, elector=elector)
+            service = await build_remediator(cfg, bus=bus, clock=SystemClock(), policy=pol, kubeconfig=kubeconfig)
             port = cfg.metrics_port if metrics_port is None else metrics_port
-            await run_observed(svc, stop, clock=SystemClock(), notify=cfg.notify, port=port)
+            await run_observed(service, stop, clock=SystemClock(), notify=cfg.notify, port=port)
         finally:
             await bus.close()
 

@@ -1,21 +1,41 @@
-"""``breakfix demo``: the whole pipeline on embedded defaults, start to finish.
+"""``breakfix demo``: the whole pipeline on embedded defaults, start to finish; also a policy test bench.
 
 Starts a loopback nats-server (JetStream, store under the data dir), then the sim
-collector, the correlator and the remediator as separate NATS clients that talk only
-through the bus, plus a console consumer that records what an SRE would see. It replays
-a scenario, waits until every plan has finished, and returns the result for printing.
+collector, the correlator and the remediator (``remediator.app.build_remediator`` over a
+``SimCluster``) as separate NATS clients that talk only through the bus, plus a console consumer
+that records what an SRE would see. It replays a scenario, waits until every plan has finished,
+and returns the result for printing (``cli.render.print_demo``, or JSON with ``--format json``).
+
+With ``--policy FILE`` the policy is honoured as written (breaker, budgets, soak, cooldowns), so a
+user can test it before switching it on; without one the shipped policy runs with demo timing
+(1 s soak, a breaker sized for a fleet where a quarter of the nodes fail on purpose). A scenario
+may list ``failures:`` (a reset that fails, a diagnostic that fails, a reboot that does not come
+back, a GPU held busy, a step that hangs), which the simulated cluster then plays.
+
+Cleanup: a guardian process (its own session) watches the demo; if the demo dies, even by
+SIGKILL, it kills the nats-server's process group and removes the temp folder. atexit does the
+same for a normal or signalled exit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
-import time
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
 
 from breakfix.bus.clock import SystemClock
 from breakfix.bus.codec import decoder
@@ -25,18 +45,54 @@ from breakfix.bus.protocol import Delivery
 from breakfix.bus.server import EmbeddedNats
 from breakfix.collectors.app import build_sim_collector
 from breakfix.collectors.fleet import Fleet, build_fleet
-from breakfix.collectors.sim import Scenario
+from breakfix.collectors.sim import Scenario, load_scenario
 from breakfix.correlator.app import CorrelatorConfig, build_correlator
+from breakfix.remediator.app import build_remediator
+from breakfix.remediator.config import RemediatorConfig
 from breakfix.remediator.policy import Policy
-from breakfix.remediator.service import RemediatorService
 from breakfix.remediator.simcluster import SimCluster, SimNode
 from breakfix.schemas import subjects
 from breakfix.schemas.catalog import Catalog
+from breakfix.schemas.datafile import DataFileError, load_model
 from breakfix.schemas.incident import ActionRecord, Incident, IncidentChange
 
+CLOCK = SystemClock()
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+
+class Failure(BaseModel):
+    """One step the simulated cluster makes fail (``failures:`` in a demo scenario file)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    node: int = Field(ge=0)
+    action: Literal["reset_gpu", "validate", "reboot"]
+    gpu: int | None = Field(default=None, ge=0, le=7)
+    mode: Literal["fail", "busy", "hang"] = "fail"
+
+
+class DemoFile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="allow")
+    failures: tuple[Failure, ...] = ()
+
+
+def load_demo_scenario(name_or_path: str) -> tuple[Scenario, tuple[Failure, ...]]:
+    """A bundled scenario by name, or a file whose optional ``failures:`` list the demo plays."""
+    p = Path(name_or_path)
+    if not p.is_file():
+        return load_scenario(name_or_path), ()
+    failures = load_model(DemoFile, p).failures
+    data = yaml.safe_load(p.read_text())
+    if isinstance(data, dict) and "failures" in data:
+        data.pop("failures")
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as tmp:
+            yaml.safe_dump(data, tmp)
+        try:
+            scenario = load_scenario(tmp.name)
+        except DataFileError as exc:
+            raise DataFileError(p, exc.line, exc.message) from None
+        finally:
+            os.unlink(tmp.name)
+        return scenario, failures
+    return load_scenario(p), failures
 
 
 @dataclass
@@ -46,17 +102,17 @@ class Console:
     incidents: dict[str, Incident] = field(default_factory=dict)
     actions: list[ActionRecord] = field(default_factory=list)
     dead_letters: list[tuple[str, str]] = field(default_factory=list)
-    last_message: float = field(default_factory=time.monotonic)
+    last_message: float = field(default_factory=CLOCK.monotonic)
 
     async def on_change(self, ch: IncidentChange, _m: Delivery) -> None:
         prev = self.incidents.get(ch.incident.id)
         if prev is None or ch.incident.version >= prev.version:
             self.incidents[ch.incident.id] = ch.incident
-        self.last_message = time.monotonic()
+        self.last_message = CLOCK.monotonic()
 
     async def on_action(self, rec: ActionRecord, _m: Delivery) -> None:
         self.actions.append(rec)
-        self.last_message = time.monotonic()
+        self.last_message = CLOCK.monotonic()
 
     async def on_dead_letter(self, _data: bytes, msg: Delivery) -> None:
         self.dead_letters.append((msg.headers.get(subjects.HDR_DLQ_SUBJECT, "?"),
@@ -76,8 +132,8 @@ class DemoResult:
 
 
 def demo_policy(policy: Policy) -> Policy:
-    """The demo compresses time: a 1 s soak instead of minutes, and a breaker sized for a fleet
-    where a quarter of the nodes fail on purpose. Everything else is the policy as loaded."""
+    """The demo compresses time for the shipped policy: a 1 s soak instead of minutes, and a breaker sized for a
+    fleet where a quarter of the nodes fail on purpose. A policy the user gives is never changed."""
     guards = policy.guards.model_copy(update={
         "soak_s": min(policy.guards.soak_s, 1.0),
         "breaker": policy.guards.breaker.model_copy(update={"max_percent": 60.0}),
@@ -86,26 +142,90 @@ def demo_policy(policy: Policy) -> Policy:
     return policy.model_copy(update={"guards": guards})
 
 
-def sim_cluster_for(fleet: Fleet) -> SimCluster:
+def sim_cluster_for(fleet: Fleet, failures: tuple[Failure, ...] = ()) -> SimCluster:
     nodes = {}
     for spec in fleet.nodes:
         pods = {f"{g.tenant.namespace}/{g.tenant.pod}": g.ref.index or 0 for g in spec.gpus if g.tenant}
         nodes[spec.name] = SimNode(spec.name, gpus=len(spec.gpus), labels=dict(spec.labels), pods=pods)
-    return SimCluster(nodes, controller_owned=set(fleet.controller_owned))
+    cluster = SimCluster(nodes, controller_owned=set(fleet.controller_owned))
+    for f in failures:
+        name = fleet.nodes[min(f.node, len(fleet.nodes) - 1)].name
+        if f.mode == "hang":
+            cluster.hanging.add(f.action)
+        elif f.action == "reset_gpu":
+            for g in ([f.gpu] if f.gpu is not None else range(8)):
+                (cluster.busy_gpus if f.mode == "busy" else cluster.failing_resets).add((name, g))
+        elif f.action == "validate":
+            cluster.failing_validation.add(name)
+        else:
+            cluster.lost_reboots.add(name)
+    return cluster
+
+
+_GUARDIAN = """
+import os, shutil, signal, sys, time
+parent, pgid, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+while os.getppid() == parent:  # reparented: the demo is gone, however it went
+    time.sleep(0.2)
+try:
+    os.killpg(pgid, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+if folder:
+    shutil.rmtree(folder, ignore_errors=True)
+"""
+
+
+def guard_cleanup(server: EmbeddedNats, temp_dir: Path | None) -> Callable[[], None]:
+    """Make sure the nats-server and the temp folder go when this process goes, however it goes."""
+    proc = getattr(server, "_proc", None)
+    if proc is None:
+        return lambda: None
+    guardian = subprocess.Popen([sys.executable, "-c", _GUARDIAN, str(os.getpid()), str(proc.pid),
+                                 str(temp_dir or "")], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def cleanup() -> None:
+        with contextlib.suppress(Exception):
+            server.stop(timeout_s=5)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            guardian.kill()
+            guardian.wait(2)
+
+    atexit.register(cleanup)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    return cleanup
+
+
+def _exit_on_sigterm(_sig: int, _frame: object) -> None:
+    raise SystemExit(143)  # unwinds through the finally blocks and atexit: server stopped, folder removed
 
 
 async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: Catalog, policy: Policy,
-                   duration_s: float, speed: float = 1.0, malformed: bool = True,
+                   duration_s: float, speed: float = 1.0, malformed: bool = True, policy_given: bool = False,
+                   failures: tuple[Failure, ...] = (), temp_dir: Path | None = None,
                    progress: Callable[[str], None] = lambda _s: None) -> DemoResult:
-    started = time.monotonic()
-    policy = demo_policy(policy)
-    progress(f"demo timing: soak {policy.guards.soak_s:g}s, breaker at {policy.guards.breaker.max_percent:g}% of nodes "
-             "(remediator/policies/default.yaml has the production values)")
+    started = CLOCK.monotonic()
+    if not policy_given:
+        policy = demo_policy(policy)
+        progress(f"demo timing: soak {policy.guards.soak_s:g}s, breaker at {policy.guards.breaker.max_percent:g}% of "
+                 "nodes (remediator/policies/default.yaml has the production values)")
+    else:
+        progress(f"policy as given: soak {policy.guards.soak_s:g}s, breaker {policy.guards.breaker.max_percent:g}%, "
+                 f"cooldown {policy.guards.cooldown_s:g}s, budget max({policy.guards.budget.max_nodes}, "
+                 f"{policy.guards.budget.max_percent:g}%)")
     fleet = build_fleet(max(nodes, scenario.nodes))
-    cluster = sim_cluster_for(fleet)
+    cluster = sim_cluster_for(fleet, failures)
     server = EmbeddedNats(data_dir / "nats")
     progress(f"starting nats-server (JetStream) in {server.store_dir}")
     server.start()
+    cleanup = guard_cleanup(server, temp_dir)
+    progress(f"nats-server on {server.url}; stopped and its folder removed however the demo ends")
     buses: list[JetStreamBus] = []
     stop = asyncio.Event()
     try:
@@ -117,9 +237,10 @@ async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: C
         collector_bus = await bus("breakfix-collector-sim")
         await collector_bus.ensure_streams(subjects.STREAMS)
         correlator = build_correlator(CorrelatorConfig(catalog=catalog), bus=await bus("breakfix-correlator"),
-                                      clock=utcnow)
-        remediator = RemediatorService(await bus("breakfix-remediator"), cluster, policy, utcnow,
-                                       actor="remediator/demo", retry_refused_s=1.0)
+                                      clock=CLOCK)
+        config = RemediatorConfig(cluster=fleet.cluster, actor="remediator/demo")
+        remediator = await build_remediator(config, bus=await bus("breakfix-remediator"), clock=CLOCK,
+                                            cluster_api=cluster, policy=policy, catalog=catalog, retry_refused_s=1.0)
         console = Console()
         console_bus = await bus("breakfix-console")
         specs: list[ConsumerSpec[Any]] = [
@@ -135,8 +256,7 @@ async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: C
             tg.create_task(remediator.run(stop), name="remediator")
             for spec in specs:
                 tg.create_task(run_consumer(console_bus, spec, stop=stop), name=f"console-{spec.durable}")
-            sim = build_sim_collector(scenario, fleet, bus=collector_bus, clock=SystemClock(), catalog=catalog,
-                                      speed=speed)
+            sim = build_sim_collector(scenario, fleet, bus=collector_bus, clock=CLOCK, catalog=catalog, speed=speed)
             timed = sim.timed
             progress(f"replaying scenario {scenario.name!r}: {len(timed)} signals over {len(fleet.nodes)} nodes")
             if malformed:
@@ -145,17 +265,37 @@ async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: C
                                             b'{"schema": "breakfix.signal/v1", "node": 42}')
             sent = await sim.run()
             deadline = started + duration_s
-            while time.monotonic() < deadline:
+            while CLOCK.monotonic() < deadline:
                 await asyncio.sleep(0.2)
                 busy = any(not t.done() for t in remediator.tasks.values())
-                quiet = time.monotonic() - console.last_message > max(1.0, policy.settle_s + 0.5)
+                quiet = CLOCK.monotonic() - console.last_message > max(1.0, policy.settle_s + 0.5)
                 if not busy and quiet:
                     break
             stop.set()
         return DemoResult(scenario, fleet, cluster, console, sent, sim.publisher.duplicates,
-                          time.monotonic() - started, server.url)
+                          CLOCK.monotonic() - started, server.url)
     finally:
         for b in buses:
             with contextlib.suppress(Exception):
                 await b.close()
         server.stop()
+        cleanup()
+
+
+def demo_json(result: DemoResult) -> str:
+    """Incidents and the full audit trail (refusal reasons included), one JSON document."""
+    import json
+
+    incidents = sorted(result.console.incidents.values(), key=lambda i: (i.first_seen, i.id))
+    return json.dumps({
+        "scenario": result.scenario.name,
+        "incidents": [i.model_dump(mode="json", by_alias=True) for i in incidents],
+        "audit": [r.model_dump(mode="json", by_alias=True, exclude_none=True) for r in result.console.actions],
+        "dead_letters": [{"subject": s, "reason": r} for s, r in result.console.dead_letters],
+        "signals_sent": result.signals_sent, "elapsed_s": round(result.elapsed_s, 3),
+    }, indent=2)
+
+
+def temp_data_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="breakfix-demo-"))
+

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -25,45 +25,58 @@ from breakfix.schemas.datafile import read_text
 
 MAX_REPLAY_BYTES = 256 * 1024 * 1024
 
-__all__ = ["app", "cli_bus", "cli_daemons", "cli_oncall", "cli_ops", "cli_signals", "cli_simulate", "main"]
+__all__ = ["app", "cli_bus", "cli_console", "cli_daemons", "cli_oncall", "cli_ops", "cli_signals", "cli_simulate",
+           "main"]
 
 
 @app.command()
 def demo(
     nodes: Annotated[int, typer.Option(min=1, max=10_000, help="Simulated nodes (8 GPUs each).")] = 16,
-    scenario: Annotated[str, typer.Option(help="Bundled scenario name or a YAML file.")] = "mixed",
+    scenario: Annotated[str, typer.Option(help="Bundled scenario name or a YAML file (may list failures:).")] = "mixed",
     duration: Annotated[float, typer.Option(min=1, help="Stop after this many seconds at most.")] = 60.0,
     data_dir: Annotated[Path | None, typer.Option(help="Keep NATS data here (default: a temp dir).")] = None,
-    policy: Annotated[Path | None, typer.Option(help="Remediation policy YAML.")] = None,
+    policy: Annotated[Path | None, typer.Option(help="Remediation policy YAML, honoured as written.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Record what would be done; touch nothing.")] = False,
     speed: Annotated[float, typer.Option(min=0.1, help="Replay speed factor.")] = 1.0,
+    fmt: Annotated[str, typer.Option("--format", help="table, or json: incidents and the full audit trail")] = "table",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show daemon logs.")] = False,
+    console: Annotated[bool, typer.Option("--console", help="Then serve the SRE console on it until Ctrl-C.")] = False,
 ) -> None:
     """Run collectors, correlator and remediator over a simulated fleet and print what happened."""
-    from breakfix.cli.demo import run_demo
+    from breakfix.cli.demo import demo_json, load_demo_scenario, run_demo, temp_data_dir
     from breakfix.cli.render import print_demo
-    from breakfix.collectors.sim import load_scenario
     from breakfix.remediator.policy import load_policy
     from breakfix.schemas.catalog import load_catalog
 
+    if fmt not in ("table", "json"):
+        raise fail(f"--format must be table or json, not {fmt!r}")
     logs.configure(json=False, level="INFO" if verbose else "WARNING")
     catalog = load(load_catalog)
-    scen = load(lambda: load_scenario(scenario))
+    scen, failures = load(lambda: load_demo_scenario(scenario))
     pol = load(lambda: load_policy(policy))
     if dry_run:
         pol = pol.model_copy(update={"dry_run": True})
-    out.print(f"[bold]breakfix demo[/bold]: {scen.name} - {scen.description}")
+    def say(line: str) -> None:
+        (err if fmt == "json" else out).print(f"  {line}", highlight=False)
 
-    def run(d: Path) -> None:
-        result = asyncio.run(run_demo(scenario=scen, nodes=nodes, data_dir=d, catalog=catalog, policy=pol,
-                                      duration_s=duration, speed=speed, progress=lambda s: out.print(f"  {s}")))
-        print_demo(result, out)
-
-    if data_dir is not None:
-        run(data_dir)
-    else:
-        with tempfile.TemporaryDirectory(prefix="breakfix-demo-") as d:
-            run(Path(d))
+    say(f"breakfix demo: {scen.name} - {scen.description}")
+    temp = None if data_dir is not None else temp_data_dir()
+    # with --console the demo's data must outlive the run: the folder is removed after the console stops
+    keep = temp if console else None
+    try:
+        result = asyncio.run(run_demo(scenario=scen, nodes=nodes, data_dir=data_dir or temp or Path("."),
+                                      catalog=catalog, policy=pol, duration_s=duration, speed=speed,
+                                      policy_given=policy is not None, failures=failures,
+                                      temp_dir=None if console else temp, progress=say))
+        if fmt == "json":
+            sys.stdout.write(demo_json(result) + "\n")
+        else:
+            print_demo(result, out)
+            # the console over the demo's data (hook: breakfix.cli.cli_console)
+            cli_console.demo_console(data_dir or temp or Path("."), serve=console)
+    finally:
+        if keep is not None:
+            shutil.rmtree(keep, ignore_errors=True)
 
 
 @app.command()
@@ -209,7 +222,7 @@ def _root(
 
 # The other command groups register on the same app, after these (so `breakfix --help` lists
 # the demo first).
-from breakfix.cli import cli_bus, cli_daemons, cli_oncall, cli_ops, cli_signals, cli_simulate  # noqa: E402
+from breakfix.cli import cli_bus, cli_console, cli_daemons, cli_oncall, cli_ops, cli_signals, cli_simulate  # noqa: E402
 
 
 def main() -> None:  # pragma: no cover

@@ -53,8 +53,9 @@ def print_demo(result: DemoResult, console: Console) -> None:
         if rec.kind is ActionKind.PLAN and rec.outcome is ActionOutcome.PLANNED:
             continue
         label = rec.action.value if rec.action else rec.kind.value
-        by_inc[rec.incident_id].append(f"{label}={rec.outcome.value}" + (f" ({rec.reason})" if rec.reason and
-                                       rec.kind is not ActionKind.PLAN and rec.action is not None else ""))
+        why = rec.reason and (rec.kind is ActionKind.REFUSAL or (rec.kind is not ActionKind.PLAN and rec.action))
+        waits = f" (waiting: {rec.waiting.value})" if rec.waiting else ""
+        by_inc[rec.incident_id].append(f"{label}={rec.outcome.value}{waits}" + (f" ({rec.reason})" if why else ""))
     console.print("\n[bold]What was done[/bold] (audit trail on breakfix.actions.>)")
     for inc in incidents:
         done = by_inc.get(inc.id)

@@ -253,7 +253,8 @@ class NodeAgent:
                            evidence={"rc": str(rc), "persistence_mode_restored": str(persistence).lower()})
 
     async def _validate(self, cmd: AgentCommand) -> AgentReply:
-        rc, out = await run([self.dcgmi, "diag", "-r", str(cmd.level), "-j"], self.timeout_s)
+        scope = ["-i", str(cmd.gpu_index)] if cmd.gpu_index is not None else []  # one GPU after a single-GPU reset
+        rc, out = await run([self.dcgmi, "diag", "-r", str(cmd.level), *scope, "-j"], self.timeout_s)
         try:
             passed, tests = parse_diag(out)
         except (ValueError, AttributeError) as exc:

@@ -146,10 +146,13 @@ class IncidentBook:
                 inc.last_seen = at
             if at > inc.open_faults[fk]:
                 inc.open_faults[fk] = at
-            return []
+            if inc.status is not IncidentStatus.VALIDATING:
+                return []
+            inc.version += 1  # a repeat while the remediator validates and soaks is a recurrence it must see
+            return [Change(ChangeKind.UPDATED, inc)]
         if fold:
             self.state.stats["folded"] += 1
-        if not self.absorb(inc, o, fold=fold):
+        if not self.absorb(inc, o, fold=fold) and inc.status is not IncidentStatus.VALIDATING:
             return []
         inc.version += 1
         changes = [Change(ChangeKind.UPDATED, inc)]

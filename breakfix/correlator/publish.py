@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from breakfix.bus.codec import encode
 from breakfix.bus.protocol import Bus, PublishAck
+from breakfix.correlator.index import index_for
 from breakfix.correlator.model import LIFECYCLE, change_msg_id
 from breakfix.schemas import subjects
 from breakfix.schemas.incident import ChangeKind, IncidentChange
@@ -38,4 +39,5 @@ async def publish_changes(bus: Bus, wire: list[IncidentChange]) -> None:
     """Publish and wait for the acks (the fleet stage; the correlator pipelines instead)."""
     if wire:
         items = items_of(wire)
+        await index_for(bus).write_items(items)  # the incident index (KV bucket): latest versions
         await settle_publishes(bus, items, await bus.publish_many(items))

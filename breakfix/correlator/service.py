@@ -33,6 +33,7 @@ from breakfix.bus.consumer import ConsumerStats, DecodeError, decode_message
 from breakfix.bus.protocol import BlobStore, Bus, Delivery, PublishAck
 from breakfix.correlator.checkpoint import Checkpoint, CheckpointStore
 from breakfix.correlator.grouping import Correlator
+from breakfix.correlator.index import index_for
 from breakfix.correlator.metrics import CorrelatorMetrics
 from breakfix.correlator.model import Change, change_json, coalesce, msg_id
 from breakfix.correlator.publish import Item, settle_publishes
@@ -132,6 +133,7 @@ class CorrelatorService:
                      status=inc.status.value, signals=inc.signal_count, parent=inc.parent)
         if not items:
             return
+        await index_for(self.bus).write_items(items)  # the incident index (KV bucket): latest versions
         self._inflight.append((items, await self.bus.publish_start(items)))
         self.published += len(items)
         if len(self._inflight) >= 256:

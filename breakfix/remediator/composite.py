@@ -10,10 +10,7 @@ step (validation) talks to the rebooted node. Escalation leaves a Warning event 
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable
-
+from breakfix.bus.clock import SYSTEM_CLOCK, Clock
 from breakfix.remediator.actuator import StepResult
 from breakfix.remediator.k8s import KubernetesActuator
 from breakfix.remediator.nodeagent import NodeAgentClient
@@ -25,14 +22,14 @@ from breakfix.schemas.agent import AgentAction
 class ClusterActuator:
     def __init__(self, k8s: KubernetesActuator, agent: NodeAgentClient, provider: ProviderHook | None = None, *,
                  event_namespace: str = "breakfix", reboot_wait_s: float = 1800.0, poll_s: float = 10.0,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.k8s = k8s
         self.agent = agent
         self.provider = provider
         self.ns = event_namespace
         self.reboot_wait_s = reboot_wait_s
         self.poll_s = poll_s
-        self.sleep = sleep
+        self.clock = clock
 
     async def view(self) -> ClusterView:
         return await self.k8s.view()
@@ -46,6 +43,10 @@ class ClusterActuator:
     async def drain_gpu(self, node: str, gpu: int, *, incident: str, pods: tuple[str, ...] = ()) -> StepResult:
         return await self.k8s.drain_gpu(node, gpu, incident=incident, pods=pods)
 
+    async def gpu_idle(self, node: str, gpu: int, *, pods: tuple[str, ...] = ()) -> bool:
+        """Idle when none of the GPU's known pods still runs on the node (its job ended)."""
+        return not await self.k8s.pods_running(node, pods)
+
     async def reset_gpu(self, node: str, gpu: int, *, incident: str, key: str = "") -> StepResult:
         await self.k8s.set_gpu_condition(node, False, "GPUReset", f"breakfix {incident}: resetting gpu{gpu}")
         return await self.agent.call(node, AgentAction.RESET_GPU, key=key or f"{incident}:reset:{gpu}",
@@ -56,9 +57,9 @@ class ClusterActuator:
         first = await self.agent.call(node, AgentAction.REBOOT, key=key, incident=incident)
         if not first.ok and "did not answer" not in first.detail:
             return first
-        deadline = time.monotonic() + self.reboot_wait_s
-        while time.monotonic() < deadline:
-            await self.sleep(self.poll_s)
+        deadline = self.clock.monotonic() + self.reboot_wait_s
+        while self.clock.monotonic() < deadline:
+            await self.clock.sleep(self.poll_s)
             again = await self.agent.call(node, AgentAction.REBOOT, key=key, incident=incident)
             if again.ok and again.evidence.get("replayed") == "true" and "new boot id" in again.detail:
                 return StepResult(True, f"{node} rebooted and its agent is back", again.evidence)

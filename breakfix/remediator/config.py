@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from breakfix.bus.options import NatsOptions
-from breakfix.remediator.k8s import DrainMode
+from breakfix.remediator.drain import DrainMode
 from breakfix.remediator.notify.config import NotifyConfig
 from breakfix.schemas.datafile import DataFileError, load_model
 
@@ -20,6 +20,8 @@ _STRICT = ConfigDict(frozen=True, extra="forbid")
 class KubernetesConfig(BaseModel):
     model_config = _STRICT
     in_cluster: bool = True
+    kubeconfig: Path | None = Field(None, description="A kubeconfig file (outside the cluster); wins over in_cluster.")
+    context: str | None = Field(None, description="The kubeconfig context (default: its current-context).")
     host: str | None = Field(None, description="API server URL when not in-cluster.")
     token_file: Path | None = None
     verify_ssl: bool = True

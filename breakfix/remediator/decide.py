@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from breakfix.remediator.policy import FORBIDDEN_FOR_UNKNOWN, Match, Policy, StepSpec
 from breakfix.remediator.view import ClusterView, NodeView
+from breakfix.schemas.common import Severity
 from breakfix.schemas.incident import Domain, Incident, IncidentScope, Plan, Rung, Step, StepAction
 
 __all__ = ["CAUTIOUS_RULE", "ClusterView", "NodeView", "cautious_plan", "decide", "matches"]
 
 
 CAUTIOUS_RULE = "fallback-cautious"
+MIG_INCIDENT_LABELS = frozenset({"gpu_i_id", "gpu_i_profile", "mig", "mig_instance"})
 
 
 def matches(match: Match, incident: Incident) -> bool:
@@ -28,6 +30,8 @@ def matches(match: Match, incident: Incident) -> bool:
     if match.codes and not (match.codes & set(incident.codes)):
         return False
     if match.min_severity is not None and incident.severity.rank < match.min_severity.rank:
+        return False
+    if match.only_codes and not (incident.codes and set(incident.codes) <= match.only_codes):
         return False
     return all(incident.labels.get(k) == v for k, v in match.labels.items())
 
@@ -59,7 +63,7 @@ def _steps(specs: tuple[StepSpec, ...], incident: Incident, view: ClusterView,
     base = _target_params(incident)
     out: list[Step] = []
     for spec in specs:
-        if not _when(spec, incident, view):
+        if not _when(spec, incident):
             continue
         if spec.action in (StepAction.NOTIFY_TENANT, StepAction.RESTART_POD):
             out.extend(_tenant_steps(spec, incident, view, base))
@@ -69,19 +73,19 @@ def _steps(specs: tuple[StepSpec, ...], incident: Incident, view: ClusterView,
             if spec.action in _MEMBER_ACTIONS:
                 # a group incident reaches its members: one step per fenced member node (issue 11 item 5)
                 out.extend(Step(action=spec.action, params={**base, "node": n, **spec.params},
-                                timeout_s=spec.timeout_s, requires_approval=spec.requires_approval) for n in fenced)
+                                timeout_s=spec.timeout(), requires_approval=spec.requires_approval) for n in fenced)
                 continue
             if spec.action is StepAction.ESCALATE:  # the page names every member and which ones were fenced
                 out.append(Step(action=spec.action, params={**base, "members": ",".join(incident.nodes),
                                                             "fenced": ",".join(fenced), **spec.params},
-                                timeout_s=spec.timeout_s, requires_approval=spec.requires_approval))
+                                timeout_s=spec.timeout(), requires_approval=spec.requires_approval))
                 continue
-        out.append(Step(action=spec.action, params={**base, **spec.params}, timeout_s=spec.timeout_s,
+        out.append(Step(action=spec.action, params={**base, **spec.params}, timeout_s=spec.timeout(),
                         requires_approval=spec.requires_approval))
     return tuple(out)
 
 
-def _when(spec: StepSpec, incident: Incident, view: ClusterView) -> bool:
+def _when(spec: StepSpec, incident: Incident) -> bool:
     if spec.when == "tenant_known":
         return bool(incident.tenants)
     return True
@@ -99,9 +103,56 @@ def _tenant_steps(spec: StepSpec, incident: Incident, view: ClusterView,
         params: dict[str, str | int | bool] = {**base, "namespace": t.namespace, **spec.params}
         if t.pod:
             params["pod"] = t.pod
-        steps.append(Step(action=spec.action, params=params, timeout_s=spec.timeout_s,
+        steps.append(Step(action=spec.action, params=params, timeout_s=spec.timeout(),
                           requires_approval=spec.requires_approval))
     return steps
+
+
+def is_mig(incident: Incident, view: ClusterView) -> bool:
+    """MIG on the failing GPU: the incident names an instance, or the GPU operator labels the node as MIG-enabled
+    (``nvidia.com/mig.config`` other than ``all-disabled``; NVIDIA GPU operator MIG manager)."""
+    if any(k.lower() in MIG_INCIDENT_LABELS for k in incident.labels):
+        return True
+    node = view.node(incident.node)
+    mig = node.labels.get("nvidia.com/mig.config", "") if node else ""
+    return bool(mig) and mig != "all-disabled"
+
+
+def _fenced(steps: tuple[Step, ...], incident: Incident, view: ClusterView) -> tuple[Step, ...]:
+    """Single-GPU repair is fenced and scoped, whatever the policy file says: the node is cordoned before a GPU is
+    drained or reset (so no new work lands on it), the GPU's pods are drained before the reset, a MIG GPU drains
+    every instance, and a validation in a rung that touched only one GPU runs on that GPU only."""
+    actions = [s.action for s in steps]
+    if StepAction.RESET_GPU not in actions and StepAction.DRAIN_GPU not in actions:
+        return tuple(s.model_copy(update={"params": {**s.params, "scope": "node"}})
+                     if s.action is StepAction.VALIDATE else s for s in steps)
+    node_wide = any(a in (StepAction.DRAIN, StepAction.REBOOT, StepAction.REPROVISION) for a in actions)
+    mig = is_mig(incident, view)
+    out: list[Step] = []
+    base = _target_params(incident)
+    for s in steps:
+        if s.action in (StepAction.DRAIN_GPU, StepAction.RESET_GPU) and all(o.action is not StepAction.CORDON
+                                                                             for o in out):
+            out.insert(0, Step(action=StepAction.CORDON, params=base))
+        if s.action is StepAction.RESET_GPU and not any(o.action in (StepAction.DRAIN_GPU, StepAction.DRAIN)
+                                                        for o in out):
+            out.append(Step(action=StepAction.DRAIN_GPU, params=base, timeout_s=s.timeout_s))
+        if s.action in (StepAction.DRAIN_GPU, StepAction.RESET_GPU) and mig:
+            s = s.model_copy(update={"params": {**s.params, "mig": True}})
+        if s.action is StepAction.VALIDATE:
+            s = s.model_copy(update={"params": {**s.params, "scope": "node" if node_wide else "gpu"}})
+        out.append(s)
+    return tuple(out)
+
+
+def _deferred(steps: tuple[Step, ...], defer_s: float) -> tuple[Step, ...]:
+    """The first step that would take the GPU from its job waits for the GPU to go idle (or ``defer_s``)."""
+    out, done = [], False
+    for s in steps:
+        if not done and (s.action.disruptive or s.action is StepAction.CORDON):
+            s, done = s.model_copy(update={"params": {**s.params, "defer_s": int(defer_s)}}), True
+        out.append(s)
+    return tuple(out)
 
 
 def cautious_plan(incident: Incident, reason: str, rule: str = CAUTIOUS_RULE) -> Plan:
@@ -117,19 +168,29 @@ def decide(incident: Incident, view: ClusterView, policy: Policy) -> Plan:
     """The plan for one incident. First matching enabled rule wins; otherwise cordon and escalate."""
     node = view.node(incident.node)
     if node is not None and node.labels.get(policy.opt_out_label) == "true":
+        fence = incident.domain is Domain.OPERATOR and incident.severity.rank >= Severity.CRITICAL.rank
         return Plan(domain=Domain.OPERATOR, rule="node-opt-out", dry_run=policy.dry_run,
-                    reason=f"Node {node.name} carries {policy.opt_out_label}=true; breakfix only escalates.",
-                    steps=(Step(action=StepAction.ESCALATE, params=_target_params(incident)),))
+                    reason=f"Node {node.name} carries {policy.opt_out_label}=true; breakfix does not repair it"
+                           + ("; the broken node is fenced (cordon + taint) and a human decides." if fence else
+                              " and only escalates."),
+                    steps=((Step(action=StepAction.CORDON, params=_target_params(incident)),) if fence else ())
+                    + (Step(action=StepAction.ESCALATE, params=_target_params(incident)),))
     budget = policy.guards.budget.limit(len(view.nodes) or len(incident.nodes))
     for rule in policy.rules:
         if not rule.enabled or not matches(rule.match, incident):
             continue
-        ladder = tuple(Rung(name=r.name, steps=_steps(r.steps, incident, view, budget), timeout_s=r.timeout_s)
+        ladder = tuple(Rung(name=r.name, steps=_fenced(_steps(r.steps, incident, view, budget), incident, view),
+                            timeout_s=r.timeout())
                        for r in rule.rungs())
+        if rule.defer_s is not None and ladder:
+            ladder = (ladder[0].model_copy(update={"steps": _deferred(ladder[0].steps, rule.defer_s)}), *ladder[1:])
         every = [s for r in ladder for s in r.steps]
         if incident.category == "unknown_fault" and any(s.action in FORBIDDEN_FOR_UNKNOWN for s in every):
             break
-        return Plan(domain=rule.domain, rule=rule.name, reason=rule.reason, steps=ladder[0].steps if ladder else (),
+        reason = rule.reason
+        if is_mig(incident, view) and any(s.params.get("mig") for r in ladder for s in r.steps):
+            reason += " MIG: the reset destroys every instance on this GPU; they must be recreated afterwards."
+        return Plan(domain=rule.domain, rule=rule.name, reason=reason, steps=ladder[0].steps if ladder else (),
                     ladder=ladder if len(ladder) > 1 else (), dry_run=policy.dry_run, shadow=rule.shadow)
     plan = cautious_plan(incident, "No policy rule fits this incident safely; cordon and escalate to a human.")
     return plan.model_copy(update={"dry_run": policy.dry_run})

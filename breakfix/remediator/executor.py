@@ -2,28 +2,34 @@
 
 Input: an incident and the plan ``decide`` chose (a ladder of rungs). Each step calls the
 ``Actuator`` and publishes ``ActionRecord``s (started, then succeeded/failed) through the
-injected ``publish`` callback; the clock is injected too. A failed step (a failed validation
-included) ends its rung and the next rung runs; when the ladder is exhausted the node stays
-cordoned and the plan escalates with a one-line RMA summary. A step that needs approval stops
-the plan with a refusal record until ``breakfix approve`` names it. Dry-run and shadow plans
-record what would have happened and touch nothing.
+injected ``publish`` callback; the clock is injected too. A failed step (a failed validation, a
+timed-out step included) ends its rung and the next rung runs; when the ladder is exhausted the
+node stays cordoned and the plan escalates with a one-line RMA summary. A step that needs approval
+stops the plan until ``breakfix approve`` names it. Dry-run and shadow plans record what would
+have happened and touch nothing.
+
+Enforced here, per step: its ``timeout_s`` and what is left of its rung's ``timeout_s``; the
+retry-cap ``gate`` before a disruptive step; the ``hold`` check before a return to service (the
+node is uncordoned only when no other incident holds it); the ``soak`` before capacity returns; a
+deferred step (``defer_s``) waits for the GPU to go idle or the deadline. A reset the node agent
+refuses as ``busy:`` drains the node's pods and is tried once more, instead of climbing to a reboot.
 
 Crash safety: before and after every step the executor hands a ``Progress`` to ``save``
 (the plan store, with optimistic concurrency), and every node-side step carries an
 idempotency key, so a remediator killed mid-step resumes at that step and the node agent
-answers a repeated key without acting again (no double reboot). Before capacity returns,
-``soak`` must confirm the node stayed quiet.
+answers a repeated key without acting again (no double reboot).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
 
+from breakfix.bus.clock import Clock
 from breakfix.remediator.actuator import Actuator, StepResult
+from breakfix.remediator.records import Progress, ProgressState
 from breakfix.schemas.incident import (
     ActionKind,
     ActionOutcome,
@@ -32,33 +38,17 @@ from breakfix.schemas.incident import (
     Plan,
     Step,
     StepAction,
+    WaitingOn,
 )
 
 Publish = Callable[[ActionRecord], Awaitable[None]]
-Clock = Callable[[], datetime]
 Soak = Callable[[Incident], Awaitable[StepResult]]
-
-
-@dataclass
-class Progress:
-    """Where a plan stands: the store's record of it (``remediator.store``)."""
-
-    incident: str
-    attempt: int
-    rung: int = 0
-    step: int = 0
-    state: str = "running"  # running | awaiting_approval | done | escalated
-    approved: list[str] = field(default_factory=list)  # "rung:step" approvals received
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Progress:
-        return cls(**d)
-
-
+Gate = Callable[[Incident, Step], str | None]           # a reason the step may not run, or None
+Holders = Callable[[Incident], str | None]               # who else still holds the node, or None
 Save = Callable[[Progress], Awaitable[None]]
+BUSY = "busy:"  # the node agent's refusal while processes hold the GPU
+
+__all__ = ["BUSY", "Executor", "Progress", "ProgressState", "record_id", "rma_summary", "step_key"]
 
 
 def record_id(incident: str, attempt: int, kind: str, index: int | None, action: str, outcome: str,
@@ -84,30 +74,44 @@ async def _no_save(_p: Progress) -> None:
     return None
 
 
+def _gpu(step: Step) -> int | None:
+    g = step.params.get("gpu")
+    if isinstance(g, bool):
+        return None
+    return int(g) if isinstance(g, int | str) and str(g).isdigit() else None
+
+
 class Executor:
     def __init__(self, actuator: Actuator, publish: Publish, clock: Clock, *, actor: str,
-                 soak: Soak | None = None) -> None:
+                 soak: Soak | None = None, gate: Gate | None = None, holders: Holders | None = None,
+                 idle_poll_s: float = 30.0) -> None:
         self.actuator = actuator
         self.publish = publish
         self.clock = clock
         self.actor = actor
         self.soak = soak
+        self.gate = gate
+        self.holders = holders
+        self.idle_poll_s = idle_poll_s
 
     async def _record(self, incident: Incident, plan: Plan, attempt: int, kind: ActionKind,
                       outcome: ActionOutcome, *, step: Step | None = None, index: int | None = None,
                       rung: int = 0, reason: str = "", details: dict[str, str] | None = None,
-                      with_plan: bool = False) -> None:
+                      with_plan: bool = False, waiting: WaitingOn | None = None) -> None:
         action = step.action if step else None
         gpu = incident.gpus[0] if incident.gpus else None
         rungs = plan.rungs()
         extra = {"rung": rungs[rung].name} if kind is not ActionKind.PLAN and rung < len(rungs) else {}
+        if step is not None and step.params.get("mig") is True:
+            extra["mig"] = "instances on this GPU must be recreated after the reset"
         rec = ActionRecord(
             id=record_id(incident.id, attempt, kind.value, index, action.value if action else "", outcome.value,
                          rung),
             cluster=incident.cluster, incident_id=incident.id, kind=kind, action=action, step_index=index,
             outcome=outcome, actor=self.actor, rule=plan.rule, reason=reason or plan.reason,
             node=incident.node, gpu=gpu, domain=plan.domain, dry_run=plan.dry_run or plan.shadow,
-            plan=plan if with_plan else None, details={**extra, **(details or {})}, at=self.clock(),
+            plan=plan if with_plan else None, details={**extra, **(details or {})}, waiting=waiting,
+            at=self.clock.now(),
         )
         await self.publish(rec)
 
@@ -115,7 +119,7 @@ class Executor:
                   save: Save = _no_save) -> ActionOutcome:
         """Carry the plan out from ``progress`` (the start when None); return the plan's final outcome."""
         fresh = progress is None
-        prog = progress or Progress(incident.id, attempt)
+        prog = progress or Progress(incident=incident.id, attempt=attempt)
         if fresh:
             await self._record(incident, plan, attempt, ActionKind.PLAN, ActionOutcome.PLANNED, with_plan=True)
         rungs = plan.rungs()
@@ -127,27 +131,35 @@ class Executor:
                                        index=i, rung=r, reason=f"{why}: would have run this step")
             return ActionOutcome.DRY_RUN
         escalated = False
+        climbed = ""  # why the ladder left its last rung: an escalation on a later rung pages with it
         while prog.rung < len(rungs):
             rung = rungs[prog.rung]
+            used = 0.0  # seconds this rung's steps have taken (waits for a human, soak and idle excluded)
             failed: tuple[Step, StepResult] | None = None
             while prog.step < len(rung.steps):
                 step = rung.steps[prog.step]
-                tag = f"{prog.rung}:{prog.step}"
-                if step.requires_approval and tag not in prog.approved:
-                    prog.state = "awaiting_approval"
+                if step.requires_approval and prog.tag not in prog.approved:
+                    prog.state = ProgressState.AWAITING_APPROVAL
                     await save(prog)
                     await self._record(incident, plan, attempt, ActionKind.REFUSAL, ActionOutcome.REFUSED, step=step,
-                                       index=prog.step, rung=prog.rung,
+                                       index=prog.step, rung=prog.rung, waiting=WaitingOn.APPROVAL,
                                        reason=f"awaiting approval: breakfix approve {incident.id} {step.action.value}")
                     return ActionOutcome.REFUSED
-                prog.state = "running"
+                capped = self.gate(incident, step) if self.gate is not None and step.action.disruptive else None
+                if capped is not None:
+                    return await self._exhausted(incident, plan, attempt, prog, save, f"refused: {capped}")
+                prog.state = ProgressState.RUNNING
                 await save(prog)  # a crash from here on resumes at this very step, with the same key
+                if "defer_s" in step.params:
+                    if prog.deadline is None:
+                        prog.deadline = self.clock.now() + timedelta(seconds=float(step.params["defer_s"]))
+                        await save(prog)  # a restart keeps the deadline it promised
+                    await self.wait_idle(incident, plan, attempt, step, prog.deadline, rung=prog.rung,
+                                         index=prog.step)
                 await self._record(incident, plan, attempt, ActionKind.STEP, ActionOutcome.STARTED, step=step,
                                    index=prog.step, rung=prog.rung)
-                try:
-                    result = await self._call(incident, step, step_key(incident.id, attempt, prog.rung, prog.step))
-                except Exception as exc:  # an adapter bug must not kill the remediator
-                    result = StepResult(False, f"{type(exc).__name__}: {exc}")
+                result, took = await self._timed(incident, plan, attempt, prog, step, rung.timeout_s - used, climbed)
+                used += took
                 outcome = ActionOutcome.SUCCEEDED if result.ok else ActionOutcome.FAILED
                 await self._record(incident, plan, attempt, ActionKind.STEP, outcome, step=step, index=prog.step,
                                    rung=prog.rung, reason=result.detail, details=result.evidence)
@@ -157,13 +169,15 @@ class Executor:
                 escalated |= step.action is StepAction.ESCALATE
                 prog.step += 1
             if failed is None:
-                prog.state = "done"
+                prog.state = ProgressState.ESCALATED if escalated else ProgressState.DONE
                 await save(prog)
                 final = ActionOutcome.ESCALATED if escalated else ActionOutcome.COMPLETED
                 await self._record(incident, plan, attempt, ActionKind.PLAN, final,
+                                   waiting=WaitingOn.HUMAN if escalated else None,
                                    reason=f"rung {rung.name} completed" if not escalated else "")
                 return final
             step, result = failed
+            climbed = f"{step.action.value} failed: {result.detail}"
             prog.rung += 1
             prog.step = 0
             if prog.rung < len(rungs):
@@ -176,24 +190,82 @@ class Executor:
                                          f"{step.action.value} failed: {result.detail}")
         return await self._exhausted(incident, plan, attempt, prog, save, "ladder exhausted")
 
+    async def _timed(self, incident: Incident, plan: Plan, attempt: int, prog: Progress, step: Step,
+                     rung_left: float, climbed: str = "") -> tuple[StepResult, float]:
+        """Run one step under its timeout and what is left of the rung's; (result, seconds it took)."""
+        key = step_key(incident.id, attempt, prog.rung, prog.step)
+        soak = step.params.get("soak") is not False
+        if step.action is StepAction.RETURN_TO_SERVICE and self.soak is not None and soak:
+            await self._record(incident, plan, attempt, ActionKind.STEP, ActionOutcome.WAITING, step=step,
+                               index=prog.step, rung=prog.rung, waiting=WaitingOn.SOAK,
+                               reason="soak: capacity returns only after a quiet period")
+            quiet = await self.soak(incident)
+            if not quiet.ok:
+                return quiet, 0.0
+        limit = min(step.timeout_s, rung_left)
+        which = "step" if step.timeout_s <= rung_left else "rung"
+        start = self.clock.monotonic()
+        try:
+            if limit <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(limit):
+                result = await self._call(incident, step, key, climbed)
+        except TimeoutError:
+            result = StepResult(False, f"{step.action.value} timed out after {max(limit, 0):g}s "
+                                       f"({which} timeout_s)", {"timeout": which})
+        except Exception as exc:  # an adapter bug must not kill the remediator
+            result = StepResult(False, f"{type(exc).__name__}: {exc}")
+        return result, max(0.0, self.clock.monotonic() - start)
+
+    async def wait_idle(self, incident: Incident, plan: Plan, attempt: int, step: Step, deadline: datetime, *,
+                        rung: int = 0, index: int = 0) -> None:
+        """Deferred repair: wait until the GPU's job has ended, or ``deadline``, whichever comes first."""
+        node, gpu = str(step.params.get("node", incident.node or "")), _gpu(step)
+        pods = tuple(x for x in str(step.params.get("pods", "")).split(",") if x)
+        if gpu is None or self.clock.now() >= deadline or await self.actuator.gpu_idle(node, gpu, pods=pods):
+            return
+        await self._record(incident, plan, attempt, ActionKind.STEP, ActionOutcome.WAITING, step=step,
+                           index=index, rung=rung, waiting=WaitingOn.IDLE,
+                           reason=f"deferred repair: waits for gpu{gpu} to go idle or until "
+                                  f"{deadline.isoformat()}; the running job is not evicted now")
+        while self.clock.now() < deadline:
+            await self.clock.sleep(min(self.idle_poll_s, (deadline - self.clock.now()).total_seconds()))
+            if await self.actuator.gpu_idle(node, gpu, pods=pods):
+                return
+
     async def _exhausted(self, incident: Incident, plan: Plan, attempt: int, prog: Progress, save: Save,
                          why: str) -> ActionOutcome:
         """The node stays as it is (cordoned when a rung cordoned it) and a human gets the RMA line."""
         summary = f"{why}; {rma_summary(incident)}"
         esc = Step(action=StepAction.ESCALATE, params={"node": incident.node or ""})
         await self.actuator.escalate(incident.node, summary, incident=incident.id)
-        prog.state = "escalated"
+        prog.state = ProgressState.ESCALATED
         await save(prog)
+        # index None: the escalation that closes the ladder, not one of a rung's steps
         await self._record(incident, plan, attempt, ActionKind.STEP, ActionOutcome.SUCCEEDED, step=esc,
-                           index=99, rung=max(0, prog.rung - 1), reason=summary)
-        await self._record(incident, plan, attempt, ActionKind.PLAN, ActionOutcome.ESCALATED, reason=summary)
+                           index=None, rung=max(0, prog.rung - 1), reason=summary, waiting=WaitingOn.HUMAN)
+        await self._record(incident, plan, attempt, ActionKind.PLAN, ActionOutcome.ESCALATED, reason=summary,
+                           waiting=WaitingOn.HUMAN)
         return ActionOutcome.ESCALATED
 
-    async def _call(self, incident: Incident, step: Step, key: str) -> StepResult:
+    async def _reset(self, incident: Incident, step: Step, node: str, gpu: int, key: str) -> StepResult:
+        a, iid = self.actuator, incident.id
+        first = await a.reset_gpu(node, gpu, incident=iid, key=key)
+        if first.ok or not first.evidence.get("error", first.detail).startswith(BUSY):
+            return first
+        # processes still hold the GPU (pods the incident did not name): the node is fenced, move them, try again
+        drained = await a.drain(node, incident=iid)
+        if not drained.ok:
+            return StepResult(False, f"{first.detail}; draining {node} to free it failed: {drained.detail}",
+                              first.evidence)
+        again = await a.reset_gpu(node, gpu, incident=iid, key=f"{key}:after-drain")
+        return StepResult(again.ok, f"{first.detail}; drained {node} ({drained.detail}); {again.detail}",
+                          {**again.evidence, "drained_for_busy": "true"})
+
+    async def _call(self, incident: Incident, step: Step, key: str, climbed: str = "") -> StepResult:
         a, p, iid = self.actuator, step.params, incident.id
         node = str(p.get("node", incident.node or ""))
-        gpu = p.get("gpu")
-        gpu_i = int(gpu) if isinstance(gpu, int | str) and str(gpu).isdigit() else None
+        gpu_i = _gpu(step)
         match step.action:
             case StepAction.CORDON:
                 return await a.cordon(node, incident=iid, reason=f"breakfix {iid}: {incident.category}")
@@ -203,22 +275,24 @@ class Executor:
                 return StepResult(False, f"{step.action.value} needs a GPU index and the incident has none")
             case StepAction.DRAIN_GPU:
                 assert gpu_i is not None
+                if p.get("mig") is True:  # every MIG instance on the physical GPU goes with the reset
+                    return await a.drain(node, incident=iid)
                 pods = tuple(x for x in str(p.get("pods", "")).split(",") if x)
                 return await a.drain_gpu(node, gpu_i, incident=iid, pods=pods)
             case StepAction.RESET_GPU:
                 assert gpu_i is not None
-                return await a.reset_gpu(node, gpu_i, incident=iid, key=key)
+                return await self._reset(incident, step, node, gpu_i, key)
             case StepAction.REBOOT:
                 return await a.reboot(node, incident=iid, key=key)
             case StepAction.REPROVISION:
                 return await a.reprovision(node, incident=iid, key=key)
             case StepAction.VALIDATE:
-                return await a.validate(node, gpu_i, int(p.get("level", 2)), incident=iid, key=key)
+                scoped = gpu_i if p.get("scope", "gpu") == "gpu" else None
+                return await a.validate(node, scoped, int(p.get("level", 2)), incident=iid, key=key)
             case StepAction.RETURN_TO_SERVICE:
-                if self.soak is not None:
-                    quiet = await self.soak(incident)
-                    if not quiet.ok:
-                        return quiet
+                others = self.holders(incident) if self.holders is not None else None
+                if others:
+                    return StepResult(True, f"{node} stays cordoned: still held by {others}", {"held_by": others})
                 return await a.return_to_service(node, incident=iid)
             case StepAction.NOTIFY_TENANT:
                 pod = p.get("pod")
@@ -228,5 +302,7 @@ class Executor:
             case StepAction.RESTART_POD:
                 return await a.restart_pod(str(p.get("namespace", "")), str(p.get("pod", "")), incident=iid)
             case StepAction.ESCALATE:
-                return await a.escalate(incident.node, rma_summary(incident), incident=iid)
+                why = p.get("reason") or climbed
+                summary = f"{why}; {rma_summary(incident)}" if why else rma_summary(incident)
+                return await a.escalate(incident.node, summary, incident=iid)
         return StepResult(False, f"no actuator for {step.action.value}")  # pragma: no cover

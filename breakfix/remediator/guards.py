@@ -1,92 +1,93 @@
-"""Safety guards: pure checks that may refuse a plan, and the state they keep. No I/O, no clock.
+"""Safety guards: pure checks that may refuse a plan or a step, and the state they keep. No I/O, no clock.
 
 The service (``remediator.service``) asks ``check`` before it carries a plan out, passing the
-time in, and keeps ``GuardState`` in the plan store (``remediator.store``) so a restart
-remembers it. Every refusal carries its reason and is published as an audit record.
+time in; the executor asks ``step_check`` before each disruptive step of a later rung. The guard
+keeper (``remediator.keeper``) stores ``GuardState`` in the plan store so a restart remembers it.
+Every refusal carries its reason, what the plan now waits on (``WaitingOn``) and whether the node
+must be fenced and a human paged; it is published as an audit record.
 
-- kill switches: a rule or a fault code switched off refuses everything it would do;
+- kill switches (policy file, or ``breakfix kill-switch`` at run time): a rule or a fault code
+  switched off refuses everything it would do; the node is fenced and a human decides;
 - circuit breaker: when more than ``max_percent`` of the pool opened incidents within the
-  window (and at least ``min_nodes``), automated operator actions stop until an explicit,
-  audited reset (``breakfix breaker reset``);
+  window (and at least ``min_nodes``), automated operator actions stop and the incidents queue
+  until an explicit, audited reset (``breakfix breaker reset``) re-drives them in budget order;
 - budgets: at most ``max(max_nodes, max_percent of the pool)`` nodes in operator remediation at
-  once, per cluster and per topology key (rack, switch, ...), so a 3-node pool can still heal
-  one node while a 1,000-node pool gets its percentage;
-- cooldowns and retry caps: a node that just finished a plan waits ``cooldown_s``; an action
-  (reboot, reset, ...) runs at most its cap per node per window, so nothing loops;
-- approvals: steps that need one wait for ``breakfix approve INCIDENT STEP``.
+  once, per cluster and per topology key (rack, switch, ...); a plan waits its turn, and a wait
+  longer than ``budget_wait_s`` goes to a human;
+- cooldowns damp recurrences of the *same* fault on a node (same category, no new code, no
+  higher severity); a different or worse fault is not blocked;
+- retry caps count actions actually executed (recorded when a step starts), per GPU for GPU
+  actions and per node for node actions; a cap reached fences the node and pages;
+- holds: every incident that needs a node holds it; ``return_to_service`` uncordons only when no
+  other incident holds the node (open, escalated, awaiting approval, on the RMA path).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from breakfix.remediator.guardspec import (
+    BreakerSpec,
+    BudgetSpec,
+    GuardsSpec,
+    KillSwitchSpec,
+    TopologyBudgetSpec,
+)
 from breakfix.remediator.view import ClusterView
-from breakfix.schemas.incident import Domain, Incident, Plan, StepAction
+from breakfix.schemas.incident import Domain, Incident, Plan, Step, StepAction, WaitingOn
 
-_STRICT = ConfigDict(frozen=True, extra="forbid")
+__all__ = ["BreakerSpec", "BudgetSpec", "Fault", "GuardState", "GuardsSpec", "KillSwitchSpec", "Refusal",
+           "TopologyBudgetSpec", "check", "step_check", "target_of"]
 
-
-class BudgetSpec(BaseModel):
-    model_config = _STRICT
-    max_nodes: int = Field(1, ge=0)
-    max_percent: float = Field(5.0, ge=0, le=100)
-
-    def limit(self, pool: int) -> int:
-        """The larger of the absolute count and the percentage, so small pools can still heal."""
-        return max(self.max_nodes, math.floor(pool * self.max_percent / 100))
-
-
-class TopologyBudgetSpec(BudgetSpec):
-    key: str
-
-
-class BreakerSpec(BaseModel):
-    model_config = _STRICT
-    max_percent: float = Field(10.0, gt=0, le=100)
-    min_nodes: int = Field(3, ge=1)
-    window_s: float = Field(600.0, gt=0)
-
-
-class KillSwitchSpec(BaseModel):
-    model_config = _STRICT
-    rules: frozenset[str] = frozenset()
-    codes: frozenset[str] = frozenset()
-
-
-class GuardsSpec(BaseModel):
-    model_config = _STRICT
-    budget: BudgetSpec = BudgetSpec(max_nodes=2, max_percent=5.0)
-    topology_budgets: tuple[TopologyBudgetSpec, ...] = ()
-    breaker: BreakerSpec = BreakerSpec()
-    cooldown_s: float = Field(1800.0, ge=0)
-    retry_caps: dict[StepAction, int] = Field(default_factory=lambda: {StepAction.REBOOT: 1, StepAction.RESET_GPU: 2,
-                                                                       StepAction.REPROVISION: 1})
-    retry_window_s: float = Field(86400.0, gt=0)
-    kill_switch: KillSwitchSpec = KillSwitchSpec()
-    soak_s: float = Field(300.0, ge=0, description="Quiet time with no new fault before capacity returns.")
+GPU_ACTIONS = frozenset({StepAction.RESET_GPU, StepAction.DRAIN_GPU})
 
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
     guard: str   # kill_switch | breaker | budget | topology_budget | cooldown | retry_cap
     reason: str
-    retry: bool  # True: the same plan may pass later (budget, cooldown); False: needs a human
+    retry: bool  # True: the same plan may pass later (budget, cooldown); False: needs a human or a reset
+    waiting: WaitingOn | None = None
+    fence: bool = False  # cordon + taint the node and page a human (a refusal never leaves a broken node in service)
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """The fault a finished plan repaired: what the cooldown compares a new incident with."""
+
+    at: datetime
+    category: str = ""
+    codes: frozenset[str] = frozenset()
+    severity: int = 0
+
+    def same_or_lesser(self, incident: Incident) -> bool:
+        return incident.category == self.category and set(incident.codes) <= self.codes \
+            and incident.severity.rank <= self.severity
+
+
+def target_of(incident: Incident, action: StepAction, gpu: int | None = None) -> str:
+    """What a retry cap counts against: ``node/gpuN`` for GPU actions, the node for node actions."""
+    node = incident.node or "-"
+    if action in GPU_ACTIONS:
+        idx = gpu if gpu is not None else (incident.gpus[0].index if incident.gpus else None)
+        return f"{node}/gpu{idx if idx is not None else '?'}"
+    return node
 
 
 @dataclass
 class GuardState:
     active: dict[str, str] = field(default_factory=dict)            # node -> incident in operator remediation
-    actions: list[tuple[str, str, datetime]] = field(default_factory=list)  # (node, action, at)
+    holds: dict[str, dict[str, str]] = field(default_factory=dict)  # node -> {incident: why it holds the node}
+    actions: list[tuple[str, str, datetime]] = field(default_factory=list)  # (target, action, at) executed
     opens: list[tuple[str, datetime]] = field(default_factory=list)          # (node, at) incident opens
-    finished: dict[str, datetime] = field(default_factory=dict)     # node -> when its last plan ended
+    finished: dict[str, Fault] = field(default_factory=dict)         # node -> the fault its last plan repaired
     breaker_tripped_at: datetime | None = None
     breaker_reason: str = ""
-    approvals: set[tuple[str, str]] = field(default_factory=set)    # (incident, action)
+    queued: dict[str, datetime] = field(default_factory=dict)       # incident -> first_seen, held by the breaker
+    killed_rules: set[str] = field(default_factory=set)             # run-time kill switches (audited)
+    killed_codes: set[str] = field(default_factory=set)
 
     # -- reducers (pure: the caller passes time in) -----------------------------------------------
     def observe_open(self, node: str | None, at: datetime, spec: BreakerSpec, pool: int) -> bool:
@@ -105,83 +106,142 @@ class GuardState:
             return True
         return False
 
-    def reset_breaker(self) -> None:
+    def reset_breaker(self) -> list[str]:
+        """Close the breaker; returns the queued incidents, oldest first (the order they are re-driven in)."""
         self.breaker_tripped_at = None
         self.breaker_reason = ""
         self.opens.clear()
+        order = [i for i, _ in sorted(self.queued.items(), key=lambda kv: (kv[1], kv[0]))]
+        self.queued.clear()
+        return order
 
     def start(self, node: str, incident: str) -> None:
         self.active[node] = incident
+        self.hold(node, incident, "in remediation")
 
-    def record_action(self, node: str, action: StepAction, at: datetime) -> None:
-        self.actions.append((node, action.value, at))
+    def hold(self, node: str, incident: str, why: str) -> None:
+        self.holds.setdefault(node, {})[incident] = why
 
-    def finish(self, node: str, incident: str, at: datetime) -> None:
+    def unhold(self, incident: str) -> None:
+        for node in [n for n, h in self.holds.items() if incident in h]:
+            del self.holds[node][incident]
+            if not self.holds[node]:
+                del self.holds[node]
+
+    def holders(self, node: str, besides: str) -> dict[str, str]:
+        """The other incidents that still hold ``node``."""
+        return {i: why for i, why in self.holds.get(node, {}).items() if i != besides}
+
+    def record_action(self, target: str, action: StepAction, at: datetime) -> None:
+        self.actions.append((target, action.value, at))
+
+    def finish(self, node: str, incident: str, at: datetime, fault: Incident | None = None) -> None:
         if self.active.get(node) == incident:
             del self.active[node]
-        self.finished[node] = at
+        self.finished[node] = Fault(at, fault.category, frozenset(fault.codes), fault.severity.rank) if fault \
+            else Fault(at)
+
+    def forget(self, incident: str) -> None:
+        """An incident the remediator no longer tracks: drop its holds, budget slot and queue place."""
+        self.unhold(incident)
+        self.queued.pop(incident, None)
+        for node in [n for n, i in self.active.items() if i == incident]:
+            del self.active[node]
 
     def prune(self, now: datetime, spec: GuardsSpec) -> None:
+        """Drop what no guard can look at any more; called on every write, so the stored record stays bounded."""
         cutoff = now - timedelta(seconds=spec.retry_window_s)
         self.actions = [a for a in self.actions if a[2] >= cutoff]
+        opened = now - timedelta(seconds=spec.breaker.window_s)
+        self.opens = [(n, t) for n, t in self.opens if t >= opened]
+        cooled = now - timedelta(seconds=spec.cooldown_s)
+        self.finished = {n: f for n, f in self.finished.items() if f.at >= cooled}
 
     # -- store form ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"active": self.active, "actions": [[n, a, t.isoformat()] for n, a, t in self.actions],
+        return {"active": self.active, "holds": self.holds,
+                "actions": [[n, a, t.isoformat()] for n, a, t in self.actions],
                 "opens": [[n, t.isoformat()] for n, t in self.opens],
-                "finished": {n: t.isoformat() for n, t in self.finished.items()},
+                "finished": {n: [f.at.isoformat(), f.category, sorted(f.codes), f.severity]
+                             for n, f in self.finished.items()},
                 "breaker_tripped_at": self.breaker_tripped_at.isoformat() if self.breaker_tripped_at else None,
-                "breaker_reason": self.breaker_reason, "approvals": sorted(list(a) for a in self.approvals)}
+                "breaker_reason": self.breaker_reason, "queued": {i: t.isoformat() for i, t in self.queued.items()},
+                "killed_rules": sorted(self.killed_rules), "killed_codes": sorted(self.killed_codes)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GuardState:
         dt = datetime.fromisoformat
-        return cls(active=dict(d["active"]), actions=[(n, a, dt(t)) for n, a, t in d["actions"]],
-                   opens=[(n, dt(t)) for n, t in d["opens"]], finished={n: dt(t) for n, t in d["finished"].items()},
-                   breaker_tripped_at=dt(d["breaker_tripped_at"]) if d["breaker_tripped_at"] else None,
-                   breaker_reason=d["breaker_reason"], approvals={(i, a) for i, a in d["approvals"]})
+        finished = {}
+        for n, f in d.get("finished", {}).items():
+            finished[n] = Fault(dt(f), "", frozenset(), 0) if isinstance(f, str) else \
+                Fault(dt(f[0]), f[1], frozenset(f[2]), int(f[3]))
+        return cls(active=dict(d.get("active", {})), holds={n: dict(h) for n, h in d.get("holds", {}).items()},
+                   actions=[(n, a, dt(t)) for n, a, t in d.get("actions", [])],
+                   opens=[(n, dt(t)) for n, t in d.get("opens", [])], finished=finished,
+                   breaker_tripped_at=dt(d["breaker_tripped_at"]) if d.get("breaker_tripped_at") else None,
+                   breaker_reason=d.get("breaker_reason", ""),
+                   queued={i: dt(t) for i, t in d.get("queued", {}).items()},
+                   killed_rules=set(d.get("killed_rules", [])), killed_codes=set(d.get("killed_codes", [])))
 
 
-def _operator_actions(plan: Plan) -> set[StepAction]:
-    return {s.action for r in plan.rungs() for s in r.steps if s.action.disruptive or s.action is StepAction.CORDON}
+def _gpu_of(step: Step) -> int | None:
+    g = step.params.get("gpu")
+    return g if isinstance(g, int) and not isinstance(g, bool) else None
+
+
+def step_check(incident: Incident, step: Step, state: GuardState, spec: GuardsSpec, now: datetime) -> Refusal | None:
+    """May this disruptive step run now? Only its retry cap is asked (per GPU or per node, executed actions)."""
+    cap = spec.retry_caps.get(step.action)
+    if cap is None or incident.node is None:
+        return None
+    target = target_of(incident, step.action, _gpu_of(step))
+    window = now - timedelta(seconds=spec.retry_window_s)
+    used = sum(1 for t, a, at in state.actions if t == target and a == step.action.value and at >= window)
+    if used >= cap:
+        return Refusal("retry_cap", f"{step.action.value} already ran {used}x on {target} within "
+                                    f"{spec.retry_window_s / 3600:g} h (cap {cap}); a human decides the next step",
+                       retry=False, waiting=WaitingOn.HUMAN, fence=True)
+    return None
 
 
 def check(incident: Incident, plan: Plan, state: GuardState, view: ClusterView, spec: GuardsSpec,
           now: datetime) -> Refusal | None:
-    """May this plan run now? None, or the first guard that says no and why."""
+    """May this plan start now? None, or the first guard that says no, why, and what happens meanwhile."""
     ks = spec.kill_switch
-    if plan.rule in ks.rules:
-        return Refusal("kill_switch", f"rule {plan.rule} is switched off", retry=False)
-    killed = sorted(ks.codes & set(incident.codes))
+    rules, codes = ks.rules | state.killed_rules, ks.codes | state.killed_codes
+    if plan.rule in rules:
+        return Refusal("kill_switch", f"rule {plan.rule} is switched off", retry=False, waiting=WaitingOn.HUMAN,
+                       fence=True)
+    killed = sorted(codes & set(incident.codes))
     if killed:
-        return Refusal("kill_switch", f"code {', '.join(killed)} is switched off", retry=False)
-    actions = _operator_actions(plan)
-    if plan.domain is not Domain.OPERATOR or not actions or incident.node is None:
+        return Refusal("kill_switch", f"code {', '.join(killed)} is switched off", retry=False,
+                       waiting=WaitingOn.HUMAN, fence=True)
+    first = plan.rungs()[0].steps if plan.rungs() else ()
+    operator = [s for s in first if s.action.disruptive or s.action is StepAction.CORDON]
+    if plan.domain is not Domain.OPERATOR or not operator or incident.node is None:
         return None
     node = incident.node
     if state.breaker_tripped_at is not None:
         return Refusal("breaker", f"circuit breaker open since {state.breaker_tripped_at.isoformat()}: "
-                                  f"{state.breaker_reason}; reset with 'breakfix breaker reset'", retry=False)
+                                  f"{state.breaker_reason}; reset with 'breakfix breaker reset'", retry=False,
+                       waiting=WaitingOn.BREAKER)
+    for step in sorted(operator, key=lambda s: s.action.value):
+        capped = step_check(incident, step, state, spec, now)
+        if capped is not None:
+            return capped
     done = state.finished.get(node)
-    if done is not None and (now - done).total_seconds() < spec.cooldown_s and state.active.get(node) != incident.id:
-        return Refusal("cooldown", f"{node} finished a remediation at {done.isoformat()}; cooldown "
-                                   f"{spec.cooldown_s:g}s", retry=True)
-    window = now - timedelta(seconds=spec.retry_window_s)
-    for action in sorted(actions, key=lambda a: a.value):
-        cap = spec.retry_caps.get(action)
-        if cap is None:
-            continue
-        used = sum(1 for n, a, t in state.actions if n == node and a == action.value and t >= window)
-        if used >= cap:
-            return Refusal("retry_cap", f"{action.value} already ran {used}x on {node} within "
-                                        f"{spec.retry_window_s:g}s (cap {cap}); a human decides the next step",
-                           retry=False)
+    if done is not None and (now - done.at).total_seconds() < spec.cooldown_s \
+            and state.active.get(node) != incident.id and done.same_or_lesser(incident):
+        return Refusal("cooldown", f"{node} finished a remediation of the same fault ({done.category}) at "
+                                   f"{done.at.isoformat()}; cooldown {spec.cooldown_s:g}s", retry=True,
+                       waiting=WaitingOn.COOLDOWN)
     others = {n for n in state.active if n != node}
     pool = len(view.nodes) or 1
     limit = spec.budget.limit(pool)
     if len(others) + 1 > limit:
         return Refusal("budget", f"{len(others)} nodes already in remediation; the cluster budget is {limit} of "
-                                 f"{pool} (max({spec.budget.max_nodes}, {spec.budget.max_percent:g}%))", retry=True)
+                                 f"{pool} (max({spec.budget.max_nodes}, {spec.budget.max_percent:g}%))", retry=True,
+                       waiting=WaitingOn.BUDGET)
     me = view.node(node)
     for tb in spec.topology_budgets:
         value = (me.labels.get(tb.key) if me else None) or incident.labels.get(tb.key)
@@ -192,5 +252,6 @@ def check(incident: Incident, plan: Plan, state: GuardState, view: ClusterView, 
         tl = tb.limit(len(members) or 1)
         if len(busy) + 1 > tl:
             return Refusal("topology_budget", f"{len(busy)} nodes under {tb.key}={value} already in remediation; "
-                                              f"its budget is {tl} of {len(members)}", retry=True)
+                                              f"its budget is {tl} of {len(members)}", retry=True,
+                           waiting=WaitingOn.BUDGET)
     return None

@@ -20,18 +20,20 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any
 
+import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from breakfix.bus.clock import SYSTEM_CLOCK, Clock
 from breakfix.bus.retry import retry_when
 from breakfix.remediator.actuator import StepResult
+from breakfix.remediator.drain import DrainMode, DrainPolicy, EvictAction, PodFacts, drain_action
 from breakfix.remediator.view import ClusterView, NodeView
 
 QUARANTINE = "breakfix.io/quarantine"
@@ -39,16 +41,44 @@ OWNER = "breakfix.io/cordoned-by"
 INCIDENT = "breakfix.io/incident"
 ME = "breakfix"
 MERGE = "application/merge-patch+json"
-DrainMode = Literal["immediate", "allow-completion", "delete-after-timeout"]
+__all__ = ["DrainMode", "DrainPolicy", "KubernetesActuator", "api_for"]
 
 
-@dataclass(frozen=True)
-class DrainPolicy:
-    default: DrainMode = "immediate"
-    namespaces: dict[str, DrainMode] = field(default_factory=dict)
-    timeout_s: float = 600.0
-    parallel: int = 16
-    retry_s: float = 5.0
+class KubeConfigError(ValueError):
+    """The Kubernetes client configuration is missing or unusable; ``str()`` is one line for the CLI."""
+
+
+def load_api(*, kubeconfig: Path | None = None, context: str | None = None, host: str | None = None,
+             token_file: Path | None = None, verify_ssl: bool = True, in_cluster: bool = True) -> client.ApiClient:
+    """The API client from a kubeconfig file, an explicit host, or the pod's service account, in that order."""
+    from kubernetes import config as kconfig
+    from kubernetes.config.config_exception import ConfigException
+
+    if kubeconfig is not None:
+        if not kubeconfig.is_file():
+            raise KubeConfigError(f"{kubeconfig}: no such kubeconfig file")
+        try:
+            api: client.ApiClient = kconfig.new_client_from_config(  # type: ignore[no-untyped-call]
+                config_file=str(kubeconfig), context=context)
+            return api
+        except (ConfigException, OSError, ValueError, TypeError, AttributeError, yaml.YAMLError) as exc:
+            why = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise KubeConfigError(f"{kubeconfig}: not a usable kubeconfig: {why}") from None
+    if host:
+        try:
+            token = token_file.read_text().strip() if token_file else None
+        except OSError as exc:
+            raise KubeConfigError(f"{token_file}: cannot read the token: {exc.strerror}") from None
+        return api_for(host, token=token, verify_ssl=verify_ssl)
+    if in_cluster:
+        try:
+            kconfig.load_incluster_config()  # type: ignore[no-untyped-call]
+        except ConfigException:
+            raise KubeConfigError("not running inside a Kubernetes pod (no service account token); give --kubeconfig "
+                                  "FILE or kubernetes.kubeconfig / kubernetes.host in the config") from None
+        return client.ApiClient()
+    raise KubeConfigError("no Kubernetes configuration: give --kubeconfig FILE, kubernetes.kubeconfig, "
+                          "kubernetes.host, or kubernetes.in_cluster: true")
 
 
 def api_for(host: str, *, token: str | None = None, verify_ssl: bool = True) -> client.ApiClient:
@@ -60,18 +90,25 @@ def api_for(host: str, *, token: str | None = None, verify_ssl: bool = True) -> 
     return client.ApiClient(cfg)
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _stamp(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _facts(p: Any) -> PodFacts:
+    return PodFacts(p.metadata.namespace, p.metadata.name, (p.status.phase if p.status else None) or "Running",
+                    tuple(o.kind for o in (p.metadata.owner_references or [])),
+                    frozenset(p.metadata.annotations or {}))
 
 
 class KubernetesActuator:
     """The Kubernetes half of the actuator; ``remediator.composite`` adds the node agent and provider."""
 
     def __init__(self, api: client.ApiClient, *, drain: DrainPolicy | None = None,
-                 sleep: Callable[[float], Any] = asyncio.sleep) -> None:
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.core = client.CoreV1Api(api)
         self.drain_policy = drain or DrainPolicy()
-        self.sleep = sleep
+        self.clock = clock
+        self.sleep = clock.sleep
         self.evictions = 0
         # the client blocks; give it as many threads as evictions may run at once
         self._pool = ThreadPoolExecutor(max_workers=self.drain_policy.parallel + 4, thread_name_prefix="breakfix-k8s")
@@ -99,7 +136,7 @@ class KubernetesActuator:
         taints = [t for t in taints if t.get("key") != QUARANTINE]
         taints.append({"key": QUARANTINE, "value": "true", "effect": "NoSchedule"})
         body = {"metadata": {"annotations": {OWNER: ME, INCIDENT: incident, "breakfix.io/reason": reason[:200],
-                                             "breakfix.io/cordoned-at": _now()}},
+                                             "breakfix.io/cordoned-at": _stamp(self.clock.now())}},
                 "spec": {"unschedulable": True, "taints": [{k: v for k, v in t.items() if v is not None}
                                                            for t in taints]}}
         await self._call(self.core.patch_node, node, body, _content_type=MERGE)
@@ -128,21 +165,23 @@ class KubernetesActuator:
         for p in pods.items:
             if (p.spec.node_name if p.spec else None) != node:  # be strict even if a server ignores the selector
                 continue
-            owners = p.metadata.owner_references or []
-            if any(o.kind == "DaemonSet" for o in owners) or "kubernetes.io/config.mirror" in (
-                    p.metadata.annotations or {}):
-                continue
-            if p.status and p.status.phase in ("Succeeded", "Failed"):
+            if drain_action(_facts(p), self.drain_policy).action is EvictAction.SKIP:
                 continue
             out.append(p)
         return out
 
+    async def pods_running(self, node: str, pods: tuple[str, ...]) -> bool:
+        """Whether any of these ``namespace/pod`` still runs on ``node`` (deferred repair waits for none)."""
+        on_node = {f"{p.metadata.namespace}/{p.metadata.name}" for p in await self._pods_on(node)}
+        return any(p in on_node for p in pods)
+
     async def _evict(self, ns: str, name: str, sem: asyncio.Semaphore) -> tuple[bool, str]:
-        mode = self.drain_policy.namespaces.get(ns, self.drain_policy.default)
-        deadline = time.monotonic() + self.drain_policy.timeout_s
+        action = drain_action(PodFacts(ns, name), self.drain_policy).action
+        clock = self.clock
+        deadline = clock.monotonic() + self.drain_policy.timeout_s
         async with sem:
-            if mode == "allow-completion":
-                while time.monotonic() < deadline:
+            if action is EvictAction.WAIT_FOR_COMPLETION:
+                while clock.monotonic() < deadline:
                     try:
                         p = await self._call(self.core.read_namespaced_pod, name, ns)
                     except ApiException as exc:
@@ -157,7 +196,7 @@ class KubernetesActuator:
 
             def pdb_blocked(exc: BaseException) -> bool:
                 return isinstance(exc, ApiException) and exc.status in (429, 500, 503) \
-                    and time.monotonic() < deadline
+                    and clock.monotonic() < deadline
 
             try:
                 await retry_when(lambda: self._call(self.core.create_namespaced_pod_eviction, name, ns, body),
@@ -165,7 +204,7 @@ class KubernetesActuator:
             except ApiException as exc:
                 if exc.status == 404:
                     return True, f"{ns}/{name} already gone"
-                if exc.status == 429 and mode == "delete-after-timeout":
+                if exc.status == 429 and action is EvictAction.EVICT_THEN_DELETE:
                     await self._call(self.core.delete_namespaced_pod, name, ns)
                     return True, f"{ns}/{name} deleted after {self.drain_policy.timeout_s:g}s of PDB refusals " \
                                  f"(namespace drain mode delete-after-timeout)"
@@ -209,7 +248,8 @@ class KubernetesActuator:
               "metadata": {"generateName": "breakfix-", "namespace": namespace, "labels": {INCIDENT: incident}},
               "involvedObject": {"kind": kind, "name": name, "namespace": namespace if kind != "Node" else ""},
               "reason": reason, "message": message[:1000], "type": "Warning" if warning else "Normal",
-              "source": {"component": "breakfix-remediator"}, "firstTimestamp": _now(), "lastTimestamp": _now(),
+              "source": {"component": "breakfix-remediator"}, "firstTimestamp": _stamp(self.clock.now()),
+              "lastTimestamp": _stamp(self.clock.now()),
               "count": 1}
         await self._call(self.core.create_namespaced_event, namespace, ev)
         return StepResult(True, f"event {reason} on {kind} {namespace + '/' if kind != 'Node' else ''}{name}")
@@ -220,7 +260,8 @@ class KubernetesActuator:
 
     async def set_gpu_condition(self, node: str, healthy: bool, reason: str, message: str) -> StepResult:
         cond = {"type": "GPUHealthy", "status": "True" if healthy else "False", "reason": reason,
-                "message": message[:500], "lastTransitionTime": _now(), "lastHeartbeatTime": _now()}
+                "message": message[:500], "lastTransitionTime": _stamp(self.clock.now()),
+                "lastHeartbeatTime": _stamp(self.clock.now())}
         n = await self._call(self.core.read_node_status, node)
         others = [c.to_dict() for c in ((n.status.conditions or []) if n.status else []) if c.type != "GPUHealthy"]
         others = [{k: v for k, v in c.items() if v is not None} for c in others]

@@ -46,4 +46,6 @@ class NodeAgentClient:
         evidence = dict(reply.evidence)
         if reply.replayed:
             evidence["replayed"] = "true"
+        if reply.error:
+            evidence["error"] = reply.error  # machine-readable by its prefix: busy:, refused:, failed:
         return StepResult(reply.ok, reply.detail, evidence)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from breakfix.remediator.guards import GuardsSpec
+from breakfix.remediator.guardspec import GuardsSpec
 from breakfix.schemas.common import Severity
 from breakfix.schemas.datafile import load_model
 from breakfix.schemas.incident import Domain, IncidentScope, StepAction
@@ -22,7 +22,16 @@ DEFAULT_POLICY = POLICY_DIR / "default.yaml"
 # Actions an unknown fault may never take automatically.
 FORBIDDEN_FOR_UNKNOWN = frozenset({StepAction.RESET_GPU, StepAction.REBOOT, StepAction.REPROVISION})
 
-_STRICT = ConfigDict(frozen=True, extra="forbid")
+_STRICT = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+# How long a step may take when the policy does not say (the executor enforces it; a timed-out step
+# fails and the ladder takes its next rung). A reboot waits for the node agent's new boot id; a
+# level-3 DCGM diagnostic runs for tens of minutes (NVIDIA DCGM diagnostics guide: r3 ~ 30 min).
+ACTION_TIMEOUT_S: dict[StepAction, float] = {
+    StepAction.DRAIN: 1800.0, StepAction.DRAIN_GPU: 1800.0, StepAction.RESET_GPU: 900.0,
+    StepAction.REBOOT: 2700.0, StepAction.REPROVISION: 14400.0, StepAction.VALIDATE: 5400.0,
+}
+DEFAULT_STEP_TIMEOUT_S = 600.0
 
 
 class Match(BaseModel):
@@ -34,6 +43,7 @@ class Match(BaseModel):
     scopes: frozenset[IncidentScope] = frozenset()
     domains: frozenset[Domain] = frozenset()
     codes: frozenset[str] = Field(default=frozenset(), description="Any of these codes, e.g. xid:48.")
+    only_codes: frozenset[str] = Field(default=frozenset(), description="Every code of the incident is one of these.")
     min_severity: Severity | None = None
     labels: dict[str, str] = Field(default_factory=dict)
 
@@ -43,9 +53,12 @@ class StepSpec(BaseModel):
 
     action: StepAction
     params: dict[str, str | int | bool] = Field(default_factory=dict)
-    timeout_s: float = Field(default=600.0, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0, description="Default: ACTION_TIMEOUT_S for the action.")
     requires_approval: bool = False
     when: str | None = Field(default=None, pattern=r"^(controller_owned|tenant_known)$")
+
+    def timeout(self) -> float:
+        return self.timeout_s or ACTION_TIMEOUT_S.get(self.action, DEFAULT_STEP_TIMEOUT_S)
 
 
 class RungSpec(BaseModel):
@@ -55,7 +68,10 @@ class RungSpec(BaseModel):
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9\-]*$")
     steps: tuple[StepSpec, ...] = Field(min_length=1)
-    timeout_s: float = Field(default=3600.0, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0, description="Default: the sum of its steps' timeouts.")
+
+    def timeout(self) -> float:
+        return self.timeout_s or sum(s.timeout() for s in self.steps)
 
 
 class Rule(BaseModel):
@@ -69,6 +85,9 @@ class Rule(BaseModel):
     ladder: tuple[RungSpec, ...] = ()
     enabled: bool = True
     shadow: bool = Field(default=False, description="Record what would happen; never act.")
+    defer_s: float | None = Field(
+        default=None, gt=0, description="Deferred repair: the first disruptive step waits until the GPU is idle "
+        "(its job ended), at most this long; NVIDIA says work may continue (pending row remap, XID 94).")
 
     def rungs(self) -> tuple[RungSpec, ...]:
         if self.ladder:

@@ -9,33 +9,30 @@ the node afterwards like after any other rung.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable
-
 import aiohttp
 
+from breakfix.bus.clock import SYSTEM_CLOCK, Clock
 from breakfix.remediator.actuator import StepResult
 
 
 class ProviderHook:
     def __init__(self, url: str, *, token: str | None = None, poll_s: float = 15.0, timeout_s: float = 7200.0,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.poll_s = poll_s
         self.timeout_s = timeout_s
-        self.sleep = sleep
+        self.clock = clock
 
     async def reprovision(self, node: str, *, reason: str, incident: str) -> StepResult:
-        deadline = time.monotonic() + self.timeout_s
+        deadline = self.clock.monotonic() + self.timeout_s
         try:
             async with aiohttp.ClientSession(headers=self.headers) as http:
                 async with http.post(self.url, json={"node": node, "reason": reason, "incident": incident}) as r:
                     if r.status not in (200, 201, 202):
                         return StepResult(False, f"provider refused reprovision of {node}: HTTP {r.status}")
                     job = str((await r.json()).get("id", ""))
-                while time.monotonic() < deadline:
+                while self.clock.monotonic() < deadline:
                     async with http.get(f"{self.url}/{job}") as r:
                         body = await r.json() if r.status == 200 else {}
                     state = str(body.get("state", ""))
@@ -44,7 +41,7 @@ class ProviderHook:
                     if state == "failed":
                         return StepResult(False, f"provider job {job} failed: {body.get('message', '')}",
                                           {"provider_job": job})
-                    await self.sleep(self.poll_s)
+                    await self.clock.sleep(self.poll_s)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             return StepResult(False, f"provider unreachable: {type(exc).__name__}: {exc}")
         return StepResult(False, f"provider job for {node} did not finish within {self.timeout_s:g}s")

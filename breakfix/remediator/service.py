@@ -1,343 +1,367 @@
 """The remediator daemon: incident changes in, guarded plans carried out, audit records out.
 
-Reads ``breakfix.incidents.>`` (durable ``remediator``) and ``breakfix.actions.>`` (approvals
-and the breaker reset, durable ``remediator-control``). For each opened or reopened incident
-that is not folded into another (``parent``, or a fabric incident's ``members``) it waits
-``policy.settle_s`` for companion signals, runs the pure ``decide`` and the pure ``guards.check``
-(budgets, breaker, cooldowns, retry caps, kill switches) and hands the plan to the ``Executor``.
-A refusal is an audit record with its reason; budget and cooldown refusals are retried later.
+Reads ``breakfix.incidents.>`` (durable ``remediator``) and the human verbs on
+``breakfix.actions.<cluster>.oncall|admin.<user>.<verb>`` (durable ``remediator-control``, handled by
+``remediator.human``). For each opened or reopened incident that is not folded into another it waits
+``policy.settle_s`` for companion signals, runs the pure ``decide`` and ``guards.check`` and hands
+the plan to the ``Executor``. A plan follows its incident: when later signals change the category
+before anything disruptive ran, or make the required action more severe, it is re-decided.
 
-Crash safety: plan progress and guard state live in the ``PlanStore`` (JetStream KV with
-optimistic concurrency). On start the service resumes every plan the store says was running,
-at the step it was on, with the same idempotency keys. With a ``LeaseElector`` only the lease
-holder starts or resumes plans; a follower keeps its queue and takes over when it wins.
+Refusals never leave a broken node in service unseen: a retry cap, a kill switch or a budget wait past
+``budget_wait_s`` fences the node (cordon + taint) and escalates with the reason; a cooldown or budget
+refusal waits and retries; the breaker queues the incident until ``breakfix breaker reset`` re-drives
+the queue, oldest first. Every wait is published as ``ActionRecord.waiting``. Holds: ``guards``.
+
+Crash safety: plan progress (``records.PlanRecord``) and guard state (``keeper``) live in the ``PlanStore``;
+on start every plan the store says was running resumes at its step, with the same idempotency keys. With
+a ``LeaseElector`` only the lease holder starts or resumes plans.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import Awaitable, Callable
-from datetime import datetime
-from typing import Any, Protocol
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import datetime, timedelta
 
 import structlog
 
+from breakfix.bus.clock import Clock
 from breakfix.bus.codec import decoder, encode
 from breakfix.bus.consumer import ConsumerSpec, ConsumerStats, run_consumer
 from breakfix.bus.protocol import Bus, Delivery
 from breakfix.remediator.actuator import Actuator, StepResult
+from breakfix.remediator.breaker import page_breaker, page_stale_hold
 from breakfix.remediator.decide import decide
-from breakfix.remediator.executor import Executor, Progress
-from breakfix.remediator.guards import GuardState, check
+from breakfix.remediator.executor import Executor
+from breakfix.remediator.follow import deferral, needs_node, recurrence, redecision, undefer
+from breakfix.remediator.guards import GPU_ACTIONS, GuardState, Refusal, check, step_check
+from breakfix.remediator.keeper import GuardKeeper
+from breakfix.remediator.leading import Elector, lead
 from breakfix.remediator.metrics import Observers, RemediatorMetrics
 from breakfix.remediator.policy import Policy
-from breakfix.remediator.store import Conflict, MemoryStore, PlanStore, plan_key
+from breakfix.remediator.records import PlanBook, PlanRecord, Progress, ProgressState
+from breakfix.remediator.store import Conflict, MemoryStore, PlanStore
 from breakfix.remediator.view import ClusterView
 from breakfix.schemas import subjects
+from breakfix.schemas.common import Severity
 from breakfix.schemas.incident import (
     ActionKind,
     ActionOutcome,
     ActionRecord,
     ChangeKind,
+    Domain,
     Incident,
     IncidentChange,
+    IncidentStatus,
     Plan,
+    Step,
     StepAction,
+    WaitingOn,
 )
 
 log = structlog.get_logger("breakfix.remediator")
-GUARDS_KEY = "guards"
-BREAKER_RESET = "breaker-reset"
-APPROVE = "approve"
-
-
-class Elector(Protocol):
-    leader: bool
-
-    async def try_acquire(self) -> bool: ...
 
 
 class RemediatorService:
-    def __init__(self, bus: Bus, actuator: Actuator, policy: Policy, clock: Callable[[], datetime], *,
+    def __init__(self, bus: Bus, actuator: Actuator, policy: Policy, clock: Clock, *, cluster: str,
                  actor: str = "remediator", durable: str = "remediator", store: PlanStore | None = None,
                  elector: Elector | None = None, lease_renew_s: float = 5.0, retry_refused_s: float = 60.0,
-                 view_ttl_s: float = 2.0,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-        self.bus = bus
-        self.actuator = actuator
-        self.policy = policy
-        self.clock = clock
-        self.actor = actor
-        self.durable = durable
+                 view_ttl_s: float = 2.0, companion: Callable[[str], bool] = lambda _code: False,
+                 max_incidents: int = 50_000) -> None:
+        from breakfix.remediator.human import HumanVerbs
+
+        self.bus, self.actuator, self.policy, self.clock = bus, actuator, policy, clock
+        self.cluster, self.actor, self.durable = cluster, actor, durable
         self.store: PlanStore = store or MemoryStore()
-        self.elector = elector
-        self.lease_renew_s = lease_renew_s
-        self.retry_refused_s = retry_refused_s
-        self.sleep = sleep
-        self.latest: dict[str, Incident] = {}
+        self.book = PlanBook(self.store)
+        self.keeper = GuardKeeper(self.store, policy.guards, clock)
+        self.elector, self.lease_renew_s, self.retry_refused_s = elector, lease_renew_s, retry_refused_s
+        self.companion, self.max_incidents = companion, max_incidents
+        self.latest: OrderedDict[str, Incident] = OrderedDict()  # LRU-bounded; finished ones forgotten
         self.covered: dict[str, str] = {}
-        self.started: set[tuple[str, int]] = set()
-        self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.node_locks: dict[str, asyncio.Lock] = {}
-        self.stats = ConsumerStats()
-        self.control_stats = ConsumerStats()
-        self.guards = GuardState()
-        self._guards_rev: int | None = None
-        self.first_action_at: dict[str, datetime] = {}
-        self._guards_lock = asyncio.Lock()
-        self._guards_dirty = asyncio.Event()
+        self.tasks: dict[str, asyncio.Task[None]] = {}            # incident -> its one live task
+        self.node_locks: dict[str, asyncio.Lock] = {}             # one plan at a time per node
+        self.current: dict[str, tuple[Plan, str, int]] = {}       # incident -> (plan, category, attempt) in flight
+        self.acted: set[str] = set()                              # incidents whose plan ran a disruptive step
+        self.cordoned: set[str] = set()                           # incidents cordoned while their repair waits
+        self.deferred: set[str] = set()                           # incidents whose deferred repair waited
+        self.budget_since: dict[str, datetime] = {}
+        self.stats, self.control_stats = ConsumerStats(), ConsumerStats()
         self._view_cache: tuple[float, ClusterView] | None = None
-        self.view_ttl_s = view_ttl_s
-        self.executor = Executor(actuator, self._publish_record, clock, actor=actor, soak=self._soak)
-        self.observe = Observers(RemediatorMetrics(clock))  # metrics (+ notifier): remediator.metrics_serve
+        self.view_ttl_s, self._swept = view_ttl_s, float("-inf")
+        self.executor = Executor(actuator, self.publish, clock, actor=actor, soak=self._soak, gate=self._gate,
+                                 holders=self._holders, idle_poll_s=policy.guards.idle_poll_s)
+        self.human = HumanVerbs(self)
+        self.observe = Observers(RemediatorMetrics(clock.now))  # metrics (+ notifier): remediator.metrics_serve
         self._leading = asyncio.Event()
         if elector is None:
             self._leading.set()
 
-    # -- records and state ---------------------------------------------------------------------------
-    async def _publish_record(self, rec: ActionRecord) -> None:
+    @property
+    def guards(self) -> GuardState:
+        return self.keeper.state
+
+    async def publish(self, rec: ActionRecord) -> None:
         self.observe.published(rec)
-        if rec.kind is ActionKind.STEP and rec.outcome is ActionOutcome.STARTED:
-            self.first_action_at.setdefault(rec.incident_id, rec.at)
-            if rec.node and rec.action is not None and rec.action.disruptive:
-                self.guards.record_action(rec.node, rec.action, rec.at)
-                await self._save_guards()
+        if rec.kind is ActionKind.STEP and rec.outcome is ActionOutcome.STARTED and rec.node and rec.action \
+                and rec.action.disruptive and not rec.dry_run:
+            self.acted.add(rec.incident_id)
+            gpu = rec.gpu.index if rec.gpu else None
+            self.guards.record_action(f"{rec.node}/gpu{gpu}" if rec.action in GPU_ACTIONS else rec.node,
+                                      rec.action, rec.at)
+            self.keeper.save()
         await self.bus.publish(subjects.action_subject(rec.cluster), encode(rec), msg_id=rec.id)
 
-    async def _save_guards(self) -> None:
-        """Ask the writer task to store the guard state soon (write-behind: many plans starting at
-        once cost one write, not one each). Plans in flight are also in their own store entries, so
-        ``_load`` rebuilds the active set even if the last write was lost in a crash."""
-        self._guards_dirty.set()
-
-    async def _guard_writer(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            waiter = asyncio.create_task(self._guards_dirty.wait(), name="remediator-guards-wait")
-            stopper = asyncio.create_task(stop.wait(), name="remediator-guards-stop")
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            stopper.cancel()
-            if self._guards_dirty.is_set():
-                self._guards_dirty.clear()
-                await self._write_guards()
-                await asyncio.sleep(0.05)
-        if self._guards_dirty.is_set():
-            await self._write_guards()
-
-    async def _write_guards(self) -> None:
-        async with self._guards_lock:
-            for _ in range(3):
-                try:
-                    self._guards_rev = await self.store.put(GUARDS_KEY, self.guards.to_dict(), self._guards_rev)
-                    return
-                except Conflict:
-                    entry = await self.store.get(GUARDS_KEY)  # an ex-leader wrote last: ours is current, retry
-                    self._guards_rev = entry.revision if entry else None
-            log.error("guard_state_not_saved")
+    def record(self, inc: Incident, kind: ActionKind, outcome: ActionOutcome, reason: str, *, tag: str,
+               waiting: WaitingOn | None = None, rule: str = "", details: dict[str, str] | None = None,
+               action: StepAction | None = None) -> ActionRecord:
+        now = self.clock.now()
+        return ActionRecord(id=f"{tag}-{inc.id}-{inc.flaps}-{int(now.timestamp() * 1000)}", cluster=inc.cluster,
+                            incident_id=inc.id, kind=kind, outcome=outcome, actor=self.actor, rule=rule,
+                            reason=reason, node=inc.node, domain=Domain.OPERATOR, details=details or {},
+                            waiting=waiting, action=action, at=now)
 
     async def _view(self) -> ClusterView:
-        """The actuator's cluster view, reused for ``view_ttl_s``: listing every node and pod per
-        incident would cost O(nodes) per decision in a storm."""
-        now = time.monotonic()
-        if self._view_cache is None or now - self._view_cache[0] > self.view_ttl_s:
-            self._view_cache = (now, await self.actuator.view())
+        """The actuator's cluster view, reused for ``view_ttl_s`` (listing every node per incident is O(nodes))."""
+        if self._view_cache is None or self.clock.monotonic() - self._view_cache[0] > self.view_ttl_s:
+            self._view_cache = (self.clock.monotonic(), await self.actuator.view())
         return self._view_cache[1]
-
-    async def _load(self) -> list[dict[str, Any]]:
-        entry = await self.store.get(GUARDS_KEY)
-        if entry is not None:
-            self.guards, self._guards_rev = GuardState.from_dict(entry.value), entry.revision
-        running = []
-        for key in await self.store.keys("plan."):
-            e = await self.store.get(key)
-            if e is not None and e.value["progress"]["state"] in ("running", "awaiting_approval"):
-                running.append(e.value)
-                inc = e.value["incident"]
-                if e.value["plan"]["domain"] == "operator" and inc.get("node"):
-                    self.guards.start(inc["node"], inc["id"])  # the budget counts plans in flight
-        return running
-
-    def _refusal(self, inc: Incident, plan: Plan, why: str, guard: str) -> ActionRecord:
-        return ActionRecord(id=f"refusal-{inc.id}-{inc.flaps}-{guard}-{int(self.clock().timestamp())}",
-                            cluster=inc.cluster, incident_id=inc.id, kind=ActionKind.REFUSAL,
-                            outcome=ActionOutcome.REFUSED, actor=self.actor, rule=plan.rule, reason=why,
-                            node=inc.node, domain=plan.domain, details={"guard": guard}, at=self.clock())
 
     # -- incidents ---------------------------------------------------------------------------------
     async def on_change(self, change: IncidentChange, _msg: Delivery) -> None:
         self.observe.change(change)
         inc = change.incident
         prev = self.latest.get(inc.id)
-        if prev is None or inc.version >= prev.version:
-            self.latest[inc.id] = inc
+        if prev is not None and inc.version < prev.version:
+            return
+        self.latest[inc.id] = inc
+        self.latest.move_to_end(inc.id)
         for member in inc.members:
             if inc.status.terminal:
                 self.covered.pop(member, None)
             else:
                 self.covered[member] = inc.id
+        if inc.status is IncidentStatus.RESOLVED and inc.id not in self.current:
+            self.guards.unhold(inc.id)  # fixed (healthy signals, or its plan completed): it holds nothing
+            self.keeper.save()
+        elif inc.status is IncidentStatus.STALE and prev is not None and prev.status is not IncidentStatus.STALE:
+            await page_stale_hold(self, inc)
+        self._forget_old()
+        if change.kind is ChangeKind.UPDATED and inc.id in self.current:
+            await self._maybe_redecide(inc)
         if change.kind not in (ChangeKind.OPENED, ChangeKind.REOPENED):
             return
-        if change.kind is ChangeKind.OPENED and inc.domain.value == "operator" and self.guards.observe_open(
+        if change.kind is ChangeKind.OPENED and inc.domain is Domain.OPERATOR and self.guards.observe_open(
                 inc.node, inc.first_seen, self.policy.guards.breaker, len((await self._view()).nodes)):
-            log.error("breaker_tripped", reason=self.guards.breaker_reason)
-            await self._save_guards()
-            why = f"circuit breaker tripped: {self.guards.breaker_reason}"
-            await self.actuator.escalate(None, why, incident=inc.id)
-            page = ActionRecord(id=f"breaker-{inc.id}", cluster=inc.cluster, incident_id=inc.id, kind=ActionKind.STEP,
-                                action=StepAction.ESCALATE, outcome=ActionOutcome.SUCCEEDED, actor=self.actor,
-                                reason=f"circuit breaker tripped, automated operator actions stopped: "
-                                       f"{self.guards.breaker_reason}; reset with 'breakfix breaker reset'",
-                                details={"guard": "breaker"}, at=self.clock())
-            await self._publish_record(page)
-        attempt = (inc.id, inc.flaps)
-        if attempt in self.started:
+            await page_breaker(self, inc)
+        plan = decide(inc, await self._view(), self.policy)
+        if inc.node is not None and inc.parent is None and needs_node(plan) and deferral(plan) is None:
+            self.guards.hold(inc.node, inc.id, inc.category)  # from now on, no other plan returns this node
+            self.keeper.save()
+        self.spawn(inc.id, inc.flaps * 100, None)
+
+    def _forget_old(self) -> None:
+        """Finished incidents leave memory after ``retention_s``; the map is LRU-capped at ``max_incidents``."""
+        horizon = self.policy.guards.retention_s
+        now = self.clock.now()
+        while len(self.latest) > self.max_incidents:
+            self._forget(next(iter(self.latest)))
+        if self.clock.monotonic() - self._swept < min(60.0, horizon / 10):
+            return  # a sweep is O(incidents): at most once a minute
+        self._swept = self.clock.monotonic()
+        for iid in [i for i, inc in self.latest.items() if inc.status.terminal and i not in self.tasks
+                    and (now - inc.last_seen).total_seconds() > horizon
+                    and (inc.resolved_at is None or (now - inc.resolved_at).total_seconds() > horizon)]:
+            self._forget(iid)
+
+    def _forget(self, iid: str) -> None:
+        inc = self.latest.pop(iid, None)
+        self.covered = {m: c for m, c in self.covered.items() if c != iid and m != iid}
+        self.acted.discard(iid)
+        self.cordoned.discard(iid)
+        self.deferred.discard(iid)
+        self.budget_since.pop(iid, None)
+        if inc is not None and inc.status is IncidentStatus.RESOLVED:
+            self.guards.forget(iid)  # an escalated incident keeps its hold until a human releases it
+
+    async def _maybe_redecide(self, inc: Incident) -> None:
+        plan, category, attempt = self.current[inc.id]
+        why = redecision(plan, category, decide(inc, await self._view(), self.policy), inc, inc.id in self.acted)
+        if why is None:
             return
-        self.started.add(attempt)
-        self._spawn(inc.id, inc.flaps, None)
+        log.warning("redecide", incident=inc.id, old=plan.rule, why=why)
+        await self.stop_plan(inc, why, outcome=ActionOutcome.CANCELLED, rule=plan.rule)
+        self.spawn(inc.id, attempt + 1, None, settle=False)
 
-    def _spawn(self, incident_id: str, attempt: int, resume: dict[str, Any] | None) -> None:
+    async def stop_plan(self, inc: Incident, why: str, *, outcome: ActionOutcome, rule: str,
+                        waiting: WaitingOn | None = None) -> None:
+        task = self.tasks.pop(inc.id, None)
+        self.current.pop(inc.id, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.publish(self.record(inc, ActionKind.PLAN, outcome, why, tag=outcome.value, rule=rule,
+                                       waiting=waiting))
+
+    def spawn(self, incident_id: str, attempt: int, resume: PlanRecord | None, *, settle: bool = True) -> None:
+        old = self.tasks.get(incident_id)
+        if old is not None and not old.done():
+            return
         name = f"remediate-{incident_id}-{attempt}"
-        self.tasks[name] = asyncio.create_task(self._guarded(incident_id, attempt, resume), name=name)
+        self.tasks[incident_id] = asyncio.create_task(self._guarded(incident_id, attempt, resume, settle), name=name)
 
-    async def _guarded(self, incident_id: str, attempt: int, resume: dict[str, Any] | None) -> None:
-        ilog = log.bind(incident=incident_id)
+    async def _guarded(self, incident_id: str, attempt: int, resume: PlanRecord | None, settle: bool) -> None:
         try:
             await self._leading.wait()
-            if resume is None:
-                await self.sleep(self.policy.settle_s)
-            while True:
-                again = await self._remediate(incident_id, attempt, resume)
-                if not again:
-                    return
-                await self.sleep(self.retry_refused_s)
+            if resume is None and settle:
+                await self.clock.sleep(self.policy.settle_s)
+            while await self._remediate(incident_id, attempt, resume):
+                await self.clock.sleep(self.retry_refused_s)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            ilog.error("remediation_crashed", error=repr(exc))
+            log.error("remediation_crashed", incident=incident_id, error=repr(exc))
+        finally:
+            if self.tasks.get(incident_id) is asyncio.current_task():
+                del self.tasks[incident_id]
 
-    async def _remediate(self, incident_id: str, attempt: int, resume: dict[str, Any] | None) -> bool:
-        """One try; True when a guard said 'not now' and the same plan should be tried again later."""
-        if resume is not None:
-            inc = Incident.model_validate(resume["incident"])
-            plan = Plan.model_validate(resume["plan"])
-            progress = Progress.from_dict(resume["progress"])
-        else:
-            inc = self.latest[incident_id]
-            if inc.status.terminal or inc.flaps != attempt:
+    async def _remediate(self, incident_id: str, attempt: int, resume: PlanRecord | None) -> bool:
+        """One try; True when a guard said 'not now' and the same incident should be tried again later."""
+        if resume is None:
+            inc = self.latest.get(incident_id)
+            if inc is None or inc.status.terminal or inc.flaps * 100 > attempt:
                 return False
             cover = inc.parent or self.covered.get(inc.id)
             if cover is not None:
                 log.info("covered", incident=inc.id, by=cover)
                 return False
-            progress = None
-        lock = self.node_locks.setdefault(inc.node or f"fabric:{inc.id}", asyncio.Lock())
-        async with lock:
-            view = await self._view()
-            if resume is None:
-                inc = self.latest.get(incident_id, inc)
-                if inc.status.terminal:
-                    return False
-                plan = decide(inc, view, self.policy)
-                refusal = check(inc, plan, self.guards, view, self.policy.guards, self.clock())
-                if refusal is not None and not (plan.dry_run or plan.shadow):
-                    await self._publish_record(self._refusal(inc, plan, refusal.reason, refusal.guard))
-                    log.warning("refused", incident=inc.id, guard=refusal.guard, reason=refusal.reason)
-                    return refusal.retry
-            key = plan_key(inc.id)
-            entry = await self.store.get(key)
-            rev = entry.revision if entry else None
+            first = decide(inc, await self._view(), self.policy)
+            if inc.id not in self.deferred and (early := deferral(first)) is not None:  # outside the node lock
+                until = self.clock.now() + timedelta(seconds=early[1])
+                await self.executor.wait_idle(inc, first, attempt, early[0], until)
+                self.deferred.add(inc.id)
+        else:
+            inc = resume.incident
+        async with self.node_locks.setdefault(inc.node or f"fabric:{inc.id}", asyncio.Lock()):
+            return await self._decide_and_run(inc, attempt, resume)
 
-            async def save(p: Progress) -> None:
-                nonlocal rev
-                rev = await self.store.put(key, {"incident": inc.model_dump(mode="json"),
-                                                 "plan": plan.model_dump(mode="json"),
-                                                 "progress": p.to_dict()}, rev)
-
-            operator = plan.domain.value == "operator" and inc.node is not None and not (plan.dry_run or plan.shadow)
-            if operator:
-                assert inc.node is not None
-                self.guards.start(inc.node, inc.id)
-                await self._save_guards()
-            log.info("plan", incident=inc.id, node=inc.node, rule=plan.rule, rungs=[r.name for r in plan.rungs()],
-                     resume=progress is not None)
-            try:
-                outcome = await self.executor.run(inc, plan, attempt=attempt, progress=progress, save=save)
-            except Conflict:
-                log.warning("plan_taken_over", incident=inc.id)  # another remediator owns it now
+    async def _decide_and_run(self, inc: Incident, attempt: int, resume: PlanRecord | None) -> bool:
+        view = await self._view()
+        if resume is None:
+            inc = self.latest.get(inc.id, inc)
+            if inc.status.terminal:
                 return False
-            if operator and outcome is not ActionOutcome.REFUSED:
-                assert inc.node is not None
-                self.guards.finish(inc.node, inc.id, self.clock())
-                await self._save_guards()
-            log.info("plan_done", incident=inc.id, outcome=outcome.value)
+            plan = decide(inc, view, self.policy)
+            plan = undefer(plan) if inc.id in self.deferred else plan
+            progress = None
+        else:
+            plan, progress = resume.plan, resume.progress
+        live = not (plan.dry_run or plan.shadow)
+        held = needs_node(plan) and inc.node is not None
+        if held:
+            assert inc.node is not None
+            self.guards.hold(inc.node, inc.id, f"{plan.rule}: {inc.category}")
+            self.keeper.save()
+        if resume is None:
+            refusal = check(inc, plan, self.guards, view, self.policy.guards, self.clock.now())
+            if refusal is not None and live:
+                return await self._refused(inc, plan, refusal, attempt)
+        self.budget_since.pop(inc.id, None)
+        self.guards.queued.pop(inc.id, None)
+        return await self._run(inc, plan, attempt, progress, held)
+
+    async def _refused(self, inc: Incident, plan: Plan, refusal: Refusal, attempt: int) -> bool:
+        now = self.clock.now()
+        reason = refusal.reason
+        if refusal.guard in ("budget", "topology_budget"):
+            waited = (now - self.budget_since.setdefault(inc.id, now)).total_seconds()
+            if waited > self.policy.guards.budget_wait_s:
+                reason = f"waited {waited:.0f}s for remediation budget (limit {self.policy.guards.budget_wait_s:g}s)"
+                refusal = Refusal(refusal.guard, f"{reason}: {refusal.reason}", False, WaitingOn.HUMAN, fence=True)
+        rec = self.record(inc, ActionKind.REFUSAL, ActionOutcome.REFUSED, refusal.reason,
+                          tag=f"refusal-{refusal.guard}", waiting=refusal.waiting, rule=plan.rule,
+                          details={"guard": refusal.guard})
+        await self.publish(rec)
+        log.warning("refused", incident=inc.id, guard=refusal.guard, reason=refusal.reason)
+        if refusal.guard == "breaker":
+            self.guards.queued[inc.id] = inc.first_seen
+            self.keeper.save()
             return False
+        if refusal.fence and inc.node is not None:
+            await self._fence(inc, refusal, attempt)
+            return False
+        if refusal.guard == "cooldown" and inc.node is not None and inc.severity.rank >= Severity.CRITICAL.rank \
+                and inc.id not in self.cordoned:
+            self.cordoned.add(inc.id)  # a broken node does not take work while its repair is damped
+            done = await self.actuator.cordon(inc.node, incident=inc.id, reason=f"breakfix {inc.id}: {inc.category}")
+            await self.publish(self.record(inc, ActionKind.STEP, ActionOutcome.SUCCEEDED if done.ok else
+                                           ActionOutcome.FAILED, f"{done.detail} while the cooldown damps the repair",
+                                           tag="cooldown-cordon", action=StepAction.CORDON,
+                                           waiting=WaitingOn.COOLDOWN, rule=plan.rule))
+        return refusal.retry
+
+    async def _fence(self, inc: Incident, refusal: Refusal, attempt: int) -> None:
+        """Cordon + taint the node and page a human with the refusal's reason; the incident keeps its hold."""
+        params: dict[str, str | int | bool] = {"node": inc.node or ""}
+        plan = Plan(domain=Domain.OPERATOR, rule=f"fence-{refusal.guard}", reason=refusal.reason,
+                    steps=(Step(action=StepAction.CORDON, params=params),
+                           Step(action=StepAction.ESCALATE, params={**params, "reason": refusal.reason})))
+        assert inc.node is not None
+        self.guards.hold(inc.node, inc.id, f"fenced: {refusal.reason}")
+        self.keeper.save()
+        await self.executor.run(inc, plan, attempt=attempt + 50)
+
+    async def _run(self, inc: Incident, plan: Plan, attempt: int, progress: Progress | None, operator: bool) -> bool:
+        lock_key = inc.node or f"fabric:{inc.id}"
+        got = await self.book.get(inc.id)
+        rev = got[1] if got else None
+
+        async def save(p: Progress) -> None:
+            nonlocal rev
+            rev = await self.book.put(PlanRecord(incident=inc, plan=plan, progress=p), rev)
+
+        if operator:
+            self.guards.start(lock_key, inc.id)
+            self.keeper.save()
+        self.current[inc.id] = (plan, inc.category, attempt)
+        log.info("plan", incident=inc.id, node=inc.node, rule=plan.rule, rungs=[r.name for r in plan.rungs()],
+                 resume=progress is not None)
+        try:
+            outcome = await self.executor.run(inc, plan, attempt=attempt, progress=progress, save=save)
+        except Conflict:
+            log.warning("plan_taken_over", incident=inc.id)  # another remediator owns it now
+            return False
+        finally:
+            if self.current.get(inc.id, (None, "", -1))[2] == attempt:
+                self.current.pop(inc.id, None)
+        if operator and outcome is not ActionOutcome.REFUSED:
+            self.guards.finish(lock_key, inc.id, self.clock.now(), inc)
+            if outcome is ActionOutcome.COMPLETED:
+                self.guards.unhold(inc.id)
+            self.keeper.save()
+        log.info("plan_done", incident=inc.id, outcome=outcome.value)
+        return False
+
+    def _gate(self, inc: Incident, step: Step) -> str | None:
+        refusal = step_check(inc, step, self.guards, self.policy.guards, self.clock.now())
+        return refusal.reason if refusal else None
+
+    def _holders(self, inc: Incident) -> str | None:
+        others = self.guards.holders(inc.node or "", inc.id)
+        return ", ".join(f"{i} ({why})" for i, why in sorted(others.items())) or None
 
     async def _soak(self, inc: Incident) -> StepResult:
-        """Capacity returns only after a quiet period with no new fault on the node/GPU."""
-        before = self.latest.get(inc.id, inc).last_seen
-        await self.sleep(self.policy.guards.soak_s)
-        now = self.latest.get(inc.id, inc)
-        if now.last_seen > before and now.open_faults:
-            return StepResult(False, f"new fault during the {self.policy.guards.soak_s:g}s soak: "
-                                     f"{', '.join(now.open_faults)}")
+        """Capacity returns only after a quiet period in which the fault did not recur (``follow.recurrence``)."""
+        before = self.latest.get(inc.id, inc)
+        await self.clock.sleep(self.policy.guards.soak_s)
+        what = recurrence(before, self.latest.get(inc.id, inc), self.companion)
+        if what is not None:
+            return StepResult(False, f"the fault recurred during the {self.policy.guards.soak_s:g}s soak: {what}",
+                              {"recurred": what})
         return StepResult(True, f"quiet for {self.policy.guards.soak_s:g}s")
-
-    # -- approvals and the breaker ------------------------------------------------------------------
-    async def on_control(self, rec: ActionRecord, msg: Delivery) -> None:
-        self.observe.control(rec, msg.subject)
-        if rec.kind is not ActionKind.APPROVAL or rec.outcome is not ActionOutcome.APPROVED:
-            return
-        command = rec.details.get("command", "")
-        if command == BREAKER_RESET:
-            self.guards.reset_breaker()
-            await self._save_guards()
-            log.warning("breaker_reset", by=rec.actor, reason=rec.reason)
-            return
-        if command != APPROVE or rec.action is None:
-            return
-        entry = await self.store.get(plan_key(rec.incident_id))
-        if entry is None or entry.value["progress"]["state"] != "awaiting_approval":
-            return
-        value = dict(entry.value)
-        prog = Progress.from_dict(value["progress"])
-        plan = Plan.model_validate(value["plan"])
-        rung = plan.rungs()[prog.rung]
-        if prog.step >= len(rung.steps) or rung.steps[prog.step].action is not rec.action:
-            log.warning("approval_mismatch", incident=rec.incident_id, approved=rec.action.value)
-            return
-        prog.approved.append(f"{prog.rung}:{prog.step}")
-        prog.state = "running"
-        value["progress"] = prog.to_dict()
-        try:
-            await self.store.put(plan_key(rec.incident_id), value, entry.revision)
-        except Conflict:
-            return
-        log.info("approved", incident=rec.incident_id, action=rec.action.value, by=rec.actor)
-        resumed = await self.store.get(plan_key(rec.incident_id))
-        if resumed is not None:
-            self._spawn(rec.incident_id, prog.attempt, resumed.value)
-
-    # -- lifecycle ---------------------------------------------------------------------------------
-    async def _lead(self, stop: asyncio.Event) -> None:
-        assert self.elector is not None
-        while not stop.is_set():
-            try:
-                leader = await self.elector.try_acquire()
-            except Exception as exc:
-                log.error("lease_failed", error=repr(exc))
-                leader = False
-            if leader and not self._leading.is_set():
-                log.warning("leader", actor=self.actor)
-                self._leading.set()
-            elif not leader and self._leading.is_set():
-                log.warning("not_leader", actor=self.actor)
-                self._leading.clear()
-                for t in self.tasks.values():  # stop acting at once; the new leader resumes from the store
-                    t.cancel()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.lease_renew_s)
 
     async def idle(self) -> None:
         """Wait for every running plan (tests and the demo use this)."""
@@ -346,38 +370,35 @@ class RemediatorService:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.bus.ensure_streams(subjects.STREAMS)
-        for value in await self._load():
-            prog = Progress.from_dict(value["progress"])
-            if prog.state == "running":
-                self.started.add((prog.incident, prog.attempt))
-                log.warning("resuming", incident=prog.incident, rung=prog.rung, step=prog.step)
-                self._spawn(prog.incident, prog.attempt, value)
+        await self.keeper.load()
+        for rec in await self.book.all():
+            if not rec.progress.state.live:
+                continue
+            inc, node = rec.incident, rec.incident.node
+            if rec.plan.domain is Domain.OPERATOR and node:
+                self.guards.start(node, inc.id)  # the budget counts plans in flight, the hold stays
+            self.latest.setdefault(inc.id, inc)
+            if rec.progress.state is ProgressState.RUNNING:
+                log.warning("resuming", incident=inc.id, rung=rec.progress.rung, step=rec.progress.step)
+                self.spawn(inc.id, rec.progress.attempt, rec)
         incidents = ConsumerSpec(subjects.INCIDENTS.name, self.durable, subjects.INCIDENTS_ALL,
                                  decoder(IncidentChange), self.on_change)
         control = ConsumerSpec(subjects.ACTIONS.name, f"{self.durable}-control", subjects.ACTIONS_ALL,
-                               decoder(ActionRecord), self.on_control)
+                               decoder(ActionRecord), self.human.on_record)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(run_consumer(self.bus, incidents, stop=stop, stats=self.stats),
                                name="remediator-incidents")
                 tg.create_task(run_consumer(self.bus, control, stop=stop, stats=self.control_stats),
                                name="remediator-control")
-                tg.create_task(self._guard_writer(stop), name="remediator-guards")
+                tg.create_task(self.keeper.writer(stop), name="remediator-guards")
                 if self.elector is not None:
-                    tg.create_task(self._lead(stop), name="remediator-lease")
+                    tg.create_task(lead(self.elector, self._leading, self.tasks, stop, renew_s=self.lease_renew_s,
+                                        actor=self.actor), name="remediator-lease")
         finally:
             for t in self.tasks.values():
                 t.cancel()
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
 
 
-def approval_record(*, cluster: str, incident: str, action: StepAction | None, actor: str, reason: str,
-                    command: str, at: datetime) -> ActionRecord:
-    """What ``breakfix approve`` and ``breakfix breaker reset`` publish: an audited human decision."""
-    return ActionRecord(id=f"approval-{command}-{incident}-{action.value if action else ''}-{int(at.timestamp())}",
-                        cluster=cluster, incident_id=incident, kind=ActionKind.APPROVAL,
-                        outcome=ActionOutcome.APPROVED, action=action, actor=actor, reason=reason,
-                        details={"command": command}, at=at)
-
-
-__all__ = ["APPROVE", "BREAKER_RESET", "RemediatorService", "approval_record"]
+__all__ = ["RemediatorService"]

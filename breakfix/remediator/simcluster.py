@@ -8,6 +8,7 @@ that fails) is configured per node/GPU.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from breakfix.remediator.actuator import StepResult
@@ -37,15 +38,23 @@ QUARANTINE_TAINT = "breakfix.io/quarantine=true:NoSchedule"
 class SimCluster:
     def __init__(self, nodes: dict[str, SimNode] | None = None, *, controller_owned: set[str] | None = None,
                  failing_resets: set[tuple[str, int]] | None = None,
-                 failing_validation: set[str] | None = None) -> None:
+                 failing_validation: set[str] | None = None, lost_reboots: set[str] | None = None,
+                 busy_gpus: set[tuple[str, int]] | None = None, hanging: set[str] | None = None) -> None:
         self.nodes = nodes or {}
         self.controller_owned = controller_owned if controller_owned is not None else set()
         self.failing_resets = failing_resets or set()
         self.failing_validation = failing_validation or set()
+        self.lost_reboots = lost_reboots or set()      # nodes whose reboot does not come back
+        self.busy_gpus = busy_gpus or set()            # GPUs a process holds until the node is drained
+        self.hanging = hanging or set()                # actions that never answer (step timeouts)
         self.history: list[tuple[str, ...]] = []
         self.notifications: list[tuple[str, str, str]] = []
         self.escalations: list[tuple[str, str]] = []
         self.done: dict[str, StepResult] = {}
+
+    async def _maybe_hang(self, action: str) -> None:
+        if action in self.hanging:
+            await asyncio.Event().wait()  # never answers: the executor's timeout must fire
 
     def _node(self, name: str) -> SimNode:
         node = self.nodes.get(name)
@@ -87,6 +96,9 @@ class SimCluster:
         n.drained_gpus.add(gpu)
         return StepResult(True, f"evicted {len(victims)} pods from {node} gpu{gpu}")
 
+    async def gpu_idle(self, node: str, gpu: int, *, pods: tuple[str, ...] = ()) -> bool:
+        return not any(g == gpu for g in self._node(node).pods.values())
+
     async def reset_gpu(self, node: str, gpu: int, *, incident: str, key: str = "") -> StepResult:
         if key and key in self.done:  # idempotent: a resumed plan gets the same answer, no second effect
             return self.done[key]
@@ -98,6 +110,9 @@ class SimCluster:
     async def _reset_gpu(self, node: str, gpu: int, *, incident: str) -> StepResult:
         n = self._node(node)
         self.history.append(("reset_gpu", node, str(gpu)))
+        await self._maybe_hang("reset_gpu")
+        if (node, gpu) in self.busy_gpus and not n.drained:
+            return StepResult(False, f"busy: GPU {gpu} on {node} is held by 1 process(es): 4242, python3")
         if (node, gpu) in self.failing_resets:
             return StepResult(False, f"GPU reset of {node} gpu{gpu} failed: GPU is in use or lost")
         n.gpu_resets[gpu] = n.gpu_resets.get(gpu, 0) + 1
@@ -114,6 +129,9 @@ class SimCluster:
     async def _reboot(self, node: str, *, incident: str) -> StepResult:
         n = self._node(node)
         self.history.append(("reboot", node))
+        await self._maybe_hang("reboot")
+        if node in self.lost_reboots:
+            return StepResult(False, f"{node} did not come back from its reboot")
         n.reboots += 1
         return StepResult(True, f"rebooted {node} (boot #{n.reboots + 1})")
 
@@ -140,7 +158,9 @@ class SimCluster:
         return result
 
     async def _validate(self, node: str, gpu: int | None, level: int, *, incident: str) -> StepResult:
-        self.history.append(("validate", node, str(level)))
+        self.history.append(("validate", node, str(level)) if gpu is None else ("validate", node, str(level),
+                                                                                  f"gpu{gpu}"))
+        await self._maybe_hang("validate")
         if node in self.failing_validation:
             return StepResult(False, f"DCGM diag r{level} failed on {node}", {"memory": "fail"})
         return StepResult(True, f"DCGM diag r{level} passed on {node}", {"software": "pass", "memory": "pass"})

@@ -126,7 +126,8 @@ def streams(partitions: int = 1) -> tuple[StreamSpec, ...]:
 
 
 SIGNALS = StreamSpec("BREAKFIX_SIGNALS", (SIGNALS_ALL,))
-INCIDENTS = StreamSpec("BREAKFIX_INCIDENTS", (INCIDENTS_ALL,), duplicate_window_s=900.0)
+INCIDENTS = StreamSpec("BREAKFIX_INCIDENTS", (INCIDENTS_ALL,), duplicate_window_s=900.0,
+                       max_age_s=90 * 24 * 3600.0)  # the history; current state is the KV index
 ACTIONS = StreamSpec("BREAKFIX_ACTIONS", (ACTIONS_ALL,), max_age_s=90 * 24 * 3600.0)
 DEAD_LETTERS = StreamSpec("BREAKFIX_DLQ", (DLQ_ALL,), max_age_s=30 * 24 * 3600.0)
 

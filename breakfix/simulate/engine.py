@@ -21,7 +21,7 @@ from breakfix.correlator.grouping import Correlator
 from breakfix.remediator.actuator import StepResult
 from breakfix.remediator.decide import decide
 from breakfix.remediator.executor import Executor, Progress
-from breakfix.remediator.guards import GuardState, check
+from breakfix.remediator.guards import GuardState, check, target_of
 from breakfix.remediator.policy import Policy
 from breakfix.schemas.catalog import Catalog
 from breakfix.schemas.common import GpuRef, Severity, TenantRef
@@ -69,6 +69,22 @@ class RunResult:
     rma_unneeded: int = 0
 
 
+class _SimClock:
+    """The executor's clock in simulated time (step and rung timeouts are measured on it)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def now(self) -> datetime:
+        return self.engine._clock()
+
+    def monotonic(self) -> float:
+        return self.engine.fleet.cursor.at
+
+    async def sleep(self, seconds: float) -> None:
+        self.engine.fleet.cursor.at += max(0.0, seconds)
+
+
 class Engine:
     def __init__(self, model: FailureModel, catalog: Catalog, trace: list[Fault], *, nodes: int, days: float,
                  contender: Contender) -> None:
@@ -90,7 +106,7 @@ class Engine:
         self.refusals: dict[str, int] = {}
         self._records: list[ActionRecord] = []
         pol = contender.policy
-        self.executor = Executor(self.fleet, self._publish, self._clock, actor="simulate",
+        self.executor = Executor(self.fleet, self._publish, _SimClock(self), actor="simulate",
                                  soak=self._soak) if pol is not None else None
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -213,7 +229,7 @@ class Engine:
         if inc.node is not None:
             self.guards.start(inc.node, iid)
         self.running.add(iid)
-        await self._run(inc.id, plan, Progress(iid, 0))
+        await self._run(inc.id, plan, Progress(incident=iid, attempt=0))
 
     async def _run(self, iid: str, plan: Plan, prog: Progress) -> None:
         assert self.executor is not None
@@ -227,7 +243,7 @@ class Engine:
         for rec in self._records:
             if rec.kind is ActionKind.STEP and rec.outcome is ActionOutcome.SUCCEEDED and rec.action is not None \
                     and rec.action.disruptive and inc.node:
-                self.guards.record_action(inc.node, rec.action, rec.at)
+                self.guards.record_action(target_of(inc, rec.action), rec.action, rec.at)
             self._schedule(max(self.now, (rec.at - EPOCH).total_seconds()), "record",
                            partial(self._apply_record, rec))
         if outcome is ActionOutcome.REFUSED and prog.state == "awaiting_approval":  # a human approves later

@@ -118,6 +118,9 @@ class SimFleet:
         self.ledger.interrupt(node_index(node), gpu, start, healthy_only=False)
         return StepResult(True, "drained GPU")
 
+    async def gpu_idle(self, node: str, gpu: int, *, pods: tuple[str, ...] = ()) -> bool:
+        return True  # the simulated fleet's jobs do not wait for deferred repairs
+
     async def reset_gpu(self, node: str, gpu: int, *, incident: str, key: str = "") -> StepResult:
         i = node_index(node)
         if gpu >= self.gpn:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from breakfix.bus.clock import SystemClock
 from breakfix.bus.codec import encode
 from breakfix.bus.jetstream import JetStreamBus
 from breakfix.bus.server import EmbeddedNats
@@ -167,7 +168,7 @@ class TestRemediatorService:
             await bus.publish(subjects.action_subject("c1"), data)
         rem_bus = await JetStreamBus.connect(nats_server.url)
         svc = RemediatorService(rem_bus, SimCluster({"n1": SimNode("n1")}), policy.model_copy(update={"dry_run": True}),
-                                lambda: datetime.now(UTC), store=MemoryStore())
+                                SystemClock(), cluster="c1", store=MemoryStore())
         stop = asyncio.Event()
         task = asyncio.create_task(svc.run(stop), name="poison-remediator")
         try:

@@ -37,7 +37,7 @@ class TestServicesUnderTheirOwnIdentity:
         """Consumers on incidents and actions, its KV plan store, action records: all within its role."""
         rem_bus = await secure.connect("remediator", "remediator")
         svc = RemediatorService(rem_bus, SimCluster({"n1": SimNode("n1")}), policy.model_copy(update={"dry_run": True}),
-                                lambda: datetime.now(UTC), store=await KvStore.open(rem_bus))
+                                SystemClock(), cluster="c1", store=await KvStore.open(rem_bus))
         stop = asyncio.Event()
         task = asyncio.create_task(svc.run(stop), name="secure-remediator")
         try:
@@ -118,7 +118,7 @@ class TestEndToEnd:
         fake = FakeNvml.hgx(8)
         corr = CorrelatorService(corr_bus, Correlator(catalog), lambda: datetime.now(UTC))
         rem = RemediatorService(rem_bus, SimCluster({"gpu-node-7": SimNode("gpu-node-7")}),
-                                policy.model_copy(update={"dry_run": True}), lambda: datetime.now(UTC),
+                                policy.model_copy(update={"dry_run": True}), SystemClock(), cluster="c1",
                                 store=await KvStore.open(rem_bus))
         stop = asyncio.Event()
         collector = build_collector(cfg, clock=SystemClock(), catalog=catalog, nvml=fake,

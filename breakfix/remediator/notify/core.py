@@ -38,6 +38,7 @@ from breakfix.schemas.incident import (
     Incident,
     IncidentChange,
     IncidentScope,
+    WaitingOn,
 )
 
 MAX_INCIDENTS = 100_000
@@ -178,7 +179,8 @@ class NotifyCore:
     # -- audit records -----------------------------------------------------------------------------
     def record(self, rec: ActionRecord) -> list[Notification]:
         breaker = rec.details.get("guard") == "breaker"
-        if rec.kind is ActionKind.NOTIFICATION and not breaker:
+        asks_human = rec.kind is ActionKind.NOTIFICATION and rec.waiting is WaitingOn.HUMAN  # e.g. a stale hold
+        if rec.kind is ActionKind.NOTIFICATION and not (breaker or asks_human):
             return []  # our own delivery records (and other notices) never notify again
         if rec.kind is ActionKind.BREAKER or (rec.kind is ActionKind.APPROVAL
                                                and rec.details.get("command") == "breaker-reset"):
@@ -212,6 +214,9 @@ class NotifyCore:
         if rec.kind is ActionKind.STEP and rec.action is not None and rec.outcome is not ActionOutcome.DRY_RUN:
             self.step(StepSeen(rec.incident_id, rec.action.value, rec.outcome.value))
             return []
+        if asks_human:
+            return self._trigger(t, NotifyEvent.ESCALATED, rec.at, rec.reason or "a human must act",
+                                 f"a human: 'breakfix release {rec.incident_id} --reason ...' once checked")
         if rec.kind is ActionKind.PLAN and rec.outcome in (ActionOutcome.ESCALATED, ActionOutcome.FAILED):
             if "RMA" in rec.reason or "ladder" in rec.reason or "failed" in rec.reason:
                 t.rma = rec.reason

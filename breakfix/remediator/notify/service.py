@@ -66,7 +66,7 @@ def decode_record(data: bytes) -> ActionRecord | StepSeen | None:
             return StepSeen(iid, action, str(outcome))
         wanted = kind in ("ack", "silence", "release", "cancel", "refusal", "step", "breaker") \
             or (kind == "plan" and outcome in ("escalated", "failed")) \
-            or (kind == "notification" and details.get("guard") == "breaker") \
+            or (kind == "notification" and (details.get("guard") == "breaker" or d.get("waiting") == "human")) \
             or (kind == "approval" and details.get("command") == "breaker-reset")
         return ActionRecord.model_validate(d) if wanted else None
     except (orjson.JSONDecodeError, ValidationError):

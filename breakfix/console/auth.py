@@ -1,0 +1,197 @@
+"""Who may use the console: the auth config, sessions that expire, CSRF tokens, and logged refusals.
+
+Modes (``--auth FILE``, YAML, validated at start-up):
+- ``users``: built-in users with argon2-hashed tokens (``breakfix console-token`` makes one);
+- ``proxy``: an authenticating proxy (oauth2-proxy style) sets ``X-Forwarded-User`` and
+  ``X-Forwarded-Groups``; headers are trusted only from the configured proxy addresses and the
+  groups map to roles;
+- ``lab`` (no file): the local user as admin, allowed only when listening on loopback.
+Roles: viewer reads; operator approves, acks, silences, notes, assigns, releases, cancels; admin
+also resets the breaker and flips kill switches. Every refusal is logged (``console_refused``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import structlog
+import yaml
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from breakfix.console.verbs import Identity, Role
+from breakfix.schemas.datafile import DataFileError
+
+log = structlog.get_logger("breakfix.console.auth")
+COOKIE = "bf_session"
+MAX_SESSIONS = 10_000
+_HASHER = PasswordHasher()
+
+
+class UserEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.@-]+$")
+    role: Role
+    token_hash: str = Field(pattern=r"^\$argon2")
+
+
+class ProxySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    trusted: list[str] = Field(min_length=1, description="Proxy addresses or networks (CIDR).")
+    user_header: str = "X-Forwarded-User"
+    groups_header: str = "X-Forwarded-Groups"
+    groups: dict[str, Role] = Field(default_factory=dict, description="Group -> role; the highest wins.")
+    default_role: Role | None = None
+
+    @field_validator("trusted")
+    @classmethod
+    def _nets(cls, v: list[str]) -> list[str]:
+        for n in v:
+            ipaddress.ip_network(n, strict=False)
+        return v
+
+
+class AuthConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["users", "proxy", "lab"]
+    session_ttl_s: float = Field(default=8 * 3600.0, gt=0, le=7 * 86400)
+    users: list[UserEntry] = Field(default_factory=list)
+    proxy: ProxySpec | None = None
+    lab_user: str = "lab"
+
+    def model_post_init(self, _ctx: object) -> None:
+        if self.mode == "users" and not self.users:
+            raise ValueError("mode users needs at least one user")
+        if self.mode == "proxy" and self.proxy is None:
+            raise ValueError("mode proxy needs a proxy section")
+
+
+def load_auth(path: Path) -> AuthConfig:
+    try:
+        data = yaml.safe_load(path.read_text())
+        return AuthConfig.model_validate(data)
+    except OSError as exc:
+        raise DataFileError(str(path), 1, str(exc.strerror)) from None
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", 0) + 1
+        raise DataFileError(str(path), line, f"not YAML: {exc}") from None
+    except (ValidationError, ValueError) as exc:
+        raise DataFileError(str(path), 1, " ".join(x.strip() for x in str(exc).splitlines()[:3])) from None
+
+
+def hash_token(token: str) -> str:
+    return _HASHER.hash(token)
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+@dataclass
+class Session:
+    sid: str
+    who: Identity
+    csrf: str
+    expires: float
+
+
+@dataclass
+class Refusal(Exception):
+    status: int
+    reason: str
+
+
+@dataclass
+class Auth:
+    """Sessions in memory (a restart logs everyone out); ``clock`` is monotonic seconds."""
+
+    config: AuthConfig
+    clock: Callable[[], float]
+    sessions: dict[str, Session] = field(default_factory=dict)
+    refusals: int = 0
+
+    def refuse(self, status: int, reason: str, *, user: str = "-", path: str = "-", remote: str = "-") -> Refusal:
+        self.refusals += 1
+        log.warning("console_refused", reason=reason, user=user, path=path, remote=remote, status=status)
+        return Refusal(status, reason)
+
+    def _new(self, who: Identity) -> Session:
+        now = self.clock()
+        if len(self.sessions) >= MAX_SESSIONS:
+            for sid in [s.sid for s in self.sessions.values() if s.expires <= now] or list(self.sessions)[:100]:
+                self.sessions.pop(sid, None)
+        s = Session(secrets.token_urlsafe(32), who, secrets.token_urlsafe(32), now + self.config.session_ttl_s)
+        self.sessions[s.sid] = s
+        return s
+
+    def login(self, name: str, token: str, *, remote: str) -> Session:
+        """Users mode: a session for a name and its token, or a logged refusal."""
+        for u in self.config.users:
+            if secrets.compare_digest(u.name, name):
+                try:
+                    _HASHER.verify(u.token_hash, token)
+                except (VerificationError, InvalidHashError):
+                    break
+                return self._new(Identity(u.name, u.role))
+        raise self.refuse(401, "bad name or token", user=name[:100] or "-", path="/login", remote=remote)
+
+    def logout(self, sid: str | None) -> None:
+        if sid:
+            self.sessions.pop(sid, None)
+
+    def _proxy_identity(self, headers: dict[str, str], remote: str, path: str) -> Identity | None:
+        spec = self.config.proxy
+        assert spec is not None
+        user = headers.get(spec.user_header.lower(), "").strip()
+        if not user:
+            return None
+        try:
+            addr = ipaddress.ip_address(remote)
+            trusted = any(addr in ipaddress.ip_network(n, strict=False) for n in spec.trusted)
+        except ValueError:
+            trusted = False
+        if not trusted:
+            raise self.refuse(403, "proxy headers from an untrusted address", user=user[:100], path=path,
+                              remote=remote)
+        roles = [spec.groups[g.strip()] for g in headers.get(spec.groups_header.lower(), "").split(",")
+                 if g.strip() in spec.groups]
+        role = max(roles, key=lambda r: r.rank) if roles else spec.default_role
+        if role is None:
+            raise self.refuse(403, "no group maps to a role", user=user[:100], path=path, remote=remote)
+        return Identity(user[:100], role)
+
+    def session(self, sid: str | None, headers: dict[str, str], remote: str, path: str) -> tuple[Session | None, bool]:
+        """The request's session (and whether it is new, so the cookie must be set); None: log in first."""
+        now = self.clock()
+        current = self.sessions.get(sid or "")
+        if current is not None and current.expires <= now:
+            self.sessions.pop(current.sid, None)
+            self.refuse(401, "session expired", user=current.who.user, path=path, remote=remote)
+            current = None
+        if self.config.mode == "users":
+            return current, False
+        who = (self._proxy_identity(headers, remote, path) if self.config.mode == "proxy"
+               else Identity(self.config.lab_user, Role.ADMIN))
+        if who is None:
+            raise self.refuse(401, "no user from the proxy", path=path, remote=remote)
+        if current is not None and current.who == who:
+            return current, False
+        return self._new(who), True
+
+    def check_write(self, s: Session | None, csrf: str | None, *, verb: str, path: str, remote: str) -> Session:
+        from breakfix.console.verbs import may
+
+        if s is None:
+            raise self.refuse(401, "not logged in", path=path, remote=remote)
+        if not csrf or not secrets.compare_digest(csrf, s.csrf):
+            raise self.refuse(403, "missing or wrong CSRF token", user=s.who.user, path=path, remote=remote)
+        if not may(s.who.role, verb):
+            raise self.refuse(403, f"role {s.who.role.value} may not {verb}", user=s.who.user, path=path,
+                              remote=remote)
+        return s

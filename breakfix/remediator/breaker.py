@@ -1,0 +1,47 @@
+"""Pages that are not plan steps, published as ``NOTIFICATION`` records on ``breakfix.actions.<cluster>`` (plus
+the actuator's escalation), so no incident is marked escalated by them.
+
+- the circuit breaker: when ``guards.GuardState.observe_open`` trips it, on-call gets one page listing every
+  incident it now holds; ``breakfix breaker reset`` (``remediator.human``) re-drives them;
+- a stale hold: an incident the correlator closed as stale still holds its node, and on-call is told to release
+  it by hand.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import structlog
+
+from breakfix.schemas.incident import ActionKind, ActionOutcome, Domain, Incident, WaitingOn
+
+if TYPE_CHECKING:
+    from breakfix.remediator.service import RemediatorService
+
+log = structlog.get_logger("breakfix.remediator")
+
+
+async def page_breaker(svc: RemediatorService, inc: Incident) -> None:
+    reason = svc.guards.breaker_reason
+    log.error("breaker_tripped", reason=reason)
+    svc.keeper.save()
+    held = sorted(i.id for i in svc.latest.values() if not i.status.terminal and i.domain is Domain.OPERATOR)
+    why = (f"circuit breaker tripped, automated operator actions stopped: {reason}; held incidents: "
+           f"{', '.join(held)}; reset with 'breakfix breaker reset' to re-drive them")
+    await svc.actuator.escalate(None, why, incident=inc.id)
+    await svc.publish(svc.record(inc, ActionKind.NOTIFICATION, ActionOutcome.SUCCEEDED, why, tag="breaker",
+                                 waiting=WaitingOn.BREAKER, details={"guard": "breaker", "held": ",".join(held)}))
+
+
+async def page_stale_hold(svc: RemediatorService, inc: Incident) -> None:
+    """The correlator closed an incident as stale: a node it holds stays held (never released silently) and
+    on-call is told which node to release by hand."""
+    nodes = sorted(n for n, holders in svc.guards.holds.items() if inc.id in holders)
+    if not nodes:
+        return
+    why = (f"{inc.id} closed as stale, but {', '.join(nodes)} stays cordoned for it; check the node and run "
+           f"'breakfix release {inc.id} --reason ...' to return it")
+    log.warning("stale_hold", incident=inc.id, nodes=nodes)
+    await svc.actuator.escalate(nodes[0], why, incident=inc.id)
+    await svc.publish(svc.record(inc, ActionKind.NOTIFICATION, ActionOutcome.SUCCEEDED, why, tag="stale-hold",
+                                 waiting=WaitingOn.HUMAN, details={"held": ",".join(nodes)}))

@@ -1,0 +1,80 @@
+"""Plans that follow their incident, and a soak that sees recurrences: pure rules, no I/O.
+
+The service (``remediator.service``) asks ``redecision`` on every incident update while a plan is
+in flight, and ``recurrence`` at the end of the soak before capacity returns. Inputs are the
+incident versions the correlator published (``breakfix.incidents.>``) and the plans ``decide`` chose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from breakfix.schemas.incident import Domain, Incident, Plan, Step, StepAction
+
+# how far each action takes capacity away: a plan is re-decided when the new one needs more
+ACTION_RANK = {StepAction.NOTIFY_TENANT: 0, StepAction.RESTART_POD: 0, StepAction.ESCALATE: 0,
+               StepAction.VALIDATE: 1, StepAction.RETURN_TO_SERVICE: 0, StepAction.CORDON: 2,
+               StepAction.DRAIN_GPU: 3, StepAction.RESET_GPU: 4, StepAction.DRAIN: 5, StepAction.REBOOT: 6,
+               StepAction.REPROVISION: 7}
+
+
+def plan_rank(plan: Plan) -> int:
+    """The most disruptive action of the plan's first rung (what it does unless something fails)."""
+    first = plan.rungs()[0].steps if plan.rungs() else ()
+    return max((ACTION_RANK[s.action] for s in first), default=0)
+
+
+def redecision(old: Plan, old_category: str, new: Plan, incident: Incident, acted: bool) -> str | None:
+    """Why the plan in flight must be replaced by ``new``, or None to keep it.
+
+    - the required action became more severe (XID 48 then XID 154 "node reboot required"): always;
+    - a late signal changed the category (XID 63 3.5 s after XID 48: drain-and-reset) before the old
+      plan ran anything disruptive: the plan is revised; after that the old plan runs on, so a
+      companion never makes a GPU reset twice.
+    """
+    if new.rule == old.rule:
+        return None
+    if plan_rank(new) > plan_rank(old):
+        return f"re-decided: {new.rule} needs more than {old.rule} ({old_category} -> {incident.category})"
+    if incident.category != old_category and not acted:
+        return f"re-decided: {new.rule} now fits the incident ({old_category} -> {incident.category})"
+    return None
+
+
+def recurrence(before: Incident, after: Incident, companion: Callable[[str], bool]) -> str | None:
+    """What recurred between two versions of one incident, or None when it stayed quiet.
+
+    A code counted again (the same fault) or a higher severity blocks a return to service;
+    informational or sympathetic companions (NVIDIA IGNORE, e.g. XID 63 after XID 48) do not.
+    """
+    counts = {c.key: c.count for c in before.counts}
+    again = sorted(c.key for c in after.counts if c.count > counts.get(c.key, 0) and not companion(c.key))
+    if again:
+        return ", ".join(again)
+    if after.severity.rank > before.severity.rank:
+        return f"severity {before.severity.value} -> {after.severity.value}"
+    return None
+
+
+def needs_node(plan: Plan) -> bool:
+    """An operator plan that would cordon or disrupt the node: its incident holds the node until it is done."""
+    return not (plan.dry_run or plan.shadow) and plan.domain is Domain.OPERATOR and any(
+        s.action.disruptive or s.action is StepAction.CORDON for r in plan.rungs() for s in r.steps)
+
+
+def deferral(plan: Plan) -> tuple[Step, float] | None:
+    """The deferred step of the plan's first rung and its wait (``defer_s``), or None when it acts at once."""
+    for s in plan.rungs()[0].steps if plan.rungs() else ():
+        wait = s.params.get("defer_s")
+        if wait is not None and not isinstance(wait, bool | str):
+            return s, float(wait)
+    return None
+
+
+def undefer(plan: Plan) -> Plan:
+    """The plan once its deferral is over: the same steps, acting at once."""
+    def strip(steps: tuple[Step, ...]) -> tuple[Step, ...]:
+        return tuple(s.model_copy(update={"params": {k: v for k, v in s.params.items() if k != "defer_s"}})
+                     for s in steps)
+    ladder = tuple(r.model_copy(update={"steps": strip(r.steps)}) for r in plan.ladder)
+    return plan.model_copy(update={"steps": strip(plan.steps), "ladder": ladder})

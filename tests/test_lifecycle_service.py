@@ -1,0 +1,231 @@
+"""The remediation lifecycle through the service on the in-memory bus: holds and human releases, refusals that
+fence and page, budget waits with a limit, the breaker's page and re-drive, the human verbs and their checks,
+plans re-decided when their incident gets worse, and finished incidents forgotten."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from structlog.testing import capture_logs
+
+from breakfix.remediator.guards import BudgetSpec
+from breakfix.remediator.policy import Policy
+from breakfix.remediator.simcluster import SimCluster, SimNode
+from breakfix.schemas import subjects
+from breakfix.schemas.common import GpuRef, Severity
+from breakfix.schemas.incident import (
+    ActionKind,
+    ActionOutcome,
+    ChangeKind,
+    Domain,
+    IncidentStatus,
+    StepAction,
+    WaitingOn,
+)
+from tests.conftest import T0
+from tests.test_remediator_service import Harness, fast, incident
+
+
+def one_node(**kw: Any) -> SimCluster:
+    return SimCluster({f"n{i}": SimNode(f"n{i}", pods={"ml/p": 2, "ml/q": 1}) for i in range(1, 11)}, **kw)
+
+
+def plans(h: Harness, iid: str) -> list[str]:
+    return [r.outcome.value for r in h.records() if r.kind is ActionKind.PLAN and r.incident_id == iid]
+
+
+class TestHolds:
+    async def test_a_node_returns_only_when_its_last_incident_lets_go_and_a_human_releases_the_rma(
+            self, policy: Policy) -> None:
+        c = one_node()
+        async with Harness(fast(policy), c) as h:
+            rma = incident(iid="inc-rma", category="hardware_support").model_copy(update={"gpus": (GpuRef(index=1),)})
+            await h.open(rma)
+            await h.until(lambda: "escalated" in plans(h, "inc-rma"))
+            await h.open(incident(iid="inc-95", codes=("xid:95",)))
+            await h.until(lambda: "completed" in plans(h, "inc-95"))
+            assert c.nodes["n1"].cordoned, "the RMA incident still holds the node"
+            back = [r for r in h.records() if r.incident_id == "inc-95" and r.action is StepAction.RETURN_TO_SERVICE
+                    and r.outcome is ActionOutcome.SUCCEEDED]
+            assert "still held by inc-rma" in back[0].reason
+            await h.human("release", "inc-rma", reason="GPU 1 replaced, RMA closed")
+            await h.until(lambda: "completed" in plans(h, "inc-rma"))
+        assert not c.nodes["n1"].cordoned, "nothing holds it any more"
+        assert ("validate", "n1", "2", "gpu1") in c.history, "the release validated first"
+
+    async def test_a_release_may_skip_validation_with_a_reason(self, policy: Policy) -> None:
+        c = one_node()
+        async with Harness(fast(policy), c) as h:
+            await h.open(incident(category="hardware_support"))
+            await h.until(lambda: "escalated" in plans(h, "inc-1"))
+            await h.human("release", reason="vendor swapped the board", details={"skip_validation": "true"})
+            await h.until(lambda: "completed" in plans(h, "inc-1"))
+        assert not c.nodes["n1"].cordoned and not [x for x in c.history if x[0] == "validate"]
+
+    async def test_cancel_stops_the_plan_in_flight_and_leaves_the_node_fenced(self, policy: Policy) -> None:
+        c = one_node(hanging={"validate"})
+        async with Harness(fast(policy), c) as h:
+            await h.open(incident())
+            await h.until(lambda: any(x[0] == "validate" for x in c.history))
+            await h.human("cancel", reason="investigating by hand")
+            await h.until(lambda: "cancelled" in plans(h, "inc-1"))
+            assert "inc-1" not in h.svc.tasks
+        cancel = next(r for r in h.records() if r.outcome is ActionOutcome.CANCELLED)
+        assert "cancelled by alice: investigating by hand" in cancel.reason and cancel.waiting is WaitingOn.HUMAN
+        assert c.nodes["n1"].cordoned
+
+
+class TestRefusalsFenceAndPage:
+    async def test_retry_cap_fences_the_node_and_escalates_with_the_reason(self, policy: Policy) -> None:
+        c = one_node()
+        async with Harness(fast(policy), c) as h:
+            h.svc.guards.record_action("n1", StepAction.REBOOT, T0 - timedelta(hours=1))
+            await h.open(incident(category="node_reboot_required", codes=("xid:79",), severity=Severity.FATAL))
+            await h.until(lambda: "escalated" in plans(h, "inc-1"))
+        refusal = next(r for r in h.records() if r.kind is ActionKind.REFUSAL)
+        assert refusal.waiting is WaitingOn.HUMAN and "reboot already ran 1x on n1 within 24 h" in refusal.reason
+        assert c.nodes["n1"].cordoned and c.nodes["n1"].reboots == 0
+        assert c.escalations and "reboot already ran 1x" in c.escalations[0][1]
+
+    async def test_a_budget_wait_past_its_limit_goes_to_a_human(self, policy: Policy) -> None:
+        c = one_node()
+        pol = fast(policy, budget=BudgetSpec(max_nodes=1, max_percent=0), topology_budgets=(), budget_wait_s=5.0)
+        async with Harness(pol, c) as h:
+            h.svc.guards.start("n2", "inc-other")  # holds the only budget slot
+            await h.open(incident())
+            await h.until(lambda: "escalated" in plans(h, "inc-1"))
+        waits = [r for r in h.records() if r.kind is ActionKind.REFUSAL]
+        assert waits[0].waiting is WaitingOn.BUDGET and waits[-1].waiting is WaitingOn.HUMAN
+        assert "waited" in waits[-1].reason and c.nodes["n1"].cordoned
+
+    async def test_breaker_pages_once_and_a_reset_redrives_the_queue_oldest_first(self, policy: Policy) -> None:
+        c = one_node()
+        pol = fast(policy, budget=BudgetSpec(max_nodes=10, max_percent=100), topology_budgets=())
+        async with Harness(pol, c) as h:
+            for i in (3, 1, 4, 2):
+                inc = incident(f"n{i}", iid=f"inc-{i}", category="node_reboot_required", codes=("xid:79",))
+                await h.open(inc.model_copy(update={"first_seen": T0 + timedelta(seconds=i)}))
+            await h.until(lambda: len(h.svc.guards.queued) >= 3)
+            pages = [r for r in h.records() if r.kind is ActionKind.NOTIFICATION]
+            assert len(pages) == 1 and pages[0].waiting is WaitingOn.BREAKER
+            assert all(f"inc-{i}" in pages[0].reason for i in (1, 3, 4))
+            assert all(r.waiting is WaitingOn.BREAKER for r in h.records() if r.kind is ActionKind.REFUSAL)
+            queued = sorted(h.svc.guards.queued, key=lambda i: h.svc.guards.queued[i])
+            await h.human("breaker_reset", "-", actor="bob", reason="storm over")
+            await h.until(lambda: all("completed" in plans(h, i) for i in queued))
+        started = [r.incident_id for r in h.records() if r.kind is ActionKind.PLAN and r.outcome.value == "planned"]
+        assert started == queued, "re-driven in budget order, oldest first"
+
+
+class TestHumanVerbChecks:
+    async def test_records_that_fail_the_subject_checks_are_ignored_and_logged(self, policy: Policy) -> None:
+        async with Harness(fast(policy, retry_caps={}), one_node(failing_resets={("n1", 2)},
+                                                                  failing_validation={"n1"})) as h:
+            await h.open(incident())
+            await h.until(lambda: any(r.waiting is WaitingOn.APPROVAL for r in h.records()))
+            with capture_logs() as logs:
+                await h.human("approve", action=StepAction.REPROVISION, reason="as mallory",
+                              subject=subjects.oncall_subject("c1", "mallory", "approve"))
+                await h.human("approve", action=StepAction.REPROVISION, reason="other cluster",
+                              subject=subjects.oncall_subject("c2", "alice", "approve"))
+                await h.human("approve", action=StepAction.REBOOT, reason="wrong step")
+                await h.human("approve", "inc-nope", action=StepAction.REPROVISION, reason="no incident")
+                await h.until(lambda: len([x for x in logs if x["event"] == "human_record_ignored"]) == 4)
+            reasons = [x["reason"] for x in logs if x["event"] == "human_record_ignored"]
+            assert "is not the subject's user 'mallory'" in reasons[0]
+            assert "not this cluster" in reasons[1]
+            assert "is not the waiting step" in reasons[2]
+            assert reasons[3] == "no such incident"
+            assert h.svc.cluster == "c1" and h.cluster.nodes["n1"].reprovisions == 0
+
+    async def test_deny_stops_the_plan_at_the_waiting_step_and_hands_it_to_a_human(self, policy: Policy) -> None:
+        c = one_node(failing_resets={("n1", 2)}, failing_validation={"n1"})
+        async with Harness(fast(policy, retry_caps={}), c) as h:
+            await h.open(incident())
+            await h.until(lambda: any(r.waiting is WaitingOn.APPROVAL for r in h.records()))
+            await h.human("deny", action=StepAction.REPROVISION, reason="send it to the vendor")
+            await h.until(lambda: "escalated" in plans(h, "inc-1"))
+        denied = [r for r in h.records() if r.kind is ActionKind.PLAN and r.outcome is ActionOutcome.ESCALATED]
+        assert "denied by alice: send it to the vendor" in denied[-1].reason and c.nodes["n1"].reprovisions == 0
+
+    async def test_a_run_time_kill_switch_refuses_and_fences(self, policy: Policy) -> None:
+        c = one_node()
+        async with Harness(fast(policy), c) as h:
+            await h.human("kill_switch", "-", actor="root", reason="bad driver", details={"code": "xid:48",
+                                                                                      "enabled": "true"})
+            await h.until(lambda: "xid:48" in h.svc.guards.killed_codes)
+            await h.open(incident())
+            await h.until(lambda: "escalated" in plans(h, "inc-1"))
+        assert any(r.details.get("guard") == "kill_switch" for r in h.records()) and c.nodes["n1"].gpu_resets == {}
+
+
+class TestPlansFollowAndMemory:
+    async def test_a_plan_in_flight_is_re_decided_when_its_incident_needs_a_reboot(self, policy: Policy) -> None:
+        c = one_node(hanging={"reset_gpu"})
+        async with Harness(fast(policy), c) as h:
+            first = incident()
+            await h.open(first)
+            await h.until(lambda: any(x[0] == "reset_gpu" for x in c.history))
+            c.hanging.clear()
+            worse = first.model_copy(update={"category": "node_reboot_required", "codes": ("xid:48", "xid:154"),
+                                             "severity": Severity.FATAL, "version": 2})
+            await h.open(worse, ChangeKind.UPDATED)
+            await h.until(lambda: "completed" in plans(h, "inc-1"))
+        cancelled = next(r for r in h.records() if r.outcome is ActionOutcome.CANCELLED)
+        assert "re-decided: node-reboot needs more than gpu-reset" in cancelled.reason
+        assert c.nodes["n1"].reboots == 1
+
+    async def test_finished_incidents_are_forgotten_after_the_retention_window(self, policy: Policy) -> None:
+        async with Harness(fast(policy, retention_s=3600.0), one_node()) as h:
+            done = incident(category="informational").model_copy(update={
+                "status": IncidentStatus.RESOLVED, "resolved_at": T0, "domain": Domain.NONE})
+            await h.open(done, ChangeKind.RESOLVED)
+            await h.until(lambda: "inc-1" in h.svc.latest)
+            h.clock.advance(7200)
+            await h.open(incident(iid="inc-2", category="informational"))
+            await h.until(lambda: "inc-2" in h.svc.latest)
+            assert "inc-1" not in h.svc.latest
+
+    async def test_a_stale_incident_keeps_its_hold_and_on_call_is_told(self, policy: Policy) -> None:
+        c = one_node()
+        async with Harness(fast(policy), c) as h:
+            await h.open(incident(category="hardware_support"))
+            await h.until(lambda: "escalated" in plans(h, "inc-1"))
+            stale = incident(category="hardware_support").model_copy(update={
+                "status": IncidentStatus.STALE, "version": 5, "resolved_at": T0})
+            await h.open(stale, ChangeKind.STATUS)
+            await h.until(lambda: any(r.kind is ActionKind.NOTIFICATION for r in h.records()))
+        page = next(r for r in h.records() if r.kind is ActionKind.NOTIFICATION)
+        assert "stays cordoned" in page.reason and "breakfix release inc-1" in page.reason
+        assert c.nodes["n1"].cordoned and list(h.svc.guards.holders("n1", besides="-")) == ["inc-1"]
+
+    async def test_a_deferred_repair_waits_for_the_job_without_holding_up_another_repair(self, policy: Policy
+                                                                                         ) -> None:
+        import asyncio
+
+        c = one_node()
+        job_ended = asyncio.Event()
+        polls = []
+
+        async def idle(node: str, gpu: int, *, pods: tuple[str, ...] = ()) -> bool:
+            polls.append(gpu)
+            if len(polls) > 1:
+                await job_ended.wait()  # the job on the GPU runs until the test ends it
+            return job_ended.is_set()
+
+        c.gpu_idle = idle  # type: ignore[method-assign]
+        async with Harness(fast(policy, cooldown_s=0), c) as h:
+            remap = incident(iid="inc-remap", codes=("row_remap.pending",), severity=Severity.WARNING)
+            await h.open(remap)
+            await h.until(lambda: any(r.waiting is WaitingOn.IDLE for r in h.records()))
+            assert c.nodes["n1"].pods == {"ml/p": 2, "ml/q": 1}, "the running job is not evicted"
+            other = incident(iid="inc-79", category="node_reboot_required", codes=("xid:79",),
+                             severity=Severity.FATAL).model_copy(update={"gpus": (GpuRef(index=5),)})
+            await h.open(other)
+            await h.until(lambda: "completed" in plans(h, "inc-79"))
+            assert plans(h, "inc-remap") == [], "still waiting for its GPU's job"
+            assert not c.nodes["n1"].cordoned, "a deferred repair does not hold the node while work continues"
+            job_ended.set()
+            await h.until(lambda: "completed" in plans(h, "inc-remap"))
+        assert c.nodes["n1"].gpu_resets == {2: 1} and c.nodes["n1"].reboots == 1
