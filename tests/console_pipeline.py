@@ -14,13 +14,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from breakfix.bus.clock import SystemClock
 from breakfix.bus.codec import encode
 from breakfix.bus.jetstream import JetStreamBus
 from breakfix.console.server import Running, start
-from breakfix.correlator.grouping import Correlator
-from breakfix.correlator.service import CorrelatorService
+from breakfix.correlator.app import CorrelatorConfig, build_correlator
+from breakfix.remediator.app import build_remediator
+from breakfix.remediator.config import RemediatorConfig
 from breakfix.remediator.policy import Policy
-from breakfix.remediator.service import RemediatorService
 from breakfix.remediator.simcluster import SimCluster, SimNode
 from breakfix.schemas import subjects
 from breakfix.schemas.catalog import Catalog
@@ -69,9 +70,10 @@ async def pipeline(url: str, catalog: Catalog, policy: Policy) -> AsyncIterator[
     await buses[0].ensure_streams(subjects.STREAMS)
     cluster = SimCluster({n: SimNode(n, labels={"rack": "rack-a" if n < "gpu-node-005" else "rack-b"})
                           for n in NODES})
-    correlator = CorrelatorService(buses[1], Correlator(catalog), lambda: datetime.now(UTC))
-    remediator = RemediatorService(buses[2], cluster, approval_policy(policy), lambda: datetime.now(UTC),
-                                   actor="remediator/test", retry_refused_s=0.5)
+    correlator = build_correlator(CorrelatorConfig(catalog=catalog), bus=buses[1], clock=SystemClock())
+    remediator = await build_remediator(RemediatorConfig(cluster="c1", actor="remediator/test"), bus=buses[2],
+                                        clock=SystemClock(), cluster_api=cluster, policy=approval_policy(policy),
+                                        catalog=catalog, retry_refused_s=0.5)
     tasks = [asyncio.create_task(correlator.run(stop), name="test-correlator"),
              asyncio.create_task(remediator.run(stop), name="test-remediator")]
     console = await start(url, auth=auth_config())

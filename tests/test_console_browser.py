@@ -170,10 +170,16 @@ async def test_release_is_audited_and_fleet_and_history_render_their_charts(live
     await page.screenshot(path=tmp_path / "incident-release.png", full_page=True)
     (rel,) = [r for r in await read_records(live.bus, cluster="c1", incident=iid) if r.kind is ActionKind.RELEASE]
     assert (rel.outcome, rel.actor, rel.node, rel.details) == (ActionOutcome.REQUESTED, "olga", "gpu-node-004", {})
+    # the remediator acts on the release: it validates the node, then returns it to service
+    async def returned() -> bool:
+        return not live.cluster.nodes["gpu-node-004"].cordoned
+
+    await wait_until(returned, 20, "the released node back in service")
+    done = await read_records(live.bus, cluster="c1", incident=iid)
+    assert [r for r in done if r.action and r.action.value == "validate" and r.outcome is ActionOutcome.SUCCEEDED]
     await page.goto(f"{live.console.url}/fleet")
     node = page.locator(".node", has_text="gpu-node-004")
-    await expect(node.locator(".cell.held")).to_have_count(1)  # GPU 3: the escalated unknown fault
-    await expect(node.locator(".cell.cordoned")).to_have_count(7)  # the rest of the node is fenced
+    await expect(node.locator(".cell.cordoned")).to_have_count(0)  # nothing holds the node any more
     await expect(page.locator("p.breaker")).to_contain_text("closed")
     await page.screenshot(path=tmp_path / "fleet.png", full_page=True)
     await page.goto(f"{live.console.url}/history?days=30")

@@ -25,11 +25,14 @@ from tests.conftest import sig
 pytestmark = pytest.mark.nats
 
 
-@pytest.fixture(scope="module")
-def demo_result(tmp_path_factory: pytest.TempPathFactory, catalog: Catalog, policy: Policy):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=[False, True], ids=["open-bus", "secured-bus"])
+def demo_result(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, catalog: Catalog,  # type: ignore[no-untyped-def]
+                policy: Policy):
+    """The whole demo scenario, once on the open lab bus and once over TLS with one JWT identity per
+    process (the production permission templates): every outcome below must hold on both."""
     fast = policy.model_copy(update={"settle_s": 0.5})
     return asyncio.run(run_demo(scenario=load_scenario("mixed"), nodes=16, data_dir=tmp_path_factory.mktemp("demo"),
-                                catalog=catalog, policy=fast, duration_s=60, speed=2.0))
+                                catalog=catalog, policy=fast, duration_s=60, speed=2.0, secure=request.param))
 
 
 def by_category(result, category: str):  # type: ignore[no-untyped-def]

@@ -14,11 +14,14 @@ Roles:
   ``breakfix.agent.<cluster>.<node>`` and reply only to those (``resp``).
 - ``fleet``: the fleet collector publishes signals for any node of its cluster.
 - ``correlator``: reads signals and action records, publishes incidents and dead letters, keeps its
-  checkpoint in object store ``breakfix-correlator``.
+  checkpoint in object store ``breakfix-correlator`` and the incident index in KV ``breakfix-incidents``.
 - ``remediator``: reads incidents and action records, publishes action records and dead letters,
   keeps plans in KV ``breakfix-remediator``; the only identity that may call ``breakfix.agent.>``.
 - ``operator``: publishes only ``breakfix.actions.<cluster>.oncall.<their name>.>``; reads incidents
-  and actions. ``admin``: also ``...admin.<their name>.>``. ``viewer``: reads only.
+  and actions, the dead letters and the incident index. ``admin``: also ``...admin.<their name>.>``.
+  ``viewer``: reads only.
+- ``console``: the web console reads like a viewer and publishes on-call and admin verbs on behalf of the
+  users it authenticated itself (``breakfix console --auth``), on their own subjects.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from breakfix.schemas import subjects
 
 NAME = "{{name()}}"
 INBOX = f"_INBOX.{NAME}.>"
-ROLES = ("node", "fleet", "correlator", "remediator", "operator", "admin", "viewer")
+ROLES = ("node", "fleet", "correlator", "remediator", "operator", "admin", "viewer", "console")
 STREAM_NAMES = tuple(s.name for s in subjects.STREAMS)
 CORRELATOR_BUCKET = "breakfix-correlator"
 REMEDIATOR_BUCKET = "breakfix-remediator"
+INDEX_BUCKET = subjects.INCIDENT_INDEX_BUCKET
 
 
 def _stream_info() -> list[str]:
@@ -57,6 +61,14 @@ def _store(stream: str, data_prefix: str) -> list[str]:
             f"{data_prefix}.>", f"$JS.ACK.{stream}.>", "$JS.FC.>", "$JS.API.STREAM.NAMES"]
 
 
+def _read_store(stream: str) -> list[str]:
+    """Read a KV bucket: its info, direct gets, and an ordered consumer to watch it (no writes)."""
+    return [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>",
+            f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
+            f"$JS.API.CONSUMER.DELETE.{stream}.>", f"$JS.API.CONSUMER.INFO.{stream}.>", "$JS.FC.>",
+            "$JS.API.STREAM.NAMES"]
+
+
 def _perm(pub: list[str], sub: list[str], *, responses: bool = False) -> dict[str, Any]:
     perm: dict[str, Any] = {"pub": {"allow": pub}, "sub": {"allow": [*sub, INBOX]},
                             "subs": -1, "data": -1, "payload": -1}
@@ -71,7 +83,8 @@ def role_template(role: str, cluster: str) -> dict[str, Any]:
     signals = f"{subjects.PREFIX}.signals.{c}"
     actions = f"{subjects.PREFIX}.actions.{c}"
     dlq = f"{subjects.PREFIX}.dlq.>"
-    readers = [*_stream_info(), *_consume(subjects.INCIDENTS.name), *_consume(subjects.ACTIONS.name)]
+    readers = [*_stream_info(), *_consume(subjects.INCIDENTS.name), *_consume(subjects.ACTIONS.name),
+               *_consume(subjects.DEAD_LETTERS.name), *_read_store(f"KV_{INDEX_BUCKET}")]
     if role == "node":
         return _perm([f"{signals}.{NAME}", *_stream_info()], [f"{subjects.PREFIX}.agent.{c}.{NAME}"],
                      responses=True)
@@ -81,7 +94,8 @@ def role_template(role: str, cluster: str) -> dict[str, Any]:
         return _perm([subjects.incident_subject(cluster), dlq, *_manage_streams(),
                       *_consume(subjects.SIGNALS.name), *_consume(subjects.ACTIONS.name),
                       *_consume(subjects.INCIDENTS.name),
-                      *_store(f"OBJ_{CORRELATOR_BUCKET}", f"$O.{CORRELATOR_BUCKET}")], [])
+                      *_store(f"OBJ_{CORRELATOR_BUCKET}", f"$O.{CORRELATOR_BUCKET}"),
+                      *_store(f"KV_{INDEX_BUCKET}", f"$KV.{INDEX_BUCKET}")], [])
     if role == "remediator":
         return _perm([actions, dlq, f"{subjects.PREFIX}.agent.{c}.*", *_manage_streams(),
                       *_consume(subjects.INCIDENTS.name), *_consume(subjects.ACTIONS.name),
@@ -92,4 +106,6 @@ def role_template(role: str, cluster: str) -> dict[str, Any]:
         return _perm([f"{actions}.oncall.{NAME}.>", f"{actions}.admin.{NAME}.>", *readers], [])
     if role == "viewer":
         return _perm(readers, [])
+    if role == "console":  # authenticates its own users (proxy or tokens) and publishes on their subjects
+        return _perm([f"{actions}.oncall.*.>", f"{actions}.admin.*.>", *readers], [])
     raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")

@@ -22,7 +22,7 @@ app.add_typer(bus_app, name="bus")
 
 # names the deploy manifests use for the same roles: a node's collector and agent share the node identity
 ALIASES = {"collector": "node", "agent": "node", "fleet-collector": "fleet", "correlator-fleet": "correlator"}
-SERVICES = ("correlator", "remediator", "fleet")  # one identity each: the name defaults to the role
+SERVICES = ("correlator", "remediator", "fleet", "console")  # one identity each: the name defaults to the role
 
 BusDir = Annotated[Path, typer.Option("--dir", envvar="BREAKFIX_BUS_DIR",
                                       help="Where the bus's keys, certificates and server config live.")]

@@ -41,6 +41,7 @@ from breakfix.bus.clock import SystemClock
 from breakfix.bus.codec import decoder
 from breakfix.bus.consumer import ConsumerSpec, run_consumer
 from breakfix.bus.jetstream import JetStreamBus
+from breakfix.bus.options import NatsOptions
 from breakfix.bus.protocol import Delivery
 from breakfix.bus.server import EmbeddedNats
 from breakfix.collectors.app import build_sim_collector
@@ -208,7 +209,7 @@ def _exit_on_sigterm(_sig: int, _frame: object) -> None:
 
 async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: Catalog, policy: Policy,
                    duration_s: float, speed: float = 1.0, malformed: bool = True, policy_given: bool = False,
-                   failures: tuple[Failure, ...] = (), temp_dir: Path | None = None,
+                   failures: tuple[Failure, ...] = (), temp_dir: Path | None = None, secure: bool = False,
                    progress: Callable[[str], None] = lambda _s: None) -> DemoResult:
     started = CLOCK.monotonic()
     if not policy_given:
@@ -221,28 +222,28 @@ async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: C
                  f"{policy.guards.budget.max_percent:g}%)")
     fleet = build_fleet(max(nodes, scenario.nodes))
     cluster = sim_cluster_for(fleet, failures)
-    server = EmbeddedNats(data_dir / "nats")
-    progress(f"starting nats-server (JetStream) in {server.store_dir}")
+    server, identity = _server(data_dir, fleet.cluster, secure=secure)
+    progress(f"starting nats-server (JetStream{', TLS and JWT identities' if secure else ''}) in {server.store_dir}")
     server.start()
     cleanup = guard_cleanup(server, temp_dir)
     progress(f"nats-server on {server.url}; stopped and its folder removed however the demo ends")
     buses: list[JetStreamBus] = []
     stop = asyncio.Event()
     try:
-        async def bus(name: str) -> JetStreamBus:
-            b = await JetStreamBus.connect(server.url, name=name)
+        async def bus(name: str, role: str) -> JetStreamBus:
+            b = await JetStreamBus.connect(identity(server.url, role) if secure else server.url, name=name)
             buses.append(b)
             return b
 
-        collector_bus = await bus("breakfix-collector-sim")
-        await collector_bus.ensure_streams(subjects.STREAMS)
-        correlator = build_correlator(CorrelatorConfig(catalog=catalog), bus=await bus("breakfix-correlator"),
-                                      clock=CLOCK)
+        collector_bus = await bus("breakfix-collector-sim", "fleet")  # one process publishes for every sim node
+        correlator_bus = await bus("breakfix-correlator", "correlator")
+        await correlator_bus.ensure_streams(subjects.STREAMS)
+        correlator = build_correlator(CorrelatorConfig(catalog=catalog), bus=correlator_bus, clock=CLOCK)
         config = RemediatorConfig(cluster=fleet.cluster, actor="remediator/demo")
-        remediator = await build_remediator(config, bus=await bus("breakfix-remediator"), clock=CLOCK,
+        remediator = await build_remediator(config, bus=await bus("breakfix-remediator", "remediator"), clock=CLOCK,
                                             cluster_api=cluster, policy=policy, catalog=catalog, retry_refused_s=1.0)
         console = Console()
-        console_bus = await bus("breakfix-console")
+        console_bus = await bus("breakfix-console", "viewer")
         specs: list[ConsumerSpec[Any]] = [
             ConsumerSpec(subjects.INCIDENTS.name, "console", subjects.INCIDENTS_ALL, decoder(IncidentChange),
                          console.on_change),
@@ -280,6 +281,25 @@ async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: C
                 await b.close()
         server.stop()
         cleanup()
+
+
+def _server(data_dir: Path, cluster: str, *, secure: bool
+            ) -> tuple[EmbeddedNats, Callable[[str, str], NatsOptions]]:
+    """The demo's nats-server. With ``secure``: ``breakfix bus init`` in ``data_dir/bus`` (TLS with client
+    certificates, JWT identities with the production permission templates), and one identity per process."""
+    if not secure:
+        return EmbeddedNats(data_dir / "nats"), lambda url, _role: NatsOptions(url=url)
+    from breakfix.bus.authinit import init_bus, issue_user
+
+    root = data_dir / "bus"
+    conf = init_bus(root, cluster=cluster, monitor_port=0, store_dir=data_dir / "nats" / "js", now=CLOCK.now(),
+                    force=True)
+
+    def identity(url: str, role: str) -> NatsOptions:
+        files = issue_user(root, role=role, name=role, now=CLOCK.now(), out_dir=root / "users")
+        return NatsOptions(url=url, creds=files.creds, tls_ca=files.ca, tls_cert=files.cert, tls_key=files.key)
+
+    return EmbeddedNats(data_dir / "nats", config=conf), identity
 
 
 def demo_json(result: DemoResult) -> str:

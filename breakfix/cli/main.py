@@ -41,6 +41,8 @@ def demo(
     fmt: Annotated[str, typer.Option("--format", help="table, or json: incidents and the full audit trail")] = "table",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show daemon logs.")] = False,
     console: Annotated[bool, typer.Option("--console", help="Then serve the SRE console on it until Ctrl-C.")] = False,
+    secure: Annotated[bool, typer.Option("--secure", help="Run over TLS with one JWT identity per process "
+                                                         "(breakfix bus init in the data dir).")] = False,
 ) -> None:
     """Run collectors, correlator and remediator over a simulated fleet and print what happened."""
     from breakfix.cli.demo import demo_json, load_demo_scenario, run_demo, temp_data_dir
@@ -67,7 +69,7 @@ def demo(
         result = asyncio.run(run_demo(scenario=scen, nodes=nodes, data_dir=data_dir or temp or Path("."),
                                       catalog=catalog, policy=pol, duration_s=duration, speed=speed,
                                       policy_given=policy is not None, failures=failures,
-                                      temp_dir=None if console else temp, progress=say))
+                                      temp_dir=None if console else temp, secure=secure, progress=say))
         if fmt == "json":
             sys.stdout.write(demo_json(result) + "\n")
         else:

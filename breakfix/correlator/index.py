@@ -22,10 +22,11 @@ import structlog
 from pydantic import ValidationError
 
 from breakfix.bus.protocol import Bus, KeyValue, KvEntry
+from breakfix.schemas import subjects
 from breakfix.schemas.incident import ChangeKind, Incident, IncidentChange
 from breakfix.schemas.subjects import token
 
-BUCKET = "breakfix-incidents"
+BUCKET = subjects.INCIDENT_INDEX_BUCKET
 RETENTION_S = 90 * 24 * 3600.0  # as long as the incident stream keeps the history
 WRITE_CONCURRENCY = 256  # puts in flight at once per batch (one round trip per batch, not per incident)
 MAX_SNAPSHOT = 1_000_000  # a bucket larger than this is read only up to it

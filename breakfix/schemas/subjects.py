@@ -77,6 +77,10 @@ def dead_letter_subject(stream: str) -> str:
     return f"{PREFIX}.dlq.{token(stream.lower())}"
 
 
+# JetStream KV bucket with the latest version of every incident (written by the correlator, read by
+# the console, ``breakfix incidents`` and on-call tools).
+INCIDENT_INDEX_BUCKET = "breakfix-incidents"
+
 SIGNALS_ALL = f"{PREFIX}.signals.>"
 INCIDENTS_ALL = f"{PREFIX}.incidents.>"
 ACTIONS_ALL = f"{PREFIX}.actions.>"

@@ -117,6 +117,34 @@ class TestStores:
         finally:
             await other.close()
 
+    @pytest.mark.parametrize(("role", "name"), [("node", "node-a"), ("operator", "alice"), ("viewer", "vera"),
+                                                ("console", "console"), ("remediator", "remediator")])
+    async def test_only_the_correlator_writes_the_incident_index(self, secure: SecureBus, streams: JetStreamBus,
+                                                                 role: str, name: str) -> None:
+        other = await secure.connect(role, name)
+        try:
+            with capture_logs() as logs:
+                await other.publish_core("$KV.breakfix-incidents.c1.inc-1", b'{"forged": "incident"}')
+                await other.flush()
+                await refused(other, logs, "publish", "$KV.breakfix-incidents.c1.inc-1")
+        finally:
+            await other.close()
+
+    @pytest.mark.parametrize(("role", "name"), [("viewer", "vera"), ("operator", "alice"), ("console", "console")])
+    async def test_readers_see_the_incident_index_the_correlator_writes(self, secure: SecureBus,
+                                                                        streams: JetStreamBus, role: str,
+                                                                        name: str) -> None:
+        correlator = await secure.connect("correlator", "correlator")
+        reader = await secure.connect(role, name)
+        try:
+            await correlator.ensure_kv("breakfix-incidents")
+            await correlator.kv_put("breakfix-incidents", "c1.inc-1", b'{"id": "inc-1"}')
+            entry = await reader.kv_get("breakfix-incidents", "c1.inc-1")
+            assert entry is not None and entry.value == b'{"id": "inc-1"}'
+        finally:
+            await reader.close()
+            await correlator.close()
+
     async def test_only_the_correlator_touches_its_checkpoint(self, secure: SecureBus, streams: JetStreamBus) -> None:
         node = await secure.connect("node", "node-a")
         try:
