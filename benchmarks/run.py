@@ -35,6 +35,7 @@ from benchmarks.console import bench_console
 from benchmarks.drains import bench_drains
 from benchmarks.measure import pct_ms, peak_rss_mb, spawn_breakfix
 from benchmarks.mixes import fleet_hour, stress_mix
+from benchmarks.notify import bench_notify
 from benchmarks.parsers import bench_kmsg_cli
 from benchmarks.remediator import bench_first_action
 from benchmarks.simulate import bench_simulate
@@ -235,6 +236,7 @@ def main() -> None:
     result["collector"] = asyncio.run(bench_collector())
     result["remediator_first_action"] = asyncio.run(bench_first_action())
     result["remediator_drains_kmock"] = asyncio.run(bench_drains())
+    result["remediator_notify_stalling_receiver"] = asyncio.run(bench_notify())
     result["simulate"] = bench_simulate()
     result["signals_kmsg_100k_lines"] = bench_kmsg_cli()
     print(json.dumps(result, indent=2))

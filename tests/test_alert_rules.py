@@ -83,3 +83,19 @@ def test_the_prometheusrule_manifest_carries_the_same_rules() -> None:
     doc = yaml.safe_load(OPERATOR_RULE.read_text())
     assert (doc["apiVersion"], doc["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
     assert doc["spec"] == yaml.safe_load(RULES.read_text())
+
+
+def prometheus_rule() -> str:
+    """The PrometheusRule manifest for the rules file (``python -m tests.test_alert_rules`` prints it)."""
+    head = OPERATOR_RULE.read_text().split("apiVersion:", 1)[0]
+    doc = yaml.safe_load(OPERATOR_RULE.read_text())
+    doc["spec"] = yaml.safe_load(RULES.read_text())
+    return head + yaml.safe_dump(doc, sort_keys=False, width=120)
+
+
+def test_the_generator_reproduces_the_manifest() -> None:
+    assert yaml.safe_load(prometheus_rule()) == yaml.safe_load(OPERATOR_RULE.read_text())
+
+
+if __name__ == "__main__":
+    print(prometheus_rule(), end="")

@@ -30,7 +30,7 @@ def test_correlator_counts_signals_dead_letters_changes_and_open_incidents_by_st
     m = CorrelatorMetrics(clock=clock.now)
     m.consumed(sig(check="xid"), "BREAKFIX_SIGNALS")
     m.consumed(sig(check="ecc.dbe", n=1), "BREAKFIX_SIGNALS")
-    m.dead_lettered("invalid JSON: Expecting value")
+    m.dead_lettered("undecodable Signal: Expecting value")
     m.dead_lettered("1 validation error for Signal")
     m.published([change(inc("a")), change(inc("b", waiting=WaitingOn.APPROVAL)),
                  change(inc("c", parent="fab"), ChangeKind.FOLDED)])
@@ -60,8 +60,9 @@ def test_correlator_counts_signals_dead_letters_changes_and_open_incidents_by_st
 
 
 @pytest.mark.parametrize(("reason", "cls"), [
-    ("correlator error: KeyError('x')", "handler_error"), ("invalid JSON", "invalid_json"),
-    ("2 validation errors for Signal", "schema"), ("something new", "other")])
+    ("correlator error: KeyError('x')", "handler_error"), ("undecodable Signal: EOF while parsing", "invalid_json"),
+    ("invalid Signal: id: Field required (+5 more)", "schema"), ("2 validation errors for Signal", "schema"),
+    ("something new", "other")])
 def test_dead_letter_reasons_collapse_into_few_classes(reason: str, cls: str) -> None:
     assert reason_class(reason) == cls
 
@@ -135,3 +136,16 @@ def test_fleet_collector_counts_cycles_and_failures() -> None:
     assert get("breakfix_collector_source_last_success_timestamp_seconds", {"source": "prometheus"}) == T0.timestamp()
     assert get("breakfix_collector_signals_total", {"source": "prometheus"}) == 3
     assert get("breakfix_collector_source_errors_total", {"source": "prometheus"}) == 1
+
+
+def test_the_correlators_own_changes_feed_the_open_incident_gauge(catalog: object) -> None:
+    from breakfix.correlator.grouping import Correlator
+
+    core = Correlator(catalog)  # type: ignore[arg-type]
+    m = CorrelatorMetrics()
+    s = sig(code="79")
+    m.published(core.ingest(s, s.observed_at))
+    get = m.registry.get_sample_value
+    assert get("breakfix_correlator_incident_changes_total", {"kind": "opened"}) == 1
+    assert sum(v for f in m.registry.collect() if f.name == "breakfix_correlator_open_incidents"
+               for v in (x.value for x in f.samples)) == 1

@@ -9,6 +9,7 @@ import asyncio
 import shutil
 import subprocess
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -45,13 +46,12 @@ async def receivers() -> AsyncIterator[tuple[Receivers, str]]:
         await runner.cleanup()
 
 
-@pytest.fixture
-def alertmanager(tmp_path: Path, receivers: tuple[Receivers, str]) -> Iterator[str]:
+def start_alertmanager(tmp_path: Path, hook: str, resolve_timeout: str = "5m") -> tuple[subprocess.Popen[bytes], str]:
     if not Path(ALERTMANAGER).exists():
         pytest.fail("prometheus-alertmanager not installed: apt-get install prometheus-alertmanager (make test does)")
-    _, hook = receivers
     cfg = tmp_path / "am.yml"
     cfg.write_text(f"""
+global: {{resolve_timeout: {resolve_timeout}}}
 route: {{receiver: hook, group_by: [alertname, cluster], group_wait: 0s, group_interval: 100ms, repeat_interval: 1h}}
 receivers: [{{name: hook, webhook_configs: [{{url: "{hook}/am", send_resolved: true, max_alerts: 0}}]}}]
 """)
@@ -60,19 +60,24 @@ receivers: [{{name: hook, webhook_configs: [{{url: "{hook}/am", send_resolved: t
                              f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as resp:
+                if resp.status == 200:
+                    return proc, url
+        except OSError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.terminate()
+            raise AssertionError("alertmanager did not become ready")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def alertmanager(tmp_path: Path, receivers: tuple[Receivers, str]) -> Iterator[str]:
+    proc, url = start_alertmanager(tmp_path, receivers[1])
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                import urllib.request
-                with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise AssertionError("alertmanager did not become ready")
-            time.sleep(0.05)
         yield url
     finally:
         proc.terminate()
@@ -307,3 +312,23 @@ async def test_fabric_storm_of_64_nodes_is_one_alertmanager_group_and_one_page_t
     assert [e["event_action"] for e in r.pd] == ["trigger", "resolve"]
     assert r.pd_incidents == [fabric.id] == r.pd_resolved
     assert len(r.pd[0]["payload"]["custom_details"]["nodes"]) == 50  # capped list of the 64
+
+
+async def test_firing_alerts_are_re_posted_so_alertmanager_never_resolves_them_by_itself(
+        receivers: tuple[Receivers, str], tmp_path: Path, dispatch: Any) -> None:
+    r, base = receivers
+    proc, am = start_alertmanager(tmp_path, base, resolve_timeout="2s")  # an alert not re-posted ends after 2 s
+    try:
+        cfg = NotifyConfig.model_validate({"channels": [{"name": "am", "type": "alertmanager", "url": am,
+                                                         "resend_s": 0.3}], "default": ["am"]})
+        d = await dispatch(cfg)
+        d.submit(note("inc-kept"))
+        await d.idle()
+        await asyncio.sleep(4.5)  # more than twice the resolve_timeout
+        async with aiohttp.ClientSession() as http, http.get(f"{am}/api/v2/alerts") as resp:
+            active = [a["labels"]["incident"] for a in await resp.json() if a["status"]["state"] == "active"]
+        assert active == ["inc-kept"]
+        assert [m["status"] for m in r.am] == ["firing"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

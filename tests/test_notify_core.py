@@ -210,3 +210,70 @@ def test_secrets_come_from_a_file_or_the_environment(tmp_path: Path, monkeypatch
         load_secret(tmp_path / "empty", None, "pd")
     with pytest.raises(SecretError, match="is not set"):
         load_secret(None, "BF_TEST_UNSET_VAR", "pd")
+
+
+def test_the_remediators_breaker_page_notifies_with_its_held_list_and_an_admin_reset_resolves_it() -> None:
+    core = NotifyCore(CFG)
+    core.change(change(inc()))
+    page = rec(ActionKind.NOTIFICATION, ActionOutcome.SUCCEEDED, details={"guard": "breaker", "held": "inc-1,inc-9"},
+               reason="circuit breaker tripped")
+    (n,) = core.record(page)
+    assert n.event is NotifyEvent.BREAKER and n.held == ("inc-1", "inc-9")
+    own = rec(ActionKind.NOTIFICATION, ActionOutcome.SUCCEEDED, details={"channel": "am"}, at=11)
+    assert core.record(own) == []
+    reset = rec(ActionKind.BREAKER, ActionOutcome.REQUESTED, actor="admin", reason="switch fixed", at=12)
+    assert events(core.record(reset)) == [("breaker-c1", "resolved", "resolve")]
+
+
+@pytest.mark.parametrize(("matcher", "silenced"), [
+    ({"cluster": "c1", "node": "n1"}, True),
+    ({"cluster": "c1", "category": "gpu_reset_required"}, True),
+    ({"cluster": "c1", "code": "48"}, True),
+    ({"cluster": "c1", "code": "xid:48"}, True),
+    ({"cluster": "c1", "node": "n2"}, False),
+    ({"cluster": "c2", "node": "n1"}, False),
+    ({"cluster": "c1", "node": "n1", "code": "79"}, False),
+])
+def test_console_silences_match_cluster_and_node_category_or_code_until_they_end(matcher: dict[str, str],
+                                                                                 silenced: bool) -> None:
+    import json
+
+    core = NotifyCore(CFG)
+    core.change(change(inc(codes=("xid:48",))))
+    sil = rec(ActionKind.SILENCE, ActionOutcome.REQUESTED, iid="-", actor="alice", at=5,
+              details={"matcher": json.dumps(matcher), "until": "2026-11-23T13:00:00Z", "silence_id": "sil-1"})
+    assert core.record(sil) == []
+    assert bool(core.record(rec(*ESCALATED))) is not silenced
+
+
+def test_an_unsilence_or_the_end_of_a_silence_lets_notifications_through_again() -> None:
+    import json
+
+    core = NotifyCore(CFG)
+    core.change(change(inc()))
+    core.change(change(inc("inc-2")))
+    details = {"matcher": json.dumps({"cluster": "c1", "node": "n1"}), "until": "2026-11-23T12:00:20Z",
+               "silence_id": "sil-9"}
+    core.record(rec(ActionKind.SILENCE, ActionOutcome.REQUESTED, iid="-", actor="alice", at=1, details=details))
+    assert core.record(rec(*ESCALATED, at=10)) == []
+    assert events(core.record(rec(*ESCALATED, iid="inc-2", at=30))) == [("inc-2", "escalated", "trigger")]  # ended
+    core.record(rec(ActionKind.SILENCE, ActionOutcome.REQUESTED, iid="-", actor="alice", at=31,
+                    details={**details, "until": "2030-01-01T00:00:00Z"}))
+    core.change(change(inc("inc-3")))
+    assert core.record(rec(*ESCALATED, iid="inc-3", at=32)) == []
+    core.record(rec(ActionKind.SILENCE, ActionOutcome.CANCELLED, iid="-", actor="alice", at=33,
+                    details={"silence_id": "sil-9"}))
+    core.change(change(inc("inc-4")))
+    assert events(core.record(rec(*ESCALATED, iid="inc-4", at=34))) == [("inc-4", "escalated", "trigger")]
+
+
+def test_a_remediator_notice_that_asks_for_a_human_pages_once() -> None:
+    from breakfix.schemas.incident import WaitingOn
+
+    core = NotifyCore(CFG)
+    core.change(change(inc()))
+    stale = rec(ActionKind.NOTIFICATION, ActionOutcome.SUCCEEDED, waiting=WaitingOn.HUMAN, details={"held": "n1"},
+                reason="inc-1 closed as stale, but n1 stays cordoned for it")
+    (n,) = core.record(stale)
+    assert n.event is NotifyEvent.ESCALATED and "stays cordoned" in n.summary
+    assert core.record(stale) == []

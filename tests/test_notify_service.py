@@ -5,20 +5,24 @@ silent, and a restart that re-reads the streams without paging anyone twice."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from breakfix.bus.clock import ManualClock
 from breakfix.bus.codec import encode
 from breakfix.bus.memory import MemoryBus
 from breakfix.remediator.notify.config import NotifyConfig
+from breakfix.remediator.notify.core import StepSeen
 from breakfix.remediator.notify.model import Notification
-from breakfix.remediator.notify.service import NotifierService, believed
+from breakfix.remediator.notify.service import NotifierService, believed, decode_change, decode_record
 from breakfix.schemas import subjects
-from breakfix.schemas.incident import ActionKind, ActionOutcome, ActionRecord, ChangeKind
+from breakfix.schemas.incident import ActionKind, ActionOutcome, ActionRecord, ChangeKind, IncidentChange
 from tests.conftest import T0, wait_until
 from tests.test_notify_core import ESCALATED, change, inc, rec
 
@@ -70,12 +74,12 @@ async def publish_change(bus: MemoryBus, ch: Any) -> None:
     await bus.publish(subjects.incident_subject("c1"), encode(ch))
 
 
-async def test_an_escalation_on_the_streams_is_sent_and_audited_as_a_notification_record(running: Any) -> None:
+async def test_an_escalation_handed_over_by_the_remediator_is_sent_and_audited(running: Any) -> None:
     bus = MemoryBus()
     clock = ManualClock(T0)
-    _, sender = await running(bus, clock)
-    await publish_change(bus, change(inc()))
-    await bus.publish(subjects.action_subject("c1"), encode(rec(*ESCALATED, at=1)))
+    svc, sender = await running(bus, clock)
+    svc.change(change(inc()))
+    svc.record(rec(*ESCALATED, at=1), subjects.action_subject("c1"))
 
     async def audited() -> bool:
         return any(r.kind is ActionKind.NOTIFICATION for r in await read_records(bus))
@@ -84,9 +88,11 @@ async def test_an_escalation_on_the_streams_is_sent_and_audited_as_a_notificatio
     (note,) = [r for r in await read_records(bus) if r.kind is ActionKind.NOTIFICATION]
     assert note.outcome is ActionOutcome.SUCCEEDED and note.details["channel"] == "hook"
     assert note.details["notification"] == n.id and note.incident_id == "inc-1"
+    svc.record(rec(ActionKind.ACK, ActionOutcome.SUCCEEDED, actor="mallory", at=2), subjects.action_subject("c1"))
+    assert svc.refused == 1  # an ack that did not come from its own on-call subject is not believed
 
 
-async def test_an_ack_counts_only_from_its_own_oncall_subject() -> None:
+def test_an_ack_counts_only_from_its_own_oncall_subject() -> None:
     ack = rec(ActionKind.ACK, ActionOutcome.SUCCEEDED, actor="alice")
     assert believed(ack, subjects.oncall_subject("c1", "alice", "ack"))
     assert not believed(ack, subjects.oncall_subject("c1", "mallory", "ack"))
@@ -95,29 +101,59 @@ async def test_an_ack_counts_only_from_its_own_oncall_subject() -> None:
     assert believed(rec(*ESCALATED), subjects.action_subject("c1"))
 
 
-async def test_a_follower_sends_nothing_and_a_restart_does_not_page_twice(running: Any) -> None:
+async def test_a_follower_sends_nothing_and_a_restart_rebuilds_from_the_streams_without_paging_twice(
+        running: Any) -> None:
     bus = MemoryBus()
+    await bus.ensure_streams(subjects.STREAMS)
     clock = ManualClock(T0)
-    _, follower = await running(bus, clock, is_leader=lambda: False, durable="follower")
+    quiet, follower = await running(bus, clock, is_leader=lambda: False, durable="follower")
     leader, sender = await running(bus, clock, durable="leader")
-    await publish_change(bus, change(inc()))
-    await bus.publish(subjects.action_subject("c1"), encode(rec(*ESCALATED, at=1)))
+    opened, escalated = change(inc()), rec(*ESCALATED, at=1)
+    await publish_change(bus, opened)  # what the streams hold, as the remediator read it
+    await bus.publish(subjects.action_subject("c1"), encode(escalated))
+    for svc in (leader, quiet):
+        svc.change(opened)
+        svc.record(escalated, subjects.action_subject("c1"))
 
     async def sent() -> bool:
-        return len(sender.sent) == 1 and leader.core.firing() != []
+        return len(sender.sent) == 1
     await wait_until(sent, 10, "the leader's page")
     leader.stop.set()  # type: ignore[attr-defined]
-    clock.advance(3600)  # an hour later the leader restarts and re-reads both streams
+    clock.advance(3600)  # an hour later the leader restarts and reads both streams once
     again, resent = await running(bus, clock, durable="leader")
-
-    async def rebuilt() -> bool:
-        return [n.dedup_key for n in again.core.firing()] == ["inc-1"]
-    await wait_until(rebuilt, 10, "the restarted notifier's state")
-    await publish_change(bus, change(inc(status=inc().status.RESOLVED, version=5), ChangeKind.RESOLVED,
-                                     at=3601))
+    assert [n.dedup_key for n in again.core.firing()] == ["inc-1"]
+    again.change(change(inc(status=inc().status.RESOLVED, version=5), ChangeKind.RESOLVED, at=3601))
 
     async def resolved() -> bool:
         return [n.action.value for n in resent.sent] == ["resolve"]
     await wait_until(resolved, 10, "only the resolve after the restart")
     assert follower.sent == []
     assert clock.now() == T0 + timedelta(seconds=3600)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.one_of(st.binary(max_size=300),
+                 st.dictionaries(st.sampled_from(["kind", "outcome", "incident_id", "action", "details", "at",
+                                                  "cluster", "id", "actor"]),
+                                 st.one_of(st.text(max_size=12), st.integers(), st.none(),
+                                           st.dictionaries(st.text(max_size=6), st.text(max_size=6), max_size=2)),
+                                 max_size=9).map(lambda d: json.dumps(d).encode())))
+def test_the_notifiers_decoders_are_total(data: bytes) -> None:
+    rec = decode_record(data)
+    assert rec is None or isinstance(rec, ActionRecord | StepSeen)
+    ch = decode_change(data)
+    assert ch is None or isinstance(ch, IncidentChange)
+
+
+def test_the_remediator_refuses_a_notify_section_whose_credential_is_missing(tmp_path: Any) -> None:
+    from typer.testing import CliRunner
+
+    from breakfix.cli.main import app
+
+    cfg = tmp_path / "remediator.yaml"
+    cfg.write_text("cluster: c1\nnotify:\n  channels:\n    - {name: pd, type: pagerduty, routing_key_file: "
+                   f"{tmp_path}/missing-key}}\n  default: [pd]\n")
+    out = CliRunner().invoke(app, ["remediator", "--config", str(cfg)])
+    assert out.exit_code == 2
+    assert f"{tmp_path}/missing-key: channel pd: cannot read: No such file or directory" in out.output
+    assert "Traceback" not in out.output

@@ -58,5 +58,18 @@ def test_label_values_stay_bounded() -> None:
         "xid", "ecc.dbe", "xid", "other", "other"]
 
 
-async def test_consumer_lag_is_none_on_a_bus_without_jetstream() -> None:
+async def test_consumer_lag_is_none_on_a_bus_without_consumer_state() -> None:
     assert await consumer_pending(object(), "BREAKFIX_SIGNALS", "correlator") is None
+
+
+async def test_consumer_lag_comes_from_the_bus_consumer_state() -> None:
+    from breakfix.bus.memory import MemoryBus
+    from breakfix.schemas import subjects
+
+    bus = MemoryBus()
+    await bus.ensure_streams(subjects.STREAMS)
+    await bus.ensure_consumer(stream=subjects.SIGNALS.name, durable="correlator", filter_subject=subjects.SIGNALS_ALL)
+    for i in range(3):
+        await bus.publish(subjects.signal_subject("c1", "n1"), b"{}", msg_id=f"m{i}")
+    assert await consumer_pending(bus, subjects.SIGNALS.name, "correlator") == 3
+    assert await consumer_pending(bus, subjects.SIGNALS.name, "nobody") is None

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from breakfix.bus.server import EmbeddedNats
 from breakfix.remediator.policy import Policy
 from breakfix.schemas.catalog import default_catalog
 
@@ -76,3 +77,15 @@ def test_every_alert_has_exactly_one_runbook_with_the_on_call_sections() -> None
         assert [s for s in ALERT_SECTIONS if s not in text] == [], path
         assert "```" in text, f"{path}: commands to check by hand"
     assert set(seen) == alert_names()
+
+
+def test_breakfix_audit_links_the_incidents_runbook(nats_server: EmbeddedNats) -> None:
+    import asyncio
+
+    from tests.test_cli_oncall import _seed, app, runner
+
+    asyncio.run(_seed(nats_server.url))
+    story = runner.invoke(app, ["audit", "inc-open", "--nats", nats_server.url])
+    assert story.exit_code == 0, story.output
+    (line,) = [ln.strip() for ln in story.output.splitlines() if ln.strip().startswith("runbook:")]
+    assert (RUNBOOKS.parent / line.removeprefix("runbook: ")).is_file(), line

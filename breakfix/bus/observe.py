@@ -67,6 +67,7 @@ class ObserveServer:
         self.health = Probes()
         self.readiness = Probes()
         self.refreshers: list[Callable[[], None]] = []
+        self.describe: Callable[[], dict[str, object]] | None = None  # extra keys for the probe bodies
         self._runner: web.AppRunner | None = None
 
     def on_scrape(self, refresh: Callable[[], None]) -> None:
@@ -88,7 +89,13 @@ class ObserveServer:
         def probe(probes: Probes) -> Callable[[web.Request], object]:
             async def handler(_req: web.Request) -> web.Response:
                 ok, detail = probes.run()
-                return web.json_response({"daemon": self.name, "ok": ok, "checks": detail}, status=200 if ok else 503)
+                body: dict[str, object] = {"daemon": self.name, "ok": ok, "checks": detail}
+                if self.describe is not None:
+                    try:
+                        body = {**self.describe(), **body}
+                    except Exception as exc:
+                        body["describe_error"] = repr(exc)
+                return web.json_response(body, status=200 if ok else 503)
             return handler
 
         app = web.Application()
@@ -143,17 +150,17 @@ class LabelCap:
 
 
 async def consumer_pending(bus: object, stream: str, durable: str) -> int | None:
-    """JetStream's ``num_pending`` for a durable consumer (its lag), or None on a bus without consumer info
-    (the in-memory fake) or when NATS does not answer."""
-    client = getattr(bus, "client", None)
-    if client is None:
+    """JetStream's ``num_pending`` for a durable consumer (its lag, from ``StreamAdmin.consumer_state``), or None
+    on a bus without it, for a consumer that does not exist yet, or when NATS does not answer."""
+    state_of = getattr(bus, "consumer_state", None)
+    if state_of is None:
         return None
     try:
-        info = await client.jetstream(timeout=2.0).consumer_info(stream, durable)
-    except Exception as exc:  # lag is best effort: a missing consumer or a slow server is not fatal
-        log.debug("consumer_info_failed", stream=stream, durable=durable, error=repr(exc))
+        state = await asyncio.wait_for(state_of(stream, durable), timeout=5.0)
+    except Exception as exc:  # lag is best effort: a slow server is not fatal
+        log.debug("consumer_state_failed", stream=stream, durable=durable, error=repr(exc))
         return None
-    return int(info.num_pending or 0)
+    return None if state is None else int(state.num_pending)
 
 
 __all__ = ["CORRELATOR_PORT", "FLEET_COLLECTOR_PORT", "FLEET_STAGE_PORT", "NODE_COLLECTOR_PORT", "REMEDIATOR_PORT",

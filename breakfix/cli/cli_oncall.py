@@ -229,6 +229,7 @@ def _print_audit(inc: Incident, records: list[ActionRecord]) -> None:
               f"tenants={','.join(t.key() for t in i.tenants) or '-'} parent={i.parent or '-'}", highlight=False)
     out.print(f"  counts: {', '.join(f'{c.key}={c.count}' for c in i.counts)}; flaps={i.flaps}; "
               f"time to repair={i.time_to_repair_s if i.time_to_repair_s is not None else '-'}s", highlight=False)
+    out.print(f"  runbook: runbooks/{i.category}.md", highlight=False)
     for e in i.timeline:
         out.print(f"  {e.at.isoformat()} {e.event}: {e.note}", highlight=False)
     for ev in i.evidence[:5]:

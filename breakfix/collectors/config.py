@@ -202,6 +202,7 @@ class CollectorConfig(BaseModel):
     topology_from_node: TopologyFromNode = TopologyFromNode()
     state_dir: Path = Path("/var/lib/breakfix")
     http_listen: str = "0.0.0.0:9410"
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Overrides http_listen's port (--metrics-port).")
     nats: NatsConfig = NatsConfig()
     spool: SpoolConfig = SpoolConfig()
     edge: EdgeConfig = EdgeConfig()

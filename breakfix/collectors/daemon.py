@@ -21,12 +21,11 @@ from typing import Protocol
 
 import aiohttp
 import structlog
-from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 import breakfix.collectors.sources  # noqa: F401  (registers the built-in sources)
 from breakfix.bus.clock import Clock
+from breakfix.bus.observe import ObserveServer
 from breakfix.bus.protocol import Bus, Requester
 from breakfix.collectors.agent import NodeAgent
 from breakfix.collectors.config import CollectorConfig
@@ -199,31 +198,19 @@ class CollectorDaemon:
         m.suppressed.labels("event").set(self.edge.stats.suppressed_events)
 
     async def _http(self, stop: asyncio.Event) -> None:
-        async def metrics(_req: web.Request) -> web.Response:
-            self.refresh_metrics()
-            m = self.metrics
-            return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-        async def healthz(_req: web.Request) -> web.Response:
-            ok, body = self.health()
-            return web.json_response(body, status=200 if ok else 503)
-
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        app.router.add_get("/healthz", healthz)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
+        """``/metrics``, ``/healthz`` (every enabled source ran recently), ``/readyz`` (bus.observe)."""
         host, _, port = self.config.http_listen.rpartition(":")
-        site = web.TCPSite(runner, host, int(port))
-        await site.start()
-        server = getattr(site, "_server", None)
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else int(port)
+        listen = int(port) if self.config.metrics_port is None else self.config.metrics_port
+        server = ObserveServer(self.metrics.registry, port=listen, host=host, name=f"collector-{self.ctx.node}")
+        server.on_scrape(self.refresh_metrics)
+        server.health.add("sources", lambda: (self.health()[0], "a source has not completed a cycle lately"))
+        server.describe = lambda: self.health()[1]
+        self.port = await server.start()
         self.ready.set()
         try:
             await stop.wait()
         finally:
-            await runner.cleanup()
+            await server.stop()
 
     async def _topology(self) -> None:
         t = self.config.topology_from_node

@@ -21,6 +21,7 @@ import structlog
 from breakfix.bus.codec import decoder
 from breakfix.bus.consumer import ConsumerSpec, ConsumerStats, run_consumer
 from breakfix.bus.protocol import Bus, Delivery
+from breakfix.correlator.metrics import CorrelatorMetrics
 from breakfix.correlator.model import Change, TrackedIncident, coalesce
 from breakfix.correlator.publish import publish_changes
 from breakfix.correlator.rules import Rules
@@ -79,11 +80,13 @@ class FleetService:
         self.clock = clock
         self.durable = durable
         self.stats = ConsumerStats()
+        self.metrics = CorrelatorMetrics("breakfix_fleet_stage", clock=clock)  # correlator.metrics_serve
 
     async def on_change(self, change: IncidentChange, _msg: Delivery) -> None:
         now = self.clock()
         wire = [ch.to_wire(now) for ch in coalesce(self.core.observe(change.incident))]
         await publish_changes(self.bus, wire)
+        self.metrics.published(wire)
         for ch in wire:
             log.info("fabric_" + ch.kind.value, incident=ch.incident.id, topology=ch.incident.topology,
                      members=len(ch.incident.members))

@@ -15,22 +15,69 @@ from __future__ import annotations
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from breakfix.bus.observe import LabelCap
-from breakfix.schemas.incident import ChangeKind, Incident, IncidentChange
+from breakfix.schemas.common import Severity
+from breakfix.schemas.incident import ChangeKind, Domain, IncidentStatus, WaitingOn
 from breakfix.schemas.signal import Signal
+
+
+class IncidentLike(Protocol):
+    """A published ``Incident`` or the correlator's own ``TrackedIncident``: what the gauge reads."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def status(self) -> IncidentStatus: ...
+    @property
+    def parent(self) -> str | None: ...
+    @property
+    def category(self) -> str: ...
+    @property
+    def severity(self) -> Severity: ...
+    @property
+    def domain(self) -> Domain: ...
+    @property
+    def waiting(self) -> WaitingOn | None: ...
+
+
+class ChangeLike(Protocol):
+    @property
+    def kind(self) -> ChangeKind: ...
+    @property
+    def incident(self) -> IncidentLike: ...
+
+
+class Counts(Collector):
+    """A counter family fed by plain dict increments (the per-signal hot path: no lock, no label lookup)."""
+
+    def __init__(self, name: str, doc: str, labels: tuple[str, ...]) -> None:
+        self.name, self.doc, self.labels = name, doc, labels
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, key: tuple[str, ...], n: float = 1.0) -> None:
+        self.values[key] = self.values.get(key, 0.0) + n
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        fam = CounterMetricFamily(self.name, self.doc, labels=list(self.labels))
+        for key, v in sorted(self.values.items()):
+            fam.add_metric(list(key), v)
+        yield fam
 
 OPEN_LABELS = ("category", "severity", "domain", "status", "waiting")
 MAX_TRACKED = 200_000  # open incidents tracked for the gauge; beyond it they are counted as overflow
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # dead-letter reasons as the bus and the service write them -> a bounded class
-_REASON_CLASSES = (("correlator error", "handler_error"), ("json", "invalid_json"), ("validation", "schema"),
-                   ("schema", "schema"), ("too large", "oversize"), ("oversize", "oversize"), ("utf", "encoding"))
+# (bus.codec: "undecodable <Model>: ..." for bad JSON, "invalid <Model>: ..." for a valid JSON of the wrong shape)
+_REASON_CLASSES = (("correlator error", "handler_error"), ("publish failed", "publish_failed"),
+                   ("too large", "oversize"), ("oversize", "oversize"), ("undecodable", "invalid_json"),
+                   ("json", "invalid_json"), ("invalid ", "schema"), ("validation", "schema"), ("schema", "schema"))
 
 
 def reason_class(reason: str) -> str:
@@ -52,7 +99,7 @@ class OpenIncidents(Collector):
         self.by_id: dict[str, tuple[str, ...]] = {}
         self.overflow = 0
 
-    def apply(self, inc: Incident) -> None:
+    def apply(self, inc: IncidentLike) -> None:
         if inc.status.value == "resolved" or inc.parent is not None:
             self.by_id.pop(inc.id, None)
             return
@@ -79,17 +126,21 @@ class CorrelatorMetrics:
         self.prefix = prefix
         self.clock = clock
         self._check = LabelCap(128)
-        self.signals = Counter(f"{prefix}_signals_consumed", "Signals decoded and correlated, by source and check",
-                               ["source", "check"], registry=r)
-        self.messages = Counter(f"{prefix}_messages_consumed", "Messages decoded, by stream", ["stream"], registry=r)
+        self.signals = Counts(f"{prefix}_signals_consumed", "Signals decoded and correlated, by source and check",
+                              ("source", "check"))
+        self.messages = Counts(f"{prefix}_messages_consumed", "Messages decoded, by stream", ("stream",))
+        r.register(self.signals)
+        r.register(self.messages)
         self.dead_letters = Counter(f"{prefix}_dead_letters", "Messages dead-lettered, by reason class", ["reason"],
                                     registry=r)
         self.lag_gauge = Gauge(f"{prefix}_consumer_lag", "Messages not yet delivered to the durable consumer "
                                                          "(JetStream num_pending)", ["consumer"], registry=r)
         self.checkpoint_ts = Gauge(f"{prefix}_last_checkpoint_timestamp_seconds",
-                                   "Unix time of the last stored checkpoint", registry=r)
+                                   "Unix time the state was last known durable (checkpoint stored or nothing new)",
+                                   registry=r)
         self.checkpoint_age = Gauge(f"{prefix}_checkpoint_age_seconds",
-                                    "Seconds since the last stored checkpoint (since start when none yet)", registry=r)
+                                    "Seconds since the state was last known durable (since start when never)",
+                                    registry=r)
         self.checkpoints = Counter(f"{prefix}_checkpoints", "Checkpoints stored", registry=r)
         self.latency = Histogram(f"{prefix}_ingest_to_publish_seconds",
                                  "From a batch's arrival to its incident changes being published",
@@ -106,27 +157,32 @@ class CorrelatorMetrics:
 
     # -- hooks -------------------------------------------------------------------------------------
     def consumed(self, item: object, stream: str = "") -> None:
+        """One decoded message (cheap: two dict increments)."""
         if stream:
-            self.messages.labels(stream).inc()
+            self.messages.inc((stream,))
         if isinstance(item, Signal):
-            self.signals.labels(item.source.value, self._check(item.check)).inc()
-        elif isinstance(item, IncidentChange):
-            self.open.apply(item.incident)
+            self.signals.inc((item.source.value, self._check(item.check)))
 
     def dead_lettered(self, reason: str) -> None:
         self.dead_letters.labels(reason_class(reason)).inc()
 
-    def published(self, changes: Iterable[IncidentChange | tuple[ChangeKind, Incident]]) -> None:
+    def change(self, ch: ChangeLike) -> None:
+        self.changes.labels(ch.kind.value).inc()
+        self.open.apply(ch.incident)
+
+    def published(self, changes: Iterable[ChangeLike]) -> None:
+        """Changes as published (``IncidentChange``) or as the core returns them (``Change``)."""
         for ch in changes:
-            kind, inc = (ch.kind, ch.incident) if isinstance(ch, IncidentChange) else ch
-            self.changes.labels(kind.value).inc()
-            self.open.apply(inc)
+            self.changes.labels(ch.kind.value).inc()
+            self.open.apply(ch.incident)
 
     def observe_latency(self, seconds: float) -> None:
         self.latency.observe(max(0.0, seconds))
 
-    def checkpointed(self, at: datetime) -> None:
-        self.checkpoints.inc()
+    def checkpointed(self, at: datetime, stored: bool = True) -> None:
+        """The state is durable as of ``at``: a checkpoint was ``stored``, or there was nothing new to store."""
+        if stored:
+            self.checkpoints.inc()
         self._last_checkpoint = at.timestamp()
         self.checkpoint_ts.set(self._last_checkpoint)
 
@@ -143,4 +199,4 @@ class CorrelatorMetrics:
         self.checkpoint_age.set(max(0.0, now - last))
 
 
-__all__ = ["CorrelatorMetrics", "OpenIncidents", "reason_class"]
+__all__ = ["ChangeLike", "CorrelatorMetrics", "Counts", "IncidentLike", "OpenIncidents", "reason_class"]

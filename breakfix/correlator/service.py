@@ -34,6 +34,7 @@ from breakfix.bus.protocol import BlobStore, Bus, Delivery, PublishAck
 from breakfix.correlator.checkpoint import Checkpoint, CheckpointStore
 from breakfix.correlator.grouping import Correlator
 from breakfix.correlator.index import index_for
+from breakfix.correlator.metrics import CorrelatorMetrics
 from breakfix.correlator.model import Change, change_json, coalesce, msg_id
 from breakfix.correlator.publish import Item, settle_publishes
 from breakfix.schemas import subjects
@@ -102,6 +103,7 @@ class CorrelatorService:
         self.last_checkpoint_s = 0.0
         self.ready = asyncio.Event()
         self._progress = self.clocks.monotonic()
+        self.metrics = CorrelatorMetrics(clock=self.clock)  # served by correlator.metrics_serve
 
     # -- readiness -------------------------------------------------------------------------------
     def _alive(self) -> None:
@@ -124,6 +126,7 @@ class CorrelatorService:
         limit = self.core.rules.caps.max_change_bytes
         for ch in coalesce(changes):
             inc = ch.incident
+            self.metrics.change(ch)
             items.append((subjects.incident_subject(inc.cluster), change_json(ch.kind, inc, now, limit),
                           msg_id(ch.kind, inc.id, inc.version, inc.flaps)))
             log.info("incident_" + ch.kind.value, incident=inc.id, node=inc.node, category=inc.category,
@@ -171,6 +174,7 @@ class CorrelatorService:
 
     async def _dead_letter(self, msg: Delivery, stream: str, durable: str, reason: str) -> None:
         log.warning("dead_lettered", subject=msg.subject, reason=reason)
+        self.metrics.dead_lettered(reason)
         await self.bus.publish(subjects.dead_letter_subject(stream), msg.data, headers={
             subjects.HDR_DLQ_REASON: reason[:1000], subjects.HDR_DLQ_SUBJECT: msg.subject,
             subjects.HDR_DLQ_CONSUMER: durable})
@@ -179,6 +183,7 @@ class CorrelatorService:
                      handle: Callable[[Any, datetime], list[Change]], stats: ConsumerStats) -> None:
         async with self._lock:
             now = self.clock()
+            began = self.clocks.monotonic()
             changes: list[Change] = []
             for msg in msgs:
                 try:
@@ -187,6 +192,7 @@ class CorrelatorService:
                     stats.dead_lettered += 1
                     await self._dead_letter(msg, stream, durable, str(exc))
                     continue
+                self.metrics.consumed(item, stream)
                 try:
                     changes.extend(handle(item, now))
                 except Exception as exc:  # a poison message must not stall the partition
@@ -196,6 +202,7 @@ class CorrelatorService:
                     continue
                 stats.handled += 1
             await self._publish(changes, now)
+            self.metrics.observe_latency(self.clocks.monotonic() - began)
             self._unacked[durable] = msgs[-1]
             self._dirty = True
 
@@ -258,7 +265,7 @@ class CorrelatorService:
                     gone = self.core.expire(now)
                     self._dirty |= bool(gone) or bool(stale)
                 last_expire = time.monotonic()
-            await self.checkpoint()
+            self.metrics.checkpointed(self.clock(), stored=await self.checkpoint())  # stored or nothing new: durable
 
     async def restore(self) -> None:
         """Load the checkpoint (if any) and point both consumers just past it."""

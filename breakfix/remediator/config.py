@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from breakfix.bus.options import NatsOptions
 from breakfix.remediator.drain import DrainMode
+from breakfix.remediator.notify.config import NotifyConfig
 from breakfix.schemas.datafile import DataFileError, load_model
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
@@ -53,6 +54,8 @@ class RemediatorConfig(BaseModel):
     reboot_wait_s: float = Field(1800.0, gt=0)
     reboot_poll_s: float = Field(10.0, gt=0)
     actor: str = Field(default_factory=lambda: f"remediator/{socket.gethostname()}")
+    metrics_port: int = Field(9473, ge=0, le=65535, description="/metrics, /healthz, /readyz (--metrics-port wins).")
+    notify: NotifyConfig | None = None  # channels and routes for on-call (remediator.notify.config)
 
 
 def load_config(path: str | Path) -> RemediatorConfig:

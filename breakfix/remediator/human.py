@@ -88,6 +88,7 @@ class HumanVerbs:
         self.releases = 0
 
     async def on_record(self, rec: ActionRecord, msg: Delivery) -> None:
+        self.svc.observe.control(rec, msg.subject)  # metrics and the notifier see every record (remediator.metrics)
         verb, why = refuse_reason(msg.subject, rec, self.svc.cluster)
         if verb is None:
             if why is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -74,7 +75,10 @@ class RemediatorMetrics:
 
     # -- hooks -------------------------------------------------------------------------------------
     def record(self, rec: ActionRecord) -> None:
-        """One audit record (published by the remediator or read from the actions stream)."""
+        """One audit record the remediator published (its own plans, steps, refusals and breaker page)."""
+        if rec.details.get("guard") == "breaker" and rec.kind in (ActionKind.STEP, ActionKind.NOTIFICATION):
+            self.breaker_trips.inc()
+            self.breaker_open.set(1)
         if rec.kind is ActionKind.PLAN:
             self.plans.labels(self._rule(rec.rule or "none"), rec.outcome.value).inc()
             if rec.outcome is not ActionOutcome.PLANNED:
@@ -90,18 +94,21 @@ class RemediatorMetrics:
                 if began is not None:
                     self.steps.labels(rec.action.value, rec.outcome.value).observe(
                         max(0.0, (rec.at - began).total_seconds()))
-            if rec.details.get("guard") == "breaker":
-                self.breaker_trips.inc()
-                self.breaker_open.set(1)
         elif rec.kind is ActionKind.REFUSAL:
             guard = "approval" if awaiting_approval(rec) else rec.details.get("guard", "other")
             self.refusals.labels(self._rule(guard)).inc()
-        elif rec.kind in (ActionKind.APPROVAL, ActionKind.DENIAL, ActionKind.CANCEL, ActionKind.RELEASE):
-            self._pending.pop(rec.incident_id, None)
-            if rec.details.get("command") == "breaker-reset":
-                self.breaker_open.set(0)
+        elif rec.kind in (ActionKind.APPROVAL, ActionKind.DENIAL, ActionKind.CANCEL, ActionKind.RELEASE,
+                          ActionKind.BREAKER):
+            self.control(rec)
         if awaiting_approval(rec) and (rec.incident_id in self._pending or len(self._pending) < MAX_TRACKED):
             self._pending.setdefault(rec.incident_id, rec.at)
+
+    def control(self, rec: ActionRecord) -> None:
+        """A human decision read from the actions stream (approve, deny, cancel, release, breaker reset)."""
+        if rec.kind in (ActionKind.APPROVAL, ActionKind.DENIAL, ActionKind.CANCEL, ActionKind.RELEASE):
+            self._pending.pop(rec.incident_id, None)
+        if rec.kind is ActionKind.BREAKER or rec.details.get("command") == "breaker-reset":
+            self.breaker_open.set(0)
 
     def change(self, change: IncidentChange) -> None:
         inc = change.incident
@@ -119,7 +126,8 @@ class RemediatorMetrics:
     def guards(self, state: GuardState, spec: GuardsSpec, view: ClusterView | None) -> None:
         """Before a scrape: breaker, budgets and held nodes from the live guard state."""
         self.breaker_open.set(1 if state.breaker_tripped_at is not None else 0)
-        self.nodes_held.set(len(state.active))
+        holds = getattr(state, "holds", {})  # nodes kept cordoned for an incident beside those in remediation
+        self.nodes_held.set(len(set(state.active) | set(holds)))
         nodes = view.nodes if view is not None else {}
         self.budget_in_use.clear()  # racks that emptied must not keep their last count
         self.budget_limit.clear()
@@ -146,4 +154,33 @@ class RemediatorMetrics:
         self.approval_oldest.set(max(0.0, (now - oldest).total_seconds()) if oldest else 0.0)
 
 
-__all__ = ["RemediatorMetrics", "awaiting_approval"]
+class Listener(Protocol):
+    def change(self, change: IncidentChange) -> None: ...
+    def record(self, rec: ActionRecord, subject: str) -> None: ...
+
+
+class Observers:
+    """What the remediator's three hooks call (``on_change``, ``publish``, the control consumer): the metrics
+    always, and the notifier (``notify.service.NotifierService``) once ``remediator.metrics_serve`` attaches one.
+    Both only count or queue, so a hook never waits."""
+
+    def __init__(self, metrics: RemediatorMetrics) -> None:
+        self.metrics = metrics
+        self.listeners: list[Listener] = []
+
+    def change(self, change: IncidentChange) -> None:
+        self.metrics.change(change)
+        for listener in self.listeners:
+            listener.change(change)
+
+    def published(self, rec: ActionRecord) -> None:
+        self.metrics.record(rec)
+
+    def control(self, rec: ActionRecord, subject: str) -> None:
+        """Every record the control consumer reads (the remediator's own come back this way too)."""
+        self.metrics.control(rec)
+        for listener in self.listeners:
+            listener.record(rec, subject)
+
+
+__all__ = ["Listener", "Observers", "RemediatorMetrics", "awaiting_approval"]

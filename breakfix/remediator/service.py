@@ -39,6 +39,7 @@ from breakfix.remediator.follow import deferral, needs_node, recurrence, redecis
 from breakfix.remediator.guards import GPU_ACTIONS, GuardState, Refusal, check, step_check
 from breakfix.remediator.keeper import GuardKeeper
 from breakfix.remediator.leading import Elector, lead
+from breakfix.remediator.metrics import Observers, RemediatorMetrics
 from breakfix.remediator.policy import Policy
 from breakfix.remediator.records import PlanBook, PlanRecord, Progress, ProgressState
 from breakfix.remediator.store import Conflict, MemoryStore, PlanStore
@@ -93,6 +94,7 @@ class RemediatorService:
         self.executor = Executor(actuator, self.publish, clock, actor=actor, soak=self._soak, gate=self._gate,
                                  holders=self._holders, idle_poll_s=policy.guards.idle_poll_s)
         self.human = HumanVerbs(self)
+        self.observe = Observers(RemediatorMetrics(clock.now))  # metrics (+ notifier): remediator.metrics_serve
         self._leading = asyncio.Event()
         if elector is None:
             self._leading.set()
@@ -102,6 +104,7 @@ class RemediatorService:
         return self.keeper.state
 
     async def publish(self, rec: ActionRecord) -> None:
+        self.observe.published(rec)
         if rec.kind is ActionKind.STEP and rec.outcome is ActionOutcome.STARTED and rec.node and rec.action \
                 and rec.action.disruptive and not rec.dry_run:
             self.acted.add(rec.incident_id)
@@ -128,6 +131,7 @@ class RemediatorService:
 
     # -- incidents ---------------------------------------------------------------------------------
     async def on_change(self, change: IncidentChange, _msg: Delivery) -> None:
+        self.observe.change(change)
         inc = change.incident
         prev = self.latest.get(inc.id)
         if prev is not None and inc.version < prev.version:

@@ -194,4 +194,4 @@ class SimCluster:
     async def escalate(self, node: str | None, summary: str, *, incident: str) -> StepResult:
         self.history.append(("escalate", node or ""))
         self.escalations.append((node or "", summary))
-        return StepResult(True, "paged on-call with RMA summary")
+        return StepResult(True, "escalated (no notification channel configured)")  # the demo has no notify section

@@ -29,13 +29,17 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from breakfix.schemas.common import Severity
+from breakfix.schemas.datafile import DataFileError
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 PAGERDUTY_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
 
 
-class SecretError(ValueError):
-    """A credential file or variable is missing or empty."""
+class SecretError(DataFileError):
+    """A credential file or variable is missing or empty (``str()``: where, then why; the CLI exits 2 on it)."""
+
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(where, None, message)
 
 
 def _http_url(url: str) -> str:
@@ -148,13 +152,13 @@ def load_secret(file: Path | None, env: str | None, what: str) -> str:
         try:
             value = file.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise SecretError(f"{what}: cannot read {file}: {exc.strerror or exc}") from None
+            raise SecretError(str(file), f"{what}: cannot read: {exc.strerror or exc}") from None
     else:
         value = os.environ.get(env or "", "").strip()
         if not value:
-            raise SecretError(f"{what}: environment variable {env} is not set")
+            raise SecretError(f"${env}", f"{what}: environment variable is not set")
     if not value:
-        raise SecretError(f"{what}: {file} is empty")
+        raise SecretError(str(file), f"{what}: is empty")
     return value
 
 

@@ -14,7 +14,8 @@ Rules (issue 14):
   ``wait_limit_s``, and the resolution of anything that was paged;
 - each event triggers once per incident attempt (``flaps``): the ids are deterministic, so a
   re-send is the same notification and every channel dedupes it by ``dedup_key``;
-- an ack or a silence suppresses further triggers for that incident (never its remediation); an ack
+- an ack suppresses further triggers for that incident, a silence (the console's: cluster plus node, category or
+  code, until a time) those of every incident it matches; neither touches remediation; an ack
   of a paged incident is passed on (PagerDuty ``acknowledge``); resolves are always sent;
 - a page resolves when its incident resolves, folds into another, or a human releases or cancels it
   (an escalated incident stays escalated until someone does: the correlator never resolves it alone).
@@ -22,6 +23,7 @@ Rules (issue 14):
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -36,16 +38,25 @@ from breakfix.schemas.incident import (
     Incident,
     IncidentChange,
     IncidentScope,
+    WaitingOn,
 )
 
 MAX_INCIDENTS = 100_000
 MAX_DONE = 20
 MAX_HELD = 50
 MAX_EARLY = 10_000
+MAX_SILENCES = 1_000
 EARLY_KINDS = frozenset({ActionKind.PLAN, ActionKind.REFUSAL, ActionKind.STEP, ActionKind.ACK, ActionKind.SILENCE,
                          ActionKind.RELEASE, ActionKind.CANCEL})
 WAIT_GUARDS = frozenset({"budget", "topology_budget", "cooldown"})
 FOREVER = datetime.max.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class StepSeen:
+    incident_id: str
+    action: str
+    outcome: str
 
 
 @dataclass
@@ -80,6 +91,7 @@ class NotifyCore:
         self.breaker: dict[str, Notification] = {}  # cluster -> the breaker page while tripped
         self.held: dict[str, list[str]] = {}        # cluster -> incidents the breaker holds
         self.early: OrderedDict[str, list[ActionRecord]] = OrderedDict()  # records that beat their incident
+        self.silences: OrderedDict[str, tuple[dict[str, str], datetime]] = OrderedDict()  # id -> (matcher, until)
 
     # -- state -------------------------------------------------------------------------------------
     def _t(self, incident_id: str) -> Tracked:
@@ -123,6 +135,9 @@ class NotifyCore:
             return []
         if t.silenced_until is not None and at < t.silenced_until:
             return []
+        if self._silenced(at, cluster=inc.cluster, category=inc.category, nodes=(inc.node, *inc.nodes),
+                          codes=inc.codes):
+            return []
         n = self._build(t, inc, event, NotifyAction.TRIGGER, at, summary=summary, next_=next_)
         t.paged[event] = n
         return [n]
@@ -150,7 +165,7 @@ class NotifyCore:
         for member in inc.members:
             if inc.status.terminal:
                 self.covered.pop(member, None)
-            else:
+            elif member in self.covered or len(self.covered) < MAX_INCIDENTS:
                 self.covered[member] = inc.id
         if inc.parent is not None or ch.kind is ChangeKind.FOLDED:
             return self._resolve(t, ch.at, f"folded into {inc.parent}: that incident's page stands for it")
@@ -163,12 +178,20 @@ class NotifyCore:
 
     # -- audit records -----------------------------------------------------------------------------
     def record(self, rec: ActionRecord) -> list[Notification]:
-        if rec.kind is ActionKind.NOTIFICATION:
-            return []
-        if rec.kind is ActionKind.APPROVAL and rec.details.get("command") == "breaker-reset":
+        breaker = rec.details.get("guard") == "breaker"
+        asks_human = rec.kind is ActionKind.NOTIFICATION and rec.waiting is WaitingOn.HUMAN  # e.g. a stale hold
+        if rec.kind is ActionKind.NOTIFICATION and not (breaker or asks_human):
+            return []  # our own delivery records (and other notices) never notify again
+        if rec.kind is ActionKind.BREAKER or (rec.kind is ActionKind.APPROVAL
+                                               and rec.details.get("command") == "breaker-reset"):
             return self._breaker_reset(rec)
+        if breaker and rec.kind in (ActionKind.NOTIFICATION, ActionKind.STEP):  # the remediator's breaker page
+            return self._breaker(rec)
+        if rec.kind is ActionKind.SILENCE and ("matcher" in rec.details or "silence_id" in rec.details):
+            self._silence(rec)  # the console's silences match cluster + node / category / code, not one incident
+            return []
         unknown = rec.incident_id not in self.tracked or self.tracked[rec.incident_id].incident is None
-        if unknown and rec.kind in EARLY_KINDS and rec.details.get("guard") != "breaker":
+        if unknown and rec.kind in EARLY_KINDS:
             held = self.early.setdefault(rec.incident_id, [])
             if len(held) < MAX_DONE:
                 held.append(rec)
@@ -188,14 +211,12 @@ class NotifyCore:
         if rec.kind is ActionKind.SILENCE:
             t.silenced_until = None if rec.outcome is ActionOutcome.CANCELLED else _until(rec)
             return []
-        if rec.kind is ActionKind.STEP and rec.details.get("guard") == "breaker":
-            return self._breaker(rec)
         if rec.kind is ActionKind.STEP and rec.action is not None and rec.outcome is not ActionOutcome.DRY_RUN:
-            if rec.outcome is ActionOutcome.STARTED:
-                t.waiting_since = None
-            else:
-                t.done = [*t.done, f"{rec.action.value}: {rec.outcome.value}"][-MAX_DONE:]
+            self.step(StepSeen(rec.incident_id, rec.action.value, rec.outcome.value))
             return []
+        if asks_human:
+            return self._trigger(t, NotifyEvent.ESCALATED, rec.at, rec.reason or "a human must act",
+                                 f"a human: 'breakfix release {rec.incident_id} --reason ...' once checked")
         if rec.kind is ActionKind.PLAN and rec.outcome in (ActionOutcome.ESCALATED, ActionOutcome.FAILED):
             if "RMA" in rec.reason or "ladder" in rec.reason or "failed" in rec.reason:
                 t.rma = rec.reason
@@ -204,6 +225,46 @@ class NotifyCore:
         if rec.kind is ActionKind.REFUSAL:
             return self._refusal(t, rec)
         return []
+
+    def _silence(self, rec: ActionRecord) -> None:
+        sid = rec.details.get("silence_id") or rec.id
+        if rec.outcome is ActionOutcome.CANCELLED:
+            self.silences.pop(sid, None)
+            return
+        try:
+            matcher = json.loads(rec.details.get("matcher", "{}"))
+        except ValueError:
+            return
+        if not isinstance(matcher, dict) or "cluster" not in matcher:
+            return
+        self.silences[sid] = ({str(k): str(v) for k, v in matcher.items()}, _until(rec))
+        while len(self.silences) > MAX_SILENCES:
+            self.silences.popitem(last=False)
+
+    def _silenced(self, at: datetime, *, cluster: str, category: str, nodes: tuple[str | None, ...],
+                  codes: tuple[str, ...]) -> bool:
+        """Does an active silence match? Every key it names must match (code: ``xid:48`` or ``48``)."""
+        for matcher, until in self.silences.values():
+            if at >= until or matcher.get("cluster") != cluster:
+                continue
+            if "node" in matcher and matcher["node"] not in nodes:
+                continue
+            if "category" in matcher and matcher["category"] != category:
+                continue
+            if "code" in matcher and not any(matcher["code"] in (c, c.partition(":")[2]) for c in codes):
+                continue
+            return True
+        return False
+
+    def step(self, seen: StepSeen) -> None:
+        """A step record, read cheaply (a plan makes two per step; the notifier only keeps what was done)."""
+        t = self.tracked.get(seen.incident_id)
+        if t is None:
+            return
+        if seen.outcome == "started":
+            t.waiting_since = None
+        else:
+            t.done = [*t.done, f"{seen.action}: {seen.outcome}"][-MAX_DONE:]
 
     def _refusal(self, t: Tracked, rec: ActionRecord) -> list[Notification]:
         guard = rec.details.get("guard", "")
@@ -224,11 +285,13 @@ class NotifyCore:
         return []
 
     def _breaker(self, rec: ActionRecord) -> list[Notification]:
-        if rec.cluster in self.breaker:
+        if rec.cluster in self.breaker or self._silenced(rec.at, cluster=rec.cluster, category="breaker",
+                                                           nodes=(), codes=()):
             return []
         open_ops = [i for i, t in self.tracked.items() if t.incident is not None and not t.incident.status.terminal
                     and t.incident.domain.value == "operator" and not self._folded(t.incident, i)]
-        held = (self.held.get(rec.cluster) or open_ops)[:MAX_HELD]
+        listed = [h for h in rec.details.get("held", "").split(",") if h]  # the remediator names them itself
+        held = (listed or self.held.get(rec.cluster) or open_ops)[:MAX_HELD]
         n = Notification(
             id=f"breaker-{rec.cluster}:{rec.id}:breaker:trigger", dedup_key=f"breaker-{rec.cluster}",
             event=NotifyEvent.BREAKER, action=NotifyAction.TRIGGER,
@@ -265,4 +328,4 @@ def _until(rec: ActionRecord) -> datetime:
     return FOREVER
 
 
-__all__ = ["NotifyCore", "Tracked", "route"]
+__all__ = ["NotifyCore", "StepSeen", "Tracked", "route"]

@@ -31,6 +31,7 @@ from breakfix.schemas.incident import ActionKind, ActionOutcome, ActionRecord
 
 log = structlog.get_logger("breakfix.remediator.notify")
 SENT_MEMORY = 10_000
+DROP_LOG_EVERY_S = 10.0
 
 PublishRecord = Callable[[ActionRecord], Awaitable[None]]
 
@@ -57,10 +58,13 @@ class Dispatcher:
         self.publish_record = publish_record
         self.on_delivery = on_delivery or (lambda _c, _ok: None)
         self.specs: dict[str, Channel] = {c.name: c for c in config.channels}
+        names = [c.name for c in config.channels] + [n for n in senders if n not in self.specs]
         self.queues: dict[str, asyncio.Queue[Notification]] = {
-            name: asyncio.Queue(maxsize=config.queue_size) for name in senders}
-        self.sent: dict[str, OrderedDict[str, None]] = {name: OrderedDict() for name in senders}
+            name: asyncio.Queue(maxsize=config.queue_size) for name in names}
+        self.sent: dict[str, OrderedDict[str, None]] = {name: OrderedDict() for name in names}
         self.dropped = 0
+        self._drops: dict[str, int] = {}
+        self._drop_logged: dict[str, float] = {}
         self.delivered = 0
         self.failed = 0
 
@@ -79,9 +83,17 @@ class Dispatcher:
                 self.dropped += 1
                 self.failed += 1
                 self.on_delivery(name, False)
-                log.error("notification_dropped", channel=name, incident=n.incident, notice=n.event.value,
-                          reason="queue full")
+                self._log_drop(name, n)
         return queued
+
+    def _log_drop(self, name: str, n: Notification) -> None:
+        """One line per channel per ``DROP_LOG_EVERY_S`` (a stalled channel drops many; each is counted anyway)."""
+        now = self.clock.monotonic()
+        self._drops[name] = self._drops.get(name, 0) + 1
+        if now - self._drop_logged.get(name, -DROP_LOG_EVERY_S) >= DROP_LOG_EVERY_S:
+            self._drop_logged[name] = now
+            log.error("notification_dropped", channel=name, incident=n.incident, notice=n.event.value,
+                      reason="queue full", dropped_total=self._drops[name])
 
     def remember(self, n: Notification) -> None:
         """A trigger rebuilt by replay after a restart: Alertmanager channels keep re-posting it, nobody is paged
@@ -175,7 +187,10 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
-            for name in self.senders:
+            for name in self.queues:
+                if name not in self.senders:
+                    log.error("notify_channel_without_sender", channel=name)
+                    continue
                 tg.create_task(self._guarded(self._worker, name, stop), name=f"notify-{name}")
                 spec = self.specs[name]
                 if isinstance(spec, AlertmanagerChannel):
