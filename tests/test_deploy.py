@@ -18,7 +18,7 @@ DEPLOY = ROOT / "deploy"
 # Flags the phase brief's shared contracts give every daemon; the bus engineer (NATS connection) and
 # the observability engineer (metrics) add them. Until their branches land these are the only flags
 # a manifest may pass that the CLI does not know yet.
-AGREED = {"--nats", "--creds", "--tls-ca", "--tls-cert", "--tls-key", "--metrics-port"}
+AGREED: set[str] = set()  # flags a manifest may use before the CLI has them (none pending)
 
 
 def _invocations() -> list[tuple[str, list[str]]]:

@@ -70,7 +70,15 @@ def test_every_rendered_object_validates_against_kubernetes_1_30(overlay: str) -
             kubernetes_validate.validate(doc, "1.30.0", strict=True)
         except kubernetes_validate.ValidationError as exc:
             raise AssertionError(f"{overlay}: {doc['kind']}/{doc['metadata']['name']}: {exc.message}") from exc
-    assert crds == len(METRICS_PORTS)
+    assert crds == len(METRICS_PORTS) + 1  # a ServiceMonitor per daemon, and the alert rules
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_alert_rules_ship_as_a_prometheusrule_identical_to_the_rules_file(overlay: str) -> None:
+    (rule,) = of_kind(overlay, "PrometheusRule")
+    plain = yaml.safe_load((DEPLOY / "prometheus" / "breakfix-rules.yaml").read_text())
+    assert rule["spec"]["groups"] == plain["groups"]
+    assert all(r["annotations"]["runbook_url"] for g in plain["groups"] for r in g["rules"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

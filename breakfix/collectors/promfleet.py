@@ -65,7 +65,8 @@ class PrometheusClient:
     """prometheus-api-client behind the small ``Prometheus`` protocol."""
 
     def __init__(self, url: str, *, timeout_s: int = 10) -> None:
-        self._prom = PrometheusConnect(url=url, disable_ssl=True, timeout=timeout_s)
+        # TLS is verified (system CAs, or the bundle in REQUESTS_CA_BUNDLE: the deploy manifests mount one)
+        self._prom = PrometheusConnect(url=url, disable_ssl=False, timeout=timeout_s)
 
     def query(self, promql: str) -> list[Series]:
         rows: list[dict[str, Any]] = self._prom.custom_query(promql)
