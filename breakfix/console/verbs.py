@@ -31,6 +31,7 @@ from breakfix.schemas.incident import (
     StepAction,
     WaitingOn,
 )
+from breakfix.schemas.silence import silence_matches
 
 MAX_REASON = 2000
 MAX_SILENCE = timedelta(days=30)
@@ -243,17 +244,9 @@ def kill_switch(cluster: str, who: Identity, *, rule: str = "", code: str = "", 
 
 
 def matches(matcher: Mapping[str, str], inc: Incident) -> bool:
-    """Whether a silence's matcher covers an incident (every field it names must match)."""
-    for k, v in matcher.items():
-        if k == "cluster" and inc.cluster != v:
-            return False
-        if k == "node" and v != inc.node and v not in inc.nodes:
-            return False
-        if k == "category" and inc.category != v:
-            return False
-        if k == "code" and v not in inc.codes and f"xid:{v}" not in inc.codes:
-            return False
-    return True
+    """Whether a silence's matcher covers an incident (``schemas.silence``: the notifier uses the same rule)."""
+    return silence_matches(matcher, cluster=inc.cluster, category=inc.category, nodes=(inc.node, *inc.nodes),
+                           codes=inc.codes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,7 @@ from breakfix.schemas.incident import (
     IncidentScope,
     WaitingOn,
 )
+from breakfix.schemas.silence import silence_matches
 
 MAX_INCIDENTS = 100_000
 MAX_DONE = 20
@@ -243,18 +244,10 @@ class NotifyCore:
 
     def _silenced(self, at: datetime, *, cluster: str, category: str, nodes: tuple[str | None, ...],
                   codes: tuple[str, ...]) -> bool:
-        """Does an active silence match? Every key it names must match (code: ``xid:48`` or ``48``)."""
-        for matcher, until in self.silences.values():
-            if at >= until or matcher.get("cluster") != cluster:
-                continue
-            if "node" in matcher and matcher["node"] not in nodes:
-                continue
-            if "category" in matcher and matcher["category"] != category:
-                continue
-            if "code" in matcher and not any(matcher["code"] in (c, c.partition(":")[2]) for c in codes):
-                continue
-            return True
-        return False
+        """Does an active silence match (``schemas.silence``: the console shows the same rule)?"""
+        return any(at < until and silence_matches(matcher, cluster=cluster, category=category, nodes=nodes,
+                                                  codes=codes)
+                   for matcher, until in self.silences.values())
 
     def step(self, seen: StepSeen) -> None:
         """A step record, read cheaply (a plan makes two per step; the notifier only keeps what was done)."""
