@@ -7,14 +7,11 @@ Reads ``breakfix.incidents.>`` (durable ``remediator``) and the human verbs on
 the plan to the ``Executor``. A plan follows its incident: when later signals change the category
 before anything disruptive ran, or make the required action more severe, it is re-decided.
 
-Refusals never leave a broken node in service unseen: a retry cap, a kill switch or a budget wait past
-``budget_wait_s`` fences the node (cordon + taint) and escalates with the reason; a cooldown or budget
-refusal waits and retries; the breaker queues the incident until ``breakfix breaker reset`` re-drives
-the queue, oldest first. Every wait is published as ``ActionRecord.waiting``. Holds: ``guards``.
-
-Crash safety: plan progress (``records.PlanRecord``) and guard state (``keeper``) live in the ``PlanStore``;
-on start every plan the store says was running resumes at its step, with the same idempotency keys. With
-a ``LeaseElector`` only the lease holder starts or resumes plans.
+Refusals fence and page (retry cap, kill switch, a budget wait past ``budget_wait_s``), wait and retry
+(cooldown, budget) or queue until ``breakfix breaker reset`` (breaker); every wait is published as
+``ActionRecord.waiting``. Plan progress (``records``) and guard state (``keeper``) live in the
+``PlanStore``, so a restart resumes each running plan at its step; with a ``LeaseElector`` only the
+lease holder starts or resumes plans.
 """
 
 from __future__ import annotations
