@@ -396,6 +396,3 @@ class RemediatorService:
             for t in self.tasks.values():
                 t.cancel()
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-
-
-__all__ = ["RemediatorService"]
