@@ -66,6 +66,18 @@ class TestEdgeFilter:
         sent = [s for x in xids for s in edge.apply(Cycle(events=[x]), T0)]
         assert len(sent) == 2 and sent[1].details["suppressed_repeats"] == "4"
 
+    def test_a_window_that_closes_on_counted_repeats_sends_the_latest_one(self) -> None:
+        """A fault that recurs only inside the window still reaches the correlator (the soak must see it)."""
+        edge = EdgeFilter(repeat_window_s=60)
+        first = edge.apply(Cycle(events=[sig(code="48", at=0, n=0)]), T0)
+        during = [s for i in (10, 20, 30) for s in edge.apply(Cycle(events=[sig(code="48", at=i, n=i)]),
+                                                                T0 + timedelta(seconds=i))]
+        assert len(first) == 1 and during == []
+        assert edge.apply(Cycle(), T0 + timedelta(seconds=59)) == []
+        (trailing,) = edge.apply(Cycle(), T0 + timedelta(seconds=61))
+        assert trailing.observed_at == T0 + timedelta(seconds=30) and trailing.details["suppressed_repeats"] == "2"
+        assert edge.apply(Cycle(), T0 + timedelta(seconds=200)) == [], "sent once, not again"
+
     def test_same_xid_from_another_pod_is_not_a_repeat(self) -> None:
         edge = EdgeFilter(repeat_window_s=60)
         sent = [s for x in (sig(code="13", pod="p1"), sig(code="13", at=1, pod="p2"))

@@ -10,7 +10,10 @@ to the forwarder (``collectors.forwarder``):
 - every ``resync_s`` the current faults, and the healthy state of every entity that was ever
   faulted, are sent again (``details.resync``) so the correlator can reconcile after a loss;
 - events: the same (check, entity, code, workload) again within ``repeat_window_s`` is counted,
-  not sent; the next one sent carries ``details.suppressed_repeats``.
+  not sent; the next one sent carries ``details.suppressed_repeats``. A window that closes with
+  repeats counted and none sent sends its latest repeat then (the trailing edge), so a fault that
+  recurs always reaches the correlator within one window: the remediator's soak (longer than the
+  window) sees a recurrence however the collector rate-limits it.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class EdgeFilter:
         self.repeat_window_s = repeat_window_s
         self.states: dict[str, _State] = {}
         self.events: dict[str, tuple[datetime, int]] = {}  # key -> (last sent, suppressed since)
+        self.pending: dict[str, Signal] = {}  # key -> the latest suppressed repeat, sent when its window closes
         self.last_resync: datetime | None = None
         self.stats = EdgeStats()
 
@@ -77,6 +81,8 @@ class EdgeFilter:
                 self.stats.suppressed_states += 1
         for s in cycle.events:
             out.extend(self._event(s))
+        if self.pending:
+            out.extend(self._trailing(now))
         if self.last_resync is None:
             self.last_resync = now
         elif (now - self.last_resync).total_seconds() >= self.resync_s:
@@ -90,17 +96,32 @@ class EdgeFilter:
                     self.stats.resyncs += 1
         return out
 
+    def _trailing(self, now: datetime) -> list[Signal]:
+        """Send the latest repeat of every window that has closed with repeats counted and none sent."""
+        out: list[Signal] = []
+        for key, s in list(self.pending.items()):
+            start, count = self.events.get(key, (s.observed_at, 1))
+            if (now - start).total_seconds() < self.repeat_window_s:
+                continue
+            del self.pending[key]
+            self.events[key] = (s.observed_at, 0)
+            out.append(_with(s, suppressed_repeats=str(count - 1)) if count > 1 else s)
+        return out
+
     def _event(self, s: Signal) -> list[Signal]:
         key = f"{s.fault_key()}#{s.code or ''}#{s.tenant.key() if s.tenant else ''}"
         last = self.events.get(key)
         if last is not None and (s.observed_at - last[0]).total_seconds() < self.repeat_window_s:
             self.events[key] = (last[0], last[1] + 1)
+            self.pending[key] = s
             self.stats.suppressed_events += 1
             return []
         self.events[key] = (s.observed_at, 0)
+        self.pending.pop(key, None)
         if len(self.events) > 50_000:  # forget the oldest half; bounded whatever a log throws at us
             for k in sorted(self.events, key=lambda k: self.events[k][0])[:25_000]:
                 del self.events[k]
+                self.pending.pop(k, None)
         if last is not None and last[1]:
             return [_with(s, suppressed_repeats=str(last[1]))]
         return [s]
