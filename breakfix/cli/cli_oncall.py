@@ -160,21 +160,22 @@ def incidents(
         try:
             idx = IncidentIndex(bus)
             now = datetime.now(UTC)
-            gc.disable()  # a short-lived reader of 10,000s of small objects: no collector passes over them
+            # a short-lived reader of 10,000s of small objects: no collector passes over them until printed
+            gc.disable()
             try:
                 decoded = [lean(e.value) for e in await idx.entries(cluster) if e.value is not None]
+                broken = sum(1 for d in decoded if d is None)
+                rows = [d for d in decoded if d is not None and shown(d[0], show_all)]
+                rows.sort(key=lambda d: (d[0].status in _CLOSED, d[0].status is IncidentStatus.ESCALATED,
+                                         -d[0].severity.rank, d[0].first_seen, d[0].id))
+                if fmt == "json":
+                    sys.stdout.buffer.write(b"".join(orjson.dumps(doc) + b"\n" for _row, doc in rows))
+                    sys.stdout.flush()
+                else:
+                    title = f"{len(rows)} incidents" + (f" in {cluster}" if cluster else "")
+                    print_rows([r for r, _doc in rows], now, title)
             finally:
                 gc.enable()
-            broken = sum(1 for d in decoded if d is None)
-            rows = [d for d in decoded if d is not None and shown(d[0], show_all)]
-            rows.sort(key=lambda d: (d[0].status in _CLOSED, d[0].status is IncidentStatus.ESCALATED,
-                                     -d[0].severity.rank, d[0].first_seen, d[0].id))
-            if fmt == "json":
-                sys.stdout.buffer.write(b"".join(orjson.dumps(doc) + b"\n" for _row, doc in rows))
-                sys.stdout.flush()
-            else:
-                title = f"{len(rows)} incidents" + (f" in {cluster}" if cluster else "")
-                print_rows([r for r, _doc in rows], now, title)
             if broken:
                 err.print(f"[yellow]skipped {broken} undecodable index entries[/yellow]")
             if watch:
