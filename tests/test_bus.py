@@ -145,10 +145,11 @@ class TestConsumerLoop:
         spec = ConsumerSpec(subjects.SIGNALS.name, "t-dlq", subjects.SIGNALS_ALL, decoder(Signal), handle,
                             fetch_timeout_s=0.1)
         task = asyncio.create_task(run_consumer(bus, spec, stop=stop), name="t-dlq")
-        for _ in range(50):
-            if handled:
-                break
-            await asyncio.sleep(0.05)
+
+        async def got_good() -> bool:
+            return bool(handled)
+
+        await wait_until(got_good, 10, "the valid signal after two malformed ones")
         stop.set()
         stats = await task
         assert handled == [good]

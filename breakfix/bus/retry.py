@@ -58,12 +58,17 @@ async def transient_retry(fn: Callable[[], Awaitable[T]], *, attempts: int = 5, 
 
 async def _retry(fn: Callable[[], Awaitable[T]], worth: Callable[[BaseException], bool], attempts: int,
                  max_wait_s: float) -> T:
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception(worth),
-        stop=stop_after_attempt(attempts),
-        wait=wait_exponential(multiplier=0.05, max=max_wait_s) + wait_random(0, 0.05),
-        reraise=True,
-    ):
+    # The first attempt runs bare: nearly every call succeeds, and tenacity's machinery costs more than
+    # a publish. Only an error worth retrying enters the backoff loop, for the attempts left.
+    try:
+        return await fn()
+    except BaseException as exc:
+        if attempts <= 1 or not worth(exc):
+            raise
+    wait = wait_exponential(multiplier=0.05, max=max_wait_s) + wait_random(0, 0.05)
+    await asyncio.sleep(0.05)
+    async for attempt in AsyncRetrying(retry=retry_if_exception(worth), stop=stop_after_attempt(attempts - 1),
+                                       wait=wait, reraise=True):
         with attempt:
             return await fn()
     raise AssertionError("unreachable")  # pragma: no cover
@@ -74,9 +79,15 @@ async def retry_when(fn: Callable[[], Awaitable[T]], predicate: Callable[[BaseEx
                      sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> T:
     """Retry ``fn`` while ``predicate`` says its error is worth waiting out (a PDB's 429, say), with
     exponential backoff; the predicate owns the deadline. Any other error is raised at once."""
+    try:  # the first attempt bare, as in ``_retry``
+        return await fn()
+    except BaseException as exc:
+        if attempts == 1 or not predicate(exc):
+            raise
+    await sleep(wait_s)
     async for attempt in AsyncRetrying(
         retry=retry_if_exception(predicate),
-        stop=stop_after_attempt(attempts) if attempts else stop_never,
+        stop=stop_after_attempt(attempts - 1) if attempts else stop_never,
         wait=wait_exponential(multiplier=wait_s, max=max_wait_s),
         sleep=sleep,
         reraise=True,
