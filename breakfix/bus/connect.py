@@ -43,6 +43,11 @@ class BusRefused(BusConnectError):
     """The server or our own files refused the connection (credentials, TLS): retrying cannot help."""
 
 
+# What talking to NATS can raise once connected or while connecting, for callers that turn any of it into
+# one line for a human (the on-call CLI, the console); nothing outside breakfix.bus imports nats for this.
+BUS_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, nats.errors.Error, BusConnectError)
+
+
 class ConnectionEvents:
     """nats-py's callbacks: silent while connecting (the caller reports the failure), logged after."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
 
 import nats.errors
 import nats.js.errors
@@ -203,6 +204,19 @@ class JetStreamBus:
     async def kv_keys(self, bucket: str, prefix: str = "") -> list[str]:
         return await self._kv.kv_keys(bucket, prefix)
 
+    async def kv_snapshot(self, bucket: str, prefix: str = "", *, timeout_s: float = 10.0,
+                          limit: int = 1_000_000) -> list[KvEntry]:
+        return await self._kv.kv_snapshot(bucket, prefix, timeout_s=timeout_s, limit=limit)
+
+    async def kv_put_many(self, bucket: str, values: Mapping[str, bytes]) -> None:
+        """On JetStream a KV put is a publish to ``$KV.<bucket>.<key>`` (the KV wire contract): send them
+        pipelined, one round trip per batch instead of one per key."""
+        if not values:
+            return
+        await self._kv.ensure_kv(bucket)
+        ack = await self.publish_start([(f"$KV.{bucket}.{k}", v, None) for k, v in values.items()])
+        await ack
+
     def kv_watch(self, bucket: str, prefix: str = "") -> AsyncIterator[KvEntry]:
         return self._kv.kv_watch(bucket, prefix)
 
@@ -301,6 +315,32 @@ class JetStreamBus:
                     await sub.unsubscribe()
 
         return unsubscribe
+
+    async def read_stream(self, stream: str, subject: str, *, since: datetime | None = None, idle_s: float = 1.0,
+                          limit: int = 500_000) -> list[bytes]:
+        try:
+            info = await self._js.stream_info(stream, subjects_filter=subject)
+        except nats.js.errors.NotFoundError:
+            return []
+        if not info.state.messages:
+            return []
+        cfg = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=since) \
+            if since else None
+        sub = await self._js.subscribe(subject, ordered_consumer=True, config=cfg, stream=stream)
+        out: list[bytes] = []
+        try:
+            while len(out) < limit:
+                try:
+                    msg = await sub.next_msg(timeout=idle_s)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    break
+                out.append(msg.data)
+                if msg.metadata.num_pending == 0:
+                    break
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        return out
 
     async def stream_messages(self, stream: str) -> int:
         info = await transient_retry(lambda: self._js.stream_info(stream))

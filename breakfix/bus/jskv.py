@@ -7,6 +7,7 @@ state and any stage that keeps latest values; none of them sees a nats type.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -94,6 +95,30 @@ class JetStreamKv:
         except nats.js.errors.NoKeysError:
             return []
         return sorted(k for k in keys if k.startswith(prefix))
+
+    async def kv_snapshot(self, bucket: str, prefix: str = "", *, timeout_s: float = 10.0,
+                          limit: int = 1_000_000) -> list[KvEntry]:
+        """One watch of the bucket, filtered on the server by ``prefix``, up to its end-of-values marker."""
+        kv = await self._bucket(bucket)
+        watcher = await kv.watch(f"{prefix}>", ignore_deletes=True)
+        out: list[KvEntry] = []
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout_s) as deadline:
+                async for e in watcher:
+                    if e is None:  # the end of the current values
+                        break
+                    if e.operation in (KV_DEL, KV_PURGE):
+                        continue
+                    out.append(KvEntry(e.key, bytes(e.value or b""), int(e.revision or 0)))
+                    if len(out) % 1000 == 0:
+                        deadline.reschedule(loop.time() + timeout_s)  # a timeout without progress, not in all
+                        if len(out) >= limit:
+                            break
+        finally:
+            with contextlib.suppress(nats.errors.Error, AttributeError):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+        return out
 
     async def kv_watch(self, bucket: str, prefix: str = "") -> AsyncIterator[KvEntry]:
         kv = await self._bucket(bucket)

@@ -7,7 +7,7 @@ tombstone that ``kv_create`` may overwrite; watchers get every current value, th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 from breakfix.bus.protocol import KvConflict, KvEntry
@@ -73,6 +73,17 @@ class MemoryKv:
     async def kv_keys(self, bucket: str, prefix: str = "") -> list[str]:
         entries = self._bucket(bucket).entries
         return sorted(k for k, e in entries.items() if e.value is not None and k.startswith(prefix))
+
+    async def kv_snapshot(self, bucket: str, prefix: str = "", *, timeout_s: float = 10.0,
+                          limit: int = 1_000_000) -> list[KvEntry]:
+        entries = self._bucket(bucket).entries
+        current = sorted((e for k, e in entries.items() if k.startswith(prefix) and e.value is not None),
+                         key=lambda e: e.revision)
+        return current[:limit]
+
+    async def kv_put_many(self, bucket: str, values: Mapping[str, bytes]) -> None:
+        for key, value in values.items():
+            await self.kv_put(bucket, key, value)
 
     async def kv_watch(self, bucket: str, prefix: str = "") -> AsyncIterator[KvEntry]:
         b = self._bucket(bucket)

@@ -148,6 +148,13 @@ class MemoryBus:
     async def kv_keys(self, bucket: str, prefix: str = "") -> list[str]:
         return await self.kv.kv_keys(bucket, prefix)
 
+    async def kv_snapshot(self, bucket: str, prefix: str = "", *, timeout_s: float = 10.0,
+                          limit: int = 1_000_000) -> list[KvEntry]:
+        return await self.kv.kv_snapshot(bucket, prefix, timeout_s=timeout_s, limit=limit)
+
+    async def kv_put_many(self, bucket: str, values: Mapping[str, bytes]) -> None:
+        await self.kv.kv_put_many(bucket, values)
+
     def kv_watch(self, bucket: str, prefix: str = "") -> AsyncIterator[KvEntry]:
         return self.kv.kv_watch(bucket, prefix)
 

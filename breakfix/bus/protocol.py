@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from breakfix.schemas.subjects import StreamSpec
@@ -108,6 +109,13 @@ class StreamAdmin(Protocol):
         """True when it existed."""
         ...
 
+    async def read_stream(self, stream: str, subject: str, *, since: datetime | None = None, idle_s: float = 1.0,
+                          limit: int = 500_000) -> list[bytes]:
+        """The messages of ``stream`` on ``subject`` (wildcards allowed) stored at or after ``since``, oldest
+        first, read by an ephemeral ordered consumer; stops at the end, after ``idle_s`` without a
+        message, or at ``limit``. An audit trail's history, without a durable consumer."""
+        ...
+
 
 Unsubscribe = Callable[[], Awaitable[None]]
 
@@ -154,6 +162,16 @@ class KeyValue(Protocol):
     async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int: ...
     async def kv_delete(self, bucket: str, key: str) -> None: ...
     async def kv_keys(self, bucket: str, prefix: str = "") -> list[str]: ...
+    async def kv_snapshot(self, bucket: str, prefix: str = "", *, timeout_s: float = 10.0,
+                          limit: int = 1_000_000) -> list[KvEntry]:
+        """Every current value under ``prefix`` (deleted keys left out), read in one pass; at most ``limit``.
+        Raises ``TimeoutError`` when the read stalls for ``timeout_s``."""
+        ...
+
+    async def kv_put_many(self, bucket: str, values: Mapping[str, bytes]) -> None:
+        """Put many keys at once (pipelined where the store allows); unconditional, like ``kv_put``."""
+        ...
+
     def kv_watch(self, bucket: str, prefix: str = "") -> AsyncIterator[KvEntry]:
         """Every current value, then each change as it happens (deletes have ``value`` None)."""
         ...

@@ -19,13 +19,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import nats
-from nats.js import api
-from nats.js.client import JetStreamContext
 from pydantic import ValidationError
 
 from breakfix.bus.codec import encode
-from breakfix.bus.connect import BusConnectError
+from breakfix.bus.connect import BUS_ERRORS as bus_errors
 from breakfix.bus.jetstream import JetStreamBus
 from breakfix.bus.options import NatsOptions
 from breakfix.console import verbs
@@ -37,19 +34,11 @@ MAX_RECORDS = 500_000  # audit records read in one call at most
 _JWT_BEGIN = "-----BEGIN NATS USER JWT-----"
 
 
-def jetstream(bus: JetStreamBus) -> JetStreamContext:
-    """nats-py's JetStream context behind the bus: the ``Bus`` protocol has no read-from-a-start-time,
-    which the audit trail needs (an incident's records start at its first sighting)."""
-    return bus._js
-
-
 class OncallError(RuntimeError):
     """A one-line reason the CLI prints before exiting 2."""
 
 
-# What talking to NATS can raise once connected or while connecting; the CLI turns each into one line
-# (the CLI itself never imports nats: this module is the console's one NATS adapter beside breakfix.bus).
-BUS_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, nats.errors.Error, BusConnectError)
+BUS_ERRORS = bus_errors  # what talking to NATS can raise; the CLI turns each into one line
 
 
 def user_from_creds(creds: Path | None, *, env: dict[str, str] | None = None) -> str:
@@ -85,35 +74,16 @@ async def read_records(bus: JetStreamBus, *, cluster: str | None = None, since: 
                        idle_s: float = 1.0) -> list[ActionRecord]:
     """Audit records (oldest first) of one cluster or all, stored at or after ``since``; only one
     incident's with ``incident``. Undecodable records are skipped."""
-    js = jetstream(bus)
     filt = f"{subjects.action_subject(cluster)}.>" if cluster else subjects.ACTIONS_ALL
     filters = [subjects.action_subject(cluster), filt] if cluster else [filt]
     out: list[ActionRecord] = []
     for f in filters:
-        try:
-            info = await js.stream_info(subjects.ACTIONS.name, subjects_filter=f)
-        except nats.js.errors.NotFoundError:
-            return []
-        if not info.state.messages:
-            continue
-        cfg = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_TIME,
-                                 opt_start_time=since) if since else None
-        sub = await js.subscribe(f, ordered_consumer=True, config=cfg, stream=subjects.ACTIONS.name)
-        try:
-            while len(out) < limit:
-                try:
-                    msg = await sub.next_msg(timeout=idle_s)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    break
-                with contextlib.suppress(ValidationError):
-                    rec = ActionRecord.model_validate_json(msg.data)
-                    if incident is None or rec.incident_id == incident:
-                        out.append(rec)
-                if msg.metadata.num_pending == 0:
-                    break
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        for data in await bus.read_stream(subjects.ACTIONS.name, f, since=since, idle_s=idle_s,
+                                          limit=limit - len(out)):
+            with contextlib.suppress(ValidationError):
+                rec = ActionRecord.model_validate_json(data)
+                if incident is None or rec.incident_id == incident:
+                    out.append(rec)
     out.sort(key=lambda r: r.at)
     return out
 
@@ -167,5 +137,5 @@ def run(coro_fn: Callable[[], object], *, url: str) -> object:
         return asyncio.run(coro_fn())  # type: ignore[arg-type]
     except (verbs.VerbError, OncallError):
         raise
-    except (OSError, nats.errors.Error, TimeoutError) as exc:
+    except BUS_ERRORS as exc:
         raise OncallError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None

@@ -11,24 +11,21 @@ history stays in the ``BREAKFIX_INCIDENTS`` stream. One key per incident, ``<clu
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import weakref
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
 
 import structlog
 from pydantic import ValidationError
 
-from breakfix.bus.protocol import Bus, KeyValue, KvEntry
+from breakfix.bus.protocol import KeyValue, KvEntry
 from breakfix.schemas import subjects
 from breakfix.schemas.incident import ChangeKind, Incident, IncidentChange
 from breakfix.schemas.subjects import token
 
 BUCKET = subjects.INCIDENT_INDEX_BUCKET
 RETENTION_S = 90 * 24 * 3600.0  # as long as the incident stream keeps the history
-WRITE_CONCURRENCY = 256  # puts in flight at once per batch (one round trip per batch, not per incident)
 MAX_SNAPSHOT = 1_000_000  # a bucket larger than this is read only up to it
 log = structlog.get_logger("breakfix.correlator.index")
 
@@ -96,19 +93,8 @@ class IncidentIndex:
         if not values:
             return
         await self.ensure()
-        if _jetstream(self.kv):
-            # On JetStream a KV put is a publish to ``$KV.<bucket>.<key>`` (the KV wire contract):
-            # send them pipelined, one round trip per batch instead of one per incident.
-            bus = cast("Bus", self.kv)
-            ack = await bus.publish_start([(f"$KV.{self.bucket}.{k}", v, None) for k, v in values.items()])
-            await ack
-            self.written += len(values)
-            return
-        items = list(values.items())
-        for start in range(0, len(items), WRITE_CONCURRENCY):
-            chunk = items[start:start + WRITE_CONCURRENCY]
-            await asyncio.gather(*(self.kv.kv_put(self.bucket, key, value) for key, value in chunk))
-        self.written += len(items)
+        await self.kv.kv_put_many(self.bucket, values)  # pipelined on JetStream: one round trip per batch
+        self.written += len(values)
 
     async def get(self, cluster: str, incident_id: str) -> Incident | None:
         await self.ensure()
@@ -140,44 +126,11 @@ class IncidentIndex:
                 out[inc.id] = inc
         return out
 
-    async def _raw_js(self, prefix: str, timeout_s: float) -> list[KvEntry]:
-        kv = await _js(self.kv).key_value(self.bucket)
-        watcher = await kv.watch(f"{prefix}>", ignore_deletes=True)
-        out: list[KvEntry] = []
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout_s) as deadline:
-                async for e in watcher:
-                    if e is None:  # the end of the current values
-                        break
-                    out.append(KvEntry(e.key, e.value, int(e.revision or 0)))
-                    if len(out) % 1000 == 0:
-                        deadline.reschedule(loop.time() + timeout_s)
-                        if len(out) >= MAX_SNAPSHOT:
-                            break
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
-        return out
-
     async def entries(self, cluster: str | None = None, *, timeout_s: float = 10.0) -> list[KvEntry]:
         """Every current entry, undecoded (for readers that decode only what they show)."""
         await self.ensure()
-        prefix = cluster_prefix(cluster)
-        if _jetstream(self.kv):
-            return await self._raw_js(prefix, timeout_s)
-        keys = set(await self.kv.kv_keys(self.bucket, prefix))
-        latest: dict[str, KvEntry] = {}
-        if not keys:
-            return []
-        it = self.kv.kv_watch(self.bucket, prefix)
-        try:
-            while not keys <= latest.keys() and len(latest) < MAX_SNAPSHOT:
-                entry = await asyncio.wait_for(anext(it), timeout=timeout_s)
-                latest[entry.key] = entry
-        finally:
-            await _close(it)
-        return [e for e in latest.values() if e.value is not None]
+        return await self.kv.kv_snapshot(self.bucket, cluster_prefix(cluster), timeout_s=timeout_s,
+                                         limit=MAX_SNAPSHOT)
 
     async def watch(self, cluster: str | None = None) -> AsyncIterator[tuple[str, Incident | None]]:
         """``(key, incident)`` for every current entry, then for each change (None: deleted)."""
@@ -188,17 +141,6 @@ class IncidentIndex:
                 yield entry.key, decode(entry)
         finally:
             await _close(it)
-
-
-def _js(kv: object) -> Any:
-    """The nats-py JetStream context of a ``JetStreamBus`` (None for other buses). The ``KeyValue``
-    protocol has no bulk read or pipelined put yet; until it does, the index uses the context for
-    both (what ``kv.watch`` and ``kv.put`` do on the wire) and the protocol everywhere else."""
-    return getattr(kv, "_js", None)
-
-
-def _jetstream(kv: object) -> bool:
-    return _js(kv) is not None and hasattr(kv, "publish_start")
 
 
 async def _close(it: AsyncIterator[KvEntry]) -> None:
