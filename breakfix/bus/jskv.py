@@ -35,6 +35,7 @@ class JetStreamKv:
     def __init__(self, js: JetStreamContext) -> None:
         self._js = js
         self._buckets: dict[str, NatsKv] = {}
+        self._opening = asyncio.Lock()  # a burst of first calls opens each bucket once, not once per call
 
     async def ensure_kv(self, bucket: str, *, history: int = 1, max_age_s: float | None = None) -> None:
         await self._bucket(bucket, history=history, max_age_s=max_age_s)
@@ -43,13 +44,20 @@ class JetStreamKv:
         kv = self._buckets.get(bucket)
         if kv is not None:
             return kv
+        async with self._opening:
+            kv = self._buckets.get(bucket)
+            if kv is None:
+                kv = await self._open(bucket, history=history, max_age_s=max_age_s)
+                self._buckets[bucket] = kv
+        return kv
+
+    async def _open(self, bucket: str, *, history: int, max_age_s: float | None) -> NatsKv:
         try:
             kv = await transient_retry(lambda: self._js.key_value(bucket))
         except nats.js.errors.BucketNotFoundError:
             config = api.KeyValueConfig(bucket=bucket, history=history, ttl=max_age_s,
                                         storage=api.StorageType.FILE)
             kv = await transient_retry(lambda: self._js.create_key_value(config))
-        self._buckets[bucket] = kv
         return kv
 
     async def kv_get(self, bucket: str, key: str) -> KvEntry | None:

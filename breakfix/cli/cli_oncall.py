@@ -14,8 +14,9 @@ import contextlib
 import gc
 import json
 import sys
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 import typer
@@ -135,8 +136,14 @@ def _errors() -> tuple[type[BaseException], ...]:
     return (*BUS_ERRORS, OncallError)
 
 
-def _bus_error(nats: str, exc: BaseException) -> typer.Exit:
-    return fail(f"cannot read from {nats}: {exc or type(exc).__name__}")
+def _run_reader(main: Callable[[], Coroutine[Any, Any, None]], url: str) -> None:
+    """Run a reading command until it ends or Ctrl-C; a bus failure is one line and exit 2."""
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+    except _errors() as exc:
+        raise fail(f"cannot read from {url}: {exc or type(exc).__name__}") from None
 
 
 @app.command()
@@ -183,12 +190,7 @@ def incidents(
         finally:
             await bus.close()
 
-    try:
-        asyncio.run(main())
-    except KeyboardInterrupt:
-        pass
-    except _errors() as exc:
-        raise _bus_error(opts.url, exc) from None
+    _run_reader(main, opts.url)
 
 
 HEADER = ["incident", "since", "where", "category", "severity", "domain", "status", "waiting on", "blast radius",
@@ -306,11 +308,6 @@ def audit(
         finally:
             await bus.close()
 
-    try:
-        asyncio.run(main())
-    except KeyboardInterrupt:
-        pass
-    except _errors() as exc:
-        raise _bus_error(opts.url, exc) from None
+    _run_reader(main, opts.url)
     if missing:
         raise fail(f"no incident {incident} on {opts.url}")

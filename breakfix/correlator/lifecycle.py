@@ -143,12 +143,16 @@ class Lifecycle:
             if status is IncidentStatus.RESOLVED:
                 inc.resolved_at = at
                 inc.time_to_repair_s = round((at - inc.first_seen).total_seconds(), 3)
-            for fk in inc.open_faults:
-                if self.state.by_fault.get(fk) == inc.id:
-                    del self.state.by_fault[fk]
-            inc.open_faults.clear()
-            if inc.node is not None and inc.node in self.state.on_node:
-                self.state.on_node[inc.node].pop(inc.id, None)
+            self._forget_faults(inc)
+
+    def _forget_faults(self, inc: TrackedIncident) -> None:
+        """A closed incident holds no fault and no place on its node any more."""
+        for fk in inc.open_faults:
+            if self.state.by_fault.get(fk) == inc.id:
+                del self.state.by_fault[fk]
+        inc.open_faults.clear()
+        if inc.node is not None and inc.node in self.state.on_node:
+            self.state.on_node[inc.node].pop(inc.id, None)
 
     def close_stale(self, now: datetime) -> list[Change]:
         """Open and escalated incidents with no signal for ``max_open_age_s`` close as ``stale``.
@@ -169,12 +173,7 @@ class Lifecycle:
                 if inc.node and (inc.plan is not None or was is IncidentStatus.ESCALATED) else ""
             inc.note(now, "stale", f"{was.value} with no signal for {(now - inc.last_seen).days} days "
                                    f"(max_open_age_s {self.rules.max_open_age_s:g}){held}", self.rules.timeline_limit)
-            for fk in inc.open_faults:
-                if self.state.by_fault.get(fk) == inc.id:
-                    del self.state.by_fault[fk]
-            inc.open_faults.clear()
-            if inc.node is not None and inc.node in self.state.on_node:
-                self.state.on_node[inc.node].pop(inc.id, None)
+            self._forget_faults(inc)
             inc.version += 1
             changes.append(Change(ChangeKind.STATUS, inc))
         return changes

@@ -101,9 +101,14 @@ def _stamp(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _meta(p: dict[str, Any]) -> dict[str, Any]:
+    meta = p.get("metadata")
+    return meta if isinstance(meta, dict) else {}
+
+
 def _facts(p: dict[str, Any]) -> PodFacts:
     """A pod as the drain evaluator sees it, read straight from the API's JSON."""
-    meta = p.get("metadata") or {}
+    meta = _meta(p)
     return PodFacts(str(meta.get("namespace", "")), str(meta.get("name", "")),
                     str((p.get("status") or {}).get("phase") or "Running"),
                     tuple(str(o.get("kind", "")) for o in (meta.get("ownerReferences") or [])),
@@ -147,9 +152,8 @@ class KubernetesActuator:
     async def view(self) -> ClusterView:
         nodes = await self._call(self.core.list_node)
         pods = (await self._raw(self.core.list_pod_for_all_namespaces)).get("items") or []
-        owned = frozenset(f"{(p.get('metadata') or {}).get('namespace')}/{(p.get('metadata') or {}).get('name')}"
-                          for p in pods
-                          if any(o.get("controller") for o in ((p.get("metadata") or {}).get("ownerReferences") or [])))
+        owned = frozenset(f"{m.get('namespace')}/{m.get('name')}" for m in map(_meta, pods)
+                          if any(o.get("controller") for o in m.get("ownerReferences") or []))
         return ClusterView(nodes={n.metadata.name: NodeView(
             n.metadata.name, dict(n.metadata.labels or {}), bool(n.spec and n.spec.unschedulable),
             (n.metadata.annotations or {}).get(OWNER) == ME) for n in nodes.items}, controller_owned_pods=owned)

@@ -275,8 +275,7 @@ class Engine:
             for f in list(self.fleet.faults.get(node, [])):
                 if f.process.fix is not Fix.SELF:
                     self.fleet.cure(f, self.now)
-            self.fleet.cordoned.discard(node)
-            self.ledger.uncordon(node, self.now)
+            self.fleet.uncordon(node, self.now)
             self.running.discard(iid)
             name = node_name(node)
             self.guards.finish(name, iid, self.now_dt)

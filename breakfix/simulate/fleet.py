@@ -54,6 +54,7 @@ class SimFleet:
         self.faults: dict[int, list[Fault]] = {}  # node -> active faults (ground truth)
         self.cursor = PlanCursor(0.0, "")
         self.cordoned: set[int] = set()
+        self._view: ClusterView | None = None  # rebuilt only when a cordon changes (every decide reads it)
         self.pages: set[str] = set()
         self.escalated: dict[str, int] = {}  # incident -> node, waiting for a human
         self.rma_opened = 0
@@ -90,9 +91,17 @@ class SimFleet:
 
     # -- Actuator ---------------------------------------------------------------------------------
     async def view(self) -> ClusterView:
-        nodes = {node_name(i): NodeView(node_name(i), self.labels[node_name(i)], i in self.cordoned, i in self.cordoned)
-                 for i in range(self.n_nodes)}
-        return ClusterView(nodes=nodes)
+        if self._view is None:
+            self._view = ClusterView(nodes={
+                node_name(i): NodeView(node_name(i), self.labels[node_name(i)], i in self.cordoned, i in self.cordoned)
+                for i in range(self.n_nodes)})
+        return self._view
+
+    def uncordon(self, i: int, at: float) -> None:
+        """Node ``i`` schedulable again from ``at`` (a plan's return to service, or a human's)."""
+        self.cordoned.discard(i)
+        self._view = None
+        self.ledger.uncordon(i, at)
 
     def _advance(self, seconds: float, what: str) -> tuple[float, float]:
         start = self.cursor.at
@@ -104,18 +113,19 @@ class SimFleet:
         i = node_index(node)
         if i not in self.cordoned:
             self.cordoned.add(i)
+            self._view = None
             self.ledger.cordon(i, self.cursor.at)
         return StepResult(True, "cordoned")
 
     async def drain(self, node: str, *, incident: str) -> StepResult:
         i = node_index(node)
         start, _ = self._advance(self.d.drain_s, "drain")
-        self.ledger.interrupt(i, None, start, healthy_only=False)
+        self.ledger.interrupt(i, None, start)
         return StepResult(True, "drained")
 
     async def drain_gpu(self, node: str, gpu: int, *, incident: str, pods: tuple[str, ...] = ()) -> StepResult:
         start, _ = self._advance(self.d.drain_s / 2, "drain_gpu")
-        self.ledger.interrupt(node_index(node), gpu, start, healthy_only=False)
+        self.ledger.interrupt(node_index(node), gpu, start)
         return StepResult(True, "drained GPU")
 
     async def gpu_idle(self, node: str, gpu: int, *, pods: tuple[str, ...] = ()) -> bool:
@@ -155,10 +165,7 @@ class SimFleet:
         return StepResult(True, f"dcgmi diag -r {level} passed")
 
     async def return_to_service(self, node: str, *, incident: str) -> StepResult:
-        i = node_index(node)
-        at = self.cursor.at
-        self.cordoned.discard(i)
-        self.ledger.uncordon(i, at)
+        self.uncordon(node_index(node), self.cursor.at)
         return StepResult(True, "uncordoned")
 
     async def notify_tenant(self, namespace: str, pod: str | None, message: str, *, incident: str) -> StepResult:

@@ -94,7 +94,7 @@ class Ledger:
             self.healthy_disrupted += 1
             self.jobs_interrupted += self.utilization
 
-    def interrupt(self, node: int, gpu: int | None, at: float, *, healthy_only: bool) -> None:
+    def interrupt(self, node: int, gpu: int | None, at: float) -> None:
         """A drain takes the jobs off a GPU (or the whole node)."""
         self.jobs_interrupted += self.utilization * (1 if gpu is not None else self.gpus_per_node)
 

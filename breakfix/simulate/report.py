@@ -7,7 +7,6 @@ Built from each contender's ``RunResult`` (``simulate.engine``). ``to_json`` is 
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +100,3 @@ def plots(results: list[RunResult], out: Path) -> list[Path]:
     plt.close(fig)
     written.append(p)
     return written
-
-
-def median_or_zero(values: list[float]) -> float:
-    return statistics.median(values) if values else 0.0

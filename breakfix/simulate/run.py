@@ -35,7 +35,7 @@ def simulate(model: FailureModel, catalog: Catalog, who: list[Contender], setup:
     trace = generate(model, nodes=setup.nodes, days=setup.days, seed=setup.seed)
     out: list[RunResult] = []
     for c in who:
-        # each contender gets fresh fault objects: the engine mutates nothing in them, but keep it so
+        # the engine never mutates a Fault, so every contender reads the very same trace
         eng = Engine(model, catalog, trace, nodes=setup.nodes, days=setup.days, contender=c)
         cb = (lambda d, name=c.name: on_day(name, d)) if on_day is not None else None
         out.append(asyncio.run(eng.run(cb)))
