@@ -158,7 +158,8 @@ def test_subjects_carry_the_user(nats_server: EmbeddedNats, monkeypatch: pytest.
         finally:
             await bus.close()
 
-    assert runner.invoke(app, ["ack", "inc-open", "--nats", nats_server.url]).exit_code == 0
+    acked = runner.invoke(app, ["ack", "inc-open", "--nats", nats_server.url])
+    assert acked.exit_code == 0, acked.output
     assert "breakfix.actions.c1.oncall.olga.ack" in asyncio.run(subjects_seen())
 
 
