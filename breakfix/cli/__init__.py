@@ -5,3 +5,7 @@ adapters (NATS, simulated cluster) and starts them. Nothing below imports it.
 """
 
 
+
+from breakfix.cli.lazy import defer_all
+
+defer_all()  # before the commands import nats: see breakfix.cli.lazy

@@ -20,105 +20,12 @@ from typing import Annotated, Any
 
 import orjson
 import typer
-from pydantic import BaseModel, ConfigDict, ValidationError
 
+from breakfix.cli import listing
 from breakfix.cli.cliutil import NatsFlags, app, err, fail, out, with_nats
-from breakfix.schemas.common import Severity, UtcDatetime
-from breakfix.schemas.incident import ActionRecord, Domain, Incident, IncidentStatus, WaitingOn
+from breakfix.schemas.incident import ActionRecord, Incident
 
 FormatOpt = Annotated[str, typer.Option("--format", help="table or json")]
-
-
-_LEAN = ConfigDict(extra="ignore", frozen=True)
-
-
-class _Gpu(BaseModel):
-    model_config = _LEAN
-    index: int | None = None
-    uuid: str | None = None
-    pci_bus_id: str | None = None
-
-    def label(self) -> str:
-        return f"gpu{self.index}" if self.index is not None else (self.pci_bus_id or self.uuid or "gpu?")
-
-
-class _Tenant(BaseModel):
-    model_config = _LEAN
-    namespace: str
-    pod: str | None = None
-    endpoint: str | None = None
-
-    def key(self) -> str:
-        return f"{self.namespace}/{self.endpoint or self.pod or '*'}"
-
-
-class _Step(BaseModel):
-    model_config = _LEAN
-    action: str
-
-
-class _Plan(BaseModel):
-    model_config = _LEAN
-    rule: str
-    steps: tuple[_Step, ...] = ()
-
-    def actions(self) -> list[str]:
-        return [s.action for s in self.steps]
-
-
-class Row(BaseModel):
-    """The fields the listing shows, validated; the rest of the incident is not decoded (10,000
-    incidents list in a fraction of the full decode)."""
-
-    model_config = _LEAN
-    id: str
-    cluster: str
-    node: str | None = None
-    nodes: tuple[str, ...] = ()
-    gpus: tuple[_Gpu, ...] = ()
-    tenants: tuple[_Tenant, ...] = ()
-    impact: tuple[_Tenant, ...] = ()
-    category: str
-    severity: Severity
-    domain: Domain
-    status: IncidentStatus
-    waiting: WaitingOn | None = None
-    parent: str | None = None
-    first_seen: UtcDatetime
-    version: int = 1
-    plan: _Plan | None = None
-
-
-def lean(value: bytes) -> tuple[Row, dict[str, object]] | None:
-    """One index value (an ``IncidentChange``) as a row and the incident's JSON document; None if broken."""
-    try:
-        doc = orjson.loads(value)["incident"]
-        return Row.model_validate(doc), doc
-    except (orjson.JSONDecodeError, ValidationError, KeyError, TypeError):
-        return None
-
-
-_CLOSED = frozenset({IncidentStatus.RESOLVED})
-
-
-def shown(inc: Incident | Row, show_all: bool) -> bool:
-    """Open and escalated top-level incidents (everything with ``--all``)."""
-    return show_all or (inc.status not in _CLOSED and inc.parent is None)
-
-
-def since(inc: Incident | Row, now: datetime) -> str:
-    s = int((now - inc.first_seen).total_seconds())
-    return f"{s // 86400}d{s % 86400 // 3600}h" if s >= 86400 else f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-def line(inc: Incident | Row, now: datetime) -> list[str]:
-    where = f"{inc.cluster}/{inc.node or ','.join(inc.nodes) or '-'}"
-    if inc.gpus:
-        where += " gpu " + ",".join(g.label() for g in inc.gpus)
-    blast = ",".join(t.key() for t in (*inc.tenants, *inc.impact)) or "-"
-    plan = f"{inc.plan.rule}: {' -> '.join(inc.plan.actions())}" if inc.plan else "-"
-    return [inc.id, since(inc, now), where, inc.category, inc.severity.value, inc.domain.value, inc.status.value,
-            inc.waiting.value if inc.waiting else "-", blast, plan]
 
 
 def _check_format(fmt: str) -> None:
@@ -170,42 +77,32 @@ def incidents(
             # a short-lived reader of 10,000s of small objects: no collector passes over them until printed
             gc.disable()
             try:
-                decoded = [lean(e.value) for e in await idx.entries(cluster) if e.value is not None]
-                broken = sum(1 for d in decoded if d is None)
-                rows = [d for d in decoded if d is not None and shown(d[0], show_all)]
-                rows.sort(key=lambda d: (d[0].status in _CLOSED, d[0].status is IncidentStatus.ESCALATED,
-                                         -d[0].severity.rank, d[0].first_seen, d[0].id))
+                values = [e.value for e in await idx.entries(cluster) if e.value is not None]
                 if fmt == "json":
-                    sys.stdout.buffer.write(b"".join(orjson.dumps(doc) + b"\n" for _row, doc in rows))
+                    decoded = [listing.row_and_doc(v) for v in values]
+                    broken = decoded.count(None)
+                    pairs = [d for d in decoded if d is not None and listing.shown(d[0], show_all)]
+                    pairs.sort(key=lambda d: listing.sort_key(d[0]))
+                    sys.stdout.buffer.write(b"".join(orjson.dumps(doc) + b"\n" for _row, doc in pairs))
                     sys.stdout.flush()
+                    rows = [r for r, _doc in pairs]
                 else:
+                    decoded_rows = [listing.row(v) for v in values]
+                    broken = decoded_rows.count(None)
+                    rows = [r for r in decoded_rows if r is not None and listing.shown(r, show_all)]
+                    rows.sort(key=listing.sort_key)
                     title = f"{len(rows)} incidents" + (f" in {cluster}" if cluster else "")
-                    print_rows([r for r, _doc in rows], now, title)
+                    listing.print_rows(rows, now, title)
             finally:
                 gc.enable()
             if broken:
                 err.print(f"[yellow]skipped {broken} undecodable index entries[/yellow]")
             if watch:
-                await _watch(idx, cluster, fmt, {r.id: r.version for r, _doc in rows}, show_all)
+                await _watch(idx, cluster, fmt, {r["id"]: r.get("version", 1) for r in rows}, show_all)
         finally:
             await bus.close()
 
     _run_reader(main, opts.url)
-
-
-HEADER = ["incident", "since", "where", "category", "severity", "domain", "status", "waiting on", "blast radius",
-          "plan"]
-MAX_COL = 48
-
-
-def print_rows(rows: list[Row], now: datetime, title: str) -> None:
-    """A plain aligned table: fast for 10,000 rows, and easy to grep."""
-    cells = [[c if len(c) <= MAX_COL else c[:MAX_COL - 1] + "~" for c in line(r, now)] for r in rows]
-    widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(HEADER)]
-    out_lines = [title, "  ".join(h.ljust(w) for h, w in zip(HEADER, widths, strict=True)).rstrip()]
-    out_lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    sys.stdout.write("\n".join(out_lines) + "\n")
-    sys.stdout.flush()
 
 
 async def _watch(idx: object, cluster: str | None, fmt: str, seen: dict[str, int], show_all: bool) -> None:
@@ -214,14 +111,17 @@ async def _watch(idx: object, cluster: str | None, fmt: str, seen: dict[str, int
 
     assert isinstance(idx, IncidentIndex)
     async for _key, inc in idx.watch(cluster):
-        if inc is None or seen.get(inc.id) == inc.version or (inc.id not in seen and not shown(inc, show_all)):
+        if inc is None or seen.get(inc.id) == inc.version:
+            continue
+        r = listing.row_of(inc)
+        if inc.id not in seen and not listing.shown(r, show_all):
             continue
         seen[inc.id] = inc.version
         if fmt == "json":
             sys.stdout.write(inc.model_dump_json(by_alias=True) + "\n")
             sys.stdout.flush()
         else:
-            out.print(" ".join(line(inc, datetime.now(UTC))), highlight=False)
+            out.print(" ".join(listing.line(r, datetime.now(UTC))), highlight=False)
 
 
 def _print_audit(inc: Incident, records: list[ActionRecord]) -> None:
