@@ -30,7 +30,7 @@ from breakfix.bus.consumer import ConsumerSpec, ConsumerStats, run_consumer
 from breakfix.bus.protocol import Bus, Delivery
 from breakfix.remediator.actuator import Actuator, StepResult
 from breakfix.remediator.breaker import page_breaker, page_stale_hold
-from breakfix.remediator.decide import decide
+from breakfix.remediator.decisions import Decisions
 from breakfix.remediator.executor import Executor
 from breakfix.remediator.follow import deferral, needs_node, recurrence, redecision, undefer
 from breakfix.remediator.guards import GPU_ACTIONS, GuardState, Refusal, check, step_check
@@ -73,6 +73,7 @@ class RemediatorService:
         self.cluster, self.actor, self.durable = cluster, actor, durable
         self.store: PlanStore = store or MemoryStore()
         self.book = PlanBook(self.store)
+        self.decisions = Decisions(max_incidents)  # decide() once per incident version (remediator.decisions)
         self.keeper = GuardKeeper(self.store, policy.guards, clock)
         self.elector, self.lease_renew_s, self.retry_refused_s = elector, lease_renew_s, retry_refused_s
         self.companion, self.max_incidents = companion, max_incidents
@@ -153,7 +154,7 @@ class RemediatorService:
         if change.kind is ChangeKind.OPENED and inc.domain is Domain.OPERATOR and self.guards.observe_open(
                 inc.node, inc.first_seen, self.policy.guards.breaker, len((await self._view()).nodes)):
             await page_breaker(self, inc)
-        plan = decide(inc, await self._view(), self.policy)
+        plan = self.decisions.plan(inc, await self._view(), self.policy)
         if inc.node is not None and inc.parent is None and needs_node(plan) and deferral(plan) is None:
             self.guards.hold(inc.node, inc.id, inc.category)  # from now on, no other plan returns this node
             self.keeper.save()
@@ -179,13 +180,15 @@ class RemediatorService:
         self.acted.discard(iid)
         self.cordoned.discard(iid)
         self.deferred.discard(iid)
+        self.decisions.forget(iid)
         self.budget_since.pop(iid, None)
         if inc is not None and inc.status is IncidentStatus.RESOLVED:
             self.guards.forget(iid)  # an escalated incident keeps its hold until a human releases it
 
     async def _maybe_redecide(self, inc: Incident) -> None:
         plan, category, attempt = self.current[inc.id]
-        why = redecision(plan, category, decide(inc, await self._view(), self.policy), inc, inc.id in self.acted)
+        now = self.decisions.plan(inc, await self._view(), self.policy)
+        why = redecision(plan, category, now, inc, inc.id in self.acted)
         if why is None:
             return
         log.warning("redecide", incident=inc.id, old=plan.rule, why=why)
@@ -235,7 +238,7 @@ class RemediatorService:
             if cover is not None:
                 log.info("covered", incident=inc.id, by=cover)
                 return False
-            first = decide(inc, await self._view(), self.policy)
+            first = self.decisions.plan(inc, await self._view(), self.policy)
             if inc.id not in self.deferred and (early := deferral(first)) is not None:  # outside the node lock
                 until = self.clock.now() + timedelta(seconds=early[1])
                 await self.executor.wait_idle(inc, first, attempt, early[0], until)
@@ -251,7 +254,7 @@ class RemediatorService:
             inc = self.latest.get(inc.id, inc)
             if inc.status.terminal:
                 return False
-            plan = decide(inc, view, self.policy)
+            plan = self.decisions.plan(inc, view, self.policy)
             plan = undefer(plan) if inc.id in self.deferred else plan
             progress = None
         else:
@@ -314,12 +317,7 @@ class RemediatorService:
     async def _run(self, inc: Incident, plan: Plan, attempt: int, progress: Progress | None, operator: bool) -> bool:
         lock_key = inc.node or f"fabric:{inc.id}"
         got = await self.book.get(inc.id)
-        rev = got[1] if got else None
-
-        async def save(p: Progress) -> None:
-            nonlocal rev
-            rev = await self.book.put(PlanRecord(incident=inc, plan=plan, progress=p), rev)
-
+        save = self.book.saver(inc, plan, got[1] if got else None)
         if operator:
             self.guards.start(lock_key, inc.id)
             self.keeper.save()

@@ -1,0 +1,143 @@
+"""The remediator's cheap paths write exactly what the validated paths wrote: audit records built without a
+second validation, plan records whose incident and plan are serialised once, and decisions answered from memory."""
+
+from __future__ import annotations
+
+from datetime import UTC, timedelta, timezone
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from breakfix.bus.codec import encode
+from breakfix.remediator.decide import decide
+from breakfix.remediator.decisions import Decisions
+from breakfix.remediator.executor import audit_record, record_id
+from breakfix.remediator.policy import Policy
+from breakfix.remediator.records import PlanBook, PlanRecord, Progress, ProgressState
+from breakfix.remediator.store import Conflict, MemoryStore, plan_key
+from breakfix.remediator.view import ClusterView, NodeView
+from breakfix.schemas.common import GpuRef, Severity
+from breakfix.schemas.incident import (
+    ActionKind,
+    ActionOutcome,
+    ActionRecord,
+    Domain,
+    Incident,
+    IncidentScope,
+    Plan,
+    StepAction,
+    WaitingOn,
+)
+from tests.conftest import T0
+
+
+def incident(version: int = 1) -> Incident:
+    return Incident(id="inc-7", cluster="c1", scope=IncidentScope.GPU, node="n1", nodes=("n1",),
+                    gpus=(GpuRef(index=3),), category="gpu_reset_required", severity=Severity.CRITICAL,
+                    codes=("xid:48",), first_seen=T0, last_seen=T0, version=version)
+
+
+def view() -> ClusterView:
+    return ClusterView(nodes={"n1": NodeView("n1", {"nvidia.com/gpu.product": "H100"})})
+
+
+def fields(the_plan: Plan, **over: Any) -> dict[str, Any]:
+    inc = incident()
+    out: dict[str, Any] = {
+        "id": record_id(inc.id, 0, "step", 1, "reset_gpu", "started"), "cluster": inc.cluster,
+        "incident_id": inc.id, "kind": ActionKind.STEP, "action": StepAction.RESET_GPU, "step_index": 1,
+        "outcome": ActionOutcome.STARTED, "actor": "remediator", "rule": the_plan.rule, "reason": the_plan.reason,
+        "node": inc.node, "gpu": inc.gpus[0], "domain": the_plan.domain, "dry_run": False, "plan": the_plan,
+        "details": {"rung": "reset"}, "waiting": WaitingOn.SOAK, "at": T0 + timedelta(microseconds=5),
+    }
+    return {**out, **over}
+
+
+class TestAuditRecord:
+    def test_a_trusted_record_is_the_same_record_on_the_wire_as_a_validated_one(self, policy: Policy) -> None:
+        plan = decide(incident(), view(), policy)
+        for over in ({}, {"plan": None, "gpu": None, "waiting": None, "action": None, "step_index": None},
+                     {"kind": ActionKind.PLAN, "outcome": ActionOutcome.PLANNED, "details": {}}):
+            built = audit_record(fields(plan, **over), trusted=True)
+            checked = ActionRecord(**fields(plan, **over))
+            assert built == checked
+            assert encode(built) == encode(checked)
+            assert ActionRecord.model_validate_json(encode(built)) == checked
+
+    def test_an_actuators_evidence_is_still_validated(self, policy: Policy) -> None:
+        plan = decide(incident(), view(), policy)
+        with pytest.raises(ValidationError):
+            audit_record(fields(plan, details={"exit_code": 3}), trusted=False)
+
+    def test_a_clock_in_another_zone_is_validated_into_utc(self, policy: Policy) -> None:
+        plan = decide(incident(), view(), policy)
+        rec = audit_record(fields(plan, at=T0.astimezone(timezone(timedelta(hours=2)))), trusted=True)
+        assert rec.at.tzinfo is UTC
+        assert rec.at == T0
+        with pytest.raises(ValidationError):
+            audit_record(fields(plan, at=T0.replace(tzinfo=None)), trusted=True)
+
+
+class TestPlanSaver:
+    async def test_saved_entries_equal_the_validated_plan_record_and_follow_revisions(self, policy: Policy) -> None:
+        store = MemoryStore()
+        book = PlanBook(store)
+        inc = incident()
+        plan = decide(inc, view(), policy)
+        save = book.saver(inc, plan, None)
+        prog = Progress(incident=inc.id, attempt=0)
+        await save(prog)
+        prog.step, prog.state = 2, ProgressState.AWAITING_APPROVAL
+        prog.approved.append("0:1")
+        await save(prog)
+        entry = await store.get(plan_key(inc.id))
+        assert entry is not None
+        assert entry.value == PlanRecord(incident=inc, plan=plan, progress=prog).model_dump(mode="json", by_alias=True)
+        got = await book.get(inc.id)
+        assert got is not None and got[0] == PlanRecord(incident=inc, plan=plan, progress=prog)
+
+    async def test_a_saver_loses_to_another_writer_with_a_conflict(self, policy: Policy) -> None:
+        store = MemoryStore()
+        book = PlanBook(store)
+        inc = incident()
+        plan = decide(inc, view(), policy)
+        save = book.saver(inc, plan, None)
+        await save(Progress(incident=inc.id, attempt=0))
+        rev = await book.revision(inc.id)
+        await book.put(PlanRecord(incident=inc, plan=plan, progress=Progress(incident=inc.id, attempt=1)), rev)
+        with pytest.raises(Conflict):
+            await save(Progress(incident=inc.id, attempt=0, step=1))
+
+
+class TestDecisions:
+    def test_the_same_incident_view_and_policy_are_decided_once(self, policy: Policy) -> None:
+        d = Decisions()
+        inc, v = incident(), view()
+        first = d.plan(inc, v, policy)
+        assert d.plan(inc, v, policy) is first
+        assert first == decide(inc, v, policy)
+        assert d.decided == 1
+
+    def test_a_new_incident_version_view_or_policy_decides_again(self, policy: Policy) -> None:
+        d = Decisions()
+        inc, v = incident(), view()
+        d.plan(inc, v, policy)
+        d.plan(incident(version=2), v, policy)
+        d.plan(incident(version=2), view(), policy)
+        dry = policy.model_copy(update={"dry_run": True})
+        assert d.plan(incident(version=2), v, dry).dry_run
+        assert d.decided == 4
+
+    def test_forgotten_and_oldest_answers_leave_memory(self, policy: Policy) -> None:
+        d = Decisions(cap=2)
+        v = view()
+        incs = [incident().model_copy(update={"id": f"inc-{i}"}) for i in range(3)]
+        for inc in incs:
+            d.plan(inc, v, policy)
+        d.plan(incs[0], v, policy)  # pushed out by the cap: decided again
+        assert d.decided == 4
+        d.forget(incs[0].id)
+        d.plan(incs[0], v, policy)
+        assert d.decided == 5
+        assert d.plan(incs[0], v, policy).domain is Domain.OPERATOR
