@@ -63,6 +63,8 @@ class PipelinedPublisher:
         token = str(self._next)
         fut: asyncio.Future[PublishAck] = asyncio.get_running_loop().create_future()
         self._futures[token] = fut
+        while self._order and self._order[0].done():
+            self._order.popleft()  # acked already: nothing to wait for, nothing to keep alive
         self._order.append(fut)
         if len(self._order) > 2 * self._max:
             self._order = deque(f for f in self._order if not f.done())

@@ -29,6 +29,7 @@ from breakfix.bus.codec import decoder, encode
 from breakfix.bus.consumer import ConsumerSpec, ConsumerStats, run_consumer
 from breakfix.bus.protocol import Bus, Delivery
 from breakfix.remediator.actuator import Actuator, StepResult
+from breakfix.remediator.audit import AuditWriter
 from breakfix.remediator.breaker import page_breaker, page_stale_hold
 from breakfix.remediator.decisions import Decisions
 from breakfix.remediator.executor import Executor
@@ -73,6 +74,7 @@ class RemediatorService:
         self.cluster, self.actor, self.durable = cluster, actor, durable
         self.store: PlanStore = store or MemoryStore()
         self.book = PlanBook(self.store)
+        self.audit = AuditWriter(bus)  # records out, many plans' in one round trip (remediator.audit)
         self.decisions = Decisions(max_incidents)  # decide() once per incident version (remediator.decisions)
         self.keeper = GuardKeeper(self.store, policy.guards, clock)
         self.elector, self.lease_renew_s, self.retry_refused_s = elector, lease_renew_s, retry_refused_s
@@ -110,7 +112,7 @@ class RemediatorService:
             self.guards.record_action(f"{rec.node}/gpu{gpu}" if rec.action in GPU_ACTIONS else rec.node,
                                       rec.action, rec.at)
             self.keeper.save()
-        await self.bus.publish(subjects.action_subject(rec.cluster), encode(rec), msg_id=rec.id)
+        await self.audit.write(subjects.action_subject(rec.cluster), encode(rec), rec.id)
 
     def record(self, inc: Incident, kind: ActionKind, outcome: ActionOutcome, reason: str, *, tag: str,
                waiting: WaitingOn | None = None, rule: str = "", details: dict[str, str] | None = None,
@@ -255,6 +257,7 @@ class RemediatorService:
             if inc.status.terminal:
                 return False
             plan = self.decisions.plan(inc, view, self.policy)
+            self.decisions.forget(inc.id)  # what runs is decided: the next ask is a new version or a retry
             plan = undefer(plan) if inc.id in self.deferred else plan
             progress = None
         else:

@@ -1,0 +1,70 @@
+"""The audit writer: the remediator's records go to JetStream in pipelined rounds (group commit).
+
+Callers are the service's ``publish`` (every ``ActionRecord`` of every plan, refusal and human verb);
+records go to ``breakfix.actions.<cluster>`` through the bus's ``publish_many`` (``publish_start``
+pipelining on JetStream, one-by-one with retries as its fallback). A caller still returns only once
+JetStream has stored its record, so a step never runs before its record is durable; what changes is
+that a burst of plans shares one round trip per batch instead of paying one per record. Records go out
+in the order they were written; at most ``max_pending`` wait at once (a writer past it waits its turn).
+
+One flusher task (named ``remediator-audit-writer``) runs while records wait and ends when none do. A
+bus that calls subscribers inside ``publish`` (the in-memory bus) may run a handler that writes a record
+itself; that record is published directly, as it was before, instead of waiting behind the flusher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import structlog
+
+from breakfix.bus.protocol import Bus
+
+log = structlog.get_logger("breakfix.remediator")
+
+Item = tuple[str, bytes, str | None, "asyncio.Future[None]"]
+
+
+class AuditWriter:
+    def __init__(self, bus: Bus, *, max_batch: int = 512, max_pending: int = 20_000, timeout_s: float = 120.0) -> None:
+        self.bus = bus
+        self.max_batch = max_batch
+        self.timeout_s = timeout_s
+        self._queue: deque[Item] = deque()
+        self._room = asyncio.Semaphore(max_pending)
+        self._flusher: asyncio.Task[None] | None = None
+        self.rounds = 0  # publish rounds made (records / rounds = the batching achieved)
+
+    async def write(self, subject: str, data: bytes, msg_id: str | None) -> None:
+        """Return once the record is stored; raise what publishing it raised (after the bus's own retries)."""
+        if self._flusher is not None and asyncio.current_task() is self._flusher:
+            await self.bus.publish(subject, data, msg_id=msg_id)  # from inside a publish: not behind ourselves
+            return
+        async with self._room:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._queue.append((subject, data, msg_id, fut))
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.create_task(self._flush(), name="remediator-audit-writer")
+            async with asyncio.timeout(self.timeout_s):
+                await fut
+
+    async def _flush(self) -> None:
+        while self._queue:
+            batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+            self.rounds += 1
+            try:
+                await self.bus.publish_many([(subject, data, msg_id) for subject, data, msg_id, _ in batch])
+            except asyncio.CancelledError:
+                for *_, fut in batch:
+                    fut.cancel()
+                raise
+            except Exception as exc:  # the bus gave up: every writer of this batch hears why
+                log.error("audit_publish_failed", records=len(batch), error=repr(exc))
+                for *_, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
