@@ -97,3 +97,22 @@ async def test_the_pipelined_publisher_keeps_no_acked_publish_alive() -> None:
         futs: list[Awaitable[PublishAck]] = [await pub.send("s", b"d", None) for _ in range(20)]
         await asyncio.gather(*futs)
     assert len(pub._order) <= 21  # what it keeps alive is the point of this test
+
+
+class SlowBus(MemoryBus):
+    async def publish_many(self, items: Sequence[tuple[str, bytes, str | None]]) -> list[PublishAck]:
+        await asyncio.sleep(0.05)
+        return await super().publish_many(items)
+
+
+async def test_drain_waits_for_records_already_written_even_when_their_writers_were_cancelled() -> None:
+    bus = SlowBus()
+    await bus.ensure_streams(subjects.STREAMS)
+    writer = AuditWriter(bus, max_batch=4)
+    tasks = [asyncio.create_task(writer.write(SUBJECT, f"r{i}".encode(), f"id-{i}"), name=f"w{i}") for i in range(10)]
+    await asyncio.sleep(0)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await writer.drain(timeout_s=5)
+    assert await stored(bus) == [f"r{i}".encode() for i in range(10)]

@@ -15,6 +15,7 @@ itself; that record is published directly, as it was before, instead of waiting 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 
 import structlog
@@ -48,6 +49,13 @@ class AuditWriter:
                 self._flusher = asyncio.create_task(self._flush(), name="remediator-audit-writer")
             async with asyncio.timeout(self.timeout_s):
                 await fut
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait, at most ``timeout_s``, until every record written so far is stored or has failed."""
+        flusher = self._flusher
+        if flusher is not None and not flusher.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(flusher), timeout_s)
 
     async def _flush(self) -> None:
         while self._queue:

@@ -30,7 +30,7 @@ from breakfix.bus.consumer import ConsumerSpec, ConsumerStats, run_consumer
 from breakfix.bus.protocol import Bus, Delivery
 from breakfix.remediator.actuator import Actuator, StepResult
 from breakfix.remediator.audit import AuditWriter
-from breakfix.remediator.breaker import page_breaker, page_stale_hold
+from breakfix.remediator.breaker import fence, page_breaker, page_stale_hold
 from breakfix.remediator.decisions import Decisions
 from breakfix.remediator.executor import Executor
 from breakfix.remediator.follow import deferral, needs_node, recurrence, redecision, undefer
@@ -294,7 +294,7 @@ class RemediatorService:
             self.keeper.save()
             return False
         if refusal.fence and inc.node is not None:
-            await self._fence(inc, refusal, attempt)
+            await fence(self, inc, refusal, attempt)
             return False
         if refusal.guard == "cooldown" and inc.node is not None and inc.severity.rank >= Severity.CRITICAL.rank \
                 and inc.id not in self.cordoned:
@@ -305,17 +305,6 @@ class RemediatorService:
                                            tag="cooldown-cordon", action=StepAction.CORDON,
                                            waiting=WaitingOn.COOLDOWN, rule=plan.rule))
         return refusal.retry
-
-    async def _fence(self, inc: Incident, refusal: Refusal, attempt: int) -> None:
-        """Cordon + taint the node and page a human with the refusal's reason; the incident keeps its hold."""
-        params: dict[str, str | int | bool] = {"node": inc.node or ""}
-        plan = Plan(domain=Domain.OPERATOR, rule=f"fence-{refusal.guard}", reason=refusal.reason,
-                    steps=(Step(action=StepAction.CORDON, params=params),
-                           Step(action=StepAction.ESCALATE, params={**params, "reason": refusal.reason})))
-        assert inc.node is not None
-        self.guards.hold(inc.node, inc.id, f"fenced: {refusal.reason}")
-        self.keeper.save()
-        await self.executor.run(inc, plan, attempt=attempt + 50)
 
     async def _run(self, inc: Incident, plan: Plan, attempt: int, progress: Progress | None, operator: bool) -> bool:
         lock_key = inc.node or f"fabric:{inc.id}"
@@ -380,7 +369,7 @@ class RemediatorService:
                 log.warning("resuming", incident=inc.id, rung=rec.progress.rung, step=rec.progress.step)
                 self.spawn(inc.id, rec.progress.attempt, rec)
         incidents = ConsumerSpec(subjects.INCIDENTS.name, self.durable, subjects.INCIDENTS_ALL,
-                                 decoder(IncidentChange), self.on_change)
+                                 decoder(IncidentChange), self.on_change, batch=1024)  # a burst: decided in one pass
         control = ConsumerSpec(subjects.ACTIONS.name, f"{self.durable}-control", subjects.ACTIONS_ALL,
                                decoder(ActionRecord), self.human.on_record)
         try:
@@ -397,3 +386,4 @@ class RemediatorService:
             for t in self.tasks.values():
                 t.cancel()
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            await self.audit.drain()  # records already written reach the stream before the bus is handed back
