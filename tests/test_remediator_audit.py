@@ -23,8 +23,18 @@ async def stored(bus: MemoryBus) -> list[bytes]:
 
 
 class FailingBus(MemoryBus):
+    """A bus that refuses the records whose body says so, and so every batch that holds one."""
+
     async def publish_many(self, items: Sequence[tuple[str, bytes, str | None]]) -> list[PublishAck]:
-        raise RuntimeError("stream unavailable")
+        if any(data.startswith(b"bad") for _, data, _ in items):
+            raise RuntimeError("stream unavailable")
+        return await super().publish_many(items)
+
+    async def publish(self, subject: str, data: bytes, *, msg_id: str | None = None,
+                      headers: Any = None) -> PublishAck:
+        if data.startswith(b"bad"):
+            raise RuntimeError("stream unavailable")
+        return await super().publish(subject, data, msg_id=msg_id, headers=headers)
 
 
 async def test_concurrent_records_are_stored_in_order_in_fewer_rounds_before_writers_return() -> None:
@@ -46,13 +56,17 @@ async def test_concurrent_records_are_stored_in_order_in_fewer_rounds_before_wri
     assert len(await stored(bus)) == 100
 
 
-async def test_a_failed_round_raises_in_every_writer_and_the_next_round_still_runs() -> None:
-    writer = AuditWriter(FailingBus(), max_batch=8)
-    results = await asyncio.gather(*(writer.write(SUBJECT, b"x", f"id-{i}") for i in range(10)),
+async def test_a_refused_record_fails_only_its_own_writer_and_the_others_are_stored_in_order() -> None:
+    bus = FailingBus()
+    await bus.ensure_streams(subjects.STREAMS)
+    writer = AuditWriter(bus, max_batch=8)
+    bodies = [b"bad" if i == 3 else f"r{i}".encode() for i in range(10)]
+    results = await asyncio.gather(*(writer.write(SUBJECT, b, f"id-{i}") for i, b in enumerate(bodies)),
                                    return_exceptions=True)
-    assert all(isinstance(r, RuntimeError) for r in results)
+    assert [isinstance(r, RuntimeError) for r in results] == [i == 3 for i in range(10)]
+    assert await stored(bus) == [b for b in bodies if b != b"bad"]
     with pytest.raises(RuntimeError, match="stream unavailable"):
-        await writer.write(SUBJECT, b"y", "id-y")
+        await writer.write(SUBJECT, b"bad again", "id-y")
 
 
 async def test_a_record_written_from_inside_a_publish_does_not_wait_on_itself() -> None:

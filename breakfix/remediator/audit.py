@@ -67,12 +67,24 @@ class AuditWriter:
                 for *_, fut in batch:
                     fut.cancel()
                 raise
-            except Exception as exc:  # the bus gave up: every writer of this batch hears why
-                log.error("audit_publish_failed", records=len(batch), error=repr(exc))
-                for *_, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+            except Exception as exc:  # one bad record must not fail the others: each on its own, msg-ids dedupe
+                log.warning("audit_batch_failed", records=len(batch), error=repr(exc))
+                await self._one_by_one(batch)
                 continue
             for *_, fut in batch:
                 if not fut.done():
                     fut.set_result(None)
+
+    async def _one_by_one(self, batch: list[Item]) -> None:
+        for subject, data, msg_id, fut in batch:
+            try:
+                await self.bus.publish(subject, data, msg_id=msg_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # that writer hears why (after the bus's own retries)
+                log.error("audit_publish_failed", subject=subject, msg_id=msg_id, error=repr(exc))
+                if not fut.done():
+                    fut.set_exception(exc)
+                continue
+            if not fut.done():
+                fut.set_result(None)
