@@ -318,14 +318,15 @@ def check(incident: Incident, plan: Plan, state: GuardState, view: ClusterView, 
         return Refusal("cooldown", f"{node} finished a remediation of the same fault ({done.category}) at "
                                    f"{done.at.isoformat()}; cooldown {spec.cooldown_s:g}s", retry=True,
                        waiting=WaitingOn.COOLDOWN)
-    others = {n for n in state.active if n != node}
+    in_flight = len(state.active) - (node in state.active)  # other nodes in remediation (a count, not a pass)
     pool = len(view.nodes) or 1
     limit = spec.budget.limit(pool)
-    if len(others) + 1 > limit:
-        return Refusal("budget", f"{len(others)} nodes already in remediation; the cluster budget is {limit} of "
+    if in_flight + 1 > limit:
+        return Refusal("budget", f"{in_flight} nodes already in remediation; the cluster budget is {limit} of "
                                  f"{pool} (max({spec.budget.max_nodes}, {spec.budget.max_percent:g}%))", retry=True,
                        waiting=WaitingOn.BUDGET)
     me = view.node(node)
+    others = {n for n in state.active if n != node} if spec.topology_budgets else set()
     for tb in spec.topology_budgets:
         value = (me.labels.get(tb.key) if me else None) or incident.labels.get(tb.key)
         if not value:
