@@ -25,13 +25,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import datetime, timedelta
 
 from breakfix.bus.clock import Clock
 from breakfix.remediator.actuator import Actuator, StepResult
 from breakfix.remediator.records import Progress, ProgressState
-from breakfix.schemas.common import EARLIEST, LATEST
 from breakfix.schemas.incident import (
     ActionKind,
     ActionOutcome,
@@ -50,7 +48,7 @@ Holders = Callable[[Incident], str | None]               # who else still holds 
 Save = Callable[[Progress], Awaitable[None]]
 BUSY = "busy:"  # the node agent's refusal while processes hold the GPU
 
-__all__ = ["BUSY", "Executor", "Progress", "ProgressState", "audit_record", "record_id", "rma_summary", "step_key"]
+__all__ = ["BUSY", "Executor", "Progress", "ProgressState", "record_id", "rma_summary", "step_key"]
 
 
 def record_id(incident: str, attempt: int, kind: str, index: int | None, action: str, outcome: str,
@@ -70,17 +68,6 @@ def rma_summary(incident: Incident) -> str:
     codes = ",".join(incident.codes) or "-"
     return (f"{incident.cluster}/{incident.node or '-'} gpus={gpus} category={incident.category} "
             f"codes={codes} signals={incident.signal_count} first_seen={incident.first_seen.isoformat()}")
-
-
-def audit_record(fields: dict[str, Any], *, trusted: bool) -> ActionRecord:
-    """An ``ActionRecord`` from its fields. ``trusted``: every value already has its field's type (taken from
-    validated models, or the executor's own strings, ints and enums) and ``at`` is an aware UTC time in range,
-    so the record is built as is instead of being validated a second time (a burst of plans writes thousands);
-    anything else (an actuator's evidence, a clock in another zone) goes through validation."""
-    at = fields["at"]
-    if trusted and isinstance(at, datetime) and at.tzinfo is UTC and EARLIEST <= at < LATEST:
-        return ActionRecord.model_construct(**fields)
-    return ActionRecord(**fields)
 
 
 async def _no_save(_p: Progress) -> None:
@@ -117,16 +104,16 @@ class Executor:
         extra = {"rung": rungs[rung].name} if kind is not ActionKind.PLAN and rung < len(rungs) else {}
         if step is not None and step.params.get("mig") is True:
             extra["mig"] = "instances on this GPU must be recreated after the reset"
-        fields: dict[str, Any] = {
-            "id": record_id(incident.id, attempt, kind.value, index, action.value if action else "", outcome.value,
-                            rung),
-            "cluster": incident.cluster, "incident_id": incident.id, "kind": kind, "action": action,
-            "step_index": index, "outcome": outcome, "actor": self.actor, "rule": plan.rule,
-            "reason": reason or plan.reason, "node": incident.node, "gpu": gpu, "domain": plan.domain,
-            "dry_run": plan.dry_run or plan.shadow, "plan": plan if with_plan else None,
-            "details": {**extra, **(details or {})}, "waiting": waiting, "at": self.clock.now(),
-        }
-        await self.publish(audit_record(fields, trusted=details is None))
+        rec = ActionRecord(
+            id=record_id(incident.id, attempt, kind.value, index, action.value if action else "", outcome.value,
+                         rung),
+            cluster=incident.cluster, incident_id=incident.id, kind=kind, action=action, step_index=index,
+            outcome=outcome, actor=self.actor, rule=plan.rule, reason=reason or plan.reason,
+            node=incident.node, gpu=gpu, domain=plan.domain, dry_run=plan.dry_run or plan.shadow,
+            plan=plan if with_plan else None, details={**extra, **(details or {})}, waiting=waiting,
+            at=self.clock.now(),
+        )
+        await self.publish(rec)
 
     async def run(self, incident: Incident, plan: Plan, *, attempt: int = 0, progress: Progress | None = None,
                   save: Save = _no_save) -> ActionOutcome:
