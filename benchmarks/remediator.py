@@ -92,6 +92,7 @@ async def _run(nodes: int, drive: Callable[[JetStreamBus, Watch], Awaitable[None
             cluster = SimCluster({f"n{i}": SimNode(f"n{i}") for i in range(nodes)})
             svc = await build_remediator(RemediatorConfig(cluster="bench"), bus=bus, clock=SystemClock(),
                                          cluster_api=cluster, policy=open_policy(nodes))
+            gc.collect()
             gc.freeze()  # as the daemon does once it is built (breakfix.cli.cli_daemons)
             watch = Watch()
             unsubscribe = await bus.subscribe(subjects.ACTIONS_ALL, watch.on_action)

@@ -84,6 +84,7 @@ def remediator(
         bus = await JetStreamBus.connect(opts, name="breakfix-remediator", stop=stop)
         try:
             service = await build_remediator(cfg, bus=bus, clock=SystemClock(), policy=pol, kubeconfig=kubeconfig)
+            gc.collect()  # nothing of the start-up's garbage is frozen with it
             gc.freeze()  # modules, policy, catalog: long-lived; the collector's full passes skip them (shorter pauses)
             port = cfg.metrics_port if metrics_port is None else metrics_port
             await run_observed(service, stop, clock=SystemClock(), notify=cfg.notify, port=port)
