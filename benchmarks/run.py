@@ -9,8 +9,9 @@
 4. Storm: 1,000 nodes x 8 GPUs for 10 s (leaf-switch failures plus 100 flapping GPUs),
    published as fast as the server takes them; catch-up time after the storm and peak RSS.
 5. Collector overhead: one node daemon with every source on for 60 s (benchmarks/collector.py).
-6. Remediator: incident to first action for 1,000 incidents, and concurrent node drains against
-   kmock (benchmarks/remediator.py).
+6. Remediator: incident to first action for 1,000 incidents at once (with decisions/s beside the raw
+   read of the same stream) and at a steady 100 incidents/s (benchmarks/remediator.py), and concurrent
+   node drains against kmock (benchmarks/drains.py).
 7. ``breakfix signals kmsg`` over 100,000 mixed kernel-log lines beside a plain regex pass over the same
    file (benchmarks/parsers.py).
 8. Console: 10,000 open incidents in the index beside a long incident history; the console's
@@ -37,7 +38,7 @@ from benchmarks.measure import pct_ms, peak_rss_mb, spawn_breakfix
 from benchmarks.mixes import fleet_hour, stress_mix
 from benchmarks.notify import bench_notify
 from benchmarks.parsers import bench_kmsg_cli
-from benchmarks.remediator import bench_first_action
+from benchmarks.remediator import bench_first_action, bench_steady
 from benchmarks.simulate import bench_simulate
 from breakfix.bus.clock import SystemClock
 from breakfix.bus.codec import encode
@@ -235,6 +236,7 @@ def main() -> None:
         result["console"] = bench_console(Path(d))
     result["collector"] = asyncio.run(bench_collector())
     result["remediator_first_action"] = asyncio.run(bench_first_action())
+    result["remediator_steady_100_per_s"] = asyncio.run(bench_steady())
     result["remediator_drains_kmock"] = asyncio.run(bench_drains())
     result["remediator_notify_stalling_receiver"] = asyncio.run(bench_notify())
     result["simulate"] = bench_simulate()

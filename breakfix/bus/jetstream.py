@@ -101,7 +101,7 @@ class JetStreamBus:
         self._pullers: dict[tuple[str, str], BatchPuller] = {}
         self._pipeline: PipelinedPublisher | None = None
         self._stores: dict[str, ObjectStore] = {}
-        self._kv = JetStreamKv(js)
+        self._kv = JetStreamKv(js, self._publisher)
 
     @classmethod
     async def connect(cls, target: str | NatsOptions, *, name: str = "breakfix",
@@ -261,9 +261,7 @@ class JetStreamBus:
 
     async def publish_start(self, items: Sequence[tuple[str, bytes, str | None]]) -> Awaitable[list[PublishAck]]:
         """Send now (nats-py publish_async), collect the acks later: the caller keeps working meanwhile."""
-        if self._pipeline is None:
-            self._pipeline = PipelinedPublisher(self._nc)
-        send = self._pipeline.send
+        send = self._publisher().send
         futures = [await send(subject, data, {HDR_MSG_ID: msg_id} if msg_id else None)
                    for subject, data, msg_id in items]
 
@@ -271,6 +269,11 @@ class JetStreamBus:
             return list(await asyncio.wait_for(asyncio.gather(*futures), timeout=30.0))
 
         return acks()
+
+    def _publisher(self) -> PipelinedPublisher:
+        if self._pipeline is None:
+            self._pipeline = PipelinedPublisher(self._nc)
+        return self._pipeline
 
     async def publish_many(self, items: Sequence[tuple[str, bytes, str | None]]) -> list[PublishAck]:
         """Publish many messages with one round of acks; on any failure fall back to one-by-one

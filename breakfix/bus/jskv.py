@@ -3,13 +3,20 @@
 Buckets are created on first ``ensure_kv`` (file storage); conditional writes map nats-py's
 wrong-last-sequence errors to ``KvConflict``. Callers are the remediator's plan store, guard
 state and any stage that keeps latest values; none of them sees a nats type.
+
+Conditional writes (``kv_create``, ``kv_update``) go out on the bus's pipelined publisher when it
+gives one: a KV write is a publish to ``$KV.<bucket>.<key>`` with ``Nats-Expected-Last-Subject-Sequence``
+(the KV wire contract), and its ack comes back without nats-py's per-request timer and inbox. The
+caller still waits for the ack; a key the pipeline cannot take (not a plain KV key) and a create that
+meets a deleted key's tombstone go through nats-py, which handles both.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Callable
 
 import nats.errors
 import nats.js.errors
@@ -18,8 +25,13 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KV_DEL, KV_PURGE
 from nats.js.kv import KeyValue as NatsKv
 
+from breakfix.bus.pipeline import PipelinedPublisher, PublishError
 from breakfix.bus.protocol import KvConflict, KvEntry
 from breakfix.bus.retry import transient_retry
+
+_EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
+_WRONG_LAST = (10071, 10164)  # JetStream's wrong (constant) last sequence: someone else wrote the key
+_PLAIN_KEY = re.compile(r"^[-/_=a-zA-Z0-9][-/_=.a-zA-Z0-9]*(?<!\.)$")  # NATS KV's valid keys
 
 
 def _conflict(exc: BaseException) -> bool:
@@ -32,8 +44,11 @@ def _conflict(exc: BaseException) -> bool:
 class JetStreamKv:
     """Key-value buckets of one JetStream context; one handle per bucket, opened once."""
 
-    def __init__(self, js: JetStreamContext) -> None:
+    def __init__(self, js: JetStreamContext, pipeline: Callable[[], PipelinedPublisher] | None = None,
+                 timeout_s: float = 10.0) -> None:
         self._js = js
+        self._pipeline = pipeline
+        self._timeout_s = timeout_s
         self._buckets: dict[str, NatsKv] = {}
         self._opening = asyncio.Lock()  # a burst of first calls opens each bucket once, not once per call
 
@@ -76,6 +91,11 @@ class JetStreamKv:
 
     async def kv_create(self, bucket: str, key: str, value: bytes) -> int:
         kv = await self._bucket(bucket)
+        if self._pipeline is not None and _PLAIN_KEY.match(key):
+            try:
+                return await self._write_at(bucket, key, value, 0)
+            except KvConflict:
+                pass  # it exists, or a tombstone of a deleted key is there: nats-py tells them apart
         try:
             return int(await transient_retry(lambda: kv.create(key, value)))
         except nats.js.errors.Error as exc:
@@ -85,11 +105,34 @@ class JetStreamKv:
 
     async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int:
         kv = await self._bucket(bucket)
+        if self._pipeline is not None and _PLAIN_KEY.match(key) and revision:
+            return await self._write_at(bucket, key, value, revision)
         try:
             return int(await transient_retry(lambda: kv.update(key, value, last=revision)))
         except nats.js.errors.Error as exc:
             if _conflict(exc):
                 raise KvConflict(f"{bucket}/{key}: not at revision {revision}") from None
+            raise
+
+    async def _write_at(self, bucket: str, key: str, value: bytes, last: int) -> int:
+        """Store ``value`` only while ``key`` is at revision ``last`` (0: absent), on the pipelined publisher."""
+        assert self._pipeline is not None
+        pipeline = self._pipeline()
+
+        async def once() -> int:
+            fut = await pipeline.send(f"$KV.{bucket}.{key}", value, {_EXPECTED_LAST: str(last)})
+            try:
+                return (await asyncio.wait_for(fut, self._timeout_s)).seq
+            except PublishError as exc:
+                if exc.status == "503":  # as nats-py reports it, so the retry below treats it the same
+                    raise nats.errors.NoRespondersError from None
+                raise
+
+        try:
+            return await transient_retry(once)
+        except PublishError as exc:
+            if exc.err_code in _WRONG_LAST:
+                raise KvConflict(f"{bucket}/{key}: not at revision {last}") from None
             raise
 
     async def kv_delete(self, bucket: str, key: str) -> None:

@@ -22,7 +22,13 @@ from breakfix.bus.protocol import PublishAck
 
 
 class PublishError(RuntimeError):
-    """The server refused a publish (no stream, wrong sequence, ...)."""
+    """The server refused a publish (no stream, wrong sequence, ...): its ``err_code`` (JetStream's, e.g. 10071
+    for a wrong last sequence) or ``status`` (503: no stream answers) say which."""
+
+    def __init__(self, message: str, *, err_code: int | None = None, status: str | None = None) -> None:
+        super().__init__(message)
+        self.err_code = err_code
+        self.status = status
 
 
 class PipelinedPublisher:
@@ -40,7 +46,7 @@ class PipelinedPublisher:
         if fut is None or fut.done():
             return
         if msg.headers and msg.headers.get("Status") == "503":
-            fut.set_exception(PublishError("no stream answers this subject"))
+            fut.set_exception(PublishError("no stream answers this subject", status="503"))
             return
         try:
             resp = json.loads(msg.data)
@@ -48,7 +54,8 @@ class PipelinedPublisher:
             fut.set_exception(PublishError(f"unreadable publish ack: {exc}"))
             return
         if "error" in resp:
-            fut.set_exception(PublishError(str(resp["error"].get("description", resp["error"]))))
+            err = resp["error"]
+            fut.set_exception(PublishError(str(err.get("description", err)), err_code=err.get("err_code")))
             return
         fut.set_result(PublishAck(stream=resp.get("stream", ""), seq=int(resp.get("seq", 0)),
                                   duplicate=bool(resp.get("duplicate", False))))
@@ -63,6 +70,8 @@ class PipelinedPublisher:
         token = str(self._next)
         fut: asyncio.Future[PublishAck] = asyncio.get_running_loop().create_future()
         self._futures[token] = fut
+        while self._order and self._order[0].done():
+            self._order.popleft()  # acked already: nothing to wait for, nothing to keep alive
         self._order.append(fut)
         if len(self._order) > 2 * self._max:
             self._order = deque(f for f in self._order if not f.done())

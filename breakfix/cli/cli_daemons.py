@@ -6,6 +6,7 @@ bad config with file:line. NATS options come from the config file's ``nats:`` se
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 from typing import Annotated
 
@@ -83,6 +84,8 @@ def remediator(
         bus = await JetStreamBus.connect(opts, name="breakfix-remediator", stop=stop)
         try:
             service = await build_remediator(cfg, bus=bus, clock=SystemClock(), policy=pol, kubeconfig=kubeconfig)
+            gc.collect()  # nothing of the start-up's garbage is frozen with it
+            gc.freeze()  # modules, policy, catalog: long-lived; the collector's full passes skip them (shorter pauses)
             port = cfg.metrics_port if metrics_port is None else metrics_port
             await run_observed(service, stop, clock=SystemClock(), notify=cfg.notify, port=port)
         finally:

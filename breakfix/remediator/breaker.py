@@ -5,6 +5,9 @@ the actuator's escalation), so no incident is marked escalated by them.
   incident it now holds; ``breakfix breaker reset`` (``remediator.human``) re-drives them;
 - a stale hold: an incident the correlator closed as stale still holds its node, and on-call is told to release
   it by hand.
+
+``fence`` is the plan a refusal that needs a human gets (retry cap, kill switch, a budget wait too long): the
+node is cordoned and tainted and a human is paged with the reason, through the service's executor.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from breakfix.schemas.incident import ActionKind, ActionOutcome, Domain, Incident, WaitingOn
+from breakfix.schemas.incident import ActionKind, ActionOutcome, Domain, Incident, Plan, Step, StepAction, WaitingOn
 
 if TYPE_CHECKING:
+    from breakfix.remediator.guards import Refusal
     from breakfix.remediator.service import RemediatorService
 
 log = structlog.get_logger("breakfix.remediator")
@@ -45,3 +49,15 @@ async def page_stale_hold(svc: RemediatorService, inc: Incident) -> None:
     await svc.actuator.escalate(nodes[0], why, incident=inc.id)
     await svc.publish(svc.record(inc, ActionKind.NOTIFICATION, ActionOutcome.SUCCEEDED, why, tag="stale-hold",
                                  waiting=WaitingOn.HUMAN, details={"held": ",".join(nodes)}))
+
+
+async def fence(svc: RemediatorService, inc: Incident, refusal: Refusal, attempt: int) -> None:
+    """Cordon + taint the node and page a human with the refusal's reason; the incident keeps its hold."""
+    params: dict[str, str | int | bool] = {"node": inc.node or ""}
+    plan = Plan(domain=Domain.OPERATOR, rule=f"fence-{refusal.guard}", reason=refusal.reason,
+                steps=(Step(action=StepAction.CORDON, params=params),
+                       Step(action=StepAction.ESCALATE, params={**params, "reason": refusal.reason})))
+    assert inc.node is not None
+    svc.guards.hold(inc.node, inc.id, f"fenced: {refusal.reason}")
+    svc.keeper.save()
+    await svc.executor.run(inc, plan, attempt=attempt + 50)

@@ -24,6 +24,7 @@ must be fenced and a human paged; it is published as an audit record.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -76,6 +77,65 @@ def target_of(incident: Incident, action: StepAction, gpu: int | None = None) ->
     return node
 
 
+class _Tail:
+    """Follows an append-only list: the rows added since the last look, or all of them again when the list was
+    replaced, cut, or cut and refilled to the same length."""
+
+    def __init__(self) -> None:
+        self.source: list[Any] | None = None
+        self.seen = 0
+        self.last: Any = None
+
+    def new_rows(self, rows: list[Any]) -> tuple[bool, list[Any]]:
+        """(whether it starts over, the rows not looked at yet)."""
+        again = rows is not self.source or self.seen > len(rows) or bool(self.seen and rows[self.seen - 1]
+                                                                          is not self.last)
+        if again:
+            self.source, self.seen = rows, 0
+        new = rows[self.seen:]
+        self.seen, self.last = len(rows), rows[-1] if rows else None
+        return again, new
+
+
+class _Index(_Tail):
+    """Times per key over an append-only list (what a retry cap or the breaker counts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: dict[Any, list[datetime]] = {}
+        self.oldest: datetime | None = None
+
+    def sync(self, rows: list[Any], key: Callable[[Any], Any],
+             at: Callable[[Any], datetime]) -> dict[Any, list[datetime]]:
+        again, new = self.new_rows(rows)
+        if again:
+            self.times, self.oldest = {}, None
+        for row in new:
+            t = at(row)
+            self.times.setdefault(key(row), []).append(t)
+            self.oldest = t if self.oldest is None or t < self.oldest else self.oldest
+        return self.times
+
+
+class _Rows(_Tail):
+    """The store form of an append-only list, each row made once (the keeper writes the state many times a second)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out: list[list[Any]] = []
+
+    def sync(self, rows: list[Any], form: Callable[[Any], list[Any]]) -> list[list[Any]]:
+        again, new = self.new_rows(rows)
+        if again:
+            self.out = []
+        self.out.extend(form(r) for r in new)
+        return list(self.out)
+
+
+def _fault_row(f: Fault) -> list[Any]:
+    return [f.at.isoformat(), f.category, sorted(f.codes), f.severity]
+
+
 @dataclass
 class GuardState:
     active: dict[str, str] = field(default_factory=dict)            # node -> incident in operator remediation
@@ -88,6 +148,19 @@ class GuardState:
     queued: dict[str, datetime] = field(default_factory=dict)       # incident -> first_seen, held by the breaker
     killed_rules: set[str] = field(default_factory=set)             # run-time kill switches (audited)
     killed_codes: set[str] = field(default_factory=set)
+    # derived from the lists above and extended as they grow (a replaced or shortened list is read again): retry
+    # caps and the breaker look at one target or count nodes without a pass over every action and open
+    _acts: _Index = field(default_factory=_Index, init=False, repr=False, compare=False)
+    _opened: _Index = field(default_factory=_Index, init=False, repr=False, compare=False)
+    _act_rows: _Rows = field(default_factory=_Rows, init=False, repr=False, compare=False)
+    _open_rows: _Rows = field(default_factory=_Rows, init=False, repr=False, compare=False)
+    _fault_rows: dict[str, tuple[Fault, list[Any]]] = field(default_factory=dict, init=False, repr=False,
+                                                             compare=False)
+
+    def executed(self, target: str, action: str, since: datetime) -> int:
+        """How many times ``action`` ran on ``target`` at or after ``since`` (what a retry cap counts)."""
+        times = self._acts.sync(self.actions, lambda a: (a[0], a[1]), lambda a: a[2])
+        return sum(1 for at in times.get((target, action), ()) if at >= since)
 
     # -- reducers (pure: the caller passes time in) -----------------------------------------------
     def observe_open(self, node: str | None, at: datetime, spec: BreakerSpec, pool: int) -> bool:
@@ -96,8 +169,11 @@ class GuardState:
             return False
         self.opens.append((node, at))
         cutoff = at - timedelta(seconds=spec.window_s)
-        self.opens = [(n, t) for n, t in self.opens if t >= cutoff]
-        nodes = {n for n, _ in self.opens}
+        opened = self._opened.sync(self.opens, lambda o: o[0], lambda o: o[1])
+        if self._opened.oldest is not None and self._opened.oldest < cutoff:  # some fell out of the window
+            self.opens = [(n, t) for n, t in self.opens if t >= cutoff]
+            opened = self._opened.sync(self.opens, lambda o: o[0], lambda o: o[1])
+        nodes = opened.keys()
         if self.breaker_tripped_at is None and len(nodes) >= spec.min_nodes and pool \
                 and 100 * len(nodes) / pool > spec.max_percent:
             self.breaker_tripped_at = at
@@ -110,7 +186,7 @@ class GuardState:
         """Close the breaker; returns the queued incidents, oldest first (the order they are re-driven in)."""
         self.breaker_tripped_at = None
         self.breaker_reason = ""
-        self.opens.clear()
+        self.opens = []
         order = [i for i, _ in sorted(self.queued.items(), key=lambda kv: (kv[1], kv[0]))]
         self.queued.clear()
         return order
@@ -151,19 +227,26 @@ class GuardState:
     def prune(self, now: datetime, spec: GuardsSpec) -> None:
         """Drop what no guard can look at any more; called on every write, so the stored record stays bounded."""
         cutoff = now - timedelta(seconds=spec.retry_window_s)
-        self.actions = [a for a in self.actions if a[2] >= cutoff]
+        if len(acts := [a for a in self.actions if a[2] >= cutoff]) != len(self.actions):
+            self.actions = acts  # only when something left, so the indexes above stay as they are otherwise
         opened = now - timedelta(seconds=spec.breaker.window_s)
-        self.opens = [(n, t) for n, t in self.opens if t >= opened]
+        if len(opens := [(n, t) for n, t in self.opens if t >= opened]) != len(self.opens):
+            self.opens = opens
         cooled = now - timedelta(seconds=spec.cooldown_s)
         self.finished = {n: f for n, f in self.finished.items() if f.at >= cooled}
 
     # -- store form ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        rows = self._fault_rows
+        for n, f in self.finished.items():
+            if (got := rows.get(n)) is None or got[0] is not f:
+                rows[n] = (f, _fault_row(f))
+        if len(rows) > len(self.finished):
+            self._fault_rows = rows = {n: rows[n] for n in self.finished}
         return {"active": self.active, "holds": self.holds,
-                "actions": [[n, a, t.isoformat()] for n, a, t in self.actions],
-                "opens": [[n, t.isoformat()] for n, t in self.opens],
-                "finished": {n: [f.at.isoformat(), f.category, sorted(f.codes), f.severity]
-                             for n, f in self.finished.items()},
+                "actions": self._act_rows.sync(self.actions, lambda a: [a[0], a[1], a[2].isoformat()]),
+                "opens": self._open_rows.sync(self.opens, lambda o: [o[0], o[1].isoformat()]),
+                "finished": {n: rows[n][1] for n in self.finished},
                 "breaker_tripped_at": self.breaker_tripped_at.isoformat() if self.breaker_tripped_at else None,
                 "breaker_reason": self.breaker_reason, "queued": {i: t.isoformat() for i, t in self.queued.items()},
                 "killed_rules": sorted(self.killed_rules), "killed_codes": sorted(self.killed_codes)}
@@ -196,7 +279,7 @@ def step_check(incident: Incident, step: Step, state: GuardState, spec: GuardsSp
         return None
     target = target_of(incident, step.action, _gpu_of(step))
     window = now - timedelta(seconds=spec.retry_window_s)
-    used = sum(1 for t, a, at in state.actions if t == target and a == step.action.value and at >= window)
+    used = state.executed(target, step.action.value, window)
     if used >= cap:
         return Refusal("retry_cap", f"{step.action.value} already ran {used}x on {target} within "
                                     f"{spec.retry_window_s / 3600:g} h (cap {cap}); a human decides the next step",
@@ -235,14 +318,15 @@ def check(incident: Incident, plan: Plan, state: GuardState, view: ClusterView, 
         return Refusal("cooldown", f"{node} finished a remediation of the same fault ({done.category}) at "
                                    f"{done.at.isoformat()}; cooldown {spec.cooldown_s:g}s", retry=True,
                        waiting=WaitingOn.COOLDOWN)
-    others = {n for n in state.active if n != node}
+    in_flight = len(state.active) - (node in state.active)  # other nodes in remediation (a count, not a pass)
     pool = len(view.nodes) or 1
     limit = spec.budget.limit(pool)
-    if len(others) + 1 > limit:
-        return Refusal("budget", f"{len(others)} nodes already in remediation; the cluster budget is {limit} of "
+    if in_flight + 1 > limit:
+        return Refusal("budget", f"{in_flight} nodes already in remediation; the cluster budget is {limit} of "
                                  f"{pool} (max({spec.budget.max_nodes}, {spec.budget.max_percent:g}%))", retry=True,
                        waiting=WaitingOn.BUDGET)
     me = view.node(node)
+    others = {n for n in state.active if n != node} if spec.topology_budgets else set()
     for tb in spec.topology_budgets:
         value = (me.labels.get(tb.key) if me else None) or incident.labels.get(tb.key)
         if not value:

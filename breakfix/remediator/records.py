@@ -8,8 +8,10 @@ store, so nothing else reads plan entries by string key.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -88,6 +90,22 @@ class PlanBook:
     async def put(self, record: PlanRecord, revision: int | None) -> int:
         return await self.store.put(plan_key(record.incident.id), record.model_dump(mode="json", by_alias=True),
                                     revision)
+
+    def saver(self, incident: Incident, plan: Plan, revision: int | None) -> Callable[[Progress], Awaitable[None]]:
+        """The executor's ``save`` for one run of ``plan``: each call stores ``PlanRecord(incident, plan, progress)``
+        at the revision the previous call wrote (``revision`` first; ``Conflict`` when another writer moved it).
+        Neither the incident nor the plan changes during a run, so their JSON is made once, not at every step."""
+        fixed: dict[str, Any] = {"incident": incident.model_dump(mode="json", by_alias=True),
+                                 "plan": plan.model_dump(mode="json", by_alias=True)}
+        rev = revision
+        key = plan_key(incident.id)
+
+        async def save(progress: Progress) -> None:
+            nonlocal rev
+            rev = await self.store.put(key, {**fixed, "progress": progress.model_dump(mode="json", by_alias=True)},
+                                       rev)
+
+        return save
 
     async def all(self) -> list[PlanRecord]:
         out = []

@@ -29,8 +29,9 @@ from breakfix.bus.codec import decoder, encode
 from breakfix.bus.consumer import ConsumerSpec, ConsumerStats, run_consumer
 from breakfix.bus.protocol import Bus, Delivery
 from breakfix.remediator.actuator import Actuator, StepResult
-from breakfix.remediator.breaker import page_breaker, page_stale_hold
-from breakfix.remediator.decide import decide
+from breakfix.remediator.audit import AuditWriter
+from breakfix.remediator.breaker import fence, page_breaker, page_stale_hold
+from breakfix.remediator.decisions import Decisions
 from breakfix.remediator.executor import Executor
 from breakfix.remediator.follow import deferral, needs_node, recurrence, redecision, undefer
 from breakfix.remediator.guards import GPU_ACTIONS, GuardState, Refusal, check, step_check
@@ -73,6 +74,8 @@ class RemediatorService:
         self.cluster, self.actor, self.durable = cluster, actor, durable
         self.store: PlanStore = store or MemoryStore()
         self.book = PlanBook(self.store)
+        self.audit = AuditWriter(bus)  # records out, many plans' in one round trip (remediator.audit)
+        self.decisions = Decisions(max_incidents)  # decide() once per incident version (remediator.decisions)
         self.keeper = GuardKeeper(self.store, policy.guards, clock)
         self.elector, self.lease_renew_s, self.retry_refused_s = elector, lease_renew_s, retry_refused_s
         self.companion, self.max_incidents = companion, max_incidents
@@ -109,7 +112,7 @@ class RemediatorService:
             self.guards.record_action(f"{rec.node}/gpu{gpu}" if rec.action in GPU_ACTIONS else rec.node,
                                       rec.action, rec.at)
             self.keeper.save()
-        await self.bus.publish(subjects.action_subject(rec.cluster), encode(rec), msg_id=rec.id)
+        await self.audit.write(subjects.action_subject(rec.cluster), encode(rec), rec.id)
 
     def record(self, inc: Incident, kind: ActionKind, outcome: ActionOutcome, reason: str, *, tag: str,
                waiting: WaitingOn | None = None, rule: str = "", details: dict[str, str] | None = None,
@@ -153,7 +156,7 @@ class RemediatorService:
         if change.kind is ChangeKind.OPENED and inc.domain is Domain.OPERATOR and self.guards.observe_open(
                 inc.node, inc.first_seen, self.policy.guards.breaker, len((await self._view()).nodes)):
             await page_breaker(self, inc)
-        plan = decide(inc, await self._view(), self.policy)
+        plan = self.decisions.plan(inc, await self._view(), self.policy)
         if inc.node is not None and inc.parent is None and needs_node(plan) and deferral(plan) is None:
             self.guards.hold(inc.node, inc.id, inc.category)  # from now on, no other plan returns this node
             self.keeper.save()
@@ -179,13 +182,15 @@ class RemediatorService:
         self.acted.discard(iid)
         self.cordoned.discard(iid)
         self.deferred.discard(iid)
+        self.decisions.forget(iid)
         self.budget_since.pop(iid, None)
         if inc is not None and inc.status is IncidentStatus.RESOLVED:
             self.guards.forget(iid)  # an escalated incident keeps its hold until a human releases it
 
     async def _maybe_redecide(self, inc: Incident) -> None:
         plan, category, attempt = self.current[inc.id]
-        why = redecision(plan, category, decide(inc, await self._view(), self.policy), inc, inc.id in self.acted)
+        now = self.decisions.plan(inc, await self._view(), self.policy)
+        why = redecision(plan, category, now, inc, inc.id in self.acted)
         if why is None:
             return
         log.warning("redecide", incident=inc.id, old=plan.rule, why=why)
@@ -235,7 +240,7 @@ class RemediatorService:
             if cover is not None:
                 log.info("covered", incident=inc.id, by=cover)
                 return False
-            first = decide(inc, await self._view(), self.policy)
+            first = self.decisions.plan(inc, await self._view(), self.policy)
             if inc.id not in self.deferred and (early := deferral(first)) is not None:  # outside the node lock
                 until = self.clock.now() + timedelta(seconds=early[1])
                 await self.executor.wait_idle(inc, first, attempt, early[0], until)
@@ -251,7 +256,8 @@ class RemediatorService:
             inc = self.latest.get(inc.id, inc)
             if inc.status.terminal:
                 return False
-            plan = decide(inc, view, self.policy)
+            plan = self.decisions.plan(inc, view, self.policy)
+            self.decisions.forget(inc.id)  # what runs is decided: the next ask is a new version or a retry
             plan = undefer(plan) if inc.id in self.deferred else plan
             progress = None
         else:
@@ -288,7 +294,7 @@ class RemediatorService:
             self.keeper.save()
             return False
         if refusal.fence and inc.node is not None:
-            await self._fence(inc, refusal, attempt)
+            await fence(self, inc, refusal, attempt)
             return False
         if refusal.guard == "cooldown" and inc.node is not None and inc.severity.rank >= Severity.CRITICAL.rank \
                 and inc.id not in self.cordoned:
@@ -300,26 +306,10 @@ class RemediatorService:
                                            waiting=WaitingOn.COOLDOWN, rule=plan.rule))
         return refusal.retry
 
-    async def _fence(self, inc: Incident, refusal: Refusal, attempt: int) -> None:
-        """Cordon + taint the node and page a human with the refusal's reason; the incident keeps its hold."""
-        params: dict[str, str | int | bool] = {"node": inc.node or ""}
-        plan = Plan(domain=Domain.OPERATOR, rule=f"fence-{refusal.guard}", reason=refusal.reason,
-                    steps=(Step(action=StepAction.CORDON, params=params),
-                           Step(action=StepAction.ESCALATE, params={**params, "reason": refusal.reason})))
-        assert inc.node is not None
-        self.guards.hold(inc.node, inc.id, f"fenced: {refusal.reason}")
-        self.keeper.save()
-        await self.executor.run(inc, plan, attempt=attempt + 50)
-
     async def _run(self, inc: Incident, plan: Plan, attempt: int, progress: Progress | None, operator: bool) -> bool:
         lock_key = inc.node or f"fabric:{inc.id}"
         got = await self.book.get(inc.id)
-        rev = got[1] if got else None
-
-        async def save(p: Progress) -> None:
-            nonlocal rev
-            rev = await self.book.put(PlanRecord(incident=inc, plan=plan, progress=p), rev)
-
+        save = self.book.saver(inc, plan, got[1] if got else None)
         if operator:
             self.guards.start(lock_key, inc.id)
             self.keeper.save()
@@ -379,7 +369,7 @@ class RemediatorService:
                 log.warning("resuming", incident=inc.id, rung=rec.progress.rung, step=rec.progress.step)
                 self.spawn(inc.id, rec.progress.attempt, rec)
         incidents = ConsumerSpec(subjects.INCIDENTS.name, self.durable, subjects.INCIDENTS_ALL,
-                                 decoder(IncidentChange), self.on_change)
+                                 decoder(IncidentChange), self.on_change, batch=1024)  # a burst: decided in one pass
         control = ConsumerSpec(subjects.ACTIONS.name, f"{self.durable}-control", subjects.ACTIONS_ALL,
                                decoder(ActionRecord), self.human.on_record)
         try:
@@ -396,3 +386,4 @@ class RemediatorService:
             for t in self.tasks.values():
                 t.cancel()
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            await self.audit.drain()  # records already written reach the stream before the bus is handed back
