@@ -31,7 +31,7 @@ from breakfix.correlator.lifecycle import Lifecycle
 from breakfix.correlator.model import Change, Observation, TrackedIncident
 from breakfix.correlator.patterns import Patterns
 from breakfix.correlator.rules import Rules
-from breakfix.correlator.state import LEMON_LABEL, CoreState
+from breakfix.correlator.state import LEMON_LABEL, TERMINAL, CoreState
 from breakfix.correlator.topology import TopologyGrouper
 from breakfix.schemas.catalog import Catalog, FaultClass
 from breakfix.schemas.incident import ActionRecord, Domain, IncidentChange, IncidentScope, IncidentStatus
@@ -120,14 +120,14 @@ class Correlator:
         fk = s.fault_key()
         if s.healthy:  # not remembered: a repeated healthy reading clears nothing twice
             return self.lifecycle.clear(fk, s)
-        ck = code_key(s)
+        ck = f"{s.check}:{s.code}" if s.code else s.check  # code_key(s), inlined
         fc = st.classify(s)
         eck = fc.equivalent or ck  # a DCGM code counts as its XID equivalent (one fault, one plan)
         at = s.observed_at
         rules = st.rules
         gkey = s.gpu.key() if s.gpu is not None else None
         gpu_key = f"gpu|{s.cluster}|{s.node}|{gkey}" if gkey is not None else None
-        o = Observation(s, fk, ck, eck, fc, gpu_key)
+        o = Observation(s, fk, ck, eck, fc, gpu_key, gkey, f"{fk}#{ck}")
         down = eck in rules.down_codes or fc.category in rules.down_categories  # may fold peers opened before
         if gpu_key is not None and s.check == "xid" and s.code in st.symp:
             host = st.live(st.by_key.get(gpu_key))
@@ -156,7 +156,7 @@ class Correlator:
                 return found
         key, scope = self._key(s, fc, gpu_key)
         inc = st.incidents.get(st.by_key.get(key, ""))
-        if inc is not None and inc.status.terminal:
+        if inc is not None and inc.status in TERMINAL:
             if inc.status is IncidentStatus.RESOLVED and inc.resolved_at is not None \
                     and (at - inc.resolved_at).total_seconds() <= rules.flap_s:
                 changes = book.reopen(inc, o)

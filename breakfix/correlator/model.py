@@ -152,6 +152,8 @@ class Observation:
     eck: str  # the key the rules match: a DCGM code's XID equivalent, otherwise ``ck``
     fc: FaultClass
     gpu_key: str | None  # ``gpu|cluster|node|gpu`` when the signal names a GPU
+    gkey: str | None  # the GPU's own key (``GpuRef.key()``) when the signal names one
+    lk: str  # ``fk#ck``: the key of the incident's last occurrence of this fault and code (dedupe)
 
 
 @dataclass(slots=True)
