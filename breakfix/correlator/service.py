@@ -122,17 +122,18 @@ class CorrelatorService:
     # -- one batch -------------------------------------------------------------------------------
     async def _publish(self, changes: list[Change], now: datetime) -> None:
         """Send now; the acks are collected before the next checkpoint (``_settle``)."""
+        if not changes:
+            return
         items: list[Item] = []
         limit = self.core.rules.caps.max_change_bytes
+        blog = log.bind()  # the configured logger, resolved once per batch rather than once per change
         for ch in coalesce(changes):
             inc = ch.incident
             self.metrics.change(ch)
             items.append((subjects.incident_subject(inc.cluster), change_json(ch.kind, inc, now, limit),
                           msg_id(ch.kind, inc.id, inc.version, inc.flaps)))
-            log.info("incident_" + ch.kind.value, incident=inc.id, node=inc.node, category=inc.category,
-                     status=inc.status.value, signals=inc.signal_count, parent=inc.parent)
-        if not items:
-            return
+            blog.info("incident_" + ch.kind.value, incident=inc.id, node=inc.node, category=inc.category,
+                      status=inc.status.value, signals=inc.signal_count, parent=inc.parent)
         await index_for(self.bus).write_items(items)  # the incident index (KV bucket): latest versions
         self._inflight.append((items, await self.bus.publish_start(items)))
         self.published += len(items)
@@ -185,6 +186,7 @@ class CorrelatorService:
             now = self.clock()
             began = self.clocks.monotonic()
             changes: list[Change] = []
+            consumed = self.metrics.consumed
             for msg in msgs:
                 try:
                     item = decode_message(decode, msg)  # signals: the subject must name the body's node
@@ -192,7 +194,7 @@ class CorrelatorService:
                     stats.dead_lettered += 1
                     await self._dead_letter(msg, stream, durable, str(exc))
                     continue
-                self.metrics.consumed(item, stream)
+                consumed(item, stream)
                 try:
                     changes.extend(handle(item, now))
                 except Exception as exc:  # a poison message must not stall the partition
