@@ -98,6 +98,7 @@ class CorrelatorService:
         self.positions: dict[str, int] = {}
         self._unacked: dict[str, Delivery] = {}
         self._inflight: list[tuple[list[Item], Awaitable[list[PublishAck]]]] = []
+        self._index_inflight: list[tuple[list[Item], Awaitable[object]]] = []
         self._lock = asyncio.Lock()
         self._dirty = False
         self.last_checkpoint_s = 0.0
@@ -134,7 +135,9 @@ class CorrelatorService:
                           msg_id(ch.kind, inc.id, inc.version, inc.flaps)))
             blog.info("incident_" + ch.kind.value, incident=inc.id, node=inc.node, category=inc.category,
                       status=inc.status.value, signals=inc.signal_count, parent=inc.parent)
-        await index_for(self.bus).write_items(items)  # the incident index (KV bucket): latest versions
+        # the incident index (KV bucket, latest versions) and the changes go out now, in order; both sets of
+        # acks are collected before the next checkpoint (``_settle``), so the batch loop does not wait on them
+        self._index_inflight.append((items, await index_for(self.bus).write_items_start(items)))
         self._inflight.append((items, await self.bus.publish_start(items)))
         self.published += len(items)
         if len(self._inflight) >= 256:
@@ -143,6 +146,13 @@ class CorrelatorService:
     async def _settle(self) -> None:
         """Wait for every publish in flight; on a failure publish again one by one (msg-ids dedupe),
         once. A change that still fails is logged, counted and dead-lettered, never retried forever."""
+        indexing, self._index_inflight = self._index_inflight, []
+        for items, written in indexing:
+            try:
+                await written
+            except Exception as exc:  # put again, awaited, once; a store that still refuses stops the daemon
+                log.warning("index_write_retry", error=repr(exc), changes=len(items))
+                await index_for(self.bus).write_items(items)
         inflight, self._inflight = self._inflight, []
         for items, pending in inflight:
             try:
