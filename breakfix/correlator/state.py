@@ -68,9 +68,13 @@ class CoreState:
         self.remap_facts = frozenset({*(f"xid:{c}" for c in corr.dbe_companions), *corr.remap_equivalents})
 
     # -- helpers shared by the collaborators --------------------------------------------------------------
-    def classify(self, s: Signal) -> FaultClass:
+    def class_cacheable(self, s: Signal) -> bool:
+        """False when the signal's class depends on its message (XID 154/74/NVLink5, an SXid's Fatal)."""
         check = s.check
-        if (check == "xid" and s.code in self._message_xids) or check == "sxid":  # 154/74/NVLink5, SXid's Fatal
+        return not ((check == "xid" and s.code in self._message_xids) or check == "sxid")
+
+    def classify(self, s: Signal) -> FaultClass:
+        if not self.class_cacheable(s):
             return self.catalog.classify(check=s.check, code=s.code, message=s.message, details=s.details)
         k = (s.check, s.code)
         cache = self._classes
