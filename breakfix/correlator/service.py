@@ -147,12 +147,16 @@ class CorrelatorService:
         """Wait for every publish in flight; on a failure publish again one by one (msg-ids dedupe),
         once. A change that still fails is logged, counted and dead-lettered, never retried forever."""
         indexing, self._index_inflight = self._index_inflight, []
-        for items, written in indexing:
+        failed_at: int | None = None
+        for n, (items, written) in enumerate(indexing):
             try:
                 await written
-            except Exception as exc:  # put again, awaited, once; a store that still refuses stops the daemon
+            except Exception as exc:
                 log.warning("index_write_retry", error=repr(exc), changes=len(items))
-                await index_for(self.bus).write_items(items)
+                failed_at = n if failed_at is None else failed_at
+        if failed_at is not None:  # put again, awaited, once, from the first refused batch on and in order (a
+            for items, _ in indexing[failed_at:]:  # later batch's newer version of a key must be put last); a
+                await index_for(self.bus).write_items(items)  # store that still refuses stops the daemon
         inflight, self._inflight = self._inflight, []
         for items, pending in inflight:
             try:
