@@ -148,8 +148,7 @@ class CorrelatorMetrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.changes = Counter(f"{prefix}_incident_changes", "Incident changes published, by kind", ["kind"],
                                registry=r)
-        for kind in ChangeKind:
-            self.changes.labels(kind.value)
+        self._change_counters = {kind: self.changes.labels(kind.value) for kind in ChangeKind}
         self.dead_letters.labels("schema")
         self.open = OpenIncidents(f"{prefix}_open_incidents")
         r.register(self.open)
@@ -173,7 +172,7 @@ class CorrelatorMetrics:
         self.dead_letters.labels(reason_class(reason)).inc()
 
     def change(self, ch: ChangeLike) -> None:
-        self.changes.labels(ch.kind.value).inc()
+        self._change_counters[ch.kind].inc()
         self.open.apply(ch.incident)
 
     def published(self, changes: Iterable[ChangeLike]) -> None:
