@@ -177,7 +177,13 @@ class Correlator:
             found = self.patterns.suspect(gpu_key, o)
             if found is not None:
                 return found
-        key, scope = self._key(s, fc, gpu_key)
+        t = s.tenant  # the key (Correlator._key, inlined: most fault signals get here)
+        if fc.domain is Domain.TENANT and t is not None:
+            key, scope = f"tenant|{s.cluster}|{t.namespace}|{t.workload()}", IncidentScope.TENANT
+        elif gpu_key is not None and fc.category not in NODE_CATEGORIES:
+            key, scope = gpu_key, IncidentScope.GPU
+        else:
+            key, scope = f"node|{s.cluster}|{s.node}", IncidentScope.NODE
         inc = st.incidents.get(st.by_key.get(key, ""))
         if inc is not None and inc.status in TERMINAL:
             if inc.status is IncidentStatus.RESOLVED and inc.resolved_at is not None \
@@ -223,12 +229,3 @@ class Correlator:
                     self._routes.clear()
                 self._routes[k] = r
         return r
-
-    def _key(self, s: Signal, fc: FaultClass, gpu_key: str | None) -> tuple[str, IncidentScope]:
-        if fc.domain is Domain.TENANT and s.tenant is not None:
-            # one tenant workload across its pods, GPUs and nodes
-            return f"tenant|{s.cluster}|{s.tenant.namespace}|{s.tenant.workload()}", IncidentScope.TENANT
-        if gpu_key is not None and fc.category not in NODE_CATEGORIES:
-            return gpu_key, IncidentScope.GPU
-        return f"node|{s.cluster}|{s.node}", IncidentScope.NODE
-
