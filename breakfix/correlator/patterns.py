@@ -78,9 +78,9 @@ class Patterns:
             if (at - t).total_seconds() <= rule.window_s and len(hist) <= _HISTORY_CAP:
                 break
             del hist[w]
-        workloads = list(hist)
-        if len(workloads) < rule.min_workloads:
+        if len(hist) < rule.min_workloads:
             return None
+        workloads = list(hist)
         spec = self.catalog.category(rule.category)
         suspect = FaultClass(rule.category, spec.severity, spec.domain, "", True, spec.title, SUSPECT_SOURCE)
         note = f"{o.ck} from {len(workloads)} workloads within {rule.window_s:g}s: {', '.join(workloads)}"
