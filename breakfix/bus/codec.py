@@ -26,6 +26,7 @@ from breakfix.schemas.signal import Signal
 M = TypeVar("M", bound=BaseModel)
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # above NATS's largest max_payload; anything bigger is not ours
+_MATCHED_CAP = 65536  # (subject, cluster, node) triples a Signal decoder remembers as matching
 
 
 class _SubjectAware:
@@ -61,20 +62,31 @@ def signal_subject_mismatch(signal: Signal, subject: str) -> str | None:
 
 
 def decoder(model: type[M]) -> Callable[[bytes], M]:
-    """A total decoder for ``model``. For ``Signal`` with a subject, the subject must match the body."""
+    """A total decoder for ``model``. For ``Signal`` with a subject, the subject must match the body.
+
+    The subject check remembers (bounded) the (subject, cluster, node) triples that matched: a node sends
+    on one subject, so the check costs one set lookup after its first signal.
+    """
     check_subject = model is Signal
+    validate_json = model.__pydantic_validator__.validate_json  # what model_validate_json calls, unwrapped
+    matched: set[tuple[str, str, str]] = set()
 
     def decode(data: bytes, subject: str | None = None) -> M:
         if len(data) > MAX_MESSAGE_BYTES:
             raise DecodeError(f"undecodable {model.__name__}: {len(data)} bytes is over {MAX_MESSAGE_BYTES}")
         try:
-            item = model.model_validate_json(data)
+            item: M = validate_json(data)
         except Exception as exc:  # ValidationError, and anything a validator lets escape: all are poison
             raise DecodeError(_reason(model, exc)) from None
         if check_subject and subject is not None:
-            why = signal_subject_mismatch(item, subject)  # type: ignore[arg-type]
-            if why is not None:
-                raise DecodeError(f"forged Signal: {why}")
+            key = (subject, item.cluster, item.node)  # type: ignore[attr-defined]
+            if key not in matched:
+                why = signal_subject_mismatch(item, subject)  # type: ignore[arg-type]
+                if why is not None:
+                    raise DecodeError(f"forged Signal: {why}")
+                if len(matched) >= _MATCHED_CAP:
+                    matched.clear()
+                matched.add(key)
         return item
 
     return _SubjectAware(decode, f"decode_{model.__name__}")

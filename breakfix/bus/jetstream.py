@@ -211,11 +211,13 @@ class JetStreamBus:
     async def kv_put_many(self, bucket: str, values: Mapping[str, bytes]) -> None:
         """On JetStream a KV put is a publish to ``$KV.<bucket>.<key>`` (the KV wire contract): send them
         pipelined, one round trip per batch instead of one per key."""
-        if not values:
-            return
+        if values:
+            await (await self.kv_put_start(bucket, values))
+
+    async def kv_put_start(self, bucket: str, values: Mapping[str, bytes]) -> Awaitable[list[PublishAck]]:
+        """``kv_put_many`` in two halves: the puts are sent now, in order; await the result for their acks."""
         await self._kv.ensure_kv(bucket)
-        ack = await self.publish_start([(f"$KV.{bucket}.{k}", v, None) for k, v in values.items()])
-        await ack
+        return await self.publish_start([(f"$KV.{bucket}.{k}", v, None) for k, v in values.items()])
 
     def kv_watch(self, bucket: str, prefix: str = "") -> AsyncIterator[KvEntry]:
         return self._kv.kv_watch(bucket, prefix)

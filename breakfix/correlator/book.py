@@ -131,14 +131,17 @@ class IncidentBook:
         return changes
 
     def add(self, inc: TrackedIncident, o: Observation, fold: bool = False) -> list[Change]:
-        s, fk, ck = o.signal, o.fk, o.ck
+        s, fk, ck, lk = o.signal, o.fk, o.ck, o.lk
         at = s.observed_at
-        lk = f"{fk}#{ck}"
         last = inc.last_at.get(lk)
         if last is not None and fk in inc.open_faults and at - last <= self.state.dedupe_td and ck in inc.counts:
             # the storm path: count it, store nothing new, publish nothing
-            self.state.stats["suppressed"] += 1
-            self.state.remember(s.id, inc.id)
+            st = self.state
+            st.stats["suppressed"] += 1
+            seen = st.seen
+            seen[s.id] = inc.id  # CoreState.remember, inlined on this hot path
+            if len(seen) > st.seen_limit:
+                seen.popitem(last=False)
             inc.signal_count += 1
             inc.counts[ck] += 1
             inc.last_at[lk] = at
@@ -162,29 +165,33 @@ class IncidentBook:
 
     def absorb(self, inc: TrackedIncident, o: Observation, fold: bool = False) -> bool:
         """Add a fault signal's facts to an incident; True when something an SRE would notice changed."""
-        rules, s, fk, ck, fc = self.rules, o.signal, o.fk, o.ck, o.fc
+        rules, st, s, fk, ck, fc = self.rules, self.state, o.signal, o.fk, o.ck, o.fc
         at = s.observed_at
-        self.state.remember(s.id, inc.id)
-        inc.last_at[f"{fk}#{ck}"] = at
+        seen = st.seen
+        seen[s.id] = inc.id  # CoreState.remember, inlined on this hot path
+        if len(seen) > st.seen_limit:
+            seen.popitem(last=False)
+        inc.last_at[o.lk] = at
         material = False
         inc.signal_count += 1
         if len(inc.signal_ids) < rules.evidence_ids:
             inc.signal_ids.append(s.id)
-        if len(inc.evidence) < rules.evidence_messages and s.message:
+        if s.message and len(inc.evidence) < rules.evidence_messages:
             inc.evidence.append(s.message[:rules.message_chars])
         if at > inc.last_seen:
             inc.last_seen = at
-        caps, limit = rules.caps, rules.timeline_limit
-        n = inc.counts.get(ck)
+        caps = rules.caps
+        counts = inc.counts
+        n = counts.get(ck)
         if n is not None:
-            inc.counts[ck] = n + 1
-        elif len(inc.counts) < caps.codes:
-            inc.counts[ck] = 1
+            counts[ck] = n + 1
+        elif len(counts) < caps.codes:
+            counts[ck] = 1
             material = True
             if fold:
-                inc.note(at, "folded", f"{ck} on {s.entity_key()}", limit)
+                inc.note(at, "folded", f"{ck} on {s.entity_key()}", rules.timeline_limit)
         else:
-            inc.over("codes", at, caps.codes, limit)
+            inc.over("codes", at, caps.codes, rules.timeline_limit)
         if s.check not in inc.checks and len(inc.checks) < caps.codes:
             inc.checks[s.check] = None
         if not fold:
@@ -195,17 +202,17 @@ class IncidentBook:
                         inc.labels.setdefault(k, v)
                     material = True
                 else:
-                    inc.over("components", at, caps.components, limit)
-            if s.gpu is not None:
-                g = s.gpu.key()
+                    inc.over("components", at, caps.components, rules.timeline_limit)
+            g = o.gkey
+            if g is not None:
                 if o.gpu_key is not None:
-                    self.state.by_gpu[o.gpu_key] = inc.id
+                    st.by_gpu[o.gpu_key] = inc.id
                 if g not in inc.gpus:
                     if len(inc.gpus) < caps.components:
-                        inc.gpus[g] = s.gpu
+                        inc.gpus[g] = s.gpu  # type: ignore[assignment]  # gkey is set only with a GPU
                         material = True
                     else:
-                        inc.over("components", at, caps.components, limit)
+                        inc.over("components", at, caps.components, rules.timeline_limit)
             if s.tenant is not None:
                 t = s.tenant.key()
                 if t not in inc.tenants:
@@ -214,20 +221,21 @@ class IncidentBook:
                         inc.labels.pop(TENANT_LABEL, None)
                         material = True
                     else:
-                        inc.over("components", at, caps.components, limit)
-            material |= self.merge_class(inc, fc, at)
+                        inc.over("components", at, caps.components, rules.timeline_limit)
+            if fc.category != inc.category or fc.severity is not inc.severity:  # else merge_class changes nothing
+                material |= self.merge_class(inc, fc, at)
         prev = inc.open_faults.get(fk)
         if prev is None and len(inc.open_faults) >= caps.open_faults:
-            inc.over("open_faults", at, caps.open_faults, limit)
+            inc.over("open_faults", at, caps.open_faults, rules.timeline_limit)
         elif prev is None or prev < at:
             inc.open_faults[fk] = at
-            self.state.by_fault[fk] = inc.id
+            st.by_fault[fk] = inc.id
             material |= prev is None
-        if s.gpu is not None and (fc.equivalent or ck) in rules.down_codes:
-            self.state.down[s.node] = (inc.id, s.gpu.key(), at)
+        if o.gkey is not None and (fc.equivalent or ck) in rules.down_codes:  # fc: maybe a pattern's, not o.eck's
+            st.down[s.node] = (inc.id, o.gkey, at)
         elif fc.category in rules.down_categories:
-            self.state.down[s.node] = (inc.id, "", at)
-        if inc.category == "gpu_reset_required" and self.state.dbe_with_remap(inc.counts):
+            st.down[s.node] = (inc.id, "", at)
+        if inc.category == "gpu_reset_required" and st.dbe_with_remap(counts):
             material |= self.companions(inc, at)
         return material
 

@@ -23,6 +23,7 @@ Grouping, in the order a fault signal meets it (its facts bundled once into an `
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -30,16 +31,35 @@ from breakfix.correlator.book import IncidentBook
 from breakfix.correlator.lifecycle import Lifecycle
 from breakfix.correlator.model import Change, Observation, TrackedIncident
 from breakfix.correlator.patterns import Patterns
-from breakfix.correlator.rules import Rules
-from breakfix.correlator.state import LEMON_LABEL, CoreState
+from breakfix.correlator.rules import CategoryThreshold, Rules, Threshold
+from breakfix.correlator.state import LEMON_LABEL, TERMINAL, CoreState
 from breakfix.correlator.topology import TopologyGrouper
 from breakfix.schemas.catalog import Catalog, FaultClass
 from breakfix.schemas.incident import ActionRecord, Domain, IncidentChange, IncidentScope, IncidentStatus
 from breakfix.schemas.signal import Signal
 
 NODE_CATEGORIES = frozenset({"node_reboot_required"})
+_ROUTES = 4096  # (check, code) pairs are open-ended input: the route cache is bounded
 _XID154 = "xid:154"
 __all__ = ["LEMON_LABEL", "CoreState", "Correlator", "Observation", "code_key"]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What a fault signal's check and code decide before any incident is looked at (the rules are fixed for a
+    core): its class and code keys, and which of the grouping steps below can apply to it."""
+
+    fc: FaultClass
+    ck: str
+    eck: str
+    down: bool  # a GPU down or a fatal NVSwitch fault: NVLink peers' incidents may fold in (step 4)
+    symp: bool  # a collateral XID that folds into the GPU's fault (step 2)
+    raises: bool  # XID 154 or a node category: joins the GPU's host incident (step 3)
+    peer: bool  # an NVLink peer code (step 4)
+    impact: bool  # an endpoint SLO breach (step 5)
+    suspect: bool  # an application XID that may make the GPU suspect (step 6)
+    threshold: Threshold | None  # count-in-window per code (step 8)
+    category_threshold: CategoryThreshold | None  # count-in-window per category (step 8)
 
 
 def code_key(signal: Signal) -> str:
@@ -60,6 +80,7 @@ class Correlator:
         self.patterns = Patterns(self.state, self.book)
         self.book.patterns = self.patterns
         self.lifecycle = Lifecycle(self.state)
+        self._routes: dict[tuple[str, str | None], Route] = {}
 
     # -- the state, for callers (the service, replay, tests) ----------------------------------------
     @property
@@ -119,56 +140,64 @@ class Correlator:
             return []
         fk = s.fault_key()
         if s.healthy:  # not remembered: a repeated healthy reading clears nothing twice
+            if fk not in st.by_fault:  # the common case, a heartbeat for something that is fine (Lifecycle.clear)
+                st.stats["healthy"] += 1
+                return []
             return self.lifecycle.clear(fk, s)
-        ck = code_key(s)
-        fc = st.classify(s)
-        eck = fc.equivalent or ck  # a DCGM code counts as its XID equivalent (one fault, one plan)
+        r = self._route(s)
+        fc, ck, eck = r.fc, r.ck, r.eck
         at = s.observed_at
-        rules = st.rules
-        gkey = s.gpu.key() if s.gpu is not None else None
-        gpu_key = f"gpu|{s.cluster}|{s.node}|{gkey}" if gkey is not None else None
-        o = Observation(s, fk, ck, eck, fc, gpu_key)
-        down = eck in rules.down_codes or fc.category in rules.down_categories  # may fold peers opened before
-        if gpu_key is not None and s.check == "xid" and s.code in st.symp:
+        g = s.gpu
+        gkey = None if g is None else g.key()
+        gpu_key = None if gkey is None else f"gpu|{s.cluster}|{s.node}|{gkey}"
+        o = Observation(s, fk, ck, eck, fc, gpu_key, gkey, f"{fk}#{ck}")
+        down = r.down  # may fold peers opened before
+        if r.symp and gpu_key is not None:
             host = st.live(st.by_key.get(gpu_key))
             if host is not None and at - host.last_seen <= st.symp_td:
                 return book.add(host, o, fold=True)
-        if gpu_key is not None and (eck == _XID154 or fc.category in NODE_CATEGORIES):
+        if r.raises and gpu_key is not None:
             # NVIDIA Xid catalog, XID_154: the recovery action applies to the GPU's fault; it raises the
             # incident already holding that GPU's codes (and a GPU off the bus joins that incident too)
             host = book.gpu_host(gpu_key, s)
             if host is not None:
                 changes = book.add(host, o, fold=not fc.known)
                 return changes + book.after_down(host, o) if down else changes
-        if eck in rules.peer_codes:
+        if r.peer:
             d = st.down.get(s.node)
             if d is not None and d[1] != gkey and at - d[2] <= st.peer_td:
                 host = st.live(d[0])
                 if host is not None:
                     return book.add(host, o, fold=True)
-        if fc.category in rules.impact_categories and s.tenant is not None:
+        if r.impact and s.tenant is not None:
             found = self.patterns.endpoint(o)
             if found is not None:
                 return found
-        if gpu_key is not None and eck in rules.suspect_codes and s.tenant is not None:
+        if r.suspect and gpu_key is not None and s.tenant is not None:
             found = self.patterns.suspect(gpu_key, o)
             if found is not None:
                 return found
-        key, scope = self._key(s, fc, gpu_key)
+        t = s.tenant  # the key (Correlator._key, inlined: most fault signals get here)
+        if fc.domain is Domain.TENANT and t is not None:
+            key, scope = f"tenant|{s.cluster}|{t.namespace}|{t.workload()}", IncidentScope.TENANT
+        elif gpu_key is not None and fc.category not in NODE_CATEGORIES:
+            key, scope = gpu_key, IncidentScope.GPU
+        else:
+            key, scope = f"node|{s.cluster}|{s.node}", IncidentScope.NODE
         inc = st.incidents.get(st.by_key.get(key, ""))
-        if inc is not None and inc.status.terminal:
+        if inc is not None and inc.status in TERMINAL:
             if inc.status is IncidentStatus.RESOLVED and inc.resolved_at is not None \
-                    and (at - inc.resolved_at).total_seconds() <= rules.flap_s:
+                    and (at - inc.resolved_at).total_seconds() <= st.rules.flap_s:
                 changes = book.reopen(inc, o)
                 return changes + book.after_down(inc, o) if down else changes
             inc = None
         if inc is None:
-            thr = rules.thresholds.get(eck)
+            thr = r.threshold
             if thr is not None and not book.threshold_met(f"{fk}#{eck}", at, thr.count, thr.window_s):
                 st.stats["below_threshold"] += 1
                 st.remember(s.id, "")
                 return []
-            cthr = rules.category_thresholds.get(fc.category)
+            cthr = r.category_threshold
             if cthr is not None and not book.threshold_met(f"{fk}#cat:{fc.category}", at, cthr.count,
                                                             cthr.window_s):
                 st.stats["below_threshold"] += 1
@@ -179,11 +208,24 @@ class Correlator:
         changes = book.add(inc, o)
         return changes + book.after_down(inc, o) if down else changes
 
-    def _key(self, s: Signal, fc: FaultClass, gpu_key: str | None) -> tuple[str, IncidentScope]:
-        if fc.domain is Domain.TENANT and s.tenant is not None:
-            # one tenant workload across its pods, GPUs and nodes
-            return f"tenant|{s.cluster}|{s.tenant.namespace}|{s.tenant.workload()}", IncidentScope.TENANT
-        if gpu_key is not None and fc.category not in NODE_CATEGORIES:
-            return gpu_key, IncidentScope.GPU
-        return f"node|{s.cluster}|{s.node}", IncidentScope.NODE
-
+    def _route(self, s: Signal) -> Route:
+        """The signal's ``Route``: cached by (check, code) unless its class depends on the message
+        (``CoreState.classify`` caches the same way), bounded."""
+        k = (s.check, s.code)
+        r = self._routes.get(k)
+        if r is None:
+            st, rules = self.state, self.state.rules
+            fc = st.classify(s)
+            ck = f"{s.check}:{s.code}" if s.code else s.check  # code_key(s)
+            eck = fc.equivalent or ck  # a DCGM code counts as its XID equivalent (one fault, one plan)
+            r = Route(fc, ck, eck, down=eck in rules.down_codes or fc.category in rules.down_categories,
+                      symp=s.check == "xid" and s.code in st.symp,
+                      raises=eck == _XID154 or fc.category in NODE_CATEGORIES, peer=eck in rules.peer_codes,
+                      impact=fc.category in rules.impact_categories, suspect=eck in rules.suspect_codes,
+                      threshold=rules.thresholds.get(eck),
+                      category_threshold=rules.category_thresholds.get(fc.category))
+            if st.class_cacheable(s):
+                if len(self._routes) >= _ROUTES:
+                    self._routes.clear()
+                self._routes[k] = r
+        return r

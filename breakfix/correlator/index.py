@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass, field
 
 import structlog
@@ -72,11 +72,23 @@ class IncidentIndex:
         the msg-id's first part (``<incident>:<version>`` or ``<incident>:<event>:<flaps>``).
         Items come one per incident per batch, latest last; a later item for a key wins.
         """
-        latest: dict[str, bytes] = {}
-        for subject, data, msg_id in items:
-            if msg_id:
-                latest[f"{subject.rsplit('.', 1)[-1]}.{token(msg_id.split(':', 1)[0])}"] = data
-        await self._put(latest)
+        await self._put(_latest(items))
+
+    async def write_items_start(self, items: Iterable[tuple[str, bytes, str | None]]) -> Awaitable[object]:
+        """``write_items`` in two halves (the correlator service): the puts go out now, in order, and the
+        returned awaitable waits for the store to take them (raising if it did not). On a key-value store
+        without pipelining the puts are done before this returns."""
+        latest = _latest(items)
+        if not latest:
+            return _done()
+        await self.ensure()
+        start = getattr(self.kv, "kv_put_start", None)
+        self.written += len(latest)
+        if start is None:
+            await self.kv.kv_put_many(self.bucket, latest)
+            return _done()
+        pending: Awaitable[object] = await start(self.bucket, latest)
+        return pending
 
     async def write(self, incidents: Iterable[Incident]) -> None:
         """Put incidents as they are now (the highest version wins when an id repeats)."""
@@ -143,6 +155,18 @@ class IncidentIndex:
             await _close(it)
 
 
+def _latest(items: Iterable[tuple[str, bytes, str | None]]) -> dict[str, bytes]:
+    latest: dict[str, bytes] = {}
+    for subject, data, msg_id in items:
+        if msg_id:
+            latest[f"{subject.rsplit('.', 1)[-1]}.{token(msg_id.split(':', 1)[0])}"] = data
+    return latest
+
+
+async def _done() -> None:
+    return None
+
+
 async def _close(it: AsyncIterator[KvEntry]) -> None:
     aclose = getattr(it, "aclose", None)
     if aclose is not None:
@@ -161,6 +185,10 @@ class _NoIndex:
 
     async def write_items(self, items: Iterable[tuple[str, bytes, str | None]]) -> None:
         del items
+
+    async def write_items_start(self, items: Iterable[tuple[str, bytes, str | None]]) -> Awaitable[object]:
+        del items
+        return _done()
 
 
 def index_for(bus: object) -> IncidentIndex | _NoIndex:

@@ -126,6 +126,7 @@ class CorrelatorMetrics:
         self.prefix = prefix
         self.clock = clock
         self._check = LabelCap(128)
+        self._signal_keys: dict[tuple[str, str], tuple[str, str]] = {}
         self.signals = Counts(f"{prefix}_signals_consumed", "Signals decoded and correlated, by source and check",
                               ("source", "check"))
         self.messages = Counts(f"{prefix}_messages_consumed", "Messages decoded, by stream", ("stream",))
@@ -147,8 +148,7 @@ class CorrelatorMetrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.changes = Counter(f"{prefix}_incident_changes", "Incident changes published, by kind", ["kind"],
                                registry=r)
-        for kind in ChangeKind:
-            self.changes.labels(kind.value)
+        self._change_counters = {kind: self.changes.labels(kind.value) for kind in ChangeKind}
         self.dead_letters.labels("schema")
         self.open = OpenIncidents(f"{prefix}_open_incidents")
         r.register(self.open)
@@ -161,13 +161,18 @@ class CorrelatorMetrics:
         if stream:
             self.messages.inc((stream,))
         if isinstance(item, Signal):
-            self.signals.inc((item.source.value, self._check(item.check)))
+            key = self._signal_keys.get((item.source, item.check))
+            if key is None:  # (source, capped check) labels, worked out once per pair (bounded like the cap)
+                if len(self._signal_keys) >= 4096:
+                    self._signal_keys.clear()
+                key = self._signal_keys[(item.source, item.check)] = (item.source.value, self._check(item.check))
+            self.signals.inc(key)
 
     def dead_lettered(self, reason: str) -> None:
         self.dead_letters.labels(reason_class(reason)).inc()
 
     def change(self, ch: ChangeLike) -> None:
-        self.changes.labels(ch.kind.value).inc()
+        self._change_counters[ch.kind].inc()
         self.open.apply(ch.incident)
 
     def published(self, changes: Iterable[ChangeLike]) -> None:

@@ -14,7 +14,6 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -152,6 +151,8 @@ class Observation:
     eck: str  # the key the rules match: a DCGM code's XID equivalent, otherwise ``ck``
     fc: FaultClass
     gpu_key: str | None  # ``gpu|cluster|node|gpu`` when the signal names a GPU
+    gkey: str | None  # the GPU's own key (``GpuRef.key()``) when the signal names one
+    lk: str  # ``fk#ck``: the key of the incident's last occurrence of this fault and code (dedupe)
 
 
 @dataclass(slots=True)
@@ -180,10 +181,21 @@ def coalesce(changes: list[Change]) -> list[Change]:
 _OPTS = orjson.OPT_UTC_Z
 
 
-@lru_cache(maxsize=65536)
+_REFS: dict[int, tuple[GpuRef | TenantRef, dict[str, Any]]] = {}
+_REFS_CAP = 65536
+
+
 def _ref(obj: GpuRef | TenantRef) -> dict[str, Any]:
-    """Frozen refs repeat across changes; dump each once (callers never mutate the dict)."""
-    return obj.model_dump(mode="json")
+    """Frozen refs repeat across changes; dump each once (callers never mutate the dict). Found by identity:
+    the entry holds the ref, so its id is not reused while cached (cheaper than hashing the model)."""
+    hit = _REFS.get(id(obj))
+    if hit is not None and hit[0] is obj:
+        return hit[1]
+    if len(_REFS) >= _REFS_CAP:
+        _REFS.clear()
+    dumped = obj.model_dump(mode="json")
+    _REFS[id(obj)] = (obj, dumped)
+    return dumped
 
 
 def change_json(kind: ChangeKind, inc: TrackedIncident, at: datetime, max_bytes: int | None = None) -> bytes:
@@ -194,7 +206,8 @@ def change_json(kind: ChangeKind, inc: TrackedIncident, at: datetime, max_bytes:
     ``max_bytes`` the long lists (signal ids, evidence, timeline) are trimmed and counted in
     ``overflow``, so a change always fits under NATS's ``max_payload``.
     """
-    body = {f.wire_name: f.json(getattr(inc, f.attr)) for f in _WIRE}
+    d = inc.__dict__
+    body = {name: d[attr] if conv is None else conv(d[attr]) for name, attr, conv in _JSON_PLAN}
     body["schema"] = "breakfix.incident/v1"
     data = orjson.dumps({"kind": kind.value, "at": at, "incident": body}, option=_OPTS)
     if max_bytes is not None and len(data) > max_bytes:
@@ -322,4 +335,7 @@ FIELDS: tuple[Field, ...] = (
     Field("last_at", _NO_WIRE, state=lambda d: {k: _dt(v) for k, v in d.items()}),
 )
 _WIRE = tuple(f for f in FIELDS if f.wire_name)
+# change_json's view of _WIRE: (wire name, attribute, JSON conversion or None). Plain values and enums need
+# none: orjson writes a StrEnum member as its string value, the bytes ``_value`` would give.
+_JSON_PLAN = tuple((f.wire_name, f.attr, None if f.json in (_same, _value) else f.json) for f in _WIRE)
 _STATE: dict[str, Callable[[Any], Any]] = {f.attr: f.state for f in FIELDS if f.state is not None}

@@ -19,7 +19,7 @@ from datetime import datetime
 
 from breakfix.correlator.book import IncidentBook
 from breakfix.correlator.model import Change, Observation, TrackedIncident, incident_id
-from breakfix.correlator.state import LEMON_LABEL, CoreState
+from breakfix.correlator.state import LEMON_LABEL, TERMINAL, CoreState
 from breakfix.schemas.catalog import FaultClass
 from breakfix.schemas.common import max_severity
 from breakfix.schemas.incident import ChangeKind, Domain, IncidentScope
@@ -61,9 +61,12 @@ class Patterns:
         self.catalog = state.catalog
 
     def suspect(self, gpu_key: str, o: Observation) -> list[Change] | None:
-        rule, s = self.rules.suspect, o.signal
+        rule, s, st = self.rules.suspect, o.signal, self.state
         assert rule is not None and s.tenant is not None
-        host = self.state.live(self.state.by_key.get(gpu_key))
+        iid = st.by_key.get(gpu_key)
+        host = st.incidents.get(iid) if iid else None  # CoreState.live, inlined: every application XID asks
+        if host is not None and host.status in TERMINAL:
+            host = None
         if host is not None and host.category == rule.category:
             return self.book.add(host, o)
         at = s.observed_at
@@ -75,9 +78,9 @@ class Patterns:
             if (at - t).total_seconds() <= rule.window_s and len(hist) <= _HISTORY_CAP:
                 break
             del hist[w]
-        workloads = list(hist)
-        if len(workloads) < rule.min_workloads:
+        if len(hist) < rule.min_workloads:
             return None
+        workloads = list(hist)
         spec = self.catalog.category(rule.category)
         suspect = FaultClass(rule.category, spec.severity, spec.domain, "", True, spec.title, SUSPECT_SOURCE)
         note = f"{o.ck} from {len(workloads)} workloads within {rule.window_s:g}s: {', '.join(workloads)}"

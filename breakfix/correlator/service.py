@@ -98,6 +98,7 @@ class CorrelatorService:
         self.positions: dict[str, int] = {}
         self._unacked: dict[str, Delivery] = {}
         self._inflight: list[tuple[list[Item], Awaitable[list[PublishAck]]]] = []
+        self._index_inflight: list[tuple[list[Item], Awaitable[object]]] = []
         self._lock = asyncio.Lock()
         self._dirty = False
         self.last_checkpoint_s = 0.0
@@ -122,18 +123,21 @@ class CorrelatorService:
     # -- one batch -------------------------------------------------------------------------------
     async def _publish(self, changes: list[Change], now: datetime) -> None:
         """Send now; the acks are collected before the next checkpoint (``_settle``)."""
+        if not changes:
+            return
         items: list[Item] = []
         limit = self.core.rules.caps.max_change_bytes
+        blog = log.bind()  # the configured logger, resolved once per batch rather than once per change
         for ch in coalesce(changes):
             inc = ch.incident
             self.metrics.change(ch)
             items.append((subjects.incident_subject(inc.cluster), change_json(ch.kind, inc, now, limit),
                           msg_id(ch.kind, inc.id, inc.version, inc.flaps)))
-            log.info("incident_" + ch.kind.value, incident=inc.id, node=inc.node, category=inc.category,
-                     status=inc.status.value, signals=inc.signal_count, parent=inc.parent)
-        if not items:
-            return
-        await index_for(self.bus).write_items(items)  # the incident index (KV bucket): latest versions
+            blog.info("incident_" + ch.kind.value, incident=inc.id, node=inc.node, category=inc.category,
+                      status=inc.status.value, signals=inc.signal_count, parent=inc.parent)
+        # the incident index (KV bucket, latest versions) and the changes go out now, in order; both sets of
+        # acks are collected before the next checkpoint (``_settle``), so the batch loop does not wait on them
+        self._index_inflight.append((items, await index_for(self.bus).write_items_start(items)))
         self._inflight.append((items, await self.bus.publish_start(items)))
         self.published += len(items)
         if len(self._inflight) >= 256:
@@ -142,6 +146,17 @@ class CorrelatorService:
     async def _settle(self) -> None:
         """Wait for every publish in flight; on a failure publish again one by one (msg-ids dedupe),
         once. A change that still fails is logged, counted and dead-lettered, never retried forever."""
+        indexing, self._index_inflight = self._index_inflight, []
+        failed_at: int | None = None
+        for n, (items, written) in enumerate(indexing):
+            try:
+                await written
+            except Exception as exc:
+                log.warning("index_write_retry", error=repr(exc), changes=len(items))
+                failed_at = n if failed_at is None else failed_at
+        if failed_at is not None:  # put again, awaited, once, from the first refused batch on and in order (a
+            for items, _ in indexing[failed_at:]:  # later batch's newer version of a key must be put last); a
+                await index_for(self.bus).write_items(items)  # store that still refuses stops the daemon
         inflight, self._inflight = self._inflight, []
         for items, pending in inflight:
             try:
@@ -185,6 +200,7 @@ class CorrelatorService:
             now = self.clock()
             began = self.clocks.monotonic()
             changes: list[Change] = []
+            consumed = self.metrics.consumed
             for msg in msgs:
                 try:
                     item = decode_message(decode, msg)  # signals: the subject must name the body's node
@@ -192,7 +208,7 @@ class CorrelatorService:
                     stats.dead_lettered += 1
                     await self._dead_letter(msg, stream, durable, str(exc))
                     continue
-                self.metrics.consumed(item, stream)
+                consumed(item, stream)
                 try:
                     changes.extend(handle(item, now))
                 except Exception as exc:  # a poison message must not stall the partition

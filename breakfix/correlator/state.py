@@ -18,12 +18,14 @@ from breakfix.correlator.model import TrackedIncident
 from breakfix.correlator.rules import Rules, default_rules
 from breakfix.correlator.topology import TopologyGrouper, _Candidates
 from breakfix.schemas.catalog import Catalog, FaultClass
+from breakfix.schemas.incident import IncidentStatus
 from breakfix.schemas.signal import Signal
 
 LEMON_LABEL = "breakfix.io/lemon"
 TENANT_LABEL = "breakfix.io/tenant"
 STATE_VERSION = 1
 _CLASS_CACHE = 4096
+TERMINAL = frozenset(st for st in IncidentStatus if st.terminal)  # ``status.terminal`` as one set lookup
 
 
 def _ts(d: datetime) -> str:
@@ -57,6 +59,7 @@ class CoreState:
                       "below_threshold": 0, "impact": 0, "expired": 0}
         self.symp = catalog.correlation.sympathetic_xids
         self._message_xids = catalog.message_xids  # classes depend on the message: never cached
+        self.seen_limit = self.rules.seen_limit
         self.dedupe_td = timedelta(seconds=self.rules.dedupe_s)
         self.symp_td = timedelta(seconds=self.rules.sympathetic_s)
         self.peer_td = timedelta(seconds=self.rules.peer.window_s if self.rules.peer else self.rules.sympathetic_s)
@@ -65,9 +68,13 @@ class CoreState:
         self.remap_facts = frozenset({*(f"xid:{c}" for c in corr.dbe_companions), *corr.remap_equivalents})
 
     # -- helpers shared by the collaborators --------------------------------------------------------------
-    def classify(self, s: Signal) -> FaultClass:
+    def class_cacheable(self, s: Signal) -> bool:
+        """False when the signal's class depends on its message (XID 154/74/NVLink5, an SXid's Fatal)."""
         check = s.check
-        if (check == "xid" and s.code in self._message_xids) or check == "sxid":  # 154/74/NVLink5, SXid's Fatal
+        return not ((check == "xid" and s.code in self._message_xids) or check == "sxid")
+
+    def classify(self, s: Signal) -> FaultClass:
+        if not self.class_cacheable(s):
             return self.catalog.classify(check=s.check, code=s.code, message=s.message, details=s.details)
         k = (s.check, s.code)
         cache = self._classes
@@ -88,12 +95,12 @@ class CoreState:
     def remember(self, signal_id: str, incident: str) -> None:
         seen = self.seen
         seen[signal_id] = incident
-        if len(seen) > self.rules.seen_limit:
+        if len(seen) > self.seen_limit:
             seen.popitem(last=False)
 
     def live(self, iid: str | None) -> TrackedIncident | None:
         inc = self.incidents.get(iid) if iid else None
-        return None if inc is None or inc.status.terminal else inc
+        return None if inc is None or inc.status in TERMINAL else inc
 
     # -- checkpoint form ---------------------------------------------------------------------------
     def to_state(self) -> dict[str, Any]:
