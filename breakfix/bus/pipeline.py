@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections import deque
 
+import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -49,16 +49,27 @@ class PipelinedPublisher:
             fut.set_exception(PublishError("no stream answers this subject", status="503"))
             return
         try:
-            resp = json.loads(msg.data)
-        except ValueError as exc:
+            resp = orjson.loads(msg.data)
+        except orjson.JSONDecodeError as exc:
             fut.set_exception(PublishError(f"unreadable publish ack: {exc}"))
+            return
+        if not isinstance(resp, dict):
+            fut.set_exception(PublishError(f"unreadable publish ack: {msg.data[:80]!r}"))
             return
         if "error" in resp:
             err = resp["error"]
+            if not isinstance(err, dict):
+                fut.set_exception(PublishError(str(err)))
+                return
             fut.set_exception(PublishError(str(err.get("description", err)), err_code=err.get("err_code")))
             return
-        fut.set_result(PublishAck(stream=resp.get("stream", ""), seq=int(resp.get("seq", 0)),
-                                  duplicate=bool(resp.get("duplicate", False))))
+        try:
+            ack = PublishAck(stream=str(resp.get("stream", "")), seq=int(resp.get("seq", 0)),
+                             duplicate=bool(resp.get("duplicate", False)))
+        except (TypeError, ValueError, OverflowError) as exc:
+            fut.set_exception(PublishError(f"unreadable publish ack: {exc}"))
+            return
+        fut.set_result(ack)
 
     async def send(self, subject: str, data: bytes, headers: dict[str, str] | None) -> asyncio.Future[PublishAck]:
         if self._sub is None:
