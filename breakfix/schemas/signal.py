@@ -89,18 +89,8 @@ class Signal(BaseModel):
         return key
 
     def fault_key(self) -> str:
-        """Check plus entity (``check@entity_key()``): what a healthy signal must match to clear a fault.
-        Written out rather than calling ``entity_key``: the correlator computes it for every signal."""
-        key = self.check + "@" + self.node
-        g = self.gpu
-        if g is not None:
-            key += "/" + (g.uuid or (f"gpu{g.index}" if g.index is not None else g.pci_bus_id or "gpu?"))
-        if self.component:
-            key += "/" + self.component
-        t = self.tenant
-        if t is not None and t.endpoint:
-            key += "/" + t.key()
-        return key
+        """Check plus entity: what a healthy signal must match to clear a fault."""
+        return self.check + "@" + self.entity_key()
 
 
 def make_signal_id(
