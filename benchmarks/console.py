@@ -189,6 +189,7 @@ def bench_console(data: Path, history: int = HISTORY) -> dict[str, object]:
         out.update(asyncio.run(console_render(server.url)))
         # as installed from the wheel: pip compiles the bytecode at install time (here it may be off)
         compileall.compile_dir(Path(breakfix.__file__).parent, quiet=1)
+        out["load_average_1m_before_cli"] = round(os.getloadavg()[0], 2)  # other work on the machine shows here
         out["cli_python_startup_s"] = round(python_startup(), 2)
         for name, args in (("table", ()), ("json", ("--format", "json"))):  # median of 3: one call is noisy
             runs = sorted(cli(server.url, *args) for _ in range(3))
