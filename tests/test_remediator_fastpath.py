@@ -12,7 +12,7 @@ from breakfix.remediator.decide import decide
 from breakfix.remediator.decisions import Decisions
 from breakfix.remediator.policy import Policy
 from breakfix.remediator.records import PlanBook, PlanRecord, Progress, ProgressState
-from breakfix.remediator.store import Conflict, Entry, MemoryStore, plan_key
+from breakfix.remediator.store import Conflict, MemoryStore, plan_key
 from breakfix.remediator.view import ClusterView, NodeView
 from breakfix.schemas.common import GpuRef, Severity
 from breakfix.schemas.incident import (
@@ -63,50 +63,6 @@ class TestPlanSaver:
         await book.put(PlanRecord(incident=inc, plan=plan, progress=Progress(incident=inc.id, attempt=1)), rev)
         with pytest.raises(Conflict):
             await save(Progress(incident=inc.id, attempt=0, step=1))
-
-
-    async def test_an_unread_saver_creates_a_new_entry_without_reading_it(self, policy: Policy) -> None:
-        store = _CountingStore()
-        inc = incident()
-        save = PlanBook(store).saver(inc, decide(inc, view(), policy), None, unread=True)
-        await save(Progress(incident=inc.id, attempt=0))
-        await save(Progress(incident=inc.id, attempt=0, step=1))
-        assert store.gets == 0 and (await store.get(plan_key(inc.id))) is not None
-
-    async def test_an_unread_saver_writes_over_an_existing_entry_at_its_revision(self, policy: Policy) -> None:
-        store = _CountingStore()
-        book = PlanBook(store)
-        inc = incident()
-        plan = decide(inc, view(), policy)
-        await book.put(PlanRecord(incident=inc, plan=plan, progress=Progress(incident=inc.id, attempt=0)), None)
-        save = book.saver(inc, plan, None, unread=True)
-        await save(Progress(incident=inc.id, attempt=1))  # the retry's first save: read once, then written
-        await save(Progress(incident=inc.id, attempt=1, step=1))
-        got = await book.get(inc.id)
-        assert got is not None and got[0].progress == Progress(incident=inc.id, attempt=1, step=1)
-        assert store.gets == 2  # the one re-read, and the check above
-
-    async def test_an_unread_saver_still_loses_to_a_writer_after_its_first_save(self, policy: Policy) -> None:
-        store = MemoryStore()
-        book = PlanBook(store)
-        inc = incident()
-        plan = decide(inc, view(), policy)
-        save = book.saver(inc, plan, None, unread=True)
-        await save(Progress(incident=inc.id, attempt=0))
-        rev = await book.revision(inc.id)
-        await book.put(PlanRecord(incident=inc, plan=plan, progress=Progress(incident=inc.id, attempt=1)), rev)
-        with pytest.raises(Conflict):
-            await save(Progress(incident=inc.id, attempt=0, step=1))
-
-
-class _CountingStore(MemoryStore):
-    def __init__(self) -> None:
-        super().__init__()
-        self.gets = 0
-
-    async def get(self, key: str) -> Entry | None:
-        self.gets += 1
-        return await super().get(key)
 
 
 class TestDecisions:

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from breakfix.remediator.store import Conflict, PlanStore, plan_key
+from breakfix.remediator.store import PlanStore, plan_key
 from breakfix.schemas.incident import Incident, Plan
 
 
@@ -91,34 +91,19 @@ class PlanBook:
         return await self.store.put(plan_key(record.incident.id), record.model_dump(mode="json", by_alias=True),
                                     revision)
 
-    def saver(self, incident: Incident, plan: Plan, revision: int | None, *,
-              unread: bool = False) -> Callable[[Progress], Awaitable[None]]:
+    def saver(self, incident: Incident, plan: Plan, revision: int | None) -> Callable[[Progress], Awaitable[None]]:
         """The executor's ``save`` for one run of ``plan``: each call stores ``PlanRecord(incident, plan, progress)``
         at the revision the previous call wrote (``revision`` first; ``Conflict`` when another writer moved it).
-        Neither the incident nor the plan changes during a run, so their JSON is made once, not at every step.
-
-        ``unread``: the entry was not read first. The first save creates it, which is what a new incident
-        needs (no read, one round trip less before its first step); if an entry exists (a retry, a re-plan,
-        a resume), that revision is read once and written at, as a read before the run would have done.
-        A writer that moves it between that read and the write still wins (``Conflict``)."""
+        Neither the incident nor the plan changes during a run, so their JSON is made once, not at every step."""
         fixed: dict[str, Any] = {"incident": incident.model_dump(mode="json", by_alias=True),
                                  "plan": plan.model_dump(mode="json", by_alias=True)}
         rev = revision
-        reread = unread and revision is None
         key = plan_key(incident.id)
 
         async def save(progress: Progress) -> None:
-            nonlocal rev, reread
-            value = {**fixed, "progress": progress.model_dump(mode="json", by_alias=True)}
-            try:
-                rev = await self.store.put(key, value, rev)
-            except Conflict:
-                if not reread:
-                    raise
-                current = await self.store.get(key)
-                rev = await self.store.put(key, value, current.revision if current else None)
-            finally:
-                reread = False
+            nonlocal rev
+            rev = await self.store.put(key, {**fixed, "progress": progress.model_dump(mode="json", by_alias=True)},
+                                       rev)
 
         return save
 

@@ -308,7 +308,8 @@ class RemediatorService:
 
     async def _run(self, inc: Incident, plan: Plan, attempt: int, progress: Progress | None, operator: bool) -> bool:
         lock_key = inc.node or f"fabric:{inc.id}"
-        save = self.book.saver(inc, plan, None, unread=True)  # created on its first save; read only if it exists
+        got = await self.book.get(inc.id)
+        save = self.book.saver(inc, plan, got[1] if got else None)
         if operator:
             self.guards.start(lock_key, inc.id)
             self.keeper.save()
