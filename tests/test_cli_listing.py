@@ -55,9 +55,12 @@ def test_the_json_format_keeps_the_whole_incident_document() -> None:
     (_value(OPEN).replace(b'"status":"open"', b'"status":"on-fire"'), "an unknown status"),
     (_value(OPEN).replace(b'"severity":"critical"', b'"severity":3'), "a severity that is not a level"),
     (_value(OPEN).replace(b'"first_seen":"2', b'"first_seen":"x2'), "a time that is not RFC 3339"),
+    (_value(OPEN).replace(b'"first_seen":"2026', b'"first_seen":"1969'), "a time before the contract's bounds"),
+    (_value(OPEN).replace(b'"first_seen":"2026', b'"first_seen":"2201'), "a time after the contract's bounds"),
 ])
 def test_a_broken_index_value_is_not_a_row(value: bytes, why: str) -> None:
     assert b'"status":"open"' in _value(OPEN) and b'"severity":"critical"' in _value(OPEN)
+    assert b'"first_seen":"2026' in _value(OPEN)
     assert listing.row(value) is None, why
     assert listing.row_and_doc(value) is None, why
 

@@ -7,7 +7,9 @@ stand-in whose first attribute use imports the real module and answers from it (
 the collector's HTTP client, a daemon's /metrics server), so behaviour is unchanged and only the
 cost moves to where it is used.
 
-The standard library's ``importlib.util.LazyLoader`` is not enough here: on Python 3.11 an
+Patching an attribute of the stand-in (``mock.patch("aiohttp.X")``) before aiohttp is loaded patches
+the stand-in only; patch the module that uses it instead. The standard library's
+``importlib.util.LazyLoader`` is not enough here: on Python 3.11 an
 ``import aiohttp`` statement reads the module's ``__spec__``, which makes LazyLoader load it.
 """
 
@@ -16,18 +18,22 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import threading
 import types
 
 DEFERRED = ("aiohttp",)
+_LOADING = threading.RLock()  # one thread swaps the stand-in for the real module
 
 
 class _Deferred(types.ModuleType):
     """Stands in for a module until one of its attributes is used."""
 
     def __getattr__(self, attr: str) -> object:  # only for what the stand-in itself lacks
-        if sys.modules.get(self.__name__) is self:
-            del sys.modules[self.__name__]
-        return getattr(importlib.import_module(self.__name__), attr)
+        with _LOADING:
+            if sys.modules.get(self.__name__) is self:
+                del sys.modules[self.__name__]
+            real = importlib.import_module(self.__name__)
+        return getattr(real, attr)
 
 
 def defer(name: str) -> bool:

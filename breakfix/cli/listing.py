@@ -3,7 +3,7 @@
 Input is the incident index's values (JetStream KV ``breakfix-incidents``: one ``IncidentChange``
 JSON document per incident, written by the correlator). The listing shows ten fields of each,
 so a row is a ``TypedDict`` validated by pydantic straight from the JSON bytes: the fields it names
-are checked with the ``Incident`` contract's own types (enums, an aware time), the rest of the
+are checked with the ``Incident`` contract's own types (its enums, its UTC time and bounds), the rest of the
 document is skipped unparsed. On 10,000 incidents this is about half the cost of a full JSON load
 and a model per row. A value that does not validate is counted, not listed. Output goes to
 ``print_rows`` (an aligned plain-text table) or, for ``--format json``, the full incident document.
@@ -17,10 +17,10 @@ from datetime import datetime
 from typing import Any, NotRequired
 
 import orjson
-from pydantic import AwareDatetime, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
-from breakfix.schemas.common import Severity
+from breakfix.schemas.common import Severity, UtcDatetime
 from breakfix.schemas.incident import Domain, Incident, IncidentStatus, WaitingOn
 
 
@@ -61,7 +61,7 @@ class Row(TypedDict):
     status: IncidentStatus
     waiting: NotRequired[WaitingOn | None]
     parent: NotRequired[str | None]
-    first_seen: AwareDatetime
+    first_seen: UtcDatetime
     version: NotRequired[int]
     plan: NotRequired[_Plan | None]
 
