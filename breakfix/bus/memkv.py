@@ -7,7 +7,7 @@ tombstone that ``kv_create`` may overwrite; watchers get every current value, th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 
 from breakfix.bus.protocol import KvConflict, KvEntry
@@ -85,6 +85,10 @@ class MemoryKv:
         for key, value in values.items():
             await self.kv_put(bucket, key, value)
 
+    async def kv_put_start(self, bucket: str, values: Mapping[str, bytes]) -> Awaitable[object]:
+        await self.kv_put_many(bucket, values)
+        return _stored()
+
     async def kv_watch(self, bucket: str, prefix: str = "") -> AsyncIterator[KvEntry]:
         b = self._bucket(bucket)
         queue: asyncio.Queue[KvEntry] = asyncio.Queue(WATCH_QUEUE)
@@ -99,3 +103,7 @@ class MemoryKv:
                 yield await queue.get()
         finally:
             b.watchers.remove(watcher)
+
+
+async def _stored() -> None:
+    """What ``kv_put_start`` returns here: the puts were made before it returned."""

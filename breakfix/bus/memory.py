@@ -155,6 +155,9 @@ class MemoryBus:
     async def kv_put_many(self, bucket: str, values: Mapping[str, bytes]) -> None:
         await self.kv.kv_put_many(bucket, values)
 
+    async def kv_put_start(self, bucket: str, values: Mapping[str, bytes]) -> Awaitable[object]:
+        return await self.kv.kv_put_start(bucket, values)
+
     def kv_watch(self, bucket: str, prefix: str = "") -> AsyncIterator[KvEntry]:
         return self.kv.kv_watch(bucket, prefix)
 

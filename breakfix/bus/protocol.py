@@ -172,6 +172,11 @@ class KeyValue(Protocol):
         """Put many keys at once (pipelined where the store allows); unconditional, like ``kv_put``."""
         ...
 
+    async def kv_put_start(self, bucket: str, values: Mapping[str, bytes]) -> Awaitable[object]:
+        """``kv_put_many`` in two halves: the puts are sent now, in order; awaiting the result waits for the
+        store to take them (and raises if it did not). A store without pipelining puts them before returning."""
+        ...
+
     def kv_watch(self, bucket: str, prefix: str = "") -> AsyncIterator[KvEntry]:
         """Every current value, then each change as it happens (deletes have ``value`` None)."""
         ...

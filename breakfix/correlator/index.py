@@ -76,19 +76,13 @@ class IncidentIndex:
 
     async def write_items_start(self, items: Iterable[tuple[str, bytes, str | None]]) -> Awaitable[object]:
         """``write_items`` in two halves (the correlator service): the puts go out now, in order, and the
-        returned awaitable waits for the store to take them (raising if it did not). On a key-value store
-        without pipelining the puts are done before this returns."""
+        returned awaitable waits for the store to take them (raising if it did not; ``KeyValue.kv_put_start``)."""
         latest = _latest(items)
         if not latest:
             return _done()
         await self.ensure()
-        start = getattr(self.kv, "kv_put_start", None)
         self.written += len(latest)
-        if start is None:
-            await self.kv.kv_put_many(self.bucket, latest)
-            return _done()
-        pending: Awaitable[object] = await start(self.bucket, latest)
-        return pending
+        return await self.kv.kv_put_start(self.bucket, latest)
 
     async def write(self, incidents: Iterable[Incident]) -> None:
         """Put incidents as they are now (the highest version wins when an id repeats)."""
