@@ -136,12 +136,8 @@ class IncidentBook:
         last = inc.last_at.get(lk)
         if last is not None and fk in inc.open_faults and at - last <= self.state.dedupe_td and ck in inc.counts:
             # the storm path: count it, store nothing new, publish nothing
-            st = self.state
-            st.stats["suppressed"] += 1
-            seen = st.seen
-            seen[s.id] = inc.id  # CoreState.remember, inlined on this hot path
-            if len(seen) > st.seen_limit:
-                seen.popitem(last=False)
+            self.state.stats["suppressed"] += 1
+            self.state.remember(s.id, inc.id)
             inc.signal_count += 1
             inc.counts[ck] += 1
             inc.last_at[lk] = at
@@ -167,10 +163,7 @@ class IncidentBook:
         """Add a fault signal's facts to an incident; True when something an SRE would notice changed."""
         rules, st, s, fk, ck, fc = self.rules, self.state, o.signal, o.fk, o.ck, o.fc
         at = s.observed_at
-        seen = st.seen
-        seen[s.id] = inc.id  # CoreState.remember, inlined on this hot path
-        if len(seen) > st.seen_limit:
-            seen.popitem(last=False)
+        st.remember(s.id, inc.id)
         inc.last_at[o.lk] = at
         material = False
         inc.signal_count += 1

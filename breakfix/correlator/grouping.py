@@ -140,9 +140,6 @@ class Correlator:
             return []
         fk = s.fault_key()
         if s.healthy:  # not remembered: a repeated healthy reading clears nothing twice
-            if fk not in st.by_fault:  # the common case, a heartbeat for something that is fine (Lifecycle.clear)
-                st.stats["healthy"] += 1
-                return []
             return self.lifecycle.clear(fk, s)
         r = self._route(s)
         fc, ck, eck = r.fc, r.ck, r.eck
@@ -216,7 +213,7 @@ class Correlator:
         if r is None:
             st, rules = self.state, self.state.rules
             fc = st.classify(s)
-            ck = f"{s.check}:{s.code}" if s.code else s.check  # code_key(s)
+            ck = code_key(s)
             eck = fc.equivalent or ck  # a DCGM code counts as its XID equivalent (one fault, one plan)
             r = Route(fc, ck, eck, down=eck in rules.down_codes or fc.category in rules.down_categories,
                       symp=s.check == "xid" and s.code in st.symp,

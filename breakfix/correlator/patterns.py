@@ -19,7 +19,7 @@ from datetime import datetime
 
 from breakfix.correlator.book import IncidentBook
 from breakfix.correlator.model import Change, Observation, TrackedIncident, incident_id
-from breakfix.correlator.state import LEMON_LABEL, TERMINAL, CoreState
+from breakfix.correlator.state import LEMON_LABEL, CoreState
 from breakfix.schemas.catalog import FaultClass
 from breakfix.schemas.common import max_severity
 from breakfix.schemas.incident import ChangeKind, Domain, IncidentScope
@@ -63,10 +63,7 @@ class Patterns:
     def suspect(self, gpu_key: str, o: Observation) -> list[Change] | None:
         rule, s, st = self.rules.suspect, o.signal, self.state
         assert rule is not None and s.tenant is not None
-        iid = st.by_key.get(gpu_key)
-        host = st.incidents.get(iid) if iid else None  # CoreState.live, inlined: every application XID asks
-        if host is not None and host.status in TERMINAL:
-            host = None
+        host = st.live(st.by_key.get(gpu_key))
         if host is not None and host.category == rule.category:
             return self.book.add(host, o)
         at = s.observed_at
