@@ -78,19 +78,11 @@ def incidents(
             gc.disable()
             try:
                 values = [e.value for e in await idx.entries(cluster) if e.value is not None]
+                rows, docs, broken = listing.select(values, show_all=show_all, with_docs=fmt == "json")
                 if fmt == "json":
-                    decoded = [listing.row_and_doc(v) for v in values]
-                    broken = decoded.count(None)
-                    pairs = [d for d in decoded if d is not None and listing.shown(d[0], show_all)]
-                    pairs.sort(key=lambda d: listing.sort_key(d[0]))
-                    sys.stdout.buffer.write(b"".join(orjson.dumps(doc) + b"\n" for _row, doc in pairs))
+                    sys.stdout.buffer.write(b"".join(orjson.dumps(doc) + b"\n" for doc in docs))
                     sys.stdout.flush()
-                    rows = [r for r, _doc in pairs]
                 else:
-                    decoded_rows = [listing.row(v) for v in values]
-                    broken = decoded_rows.count(None)
-                    rows = [r for r in decoded_rows if r is not None and listing.shown(r, show_all)]
-                    rows.sort(key=listing.sort_key)
                     title = f"{len(rows)} incidents" + (f" in {cluster}" if cluster else "")
                     listing.print_rows(rows, now, title)
             finally:

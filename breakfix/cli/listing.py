@@ -93,6 +93,18 @@ def row_and_doc(value: bytes) -> tuple[Row, dict[str, Any]] | None:
         return None
 
 
+def select(values: Iterable[bytes], *, show_all: bool,
+           with_docs: bool) -> tuple[list[Row], list[dict[str, Any]], int]:
+    """The rows to list, sorted (``sort_key``), their whole documents when asked, and how many values were
+    broken. Without documents the values are decoded only as far as a row reads them."""
+    if with_docs:
+        decoded = [row_and_doc(v) for v in values]
+    else:
+        decoded = [None if (r := row(v)) is None else (r, {}) for v in values]
+    kept = sorted((d for d in decoded if d is not None and shown(d[0], show_all)), key=lambda d: sort_key(d[0]))
+    return [r for r, _ in kept], [doc for _, doc in kept] if with_docs else [], decoded.count(None)
+
+
 def row_of(inc: Incident) -> Row:
     """The row of an incident already decoded (``--watch``)."""
     return _ROW.validate_python(inc.model_dump(by_alias=True))
