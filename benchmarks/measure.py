@@ -1,12 +1,16 @@
 """Small measuring helpers shared by the benchmarks: percentiles, a process's CPU time and peak
-RSS from /proc, and starting a ``breakfix`` command as its own process."""
+RSS from /proc, starting a ``breakfix`` command as its own process, and the raw nats-py read that
+figures are compared with."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import nats
 
 
 def pct_ms(values: list[float], q: float) -> float:
@@ -32,3 +36,21 @@ def spawn_breakfix(*args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", "from breakfix.cli.main import app; app()", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "BREAKFIX_LOG_LEVEL": "WARNING"})
+
+
+async def raw_pull_ack_s(url: str, *, stream: str, subject: str, n: int, durable: str = "bench-raw") -> float:
+    """Seconds plain nats-py takes to pull (its ``fetch``) and ack, one by one, the first ``n`` messages of
+    ``stream`` on ``subject``, nothing decoded: the baseline, not breakfix's bus."""
+    nc = await nats.connect(url)
+    try:
+        sub = await nc.jetstream().pull_subscribe(subject, durable=durable, stream=stream)
+        start, got = time.perf_counter(), 0
+        while got < n:
+            for m in await sub.fetch(batch=min(256, n - got), timeout=2):
+                await m.ack()
+                got += 1
+        took = time.perf_counter() - start
+        await sub.unsubscribe()
+        return took
+    finally:
+        await nc.close()

@@ -26,10 +26,9 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-import nats
 import orjson
 
-from benchmarks.measure import pct_ms
+from benchmarks.measure import pct_ms, raw_pull_ack_s
 from breakfix.bus.clock import SystemClock
 from breakfix.bus.codec import encode
 from breakfix.bus.jetstream import JetStreamBus
@@ -107,7 +106,8 @@ async def _run(nodes: int, drive: Callable[[JetStreamBus, Watch], Awaitable[None
                 await unsubscribe()
                 await bus.close()
             if raw_n:
-                watch.raw_s = await _raw_read(server.url, raw_n)
+                watch.raw_s = await raw_pull_ack_s(server.url, stream=subjects.INCIDENTS.name,
+                                                   subject=subjects.INCIDENTS_ALL, n=raw_n)
             return watch
         finally:
             server.stop()
@@ -117,24 +117,6 @@ async def _wait_for(watch: Watch, n: int, within_s: float) -> None:
     deadline = time.perf_counter() + within_s
     while (len(watch.first) < n or len(watch.decided) < n) and time.perf_counter() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.02)
-
-
-async def _raw_read(url: str, n: int) -> float:
-    """Seconds plain nats-py takes to pull and ack ``n`` messages of the incident stream (nothing decoded)."""
-    nc = await nats.connect(url)
-    try:
-        sub = await nc.jetstream().pull_subscribe(subjects.INCIDENTS_ALL, durable="bench-raw",
-                                                  stream=subjects.INCIDENTS.name)
-        start, got = time.perf_counter(), 0
-        while got < n:
-            for m in await sub.fetch(batch=min(256, n - got), timeout=2):
-                await m.ack()
-                got += 1
-        took = time.perf_counter() - start
-        await sub.unsubscribe()
-        return took
-    finally:
-        await nc.close()
 
 
 async def bench_first_action(n: int = 1000) -> dict[str, float]:

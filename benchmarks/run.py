@@ -29,12 +29,10 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import nats
-
 from benchmarks.collector import bench_collector
 from benchmarks.console import bench_console
 from benchmarks.drains import bench_drains
-from benchmarks.measure import pct_ms, peak_rss_mb, spawn_breakfix
+from benchmarks.measure import pct_ms, peak_rss_mb, raw_pull_ack_s, spawn_breakfix
 from benchmarks.mixes import fleet_hour, stress_mix
 from benchmarks.notify import bench_notify
 from benchmarks.parsers import bench_kmsg_cli
@@ -86,17 +84,8 @@ async def bench_nats(signals: list[Signal], data: Path) -> dict[str, float]:
         while await bus.stream_messages(subjects.SIGNALS.name) < len(payloads):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         # raw: nats-py's own pull subscription, fetch and per-message ack, nothing else
-        await bus.ensure_consumer(stream=subjects.SIGNALS.name, durable="raw", filter_subject=subjects.SIGNALS_ALL)
-        raw_nc = await nats.connect(server.url)  # the baseline is nats-py itself, not breakfix's bus
-        sub = await raw_nc.jetstream().pull_subscribe_bind(durable="raw", stream=subjects.SIGNALS.name)
-        start, got = time.perf_counter(), 0
-        while got < len(payloads):
-            for m in await sub.fetch(batch=256, timeout=1):
-                await m.ack()
-                got += 1
-        raw_s = time.perf_counter() - start
-        await sub.unsubscribe()
-        await raw_nc.close()
+        raw_s = await raw_pull_ack_s(server.url, stream=subjects.SIGNALS.name, subject=subjects.SIGNALS_ALL,
+                                     n=len(payloads), durable="raw")
         # breakfix's lean puller (bus.puller) with one ack-all per batch: the ceiling for our consume loop
         await bus.reset_consumer(stream=subjects.SIGNALS.name, durable="lean", filter_subject=subjects.SIGNALS_ALL,
                                  start_seq=1)
