@@ -39,6 +39,11 @@ async def kv(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[KvB
 
 
 class TestKeyValue:
+    async def test_exists_finds_a_bucket_and_never_creates_a_missing_one(self, kv: KvBus) -> None:
+        assert await kv.kv_exists(B)
+        assert not await kv.kv_exists("test-kv-absent")
+        assert not await kv.kv_exists("test-kv-absent"), "asking does not create it"
+
     async def test_missing_key_reads_none(self, kv: KvBus) -> None:
         assert await kv.kv_get(B, "nope") is None
 

@@ -48,11 +48,11 @@ def fast(policy: Policy, **guards: Any) -> Policy:
 
 class Harness:
     def __init__(self, policy: Policy, cluster: SimCluster | None = None, store: MemoryStore | None = None,
-                 **service: Any) -> None:
-        self.bus = MemoryBus()
+                 bus: MemoryBus | None = None, clock: ManualClock | None = None, **service: Any) -> None:
+        self.bus = bus or MemoryBus()
         self.cluster = cluster or SimCluster({f"n{i}": SimNode(f"n{i}", pods={"ml/p": 2}) for i in range(1, 11)})
         self.store = store or MemoryStore()
-        self.clock = ManualClock(T0)
+        self.clock = clock or ManualClock(T0)
         self.svc = RemediatorService(self.bus, self.cluster, policy, self.clock, cluster="c1", store=self.store,
                                      retry_refused_s=1.0, **service)
         self.stop = asyncio.Event()
@@ -172,6 +172,69 @@ class TestResume:
         async with Harness(fast(policy), cluster, store) as h:
             await h.until(lambda: "completed" in outcome_of_plan(h))
         assert [h[0] for h in cluster.history] == ["validate", "return_to_service"], "no drain or reset again"
+
+
+async def index(bus: MemoryBus, inc: Incident, kind: ChangeKind = ChangeKind.OPENED) -> None:
+    """What the correlator writes with every change: the latest IncidentChange under ``<cluster>.<incident>``."""
+    await bus.kv_put(subjects.INCIDENT_INDEX_BUCKET, f"{inc.cluster}.{inc.id}",
+                     encode(IncidentChange(kind=kind, incident=inc, at=T0)))
+
+
+class StalledClock(ManualClock):
+    """A manual clock on which a sleep of an hour or more never ends: the process stops during it."""
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds >= 3600:
+            await asyncio.Event().wait()
+        await super().sleep(seconds)
+
+
+class TestRestartTakesUpUnplannedIncidents:
+    """An incident acked while it settled or waited on a guard has no plan record; a restart finds it in the index."""
+
+    async def test_incident_settling_at_a_crash_is_planned_after_the_restart(self, policy: Policy) -> None:
+        bus, store = MemoryBus(), MemoryStore()
+        cluster = SimCluster({"n1": SimNode("n1", pods={"ml/p": 2})})
+        slow = fast(policy).model_copy(update={"settle_s": 3600.0})  # the manual clock never gets there
+        inc = incident()
+        await index(bus, inc)
+        async with Harness(slow, cluster, store, bus=bus, clock=StalledClock(T0)) as h:
+            await h.open(inc)
+            await h.until(lambda: h.svc.stats.handled == 1 and "inc-1" in h.svc.tasks)
+        assert outcome_of_plan(h) == [] and await PlanBook(store).get("inc-1") is None, "stopped while settling"
+        async with Harness(fast(policy), cluster, store, bus=bus) as again:
+            await again.until(lambda: "completed" in outcome_of_plan(again))
+        assert again.svc.stats.handled == 0, "the opened change was acked before: nothing delivered it again"
+        assert cluster.history[-1][0] == "return_to_service"
+
+    async def test_budget_wait_at_a_crash_is_taken_up_again(self, policy: Policy) -> None:
+        from breakfix.remediator.guards import BudgetSpec
+
+        bus, store = MemoryBus(), MemoryStore()
+        tight = fast(policy, budget=BudgetSpec(max_nodes=0, max_percent=0), topology_budgets=(), cooldown_s=0,
+                     budget_wait_s=1e9)
+        inc = incident()
+        await index(bus, inc)
+        async with Harness(tight, store=store, bus=bus) as h:
+            await h.open(inc)
+            await h.until(lambda: any(r.details.get("guard") == "budget" for r in h.records()))
+        async with Harness(fast(policy, cooldown_s=0), store=store, bus=bus) as again:
+            await again.until(lambda: "completed" in outcome_of_plan(again))
+
+    async def test_planned_terminal_and_folded_incidents_are_left_alone(self, policy: Policy) -> None:
+        from breakfix.remediator.decide import decide
+        from breakfix.schemas.incident import IncidentStatus
+
+        bus = MemoryBus()
+        cluster = SimCluster({f"n{i}": SimNode(f"n{i}") for i in range(1, 5)})
+        plan = decide(incident(), await cluster.view(), fast(policy))
+        await index(bus, incident("n1", iid="inc-planned", plan=plan))
+        await index(bus, incident("n2", iid="inc-resolved", status=IncidentStatus.RESOLVED), ChangeKind.RESOLVED)
+        await index(bus, incident("n3", iid="inc-folded", parent="fab-1"))
+        await bus.kv_put(subjects.INCIDENT_INDEX_BUCKET, "c1.garbage", b"{not json")
+        async with Harness(fast(policy), cluster, bus=bus) as h:
+            await asyncio.sleep(0.2)
+        assert h.records() == [] and cluster.history == [] and h.svc.tasks == {}
 
 
 class TestProvider:

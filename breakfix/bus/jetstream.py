@@ -186,6 +186,9 @@ class JetStreamBus:
     async def ensure_kv(self, bucket: str, *, history: int = 1, max_age_s: float | None = None) -> None:
         await self._kv.ensure_kv(bucket, history=history, max_age_s=max_age_s)
 
+    async def kv_exists(self, bucket: str) -> bool:
+        return await self._kv.kv_exists(bucket)
+
     async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
         return await self._kv.kv_get(bucket, key)
 

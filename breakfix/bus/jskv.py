@@ -75,6 +75,16 @@ class JetStreamKv:
             kv = await transient_retry(lambda: self._js.create_key_value(config))
         return kv
 
+    async def kv_exists(self, bucket: str) -> bool:
+        if bucket in self._buckets:
+            return True
+        try:
+            kv = await transient_retry(lambda: self._js.key_value(bucket))
+        except nats.js.errors.BucketNotFoundError:
+            return False
+        self._buckets[bucket] = kv
+        return True
+
     async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
         kv = await self._bucket(bucket)
         try:

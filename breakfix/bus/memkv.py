@@ -44,6 +44,9 @@ class MemoryKv:
                 queue.put_nowait(entry)
         return b.revision
 
+    async def kv_exists(self, bucket: str) -> bool:
+        return bucket in self.buckets
+
     async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
         e = self._bucket(bucket).entries.get(key)
         return e if e is not None and e.value is not None else None

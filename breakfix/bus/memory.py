@@ -130,6 +130,9 @@ class MemoryBus:
     async def ensure_kv(self, bucket: str, *, history: int = 1, max_age_s: float | None = None) -> None:
         await self.kv.ensure_kv(bucket, history=history, max_age_s=max_age_s)
 
+    async def kv_exists(self, bucket: str) -> bool:
+        return await self.kv.kv_exists(bucket)
+
     async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
         return await self.kv.kv_get(bucket, key)
 

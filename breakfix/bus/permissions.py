@@ -16,7 +16,8 @@ Roles:
 - ``correlator``: reads signals and action records, publishes incidents and dead letters, keeps its
   checkpoint in object store ``breakfix-correlator`` and the incident index in KV ``breakfix-incidents``.
 - ``remediator``: reads incidents and action records, publishes action records and dead letters,
-  keeps plans in KV ``breakfix-remediator``; the only identity that may call ``breakfix.agent.>``.
+  keeps plans in KV ``breakfix-remediator``, reads the incident index at start-up (no writes); the
+  only identity that may call ``breakfix.agent.>``.
 - ``operator``: publishes only ``breakfix.actions.<cluster>.oncall.<their name>.>``; reads incidents
   and actions, the dead letters and the incident index. ``admin``: also ``...admin.<their name>.>``.
   ``viewer``: reads only.
@@ -99,7 +100,8 @@ def role_template(role: str, cluster: str) -> dict[str, Any]:
     if role == "remediator":
         return _perm([actions, dlq, f"{subjects.PREFIX}.agent.{c}.*", *_manage_streams(),
                       *_consume(subjects.INCIDENTS.name), *_consume(subjects.ACTIONS.name),
-                      *_store(f"KV_{REMEDIATOR_BUCKET}", f"$KV.{REMEDIATOR_BUCKET}")], [])
+                      *_store(f"KV_{REMEDIATOR_BUCKET}", f"$KV.{REMEDIATOR_BUCKET}"),
+                      *_read_store(f"KV_{INDEX_BUCKET}")], [])
     if role == "operator":
         return _perm([f"{actions}.oncall.{NAME}.>", *readers], [])
     if role == "admin":

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from breakfix.bus.protocol import Delivery
+from breakfix.remediator.reconcile import ATTEMPT_STRIDE
 from breakfix.remediator.records import PlanRecord, ProgressState
 from breakfix.schemas import subjects
 from breakfix.schemas.incident import (
@@ -200,7 +201,7 @@ class HumanVerbs:
         for iid in order:  # oldest first; each goes through the budgets again
             inc = self.svc.latest.get(iid)
             if inc is not None and not inc.status.terminal:
-                self.svc.spawn(iid, inc.flaps * 100, None, settle=False)
+                self.svc.spawn(iid, inc.flaps * ATTEMPT_STRIDE, None, settle=False)
 
     def _kill_switch(self, rec: ActionRecord) -> None:
         on = rec.details.get("enabled", "true") == "true"

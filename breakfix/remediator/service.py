@@ -10,7 +10,8 @@ before anything disruptive ran, or make the required action more severe, it is r
 Refusals fence and page (retry cap, kill switch, a budget wait past ``budget_wait_s``), wait and retry
 (cooldown, budget) or queue until ``breakfix breaker reset`` (breaker); every wait is published as
 ``ActionRecord.waiting``. Plan progress (``records``) and guard state (``keeper``) live in the
-``PlanStore``, so a restart resumes each running plan at its step; with a ``LeaseElector`` only the
+``PlanStore``, so a restart resumes each running plan at its step, and takes up again the open incidents
+that had no plan yet (``remediator.reconcile``, from the incident index); with a ``LeaseElector`` only the
 lease holder starts or resumes plans.
 """
 
@@ -39,6 +40,7 @@ from breakfix.remediator.keeper import GuardKeeper
 from breakfix.remediator.leading import Elector, lead
 from breakfix.remediator.metrics import Observers, RemediatorMetrics
 from breakfix.remediator.policy import Policy
+from breakfix.remediator.reconcile import ATTEMPT_STRIDE, open_incidents, unplanned
 from breakfix.remediator.records import PlanBook, PlanRecord, Progress, ProgressState
 from breakfix.remediator.store import Conflict, MemoryStore, PlanStore
 from breakfix.remediator.view import ClusterView
@@ -136,13 +138,7 @@ class RemediatorService:
         prev = self.latest.get(inc.id)
         if prev is not None and inc.version < prev.version:
             return
-        self.latest[inc.id] = inc
-        self.latest.move_to_end(inc.id)
-        for member in inc.members:
-            if inc.status.terminal:
-                self.covered.pop(member, None)
-            else:
-                self.covered[member] = inc.id
+        self._track(inc)
         if inc.status is IncidentStatus.RESOLVED and inc.id not in self.current:
             self.guards.unhold(inc.id)  # fixed (healthy signals, or its plan completed): it holds nothing
             self.keeper.save()
@@ -156,11 +152,55 @@ class RemediatorService:
         if change.kind is ChangeKind.OPENED and inc.domain is Domain.OPERATOR and self.guards.observe_open(
                 inc.node, inc.first_seen, self.policy.guards.breaker, len((await self._view()).nodes)):
             await page_breaker(self, inc)
+        await self._admit(inc)
+
+    async def _admit(self, inc: Incident) -> None:
+        """Decide now, hold the node when the plan needs it, and start the incident's task (after the settle)."""
         plan = self.decisions.plan(inc, await self._view(), self.policy)
         if inc.node is not None and inc.parent is None and needs_node(plan) and deferral(plan) is None:
             self.guards.hold(inc.node, inc.id, inc.category)  # from now on, no other plan returns this node
             self.keeper.save()
-        self.spawn(inc.id, inc.flaps * 100, None)
+        self.spawn(inc.id, inc.flaps * ATTEMPT_STRIDE, None)
+
+    def _track(self, inc: Incident) -> None:
+        """Remember an incident's latest version and the members it covers."""
+        self.latest[inc.id] = inc
+        self.latest.move_to_end(inc.id)
+        for member in inc.members:
+            if inc.status.terminal:
+                self.covered.pop(member, None)
+            else:
+                self.covered[member] = inc.id
+
+    async def _take_up_unplanned(self, records: list[PlanRecord]) -> None:
+        """After a restart: open incidents from the index that no plan covers (``remediator.reconcile``).
+
+        An incident whose ``opened`` change was acked while it settled, waited on a budget or a cooldown, or
+        waited out a deferral has no plan record yet; nothing would deliver it again. A missing or unreadable
+        index is logged and skipped: the remediator still starts."""
+        snapshot = getattr(self.bus, "kv_snapshot", None)
+        exists = getattr(self.bus, "kv_exists", None)
+        if snapshot is None or exists is None:
+            return
+        try:  # the correlator creates the bucket (with its retention): never created here
+            if not await exists(subjects.INCIDENT_INDEX_BUCKET):
+                return
+            found = open_incidents(await snapshot(subjects.INCIDENT_INDEX_BUCKET, timeout_s=30.0))
+        except Exception as exc:  # no permission, no bucket, a stalled read: start without it
+            log.warning("index_unreadable", error=repr(exc))
+            return
+        for inc in found.incidents:
+            prev = self.latest.get(inc.id)
+            if prev is None or inc.version >= prev.version:
+                self._track(inc)
+        planned = {rec.incident.id: rec.progress.attempt for rec in records}
+        again = unplanned(found.incidents, planned=planned, running=self.tasks, queued=self.guards.queued,
+                          covered=self.covered)
+        for inc in again:
+            log.warning("taken_up_again", incident=inc.id, node=inc.node, category=inc.category,
+                        waiting=inc.waiting.value if inc.waiting else None)
+            await self._admit(inc)
+        log.info("index_reconciled", open=len(found.incidents), taken_up=len(again), undecodable=found.undecodable)
 
     def _forget_old(self) -> None:
         """Finished incidents leave memory after ``retention_s``; the map is LRU-capped at ``max_incidents``."""
@@ -234,7 +274,7 @@ class RemediatorService:
         """One try; True when a guard said 'not now' and the same incident should be tried again later."""
         if resume is None:
             inc = self.latest.get(incident_id)
-            if inc is None or inc.status.terminal or inc.flaps * 100 > attempt:
+            if inc is None or inc.status.terminal or inc.flaps * ATTEMPT_STRIDE > attempt:
                 return False
             cover = inc.parent or self.covered.get(inc.id)
             if cover is not None:
@@ -358,7 +398,8 @@ class RemediatorService:
     async def run(self, stop: asyncio.Event) -> None:
         await self.bus.ensure_streams(subjects.STREAMS)
         await self.keeper.load()
-        for rec in await self.book.all():
+        records = await self.book.all()
+        for rec in records:
             if not rec.progress.state.live:
                 continue
             inc, node = rec.incident, rec.incident.node
@@ -368,6 +409,7 @@ class RemediatorService:
             if rec.progress.state is ProgressState.RUNNING:
                 log.warning("resuming", incident=inc.id, rung=rec.progress.rung, step=rec.progress.step)
                 self.spawn(inc.id, rec.progress.attempt, rec)
+        await self._take_up_unplanned(records)
         incidents = ConsumerSpec(subjects.INCIDENTS.name, self.durable, subjects.INCIDENTS_ALL,
                                  decoder(IncidentChange), self.on_change, batch=1024)  # a burst: decided in one pass
         control = ConsumerSpec(subjects.ACTIONS.name, f"{self.durable}-control", subjects.ACTIONS_ALL,

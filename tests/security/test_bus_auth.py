@@ -130,7 +130,8 @@ class TestStores:
         finally:
             await other.close()
 
-    @pytest.mark.parametrize(("role", "name"), [("viewer", "vera"), ("operator", "alice"), ("console", "console")])
+    @pytest.mark.parametrize(("role", "name"), [("viewer", "vera"), ("operator", "alice"), ("console", "console"),
+                                                ("remediator", "remediator")])
     async def test_readers_see_the_incident_index_the_correlator_writes(self, secure: SecureBus,
                                                                         streams: JetStreamBus, role: str,
                                                                         name: str) -> None:

@@ -1,0 +1,88 @@
+"""Start-up reconciliation: open incidents that no plan covers yet are taken up again after a restart.
+
+The remediator acks an incident's ``opened`` change once it has started that incident's task, and a
+plan record (``remediator.records``) is written only when the plan's first step runs. An incident
+that was settling (``policy.settle_s``), waiting out a deferral, or refused for a budget or a cooldown
+when the process stopped therefore has an acked change and no record: nothing would redeliver it.
+
+At start-up the service (``RemediatorService.run``) reads the incident index (JetStream KV
+``breakfix-incidents``, the latest ``IncidentChange`` of every incident, written by the correlator)
+and hands it here. ``open_incidents`` decodes the entries that are not terminal (bad entries are
+counted, never raised); ``unplanned`` picks the ones to take up again. Both are pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import orjson
+from pydantic import ValidationError
+
+from breakfix.bus.protocol import KvEntry
+from breakfix.schemas.incident import Incident, IncidentChange, IncidentStatus
+
+_TERMINAL = frozenset(s.value for s in IncidentStatus if s.terminal)
+ATTEMPT_STRIDE = 100  # a plan's attempt number: flaps * 100 + re-decisions (``RemediatorService.spawn``)
+
+
+@dataclass
+class OpenIncidents:
+    """What the index held: the open incidents, and how many entries did not decode."""
+
+    incidents: list[Incident] = field(default_factory=list)
+    undecodable: int = 0
+
+
+def open_incidents(entries: Iterable[KvEntry], *, limit: int = 200_000) -> OpenIncidents:
+    """The non-terminal incidents among the index's entries, at most ``limit`` of them.
+
+    The status is read from the plain JSON first, so the (many) resolved and escalated incidents the index
+    keeps for its retention are never validated in full; an entry that does not decode is counted.
+    """
+    out = OpenIncidents()
+    for entry in entries:
+        if len(out.incidents) >= limit:
+            break
+        if entry.value is None:
+            continue
+        try:
+            raw = orjson.loads(entry.value)
+            status = raw["incident"]["status"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            out.undecodable += 1
+            continue
+        if status in _TERMINAL:
+            continue
+        try:
+            out.incidents.append(IncidentChange.model_validate(raw).incident)
+        except ValidationError:
+            out.undecodable += 1
+    return out
+
+
+def unplanned(incidents: Iterable[Incident], *, planned: Mapping[str, int], running: Container[str],
+              queued: Container[str], covered: Mapping[str, str]) -> list[Incident]:
+    """The open incidents to take up again, oldest first.
+
+    Left out: an incident folded into a parent or covered by a fabric incident (the parent's plan acts for
+    it); one with a plan in the store for this opening (``planned``: incident -> the attempt its record
+    holds, an attempt of ``flaps * 100`` or later belongs to this opening); one whose plan already ran
+    (the index shows the plan the correlator folded in from the ``planned`` record, dry runs included);
+    one already running here; one queued behind the breaker (``breakfix breaker reset`` re-drives those).
+    """
+    out = []
+    for inc in incidents:
+        if inc.status.terminal or inc.parent is not None or inc.id in covered or inc.plan is not None:
+            continue
+        if inc.id in running or inc.id in queued:
+            continue
+        attempt = planned.get(inc.id)
+        if attempt is not None and attempt >= inc.flaps * ATTEMPT_STRIDE:
+            continue
+        out.append(inc)
+    out.sort(key=lambda i: (i.first_seen, i.id))
+    return out
+
+
+__all__ = ["ATTEMPT_STRIDE", "OpenIncidents", "open_incidents", "unplanned"]
