@@ -326,13 +326,12 @@ def check(incident: Incident, plan: Plan, state: GuardState, view: ClusterView, 
                                  f"{pool} (max({spec.budget.max_nodes}, {spec.budget.max_percent:g}%))", retry=True,
                        waiting=WaitingOn.BUDGET)
     me = view.node(node)
-    others = {n for n in state.active if n != node} if spec.topology_budgets else set()
     for tb in spec.topology_budgets:
         value = (me.labels.get(tb.key) if me else None) or incident.labels.get(tb.key)
         if not value:
             continue
-        members = [n for n, nv in view.nodes.items() if nv.labels.get(tb.key) == value]
-        busy = [n for n in others if n in members]
+        members = view.members(tb.key, value)
+        busy = [n for n in state.active if n != node and n in members]
         tl = tb.limit(len(members) or 1)
         if len(busy) + 1 > tl:
             return Refusal("topology_budget", f"{len(busy)} nodes under {tb.key}={value} already in remediation; "

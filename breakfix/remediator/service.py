@@ -38,6 +38,7 @@ from breakfix.remediator.follow import deferral, needs_node, recurrence, redecis
 from breakfix.remediator.guards import GPU_ACTIONS, GuardState, Refusal, check, step_check
 from breakfix.remediator.keeper import GuardKeeper
 from breakfix.remediator.leading import Elector, lead
+from breakfix.remediator.locks import KeyedLocks
 from breakfix.remediator.metrics import Observers, RemediatorMetrics
 from breakfix.remediator.policy import Policy
 from breakfix.remediator.reconcile import ATTEMPT_STRIDE, open_incidents, unplanned
@@ -84,7 +85,7 @@ class RemediatorService:
         self.latest: OrderedDict[str, Incident] = OrderedDict()  # LRU-bounded; finished ones forgotten
         self.covered: dict[str, str] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}            # incident -> its one live task
-        self.node_locks: dict[str, asyncio.Lock] = {}             # one plan at a time per node
+        self.node_locks = KeyedLocks()                            # one plan at a time per node
         self.current: dict[str, tuple[Plan, str, int]] = {}       # incident -> (plan, category, attempt) in flight
         self.acted: set[str] = set()                              # incidents whose plan ran a disruptive step
         self.cordoned: set[str] = set()                           # incidents cordoned while their repair waits
@@ -287,7 +288,7 @@ class RemediatorService:
                 self.deferred.add(inc.id)
         else:
             inc = resume.incident
-        async with self.node_locks.setdefault(inc.node or f"fabric:{inc.id}", asyncio.Lock()):
+        async with self.node_locks.hold(inc.node or f"fabric:{inc.id}"):
             return await self._decide_and_run(inc, attempt, resume)
 
     async def _decide_and_run(self, inc: Incident, attempt: int, resume: PlanRecord | None) -> bool:

@@ -23,6 +23,20 @@ class ClusterView:
 
     nodes: dict[str, NodeView] = field(default_factory=dict)
     controller_owned_pods: frozenset[str] = frozenset()  # "namespace/pod"
+    _by_label: dict[str, dict[str, frozenset[str]]] = field(default_factory=dict, compare=False, repr=False)
 
     def node(self, name: str | None) -> NodeView | None:
         return self.nodes.get(name) if name else None
+
+    def members(self, key: str, value: str) -> frozenset[str]:
+        """The nodes labelled ``key=value``; the grouping by ``key`` is built once per view (a topology budget
+        asks it for every plan, so a pass over every node per plan would make a burst quadratic)."""
+        groups = self._by_label.get(key)
+        if groups is None:
+            built: dict[str, set[str]] = {}
+            for name, nv in self.nodes.items():
+                v = nv.labels.get(key)
+                if v is not None:
+                    built.setdefault(v, set()).add(name)
+            groups = self._by_label[key] = {v: frozenset(ns) for v, ns in built.items()}
+        return groups.get(value, frozenset())
