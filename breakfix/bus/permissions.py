@@ -20,7 +20,8 @@ Roles:
   only identity that may call ``breakfix.agent.>``.
 - ``operator``: publishes only ``breakfix.actions.<cluster>.oncall.<their name>.>``; reads incidents
   and actions, the dead letters and the incident index. ``admin``: also ``...admin.<their name>.>``.
-  ``viewer``: reads only.
+  ``viewer``: reads only. Readers consume through ordered consumers or one durable named after themselves
+  on each stream; the services' durables are beyond their reach.
 - ``console``: the web console reads like a viewer and publishes on-call and admin verbs on behalf of the
   users it authenticated itself (``breakfix console --auth``), on their own subjects.
 """
@@ -55,6 +56,18 @@ def _consume(stream: str) -> list[str]:
             f"$JS.API.CONSUMER.MSG.NEXT.{stream}.*", f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.*"]
 
 
+def _read_consume(stream: str) -> list[str]:
+    """A reader on ``stream``: ordered (ephemeral) consumers, consumer info, and one durable of its own named
+    after the user (create, pull, ack, delete). The services' durables are out of reach: a reader can neither
+    delete, pull from, ack on nor redefine the remediator's or the correlator's consumer."""
+    mine = f"{stream}.{NAME}"
+    return [f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.INFO.{stream}.*",
+            f"$JS.API.CONSUMER.NAMES.{stream}", f"$JS.API.CONSUMER.LIST.{stream}",
+            f"$JS.API.CONSUMER.CREATE.{mine}", f"$JS.API.CONSUMER.CREATE.{mine}.>",
+            f"$JS.API.CONSUMER.DURABLE.CREATE.{mine}", f"$JS.API.CONSUMER.DELETE.{mine}",
+            f"$JS.API.CONSUMER.MSG.NEXT.{mine}", f"$JS.ACK.{mine}.>"]
+
+
 def _store(stream: str, data_prefix: str) -> list[str]:
     """A KV bucket or object store: its backing stream's API, direct gets, and its data subjects."""
     return [f"$JS.API.*.*.{stream}", f"$JS.API.*.*.{stream}.>", f"$JS.API.STREAM.MSG.*.{stream}",
@@ -84,8 +97,8 @@ def role_template(role: str, cluster: str) -> dict[str, Any]:
     signals = f"{subjects.PREFIX}.signals.{c}"
     actions = f"{subjects.PREFIX}.actions.{c}"
     dlq = f"{subjects.PREFIX}.dlq.>"
-    readers = [*_stream_info(), *_consume(subjects.INCIDENTS.name), *_consume(subjects.ACTIONS.name),
-               *_consume(subjects.DEAD_LETTERS.name), *_read_store(f"KV_{INDEX_BUCKET}")]
+    readers = [*_stream_info(), *_read_consume(subjects.INCIDENTS.name), *_read_consume(subjects.ACTIONS.name),
+               *_read_consume(subjects.DEAD_LETTERS.name), *_read_store(f"KV_{INDEX_BUCKET}")]
     if role == "node":
         return _perm([f"{signals}.{NAME}", *_stream_info()], [f"{subjects.PREFIX}.agent.{c}.{NAME}"],
                      responses=True)

@@ -230,8 +230,9 @@ async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: C
     buses: list[JetStreamBus] = []
     stop = asyncio.Event()
     try:
-        async def bus(name: str, role: str) -> JetStreamBus:
-            b = await JetStreamBus.connect(identity(server.url, role) if secure else server.url, name=name)
+        async def bus(name: str, role: str, user: str | None = None) -> JetStreamBus:
+            b = await JetStreamBus.connect(identity(server.url, role, user or role) if secure else server.url,
+                                           name=name)
             buses.append(b)
             return b
 
@@ -243,20 +244,21 @@ async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: C
         remediator = await build_remediator(config, bus=await bus("breakfix-remediator", "remediator"), clock=CLOCK,
                                             cluster_api=cluster, policy=policy, catalog=catalog, retry_refused_s=1.0)
         console = Console()
-        console_bus = await bus("breakfix-console", "viewer")
+        console_bus = await bus("breakfix-console", "viewer", "console")
+        # a reader's durables carry its own name (bus.permissions): one per stream, "console" on each
         specs: list[ConsumerSpec[Any]] = [
             ConsumerSpec(subjects.INCIDENTS.name, "console", subjects.INCIDENTS_ALL, decoder(IncidentChange),
                          console.on_change),
-            ConsumerSpec(subjects.ACTIONS.name, "console-actions", subjects.ACTIONS_ALL, decoder(ActionRecord),
+            ConsumerSpec(subjects.ACTIONS.name, "console", subjects.ACTIONS_ALL, decoder(ActionRecord),
                          console.on_action),
-            ConsumerSpec(subjects.DEAD_LETTERS.name, "console-dlq", subjects.DLQ_ALL, lambda b: b,
+            ConsumerSpec(subjects.DEAD_LETTERS.name, "console", subjects.DLQ_ALL, lambda b: b,
                          console.on_dead_letter),
         ]
         async with asyncio.TaskGroup() as tg:
             tg.create_task(correlator.run(stop), name="correlator")
             tg.create_task(remediator.run(stop), name="remediator")
             for spec in specs:
-                tg.create_task(run_consumer(console_bus, spec, stop=stop), name=f"console-{spec.durable}")
+                tg.create_task(run_consumer(console_bus, spec, stop=stop), name=f"console-{spec.stream}")
             sim = build_sim_collector(scenario, fleet, bus=collector_bus, clock=CLOCK, catalog=catalog, speed=speed)
             timed = sim.timed
             progress(f"replaying scenario {scenario.name!r}: {len(timed)} signals over {len(fleet.nodes)} nodes")
@@ -284,19 +286,19 @@ async def run_demo(*, scenario: Scenario, nodes: int, data_dir: Path, catalog: C
 
 
 def _server(data_dir: Path, cluster: str, *, secure: bool
-            ) -> tuple[EmbeddedNats, Callable[[str, str], NatsOptions]]:
+            ) -> tuple[EmbeddedNats, Callable[[str, str, str], NatsOptions]]:
     """The demo's nats-server. With ``secure``: ``breakfix bus init`` in ``data_dir/bus`` (TLS with client
     certificates, JWT identities with the production permission templates), and one identity per process."""
     if not secure:
-        return EmbeddedNats(data_dir / "nats"), lambda url, _role: NatsOptions(url=url)
+        return EmbeddedNats(data_dir / "nats"), lambda url, _role, _name: NatsOptions(url=url)
     from breakfix.bus.authinit import init_bus, issue_user
 
     root = data_dir / "bus"
     conf = init_bus(root, cluster=cluster, monitor_port=0, store_dir=data_dir / "nats" / "js", now=CLOCK.now(),
                     force=True)
 
-    def identity(url: str, role: str) -> NatsOptions:
-        files = issue_user(root, role=role, name=role, now=CLOCK.now(), out_dir=root / "users")
+    def identity(url: str, role: str, name: str) -> NatsOptions:
+        files = issue_user(root, role=role, name=name, now=CLOCK.now(), out_dir=root / "users")
         return NatsOptions(url=url, creds=files.creds, tls_ca=files.ca, tls_cert=files.cert, tls_key=files.key)
 
     return EmbeddedNats(data_dir / "nats", config=conf), identity

@@ -253,3 +253,59 @@ class TestForgedBody:
         finally:
             stop.set()
             await node.close()
+
+
+READERS = [("viewer", "vera"), ("operator", "alice"), ("admin", "root"), ("console", "console")]
+
+
+class TestServiceConsumers:
+    """Readers read through ordered consumers and durables named after themselves; the services' durables
+    (the remediator's intake, the correlator's) are out of their reach: no delete, pull, ack or redefinition."""
+
+    @pytest.mark.parametrize(("role", "name"), READERS)
+    async def test_a_reader_cannot_delete_pull_from_ack_or_redefine_a_services_consumer(
+            self, secure: SecureBus, streams: JetStreamBus, role: str, name: str) -> None:
+        import json
+
+        rem = await secure.connect("remediator", "remediator")
+        reader = await secure.connect(role, name)
+        inc = subjects.INCIDENTS.name
+        try:
+            await rem.reset_consumer(stream=inc, durable="remediator", filter_subject=subjects.INCIDENTS_ALL,
+                                     start_seq=1)
+            forged = json.dumps({"stream_name": inc, "config": {"durable_name": "remediator", "ack_policy": "none",
+                                                               "deliver_subject": f"_INBOX.{name}.stolen"}}).encode()
+            denied = [f"$JS.API.CONSUMER.DELETE.{inc}.remediator", f"$JS.API.CONSUMER.MSG.NEXT.{inc}.remediator",
+                      f"$JS.API.CONSUMER.CREATE.{inc}.remediator", f"$JS.API.CONSUMER.CREATE.{inc}.remediator.x",
+                      f"$JS.API.CONSUMER.DURABLE.CREATE.{inc}.remediator", f"$JS.ACK.{inc}.remediator.1.1.1.1.1.0"]
+            with capture_logs() as logs:
+                for subject in denied:
+                    await reader.publish_core(subject, forged)
+                await reader.flush()
+                for subject in denied:
+                    await refused(reader, logs, "publish", subject)
+            # an ephemeral create that names the remediator's durable in its body is refused by the server itself
+            answer = json.loads(await reader.request(f"$JS.API.CONSUMER.CREATE.{inc}", forged, timeout_s=5))
+            assert "error" in answer, answer
+            state = await rem.consumer_state(inc, "remediator")
+            assert state is not None, "the remediator's consumer is still there"
+        finally:
+            await reader.close()
+            await rem.close()
+
+    @pytest.mark.parametrize(("role", "name"), READERS)
+    async def test_a_reader_consumes_through_its_own_durable_and_ordered_consumers(
+            self, secure: SecureBus, streams: JetStreamBus, role: str, name: str) -> None:
+        reader = await secure.connect(role, name)
+        try:
+            await streams.publish(subjects.incident_subject("c1"), b'{"probe": 1}', msg_id="probe-1")
+            for stream in (subjects.INCIDENTS.name, subjects.ACTIONS.name, subjects.DEAD_LETTERS.name):
+                filt = {subjects.INCIDENTS.name: subjects.INCIDENTS_ALL, subjects.ACTIONS.name: subjects.ACTIONS_ALL,
+                        subjects.DEAD_LETTERS.name: subjects.DLQ_ALL}[stream]
+                await reader.reset_consumer(stream=stream, durable=name, filter_subject=filt, start_seq=1)
+            got = await reader.pull(stream=subjects.INCIDENTS.name, durable=name, batch=10, timeout_s=2)
+            assert [m.data for m in got] == [b'{"probe": 1}']
+            await got[-1].ack()
+            assert await reader.read_stream(subjects.INCIDENTS.name, subjects.INCIDENTS_ALL) == [b'{"probe": 1}']
+        finally:
+            await reader.close()
