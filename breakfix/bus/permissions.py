@@ -21,7 +21,8 @@ Roles:
 - ``operator``: publishes only ``breakfix.actions.<cluster>.oncall.<their name>.>``; reads incidents
   and actions, the dead letters and the incident index. ``admin``: also ``...admin.<their name>.>``.
   ``viewer``: reads only. Readers consume through ordered consumers or one durable named after themselves
-  on each stream; the services' durables are beyond their reach.
+  on each stream (the services' durables are beyond their reach), and may subscribe to the action records
+  as they are written (the console's live audit trail).
 - ``console``: the web console reads like a viewer and publishes on-call and admin verbs on behalf of the
   users it authenticated itself (``breakfix console --auth``), on their own subjects.
 """
@@ -115,12 +116,13 @@ def role_template(role: str, cluster: str) -> dict[str, Any]:
                       *_consume(subjects.INCIDENTS.name), *_consume(subjects.ACTIONS.name),
                       *_store(f"KV_{REMEDIATOR_BUCKET}", f"$KV.{REMEDIATOR_BUCKET}"),
                       *_read_store(f"KV_{INDEX_BUCKET}")], [])
+    live = [subjects.ACTIONS_ALL]  # the audit trail as it is written (console.state.follow); the stream has it all
     if role == "operator":
-        return _perm([f"{actions}.oncall.{NAME}.>", *readers], [])
+        return _perm([f"{actions}.oncall.{NAME}.>", *readers], live)
     if role == "admin":
-        return _perm([f"{actions}.oncall.{NAME}.>", f"{actions}.admin.{NAME}.>", *readers], [])
+        return _perm([f"{actions}.oncall.{NAME}.>", f"{actions}.admin.{NAME}.>", *readers], live)
     if role == "viewer":
-        return _perm(readers, [])
+        return _perm(readers, live)
     if role == "console":  # authenticates its own users (proxy or tokens) and publishes on their subjects
-        return _perm([f"{actions}.oncall.*.>", f"{actions}.admin.*.>", *readers], [])
+        return _perm([f"{actions}.oncall.*.>", f"{actions}.admin.*.>", *readers], live)
     raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")

@@ -309,3 +309,30 @@ class TestServiceConsumers:
             assert await reader.read_stream(subjects.INCIDENTS.name, subjects.INCIDENTS_ALL) == [b'{"probe": 1}']
         finally:
             await reader.close()
+
+    @pytest.mark.parametrize(("role", "name"), READERS)
+    async def test_a_reader_follows_action_records_live(self, secure: SecureBus, streams: JetStreamBus, role: str,
+                                                        name: str) -> None:
+        """The console follows the audit trail with a plain subscription (``console.state.follow``)."""
+        rem = await secure.connect("remediator", "remediator")
+        reader = await secure.connect(role, name)
+        got: list[bytes] = []
+
+        async def on_msg(_subject: str, data: bytes) -> None:
+            got.append(data)
+
+        try:
+            with capture_logs() as logs:
+                unsubscribe = await reader.subscribe(subjects.ACTIONS_ALL, on_msg)
+                await reader.flush()
+                await rem.publish(subjects.action_subject("c1"), b'{"live": 1}', msg_id="live-1")
+
+                async def arrived() -> bool:
+                    return got == [b'{"live": 1}']
+
+                await wait_until(arrived, 5, "the action record on the reader's subscription")
+                assert not [e for e in logs if e["event"] == "nats_error"]
+                await unsubscribe()
+        finally:
+            await reader.close()
+            await rem.close()
