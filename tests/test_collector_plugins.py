@@ -125,13 +125,34 @@ class TestThresholdsFromYaml:
         ("dcgm:\n    thresholds: {pcie_replay_per_min: .inf}", "finite"),
         ("nvml:\n    thresholds: {sbe_burts: 3}", "unknown threshold"),
         ("nvml:\n    sbe_burst: 3", "sbe_burst"),
-    ], ids=["nan", "negative", "zero-window", "inf", "misspelt", "flat-key-no-longer-accepted"])
+        ("kmsg:\n    timezone: Mars/Olympus", "unknown time zone 'Mars/Olympus'"),
+    ], ids=["nan", "negative", "zero-window", "inf", "misspelt", "flat-key-no-longer-accepted", "unknown-log-zone"])
     def test_bad_thresholds_name_file_and_line(self, tmp_path: Path, body: str, needle: str) -> None:
         p = tmp_path / "c.yaml"
         p.write_text(f"cluster: c1\nnode: n1\nsources:\n  {body}\n")
         with pytest.raises(DataFileError) as exc:
             load_config(p)
         assert needle in str(exc.value) and str(p) in str(exc.value)
+
+
+def test_the_kmsg_zone_reads_a_syslog_files_local_times(tmp_path: Path, catalog: Catalog) -> None:
+    """A syslog file written in New York time: the signal's time is the UTC instant the line names."""
+    from datetime import UTC
+
+    from breakfix.collectors.context import NodeContext
+    from breakfix.collectors.kmsg_follow import Line, Position
+    from breakfix.collectors.sources import kmsg_plugins
+
+    p = tmp_path / "c.yaml"
+    p.write_text(f"cluster: c1\nnode: n1\nsources:\n  kmsg:\n    path: {tmp_path / 'kern.log'}\n"
+                 "    timezone: America/New_York\n")
+    env = SourceEnv(ctx=NodeContext(cluster="c1", node="n1", catalog=catalog), clock=ManualClock(T0), http=None,  # type: ignore[arg-type]
+                    state_dir=tmp_path)
+    (plugin,) = kmsg_plugins(load_config(p).sources.kmsg, env)
+    assert isinstance(plugin, KmsgPlugin)
+    line = "Nov 22 08:15:30 n1 kernel: NVRM: Xid (PCI:0000:01:00): 48, pid=1, name=x, An uncorrectable DBE"
+    (sig,) = plugin.src.signals([Line(line, Position(), "kern.log:1")], T0)
+    assert sig.observed_at == datetime(2026, 11, 22, 13, 15, 30, tzinfo=UTC)
 
 
 class TestKmsgBatch:

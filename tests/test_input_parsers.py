@@ -327,6 +327,17 @@ class TestFormatRefusals:
         assert res.exit_code == 0 and len(res.stdout.splitlines()) == 5
         assert "not UTF-8 at byte 28" in res.stderr
 
+    def test_timezone_reads_syslog_stamps_in_the_logs_zone_and_an_unknown_zone_is_one_line(self,
+                                                                                         tmp_path: Path) -> None:
+        f = tmp_path / "syslog"
+        f.write_text("Mar  4 09:12:41 gpu-node-17 kernel: NVRM: Xid (PCI:0000:01:00): 13, pid=1, name=x, y\n")
+        res = runner.invoke(app, ["signals", "kmsg", str(f), "--node", "n1", "--timezone", "Asia/Tokyo"])
+        assert res.exit_code == 0, res.stderr
+        assert json.loads(res.stdout)["observed_at"].endswith("T00:12:41Z")
+        bad = runner.invoke(app, ["signals", "kmsg", str(f), "--node", "n1", "--timezone", "Nowhere/Else"])
+        assert bad.exit_code == 2 and "unknown time zone 'Nowhere/Else'" in bad.stderr
+        assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
     def test_healthy_input_of_the_right_format_is_empty_exit_0(self, tmp_path: Path) -> None:
         f = tmp_path / "dmesg.txt"
         f.write_text("[    0.000000] Linux version 6.8.0\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -132,6 +132,30 @@ class TestLineTime:
     ], ids=["raw-kmsg-usec", "dmesg-mono", "journald-iso", "dmesg-T", "syslog"])
     def test_time_comes_from_the_line(self, line: str, expected: datetime) -> None:
         assert line_time(line, booted=datetime(2026, 11, 23, tzinfo=UTC), now=T0) == expected
+
+    @pytest.mark.parametrize(("line", "zone", "expected"), [
+        ("Nov 22 08:15:30 host kernel: NVRM: Xid", "America/New_York", datetime(2026, 11, 22, 13, 15, 30, tzinfo=UTC)),
+        ("Jul  1 08:15:30 host kernel: NVRM: Xid", "America/New_York", datetime(2026, 7, 1, 12, 15, 30, tzinfo=UTC)),
+        ("[Sun Nov 22 08:15:30 2026] NVRM: Xid", "Asia/Kolkata", datetime(2026, 11, 22, 2, 45, 30, tzinfo=UTC)),
+        ("2026-11-22T08:15:30 host kernel: NVRM: Xid", "Europe/Berlin", datetime(2026, 11, 22, 7, 15, 30, tzinfo=UTC)),
+        ("2026-11-22T08:15:30+0000 host kernel: NVRM: Xid", "Europe/Berlin", datetime(2026, 11, 22, 8, 15, 30,
+                                                                                   tzinfo=UTC)),
+        ("[   10.500000] NVRM: Xid", "Asia/Kolkata", datetime(2026, 11, 23, 0, 0, 10, 500000, tzinfo=UTC)),
+        ("6,1234,5000000,-;NVRM: Xid", "America/New_York", datetime(2026, 11, 23, 0, 0, 5, tzinfo=UTC)),
+    ], ids=["syslog-winter", "syslog-summer-dst", "dmesg-T-half-hour-zone", "iso-without-offset",
+            "iso-offset-wins", "boot-relative-ignores-zone", "raw-kmsg-ignores-zone"])
+    def test_wall_clock_stamps_are_read_in_the_logs_zone(self, line: str, zone: str, expected: datetime) -> None:
+        from breakfix.collectors.kmsg_follow import log_zone
+
+        got = line_time(line, booted=datetime(2026, 11, 23, tzinfo=UTC), now=T0, tz=log_zone(zone))
+        assert got == expected and got.utcoffset() == timedelta(0)
+
+    def test_an_unknown_zone_is_refused_and_local_is_this_machines(self) -> None:
+        from breakfix.collectors.kmsg_follow import log_zone
+
+        with pytest.raises(ValueError, match="unknown time zone 'Mars/Olympus'"):
+            log_zone("Mars/Olympus")
+        assert log_zone("local").utcoffset(T0) == datetime.now().astimezone().utcoffset()
 
 
 class TestKmsgSource:

@@ -114,11 +114,18 @@ def signals_kmsg(
                                                        "anchors [seconds-since-boot] stamps.")] = None,
     reference: Annotated[str | None, typer.Option(help="LINE_TIMESTAMP=RFC3339: one line's [seconds] stamp and the "
                                                        "wall-clock time it was written; anchors the others.")] = None,
+    timezone: Annotated[str, typer.Option(help="Zone of the log's wall-clock times (syslog, dmesg -T, ISO without "
+                                               "an offset): UTC, local, or an IANA name such as Europe/Berlin.")]
+    = "UTC",
 ) -> None:
     """Parse NVIDIA XID, SXid and fallen-off-the-bus lines from a copied kernel log."""
     from breakfix.collectors.kmsg import BadLine, line_signal
-    from breakfix.collectors.kmsg_follow import RELATIVE, line_time_source
+    from breakfix.collectors.kmsg_follow import RELATIVE, line_time_source, log_zone
 
+    try:
+        tz = log_zone(timezone)
+    except ValueError as exc:
+        raise fail(f"--timezone: {exc}") from None
     anchored = _anchor(boot_time, reference)
     text = _read(file, "kmsg", lenient=True)
     ctx = _ctx(cluster, node)
@@ -129,7 +136,7 @@ def signals_kmsg(
 
     def at(line: str) -> tuple[datetime, str]:
         nonlocal relative
-        t, source = line_time_source(line, booted=booted, now=now)
+        t, source = line_time_source(line, booted=booted, now=now, tz=tz)
         if source == RELATIVE and anchored is None:
             relative += 1
             return t, RELATIVE

@@ -22,6 +22,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from breakfix.bus.options import NatsOptions
 from breakfix.collectors.dcgm import DcgmThresholds
 from breakfix.collectors.fabric import FabricThresholds
+from breakfix.collectors.kmsg_follow import log_zone
 from breakfix.collectors.nvml import Thresholds as NvmlThresholds
 from breakfix.schemas.datafile import DataFileError, load_model
 
@@ -95,12 +96,20 @@ class NvmlConfig(BaseModel):
     thresholds: NvmlThresholdsField = NvmlThresholds()
 
 
+def _zone_name(v: str) -> str:
+    log_zone(v)  # raises ValueError (a config error with its file:line) for a zone the database does not know
+    return v
+
+
 class KmsgConfig(BaseModel):
     model_config = _STRICT
     enabled: bool = True
     path: Path = Path("/dev/kmsg")
     poll_s: float = Field(0.5, gt=0)
     from_start: bool = False
+    # the zone of wall-clock times in a log file (syslog, dmesg -T, ISO without an offset): UTC, local (this
+    # machine's) or an IANA name; /dev/kmsg and [seconds] stamps count from boot and need none
+    timezone: Annotated[str, AfterValidator(_zone_name)] = "UTC"
 
 
 class DcgmConfig(BaseModel):

@@ -23,9 +23,10 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import BinaryIO
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
@@ -53,20 +54,42 @@ def boot_time(stat: Path = Path("/proc/stat")) -> datetime:
     return datetime.fromtimestamp(0, UTC)
 
 
+def log_zone(name: str) -> tzinfo:
+    """The zone a log's wall-clock times are in: ``UTC``, ``local`` (this machine's) or an IANA name such as
+    ``Europe/Berlin``. Raises ``ValueError`` for a name the zone database does not know."""
+    if name == "UTC":
+        return UTC
+    if name == "local":
+        local = datetime.now().astimezone().tzinfo
+        return local if local is not None else UTC
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {name!r}: use UTC, local, or an IANA name such as Europe/Berlin") from exc
+
+
+def _wall(t: datetime, tz: tzinfo) -> datetime:
+    """A naive wall-clock time read in ``tz``, as UTC (the zone's daylight-saving rules applied)."""
+    return t.replace(tzinfo=tz).astimezone(UTC) if tz is not UTC else t.replace(tzinfo=UTC)
+
+
 # Time sources of a line (``details.time_source`` on offline signals): the line carries wall-clock time;
 # the line carries seconds since boot, anchored to a boot time; the line carries no time at all.
 ABSOLUTE, RELATIVE, NO_TIME = "absolute", "relative", "none"
 
 
-def line_time(line: str, *, booted: datetime, now: datetime) -> datetime:
+def line_time(line: str, *, booted: datetime, now: datetime, tz: tzinfo = UTC) -> datetime:
     """When the kernel wrote ``line``, from the line itself; ``now`` when it says nothing.
 
     Raises ``ValueError`` / ``OverflowError`` for an impossible date or a timestamp out of range."""
-    return line_time_source(line, booted=booted, now=now)[0]
+    return line_time_source(line, booted=booted, now=now, tz=tz)[0]
 
 
-def line_time_source(line: str, *, booted: datetime, now: datetime) -> tuple[datetime, str]:
-    """``line_time`` and where it came from: ``ABSOLUTE``, ``RELATIVE`` (seconds since ``booted``) or ``NO_TIME``."""
+def line_time_source(line: str, *, booted: datetime, now: datetime, tz: tzinfo = UTC) -> tuple[datetime, str]:
+    """``line_time`` and where it came from: ``ABSOLUTE``, ``RELATIVE`` (seconds since ``booted``) or ``NO_TIME``.
+
+    Syslog, ``dmesg -T`` and ISO times without an offset are the writer's wall clock: they are read in ``tz``
+    (``log_zone``; UTC unless the log's node keeps local time) and returned in UTC."""
     if m := _RAW.match(line):
         return booted + timedelta(microseconds=int(m.group("usec"))), RELATIVE
     if m := _ISO.match(line):
@@ -74,14 +97,15 @@ def line_time_source(line: str, *, booted: datetime, now: datetime) -> tuple[dat
         if re.search(r"[+-]\d{4}$", iso):
             iso = iso[:-2] + ":" + iso[-2:]
         t = datetime.fromisoformat(iso)
-        return (t if t.tzinfo else t.replace(tzinfo=UTC)), ABSOLUTE
+        return (t.astimezone(UTC) if t.tzinfo else _wall(t, tz)), ABSOLUTE
     if m := _DMESG_T.match(line):
-        return datetime.strptime(m.group("t"), "%a %b %d %H:%M:%S %Y").replace(tzinfo=UTC), ABSOLUTE
+        return _wall(datetime.strptime(m.group("t"), "%a %b %d %H:%M:%S %Y"), tz), ABSOLUTE
     if m := _SYSLOG.match(line):
-        t = datetime.strptime(f"{now.year} {m.group('t')}", "%Y %b %d %H:%M:%S").replace(tzinfo=UTC)
+        naive = datetime.strptime(f"{now.year} {m.group('t')}", "%Y %b %d %H:%M:%S")
         if m.group("frac"):  # journalctl -o short-precise
-            t += timedelta(microseconds=int(m.group("frac")[1:7].ljust(6, "0")))
-        return (t if t <= now + timedelta(days=1) else t.replace(year=now.year - 1)), ABSOLUTE
+            naive += timedelta(microseconds=int(m.group("frac")[1:7].ljust(6, "0")))
+        t = _wall(naive, tz)  # syslog has no year: this year's, unless that is more than a day ahead
+        return (t if t <= now + timedelta(days=1) else _wall(naive.replace(year=now.year - 1), tz)), ABSOLUTE
     if m := _MONO.match(line):
         return booted + timedelta(seconds=float(m.group("mono"))), RELATIVE
     return now, NO_TIME

@@ -14,7 +14,7 @@ forwarder took the batch).
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 
 import structlog
 
@@ -29,10 +29,12 @@ log = structlog.get_logger("breakfix.collector.kmsg")
 class KmsgSource:
     name = "kmsg"
 
-    def __init__(self, follower: KmsgFollower, ctx: NodeContext, *, booted: datetime | None = None) -> None:
+    def __init__(self, follower: KmsgFollower, ctx: NodeContext, *, booted: datetime | None = None,
+                 tz: tzinfo = UTC) -> None:
         self.follower = follower
         self.ctx = ctx
         self.booted = booted or boot_time()
+        self.tz = tz  # the zone of the log's wall-clock times (``KmsgConfig.timezone``)
         self.lines = 0
         self.skipped = 0  # bad lines since start: breakfix_collector_parse_skipped_total{source="kmsg"}
 
@@ -49,7 +51,7 @@ class KmsgSource:
         first = ""
 
         def at(text: str) -> tuple[datetime, str]:
-            return line_time(text, booted=self.booted, now=now), ""
+            return line_time(text, booted=self.booted, now=now, tz=self.tz), ""
 
         for ln in lines:
             try:

@@ -33,7 +33,7 @@ from breakfix.collectors.dcgm import DcgmRules
 from breakfix.collectors.edge import Cycle
 from breakfix.collectors.endpoint import EndpointRules, EndpointSpec, Probe, Slo, probe
 from breakfix.collectors.fabric import FabricRules, PortSample, read_ports
-from breakfix.collectors.kmsg_follow import KmsgFollower, Line, PositionStore
+from breakfix.collectors.kmsg_follow import KmsgFollower, Line, PositionStore, log_zone
 from breakfix.collectors.kmsg_source import KmsgSource
 from breakfix.collectors.nvml import GpuSample, NvmlSource
 from breakfix.collectors.nvml_api import FakeNvml, real_nvml
@@ -112,7 +112,7 @@ class KmsgPlugin:
 @register("kmsg")
 def kmsg_plugins(c: KmsgConfig, env: SourceEnv) -> Sequence[Plugin]:
     follower = KmsgFollower(c.path, PositionStore(env.state_dir / "kmsg-position.json"), from_start=c.from_start)
-    return [KmsgPlugin(follower, KmsgSource(follower, env.ctx), c.poll_s)]
+    return [KmsgPlugin(follower, KmsgSource(follower, env.ctx, tz=log_zone(c.timezone)), c.poll_s)]
 
 
 # -- dcgm-exporter -------------------------------------------------------------------------------
