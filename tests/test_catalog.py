@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,41 @@ class TestLoadFailsFast:
         (tmp_path / "xid_catalog.csv").write_text("\n".join(lines) + "\n")
         with pytest.raises(DataFileError, match=r"xid_catalog.csv:4: bad XID row"):
             load_catalog(tmp_path)
+
+
+class TestCatalogBuild:
+    """``tools/build_catalog.py`` regenerates the CSVs from the reference extracts without losing breakfix's rows."""
+
+    @staticmethod
+    def _tool():  # type: ignore[no-untyped-def]
+        import importlib.util
+
+        path = Path(__file__).resolve().parent.parent / "tools" / "build_catalog.py"
+        spec = importlib.util.spec_from_file_location("build_catalog", path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    def test_a_rebuild_keeps_breakfixs_dcgm_rows_after_the_upstream_ones(self, tmp_path: Path) -> None:
+        ref = tmp_path / "ref"
+        ref.mkdir()
+        (ref / "xid_catalog.csv").write_text("xid,source\n48,https://docs.nvidia.com/deploy/xid-errors/\n")
+        (ref / "xid_catalog_detail.csv").write_text(
+            "xid,mnemonic,description,immediate_action,investigatory_action,domain,applies_A100,applies_H100,"
+            "applies_B100,applies_GB200\n48,ECC_DBE,DBE,RESET_GPU,NONE,operator,YES,YES,YES,YES\n")
+        (ref / "dcgm_fr_to_action_nvsentinel.csv").write_text(
+            "dcgm_fr_code,nvsentinel_recommended_action\nDCGM_FR_UNKNOWN,CONTACT_SUPPORT\n"
+            "DCGM_FR_CONTAINED_ERROR,RESTART_APP\n")  # upstream took one of ours: upstream's row wins
+        self._tool().main(ref, out=tmp_path)
+        rows = list(csv.DictReader((tmp_path / "dcgm_fr_catalog.csv").open()))
+        assert [(r["code"], r["nvsentinel_action"]) for r in rows] == [
+            ("DCGM_FR_UNKNOWN", "CONTACT_SUPPORT"), ("DCGM_FR_CONTAINED_ERROR", "RESTART_APP"),
+            ("DCGM_FR_UNCORRECTABLE_ROW_REMAP_LIMIT", "CONTACT_SUPPORT")]
+
+    def test_the_shipped_dcgm_catalog_holds_every_addition(self) -> None:
+        root = Path(__file__).resolve().parent.parent
+        shipped = {r["code"]: r for r in csv.DictReader(
+            (root / "breakfix" / "schemas" / "catalog" / "dcgm_fr_catalog.csv").open())}
+        for add in csv.DictReader((root / "tools" / "dcgm_fr_additions.csv").open()):
+            assert shipped[add["code"]] == add
