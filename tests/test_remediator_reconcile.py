@@ -25,6 +25,8 @@ from breakfix.schemas.incident import (
 from tests.conftest import T0
 
 PLAN = Plan(rule="gpu-reset", domain=Domain.OPERATOR, reason="XID 48")
+DRY = PLAN.model_copy(update={"dry_run": True})
+SHADOW = PLAN.model_copy(update={"shadow": True})
 
 
 def incident(iid: str = "inc-1", **kw: Any) -> Incident:
@@ -40,7 +42,10 @@ def entry(inc: Incident, kind: ChangeKind = ChangeKind.OPENED) -> KvEntry:
 @pytest.mark.parametrize(("inc", "planned", "running", "queued", "covered", "taken_up"), [
     (incident(), {}, set(), set(), {}, True),
     (incident(waiting=None), {}, set(), set(), {}, True),
-    (incident(plan=PLAN), {}, set(), set(), {}, False),  # its plan ran (the correlator folded the planned record in)
+    (incident(plan=DRY), {}, set(), set(), {}, False),  # its dry run ran (no record: the index shows the plan)
+    (incident(plan=SHADOW), {}, set(), set(), {}, False),
+    (incident(plan=PLAN), {}, set(), set(), {}, True),  # planned, stopped before the first step saved a record
+    (incident(plan=PLAN), {"inc-1": 0}, set(), set(), {}, False),
     (incident(status=IncidentStatus.RESOLVED), {}, set(), set(), {}, False),
     (incident(status=IncidentStatus.ESCALATED), {}, set(), set(), {}, False),
     (incident(parent="fab-1"), {}, set(), set(), {}, False),  # the fabric incident's plan acts for it
@@ -52,7 +57,8 @@ def entry(inc: Incident, kind: ChangeKind = ChangeKind.OPENED) -> KvEntry:
     (incident(flaps=1), {"inc-1": 2}, set(), set(), {}, True),  # the record is the previous opening's
     (incident(flaps=1), {"inc-1": 100}, set(), set(), {}, False),
     (incident(status=IncidentStatus.MITIGATING), {}, set(), set(), {}, True),
-], ids=["settling", "no-wait", "planned", "resolved", "escalated", "folded", "covered", "running", "breaker-queue",
+], ids=["settling", "no-wait", "dry-run-ran", "shadow-ran", "live-plan-without-record", "live-plan-with-record",
+        "resolved", "escalated", "folded", "covered", "running", "breaker-queue",
         "record", "redecided-record", "reopened-after-record", "reopened-record", "mitigating-no-plan"])
 def test_unplanned_takes_up_only_open_incidents_no_plan_covers(inc: Incident, planned: dict[str, int],
                                                               running: set[str], queued: set[str],
@@ -77,9 +83,9 @@ def test_open_incidents_keeps_open_ones_and_counts_what_does_not_decode() -> Non
     assert found.undecodable == 3
 
 
-def test_open_incidents_stops_at_its_limit() -> None:
+def test_open_incidents_stops_at_its_limit_and_counts_what_it_left_out() -> None:
     found = open_incidents([entry(incident(f"i{n}")) for n in range(5)], limit=2)
-    assert [i.id for i in found.incidents] == ["i0", "i1"]
+    assert [i.id for i in found.incidents] == ["i0", "i1"] and found.over_limit == 3
 
 
 @given(st.lists(st.one_of(st.binary(max_size=200), st.builds(

@@ -16,7 +16,7 @@ from breakfix.remediator.executor import Executor
 from breakfix.remediator.human import human_record
 from breakfix.remediator.policy import Policy
 from breakfix.remediator.provider import ProviderHook
-from breakfix.remediator.records import PlanBook, PlanRecord, Progress
+from breakfix.remediator.records import PlanBook, PlanRecord, Progress, ProgressState
 from breakfix.remediator.service import RemediatorService
 from breakfix.remediator.simcluster import SimCluster, SimNode
 from breakfix.remediator.store import MemoryStore
@@ -225,16 +225,66 @@ class TestRestartTakesUpUnplannedIncidents:
         from breakfix.remediator.decide import decide
         from breakfix.schemas.incident import IncidentStatus
 
-        bus = MemoryBus()
-        cluster = SimCluster({f"n{i}": SimNode(f"n{i}") for i in range(1, 5)})
+        bus, store = MemoryBus(), MemoryStore()
+        cluster = SimCluster({f"n{i}": SimNode(f"n{i}") for i in range(1, 101)})  # 3 openings stay under the breaker
         plan = decide(incident(), await cluster.view(), fast(policy))
-        await index(bus, incident("n1", iid="inc-planned", plan=plan))
+        dry = plan.model_copy(update={"dry_run": True})
+        await index(bus, incident("n1", iid="inc-dry-run", plan=dry))
         await index(bus, incident("n2", iid="inc-resolved", status=IncidentStatus.RESOLVED), ChangeKind.RESOLVED)
         await index(bus, incident("n3", iid="inc-folded", parent="fab-1"))
+        await index(bus, incident("n4", iid="inc-other-cluster").model_copy(update={"cluster": "c2"}))
+        recorded = incident("n5", iid="inc-recorded", plan=plan)
+        await PlanBook(store).put(PlanRecord(incident=recorded, plan=plan, progress=Progress(
+            incident=recorded.id, attempt=0, state=ProgressState.DONE)), None)
+        await index(bus, recorded)
         await bus.kv_put(subjects.INCIDENT_INDEX_BUCKET, "c1.garbage", b"{not json")
-        async with Harness(fast(policy), cluster, bus=bus) as h:
+        async with Harness(fast(policy), cluster, store, bus=bus) as h:
             await asyncio.sleep(0.2)
         assert h.records() == [] and cluster.history == [] and h.svc.tasks == {}
+
+    async def test_openings_found_after_a_restart_still_trip_the_breaker(self, policy: Policy) -> None:
+        """A rack lost power while the remediator was down: its openings (newer versions in the index than the
+        opened changes waiting in the stream) count towards the breaker before any plan is admitted."""
+        bus = MemoryBus()
+        await bus.ensure_streams(subjects.STREAMS)
+        for i in range(1, 5):  # 4 of 10 nodes within the window: over the breaker's 10 %
+            inc = incident(f"n{i}", iid=f"inc-{i}", category="node_reboot_required")
+            await bus.publish(subjects.incident_subject("c1"), encode(IncidentChange(
+                kind=ChangeKind.OPENED, incident=inc, at=T0)), msg_id=f"{inc.id}:opened:0")
+            await index(bus, inc.model_copy(update={"version": 2}), ChangeKind.UPDATED)
+        async with Harness(fast(policy), bus=bus) as h:
+            await h.until(lambda: h.svc.guards.breaker_tripped_at is not None)
+            await h.until(lambda: len(h.svc.guards.queued) == 4)
+        assert "completed" not in outcome_of_plan(h) and [a for a, *_ in h.cluster.history] == ["escalate"]
+        assert len([r for r in h.records() if r.kind is ActionKind.NOTIFICATION]) == 1, "the breaker pages once"
+
+    async def test_an_opened_change_delivered_after_its_take_up_does_not_run_the_plan_again(
+            self, policy: Policy) -> None:
+        bus, cluster = MemoryBus(), SimCluster({"n1": SimNode("n1", pods={"ml/p": 2})})
+        inc = incident()
+        await index(bus, inc)
+        async with Harness(fast(policy), cluster, bus=bus) as h:
+            await h.until(lambda: "completed" in outcome_of_plan(h))
+            await h.open(inc)  # the change that was never acked arrives after the take-up finished the plan
+            await h.until(lambda: h.svc.stats.handled == 1)
+            await asyncio.sleep(0.1)
+        assert outcome_of_plan(h).count("planned") == 1
+        assert [a for a, *_ in cluster.history].count("reset_gpu") == 1
+
+    async def test_a_standby_takes_up_nothing_until_it_leads(self, policy: Policy) -> None:
+        class Lease:
+            leader = False
+
+            async def try_acquire(self) -> bool:
+                return self.leader
+
+        bus, lease = MemoryBus(), Lease()
+        await index(bus, incident())
+        async with Harness(fast(policy), bus=bus, elector=lease, lease_renew_s=0.05) as h:
+            await asyncio.sleep(0.2)
+            assert h.svc.tasks == {} and h.records() == [], "a standby neither admits nor acts"
+            lease.leader = True
+            await h.until(lambda: "completed" in outcome_of_plan(h))
 
 
 class TestProvider:

@@ -211,6 +211,9 @@ class JetStreamBus:
                           limit: int = 1_000_000) -> list[KvEntry]:
         return await self._kv.kv_snapshot(bucket, prefix, timeout_s=timeout_s, limit=limit)
 
+    def kv_scan(self, bucket: str, prefix: str = "", *, timeout_s: float = 10.0) -> AsyncIterator[KvEntry]:
+        return self._kv.kv_scan(bucket, prefix, timeout_s=timeout_s)
+
     async def kv_put_many(self, bucket: str, values: Mapping[str, bytes]) -> None:
         """On JetStream a KV put is a publish to ``$KV.<bucket>.<key>`` (the KV wire contract): send them
         pipelined, one round trip per batch instead of one per key."""

@@ -160,10 +160,18 @@ class JetStreamKv:
     async def kv_snapshot(self, bucket: str, prefix: str = "", *, timeout_s: float = 10.0,
                           limit: int = 1_000_000) -> list[KvEntry]:
         """One watch of the bucket, filtered on the server by ``prefix``, up to its end-of-values marker."""
+        out: list[KvEntry] = []
+        async for e in self.kv_scan(bucket, prefix, timeout_s=timeout_s):
+            out.append(e)
+            if len(out) >= limit:
+                break
+        return out
+
+    async def kv_scan(self, bucket: str, prefix: str = "", *, timeout_s: float = 10.0) -> AsyncIterator[KvEntry]:
         kv = await self._bucket(bucket)
         watcher = await kv.watch(f"{prefix}>", ignore_deletes=True)
-        out: list[KvEntry] = []
         loop = asyncio.get_running_loop()
+        n = 0
         try:
             async with asyncio.timeout(timeout_s) as deadline:
                 async for e in watcher:
@@ -171,15 +179,13 @@ class JetStreamKv:
                         break
                     if e.operation in (KV_DEL, KV_PURGE):
                         continue
-                    out.append(KvEntry(e.key, bytes(e.value or b""), int(e.revision or 0)))
-                    if len(out) % 1000 == 0:
+                    yield KvEntry(e.key, bytes(e.value or b""), int(e.revision or 0))
+                    n += 1
+                    if n % 1000 == 0:
                         deadline.reschedule(loop.time() + timeout_s)  # a timeout without progress, not in all
-                        if len(out) >= limit:
-                            break
         finally:
             with contextlib.suppress(nats.errors.Error, AttributeError):
                 await watcher.stop()  # type: ignore[no-untyped-call]
-        return out
 
     async def kv_watch(self, bucket: str, prefix: str = "") -> AsyncIterator[KvEntry]:
         kv = await self._bucket(bucket)

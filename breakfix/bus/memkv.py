@@ -84,6 +84,10 @@ class MemoryKv:
                          key=lambda e: e.revision)
         return current[:limit]
 
+    async def kv_scan(self, bucket: str, prefix: str = "", *, timeout_s: float = 10.0) -> AsyncIterator[KvEntry]:
+        for e in await self.kv_snapshot(bucket, prefix, timeout_s=timeout_s):
+            yield e
+
     async def kv_put_many(self, bucket: str, values: Mapping[str, bytes]) -> None:
         for key, value in values.items():
             await self.kv_put(bucket, key, value)

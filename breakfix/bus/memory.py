@@ -155,6 +155,9 @@ class MemoryBus:
                           limit: int = 1_000_000) -> list[KvEntry]:
         return await self.kv.kv_snapshot(bucket, prefix, timeout_s=timeout_s, limit=limit)
 
+    def kv_scan(self, bucket: str, prefix: str = "", *, timeout_s: float = 10.0) -> AsyncIterator[KvEntry]:
+        return self.kv.kv_scan(bucket, prefix, timeout_s=timeout_s)
+
     async def kv_put_many(self, bucket: str, values: Mapping[str, bytes]) -> None:
         await self.kv.kv_put_many(bucket, values)
 

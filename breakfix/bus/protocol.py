@@ -172,6 +172,11 @@ class KeyValue(Protocol):
         Raises ``TimeoutError`` when the read stalls for ``timeout_s``."""
         ...
 
+    def kv_scan(self, bucket: str, prefix: str = "", *, timeout_s: float = 10.0) -> AsyncIterator[KvEntry]:
+        """``kv_snapshot`` one entry at a time, for a reader that keeps only some (deleted keys left out).
+        Raises ``TimeoutError`` when the read stalls for ``timeout_s``."""
+        ...
+
     async def kv_put_many(self, bucket: str, values: Mapping[str, bytes]) -> None:
         """Put many keys at once (pipelined where the store allows); unconditional, like ``kv_put``."""
         ...

@@ -28,36 +28,42 @@ ATTEMPT_STRIDE = 100  # a plan's attempt number: flaps * 100 + re-decisions (``R
 
 @dataclass
 class OpenIncidents:
-    """What the index held: the open incidents, and how many entries did not decode."""
+    """What the index held: the open incidents (at most ``limit``), how many entries did not decode, and how
+    many open ones were left out past the limit. Fed one entry at a time (``add``), so the terminal incidents
+    the index keeps for its retention are never all in memory at once."""
 
+    limit: int = 200_000
     incidents: list[Incident] = field(default_factory=list)
     undecodable: int = 0
+    over_limit: int = 0
 
-
-def open_incidents(entries: Iterable[KvEntry], *, limit: int = 200_000) -> OpenIncidents:
-    """The non-terminal incidents among the index's entries, at most ``limit`` of them.
-
-    The status is read from the plain JSON first, so the (many) resolved and escalated incidents the index
-    keeps for its retention are never validated in full; an entry that does not decode is counted.
-    """
-    out = OpenIncidents()
-    for entry in entries:
-        if len(out.incidents) >= limit:
-            break
+    def add(self, entry: KvEntry) -> None:
+        """Keep the entry's incident if it is open. The status is read from the plain JSON first, so terminal
+        incidents are never validated in full; an entry that does not decode is counted."""
         if entry.value is None:
-            continue
+            return
         try:
             raw = orjson.loads(entry.value)
             status = raw["incident"]["status"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
-            out.undecodable += 1
-            continue
+            self.undecodable += 1
+            return
         if status in _TERMINAL:
-            continue
+            return
+        if len(self.incidents) >= self.limit:
+            self.over_limit += 1
+            return
         try:
-            out.incidents.append(IncidentChange.model_validate(raw).incident)
+            self.incidents.append(IncidentChange.model_validate(raw).incident)
         except ValidationError:
-            out.undecodable += 1
+            self.undecodable += 1
+
+
+def open_incidents(entries: Iterable[KvEntry], *, limit: int = 200_000) -> OpenIncidents:
+    """The non-terminal incidents among the index's entries, at most ``limit`` of them."""
+    out = OpenIncidents(limit)
+    for entry in entries:
+        out.add(entry)
     return out
 
 
@@ -67,13 +73,17 @@ def unplanned(incidents: Iterable[Incident], *, planned: Mapping[str, int], runn
 
     Left out: an incident folded into a parent or covered by a fabric incident (the parent's plan acts for
     it); one with a plan in the store for this opening (``planned``: incident -> the attempt its record
-    holds, an attempt of ``flaps * 100`` or later belongs to this opening); one whose plan already ran
-    (the index shows the plan the correlator folded in from the ``planned`` record, dry runs included);
-    one already running here; one queued behind the breaker (``breakfix breaker reset`` re-drives those).
+    holds, an attempt of ``flaps * 100`` or later belongs to this opening); one whose dry-run or shadow plan
+    already ran (such a plan keeps no record: the index shows the plan the correlator folded in); one already
+    running here; one queued behind the breaker (``breakfix breaker reset`` re-drives those). A live plan
+    counts only with its record: the executor publishes the plan before its first step saves the record, and
+    a stop in between must not leave the incident without a plan.
     """
     out = []
     for inc in incidents:
-        if inc.status.terminal or inc.parent is not None or inc.id in covered or inc.plan is not None:
+        if inc.status.terminal or inc.parent is not None or inc.id in covered:
+            continue
+        if inc.plan is not None and (inc.plan.dry_run or inc.plan.shadow):
             continue
         if inc.id in running or inc.id in queued:
             continue

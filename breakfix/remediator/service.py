@@ -41,9 +41,10 @@ from breakfix.remediator.leading import Elector, lead
 from breakfix.remediator.locks import KeyedLocks
 from breakfix.remediator.metrics import Observers, RemediatorMetrics
 from breakfix.remediator.policy import Policy
-from breakfix.remediator.reconcile import ATTEMPT_STRIDE, open_incidents, unplanned
+from breakfix.remediator.reconcile import ATTEMPT_STRIDE
 from breakfix.remediator.records import PlanBook, PlanRecord, Progress, ProgressState
 from breakfix.remediator.store import Conflict, MemoryStore, PlanStore
+from breakfix.remediator.takeup import take_up_when_leading
 from breakfix.remediator.view import ClusterView
 from breakfix.schemas import subjects
 from breakfix.schemas.common import Severity
@@ -91,6 +92,7 @@ class RemediatorService:
         self.cordoned: set[str] = set()                           # incidents cordoned while their repair waits
         self.deferred: set[str] = set()                           # incidents whose deferred repair waited
         self.budget_since: dict[str, datetime] = {}
+        self.taken_up: dict[str, int] = {}                        # incident -> version taken up from the index
         self.stats, self.control_stats = ConsumerStats(), ConsumerStats()
         self._view_cache: tuple[float, ClusterView] | None = None
         self.view_ttl_s, self._swept = view_ttl_s, float("-inf")
@@ -138,8 +140,10 @@ class RemediatorService:
         inc = change.incident
         prev = self.latest.get(inc.id)
         if prev is not None and inc.version < prev.version:
+            if change.kind is ChangeKind.OPENED:  # an opening counts even when a newer version is already known
+                await self.observe_open(inc)
             return
-        self._track(inc)
+        self.track(inc)
         if inc.status is IncidentStatus.RESOLVED and inc.id not in self.current:
             self.guards.unhold(inc.id)  # fixed (healthy signals, or its plan completed): it holds nothing
             self.keeper.save()
@@ -150,12 +154,19 @@ class RemediatorService:
             await self._maybe_redecide(inc)
         if change.kind not in (ChangeKind.OPENED, ChangeKind.REOPENED):
             return
-        if change.kind is ChangeKind.OPENED and inc.domain is Domain.OPERATOR and self.guards.observe_open(
+        if change.kind is ChangeKind.OPENED:
+            await self.observe_open(inc)
+        if self.taken_up.get(inc.id, -1) >= inc.version:
+            return  # this opening was taken up from the index already (remediator.takeup)
+        await self.admit(inc)
+
+    async def observe_open(self, inc: Incident) -> None:
+        """An operator incident opening counts towards the circuit breaker; page when it trips."""
+        if inc.domain is Domain.OPERATOR and self.guards.observe_open(
                 inc.node, inc.first_seen, self.policy.guards.breaker, len((await self._view()).nodes)):
             await page_breaker(self, inc)
-        await self._admit(inc)
 
-    async def _admit(self, inc: Incident) -> None:
+    async def admit(self, inc: Incident) -> None:
         """Decide now, hold the node when the plan needs it, and start the incident's task (after the settle)."""
         plan = self.decisions.plan(inc, await self._view(), self.policy)
         if inc.node is not None and inc.parent is None and needs_node(plan) and deferral(plan) is None:
@@ -163,7 +174,7 @@ class RemediatorService:
             self.keeper.save()
         self.spawn(inc.id, inc.flaps * ATTEMPT_STRIDE, None)
 
-    def _track(self, inc: Incident) -> None:
+    def track(self, inc: Incident) -> None:
         """Remember an incident's latest version and the members it covers."""
         self.latest[inc.id] = inc
         self.latest.move_to_end(inc.id)
@@ -172,36 +183,6 @@ class RemediatorService:
                 self.covered.pop(member, None)
             else:
                 self.covered[member] = inc.id
-
-    async def _take_up_unplanned(self, records: list[PlanRecord]) -> None:
-        """After a restart: open incidents from the index that no plan covers (``remediator.reconcile``).
-
-        An incident whose ``opened`` change was acked while it settled, waited on a budget or a cooldown, or
-        waited out a deferral has no plan record yet; nothing would deliver it again. A missing or unreadable
-        index is logged and skipped: the remediator still starts."""
-        snapshot = getattr(self.bus, "kv_snapshot", None)
-        exists = getattr(self.bus, "kv_exists", None)
-        if snapshot is None or exists is None:
-            return
-        try:  # the correlator creates the bucket (with its retention): never created here
-            if not await exists(subjects.INCIDENT_INDEX_BUCKET):
-                return
-            found = open_incidents(await snapshot(subjects.INCIDENT_INDEX_BUCKET, timeout_s=30.0))
-        except Exception as exc:  # no permission, no bucket, a stalled read: start without it
-            log.warning("index_unreadable", error=repr(exc))
-            return
-        for inc in found.incidents:
-            prev = self.latest.get(inc.id)
-            if prev is None or inc.version >= prev.version:
-                self._track(inc)
-        planned = {rec.incident.id: rec.progress.attempt for rec in records}
-        again = unplanned(found.incidents, planned=planned, running=self.tasks, queued=self.guards.queued,
-                          covered=self.covered)
-        for inc in again:
-            log.warning("taken_up_again", incident=inc.id, node=inc.node, category=inc.category,
-                        waiting=inc.waiting.value if inc.waiting else None)
-            await self._admit(inc)
-        log.info("index_reconciled", open=len(found.incidents), taken_up=len(again), undecodable=found.undecodable)
 
     def _forget_old(self) -> None:
         """Finished incidents leave memory after ``retention_s``; the map is LRU-capped at ``max_incidents``."""
@@ -225,6 +206,7 @@ class RemediatorService:
         self.deferred.discard(iid)
         self.decisions.forget(iid)
         self.budget_since.pop(iid, None)
+        self.taken_up.pop(iid, None)
         if inc is not None and inc.status is IncidentStatus.RESOLVED:
             self.guards.forget(iid)  # an escalated incident keeps its hold until a human releases it
 
@@ -399,8 +381,7 @@ class RemediatorService:
     async def run(self, stop: asyncio.Event) -> None:
         await self.bus.ensure_streams(subjects.STREAMS)
         await self.keeper.load()
-        records = await self.book.all()
-        for rec in records:
+        for rec in await self.book.all():
             if not rec.progress.state.live:
                 continue
             inc, node = rec.incident, rec.incident.node
@@ -410,7 +391,6 @@ class RemediatorService:
             if rec.progress.state is ProgressState.RUNNING:
                 log.warning("resuming", incident=inc.id, rung=rec.progress.rung, step=rec.progress.step)
                 self.spawn(inc.id, rec.progress.attempt, rec)
-        await self._take_up_unplanned(records)
         incidents = ConsumerSpec(subjects.INCIDENTS.name, self.durable, subjects.INCIDENTS_ALL,
                                  decoder(IncidentChange), self.on_change, batch=1024)  # a burst: decided in one pass
         control = ConsumerSpec(subjects.ACTIONS.name, f"{self.durable}-control", subjects.ACTIONS_ALL,
@@ -422,6 +402,8 @@ class RemediatorService:
                 tg.create_task(run_consumer(self.bus, control, stop=stop, stats=self.control_stats),
                                name="remediator-control")
                 tg.create_task(self.keeper.writer(stop), name="remediator-guards")
+                tg.create_task(take_up_when_leading(self, stop, self._leading, poll_s=self.lease_renew_s),
+                               name="remediator-takeup")
                 if self.elector is not None:
                     tg.create_task(lead(self.elector, self._leading, self.tasks, stop, renew_s=self.lease_renew_s,
                                         actor=self.actor), name="remediator-lease")

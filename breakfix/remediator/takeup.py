@@ -1,0 +1,96 @@
+"""Taking up, after a restart or a change of leader, the open incidents that had no plan yet.
+
+The remediator acks an incident's ``opened`` change once that incident's task has started; a plan record
+is written only when the plan's first step runs. An incident that was settling, waiting out a deferral,
+or refused for a budget or a cooldown when the process stopped (or lost the lease) has no record, and
+nothing would deliver its change again. Each time this replica becomes the leader, ``take_up_when_leading``
+reads the incident index (JetStream KV ``breakfix-incidents``, the correlator's latest version of every
+incident; this cluster's keys only, one entry at a time) and hands what ``remediator.reconcile`` picks to
+the service, as if the change had just arrived. Openings found there count towards the circuit breaker
+first, so a mass event during the outage still trips it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+import structlog
+
+from breakfix.remediator.reconcile import OpenIncidents, unplanned
+from breakfix.schemas import subjects
+
+if TYPE_CHECKING:
+    from breakfix.remediator.service import RemediatorService
+
+log = structlog.get_logger("breakfix.remediator")
+SCAN_TIMEOUT_S = 30.0  # the index read may stall this long without progress before start-up goes on without it
+
+
+async def take_up_when_leading(svc: RemediatorService, stop: asyncio.Event, leading: asyncio.Event, *,
+                               poll_s: float) -> None:
+    """Take up unplanned incidents whenever ``leading`` opens (at start without an elector), until ``stop``."""
+    while not stop.is_set():
+        waiter = asyncio.create_task(leading.wait(), name="remediator-takeup-lead")
+        stopper = asyncio.create_task(stop.wait(), name="remediator-takeup-stop")
+        try:
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (waiter, stopper):
+                t.cancel()
+        if stop.is_set():
+            return
+        try:
+            await take_up(svc)
+        except Exception as exc:  # a guard: start-up goes on without the take-up, and says so
+            log.error("take_up_failed", error=repr(exc))
+        while leading.is_set() and not stop.is_set():  # until this replica loses the lease (or stops)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=poll_s)
+
+
+async def take_up(svc: RemediatorService) -> int:
+    """One reconciliation against the index; returns how many incidents were taken up again."""
+    found = await read_open(svc.bus, svc.cluster)
+    if found is None:
+        return 0
+    for inc in found.incidents:
+        prev = svc.latest.get(inc.id)
+        if prev is None or inc.version >= prev.version:
+            svc.track(inc)
+    for inc in sorted(found.incidents, key=lambda i: (i.first_seen, i.id)):
+        await svc.observe_open(inc)  # counts nodes once: an opening already seen before the stop is harmless
+    planned = {rec.incident.id: rec.progress.attempt for rec in await svc.book.all()}
+    again = unplanned(found.incidents, planned=planned, running=svc.tasks, queued=svc.guards.queued,
+                      covered=svc.covered)
+    for inc in again:
+        log.warning("taken_up_again", incident=inc.id, node=inc.node, category=inc.category,
+                    waiting=inc.waiting.value if inc.waiting else None)
+        svc.taken_up[inc.id] = inc.version
+        await svc.admit(inc)
+    log.info("index_reconciled", open=len(found.incidents), taken_up=len(again), undecodable=found.undecodable,
+             over_limit=found.over_limit)
+    return len(again)
+
+
+async def read_open(bus: object, cluster: str) -> OpenIncidents | None:
+    """The open incidents of ``cluster`` in the index; None when there is no index to read (logged)."""
+    scan = getattr(bus, "kv_scan", None)
+    exists = getattr(bus, "kv_exists", None)
+    if scan is None or exists is None:
+        return None
+    found = OpenIncidents()
+    try:  # the correlator creates the bucket (with its retention): never created here
+        if not await exists(subjects.INCIDENT_INDEX_BUCKET):
+            return None
+        async for entry in scan(subjects.INCIDENT_INDEX_BUCKET, f"{subjects.token(cluster)}.",
+                                timeout_s=SCAN_TIMEOUT_S):
+            found.add(entry)
+    except Exception as exc:  # no permission, a stalled read: start without it
+        log.warning("index_unreadable", error=repr(exc))
+        return None
+    return found
+
+
+__all__ = ["read_open", "take_up", "take_up_when_leading"]
