@@ -150,12 +150,44 @@ class TestLineTime:
         got = line_time(line, booted=datetime(2026, 11, 23, tzinfo=UTC), now=T0, tz=log_zone(zone))
         assert got == expected and got.utcoffset() == timedelta(0)
 
-    def test_an_unknown_zone_is_refused_and_local_is_this_machines(self) -> None:
+    @pytest.mark.parametrize("name", ["Mars/Olympus", "Europe", "", "../etc/passwd", "Europe/Berlin\x00"])
+    def test_an_unknown_zone_is_refused_with_a_config_error(self, name: str) -> None:
         from breakfix.collectors.kmsg_follow import log_zone
 
-        with pytest.raises(ValueError, match="unknown time zone 'Mars/Olympus'"):
-            log_zone("Mars/Olympus")
-        assert log_zone("local").utcoffset(T0) == datetime.now().astimezone().utcoffset()
+        with pytest.raises(ValueError, match="unknown time zone"):
+            log_zone(name)
+
+    def test_local_follows_this_machines_daylight_saving_rules_per_date(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import time
+
+        from breakfix.collectors.kmsg_follow import log_zone
+
+        monkeypatch.setenv("TZ", "Europe/Berlin")
+        time.tzset()
+        try:
+            local = log_zone("local")
+            winter = line_time("[Sun Jan 11 12:00:00 2026] NVRM: Xid", booted=T0, now=T0, tz=local)
+            summer = line_time("[Sat Jul 11 12:00:00 2026] NVRM: Xid", booted=T0, now=T0, tz=local)
+        finally:
+            monkeypatch.delenv("TZ")
+            time.tzset()
+        assert winter == datetime(2026, 1, 11, 11, tzinfo=UTC) and summer == datetime(2026, 7, 11, 10, tzinfo=UTC)
+
+    @pytest.mark.parametrize(("line", "zone", "now", "expected"), [
+        ("Jan  1 00:30:00 host kernel: NVRM: Xid", "Asia/Tokyo", datetime(2024, 12, 31, 15, 31, tzinfo=UTC),
+         datetime(2024, 12, 31, 15, 30, tzinfo=UTC)),  # already the new year in Tokyo
+        ("Dec 31 23:59:00 host kernel: NVRM: Xid", "Asia/Tokyo", datetime(2024, 12, 31, 15, 31, tzinfo=UTC),
+         datetime(2024, 12, 31, 14, 59, tzinfo=UTC)),
+        ("Dec 31 20:00:00 host kernel: NVRM: Xid", "America/New_York", datetime(2025, 1, 1, 2, tzinfo=UTC),
+         datetime(2025, 1, 1, 1, tzinfo=UTC)),  # still the old year in New York
+        ("Dec 31 23:00:00 host kernel: NVRM: Xid", "UTC", datetime(2025, 1, 1, 0, 10, tzinfo=UTC),
+         datetime(2024, 12, 31, 23, tzinfo=UTC)),
+    ], ids=["east-of-utc-new-year", "east-of-utc-old-year", "west-of-utc-old-year", "utc-rollover"])
+    def test_a_syslog_line_takes_the_year_of_its_own_wall_clock(self, line: str, zone: str, now: datetime,
+                                                                 expected: datetime) -> None:
+        from breakfix.collectors.kmsg_follow import log_zone
+
+        assert line_time(line, booted=now, now=now, tz=log_zone(zone)) == expected
 
 
 class TestKmsgSource:

@@ -54,23 +54,35 @@ def boot_time(stat: Path = Path("/proc/stat")) -> datetime:
     return datetime.fromtimestamp(0, UTC)
 
 
-def log_zone(name: str) -> tzinfo:
-    """The zone a log's wall-clock times are in: ``UTC``, ``local`` (this machine's) or an IANA name such as
+LOCAL = None  # ``log_zone("local")``: this machine's zone rules (TZ, /etc/localtime), applied per date
+
+
+def log_zone(name: str) -> tzinfo | None:
+    """The zone a log's wall-clock times are in: ``UTC``, ``local`` (this machine's rules, daylight saving
+    included; in a container that is the container's zone, usually UTC) or an IANA name such as
     ``Europe/Berlin``. Raises ``ValueError`` for a name the zone database does not know."""
     if name == "UTC":
         return UTC
     if name == "local":
-        local = datetime.now().astimezone().tzinfo
-        return local if local is not None else UTC
+        return LOCAL
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    except (ZoneInfoNotFoundError, ValueError, OSError, UnicodeError) as exc:  # OSError: a directory ("Europe")
         raise ValueError(f"unknown time zone {name!r}: use UTC, local, or an IANA name such as Europe/Berlin") from exc
 
 
-def _wall(t: datetime, tz: tzinfo) -> datetime:
-    """A naive wall-clock time read in ``tz``, as UTC (the zone's daylight-saving rules applied)."""
-    return t.replace(tzinfo=tz).astimezone(UTC) if tz is not UTC else t.replace(tzinfo=UTC)
+def _wall(t: datetime, tz: tzinfo | None) -> datetime:
+    """A naive wall-clock time read in ``tz`` (None: this machine's rules), as UTC. The zone's daylight-saving
+    rules apply per date; a time in the repeated autumn hour is read as its first occurrence (``fold=0``) and
+    one in the skipped spring hour with the offset before the change."""
+    if tz is UTC:
+        return t.replace(tzinfo=UTC)
+    return t.astimezone(UTC) if tz is None else t.replace(tzinfo=tz).astimezone(UTC)
+
+
+def _wall_now(now: datetime, tz: tzinfo | None) -> datetime:
+    """``now`` on the log's wall clock, naive: the year a syslog line (which has none) belongs to."""
+    return (now.astimezone(tz) if tz is not None else now.astimezone()).replace(tzinfo=None)
 
 
 # Time sources of a line (``details.time_source`` on offline signals): the line carries wall-clock time;
@@ -78,14 +90,15 @@ def _wall(t: datetime, tz: tzinfo) -> datetime:
 ABSOLUTE, RELATIVE, NO_TIME = "absolute", "relative", "none"
 
 
-def line_time(line: str, *, booted: datetime, now: datetime, tz: tzinfo = UTC) -> datetime:
+def line_time(line: str, *, booted: datetime, now: datetime, tz: tzinfo | None = UTC) -> datetime:
     """When the kernel wrote ``line``, from the line itself; ``now`` when it says nothing.
 
     Raises ``ValueError`` / ``OverflowError`` for an impossible date or a timestamp out of range."""
     return line_time_source(line, booted=booted, now=now, tz=tz)[0]
 
 
-def line_time_source(line: str, *, booted: datetime, now: datetime, tz: tzinfo = UTC) -> tuple[datetime, str]:
+def line_time_source(line: str, *, booted: datetime, now: datetime,
+                     tz: tzinfo | None = UTC) -> tuple[datetime, str]:
     """``line_time`` and where it came from: ``ABSOLUTE``, ``RELATIVE`` (seconds since ``booted``) or ``NO_TIME``.
 
     Syslog, ``dmesg -T`` and ISO times without an offset are the writer's wall clock: they are read in ``tz``
@@ -101,11 +114,13 @@ def line_time_source(line: str, *, booted: datetime, now: datetime, tz: tzinfo =
     if m := _DMESG_T.match(line):
         return _wall(datetime.strptime(m.group("t"), "%a %b %d %H:%M:%S %Y"), tz), ABSOLUTE
     if m := _SYSLOG.match(line):
-        naive = datetime.strptime(f"{now.year} {m.group('t')}", "%Y %b %d %H:%M:%S")
+        here = _wall_now(now, tz)  # syslog has no year: the log's current one, unless that is over a day ahead
+        naive = datetime.strptime(f"{here.year} {m.group('t')}", "%Y %b %d %H:%M:%S")
         if m.group("frac"):  # journalctl -o short-precise
             naive += timedelta(microseconds=int(m.group("frac")[1:7].ljust(6, "0")))
-        t = _wall(naive, tz)  # syslog has no year: this year's, unless that is more than a day ahead
-        return (t if t <= now + timedelta(days=1) else _wall(naive.replace(year=now.year - 1), tz)), ABSOLUTE
+        if naive > here + timedelta(days=1):
+            naive = naive.replace(year=here.year - 1)
+        return _wall(naive, tz), ABSOLUTE
     if m := _MONO.match(line):
         return booted + timedelta(seconds=float(m.group("mono"))), RELATIVE
     return now, NO_TIME

@@ -30,11 +30,11 @@ class KmsgSource:
     name = "kmsg"
 
     def __init__(self, follower: KmsgFollower, ctx: NodeContext, *, booted: datetime | None = None,
-                 tz: tzinfo = UTC) -> None:
+                 tz: tzinfo | None = UTC) -> None:
         self.follower = follower
         self.ctx = ctx
         self.booted = booted or boot_time()
-        self.tz = tz  # the zone of the log's wall-clock times (``KmsgConfig.timezone``)
+        self.tz = tz  # the zone of the log's wall-clock times (``KmsgConfig.timezone``; None: this machine's)
         self.lines = 0
         self.skipped = 0  # bad lines since start: breakfix_collector_parse_skipped_total{source="kmsg"}
 
