@@ -24,11 +24,13 @@ from nats.js.object_store import ObjectStore
 
 from breakfix.bus.connect import ConnectionEvents, connect_client
 from breakfix.bus.jskv import JetStreamKv
+from breakfix.bus.nkeyjwt import CredsError, creds_user_name
 from breakfix.bus.options import NatsOptions
 from breakfix.bus.pipeline import PipelinedPublisher, PublishError
 from breakfix.bus.protocol import ConsumerState, Delivery, KvEntry, PublishAck, Unsubscribe
 from breakfix.bus.puller import BatchPuller
 from breakfix.bus.retry import transient_retry
+from breakfix.bus.streamread import read_named, read_ordered
 from breakfix.schemas.subjects import HDR_MSG_ID, StreamSpec
 
 log = structlog.get_logger("breakfix.bus")
@@ -93,7 +95,9 @@ def _same_stream(want: api.StreamConfig, have: api.StreamConfig) -> bool:
 class JetStreamBus:
     """A connected JetStream bus. Create with ``await JetStreamBus.connect(url)``."""
 
-    def __init__(self, nc: Client, js: JetStreamContext, events: ConnectionEvents | None = None) -> None:
+    def __init__(self, nc: Client, js: JetStreamContext, events: ConnectionEvents | None = None, *,
+                 user: str | None = None) -> None:
+        self.user = user  # the identity's name on a secured bus (from its .creds), None on an open one
         self._nc = nc
         self._js = js
         self._events = events
@@ -111,7 +115,11 @@ class JetStreamBus:
         raise ``ConnectAborted`` once ``stop`` is set (daemons). See ``bus.connect``."""
         opts = target if isinstance(target, NatsOptions) else NatsOptions(url=target)
         nc, events = await connect_client(opts, name=name, stop=stop)
-        return cls(nc, nc.jetstream(timeout=10.0), events)
+        user = None
+        if opts.creds is not None:
+            with contextlib.suppress(CredsError):  # connect_client already read it; unreadable means no name
+                user = creds_user_name(opts.creds)
+        return cls(nc, nc.jetstream(timeout=10.0), events, user=user)
 
     def _denied(self, subject: str) -> Callable[[], bool]:
         events = self._events
@@ -335,23 +343,10 @@ class JetStreamBus:
             return []
         if not info.state.messages:
             return []
-        cfg = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=since) \
-            if since else None
-        sub = await self._js.subscribe(subject, ordered_consumer=True, config=cfg, stream=stream)
-        out: list[bytes] = []
-        try:
-            while len(out) < limit:
-                try:
-                    msg = await sub.next_msg(timeout=idle_s)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    break
-                out.append(msg.data)
-                if msg.metadata.num_pending == 0:
-                    break
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        return out
+        if self.user:  # a secured bus: the one consumer name this identity may create (bus.streamread)
+            return await read_named(self._nc, self._js, stream, subject, name=self.user, since=since, idle_s=idle_s,
+                                    limit=limit)
+        return await read_ordered(self._js, stream, subject, since=since, idle_s=idle_s, limit=limit)
 
     async def stream_messages(self, stream: str) -> int:
         info = await transient_retry(lambda: self._js.stream_info(stream))
