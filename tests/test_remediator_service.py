@@ -287,6 +287,26 @@ class TestRestartTakesUpUnplannedIncidents:
             await h.until(lambda: "completed" in outcome_of_plan(h))
 
 
+class TestStoppedPlans:
+    async def test_a_re_decided_plan_is_not_resumed_by_the_next_remediator(self, policy: Policy) -> None:
+        """The plan a worse fault stopped is marked cancelled in the store at once: a restart before the new plan
+        saves its own record must not resume the old, weaker one."""
+        cluster = SimCluster({"n1": SimNode("n1", pods={"ml/p": 2})}, hanging={"reset_gpu"})
+        store = MemoryStore()
+        first = incident()
+        async with Harness(fast(policy), cluster, store) as h:
+            await h.open(first)
+            await h.until(lambda: any(x[0] == "reset_gpu" for x in cluster.history))
+            await h.svc.stop_plan(first, "re-decided: node-reboot needs more than gpu-reset",
+                                  outcome=ActionOutcome.CANCELLED, rule="gpu-reset")
+            got = await PlanBook(store).get("inc-1")
+            assert got is not None and got[0].progress.state is ProgressState.CANCELLED
+        resets = [x[0] for x in cluster.history].count("reset_gpu")
+        async with Harness(fast(policy), cluster, store, bus=h.bus) as again:
+            await asyncio.sleep(0.2)
+        assert [x[0] for x in cluster.history].count("reset_gpu") == resets and again.svc.tasks == {}
+
+
 class TestProvider:
     async def test_webhook_post_then_poll_until_done(self) -> None:
         polls = {"n": 0}

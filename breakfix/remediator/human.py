@@ -150,11 +150,7 @@ class HumanVerbs:
         current = self.svc.current.get(inc.id)
         rule = current[0].rule if current else ""
         await self.svc.stop_plan(inc, f"cancelled by {rec.actor}: {rec.reason}", outcome=ActionOutcome.CANCELLED,
-                                 rule=rule, waiting=WaitingOn.HUMAN)
-        got = await self.svc.book.get(inc.id)
-        if got is not None and got[0].progress.state.live:
-            got[0].progress.state = ProgressState.CANCELLED
-            await self.svc.book.put(got[0], got[1])
+                                 rule=rule, waiting=WaitingOn.HUMAN)  # the stored plan is marked cancelled there
         log.warning("cancelled", incident=inc.id, by=rec.actor, reason=rec.reason)
 
     async def _release(self, rec: ActionRecord, inc: Incident) -> None:

@@ -228,6 +228,13 @@ class RemediatorService:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        got = await self.book.get(inc.id)
+        if got is not None and got[0].progress.state.live:  # a restart must not resume what was stopped here
+            got[0].progress.state = ProgressState.CANCELLED
+            try:
+                await self.book.put(got[0], got[1])
+            except Conflict:
+                log.warning("stop_plan_record_moved", incident=inc.id)  # another writer has it now
         await self.publish(self.record(inc, ActionKind.PLAN, outcome, why, tag=outcome.value, rule=rule,
                                        waiting=waiting))
 
