@@ -96,7 +96,11 @@ class TestBus:
         await bus.publish_core("breakfix.signals.c1.n1", b"two")
         await bus.flush()
         assert seen == [("breakfix.signals.c1.n1", b"one")]
-        assert await bus.stream_messages(subjects.SIGNALS.name) == 2  # the stream captures core publishes
+
+        async def stored() -> bool:  # the stream captures core publishes (stored after the flush, not with it)
+            return await bus.stream_messages(subjects.SIGNALS.name) == 2
+
+        await wait_until(stored, 5, "both core publishes in the stream")
 
     async def test_repeated_msg_id_is_dropped(self, bus: Bus) -> None:
         s = sig()
