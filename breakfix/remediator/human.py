@@ -138,6 +138,9 @@ class HumanVerbs:
             return
         log.info(verb + "d", incident=rec.incident_id, step=waiting, by=rec.actor)
         if verb == "approve":
+            old = self.svc.tasks.get(rec.incident_id)
+            if old is not None and not old.done():  # still returning from the approval wait: spawn would skip it
+                await asyncio.wait({old}, timeout=30.0)
             got = await self.svc.book.get(rec.incident_id)
             if got is not None:
                 self.svc.spawn(rec.incident_id, prog.attempt, got[0])

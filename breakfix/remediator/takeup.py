@@ -39,6 +39,7 @@ async def take_up_when_leading(svc: RemediatorService, stop: asyncio.Event, lead
         finally:
             for t in (waiter, stopper):
                 t.cancel()
+            await asyncio.gather(waiter, stopper, return_exceptions=True)
         if stop.is_set():
             return
         try:
