@@ -272,12 +272,6 @@ class TestRestartTakesUpUnplannedIncidents:
         assert [a for a, *_ in cluster.history].count("reset_gpu") == 1
 
     async def test_a_standby_takes_up_nothing_until_it_leads(self, policy: Policy) -> None:
-        class Lease:
-            leader = False
-
-            async def try_acquire(self) -> bool:
-                return self.leader
-
         bus, lease = MemoryBus(), Lease()
         await index(bus, incident())
         async with Harness(fast(policy), bus=bus, elector=lease, lease_renew_s=0.05) as h:
@@ -305,6 +299,46 @@ class TestStoppedPlans:
         async with Harness(fast(policy), cluster, store, bus=h.bus) as again:
             await asyncio.sleep(0.2)
         assert [x[0] for x in cluster.history].count("reset_gpu") == resets and again.svc.tasks == {}
+
+
+class Lease:
+    """An elector whose answer the test sets."""
+
+    def __init__(self, leader: bool = False) -> None:
+        self.leader = leader
+
+    async def try_acquire(self) -> bool:
+        return self.leader
+
+
+class TestResumeOnLeading:
+    async def test_a_standby_resumes_the_stores_plans_only_once_it_leads(self, policy: Policy) -> None:
+        from breakfix.remediator.decide import decide
+
+        cluster, store = SimCluster({"n1": SimNode("n1", pods={"ml/p": 2})}), MemoryStore()
+        inc = incident()
+        plan = decide(inc, await cluster.view(), fast(policy))
+        await PlanBook(store).put(PlanRecord(incident=inc, plan=plan,
+                                             progress=Progress(incident=inc.id, attempt=0, rung=0, step=3)), None)
+        lease = Lease()
+        async with Harness(fast(policy), cluster, store, elector=lease, lease_renew_s=0.05) as h:
+            await asyncio.sleep(0.2)
+            assert cluster.history == [] and h.svc.tasks == {}, "a standby resumes nothing"
+            lease.leader = True
+            await h.until(lambda: "completed" in outcome_of_plan(h))
+        assert [a for a, *_ in cluster.history] == ["validate", "return_to_service"]
+
+    async def test_a_plan_cancelled_by_a_lost_lease_is_resumed_when_the_lease_comes_back(self, policy: Policy) -> None:
+        cluster = SimCluster({"n1": SimNode("n1", pods={"ml/p": 2})}, hanging={"reset_gpu"})
+        lease = Lease(leader=True)
+        async with Harness(fast(policy), cluster, elector=lease, lease_renew_s=0.05) as h:
+            await h.open(incident())
+            await h.until(lambda: any(x[0] == "reset_gpu" for x in cluster.history))
+            lease.leader = False
+            await h.until(lambda: h.svc.tasks == {})  # losing the lease cancels the plan
+            cluster.hanging.clear()
+            lease.leader = True
+            await h.until(lambda: "completed" in outcome_of_plan(h))
 
 
 class TestProvider:

@@ -44,7 +44,7 @@ from breakfix.remediator.policy import Policy
 from breakfix.remediator.reconcile import ATTEMPT_STRIDE
 from breakfix.remediator.records import PlanBook, PlanRecord, Progress, ProgressState
 from breakfix.remediator.store import Conflict, MemoryStore, PlanStore
-from breakfix.remediator.takeup import take_up_when_leading
+from breakfix.remediator.takeup import take_up_until_done, take_up_when_leading
 from breakfix.remediator.view import ClusterView
 from breakfix.schemas import subjects
 from breakfix.schemas.common import Severity
@@ -173,6 +173,19 @@ class RemediatorService:
             self.guards.hold(inc.node, inc.id, inc.category)  # from now on, no other plan returns this node
             self.keeper.save()
         self.spawn(inc.id, inc.flaps * ATTEMPT_STRIDE, None)
+
+    def resume(self, records: list[PlanRecord]) -> None:
+        """Resume every running plan in the store at its step (``remediator.takeup``, on becoming the leader)."""
+        for rec in records:
+            if not rec.progress.state.live:
+                continue
+            inc, node = rec.incident, rec.incident.node
+            if rec.plan.domain is Domain.OPERATOR and node:
+                self.guards.start(node, inc.id)  # the budget counts plans in flight, the hold stays
+            self.latest.setdefault(inc.id, inc)
+            if rec.progress.state is ProgressState.RUNNING and inc.id not in self.tasks:
+                log.warning("resuming", incident=inc.id, rung=rec.progress.rung, step=rec.progress.step)
+                self.spawn(inc.id, rec.progress.attempt, rec)
 
     def track(self, inc: Incident) -> None:
         """Remember an incident's latest version and the members it covers."""
@@ -388,16 +401,9 @@ class RemediatorService:
     async def run(self, stop: asyncio.Event) -> None:
         await self.bus.ensure_streams(subjects.STREAMS)
         await self.keeper.load()
-        for rec in await self.book.all():
-            if not rec.progress.state.live:
-                continue
-            inc, node = rec.incident, rec.incident.node
-            if rec.plan.domain is Domain.OPERATOR and node:
-                self.guards.start(node, inc.id)  # the budget counts plans in flight, the hold stays
-            self.latest.setdefault(inc.id, inc)
-            if rec.progress.state is ProgressState.RUNNING:
-                log.warning("resuming", incident=inc.id, rung=rec.progress.rung, step=rec.progress.step)
-                self.spawn(inc.id, rec.progress.attempt, rec)
+        first = self.elector is None  # no lease: resume and take up now, before any change is consumed
+        if first:
+            await take_up_until_done(self, stop, self._leading, retry_s=self.lease_renew_s)
         incidents = ConsumerSpec(subjects.INCIDENTS.name, self.durable, subjects.INCIDENTS_ALL,
                                  decoder(IncidentChange), self.on_change, batch=1024)  # a burst: decided in one pass
         control = ConsumerSpec(subjects.ACTIONS.name, f"{self.durable}-control", subjects.ACTIONS_ALL,
@@ -409,8 +415,8 @@ class RemediatorService:
                 tg.create_task(run_consumer(self.bus, control, stop=stop, stats=self.control_stats),
                                name="remediator-control")
                 tg.create_task(self.keeper.writer(stop), name="remediator-guards")
-                tg.create_task(take_up_when_leading(self, stop, self._leading, poll_s=self.lease_renew_s),
-                               name="remediator-takeup")
+                tg.create_task(take_up_when_leading(self, stop, self._leading, poll_s=self.lease_renew_s,
+                                                    done=first), name="remediator-takeup")
                 if self.elector is not None:
                     tg.create_task(lead(self.elector, self._leading, self.tasks, stop, renew_s=self.lease_renew_s,
                                         actor=self.actor), name="remediator-lease")

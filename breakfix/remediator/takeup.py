@@ -1,4 +1,8 @@
-"""Taking up, after a restart or a change of leader, the open incidents that had no plan yet.
+"""On becoming the leader (at start without a lease): resume the running plans, take up the unplanned incidents.
+
+Both are read fresh from the stores each time this replica becomes the leader, never at process start
+on a standby (a record read then may be long finished by the other replica), and again after a lease
+flap (losing the lease cancels every plan task; ``remediator.leading``).
 
 The remediator acks an incident's ``opened`` change once that incident's task has started; a plan record
 is written only when the plan's first step runs. An incident that was settling, waiting out a deferral,
@@ -29,8 +33,8 @@ SCAN_TIMEOUT_S = 30.0  # the index read may stall this long without progress bef
 
 
 async def take_up_when_leading(svc: RemediatorService, stop: asyncio.Event, leading: asyncio.Event, *,
-                               poll_s: float) -> None:
-    """Take up unplanned incidents whenever ``leading`` opens (at start without an elector), until ``stop``."""
+                               poll_s: float, done: bool = False) -> None:
+    """``take_up`` whenever ``leading`` opens, until ``stop`` (``done``: the first round already ran)."""
     while not stop.is_set():
         waiter = asyncio.create_task(leading.wait(), name="remediator-takeup-lead")
         stopper = asyncio.create_task(stop.wait(), name="remediator-takeup-stop")
@@ -42,17 +46,32 @@ async def take_up_when_leading(svc: RemediatorService, stop: asyncio.Event, lead
             await asyncio.gather(waiter, stopper, return_exceptions=True)
         if stop.is_set():
             return
-        try:
-            await take_up(svc)
-        except Exception as exc:  # a guard: start-up goes on without the take-up, and says so
-            log.error("take_up_failed", error=repr(exc))
+        if not done:
+            await take_up_until_done(svc, stop, leading, retry_s=poll_s)
+        done = False
         while leading.is_set() and not stop.is_set():  # until this replica loses the lease (or stops)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=poll_s)
 
 
+async def take_up_until_done(svc: RemediatorService, stop: asyncio.Event, leading: asyncio.Event, *,
+                             retry_s: float) -> None:
+    """``take_up``, tried again every ``retry_s`` while the plan store cannot be read (and this replica leads)."""
+    while not stop.is_set() and leading.is_set():
+        try:
+            await take_up(svc)
+            return
+        except Exception as exc:  # the plan store is unreachable: plans are resumed once it answers
+            log.error("take_up_failed", error=repr(exc), retry_s=retry_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=retry_s)
+
+
 async def take_up(svc: RemediatorService) -> int:
-    """One reconciliation against the index; returns how many incidents were taken up again."""
+    """Resume the store's running plans, then one reconciliation against the index; returns how many incidents
+    were taken up again."""
+    records = await svc.book.all()
+    svc.resume(records)
     found = await read_open(svc.bus, svc.cluster)
     if found is None:
         return 0
@@ -62,7 +81,7 @@ async def take_up(svc: RemediatorService) -> int:
             svc.track(inc)
     for inc in sorted(found.incidents, key=lambda i: (i.first_seen, i.id)):
         await svc.observe_open(inc)  # counts nodes once: an opening already seen before the stop is harmless
-    planned = {rec.incident.id: rec.progress.attempt for rec in await svc.book.all()}
+    planned = {rec.incident.id: rec.progress.attempt for rec in records}
     again = unplanned(found.incidents, planned=planned, running=svc.tasks, queued=svc.guards.queued,
                       covered=svc.covered)
     for inc in again:
@@ -94,4 +113,4 @@ async def read_open(bus: object, cluster: str) -> OpenIncidents | None:
     return found
 
 
-__all__ = ["read_open", "take_up", "take_up_when_leading"]
+__all__ = ["read_open", "take_up", "take_up_until_done", "take_up_when_leading"]
