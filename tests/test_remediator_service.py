@@ -328,6 +328,16 @@ class TestResumeOnLeading:
             await h.until(lambda: "completed" in outcome_of_plan(h))
         assert [a for a, *_ in cluster.history] == ["validate", "return_to_service"]
 
+    async def test_a_standby_consumes_nothing_and_the_leader_gets_the_change(self, policy: Policy) -> None:
+        lease, store = Lease(), MemoryStore()
+        async with Harness(fast(policy), store=store, elector=lease, lease_renew_s=0.05) as h:
+            await h.open(incident())
+            await asyncio.sleep(0.3)
+            assert h.svc.stats.handled == 0 and h.records() == [], "a standby leaves the change to the leader"
+            assert await store.get("guards") is None, "and saves no guard state of its own"
+            lease.leader = True
+            await h.until(lambda: "completed" in outcome_of_plan(h))
+
     async def test_a_plan_cancelled_by_a_lost_lease_is_resumed_when_the_lease_comes_back(self, policy: Policy) -> None:
         cluster = SimCluster({"n1": SimNode("n1", pods={"ml/p": 2})}, hanging={"reset_gpu"})
         lease = Lease(leader=True)

@@ -44,7 +44,7 @@ from breakfix.remediator.policy import Policy
 from breakfix.remediator.reconcile import ATTEMPT_STRIDE
 from breakfix.remediator.records import PlanBook, PlanRecord, Progress, ProgressState
 from breakfix.remediator.store import Conflict, MemoryStore, PlanStore
-from breakfix.remediator.takeup import take_up_until_done, take_up_when_leading
+from breakfix.remediator.takeup import end_of_term, take_up_until_done, until_set
 from breakfix.remediator.view import ClusterView
 from breakfix.schemas import subjects
 from breakfix.schemas.common import Severity
@@ -393,6 +393,31 @@ class RemediatorService:
                               {"recurred": what})
         return StepResult(True, f"quiet for {self.policy.guards.soak_s:g}s")
 
+    async def _serve(self, stop: asyncio.Event) -> None:
+        """Consume incident changes and human verbs only while this replica leads (always without a lease).
+
+        Each term starts from the stores: the guard state, the running plans and the unplanned incidents
+        (``remediator.takeup``), then the consumers; a standby consumes nothing, so it neither acts on nor
+        saves a stale picture, and what the old leader had not acked is delivered to the new one."""
+        incidents = ConsumerSpec(subjects.INCIDENTS.name, self.durable, subjects.INCIDENTS_ALL,
+                                 decoder(IncidentChange), self.on_change, batch=1024)  # a burst: decided in one pass
+        control = ConsumerSpec(subjects.ACTIONS.name, f"{self.durable}-control", subjects.ACTIONS_ALL,
+                               decoder(ActionRecord), self.human.on_record)
+        first = True
+        while await until_set(self._leading, stop):
+            if not first:  # the keeper was loaded at start; a later term reads what the other leader stored
+                await self.keeper.load()
+            first = False
+            await take_up_until_done(self, stop, self._leading, retry_s=self.lease_renew_s)
+            term = asyncio.Event()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(run_consumer(self.bus, incidents, stop=term, stats=self.stats),
+                               name="remediator-incidents")
+                tg.create_task(run_consumer(self.bus, control, stop=term, stats=self.control_stats),
+                               name="remediator-control")
+                tg.create_task(end_of_term(self._leading, stop, term, poll_s=self.lease_renew_s),
+                               name="remediator-term")
+
     async def idle(self) -> None:
         """Wait for every running plan (tests and the demo use this)."""
         while pending := [t for t in self.tasks.values() if not t.done()]:
@@ -401,22 +426,10 @@ class RemediatorService:
     async def run(self, stop: asyncio.Event) -> None:
         await self.bus.ensure_streams(subjects.STREAMS)
         await self.keeper.load()
-        first = self.elector is None  # no lease: resume and take up now, before any change is consumed
-        if first:
-            await take_up_until_done(self, stop, self._leading, retry_s=self.lease_renew_s)
-        incidents = ConsumerSpec(subjects.INCIDENTS.name, self.durable, subjects.INCIDENTS_ALL,
-                                 decoder(IncidentChange), self.on_change, batch=1024)  # a burst: decided in one pass
-        control = ConsumerSpec(subjects.ACTIONS.name, f"{self.durable}-control", subjects.ACTIONS_ALL,
-                               decoder(ActionRecord), self.human.on_record)
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(run_consumer(self.bus, incidents, stop=stop, stats=self.stats),
-                               name="remediator-incidents")
-                tg.create_task(run_consumer(self.bus, control, stop=stop, stats=self.control_stats),
-                               name="remediator-control")
+                tg.create_task(self._serve(stop), name="remediator-serve")
                 tg.create_task(self.keeper.writer(stop), name="remediator-guards")
-                tg.create_task(take_up_when_leading(self, stop, self._leading, poll_s=self.lease_renew_s,
-                                                    done=first), name="remediator-takeup")
                 if self.elector is not None:
                     tg.create_task(lead(self.elector, self._leading, self.tasks, stop, renew_s=self.lease_renew_s,
                                         actor=self.actor), name="remediator-lease")

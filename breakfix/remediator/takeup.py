@@ -7,11 +7,12 @@ flap (losing the lease cancels every plan task; ``remediator.leading``).
 The remediator acks an incident's ``opened`` change once that incident's task has started; a plan record
 is written only when the plan's first step runs. An incident that was settling, waiting out a deferral,
 or refused for a budget or a cooldown when the process stopped (or lost the lease) has no record, and
-nothing would deliver its change again. Each time this replica becomes the leader, ``take_up_when_leading``
-reads the incident index (JetStream KV ``breakfix-incidents``, the correlator's latest version of every
-incident; this cluster's keys only, one entry at a time) and hands what ``remediator.reconcile`` picks to
-the service, as if the change had just arrived. Openings found there count towards the circuit breaker
-first, so a mass event during the outage still trips it.
+nothing would deliver its change again. Each time this replica becomes the leader,
+``RemediatorService._serve`` calls ``take_up_until_done`` before it starts consuming: ``take_up`` reads
+the incident index (JetStream KV ``breakfix-incidents``, the correlator's latest version of every
+incident; this cluster's keys only, one entry at a time) and hands what ``remediator.reconcile`` picks
+to the service, as if the change had just arrived. Openings found there count towards the circuit
+breaker first, so a mass event during the outage still trips it.
 """
 
 from __future__ import annotations
@@ -32,26 +33,25 @@ log = structlog.get_logger("breakfix.remediator")
 SCAN_TIMEOUT_S = 30.0  # the index read may stall this long without progress before start-up goes on without it
 
 
-async def take_up_when_leading(svc: RemediatorService, stop: asyncio.Event, leading: asyncio.Event, *,
-                               poll_s: float, done: bool = False) -> None:
-    """``take_up`` whenever ``leading`` opens, until ``stop`` (``done``: the first round already ran)."""
-    while not stop.is_set():
-        waiter = asyncio.create_task(leading.wait(), name="remediator-takeup-lead")
-        stopper = asyncio.create_task(stop.wait(), name="remediator-takeup-stop")
-        try:
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (waiter, stopper):
-                t.cancel()
-            await asyncio.gather(waiter, stopper, return_exceptions=True)
-        if stop.is_set():
-            return
-        if not done:
-            await take_up_until_done(svc, stop, leading, retry_s=poll_s)
-        done = False
-        while leading.is_set() and not stop.is_set():  # until this replica loses the lease (or stops)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=poll_s)
+async def until_set(event: asyncio.Event, stop: asyncio.Event) -> bool:
+    """Wait for ``event`` (this replica leads); False when ``stop`` came first."""
+    waiter = asyncio.create_task(event.wait(), name="remediator-wait-lead")
+    stopper = asyncio.create_task(stop.wait(), name="remediator-wait-stop")
+    try:
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (waiter, stopper):
+            t.cancel()
+        await asyncio.gather(waiter, stopper, return_exceptions=True)
+    return not stop.is_set()
+
+
+async def end_of_term(leading: asyncio.Event, stop: asyncio.Event, term: asyncio.Event, *, poll_s: float) -> None:
+    """Set ``term`` once this replica stops leading or ``stop`` is set (checked every ``poll_s``)."""
+    while leading.is_set() and not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=poll_s)
+    term.set()
 
 
 async def take_up_until_done(svc: RemediatorService, stop: asyncio.Event, leading: asyncio.Event, *,
@@ -113,4 +113,4 @@ async def read_open(bus: object, cluster: str) -> OpenIncidents | None:
     return found
 
 
-__all__ = ["read_open", "take_up", "take_up_until_done", "take_up_when_leading"]
+__all__ = ["end_of_term", "read_open", "take_up", "take_up_until_done", "until_set"]
