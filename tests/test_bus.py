@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -195,3 +196,20 @@ class TestEmbeddedServer:
         assert nats_server.url.startswith("nats://127.0.0.1:")
         assert nats_server.running
         assert (nats_server.store_dir / "jetstream").exists()
+
+
+async def test_a_stream_made_before_direct_gets_is_opened_to_them(tmp_path: Path) -> None:
+    """History reads on a secured bus are direct gets; a stream an older version created gets allow_direct."""
+    server = EmbeddedNats(tmp_path / "nats").start()
+    try:
+        bus = await JetStreamBus.connect(server.url)
+        try:
+            await bus._js.add_stream(name=subjects.INCIDENTS.name, subjects=list(subjects.INCIDENTS.subjects),
+                                     duplicate_window=subjects.INCIDENTS.duplicate_window_s)
+            await bus.ensure_streams(subjects.STREAMS)
+            info = await bus._js.stream_info(subjects.INCIDENTS.name)
+            assert info.config.allow_direct
+        finally:
+            await bus.close()
+    finally:
+        server.stop()

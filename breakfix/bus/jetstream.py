@@ -30,7 +30,7 @@ from breakfix.bus.pipeline import PipelinedPublisher, PublishError
 from breakfix.bus.protocol import ConsumerState, Delivery, KvEntry, PublishAck, Unsubscribe
 from breakfix.bus.puller import BatchPuller
 from breakfix.bus.retry import transient_retry
-from breakfix.bus.streamread import read_named, read_ordered
+from breakfix.bus.streamread import read_direct, read_ordered
 from breakfix.schemas.subjects import HDR_MSG_ID, StreamSpec
 
 log = structlog.get_logger("breakfix.bus")
@@ -136,6 +136,7 @@ class JetStreamBus:
                 retention=api.RetentionPolicy.LIMITS,
                 subject_transform=api.SubjectTransform(src=spec.transform[0], dest=spec.transform[1])
                 if spec.transform else None,
+                allow_direct=True,  # history reads by readers are direct gets (bus.streamread)
             )
             await self._ensure_stream(config, keep_transform=spec.transform is None)
 
@@ -149,6 +150,9 @@ class JetStreamBus:
         if keep_transform:  # only the partitioned correlator decides partitioning; others keep it
             config.subject_transform = info.config.subject_transform
         if _same_stream(config, info.config):
+            if config.allow_direct and not info.config.allow_direct:  # a stream made before direct gets were used
+                with contextlib.suppress(Exception):  # a node may not update streams: a service will, on its start
+                    await asyncio.wait_for(self._js.update_stream(config), timeout=2.0)
             return  # nothing to change: a least-privilege identity (a node) needs only STREAM.INFO
         await transient_retry(lambda: self._js.update_stream(config))
 
@@ -343,9 +347,8 @@ class JetStreamBus:
             return []
         if not info.state.messages:
             return []
-        if self.user:  # a secured bus: the one consumer name this identity may create (bus.streamread)
-            return await read_named(self._nc, self._js, stream, subject, name=self.user, since=since, idle_s=idle_s,
-                                    limit=limit)
+        if self.user:  # a secured bus: readers create no consumer for a history read (bus.streamread)
+            return await read_direct(self._nc, stream, subject, since=since, idle_s=idle_s, limit=limit)
         return await read_ordered(self._js, stream, subject, since=since, idle_s=idle_s, limit=limit)
 
     async def stream_messages(self, stream: str) -> int:

@@ -20,9 +20,9 @@ Roles:
   only identity that may call ``breakfix.agent.>``.
 - ``operator``: publishes only ``breakfix.actions.<cluster>.oncall.<their name>.>``; reads incidents
   and actions, the dead letters and the incident index. ``admin``: also ``...admin.<their name>.>``.
-  ``viewer``: reads only. Readers consume through the one consumer per stream named after themselves (a
-  durable, or the short-lived one of a history read, ``bus.streamread``); the services' durables are beyond
-  their reach. They may subscribe to the action records as they are written (the console's live audit trail).
+  ``viewer``: reads only. Readers read history with direct gets (``bus.streamread``) and may keep one
+  durable per stream named after themselves; the services' durables are beyond their reach. They may
+  subscribe to the action records as they are written (the console's live audit trail).
 - ``console``: the web console reads like a viewer and publishes on-call and admin verbs on behalf of the
   users it authenticated itself (``breakfix console --auth``), on their own subjects.
 """
@@ -58,13 +58,12 @@ def _consume(stream: str) -> list[str]:
 
 
 def _read_consume(stream: str) -> list[str]:
-    """A reader on ``stream``: consumer info, and the one consumer named after the user (create, pull, ack,
-    delete): its durable, or the short-lived one ``read_stream`` uses (``bus.streamread``). No anonymous
-    create (``$JS.API.CONSUMER.CREATE.<stream>``): its request body may name any consumer, a service's
-    durable included. So a reader can neither delete, pull from, ack on nor redefine the remediator's or the
-    correlator's consumer."""
+    """A reader on ``stream``: direct gets (history reads, ``bus.streamread``), consumer info, and one durable
+    named after the user (create, pull, ack, delete). No anonymous create (``$JS.API.CONSUMER.CREATE.<stream>``):
+    its request body may name any consumer, a service's durable included. So a reader can neither delete,
+    pull from, ack on nor redefine the remediator's or the correlator's consumer."""
     mine = f"{stream}.{NAME}"
-    return [f"$JS.API.CONSUMER.INFO.{stream}.*",
+    return [f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.CONSUMER.INFO.{stream}.*",
             f"$JS.API.CONSUMER.NAMES.{stream}", f"$JS.API.CONSUMER.LIST.{stream}",
             f"$JS.API.CONSUMER.CREATE.{mine}", f"$JS.API.CONSUMER.CREATE.{mine}.>",
             f"$JS.API.CONSUMER.DURABLE.CREATE.{mine}", f"$JS.API.CONSUMER.DELETE.{mine}",

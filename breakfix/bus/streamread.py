@@ -1,52 +1,69 @@
-"""Reading a stream's history from a start time: what ``JetStreamBus.read_stream`` does for the console.
+"""Reading a stream's history from a start time: what ``JetStreamBus.read_stream`` does for the console and CLI.
 
-On a secured bus a reader may create only the consumer that carries its own user name
-(``bus.permissions``: no anonymous consumer creation, so no reader can redefine a service's durable
-by naming it in a request body). ``read_named`` uses that name: a short-lived pull consumer (no acks,
-expiring on its own when idle) filtered and started as asked, read until nothing is pending, then
-deleted. On an open bus (no identity) ``read_ordered`` uses nats-py's ordered consumer as before.
-Either way at most ``limit`` messages, and every wait is bounded by ``idle_s``.
+On a secured bus a reader may not create consumers freely (``bus.permissions``: an anonymous create
+could name any consumer, a service's durable included), so ``read_direct`` reads with batched direct
+gets (``$JS.API.DIRECT.GET.<stream>``, streams created with ``allow_direct``): no server-side state, so
+any number of reads by one identity run at once and none touches a consumer. Each batch answers up to
+``BATCH`` messages of the filter from a start time, or from just past the last sequence, and ends with
+an end-of-batch status that says how many are still pending. On an open bus (no identity)
+``read_ordered`` uses nats-py's ordered consumer. Either way at most ``limit`` messages, and every wait
+is bounded by ``idle_s``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from datetime import datetime
 
 import nats.errors
-import nats.js.errors
+import orjson
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
 
-from breakfix.bus.puller import BatchPuller
+from breakfix.schemas.common import format_rfc3339
 
 BATCH = 1000
 
 
-async def read_named(nc: Client, js: JetStreamContext, stream: str, subject: str, *, name: str,
-                     since: datetime | None, idle_s: float, limit: int) -> list[bytes]:
-    config = api.ConsumerConfig(
-        name=name, ack_policy=api.AckPolicy.NONE, filter_subject=subject,
-        deliver_policy=api.DeliverPolicy.BY_START_TIME if since else api.DeliverPolicy.ALL, opt_start_time=since,
-        inactive_threshold=max(30.0, 4 * idle_s))  # a reader that dies mid-read leaves nothing behind for long
-    with contextlib.suppress(nats.js.errors.NotFoundError):
-        await js.delete_consumer(stream, name)  # an earlier read that did not finish
-    await js.add_consumer(stream, config=config)
-    puller = BatchPuller(nc, stream, name)
+async def read_direct(nc: Client, stream: str, subject: str, *, since: datetime | None, idle_s: float,
+                      limit: int) -> list[bytes]:
+    queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def on_reply(msg: Msg) -> None:
+        queue.put_nowait(msg)
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=on_reply)
     out: list[bytes] = []
+    start: dict[str, object] = {"start_time": format_rfc3339(since)} if since else {"seq": 1}
     try:
         while len(out) < limit:
-            batch = await puller.pull(min(BATCH, limit - len(out)), idle_s)
-            if not batch:
-                break
-            out.extend(m.data for m in batch)
-            if _pending(batch[-1]) == 0:
-                break
+            request = {"batch": min(BATCH, limit - len(out)), "next_by_subj": subject, **start}
+            await nc.publish(f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(request), reply=inbox)
+            last, pending = None, 0
+            while True:
+                try:
+                    msg = await asyncio.wait_for(queue.get(), timeout=idle_s + 1.0)
+                except TimeoutError:
+                    return out  # the server stopped answering: what arrived is all this read has
+                headers = msg.headers or {}
+                status = headers.get("Status")
+                if status is None:
+                    out.append(msg.data)
+                    last = _int(headers.get("Nats-Sequence"))
+                    continue
+                if status == "204":  # end of this batch
+                    pending = _int(headers.get("Nats-Num-Pending")) or 0
+                break  # 404: nothing (more) matches; anything else: stop here
+            if not pending or last is None:
+                return out[:limit]
+            start = {"seq": last + 1}
     finally:
-        await puller.close()
         with contextlib.suppress(Exception):
-            await js.delete_consumer(stream, name)
+            await sub.unsubscribe()
     return out[:limit]
 
 
@@ -70,12 +87,11 @@ async def read_ordered(js: JetStreamContext, stream: str, subject: str, *, since
     return out
 
 
-def _pending(msg: object) -> int | None:
-    """Messages still pending after this one (from its ``$JS.ACK`` reply subject); None when unreadable."""
+def _int(value: object) -> int | None:
     try:
-        return int(msg.metadata.num_pending)  # type: ignore[attr-defined]
-    except Exception:
+        return int(str(value))
+    except ValueError:
         return None
 
 
-__all__ = ["read_named", "read_ordered"]
+__all__ = ["read_direct", "read_ordered"]

@@ -1,10 +1,10 @@
 """The on-call backend's I/O, shared by the console and the CLI: connect, read, check, publish.
 
 Reads the incident index (KV ``breakfix-incidents``, ``breakfix.correlator.index``) and the audit
-trail (stream ``BREAKFIX_ACTIONS``, read from a start time through ``bus.read_stream``: the reader's own
-short-lived consumer on a secured bus, an ordered consumer on an open one; nothing a daemon consumes is
-touched); checks a verb with ``breakfix.console.verbs`` and publishes its
-``ActionRecord`` on the on-call or admin subject that names the acting user.
+trail (stream ``BREAKFIX_ACTIONS``, read from a start time through ``bus.read_stream``: direct gets on a
+secured bus, an ordered consumer on an open one; nothing a daemon consumes is touched); checks a verb
+with ``breakfix.console.verbs`` and publishes its ``ActionRecord`` on the on-call or admin subject that
+names the acting user.
 """
 
 from __future__ import annotations

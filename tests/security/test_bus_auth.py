@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -303,17 +304,24 @@ class TestServiceConsumers:
             self, secure: SecureBus, streams: JetStreamBus, role: str, name: str) -> None:
         reader = await secure.connect(role, name)
         try:
-            await streams.publish(subjects.incident_subject("c1"), b'{"probe": 1}', msg_id="probe-1")
-            with capture_logs() as logs:  # the history, through the one consumer name this reader may create
-                assert await reader.read_stream(subjects.INCIDENTS.name, subjects.INCIDENTS_ALL) == [b'{"probe": 1}']
-                assert await reader.read_stream(subjects.INCIDENTS.name, subjects.INCIDENTS_ALL) == [b'{"probe": 1}']
-            assert not [e for e in logs if e["event"] == "nats_error"], "no permission violation on the way"
+            for i in range(250):  # more than one direct-get batch
+                await streams.publish(subjects.incident_subject("c1"), b'{"probe": %d}' % i, msg_id=f"probe-{i}")
+            history = [b'{"probe": %d}' % i for i in range(250)]
             for stream in (subjects.INCIDENTS.name, subjects.ACTIONS.name, subjects.DEAD_LETTERS.name):
                 filt = {subjects.INCIDENTS.name: subjects.INCIDENTS_ALL, subjects.ACTIONS.name: subjects.ACTIONS_ALL,
                         subjects.DEAD_LETTERS.name: subjects.DLQ_ALL}[stream]
                 await reader.reset_consumer(stream=stream, durable=name, filter_subject=filt, start_seq=1)
-            got = await reader.pull(stream=subjects.INCIDENTS.name, durable=name, batch=10, timeout_s=2)
-            assert [m.data for m in got] == [b'{"probe": 1}']
+            with capture_logs() as logs:  # two reads at once by one identity (two console requests) each get it all
+                first, second = await asyncio.gather(
+                    reader.read_stream(subjects.INCIDENTS.name, subjects.INCIDENTS_ALL),
+                    reader.read_stream(subjects.INCIDENTS.name, subjects.INCIDENTS_ALL))
+            assert first == history and second == history
+            assert not [e for e in logs if e["event"] == "nats_error"], "no permission violation on the way"
+            got: list[Any] = []
+            while len(got) < len(history) and (batch := await reader.pull(
+                    stream=subjects.INCIDENTS.name, durable=name, batch=1000, timeout_s=2)):
+                got.extend(batch)
+            assert [m.data for m in got] == history, "the history reads left the reader's own durable alone"
             await got[-1].ack()
         finally:
             await reader.close()
