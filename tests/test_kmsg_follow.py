@@ -182,7 +182,12 @@ class TestLineTime:
          datetime(2025, 1, 1, 1, tzinfo=UTC)),  # still the old year in New York
         ("Dec 31 23:00:00 host kernel: NVRM: Xid", "UTC", datetime(2025, 1, 1, 0, 10, tzinfo=UTC),
          datetime(2024, 12, 31, 23, tzinfo=UTC)),
-    ], ids=["east-of-utc-new-year", "east-of-utc-old-year", "west-of-utc-old-year", "utc-rollover"])
+        ("Feb 29 10:00:00 host kernel: NVRM: Xid", "UTC", datetime(2025, 1, 10, tzinfo=UTC),
+         datetime(2024, 2, 29, 10, tzinfo=UTC)),  # read in a year that has no 29 February
+        ("Feb 29 10:00:00 host kernel: NVRM: Xid", "UTC", datetime(2028, 3, 1, tzinfo=UTC),
+         datetime(2028, 2, 29, 10, tzinfo=UTC)),
+    ], ids=["east-of-utc-new-year", "east-of-utc-old-year", "west-of-utc-old-year", "utc-rollover",
+            "29-feb-read-the-next-january", "29-feb-in-its-leap-year"])
     def test_a_syslog_line_takes_the_year_of_its_own_wall_clock(self, line: str, zone: str, now: datetime,
                                                                  expected: datetime) -> None:
         from breakfix.collectors.kmsg_follow import log_zone

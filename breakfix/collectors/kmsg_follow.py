@@ -114,16 +114,27 @@ def line_time_source(line: str, *, booted: datetime, now: datetime,
     if m := _DMESG_T.match(line):
         return _wall(datetime.strptime(m.group("t"), "%a %b %d %H:%M:%S %Y"), tz), ABSOLUTE
     if m := _SYSLOG.match(line):
-        here = _wall_now(now, tz)  # syslog has no year: the log's current one, unless that is over a day ahead
-        naive = datetime.strptime(f"{here.year} {m.group('t')}", "%Y %b %d %H:%M:%S")
+        naive = _syslog_year(m.group("t"), _wall_now(now, tz))
         if m.group("frac"):  # journalctl -o short-precise
             naive += timedelta(microseconds=int(m.group("frac")[1:7].ljust(6, "0")))
-        if naive > here + timedelta(days=1):
-            naive = naive.replace(year=here.year - 1)
         return _wall(naive, tz), ABSOLUTE
     if m := _MONO.match(line):
         return booted + timedelta(seconds=float(m.group("mono"))), RELATIVE
     return now, NO_TIME
+
+
+def _syslog_year(stamp: str, here: datetime) -> datetime:
+    """A syslog stamp (no year) in the latest year that puts it at most a day after ``here``, the log's wall
+    clock now; 29 February goes to the latest leap year that does. Raises ``ValueError`` for an impossible date."""
+    parsed = datetime.strptime(f"2000 {stamp}", "%Y %b %d %H:%M:%S")  # 2000 is a leap year: 29 Feb parses
+    for year in range(here.year, here.year - 9, -1):
+        try:
+            t = parsed.replace(year=year)
+        except ValueError:  # 29 February outside a leap year
+            continue
+        if t <= here + timedelta(days=1):
+            return t
+    raise ValueError(f"no year fits the syslog time {stamp!r}")
 
 
 def relative_seconds(line: str) -> float | None:
