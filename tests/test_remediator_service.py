@@ -106,6 +106,23 @@ class TestApprovalsAndBreaker:
             await h.until(lambda: "completed" in outcome_of_plan(h))
         assert cluster.nodes["n1"].reprovisions == 1
 
+    async def test_a_release_cancels_a_plan_awaiting_approval_so_a_later_approve_runs_nothing(
+            self, policy: Policy) -> None:
+        cluster = SimCluster({"n1": SimNode("n1")}, failing_resets={("n1", 2)}, failing_validation={"n1"})
+        async with Harness(fast(policy, retry_caps={}), cluster) as h:
+            await h.open(incident())
+            await h.until(lambda: any(r.kind is ActionKind.REFUSAL and r.action is StepAction.REPROVISION
+                                      for r in h.records()))
+            await h.human("release", reason="repaired by hand", details={"skip_validation": "true"})
+            await h.until(lambda: any(r.kind is ActionKind.STEP and r.action is StepAction.RETURN_TO_SERVICE
+                                      and r.outcome is ActionOutcome.SUCCEEDED for r in h.records()))
+            got = await PlanBook(h.store).get("inc-1")
+            assert got is not None and got[0].progress.state is ProgressState.CANCELLED
+            cluster.failing_validation.clear()
+            await h.human("approve", action=StepAction.REPROVISION, reason="too late")
+            await asyncio.sleep(0.2)
+        assert cluster.nodes["n1"].reprovisions == 0
+
     async def test_breaker_refuses_until_an_audited_reset(self, policy: Policy) -> None:
         async with Harness(fast(policy)) as h:
             for i in range(1, 5):  # 4 of 10 nodes open operator incidents within the window: > 10%
@@ -335,6 +352,18 @@ class TestResumeOnLeading:
             await asyncio.sleep(0.3)
             assert h.svc.stats.handled == 0 and h.records() == [], "a standby leaves the change to the leader"
             assert await store.get("guards") is None, "and saves no guard state of its own"
+            lease.leader = True
+            await h.until(lambda: "completed" in outcome_of_plan(h))
+
+    async def test_a_change_after_the_lease_is_lost_waits_for_the_next_leader(self, policy: Policy) -> None:
+        lease = Lease(leader=True)
+        async with Harness(fast(policy), elector=lease, lease_renew_s=0.05) as h:
+            await asyncio.sleep(0.1)
+            lease.leader = False
+            await asyncio.sleep(0.2)
+            await h.open(incident())
+            await asyncio.sleep(0.3)
+            assert h.svc.stats.handled == 0 and h.svc.tasks == {} and h.records() == []
             lease.leader = True
             await h.until(lambda: "completed" in outcome_of_plan(h))
 

@@ -77,6 +77,11 @@ async def _settle(ack: Awaitable[None], clog: Any) -> None:
         clog.warning("ack_failed", error=repr(exc))
 
 
+class Redeliver(Exception):  # an instruction to the consumer loop, not an error
+    """Raised by a handler that must not take this message now (e.g. a replica that just lost its lease):
+    the message is nak'd for redelivery, not counted as a failure."""
+
+
 async def run_consumer(bus: Bus, spec: ConsumerSpec[T], *, stop: asyncio.Event,
                        stats: ConsumerStats | None = None) -> ConsumerStats:
     """Consume until ``stop`` is set. Never raises on bad messages or handler errors."""
@@ -113,6 +118,9 @@ async def run_consumer(bus: Bus, spec: ConsumerSpec[T], *, stop: asyncio.Event,
                 await spec.handle(item, msg)
             except asyncio.CancelledError:
                 raise
+            except Redeliver:
+                await _settle(msg.nak(delay=spec.retry_delay_s), clog)
+                continue
             except Exception as exc:
                 stats.failed += 1
                 clog.error("handler_failed", subject=msg.subject, error=repr(exc), delivered=msg.num_delivered)

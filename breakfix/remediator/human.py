@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from breakfix.bus.consumer import Redeliver
 from breakfix.bus.protocol import Delivery
 from breakfix.remediator.reconcile import ATTEMPT_STRIDE
 from breakfix.remediator.records import PlanRecord, ProgressState
@@ -89,6 +90,8 @@ class HumanVerbs:
         self.releases = 0
 
     async def on_record(self, rec: ActionRecord, msg: Delivery) -> None:
+        if not self.svc.leading:
+            raise Redeliver  # the lease is gone: the new leader takes this verb
         self.svc.observe.control(rec, msg.subject)  # metrics and the notifier see every record (remediator.metrics)
         verb, why = refuse_reason(msg.subject, rec, self.svc.cluster)
         if verb is None:
@@ -140,7 +143,10 @@ class HumanVerbs:
         if verb == "approve":
             old = self.svc.tasks.get(rec.incident_id)
             if old is not None and not old.done():  # still returning from the approval wait: spawn would skip it
-                await asyncio.wait({old}, timeout=30.0)
+                await asyncio.wait({old}, timeout=5.0)
+                if not old.done():
+                    log.warning("approval_resume_deferred", incident=rec.incident_id,
+                                reason="the plan's task is still running; the next term resumes the approved step")
             got = await self.svc.book.get(rec.incident_id)
             if got is not None:
                 self.svc.spawn(rec.incident_id, prog.attempt, got[0])
@@ -163,6 +169,8 @@ class HumanVerbs:
             current = svc.current.get(inc.id)
             await svc.stop_plan(inc, f"stopped for a release by {rec.actor}", outcome=ActionOutcome.CANCELLED,
                                 rule=current[0].rule if current else "")
+        else:
+            await svc.cancel_record(inc.id)  # e.g. a plan awaiting approval: a later approve must not run it
         params: dict[str, str | int | bool] = {"node": inc.node or ""}
         if inc.gpus and inc.gpus[0].index is not None:
             params["gpu"] = inc.gpus[0].index

@@ -27,7 +27,7 @@ import structlog
 
 from breakfix.bus.clock import Clock
 from breakfix.bus.codec import decoder, encode
-from breakfix.bus.consumer import ConsumerSpec, ConsumerStats, run_consumer
+from breakfix.bus.consumer import ConsumerSpec, ConsumerStats, Redeliver, run_consumer
 from breakfix.bus.protocol import Bus, Delivery
 from breakfix.remediator.actuator import Actuator, StepResult
 from breakfix.remediator.audit import AuditWriter
@@ -105,6 +105,11 @@ class RemediatorService:
             self._leading.set()
 
     @property
+    def leading(self) -> bool:
+        """True while this replica holds the lease (always without one)."""
+        return self._leading.is_set()
+
+    @property
     def guards(self) -> GuardState:
         return self.keeper.state
 
@@ -136,6 +141,8 @@ class RemediatorService:
 
     # -- incidents ---------------------------------------------------------------------------------
     async def on_change(self, change: IncidentChange, _msg: Delivery) -> None:
+        if not self._leading.is_set():
+            raise Redeliver  # the lease is gone: the new leader takes this change
         self.observe.change(change)
         inc = change.incident
         prev = self.latest.get(inc.id)
@@ -173,6 +180,23 @@ class RemediatorService:
             self.guards.hold(inc.node, inc.id, inc.category)  # from now on, no other plan returns this node
             self.keeper.save()
         self.spawn(inc.id, inc.flaps * ATTEMPT_STRIDE, None)
+
+    async def cancel_record(self, incident_id: str) -> None:
+        """Mark the incident's stored plan cancelled if it is live, so no restart or new leader resumes it."""
+        for _ in range(2):
+            try:
+                got = await self.book.get(incident_id)
+                if got is None or not got[0].progress.state.live:
+                    return
+                got[0].progress.state = ProgressState.CANCELLED
+                await self.book.put(got[0], got[1])
+                return
+            except Conflict:
+                continue  # another save landed in between: read it again
+            except Exception as exc:  # the store did not answer: logged; the stop itself stands
+                log.error("cancel_record_failed", incident=incident_id, error=repr(exc))
+                return
+        log.warning("cancel_record_moved", incident=incident_id)  # another writer keeps moving it
 
     def resume(self, records: list[PlanRecord]) -> None:
         """Resume every running plan in the store at its step (``remediator.takeup``, on becoming the leader)."""
@@ -241,17 +265,14 @@ class RemediatorService:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        got = await self.book.get(inc.id)
-        if got is not None and got[0].progress.state.live:  # a restart must not resume what was stopped here
-            got[0].progress.state = ProgressState.CANCELLED
-            try:
-                await self.book.put(got[0], got[1])
-            except Conflict:
-                log.warning("stop_plan_record_moved", incident=inc.id)  # another writer has it now
+        await self.cancel_record(inc.id)
         await self.publish(self.record(inc, ActionKind.PLAN, outcome, why, tag=outcome.value, rule=rule,
                                        waiting=waiting))
 
     def spawn(self, incident_id: str, attempt: int, resume: PlanRecord | None, *, settle: bool = True) -> None:
+        if not self._leading.is_set():
+            log.warning("spawn_skipped_not_leading", incident=incident_id)  # the next leader picks it up
+            return
         old = self.tasks.get(incident_id)
         if old is not None and not old.done():
             return
@@ -403,20 +424,33 @@ class RemediatorService:
                                  decoder(IncidentChange), self.on_change, batch=1024)  # a burst: decided in one pass
         control = ConsumerSpec(subjects.ACTIONS.name, f"{self.durable}-control", subjects.ACTIONS_ALL,
                                decoder(ActionRecord), self.human.on_record)
-        first = True
         while await until_set(self._leading, stop):
-            if not first:  # the keeper was loaded at start; a later term reads what the other leader stored
-                await self.keeper.load()
-            first = False
-            await take_up_until_done(self, stop, self._leading, retry_s=self.lease_renew_s)
             term = asyncio.Event()
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(run_consumer(self.bus, incidents, stop=term, stats=self.stats),
-                               name="remediator-incidents")
-                tg.create_task(run_consumer(self.bus, control, stop=term, stats=self.control_stats),
-                               name="remediator-control")
-                tg.create_task(end_of_term(self._leading, stop, term, poll_s=self.lease_renew_s),
-                               name="remediator-term")
+            try:
+                if self.elector is not None:  # the other leader may have moved the guard state since
+                    await self.keeper.load()
+                await take_up_until_done(self, stop, self._leading, retry_s=self.lease_renew_s)
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(run_consumer(self.bus, incidents, stop=term, stats=self.stats),
+                                   name="remediator-incidents")
+                    tg.create_task(run_consumer(self.bus, control, stop=term, stats=self.control_stats),
+                                   name="remediator-control")
+                    tg.create_task(end_of_term(self._leading, stop, term, poll_s=self.lease_renew_s),
+                                   name="remediator-term")
+            except Exception as exc:  # a store or bus error starting the term: a new term after a pause
+                log.error("term_failed", error=repr(exc))
+                term.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self.lease_renew_s)
+            finally:
+                if self.elector is not None and not self._leading.is_set():
+                    await self._end_plans()  # nothing started in the term outlives it
+
+    async def _end_plans(self) -> None:
+        tasks = list(self.tasks.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def idle(self) -> None:
         """Wait for every running plan (tests and the demo use this)."""
