@@ -15,6 +15,7 @@ from breakfix.bus.jetstream import JetStreamBus
 from breakfix.bus.memory import MemoryBus
 from breakfix.bus.protocol import Bus, Delivery, subject_matches
 from breakfix.bus.server import EmbeddedNats
+from breakfix.bus.streamread import DirectGetUnavailable, read_direct
 from breakfix.schemas import subjects
 from breakfix.schemas.signal import Signal
 from tests.conftest import sig, wait_until
@@ -205,10 +206,15 @@ async def test_a_stream_made_before_direct_gets_is_opened_to_them(tmp_path: Path
         bus = await JetStreamBus.connect(server.url)
         try:
             await bus._js.add_stream(name=subjects.INCIDENTS.name, subjects=list(subjects.INCIDENTS.subjects),
-                                     duplicate_window=subjects.INCIDENTS.duplicate_window_s)
+                                     duplicate_window=subjects.INCIDENTS.duplicate_window_s,
+                                     max_age=subjects.INCIDENTS.max_age_s, max_msgs=5000, description="tuned")
+            with pytest.raises(DirectGetUnavailable, match="503"):  # said, never a silently empty history
+                await read_direct(bus._nc, subjects.INCIDENTS.name, subjects.INCIDENTS_ALL, since=None, idle_s=1,
+                                  limit=10)
             await bus.ensure_streams(subjects.STREAMS)
             info = await bus._js.stream_info(subjects.INCIDENTS.name)
             assert info.config.allow_direct
+            assert (info.config.max_msgs, info.config.description) == (5000, "tuned"), "what an operator tuned stays"
         finally:
             await bus.close()
     finally:

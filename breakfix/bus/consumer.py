@@ -99,7 +99,7 @@ async def run_consumer(bus: Bus, spec: ConsumerSpec[T], *, stop: asyncio.Event,
             clog.warning("pull_failed", error=repr(exc))
             await asyncio.sleep(spec.retry_delay_s)
             continue
-        for msg in batch:
+        for n, msg in enumerate(batch):
             try:
                 item = decode_message(spec.decode, msg)
             except DecodeError as exc:
@@ -118,9 +118,11 @@ async def run_consumer(bus: Bus, spec: ConsumerSpec[T], *, stop: asyncio.Event,
                 await spec.handle(item, msg)
             except asyncio.CancelledError:
                 raise
-            except Redeliver:
-                await _settle(msg.nak(delay=spec.retry_delay_s), clog)
-                continue
+            except Redeliver:  # this one and the rest of the batch go back; pause before pulling again
+                for rest in batch[n:]:
+                    await _settle(rest.nak(delay=spec.retry_delay_s), clog)
+                await asyncio.sleep(spec.retry_delay_s)
+                break
             except Exception as exc:
                 stats.failed += 1
                 clog.error("handler_failed", subject=msg.subject, error=repr(exc), delivered=msg.num_delivered)

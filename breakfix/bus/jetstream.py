@@ -30,7 +30,7 @@ from breakfix.bus.pipeline import PipelinedPublisher, PublishError
 from breakfix.bus.protocol import ConsumerState, Delivery, KvEntry, PublishAck, Unsubscribe
 from breakfix.bus.puller import BatchPuller
 from breakfix.bus.retry import transient_retry
-from breakfix.bus.streamread import read_direct, read_ordered
+from breakfix.bus.streamread import DirectGetUnavailable, read_direct, read_ordered
 from breakfix.schemas.subjects import HDR_MSG_ID, StreamSpec
 
 log = structlog.get_logger("breakfix.bus")
@@ -98,6 +98,7 @@ class JetStreamBus:
     def __init__(self, nc: Client, js: JetStreamContext, events: ConnectionEvents | None = None, *,
                  user: str | None = None) -> None:
         self.user = user  # the identity's name on a secured bus (from its .creds), None on an open one
+        self._direct_refused: set[str] = set()  # streams this identity could not open to direct gets
         self._nc = nc
         self._js = js
         self._events = events
@@ -150,9 +151,13 @@ class JetStreamBus:
         if keep_transform:  # only the partitioned correlator decides partitioning; others keep it
             config.subject_transform = info.config.subject_transform
         if _same_stream(config, info.config):
-            if config.allow_direct and not info.config.allow_direct:  # a stream made before direct gets were used
-                with contextlib.suppress(Exception):  # a node may not update streams: a service will, on its start
-                    await asyncio.wait_for(self._js.update_stream(config), timeout=2.0)
+            if config.allow_direct and not info.config.allow_direct and name not in self._direct_refused:
+                opened = info.config  # a stream made before direct gets: only that setting changes, nothing tuned
+                opened.allow_direct = True
+                try:
+                    await asyncio.wait_for(self._js.update_stream(opened), timeout=2.0)
+                except Exception:  # an identity that may not update streams: a service will, once, on its start
+                    self._direct_refused.add(name)
             return  # nothing to change: a least-privilege identity (a node) needs only STREAM.INFO
         await transient_retry(lambda: self._js.update_stream(config))
 
@@ -348,7 +353,10 @@ class JetStreamBus:
         if not info.state.messages:
             return []
         if self.user:  # a secured bus: readers create no consumer for a history read (bus.streamread)
-            return await read_direct(self._nc, stream, subject, since=since, idle_s=idle_s, limit=limit)
+            try:
+                return await read_direct(self._nc, stream, subject, since=since, idle_s=idle_s, limit=limit)
+            except DirectGetUnavailable as exc:  # an account or a stream from before direct gets: the old way
+                log.warning("direct_get_unavailable", stream=stream, error=str(exc))
         return await read_ordered(self._js, stream, subject, since=since, idle_s=idle_s, limit=limit)
 
     async def stream_messages(self, stream: str) -> int:

@@ -28,6 +28,11 @@ from breakfix.schemas.common import format_rfc3339
 BATCH = 1000
 
 
+class DirectGetUnavailable(RuntimeError):
+    """The server did not serve a direct get: the stream lacks ``allow_direct`` (503), the identity may not
+    (no answer: an account issued before readers got direct gets), or another status."""
+
+
 async def read_direct(nc: Client, stream: str, subject: str, *, since: datetime | None, idle_s: float,
                       limit: int) -> list[bytes]:
     queue: asyncio.Queue[Msg] = asyncio.Queue()
@@ -48,7 +53,10 @@ async def read_direct(nc: Client, stream: str, subject: str, *, since: datetime 
                 try:
                     msg = await asyncio.wait_for(queue.get(), timeout=idle_s + 1.0)
                 except TimeoutError:
-                    return out  # the server stopped answering: what arrived is all this read has
+                    if not out:
+                        raise DirectGetUnavailable(f"no answer to a direct get on {stream}") from None
+                    raise TimeoutError(f"direct get on {stream} stopped answering after {len(out)} messages") \
+                        from None  # never a silently partial history
                 headers = msg.headers or {}
                 status = headers.get("Status")
                 if status is None:
@@ -57,7 +65,11 @@ async def read_direct(nc: Client, stream: str, subject: str, *, since: datetime 
                     continue
                 if status == "204":  # end of this batch
                     pending = _int(headers.get("Nats-Num-Pending")) or 0
-                break  # 404: nothing (more) matches; anything else: stop here
+                    break
+                if status == "404":  # nothing (more) matches
+                    break
+                raise DirectGetUnavailable(f"direct get on {stream}: status {status} "
+                                           f"{headers.get('Description', '')}".strip())
             if not pending or last is None:
                 return out[:limit]
             start = {"seq": last + 1}
@@ -94,4 +106,4 @@ def _int(value: object) -> int | None:
         return None
 
 
-__all__ = ["read_direct", "read_ordered"]
+__all__ = ["DirectGetUnavailable", "read_direct", "read_ordered"]

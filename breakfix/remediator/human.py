@@ -143,10 +143,8 @@ class HumanVerbs:
         if verb == "approve":
             old = self.svc.tasks.get(rec.incident_id)
             if old is not None and not old.done():  # still returning from the approval wait: spawn would skip it
-                await asyncio.wait({old}, timeout=5.0)
-                if not old.done():
-                    log.warning("approval_resume_deferred", incident=rec.incident_id,
-                                reason="the plan's task is still running; the next term resumes the approved step")
+                self.svc.resume_after(old, rec.incident_id)
+                return
             got = await self.svc.book.get(rec.incident_id)
             if got is not None:
                 self.svc.spawn(rec.incident_id, prog.attempt, got[0])

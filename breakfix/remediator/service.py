@@ -93,6 +93,7 @@ class RemediatorService:
         self.deferred: set[str] = set()                           # incidents whose deferred repair waited
         self.budget_since: dict[str, datetime] = {}
         self.taken_up: dict[str, int] = {}                        # incident -> version taken up from the index
+        self._helpers: set[asyncio.Task[None]] = set()            # short guarded tasks (resume_after)
         self.stats, self.control_stats = ConsumerStats(), ConsumerStats()
         self._view_cache: tuple[float, ClusterView] | None = None
         self.view_ttl_s, self._swept = view_ttl_s, float("-inf")
@@ -197,6 +198,23 @@ class RemediatorService:
                 log.error("cancel_record_failed", incident=incident_id, error=repr(exc))
                 return
         log.warning("cancel_record_moved", incident=incident_id)  # another writer keeps moving it
+
+    def resume_after(self, old: asyncio.Task[None], incident_id: str) -> None:
+        """Resume the incident's stored plan once ``old`` (its task, finishing) is done: an approval that came
+        while the task was still returning from its approval wait. A guarded task; the consumer does not wait."""
+        async def later() -> None:
+            try:
+                await asyncio.wait({old})
+                got = await self.book.get(incident_id)
+                if got is not None and got[0].progress.state is ProgressState.RUNNING:
+                    self.spawn(incident_id, got[0].progress.attempt, got[0])
+            except Exception as exc:
+                log.error("approval_resume_failed", incident=incident_id, error=repr(exc))
+            finally:
+                self._helpers.discard(task)
+
+        task = asyncio.create_task(later(), name=f"resume-after-approval-{incident_id}")
+        self._helpers.add(task)
 
     def resume(self, records: list[PlanRecord]) -> None:
         """Resume every running plan in the store at its step (``remediator.takeup``, on becoming the leader)."""
@@ -424,11 +442,15 @@ class RemediatorService:
                                  decoder(IncidentChange), self.on_change, batch=1024)  # a burst: decided in one pass
         control = ConsumerSpec(subjects.ACTIONS.name, f"{self.durable}-control", subjects.ACTIONS_ALL,
                                decoder(ActionRecord), self.human.on_record)
+        # the guard state is loaded at start; with a lease it is read again when a term begins after time as a
+        # standby (the other leader may have moved it), never under plans of this replica's own running term
+        lost = self.elector is not None
         while await until_set(self._leading, stop):
             term = asyncio.Event()
             try:
-                if self.elector is not None:  # the other leader may have moved the guard state since
+                if lost:  # the other leader may have moved the guard state since
                     await self.keeper.load()
+                lost = False
                 await take_up_until_done(self, stop, self._leading, retry_s=self.lease_renew_s)
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(run_consumer(self.bus, incidents, stop=term, stats=self.stats),
@@ -444,6 +466,7 @@ class RemediatorService:
                     await asyncio.wait_for(stop.wait(), timeout=self.lease_renew_s)
             finally:
                 if self.elector is not None and not self._leading.is_set():
+                    lost = True
                     await self._end_plans()  # nothing started in the term outlives it
 
     async def _end_plans(self) -> None:

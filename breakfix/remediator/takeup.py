@@ -47,10 +47,11 @@ async def until_set(event: asyncio.Event, stop: asyncio.Event) -> bool:
 
 
 async def end_of_term(leading: asyncio.Event, stop: asyncio.Event, term: asyncio.Event, *, poll_s: float) -> None:
-    """Set ``term`` once this replica stops leading or ``stop`` is set (checked every ``poll_s``)."""
+    """Set ``term`` once this replica stops leading or ``stop`` is set (checked every ``poll_s``, at most 0.1 s:
+    after a lost lease the consumers hand messages back for at most that long)."""
     while leading.is_set() and not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=poll_s)
+            await asyncio.wait_for(stop.wait(), timeout=min(poll_s, 0.1))
     term.set()
 
 
