@@ -66,6 +66,15 @@ from breakfix.schemas.incident import (
 log = structlog.get_logger("breakfix.remediator")
 
 
+async def cancel_until_done(task: asyncio.Task[None], *, every_s: float = 0.5) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling again every ``every_s``: on Python 3.11 an
+    ``asyncio.wait_for`` whose inner future completes in the same loop turn swallows a cancellation, and a
+    stopped plan that carried on would run its old steps to the end (a re-decision lost)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=every_s)
+
+
 class RemediatorService:
     def __init__(self, bus: Bus, actuator: Actuator, policy: Policy, clock: Clock, *, cluster: str,
                  actor: str = "remediator", durable: str = "remediator", store: PlanStore | None = None,
@@ -280,9 +289,7 @@ class RemediatorService:
         task = self.tasks.pop(inc.id, None)
         self.current.pop(inc.id, None)
         if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_until_done(task)
         await self.cancel_record(inc.id)
         await self.publish(self.record(inc, ActionKind.PLAN, outcome, why, tag=outcome.value, rule=rule,
                                        waiting=waiting))
@@ -470,10 +477,11 @@ class RemediatorService:
                     await self._end_plans()  # nothing started in the term outlives it
 
     async def _end_plans(self) -> None:
-        tasks = list(self.tasks.values())
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        helpers = list(self._helpers)  # first: a helper would start a plan once the one it waits on ends
+        for h in helpers:
+            h.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
+        await asyncio.gather(*(cancel_until_done(t) for t in list(self.tasks.values())))
 
     async def idle(self) -> None:
         """Wait for every running plan (tests and the demo use this)."""
@@ -491,7 +499,5 @@ class RemediatorService:
                     tg.create_task(lead(self.elector, self._leading, self.tasks, stop, renew_s=self.lease_renew_s,
                                         actor=self.actor), name="remediator-lease")
         finally:
-            for t in self.tasks.values():
-                t.cancel()
-            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            await self._end_plans()
             await self.audit.drain()  # records already written reach the stream before the bus is handed back
