@@ -18,7 +18,6 @@ lease holder starts or resumes plans.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -26,8 +25,8 @@ from datetime import datetime, timedelta
 import structlog
 
 from breakfix.bus.clock import Clock
-from breakfix.bus.codec import decoder, encode
-from breakfix.bus.consumer import ConsumerSpec, ConsumerStats, Redeliver, run_consumer
+from breakfix.bus.codec import encode
+from breakfix.bus.consumer import ConsumerStats, Redeliver
 from breakfix.bus.protocol import Bus, Delivery
 from breakfix.remediator.actuator import Actuator, StepResult
 from breakfix.remediator.audit import AuditWriter
@@ -44,7 +43,7 @@ from breakfix.remediator.policy import Policy
 from breakfix.remediator.reconcile import ATTEMPT_STRIDE
 from breakfix.remediator.records import PlanBook, PlanRecord, Progress, ProgressState
 from breakfix.remediator.store import Conflict, MemoryStore, PlanStore
-from breakfix.remediator.takeup import end_of_term, take_up_until_done, until_set
+from breakfix.remediator.terms import cancel_until_done, end_plans, serve
 from breakfix.remediator.view import ClusterView
 from breakfix.schemas import subjects
 from breakfix.schemas.common import Severity
@@ -64,15 +63,6 @@ from breakfix.schemas.incident import (
 )
 
 log = structlog.get_logger("breakfix.remediator")
-
-
-async def cancel_until_done(task: asyncio.Task[None], *, every_s: float = 0.5) -> None:
-    """Cancel ``task`` and wait until it has ended, cancelling again every ``every_s``: on Python 3.11 an
-    ``asyncio.wait_for`` whose inner future completes in the same loop turn swallows a cancellation, and a
-    stopped plan that carried on would run its old steps to the end (a re-decision lost)."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=every_s)
 
 
 class RemediatorService:
@@ -102,7 +92,7 @@ class RemediatorService:
         self.deferred: set[str] = set()                           # incidents whose deferred repair waited
         self.budget_since: dict[str, datetime] = {}
         self.taken_up: dict[str, int] = {}                        # incident -> version taken up from the index
-        self._helpers: set[asyncio.Task[None]] = set()            # short guarded tasks (resume_after)
+        self.helpers: set[asyncio.Task[None]] = set()            # short guarded tasks (resume_after)
         self.stats, self.control_stats = ConsumerStats(), ConsumerStats()
         self._view_cache: tuple[float, ClusterView] | None = None
         self.view_ttl_s, self._swept = view_ttl_s, float("-inf")
@@ -113,6 +103,11 @@ class RemediatorService:
         self._leading = asyncio.Event()
         if elector is None:
             self._leading.set()
+
+    @property
+    def leading_event(self) -> asyncio.Event:
+        """Set while this replica holds the lease (``remediator.leading``; always without an elector)."""
+        return self._leading
 
     @property
     def leading(self) -> bool:
@@ -220,23 +215,10 @@ class RemediatorService:
             except Exception as exc:
                 log.error("approval_resume_failed", incident=incident_id, error=repr(exc))
             finally:
-                self._helpers.discard(task)
+                self.helpers.discard(task)
 
         task = asyncio.create_task(later(), name=f"resume-after-approval-{incident_id}")
-        self._helpers.add(task)
-
-    def resume(self, records: list[PlanRecord]) -> None:
-        """Resume every running plan in the store at its step (``remediator.takeup``, on becoming the leader)."""
-        for rec in records:
-            if not rec.progress.state.live:
-                continue
-            inc, node = rec.incident, rec.incident.node
-            if rec.plan.domain is Domain.OPERATOR and node:
-                self.guards.start(node, inc.id)  # the budget counts plans in flight, the hold stays
-            self.latest.setdefault(inc.id, inc)
-            if rec.progress.state is ProgressState.RUNNING and inc.id not in self.tasks:
-                log.warning("resuming", incident=inc.id, rung=rec.progress.rung, step=rec.progress.step)
-                self.spawn(inc.id, rec.progress.attempt, rec)
+        self.helpers.add(task)
 
     def track(self, inc: Incident) -> None:
         """Remember an incident's latest version and the members it covers."""
@@ -439,50 +421,6 @@ class RemediatorService:
                               {"recurred": what})
         return StepResult(True, f"quiet for {self.policy.guards.soak_s:g}s")
 
-    async def _serve(self, stop: asyncio.Event) -> None:
-        """Consume incident changes and human verbs only while this replica leads (always without a lease).
-
-        Each term starts from the stores: the guard state, the running plans and the unplanned incidents
-        (``remediator.takeup``), then the consumers; a standby consumes nothing, so it neither acts on nor
-        saves a stale picture, and what the old leader had not acked is delivered to the new one."""
-        incidents = ConsumerSpec(subjects.INCIDENTS.name, self.durable, subjects.INCIDENTS_ALL,
-                                 decoder(IncidentChange), self.on_change, batch=1024)  # a burst: decided in one pass
-        control = ConsumerSpec(subjects.ACTIONS.name, f"{self.durable}-control", subjects.ACTIONS_ALL,
-                               decoder(ActionRecord), self.human.on_record)
-        # the guard state is loaded at start; with a lease it is read again when a term begins after time as a
-        # standby (the other leader may have moved it), never under plans of this replica's own running term
-        lost = self.elector is not None
-        while await until_set(self._leading, stop):
-            term = asyncio.Event()
-            try:
-                if lost:  # the other leader may have moved the guard state since
-                    await self.keeper.load()
-                lost = False
-                await take_up_until_done(self, stop, self._leading, retry_s=self.lease_renew_s)
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(run_consumer(self.bus, incidents, stop=term, stats=self.stats),
-                                   name="remediator-incidents")
-                    tg.create_task(run_consumer(self.bus, control, stop=term, stats=self.control_stats),
-                                   name="remediator-control")
-                    tg.create_task(end_of_term(self._leading, stop, term, poll_s=self.lease_renew_s),
-                                   name="remediator-term")
-            except Exception as exc:  # a store or bus error starting the term: a new term after a pause
-                log.error("term_failed", error=repr(exc))
-                term.set()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=self.lease_renew_s)
-            finally:
-                if self.elector is not None and not self._leading.is_set():
-                    lost = True
-                    await self._end_plans()  # nothing started in the term outlives it
-
-    async def _end_plans(self) -> None:
-        helpers = list(self._helpers)  # first: a helper would start a plan once the one it waits on ends
-        for h in helpers:
-            h.cancel()
-        await asyncio.gather(*helpers, return_exceptions=True)
-        await asyncio.gather(*(cancel_until_done(t) for t in list(self.tasks.values())))
-
     async def idle(self) -> None:
         """Wait for every running plan (tests and the demo use this)."""
         while pending := [t for t in self.tasks.values() if not t.done()]:
@@ -493,11 +431,11 @@ class RemediatorService:
         await self.keeper.load()
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._serve(stop), name="remediator-serve")
+                tg.create_task(serve(self, stop), name="remediator-serve")
                 tg.create_task(self.keeper.writer(stop), name="remediator-guards")
                 if self.elector is not None:
                     tg.create_task(lead(self.elector, self._leading, self.tasks, stop, renew_s=self.lease_renew_s,
                                         actor=self.actor), name="remediator-lease")
         finally:
-            await self._end_plans()
+            await end_plans(self)
             await self.audit.drain()  # records already written reach the stream before the bus is handed back

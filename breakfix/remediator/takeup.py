@@ -8,7 +8,7 @@ The remediator acks an incident's ``opened`` change once that incident's task ha
 is written only when the plan's first step runs. An incident that was settling, waiting out a deferral,
 or refused for a budget or a cooldown when the process stopped (or lost the lease) has no record, and
 nothing would deliver its change again. Each time this replica becomes the leader,
-``RemediatorService._serve`` calls ``take_up_until_done`` before it starts consuming: ``take_up`` reads
+``remediator.terms.serve`` calls ``take_up_until_done`` before it starts consuming: ``take_up`` reads
 the incident index (JetStream KV ``breakfix-incidents``, the correlator's latest version of every
 incident; this cluster's keys only, one entry at a time) and hands what ``remediator.reconcile`` picks
 to the service, as if the change had just arrived. Openings found there count towards the circuit
@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING
 import structlog
 
 from breakfix.remediator.reconcile import OpenIncidents, unplanned
+from breakfix.remediator.records import PlanRecord, ProgressState
 from breakfix.schemas import subjects
+from breakfix.schemas.incident import Domain
 
 if TYPE_CHECKING:
     from breakfix.remediator.service import RemediatorService
@@ -72,7 +74,7 @@ async def take_up(svc: RemediatorService) -> int:
     """Resume the store's running plans, then one reconciliation against the index; returns how many incidents
     were taken up again."""
     records = await svc.book.all()
-    svc.resume(records)
+    resume(svc, records)
     found = await read_open(svc.bus, svc.cluster)
     if found is None:
         return 0
@@ -95,6 +97,20 @@ async def take_up(svc: RemediatorService) -> int:
     return len(again)
 
 
+def resume(svc: RemediatorService, records: list[PlanRecord]) -> None:
+    """Resume every running plan in the store at its step (on becoming the leader, ``remediator.takeup``)."""
+    for rec in records:
+        if not rec.progress.state.live:
+            continue
+        inc, node = rec.incident, rec.incident.node
+        if rec.plan.domain is Domain.OPERATOR and node:
+            svc.guards.start(node, inc.id)  # the budget counts plans in flight, the hold stays
+        svc.latest.setdefault(inc.id, inc)
+        if rec.progress.state is ProgressState.RUNNING and inc.id not in svc.tasks:
+            log.warning("resuming", incident=inc.id, rung=rec.progress.rung, step=rec.progress.step)
+            svc.spawn(inc.id, rec.progress.attempt, rec)
+
+
 async def read_open(bus: object, cluster: str) -> OpenIncidents | None:
     """The open incidents of ``cluster`` in the index; None when there is no index to read (logged)."""
     scan = getattr(bus, "kv_scan", None)
@@ -114,4 +130,4 @@ async def read_open(bus: object, cluster: str) -> OpenIncidents | None:
     return found
 
 
-__all__ = ["end_of_term", "read_open", "take_up", "take_up_until_done", "until_set"]
+__all__ = ["end_of_term", "read_open", "resume", "take_up", "take_up_until_done", "until_set"]
