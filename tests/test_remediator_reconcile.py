@@ -21,6 +21,7 @@ from breakfix.schemas.incident import (
     IncidentScope,
     IncidentStatus,
     Plan,
+    WaitingOn,
 )
 from tests.conftest import T0
 
@@ -57,9 +58,12 @@ def entry(inc: Incident, kind: ChangeKind = ChangeKind.OPENED) -> KvEntry:
     (incident(flaps=1), {"inc-1": 2}, set(), set(), {}, True),  # the record is the previous opening's
     (incident(flaps=1), {"inc-1": 100}, set(), set(), {}, False),
     (incident(status=IncidentStatus.MITIGATING), {}, set(), set(), {}, True),
+    (incident(waiting=WaitingOn.HUMAN), {}, set(), set(), {}, False),  # cancelled by a human, or fenced
+    (incident(waiting=WaitingOn.BUDGET), {}, set(), set(), {}, True),
 ], ids=["settling", "no-wait", "dry-run-ran", "shadow-ran", "live-plan-without-record", "live-plan-with-record",
         "resolved", "escalated", "folded", "covered", "running", "breaker-queue",
-        "record", "redecided-record", "reopened-after-record", "reopened-record", "mitigating-no-plan"])
+        "record", "redecided-record", "reopened-after-record", "reopened-record", "mitigating-no-plan",
+        "waiting-on-a-human", "waiting-on-a-budget"])
 def test_unplanned_takes_up_only_open_incidents_no_plan_covers(inc: Incident, planned: dict[str, int],
                                                               running: set[str], queued: set[str],
                                                               covered: dict[str, str], taken_up: bool) -> None:

@@ -380,6 +380,28 @@ class TestResumeOnLeading:
             await h.until(lambda: "completed" in outcome_of_plan(h))
 
 
+class TestTakeUpAfterReDecision:
+    async def test_a_re_decided_incident_whose_new_plan_had_not_started_is_planned_after_a_restart(
+            self, policy: Policy) -> None:
+        """The old plan's record says cancelled (a re-decision) and the new plan never saved one: a restart plans
+        the incident again, as it now stands."""
+        from breakfix.remediator.decide import decide
+
+        bus, store = MemoryBus(), MemoryStore()
+        cluster = SimCluster({"n1": SimNode("n1", pods={"ml/p": 2})})
+        old = incident()
+        await PlanBook(store).put(PlanRecord(incident=old, plan=decide(old, await cluster.view(), fast(policy)),
+                                             progress=Progress(incident=old.id, attempt=0,
+                                                               state=ProgressState.CANCELLED)), None)
+        worse = old.model_copy(update={"category": "node_reboot_required", "codes": ("xid:48", "xid:154"),
+                                       "severity": Severity.FATAL, "version": 3})
+        await index(bus, worse, ChangeKind.UPDATED)
+        async with Harness(fast(policy), cluster, store, bus=bus) as h:
+            await h.until(lambda: "completed" in outcome_of_plan(h))
+        assert [r.rule for r in h.records() if r.kind is ActionKind.PLAN and r.outcome is ActionOutcome.PLANNED] \
+            == ["node-reboot"] and cluster.nodes["n1"].reboots == 1
+
+
 class TestProvider:
     async def test_webhook_post_then_poll_until_done(self) -> None:
         polls = {"n": 0}

@@ -20,7 +20,7 @@ import orjson
 from pydantic import ValidationError
 
 from breakfix.bus.protocol import KvEntry
-from breakfix.schemas.incident import Incident, IncidentChange, IncidentStatus
+from breakfix.schemas.incident import Incident, IncidentChange, IncidentStatus, WaitingOn
 
 _TERMINAL = frozenset(s.value for s in IncidentStatus if s.terminal)
 ATTEMPT_STRIDE = 100  # a plan's attempt number: flaps * 100 + re-decisions (``RemediatorService.spawn``)
@@ -75,13 +75,15 @@ def unplanned(incidents: Iterable[Incident], *, planned: Mapping[str, int], runn
     it); one with a plan in the store for this opening (``planned``: incident -> the attempt its record
     holds, an attempt of ``flaps * 100`` or later belongs to this opening); one whose dry-run or shadow plan
     already ran (such a plan keeps no record: the index shows the plan the correlator folded in); one already
-    running here; one queued behind the breaker (``breakfix breaker reset`` re-drives those). A live plan
-    counts only with its record: the executor publishes the plan before its first step saves the record, and
-    a stop in between must not leave the incident without a plan.
+    running here; one queued behind the breaker (``breakfix breaker reset`` re-drives those); one waiting on a
+    human (a cancel, a fence). A live plan counts only with its record: the executor publishes the plan before
+    its first step saves the record, and a stop in between must not leave the incident without a plan; and
+    ``planned`` holds no cancelled records: a plan stopped by a re-decision whose new plan had not saved its
+    own record yet must run.
     """
     out = []
     for inc in incidents:
-        if inc.status.terminal or inc.parent is not None or inc.id in covered:
+        if inc.status.terminal or inc.parent is not None or inc.id in covered or inc.waiting is WaitingOn.HUMAN:
             continue
         if inc.plan is not None and (inc.plan.dry_run or inc.plan.shadow):
             continue

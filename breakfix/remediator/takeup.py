@@ -84,7 +84,8 @@ async def take_up(svc: RemediatorService) -> int:
             svc.track(inc)
     for inc in sorted(found.incidents, key=lambda i: (i.first_seen, i.id)):
         await svc.observe_open(inc)  # counts nodes once: an opening already seen before the stop is harmless
-    planned = {rec.incident.id: rec.progress.attempt for rec in records}
+    planned = {rec.incident.id: rec.progress.attempt for rec in records  # a cancelled plan covers nothing: a
+               if rec.progress.state is not ProgressState.CANCELLED}  # human's cancel leaves the incident waiting
     again = unplanned(found.incidents, planned=planned, running=svc.tasks, queued=svc.guards.queued,
                       covered=svc.covered)
     for inc in again:
