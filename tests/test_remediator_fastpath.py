@@ -19,6 +19,7 @@ from breakfix.schemas.incident import (
     Domain,
     Incident,
     IncidentScope,
+    Plan,
     StepAction,
 )
 from tests.conftest import T0
@@ -34,13 +35,18 @@ def view() -> ClusterView:
     return ClusterView(nodes={"n1": NodeView("n1", {"nvidia.com/gpu.product": "H100"})})
 
 
+def saving(policy: Policy) -> tuple[MemoryStore, PlanBook, Incident, Plan, Any]:
+    """A plan store, its book, one incident, its plan and the book's saver for it (from no revision)."""
+    store = MemoryStore()
+    book = PlanBook(store)
+    inc = incident()
+    plan = decide(inc, view(), policy)
+    return store, book, inc, plan, book.saver(inc, plan, None)
+
+
 class TestPlanSaver:
     async def test_saved_entries_equal_the_validated_plan_record_and_follow_revisions(self, policy: Policy) -> None:
-        store = MemoryStore()
-        book = PlanBook(store)
-        inc = incident()
-        plan = decide(inc, view(), policy)
-        save = book.saver(inc, plan, None)
+        store, book, inc, plan, save = saving(policy)
         prog = Progress(incident=inc.id, attempt=0)
         await save(prog)
         prog.step, prog.state = 2, ProgressState.AWAITING_APPROVAL
@@ -53,11 +59,7 @@ class TestPlanSaver:
         assert got is not None and got[0] == PlanRecord(incident=inc, plan=plan, progress=prog)
 
     async def test_a_saver_loses_to_another_writer_with_a_conflict(self, policy: Policy) -> None:
-        store = MemoryStore()
-        book = PlanBook(store)
-        inc = incident()
-        plan = decide(inc, view(), policy)
-        save = book.saver(inc, plan, None)
+        _store, book, inc, plan, save = saving(policy)
         await save(Progress(incident=inc.id, attempt=0))
         rev = await book.revision(inc.id)
         await book.put(PlanRecord(incident=inc, plan=plan, progress=Progress(incident=inc.id, attempt=1)), rev)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -72,3 +73,15 @@ class ManualClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+async def first_of(*waits: Coroutine[Any, Any, Any], name: str = "first-of") -> None:
+    """Return when the first of ``waits`` (an event set, a stop, a clock sleep) finishes; the others are cancelled
+    and awaited, so no wait outlives the call (the daemons' "work arrived, or stop, or time passed" loops)."""
+    tasks = [asyncio.create_task(w, name=f"{name}-{i}") for i, w in enumerate(waits)]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from breakfix.bus.clock import SYSTEM_CLOCK, Clock
+from breakfix.bus.clock import SYSTEM_CLOCK, Clock, first_of
 from breakfix.bus.codec import encode
 from breakfix.bus.protocol import Bus
 from breakfix.collectors.link import pause
@@ -85,13 +85,7 @@ class Forwarder:
         while not stop.is_set():
             if not len(self.spool) or self.bus is None:
                 self._wake.clear()
-                waiter = asyncio.create_task(self._wake.wait(), name="forwarder-wake")
-                stopper = asyncio.create_task(stop.wait(), name="forwarder-stop")
-                sleeper = asyncio.create_task(self.clock.sleep(self.retry_s), name="forwarder-retry")
-                await asyncio.wait({waiter, stopper, sleeper}, return_when=asyncio.FIRST_COMPLETED)
-                for t in (waiter, stopper, sleeper):
-                    t.cancel()
-                await asyncio.gather(waiter, stopper, sleeper, return_exceptions=True)
+                await first_of(self._wake.wait(), stop.wait(), self.clock.sleep(self.retry_s), name="forwarder-wake")
                 continue
             batch = self.spool.peek(256)
             done = []

@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import structlog
 
-from breakfix.bus.clock import Clock
+from breakfix.bus.clock import Clock, first_of
 
 log = structlog.get_logger("breakfix.collector.link")
 
@@ -29,14 +29,7 @@ async def pause(clock: Clock, stop: asyncio.Event, seconds: float) -> None:
     """Wait ``seconds`` of ``clock`` time, or until ``stop`` is set, whichever comes first."""
     if stop.is_set():
         return
-    sleeper = asyncio.create_task(clock.sleep(max(0.0, seconds)), name="collector-pause")
-    stopper = asyncio.create_task(stop.wait(), name="collector-pause-stop")
-    try:
-        await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in (sleeper, stopper):
-            t.cancel()
-        await asyncio.gather(sleeper, stopper, return_exceptions=True)
+    await first_of(clock.sleep(max(0.0, seconds)), stop.wait(), name="collector-pause")
 
 
 async def keep_connected(connect: Callable[[], Awaitable[B]], on_connected: Callable[[B], Awaitable[None]],

@@ -14,7 +14,7 @@ import asyncio
 
 import structlog
 
-from breakfix.bus.clock import Clock
+from breakfix.bus.clock import Clock, first_of
 from breakfix.remediator.guards import GuardState
 from breakfix.remediator.guardspec import GuardsSpec
 from breakfix.remediator.store import Conflict, PlanStore
@@ -49,11 +49,7 @@ class GuardKeeper:
 
     async def writer(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            waiter = asyncio.create_task(self._dirty.wait(), name="remediator-guards-wait")
-            stopper = asyncio.create_task(stop.wait(), name="remediator-guards-stop")
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            stopper.cancel()
+            await first_of(self._dirty.wait(), stop.wait(), name="remediator-guards-wait")
             if self._dirty.is_set():
                 self._dirty.clear()
                 await self.write()

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from breakfix.bus.clock import first_of
 from breakfix.remediator.reconcile import OpenIncidents, unplanned
 from breakfix.remediator.records import PlanRecord, ProgressState
 from breakfix.schemas import subjects
@@ -37,14 +38,7 @@ SCAN_TIMEOUT_S = 30.0  # the index read may stall this long without progress bef
 
 async def until_set(event: asyncio.Event, stop: asyncio.Event) -> bool:
     """Wait for ``event`` (this replica leads); False when ``stop`` came first."""
-    waiter = asyncio.create_task(event.wait(), name="remediator-wait-lead")
-    stopper = asyncio.create_task(stop.wait(), name="remediator-wait-stop")
-    try:
-        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in (waiter, stopper):
-            t.cancel()
-        await asyncio.gather(waiter, stopper, return_exceptions=True)
+    await first_of(event.wait(), stop.wait(), name="remediator-wait-lead")
     return not stop.is_set()
 
 
