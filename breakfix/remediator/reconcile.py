@@ -5,10 +5,11 @@ plan record (``remediator.records``) is written only when the plan's first step 
 that was settling (``policy.settle_s``), waiting out a deferral, or refused for a budget or a cooldown
 when the process stopped therefore has an acked change and no record: nothing would redeliver it.
 
-At start-up the service (``RemediatorService.run``) reads the incident index (JetStream KV
+Each time a replica becomes the leader, ``remediator.takeup`` reads the incident index (JetStream KV
 ``breakfix-incidents``, the latest ``IncidentChange`` of every incident, written by the correlator)
-and hands it here. ``open_incidents`` decodes the entries that are not terminal (bad entries are
-counted, never raised); ``unplanned`` picks the ones to take up again. Both are pure: no I/O, no clock.
+and hands it here one entry at a time. ``OpenIncidents.add`` keeps the entries that are not terminal (bad
+entries are counted, never raised; ``open_incidents`` does it for a list); ``unplanned`` picks the ones to
+take up again. Both are pure: no I/O, no clock.
 """
 
 from __future__ import annotations
