@@ -219,3 +219,27 @@ async def test_a_stream_made_before_direct_gets_is_opened_to_them(tmp_path: Path
             await bus.close()
     finally:
         server.stop()
+
+
+async def test_a_stream_update_keeps_tuning_and_never_shortens_retention(tmp_path: Path) -> None:
+    """A daemon start that must change a stream (here: its subjects) sends breakfix's fields only: an operator's
+    longer retention, limits and description stay, so a restart never deletes stored history."""
+    server = EmbeddedNats(tmp_path / "nats").start()
+    try:
+        bus = await JetStreamBus.connect(server.url)
+        try:
+            longer = subjects.ACTIONS.max_age_s * 2
+            await bus._js.add_stream(name=subjects.ACTIONS.name, subjects=["breakfix.actions.old"], max_age=longer,
+                                     max_msgs=5000, description="tuned", allow_direct=True)
+            await bus._js.add_stream(name=subjects.DEAD_LETTERS.name, subjects=list(subjects.DEAD_LETTERS.subjects),
+                                     max_age=3600.0, allow_direct=True)
+            await bus.ensure_streams(subjects.STREAMS)
+            actions = (await bus._js.stream_info(subjects.ACTIONS.name)).config
+            assert actions.subjects == list(subjects.ACTIONS.subjects)
+            assert (actions.max_age, actions.max_msgs, actions.description) == (longer, 5000, "tuned")
+            dlq = (await bus._js.stream_info(subjects.DEAD_LETTERS.name)).config
+            assert dlq.max_age == subjects.DEAD_LETTERS.max_age_s, "a shorter age than breakfix needs is raised"
+        finally:
+            await bus.close()
+    finally:
+        server.stop()

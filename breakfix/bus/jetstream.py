@@ -30,6 +30,7 @@ from breakfix.bus.pipeline import PipelinedPublisher, PublishError
 from breakfix.bus.protocol import ConsumerState, Delivery, KvEntry, PublishAck, Unsubscribe
 from breakfix.bus.puller import BatchPuller
 from breakfix.bus.retry import transient_retry
+from breakfix.bus.streamconfig import serves, updated
 from breakfix.bus.streamread import DirectGetUnavailable, read_direct, read_ordered
 from breakfix.schemas.subjects import HDR_MSG_ID, StreamSpec
 
@@ -76,20 +77,6 @@ class _NatsDelivery:
 
     async def term(self) -> None:
         await self._msg.term()
-
-
-def _transform(c: api.StreamConfig) -> tuple[str, str] | None:
-    t = c.subject_transform
-    return (t.src or "", t.dest or "") if t is not None else None
-
-
-def _same_stream(want: api.StreamConfig, have: api.StreamConfig) -> bool:
-    """Whether ``have`` already is what ``want`` asks for, in the fields breakfix sets."""
-    return (sorted(want.subjects or []) == sorted(have.subjects or [])
-            and abs((want.duplicate_window or 0) - (have.duplicate_window or 0)) < 1e-3
-            and abs((want.max_age or 0) - (have.max_age or 0)) < 1e-3
-            and want.storage == have.storage and want.retention == have.retention
-            and _transform(want) == _transform(have))
 
 
 class JetStreamBus:
@@ -150,16 +137,15 @@ class JetStreamBus:
             return
         if keep_transform:  # only the partitioned correlator decides partitioning; others keep it
             config.subject_transform = info.config.subject_transform
-        if _same_stream(config, info.config):
+        if serves(config, info.config):
             if config.allow_direct and not info.config.allow_direct and name not in self._direct_refused:
-                opened = info.config  # a stream made before direct gets: only that setting changes, nothing tuned
-                opened.allow_direct = True
-                try:
-                    await asyncio.wait_for(self._js.update_stream(opened), timeout=2.0)
+                try:  # a stream made before direct gets: only that setting changes, nothing tuned
+                    await asyncio.wait_for(self._js.update_stream(updated(config, info.config)), timeout=2.0)
                 except Exception:  # an identity that may not update streams: a service will, once, on its start
                     self._direct_refused.add(name)
             return  # nothing to change: a least-privilege identity (a node) needs only STREAM.INFO
-        await transient_retry(lambda: self._js.update_stream(config))
+        merged = updated(config, info.config)  # breakfix's fields only: what an operator tuned stays
+        await transient_retry(lambda: self._js.update_stream(merged))
 
     async def ensure_consumer(self, *, stream: str, durable: str, filter_subject: str,
                               ack_wait_s: float = 30.0, max_deliver: int = 20) -> None:
