@@ -81,6 +81,12 @@ def server_config(root: Path, *, operator_jwt_path: Path, system: str, preload: 
     return "\n".join(lines) + "\n"
 
 
+def _cluster_account(account: Key, cluster: str, operator: Key, signers: dict[str, Key]) -> str:
+    """The cluster's account JWT: one scoped signing key per role, with this version's permission template."""
+    return account_jwt(account, cluster, operator, signing_keys=[
+        scoped_signing_key(signers[role], role, role_template(role, cluster)) for role in ROLES])
+
+
 def init_bus(root: Path, *, cluster: str, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
              listen: str = "0.0.0.0:4222", monitor_port: int = 8222, store_dir: Path | None = None,
              force: bool = False, now: dt.datetime) -> Path:
@@ -95,8 +101,7 @@ def init_bus(root: Path, *, cluster: str, hosts: tuple[str, ...] = ("localhost",
     signers = {role: Key.new("account") for role in ROLES}
     op_jwt = operator_jwt(operator, f"breakfix-{cluster}", system_account=system.public)
     sys_jwt = account_jwt(system, "SYS", operator, jetstream=False)
-    app_jwt = account_jwt(account, cluster, operator, signing_keys=[
-        scoped_signing_key(signers[role], role, role_template(role, cluster)) for role in ROLES])
+    app_jwt = _cluster_account(account, cluster, operator, signers)
     root.mkdir(parents=True, exist_ok=True)
     (root / "operator.jwt").write_text(op_jwt + "\n")
     for name, key in [("operator", operator), ("system", system), ("account", account),
@@ -116,6 +121,42 @@ def init_bus(root: Path, *, cluster: str, hosts: tuple[str, ...] = ("localhost",
         "cluster": cluster, "operator": operator.public, "system_account": system.public,
         "account": account.public, "signing_keys": {r: k.public for r, k in signers.items()},
         "hosts": list(hosts)}, indent=2) + "\n")
+    return conf
+
+
+def refresh_roles(root: Path) -> Path:
+    """Re-sign the cluster's account with this version's role permissions (``breakfix bus roles``), keeping
+    every key, so every issued credential stays valid; a role this version added gets its signing key.
+
+    Only the account's entry in ``nats-server.conf``'s ``resolver_preload`` changes (listen address, TLS and
+    store stay as written); returns the config's path. nats-server applies it on a reload or restart.
+    """
+    root = root.resolve()
+    conf = root / "nats-server.conf"
+    if not (root / META).is_file() or not conf.is_file():
+        raise BusAuthError(f"{root / META} or {conf} not found; run 'breakfix bus init --dir {root}' first")
+    meta = json.loads((root / META).read_text())
+    keys = root / "keys"
+    operator = Key.from_seed((keys / "operator.nk").read_text())
+    account = Key.from_seed((keys / "account.nk").read_text())
+    if account.public != meta.get("account"):
+        raise BusAuthError(f"{keys / 'account.nk'} is not the account {root / META} names")
+    signers: dict[str, Key] = {}
+    for role in ROLES:
+        path = keys / f"role-{role}.nk"
+        if not path.is_file():  # a role added since 'bus init': its users are issued after this
+            _secret(path, Key.new("account").seed + "\n")
+        signers[role] = Key.from_seed(path.read_text())
+    token = _cluster_account(account, meta["cluster"], operator, signers)
+    entry = f"  {account.public}: "
+    lines = conf.read_text().splitlines(keepends=True)
+    at = [i for i, line in enumerate(lines) if line.startswith(entry)]
+    if len(at) != 1:
+        raise BusAuthError(f"{conf}: no single resolver_preload entry for account {account.public}")
+    lines[at[0]] = f"{entry}{_conf_str(token)}\n"
+    conf.write_text("".join(lines))
+    meta["signing_keys"] = {r: k.public for r, k in signers.items()}
+    (root / META).write_text(json.dumps(meta, indent=2) + "\n")
     return conf
 
 

@@ -87,6 +87,23 @@ class EmbeddedNats:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
+    def reload(self, timeout_s: float = 10.0) -> None:
+        """Have nats-server re-read its config (SIGHUP, as ``nats-server --signal reload`` does) and wait
+        until its log says it did."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            raise NatsServerError("nats-server is not running")
+        log = self.store_dir / "nats-server.log"
+        done = "Reloaded server configuration"
+        seen = log.read_text(errors="replace").count(done) if log.exists() else 0
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if log.exists() and log.read_text(errors="replace").count(done) > seen:
+                return
+            time.sleep(0.05)
+        raise NatsServerError(f"nats-server did not reload within {timeout_s}s (see {log})")
+
     def kill(self) -> None:
         """Kill without a clean shutdown (crash tests)."""
         proc, self._proc = self._proc, None

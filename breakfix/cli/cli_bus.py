@@ -3,7 +3,8 @@
 ``init`` writes an operator, the cluster's account with one scoped signing key per role, a CA and a
 server certificate, and a nats-server config (TLS with client certificates, JWT auth, monitor port on
 loopback) into one directory. ``user`` issues one identity: a .creds file (user JWT + seed) and a client
-certificate, for a node (``--node N``) or a role (``--role R --name NAME``). Everything is written by
+certificate, for a node (``--node N``) or a role (``--role R --name NAME``). ``roles`` gives the roles of an
+existing bus the permissions of this version (after an upgrade) without changing any key. Everything is written by
 ``breakfix.bus.authinit``; daemons and commands read the files through ``--creds --tls-*``.
 """
 
@@ -52,6 +53,19 @@ def bus_init(
     out.print(f"wrote {conf} (start: nats-server -c {conf})", highlight=False)
     out.print(f"issue identities: breakfix bus user --dir {directory} --node NODE | --role ROLE --name NAME",
               highlight=False)
+
+
+@bus_app.command("roles")
+def bus_roles(directory: BusDir = Path("breakfix-bus")) -> None:
+    """Give every role this version's permissions: re-sign the account, keep every key and credential."""
+    from breakfix.bus.authinit import BusAuthError, refresh_roles
+
+    try:
+        conf = refresh_roles(directory)
+    except (BusAuthError, OSError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    out.print(f"updated {conf}; apply it with 'nats-server --signal reload' (or a restart); issued credentials "
+              "stay valid", highlight=False)
 
 
 @bus_app.command("user")

@@ -1,0 +1,108 @@
+"""``breakfix bus roles``: a bus set up by an older version gets this version's role permissions from the
+server itself, with every key kept, so credentials issued before the upgrade still connect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+from typer.testing import CliRunner
+
+from breakfix.bus import authinit
+from breakfix.bus.authinit import BusAuthError, init_bus, refresh_roles
+from breakfix.bus.jetstream import JetStreamBus
+from breakfix.bus.server import EmbeddedNats
+from breakfix.cli.main import app
+from breakfix.schemas import subjects
+from tests.security.conftest import NOW, SecureBus, refused
+
+pytestmark = pytest.mark.nats
+
+ANONYMOUS_CREATE = f"$JS.API.CONSUMER.CREATE.{subjects.INCIDENTS.name}"
+STOLEN = json.dumps({"stream_name": subjects.INCIDENTS.name, "config": {
+    "name": "remediator", "ack_policy": "explicit", "filter_subject": "breakfix.incidents.nowhere"}}).encode()
+
+
+def older_template(role: str, cluster: str) -> dict[str, Any]:
+    """A viewer as an older version made it: it could still create consumers anonymously."""
+    template = REAL_TEMPLATE(role, cluster)
+    if role == "viewer":
+        template["pub"]["allow"] = [*template["pub"]["allow"], ANONYMOUS_CREATE]
+    return template
+
+
+REAL_TEMPLATE = authinit.role_template
+
+
+async def answered(bus: JetStreamBus) -> bool:
+    """Whether the server answered the anonymous create (allowed) rather than refusing the publish."""
+    try:
+        await bus._nc.request(ANONYMOUS_CREATE, STOLEN, timeout=1.0)
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("apply", ["restart", "reload"])
+async def test_bus_roles_gives_an_older_bus_this_versions_permissions_and_keeps_every_credential(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, apply: str) -> None:
+    monkeypatch.setattr(authinit, "role_template", older_template)
+    monkeypatch.setattr(authinit, "ROLES", tuple(r for r in authinit.ROLES if r != "console"))  # added since
+    conf = init_bus(tmp_path / "bus", cluster="c1", monitor_port=0, store_dir=tmp_path / "js", now=NOW)
+    monkeypatch.undo()
+    server = EmbeddedNats(tmp_path / "nats", config=conf).start()
+    secure = SecureBus(tmp_path / "bus", server)
+    try:
+        setup = await secure.connect("correlator", "correlator")
+        await setup.ensure_streams(subjects.STREAMS)
+        await setup.close()
+        before = secure.options("viewer", "vera")  # issued before the upgrade
+        vera = await JetStreamBus.connect(before, name="vera")
+        assert await answered(vera), "the older template let a viewer create consumers anonymously"
+        await vera.close()
+
+        refresh_roles(tmp_path / "bus")
+        if apply == "restart":
+            server.stop()
+            server.start()  # same port, same JetStream store
+        else:
+            server.reload()  # nats-server --signal reload
+
+        vera = await JetStreamBus.connect(before, name="vera")  # the same .creds and certificate
+        try:
+            with capture_logs() as logs:
+                await vera.publish_core(ANONYMOUS_CREATE, STOLEN)
+                await vera.flush()
+                await refused(vera, logs, "publish", ANONYMOUS_CREATE)
+            assert (await vera.read_stream(subjects.INCIDENTS.name, subjects.INCIDENTS_ALL)) == []
+        finally:
+            await vera.close()
+        console = await secure.connect("console", "console")  # the role added since has its signing key
+        await console.close()
+    finally:
+        server.stop()
+
+
+def test_bus_roles_keeps_every_key_and_the_servers_settings(tmp_path: Path) -> None:
+    conf = init_bus(tmp_path / "bus", cluster="c1", listen="0.0.0.0:4333", monitor_port=0, now=NOW)
+    keys = {p.name: p.read_text() for p in (tmp_path / "bus" / "keys").iterdir()}
+    before = conf.read_text()
+    result = CliRunner().invoke(app, ["bus", "roles", "--dir", str(tmp_path / "bus")])
+    assert result.exit_code == 0, result.output
+    assert "reload" in result.output
+    assert {p.name: p.read_text() for p in (tmp_path / "bus" / "keys").iterdir()} == keys
+    after = conf.read_text()
+    changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]
+    assert len(changed) <= 1 and '"0.0.0.0:4333"' in after, "only the account's preload entry may change"
+
+
+def test_bus_roles_on_a_directory_without_a_bus_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(BusAuthError, match="bus init"):
+        refresh_roles(tmp_path / "nothing")
+    result = CliRunner().invoke(app, ["bus", "roles", "--dir", str(tmp_path / "nothing")])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "bus init" in result.output
+
