@@ -125,13 +125,20 @@ class TestHoldsAndState:
             state.record_action("n1", StepAction.REBOOT, at)
             state.observe_open(f"n{day}", at, BreakerSpec(), pool=1000)
             state.finish(f"n{day}", "x", at, inc())
+            state.budget_since[f"i{day}"] = at  # waits of incidents the remediator never saw end
+            state.defer_until[f"i{day}"] = at + timedelta(hours=4)
         state.prune(T0 + timedelta(days=200), GuardsSpec())
         assert len(state.actions) <= 1 and len(state.opens) <= 1 and len(state.finished) <= 1
+        assert len(state.budget_since) <= 2 and len(state.defer_until) <= 2
 
     def test_state_round_trips_through_the_store_form(self) -> None:
-        state = GuardState(holds={"n1": {"a": "why"}}, queued={"a": T0}, killed_codes={"xid:48"})
+        state = GuardState(holds={"n1": {"a": "why"}}, queued={"a": T0}, killed_codes={"xid:48"},
+                           budget_since={"a": T0}, defer_until={"b": T0 + timedelta(hours=4)})
         state.finish("n1", "a", T0, inc())
         assert GuardState.from_dict(state.to_dict()) == state
+        state.forget("a")
+        state.forget("b")
+        assert state.budget_since == {} and state.defer_until == {}
 
 
 class TestFencedScopedRepair:

@@ -31,6 +31,7 @@ from breakfix.schemas.incident import (
     IncidentChange,
     IncidentScope,
     StepAction,
+    WaitingOn,
 )
 from tests.conftest import T0
 
@@ -54,7 +55,7 @@ class Harness:
         self.store = store or MemoryStore()
         self.clock = clock or ManualClock(T0)
         self.svc = RemediatorService(self.bus, self.cluster, policy, self.clock, cluster="c1", store=self.store,
-                                     retry_refused_s=1.0, **service)
+                                     **{"retry_refused_s": 1.0, **service})
         self.stop = asyncio.Event()
 
     async def __aenter__(self) -> Harness:
@@ -237,6 +238,49 @@ class TestRestartTakesUpUnplannedIncidents:
             await h.until(lambda: any(r.details.get("guard") == "budget" for r in h.records()))
         async with Harness(fast(policy, cooldown_s=0), store=store, bus=bus) as again:
             await again.until(lambda: "completed" in outcome_of_plan(again))
+
+    async def test_a_budget_wait_counts_from_its_first_refusal_across_a_restart(self, policy: Policy) -> None:
+        from breakfix.remediator.guards import BudgetSpec
+
+        bus, store = MemoryBus(), MemoryStore()
+        full = {"budget": BudgetSpec(max_nodes=0, max_percent=0), "topology_budgets": (), "cooldown_s": 0}
+        inc = incident()
+        await index(bus, inc)
+        async with Harness(fast(policy, **full, budget_wait_s=100.0), store=store, bus=bus,
+                           clock=StalledClock(T0), retry_refused_s=3600.0) as h:  # stops while it waits
+            await h.open(inc)
+            await h.until(lambda: any(r.details.get("guard") == "budget" for r in h.records()))
+        before = len(h.records())
+        later = ManualClock(T0 + timedelta(seconds=150))  # restarted past the limit of the wait begun at T0
+        async with Harness(fast(policy, **full, budget_wait_s=100.0), store=store, bus=bus, clock=later) as again:
+            await again.until(lambda: any("waited" in r.reason for r in again.records()))
+        after = again.records()[before:]
+        assert "waited 150s for remediation budget (limit 100s)" in after[0].reason, \
+            "the first refusal after the restart goes to a human: the wait did not start over"
+
+    async def test_a_deferred_repair_keeps_its_deadline_across_a_restart(self, policy: Policy) -> None:
+        async def busy(node: str, gpu: int, *, pods: tuple[str, ...] = ()) -> bool:
+            return False  # the job on the GPU never ends: only the deadline lets the repair run
+
+        cluster = SimCluster({"n1": SimNode("n1", pods={"ml/p": 2})})
+        cluster.gpu_idle = busy  # type: ignore[method-assign]
+        bus, store = MemoryBus(), MemoryStore()
+        remap = incident(iid="inc-remap", codes=("row_remap.pending",), severity=Severity.WARNING)
+        await index(bus, remap)
+        async with Harness(fast(policy, cooldown_s=0, idle_poll_s=3600), cluster, store, bus=bus,
+                           clock=StalledClock(T0)) as h:  # stops while it waits for the job
+            await h.open(remap)
+            await h.until(lambda: any(r.waiting is WaitingOn.IDLE for r in h.records()))
+        waiting = next(r for r in h.records() if r.waiting is WaitingOn.IDLE)
+        deadline = T0 + timedelta(seconds=14400)
+        assert deadline.isoformat() in waiting.reason and outcome_of_plan(h) == []
+        restarted = deadline + timedelta(seconds=1)  # after the deadline set before the restart
+        later = ManualClock(restarted)
+        async with Harness(fast(policy, cooldown_s=0), cluster, store, bus=bus, clock=later) as again:
+            await again.until(lambda: "completed" in outcome_of_plan(again))
+        planned = next(r for r in again.records() if r.kind is ActionKind.PLAN and r.outcome.value == "planned")
+        assert planned.at == restarted, "acted at once: the deadline set before the restart had passed"
+        assert cluster.nodes["n1"].gpu_resets == {2: 1}
 
     async def test_planned_terminal_and_folded_incidents_are_left_alone(self, policy: Policy) -> None:
         from breakfix.remediator.decide import decide

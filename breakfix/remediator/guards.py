@@ -148,6 +148,10 @@ class GuardState:
     queued: dict[str, datetime] = field(default_factory=dict)       # incident -> first_seen, held by the breaker
     killed_rules: set[str] = field(default_factory=set)             # run-time kill switches (audited)
     killed_codes: set[str] = field(default_factory=set)
+    # waits that outlive a restart or a change of leader: when a budget first refused an incident (budget_wait_s
+    # counts from there) and the deadline of its deferred repair; dropped when the remediator forgets the incident
+    budget_since: dict[str, datetime] = field(default_factory=dict)
+    defer_until: dict[str, datetime] = field(default_factory=dict)
     # derived from the lists above and extended as they grow (a replaced or shortened list is read again): retry
     # caps and the breaker look at one target or count nodes without a pass over every action and open
     _acts: _Index = field(default_factory=_Index, init=False, repr=False, compare=False)
@@ -217,8 +221,13 @@ class GuardState:
         self.finished[node] = Fault(at, fault.category, frozenset(fault.codes), fault.severity.rank) if fault \
             else Fault(at)
 
+    def end_waits(self, incident: str) -> None:
+        self.budget_since.pop(incident, None)
+        self.defer_until.pop(incident, None)
+
     def forget(self, incident: str) -> None:
-        """An incident the remediator no longer tracks: drop its holds, budget slot and queue place."""
+        """An incident the remediator no longer tracks: drop its holds, budget slot, queue place and waits."""
+        self.end_waits(incident)
         self.unhold(incident)
         self.queued.pop(incident, None)
         for node in [n for n, i in self.active.items() if i == incident]:
@@ -234,6 +243,14 @@ class GuardState:
             self.opens = opens
         cooled = now - timedelta(seconds=spec.cooldown_s)
         self.finished = {n: f for n, f in self.finished.items() if f.at >= cooled}
+        # a wait no incident can still be in: a budget wait fences after budget_wait_s, a deadline is then acted on;
+        # a day's grace (retention_s) past either covers an incident the remediator forgot while another led
+        stale = now - timedelta(seconds=spec.budget_wait_s + spec.retention_s)
+        if any(t < stale for t in self.budget_since.values()):
+            self.budget_since = {i: t for i, t in self.budget_since.items() if t >= stale}
+        over = now - timedelta(seconds=spec.retention_s)
+        if any(t < over for t in self.defer_until.values()):
+            self.defer_until = {i: t for i, t in self.defer_until.items() if t >= over}
 
     # -- store form ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -249,7 +266,9 @@ class GuardState:
                 "finished": {n: rows[n][1] for n in self.finished},
                 "breaker_tripped_at": self.breaker_tripped_at.isoformat() if self.breaker_tripped_at else None,
                 "breaker_reason": self.breaker_reason, "queued": {i: t.isoformat() for i, t in self.queued.items()},
-                "killed_rules": sorted(self.killed_rules), "killed_codes": sorted(self.killed_codes)}
+                "killed_rules": sorted(self.killed_rules), "killed_codes": sorted(self.killed_codes),
+                "budget_since": {i: t.isoformat() for i, t in self.budget_since.items()},
+                "defer_until": {i: t.isoformat() for i, t in self.defer_until.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GuardState:
@@ -264,7 +283,9 @@ class GuardState:
                    breaker_tripped_at=dt(d["breaker_tripped_at"]) if d.get("breaker_tripped_at") else None,
                    breaker_reason=d.get("breaker_reason", ""),
                    queued={i: dt(t) for i, t in d.get("queued", {}).items()},
-                   killed_rules=set(d.get("killed_rules", [])), killed_codes=set(d.get("killed_codes", [])))
+                   killed_rules=set(d.get("killed_rules", [])), killed_codes=set(d.get("killed_codes", [])),
+                   budget_since={i: dt(t) for i, t in d.get("budget_since", {}).items()},
+                   defer_until={i: dt(t) for i, t in d.get("defer_until", {}).items()})
 
 
 def _gpu_of(step: Step) -> int | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import structlog
 
@@ -90,7 +90,6 @@ class RemediatorService:
         self.acted: set[str] = set()                              # incidents whose plan ran a disruptive step
         self.cordoned: set[str] = set()                           # incidents cordoned while their repair waits
         self.deferred: set[str] = set()                           # incidents whose deferred repair waited
-        self.budget_since: dict[str, datetime] = {}
         self.taken_up: dict[str, int] = {}                        # incident -> version taken up from the index
         self.helpers: set[asyncio.Task[None]] = set()            # short guarded tasks (resume_after)
         self.stats, self.control_stats = ConsumerStats(), ConsumerStats()
@@ -251,7 +250,9 @@ class RemediatorService:
         self.cordoned.discard(iid)
         self.deferred.discard(iid)
         self.decisions.forget(iid)
-        self.budget_since.pop(iid, None)
+        if iid in self.guards.budget_since or iid in self.guards.defer_until:
+            self.guards.end_waits(iid)
+            self.keeper.save()
         self.taken_up.pop(iid, None)
         if inc is not None and inc.status is IncidentStatus.RESOLVED:
             self.guards.forget(iid)  # an escalated incident keeps its hold until a human releases it
@@ -313,7 +314,10 @@ class RemediatorService:
                 return False
             first = self.decisions.plan(inc, await self._view(), self.policy)
             if inc.id not in self.deferred and (early := deferral(first)) is not None:  # outside the node lock
-                until = self.clock.now() + timedelta(seconds=early[1])
+                until = self.guards.defer_until.get(inc.id)  # set before a restart: the same deadline
+                if until is None:
+                    until = self.guards.defer_until[inc.id] = self.clock.now() + timedelta(seconds=early[1])
+                    self.keeper.save()
                 await self.executor.wait_idle(inc, first, attempt, early[0], until)
                 self.deferred.add(inc.id)
         else:
@@ -343,7 +347,8 @@ class RemediatorService:
             refusal = check(inc, plan, self.guards, view, self.policy.guards, self.clock.now())
             if refusal is not None and live:
                 return await self._refused(inc, plan, refusal, attempt)
-        self.budget_since.pop(inc.id, None)
+        if self.guards.budget_since.pop(inc.id, None) is not None:
+            self.keeper.save()
         self.guards.queued.pop(inc.id, None)
         return await self._run(inc, plan, attempt, progress, held)
 
@@ -351,7 +356,10 @@ class RemediatorService:
         now = self.clock.now()
         reason = refusal.reason
         if refusal.guard in ("budget", "topology_budget"):
-            waited = (now - self.budget_since.setdefault(inc.id, now)).total_seconds()
+            since = self.guards.budget_since.setdefault(inc.id, now)  # kept across restarts (guard state)
+            if since == now:
+                self.keeper.save()
+            waited = (now - since).total_seconds()
             if waited > self.policy.guards.budget_wait_s:
                 reason = f"waited {waited:.0f}s for remediation budget (limit {self.policy.guards.budget_wait_s:g}s)"
                 refusal = Refusal(refusal.guard, f"{reason}: {refusal.reason}", False, WaitingOn.HUMAN, fence=True)

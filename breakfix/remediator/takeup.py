@@ -12,7 +12,8 @@ nothing would deliver its change again. Each time this replica becomes the leade
 the incident index (JetStream KV ``breakfix-incidents``, the correlator's latest version of every
 incident; this cluster's keys only, one entry at a time) and hands what ``remediator.reconcile`` picks
 to the service, as if the change had just arrived. Openings found there count towards the circuit
-breaker first, so a mass event during the outage still trips it.
+breaker first, so a mass event during the outage still trips it. The waits it was in carry on where they
+were: the first budget refusal and the deferral deadline are kept in the guard state (``guards.GuardState``).
 """
 
 from __future__ import annotations
