@@ -9,6 +9,7 @@ from typing import Any
 
 from structlog.testing import capture_logs
 
+from breakfix.remediator.actuator import StepResult
 from breakfix.remediator.guards import BudgetSpec
 from breakfix.remediator.policy import Policy
 from breakfix.remediator.simcluster import SimCluster, SimNode
@@ -229,3 +230,39 @@ class TestPlansFollowAndMemory:
             job_ended.set()
             await h.until(lambda: "completed" in plans(h, "inc-remap"))
         assert c.nodes["n1"].gpu_resets == {2: 1} and c.nodes["n1"].reboots == 1
+
+
+class _NoAgentAnswer(SimCluster):
+    async def gpu_pods(self, node: str, gpu: int, *, incident: str) -> StepResult:
+        return StepResult(False, "node agent on n1 did not answer gpu_pods: TimeoutError")
+
+
+class TestMigGpuReset:
+    """A MIG GPU's reset destroys every instance on it: the pods on all of them move, the node's other GPUs keep
+    their work. Only when the node agent cannot say which pods those are does the whole node drain."""
+
+    def mig_node(self, cluster_type: type[SimCluster] = SimCluster) -> SimCluster:
+        pods = {"serve/a": 2, "serve/b": 2, "serve/c": 2, "ml/other-gpu": 5}
+        return cluster_type({"n1": SimNode("n1", labels={"nvidia.com/mig.config": "all-1g.10gb"}, pods=pods),
+                             **{f"n{i}": SimNode(f"n{i}") for i in range(2, 11)}})
+
+    async def test_only_the_pods_on_the_gpus_mig_instances_move(self, policy: Policy) -> None:
+        c = self.mig_node()
+        async with Harness(fast(policy, cooldown_s=0), c) as h:
+            await h.open(incident())  # XID 48 on gpu2: reset the GPU
+            await h.until(lambda: "completed" in plans(h, "inc-1"))
+        assert c.nodes["n1"].pods == {"ml/other-gpu": 5} and ("drain", "n1") not in c.history
+        assert c.nodes["n1"].gpu_resets == {2: 1}
+        drained = next(r for r in h.records() if r.action is StepAction.DRAIN_GPU
+                       and r.outcome is ActionOutcome.SUCCEEDED)
+        assert "every pod on its MIG instances: 3" in drained.reason
+
+    async def test_the_node_drains_when_the_agent_cannot_name_the_pods(self, policy: Policy) -> None:
+        c = self.mig_node(_NoAgentAnswer)
+        async with Harness(fast(policy, cooldown_s=0), c) as h:
+            await h.open(incident())
+            await h.until(lambda: "completed" in plans(h, "inc-1"))
+        assert ("drain", "n1") in c.history and c.nodes["n1"].pods == {}
+        drained = next(r for r in h.records() if r.action is StepAction.DRAIN_GPU
+                       and r.outcome is ActionOutcome.SUCCEEDED)
+        assert "MIG instances are not known" in drained.reason and "did not answer gpu_pods" in drained.reason

@@ -10,6 +10,10 @@ an allow-listed set of actions and nothing else:
   cleanly (the driver says so).
 - ``validate``: ``dcgmi diag -r <level> -j``, parsed into per-test outcomes (DCGM 3 and 4 JSON).
 - ``reboot``: the configured command (``systemctl reboot``), after the command is recorded.
+- ``gpu_pods`` (read-only): the pods holding a GPU or any of its MIG devices, from a fresh kubelet
+  PodResources ``List`` matched against the GPU's UUID and its MIG devices' UUIDs (``nvidia-smi -L``,
+  ``collectors.agent_pods``). The remediator asks before a MIG GPU's reset, so only those pods move.
+  Answered afresh every time: it is never stored under its id and has no rate limit.
 
 Before acting, every command passes ``collectors.agent_checks``: allow-list, node, every
 argument validated (GPU index in range or a GPU UUID, no shell metacharacters or option-like
@@ -41,6 +45,7 @@ from pydantic import ValidationError
 
 from breakfix.bus.clock import SYSTEM_CLOCK, Clock
 from breakfix.collectors.agent_checks import RateLimits, Refusal, fingerprint, gpu_target, refuse
+from breakfix.collectors.agent_pods import gpu_devices, parse_gpu_list
 from breakfix.collectors.kmsg_follow import read_boot_id
 from breakfix.schemas.agent import AgentAction, AgentCommand, AgentReply, DiagTest
 from breakfix.schemas.common import first_error
@@ -90,6 +95,7 @@ class Holders:
 
 
 BusyCheck = Callable[[str], Awaitable[Holders]]
+PodLister = Callable[[frozenset[str]], Awaitable[tuple[str, ...]]]  # device ids -> the pods holding any of them
 
 
 def nvidia_smi_busy(nvidia_smi: str = "nvidia-smi") -> BusyCheck:
@@ -130,7 +136,8 @@ class NodeAgent:
                  boot_id: Callable[[], str] = read_boot_id, timeout_s: float = 3600.0,
                  clock: Clock = SYSTEM_CLOCK, busy: BusyCheck | None = None,
                  gpu_count: Callable[[], int | None] = lambda: None, reboot_window_s: float = 3600.0,
-                 reset_window_s: float = 300.0, registry: CollectorRegistry | None = None) -> None:
+                 reset_window_s: float = 300.0, registry: CollectorRegistry | None = None,
+                 pods: PodLister | None = None) -> None:
         self.node = node
         self.clock = clock
         self.path = state_dir / "agent-commands.json"
@@ -142,6 +149,7 @@ class NodeAgent:
         self.boot_id = boot_id
         self.timeout_s = timeout_s
         self.busy = busy or nvidia_smi_busy(nvidia_smi)
+        self.pods = pods
         self.gpu_count = gpu_count
         self.done: dict[str, dict[str, object]] = self._load()
         last = _load_json(self.limits_path)
@@ -188,6 +196,8 @@ class NodeAgent:
         why = refuse(cmd, node=self.node, allow=self.allow, gpu_count=self.gpu_count())
         if why is not None:
             return self._refused(cmd, why)
+        if cmd.action is AgentAction.GPU_PODS:  # read-only: answered afresh, never stored under its id
+            return await self._gpu_pods(cmd)
         async with self._lock:  # one command at a time on a node
             prior = self.done.get(cmd.id)
             if prior is not None:
@@ -251,6 +261,26 @@ class NodeAgent:
         said = " ".join(ln.strip() for ln in out.splitlines() if ln.strip())[:400]
         return self._reply(cmd, ok, said or f"nvidia-smi rc={rc}", error="" if ok else f"failed: nvidia-smi rc={rc}",
                            evidence={"rc": str(rc), "persistence_mode_restored": str(persistence).lower()})
+
+    async def _gpu_pods(self, cmd: AgentCommand) -> AgentReply:
+        target = gpu_target(cmd)
+        if self.pods is None:
+            return self._reply(cmd, False, "this node's agent cannot list pods: agent.podresources_socket is unset",
+                               error="failed: no pod lister")
+        rc, listing = await run([self.nvidia_smi, "-L"], 60)
+        devices = gpu_devices(parse_gpu_list(listing), index=cmd.gpu_index, uuid=cmd.gpu_uuid) if rc == 0 \
+            else frozenset()
+        if not devices:
+            return self._reply(cmd, False, f"nvidia-smi -L does not list GPU {target} (rc={rc}): {listing[:200]}",
+                               error=f"failed: GPU {target} not listed")
+        try:
+            pods = await asyncio.wait_for(self.pods(devices), timeout=30.0)
+        except Exception as exc:  # the kubelet is away or answers badly: say so, the remediator drains the node
+            return self._reply(cmd, False, f"kubelet PodResources did not answer: {exc!r}"[:400],
+                               error="failed: kubelet PodResources")
+        mig = len(devices) - 1
+        detail = f"{len(pods)} pod(s) hold GPU {target}" + (f" and its {mig} MIG device(s)" if mig else "")
+        return self._reply(cmd, True, detail, evidence={"pods": ",".join(pods), "mig_devices": str(mig)})
 
     async def _validate(self, cmd: AgentCommand) -> AgentReply:
         scope = ["-i", str(cmd.gpu_index)] if cmd.gpu_index is not None else []  # one GPU after a single-GPU reset

@@ -73,8 +73,8 @@ def refuse(cmd: AgentCommand, *, node: str, allow: frozenset[AgentAction], gpu_c
             return Refusal("bad_argument", f"gpu_index {cmd.gpu_index} is outside this node's GPUs 0-{limit - 1}")
     if cmd.gpu_uuid is not None and cmd.gpu_index is not None:
         return Refusal("bad_argument", "name the GPU by index or by UUID, not both")
-    if cmd.action is AgentAction.RESET_GPU and gpu_target(cmd) is None:
-        return Refusal("bad_argument", "reset_gpu needs a GPU UUID or index")
+    if cmd.action in (AgentAction.RESET_GPU, AgentAction.GPU_PODS) and gpu_target(cmd) is None:
+        return Refusal("bad_argument", f"{cmd.action.value} needs a GPU UUID or index")
     if not 1 <= cmd.level <= 4:
         return Refusal("bad_argument", f"level {cmd.level} is not a dcgmi diag level (1-4)")
     return None

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from breakfix.bus.clock import Clock
 from breakfix.bus.protocol import Bus
-from breakfix.collectors.agent import BusyCheck, NodeAgent
+from breakfix.collectors.agent import BusyCheck, NodeAgent, PodLister
 from breakfix.collectors.config import CollectorConfig
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.daemon import CollectorDaemon, ServiceBus
@@ -64,10 +64,22 @@ def build_agent(config: CollectorConfig, ctx: NodeContext, *, clock: Clock, busy
         indices = [g.index for g in ctx.gpus_by_uuid.values() if g.index is not None]
         return max(indices) + 1 if indices else None
 
+    pods: PodLister | None = None
+    if a.podresources_socket is not None:  # gpu_pods: a fresh kubelet List, matched against the GPU's device ids
+        from breakfix.collectors.podresources import PodResourcesClient, gpu_holders
+
+        lister = PodResourcesClient(a.podresources_socket)
+        resource = config.sources.podresources.resource
+
+        async def holding(devices: frozenset[str]) -> tuple[str, ...]:
+            return gpu_holders(await lister.list(), devices, resource)
+
+        pods = holding
+
     return NodeAgent(config.node_name, config.state_dir, nvidia_smi=a.nvidia_smi, dcgmi=a.dcgmi,
                      reboot_cmd=a.reboot_command, allow=frozenset(AgentAction(x) for x in a.allow), clock=clock,
                      busy=busy, gpu_count=gpu_count, reboot_window_s=a.reboot_window_s,
-                     reset_window_s=a.reset_window_s, registry=registry)
+                     reset_window_s=a.reset_window_s, registry=registry, pods=pods)
 
 
 def build_collector(config: CollectorConfig, *, clock: Clock, bus: ServiceBus | None = None,

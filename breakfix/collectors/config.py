@@ -169,7 +169,7 @@ class AgentConfig(BaseModel):
 
     model_config = _STRICT
     enabled: bool = False
-    allow: tuple[str, ...] = ("reset_gpu", "validate", "reboot")
+    allow: tuple[str, ...] = ("reset_gpu", "validate", "reboot", "gpu_pods")
     nvidia_smi: str = "nvidia-smi"
     dcgmi: str = "dcgmi"
     reboot_command: tuple[str, ...] = ("systemctl", "reboot")
@@ -178,6 +178,10 @@ class AgentConfig(BaseModel):
                                    description="At most one reboot per node within this window (agent's own cap).")
     reset_window_s: float = Field(300.0, gt=0, allow_inf_nan=False,
                                   description="At most one reset per GPU within this window.")
+    podresources_socket: Path | None = Field(
+        Path("/var/lib/kubelet/pod-resources/kubelet.sock"),
+        description="The kubelet's PodResources socket for gpu_pods (which pods hold a GPU or its MIG devices); "
+                    "null on hosts without a kubelet: gpu_pods then fails and the remediator drains the node.")
 
 
 class TopologyFromNode(BaseModel):

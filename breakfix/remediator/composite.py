@@ -30,6 +30,7 @@ class ClusterActuator:
         self.reboot_wait_s = reboot_wait_s
         self.poll_s = poll_s
         self.clock = clock
+        self._asks = 0
 
     async def view(self) -> ClusterView:
         return await self.k8s.view()
@@ -42,6 +43,13 @@ class ClusterActuator:
 
     async def drain_gpu(self, node: str, gpu: int, *, incident: str, pods: tuple[str, ...] = ()) -> StepResult:
         return await self.k8s.drain_gpu(node, gpu, incident=incident, pods=pods)
+
+    async def gpu_pods(self, node: str, gpu: int, *, incident: str) -> StepResult:
+        """The node agent's answer (kubelet PodResources and nvidia-smi -L on the node); read-only, so each ask
+        gets its own key and a fresh answer."""
+        self._asks += 1
+        return await self.agent.call(node, AgentAction.GPU_PODS, key=f"{incident}:pods:{gpu}:{self._asks}",
+                                     incident=incident, gpu_index=gpu)
 
     async def gpu_idle(self, node: str, gpu: int, *, pods: tuple[str, ...] = ()) -> bool:
         """Idle when none of the GPU's known pods still runs on the node (its job ended)."""

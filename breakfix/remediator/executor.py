@@ -248,6 +248,20 @@ class Executor:
                            waiting=WaitingOn.HUMAN)
         return ActionOutcome.ESCALATED
 
+    async def _drain_mig(self, incident: Incident, node: str, gpu: int, named: tuple[str, ...]) -> StepResult:
+        """A MIG GPU's reset destroys all its instances: move the pods on every one of them (the node agent
+        names them), not only the incident's tenants. When the agent cannot say, drain the whole node."""
+        a, iid = self.actuator, incident.id
+        held = await a.gpu_pods(node, gpu, incident=iid)
+        if not held.ok:
+            drained = await a.drain(node, incident=iid)
+            return StepResult(drained.ok, f"{drained.detail}: the pods on gpu{gpu}'s MIG instances are not known "
+                                          f"({held.detail})", drained.evidence)
+        pods = tuple(dict.fromkeys([*named, *(x for x in held.evidence.get("pods", "").split(",") if x)]))
+        moved = await a.drain_gpu(node, gpu, incident=iid, pods=pods)
+        return StepResult(moved.ok, f"{moved.detail} (every pod on its MIG instances: {len(pods)})",
+                          {**moved.evidence, "mig_pods": str(len(pods))})
+
     async def _reset(self, incident: Incident, step: Step, node: str, gpu: int, key: str) -> StepResult:
         a, iid = self.actuator, incident.id
         first = await a.reset_gpu(node, gpu, incident=iid, key=key)
@@ -275,9 +289,9 @@ class Executor:
                 return StepResult(False, f"{step.action.value} needs a GPU index and the incident has none")
             case StepAction.DRAIN_GPU:
                 assert gpu_i is not None
-                if p.get("mig") is True:  # every MIG instance on the physical GPU goes with the reset
-                    return await a.drain(node, incident=iid)
                 pods = tuple(x for x in str(p.get("pods", "")).split(",") if x)
+                if p.get("mig") is True:  # every MIG instance on the physical GPU goes with the reset
+                    return await self._drain_mig(incident, node, gpu_i, pods)
                 return await a.drain_gpu(node, gpu_i, incident=iid, pods=pods)
             case StepAction.RESET_GPU:
                 assert gpu_i is not None

@@ -1,4 +1,4 @@
-"""The node-agent adapter: reset a GPU, run DCGM diagnostics, reboot, through the node's agent.
+"""The node-agent adapter: reset a GPU, run DCGM diagnostics, reboot, list a GPU's pods, through the node's agent.
 
 Sends ``schemas.agent.AgentCommand`` to ``breakfix.agent.<cluster>.<node>`` over NATS
 request/reply (``bus.protocol.Requester``) and turns the ``AgentReply`` into a ``StepResult``.
@@ -28,7 +28,7 @@ class NodeAgentClient:
         self.cluster = cluster
         self.clock = clock
         self.timeouts = {AgentAction.RESET_GPU: 300.0, AgentAction.VALIDATE: 3600.0, AgentAction.REBOOT: 120.0,
-                         **(timeouts or {})}
+                         AgentAction.GPU_PODS: 45.0, **(timeouts or {})}
 
     async def call(self, node: str, action: AgentAction, *, key: str, incident: str, gpu_uuid: str | None = None,
                    gpu_index: int | None = None, level: int = 2) -> StepResult:

@@ -99,6 +99,10 @@ class SimCluster:
     async def gpu_idle(self, node: str, gpu: int, *, pods: tuple[str, ...] = ()) -> bool:
         return not any(g == gpu for g in self._node(node).pods.values())
 
+    async def gpu_pods(self, node: str, gpu: int, *, incident: str) -> StepResult:
+        held = sorted(p for p, g in self._node(node).pods.items() if g == gpu)
+        return StepResult(True, f"{len(held)} pod(s) hold GPU {gpu}", {"pods": ",".join(held)})
+
     async def reset_gpu(self, node: str, gpu: int, *, incident: str, key: str = "") -> StepResult:
         if key and key in self.done:  # idempotent: a resumed plan gets the same answer, no second effect
             return self.done[key]

@@ -26,6 +26,7 @@ class AgentAction(StrEnum):
     RESET_GPU = "reset_gpu"
     VALIDATE = "validate"
     REBOOT = "reboot"
+    GPU_PODS = "gpu_pods"  # read-only: the pods that hold a GPU or any of its MIG instances (kubelet PodResources)
 
 
 class AgentCommand(BaseModel):

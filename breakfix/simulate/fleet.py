@@ -131,6 +131,9 @@ class SimFleet:
     async def gpu_idle(self, node: str, gpu: int, *, pods: tuple[str, ...] = ()) -> bool:
         return True  # the simulated fleet's jobs do not wait for deferred repairs
 
+    async def gpu_pods(self, node: str, gpu: int, *, incident: str) -> StepResult:
+        return StepResult(True, "one job per GPU", {"pods": ""})  # drain_gpu interrupts the GPU's job
+
     async def reset_gpu(self, node: str, gpu: int, *, incident: str, key: str = "") -> StepResult:
         i = node_index(node)
         if gpu >= self.gpn:

@@ -6,6 +6,12 @@ proto (``api.proto``, ``make proto``). ``gpu_tenants`` is pure: it turns a
 ``ListPodResourcesResponse`` into GPU UUID -> ``TenantRef`` (namespace, pod, container),
 stripping the time-slicing replica suffix (``GPU-...::3``) and keeping MIG device UUIDs. The
 daemon refreshes the map into the ``NodeContext`` so every GPU signal carries its tenant.
+``gpu_holders`` (also pure) names every pod holding any of a GPU's devices (its UUID, its MIG
+devices): what the node agent's ``gpu_pods`` answers, so a MIG GPU's reset moves only its pods.
+
+GPU devices are ``nvidia.com/gpu`` (whole GPUs, time-slicing replicas, or MIG devices under the
+device plugin's ``single`` strategy) and ``nvidia.com/mig-<profile>`` (``mixed`` strategy), and
+``gpu.nvidia.com`` DRA claims (reference: kubelet PodResources API, NVIDIA k8s-device-plugin).
 """
 
 from __future__ import annotations
@@ -19,6 +25,17 @@ from breakfix.schemas.common import TenantRef
 
 GPU_RESOURCE = "nvidia.com/gpu"
 DRA_DRIVER = "gpu.nvidia.com"
+MIG_RESOURCE_PREFIX = "nvidia.com/mig-"  # the device plugin's mixed strategy: nvidia.com/mig-1g.10gb, ...
+
+
+def _devices(c: api_pb2.ContainerResources, resource: str) -> list[str]:
+    """The GPU and MIG device UUIDs one container holds (replica suffixes stripped)."""
+    out = [device_id.split("::", 1)[0] for dev in c.devices
+           if dev.resource_name == resource or dev.resource_name.startswith(MIG_RESOURCE_PREFIX)
+           for device_id in dev.device_ids]
+    out += [claim.device_name for dyn in c.dynamic_resources for claim in dyn.claim_resources
+            if claim.driver_name == DRA_DRIVER and claim.device_name.startswith(("GPU-", "MIG-"))]
+    return out
 
 
 def gpu_tenants(resp: api_pb2.ListPodResourcesResponse, resource: str = GPU_RESOURCE) -> dict[str, TenantRef]:
@@ -26,16 +43,17 @@ def gpu_tenants(resp: api_pb2.ListPodResourcesResponse, resource: str = GPU_RESO
     for pod in resp.pod_resources:
         for c in pod.containers:
             tenant = TenantRef(namespace=pod.namespace, pod=pod.name, container=c.name)
-            for dev in c.devices:
-                if dev.resource_name != resource:
-                    continue
-                for device_id in dev.device_ids:
-                    out[device_id.split("::", 1)[0]] = tenant
-            for dyn in c.dynamic_resources:
-                for claim in dyn.claim_resources:
-                    if claim.driver_name == DRA_DRIVER and claim.device_name.startswith(("GPU-", "MIG-")):
-                        out[claim.device_name] = tenant
+            for device in _devices(c, resource):
+                out[device] = tenant
     return out
+
+
+def gpu_holders(resp: api_pb2.ListPodResourcesResponse, devices: frozenset[str],
+                resource: str = GPU_RESOURCE) -> tuple[str, ...]:
+    """Every pod (``namespace/pod``, sorted) with a container holding one of ``devices``: a GPU's UUID and its
+    MIG devices' UUIDs. Time-sliced replicas of one GPU are all named, not only the last."""
+    return tuple(sorted({f"{pod.namespace}/{pod.name}" for pod in resp.pod_resources for c in pod.containers
+                         if not devices.isdisjoint(_devices(c, resource))}))
 
 
 class PodResourcesClient:
