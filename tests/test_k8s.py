@@ -40,6 +40,7 @@ class Cluster:
         self.api = api_for(url)
         self.evictions: list[str] = []
         self.pdb_refusals: dict[str, int] = {}
+        self.lingering: set[str] = set()  # pods whose eviction is accepted but that keep terminating
 
     def obj(self, resource: str, ns: str | None, name: str) -> dict[str, Any]:
         return dict(self.k.objects[resource, ns, name])
@@ -70,6 +71,8 @@ class Cluster:
                     "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 429, "reason": "TooManyRequests",
                     "message": "Cannot evict pod as it would violate the pod's disruption budget."})
             self.evictions.append(key)
+            if key not in self.lingering:  # as the API server does: an accepted eviction deletes the pod
+                self.k.objects["v1/pods", ns, name].delete()
             return kmock.Response(status=201, payload={"kind": "Status", "apiVersion": "v1", "status": "Success",
                                                        "code": 201})
 
@@ -181,6 +184,37 @@ class TestDrain:
         act = KubernetesActuator(cluster.api, drain=DrainPolicy(parallel=8), clock=ManualClock(T0))
         result = await act.drain("n1", incident="inc-1")
         assert result.ok and len(cluster.evictions) == 40 and act.evictions == 40
+
+
+    async def test_a_drain_waits_for_its_evicted_pods_to_end_before_it_succeeds(self, cluster: Cluster) -> None:
+        """An accepted eviction only starts the pod's graceful termination; its processes hold the GPU until it
+        ends, so a reset right after the drain would find the GPU busy (kubectl drain waits the same way)."""
+        await cluster.add_node("n1")
+        await cluster.add_pod("ml", "w0", "n1")
+        await cluster.add_pod("ml", "slow", "n1")
+        cluster.lingering.add("ml/slow")  # terminating for a while after its eviction
+        act = KubernetesActuator(cluster.api, drain=DrainPolicy(retry_s=0.05, gone_timeout_s=10))
+
+        async def ends() -> None:
+            while "ml/slow" not in cluster.evictions:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)
+            cluster.k.objects["v1/pods", "ml", "slow"].delete()
+
+        ending = asyncio.create_task(ends(), name="test-pod-terminates")
+        result = await act.drain_gpu("n1", 2, incident="inc-1", pods=("ml/slow",))
+        await ending
+        assert result.ok, result.detail
+        assert len(cluster.k["list"]) >= 2, "it looked again until the pod was gone"
+
+    async def test_a_pod_that_outlives_the_wait_fails_the_drain_with_its_name(self, cluster: Cluster) -> None:
+        await cluster.add_node("n1")
+        await cluster.add_pod("ml", "stuck", "n1")
+        cluster.lingering.add("ml/stuck")
+        act = KubernetesActuator(cluster.api, drain=DrainPolicy(retry_s=0.05, gone_timeout_s=0.3))
+        result = await act.drain("n1", incident="inc-1")
+        assert not result.ok and "still terminating after 0.3s: ml/stuck" in result.detail
+        assert result.evidence["terminating"] == "1"
 
 
 class TestPodsEventsConditions:

@@ -133,7 +133,7 @@ class TestHoldsAndState:
 
     def test_state_round_trips_through_the_store_form(self) -> None:
         state = GuardState(holds={"n1": {"a": "why"}}, queued={"a": T0}, killed_codes={"xid:48"},
-                           budget_since={"a": T0}, defer_until={"b": T0 + timedelta(hours=4)})
+                           budget_since={"a@0": T0, "a@1": T0}, defer_until={"b@2": T0 + timedelta(hours=4)})
         state.finish("n1", "a", T0, inc())
         assert GuardState.from_dict(state.to_dict()) == state
         state.forget("a")

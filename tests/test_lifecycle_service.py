@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 from breakfix.remediator.actuator import StepResult
@@ -237,6 +238,11 @@ class _NoAgentAnswer(SimCluster):
         return StepResult(False, "node agent on n1 did not answer gpu_pods: TimeoutError")
 
 
+class _NoMigDevicesSeen(SimCluster):
+    async def gpu_pods(self, node: str, gpu: int, *, incident: str) -> StepResult:
+        return StepResult(True, "0 pod(s) hold GPU 2", {"pods": "", "mig_devices": "0"})
+
+
 class TestMigGpuReset:
     """A MIG GPU's reset destroys every instance on it: the pods on all of them move, the node's other GPUs keep
     their work. Only when the node agent cannot say which pods those are does the whole node drain."""
@@ -257,12 +263,16 @@ class TestMigGpuReset:
                        and r.outcome is ActionOutcome.SUCCEEDED)
         assert "every pod on its MIG instances: 3" in drained.reason
 
-    async def test_the_node_drains_when_the_agent_cannot_name_the_pods(self, policy: Policy) -> None:
-        c = self.mig_node(_NoAgentAnswer)
+    @pytest.mark.parametrize("cluster_type", [_NoAgentAnswer, _NoMigDevicesSeen], ids=["no-answer", "no-mig-devices"])
+    async def test_the_node_drains_when_the_agent_cannot_name_the_pods(self, policy: Policy,
+                                                                       cluster_type: type[SimCluster]) -> None:
+        c = self.mig_node(cluster_type)
         async with Harness(fast(policy, cooldown_s=0), c) as h:
             await h.open(incident())
             await h.until(lambda: "completed" in plans(h, "inc-1"))
         assert ("drain", "n1") in c.history and c.nodes["n1"].pods == {}
         drained = next(r for r in h.records() if r.action is StepAction.DRAIN_GPU
                        and r.outcome is ActionOutcome.SUCCEEDED)
-        assert "MIG instances are not known" in drained.reason and "did not answer gpu_pods" in drained.reason
+        assert "MIG instances are not known" in drained.reason
+        why = "did not answer gpu_pods" if cluster_type is _NoAgentAnswer else "lists no MIG device"
+        assert why in drained.reason

@@ -258,6 +258,28 @@ class TestRestartTakesUpUnplannedIncidents:
         assert "waited 150s for remediation budget (limit 100s)" in after[0].reason, \
             "the first refusal after the restart goes to a human: the wait did not start over"
 
+    async def test_a_reopened_incident_waits_for_budget_afresh(self, policy: Policy) -> None:
+        from breakfix.remediator.guards import BudgetSpec
+        from breakfix.schemas.incident import IncidentStatus
+
+        full = {"budget": BudgetSpec(max_nodes=0, max_percent=0), "topology_budgets": (), "cooldown_s": 0}
+        clock = ManualClock(T0)
+        async with Harness(fast(policy, **full, budget_wait_s=10000.0), clock=clock) as h:
+            inc = incident()
+            await h.open(inc)
+            await h.until(lambda: any(r.details.get("guard") == "budget" for r in h.records()))
+            await h.open(inc.model_copy(update={"status": IncidentStatus.RESOLVED, "version": 2,
+                                                "resolved_at": clock.now()}), ChangeKind.RESOLVED)
+            await h.until(lambda: "inc-1" not in h.svc.tasks)
+            clock.advance(20000)
+            n = len(h.records())
+            await h.open(inc.model_copy(update={"version": 3, "flaps": 1, "last_seen": clock.now()}),
+                         ChangeKind.REOPENED)
+            await h.until(lambda: any(r.details.get("guard") == "budget" for r in h.records()[n:]))
+            first = next(r for r in h.records()[n:] if r.details.get("guard") == "budget")
+        assert first.waiting is WaitingOn.BUDGET and "waited" not in first.reason, \
+            "the flap before ended its wait; this one starts its own"
+
     async def test_a_deferred_repair_keeps_its_deadline_across_a_restart(self, policy: Policy) -> None:
         async def busy(node: str, gpu: int, *, pods: tuple[str, ...] = ()) -> bool:
             return False  # the job on the GPU never ends: only the deadline lets the repair run

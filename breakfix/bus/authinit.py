@@ -17,11 +17,25 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import nkeys
 
 from breakfix.bus import tls
-from breakfix.bus.nkeyjwt import Key, account_jwt, creds_text, operator_jwt, scoped_signing_key, user_jwt
+from breakfix.bus.nkeyjwt import (
+    CredsError,
+    Key,
+    account_jwt,
+    creds_text,
+    encode_jwt,
+    jwt_claims,
+    operator_jwt,
+    scoped_signing_key,
+    user_jwt,
+)
 from breakfix.bus.permissions import ROLES, role_template
 from breakfix.schemas import subjects
 
@@ -124,39 +138,65 @@ def init_bus(root: Path, *, cluster: str, hosts: tuple[str, ...] = ("localhost",
     return conf
 
 
+def _atomic(path: Path, text: str) -> None:
+    """Replace ``path`` whole (a crash leaves the old file or the new one, never half of one), mode kept."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.chmod(path.stat().st_mode & 0o777)
+    os.replace(tmp, path)
+
+
 def refresh_roles(root: Path) -> Path:
     """Re-sign the cluster's account with this version's role permissions (``breakfix bus roles``), keeping
     every key, so every issued credential stays valid; a role this version added gets its signing key.
 
-    Only the account's entry in ``nats-server.conf``'s ``resolver_preload`` changes (listen address, TLS and
-    store stay as written); returns the config's path. nats-server applies it on a reload or restart.
+    The account's other claims are carried over from the JWT in ``nats-server.conf`` (revocations, limits an
+    operator tuned): only its role signing keys and their templates change. Only the account's entry in
+    ``resolver_preload`` is rewritten (listen address, TLS and store stay as written), atomically; returns the
+    config's path. nats-server applies it on a reload or restart.
     """
     root = root.resolve()
     conf = root / "nats-server.conf"
     if not (root / META).is_file() or not conf.is_file():
         raise BusAuthError(f"{root / META} or {conf} not found; run 'breakfix bus init --dir {root}' first")
-    meta = json.loads((root / META).read_text())
     keys = root / "keys"
-    operator = Key.from_seed((keys / "operator.nk").read_text())
-    account = Key.from_seed((keys / "account.nk").read_text())
-    if account.public != meta.get("account"):
-        raise BusAuthError(f"{keys / 'account.nk'} is not the account {root / META} names")
-    signers: dict[str, Key] = {}
-    for role in ROLES:
-        path = keys / f"role-{role}.nk"
-        if not path.is_file():  # a role added since 'bus init': its users are issued after this
-            _secret(path, Key.new("account").seed + "\n")
-        signers[role] = Key.from_seed(path.read_text())
-    token = _cluster_account(account, meta["cluster"], operator, signers)
+    try:
+        meta = json.loads((root / META).read_text())
+        cluster, account_pub, operator_pub = str(meta["cluster"]), meta["account"], meta["operator"]
+        operator = Key.from_seed((keys / "operator.nk").read_text())
+        account = Key.from_seed((keys / "account.nk").read_text())
+    except (ValueError, KeyError, TypeError, nkeys.NkeysError) as exc:
+        raise BusAuthError(f"{root}: not a bus written by 'breakfix bus init' ({type(exc).__name__}: {exc})") from None
+    if (operator.public, account.public) != (operator_pub, account_pub):
+        raise BusAuthError(f"{keys}: the operator or account key is not the one {root / META} names")
     entry = f"  {account.public}: "
     lines = conf.read_text().splitlines(keepends=True)
     at = [i for i, line in enumerate(lines) if line.startswith(entry)]
     if len(at) != 1:
         raise BusAuthError(f"{conf}: no single resolver_preload entry for account {account.public}")
+    try:
+        current = jwt_claims(json.loads(lines[at[0]][len(entry):]))
+    except (ValueError, CredsError) as exc:
+        raise BusAuthError(f"{conf}: the account's entry is not a JWT: {exc}") from None
+    fresh: dict[str, Key] = {}  # roles added since 'bus init': written only once everything else checked out
+    signers: dict[str, Key] = {}
+    for role in ROLES:
+        path = keys / f"role-{role}.nk"
+        if path.is_file():
+            signers[role] = Key.from_seed(path.read_text())
+        else:
+            signers[role] = fresh[role] = Key.new("account")
+    claims = jwt_claims(_cluster_account(account, cluster, operator, signers))
+    raw = current.get("nats")
+    kept: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    nats = {**claims["nats"], **kept, "signing_keys": claims["nats"]["signing_keys"]}  # revocations etc. stay
+    token = encode_jwt({"sub": account.public, "name": current.get("name", cluster), "nats": nats}, operator)
+    for role, key in fresh.items():
+        _secret(keys / f"role-{role}.nk", key.seed + "\n")
     lines[at[0]] = f"{entry}{_conf_str(token)}\n"
-    conf.write_text("".join(lines))
+    _atomic(conf, "".join(lines))
     meta["signing_keys"] = {r: k.public for r, k in signers.items()}
-    (root / META).write_text(json.dumps(meta, indent=2) + "\n")
+    _atomic(root / META, json.dumps(meta, indent=2) + "\n")
     return conf
 
 

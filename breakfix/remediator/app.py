@@ -64,7 +64,8 @@ async def build_remediator(config: RemediatorConfig, *, bus: Bus, clock: Clock, 
         api = load_api(kubeconfig=kubeconfig or k.kubeconfig, context=k.context, host=k.host,
                        token_file=k.token_file, verify_ssl=k.verify_ssl, in_cluster=k.in_cluster)
         k8s = KubernetesActuator(api, drain=DrainPolicy(default=k.drain_default, namespaces=k.drain_namespaces,
-                                                        timeout_s=k.drain_timeout_s, parallel=k.drain_parallel),
+                                                        timeout_s=k.drain_timeout_s, parallel=k.drain_parallel,
+                                                        gone_timeout_s=k.drain_gone_timeout_s),
                                  clock=clock)
         actuator = ClusterActuator(k8s, NodeAgentClient(bus, config.cluster, clock.now),  # type: ignore[arg-type]
                                    ProviderHook(config.provider_url, clock=clock) if config.provider_url else None,

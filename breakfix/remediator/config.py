@@ -30,6 +30,8 @@ class KubernetesConfig(BaseModel):
     drain_namespaces: dict[str, DrainMode] = Field(default_factory=dict)
     drain_timeout_s: float = Field(600.0, gt=0)
     drain_parallel: int = Field(16, ge=1, le=256)
+    drain_gone_timeout_s: float = Field(300.0, ge=0, description="After the evictions, how long a drain waits for "
+                                        "the evicted pods to end (their grace period) before it fails; 0: no wait")
 
 
 class LeaseConfig(BaseModel):

@@ -37,6 +37,7 @@ class DrainPolicy:
     timeout_s: float = 600.0
     parallel: int = 16
     retry_s: float = 5.0
+    gone_timeout_s: float = 300.0  # then wait for the evicted pods to be gone (their grace period); 0: do not wait
 
 
 @dataclass(frozen=True, slots=True)

@@ -253,6 +253,8 @@ class Executor:
         names them), not only the incident's tenants. When the agent cannot say, drain the whole node."""
         a, iid = self.actuator, incident.id
         held = await a.gpu_pods(node, gpu, incident=iid)
+        if held.ok and held.evidence.get("mig_devices") == "0":  # the agent saw no MIG device on a MIG GPU
+            held = StepResult(False, f"the node agent lists no MIG device on gpu{gpu} ({held.detail})")
         if not held.ok:
             drained = await a.drain(node, incident=iid)
             return StepResult(drained.ok, f"{drained.detail}: the pods on gpu{gpu}'s MIG instances are not known "

@@ -148,8 +148,9 @@ class GuardState:
     queued: dict[str, datetime] = field(default_factory=dict)       # incident -> first_seen, held by the breaker
     killed_rules: set[str] = field(default_factory=set)             # run-time kill switches (audited)
     killed_codes: set[str] = field(default_factory=set)
-    # waits that outlive a restart or a change of leader: when a budget first refused an incident (budget_wait_s
-    # counts from there) and the deadline of its deferred repair; dropped when the remediator forgets the incident
+    # waits that outlive a restart or a change of leader, keyed ``<incident>@<flaps>`` (``wait_key``: a reopened
+    # incident waits afresh): when a budget first refused it (budget_wait_s counts from there) and the deadline of
+    # its deferred repair; dropped when the remediator forgets the incident, or pruned once no wait can be left
     budget_since: dict[str, datetime] = field(default_factory=dict)
     defer_until: dict[str, datetime] = field(default_factory=dict)
     # derived from the lists above and extended as they grow (a replaced or shortened list is read again): retry
@@ -222,8 +223,10 @@ class GuardState:
             else Fault(at)
 
     def end_waits(self, incident: str) -> None:
-        self.budget_since.pop(incident, None)
-        self.defer_until.pop(incident, None)
+        """Drop every wait of ``incident`` (all its flaps)."""
+        for waits in (self.budget_since, self.defer_until):
+            for key in [k for k in waits if k.rpartition("@")[0] == incident]:
+                del waits[key]
 
     def forget(self, incident: str) -> None:
         """An incident the remediator no longer tracks: drop its holds, budget slot, queue place and waits."""
@@ -286,6 +289,11 @@ class GuardState:
                    killed_rules=set(d.get("killed_rules", [])), killed_codes=set(d.get("killed_codes", [])),
                    budget_since={i: dt(t) for i, t in d.get("budget_since", {}).items()},
                    defer_until={i: dt(t) for i, t in d.get("defer_until", {}).items()})
+
+
+def wait_key(incident: Incident) -> str:
+    """Where an incident's waits are kept: per flap, so a reopened incident never inherits an old deadline."""
+    return f"{incident.id}@{incident.flaps}"
 
 
 def _gpu_of(step: Step) -> int | None:

@@ -252,7 +252,32 @@ class KubernetesActuator:
         if failed:
             return StepResult(False, f"{len(failed)} of {len(pods)} pods on {node} not moved: {failed[0]}",
                               {"evicted": str(len(pods) - len(failed)), "blocked": str(len(failed))})
+        evicted = {f"{ns}/{name}" for (ns, name), (_, why) in zip(pods, results, strict=True)
+                   if why.startswith("evicted")}
+        left = await self._until_gone(node, evicted)
+        if left:
+            return StepResult(False, f"{len(left)} of {len(evicted)} evicted pods on {node} still terminating after "
+                                     f"{self.drain_policy.gone_timeout_s:g}s: {sorted(left)[0]}",
+                              {"evicted": str(len(pods)), "terminating": str(len(left))})
         return StepResult(True, f"evicted {len(pods)} pods from {node}", {"evicted": str(len(pods))})
+
+    async def _until_gone(self, node: str, evicted: set[str]) -> set[str]:
+        """Wait until the evicted pods have left the node (deleted, or ended), as ``kubectl drain`` does: an
+        accepted eviction only starts a pod's graceful termination, and its processes hold the GPU until it
+        ends, so a reset right after would find the GPU busy. Returns the pods still there at the deadline."""
+        wait = self.drain_policy.gone_timeout_s
+        if not evicted or wait <= 0:
+            return set()
+        deadline = self.clock.monotonic() + wait
+        while True:
+            doc = await self._raw(self.core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={node}")
+            left = {f"{m.get('namespace', '')}/{m.get('name', '')}" for p in doc.get("items") or []
+                    if (p.get("spec") or {}).get("nodeName") == node
+                    and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+                    for m in (_meta(p),)} & evicted
+            if not left or self.clock.monotonic() >= deadline:
+                return left
+            await self.sleep(min(self.drain_policy.retry_s, 2.0, max(0.0, deadline - self.clock.monotonic())))
 
     async def drain(self, node: str, *, incident: str) -> StepResult:
         return await self._drain(node, [(p.namespace, p.name) for p in await self._pods_on(node)])

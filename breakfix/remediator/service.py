@@ -34,7 +34,7 @@ from breakfix.remediator.breaker import fence, page_breaker, page_stale_hold
 from breakfix.remediator.decisions import Decisions
 from breakfix.remediator.executor import Executor
 from breakfix.remediator.follow import deferral, needs_node, recurrence, redecision, undefer
-from breakfix.remediator.guards import GPU_ACTIONS, GuardState, Refusal, check, step_check
+from breakfix.remediator.guards import GPU_ACTIONS, GuardState, Refusal, check, step_check, wait_key
 from breakfix.remediator.keeper import GuardKeeper
 from breakfix.remediator.leading import Elector, lead
 from breakfix.remediator.locks import KeyedLocks
@@ -250,8 +250,9 @@ class RemediatorService:
         self.cordoned.discard(iid)
         self.deferred.discard(iid)
         self.decisions.forget(iid)
-        if iid in self.guards.budget_since or iid in self.guards.defer_until:
-            self.guards.end_waits(iid)
+        waits = len(self.guards.budget_since) + len(self.guards.defer_until)
+        self.guards.end_waits(iid)
+        if waits != len(self.guards.budget_since) + len(self.guards.defer_until):
             self.keeper.save()
         self.taken_up.pop(iid, None)
         if inc is not None and inc.status is IncidentStatus.RESOLVED:
@@ -314,9 +315,9 @@ class RemediatorService:
                 return False
             first = self.decisions.plan(inc, await self._view(), self.policy)
             if inc.id not in self.deferred and (early := deferral(first)) is not None:  # outside the node lock
-                until = self.guards.defer_until.get(inc.id)  # set before a restart: the same deadline
+                until = self.guards.defer_until.get(wait_key(inc))  # set before a restart: the same deadline
                 if until is None:
-                    until = self.guards.defer_until[inc.id] = self.clock.now() + timedelta(seconds=early[1])
+                    until = self.guards.defer_until[wait_key(inc)] = self.clock.now() + timedelta(seconds=early[1])
                     self.keeper.save()
                 await self.executor.wait_idle(inc, first, attempt, early[0], until)
                 self.deferred.add(inc.id)
@@ -347,7 +348,7 @@ class RemediatorService:
             refusal = check(inc, plan, self.guards, view, self.policy.guards, self.clock.now())
             if refusal is not None and live:
                 return await self._refused(inc, plan, refusal, attempt)
-        if self.guards.budget_since.pop(inc.id, None) is not None:
+        if self.guards.budget_since.pop(wait_key(inc), None) is not None:
             self.keeper.save()
         self.guards.queued.pop(inc.id, None)
         return await self._run(inc, plan, attempt, progress, held)
@@ -356,7 +357,7 @@ class RemediatorService:
         now = self.clock.now()
         reason = refusal.reason
         if refusal.guard in ("budget", "topology_budget"):
-            since = self.guards.budget_since.setdefault(inc.id, now)  # kept across restarts (guard state)
+            since = self.guards.budget_since.setdefault(wait_key(inc), now)  # kept across restarts (guard state)
             if since == now:
                 self.keeper.save()
             waited = (now - since).total_seconds()

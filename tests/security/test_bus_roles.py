@@ -99,6 +99,41 @@ def test_bus_roles_keeps_every_key_and_the_servers_settings(tmp_path: Path) -> N
     assert len(changed) <= 1 and '"0.0.0.0:4333"' in after, "only the account's preload entry may change"
 
 
+def test_bus_roles_keeps_revocations_and_limits_an_operator_set(tmp_path: Path) -> None:
+    from breakfix.bus.nkeyjwt import Key, encode_jwt, jwt_claims
+
+    conf = init_bus(tmp_path / "bus", cluster="c1", monitor_port=0, now=NOW)
+    root = tmp_path / "bus"
+    meta = json.loads((root / "bus.json").read_text())
+    operator = Key.from_seed((root / "keys" / "operator.nk").read_text())
+    entry = f"  {meta['account']}: "
+    lines = conf.read_text().splitlines(keepends=True)
+    i = next(n for n, line in enumerate(lines) if line.startswith(entry))
+    claims = jwt_claims(json.loads(lines[i][len(entry):]))
+    revoked = {"UABC123STOLENNODE": 1795000000}
+    claims["nats"]["revocations"] = revoked  # a stolen node's credential, revoked by an operator
+    claims["nats"]["limits"]["conn"] = 5000
+    lines[i] = f"{entry}{json.dumps(encode_jwt(claims, operator))}\n"
+    conf.write_text("".join(lines))
+
+    refresh_roles(root)
+    after = next(line for line in conf.read_text().splitlines() if line.startswith(entry))
+    nats = jwt_claims(json.loads(after[len(entry):]))["nats"]
+    assert nats["revocations"] == revoked and nats["limits"]["conn"] == 5000
+    assert {k["role"] for k in nats["signing_keys"]} == set(authinit.ROLES)
+
+
+def test_bus_roles_refuses_keys_that_are_not_the_bus_s(tmp_path: Path) -> None:
+    init_bus(tmp_path / "bus", cluster="c1", monitor_port=0, now=NOW)
+    other = tmp_path / "other"
+    init_bus(other, cluster="c1", monitor_port=0, now=NOW)
+    (tmp_path / "bus" / "keys" / "operator.nk").write_text((other / "keys" / "operator.nk").read_text())
+    before = (tmp_path / "bus" / "nats-server.conf").read_text()
+    with pytest.raises(BusAuthError, match="not the one"):
+        refresh_roles(tmp_path / "bus")
+    assert (tmp_path / "bus" / "nats-server.conf").read_text() == before
+
+
 def test_bus_roles_on_a_directory_without_a_bus_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(BusAuthError, match="bus init"):
         refresh_roles(tmp_path / "nothing")
