@@ -158,6 +158,7 @@ class NodeAgent:
         self.refusals = Counter("breakfix_agent_refusals", "Node-agent commands refused, by reason", ["reason"],
                                 registry=registry if registry is not None else CollectorRegistry())
         self._lock = asyncio.Lock()
+        self._queries = asyncio.Lock()  # read-only gpu_pods, apart from the acting commands' lock
 
     def _load(self) -> dict[str, dict[str, object]]:
         data = _load_json(self.path)
@@ -267,14 +268,19 @@ class NodeAgent:
         if self.pods is None:
             return self._reply(cmd, False, "this node's agent cannot list pods: agent.podresources_socket is unset",
                                error="failed: no pod lister")
-        rc, listing = await run([self.nvidia_smi, "-L"], 60)
+        async with self._queries:  # one at a time: a hung driver must not pile up nvidia-smi processes
+            return await self._gpu_pods_now(cmd, target)
+
+    async def _gpu_pods_now(self, cmd: AgentCommand, target: str | None) -> AgentReply:
+        assert self.pods is not None
+        rc, listing = await run([self.nvidia_smi, "-L"], 15)  # within the remediator's 45 s wait, with the List
         devices = gpu_devices(parse_gpu_list(listing), index=cmd.gpu_index, uuid=cmd.gpu_uuid) if rc == 0 \
             else frozenset()
         if not devices:
             return self._reply(cmd, False, f"nvidia-smi -L does not list GPU {target} (rc={rc}): {listing[:200]}",
                                error=f"failed: GPU {target} not listed")
         try:
-            pods = await asyncio.wait_for(self.pods(devices), timeout=30.0)
+            pods = await asyncio.wait_for(self.pods(devices), timeout=20.0)
         except Exception as exc:  # the kubelet is away or answers badly: say so, the remediator drains the node
             return self._reply(cmd, False, f"kubelet PodResources did not answer: {exc!r}"[:400],
                                error="failed: kubelet PodResources")
