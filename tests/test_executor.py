@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 
 from breakfix.bus.clock import ManualClock
+from breakfix.remediator.actuator import StepResult
 from breakfix.remediator.decide import decide
 from breakfix.remediator.executor import Executor
 from breakfix.remediator.policy import Policy
@@ -91,6 +92,18 @@ class TestExecutor:
         assert outcome is ActionOutcome.REFUSED, "the last rung (reprovision) waits for a human's approval"
         assert "return_to_service:succeeded" not in h.outcomes()
         assert h.cluster.nodes["n1"].cordoned, "node stays cordoned for a human"
+
+    async def test_an_escalation_whose_node_marks_fail_still_pages_and_says_so(self, policy: Policy) -> None:
+        class Refusing(SimCluster):
+            async def escalate(self, node: str | None, summary: str, *, incident: str) -> StepResult:
+                raise RuntimeError("HTTP 422: event namespace does not match")
+
+        h = Harness(Refusing({"n1": SimNode("n1", pods={"a/p0": 2})}, failing_validation={"n1"}))
+        inc = incident("gpu_suspect")
+        assert await h.executor.run(inc, decide(inc, await h.cluster.view(), policy)) is ActionOutcome.ESCALATED
+        esc = next(r for r in h.records if r.action is StepAction.ESCALATE)
+        assert esc.waiting is WaitingOn.HUMAN and "were not written" in esc.reason and "HTTP 422" in esc.reason
+        assert h.records[-1].kind is ActionKind.PLAN and h.records[-1].outcome is ActionOutcome.ESCALATED
 
     async def test_single_rung_failure_escalates_with_rma_summary(self, policy: Policy) -> None:
         h = Harness(cluster(failing_validation={"n1"}))
@@ -234,7 +247,7 @@ class TestLifecycleExecution:
         mig = {**N1, "mig": True}
         plan = plan_of(Step(action=StepAction.DRAIN_GPU, params=mig), Step(action=StepAction.RESET_GPU, params=mig))
         assert await h.executor.run(incident("gpu_reset_required"), plan) is ActionOutcome.COMPLETED
-        assert h.cluster.nodes["n1"].pods == {}, "every pod that may hold an instance moved"
+        assert h.cluster.nodes["n1"].pods == {"a/p1": 5}, "every pod on the GPU's instances moved, gpu5's stayed"
         assert all("must be recreated" in r.details["mig"] for r in h.records if r.action is StepAction.RESET_GPU)
 
     async def test_the_soak_is_published_as_a_waiting_state(self) -> None:

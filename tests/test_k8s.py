@@ -231,6 +231,30 @@ class TestPodsEventsConditions:
         assert {"type": "GPUHealthy", "status": "False", "reason": "XidCritical"}.items() <= conds[-1].items()
 
 
+    async def test_gpu_condition_is_one_strategic_merge_entry_beside_the_kubelets(self, cluster: Cluster) -> None:
+        """Node conditions merge on ``type``: the patch carries GPUHealthy alone, so the kubelet's conditions are
+        never read and written back (their times would have to survive a round trip the API server is strict on)."""
+        from kubernetes import client
+        await cluster.add_node("n1")
+        ready = {"type": "Ready", "status": "True", "reason": "KubeletReady",
+                 "lastHeartbeatTime": "2026-11-23T00:00:00Z", "lastTransitionTime": "2026-11-22T00:00:00Z"}
+        await asyncio.to_thread(client.CoreV1Api(cluster.api).patch_node_status, "n1",
+                                {"status": {"conditions": [ready]}}, _content_type="application/merge-patch+json")
+        act = KubernetesActuator(cluster.api, clock=ManualClock(T0))
+        assert (await act.set_gpu_condition("n1", True, "Validated", "DCGM diag r2 passed")).ok
+        sent = [r for r in cluster.k["patch"] if r.url.path.endswith("/nodes/n1/status")][-1]
+        assert sent.headers["Content-Type"] == "application/strategic-merge-patch+json"
+        assert [c["type"] for c in sent.data["status"]["conditions"]] == ["GPUHealthy"]
+        assert sent.data["status"]["conditions"][0]["lastTransitionTime"] == "2026-11-23T12:00:00Z"
+
+    async def test_an_event_about_a_node_is_created_where_the_api_server_takes_it(self, cluster: Cluster) -> None:
+        await cluster.add_node("n1")
+        act = KubernetesActuator(cluster.api, clock=ManualClock(T0))
+        assert (await act.event("breakfix", "Node", "n1", "BreakfixEscalated", "RMA gpu2", incident="inc-1")).ok
+        (key, ev), = [(k, o) for k, o in cluster.k.objects.items() if k[0] == "v1/events"]
+        assert key[1] == "default" and ev["involvedObject"] == {"kind": "Node", "name": "n1", "namespace": ""}
+
+
 class TestLeaderElection:
     async def test_one_leader_until_its_lease_expires(self, cluster: Cluster) -> None:
         now = [datetime(2026, 11, 23, tzinfo=UTC)]

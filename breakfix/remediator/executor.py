@@ -238,12 +238,16 @@ class Executor:
         """The node stays as it is (cordoned when a rung cordoned it) and a human gets the RMA line."""
         summary = f"{why}; {rma_summary(incident)}"
         esc = Step(action=StepAction.ESCALATE, params={"node": incident.node or ""})
-        await self.actuator.escalate(incident.node, summary, incident=incident.id)
+        marks = ""
+        try:  # the node's marks (condition, event) are best effort: the records and the page below must go out
+            await self.actuator.escalate(incident.node, summary, incident=incident.id)
+        except Exception as exc:
+            marks = f" (the node's GPUHealthy condition and event were not written: {exc!r}"[:300] + ")"
         prog.state = ProgressState.ESCALATED
         await save(prog)
         # index None: the escalation that closes the ladder, not one of a rung's steps
         await self._record(incident, plan, attempt, ActionKind.STEP, ActionOutcome.SUCCEEDED, step=esc,
-                           index=None, rung=max(0, prog.rung - 1), reason=summary, waiting=WaitingOn.HUMAN)
+                           index=None, rung=max(0, prog.rung - 1), reason=summary + marks, waiting=WaitingOn.HUMAN)
         await self._record(incident, plan, attempt, ActionKind.PLAN, ActionOutcome.ESCALATED, reason=summary,
                            waiting=WaitingOn.HUMAN)
         return ActionOutcome.ESCALATED

@@ -42,6 +42,8 @@ OWNER = "breakfix.io/cordoned-by"
 INCIDENT = "breakfix.io/incident"
 ME = "breakfix"
 MERGE = "application/merge-patch+json"
+STRATEGIC = "application/strategic-merge-patch+json"
+NODE_EVENT_NAMESPACE = "default"  # events about a cluster-scoped object: the API server takes them only here
 __all__ = ["DrainMode", "DrainPolicy", "KubernetesActuator", "api_for"]
 
 
@@ -301,6 +303,8 @@ class KubernetesActuator:
 
     async def event(self, namespace: str, kind: str, name: str, reason: str, message: str, *,
                     incident: str, warning: bool = True) -> StepResult:
+        if kind == "Node":  # an event about a cluster-scoped object lives in "default" (or ""), else the API
+            namespace = NODE_EVENT_NAMESPACE  # server refuses it: involvedObject.namespace does not match
         ev = {"apiVersion": "v1", "kind": "Event",
               "metadata": {"generateName": "breakfix-", "namespace": namespace, "labels": {INCIDENT: incident}},
               "involvedObject": {"kind": kind, "name": name, "namespace": namespace if kind != "Node" else ""},
@@ -316,16 +320,11 @@ class KubernetesActuator:
                                 incident=incident)
 
     async def set_gpu_condition(self, node: str, healthy: bool, reason: str, message: str) -> StepResult:
+        """``GPUHealthy`` on the node's status, as a strategic merge patch: node conditions merge on ``type``, so
+        the kubelet's own conditions are neither read nor written back (no race with its heartbeats)."""
         cond = {"type": "GPUHealthy", "status": "True" if healthy else "False", "reason": reason,
                 "message": message[:500], "lastTransitionTime": _stamp(self.clock.now()),
                 "lastHeartbeatTime": _stamp(self.clock.now())}
-        n = await self._call(self.core.read_node_status, node)
-        others = [c.to_dict() for c in ((n.status.conditions or []) if n.status else []) if c.type != "GPUHealthy"]
-        others = [{k: v for k, v in c.items() if v is not None} for c in others]
-        for c in others:  # the client's snake_case back to the API's names
-            for a, b in (("last_heartbeat_time", "lastHeartbeatTime"), ("last_transition_time", "lastTransitionTime")):
-                if a in c:
-                    c[b] = str(c.pop(a))
-        await self._call(self.core.patch_node_status, node, {"status": {"conditions": [*others, cond]}},
-                         _content_type=MERGE)
+        await self._call(self.core.patch_node_status, node, {"status": {"conditions": [cond]}},
+                         _content_type=STRATEGIC)
         return StepResult(True, f"{node} GPUHealthy={cond['status']}")
