@@ -195,6 +195,32 @@ class TestLifecycleExecution:
         assert reset.reason.startswith("busy:") and reset.details["drained_for_busy"] == "true"
         assert h.cluster.nodes["n1"].reboots == 0 and h.cluster.nodes["n1"].gpu_resets == {2: 1}
 
+    async def test_a_job_that_landed_on_the_gpu_moves_and_the_node_keeps_its_other_work(self, policy: Policy) -> None:
+        class Landing(SimCluster):
+            """The scheduler puts a new job on the GPU right after its pods were drained."""
+
+            landed = False
+
+            async def drain_gpu(self, node: str, gpu: int, *, incident: str, pods: tuple[str, ...] = ()) -> StepResult:
+                done = await super().drain_gpu(node, gpu, incident=incident, pods=pods)
+                if not self.landed:
+                    self.landed = True
+                    self.nodes[node].pods["b/late"] = gpu
+                return done
+
+            async def reset_gpu(self, node: str, gpu: int, *, incident: str, key: str = "") -> StepResult:
+                if any(g == gpu for g in self.nodes[node].pods.values()):
+                    return StepResult(False, f"busy: GPU {gpu} on {node} is held by 1 process(es): 77, python3",
+                                      {"error": f"busy: GPU {gpu} on {node} is held by 1 process(es)"})
+                return await super().reset_gpu(node, gpu, incident=incident, key=key)
+
+        h = Harness(Landing({"n1": SimNode("n1", pods={"a/p0": 2, "a/p1": 5})}))
+        inc = incident("gpu_reset_required")
+        assert await h.executor.run(inc, decide(inc, await h.cluster.view(), policy)) is ActionOutcome.COMPLETED
+        reset = next(r for r in h.records if r.action is StepAction.RESET_GPU and r.outcome is ActionOutcome.SUCCEEDED)
+        assert reset.details["drained_gpu_for_busy"] == "true" and "moved the pods holding gpu2" in reset.reason
+        assert h.cluster.nodes["n1"].pods == {"a/p1": 5} and ("drain", "n1") not in h.cluster.history
+
     async def test_return_to_service_keeps_the_node_cordoned_while_another_incident_holds_it(self, policy: Policy
                                                                                               ) -> None:
         c = cluster()

@@ -273,7 +273,16 @@ class Executor:
         first = await a.reset_gpu(node, gpu, incident=iid, key=key)
         if first.ok or not first.evidence.get("error", first.detail).startswith(BUSY):
             return first
-        # processes still hold the GPU (pods the incident did not name): the node is fenced, move them, try again
+        # processes still hold the GPU (pods the incident did not name, a job that landed while the repair waited):
+        # the node is fenced; move the pods the node agent says hold this GPU and try again, and only when that is
+        # not known or not enough, move every pod on the node
+        held = await a.gpu_pods(node, gpu, incident=iid)
+        pods = tuple(x for x in held.evidence.get("pods", "").split(",") if x) if held.ok else ()
+        if pods and (moved := await a.drain_gpu(node, gpu, incident=iid, pods=pods)).ok:
+            again = await a.reset_gpu(node, gpu, incident=iid, key=f"{key}:after-gpu-drain")
+            if again.ok or not again.evidence.get("error", again.detail).startswith(BUSY):
+                return StepResult(again.ok, f"{first.detail}; moved the pods holding gpu{gpu} ({moved.detail}); "
+                                            f"{again.detail}", {**again.evidence, "drained_gpu_for_busy": "true"})
         drained = await a.drain(node, incident=iid)
         if not drained.ok:
             return StepResult(False, f"{first.detail}; draining {node} to free it failed: {drained.detail}",
