@@ -52,7 +52,7 @@ class Cluster:
         await asyncio.to_thread(client.CoreV1Api(self.api).create_node, node)
 
     async def add_pod(self, ns: str, name: str, node: str, *, owner: str | None = "ReplicaSet",
-                      refusals: int = 0) -> None:
+                      refusals: int = 0, grace_s: int | None = None) -> None:
         from kubernetes import client
         meta: dict[str, Any] = {"name": name, "namespace": ns}
         if owner:
@@ -60,6 +60,8 @@ class Cluster:
                                         "controller": True}]
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
                "spec": {"nodeName": node, "containers": [{"name": "c", "image": "i"}]}, "status": {"phase": "Running"}}
+        if grace_s is not None:
+            pod["spec"]["terminationGracePeriodSeconds"] = grace_s
         await asyncio.to_thread(client.CoreV1Api(self.api).create_namespaced_pod, ns, pod)
         self.pdb_refusals[f"{ns}/{name}"] = refusals
 
@@ -209,12 +211,23 @@ class TestDrain:
 
     async def test_a_pod_that_outlives_the_wait_fails_the_drain_with_its_name(self, cluster: Cluster) -> None:
         await cluster.add_node("n1")
-        await cluster.add_pod("ml", "stuck", "n1")
+        await cluster.add_pod("ml", "stuck", "n1", grace_s=0)
         cluster.lingering.add("ml/stuck")
-        act = KubernetesActuator(cluster.api, drain=DrainPolicy(retry_s=0.05, gone_timeout_s=0.3))
+        act = KubernetesActuator(cluster.api, drain=DrainPolicy(retry_s=0.05, gone_timeout_s=0.3),
+                                 clock=ManualClock(T0))
         result = await act.drain("n1", incident="inc-1")
-        assert not result.ok and "still terminating after 0.3s: ml/stuck" in result.detail
+        assert not result.ok and "still terminating after 30s: ml/stuck" in result.detail, "no grace: 30 s margin"
         assert result.evidence["terminating"] == "1"
+
+    async def test_a_pods_own_grace_period_stretches_the_wait(self, cluster: Cluster) -> None:
+        """A trainer given 10 minutes to checkpoint keeps them: the drain waits its grace period plus a margin."""
+        await cluster.add_node("n1")
+        await cluster.add_pod("ml", "trainer", "n1", grace_s=600)
+        cluster.lingering.add("ml/trainer")
+        clock = ManualClock(T0)
+        act = KubernetesActuator(cluster.api, drain=DrainPolicy(gone_timeout_s=60), clock=clock)
+        result = await act.drain("n1", incident="inc-1")
+        assert not result.ok and "still terminating after 630s" in result.detail, "its grace period and 30 s"
 
 
 class TestPodsEventsConditions:

@@ -108,6 +108,15 @@ def _meta(p: dict[str, Any]) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+def _grace_s(p: dict[str, Any]) -> float:
+    """The pod's termination grace period (Kubernetes' default 30 s), as the API's JSON gives it."""
+    spec = p.get("spec") or {}
+    try:
+        return max(0.0, float(spec.get("terminationGracePeriodSeconds", 30)))
+    except (TypeError, ValueError):
+        return 30.0
+
+
 def _facts(p: dict[str, Any]) -> PodFacts:
     """A pod as the drain evaluator sees it, read straight from the API's JSON."""
     meta = _meta(p)
@@ -256,30 +265,38 @@ class KubernetesActuator:
                               {"evicted": str(len(pods) - len(failed)), "blocked": str(len(failed))})
         evicted = {f"{ns}/{name}" for (ns, name), (_, why) in zip(pods, results, strict=True)
                    if why.startswith("evicted")}
-        left = await self._until_gone(node, evicted)
+        left, waited = await self._until_gone(node, evicted)
         if left:
             return StepResult(False, f"{len(left)} of {len(evicted)} evicted pods on {node} still terminating after "
-                                     f"{self.drain_policy.gone_timeout_s:g}s: {sorted(left)[0]}",
+                                     f"{waited:.3g}s: {sorted(left)[0]}",
                               {"evicted": str(len(pods)), "terminating": str(len(left))})
         return StepResult(True, f"evicted {len(pods)} pods from {node}", {"evicted": str(len(pods))})
 
-    async def _until_gone(self, node: str, evicted: set[str]) -> set[str]:
+    async def _until_gone(self, node: str, evicted: set[str]) -> tuple[set[str], float]:
         """Wait until the evicted pods have left the node (deleted, or ended), as ``kubectl drain`` does: an
         accepted eviction only starts a pod's graceful termination, and its processes hold the GPU until it
-        ends, so a reset right after would find the GPU busy. Returns the pods still there at the deadline."""
+        ends, so a reset right after would find the GPU busy. Returns the pods still there at the deadline, and
+        how long it waited: ``gone_timeout_s``, or the longest grace period of those pods plus 30 s."""
         wait = self.drain_policy.gone_timeout_s
         if not evicted or wait <= 0:
-            return set()
-        deadline = self.clock.monotonic() + wait
+            return set(), 0.0
+        start = self.clock.monotonic()
+        deadline = start + wait
+        poll = min(0.5, self.drain_policy.retry_s)
         while True:
             doc = await self._raw(self.core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={node}")
-            left = {f"{m.get('namespace', '')}/{m.get('name', '')}" for p in doc.get("items") or []
-                    if (p.get("spec") or {}).get("nodeName") == node
-                    and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
-                    for m in (_meta(p),)} & evicted
+            there = {f"{m.get('namespace', '')}/{m.get('name', '')}": p for p in doc.get("items") or []
+                     if (p.get("spec") or {}).get("nodeName") == node
+                     and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed") for m in (_meta(p),)}
+            left = set(there) & evicted
+            # a pod's own grace period (a trainer checkpointing for 20 minutes) stretches the wait: it is the pod's
+            # to use, and ending it early would only leave its processes holding the GPU
+            grace = max((_grace_s(there[k]) for k in left), default=0.0)
+            deadline = max(deadline, start + grace + 30.0)
             if not left or self.clock.monotonic() >= deadline:
-                return left
-            await self.sleep(min(self.drain_policy.retry_s, 2.0, max(0.0, deadline - self.clock.monotonic())))
+                return left, self.clock.monotonic() - start
+            await self.sleep(min(poll, max(0.0, deadline - self.clock.monotonic())))
+            poll = min(poll * 2, 10.0)  # 0.5 s, 1, 2, ... 10: prompt for the usual 30 s, light for a long grace
 
     async def drain(self, node: str, *, incident: str) -> StepResult:
         return await self._drain(node, [(p.namespace, p.name) for p in await self._pods_on(node)])
