@@ -119,8 +119,45 @@ class TestCordon:
         await cluster.add_node("n1", unschedulable=True)
         act = KubernetesActuator(cluster.api)
         cordon = await act.cordon("n1", incident="inc-1", reason="x")
+        taints = cluster.obj("v1/nodes", None, "n1")["spec"]["taints"]
+        assert {"key": QUARANTINE, "value": "true", "effect": "NoSchedule"} in taints, \
+            "fenced by the taint too, in case they uncordon during the repair"
         uncordon = await act.uncordon("n1", incident="inc-1")
         assert "someone else" in cordon.detail and "stays cordoned" in uncordon.detail
+        node = cluster.obj("v1/nodes", None, "n1")
+        assert node["spec"]["unschedulable"] is True and node["spec"]["taints"] == [], "their cordon, not our taint"
+
+    async def test_other_taints_keep_their_api_fields(self, cluster: Cluster) -> None:
+        unreachable = {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute",
+                       "timeAdded": "2026-11-23T11:00:00Z"}
+        await cluster.add_node("n1", taints=[unreachable])
+        stored = dict(cluster.obj("v1/nodes", None, "n1")["spec"]["taints"][0])
+        act = KubernetesActuator(cluster.api, clock=ManualClock(T0))
+        await act.cordon("n1", incident="inc-1", reason="x")
+        assert stored in cluster.obj("v1/nodes", None, "n1")["spec"]["taints"] and "timeAdded" in stored
+        await act.uncordon("n1", incident="inc-1")
+        assert cluster.obj("v1/nodes", None, "n1")["spec"]["taints"] == [stored], "timeAdded survives"
+
+    async def test_a_node_changed_meanwhile_is_read_again_not_overwritten(self, cluster: Cluster,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        await cluster.add_node("n1")
+        cluster.k.objects["v1/nodes", None, "n1"].patch({"metadata": {"resourceVersion": "7"}})
+        act = KubernetesActuator(cluster.api, clock=ManualClock(T0))
+        sent: list[dict[str, Any]] = []
+        real = act._call
+
+        async def call(fn: Any, *args: Any, **kw: Any) -> Any:
+            if fn == act.core.patch_node:
+                sent.append(args[1])
+                if len(sent) == 1:  # another writer got there first: the server refuses the stale version
+                    raise ApiException(status=409, reason="Conflict")
+            return await real(fn, *args, **kw)
+
+        monkeypatch.setattr(act, "_call", call)
+        assert (await act.cordon("n1", incident="inc-1", reason="x")).ok
+        assert [b["metadata"]["resourceVersion"] for b in sent] == ["7", "7"], "each patch names what it read"
         assert cluster.obj("v1/nodes", None, "n1")["spec"]["unschedulable"] is True
 
 

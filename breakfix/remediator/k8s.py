@@ -170,35 +170,74 @@ class KubernetesActuator:
             (n.metadata.annotations or {}).get(OWNER) == ME) for n in nodes.items}, controller_owned_pods=owned)
 
     # -- cordon / uncordon -----------------------------------------------------------------------
+    async def _patch_node(self, node: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> Any:
+        """Read the node as the API's JSON, ``change`` it into a merge patch and send it with the node's
+        ``resourceVersion``, so a concurrent writer (the node lifecycle controller's NoExecute taints,
+        node-problem-detector, the GPU operator) makes the patch fail with 409 instead of being overwritten;
+        then read and try again. Taints keep their API fields (``timeAdded``) as the server gave them."""
+        for _ in range(5):
+            n = await self._raw(self.core.read_node, node)
+            body = change(n)
+            if body is None:
+                return n
+            rv = (n.get("metadata") or {}).get("resourceVersion")
+            if rv:
+                body.setdefault("metadata", {})["resourceVersion"] = rv
+            try:
+                await self._call(self.core.patch_node, node, body, _content_type=MERGE)
+            except ApiException as exc:
+                if exc.status == 409:
+                    continue
+                raise
+            return n
+        raise ApiException(status=409, reason=f"node {node} kept changing; gave up after 5 tries")
+
     async def cordon(self, node: str, *, incident: str, reason: str) -> StepResult:
-        n = await self._call(self.core.read_node, node)
-        ann = n.metadata.annotations or {}
-        if n.spec and n.spec.unschedulable and ann.get(OWNER) != ME:
-            return StepResult(True, f"{node} already cordoned by {ann.get(OWNER) or 'someone else'}; left as is")
-        taints = [t.to_dict() for t in (n.spec.taints or [])] if n.spec else []
-        taints = [t for t in taints if t.get("key") != QUARANTINE]
-        taints.append({"key": QUARANTINE, "value": "true", "effect": "NoSchedule"})
-        body = {"metadata": {"annotations": {OWNER: ME, INCIDENT: incident, "breakfix.io/reason": reason[:200],
-                                             "breakfix.io/cordoned-at": _stamp(self.clock.now())}},
-                "spec": {"unschedulable": True, "taints": [{k: v for k, v in t.items() if v is not None}
-                                                           for t in taints]}}
-        await self._call(self.core.patch_node, node, body, _content_type=MERGE)
+        """Cordon and taint ``breakfix.io/quarantine``. A node someone else cordoned keeps their cordon and
+        ownership but gets the taint as well, so it stays fenced if they uncordon it during the repair."""
+        said: list[str] = []
+
+        def change(n: dict[str, Any]) -> dict[str, Any]:
+            ann = (n.get("metadata") or {}).get("annotations") or {}
+            spec = n.get("spec") or {}
+            taints = [t for t in spec.get("taints") or [] if t.get("key") != QUARANTINE]
+            taints.append({"key": QUARANTINE, "value": "true", "effect": "NoSchedule"})
+            said[:] = [ann.get(OWNER) or "someone else"] if spec.get("unschedulable") and ann.get(OWNER) != ME else []
+            if said:
+                return {"metadata": {"annotations": {INCIDENT: incident}}, "spec": {"taints": taints}}
+            return {"metadata": {"annotations": {OWNER: ME, INCIDENT: incident, "breakfix.io/reason": reason[:200],
+                                                 "breakfix.io/cordoned-at": _stamp(self.clock.now())}},
+                    "spec": {"unschedulable": True, "taints": taints}}
+
+        await self._patch_node(node, change)
+        if said:
+            return StepResult(True, f"{node} already cordoned by {said[0]}; left as is and tainted "
+                                    f"{QUARANTINE}=true:NoSchedule", {"cordoned_by": said[0]})
         return StepResult(True, f"cordoned {node} and tainted {QUARANTINE}=true:NoSchedule",
                           {"annotation": f"{OWNER}={ME}"})
 
     async def uncordon(self, node: str, *, incident: str) -> StepResult:
-        n = await self._call(self.core.read_node, node)
-        ann = n.metadata.annotations or {}
-        if ann.get(OWNER) != ME:
-            if n.spec and n.spec.unschedulable:
-                return StepResult(True, f"{node} stays cordoned: cordoned by {ann.get(OWNER) or 'someone else'}")
+        """Remove breakfix's taint; uncordon only a cordon breakfix made (someone else's stays)."""
+        said: list[str] = []
+
+        def change(n: dict[str, Any]) -> dict[str, Any] | None:
+            ann = (n.get("metadata") or {}).get("annotations") or {}
+            spec = n.get("spec") or {}
+            taints = spec.get("taints") or []
+            keep = [t for t in taints if t.get("key") != QUARANTINE]
+            if ann.get(OWNER) != ME:
+                said[:] = [ann.get(OWNER) or "someone else"] if spec.get("unschedulable") else [""]
+                return {"metadata": {"annotations": {INCIDENT: None}}, "spec": {"taints": keep}} \
+                    if len(keep) != len(taints) or INCIDENT in ann else None
+            return {"metadata": {"annotations": {OWNER: None, INCIDENT: None, "breakfix.io/reason": None,
+                                                 "breakfix.io/cordoned-at": None}},
+                    "spec": {"unschedulable": False, "taints": keep}}
+
+        await self._patch_node(node, change)
+        if said and said[0]:
+            return StepResult(True, f"{node} stays cordoned: cordoned by {said[0]}")
+        if said:
             return StepResult(True, f"{node} schedulable")
-        taints = [t.to_dict() for t in (n.spec.taints or [])] if n.spec else []
-        keep = [{k: v for k, v in t.items() if v is not None} for t in taints if t.get("key") != QUARANTINE]
-        body = {"metadata": {"annotations": {OWNER: None, INCIDENT: None, "breakfix.io/reason": None,
-                                             "breakfix.io/cordoned-at": None}},
-                "spec": {"unschedulable": False, "taints": keep}}
-        await self._call(self.core.patch_node, node, body, _content_type=MERGE)
         return StepResult(True, f"uncordoned {node}")
 
     # -- drain -----------------------------------------------------------------------------------
