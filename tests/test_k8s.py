@@ -41,15 +41,36 @@ class Cluster:
         self.evictions: list[str] = []
         self.pdb_refusals: dict[str, int] = {}
         self.lingering: set[str] = set()  # pods whose eviction is accepted but that keep terminating
+        self.kubelet: dict[str, dict[str, str]] = {}  # node -> the Ready condition its kubelet reports
 
     def obj(self, resource: str, ns: str | None, name: str) -> dict[str, Any]:
         return dict(self.k.objects[resource, ns, name])
 
-    async def add_node(self, name: str, **spec: Any) -> None:
+    async def add_node(self, name: str, *, ready: bool = True, **spec: Any) -> None:
+        """A node as the kubelet keeps it: Ready unless told otherwise."""
         from kubernetes import client
         node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"rack": "r1"}},
                 "spec": spec}
         await asyncio.to_thread(client.CoreV1Api(self.api).create_node, node)
+        self.set_ready(name, ready)
+
+        def patch_status(req: kmock.Request) -> kmock.Response:
+            """kmock has applied the patch replacing the conditions list; a strategic merge on the API server
+            merges them on ``type``, so the kubelet's own (Ready) condition stays beside the patched ones."""
+            stored = self.k.objects["v1/nodes", None, name]
+            conds = {c["type"]: c for c in (stored.raw.get("status") or {}).get("conditions") or []}
+            conds.setdefault("Ready", self.kubelet[name])
+            stored.patch({"status": {"conditions": list(conds.values())}})
+            return kmock.Response(status=200, payload=stored.raw)
+
+        self.k[f"patch /api/v1/nodes/{name}/status"] << patch_status
+
+    def set_ready(self, name: str, ready: bool) -> None:
+        """The kubelet's Ready condition on the node (it keeps posting it; a patch of other conditions keeps it)."""
+        self.kubelet[name] = {"type": "Ready", "status": "True" if ready else "False", "reason": "KubeletReady"}
+        stored = self.k.objects["v1/nodes", None, name]
+        others = [c for c in (stored.raw.get("status") or {}).get("conditions") or [] if c["type"] != "Ready"]
+        stored.patch({"status": {"conditions": [*others, self.kubelet[name]]}})
 
     async def add_pod(self, ns: str, name: str, node: str, *, owner: str | None = "ReplicaSet",
                       refusals: int = 0, grace_s: int | None = None) -> None:
@@ -277,8 +298,55 @@ class TestPodsEventsConditions:
         events = [o for key, o in cluster.k.objects.items() if key[0] == "v1/events"]
         assert events and events[0]["involvedObject"]["name"] == "train-0" and events[0]["type"] == "Warning"
         assert (await act.set_gpu_condition("n1", False, "XidCritical", "XID 48 on gpu2")).ok
-        conds = cluster.obj("v1/nodes", None, "n1")["status"]["conditions"]
-        assert {"type": "GPUHealthy", "status": "False", "reason": "XidCritical"}.items() <= conds[-1].items()
+        conds = {c["type"]: c for c in cluster.obj("v1/nodes", None, "n1")["status"]["conditions"]}
+        assert {"type": "GPUHealthy", "status": "False", "reason": "XidCritical"}.items() <= conds["GPUHealthy"].items()
+        assert conds["Ready"]["status"] == "True", "the kubelet's condition stays beside it"
+
+    async def test_a_reboot_is_done_only_once_the_node_is_ready_again(self, cluster: Cluster) -> None:
+        from breakfix.remediator.actuator import StepResult
+        from breakfix.remediator.composite import ClusterActuator
+        from breakfix.schemas.agent import AgentAction
+
+        await cluster.add_node("n1", ready=False)  # rebooting: the kubelet is not back yet
+        asks: list[AgentAction] = []
+
+        class Agent:
+            async def call(self, node: str, action: AgentAction, **kw: Any) -> StepResult:
+                asks.append(action)
+                return StepResult(True, "rebooted (new boot id)", {"replayed": "true"}) if len(asks) > 1 else \
+                    StepResult(True, "reboot requested")
+
+        clock = ManualClock(T0)
+        k8s = KubernetesActuator(cluster.api, clock=clock)
+        looks: list[bool] = []
+        real = k8s.node_ready
+
+        async def ready(node: str) -> bool:
+            if len(looks) == 2:
+                cluster.set_ready("n1", True)  # the kubelet reports Ready a little after the agent is back
+            looks.append(await real(node))
+            return looks[-1]
+
+        k8s.node_ready = ready  # type: ignore[method-assign]
+        act = ClusterActuator(k8s, Agent(), clock=clock, poll_s=5.0, reboot_wait_s=60.0)  # type: ignore[arg-type]
+        done = await act.reboot("n1", incident="inc-1")
+        assert done.ok and "Node is Ready" in done.detail and looks == [False, False, True]
+
+    async def test_a_reboot_whose_node_never_gets_ready_fails_in_time(self, cluster: Cluster) -> None:
+        from breakfix.remediator.actuator import StepResult
+        from breakfix.remediator.composite import ClusterActuator
+
+        await cluster.add_node("n1", ready=False)
+
+        class Agent:
+            async def call(self, node: str, action: Any, **kw: Any) -> StepResult:
+                return StepResult(True, "rebooted (new boot id)", {"replayed": "true"})
+
+        clock = ManualClock(T0)
+        act = ClusterActuator(KubernetesActuator(cluster.api, clock=clock), Agent(), clock=clock,  # type: ignore[arg-type]
+                              poll_s=5.0, reboot_wait_s=30.0)
+        done = await act.reboot("n1", incident="inc-1")
+        assert not done.ok and "not Ready after 30s" in done.detail
 
 
     async def test_gpu_condition_is_one_strategic_merge_entry_beside_the_kubelets(self, cluster: Cluster) -> None:

@@ -85,6 +85,24 @@ class TestValidate:
         passed, tests = parse_diag(json.dumps(doc))
         assert passed and tests[0].status == "warn" and tests[0].info == "throttled"
 
+    @pytest.mark.parametrize(("down", "ok"), [(2, True), (10_000, False)], ids=["engine-starting", "engine-away"])
+    async def test_validation_waits_for_the_dcgm_host_engine_after_a_reboot(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, down: int, ok: bool) -> None:
+        from breakfix.bus.clock import ManualClock
+
+        log = tmp_path / "dcgmi.log"
+        monkeypatch.setenv("FAKE_DCGMI_LOG", str(log))
+        monkeypatch.setenv("FAKE_DCGMI_ENGINE_DOWN", str(down))
+        clock = ManualClock(T0)
+        reply = await agent(tmp_path, clock=clock, ready_wait_s=60).handle(cmd(AgentAction.VALIDATE, level=2))
+        asks = [line for line in log.read_text().splitlines() if line.startswith("discovery")]
+        assert reply.ok is ok
+        if ok:
+            assert len(asks) == 3 and "diag -r 2" in log.read_text(), "asked until the engine answered, then ran"
+        else:
+            assert "host engine did not answer within 60s" in reply.detail and "diag" not in log.read_text()
+            assert len(asks) == 7, "every 10 s for a minute"
+
     async def test_missing_dcgmi_is_a_clear_failure(self, tmp_path: Path) -> None:
         a = NodeAgent("n1", tmp_path, dcgmi=str(tmp_path / "no-such-dcgmi"))
         reply = await a.handle(cmd(AgentAction.VALIDATE))

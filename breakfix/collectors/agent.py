@@ -8,7 +8,9 @@ an allow-listed set of actions and nothing else:
   remediator can drain first; persistence mode, which counts as a client, is switched off for
   the reset and restored; then ``nvidia-smi --gpu-reset -i <uuid|index>``. A lost GPU fails
   cleanly (the driver says so).
-- ``validate``: ``dcgmi diag -r <level> -j``, parsed into per-test outcomes (DCGM 3 and 4 JSON).
+- ``validate``: once the DCGM host engine answers (``dcgmi discovery -l``, waited for up to
+  ``ready_wait_s`` after a reboot), ``dcgmi diag -r <level> -j``, parsed into per-test outcomes (DCGM 3
+  and 4 JSON).
 - ``reboot``: the configured command (``systemctl reboot``), after the command is recorded.
 - ``gpu_pods`` (read-only): the pods holding a GPU or any of its MIG devices, from a fresh kubelet
   PodResources ``List`` matched against the GPU's UUID and its MIG devices' UUIDs (``nvidia-smi -L``,
@@ -137,7 +139,7 @@ class NodeAgent:
                  clock: Clock = SYSTEM_CLOCK, busy: BusyCheck | None = None,
                  gpu_count: Callable[[], int | None] = lambda: None, reboot_window_s: float = 3600.0,
                  reset_window_s: float = 300.0, registry: CollectorRegistry | None = None,
-                 pods: PodLister | None = None) -> None:
+                 pods: PodLister | None = None, ready_wait_s: float = 300.0) -> None:
         self.node = node
         self.clock = clock
         self.path = state_dir / "agent-commands.json"
@@ -150,6 +152,7 @@ class NodeAgent:
         self.timeout_s = timeout_s
         self.busy = busy or nvidia_smi_busy(nvidia_smi)
         self.pods = pods
+        self.ready_wait_s = ready_wait_s
         self.gpu_count = gpu_count
         self.done: dict[str, dict[str, object]] = self._load()
         last = _load_json(self.limits_path)
@@ -288,7 +291,23 @@ class NodeAgent:
         detail = f"{len(pods)} pod(s) hold GPU {target}" + (f" and its {mig} MIG device(s)" if mig else "")
         return self._reply(cmd, True, detail, evidence={"pods": ",".join(pods), "mig_devices": str(mig)})
 
+    async def _engine_up(self) -> tuple[int, str]:
+        """Wait (``ready_wait_s``) until the DCGM host engine answers ``dcgmi discovery -l``: right after a reboot
+        it, and Fabric Manager on NVSwitch systems, may still be starting, and a diagnostic then fails though the
+        GPUs are healthy. A missing dcgmi (rc 127) is not waited for."""
+        deadline = self.clock.monotonic() + self.ready_wait_s
+        while True:
+            rc, out = await run([self.dcgmi, "discovery", "-l"], 60)
+            if rc in (0, 127) or self.clock.monotonic() >= deadline:
+                return rc, out
+            await self.clock.sleep(min(10.0, max(0.0, deadline - self.clock.monotonic())))
+
     async def _validate(self, cmd: AgentCommand) -> AgentReply:
+        rc, out = await self._engine_up()
+        if rc not in (0, 127):
+            said = " ".join(out.split())[:300]
+            return self._reply(cmd, False, f"the DCGM host engine did not answer within {self.ready_wait_s:g}s "
+                                           f"(dcgmi discovery -l rc={rc}): {said}", error="failed: DCGM host engine")
         scope = ["-i", str(cmd.gpu_index)] if cmd.gpu_index is not None else []  # one GPU after a single-GPU reset
         rc, out = await run([self.dcgmi, "diag", "-r", str(cmd.level), *scope, "-j"], self.timeout_s)
         try:

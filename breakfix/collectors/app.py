@@ -79,7 +79,7 @@ def build_agent(config: CollectorConfig, ctx: NodeContext, *, clock: Clock, busy
     return NodeAgent(config.node_name, config.state_dir, nvidia_smi=a.nvidia_smi, dcgmi=a.dcgmi,
                      reboot_cmd=a.reboot_command, allow=frozenset(AgentAction(x) for x in a.allow), clock=clock,
                      busy=busy, gpu_count=gpu_count, reboot_window_s=a.reboot_window_s,
-                     reset_window_s=a.reset_window_s, registry=registry, pods=pods)
+                     reset_window_s=a.reset_window_s, registry=registry, pods=pods, ready_wait_s=a.engine_wait_s)
 
 
 def build_collector(config: CollectorConfig, *, clock: Clock, bus: ServiceBus | None = None,

@@ -178,6 +178,9 @@ class AgentConfig(BaseModel):
                                    description="At most one reboot per node within this window (agent's own cap).")
     reset_window_s: float = Field(300.0, gt=0, allow_inf_nan=False,
                                   description="At most one reset per GPU within this window.")
+    engine_wait_s: float = Field(300.0, ge=0, allow_inf_nan=False,
+                                 description="validate: how long to wait for the DCGM host engine to answer "
+                                             "(after a reboot it may still be starting)")
     podresources_socket: Path | None = Field(
         Path("/var/lib/kubelet/pod-resources/kubelet.sock"),
         description="The kubelet's PodResources socket for gpu_pods (which pods hold a GPU or its MIG devices); "

@@ -2,10 +2,10 @@
 the machine, the provider hook for reprovisioning. It implements ``remediator.actuator.Actuator``
 so the executor cannot tell it from the simulated cluster.
 
-A reboot succeeds only when the node agent confirms a new boot id: the same idempotency key is
-sent again until the agent answers that the node rebooted (or the wait runs out), so the next
-step (validation) talks to the rebooted node. Escalation leaves a Warning event and
-``GPUHealthy=False`` on the node for the humans who take over.
+A reboot succeeds only when the node agent confirms a new boot id (the same idempotency key is
+sent again until the agent answers that the node rebooted) and the Node is Ready again, all within
+``reboot_wait_s``, so the next step (validation) talks to the rebooted, ready node. Escalation
+leaves a Warning event and ``GPUHealthy=False`` on the node for the humans who take over.
 """
 
 from __future__ import annotations
@@ -70,8 +70,14 @@ class ClusterActuator:
             await self.clock.sleep(self.poll_s)
             again = await self.agent.call(node, AgentAction.REBOOT, key=key, incident=incident)
             if again.ok and again.evidence.get("replayed") == "true" and "new boot id" in again.detail:
-                return StepResult(True, f"{node} rebooted and its agent is back", again.evidence)
-        return StepResult(False, f"{node} did not come back from its reboot within {self.reboot_wait_s:g}s")
+                break
+        else:
+            return StepResult(False, f"{node} did not come back from its reboot within {self.reboot_wait_s:g}s")
+        while not await self.k8s.node_ready(node):  # the kubelet, the device plugin's GPUs: what validation needs
+            if self.clock.monotonic() >= deadline:
+                return StepResult(False, f"{node} rebooted but its Node is not Ready after {self.reboot_wait_s:g}s")
+            await self.clock.sleep(self.poll_s)
+        return StepResult(True, f"{node} rebooted, its agent is back and its Node is Ready", again.evidence)
 
     async def reprovision(self, node: str, *, incident: str, key: str = "") -> StepResult:
         if self.provider is None:

@@ -192,6 +192,16 @@ class KubernetesActuator:
             return n
         raise ApiException(status=409, reason=f"node {node} kept changing; gave up after 5 tries")
 
+    async def node_ready(self, node: str) -> bool:
+        """Whether the Node's ``Ready`` condition is ``True`` (the kubelet is back and reporting); False while
+        the API server cannot say."""
+        try:
+            n = await self._raw(self.core.read_node_status, node)
+        except ApiException:
+            return False
+        return any(c.get("type") == "Ready" and c.get("status") == "True"
+                   for c in (n.get("status") or {}).get("conditions") or [])
+
     async def cordon(self, node: str, *, incident: str, reason: str) -> StepResult:
         """Cordon and taint ``breakfix.io/quarantine``. A node someone else cordoned keeps their cordon and
         ownership but gets the taint as well, so it stays fenced if they uncordon it during the repair."""
