@@ -319,18 +319,61 @@ class TestPodsEventsConditions:
         clock = ManualClock(T0)
         k8s = KubernetesActuator(cluster.api, clock=clock)
         looks: list[bool] = []
-        real = k8s.node_ready
+        real = k8s.node_state
 
-        async def ready(node: str) -> bool:
-            if len(looks) == 2:
+        async def state(node: str) -> tuple[bool, str]:
+            if len(looks) == 3:
                 cluster.set_ready("n1", True)  # the kubelet reports Ready a little after the agent is back
-            looks.append(await real(node))
-            return looks[-1]
+            got = await real(node)
+            looks.append(got[0])
+            return got
 
-        k8s.node_ready = ready  # type: ignore[method-assign]
+        k8s.node_state = state  # type: ignore[method-assign]
         act = ClusterActuator(k8s, Agent(), clock=clock, poll_s=5.0, reboot_wait_s=60.0)  # type: ignore[arg-type]
         done = await act.reboot("n1", incident="inc-1")
-        assert done.ok and "Node is Ready" in done.detail and looks == [False, False, True]
+        assert done.ok and "Node is Ready" in done.detail and looks == [False, False, False, True]
+
+    async def test_a_node_still_ready_from_before_its_reboot_is_not_taken_for_back(self, cluster: Cluster) -> None:
+        """A Node reads Ready for ~40 s after its kubelet stopped; only the kubelet's new bootID says it is back."""
+        from breakfix.remediator.actuator import StepResult
+        from breakfix.remediator.composite import ClusterActuator
+
+        await cluster.add_node("n1")
+        cluster.k.objects["v1/nodes", None, "n1"].patch({"status": {"nodeInfo": {"bootID": "boot-1"}}})
+        polls: list[str] = []
+
+        class Agent:
+            async def call(self, node: str, action: Any, **kw: Any) -> StepResult:
+                polls.append(node)
+                return StepResult(True, "rebooted (new boot id)", {"replayed": "true"}) if len(polls) > 1 else \
+                    StepResult(True, "reboot requested")
+
+        clock = ManualClock(T0)
+        k8s = KubernetesActuator(cluster.api, clock=clock)
+        seen: list[str] = []
+        real = k8s.node_state
+
+        async def state(node: str) -> tuple[bool, str]:
+            got = await real(node)
+            seen.append(got[1])
+            if len(seen) == 3:  # the rebooted kubelet reports in
+                cluster.k.objects["v1/nodes", None, "n1"].patch({"status": {"nodeInfo": {"bootID": "boot-2"}}})
+            return got
+
+        k8s.node_state = state  # type: ignore[method-assign]
+        act = ClusterActuator(k8s, Agent(), clock=clock, poll_s=5.0, reboot_wait_s=60.0)  # type: ignore[arg-type]
+        assert (await act.reboot("n1", incident="inc-1")).ok
+        assert seen == ["boot-1", "boot-1", "boot-1", "boot-2"], "waited past the stale Ready for the new boot"
+
+    async def test_a_drain_of_a_node_whose_kubelet_is_gone_does_not_wait_for_pods_to_end(
+            self, cluster: Cluster) -> None:
+        """No kubelet ends the evicted pods of a NotReady node: they read Running until its reboot."""
+        await cluster.add_node("n1", ready=False)
+        await cluster.add_pod("ml", "w0", "n1")
+        cluster.lingering.add("ml/w0")
+        act = KubernetesActuator(cluster.api, clock=ManualClock(T0))
+        result = await act.drain("n1", incident="inc-1")
+        assert result.ok and cluster.evictions == ["ml/w0"]
 
     async def test_a_reboot_whose_node_never_gets_ready_fails_in_time(self, cluster: Cluster) -> None:
         from breakfix.remediator.actuator import StepResult
@@ -370,7 +413,9 @@ class TestPodsEventsConditions:
         act = KubernetesActuator(cluster.api, clock=ManualClock(T0))
         assert (await act.event("breakfix", "Node", "n1", "BreakfixEscalated", "RMA gpu2", incident="inc-1")).ok
         (key, ev), = [(k, o) for k, o in cluster.k.objects.items() if k[0] == "v1/events"]
-        assert key[1] == "default" and ev["involvedObject"] == {"kind": "Node", "name": "n1", "namespace": ""}
+        assert key[1] == "default"
+        assert ev["involvedObject"] == {"kind": "Node", "name": "n1", "namespace": "", "uid": "n1"}, \
+            "the uid is the node's name, as the kubelet writes it, so kubectl describe node lists it"
 
 
 class TestLeaderElection:

@@ -62,9 +62,12 @@ class ClusterActuator:
 
     async def reboot(self, node: str, *, incident: str, key: str = "") -> StepResult:
         key = key or f"{incident}:reboot"
+        _, booted_as = await self.k8s.node_state(node)
         first = await self.agent.call(node, AgentAction.REBOOT, key=key, incident=incident)
         if not first.ok and "did not answer" not in first.detail:
             return first
+        if first.evidence.get("replayed") == "true":  # a resumed plan: the reboot was asked before this read
+            booted_as = ""
         deadline = self.clock.monotonic() + self.reboot_wait_s
         while self.clock.monotonic() < deadline:
             await self.clock.sleep(self.poll_s)
@@ -73,7 +76,10 @@ class ClusterActuator:
                 break
         else:
             return StepResult(False, f"{node} did not come back from its reboot within {self.reboot_wait_s:g}s")
-        while not await self.k8s.node_ready(node):  # the kubelet, the device plugin's GPUs: what validation needs
+        while True:  # the kubelet (and the device plugin's GPUs) back: what validation needs. A Node keeps its old
+            ready, boot = await self.k8s.node_state(node)  # Ready for ~40 s after a reboot: the kubelet's new
+            if ready and not (booted_as and boot == booted_as):  # bootID says it is the rebooted one reporting
+                break
             if self.clock.monotonic() >= deadline:
                 return StepResult(False, f"{node} rebooted but its Node is not Ready after {self.reboot_wait_s:g}s")
             await self.clock.sleep(self.poll_s)

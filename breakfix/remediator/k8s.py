@@ -192,15 +192,20 @@ class KubernetesActuator:
             return n
         raise ApiException(status=409, reason=f"node {node} kept changing; gave up after 5 tries")
 
-    async def node_ready(self, node: str) -> bool:
-        """Whether the Node's ``Ready`` condition is ``True`` (the kubelet is back and reporting); False while
-        the API server cannot say."""
+    async def node_state(self, node: str) -> tuple[bool, str]:
+        """(whether the Node's ``Ready`` condition is ``True``, the kubelet's ``status.nodeInfo.bootID``);
+        (False, "") while the API server cannot say (an error, a connection blip)."""
         try:
             n = await self._raw(self.core.read_node_status, node)
-        except ApiException:
-            return False
-        return any(c.get("type") == "Ready" and c.get("status") == "True"
-                   for c in (n.get("status") or {}).get("conditions") or [])
+        except Exception:
+            return False, ""
+        status = n.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        return ready, str((status.get("nodeInfo") or {}).get("bootID") or "")
+
+    async def node_ready(self, node: str) -> bool:
+        """Whether the Node's ``Ready`` condition is ``True`` (the kubelet is back and reporting)."""
+        return (await self.node_state(node))[0]
 
     async def cordon(self, node: str, *, incident: str, reason: str) -> StepResult:
         """Cordon and taint ``breakfix.io/quarantine``. A node someone else cordoned keeps their cordon and
@@ -313,7 +318,7 @@ class KubernetesActuator:
             return StepResult(False, f"{len(failed)} of {len(pods)} pods on {node} not moved: {failed[0]}",
                               {"evicted": str(len(pods) - len(failed)), "blocked": str(len(failed))})
         evicted = {f"{ns}/{name}" for (ns, name), (_, why) in zip(pods, results, strict=True)
-                   if why.startswith("evicted")}
+                   if why.startswith("evicted") or " deleted after " in why}  # both end gracefully, not at once
         left, waited = await self._until_gone(node, evicted)
         if left:
             return StepResult(False, f"{len(left)} of {len(evicted)} evicted pods on {node} still terminating after "
@@ -329,6 +334,8 @@ class KubernetesActuator:
         wait = self.drain_policy.gone_timeout_s
         if not evicted or wait <= 0:
             return set(), 0.0
+        if not await self.node_ready(node):  # no kubelet to end them: they would read Running forever, and the
+            return set(), 0.0                # reboot this drain usually precedes is what ends them
         start = self.clock.monotonic()
         deadline = start + wait
         poll = min(0.5, self.drain_policy.retry_s)
@@ -373,7 +380,8 @@ class KubernetesActuator:
             namespace = NODE_EVENT_NAMESPACE  # server refuses it: involvedObject.namespace does not match
         ev = {"apiVersion": "v1", "kind": "Event",
               "metadata": {"generateName": "breakfix-", "namespace": namespace, "labels": {INCIDENT: incident}},
-              "involvedObject": {"kind": kind, "name": name, "namespace": namespace if kind != "Node" else ""},
+              "involvedObject": {"kind": kind, "name": name, "namespace": namespace if kind != "Node" else "",
+                                 **({"uid": name} if kind == "Node" else {})},  # as the kubelet: describe finds it
               "reason": reason, "message": message[:1000], "type": "Warning" if warning else "Normal",
               "source": {"component": "breakfix-remediator"}, "firstTimestamp": _stamp(self.clock.now()),
               "lastTimestamp": _stamp(self.clock.now()),

@@ -27,7 +27,7 @@ class NodeAgentClient:
         self.bus = bus
         self.cluster = cluster
         self.clock = clock
-        self.timeouts = {AgentAction.RESET_GPU: 300.0, AgentAction.VALIDATE: 3600.0, AgentAction.REBOOT: 120.0,
+        self.timeouts = {AgentAction.RESET_GPU: 300.0, AgentAction.VALIDATE: 3960.0, AgentAction.REBOOT: 120.0,
                          AgentAction.GPU_PODS: 45.0, **(timeouts or {})}
 
     async def call(self, node: str, action: AgentAction, *, key: str, incident: str, gpu_uuid: str | None = None,
