@@ -11,7 +11,7 @@ from breakfix.remediator.actuator import StepResult
 from breakfix.remediator.decide import decide
 from breakfix.remediator.executor import Executor
 from breakfix.remediator.policy import Policy
-from breakfix.remediator.simcluster import SimCluster, SimNode
+from breakfix.remediator.simcluster import QUARANTINE_TAINT, SimCluster, SimNode
 from breakfix.schemas.common import GpuRef, Severity
 from breakfix.schemas.incident import (
     ActionKind,
@@ -145,8 +145,18 @@ class TestExecutor:
         c.nodes["n1"].cordoned, c.nodes["n1"].cordoned_by = True, "alice"
         h = Harness(c)
         inc = incident("gpu_drain_reset_required")
+        taints: list[list[str]] = []
+        real = c.drain_gpu
+
+        async def drain_gpu(node: str, gpu: int, *, incident: str, pods: tuple[str, ...] = ()) -> StepResult:
+            taints.append(list(c.nodes[node].taints))  # mid-repair: fenced by the taint whoever cordoned
+            return await real(node, gpu, incident=incident, pods=pods)
+
+        c.drain_gpu = drain_gpu  # type: ignore[method-assign]
         await h.executor.run(inc, decide(inc, await c.view(), policy))
         assert c.nodes["n1"].cordoned and c.nodes["n1"].cordoned_by == "alice"
+        assert taints and all(QUARANTINE_TAINT in t for t in taints), "tainted too, in case alice uncordons"
+        assert c.nodes["n1"].taints == [], "her cordon stays, breakfix's taint goes"
 
     @pytest.mark.parametrize("action", [StepAction.RESET_GPU, StepAction.DRAIN_GPU])
     async def test_gpu_step_without_gpu_fails_cleanly(self, action: StepAction) -> None:

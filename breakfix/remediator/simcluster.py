@@ -72,11 +72,12 @@ class SimCluster:
     async def cordon(self, node: str, *, incident: str, reason: str) -> StepResult:
         n = self._node(node)
         self.history.append(("cordon", node))
-        if n.cordoned and n.cordoned_by != "breakfix":
-            return StepResult(True, f"{node} already cordoned by {n.cordoned_by or 'someone else'}; left as is")
-        n.cordoned, n.cordoned_by = True, "breakfix"
-        if QUARANTINE_TAINT not in n.taints:
+        if QUARANTINE_TAINT not in n.taints:  # as the Kubernetes actuator: the taint fences it whoever cordoned
             n.taints.append(QUARANTINE_TAINT)
+        if n.cordoned and n.cordoned_by != "breakfix":
+            return StepResult(True, f"{node} already cordoned by {n.cordoned_by or 'someone else'}; left as is and "
+                                    f"tainted {QUARANTINE_TAINT}")
+        n.cordoned, n.cordoned_by = True, "breakfix"
         return StepResult(True, f"cordoned {node} and tainted {QUARANTINE_TAINT}")
 
     async def drain(self, node: str, *, incident: str) -> StepResult:
@@ -178,6 +179,7 @@ class SimCluster:
             n.cordoned, n.cordoned_by = False, None
             n.taints = [t for t in n.taints if t != QUARANTINE_TAINT]
             return StepResult(True, f"uncordoned {node}")
+        n.taints = [t for t in n.taints if t != QUARANTINE_TAINT]
         if n.cordoned:
             return StepResult(True, f"{node} stays cordoned: cordoned by {n.cordoned_by}, not breakfix")
         return StepResult(True, f"{node} schedulable")
