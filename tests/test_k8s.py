@@ -407,6 +407,12 @@ class TestPodsEventsConditions:
         assert sent.headers["Content-Type"] == "application/strategic-merge-patch+json"
         assert [c["type"] for c in sent.data["status"]["conditions"]] == ["GPUHealthy"]
         assert sent.data["status"]["conditions"][0]["lastTransitionTime"] == "2026-11-23T12:00:00Z"
+        act.clock.advance(600)  # type: ignore[attr-defined]
+        await act.set_gpu_condition("n1", True, "Validated", "soak passed")
+        again = [r for r in cluster.k["patch"] if r.url.path.endswith("/nodes/n1/status")][-1]
+        cond = again.data["status"]["conditions"][0]
+        assert (cond["lastTransitionTime"], cond["lastHeartbeatTime"]) == ("2026-11-23T12:00:00Z",
+                                                                          "2026-11-23T12:10:00Z"), "no transition"
 
     async def test_an_event_about_a_node_is_created_where_the_api_server_takes_it(self, cluster: Cluster) -> None:
         await cluster.add_node("n1")

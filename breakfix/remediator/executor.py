@@ -47,6 +47,7 @@ Gate = Callable[[Incident, Step], str | None]           # a reason the step may 
 Holders = Callable[[Incident], str | None]               # who else still holds the node, or None
 Save = Callable[[Progress], Awaitable[None]]
 BUSY = "busy:"  # the node agent's refusal while processes hold the GPU
+ESCALATE_MARKS_S = 120.0  # marking the escalated node (condition, event) may not hold up the page
 
 __all__ = ["BUSY", "Executor", "Progress", "ProgressState", "record_id", "rma_summary", "step_key"]
 
@@ -240,8 +241,9 @@ class Executor:
         esc = Step(action=StepAction.ESCALATE, params={"node": incident.node or ""})
         marks = ""
         try:  # the node's marks (condition, event) are best effort: the records and the page below must go out
-            await self.actuator.escalate(incident.node, summary, incident=incident.id)
-        except Exception as exc:
+            async with asyncio.timeout(ESCALATE_MARKS_S):
+                await self.actuator.escalate(incident.node, summary, incident=incident.id)
+        except Exception as exc:  # TimeoutError included
             marks = f" (the node's GPUHealthy condition and event were not written: {exc!r}"[:300] + ")"
         prog.state = ProgressState.ESCALATED
         await save(prog)

@@ -43,6 +43,8 @@ INCIDENT = "breakfix.io/incident"
 ME = "breakfix"
 MERGE = "application/merge-patch+json"
 STRATEGIC = "application/strategic-merge-patch+json"
+REQUEST_TIMEOUT = (10.0, 120.0)  # (connect, read) seconds for every API call: a step's timeout cancels the
+#                                  await, but only this frees the worker thread of a call that never answers
 NODE_EVENT_NAMESPACE = "default"  # events about a cluster-scoped object: the API server takes them only here
 __all__ = ["DrainMode", "DrainPolicy", "KubernetesActuator", "api_for"]
 
@@ -140,6 +142,7 @@ class KubernetesActuator:
         self._pool = ThreadPoolExecutor(max_workers=self.drain_policy.parallel + 4, thread_name_prefix="breakfix-k8s")
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        kw.setdefault("_request_timeout", REQUEST_TIMEOUT)  # a hung call must not hold a pool thread for ever
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kw))
 
     async def _raw(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> dict[str, Any]:
@@ -149,6 +152,8 @@ class KubernetesActuator:
         drain reads five fields of each; an eviction's answer is not read at all. Non-2xx answers still
         raise ``ApiException`` (the client checks the status before handing the raw response back).
         """
+        kw.setdefault("_request_timeout", REQUEST_TIMEOUT)
+
         def call() -> dict[str, Any]:
             resp = fn(*args, _preload_content=False, **kw)
             try:
@@ -396,9 +401,13 @@ class KubernetesActuator:
     async def set_gpu_condition(self, node: str, healthy: bool, reason: str, message: str) -> StepResult:
         """``GPUHealthy`` on the node's status, as a strategic merge patch: node conditions merge on ``type``, so
         the kubelet's own conditions are neither read nor written back (no race with its heartbeats)."""
-        cond = {"type": "GPUHealthy", "status": "True" if healthy else "False", "reason": reason,
-                "message": message[:500], "lastTransitionTime": _stamp(self.clock.now()),
-                "lastHeartbeatTime": _stamp(self.clock.now())}
+        status = "True" if healthy else "False"
+        now = _stamp(self.clock.now())
+        n = await self._raw(self.core.read_node_status, node)
+        was = next((c for c in (n.get("status") or {}).get("conditions") or [] if c.get("type") == "GPUHealthy"), {})
+        since = was.get("lastTransitionTime") if was.get("status") == status and was.get("lastTransitionTime") else now
+        cond = {"type": "GPUHealthy", "status": status, "reason": reason, "message": message[:500],
+                "lastTransitionTime": since, "lastHeartbeatTime": now}  # the transition is when the status changed
         await self._call(self.core.patch_node_status, node, {"status": {"conditions": [cond]}},
                          _content_type=STRATEGIC)
         return StepResult(True, f"{node} GPUHealthy={cond['status']}")
