@@ -273,8 +273,27 @@ class TestDaemonEndToEnd:
 
         try:
             await wait_until(failed_twice, 15, "the broken nvml source to fail and be retried")
-            _ok, body = daemon.health()
+            ok, body = daemon.health()
         finally:
             stop.set()
             await asyncio.wait_for(task, 10)
         assert body["nats"] is False
+        assert ok and body["wedged_sources"] == {}, "a failing source is not a dead daemon: no restart loop"
+
+
+def test_only_a_wedged_cycle_fails_liveness_a_failing_source_is_listed_stale(tmp_path: Path, catalog: Catalog) -> None:
+    from breakfix.bus.clock import ManualClock
+
+    cfg = CollectorConfig.model_validate({"cluster": "c1", "node": "n1", "state_dir": str(tmp_path),
+                                          "spool": {"dir": str(tmp_path / "spool")}})
+    clock = ManualClock(T0)
+    daemon = build_collector(cfg, clock=clock, catalog=catalog)
+    daemon.intervals.update({"dcgm": 15.0, "nvml": 1.0})
+    daemon.last_ok["nvml"] = clock.monotonic()
+    clock.advance(120)  # dcgm never succeeded (its exporter is away); nvml ended its last cycle 2 minutes ago
+    ok, body = daemon.health()
+    assert ok and set(body["stale_sources"]) == {"dcgm", "nvml"} and body["wedged_sources"] == {}
+    daemon.running["nvml"] = clock.monotonic()  # a cycle starts and never ends (a hung NVML call)
+    clock.advance(601)
+    ok, body = daemon.health()
+    assert not ok and set(body["wedged_sources"]) == {"nvml"}

@@ -9,7 +9,7 @@ and restarts a failing loop (the daemon itself never dies of a source error). Ev
 goes through the ``EdgeFilter`` and what survives to the ``Forwarder`` (NATS, or the on-disk
 spool while NATS is away; ``collectors.link`` keeps connecting in the background). All time
 comes from the injected ``Clock``. It serves ``/metrics`` (prometheus-client) and
-``/healthz`` (every enabled source ran recently) on ``http_listen``.
+``/healthz`` (no source cycle wedged; failing sources are listed, not fatal) on ``http_listen``.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from breakfix.schemas import subjects
 from breakfix.schemas.catalog import Catalog
 
 log = structlog.get_logger("breakfix.collector")
+WEDGED_S = 600.0  # a polled cycle running this long (or ten intervals) is wedged: /healthz fails
 
 
 class ServiceBus(Bus, Requester, Protocol):
@@ -89,6 +90,7 @@ class CollectorDaemon:
         self.plugins: list[Plugin] = []
         self.last_ok: dict[str, float] = {}
         self.intervals: dict[str, float] = {}
+        self.running: dict[str, float] = {}  # source -> when its current cycle started (monotonic)
         self.port: int | None = None
         self.ready = asyncio.Event()
         self.agent = agent
@@ -124,8 +126,11 @@ class CollectorDaemon:
 
         async def loop() -> None:
             while not stop.is_set():
-                started = self.clock.monotonic()
-                await step()
+                started = self.running[name] = self.clock.monotonic()
+                try:
+                    await step()
+                finally:
+                    self.running.pop(name, None)  # done, well or not: only a cycle that never ends is wedged
                 await pause(self.clock, stop, interval - (self.clock.monotonic() - started))
 
         await self.guard(name, loop, stop)
@@ -178,12 +183,19 @@ class CollectorDaemon:
 
     # -- HTTP --------------------------------------------------------------------------------------
     def health(self) -> tuple[bool, dict[str, object]]:
+        """Live unless a source's cycle is wedged: running for ``max(10 intervals, 600 s)`` without ending (a
+        restart may clear a hung library call). A source that fails or cannot reach what it reads (an
+        exporter away, no driver) is stale, not dead: it is listed here and in
+        ``breakfix_collector_source_last_success_timestamp_seconds``, and a restart would only lose the
+        other sources' state, so it does not fail the probe."""
         now = self.clock.monotonic()
         stale = {n: round(now - self.last_ok.get(n, 0.0), 1) for n, iv in self.intervals.items()
                  if now - self.last_ok.get(n, 0.0) > 3 * iv + 5}
+        wedged = {n: round(now - t, 1) for n, t in self.running.items()
+                  if now - t > max(10 * self.intervals.get(n, 60.0), WEDGED_S)}
         body: dict[str, object] = {"node": self.ctx.node, "nats": self.forwarder.up, "spool": len(self.spool),
-                                   "stale_sources": stale}
-        return not stale, body
+                                   "stale_sources": stale, "wedged_sources": wedged}
+        return not wedged, body
 
     def refresh_metrics(self) -> None:
         """Copy the spool's, the forwarder's, the edge filter's and the sources' counts into /metrics."""
@@ -203,7 +215,7 @@ class CollectorDaemon:
         listen = int(port) if self.config.metrics_port is None else self.config.metrics_port
         server = ObserveServer(self.metrics.registry, port=listen, host=host, name=f"collector-{self.ctx.node}")
         server.on_scrape(self.refresh_metrics)
-        server.health.add("sources", lambda: (self.health()[0], "a source has not completed a cycle lately"))
+        server.health.add("sources", lambda: (self.health()[0], "a source's cycle has not ended for minutes"))
         server.describe = lambda: self.health()[1]
         self.port = await server.start()
         self.ready.set()
