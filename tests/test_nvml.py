@@ -115,6 +115,25 @@ class TestPolledChecks:
         fake.gpus[6].dbe_volatile = 2
         assert faults(poll(src, 5)) == {("gpu.lost", 4, None), ("ecc.dbe", 6, None)}
 
+    @pytest.mark.parametrize("error", [pynvml.NVMLError_Unknown, pynvml.NVMLError_Timeout,
+                                       pynvml.NVMLError_IrqIssue, pynvml.NVMLError_GpuNotFound],
+                             ids=["unknown-error", "timeout", "irq-issue", "gpu-not-found"])
+    def test_a_gpu_that_stops_answering_is_lost_after_two_samples_never_healthy(self, catalog: Catalog,
+                                                                              error: type) -> None:
+        """A GPU off the bus often reads "Unknown Error" (a hung GSP times out) before NVML says GpuIsLost: its
+        reads are not "unsupported", so it must not go quiet or, worse, read healthy."""
+        fake = FakeNvml.hgx(2)
+        src = NvmlSource(fake, ctx(catalog))
+        poll(src)
+        fake.gpus[1].fail["nvmlDeviceGetTotalEccErrors"] = error()
+        first = poll(src, 1)
+        assert not [x for x in first.states if x.gpu and x.gpu.index == 1], "one unanswered sample says nothing"
+        second = poll(src, 2)
+        assert faults(second) == {("gpu.lost", 1, None)}
+        assert "NVML" in next(x for x in second.states if x.check == "gpu.lost" and not x.healthy).message
+        del fake.gpus[1].fail["nvmlDeviceGetTotalEccErrors"]
+        assert ("gpu.lost", 1, None) not in faults(poll(src, 3)), "it answers again: healthy"
+
     def test_signals_carry_tenant_of_the_pod_on_the_gpu(self, catalog: Catalog) -> None:
         from breakfix.schemas.common import TenantRef
         fake = FakeNvml.hgx(2)

@@ -61,6 +61,8 @@ class LinkSample:
 class GpuSample:
     gpu: GpuRef
     lost: str | None = None  # "gpu.lost" | "gpu.reset_required"
+    known: bool = True  # False: the GPU did not answer this time; nothing about it is said (not even healthy)
+    why: str = ""
     dbe: int | None = None
     sbe: int | None = None
     remap_pending: bool | None = None
@@ -86,7 +88,10 @@ def evaluate(ctx: NodeContext, s: GpuSample, prev: GpuSample | None, at: datetim
                               component=component, value=value, threshold=threshold,
                               message=message or f"{check} on {s.gpu.label()} {'fault' if bad else 'ok'}"))
 
-    state("gpu.lost", s.lost == "gpu.lost", message=f"NVML: GPU {s.gpu.label()} is lost" if s.lost else "")
+    if not s.known and not s.lost:
+        return out  # one unanswered sample: neither a fault yet nor a reason to say healthy
+    state("gpu.lost", s.lost == "gpu.lost",
+          message=f"NVML: GPU {s.gpu.label()} is lost{': ' + s.why if s.why else ''}" if s.lost else "")
     state("gpu.reset_required", s.lost == "gpu.reset_required")
     if s.lost:
         return out
@@ -137,11 +142,19 @@ def _address(handle: Any) -> int | None:
         return None
 
 
+# NVML errors of a device read that mean the GPU itself does not answer, not that it lacks the reading: a GPU
+# fallen off the bus commonly reads "Unknown Error" before NVML says GpuIsLost, and a hung GSP firmware times out
+# (Xid 79 and 119 situations; NVML API reference, nvmlReturn_t). Two samples in a row like this make it lost.
+UNREADABLE: tuple[type[pynvml.NVMLError], ...] = (pynvml.NVMLError_Unknown, pynvml.NVMLError_GpuNotFound,
+                                                  pynvml.NVMLError_Timeout, pynvml.NVMLError_IrqIssue)
+
+
 def _read(fn: Callable[..., Any], *args: Any) -> Any:
-    """One NVML read; None when the GPU does not support it. Lost/reset errors propagate."""
+    """One NVML read; None when the GPU does not have it (NotSupported, an absent link, ...). Lost, reset-required
+    and unreadable-GPU errors propagate."""
     try:
         return fn(*args)
-    except (pynvml.NVMLError_GpuIsLost, pynvml.NVMLError_ResetRequired):
+    except (pynvml.NVMLError_GpuIsLost, pynvml.NVMLError_ResetRequired, *UNREADABLE):
         raise
     except pynvml.NVMLError:
         return None
@@ -163,6 +176,7 @@ class NvmlSource:
         self.links_up: dict[int, set[int]] = {}
         self.started = False
         self.skipped = 0
+        self.unreadable: dict[int, int] = {}  # GPU index -> samples in a row it did not answer
 
     def start(self) -> None:
         """``nvmlInit`` and enumerate GPUs (index, UUID, PCI bus id) into the node context."""
@@ -215,6 +229,13 @@ class NvmlSource:
             s = GpuSample(gpu=ref, lost="gpu.lost")
         except pynvml.NVMLError_ResetRequired:
             s = GpuSample(gpu=ref, lost="gpu.reset_required")
+        except UNREADABLE as exc:
+            self.handles[index] = None  # ask for a fresh handle next time
+            self.unreadable[index] = self.unreadable.get(index, 0) + 1
+            s = GpuSample(gpu=ref, lost="gpu.lost" if self.unreadable[index] >= 2 else None, known=False,
+                          why=f"NVML {type(exc).__name__.removeprefix('NVMLError_')} on every read")
+            return s
+        self.unreadable.pop(index, None)
         return s
 
     def _fabric(self, h: Any) -> tuple[int, int] | None:
@@ -261,7 +282,7 @@ class NvmlSource:
                 self.skipped += 1
                 log.warning("gpu_sample_skipped", node=self.ctx.node, gpu=i, error=repr(exc)[:200])
                 continue
-            if sample.lost is None:
+            if sample.lost is None and sample.known:
                 self.prev[i] = (sample, mono)
         return Cycle(states=states)
 
