@@ -291,18 +291,18 @@ class NvmlSource:
         return self.evaluate(self.read(), at, mono)
 
     def event_gpu(self, device: Any) -> GpuRef:
-        """The GPU an event's device handle names. The handle is a new pointer object, so it is matched
-        by address against the handles enumerated at start; a GPU that fell off the bus (no UUID
-        read any more) keeps its index, UUID and PCI id that way."""
-        try:
-            return self.ctx.gpu(uuid=self.nvml.nvmlDeviceGetUUID(device))
-        except pynvml.NVMLError:
-            pass
+        """The GPU an event's device handle names (blocking: call it off the event loop). The handle is a new
+        pointer object, so it is matched by address against the handles enumerated at start first, which
+        needs no NVML call (a GPU that fell off the bus keeps its index, UUID and PCI id that way); only
+        a handle not known by address costs a UUID read."""
         addr = _address(device)
         for i, h in self.handles.items():
             if h is not None and addr is not None and _address(h) == addr:
                 return self.refs[i]
-        return GpuRef(index=None)
+        try:
+            return self.ctx.gpu(uuid=self.nvml.nvmlDeviceGetUUID(device))
+        except pynvml.NVMLError:
+            return GpuRef(index=None)
 
     async def watch_xids(self, stop: asyncio.Event, clock: Callable[[], datetime],
                          sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> AsyncIterator[Signal]:
@@ -331,7 +331,7 @@ class NvmlSource:
                     continue
                 if ev.eventType != pynvml.nvmlEventTypeXidCriticalError:
                     continue
-                gpu = self.event_gpu(ev.device)
+                gpu = await asyncio.to_thread(self.event_gpu, ev.device)  # NVML never runs on the event loop
                 at = clock()
                 yield self.ctx.signal(source=SignalSource.NVML, check="xid", code=str(ev.eventData), healthy=False,
                                       at=at, gpu=gpu, message=f"NVML event: Xid {ev.eventData} on {gpu.label()}",
