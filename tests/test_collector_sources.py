@@ -107,6 +107,12 @@ class TestFabric:
         later = bad(rules.apply(read_ports(root), T0 + timedelta(seconds=700), 700.0))
         assert ("ib.flapping", "mlx5_0/1") not in later and ("ib.errors", "mlx5_0/1") not in later
 
+    def test_an_sriov_virtual_function_is_not_judged_beside_its_physical_port(self, tmp_path: Path) -> None:
+        root = ib_tree(tmp_path)
+        before = {p.port for p in read_ports(root)}
+        (root / "mlx5_0" / "device" / "physfn").mkdir(parents=True)  # sysfs: a VF links to its physical function
+        assert {p.port for p in read_ports(root)} == before - {"mlx5_0/1"}
+
     def test_counter_reset_is_not_a_burst_of_errors(self, catalog: Catalog, tmp_path: Path) -> None:
         root = ib_tree(tmp_path)
         rules = FabricRules(ctx(catalog))

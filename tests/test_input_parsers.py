@@ -164,9 +164,19 @@ class TestFabricEdges:
             "empty-state"])
     def test_states_by_number_and_name_unknown_is_never_critical(self, catalog: Catalog, state: str, phys: str,
                                                                  expected: str | None) -> None:
-        (s,) = [x for x in FabricRules(ctx(catalog)).apply([port(state, phys)], T0, 0.0).states
-                if x.check == "ib.link_down"]
+        rules = FabricRules(ctx(catalog))
+        rules.apply([port("4: ACTIVE", "5: LinkUp")], T0, 0.0)  # the port was up: losing it is a fault
+        (s,) = [x for x in rules.apply([port(state, phys)], T0, 10.0).states if x.check == "ib.link_down"]
         assert (None if s.healthy else s.severity.value) == expected
+
+    def test_a_port_down_since_start_warns_and_ignored_ports_say_nothing(self, catalog: Catalog) -> None:
+        """DGX storage and management ports are often uncabled: DOWN/Polling from the start is a warning to look
+        at (or to list in ignore_ports), never a critical fault the remediator would act on."""
+        (s,) = [x for x in FabricRules(ctx(catalog)).apply([port("1: DOWN", "2: Polling")], T0, 0.0).states
+                if x.check == "ib.link_down"]
+        assert not s.healthy and s.severity.value == "warning" and s.details["reading"] == "never_active"
+        quiet = FabricRules(ctx(catalog), FabricThresholds(ignore_ports=("mlx5_*/1",)))
+        assert quiet.apply([port("1: DOWN", "2: Polling")], T0, 0.0).states == []
 
     def test_ethernet_port_is_judged_by_its_own_rate_or_skipped(self, catalog: Catalog) -> None:
         roce = port("4: ACTIVE", "5: LinkUp", "200 Gb/sec (4X HDR)", "Ethernet")

@@ -5,7 +5,9 @@ Reads ``/sys/class/infiniband/<dev>/ports/<n>/{state,phys_state,rate,link_layer,
 ``400 Gb/sec (4X NDR)``, decimal counters) into ``PortSample``s; the pure ``FabricRules`` turn
 samples and the previous ones into per-port states (component ``<dev>/<port>``):
 
-- ``ib.link_down``: state not ACTIVE or physical state not LinkUp (critical); a state or physical
+- ``ib.link_down``: state not ACTIVE or physical state not LinkUp (critical once the port was seen up; a
+  port down since start is a *warning*: uncabled storage or management ports look the same; ports in
+  ``ignore_ports`` and SR-IOV virtual functions are not judged); a state or physical
   state that is no kernel value (number and name disagree, e.g. ``phys_state`` ``4: ACTIVE``) is a
   *warning* ``ib.link_down``, never critical (``collectors.ibstate``);
 - ``ib.flapping``: ``link_downed`` or ``link_error_recovery`` rose ``flap_count`` times within
@@ -26,6 +28,7 @@ counts as zero new errors. A file that cannot be read or parsed is skipped and c
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +61,7 @@ class FabricThresholds:
     expected_ethernet_rate_gbps: float | None = None  # Ethernet (RoCE) ports; None: the best seen on the port
     skip_ethernet: bool = False
     single_reading: bool = False  # judge counters by their totals when there is no reading before
+    ignore_ports: tuple[str, ...] = ()  # fnmatch patterns of "<dev>/<port>" never judged (storage, management NICs)
     totals: tuple[tuple[str, int], ...] = tuple(DEFAULT_TOTALS.items())
 
 
@@ -123,8 +127,8 @@ def read_ports(root: Path = SYSFS, skipped: Skipped | None = None) -> list[PortS
     if not root.is_dir():
         return out
     for dev in _dirs(root, skipped):
-        if not (dev / "ports").is_dir():
-            continue
+        if not (dev / "ports").is_dir() or (dev / "device" / "physfn").exists():
+            continue  # an SR-IOV virtual function mirrors its physical port, which is judged itself
         for port in _dirs(dev / "ports", skipped):
             state, phys, rate = (_read(port / f, skipped) for f in ("state", "phys_state", "rate"))
             if state is None or phys is None:
@@ -152,6 +156,7 @@ class FabricRules:
         self.prev: dict[str, tuple[PortSample, float]] = {}
         self.flaps: dict[str, list[float]] = {}
         self.best_rate: dict[str, float] = {}
+        self.seen_up: set[str] = set()  # ports seen ACTIVE and LinkUp since start: only their loss is critical
         self.skipped_files = SkipCount()  # pass to read_ports: breakfix_collector_parse_skipped_total{source="fabric"}
 
     def apply(self, ports: list[PortSample], at: datetime, mono: float) -> Cycle:
@@ -159,7 +164,7 @@ class FabricRules:
         th = self.th
         for p in ports:
             ethernet = p.link_layer.lower() == "ethernet"
-            if ethernet and th.skip_ethernet:
+            if (ethernet and th.skip_ethernet) or any(fnmatch.fnmatchcase(p.port, pat) for pat in th.ignore_ports):
                 continue
 
             def state(check: str, bad: bool, msg: str, value: float | None = None, threshold: float | None = None,
@@ -174,9 +179,16 @@ class FabricRules:
             unknown = p.state is None or p.phys_state is None
             down = known_down or unknown
             readings = f"state {p.state_text or '?'}, physical {p.phys_text or '?'}"
+            if not down:
+                self.seen_up.add(p.port)
             if not known_down and unknown:
                 state("ib.link_down", True, f"{readings}: not a state the kernel prints", severity=Severity.WARNING,
                       reading="unknown")
+            elif known_down and p.port not in self.seen_up and not th.single_reading:
+                # down since this collector started: an uncabled or unused port (DGX storage and management
+                # ports) as often as a failed link, so a warning to look at, not a critical fault to repair
+                state("ib.link_down", True, f"{readings}; never ACTIVE since the collector started (uncabled or "
+                      "unused? list it in ignore_ports)", severity=Severity.WARNING, reading="never_active")
             else:
                 state("ib.link_down", known_down, readings)
             prev, prev_t = self.prev.get(p.port, (None, mono))
