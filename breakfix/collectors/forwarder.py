@@ -78,6 +78,12 @@ class Forwarder:
                 continue
             if self.spool.append(s):
                 self.stats.spooled += 1
+            elif not direct and self.bus is not None and not len(self.spool) and \
+                    await self._publish(subjects.signal_subject(s.cluster, s.node), encode(s), s.id):
+                # the spool refused it (disk full) and holds nothing to keep the order of: try the bus rather than
+                # drop it; an answer means the bus is back (with an empty spool nothing else would find that out)
+                self.up = True
+                self.stats.published += 1
             self._wake.set()
 
     async def drain(self, stop: asyncio.Event) -> None:

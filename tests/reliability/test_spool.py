@@ -142,3 +142,36 @@ async def test_a_disk_that_refuses_writes_is_a_counted_drop_by_severity(tmp_path
     assert [e["event"] for e in logs] == ["spool_write_failed"], "logged once, not once per signal"
     monkeypatch.undo()
     assert spool.append(sig(n=9, severity=Severity.INFO)), "writes work again once the disk has room"
+
+
+async def test_a_full_disk_after_a_bus_blip_does_not_drop_signals_once_the_bus_answers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One failed publish marks the bus down; with the disk full the spool stays empty, so no replay would ever
+    find the bus back. A signal the spool refuses is tried on the bus instead of being dropped."""
+    from breakfix.bus.memory import MemoryBus
+
+    bus = MemoryBus()
+    await bus.ensure_streams(subjects.STREAMS)
+    fails = [True]
+    real = bus.publish
+
+    async def publish(subject: str, data: bytes, **kw: Any) -> Any:
+        if fails:
+            fails.pop()
+            raise ConnectionError("nats: connection closed")
+        return await real(subject, data, **kw)
+
+    monkeypatch.setattr(bus, "publish", publish)
+    spool = Spool(tmp_path / "spool")
+    fwd = Forwarder(spool)
+    fwd.attach(bus)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    await fwd.send([sig(n=1, severity=Severity.CRITICAL)])  # the blip: refused by the bus and by the disk
+    assert not fwd.up and spool.dropped["critical"] == 1
+    await fwd.send([sig(n=2, at=2, severity=Severity.CRITICAL), sig(n=3, at=3, severity=Severity.WARNING)])
+    assert fwd.up and fwd.stats.published == 2, "the bus answered: published, not dropped"
+    assert len(bus.messages(subjects.SIGNALS.name)) == 2
