@@ -43,6 +43,17 @@ class TestDcgm:
         assert [(s.code, s.gpu.uuid if s.gpu else None) for s in cycle.events] == [
             ("79", "GPU-6043e4b2-feaa-8010-34c7-61d1a01576bb")] * 2, "the last-XID gauge and the XID-count family"
 
+    def test_gpus_nvml_does_not_list_on_this_node_are_never_reported_as_its_own(self, catalog: Catalog) -> None:
+        """An exporter URL that reaches past this node (a cluster-wide Service) shows other nodes' GPUs."""
+        from breakfix.schemas.common import GpuRef
+
+        c = ctx(catalog)
+        c.register_gpus([GpuRef(index=0, uuid="GPU-58e8f5ea-13cc-013a-d88f-2bcf5ae8bc77")])  # this node's only GPU
+        rules = DcgmRules(c)
+        cycle = rules.apply(SAMPLE, T0, 0.0, baseline_xids=False)
+        assert not cycle.events and not bad(cycle), "the XID and DBE belong to GPU-6043e4b2, another node's"
+        assert rules.foreign >= 1
+
     def test_last_xid_gauge_is_an_event_only_when_it_changes(self, catalog: Catalog) -> None:
         rules = DcgmRules(ctx(catalog))
         assert rules.apply(SAMPLE, T0, 0.0).events == [], "the first scrape is a baseline"

@@ -159,7 +159,9 @@ def test_deployed_configs_validate_against_the_real_config_models(overlay: str,
     monkeypatch.setenv("NODE_NAME", "gpu-node-000")
     collector = CollectorConfig.model_validate(yaml.safe_load(config_text(overlay, "breakfix-collector",
                                                                           "collector.yaml")))
-    assert collector.sources.dcgm.enabled and not collector.agent.enabled
+    assert collector.sources.nvml.enabled and not collector.agent.enabled
+    # the exporter is not on the collector pod's loopback (its own pod network): read fleet-wide instead
+    assert not collector.sources.dcgm.enabled
     agent = CollectorConfig.model_validate(yaml.safe_load(config_text(overlay, "breakfix-agent", "agent.yaml")))
     s = agent.sources
     assert agent.agent.enabled and not any(x.enabled for x in (s.nvml, s.kmsg, s.dcgm, s.fabric, s.endpoint,

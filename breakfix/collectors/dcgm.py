@@ -151,6 +151,7 @@ class DcgmRules:
         self.prev: dict[str, tuple[dict[str, float], float]] = {}
         self.prev_counts: dict[str, dict[str, float]] = {}
         self.skipped = 0  # bad samples since start
+        self.foreign = 0  # GPUs on the page that NVML does not list on this node (skipped, counted)
         self.logged: set[str] = set()  # families already logged as bad (once each)
         self.reasons: list[str] = []  # the first bad samples' reasons, for the offline command
 
@@ -176,6 +177,10 @@ class DcgmRules:
 
     def _gpu(self, key: str, g: GpuFields, at: datetime, mono: float, baseline_xids: bool,
              states: list[Signal], events: list[Signal]) -> None:
+        known = self.ctx.gpus_by_uuid
+        if known and g.gpu.uuid and g.gpu.uuid not in known:  # another node's GPU (an exporter URL that reaches
+            self.foreign += 1                                # past this node): never reported as this node's
+            return
         gpu = self.ctx.gpu(uuid=g.gpu.uuid, pci=g.gpu.pci_bus_id, index=g.gpu.index)
         prev, prev_t = self.prev.get(key, ({}, mono))
         elapsed = mono - prev_t
