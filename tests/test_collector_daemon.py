@@ -50,6 +50,17 @@ class TestEdgeFilter:
         sent = edge.apply(Cycle(states=[flap(True, 1, gpu_index=0)]), T0)  # gpu1 unreadable this cycle
         assert [(s.gpu.index if s.gpu else None, s.healthy) for s in sent] == [(0, True)]
 
+    def test_a_fault_open_before_a_restart_is_cleared_by_its_first_healthy_reading(self) -> None:
+        before = EdgeFilter(resync_s=3600)
+        before.apply(Cycle(states=[flap(False, 0, gpu_index=0), flap(False, 0, gpu_index=1)]), T0)
+        carried = before.faulted_keys()
+        after = EdgeFilter(resync_s=3600, faulted=carried)  # the collector restarted; gpu0 was fixed meanwhile
+        sent = after.apply(Cycle(states=[flap(True, 5, gpu_index=0), flap(False, 5, gpu_index=1),
+                                         flap(True, 5, gpu_index=2)]), T0)
+        assert [(s.gpu.index if s.gpu else None, s.healthy) for s in sent] == [(0, True)], \
+            "gpu0's clearing is news; gpu1 is still faulted (known upstream); gpu2 was never faulted"
+        assert after.faulted_keys() == [k for k in carried if "00000001" in k], "gpu1 stays open"
+
     def test_resync_resends_faults_and_recovered_entities(self) -> None:
         edge = EdgeFilter(resync_s=60)
         edge.apply(Cycle(states=[flap(False, 0, gpu_index=0), flap(False, 0, gpu_index=1), flap(True, 0, gpu_index=2)]),
@@ -197,6 +208,9 @@ class TestDaemonEndToEnd:
         ib = tmp_path / "ib"
         shutil.copytree(DATA / "ib_sysfs", ib)
         fake = FakeNvml.hgx(8)
+        # the node's own exporter lists the node's own GPUs: NVML names them the same
+        fake.gpus[0].uuid, fake.gpus[1].uuid = ("GPU-58e8f5ea-13cc-013a-d88f-2bcf5ae8bc77",
+                                                "GPU-6043e4b2-feaa-8010-34c7-61d1a01576bb")
         vllm = FakeVllm()
         async with _Http(dcgm_app()) as dcgm, _Http(vllm.app()) as ep:
             cfg = CollectorConfig.model_validate({
@@ -297,3 +311,15 @@ def test_only_a_wedged_cycle_fails_liveness_a_failing_source_is_listed_stale(tmp
     clock.advance(601)
     ok, body = daemon.health()
     assert not ok and set(body["wedged_sources"]) == {"nvml"}
+
+
+async def test_the_open_faults_outlive_a_collector_restart_on_disk(tmp_path: Path, catalog: Catalog) -> None:
+    cfg = CollectorConfig.model_validate({"cluster": "c1", "node": "n1", "state_dir": str(tmp_path),
+                                          "spool": {"dir": str(tmp_path / "spool")}})
+    first = build_collector(cfg, clock=SystemClock(), catalog=catalog)
+    await first.emit("nvml", Cycle(states=[flap(False, 0, node="n1")]))
+    assert (tmp_path / "edge-faults.json").exists()
+    again = build_collector(cfg, clock=SystemClock(), catalog=catalog)  # restarted; the fault was fixed meanwhile
+    await again.emit("nvml", Cycle(states=[flap(True, 60, node="n1")]))
+    assert again.forwarder.stats.spooled + again.forwarder.stats.published == 1, "the clearing went out"
+    assert (tmp_path / "edge-faults.json").read_text() == "[]"

@@ -6,7 +6,9 @@ or not) and *events* (occurrences such as an XID line). ``EdgeFilter.apply`` ret
 to the forwarder (``collectors.forwarder``):
 
 - states: only transitions per (check, entity): fault, a changed fault code, then healthy. A
-  first healthy reading is not news. An entity missing from a cycle is never cleared.
+  first healthy reading is not news, unless the fault was open when the previous process stopped
+  (``faulted``, kept on disk by the daemon): then it is the clearing. An entity missing from a cycle
+  is never cleared.
 - every ``resync_s`` the current faults, and the healthy state of every entity that was ever
   faulted, are sent again (``details.resync``) so the correlator can reconcile after a loss;
 - events: the same (check, entity, code, workload) again within ``repeat_window_s`` is counted,
@@ -18,6 +20,7 @@ to the forwarder (``collectors.forwarder``):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -50,8 +53,16 @@ def _with(s: Signal, **details: str) -> Signal:
     return s.model_copy(update={"details": {**s.details, **details}})
 
 
+MAX_CARRIED = 10_000  # faults carried over a restart (a node has a few hundred checked entities)
+
+
 class EdgeFilter:
-    def __init__(self, *, resync_s: float = 300.0, repeat_window_s: float = 60.0) -> None:
+    def __init__(self, *, resync_s: float = 300.0, repeat_window_s: float = 60.0,
+                 faulted: Iterable[str] = ()) -> None:
+        """``faulted``: the fault keys that were open when the previous process stopped (``faulted_keys``, kept
+        by the daemon): their first reading here counts against that, so a fault fixed while the collector
+        was down is cleared (a first healthy reading is otherwise not news)."""
+        self.carried: set[str] = set(list(faulted)[:MAX_CARRIED])
         self.resync_s = resync_s
         self.repeat_window_s = repeat_window_s
         self.states: dict[str, _State] = {}
@@ -65,6 +76,10 @@ class EdgeFilter:
         for s in cycle.states:
             key = s.fault_key()
             prev = self.states.get(key)
+            if prev is None and key in self.carried:  # open before the restart: compare with that
+                self.carried.discard(key)
+                prev = self.states[key] = _State(False, None, s, True)
+                prev.code = s.code if not s.healthy else None
             if prev is None:
                 self.states[key] = _State(s.healthy, s.code, s, not s.healthy)
                 if not s.healthy:
@@ -95,6 +110,10 @@ class EdgeFilter:
                                      resync="true"))
                     self.stats.resyncs += 1
         return out
+
+    def faulted_keys(self) -> list[str]:
+        """The faults open now (and those carried over a restart not read again yet): what a restart carries."""
+        return sorted({k for k, st in self.states.items() if not st.healthy} | self.carried)
 
     def _trailing(self, now: datetime) -> list[Signal]:
         """Send the latest repeat of every window that has closed with repeats counted and none sent."""
