@@ -134,6 +134,32 @@ class TestPolledChecks:
         del fake.gpus[1].fail["nvmlDeviceGetTotalEccErrors"]
         assert ("gpu.lost", 1, None) not in faults(poll(src, 3)), "it answers again: healthy"
 
+    def test_a_gpu_whose_calls_hang_holds_up_only_itself_and_is_lost_after_three_polls(self, catalog: Catalog
+                                                                                      ) -> None:
+        import threading
+
+        fake = FakeNvml.hgx(4)
+        src = NvmlSource(fake, ctx(catalog), sample_timeout_s=0.2)
+        poll(src)
+        hung = threading.Event()
+        real = fake.nvmlDeviceGetTotalEccErrors
+
+        def ecc(handle: object, *args: int) -> int:
+            if FakeNvml.index_of(handle) == 2:
+                hung.wait(10)  # the GSP does not answer
+            return real(handle, *args)
+
+        fake.nvmlDeviceGetTotalEccErrors = ecc  # type: ignore[method-assign]
+        fake.gpus[0].dbe_volatile = 1
+        try:
+            first = poll(src, 1)
+            assert faults(first) == {("ecc.dbe", 0, None)}, "the other GPUs still report, on time"
+            assert not [x for x in first.states if x.gpu and x.gpu.index == 2], "nothing said about gpu2 yet"
+            poll(src, 2)
+            assert ("gpu.lost", 2, None) in faults(poll(src, 3))
+        finally:
+            hung.set()
+
     def test_signals_carry_tenant_of_the_pod_on_the_gpu(self, catalog: Catalog) -> None:
         from breakfix.schemas.common import TenantRef
         fake = FakeNvml.hgx(2)

@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -164,7 +168,7 @@ class NvmlSource:
     name = "nvml"
 
     def __init__(self, nvml: Nvml, ctx: NodeContext, *, expected_gpus: int | None = None,
-                 thresholds: Thresholds | None = None, max_links: int = 18) -> None:
+                 thresholds: Thresholds | None = None, max_links: int = 18, sample_timeout_s: float = 20.0) -> None:
         self.nvml = nvml
         self.ctx = ctx
         self.expected = expected_gpus
@@ -175,13 +179,25 @@ class NvmlSource:
         self.prev: dict[int, tuple[GpuSample, float]] = {}
         self.links_up: dict[int, set[int]] = {}
         self.started = False
+        self._starting = threading.Lock()
         self.skipped = 0
+        self.sample_timeout_s = sample_timeout_s
+        self._pool: ThreadPoolExecutor | None = None
+        self._busy: dict[int, Future[GpuSample]] = {}  # GPU index -> its sample in flight
+        self.stalled: dict[int, int] = {}  # GPU index -> polls in a row its sample did not return in time
         self.unreadable: dict[int, int] = {}  # GPU index -> samples in a row it did not answer
 
     def start(self) -> None:
-        """``nvmlInit`` and enumerate GPUs (index, UUID, PCI bus id) into the node context."""
+        """``nvmlInit`` and enumerate GPUs (index, UUID, PCI bus id) into the node context, once: the poll's
+        thread and the XID watcher may both ask first, and neither may see a half-built GPU list."""
+        with self._starting:
+            if self.started:
+                return
+            self._start()
+            self.started = True
+
+    def _start(self) -> None:
         self.nvml.nvmlInit()
-        self.started = True
         for i in range(self.nvml.nvmlDeviceGetCount()):
             try:
                 h = self.nvml.nvmlDeviceGetHandleByIndex(i)
@@ -255,14 +271,35 @@ class NvmlSource:
         the other GPUs' samples still go out."""
         if not self.started:
             self.start()
-        out: list[GpuSample] = []
-        for i in self.refs:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.refs)), thread_name_prefix="nvml-gpu")
+        begun: dict[int, Future[GpuSample]] = {}
+        out: dict[int, GpuSample] = {}
+        for i in self.refs:  # one thread per GPU: a GPU whose calls hang (a GSP timeout) holds up only itself
+            running = self._busy.get(i)
+            if running is not None and not running.done():
+                out[i] = self._stalled(i)
+                continue
+            begun[i] = self._busy[i] = self._pool.submit(self.sample, i)
+        deadline = time.monotonic() + self.sample_timeout_s  # a thread-level I/O bound, like a socket timeout
+        for i, fut in begun.items():
             try:
-                out.append(self.sample(i))
+                out[i] = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+                self.stalled.pop(i, None)
+            except FutureTimeout:
+                out[i] = self._stalled(i)
             except Exception as exc:
                 self.skipped += 1
                 log.warning("gpu_sample_skipped", node=self.ctx.node, gpu=i, error=repr(exc)[:200])
-        return out
+        return [out[i] for i in sorted(out)]
+
+    def _stalled(self, index: int) -> GpuSample:
+        """A GPU whose NVML calls have not returned within ``sample_timeout_s``: nothing is said about it at first,
+        and after three polls in a row it is lost (a GPU that stops answering is as gone as one off the bus)."""
+        n = self.stalled[index] = self.stalled.get(index, 0) + 1
+        log.warning("gpu_sample_stalled", node=self.ctx.node, gpu=index, polls=n)
+        return GpuSample(gpu=self.refs[index], known=False, lost="gpu.lost" if n >= 3 else None,
+                         why=f"NVML calls on it have not returned for {n} polls")
 
     def evaluate(self, samples: list[GpuSample], at: datetime, mono: float) -> Cycle:
         """Samples -> state signals, with counter rates against each GPU's previous sample."""

@@ -77,7 +77,8 @@ class NvmlXids:
 @register("nvml")
 def nvml_plugins(c: NvmlConfig, env: SourceEnv) -> Sequence[Plugin]:
     api = env.nvml or (FakeNvml.hgx(c.fake_gpus, env.ctx.node) if c.fake_gpus else real_nvml())
-    src = NvmlSource(api, env.ctx, expected_gpus=c.expected_gpus, thresholds=c.thresholds)
+    src = NvmlSource(api, env.ctx, expected_gpus=c.expected_gpus, thresholds=c.thresholds,
+                     sample_timeout_s=max(5.0, 2 * c.interval_s))
     out: list[Plugin] = [NvmlPoll(src, c.interval_s)]
     if c.xid_events:
         out.append(NvmlXids(src, env))
