@@ -356,10 +356,12 @@ class NvmlSource:
                 n.nvmlDeviceRegisterEvents(h, mask, es)
             except pynvml.NVMLError as exc:
                 log.warning("xid_events_unavailable", gpu=i, error=str(exc))
+        waiting: asyncio.Future[Any] | None = None
         try:
             while not stop.is_set():
                 try:
-                    ev = await asyncio.to_thread(n.nvmlEventSetWait_v2, es, 1000)
+                    waiting = asyncio.get_running_loop().run_in_executor(None, n.nvmlEventSetWait_v2, es, 1000)
+                    ev = await waiting
                 except pynvml.NVMLError_Timeout:
                     continue
                 except pynvml.NVMLError as exc:  # e.g. a GPU fell off: the poll reports it; keep watching
@@ -374,4 +376,6 @@ class NvmlSource:
                                       at=at, gpu=gpu, message=f"NVML event: Xid {ev.eventData} on {gpu.label()}",
                                       discriminator=f"nvml-event-{at.timestamp()}")
         finally:
+            if waiting is not None and not waiting.done():  # cancelled mid-wait: the thread still holds the set
+                await asyncio.wait({waiting}, timeout=5.0)  # (its wait ends within 1 s); free it only after
             n.nvmlEventSetFree(es)
