@@ -61,6 +61,13 @@ class TestEdgeFilter:
             "gpu0's clearing is news; gpu1 is still faulted (known upstream); gpu2 was never faulted"
         assert after.faulted_keys() == [k for k in carried if "00000001" in k], "gpu1 stays open"
 
+    def test_a_carried_fault_never_read_again_is_forgotten(self) -> None:
+        edge = EdgeFilter(resync_s=60, faulted=["xid@n1/gone-gpu"])
+        edge.apply(Cycle(), T0)
+        assert edge.faulted_keys() == ["xid@n1/gone-gpu"]
+        edge.apply(Cycle(), T0 + timedelta(seconds=181))
+        assert edge.faulted_keys() == [], "three resync periods without a reading: the entity is gone"
+
     def test_resync_resends_faults_and_recovered_entities(self) -> None:
         edge = EdgeFilter(resync_s=60)
         edge.apply(Cycle(states=[flap(False, 0, gpu_index=0), flap(False, 0, gpu_index=1), flap(True, 0, gpu_index=2)]),
@@ -253,7 +260,7 @@ class TestDaemonEndToEnd:
                              "GPU has fallen off the bus.\n")
                 vllm.healthy = False
                 for check, match in [("ecc.dbe", {"source": "nvml"}), ("xid", {"source": "kmsg", "code": "79"}),
-                                     ("ecc.dbe", {"source": "dcgm"}), ("ib.link_down", {"component": "mlx5_1/1"}),
+                                     ("ecc.dbe", {"source": "dcgm"}), ("ib.port_inactive", {"component": "mlx5_1/1"}),
                                      ("ib.rate_degraded", {"component": "mlx5_2/1"}), ("endpoint.down", {})]:
                     await wait_until(lambda c=check, m=match: has(c, **m), 15, f"{check} {match}")  # type: ignore[misc]
                 kmsg_xid = next(s for s in seen if s.source.value == "kmsg")

@@ -49,6 +49,7 @@ class TestDcgm:
 
         c = ctx(catalog)
         c.register_gpus([GpuRef(index=0, uuid="GPU-58e8f5ea-13cc-013a-d88f-2bcf5ae8bc77")])  # this node's only GPU
+        c.nvml_uuids = {"GPU-58e8f5ea-13cc-013a-d88f-2bcf5ae8bc77"}  # as NVML enumerated it
         rules = DcgmRules(c)
         cycle = rules.apply(SAMPLE, T0, 0.0, baseline_xids=False)
         assert not cycle.events and not bad(cycle), "the XID and DBE belong to GPU-6043e4b2, another node's"
@@ -104,7 +105,10 @@ class TestFabric:
         assert [(p.port, p.state, p.phys_state, p.rate_gbps) for p in ports] == [
             ("mlx5_0/1", 4, 5, 400.0), ("mlx5_1/1", 1, 2, 400.0), ("mlx5_2/1", 4, 5, 200.0)]
         cycle = FabricRules(ctx(catalog), FabricThresholds(expected_rate_gbps=400)).apply(ports, T0, 0.0)
-        assert bad(cycle) == {("ib.link_down", "mlx5_1/1"), ("ib.rate_degraded", "mlx5_2/1")}
+        assert bad(cycle) == {("ib.port_inactive", "mlx5_1/1"), ("ib.rate_degraded", "mlx5_2/1")}, \
+            "down since start: inactive (uncabled?), not a failed link"
+        seen = FabricRules(ctx(catalog), FabricThresholds(expected_rate_gbps=400), seen_up={"mlx5_1/1"})
+        assert ("ib.link_down", "mlx5_1/1") in bad(seen.apply(ports, T0, 0.0)), "it worked before: a failed link"
 
     def test_error_rate_and_flapping_from_counter_deltas(self, catalog: Catalog, tmp_path: Path) -> None:
         root = ib_tree(tmp_path)
@@ -117,6 +121,21 @@ class TestFabric:
         assert {("ib.errors", "mlx5_0/1"), ("ib.flapping", "mlx5_0/1")} <= got
         later = bad(rules.apply(read_ports(root), T0 + timedelta(seconds=700), 700.0))
         assert ("ib.flapping", "mlx5_0/1") not in later and ("ib.errors", "mlx5_0/1") not in later
+
+    def test_ports_seen_up_are_remembered_across_a_restart(self, catalog: Catalog, tmp_path: Path) -> None:
+        """After a restart a failed link is still a failed link, not an 'uncabled' port."""
+        from breakfix.collectors.config import FabricConfig
+        from breakfix.collectors.source import SourceEnv
+        from breakfix.collectors.sources import FabricPlugin
+
+        root = ib_tree(tmp_path / "sys")
+        env = SourceEnv(ctx=ctx(catalog), clock=None, http=None, state_dir=tmp_path / "state", nvml=None)  # type: ignore[arg-type]
+        first = FabricPlugin(FabricConfig(sysfs=root), env)
+        first.apply(read_ports(root), T0, 0.0)  # mlx5_0/1 is up
+        (root / "mlx5_0/ports/1/state").write_text("1: DOWN\n")
+        (root / "mlx5_0/ports/1/phys_state").write_text("2: Polling\n")
+        again = FabricPlugin(FabricConfig(sysfs=root), env)  # the collector restarted meanwhile
+        assert ("ib.link_down", "mlx5_0/1") in bad(again.apply(read_ports(root), T0, 0.0))
 
     def test_an_sriov_virtual_function_is_not_judged_beside_its_physical_port(self, tmp_path: Path) -> None:
         root = ib_tree(tmp_path)

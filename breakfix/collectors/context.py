@@ -27,6 +27,7 @@ class NodeContext:
     gpus_by_pci: dict[str, GpuRef] = field(default_factory=dict)
     gpus_by_uuid: dict[str, GpuRef] = field(default_factory=dict)
     tenants: dict[str, TenantRef] = field(default_factory=dict)  # GPU UUID -> the pod holding it
+    nvml_uuids: set[str] = field(default_factory=set)  # the GPUs NVML enumerated on this node (empty: unknown)
 
     def register_gpus(self, gpus: list[GpuRef]) -> None:
         for g in gpus:

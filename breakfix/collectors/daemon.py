@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Protocol
 
 import aiohttp
@@ -35,6 +32,7 @@ from breakfix.collectors.config import CollectorConfig
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.edge import Cycle, EdgeFilter
 from breakfix.collectors.forwarder import Forwarder
+from breakfix.collectors.keyfile import load_keys, save_keys
 from breakfix.collectors.link import keep_connected, pause
 from breakfix.collectors.metrics import AgentMetrics, counted
 from breakfix.collectors.nvml_api import Nvml
@@ -76,29 +74,6 @@ class Metrics:
                                 registry=r)
 
 
-def _load_faults(path: Path) -> list[str]:
-    """The fault keys open when the previous process stopped; nothing when the file is missing or bad."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError) as exc:
-        log.warning("edge_faults_unreadable", path=str(path), error=repr(exc)[:200])
-        return []
-    return [k for k in data if isinstance(k, str)] if isinstance(data, list) else []
-
-
-def _save_faults(path: Path, keys: list[str]) -> None:
-    """Replace the file whole; a failed write costs one missed clearing after a restart, never the daemon."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(keys))
-        os.replace(tmp, path)
-    except OSError as exc:
-        log.warning("edge_faults_not_saved", path=str(path), error=repr(exc)[:200])
-
-
 class CollectorDaemon:
     def __init__(self, config: CollectorConfig, catalog: Catalog, *, clock: Clock, connect: Connect | None = None,
                  nvml: Nvml | None = None, agent: NodeAgent | None = None) -> None:
@@ -108,7 +83,7 @@ class CollectorDaemon:
                                labels=dict(config.labels))
         self.faults_path = config.state_dir / "edge-faults.json"  # the faults open now, for the next start
         self.edge = EdgeFilter(resync_s=config.edge.resync_s, repeat_window_s=config.edge.repeat_window_s,
-                               faulted=_load_faults(self.faults_path))
+                               faulted=load_keys(self.faults_path))
         self._faults_saved = self.edge.faulted_keys()
         self.spool = Spool(config.spool.dir, max_records=config.spool.max_records)
         self.forwarder = Forwarder(self.spool, publish_timeout_s=config.nats.publish_timeout_s, clock=clock)
@@ -131,9 +106,8 @@ class CollectorDaemon:
         if out:
             await self.forwarder.send(out)
             self.metrics.signals.labels(source).inc(len(out))
-            if (faults := self.edge.faulted_keys()) != self._faults_saved:
-                self._faults_saved = faults
-                _save_faults(self.faults_path, faults)
+            if (faults := self.edge.faulted_keys()) != self._faults_saved and save_keys(self.faults_path, faults):
+                self._faults_saved = faults  # a refused write is tried again at the next transition
         self.metrics.cycles.labels(source).inc()
         self.metrics.last_ok.labels(source).set(self.clock.now().timestamp())
         self.last_ok[source] = self.clock.monotonic()
@@ -242,7 +216,7 @@ class CollectorDaemon:
         m.suppressed.labels("event").set(self.edge.stats.suppressed_events)
 
     async def _http(self, stop: asyncio.Event) -> None:
-        """``/metrics``, ``/healthz`` (every enabled source ran recently), ``/readyz`` (bus.observe)."""
+        """``/metrics``, ``/healthz`` (no source cycle wedged), ``/readyz`` (bus.observe)."""
         host, _, port = self.config.http_listen.rpartition(":")
         listen = int(port) if self.config.metrics_port is None else self.config.metrics_port
         server = ObserveServer(self.metrics.registry, port=listen, host=host, name=f"collector-{self.ctx.node}")

@@ -177,9 +177,11 @@ class DcgmRules:
 
     def _gpu(self, key: str, g: GpuFields, at: datetime, mono: float, baseline_xids: bool,
              states: list[Signal], events: list[Signal]) -> None:
-        known = self.ctx.gpus_by_uuid
+        known = self.ctx.nvml_uuids
         if known and g.gpu.uuid and g.gpu.uuid not in known:  # another node's GPU (an exporter URL that reaches
-            self.foreign += 1                                # past this node): never reported as this node's
+            if not self.foreign:                             # past this node): never reported as this node's
+                log.warning("dcgm_foreign_gpu", node=self.ctx.node, uuid=g.gpu.uuid)
+            self.foreign += 1
             return
         gpu = self.ctx.gpu(uuid=g.gpu.uuid, pci=g.gpu.pci_bus_id, index=g.gpu.index)
         prev, prev_t = self.prev.get(key, ({}, mono))

@@ -69,6 +69,7 @@ class EdgeFilter:
         self.events: dict[str, tuple[datetime, int]] = {}  # key -> (last sent, suppressed since)
         self.pending: dict[str, Signal] = {}  # key -> the latest suppressed repeat, sent when its window closes
         self.last_resync: datetime | None = None
+        self.started: datetime | None = None
         self.stats = EdgeStats()
 
     def apply(self, cycle: Cycle, now: datetime) -> list[Signal]:
@@ -98,6 +99,10 @@ class EdgeFilter:
             out.extend(self._event(s))
         if self.pending:
             out.extend(self._trailing(now))
+        if self.carried and self.started is not None and (now - self.started).total_seconds() > 3 * self.resync_s:
+            self.carried.clear()  # never read again since the restart (an entity gone, a source turned off)
+        if self.started is None:
+            self.started = now
         if self.last_resync is None:
             self.last_resync = now
         elif (now - self.last_resync).total_seconds() >= self.resync_s:

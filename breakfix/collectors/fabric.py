@@ -5,9 +5,10 @@ Reads ``/sys/class/infiniband/<dev>/ports/<n>/{state,phys_state,rate,link_layer,
 ``400 Gb/sec (4X NDR)``, decimal counters) into ``PortSample``s; the pure ``FabricRules`` turn
 samples and the previous ones into per-port states (component ``<dev>/<port>``):
 
-- ``ib.link_down``: state not ACTIVE or physical state not LinkUp (critical once the port was seen up; a
-  port down since start is a *warning*: uncabled storage or management ports look the same; ports in
-  ``ignore_ports`` and SR-IOV virtual functions are not judged); a state or physical
+- ``ib.link_down``: state not ACTIVE or physical state not LinkUp on a port seen up before (critical); a
+  port never seen ACTIVE on this node is ``ib.port_inactive`` instead (uncabled storage or management
+  ports look the same; informational in the catalog); ports in ``ignore_ports`` and SR-IOV virtual
+  functions are not judged; a state or physical
   state that is no kernel value (number and name disagree, e.g. ``phys_state`` ``4: ACTIVE``) is a
   *warning* ``ib.link_down``, never critical (``collectors.ibstate``);
 - ``ib.flapping``: ``link_downed`` or ``link_error_recovery`` rose ``flap_count`` times within
@@ -150,13 +151,15 @@ def read_ports(root: Path = SYSFS, skipped: Skipped | None = None) -> list[PortS
 
 
 class FabricRules:
-    def __init__(self, ctx: NodeContext, thresholds: FabricThresholds | None = None) -> None:
+    def __init__(self, ctx: NodeContext, thresholds: FabricThresholds | None = None, *,
+                 seen_up: set[str] | None = None) -> None:
         self.ctx = ctx
         self.th = thresholds or FabricThresholds()
         self.prev: dict[str, tuple[PortSample, float]] = {}
         self.flaps: dict[str, list[float]] = {}
         self.best_rate: dict[str, float] = {}
-        self.seen_up: set[str] = set()  # ports seen ACTIVE and LinkUp since start: only their loss is critical
+        self.seen_up: set[str] = seen_up if seen_up is not None else set()  # ports ever seen ACTIVE and LinkUp
+        #                                  here (kept across restarts by the source plugin): only their loss is critical
         self.skipped_files = SkipCount()  # pass to read_ports: breakfix_collector_parse_skipped_total{source="fabric"}
 
     def apply(self, ports: list[PortSample], at: datetime, mono: float) -> Cycle:
@@ -181,16 +184,19 @@ class FabricRules:
             readings = f"state {p.state_text or '?'}, physical {p.phys_text or '?'}"
             if not down:
                 self.seen_up.add(p.port)
+            # a port never seen ACTIVE on this node is an uncabled or unused port (DGX storage and management
+            # ports) as often as a failed link: ib.port_inactive (catalog: informational, recorded, never a
+            # repair); only a port that was up and went down is ib.link_down (critical). Offline readings judge
+            # what they see (single_reading).
+            inactive = known_down and p.port not in self.seen_up and not th.single_reading
+            if not th.single_reading:
+                state("ib.port_inactive", inactive, f"{readings}; never ACTIVE on this node (uncabled or unused? "
+                      "list it in ignore_ports)" if inactive else readings, severity=Severity.WARNING)
             if not known_down and unknown:
                 state("ib.link_down", True, f"{readings}: not a state the kernel prints", severity=Severity.WARNING,
                       reading="unknown")
-            elif known_down and p.port not in self.seen_up and not th.single_reading:
-                # down since this collector started: an uncabled or unused port (DGX storage and management
-                # ports) as often as a failed link, so a warning to look at, not a critical fault to repair
-                state("ib.link_down", True, f"{readings}; never ACTIVE since the collector started (uncabled or "
-                      "unused? list it in ignore_ports)", severity=Severity.WARNING, reading="never_active")
             else:
-                state("ib.link_down", known_down, readings)
+                state("ib.link_down", known_down and not inactive, readings)
             prev, prev_t = self.prev.get(p.port, (None, mono))
             elapsed = mono - prev_t
             if prev is not None and elapsed > 0:

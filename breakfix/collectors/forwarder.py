@@ -45,6 +45,7 @@ class Forwarder:
         self.publish_timeout_s = publish_timeout_s
         self.retry_s = retry_s
         self.up = False
+        self._next_probe = 0.0  # monotonic: when a refused spool write may try the bus again
         self.stats = ForwarderStats()
         self._wake = asyncio.Event()
 
@@ -78,12 +79,17 @@ class Forwarder:
                 continue
             if self.spool.append(s):
                 self.stats.spooled += 1
-            elif not direct and self.bus is not None and not len(self.spool) and \
-                    await self._publish(subjects.signal_subject(s.cluster, s.node), encode(s), s.id):
+            elif not direct and self.bus is not None and not len(self.spool) \
+                    and self.clock.monotonic() >= self._next_probe:
                 # the spool refused it (disk full) and holds nothing to keep the order of: try the bus rather than
-                # drop it; an answer means the bus is back (with an empty spool nothing else would find that out)
-                self.up = True
-                self.stats.published += 1
+                # drop it (at most once per retry_s while it does not answer, so a cycle never waits on it per
+                # signal); an answer means the bus is back, which with an empty spool nothing else would find out
+                if await self._publish(subjects.signal_subject(s.cluster, s.node), encode(s), s.id):
+                    self.up = True
+                    self.stats.published += 1
+                    self.spool.dropped[s.severity.value] -= 1  # delivered after all: not a drop
+                else:
+                    self._next_probe = self.clock.monotonic() + self.retry_s
             self._wake.set()
 
     async def drain(self, stop: asyncio.Event) -> None:

@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -210,6 +211,7 @@ class NvmlSource:
             self.handles[i] = h
             self.refs[i] = ref
         self.ctx.register_gpus(list(self.refs.values()))
+        self.ctx.nvml_uuids = {r.uuid for r in self.refs.values() if r.uuid}
 
     def sample(self, index: int) -> GpuSample:
         ref, h, n = self.refs[index], self.handles[index], self.nvml
@@ -245,8 +247,7 @@ class NvmlSource:
             s = GpuSample(gpu=ref, lost="gpu.lost")
         except pynvml.NVMLError_ResetRequired:
             s = GpuSample(gpu=ref, lost="gpu.reset_required")
-        except UNREADABLE as exc:
-            self.handles[index] = None  # ask for a fresh handle next time
+        except UNREADABLE as exc:  # the handle stays: NVML's handles are stable, and XID events match by it
             self.unreadable[index] = self.unreadable.get(index, 0) + 1
             s = GpuSample(gpu=ref, lost="gpu.lost" if self.unreadable[index] >= 2 else None, known=False,
                           why=f"NVML {type(exc).__name__.removeprefix('NVMLError_')} on every read")
@@ -356,12 +357,13 @@ class NvmlSource:
                 n.nvmlDeviceRegisterEvents(h, mask, es)
             except pynvml.NVMLError as exc:
                 log.warning("xid_events_unavailable", gpu=i, error=str(exc))
-        waiting: asyncio.Future[Any] | None = None
+        waiting: Future[Any] | None = None
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml-xid")
         try:
             while not stop.is_set():
                 try:
-                    waiting = asyncio.get_running_loop().run_in_executor(None, n.nvmlEventSetWait_v2, es, 1000)
-                    ev = await waiting
+                    waiting = pool.submit(n.nvmlEventSetWait_v2, es, 1000)  # the thread's own future: a cancel
+                    ev = await asyncio.wrap_future(waiting)  # of this task leaves it running until it returns
                 except pynvml.NVMLError_Timeout:
                     continue
                 except pynvml.NVMLError as exc:  # e.g. a GPU fell off: the poll reports it; keep watching
@@ -377,5 +379,6 @@ class NvmlSource:
                                       discriminator=f"nvml-event-{at.timestamp()}")
         finally:
             if waiting is not None and not waiting.done():  # cancelled mid-wait: the thread still holds the set
-                await asyncio.wait({waiting}, timeout=5.0)  # (its wait ends within 1 s); free it only after
+                await asyncio.to_thread(futures_wait, [waiting], 5.0)  # (its wait ends within 1 s); free it after
+            pool.shutdown(wait=False)
             n.nvmlEventSetFree(es)

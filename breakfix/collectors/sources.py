@@ -33,6 +33,7 @@ from breakfix.collectors.dcgm import DcgmRules
 from breakfix.collectors.edge import Cycle
 from breakfix.collectors.endpoint import EndpointRules, EndpointSpec, Probe, Slo, probe
 from breakfix.collectors.fabric import FabricRules, PortSample, read_ports
+from breakfix.collectors.keyfile import load_keys, save_keys
 from breakfix.collectors.kmsg_follow import KmsgFollower, Line, PositionStore, log_zone
 from breakfix.collectors.kmsg_source import KmsgSource
 from breakfix.collectors.nvml import GpuSample, NvmlSource
@@ -151,7 +152,9 @@ class FabricPlugin:
     def __init__(self, c: FabricConfig, env: SourceEnv) -> None:
         self.sysfs = c.sysfs
         self.interval = c.interval_s
-        self.rules = FabricRules(env.ctx, c.thresholds)
+        self.seen_path = env.state_dir / "fabric-seen-up.json"  # a restart must not forget which ports worked
+        self.rules = FabricRules(env.ctx, c.thresholds, seen_up=set(load_keys(self.seen_path)))
+        self._saved = len(self.rules.seen_up)
 
     @property
     def skipped(self) -> int:
@@ -161,7 +164,10 @@ class FabricPlugin:
         return await asyncio.to_thread(read_ports, self.sysfs, self.rules.skipped_files)
 
     def apply(self, raw: list[PortSample], at: datetime, mono: float) -> Cycle:
-        return self.rules.apply(raw, at, mono)
+        cycle = self.rules.apply(raw, at, mono)
+        if len(self.rules.seen_up) != self._saved and save_keys(self.seen_path, sorted(self.rules.seen_up)):
+            self._saved = len(self.rules.seen_up)
+        return cycle
 
 
 @register("fabric")
