@@ -404,7 +404,8 @@ class KubernetesActuator:
         status = "True" if healthy else "False"
         now = _stamp(self.clock.now())
         n = await self._raw(self.core.read_node_status, node)
-        was = next((c for c in (n.get("status") or {}).get("conditions") or [] if c.get("type") == "GPUHealthy"), {})
+        conds: list[dict[str, Any]] = (n.get("status") or {}).get("conditions") or []
+        was: dict[str, Any] = next((c for c in conds if c.get("type") == "GPUHealthy"), {})
         since = was.get("lastTransitionTime") if was.get("status") == status and was.get("lastTransitionTime") else now
         cond = {"type": "GPUHealthy", "status": status, "reason": reason, "message": message[:500],
                 "lastTransitionTime": since, "lastHeartbeatTime": now}  # the transition is when the status changed
