@@ -59,6 +59,21 @@ class TestResetGpu:
         if mode in ("inuse", "lost"):
             assert "--gpu-reset" not in nvsmi_log.read_text(), "no reset attempted"
 
+    async def test_a_reset_refused_in_use_names_the_processes_holding_the_device(
+            self, tmp_path: Path, nvsmi_log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Monitoring clients (DCGM's host engine, exporters) hold the GPU without being compute processes: the
+        reply names them, so the human reading the audit knows what to stop."""
+        proc = tmp_path / "proc"
+        for pid, comm, dev in ((42, "nv-hostengine", "/dev/nvidia0"), (43, "sshd", "/dev/null"),
+                               (77, "dcgm-exporter", "/dev/nvidiactl")):
+            (proc / str(pid) / "fd").mkdir(parents=True)
+            (proc / str(pid) / "fd" / "3").symlink_to(dev)
+            (proc / str(pid) / "comm").write_text(comm + "\n")
+        monkeypatch.setenv("FAKE_NVSMI_MODE", "fail")
+        reply = await agent(tmp_path, proc=proc).handle(cmd(AgentAction.RESET_GPU))
+        assert not reply.ok and reply.evidence["gpu_clients"] == "nv-hostengine (pid 42), dcgm-exporter (pid 77)"
+        assert "device open in: nv-hostengine (pid 42)" in reply.detail
+
     async def test_same_key_never_resets_twice(self, tmp_path: Path, nvsmi_log: Path) -> None:
         a = agent(tmp_path)
         first = await a.handle(cmd(AgentAction.RESET_GPU))

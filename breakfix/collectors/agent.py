@@ -47,6 +47,7 @@ from pydantic import ValidationError
 
 from breakfix.bus.clock import SYSTEM_CLOCK, Clock
 from breakfix.collectors.agent_checks import RateLimits, Refusal, fingerprint, gpu_target, refuse
+from breakfix.collectors.agent_clients import nvidia_clients
 from breakfix.collectors.agent_pods import gpu_devices, parse_gpu_list
 from breakfix.collectors.kmsg_follow import read_boot_id
 from breakfix.schemas.agent import AgentAction, AgentCommand, AgentReply, DiagTest
@@ -139,7 +140,7 @@ class NodeAgent:
                  clock: Clock = SYSTEM_CLOCK, busy: BusyCheck | None = None,
                  gpu_count: Callable[[], int | None] = lambda: None, reboot_window_s: float = 3600.0,
                  reset_window_s: float = 300.0, registry: CollectorRegistry | None = None,
-                 pods: PodLister | None = None, ready_wait_s: float = 300.0) -> None:
+                 pods: PodLister | None = None, ready_wait_s: float = 300.0, proc: Path = Path("/proc")) -> None:
         self.node = node
         self.clock = clock
         self.path = state_dir / "agent-commands.json"
@@ -153,6 +154,7 @@ class NodeAgent:
         self.busy = busy or nvidia_smi_busy(nvidia_smi)
         self.pods = pods
         self.ready_wait_s = ready_wait_s
+        self.proc = proc  # the host's /proc (hostPID): who holds the GPU when a reset is refused
         self.gpu_count = gpu_count
         self.done: dict[str, dict[str, object]] = self._load()
         last = _load_json(self.limits_path)
@@ -263,8 +265,14 @@ class NodeAgent:
             await run([smi, "-pm", "1", "-i", target], 60)
         ok = rc == 0 and "successfully reset" in out.lower()
         said = " ".join(ln.strip() for ln in out.splitlines() if ln.strip())[:400]
+        evidence = {"rc": str(rc), "persistence_mode_restored": str(persistence).lower()}
+        if not ok and "in use by another client" in out.lower():  # monitoring clients the busy check cannot see
+            clients = await asyncio.to_thread(nvidia_clients, self.proc, exclude=os.getpid())
+            if clients:
+                evidence["gpu_clients"] = ", ".join(clients)
+                said = f"{said} [device open in: {evidence['gpu_clients']}]"[:700]
         return self._reply(cmd, ok, said or f"nvidia-smi rc={rc}", error="" if ok else f"failed: nvidia-smi rc={rc}",
-                           evidence={"rc": str(rc), "persistence_mode_restored": str(persistence).lower()})
+                           evidence=evidence)
 
     async def _gpu_pods(self, cmd: AgentCommand) -> AgentReply:
         target = gpu_target(cmd)
