@@ -259,8 +259,10 @@ class TestDaemonEndToEnd:
                     fh.write("[  219.470994] NVRM: Xid (PCI:0000:3a:00): 79, pid='<unknown>', name=<unknown>, "
                              "GPU has fallen off the bus.\n")
                 vllm.healthy = False
+                (ib / "mlx5_0/ports/1/state").write_text("1: DOWN\n")  # a link that worked goes down
+                (ib / "mlx5_0/ports/1/phys_state").write_text("3: Disabled\n")
                 for check, match in [("ecc.dbe", {"source": "nvml"}), ("xid", {"source": "kmsg", "code": "79"}),
-                                     ("ecc.dbe", {"source": "dcgm"}), ("ib.port_inactive", {"component": "mlx5_1/1"}),
+                                     ("ecc.dbe", {"source": "dcgm"}), ("ib.link_down", {"component": "mlx5_0/1"}),
                                      ("ib.rate_degraded", {"component": "mlx5_2/1"}), ("endpoint.down", {})]:
                     await wait_until(lambda c=check, m=match: has(c, **m), 15, f"{check} {match}")  # type: ignore[misc]
                 kmsg_xid = next(s for s in seen if s.source.value == "kmsg")

@@ -169,12 +169,15 @@ class TestFabricEdges:
         (s,) = [x for x in rules.apply([port(state, phys)], T0, 10.0).states if x.check == "ib.link_down"]
         assert (None if s.healthy else s.severity.value) == expected
 
-    def test_a_port_down_since_start_warns_and_ignored_ports_say_nothing(self, catalog: Catalog) -> None:
-        """DGX storage and management ports are often uncabled: DOWN/Polling from the start is a warning to look
-        at (or to list in ignore_ports), never a critical fault the remediator would act on."""
-        states = {x.check: x for x in FabricRules(ctx(catalog)).apply([port("1: DOWN", "2: Polling")], T0, 0.0).states}
-        assert not states["ib.port_inactive"].healthy and states["ib.link_down"].healthy
-        assert catalog.classify(check="ib.port_inactive", code=None, message="").category == "informational"
+    def test_a_port_down_since_start_is_not_judged_and_ignored_ports_say_nothing(self, catalog: Catalog) -> None:
+        """DGX storage and management ports are often uncabled: DOWN/Polling from the start is not a fault (it
+        would cordon every such node), only logged and listed; once the port was up, losing it is critical."""
+        rules = FabricRules(ctx(catalog))
+        assert rules.apply([port("1: DOWN", "2: Polling")], T0, 0.0).states == [] and rules.inactive == {"mlx5_0/1"}
+        rules.apply([port("4: ACTIVE", "5: LinkUp")], T0, 10.0)
+        after = rules.apply([port("1: DOWN", "2: Polling")], T0, 20.0).states
+        (down,) = [x for x in after if x.check == "ib.link_down"]
+        assert not down.healthy and rules.inactive == set()
         quiet = FabricRules(ctx(catalog), FabricThresholds(ignore_ports=("mlx5_*/1",)))
         assert quiet.apply([port("1: DOWN", "2: Polling")], T0, 0.0).states == []
 

@@ -157,8 +157,21 @@ class TestPolledChecks:
             assert not [x for x in first.states if x.gpu and x.gpu.index == 2], "nothing said about gpu2 yet"
             poll(src, 2)
             assert ("gpu.lost", 2, None) in faults(poll(src, 3))
+            stuck = [t for t in threading.enumerate() if t.name == "nvml-gpu2"]
+            assert stuck and all(t.daemon for t in stuck), "a hung call never keeps the process from exiting"
         finally:
             hung.set()
+
+    def test_the_gpu_list_other_sources_trust_is_left_unknown_when_a_gpu_did_not_answer_at_start(
+            self, catalog: Catalog) -> None:
+        fake = FakeNvml.hgx(2)
+        fake.gpus[1].fail["nvmlDeviceGetPciInfo"] = pynvml.NVMLError_Unknown()
+        c = ctx(catalog)
+        NvmlSource(fake, c).start()
+        assert c.nvml_uuids == set(), "else the sick GPU's faults from dcgm would be dropped as another node's"
+        healthy = ctx(catalog)
+        NvmlSource(FakeNvml.hgx(2), healthy).start()
+        assert len(healthy.nvml_uuids) == 2
 
     def test_signals_carry_tenant_of_the_pod_on_the_gpu(self, catalog: Catalog) -> None:
         from breakfix.schemas.common import TenantRef

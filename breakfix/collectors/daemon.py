@@ -106,8 +106,8 @@ class CollectorDaemon:
         if out:
             await self.forwarder.send(out)
             self.metrics.signals.labels(source).inc(len(out))
-            if (faults := self.edge.faulted_keys()) != self._faults_saved and save_keys(self.faults_path, faults):
-                self._faults_saved = faults  # a refused write is tried again at the next transition
+        if (faults := self.edge.faulted_keys()) != self._faults_saved and save_keys(self.faults_path, faults):
+            self._faults_saved = faults  # a refused write is tried again at the next cycle
         self.metrics.cycles.labels(source).inc()
         self.metrics.last_ok.labels(source).set(self.clock.now().timestamp())
         self.last_ok[source] = self.clock.monotonic()

@@ -6,9 +6,9 @@ Reads ``/sys/class/infiniband/<dev>/ports/<n>/{state,phys_state,rate,link_layer,
 samples and the previous ones into per-port states (component ``<dev>/<port>``):
 
 - ``ib.link_down``: state not ACTIVE or physical state not LinkUp on a port seen up before (critical); a
-  port never seen ACTIVE on this node is ``ib.port_inactive`` instead (uncabled storage or management
-  ports look the same; informational in the catalog); ports in ``ignore_ports`` and SR-IOV virtual
-  functions are not judged; a state or physical
+  port never seen ACTIVE on this node is not judged, only logged once (``ib_port_never_active``) and
+  listed in ``inactive``: uncabled storage or management ports look the same; ports in ``ignore_ports``
+  and SR-IOV virtual functions are not judged either; a state or physical
   state that is no kernel value (number and name disagree, e.g. ``phys_state`` ``4: ACTIVE``) is a
   *warning* ``ib.link_down``, never critical (``collectors.ibstate``);
 - ``ib.flapping``: ``link_downed`` or ``link_error_recovery`` rose ``flap_count`` times within
@@ -36,11 +36,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import structlog
+
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.edge import Cycle
 from breakfix.collectors.ibstate import ACTIVE, LINK_UP, PHYS_STATES, PORT_STATES, Reading, parse_state
 from breakfix.schemas.common import Severity
 from breakfix.schemas.signal import Signal, SignalSource
+
+log = structlog.get_logger("breakfix.collector.fabric")
 
 SYSFS = Path("/sys/class/infiniband")
 ERROR_COUNTERS = ("symbol_error", "port_rcv_errors", "local_link_integrity_errors", "port_rcv_remote_physical_errors")
@@ -158,6 +162,7 @@ class FabricRules:
         self.prev: dict[str, tuple[PortSample, float]] = {}
         self.flaps: dict[str, list[float]] = {}
         self.best_rate: dict[str, float] = {}
+        self.inactive: set[str] = set()  # ports down and never seen up here: not judged (README: fabric)
         self.seen_up: set[str] = seen_up if seen_up is not None else set()  # ports ever seen ACTIVE and LinkUp
         #                                  here (kept across restarts by the source plugin): only their loss is critical
         self.skipped_files = SkipCount()  # pass to read_ports: breakfix_collector_parse_skipped_total{source="fabric"}
@@ -185,18 +190,20 @@ class FabricRules:
             if not down:
                 self.seen_up.add(p.port)
             # a port never seen ACTIVE on this node is an uncabled or unused port (DGX storage and management
-            # ports) as often as a failed link: ib.port_inactive (catalog: informational, recorded, never a
-            # repair); only a port that was up and went down is ib.link_down (critical). Offline readings judge
-            # what they see (single_reading).
-            inactive = known_down and p.port not in self.seen_up and not th.single_reading
-            if not th.single_reading:
-                state("ib.port_inactive", inactive, f"{readings}; never ACTIVE on this node (uncabled or unused? "
-                      "list it in ignore_ports)" if inactive else readings, severity=Severity.WARNING)
+            # ports) as often as a failed link, and a fault there would cordon every such node: it is not judged,
+            # only logged once and counted (``inactive``); a port that was up and went down is ib.link_down
+            # (critical). Offline readings judge what they see (single_reading).
+            if known_down and p.port not in self.seen_up and not th.single_reading:
+                if p.port not in self.inactive:
+                    self.inactive.add(p.port)
+                    log.info("ib_port_never_active", node=self.ctx.node, port=p.port, readings=readings)
+                continue
+            self.inactive.discard(p.port)
             if not known_down and unknown:
                 state("ib.link_down", True, f"{readings}: not a state the kernel prints", severity=Severity.WARNING,
                       reading="unknown")
             else:
-                state("ib.link_down", known_down and not inactive, readings)
+                state("ib.link_down", known_down, readings)
             prev, prev_t = self.prev.get(p.port, (None, mono))
             elapsed = mono - prev_t
             if prev is not None and elapsed > 0:

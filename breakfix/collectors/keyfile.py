@@ -3,8 +3,8 @@
 Written by the daemon (``edge-faults.json``: the faults open now, so a fault fixed while the collector
 was down is cleared at its first reading) and the fabric source (``fabric-seen-up.json``: the ports
 ever seen ACTIVE, so a restart does not take a failed link for an uncabled port). Read once at start.
-A missing or unreadable file is an empty set (logged); a write that fails is logged and reported, and
-the caller tries again at its next change. Writes are whole-file replacements with fsync, since the
+A missing file is an empty set; an unreadable one too (logged). A write that fails is logged and
+reported, and the caller tries again later. Writes are whole-file replacements with fsync, since the
 restart these files serve is often a power cycle.
 """
 

@@ -20,7 +20,7 @@ import ctypes
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
@@ -165,6 +165,24 @@ def _read(fn: Callable[..., Any], *args: Any) -> Any:
         return None
 
 
+def in_daemon_thread(fn: Callable[..., Any], *args: Any, name: str) -> Future[Any]:
+    """Run ``fn`` in a daemon thread of its own and return its future. An executor's workers are joined at
+    interpreter exit, so one NVML call that never returns (a hung GPU) would keep the collector from exiting
+    on SIGTERM; a daemon thread does not."""
+    fut: Future[Any] = Future()
+
+    def run() -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # handed to whoever waits on the future
+            fut.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return fut
+
+
 class NvmlSource:
     name = "nvml"
 
@@ -183,7 +201,6 @@ class NvmlSource:
         self._starting = threading.Lock()
         self.skipped = 0
         self.sample_timeout_s = sample_timeout_s
-        self._pool: ThreadPoolExecutor | None = None
         self._busy: dict[int, Future[GpuSample]] = {}  # GPU index -> its sample in flight
         self.stalled: dict[int, int] = {}  # GPU index -> polls in a row its sample did not return in time
         self.unreadable: dict[int, int] = {}  # GPU index -> samples in a row it did not answer
@@ -211,7 +228,8 @@ class NvmlSource:
             self.handles[i] = h
             self.refs[i] = ref
         self.ctx.register_gpus(list(self.refs.values()))
-        self.ctx.nvml_uuids = {r.uuid for r in self.refs.values() if r.uuid}
+        if all(r.uuid for r in self.refs.values()):  # a GPU that did not answer at start leaves the list unknown,
+            self.ctx.nvml_uuids = {r.uuid for r in self.refs.values() if r.uuid}  # so its faults are never dropped
 
     def sample(self, index: int) -> GpuSample:
         ref, h, n = self.refs[index], self.handles[index], self.nvml
@@ -272,8 +290,6 @@ class NvmlSource:
         the other GPUs' samples still go out."""
         if not self.started:
             self.start()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.refs)), thread_name_prefix="nvml-gpu")
         begun: dict[int, Future[GpuSample]] = {}
         out: dict[int, GpuSample] = {}
         for i in self.refs:  # one thread per GPU: a GPU whose calls hang (a GSP timeout) holds up only itself
@@ -281,7 +297,7 @@ class NvmlSource:
             if running is not None and not running.done():
                 out[i] = self._stalled(i)
                 continue
-            begun[i] = self._busy[i] = self._pool.submit(self.sample, i)
+            begun[i] = self._busy[i] = in_daemon_thread(self.sample, i, name=f"nvml-gpu{i}")
         deadline = time.monotonic() + self.sample_timeout_s  # a thread-level I/O bound, like a socket timeout
         for i, fut in begun.items():
             try:
@@ -358,12 +374,11 @@ class NvmlSource:
             except pynvml.NVMLError as exc:
                 log.warning("xid_events_unavailable", gpu=i, error=str(exc))
         waiting: Future[Any] | None = None
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml-xid")
         try:
             while not stop.is_set():
                 try:
-                    waiting = pool.submit(n.nvmlEventSetWait_v2, es, 1000)  # the thread's own future: a cancel
-                    ev = await asyncio.wrap_future(waiting)  # of this task leaves it running until it returns
+                    waiting = in_daemon_thread(n.nvmlEventSetWait_v2, es, 1000, name="nvml-xid")  # a cancel of
+                    ev = await asyncio.wrap_future(waiting)  # this task leaves the thread running until it returns
                 except pynvml.NVMLError_Timeout:
                     continue
                 except pynvml.NVMLError as exc:  # e.g. a GPU fell off: the poll reports it; keep watching
@@ -379,6 +394,8 @@ class NvmlSource:
                                       discriminator=f"nvml-event-{at.timestamp()}")
         finally:
             if waiting is not None and not waiting.done():  # cancelled mid-wait: the thread still holds the set
-                await asyncio.to_thread(futures_wait, [waiting], 5.0)  # (its wait ends within 1 s); free it after
-            pool.shutdown(wait=False)
-            n.nvmlEventSetFree(es)
+                await asyncio.to_thread(futures_wait, [waiting], 5.0)  # (its wait ends within 1 s, unless hung)
+            if waiting is None or waiting.done():
+                n.nvmlEventSetFree(es)
+            else:  # freeing a set a hung wait still uses would be a use-after-free in the driver: leave it
+                log.error("xid_event_set_leaked", reason="nvmlEventSetWait_v2 has not returned")
