@@ -204,8 +204,9 @@ async def test_audit_watch_prints_new_records_of_the_incident(nats_server: Embed
         monkeypatch.setenv("USER", "olga")
         note = await asyncio.create_subprocess_exec(
             sys.executable, "-c", "from breakfix.cli.main import app; app()", "note", "inc-open", "vendor ticket 4711",
-            "--nats", nats_server.url, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        assert await asyncio.wait_for(note.wait(), 60) == 0
+            "--nats", nats_server.url, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(note.communicate(), 60)
+        assert note.returncode == 0, err.decode(errors="replace")[-2000:]
         rec = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
         assert (rec["kind"], rec["actor"], rec["reason"]) == ("note", "olga", "vendor ticket 4711")
     finally:

@@ -121,6 +121,20 @@ async def cluster() -> AsyncIterator[Cluster]:
         yield Cluster(k, url)
 
 
+class RebootingAgent:
+    """A node agent that takes a reboot, then answers that the node came back with a new boot id."""
+
+    def __init__(self) -> None:
+        self.asks = 0
+
+    async def call(self, node: str, action: Any, **kw: Any) -> Any:
+        from breakfix.remediator.actuator import StepResult
+
+        self.asks += 1
+        return StepResult(True, "rebooted (new boot id)", {"replayed": "true"}) if self.asks > 1 else \
+            StepResult(True, "reboot requested")
+
+
 class TestCordon:
     async def test_cordon_sets_taint_and_ownership_and_uncordon_reverts(self, cluster: Cluster) -> None:
         await cluster.add_node("n1")
@@ -303,19 +317,9 @@ class TestPodsEventsConditions:
         assert conds["Ready"]["status"] == "True", "the kubelet's condition stays beside it"
 
     async def test_a_reboot_is_done_only_once_the_node_is_ready_again(self, cluster: Cluster) -> None:
-        from breakfix.remediator.actuator import StepResult
         from breakfix.remediator.composite import ClusterActuator
-        from breakfix.schemas.agent import AgentAction
 
         await cluster.add_node("n1", ready=False)  # rebooting: the kubelet is not back yet
-        asks: list[AgentAction] = []
-
-        class Agent:
-            async def call(self, node: str, action: AgentAction, **kw: Any) -> StepResult:
-                asks.append(action)
-                return StepResult(True, "rebooted (new boot id)", {"replayed": "true"}) if len(asks) > 1 else \
-                    StepResult(True, "reboot requested")
-
         clock = ManualClock(T0)
         k8s = KubernetesActuator(cluster.api, clock=clock)
         looks: list[bool] = []
@@ -329,25 +333,16 @@ class TestPodsEventsConditions:
             return got
 
         k8s.node_state = state  # type: ignore[method-assign]
-        act = ClusterActuator(k8s, Agent(), clock=clock, poll_s=5.0, reboot_wait_s=60.0)  # type: ignore[arg-type]
+        act = ClusterActuator(k8s, RebootingAgent(), clock=clock, poll_s=5.0, reboot_wait_s=60.0)  # type: ignore[arg-type]
         done = await act.reboot("n1", incident="inc-1")
         assert done.ok and "Node is Ready" in done.detail and looks == [False, False, False, True]
 
     async def test_a_node_still_ready_from_before_its_reboot_is_not_taken_for_back(self, cluster: Cluster) -> None:
         """A Node reads Ready for ~40 s after its kubelet stopped; only the kubelet's new bootID says it is back."""
-        from breakfix.remediator.actuator import StepResult
         from breakfix.remediator.composite import ClusterActuator
 
         await cluster.add_node("n1")
         cluster.k.objects["v1/nodes", None, "n1"].patch({"status": {"nodeInfo": {"bootID": "boot-1"}}})
-        polls: list[str] = []
-
-        class Agent:
-            async def call(self, node: str, action: Any, **kw: Any) -> StepResult:
-                polls.append(node)
-                return StepResult(True, "rebooted (new boot id)", {"replayed": "true"}) if len(polls) > 1 else \
-                    StepResult(True, "reboot requested")
-
         clock = ManualClock(T0)
         k8s = KubernetesActuator(cluster.api, clock=clock)
         seen: list[str] = []
@@ -361,7 +356,7 @@ class TestPodsEventsConditions:
             return got
 
         k8s.node_state = state  # type: ignore[method-assign]
-        act = ClusterActuator(k8s, Agent(), clock=clock, poll_s=5.0, reboot_wait_s=60.0)  # type: ignore[arg-type]
+        act = ClusterActuator(k8s, RebootingAgent(), clock=clock, poll_s=5.0, reboot_wait_s=60.0)  # type: ignore[arg-type]
         assert (await act.reboot("n1", incident="inc-1")).ok
         assert seen == ["boot-1", "boot-1", "boot-1", "boot-2"], "waited past the stale Ready for the new boot"
 
@@ -376,21 +371,14 @@ class TestPodsEventsConditions:
         assert result.ok and cluster.evictions == ["ml/w0"]
 
     async def test_a_reboot_whose_node_never_gets_ready_fails_in_time(self, cluster: Cluster) -> None:
-        from breakfix.remediator.actuator import StepResult
         from breakfix.remediator.composite import ClusterActuator
 
         await cluster.add_node("n1", ready=False)
-
-        class Agent:
-            async def call(self, node: str, action: Any, **kw: Any) -> StepResult:
-                return StepResult(True, "rebooted (new boot id)", {"replayed": "true"})
-
         clock = ManualClock(T0)
-        act = ClusterActuator(KubernetesActuator(cluster.api, clock=clock), Agent(), clock=clock,  # type: ignore[arg-type]
-                              poll_s=5.0, reboot_wait_s=30.0)
+        act = ClusterActuator(KubernetesActuator(cluster.api, clock=clock), RebootingAgent(),  # type: ignore[arg-type]
+                              clock=clock, poll_s=5.0, reboot_wait_s=30.0)
         done = await act.reboot("n1", incident="inc-1")
         assert not done.ok and "not Ready after 30s" in done.detail
-
 
     async def test_gpu_condition_is_one_strategic_merge_entry_beside_the_kubelets(self, cluster: Cluster) -> None:
         """Node conditions merge on ``type``: the patch carries GPUHealthy alone, so the kubelet's conditions are
