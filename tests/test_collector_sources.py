@@ -135,6 +135,10 @@ class TestFabric:
         (root / "mlx5_0/ports/1/phys_state").write_text("2: Polling\n")
         again = FabricPlugin(FabricConfig(sysfs=root), env)  # the collector restarted meanwhile
         assert ("ib.link_down", "mlx5_0/1") in bad(again.apply(read_ports(root), T0, 0.0))
+        (tmp_path / "state" / "fabric-seen-up.json").write_text("not json")  # the seen-up record lost
+        lost = FabricPlugin(FabricConfig(sysfs=root), env)
+        lost.carried_faults(["ib.link_down@n1/mlx5_0/1", "xid@n1/GPU-1"])  # but its fault was open at the stop
+        assert ("ib.link_down", "mlx5_0/1") in bad(lost.apply(read_ports(root), T0, 0.0)), "still a failed link"
 
     def test_an_sriov_virtual_function_is_not_judged_beside_its_physical_port(self, tmp_path: Path) -> None:
         root = ib_tree(tmp_path)

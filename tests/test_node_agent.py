@@ -64,15 +64,25 @@ class TestResetGpu:
         """Monitoring clients (DCGM's host engine, exporters) hold the GPU without being compute processes: the
         reply names them, so the human reading the audit knows what to stop."""
         proc = tmp_path / "proc"
-        for pid, comm, dev in ((42, "nv-hostengine", "/dev/nvidia0"), (43, "sshd", "/dev/null"),
-                               (77, "dcgm-exporter", "/dev/nvidiactl")):
+        for pid, comm, devs in ((42, "nv-hostengine", ("/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia1")),
+                                (43, "sshd", ("/dev/null",)), (50, "python3", ("/dev/nvidiactl", "/dev/nvidia-uvm")),
+                                (77, "dcgm-exporter", ("/dev/nvidia1",))):
             (proc / str(pid) / "fd").mkdir(parents=True)
-            (proc / str(pid) / "fd" / "3").symlink_to(dev)
+            for n, dev in enumerate(devs):
+                (proc / str(pid) / "fd" / str(n + 3)).symlink_to(dev)
             (proc / str(pid) / "comm").write_text(comm + "\n")
+        (proc / "77" / "fd" / "9").symlink_to(proc / "77" / "fd" / "9")  # a link that cannot be read: skipped
         monkeypatch.setenv("FAKE_NVSMI_MODE", "fail")
         reply = await agent(tmp_path, proc=proc).handle(cmd(AgentAction.RESET_GPU))
-        assert not reply.ok and reply.evidence["gpu_clients"] == "nv-hostengine (pid 42), dcgm-exporter (pid 77)"
-        assert "device open in: nv-hostengine (pid 42)" in reply.detail
+        assert not reply.ok and reply.evidence["gpu_clients"] == \
+            "nv-hostengine (pid 42: nvidia0,nvidia1), dcgm-exporter (pid 77: nvidia1)", "GPU device nodes only"
+        assert "device open in: nv-hostengine (pid 42" in reply.detail
+        by_index = await agent(tmp_path, proc=proc).handle(cmd(AgentAction.RESET_GPU, key="inc-1:0:0:9",
+                                                               gpu_uuid=None, gpu_index=1))
+        assert by_index.evidence["gpu_clients"].startswith("nv-hostengine (pid 42"), "both hold nvidia1: by pid"
+        from breakfix.collectors.agent_clients import nvidia_clients
+        assert nvidia_clients(proc, minor=0)[0].startswith("nv-hostengine")
+        assert nvidia_clients(proc, minor=1, exclude=42) == ["dcgm-exporter (pid 77: nvidia1)"]
 
     async def test_same_key_never_resets_twice(self, tmp_path: Path, nvsmi_log: Path) -> None:
         a = agent(tmp_path)

@@ -267,7 +267,7 @@ class NodeAgent:
         said = " ".join(ln.strip() for ln in out.splitlines() if ln.strip())[:400]
         evidence = {"rc": str(rc), "persistence_mode_restored": str(persistence).lower()}
         if not ok and "in use by another client" in out.lower():  # monitoring clients the busy check cannot see
-            clients = await asyncio.to_thread(nvidia_clients, self.proc, exclude=os.getpid())
+            clients = await asyncio.to_thread(nvidia_clients, self.proc, minor=cmd.gpu_index, exclude=os.getpid())
             if clients:
                 evidence["gpu_clients"] = ", ".join(clients)
                 said = f"{said} [device open in: {evidence['gpu_clients']}]"[:700]

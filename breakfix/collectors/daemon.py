@@ -177,6 +177,11 @@ class CollectorDaemon:
     def tasks(self, stop: asyncio.Event, http: aiohttp.ClientSession) -> list[tuple[str, Awaitable[None]]]:
         env = SourceEnv(ctx=self.ctx, clock=self.clock, http=http, state_dir=self.config.state_dir, nvml=self.nvml)
         self.plugins = build_sources(self.config.sources, env)
+        carried = self.edge.faulted_keys()
+        for p in self.plugins:  # a source that judges by what it saw before learns what was open at the last stop
+            remember = getattr(p, "carried_faults", None)
+            if callable(remember):
+                remember(carried)
         out: list[tuple[str, Awaitable[None]]] = []
         for p in self.plugins:
             if isinstance(p, Skips):

@@ -157,6 +157,8 @@ def read_ports(root: Path = SYSFS, skipped: Skipped | None = None) -> list[PortS
 class FabricRules:
     def __init__(self, ctx: NodeContext, thresholds: FabricThresholds | None = None, *,
                  seen_up: set[str] | None = None) -> None:
+        """``seen_up``: ports seen ACTIVE before (kept on disk by the source plugin, plus those whose
+        ``ib.link_down`` was open when the collector stopped): their loss is a fault, never "not judged"."""
         self.ctx = ctx
         self.th = thresholds or FabricThresholds()
         self.prev: dict[str, tuple[PortSample, float]] = {}
@@ -197,6 +199,8 @@ class FabricRules:
                 if p.port not in self.inactive:
                     self.inactive.add(p.port)
                     log.info("ib_port_never_active", node=self.ctx.node, port=p.port, readings=readings)
+                # "not judged" is said as healthy: never news by itself, it clears a warning an odd reading raised
+                state("ib.link_down", False, f"{readings}; never ACTIVE on this node: not judged", reading="inactive")
                 continue
             self.inactive.discard(p.port)
             if not known_down and unknown:

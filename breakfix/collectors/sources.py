@@ -163,6 +163,14 @@ class FabricPlugin:
     async def read(self) -> list[PortSample]:
         return await asyncio.to_thread(read_ports, self.sysfs, self.rules.skipped_files)
 
+    def carried_faults(self, keys: list[str]) -> None:
+        """The faults open when the collector last stopped: a port whose ib.link_down was open had been up, even
+        if the seen-up file was lost, so it is judged (and its fault cleared only by a real recovery)."""
+        for key in keys:
+            check, _, entity = key.partition("@")
+            if check == "ib.link_down" and "/" in entity:
+                self.rules.seen_up.add(entity.split("/", 1)[1])
+
     def apply(self, raw: list[PortSample], at: datetime, mono: float) -> Cycle:
         cycle = self.rules.apply(raw, at, mono)
         if len(self.rules.seen_up) != self._saved and save_keys(self.seen_path, sorted(self.rules.seen_up)):
