@@ -332,3 +332,22 @@ async def test_the_open_faults_outlive_a_collector_restart_on_disk(tmp_path: Pat
     await again.emit("nvml", Cycle(states=[flap(True, 60, node="n1")]))
     assert again.forwarder.stats.spooled + again.forwarder.stats.published == 1, "the clearing went out"
     assert (tmp_path / "edge-faults.json").read_text() == "[]"
+
+
+async def test_a_disk_that_refuses_the_open_faults_file_is_retried_a_minute_later_not_every_cycle(
+        tmp_path: Path, catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> None:
+    from breakfix.bus.clock import ManualClock
+    from breakfix.collectors import daemon as daemon_module
+
+    cfg = CollectorConfig.model_validate({"cluster": "c1", "node": "n1", "state_dir": str(tmp_path),
+                                          "spool": {"dir": str(tmp_path / "spool")}})
+    clock = ManualClock(T0)
+    d = build_collector(cfg, clock=clock, catalog=catalog)
+    tries: list[list[str]] = []
+    monkeypatch.setattr(daemon_module, "save_keys", lambda path, keys: tries.append(keys) and False)
+    await d.emit("nvml", Cycle(states=[flap(False, 0, node="n1")]))
+    await d.emit("nvml", Cycle(states=[flap(False, 1, node="n1")]))
+    assert len(tries) == 1, "refused once: not tried again at the next cycle"
+    clock.advance(61)
+    await d.emit("nvml", Cycle(states=[flap(False, 2, node="n1")]))
+    assert len(tries) == 2

@@ -85,6 +85,7 @@ class CollectorDaemon:
         self.edge = EdgeFilter(resync_s=config.edge.resync_s, repeat_window_s=config.edge.repeat_window_s,
                                faulted=load_keys(self.faults_path))
         self._faults_saved = self.edge.faulted_keys()
+        self._faults_retry = 0.0  # monotonic: when a refused save may be tried again
         self.spool = Spool(config.spool.dir, max_records=config.spool.max_records)
         self.forwarder = Forwarder(self.spool, publish_timeout_s=config.nats.publish_timeout_s, clock=clock)
         self.metrics = Metrics()
@@ -106,8 +107,11 @@ class CollectorDaemon:
         if out:
             await self.forwarder.send(out)
             self.metrics.signals.labels(source).inc(len(out))
-        if (faults := self.edge.faulted_keys()) != self._faults_saved and save_keys(self.faults_path, faults):
-            self._faults_saved = faults  # a refused write is tried again at the next cycle
+        if (faults := self.edge.faulted_keys()) != self._faults_saved and self.clock.monotonic() >= self._faults_retry:
+            if save_keys(self.faults_path, faults):
+                self._faults_saved = faults
+            else:  # a disk that refuses: tried again in a minute, not at every cycle of every source
+                self._faults_retry = self.clock.monotonic() + 60.0
         self.metrics.cycles.labels(source).inc()
         self.metrics.last_ok.labels(source).set(self.clock.now().timestamp())
         self.last_ok[source] = self.clock.monotonic()

@@ -363,7 +363,7 @@ class NvmlSource:
         """XID events from ``nvmlEventSetWait_v2``; each wait runs in a worker thread."""
         n = self.nvml
         if not self.started:
-            await asyncio.to_thread(self.start)
+            await asyncio.wrap_future(in_daemon_thread(self.start, name="nvml-start"))
         es = n.nvmlEventSetCreate()
         for i, h in self.handles.items():
             if h is None:
@@ -387,7 +387,7 @@ class NvmlSource:
                     continue
                 if ev.eventType != pynvml.nvmlEventTypeXidCriticalError:
                     continue
-                gpu = await asyncio.to_thread(self.event_gpu, ev.device)  # NVML never runs on the event loop
+                gpu = await asyncio.wrap_future(in_daemon_thread(self.event_gpu, ev.device, name="nvml-xid-gpu"))
                 at = clock()
                 yield self.ctx.signal(source=SignalSource.NVML, check="xid", code=str(ev.eventData), healthy=False,
                                       at=at, gpu=gpu, message=f"NVML event: Xid {ev.eventData} on {gpu.label()}",

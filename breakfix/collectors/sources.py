@@ -36,7 +36,7 @@ from breakfix.collectors.fabric import FabricRules, PortSample, read_ports
 from breakfix.collectors.keyfile import load_keys, save_keys
 from breakfix.collectors.kmsg_follow import KmsgFollower, Line, PositionStore, log_zone
 from breakfix.collectors.kmsg_source import KmsgSource
-from breakfix.collectors.nvml import GpuSample, NvmlSource
+from breakfix.collectors.nvml import GpuSample, NvmlSource, in_daemon_thread
 from breakfix.collectors.nvml_api import FakeNvml, real_nvml
 from breakfix.collectors.source import Plugin, SourceEnv, register
 from breakfix.schemas.signal import Signal
@@ -57,7 +57,7 @@ class NvmlPoll:
         return self.src.skipped
 
     async def read(self) -> list[GpuSample]:
-        return await asyncio.to_thread(self.src.read)
+        return await asyncio.wrap_future(in_daemon_thread(self.src.read, name="nvml-poll"))  # a hung init: no exit
 
     def apply(self, raw: list[GpuSample], at: datetime, mono: float) -> Cycle:
         return self.src.evaluate(raw, at, mono)
