@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,6 +19,7 @@ from breakfix.collectors.podresources import PodResourcesClient, api_pb2, api_pb
 from breakfix.remediator.nodeagent import NodeAgentClient
 from breakfix.schemas.agent import AgentAction
 from tests.conftest import T0
+from tests.test_collector_sources import fake_kubelet
 from tests.test_node_agent import BIN, UUID, cmd, serve_ready
 
 MIG_A = "MIG-c7384736-a75d-5afc-978f-d2f1294409fd"
@@ -101,10 +101,7 @@ class _Kubelet(api_pb2_grpc.PodResourcesListerServicer):
 @pytest.fixture
 async def kubelet(tmp_path: Path) -> AsyncIterator[PodLister]:
     sock = tmp_path / "kubelet.sock"
-    server = grpc.aio.server()
-    api_pb2_grpc.add_PodResourcesListerServicer_to_server(_Kubelet(), server)
-    server.add_insecure_port(f"unix://{sock}")
-    await server.start()
+    server = await fake_kubelet(_Kubelet(), sock)
     client = PodResourcesClient(sock)
 
     async def holding(devices: frozenset[str]) -> tuple[str, ...]:

@@ -242,13 +242,19 @@ class _Lister(api_pb2_grpc.PodResourcesListerServicer):
         ])
 
 
+async def fake_kubelet(lister: api_pb2_grpc.PodResourcesListerServicer, sock: Path) -> grpc.aio.Server:
+    """A PodResources server on a real gRPC unix socket, as the kubelet serves it; stop it with ``stop(None)``."""
+    server = grpc.aio.server()
+    api_pb2_grpc.add_PodResourcesListerServicer_to_server(lister, server)
+    server.add_insecure_port(f"unix://{sock}")
+    await server.start()
+    return server
+
+
 class TestPodResources:
     async def test_list_over_a_real_grpc_unix_socket_maps_gpus_to_pods(self, tmp_path: Path) -> None:
         sock = tmp_path / "kubelet.sock"
-        server = grpc.aio.server()
-        api_pb2_grpc.add_PodResourcesListerServicer_to_server(_Lister(), server)
-        server.add_insecure_port(f"unix://{sock}")
-        await server.start()
+        server = await fake_kubelet(_Lister(), sock)
         client = PodResourcesClient(sock)
         try:
             tenants = gpu_tenants(await client.list())
