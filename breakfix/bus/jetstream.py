@@ -137,15 +137,14 @@ class JetStreamBus:
             return
         if keep_transform:  # only the partitioned correlator decides partitioning; others keep it
             config.subject_transform = info.config.subject_transform
-        if serves(config, info.config):
-            if config.allow_direct and not info.config.allow_direct and name not in self._direct_refused:
-                try:  # a stream made before direct gets: only that setting changes, nothing tuned
-                    await asyncio.wait_for(self._js.update_stream(updated(config, info.config)), timeout=2.0)
-                except Exception:  # an identity that may not update streams: a service will, once, on its start
-                    self._direct_refused.add(name)
-            return  # nothing to change: a least-privilege identity (a node) needs only STREAM.INFO
         merged = updated(config, info.config)  # breakfix's fields only: what an operator tuned stays
-        await transient_retry(lambda: self._js.update_stream(merged))
+        if not serves(config, info.config):
+            await transient_retry(lambda: self._js.update_stream(merged))
+        elif merged.allow_direct != info.config.allow_direct and name not in self._direct_refused:
+            try:  # a stream made before direct gets: only that setting changes, and only where it may
+                await asyncio.wait_for(self._js.update_stream(merged), timeout=2.0)
+            except Exception:  # an identity that may not update streams (a node needs only STREAM.INFO): a
+                self._direct_refused.add(name)  # service will, once, on its start
 
     async def ensure_consumer(self, *, stream: str, durable: str, filter_subject: str,
                               ack_wait_s: float = 30.0, max_deliver: int = 20) -> None:

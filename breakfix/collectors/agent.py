@@ -49,6 +49,7 @@ from breakfix.bus.clock import SYSTEM_CLOCK, Clock
 from breakfix.collectors.agent_checks import RateLimits, Refusal, fingerprint, gpu_target, refuse
 from breakfix.collectors.agent_clients import nvidia_clients
 from breakfix.collectors.agent_pods import gpu_devices, parse_gpu_list
+from breakfix.collectors.keyfile import write_json
 from breakfix.collectors.kmsg_follow import read_boot_id
 from breakfix.schemas.agent import AgentAction, AgentCommand, AgentReply, DiagTest
 from breakfix.schemas.common import first_error
@@ -123,15 +124,6 @@ def _load_json(path: Path) -> dict[str, object]:
         return {}
 
 
-def _save_json(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 class NodeAgent:
     def __init__(self, node: str, state_dir: Path, *, nvidia_smi: str = "nvidia-smi", dcgmi: str = "dcgmi",
                  reboot_cmd: tuple[str, ...] = ("systemctl", "reboot"),
@@ -171,7 +163,7 @@ class NodeAgent:
 
     def _save(self) -> None:
         keep = dict(list(self.done.items())[-2000:])
-        _save_json(self.path, keep)
+        write_json(self.path, keep)
         self.done = keep
 
     def _reply(self, cmd: AgentCommand, ok: bool, detail: str, *, error: str = "", **kw: object) -> AgentReply:
@@ -219,7 +211,7 @@ class NodeAgent:
                 reply = await self._reset(cmd, now)
             elif cmd.action is AgentAction.REBOOT:
                 self.limits.record(cmd, now)
-                _save_json(self.limits_path, self.limits.last)
+                write_json(self.limits_path, self.limits.last)
                 self.done[cmd.id] = {"state": "rebooting", "boot_id": self.boot_id(), "fingerprint": fingerprint(cmd)}
                 self._save()
                 rc, out = await run(list(self.reboot_cmd), 60)
@@ -254,7 +246,7 @@ class NodeAgent:
             detail = f"busy: GPU {target} is held by {len(held.processes)} process(es): {held.processes[0]}"
             return self._reply(cmd, False, detail, error=detail, evidence={"processes": str(len(held.processes))})
         self.limits.record(cmd, now)  # counts from the first real attempt, success or not
-        _save_json(self.limits_path, self.limits.last)
+        write_json(self.limits_path, self.limits.last)
         smi = self.nvidia_smi
         rc, pm = await run([smi, "--query-gpu=persistence_mode", "--format=csv,noheader", "-i", target], 60)
         persistence = rc == 0 and pm.strip().lower() == "enabled"
@@ -275,26 +267,22 @@ class NodeAgent:
                            evidence=evidence)
 
     async def _gpu_pods(self, cmd: AgentCommand) -> AgentReply:
-        target = gpu_target(cmd)
-        if self.pods is None:
+        target, lister = gpu_target(cmd), self.pods
+        if lister is None:
             return self._reply(cmd, False, "this node's agent cannot list pods: agent.podresources_socket is unset",
                                error="failed: no pod lister")
         async with self._queries:  # one at a time: a hung driver must not pile up nvidia-smi processes
-            return await self._gpu_pods_now(cmd, target)
-
-    async def _gpu_pods_now(self, cmd: AgentCommand, target: str | None) -> AgentReply:
-        assert self.pods is not None
-        rc, listing = await run([self.nvidia_smi, "-L"], 15)  # within the remediator's 45 s wait, with the List
-        devices = gpu_devices(parse_gpu_list(listing), index=cmd.gpu_index, uuid=cmd.gpu_uuid) if rc == 0 \
-            else frozenset()
-        if not devices:
-            return self._reply(cmd, False, f"nvidia-smi -L does not list GPU {target} (rc={rc}): {listing[:200]}",
-                               error=f"failed: GPU {target} not listed")
-        try:
-            pods = await asyncio.wait_for(self.pods(devices), timeout=20.0)
-        except Exception as exc:  # the kubelet is away or answers badly: say so, the remediator drains the node
-            return self._reply(cmd, False, f"kubelet PodResources did not answer: {exc!r}"[:400],
-                               error="failed: kubelet PodResources")
+            rc, listing = await run([self.nvidia_smi, "-L"], 15)  # within the remediator's 45 s wait, with the List
+            devices = gpu_devices(parse_gpu_list(listing), index=cmd.gpu_index, uuid=cmd.gpu_uuid) if rc == 0 \
+                else frozenset()
+            if not devices:
+                return self._reply(cmd, False, f"nvidia-smi -L does not list GPU {target} (rc={rc}): {listing[:200]}",
+                                   error=f"failed: GPU {target} not listed")
+            try:
+                pods = await asyncio.wait_for(lister(devices), timeout=20.0)
+            except Exception as exc:  # the kubelet is away or answers badly: say so, the remediator drains the node
+                return self._reply(cmd, False, f"kubelet PodResources did not answer: {exc!r}"[:400],
+                                   error="failed: kubelet PodResources")
         mig = len(devices) - 1
         detail = f"{len(pods)} pod(s) hold GPU {target}" + (f" and its {mig} MIG device(s)" if mig else "")
         return self._reply(cmd, True, detail, evidence={"pods": ",".join(pods), "mig_devices": str(mig)})

@@ -31,8 +31,8 @@ def parse_gpu_list(text: str) -> dict[int, tuple[str, tuple[str, ...]]]:
             out[current] = (m.group(2), [])
         elif (m := _MIG.match(line)) and current is not None:
             out[current][1].append(m.group(1))
-        elif line.strip():
-            current = None if not line.startswith((" ", "\t")) else current  # a line nvidia-smi added: skipped
+        elif line.strip() and not line[0].isspace():  # an unindented line nvidia-smi added ends the GPU
+            current = None
     return {i: (uuid, tuple(migs)) for i, (uuid, migs) in out.items()}
 
 

@@ -37,7 +37,7 @@ from breakfix.collectors.link import keep_connected, pause
 from breakfix.collectors.metrics import AgentMetrics, counted
 from breakfix.collectors.nvml_api import Nvml
 from breakfix.collectors.parse_metrics import ParseSkipped
-from breakfix.collectors.source import Commits, Plugin, Skips, Source, SourceEnv, Watcher, build_sources
+from breakfix.collectors.source import CarriesFaults, Commits, Plugin, Skips, Source, SourceEnv, Watcher, build_sources
 from breakfix.collectors.spool import Spool
 from breakfix.schemas import subjects
 from breakfix.schemas.catalog import Catalog
@@ -86,6 +86,7 @@ class CollectorDaemon:
                                faulted=load_keys(self.faults_path))
         self._faults_saved = self.edge.faulted_keys()
         self._faults_retry = 0.0  # monotonic: when a refused save may be tried again
+        self._faults_marker = (0, len(self.edge.carried))  # what the saved file reflects
         self.spool = Spool(config.spool.dir, max_records=config.spool.max_records)
         self.forwarder = Forwarder(self.spool, publish_timeout_s=config.nats.publish_timeout_s, clock=clock)
         self.metrics = Metrics()
@@ -107,8 +108,11 @@ class CollectorDaemon:
         if out:
             await self.forwarder.send(out)
             self.metrics.signals.labels(source).inc(len(out))
-        if (faults := self.edge.faulted_keys()) != self._faults_saved and self.clock.monotonic() >= self._faults_retry:
-            if save_keys(self.faults_path, faults):
+        marker = (self.edge.stats.transitions, len(self.edge.carried))  # the open faults change only with these
+        if marker != self._faults_marker and self.clock.monotonic() >= self._faults_retry:
+            faults = self.edge.faulted_keys()
+            if faults == self._faults_saved or save_keys(self.faults_path, faults):
+                self._faults_marker = marker
                 self._faults_saved = faults
             else:  # a disk that refuses: tried again in a minute, not at every cycle of every source
                 self._faults_retry = self.clock.monotonic() + 60.0
@@ -183,9 +187,8 @@ class CollectorDaemon:
         self.plugins = build_sources(self.config.sources, env)
         carried = self.edge.faulted_keys()
         for p in self.plugins:  # a source that judges by what it saw before learns what was open at the last stop
-            remember = getattr(p, "carried_faults", None)
-            if callable(remember):
-                remember(carried)
+            if isinstance(p, CarriesFaults):
+                p.carried_faults(carried)
         out: list[tuple[str, Awaitable[None]]] = []
         for p in self.plugins:
             if isinstance(p, Skips):

@@ -53,16 +53,13 @@ def _with(s: Signal, **details: str) -> Signal:
     return s.model_copy(update={"details": {**s.details, **details}})
 
 
-MAX_CARRIED = 10_000  # faults carried over a restart (a node has a few hundred checked entities)
-
-
 class EdgeFilter:
     def __init__(self, *, resync_s: float = 300.0, repeat_window_s: float = 60.0,
                  faulted: Iterable[str] = ()) -> None:
         """``faulted``: the fault keys that were open when the previous process stopped (``faulted_keys``, kept
         by the daemon): their first reading here counts against that, so a fault fixed while the collector
         was down is cleared (a first healthy reading is otherwise not news)."""
-        self.carried: set[str] = set(list(faulted)[:MAX_CARRIED])
+        self.carried: set[str] = set(faulted)  # bounded by its file (collectors.keyfile.MAX_KEYS)
         self.resync_s = resync_s
         self.repeat_window_s = repeat_window_s
         self.states: dict[str, _State] = {}
@@ -79,8 +76,7 @@ class EdgeFilter:
             prev = self.states.get(key)
             if prev is None and key in self.carried:  # open before the restart: compare with that
                 self.carried.discard(key)
-                prev = self.states[key] = _State(False, None, s, True)
-                prev.code = s.code if not s.healthy else None
+                prev = self.states[key] = _State(False, None if s.healthy else s.code, s, True)
             if prev is None:
                 self.states[key] = _State(s.healthy, s.code, s, not s.healthy)
                 if not s.healthy:

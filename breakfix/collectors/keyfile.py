@@ -32,21 +32,27 @@ def load_keys(path: Path) -> list[str]:
     return [k for k in data if isinstance(k, str)][:MAX_KEYS] if isinstance(data, list) else []
 
 
+def write_json(path: Path, data: object) -> None:
+    """Replace ``path`` whole with ``data`` as JSON: temp file, fsync, rename, fsync of the folder. Raises
+    ``OSError`` when the disk refuses (also used by the node agent's idempotency and rate-limit records)."""
+    tmp = path.with_suffix(".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tmp.open("w") as fh:
+        fh.write(json.dumps(data))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_keys(path: Path, keys: list[str]) -> bool:
     """Replace ``path`` with ``keys``; False (logged) when the disk refused."""
-    tmp = path.with_suffix(".tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w") as fh:
-            fh.write(json.dumps(keys[:MAX_KEYS]))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_json(path, keys[:MAX_KEYS])
     except OSError as exc:
         log.warning("keyfile_not_saved", path=str(path), error=repr(exc)[:200])
         return False

@@ -57,6 +57,13 @@ class Commits(Protocol):
 
 
 @runtime_checkable
+class CarriesFaults(Protocol):
+    """A source that judges by what it saw before, told which faults were open when the collector last stopped."""
+
+    def carried_faults(self, keys: list[str]) -> None: ...
+
+
+@runtime_checkable
 class Skips(Protocol):
     """A source that counts the samples or lines it had to skip (the daemon exports the count)."""
 

@@ -82,6 +82,16 @@ def _gpu(step: Step) -> int | None:
     return int(g) if isinstance(g, int | str) and str(g).isdigit() else None
 
 
+def _pod_list(value: object) -> tuple[str, ...]:
+    """``ns/pod,ns/pod`` (a step's ``pods`` parameter, the node agent's ``gpu_pods`` evidence) as a tuple."""
+    return tuple(x for x in str(value or "").split(",") if x)
+
+
+def _busy(result: StepResult) -> bool:
+    """The node agent refused a reset because processes hold the GPU (its error starts with ``busy:``)."""
+    return result.evidence.get("error", result.detail).startswith(BUSY)
+
+
 class Executor:
     def __init__(self, actuator: Actuator, publish: Publish, clock: Clock, *, actor: str,
                  soak: Soak | None = None, gate: Gate | None = None, holders: Holders | None = None,
@@ -222,7 +232,7 @@ class Executor:
                         rung: int = 0, index: int = 0) -> None:
         """Deferred repair: wait until the GPU's job has ended, or ``deadline``, whichever comes first."""
         node, gpu = str(step.params.get("node", incident.node or "")), _gpu(step)
-        pods = tuple(x for x in str(step.params.get("pods", "")).split(",") if x)
+        pods = _pod_list(step.params.get("pods"))
         if gpu is None or self.clock.now() >= deadline or await self.actuator.gpu_idle(node, gpu, pods=pods):
             return
         await self._record(incident, plan, attempt, ActionKind.STEP, ActionOutcome.WAITING, step=step,
@@ -265,7 +275,7 @@ class Executor:
             drained = await a.drain(node, incident=iid)
             return StepResult(drained.ok, f"{drained.detail}: the pods on gpu{gpu}'s MIG instances are not known "
                                           f"({held.detail})", drained.evidence)
-        pods = tuple(dict.fromkeys([*named, *(x for x in held.evidence.get("pods", "").split(",") if x)]))
+        pods = tuple(dict.fromkeys([*named, *_pod_list(held.evidence.get("pods"))]))
         moved = await a.drain_gpu(node, gpu, incident=iid, pods=pods)
         return StepResult(moved.ok, f"{moved.detail} (every pod on its MIG instances: {len(pods)})",
                           {**moved.evidence, "mig_pods": str(len(pods))})
@@ -273,16 +283,16 @@ class Executor:
     async def _reset(self, incident: Incident, step: Step, node: str, gpu: int, key: str) -> StepResult:
         a, iid = self.actuator, incident.id
         first = await a.reset_gpu(node, gpu, incident=iid, key=key)
-        if first.ok or not first.evidence.get("error", first.detail).startswith(BUSY):
+        if first.ok or not _busy(first):
             return first
         # processes still hold the GPU (pods the incident did not name, a job that landed while the repair waited):
         # the node is fenced; move the pods the node agent says hold this GPU and try again, and only when that is
         # not known or not enough, move every pod on the node
         held = await a.gpu_pods(node, gpu, incident=iid)
-        pods = tuple(x for x in held.evidence.get("pods", "").split(",") if x) if held.ok else ()
+        pods = _pod_list(held.evidence.get("pods")) if held.ok else ()
         if pods and (moved := await a.drain_gpu(node, gpu, incident=iid, pods=pods)).ok:
             again = await a.reset_gpu(node, gpu, incident=iid, key=f"{key}:after-gpu-drain")
-            if again.ok or not again.evidence.get("error", again.detail).startswith(BUSY):
+            if again.ok or not _busy(again):
                 return StepResult(again.ok, f"{first.detail}; moved the pods holding gpu{gpu} ({moved.detail}); "
                                             f"{again.detail}", {**again.evidence, "drained_gpu_for_busy": "true"})
         drained = await a.drain(node, incident=iid)
@@ -306,7 +316,7 @@ class Executor:
                 return StepResult(False, f"{step.action.value} needs a GPU index and the incident has none")
             case StepAction.DRAIN_GPU:
                 assert gpu_i is not None
-                pods = tuple(x for x in str(p.get("pods", "")).split(",") if x)
+                pods = _pod_list(p.get("pods"))
                 if p.get("mig") is True:  # every MIG instance on the physical GPU goes with the reset
                     return await self._drain_mig(incident, node, gpu_i, pods)
                 return await a.drain_gpu(node, gpu_i, incident=iid, pods=pods)

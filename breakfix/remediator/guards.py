@@ -222,11 +222,14 @@ class GuardState:
         self.finished[node] = Fault(at, fault.category, frozenset(fault.codes), fault.severity.rank) if fault \
             else Fault(at)
 
-    def end_waits(self, incident: str) -> None:
-        """Drop every wait of ``incident`` (all its flaps)."""
+    def end_waits(self, incident: str) -> bool:
+        """Drop every wait of ``incident`` (all its flaps); True when there was one."""
+        ended = False
         for waits in (self.budget_since, self.defer_until):
             for key in [k for k in waits if k.rpartition("@")[0] == incident]:
                 del waits[key]
+                ended = True
+        return ended
 
     def forget(self, incident: str) -> None:
         """An incident the remediator no longer tracks: drop its holds, budget slot, queue place and waits."""

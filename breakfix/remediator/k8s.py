@@ -110,6 +110,12 @@ def _meta(p: dict[str, Any]) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+def _cordoned_by_other(n: dict[str, Any]) -> str:
+    """Who cordoned the node (as the API's JSON) if not breakfix ("someone else" when unnamed); "" otherwise."""
+    owner = ((n.get("metadata") or {}).get("annotations") or {}).get(OWNER)
+    return (owner or "someone else") if (n.get("spec") or {}).get("unschedulable") and owner != ME else ""
+
+
 def _grace_s(p: dict[str, Any]) -> float:
     """The pod's termination grace period (Kubernetes' default 30 s), as the API's JSON gives it."""
     spec = p.get("spec") or {}
@@ -208,65 +214,56 @@ class KubernetesActuator:
         ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
         return ready, str((status.get("nodeInfo") or {}).get("bootID") or "")
 
-    async def node_ready(self, node: str) -> bool:
-        """Whether the Node's ``Ready`` condition is ``True`` (the kubelet is back and reporting)."""
-        return (await self.node_state(node))[0]
-
     async def cordon(self, node: str, *, incident: str, reason: str) -> StepResult:
         """Cordon and taint ``breakfix.io/quarantine``. A node someone else cordoned keeps their cordon and
         ownership but gets the taint as well, so it stays fenced if they uncordon it during the repair."""
-        said: list[str] = []
 
         def change(n: dict[str, Any]) -> dict[str, Any]:
-            ann = (n.get("metadata") or {}).get("annotations") or {}
             spec = n.get("spec") or {}
             taints = [t for t in spec.get("taints") or [] if t.get("key") != QUARANTINE]
             taints.append({"key": QUARANTINE, "value": "true", "effect": "NoSchedule"})
-            said[:] = [ann.get(OWNER) or "someone else"] if spec.get("unschedulable") and ann.get(OWNER) != ME else []
-            if said:
+            if _cordoned_by_other(n):
                 return {"metadata": {"annotations": {INCIDENT: incident}}, "spec": {"taints": taints}}
             return {"metadata": {"annotations": {OWNER: ME, INCIDENT: incident, "breakfix.io/reason": reason[:200],
                                                  "breakfix.io/cordoned-at": _stamp(self.clock.now())}},
                     "spec": {"unschedulable": True, "taints": taints}}
 
-        await self._patch_node(node, change)
-        if said:
-            return StepResult(True, f"{node} already cordoned by {said[0]}; left as is and tainted "
-                                    f"{QUARANTINE}=true:NoSchedule", {"cordoned_by": said[0]})
+        other = _cordoned_by_other(await self._patch_node(node, change))  # the node the patch was made against
+        if other:
+            return StepResult(True, f"{node} already cordoned by {other}; left as is and tainted "
+                                    f"{QUARANTINE}=true:NoSchedule", {"cordoned_by": other})
         return StepResult(True, f"cordoned {node} and tainted {QUARANTINE}=true:NoSchedule",
                           {"annotation": f"{OWNER}={ME}"})
 
     async def uncordon(self, node: str, *, incident: str) -> StepResult:
         """Remove breakfix's taint; uncordon only a cordon breakfix made (someone else's stays)."""
-        said: list[str] = []
 
         def change(n: dict[str, Any]) -> dict[str, Any] | None:
             ann = (n.get("metadata") or {}).get("annotations") or {}
-            spec = n.get("spec") or {}
-            taints = spec.get("taints") or []
+            taints = (n.get("spec") or {}).get("taints") or []
             keep = [t for t in taints if t.get("key") != QUARANTINE]
             if ann.get(OWNER) != ME:
-                said[:] = [ann.get(OWNER) or "someone else"] if spec.get("unschedulable") else [""]
                 return {"metadata": {"annotations": {INCIDENT: None}}, "spec": {"taints": keep}} \
                     if len(keep) != len(taints) or INCIDENT in ann else None
             return {"metadata": {"annotations": {OWNER: None, INCIDENT: None, "breakfix.io/reason": None,
                                                  "breakfix.io/cordoned-at": None}},
                     "spec": {"unschedulable": False, "taints": keep}}
 
-        await self._patch_node(node, change)
-        if said and said[0]:
-            return StepResult(True, f"{node} stays cordoned: cordoned by {said[0]}")
-        if said:
-            return StepResult(True, f"{node} schedulable")
-        return StepResult(True, f"uncordoned {node}")
+        n = await self._patch_node(node, change)
+        if ((n.get("metadata") or {}).get("annotations") or {}).get(OWNER) == ME:
+            return StepResult(True, f"uncordoned {node}")
+        other = _cordoned_by_other(n)
+        return StepResult(True, f"{node} stays cordoned: cordoned by {other}" if other else f"{node} schedulable")
 
     # -- drain -----------------------------------------------------------------------------------
-    async def _pods_on(self, node: str) -> list[PodFacts]:
+    async def _pod_docs(self, node: str) -> list[dict[str, Any]]:
+        """The pods on ``node`` as the API's JSON (strict on the node even if a server ignores the selector)."""
         doc = await self._raw(self.core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={node}")
+        return [p for p in doc.get("items") or [] if (p.get("spec") or {}).get("nodeName") == node]
+
+    async def _pods_on(self, node: str) -> list[PodFacts]:
         out = []
-        for p in doc.get("items") or []:
-            if (p.get("spec") or {}).get("nodeName") != node:  # be strict even if a server ignores the selector
-                continue
+        for p in await self._pod_docs(node):
             facts = _facts(p)
             if drain_action(facts, self.drain_policy).action is EvictAction.SKIP:
                 continue
@@ -339,16 +336,14 @@ class KubernetesActuator:
         wait = self.drain_policy.gone_timeout_s
         if not evicted or wait <= 0:
             return set(), 0.0
-        if not await self.node_ready(node):  # no kubelet to end them: they would read Running forever, and the
+        if not (await self.node_state(node))[0]:  # no kubelet to end them: they would read Running forever, and the
             return set(), 0.0                # reboot this drain usually precedes is what ends them
         start = self.clock.monotonic()
         deadline = start + wait
         poll = min(0.5, self.drain_policy.retry_s)
         while True:
-            doc = await self._raw(self.core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={node}")
-            there = {f"{m.get('namespace', '')}/{m.get('name', '')}": p for p in doc.get("items") or []
-                     if (p.get("spec") or {}).get("nodeName") == node
-                     and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed") for m in (_meta(p),)}
+            there = {f"{m.get('namespace', '')}/{m.get('name', '')}": p for p in await self._pod_docs(node)
+                     if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed") for m in (_meta(p),)}
             left = set(there) & evicted
             # a pod's own grace period (a trainer checkpointing for 20 minutes) stretches the wait: it is the pod's
             # to use, and ending it early would only leave its processes holding the GPU

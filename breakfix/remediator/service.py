@@ -250,9 +250,7 @@ class RemediatorService:
         self.cordoned.discard(iid)
         self.deferred.discard(iid)
         self.decisions.forget(iid)
-        waits = len(self.guards.budget_since) + len(self.guards.defer_until)
-        self.guards.end_waits(iid)
-        if waits != len(self.guards.budget_since) + len(self.guards.defer_until):
+        if self.guards.end_waits(iid):
             self.keeper.save()
         self.taken_up.pop(iid, None)
         if inc is not None and inc.status is IncidentStatus.RESOLVED:

@@ -175,11 +175,10 @@ class SimCluster:
         self.history.append(("return_to_service", node))
         n.drained = False
         n.drained_gpus.clear()
+        n.taints = [t for t in n.taints if t != QUARANTINE_TAINT]
         if n.cordoned and n.cordoned_by == "breakfix":
             n.cordoned, n.cordoned_by = False, None
-            n.taints = [t for t in n.taints if t != QUARANTINE_TAINT]
             return StepResult(True, f"uncordoned {node}")
-        n.taints = [t for t in n.taints if t != QUARANTINE_TAINT]
         if n.cordoned:
             return StepResult(True, f"{node} stays cordoned: cordoned by {n.cordoned_by}, not breakfix")
         return StepResult(True, f"{node} schedulable")
