@@ -275,7 +275,9 @@ class KubernetesActuator:
         on_node = {f"{p.namespace}/{p.name}" for p in await self._pods_on(node)}
         return any(p in on_node for p in pods)
 
-    async def _evict(self, ns: str, name: str, sem: asyncio.Semaphore) -> tuple[bool, str]:
+    async def _evict(self, ns: str, name: str, sem: asyncio.Semaphore) -> tuple[bool, str, bool]:
+        """(moved, why, ending): ``ending`` when the pod was told to go and is still ending gracefully (evicted, or
+        deleted after PDB refusals), so the drain waits for it; a pod gone or finished is not waited for."""
         action = drain_action(PodFacts(ns, name), self.drain_policy).action
         clock = self.clock
         deadline = clock.monotonic() + self.drain_policy.timeout_s
@@ -286,12 +288,12 @@ class KubernetesActuator:
                         p = await self._call(self.core.read_namespaced_pod, name, ns)
                     except ApiException as exc:
                         if exc.status == 404:
-                            return True, f"{ns}/{name} finished"
+                            return True, f"{ns}/{name} finished", False
                         raise
                     if p.status and p.status.phase in ("Succeeded", "Failed"):
-                        return True, f"{ns}/{name} completed"
+                        return True, f"{ns}/{name} completed", False
                     await self.sleep(self.drain_policy.retry_s)
-                return False, f"{ns}/{name} did not complete within {self.drain_policy.timeout_s:g}s"
+                return False, f"{ns}/{name} did not complete within {self.drain_policy.timeout_s:g}s", False
             body = client.V1Eviction(metadata=client.V1ObjectMeta(name=name, namespace=ns))
 
             def pdb_blocked(exc: BaseException) -> bool:
@@ -303,24 +305,23 @@ class KubernetesActuator:
                                  pdb_blocked, wait_s=self.drain_policy.retry_s, sleep=self.sleep)
             except ApiException as exc:
                 if exc.status == 404:
-                    return True, f"{ns}/{name} already gone"
+                    return True, f"{ns}/{name} already gone", False
                 if exc.status == 429 and action is EvictAction.EVICT_THEN_DELETE:
                     await self._call(self.core.delete_namespaced_pod, name, ns)
                     return True, f"{ns}/{name} deleted after {self.drain_policy.timeout_s:g}s of PDB refusals " \
-                                 f"(namespace drain mode delete-after-timeout)"
-                return False, f"{ns}/{name} not evicted: HTTP {exc.status} {exc.reason}"
+                                 f"(namespace drain mode delete-after-timeout)", True
+                return False, f"{ns}/{name} not evicted: HTTP {exc.status} {exc.reason}", False
             self.evictions += 1
-            return True, f"evicted {ns}/{name}"
+            return True, f"evicted {ns}/{name}", True
 
     async def _drain(self, node: str, pods: list[tuple[str, str]]) -> StepResult:
         sem = asyncio.Semaphore(self.drain_policy.parallel)
         results = await asyncio.gather(*(self._evict(ns, name, sem) for ns, name in pods))
-        failed = [why for ok, why in results if not ok]
+        failed = [why for ok, why, _ in results if not ok]
         if failed:
             return StepResult(False, f"{len(failed)} of {len(pods)} pods on {node} not moved: {failed[0]}",
                               {"evicted": str(len(pods) - len(failed)), "blocked": str(len(failed))})
-        evicted = {f"{ns}/{name}" for (ns, name), (_, why) in zip(pods, results, strict=True)
-                   if why.startswith("evicted") or " deleted after " in why}  # both end gracefully, not at once
+        evicted = {f"{ns}/{name}" for (ns, name), (_, _, ending) in zip(pods, results, strict=True) if ending}
         left, waited = await self._until_gone(node, evicted)
         if left:
             return StepResult(False, f"{len(left)} of {len(evicted)} evicted pods on {node} still terminating after "
