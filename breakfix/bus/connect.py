@@ -57,6 +57,7 @@ class ConnectionEvents:
         self.connected = False
         self.last_error: BaseException | None = None
         self.violations: set[str] = set()  # subjects the server refused us, lower case as it reports them
+        self.user: str | None = None  # the identity's name from its .creds (None on an open bus)
 
     def denied(self, subject: str) -> bool:
         """Whether the server refused us ``subject`` (a permissions violation: retrying cannot help)."""
@@ -102,7 +103,8 @@ async def open_client(opts: NatsOptions, *, name: str,
     }
     if opts.creds is not None:
         try:  # a private inbox per identity: the server lets each user subscribe only to _INBOX.<name>.>
-            kwargs["inbox_prefix"] = f"_INBOX.{creds_user_name(opts.creds)}"
+            cb.user = creds_user_name(opts.creds)
+            kwargs["inbox_prefix"] = f"_INBOX.{cb.user}"
         except CredsError as exc:
             raise BusRefused(str(exc)) from None
         kwargs["user_credentials"] = str(opts.creds)

@@ -24,7 +24,6 @@ from nats.js.object_store import ObjectStore
 
 from breakfix.bus.connect import ConnectionEvents, connect_client
 from breakfix.bus.jskv import JetStreamKv
-from breakfix.bus.nkeyjwt import CredsError, creds_user_name
 from breakfix.bus.options import NatsOptions
 from breakfix.bus.pipeline import PipelinedPublisher, PublishError
 from breakfix.bus.protocol import ConsumerState, Delivery, KvEntry, PublishAck, Unsubscribe
@@ -103,11 +102,7 @@ class JetStreamBus:
         raise ``ConnectAborted`` once ``stop`` is set (daemons). See ``bus.connect``."""
         opts = target if isinstance(target, NatsOptions) else NatsOptions(url=target)
         nc, events = await connect_client(opts, name=name, stop=stop)
-        user = None
-        if opts.creds is not None:
-            with contextlib.suppress(CredsError):  # connect_client already read it; unreadable means no name
-                user = creds_user_name(opts.creds)
-        return cls(nc, nc.jetstream(timeout=10.0), events, user=user)
+        return cls(nc, nc.jetstream(timeout=10.0), events, user=events.user)  # read from its .creds to connect
 
     def _denied(self, subject: str) -> Callable[[], bool]:
         events = self._events
