@@ -121,6 +121,49 @@ class TestFabric:
         later = bad(rules.apply(read_ports(root), T0 + timedelta(seconds=700), 700.0))
         assert ("ib.flapping", "mlx5_0/1") not in later and ("ib.errors", "mlx5_0/1") not in later
 
+    @pytest.mark.parametrize(("state", "phys", "after_s", "down"), [
+        ("2: INIT", "5: LinkUp", 0.0, False),  # the SM has not swept yet: normal after a reboot
+        ("2: INIT", "5: LinkUp", 119.0, False),
+        ("2: INIT", "5: LinkUp", 120.0, True),  # still not configured past the hold: a fault
+        ("3: ARMED", "5: LinkUp", 60.0, False),
+        ("3: ARMED", "5: LinkUp", 300.0, True),
+        ("1: DOWN", "4: PortConfigurationTraining", 60.0, False),  # the link is training
+        ("1: DOWN", "6: LinkErrorRecovery", 60.0, False),
+        ("1: DOWN", "6: LinkErrorRecovery", 121.0, True),
+        ("1: DOWN", "2: Polling", 0.0, True),  # no peer, no cable: judged at once
+        ("1: DOWN", "3: Disabled", 0.0, True),
+        ("2: INIT", "2: Polling", 0.0, True),  # not a bring-up pair: judged as read
+    ])
+    def test_a_port_coming_up_is_a_link_down_only_after_its_bringup_hold(
+            self, catalog: Catalog, tmp_path: Path, state: str, phys: str, after_s: float, down: bool) -> None:
+        root = ib_tree(tmp_path)
+        rules = FabricRules(ctx(catalog), FabricThresholds(), seen_up={"mlx5_0/1"})
+        (root / "mlx5_0/ports/1/state").write_text(state + "\n")
+        (root / "mlx5_0/ports/1/phys_state").write_text(phys + "\n")
+        first = rules.apply(read_ports(root), T0, 1000.0)
+        later = rules.apply(read_ports(root), T0 + timedelta(seconds=after_s), 1000.0 + after_s)
+        assert (("ib.link_down", "mlx5_0/1") in bad(later)) is down
+        held = [s for s in first.states if s.check == "ib.link_down" and s.component == "mlx5_0/1"]
+        assert (held == []) is (not down or after_s > 0), "in its hold the port says nothing: the edge keeps its state"
+
+    def test_a_port_that_came_up_and_went_back_to_init_gets_a_fresh_hold(self, catalog: Catalog,
+                                                                       tmp_path: Path) -> None:
+        root = ib_tree(tmp_path)
+        rules = FabricRules(ctx(catalog), FabricThresholds(bringup_hold_s=60))
+        port = root / "mlx5_0/ports/1"
+        (port / "state").write_text("2: INIT\n")
+        rules.apply(read_ports(root), T0, 0.0)  # never ACTIVE yet: not judged
+        (port / "state").write_text("4: ACTIVE\n")
+        rules.apply(read_ports(root), T0, 10.0)
+        (port / "state").write_text("2: INIT\n")  # an SM failover re-sweeps the port
+        assert ("ib.link_down", "mlx5_0/1") not in bad(rules.apply(read_ports(root), T0, 500.0))
+        assert ("ib.link_down", "mlx5_0/1") not in bad(rules.apply(read_ports(root), T0, 559.0))
+        assert ("ib.link_down", "mlx5_0/1") in bad(rules.apply(read_ports(root), T0, 560.0))
+        (port / "state").write_text("4: ACTIVE\n")
+        ok = rules.apply(read_ports(root), T0, 570.0)
+        assert [s.healthy for s in ok.states if s.check == "ib.link_down" and s.component == "mlx5_0/1"] == [True]
+        assert rules.coming_up == {}
+
     def test_ports_seen_up_are_remembered_across_a_restart(self, catalog: Catalog, tmp_path: Path) -> None:
         """After a restart a failed link is still a failed link, not an 'uncabled' port."""
         from breakfix.collectors.config import FabricConfig

@@ -8,7 +8,8 @@ samples and the previous ones into per-port states (component ``<dev>/<port>``):
 - ``ib.link_down``: state not ACTIVE or physical state not LinkUp on a port seen up before (critical); a
   port never seen ACTIVE on this node is not judged, only logged once (``ib_port_never_active``) and
   listed in ``inactive``: uncabled storage or management ports look the same; ports in ``ignore_ports``
-  and SR-IOV virtual functions are not judged either; a state or physical
+  and SR-IOV virtual functions are not judged either; a port coming up (INIT or ARMED with the physical link
+  up, or the link training) is judged only after ``bringup_hold_s``, meanwhile it says nothing; a state or physical
   state that is no kernel value (number and name disagree, e.g. ``phys_state`` ``4: ACTIVE``) is a
   *warning* ``ib.link_down``, never critical (``collectors.ibstate``);
 - ``ib.flapping``: ``link_downed`` or ``link_error_recovery`` rose ``flap_count`` times within
@@ -40,7 +41,16 @@ import structlog
 
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.edge import Cycle
-from breakfix.collectors.ibstate import ACTIVE, LINK_UP, PHYS_STATES, PORT_STATES, Reading, parse_state
+from breakfix.collectors.ibstate import (
+    ACTIVE,
+    BRINGUP_PHYS,
+    BRINGUP_STATES,
+    LINK_UP,
+    PHYS_STATES,
+    PORT_STATES,
+    Reading,
+    parse_state,
+)
 from breakfix.schemas.common import Severity
 from breakfix.schemas.signal import Signal, SignalSource
 
@@ -67,6 +77,7 @@ class FabricThresholds:
     skip_ethernet: bool = False
     single_reading: bool = False  # judge counters by their totals when there is no reading before
     ignore_ports: tuple[str, ...] = ()  # fnmatch patterns of "<dev>/<port>" never judged (storage, management NICs)
+    bringup_hold_s: float = 120.0  # a port coming up (INIT, ARMED, link training) is a fault only after this long
     totals: tuple[tuple[str, int], ...] = tuple(DEFAULT_TOTALS.items())
 
 
@@ -165,6 +176,7 @@ class FabricRules:
         self.flaps: dict[str, list[float]] = {}
         self.best_rate: dict[str, float] = {}
         self.inactive: set[str] = set()  # ports down and never seen up here: not judged (README: fabric)
+        self.coming_up: dict[str, float] = {}  # port -> when (monotonic) it was first read coming up, in its hold
         self.seen_up: set[str] = seen_up if seen_up is not None else set()  # ports ever seen ACTIVE and LinkUp
         #                                  here (kept across restarts by the source plugin): only their loss is critical
         self.skipped_files = SkipCount()  # pass to read_ports: breakfix_collector_parse_skipped_total{source="fabric"}
@@ -203,6 +215,8 @@ class FabricRules:
                 state("ib.link_down", False, f"{readings}; never ACTIVE on this node: not judged", reading="inactive")
                 continue
             self.inactive.discard(p.port)
+            if self._holding(p, known_down, mono, th):
+                continue  # coming up: the edge keeps the port's last state meanwhile; counters are read next time
             if not known_down and unknown:
                 state("ib.link_down", True, f"{readings}: not a state the kernel prints", severity=Severity.WARNING,
                       reading="unknown")
@@ -231,7 +245,25 @@ class FabricRules:
                 state("ib.rate_degraded", p.rate_gbps < expected, f"rate {p.rate_text}, expected {expected:g} Gb/sec",
                       p.rate_gbps, expected)
             self.prev[p.port] = (p, mono)
+        if len(self.coming_up) > len(ports):  # bounded by the ports read: forget ports that went away
+            names = {p.port for p in ports}
+            self.coming_up = {k: v for k, v in self.coming_up.items() if k in names}
         return Cycle(states=states)
+
+    def _holding(self, p: PortSample, down: bool, mono: float, th: FabricThresholds) -> bool:
+        """A down port still coming up, within ``bringup_hold_s`` of first being read so: not judged yet.
+
+        INIT means the physical link is up but the subnet manager has not configured the port, ARMED that it
+        is configured and not yet active (kernel ABI, sysfs-class-infiniband); physical
+        PortConfigurationTraining and LinkErrorRecovery are the link training. Every port passes through
+        them after a reboot (breakfix's own reboot rung included) and after a switch or SM restart, for as
+        long as the SM takes to sweep; a port that stays there past the hold is a fault. DOWN with
+        Polling, Disabled or Sleep (no peer, no cable, shut) is judged at once; so are offline readings."""
+        bringing_up = down and ((p.state in BRINGUP_STATES and p.phys_state == LINK_UP) or p.phys_state in BRINGUP_PHYS)
+        if not bringing_up or th.single_reading or th.bringup_hold_s <= 0:
+            self.coming_up.pop(p.port, None)
+            return False
+        return mono - self.coming_up.setdefault(p.port, mono) < th.bringup_hold_s
 
     def _totals(self, p: PortSample, state: Callable[..., None]) -> None:
         """One reading, no reading before: the counters since their last reset against ``totals``."""
