@@ -44,6 +44,15 @@ class TestEdgeFilter:
         assert [s.healthy for s in sent] == [False, True]
         assert edge.stats.suppressed_states == 4
 
+    def test_a_fault_whose_severity_changes_is_news_and_the_same_severity_again_is_not(self) -> None:
+        """A garbled port reading is a warning; the same port then read down is a critical fault."""
+        edge = EdgeFilter(resync_s=3600)
+        seq = [Severity.WARNING, Severity.WARNING, Severity.CRITICAL, Severity.CRITICAL, Severity.WARNING]
+        sent = [s for i, sev in enumerate(seq)
+                for s in edge.apply(Cycle(states=[flap(False, i, check="ib.link_down", severity=sev)]), T0)]
+        assert [s.severity for s in sent] == [Severity.WARNING, Severity.CRITICAL, Severity.WARNING]
+        assert edge.stats.suppressed_states == 2
+
     def test_entity_missing_from_a_cycle_is_never_cleared(self) -> None:
         edge = EdgeFilter(resync_s=3600)
         edge.apply(Cycle(states=[flap(False, 0, gpu_index=0), flap(False, 0, gpu_index=1)]), T0)

@@ -5,7 +5,8 @@ Sources (``collectors.nvml``, ``dcgm``, ``fabric``, ``endpoint``, ``kmsg``, ...)
 or not) and *events* (occurrences such as an XID line). ``EdgeFilter.apply`` returns what goes
 to the forwarder (``collectors.forwarder``):
 
-- states: only transitions per (check, entity): fault, a changed fault code, then healthy. A
+- states: only transitions per (check, entity): fault, a changed fault code or severity (a garbled port
+  reading's warning that becomes a critical link-down, a thermal warning that turns critical), then healthy. A
   first healthy reading is not news, unless the fault was open when the previous process stopped
   (``faulted``, kept on disk by the daemon): then it is the clearing. An entity missing from a cycle
   is never cleared.
@@ -24,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from breakfix.schemas.common import Severity
 from breakfix.schemas.signal import Signal
 
 
@@ -37,6 +39,7 @@ class Cycle:
 class _State:
     healthy: bool
     code: str | None
+    severity: Severity
     signal: Signal
     ever_faulted: bool
 
@@ -76,15 +79,16 @@ class EdgeFilter:
             prev = self.states.get(key)
             if prev is None and key in self.carried:  # open before the restart: compare with that
                 self.carried.discard(key)
-                prev = self.states[key] = _State(False, None if s.healthy else s.code, s, True)
+                prev = self.states[key] = _State(False, None if s.healthy else s.code, s.severity, s, True)
             if prev is None:
-                self.states[key] = _State(s.healthy, s.code, s, not s.healthy)
+                self.states[key] = _State(s.healthy, s.code, s.severity, s, not s.healthy)
                 if not s.healthy:
                     out.append(s)
                     self.stats.transitions += 1
                 continue
-            changed = prev.healthy != s.healthy or (not s.healthy and prev.code != s.code)
-            prev.healthy, prev.code, prev.signal = s.healthy, s.code, s
+            changed = prev.healthy != s.healthy or (not s.healthy and (prev.code != s.code
+                                                                       or prev.severity != s.severity))
+            prev.healthy, prev.code, prev.severity, prev.signal = s.healthy, s.code, s.severity, s
             prev.ever_faulted |= not s.healthy
             if changed:
                 out.append(s)
