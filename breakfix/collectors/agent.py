@@ -49,6 +49,7 @@ from breakfix.bus.clock import SYSTEM_CLOCK, Clock
 from breakfix.collectors.agent_checks import RateLimits, Refusal, fingerprint, gpu_target, refuse
 from breakfix.collectors.agent_clients import nvidia_clients
 from breakfix.collectors.agent_pods import gpu_devices, parse_gpu_list
+from breakfix.collectors.gpuinfo import dra_name, read_minors
 from breakfix.collectors.keyfile import write_json
 from breakfix.collectors.kmsg_follow import read_boot_id
 from breakfix.schemas.agent import AgentAction, AgentCommand, AgentReply, DiagTest
@@ -259,12 +260,22 @@ class NodeAgent:
         said = " ".join(ln.strip() for ln in out.splitlines() if ln.strip())[:400]
         evidence = {"rc": str(rc), "persistence_mode_restored": str(persistence).lower()}
         if not ok and "in use by another client" in out.lower():  # monitoring clients the busy check cannot see
-            clients = await asyncio.to_thread(nvidia_clients, self.proc, minor=cmd.gpu_index, exclude=os.getpid())
+            clients = await asyncio.to_thread(lambda: nvidia_clients(self.proc, minor=self._minor(cmd),
+                                                                     exclude=os.getpid()))
             if clients:
                 evidence["gpu_clients"] = ", ".join(clients)
                 said = f"{said} [device open in: {evidence['gpu_clients']}]"[:700]
         return self._reply(cmd, ok, said or f"nvidia-smi rc={rc}", error="" if ok else f"failed: nvidia-smi rc={rc}",
                            evidence=evidence)
+
+    def _minor(self, cmd: AgentCommand) -> int | None:
+        """The target GPU's device minor (``/dev/nvidia<minor>``) from the driver's procfs; its index when the
+        command names no UUID or the driver does not list it (the minor is usually, not always, the index)."""
+        if cmd.gpu_uuid is not None:
+            minor = read_minors(self.proc / "driver" / "nvidia" / "gpus").get(cmd.gpu_uuid)
+            if minor is not None:
+                return minor
+        return cmd.gpu_index
 
     async def _gpu_pods(self, cmd: AgentCommand) -> AgentReply:
         target, lister = gpu_target(cmd), self.pods
@@ -278,8 +289,10 @@ class NodeAgent:
             if not devices:
                 return self._reply(cmd, False, f"nvidia-smi -L does not list GPU {target} (rc={rc}): {listing[:200]}",
                                    error=f"failed: GPU {target} not listed")
+            minors = await asyncio.to_thread(read_minors, self.proc / "driver" / "nvidia" / "gpus")
+            dra = frozenset(dra_name(minors[d]) for d in devices if d in minors)  # NVIDIA's DRA driver: gpu-<minor>
             try:
-                pods = await asyncio.wait_for(lister(devices), timeout=20.0)
+                pods = await asyncio.wait_for(lister(devices | dra), timeout=20.0)
             except Exception as exc:  # the kubelet is away or answers badly: say so, the remediator drains the node
                 return self._reply(cmd, False, f"kubelet PodResources did not answer: {exc!r}"[:400],
                                    error="failed: kubelet PodResources")

@@ -162,6 +162,7 @@ class PodResourcesConfig(BaseModel):
     socket: Path = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
     resource: str = "nvidia.com/gpu"
     interval_s: float = Field(30.0, gt=0)
+    proc_gpus: Path = Path("/proc/driver/nvidia/gpus")  # GPU UUID -> device minor, for DRA's gpu-<minor> names
 
 
 class AgentConfig(BaseModel):

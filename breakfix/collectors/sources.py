@@ -225,15 +225,20 @@ class PodResourcesPlugin:
         self.client = PodResourcesClient(c.socket)
         self.resource = c.resource
         self.interval = c.interval_s
+        self.proc_gpus = c.proc_gpus
         self.ctx = env.ctx
 
     async def read(self) -> Any:
-        return await self.client.list()
+        """The kubelet's List, and the GPUs' device minors (DRA names GPUs ``gpu-<minor>``)."""
+        from breakfix.collectors.gpuinfo import read_minors
+
+        return await self.client.list(), await asyncio.to_thread(read_minors, self.proc_gpus)
 
     def apply(self, raw: Any, at: datetime, mono: float) -> Cycle:
         from breakfix.collectors.podresources import gpu_tenants
 
-        self.ctx.set_tenants(gpu_tenants(raw, self.resource))
+        resp, minors = raw
+        self.ctx.set_tenants(gpu_tenants(resp, self.resource, minors=minors))
         return Cycle()
 
 

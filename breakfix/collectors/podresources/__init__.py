@@ -11,15 +11,20 @@ devices): what the node agent's ``gpu_pods`` answers, so a MIG GPU's reset moves
 
 GPU devices are ``nvidia.com/gpu`` (whole GPUs, time-slicing replicas, or MIG devices under the
 device plugin's ``single`` strategy) and ``nvidia.com/mig-<profile>`` (``mixed`` strategy), and
-``gpu.nvidia.com`` DRA claims (reference: kubelet PodResources API, NVIDIA k8s-device-plugin).
+``gpu.nvidia.com`` DRA claims (reference: kubelet PodResources API, NVIDIA k8s-device-plugin). NVIDIA's DRA
+driver names a claim's device by the GPU's device minor (``gpu-0``, ``gpu-0-mig-9-0-1``;
+``collectors.gpuinfo``): a MIG device there also counts as its GPU's ``gpu-<minor>``, and ``gpu_tenants``
+maps ``gpu-<minor>`` to the GPU's UUID when it is given the node's minors.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
 
+from breakfix.collectors.gpuinfo import dra_name, dra_parent
 from breakfix.collectors.podresources import api_pb2, api_pb2_grpc
 from breakfix.schemas.common import TenantRef
 
@@ -33,18 +38,32 @@ def _devices(c: api_pb2.ContainerResources, resource: str) -> list[str]:
     out = [device_id.split("::", 1)[0] for dev in c.devices
            if dev.resource_name == resource or dev.resource_name.startswith(MIG_RESOURCE_PREFIX)
            for device_id in dev.device_ids]
-    out += [claim.device_name for dyn in c.dynamic_resources for claim in dyn.claim_resources
-            if claim.driver_name == DRA_DRIVER and claim.device_name.startswith(("GPU-", "MIG-"))]
+    for dyn in c.dynamic_resources:
+        for claim in dyn.claim_resources:
+            name = claim.device_name
+            if claim.driver_name != DRA_DRIVER:
+                continue
+            if name.startswith(("GPU-", "MIG-")):
+                out.append(name)
+            elif (parent := dra_parent(name)) is not None:  # gpu-<minor>, or a MIG device on it
+                out += [name] if parent == name else [name, parent]
     return out
 
 
-def gpu_tenants(resp: api_pb2.ListPodResourcesResponse, resource: str = GPU_RESOURCE) -> dict[str, TenantRef]:
+def gpu_tenants(resp: api_pb2.ListPodResourcesResponse, resource: str = GPU_RESOURCE, *,
+                minors: Mapping[str, int] | None = None) -> dict[str, TenantRef]:
+    """Device id -> the container holding it. With ``minors`` (GPU UUID -> device minor, ``gpuinfo.read_minors``)
+    a GPU that a DRA claim names ``gpu-<minor>`` is also keyed by its UUID, as signals name GPUs."""
     out: dict[str, TenantRef] = {}
     for pod in resp.pod_resources:
         for c in pod.containers:
             tenant = TenantRef(namespace=pod.namespace, pod=pod.name, container=c.name)
             for device in _devices(c, resource):
                 out[device] = tenant
+    for uuid, minor in (minors or {}).items():
+        holder = out.get(dra_name(minor))
+        if holder is not None:
+            out.setdefault(uuid, holder)
     return out
 
 
