@@ -64,8 +64,8 @@ FAULT_CASES = [
                  "clock.power_brake", None, id="power-brake"),
     pytest.param(lambda g: setattr(g, "temperature", 90), "temperature.slowdown", None, id="over-slowdown-temp"),
     pytest.param(lambda g: setattr(g.links[3], "up", False), "nvlink.down", "nvlink3", id="nvlink-down"),
-    pytest.param(lambda g: setattr(g, "fabric", (pynvml.NVML_GPU_FABRIC_STATE_IN_PROGRESS, 0)), "fabric.gpu", None,
-                 id="fabric-not-completed"),
+    pytest.param(lambda g: setattr(g, "fabric", (pynvml.NVML_GPU_FABRIC_STATE_COMPLETED, pynvml.NVML_ERROR_UNKNOWN)),
+                 "fabric.gpu", None, id="fabric-training-failed"),
     pytest.param(lambda g: setattr(g, "lost", True), "gpu.lost", None, id="gpu-is-lost"),
     pytest.param(lambda g: setattr(g, "reset_required", True), "gpu.reset_required", None, id="reset-required"),
 ]
@@ -83,6 +83,23 @@ class TestPolledChecks:
         fake.gpus[2] = FakeNvml.hgx(8).gpus[2]
         fake.gpus[2].fabric = (pynvml.NVML_GPU_FABRIC_STATE_COMPLETED, pynvml.NVML_SUCCESS)
         assert faults(poll(src, 20)) == set()
+
+    @pytest.mark.parametrize("training", [pynvml.NVML_GPU_FABRIC_STATE_NOT_STARTED,
+                                          pynvml.NVML_GPU_FABRIC_STATE_IN_PROGRESS], ids=["not-started", "in-progress"])
+    def test_a_fabric_still_training_is_a_fault_only_after_its_hold(self, catalog: Catalog, training: int) -> None:
+        """Every NVSwitch GPU reads NOT_STARTED, then IN_PROGRESS, while Fabric Manager trains the fabric after a
+        boot or a reset: a fault only when it outlasts fabric_hold_s, and each new training gets a fresh hold."""
+        fake = FakeNvml.hgx(2)
+        fake.gpus[1].fabric = (training, pynvml.NVML_SUCCESS)
+        src = NvmlSource(fake, ctx(catalog))
+        assert ("fabric.gpu", 1, None) not in faults(poll(src, 100))
+        assert ("fabric.gpu", 1, None) not in faults(poll(src, 399))
+        assert ("fabric.gpu", 1, None) in faults(poll(src, 400)), "300 s in training: Fabric Manager is not done"
+        fake.gpus[1].fabric = (pynvml.NVML_GPU_FABRIC_STATE_COMPLETED, pynvml.NVML_SUCCESS)
+        assert ("fabric.gpu", 1, None) not in faults(poll(src, 410))
+        fake.gpus[1].fabric = (training, pynvml.NVML_SUCCESS)  # a GPU reset retrains it
+        assert ("fabric.gpu", 1, None) not in faults(poll(src, 1000))
+        assert ("fabric.gpu", 1, None) in faults(poll(src, 1300))
 
     @pytest.mark.parametrize(("attr", "check", "delta"), [
         ("pcie_replay", "pcie.replay", 500), ("sbe_volatile", "ecc.sbe", 1000)], ids=["pcie-replay-rate", "sbe-burst"])

@@ -54,6 +54,7 @@ class Thresholds:
     nvlink_errors_per_min: float = 10.0
     temperature_margin_c: int = 0    # fault at slowdown threshold minus this
     retired_pages_limit: int = 60    # NVIDIA retires at most 64 pages per GPU; near the end, RMA
+    fabric_hold_s: float = 300.0     # GPU fabric NOT_STARTED / IN_PROGRESS (Fabric Manager still training) this long
 
 
 @dataclass
@@ -82,9 +83,14 @@ class GpuSample:
     fabric: tuple[int, int] | None = None
 
 
+FABRIC_SETTLING = (pynvml.NVML_GPU_FABRIC_STATE_NOT_STARTED, pynvml.NVML_GPU_FABRIC_STATE_IN_PROGRESS)
+
+
 def evaluate(ctx: NodeContext, s: GpuSample, prev: GpuSample | None, at: datetime, elapsed_s: float,
-             th: Thresholds, links_seen_up: set[int]) -> list[Signal]:
-    """One GPU's sample -> its state signals. Checks whose reading failed are simply absent."""
+             th: Thresholds, links_seen_up: set[int], *, fabric_settling: bool = False) -> list[Signal]:
+    """One GPU's sample -> its state signals. Checks whose reading failed are simply absent. ``fabric_settling``:
+    the GPU's fabric state is NOT_STARTED or IN_PROGRESS within ``fabric_hold_s`` of first being read so (the
+    caller keeps the time), so ``fabric.gpu`` says nothing yet."""
     out: list[Signal] = []
 
     def state(check: str, bad: bool, *, value: float | None = None, threshold: float | None = None,
@@ -132,7 +138,11 @@ def evaluate(ctx: NodeContext, s: GpuSample, prev: GpuSample | None, at: datetim
             rate = max(0, ls.errors - before.errors) * 60 / elapsed_s
             state("nvlink.errors", rate >= th.nvlink_errors_per_min, component=f"nvlink{link}", value=round(rate, 2),
                   threshold=th.nvlink_errors_per_min)
-    if s.fabric is not None and s.fabric[0] != pynvml.NVML_GPU_FABRIC_STATE_NOT_SUPPORTED:
+    if s.fabric is not None and s.fabric[0] != pynvml.NVML_GPU_FABRIC_STATE_NOT_SUPPORTED and not (
+            fabric_settling and s.fabric[0] in FABRIC_SETTLING):
+        # anything but COMPLETED with NVML_SUCCESS leaves the GPU out of the NVLink fabric (NVML nvmlGpuFabricInfo_t);
+        # NOT_STARTED and IN_PROGRESS are also every NVSwitch GPU's state while Fabric Manager trains the fabric
+        # after a boot or a GPU reset, so they are a fault only once they outlast fabric_hold_s (the caller's hold)
         fstate, status = s.fabric
         state("fabric.gpu", fstate != pynvml.NVML_GPU_FABRIC_STATE_COMPLETED or status != pynvml.NVML_SUCCESS,
               value=fstate, message=f"GPU fabric state {fstate} status {status} on {s.gpu.label()}")
@@ -197,6 +207,7 @@ class NvmlSource:
         self.refs: dict[int, GpuRef] = {}
         self.prev: dict[int, tuple[GpuSample, float]] = {}
         self.links_up: dict[int, set[int]] = {}
+        self.fabric_since: dict[int, float] = {}  # GPU index -> when its fabric was first read still training
         self.started = False
         self._starting = threading.Lock()
         self.skipped = 0
@@ -331,7 +342,8 @@ class NvmlSource:
             prev, prev_t = self.prev.get(i, (None, mono))
             try:
                 states.extend(evaluate(self.ctx, sample, prev, at, mono - prev_t, self.th,
-                                       self.links_up.setdefault(i, set())))
+                                       self.links_up.setdefault(i, set()),
+                                       fabric_settling=self._fabric_settling(i, sample, mono)))
             except Exception as exc:  # one GPU's odd reading never hides another GPU's fault
                 self.skipped += 1
                 log.warning("gpu_sample_skipped", node=self.ctx.node, gpu=i, error=repr(exc)[:200])
@@ -339,6 +351,15 @@ class NvmlSource:
             if sample.lost is None and sample.known:
                 self.prev[i] = (sample, mono)
         return Cycle(states=states)
+
+    def _fabric_settling(self, index: int, sample: GpuSample, mono: float) -> bool:
+        """True while the GPU's fabric state has read NOT_STARTED / IN_PROGRESS for less than ``fabric_hold_s``."""
+        f = sample.fabric
+        if f is None or f[0] not in FABRIC_SETTLING or self.th.fabric_hold_s <= 0:
+            if sample.known:
+                self.fabric_since.pop(index, None)
+            return False
+        return mono - self.fabric_since.setdefault(index, mono) < self.th.fabric_hold_s
 
     def collect(self, at: datetime, mono: float) -> Cycle:
         """One poll of every GPU: ``read`` then ``evaluate`` (blocking)."""
