@@ -128,6 +128,28 @@ class TestValidate:
             assert "host engine did not answer within 60s" in reply.detail and "diag" not in log.read_text()
             assert len(asks) == 7, "every 10 s for a minute"
 
+    @pytest.mark.parametrize(("training", "ok"), [(2, True), (10_000, False)],
+                             ids=["fabric-manager-finishing", "fabric-manager-never-done"])
+    async def test_validation_waits_for_the_gpu_fabric_to_finish_training(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, training: int, ok: bool) -> None:
+        """dcgmi discovery answers before Fabric Manager has trained an NVSwitch fabric; diagnosing then fails
+        the NVLink tests of healthy GPUs."""
+        from breakfix.bus.clock import ManualClock
+
+        smi_log, dcgmi_log = tmp_path / "nvidia-smi.log", tmp_path / "dcgmi.log"
+        monkeypatch.setenv("FAKE_NVSMI_LOG", str(smi_log))
+        monkeypatch.setenv("FAKE_DCGMI_LOG", str(dcgmi_log))
+        monkeypatch.setenv("FAKE_NVSMI_FABRIC_TRAINING", str(training))
+        reply = await agent(tmp_path, clock=ManualClock(T0), ready_wait_s=60).handle(
+            cmd(AgentAction.VALIDATE, level=2))
+        reads = smi_log.read_text().splitlines().count("-q")
+        assert reply.ok is ok
+        if ok:
+            assert reads == 3 and "diag -r 2" in dcgmi_log.read_text(), "read until trained, then diagnosed"
+        else:
+            assert "still training after 60s on gpu0, gpu1" in reply.detail and reply.error.endswith("not trained")
+            assert "diag" not in dcgmi_log.read_text() and reads == 7, "every 10 s for a minute, never diagnosed"
+
     async def test_missing_dcgmi_is_a_clear_failure(self, tmp_path: Path) -> None:
         a = NodeAgent("n1", tmp_path, dcgmi=str(tmp_path / "no-such-dcgmi"))
         reply = await a.handle(cmd(AgentAction.VALIDATE))

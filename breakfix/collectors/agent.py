@@ -8,9 +8,10 @@ an allow-listed set of actions and nothing else:
   remediator can drain first; persistence mode, which counts as a client, is switched off for
   the reset and restored; then ``nvidia-smi --gpu-reset -i <uuid|index>``. A lost GPU fails
   cleanly (the driver says so).
-- ``validate``: once the DCGM host engine answers (``dcgmi discovery -l``, waited for up to
-  ``ready_wait_s`` after a reboot), ``dcgmi diag -r <level> -j``, parsed into per-test outcomes (DCGM 3
-  and 4 JSON).
+- ``validate``: once the DCGM host engine answers (``dcgmi discovery -l``) and no GPU's fabric is still
+  training (``nvidia-smi -q`` Fabric State NOT_STARTED / IN_PROGRESS: Fabric Manager after a boot or a
+  reset on NVSwitch systems), each waited for up to ``ready_wait_s``, ``dcgmi diag -r <level> -j``,
+  parsed into per-test outcomes (DCGM 3 and 4 JSON).
 - ``reboot``: the configured command (``systemctl reboot``), after the command is recorded.
 - ``gpu_pods`` (read-only): the pods holding a GPU or any of its MIG devices, from a fresh kubelet
   PodResources ``List`` matched against the GPU's UUID and its MIG devices' UUIDs (``nvidia-smi -L``,
@@ -52,6 +53,8 @@ from breakfix.collectors.agent_pods import gpu_devices, parse_gpu_list
 from breakfix.collectors.gpuinfo import dra_name, read_minors
 from breakfix.collectors.keyfile import write_json
 from breakfix.collectors.kmsg_follow import read_boot_id
+from breakfix.collectors.nvml import FABRIC_SETTLING
+from breakfix.collectors.nvsmi import NvsmiFormatError, parse_nvsmi
 from breakfix.schemas.agent import AgentAction, AgentCommand, AgentReply, DiagTest
 from breakfix.schemas.common import first_error
 
@@ -311,12 +314,35 @@ class NodeAgent:
                 return rc, out
             await self.clock.sleep(min(10.0, max(0.0, deadline - self.clock.monotonic())))
 
+    async def _fabric_trained(self) -> list[str]:
+        """Wait (``ready_wait_s``) until no GPU's fabric reads NOT_STARTED or IN_PROGRESS in ``nvidia-smi -q``: on
+        NVSwitch systems Fabric Manager trains the fabric after a boot or a reset, and ``dcgmi discovery`` answers
+        before it is done, when a diagnostic's NVLink tests would fail healthy GPUs. Returns the GPUs still training
+        at the deadline; an nvidia-smi that fails or prints something else is not waited for (the diag says)."""
+        deadline = self.clock.monotonic() + self.ready_wait_s
+        while True:
+            rc, out = await run([self.nvidia_smi, "-q"], 60)
+            try:
+                gpus = parse_nvsmi(out).gpus if rc == 0 else []
+            except NvsmiFormatError:
+                gpus = []
+            training = [g.sample.gpu.label() for g in gpus if g.sample.fabric is not None
+                        and g.sample.fabric[0] in FABRIC_SETTLING]
+            if not training or self.clock.monotonic() >= deadline:
+                return training
+            await self.clock.sleep(min(10.0, max(0.0, deadline - self.clock.monotonic())))
+
     async def _validate(self, cmd: AgentCommand) -> AgentReply:
         rc, out = await self._engine_up()
         if rc not in (0, 127):
             said = " ".join(out.split())[:300]
             return self._reply(cmd, False, f"the DCGM host engine did not answer within {self.ready_wait_s:g}s "
                                            f"(dcgmi discovery -l rc={rc}): {said}", error="failed: DCGM host engine")
+        training = await self._fabric_trained()
+        if training:
+            return self._reply(cmd, False, f"the GPU fabric is still training after {self.ready_wait_s:g}s on "
+                                           f"{', '.join(training)} (Fabric Manager not done): not diagnosed",
+                               error="failed: GPU fabric not trained")
         scope = ["-i", str(cmd.gpu_index)] if cmd.gpu_index is not None else []  # one GPU after a single-GPU reset
         rc, out = await run([self.dcgmi, "diag", "-r", str(cmd.level), *scope, "-j"], self.timeout_s)
         try:
