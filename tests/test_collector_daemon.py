@@ -70,12 +70,28 @@ class TestEdgeFilter:
             "gpu0's clearing is news; gpu1 is still faulted (known upstream); gpu2 was never faulted"
         assert after.faulted_keys() == [k for k in carried if "00000001" in k], "gpu1 stays open"
 
-    def test_a_carried_fault_never_read_again_is_forgotten(self) -> None:
-        edge = EdgeFilter(resync_s=60, faulted=["xid@n1/gone-gpu"])
+    def test_a_carried_fault_whose_check_is_read_without_it_for_three_resyncs_is_forgotten(self) -> None:
+        edge = EdgeFilter(resync_s=60, faulted=["clock.hw_slowdown@n1/gone-gpu", "ib.link_down@n1/mlx5_0/1"])
         edge.apply(Cycle(), T0)
-        assert edge.faulted_keys() == ["xid@n1/gone-gpu"]
-        edge.apply(Cycle(), T0 + timedelta(seconds=181))
-        assert edge.faulted_keys() == [], "three resync periods without a reading: the entity is gone"
+        edge.apply(Cycle(states=[flap(True, 10, gpu_index=0)]), T0 + timedelta(seconds=10))  # the source is up
+        edge.apply(Cycle(), T0 + timedelta(seconds=189))
+        assert len(edge.faulted_keys()) == 2
+        edge.apply(Cycle(), T0 + timedelta(seconds=191))
+        assert edge.faulted_keys() == ["ib.link_down@n1/mlx5_0/1"], \
+            "its check read for three resync periods without it: gone; a check never read yet is kept"
+
+    def test_a_carried_fault_of_a_source_that_comes_up_late_is_still_cleared(self) -> None:
+        """After a reboot the driver may take longer to load than three resync periods."""
+        key = EdgeFilter(resync_s=60).apply(Cycle(states=[flap(False, 0, gpu_index=0)]), T0)[0].fault_key()
+        edge = EdgeFilter(resync_s=60, faulted=[key])
+        edge.apply(Cycle(), T0)
+        edge.apply(Cycle(), T0 + timedelta(seconds=1800))
+        sent = edge.apply(Cycle(states=[flap(True, 1801, gpu_index=0)]), T0 + timedelta(seconds=1801))
+        assert [(s.fault_key(), s.healthy) for s in sent] == [(key, True)], "fixed while away: the clearing is news"
+        later = EdgeFilter(resync_s=60, faulted=[key])
+        later.apply(Cycle(), T0)
+        later.apply(Cycle(), T0 + timedelta(days=1, seconds=1))
+        assert later.faulted_keys() == [], "a check never read for a day: its source is off"
 
     def test_resync_resends_faults_and_recovered_entities(self) -> None:
         edge = EdgeFilter(resync_s=60)

@@ -8,8 +8,9 @@ to the forwarder (``collectors.forwarder``):
 - states: only transitions per (check, entity): fault, a changed fault code or severity (a garbled port
   reading's warning that becomes a critical link-down, a thermal warning that turns critical), then healthy. A
   first healthy reading is not news, unless the fault was open when the previous process stopped
-  (``faulted``, kept on disk by the daemon): then it is the clearing. An entity missing from a cycle
-  is never cleared.
+  (``faulted``, kept on disk by the daemon): then it is the clearing. A carried fault is forgotten once its
+  check has been read for three resync periods without it (the entity is gone), or after a day when the
+  check is never read again. An entity missing from a cycle is never cleared.
 - every ``resync_s`` the current faults, and the healthy state of every entity that was ever
   faulted, are sent again (``details.resync``) so the correlator can reconcile after a loss;
 - events: the same (check, entity, code, workload) again within ``repeat_window_s`` is counted,
@@ -52,6 +53,10 @@ class EdgeStats:
     resyncs: int = 0
 
 
+CARRY_MAX_S = 24 * 3600.0  # a carried fault whose check is never read again (its source off) is kept this long
+_CHECKS_CAP = 4096  # check names are a source's own: bounded however many arrive
+
+
 def _with(s: Signal, **details: str) -> Signal:
     return s.model_copy(update={"details": {**s.details, **details}})
 
@@ -63,6 +68,7 @@ class EdgeFilter:
         by the daemon): their first reading here counts against that, so a fault fixed while the collector
         was down is cleared (a first healthy reading is otherwise not news)."""
         self.carried: set[str] = set(faulted)  # bounded by its file (collectors.keyfile.MAX_KEYS)
+        self.checks_seen: dict[str, datetime] = {}  # check -> first cycle that read it here (its source is up)
         self.resync_s = resync_s
         self.repeat_window_s = repeat_window_s
         self.states: dict[str, _State] = {}
@@ -74,6 +80,10 @@ class EdgeFilter:
 
     def apply(self, cycle: Cycle, now: datetime) -> list[Signal]:
         out: list[Signal] = []
+        if self.carried:
+            for s in cycle.states:
+                if s.check not in self.checks_seen and len(self.checks_seen) < _CHECKS_CAP:
+                    self.checks_seen[s.check] = now
         for s in cycle.states:
             key = s.fault_key()
             prev = self.states.get(key)
@@ -99,8 +109,8 @@ class EdgeFilter:
             out.extend(self._event(s))
         if self.pending:
             out.extend(self._trailing(now))
-        if self.carried and self.started is not None and (now - self.started).total_seconds() > 3 * self.resync_s:
-            self.carried.clear()  # never read again since the restart (an entity gone, a source turned off)
+        if self.carried and self.started is not None:
+            self._expire_carried(now)
         if self.started is None:
             self.started = now
         if self.last_resync is None:
@@ -115,6 +125,19 @@ class EdgeFilter:
                                      resync="true"))
                     self.stats.resyncs += 1
         return out
+
+    def _expire_carried(self, now: datetime) -> None:
+        """Forget a carried fault whose check has been read for three resync periods without its entity (the entity
+        is gone): only then, so a source that comes up late after a reboot (a driver still loading) still clears
+        what it fixed. A check never read again (its source turned off) is forgotten after ``CARRY_MAX_S``."""
+        window = 3 * self.resync_s
+        assert self.started is not None
+        if (now - self.started).total_seconds() > CARRY_MAX_S:
+            self.carried.clear()
+            return
+        gone = {k for k in self.carried if (seen := self.checks_seen.get(k.partition("@")[0])) is not None
+                and (now - seen).total_seconds() > window}
+        self.carried -= gone
 
     def faulted_keys(self) -> list[str]:
         """The faults open now (and those carried over a restart not read again yet): what a restart carries."""
