@@ -211,6 +211,44 @@ CASES = [
     pytest.param([dcgm("DCGM_FR_FALLEN_OFF_BUS", gpu=2)] + [xid74(g, 1 + g) for g in (0, 1)],
                  one("node_reboot_required", has=("reboot",), never=("reset_gpu",)),
                  id=f"{DCGM}: DCGM_FR_FALLEN_OFF_BUS folds peers' XID 74 like XID 79"),
+    # 7. one fault, one incident, whichever order and source (breakfix audit of combined signals, 2026-12)
+    pytest.param([sig(code="79", gpu_index=2), xid74(2, 1)], one("node_reboot_required", has=("reboot",),
+                                                                   never=("reset_gpu",)),
+                 id=f"{XID_CATALOG}: XID 79 then the same GPU's own XID 74 fold into the 79 incident"),
+    pytest.param([dcgm("DCGM_FR_CONTAINED_ERROR")], one("application_fault", has=("reset_gpu",)),
+                 id=f"{DCGM}: DCGM_FR_CONTAINED_ERROR alone resets when idle like XID 94"),
+    pytest.param([app("94", "api-7d9f8c6b5-x2k4p"), dcgm("DCGM_FR_CONTAINED_ERROR", at=1)],
+                 one("application_fault", has=("reset_gpu",)),
+                 id=f"{DCGM}: a pod's XID 94 and DCGM's report of it are one incident with XID 94's plan"),
+    pytest.param([sig(code="94"), dcgm("DCGM_FR_CONTAINED_ERROR", at=1)], one("application_fault", has=("reset_gpu",)),
+                 id=f"{DCGM}: DCGM's copy of an XID 94 keeps the reset when idle"),
+    pytest.param([dcgm("DCGM_FR_CONTAINED_ERROR"), app("94", "api-7d9f8c6b5-x2k4p", at=1)],
+                 one("application_fault", has=("reset_gpu",)),
+                 id=f"{DCGM}: DCGM's XID 94 first, then the pod's XID 94: still one incident"),
+    pytest.param([sig(code="48"), xid154(0, 1, "Recover Fabric Partition")],
+                 one("unknown_fault", has=("cordon", "escalate"), never=("reset_gpu", "reboot")),
+                 id=f"{XID_CATALOG}: an XID 154 with an unknown recovery action makes the GPU's incident cautious"),
+    pytest.param([nvlink5("145", "RLW_RXPIPE", 0x0409A4C2, 0x1)], one("gpu_reset_required", has=("reset_gpu",)),
+                 id=f"{XID_CATALOG} Xid 144-150 decode: a promoted RLW_RXPIPE error (Action 2, IntrInfo V1) resets"),
+    pytest.param([nvlink5("145", "RLW_RXPIPE", 0x86, 0x1)], one("gpu_reset_required", has=("reset_gpu",)),
+                 id=f"{XID_CATALOG} Xid 144-150 decode: a promoted RLW_RXPIPE error (Action 2, IntrInfo V2) resets"),
+    pytest.param([nvlink5("145", "RLW_RXPIPE", 0x06, 0x1)], nothing_actionable,
+                 id=f"{XID_CATALOG} Xid 144-150 decode: an RLW_RXPIPE error not promoted is ignored"),
+    pytest.param([sig(check="sxid", code="26006", gpu_index=None, component="nvswitch0:0004:00:00.0",
+                      message="nvidia-nvswitch0: SXid (PCI:0004:00:00.0): 26006, SOE HALTED")],
+                 one("unknown_fault", has=("cordon", "escalate")),
+                 id=f"{FM_GUIDE}: an unlisted SXid saying neither Fatal nor Non-fatal takes the cautious path"),
+    pytest.param([xid154(0, 0, "Drain and Reset"), nvlink5("145", "RLW_REMAP", 0x84, 0x1, at=0.5,
+                                                           pod="api-7d9f8c6b5-x2k4p")],
+                 one("gpu_drain_reset_required", has=("drain_gpu", "reset_gpu")),
+                 id=f"{XID_CATALOG}: XID_154_EVAL after the GPU's XID 154 takes the 154's action (either order)"),
+    pytest.param([xid154(0, 0, "GPU Reset Required"), app("94", "api-7d9f8c6b5-x2k4p", at=1)],
+                 one("gpu_reset_required", has=("reset_gpu",)),
+                 id=f"{XID_CATALOG}: a pod's XID 94 after the GPU's XID 154 joins it, no second plan"),
+    pytest.param([sig(code="79"), sig(code="45", at=1)], one("node_reboot_required", has=("reboot",)),
+                 id=f"{XID_CATALOG} WORKFLOW_XID_45: XID 45 after XID 79 folds into it"),
+    pytest.param([app("94", "api-7d9f8c6b5-x2k4p"), sig(code="45", at=1)], one("application_fault"),
+                 id=f"{XID_CATALOG} WORKFLOW_XID_45: XID 45 after a pod's XID 94 folds into it"),
 ]
 LEMON = "breakfix.io/lemon"
 
@@ -277,3 +315,60 @@ def test_group_plan_names_every_member_and_the_fenced_ones(catalog: Catalog, pol
     page = next(s for s in plan.steps if s.action.value == "escalate")
     assert cordons == ["r0", "r1"] and page.params["fenced"] == "r0,r1"
     assert page.params["members"] == "r0,r1,r2,r3"
+
+
+def test_dcgm_and_nvml_reports_of_one_fact_get_the_same_rule(catalog: Catalog, policy: Policy) -> None:
+    """DCGM MEM watch and NVML report a pending row remap / page retirement: NVIDIA lets work continue until the
+    next reset, so both wait for the GPU to go idle; neither evicts the job now."""
+    for nvml, dcgm_code in (("row_remap.pending", "DCGM_FR_PENDING_ROW_REMAP"),
+                            ("retired_pages.pending", "DCGM_FR_PENDING_PAGE_RETIREMENTS")):
+        rules = [decide(run(catalog, policy, [s]).incidents[0], ClusterView(), policy).rule
+                 for s in (sig(check=nvml, code=None), dcgm(dcgm_code))]
+        assert rules == ["gpu-reset-when-idle"] * 2, (nvml, rules)
+
+
+def resolved(core: Correlator, at: float) -> str:
+    """The remediator's "plan completed" record for the only incident: it resolves."""
+    from datetime import timedelta
+
+    from breakfix.schemas.incident import ActionKind, ActionOutcome, ActionRecord
+    from tests.conftest import T0
+
+    iid = next(iter(core.incidents))
+    core.apply_action(ActionRecord(id=f"done-{at}", cluster="c1", incident_id=iid, kind=ActionKind.PLAN,
+                                   outcome=ActionOutcome.COMPLETED, actor="remediator",
+                                   at=T0 + timedelta(seconds=at)), T0 + timedelta(seconds=at))
+    assert core.incidents[iid].status.terminal
+    return iid
+
+
+@pytest.mark.parametrize(("first", "after", "flaps", "category"), [
+    (sig(code="48"), sig(code="48", at=360), 1, "gpu_reset_required"),  # the same fault back: a flap
+    (sig(code="48"), sig(code="45", pod="train-0", at=360), 0, "sympathetic"),  # the tenant's Ctrl-C after the repair
+    (sig(code="95"), sig(code="92", at=360), 0, "informational"),  # IGNORE
+    (sig(code="48"), sig(code="95", at=360), 0, "gpu_reset_required"),  # another fault: its own incident
+], ids=["same-fault-reopens", "xid45-after-repair", "ignore-xid-after-repair", "another-fault-opens-its-own"])
+def test_only_the_same_fault_needing_action_reopens_a_resolved_incident(
+        catalog: Catalog, policy: Policy, first: Signal, after: Signal, flaps: int, category: str) -> None:
+    """NVIDIA IGNORE = "No Action required"; XID 45 is the application being aborted: neither is the repaired fault
+    coming back, and re-running the GPU reset for them would spend the GPU's reset budget."""
+    core = Correlator(catalog)
+    core.ingest(first, first.observed_at)
+    iid = resolved(core, 60)
+    core.ingest(after, after.observed_at)
+    standing = [i.snapshot() for i in core.incidents.values() if not i.status.terminal]
+    assert [(i.category, i.flaps) for i in standing] == [(category, flaps)]
+    assert (standing[0].id == iid) is (flaps == 1)
+
+
+def test_three_gpus_failing_together_after_a_benign_resolved_code_are_a_multi_gpu_failure(
+        catalog: Catalog, policy: Policy) -> None:
+    """A benign XID 63 resolved just before must not hide a host fault (XID 95 on three GPUs) behind a reopen."""
+    core = Correlator(catalog)
+    core.ingest(sig(code="63"), sig(code="63").observed_at)
+    resolved(core, 1)
+    for g in range(3):
+        s = sig(code="95", gpu_index=g, at=300 + g)
+        core.ingest(s, s.observed_at)
+    standing = [i.snapshot() for i in core.incidents.values() if not i.status.terminal and i.parent is None]
+    assert [i.category for i in standing] == ["multi_gpu_failure"]

@@ -7,15 +7,19 @@ service (``correlator.service``, NATS) and ``breakfix replay`` (a file) drive it
 in. What the rules mean is data: ``correlator/rules/default.yaml`` via ``correlator.rules``.
 
 Grouping, in the order a fault signal meets it (its facts bundled once into an ``Observation``):
-1. duplicates (same id) are counted on their incident and dropped;
-2. collateral XID 45 within the window of another fault on the same GPU folds into it;
+1. duplicates (same id) are counted on their incident and dropped; a code with an NVIDIA equivalent
+   (a DCGM code's XID, a pending row remap) is counted as that equivalent from here on;
+2. collateral XID 45 within the window of another fault on the same GPU folds into it (the GPU's own
+   incident, or the node or tenant incident holding its codes);
 3. XID 154 (or its DCGM equivalent) and a GPU off the bus join the incident already holding that
-   GPU's codes, raising its required action (NVIDIA Xid catalog, XID_154);
+   GPU's codes, raising its required action (NVIDIA Xid catalog, XID_154); a tenant XID after the GPU's
+   XID 154 joins it (XID_154_EVAL), and the same fault from another source joins the GPU's incident of it;
 4. XID 74 / NVLink errors on the peers of a GPU that just went down (or behind a fatal NVSwitch
    SXid) fold into its incident; peers' incidents opened just before fold in when it arrives;
 5. an endpoint SLO breach served by a node with an open hardware incident becomes its impact;
 6. application XIDs on one GPU from different workloads (controllers) open a suspect-GPU incident;
-7. otherwise the key: tenant (namespace, workload), GPU (node, GPU) or node;
+7. otherwise the key: tenant (namespace, workload), GPU (node, GPU) or node; a resolved incident under the
+   key reopens (a flap) only for the same fault needing action within ``flap_s``, else a new one opens;
 8. count-in-window thresholds (per code, or per category and entity) hold back an incident;
 9. new and reopened incidents feed lemon detection, multi-GPU and topology grouping.
 """
@@ -39,6 +43,7 @@ from breakfix.schemas.incident import ActionRecord, Domain, IncidentChange, Inci
 from breakfix.schemas.signal import Signal
 
 NODE_CATEGORIES = frozenset({"node_reboot_required"})
+NO_ACTION = frozenset({"informational", "sympathetic"})  # NVIDIA IGNORE and collateral XIDs: no repair of their own
 _ROUTES = 4096  # (check, code) pairs are open-ended input: the route cache is bounded
 _XID154 = "xid:154"
 __all__ = ["LEMON_LABEL", "CoreState", "Correlator", "Observation", "code_key"]
@@ -60,6 +65,8 @@ class Route:
     suspect: bool  # an application XID that may make the GPU suspect (step 6)
     threshold: Threshold | None  # count-in-window per code (step 8)
     category_threshold: CategoryThreshold | None  # count-in-window per category (step 8)
+    same_fault: bool  # a DCGM equivalent or a tenant-domain code: may join the GPU's incident of that fault (step 3)
+    no_action: bool  # informational or sympathetic: never reopens a resolved incident (step 7)
 
 
 def code_key(signal: Signal) -> str:
@@ -149,20 +156,30 @@ class Correlator:
         gpu_key = None if gkey is None else f"gpu|{s.cluster}|{s.node}|{gkey}"
         o = Observation(s, fk, ck, eck, fc, gpu_key, gkey, f"{fk}#{ck}")
         down = r.down  # may fold peers opened before
-        if r.symp and gpu_key is not None:
-            host = st.live(st.by_key.get(gpu_key))
+        if r.symp and gpu_key is not None:  # the GPU's own incident, or the node or tenant one holding its codes
+            host = st.live(st.by_key.get(gpu_key)) or st.live(st.by_gpu.get(gpu_key))
             if host is not None and at - host.last_seen <= st.symp_td:
                 return book.add(host, o, fold=True)
         if r.raises and gpu_key is not None:
             # NVIDIA Xid catalog, XID_154: the recovery action applies to the GPU's fault; it raises the
             # incident already holding that GPU's codes (and a GPU off the bus joins that incident too)
             host = book.gpu_host(gpu_key, s)
-            if host is not None:
-                changes = book.add(host, o, fold=not fc.known)
+            if host is not None:  # not folded: an unreadable recovery action (unknown_fault) makes the host cautious
+                changes = book.add(host, o)
+                return changes + book.after_down(host, o) if down else changes
+        if r.same_fault and gpu_key is not None:
+            host = book.gpu_host(gpu_key, s)
+            # NVIDIA XID_154_EVAL: "If an XID 154 is seen along with this error, take that action"; XID 154
+            # "summarizes the recovery action required for other Xids": a tenant XID after the GPU's 154 joins it.
+            # And the same fault from another source (a DCGM code counted as its XID; an XID read first without
+            # its pod) joins the GPU's incident of that fault rather than opening a second plan.
+            if host is not None and ((fc.domain is Domain.TENANT and _XID154 in host.counts) or (
+                    eck in host.counts and (bool(fc.equivalent) or host.scope is IncidentScope.GPU))):
+                changes = book.add(host, o)
                 return changes + book.after_down(host, o) if down else changes
         if r.peer:
             d = st.down.get(s.node)
-            if d is not None and d[1] != gkey and at - d[2] <= st.peer_td:
+            if d is not None and at - d[2] <= st.peer_td:  # peers, and the downed GPU's own NVLink codes
                 host = st.live(d[0])
                 if host is not None:
                     return book.add(host, o, fold=True)
@@ -183,8 +200,11 @@ class Correlator:
             key, scope = f"node|{s.cluster}|{s.node}", IncidentScope.NODE
         inc = st.incidents.get(st.by_key.get(key, ""))
         if inc is not None and inc.status in TERMINAL:
-            if inc.status is IncidentStatus.RESOLVED and inc.resolved_at is not None \
-                    and (at - inc.resolved_at).total_seconds() <= st.rules.flap_s:
+            # a flap is the same fault back within flap_s; an IGNORE or collateral code after a repair (a tenant's
+            # Ctrl-C XID 45, XID 92) is not, nor is another fault, which opens its own incident (and is seen by
+            # multi-GPU and lemon detection)
+            if inc.status is IncidentStatus.RESOLVED and inc.resolved_at is not None and not r.no_action \
+                    and ck in inc.counts and (at - inc.resolved_at).total_seconds() <= st.rules.flap_s:
                 changes = book.reopen(inc, o)
                 return changes + book.after_down(inc, o) if down else changes
             inc = None
@@ -213,14 +233,18 @@ class Correlator:
         if r is None:
             st, rules = self.state, self.state.rules
             fc = st.classify(s)
-            ck = code_key(s)
-            eck = fc.equivalent or ck  # a DCGM code counts as its XID equivalent (one fault, one plan)
+            # a DCGM code with an NVIDIA equivalent (XID 94, a pending row remap, ...) is counted and matched as that
+            # equivalent: one fault, one incident, one plan, whichever source reported it (dcgm_fr_semantics.csv)
+            eck = fc.equivalent or code_key(s)
+            ck = eck
             r = Route(fc, ck, eck, down=eck in rules.down_codes or fc.category in rules.down_categories,
                       symp=s.check == "xid" and s.code in st.symp,
                       raises=eck == _XID154 or fc.category in NODE_CATEGORIES, peer=eck in rules.peer_codes,
                       impact=fc.category in rules.impact_categories, suspect=eck in rules.suspect_codes,
                       threshold=rules.thresholds.get(eck),
-                      category_threshold=rules.category_thresholds.get(fc.category))
+                      category_threshold=rules.category_thresholds.get(fc.category),
+                      same_fault=bool(fc.equivalent) or fc.domain is Domain.TENANT,
+                      no_action=fc.category in NO_ACTION)
             if st.class_cacheable(s):
                 if len(self._routes) >= _ROUTES:
                     self._routes.clear()

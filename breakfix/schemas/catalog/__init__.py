@@ -205,6 +205,11 @@ class Catalog:
             return FaultClass(fc.category, fc.severity, fc.domain, fc.bucket, fc.known, f"DCGM {name} (as XID "
                               f"{sem.xid_equivalent}): {fc.title}", f"{sem.source}; {fc.source}",
                               equivalent=f"xid:{sem.xid_equivalent}")
+        if sem is not None and sem.check_equivalent:  # the same fact NVML reports: the same class and counted key
+            fc = self.classify(check=sem.check_equivalent, code=None)
+            return FaultClass(fc.category, fc.severity, fc.domain, fc.bucket, fc.known,
+                              f"DCGM {name} (as {sem.check_equivalent})", f"{sem.source}; {fc.source}",
+                              equivalent=sem.check_equivalent)
         action = self.dcgm.get(name)
         cat = self.classes.dcgm_actions.get(action or "")
         if cat is None:
@@ -217,6 +222,8 @@ class Catalog:
     def sxid(self, code: str, message: str = "", details: dict[str, str] | None = None) -> FaultClass:
         """NVSwitch SXid: fatal ones need the documented recovery; non-fatal ones are only counted."""
         entry = self.semantics.sxids.get(code)
+        if entry is None and not self.semantics.sxid_word(message, details):
+            return self.unknown(f"SXid {code}")  # neither listed nor said Fatal/Non-fatal: the cautious path
         fatal = self.semantics.sxid_fatal(code, message, details)
         name = entry.name if entry else "unlisted SXid"
         cat = "nvswitch_fatal" if fatal else "nvswitch_nonfatal"

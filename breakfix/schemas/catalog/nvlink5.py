@@ -4,7 +4,8 @@ The driver prints ``<xid>, [pid=..., name=...,] <SUBCODE> <Fatal|Nonfatal> XC<0|
 (<intrInfo> <errorStatus> <dbg0..3>)``. ``decode`` finds the rows of
 ``xid_144_150_nvlink5_decode.csv`` (NVIDIA Xid catalog workbook, sheet 2; see SOURCES.md) for
 that XID and subcode whose error-status bit is set, and returns the most urgent immediate
-action among them (RESET_GPU, then XID_154_EVAL, then IGNORE). ``schemas.catalog.Catalog``
+action among them (RESET_GPU, then XID_154_EVAL, then IGNORE); a promoted error, whose IntrInfo
+matches a row's "Action 2" pattern, takes that row's second action. ``schemas.catalog.Catalog``
 uses it to classify these XIDs; the kmsg source adds the decoded fields to the signal.
 """
 
@@ -36,6 +37,8 @@ class Nvlink5Row:
     hw_sw: str
     impact: str
     intr_masks: tuple[str, ...] = ()  # IntrInfo bit patterns (MSB first, '-' = any), before and from R575
+    action2_masks: tuple[str, ...] = ()  # IntrInfo patterns of a promoted error ("Action 2"), before and from R575
+    action2: str = ""  # its action (RESET_GPU for promotable RLW_RXPIPE errors)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,11 @@ def read_table(path: Path) -> list[Nvlink5Row]:
         for lineno, r in enumerate(csv.DictReader(fh), start=2):
             if r["immediate_action"] not in _URGENCY:
                 raise DataFileError(path, lineno, f"unknown immediate_action {r['immediate_action']!r}")
+            action2 = (r.get("action2") or "").strip()
+            action2_masks = tuple(m for m in ((r.get("action2_mask_v1") or "").strip(),
+                                              (r.get("action2_mask_v2") or "").strip()) if m)
+            if (action2 and action2 not in _URGENCY) or bool(action2) != bool(action2_masks):
+                raise DataFileError(path, lineno, f"action2 {action2!r} needs a known action and its IntrInfo masks")
             status = r["error_status_hex"].strip()
             try:
                 masks = tuple(int(v, 16) for v in status.split("/")) if status else None
@@ -72,7 +80,7 @@ def read_table(path: Path) -> list[Nvlink5Row]:
                                    masks, r["immediate_action"],
                                    r["investigatory_action"], r["severity"], r["hw_sw"], r["local_remote_impact"],
                                    tuple(m for m in (r["intrinfo_mask_v1_lt_R575"], r["intrinfo_mask_v2_ge_R575"])
-                                         if m)))
+                                         if m), action2_masks, action2))
     return rows
 
 
@@ -99,8 +107,14 @@ def decode(rows: list[Nvlink5Row], xid: str, message: str) -> Nvlink5Decode | No
     # rows that differ only by IntrInfo (XID 149 link-down reasons, some ignorable) are told apart by its mask;
     # when no mask fits, keep every row (the most urgent action wins, as before)
     intr = int(m.group("intr"), 16)
-    by_mask = [r for r in matches if any(_intr_matches(mask, intr) for mask in r.intr_masks)]
+
+    def action(r: Nvlink5Row) -> str:
+        """NVIDIA sheet 2: a promotable error ("Non-fatal*") whose IntrInfo matches the row's "Action 2" pattern takes
+        that action instead of the immediate one (RLW_RXPIPE: IGNORE -> RESET_GPU)."""
+        return r.action2 if r.action2 and any(_intr_matches(a, intr) for a in r.action2_masks) else r.immediate
+
+    by_mask = [r for r in matches if any(_intr_matches(mask, intr) for mask in (*r.intr_masks, *r.action2_masks))]
     matches = by_mask or matches
-    best = max(matches, key=lambda r: _URGENCY[r.immediate])
+    best = max(matches, key=lambda r: _URGENCY[action(r)])
     return Nvlink5Decode(sub, m.group("fatal") == "Fatal", int(m.group("link")), int(m.group("intr"), 16), status,
-                         best.immediate, best.investigatory, best.hw_sw, best.impact)
+                         action(best), best.investigatory, best.hw_sw, best.impact)

@@ -75,6 +75,7 @@ class DcgmSemantics:
     xid154_action: str
     severity: str
     source: str
+    check_equivalent: str = ""  # the NVML check reporting the same fact (DCGM_FR_PENDING_ROW_REMAP: row_remap.pending)
 
     @property
     def can_perform_workload(self) -> bool:
@@ -86,12 +87,18 @@ class Semantics:
     sxids: dict[str, SxidEntry]
     dcgm: dict[str, DcgmSemantics]
 
-    def sxid_fatal(self, code: str, message: str, details: dict[str, str] | None = None) -> bool:
-        """The kernel line's Fatal/Non-fatal word wins; otherwise only ``always_fatal`` SXids are fatal."""
+    @staticmethod
+    def sxid_word(message: str, details: dict[str, str] | None = None) -> str:
+        """The kernel line's ``Fatal`` / ``Non-fatal`` word (the kmsg source's ``fatal`` detail), or ""."""
         word = (details or {}).get("fatal", "")
         if not word:
             low = message.lower()
             word = "Non-fatal" if ", non-fatal," in low else "Fatal" if ", fatal," in low else ""
+        return word
+
+    def sxid_fatal(self, code: str, message: str, details: dict[str, str] | None = None) -> bool:
+        """The kernel line's Fatal/Non-fatal word wins; otherwise only ``always_fatal`` SXids are fatal."""
+        word = self.sxid_word(message, details)
         if word:
             return word.lower() == "fatal"
         entry = self.sxids.get(code)
@@ -123,6 +130,8 @@ def load_semantics(directory: Path) -> Semantics:
         code, sev = r.get("code") or "", r.get("dcgm_severity") or ""
         if not code.startswith("DCGM_FR_") or sev not in _SEVERITIES or not r.get("source"):
             raise DataFileError(path, lineno, f"bad DCGM semantics row {r!r}")
-        dcgm[code] = DcgmSemantics(code, r.get("xid_equivalent") or "", r.get("xid154_action") or "", sev,
-                                   r["source"])
+        xid, check = r.get("xid_equivalent") or "", r.get("check_equivalent") or ""
+        if (xid and not xid.isdigit()) or (xid and check) or (check and not re.fullmatch(r"[a-z][a-z0-9_.]*", check)):
+            raise DataFileError(path, lineno, f"bad equivalent (an XID number or an NVML check name, one) {r!r}")
+        dcgm[code] = DcgmSemantics(code, xid, r.get("xid154_action") or "", sev, r["source"], check)
     return Semantics(sxids, dcgm)
