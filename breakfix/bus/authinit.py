@@ -139,11 +139,20 @@ def init_bus(root: Path, *, cluster: str, hosts: tuple[str, ...] = ("localhost",
 
 
 def _atomic(path: Path, text: str) -> None:
-    """Replace ``path`` whole (a crash leaves the old file or the new one, never half of one), mode kept."""
+    """Replace ``path`` whole (a crash leaves the old file or the new one, never half of one), mode kept: the new
+    text is on disk before the rename, and the rename before this returns."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     tmp.chmod(path.stat().st_mode & 0o777)
     os.replace(tmp, path)
+    dirfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
 
 
 def refresh_roles(root: Path) -> Path:
