@@ -145,6 +145,36 @@ class TestServiceOnMemoryBus:
         assert {i.id: i.snapshot() for i in second.core.incidents.values()} == reference(catalog, signals)
 
 
+    async def test_a_restart_keeps_open_incidents_on_the_open_incident_gauge(self, catalog: Catalog) -> None:
+        """An escalated incident changes no more: the gauge (and BreakfixEscalatedIncidentsOpen) must still count it
+        after the correlator restarts from its checkpoint."""
+        from prometheus_client import generate_latest
+
+        bus = MemoryBus()
+        await bus.ensure_streams(subjects.STREAMS)
+        for s in (sig(code="79", node="n7"), sig(code="48", node="n8", at=1), sig(code="48", node="n8", at=2,
+                                                                                   healthy=True)):
+            await bus.publish(subjects.signal_subject(s.cluster, s.node), encode(s))
+        first = build_correlator(CorrelatorConfig(catalog=catalog), bus=bus, clock=lambda: T0)
+        stop = asyncio.Event()
+        task = asyncio.create_task(first.run(stop), name="test-correlator")
+        await wait_until(lambda: _handled(first, 3), 10, "the signals")
+        stop.set()
+        await task
+
+        def gauge(svc: CorrelatorService) -> list[str]:
+            return [ln for ln in generate_latest(svc.metrics.registry).decode().splitlines()
+                    if ln.startswith("breakfix_correlator_open_incidents{")]
+
+        second = build_correlator(CorrelatorConfig(catalog=catalog), bus=bus, clock=lambda: T0)
+        await second.restore()
+        assert gauge(second) == gauge(first) and len(gauge(second)) == 1, "the XID 79 incident; the healed one is gone"
+
+
+async def _handled(svc: CorrelatorService, n: int) -> bool:
+    return svc.signal_stats.handled >= n
+
+
 def _spawn(url: str, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-c", "from breakfix.cli.main import app; app()", "correlator", "--nats", url,

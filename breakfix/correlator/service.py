@@ -291,6 +291,8 @@ class CorrelatorService:
         if cp is not None:
             self.core.load_state(cp.state)
             self.positions = dict(cp.positions)
+            for inc in self.core.incidents.values():  # the open-incident gauge: escalated incidents change no more,
+                self.metrics.open.apply(inc)  # so without this a restart would drop them from it (and their alert)
             log.info("checkpoint_loaded", incidents=len(self.core.incidents), positions=self.positions)
         for stream, durable, filt in self._consumers():
             await self.bus.reset_consumer(stream=stream, durable=durable, filter_subject=filt,
