@@ -10,6 +10,7 @@ import pytest
 
 from breakfix.console import verbs
 from breakfix.console.verbs import Identity, Role, VerbError
+from breakfix.remediator.human import refuse_reason
 from breakfix.schemas import subjects
 from breakfix.schemas.incident import (
     ActionKind,
@@ -159,3 +160,15 @@ def test_admin_records_breaker_reset_and_kill_switch() -> None:
     assert ks.kind is ActionKind.KILL_SWITCH and ks.details == {"code": "xid:79", "enabled": "true"}
     with pytest.raises(VerbError, match="exactly one of a rule"):
         verbs.kill_switch("c1", adam, rule="r", code="c", enabled=True, reason="x", at=T0)
+
+
+def test_the_remediator_ignores_a_verb_whose_actor_only_shares_the_subjects_user_token() -> None:
+    """``jane.doe@corp`` and ``jane_doe_corp`` are one subject token: the NATS user ``jane_doe_corp`` may
+    publish on that subject, so a record there is that user's, under that exact name, or nobody's."""
+    subject = subjects.oncall_subject("c1", "jane_doe_corp", "cancel")
+    forged = verbs.incident_verb("cancel", incident("inc-a"), Identity("jane.doe@corp"), reason="forged", at=T0)
+    own = verbs.incident_verb("cancel", incident("inc-a"), Identity("jane_doe_corp"), reason="stop", at=T0)
+    assert subject == subjects.oncall_subject("c1", forged.actor, "cancel")
+    assert refuse_reason(subject, forged, "c1") == (
+        None, "actor 'jane.doe@corp' is not the subject's user 'jane_doe_corp'")
+    assert refuse_reason(subject, own, "c1") == ("cancel", None)

@@ -4,40 +4,92 @@ Reads ``ConsoleState`` (kept live from the incident index and the audit trail by
 ``state.follow``); writes on-call verbs as ``ActionRecord``s through ``oncall.Oncall`` with the
 authenticated user (``auth``). Pages: /incidents, /incidents/<id> (stable URL), /fleet,
 /history, /silences; /events streams changes; every POST needs the session's CSRF token.
+
+Every request passes ``Guard`` first: bodies over ``MAX_BODY`` are refused (by Content-Length, and
+counted as they stream), and in lab mode the Host and the Origin are checked (``Auth.check_lab``).
+A write is refused before its body is read when nobody is logged in; its publish is bounded by
+``publish_timeout_s`` and refused at once while NATS does not answer (``ConsoleState.bus_up``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import structlog
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from breakfix.console import fleetview, history, verbs, views
 from breakfix.console.auth import COOKIE, Auth, Refusal, Session
 from breakfix.console.runbook import runbook_html
-from breakfix.console.state import ConsoleState
+from breakfix.console.state import BUS_FAILURES, ConsoleState, TooManyListeners
 from breakfix.schemas.catalog import Catalog
 
+log = structlog.get_logger("breakfix.console")
 HERE = Path(__file__).resolve().parent
 Publish = Callable[[str, verbs.Identity, Any], Awaitable[Any]]
 INCIDENT_VERBS = ("approve", "deny", "ack", "note", "assign", "release", "cancel")
+MAX_BODY = 64 * 1024  # the largest form is a 2000-character reason
+MAX_FIELDS = 20
+MAX_FIELD = 32 * 1024  # 2000 characters of 4-byte UTF-8, percent-encoded, fit
+PUBLISH_TIMEOUT_S = 5.0
+
+
+class Guard:
+    """ASGI middleware in front of every route: the body cap and lab mode's Host / Origin check."""
+
+    def __init__(self, app: ASGIApp, *, auth: Auth) -> None:
+        self.app, self.auth = app, auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        path, remote = request.url.path, request.client.host if request.client else "-"
+        headers = request.headers
+        try:
+            self.auth.check_lab(host=headers.get("host", ""), origin=headers.get("origin") or headers.get("referer"),
+                                write=request.method not in ("GET", "HEAD"), path=path, remote=remote)
+            length = headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+                raise self.auth.refuse(413, "request body too large", path=path, remote=remote)
+        except Refusal as r:
+            await PlainTextResponse(f"refused: {r.reason}", status_code=r.status)(scope, receive, send)
+            return
+        seen = 0
+
+        async def capped() -> Message:  # a streamed (chunked) body is counted as it arrives
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY:
+                    r = self.auth.refuse(413, "request body too large", path=path, remote=remote)
+                    raise HTTPException(r.status, f"refused: {r.reason}")
+            return message
+
+        await self.app(scope, capped, send)
 
 
 class Console:
     def __init__(self, state: ConsoleState, auth: Auth, publish: Publish, clock: Callable[[], datetime],
-                 catalog: Catalog, *, heartbeat_s: float = 15.0) -> None:
+                 catalog: Catalog, *, heartbeat_s: float = 15.0, publish_timeout_s: float = PUBLISH_TIMEOUT_S) -> None:
         self.state, self.auth, self.publish, self.clock, self.catalog = state, auth, publish, clock, catalog
-        self.heartbeat_s = heartbeat_s
+        self.heartbeat_s, self.publish_timeout_s = heartbeat_s, publish_timeout_s
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(),
                                trim_blocks=True, lstrip_blocks=True)
         self.env.globals.update(age=views.age, iso=lambda d: d.isoformat() if d else "")
@@ -53,7 +105,8 @@ class Console:
 
     def _page(self, request: Request, template: str, s: Session, new: bool, **ctx: Any) -> HTMLResponse:
         html = self.env.get_template(template).render(who=s.who, csrf=s.csrf, mode=self.auth.config.mode,
-                                                      now=self.clock(), path=request.url.path, **ctx)
+                                                      now=self.clock(), path=request.url.path,
+                                                      bus_up=self.state.bus_up, **ctx)
         resp = HTMLResponse(html)
         if new:
             self._cookie(resp, s)
@@ -62,6 +115,27 @@ class Console:
     def _cookie(self, resp: Response, s: Session) -> None:
         resp.set_cookie(COOKIE, s.sid, max_age=int(self.auth.config.session_ttl_s), httponly=True,
                         samesite="strict", path="/")
+
+    async def _form(self, request: Request) -> dict[str, str]:
+        """The form, parsed with tight limits (an over-limit form is a one-line 400 from Starlette)."""
+        form = await request.form(max_files=0, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD)
+        return {k: str(v)[:4000] for k, v in form.items()}
+
+    def _clusters(self) -> list[str]:
+        """Every cluster the console knows, from its incidents."""
+        return sorted({i.cluster for i in self.state.incidents.values()})
+
+    def _cluster(self, value: str) -> str:
+        """A cluster named in a form: one the console knows from its incidents (a typo would publish on
+        a subject no remediator reads, and the page would say "recorded")."""
+        cluster = value.strip()
+        if not cluster:
+            raise verbs.VerbError("name the cluster")
+        known = self._clusters()
+        if cluster not in known:
+            raise verbs.VerbError(f"unknown cluster {cluster[:100]!r}; the console knows "
+                                  f"{', '.join(known) or 'none'} (from their incidents)")
+        return cluster
 
     async def _read(self, request: Request, fn: Callable[[Session, bool], Response]) -> Response:
         try:
@@ -120,8 +194,10 @@ class Console:
 
         def page(s: Session, new: bool) -> Response:
             incs = list(self.state.incidents.values())
+            clusters = self._clusters()
             return self._page(request, "fleet.html", s, new, groups=fleetview.fleet_grid(incs, group), group=group,
-                              keys=fleetview.TOPOLOGY_KEYS, breaker=fleetview.breaker_state(self.state.records),
+                              keys=fleetview.TOPOLOGY_KEYS, clusters=clusters,
+                              breakers=fleetview.breakers(self.state.records, clusters),
                               budget=fleetview.budget_use(incs), switches=fleetview.kill_switches(self.state.records))
         return await self._read(request, page)
 
@@ -162,9 +238,9 @@ class Console:
         if s is None:
             return PlainTextResponse("log in first", status_code=401)
         try:
-            q = self.state.listen()
-        except RuntimeError:
-            return PlainTextResponse("too many live listeners", status_code=503)
+            q = self.state.listen(s.who.user)
+        except TooManyListeners as exc:
+            return PlainTextResponse(str(exc), status_code=429 if exc.per_user else 503)
 
         async def stream() -> AsyncIterator[str]:
             try:
@@ -187,27 +263,46 @@ class Console:
     async def _write(self, request: Request, verb: str, build: Callable[[verbs.Identity, dict[str, str]], Any],
                      back: str) -> Response:
         remote, path = self._remote(request), request.url.path
-        form = {k: str(v)[:4000] for k, v in (await request.form()).items()}
         try:
             s, _new = self._session(request)
+            if s is None:  # refused before a byte of the body is read
+                raise self.auth.refuse(401, "not logged in", path=path, remote=remote)
+            form = await self._form(request)
             s = self.auth.check_write(s, request.headers.get("x-csrf-token") or form.get("csrf"), verb=verb,
                                       path=path, remote=remote)
         except Refusal as r:
             return PlainTextResponse(f"refused: {r.reason}", status_code=r.status)
         try:
             rec = build(s.who, form)
-            await self.publish(verb, s.who, rec)
         except verbs.VerbError as exc:
             return self._flash(request, str(exc), back, error=True)
+        if not self.state.bus_up:
+            return self._flash(request, f"{verb}: not sent, NATS is unreachable; try again once the console "
+                                        "says it is back", back, status=503)
+        try:
+            async with asyncio.timeout(self.publish_timeout_s):
+                await self.publish(verb, s.who, rec)
+        except verbs.VerbError as exc:
+            return self._flash(request, str(exc), back, error=True)
+        except BUS_FAILURES as exc:
+            log.warning("console_publish_failed", verb=verb, user=s.who.user, record=rec.id,
+                        error=str(exc) or type(exc).__name__)
+            return self._flash(request, f"{verb}: NATS did not confirm it, so it may not have been recorded; "
+                                        "check the audit trail before trying again", back, status=503)
         self.state.add_record(rec)
         return self._flash(request, f"{verb}: recorded as {rec.id}", back)
 
-    def _flash(self, request: Request, message: str, back: str, *, error: bool = False) -> Response:
+    def _flash(self, request: Request, message: str, back: str, *, error: bool = False,
+               status: int | None = None) -> Response:
+        """htmx: the message for #flash; a plain form: back to the page (an error status: the message)."""
+        error = error or status is not None
         if request.headers.get("hx-request"):
             cls = "flash error" if error else "flash"
             from html import escape
             return HTMLResponse(f'<div class="{cls}" role="status">{escape(message)}</div>',
-                                status_code=400 if error else 200)
+                                status_code=status or (400 if error else 200))
+        if status is not None:
+            return PlainTextResponse(message, status_code=status)
         return RedirectResponse(back, status_code=303)
 
     async def incident_verb(self, request: Request) -> Response:
@@ -232,7 +327,12 @@ class Console:
                 hours = float(form.get("hours", "0"))
             except ValueError:
                 raise verbs.VerbError("duration must be a number of hours") from None
-            return verbs.silence({k: form.get(k) for k in verbs.MATCHER_FIELDS}, who,
+            if not (math.isfinite(hours) and 0 < hours <= verbs.MAX_SILENCE.total_seconds() / 3600):
+                raise verbs.VerbError(f"silence duration must be between 0 and {verbs.MAX_SILENCE.days} days")
+            matcher = {k: form.get(k) for k in verbs.MATCHER_FIELDS}
+            if (matcher.get("cluster") or "").strip():
+                matcher["cluster"] = self._cluster(matcher["cluster"] or "")
+            return verbs.silence(matcher, who,
                                  duration=timedelta(hours=hours), reason=form.get("reason", ""), at=self.clock(),
                                  incident=form.get("incident") or "-")
         return await self._write(request, "silence", build, "/silences")
@@ -254,12 +354,11 @@ class Console:
             return PlainTextResponse("unknown verb", status_code=404)
 
         def build(who: verbs.Identity, form: dict[str, str]) -> Any:
-            cluster = form.get("cluster", "")
-            if not cluster:
-                raise verbs.VerbError("name the cluster")
+            cluster = self._cluster(form.get("cluster", ""))
             if verb == "breaker_reset":
                 return verbs.breaker_reset(cluster, who, reason=form.get("reason", ""), at=self.clock())
-            return verbs.kill_switch(cluster, who, rule=form.get("rule", ""), code=form.get("code", ""),
+            return verbs.kill_switch(cluster, who, rule=form.get("rule", "").strip(),
+                                     code=form.get("code", "").strip(),
                                      enabled=form.get("enabled", "true") == "true", reason=form.get("reason", ""),
                                      at=self.clock())
         return await self._write(request, verb, build, "/fleet")
@@ -273,30 +372,34 @@ class Console:
         return HTMLResponse(html)
 
     async def login(self, request: Request) -> Response:
-        form = await request.form()
+        form = await self._form(request)
         try:
-            s = self.auth.login(str(form.get("name", ""))[:100], str(form.get("token", ""))[:500],
-                                remote=self._remote(request))
+            s = await self.auth.login(form.get("name", "")[:100], form.get("token", "")[:500],
+                                      remote=self._remote(request))
         except Refusal:
             return RedirectResponse("/login?error=1", status_code=303)
-        nxt = str(form.get("next", "/incidents"))
+        nxt = form.get("next", "/incidents")
         resp = RedirectResponse(nxt if nxt.startswith("/") and not nxt.startswith("//") else "/incidents",
                                 status_code=303)
         self._cookie(resp, s)
         return resp
 
     async def logout(self, request: Request) -> Response:
-        form = await request.form()
+        form = await self._form(request)
         s = self.auth.sessions.get(request.cookies.get(COOKIE) or "")
-        if s is not None and str(form.get("csrf", "")) == s.csrf:
+        if s is not None and form.get("csrf", "") == s.csrf:
             self.auth.logout(s.sid)
         resp = RedirectResponse("/login", status_code=303)
         resp.delete_cookie(COOKIE, path="/")
         return resp
 
     async def healthz(self, _request: Request) -> Response:
-        return PlainTextResponse("ok" if self.state.ready.is_set() else "loading",
-                                 status_code=200 if self.state.ready.is_set() else 503)
+        """503 while loading and while NATS does not answer (the pages then show the last state received)."""
+        if not self.state.ready.is_set():
+            return PlainTextResponse("loading", status_code=503)
+        if not self.state.bus_up:
+            return PlainTextResponse("NATS unreachable", status_code=503)
+        return PlainTextResponse("ok")
 
     def app(self, lifespan: Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]] | None = None
             ) -> Starlette:
@@ -316,4 +419,4 @@ class Console:
             Route("/events", self.events),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ]
-        return Starlette(routes=routes, lifespan=lifespan)
+        return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(Guard, auth=self.auth)])

@@ -5,19 +5,26 @@ Modes (``--auth FILE``, YAML, validated at start-up):
 - ``proxy``: an authenticating proxy (oauth2-proxy style) sets ``X-Forwarded-User`` and
   ``X-Forwarded-Groups``; headers are trusted only from the configured proxy addresses and the
   groups map to roles;
-- ``lab`` (no file): the local user as admin, allowed only when listening on loopback.
+- ``lab`` (no file): the local user as admin, allowed only when listening on loopback and only for
+  requests whose Host is a loopback name, writes only from the console's own pages (``check_lab``).
 Roles: viewer reads; operator approves, acks, silences, notes, assigns, releases, cancels; admin
 also resets the breaker and flips kill switches. Every refusal is logged (``console_refused``).
+User names are single subject tokens (letters, digits, ``-``, ``_``): the remediator acts on a verb only
+when its actor is exactly the user its subject names. Tokens are checked with argon2 off the event loop,
+a few at a time, and an unknown name costs one verification too, so timing does not tell names apart.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import ipaddress
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import structlog
 import yaml
@@ -26,17 +33,19 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from breakfix.console.verbs import Identity, Role
+from breakfix.schemas import subjects
 from breakfix.schemas.datafile import DataFileError
 
 log = structlog.get_logger("breakfix.console.auth")
 COOKIE = "bf_session"
 MAX_SESSIONS = 10_000
+MAX_VERIFYING = 4  # argon2 verifications at once (64 MiB and ~0.1 s of CPU each)
 _HASHER = PasswordHasher()
 
 
 class UserEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.@-]+$")
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_-]+$")  # one subject token
     role: Role
     token_hash: str = Field(pattern=r"^\$argon2")
 
@@ -93,6 +102,43 @@ def new_token() -> str:
     return secrets.token_urlsafe(24)
 
 
+@functools.cache
+def _dummy_hash() -> str:
+    """What an unknown name's token is checked against, so that it costs what a known name's does."""
+    return _HASHER.hash(secrets.token_urlsafe(24))
+
+
+def _verify(token_hash: str, token: str) -> bool:
+    try:
+        return _HASHER.verify(token_hash, token)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (``[::1]`` with or without its brackets)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def _authority(url: str) -> str:
+    """``host:port`` of an Origin or Referer URL (``null`` and junk: "")."""
+    try:
+        return urlsplit(url).netloc.lower()
+    except ValueError:
+        return ""
+
+
+def host_of(authority: str) -> str:
+    """The host of a ``Host`` header or a URL's authority, without its port (``[::1]:8080`` -> ``::1``)."""
+    try:
+        return (urlsplit(f"//{authority}").hostname or "").lower()
+    except ValueError:
+        return ""
+
+
 @dataclass
 class Session:
     sid: str
@@ -115,6 +161,7 @@ class Auth:
     clock: Callable[[], float]
     sessions: dict[str, Session] = field(default_factory=dict)
     refusals: int = 0
+    verifying: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_VERIFYING))
 
     def refuse(self, status: int, reason: str, *, user: str = "-", path: str = "-", remote: str = "-") -> Refusal:
         self.refusals += 1
@@ -130,15 +177,16 @@ class Auth:
         self.sessions[s.sid] = s
         return s
 
-    def login(self, name: str, token: str, *, remote: str) -> Session:
-        """Users mode: a session for a name and its token, or a logged refusal."""
-        for u in self.config.users:
-            if secrets.compare_digest(u.name, name):
-                try:
-                    _HASHER.verify(u.token_hash, token)
-                except (VerificationError, InvalidHashError):
-                    break
-                return self._new(Identity(u.name, u.role))
+    async def login(self, name: str, token: str, *, remote: str) -> Session:
+        """Users mode: a session for a name and its token, or a logged refusal. argon2 runs in a thread
+        (it would stall every page for ~0.1 s), and an unknown name is checked against a dummy hash."""
+        user = next((u for u in self.config.users if secrets.compare_digest(u.name.encode(), name.encode())), None)
+        dummy = await asyncio.to_thread(_dummy_hash)  # made once
+        token_hash = user.token_hash if user is not None else dummy
+        async with self.verifying:
+            ok = await asyncio.to_thread(_verify, token_hash, token)
+        if user is not None and ok:
+            return self._new(Identity(user.name, user.role))
         raise self.refuse(401, "bad name or token", user=name[:100] or "-", path="/login", remote=remote)
 
     def logout(self, sid: str | None) -> None:
@@ -164,7 +212,10 @@ class Auth:
         role = max(roles, key=lambda r: r.rank) if roles else spec.default_role
         if role is None:
             raise self.refuse(403, "no group maps to a role", user=user[:100], path=path, remote=remote)
-        return Identity(user[:100], role)
+        if subjects.token(user) != user or len(user) > 100:  # verbs name it on their subject, exactly
+            raise self.refuse(403, "proxy user name is not one subject token (letters, digits, '-', '_')",
+                              user=user[:100], path=path, remote=remote)
+        return Identity(user, role)
 
     def session(self, sid: str | None, headers: dict[str, str], remote: str, path: str) -> tuple[Session | None, bool]:
         """The request's session (and whether it is new, so the cookie must be set); None: log in first."""
@@ -177,19 +228,30 @@ class Auth:
         if self.config.mode == "users":
             return current, False
         who = (self._proxy_identity(headers, remote, path) if self.config.mode == "proxy"
-               else Identity(self.config.lab_user, Role.ADMIN))
+               else Identity(subjects.token(self.config.lab_user), Role.ADMIN))
         if who is None:
             raise self.refuse(401, "no user from the proxy", path=path, remote=remote)
         if current is not None and current.who == who:
             return current, False
         return self._new(who), True
 
+    def check_lab(self, *, host: str, origin: str | None, write: bool, path: str, remote: str) -> None:
+        """Lab mode: every visitor is the admin, so only the console's own loopback pages may be. A Host
+        that is not a loopback name is a DNS-rebound page (its own name resolving to 127.0.0.1), and a
+        write whose Origin (else Referer) is not this Host came from another page."""
+        if self.config.mode != "lab":
+            return
+        if not loopback(host_of(host)):
+            raise self.refuse(400, "Host is not a loopback name (lab mode)", path=path, remote=remote)
+        if write and origin is not None and _authority(origin) != host.lower():
+            raise self.refuse(403, "write from another origin (lab mode)", path=path, remote=remote)
+
     def check_write(self, s: Session | None, csrf: str | None, *, verb: str, path: str, remote: str) -> Session:
         from breakfix.console.verbs import may
 
         if s is None:
             raise self.refuse(401, "not logged in", path=path, remote=remote)
-        if not csrf or not secrets.compare_digest(csrf, s.csrf):
+        if not csrf or not secrets.compare_digest(csrf.encode(), s.csrf.encode()):
             raise self.refuse(403, "missing or wrong CSRF token", user=s.who.user, path=path, remote=remote)
         if not may(s.who.role, verb):
             raise self.refuse(403, f"role {s.who.role.value} may not {verb}", user=s.who.user, path=path,

@@ -35,8 +35,17 @@ class BreakerState:
         return "closed" + (f" (last reset by {self.reset_by})" if self.reset_by else "")
 
 
+def breakers(records: Iterable[ActionRecord], clusters: Iterable[str] = ()) -> dict[str, BreakerState]:
+    """Each cluster's breaker (every one in ``clusters``, closed when its records say nothing), from
+    that cluster's records only: a reset in one cluster closes no other."""
+    mine: dict[str, list[ActionRecord]] = {c: [] for c in clusters}
+    for r in records:
+        mine.setdefault(r.cluster, []).append(r)
+    return {c: breaker_state(rs) for c, rs in sorted(mine.items())}
+
+
 def breaker_state(records: Iterable[ActionRecord]) -> BreakerState:
-    """Open when a breaker refusal came after the last reset."""
+    """Open when a breaker refusal came after the last reset (the records of one cluster)."""
     state = BreakerState(False)
     for r in sorted(records, key=lambda r: r.at):
         if r.kind is ActionKind.REFUSAL and r.details.get("guard") == "breaker":
@@ -123,11 +132,12 @@ def budget_use(incidents: Iterable[Incident]) -> dict[str, int]:
     return dict(sorted(use.items()))
 
 
-def kill_switches(records: Iterable[ActionRecord]) -> dict[str, tuple[bool, str]]:
-    """``rule:<r>`` / ``code:<c>`` -> (on, by) from the latest kill-switch record of each."""
-    out: dict[str, tuple[bool, str]] = {}
+def kill_switches(records: Iterable[ActionRecord]) -> dict[tuple[str, str], tuple[bool, str]]:
+    """``(cluster, "rule:<r>" | "code:<c>")`` -> (on, by) from the latest kill-switch record of each:
+    a switch holds only in its own cluster."""
+    out: dict[tuple[str, str], tuple[bool, str]] = {}
     for r in sorted(records, key=lambda r: r.at):
         if r.kind is ActionKind.KILL_SWITCH:
             key = f"rule:{r.details['rule']}" if r.details.get("rule") else f"code:{r.details.get('code', '?')}"
-            out[key] = (r.details.get("enabled") == "true", r.actor)
-    return out
+            out[(r.cluster, key)] = (r.details.get("enabled") == "true", r.actor)
+    return dict(sorted(out.items()))

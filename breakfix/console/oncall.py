@@ -44,10 +44,11 @@ BUS_ERRORS = bus_errors  # what talking to NATS can raise; the CLI turns each in
 
 def user_from_creds(creds: Path | None, *, env: dict[str, str] | None = None) -> str:
     """The acting user: the ``name`` claim of the creds file's user JWT; ``$USER`` only without creds
-    (the unauthenticated lab)."""
+    (the unauthenticated lab), as a subject token, since the remediator wants the actor to be exactly
+    the subject's user."""
     if creds is None:
         environ = os.environ if env is None else env
-        return environ.get("USER") or environ.get("LOGNAME") or "unknown"
+        return subjects.token(environ.get("USER") or environ.get("LOGNAME") or "unknown")
     try:
         text = creds.read_text()
     except OSError as exc:

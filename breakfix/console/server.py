@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from breakfix.bus.jetstream import JetStreamBus
 from breakfix.bus.options import NatsOptions
 from breakfix.console import verbs
 from breakfix.console.app import Console
-from breakfix.console.auth import Auth, AuthConfig
+from breakfix.console.auth import Auth, AuthConfig, loopback
 from breakfix.console.oncall import Oncall, connect
 from breakfix.console.state import ConsoleState, follow
 from breakfix.schemas.catalog import load_catalog
@@ -35,13 +34,6 @@ def parse_listen(listen: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"--listen {listen!r}: use HOST:PORT")
     return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 @dataclass
@@ -75,8 +67,10 @@ async def start(nats: str | NatsOptions, *, listen: str = "127.0.0.1:0", auth: A
         return await Oncall(bus, who, clock).publish(verb, rec)
 
     console = Console(state, Auth(auth, monotonic), publish, clock, load_catalog())
+    # proxy_headers off: uvicorn would otherwise take the client address from X-Forwarded-For (any
+    # loopback peer could claim to be the trusted proxy); auth checks the proxy against the socket's peer
     config = uvicorn.Config(console.app(), host=host, port=port, log_level="warning", access_log=False,
-                            lifespan="off", timeout_graceful_shutdown=1)
+                            lifespan="off", timeout_graceful_shutdown=1, proxy_headers=False)
     server = uvicorn.Server(config)
     loader = asyncio.create_task(follow(state, bus, clock, records_days=records_days, stop=stop),
                                  name="console-follow")

@@ -3,8 +3,10 @@
 Incidents come from the incident index (KV ``breakfix-incidents``: one watch, its current values
 then every change), so start-up costs the incidents kept, never the stream's history. Audit
 records come from ``BREAKFIX_ACTIONS``: the last ``records_days`` at start, then live from a core
-subscription. Every change is fanned out to the server-sent-event listeners. All collections
-are capped.
+subscription. Every change is fanned out to the server-sent-event listeners (at most
+``MAX_LISTENERS_PER_USER`` per user, ``MAX_LISTENERS`` in all). While following, the bus is probed
+every few seconds: ``bus_up`` says whether NATS answers (``/healthz``, the pages' banner, writes).
+All collections are capped.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import structlog
 from pydantic import ValidationError
 
 from breakfix.bus.jetstream import JetStreamBus
-from breakfix.console.oncall import read_records
+from breakfix.bus.retry import PermissionDenied
+from breakfix.console.oncall import BUS_ERRORS, read_records
 from breakfix.correlator.index import IncidentIndex
 from breakfix.schemas import subjects
 from breakfix.schemas.incident import ActionKind, ActionOutcome, ActionRecord, Incident
@@ -31,6 +34,19 @@ MAX_RECORDS = 200_000
 MAX_PER_INCIDENT = 1000
 MAX_TRACKED = 100_000
 MAX_LISTENERS = 200
+MAX_LISTENERS_PER_USER = 8  # so that one viewer cannot take every live stream
+PROBE_EVERY_S = 2.0
+PROBE_TIMEOUT_S = 2.0
+PROBE_CONSUMER = "breakfix-console-probe"  # never created
+BUS_FAILURES: tuple[type[BaseException], ...] = (*BUS_ERRORS, PermissionDenied)  # NATS down, or refusing us
+
+
+class TooManyListeners(RuntimeError):
+    """No live stream now: ``per_user`` when this user holds their share, else the console is full."""
+
+    def __init__(self, *, per_user: bool) -> None:
+        super().__init__("too many live listeners" + (" for this user" if per_user else ""))
+        self.per_user = per_user
 
 
 @dataclass
@@ -50,9 +66,10 @@ class ConsoleState:
     by_incident: OrderedDict[str, deque[ActionRecord]] = field(default_factory=OrderedDict)
     progress: dict[str, Progress] = field(default_factory=dict)
     waiting: dict[str, str] = field(default_factory=dict)  # from records, until the incident carries it
-    listeners: set[asyncio.Queue[str]] = field(default_factory=set)
+    listeners: dict[asyncio.Queue[str], str] = field(default_factory=dict)  # -> the user listening
     seen: set[str] = field(default_factory=set)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    bus_up: bool = True  # NATS answered the last probe (``watch_bus``)
 
     # -- updates -----------------------------------------------------------------------------------
     def put_incident(self, inc: Incident) -> None:
@@ -96,15 +113,17 @@ class ConsoleState:
         return list(self.by_incident.get(incident_id, ()))
 
     # -- server-sent events ------------------------------------------------------------------------
-    def listen(self) -> asyncio.Queue[str]:
+    def listen(self, user: str) -> asyncio.Queue[str]:
+        if sum(1 for u in self.listeners.values() if u == user) >= MAX_LISTENERS_PER_USER:
+            raise TooManyListeners(per_user=True)
         if len(self.listeners) >= MAX_LISTENERS:
-            raise RuntimeError("too many live listeners")
+            raise TooManyListeners(per_user=False)
         q: asyncio.Queue[str] = asyncio.Queue(maxsize=1000)
-        self.listeners.add(q)
+        self.listeners[q] = user
         return q
 
     def unlisten(self, q: asyncio.Queue[str]) -> None:
-        self.listeners.discard(q)
+        self.listeners.pop(q, None)
 
     def notify(self, event: str) -> None:
         for q in list(self.listeners):
@@ -124,6 +143,27 @@ def waiting_hint(rec: ActionRecord) -> str:
             return "approval"
         return _GUARD_WAITS.get(rec.details.get("guard", ""), "")
     return ""
+
+
+async def watch_bus(state: ConsoleState, bus: JetStreamBus, *, stop: asyncio.Event,
+                    every_s: float = PROBE_EVERY_S, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Set ``state.bus_up`` from a JetStream round trip every ``every_s`` until ``stop``: the info of a
+    consumer nobody makes, which a reachable server answers (None) whether or not the stream exists yet.
+    (A flush is no probe: nats-py answers it from its buffer while it reconnects.)"""
+    while not stop.is_set():
+        try:
+            async with asyncio.timeout(timeout_s):
+                await bus.consumer_state(subjects.ACTIONS.name, PROBE_CONSUMER)
+            up = True
+        except BUS_FAILURES:
+            up = False
+        if up and not state.bus_up:
+            log.info("console_nats_back")
+        elif not up and state.bus_up:
+            log.warning("console_nats_unreachable", timeout_s=timeout_s)
+        state.bus_up = up
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=every_s)
 
 
 async def follow(state: ConsoleState, bus: JetStreamBus, clock: Callable[[], datetime], *, records_days: float,
@@ -161,7 +201,8 @@ async def follow(state: ConsoleState, bus: JetStreamBus, clock: Callable[[], dat
     try:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(watch_index(), name="console-index-watch"),
-                     tg.create_task(drain_records(), name="console-records")]
+                     tg.create_task(drain_records(), name="console-records"),
+                     tg.create_task(watch_bus(state, bus, stop=stop), name="console-bus-probe")]
             await stop.wait()
             for t in tasks:
                 t.cancel()

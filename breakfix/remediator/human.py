@@ -5,7 +5,7 @@ Records arrive from ``breakfix.actions.<cluster>.oncall.<user>.<verb>`` and
 ``breakfix approve|deny|release|cancel|breaker reset|kill-switch`` commands and the console),
 consumed from the BREAKFIX_ACTIONS stream by the service (``remediator.service``). nats-server's
 per-user permissions prove who published, so a record is acted on only when the subject's user is
-the record's ``actor``, the subject's cluster is the record's and this remediator's cluster, the
+exactly the record's ``actor``, the subject's cluster is the record's and this remediator's cluster, the
 verb matches the record's kind and outcome, the incident exists, and (approve, deny) the named step
 is the one actually waiting. Anything else is logged with its reason and ignored; the remediator's
 own records on the same stream are not human verbs and pass by.
@@ -70,7 +70,12 @@ def refuse_reason(subject: str, rec: ActionRecord, cluster: str) -> tuple[str | 
     s_cluster, _role, user, verb = parts
     if s_cluster != subjects.token(cluster) or rec.cluster != cluster:
         return None, f"for cluster {rec.cluster!r} on subject cluster {s_cluster!r}, not this cluster {cluster!r}"
-    if subjects.token(rec.actor) != user:
+    # The actor must BE the subject's user, not merely map to it: subjects.token is lossy (``jane.doe@corp``
+    # and ``jane_doe_corp`` share a token), so comparing tokens let the NATS user ``jane_doe_corp`` act,
+    # on its own permitted subject, as someone else. Every identity that publishes verbs is one subject
+    # token (bus users by ``authinit``, console users by its auth config and proxy check), so exact
+    # equality costs nobody their verbs and keeps the server-enforced subject the whole identity.
+    if rec.actor != user:
         return None, f"actor {rec.actor!r} is not the subject's user {user!r}"
     if (rec.kind, rec.outcome) != VERBS[verb]:
         return None, f"{verb} needs kind {VERBS[verb][0].value}/{VERBS[verb][1].value}, got " \
