@@ -133,12 +133,15 @@ class TestHumanVerbChecks:
                               subject=subjects.oncall_subject("c2", "alice", "approve"))
                 await h.human("approve", action=StepAction.REBOOT, reason="wrong step")
                 await h.human("approve", "inc-nope", action=StepAction.REPROVISION, reason="no incident")
-                await h.until(lambda: len([x for x in logs if x["event"] == "human_record_ignored"]) == 4)
+                await h.until(lambda: len([x for x in logs if x["event"] == "human_record_ignored"]) == 2
+                              and len([x for x in logs if x["event"] == "dead_lettered"]) == 2)
+            # a record its subject's user could not have written is a forgery: dead-lettered by the decoder
+            forged = [x["reason"] for x in logs if x["event"] == "dead_lettered"]
+            assert "actor 'alice' on the subject of user 'mallory'" in forged[0] and forged[0].startswith("forged ActionRecord")
+            assert "record for cluster 'c1' on 'breakfix.actions.c2" in forged[1]
             reasons = [x["reason"] for x in logs if x["event"] == "human_record_ignored"]
-            assert "is not the subject's user 'mallory'" in reasons[0]
-            assert "not this cluster" in reasons[1]
-            assert "is not the waiting step" in reasons[2]
-            assert reasons[3] == "no such incident"
+            assert "is not the waiting step" in reasons[0]
+            assert reasons[1] == "no such incident"
             assert h.svc.cluster == "c1" and h.cluster.nodes["n1"].reprovisions == 0
 
     async def test_deny_stops_the_plan_at_the_waiting_step_and_hands_it_to_a_human(self, policy: Policy) -> None:

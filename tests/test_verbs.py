@@ -172,3 +172,12 @@ def test_the_remediator_ignores_a_verb_whose_actor_only_shares_the_subjects_user
     assert refuse_reason(subject, forged, "c1") == (
         None, "actor 'jane.doe@corp' is not the subject's user 'jane_doe_corp'")
     assert refuse_reason(subject, own, "c1") == ("cancel", None)
+
+
+@pytest.mark.parametrize("verb", ["note", "ack", "assign"])
+def test_the_remediator_passes_over_the_console_and_notifier_verbs_without_failing(verb: str) -> None:
+    """A note, ack or assignment is for the console and the notifier: the remediator's handler lets it by
+    (before, it raised KeyError and the record was redelivered twenty times, each a handler failure)."""
+    rec = verbs.incident_verb(verb, incident("inc-a"), Identity("alice"), reason="looking", at=T0,
+                              **({"assignee": "bob"} if verb == "assign" else {}))
+    assert refuse_reason(subjects.oncall_subject("c1", "alice", verb), rec, "c1") == (None, None)

@@ -8,7 +8,9 @@ payload) may raise anything else: one poison message must never stop a daemon.
 
 A signal decoded together with its subject must name, in its body, the cluster and node its subject
 names (``breakfix.signals.<cluster>.<node>[.<partition>]``): with per-node NATS identities a node can
-publish only on its own subject, so a body that claims another node is a forgery.
+publish only on its own subject, so a body that claims another node is a forgery. An action record
+likewise: the remediator's kinds only on ``breakfix.actions.<cluster>``, a human's only on that
+human's on-call or admin subject (``action_subject_mismatch``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from breakfix.bus.consumer import DecodeError, decode_message
 from breakfix.schemas import subjects
 from breakfix.schemas.common import first_error
+from breakfix.schemas.incident import ActionKind, ActionRecord
 from breakfix.schemas.signal import Signal
 
 M = TypeVar("M", bound=BaseModel)
@@ -61,6 +64,31 @@ def signal_subject_mismatch(signal: Signal, subject: str) -> str | None:
     return None
 
 
+# Records only the remediator writes, on ``breakfix.actions.<cluster>`` (its role alone may publish there). A human's
+# subject (``...oncall|admin.<user>.<verb>``) carries only the other kinds, and only as that user.
+SERVICE_KINDS = frozenset({ActionKind.PLAN, ActionKind.STEP, ActionKind.REFUSAL, ActionKind.NOTIFICATION})
+
+
+def action_subject_mismatch(rec: ActionRecord, subject: str) -> str | None:
+    """Why ``subject`` may not carry ``rec`` (None when it may). nats-server's permissions prove which subjects a
+    publisher may use, so a record is believed only where its author may publish: the remediator's kinds on its
+    own subject, a human's verb on that human's subject with the actor exactly its user (``subjects.token`` is
+    lossy: ``jane.doe@corp`` and ``jane_doe_corp`` share one)."""
+    if subject == subjects.action_subject(rec.cluster):
+        return None
+    parts = subjects.human_subject_parts(subject)
+    if parts is None:
+        return f"record on {subject!r}, not an action subject"
+    s_cluster, _role, user, _verb = parts
+    if s_cluster != subjects.token(rec.cluster):
+        return f"record for cluster {rec.cluster!r} on {subject!r}"
+    if rec.kind in SERVICE_KINDS:
+        return f"a {rec.kind.value} record, which only the remediator writes, on {subject!r}"
+    if rec.actor != user:
+        return f"actor {rec.actor!r} on the subject of user {user!r} ({subject!r})"
+    return None
+
+
 def decoder(model: type[M]) -> Callable[[bytes], M]:
     """A total decoder for ``model``. For ``Signal`` with a subject, the subject must match the body.
 
@@ -68,6 +96,7 @@ def decoder(model: type[M]) -> Callable[[bytes], M]:
     on one subject, so the check costs one set lookup after its first signal.
     """
     check_subject = model is Signal
+    check_action = model is ActionRecord
     validate_json = model.__pydantic_validator__.validate_json  # what model_validate_json calls, unwrapped
     matched: set[tuple[str, str, str]] = set()
 
@@ -78,6 +107,10 @@ def decoder(model: type[M]) -> Callable[[bytes], M]:
             item: M = validate_json(data)
         except Exception as exc:  # ValidationError, and anything a validator lets escape: all are poison
             raise DecodeError(_reason(model, exc)) from None
+        if check_action and subject is not None:
+            why = action_subject_mismatch(item, subject)  # type: ignore[arg-type]
+            if why is not None:
+                raise DecodeError(f"forged ActionRecord: {why}")
         if check_subject and subject is not None:
             key = (subject, item.cluster, item.node)  # type: ignore[attr-defined]
             if key not in matched:
@@ -92,7 +125,8 @@ def decoder(model: type[M]) -> Callable[[bytes], M]:
     return _SubjectAware(decode, f"decode_{model.__name__}")
 
 
-__all__ = ["MAX_MESSAGE_BYTES", "DecodeError", "decode_message", "decoder", "encode", "signal_subject_mismatch"]
+__all__ = ["MAX_MESSAGE_BYTES", "SERVICE_KINDS", "DecodeError", "action_subject_mismatch", "decode_message", "decoder",
+           "encode", "signal_subject_mismatch"]
 
 
 def encode(model: BaseModel) -> bytes:

@@ -294,10 +294,18 @@ class JetStreamBus:
         return bytes(msg.data)
 
     async def serve(self, subject: str, handler: Callable[[bytes], Awaitable[bytes]]) -> None:
+        """Answer requests on ``subject`` (one exact subject). Only a core request is handled: published on
+        that subject, with a reply inbox. nats-server does not check a push consumer's delivery subject against
+        its creator's publish permissions, so anyone who may create a consumer can have a stream's messages
+        delivered here; such a delivery carries its stored subject and a ``$JS.ACK`` reply (or none), and is
+        dropped and logged, never run (a node agent's reboot must come from the remediator's own request)."""
         async def on_request(msg: Msg) -> None:
+            if msg.subject != subject or not (msg.reply or "").startswith("_INBOX."):
+                log.warning("request_refused", served=subject, subject=msg.subject[:200],
+                            reply=(msg.reply or "")[:80], why="not a core request on this subject")
+                return
             reply = await handler(msg.data)
-            if msg.reply:
-                await self._nc.publish(msg.reply, reply)
+            await self._nc.publish(msg.reply, reply)
 
         self._subs.append(await self._nc.subscribe(subject, cb=on_request))
         await self._nc.flush()  # the server knows the responder before anyone asks

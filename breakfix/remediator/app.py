@@ -16,6 +16,7 @@ from breakfix.bus.clock import Clock
 from breakfix.bus.protocol import Bus, KeyValue
 from breakfix.remediator.actuator import Actuator
 from breakfix.remediator.config import RemediatorConfig
+from breakfix.remediator.executor import record_key
 from breakfix.remediator.policy import Policy, load_policy
 from breakfix.remediator.service import RemediatorService
 from breakfix.remediator.store import KvStore, MemoryStore, PlanStore
@@ -75,6 +76,20 @@ async def build_remediator(config: RemediatorConfig, *, bus: Bus, clock: Clock, 
         if lease.enabled:
             elector = LeaseElector(api, name=lease.name, namespace=lease.namespace, identity=lease.identity,
                                    lease_s=lease.lease_s, clock=clock.now)
+    if "id_key" not in service:
+        service["id_key"] = _id_key(config)
     return RemediatorService(bus, actuator, pol, clock, cluster=config.cluster, actor=config.actor,
                              store=store or await _store_for(bus), elector=elector,
                              companion=companion_codes(catalog or default_catalog()), **service)
+
+
+def _id_key(config: RemediatorConfig) -> bytes:
+    """The record-id key from the remediator's NATS credentials (every replica mounts the same ones); none without
+    credentials. An unreadable file is the bus connection's error to report, not this one's."""
+    creds = config.nats.creds if config.nats is not None else None
+    if creds is None:
+        return b""
+    try:
+        return record_key(Path(creds).read_bytes())
+    except OSError:
+        return b""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
@@ -49,13 +50,24 @@ Save = Callable[[Progress], Awaitable[None]]
 BUSY = "busy:"  # the node agent's refusal while processes hold the GPU
 ESCALATE_MARKS_S = 120.0  # marking the escalated node (condition, event) may not hold up the page
 
-__all__ = ["BUSY", "Executor", "Progress", "ProgressState", "record_id", "rma_summary", "step_key"]
+__all__ = ["BUSY", "Executor", "Progress", "ProgressState", "record_id", "record_key", "rma_summary", "step_key"]
 
 
 def record_id(incident: str, attempt: int, kind: str, index: int | None, action: str, outcome: str,
-              rung: int = 0) -> str:
-    raw = f"{incident}\x1f{attempt}\x1f{rung}\x1f{kind}\x1f{index}\x1f{action}\x1f{outcome}"
-    return "act-" + hashlib.sha256(raw.encode()).hexdigest()[:20]
+              rung: int = 0, *, key: bytes = b"") -> str:
+    """The record's id, its ``Nats-Msg-Id``: the same record always gets the same id, so a re-publication after a
+    restart is dropped by JetStream as a duplicate. With ``key`` (the remediator's secret, ``record_key``) it is
+    an HMAC: JetStream de-duplicates ids whoever publishes them, and the actions stream also takes on-call
+    verbs, so an id anyone could compute could be published first by an operator and the record dropped."""
+    raw = f"{incident}\x1f{attempt}\x1f{rung}\x1f{kind}\x1f{index}\x1f{action}\x1f{outcome}".encode()
+    digest = hmac.new(key, raw, hashlib.sha256).hexdigest() if key else hashlib.sha256(raw).hexdigest()
+    return "act-" + digest[:20]
+
+
+def record_key(secret: bytes) -> bytes:
+    """The key of the remediator's record ids, from a secret only it holds (its NATS credentials); b"" (ids
+    anyone can compute) without one, as on an unauthenticated lab bus where anyone may publish anything."""
+    return hashlib.sha256(b"breakfix record ids\x00" + secret).digest() if secret else b""
 
 
 def step_key(incident: str, attempt: int, rung: int, index: int) -> str:
@@ -95,8 +107,9 @@ def _busy(result: StepResult) -> bool:
 class Executor:
     def __init__(self, actuator: Actuator, publish: Publish, clock: Clock, *, actor: str,
                  soak: Soak | None = None, gate: Gate | None = None, holders: Holders | None = None,
-                 idle_poll_s: float = 30.0) -> None:
+                 idle_poll_s: float = 30.0, id_key: bytes = b"") -> None:
         self.actuator = actuator
+        self.id_key = id_key  # record ids are keyed with it (record_id)
         self.publish = publish
         self.clock = clock
         self.actor = actor
@@ -117,7 +130,7 @@ class Executor:
             extra["mig"] = "instances on this GPU must be recreated after the reset"
         rec = ActionRecord(
             id=record_id(incident.id, attempt, kind.value, index, action.value if action else "", outcome.value,
-                         rung),
+                         rung, key=self.id_key),
             cluster=incident.cluster, incident_id=incident.id, kind=kind, action=action, step_index=index,
             outcome=outcome, actor=self.actor, rule=plan.rule, reason=reason or plan.reason,
             node=incident.node, gpu=gpu, domain=plan.domain, dry_run=plan.dry_run or plan.shadow,

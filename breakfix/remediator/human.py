@@ -68,6 +68,8 @@ def refuse_reason(subject: str, rec: ActionRecord, cluster: str) -> tuple[str | 
     if parts is None:
         return None, None
     s_cluster, _role, user, verb = parts
+    if verb not in VERBS:  # note, ack, assign, silence, unsilence: for the console and the notifier, not for us
+        return None, None
     if s_cluster != subjects.token(cluster) or rec.cluster != cluster:
         return None, f"for cluster {rec.cluster!r} on subject cluster {s_cluster!r}, not this cluster {cluster!r}"
     # The actor must BE the subject's user, not merely map to it: subjects.token is lossy (``jane.doe@corp``

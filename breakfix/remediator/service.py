@@ -18,6 +18,8 @@ lease holder starts or resumes plans.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import timedelta
@@ -70,7 +72,7 @@ class RemediatorService:
                  actor: str = "remediator", durable: str = "remediator", store: PlanStore | None = None,
                  elector: Elector | None = None, lease_renew_s: float = 5.0, retry_refused_s: float = 60.0,
                  view_ttl_s: float = 2.0, companion: Callable[[str], bool] = lambda _code: False,
-                 max_incidents: int = 50_000) -> None:
+                 max_incidents: int = 50_000, id_key: bytes = b"") -> None:
         from breakfix.remediator.human import HumanVerbs
 
         self.bus, self.actuator, self.policy, self.clock = bus, actuator, policy, clock
@@ -95,8 +97,9 @@ class RemediatorService:
         self.stats, self.control_stats = ConsumerStats(), ConsumerStats()
         self._view_cache: tuple[float, ClusterView] | None = None
         self.view_ttl_s, self._swept = view_ttl_s, float("-inf")
+        self.id_key = id_key  # record ids are HMACs with it (executor.record_id): no one else can squat them
         self.executor = Executor(actuator, self.publish, clock, actor=actor, soak=self._soak, gate=self._gate,
-                                 holders=self._holders, idle_poll_s=policy.guards.idle_poll_s)
+                                 holders=self._holders, idle_poll_s=policy.guards.idle_poll_s, id_key=id_key)
         self.human = HumanVerbs(self)
         self.observe = Observers(RemediatorMetrics(clock.now))  # metrics (+ notifier): remediator.metrics_serve
         self._leading = asyncio.Event()
@@ -132,7 +135,10 @@ class RemediatorService:
                waiting: WaitingOn | None = None, rule: str = "", details: dict[str, str] | None = None,
                action: StepAction | None = None) -> ActionRecord:
         now = self.clock.now()
-        return ActionRecord(id=f"{tag}-{inc.id}-{inc.flaps}-{int(now.timestamp() * 1000)}", cluster=inc.cluster,
+        raw = f"{inc.id}-{inc.flaps}-{int(now.timestamp() * 1000)}"
+        rid = f"{tag}-{raw}" if not self.id_key else f"{tag}-" + hmac.new(self.id_key, raw.encode(),
+                                                                           hashlib.sha256).hexdigest()[:24]
+        return ActionRecord(id=rid, cluster=inc.cluster,
                             incident_id=inc.id, kind=kind, outcome=outcome, actor=self.actor, rule=rule,
                             reason=reason, node=inc.node, domain=Domain.OPERATOR, details=details or {},
                             waiting=waiting, action=action, at=now)
