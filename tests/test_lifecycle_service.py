@@ -137,7 +137,7 @@ class TestHumanVerbChecks:
                               and len([x for x in logs if x["event"] == "dead_lettered"]) == 2)
             # a record its subject's user could not have written is a forgery: dead-lettered by the decoder
             forged = [x["reason"] for x in logs if x["event"] == "dead_lettered"]
-            assert "actor 'alice' on the subject of user 'mallory'" in forged[0] and forged[0].startswith("forged ActionRecord")
+            assert forged[0].startswith("forged ActionRecord: actor 'alice' on the subject of user 'mallory'")
             assert "record for cluster 'c1' on 'breakfix.actions.c2" in forged[1]
             reasons = [x["reason"] for x in logs if x["event"] == "human_record_ignored"]
             assert "is not the waiting step" in reasons[0]

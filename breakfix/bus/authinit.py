@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class UserFiles:
     cert: Path
     key: Path
     ca: Path
+    revoked: str = ""  # the user key of the credentials this issue replaced and revoked
 
 
 def _secret(path: Path, text: str) -> None:
@@ -155,15 +156,29 @@ def _atomic(path: Path, text: str) -> None:
         os.close(dirfd)
 
 
-def refresh_roles(root: Path) -> Path:
-    """Re-sign the cluster's account with this version's role permissions (``breakfix bus roles``), keeping
-    every key, so every issued credential stays valid; a role this version added gets its signing key.
+@dataclass(frozen=True)
+class _Account:
+    """A bus directory's account, as ``nats-server.conf`` preloads it: what re-signing it needs."""
 
-    The account's other claims are carried over from the JWT in ``nats-server.conf`` (revocations, limits an
-    operator tuned): only its role signing keys and their templates change. Only the account's entry in
-    ``resolver_preload`` is rewritten (listen address, TLS and store stay as written), atomically; returns the
-    config's path. nats-server applies it on a reload or restart.
-    """
+    root: Path
+    conf: Path
+    meta: dict[str, Any]
+    operator: Key
+    account: Key
+    lines: list[str]
+    at: int  # the account's line in ``resolver_preload``
+    claims: dict[str, Any]  # its current JWT's claims
+
+    def write(self, nats: dict[str, Any]) -> None:
+        """Re-sign the account with these ``nats`` claims (name kept) and replace its preload entry atomically."""
+        token = encode_jwt({"sub": self.account.public, "name": self.claims.get("name", self.meta["cluster"]),
+                            "nats": nats}, self.operator)
+        lines = list(self.lines)
+        lines[self.at] = f"  {self.account.public}: {_conf_str(token)}\n"
+        _atomic(self.conf, "".join(lines))
+
+
+def _load_account(root: Path) -> _Account:
     root = root.resolve()
     conf = root / "nats-server.conf"
     if not (root / META).is_file() or not conf.is_file():
@@ -171,7 +186,8 @@ def refresh_roles(root: Path) -> Path:
     keys = root / "keys"
     try:
         meta = json.loads((root / META).read_text())
-        cluster, account_pub, operator_pub = str(meta["cluster"]), meta["account"], meta["operator"]
+        account_pub, operator_pub = meta["account"], meta["operator"]
+        str(meta["cluster"])
         operator = Key.from_seed((keys / "operator.nk").read_text())
         account = Key.from_seed((keys / "account.nk").read_text())
     except (ValueError, KeyError, TypeError, nkeys.NkeysError) as exc:
@@ -187,6 +203,20 @@ def refresh_roles(root: Path) -> Path:
         current = jwt_claims(json.loads(lines[at[0]][len(entry):]))
     except (ValueError, CredsError) as exc:
         raise BusAuthError(f"{conf}: the account's entry is not a JWT: {exc}") from None
+    return _Account(root, conf, meta, operator, account, lines, at[0], current)
+
+
+def refresh_roles(root: Path) -> Path:
+    """Re-sign the cluster's account with this version's role permissions (``breakfix bus roles``), keeping
+    every key, so every issued credential stays valid; a role this version added gets its signing key.
+
+    The account's other claims are carried over from the JWT in ``nats-server.conf`` (revocations, limits an
+    operator tuned): only its role signing keys and their templates change. Only the account's entry in
+    ``resolver_preload`` is rewritten (listen address, TLS and store stay as written), atomically; returns the
+    config's path. nats-server applies it on a reload or restart.
+    """
+    acct = _load_account(root)
+    keys = acct.root / "keys"
     fresh: dict[str, Key] = {}  # roles added since 'bus init': written only once everything else checked out
     signers: dict[str, Key] = {}
     for role in ROLES:
@@ -195,18 +225,42 @@ def refresh_roles(root: Path) -> Path:
             signers[role] = Key.from_seed(path.read_text())
         else:
             signers[role] = fresh[role] = Key.new("account")
-    claims = jwt_claims(_cluster_account(account, cluster, operator, signers))
-    raw = current.get("nats")
+    claims = jwt_claims(_cluster_account(acct.account, str(acct.meta["cluster"]), acct.operator, signers))
+    raw = acct.claims.get("nats")
     kept: dict[str, Any] = raw if isinstance(raw, dict) else {}
-    nats = {**claims["nats"], **kept, "signing_keys": claims["nats"]["signing_keys"]}  # revocations etc. stay
-    token = encode_jwt({"sub": account.public, "name": current.get("name", cluster), "nats": nats}, operator)
     for role, key in fresh.items():
         _secret(keys / f"role-{role}.nk", key.seed + "\n")
-    lines[at[0]] = f"{entry}{_conf_str(token)}\n"
-    _atomic(conf, "".join(lines))
+    acct.write({**claims["nats"], **kept, "signing_keys": claims["nats"]["signing_keys"]})  # revocations etc. stay
+    meta = dict(acct.meta)
     meta["signing_keys"] = {r: k.public for r, k in signers.items()}
-    _atomic(root / META, json.dumps(meta, indent=2) + "\n")
-    return conf
+    _atomic(acct.root / META, json.dumps(meta, indent=2) + "\n")
+    return acct.conf
+
+
+def _revoke(acct: _Account, pubs: list[str], now: dt.datetime) -> None:
+    """Add ``nats.revocations`` for these user keys (JWTs issued up to ``now`` no longer connect; a live
+    connection is closed when the server applies it), every other claim kept."""
+    raw = acct.claims.get("nats")
+    nats: dict[str, Any] = dict(raw) if isinstance(raw, dict) else {}
+    revocations = dict(nats.get("revocations") or {})
+    for pub in pubs:
+        revocations[pub] = int(now.timestamp()) + 1  # "issued at or before": our JWTs' iat is whole seconds
+    nats["revocations"] = revocations
+    acct.write(nats)
+
+
+def revoke_user(root: Path, *, name: str, now: dt.datetime) -> Path:
+    """Revoke the credentials last issued to ``name`` (``breakfix bus revoke``): their user key goes into the
+    account's revocations, and ``name`` has no valid credentials until it is issued new ones. Returns the config
+    nats-server must reload."""
+    acct = _load_account(root)
+    users = dict(acct.meta.get("users") or {})
+    current = users.pop(name, None)
+    if not isinstance(current, dict) or not current.get("key"):
+        raise BusAuthError(f"no credentials issued to {name!r} are on record in {acct.root / META}")
+    _revoke(acct, [str(current["key"])], now)
+    _atomic(acct.root / META, json.dumps({**acct.meta, "users": users}, indent=2) + "\n")
+    return acct.conf
 
 
 def issue_user(root: Path, *, role: str, name: str, now: dt.datetime, out_dir: Path | None = None) -> UserFiles:
@@ -228,4 +282,14 @@ def issue_user(root: Path, *, role: str, name: str, now: dt.datetime, out_dir: P
     _secret(files.creds, creds_text(token, user))
     ca = tls.read(root / "tls" / "ca.crt", root / "tls" / "ca.key")
     tls.write(tls.issue(ca, f"{role}:{name}", server=False, now=now), files.cert, files.key)
+    # a re-issue replaces the name's credentials: the old ones are revoked (a rotation after a stolen .creds must
+    # actually end it); bus.json keeps each name's current user key for that and for 'breakfix bus revoke'
+    users = dict(meta.get("users") or {})
+    previous = users.get(name)
+    users[name] = {"role": role, "key": user.public, "issued": now.isoformat()}
+    if isinstance(previous, dict) and previous.get("key") and previous["key"] != user.public \
+            and (root / "nats-server.conf").is_file():
+        _revoke(_load_account(root), [str(previous["key"])], now)
+        files = replace(files, revoked=str(previous["key"]))
+    _atomic(root / META, json.dumps({**meta, "users": users}, indent=2) + "\n")
     return files

@@ -100,3 +100,22 @@ def bus_user(
     out.print(f"wrote {files.creds}, {files.cert}, {files.key}", highlight=False)
     out.print(f"connect with: --creds {files.creds} --tls-ca {files.ca} --tls-cert {files.cert} "
               f"--tls-key {files.key}", highlight=False)
+    if files.revoked:
+        out.print(f"revoked {name}'s previous credentials (user key {files.revoked}); apply it with "
+                  "'nats-server --signal reload' (or a restart)", highlight=False)
+
+
+@bus_app.command("revoke")
+def bus_revoke(
+    name: Annotated[str, typer.Option(help="The identity whose credentials end (a node's name for a node).")],
+    directory: BusDir = Path("breakfix-bus"),
+) -> None:
+    """Revoke the credentials last issued to NAME: they stop connecting once nats-server reloads its config."""
+    from breakfix.bus.authinit import BusAuthError, revoke_user
+
+    try:
+        conf = revoke_user(directory, name=name, now=datetime.now(UTC))
+    except (BusAuthError, OSError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    out.print(f"revoked {name}'s credentials in {conf}; apply it with 'nats-server --signal reload' (or a restart); "
+              f"issue new ones with 'breakfix bus user'", highlight=False)

@@ -141,3 +141,33 @@ def test_bus_roles_on_a_directory_without_a_bus_is_one_line(tmp_path: Path) -> N
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "bus init" in result.output
 
+
+
+async def test_reissuing_credentials_revokes_the_old_ones_and_bus_revoke_ends_the_current(secure: SecureBus) -> None:
+    """A rotation after a stolen .creds must end the stolen one: re-issuing a name revokes its previous user key,
+    and 'breakfix bus revoke' ends the current one, once nats-server reloads its config."""
+    import shutil
+
+    from breakfix.bus.connect import BusRefused
+
+    stolen = secure.options("node", "node-a")
+    for f in ("creds", "tls_cert", "tls_key"):  # the thief's copy of the files
+        src = Path(str(getattr(stolen, f)))
+        shutil.copy(src, src.with_name("stolen-" + src.name))
+    stolen = stolen.model_copy(update={f: Path(str(getattr(stolen, f))).with_name(
+        "stolen-" + Path(str(getattr(stolen, f))).name) for f in ("creds", "tls_cert", "tls_key")})
+    await (await JetStreamBus.connect(stolen, name="node-a")).close()
+    result = CliRunner().invoke(app, ["bus", "user", "--dir", str(secure.root), "--node", "node-a"])
+    assert result.exit_code == 0 and "revoked node-a's previous credentials" in result.output
+    secure.server.reload()
+    with pytest.raises(BusRefused, match=r"(?i)authorization violation"):
+        await JetStreamBus.connect(stolen, name="node-a")
+    fresh = stolen.model_copy(update={f: Path(str(getattr(stolen, f))).with_name(
+        Path(str(getattr(stolen, f))).name.removeprefix("stolen-")) for f in ("creds", "tls_cert", "tls_key")})
+    await (await JetStreamBus.connect(fresh, name="node-a")).close()  # the new credentials work
+    assert CliRunner().invoke(app, ["bus", "revoke", "--dir", str(secure.root), "--name", "node-a"]).exit_code == 0
+    secure.server.reload()
+    with pytest.raises(BusRefused, match=r"(?i)authorization violation"):
+        await JetStreamBus.connect(fresh, name="node-a")
+    again = CliRunner().invoke(app, ["bus", "revoke", "--dir", str(secure.root), "--name", "node-a"])
+    assert again.exit_code != 0 and "no credentials issued to 'node-a'" in again.output
