@@ -82,7 +82,8 @@ async def one_round(n: int, notify: bool) -> dict[str, float]:
                                          clock=SystemClock(), cluster_api=cluster, policy=policy)
             config = NotifyConfig.model_validate({
                 "channels": [{"name": "stall", "type": "webhook", "url": url, "timeout_s": 2, "attempts": 3,
-                              "backoff_s": 0.5}], "default": ["stall"], "queue_size": 100}) if notify else None
+                              "backoff_s": 0.5}], "default": ["stall"], "queue_size": 100,
+                "runbook_base": "https://runbooks.example/breakfix/"}) if notify else None
             done: dict[str, float] = {}
 
             async def on_action(_subject: str, data: bytes) -> None:

@@ -1,6 +1,6 @@
 """The alert rules: promtool checks them and runs their unit tests (every alert fires when it should and
-stays quiet when it should not), each links an existing runbook, each reads only metrics breakfix exports,
-and the PrometheusRule manifest carries exactly the same rules."""
+stays quiet when it should not), each links an existing runbook by an absolute URL on the documented base, each
+reads only metrics breakfix exports, and the PrometheusRule manifest carries exactly the same rules."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ RULES = ROOT / "deploy" / "prometheus" / "breakfix-rules.yaml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "tests" / "breakfix-rules.test.yaml"
 OPERATOR_RULE = ROOT / "deploy" / "prometheus" / "prometheusrule.yaml"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+RUNBOOK_BASE = "https://git.example.com/breakfix/blob/main/runbooks/"  # the placeholder the README says to replace
 
 
 def alerts() -> list[dict[str, Any]]:
@@ -71,9 +72,12 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
 
 
 @pytest.mark.parametrize("alert", alerts(), ids=lambda a: a["alert"])
-def test_each_alert_links_an_existing_runbook_and_reads_only_exported_metrics(alert: dict[str, Any]) -> None:
-    url = alert["annotations"]["runbook_url"]
-    assert url.startswith("runbooks/alerts/") and (ROOT / url).is_file(), url
+def test_each_alert_links_an_existing_runbook_by_a_followable_url_and_reads_only_exported_metrics(
+        alert: dict[str, Any]) -> None:
+    url = alert["annotations"]["runbook_url"]  # opened from Alertmanager, PagerDuty or Slack: absolute
+    assert url.startswith(f"{RUNBOOK_BASE}alerts/"), url
+    assert (ROOT / "runbooks" / url.removeprefix(RUNBOOK_BASE)).is_file(), url
+    assert RUNBOOK_BASE in (ROOT / "README.md").read_text(), "the README says which base to replace"
     assert alert["labels"]["severity"] in ("critical", "warning")
     used = set(re.findall(r"\bbreakfix_[a-z_]+", alert["expr"]))
     assert used and used <= exported_metric_names(), used - exported_metric_names()

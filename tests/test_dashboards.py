@@ -135,7 +135,8 @@ async def pipeline(tmp_path: Path, catalog: Catalog, policy: Policy) -> AsyncIte
                 "max_percent": 10.0, "min_nodes": 3, "window_s": 600.0})})})
         cluster = SimCluster({n: SimNode(n, gpus=8) for n in NODES})
         notify = NotifyConfig.model_validate({"channels": [{"name": "hook", "type": "webhook",
-                                                            "url": f"{hook_url}/webhook"}], "default": ["hook"]})
+                                                            "url": f"{hook_url}/webhook"}], "default": ["hook"],
+                                              "runbook_base": "https://runbooks.example/breakfix/"})
         rem = await build_remediator(RemediatorConfig(cluster="c1", actor="remediator/test"),
                                      bus=await bus("t-remediator"), clock=clock, cluster_api=cluster, policy=pol,
                                      retry_refused_s=1.0)

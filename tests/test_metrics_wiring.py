@@ -1,10 +1,12 @@
 """The daemons' metric hooks and endpoints: a correlator on a bus counts what it consumed, dead-lettered and
-published, serves it on /metrics with /readyz following its readiness, and polls its consumers' lag."""
+published, serves it on /metrics with /readyz following its readiness, and polls its consumers' lag; a standby
+remediator exports none of what only the leader knows."""
 
 from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 import pytest
@@ -87,7 +89,7 @@ async def test_a_running_remediator_counts_its_plans_and_its_notifier_pages_once
                                  clock=SystemClock(), policy=fast,
                                  cluster_api=SimCluster({f"n{i}": SimNode(f"n{i}") for i in range(1, 11)}))
     notify = NotifyConfig.model_validate({"channels": [{"name": "hook", "type": "webhook", "url": f"{base}/webhook"}],
-                                          "default": ["hook"]})
+                                          "default": ["hook"], "runbook_base": "https://runbooks.example/breakfix/"})
     stop = asyncio.Event()
     task = asyncio.create_task(run_observed(svc, stop, clock=SystemClock(), notify=notify, port=0,
                                             host="127.0.0.1"), name="test-remediator-observed")
@@ -112,6 +114,65 @@ async def test_a_running_remediator_counts_its_plans_and_its_notifier_pages_once
         stop.set()
         await asyncio.wait_for(task, 10)
         await hook_runner.cleanup()
+
+
+def scrape(svc: Any) -> dict[str, float | None]:
+    """What the remediator's /metrics says (its scrape hooks run first)."""
+    from breakfix.remediator.metrics_serve import remediator_server
+
+    remediator_server(svc, port=0).render()
+    get = svc.observe.metrics.registry.get_sample_value
+    return {name: get(f"breakfix_remediator_{name}") for name in ("leader", "breaker_open", "approvals_pending",
+                                                                   "approval_oldest_age_seconds", "nodes_held")}
+
+
+async def test_a_standby_exports_no_breaker_it_cannot_know_so_a_reset_resolves_the_alert(policy: Policy) -> None:
+    from breakfix.bus.clock import ManualClock
+    from breakfix.remediator.store import MemoryStore
+    from tests.test_remediator_service import Harness, Lease, fast, incident
+
+    bus, store, clock = MemoryBus(), MemoryStore(), ManualClock(T0)
+    async with Harness(fast(policy), store=store, bus=bus, clock=clock, elector=Lease(True),
+                       lease_renew_s=0.05) as a:
+        for i in range(1, 5):  # 4 of 10 nodes at once: the breaker trips
+            await a.open(incident(f"n{i}", iid=f"inc-{i}", category="node_reboot_required"))
+        await a.until(lambda: a.svc.guards.breaker_tripped_at is not None)
+        async with Harness(fast(policy), store=store, bus=bus, clock=clock, elector=Lease(False),
+                           lease_renew_s=0.05) as b:  # the standby (re)starts during the trip: it loads it
+            await b.until(lambda: b.svc.guards.breaker_tripped_at is not None)
+            assert scrape(b.svc)["breaker_open"] == 0 and scrape(a.svc)["breaker_open"] == 1
+            await a.human("breaker_reset", actor="alice", reason="storm understood")
+            await a.until(lambda: a.svc.guards.breaker_tripped_at is None)
+            assert b.svc.guards.breaker_tripped_at is not None  # what the standby loaded is stale ...
+            assert scrape(b.svc) == {"leader": 0, "breaker_open": 0, "approvals_pending": 0,  # ... and not exported
+                                 "approval_oldest_age_seconds": 0, "nodes_held": 0}
+            assert scrape(a.svc)["leader"] == 1 and scrape(a.svc)["breaker_open"] == 0
+
+
+async def test_a_new_leader_counts_the_approvals_its_plan_store_says_are_waiting(policy: Policy) -> None:
+    from breakfix.bus.clock import ManualClock
+    from breakfix.remediator.simcluster import SimCluster, SimNode
+    from breakfix.remediator.store import MemoryStore
+    from breakfix.schemas.incident import ActionKind, StepAction
+    from tests.test_remediator_service import Harness, Lease, fast, incident
+
+    cluster = SimCluster({"n1": SimNode("n1")}, failing_resets={("n1", 2)}, failing_validation={"n1"})
+    bus, store, clock = MemoryBus(), MemoryStore(), ManualClock(T0)
+    first, second = Lease(True), Lease(False)
+    pol = fast(policy, retry_caps={})
+    async with Harness(pol, cluster, store=store, bus=bus, clock=clock, elector=first, lease_renew_s=0.05) as a, \
+            Harness(pol, cluster, store=store, bus=bus, clock=clock, elector=second, lease_renew_s=0.05) as b:
+        await a.open(incident())
+        await a.until(lambda: any(r.kind is ActionKind.REFUSAL and r.action is StepAction.REPROVISION
+                                  for r in a.records()))
+        clock.advance(3600)
+        assert (scrape(a.svc)["approvals_pending"], scrape(a.svc)["approval_oldest_age_seconds"]) == (1, 3600)
+        first.leader, second.leader = False, True  # the lease moves while the step waits
+        await b.until(lambda: b.svc.leading and not a.svc.leading)
+        await b.until(lambda: scrape(b.svc)["approvals_pending"] == 1)
+        assert scrape(a.svc)["approvals_pending"] == 0  # the old leader, now standby, no longer counts it
+        await b.human("approve", action=StepAction.REPROVISION, reason="RMA agreed")
+        await b.until(lambda: scrape(b.svc)["approvals_pending"] == 0)
 
 
 async def test_the_fleet_stage_counts_the_fabric_incidents_it_publishes(catalog: Catalog) -> None:

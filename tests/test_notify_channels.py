@@ -1,7 +1,8 @@
 """Notification channels against real receivers: Debian's prometheus-alertmanager on loopback (routing to a
 local webhook the test reads), and local PagerDuty / Slack / webhook receivers that validate the documented
 formats (``tests/test_notify_receivers.py``). Includes the acceptance storm: 64 nodes under one switch are one
-Alertmanager group with one alert and one PagerDuty incident, resolved once when the switch recovers."""
+Alertmanager group with one alert and one PagerDuty incident, resolved once when the switch recovers; resolves that
+fail are never lost; and the shipped Alertmanager config (``deploy/alertmanager/``) makes one cause one page."""
 
 from __future__ import annotations
 
@@ -17,21 +18,28 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from breakfix.bus.clock import SystemClock
 from breakfix.bus.server import free_port
 from breakfix.correlator.grouping import Correlator
-from breakfix.remediator.notify.channels import HttpSender, Sender
+from breakfix.remediator.notify import sender as sender_module
+from breakfix.remediator.notify.channels import HttpSender, Sender, Transient
 from breakfix.remediator.notify.config import NotifyConfig
 from breakfix.remediator.notify.core import NotifyCore
 from breakfix.remediator.notify.model import Notification, NotifyAction, NotifyEvent
 from breakfix.remediator.notify.sender import Dispatcher
 from breakfix.schemas.catalog import Catalog
-from breakfix.schemas.incident import ActionKind, ActionOutcome, ActionRecord, StepAction
+from breakfix.schemas.incident import ActionKind, ActionOutcome, ActionRecord, StepAction, WaitingOn
 from tests.conftest import T0, make_rules, sig, wait_until
+from tests.test_notify_core import ESCALATED, change, inc
+from tests.test_notify_core import rec as record
 from tests.test_notify_receivers import Receivers
 
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or "/usr/bin/prometheus-alertmanager"
+AMTOOL = shutil.which("amtool") or "/usr/bin/amtool"  # Debian's prometheus-alertmanager ships it
+AM_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "alertmanager" / "breakfix-alertmanager.yaml"
+RUNBOOKS = "https://runbooks.example/breakfix/"
 PD_KEY = "0123456789abcdef0123456789abcdef"
 
 
@@ -46,11 +54,12 @@ async def receivers() -> AsyncIterator[tuple[Receivers, str]]:
         await runner.cleanup()
 
 
-def start_alertmanager(tmp_path: Path, hook: str, resolve_timeout: str = "5m") -> tuple[subprocess.Popen[bytes], str]:
+def start_alertmanager(tmp_path: Path, hook: str, resolve_timeout: str = "5m", *,
+                       config: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
     if not Path(ALERTMANAGER).exists():
         pytest.fail("prometheus-alertmanager not installed: apt-get install prometheus-alertmanager (make test does)")
     cfg = tmp_path / "am.yml"
-    cfg.write_text(f"""
+    cfg.write_text(config or f"""
 global: {{resolve_timeout: {resolve_timeout}}}
 route: {{receiver: hook, group_by: [alertname, cluster], group_wait: 0s, group_interval: 100ms, repeat_interval: 1h}}
 receivers: [{{name: hook, webhook_configs: [{{url: "{hook}/am", send_resolved: true, max_alerts: 0}}]}}]
@@ -320,7 +329,8 @@ async def test_firing_alerts_are_re_posted_so_alertmanager_never_resolves_them_b
     proc, am = start_alertmanager(tmp_path, base, resolve_timeout="2s")  # an alert not re-posted ends after 2 s
     try:
         cfg = NotifyConfig.model_validate({"channels": [{"name": "am", "type": "alertmanager", "url": am,
-                                                         "resend_s": 0.3}], "default": ["am"]})
+                                                         "resend_s": 0.3}], "default": ["am"],
+                                           "runbook_base": RUNBOOKS})
         d = await dispatch(cfg)
         d.submit(note("inc-kept"))
         await d.idle()
@@ -329,6 +339,155 @@ async def test_firing_alerts_are_re_posted_so_alertmanager_never_resolves_them_b
             active = [a["labels"]["incident"] for a in await resp.json() if a["status"]["state"] == "active"]
         assert active == ["inc-kept"]
         assert [m["status"] for m in r.am] == ["firing"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def test_a_resolve_that_fails_while_alertmanager_is_down_is_never_reposted_as_firing(
+        receivers: tuple[Receivers, str], dispatch: Any) -> None:
+    r, base = receivers  # Alertmanager's API, answering as told
+    cfg = NotifyConfig.model_validate({"channels": [{"name": "am", "type": "alertmanager", "url": base,
+                                                     "resend_s": 0.05, "attempts": 2, "backoff_s": 0.01}],
+                                       "default": ["am"], "runbook_base": RUNBOOKS})
+    d = await dispatch(cfg)
+    d.submit(note("inc-1"))
+    await d.idle()
+
+    async def reposted() -> bool:
+        return len(r.am_api) >= 2
+    await wait_until(reposted, 10, "the firing alert re-posted")
+    r.fail_next = [503] * 10  # Alertmanager restarts just as the incident resolves
+    d.submit(note("inc-1", NotifyAction.RESOLVE, seq=5, event=NotifyEvent.RESOLVED))
+    await d.idle()
+    assert d.records[-1].outcome is ActionOutcome.FAILED  # type: ignore[attr-defined]
+    r.fail_next.clear()  # back up: a re-post now would assert the alert again until the next resolve_timeout
+    posted = len(r.am_api)
+    await asyncio.sleep(0.4)
+    assert r.am_api[posted:] == []  # nothing re-posted: Alertmanager ends the alert itself
+    assert d.senders["am"].firing == {}  # type: ignore[attr-defined]
+
+
+async def test_a_pagerduty_resolve_that_failed_is_tried_again_until_the_incident_closes(
+        receivers: tuple[Receivers, str], tmp_path: Path, dispatch: Any) -> None:
+    r, base = receivers
+    (tmp_path / "pd.key").write_text(PD_KEY)
+    cfg = NotifyConfig.model_validate({"channels": [{"name": "pd", "type": "pagerduty", "url": f"{base}/pagerduty",
+                                                     "routing_key_file": str(tmp_path / "pd.key"), "attempts": 2,
+                                                     "backoff_s": 0.01, "retry_s": 0.1}], "default": ["pd"],
+                                       "runbook_base": RUNBOOKS})
+    d = await dispatch(cfg)
+    d.submit(note("inc-1"))
+    await d.idle()
+    r.fail_next = [503, 503]  # PagerDuty is unreachable as the incident resolves
+    d.submit(note("inc-1", NotifyAction.RESOLVE, seq=5, event=NotifyEvent.RESOLVED))
+    await d.idle()
+    assert r.pd_open == {"inc-1": 1} and d.records[-1].outcome is ActionOutcome.FAILED  # type: ignore[attr-defined]
+
+    async def closed() -> bool:
+        return r.pd_resolved == ["inc-1"]
+    await wait_until(closed, 10, "the resolve tried again")
+    assert d.retry["pd"] == {} and r.pd_incidents == ["inc-1"]
+    assert [x.outcome.value for x in d.records] == ["succeeded", "failed", "succeeded"]  # type: ignore[attr-defined]
+
+
+async def test_failed_resolves_wait_in_a_bounded_set_and_what_it_drops_is_counted(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sender_module, "RETRY_MEMORY", 2)
+
+    class Down:
+        name, kind = "hook", "webhook"
+
+        async def send(self, n: Notification) -> None:
+            raise Transient("connection refused")
+
+        async def repost(self) -> int:
+            return 0
+
+    cfg = NotifyConfig.model_validate({"channels": [{"name": "hook", "type": "webhook", "url": "https://h.example/",
+                                                     "attempts": 1, "retry_s": 3600}], "default": ["hook"],
+                                       "runbook_base": RUNBOOKS})
+    failures: list[str] = []
+    d = Dispatcher(cfg, {"hook": Down()}, SystemClock(), on_delivery=lambda c, ok: None if ok else failures.append(c))
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop), name="test-dispatch")
+    try:
+        for i in range(3):
+            d.submit(note(f"inc-{i}", NotifyAction.RESOLVE, seq=5, event=NotifyEvent.RESOLVED))
+        await d.idle()
+        assert list(d.retry["hook"]) == ["inc-1", "inc-2"]  # the oldest went
+        assert d.dropped == 1 and len(failures) == 4  # three failed deliveries and one drop, all counted
+        d.submit(note("inc-2", seq=9))  # the incident paged again: its old resolve must not end the new page
+        assert list(d.retry["hook"]) == ["inc-1"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+def test_the_shipped_alertmanager_config_passes_amtool_check_config() -> None:
+    if not Path(AMTOOL).exists():
+        pytest.fail("amtool not installed: apt-get install prometheus-alertmanager (make test does)")
+    checked = subprocess.run([AMTOOL, "check-config", str(AM_CONFIG)], capture_output=True, text=True, timeout=60,
+                             check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "2 inhibit rules" in checked.stdout
+
+
+async def test_the_shipped_alertmanager_config_inhibits_the_rules_copy_of_a_paged_cause(
+        receivers: tuple[Receivers, str], tmp_path: Path, dispatch: Any) -> None:
+    r, base = receivers
+
+    def cause(alert: dict[str, Any]) -> str:
+        labels = alert["labels"]
+        return f"{labels['alertname']}/{labels.get('incident') or labels.get('category') or labels['component']}"
+
+    shipped = yaml.safe_load(AM_CONFIG.read_text())  # as shipped, the pager swapped for the test's webhook
+    shipped["receivers"] = [{"name": x["name"], "webhook_configs": [{"url": f"{base}/am", "send_resolved": True}]}
+                            for x in shipped["receivers"]]
+    shipped["route"].update(group_wait="0s", group_interval="100ms")
+    proc, am = start_alertmanager(tmp_path, base, config=yaml.safe_dump(shipped))
+    try:
+        cfg = config(am, base, tmp_path, default=("am",))
+        core = NotifyCore(cfg)  # the notifier pages an escalation and a breaker trip
+        core.change(change(inc(category="unknown_fault")))
+        (escalation,) = core.record(record(*ESCALATED, reason="unknown fault"))
+        (breaker,) = core.record(record(ActionKind.NOTIFICATION, ActionOutcome.SUCCEEDED, iid="inc-2",
+                                        waiting=WaitingOn.BREAKER, details={"guard": "breaker", "held": "inc-1,inc-2"}))
+        d = await dispatch(cfg)
+        d.submit(escalation)
+        d.submit(breaker)
+        await d.idle()
+        rules = [  # then the Prometheus rules fire for the same causes (labels: the rule's and its by () labels)
+            {"BreakfixBreakerTripped": {"job": "breakfix-remediator", "severity": "critical",
+                                        "component": "remediator"}},
+            {"BreakfixEscalatedIncidentsOpen": {"category": "unknown_fault", "severity": "warning",
+                                                "component": "correlator"}},
+            {"BreakfixEscalatedIncidentsOpen": {"category": "gpu_reset_required", "severity": "warning",
+                                                "component": "correlator"}}]  # nobody was paged for this one
+        async with aiohttp.ClientSession() as http:
+            posted = [{"labels": {"alertname": name, **labels}} for x in rules for name, labels in x.items()]
+            async with http.post(f"{am}/api/v2/alerts", json=posted) as resp:
+                assert resp.status == 200
+
+            async def states() -> dict[str, str]:
+                async with http.get(f"{am}/api/v2/alerts") as got:
+                    return {cause(a): a["status"]["state"] for a in await got.json()}
+
+            want = {"BreakfixIncident/inc-1": "active", "BreakfixBreakerTripped/breaker-c1": "active",
+                    "BreakfixBreakerTripped/remediator": "suppressed",
+                    "BreakfixEscalatedIncidentsOpen/unknown_fault": "suppressed",
+                    "BreakfixEscalatedIncidentsOpen/gpu_reset_required": "active"}
+
+            async def inhibited() -> bool:
+                return await states() == want
+            await wait_until(inhibited, 10, "the rules' copies of the paged causes inhibited")
+
+        async def backstop_sent() -> bool:
+            return any(a["labels"].get("category") == "gpu_reset_required" for m in r.am for a in m["alerts"])
+        await wait_until(backstop_sent, 10, "the unpaged escalation's backstop alert")
+        assert {cause(a) for m in r.am for a in m["alerts"]} == {  # one notification per cause
+            "BreakfixIncident/inc-1", "BreakfixBreakerTripped/breaker-c1",
+            "BreakfixEscalatedIncidentsOpen/gpu_reset_required"}
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -157,6 +157,13 @@ def test_a_record_that_beats_its_incident_is_applied_when_the_incident_arrives()
     assert events(core.change(change(inc()))) == [("inc-1", "escalated", "trigger")]
 
 
+def test_a_record_read_after_its_incident_resolved_never_pages() -> None:
+    core = NotifyCore(CFG)
+    core.change(change(inc(status=IncidentStatus.RESOLVED, version=4), ChangeKind.RESOLVED, at=30))
+    assert core.record(rec(*ESCALATED, at=1)) == [] and core.firing() == []
+    assert NotifyConfig().runbook_base == "runbooks/"  # no channel, no link to follow: the default stands
+
+
 def test_a_reopened_incident_may_page_again_and_a_release_resolves_the_page() -> None:
     core = NotifyCore(CFG)
     core.change(change(inc()))
@@ -191,6 +198,9 @@ def test_routes_pick_channels_by_severity_domain_and_category(severity: str, dom
     ({"channels": [{"name": "a", "type": "alertmanager", "url": "ftp://x"}]}, "http(s) URL"),
     ({"channels": [{"name": "a", "type": "alertmanager", "url": "http://x"}], "default": ["b"]}, "unknown channel"),
     ({"channels": [{"name": "a", "type": "webhook", "url": "http://x", "timeout_s": 0}]}, "greater than 0"),
+    ({"channels": [{"name": "a", "type": "webhook", "url": "http://x"}]}, "runbook_base must be an http(s) URL"),
+    ({"channels": [{"name": "a", "type": "webhook", "url": "http://x"}], "runbook_base": "git.example.com/rb/"},
+     "runbook_base must be an http(s) URL"),
 ])
 def test_bad_notify_sections_are_refused_and_credentials_never_sit_in_config_text(section: dict[str, Any],
                                                                                    message: str) -> None:

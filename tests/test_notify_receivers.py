@@ -1,5 +1,6 @@
 """Local HTTP receivers for the notification tests: PagerDuty Events v2, Slack Block Kit, a generic
-webhook and an Alertmanager webhook sink, each validating what it gets against the documented format.
+webhook, an Alertmanager webhook sink and Alertmanager's alerts API (``POST /api/v2/alerts``, to fail on demand),
+each validating what it gets against the documented format.
 
 PagerDuty: https://developer.pagerduty.com/docs/events-api-v2/trigger-events/ (202 with
 ``{status, message, dedup_key}``, 400 ``Invalid event``); an open dedup key absorbs repeated triggers.
@@ -89,7 +90,8 @@ def slack_errors(body: Any) -> list[str]:
 
 
 class Receivers:
-    """One aiohttp app: ``/pagerduty``, ``/slack``, ``/webhook``, ``/am`` (Alertmanager's webhook)."""
+    """One aiohttp app: ``/pagerduty``, ``/slack``, ``/webhook``, ``/am`` (Alertmanager's webhook),
+    ``/api/v2/alerts`` (Alertmanager's API)."""
 
     def __init__(self) -> None:
         self.pd: list[dict[str, Any]] = []
@@ -99,6 +101,7 @@ class Receivers:
         self.slack: list[dict[str, Any]] = []
         self.webhook: list[tuple[dict[str, str], dict[str, Any]]] = []
         self.am: list[dict[str, Any]] = []
+        self.am_api: list[list[dict[str, Any]]] = []  # what Alertmanager's own API accepted
         self.fail_next: list[int] = []          # statuses to answer before accepting
         self.stall: set[str] = set()            # paths whose requests hang until ``release``
         self.release = asyncio.Event()
@@ -156,10 +159,17 @@ class Receivers:
         self.am.append(await req.json())
         return web.Response(text="ok")
 
+    async def alertmanager_api(self, req: web.Request) -> web.Response:
+        if (r := await self._gate(req)) is not None:
+            return r
+        self.am_api.append(await req.json())
+        return web.Response(text="")
+
     def app(self) -> web.Application:
         a = web.Application()
         a.add_routes([web.post("/pagerduty", self.pagerduty), web.post("/slack", self.slack_hook),
-                      web.post("/webhook", self.generic), web.post("/am", self.alertmanager)])
+                      web.post("/webhook", self.generic), web.post("/am", self.alertmanager),
+                      web.post("/api/v2/alerts", self.alertmanager_api)])
         return a
 
     async def start(self) -> tuple[web.AppRunner, str]:

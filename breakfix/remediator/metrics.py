@@ -13,8 +13,9 @@ topology values (racks, nodepools: fleet-sized, never incident ids, nodes or pod
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
+from itertools import islice
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -123,8 +124,16 @@ class RemediatorMetrics:
     def leader(self, is_leader: bool) -> None:
         self.leader_gauge.set(1 if is_leader else 0)
 
-    def guards(self, state: GuardState, spec: GuardsSpec, view: ClusterView | None) -> None:
-        """Before a scrape: breaker, budgets and held nodes from the live guard state."""
+    def guards(self, state: GuardState, spec: GuardsSpec, view: ClusterView | None, *, leading: bool = True) -> None:
+        """Before a scrape: breaker, budgets and held nodes from the live guard state. Only the leader knows them: a
+        standby's guard state is what it last loaded and its approvals what it last published, so it exports 0 and
+        no budget use (the rules and dashboards take the max over replicas)."""
+        if not leading:
+            for gauge in (self.breaker_open, self.nodes_held, self.approvals_pending, self.approval_oldest):
+                gauge.set(0)
+            self.budget_in_use.clear()
+            self.budget_limit.clear()
+            return
         self.breaker_open.set(1 if state.breaker_tripped_at is not None else 0)
         holds = getattr(state, "holds", {})  # nodes kept cordoned for an incident beside those in remediation
         self.nodes_held.set(len(set(state.active) | set(holds)))
@@ -146,6 +155,12 @@ class RemediatorMetrics:
                 self.budget_in_use.labels(tb.key, label).set(n)
                 self.budget_limit.labels(tb.key, label).set(tb.limit(members or 1))
         self.refresh()
+
+    def awaiting(self, incidents: Iterable[str]) -> None:
+        """When a term starts: the steps the plan store says wait for an approval (the records of those another
+        leader published were never seen here: their wait counts from now, a lower bound)."""
+        now = self.clock()
+        self._pending = {i: self._pending.get(i, now) for i in islice(incidents, MAX_TRACKED)}
 
     def refresh(self) -> None:
         self.approvals_pending.set(len(self._pending))

@@ -4,7 +4,8 @@
 the service task is alive; ``/readyz``: it is consuming) and, when the config has a ``notify`` section with a
 channel, the ``notify.service.NotifierService`` (only the lease holder sends). Just before each scrape the
 gauges read the live guard state (breaker, budgets, held nodes), the cluster view the service last read, and
-leadership. Called by ``breakfix remediator``; the metric families are ``remediator.metrics``.
+leadership; a standby exports 0 for what only the leader knows (breaker, approvals, held nodes, budget use).
+Called by ``breakfix remediator``; the metric families are ``remediator.metrics``.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def remediator_server(service: RemediatorService, port: int = REMEDIATOR_PORT, h
 
     def refresh() -> None:
         cached = service._view_cache
-        m.guards(service.guards, service.policy.guards, cached[1] if cached else None)
-        m.leader(is_leader(service))
+        leading = is_leader(service)
+        m.guards(service.guards, service.policy.guards, cached[1] if cached else None, leading=leading)
+        m.leader(leading)
 
     server.on_scrape(refresh)
     if running is not None:

@@ -94,7 +94,10 @@ async def take_up(svc: RemediatorService) -> int:
 
 
 def resume(svc: RemediatorService, records: list[PlanRecord]) -> None:
-    """Resume every running plan in the store at its step (on becoming the leader, ``remediator.takeup``)."""
+    """Resume every running plan in the store at its step (on becoming the leader, ``remediator.takeup``); the
+    approvals gauges count the plans the store says wait for one."""
+    svc.observe.metrics.awaiting(rec.incident.id for rec in records
+                                 if rec.progress.state is ProgressState.AWAITING_APPROVAL)
     for rec in records:
         if not rec.progress.state.live:
             continue

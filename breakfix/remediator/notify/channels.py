@@ -5,7 +5,8 @@ A ``Notification`` (``notify.model``) goes out as
   severity, domain, incident; annotations summary, runbook_url, ...). A resolve re-posts the same labels
   with ``endsAt``; ``startsAt`` stays the first trigger's, since Alertmanager answers 400 "start time
   must be before end time" otherwise. Firing alerts are re-posted every ``resend_s`` because
-  Alertmanager resolves an alert by itself ``resolve_timeout`` after its last post
+  Alertmanager resolves an alert by itself ``resolve_timeout`` after its last post (so a resolve leaves
+  the re-posted set before it is sent: one that fails still ends within ``resolve_timeout``)
   (Alertmanager API v2, https://github.com/prometheus/alertmanager/blob/main/api/v2/openapi.yaml).
 - PagerDuty Events API v2: ``{routing_key, event_action: trigger|acknowledge|resolve, dedup_key, payload:
   {summary <= 1024 chars, source, severity critical|error|warning|info, timestamp, component, group,
@@ -187,10 +188,10 @@ class HttpSender:
                 alert = alertmanager_alert(n, spec, prior["startsAt"] if prior else None)
                 if n.action is NotifyAction.ACKNOWLEDGE:
                     return  # Alertmanager has no ack; silences are Alertmanager's own business
+                if n.action is NotifyAction.RESOLVE:  # no longer re-posted even if this post fails: Alertmanager
+                    self.firing.pop(n.dedup_key, None)  # then ends the alert itself after its resolve_timeout
                 await self._post(f"{spec.url.rstrip('/')}/api/v2/alerts", [alert])
-                if n.action is NotifyAction.RESOLVE:
-                    self.firing.pop(n.dedup_key, None)
-                else:
+                if n.action is NotifyAction.TRIGGER:
                     self.firing[n.dedup_key] = alert
             case PagerDutyChannel():
                 await self._post(spec.url, pagerduty_event(n, self.secret))

@@ -42,9 +42,13 @@ class SecretError(DataFileError):
         super().__init__(where, None, message)
 
 
-def _http_url(url: str) -> str:
+def _is_http_url(url: str) -> bool:
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _http_url(url: str) -> str:
+    if not _is_http_url(url):
         raise ValueError(f"expected an http(s) URL, got {url!r}")
     return url
 
@@ -72,11 +76,15 @@ class AlertmanagerChannel(ChannelBase):
         return self
 
 
+RETRY_HELP = "A resolve that did not get through (transient errors, a full queue) is tried again this often."
+
+
 class PagerDutyChannel(ChannelBase):
     type: Literal["pagerduty"]
     url: str = PAGERDUTY_EVENTS_URL
     routing_key_file: Path | None = None
     routing_key_env: str | None = None
+    retry_s: float = Field(60.0, gt=0, le=3600, description=RETRY_HELP)
 
     @model_validator(mode="after")
     def _one_source(self) -> PagerDutyChannel:
@@ -102,6 +110,7 @@ class WebhookChannel(ChannelBase):
     type: Literal["webhook"]
     url: str
     token_file: Path | None = Field(None, description="Optional bearer token, sent as Authorization.")
+    retry_s: float = Field(60.0, gt=0, le=3600, description=RETRY_HELP)
 
     @model_validator(mode="after")
     def _url(self) -> WebhookChannel:
@@ -125,7 +134,8 @@ class NotifyConfig(BaseModel):
     channels: tuple[Channel, ...] = ()
     routes: tuple[Route, ...] = ()
     default: tuple[str, ...] = Field(default=(), description="Channels for what no route matches.")
-    runbook_base: str = Field("runbooks/", description="Prefix of runbook links: <runbook_base><category>.md")
+    runbook_base: str = Field("runbooks/", description="Prefix of runbook links: <runbook_base><category>.md; with a "
+                              "channel, an http(s) URL where on-call opens this repository's runbooks/")
     console_url: str = Field("", description="The console's base URL; empty until there is one.")
     queue_size: int = Field(1000, ge=1, le=100_000, description="Notifications waiting per channel before drops.")
     wait_limit_s: float = Field(1800.0, gt=0, description="A budget or guard wait longer than this notifies.")
@@ -139,6 +149,13 @@ class NotifyConfig(BaseModel):
         for used in [*self.default, *(c for r in self.routes for c in r.channels)]:
             if used not in names:
                 raise ValueError(f"route names unknown channel {used!r} (known: {names})")
+        return self
+
+    @model_validator(mode="after")
+    def _runbook_base(self) -> NotifyConfig:
+        if self.channels and not _is_http_url(self.runbook_base):  # a page's runbook link must open on a phone
+            raise ValueError(f"runbook_base must be an http(s) URL where on-call opens runbooks/ (e.g. "
+                             f"https://git.example.com/breakfix/blob/main/runbooks/), got {self.runbook_base!r}")
         return self
 
     @property

@@ -18,7 +18,8 @@ Rules (issue 14):
   code, until a time) those of every incident it matches; neither touches remediation; an ack
   of a paged incident is passed on (PagerDuty ``acknowledge``); resolves are always sent;
 - a page resolves when its incident resolves, folds into another, or a human releases or cancels it
-  (an escalated incident stays escalated until someone does: the correlator never resolves it alone).
+  (an escalated incident stays escalated until someone does: the correlator never resolves it alone);
+  an incident already resolved never triggers (a record read after its resolution, e.g. by a replay).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from breakfix.schemas.incident import (
     Incident,
     IncidentChange,
     IncidentScope,
+    IncidentStatus,
     WaitingOn,
 )
 from breakfix.schemas.silence import silence_matches
@@ -133,6 +135,8 @@ class NotifyCore:
     def _trigger(self, t: Tracked, event: NotifyEvent, at: datetime, summary: str, next_: str) -> list[Notification]:
         inc = t.incident
         if inc is None or event in t.paged or self._folded(inc, inc.id) or t.acked:
+            return []
+        if inc.status is IncidentStatus.RESOLVED:  # over already (a record read after its resolution): no page
             return []
         if t.silenced_until is not None and at < t.silenced_until:
             return []

@@ -7,8 +7,11 @@ so a stalling channel delays only itself. Each delivery retries transient errors
 backoff (tenacity, the clock's sleep), gives up after ``attempts``, and ends in one audit record
 (``ActionRecord`` kind NOTIFICATION, outcome succeeded/failed, published through the remediator's
 bus) and one count (``on_delivery``, the remediator's metrics). A notification id already
-delivered on a channel is not sent again (idempotent re-sends, beside each channel's dedup key).
-Alertmanager channels re-post their firing alerts every ``resend_s``.
+delivered on a channel is not sent again (idempotent re-sends, beside each channel's dedup key); the replay
+after a restart marks what its NOTIFICATION records say was delivered (``mark_delivered``). Alertmanager channels
+re-post their firing alerts every ``resend_s``; PagerDuty and webhook channels keep a resolve that failed
+(transient errors, a full queue) in a bounded set and try it again every ``retry_s``, so the page it ends does
+not stay open for ever. Both run only while this replica leads (``is_leader``).
 """
 
 from __future__ import annotations
@@ -24,13 +27,20 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from breakfix.bus.clock import Clock
 from breakfix.remediator.notify.channels import Permanent, Sender, Transient, alertmanager_alert
-from breakfix.remediator.notify.config import AlertmanagerChannel, Channel, NotifyConfig
+from breakfix.remediator.notify.config import (
+    AlertmanagerChannel,
+    Channel,
+    NotifyConfig,
+    PagerDutyChannel,
+    WebhookChannel,
+)
 from breakfix.remediator.notify.core import route
-from breakfix.remediator.notify.model import Notification
+from breakfix.remediator.notify.model import Notification, NotifyAction
 from breakfix.schemas.incident import ActionKind, ActionOutcome, ActionRecord
 
 log = structlog.get_logger("breakfix.remediator.notify")
 SENT_MEMORY = 10_000
+RETRY_MEMORY = 1_000  # failed resolves kept per channel for the periodic retry
 DROP_LOG_EVERY_S = 10.0
 
 PublishRecord = Callable[[ActionRecord], Awaitable[None]]
@@ -50,18 +60,23 @@ def notification_record(n: Notification, channel: str, ok: bool, detail: str, ac
 class Dispatcher:
     def __init__(self, config: NotifyConfig, senders: dict[str, Sender], clock: Clock, *, actor: str = "remediator",
                  publish_record: PublishRecord | None = None,
-                 on_delivery: Callable[[str, bool], None] | None = None) -> None:
+                 on_delivery: Callable[[str, bool], None] | None = None,
+                 is_leader: Callable[[], bool] = lambda: True) -> None:
         self.config = config
         self.senders = senders
         self.clock = clock
         self.actor = actor
         self.publish_record = publish_record
         self.on_delivery = on_delivery or (lambda _c, _ok: None)
+        self.is_leader = is_leader
         self.specs: dict[str, Channel] = {c.name: c for c in config.channels}
         names = [c.name for c in config.channels] + [n for n in senders if n not in self.specs]
         self.queues: dict[str, asyncio.Queue[Notification]] = {
             name: asyncio.Queue(maxsize=config.queue_size) for name in names}
         self.sent: dict[str, OrderedDict[str, None]] = {name: OrderedDict() for name in names}
+        self.retry: dict[str, OrderedDict[str, Notification]] = {  # dedup key -> the resolve still to get through
+            name: OrderedDict() for name in names
+            if isinstance(self.specs.get(name), PagerDutyChannel | WebhookChannel)}
         self.dropped = 0
         self._drops: dict[str, int] = {}
         self._drop_logged: dict[str, float] = {}
@@ -76,6 +91,10 @@ class Dispatcher:
             q = self.queues.get(name)
             if q is None:
                 continue
+            self._supersede(name, n)
+            if n.id in self.sent[name]:  # delivered already (by this process, or before a restart or hand-over)
+                self._remember_on(name, n)
+                continue
             try:
                 q.put_nowait(n)
                 queued.append(name)
@@ -84,6 +103,9 @@ class Dispatcher:
                 self.failed += 1
                 self.on_delivery(name, False)
                 self._log_drop(name, n)
+                if n.action is NotifyAction.RESOLVE:  # never leave the page it ends open for ever
+                    self._remember_on(name, n)
+                    self._keep_resolve(name, n)
         return queued
 
     def _log_drop(self, name: str, n: Notification) -> None:
@@ -99,18 +121,61 @@ class Dispatcher:
         """A trigger rebuilt by replay after a restart: Alertmanager channels keep re-posting it, nobody is paged
         again."""
         for name in route(n, self.config):
-            sender = self.senders.get(name)
-            if sender is not None and isinstance(self.specs.get(name), AlertmanagerChannel):
-                firing = getattr(sender, "firing", None)
-                if isinstance(firing, dict) and n.action.value == "trigger":
-                    spec = self.specs[name]
-                    assert isinstance(spec, AlertmanagerChannel)
-                    firing[n.dedup_key] = alertmanager_alert(n, spec)
-                elif isinstance(firing, dict):
-                    firing.pop(n.dedup_key, None)
+            self._supersede(name, n)
+            self._remember_on(name, n)
+
+    def _remember_on(self, name: str, n: Notification) -> None:
+        sender = self.senders.get(name)
+        spec = self.specs.get(name)
+        firing = getattr(sender, "firing", None)
+        if not isinstance(spec, AlertmanagerChannel) or not isinstance(firing, dict):
+            return
+        if n.action is NotifyAction.TRIGGER:
+            firing[n.dedup_key] = alertmanager_alert(n, spec)
+        elif n.action is NotifyAction.RESOLVE:
+            firing.pop(n.dedup_key, None)
+
+    def mark_delivered(self, channel: str, notification_id: str) -> None:
+        """A delivery made before this process started or led (its NOTIFICATION record, read by the replay): the
+        notification is not sent again."""
+        sent = self.sent.get(channel)
+        if sent is not None:
+            _mark(sent, notification_id)
+
+    def forget_firing(self) -> None:
+        """What Alertmanager channels re-post is rebuilt by a replay of the streams (a new leadership term)."""
+        for sender in self.senders.values():
+            firing = getattr(sender, "firing", None)
+            if isinstance(firing, dict):
+                firing.clear()
+
+    # -- resolves that did not get through (PagerDuty, webhook) ---------------------------------------
+    def _keep_resolve(self, name: str, n: Notification) -> None:
+        """Keep ``n`` for the channel's periodic retry; past ``RETRY_MEMORY`` the oldest is dropped and counted."""
+        keep = self.retry.get(name)
+        if keep is None or n.action is not NotifyAction.RESOLVE:
+            return
+        keep[n.dedup_key] = n
+        keep.move_to_end(n.dedup_key)
+        while len(keep) > RETRY_MEMORY:
+            _key, old = keep.popitem(last=False)
+            self.dropped += 1
+            self.failed += 1
+            self.on_delivery(name, False)
+            log.error("resolve_retry_dropped", channel=name, incident=old.incident, reason="retry set full",
+                      kept=RETRY_MEMORY)
+
+    def _supersede(self, name: str, n: Notification) -> None:
+        """A newer trigger of the same dedup key opens a new page: the older resolve must not end it."""
+        keep = self.retry.get(name)
+        if keep and n.action is NotifyAction.TRIGGER:
+            old = keep.get(n.dedup_key)
+            if old is not None and n.at >= old.at:
+                del keep[n.dedup_key]
 
     # -- workers -------------------------------------------------------------------------------------
-    async def _deliver(self, name: str, n: Notification) -> tuple[bool, str]:
+    async def _deliver(self, name: str, n: Notification) -> tuple[bool, str, bool]:
+        """(delivered, what happened, worth trying again later)."""
         spec = self.specs[name]
         sender = self.senders[name]
         tries = 0
@@ -124,10 +189,10 @@ class Dispatcher:
                     tries += 1
                     await sender.send(n)
         except (Transient, Permanent) as exc:
-            return False, f"{type(exc).__name__.lower()} after {tries} tries: {exc}"
+            return False, f"{type(exc).__name__.lower()} after {tries} tries: {exc}", isinstance(exc, Transient)
         except Exception as exc:  # a channel bug must not kill the worker
-            return False, f"error after {tries} tries: {exc!r}"
-        return True, f"delivered ({tries} {'try' if tries == 1 else 'tries'})"
+            return False, f"error after {tries} tries: {exc!r}", False
+        return True, f"delivered ({tries} {'try' if tries == 1 else 'tries'})", False
 
     async def _worker(self, name: str, stop: asyncio.Event) -> None:
         q = self.queues[name]
@@ -146,40 +211,62 @@ class Dispatcher:
             finally:
                 q.task_done()
 
-    async def _handle(self, name: str, n: Notification, sent: OrderedDict[str, None]) -> None:
+    async def _handle(self, name: str, n: Notification, sent: OrderedDict[str, None]) -> bool:
+        keep = self.retry.get(name)
         if n.id in sent:
-            return
-        ok, detail = await self._deliver(name, n)
+            if keep is not None and keep.get(n.dedup_key) == n:
+                del keep[n.dedup_key]
+            return True
+        ok, detail, again = await self._deliver(name, n)
         if ok:
-            sent[n.id] = None
-            while len(sent) > SENT_MEMORY:
-                sent.popitem(last=False)
+            _mark(sent, n.id)
+            if keep is not None and keep.get(n.dedup_key) == n:
+                del keep[n.dedup_key]
             self.delivered += 1
             log.info("notified", channel=name, incident=n.incident, notice=n.event.value, action=n.action.value)
         else:
             self.failed += 1
+            if again:
+                self._keep_resolve(name, n)
             log.error("notification_failed", channel=name, incident=n.incident, notice=n.event.value,
-                      detail=detail)
+                      detail=detail, retried_later=keep is not None and keep.get(n.dedup_key) is n)
         self.on_delivery(name, ok)
         if self.publish_record is not None:
             try:
                 await self.publish_record(notification_record(n, name, ok, detail, self.actor, self.clock.now()))
             except Exception as exc:
                 log.warning("notification_record_failed", channel=name, error=repr(exc))
+        return ok
 
-    async def _reposter(self, name: str, stop: asyncio.Event) -> None:
+    async def _periodic(self, name: str, stop: asyncio.Event) -> None:
+        """Alertmanager: re-post what fires every ``resend_s``; PagerDuty, webhook: try the failed resolves again
+        every ``retry_s``. Only while this replica leads: a standby's picture is stale, and re-posting it would keep
+        firing an alert the leader resolved."""
         spec = self.specs[name]
-        every_s = spec.resend_s if isinstance(spec, AlertmanagerChannel) else 60.0
+        every_s = spec.resend_s if isinstance(spec, AlertmanagerChannel) else \
+            spec.retry_s if isinstance(spec, PagerDutyChannel | WebhookChannel) else 60.0
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=every_s)
             if stop.is_set():
                 return
+            if not self.is_leader():
+                continue
+            if not isinstance(spec, AlertmanagerChannel):
+                await self._retry_resolves(name)
+                continue
             try:
                 await self.senders[name].repost()
             except Exception as exc:
                 self.on_delivery(name, False)
                 log.warning("alertmanager_repost_failed", channel=name, error=repr(exc))
+
+    async def _retry_resolves(self, name: str) -> None:
+        """One round over the failed resolves, oldest first; a failure ends it (the channel is still down)."""
+        keep = self.retry[name]
+        for n in list(keep.values()):
+            if keep.get(n.dedup_key) is n and not await self._handle(name, n, self.sent[name]):
+                return
 
     async def idle(self) -> None:
         """Wait until every queue is empty (tests, benchmarks, shutdown)."""
@@ -192,9 +279,8 @@ class Dispatcher:
                     log.error("notify_channel_without_sender", channel=name)
                     continue
                 tg.create_task(self._guarded(self._worker, name, stop), name=f"notify-{name}")
-                spec = self.specs[name]
-                if isinstance(spec, AlertmanagerChannel):
-                    tg.create_task(self._guarded(self._reposter, name, stop), name=f"notify-{name}-repost")
+                if isinstance(self.specs.get(name), AlertmanagerChannel) or name in self.retry:
+                    tg.create_task(self._guarded(self._periodic, name, stop), name=f"notify-{name}-periodic")
 
     async def _guarded(self, fn: Callable[[str, asyncio.Event], Awaitable[None]], name: str,
                        stop: asyncio.Event) -> None:
@@ -209,6 +295,13 @@ class Dispatcher:
                 log.error("notify_worker_crashed", channel=name, error=repr(exc))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=1.0)
+
+
+def _mark(sent: OrderedDict[str, None], notification_id: str) -> None:
+    sent[notification_id] = None
+    sent.move_to_end(notification_id)
+    while len(sent) > SENT_MEMORY:
+        sent.popitem(last=False)
 
 
 __all__ = ["Dispatcher", "notification_record"]
