@@ -57,6 +57,16 @@ class TestParseLine:
         linkless = parse_line(REAL[15])
         assert linkless is not None and "link" not in linkless.details
 
+    @pytest.mark.parametrize("detail", [
+        "[1108.858290] nvidia-nvswitch0: SXid (PCI:0000:c3:00.0): 24007, Severity 1 Engine instance 62 "
+        "Sub-engine instance 00",
+        "[1108.858295] nvidia-nvswitch0: SXid (PCI:0000:c3:00.0): 24007, Data {0x10000000, 0x00000000, 0x0}",
+    ], ids=["severity-line", "data-line"])
+    def test_the_detail_lines_after_an_sxid_are_not_another_fault(self, detail: str) -> None:
+        """The driver follows an SXid line with its Severity and Data lines (kernel_log_formats.md 4): they carry
+        no Fatal/Non-fatal word and name no new fault, so they are not signals of their own."""
+        assert parse_line(detail) is None
+
     def test_gpu_map_line(self) -> None:
         assert gpu_map_entry(REAL[18]) == ("0000:01:00.0", "GPU-8a47641b-dff6-f09f-618c-c3eb58fb430d")
 

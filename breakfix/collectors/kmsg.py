@@ -99,6 +99,8 @@ def parse_line(line: str) -> KernelEvent | None:
     m = _SXID.search(line)
     if m:
         rest = m.group("rest")
+        if rest.startswith(("Severity ", "Data {")):  # the detail lines after an SXid line: not another fault
+            return None
         fatal = rest.split(",", 1)[0].strip()
         link = re.search(r"Link (\d+)", rest)
         d = _details(switch=m.group("switch"), fatal=fatal if fatal in ("Fatal", "Non-fatal") else None,

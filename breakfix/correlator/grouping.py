@@ -173,8 +173,11 @@ class Correlator:
             # "summarizes the recovery action required for other Xids": a tenant XID after the GPU's 154 joins it.
             # And the same fault from another source (a DCGM code counted as its XID; an XID read first without
             # its pod) joins the GPU's incident of that fault rather than opening a second plan.
+            # (an application XID that may make the GPU suspect does not join by code: two workloads hitting one GPU
+            # is step 6's evidence, and joining would hide it)
             if host is not None and ((fc.domain is Domain.TENANT and _XID154 in host.counts) or (
-                    eck in host.counts and (bool(fc.equivalent) or host.scope is IncidentScope.GPU))):
+                    eck in host.counts and (bool(fc.equivalent) or (host.scope is IncidentScope.GPU
+                                                                    and not r.suspect)))):
                 changes = book.add(host, o)
                 return changes + book.after_down(host, o) if down else changes
         if r.peer:
