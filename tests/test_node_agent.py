@@ -150,6 +150,24 @@ class TestValidate:
             assert "still training after 60s on gpu0, gpu1" in reply.detail and reply.error.endswith("not trained")
             assert "diag" not in dcgmi_log.read_text() and reads == 7, "every 10 s for a minute, never diagnosed"
 
+    async def test_the_engine_and_fabric_waits_share_one_deadline(self, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+        """The remediator's validate request allows the diag plus ready_wait_s (and a margin): the two waits
+        before the diag may not take ready_wait_s each."""
+        from breakfix.bus.clock import ManualClock
+
+        smi_log = tmp_path / "nvidia-smi.log"
+        monkeypatch.setenv("FAKE_NVSMI_LOG", str(smi_log))
+        monkeypatch.setenv("FAKE_DCGMI_LOG", str(tmp_path / "dcgmi.log"))
+        monkeypatch.setenv("FAKE_DCGMI_ENGINE_DOWN", "5")  # the engine answers at t+50 s
+        monkeypatch.setenv("FAKE_NVSMI_FABRIC_TRAINING", "10000")
+        clock = ManualClock(T0)
+        start = clock.monotonic()
+        reply = await agent(tmp_path, clock=clock, ready_wait_s=60).handle(cmd(AgentAction.VALIDATE, level=2))
+        assert not reply.ok and "still training after 60s" in reply.detail
+        assert smi_log.read_text().splitlines().count("-q") == 2 and clock.monotonic() - start <= 60, \
+            "the fabric wait ended at the validation's deadline, 10 s after the engine answered"
+
     async def test_missing_dcgmi_is_a_clear_failure(self, tmp_path: Path) -> None:
         a = NodeAgent("n1", tmp_path, dcgmi=str(tmp_path / "no-such-dcgmi"))
         reply = await a.handle(cmd(AgentAction.VALIDATE))

@@ -303,23 +303,22 @@ class NodeAgent:
         detail = f"{len(pods)} pod(s) hold GPU {target}" + (f" and its {mig} MIG device(s)" if mig else "")
         return self._reply(cmd, True, detail, evidence={"pods": ",".join(pods), "mig_devices": str(mig)})
 
-    async def _engine_up(self) -> tuple[int, str]:
-        """Wait (``ready_wait_s``) until the DCGM host engine answers ``dcgmi discovery -l``: right after a reboot
+    async def _engine_up(self, deadline: float) -> tuple[int, str]:
+        """Wait (until ``deadline``: ``ready_wait_s`` for this and the fabric together) until the DCGM host engine
+        answers ``dcgmi discovery -l``: right after a reboot
         it, and Fabric Manager on NVSwitch systems, may still be starting, and a diagnostic then fails though the
         GPUs are healthy. A missing dcgmi (rc 127) is not waited for."""
-        deadline = self.clock.monotonic() + self.ready_wait_s
         while True:
             rc, out = await run([self.dcgmi, "discovery", "-l"], 60)
             if rc in (0, 127) or self.clock.monotonic() >= deadline:
                 return rc, out
             await self.clock.sleep(min(10.0, max(0.0, deadline - self.clock.monotonic())))
 
-    async def _fabric_trained(self) -> list[str]:
-        """Wait (``ready_wait_s``) until no GPU's fabric reads NOT_STARTED or IN_PROGRESS in ``nvidia-smi -q``: on
+    async def _fabric_trained(self, deadline: float) -> list[str]:
+        """Wait (until ``deadline``) until no GPU's fabric reads NOT_STARTED or IN_PROGRESS in ``nvidia-smi -q``: on
         NVSwitch systems Fabric Manager trains the fabric after a boot or a reset, and ``dcgmi discovery`` answers
         before it is done, when a diagnostic's NVLink tests would fail healthy GPUs. Returns the GPUs still training
         at the deadline; an nvidia-smi that fails or prints something else is not waited for (the diag says)."""
-        deadline = self.clock.monotonic() + self.ready_wait_s
         while True:
             rc, out = await run([self.nvidia_smi, "-q"], 60)
             try:
@@ -333,12 +332,14 @@ class NodeAgent:
             await self.clock.sleep(min(10.0, max(0.0, deadline - self.clock.monotonic())))
 
     async def _validate(self, cmd: AgentCommand) -> AgentReply:
-        rc, out = await self._engine_up()
+        # one deadline for both waits: the remediator's validate request allows the diag, ready_wait_s and a margin
+        deadline = self.clock.monotonic() + self.ready_wait_s
+        rc, out = await self._engine_up(deadline)
         if rc not in (0, 127):
             said = " ".join(out.split())[:300]
             return self._reply(cmd, False, f"the DCGM host engine did not answer within {self.ready_wait_s:g}s "
                                            f"(dcgmi discovery -l rc={rc}): {said}", error="failed: DCGM host engine")
-        training = await self._fabric_trained()
+        training = await self._fabric_trained(deadline)
         if training:
             return self._reply(cmd, False, f"the GPU fabric is still training after {self.ready_wait_s:g}s on "
                                            f"{', '.join(training)} (Fabric Manager not done): not diagnosed",

@@ -27,7 +27,9 @@ class NodeAgentClient:
         self.bus = bus
         self.cluster = cluster
         self.clock = clock
-        self.timeouts = {AgentAction.RESET_GPU: 300.0, AgentAction.VALIDATE: 3960.0, AgentAction.REBOOT: 120.0,
+        # validate: the agent's diag (3600 s) after its engine and fabric waits (300 s together, each last call up to
+        # 60 s more), and a minute of margin
+        self.timeouts = {AgentAction.RESET_GPU: 300.0, AgentAction.VALIDATE: 4080.0, AgentAction.REBOOT: 120.0,
                          AgentAction.GPU_PODS: 45.0, **(timeouts or {})}
 
     async def call(self, node: str, action: AgentAction, *, key: str, incident: str, gpu_uuid: str | None = None,
