@@ -66,7 +66,9 @@ def test_minors_are_read_per_gpu_and_an_unreadable_gpu_is_skipped(tmp_path: Path
 
 @pytest.mark.parametrize(("name", "parent"), [
     ("gpu-0", "gpu-0"), ("gpu-12", "gpu-12"), ("gpu-3-mig-9-0-1", "gpu-3"), ("gpu-3-mig-19-4-1", "gpu-3"),
-    ("vgpu-0", None), ("gpu-", None), ("gpu-1-mig-x", None), ("GPU-0000", None), ("channel-0", None),
+    ("gpu-2-mig-1g24gb-19-0", "gpu-2"), ("gpu-0-mig-1g10gb-me-20-0", "gpu-0"),  # driver v25.12 on: profile names
+    ("vgpu-0", None), ("gpu-", None), ("gpu-1-mig-", None), ("gpu-1-mig-X", None), ("GPU-0000", None),
+    ("channel-0", None),
 ])
 def test_a_dra_device_name_counts_as_its_gpu(name: str, parent: str | None) -> None:
     assert dra_parent(name) == parent

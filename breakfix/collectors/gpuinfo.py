@@ -8,7 +8,8 @@ nvidia-smi orders GPUs by PCI bus id, the driver numbers device nodes in probe o
 Read by the node agent (which processes hold ``/dev/nvidiaN`` when a reset is refused; which pods hold a
 GPU that NVIDIA's DRA driver allocated) and the podresources source (tenants of DRA-allocated GPUs).
 NVIDIA's DRA driver for GPUs names its devices by minor: ``gpu-<minor>`` for a whole GPU and
-``gpu-<minor>-mig-<profile>-<start>-<size>`` for a MIG device on it (its ``CanonicalName``); the
+``gpu-<minor>-mig-...`` for a MIG device on it (its ``CanonicalName``: ``-<profile id>-<start>-<size>``
+before driver v25.12, ``-<profile name>-<profile id>-<start>`` since); the
 kubelet's PodResources API reports those names in a claim's ``device_name``.
 """
 
@@ -20,7 +21,9 @@ from pathlib import Path
 PROC_GPUS = Path("/proc/driver/nvidia/gpus")
 MAX_GPUS = 64  # directories read; a node has at most a few dozen GPUs
 MAX_BYTES = 64 * 1024  # one information file is well under 1 KiB
-_DRA = re.compile(r"^gpu-(\d{1,4})(?:-mig-[0-9]+-[0-9]+-[0-9]+)?$")
+# gpu-<minor>; a MIG device on it: gpu-<minor>-mig-<profile id>-<start>-<size> (driver v25.8) or
+# gpu-<minor>-mig-<profile name>-<profile id>-<start> (v25.12 on, e.g. gpu-2-mig-1g24gb-19-0): only the minor is used
+_DRA = re.compile(r"^gpu-(\d{1,4})(?:-mig-[a-z0-9][a-z0-9.+-]{0,62})?$")
 
 
 def parse_information(text: str) -> tuple[str | None, int | None]:
