@@ -439,7 +439,8 @@ async def test_the_shipped_alertmanager_config_inhibits_the_rules_copy_of_a_page
 
     def cause(alert: dict[str, Any]) -> str:
         labels = alert["labels"]
-        return f"{labels['alertname']}/{labels.get('incident') or labels.get('category') or labels['component']}"
+        what = labels.get("incident") or labels.get("category") or labels["component"]
+        return f"{labels['alertname']}/{what}" + (f"@{labels['cluster']}" if labels.get("cluster") != "c1" else "")
 
     shipped = yaml.safe_load(AM_CONFIG.read_text())  # as shipped, the pager swapped for the test's webhook
     shipped["receivers"] = [{"name": x["name"], "webhook_configs": [{"url": f"{base}/am", "send_resolved": True}]}
@@ -458,12 +459,17 @@ async def test_the_shipped_alertmanager_config_inhibits_the_rules_copy_of_a_page
         d.submit(breaker)
         await d.idle()
         rules = [  # then the Prometheus rules fire for the same causes (labels: the rule's and its by () labels)
-            {"BreakfixBreakerTripped": {"job": "breakfix-remediator", "severity": "critical",
+            {"BreakfixBreakerTripped": {"job": "breakfix-remediator", "cluster": "c1", "severity": "critical",
                                         "component": "remediator"}},
-            {"BreakfixEscalatedIncidentsOpen": {"category": "unknown_fault", "severity": "warning",
+            {"BreakfixEscalatedIncidentsOpen": {"category": "unknown_fault", "cluster": "c1", "severity": "warning",
                                                 "component": "correlator"}},
-            {"BreakfixEscalatedIncidentsOpen": {"category": "gpu_reset_required", "severity": "warning",
-                                                "component": "correlator"}}]  # nobody was paged for this one
+            {"BreakfixEscalatedIncidentsOpen": {"category": "gpu_reset_required", "cluster": "c1",
+                                                "severity": "warning", "component": "correlator"}},  # nobody paged
+            # another cluster's causes: nobody was paged for them, whatever c1's pages are
+            {"BreakfixBreakerTripped": {"job": "breakfix-remediator", "cluster": "c2", "severity": "critical",
+                                        "component": "remediator"}},
+            {"BreakfixEscalatedIncidentsOpen": {"category": "unknown_fault", "cluster": "c2", "severity": "warning",
+                                                "component": "correlator"}}]
         async with aiohttp.ClientSession() as http:
             posted = [{"labels": {"alertname": name, **labels}} for x in rules for name, labels in x.items()]
             async with http.post(f"{am}/api/v2/alerts", json=posted) as resp:
@@ -476,7 +482,9 @@ async def test_the_shipped_alertmanager_config_inhibits_the_rules_copy_of_a_page
             want = {"BreakfixIncident/inc-1": "active", "BreakfixBreakerTripped/breaker-c1": "active",
                     "BreakfixBreakerTripped/remediator": "suppressed",
                     "BreakfixEscalatedIncidentsOpen/unknown_fault": "suppressed",
-                    "BreakfixEscalatedIncidentsOpen/gpu_reset_required": "active"}
+                    "BreakfixEscalatedIncidentsOpen/gpu_reset_required": "active",
+                    "BreakfixBreakerTripped/remediator@c2": "active",
+                    "BreakfixEscalatedIncidentsOpen/unknown_fault@c2": "active"}
 
             async def inhibited() -> bool:
                 return await states() == want
@@ -485,9 +493,13 @@ async def test_the_shipped_alertmanager_config_inhibits_the_rules_copy_of_a_page
         async def backstop_sent() -> bool:
             return any(a["labels"].get("category") == "gpu_reset_required" for m in r.am for a in m["alerts"])
         await wait_until(backstop_sent, 10, "the unpaged escalation's backstop alert")
+        async def others_sent() -> bool:
+            return sum(a["labels"].get("cluster") == "c2" for m in r.am for a in m["alerts"]) >= 2
+        await wait_until(others_sent, 10, "the other cluster's backstops")
         assert {cause(a) for m in r.am for a in m["alerts"]} == {  # one notification per cause
             "BreakfixIncident/inc-1", "BreakfixBreakerTripped/breaker-c1",
-            "BreakfixEscalatedIncidentsOpen/gpu_reset_required"}
+            "BreakfixEscalatedIncidentsOpen/gpu_reset_required", "BreakfixBreakerTripped/remediator@c2",
+            "BreakfixEscalatedIncidentsOpen/unknown_fault@c2"}
     finally:
         proc.terminate()
         proc.wait(timeout=10)
