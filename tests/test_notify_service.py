@@ -155,18 +155,24 @@ async def notified(bus: MemoryBus, n: int) -> None:
     await wait_until(recorded, 10, f"{n} delivery records")
 
 
-async def test_a_restart_never_refires_a_page_whose_incident_resolved(running: Any) -> None:
+async def paged(running: Any) -> tuple[MemoryBus, ManualClock, Any, Any]:
+    """A leader's notifier that paged inc-1's escalation, with the incident and the record on the streams."""
     bus = MemoryBus()
     await bus.ensure_streams(subjects.STREAMS)
     clock = ManualClock(T0)
     first, sender = await running(bus, clock, durable="leader")
     opened, escalated = change(inc()), rec(*ESCALATED, at=1)
-    resolved = change(inc(status=IncidentStatus.RESOLVED, version=5), ChangeKind.RESOLVED, at=30)
-    for ch in (opened, resolved):  # the incident stream holds the resolution, the actions stream the escalation
-        await publish_change(bus, ch)
+    await publish_change(bus, opened)
     await bus.publish(subjects.action_subject("c1"), encode(escalated))
     first.change(opened)
     first.record(escalated, subjects.action_subject("c1"))
+    return bus, clock, first, sender
+
+
+async def test_a_restart_never_refires_a_page_whose_incident_resolved(running: Any) -> None:
+    bus, clock, first, sender = await paged(running)
+    resolved = change(inc(status=IncidentStatus.RESOLVED, version=5), ChangeKind.RESOLVED, at=30)
+    await publish_change(bus, resolved)  # the incident stream holds the resolution, the actions stream the escalation
     first.change(resolved)
     await notified(bus, 2)
     assert [n.action.value for n in sender.sent] == ["trigger", "resolve"]
@@ -179,15 +185,7 @@ async def test_a_restart_never_refires_a_page_whose_incident_resolved(running: A
 
 
 async def test_a_restart_does_not_redeliver_what_its_notification_records_say_was_delivered(running: Any) -> None:
-    bus = MemoryBus()
-    await bus.ensure_streams(subjects.STREAMS)
-    clock = ManualClock(T0)
-    first, sender = await running(bus, clock, durable="leader")
-    opened, escalated = change(inc()), rec(*ESCALATED, at=1)
-    await publish_change(bus, opened)
-    await bus.publish(subjects.action_subject("c1"), encode(escalated))
-    first.change(opened)
-    first.record(escalated, subjects.action_subject("c1"))
+    bus, clock, first, sender = await paged(running)
     await notified(bus, 1)
     first.stop.set()  # type: ignore[attr-defined]
     # a second escalation reached the streams, but the process stopped before its notifier sent it
