@@ -312,6 +312,20 @@ class TestFormatRefusals:
         res = runner.invoke(app, ["signals", cmd, str(f), "--node", "n1"])
         assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
 
+    def test_a_skipped_sample_is_reported_on_stderr_and_stdout_stays_one_signal_json_per_line(self) -> None:
+        """The real A800 page has samples dcgm-exporter could not convert: their warnings go to stderr, so a pipe
+        into jq reads only signals."""
+        import subprocess
+        import sys
+
+        done = subprocess.run([sys.executable, "-c", "from breakfix.cli.main import app; app()", "signals", "dcgm",
+                               str(DATA / "dcgm_exporter_mig_bad_sample.txt"), "--node", "n1", "--all"],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert lines and all(json.loads(line)["schema"] == "breakfix.signal/v1" for line in lines)
+        assert "dcgm_sample_skipped" in done.stderr
+
     def test_prometheus_page_of_another_exporter_is_not_dcgm(self, tmp_path: Path) -> None:
         f = tmp_path / "node.prom"
         f.write_text("# TYPE node_load1 gauge\nnode_load1 0.42\n")

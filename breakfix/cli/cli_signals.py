@@ -53,6 +53,15 @@ def _read(file: Path, wanted: str, max_bytes: int = MAX_INPUT, *, lenient: bool 
     return text
 
 
+@signals_app.callback()
+def _signals_logging() -> None:
+    """stdout is the signals, one JSON per line: the sources' own warnings (a skipped sample, an odd port) go to
+    stderr (``cli.logs``), never between them."""
+    from breakfix.cli.logs import configure
+
+    configure(json=False, level="WARNING")
+
+
 def _one_line(text: str, limit: int = 160) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
