@@ -3,8 +3,11 @@ the kubelet PodResources gRPC API, and the offline CLI."""
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 import shutil
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,8 +18,8 @@ from typer.testing import CliRunner
 
 from breakfix.cli.main import app
 from breakfix.collectors.context import NodeContext
-from breakfix.collectors.dcgm import DcgmRules
-from breakfix.collectors.edge import Cycle
+from breakfix.collectors.dcgm import FIELDS, DcgmRules
+from breakfix.collectors.edge import Cycle, EdgeFilter
 from breakfix.collectors.endpoint import EndpointRules, EndpointSpec, Slo, probe
 from breakfix.collectors.fabric import FabricRules, FabricThresholds, read_ports
 from breakfix.collectors.podresources import PodResourcesClient, api_pb2, api_pb2_grpc, gpu_tenants
@@ -25,7 +28,30 @@ from tests.conftest import T0
 
 DATA = Path(__file__).resolve().parent / "data"
 SAMPLE = (DATA / "dcgm_exporter_sample.txt").read_text()
+DCGM4 = (DATA / "dcgm_exporter_dcgm4_names.txt").read_text()
 runner = CliRunner()
+
+
+def dcgm4_renames() -> dict[str, str]:
+    """Exporter field name -> DCGM 4.6 canonical name, from the reference table (label fields left out)."""
+    with (DATA / "dcgm_fields.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return {r["metric_name"]: r["canonical_field_name_dcgm_4.6"] for r in rows
+            if r["canonical_field_name_dcgm_4.6"].startswith("DCGM_FI_") and r["prom_type"] != "label"}
+
+
+def as_dcgm4(page: str) -> str:
+    """The page as an exporter on DCGM 4.x writes it: every field under its canonical name."""
+    for old, new in dcgm4_renames().items():
+        page = re.sub(rf"\b{old}\b", new, page)
+    return page
+
+
+def health_page(*rows: tuple[str, str, float], gpu: str = "1") -> str:
+    labels = f'gpu="{gpu}",UUID="GPU-6043e4b2-feaa-8010-34c7-61d1a01576bb",pci_bus_id="00000000:40:00.0",hostname="n1"'
+    return "# TYPE DCGM_EXP_GPU_HEALTH_STATUS gauge\n" + "".join(
+        f'DCGM_EXP_GPU_HEALTH_STATUS{{{labels},health_error_code="{code}",health_watch="{watch}"}} {value:g}\n'
+        for watch, code, value in rows)
 
 
 def ctx(catalog: Catalog) -> NodeContext:
@@ -37,9 +63,11 @@ def bad(cycle: Cycle) -> set[tuple[str, str]]:
 
 
 class TestDcgm:
-    def test_sample_page_dbe_and_last_xid(self, catalog: Catalog) -> None:
+    def test_sample_page_dbe_health_fail_and_last_xid(self, catalog: Catalog) -> None:
         cycle = DcgmRules(ctx(catalog)).apply(SAMPLE, T0, 0.0, baseline_xids=False)
-        assert bad(cycle) == {("ecc.dbe", "gpu1")}
+        assert bad(cycle) == {("ecc.dbe", "gpu1"), ("dcgm.health", "gpu1")}
+        assert {s.code for s in cycle.states if s.check == "dcgm.health" and not s.healthy} == {
+            "DCGM_FR_FALLEN_OFF_BUS"}, "the sample's ALL watch FAILs"
         assert [(s.code, s.gpu.uuid if s.gpu else None) for s in cycle.events] == [
             ("79", "GPU-6043e4b2-feaa-8010-34c7-61d1a01576bb")] * 2, "the last-XID gauge and the XID-count family"
 
@@ -77,6 +105,102 @@ class TestDcgm:
         rules = DcgmRules(ctx(catalog))
         rules.apply(page(0, 0), T0, 0.0)
         assert bad(rules.apply(page(1000, 0x40), T0, 60.0)) == {("pcie.replay", "gpu0"), ("clock.hw_thermal", "gpu0")}
+
+    def test_every_field_read_is_read_under_its_dcgm_4x_canonical_name_too(self) -> None:
+        renames = dcgm4_renames()
+        read = [names for names in FIELDS if any(n in renames for n in names)]
+        assert read, "the table names fields breakfix reads"
+        for names in read:
+            for old in (n for n in names if n in renames):
+                assert renames[old] in names, f"{old} is read, its DCGM 4.x name {renames[old]} is not"
+        newer = {n for names in FIELDS for n in names}
+        assert {"DCGM_FI_DEV_NVLINK_REPLAY_TOTAL", "DCGM_FI_DEV_NVLINK_RECOVERY_TOTAL"} <= newer
+
+    @pytest.mark.parametrize("rename", [lambda page: page, as_dcgm4], ids=["exporter-names", "dcgm-4x-names"])
+    def test_dcgm_4x_canonical_names_give_the_same_faults(self, catalog: Catalog,
+                                                          rename: Callable[[str], str]) -> None:
+        """Audit finding 5: a page with DCGM 4.x names (ROW_REMAP_FAILED, GPU_TEMP_CELSIUS, PCIE_REPLAY_TOTAL,
+        NVLink *_ERROR_TOTAL) read as healthy."""
+
+        def page(replay: int, recovery: int) -> str:
+            labels = 'gpu="0",UUID="GPU-aa",pci_bus_id="00000000:1A:00.0",device="nvidia0",hostname="n1"'
+            fields = [("DCGM_FI_DEV_ROW_REMAP_FAILURE", "gauge", 1), ("DCGM_FI_DEV_GPU_TEMP", "gauge", 92),
+                      ("DCGM_FI_DEV_SLOWDOWN_TEMP", "gauge", 90),
+                      ("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "counter", replay),
+                      ("DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL", "counter", recovery),
+                      ("DCGM_FI_DEV_XID_ERRORS", "gauge", 0)]
+            return rename("".join(f"# TYPE {n} {t}\n{n}{{{labels}}} {v}\n" for n, t, v in fields))
+
+        rules = DcgmRules(ctx(catalog))
+        rules.apply(page(0, 0), T0, 0.0)
+        assert bad(rules.apply(page(1000, 100), T0, 60.0)) == {
+            ("row_remap.failure", "gpu0"), ("temperature.slowdown", "gpu0"), ("pcie.replay", "gpu0"),
+            ("nvlink.errors", "gpu0")}
+        assert [s.code for s in rules.apply(page(1000, 100).replace("} 0\n", "} 79\n"), T0, 90.0).events] == ["79"]
+
+    def test_dcgm_4_6_nvlink_replay_and_recovery_totals_are_rates_too(self, catalog: Catalog) -> None:
+        def page(n: int) -> str:
+            labels = 'gpu="0",UUID="GPU-aa",hostname="n1"'
+            return "".join(f"# TYPE {f} counter\n{f}{{{labels}}} {n}\n"
+                           for f in ("DCGM_FI_DEV_NVLINK_REPLAY_TOTAL", "DCGM_FI_DEV_NVLINK_RECOVERY_TOTAL"))
+        rules = DcgmRules(ctx(catalog))
+        rules.apply(page(0), T0, 0.0)
+        (nv,) = [s for s in rules.apply(page(6), T0, 60.0).states if s.check == "nvlink.errors"]
+        assert (nv.healthy, nv.value) == (False, 12.0)
+
+    def test_a_counter_written_under_both_names_is_counted_once(self, catalog: Catalog) -> None:
+        def page(n: int) -> str:
+            labels = 'gpu="0",UUID="GPU-aa",hostname="n1"'
+            return "".join(f"# TYPE {f} counter\n{f}{{{labels}}} {n}\n"
+                           for f in ("DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL",
+                                     "DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_TOTAL", "DCGM_FI_DEV_NVLINK_RECOVERY_TOTAL"))
+        rules = DcgmRules(ctx(catalog))
+        rules.apply(page(0), T0, 0.0)
+        (nv,) = [s for s in rules.apply(page(6), T0, 60.0).states if s.check == "nvlink.errors"]
+        assert (nv.healthy, nv.value) == (True, 6.0), "6/min, under the 10/min threshold: not 18/min"
+
+    def test_dcgm_health_fail_is_a_fault_per_gpu_and_watch_with_its_dcgm_fr_code(self, catalog: Catalog) -> None:
+        """Audit finding 6: DCGM_EXP_GPU_HEALTH_STATUS = 20 (FAIL) was ignored."""
+        cycle = DcgmRules(ctx(catalog)).apply(DCGM4, T0, 0.0)
+        health = {(s.gpu.pci_bus_id if s.gpu else None, s.component): s for s in cycle.states
+                  if s.check == "dcgm.health"}
+        assert {k: (s.healthy, s.code, s.value) for k, s in health.items()} == {
+            ("0000:1a:00.0", "mem"): (True, None, 0.0), ("0000:1a:00.0", "thermal"): (True, None, 0.0),
+            ("0000:40:00.0", "mem"): (False, "DCGM_FR_VOLATILE_DBE_DETECTED", 20.0),
+            ("0000:40:00.0", "thermal"): (False, "DCGM_FR_CLOCKS_EVENT_THERMAL", 10.0),
+            ("0000:40:00.0", "pcie"): (True, None, 0.0)}
+        fail = health[("0000:40:00.0", "mem")]
+        assert fail.details == {"health_watch": "MEM", "health_result": "FAIL"}
+        assert catalog.classify(check=fail.check, code=fail.code).category == "gpu_reset_required"
+
+    @pytest.mark.parametrize(("code", "category"), [
+        ("DCGM_FR_CLOCKS_EVENT_THERMAL", "gpu_monitor"),  # DCGM: can perform workload -> capped to monitoring
+        ("DCGM_FR_CORRUPT_INFOROM", "gpu_monitor"),  # NVSentinel COMPONENT_RESET, capped: can perform workload
+        ("DCGM_FR_PENDING_PAGE_RETIREMENTS", "gpu_reset_required"),  # the fact NVML reads as retired_pages.pending
+        ("DCGM_FR_CONTAINED_ERROR", "application_fault"),  # XID 94, which DCGM reports only as WARN
+    ])
+    def test_dcgm_health_warn_is_a_fault_the_catalog_judges(self, catalog: Catalog, code: str, category: str) -> None:
+        (s,) = DcgmRules(ctx(catalog)).apply(health_page(("MEM", code, 10)), T0, 0.0).states
+        assert (s.healthy, s.code, s.details["health_result"]) == (False, code, "WARN")
+        assert catalog.classify(check=s.check, code=s.code).category == category
+
+    def test_dcgm_health_watch_back_to_pass_clears_its_fault(self, catalog: Catalog) -> None:
+        rules, edge = DcgmRules(ctx(catalog)), EdgeFilter()
+        fail = edge.apply(rules.apply(health_page(("MEM", "DCGM_FR_VOLATILE_DBE_DETECTED", 20),
+                                                  ("PCIE", "DCGM_FR_OK", 0)), T0, 0.0), T0)
+        ok = edge.apply(rules.apply(health_page(("MEM", "DCGM_FR_OK", 0), ("PCIE", "DCGM_FR_OK", 0)), T0, 30.0), T0)
+        assert [(s.healthy, s.code, s.component) for s in fail] == [(False, "DCGM_FR_VOLATILE_DBE_DETECTED", "mem")]
+        assert [(s.healthy, s.fault_key()) for s in ok] == [(True, fail[0].fault_key())]
+
+    def test_odd_dcgm_health_samples_are_skipped_and_counted(self, catalog: Catalog) -> None:
+        page = health_page(("MEM", "DCGM_FR_VOLATILE_DBE_DETECTED", 20), ("PCIE", "DCGM_FR_OK", 5),
+                           ("", "DCGM_FR_OK", 0), ("THERMAL", "not a code", 20))
+        rules = DcgmRules(ctx(catalog))
+        cycle = rules.apply(page, T0, 0.0)
+        assert rules.skipped == 2, "a value no health result, a sample without its watch"
+        assert {(s.component, s.code) for s in cycle.states} == {("mem", "DCGM_FR_VOLATILE_DBE_DETECTED"),
+                                                                 ("thermal", None)}
+        assert catalog.classify(check="dcgm.health", code=None).category == "unknown_fault", "FAIL, no code: cautious"
 
     def test_blank_sentinel_values_are_ignored(self, catalog: Catalog) -> None:
         page = ('# TYPE DCGM_FI_DEV_ECC_DBE_VOL_TOTAL counter\n'
@@ -320,8 +444,18 @@ class TestOfflineCli:
         res = runner.invoke(app, ["signals", "dcgm", str(DATA / "dcgm_exporter_sample.txt"), "--node", "n1"])
         assert res.exit_code == 0, res.output
         rows = [json.loads(line) for line in res.output.splitlines()]
-        assert {(r["check"], r.get("code")) for r in rows} == {("ecc.dbe", None), ("xid", "79")}
+        assert {(r["check"], r.get("code")) for r in rows} == {("ecc.dbe", None), ("xid", "79"),
+                                                              ("dcgm.health", "DCGM_FR_FALLEN_OFF_BUS")}
         assert all(r["node"] == "n1" and r["source"] == "dcgm" for r in rows)
+
+    def test_signals_dcgm_reads_a_dcgm_4x_page(self) -> None:
+        res = runner.invoke(app, ["signals", "dcgm", str(DATA / "dcgm_exporter_dcgm4_names.txt"), "--node", "n1"])
+        assert res.exit_code == 0, res.output
+        rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+        assert {(r["check"], r.get("code"), r["gpu"]["pci_bus_id"]) for r in rows} == {
+            ("row_remap.failure", None, "0000:1a:00.0"), ("temperature.slowdown", None, "0000:1a:00.0"),
+            ("dcgm.health", "DCGM_FR_VOLATILE_DBE_DETECTED", "0000:40:00.0"),
+            ("dcgm.health", "DCGM_FR_CLOCKS_EVENT_THERMAL", "0000:40:00.0")}
 
     def test_signals_ib_reports_down_and_degraded_ports(self) -> None:
         res = runner.invoke(app, ["signals", "ib", str(DATA / "ib_sysfs"), "--node", "n1", "--expected-rate", "400"])

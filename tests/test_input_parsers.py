@@ -95,6 +95,88 @@ class TestKmsgTimes:
         assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
 
 
+# One boot's kernel log (8 ordinary lines, then an Xid 79 and the driver's fallen-off line) as ``dmesg`` prints it,
+# and the prefix each other capture puts before a line: ``dmesg -r`` (util-linux raw_print: ``<%d>[%5d.%06d] ``),
+# ``dmesg -x`` (``%-6s:%-6s: `` facility:level) and RFC 5424 syslog (``<PRI>1 ISO host app - - - msg``).
+BOOT = [
+    (5, 0.0, "Linux version 5.15.0-105-generic (buildd@lcy02-amd64-054) (gcc (Ubuntu 11.4.0-1ubuntu1~22.04) 11.4.0, "
+             "GNU ld (GNU Binutils for Ubuntu) 2.38) #115-Ubuntu SMP Mon Apr 15 09:52:04 UTC 2024"),
+    (6, 0.0, "Command line: BOOT_IMAGE=/boot/vmlinuz-5.15.0-105-generic root=UUID=1b2c ro"),
+    (6, 0.0, "KERNEL supported cpus:"),
+    (6, 0.0, "  Intel GenuineIntel"),
+    (6, 0.0, "  AMD AuthenticAMD"),
+    (6, 1.234567, "pci 0000:07:00.0: [10de:2330] type 00 class 0x030200"),
+    (6, 9.876543, "mlx5_core 0000:0c:00.0: firmware version: 28.39.1002"),
+    (6, 12.345678, "EXT4-fs (nvme0n1p2): mounted filesystem with ordered data mode. Opts: (null). Quota mode: none."),
+    (4, 219.470994, "NVRM: Xid (PCI:0000:07:00): 79, pid='<unknown>', name=<unknown>, GPU has fallen off the bus."),
+    (4, 219.471012, "NVRM: GPU 0000:07:00.0: GPU has fallen off the bus."),
+]
+LEVELS = {4: "warn", 5: "notice", 6: "info"}
+CAPTURES = {
+    "dmesg-r": lambda i, pri, ts, msg: f"<{pri}>[{ts:12.6f}] {msg}",
+    "dmesg-x": lambda i, pri, ts, msg: f"{'kern':<6}:{LEVELS[pri]:<6}: [{ts:12.6f}] {msg}",
+    "rfc5424": lambda i, pri, ts, msg: f"<{pri}>1 2024-08-30T11:{i:02d}:09.123456+00:00 gpu-node-7 kernel - - - {msg}",
+}
+
+
+class TestKernelLogCaptures:
+    @pytest.mark.parametrize("capture", list(CAPTURES))
+    def test_dmesg_r_dmesg_x_and_rfc5424_captures_are_kernel_logs(self, capture: str) -> None:
+        from breakfix.collectors.sniff import sniff
+
+        assert sniff("\n".join(CAPTURES[capture](i, *x) for i, x in enumerate(BOOT)) + "\n") == "kmsg"
+
+    @pytest.mark.parametrize(("capture", "xid_at", "lost_at"), [
+        ("dmesg-r", "2024-08-30T11:43:09.470994Z", "2024-08-30T11:43:09.471012Z"),
+        ("dmesg-x", "2024-08-30T11:43:09.470994Z", "2024-08-30T11:43:09.471012Z"),
+        ("rfc5424", "2024-08-30T11:08:09.123456Z", "2024-08-30T11:09:09.123456Z"),
+    ])
+    def test_their_xid_79_and_lost_gpu_are_read_at_the_lines_time(self, tmp_path: Path, capture: str, xid_at: str,
+                                                                   lost_at: str) -> None:
+        f = tmp_path / f"{capture}.log"
+        f.write_text("".join(CAPTURES[capture](i, *x) + "\n" for i, x in enumerate(BOOT)))
+        got = rows(["kmsg", str(f), "--boot-time", "2024-08-30T11:39:30Z"])
+        assert [(r["check"], r["code"], r["severity"], r["gpu"]["pci_bus_id"], r["observed_at"]) for r in got] == [
+            ("xid", "79", "fatal", "0000:07:00.0", xid_at), ("gpu.lost", None, "fatal", "0000:07:00.0", lost_at)]
+        assert all("time_source" not in r["details"] for r in got)
+
+    def test_every_stamp_is_read_from_its_line_and_a_line_without_one_says_so(self, tmp_path: Path) -> None:
+        f = tmp_path / "kern.log"
+        f.write_text(
+            "<4>[  219.470994] NVRM: Xid (PCI:0000:07:00): 48, pid='<unknown>', name=<unknown>, An uncorrectable DBE\n"
+            "kern  :warn  : [Fri Aug 30 11:43:09 2024] NVRM: Xid (PCI:0000:cb:00): 13, pid='<unknown>', "
+            "name=<unknown>, Graphics SM Warp Exception\n"
+            "<4>1 2024-08-30T11:43:09.123456+00:00 gpu-node-7 kernel - - - NVRM: Xid (PCI:0000:cb:00): 79, "
+            "pid='<unknown>', name=<unknown>, GPU has fallen off the bus.\n"
+            "1725018189.123456 gpu-node-7 kernel: NVRM: Xid (PCI:0000:cb:00): 31, pid=1, name=x, Ch 00000001\n"
+            "Fri 2024-08-30 11:43:09 UTC gpu-node-7 kernel: NVRM: Xid (PCI:0000:cb:00): 31, pid=1, name=x, "
+            "Ch 00000001\n"
+            "[  +0.000005] NVRM: Xid (PCI:0000:cb:00): 43, pid=1, name=x, Ch 00000001\n")
+        got = rows(["kmsg", str(f), "--boot-time", "2024-08-30T11:39:30Z"])
+        assert [(r["code"], r["observed_at"], r["details"].get("time_source")) for r in got] == [
+            ("48", "2024-08-30T11:43:09.470994Z", None), ("13", "2024-08-30T11:43:09Z", None),
+            ("79", "2024-08-30T11:43:09.123456Z", None), ("31", "2024-08-30T11:43:09.123456Z", None),
+            ("31", "2024-08-30T11:43:09Z", None), ("43", got[-1]["observed_at"], "none")]
+        assert got[-1]["observed_at"] > "2025", "a dmesg -H delta is no time: stamped now, and marked"
+
+    def test_an_unsupported_gpu_at_boot_is_no_lost_gpu_and_the_fallen_off_message_still_is(self,
+                                                                                         tmp_path: Path) -> None:
+        """The driver's "not supported by this release" boot message names the GPU like the fallen-off one
+        (``The NVIDIA GPU <bdf>``), but with ``(PCI ID: ...)`` on the same line: a configuration error, no gpu.lost
+        (kernel_log_formats.md section 3 for the fallen-off form)."""
+        f = tmp_path / "kern.log"
+        f.write_text("[ 2288.712311] NVRM: The NVIDIA GPU 0000:01:00.0 (PCI ID: 10de:1292)\n"
+                     "[ 2288.712311] NVRM: installed in this system is not supported by the 304.116\n"
+                     "[ 2288.712311] NVRM: NVIDIA Linux driver release.  Please see 'Appendix\n"
+                     "[ 2288.712311] NVRM: A - Supported NVIDIA GPU Products' in this release's\n"
+                     "[ 1843.308145] NVRM: The NVIDIA GPU 0000:b3:00.0\n"
+                     "               NVRM: (PCI ID: 10de:26b5) installed in this system has\n"
+                     "               NVRM: fallen off the bus and is not responding to commands.\n")
+        got = rows(["kmsg", str(f), "--boot-time", "2024-08-30T11:39:30Z"])
+        assert [(r["check"], r["severity"], r["gpu"]["pci_bus_id"]) for r in got] == [
+            ("gpu.lost", "fatal", "0000:b3:00.0")]
+
+
 class TestDcgmEdges:
     PAGE = (DATA / "dcgm_exporter_mig_bad_sample.txt").read_text()
 
@@ -283,6 +365,101 @@ class TestNvsmi:
         live = {s.id for g in read.gpus for s in evaluate(ctx(catalog), g.sample, None, T0, 0.0, Thresholds(), set())
                 if s.check == "row_remap.pending"}
         assert offline == live and len(offline) == 8
+
+
+R570 = (DATA / "nvsmi_1gpu_v100_r570.txt").read_text()
+NO_ACTION = "    GPU Recovery Action                   : None\n"
+
+
+def with_action(action: str) -> str:
+    assert NO_ACTION in R570
+    return R570.replace(NO_ACTION, f"    GPU Recovery Action                   : {action}\n")
+
+
+class TestNvsmiRecoveryAction:
+    """The driver's own remediation verdict (``GPU Recovery Action``, R570+; ``GPU Reset Status`` before it): a GPU
+    that asks for a reset or a reboot is never read as healthy, and classifies as XID 154 with that action would."""
+
+    def test_r570_capture_with_recovery_action_none_and_deprecated_reset_status_is_healthy(self) -> None:
+        assert rows(["nvsmi", str(DATA / "nvsmi_1gpu_v100_r570.txt")]) == []
+
+    def test_r570_recovery_action_reset_reads_gpu_reset_required(self, tmp_path: Path) -> None:
+        f = tmp_path / "smi.txt"
+        f.write_text(with_action("Reset"))
+        (got,) = rows(["nvsmi", str(f)])
+        assert (got["check"], got["code"], got["severity"], got["gpu"]["pci_bus_id"]) == (
+            "gpu.reset_required", "DCGM_FR_GPU_RECOVERY_RESET", "critical", "0001:00:00.0")
+        assert got["details"]["recovery_action"] == "Reset"
+
+    def test_r550_reset_required_and_drain_recommended_read_drain_and_reset(self, catalog: Catalog) -> None:
+        (got,) = rows(["nvsmi", str(DATA / "nvsmi_1gpu_v100_r550_reset_required.txt")])
+        assert (got["check"], got["code"], got["details"]["recovery_action"]) == (
+            "gpu.reset_required", "DCGM_FR_GPU_RECOVERY_DRAIN_RESET", "Drain and Reset")
+        assert catalog.classify(check=got["check"], code=got["code"]).category == "gpu_drain_reset_required"
+
+    def test_r550_reset_required_alone_reads_reset(self) -> None:
+        text = (DATA / "nvsmi_1gpu_v100_r550_reset_required.txt").read_text()
+        text = text.replace("Drain and Reset Recommended       : Yes", "Drain and Reset Recommended       : No")
+        read = parse_nvsmi(text)
+        assert [g.recovery for g in read.gpus] == ["Reset"]
+
+    @pytest.mark.parametrize(("action", "check", "xid154_action"), [
+        ("Reset", "gpu.reset_required", "GPU Reset Required"),
+        ("Drain P2P", "gpu.reset_required", "Drain P2P"),
+        ("Drain and Reset", "gpu.reset_required", "Drain and Reset"),
+        ("Reboot", "gpu.lost", "Node Reboot Required"),
+        ("2", "gpu.lost", "Node Reboot Required"),  # NVML_GPU_RECOVERY_ACTION_NODE_REBOOT as a number
+    ])
+    def test_each_recovery_action_classifies_as_xid_154_with_that_action(self, catalog: Catalog, action: str,
+                                                                          check: str, xid154_action: str) -> None:
+        bad = [s for s in nvsmi_signals(parse_nvsmi(with_action(action)), ctx(catalog), T0) if not s.healthy]
+        assert [s.check for s in bad] == [check]
+        fc = catalog.classify(check=bad[0].check, code=bad[0].code)
+        assert fc.category == catalog.classes.xid154_actions[xid154_action]
+        assert bad[0].severity is fc.severity
+
+    def test_reboot_action_is_a_node_reboot_fault(self, catalog: Catalog) -> None:
+        (s,) = [s for s in nvsmi_signals(parse_nvsmi(with_action("Reboot")), ctx(catalog), T0) if not s.healthy]
+        assert (s.check, s.severity.value) == ("gpu.lost", "fatal")
+        assert catalog.classify(check=s.check, code=s.code).category == "node_reboot_required"
+
+    @pytest.mark.parametrize("action", ["None", "N/A", "Requested functionality has been deprecated", "0",
+                                        "[Requires Root]"])
+    def test_no_action_deprecated_or_unreadable_says_nothing(self, catalog: Catalog, action: str) -> None:
+        assert [s.check for s in nvsmi_signals(parse_nvsmi(with_action(action)), ctx(catalog), T0)
+                if not s.healthy] == []
+
+    def test_an_action_this_reader_does_not_know_is_a_fault_on_the_cautious_path(self, catalog: Catalog) -> None:
+        """Never healthy, and never an automatic reset: the catalog does not know the code, so unknown_fault."""
+        bad = [s for s in nvsmi_signals(parse_nvsmi(with_action("Recover IMEX Domain")), ctx(catalog), T0)
+               if not s.healthy]
+        assert [(s.check, s.code, s.details["recovery_action"]) for s in bad] == [
+            ("gpu.reset_required", "DCGM_FR_GPU_RECOVERY_RECOVER_IMEX_DOMAIN", "Recover IMEX Domain")]
+        assert catalog.classify(check=bad[0].check, code=bad[0].code).category == "unknown_fault"
+
+    def test_xml_recovery_action_is_read_and_the_gpus_other_faults_still_are(self, tmp_path: Path) -> None:
+        text = (DATA / "nvsmi_1gpu_mig.xml").read_text()
+        head, sep, tail = text.partition("</uuid>")
+        assert sep
+        f = tmp_path / "smi.xml"
+        f.write_text(head + sep + "<gpu_reset_status><reset_required>Requested functionality has been deprecated"
+                     "</reset_required><drain_and_reset_recommended>Requested functionality has been deprecated"
+                     "</drain_and_reset_recommended></gpu_reset_status>"
+                     "<gpu_recovery_action>Drain P2P</gpu_recovery_action>" + tail)
+        got = rows(["nvsmi", str(f)])
+        assert sorted(r["check"] for r in got) == ["clock.hw_slowdown", "clock.power_brake", "ecc.dbe", "fabric.gpu",
+                                                   "gpu.reset_required", "pcie.replay"]
+        reset = next(r for r in got if r["check"] == "gpu.reset_required")
+        assert reset["code"] == "DCGM_FR_GPU_RECOVERY_DRAIN_P2P" and reset["details"]["mig_mode"] == "Enabled"
+
+    def test_recovery_action_joins_the_gpus_incident_as_xid_154(self, catalog: Catalog) -> None:
+        from breakfix.correlator.grouping import Correlator
+
+        core = Correlator(catalog)
+        for s in nvsmi_signals(parse_nvsmi(with_action("Drain and Reset")), ctx(catalog), T0):
+            core.ingest(s, T0)
+        assert [(i.category, dict(i.counts)) for i in core.state.incidents.values()] == [
+            ("gpu_drain_reset_required", {"xid:154": 1})]
 
 
 class TestFormatRefusals:

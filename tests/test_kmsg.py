@@ -67,6 +67,39 @@ class TestParseLine:
         no Fatal/Non-fatal word and name no new fault, so they are not signals of their own."""
         assert parse_line(detail) is None
 
+    @pytest.mark.parametrize("line", [
+        "[ 2288.712311] NVRM: The NVIDIA GPU 0000:01:00.0 (PCI ID: 10de:1292)",
+        "4,812,2288712311,-;NVRM: The NVIDIA GPU 0000:01:00.0 (PCI ID: 10de:1292)\\x0aNVRM: installed in this "
+        "system is not supported by the 304.116\\x0aNVRM: NVIDIA Linux driver release.",
+        "[    5.123456] NVRM: The NVIDIA GPU 0000:41:00.0 (PCI ID: 10de:2684)",
+        "6,900,5123456,-;NVRM: The NVIDIA GPU 0000:41:00.0 (PCI ID: 10de:2684)\\x0aNVRM: installed in this system "
+        "requires use of the NVIDIA open kernel modules.",
+        "[   3.000000] NVRM: The NVIDIA GPU 0000:01:00.0 (PCI ID: 10de:0a65) installed",
+        "               NVRM: The NVIDIA GPU 0009:01:00.0 installed in the system",
+        "[ 2288.712311] NVRM: installed in this system is not supported by the 304.116",
+        "               NVRM: fallen off the bus and is not responding to commands.",
+    ], ids=["not-supported-dmesg", "not-supported-kmsg-record", "needs-open-modules-dmesg",
+            "needs-open-modules-kmsg-record", "not-supported-older-wording", "memory-onlining-second-line",
+            "not-supported-second-line", "fallen-off-third-line"])
+    def test_a_gpu_the_driver_does_not_support_is_not_a_lost_gpu(self, line: str) -> None:
+        """``The NVIDIA GPU <bdf> (PCI ID: ...)`` opens the driver's configuration complaints (GPU not supported
+        by this release, needs the open kernel modules; nv.c): the GPU is on the bus, and restarting the node will
+        not make this driver support it. Only the lost-GPU message has the address alone on its first line."""
+        assert parse_line(line) is None
+
+    @pytest.mark.parametrize(("line", "pci"), [
+        ("[ 1843.308145] NVRM: The NVIDIA GPU 0000:b3:00.0", "0000:b3:00.0"),
+        ("[ 1843.308145] NVRM: The NVIDIA GPU 0000:b3:00.0  ", "0000:b3:00.0"),
+        ("<4>[ 1843.308145] NVRM: The NVIDIA GPU 0000:b3:00.0", "0000:b3:00.0"),
+        ("4,812,1843308145,-;NVRM: The NVIDIA GPU 0000:b3:00.0\\x0aNVRM: (PCI ID: 10de:26b5) installed in this "
+         "system has\\x0aNVRM: fallen off the bus and is not responding to commands.", "0000:b3:00.0"),
+        ("[  900.000000] NVRM: GPU at 0000:01:00.0 has fallen off the bus.", "0000:01:00.0"),
+        ("May 18 19:02:39 kernel: NVRM: GPU 0000:2b:00.0: GPU has fallen off the bus.", "0000:2b:00.0"),
+    ], ids=["dmesg-first-line", "trailing-blanks", "dmesg-r", "kmsg-record", "older-driver", "gpu-colon-form"])
+    def test_the_fallen_off_the_bus_message_is_a_lost_gpu_in_every_form(self, line: str, pci: str) -> None:
+        ev = parse_line(line)
+        assert ev is not None and (ev.kind, ev.code, ev.pci) == ("gpu.lost", None, pci)
+
     def test_gpu_map_line(self) -> None:
         assert gpu_map_entry(REAL[18]) == ("0000:01:00.0", "GPU-8a47641b-dff6-f09f-618c-c3eb58fb430d")
 

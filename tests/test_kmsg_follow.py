@@ -133,6 +133,37 @@ class TestLineTime:
     def test_time_comes_from_the_line(self, line: str, expected: datetime) -> None:
         assert line_time(line, booted=datetime(2026, 11, 23, tzinfo=UTC), now=T0) == expected
 
+    @pytest.mark.parametrize(("line", "zone", "expected", "source"), [
+        ("<4>[   10.500000] NVRM: Xid", "UTC", datetime(2026, 11, 23, 0, 0, 10, 500000, tzinfo=UTC), "relative"),
+        ("kern  :warn  : [   10.500000] NVRM: Xid", "UTC", datetime(2026, 11, 23, 0, 0, 10, 500000, tzinfo=UTC),
+         "relative"),
+        ("kern  :err   : [Sun Nov 22 08:15:30 2026] NVRM: Xid", "UTC", datetime(2026, 11, 22, 8, 15, 30, tzinfo=UTC),
+         "absolute"),
+        ("<4>1 2026-11-22T08:15:30.123456+00:00 gpu-node-7 kernel - - - NVRM: Xid", "Europe/Berlin",
+         datetime(2026, 11, 22, 8, 15, 30, 123456, tzinfo=UTC), "absolute"),
+        ("<4>Nov 22 08:15:30 gpu-node-7 kernel: NVRM: Xid", "UTC", datetime(2026, 11, 22, 8, 15, 30, tzinfo=UTC),
+         "absolute"),
+        ("1725018189.123456 gpu-node-7 kernel: NVRM: Xid", "Asia/Tokyo",
+         datetime(2024, 8, 30, 11, 43, 9, 123456, tzinfo=UTC), "absolute"),
+        ("Fri 2024-08-30 11:43:09 UTC gpu-node-7 kernel: NVRM: Xid", "Asia/Tokyo",
+         datetime(2024, 8, 30, 11, 43, 9, tzinfo=UTC), "absolute"),
+        ("Fri 2024-08-30 13:43:09 CEST gpu-node-7 kernel: NVRM: Xid", "Europe/Berlin",
+         datetime(2024, 8, 30, 11, 43, 9, tzinfo=UTC), "absolute"),
+        ("Fri 2024-08-30 14:43:09 +03 gpu-node-7 kernel: NVRM: Xid", "UTC",
+         datetime(2024, 8, 30, 11, 43, 9, tzinfo=UTC), "absolute"),
+        ("<4>1 - gpu-node-7 kernel - - - NVRM: Xid", "UTC", T0, "none"),
+        ("[Aug30 11:43] NVRM: Xid", "UTC", T0, "none"),
+    ], ids=["dmesg-r", "dmesg-x", "dmesg-x-T", "rfc5424", "rfc3164-pri", "journalctl-short-unix",
+            "journalctl-short-full-utc", "journalctl-short-full-abbreviation-in-log-zone",
+            "journalctl-short-full-numeric-zone", "rfc5424-nil-time", "dmesg-human"])
+    def test_time_is_read_behind_a_priority_or_facility_and_in_journalctl_unix_and_full_forms(
+            self, line: str, zone: str, expected: datetime, source: str) -> None:
+        from breakfix.collectors.kmsg_follow import has_time, line_time_source, log_zone
+
+        got = line_time_source(line, booted=datetime(2026, 11, 23, tzinfo=UTC), now=T0, tz=log_zone(zone))
+        assert got == (expected, source) and got[0].utcoffset() == timedelta(0)
+        assert has_time(line) is (source != "none")
+
     @pytest.mark.parametrize(("line", "zone", "expected"), [
         ("Nov 22 08:15:30 host kernel: NVRM: Xid", "America/New_York", datetime(2026, 11, 22, 13, 15, 30, tzinfo=UTC)),
         ("Jul  1 08:15:30 host kernel: NVRM: Xid", "America/New_York", datetime(2026, 7, 1, 12, 15, 30, tzinfo=UTC)),
@@ -207,6 +238,20 @@ class TestKmsgSource:
         (s,) = signals
         assert (s.check, s.code) == ("xid", "48") and s.gpu is not None
         assert s.gpu.uuid == "GPU-abcdef01-2345-6789-abcd-ef0123456789"
+
+    def test_a_line_without_a_time_is_marked_none_not_passed_off_as_read(self, tmp_path: Path,
+                                                                          catalog: Catalog) -> None:
+        """The daemon stamps a line that carries no time with its poll's now: the signal says so
+        (``details.time_source=none``); a line whose time was read carries no marker."""
+        log = tmp_path / "kern.log"
+        log.write_text("")
+        src = KmsgSource(follower(tmp_path, log), NodeContext(cluster="c1", node="n1", catalog=catalog), booted=T0)
+        write(log, "NVRM: Xid (PCI:0000:38:00): 43, pid=2924364, name=pt_main_thread, Ch 00000008",
+              "1725018189.123456 gpu-node-7 kernel: NVRM: Xid (PCI:0000:cb:00): 31, pid=1, name=x, Ch 00000001", XID)
+        bare, unix, dmesg = src.poll(T0 + timedelta(hours=1))[0]
+        assert (bare.observed_at, bare.details["time_source"]) == (T0 + timedelta(hours=1), "none")
+        assert unix.observed_at == datetime(2024, 8, 30, 11, 43, 9, 123456, tzinfo=UTC)
+        assert "time_source" not in unix.details and "time_source" not in dmesg.details
 
     def test_nvlink5_xid_carries_nvidia_decode(self, tmp_path: Path, catalog: Catalog) -> None:
         log = tmp_path / "kern.log"

@@ -1,5 +1,6 @@
 """Property tests for every input parser (kmsg, dcgm, IB sysfs, ibstat, nvidia-smi): arbitrary text never raises
 anything but the parser's own typed error, and never yields a signal without the NVIDIA marker the format needs.
+The fleet rules take any Prometheus series (labels, NaN, infinities) and skip what they cannot use.
 Fixed example budget, derandomised: the suite costs the same every run."""
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from breakfix.collectors.dcgm import DcgmRules
 from breakfix.collectors.fabric import FabricRules, FabricThresholds, read_ports
 from breakfix.collectors.ibstat import parse_ibstat
 from breakfix.collectors.kmsg import BadLine, line_signal
-from breakfix.collectors.kmsg_follow import line_time
+from breakfix.collectors.kmsg_follow import NO_TIME, has_time, line_time, line_time_source
 from breakfix.collectors.nvsmi import NvsmiFormatError, nvsmi_signals, parse_nvsmi
+from breakfix.collectors.promfleet import FleetRules, Series, load_fleet_rules
 from breakfix.collectors.sniff import sniff
 from breakfix.schemas.catalog import Catalog, default_catalog
 from breakfix.schemas.common import Severity
@@ -32,11 +34,22 @@ TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=300)
 KMSG_BITS = st.sampled_from(["NVRM: Xid (", "PCI:", "0000:", "ffff:", "1ffff:", "01:00", ".0", " GPU-I:", "05", "): ",
                              "48", "99999999", ", pid=", "'<unknown>'", ", name=", "[", "99999999999999999999.0", "] ",
                              "2024-13-45T25:61:00+0000 ", "Feb 30 11:43:09 ", "4,1,99999999999999999999,-;",
-                             "nvidia-nvswitch0: SXid (PCI:", "GPU at PCI:", ": GPU-", "has fallen off the bus", "\n"])
+                             "nvidia-nvswitch0: SXid (PCI:", "GPU at PCI:", ": GPU-", "has fallen off the bus", "\n",
+                             "<4>", "<4>1 ", "kern  :warn  : ", "99999999999.999999 ", "Fri 9999-12-31 23:59:59 -23 ",
+                             "Fri 2024-08-30 11:43:09 CEST ", "The NVIDIA GPU ", "0000:01:00.0", " (PCI ID: 10de:1292)",
+                             "\\x0a", "fallen off the bus"])
 DCGM_BITS = st.sampled_from(["DCGM_FI_DEV_XID_ERRORS", "DCGM_EXP_XID_ERRORS_COUNT", "DCGM_FI_DEV_CLOCKS_EVENT_REASONS",
                              "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", '{gpu="0",UUID="GPU-a",pci_bus_id="', "N/A", '"', "}",
                              ' xid="', "1e308", "-Inf", "NaN", "ERROR", " ", "\n", "# TYPE ", " counter", " gauge",
-                             'GPU_I_ID="', "-1", "99999999999999999999"])
+                             'GPU_I_ID="', "-1", "99999999999999999999", "DCGM_EXP_GPU_HEALTH_STATUS",
+                             "DCGM_FI_DEV_ROW_REMAP_FAILED", "DCGM_FI_DEV_NVLINK_REPLAY_TOTAL", ' health_watch="',
+                             ",health_error_code=\"", "DCGM_FR_", "MEM", "20", "10", "5"])
+LABEL_KEYS = st.sampled_from(["Hostname", "hostname", "node", "gpu", "UUID", "uuid", "pci_bus_id", "GPU_I_ID",
+                              "GPU_I_PROFILE", "namespace", "endpoint", "pod", "__name__"])
+LABEL_VALUES = st.one_of(st.sampled_from(["N/A", "", "0", "00000000:4F:00.0", "GPU-a", "99999999999999999999", "-1"]),
+                         TEXT)
+SERIES = st.builds(Series, st.dictionaries(LABEL_KEYS, LABEL_VALUES, max_size=8),
+                   st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 79.0, 2.0**31])))
 NVSMI_BITS = st.sampled_from(["==============NVSMI LOG==============\n", "GPU 00000000:18:00.0\n", "    ECC Errors\n",
                               "        Volatile\n", "            SRAM Uncorrectable     : ", "N/A", "9" * 30, "Yes",
                               "    Remapped Rows\n", "        Pending      : ", "    Fabric\n", "        State  : ",
@@ -67,6 +80,20 @@ def test_kmsg_any_text_is_a_signal_none_or_badline(text: str) -> None:
 
 
 @BUDGET
+@given(st.one_of(TEXT, st.lists(st.one_of(KMSG_BITS, TEXT), max_size=12).map("".join)))
+def test_kmsg_line_time_is_a_time_or_valueerror_and_has_time_agrees(text: str) -> None:
+    """Whatever the line, its time is read, or it is an impossible date / out of range (ValueError, OverflowError),
+    or it is ``NO_TIME``; ``has_time`` (what ``line_signal`` marks by) says False exactly for ``NO_TIME``."""
+    for line in text.splitlines() or [text]:
+        try:
+            _, source = line_time_source(line, booted=NOW, now=NOW)
+        except (ValueError, OverflowError):
+            assert has_time(line)
+            continue
+        assert has_time(line) is (source != NO_TIME)
+
+
+@BUDGET
 @given(st.one_of(TEXT, st.lists(st.one_of(DCGM_BITS, TEXT), max_size=16).map("".join)))
 def test_dcgm_any_page_is_a_cycle_or_valueerror(text: str) -> None:
     try:
@@ -75,6 +102,18 @@ def test_dcgm_any_page_is_a_cycle_or_valueerror(text: str) -> None:
         return
     if "DCGM_" not in text:
         assert cycle.states == [] and cycle.events == []
+
+
+@BUDGET
+@given(st.lists(SERIES, max_size=6), st.lists(SERIES, max_size=6))
+def test_fleet_rules_take_any_series_and_skip_what_they_cannot_use(faults: list[Series],
+                                                                   observed: list[Series]) -> None:
+    rules = FleetRules(load_fleet_rules(), cluster="c", catalog=CATALOG)
+    for rule in rules.spec.rules:
+        before = rules.skipped
+        cycle = rules.apply(rule, faults, observed, NOW)
+        used = len(cycle.states) + len(cycle.events) + (rules.skipped - before)
+        assert used <= len(faults) + len(observed)
 
 
 @BUDGET

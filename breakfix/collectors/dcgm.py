@@ -17,7 +17,19 @@ accepted):
   threshold -> ``temperature.slowdown``;
 - the exporter's XID-count family (dcgm-exporter PR 239: ``DCGM_EXP_XID_ERRORS_COUNT``, some builds
   ``DCGM_FI_DEV_XID_ERRORS_ACTIVE``; labels ``xid`` and ``window_size_in_ms``): a count that rises is
-  one ``xid`` event per XID (the first scrape is a baseline too, unless ``baseline_xids=False``).
+  one ``xid`` event per XID (the first scrape is a baseline too, unless ``baseline_xids=False``);
+- DCGM's own health watches (``DCGM_EXP_GPU_HEALTH_STATUS``, one series per GPU and ``health_watch``,
+  value ``dcgmHealthWatchResults_t``: 0 PASS, 10 WARN, 20 FAIL, label ``health_error_code`` =
+  ``DCGM_FR_*``) -> one ``dcgm.health`` state per GPU and watch (component: the watch, lower case),
+  ``code`` the ``DCGM_FR_*`` code. WARN is a fault as FAIL is: DCGM reports some faults only as WARN
+  (XID 94 as ``DCGM_FR_CONTAINED_ERROR``, pending page retirements, PCIe replay rate), and the
+  catalog (``Catalog.dcgm_code``) decides what each code is worth: a code DCGM marks "can perform
+  workload" is capped to monitoring there, whatever the result.
+Every field is read under its DCGM 4.x canonical name too (DCGM 4.6 ``dcgm_fields.h``, as listed in
+the reference ``dcgm_fields.csv``: ``DCGM_FI_DEV_XID_ERROR``, ``..._ROW_REMAP_FAILED``,
+``..._PCIE_REPLAY_TOTAL``, ``..._GPU_TEMP_CELSIUS``, ``..._GPU_TEMP_SLOWDOWN_CELSIUS``, the NVLink
+``..._ERROR_TOTAL`` counters and ``..._NVLINK_REPLAY_TOTAL`` / ``..._NVLINK_RECOVERY_TOTAL``); the first
+name of a field found on the page wins, so an exporter that writes both is not counted twice.
 MIG rows (``GPU_I_ID``, ``GPU_I_PROFILE``) are their own entities (component ``mig<id>``) and carry
 both labels in ``details``, so incidents name the instance. One bad sample (a value no parser takes,
 a non-finite or out-of-range number, a ``pci_bus_id`` of ``N/A``) is skipped, counted in
@@ -29,6 +41,7 @@ Field facts: NVIDIA dcgm-exporter ``etc/default-counters.csv`` and DCGM ``dcgm_f
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -43,19 +56,32 @@ from breakfix.schemas.signal import Signal, SignalSource
 
 log = structlog.get_logger("breakfix.collector.dcgm")
 
+# Each field: the dcgm-exporter name first, then the DCGM 4.x canonical name(s) (dcgm_fields.csv column
+# canonical_field_name_dcgm_4.6; NVLINK_REPLAY_TOTAL / RECOVERY_TOTAL are DCGM 4.6's newer totals of the same counts).
 XID = ("DCGM_FI_DEV_XID_ERRORS", "DCGM_FI_DEV_XID_ERROR")
 DBE = ("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",)
-REMAP_FAILURE = ("DCGM_FI_DEV_ROW_REMAP_FAILURE",)
+REMAP_FAILURE = ("DCGM_FI_DEV_ROW_REMAP_FAILURE", "DCGM_FI_DEV_ROW_REMAP_FAILED")
 REMAP_PENDING = ("DCGM_FI_DEV_ROW_REMAP_PENDING",)
-NVLINK = ("DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL", "DCGM_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL",
-          "DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL", "DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL",
-          "DCGM_FI_DEV_NVLINK_CRC_ERROR_TOTAL")
+NVLINK = (("DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL", "DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_TOTAL"),
+          ("DCGM_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL", "DCGM_FI_DEV_NVLINK_CRC_DATA_ERROR_TOTAL"),
+          ("DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL", "DCGM_FI_DEV_NVLINK_REPLAY_ERROR_TOTAL",
+           "DCGM_FI_DEV_NVLINK_REPLAY_TOTAL"),
+          ("DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL", "DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_TOTAL",
+           "DCGM_FI_DEV_NVLINK_RECOVERY_TOTAL"),
+          ("DCGM_FI_DEV_NVLINK_CRC_ERROR_TOTAL",))
 CLOCK_REASONS = ("DCGM_FI_DEV_CLOCKS_EVENT_REASONS", "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS")
 THERMAL_VIOLATION = ("DCGM_FI_DEV_THERMAL_VIOLATION",)
-PCIE_REPLAY = ("DCGM_FI_DEV_PCIE_REPLAY_COUNTER",)
-GPU_TEMP = ("DCGM_FI_DEV_GPU_TEMP",)
-SLOWDOWN_TEMP = ("DCGM_FI_DEV_SLOWDOWN_TEMP",)
+PCIE_REPLAY = ("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "DCGM_FI_DEV_PCIE_REPLAY_TOTAL")
+GPU_TEMP = ("DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_GPU_TEMP_CELSIUS")
+SLOWDOWN_TEMP = ("DCGM_FI_DEV_SLOWDOWN_TEMP", "DCGM_FI_DEV_GPU_TEMP_SLOWDOWN_CELSIUS")
 XID_COUNT = ("DCGM_EXP_XID_ERRORS_COUNT", "DCGM_FI_DEV_XID_ERRORS_ACTIVE")
+HEALTH = ("DCGM_EXP_GPU_HEALTH_STATUS",)
+FIELDS = (XID, DBE, REMAP_FAILURE, REMAP_PENDING, CLOCK_REASONS, THERMAL_VIOLATION, PCIE_REPLAY, GPU_TEMP,
+          SLOWDOWN_TEMP, XID_COUNT, HEALTH, *NVLINK)  # every family read, each with its aliases
+HEALTH_RESULTS = {0.0: "PASS", 10.0: "WARN", 20.0: "FAIL"}  # dcgmHealthWatchResults_t
+HEALTH_WARN = 10.0
+_WATCH = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
+_FR_CODE = re.compile(r"^DCGM_FR_[A-Z0-9_]{1,64}$")
 MIG_LABELS = ("GPU_I_ID", "GPU_I_PROFILE")
 MAX_XID = 65535
 CLOCK_BITS = (("clock.hw_slowdown", 0x8), ("clock.hw_thermal", 0x40), ("clock.power_brake", 0x80))
@@ -76,6 +102,7 @@ class GpuFields:
     xid_counts: dict[str, tuple[float, str]] = field(default_factory=dict)  # xid -> (count, window ms)
     hostname: str | None = None
     mig: dict[str, str] = field(default_factory=dict)  # GPU_I_ID / GPU_I_PROFILE of a MIG row
+    health: dict[str, tuple[float, str]] = field(default_factory=dict)  # watch -> (result, DCGM_FR_* code or "")
 
 
 class BadSample(ValueError):
@@ -113,9 +140,7 @@ def by_gpu(samples: dict[str, list[Sample]], skipped: list[tuple[str, str]] | No
     Bad samples are appended to ``skipped`` as (family, reason) and left out."""
     out: dict[str, GpuFields] = {}
     bad = skipped if skipped is not None else []
-    groups = (XID, DBE, REMAP_FAILURE, REMAP_PENDING, CLOCK_REASONS, THERMAL_VIOLATION, PCIE_REPLAY, GPU_TEMP,
-              SLOWDOWN_TEMP, XID_COUNT)
-    for names in (*groups, *((n,) for n in NVLINK)):
+    for names in FIELDS:
         for name in names:
             for s in samples.get(name, ()):
                 try:
@@ -126,6 +151,11 @@ def by_gpu(samples: dict[str, list[Sample]], skipped: list[tuple[str, str]] | No
                     xid = s.labels.get("xid", "")
                     if names is XID_COUNT and not (xid.isdigit() and int(xid) <= MAX_XID):
                         raise BadSample(f"xid label {xid[:20]!r} is no XID")
+                    watch = s.labels.get("health_watch", "")
+                    if names is HEALTH and value not in HEALTH_RESULTS:
+                        raise BadSample(f"value {value:g} is no health result (0 PASS, 10 WARN, 20 FAIL)")
+                    if names is HEALTH and not _WATCH.match(watch):
+                        raise BadSample(f"health_watch label {watch[:40]!r} is no health watch")
                 except BadSample as exc:
                     bad.append((names[0], str(exc)))
                     continue
@@ -133,6 +163,12 @@ def by_gpu(samples: dict[str, list[Sample]], skipped: list[tuple[str, str]] | No
                                                   mig={k: s.labels[k] for k in MIG_LABELS if s.labels.get(k)}))
                 if names is XID_COUNT:
                     g.xid_counts[str(int(xid))] = (value, s.labels.get("window_size_in_ms", ""))
+                    continue
+                if names is HEALTH:  # one result per watch (the exporter's rule); two: the worse one counts
+                    code = s.labels.get("health_error_code", "")
+                    watch = watch.upper()
+                    if value > g.health.get(watch, (-1.0, ""))[0]:
+                        g.health[watch] = (value, code if _FR_CODE.match(code) else "")
                     continue
                 g.values.setdefault(names[0], value)
                 if names is XID:
@@ -196,11 +232,13 @@ class DcgmRules:
             return f"{name}:mig{mig['GPU_I_ID']}" if name else f"mig{mig['GPU_I_ID']}"
 
         def state(check: str, bad: bool, value: float | None = None, threshold: float | None = None,
-                  component: str | None = None) -> None:
-            states.append(self.ctx.signal(source=SignalSource.DCGM, check=check, healthy=not bad, at=at, gpu=gpu,
-                                          component=comp(component), value=value, threshold=threshold,
-                                          details=dict(mig) or None,
-                                          message=f"dcgm-exporter: {check} {'fault' if bad else 'ok'} on {where}"))
+                  component: str | None = None, code: str | None = None, details: dict[str, str] | None = None,
+                  what: str = "") -> None:
+            states.append(self.ctx.signal(source=SignalSource.DCGM, check=check, code=code, healthy=not bad, at=at,
+                                          gpu=gpu, component=comp(component), value=value, threshold=threshold,
+                                          details={**(details or {}), **mig} or None,
+                                          message=f"dcgm-exporter: {what or check} {'fault' if bad else 'ok'} "
+                                                  f"on {where}"))
 
         def rate(name: str) -> float | None:
             if name not in v or name not in prev or elapsed <= 0:
@@ -231,7 +269,7 @@ class DcgmRules:
             state("row_remap.failure", v[REMAP_FAILURE[0]] >= 1)
         if REMAP_PENDING[0] in v:
             state("row_remap.pending", v[REMAP_PENDING[0]] >= 1)
-        nv = [r for n in NVLINK if (r := rate(n)) is not None]
+        nv = [r for names in NVLINK if (r := rate(names[0])) is not None]
         if nv:
             total = sum(nv)
             state("nvlink.errors", total >= self.th.nvlink_errors_per_min, round(total, 2),
@@ -251,4 +289,10 @@ class DcgmRules:
         if GPU_TEMP[0] in v and v.get(SLOWDOWN_TEMP[0]):
             state("temperature.slowdown", v[GPU_TEMP[0]] >= v[SLOWDOWN_TEMP[0]], v[GPU_TEMP[0]],
                   v[SLOWDOWN_TEMP[0]])
+        for watch, (result, code) in sorted(g.health.items()):
+            bad = result >= HEALTH_WARN  # WARN too: the catalog caps "can perform workload" codes to monitoring
+            fr = code if bad and code not in ("", "DCGM_FR_OK") else None  # a fault without one: the cautious class
+            state("dcgm.health", bad, result, HEALTH_WARN, component=watch.lower(), code=fr,
+                  details={"health_watch": watch, "health_result": HEALTH_RESULTS[result]},
+                  what=f"DCGM health watch {watch} {HEALTH_RESULTS[result]}" + (f" {fr}" if fr else ""))
         self.prev[key] = (dict(v), mono)

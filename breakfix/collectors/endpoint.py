@@ -4,9 +4,13 @@ Each configured endpoint is probed every cycle over HTTP (aiohttp): its health p
 list (``/v1/models`` must answer with at least one model) and its ``/metrics``. The pure
 ``EndpointRules`` compare two scrapes: TTFT p95 and ITL p95 from the histogram buckets that
 grew between them, the error share of the requests finished between them, and KV-cache usage,
-each against the endpoint's SLO. Metric names per framework (vLLM, NIM, Dynamo, Triton) are
+each against the endpoint's SLO. Metric names per framework (vLLM, NIM, Dynamo, Triton, SGLang) are
 listed in ``METRICS`` from the team's notes on each project's metric catalogue (see
-``collectors/SOURCES.md``); ``auto`` takes whichever is present. Signals carry the tenant
+``collectors/SOURCES.md``; SGLang's from its "Production Metrics" page, docs.sglang.io
+references/production_metrics); ``auto`` takes whichever is present. A failed request is a vLLM
+``finished_reason`` of ``abort`` or ``error`` (vLLM's ``FINISH_REASON_STRINGS``: stop, length, abort,
+error, repetition), an SGLang ``sglang:num_aborted_requests_total`` of its
+``sglang:num_requests_total``, a Dynamo ``status="error"``, a Triton failure. Signals carry the tenant
 (namespace, endpoint) and the serving pods and nodes, so the correlator can tie a breach to
 the hardware incident under it.
 """
@@ -27,16 +31,24 @@ from breakfix.schemas.signal import Signal, SignalSource
 # signal -> candidate metric names, first present wins. Histograms are given by base name.
 METRICS: dict[str, tuple[str, ...]] = {
     "ttft": ("vllm:time_to_first_token_seconds", "time_to_first_token_seconds",
-             "dynamo_frontend_time_to_first_token_seconds", "nv_inference_first_response_histogram_ms"),
+             "dynamo_frontend_time_to_first_token_seconds", "nv_inference_first_response_histogram_ms",
+             "sglang:time_to_first_token_seconds"),
     "itl": ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds",
-            "dynamo_frontend_inter_token_latency_seconds", "time_per_output_token_seconds"),
-    "kv_cache": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "gpu_cache_usage_perc"),
+            "dynamo_frontend_inter_token_latency_seconds", "time_per_output_token_seconds",
+            "sglang:inter_token_latency_seconds"),
+    # SGLang's token_usage: the share of the KV-cache token pool in use (0..1), as vLLM's kv_cache_usage_perc
+    "kv_cache": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "gpu_cache_usage_perc",
+                 "sglang:token_usage"),
 }
-# (total counter, how to tell failures) per framework
-REQUESTS: tuple[tuple[str, str, str | None], ...] = (
-    ("vllm:request_success_total", "finished_reason", "abort"),
-    ("dynamo_frontend_requests_total", "status", "error"),
-    ("request_success_total", "finished_reason", "abort"),
+# (total counter, the label telling failures, the label values that are failures) per framework
+REQUESTS: tuple[tuple[str, str, frozenset[str]], ...] = (
+    ("vllm:request_success_total", "finished_reason", frozenset({"abort", "error"})),
+    ("dynamo_frontend_requests_total", "status", frozenset({"error"})),
+    ("request_success_total", "finished_reason", frozenset({"abort", "error"})),
+)
+# (all requests, failed requests): two counters, the second a part of the first
+REQUEST_PAIRS: tuple[tuple[str, str], ...] = (
+    ("sglang:num_requests_total", "sglang:num_aborted_requests_total"),
 )
 TRITON = ("nv_inference_request_success", "nv_inference_request_failure")
 
@@ -101,7 +113,11 @@ def _requests(samples: dict[str, list[Sample]]) -> tuple[float, float] | None:
     for name, label, bad in REQUESTS:
         rows = samples.get(name)
         if rows:
-            return sum(s.value for s in rows), sum(s.value for s in rows if s.labels.get(label) == bad)
+            return sum(s.value for s in rows), sum(s.value for s in rows if s.labels.get(label) in bad)
+    for total, failed_name in REQUEST_PAIRS:
+        rows = samples.get(total)
+        if rows:
+            return sum(s.value for s in rows), sum(s.value for s in samples.get(failed_name) or ())
     ok, failed = samples.get(TRITON[0]), samples.get(TRITON[1])
     if ok is not None or failed is not None:
         f = sum(s.value for s in failed or ())

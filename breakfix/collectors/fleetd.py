@@ -6,7 +6,9 @@ rules against Prometheus in a worker thread, passes the result through the edge 
 The bus link is kept by ``collectors.link.keep_connected`` in its own task, so the rules are
 evaluated from the first cycle whether or not NATS answers: while it is away the signals wait
 in the spool and are replayed in order when it returns. All time comes from the injected clock.
-Its cycles, failures and signals go to ``collectors.metrics.FleetCollectorMetrics``.
+Its cycles, failures and signals go to ``collectors.metrics.FleetCollectorMetrics``; the odd series the rules
+skipped (``FleetRules.skipped``) to ``breakfix_collector_parse_skipped_total{source="prometheus"}`` on the same
+registry.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from breakfix.collectors.edge import EdgeFilter
 from breakfix.collectors.forwarder import Forwarder
 from breakfix.collectors.link import keep_connected, pause
 from breakfix.collectors.metrics import FleetCollectorMetrics
+from breakfix.collectors.parse_metrics import ParseSkipped
 from breakfix.collectors.promfleet import FleetRules, Prometheus
 from breakfix.collectors.spool import Spool
 from breakfix.schemas import subjects
@@ -37,6 +40,10 @@ class FleetCollector:
                  connect_timeout_s: float = 10.0, metrics: FleetCollectorMetrics | None = None) -> None:
         self.rules = rules
         self.metrics = metrics or FleetCollectorMetrics()
+        try:
+            ParseSkipped(self.metrics.registry).watch("prometheus", lambda: self.rules.skipped)
+        except ValueError:  # a registry shared with another collector that exports it already
+            log.warning("fleet_parse_skipped_not_exported", reason="registry already has the family")
         self.prom = prom
         self.clock = clock
         self.interval_s = interval_s

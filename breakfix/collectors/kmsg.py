@@ -1,7 +1,8 @@
 """The kernel-log rules: NVIDIA driver lines (XID, SXid, fallen off the bus) -> ``Signal``s.
 
 Pure: ``parse_line`` takes one line in any prefix seen in the wild (raw ``/dev/kmsg``
-records ``6,1234,5678,-;``, dmesg ``[ts]``, ``dmesg -T``, syslog, journald short-iso) and
+records ``6,1234,5678,-;``, dmesg ``[ts]``, ``dmesg -T`` / ``-r`` / ``-x``, syslog (RFC 5424 too), journald
+short-iso / short-unix / short-full) and
 returns a ``KernelEvent`` or None for everything else (non-XID NVRM noise included).
 ``to_signal`` turns an event into a ``Signal`` through the node's ``NodeContext``, mapping the
 PCI address to the GPU (from NVML, or from the ``NVRM: GPU at PCI:... GPU-<uuid>`` lines the
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from breakfix.collectors.context import NodeContext
+from breakfix.collectors.kmsg_follow import NO_TIME, has_time
 from breakfix.schemas.catalog.nvlink5 import NVLINK5_XIDS, decode
 from breakfix.schemas.common import GpuRef, Severity, normalize_pci_bus_id
 from breakfix.schemas.signal import Signal, SignalSource
@@ -34,9 +36,17 @@ _XID_MIG = re.compile(r"GPU-I:\s*(?P<gi>[0-9a-fA-F]{1,4})")
 _SXID = re.compile(
     r"nvidia-nvswitch(?P<switch>\d+): SXid \(PCI:(?P<pci>[0-9a-fA-F:.]+)\): (?P<sxid>\d+), (?P<rest>.*)$"
 )
+# Fallen off the bus without an Xid (kernel_log_formats.md section 3): ``GPU <bdf>: GPU has fallen off the bus``,
+# the older ``GPU at <bdf> has fallen off the bus``, and the three-line message whose first line is
+# ``The NVIDIA GPU <bdf>`` ALONE (``(PCI ID: ...) installed in this system has`` / ``fallen off the bus ...``
+# follow). The driver's other ``The NVIDIA GPU <bdf> ...`` messages (``(PCI ID: ...)`` on the same line: not
+# supported by this driver, requires the open kernel modules; memory onlining) go on after the address, so they
+# are not a lost GPU. In a /dev/kmsg record the lines are one, joined by ``\x0a``: there the record must say
+# ``fallen off the bus`` itself (as gpud's fallback regex requires).
 _FALLEN = re.compile(
     r"NVRM: (?:GPU (?:at )?(?:PCI:)?(?P<pci1>[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]):? "
-    r"(?:GPU )?has fallen off the bus|The NVIDIA GPU (?P<pci2>[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]))"
+    r"(?:GPU )?has fallen off the bus|The NVIDIA GPU (?P<pci2>[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7])"
+    r"(?:\s*$|\\x0a.*?fallen off the bus))"
 )
 _GPU_MAP = re.compile(r"NVRM: GPU at PCI:(?P<pci>[0-9a-fA-F:.]+): (?P<uuid>GPU-[0-9a-fA-F-]+)")
 _RECOVERY = re.compile(r"recovery action changed from 0x[0-9a-fA-F]+ \([^)]*\) to 0x[0-9a-fA-F]+ \((?P<action>[^)]*)\)")
@@ -152,9 +162,11 @@ def to_signal(ev: KernelEvent, ctx: NodeContext, *, observed_at: datetime, discr
 
 def line_signal(text: str, ctx: NodeContext, *, observed_at: Callable[[str], tuple[datetime, str]],
                 discriminator: str, extra: dict[str, str] | None = None) -> Signal | None:
-    """One line -> its signal (or None), learning PCI-to-UUID pairs on the way. Any failure of this one line
-    (impossible address, date, or number; a value the contract refuses) is one ``BadLine``: the caller skips
-    and counts it and goes on with the rest of its batch."""
+    """One line -> its signal (or None), learning PCI-to-UUID pairs on the way. ``observed_at`` gives the line's
+    time and how it was found (``""``: not worth saying); a line that carries no time at all is marked
+    ``details.time_source=none`` whatever it says, so a reader's now never passes for the kernel's time. Any
+    failure of this one line (impossible address, date, or number; a value the contract refuses) is one
+    ``BadLine``: the caller skips and counts it and goes on with the rest of its batch."""
     if "NVRM" not in text and "SXid" not in text:
         return None
     try:
@@ -167,6 +179,8 @@ def line_signal(text: str, ctx: NodeContext, *, observed_at: Callable[[str], tup
         if ev is None:
             return None
         at, source = observed_at(text)  # source: "" or how the time was found, for details.time_source
+        if not source and not has_time(text):  # no time in the line: ``at`` is the reader's now, and says so
+            source = NO_TIME
         more = dict(extra or {})
         if source:
             more["time_source"] = source

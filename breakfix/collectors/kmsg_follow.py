@@ -12,8 +12,10 @@ those lines were published or spooled, so a crash re-reads at most what was not 
   again by inode as ``<path>.1`` after a restart) before the new one is read from the start; a
   file truncated in place (copytruncate) is read again from the start.
 Positions live in one small JSON file, written atomically. Line timestamps come from the line
-(raw kmsg microseconds or ``[seconds]`` since boot, ISO, ``dmesg -T``, syslog) so a line read
-twice yields the same signal id. The kmsg source (``collectors.kmsg_source``) drives this.
+(raw kmsg microseconds or ``[seconds]`` since boot, ISO, ``dmesg -T``, syslog, journalctl ``short-unix`` and
+``short-full``; behind a ``dmesg -r`` / RFC 5424 priority or a ``dmesg -x`` facility:level) so a line read
+twice yields the same signal id; a line with none says so (``NO_TIME``, ``has_time``). The kmsg source
+(``collectors.kmsg_source``) drives this.
 """
 
 from __future__ import annotations
@@ -31,10 +33,23 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 _RAW = re.compile(r"^\d+,(?P<seq>\d+),(?P<usec>\d+),[^;]*;")
+# What a writer puts before the time: the syslog priority of ``dmesg -r`` (``<4>[ts]``), RFC 3164 (``<4>Aug 30``)
+# and RFC 5424 (``<4>1 ISO host kernel - - - msg``), and the ``facility:level : `` of ``dmesg -x`` (util-linux
+# prints ``%-6s:%-6s: ``: ``kern  :warn  : [ts]``). Shared with ``collectors.sniff``.
+PREFIX = (r"(?:<\d{1,3}>(?:1 )?|(?:kern|user|mail|daemon|auth|syslog|lpr|news|uucp|cron|authpriv|ftp|res[0-3]"
+          r"|local[0-7]) *:(?:emerg|alert|crit|err|warn|notice|info|debug) *: )")
+_PREFIX = re.compile(PREFIX)
 _MONO = re.compile(r"^(?:\S+\s+){0,5}?\[\s*(?P<mono>\d+\.\d+)\]")
 _ISO = re.compile(r"^(?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d\d:?\d\d)?)")
 _DMESG_T = re.compile(r"^\[(?P<t>\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4})\]")
 _SYSLOG = re.compile(r"^(?P<t>\w{3} [ \d]\d \d\d:\d\d:\d\d)(?P<frac>\.\d{1,9})? ")
+# journalctl -o short-unix (``1725018189.123456 host kernel: ...``): seconds since the epoch, UTC by definition.
+_EPOCH = re.compile(r"^(?P<s>\d{9,11})\.(?P<frac>\d{1,9}) ")
+# journalctl -o short-full (``Fri 2024-08-30 11:43:09 UTC host kernel: ...``): the writer's wall clock and its zone
+# as ``%Z`` prints it (an abbreviation, or ``+03`` for a zone without one).
+_FULL = re.compile(r"^\w{3} (?P<t>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?P<frac>\.\d{1,9})? "
+                   r"(?P<zone>[+-]\d\d(?::?\d\d)?|[A-Za-z]{1,6}) ")
+_TIMES = (_ISO, _DMESG_T, _SYSLOG, _EPOCH, _FULL, _MONO)
 
 
 def read_boot_id(path: Path = BOOT_ID) -> str:
@@ -101,10 +116,14 @@ def line_time_source(line: str, *, booted: datetime, now: datetime,
                      tz: tzinfo | None = UTC) -> tuple[datetime, str]:
     """``line_time`` and where it came from: ``ABSOLUTE``, ``RELATIVE`` (seconds since ``booted``) or ``NO_TIME``.
 
-    Syslog, ``dmesg -T`` and ISO times without an offset are the writer's wall clock: they are read in ``tz``
-    (``log_zone``; UTC unless the log's node keeps local time) and returned in UTC."""
+    A ``dmesg -r`` / syslog priority (``<4>``, RFC 5424 ``<4>1``) or ``dmesg -x`` facility:level before the time
+    is skipped. Syslog, ``dmesg -T``, ISO times without an offset and journalctl ``short-full`` times with a zone
+    abbreviation other than UTC are the writer's wall clock: they are read in ``tz`` (``log_zone``; UTC unless the
+    log's node keeps local time) and returned in UTC; ``short-unix`` seconds are UTC."""
     if m := _RAW.match(line):
         return booted + timedelta(microseconds=int(m.group("usec"))), RELATIVE
+    if p := _PREFIX.match(line):
+        line = line[p.end():]
     if m := _ISO.match(line):
         iso = m.group("iso").replace(",", ".")
         if re.search(r"[+-]\d{4}$", iso):
@@ -118,9 +137,41 @@ def line_time_source(line: str, *, booted: datetime, now: datetime,
         if m.group("frac"):  # journalctl -o short-precise
             naive += timedelta(microseconds=int(m.group("frac")[1:7].ljust(6, "0")))
         return _wall(naive, tz), ABSOLUTE
+    if m := _EPOCH.match(line):
+        return datetime.fromtimestamp(int(m.group("s")), UTC) + _micro(m.group("frac")), ABSOLUTE
+    if m := _FULL.match(line):
+        t = datetime.fromisoformat(m.group("t")) + _micro(m.group("frac"))
+        return _zoned(t, m.group("zone"), tz), ABSOLUTE
     if m := _MONO.match(line):
         return booted + timedelta(seconds=float(m.group("mono"))), RELATIVE
     return now, NO_TIME
+
+
+def has_time(line: str) -> bool:
+    """Whether ``line`` carries a time of its own in a form ``line_time_source`` reads: False exactly when it
+    would answer ``NO_TIME``. Only the forms are matched, no date is parsed."""
+    if _RAW.match(line):
+        return True
+    if p := _PREFIX.match(line):
+        line = line[p.end():]
+    return any(r.match(line) for r in _TIMES)
+
+
+def _micro(frac: str | None) -> timedelta:
+    return timedelta(microseconds=int(frac[:6].ljust(6, "0"))) if frac else timedelta(0)
+
+
+def _zoned(t: datetime, zone: str, tz: tzinfo | None) -> datetime:
+    """A short-full wall-clock time with its ``%Z`` zone, as UTC: ``UTC``/``GMT`` and numeric offsets say it
+    all; an abbreviation (``CEST``) names no unique zone, so it is read in the log's zone ``tz`` like the other
+    wall-clock stamps."""
+    if zone in ("UTC", "GMT", "UT", "Z"):
+        return t.replace(tzinfo=UTC)
+    if zone[0] in "+-":
+        digits = zone[1:].replace(":", "").ljust(4, "0")
+        offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+        return t.replace(tzinfo=UTC) - (offset if zone[0] == "+" else -offset)
+    return _wall(t, tz)
 
 
 def _syslog_year(stamp: str, here: datetime) -> datetime:
@@ -141,6 +192,8 @@ def relative_seconds(line: str) -> float | None:
     """The seconds-since-boot stamp of a line (``[1234.5]`` or a raw kmsg record), if it has one."""
     if m := _RAW.match(line):
         return int(m.group("usec")) / 1e6
+    if p := _PREFIX.match(line):
+        line = line[p.end():]
     if m := _MONO.match(line):
         return float(m.group("mono"))
     return None

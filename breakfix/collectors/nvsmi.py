@@ -16,7 +16,15 @@ signals, so a fault reads the same from a dump as from a live GPU:
 - ``Replays Since Reset`` (one reading: a total, not a rate) against ``pcie_replay_total`` -> ``pcie.replay``;
 - the GPU count (``Attached GPUs`` and the GPU sections) against an expected count -> ``gpu.count_mismatch``;
 - ``Unable to determine the device handle for GPU <bus>: <why>`` -> ``gpu.lost`` (``gpu.reset_required`` when
-  the reason asks for a reset), as NVML's own GpuIsLost / ResetRequired errors are read live.
+  the reason asks for a reset), as NVML's own GpuIsLost / ResetRequired errors are read live;
+- ``GPU Recovery Action`` (R570+, NVML_FI_DEV_GET_GPU_RECOVERY_ACTION: the driver's own remediation verdict, the
+  state XID 154 reports changes of) and, before it, ``GPU Reset Status`` / ``Reset Required`` and ``Drain and Reset
+  Recommended`` (R530-R565; "Requested functionality has been deprecated" on R570+, i.e. nothing): Reset, Drain P2P
+  and Drain and Reset -> ``gpu.reset_required``, Reboot -> ``gpu.lost`` (the catalog's node-reboot check), each with
+  ``code`` the ``DCGM_FR_GPU_RECOVERY_*`` name DCGM gives the same field (DCGM_FI_DEV_GPU_RECOVERY_ACTION mirrors
+  it), so the catalog classifies it as XID 154 with that action (``xid154_actions``: reset, drain-and-reset, node
+  reboot); an action name this reader does not know is ``gpu.reset_required`` without a code, never healthy.
+  The GPU's other readings (ECC, remaps, ...) are still read: they say what the reset is for.
 MIG mode and MIG devices are read per GPU (``details.mig_mode``, ``details.mig_devices``). Values that read
 ``N/A``, ``[N/A]``, ``Not Supported`` or ``[Requires Root]`` are absent, never zero. XML with entity
 declarations is refused (no entity expansion). Field names: NVIDIA nvidia-smi(1) and ``nvsmi_device_v12.dtd``.
@@ -45,6 +53,23 @@ _ABSENT = {"n/a", "[n/a]", "not supported", "[not supported]", "[requires root]"
 _NO_HANDLE = re.compile(r"Unable to determine the device handle for (?:GPU|gpu)\s*"
                         r"(?P<bus>[0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}(?:\.[0-7])?):\s*(?P<why>[^\n]*)")
 FABRIC_STATES = {"not supported": 0, "not started": 1, "in progress": 2, "completed": 3}
+# GPU Recovery Action as nvidia-smi names it (or NVML's nvmlGpuRecoveryAction_t number) -> (check, code): the
+# code is DCGM's name for the same reading, which the catalog reads as XID 154 with that recovery action.
+RECOVERY_ACTIONS: dict[str, tuple[str, str | None]] = {
+    "reset": ("gpu.reset_required", "DCGM_FR_GPU_RECOVERY_RESET"),
+    "gpu reset": ("gpu.reset_required", "DCGM_FR_GPU_RECOVERY_RESET"),
+    "gpu reset required": ("gpu.reset_required", "DCGM_FR_GPU_RECOVERY_RESET"),
+    "bus reset": ("gpu.reset_required", "DCGM_FR_GPU_RECOVERY_RESET"),
+    "reboot": ("gpu.lost", "DCGM_FR_GPU_RECOVERY_REBOOT"),
+    "node reboot": ("gpu.lost", "DCGM_FR_GPU_RECOVERY_REBOOT"),
+    "node reboot required": ("gpu.lost", "DCGM_FR_GPU_RECOVERY_REBOOT"),
+    "system reboot": ("gpu.lost", "DCGM_FR_GPU_RECOVERY_REBOOT"),
+    "drain p2p": ("gpu.reset_required", "DCGM_FR_GPU_RECOVERY_DRAIN_P2P"),
+    "drain and reset": ("gpu.reset_required", "DCGM_FR_GPU_RECOVERY_DRAIN_RESET"),
+}
+_RECOVERY_NUMBERS = {"1": "Reset", "2": "Reboot", "3": "Drain P2P", "4": "Drain and Reset", "6": "Bus Reset",
+                     "7": "System Reboot"}  # NVML_GPU_RECOVERY_ACTION_*; 0 is NONE, 5 RECOVER_IMEX_DOMAIN
+_DEPRECATED = "requested functionality has been deprecated"
 
 
 class NvsmiFormatError(ValueError):
@@ -174,6 +199,35 @@ class NvsmiGpu:
     sample: GpuSample
     details: dict[str, str]
     pcie_replays: int | None
+    recovery: str | None = None  # the driver's recovery action when it asks for one: "Reset", "Drain and Reset", ...
+
+
+def recovery_action(gpu: Node) -> str | None:
+    """The recovery action the driver asks for on this GPU, None when it asks for none (or does not say).
+    ``GPU Recovery Action`` first; without a named action there, the pre-R570 ``GPU Reset Status`` Yes/No pair."""
+    raw = _value(gpu.get("gpu_recovery_action"))
+    if raw is not None and raw.lower() != _DEPRECATED and raw.strip() != "0":
+        return _RECOVERY_NUMBERS.get(raw.strip(), raw[:100])
+    status = gpu.get("gpu_reset_status")
+    if status is None:
+        return None
+    if _yes(status.get("drain_and_reset_recommended")):
+        return "Drain and Reset"
+    if _yes(status.get("reset_required")):
+        return "Reset"
+    return None
+
+
+def recovery_check(action: str) -> tuple[str, str | None]:
+    """(check, code) for a recovery action. An action not known here (RECOVER_IMEX_DOMAIN, one a later driver adds)
+    gets a DCGM-style code the catalog does not list, so it classifies as an unknown fault: the cautious path, as
+    an unreadable XID 154 action does, never an automatic reset and never healthy."""
+    words = " ".join(action.lower().split())
+    known = RECOVERY_ACTIONS.get(words)
+    if known is not None:
+        return known
+    name = re.sub(r"[^A-Z0-9]+", "_", words.upper()).strip("_")[:48] or "UNKNOWN"
+    return "gpu.reset_required", f"DCGM_FR_GPU_RECOVERY_{name}"
 
 
 def gpu_sample(gpu: Node, index: int) -> NvsmiGpu:
@@ -233,7 +287,7 @@ def gpu_sample(gpu: Node, index: int) -> NvsmiGpu:
         if bad:  # the instances that saw the uncorrectable SRAM errors, named as dcgm-exporter names them
             details["GPU_I_ID"] = ",".join(bad[:16])
     replays = _int(first(gpu, "pci/replays_since_reset", "pci/replay_counter"))
-    return NvsmiGpu(s, details, replays)
+    return NvsmiGpu(s, details, replays, recovery_action(gpu))
 
 
 def _flatten(node: Node) -> list[Node]:
@@ -291,8 +345,14 @@ def nvsmi_signals(read: NvsmiRead, ctx: NodeContext, at: datetime, th: NvsmiThre
                                       f"expected {th.expected_gpus}"))
     for g in read.gpus:
         ctx.register_gpus([g.sample.gpu])
+        action = None if g.sample.lost else g.recovery  # a GPU nvidia-smi cannot open says nothing more
+        asked = recovery_check(action) if action else None
         for sig in evaluate(ctx, g.sample, None, at, 0.0, th.nvml, set()):
-            if g.details and (sig.check == "ecc.dbe" or (g.sample.lost and sig.check == g.sample.lost)):
+            if action and asked is not None and sig.check == asked[0]:  # the driver's verdict, not a healthy GPU
+                sig = ctx.signal(source=SignalSource.NVML, check=asked[0], code=asked[1], healthy=False, at=at,
+                                 gpu=g.sample.gpu, details={**g.details, "recovery_action": action},
+                                 message=f"nvidia-smi: GPU Recovery Action {action!r} on {g.sample.gpu.label()}")
+            elif g.details and (sig.check == "ecc.dbe" or (g.sample.lost and sig.check == g.sample.lost)):
                 sig = sig.model_copy(update={"details": {**sig.details, **g.details}})
             out.append(sig)
         if g.pcie_replays is not None:

@@ -7,15 +7,25 @@ results into per-node signals: one state per node / GPU / endpoint series that c
 healthy one when it drops back while still observed), or one event per change for ``event``
 rules such as dcgm-exporter's last-XID gauge. Signals go through the same edge filter and
 forwarder as a node daemon's.
+
+A MIG instance (labels ``GPU_I_ID`` / ``GPU_I_PROFILE``, dcgm-exporter's per-instance rows) is its own
+entity, as in the node's dcgm source: component ``mig<GPU_I_ID>``, both labels in ``details``, so one
+instance's unchanged gauge is not a new event because another instance of the GPU reads differently.
+One odd series (a ``pci_bus_id`` that is no address, such as ``N/A``, is only dropped from the GPU
+reference; a NaN or infinite value, a value no code can be read from, labels no signal takes) is skipped,
+counted in ``FleetRules.skipped`` (``breakfix_collector_parse_skipped_total{source="prometheus"}``) and
+logged once per rule; every other series of that rule and every other rule are still evaluated.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import structlog
 from prometheus_api_client import PrometheusConnect
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,7 +36,11 @@ from breakfix.schemas.common import GpuRef, TenantRef, normalize_pci_bus_id
 from breakfix.schemas.datafile import load_model
 from breakfix.schemas.signal import Signal, SignalSource
 
+log = structlog.get_logger("breakfix.collector.fleet")
+
 DEFAULT_FLEET_RULES = Path(__file__).resolve().parent / "rules" / "fleet.yaml"
+MIG_LABELS = ("GPU_I_ID", "GPU_I_PROFILE")
+MAX_CODE = 2.0**31  # a value read as a code (an XID) is a non-negative integer below this
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
 
@@ -70,7 +84,20 @@ class PrometheusClient:
 
     def query(self, promql: str) -> list[Series]:
         rows: list[dict[str, Any]] = self._prom.custom_query(promql)
-        return [Series(dict(r.get("metric", {})), float(r["value"][1])) for r in rows if "value" in r]
+        return [Series({str(k): str(v) for k, v in (r.get("metric") or {}).items()}, _number(r["value"]))
+                for r in rows if isinstance(r, dict) and "value" in r]
+
+
+def _number(value: Any) -> float:
+    """A sample's ``[time, "value"]``; NaN when it is not one, so that ``FleetRules`` skips and counts the series."""
+    try:
+        return float(value[1])
+    except (TypeError, ValueError, IndexError, KeyError):
+        return math.nan
+
+
+class SkippedSeries(ValueError):
+    """One query result that no signal can be made of."""
 
 
 class FleetRules:
@@ -80,6 +107,8 @@ class FleetRules:
         self.catalog = catalog
         self.contexts: dict[str, NodeContext] = {}
         self.last_event: dict[str, float] = {}
+        self.skipped = 0  # odd series since start: breakfix_collector_parse_skipped_total{source="prometheus"}
+        self.logged: set[str] = set()  # rules whose odd series were logged (once each)
 
     def _ctx(self, node: str) -> NodeContext:
         c = self.contexts.get(node)
@@ -92,51 +121,99 @@ class FleetRules:
         gpu = None
         if "gpu" in labels or "UUID" in labels or "uuid" in labels:
             pci = labels.get("pci_bus_id")
+            try:  # ``N/A`` (seen on a real A800 page): no address, the UUID or index still names the GPU
+                pci = normalize_pci_bus_id(pci) if pci else None
+            except ValueError:
+                pci = None
             idx = labels.get("gpu", "")
-            gpu = GpuRef(index=int(idx) if idx.isdigit() else None, uuid=labels.get("UUID") or labels.get("uuid"),
-                         pci_bus_id=normalize_pci_bus_id(pci) if pci else None)
+            gpu = GpuRef(index=int(idx) if idx.isdigit() and len(idx) <= 6 else None,
+                         uuid=labels.get("UUID") or labels.get("uuid") or None, pci_bus_id=pci)
         tenant = None
         if labels.get("namespace") and labels.get("endpoint"):
             tenant = TenantRef(namespace=labels["namespace"], endpoint=labels["endpoint"])
         return node, gpu, tenant
 
+    @staticmethod
+    def _mig(labels: dict[str, str]) -> dict[str, str]:
+        return {k: labels[k] for k in MIG_LABELS if labels.get(k)}
+
+    def _key(self, rule: FleetRule, node: str | None, gpu: GpuRef | None, tenant: TenantRef | None,
+             mig: dict[str, str]) -> str:
+        return (f"{rule.name}|{node}|{gpu.key() if gpu else ''}|{tenant.key() if tenant else ''}"
+                f"|{mig.get('GPU_I_ID', '')}")
+
+    def _skip(self, rule: FleetRule, s: Series, reason: str) -> None:
+        self.skipped += 1
+        if rule.name not in self.logged and len(self.logged) < 1000:
+            self.logged.add(rule.name)
+            log.warning("fleet_series_skipped", rule=rule.name, reason=reason[:300],
+                        labels={k: v[:100] for k, v in list(s.labels.items())[:20]})
+
     def apply(self, rule: FleetRule, faults: list[Series], observed: list[Series] | None, at: datetime) -> Cycle:
+        """One rule's query results -> signals. A series that no signal can be made of is skipped and counted
+        (``skipped``), never the rule."""
         states: list[Signal] = []
         events: list[Signal] = []
-        bad_keys = set()
+        bad_keys: set[str] = set()
         for s in faults:
-            node, gpu, tenant = self._entity(s.labels)
-            if node is None:
-                continue
-            key = f"{rule.name}|{node}|{gpu.key() if gpu else ''}|{tenant.key() if tenant else ''}"
-            bad_keys.add(key)
-            code = str(int(s.value)) if rule.code_from_value else None
-            msg = f"{rule.name}: {rule.expr} = {s.value:g}"
-            if rule.kind == "event":
-                if self.last_event.get(key) == s.value:
-                    continue
-                self.last_event[key] = s.value
-                events.append(self._ctx(node).signal(source=SignalSource.PROMETHEUS, check=rule.check, code=code,
-                                                     healthy=False, at=at, gpu=gpu, tenant=tenant, value=s.value,
-                                                     message=msg, discriminator=f"{rule.name}-{s.value}"))
-                continue
-            states.append(self._ctx(node).signal(source=SignalSource.PROMETHEUS, check=rule.check, code=code,
-                                                 healthy=False, at=at, gpu=gpu, tenant=tenant, value=s.value,
-                                                 message=msg, details=self._details(s.labels)))
+            try:
+                self._fault(rule, s, at, bad_keys, states, events)
+            except (ValueError, TypeError, OverflowError) as exc:  # pydantic's ValidationError is a ValueError
+                self._skip(rule, s, str(exc))
         for s in observed or ():
-            node, gpu, tenant = self._entity(s.labels)
-            key = f"{rule.name}|{node}|{gpu.key() if gpu else ''}|{tenant.key() if tenant else ''}"
-            if node is None or key in bad_keys:
-                continue
-            states.append(self._ctx(node).signal(source=SignalSource.PROMETHEUS, check=rule.check, healthy=True,
-                                                 at=at, gpu=gpu, tenant=tenant, value=s.value,
-                                                 message=f"{rule.name}: within bounds",
-                                                 details=self._details(s.labels)))
+            try:
+                self._observed(rule, s, at, bad_keys, states)
+            except (ValueError, TypeError, OverflowError) as exc:
+                self._skip(rule, s, str(exc))
         return Cycle(states=states, events=events)
+
+    def _fault(self, rule: FleetRule, s: Series, at: datetime, bad_keys: set[str], states: list[Signal],
+               events: list[Signal]) -> None:
+        node, gpu, tenant = self._entity(s.labels)
+        if node is None:
+            return
+        mig = self._mig(s.labels)
+        key = self._key(rule, node, gpu, tenant, mig)
+        bad_keys.add(key)  # even when the value is odd: the entity is not reported healthy this cycle
+        if not math.isfinite(s.value):
+            raise SkippedSeries(f"value {s.value!r} is not a finite number")
+        code = None
+        if rule.code_from_value:
+            if not (s.value.is_integer() and 0 <= s.value < MAX_CODE):
+                raise SkippedSeries(f"value {s.value:g} is no code")
+            code = str(int(s.value))
+        msg = f"{rule.name}: {rule.expr} = {s.value:g}"
+        component = f"mig{mig['GPU_I_ID']}" if mig.get("GPU_I_ID") else None
+        ctx = self._ctx(node)
+        if rule.kind == "event":
+            if self.last_event.get(key) == s.value:
+                return
+            signal = ctx.signal(source=SignalSource.PROMETHEUS, check=rule.check, code=code, healthy=False, at=at,
+                                gpu=gpu, component=component, tenant=tenant, value=s.value, message=msg,
+                                details=self._details(s.labels), discriminator=f"{rule.name}-{s.value}")
+            self.last_event[key] = s.value
+            events.append(signal)
+            return
+        states.append(ctx.signal(source=SignalSource.PROMETHEUS, check=rule.check, code=code, healthy=False, at=at,
+                                 gpu=gpu, component=component, tenant=tenant, value=s.value, message=msg,
+                                 details=self._details(s.labels)))
+
+    def _observed(self, rule: FleetRule, s: Series, at: datetime, bad_keys: set[str], states: list[Signal]) -> None:
+        node, gpu, tenant = self._entity(s.labels)
+        mig = self._mig(s.labels)
+        key = self._key(rule, node, gpu, tenant, mig)
+        if node is None or key in bad_keys:
+            return
+        if not math.isfinite(s.value):
+            raise SkippedSeries(f"value {s.value!r} is not a finite number")
+        states.append(self._ctx(node).signal(source=SignalSource.PROMETHEUS, check=rule.check, healthy=True, at=at,
+                                             gpu=gpu, component=f"mig{mig['GPU_I_ID']}" if mig.get("GPU_I_ID")
+                                             else None, tenant=tenant, value=s.value,
+                                             message=f"{rule.name}: within bounds", details=self._details(s.labels)))
 
     @staticmethod
     def _details(labels: dict[str, str]) -> dict[str, str]:
-        d = {}
+        d = {k: labels[k] for k in MIG_LABELS if labels.get(k)}
         if labels.get("node"):
             d["serving_nodes"] = labels["node"]
         if labels.get("pod"):

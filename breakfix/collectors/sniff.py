@@ -4,8 +4,8 @@
 ``nvsmi`` (``nvidia-smi -q`` text or ``-q -x`` XML), ``ibstat`` (``ibstat`` / ``ibstatus``),
 ``nvsmi-table`` (plain ``nvidia-smi``: no health fields), ``prometheus`` (a ``/metrics`` page such as
 dcgm-exporter's), ``signals`` (breakfix Signal JSONL),
-``kmsg`` (a kernel log in any prefix the kmsg rules read), ``binary`` or None. ``hint(fmt)`` is the
-command to use instead. Pure; used by ``breakfix.cli.cli_signals``.
+``kmsg`` (a kernel log in any prefix the kmsg rules read, ``dmesg -r`` / ``-x`` and RFC 5424 included),
+``binary`` or None. ``hint(fmt)`` is the command to use instead. Pure; used by ``breakfix.cli.cli_signals``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 from breakfix.collectors.ibstat import looks_like_ibstat
+from breakfix.collectors.kmsg_follow import PREFIX
 from breakfix.collectors.nvsmi import looks_like_nvsmi
 
 HEAD = 65536
@@ -23,9 +24,12 @@ COMMANDS = {"kmsg": ("a kernel log", "breakfix signals kmsg FILE --node N"),
             "signals": ("breakfix Signal JSONL", "breakfix replay FILE"),
             "ib": ("an InfiniBand sysfs tree", "breakfix signals ib DIR --node N"),
             "nvsmi-table": ("nvidia-smi's summary table", "nvidia-smi -q > FILE; breakfix signals nvsmi FILE --node N")}
+# A kernel-log line: a time in one of the forms the kmsg rules read (``kmsg_follow``), after an optional
+# ``dmesg -r`` / syslog priority or ``dmesg -x`` facility:level (``kmsg_follow.PREFIX``), or a kernel/NVIDIA word.
 _KERNEL = re.compile(
-    r"^(?:\d+,\d+,\d+,[^;]*;|\[\s*\d+\.\d+\]|\[\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\]|\w{3} [ \d]\d \d\d:\d\d:\d\d "
-    r"|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d|-- (?:Logs|Journal|No entries|Boot))|kernel: |NVRM|nvidia|SXid")
+    rf"^{PREFIX}?(?:\d+,\d+,\d+,[^;]*;|\[\s*\d+\.\d+\]|\[\w{{3}} \w{{3}} [ \d]\d \d\d:\d\d:\d\d \d{{4}}\]"
+    r"|\w{3} [ \d]\d \d\d:\d\d:\d\d |\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d|\d{9,11}\.\d+ "
+    r"|\w{3} \d{4}-\d\d-\d\d \d\d:\d\d:\d\d |-- (?:Logs|Journal|No entries|Boot))|kernel: |NVRM|nvidia|SXid")
 _PROM = re.compile(r"^(?:# (?:TYPE|HELP) \S+.*"
                    r"|[a-zA-Z_:][a-zA-Z0-9_:]*(?:\{.*\})?\s+(?:[-+]?(?:[\d.]|Inf|inf|NaN|nan))\S*(?:\s+-?\d+)?"
                    r"|[a-zA-Z_:][a-zA-Z0-9_:]*\{.*\}\s+.*)\s*$")
