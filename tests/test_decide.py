@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from breakfix.remediator.decide import CAUTIOUS_RULE, ClusterView, NodeView, decide
+from breakfix.remediator.decide import CAUTIOUS_RULE, ClusterView, NodeView, decide, fenced_members
+from breakfix.remediator.guardspec import BudgetSpec, GuardsSpec, TopologyBudgetSpec
 from breakfix.remediator.policy import Policy, load_policy
 from breakfix.schemas.common import GpuRef, Severity, TenantRef
 from breakfix.schemas.datafile import DataFileError
@@ -81,6 +82,68 @@ class TestDecide:
         """A policy whose catch-all would reboot cannot load, and decide re-checks anyway."""
         plan = decide(incident(category), OWNED, policy)
         assert not {StepAction.RESET_GPU, StepAction.REBOOT, StepAction.REPROVISION} & {s.action for s in plan.steps}
+
+
+def racks(n: int = 8, labelled: bool = True) -> ClusterView:
+    """``n`` nodes, n1..n4 in rack r1 and the rest in rack r2 (unlabelled: racks unknown to the view)."""
+    return ClusterView(nodes={f"n{i}": NodeView(f"n{i}", {"rack": "r1" if i <= 4 else "r2"} if labelled else {})
+                              for i in range(1, n + 1)})
+
+
+def group(*nodes: str, topology: dict[str, str] | None = None) -> Incident:
+    return Incident(id="fab-1", cluster="c1", scope=IncidentScope.FABRIC, node=None, nodes=nodes,
+                    category="fabric_link", severity=Severity.CRITICAL, codes=("ib.link_down",),
+                    topology=topology or {}, first_seen=T0, last_seen=T0)
+
+
+RACK_OF_2 = GuardsSpec(budget=BudgetSpec(max_nodes=3, max_percent=0),
+                       topology_budgets=(TopologyBudgetSpec(key="rack", max_nodes=2, max_percent=0),))
+R1 = ("n1", "n2", "n3", "n4")
+
+
+class TestGroupFencing:
+    @pytest.mark.parametrize(("members", "busy", "view", "fenced"), [
+        (R1, (), racks(), ["n1", "n2"]),
+        (("n3", "n4", "n5", "n6"), (), racks(), ["n3", "n4", "n5"]),
+        (R1, ("n5", "n6"), racks(), ["n1"]),
+        (R1, ("n5", "n6", "n7"), racks(), []),
+        (R1, ("n1",), racks(), ["n1", "n2"]),
+        (R1, ("n2", "n5"), racks(), ["n1", "n2"]),
+        (R1, (), racks(labelled=False), ["n1", "n2", "n3"]),
+    ], ids=["the-rack-budget-caps-the-cluster-budget", "each-member-under-its-own-rack",
+            "only-what-the-cluster-has-left", "nothing-when-the-budget-is-used",
+            "a-member-in-remediation-takes-no-more-budget", "a-busy-member-counts-against-its-rack",
+            "unlabelled-nodes-only-the-cluster-budget"])
+    def test_a_group_incident_fences_only_what_the_budgets_leave(self, members: tuple[str, ...],
+                                                                  busy: tuple[str, ...], view: ClusterView,
+                                                                  fenced: list[str]) -> None:
+        assert fenced_members(group(*members), view, RACK_OF_2, busy) == fenced
+
+    def test_the_groups_own_topology_key_caps_members_the_view_does_not_label(self) -> None:
+        fab = group(*R1, topology={"rack": "r9"})  # the correlator's grouping names the rack; the view does not
+        assert fenced_members(fab, racks(labelled=False), RACK_OF_2) == ["n1", "n2"]
+
+    def test_a_group_plan_with_no_budget_left_fences_nothing_and_still_pages(self, policy: Policy) -> None:
+        pol = policy.model_copy(update={"guards": RACK_OF_2})
+        plan = decide(group(*R1), racks(), pol, busy=("n5", "n6", "n7"))
+        assert plan.actions() == ["escalate"] and plan.steps[0].params["fenced"] == ""
+        assert plan.steps[0].params["members"] == "n1,n2,n3,n4"
+
+
+class TestDeferredReset:
+    @pytest.mark.parametrize(("codes", "rule"), [
+        (("xid:94",), "gpu-reset-when-idle"),
+        (("xid:94", "xid:45"), "gpu-reset-when-idle"),
+        (("xid:45", "xid:94"), "gpu-reset-when-idle"),
+        (("xid:94", "xid:13"), "tenant-application-fault"),
+        (("xid:13", "xid:45"), "tenant-application-fault"),
+    ], ids=["xid94-alone", "xid94-with-its-xid45", "xid45-read-first", "xid13-is-worse", "no-xid94-no-reset"])
+    def test_the_deferred_reset_takes_xid94_with_its_sympathetic_xid45_and_nothing_worse(
+            self, policy: Policy, codes: tuple[str, ...], rule: str) -> None:
+        """NVIDIA Xid catalog, XID 94: reset the GPU when convenient; "Xid 45 will be seen in relation to this
+        error". The incident is published as a tenant application fault (RESTART_APP)."""
+        inc = incident("application_fault", domain=Domain.TENANT, tenants=(POD,), codes=codes)
+        assert decide(inc, OWNED, policy).rule == rule
 
 
 POLICY_ERRORS = [

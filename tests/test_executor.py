@@ -235,7 +235,7 @@ class TestLifecycleExecution:
                                                                                               ) -> None:
         c = cluster()
         h = Harness(c)
-        h.executor.holders = lambda _inc: "inc-rma (hardware-escalation)"
+        h.executor.holders = lambda _inc, _node: "inc-rma (hardware-escalation)"
         inc = incident("gpu_reset_required")
         assert await h.executor.run(inc, decide(inc, await c.view(), policy)) is ActionOutcome.COMPLETED
         assert c.nodes["n1"].cordoned, "the RMA incident still holds the node"
@@ -244,7 +244,7 @@ class TestLifecycleExecution:
 
     async def test_a_capped_step_of_a_later_rung_escalates_with_the_reason(self) -> None:
         h = Harness(cluster(failing_resets={("n1", 2)}))
-        h.executor.gate = lambda _i, s: "reboot already ran 1x on n1" if s.action is StepAction.REBOOT else None
+        h.executor.gate = lambda _i, _p, s, _k: "reboot already ran 1x on n1" if s.action is StepAction.REBOOT else None
         plan = plan_of(ladder=(("reset", (Step(action=StepAction.RESET_GPU, params=N1),)),
                                ("reboot", (Step(action=StepAction.REBOOT, params=N1),))))
         assert await h.executor.run(incident("gpu_reset_required"), plan) is ActionOutcome.ESCALATED

@@ -15,11 +15,12 @@ from breakfix.remediator.guards import (
     KillSwitchSpec,
     TopologyBudgetSpec,
     check,
+    step_check,
 )
 from breakfix.remediator.policy import Policy
 from breakfix.remediator.view import ClusterView, NodeView
 from breakfix.schemas.common import GpuRef, Severity
-from breakfix.schemas.incident import Incident, IncidentScope, StepAction
+from breakfix.schemas.incident import Domain, Incident, IncidentScope, Step, StepAction
 from tests.conftest import T0
 
 
@@ -27,6 +28,13 @@ def inc(node: str = "n1", category: str = "gpu_reset_required", codes: tuple[str
         iid: str = "inc-1") -> Incident:
     return Incident(id=iid, cluster="c1", scope=IncidentScope.GPU, node=node, nodes=(node,), gpus=(GpuRef(index=0),),
                     category=category, severity=Severity.CRITICAL, codes=codes, first_seen=T0, last_seen=T0)
+
+
+def group(nodes: tuple[str, ...] = ("n5", "n6", "n7"), iid: str = "fab-1") -> Incident:
+    """A group (fabric) incident as the correlator publishes it: no node of its own, its members in ``nodes``."""
+    return Incident(id=iid, cluster="c1", scope=IncidentScope.FABRIC, node=None, nodes=nodes, category="fabric_link",
+                    severity=Severity.CRITICAL, domain=Domain.OPERATOR, codes=("ib.link_down",),
+                    topology={"switch": "leaf-03"}, first_seen=T0, last_seen=T0)
 
 
 def view(n: int, **labels_by_node: dict[str, str]) -> ClusterView:
@@ -94,6 +102,14 @@ class TestBreaker:
         state.reset_breaker()
         assert check(inc("n9"), decide(inc("n9"), view(20), policy), state, view(20), GuardsSpec(), later) is None
 
+    def test_a_group_incident_is_refused_while_the_breaker_is_open(self, policy: Policy) -> None:
+        state = GuardState(breaker_tripped_at=T0, breaker_reason="storm")
+        fab = group()
+        refusal = check(fab, decide(fab, view(20), policy), state, view(20), policy.guards, T0)
+        assert refusal is not None and refusal.guard == "breaker" and not refusal.retry
+        state.reset_breaker()
+        assert check(fab, decide(fab, view(20), policy), state, view(20), policy.guards, T0) is None
+
     def test_slow_trickle_does_not_trip(self) -> None:
         state = GuardState()
         spec = BreakerSpec(max_percent=10, min_nodes=3, window_s=600)
@@ -127,8 +143,43 @@ class TestLoopsAndSwitches:
         refusal = check(i, decide(i, view(10), policy), GuardState(), view(10), GuardsSpec(kill_switch=switch), T0)
         assert refusal is not None and refusal.guard == "kill_switch"
 
+    @pytest.mark.parametrize(("rule", "killed_rules", "killed_codes", "action", "stopped"), [
+        ("gpu-reset", {"gpu-reset"}, set(), StepAction.REBOOT, True),
+        ("gpu-reset", set(), {"xid:48"}, StepAction.DRAIN, True),
+        ("gpu-reset", set(), {"xid:48"}, StepAction.RETURN_TO_SERVICE, True),
+        ("gpu-reset", {"gpu-reset"}, {"xid:48"}, StepAction.CORDON, False),
+        ("gpu-reset", {"gpu-reset"}, {"xid:48"}, StepAction.ESCALATE, False),
+        ("gpu-reset", {"node-reboot"}, {"xid:79"}, StepAction.REBOOT, False),
+        (None, {"gpu-reset"}, {"xid:48"}, StepAction.DRAIN, False),
+    ], ids=["rule-stops-a-later-rung", "code-stops-a-drain", "code-keeps-the-node-out", "a-cordon-still-fences",
+            "the-page-still-goes-out", "other-rules-and-codes-run", "plan-start-asks-check-instead"])
+    def test_a_kill_switch_switched_on_mid_plan_stops_every_step_but_fencing_and_paging(
+            self, rule: str | None, killed_rules: set[str], killed_codes: set[str], action: StepAction,
+            stopped: bool) -> None:
+        state = GuardState(killed_rules=killed_rules, killed_codes=killed_codes)
+        refusal = step_check(inc(), Step(action=action, params={"node": "n1"}), state, GuardsSpec(retry_caps={}), T0,
+                             rule=rule)
+        assert (refusal is not None) is stopped
+        if refusal is not None:
+            assert refusal.guard == "kill_switch" and refusal.fence and refusal.waiting is not None
+
+    @pytest.mark.parametrize(("cleared", "key", "refused"), [
+        ("inc-1:0:0:2", "inc-1:0:0:2", False),
+        ("inc-1:0:0:2", "inc-1:100:0:2", True),
+        (None, "inc-1:0:0:2", True),
+        ("inc-1:0:0:2", "", True),
+    ], ids=["the-step-resumed-after-its-own-start", "a-later-attempt-counts", "never-let-run", "no-key"])
+    def test_a_step_already_let_run_is_not_refused_for_its_own_start(self, cleared: str | None, key: str,
+                                                                    refused: bool) -> None:
+        state = GuardState(cleared={"inc-1": (cleared, T0)} if cleared else {})
+        state.record_action("n1", StepAction.REBOOT, T0)  # the reboot started, then the remediator restarted
+        refusal = step_check(inc(), Step(action=StepAction.REBOOT, params={"node": "n1"}), state, GuardsSpec(),
+                             T0 + timedelta(minutes=5), key=key)
+        assert (refusal is not None and refusal.guard == "retry_cap") is refused
+
     def test_state_round_trips_through_the_store_form(self) -> None:
-        state = GuardState(active={"n1": "i"}, holds={"n1": {"i": "in remediation"}}, queued={"j": T0})
+        state = GuardState(active={"n1": "i"}, holds={"n1": {"i": "in remediation"}}, queued={"j": T0},
+                           cleared={"i": ("i:0:1:2", T0)})
         state.finish("n2", "k", T0, inc("n2"))
         state.record_action("n1", StepAction.REBOOT, T0)
         state.observe_open("n1", T0, BreakerSpec(min_nodes=1, max_percent=1), pool=10)

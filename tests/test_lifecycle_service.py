@@ -4,6 +4,7 @@ plans re-decided when their incident gets worse, and finished incidents forgotte
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -11,16 +12,21 @@ import pytest
 from structlog.testing import capture_logs
 
 from breakfix.remediator.actuator import StepResult
-from breakfix.remediator.guards import BudgetSpec
+from breakfix.remediator.decide import decide
+from breakfix.remediator.guards import BudgetSpec, Fault
 from breakfix.remediator.policy import Policy
+from breakfix.remediator.records import PlanBook, PlanRecord, Progress, ProgressState
 from breakfix.remediator.simcluster import SimCluster, SimNode
+from breakfix.remediator.store import MemoryStore
 from breakfix.schemas import subjects
-from breakfix.schemas.common import GpuRef, Severity
+from breakfix.schemas.common import GpuRef, Severity, TenantRef
 from breakfix.schemas.incident import (
     ActionKind,
     ActionOutcome,
     ChangeKind,
     Domain,
+    Incident,
+    IncidentScope,
     IncidentStatus,
     StepAction,
     WaitingOn,
@@ -35,6 +41,47 @@ def one_node(**kw: Any) -> SimCluster:
 
 def plans(h: Harness, iid: str) -> list[str]:
     return [r.outcome.value for r in h.records() if r.kind is ActionKind.PLAN and r.incident_id == iid]
+
+
+def started(h: Harness, action: StepAction, iid: str = "inc-1") -> bool:
+    return any(r.action is action and r.outcome is ActionOutcome.STARTED and r.incident_id == iid
+               for r in h.records())
+
+
+class Gated(SimCluster):
+    """Ten nodes whose named actions wait until the test opens their gate (a reset, a diag, a reprovision or a
+    page in progress)."""
+
+    def __init__(self, *gated: str, **kw: Any) -> None:
+        super().__init__({f"n{i}": SimNode(f"n{i}", pods={"ml/p": 2, "ml/q": 1}) for i in range(1, 11)}, **kw)
+        self.gates = {a: asyncio.Event() for a in gated}
+
+    async def _wait(self, action: str) -> None:
+        if action in self.gates:
+            await self.gates[action].wait()
+
+    async def _reset_gpu(self, node: str, gpu: int, *, incident: str) -> StepResult:
+        await self._wait("reset_gpu")
+        return await super()._reset_gpu(node, gpu, incident=incident)
+
+    async def _validate(self, node: str, gpu: int | None, level: int, *, incident: str) -> StepResult:
+        await self._wait("validate")
+        return await super()._validate(node, gpu, level, incident=incident)
+
+    async def _reprovision(self, node: str, *, incident: str) -> StepResult:
+        await self._wait("reprovision")
+        return await super()._reprovision(node, incident=incident)
+
+    async def escalate(self, node: str | None, summary: str, *, incident: str) -> StepResult:
+        await self._wait("escalate")
+        return await super().escalate(node, summary, incident=incident)
+
+
+def fabric(*nodes: str, iid: str = "fab-1") -> Incident:
+    """A group incident as the correlator publishes it: no node of its own, its members, the shared switch."""
+    return Incident(id=iid, cluster="c1", scope=IncidentScope.FABRIC, node=None, nodes=nodes or ("n5", "n6", "n7"),
+                    category="fabric_link", severity=Severity.CRITICAL, codes=("ib.link_down",),
+                    topology={"switch": "leaf-03"}, first_seen=T0, last_seen=T0)
 
 
 class TestHolds:
@@ -279,3 +326,221 @@ class TestMigGpuReset:
         assert "MIG instances are not known" in drained.reason
         why = "did not answer gpu_pods" if cluster_type is _NoAgentAnswer else "lists no MIG device"
         assert why in drained.reason
+
+
+class TestFabricIncidentsGoThroughTheGuards:
+    async def test_a_fabric_incident_is_refused_while_the_breaker_is_open(self, policy: Policy) -> None:
+        c = one_node()
+        async with Harness(fast(policy, topology_budgets=()), c) as h:
+            h.svc.guards.breaker_tripped_at, h.svc.guards.breaker_reason = T0, "storm"
+            await h.open(fabric())
+            await h.until(lambda: "fab-1" in h.svc.guards.queued)
+        refusal = next(r for r in h.records() if r.kind is ActionKind.REFUSAL)
+        assert refusal.details["guard"] == "breaker" and refusal.waiting is WaitingOn.BREAKER
+        assert not any(n.cordoned for n in c.nodes.values()) and plans(h, "fab-1") == []
+
+    async def test_a_fabric_plan_fences_what_the_budget_has_left_and_counts_every_member_it_fenced(
+            self, policy: Policy) -> None:
+        c = Gated("escalate")
+        async with Harness(fast(policy, budget=BudgetSpec(max_nodes=3, max_percent=0), topology_budgets=()), c) as h:
+            h.svc.guards.start("n1", "inc-other")  # one of the three budget slots is taken
+            await h.open(fabric("n5", "n6", "n7", "n8"))
+            await h.until(lambda: started(h, StepAction.ESCALATE, "fab-1"))
+            assert h.svc.guards.active == {"n1": "inc-other", "n5": "fab-1", "n6": "fab-1"}
+            c.gates["escalate"].set()
+            await h.until(lambda: "escalated" in plans(h, "fab-1"))
+            assert h.svc.guards.active == {"n1": "inc-other"}, "the members leave the budget when the plan ends"
+        assert sorted(n for n, x in c.nodes.items() if x.cordoned) == ["n5", "n6"]
+
+    async def test_a_node_a_fabric_plan_fenced_stays_cordoned_when_another_incident_on_it_completes(
+            self, policy: Policy) -> None:
+        c = one_node()
+        async with Harness(fast(policy, topology_budgets=()), c) as h:
+            member = incident("n5", iid="inc-ib-n5", category="fabric_link", codes=("ib.link_down",)).model_copy(
+                update={"parent": "fab-1", "scope": IncidentScope.NODE, "gpus": ()})
+            await h.open(member)  # published OPENED with its parent already set (the correlator coalesces)
+            await h.open(fabric())
+            await h.until(lambda: "escalated" in plans(h, "fab-1"))
+            await h.open(incident("n5", iid="inc-48"))  # an unrelated XID 48 on the member node
+            await h.until(lambda: "completed" in plans(h, "inc-48"))
+            back = next(r for r in h.records() if r.incident_id == "inc-48"
+                        and r.action is StepAction.RETURN_TO_SERVICE and r.outcome is ActionOutcome.SUCCEEDED)
+            assert "still held by fab-1" in back.reason and c.nodes["n5"].cordoned
+            await h.human("release", "fab-1", reason="leaf-03 PSU replaced, links up")
+            await h.until(lambda: "completed" in plans(h, "fab-1"))
+        assert not c.nodes["n5"].cordoned and not c.nodes["n6"].cordoned, "the release returns every fenced member"
+        assert {("validate", "n5", "2"), ("validate", "n6", "2")} <= set(c.history) and h.svc.guards.holds == {}
+
+
+class TestRunTimeKillSwitch:
+    async def test_a_kill_switch_stops_the_next_rung_of_a_running_plan(self, policy: Policy) -> None:
+        c = Gated("reset_gpu", failing_resets={("n1", 2)})
+        async with Harness(fast(policy), c) as h:
+            await h.open(incident())  # XID 48: the gpu-reset ladder
+            await h.until(lambda: started(h, StepAction.RESET_GPU))
+            await h.human("kill_switch", "-", actor="root", reason="bad reset firmware", details={
+                "rule": "gpu-reset", "enabled": "true"})
+            await h.until(lambda: "gpu-reset" in h.svc.guards.killed_rules)
+            c.gates["reset_gpu"].set()  # the reset fails: the ladder would climb to a reboot
+            await h.until(lambda: "escalated" in plans(h, "inc-1"))
+        assert c.nodes["n1"].reboots == 0 and ("drain", "n1") not in c.history
+        assert c.nodes["n1"].cordoned, "the node stays fenced"
+        assert c.escalations and "rule gpu-reset is switched off" in c.escalations[-1][1], "a human is paged"
+
+    async def test_a_kill_switch_stops_an_approved_step_of_a_plan_that_waited(self, policy: Policy) -> None:
+        c = one_node(failing_resets={("n1", 2)}, failing_validation={"n1"})
+        async with Harness(fast(policy, retry_caps={}), c) as h:
+            await h.open(incident())
+            await h.until(lambda: any(r.waiting is WaitingOn.APPROVAL for r in h.records()))
+            await h.human("kill_switch", "-", actor="root", reason="bad driver", details={"code": "xid:48",
+                                                                                      "enabled": "true"})
+            await h.until(lambda: "xid:48" in h.svc.guards.killed_codes)
+            await h.human("approve", action=StepAction.REPROVISION, reason="RMA agreed")
+            await h.until(lambda: "escalated" in plans(h, "inc-1"))
+        assert c.nodes["n1"].reprovisions == 0 and c.nodes["n1"].cordoned
+        assert "code xid:48 is switched off" in c.escalations[-1][1]
+
+
+class TestApprovalsFollowTheIncident:
+    async def test_an_approve_after_the_incident_resolved_is_refused_and_the_waiting_plan_is_cancelled(
+            self, policy: Policy) -> None:
+        c = one_node(failing_resets={("n1", 2)}, failing_validation={"n1"})
+        async with Harness(fast(policy, retry_caps={}), c) as h:
+            inc = incident()
+            await h.open(inc)
+            await h.until(lambda: any(r.waiting is WaitingOn.APPROVAL for r in h.records()))
+            done = inc.model_copy(update={"status": IncidentStatus.RESOLVED, "resolved_at": T0, "version": 2})
+            await h.open(done, ChangeKind.RESOLVED)  # healthy signals: the correlator resolves it
+            await h.until(lambda: "cancelled" in plans(h, "inc-1"))
+            got = await PlanBook(h.store).get("inc-1")
+            assert got is not None and got[0].progress.state is ProgressState.CANCELLED
+            c.failing_validation.clear()
+            with capture_logs() as logs:
+                await h.human("approve", action=StepAction.REPROVISION, reason="an old page")
+                await h.until(lambda: any(x["event"] == "human_record_ignored" for x in logs))
+            await asyncio.sleep(0.1)
+        assert "the incident is resolved" in next(x["reason"] for x in logs if x["event"] == "human_record_ignored")
+        assert c.nodes["n1"].reprovisions == 0
+        cancelled = next(r for r in h.records() if r.kind is ActionKind.PLAN and r.outcome is ActionOutcome.CANCELLED)
+        assert "inc-1 is resolved" in cancelled.reason
+
+
+class TestBreakerCountsWhatActs:
+    async def test_the_breaker_counts_openings_by_their_plan_not_the_incidents_domain(self, policy: Policy) -> None:
+        c = one_node()
+        async with Harness(fast(policy, budget=BudgetSpec(max_nodes=10, max_percent=100), topology_budgets=()),
+                           c) as h:
+            for i in range(1, 5):  # 4 of 10 nodes: XID 94 as the correlator publishes it, a tenant application fault
+                xid94 = incident(f"n{i}", iid=f"inc-{i}", category="application_fault", codes=("xid:94",),
+                                 severity=Severity.WARNING, domain=Domain.TENANT,
+                                 tenants=(TenantRef(namespace="ml", pod=f"job{i}"),))
+                await h.open(xid94.model_copy(update={"scope": IncidentScope.TENANT}))
+            await h.until(lambda: h.svc.guards.breaker_tripped_at is not None)
+        page = next(r for r in h.records() if r.kind is ActionKind.NOTIFICATION)
+        assert all(f"inc-{i}" in page.reason for i in range(1, 4)), "the page lists the incidents it holds"
+        assert all(r.rule == "gpu-reset-when-idle" for r in h.records() if r.kind is ActionKind.REFUSAL)
+
+    async def test_reopenings_count_towards_the_breaker_when_they_happen(self, policy: Policy) -> None:
+        c = one_node()
+        async with Harness(fast(policy, budget=BudgetSpec(max_nodes=10, max_percent=100), topology_budgets=(),
+                                cooldown_s=0.0), c) as h:
+            h.clock.advance(7200)  # opened 2 h ago, out of the window, and resolved since; now they come back
+            for i in range(1, 5):
+                again = incident(f"n{i}", iid=f"inc-{i}", category="node_reboot_required", codes=("xid:79",),
+                                 severity=Severity.FATAL).model_copy(update={"flaps": 1, "version": 3,
+                                                                            "last_seen": h.clock.now()})
+                await h.open(again, ChangeKind.REOPENED)
+            await h.until(lambda: h.svc.guards.breaker_tripped_at is not None)
+        assert sum(n.reboots for n in c.nodes.values()) < 4, "the breaker stopped the reboot storm"
+
+
+class TestResumedPlans:
+    async def test_a_resumed_plan_whose_reset_ran_is_not_re_decided_by_a_late_companion(self, policy: Policy) -> None:
+        c, store = Gated("validate"), MemoryStore()
+        inc = incident()
+        plan = decide(inc, await c.view(), fast(policy))
+        # restarted after cordon, drain_gpu and reset_gpu ran: the store says step 3, validate
+        await PlanBook(store).put(PlanRecord(incident=inc, plan=plan, progress=Progress(incident=inc.id, attempt=0,
+                                                                                       step=3)), None)
+        c.nodes["n1"].gpu_resets[2] = 1
+        async with Harness(fast(policy), c, store) as h:
+            await h.until(lambda: started(h, StepAction.VALIDATE))
+            late = inc.model_copy(update={"category": "gpu_drain_reset_required", "codes": ("xid:48", "xid:63"),
+                                          "version": 2})  # XID 63 (remap event, IGNORE) joins after the reset
+            await h.open(late, ChangeKind.UPDATED)
+            await h.until(lambda: h.svc.stats.handled == 1)
+            c.gates["validate"].set()
+            await h.until(lambda: "completed" in plans(h, "inc-1"))
+        assert c.nodes["n1"].gpu_resets == {2: 1} and "cancelled" not in plans(h, "inc-1")
+
+    async def test_a_plan_resumed_mid_reboot_finishes_instead_of_hitting_its_own_retry_cap(
+            self, policy: Policy) -> None:
+        c, store = one_node(hanging={"reboot"}), MemoryStore()
+        async with Harness(fast(policy), c, store) as h:  # the remediator stops while the node reboots (45 min)
+            await h.open(incident(category="node_reboot_required", codes=("xid:79",), severity=Severity.FATAL))
+            await h.until(lambda: started(h, StepAction.REBOOT))
+        c.hanging.clear()
+        async with Harness(fast(policy), c, store, bus=h.bus) as again:
+            await again.until(lambda: plans(again, "inc-1")[-1:] in (["completed"], ["escalated"]))
+        assert plans(again, "inc-1")[-1] == "completed" and c.nodes["n1"].reboots == 1
+        assert not any(r.kind is ActionKind.REFUSAL for r in again.records())
+
+    async def test_a_plan_resumed_mid_reprovision_after_its_approval_finishes(self, policy: Policy) -> None:
+        c, store = Gated("reprovision", failing_resets={("n1", 2)}, failing_validation={"n1"}), MemoryStore()
+        async with Harness(fast(policy), c, store) as h:
+            await h.open(incident())
+            await h.until(lambda: any(r.waiting is WaitingOn.APPROVAL for r in h.records()))
+            c.failing_validation.clear()
+            await h.human("approve", action=StepAction.REPROVISION, reason="RMA agreed")
+            await h.until(lambda: started(h, StepAction.REPROVISION))  # then the remediator stops (a 4 h step)
+        c.gates["reprovision"].set()
+        async with Harness(fast(policy), c, store, bus=h.bus) as again:
+            await again.until(lambda: plans(again, "inc-1")[-1:] in (["completed"], ["escalated"]))
+        assert plans(again, "inc-1")[-1] == "completed" and c.nodes["n1"].reprovisions == 1
+
+
+class TestCooldowns:
+    async def test_the_cooldown_remembers_the_fault_as_it_was_when_the_plan_finished(self, policy: Policy) -> None:
+        c = Gated("validate")
+        async with Harness(fast(policy), c) as h:
+            inc = incident()
+            await h.open(inc)
+            await h.until(lambda: started(h, StepAction.VALIDATE))
+            late = inc.model_copy(update={"category": "gpu_drain_reset_required", "codes": ("xid:48", "xid:63"),
+                                          "version": 2})  # a companion joins after the reset
+            await h.open(late, ChangeKind.UPDATED)
+            await h.until(lambda: h.svc.latest["inc-1"].version == 2)
+            c.gates["validate"].set()
+            await h.until(lambda: "completed" in plans(h, "inc-1"))
+            done = h.svc.guards.finished["n1"]
+            assert (done.category, done.codes) == ("gpu_drain_reset_required", frozenset({"xid:48", "xid:63"}))
+            await h.open(late.model_copy(update={"status": IncidentStatus.RESOLVED, "resolved_at": T0, "version": 3}),
+                         ChangeKind.RESOLVED)
+            h.clock.advance(600)  # the same fault flaps back 10 minutes later, inside the 30-minute cooldown
+            n = len(h.records())
+            await h.open(late.model_copy(update={"flaps": 1, "version": 4}), ChangeKind.REOPENED)
+            await h.until(lambda: any(r.kind is ActionKind.REFUSAL for r in h.records()[n:]))
+            first = next(r for r in h.records()[n:] if r.kind is ActionKind.REFUSAL)
+        assert first.details["guard"] == "cooldown"
+
+    @pytest.mark.parametrize("healthy", [True, False], ids=["validated-and-returned", "failed-validation-pages"])
+    async def test_a_node_cordoned_by_the_cooldown_is_returned_or_paged_when_its_incident_resolves(
+            self, policy: Policy, healthy: bool) -> None:
+        c = one_node(failing_validation=set() if healthy else {"n1"})
+        async with Harness(fast(policy, cooldown_s=1e6), c) as h:
+            h.svc.guards.finished["n1"] = Fault(T0, "gpu_reset_required", frozenset({"xid:48"}),
+                                                Severity.CRITICAL.rank)  # the same fault was repaired just now
+            inc = incident()
+            await h.open(inc)
+            await h.until(lambda: any(r.action is StepAction.CORDON and r.waiting is WaitingOn.COOLDOWN
+                                      for r in h.records()))
+            await h.open(inc.model_copy(update={"status": IncidentStatus.RESOLVED, "resolved_at": T0, "version": 2}),
+                         ChangeKind.RESOLVED)
+            await h.until(lambda: plans(h, "inc-1")[-1:] in (["completed"], ["escalated"]))
+            await h.until(lambda: "inc-1" not in h.svc.tasks)
+        assert c.nodes["n1"].gpu_resets == {}, "the damped repair never ran"
+        if healthy:
+            assert not c.nodes["n1"].cordoned and h.svc.guards.holds == {}
+        else:
+            assert c.nodes["n1"].cordoned and list(h.svc.guards.holders("n1", besides="-")) == ["inc-1"]
+            assert c.escalations and "DCGM diag r2 failed" in c.escalations[-1][1]

@@ -8,10 +8,13 @@ the actuator's escalation), so no incident is marked escalated by them.
 
 ``fence`` is the plan a refusal that needs a human gets (retry cap, kill switch, a budget wait too long): the
 node is cordoned and tainted and a human is paged with the reason, through the service's executor.
+``return_plan`` is its way back: validate and return each node (a human's release, or a node the cooldown
+kept cordoned whose incident resolved).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import structlog
@@ -29,7 +32,9 @@ async def page_breaker(svc: RemediatorService, inc: Incident) -> None:
     reason = svc.guards.breaker_reason
     log.error("breaker_tripped", reason=reason)
     svc.keeper.save()
-    held = sorted(i.id for i in svc.latest.values() if not i.status.terminal and i.domain is Domain.OPERATOR)
+    counted = {n for n, _ in svc.guards.opens}  # what the breaker counted: plans that act on the node, any domain
+    held = sorted(i.id for i in svc.latest.values() if not i.status.terminal
+                  and (i.domain is Domain.OPERATOR or i.node in counted))
     why = (f"circuit breaker tripped, automated operator actions stopped: {reason}; held incidents: "
            f"{', '.join(held)}; reset with 'breakfix breaker reset' to re-drive them")
     await svc.actuator.escalate(None, why, incident=inc.id)
@@ -61,3 +66,18 @@ async def fence(svc: RemediatorService, inc: Incident, refusal: Refusal, attempt
     svc.guards.hold(inc.node, inc.id, f"fenced: {refusal.reason}")
     svc.keeper.save()
     await svc.executor.run(inc, plan, attempt=attempt + 50)
+
+
+def return_plan(inc: Incident, nodes: Sequence[str], why: str, *, rule: str, validate: bool = True) -> Plan:
+    """Validate (on the incident's GPU when it names one, else the node; unless ``validate`` is False) and return
+    each of ``nodes`` to service, in one rung: a failed validation stops there and escalates, the node cordoned."""
+    steps: list[Step] = []
+    for node in nodes:
+        params: dict[str, str | int | bool] = {"node": node}
+        if inc.node == node and inc.gpus and inc.gpus[0].index is not None:
+            params["gpu"] = inc.gpus[0].index
+        if validate:
+            steps.append(Step(action=StepAction.VALIDATE, params={**params, "level": 2,
+                                                                  "scope": "gpu" if "gpu" in params else "node"}))
+        steps.append(Step(action=StepAction.RETURN_TO_SERVICE, params={**params, "soak": False}))
+    return Plan(domain=Domain.OPERATOR, rule=rule, reason=why, steps=tuple(steps))

@@ -8,6 +8,9 @@ policy says, and an opted-out node only gets an escalation.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
+from breakfix.remediator.guardspec import GuardsSpec
 from breakfix.remediator.policy import FORBIDDEN_FOR_UNKNOWN, Match, Policy, StepSpec
 from breakfix.remediator.view import ClusterView, NodeView
 from breakfix.schemas.common import Severity
@@ -53,13 +56,42 @@ def _target_params(incident: Incident) -> dict[str, str | int | bool]:
 _MEMBER_ACTIONS = (StepAction.CORDON, StepAction.DRAIN)
 
 
-def fenced_members(incident: Incident, view: ClusterView, budget: int) -> list[str]:
-    """A group (fabric) incident's member nodes that its plan fences: at most ``budget`` of them, in order."""
-    return list(incident.nodes)[:max(budget, 0)]
+def fenced_members(incident: Incident, view: ClusterView, spec: GuardsSpec, busy: Collection[str] = ()) -> list[str]:
+    """A group (fabric) incident's member nodes that its plan fences, in order: each only while the cluster budget
+    and every topology budget it falls under (its rack, switch, nodepool; the group's own key from the incident)
+    have room next to the nodes already in operator remediation (``busy``, the guard state's ``active``). A member
+    already in remediation is fenced too: it takes no more budget, and the group's hold then reaches it."""
+    members = frozenset(incident.nodes)
+    own = {**incident.labels, **incident.topology}
+    taken = set(busy)
+    limit = spec.budget.limit(len(view.nodes) or len(members))
+    room: dict[tuple[str, str], list[int]] = {}  # (key, value) -> [nodes in remediation under it, its budget]
+    out: list[str] = []
+    for name in incident.nodes:
+        if name not in taken:
+            if len(taken) >= limit:
+                continue
+            me = view.node(name)
+            under = []
+            for tb in spec.topology_budgets:
+                value = (me.labels.get(tb.key) if me else None) or own.get(tb.key)
+                if not value:
+                    continue
+                if (tb.key, value) not in room:  # each group once: a pass over it per member would be quadratic
+                    group = view.members(tb.key, value) | (members if own.get(tb.key) == value else frozenset())
+                    room[(tb.key, value)] = [len(taken & group), tb.limit(len(group) or 1)]
+                under.append(room[(tb.key, value)])
+            if any(used >= cap for used, cap in under):
+                continue
+            for counts in under:
+                counts[0] += 1
+            taken.add(name)
+        out.append(name)
+    return out
 
 
 def _steps(specs: tuple[StepSpec, ...], incident: Incident, view: ClusterView,
-           budget: int = 0) -> tuple[Step, ...]:
+           fenced: list[str] | None = None) -> tuple[Step, ...]:
     base = _target_params(incident)
     out: list[Step] = []
     for spec in specs:
@@ -68,8 +100,7 @@ def _steps(specs: tuple[StepSpec, ...], incident: Incident, view: ClusterView,
         if spec.action in (StepAction.NOTIFY_TENANT, StepAction.RESTART_POD):
             out.extend(_tenant_steps(spec, incident, view, base))
             continue
-        if incident.scope is IncidentScope.FABRIC and not incident.node:
-            fenced = fenced_members(incident, view, budget)
+        if fenced is not None:  # a group (fabric) incident
             if spec.action in _MEMBER_ACTIONS:
                 # a group incident reaches its members: one step per fenced member node (issue 11 item 5)
                 out.extend(Step(action=spec.action, params={**base, "node": n, **spec.params},
@@ -164,8 +195,9 @@ def cautious_plan(incident: Incident, reason: str, rule: str = CAUTIOUS_RULE) ->
     return Plan(domain=Domain.OPERATOR, rule=rule, reason=reason, steps=tuple(steps))
 
 
-def decide(incident: Incident, view: ClusterView, policy: Policy) -> Plan:
-    """The plan for one incident. First matching enabled rule wins; otherwise cordon and escalate."""
+def decide(incident: Incident, view: ClusterView, policy: Policy, *, busy: Collection[str] = ()) -> Plan:
+    """The plan for one incident. First matching enabled rule wins; otherwise cordon and escalate. ``busy``: the
+    nodes already in operator remediation, which a group incident's fenced members must fit beside."""
     node = view.node(incident.node)
     if node is not None and node.labels.get(policy.opt_out_label) == "true":
         fence = incident.domain is Domain.OPERATOR and incident.severity.rank >= Severity.CRITICAL.rank
@@ -175,11 +207,12 @@ def decide(incident: Incident, view: ClusterView, policy: Policy) -> Plan:
                               " and only escalates."),
                     steps=((Step(action=StepAction.CORDON, params=_target_params(incident)),) if fence else ())
                     + (Step(action=StepAction.ESCALATE, params=_target_params(incident)),))
-    budget = policy.guards.budget.limit(len(view.nodes) or len(incident.nodes))
+    group = incident.scope is IncidentScope.FABRIC and not incident.node
+    fenced = fenced_members(incident, view, policy.guards, busy) if group else None
     for rule in policy.rules:
         if not rule.enabled or not matches(rule.match, incident):
             continue
-        ladder = tuple(Rung(name=r.name, steps=_fenced(_steps(r.steps, incident, view, budget), incident, view),
+        ladder = tuple(Rung(name=r.name, steps=_fenced(_steps(r.steps, incident, view, fenced), incident, view),
                             timeout_s=r.timeout())
                        for r in rule.rungs())
         if rule.defer_s is not None and ladder:

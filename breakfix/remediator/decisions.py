@@ -7,10 +7,13 @@ is pure, so the same incident object, the same ``ClusterView`` object and the sa
 hands it back while all three are the very same objects; a newer incident version, a refreshed view
 or a new policy decides again. Only answers on the latest view are kept (a refreshed view drops the
 rest, so no old view stays in memory); an entry leaves once its plan started or its incident was
-forgotten (``forget``), and the map is capped.
+forgotten (``forget``), and the map is capped. A group (fabric) incident is decided afresh every time:
+its plan fences only the members the budgets leave room for now (``busy``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 from breakfix.remediator.decide import decide
 from breakfix.remediator.policy import Policy
@@ -25,7 +28,10 @@ class Decisions:
         self._last: dict[str, tuple[Incident, Policy, Plan]] = {}
         self.decided = 0  # decide() calls made (the rest were answered from memory)
 
-    def plan(self, incident: Incident, view: ClusterView, policy: Policy) -> Plan:
+    def plan(self, incident: Incident, view: ClusterView, policy: Policy, *, busy: Collection[str] = ()) -> Plan:
+        if incident.node is None:
+            self.decided += 1
+            return decide(incident, view, policy, busy=busy)
         if view is not self._view:
             self._last.clear()  # answers decided on an older view are stale
             self._view = view

@@ -9,7 +9,8 @@ stops the plan until ``breakfix approve`` names it. Dry-run and shadow plans rec
 have happened and touch nothing.
 
 Enforced here, per step: its ``timeout_s`` and what is left of its rung's ``timeout_s``; the
-retry-cap ``gate`` before a disruptive step; the ``hold`` check before a return to service (the
+``gate`` before every step (kill switches switched on since the plan started, retry caps; a
+human's release runs ungated); the ``hold`` check before a return to service (the
 node is uncordoned only when no other incident holds it); the ``soak`` before capacity returns; a
 deferred step (``defer_s``) waits for the GPU to go idle or the deadline. A reset the node agent
 refuses as ``busy:`` drains the node's pods and is tried once more, instead of climbing to a reboot.
@@ -44,8 +45,8 @@ from breakfix.schemas.incident import (
 
 Publish = Callable[[ActionRecord], Awaitable[None]]
 Soak = Callable[[Incident], Awaitable[StepResult]]
-Gate = Callable[[Incident, Step], str | None]           # a reason the step may not run, or None
-Holders = Callable[[Incident], str | None]               # who else still holds the node, or None
+Gate = Callable[[Incident, Plan, Step, str], str | None]  # a reason the step (its idempotency key) may not run
+Holders = Callable[[Incident, str], str | None]            # who else still holds the node, or None
 Save = Callable[[Progress], Awaitable[None]]
 BUSY = "busy:"  # the node agent's refusal while processes hold the GPU
 ESCALATE_MARKS_S = 120.0  # marking the escalated node (condition, event) may not hold up the page
@@ -140,8 +141,9 @@ class Executor:
         await self.publish(rec)
 
     async def run(self, incident: Incident, plan: Plan, *, attempt: int = 0, progress: Progress | None = None,
-                  save: Save = _no_save) -> ActionOutcome:
-        """Carry the plan out from ``progress`` (the start when None); return the plan's final outcome."""
+                  save: Save = _no_save, guarded: bool = True) -> ActionOutcome:
+        """Carry the plan out from ``progress`` (the start when None); return the plan's final outcome.
+        ``guarded=False``: a plan a human ordered (a release), which the ``gate`` does not stop."""
         fresh = progress is None
         prog = progress or Progress(incident=incident.id, attempt=attempt)
         if fresh:
@@ -169,9 +171,10 @@ class Executor:
                                        index=prog.step, rung=prog.rung, waiting=WaitingOn.APPROVAL,
                                        reason=f"awaiting approval: breakfix approve {incident.id} {step.action.value}")
                     return ActionOutcome.REFUSED
-                capped = self.gate(incident, step) if self.gate is not None and step.action.disruptive else None
-                if capped is not None:
-                    return await self._exhausted(incident, plan, attempt, prog, save, f"refused: {capped}")
+                key = step_key(incident.id, attempt, prog.rung, prog.step)
+                refused = self.gate(incident, plan, step, key) if self.gate is not None and guarded else None
+                if refused is not None:
+                    return await self._exhausted(incident, plan, attempt, prog, save, f"refused: {refused}")
                 prog.state = ProgressState.RUNNING
                 await save(prog)  # a crash from here on resumes at this very step, with the same key
                 if "defer_s" in step.params:
@@ -344,7 +347,7 @@ class Executor:
                 scoped = gpu_i if p.get("scope", "gpu") == "gpu" else None
                 return await a.validate(node, scoped, int(p.get("level", 2)), incident=iid, key=key)
             case StepAction.RETURN_TO_SERVICE:
-                others = self.holders(incident) if self.holders is not None else None
+                others = self.holders(incident, node) if self.holders is not None else None
                 if others:
                     return StepResult(True, f"{node} stays cordoned: still held by {others}", {"held_by": others})
                 return await a.return_to_service(node, incident=iid)

@@ -56,10 +56,41 @@ def recurrence(before: Incident, after: Incident, companion: Callable[[str], boo
     return None
 
 
+def takes_node(plan: Plan) -> bool:
+    """An operator plan that would cordon or disrupt its node, in a dry run or shadow mode too: what the circuit
+    breaker counts, whatever the incident's domain (an XID 94 is a tenant fault whose deferred reset is not)."""
+    return plan.domain is Domain.OPERATOR and any(
+        s.action.disruptive or s.action is StepAction.CORDON for r in plan.rungs() for s in r.steps)
+
+
 def needs_node(plan: Plan) -> bool:
     """An operator plan that would cordon or disrupt the node: its incident holds the node until it is done."""
-    return not (plan.dry_run or plan.shadow) and plan.domain is Domain.OPERATOR and any(
-        s.action.disruptive or s.action is StepAction.CORDON for r in plan.rungs() for s in r.steps)
+    return not (plan.dry_run or plan.shadow) and takes_node(plan)
+
+
+def held_nodes(plan: Plan, incident: Incident) -> tuple[str, ...]:
+    """The nodes the incident holds for ``plan``: its node, or the members a group incident's plan fences (the
+    nodes its cordon and drain steps name); none when the plan needs no node."""
+    if not needs_node(plan):
+        return ()
+    if incident.node is not None:
+        return (incident.node,)
+    return tuple(dict.fromkeys(str(s.params["node"]) for r in plan.rungs() for s in r.steps
+                               if s.action in (StepAction.CORDON, StepAction.DRAIN) and s.params.get("node")))
+
+
+def step_at(plan: Plan, rung: int, step: int) -> Step | None:
+    """The plan's step at ``(rung, step)``, or None past its end."""
+    rungs = plan.rungs()
+    return rungs[rung].steps[step] if rung < len(rungs) and step < len(rungs[rung].steps) else None
+
+
+def ran_until(plan: Plan, rung: int, step: int) -> bool:
+    """Whether a disruptive step of ``plan`` is at or before ``(rung, step)``: one a plan resumed there may already
+    have run (the step it stands at may have started before the restart)."""
+    rungs = plan.rungs()
+    return any(s.action.disruptive for r in rungs[:rung] for s in r.steps) or \
+        (rung < len(rungs) and any(s.action.disruptive for s in rungs[rung].steps[:step + 1]))
 
 
 def deferral(plan: Plan) -> tuple[Step, float] | None:

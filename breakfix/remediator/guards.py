@@ -7,17 +7,22 @@ Every refusal carries its reason, what the plan now waits on (``WaitingOn``) and
 must be fenced and a human paged; it is published as an audit record.
 
 - kill switches (policy file, or ``breakfix kill-switch`` at run time): a rule or a fault code
-  switched off refuses everything it would do; the node is fenced and a human decides;
+  switched off refuses everything it would do, at the start of a plan and before each later step of
+  one already running (only a step that fences or pages still runs); the node is fenced and a human
+  decides;
 - circuit breaker: when more than ``max_percent`` of the pool opened incidents within the
-  window (and at least ``min_nodes``), automated operator actions stop and the incidents queue
-  until an explicit, audited reset (``breakfix breaker reset``) re-drives them in budget order;
+  window (and at least ``min_nodes``), automated operator actions stop (a group incident's too) and
+  the incidents queue until an explicit, audited reset (``breakfix breaker reset``) re-drives them in
+  budget order;
 - budgets: at most ``max(max_nodes, max_percent of the pool)`` nodes in operator remediation at
   once, per cluster and per topology key (rack, switch, ...); a plan waits its turn, and a wait
-  longer than ``budget_wait_s`` goes to a human;
+  longer than ``budget_wait_s`` goes to a human; a group (fabric) incident's plan fences only the
+  members the budgets leave room for (``decide.fenced_members``), each counted as in remediation;
 - cooldowns damp recurrences of the *same* fault on a node (same category, no new code, no
   higher severity); a different or worse fault is not blocked;
 - retry caps count actions actually executed (recorded when a step starts), per GPU for GPU
-  actions and per node for node actions; a cap reached fences the node and pages;
+  actions and per node for node actions; a cap reached fences the node and pages; a plan resumed
+  at a step its cap had already let run is not refused for that step's own start;
 - holds: every incident that needs a node holds it; ``return_to_service`` uncordons only when no
   other incident holds the node (open, escalated, awaiting approval, on the RMA path).
 """
@@ -40,9 +45,10 @@ from breakfix.remediator.view import ClusterView
 from breakfix.schemas.incident import Domain, Incident, Plan, Step, StepAction, WaitingOn
 
 __all__ = ["BreakerSpec", "BudgetSpec", "Fault", "GuardState", "GuardsSpec", "KillSwitchSpec", "Refusal",
-           "TopologyBudgetSpec", "check", "step_check", "target_of"]
+           "TopologyBudgetSpec", "check", "kill_switch", "step_check", "target_of"]
 
 GPU_ACTIONS = frozenset({StepAction.RESET_GPU, StepAction.DRAIN_GPU})
+FENCING = frozenset({StepAction.CORDON, StepAction.ESCALATE})  # what a kill switch still lets run: it fences and pages
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +159,9 @@ class GuardState:
     # its deferred repair; dropped when the remediator forgets the incident, or pruned once no wait can be left
     budget_since: dict[str, datetime] = field(default_factory=dict)
     defer_until: dict[str, datetime] = field(default_factory=dict)
+    # incident -> (idempotency key, when) of the capped step its plan was last let run: a plan resumed at that very
+    # step after a restart is not refused for the step's own start (the node agent answers the key only once)
+    cleared: dict[str, tuple[str, datetime]] = field(default_factory=dict)
     # derived from the lists above and extended as they grow (a replaced or shortened list is read again): retry
     # caps and the breaker look at one target or count nodes without a pass over every action and open
     _acts: _Index = field(default_factory=_Index, init=False, repr=False, compare=False)
@@ -216,6 +225,11 @@ class GuardState:
     def record_action(self, target: str, action: StepAction, at: datetime) -> None:
         self.actions.append((target, action.value, at))
 
+    def stop(self, incident: str) -> None:
+        """The incident's plan ended: the nodes it had in remediation leave the budget (their holds stay)."""
+        for node in [n for n, i in self.active.items() if i == incident]:
+            del self.active[node]
+
     def finish(self, node: str, incident: str, at: datetime, fault: Incident | None = None) -> None:
         if self.active.get(node) == incident:
             del self.active[node]
@@ -236,8 +250,8 @@ class GuardState:
         self.end_waits(incident)
         self.unhold(incident)
         self.queued.pop(incident, None)
-        for node in [n for n, i in self.active.items() if i == incident]:
-            del self.active[node]
+        self.cleared.pop(incident, None)
+        self.stop(incident)
 
     def prune(self, now: datetime, spec: GuardsSpec) -> None:
         """Drop what no guard can look at any more; called on every write, so the stored record stays bounded."""
@@ -247,6 +261,8 @@ class GuardState:
         opened = now - timedelta(seconds=spec.breaker.window_s)
         if len(opens := [(n, t) for n, t in self.opens if t >= opened]) != len(self.opens):
             self.opens = opens
+        if any(t < cutoff for _, t in self.cleared.values()):  # a start the retry caps no longer count
+            self.cleared = {i: kt for i, kt in self.cleared.items() if kt[1] >= cutoff}
         cooled = now - timedelta(seconds=spec.cooldown_s)
         self.finished = {n: f for n, f in self.finished.items() if f.at >= cooled}
         # a wait no incident can still be in: a budget wait fences after budget_wait_s, a deadline is then acted on;
@@ -274,7 +290,8 @@ class GuardState:
                 "breaker_reason": self.breaker_reason, "queued": {i: t.isoformat() for i, t in self.queued.items()},
                 "killed_rules": sorted(self.killed_rules), "killed_codes": sorted(self.killed_codes),
                 "budget_since": {i: t.isoformat() for i, t in self.budget_since.items()},
-                "defer_until": {i: t.isoformat() for i, t in self.defer_until.items()}}
+                "defer_until": {i: t.isoformat() for i, t in self.defer_until.items()},
+                "cleared": {i: [k, t.isoformat()] for i, (k, t) in self.cleared.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GuardState:
@@ -291,7 +308,8 @@ class GuardState:
                    queued={i: dt(t) for i, t in d.get("queued", {}).items()},
                    killed_rules=set(d.get("killed_rules", [])), killed_codes=set(d.get("killed_codes", [])),
                    budget_since={i: dt(t) for i, t in d.get("budget_since", {}).items()},
-                   defer_until={i: dt(t) for i, t in d.get("defer_until", {}).items()})
+                   defer_until={i: dt(t) for i, t in d.get("defer_until", {}).items()},
+                   cleared={i: (k, dt(t)) for i, (k, t) in d.get("cleared", {}).items()})
 
 
 def wait_key(incident: Incident) -> str:
@@ -304,10 +322,32 @@ def _gpu_of(step: Step) -> int | None:
     return g if isinstance(g, int) and not isinstance(g, bool) else None
 
 
-def step_check(incident: Incident, step: Step, state: GuardState, spec: GuardsSpec, now: datetime) -> Refusal | None:
-    """May this disruptive step run now? Only its retry cap is asked (per GPU or per node, executed actions)."""
+def kill_switch(incident: Incident, rule: str, state: GuardState, spec: GuardsSpec) -> Refusal | None:
+    """A rule or a fault code of the incident switched off (policy file or run time): a human decides."""
+    ks = spec.kill_switch
+    if rule in ks.rules or rule in state.killed_rules:
+        return Refusal("kill_switch", f"rule {rule} is switched off", retry=False, waiting=WaitingOn.HUMAN,
+                       fence=True)
+    killed = sorted((ks.codes | state.killed_codes) & set(incident.codes))
+    if killed:
+        return Refusal("kill_switch", f"code {', '.join(killed)} is switched off", retry=False,
+                       waiting=WaitingOn.HUMAN, fence=True)
+    return None
+
+
+def step_check(incident: Incident, step: Step, state: GuardState, spec: GuardsSpec, now: datetime, *,
+               rule: str | None = None, key: str = "") -> Refusal | None:
+    """May this step run now? With ``rule`` (a step of a running plan of that rule) the kill switches first: one
+    switched on since the plan started stops every step but one that fences or pages. Then its retry cap (per GPU
+    or per node, executed actions), unless the step ``key`` names was let run already (``state.cleared``: a plan
+    resumed at it after a restart; its start is counted already and the node agent answers the key only once)."""
+    if rule is not None and step.action not in FENCING and \
+            (off := kill_switch(incident, rule, state, spec)) is not None:
+        return off
     cap = spec.retry_caps.get(step.action)
     if cap is None or incident.node is None:
+        return None
+    if key and (let := state.cleared.get(incident.id)) is not None and let[0] == key:
         return None
     target = target_of(incident, step.action, _gpu_of(step))
     window = now - timedelta(seconds=spec.retry_window_s)
@@ -322,24 +362,19 @@ def step_check(incident: Incident, step: Step, state: GuardState, spec: GuardsSp
 def check(incident: Incident, plan: Plan, state: GuardState, view: ClusterView, spec: GuardsSpec,
           now: datetime) -> Refusal | None:
     """May this plan start now? None, or the first guard that says no, why, and what happens meanwhile."""
-    ks = spec.kill_switch
-    rules, codes = ks.rules | state.killed_rules, ks.codes | state.killed_codes
-    if plan.rule in rules:
-        return Refusal("kill_switch", f"rule {plan.rule} is switched off", retry=False, waiting=WaitingOn.HUMAN,
-                       fence=True)
-    killed = sorted(codes & set(incident.codes))
-    if killed:
-        return Refusal("kill_switch", f"code {', '.join(killed)} is switched off", retry=False,
-                       waiting=WaitingOn.HUMAN, fence=True)
+    if (off := kill_switch(incident, plan.rule, state, spec)) is not None:
+        return off
     first = plan.rungs()[0].steps if plan.rungs() else ()
     operator = [s for s in first if s.action.disruptive or s.action is StepAction.CORDON]
-    if plan.domain is not Domain.OPERATOR or not operator or incident.node is None:
+    if plan.domain is not Domain.OPERATOR or not operator:
         return None
-    node = incident.node
     if state.breaker_tripped_at is not None:
         return Refusal("breaker", f"circuit breaker open since {state.breaker_tripped_at.isoformat()}: "
                                   f"{state.breaker_reason}; reset with 'breakfix breaker reset'", retry=False,
                        waiting=WaitingOn.BREAKER)
+    if incident.node is None:
+        return None  # a group incident: decide() fenced only the members the budgets leave room for
+    node = incident.node
     for step in sorted(operator, key=lambda s: s.action.value):
         capped = step_check(incident, step, state, spec, now)
         if capped is not None:

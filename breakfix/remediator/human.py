@@ -10,10 +10,12 @@ verb matches the record's kind and outcome, the incident exists, and (approve, d
 is the one actually waiting. Anything else is logged with its reason and ignored; the remediator's
 own records on the same stream are not human verbs and pass by.
 
-- approve (APPROVAL/APPROVED, ``step_index``): the waiting step runs;
+- approve (APPROVAL/APPROVED, ``step_index``): the waiting step runs; refused once the incident is resolved or
+  stale (its plan was cancelled then);
 - deny (DENIAL/DENIED): the plan stops there, the node stays fenced, a human owns it;
 - release (RELEASE/REQUESTED, reason required): validation first unless ``details.skip_validation``
-  is ``"true"``, then the incident's hold is dropped and the node returns only if nothing else holds it;
+  is ``"true"``, then the incident's hold is dropped and the node returns only if nothing else holds it
+  (a group incident: each member node it holds);
 - cancel (CANCEL/REQUESTED, reason required): the plan in flight stops; the node stays as it is;
 - breaker reset (BREAKER on the admin subject): the breaker closes and the queued incidents are
   re-driven, oldest first, each through the budgets again;
@@ -31,6 +33,7 @@ import structlog
 
 from breakfix.bus.consumer import Redeliver
 from breakfix.bus.protocol import Delivery
+from breakfix.remediator.breaker import return_plan
 from breakfix.remediator.reconcile import ATTEMPT_STRIDE
 from breakfix.remediator.records import PlanRecord, ProgressState
 from breakfix.schemas import subjects
@@ -38,10 +41,7 @@ from breakfix.schemas.incident import (
     ActionKind,
     ActionOutcome,
     ActionRecord,
-    Domain,
     Incident,
-    Plan,
-    Step,
     StepAction,
     WaitingOn,
 )
@@ -113,6 +113,10 @@ class HumanVerbs:
                 log.warning("human_record_ignored", subject=msg.subject, incident=rec.incident_id,
                             actor=rec.actor, reason="no such incident")
                 return
+            if verb == "approve" and inc.status.terminal:
+                log.warning("human_record_ignored", incident=rec.incident_id, actor=rec.actor, verb=verb,
+                            reason=f"the incident is {inc.status.value}: no step of it waits for approval")
+                return
             if verb in ("approve", "deny"):
                 await self._decide_step(verb, rec, got[0] if got else None, got[1] if got else None)
             elif verb == "release":
@@ -176,16 +180,10 @@ class HumanVerbs:
                                 rule=current[0].rule if current else "")
         else:
             await svc.cancel_record(inc.id)  # e.g. a plan awaiting approval: a later approve must not run it
-        params: dict[str, str | int | bool] = {"node": inc.node or ""}
-        if inc.gpus and inc.gpus[0].index is not None:
-            params["gpu"] = inc.gpus[0].index
         skip = rec.details.get("skip_validation") == "true"
-        scope = "gpu" if "gpu" in params else "node"
-        check = Step(action=StepAction.VALIDATE, params={**params, "level": 2, "scope": scope})
-        steps: tuple[Step, ...] = () if skip else (check,)
-        steps += (Step(action=StepAction.RETURN_TO_SERVICE, params={**params, "soak": False}),)
+        nodes = (inc.node,) if inc.node else tuple(sorted(n for n, h in svc.guards.holds.items() if inc.id in h))
         why = f"released by {rec.actor}: {rec.reason}" + ("; validation skipped" if skip else "")
-        plan = Plan(domain=Domain.OPERATOR, rule="human-release", reason=why, steps=steps)
+        plan = return_plan(inc, nodes, why, rule="human-release", validate=not skip)
         svc.guards.unhold(inc.id)
         svc.keeper.save()
         self.releases += 1
@@ -193,9 +191,10 @@ class HumanVerbs:
 
         async def release() -> None:  # validation takes minutes: other verbs must not wait behind it
             try:
-                outcome = await svc.executor.run(inc, plan, attempt=attempt)
-                if outcome is not ActionOutcome.COMPLETED and inc.node:
-                    svc.guards.hold(inc.node, inc.id, "release failed validation")  # the node stays out
+                outcome = await svc.executor.run(inc, plan, attempt=attempt, guarded=False)
+                if outcome is not ActionOutcome.COMPLETED:
+                    for node in nodes:  # the node stays out (a group's: each it was released with)
+                        svc.guards.hold(node, inc.id, "release failed validation")
                     svc.keeper.save()
                 log.warning("released", incident=inc.id, by=rec.actor, outcome=outcome.value, skip_validation=skip)
             except Exception as exc:

@@ -32,10 +32,19 @@ from breakfix.bus.consumer import ConsumerStats, Redeliver
 from breakfix.bus.protocol import Bus, Delivery
 from breakfix.remediator.actuator import Actuator, StepResult
 from breakfix.remediator.audit import AuditWriter
-from breakfix.remediator.breaker import fence, page_breaker, page_stale_hold
+from breakfix.remediator.breaker import fence, page_breaker, page_stale_hold, return_plan
 from breakfix.remediator.decisions import Decisions
-from breakfix.remediator.executor import Executor
-from breakfix.remediator.follow import deferral, needs_node, recurrence, redecision, undefer
+from breakfix.remediator.executor import Executor, step_key
+from breakfix.remediator.follow import (
+    deferral,
+    held_nodes,
+    ran_until,
+    recurrence,
+    redecision,
+    step_at,
+    takes_node,
+    undefer,
+)
 from breakfix.remediator.guards import GPU_ACTIONS, GuardState, Refusal, check, step_check, wait_key
 from breakfix.remediator.keeper import GuardKeeper
 from breakfix.remediator.leading import Elector, lead
@@ -156,57 +165,81 @@ class RemediatorService:
         self.observe.change(change)
         inc = change.incident
         prev = self.latest.get(inc.id)
+        opening = change.kind in (ChangeKind.OPENED, ChangeKind.REOPENED)
         if prev is not None and inc.version < prev.version:
-            if change.kind is ChangeKind.OPENED:  # an opening counts even when a newer version is already known
+            if opening:  # an opening counts even when a newer version is already known
                 await self.observe_open(inc)
             return
         self.track(inc)
-        if inc.status is IncidentStatus.RESOLVED and inc.id not in self.current:
+        if inc.status is IncidentStatus.RESOLVED and inc.id in self.cordoned:
+            self.spawn(inc.id, inc.flaps * ATTEMPT_STRIDE, None, settle=False)  # its task returns the node
+        elif inc.status is IncidentStatus.RESOLVED and inc.id not in self.current:
             self.guards.unhold(inc.id)  # fixed (healthy signals, or its plan completed): it holds nothing
             self.keeper.save()
         elif inc.status is IncidentStatus.STALE and prev is not None and prev.status is not IncidentStatus.STALE:
             await page_stale_hold(self, inc)
+        if inc.status.terminal and (prev is None or not prev.status.terminal) and inc.id not in self.current:
+            await self._end_approval_wait(inc)
         self._forget_old()
         if change.kind is ChangeKind.UPDATED and inc.id in self.current:
             await self._maybe_redecide(inc)
-        if change.kind not in (ChangeKind.OPENED, ChangeKind.REOPENED):
+        if not opening:
             return
-        if change.kind is ChangeKind.OPENED:
-            await self.observe_open(inc)
+        await self.observe_open(inc)
         if self.taken_up.get(inc.id, -1) >= inc.version:
             return  # this opening was taken up from the index already (remediator.takeup)
         await self.admit(inc)
 
     async def observe_open(self, inc: Incident) -> None:
-        """An operator incident opening counts towards the circuit breaker; page when it trips."""
-        if inc.domain is Domain.OPERATOR and self.guards.observe_open(
-                inc.node, inc.first_seen, self.policy.guards.breaker, len((await self._view()).nodes)):
+        """An opening or reopening whose plan takes operator actions on its node counts towards the circuit breaker
+        (by the plan, not the incident's domain: an XID 94 is a tenant fault with an operator reset); page when it
+        trips. A reopening counts when it happened (``last_seen``), not when the incident first opened."""
+        if inc.node is None:
+            return
+        view = await self._view()
+        if takes_node(self.decisions.plan(inc, view, self.policy, busy=self.guards.active)) and \
+                self.guards.observe_open(inc.node, inc.last_seen if inc.flaps else inc.first_seen,
+                                         self.policy.guards.breaker, len(view.nodes)):
             await page_breaker(self, inc)
 
     async def admit(self, inc: Incident) -> None:
-        """Decide now, hold the node when the plan needs it, and start the incident's task (after the settle)."""
-        plan = self.decisions.plan(inc, await self._view(), self.policy)
-        if inc.node is not None and inc.parent is None and needs_node(plan) and deferral(plan) is None:
-            self.guards.hold(inc.node, inc.id, inc.category)  # from now on, no other plan returns this node
+        """Decide now, hold the node (a group incident: the members its plan fences) when the plan needs it, and
+        start the incident's task (after the settle)."""
+        plan = self.decisions.plan(inc, await self._view(), self.policy, busy=self.guards.active)
+        nodes = held_nodes(plan, inc) if inc.parent is None and deferral(plan) is None else ()
+        for node in nodes:
+            self.guards.hold(node, inc.id, inc.category)  # from now on, no other plan returns this node
+        if nodes:
             self.keeper.save()
         self.spawn(inc.id, inc.flaps * ATTEMPT_STRIDE, None)
 
-    async def cancel_record(self, incident_id: str) -> None:
-        """Mark the incident's stored plan cancelled if it is live, so no restart or new leader resumes it."""
+    async def _end_approval_wait(self, inc: Incident) -> None:
+        """The incident resolved (or went stale) while a step of its plan waited for approval: the plan is cancelled,
+        so neither a late approval nor a restart runs the step on a node with no open fault."""
+        if await self.cancel_record(inc.id, only=ProgressState.AWAITING_APPROVAL):
+            why = f"{inc.id} is {inc.status.value}: the step waiting for approval will not run"
+            log.warning("approval_wait_ended", incident=inc.id, status=inc.status.value)
+            await self.publish(self.record(inc, ActionKind.PLAN, ActionOutcome.CANCELLED, why, tag="cancelled"))
+
+    async def cancel_record(self, incident_id: str, *, only: ProgressState | None = None) -> bool:
+        """Mark the incident's stored plan cancelled if it is live (and in state ``only``, when given), so no restart
+        or new leader resumes it; True when it was."""
         for _ in range(2):
             try:
                 got = await self.book.get(incident_id)
-                if got is None or not got[0].progress.state.live:
-                    return
+                if got is None or not got[0].progress.state.live or \
+                        (only is not None and got[0].progress.state is not only):
+                    return False
                 got[0].progress.state = ProgressState.CANCELLED
                 await self.book.put(got[0], got[1])
-                return
+                return True
             except Conflict:
                 continue  # another save landed in between: read it again
             except Exception as exc:  # the store did not answer: logged; the stop itself stands
                 log.error("cancel_record_failed", incident=incident_id, error=repr(exc))
-                return
+                return False
         log.warning("cancel_record_moved", incident=incident_id)  # another writer keeps moving it
+        return False
 
     def resume_after(self, old: asyncio.Task[None], incident_id: str) -> None:
         """Resume the incident's stored plan once ``old`` (its task, finishing) is done: an approval that came
@@ -264,7 +297,7 @@ class RemediatorService:
 
     async def _maybe_redecide(self, inc: Incident) -> None:
         plan, category, attempt = self.current[inc.id]
-        now = self.decisions.plan(inc, await self._view(), self.policy)
+        now = self.decisions.plan(inc, await self._view(), self.policy, busy=self.guards.active)
         why = redecision(plan, category, now, inc, inc.id in self.acted)
         if why is None:
             return
@@ -311,13 +344,15 @@ class RemediatorService:
         """One try; True when a guard said 'not now' and the same incident should be tried again later."""
         if resume is None:
             inc = self.latest.get(incident_id)
+            if inc is not None and inc.status is IncidentStatus.RESOLVED and inc.id in self.cordoned:
+                return await self._return_cordoned(inc, attempt)
             if inc is None or inc.status.terminal or inc.flaps * ATTEMPT_STRIDE > attempt:
                 return False
             cover = inc.parent or self.covered.get(inc.id)
             if cover is not None:
                 log.info("covered", incident=inc.id, by=cover)
                 return False
-            first = self.decisions.plan(inc, await self._view(), self.policy)
+            first = self.decisions.plan(inc, await self._view(), self.policy, busy=self.guards.active)
             if inc.id not in self.deferred and (early := deferral(first)) is not None:  # outside the node lock
                 until = self.guards.defer_until.get(wait_key(inc))  # set before a restart: the same deadline
                 if until is None:
@@ -336,17 +371,25 @@ class RemediatorService:
             inc = self.latest.get(inc.id, inc)
             if inc.status.terminal:
                 return False
-            plan = self.decisions.plan(inc, view, self.policy)
+            plan = self.decisions.plan(inc, view, self.policy, busy=self.guards.active)
             self.decisions.forget(inc.id)  # what runs is decided: the next ask is a new version or a retry
             plan = undefer(plan) if inc.id in self.deferred else plan
             progress = None
         else:
             plan, progress = resume.plan, resume.progress
+            if ran_until(plan, progress.rung, progress.step):
+                self.acted.add(inc.id)  # a late companion never re-decides it into a second reset
+            here = step_at(plan, progress.rung, progress.step)
+            if here is not None and not here.requires_approval and here.action in self.policy.guards.retry_caps:
+                # progress stands at a step only once its gate let it run (an approved step: once a human approved
+                # it): resumed there, the step's own start is not a second run against its retry cap
+                self.guards.cleared[inc.id] = (step_key(inc.id, progress.attempt, progress.rung, progress.step),
+                                               self.clock.now())
         live = not (plan.dry_run or plan.shadow)
-        held = needs_node(plan) and inc.node is not None
+        held = held_nodes(plan, inc)
+        for node in held:
+            self.guards.hold(node, inc.id, f"{plan.rule}: {inc.category}")
         if held:
-            assert inc.node is not None
-            self.guards.hold(inc.node, inc.id, f"{plan.rule}: {inc.category}")
             self.keeper.save()
         if resume is None:
             refusal = check(inc, plan, self.guards, view, self.policy.guards, self.clock.now())
@@ -390,12 +433,14 @@ class RemediatorService:
                                            waiting=WaitingOn.COOLDOWN, rule=plan.rule))
         return refusal.retry
 
-    async def _run(self, inc: Incident, plan: Plan, attempt: int, progress: Progress | None, operator: bool) -> bool:
-        lock_key = inc.node or f"fabric:{inc.id}"
+    async def _run(self, inc: Incident, plan: Plan, attempt: int, progress: Progress | None,
+                   held: tuple[str, ...]) -> bool:
         got = await self.book.get(inc.id)
         save = self.book.saver(inc, plan, got[1] if got else None)
-        if operator:
-            self.guards.start(lock_key, inc.id)
+        for node in held:  # a group's member already in another incident's plan stays counted once, under that one
+            if inc.node is not None or node not in self.guards.active:
+                self.guards.start(node, inc.id)
+        if held:
             self.keeper.save()
         self.current[inc.id] = (plan, inc.category, attempt)
         log.info("plan", incident=inc.id, node=inc.node, rule=plan.rule, rungs=[r.name for r in plan.rungs()],
@@ -408,20 +453,52 @@ class RemediatorService:
         finally:
             if self.current.get(inc.id, (None, "", -1))[2] == attempt:
                 self.current.pop(inc.id, None)
-        if operator and outcome is not ActionOutcome.REFUSED:
-            self.guards.finish(lock_key, inc.id, self.clock.now(), inc)
+        if self.guards.cleared.pop(inc.id, None) is not None:
+            self.keeper.save()
+        if held and outcome is not ActionOutcome.REFUSED:
+            if inc.node is not None:  # the cooldown compares with the fault as it is now, companions included
+                self.guards.finish(inc.node, inc.id, self.clock.now(), self.latest.get(inc.id, inc))
+            else:
+                self.guards.stop(inc.id)  # a group's plan repaired nothing: no cooldown on its members
             if outcome is ActionOutcome.COMPLETED:
                 self.guards.unhold(inc.id)
             self.keeper.save()
         log.info("plan_done", incident=inc.id, outcome=outcome.value)
         return False
 
-    def _gate(self, inc: Incident, step: Step) -> str | None:
-        refusal = step_check(inc, step, self.guards, self.policy.guards, self.clock.now())
+    async def _return_cordoned(self, inc: Incident, attempt: int) -> bool:
+        """The incident resolved while its node stayed cordoned for a repair the cooldown damped (``_refused``):
+        nothing else would return the node, so it is validated and returned unless another incident holds it; a
+        failed validation keeps it cordoned and held, and pages (the executor escalates)."""
+        assert inc.node is not None
+        why = f"{inc.id} resolved while {inc.node} stayed cordoned for its damped repair; validate, then return it"
+        plan = return_plan(inc, (inc.node,), why, rule="cooldown-return")
+        try:
+            async with self.node_locks.hold(inc.node):
+                outcome = await self.executor.run(inc, plan, attempt=attempt + 60)
+        finally:
+            self.cordoned.discard(inc.id)
+        if outcome is ActionOutcome.COMPLETED:
+            self.guards.unhold(inc.id)
+        else:
+            self.guards.hold(inc.node, inc.id, "cordoned while the cooldown damped its repair; validation failed")
+        self.keeper.save()
+        return False
+
+    def _gate(self, inc: Incident, plan: Plan, step: Step, key: str) -> str | None:
+        """The executor asks before every step: kill switches switched on since the plan started (on the rule, or on
+        a code of the incident as it stands now), retry caps. A capped step let run is remembered
+        (``GuardState.cleared``), so a plan resumed at it is not refused for it."""
+        now = self.clock.now()
+        refusal = step_check(self.latest.get(inc.id, inc), step, self.guards, self.policy.guards, now, rule=plan.rule,
+                             key=key)
+        if refusal is None and inc.node is not None and step.action in self.policy.guards.retry_caps:
+            self.guards.cleared[inc.id] = (key, now)
+            self.keeper.save()
         return refusal.reason if refusal else None
 
-    def _holders(self, inc: Incident) -> str | None:
-        others = self.guards.holders(inc.node or "", inc.id)
+    def _holders(self, inc: Incident, node: str) -> str | None:
+        others = self.guards.holders(node, inc.id)
         return ", ".join(f"{i} ({why})" for i, why in sorted(others.items())) or None
 
     async def _soak(self, inc: Incident) -> StepResult:

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING
 import structlog
 
 from breakfix.bus.clock import first_of
+from breakfix.remediator.follow import held_nodes
 from breakfix.remediator.reconcile import OpenIncidents, unplanned
 from breakfix.remediator.records import PlanRecord, ProgressState
 from breakfix.schemas import subjects
-from breakfix.schemas.incident import Domain
 
 if TYPE_CHECKING:
     from breakfix.remediator.service import RemediatorService
@@ -101,9 +101,10 @@ def resume(svc: RemediatorService, records: list[PlanRecord]) -> None:
     for rec in records:
         if not rec.progress.state.live:
             continue
-        inc, node = rec.incident, rec.incident.node
-        if rec.plan.domain is Domain.OPERATOR and node:
-            svc.guards.start(node, inc.id)  # the budget counts plans in flight, the hold stays
+        inc = rec.incident
+        for node in held_nodes(rec.plan, inc):  # the budget counts plans in flight (a group's fenced members)
+            if inc.node or node not in svc.guards.active:  # a member in another incident's plan stays counted there
+                svc.guards.start(node, inc.id)
         svc.latest.setdefault(inc.id, inc)
         if rec.progress.state is ProgressState.RUNNING and inc.id not in svc.tasks:
             log.warning("resuming", incident=inc.id, rung=rec.progress.rung, step=rec.progress.step)
