@@ -37,6 +37,13 @@ from tests.test_collector_sources import SAMPLE, as_dcgm4
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 
 
+def remap_failed(page: str, family: str) -> str:
+    """The page with GPU 0's row-remap failure gauge (under ``family``) reading 1."""
+    lines = [line.rsplit(" ", 1)[0] + " 1" if line.startswith(family + "{") and 'gpu="0"' in line else line
+             for line in page.splitlines()]
+    return "\n".join(lines) + "\n"
+
+
 class Exporters:
     """dcgm-exporter pages for two hosts (old ``Hostname`` and new ``hostname`` labels) and a vLLM
     endpoint whose counters move between scrapes."""
@@ -52,21 +59,11 @@ class Exporters:
             page = SAMPLE.replace('Hostname="gpu-node-074"', 'hostname="gpu-node-075"')
             page = page.replace("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL{", "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL_X{")
             page = page.replace("DCGM_FI_DEV_ROW_REMAP_FAILURE{gpu=\"0\"", "DCGM_FI_DEV_ROW_REMAP_FAILURE{gpu=\"0\"")
-            lines = []
-            for line in page.splitlines():
-                if line.startswith("DCGM_FI_DEV_ROW_REMAP_FAILURE{") and 'gpu="0"' in line:
-                    line = line.rsplit(" ", 1)[0] + " 1"
-                lines.append(line)
-            return web.Response(text="\n".join(lines) + "\n")
+            return web.Response(text=remap_failed(page, "DCGM_FI_DEV_ROW_REMAP_FAILURE"))
 
         async def dcgm_c(_r: web.Request) -> web.Response:  # DCGM 4.x canonical names: XID_ERROR, ROW_REMAP_FAILED
             page = as_dcgm4(SAMPLE.replace('Hostname="gpu-node-074"', 'hostname="gpu-node-076"'))
-            lines = []
-            for line in page.splitlines():
-                if line.startswith("DCGM_FI_DEV_ROW_REMAP_FAILED{") and 'gpu="0"' in line:
-                    line = line.rsplit(" ", 1)[0] + " 1"
-                lines.append(line)
-            return web.Response(text="\n".join(lines) + "\n")
+            return web.Response(text=remap_failed(page, "DCGM_FI_DEV_ROW_REMAP_FAILED"))
 
         async def vllm(_r: web.Request) -> web.Response:
             self.scrapes += 1
