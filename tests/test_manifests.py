@@ -147,6 +147,10 @@ def test_the_cluster_name_is_set_in_one_place_and_reaches_every_config(overlay: 
              if e["name"] == "BREAKFIX_CLUSTER"]
     assert set(seen) == {cluster} and len(seen) == (3 if overlay == "lab" else 4)
     assert "CLUSTER" not in yaml.safe_dump_all(rendered(overlay)).replace("BREAKFIX_CLUSTER", "")
+    # every scrape is labelled with the cluster: the alert rules keep it, the Alertmanager inhibit rules match on it
+    labels = [r["replacement"] for m in of_kind(overlay, "ServiceMonitor") for e in m["spec"]["endpoints"]
+              for r in e.get("relabelings", []) if r.get("targetLabel") == "cluster"]
+    assert labels and set(labels) == {cluster} and len(labels) == len(of_kind(overlay, "ServiceMonitor"))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
