@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import nkeys
 
 from breakfix.bus import tls
+from breakfix.bus.durable import replace_file
 from breakfix.bus.nkeyjwt import (
     CredsError,
     Key,
@@ -140,20 +140,8 @@ def init_bus(root: Path, *, cluster: str, hosts: tuple[str, ...] = ("localhost",
 
 
 def _atomic(path: Path, text: str) -> None:
-    """Replace ``path`` whole (a crash leaves the old file or the new one, never half of one), mode kept: the new
-    text is on disk before the rename, and the rename before this returns."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.chmod(path.stat().st_mode & 0o777)
-    os.replace(tmp, path)
-    dirfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    """Replace ``path`` whole and durably (``bus.durable``), its permission bits kept."""
+    replace_file(path, text, mode=path.stat().st_mode & 0o777)
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,11 @@ restart these files serve is often a power cycle.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import structlog
+
+from breakfix.bus.durable import replace_file
 
 log = structlog.get_logger("breakfix.collector.keyfile")
 
@@ -33,20 +34,10 @@ def load_keys(path: Path) -> list[str]:
 
 
 def write_json(path: Path, data: object) -> None:
-    """Replace ``path`` whole with ``data`` as JSON: temp file, fsync, rename, fsync of the folder. Raises
-    ``OSError`` when the disk refuses (also used by the node agent's idempotency and rate-limit records)."""
-    tmp = path.with_suffix(".tmp")
+    """Replace ``path`` whole with ``data`` as JSON, durably (``bus.durable.replace_file``). Raises ``OSError`` when
+    the disk refuses (also used by the node agent's idempotency and rate-limit records)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tmp.open("w") as fh:
-        fh.write(json.dumps(data))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    replace_file(path, json.dumps(data))
 
 
 def save_keys(path: Path, keys: list[str]) -> bool:
