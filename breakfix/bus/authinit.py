@@ -150,6 +150,7 @@ class _Account:
 
     root: Path
     conf: Path
+    cluster: str
     meta: dict[str, Any]
     operator: Key
     account: Key
@@ -159,7 +160,7 @@ class _Account:
 
     def write(self, nats: dict[str, Any]) -> None:
         """Re-sign the account with these ``nats`` claims (name kept) and replace its preload entry atomically."""
-        token = encode_jwt({"sub": self.account.public, "name": self.claims.get("name", self.meta["cluster"]),
+        token = encode_jwt({"sub": self.account.public, "name": self.claims.get("name", self.cluster),
                             "nats": nats}, self.operator)
         lines = list(self.lines)
         lines[self.at] = f"  {self.account.public}: {_conf_str(token)}\n"
@@ -174,8 +175,7 @@ def _load_account(root: Path) -> _Account:
     keys = root / "keys"
     try:
         meta = json.loads((root / META).read_text())
-        account_pub, operator_pub = meta["account"], meta["operator"]
-        str(meta["cluster"])
+        cluster, account_pub, operator_pub = str(meta["cluster"]), meta["account"], meta["operator"]
         operator = Key.from_seed((keys / "operator.nk").read_text())
         account = Key.from_seed((keys / "account.nk").read_text())
     except (ValueError, KeyError, TypeError, nkeys.NkeysError) as exc:
@@ -191,7 +191,7 @@ def _load_account(root: Path) -> _Account:
         current = jwt_claims(json.loads(lines[at[0]][len(entry):]))
     except (ValueError, CredsError) as exc:
         raise BusAuthError(f"{conf}: the account's entry is not a JWT: {exc}") from None
-    return _Account(root, conf, meta, operator, account, lines, at[0], current)
+    return _Account(root, conf, cluster, meta, operator, account, lines, at[0], current)
 
 
 def refresh_roles(root: Path) -> Path:
@@ -213,7 +213,7 @@ def refresh_roles(root: Path) -> Path:
             signers[role] = Key.from_seed(path.read_text())
         else:
             signers[role] = fresh[role] = Key.new("account")
-    claims = jwt_claims(_cluster_account(acct.account, str(acct.meta["cluster"]), acct.operator, signers))
+    claims = jwt_claims(_cluster_account(acct.account, acct.cluster, acct.operator, signers))
     raw = acct.claims.get("nats")
     kept: dict[str, Any] = raw if isinstance(raw, dict) else {}
     for role, key in fresh.items():

@@ -61,8 +61,12 @@ def record_id(incident: str, attempt: int, kind: str, index: int | None, action:
     an HMAC: JetStream de-duplicates ids whoever publishes them, and the actions stream also takes on-call
     verbs, so an id anyone could compute could be published first by an operator and the record dropped."""
     raw = f"{incident}\x1f{attempt}\x1f{rung}\x1f{kind}\x1f{index}\x1f{action}\x1f{outcome}".encode()
-    digest = hmac.new(key, raw, hashlib.sha256).hexdigest() if key else hashlib.sha256(raw).hexdigest()
-    return "act-" + digest[:20]
+    return "act-" + (keyed_digest(key, raw) if key else hashlib.sha256(raw).hexdigest())[:20]
+
+
+def keyed_digest(key: bytes, raw: bytes) -> str:
+    """HMAC-SHA256 of ``raw`` under ``key``, hex: the remediator's record ids (``record_id``, ``service.record``)."""
+    return hmac.new(key, raw, hashlib.sha256).hexdigest()
 
 
 def record_key(secret: bytes) -> bytes:

@@ -18,8 +18,6 @@ lease holder starts or resumes plans.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import timedelta
@@ -34,7 +32,7 @@ from breakfix.remediator.actuator import Actuator, StepResult
 from breakfix.remediator.audit import AuditWriter
 from breakfix.remediator.breaker import fence, page_breaker, page_stale_hold, return_plan
 from breakfix.remediator.decisions import Decisions
-from breakfix.remediator.executor import Executor, step_key
+from breakfix.remediator.executor import Executor, keyed_digest, step_key
 from breakfix.remediator.follow import (
     deferral,
     held_nodes,
@@ -145,8 +143,7 @@ class RemediatorService:
                action: StepAction | None = None) -> ActionRecord:
         now = self.clock.now()
         raw = f"{inc.id}-{inc.flaps}-{int(now.timestamp() * 1000)}"
-        rid = f"{tag}-{raw}" if not self.id_key else f"{tag}-" + hmac.new(self.id_key, raw.encode(),
-                                                                           hashlib.sha256).hexdigest()[:24]
+        rid = f"{tag}-{keyed_digest(self.id_key, raw.encode())[:24]}" if self.id_key else f"{tag}-{raw}"
         return ActionRecord(id=rid, cluster=inc.cluster,
                             incident_id=inc.id, kind=kind, outcome=outcome, actor=self.actor, rule=rule,
                             reason=reason, node=inc.node, domain=Domain.OPERATOR, details=details or {},
