@@ -159,6 +159,26 @@ async def test_an_admin_verb_for_a_cluster_the_console_does_not_know_is_refused_
         assert ks.cluster == "c1" and ks.details["rule"] == "gpu-reset-ladder"
 
 
+async def test_a_cluster_known_only_from_an_audit_record_takes_a_kill_switch_before_its_first_incident(
+        nats_server: EmbeddedNats) -> None:
+    async with console(nats_server.url) as (run, bus), httpx.AsyncClient(base_url=run.url) as c:
+        csrf = await login(c, "adam")
+        form = {"csrf": csrf, "rule": "gpu-reset-ladder", "enabled": "true", "reason": "new cluster, hold resets",
+                "cluster": "c2"}
+        before = await c.post("/admin/kill_switch", data=form, headers={"hx-request": "true"})
+        assert before.status_code == 400 and "unknown cluster 'c2'" in html.unescape(before.text)
+        refused = ActionRecord(id="c2-refusal", cluster="c2", incident_id="inc-c2", kind=ActionKind.REFUSAL,
+                               outcome=ActionOutcome.REFUSED, actor="remediator/test", reason="dry run",
+                               at=NOW - timedelta(minutes=1))  # the cluster's remediator, before any incident here
+        await bus.publish(subjects.action_subject("c2"), encode(refused), msg_id=refused.id)
+
+        async def listed() -> bool:
+            r = await c.post("/admin/kill_switch", data=form, headers={"hx-request": "true"})
+            return r.status_code == 200 and "recorded" in r.text
+
+        await wait_until(listed, 5, "the kill switch for a cluster known from its remediator's record")
+
+
 async def test_the_fleet_shows_each_clusters_breaker_and_kill_switches_apart(nats_server: EmbeddedNats) -> None:
     async with console(nats_server.url) as (run, bus), httpx.AsyncClient(base_url=run.url) as c:
         at = NOW - timedelta(minutes=5)

@@ -122,11 +122,12 @@ class Console:
         return {k: str(v)[:4000] for k, v in form.items()}
 
     def _clusters(self) -> list[str]:
-        """Every cluster the console knows, from its incidents."""
-        return sorted({i.cluster for i in self.state.incidents.values()})
+        """Every cluster the console knows: named by an incident or by an audit record (a remediator's
+        breaker or kill-switch record, a verb), so a quiet cluster can be switched off before its first incident."""
+        return sorted(self.state.clusters)
 
     def _cluster(self, value: str) -> str:
-        """A cluster named in a form: one the console knows from its incidents (a typo would publish on
+        """A cluster named in a form: one the console knows from its incidents or records (a typo would publish on
         a subject no remediator reads, and the page would say "recorded")."""
         cluster = value.strip()
         if not cluster:
@@ -134,7 +135,7 @@ class Console:
         known = self._clusters()
         if cluster not in known:
             raise verbs.VerbError(f"unknown cluster {cluster[:100]!r}; the console knows "
-                                  f"{', '.join(known) or 'none'} (from their incidents)")
+                                  f"{', '.join(known) or 'none'} (from their incidents and audit records)")
         return cluster
 
     async def _read(self, request: Request, fn: Callable[[Session, bool], Response]) -> Response:

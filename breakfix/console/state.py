@@ -33,6 +33,7 @@ log = structlog.get_logger("breakfix.console")
 MAX_RECORDS = 200_000
 MAX_PER_INCIDENT = 1000
 MAX_TRACKED = 100_000
+MAX_CLUSTERS = 10_000
 MAX_LISTENERS = 200
 MAX_LISTENERS_PER_USER = 8  # so that one viewer cannot take every live stream
 PROBE_EVERY_S = 2.0
@@ -68,11 +69,17 @@ class ConsoleState:
     waiting: dict[str, str] = field(default_factory=dict)  # from records, until the incident carries it
     listeners: dict[asyncio.Queue[str], str] = field(default_factory=dict)  # -> the user listening
     seen: set[str] = field(default_factory=set)
+    clusters: dict[str, None] = field(default_factory=dict)  # named by an incident or an audit record (capped)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     bus_up: bool = True  # NATS answered the last probe (``watch_bus``)
 
     # -- updates -----------------------------------------------------------------------------------
+    def _cluster(self, cluster: str) -> None:
+        if cluster not in self.clusters and len(self.clusters) < MAX_CLUSTERS:
+            self.clusters[cluster] = None
+
     def put_incident(self, inc: Incident) -> None:
+        self._cluster(inc.cluster)
         prev = self.incidents.get(inc.id)
         if prev is None or inc.version >= prev.version or inc.waiting != prev.waiting:
             self.incidents[inc.id] = inc
@@ -84,6 +91,7 @@ class ConsoleState:
         if len(self.seen) > MAX_RECORDS * 2:
             self.seen.clear()
         self.seen.add(rec.id)
+        self._cluster(rec.cluster)
         self.records.append(rec)
         q = self.by_incident.get(rec.incident_id)
         if q is None:
