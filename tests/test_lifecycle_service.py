@@ -32,7 +32,7 @@ from breakfix.schemas.incident import (
     WaitingOn,
 )
 from tests.conftest import T0
-from tests.test_remediator_service import Harness, fast, incident
+from tests.test_remediator_service import Harness, fast, incident, index
 
 
 def one_node(**kw: Any) -> SimCluster:
@@ -544,3 +544,28 @@ class TestCooldowns:
         else:
             assert c.nodes["n1"].cordoned and list(h.svc.guards.holders("n1", besides="-")) == ["inc-1"]
             assert c.escalations and "DCGM diag r2 failed" in c.escalations[-1][1]
+
+    @pytest.mark.parametrize("seen", ["on-the-stream", "in-the-index-only"])
+    async def test_a_cooldown_cordon_whose_incident_resolved_while_the_remediator_was_down_is_returned_on_restart(
+            self, policy: Policy, seen: str) -> None:
+        """The cordon is kept in the guard state: after a restart (or a change of leader) the node is returned when
+        the resolve arrives, or when the index shows it resolved (its change acked by a replica that then stopped)."""
+        c, store = one_node(), MemoryStore()
+        async with Harness(fast(policy, cooldown_s=1e6), c, store) as h:
+            h.svc.guards.finished["n1"] = Fault(T0, "gpu_reset_required", frozenset({"xid:48"}),
+                                                Severity.CRITICAL.rank)
+            inc = incident()
+            await h.open(inc)
+            await h.until(lambda: any(r.action is StepAction.CORDON and r.waiting is WaitingOn.COOLDOWN
+                                      for r in h.records()))
+        assert c.nodes["n1"].cordoned
+        resolved = inc.model_copy(update={"status": IncidentStatus.RESOLVED, "resolved_at": T0, "version": 2})
+        if seen == "on-the-stream":
+            await h.open(resolved, ChangeKind.RESOLVED)
+        else:
+            await index(h.bus, resolved, ChangeKind.RESOLVED)
+        async with Harness(fast(policy, cooldown_s=1e6), c, store, bus=h.bus) as again:
+            await again.until(lambda: plans(again, "inc-1")[-1:] in (["completed"], ["escalated"]))
+            await again.until(lambda: "inc-1" not in again.svc.tasks)
+        assert not c.nodes["n1"].cordoned and c.nodes["n1"].gpu_resets == {}
+        assert again.svc.guards.cooled == {} and again.svc.guards.holds == {}

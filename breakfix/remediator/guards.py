@@ -162,6 +162,9 @@ class GuardState:
     # incident -> (idempotency key, when) of the capped step its plan was last let run: a plan resumed at that very
     # step after a restart is not refused for the step's own start (the node agent answers the key only once)
     cleared: dict[str, tuple[str, datetime]] = field(default_factory=dict)
+    # incident -> node cordoned while the cooldown damps its repair: returned (validated) when the incident resolves,
+    # also by the next leader or after a restart (nothing else would uncordon it)
+    cooled: dict[str, str] = field(default_factory=dict)
     # derived from the lists above and extended as they grow (a replaced or shortened list is read again): retry
     # caps and the breaker look at one target or count nodes without a pass over every action and open
     _acts: _Index = field(default_factory=_Index, init=False, repr=False, compare=False)
@@ -251,6 +254,7 @@ class GuardState:
         self.unhold(incident)
         self.queued.pop(incident, None)
         self.cleared.pop(incident, None)
+        self.cooled.pop(incident, None)
         self.stop(incident)
 
     def prune(self, now: datetime, spec: GuardsSpec) -> None:
@@ -291,7 +295,7 @@ class GuardState:
                 "killed_rules": sorted(self.killed_rules), "killed_codes": sorted(self.killed_codes),
                 "budget_since": {i: t.isoformat() for i, t in self.budget_since.items()},
                 "defer_until": {i: t.isoformat() for i, t in self.defer_until.items()},
-                "cleared": {i: [k, t.isoformat()] for i, (k, t) in self.cleared.items()}}
+                "cleared": {i: [k, t.isoformat()] for i, (k, t) in self.cleared.items()}, "cooled": self.cooled}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GuardState:
@@ -309,7 +313,8 @@ class GuardState:
                    killed_rules=set(d.get("killed_rules", [])), killed_codes=set(d.get("killed_codes", [])),
                    budget_since={i: dt(t) for i, t in d.get("budget_since", {}).items()},
                    defer_until={i: dt(t) for i, t in d.get("defer_until", {}).items()},
-                   cleared={i: (k, dt(t)) for i, (k, t) in d.get("cleared", {}).items()})
+                   cleared={i: (k, dt(t)) for i, (k, t) in d.get("cleared", {}).items()},
+                   cooled={str(i): str(n) for i, n in d.get("cooled", {}).items()})
 
 
 def wait_key(incident: Incident) -> str:

@@ -7,9 +7,9 @@ when the process stopped therefore has an acked change and no record: nothing wo
 
 Each time a replica becomes the leader, ``remediator.takeup`` reads the incident index (JetStream KV
 ``breakfix-incidents``, the latest ``IncidentChange`` of every incident, written by the correlator)
-and hands it here one entry at a time. ``OpenIncidents.add`` keeps the entries that are not terminal (bad
-entries are counted, never raised; ``open_incidents`` does it for a list); ``unplanned`` picks the ones to
-take up again. Both are pure: no I/O, no clock.
+and hands it here one entry at a time. ``OpenIncidents.add`` keeps the entries that are not terminal, and the
+terminal ones it is told to watch (bad entries are counted, never raised; ``open_incidents`` does it for a
+list); ``unplanned`` picks the ones to take up again. Both are pure: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ class OpenIncidents:
     incidents: list[Incident] = field(default_factory=list)
     undecodable: int = 0
     over_limit: int = 0
+    watch: Container[str] = frozenset()  # terminal incidents still wanted (a node cordoned by the cooldown for them)
+    ended: list[Incident] = field(default_factory=list)  # those among ``watch`` found terminal
 
     def add(self, entry: KvEntry) -> None:
         """Keep the entry's incident if it is open. The status is read from the plain JSON first, so terminal
@@ -50,6 +52,11 @@ class OpenIncidents:
             self.undecodable += 1
             return
         if status in _TERMINAL:
+            if raw["incident"].get("id") in self.watch:
+                try:
+                    self.ended.append(IncidentChange.model_validate(raw).incident)
+                except ValidationError:
+                    self.undecodable += 1
             return
         if len(self.incidents) >= self.limit:
             self.over_limit += 1

@@ -97,7 +97,6 @@ class RemediatorService:
         self.node_locks = KeyedLocks()                            # one plan at a time per node
         self.current: dict[str, tuple[Plan, str, int]] = {}       # incident -> (plan, category, attempt) in flight
         self.acted: set[str] = set()                              # incidents whose plan ran a disruptive step
-        self.cordoned: set[str] = set()                           # incidents cordoned while their repair waits
         self.deferred: set[str] = set()                           # incidents whose deferred repair waited
         self.taken_up: dict[str, int] = {}                        # incident -> version taken up from the index
         self.helpers: set[asyncio.Task[None]] = set()            # short guarded tasks (resume_after)
@@ -168,7 +167,7 @@ class RemediatorService:
                 await self.observe_open(inc)
             return
         self.track(inc)
-        if inc.status is IncidentStatus.RESOLVED and inc.id in self.cordoned:
+        if inc.status is IncidentStatus.RESOLVED and inc.id in self.guards.cooled:
             self.spawn(inc.id, inc.flaps * ATTEMPT_STRIDE, None, settle=False)  # its task returns the node
         elif inc.status is IncidentStatus.RESOLVED and inc.id not in self.current:
             self.guards.unhold(inc.id)  # fixed (healthy signals, or its plan completed): it holds nothing
@@ -283,7 +282,8 @@ class RemediatorService:
         inc = self.latest.pop(iid, None)
         self.covered = {m: c for m, c in self.covered.items() if c != iid and m != iid}
         self.acted.discard(iid)
-        self.cordoned.discard(iid)
+        if self.guards.cooled.pop(iid, None) is not None:
+            self.keeper.save()
         self.deferred.discard(iid)
         self.decisions.forget(iid)
         if self.guards.end_waits(iid):
@@ -341,7 +341,7 @@ class RemediatorService:
         """One try; True when a guard said 'not now' and the same incident should be tried again later."""
         if resume is None:
             inc = self.latest.get(incident_id)
-            if inc is not None and inc.status is IncidentStatus.RESOLVED and inc.id in self.cordoned:
+            if inc is not None and inc.status is IncidentStatus.RESOLVED and inc.id in self.guards.cooled:
                 return await self._return_cordoned(inc, attempt)
             if inc is None or inc.status.terminal or inc.flaps * ATTEMPT_STRIDE > attempt:
                 return False
@@ -421,8 +421,9 @@ class RemediatorService:
             await fence(self, inc, refusal, attempt)
             return False
         if refusal.guard == "cooldown" and inc.node is not None and inc.severity.rank >= Severity.CRITICAL.rank \
-                and inc.id not in self.cordoned:
-            self.cordoned.add(inc.id)  # a broken node does not take work while its repair is damped
+                and inc.id not in self.guards.cooled:
+            self.guards.cooled[inc.id] = inc.node  # a broken node does not take work while its repair is damped
+            self.keeper.save()  # kept, so a restart or the next leader returns it when the incident resolves
             done = await self.actuator.cordon(inc.node, incident=inc.id, reason=f"breakfix {inc.id}: {inc.category}")
             await self.publish(self.record(inc, ActionKind.STEP, ActionOutcome.SUCCEEDED if done.ok else
                                            ActionOutcome.FAILED, f"{done.detail} while the cooldown damps the repair",
@@ -470,11 +471,9 @@ class RemediatorService:
         assert inc.node is not None
         why = f"{inc.id} resolved while {inc.node} stayed cordoned for its damped repair; validate, then return it"
         plan = return_plan(inc, (inc.node,), why, rule="cooldown-return")
-        try:
-            async with self.node_locks.hold(inc.node):
-                outcome = await self.executor.run(inc, plan, attempt=attempt + 60)
-        finally:
-            self.cordoned.discard(inc.id)
+        async with self.node_locks.hold(inc.node):
+            outcome = await self.executor.run(inc, plan, attempt=attempt + 60)
+        self.guards.cooled.pop(inc.id, None)  # kept until the return ran: one cut short is taken up by the next leader
         if outcome is ActionOutcome.COMPLETED:
             self.guards.unhold(inc.id)
         else:

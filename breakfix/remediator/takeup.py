@@ -12,7 +12,8 @@ nothing would deliver its change again. Each time this replica becomes the leade
 the incident index (JetStream KV ``breakfix-incidents``, the correlator's latest version of every
 incident; this cluster's keys only, one entry at a time) and hands what ``remediator.reconcile`` picks
 to the service, as if the change had just arrived. Openings found there count towards the circuit
-breaker first, so a mass event during the outage still trips it. The waits it was in carry on where they
+breaker first, so a mass event during the outage still trips it. A node the cooldown cordoned for an incident
+that resolved meanwhile (``GuardState.cooled``) is validated and returned. The waits it was in carry on where they
 were: the first budget refusal and the deferral deadline are kept in the guard state (``guards.GuardState``).
 """
 
@@ -26,9 +27,10 @@ import structlog
 
 from breakfix.bus.clock import first_of
 from breakfix.remediator.follow import held_nodes
-from breakfix.remediator.reconcile import OpenIncidents, unplanned
+from breakfix.remediator.reconcile import ATTEMPT_STRIDE, OpenIncidents, unplanned
 from breakfix.remediator.records import PlanRecord, ProgressState
 from breakfix.schemas import subjects
+from breakfix.schemas.incident import IncidentStatus
 
 if TYPE_CHECKING:
     from breakfix.remediator.service import RemediatorService
@@ -70,9 +72,14 @@ async def take_up(svc: RemediatorService) -> int:
     were taken up again."""
     records = await svc.book.all()
     resume(svc, records)
-    found = await read_open(svc.bus, svc.cluster)
+    found = await read_open(svc.bus, svc.cluster, watch=frozenset(svc.guards.cooled))
     if found is None:
         return 0
+    for inc in found.ended:  # resolved while no replica led: the node the cooldown cordoned for it goes back
+        if inc.status is IncidentStatus.RESOLVED and inc.id not in svc.tasks:
+            log.warning("returning_cooldown_cordon", incident=inc.id, node=svc.guards.cooled[inc.id])
+            svc.track(inc)
+            svc.spawn(inc.id, inc.flaps * ATTEMPT_STRIDE, None, settle=False)
     for inc in found.incidents:
         prev = svc.latest.get(inc.id)
         if prev is None or inc.version >= prev.version:
@@ -111,13 +118,14 @@ def resume(svc: RemediatorService, records: list[PlanRecord]) -> None:
             svc.spawn(inc.id, rec.progress.attempt, rec)
 
 
-async def read_open(bus: object, cluster: str) -> OpenIncidents | None:
-    """The open incidents of ``cluster`` in the index; None when there is no index to read (logged)."""
+async def read_open(bus: object, cluster: str, *, watch: frozenset[str] = frozenset()) -> OpenIncidents | None:
+    """The open incidents of ``cluster`` in the index, and those of ``watch`` found terminal; None when there is no
+    index to read (logged)."""
     scan = getattr(bus, "kv_scan", None)
     exists = getattr(bus, "kv_exists", None)
     if scan is None or exists is None:
         return None
-    found = OpenIncidents()
+    found = OpenIncidents(watch=watch)
     try:  # the correlator creates the bucket (with its retention): never created here
         if not await exists(subjects.INCIDENT_INDEX_BUCKET):
             return None
