@@ -164,6 +164,25 @@ def test_a_record_read_after_its_incident_resolved_never_pages() -> None:
     assert NotifyConfig().runbook_base == "runbooks/"  # no channel, no link to follow: the default stands
 
 
+@pytest.mark.parametrize(("escalated_at", "pages"), [(20, False), (40, True)],
+                         ids=["escalation-from-before-the-resolution", "escalation-after-the-resolution-pages"])
+def test_a_plan_escalating_after_its_incident_resolved_pages_until_a_human_releases_the_node(
+        escalated_at: float, pages: bool) -> None:
+    """Healthy signals resolved the incident while its plan ran; the validation before the node's return then failed,
+    so the node stays cordoned: on-call must hear of it, and only a release or cancel ends that page."""
+    core = NotifyCore(CFG)
+    core.change(change(inc()))
+    done = inc(status=IncidentStatus.RESOLVED, version=2, resolved_at=T0 + timedelta(seconds=30))
+    core.change(change(done, ChangeKind.RESOLVED, at=30))
+    got = core.record(rec(*ESCALATED, reason="DCGM diag r2 failed: node stays cordoned", at=escalated_at))
+    assert events(got) == ([("inc-1", "escalated", "trigger")] if pages else [])
+    if pages:
+        assert core.change(change(done.model_copy(update={"version": 3}), ChangeKind.UPDATED, at=50)) == []
+        assert [n.incident for n in core.firing()] == ["inc-1"]
+        release = rec(ActionKind.RELEASE, ActionOutcome.SUCCEEDED, actor="alice", reason="node checked", at=60)
+        assert events(core.record(release)) == [("inc-1", "resolved", "resolve")] and core.firing() == []
+
+
 def test_a_reopened_incident_may_page_again_and_a_release_resolves_the_page() -> None:
     core = NotifyCore(CFG)
     core.change(change(inc()))

@@ -19,7 +19,9 @@ Rules (issue 14):
   of a paged incident is passed on (PagerDuty ``acknowledge``); resolves are always sent;
 - a page resolves when its incident resolves, folds into another, or a human releases or cancels it
   (an escalated incident stays escalated until someone does: the correlator never resolves it alone);
-  an incident already resolved never triggers (a record read after its resolution, e.g. by a replay).
+  an incident already resolved triggers nothing from a record dated before its resolution (read after it, e.g.
+  by a replay), but a plan that escalates after it (the validation before the node's return failed, the node
+  stays cordoned) pages, and that page waits for a human's release or cancel.
 """
 
 from __future__ import annotations
@@ -136,8 +138,10 @@ class NotifyCore:
         inc = t.incident
         if inc is None or event in t.paged or self._folded(inc, inc.id) or t.acked:
             return []
-        if inc.status is IncidentStatus.RESOLVED:  # over already (a record read after its resolution): no page
-            return []
+        if inc.status is IncidentStatus.RESOLVED and not (
+                event is NotifyEvent.ESCALATED and inc.resolved_at is not None and at >= inc.resolved_at):
+            return []  # over already (a record from before its resolution, read after it): no page. A plan that
+            # escalates after the resolution (the return's validation failed) left its node cordoned: that pages
         if t.silenced_until is not None and at < t.silenced_until:
             return []
         if self._silenced(at, cluster=inc.cluster, category=inc.category, nodes=(inc.node, *inc.nodes),
@@ -165,7 +169,9 @@ class NotifyCore:
             t.acked = False
             t.waiting_since = None
             t.done.clear()
-        first = t.incident is None
+        prev = t.incident
+        first = prev is None
+        was_resolved = prev is not None and prev.status is IncidentStatus.RESOLVED
         t.incident = inc
         for member in inc.members:
             if inc.status.terminal:
@@ -175,6 +181,8 @@ class NotifyCore:
         if inc.parent is not None or ch.kind is ChangeKind.FOLDED:
             return self._resolve(t, ch.at, f"folded into {inc.parent}: that incident's page stands for it")
         if ch.kind is ChangeKind.RESOLVED or inc.status.value == "resolved":
+            if was_resolved and NotifyEvent.ESCALATED in t.paged:
+                return []  # paged by an escalation after the resolution: only a release or cancel ends that page
             ttr = f" after {inc.time_to_repair_s:.0f}s" if inc.time_to_repair_s is not None else ""
             return self._resolve(t, ch.at, f"resolved{ttr}: {inc.title or inc.category}")
         if first and inc.id in self.early:  # the two streams are read apart: apply what came first now
