@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from breakfix.bus.clock import ManualClock, SystemClock
 from breakfix.bus.codec import encode
 from breakfix.bus.memory import MemoryBus
+from breakfix.remediator.notify.channels import Transient
 from breakfix.remediator.notify.config import NotifyConfig
 from breakfix.remediator.notify.core import StepSeen
 from breakfix.remediator.notify.model import Notification
@@ -201,6 +202,60 @@ async def test_a_restart_does_not_redeliver_what_its_notification_records_say_wa
     await again.dispatcher.idle()
     assert [(n.dedup_key, n.action.value) for n in resent.sent] == [("inc-2", "trigger")]
     assert [n.dedup_key for n in sender.sent] == ["inc-1"]
+
+
+class ResolvesFail(FakeSender):
+    """A receiver that takes pages but is down when the resolve comes."""
+
+    async def send(self, n: Notification) -> None:
+        if n.action.value == "resolve":
+            raise Transient("503 from the receiver")
+        await super().send(n)
+
+
+async def test_a_resolve_that_never_got_through_before_a_restart_is_retried_after_it() -> None:
+    """The page was delivered, its resolve failed, and the remediator restarted an hour later (past replay_send_s):
+    the replay reads both delivery records and puts the resolve back on the channel's retry, so the page closes."""
+    cfg = NotifyConfig.model_validate({
+        "channels": [{"name": "hook", "type": "webhook", "url": "https://h.example/", "attempts": 1, "retry_s": 0.05}],
+        "default": ["hook"], "runbook_base": "https://runbooks.example/breakfix/"})
+    bus = MemoryBus()
+    await bus.ensure_streams(subjects.STREAMS)
+    clock = ManualClock(T0)
+    down = ResolvesFail()
+    first = NotifierService(bus, cfg, clock, senders={"hook": down}, durable="leader", replay_send_s=300)
+    stop_first = asyncio.Event()
+    task = asyncio.create_task(first.run(stop_first), name="test-notifier-first")
+    await asyncio.wait_for(first.ready.wait(), 10)
+    opened, escalated = change(inc()), rec(*ESCALATED, at=1)
+    resolved = change(inc(status=IncidentStatus.RESOLVED, version=5), ChangeKind.RESOLVED, at=30)
+    await publish_change(bus, opened)
+    await bus.publish(subjects.action_subject("c1"), encode(escalated))
+    first.change(opened)
+    first.record(escalated, subjects.action_subject("c1"))
+    await notified(bus, 1)
+    await publish_change(bus, resolved)
+    first.change(resolved)
+    await notified(bus, 2)
+    stop_first.set()
+    await asyncio.wait_for(task, 10)
+    outcomes = [r.outcome for r in await read_records(bus) if r.kind is ActionKind.NOTIFICATION]
+    assert outcomes == [ActionOutcome.SUCCEEDED, ActionOutcome.FAILED] and [n.action.value for n in down.sent] == [
+        "trigger"]
+    clock.advance(3600)
+
+    resent = FakeSender()
+    again = NotifierService(bus, cfg, clock, senders={"hook": resent}, durable="leader", replay_send_s=300)
+    stop_again = asyncio.Event()
+    task = asyncio.create_task(again.run(stop_again), name="test-notifier-again")
+    try:
+        async def closed() -> bool:
+            return [n.action.value for n in resent.sent] == ["resolve"]
+        await wait_until(closed, 10, "the resolve retried after the restart")
+        assert resent.sent[0].dedup_key == "inc-1" and again.dispatcher.retry["hook"] == {}
+    finally:
+        stop_again.set()
+        await asyncio.wait_for(task, 10)
 
 
 async def test_a_new_leader_resolves_what_the_old_leader_paged_and_pages_nothing_twice(running: Any) -> None:

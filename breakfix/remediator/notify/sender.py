@@ -11,7 +11,8 @@ delivered on a channel is not sent again (idempotent re-sends, beside each chann
 after a restart marks what its NOTIFICATION records say was delivered (``mark_delivered``). Alertmanager channels
 re-post their firing alerts every ``resend_s``; PagerDuty and webhook channels keep a resolve that failed
 (transient errors, a full queue) in a bounded set and try it again every ``retry_s``, so the page it ends does
-not stay open for ever. Both run only while this replica leads (``is_leader``).
+not stay open for ever; after a restart the replay puts back the resolves its NOTIFICATION records show paged there
+and never delivered (``keep_undelivered_resolve``). Both run only while this replica leads (``is_leader``).
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ class Dispatcher:
         self.retry: dict[str, OrderedDict[str, Notification]] = {  # dedup key -> the resolve still to get through
             name: OrderedDict() for name in names
             if isinstance(self.specs.get(name), PagerDutyChannel | WebhookChannel)}
+        # the dedup keys whose page a replay read as delivered on the channel (its NOTIFICATION records): a resolve of
+        # one that never got through before a restart is kept for the retry (``keep_undelivered_resolve``)
+        self.paged: dict[str, OrderedDict[str, None]] = {name: OrderedDict() for name in self.retry}
         self.dropped = 0
         self._drops: dict[str, int] = {}
         self._drop_logged: dict[str, float] = {}
@@ -135,12 +139,24 @@ class Dispatcher:
         elif n.action is NotifyAction.RESOLVE:
             firing.pop(n.dedup_key, None)
 
-    def mark_delivered(self, channel: str, notification_id: str) -> None:
+    def mark_delivered(self, channel: str, notification_id: str, *, paged_key: str = "") -> None:
         """A delivery made before this process started or led (its NOTIFICATION record, read by the replay): the
-        notification is not sent again."""
+        notification is not sent again. ``paged_key``: the dedup key of a trigger (a page now open there)."""
         sent = self.sent.get(channel)
         if sent is not None:
             _mark(sent, notification_id)
+        paged = self.paged.get(channel)
+        if paged is not None and paged_key:
+            _mark(paged, paged_key)
+
+    def keep_undelivered_resolve(self, n: Notification) -> None:
+        """A resolve the replay rebuilt from before ``replay_send_s``: on each PagerDuty or webhook channel where its
+        page was delivered and it was not (it failed, or the process stopped first), it joins the periodic retry,
+        so a restart does not leave that page open for ever."""
+        for name in route(n, self.config):
+            paged = self.paged.get(name)
+            if paged is not None and n.dedup_key in paged and n.id not in self.sent[name]:
+                self._keep_resolve(name, n)
 
     def forget_firing(self) -> None:
         """What Alertmanager channels re-post is rebuilt by a replay of the streams (a new leadership term)."""

@@ -5,18 +5,19 @@ consumes and every record on ``breakfix.actions.>`` its control consumer reads),
 consumer. At start-up ``run`` reads both streams once from the start, merged in time order, so the pure
 ``NotifyCore`` rebuilds what was paged and resolved; the NOTIFICATION records on the actions stream say what was
 delivered already, and is not sent again. Events older than ``replay_send_s`` before the start are only remembered
-(Alertmanager keeps re-posting what still fires; nobody is paged twice). The hooks only queue: a slow or failing
-channel can only fill its own bounded queue (``notify.sender.Dispatcher``). Only the leader sends (``is_leader``);
-a standby consumes nothing, so when it starts to lead it replays the streams again (what the last leader paged,
-delivered and resolved). On-call acks and silences are believed only when the subject's user and
-cluster match the record (``schemas.subjects.human_subject_parts``).
+(Alertmanager keeps re-posting what still fires; nobody is paged twice), except a resolve whose page the records
+show delivered on a PagerDuty or webhook channel and the resolve not: it joins that channel's retry. The hooks
+only queue: a slow or failing channel can only fill its own bounded queue (``notify.sender.Dispatcher``). Only the
+leader sends (``is_leader``); a standby consumes nothing, so when it starts to lead it replays the streams again
+(what the last leader paged, delivered and resolved). On-call acks and silences are believed only when the
+subject's user and cluster match the record (``schemas.subjects.human_subject_parts``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,7 +34,7 @@ from breakfix.bus.protocol import Bus, Delivery
 from breakfix.remediator.notify.channels import HttpSender, Sender
 from breakfix.remediator.notify.config import NotifyConfig, PagerDutyChannel, SlackChannel, load_secret
 from breakfix.remediator.notify.core import NotifyCore, StepSeen
-from breakfix.remediator.notify.model import Notification
+from breakfix.remediator.notify.model import Notification, NotifyAction
 from breakfix.remediator.notify.sender import Dispatcher
 from breakfix.schemas import subjects
 from breakfix.schemas.incident import ActionKind, ActionRecord, IncidentChange
@@ -65,6 +66,7 @@ class Delivered:
     cluster: str
     channel: str
     notification: str
+    paged_key: str = ""  # the dedup key, when the delivery was a trigger (a page opened there)
 
 
 def decode_record(data: bytes) -> ActionRecord | StepSeen | Delivered | None:
@@ -84,7 +86,9 @@ def decode_record(data: bytes) -> ActionRecord | StepSeen | Delivered | None:
             if outcome != "succeeded" or not isinstance(cluster, str) or not isinstance(channel, str) \
                     or not isinstance(nid, str):
                 return None
-            return Delivered(cluster, channel, nid)
+            key = details.get("dedup_key")
+            paged = key if details.get("action") == "trigger" and isinstance(key, str) else ""
+            return Delivered(cluster, channel, nid, paged)
         if kind == "step" and details.get("guard") != "breaker":
             iid, action = d.get("incident_id"), d.get("action")
             if outcome == "dry_run" or not isinstance(iid, str) or not isinstance(action, str):
@@ -147,6 +151,7 @@ class NotifierService:
         self._led = False  # the state was rebuilt in this leadership term (a standby that starts to lead replays)
         self._held: deque[Callable[[], None]] = deque()  # live inputs waiting for the replay
         self._fresh: deque[Notification] = deque()  # what a replay would send, once it knows what was delivered
+        self._stale: OrderedDict[str, Notification] = OrderedDict()  # a replay's resolves from before replay_send_s
 
     def _send(self, n: Notification) -> None:
         if self.is_leader():
@@ -158,6 +163,13 @@ class NotifierService:
     def _emit(self, out: list[Notification]) -> None:
         fresh = self.started_at - timedelta(seconds=self.replay_send_s)
         for n in out:
+            if self._replaying and n.action is NotifyAction.RESOLVE and n.at < fresh:
+                self._stale[n.dedup_key] = n  # may never have got through: checked once the replay ends
+                self._stale.move_to_end(n.dedup_key)
+                if len(self._stale) > MAX_REPLAY_FRESH:
+                    self._stale.popitem(last=False)
+            elif self._replaying and n.action is NotifyAction.TRIGGER:
+                self._stale.pop(n.dedup_key, None)  # a later page under the same key: the old resolve must not end it
             if n.at < fresh:
                 self.dispatcher.remember(n)
             elif self._replaying:  # sent at the end of the replay, unless its NOTIFICATION record comes by
@@ -275,6 +287,9 @@ class NotifierService:
             self._replaying = False
             self._led = self.is_leader()
             fresh, self._fresh = self._fresh, deque()
+            stale, self._stale = self._stale, OrderedDict()
+            for n in stale.values():  # resolves its delivery records show paged and never delivered: retried
+                self.dispatcher.keep_undelivered_resolve(n)
             for n in fresh:
                 self._send(n)
             while self._held:
@@ -321,7 +336,8 @@ class NotifierService:
         if isinstance(rec, Delivered):  # the remediator's own trail only: nobody else can mark a page delivered
             if msg.subject != subjects.action_subject(rec.cluster):
                 return None
-            return None, partial(self.dispatcher.mark_delivered, rec.channel, rec.notification)
+            return None, partial(self.dispatcher.mark_delivered, rec.channel, rec.notification,
+                                 paged_key=rec.paged_key)
         if rec is None:
             return None
         return rec.at if isinstance(rec, ActionRecord) else None, partial(self._record, rec, msg.subject)
