@@ -68,6 +68,10 @@ FAULT_CASES = [
                  "fabric.gpu", None, id="fabric-training-failed"),
     pytest.param(lambda g: setattr(g, "lost", True), "gpu.lost", None, id="gpu-is-lost"),
     pytest.param(lambda g: setattr(g, "reset_required", True), "gpu.reset_required", None, id="reset-required"),
+    pytest.param(lambda g: setattr(g, "recovery_action", pynvml.NVML_GPU_RECOVERY_ACTION_GPU_RESET),
+                 "gpu.reset_required", None, id="recovery-action-gpu-reset"),
+    pytest.param(lambda g: setattr(g, "recovery_action", pynvml.NVML_GPU_RECOVERY_ACTION_NODE_REBOOT),
+                 "gpu.lost", None, id="recovery-action-node-reboot"),
 ]
 
 
@@ -202,6 +206,44 @@ class TestPolledChecks:
         assert s.tenant is not None and s.tenant.pod == "train-0" and s.labels == {"rack": "r1"}
 
 
+class TestFakeFieldValues:
+    """``nvmlDeviceGetFieldValues`` as nvidia-ml-py returns it: a ``c_nvmlFieldValue_t`` array, each entry with its
+    own ``nvmlReturn`` (per-field errors do not raise; NVML nvml.h ``nvmlFieldValue_st``)."""
+
+    def test_the_recovery_action_is_an_unsigned_int_field_and_an_unknown_field_is_not_supported(self) -> None:
+        fake = FakeNvml.hgx(1)
+        fake.gpus[0].recovery_action = pynvml.NVML_GPU_RECOVERY_ACTION_DRAIN_AND_RESET
+        fake.nvmlInit()
+        h = fake.nvmlDeviceGetHandleByIndex(0)
+        action, other = fake.nvmlDeviceGetFieldValues(h, [pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION,
+                                                          (pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL, 3)])
+        assert isinstance(action, pynvml.c_nvmlFieldValue_t)
+        assert (action.fieldId, action.nvmlReturn, action.valueType, action.value.uiVal) == (
+            230, pynvml.NVML_SUCCESS, pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, 4)
+        assert (other.fieldId, other.scopeId, other.nvmlReturn) == (38, 3, pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+    def test_a_driver_before_r570_reads_the_field_not_supported_and_a_lost_gpu_raises(self) -> None:
+        fake = FakeNvml.hgx(2)
+        fake.gpus[0].recovery_action = None
+        fake.nvmlInit()
+        old, lost = fake.nvmlDeviceGetHandleByIndex(0), fake.nvmlDeviceGetHandleByIndex(1)
+        (v,) = fake.nvmlDeviceGetFieldValues(old, [pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION])
+        assert v.nvmlReturn == pynvml.NVML_ERROR_NOT_SUPPORTED
+        fake.gpus[1].lost = True
+        with pytest.raises(pynvml.NVMLError_GpuIsLost):
+            fake.nvmlDeviceGetFieldValues(lost, [pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION])
+
+    def test_a_recovery_action_never_hides_the_gpus_other_faults(self, catalog: Catalog) -> None:
+        """As a dump's ``GPU Recovery Action`` does not: the other readings say what the reset is for."""
+        fake = FakeNvml.hgx(1)
+        fake.gpus[0].recovery_action = pynvml.NVML_GPU_RECOVERY_ACTION_GPU_RESET
+        fake.gpus[0].dbe_volatile = 3
+        cycle = poll(NvmlSource(fake, ctx(catalog)))
+        assert faults(cycle) == {("gpu.reset_required", 0, None), ("ecc.dbe", 0, None)}
+        (s,) = [s for s in cycle.states if s.check == "gpu.reset_required"]
+        assert (s.code, s.details) == ("DCGM_FR_GPU_RECOVERY_RESET", {"recovery_action": "Reset"})
+
+
 class TestXidEvents:
     async def test_xid_event_becomes_signal_without_blocking_the_loop(self, catalog: Catalog) -> None:
         fake = FakeNvml.hgx(8)
@@ -298,3 +340,15 @@ def test_real_nvml_handles_match_by_address_as_xid_events_need(catalog: Catalog)
     for i, h in src.handles.items():
         again = nvml.nvmlDeviceGetHandleByIndex(i)
         assert handle_address(again) == handle_address(h) and src.event_gpu(again) == src.refs[i]
+
+
+@pytest.mark.gpu
+def test_real_nvml_reads_the_recovery_action_or_marks_it_absent(catalog: Catalog) -> None:
+    """R570+ drivers answer NVML_FI_DEV_GET_GPU_RECOVERY_ACTION (0 on a healthy GPU); older ones do not have it,
+    which is no fault and no crash."""
+    if shutil.which("nvidia-smi") is None:
+        pytest.skip("no NVIDIA driver on this machine (gpu marker)")
+    src = NvmlSource(real_nvml(), ctx(catalog))
+    cycle = poll(src)
+    assert set(src.refs) == set(src.recovery_last) | src.recovery_absent
+    assert [s for s in cycle.states if s.check in ("gpu.lost", "gpu.reset_required") and not s.healthy] == []

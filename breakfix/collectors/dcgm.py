@@ -25,6 +25,17 @@ accepted):
   (XID 94 as ``DCGM_FR_CONTAINED_ERROR``, pending page retirements, PCIe replay rate), and the
   catalog (``Catalog.dcgm_code``) decides what each code is worth: a code DCGM marks "can perform
   workload" is capped to monitoring there, whatever the result.
+- ``DCGM_FI_DEV_GPU_RECOVERY_ACTION`` (field 1523, R570+ drivers; go-dcgm also resolves the deprecated name
+  ``DCGM_FI_DEV_GET_GPU_RECOVERY_ACTION``, so a counters CSV may export either; not in dcgm-exporter's default
+  CSV) is DCGM's mirror of NVML_FI_DEV_GET_GPU_RECOVERY_ACTION (DCGM ``dcgm_fields.cpp``): the driver's own
+  remediation verdict, read as the nvml source and an ``nvidia-smi -q`` dump read it
+  (``collectors.nvml.recovery_verdict``), under the check ``dcgm.recovery_action``: 0 NONE -> healthy (a
+  verdict that is gone clears its fault); 1 GPU reset, 2 node reboot, 3 drain P2P, 4 drain and reset -> a fault
+  with code ``DCGM_FR_GPU_RECOVERY_*`` (DCGM ``DcgmHealthWatch.cpp`` ``MonitorGpuRecoveryAction``), which the
+  catalog classifies as XID 154 with that action, so it joins the GPU's incident of the verdict from any source;
+  a number that is no known action -> an unknown code (the cautious path). Its own check, not the nvml source's
+  ``gpu.lost`` / ``gpu.reset_required``: an exporter that lags or misses a verdict must not clear NVML's.
+  A value that is no unsigned 32-bit integer (``nvmlDeviceGpuRecoveryAction_t``) is a bad sample.
 Every field is read under its DCGM 4.x canonical name too (DCGM 4.6 ``dcgm_fields.h``, as listed in
 the reference ``dcgm_fields.csv``: ``DCGM_FI_DEV_XID_ERROR``, ``..._ROW_REMAP_FAILED``,
 ``..._PCIE_REPLAY_TOTAL``, ``..._GPU_TEMP_CELSIUS``, ``..._GPU_TEMP_SLOWDOWN_CELSIUS``, the NVLink
@@ -49,6 +60,7 @@ import structlog
 
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.edge import Cycle
+from breakfix.collectors.nvml import recovery_verdict
 from breakfix.collectors.promlines import parse_tolerant
 from breakfix.collectors.promtext import Sample
 from breakfix.schemas.common import GpuRef, normalize_pci_bus_id
@@ -76,8 +88,13 @@ GPU_TEMP = ("DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_GPU_TEMP_CELSIUS")
 SLOWDOWN_TEMP = ("DCGM_FI_DEV_SLOWDOWN_TEMP", "DCGM_FI_DEV_GPU_TEMP_SLOWDOWN_CELSIUS")
 XID_COUNT = ("DCGM_EXP_XID_ERRORS_COUNT", "DCGM_FI_DEV_XID_ERRORS_ACTIVE")
 HEALTH = ("DCGM_EXP_GPU_HEALTH_STATUS",)
+# DCGM 4.x name first (dcgm_fields.h: DCGM_FI_DEV_GPU_RECOVERY_ACTION 1523), then the deprecated alias that
+# go-dcgm's legacyDCGMFields still resolves (pkg/dcgm/const_fields.go): an exporter writes the name its CSV uses
+RECOVERY = ("DCGM_FI_DEV_GPU_RECOVERY_ACTION", "DCGM_FI_DEV_GET_GPU_RECOVERY_ACTION")
+RECOVERY_MAX = 0xFFFF_FFFF  # nvmlDeviceGpuRecoveryAction_t: an unsigned int
+RECOVERY_CHECK = "dcgm.recovery_action"
 FIELDS = (XID, DBE, REMAP_FAILURE, REMAP_PENDING, CLOCK_REASONS, THERMAL_VIOLATION, PCIE_REPLAY, GPU_TEMP,
-          SLOWDOWN_TEMP, XID_COUNT, HEALTH, *NVLINK)  # every family read, each with its aliases
+          SLOWDOWN_TEMP, XID_COUNT, HEALTH, RECOVERY, *NVLINK)  # every family read, each with its aliases
 HEALTH_RESULTS = {0.0: "PASS", 10.0: "WARN", 20.0: "FAIL"}  # dcgmHealthWatchResults_t
 HEALTH_WARN = 10.0
 _WATCH = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
@@ -156,6 +173,8 @@ def by_gpu(samples: dict[str, list[Sample]], skipped: list[tuple[str, str]] | No
                         raise BadSample(f"value {value:g} is no health result (0 PASS, 10 WARN, 20 FAIL)")
                     if names is HEALTH and not _WATCH.match(watch):
                         raise BadSample(f"health_watch label {watch[:40]!r} is no health watch")
+                    if names is RECOVERY and not (value.is_integer() and 0 <= value <= RECOVERY_MAX):
+                        raise BadSample(f"value {value:g} is no recovery action (an unsigned 32-bit integer)")
                 except BadSample as exc:
                     bad.append((names[0], str(exc)))
                     continue
@@ -289,6 +308,15 @@ class DcgmRules:
         if GPU_TEMP[0] in v and v.get(SLOWDOWN_TEMP[0]):
             state("temperature.slowdown", v[GPU_TEMP[0]] >= v[SLOWDOWN_TEMP[0]], v[GPU_TEMP[0]],
                   v[SLOWDOWN_TEMP[0]])
+        if RECOVERY[0] in v:  # the nvsmi and nvml sources' verdict and code (``collectors.nvml.recovery_verdict``),
+            # under a check of its own: a healthy reading here must never clear the nvml source's gpu.lost (an NVML
+            # GpuIsLost) nor its verdict, which the exporter can lag or miss
+            verdict = recovery_verdict(int(v[RECOVERY[0]]))
+            if verdict is not None:
+                state(RECOVERY_CHECK, True, code=verdict.code, details={"recovery_action": verdict.name},
+                      what=f"GPU recovery action {verdict.name!r} ({verdict.action})")
+            else:
+                state(RECOVERY_CHECK, False, what="GPU recovery action")
         for watch, (result, code) in sorted(g.health.items()):
             bad = result >= HEALTH_WARN  # WARN too: the catalog caps "can perform workload" codes to monitoring
             fr = code if bad and code not in ("", "DCGM_FR_OK") else None  # a fault without one: the cautious class

@@ -11,6 +11,18 @@ clocks-event reasons (``clock.hw_slowdown`` / ``hw_thermal`` / ``power_brake``),
 ``fabric.gpu`` state, and ``gpu.count_mismatch`` against the expected count. ``watch_xids``
 waits on ``nvmlEventSetWait_v2`` in a worker thread (never on the event loop) and yields
 ``xid`` event signals. The daemon passes both through ``collectors.edge``.
+
+The GPU recovery action (the driver's own remediation verdict, R570+; XID 154 reports its changes) is read
+each poll with ``nvmlDeviceGetFieldValues(h, [NVML_FI_DEV_GET_GPU_RECOVERY_ACTION])`` (field 230, an
+``nvmlDeviceGpuRecoveryAction_t``: NVIDIA ``nvml.h``, nvidia-ml-py ``pynvml.py``) and read exactly as an
+``nvidia-smi -q`` dump's ``GPU Recovery Action`` is (``recovery_verdict``, which asks ``collectors.nvsmi``):
+NONE is healthy; Reset, Drain P2P, Drain and Reset, Bus Reset -> ``gpu.reset_required``, Node / System
+Reboot -> ``gpu.lost``, each with ``code`` the ``DCGM_FR_GPU_RECOVERY_*`` name DCGM gives the same field, so
+the catalog classifies it as XID 154 with that action; a number not known there is ``gpu.reset_required``
+with an unknown ``DCGM_FR_GPU_RECOVERY_<n>`` code (the cautious path), never healthy. A driver or GPU
+without the field (the call or the field's own ``nvmlReturn`` not SUCCESS) is logged once and says nothing;
+a read that fails after the field has been read keeps the last verdict (a failed read is no clearing).
+The dcgm source reads DCGM's mirror of the field (DCGM_FI_DEV_GPU_RECOVERY_ACTION, 1523) with the same rule.
 """
 
 from __future__ import annotations
@@ -25,14 +37,15 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from functools import lru_cache
+from typing import Any, NamedTuple
 
 import pynvml
 import structlog
 
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.edge import Cycle
-from breakfix.collectors.nvml_api import Nvml, handle_address
+from breakfix.collectors.nvml_api import Nvml, field_number, handle_address
 from breakfix.schemas.common import GpuRef, normalize_pci_bus_id
 from breakfix.schemas.signal import Signal, SignalSource
 
@@ -45,6 +58,40 @@ SBE_PAGES = pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS
 DBE_PAGES = pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR
 NVLINK_COUNTERS = (pynvml.NVML_NVLINK_ERROR_DL_REPLAY, pynvml.NVML_NVLINK_ERROR_DL_RECOVERY,
                    pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT, pynvml.NVML_NVLINK_ERROR_DL_CRC_DATA)
+# NVML_FI_DEV_GET_GPU_RECOVERY_ACTION = 230 (nvml.h; NVML_FI_DEV_RESET_STATUS 226 and DRAIN_AND_RESET_STATUS 227
+# are its deprecated forerunners). DCGM mirrors it as DCGM_FI_DEV_GPU_RECOVERY_ACTION = 1523 (DCGM dcgm_fields.h,
+# dcgm_fields.cpp maps 1523 onto NVML field 230).
+RECOVERY_FIELD = pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION
+RECOVERY_MAX = 0xFFFF_FFFF  # nvmlDeviceGpuRecoveryAction_t is an unsigned int (pynvml: c_uint)
+# Per-field or call errors that say the driver will never have the field for this GPU: stop asking for it.
+RECOVERY_ABSENT = (pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_INVALID_ARGUMENT,
+                   pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+
+
+class RecoveryVerdict(NamedTuple):
+    """A recovery action that asks for something: its NVML number, the name ``nvidia-smi`` reads for it, and the
+    (check, code) the nvsmi path gives that name."""
+
+    action: int
+    name: str
+    check: str
+    code: str | None
+
+
+@lru_cache(maxsize=256)
+def recovery_verdict(action: int) -> RecoveryVerdict | None:
+    """An NVML_GPU_RECOVERY_ACTION_* number as the nvsmi path reads the same number in a dump's ``GPU Recovery
+    Action`` line (``nvsmi.recovery_action`` then ``nvsmi.recovery_check``), so the live NVML, dcgm-exporter and
+    ``nvidia-smi -q`` sources give one verdict the same check, code and severity; None for NONE (0, healthy).
+    An unknown number is ``gpu.reset_required`` with code ``DCGM_FR_GPU_RECOVERY_<n>``, which the catalog does
+    not list: an unknown fault, never an automatic action and never healthy."""
+    from breakfix.collectors import nvsmi  # nvsmi imports this module (GpuSample, evaluate): imported when used
+
+    name = nvsmi.recovery_action(nvsmi.Node("gpu", children=[nvsmi.Node("gpu_recovery_action", str(action))]))
+    if name is None:
+        return None
+    check, code = nvsmi.recovery_check(name)
+    return RecoveryVerdict(action, name, check, code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +128,7 @@ class GpuSample:
     pcie_replay: int | None = None
     links: dict[int, LinkSample] = field(default_factory=dict)
     fabric: tuple[int, int] | None = None
+    recovery: int | None = None  # NVML_GPU_RECOVERY_ACTION_*; None: not read (no field on this driver or GPU)
 
 
 FABRIC_SETTLING = (pynvml.NVML_GPU_FABRIC_STATE_NOT_STARTED, pynvml.NVML_GPU_FABRIC_STATE_IN_PROGRESS)
@@ -101,9 +149,20 @@ def evaluate(ctx: NodeContext, s: GpuSample, prev: GpuSample | None, at: datetim
 
     if not s.known and not s.lost:
         return out  # one unanswered sample: neither a fault yet nor a reason to say healthy
-    state("gpu.lost", s.lost == "gpu.lost",
-          message=f"NVML: GPU {s.gpu.label()} is lost{': ' + s.why if s.why else ''}" if s.lost else "")
-    state("gpu.reset_required", s.lost == "gpu.reset_required")
+    # the driver's recovery action, as the nvsmi path reads it (nvsmi.nvsmi_signals): its check is the fault, with
+    # the DCGM_FR_GPU_RECOVERY_* code and the action's name; a GPU NVML cannot open says nothing more
+    verdict = None if s.lost or s.recovery is None else recovery_verdict(s.recovery)
+    for check in ("gpu.lost", "gpu.reset_required"):
+        if verdict is not None and verdict.check == check:
+            out.append(ctx.signal(source=SignalSource.NVML, check=check, code=verdict.code, healthy=False, at=at,
+                                  gpu=s.gpu, details={"recovery_action": verdict.name},
+                                  message=f"NVML: GPU recovery action {verdict.name!r} ({verdict.action}) on "
+                                          f"{s.gpu.label()}"))
+        elif check == "gpu.lost":
+            state(check, s.lost == check,
+                  message=f"NVML: GPU {s.gpu.label()} is lost{': ' + s.why if s.why else ''}" if s.lost else "")
+        else:
+            state(check, s.lost == check)
     if s.lost:
         return out
     if s.dbe is not None:
@@ -215,6 +274,9 @@ class NvmlSource:
         self._busy: dict[int, Future[GpuSample]] = {}  # GPU index -> its sample in flight
         self.stalled: dict[int, int] = {}  # GPU index -> polls in a row its sample did not return in time
         self.unreadable: dict[int, int] = {}  # GPU index -> samples in a row it did not answer
+        self.recovery_absent: set[int] = set()  # GPUs whose driver does not have the recovery-action field
+        self.recovery_last: dict[int, int] = {}  # GPU index -> its last recovery action read
+        self.recovery_logged = False  # the field's absence or a failed read is logged once per source
 
     def start(self) -> None:
         """``nvmlInit`` and enumerate GPUs (index, UUID, PCI bus id) into the node context, once: the poll's
@@ -272,6 +334,7 @@ class NvmlSource:
                 errs = [_read(n.nvmlDeviceGetNvLinkErrorCounter, h, link, c) for c in NVLINK_COUNTERS]
                 s.links[link] = LinkSample(up=st == pynvml.NVML_FEATURE_ENABLED, errors=sum(e or 0 for e in errs))
             s.fabric = self._fabric(h)
+            s.recovery = self._recovery(index, h)
         except pynvml.NVMLError_GpuIsLost:
             s = GpuSample(gpu=ref, lost="gpu.lost")
         except pynvml.NVMLError_ResetRequired:
@@ -293,6 +356,37 @@ class NvmlSource:
         except pynvml.NVMLError:
             return None  # not an NVSwitch/NVL system, or an older driver
         return int(info.state), int(info.status)
+
+    def _recovery(self, index: int, h: Any) -> int | None:
+        """The GPU's NVML_GPU_RECOVERY_ACTION_*, or None where the driver does not have the field. A field the
+        driver does not know (R570 added it) reads NOT_SUPPORTED or INVALID_ARGUMENT in its own ``nvmlReturn``
+        (per-field errors do not raise: nvml.h, nvmlFieldValue_st); a library without the call raises
+        FunctionNotFound: the GPU is not asked again. Any other failure keeps the last action read, so a read
+        that fails is never taken for a GPU that no longer asks for a reset. Logged once."""
+        if index in self.recovery_absent:
+            return None
+        try:
+            (fv,) = self.nvml.nvmlDeviceGetFieldValues(h, [RECOVERY_FIELD])
+            ret = int(fv.nvmlReturn)
+            number = field_number(fv) if ret == pynvml.NVML_SUCCESS else None
+        except (pynvml.NVMLError_GpuIsLost, pynvml.NVMLError_ResetRequired, *UNREADABLE):
+            raise  # the GPU itself does not answer: the sample says so, as for any other read
+        except pynvml.NVMLError as exc:
+            ret, number = int(exc.value), None
+        if ret == pynvml.NVML_SUCCESS and number is not None and number.is_integer() and 0 <= number <= RECOVERY_MAX:
+            self.recovery_last[index] = int(number)
+            return int(number)
+        if ret in RECOVERY_ABSENT:
+            self.recovery_absent.add(index)
+            why = f"not available on this driver or GPU ({pynvml.NVMLError(ret)})"
+        elif ret != pynvml.NVML_SUCCESS:
+            why = f"read failed ({pynvml.NVMLError(ret)}); the last action read stands"
+        else:
+            why = f"value {number!r} of type {int(fv.valueType)} is no recovery action; the last action read stands"
+        if not self.recovery_logged:
+            self.recovery_logged = True
+            log.warning("gpu_recovery_action_unavailable", node=self.ctx.node, gpu=index, reason=why)
+        return self.recovery_last.get(index)
 
     def read(self) -> list[GpuSample]:
         """One sample of every GPU (blocking NVML calls: the daemon runs this in a worker thread).

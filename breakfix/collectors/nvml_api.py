@@ -6,6 +6,15 @@ Protocol names its functions exactly, so nothing sits between breakfix and NVML.
 ``pynvml.NVMLError`` subclasses the driver does (``NVMLError_GpuIsLost``, ``ResetRequired``,
 ``NotSupported``, ``Timeout``, ...). ``collectors.nvml`` is the only user. Facts from
 nvidia-ml-py 13.615.71 ``pynvml.py`` (see ``collectors/SOURCES.md``).
+
+Field values (``nvmlDeviceGetFieldValues``) come back from the real binding and the fake alike as pynvml's
+own ``c_nvmlFieldValue_t`` array: the call raises only for the whole request (the device, or a library
+without the function: ``NVMLError_FunctionNotFound``), and each field carries its own ``nvmlReturn`` (NVML
+``nvml.h``, ``nvmlFieldValue_st``: "This must be checked before looking at value"); ``field_number`` decodes
+one by its ``valueType``. The fake answers ``NVML_FI_DEV_GET_GPU_RECOVERY_ACTION`` (field 230, R570+) from
+``FakeGpu.recovery_action`` as an UNSIGNED_INT (as NVIDIA/k8s-test-infra's mock NVML fills it), a per-field
+``NVML_ERROR_NOT_SUPPORTED`` for a field it does not hold (``recovery_action=None``: a driver before the
+field), and any per-field return a test sets in ``FakeGpu.field_returns``.
 """
 
 from __future__ import annotations
@@ -13,6 +22,8 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import queue
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,6 +48,7 @@ class Nvml(Protocol):
     def nvmlDeviceGetNvLinkState(self, handle: Any, link: int) -> int: ...
     def nvmlDeviceGetNvLinkErrorCounter(self, handle: Any, link: int, counter: int) -> int: ...
     def nvmlDeviceGetGpuFabricInfo(self, handle: Any, info: Any) -> None: ...
+    def nvmlDeviceGetFieldValues(self, handle: Any, field_ids: Sequence[int | tuple[int, int]]) -> Any: ...
     def nvmlEventSetCreate(self) -> Any: ...
     def nvmlDeviceGetSupportedEventTypes(self, handle: Any) -> int: ...
     def nvmlDeviceRegisterEvents(self, handle: Any, mask: int, event_set: Any) -> None: ...
@@ -70,6 +82,10 @@ class FakeGpu:
     pcie_replay: int = 0
     links: list[FakeLink] = field(default_factory=lambda: [FakeLink() for _ in range(18)])
     fabric: tuple[int, int] | None = None  # (state, status); None: NotSupported
+    # NVML_GPU_RECOVERY_ACTION_* (nvmlDeviceGpuRecoveryAction_t) of field NVML_FI_DEV_GET_GPU_RECOVERY_ACTION;
+    # None: a driver before R570 that does not know the field (per-field NVML_ERROR_NOT_SUPPORTED)
+    recovery_action: int | None = pynvml.NVML_GPU_RECOVERY_ACTION_NONE
+    field_returns: dict[int, int] = field(default_factory=dict)  # NVML_FI_* -> a per-field nvmlReturn to report
     lost: bool = False
     reset_required: bool = False
     fail: dict[str, pynvml.NVMLError] = field(default_factory=dict)  # method name -> error to raise
@@ -86,6 +102,27 @@ _HANDLE_BASE = 0x7F00_0000  # fake device handles are opaque pointers, as the re
 def _handle(index: int) -> Any:
     """A fresh ``nvmlDevice_t`` for GPU ``index``: equal by address only, like NVML's own handles."""
     return ctypes.cast(ctypes.c_void_p(_HANDLE_BASE + index), pynvml.c_nvmlDevice_t)
+
+
+_FIELD_MEMBERS = {  # nvmlValueType_t -> the c_nvmlValue_t union member holding the value (pynvml.py, nvml.h)
+    pynvml.NVML_VALUE_TYPE_DOUBLE: "dVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
+    pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal",
+    pynvml.NVML_VALUE_TYPE_SIGNED_INT: "siVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_SHORT: "usVal",
+}
+
+
+def field_number(value: Any) -> float | None:
+    """One ``c_nvmlFieldValue_t``'s value by its ``valueType``; None for a type NVML has not defined. The caller
+    checks ``nvmlReturn`` first: the value is undefined unless it is NVML_SUCCESS (nvml.h, nvmlFieldValue_st)."""
+    member = _FIELD_MEMBERS.get(int(value.valueType))
+    if member is None:
+        return None
+    number = getattr(value.value, member)
+    return float(number) if isinstance(number, int | float) else None
 
 
 def handle_address(handle: Any) -> int | None:
@@ -230,6 +267,24 @@ class FakeNvml:
             raise pynvml.NVMLError_NotSupported()
         struct = getattr(info, "_obj", info)  # ctypes.byref(...) or the struct itself
         struct.state, struct.status = g.fabric
+
+    def nvmlDeviceGetFieldValues(self, handle: Any, field_ids: Sequence[int | tuple[int, int]]) -> Any:
+        """pynvml's ``c_nvmlFieldValue_t`` array, one entry per id (an int, or a (fieldId, scopeId) pair as
+        pynvml takes them); each entry carries its own ``nvmlReturn``, and the call raises only for the device."""
+        g = self._gpu(handle, "nvmlDeviceGetFieldValues")
+        values = (pynvml.c_nvmlFieldValue_t * len(field_ids))()
+        for v, fid in zip(values, field_ids, strict=True):
+            v.fieldId, v.scopeId = fid if isinstance(fid, tuple) else (fid, 0)
+            v.timestamp = time.time_ns() // 1000  # microseconds since 1970, as NVML stamps a value
+            if v.fieldId in g.field_returns:
+                v.nvmlReturn = g.field_returns[v.fieldId]
+            elif v.fieldId == pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION and g.recovery_action is not None:
+                v.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT  # an unsigned int, as the driver fills it
+                v.value.uiVal = g.recovery_action
+                v.nvmlReturn = pynvml.NVML_SUCCESS
+            else:
+                v.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+        return values
 
     def nvmlEventSetCreate(self) -> str:
         return "event-set"
