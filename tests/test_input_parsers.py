@@ -5,7 +5,7 @@ format refusals of every ``breakfix signals`` reader."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,34 @@ class TestKmsgTimes:
         got = [json.loads(x) for x in res.stdout.splitlines()]
         assert {r["details"]["time_source"] for r in got} == {"relative"}
         assert "--boot-time" in res.stderr
+
+    def test_a_dmesg_human_capture_places_its_delta_lines_after_the_minute_stamp(self) -> None:
+        """``dmesg -H``: the Xid lines carry only ``[  +0.000004]``; each is placed after the ``[Dec 2 11:38]`` stamp
+        before it, counting the deltas of every line between (util-linux dmesg.c)."""
+        res = runner.invoke(app, ["signals", "kmsg", str(DATA / "kmsg_dmesg_human.log"), "--node", "n1"])
+        assert res.exit_code == 0, res.output
+        got = [json.loads(x) for x in res.stdout.splitlines()]
+        xids = [r for r in got if r["check"] == "xid"]
+        assert [r["code"] for r in xids][:3] == ["48", "64", "79"]
+        assert {r["details"]["time_source"] for r in xids} == {"delta"}
+        first = datetime.fromisoformat(xids[0]["observed_at"])
+        assert (first.month, first.day, first.hour, first.minute) == (12, 2, 11, 38)
+        assert datetime.fromisoformat(xids[1]["observed_at"]) - first == timedelta(microseconds=56)
+
+    def test_a_syslog_with_the_nuls_an_unclean_shutdown_leaves_is_read_and_a_nul_file_refused(
+            self, tmp_path: Path) -> None:
+        f = tmp_path / "syslog"
+        f.write_bytes(b"Mar  4 09:12:40 gpu-node-7 kernel: eth0: link up\n" + b"\0" * 64 +
+                      b"Mar  4 09:12:41 gpu-node-7 kernel: NVRM: Xid (PCI:0000:3b:00): 79, pid=1, GPU has fallen off "
+                      b"the bus.\n")
+        res = runner.invoke(app, ["signals", "kmsg", str(f), "--node", "n1"])
+        assert res.exit_code == 0, res.output
+        (sig,) = [json.loads(x) for x in res.stdout.splitlines()]
+        assert sig["code"] == "79" and "NUL bytes dropped" in res.stderr
+        zeros = tmp_path / "zeros.log"
+        zeros.write_bytes(b"\0" * 4096)
+        res = runner.invoke(app, ["signals", "kmsg", str(zeros), "--node", "n1"])
+        assert res.exit_code == 2 and "binary data" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
     @pytest.mark.parametrize("args", [["--boot-time", "yesterday"], ["--reference", "abc"],
                                       ["--boot-time", "2025-03-04T00:00:00"]],

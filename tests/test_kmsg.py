@@ -148,3 +148,118 @@ def test_signals_kmsg_cli_prints_one_signal_per_fault_line() -> None:
     assert len(signals) == 18
     assert {s.check for s in signals} == {"xid", "sxid", "gpu.lost"}
     assert all(s.node == "n1" and s.cluster == "c1" and s.source.value == "kmsg" for s in signals)
+
+
+# Real lines of the forms kmsg_real.log lacks, verbatim from their public sources (tests/data/SOURCES.md,
+# kmsg_real_forms.log): gpud test data, NVSentinel's SXid tests, imbue-ai/cluster-health, talosctl dmesg output pasted
+# in vllm #40652 and open-gpu-kernel-modules #1118, and NVIDIA's Xid documentation. (kind, code, PCI, details subset);
+# None: no event. A GPU-to-UUID line is no event either: test_every_form_of_the_gpu_uuid_line_is_learned.
+FORMS = (Path(__file__).parent / "data" / "kmsg_real_forms.log").read_text().splitlines()
+FORMS_EXPECTED: list[tuple[str, str | None, str | None, dict[str, str]] | None] = [
+    None, None,
+    ("xid", "43", "0000:38:00.0", {"pid": "2924364", "process": "pt_main_thread"}),
+    ("gpu.lost", None, "0000:18:00.0", {}),
+    ("sxid", "20009", "0000:06:00.0", {"fatal": "Non-fatal", "link": "4", "switch": "0"}),
+    ("sxid", "26006", "0004:00:00.0", {"text": "SOE HALT data[0] = 0x               0"}),
+    ("sxid", "20009", "0000:06:00.0", {"fatal": "Non-fatal", "switch": "1"}),
+    None,
+    ("xid", "94", "0000:0f:00.0", {"pid": "2503421", "process": "python3"}),
+    ("xid", "64", "0000:0f:00.0", {"text": "Row Remapper Error: (0x00000002eebc4100) - All reserved rows for bank "
+                                           "are remapped"}),
+    ("sxid", "12028", "0000:85:00.0", {"fatal": "Non-fatal", "link": "61", "switch": "2"}),
+    None, None,
+    ("xid", "62", "0000:48:00.0", {}),
+    ("xid", "119", "0000:0b:00.0", {"pid": "11431", "process": "gpu-feature-dis"}),
+    None, None,
+    ("xid", "14", "0000:03:00.0", {"text": "Channel 00000001"}),
+]
+
+
+class TestRealForms:
+    @pytest.mark.parametrize(("line", "expected"), list(zip(FORMS, FORMS_EXPECTED, strict=True)),
+                             ids=[f"line{i + 1}" for i in range(len(FORMS))])
+    def test_each_real_line_is_exactly_its_event(
+            self, line: str, expected: tuple[str, str | None, str | None, dict[str, str]] | None) -> None:
+        ev = parse_line(line)
+        if expected is None:
+            assert ev is None
+            return
+        assert ev is not None and (ev.kind, ev.code, ev.pci) == expected[:3]
+        assert {k: ev.details.get(k) for k in expected[3]} == expected[3]
+
+    def test_a_fallen_off_gpu_without_its_domain_is_in_domain_0000(self) -> None:
+        """gpud's fallback regexes take the domain as optional (``NVRM: GPU 18:00.0: GPU has fallen off the bus.``,
+        components/accelerator/nvidia/xid/kmsg_test.go); the three-line form too."""
+        for line in (FORMS[3], "[ 1843.308145] NVRM: The NVIDIA GPU 18:00.0"):
+            ev = parse_line(line)
+            assert ev is not None and (ev.kind, ev.pci) == ("gpu.lost", "0000:18:00.0")
+
+    @pytest.mark.parametrize(("line", "expected"), [
+        (FORMS[0], ("0000:9b:00.0", "GPU-509665ad-b600-ac93-3616-d754b23d636d")),
+        (FORMS[11], ("0000:48:00.0", "GPU-5fc0bcec-c2e1-38dc-8994-2a9f9f3b709e")),
+        (FORMS[16], ("0000:03:00.0", "GPU-b850f46d-d5ea-c752-ddf3-c4453e44d3f7")),
+        (FORMS[1], None),
+        ("[  412.331] NVRM: GPU at 0000:01:00.0 has fallen off the bus.", None),
+    ], ids=["dmesg-T", "talosctl", "nvidia-doc-without-PCI", "rate-limit-notice", "old-fallen-off-form"])
+    def test_every_form_of_the_gpu_uuid_line_is_learned(self, line: str, expected: tuple[str, str] | None) -> None:
+        """Older drivers print the PCI-to-UUID line without ``PCI:`` (NVIDIA's Xid documentation: ``NVRM: GPU at
+        0000:03:00: GPU-b850f46d-...``): the UUID is learned all the same, so the Xids after it name their GPU."""
+        assert gpu_map_entry(line) == expected
+
+    def test_a_mig_compute_instance_is_kept_beside_its_gpu_instance(self) -> None:
+        """kernel_rc.c krcReportXid prints ``(PCI:%04x:%02x:%02x GPU-I:%02u GPU-CI:%02u)`` when the Xid is
+        attributed to a compute instance."""
+        ev = parse_line("NVRM: Xid (PCI:0000:3b:00 GPU-I:01 GPU-CI:02): 13, pid=9, name=a, Graphics Exception")
+        assert ev is not None and (ev.code, ev.pci) == ("13", "0000:3b:00.0")
+        assert (ev.details["GPU_I_ID"], ev.details["GPU_CI_ID"]) == ("1", "2")
+
+    def test_a_crlf_or_nul_padded_line_reads_like_the_plain_one(self) -> None:
+        plain = parse_line(REAL[10])
+        for line in (REAL[10] + "\r", REAL[10] + "\r\n", REAL[10] + "\x00\x00\x00", "\x00\x00" + REAL[10]):
+            assert parse_line(line) == plain
+        for tail in ("\r", " ", "\x00"):
+            ev = parse_line("NVRM: Xid (PCI:0000:04:00): 69" + tail)
+            assert ev is not None and (ev.code, ev.message) == ("69", "NVRM: Xid (PCI:0000:04:00): 69")
+
+    def test_a_line_cut_inside_its_pid_and_glued_to_the_next_names_no_process(self) -> None:
+        """The driver prints ``pid=%u`` or ``pid='<unknown>'``; a record cut mid-line and glued to the next one keeps
+        its code and GPU, and the glued text is never taken for a pid or a process name."""
+        ev = parse_line("[  219.470994] NVRM: Xid (PCI:0000:07:00): 48, pid='<unkn[  219.471050] NVRM: Xid "
+                        "(PCI:0000:07:00): 64, pid='<unknown>', name=<unknown>, Dynamic Page Retirement")
+        assert ev is not None and (ev.code, ev.pci) == ("48", "0000:07:00.0")
+        assert "pid" not in ev.details and "process" not in ev.details
+
+
+def test_signals_kmsg_cli_reads_the_real_forms_with_their_gpus_and_talos_times() -> None:
+    from typer.testing import CliRunner
+
+    from breakfix.cli.main import app
+    from breakfix.schemas.signal import Signal
+
+    path = Path(__file__).parent / "data" / "kmsg_real_forms.log"
+    result = CliRunner().invoke(app, ["signals", "kmsg", str(path), "--node", "n1", "--boot-time",
+                                      "2026-04-01T00:00:00Z"])
+    assert result.exit_code == 0, result.output
+    got = [Signal.model_validate_json(x) for x in result.stdout.splitlines()]
+    assert [(s.check, s.code) for s in got] == [(e[0], e[1]) for e in FORMS_EXPECTED if e is not None]
+    by_code = {s.code: s for s in got}
+    assert by_code["62"].gpu is not None and by_code["62"].gpu.uuid == "GPU-5fc0bcec-c2e1-38dc-8994-2a9f9f3b709e"
+    assert by_code["14"].gpu is not None and by_code["14"].gpu.uuid == "GPU-b850f46d-d5ea-c752-ddf3-c4453e44d3f7"
+    assert by_code["119"].observed_at.isoformat() == "2026-04-22T21:30:51.494604+00:00"
+    assert "time_source" not in by_code["119"].details, "a talosctl stamp is the kernel's own time"
+
+
+@pytest.mark.parametrize(("line", "severity"), [
+    ("nvidia-nvswitch0: SXid (PCI:0004:00:00.0): 26006, SOE HALTED", "fatal"),
+    ("nvidia-nvswitch0: SXid (PCI:0004:00:00.0): 26008, SOE Watchdog error", "warning"),
+    (REAL[14], "fatal"),
+    (FORMS[4], "warning"),
+], ids=["soe-halt-always-fatal-without-its-word", "soe-watchdog", "fatal-word", "non-fatal-word"])
+def test_an_sxid_signal_has_the_catalogs_severity(line: str, severity: str, catalog: Catalog) -> None:
+    """The link-less SXid lines carry no Fatal/Non-fatal word (NVSentinel sxid_handler_test.go); 26006 SOE_HALT is
+    always fatal (sxid_catalog.csv), so its signal must not say "warning" while its class says fatal."""
+    ev = parse_line(line)
+    assert ev is not None
+    s = to_signal(ev, NodeContext(cluster="c1", node="n1", catalog=catalog), observed_at=T0)
+    assert s.severity.value == severity
+    assert s.severity is catalog.classify(check="sxid", code=s.code, message=s.message).severity

@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.kmsg_follow import KmsgFollower, PositionStore, line_time
@@ -152,10 +154,24 @@ class TestLineTime:
         ("Fri 2024-08-30 14:43:09 +03 gpu-node-7 kernel: NVRM: Xid", "UTC",
          datetime(2024, 8, 30, 11, 43, 9, tzinfo=UTC), "absolute"),
         ("<4>1 - gpu-node-7 kernel - - - NVRM: Xid", "UTC", T0, "none"),
-        ("[Aug30 11:43] NVRM: Xid", "UTC", T0, "none"),
+        ("[Aug30 11:43] NVRM: Xid", "UTC", datetime(2026, 8, 30, 11, 43, tzinfo=UTC), "absolute"),
+        ("[Dec 2 10:37] NVRM: Xid", "Europe/Berlin", datetime(2025, 12, 2, 9, 37, tzinfo=UTC), "absolute"),
+        ("[  +0.000004] NVRM: Xid", "UTC", T0, "none"),
+        ("192.168.11.119: kern: warning: [2026-04-22T21:30:51.494604223Z]: NVRM: Xid", "Asia/Tokyo",
+         datetime(2026, 4, 22, 21, 30, 51, 494604, tzinfo=UTC), "absolute"),
+        ("kern:    info: [2022-07-28T11:49:42.504764063Z]: NVRM: Xid", "UTC",
+         datetime(2022, 7, 28, 11, 49, 42, 504764, tzinfo=UTC), "absolute"),
+        ("[1105056.784211 <    0.000123>] NVRM: Xid", "UTC", datetime(2026, 12, 5, 18, 57, 36, 784211, tzinfo=UTC),
+         "relative"),
+        ("[Fri Aug 30 11:43:09 2024 <    0.000123>] NVRM: Xid", "UTC", datetime(2024, 8, 30, 11, 43, 9, tzinfo=UTC),
+         "absolute"),
+        ("\x00\x00\x00Mar  4 09:12:41 gpu-node-17 kernel: NVRM: Xid", "UTC",
+         datetime(2026, 3, 4, 9, 12, 41, tzinfo=UTC), "absolute"),
     ], ids=["dmesg-r", "dmesg-x", "dmesg-x-T", "rfc5424", "rfc3164-pri", "journalctl-short-unix",
             "journalctl-short-full-utc", "journalctl-short-full-abbreviation-in-log-zone",
-            "journalctl-short-full-numeric-zone", "rfc5424-nil-time", "dmesg-human"])
+            "journalctl-short-full-numeric-zone", "rfc5424-nil-time", "dmesg-H-minute", "dmesg-H-minute-in-log-zone",
+            "dmesg-H-delta-alone", "talosctl-dmesg", "talos-machined-without-node", "dmesg-d-delta",
+            "dmesg-T-d-delta", "syslog-after-nul-run"])
     def test_time_is_read_behind_a_priority_or_facility_and_in_journalctl_unix_and_full_forms(
             self, line: str, zone: str, expected: datetime, source: str) -> None:
         from breakfix.collectors.kmsg_follow import has_time, line_time_source, log_zone
@@ -283,3 +299,93 @@ class TestKmsgSource:
         elapsed = time.perf_counter() - started
         assert len(signals) == xids and len({s.id for s in signals}) == xids
         assert elapsed < 5.0, f"{elapsed:.2f}s"
+
+
+class TestDmesgHuman:
+    """``dmesg -H`` (util-linux dmesg.c, DMESG_TIMEFTM_RELTIME): ``[Dec 2 11:38]`` opens each minute, every other
+    record carries ``[  +0.000004]``, its seconds since the record before. kmsg_dmesg_human.log is such a capture
+    (written in that grammar around real driver lines, tests/data/SOURCES.md)."""
+
+    LOG = (DATA / "kmsg_dmesg_human.log").read_text().splitlines()
+
+    def test_delta_lines_follow_the_last_minute_stamp_and_every_line_between(self) -> None:
+        from breakfix.collectors.kmsg_follow import HumanClock
+
+        clock = HumanClock()
+        placed = [clock.step(line, now=T0) for line in self.LOG]
+        assert placed == [None, datetime(2025, 12, 2, 11, 38, 0, 4, tzinfo=UTC),
+                          datetime(2025, 12, 2, 11, 38, 0, 60, tzinfo=UTC), None,
+                          datetime(2025, 12, 2, 11, 39, 12, 345678, tzinfo=UTC),
+                          datetime(2025, 12, 2, 11, 39, 12, 345681, tzinfo=UTC)]
+
+    @pytest.mark.parametrize("lines", [
+        ["[  +0.000004] NVRM: Xid (PCI:0000:07:00): 48, pid=1, name=x, y"],
+        ["[Dec 2 11:38] usb 1-1: x", "[   10.500000] eth0: link up", "[  +0.000004] NVRM: Xid (PCI:0000:07:00): 48"],
+        ["[Feb 30 11:38] usb 1-1: x", "[  +0.000004] NVRM: Xid (PCI:0000:07:00): 48, pid=1, name=x, y"],
+        ["[Dec 2 11:38] usb 1-1: x", "[ +99999999999999999999.0] x", "[  +0.000004] NVRM: Xid (PCI:0000:07:00): 48"],
+    ], ids=["no-minute-stamp-yet", "another-stamp-stops-the-clock", "impossible-date", "delta-out-of-range"])
+    def test_a_delta_the_clock_cannot_place_is_left_unplaced_never_raised(self, lines: list[str]) -> None:
+        from breakfix.collectors.kmsg_follow import HumanClock
+
+        clock = HumanClock()
+        assert [clock.step(line, now=T0) for line in lines][-1] is None
+
+    def test_unstamped_lines_between_do_not_stop_the_clock(self) -> None:
+        from breakfix.collectors.kmsg_follow import HumanClock
+
+        clock = HumanClock(tz=None)
+        lines = ("kern  :warn  : [Mar24 11:26] NVRM: The NVIDIA GPU 0000:b3:00.0",
+                 "               NVRM: (PCI ID: 10de:26b5) installed in this system has",
+                 "kern  :warn  : [  +0.126349] NVRM: GPU 0000:b3:00.0: GPU has fallen off the bus.")
+        steps = [clock.step(x, now=T0) for x in lines]
+        assert steps[:2] == [None, None] and steps[2] is not None
+
+    def test_the_kmsg_source_stamps_delta_lines_from_the_clock_and_says_so(self, tmp_path: Path,
+                                                                            catalog: Catalog) -> None:
+        log = tmp_path / "dmesg-H.txt"
+        log.write_text("")
+        src = KmsgSource(follower(tmp_path, log), NodeContext(cluster="c1", node="n1", catalog=catalog), booted=T0)
+        write(log, *self.LOG[:2])
+        first, _ = src.poll(T0)
+        write(log, *self.LOG[2:])  # the next batch: the clock carries over
+        rest, _ = src.poll(T0)
+        got = [(s.check, s.code, s.observed_at, s.details.get("time_source")) for s in first + rest]
+        assert got == [
+            ("xid", "48", datetime(2025, 12, 2, 11, 38, 0, 4, tzinfo=UTC), "delta"),
+            ("xid", "64", datetime(2025, 12, 2, 11, 38, 0, 60, tzinfo=UTC), "delta"),
+            ("xid", "79", datetime(2025, 12, 2, 11, 39, 12, 345678, tzinfo=UTC), "delta"),
+            ("gpu.lost", None, datetime(2025, 12, 2, 11, 39, 12, 345681, tzinfo=UTC), "delta")]
+        assert first[0].gpu is not None and first[0].gpu.uuid == "GPU-8a47641b-dff6-f09f-618c-c3eb58fb430d"
+
+    def test_a_minute_stamped_fault_line_is_read_at_its_minute(self, tmp_path: Path, catalog: Catalog) -> None:
+        log = tmp_path / "dmesg-H.txt"
+        log.write_text("")
+        src = KmsgSource(follower(tmp_path, log), NodeContext(cluster="c1", node="n1", catalog=catalog), booted=T0)
+        write(log, "[Dec 2 11:40] NVRM: Xid (PCI:0000:2b:00): 79, GPU has fallen off the bus.")
+        (s,), _ = src.poll(T0)
+        assert s.observed_at == datetime(2025, 12, 2, 11, 40, tzinfo=UTC) and "time_source" not in s.details
+
+
+# The stamp forms this module reads, and broken ones, so the generator reaches every branch of the readers.
+STAMP_BITS = ["[Dec 2 10:37] ", "[Mar24 11:26]", "[Feb 30 11:38] ", "[Dec 99 99:99] ", "[  +0.000004] ",
+              "[ +99999999999999999999.0] ", "[-1.5]", "192.168.11.119: kern: warning: [", "kern:    info: [",
+              "2026-04-22T21:30:51.494604223Z", "9999-99-99T99:99:99Z", "]: ", "\x00", "\r", " <    0.000123>]",
+              "[1105056.784211 <    0.000123>] ", "[Fri Aug 30 11:43:09 2024 <   -0.1>] ", "kern  :warn  : ", "<4>",
+              "Mar  4 09:12:41 host kernel: ", "[   10.500000] ", "6,1,99999999999999999999,-;", "NVRM: Xid ", " "]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.lists(st.one_of(st.sampled_from(STAMP_BITS), st.text(max_size=40)), max_size=10).map("".join))
+def test_any_text_is_a_time_a_valueerror_or_no_time_and_the_human_clock_never_raises(text: str) -> None:
+    from breakfix.collectors.kmsg_follow import NO_TIME, HumanClock, has_time, line_time_source, log_zone
+
+    clock = HumanClock(tz=log_zone("Europe/Berlin"))
+    for line in text.splitlines() or [text]:
+        placed = clock.step(line, now=T0)
+        assert placed is None or placed.utcoffset() == timedelta(0)
+        try:
+            _, source = line_time_source(line, booted=T0, now=T0, tz=log_zone("Europe/Berlin"))
+        except (ValueError, OverflowError):
+            assert has_time(line)
+            continue
+        assert has_time(line) is (source != NO_TIME)

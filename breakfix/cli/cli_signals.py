@@ -36,10 +36,14 @@ def _read(file: Path, wanted: str, max_bytes: int = MAX_INPUT, *, lenient: bool 
     try:
         text = read_text(file, max_bytes)
     except DataFileError as exc:
-        if not (lenient and "not UTF-8" in exc.message):
+        if not (lenient and ("not UTF-8" in exc.message or "NUL byte" in exc.message)):
             raise fail(str(exc)) from None
-        text = read_text(file, max_bytes, lenient=True)
-        warning = f"warning: {exc}; undecodable bytes read as U+FFFD"
+        try:
+            text = read_text(file, max_bytes, lenient=True)
+        except DataFileError as again:  # mostly NULs (/dev/zero, a core file): binary after all
+            raise fail(str(again)) from None
+        warning = (f"warning: {file}: NUL bytes dropped (the runs an unclean shutdown leaves in a log)"
+                   if "NUL byte" in exc.message else f"warning: {exc}; undecodable bytes read as U+FFFD")
     text = text.removeprefix("\ufeff").replace("\r\n", "\n")  # a BOM and CRLF from files copied through Windows
     if "\x1b[" in text:  # `dmesg --color=always`, a terminal capture: colour codes are not text
         text = _ANSI.sub("", text)
@@ -129,7 +133,7 @@ def signals_kmsg(
 ) -> None:
     """Parse NVIDIA XID, SXid and fallen-off-the-bus lines from a copied kernel log."""
     from breakfix.collectors.kmsg import BadLine, line_signal
-    from breakfix.collectors.kmsg_follow import RELATIVE, line_time_source, log_zone
+    from breakfix.collectors.kmsg_follow import DELTA, RELATIVE, HumanClock, line_time_source, log_zone
 
     try:
         tz = log_zone(timezone)
@@ -142,9 +146,13 @@ def signals_kmsg(
     booted = anchored or now  # unanchored: relative stamps are counted from now, and marked
     relative = 0
     bad: list[str] = []
+    human = HumanClock(tz=tz)  # dmesg -H: a [  +0.000004] line is placed after the [Dec 2 10:37] stamp before it
+    placed: datetime | None = None
 
     def at(line: str) -> tuple[datetime, str]:
         nonlocal relative
+        if placed is not None:
+            return placed, DELTA
         t, source = line_time_source(line, booted=booted, now=now, tz=tz)
         if source == RELATIVE and anchored is None:
             relative += 1
@@ -153,6 +161,7 @@ def signals_kmsg(
 
     write = sys.stdout.write
     for lineno, line in enumerate(text.splitlines(), start=1):
+        placed = human.step(line, now=now)  # every line: the deltas of the lines between count
         if "NVRM" not in line and "SXid" not in line:
             continue
         try:

@@ -1,13 +1,15 @@
 """The kernel-log rules: NVIDIA driver lines (XID, SXid, fallen off the bus) -> ``Signal``s.
 
 Pure: ``parse_line`` takes one line in any prefix seen in the wild (raw ``/dev/kmsg``
-records ``6,1234,5678,-;``, dmesg ``[ts]``, ``dmesg -T`` / ``-r`` / ``-x``, syslog (RFC 5424 too), journald
-short-iso / short-unix / short-full) and
-returns a ``KernelEvent`` or None for everything else (non-XID NVRM noise included).
-``to_signal`` turns an event into a ``Signal`` through the node's ``NodeContext``, mapping the
-PCI address to the GPU (from NVML, or from the ``NVRM: GPU at PCI:... GPU-<uuid>`` lines the
-driver prints). Line grammar and real examples: NVIDIA driver output collected in
-tests/data/kmsg_real.log. Following the log with persisted positions: ``collectors.kmsg_follow``;
+records ``6,1234,5678,-;``, dmesg ``[ts]``, ``dmesg -T`` / ``-H`` / ``-d`` / ``-r`` / ``-x``, syslog (RFC 5424 too),
+journald short-iso / short-unix / short-full / short-monotonic, ``talosctl dmesg``; CRLF endings and NUL padding
+ignored) and returns a ``KernelEvent`` or None for everything else (non-XID NVRM noise and the SXid detail lines
+included). ``to_signal`` turns an event into a ``Signal`` through the node's ``NodeContext``, mapping the
+PCI address to the GPU (from NVML, or from the ``NVRM: GPU at [PCI:]... GPU-<uuid>`` lines the
+driver prints); the MIG GPU / compute instance of an Xid goes to ``details.GPU_I_ID`` / ``GPU_CI_ID``, the
+severity is the catalog's. Line grammar and real examples: NVIDIA driver output collected in
+tests/data/kmsg_real.log and kmsg_real_forms.log (sources in tests/data/SOURCES.md). A line's time is read by
+``collectors.kmsg_follow`` (the caller's ``observed_at``), which also follows the log with persisted positions;
 the daemon's source: ``collectors.kmsg_source``.
 """
 
@@ -21,18 +23,22 @@ from datetime import datetime
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.kmsg_follow import NO_TIME, has_time
 from breakfix.schemas.catalog.nvlink5 import NVLINK5_XIDS, decode
-from breakfix.schemas.common import GpuRef, Severity, normalize_pci_bus_id
+from breakfix.schemas.common import GpuRef, normalize_pci_bus_id
 from breakfix.schemas.signal import Signal, SignalSource
 
 # Every prefix form of the Xid line (kernel_log_formats.md section 1): ``(PCI:dddd:bb:dd)``, the old ``(dddd:bb:dd)``,
-# the MIG form ``(PCI:dddd:bb:dd GPU-I:05)``, an address with a function, a redacted ``(PCI:...)`` and no
-# parenthesis at all. The PCI address and the GPU instance are found inside the parenthesis.
+# the MIG forms ``(PCI:dddd:bb:dd GPU-I:05)`` and ``(PCI:dddd:bb:dd GPU-I:01 GPU-CI:02)`` (open-gpu-kernel-modules
+# kernel_rc.c krcReportXid: ``NVRM: Xid (PCI:%04x:%02x:%02x GPU-I:%02u GPU-CI:%02u): %d, pid=%s, name=%s, %s``), an
+# address with a function, a redacted ``(PCI:...)`` and no parenthesis at all. The PCI address and the GPU / compute
+# instance are found inside the parenthesis. The driver prints ``pid=`` as ``%u`` or ``'<unknown>'``: anything else
+# after ``pid=`` (a line cut and glued to the next) is left in the text, never taken for a process.
 _XID = re.compile(
     r"NVRM: Xid(?: ?\((?P<inside>[^)]{0,80})\))?:? (?P<xid>\d{1,6})\b"
-    r"(?:, pid=(?P<pid>'<unknown>'|\d+|[^,]*))?(?:, name=(?P<name>[^,]*))?(?:, (?P<rest>.*))?$"
+    r"(?:, pid=(?P<pid>'?(?:<unknown>|\d+)'?)(?=,|\s*$))?(?:, name=(?P<name>[^,]*))?(?:, (?P<rest>.*))?\s*$"
 )
 _XID_PCI = re.compile(r"(?:PCI:)?(?P<pci>[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}(?:\.[0-7])?)")
 _XID_MIG = re.compile(r"GPU-I:\s*(?P<gi>[0-9a-fA-F]{1,4})")
+_XID_CI = re.compile(r"GPU-CI:\s*(?P<ci>[0-9a-fA-F]{1,4})")
 _SXID = re.compile(
     r"nvidia-nvswitch(?P<switch>\d+): SXid \(PCI:(?P<pci>[0-9a-fA-F:.]+)\): (?P<sxid>\d+), (?P<rest>.*)$"
 )
@@ -42,16 +48,21 @@ _SXID = re.compile(
 # follow). The driver's other ``The NVIDIA GPU <bdf> ...`` messages (``(PCI ID: ...)`` on the same line: not
 # supported by this driver, requires the open kernel modules; memory onlining) go on after the address, so they
 # are not a lost GPU. In a /dev/kmsg record the lines are one, joined by ``\x0a``: there the record must say
-# ``fallen off the bus`` itself (as gpud's fallback regex requires).
+# ``fallen off the bus`` itself (as gpud's fallback regex requires). The address may come without its domain
+# (``NVRM: GPU 18:00.0: GPU has fallen off the bus.``, leptonai/gpud components/accelerator/nvidia/xid/kmsg_test.go;
+# gpud's regexes take the domain as optional): domain 0000.
+_BDF = r"(?:[0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]"
 _FALLEN = re.compile(
-    r"NVRM: (?:GPU (?:at )?(?:PCI:)?(?P<pci1>[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]):? "
-    r"(?:GPU )?has fallen off the bus|The NVIDIA GPU (?P<pci2>[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7])"
+    rf"NVRM: (?:GPU (?:at )?(?:PCI:)?(?P<pci1>{_BDF}):? "
+    rf"(?:GPU )?has fallen off the bus|The NVIDIA GPU (?P<pci2>{_BDF})"
     r"(?:\s*$|\\x0a.*?fallen off the bus))"
 )
-_GPU_MAP = re.compile(r"NVRM: GPU at PCI:(?P<pci>[0-9a-fA-F:.]+): (?P<uuid>GPU-[0-9a-fA-F-]+)")
+# The PCI-to-UUID line (kernel_rc.c _krcLogUuidOnce: ``NVRM: GPU at PCI:%04x:%02x:%02x: %s``); older drivers print
+# it without ``PCI:`` (``NVRM: GPU at 0000:03:00: GPU-b850f46d-...``, NVIDIA's Xid documentation example).
+_GPU_MAP = re.compile(r"NVRM: GPU at (?:PCI:)?(?P<pci>[0-9a-fA-F:.]+): (?P<uuid>GPU-[0-9a-fA-F-]+)")
 _RECOVERY = re.compile(r"recovery action changed from 0x[0-9a-fA-F]+ \([^)]*\) to 0x[0-9a-fA-F]+ \((?P<action>[^)]*)\)")
 _RAW_KMSG = re.compile(r"^\d+,(?P<seq>\d+),(?P<usec>\d+),[^;]*;")
-_MONO = re.compile(r"\[\s*(?P<mono>\d+\.\d+)\]")
+_MONO = re.compile(r"\[\s*(?P<mono>\d+\.\d+)(?: <\s*-?\d+\.\d+>)?\]")  # dmesg -d adds `` <delta>``
 
 
 class BadLine(ValueError):
@@ -89,7 +100,8 @@ def parse_line(line: str) -> KernelEvent | None:
     Raises ``BadLine`` for a fault line with an impossible PCI address; callers skip and count it."""
     if "Xid" not in line and "fallen off" not in line and "The NVIDIA GPU" not in line:
         return None  # cheap substring checks first: most NVRM lines are driver chatter
-    line = line.rstrip("\n")
+    # CRLF from a file copied through Windows; the NUL run a crash leaves in a log file before the next line
+    line = line.lstrip("\x00").rstrip(" \t\r\n\x00")
     raw = _RAW_KMSG.match(line)
     seq = raw.group("seq") if raw else ""
     mono = _MONO.search(line)
@@ -102,9 +114,11 @@ def parse_line(line: str) -> KernelEvent | None:
         inside = m.group("inside") or ""
         pm = _XID_PCI.search(inside)
         gi = _XID_MIG.search(inside)
+        ci = _XID_CI.search(inside)
         d = _details(pid=None if pid in ("", "<unknown>") else pid,
                      process=None if (m.group("name") or "").strip() in ("", "<unknown>") else m.group("name"),
-                     text=m.group("rest"), GPU_I_ID=_instance(gi.group("gi")) if gi else None)
+                     text=m.group("rest"), GPU_I_ID=_instance(gi.group("gi")) if gi else None,
+                     GPU_CI_ID=_instance(ci.group("ci")) if ci else None)
         return KernelEvent("xid", m.group("xid"), _pci(pm.group("pci")) if pm else None, msg, d, seq)
     m = _SXID.search(line)
     if m:
@@ -112,9 +126,9 @@ def parse_line(line: str) -> KernelEvent | None:
         if rest.startswith(("Severity ", "Data {")):  # the detail lines after an SXid line: not another fault
             return None
         fatal = rest.split(",", 1)[0].strip()
-        link = re.search(r"Link (\d+)", rest)
+        link = re.search(r"Link (\d+)", rest)  # ``Link 04``: link 4, as the NVLink5 Xid decode names it
         d = _details(switch=m.group("switch"), fatal=fatal if fatal in ("Fatal", "Non-fatal") else None,
-                     link=link.group(1) if link else None, text=rest)
+                     link=str(int(link.group(1))) if link else None, text=rest)
         return KernelEvent("sxid", m.group("sxid"), _pci(m.group("pci")),
                            line[line.index("nvidia-nvswitch"):], d, seq)
     m = _FALLEN.search(line)
@@ -125,8 +139,9 @@ def parse_line(line: str) -> KernelEvent | None:
 
 
 def gpu_map_entry(line: str) -> tuple[str, str] | None:
-    """``NVRM: GPU at PCI:0000:01:00: GPU-...`` -> (normalised PCI, UUID)."""
-    m = _GPU_MAP.search(line) if "GPU at PCI:" in line else None
+    """``NVRM: GPU at PCI:0000:01:00: GPU-...`` (or the older ``NVRM: GPU at 0000:01:00: GPU-...``) ->
+    (normalised PCI, UUID)."""
+    m = _GPU_MAP.search(line) if "NVRM: GPU at " in line else None
     if m is None:
         return None
     try:
@@ -138,14 +153,15 @@ def gpu_map_entry(line: str) -> tuple[str, str] | None:
 def to_signal(ev: KernelEvent, ctx: NodeContext, *, observed_at: datetime, discriminator: str = "",
               extra: dict[str, str] | None = None) -> Signal:
     """A kernel event as a signal for the context's node. The PCI address maps to the GPU's identity
-    (and so to its pod); NVLink5 XIDs 144-150 carry NVIDIA's decode of their subcode and status."""
+    (and so to its pod); NVLink5 XIDs 144-150 carry NVIDIA's decode of their subcode and status. The severity is
+    the catalog's for every kind: an SXid's comes from the line's ``Fatal`` / ``Non-fatal`` word or, for the
+    link-less lines that have none (``26006, SOE HALTED``), from the Fabric Manager guide's class."""
     disc = discriminator or ev.seq or ev.message
-    if ev.kind == "sxid":
-        fatal = ev.details.get("fatal") == "Fatal"
+    if ev.kind == "sxid":  # severity: the catalog's, from the line's Fatal/Non-fatal word or the FM guide's class
         component = f"nvswitch{ev.details.get('switch', '?')}:{ev.pci}"
         return ctx.signal(source=SignalSource.KMSG, check="sxid", code=ev.code, healthy=False, at=observed_at,
                           component=component, message=ev.message, details={**ev.details, **(extra or {})},
-                          severity=Severity.CRITICAL if fatal else Severity.WARNING, discriminator=disc)
+                          discriminator=disc)
     details = {**ev.details, **(extra or {})}
     if ev.kind == "xid" and ev.code == "154":
         m = _RECOVERY.search(ev.message)

@@ -13,9 +13,12 @@ those lines were published or spooled, so a crash re-reads at most what was not 
   file truncated in place (copytruncate) is read again from the start.
 Positions live in one small JSON file, written atomically. Line timestamps come from the line
 (raw kmsg microseconds or ``[seconds]`` since boot, ISO, ``dmesg -T``, syslog, journalctl ``short-unix`` and
-``short-full``; behind a ``dmesg -r`` / RFC 5424 priority or a ``dmesg -x`` facility:level) so a line read
-twice yields the same signal id; a line with none says so (``NO_TIME``, ``has_time``). The kmsg source
-(``collectors.kmsg_source``) drives this.
+``short-full``, ``dmesg -d`` / journalctl ``short-delta`` stamps with their ``<delta>``, the ``[Dec 2 10:37]``
+minute stamps of ``dmesg -H``; behind a ``dmesg -r`` / RFC 5424 priority, a ``dmesg -x`` facility:level or the
+``node: kern: warning: [ISO]:`` of ``talosctl dmesg``) so a line read twice yields the same signal id; a line with
+none says so (``NO_TIME``, ``has_time``). The ``[  +0.000004]`` lines of ``dmesg -H`` carry only the seconds since
+the line before: ``HumanClock``, fed every line in order, places them after the last minute stamp (``DELTA``).
+The kmsg source (``collectors.kmsg_source``) drives this.
 """
 
 from __future__ import annotations
@@ -33,15 +36,28 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 _RAW = re.compile(r"^\d+,(?P<seq>\d+),(?P<usec>\d+),[^;]*;")
+_FACILITY = r"(?:kern|user|mail|daemon|auth|syslog|lpr|news|uucp|cron|authpriv|ftp|res[0-3]|local[0-7])"
 # What a writer puts before the time: the syslog priority of ``dmesg -r`` (``<4>[ts]``), RFC 3164 (``<4>Aug 30``)
-# and RFC 5424 (``<4>1 ISO host kernel - - - msg``), and the ``facility:level : `` of ``dmesg -x`` (util-linux
-# prints ``%-6s:%-6s: ``: ``kern  :warn  : [ts]``). Shared with ``collectors.sniff``.
-PREFIX = (r"(?:<\d{1,3}>(?:1 )?|(?:kern|user|mail|daemon|auth|syslog|lpr|news|uucp|cron|authpriv|ftp|res[0-3]"
-          r"|local[0-7]) *:(?:emerg|alert|crit|err|warn|notice|info|debug) *: )")
+# and RFC 5424 (``<4>1 ISO host kernel - - - msg``), the ``facility:level : `` of ``dmesg -x`` (util-linux
+# prints ``%-6s:%-6s: ``: ``kern  :warn  : [ts]``), and ``talosctl dmesg`` (Talos machined prints
+# ``%s: %7s: [%s]: %s``, facility, priority, RFC 3339 nanosecond time, message; talosctl puts the node first:
+# ``192.168.11.119: kern: warning: [2026-04-22T21:30:51.494604223Z]: NVRM: Xid ...``, as pasted in
+# NVIDIA/open-gpu-kernel-modules issue 1118), up to the ``[`` before its ISO time. Shared with ``collectors.sniff``.
+PREFIX = (rf"(?:<\d{{1,3}}>(?:1 )?|{_FACILITY} *:(?:emerg|alert|crit|err|warn|notice|info|debug) *: "
+          rf"|(?:\S+: )?{_FACILITY}: *(?:emerg|alert|crit|err|warning|notice|info|debug): \[(?=\d{{4}}-))")
 _PREFIX = re.compile(PREFIX)
-_MONO = re.compile(r"^(?:\S+\s+){0,5}?\[\s*(?P<mono>\d+\.\d+)\]")
+# ``[seconds]`` since boot; ``dmesg -d`` and journalctl ``-o short-delta`` add the delta to the record before:
+# ``[%5ld.%06ld <%12.06f>]`` (util-linux dmesg.c print_record, DMESG_TIMEFTM_TIME_DELTA).
+_MONO = re.compile(r"^(?:\S+\s+){0,5}?\[\s*(?P<mono>\d+\.\d+)(?: <\s*-?\d+\.\d+>)?\]")
 _ISO = re.compile(r"^(?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d\d:?\d\d)?)")
-_DMESG_T = re.compile(r"^\[(?P<t>\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4})\]")
+# ``dmesg -T`` (``[%a %b %e %H:%M:%S %Y]``); ``dmesg -T -d`` adds `` <delta>`` (DMESG_TIMEFTM_CTIME_DELTA).
+_DMESG_T = re.compile(r"^\[(?P<t>\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4})(?: <\s*-?\d+\.\d+>)?\]")
+# ``dmesg -H`` / ``--time-format reltime`` (util-linux dmesg.c print_record, DMESG_TIMEFTM_RELTIME): the first record
+# of a minute gets ``[%b%e %H:%M]`` (short_ctime: ``[Dec 2 10:37]``, ``[Mar24 11:26]``), the writer's local time
+# with no year and no seconds; every other record ``[  %+8.06f]`` / ``[ %+9.06f]`` (``[  +0.000004]``), the seconds
+# since the record printed before it (record_count_delta), which no line alone can place: ``HumanClock``.
+_HUMAN = re.compile(r"^\[(?P<mon>[A-Z][a-z]{2}) ?(?P<day>[ \d]?\d) (?P<hm>\d\d:\d\d)\]")
+_HUMAN_DELTA = re.compile(r"^\[\s*(?P<delta>[+-]\d+\.\d+)\]")
 _SYSLOG = re.compile(r"^(?P<t>\w{3} [ \d]\d \d\d:\d\d:\d\d)(?P<frac>\.\d{1,9})? ")
 # journalctl -o short-unix (``1725018189.123456 host kernel: ...``): seconds since the epoch, UTC by definition.
 _EPOCH = re.compile(r"^(?P<s>\d{9,11})\.(?P<frac>\d{1,9}) ")
@@ -49,7 +65,7 @@ _EPOCH = re.compile(r"^(?P<s>\d{9,11})\.(?P<frac>\d{1,9}) ")
 # as ``%Z`` prints it (an abbreviation, or ``+03`` for a zone without one).
 _FULL = re.compile(r"^\w{3} (?P<t>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?P<frac>\.\d{1,9})? "
                    r"(?P<zone>[+-]\d\d(?::?\d\d)?|[A-Za-z]{1,6}) ")
-_TIMES = (_ISO, _DMESG_T, _SYSLOG, _EPOCH, _FULL, _MONO)
+_TIMES = (_ISO, _DMESG_T, _SYSLOG, _EPOCH, _FULL, _HUMAN, _MONO)
 
 
 def read_boot_id(path: Path = BOOT_ID) -> str:
@@ -101,8 +117,20 @@ def _wall_now(now: datetime, tz: tzinfo | None) -> datetime:
 
 
 # Time sources of a line (``details.time_source`` on offline signals): the line carries wall-clock time;
-# the line carries seconds since boot, anchored to a boot time; the line carries no time at all.
-ABSOLUTE, RELATIVE, NO_TIME = "absolute", "relative", "none"
+# the line carries seconds since boot, anchored to a boot time; the line carries no time at all; the line carries
+# only its seconds since the line before (``dmesg -H``), placed after the last minute stamp by ``HumanClock``.
+ABSOLUTE, RELATIVE, NO_TIME, DELTA = "absolute", "relative", "none", "delta"
+
+
+def _body(line: str) -> str:
+    """The line from its time on: NUL bytes before it skipped (a syslog file whose last writes were lost in a crash
+    holds a run of them, and the next boot's first line follows it), and a priority / facility:level prefix."""
+    line = line.lstrip("\x00")
+    if _RAW.match(line):
+        return line
+    if p := _PREFIX.match(line):
+        return line[p.end():]
+    return line
 
 
 def line_time(line: str, *, booted: datetime, now: datetime, tz: tzinfo | None = UTC) -> datetime:
@@ -116,14 +144,15 @@ def line_time_source(line: str, *, booted: datetime, now: datetime,
                      tz: tzinfo | None = UTC) -> tuple[datetime, str]:
     """``line_time`` and where it came from: ``ABSOLUTE``, ``RELATIVE`` (seconds since ``booted``) or ``NO_TIME``.
 
-    A ``dmesg -r`` / syslog priority (``<4>``, RFC 5424 ``<4>1``) or ``dmesg -x`` facility:level before the time
-    is skipped. Syslog, ``dmesg -T``, ISO times without an offset and journalctl ``short-full`` times with a zone
-    abbreviation other than UTC are the writer's wall clock: they are read in ``tz`` (``log_zone``; UTC unless the
-    log's node keeps local time) and returned in UTC; ``short-unix`` seconds are UTC."""
+    A ``dmesg -r`` / syslog priority (``<4>``, RFC 5424 ``<4>1``), a ``dmesg -x`` facility:level or a ``talosctl
+    dmesg`` node and facility/priority before the time is skipped. Syslog, ``dmesg -T``, ``dmesg -H`` minute stamps,
+    ISO times without an offset and journalctl ``short-full`` times with a zone abbreviation other than UTC are the
+    writer's wall clock: they are read in ``tz`` (``log_zone``; UTC unless the log's node keeps local time) and
+    returned in UTC; ``short-unix`` seconds are UTC. A stamp without a year (syslog, ``dmesg -H``) takes the latest
+    year that puts it at most a day after ``now``. A ``dmesg -H`` delta line is ``NO_TIME`` here: ``HumanClock``."""
+    line = _body(line)
     if m := _RAW.match(line):
         return booted + timedelta(microseconds=int(m.group("usec"))), RELATIVE
-    if p := _PREFIX.match(line):
-        line = line[p.end():]
     if m := _ISO.match(line):
         iso = m.group("iso").replace(",", ".")
         if re.search(r"[+-]\d{4}$", iso):
@@ -142,6 +171,8 @@ def line_time_source(line: str, *, booted: datetime, now: datetime,
     if m := _FULL.match(line):
         t = datetime.fromisoformat(m.group("t")) + _micro(m.group("frac"))
         return _zoned(t, m.group("zone"), tz), ABSOLUTE
+    if m := _HUMAN.match(line):
+        return _human_minute(m, now, tz), ABSOLUTE
     if m := _MONO.match(line):
         return booted + timedelta(seconds=float(m.group("mono"))), RELATIVE
     return now, NO_TIME
@@ -150,11 +181,52 @@ def line_time_source(line: str, *, booted: datetime, now: datetime,
 def has_time(line: str) -> bool:
     """Whether ``line`` carries a time of its own in a form ``line_time_source`` reads: False exactly when it
     would answer ``NO_TIME``. Only the forms are matched, no date is parsed."""
-    if _RAW.match(line):
-        return True
-    if p := _PREFIX.match(line):
-        line = line[p.end():]
-    return any(r.match(line) for r in _TIMES)
+    line = _body(line)
+    return bool(_RAW.match(line)) or any(r.match(line) for r in _TIMES)
+
+
+def _human_minute(m: re.Match[str], now: datetime, tz: tzinfo | None) -> datetime:
+    """A ``dmesg -H`` minute stamp (``_HUMAN``) as UTC, at second 0 of its minute, in the year a syslog stamp would
+    take. Raises ``ValueError`` for an impossible date."""
+    stamp = f"{m.group('mon')} {int(m.group('day')):2d} {m.group('hm')}:00"
+    return _wall(_syslog_year(stamp, _wall_now(now, tz)), tz)
+
+
+class HumanClock:
+    """The times of a ``dmesg -H`` capture, which its delta lines cannot give alone: a ``[Dec 2 10:37]`` minute
+    stamp sets the clock, each ``[  +0.000004]`` line after it moves the clock on by its seconds since the record
+    before (util-linux ``record_count_delta``), and any other stamped line stops it. Feed it every line of the log
+    in order (``step``), not only the NVIDIA ones: the deltas of the lines between count. The minute stamp has no
+    seconds, so a placed time is the earliest the line can have been written (within that minute when nothing was
+    filtered out of the capture)."""
+
+    def __init__(self, *, tz: tzinfo | None = UTC) -> None:
+        self.tz = tz  # the zone of the capture's wall clock (``log_zone``)
+        self.last: datetime | None = None
+
+    def step(self, line: str, *, now: datetime) -> datetime | None:
+        """Take the next line; its time when it is a delta line the clock can place (then ``DELTA`` is its time
+        source), else None (read the line's own time with ``line_time_source``). Never raises."""
+        body = _body(line)
+        if not body.startswith("["):
+            return None  # an unstamped line (a continuation, a cut line) neither places nor stops the clock
+        if m := _HUMAN_DELTA.match(body):
+            if self.last is None:
+                return None
+            try:
+                self.last += timedelta(seconds=float(m.group("delta")))
+            except OverflowError:
+                self.last = None
+            return self.last
+        if m := _HUMAN.match(body):
+            try:
+                self.last = _human_minute(m, now, self.tz)
+            except (ValueError, OverflowError):
+                self.last = None
+            return None
+        if _MONO.match(body) or _DMESG_T.match(body):
+            self.last = None
+        return None
 
 
 def _micro(frac: str | None) -> timedelta:
@@ -190,10 +262,9 @@ def _syslog_year(stamp: str, here: datetime) -> datetime:
 
 def relative_seconds(line: str) -> float | None:
     """The seconds-since-boot stamp of a line (``[1234.5]`` or a raw kmsg record), if it has one."""
+    line = _body(line)
     if m := _RAW.match(line):
         return int(m.group("usec")) / 1e6
-    if p := _PREFIX.match(line):
-        line = line[p.end():]
     if m := _MONO.match(line):
         return float(m.group("mono"))
     return None

@@ -3,7 +3,8 @@
 Reads through ``collectors.kmsg_follow.KmsgFollower`` (``/dev/kmsg`` or a file), applies the
 pure line rules of ``collectors.kmsg``, learns PCI-to-UUID pairs from the driver's own
 ``NVRM: GPU at PCI:...`` lines, and stamps each signal with the time in the line and an id
-made from the line's stable identity (boot id + sequence, or inode + offset). ``signals`` turns
+made from the line's stable identity (boot id + sequence, or inode + offset); the delta lines of a ``dmesg -H``
+capture are placed by a ``HumanClock`` that sees every line (``details.time_source=delta``). ``signals`` turns
 one batch of lines into signals: one bad line (impossible date, PCI domain, timestamp: a
 ``BadLine``; or anything else a line makes the rules raise) is skipped, counted in ``skipped``
 and logged; the rest of its batch is still returned, so a poison line never costs the faults
@@ -20,7 +21,7 @@ import structlog
 
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.kmsg import BadLine, line_signal
-from breakfix.collectors.kmsg_follow import KmsgFollower, Line, Position, boot_time, line_time
+from breakfix.collectors.kmsg_follow import DELTA, HumanClock, KmsgFollower, Line, Position, boot_time, line_time
 from breakfix.schemas.signal import Signal
 
 log = structlog.get_logger("breakfix.collector.kmsg")
@@ -35,6 +36,7 @@ class KmsgSource:
         self.ctx = ctx
         self.booted = booted or boot_time()
         self.tz = tz  # the zone of the log's wall-clock times (``KmsgConfig.timezone``; None: this machine's)
+        self.clock = HumanClock(tz=tz)  # dmesg -H deltas, across batches
         self.lines = 0
         self.skipped = 0  # bad lines since start: breakfix_collector_parse_skipped_total{source="kmsg"}
 
@@ -50,10 +52,15 @@ class KmsgSource:
         bad = 0
         first = ""
 
+        placed: datetime | None = None  # this line's time from the dmesg -H clock, if it is a delta line
+
         def at(text: str) -> tuple[datetime, str]:
+            if placed is not None:
+                return placed, DELTA
             return line_time(text, booted=self.booted, now=now, tz=self.tz), ""
 
         for ln in lines:
+            placed = self.clock.step(ln.text, now=now)
             try:
                 sig = line_signal(ln.text, self.ctx, observed_at=at, discriminator=ln.key)
             except BadLine as exc:

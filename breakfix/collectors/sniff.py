@@ -28,6 +28,7 @@ COMMANDS = {"kmsg": ("a kernel log", "breakfix signals kmsg FILE --node N"),
 # ``dmesg -r`` / syslog priority or ``dmesg -x`` facility:level (``kmsg_follow.PREFIX``), or a kernel/NVIDIA word.
 _KERNEL = re.compile(
     rf"^{PREFIX}?(?:\d+,\d+,\d+,[^;]*;|\[\s*\d+\.\d+\]|\[\w{{3}} \w{{3}} [ \d]\d \d\d:\d\d:\d\d \d{{4}}\]"
+    r"|\[[A-Z][a-z]{2} ?[ \d]?\d \d\d:\d\d\]|\[\s*[+-]\d+\.\d+\]"  # dmesg -H: [Dec 2 10:37], [  +0.000004]
     r"|\w{3} [ \d]\d \d\d:\d\d:\d\d |\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d|\d{9,11}\.\d+ "
     r"|\w{3} \d{4}-\d\d-\d\d \d\d:\d\d:\d\d |-- (?:Logs|Journal|No entries|Boot))|kernel: |NVRM|nvidia|SXid")
 _PROM = re.compile(r"^(?:# (?:TYPE|HELP) \S+.*"
