@@ -23,13 +23,26 @@ samples and the previous ones into per-port states (component ``<dev>/<port>``):
   Ports whose link layer is Ethernet (RoCE) are judged against their own expected rate
   (``expected_ethernet_rate_gbps``, or the best seen on the port), never the InfiniBand one, or
   skipped entirely with ``skip_ethernet``.
-IBA error counters saturate instead of wrapping; a counter that goes down was reset and
-counts as zero new errors. A file that cannot be read or parsed is skipped and counted
-(``read_ports(..., skipped=)``). NVLink health comes from the nvml source, not from here.
+- a port seen up before that is no longer under ``/sys/class/infiniband`` (the adapter fell off the bus,
+  its driver unbound, a firmware reset tore the device down) is ``ib.link_down`` (critical, ``reading``
+  ``missing``) until it is read again: an entity missing from a cycle is never cleared by the edge
+  (``collectors.edge``), so its last healthy state would otherwise stand. NVSentinel's NIC health monitor
+  treats a device's disappearance the same way (``/work/shared/reference/infiniband_sysfs.md``). A port
+  of the same link layer appearing meanwhile makes it a rename instead (mlx5 RoCE LAG unregisters
+  ``mlx5_2``/``mlx5_3`` and registers ``mlx5_bond_0``, and back): said healthy (``reading`` ``renamed``)
+  and forgotten. ``ibstat`` text names a vanished adapter too (``collectors.ibstat``: its ``ibpanic`` /
+  ``ibstatus`` fatal line).
+IBA error counters saturate instead of wrapping (widths in ``SATURATED``, sysfs.c ``PORT_PMA_ATTR``): a
+counter at its width reads "at least", and its rises are invisible until the counters are reset; messages
+say so. A counter that goes down was reset and counts as zero new errors. A file that cannot be read or
+parsed is skipped and counted (``read_ports(..., skipped=)``); a ``rate`` the kernel refuses with EINVAL
+(``rate_show`` for a port with no valid width, i.e. down) is no rate, not a skipped file. Numbers are ASCII
+digits only: sysfs prints ``%u``/``%llu``. NVLink health comes from the nvml source, not from here.
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import re
 from collections.abc import Callable
@@ -60,11 +73,16 @@ SYSFS = Path("/sys/class/infiniband")
 ERROR_COUNTERS = ("symbol_error", "port_rcv_errors", "local_link_integrity_errors", "port_rcv_remote_physical_errors")
 FLAP_COUNTERS = ("link_downed", "link_error_recovery")
 TOTAL_COUNTERS = ("link_downed", "symbol_error", "port_rcv_errors", "excessive_buffer_overrun_errors")
-_RATE = re.compile(r"^(?P<gbps>\d{1,6}(?:\.\d{1,3})?) Gb/sec")
+_RATE = re.compile(r"^(?P<gbps>\d{1,6}(?:\.\d{1,3})?) Gb/sec", re.ASCII)
 # Single-reading limits (counts since the last counter reset). IBA widths: link_downed 8 bit, symbol_error and
 # port_rcv_errors 16 bit, excessive_buffer_overrun_errors 4 bit: it reads 15 (saturated) on the healthy H100
 # capture in infiniband_sysfs.md, so it is reported in the message but judged only when a limit is configured.
 DEFAULT_TOTALS = {"link_downed": 1, "symbol_error": 1000, "port_rcv_errors": 1000}
+# The value each IBA PortCounters error counter stops at (2**width - 1), sysfs.c PORT_PMA_ATTR widths.
+SATURATED = {"symbol_error": 65535, "link_error_recovery": 255, "link_downed": 255, "port_rcv_errors": 65535,
+             "port_rcv_remote_physical_errors": 65535, "local_link_integrity_errors": 15,
+             "excessive_buffer_overrun_errors": 15}
+_COUNTER = re.compile(r"^\s*(?P<n>[0-9]{1,20})\s*$", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +110,7 @@ class PortSample:
     rate_text: str
     link_layer: str
     counters: dict[str, int] = field(default_factory=dict)
+    missing: bool = False  # the port (or, from ibstat text, the whole adapter ``port`` names) is gone
 
 
 class SkipCount:
@@ -113,16 +132,26 @@ def port_sample(port: str, state: Reading, phys: Reading, rate: str, link_layer:
 
 
 Skipped = list[str] | SkipCount
+MAX_PORTS = 4096
 
 
-def _read(path: Path, skipped: Skipped | None = None) -> str | None:
+def _saturated(name: str, value: int | None) -> bool:
+    return value is not None and name in SATURATED and value >= SATURATED[name]
+
+
+def _at_least(name: str, value: int) -> str:
+    return f" (saturated: at least {value})" if _saturated(name, value) else ""
+
+
+def _read(path: Path, skipped: Skipped | None = None, quiet: tuple[int, ...] = ()) -> str | None:
+    """A sysfs file's text; gone, or an errno in ``quiet``: None; unreadable or not UTF-8: None, counted."""
     try:
         with path.open("rb") as fh:
             return fh.read(4096).decode("utf-8")
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as exc:
-        if skipped is not None:
+        if skipped is not None and not (isinstance(exc, OSError) and exc.errno in quiet):
             skipped.append(f"{path}: {type(exc).__name__}")
         return None
 
@@ -146,17 +175,18 @@ def read_ports(root: Path = SYSFS, skipped: Skipped | None = None) -> list[PortS
         if not (dev / "ports").is_dir() or (dev / "device" / "physfn").exists():
             continue  # an SR-IOV virtual function mirrors its physical port, which is judged itself
         for port in _dirs(dev / "ports", skipped):
-            state, phys, rate = (_read(port / f, skipped) for f in ("state", "phys_state", "rate"))
+            state, phys = (_read(port / f, skipped) for f in ("state", "phys_state"))
             if state is None or phys is None:
                 continue
+            rate = _read(port / "rate", skipped, quiet=(errno.EINVAL,))  # rate_show: -EINVAL for no valid width
             counters: dict[str, int] = {}
             cdir = port / "counters"
             for name in dict.fromkeys((*ERROR_COUNTERS, *FLAP_COUNTERS, *TOTAL_COUNTERS)):
                 raw = _read(cdir / name, skipped)
                 if raw is None or raw.strip().startswith("N/A"):
                     continue
-                if raw.strip().isdigit() and len(raw.strip()) <= 20:
-                    counters[name] = int(raw)
+                if m := _COUNTER.match(raw):
+                    counters[name] = int(m.group("n"))
                 elif skipped is not None:
                     skipped.append(f"{cdir / name}: not a counter")
             out.append(port_sample(f"{dev.name}/{port.name}", parse_state(state, PORT_STATES),
@@ -180,11 +210,26 @@ class FabricRules:
         self.seen_up: set[str] = seen_up if seen_up is not None else set()  # ports ever seen ACTIVE and LinkUp
         #                                  here (kept across restarts by the source plugin): only their loss is critical
         self.skipped_files = SkipCount()  # pass to read_ports: breakfix_collector_parse_skipped_total{source="fabric"}
+        self.link_layer: dict[str, str] = {}  # port -> its link layer as last read: a port gone keeps its kind
+        self.last_read: set[str] | None = None  # the ports read last cycle (None: none yet in this process)
 
     def apply(self, ports: list[PortSample], at: datetime, mono: float) -> Cycle:
         states: list[Signal] = []
         th = self.th
-        for p in ports:
+        read = {p.port for p in ports if not p.missing}
+        # seen up before, not read now: the adapter or port is gone (read_ports skips what is not there) - unless
+        # a port of the same link layer appeared up meanwhile: the device was renamed, or bonded / unbonded (RoCE
+        # LAG replaces mlx5_2 and mlx5_3 by an ACTIVE mlx5_bond_0 and back), which is configuration, not a loss.
+        # A port down that appears (an uncabled one read for the first time after a restart) is no such evidence.
+        known = self.last_read if self.last_read is not None else self.seen_up
+        appeared = {p.link_layer: p.port for p in ports if not p.missing and p.port not in known
+                    and p.state in ACTIVE and p.phys_state == LINK_UP}
+        gone = [PortSample(port, None, "", None, "", None, "", self.link_layer.get(port, ""), {}, missing=True)
+                for port in sorted(self.seen_up - read)]
+        self.last_read = read
+        for p in [*ports, *gone]:
+            if not p.missing and len(self.link_layer) < MAX_PORTS:
+                self.link_layer[p.port] = p.link_layer
             ethernet = p.link_layer.lower() == "ethernet"
             if (ethernet and th.skip_ethernet) or any(fnmatch.fnmatchcase(p.port, pat) for pat in th.ignore_ports):
                 continue
@@ -196,6 +241,20 @@ class FabricRules:
                                               message=f"{p.port}: {msg}",
                                               details={"link_layer": p.link_layer, **details}))
 
+            if p.missing and p.port in self.seen_up and p.link_layer in appeared and not th.single_reading:
+                state("ib.link_down", False, f"gone as {appeared[p.link_layer]} appeared: renamed or (un)bonded, "
+                      "no longer judged", reading="renamed")
+                self.seen_up.discard(p.port)
+                self.link_layer.pop(p.port, None)
+                log.info("ib_port_renamed", node=self.ctx.node, port=p.port, now=appeared[p.link_layer])
+            if p.missing:
+                if p.port in self.seen_up or th.single_reading:
+                    why = p.state_text or "no longer under /sys/class/infiniband"
+                    state("ib.link_down", True, f"{why}: the adapter is gone (off the bus, driver unbound or reset)",
+                          reading="missing")
+                self.prev.pop(p.port, None)
+                self.coming_up.pop(p.port, None)
+                continue
             known_down = (p.state is not None and p.state not in ACTIVE) or (
                 p.phys_state is not None and p.phys_state != LINK_UP)
             unknown = p.state is None or p.phys_state is None
@@ -230,8 +289,10 @@ class FabricRules:
                                if n in p.counters and n in prev.counters)
 
                 errors = delta(ERROR_COUNTERS) * 60 / elapsed
-                state("ib.errors", errors >= th.errors_per_min, f"{errors:.1f} link errors/min", round(errors, 2),
-                      th.errors_per_min)
+                blind = [n for n in ERROR_COUNTERS if _saturated(n, p.counters.get(n))]
+                state("ib.errors", errors >= th.errors_per_min, f"{errors:.1f} link errors/min" + (
+                    f"; saturated, rises not visible until the counters are reset: {', '.join(blind)}"
+                    if blind else ""), round(errors, 2), th.errors_per_min)
                 flaps = self.flaps.setdefault(p.port, [])
                 flaps.extend([mono] * min(delta(FLAP_COUNTERS), 100))
                 flaps[:] = [t for t in flaps if mono - t <= th.flap_window_s]
@@ -273,9 +334,10 @@ class FabricRules:
         if errs:
             worst = max((p.counters[n] for n in errs if n in limits), default=0)
             state("ib.errors", bool(over), "error counters since reset: " +
-                  ", ".join(f"{n}={p.counters[n]}" + (f" (limit {limits[n]})" if n in over else "") for n in errs),
+                  ", ".join(f"{n}={p.counters[n]}" + _at_least(n, p.counters[n]) +
+                            (f" (limit {limits[n]})" if n in over else "") for n in errs),
                   worst, None, basis="total")
         if "link_downed" in p.counters and "link_downed" in limits:
             n, limit = p.counters["link_downed"], limits["link_downed"]
-            state("ib.flapping", n >= limit, f"link_downed={n} since the last counter reset", n, limit,
-                  basis="total")
+            state("ib.flapping", n >= limit, f"link_downed={n}{_at_least('link_downed', n)} since the last counter "
+                  "reset", n, limit, basis="total")

@@ -24,6 +24,12 @@ BRINGUP_STATES = (2, 3)  # INIT (link up, the SM has not configured the port), A
 BRINGUP_PHYS = (4, 6)  # PortConfigurationTraining, LinkErrorRecovery: the link is training
 
 
+def _ascii_digits(text: str) -> bool:
+    """The kernel prints ``%d``: ASCII digits only (``str.isdigit`` also takes "²" and "٤", which ``int`` refuses
+    or reads as another number)."""
+    return text.isascii() and text.isdigit()
+
+
 def _norm(name: str) -> str:
     return "".join(name.split()).replace("_", "").lower()
 
@@ -43,11 +49,11 @@ def parse_state(raw: str, table: dict[int, str]) -> Reading:
     text = raw.strip()[:80]
     num_s, sep, name = text.partition(":")
     if not sep:
-        num_s, name = (text, "") if text.isdigit() else ("", text)
+        num_s, name = (text, "") if _ascii_digits(text) else ("", text)
     by_name = {_norm(v): k for k, v in table.items()}
     if table is PORT_STATES:
         by_name.update(PORT_ALIASES)
-    num = int(num_s) if num_s.strip().isdigit() and len(num_s.strip()) < 4 else None
+    num = int(num_s) if _ascii_digits(num_s.strip()) and len(num_s.strip()) < 4 else None
     named = by_name.get(_norm(name)) if name.strip() else None
     if num_s.strip() and num is None:
         return Reading(None, text)
