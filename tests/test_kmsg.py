@@ -21,7 +21,7 @@ EXPECTED = [
     ("xid", "79", "0000:2b:00.0"), ("xid", "79", "0000:91:00.0"), ("xid", "149", "0009:01:00.0"),
     ("xid", "154", "0009:01:00.0"), ("xid", "119", "0002:00:00.0"), ("sxid", "24007", "0000:c3:00.0"),
     ("sxid", "26006", "0004:00:00.0"), ("gpu.lost", None, "0000:2b:00.0"), ("gpu.lost", None, "0000:b3:00.0"),
-    None, None, None, None, None,
+    None, None, ("gpu.init_failed", None, "0000:0a:00.0"), None, None,
 ]
 
 
@@ -122,6 +122,21 @@ class TestToSignal:
         b = to_signal(ev, c, observed_at=T0)
         assert a.id == b.id
 
+    @pytest.mark.parametrize(("line", "pci", "minor"), [
+        ("[    6.000000] NVRM: GPU 0000:0a:00.0: RmInitAdapter failed! (0x24:0x72:1568)", "0000:0a:00.0", None),
+        ("[    6.000100] NVRM: GPU 0000:0a:00.0: rm_init_adapter failed, device minor number 5", "0000:0a:00.0", "5"),
+        ("Mar  4 09:12:41 gpu-node-7 kernel: NVRM: RmInitAdapter failed! (0x25:0xffff:1207)", None, None),
+        ("kernel: NVRM: rm_init_adapter failed for device bearing minor number 0", None, "0"),
+    ], ids=["rminitadapter", "rm-init-adapter-minor", "no-address", "older-minor-form"])
+    def test_a_gpu_the_driver_failed_to_initialise_is_an_operator_fault_needing_a_reboot(
+            self, catalog: Catalog, line: str, pci: str | None, minor: str | None) -> None:
+        """NVRM ``RmInitAdapter failed`` (gpu-operator issue 1146): the GPU is unusable until at least a reboot."""
+        ev = parse_line(line)
+        assert ev is not None and (ev.kind, ev.pci, ev.details.get("minor")) == ("gpu.init_failed", pci, minor)
+        s = to_signal(ev, NodeContext(cluster="c1", node="n1", catalog=catalog), observed_at=T0)
+        fc = catalog.classify(check=s.check, code=s.code, message=s.message)
+        assert (fc.category, fc.domain.value, fc.known) == ("node_reboot_required", "operator", True)
+
     def test_xid154_carries_recovery_action_into_classification(self, catalog: Catalog) -> None:
         ev = parse_line(REAL[12])
         assert ev is not None
@@ -132,7 +147,7 @@ class TestToSignal:
     def test_noise_in_bulk_yields_only_fault_lines(self) -> None:
         lines = REAL * 1000
         events = [e for e in map(parse_line, lines) if e is not None]
-        assert len(events) == 18 * 1000
+        assert len(events) == 19 * 1000
 
 
 def test_signals_kmsg_cli_prints_one_signal_per_fault_line() -> None:
@@ -145,8 +160,8 @@ def test_signals_kmsg_cli_prints_one_signal_per_fault_line() -> None:
     result = CliRunner().invoke(app, ["signals", "kmsg", str(path), "--node", "n1", "--cluster", "c1"])
     assert result.exit_code == 0, result.output
     signals = [Signal.model_validate_json(x) for x in result.stdout.splitlines()]
-    assert len(signals) == 18
-    assert {s.check for s in signals} == {"xid", "sxid", "gpu.lost"}
+    assert len(signals) == 19
+    assert {s.check for s in signals} == {"xid", "sxid", "gpu.lost", "gpu.init_failed"}
     assert all(s.node == "n1" and s.cluster == "c1" and s.source.value == "kmsg" for s in signals)
 
 

@@ -1,4 +1,4 @@
-"""The kernel-log rules: NVIDIA driver lines (XID, SXid, fallen off the bus) -> ``Signal``s.
+"""The kernel-log rules: NVIDIA driver lines (XID, SXid, fallen off the bus, GPU init failed) -> ``Signal``s.
 
 Pure: ``parse_line`` takes one line in any prefix seen in the wild (raw ``/dev/kmsg``
 records ``6,1234,5678,-;``, dmesg ``[ts]``, ``dmesg -T`` / ``-H`` / ``-d`` / ``-r`` / ``-x``, syslog (RFC 5424 too),
@@ -57,6 +57,12 @@ _FALLEN = re.compile(
     rf"(?:GPU )?has fallen off the bus|The NVIDIA GPU (?P<pci2>{_BDF})"
     r"(?:\s*$|\\x0a.*?fallen off the bus))"
 )
+# A GPU the driver failed to initialise (kernel_log_formats.md section 5, NVIDIA/gpu-operator issue 1146):
+# ``NVRM: GPU 0000:0a:00.0: RmInitAdapter failed! (0x24:0x72:1568)``, and ``rm_init_adapter failed, device minor number
+# 5`` after it (same GPU; the address when the line carries one). The GPU is not usable until a reboot at least: an
+# operator fault (``gpu.init_failed``), never driver chatter.
+_INIT_FAILED = re.compile(
+    rf"NVRM: (?:GPU (?:at )?(?:PCI:)?(?P<pci>{_BDF}):? )?(?:RmInitAdapter|rm_init_adapter) failed")
 # The PCI-to-UUID line (kernel_rc.c _krcLogUuidOnce: ``NVRM: GPU at PCI:%04x:%02x:%02x: %s``); older drivers print
 # it without ``PCI:`` (``NVRM: GPU at 0000:03:00: GPU-b850f46d-...``, NVIDIA's Xid documentation example).
 _GPU_MAP = re.compile(r"NVRM: GPU at (?:PCI:)?(?P<pci>[0-9a-fA-F:.]+): (?P<uuid>GPU-[0-9a-fA-F-]+)")
@@ -71,7 +77,7 @@ class BadLine(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class KernelEvent:
-    kind: str  # "xid" | "sxid" | "gpu.lost"
+    kind: str  # "xid" | "sxid" | "gpu.lost" | "gpu.init_failed"
     code: str | None
     pci: str | None  # None: the line names no PCI address
     message: str
@@ -98,7 +104,8 @@ def parse_line(line: str) -> KernelEvent | None:
     """One kernel-log line -> an event, or None when it is not an NVIDIA fault line.
 
     Raises ``BadLine`` for a fault line with an impossible PCI address; callers skip and count it."""
-    if "Xid" not in line and "fallen off" not in line and "The NVIDIA GPU" not in line:
+    if "Xid" not in line and "fallen off" not in line and "The NVIDIA GPU" not in line and "nit_adapter" not in line \
+            and "nitAdapter" not in line:
         return None  # cheap substring checks first: most NVRM lines are driver chatter
     # CRLF from a file copied through Windows; the NUL run a crash leaves in a log file before the next line
     line = line.lstrip("\x00").rstrip(" \t\r\n\x00")
@@ -135,6 +142,11 @@ def parse_line(line: str) -> KernelEvent | None:
     if m:
         pci = m.group("pci1") or m.group("pci2")
         return KernelEvent("gpu.lost", None, _pci(pci), line[line.index("NVRM"):], {}, seq)
+    m = _INIT_FAILED.search(line)
+    if m:
+        minor = re.search(r"minor number (\d+)", line)
+        return KernelEvent("gpu.init_failed", None, _pci(m.group("pci")) if m.group("pci") else None,
+                           line[line.index("NVRM"):], _details(minor=minor.group(1) if minor else None), seq)
     return None
 
 
