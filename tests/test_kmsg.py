@@ -137,6 +137,21 @@ class TestToSignal:
         fc = catalog.classify(check=s.check, code=s.code, message=s.message)
         assert (fc.category, fc.domain.value, fc.known) == ("node_reboot_required", "operator", True)
 
+    @pytest.mark.parametrize("line", [
+        "[  912.112233] NVRM: knvlinkDiscoverPostRxDetLinks_GH100: Getting peer0's postRxDetLinkMask failed!",
+        "kernel: NVRM: knvlinkDiscoverPostRxDetLinks_GB100_REV2: Getting peer17 postRxDetLinkMask failed!",
+        "[  912.112240] NVRM: knvlinkUpdatePostRxDetectLinkMask_IMPL: Failed to update Rx Detect Link mask!",
+    ], ids=["gh100-peer0", "gb100-peer17", "update-mask"])
+    def test_the_driver_wedged_in_nvlink_discovery_is_a_node_fault_needing_a_reboot(
+            self, catalog: Catalog, line: str) -> None:
+        """gpud's nvlink_driver_wedge signatures (repair: reboot the system); an ordinary NVLink line is not one."""
+        ev = parse_line(line)
+        assert ev is not None and (ev.kind, ev.pci) == ("nvlink.driver_wedge", None)
+        s = to_signal(ev, NodeContext(cluster="c1", node="n1", catalog=catalog), observed_at=T0)
+        fc = catalog.classify(check=s.check, code=s.code, message=s.message)
+        assert (fc.category, fc.known, s.gpu) == ("node_reboot_required", True, None)
+        assert parse_line("[  913.0] NVRM: NVLink link training completed") is None
+
     def test_xid154_carries_recovery_action_into_classification(self, catalog: Catalog) -> None:
         ev = parse_line(REAL[12])
         assert ev is not None

@@ -1,4 +1,5 @@
-"""The kernel-log rules: NVIDIA driver lines (XID, SXid, fallen off the bus, GPU init failed) -> ``Signal``s.
+"""The kernel-log rules: NVIDIA driver lines (XID, SXid, fallen off the bus, GPU init failed, NVLink discovery
+wedged) -> ``Signal``s.
 
 Pure: ``parse_line`` takes one line in any prefix seen in the wild (raw ``/dev/kmsg``
 records ``6,1234,5678,-;``, dmesg ``[ts]``, ``dmesg -T`` / ``-H`` / ``-d`` / ``-r`` / ``-x``, syslog (RFC 5424 too),
@@ -63,6 +64,14 @@ _FALLEN = re.compile(
 # operator fault (``gpu.init_failed``), never driver chatter.
 _INIT_FAILED = re.compile(
     rf"NVRM: (?:GPU (?:at )?(?:PCI:)?(?P<pci>{_BDF}):? )?(?:RmInitAdapter|rm_init_adapter) failed")
+# The driver wedged in NVLink link discovery (kernel_log_formats.md section 5; leptonai/gpud pkg nvlink
+# ``RegexDriverWedgeKMessage``, whose suggested repair is a system reboot): ``NVRM: knvlinkDiscoverPostRxDetLinks_GH100:
+# Getting peer0's postRxDetLinkMask failed!`` and ``NVRM: knvlinkUpdatePostRxDetectLinkMask_IMPL: Failed to update Rx
+# Detect Link mask!``, repeated while it retries (open-gpu-kernel-modules kernel_nvlinkcorelibtrain.c); nvidia-smi hangs
+# meanwhile. Node-wide: the lines name no GPU.
+_NVLINK_WEDGE = re.compile(
+    r"NVRM: knvlink(?:DiscoverPostRxDetLinks_\w+: Getting peer\d+(?:'s)? postRxDetLinkMask failed"
+    r"|UpdatePostRxDetectLinkMask_\w+: Failed to update Rx Detect Link mask)")
 # The PCI-to-UUID line (kernel_rc.c _krcLogUuidOnce: ``NVRM: GPU at PCI:%04x:%02x:%02x: %s``); older drivers print
 # it without ``PCI:`` (``NVRM: GPU at 0000:03:00: GPU-b850f46d-...``, NVIDIA's Xid documentation example).
 _GPU_MAP = re.compile(r"NVRM: GPU at (?:PCI:)?(?P<pci>[0-9a-fA-F:.]+): (?P<uuid>GPU-[0-9a-fA-F-]+)")
@@ -77,7 +86,7 @@ class BadLine(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class KernelEvent:
-    kind: str  # "xid" | "sxid" | "gpu.lost" | "gpu.init_failed"
+    kind: str  # "xid" | "sxid" | "gpu.lost" | "gpu.init_failed" | "nvlink.driver_wedge"
     code: str | None
     pci: str | None  # None: the line names no PCI address
     message: str
@@ -105,7 +114,7 @@ def parse_line(line: str) -> KernelEvent | None:
 
     Raises ``BadLine`` for a fault line with an impossible PCI address; callers skip and count it."""
     if "Xid" not in line and "fallen off" not in line and "The NVIDIA GPU" not in line and "nit_adapter" not in line \
-            and "nitAdapter" not in line:
+            and "nitAdapter" not in line and "knvlink" not in line:
         return None  # cheap substring checks first: most NVRM lines are driver chatter
     # CRLF from a file copied through Windows; the NUL run a crash leaves in a log file before the next line
     line = line.lstrip("\x00").rstrip(" \t\r\n\x00")
@@ -147,6 +156,9 @@ def parse_line(line: str) -> KernelEvent | None:
         minor = re.search(r"minor number (\d+)", line)
         return KernelEvent("gpu.init_failed", None, _pci(m.group("pci")) if m.group("pci") else None,
                            line[line.index("NVRM"):], _details(minor=minor.group(1) if minor else None), seq)
+    m = _NVLINK_WEDGE.search(line)
+    if m:
+        return KernelEvent("nvlink.driver_wedge", None, None, line[line.index("NVRM"):], {}, seq)
     return None
 
 
