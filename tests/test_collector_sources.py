@@ -385,6 +385,30 @@ class TestEndpoint:
             assert "endpoint.down" in {c for c, _ in bad(rules.apply(await probe(http, spec), T0))}
         await site_runner.cleanup()
 
+    async def test_a_probe_that_raises_leaves_its_endpoint_unjudged_and_the_others_judged(
+            self, catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A bug or an odd reply in one endpoint's probe is logged and counted: that endpoint says nothing this round
+        (never a false endpoint.down) and the other endpoints are still judged."""
+        import breakfix.collectors.sources as sources_module
+        from breakfix.collectors.config import EndpointsConfig
+        from breakfix.collectors.endpoint import Probe
+        from breakfix.collectors.source import SourceEnv
+
+        async def odd(_http: object, spec: EndpointSpec) -> Probe:
+            if spec.name == "odd":
+                raise RuntimeError("an odd reply")
+            return Probe(health_ok=False, health_detail="health answered HTTP 503", models_ok=None)
+
+        monkeypatch.setattr(sources_module, "probe", odd)
+        env = SourceEnv(ctx=ctx(catalog), clock=None, http=None, state_dir=tmp_path, nvml=None)  # type: ignore[arg-type]
+        plugin = sources_module.EndpointPlugin(EndpointsConfig.model_validate({"enabled": True, "endpoints": [
+            {"name": "odd", "namespace": "t", "url": "http://127.0.0.1:1"},
+            {"name": "chat", "namespace": "t", "url": "http://127.0.0.1:2"}]}), env)
+        cycle = plugin.apply(await plugin.read(), T0, 0.0)
+        assert {(s.check, s.tenant.endpoint if s.tenant else None) for s in cycle.states if not s.healthy} == {
+            ("endpoint.down", "chat")}
+        assert plugin.skipped == 1
+
     async def test_unreachable_endpoint_is_down_not_an_exception(self, catalog: Catalog) -> None:
         import aiohttp
 

@@ -184,6 +184,17 @@ def fabric_plugins(c: FabricConfig, env: SourceEnv) -> Sequence[Plugin]:
 
 
 # -- inference endpoints -------------------------------------------------------------------------
+async def _guarded_probe(http: aiohttp.ClientSession, spec: EndpointSpec) -> Probe | None:
+    """``probe`` turns network trouble into a failed probe; anything else it lets escape (a bug, an odd reply) is
+    counted and logged and leaves that endpoint unjudged this round (None), never a false ``endpoint.down``, and
+    never costs the other endpoints their round."""
+    try:
+        return await probe(http, spec)
+    except Exception as exc:
+        log.warning("endpoint_probe_failed", endpoint=spec.name, url=spec.url, error=repr(exc)[:200])
+        return None
+
+
 class EndpointPlugin:
     name = "endpoint"
 
@@ -196,12 +207,15 @@ class EndpointPlugin:
             metrics_path=e.metrics_path, slo=Slo(**e.slo.model_dump()), serving_pods=e.serving_pods,
             serving_nodes=e.serving_nodes or (env.ctx.node,))) for e in c.endpoints]
 
-    async def read(self) -> list[Probe]:
-        return list(await asyncio.gather(*(probe(self.http, r.spec) for r in self.rules)))
+    async def read(self) -> list[Probe | None]:
+        return list(await asyncio.gather(*(_guarded_probe(self.http, r.spec) for r in self.rules)))
 
-    def apply(self, raw: list[Probe], at: datetime, mono: float) -> Cycle:
+    def apply(self, raw: list[Probe | None], at: datetime, mono: float) -> Cycle:
         states: list[Signal] = []
         for rules, p in zip(self.rules, raw, strict=True):
+            if p is None:  # the probe itself failed (logged): nothing known about this endpoint this round
+                self.skipped += 1
+                continue
             try:
                 states.extend(rules.apply(p, at).states)
             except Exception as exc:  # one endpoint's odd metrics never hide another's breach
