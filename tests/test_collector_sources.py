@@ -270,6 +270,34 @@ class TestFabric:
         held = [s for s in first.states if s.check == "ib.link_down" and s.component == "mlx5_0/1"]
         assert (held == []) is (not down or after_s > 0), "in its hold the port says nothing: the edge keeps its state"
 
+    @pytest.mark.parametrize(("uptime", "after_s", "down"), [
+        (30.0, 0.0, False),  # the node booted 30 s ago: its links have not left Polling yet
+        (30.0, 119.0, False),
+        (30.0, 120.0, True),  # still Polling past the hold: no peer, no cable
+        (3600.0, 0.0, True),  # long up: a port in Polling is judged at once, as ever
+        (None, 0.0, True),  # uptime unknown: judged at once
+    ], ids=["just-booted", "just-booted-119s", "just-booted-past-hold", "long-up", "uptime-unknown"])
+    def test_a_port_polling_right_after_the_node_booted_is_held_like_one_coming_up(
+            self, catalog: Catalog, tmp_path: Path, uptime: float | None, after_s: float, down: bool) -> None:
+        """A collector started with the node (systemd, or breakfix's own reboot rung) reads its ports before the links
+        train: a port seen up before and still Polling within bringup_hold_s of the boot is not yet a link down."""
+        root = ib_tree(tmp_path)
+        rules = FabricRules(ctx(catalog), FabricThresholds(), seen_up={"mlx5_0/1"}, uptime=lambda: uptime)
+        (root / "mlx5_0/ports/1/state").write_text("1: DOWN\n")
+        (root / "mlx5_0/ports/1/phys_state").write_text("2: Polling\n")
+        rules.apply(read_ports(root), T0, 1000.0)
+        later = rules.apply(read_ports(root), T0 + timedelta(seconds=after_s), 1000.0 + after_s)
+        assert (("ib.link_down", "mlx5_0/1") in bad(later)) is down
+
+    def test_node_uptime_reads_proc_uptime_and_says_none_when_it_cannot(self, tmp_path: Path) -> None:
+        from breakfix.collectors.source import node_uptime
+
+        f = tmp_path / "uptime"
+        f.write_text("35.27 120.88\n")
+        assert node_uptime(f) == 35.27
+        f.write_text("garbage")
+        assert node_uptime(f) is None and node_uptime(tmp_path / "missing") is None
+
     def test_a_port_that_came_up_and_went_back_to_init_gets_a_fresh_hold(self, catalog: Catalog,
                                                                        tmp_path: Path) -> None:
         root = ib_tree(tmp_path)

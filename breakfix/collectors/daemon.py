@@ -37,7 +37,17 @@ from breakfix.collectors.link import keep_connected, pause
 from breakfix.collectors.metrics import AgentMetrics, counted
 from breakfix.collectors.nvml_api import Nvml
 from breakfix.collectors.parse_metrics import ParseSkipped
-from breakfix.collectors.source import CarriesFaults, Commits, Plugin, Skips, Source, SourceEnv, Watcher, build_sources
+from breakfix.collectors.source import (
+    CarriesFaults,
+    Commits,
+    Plugin,
+    Skips,
+    Source,
+    SourceEnv,
+    Watcher,
+    build_sources,
+    node_uptime,
+)
 from breakfix.collectors.spool import Spool
 from breakfix.schemas import subjects
 from breakfix.schemas.catalog import Catalog
@@ -183,7 +193,8 @@ class CollectorDaemon:
 
     # -- sources -----------------------------------------------------------------------------------
     def tasks(self, stop: asyncio.Event, http: aiohttp.ClientSession) -> list[tuple[str, Awaitable[None]]]:
-        env = SourceEnv(ctx=self.ctx, clock=self.clock, http=http, state_dir=self.config.state_dir, nvml=self.nvml)
+        env = SourceEnv(ctx=self.ctx, clock=self.clock, http=http, state_dir=self.config.state_dir, nvml=self.nvml,
+                        uptime=node_uptime)
         self.plugins = build_sources(self.config.sources, env)
         carried = self.edge.faulted_keys()
         for p in self.plugins:  # a source that judges by what it saw before learns what was open at the last stop

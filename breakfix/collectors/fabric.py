@@ -9,7 +9,8 @@ samples and the previous ones into per-port states (component ``<dev>/<port>``):
   port never seen ACTIVE on this node is not judged, only logged once (``ib_port_never_active``) and
   listed in ``inactive``: uncabled storage or management ports look the same; ports in ``ignore_ports``
   and SR-IOV virtual functions are not judged either; a port coming up (INIT or ARMED with the physical link
-  up, or the link training) is judged only after ``bringup_hold_s``, meanwhile it says nothing; a state or physical
+  up, or the link training, or still Polling within ``bringup_hold_s`` of the node's boot) is judged only after
+  ``bringup_hold_s``, meanwhile it says nothing; a state or physical
   state that is no kernel value (number and name disagree, e.g. ``phys_state`` ``4: ACTIVE``) is a
   *warning* ``ib.link_down``, never critical (``collectors.ibstate``);
 - ``ib.flapping``: ``link_downed`` or ``link_error_recovery`` rose ``flap_count`` times within
@@ -60,6 +61,7 @@ from breakfix.collectors.ibstate import (
     BRINGUP_STATES,
     LINK_UP,
     PHYS_STATES,
+    POLLING,
     PORT_STATES,
     Reading,
     parse_state,
@@ -197,10 +199,13 @@ def read_ports(root: Path = SYSFS, skipped: Skipped | None = None) -> list[PortS
 
 class FabricRules:
     def __init__(self, ctx: NodeContext, thresholds: FabricThresholds | None = None, *,
-                 seen_up: set[str] | None = None) -> None:
+                 seen_up: set[str] | None = None, uptime: Callable[[], float | None] | None = None) -> None:
         """``seen_up``: ports seen ACTIVE before (kept on disk by the source plugin, plus those whose
-        ``ib.link_down`` was open when the collector stopped): their loss is a fault, never "not judged"."""
+        ``ib.link_down`` was open when the collector stopped): their loss is a fault, never "not judged".
+        ``uptime``: seconds since the node booted (``/proc/uptime``; None when unknown): within ``bringup_hold_s``
+        of a boot a port still Polling is held too, since links have not started training yet."""
         self.ctx = ctx
+        self.uptime = uptime
         self.th = thresholds or FabricThresholds()
         self.prev: dict[str, tuple[PortSample, float]] = {}
         self.flaps: dict[str, list[float]] = {}
@@ -320,11 +325,20 @@ class FabricRules:
         them after a reboot (breakfix's own reboot rung included) and after a switch or SM restart, for as
         long as the SM takes to sweep; a port that stays there past the hold is a fault. DOWN with
         Polling, Disabled or Sleep (no peer, no cable, shut) is judged at once; so are offline readings."""
-        bringing_up = down and ((p.state in BRINGUP_STATES and p.phys_state == LINK_UP) or p.phys_state in BRINGUP_PHYS)
+        bringing_up = down and ((p.state in BRINGUP_STATES and p.phys_state == LINK_UP) or p.phys_state in BRINGUP_PHYS
+                                or (p.phys_state == POLLING and self._booting(th)))
         if not bringing_up or th.single_reading or th.bringup_hold_s <= 0:
             self.coming_up.pop(p.port, None)
             return False
         return mono - self.coming_up.setdefault(p.port, mono) < th.bringup_hold_s
+
+    def _booting(self, th: FabricThresholds) -> bool:
+        """The node booted less than ``bringup_hold_s`` ago: a collector started with the node (systemd) reads its
+        ports before the links have left Polling, breakfix's own reboot rung included."""
+        if self.uptime is None:
+            return False
+        up = self.uptime()
+        return up is not None and up < th.bringup_hold_s
 
     def _totals(self, p: PortSample, state: Callable[..., None]) -> None:
         """One reading, no reading before: the counters since their last reset against ``totals``."""

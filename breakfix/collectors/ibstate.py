@@ -20,6 +20,7 @@ PHYS_STATES = {1: "Sleep", 2: "Polling", 3: "Disabled", 4: "PortConfigurationTra
 PORT_ALIASES = {"initializing": 2, "actdefer": 5, "activedefer": 5}
 ACTIVE = (4, 5)  # ACTIVE, ACTIVE_DEFER
 LINK_UP = 5
+POLLING = 2  # no peer answering yet: right after a boot every link starts here
 BRINGUP_STATES = (2, 3)  # INIT (link up, the SM has not configured the port), ARMED: on the way to ACTIVE
 BRINGUP_PHYS = (4, 6)  # PortConfigurationTraining, LinkErrorRecovery: the link is training
 

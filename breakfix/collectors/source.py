@@ -79,6 +79,14 @@ class Watcher(Protocol):
     def watch(self, stop: asyncio.Event) -> AsyncIterator[Cycle]: ...
 
 
+def node_uptime(path: Path = Path("/proc/uptime")) -> float | None:
+    """Seconds since the node booted (the first number of ``/proc/uptime``, proc(5)); None when unreadable."""
+    try:
+        return float(path.read_text(encoding="ascii", errors="replace").split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @dataclass(frozen=True)
 class SourceEnv:
     """What a factory may use to build its plugins: the node, the clock, shared clients, state."""
@@ -88,6 +96,7 @@ class SourceEnv:
     http: aiohttp.ClientSession
     state_dir: Path
     nvml: Nvml | None = None  # an NVML to use instead of the real library (tests, benchmarks)
+    uptime: Callable[[], float | None] | None = None  # seconds since boot (``node_uptime``; None in tests: unknown)
 
 
 Plugin = Source | Watcher

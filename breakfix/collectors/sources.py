@@ -153,7 +153,7 @@ class FabricPlugin:
         self.sysfs = c.sysfs
         self.interval = c.interval_s
         self.seen_path = env.state_dir / "fabric-seen-up.json"  # a restart must not forget which ports worked
-        self.rules = FabricRules(env.ctx, c.thresholds, seen_up=set(load_keys(self.seen_path)))
+        self.rules = FabricRules(env.ctx, c.thresholds, seen_up=set(load_keys(self.seen_path)), uptime=env.uptime)
         self._saved = len(self.rules.seen_up)
 
     @property
