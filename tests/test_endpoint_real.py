@@ -350,3 +350,47 @@ async def test_a_health_body_in_an_unknown_charset_is_read_not_raised(catalog: C
     server = Server(health_body=b"\xff\xfe ok", health_type="text/plain; charset=no-such-charset")
     (one,) = await scrapes(catalog, vllm(), server=server)
     assert states(one)["endpoint.down"] == (True, None)
+
+
+# --- from a review of the judgments ---------------------------------------------------------------------------------
+def judged(catalog: Catalog, *pages: str) -> list[dict[str, tuple[bool, float | None]]]:
+    """Pages through the rules directly (no server): what each scrape says."""
+    from breakfix.collectors.endpoint import Probe
+    from breakfix.collectors.promlines import parse_tolerant
+
+    rules = EndpointRules(ctx(catalog), EndpointSpec(name="llm", namespace="inf", url="http://x", slo=SLO))
+    return [states(rules.apply(Probe(True, "ok", True, parse_tolerant(text)[0]), T0)) for text in pages]
+
+
+def tgi(ok: int, failed: int | None) -> str:
+    text = f"# TYPE tgi_request_success counter\ntgi_request_success {ok}\n"
+    if failed is not None:  # TGI registers its failure counter with the first failure
+        text += f'# TYPE tgi_request_failure counter\ntgi_request_failure{{err="generation"}} {failed}\n'
+    return text
+
+
+def test_a_failure_counter_that_appears_with_its_first_failures_counts_them(catalog: Catalog) -> None:
+    _, second, third = judged(catalog, tgi(100, None), tgi(110, 50), tgi(120, 50))
+    assert second["endpoint.errors"][0] is False and second["endpoint.errors"][1] == pytest.approx(50 / 60, abs=1e-4)
+    assert third["endpoint.errors"] == (True, 0.0)
+
+
+def test_one_aborted_request_of_a_rarely_used_model_is_not_a_failing_endpoint(catalog: Catalog) -> None:
+    """vLLM counts a client that hung up as an abort: one of one for a model asked once is no 100 % failure; the
+    endpoint's share (1 in 10,001) is what is judged."""
+    def page(big: int, tiny_abort: int) -> str:
+        return ("# TYPE vllm:request_success_total counter\n"
+                f'vllm:request_success_total{{finished_reason="stop",model_name="big"}} {big}\n'
+                f'vllm:request_success_total{{finished_reason="abort",model_name="tiny"}} {tiny_abort}\n')
+    _, second = judged(catalog, page(0, 0), page(10_000, 1))
+    assert second["endpoint.errors"][0] is True
+
+
+def test_a_label_with_a_non_ascii_digit_never_stops_the_judgment(catalog: Catalog) -> None:
+    def page(ok: int, err: int) -> str:
+        return ("# TYPE trtllm_request_success_total counter\n"
+                f'trtllm_request_success_total{{finished_reason="stop",model_name="m"}} {ok}\n'
+                "# TYPE trtllm_request_error_total counter\n"
+                f'trtllm_request_error_total{{http_code="²",model_name="m"}} {err}\n')
+    _, second = judged(catalog, page(1, 1), page(2, 2))
+    assert "endpoint.errors" in second and "endpoint.down" in second

@@ -63,13 +63,14 @@ def test_an_adapter_that_disappears_between_reads_is_a_link_down(catalog: Catalo
     rules = FabricRules(ctx(catalog), FabricThresholds(expected_rate_gbps=400))
     assert faults(rules.apply(read_ports(root), T0, 0.0)) == {}
     shutil.rmtree(root / "mlx5_4")  # the HCA fell off the bus / its driver unbound
-    gone = rules.apply(read_ports(root), T0, 60.0)
+    assert faults(rules.apply(read_ports(root), T0, 60.0)) == {}, "gone for less than bringup_hold_s: held"
+    gone = rules.apply(read_ports(root), T0, 180.0)
     assert faults(gone) == {("ib.link_down", "mlx5_4/1"): "critical"}
     down = next(s for s in gone.states if s.component == "mlx5_4/1")
     assert down.details["reading"] == "missing" and down.details["link_layer"] == "InfiniBand"
-    assert faults(rules.apply(read_ports(root), T0, 120.0)) == {("ib.link_down", "mlx5_4/1"): "critical"}
+    assert faults(rules.apply(read_ports(root), T0, 240.0)) == {("ib.link_down", "mlx5_4/1"): "critical"}
     shutil.copytree(H100 / "mlx5_4", root / "mlx5_4")  # back, ACTIVE again
-    back = rules.apply(read_ports(root), T0, 180.0)
+    back = rules.apply(read_ports(root), T0, 300.0)
     assert faults(back) == {} and [s.healthy for s in back.states if s.component == "mlx5_4/1"
                                    and s.check == "ib.link_down"] == [True]
 
@@ -108,7 +109,67 @@ def test_a_port_seen_up_before_a_restart_and_missing_after_it_is_a_link_down(cat
     (root / "mlx5_10/ports/1/phys_state").write_text("2: Polling\n")
     seen = {f"mlx5_{i}/1" for i in (0, 1, 4, 5, 6, 7, 8, 9)} | {"mlx5_bond_0/1"}  # kept on disk by the plugin
     rules = FabricRules(ctx(catalog), FabricThresholds(), seen_up=seen)
-    assert faults(rules.apply(read_ports(root), T0, 0.0)) == {("ib.link_down", "mlx5_4/1"): "critical"}
+    assert faults(rules.apply(read_ports(root), T0, 0.0)) == {}, "its device may not be registered yet"
+    assert faults(rules.apply(read_ports(root), T0, 120.0)) == {("ib.link_down", "mlx5_4/1"): "critical"}
+
+
+def test_a_port_unreadable_for_a_moment_is_not_a_lost_adapter(catalog: Catalog, tmp_path: Path) -> None:
+    """A state file that fails to read during a firmware reset (EIO) is skipped that cycle, not a vanished HCA."""
+    root = tree(tmp_path)
+    rules = FabricRules(ctx(catalog), FabricThresholds())
+    rules.apply(read_ports(root), T0, 0.0)
+    state = root / "mlx5_0/ports/1/state"
+    state.unlink()
+    state.mkdir()  # reading it fails (IsADirectoryError), as an EIO would
+    assert faults(rules.apply(read_ports(root), T0, 30.0)) == {}
+    state.rmdir()
+    shutil.copy(H100 / "mlx5_0/ports/1/state", state)
+    assert faults(rules.apply(read_ports(root), T0, 60.0)) == {} and rules.missing_since == {}
+
+
+def test_a_bond_that_comes_up_after_being_read_down_still_renames_its_ports(catalog: Catalog, tmp_path: Path) -> None:
+    root = tree(tmp_path)
+    bond = root / "mlx5_bond_0"
+    for pf in ("mlx5_2", "mlx5_3"):
+        shutil.copytree(bond, root / pf)
+    shutil.rmtree(bond)
+    rules = FabricRules(ctx(catalog), FabricThresholds())
+    rules.apply(read_ports(root), T0, 0.0)
+    for pf in ("mlx5_2", "mlx5_3"):
+        shutil.rmtree(root / pf)
+    shutil.copytree(H100 / "mlx5_bond_0", bond)
+    (bond / "ports/1/state").write_text("1: DOWN\n")  # LAG set up; the bond's link still training
+    (bond / "ports/1/phys_state").write_text("4: PortConfigurationTraining\n")
+    assert faults(rules.apply(read_ports(root), T0, 10.0)) == {}
+    shutil.copy(H100 / "mlx5_bond_0/ports/1/state", bond / "ports/1/state")
+    shutil.copy(H100 / "mlx5_bond_0/ports/1/phys_state", bond / "ports/1/phys_state")
+    up = rules.apply(read_ports(root), T0, 200.0)
+    assert faults(up) == {} and {"mlx5_2/1", "mlx5_3/1"}.isdisjoint(rules.seen_up)
+    assert faults(rules.apply(read_ports(root), T0, 400.0)) == {}
+
+
+def test_an_adapter_back_under_its_own_name_does_not_excuse_another_that_stays_gone(
+        catalog: Catalog, tmp_path: Path) -> None:
+    root = tree(tmp_path)
+    rules = FabricRules(ctx(catalog), FabricThresholds())
+    rules.apply(read_ports(root), T0, 0.0)
+    shutil.rmtree(root / "mlx5_0")
+    shutil.rmtree(root / "mlx5_1")  # a driver reload: both unregistered
+    rules.apply(read_ports(root), T0, 10.0)
+    shutil.copytree(H100 / "mlx5_1", root / "mlx5_1")  # one comes back; mlx5_0 is dead
+    rules.apply(read_ports(root), T0, 20.0)
+    assert faults(rules.apply(read_ports(root), T0, 200.0)) == {("ib.link_down", "mlx5_0/1"): "critical"}
+
+
+def test_a_bond_set_up_across_a_restart_renames_the_ports_remembered_on_disk(catalog: Catalog, tmp_path: Path) -> None:
+    """After a restart the gone ports' link layer is unknown (only seen_up is kept): any port up for the first time
+    takes their place."""
+    root = tree(tmp_path)
+    rules = FabricRules(ctx(catalog), FabricThresholds(),
+                        seen_up={f"mlx5_{i}/1" for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)})
+    assert faults(rules.apply(read_ports(root), T0, 0.0)) == {}
+    assert faults(rules.apply(read_ports(root), T0, 300.0)) == {}
+    assert {"mlx5_2/1", "mlx5_3/1"}.isdisjoint(rules.seen_up) and "mlx5_bond_0/1" in rules.seen_up
 
 
 def test_a_port_never_seen_up_that_disappears_says_nothing(catalog: Catalog, tmp_path: Path) -> None:

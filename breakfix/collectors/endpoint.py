@@ -76,12 +76,13 @@ METRICS: dict[str, tuple[str, ...]] = {
                  "llamacpp:kv_cache_usage_ratio"),
 }
 UNIT_S = {"nv_inference_first_response_histogram_ms": 0.001}  # histogram bounds in ms (Triton)
+MIN_MODEL_REQUESTS = 20  # a model's own error share is judged from this many finished requests in an interval
 MODEL_LABELS = ("model_name", "model")  # vLLM, SGLang, NIM, TRT-LLM: model_name; Dynamo, Triton: model
 
 
 def _client_http_code(labels: dict[str, str]) -> bool:
     code = labels.get("http_code", "")
-    return code.isdigit() and 400 <= int(code) < 500
+    return code.isascii() and code.isdigit() and 400 <= int(code) < 500  # "²".isdigit(), but int() refuses it
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,10 +255,14 @@ def _series(samples: dict[str, list[Sample]], name: str | None) -> dict[Key, Sam
 
 
 def _count(out: dict[str, tuple[float, float]], r: Requests, name: str | None, now: dict[str, list[Sample]],
-           before: dict[str, list[Sample]], *, finished: bool, failed: Callable[[Sample], bool]) -> None:
-    """Add the rises of counter ``name`` between two scrapes to ``out`` (model -> finished, failed)."""
+           before: dict[str, list[Sample]], *, finished: bool, failed: Callable[[Sample], bool],
+           started: bool = False) -> None:
+    """Add the rises of counter ``name`` between two scrapes to ``out`` (model -> finished, failed). ``started``:
+    the framework's requests were counted on the previous page already, so this counter absent there had not
+    counted anything yet (TGI's ``tgi_request_failure`` and TRT-LLM's error counter appear with their first
+    failure): all of it is new."""
     prev = _series(before, name)
-    if not prev:
+    if not prev and not started:
         return  # not on the previous page: no rise known yet (a series new beside others starts from 0)
     for key, s in _series(now, name).items():
         if not 0 <= s.value < math.inf or (r.client is not None and r.client(s.labels)):
@@ -283,7 +288,8 @@ def _requests(now: dict[str, list[Sample]], before: dict[str, list[Sample]]) -> 
             continue
         out: dict[str, tuple[float, float]] = {}
         _count(out, r, r.finished, now, before, finished=True, failed=partial(_failed_reason, r.reason))
-        _count(out, r, r.failed, now, before, finished=not r.failed_is_part, failed=_always)
+        _count(out, r, r.failed, now, before, finished=not r.failed_is_part, failed=_always,
+               started=r.finished in before)
         return out
     return {}
 
@@ -340,8 +346,15 @@ class EndpointRules:
             state("endpoint.kv_cache", worst.value >= slo.kv_cache, f"KV cache {worst.value:.0%} used"
                   f"{of(_model(worst.labels))}", worst.value, slo.kv_cache, _model(worst.labels))
         if prev is not None:
-            shares = [(min(failed / done, 1.0), done, model) for model, (done, failed) in _requests(m, prev).items()
-                      if done > 0]
+            counts = _requests(m, prev)
+            # per model only with enough requests to mean something (one aborted request of a model asked once,
+            # a client that hung up, is not 100 % failing); the whole endpoint always, as one model would be
+            shares = [(min(failed / done, 1.0), done, model) for model, (done, failed) in counts.items()
+                      if done >= MIN_MODEL_REQUESTS and len(counts) > 1]
+            done_all, failed_all = sum(d for d, _ in counts.values()), sum(f for _, f in counts.values())
+            if done_all > 0:
+                only = next(iter(counts)) if len(counts) == 1 else ""
+                shares.append((min(failed_all / done_all, 1.0), done_all, only))
             if shares:
                 share, done, model = max(shares)
                 state("endpoint.errors", share > slo.error_rate, f"{share:.1%} of {done:g} requests failed{of(model)}",

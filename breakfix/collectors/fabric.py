@@ -216,22 +216,25 @@ class FabricRules:
         #                                  here (kept across restarts by the source plugin): only their loss is critical
         self.skipped_files = SkipCount()  # pass to read_ports: breakfix_collector_parse_skipped_total{source="fabric"}
         self.link_layer: dict[str, str] = {}  # port -> its link layer as last read: a port gone keeps its kind
-        self.last_read: set[str] | None = None  # the ports read last cycle (None: none yet in this process)
+        self.missing_since: dict[str, float] = {}  # port seen up, not read now -> since when (monotonic)
+        self.first_up: dict[str, float] = {}  # port -> when (monotonic) it was first seen up, in this process
+        self.read_at: dict[str, float] = {}  # port -> when (monotonic) it was last read
 
     def apply(self, ports: list[PortSample], at: datetime, mono: float) -> Cycle:
         states: list[Signal] = []
         th = self.th
         read = {p.port for p in ports if not p.missing}
-        # seen up before, not read now: the adapter or port is gone (read_ports skips what is not there) - unless
-        # a port of the same link layer appeared up meanwhile: the device was renamed, or bonded / unbonded (RoCE
-        # LAG replaces mlx5_2 and mlx5_3 by an ACTIVE mlx5_bond_0 and back), which is configuration, not a loss.
-        # A port down that appears (an uncabled one read for the first time after a restart) is no such evidence.
-        known = self.last_read if self.last_read is not None else self.seen_up
-        appeared = {p.link_layer: p.port for p in ports if not p.missing and p.port not in known
-                    and p.state in ACTIVE and p.phys_state == LINK_UP}
+        for p in ports:  # a port up for the first time (here, since this process started): a rename's evidence
+            if not p.missing and p.port not in self.seen_up and p.state in ACTIVE and p.phys_state == LINK_UP \
+                    and len(self.first_up) < MAX_PORTS:
+                self.first_up.setdefault(p.port, mono)
+        for port in [k for k in self.missing_since if k in read or k not in self.seen_up]:
+            del self.missing_since[port]
+        for port in read:
+            if port in self.read_at or len(self.read_at) < MAX_PORTS:
+                self.read_at[port] = mono
         gone = [PortSample(port, None, "", None, "", None, "", self.link_layer.get(port, ""), {}, missing=True)
                 for port in sorted(self.seen_up - read)]
-        self.last_read = read
         for p in [*ports, *gone]:
             if not p.missing and len(self.link_layer) < MAX_PORTS:
                 self.link_layer[p.port] = p.link_layer
@@ -246,12 +249,20 @@ class FabricRules:
                                               message=f"{p.port}: {msg}",
                                               details={"link_layer": p.link_layer, **details}))
 
-            if p.missing and p.port in self.seen_up and p.link_layer in appeared and not th.single_reading:
-                state("ib.link_down", False, f"gone as {appeared[p.link_layer]} appeared: renamed or (un)bonded, "
-                      "no longer judged", reading="renamed")
-                self.seen_up.discard(p.port)
-                self.link_layer.pop(p.port, None)
-                log.info("ib_port_renamed", node=self.ctx.node, port=p.port, now=appeared[p.link_layer])
+            if p.missing and p.port in self.seen_up and not th.single_reading:
+                since = self.missing_since.setdefault(p.port, mono)
+                now_as = self._renamed(p)
+                if now_as is not None:
+                    state("ib.link_down", False, f"gone as {now_as} came up: renamed or (un)bonded, no longer judged",
+                          reading="renamed")
+                    self.seen_up.discard(p.port)
+                    self.link_layer.pop(p.port, None)
+                    self.missing_since.pop(p.port, None)
+                    log.info("ib_port_renamed", node=self.ctx.node, port=p.port, now=now_as)
+                    continue
+                if mono - since < th.bringup_hold_s:
+                    continue  # unread for a moment (a firmware reset, an EIO), or its device not registered yet
+                    #           after a boot: the edge keeps the port's last state meanwhile
             if p.missing:
                 if p.port in self.seen_up or th.single_reading:
                     why = p.state_text or "no longer under /sys/class/infiniband"
@@ -331,6 +342,18 @@ class FabricRules:
             self.coming_up.pop(p.port, None)
             return False
         return mono - self.coming_up.setdefault(p.port, mono) < th.bringup_hold_s
+
+    def _renamed(self, gone: PortSample) -> str | None:
+        """The port that took a gone port's place: one first seen up (ever, on this node) after the gone port was
+        last read, of the same link layer when the gone port's is known (not after a restart, when only the ports
+        seen up are kept). RoCE LAG replaces mlx5_2 and mlx5_3 by mlx5_bond_0 and back; a port that comes back under
+        its own name was up before, so it never excuses another's loss."""
+        last = self.read_at.get(gone.port, float("-inf"))
+        for port, at in sorted(self.first_up.items(), key=lambda kv: kv[1]):
+            if at > last and port in self.seen_up and port != gone.port \
+                    and (not gone.link_layer or self.link_layer.get(port, "") == gone.link_layer):
+                return port
+        return None
 
     def _booting(self, th: FabricThresholds) -> bool:
         """The node booted less than ``bringup_hold_s`` ago: a collector started with the node (systemd) reads its
