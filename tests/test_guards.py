@@ -208,3 +208,13 @@ class TestLadders:
         rules = tuple(r.model_copy(update={"shadow": r.name == "gpu-reset"}) for r in policy.rules)
         plan = decide(inc(), view(4), policy.model_copy(update={"rules": rules}))
         assert plan.shadow and plan.rule == "gpu-reset"
+
+
+def test_the_cooldown_cordons_kept_are_bounded_oldest_first() -> None:
+    from breakfix.remediator.guards import MAX_COOLED, GuardState
+    from breakfix.remediator.policy import load_policy
+
+    state = GuardState(cooled={f"inc-{i}": f"n{i}" for i in range(MAX_COOLED + 5)})
+    state.prune(T0, load_policy().guards)
+    assert len(state.cooled) == MAX_COOLED and "inc-0" not in state.cooled and f"inc-{MAX_COOLED + 4}" in state.cooled
+    assert GuardState.from_dict(state.to_dict()).cooled == state.cooled

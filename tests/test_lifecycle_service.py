@@ -569,3 +569,20 @@ class TestCooldowns:
             await again.until(lambda: "inc-1" not in again.svc.tasks)
         assert not c.nodes["n1"].cordoned and c.nodes["n1"].gpu_resets == {}
         assert again.svc.guards.cooled == {} and again.svc.guards.holds == {}
+
+    async def test_a_cooldown_cordon_whose_incident_went_stale_meanwhile_is_left_to_a_human_and_forgotten(
+            self, policy: Policy) -> None:
+        """Found stale (or escalated) at take-up: nothing returns the node automatically, and the guard state
+        forgets the entry rather than carrying it for ever."""
+        c, store = one_node(), MemoryStore()
+        async with Harness(fast(policy, cooldown_s=1e6), c, store) as h:
+            h.svc.guards.finished["n1"] = Fault(T0, "gpu_reset_required", frozenset({"xid:48"}),
+                                                Severity.CRITICAL.rank)
+            inc = incident()
+            await h.open(inc)
+            await h.until(lambda: "inc-1" in h.svc.guards.cooled)
+        await index(h.bus, inc.model_copy(update={"status": IncidentStatus.STALE, "version": 2}), ChangeKind.STATUS)
+        async with Harness(fast(policy, cooldown_s=1e6), c, store, bus=h.bus) as again:
+            await asyncio.sleep(0.5)  # the guard state loaded and the index read (take-up)
+            assert again.svc.guards.cooled == {}
+        assert c.nodes["n1"].cordoned, "a human decides"

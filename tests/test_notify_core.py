@@ -183,6 +183,22 @@ def test_a_plan_escalating_after_its_incident_resolved_pages_until_a_human_relea
         assert events(core.record(release)) == [("inc-1", "resolved", "resolve")] and core.firing() == []
 
 
+def test_a_page_from_an_escalation_after_the_resolution_survives_a_reopen_until_a_release() -> None:
+    """The GPU is still bad: its signals come back and the incident reopens (a new attempt). The page about the node
+    left cordoned stands (re-posted, not paged twice) until a human releases it."""
+    core = NotifyCore(CFG)
+    core.change(change(inc()))
+    done = inc(status=IncidentStatus.RESOLVED, version=2, resolved_at=T0 + timedelta(seconds=30))
+    core.change(change(done, ChangeKind.RESOLVED, at=30))
+    assert events(core.record(rec(*ESCALATED, reason="validation failed: node stays cordoned", at=40))) == [
+        ("inc-1", "escalated", "trigger")]
+    assert core.change(change(inc(version=3, flaps=1), ChangeKind.REOPENED, at=50)) == []
+    assert [n.incident for n in core.firing()] == ["inc-1"]
+    assert core.record(rec(*ESCALATED, reason="escalated again", at=55)) == [], "one page stands"
+    release = rec(ActionKind.RELEASE, ActionOutcome.SUCCEEDED, actor="alice", reason="node checked", at=60)
+    assert events(core.record(release)) == [("inc-1", "resolved", "resolve")] and core.firing() == []
+
+
 def test_a_reopened_incident_may_page_again_and_a_release_resolves_the_page() -> None:
     core = NotifyCore(CFG)
     core.change(change(inc()))

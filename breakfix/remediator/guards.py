@@ -50,6 +50,8 @@ __all__ = ["BreakerSpec", "BudgetSpec", "Fault", "GuardState", "GuardsSpec", "Ki
 GPU_ACTIONS = frozenset({StepAction.RESET_GPU, StepAction.DRAIN_GPU})
 FENCING = frozenset({StepAction.CORDON, StepAction.ESCALATE})  # what a kill switch still lets run: it fences and pages
 
+MAX_COOLED = 10_000  # nodes the cooldown cordoned, awaiting their incident's resolution
+
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
@@ -267,6 +269,8 @@ class GuardState:
             self.opens = opens
         if any(t < cutoff for _, t in self.cleared.values()):  # a start the retry caps no longer count
             self.cleared = {i: kt for i, kt in self.cleared.items() if kt[1] >= cutoff}
+        while len(self.cooled) > MAX_COOLED:  # oldest first; each is also dropped when its incident is forgotten
+            self.cooled.pop(next(iter(self.cooled)))
         cooled = now - timedelta(seconds=spec.cooldown_s)
         self.finished = {n: f for n, f in self.finished.items() if f.at >= cooled}
         # a wait no incident can still be in: a budget wait fences after budget_wait_s, a deadline is then acted on;

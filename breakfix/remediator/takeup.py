@@ -80,6 +80,10 @@ async def take_up(svc: RemediatorService) -> int:
             log.warning("returning_cooldown_cordon", incident=inc.id, node=svc.guards.cooled[inc.id])
             svc.track(inc)
             svc.spawn(inc.id, inc.flaps * ATTEMPT_STRIDE, None, settle=False)
+        elif inc.status is not IncidentStatus.RESOLVED:  # stale or escalated: a human owns the node now (paged)
+            log.warning("cooldown_cordon_left_to_a_human", incident=inc.id, node=svc.guards.cooled.pop(inc.id, ""),
+                        status=inc.status.value)
+            svc.keeper.save()
     for inc in found.incidents:
         prev = svc.latest.get(inc.id)
         if prev is None or inc.version >= prev.version:

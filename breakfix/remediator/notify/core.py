@@ -165,7 +165,12 @@ class NotifyCore:
         if t.incident is not None and inc.version < t.incident.version and ch.kind is not ChangeKind.REOPENED:
             return []
         if t.incident is not None and inc.flaps != t.incident.flaps:  # a new attempt may page again
+            # but a page from an escalation after the resolution (the node stayed cordoned) stands until a human
+            # releases or cancels, or the new attempt resolves: it is carried over, not dropped unresolved
+            carried: dict[NotifyEvent, Notification] = {e: n for e, n in t.paged.items()
+                       if e is NotifyEvent.ESCALATED and t.incident.status is IncidentStatus.RESOLVED}
             t.paged.clear()
+            t.paged.update(carried)
             t.acked = False
             t.waiting_since = None
             t.done.clear()
