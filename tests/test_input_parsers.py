@@ -103,7 +103,7 @@ class TestKmsgTimes:
     def test_a_syslog_with_the_nuls_an_unclean_shutdown_leaves_is_read_and_a_nul_file_refused(
             self, tmp_path: Path) -> None:
         f = tmp_path / "syslog"
-        f.write_bytes(b"Mar  4 09:12:40 gpu-node-7 kernel: eth0: link up\n" + b"\0" * 64 +
+        f.write_bytes(b"Mar  4 09:12:40 gpu-node-7 kernel: eth0: link up\n" + b"\0" * 8192 +
                       b"Mar  4 09:12:41 gpu-node-7 kernel: NVRM: Xid (PCI:0000:3b:00): 79, pid=1, GPU has fallen off "
                       b"the bus.\n")
         res = runner.invoke(app, ["signals", "kmsg", str(f), "--node", "n1"])

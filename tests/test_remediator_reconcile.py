@@ -87,6 +87,15 @@ def test_open_incidents_keeps_open_ones_and_counts_what_does_not_decode() -> Non
     assert found.undecodable == 3
 
 
+def test_an_index_entry_whose_status_or_id_is_no_string_is_counted_never_raised() -> None:
+    """One odd entry must not end the whole take-up (its caller gives up on the index when this raises)."""
+    entries = [KvEntry("c1.a", b'{"incident": {"status": ["open"], "id": "x"}}', 1),
+               KvEntry("c1.b", b'{"incident": {"status": "resolved", "id": ["x"]}}', 2),
+               KvEntry("c1.c", b'{"incident": ["not", "a", "map"]}', 3), entry(incident("open"))]
+    found = open_incidents(entries)
+    assert [i.id for i in found.incidents] == ["open"] and found.undecodable == 3
+
+
 def test_open_incidents_stops_at_its_limit_and_counts_what_it_left_out() -> None:
     found = open_incidents([entry(incident(f"i{n}")) for n in range(5)], limit=2)
     assert [i.id for i in found.incidents] == ["i0", "i1"] and found.over_limit == 3

@@ -367,6 +367,7 @@ KEY_REQUIRED = (401, 403)  # the path needs an API key (vLLM --api-key guards ev
 NOT_SERVED = (404, 405)  # the server has no such path (Triton, TGI before /v1/models)
 NIM_METRICS_PATH = "/v1/metrics"  # NIM for LLMs serves its page there (its observability docs)
 MAX_ERRORS = 8
+MAX_BODY = 32 << 20  # bytes of one reply (a multi-model Triton page is a few MB)
 # what one HTTP call may raise: network trouble, a URL yarl refuses (ValueError), a bad socket (OSError)
 NETWORK: tuple[type[BaseException], ...] = (TimeoutError, aiohttp.ClientError, OSError, ValueError)
 
@@ -390,7 +391,10 @@ async def probe(session: aiohttp.ClientSession, spec: EndpointSpec) -> Probe:
 
     async def get(path: str) -> tuple[int, str]:
         async with session.get(spec.url.rstrip("/") + path, timeout=timeout) as r:
-            return r.status, _text(await r.read(), r.charset)
+            body = await r.content.read(MAX_BODY + 1)  # a page is read only this far: memory stays bounded
+            if len(body) > MAX_BODY:
+                raise ValueError(f"{path}: over {MAX_BODY} bytes")
+            return r.status, _text(body, r.charset)
 
     p = Probe(health_ok=False, health_detail="", models_ok=None)
     try:

@@ -47,12 +47,15 @@ class OpenIncidents:
             return
         try:
             raw = orjson.loads(entry.value)
-            status = raw["incident"]["status"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+            status, iid = raw["incident"]["status"], raw["incident"].get("id")
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            self.undecodable += 1
+            return
+        if not isinstance(status, str) or not isinstance(iid, str):  # a list would not even hash: counted, not raised
             self.undecodable += 1
             return
         if status in _TERMINAL:
-            if raw["incident"].get("id") in self.watch:
+            if iid in self.watch:
                 try:
                     self.ended.append(IncidentChange.model_validate(raw).incident)
                 except ValidationError:

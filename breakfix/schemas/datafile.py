@@ -65,8 +65,9 @@ def _walk(node: yaml.Node, path: tuple[str | int, ...], out: LineMap) -> None:
 def read_text(path: str | Path, max_bytes: int = MAX_DATA_BYTES, *, what: str = "", lenient: bool = False) -> str:
     """A text file's content, refused with one ``DataFileError`` when it is too large, binary or not UTF-8.
     Reads at most ``max_bytes + 1`` bytes, so a device like ``/dev/zero`` costs no more than that.
-    ``lenient``: undecodable bytes become U+FFFD instead, and NUL bytes are dropped unless they are most of a block
-    (logs, where one odd byte, or the NULs an unclean shutdown leaves in syslog, must not cost the file)."""
+    ``lenient``: undecodable bytes become U+FFFD instead, and NUL bytes are dropped unless the file starts with a
+    block of nothing else (logs, where one odd byte, or the runs of NULs an unclean shutdown leaves in syslog, must
+    not cost the file; ``/dev/zero`` is still refused at once)."""
     p = Path(path)
     try:
         if p.is_dir():
@@ -79,7 +80,7 @@ def read_text(path: str | Path, max_bytes: int = MAX_DATA_BYTES, *, what: str = 
                 if not chunk:
                     break
                 nul = chunk.find(b"\x00")
-                if nul >= 0 and (not lenient or chunk.count(b"\x00") * 2 > len(chunk)):
+                if nul >= 0 and (not lenient or (size == 0 and chunk.count(b"\x00") == len(chunk))):
                     # binary: refused at the first NUL, before reading on (``/dev/zero``)
                     raise DataFileError(p, None, f"binary data, not text (NUL byte at byte {size + nul})")
                 size += len(chunk)
