@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
@@ -63,8 +64,13 @@ def bad(cycle: Cycle) -> dict[str, float | None]:
     return {s.check: s.value for s in cycle.states if not s.healthy}
 
 
+class Serves(Protocol):
+    def app(self) -> web.Application: ...
+
+
 @asynccontextmanager
-async def serving(fake: FakeVllm) -> AsyncIterator[str]:
+async def serving(fake: Serves) -> AsyncIterator[str]:
+    """A local HTTP server for ``fake`` (anything with an aiohttp ``app()``) on a free port."""
     site_runner = web.AppRunner(fake.app())
     await site_runner.setup()
     site = web.TCPSite(site_runner, "127.0.0.1", 0)

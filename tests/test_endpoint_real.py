@@ -8,8 +8,6 @@ every sample at 0 (the server just started: the same series, nothing counted yet
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from breakfix.collectors.edge import Cycle
 from breakfix.collectors.endpoint import EndpointRules, EndpointSpec, Slo, probe, quantile
 from breakfix.schemas.catalog import Catalog
 from tests.conftest import T0
+from tests.test_endpoint_frameworks import serving
 
 DATA = Path(__file__).parent / "data"
 SLO = Slo(ttft_p95_s=2.0, itl_p95_s=0.2, error_rate=0.05, kv_cache=0.95)
@@ -79,16 +78,6 @@ class Server:
         return a
 
 
-@asynccontextmanager
-async def serving(server: Server) -> AsyncIterator[str]:
-    runner = web.AppRunner(server.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 def ctx(catalog: Catalog) -> NodeContext:

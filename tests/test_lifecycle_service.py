@@ -499,6 +499,18 @@ class TestResumedPlans:
         assert plans(again, "inc-1")[-1] == "completed" and c.nodes["n1"].reprovisions == 1
 
 
+async def cordoned_by_the_cooldown(policy: Policy, c: SimCluster, store: MemoryStore) -> tuple[Harness, Incident]:
+    """A remediator that cordoned n1 for inc-1 while the cooldown damps its repair, then stopped."""
+    async with Harness(fast(policy, cooldown_s=1e6), c, store) as h:
+        h.svc.guards.finished["n1"] = Fault(T0, "gpu_reset_required", frozenset({"xid:48"}), Severity.CRITICAL.rank)
+        inc = incident()
+        await h.open(inc)
+        await h.until(lambda: "inc-1" in h.svc.guards.cooled and any(
+            r.action is StepAction.CORDON and r.waiting is WaitingOn.COOLDOWN for r in h.records()))
+    assert c.nodes["n1"].cordoned
+    return h, inc
+
+
 class TestCooldowns:
     async def test_the_cooldown_remembers_the_fault_as_it_was_when_the_plan_finished(self, policy: Policy) -> None:
         c = Gated("validate")
@@ -551,14 +563,7 @@ class TestCooldowns:
         """The cordon is kept in the guard state: after a restart (or a change of leader) the node is returned when
         the resolve arrives, or when the index shows it resolved (its change acked by a replica that then stopped)."""
         c, store = one_node(), MemoryStore()
-        async with Harness(fast(policy, cooldown_s=1e6), c, store) as h:
-            h.svc.guards.finished["n1"] = Fault(T0, "gpu_reset_required", frozenset({"xid:48"}),
-                                                Severity.CRITICAL.rank)
-            inc = incident()
-            await h.open(inc)
-            await h.until(lambda: any(r.action is StepAction.CORDON and r.waiting is WaitingOn.COOLDOWN
-                                      for r in h.records()))
-        assert c.nodes["n1"].cordoned
+        h, inc = await cordoned_by_the_cooldown(policy, c, store)
         resolved = inc.model_copy(update={"status": IncidentStatus.RESOLVED, "resolved_at": T0, "version": 2})
         if seen == "on-the-stream":
             await h.open(resolved, ChangeKind.RESOLVED)
@@ -575,12 +580,7 @@ class TestCooldowns:
         """Found stale (or escalated) at take-up: nothing returns the node automatically, and the guard state
         forgets the entry rather than carrying it for ever."""
         c, store = one_node(), MemoryStore()
-        async with Harness(fast(policy, cooldown_s=1e6), c, store) as h:
-            h.svc.guards.finished["n1"] = Fault(T0, "gpu_reset_required", frozenset({"xid:48"}),
-                                                Severity.CRITICAL.rank)
-            inc = incident()
-            await h.open(inc)
-            await h.until(lambda: "inc-1" in h.svc.guards.cooled)
+        h, inc = await cordoned_by_the_cooldown(policy, c, store)
         await index(h.bus, inc.model_copy(update={"status": IncidentStatus.STALE, "version": 2}), ChangeKind.STATUS)
         async with Harness(fast(policy, cooldown_s=1e6), c, store, bus=h.bus) as again:
             await asyncio.sleep(0.5)  # the guard state loaded and the index read (take-up)
