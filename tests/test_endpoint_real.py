@@ -317,6 +317,8 @@ async def test_models_list_behind_an_api_key_is_not_an_endpoint_down(catalog: Ca
     the endpoint is up."""
     (one,) = await scrapes(catalog, vllm(), server=Server(models=401, models_body='{"error":"Unauthorized"}'))
     assert states(one)["endpoint.down"] == (True, None)
+    (throttled,) = await scrapes(catalog, vllm(), server=Server(models=429, models_body='{"error":"rate limited"}'))
+    assert states(throttled)["endpoint.down"] == (True, None), "throttled: the model list is not known, not empty"
     (empty,) = await scrapes(catalog, vllm(), server=Server(models_body='{"object":"list","data":[]}'))
     assert states(empty)["endpoint.down"] == (False, None), "an answered, empty model list still is no model served"
 
@@ -383,3 +385,25 @@ def test_a_label_with_a_non_ascii_digit_never_stops_the_judgment(catalog: Catalo
                 f'trtllm_request_error_total{{http_code="²",model_name="m"}} {err}\n')
     _, second = judged(catalog, page(1, 1), page(2, 2))
     assert "endpoint.errors" in second and "endpoint.down" in second
+
+
+def test_a_model_above_its_highest_bucket_under_the_slo_keeps_the_check_unjudged(catalog: Catalog) -> None:
+    """Model "a" has its p95 beyond its highest bucket (5 s) under a 20 s SLO: unknown. A healthy model "b" must not
+    clear the check for it."""
+    from breakfix.collectors.endpoint import Probe
+    from breakfix.collectors.promlines import parse_tolerant
+
+    def page(a_inf: int, b_fast: int) -> str:
+        lines = ["# TYPE vllm:time_to_first_token_seconds histogram"]
+        for model, fast, total in (("a", 0, a_inf), ("b", b_fast, b_fast)):
+            lines += [f'vllm:time_to_first_token_seconds_bucket{{le="1.0",model_name="{model}"}} {fast}',
+                      f'vllm:time_to_first_token_seconds_bucket{{le="5.0",model_name="{model}"}} {fast}',
+                      f'vllm:time_to_first_token_seconds_bucket{{le="+Inf",model_name="{model}"}} {total}',
+                      f'vllm:time_to_first_token_seconds_count{{model_name="{model}"}} {total}']
+        return "\n".join(lines) + "\n"
+
+    rules = EndpointRules(ctx(catalog), EndpointSpec(name="llm", namespace="inf", url="http://x",
+                                                     slo=Slo(ttft_p95_s=20.0)))
+    rules.apply(Probe(True, "ok", True, parse_tolerant(page(0, 0))[0]), T0)
+    second = rules.apply(Probe(True, "ok", True, parse_tolerant(page(10, 10))[0]), T0)
+    assert "endpoint.ttft" not in states(second)

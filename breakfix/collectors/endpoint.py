@@ -337,6 +337,8 @@ class EndpointRules:
             if not judged:
                 continue  # no observation since the last scrape, or only "above a bound under the SLO"
             model, p95, above = max(judged, key=lambda t: t[1])
+            if p95 <= limit and len(judged) < len(p95s):
+                continue  # a model above its highest bucket, under the SLO: unknown, so no "healthy" for it either
             shown = f"above {p95:.4g}s (the highest bucket)" if above else f"{p95:.4g}s"
             state(f"endpoint.{kind}", p95 > limit, f"{kind.upper()} p95 {shown} (SLO {limit:g}s){of(model)}",
                   round(p95, 6), limit, model)
@@ -363,7 +365,8 @@ class EndpointRules:
         return Cycle(states=states)
 
 
-KEY_REQUIRED = (401, 403)  # the path needs an API key (vLLM --api-key guards every /v1 path, /health excepted)
+KEY_REQUIRED = (401, 403, 429)  # the path needs an API key (vLLM --api-key guards every /v1 path, /health
+#                                 excepted), or the server throttles us: the model list is not known, never "none"
 NOT_SERVED = (404, 405)  # the server has no such path (Triton, TGI before /v1/models)
 NIM_METRICS_PATH = "/v1/metrics"  # NIM for LLMs serves its page there (its observability docs)
 MAX_ERRORS = 8
