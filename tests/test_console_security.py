@@ -138,6 +138,36 @@ async def test_login_checks_tokens_off_the_event_loop_and_an_unknown_name_costs_
     assert checks[0][1] == checks[2][1] == olga and checks[1][1].startswith("$argon2") and checks[1][1] != olga
 
 
+async def test_an_address_with_many_failed_logins_is_refused_without_a_check_until_they_age_out(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    checks: list[str] = []
+
+    class Counting:
+        def hash(self, token: str) -> str:
+            return "$argon2id$fake"
+
+        def verify(self, token_hash: str, token: str) -> bool:
+            checks.append(token)
+            return token == "right"
+
+    monkeypatch.setattr(auth_module, "_HASHER", Counting())
+    monkeypatch.setattr(auth_module, "_dummy_hash", lambda: "$argon2id$dummy")
+    cfg = auth_module.AuthConfig.model_validate(
+        {"mode": "users", "users": [{"name": "olga", "role": "operator", "token_hash": "$argon2id$olga"}]})
+    now = [1000.0]
+    auth = Auth(cfg, clock=lambda: now[0])
+    for _ in range(auth_module.MAX_LOGIN_FAILURES):
+        with pytest.raises(auth_module.Refusal) as bad:
+            await auth.login("olga", "wrong", remote="10.0.0.9")
+        assert bad.value.status == 401
+    with pytest.raises(auth_module.Refusal) as throttled:
+        await auth.login("olga", "right", remote="10.0.0.9")
+    assert throttled.value.status == 429 and len(checks) == auth_module.MAX_LOGIN_FAILURES, "no check spent on it"
+    assert (await auth.login("olga", "right", remote="10.0.0.10")).who.user == "olga", "other addresses log in"
+    now[0] += auth_module.LOGIN_WINDOW_S
+    assert (await auth.login("olga", "right", remote="10.0.0.9")).who.user == "olga" and "10.0.0.9" not in auth.failures
+
+
 # -- 5: clusters -------------------------------------------------------------------------------------------
 async def test_an_admin_verb_for_a_cluster_the_console_does_not_know_is_refused_in_one_line(
         nats_server: EmbeddedNats) -> None:

@@ -377,8 +377,8 @@ class Console:
         try:
             s = await self.auth.login(form.get("name", "")[:100], form.get("token", "")[:500],
                                       remote=self._remote(request))
-        except Refusal:
-            return RedirectResponse("/login?error=1", status_code=303)
+        except Refusal as r:
+            return RedirectResponse("/login?error=throttled" if r.status == 429 else "/login?error=1", status_code=303)
         nxt = form.get("next", "/incidents")
         resp = RedirectResponse(nxt if nxt.startswith("/") and not nxt.startswith("//") else "/incidents",
                                 status_code=303)

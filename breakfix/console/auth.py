@@ -11,7 +11,8 @@ Roles: viewer reads; operator approves, acks, silences, notes, assigns, releases
 also resets the breaker and flips kill switches. Every refusal is logged (``console_refused``).
 User names are single subject tokens (letters, digits, ``-``, ``_``): the remediator acts on a verb only
 when its actor is exactly the user its subject names. Tokens are checked with argon2 off the event loop,
-a few at a time, and an unknown name costs one verification too, so timing does not tell names apart.
+a few at a time, and an unknown name costs one verification too, so timing does not tell names apart. An address
+with ``MAX_LOGIN_FAILURES`` failed logins within a minute is refused (429) without a check until they age out.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ log = structlog.get_logger("breakfix.console.auth")
 COOKIE = "bf_session"
 MAX_SESSIONS = 10_000
 MAX_VERIFYING = 4  # argon2 verifications at once (64 MiB and ~0.1 s of CPU each)
+MAX_LOGIN_FAILURES = 20  # failed logins from one address within LOGIN_WINDOW_S; then refused without a check
+LOGIN_WINDOW_S = 60.0
+MAX_REMOTES = 10_000  # addresses whose failures are remembered (the oldest forgotten first)
 _HASHER = PasswordHasher()
 
 
@@ -162,6 +166,7 @@ class Auth:
     sessions: dict[str, Session] = field(default_factory=dict)
     refusals: int = 0
     verifying: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_VERIFYING))
+    failures: dict[str, list[float]] = field(default_factory=dict)  # remote -> times of its recent failed logins
 
     def refuse(self, status: int, reason: str, *, user: str = "-", path: str = "-", remote: str = "-") -> Refusal:
         self.refusals += 1
@@ -180,13 +185,24 @@ class Auth:
     async def login(self, name: str, token: str, *, remote: str) -> Session:
         """Users mode: a session for a name and its token, or a logged refusal. argon2 runs in a thread
         (it would stall every page for ~0.1 s), and an unknown name is checked against a dummy hash."""
+        now = self.clock()
+        recent = [t for t in self.failures.get(remote, ()) if now - t < LOGIN_WINDOW_S]
+        if len(recent) >= MAX_LOGIN_FAILURES:  # guessing, or a script gone wrong: no argon2 check for it (the few
+            # checks at once are everyone's logins)
+            raise self.refuse(429, "too many failed logins from this address", user=name[:100] or "-", path="/login",
+                              remote=remote)
         user = next((u for u in self.config.users if secrets.compare_digest(u.name.encode(), name.encode())), None)
         dummy = await asyncio.to_thread(_dummy_hash)  # made once
         token_hash = user.token_hash if user is not None else dummy
         async with self.verifying:
             ok = await asyncio.to_thread(_verify, token_hash, token)
         if user is not None and ok:
+            self.failures.pop(remote, None)
             return self._new(Identity(user.name, user.role))
+        self.failures.pop(remote, None)  # re-inserted last: the dict stays in order of the latest failure
+        self.failures[remote] = [*recent, self.clock()][-MAX_LOGIN_FAILURES:]
+        while len(self.failures) > MAX_REMOTES:
+            self.failures.pop(next(iter(self.failures)))
         raise self.refuse(401, "bad name or token", user=name[:100] or "-", path="/login", remote=remote)
 
     def logout(self, sid: str | None) -> None:
