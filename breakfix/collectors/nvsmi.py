@@ -25,6 +25,15 @@ signals, so a fault reads the same from a dump as from a live GPU:
   it), so the catalog classifies it as XID 154 with that action (``xid154_actions``: reset, drain-and-reset, node
   reboot); an action name this reader does not know is ``gpu.reset_required`` without a code, never healthy.
   The GPU's other readings (ECC, remaps, ...) are still read: they say what the reset is for.
+- a reading that says ``GPU is lost`` / ``GPU requires reset`` (NVML's error string printed in its place, as for a GPU
+  lost after nvidia-smi opened it) -> ``gpu.lost`` / ``gpu.reset_required``;
+- ``Temperature``: ``GPU Current Temp`` against ``GPU Slowdown Temp``, or on R535+ Hopper/Ada/Blackwell the T.Limit
+  margins (``GPU T.Limit Temp``, ``GPU Slowdown T.Limit Temp``) turned into the same two -> ``temperature.slowdown``;
+- ``Fabric`` Health (Summary Unhealthy / Limited Capacity, Bandwidth Degraded, Route Unhealthy, Incorrect
+  Configuration) and a Status other than Success -> ``fabric.gpu`` with ``details.fabric_health``.
+Inputs as they arrive: ``-l N`` captures (one log or XML document per interval: GPUs numbered within their log, the
+latest reading of each GPU wins), XML after the ``Unable to determine ...`` lines of ``2>&1``, XML cut short (the
+GPUs before the cut are read; ``attached_gpus`` shows what is missing), indented or banner-less text, a BOM and CRLF.
 MIG mode and MIG devices are read per GPU (``details.mig_mode``, ``details.mig_devices``). Values that read
 ``N/A``, ``[N/A]``, ``Not Supported`` or ``[Requires Root]`` are absent, never zero. XML with entity
 declarations is refused (no entity expansion). Field names: NVIDIA nvidia-smi(1) and ``nvsmi_device_v12.dtd``.
@@ -45,14 +54,24 @@ from breakfix.schemas.signal import Signal, SignalSource
 
 MAX_NODES = 200_000
 _KV = re.compile(r"^(?P<indent> *)(?P<key>\S.*?)\s+:\s?(?P<value>.*?)\s*$")
-_GPU = re.compile(r"^GPU (?P<bus>[0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7])\s*$")
+_GPU = re.compile(r"^\s*GPU (?P<bus>[0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7])\s*$")
 _ABSENT = {"n/a", "[n/a]", "not supported", "[not supported]", "[requires root]", "unknown error", "[unknown error]",
            "none", ""}
 # What nvidia-smi prints for a GPU NVML cannot open: "GPU is lost. Reboot the system to recover this GPU",
 # "GPU requires reset", "Unknown Error" (the usual face of a GPU off the bus, Xid 79): lost unless it says reset.
-_NO_HANDLE = re.compile(r"Unable to determine the device handle for (?:GPU|gpu)\s*"
+# "detect": the wording a Windows nvidia-smi.exe printed (jamesstringer90/Easy-GPU-PV issue 276)
+_NO_HANDLE_LINE = re.compile(r"Unable to (?:determine|detect) the device handle for")
+_NO_HANDLE = re.compile(r"Unable to (?:determine|detect) the device handle for (?:GPU|gpu)\s*"
                         r"(?P<bus>[0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}(?:\.[0-7])?):\s*(?P<why>[^\n]*)")
 FABRIC_STATES = {"not supported": 0, "not started": 1, "in progress": 2, "completed": 3}
+# The fabric probe's status is an nvmlReturn_t, printed by its error string ("Success", "Unknown Error", "Timeout",
+# ...; nvidia-smi(1) "Fabric": "Status: error status, if any"): anything but Success (or no reading) failed.
+_FABRIC_NO_STATUS = {"success", "n/a", "[n/a]", "not supported", "[not supported]", ""}
+# What nvidia-smi prints in place of a reading NVML refused with NVML_ERROR_GPU_IS_LOST / NVML_ERROR_RESET_REQUIRED
+# (their nvmlErrorString): every reading of a GPU lost after nvidia-smi opened it reads so ("GPU is lost" in each
+# element of NVIDIA/k8s-test-infra tests/e2e/go/assertions/nvidiasmi/testdata/qx-gb200-lost.xml, nvidia-smi
+# 580.65.06), and a single reading may (``Channel Repair Pending : GPU requires reset``).
+_LOST_VALUES = {"gpu is lost": "gpu.lost", "gpu requires reset": "gpu.reset_required"}
 # GPU Recovery Action as nvidia-smi names it (or NVML's nvmlGpuRecoveryAction_t number) -> (check, code): the
 # code is DCGM's name for the same reading, which the catalog reads as XID 154 with that recovery action.
 RECOVERY_ACTIONS: dict[str, tuple[str, str | None]] = {
@@ -98,28 +117,36 @@ def norm(key: str) -> str:
 
 def looks_like_nvsmi(text: str) -> bool:
     head = text[:65536]
-    return ("NVSMI LOG" in head or "<nvidia_smi_log" in head or "Unable to determine the device handle for" in head
+    return ("NVSMI LOG" in head or "<nvidia_smi_log" in head or _NO_HANDLE_LINE.search(head) is not None
             or bool(re.search(r"^GPU [0-9A-Fa-f]{8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7]\s*$", head, re.M)
                     and "Product Name" in head))
 
 
 def _text_tree(text: str) -> Node:
+    """Every ``NVSMI LOG`` of a text dump as one tree: each banner adds a ``nvsmi_log`` marker to the root, so the
+    GPUs of ``nvidia-smi -q -l N`` (one log per interval) can be told apart. A GPU header may be indented (a dump
+    pasted into an issue or a shell heredoc): its children are the lines indented deeper than it."""
     root = Node("")
     stack: list[tuple[int, Node]] = [(-1, root)]
     count = 0
     for raw in text.expandtabs(4).splitlines():
-        if not raw.strip() or raw.startswith("=") or len(raw) > 4096:
+        if not raw.strip() or len(raw) > 4096:
             continue
         count += 1
         if count > MAX_NODES:
             break
+        indent = len(raw) - len(raw.lstrip(" "))
+        if raw.lstrip().startswith("="):
+            if "NVSMI LOG" in raw:
+                root.children.append(Node("nvsmi_log"))
+                stack = [(-1, root)]
+            continue
         if m := _GPU.match(raw):
             node = Node("gpu", m.group("bus"))
             root.children.append(node)
-            stack = [(-1, root), (0, node)]
+            stack = [(-1, root), (indent, node)]
             continue
         m = _KV.match(raw)
-        indent = len(raw) - len(raw.lstrip(" "))
         node = Node(norm(m.group("key")), m.group("value")) if m else Node(norm(raw), "")
         while len(stack) > 1 and stack[-1][0] >= indent:
             stack.pop()
@@ -128,27 +155,72 @@ def _text_tree(text: str) -> Node:
     return root
 
 
-def _xml_tree(text: str) -> Node:
-    if "<!ENTITY" in text:
-        raise NvsmiFormatError("XML entity declarations are not nvidia-smi output")
+def _xml_doc(text: str) -> tuple[Node, bool]:
+    """One ``nvidia-smi -q -x`` document -> (tree, cut short). A document cut off mid-way (nvidia-smi killed by a
+    timeout on a hung GPU, a capture truncated on copy) keeps every element read before the cut, so its complete
+    GPUs are read and the ``attached_gpus`` count says what is missing; anything that is no ``nvidia_smi_log``
+    document is refused."""
+    parser: ET.XMLPullParser[ET.Element] = ET.XMLPullParser(events=("start",))
+    root: ET.Element | None = None
+    cut = False
     try:
-        elem = ET.fromstring(text)
-    except ET.ParseError as exc:
-        raise NvsmiFormatError(f"not nvidia-smi -q -x XML: {exc}") from None
+        parser.feed(text)
+        parser.close()
+    except ET.ParseError:
+        cut = True
+    try:
+        for event in parser.read_events():
+            if root is None and isinstance(event[-1], ET.Element):
+                root = event[-1]
+    except ET.ParseError:
+        cut = True
+    if root is None or root.tag != "nvidia_smi_log":
+        raise NvsmiFormatError("not nvidia-smi -q -x XML: no <nvidia_smi_log> document")
 
-    def conv(e: ET.Element) -> Node:
+    def conv(e: ET.Element, depth: int = 0) -> Node:
         n = Node(norm(e.tag), (e.text or "").strip())
-        n.children = [conv(c) for c in e]
+        n.children = [conv(c, depth + 1) for c in e] if depth < 32 else []  # nvsmi_device_v13.dtd nests 6 deep
         if n.key == "gpu":
             n.value = e.get("id", "")
         return n
 
-    return conv(elem)
+    return conv(root), cut
+
+
+# Where XML documents start: nvidia-smi -q -x prints "Unable to determine the device handle ..." for a GPU it cannot
+# open before the document (captured with 2>&1), and ``-q -x -l N`` prints one document per interval.
+_XML_START = re.compile(r"<\?xml\b|<!DOCTYPE\s+nvidia_smi_log|<nvidia_smi_log\b")
+_XML_DECL = re.compile(r"<\?xml\b")
+_XML_ROOT = re.compile(r"(?:<!DOCTYPE\s+nvidia_smi_log[^>]*>\s*)?<nvidia_smi_log\b")
+
+
+def _xml_tree(text: str) -> Node:
+    """Every XML document of a dump as one tree, in the shape ``_text_tree`` gives (a ``nvsmi_log`` marker before
+    each document's children, its value ``truncated`` when the document was cut short)."""
+    if "<!ENTITY" in text:
+        raise NvsmiFormatError("XML entity declarations are not nvidia-smi output")
+    docs = [m.start() for m in _XML_DECL.finditer(text)] or [m.start() for m in _XML_ROOT.finditer(text)]
+    if not docs:
+        raise NvsmiFormatError("not nvidia-smi -q -x XML: no <nvidia_smi_log> document")
+    root = Node("")
+    for i, at in enumerate(docs[:64]):
+        tree, cut = _xml_doc(text[at:docs[i + 1] if i + 1 < len(docs) else len(text)])
+        root.children.append(Node("nvsmi_log", "truncated" if cut else ""))
+        root.children.extend(tree.children)
+    return root
+
+
+def is_xml(text: str) -> bool:
+    """``-q -x`` XML: it starts with ``<``, or an XML document follows lines nvidia-smi printed before it."""
+    head = text.lstrip()
+    return head.startswith("<") or ("NVSMI LOG" not in text and _XML_START.search(text) is not None)
 
 
 def parse_tree(text: str) -> Node:
-    """The whole dump as one tree; GPUs are the root's ``gpu`` children."""
-    if text.lstrip().startswith("<"):
+    """The whole dump as one tree; GPUs are the root's ``gpu`` children, each log (``-l N`` prints one per
+    interval) after a ``nvsmi_log`` marker."""
+    text = text.removeprefix("\ufeff")
+    if is_xml(text):
         return _xml_tree(text)
     return _text_tree(text)
 
@@ -165,9 +237,17 @@ def _int(node: Node | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _signed(node: Node | None) -> int | None:
+    """A signed reading such as ``-2 C`` (T.Limit margins and offsets)."""
+    m = re.match(r"^([+-]?\d{1,4})\b", _value(node) or "")
+    return int(m.group(1)) if m else None
+
+
 def _yes(node: Node | None) -> bool | None:
     v = (_value(node) or "").lower()
-    return True if v in ("yes", "active", "enabled") else False if v in ("no", "not active", "disabled") else None
+    if v in ("yes", "active", "enabled", "true"):
+        return True
+    return False if v in ("no", "not active", "disabled", "false") else None
 
 
 def first(gpu: Node, *paths: str) -> Node | None:
@@ -200,6 +280,7 @@ class NvsmiGpu:
     details: dict[str, str]
     pcie_replays: int | None
     recovery: str | None = None  # the driver's recovery action when it asks for one: "Reset", "Drain and Reset", ...
+    fabric_health: str = ""  # what the fabric's Health block reports wrong ("summary Unhealthy, route unhealthy")
 
 
 def recovery_action(gpu: Node) -> str | None:
@@ -230,8 +311,61 @@ def recovery_check(action: str) -> tuple[str, str | None]:
     return "gpu.reset_required", f"DCGM_FR_GPU_RECOVERY_{name}"
 
 
+def lost_reading(gpu: Node) -> tuple[str, str] | None:
+    """(check, value) when a reading of this GPU is NVML's GPU-is-lost or reset-required error; lost wins."""
+    found = None
+    for n in _flatten(gpu):
+        said = n.value.strip()
+        check = _LOST_VALUES.get(said.strip("[]").rstrip(".").strip().lower()) if len(said) < 40 else None
+        if check == "gpu.lost":
+            return check, said
+        found = found or ((check, said) if check else None)
+    return found
+
+
+def _slowdown(temp: Node) -> tuple[int | None, int | None]:
+    """(current, slowdown) temperature in C. Drivers from R535 on print Hopper, Ada and Blackwell thresholds as
+    T.Limit margins instead (``GPU T.Limit Temp`` the live headroom to the max operating temperature,
+    ``GPU Slowdown T.Limit Temp : -2 C`` slowdown 2 C past it; ``GPU Current T.Limit Temp`` / ``... Specification``
+    on later drivers; XML ``gpu_temp_tlimit`` / ``gpu_temp_slow_tlimit_threshold``, nvsmi_device_v12.dtd): the
+    slowdown temperature is then current + headroom - offset, and reaching it is the headroom falling to the offset
+    (leptonai/gpud testdata nvidia-smi-query.535.161.08.out.0.valid, H100; NVIDIA/k8s-test-infra hardware
+    captures qx-h100.xml, qx-b200.xml, qx-gb200.xml)."""
+    current = _int(first(temp, "gpu_current_temp", "gpu_temp"))
+    slowdown = _int(first(temp, "gpu_slowdown_temp", "gpu_temp_slow_threshold"))
+    if slowdown is None and current is not None:
+        margin = _signed(first(temp, "gpu_t_limit_temp", "gpu_current_t_limit_temp", "gpu_temp_tlimit"))
+        offset = _signed(first(temp, "gpu_slowdown_t_limit_temp", "gpu_slowdown_t_limit_temp_specification",
+                               "gpu_temp_slow_tlimit_threshold"))
+        if margin is not None and offset is not None and -40 <= offset <= 0 and -60 <= margin <= 200:
+            slowdown = current + margin - offset
+    return current, slowdown
+
+
+def _fabric_health(health: Node | None) -> list[str]:
+    """What a fabric ``Health`` block (R550+, NVML nvmlGpuFabricInfo_v3 healthMask / healthSummary; nvidia-smi(1)
+    "Fabric") reports wrong: a Summary of Unhealthy or Limited Capacity, Bandwidth Degraded, Route Unhealthy True,
+    an Incorrect Configuration. Route Recovery in progress and Access Timeout Recovery are the driver's recoveries
+    under way and are named only (NVIDIA/k8s-test-infra qx-gb200-fabric-degraded.xml: Summary Unhealthy with
+    route_unhealthy True on nvidia-smi 580.65.06)."""
+    if health is None:
+        return []
+    out: list[str] = []
+    summary = _value(health.get("summary"))
+    if summary and summary.lower() in ("unhealthy", "limited capacity"):
+        out.append(f"summary {summary}")
+    if (_value(health.get("bandwidth")) or "").lower() == "degraded":
+        out.append("bandwidth degraded")
+    if _yes(health.get("route_unhealthy")):
+        out.append("route unhealthy")
+    config = _value(health.get("incorrect_configuration"))
+    if config and config.lower() not in ("none", "false", "no"):
+        out.append(f"incorrect configuration {config[:60]}")
+    return out
+
+
 def gpu_sample(gpu: Node, index: int) -> NvsmiGpu:
-    bus = gpu.value
+    bus = gpu.value or _value(first(gpu, "pci/bus_id", "pci/pci_bus_id")) or ""
     try:
         pci = normalize_pci_bus_id(bus) if bus else None
     except ValueError:
@@ -247,8 +381,11 @@ def gpu_sample(gpu: Node, index: int) -> NvsmiGpu:
         s.remap_pending = _yes(first(rows, "pending", "remapped_row_pending"))
         s.remap_failure = _yes(first(rows, "remapping_failure_occurred", "remapped_row_failure"))
     pages = gpu.get("retired_pages")
-    if pages is not None:
-        s.retired_pending = _yes(first(pages, "pending_page_blacklist", "pending_blacklist", "pending"))
+    if pages is not None:  # pending: "Pending Page Blacklist" (R3xx-R5xx text), XML pending_blacklist and (R450+)
+        # pending_retirement, "Pending" (old text): any Yes is pending (nvsmi_device_v12.dtd retired_pages)
+        said = [v for k in ("pending_page_blacklist", "pending_blacklist", "pending_page_retirement",
+                            "pending_retirement", "pending") if (v := _yes(pages.get(k))) is not None]
+        s.retired_pending = any(said) if said else None
         sbe = _int(first(pages, "single_bit_ecc", "multiple_single_bit_retirement/retired_count"))
         dbe = _int(first(pages, "double_bit_ecc", "double_bit_retirement/retired_count"))
         s.retired_pages = None if sbe is None or dbe is None else sbe + dbe
@@ -258,21 +395,25 @@ def gpu_sample(gpu: Node, index: int) -> NvsmiGpu:
         seen = False
         for c in _flatten(reasons):
             active = _yes(c)
-            if active is None:
+            name = re.sub(r"^clocks_(event|throttle)_reason_", "", c.key)
+            bit = {"hw_slowdown": 0x8, "hw_thermal_slowdown": 0x40, "hw_power_brake_slowdown": 0x80}.get(name)
+            if active is None or bit is None:  # only the three reasons read say anything about them
                 continue
             seen = True
-            name = re.sub(r"^clocks_(event|throttle)_reason_", "", c.key)
-            bit = {"hw_slowdown": 0x8, "hw_thermal_slowdown": 0x40, "hw_power_brake_slowdown": 0x80}.get(name, 0)
             bits |= bit if active else 0
         s.clocks = bits if seen else None
     temp = gpu.get("temperature")
     if temp is not None:
-        s.temperature = _int(first(temp, "gpu_current_temp", "gpu_temp"))
-        s.slowdown = _int(first(temp, "gpu_slowdown_temp", "gpu_temp_slow_threshold"))
+        s.temperature, s.slowdown = _slowdown(temp)
     fabric = gpu.get("fabric")
+    health: list[str] = []
     if fabric is not None and (fstate := (_value(fabric.get("state")) or "").lower()) in FABRIC_STATES:
-        status = (_value(fabric.get("status")) or "success").lower()
-        s.fabric = (FABRIC_STATES[fstate], 0 if status == "success" else 1)
+        status = fabric.get("status")
+        failed = status is not None and status.value.strip().lower() not in _FABRIC_NO_STATUS
+        health = _fabric_health(fabric.get("health"))
+        s.fabric = (FABRIC_STATES[fstate], 1 if failed or health else 0)
+        if failed and status is not None:
+            health.insert(0, f"status {status.value.strip()[:60]}")
     details = {f"ecc_volatile_{k}": str(v) for k, v in vol.items()} | {f"ecc_aggregate_{k}": str(v) for k, v in
                                                                        agg.items()}
     mig = _value(first(gpu, "mig_mode/current", "mig_mode/current_mig"))
@@ -287,14 +428,21 @@ def gpu_sample(gpu: Node, index: int) -> NvsmiGpu:
         if bad:  # the instances that saw the uncorrectable SRAM errors, named as dcgm-exporter names them
             details["GPU_I_ID"] = ",".join(bad[:16])
     replays = _int(first(gpu, "pci/replays_since_reset", "pci/replay_counter"))
-    return NvsmiGpu(s, details, replays, recovery_action(gpu))
+    lost = lost_reading(gpu)
+    if lost is not None:
+        s.lost = lost[0]
+        details["nvidia_smi"] = lost[1][:200]
+    return NvsmiGpu(s, details, replays, recovery_action(gpu), ", ".join(health))
 
 
 def _flatten(node: Node) -> list[Node]:
+    """Every node under ``node``, depth first, without recursion (a text dump's depth is its indentation)."""
     out: list[Node] = []
-    for c in node.children:
+    todo = list(reversed(node.children))
+    while todo:
+        c = todo.pop()
         out.append(c)
-        out.extend(_flatten(c))
+        todo.extend(reversed(c.children))
     return out
 
 
@@ -308,8 +456,20 @@ def parse_nvsmi(text: str) -> NvsmiRead:
     """Every GPU of a dump. ``NvsmiFormatError`` when the text is no nvidia-smi -q output."""
     if not looks_like_nvsmi(text):
         raise NvsmiFormatError("not nvidia-smi -q output")
-    tree = parse_tree(text) if "NVSMI LOG" in text or text.lstrip().startswith("<") else Node("")
-    gpus = [gpu_sample(g, i) for i, g in enumerate(tree.all("gpu"))]
+    tree = parse_tree(text)
+    latest: dict[str, NvsmiGpu] = {}
+    index = 0
+    attached = None
+    for node in tree.children:
+        if node.key == "nvsmi_log":  # nvidia-smi -q -l N: GPUs are numbered within each log, the latest reading wins
+            index = 0
+        elif node.key == "attached_gpus":
+            attached = _int(node)
+        elif node.key == "gpu" and len(latest) < 4096:
+            g = gpu_sample(node, index)
+            latest[g.sample.gpu.pci_bus_id or g.sample.gpu.uuid or f"#{index}"] = g
+            index += 1
+    gpus = list(latest.values())
     seen = {g.sample.gpu.pci_bus_id for g in gpus}
     for m in _NO_HANDLE.finditer(text[:1 << 20]):
         try:
@@ -323,7 +483,7 @@ def parse_nvsmi(text: str) -> NvsmiRead:
         lost = "gpu.reset_required" if "reset" in why and "reboot" not in why else "gpu.lost"
         gpus.append(NvsmiGpu(GpuSample(gpu=GpuRef(pci_bus_id=pci), lost=lost), {"nvidia_smi": m.group("why")[:200]},
                              None))
-    return NvsmiRead(gpus, _int(tree.get("attached_gpus")))
+    return NvsmiRead(gpus, attached)
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +514,9 @@ def nvsmi_signals(read: NvsmiRead, ctx: NodeContext, at: datetime, th: NvsmiThre
                                  message=f"nvidia-smi: GPU Recovery Action {action!r} on {g.sample.gpu.label()}")
             elif g.details and (sig.check == "ecc.dbe" or (g.sample.lost and sig.check == g.sample.lost)):
                 sig = sig.model_copy(update={"details": {**sig.details, **g.details}})
+            elif sig.check == "fabric.gpu" and g.fabric_health:
+                sig = sig.model_copy(update={"details": {**sig.details, "fabric_health": g.fabric_health},
+                                             "message": f"{sig.message}: {g.fabric_health}"})
             out.append(sig)
         if g.pcie_replays is not None:
             out.append(ctx.signal(source=SignalSource.NVML, check="pcie.replay", at=at, gpu=g.sample.gpu,

@@ -1,0 +1,188 @@
+"""``nvidia-smi -q`` / ``-q -x`` readers against real captures (sources in ``tests/data/SOURCES.md``): a GPU lost after
+nvidia-smi opened it, an unhealthy NVLink fabric, T.Limit temperature thresholds (R535+ Hopper/Ada/Blackwell), and the
+ways real captures arrive (after ``Unable to determine the device handle`` lines, cut short, one log per ``-l``
+interval, indented, without the banner, through Windows)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from breakfix.cli.main import app
+from breakfix.collectors.context import NodeContext
+from breakfix.collectors.nvsmi import NvsmiFormatError, nvsmi_signals, parse_nvsmi
+from breakfix.schemas.catalog import Catalog
+from breakfix.schemas.signal import Signal
+from tests.conftest import T0
+
+DATA = Path(__file__).resolve().parent / "data"
+LOST = (DATA / "nvsmi_k8sti_gb200_lost.xml").read_text()
+FABRIC = (DATA / "nvsmi_k8sti_gb200_fabric_degraded.xml").read_text()
+H100 = (DATA / "nvsmi_gpud_h100_r535_tlimit.txt").read_text()
+EIGHT = (DATA / "nvsmi_8gpu_row_remap_pending.txt").read_text()
+runner = CliRunner()
+
+
+def rows(path: Path, *args: str) -> list[dict[str, Any]]:
+    res = runner.invoke(app, ["signals", "nvsmi", str(path), "--node", "n1", *args])
+    assert res.exit_code == 0, res.output
+    return [json.loads(x) for x in res.stdout.splitlines()]
+
+
+def states(catalog: Catalog, text: str) -> list[Signal]:
+    return nvsmi_signals(parse_nvsmi(text), NodeContext(cluster="c1", node="n1", catalog=catalog), T0)
+
+
+def faults(catalog: Catalog, text: str) -> list[tuple[str, str | None]]:
+    return sorted((s.check, s.gpu.pci_bus_id if s.gpu else None) for s in states(catalog, text) if not s.healthy)
+
+
+class TestLostGpu:
+    def test_gpu_whose_readings_say_gpu_is_lost_is_a_lost_gpu_not_a_healthy_one(self, catalog: Catalog) -> None:
+        """nvidia-smi 580 prints NVML_ERROR_GPU_IS_LOST's "GPU is lost" in place of every reading of GPU 1."""
+        got = states(catalog, LOST)
+        lost = [s for s in got if s.check == "gpu.lost" and s.gpu is not None and s.gpu.pci_bus_id == "0000:0b:00.0"]
+        assert [(s.healthy, s.severity.value, s.details.get("nvidia_smi")) for s in lost] == [
+            (False, "fatal", "GPU is lost")]
+        assert faults(catalog, LOST) == [("ecc.dbe", "0000:0a:00.0"), ("gpu.lost", "0000:0b:00.0"),
+                                         ("row_remap.failure", "0000:0a:00.0")]
+
+    def test_a_reading_that_says_gpu_requires_reset_is_reset_required(self, catalog: Catalog) -> None:
+        text = (DATA / "nvsmi_1gpu_v100_r570.txt").read_text().replace(
+            "    ECC Errors\n", "    ECC Errors\n        Channel Repair Pending            : GPU requires reset\n", 1)
+        assert faults(catalog, text) == [("gpu.reset_required", "0001:00:00.0")]
+
+    def test_lost_gpu_in_a_text_dump_is_lost(self, catalog: Catalog) -> None:
+        text = EIGHT.replace("        Pending                           : Yes",
+                             "        Pending                           : [GPU is lost]")
+        assert ("gpu.lost", "0000:5d:00.0") in faults(catalog, text)
+        assert ("row_remap.pending", "0000:5d:00.0") not in faults(catalog, text)
+
+
+class TestFabric:
+    def test_fabric_health_unhealthy_is_a_fabric_fault_naming_what_is_wrong(self, catalog: Catalog) -> None:
+        """Fabric State Completed / Status Success, but Health Summary Unhealthy with Route Unhealthy True."""
+        fab = [s for s in states(catalog, FABRIC) if s.check == "fabric.gpu"]
+        assert [(s.gpu.pci_bus_id if s.gpu else None, s.healthy) for s in fab] == [
+            ("0000:0a:00.0", True), ("0000:0b:00.0", False)]
+        assert fab[1].details["fabric_health"] == "summary Unhealthy, route unhealthy"
+
+    @pytest.mark.parametrize("status", ["Unknown Error", "Timeout", "Insufficient Resources"])
+    def test_fabric_status_error_string_is_a_fault(self, catalog: Catalog, status: str) -> None:
+        text = LOST.replace("<status>Success</status>", f"<status>{status}</status>", 1)
+        assert ("fabric.gpu", "0000:0a:00.0") in faults(catalog, text)
+
+    def test_fabric_recovery_under_way_alone_is_no_fault(self, catalog: Catalog) -> None:
+        text = FABRIC.replace("<route_unhealthy>True</route_unhealthy>", "<route_unhealthy>False</route_unhealthy>")
+        text = text.replace("<summary>Unhealthy</summary>", "<summary>Healthy</summary>")
+        text = text.replace("<route_recovery_in_progress>False", "<route_recovery_in_progress>True")
+        assert [c for c, _ in faults(catalog, text)] == []
+
+    def test_text_fabric_health_block_is_read_like_the_xml_one(self, catalog: Catalog) -> None:
+        fabric = ("        State                             : Completed\n"
+                  "        Status                            : Success\n")
+        text = H100.replace(fabric, fabric + "        Health\n"
+                            "            Summary                       : Limited Capacity\n"
+                            "            Bandwidth                     : Degraded\n", 1)
+        assert text != H100
+        bad = [s for s in states(catalog, text) if s.check == "fabric.gpu" and not s.healthy]
+        assert [s.details["fabric_health"] for s in bad] == ["summary Limited Capacity, bandwidth degraded"]
+
+
+class TestTLimitTemperature:
+    def test_tlimit_thresholds_give_the_slowdown_temperature(self, catalog: Catalog) -> None:
+        """H100 on 535.161.08: current 29 C, T.Limit headroom 56 C, slowdown 2 C past T.Limit: slowdown at 87 C."""
+        temps = [s for s in states(catalog, H100) if s.check == "temperature.slowdown"]
+        assert len(temps) == 8 and all(s.healthy for s in temps)
+        assert (temps[0].value, temps[0].threshold) == (29.0, 87.0)
+
+    def test_headroom_down_to_the_slowdown_offset_is_a_fault(self, catalog: Catalog) -> None:
+        text = H100.replace("GPU T.Limit Temp                  : 56 C", "GPU T.Limit Temp                  : -2 C", 1)
+        hot = [s for s in states(catalog, text) if s.check == "temperature.slowdown" and not s.healthy]
+        assert [(s.gpu.index if s.gpu else None, s.value, s.threshold) for s in hot] == [(0, 29.0, 29.0)]
+
+    def test_r535_h100_dump_reads_its_real_hw_slowdown_and_power_brake(self) -> None:
+        got = rows(DATA / "nvsmi_gpud_h100_r535_tlimit.txt", "--expected-gpus", "8")
+        assert sorted({r["check"] for r in got}) == ["clock.hw_slowdown", "clock.power_brake"]
+        assert len(got) == 16
+
+
+class TestCaptureShapes:
+    def test_xml_after_device_handle_lines_reads_every_gpu(self, catalog: Catalog) -> None:
+        """``nvidia-smi -q -x 2>&1``: the line for a GPU it cannot open comes before the document."""
+        text = "Unable to determine the device handle for GPU0000:0C:00.0: Unknown Error\n" + LOST
+        read = parse_nvsmi(text)
+        assert [g.sample.gpu.pci_bus_id for g in read.gpus] == ["0000:0a:00.0", "0000:0b:00.0", "0000:0c:00.0"]
+        assert [g.sample.lost for g in read.gpus] == [None, "gpu.lost", "gpu.lost"]
+
+    def test_xml_cut_short_reads_the_gpus_before_the_cut(self, tmp_path: Path) -> None:
+        f = tmp_path / "smi.xml"
+        f.write_text(LOST[:LOST.index('<gpu id="0000:0B:00.0">') + 200])
+        got = rows(f, "--expected-gpus", "2", "--all")
+        assert {r["gpu"]["pci_bus_id"] for r in got if r["gpu"]} >= {"0000:0a:00.0"}
+        assert ("ecc.dbe", False) in [(r["check"], r["healthy"]) for r in got]
+        read = parse_nvsmi(f.read_text())
+        assert read.attached == 2
+
+    def test_other_xml_is_still_refused(self) -> None:
+        with pytest.raises(NvsmiFormatError):
+            parse_nvsmi("<?xml version='1.0'?><html><body>NVSMI LOG</body></html>")
+
+    def test_one_log_per_interval_keeps_one_reading_per_gpu_numbered_within_its_log(self, catalog: Catalog) -> None:
+        """``nvidia-smi -q -l 5``: GPU 3's remap is pending in the second log only; the latest reading wins."""
+        later = EIGHT.replace("Pending                           : Yes", "Pending                           : No")
+        read = parse_nvsmi(later + EIGHT)
+        assert [g.sample.gpu.index for g in read.gpus] == list(range(8))
+        assert [c for c, _ in faults(catalog, later + EIGHT)] == ["row_remap.pending"]
+        assert [c for c, _ in faults(catalog, EIGHT + later)] == []
+
+    def test_one_xml_document_per_interval_is_read_as_one_node(self) -> None:
+        read = parse_nvsmi(LOST + LOST)
+        assert [(g.sample.gpu.index, g.sample.gpu.pci_bus_id) for g in read.gpus] == [
+            (0, "0000:0a:00.0"), (1, "0000:0b:00.0")]
+
+    def test_indented_dump_reads_the_same(self, catalog: Catalog) -> None:
+        indented = "".join("    " + line for line in EIGHT.splitlines(keepends=True))
+        assert faults(catalog, indented) == faults(catalog, EIGHT) == [("row_remap.pending", "0000:5d:00.0")]
+
+    def test_dump_without_its_banner_is_read(self, catalog: Catalog) -> None:
+        body = EIGHT[EIGHT.index("GPU 00000000:"):]
+        assert len(parse_nvsmi(body).gpus) == 8
+        assert faults(catalog, body) == [("row_remap.pending", "0000:5d:00.0")]
+
+    def test_windows_copy_with_bom_and_crlf_reads_the_same(self, catalog: Catalog) -> None:
+        for text in (LOST, EIGHT):
+            assert faults(catalog, "\ufeff" + text.replace("\n", "\r\n")) == faults(catalog, text)
+
+    def test_windows_device_handle_wording_is_read(self) -> None:
+        read = parse_nvsmi("Unable to detect the device handle for GPU0000:B1:00.0: Unknown Error\n")
+        assert [(g.sample.gpu.pci_bus_id, g.sample.lost) for g in read.gpus] == [("0000:b1:00.0", "gpu.lost")]
+
+
+class TestReadings:
+    def test_pending_retirement_alone_is_a_pending_retirement(self, catalog: Catalog) -> None:
+        text = LOST.replace("<pending_retirement>No</pending_retirement>",
+                            "<pending_retirement>Yes</pending_retirement>", 1)
+        assert ("retired_pages.pending", "0000:0a:00.0") in faults(catalog, text)
+
+    def test_clock_reasons_without_the_hw_ones_say_nothing_about_them(self, catalog: Catalog) -> None:
+        """leptonai/gpud nvidia-smi-query.535.183.01.out.0.invalid: the HW reason lines do not parse as such."""
+        text = H100.replace("        HW Slowdown  ", "        Invalid HW Slowdown  ").replace(
+            "            HW Thermal Slowdown", "            Invalid HW Thermal Slowdown").replace(
+            "            HW Power Brake Slowdown", "            Invalid HW Power Brake Slowdown")
+        assert not [s for s in states(catalog, text) if s.check.startswith("clock.")]
+
+    @pytest.mark.parametrize("depth", [3000])
+    def test_deeply_nested_input_is_read_without_a_traceback(self, catalog: Catalog, depth: int) -> None:
+        text = "==============NVSMI LOG==============\nGPU 00000000:01:00.0\n" + "".join(
+            " " * (i + 4) + f"Level {i} : GPU is lost\n" for i in range(depth))
+        assert faults(catalog, text) == [("gpu.lost", "0000:01:00.0")]
+        clocks = "==============NVSMI LOG==============\nGPU 00000000:01:00.0\n    Clocks Event Reasons\n" + "".join(
+            " " * (i + 8) + "HW Slowdown : Active\n" for i in range(depth))
+        assert faults(catalog, clocks) == [("clock.hw_slowdown", "0000:01:00.0")]
+        xml = "<nvidia_smi_log><gpu id='0000:01:00.0'>" + "<a>" * depth + "</a>" * depth + "</gpu></nvidia_smi_log>"
+        assert [g.sample.gpu.pci_bus_id for g in parse_nvsmi(xml).gpus] == ["0000:01:00.0"]
