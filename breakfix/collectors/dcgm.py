@@ -9,8 +9,12 @@ accepted):
   one ``xid`` event (the first scrape only sets the baseline; the kmsg source is the durable
   XID record);
 - ``DCGM_FI_DEV_ECC_DBE_VOL_TOTAL`` > 0 -> ``ecc.dbe``; ``DCGM_FI_DEV_ROW_REMAP_FAILURE`` /
-  ``..._PENDING`` -> ``row_remap.failure`` / ``pending``;
-- NVLink CRC/replay/recovery counters rising faster than the threshold -> ``nvlink.errors``;
+  ``..._PENDING`` -> ``row_remap.failure`` / ``pending``; ``DCGM_FI_DEV_RETIRED_PENDING`` >= 1 ->
+  ``retired_pages.pending`` and ``DCGM_FI_DEV_RETIRED_SBE`` + ``..._DBE`` near NVIDIA's 64-page limit ->
+  ``retired_pages.limit`` (the nvml source's checks; pre-Ampere GPUs retire pages where newer ones remap rows);
+- NVLink CRC/replay/recovery counters rising faster than the threshold -> ``nvlink.errors``; a field the exporter
+  writes per link (``nvlink`` label, ``gpu_uuid``: ``render_metrics.go`` ``linkMetricsFormat``) counts as the sum of
+  the GPU's links;
 - clocks-event reasons bitmask -> ``clock.hw_slowdown`` / ``hw_thermal`` / ``power_brake``; without
   it, the share of time under ``DCGM_FI_DEV_THERMAL_VIOLATION`` -> ``clock.hw_thermal``;
 - ``DCGM_FI_DEV_PCIE_REPLAY_COUNTER`` rate -> ``pcie.replay``; GPU temperature at its slowdown
@@ -87,6 +91,11 @@ PCIE_REPLAY = ("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "DCGM_FI_DEV_PCIE_REPLAY_TOTAL
 GPU_TEMP = ("DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_GPU_TEMP_CELSIUS")
 SLOWDOWN_TEMP = ("DCGM_FI_DEV_SLOWDOWN_TEMP", "DCGM_FI_DEV_GPU_TEMP_SLOWDOWN_CELSIUS")
 XID_COUNT = ("DCGM_EXP_XID_ERRORS_COUNT", "DCGM_FI_DEV_XID_ERRORS_ACTIVE")
+# Page retirement (pre-Ampere; dcgm-exporter etc/default-counters.csv "Retired pages", fields 390-392, DCGM 4.x names
+# from dcgm_fields.csv): pages pending retirement need a GPU reset / reboot, as the nvml source's retired_pages.pending
+RETIRED_PENDING = ("DCGM_FI_DEV_RETIRED_PENDING", "DCGM_FI_DEV_PAGE_RETIRED_PENDING")
+RETIRED_SBE = ("DCGM_FI_DEV_RETIRED_SBE", "DCGM_FI_DEV_PAGE_RETIRED_SBE_TOTAL")
+RETIRED_DBE = ("DCGM_FI_DEV_RETIRED_DBE", "DCGM_FI_DEV_PAGE_RETIRED_DBE_TOTAL")
 HEALTH = ("DCGM_EXP_GPU_HEALTH_STATUS",)
 # DCGM 4.x name first (dcgm_fields.h: DCGM_FI_DEV_GPU_RECOVERY_ACTION 1523), then the deprecated alias that
 # go-dcgm's legacyDCGMFields still resolves (pkg/dcgm/const_fields.go): an exporter writes the name its CSV uses
@@ -94,7 +103,8 @@ RECOVERY = ("DCGM_FI_DEV_GPU_RECOVERY_ACTION", "DCGM_FI_DEV_GET_GPU_RECOVERY_ACT
 RECOVERY_MAX = 0xFFFF_FFFF  # nvmlDeviceGpuRecoveryAction_t: an unsigned int
 RECOVERY_CHECK = "dcgm.recovery_action"
 FIELDS = (XID, DBE, REMAP_FAILURE, REMAP_PENDING, CLOCK_REASONS, THERMAL_VIOLATION, PCIE_REPLAY, GPU_TEMP,
-          SLOWDOWN_TEMP, XID_COUNT, HEALTH, RECOVERY, *NVLINK)  # every family read, each with its aliases
+          SLOWDOWN_TEMP, XID_COUNT, HEALTH, RECOVERY, RETIRED_PENDING, RETIRED_SBE, RETIRED_DBE,
+          *NVLINK)  # every family read, each with its aliases
 HEALTH_RESULTS = {0.0: "PASS", 10.0: "WARN", 20.0: "FAIL"}  # dcgmHealthWatchResults_t
 HEALTH_WARN = 10.0
 _WATCH = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
@@ -107,6 +117,7 @@ CLOCK_BITS = (("clock.hw_slowdown", 0x8), ("clock.hw_thermal", 0x40), ("clock.po
 @dataclass(frozen=True, slots=True)
 class DcgmThresholds:
     nvlink_errors_per_min: float = 10.0
+    retired_pages_limit: int = 60  # as the nvml source: NVIDIA retires at most 64 pages per GPU; near it, RMA
     pcie_replay_per_min: float = 60.0
     thermal_violation_share: float = 0.05  # of wall time throttled for thermal reasons
 
@@ -120,6 +131,7 @@ class GpuFields:
     hostname: str | None = None
     mig: dict[str, str] = field(default_factory=dict)  # GPU_I_ID / GPU_I_PROFILE of a MIG row
     health: dict[str, tuple[float, str]] = field(default_factory=dict)  # watch -> (result, DCGM_FR_* code or "")
+    links: dict[str, dict[str, float]] = field(default_factory=dict)  # NVLink field -> link -> counter (per-link rows)
 
 
 class BadSample(ValueError):
@@ -128,8 +140,10 @@ class BadSample(ValueError):
 
 def gpu_of(labels: dict[str, str]) -> tuple[str, GpuRef, str | None]:
     """(entity key, GPU, hostname) of one sample. A ``pci_bus_id`` that is no address (``N/A``) is dropped,
-    not fatal: the UUID or index still names the GPU. MIG rows key by GPU and instance."""
-    uuid = labels.get("UUID") or labels.get("uuid") or None
+    not fatal: the UUID or index still names the GPU. MIG rows key by GPU and instance. A GPU's per-link row
+    (dcgm-exporter ``render_metrics.go`` ``linkMetricsFormat``: ``nvlink``, ``gpu``, ``gpu_uuid``, ``model_name``)
+    names its GPU by ``gpu_uuid``, so it keys with the GPU's own rows."""
+    uuid = labels.get("UUID") or labels.get("uuid") or labels.get("gpu_uuid") or None
     pci = labels.get("pci_bus_id")
     try:
         pci = normalize_pci_bus_id(pci) if pci else None
@@ -189,11 +203,18 @@ def by_gpu(samples: dict[str, list[Sample]], skipped: list[tuple[str, str]] | No
                     if value > g.health.get(watch, (-1.0, ""))[0]:
                         g.health[watch] = (value, code if _FR_CODE.match(code) else "")
                     continue
+                link = s.labels.get("nvlink", "")
+                if link and names in NVLINK:  # one row per link: the GPU's count is their sum (below)
+                    g.links.setdefault(names[0], {})[link] = value
+                    continue
                 g.values.setdefault(names[0], value)
                 if names is XID:
                     g.xid_labels = {k: v for k, v in s.labels.items() if k in ("err_code", "err_msg")}
-            if any(names[0] in g.values for g in out.values()):
+            if any(names[0] in g.values or names[0] in g.links for g in out.values()):
                 break
+    for g in out.values():  # a GPU-level total row, when the page has one, wins over the sum of its links
+        for name, links in g.links.items():
+            g.values.setdefault(name, sum(links.values()))
     return out
 
 
@@ -288,6 +309,11 @@ class DcgmRules:
             state("row_remap.failure", v[REMAP_FAILURE[0]] >= 1)
         if REMAP_PENDING[0] in v:
             state("row_remap.pending", v[REMAP_PENDING[0]] >= 1)
+        if RETIRED_PENDING[0] in v:  # the nvml source's checks, from DCGM's page-retirement fields
+            state("retired_pages.pending", v[RETIRED_PENDING[0]] >= 1, v[RETIRED_PENDING[0]], 0)
+        if RETIRED_SBE[0] in v or RETIRED_DBE[0] in v:
+            retired = v.get(RETIRED_SBE[0], 0.0) + v.get(RETIRED_DBE[0], 0.0)
+            state("retired_pages.limit", retired >= self.th.retired_pages_limit, retired, self.th.retired_pages_limit)
         nv = [r for names in NVLINK if (r := rate(names[0])) is not None]
         if nv:
             total = sum(nv)

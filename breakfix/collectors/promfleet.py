@@ -15,6 +15,9 @@ One odd series (a ``pci_bus_id`` that is no address, such as ``N/A``, is only dr
 reference; a NaN or infinite value, a value no code can be read from, labels no signal takes) is skipped,
 counted in ``FleetRules.skipped`` (``breakfix_collector_parse_skipped_total{source="prometheus"}``) and
 logged once per rule; every other series of that rule and every other rule are still evaluated.
+A series that names a GPU (``gpu`` / ``UUID`` / ``uuid``, or ``gpu_uuid`` on dcgm-exporter's per-link rows) is never an
+endpoint's: the ``namespace`` / ``endpoint`` / ``pod`` that Prometheus Operator stamps on every target it scrapes
+are the exporter's, not a tenant's.
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ class FleetRules:
     def _entity(self, labels: dict[str, str]) -> tuple[str | None, GpuRef | None, TenantRef | None]:
         node = next((labels[k] for k in self.spec.node_labels if labels.get(k)), None)
         gpu = None
-        if "gpu" in labels or "UUID" in labels or "uuid" in labels:
+        if "gpu" in labels or "UUID" in labels or "uuid" in labels or "gpu_uuid" in labels:
             pci = labels.get("pci_bus_id")
             try:  # ``N/A`` (seen on a real A800 page): no address, the UUID or index still names the GPU
                 pci = normalize_pci_bus_id(pci) if pci else None
@@ -127,9 +130,13 @@ class FleetRules:
                 pci = None
             idx = labels.get("gpu", "")
             gpu = GpuRef(index=int(idx) if idx.isdigit() and len(idx) <= 6 else None,
-                         uuid=labels.get("UUID") or labels.get("uuid") or None, pci_bus_id=pci)
+                         uuid=labels.get("UUID") or labels.get("uuid") or labels.get("gpu_uuid") or None,
+                         pci_bus_id=pci)
         tenant = None
-        if labels.get("namespace") and labels.get("endpoint"):
+        # A GPU's series is never an endpoint's: Prometheus Operator stamps every target it scrapes through a
+        # ServiceMonitor with ``namespace`` / ``endpoint`` (the exporter's own namespace and port name, e.g.
+        # ``gpu-operator`` / ``gpu-metrics``), which would make each GPU fault a tenant's.
+        if gpu is None and labels.get("namespace") and labels.get("endpoint"):
             tenant = TenantRef(namespace=labels["namespace"], endpoint=labels["endpoint"])
         return node, gpu, tenant
 
@@ -190,13 +197,13 @@ class FleetRules:
                 return
             signal = ctx.signal(source=SignalSource.PROMETHEUS, check=rule.check, code=code, healthy=False, at=at,
                                 gpu=gpu, component=component, tenant=tenant, value=s.value, message=msg,
-                                details=self._details(s.labels), discriminator=f"{rule.name}-{s.value}")
+                                details=self._details(s.labels, tenant), discriminator=f"{rule.name}-{s.value}")
             self.last_event[key] = s.value
             events.append(signal)
             return
         states.append(ctx.signal(source=SignalSource.PROMETHEUS, check=rule.check, code=code, healthy=False, at=at,
                                  gpu=gpu, component=component, tenant=tenant, value=s.value, message=msg,
-                                 details=self._details(s.labels)))
+                                 details=self._details(s.labels, tenant)))
 
     def _observed(self, rule: FleetRule, s: Series, at: datetime, bad_keys: set[str], states: list[Signal]) -> None:
         node, gpu, tenant = self._entity(s.labels)
@@ -209,11 +216,16 @@ class FleetRules:
         states.append(self._ctx(node).signal(source=SignalSource.PROMETHEUS, check=rule.check, healthy=True, at=at,
                                              gpu=gpu, component=f"mig{mig['GPU_I_ID']}" if mig.get("GPU_I_ID")
                                              else None, tenant=tenant, value=s.value,
-                                             message=f"{rule.name}: within bounds", details=self._details(s.labels)))
+                                             message=f"{rule.name}: within bounds",
+                                             details=self._details(s.labels, tenant)))
 
     @staticmethod
-    def _details(labels: dict[str, str]) -> dict[str, str]:
+    def _details(labels: dict[str, str], tenant: TenantRef | None) -> dict[str, str]:
+        """MIG labels; for an endpoint's series the nodes and pods that serve it. A GPU series' ``pod`` is the
+        scraped exporter's (Prometheus Operator's target label), never a server of anything."""
         d = {k: labels[k] for k in MIG_LABELS if labels.get(k)}
+        if tenant is None:
+            return d
         if labels.get("node"):
             d["serving_nodes"] = labels["node"]
         if labels.get("pod"):
