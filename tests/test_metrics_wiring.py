@@ -241,7 +241,7 @@ async def test_the_fleet_collector_serves_its_cycles_and_goes_unhealthy_without_
 
     clock = ManualClock(T0)
     with tempfile.TemporaryDirectory() as d:
-        rules = FleetRules(load_fleet_rules(), cluster="c1", catalog=default_catalog())
+        rules = FleetRules(load_fleet_rules(), cluster="c1", catalog=default_catalog(), baseline_events=False)
         fc = FleetCollector(rules, prom=NoPrometheus(), clock=clock, spool=Spool(Path(d)), interval_s=30,
                             connect=None)  # type: ignore[arg-type]
         server = fleet_server(fc, port=0, host="127.0.0.1")

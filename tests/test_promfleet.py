@@ -149,7 +149,7 @@ scrape_configs:
 
 async def test_fleet_rules_find_each_fault_on_the_right_node_gpu_and_endpoint(prometheus: str,
                                                                              catalog: Catalog) -> None:
-    rules = FleetRules(load_fleet_rules(), cluster="c1", catalog=catalog)
+    rules = FleetRules(load_fleet_rules(), cluster="c1", catalog=catalog, baseline_events=False)
     cycle = await asyncio.to_thread(rules.evaluate, PrometheusClient(prometheus), T0)
     faults = {(s.node, s.check, s.gpu.index if s.gpu else None, s.tenant.key() if s.tenant else None)
               for s in cycle.states if not s.healthy}
@@ -222,7 +222,7 @@ async def test_one_odd_series_is_skipped_and_counted_never_the_whole_evaluation(
         str(dbe.observed): [Series(NODE_B, 2.0), Series(na, 3.0), Series(other(2), float("nan"))],
         xid.expr: [Series(A800, float("nan")), Series(NODE_B, 79.0), Series(other(3), 79.5), Series(other(4), -1.0)],
     })
-    rules = FleetRules(load_fleet_rules(), cluster="c1", catalog=catalog)
+    rules = FleetRules(load_fleet_rules(), cluster="c1", catalog=catalog, baseline_events=False)
     cycle = rules.evaluate(prom, T0)
     assert {(s.node, s.check, s.gpu.uuid if s.gpu else None, s.gpu.pci_bus_id if s.gpu else None)
             for s in cycle.states if not s.healthy} == {
@@ -232,7 +232,7 @@ async def test_one_odd_series_is_skipped_and_counted_never_the_whole_evaluation(
     assert not [s for s in cycle.states if s.healthy], "the odd observed series is not reported healthy either"
     assert rules.skipped == 5, "+Inf and NaN DBE, NaN, 79.5 and -1 as an XID: each series counted"
 
-    fc = FleetCollector(FleetRules(load_fleet_rules(), cluster="c1", catalog=catalog), prom=prom,
+    fc = FleetCollector(FleetRules(load_fleet_rules(), cluster="c1", catalog=catalog, baseline_events=False), prom=prom,
                         clock=ManualClock(T0), spool=Spool(tmp_path / "spool"), interval_s=30, connect=None)
     await fc.cycle()
     assert (fc.cycles, fc.failures, len(fc.spool)) == (1, 0, 3)
@@ -248,7 +248,7 @@ def test_a_prometheus_answer_that_is_no_number_is_one_skipped_series(catalog: Ca
 
     client = PrometheusClient("http://127.0.0.1:1")
     client._prom = Rows()  # type: ignore[assignment]
-    rules = FleetRules(load_fleet_rules(), cluster="c1", catalog=catalog)
+    rules = FleetRules(load_fleet_rules(), cluster="c1", catalog=catalog, baseline_events=False)
     cycle = rules.apply(rule("dcgm-last-xid"), client.query("x"), None, T0)
     assert [(s.node, s.code) for s in cycle.events] == [("node-b", "79")] and rules.skipped == 2
 
@@ -256,7 +256,7 @@ def test_a_prometheus_answer_that_is_no_number_is_one_skipped_series(catalog: Ca
 def test_mig_instances_are_their_own_entities_and_an_unchanged_gauge_fires_once(catalog: Catalog) -> None:
     """Audit finding 8: two GPU instances of one GPU collapsed onto one key, so their last XIDs re-fired every
     evaluation and carried no GPU_I_ID."""
-    rules = FleetRules(load_fleet_rules(), cluster="c1", catalog=catalog)
+    rules = FleetRules(load_fleet_rules(), cluster="c1", catalog=catalog, baseline_events=False)
     mig1 = Series({**A800, "GPU_I_ID": "1", "GPU_I_PROFILE": "3g.40gb"}, 43.0)
     mig2 = Series({**A800, "GPU_I_ID": "2", "GPU_I_PROFILE": "3g.40gb"}, 94.0)
     first = rules.apply(rule("dcgm-last-xid"), [mig1, mig2], None, T0)
@@ -295,7 +295,8 @@ async def test_fleet_collector_spools_while_nats_is_down_and_replays_when_it_ret
     prom = CountingProm()
     port = free_port()
     url = f"nats://127.0.0.1:{port}"
-    fleet = build_fleet_collector(FleetRules(spec, cluster="c1", catalog=catalog), prom=prom, clock=SystemClock(),
+    rules = FleetRules(spec, cluster="c1", catalog=catalog, baseline_events=False)
+    fleet = build_fleet_collector(rules, prom=prom, clock=SystemClock(),
                                   spool_dir=tmp_path / "spool", interval_s=0.1, retry_s=0.2, connect_timeout_s=0.5,
                                   connect=lambda: JetStreamBus.connect(url, name="test-fleet"))
     stop = asyncio.Event()
@@ -328,3 +329,19 @@ async def test_fleet_collector_spools_while_nats_is_down_and_replays_when_it_ret
         server.stop()
     assert ids[:len(waiting)] == waiting, "every spooled signal, in the order it was spooled"
     assert len(set(ids)) == len(ids) and fleet.forwarder.stats.replayed >= len(waiting)
+
+
+def test_a_restarted_fleet_collector_does_not_raise_every_old_last_xid_again(catalog: Catalog) -> None:
+    """dcgm-exporter's last-XID gauge keeps a repaired GPU's old XID until DCGM restarts: the first evaluation is a
+    baseline, and only a change after it is an event (as the node collector's dcgm source does)."""
+    spec = load_fleet_rules()
+    xid = next(r for r in spec.rules if r.name == "dcgm-last-xid")
+    gpu = {"gpu": "1", "UUID": "GPU-1", "Hostname": "gpu-node-074"}
+    rules = FleetRules(spec, cluster="c1", catalog=catalog)
+    assert rules.apply(xid, [Series(gpu, 79.0)], None, T0).events == [], "there before this collector started"
+    assert rules.apply(xid, [Series(gpu, 79.0)], None, T0).events == []
+    (new,) = rules.apply(xid, [Series(gpu, 48.0)], None, T0).events
+    assert (new.code, new.gpu.uuid if new.gpu else None) == ("48", "GPU-1")
+    other = {"gpu": "2", "UUID": "GPU-2", "Hostname": "gpu-node-074"}  # a GPU with an XID after the baseline
+    (late,) = rules.apply(xid, [Series(gpu, 48.0), Series(other, 13.0)], None, T0).events
+    assert late.code == "13"

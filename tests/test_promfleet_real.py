@@ -29,13 +29,13 @@ def test_a_gpu_series_scraped_through_a_servicemonitor_is_no_tenant_endpoint(cat
     xid = next(r for r in spec.rules if r.name == "dcgm-last-xid")
     scraped = Series({**EXPORTER, **OPERATOR}, 2.0)
     plain = Series(dict(EXPORTER), 2.0)
-    cycle = FleetRules(spec, cluster="c1", catalog=catalog).apply(dbe, [scraped], [scraped], T0)
+    cycle = FleetRules(spec, cluster="c1", catalog=catalog, baseline_events=False).apply(dbe, [scraped], [scraped], T0)
     (s,) = cycle.states
     assert (s.tenant, s.details, s.node, s.gpu.uuid if s.gpu else None) == (
         None, {}, "gpu-node-074", EXPORTER["UUID"])
-    ref = FleetRules(spec, cluster="c1", catalog=catalog).apply(dbe, [plain], None, T0).states[0]
+    ref = FleetRules(spec, cluster="c1", catalog=catalog, baseline_events=False).apply(dbe, [plain], None, T0).states[0]
     assert s.fault_key() == ref.fault_key()
-    (e,) = FleetRules(spec, cluster="c1", catalog=catalog).apply(
+    (e,) = FleetRules(spec, cluster="c1", catalog=catalog, baseline_events=False).apply(
         xid, [Series({**EXPORTER, **OPERATOR, "err_code": "79", "err_msg": "GPU has fallen off the bus"}, 79.0)],
         None, T0).events
     assert (e.code, e.tenant) == ("79", None)

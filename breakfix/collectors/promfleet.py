@@ -104,8 +104,13 @@ class SkippedSeries(ValueError):
 
 
 class FleetRules:
-    def __init__(self, spec: FleetRulesFile, *, cluster: str, catalog: Catalog) -> None:
+    def __init__(self, spec: FleetRulesFile, *, cluster: str, catalog: Catalog, baseline_events: bool = True) -> None:
+        """``baseline_events``: an event rule's first evaluation only records what each series holds (dcgm-exporter's
+        last-XID gauge keeps a repaired GPU's old XID until DCGM restarts, so a restarted fleet collector would
+        raise every one of them again as new); False judges it too (a one-shot run, tests)."""
         self.spec = spec
+        self.baseline_events = baseline_events
+        self.judged_rules: set[str] = set()  # event rules evaluated once already (their baseline is set)
         self.cluster = cluster
         self.catalog = catalog
         self.contexts: dict[str, NodeContext] = {}
@@ -162,11 +167,13 @@ class FleetRules:
         states: list[Signal] = []
         events: list[Signal] = []
         bad_keys: set[str] = set()
+        baseline = self.baseline_events and rule.kind == "event" and rule.name not in self.judged_rules
         for s in faults:
             try:
-                self._fault(rule, s, at, bad_keys, states, events)
+                self._fault(rule, s, at, bad_keys, states, events, baseline=baseline)
             except (ValueError, TypeError, OverflowError) as exc:  # pydantic's ValidationError is a ValueError
                 self._skip(rule, s, str(exc))
+        self.judged_rules.add(rule.name)
         for s in observed or ():
             try:
                 self._observed(rule, s, at, bad_keys, states)
@@ -175,7 +182,7 @@ class FleetRules:
         return Cycle(states=states, events=events)
 
     def _fault(self, rule: FleetRule, s: Series, at: datetime, bad_keys: set[str], states: list[Signal],
-               events: list[Signal]) -> None:
+               events: list[Signal], *, baseline: bool = False) -> None:
         node, gpu, tenant = self._entity(s.labels)
         if node is None:
             return
@@ -193,7 +200,8 @@ class FleetRules:
         component = f"mig{mig['GPU_I_ID']}" if mig.get("GPU_I_ID") else None
         ctx = self._ctx(node)
         if rule.kind == "event":
-            if self.last_event.get(key) == s.value:
+            if baseline or self.last_event.get(key) == s.value:  # the first evaluation: what was there before us
+                self.last_event[key] = s.value
                 return
             signal = ctx.signal(source=SignalSource.PROMETHEUS, check=rule.check, code=code, healthy=False, at=at,
                                 gpu=gpu, component=component, tenant=tenant, value=s.value, message=msg,
