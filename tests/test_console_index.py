@@ -69,3 +69,18 @@ async def test_correlator_indexes_every_change_it_publishes(catalog: Catalog) ->
 
 async def test_a_bus_without_key_value_support_writes_no_index() -> None:
     await index_for(object()).write([incident("inc-a")])  # no error, nothing to write to
+
+
+async def test_an_incident_is_found_when_the_key_listing_comes_back_short() -> None:
+    """nats.py's key listing can end early on a busy server; a verb must not be told the incident does not exist."""
+    bus = MemoryBus()
+    idx = IncidentIndex(bus)
+    await idx.write([incident("inc-open"), incident("inc-far", cluster="c2")])
+
+    async def short(_bucket: str, _prefix: str = "") -> list[str]:
+        return []
+
+    bus.kv_keys = short  # type: ignore[method-assign]
+    found = await idx.find("inc-far")
+    assert found is not None and found.cluster == "c2"
+    assert await idx.find("inc-nope") is None

@@ -116,6 +116,11 @@ class IncidentIndex:
                 entry = await self.kv.kv_get(self.bucket, key)
                 if entry is not None:
                     return decode(entry)
+        # nats.py's key listing (a watcher it ends by itself) can come back short on a busy server: one full read of
+        # the bucket, up to its end-of-values marker, before a verb is told the incident does not exist
+        for entry in await self.kv.kv_snapshot(self.bucket):
+            if entry.key.endswith(suffix) and entry.value is not None:
+                return decode(entry)
         return None
 
     async def snapshot(self, cluster: str | None = None, *, timeout_s: float = 10.0) -> dict[str, Incident]:
