@@ -22,6 +22,11 @@ def ctx(catalog: Catalog) -> NodeContext:
     return NodeContext(cluster="c1", node="n1", catalog=catalog, labels={"rack": "r1"})
 
 
+# nvmlGpuFabricInfo_v2 healthMask of a healthy GB200 fabric: bandwidth not degraded, no route or access-timeout
+# recovery, route healthy (each FALSE, 2), configuration NONE (1) (nvml.h NVML_GPU_FABRIC_HEALTH_MASK_*)
+HEALTHY_FABRIC = 2 | 2 << 2 | 2 << 4 | 2 << 6 | 1 << 8
+
+
 def faults(cycle: Cycle) -> set[tuple[str, int | None, str | None]]:
     return {(s.check, s.gpu.index if s.gpu else None, s.component) for s in cycle.states if not s.healthy}
 
@@ -66,6 +71,12 @@ FAULT_CASES = [
     pytest.param(lambda g: setattr(g.links[3], "up", False), "nvlink.down", "nvlink3", id="nvlink-down"),
     pytest.param(lambda g: setattr(g, "fabric", (pynvml.NVML_GPU_FABRIC_STATE_COMPLETED, pynvml.NVML_ERROR_UNKNOWN)),
                  "fabric.gpu", None, id="fabric-training-failed"),
+    pytest.param(lambda g: setattr(g, "fabric_health", HEALTHY_FABRIC & ~0x3 | 1),  # DEGRADED_BW_TRUE
+                 "fabric.gpu", None, id="fabric-bandwidth-degraded"),
+    pytest.param(lambda g: setattr(g, "fabric_health", HEALTHY_FABRIC & ~(0x3 << 4) | (1 << 4)),  # ROUTE_UNHEALTHY
+                 "fabric.gpu", None, id="fabric-route-unhealthy"),
+    pytest.param(lambda g: setattr(g, "fabric_health", HEALTHY_FABRIC & ~(0xF << 8) | (5 << 8)),
+                 "fabric.gpu", None, id="fabric-insufficient-nvlinks"),
     pytest.param(lambda g: setattr(g, "lost", True), "gpu.lost", None, id="gpu-is-lost"),
     pytest.param(lambda g: setattr(g, "reset_required", True), "gpu.reset_required", None, id="reset-required"),
     pytest.param(lambda g: setattr(g, "recovery_action", pynvml.NVML_GPU_RECOVERY_ACTION_GPU_RESET),
@@ -80,13 +91,23 @@ class TestPolledChecks:
     def test_fault_appears_then_clears(self, catalog: Catalog, mutate, check: str, component: str | None) -> None:  # type: ignore[no-untyped-def]
         fake = FakeNvml.hgx(8)
         fake.gpus[2].fabric = (pynvml.NVML_GPU_FABRIC_STATE_COMPLETED, pynvml.NVML_SUCCESS)
+        fake.gpus[2].fabric_health = HEALTHY_FABRIC
         src = NvmlSource(fake, ctx(catalog))
         assert faults(poll(src)) == set()
         mutate(fake.gpus[2])
         assert faults(poll(src, 10)) == {(check, 2, component)}
         fake.gpus[2] = FakeNvml.hgx(8).gpus[2]
         fake.gpus[2].fabric = (pynvml.NVML_GPU_FABRIC_STATE_COMPLETED, pynvml.NVML_SUCCESS)
+        fake.gpus[2].fabric_health = HEALTHY_FABRIC
         assert faults(poll(src, 20)) == set()
+
+    def test_a_driver_with_only_the_v1_fabric_call_is_judged_on_state_and_status(self, catalog: Catalog) -> None:
+        fake = FakeNvml.hgx(8)
+        fake.gpus[2].fabric = (pynvml.NVML_GPU_FABRIC_STATE_COMPLETED, pynvml.NVML_SUCCESS)  # fabric_health None
+        src = NvmlSource(fake, ctx(catalog))
+        assert faults(poll(src)) == set()
+        fake.gpus[2].fabric = (pynvml.NVML_GPU_FABRIC_STATE_COMPLETED, pynvml.NVML_ERROR_UNKNOWN)
+        assert faults(poll(src, 10)) == {("fabric.gpu", 2, None)}
 
     @pytest.mark.parametrize("training", [pynvml.NVML_GPU_FABRIC_STATE_NOT_STARTED,
                                           pynvml.NVML_GPU_FABRIC_STATE_IN_PROGRESS], ids=["not-started", "in-progress"])

@@ -128,10 +128,33 @@ class GpuSample:
     pcie_replay: int | None = None
     links: dict[int, LinkSample] = field(default_factory=dict)
     fabric: tuple[int, int] | None = None
+    fabric_health: int | None = None  # nvmlGpuFabricInfo_v2 ``healthMask``; None: not read (a v1-only driver)
     recovery: int | None = None  # NVML_GPU_RECOVERY_ACTION_*; None: not read (no field on this driver or GPU)
 
 
 FABRIC_SETTLING = (pynvml.NVML_GPU_FABRIC_STATE_NOT_STARTED, pynvml.NVML_GPU_FABRIC_STATE_IN_PROGRESS)
+
+
+def fabric_health_problems(mask: int) -> list[str]:
+    """What a fabric's ``healthMask`` (nvml.h NVML_GPU_FABRIC_HEALTH_MASK_*) reports wrong, in the words of
+    ``nvidia-smi -q``'s Fabric Health block (``collectors.nvsmi``): degraded bandwidth, an unhealthy route, an
+    incorrect configuration. Route and access-timeout recovery under way are not faults by themselves."""
+    def field(shift: int, width: int) -> int:
+        return (mask >> shift) & width
+
+    n = pynvml
+    out = []
+    if field(n.NVML_GPU_FABRIC_HEALTH_MASK_SHIFT_DEGRADED_BW, n.NVML_GPU_FABRIC_HEALTH_MASK_WIDTH_DEGRADED_BW) \
+            == n.NVML_GPU_FABRIC_HEALTH_MASK_DEGRADED_BW_TRUE:
+        out.append("bandwidth degraded")
+    if field(n.NVML_GPU_FABRIC_HEALTH_MASK_SHIFT_ROUTE_UNHEALTHY, n.NVML_GPU_FABRIC_HEALTH_MASK_WIDTH_ROUTE_UNHEALTHY) \
+            == n.NVML_GPU_FABRIC_HEALTH_MASK_ROUTE_UNHEALTHY_TRUE:
+        out.append("route unhealthy")
+    config = field(pynvml.NVML_GPU_FABRIC_HEALTH_MASK_SHIFT_INCORRECT_CONFIGURATION,
+                   pynvml.NVML_GPU_FABRIC_HEALTH_MASK_WIDTH_INCORRECT_CONFIGURATION)
+    if config > pynvml.NVML_GPU_FABRIC_HEALTH_MASK_INCORRECT_CONFIGURATION_NONE:  # 0: not supported, 1: none
+        out.append(f"incorrect configuration {config}")
+    return out
 
 
 def evaluate(ctx: NodeContext, s: GpuSample, prev: GpuSample | None, at: datetime, elapsed_s: float,
@@ -203,8 +226,12 @@ def evaluate(ctx: NodeContext, s: GpuSample, prev: GpuSample | None, at: datetim
         # NOT_STARTED and IN_PROGRESS are also every NVSwitch GPU's state while Fabric Manager trains the fabric
         # after a boot or a GPU reset, so they are a fault only once they outlast fabric_hold_s (the caller's hold)
         fstate, status = s.fabric
-        state("fabric.gpu", fstate != pynvml.NVML_GPU_FABRIC_STATE_COMPLETED or status != pynvml.NVML_SUCCESS,
-              value=fstate, message=f"GPU fabric state {fstate} status {status} on {s.gpu.label()}")
+        # a fabric COMPLETED with success can still be unhealthy (GB200 NVL72: degraded bandwidth, an unhealthy
+        # route; nvmlGpuFabricInfo_v2 healthMask, as nvidia-smi -q prints it under Fabric Health)
+        problems = fabric_health_problems(s.fabric_health) if s.fabric_health is not None else []
+        state("fabric.gpu", fstate != pynvml.NVML_GPU_FABRIC_STATE_COMPLETED or status != pynvml.NVML_SUCCESS
+              or bool(problems), value=fstate, message=f"GPU fabric state {fstate} status {status} on "
+              f"{s.gpu.label()}" + (f": {', '.join(problems)}" if problems else ""))
     return out
 
 
@@ -333,7 +360,7 @@ class NvmlSource:
                     break
                 errs = [_read(n.nvmlDeviceGetNvLinkErrorCounter, h, link, c) for c in NVLINK_COUNTERS]
                 s.links[link] = LinkSample(up=st == pynvml.NVML_FEATURE_ENABLED, errors=sum(e or 0 for e in errs))
-            s.fabric = self._fabric(h)
+            s.fabric, s.fabric_health = self._fabric(h)
             s.recovery = self._recovery(index, h)
         except pynvml.NVMLError_GpuIsLost:
             s = GpuSample(gpu=ref, lost="gpu.lost")
@@ -347,15 +374,25 @@ class NvmlSource:
         self.unreadable.pop(index, None)
         return s
 
-    def _fabric(self, h: Any) -> tuple[int, int] | None:
-        info = pynvml.c_nvmlGpuFabricInfo_t()
+    def _fabric(self, h: Any) -> tuple[tuple[int, int] | None, int | None]:
+        """(state, status) and the health mask where the driver has the versioned call (R550+), else the v1 call's
+        (state, status) alone; (None, None) where there is no fabric (not an NVSwitch/NVL system, an older driver)."""
+        info = pynvml.c_nvmlGpuFabricInfo_v2_t()
         try:
-            self.nvml.nvmlDeviceGetGpuFabricInfo(h, ctypes.byref(info))  # NVML fills the struct in place
+            self.nvml.nvmlDeviceGetGpuFabricInfoV(h, ctypes.byref(info))  # NVML fills the struct in place
+            return (int(info.state), int(info.status)), int(info.healthMask)
+        except (pynvml.NVMLError_GpuIsLost, pynvml.NVMLError_ResetRequired):
+            raise
+        except (pynvml.NVMLError, AttributeError):
+            pass  # no versioned call in this library or driver: the v1 call below
+        v1 = pynvml.c_nvmlGpuFabricInfo_t()
+        try:
+            self.nvml.nvmlDeviceGetGpuFabricInfo(h, ctypes.byref(v1))
         except (pynvml.NVMLError_GpuIsLost, pynvml.NVMLError_ResetRequired):
             raise
         except pynvml.NVMLError:
-            return None  # not an NVSwitch/NVL system, or an older driver
-        return int(info.state), int(info.status)
+            return None, None
+        return (int(v1.state), int(v1.status)), None
 
     def _recovery(self, index: int, h: Any) -> int | None:
         """The GPU's NVML_GPU_RECOVERY_ACTION_*, or None where the driver does not have the field. A field the

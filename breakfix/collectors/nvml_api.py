@@ -48,6 +48,7 @@ class Nvml(Protocol):
     def nvmlDeviceGetNvLinkState(self, handle: Any, link: int) -> int: ...
     def nvmlDeviceGetNvLinkErrorCounter(self, handle: Any, link: int, counter: int) -> int: ...
     def nvmlDeviceGetGpuFabricInfo(self, handle: Any, info: Any) -> None: ...
+    def nvmlDeviceGetGpuFabricInfoV(self, handle: Any, info: Any) -> None: ...
     def nvmlDeviceGetFieldValues(self, handle: Any, field_ids: Sequence[int | tuple[int, int]]) -> Any: ...
     def nvmlEventSetCreate(self) -> Any: ...
     def nvmlDeviceGetSupportedEventTypes(self, handle: Any) -> int: ...
@@ -82,6 +83,7 @@ class FakeGpu:
     pcie_replay: int = 0
     links: list[FakeLink] = field(default_factory=lambda: [FakeLink() for _ in range(18)])
     fabric: tuple[int, int] | None = None  # (state, status); None: NotSupported
+    fabric_health: int | None = None  # nvmlGpuFabricInfo_v2 healthMask; None: a driver with only the v1 call
     # NVML_GPU_RECOVERY_ACTION_* (nvmlDeviceGpuRecoveryAction_t) of field NVML_FI_DEV_GET_GPU_RECOVERY_ACTION;
     # None: a driver before R570 that does not know the field (per-field NVML_ERROR_NOT_SUPPORTED)
     recovery_action: int | None = pynvml.NVML_GPU_RECOVERY_ACTION_NONE
@@ -267,6 +269,16 @@ class FakeNvml:
             raise pynvml.NVMLError_NotSupported()
         struct = getattr(info, "_obj", info)  # ctypes.byref(...) or the struct itself
         struct.state, struct.status = g.fabric
+
+    def nvmlDeviceGetGpuFabricInfoV(self, handle: Any, info: Any) -> None:
+        g = self._gpu(handle, "nvmlDeviceGetGpuFabricInfoV")
+        if g.fabric is None:
+            raise pynvml.NVMLError_NotSupported()
+        if g.fabric_health is None:
+            raise pynvml.NVMLError_FunctionNotFound()
+        struct = getattr(info, "_obj", info)
+        struct.state, struct.status = g.fabric
+        struct.healthMask = g.fabric_health
 
     def nvmlDeviceGetFieldValues(self, handle: Any, field_ids: Sequence[int | tuple[int, int]]) -> Any:
         """pynvml's ``c_nvmlFieldValue_t`` array, one entry per id (an int, or a (fieldId, scopeId) pair as
