@@ -186,3 +186,23 @@ class TestReadings:
         assert faults(catalog, clocks) == [("clock.hw_slowdown", "0000:01:00.0")]
         xml = "<nvidia_smi_log><gpu id='0000:01:00.0'>" + "<a>" * depth + "</a>" * depth + "</gpu></nvidia_smi_log>"
         assert [g.sample.gpu.pci_bus_id for g in parse_nvsmi(xml).gpus] == ["0000:01:00.0"]
+
+
+# --- from a review ------------------------------------------------------------------------------------------------
+def test_a_text_dump_cut_mid_line_reads_no_half_written_value() -> None:
+    """``nvidia-smi -q`` killed by a timeout on a hung GPU: ``GPU Slowdown Temp : 8`` (of 87) is no reading."""
+    from breakfix.collectors.nvsmi import parse_nvsmi
+
+    text = (DATA / "nvsmi_1gpu_v100_r470.txt").read_text()
+    cut = text[:text.index(":", text.index("GPU Slowdown Temp")) + 3]
+    (gpu,) = parse_nvsmi(cut).gpus
+    assert gpu.sample.slowdown is None
+
+
+def test_a_gpu_that_cannot_be_opened_in_a_later_interval_is_lost_though_an_earlier_one_read_it() -> None:
+    from breakfix.collectors.nvsmi import parse_nvsmi
+
+    text = (DATA / "nvsmi_8gpu_row_remap_pending.txt").read_text()
+    later = "Unable to determine the device handle for GPU0000:18:00.0: Unknown Error\n" + text
+    gpus = {g.sample.gpu.pci_bus_id: g.sample.lost for g in parse_nvsmi(text + "\n" + later).gpus}
+    assert gpus["0000:18:00.0"] == "gpu.lost" and len(gpus) == 8

@@ -129,7 +129,10 @@ def _text_tree(text: str) -> Node:
     root = Node("")
     stack: list[tuple[int, Node]] = [(-1, root)]
     count = 0
-    for raw in text.expandtabs(4).splitlines():
+    lines = text.expandtabs(4).splitlines()
+    if lines and not text.endswith(("\n", "\r")):
+        lines.pop()  # a dump cut mid-line (a capture killed on a hung GPU): a half-written value is no reading
+    for raw in lines:
         if not raw.strip() or len(raw) > 4096:
             continue
         count += 1
@@ -469,21 +472,23 @@ def parse_nvsmi(text: str) -> NvsmiRead:
             g = gpu_sample(node, index)
             latest[g.sample.gpu.pci_bus_id or g.sample.gpu.uuid or f"#{index}"] = g
             index += 1
-    gpus = list(latest.values())
-    seen = {g.sample.gpu.pci_bus_id for g in gpus}
+    by_pci = {g.sample.gpu.pci_bus_id or f"#{n}": g for n, g in enumerate(latest.values())}
+    lost_now: set[str] = set()
     for m in _NO_HANDLE.finditer(text[:1 << 20]):
         try:
             pci = normalize_pci_bus_id(m.group("bus"))
         except ValueError:
             continue
-        if pci in seen or len(gpus) >= 4096:
+        if pci in lost_now or (pci not in by_pci and len(by_pci) >= 4096):
             continue
-        seen.add(pci)
+        # a GPU nvidia-smi could not open in any interval of the capture is lost, even where another interval
+        # (an earlier one of ``-l N``) read it: the cautious reading, and the one a hung GPU gives last
+        lost_now.add(pci)
         why = m.group("why").lower()
         lost = "gpu.reset_required" if "reset" in why and "reboot" not in why else "gpu.lost"
-        gpus.append(NvsmiGpu(GpuSample(gpu=GpuRef(pci_bus_id=pci), lost=lost), {"nvidia_smi": m.group("why")[:200]},
-                             None))
-    return NvsmiRead(gpus, attached)
+        by_pci[pci] = NvsmiGpu(GpuSample(gpu=GpuRef(pci_bus_id=pci), lost=lost), {"nvidia_smi": m.group("why")[:200]},
+                               None)
+    return NvsmiRead(list(by_pci.values()), attached)
 
 
 @dataclass(frozen=True, slots=True)
