@@ -167,6 +167,13 @@ async def test_an_address_with_many_failed_logins_is_refused_without_a_check_unt
     now[0] += auth_module.LOGIN_WINDOW_S
     assert (await auth.login("olga", "right", remote="10.0.0.9")).who.user == "olga" and "10.0.0.9" not in auth.failures
 
+    checks.clear()  # a burst from one address at once: only the allowance is checked, the rest refused at once
+    results = await asyncio.gather(*(auth.login("olga", "wrong", remote="10.0.0.11") for _ in range(100)),
+                                   return_exceptions=True)
+    statuses = sorted(r.status for r in results if isinstance(r, auth_module.Refusal))
+    assert statuses == [401] * auth_module.MAX_LOGIN_FAILURES + [429] * (100 - auth_module.MAX_LOGIN_FAILURES)
+    assert len(checks) == auth_module.MAX_LOGIN_FAILURES
+
 
 # -- 5: clusters -------------------------------------------------------------------------------------------
 async def test_an_admin_verb_for_a_cluster_the_console_does_not_know_is_refused_in_one_line(

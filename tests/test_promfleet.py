@@ -338,6 +338,7 @@ def test_a_restarted_fleet_collector_does_not_raise_every_old_last_xid_again(cat
     xid = next(r for r in spec.rules if r.name == "dcgm-last-xid")
     gpu = {"gpu": "1", "UUID": "GPU-1", "Hostname": "gpu-node-074"}
     rules = FleetRules(spec, cluster="c1", catalog=catalog)
+    assert rules.apply(xid, [], None, T0).events == [], "Prometheus just restarted: nothing scraped yet, no baseline"
     assert rules.apply(xid, [Series(gpu, 79.0)], None, T0).events == [], "there before this collector started"
     assert rules.apply(xid, [Series(gpu, 79.0)], None, T0).events == []
     (new,) = rules.apply(xid, [Series(gpu, 48.0)], None, T0).events

@@ -173,7 +173,8 @@ class FleetRules:
                 self._fault(rule, s, at, bad_keys, states, events, baseline=baseline)
             except (ValueError, TypeError, OverflowError) as exc:  # pydantic's ValidationError is a ValueError
                 self._skip(rule, s, str(exc))
-        self.judged_rules.add(rule.name)
+        if faults:  # an empty first answer (Prometheus just restarted, nothing scraped yet) sets no baseline: the old
+            self.judged_rules.add(rule.name)  # XIDs it did not show yet would all be raised as new at the next one
         for s in observed or ():
             try:
                 self._observed(rule, s, at, bad_keys, states)

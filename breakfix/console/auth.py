@@ -191,6 +191,12 @@ class Auth:
             # checks at once are everyone's logins)
             raise self.refuse(429, "too many failed logins from this address", user=name[:100] or "-", path="/login",
                               remote=remote)
+        # counted as failed before the check, with no await in between: attempts from one address that run at once
+        # all see each other, so a burst cannot take the checks before its failures are counted; a success clears it
+        self.failures.pop(remote, None)  # re-inserted last: the dict stays in order of the latest attempt
+        self.failures[remote] = [*recent, now]
+        while len(self.failures) > MAX_REMOTES:
+            self.failures.pop(next(iter(self.failures)))
         user = next((u for u in self.config.users if secrets.compare_digest(u.name.encode(), name.encode())), None)
         dummy = await asyncio.to_thread(_dummy_hash)  # made once
         token_hash = user.token_hash if user is not None else dummy
@@ -199,10 +205,6 @@ class Auth:
         if user is not None and ok:
             self.failures.pop(remote, None)
             return self._new(Identity(user.name, user.role))
-        self.failures.pop(remote, None)  # re-inserted last: the dict stays in order of the latest failure
-        self.failures[remote] = [*recent, self.clock()][-MAX_LOGIN_FAILURES:]
-        while len(self.failures) > MAX_REMOTES:
-            self.failures.pop(next(iter(self.failures)))
         raise self.refuse(401, "bad name or token", user=name[:100] or "-", path="/login", remote=remote)
 
     def logout(self, sid: str | None) -> None:
