@@ -282,11 +282,11 @@ class TestFabric:
         """A collector started with the node (systemd, or breakfix's own reboot rung) reads its ports before the links
         train: a port seen up before and still Polling within bringup_hold_s of the boot is not yet a link down."""
         root = ib_tree(tmp_path)
-        rules = FabricRules(ctx(catalog), FabricThresholds(), seen_up={"mlx5_0/1"}, uptime=lambda: uptime)
+        rules = FabricRules(ctx(catalog), FabricThresholds(), seen_up={"mlx5_0/1"})
         (root / "mlx5_0/ports/1/state").write_text("1: DOWN\n")
         (root / "mlx5_0/ports/1/phys_state").write_text("2: Polling\n")
-        rules.apply(read_ports(root), T0, 1000.0)
-        later = rules.apply(read_ports(root), T0 + timedelta(seconds=after_s), 1000.0 + after_s)
+        rules.apply(read_ports(root), T0, 1000.0, uptime_s=uptime)
+        later = rules.apply(read_ports(root), T0 + timedelta(seconds=after_s), 1000.0 + after_s, uptime_s=uptime)
         assert (("ib.link_down", "mlx5_0/1") in bad(later)) is down
 
     def test_node_uptime_reads_proc_uptime_and_says_none_when_it_cannot(self, tmp_path: Path) -> None:

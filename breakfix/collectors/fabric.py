@@ -199,13 +199,10 @@ def read_ports(root: Path = SYSFS, skipped: Skipped | None = None) -> list[PortS
 
 class FabricRules:
     def __init__(self, ctx: NodeContext, thresholds: FabricThresholds | None = None, *,
-                 seen_up: set[str] | None = None, uptime: Callable[[], float | None] | None = None) -> None:
+                 seen_up: set[str] | None = None) -> None:
         """``seen_up``: ports seen ACTIVE before (kept on disk by the source plugin, plus those whose
-        ``ib.link_down`` was open when the collector stopped): their loss is a fault, never "not judged".
-        ``uptime``: seconds since the node booted (``/proc/uptime``; None when unknown): within ``bringup_hold_s``
-        of a boot a port still Polling is held too, since links have not started training yet."""
+        ``ib.link_down`` was open when the collector stopped): their loss is a fault, never "not judged"."""
         self.ctx = ctx
-        self.uptime = uptime
         self.th = thresholds or FabricThresholds()
         self.prev: dict[str, tuple[PortSample, float]] = {}
         self.flaps: dict[str, list[float]] = {}
@@ -220,9 +217,13 @@ class FabricRules:
         self.first_up: dict[str, float] = {}  # port -> when (monotonic) it was first seen up, in this process
         self.read_at: dict[str, float] = {}  # port -> when (monotonic) it was last read
 
-    def apply(self, ports: list[PortSample], at: datetime, mono: float) -> Cycle:
+    def apply(self, ports: list[PortSample], at: datetime, mono: float, *, uptime_s: float | None = None) -> Cycle:
+        """``uptime_s``: seconds since the node booted (the caller reads ``/proc/uptime`` once a cycle; None when
+        unknown): within ``bringup_hold_s`` of a boot a port still Polling is held too, since a collector started with
+        the node (systemd, or after breakfix's own reboot rung) reads its ports before the links have left Polling."""
         states: list[Signal] = []
         th = self.th
+        booting = uptime_s is not None and uptime_s < th.bringup_hold_s
         read = {p.port for p in ports if not p.missing}
         for p in ports:  # a port up for the first time (here, since this process started): a rename's evidence
             if not p.missing and p.port not in self.seen_up and p.state in ACTIVE and p.phys_state == LINK_UP \
@@ -290,7 +291,7 @@ class FabricRules:
                 state("ib.link_down", False, f"{readings}; never ACTIVE on this node: not judged", reading="inactive")
                 continue
             self.inactive.discard(p.port)
-            if self._holding(p, known_down, mono, th):
+            if self._holding(p, known_down, mono, th, booting):
                 continue  # coming up: the edge keeps the port's last state meanwhile; counters are read next time
             if not known_down and unknown:
                 state("ib.link_down", True, f"{readings}: not a state the kernel prints", severity=Severity.WARNING,
@@ -327,7 +328,7 @@ class FabricRules:
             self.coming_up = {k: v for k, v in self.coming_up.items() if k in names}
         return Cycle(states=states)
 
-    def _holding(self, p: PortSample, down: bool, mono: float, th: FabricThresholds) -> bool:
+    def _holding(self, p: PortSample, down: bool, mono: float, th: FabricThresholds, booting: bool) -> bool:
         """A down port still coming up, within ``bringup_hold_s`` of first being read so: not judged yet.
 
         INIT means the physical link is up but the subnet manager has not configured the port, ARMED that it
@@ -337,7 +338,7 @@ class FabricRules:
         long as the SM takes to sweep; a port that stays there past the hold is a fault. DOWN with
         Polling, Disabled or Sleep (no peer, no cable, shut) is judged at once; so are offline readings."""
         bringing_up = down and ((p.state in BRINGUP_STATES and p.phys_state == LINK_UP) or p.phys_state in BRINGUP_PHYS
-                                or (p.phys_state == POLLING and self._booting(th)))
+                                or (p.phys_state == POLLING and booting))
         if not bringing_up or th.single_reading or th.bringup_hold_s <= 0:
             self.coming_up.pop(p.port, None)
             return False
@@ -354,14 +355,6 @@ class FabricRules:
                     and (not gone.link_layer or self.link_layer.get(port, "") == gone.link_layer):
                 return port
         return None
-
-    def _booting(self, th: FabricThresholds) -> bool:
-        """The node booted less than ``bringup_hold_s`` ago: a collector started with the node (systemd) reads its
-        ports before the links have left Polling, breakfix's own reboot rung included."""
-        if self.uptime is None:
-            return False
-        up = self.uptime()
-        return up is not None and up < th.bringup_hold_s
 
     def _totals(self, p: PortSample, state: Callable[..., None]) -> None:
         """One reading, no reading before: the counters since their last reset against ``totals``."""

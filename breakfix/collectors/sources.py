@@ -153,7 +153,8 @@ class FabricPlugin:
         self.sysfs = c.sysfs
         self.interval = c.interval_s
         self.seen_path = env.state_dir / "fabric-seen-up.json"  # a restart must not forget which ports worked
-        self.rules = FabricRules(env.ctx, c.thresholds, seen_up=set(load_keys(self.seen_path)), uptime=env.uptime)
+        self.rules = FabricRules(env.ctx, c.thresholds, seen_up=set(load_keys(self.seen_path)))
+        self.uptime = env.uptime
         self._saved = len(self.rules.seen_up)
 
     @property
@@ -172,7 +173,7 @@ class FabricPlugin:
                 self.rules.seen_up.add(entity.split("/", 1)[1])
 
     def apply(self, raw: list[PortSample], at: datetime, mono: float) -> Cycle:
-        cycle = self.rules.apply(raw, at, mono)
+        cycle = self.rules.apply(raw, at, mono, uptime_s=self.uptime() if self.uptime is not None else None)
         if len(self.rules.seen_up) != self._saved and save_keys(self.seen_path, sorted(self.rules.seen_up)):
             self._saved = len(self.rules.seen_up)
         return cycle
