@@ -64,7 +64,7 @@ import structlog
 
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.edge import Cycle
-from breakfix.collectors.nvml import recovery_verdict
+from breakfix.collectors.nvml import RETIRED_PAGES_LIMIT, recovery_verdict
 from breakfix.collectors.promlines import parse_tolerant
 from breakfix.collectors.promtext import Sample
 from breakfix.schemas.common import GpuRef, normalize_pci_bus_id
@@ -117,7 +117,7 @@ CLOCK_BITS = (("clock.hw_slowdown", 0x8), ("clock.hw_thermal", 0x40), ("clock.po
 @dataclass(frozen=True, slots=True)
 class DcgmThresholds:
     nvlink_errors_per_min: float = 10.0
-    retired_pages_limit: int = 60  # as the nvml source: NVIDIA retires at most 64 pages per GPU; near it, RMA
+    retired_pages_limit: int = RETIRED_PAGES_LIMIT  # as the nvml source
     pcie_replay_per_min: float = 60.0
     thermal_violation_share: float = 0.05  # of wall time throttled for thermal reasons
 

@@ -115,6 +115,11 @@ class PortSample:
     missing: bool = False  # the port (or, from ibstat text, the whole adapter ``port`` names) is gone
 
 
+def missing_port(port: str, why: str = "", *, link_layer: str = "") -> PortSample:
+    """A port (or, from ibstat text, a whole adapter) that was not there to read: ``why`` the tool's words."""
+    return PortSample(port, None, why, None, "", None, "", link_layer, {}, missing=True)
+
+
 class SkipCount:
     """A ``skipped`` sink for ``read_ports`` that only counts (the daemon's: nothing grows with input)."""
 
@@ -234,8 +239,7 @@ class FabricRules:
         for port in read:
             if port in self.read_at or len(self.read_at) < MAX_PORTS:
                 self.read_at[port] = mono
-        gone = [PortSample(port, None, "", None, "", None, "", self.link_layer.get(port, ""), {}, missing=True)
-                for port in sorted(self.seen_up - read)]
+        gone = [missing_port(port, link_layer=self.link_layer.get(port, "")) for port in sorted(self.seen_up - read)]
         for p in [*ports, *gone]:
             if not p.missing and len(self.link_layer) < MAX_PORTS:
                 self.link_layer[p.port] = p.link_layer
@@ -350,7 +354,7 @@ class FabricRules:
         seen up are kept). RoCE LAG replaces mlx5_2 and mlx5_3 by mlx5_bond_0 and back; a port that comes back under
         its own name was up before, so it never excuses another's loss."""
         last = self.read_at.get(gone.port, float("-inf"))
-        for port, at in sorted(self.first_up.items(), key=lambda kv: kv[1]):
+        for port, at in self.first_up.items():  # in the order they came up (only ever added, at a rising time)
             if at > last and port in self.seen_up and port != gone.port \
                     and (not gone.link_layer or self.link_layer.get(port, "") == gone.link_layer):
                 return port

@@ -24,8 +24,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from breakfix.collectors.fabric import PortSample, port_sample
-from breakfix.collectors.ibstate import PHYS_STATES, PORT_STATES, Reading, parse_state
+from breakfix.collectors.fabric import PortSample, missing_port, port_sample
+from breakfix.collectors.ibstate import PHYS_STATES, PORT_STATES, parse_state
 
 _NODE = r"(?:CA|Switch|Router|iWARP RNIC|\?\?\?)"  # ibstat.c node_type_str
 _CA = re.compile(rf"^{_NODE}(?P<alone>:)? '(?P<dev>[^']{{1,64}})'\s*$")
@@ -38,7 +38,6 @@ _IBPANIC = re.compile(r"^ibpanic: (?P<what>.*?)(?:stat of IB device '(?P<dev>[^'
 _FATAL = re.compile(r"^Fatal error:\s+device '(?P<dev>[^']{1,64})': sys files not found.*$")
 _RATE = re.compile(r"^(?P<gbps>\d{1,6}(?:\.\d{1,3})?)(?:\s*\((?P<speed>[A-Za-z0-9]{1,12})\))?$", re.ASCII)
 MAX_PORTS = 4096
-_GONE = Reading(None, "")
 
 
 @dataclass
@@ -84,7 +83,7 @@ def parse_ibstat(text: str) -> IbstatRead:
                         _rate(kv.get("rate", "")), kv.get("link layer") or kv.get("link_layer") or "", {}))
 
     def gone(device: str, why: str) -> None:
-        add(PortSample(device, _GONE.number, why[:200], _GONE.number, "", None, "", "", {}, missing=True))
+        add(missing_port(device, why[:200]))
 
     for line in text.splitlines():
         if m := _CA.match(line):

@@ -94,13 +94,15 @@ def recovery_verdict(action: int) -> RecoveryVerdict | None:
     return RecoveryVerdict(action, name, check, code)
 
 
+RETIRED_PAGES_LIMIT = 60  # NVIDIA retires at most 64 pages per GPU; near the end, RMA (the dcgm source too)
+
 @dataclass(frozen=True, slots=True)
 class Thresholds:
     sbe_burst: int = 100             # new volatile SBEs within one poll
     pcie_replay_per_min: float = 60.0
     nvlink_errors_per_min: float = 10.0
     temperature_margin_c: int = 0    # fault at slowdown threshold minus this
-    retired_pages_limit: int = 60    # NVIDIA retires at most 64 pages per GPU; near the end, RMA
+    retired_pages_limit: int = RETIRED_PAGES_LIMIT
     fabric_hold_s: float = 300.0     # GPU fabric NOT_STARTED / IN_PROGRESS (Fabric Manager still training) this long
 
 

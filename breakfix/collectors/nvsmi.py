@@ -472,23 +472,22 @@ def parse_nvsmi(text: str) -> NvsmiRead:
             g = gpu_sample(node, index)
             latest[g.sample.gpu.pci_bus_id or g.sample.gpu.uuid or f"#{index}"] = g
             index += 1
-    by_pci = {g.sample.gpu.pci_bus_id or f"#{n}": g for n, g in enumerate(latest.values())}
     lost_now: set[str] = set()
     for m in _NO_HANDLE.finditer(text[:1 << 20]):
         try:
             pci = normalize_pci_bus_id(m.group("bus"))
         except ValueError:
             continue
-        if pci in lost_now or (pci not in by_pci and len(by_pci) >= 4096):
+        if pci in lost_now or (pci not in latest and len(latest) >= 4096):
             continue
         # a GPU nvidia-smi could not open in any interval of the capture is lost, even where another interval
         # (an earlier one of ``-l N``) read it: the cautious reading, and the one a hung GPU gives last
         lost_now.add(pci)
         why = m.group("why").lower()
         lost = "gpu.reset_required" if "reset" in why and "reboot" not in why else "gpu.lost"
-        by_pci[pci] = NvsmiGpu(GpuSample(gpu=GpuRef(pci_bus_id=pci), lost=lost), {"nvidia_smi": m.group("why")[:200]},
+        latest[pci] = NvsmiGpu(GpuSample(gpu=GpuRef(pci_bus_id=pci), lost=lost), {"nvidia_smi": m.group("why")[:200]},
                                None)
-    return NvsmiRead(list(by_pci.values()), attached)
+    return NvsmiRead(list(latest.values()), attached)
 
 
 @dataclass(frozen=True, slots=True)
