@@ -41,6 +41,7 @@ class Cluster:
         self.evictions: list[str] = []
         self.pdb_refusals: dict[str, int] = {}
         self.lingering: set[str] = set()  # pods whose eviction is accepted but that keep terminating
+        self.recreated: set[str] = set()  # pods their StatefulSet recreates under the same name once evicted
         self.kubelet: dict[str, dict[str, str]] = {}  # node -> the Ready condition its kubelet reports
 
     def obj(self, resource: str, ns: str | None, name: str) -> dict[str, Any]:
@@ -73,9 +74,9 @@ class Cluster:
         stored.patch({"status": {"conditions": [*others, self.kubelet[name]]}})
 
     async def add_pod(self, ns: str, name: str, node: str, *, owner: str | None = "ReplicaSet",
-                      refusals: int = 0, grace_s: int | None = None) -> None:
+                      refusals: int = 0, grace_s: int | None = None, uid: str | None = None) -> None:
         from kubernetes import client
-        meta: dict[str, Any] = {"name": name, "namespace": ns}
+        meta: dict[str, Any] = {"name": name, "namespace": ns, **({"uid": uid} if uid else {})}
         if owner:
             meta["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": owner, "name": f"{name}-owner", "uid": "u",
                                         "controller": True}]
@@ -95,7 +96,12 @@ class Cluster:
                     "message": "Cannot evict pod as it would violate the pod's disruption budget."})
             self.evictions.append(key)
             if key not in self.lingering:  # as the API server does: an accepted eviction deletes the pod
-                self.k.objects["v1/pods", ns, name].delete()
+                stored = self.k.objects["v1/pods", ns, name]
+                raw = dict(stored.raw)
+                stored.delete()
+                if key in self.recreated:  # its controller makes a new pod of the same name (a new UID)
+                    self.k.objects["v1/pods", ns, name] = {**raw, "metadata": {**raw["metadata"],
+                                                                               "uid": f"{uid or name}-again"}}
             return kmock.Response(status=201, payload={"kind": "Status", "apiVersion": "v1", "status": "Success",
                                                        "code": 201})
 
@@ -280,6 +286,19 @@ class TestDrain:
         await ending
         assert result.ok, result.detail
         assert len(cluster.k["list"]) >= 2, "it looked again until the pod was gone"
+
+    async def test_a_pod_recreated_under_the_same_name_is_not_waited_for(self, cluster: Cluster) -> None:
+        """A StatefulSet recreates ``train-3`` at once, and on this very node when only a GPU is drained (the node
+        stays schedulable): as ``kubectl drain``, the drain tells the new pod from the evicted one by its UID."""
+        await cluster.add_node("n1")
+        await cluster.add_pod("ml", "train-3", "n1", owner="StatefulSet", uid="uid-1")
+        cluster.recreated.add("ml/train-3")
+        act = KubernetesActuator(cluster.api, drain=DrainPolicy(retry_s=0.05, gone_timeout_s=60),
+                                 clock=ManualClock(T0))
+        result = await act.drain_gpu("n1", 3, incident="inc-1", pods=("ml/train-3",))
+        assert result.ok, result.detail
+        assert cluster.evictions == ["ml/train-3"]
+        assert cluster.obj("v1/pods", "ml", "train-3")["metadata"]["uid"] == "uid-1-again", "the new pod runs"
 
     async def test_a_pod_that_outlives_the_wait_fails_the_drain_with_its_name(self, cluster: Cluster) -> None:
         await cluster.add_node("n1")

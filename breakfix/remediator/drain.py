@@ -47,6 +47,7 @@ class PodFacts:
     phase: str = "Running"
     owner_kinds: tuple[str, ...] = ()
     annotations: frozenset[str] = frozenset()
+    uid: str = ""  # the API's metadata.uid: a pod recreated under the same name is another pod
 
 
 @dataclass(frozen=True, slots=True)

@@ -131,7 +131,7 @@ def _facts(p: dict[str, Any]) -> PodFacts:
     return PodFacts(str(meta.get("namespace", "")), str(meta.get("name", "")),
                     str((p.get("status") or {}).get("phase") or "Running"),
                     tuple(str(o.get("kind", "")) for o in (meta.get("ownerReferences") or [])),
-                    frozenset(meta.get("annotations") or {}))
+                    frozenset(meta.get("annotations") or {}), str(meta.get("uid") or ""))
 
 
 class KubernetesActuator:
@@ -314,14 +314,14 @@ class KubernetesActuator:
             self.evictions += 1
             return True, f"evicted {ns}/{name}", True
 
-    async def _drain(self, node: str, pods: list[tuple[str, str]]) -> StepResult:
+    async def _drain(self, node: str, pods: list[PodFacts]) -> StepResult:
         sem = asyncio.Semaphore(self.drain_policy.parallel)
-        results = await asyncio.gather(*(self._evict(ns, name, sem) for ns, name in pods))
+        results = await asyncio.gather(*(self._evict(p.namespace, p.name, sem) for p in pods))
         failed = [why for ok, why, _ in results if not ok]
         if failed:
             return StepResult(False, f"{len(failed)} of {len(pods)} pods on {node} not moved: {failed[0]}",
                               {"evicted": str(len(pods) - len(failed)), "blocked": str(len(failed))})
-        evicted = {f"{ns}/{name}" for (ns, name), (_, _, ending) in zip(pods, results, strict=True) if ending}
+        evicted = {f"{p.namespace}/{p.name}": p.uid for p, (_, _, ending) in zip(pods, results, strict=True) if ending}
         left, waited = await self._until_gone(node, evicted)
         if left:
             return StepResult(False, f"{len(left)} of {len(evicted)} evicted pods on {node} still terminating after "
@@ -329,11 +329,14 @@ class KubernetesActuator:
                               {"evicted": str(len(pods)), "terminating": str(len(left))})
         return StepResult(True, f"evicted {len(pods)} pods from {node}", {"evicted": str(len(pods))})
 
-    async def _until_gone(self, node: str, evicted: set[str]) -> tuple[set[str], float]:
+    async def _until_gone(self, node: str, evicted: dict[str, str]) -> tuple[set[str], float]:
         """Wait until the evicted pods have left the node (deleted, or ended), as ``kubectl drain`` does: an
         accepted eviction only starts a pod's graceful termination, and its processes hold the GPU until it
-        ends, so a reset right after would find the GPU busy. Returns the pods still there at the deadline, and
-        how long it waited: ``gone_timeout_s``, or the longest grace period of those pods plus 30 s."""
+        ends, so a reset right after would find the GPU busy. ``evicted``: ``namespace/name`` -> the evicted pod's
+        UID. As ``kubectl drain``, a pod counts as gone once its UID changed: a StatefulSet recreates ``train-3``
+        under the same name, on this node too when only a GPU is being drained and the node stays schedulable.
+        Returns the pods still there at the deadline, and how long it waited: ``gone_timeout_s``, or the longest
+        grace period of those pods plus 30 s."""
         wait = self.drain_policy.gone_timeout_s
         if not evicted or wait <= 0:
             return set(), 0.0
@@ -343,9 +346,11 @@ class KubernetesActuator:
         deadline = start + wait
         poll = min(0.5, self.drain_policy.retry_s)
         while True:
-            there = {f"{m.get('namespace', '')}/{m.get('name', '')}": p for p in await self._pod_docs(node)
-                     if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed") for m in (_meta(p),)}
-            left = set(there) & evicted
+            there = {k: p for p in await self._pod_docs(node)
+                     if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+                     for m in (_meta(p),) for k in (f"{m.get('namespace', '')}/{m.get('name', '')}",)
+                     if k in evicted and (not evicted[k] or str(m.get("uid") or "") in ("", evicted[k]))}
+            left = set(there)
             # a pod's own grace period (a trainer checkpointing for 20 minutes) stretches the wait: it is the pod's
             # to use, and ending it early would only leave its processes holding the GPU
             grace = max((_grace_s(there[k]) for k in left), default=0.0)
@@ -356,13 +361,12 @@ class KubernetesActuator:
             poll = min(poll * 2, 10.0)  # 0.5 s, 1, 2, ... 10: prompt for the usual 30 s, light for a long grace
 
     async def drain(self, node: str, *, incident: str) -> StepResult:
-        return await self._drain(node, [(p.namespace, p.name) for p in await self._pods_on(node)])
+        return await self._drain(node, await self._pods_on(node))
 
     async def drain_gpu(self, node: str, gpu: int, *, incident: str, pods: tuple[str, ...] = ()) -> StepResult:
         """Evict only the pods that hold this GPU (``namespace/pod`` from the incident's tenants)."""
-        on_node = {f"{p.namespace}/{p.name}" for p in await self._pods_on(node)}
-        targets = [tuple(p.split("/", 1)) for p in pods if p in on_node]
-        result = await self._drain(node, targets)  # type: ignore[arg-type]
+        on_node = {f"{p.namespace}/{p.name}": p for p in await self._pods_on(node)}
+        result = await self._drain(node, [on_node[p] for p in dict.fromkeys(pods) if p in on_node])
         return StepResult(result.ok, result.detail.replace(f"from {node}", f"from {node} gpu{gpu}"), result.evidence)
 
     # -- pods, events, conditions -----------------------------------------------------------------
