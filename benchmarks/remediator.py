@@ -33,7 +33,7 @@ from breakfix.bus.clock import SystemClock
 from breakfix.bus.codec import encode
 from breakfix.bus.jetstream import JetStreamBus
 from breakfix.bus.server import EmbeddedNats
-from breakfix.remediator.app import build_remediator
+from breakfix.remediator.app import build_remediator, settle_heap
 from breakfix.remediator.config import RemediatorConfig
 from breakfix.remediator.guards import BudgetSpec
 from breakfix.remediator.policy import Policy, load_policy
@@ -83,6 +83,7 @@ class Watch:
 async def _run(nodes: int, drive: Callable[[JetStreamBus, Watch], Awaitable[None]], raw_n: int = 0) -> Watch:
     """One remediator on a fresh nats-server and simulated cluster, driven by ``drive``; then, with ``raw_n``,
     plain nats-py reads the first ``raw_n`` incident changes of the same stream (the remediator stopped)."""
+    thresholds = gc.get_threshold()  # settle_heap sets the daemon's; the benchmarks after this one keep their own
     with tempfile.TemporaryDirectory(prefix="breakfix-rem-bench-") as d:
         server = EmbeddedNats(Path(d) / "nats").start()
         try:
@@ -91,8 +92,7 @@ async def _run(nodes: int, drive: Callable[[JetStreamBus, Watch], Awaitable[None
             cluster = SimCluster({f"n{i}": SimNode(f"n{i}") for i in range(nodes)})
             svc = await build_remediator(RemediatorConfig(cluster="bench"), bus=bus, clock=SystemClock(),
                                          cluster_api=cluster, policy=open_policy(nodes))
-            gc.collect()
-            gc.freeze()  # as the daemon does once it is built (breakfix.cli.cli_daemons)
+            settle_heap()  # as the daemon does once it is built (breakfix.cli.cli_daemons)
             watch = Watch()
             unsubscribe = await bus.subscribe(subjects.ACTIONS_ALL, watch.on_action)
             stop = asyncio.Event()
@@ -110,6 +110,7 @@ async def _run(nodes: int, drive: Callable[[JetStreamBus, Watch], Awaitable[None
                                                    subject=subjects.INCIDENTS_ALL, n=raw_n)
             return watch
         finally:
+            gc.set_threshold(*thresholds)
             server.stop()
 
 

@@ -6,7 +6,6 @@ bad config with file:line. NATS options come from the config file's ``nats:`` se
 from __future__ import annotations
 
 import asyncio
-import gc
 from pathlib import Path
 from typing import Annotated
 
@@ -61,7 +60,7 @@ def remediator(
     from breakfix.bus.clock import SystemClock
     from breakfix.bus.jetstream import JetStreamBus
     from breakfix.bus.options import NatsOptions
-    from breakfix.remediator.app import build_remediator
+    from breakfix.remediator.app import build_remediator, settle_heap
     from breakfix.remediator.config import load_config
     from breakfix.remediator.k8s import KubeConfigError, load_api
     from breakfix.remediator.metrics_serve import run_observed
@@ -84,8 +83,7 @@ def remediator(
         bus = await JetStreamBus.connect(opts, name="breakfix-remediator", stop=stop)
         try:
             service = await build_remediator(cfg, bus=bus, clock=SystemClock(), policy=pol, kubeconfig=kubeconfig)
-            gc.collect()  # nothing of the start-up's garbage is frozen with it
-            gc.freeze()  # modules, policy, catalog: long-lived; the collector's full passes skip them (shorter pauses)
+            settle_heap()  # start-up garbage collected, the rest frozen, the collector's passes spaced out
             port = cfg.metrics_port if metrics_port is None else metrics_port
             await run_observed(service, stop, clock=SystemClock(), notify=cfg.notify, port=port)
         finally:
