@@ -395,7 +395,13 @@ class Console:
         return resp
 
     async def healthz(self, _request: Request) -> Response:
-        """503 while loading and while NATS does not answer (the pages then show the last state received)."""
+        """Liveness: 200 whenever the process serves requests. A NATS outage is not a reason to restart the
+        console (it keeps showing the last state received, with a banner): that is ``/readyz``'s to say."""
+        return PlainTextResponse("ok")
+
+    async def readyz(self, _request: Request) -> Response:
+        """Readiness: 503 while loading and while NATS does not answer (the pages then show the last state
+        received), else 200."""
         if not self.state.ready.is_set():
             return PlainTextResponse("loading", status_code=503)
         if not self.state.bus_up:
@@ -408,7 +414,7 @@ class Console:
             return RedirectResponse("/incidents", status_code=303)
 
         routes = [
-            Route("/", root), Route("/healthz", self.healthz),
+            Route("/", root), Route("/healthz", self.healthz), Route("/readyz", self.readyz),
             Route("/login", self.login_page), Route("/login", self.login, methods=["POST"]),
             Route("/logout", self.logout, methods=["POST"]),
             Route("/incidents", self.incidents), Route("/incidents/{iid}", self.incident),

@@ -5,7 +5,7 @@ then every change), so start-up costs the incidents kept, never the stream's his
 records come from ``BREAKFIX_ACTIONS``: the last ``records_days`` at start, then live from a core
 subscription. Every change is fanned out to the server-sent-event listeners (at most
 ``MAX_LISTENERS_PER_USER`` per user, ``MAX_LISTENERS`` in all). While following, the bus is probed
-every few seconds: ``bus_up`` says whether NATS answers (``/healthz``, the pages' banner, writes).
+every few seconds: ``bus_up`` says whether NATS answers (``/readyz``, the pages' banner, writes).
 All collections are capped.
 """
 
