@@ -1,7 +1,8 @@
 """The Kustomize overlays render, validate against Kubernetes 1.30, pass checkov, and hold the
 install's promises: one cluster name, one correlator variant, probes, limits and a ServiceMonitor per
 daemon, restricted stages, the node agent's privileges split from the collector's, narrowed RBAC,
-a dry-run first install, NATS with TLS and per-identity credentials in production.
+a dry-run first install, NATS with TLS and per-identity credentials in production, and the SRE console
+(liveness /healthz, readiness /readyz, its auth file from a Secret, its own NetworkPolicy).
 
 Renders with ``kubectl kustomize`` (kubectl 1.32 on the machine), validates with
 ``kubernetes-validate`` and scans with checkov from ``.venv-checkov`` (``make checkov``)."""
@@ -27,6 +28,7 @@ IMAGE = "ghcr.io/breakfix/breakfix"
 # daemon (pod's app.kubernetes.io/name) -> its metrics port (README "Metrics")
 METRICS_PORTS = {"breakfix-correlator": 9471, "breakfix-correlator-fleet": 9472, "breakfix-remediator": 9473,
                  "breakfix-fleet-collector": 9474, "breakfix-collector": 9410, "breakfix-agent": 9410}
+CONSOLE, CONSOLE_PORT = "breakfix-console", 8080  # the SRE console: a web app on port `http`, no metrics
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet"}
 Doc = dict[str, Any]
 
@@ -182,6 +184,8 @@ def test_every_daemon_has_its_metrics_port_probes_and_resources(overlay: str) ->
     daemons = set()
     for w, c in breakfix_containers(overlay):
         name = app_name(w)
+        if name == CONSOLE:  # no metrics port: its own probes test below
+            continue
         daemons.add(name)
         assert [p["containerPort"] for p in c["ports"] if p["name"] == "metrics"] == [METRICS_PORTS[name]], name
         assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}, name
@@ -210,6 +214,30 @@ def test_correlator_fleet_and_remediator_run_restricted(overlay: str) -> None:
             sc = c["securityContext"]
             assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
             assert sc["capabilities"] == {"drop": ["ALL"]}, w["metadata"]["name"]
+
+
+def _secret_volumes(pod: Doc) -> list[str]:
+    """The pod's volumes that carry Secret files (a secret volume, or a projected one with a secret source)."""
+    out = []
+    for v in pod.get("volumes") or []:
+        if "secret" in v or any("secret" in src for src in (v.get("projected") or {}).get("sources") or []):
+            out.append(v["name"])
+    return out
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_non_root_pod_can_read_the_secret_files_it_mounts(overlay: str) -> None:
+    """The kubelet writes Secret files owned by root (mode 0400 here); a process running as uid 65532 reads them
+    only through the group the pod's fsGroup gives them. Without it the daemon cannot open its NATS creds."""
+    for w in of_kind(overlay, *WORKLOADS):
+        pod = w["spec"]["template"]["spec"]
+        secrets = _secret_volumes(pod)
+        sc = pod.get("securityContext") or {}
+        uids = {c.get("securityContext", {}).get("runAsUser", sc.get("runAsUser")) for c in pod["containers"]}
+        if not secrets or uids == {0}:
+            continue
+        assert sc.get("fsGroup") == 65532, (f"{w['kind']} {w['metadata']['name']} runs as {uids} and mounts "
+                                            f"{secrets} without fsGroup: root's 0400 files are unreadable")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -295,7 +323,7 @@ def test_production_connects_every_daemon_with_tls_and_its_own_identity() -> Non
     assert identities == {"breakfix-collector": "node", "breakfix-agent": "node", "breakfix-remediator": "remediator",
                           "breakfix-correlator": "correlator-$(BREAKFIX_PARTITION)",
                           "breakfix-correlator-fleet": "correlator-fleet",
-                          "breakfix-fleet-collector": "fleet-collector"}
+                          "breakfix-fleet-collector": "fleet-collector", CONSOLE: "console"}
     lab_args = [a for _, c in breakfix_containers("lab") for a in c["args"]]
     assert "--creds" not in lab_args
 
@@ -434,3 +462,175 @@ def test_every_breakfix_pod_is_admitted_to_nats_by_the_network_policy(overlay: s
         labels = w["spec"]["template"]["metadata"]["labels"]
         assert w["metadata"]["namespace"] in ns_rule["values"], w["metadata"]["name"]
         assert peer["podSelector"]["matchLabels"].items() <= labels.items(), w["metadata"]["name"]
+
+
+# -- the SRE console (components/console) ---------------------------------------------------------------------
+def console_of(overlay: str) -> tuple[Doc, Doc]:
+    (found,) = [(w, c) for w, c in breakfix_containers(overlay) if app_name(w) == CONSOLE]
+    return found
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_console_probes_liveness_on_healthz_and_readiness_on_readyz_at_its_http_port(overlay: str) -> None:
+    w, c = console_of(overlay)
+    assert (w["kind"], w["metadata"]["namespace"], w["spec"]["replicas"]) == ("Deployment", "breakfix", 1)
+    assert c["command"] == ["breakfix", "console"]
+    assert c["ports"] == [{"name": "http", "containerPort": CONSOLE_PORT}]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    # the port opens once the state is loaded (at most 60 s): the startup probe waits longer than that
+    startup = c["startupProbe"]
+    assert startup["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert startup["periodSeconds"] * startup["failureThreshold"] > 60
+    for part in ("requests", "limits"):
+        assert set(c["resources"][part]) == {"cpu", "memory"}, part
+    pod = w["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False and "serviceAccountName" not in pod
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_console_listens_on_all_addresses_with_its_auth_file_from_the_operators_secret(overlay: str) -> None:
+    w, c = console_of(overlay)
+    args = c["args"]
+    assert flag(args, "--listen") == f"0.0.0.0:{CONSOLE_PORT}"  # lab mode (no --auth) would refuse it
+    assert flag(args, "--nats") == "nats://nats.breakfix.svc:4222"
+    assert flag(args, "--auth") == "/etc/breakfix/console/auth.yaml"
+    pod = w["spec"]["template"]["spec"]
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/etc/breakfix/console"]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"] == {"secretName": "breakfix-console-auth", "defaultMode": 0o400,
+                                "items": [{"key": "auth.yaml", "path": "auth.yaml"}]}
+    # uid 65532 reads the root-owned 0400 files through the group kubelet gives them
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"] == 65532
+    assert not of_kind(overlay, "Secret"), "secrets are made by the operator, never rendered from deploy/"
+    assert "env" not in c and "envFrom" not in c
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_console_service_keeps_routing_to_it_while_nats_is_down(overlay: str) -> None:
+    w, _c = console_of(overlay)
+    (svc,) = [s for s in of_kind(overlay, "Service") if s["metadata"]["name"] == CONSOLE]
+    assert svc["metadata"]["namespace"] == "breakfix"
+    assert svc["spec"]["ports"] == [{"name": "http", "port": CONSOLE_PORT, "targetPort": "http"}]
+    assert svc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
+    # /readyz is 503 during a NATS outage, when the last state and the banner are what the on-call needs
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_console_port_is_admitted_only_from_the_ingress_namespace(overlay: str) -> None:
+    w, _c = console_of(overlay)
+    labels = w["spec"]["template"]["metadata"]["labels"]
+
+    def selects(pol: Doc) -> bool:
+        sel = pol["spec"]["podSelector"]
+        if not sel:
+            return True
+        assert all(e["operator"] == "In" for e in sel.get("matchExpressions", []))
+        exprs_ok = all(labels.get(e["key"]) in e["values"] for e in sel.get("matchExpressions", []))
+        return exprs_ok and sel.get("matchLabels", {}).items() <= labels.items()
+
+    ingress = [p for p in of_kind(overlay, "NetworkPolicy") if p["metadata"]["namespace"] == "breakfix"
+               and "Ingress" in p["spec"]["policyTypes"] and selects(p)]
+    rules = [r for p in ingress for r in p["spec"].get("ingress", [])]
+    assert {p["metadata"]["name"] for p in ingress} == {"default-deny-ingress", "console"}
+    ingress_ns = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+    assert rules == [{"ports": [{"port": "http", "protocol": "TCP"}], "from": [ingress_ns]}]
+    if overlay == "production":  # and it talks to NATS and DNS only
+        (egress,) = [p for p in of_kind(overlay, "NetworkPolicy") if "Egress" in p["spec"]["policyTypes"]
+                     and selects(p)]
+        assert [(r["ports"], r["to"]) for r in egress["spec"]["egress"]] == [
+            ([{"port": 4222, "protocol": "TCP"}],
+             [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "nats"}}}]),
+            ([{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
+             [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}])]
+
+
+def test_production_console_connects_as_its_own_console_identity_from_its_secret() -> None:
+    w, c = console_of("production")
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/etc/breakfix/nats"]
+    (volume,) = [v for v in w["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["projected"]["sources"] == [
+        {"secret": {"name": "breakfix-nats-console"}},
+        {"secret": {"name": "breakfix-nats-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}]
+    assert flag(c["args"], "--creds") == "/etc/breakfix/nats/console.creds"
+    # the patch replaced the args: what the component passes is still there
+    assert flag(c["args"], "--listen") == f"0.0.0.0:{CONSOLE_PORT}"
+    assert flag(c["args"], "--auth") == "/etc/breakfix/console/auth.yaml"
+    _lw, lab = console_of("lab")
+    assert not {"--creds", "--tls-ca", "--tls-cert", "--tls-key"} & set(lab["args"])
+    assert all(m["mountPath"] != "/etc/breakfix/nats" for m in lab["volumeMounts"])
+
+
+@pytest.mark.nats
+async def test_the_deployed_console_args_serve_on_all_addresses_and_answer_both_probes(
+        nats_server: Any, tmp_path: Path) -> None:
+    """The lab overlay's console args, as rendered (only the NATS URL, the port and the auth file's path moved to
+    the test's), run `breakfix console` on 0.0.0.0, which it refuses without --auth; /healthz and /readyz say 200."""
+    import asyncio
+    import socket
+    import sys
+
+    import aiohttp
+
+    from tests.conftest import wait_until
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _w, c = console_of("lab")
+    (tmp_path / "auth.yaml").write_text("mode: proxy\nproxy: {trusted: [10.0.0.0/8], groups: {sre: operator}}\n")
+    moved = {"--nats": nats_server.url, "--listen": f"0.0.0.0:{port}", "--auth": str(tmp_path / "auth.yaml")}
+    args = list(c["args"])
+    for name, value in moved.items():
+        args[args.index(name) + 1] = value
+    exe = str(Path(sys.executable).parent / "breakfix")
+    at = args.index("--auth")
+    no_auth = args[:at] + args[at + 2:]
+    refused = await asyncio.create_subprocess_exec(exe, "console", *no_auth, stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(refused.communicate(), 30)
+    assert refused.returncode == 2 and "give --auth FILE to listen on 0.0.0.0" in out.decode()
+    proc = await asyncio.create_subprocess_exec(exe, "console", *args, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        async def both_ok() -> bool:
+            try:
+                async with aiohttp.ClientSession() as http:
+                    codes = []
+                    for path in ("/healthz", "/readyz"):
+                        async with http.get(f"http://127.0.0.1:{port}{path}") as r:
+                            codes.append(r.status)
+                    return codes == [200, 200]
+            except (aiohttp.ClientError, OSError):
+                return False
+
+        await wait_until(both_ok, 30, "the deployed console's /healthz and /readyz")
+    finally:
+        proc.terminate()
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()[-2000:]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_overlay_still_renders_without_the_console_component(overlay: str, tmp_path: Path) -> None:
+    """The console is optional: dropping its one line from an overlay drops it, and its production NATS
+    patch (targeted, console-nats.yaml) then matches nothing instead of failing the render."""
+    copy = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, copy)
+    kustomization = copy / "overlays" / overlay / "kustomization.yaml"
+    lines = kustomization.read_text().splitlines(keepends=True)
+    kept = [ln for ln in lines if not ln.strip().startswith("- ../../components/console")]
+    assert len(kept) == len(lines) - 1
+    kustomization.write_text("".join(kept))
+    out = subprocess.run([str(shutil.which("kubectl")), "kustomize", str(copy / "overlays" / overlay)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert not [d for d in docs if d["kind"] in WORKLOADS | {"Service"} and d["metadata"]["name"] == CONSOLE]
+    assert len(docs) == len(rendered(overlay)) - 2  # the Deployment and the Service
