@@ -1,16 +1,21 @@
 """Small measuring helpers shared by the benchmarks: percentiles, a process's CPU time and peak
-RSS from /proc, starting a ``breakfix`` command as its own process, and the raw nats-py read that
-figures are compared with."""
+RSS from /proc, a daemon's collector settings for an in-process run, starting a ``breakfix`` command
+as its own process, and the raw nats-py read that figures are compared with."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nats
+
+from breakfix.bus.heap import settle_heap
 
 
 def pct_ms(values: list[float], q: float) -> float:
@@ -29,6 +34,18 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return round(int(line.split()[1]) / 1024, 1)
     return 0.0
+
+
+@contextlib.contextmanager
+def daemon_heap() -> Iterator[Callable[[], None]]:
+    """Yields ``settle``: call it once the daemon under test is built, as the CLI calls ``bus.heap.settle_heap``;
+    on the way out the benchmark process's own collector thresholds come back, so the figures measured next keep
+    theirs."""
+    thresholds = gc.get_threshold()
+    try:
+        yield settle_heap
+    finally:
+        gc.set_threshold(*thresholds)
 
 
 def spawn_breakfix(*args: str) -> subprocess.Popen[bytes]:

@@ -19,7 +19,6 @@ Concurrent drains against kmock, beside raw eviction POSTs, are in ``benchmarks/
 from __future__ import annotations
 
 import asyncio
-import gc
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -28,12 +27,12 @@ from pathlib import Path
 
 import orjson
 
-from benchmarks.measure import pct_ms, raw_pull_ack_s
+from benchmarks.measure import daemon_heap, pct_ms, raw_pull_ack_s
 from breakfix.bus.clock import SystemClock
 from breakfix.bus.codec import encode
 from breakfix.bus.jetstream import JetStreamBus
 from breakfix.bus.server import EmbeddedNats
-from breakfix.remediator.app import build_remediator, settle_heap
+from breakfix.remediator.app import build_remediator
 from breakfix.remediator.config import RemediatorConfig
 from breakfix.remediator.guards import BudgetSpec
 from breakfix.remediator.policy import Policy, load_policy
@@ -83,8 +82,7 @@ class Watch:
 async def _run(nodes: int, drive: Callable[[JetStreamBus, Watch], Awaitable[None]], raw_n: int = 0) -> Watch:
     """One remediator on a fresh nats-server and simulated cluster, driven by ``drive``; then, with ``raw_n``,
     plain nats-py reads the first ``raw_n`` incident changes of the same stream (the remediator stopped)."""
-    thresholds = gc.get_threshold()  # settle_heap sets the daemon's; the benchmarks after this one keep their own
-    with tempfile.TemporaryDirectory(prefix="breakfix-rem-bench-") as d:
+    with tempfile.TemporaryDirectory(prefix="breakfix-rem-bench-") as d, daemon_heap() as settle:
         server = EmbeddedNats(Path(d) / "nats").start()
         try:
             bus = await JetStreamBus.connect(server.url)
@@ -92,7 +90,7 @@ async def _run(nodes: int, drive: Callable[[JetStreamBus, Watch], Awaitable[None
             cluster = SimCluster({f"n{i}": SimNode(f"n{i}") for i in range(nodes)})
             svc = await build_remediator(RemediatorConfig(cluster="bench"), bus=bus, clock=SystemClock(),
                                          cluster_api=cluster, policy=open_policy(nodes))
-            settle_heap()  # as the daemon does once it is built (breakfix.cli.cli_daemons)
+            settle()  # as the daemon does once it is built (breakfix.cli.cli_daemons)
             watch = Watch()
             unsubscribe = await bus.subscribe(subjects.ACTIONS_ALL, watch.on_action)
             stop = asyncio.Event()
@@ -110,7 +108,6 @@ async def _run(nodes: int, drive: Callable[[JetStreamBus, Watch], Awaitable[None
                                                    subject=subjects.INCIDENTS_ALL, n=raw_n)
             return watch
         finally:
-            gc.set_threshold(*thresholds)
             server.stop()
 
 

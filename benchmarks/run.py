@@ -32,7 +32,7 @@ from pathlib import Path
 from benchmarks.collector import bench_collector
 from benchmarks.console import bench_console
 from benchmarks.drains import bench_drains
-from benchmarks.measure import pct_ms, peak_rss_mb, raw_pull_ack_s, spawn_breakfix
+from benchmarks.measure import daemon_heap, pct_ms, peak_rss_mb, raw_pull_ack_s, spawn_breakfix
 from benchmarks.mixes import fleet_hour, stress_mix
 from benchmarks.notify import bench_notify
 from benchmarks.parsers import bench_kmsg_cli
@@ -96,16 +96,19 @@ async def bench_nats(signals: list[Signal], data: Path) -> dict[str, float]:
             if batch:
                 await batch[-1].ack()
         lean_s = time.perf_counter() - start
-        # correlator service over the same stream
-        svc = build_correlator(CorrelatorConfig(service=ServiceConfig(durable="bench")), bus=bus, clock=SystemClock())
-        stop = asyncio.Event()
-        start = time.perf_counter()
-        task = asyncio.create_task(svc.run(stop), name="bench-correlator")
-        while svc.signal_stats.handled + svc.signal_stats.dead_lettered < len(payloads):  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-        corr_s = time.perf_counter() - start
-        stop.set()
-        await task
+        # correlator service over the same stream, under the collector settings the daemon runs with
+        with daemon_heap() as settle:
+            svc = build_correlator(CorrelatorConfig(service=ServiceConfig(durable="bench")), bus=bus,
+                                   clock=SystemClock())
+            settle()
+            stop = asyncio.Event()
+            start = time.perf_counter()
+            task = asyncio.create_task(svc.run(stop), name="bench-correlator")
+            while svc.signal_stats.handled + svc.signal_stats.dead_lettered < len(payloads):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            corr_s = time.perf_counter() - start
+            stop.set()
+            await task
         await bus.close()
         return {"signals": len(payloads), "raw_pull_ack_per_s": round(len(payloads) / raw_s),
                 "lean_pull_ackall_per_s": round(len(payloads) / lean_s),
@@ -133,28 +136,30 @@ async def bench_latency(data: Path, rate: int = 1000, seconds: int = 10) -> dict
                 lat.append(time.perf_counter() - t)
 
         unsubscribe = await bus.subscribe(subjects.INCIDENTS_ALL, on_incident)
-        svc = build_correlator(CorrelatorConfig(service=ServiceConfig(durable="latency")), bus=bus,
-                               clock=SystemClock())
-        stop = asyncio.Event()
-        task = asyncio.create_task(svc.run(stop), name="bench-latency-correlator")
-        await svc.ready.wait()
-        start = time.perf_counter()
-        for i, (node, g) in enumerate(refs):
-            at = T0 + timedelta(milliseconds=i)
-            s = Signal(id=make_signal_id(cluster="bench", node=node.name, source="sim", check="ecc.dbe", code=None,
-                                         healthy=False, observed_at=at, gpu=g.ref),
-                       cluster="bench", node=node.name, source=SignalSource.SIM, check="ecc.dbe", gpu=g.ref,
-                       labels=dict(node.labels), observed_at=at)
-            sent[s.id] = time.perf_counter()
-            await bus.publish_core(subjects.signal_subject(s.cluster, s.node), encode(s))
-            delay = start + (i + 1) / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-        deadline = time.perf_counter() + 10
-        while len(lat) < len(refs) and time.perf_counter() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-        stop.set()
-        await task
+        with daemon_heap() as settle:
+            svc = build_correlator(CorrelatorConfig(service=ServiceConfig(durable="latency")), bus=bus,
+                                   clock=SystemClock())
+            settle()
+            stop = asyncio.Event()
+            task = asyncio.create_task(svc.run(stop), name="bench-latency-correlator")
+            await svc.ready.wait()
+            start = time.perf_counter()
+            for i, (node, g) in enumerate(refs):
+                at = T0 + timedelta(milliseconds=i)
+                s = Signal(id=make_signal_id(cluster="bench", node=node.name, source="sim", check="ecc.dbe", code=None,
+                                             healthy=False, observed_at=at, gpu=g.ref),
+                           cluster="bench", node=node.name, source=SignalSource.SIM, check="ecc.dbe", gpu=g.ref,
+                           labels=dict(node.labels), observed_at=at)
+                sent[s.id] = time.perf_counter()
+                await bus.publish_core(subjects.signal_subject(s.cluster, s.node), encode(s))
+                delay = start + (i + 1) / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            deadline = time.perf_counter() + 10
+            while len(lat) < len(refs) and time.perf_counter() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            stop.set()
+            await task
         await unsubscribe()
         await bus.close()
         return {"rate_per_s": rate, "signals": len(refs), "measured": len(lat), "p50_ms": pct_ms(lat, 0.5),

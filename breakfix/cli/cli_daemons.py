@@ -58,9 +58,10 @@ def remediator(
 ) -> None:
     """Run the remediator daemon: Kubernetes, the node agents and the provider hook (JSON logs)."""
     from breakfix.bus.clock import SystemClock
+    from breakfix.bus.heap import settle_heap
     from breakfix.bus.jetstream import JetStreamBus
     from breakfix.bus.options import NatsOptions
-    from breakfix.remediator.app import build_remediator, settle_heap
+    from breakfix.remediator.app import build_remediator
     from breakfix.remediator.config import load_config
     from breakfix.remediator.k8s import KubeConfigError, load_api
     from breakfix.remediator.metrics_serve import run_observed
@@ -138,6 +139,7 @@ def correlator(
 ) -> None:
     """Run the correlator daemon (JSON logs). State is checkpointed to the JetStream object store."""
     from breakfix.bus.clock import SystemClock
+    from breakfix.bus.heap import settle_heap
     from breakfix.bus.jetstream import JetStreamBus
     from breakfix.bus.options import NatsOptions
     from breakfix.bus.server import EmbeddedNats
@@ -161,7 +163,9 @@ def correlator(
         try:
             # partitioned instances leave fabric grouping to the fleet stage (breakfix correlator-fleet)
             cfg = CorrelatorConfig(rules=compiled, catalog=cat, service=config)
-            await run_observed(build_correlator(cfg, bus=bus, clock=SystemClock()), stop, port=metrics_port)
+            service = build_correlator(cfg, bus=bus, clock=SystemClock())
+            settle_heap()  # start-up garbage collected, the rest frozen, the collector's passes spaced out
+            await run_observed(service, stop, port=metrics_port)
         finally:
             await bus.close()
 

@@ -9,7 +9,6 @@ that and elects nothing. The plan store is the bus's KV bucket when the bus has 
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +22,7 @@ from breakfix.remediator.service import RemediatorService
 from breakfix.remediator.store import KvStore, MemoryStore, PlanStore
 from breakfix.schemas.catalog import Catalog, default_catalog
 
-__all__ = ["GC_THRESHOLDS", "build_remediator", "companion_codes", "settle_heap"]
-
-# The cyclic collector's thresholds once the remediator runs (CPython's default: 700, 10, 10). A burst of 1,000
-# incidents grows the heap from about 10,000 to 180,000 tracked objects (plans, steps, views, tasks), and with the
-# default thresholds CPython ran 4 full passes during it, 30-110 ms each, about a third of the burst's 0.7 s
-# (measured with gc.callbacks, benchmarks/remediator.py). Young collections every 10,000 allocations and full
-# passes after 100 middle ones leave refcounting to free what a plan drops, as it does, and still collect cycles.
-GC_THRESHOLDS = (10_000, 50, 100)
-
-
-def settle_heap() -> None:
-    """Once the remediator is built (the CLI and the benchmarks call this): collect the start-up's garbage, freeze
-    what is left (modules, policy, catalog: the collector's full passes skip it) and space out the passes."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
+__all__ = ["build_remediator", "companion_codes"]
 
 
 def companion_codes(catalog: Catalog) -> Any:
