@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from breakfix.schemas.catalog import CATALOG_DIR, Catalog, load_catalog
+from breakfix.schemas.common import Severity
 from breakfix.schemas.datafile import DataFileError
 from breakfix.schemas.incident import Domain
 
@@ -89,6 +90,16 @@ class TestDcgm:
     )
     def test_dcgm_failure_codes_follow_nvsentinel_mapping(self, catalog: Catalog, code: str, category: str) -> None:
         assert catalog.classify(check="dcgm.health", code=code).category == category
+
+
+class TestEndpointChecks:
+    def test_a_stuck_engine_is_classified_like_a_down_endpoint(self, catalog: Catalog) -> None:
+        """The server answers but generates nothing: as unavailable to the tenant as endpoint.down (critical,
+        endpoint_slo, tenant domain), never the operator's unknown_fault."""
+        stuck = catalog.classify(check="endpoint.stuck", code=None)
+        down = catalog.classify(check="endpoint.down", code=None)
+        assert stuck.known and (stuck.category, stuck.severity, stuck.domain) == (
+            down.category, down.severity, down.domain) == ("endpoint_slo", Severity.CRITICAL, Domain.TENANT)
 
 
 def copy_catalog(dest: Path) -> None:

@@ -134,6 +134,10 @@ class SloConfig(BaseModel):
     itl_p95_s: float = Field(0.2, gt=0)
     error_rate: float = Field(0.05, ge=0, le=1)
     kv_cache: float = Field(0.95, gt=0, le=1)
+    stuck_after_s: float = Field(120.0, ge=30, le=3600, allow_inf_nan=False,
+                                 description="endpoint.stuck: requests running with no token generated (or waiting "
+                                             "with none running or finished) for this long; set it above the longest "
+                                             "generation where the engine counts tokens only as requests finish")
 
 
 class EndpointConfig(BaseModel):
