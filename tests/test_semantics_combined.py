@@ -198,6 +198,10 @@ CASES = [
                  id=f"{DCGM}: DCGM_FR_GPU_RECOVERY_DRAIN_P2P plans as XID 154 Drain P2P"),
     pytest.param([dcgm("DCGM_FR_CLOCKS_EVENT_THERMAL")], one("gpu_monitor", never=("reboot", "reprovision", "cordon")),
                  id=f"{DCGM}: a can-perform-workload code never reboots or RMAs"),
+    *(pytest.param([dcgm(code)], one("gpu_monitor", never=("reboot", "reprovision", "cordon", "drain", "reset_gpu")),
+                   id=f"{DCGM}: {code} (DCGM's own tooling failed) never reboots, drains or RMAs the node")
+      for code in ("DCGM_FR_HOSTENGINE_CONN", "DCGM_FR_API_FAIL", "DCGM_FR_FIELD_QUERY", "DCGM_FR_CANNOT_SET_WATCHES",
+                   "DCGM_FR_MEMORY_ALLOC_HOST", "DCGM_FR_NVML_API")),
     pytest.param([dcgm("DCGM_FR_CONTAINED_ERROR", at=0)], lambda o: o.every[0].category == "application_fault"
                  or pytest.fail(o.every[0].category), id=f"{DCGM}: DCGM_FR_CONTAINED_ERROR classifies as XID 94"),
     pytest.param([dcgm("DCGM_FR_UNCORRECTABLE_ROW_REMAP_LIMIT")], one("hardware_support"),
