@@ -181,6 +181,9 @@ class TestRulesFile:
         assert str(p) in str(err.value)
 
 
+RMA_XID = "122"  # NVIDIA Xid catalog: CONTACT_SUPPORT
+
+
 class TestMultiGpu:
     def test_three_gpus_failing_together_become_one_node_incident(self, catalog: Catalog) -> None:
         later = sig(check="ecc.dbe", code=None, gpu_index=5, at=10)
@@ -189,6 +192,21 @@ class TestMultiGpu:
         assert (node.scope, node.category) == (IncidentScope.NODE, "multi_gpu_failure")
         assert len(node.members) == 4 and sorted(g.index for g in node.gpus) == [0, 1, 2, 5]
         assert all(i.parent == node.id for i in core.incidents.values() if i.id != node.id)
+
+    def test_a_member_gpu_needing_rma_keeps_the_node_on_the_human_path(self, catalog: Catalog) -> None:
+        """Three GPUs failing together point at the host (reboot and return), but a member NVIDIA sends to
+        support (CONTACT_SUPPORT) must not come back on a reboot and a passing diagnostic."""
+        rma = sig(code=RMA_XID, gpu_index=2, at=2)
+        assert catalog.classify(check="xid", code=RMA_XID).category == "hardware_support"
+        core = run(catalog, [sig(code="48", gpu_index=g, at=g) for g in range(2)] + [rma])
+        (node,) = top_level(core)
+        assert (node.scope, node.category) == (IncidentScope.NODE, "hardware_support")
+        assert len(node.members) == 3 and "CONTACT_SUPPORT" in node.source
+        assert any(e.event == "category" and "hardware_support" in e.note for e in node.timeline)
+        later = run(catalog, [sig(code="48", gpu_index=g, at=g) for g in range(3)] + [
+            sig(code=RMA_XID, gpu_index=6, at=10)])
+        (node,) = top_level(later)
+        assert node.category == "hardware_support", "an RMA member folding into an existing node incident too"
 
     def test_two_gpus_stay_gpu_incidents(self, catalog: Catalog) -> None:
         core = run(catalog, [sig(code="48", gpu_index=g, at=g) for g in range(2)])

@@ -30,6 +30,9 @@ SUSPECT_SOURCE = ("NVIDIA Xid catalog WORKFLOW_XID_13 / WORKFLOW_XID_31 (repeats
                   "NVSentinel analyzer (repeated XID 31/13 on one GPU -> diagnostics)")
 LEMON_SOURCE = "NVSentinel analyzer: repeated hardware XID bursts on one GPU within 24 h -> CONTACT_SUPPORT"
 MULTI_GPU_SOURCE = "breakfix correlator rule multi_gpu: several GPUs of one node failing together point at the host"
+# member categories whose repair is a human's, in the order they win (NVIDIA Xid catalog resolution buckets)
+_HUMAN_REPAIR = {"hardware_support": "NVIDIA Xid catalog CONTACT_SUPPORT: investigate / RMA, not returned by a reboot",
+                 "mechanical_inspection": "NVIDIA Xid catalog CHECK_MECHANICALS: check seating and connections"}
 
 
 def controller_of(s: Signal) -> str:
@@ -190,10 +193,21 @@ class Patterns:
             if len(node.evidence) < self.rules.evidence_messages and m.evidence:
                 node.evidence.append(m.evidence[0])
             changes.append(Change(ChangeKind.FOLDED, m))
+        rma = next((c for c in _HUMAN_REPAIR if any(m.category == c for m in members)), None)
+        if rma is not None and node.category not in _HUMAN_REPAIR and node.category != "unknown_fault":
+            # a member NVIDIA sends to support (CONTACT_SUPPORT: RMA) or to a hands-on check (CHECK_MECHANICALS)
+            # keeps that path for the node: a reboot and a passing diagnostic must not return it to service
+            spec = self.catalog.category(rma)
+            node.note(at, "category", f"{node.category} -> {rma}: a member GPU needs a human ({_HUMAN_REPAIR[rma]})",
+                      self.rules.timeline_limit)
+            node.category, node.source = rma, f"{MULTI_GPU_SOURCE}; {_HUMAN_REPAIR[rma]}"
+            node.severity = max_severity(node.severity, spec.severity)
         if not opening:
             node.version += 1
             node.title = f"{len(node.gpus)} GPUs failing together on {node.node}"
             changes.append(Change(ChangeKind.UPDATED, node))
+        elif rma is not None:
+            node.title = f"{len(node.gpus)} GPUs failing together on {node.node}, one needing {rma}"
         return changes
 
     def link_impacted(self, inc: TrackedIncident) -> list[Change]:
