@@ -10,8 +10,8 @@ import pytest
 
 from breakfix.bus.jetstream import JetStreamBus
 from breakfix.bus.server import EmbeddedNats
-from breakfix.collectors.agent import Holders, NodeAgent, parse_diag
-from breakfix.collectors.agent_checks import fingerprint, refuse
+from breakfix.collectors.agent import Holders, NodeAgent
+from breakfix.collectors.agent_checks import fingerprint, parse_diag, refuse
 from breakfix.remediator.nodeagent import NodeAgentClient
 from breakfix.schemas import subjects
 from breakfix.schemas.agent import AgentAction, AgentCommand
@@ -100,15 +100,17 @@ class TestValidate:
         reply = await agent(tmp_path).handle(cmd(AgentAction.VALIDATE, level=3))
         assert reply.ok is ok
         assert {t.name: t.status for t in reply.tests}["GPU Memory"] == result
-        assert reply.evidence["PCIe"] == "pass" and len(reply.tests) == 5
+        assert reply.evidence["PCIe"] == "pass" and len(reply.tests) == 9, "r3: r2's tests and the four r3 adds"
         if not ok:
             assert "GPU Memory" in reply.detail
 
     def test_dcgm4_key_and_warnings_parse(self) -> None:
         doc = {"DCGM Diagnostic": {"test_categories": [{"category": "Hardware", "tests": [
-            {"name": "memory", "results": [{"status": "Warn", "warnings": [{"warning": "throttled"}]}]}]}]}}
-        passed, tests = parse_diag(json.dumps(doc))
-        assert passed and tests[0].status == "warn" and tests[0].info == "throttled"
+            {"name": "memory", "results": [{"status": "Warn", "warnings": [{"warning": "throttled"}]}]},
+            {"name": "pcie", "results": [{"status": "Pass"}]}]}]}}
+        diag = parse_diag(json.dumps(doc), 2)
+        assert diag.passed and diag.tests[0].status == "warn" and diag.tests[0].info == "throttled"
+        assert diag.warnings == ("memory: throttled",), "a warning is a pass, and it is reported"
 
     @pytest.mark.parametrize(("down", "ok"), [(2, True), (10_000, False)], ids=["engine-starting", "engine-away"])
     async def test_validation_waits_for_the_dcgm_host_engine_after_a_reboot(

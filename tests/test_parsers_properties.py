@@ -1,10 +1,12 @@
-"""Property tests for every input parser (kmsg, dcgm, IB sysfs, ibstat, nvidia-smi): arbitrary text never raises
-anything but the parser's own typed error, and never yields a signal without the NVIDIA marker the format needs.
+"""Property tests for every input parser (kmsg, dcgm, IB sysfs, ibstat, nvidia-smi, ``dcgmi diag -j``, the node
+agent's GPU inventory file): arbitrary text never raises anything but the parser's own typed error, never yields a
+signal without the NVIDIA marker the format needs, and a diagnostic passes only when its hardware tests passed.
 The fleet rules take any Prometheus series (labels, NaN, infinities) and skip what they cannot use.
 Fixed example budget, derandomised: the suite costs the same every run."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from breakfix.collectors.agent_checks import LEVEL_TESTS, canonical_test, parse_diag
+from breakfix.collectors.agent_inventory import Gpu, InventoryStore, Reading, merge, missing
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.dcgm import DcgmRules
 from breakfix.collectors.fabric import FabricRules, FabricThresholds, read_ports
@@ -57,6 +61,24 @@ NVSMI_BITS = st.sampled_from(["==============NVSMI LOG==============\n", "GPU 00
 IBSTAT_BITS = st.sampled_from(["CA 'mlx5_0'\n", "\tPort 1:\n", "\t\tState: ", "\t\tPhysical state: ", "Active", "Down",
                                "4: ACTIVE", "LinkUp", "\t\tRate: ", "400", "9" * 30, "\t\tLink layer: ", "Ethernet",
                                "Infiniband device 'x' port 1 status:\n", "\tphys state:\t ", "\n"])
+
+DIAG_BITS = st.sampled_from(['{"DCGM Diagnostic": {"test_categories": [', '{"DCGM GPU Diagnostic": {',
+                             '"test_categories"', ': [', '{"category": "Hardware", "tests": [',
+                             '{"name": "memory", "results": [', '{"name": "pcie", ', '"GPU Memory"',
+                             '{"status": "Pass"}', '{"status": "Skip"}', '"Warn"',
+                             '"info": ["The memory test is skipped."]',
+                             '"warnings": [{"warning": "x", "error_id": 48}]',
+                             '"test_summary": {"status": "Skip"}', '"runtime_error": "x"', "]", "}", ", ", "[" * 50,
+                             "null", "1e999", "9" * 5000])
+JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), TEXT,
+                              st.sampled_from(["Pass", "Skip", "Warn", "Fail", "Not Run", "memory", "pcie"])),
+                    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(
+                        st.sampled_from(["name", "results", "status", "info", "warnings", "warning", "error_id",
+                                         "test_summary", "tests", "category", "runtime_error"]), inner, max_size=5)),
+                    max_leaves=30)
+GPUS = st.builds(Gpu, st.one_of(st.none(), st.sampled_from(["GPU-a", "GPU-b", "GPU-c", "GPU-d"])),
+                 st.one_of(st.none(), st.integers(0, 7)),
+                 st.one_of(st.none(), st.sampled_from(["0000:18:00.0", "0000:2a:00.0", "0000:3a:00.0"])))
 
 
 def ctx() -> NodeContext:
@@ -161,6 +183,67 @@ def test_nvsmi_any_text_is_signals_or_format_error(text: str) -> None:
 @given(TEXT)
 def test_sniff_never_raises(text: str) -> None:
     assert sniff(text) in (None, "binary", "nvsmi", "nvsmi-table", "ibstat", "signals", "prometheus", "kmsg")
+
+
+def _diag_verdict_holds(text: str, level: int) -> None:
+    got = parse_diag(text, level)
+    got.summary()
+    if got.passed:  # a pass: nothing failed, and every hardware test of the level passed or is off for this model
+        seen = {canonical_test(t.name): t.status for t in got.tests}
+        assert not got.problem and not got.failed and all(s != "fail" for s in seen.values())
+        required = LEVEL_TESTS[level]
+        assert all(k in seen for k in required)
+        assert all(seen[k] in ("pass", "warn") or k in {canonical_test(n) for n in got.not_applicable}
+                   for k in required)
+        assert not required or any(seen[k] in ("pass", "warn") for k in required)
+
+
+@BUDGET
+@given(st.one_of(TEXT, st.lists(st.one_of(DIAG_BITS, TEXT), max_size=16).map("".join)), st.integers(1, 4))
+def test_diag_any_text_is_a_verdict_and_a_pass_means_the_hardware_passed(text: str, level: int) -> None:
+    _diag_verdict_holds(text, level)
+
+
+@BUDGET
+@given(st.sampled_from(["DCGM Diagnostic", "DCGM GPU Diagnostic"]), JSON, st.integers(1, 4))
+def test_diag_any_json_shape_is_a_verdict(key: str, body: object, level: int) -> None:
+    for doc in ({key: body}, {key: {"test_categories": body}}, {key: {"test_categories": [{"tests": body}]}},
+                {key: {"test_categories": [{"tests": [{"name": "memory", "results": body}]}]}}):
+        _diag_verdict_holds(json.dumps(doc), level)
+
+
+@BUDGET
+@given(st.one_of(st.binary(max_size=200), JSON.map(lambda v: json.dumps(v).encode()),
+                 JSON.map(lambda gpus: json.dumps({"version": 1, "gpus": gpus}).encode()),
+                 st.lists(st.fixed_dictionaries({}, optional={"uuid": JSON, "index": JSON, "pci_bus_id": JSON}))
+                 .map(lambda gpus: json.dumps({"version": 1, "gpus": gpus}).encode())))
+def test_inventory_file_any_content_is_an_inventory_or_none(content: bytes) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "agent-gpu-inventory.json"
+        path.write_bytes(content)
+        got = InventoryStore(path).load()
+        assert got is None or all(g.uuid or g.pci_bus_id for g in got)
+
+
+@BUDGET
+@given(st.lists(GPUS, max_size=6).map(tuple), st.lists(GPUS, max_size=6).map(tuple), st.lists(GPUS, max_size=3))
+def test_inventory_merge_forgets_no_gpu_and_what_was_just_seen_is_never_missing(
+        remembered: tuple[Gpu, ...], present: tuple[Gpu, ...], lost: list[Gpu]) -> None:
+    reading = Reading(present, tuple(Gpu(pci_bus_id=g.pci_bus_id) for g in lost))
+    after = merge(remembered, reading)
+    uuids = {g.uuid for g in after}
+    slots = {g.pci_bus_id for g in after}
+    for g in present:  # everything a reading shows is remembered
+        assert (g.uuid in uuids) if g.uuid else (g.pci_bus_id is None or g.pci_bus_id in slots)
+    new_in_slot = {g.pci_bus_id for g in present if g.uuid and g.uuid not in {r.uuid for r in remembered}}
+    for g in (g for g in remembered if g.uuid or g.pci_bus_id):  # a GPU is kept, unless a new card took its slot
+        assert (g.uuid in uuids if g.uuid else g.pci_bus_id in slots) or g.pci_bus_id in new_in_slot
+    gone = missing(after, reading)
+    assert all(g.uuid not in {p.uuid for p in present if p.uuid} for g in gone)
+    with tempfile.TemporaryDirectory() as d:  # and the file gives back what was saved
+        store = InventoryStore(Path(d) / "inv.json")
+        assert store.save(after, NOW)
+        assert store.load() == (tuple(g for g in after if g.uuid or g.pci_bus_id) or None)
 
 
 @pytest.mark.parametrize("line", ["[99999999999999999999.0] NVRM: Xid (PCI:0000:01:00): 48, x",

@@ -10,9 +10,13 @@ an allow-listed set of actions and nothing else:
   cleanly (the driver says so).
 - ``validate``: once the DCGM host engine answers (``dcgmi discovery -l``) and no GPU's fabric is still
   training (``nvidia-smi -q`` Fabric State NOT_STARTED / IN_PROGRESS: Fabric Manager after a boot or a
-  reset on NVSwitch systems), each waited for up to ``ready_wait_s``, ``dcgmi diag -r <level> -j``,
-  parsed into per-test outcomes (DCGM 3 and 4 JSON).
-- ``reboot``: the configured command (``systemctl reboot``), after the command is recorded.
+  reset on NVSwitch systems), each waited for up to ``ready_wait_s``; then every GPU the node had before
+  must be back (``collectors.agent_inventory``: the GPUs remembered on disk against that ``nvidia-smi -q``
+  reading; a missing one fails the validation undiagnosed); then ``dcgmi diag -r <level> -j``, parsed
+  into per-test outcomes (DCGM 3 and 4 JSON) and judged by ``agent_checks.parse_diag``: no test failed
+  and every hardware test the level includes passed (a skipped one did not); warnings go into the reply.
+- ``reboot``: the configured command (``systemctl reboot``), after the command is recorded and the GPUs
+  the node has now are added to the remembered inventory (the ones it must have after the reboot).
 - ``gpu_pods`` (read-only): the pods holding a GPU or any of its MIG devices, from a fresh kubelet
   PodResources ``List`` matched against the GPU's UUID and its MIG devices' UUIDs (``nvidia-smi -L``,
   ``collectors.agent_pods``). The remediator asks before a MIG GPU's reset, so only those pods move.
@@ -47,18 +51,37 @@ from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 
 from breakfix.bus.clock import SYSTEM_CLOCK, Clock
-from breakfix.collectors.agent_checks import RateLimits, Refusal, fingerprint, gpu_target, refuse
+from breakfix.collectors.agent_checks import (
+    DiagResult,
+    RateLimits,
+    Refusal,
+    fingerprint,
+    gpu_target,
+    parse_diag,
+    refuse,
+)
 from breakfix.collectors.agent_clients import nvidia_clients
+from breakfix.collectors.agent_inventory import (
+    Gpu,
+    InventoryStore,
+    Reading,
+    from_gpu_list,
+    from_nvsmi,
+    merge,
+    missing,
+    read_nvsmi,
+)
 from breakfix.collectors.agent_pods import gpu_devices, parse_gpu_list
 from breakfix.collectors.gpuinfo import dra_name, read_minors
 from breakfix.collectors.keyfile import write_json
 from breakfix.collectors.kmsg_follow import read_boot_id
 from breakfix.collectors.nvml import FABRIC_SETTLING
-from breakfix.collectors.nvsmi import NvsmiFormatError, parse_nvsmi
-from breakfix.schemas.agent import AgentAction, AgentCommand, AgentReply, DiagTest
+from breakfix.collectors.nvsmi import NvsmiRead
+from breakfix.schemas.agent import AgentAction, AgentCommand, AgentReply
 from breakfix.schemas.common import first_error
 
 log = structlog.get_logger("breakfix.collector.agent")
+INVENTORY_READ_S = 30.0  # the look at the GPUs before a reboot: a hung nvidia-smi must not hold the reboot up long
 
 
 async def run(argv: list[str], timeout_s: float) -> tuple[int, str]:
@@ -75,22 +98,6 @@ async def run(argv: list[str], timeout_s: float) -> tuple[int, str]:
         await proc.wait()
         return 124, f"{argv[0]} timed out after {timeout_s:g}s"
     return proc.returncode or 0, out.decode(errors="replace").strip()
-
-
-def parse_diag(text: str) -> tuple[bool, list[DiagTest]]:
-    """``dcgmi diag -j`` output -> (passed, tests). Keys: "DCGM GPU Diagnostic" (3.x) or "DCGM Diagnostic" (4.x)."""
-    doc = json.loads(text[text.find("{"):text.rfind("}") + 1])
-    root = doc.get("DCGM GPU Diagnostic") or doc.get("DCGM Diagnostic") or {}
-    tests: list[DiagTest] = []
-    for cat in root.get("test_categories", []):
-        for t in cat.get("tests", []):
-            statuses = [str(r.get("status", "")).lower() for r in t.get("results", [])] or ["skip"]
-            worst = "fail" if "fail" in statuses else "warn" if "warn" in statuses else \
-                "pass" if "pass" in statuses else statuses[0]
-            info = "; ".join(str(r.get("info") or (r.get("warnings") or [{}])[0].get("warning", ""))
-                             for r in t.get("results", []) if r.get("info") or r.get("warnings"))
-            tests.append(DiagTest(category=cat.get("category", ""), name=t.get("name", "?"), status=worst, info=info))
-    return bool(tests) and not any(t.status == "fail" for t in tests), tests
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +148,8 @@ class NodeAgent:
         self.clock = clock
         self.path = state_dir / "agent-commands.json"
         self.limits_path = state_dir / "agent-limits.json"
+        self.inventory = InventoryStore(state_dir / "agent-gpu-inventory.json")  # beside kmsg-position.json
+        self._inventory_unknown_said = False
         self.nvidia_smi = nvidia_smi
         self.dcgmi = dcgmi
         self.reboot_cmd = reboot_cmd
@@ -218,6 +227,8 @@ class NodeAgent:
                 write_json(self.limits_path, self.limits.last)
                 self.done[cmd.id] = {"state": "rebooting", "boot_id": self.boot_id(), "fingerprint": fingerprint(cmd)}
                 self._save()
+                rc, out = await run([self.nvidia_smi, "-q"], INVENTORY_READ_S)  # the GPUs that must come back
+                self._remember(read_nvsmi(out), "reboot")
                 rc, out = await run(list(self.reboot_cmd), 60)
                 if rc == 0:  # keep the boot id record: a repeat of this id checks it instead of rebooting
                     log.info("agent_command", node=self.node, action="reboot", id=cmd.id, ok=True)
@@ -287,8 +298,9 @@ class NodeAgent:
                                error="failed: no pod lister")
         async with self._queries:  # one at a time: a hung driver must not pile up nvidia-smi processes
             rc, listing = await run([self.nvidia_smi, "-L"], 15)  # within the remediator's 45 s wait, with the List
-            devices = gpu_devices(parse_gpu_list(listing), index=cmd.gpu_index, uuid=cmd.gpu_uuid) if rc == 0 \
-                else frozenset()
+            listed = parse_gpu_list(listing) if rc == 0 else {}
+            self._remember(from_gpu_list(listed), "gpu_pods")
+            devices = gpu_devices(listed, index=cmd.gpu_index, uuid=cmd.gpu_uuid)
             if not devices:
                 return self._reply(cmd, False, f"nvidia-smi -L does not list GPU {target} (rc={rc}): {listing[:200]}",
                                    error=f"failed: GPU {target} not listed")
@@ -314,22 +326,56 @@ class NodeAgent:
                 return rc, out
             await self.clock.sleep(min(10.0, max(0.0, deadline - self.clock.monotonic())))
 
-    async def _fabric_trained(self, deadline: float) -> list[str]:
+    async def _fabric_trained(self, deadline: float) -> tuple[list[str], NvsmiRead | None, str]:
         """Wait (until ``deadline``) until no GPU's fabric reads NOT_STARTED or IN_PROGRESS in ``nvidia-smi -q``: on
         NVSwitch systems Fabric Manager trains the fabric after a boot or a reset, and ``dcgmi discovery`` answers
         before it is done, when a diagnostic's NVLink tests would fail healthy GPUs. Returns the GPUs still training
-        at the deadline; an nvidia-smi that fails or prints something else is not waited for (the diag says)."""
+        at the deadline, the last reading (None when it was no ``nvidia-smi -q`` output) and what nvidia-smi said;
+        an nvidia-smi that fails or prints something else is not waited for (the diag says)."""
         while True:
             rc, out = await run([self.nvidia_smi, "-q"], 60)
-            try:
-                gpus = parse_nvsmi(out).gpus if rc == 0 else []
-            except NvsmiFormatError:
-                gpus = []
+            read = read_nvsmi(out)  # a lost GPU can make nvidia-smi exit non-zero: its reading still lists the others
+            gpus = read.gpus if read is not None and rc == 0 else []
             training = [g.sample.gpu.label() for g in gpus if g.sample.fabric is not None
                         and g.sample.fabric[0] in FABRIC_SETTLING]
             if not training or self.clock.monotonic() >= deadline:
-                return training
+                return training, read, f"rc={rc}: {' '.join(out.split())[:200]}"
             await self.clock.sleep(min(10.0, max(0.0, deadline - self.clock.monotonic())))
+
+    def _remember(self, read: NvsmiRead | Reading | None, why: str, before: tuple[Gpu, ...] | None = None) -> None:
+        """Add what a reading shows to the remembered GPUs (``collectors.agent_inventory``)."""
+        if read is None:
+            return
+        reading = from_nvsmi(read) if isinstance(read, NvsmiRead) else read
+        before = (self.inventory.load() or ()) if before is None else before
+        after = merge(before, reading)
+        if after != before and self.inventory.save(after, self.clock.now()):
+            log.info("agent_inventory_saved", node=self.node, gpus=len(after), added=len(after) - len(before),
+                     reading=why)
+
+    def _gpus_missing(self, cmd: AgentCommand, remembered: tuple[Gpu, ...] | None, read: NvsmiRead | None,
+                      said: str) -> AgentReply | None:
+        """The failure reply when a GPU the node had before is not back, or the GPUs cannot be read to tell."""
+        if not remembered:
+            if not self._inventory_unknown_said:  # once per agent: the check needs one reading while things were well
+                self._inventory_unknown_said = True
+                log.warning("agent_inventory_unknown", node=self.node, path=str(self.inventory.path),
+                            detail="no GPU inventory recorded yet: validation cannot check that every GPU came back")
+            return None
+        if read is None:
+            return self._reply(cmd, False, f"cannot read the node's GPUs to check the {len(remembered)} remembered "
+                                           f"ones came back (nvidia-smi -q {said})"[:700],
+                               error="failed: GPU inventory unreadable")
+        reading = from_nvsmi(read)
+        gone = missing(remembered, reading, index=cmd.gpu_index)
+        if not gone:
+            return None
+        names = ", ".join(g.label() for g in gone)
+        detail = (f"{len(gone)} of the {len(remembered)} GPU(s) this node had did not come back: {names}; "
+                  f"{len(reading.present)} answer now. Not diagnosed. A GPU that fell off the bus (XID 79) may "
+                  f"need a cold power cycle; if it was removed on purpose, delete {self.inventory.path}")
+        return self._reply(cmd, False, detail[:1500], error=f"failed: GPU missing: {names}"[:300],
+                           evidence={"gpus_missing": names[:1000], "gpus_present": str(len(reading.present))})
 
     async def _validate(self, cmd: AgentCommand) -> AgentReply:
         # one deadline for both waits: the remediator's validate request allows the diag, ready_wait_s and a margin
@@ -339,20 +385,24 @@ class NodeAgent:
             said = " ".join(out.split())[:300]
             return self._reply(cmd, False, f"the DCGM host engine did not answer within {self.ready_wait_s:g}s "
                                            f"(dcgmi discovery -l rc={rc}): {said}", error="failed: DCGM host engine")
-        training = await self._fabric_trained(deadline)
+        training, read, said = await self._fabric_trained(deadline)
         if training:
             return self._reply(cmd, False, f"the GPU fabric is still training after {self.ready_wait_s:g}s on "
                                            f"{', '.join(training)} (Fabric Manager not done): not diagnosed",
                                error="failed: GPU fabric not trained")
+        remembered = self.inventory.load()
+        gone = self._gpus_missing(cmd, remembered, read, said)
+        self._remember(read, "validate", remembered or ())
+        if gone is not None:
+            return gone
         scope = ["-i", str(cmd.gpu_index)] if cmd.gpu_index is not None else []  # one GPU after a single-GPU reset
         rc, out = await run([self.dcgmi, "diag", "-r", str(cmd.level), *scope, "-j"], self.timeout_s)
-        try:
-            passed, tests = parse_diag(out)
-        except (ValueError, AttributeError) as exc:
-            return self._reply(cmd, False, f"dcgmi diag -r {cmd.level} gave no readable result (rc={rc}): {exc}",
-                               error="failed: no readable dcgmi result")
-        failed = [t.name for t in tests if t.status == "fail"]
-        detail = (f"DCGM diag r{cmd.level} passed ({len(tests)} tests)" if passed else
-                  f"DCGM diag r{cmd.level} failed: {', '.join(failed)}")
-        return self._reply(cmd, passed, detail, tests=tuple(tests), evidence={t.name: t.status for t in tests},
-                           error="" if passed else f"failed: {', '.join(failed)}"[:300])
+        return self._diag_reply(cmd, rc, parse_diag(out, cmd.level))
+
+    def _diag_reply(self, cmd: AgentCommand, rc: int, diag: DiagResult) -> AgentReply:
+        if diag.problem:
+            return self._reply(cmd, False, f"dcgmi diag -r {cmd.level} gave no readable result (rc={rc}): "
+                                           f"{diag.problem}"[:700], error="failed: no readable dcgmi result",
+                               tests=diag.tests)
+        detail, error, evidence = diag.summary()
+        return self._reply(cmd, diag.passed, detail, error=error, tests=diag.tests, evidence=evidence)

@@ -19,6 +19,27 @@ command):
   different command is refused, never answered with another command's stored reply;
 - at most one reboot per node per ``reboot_window_s`` and one reset per GPU per
   ``reset_window_s``, whatever the remediator asks.
+
+And what a validation must show (``parse_diag``: the text of ``dcgmi diag -r <level> -j``, DCGM 3.x
+or 4.x JSON, in; a ``DiagResult`` out, never an exception). It passes only when no test failed and
+every hardware test the run level includes passed (``warn`` counts as a pass; its warnings travel in
+the reply). Run levels and their tests: NVIDIA DCGM ``NvidiaValidationSuite::FillTestVectors``
+(3.3 and 4.x, the same lists) and the DCGM diagnostics guide, summarised in
+``shared/reference/dcgm_health_and_diag.md`` section 2: r1 runs software checks only; r2 adds
+``memory`` and ``pcie``; r3 adds ``diagnostic``, ``memory_bandwidth``, ``targeted_stress`` and
+``targeted_power``; r4 adds ``memtest`` and ``pulse_test``. A hardware test that was skipped
+(DCGM skips tests while compute processes hold the GPU, or when a plugin is missing) or that is not
+in the output did not pass, so the GPU does not return to service on r1's software checks alone.
+One exception, documented because failing it would wedge remediation on whole GPU models: DCGM's
+per-model allowlist (``diag-skus.yaml``, ``is_allowed: false``, e.g. ``targeted_power`` on H20
+NVL16, ``pulse_test`` on several models) disables a test on a model with DCGM_FR_TEST_DISABLED
+(error 48, "The <test> test is skipped[ for this GPU]."); such a skip, or one DCGM explains as not
+supported on this GPU, is "not applicable" and tolerated, but only while at least one hardware test
+of the level really passed: a model DCGM does not know gets every hardware test disabled (their
+default is ``is_allowed: False``), and a run that tested no hardware fails. A skip for any other
+reason (ECC turned off, compute processes, aborted, no reason given) fails. Tests DCGM runs only
+where installed or configured (EUD and CPU EUD as root with the EUD package, ``nvbandwidth``,
+``nccl_tests``, ``rist``) are not required; when they run, a failure still fails.
 """
 
 from __future__ import annotations
@@ -28,7 +49,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from breakfix.schemas.agent import AgentAction, AgentCommand
+from breakfix.schemas.agent import AgentAction, AgentCommand, DiagTest
 
 GPU_UUID = re.compile(r"GPU-[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@=+/-]{0,199}")
@@ -114,3 +135,173 @@ class RateLimits:
             if len(self.last) > 256:  # bounded: keep the most recent
                 for k in sorted(self.last, key=self.last.__getitem__)[:len(self.last) - 256]:
                     del self.last[k]
+
+
+# The hardware tests each ``dcgmi diag -r`` level includes (NVIDIA DCGM NvidiaValidationSuite::FillTestVectors, 3.3
+# and 4.x), by DCGM 4's plugin names; DCGM 3's display names map onto them (``canonical_test``).
+_R2 = frozenset({"memory", "pcie"})
+_R3 = _R2 | {"diagnostic", "memory_bandwidth", "targeted_stress", "targeted_power"}
+LEVEL_TESTS: dict[int, frozenset[str]] = {1: frozenset(), 2: _R2, 3: _R3, 4: _R3 | {"memtest", "pulse_test"}}
+_DCGM3_NAMES = {"gpu_memory": "memory", "eud_test": "eud", "cpu_eud_test": "cpu_eud"}
+# DCGM_FR_TEST_DISABLED (dcgm_errors.h: "This test is disabled for this GPU"), its messages in 3.x and 4.x; the L1 cache
+# subtest's DCGM_FR_L1TAG_UNSUPPORTED; and a skip DCGM words as not supported / not applicable on this GPU.
+TEST_DISABLED = 48
+_NOT_APPLICABLE = re.compile(r"\bthe [\w .-]{1,40} test is skipped(?: for this gpu)?\.|"
+                             r"does not support the l1 cache test|"
+                             r"\bnot (?:supported|applicable) (?:on|for|by) this (?:gpu|sku|device|card|model)\b",
+                             re.IGNORECASE)
+_RANK = {"pass": 0, "warn": 1, "skip": 2, "fail": 3}
+MAX_TESTS = 128
+MAX_INFO = 500
+
+
+def canonical_test(name: str) -> str:
+    """DCGM 4's name for a test: ``memory``, ``pcie``, ...; DCGM 3's "GPU Memory" / "Targeted Stress" map onto them."""
+    key = re.sub(r"[\s-]+", "_", name.strip().lower())
+    return _DCGM3_NAMES.get(key, key)
+
+
+@dataclass(frozen=True, slots=True)
+class DiagResult:
+    """One ``dcgmi diag -j`` run judged against its level. ``problem``: no readable result, or DCGM's runtime error."""
+
+    tests: tuple[DiagTest, ...] = ()
+    failed: tuple[str, ...] = ()  # tests that said fail
+    not_passed: tuple[str, ...] = ()  # hardware tests of the level that were skipped or not run, with why
+    not_applicable: tuple[str, ...] = ()  # skipped: DCGM disables them on this GPU model (tolerated, reported)
+    warnings: tuple[str, ...] = ()  # "<test>: <warning>" of the tests that warned (a pass)
+    problem: str = ""
+    level: int = 2
+
+    @property
+    def passed(self) -> bool:
+        return not self.problem and bool(self.tests) and not self.failed and not self.not_passed
+
+    def summary(self) -> tuple[str, str, dict[str, str]]:
+        """The agent's reply: (detail, error, evidence); ``error`` is empty on a pass. Evidence: each test's status,
+        and ``warnings``, ``not_applicable``, ``not_passed`` when there are any."""
+        evidence = {t.name: t.status for t in self.tests}
+        notes = []
+        if self.not_applicable:
+            evidence["not_applicable"] = ", ".join(self.not_applicable)
+            notes.append(f"not applicable on this GPU model (DCGM disables them): {evidence['not_applicable']}")
+        if self.warnings:
+            evidence["warnings"] = "; ".join(self.warnings)[:1000]
+            notes.append(f"warnings: {evidence['warnings']}")
+        if self.passed:
+            return "; ".join([f"DCGM diag r{self.level} passed ({len(self.tests)} tests)", *notes])[:1500], "", evidence
+        why = [f"failed: {', '.join(self.failed)}"] if self.failed else []
+        if self.not_passed:
+            evidence["not_passed"] = ", ".join(self.not_passed)[:1000]
+            why.append(f"did not pass (r{self.level} needs them): {evidence['not_passed']}")
+        why = why or [f"did not pass: {self.problem or 'no tests'}"]
+        detail = "; ".join([f"DCGM diag r{self.level} {why[0]}", *why[1:], *notes])
+        return detail[:1500], f"failed: {'; '.join(why)}"[:300], evidence
+
+
+def _lines(entry: dict[str, object]) -> list[tuple[str, int | None]]:
+    """A result's info and warnings: (text, DCGM error id). 4.x writes info as a list, 3.x as one string."""
+    out: list[tuple[str, int | None]] = []
+    info = entry.get("info")
+    for x in info if isinstance(info, list) else [info]:
+        if isinstance(x, str) and x.strip():
+            out.append((x.strip(), None))
+    warnings = entry.get("warnings")
+    for w in warnings if isinstance(warnings, list) else []:
+        if isinstance(w, dict):
+            text, eid = w.get("warning") or w.get("warnings"), w.get("error_id")
+            out.append((str(text or "").strip(), eid if type(eid) is int else None))
+        elif isinstance(w, str):
+            out.append((w.strip(), None))
+    return out
+
+
+def _status(entry: dict[str, object]) -> str:
+    """pass / warn / skip / fail; "Not Run" and no status are a skip, anything unknown is a fail."""
+    raw = str(entry.get("status") or "").strip().lower()
+    return raw if raw in _RANK else "skip" if raw in ("", "not run", "not_run") else "fail"
+
+
+def _na(lines: list[tuple[str, int | None]]) -> bool:
+    return any(eid == TEST_DISABLED or _NOT_APPLICABLE.search(text) for text, eid in lines)
+
+
+def _test(category: object, t: dict[str, object]) -> tuple[DiagTest, bool, list[str]]:
+    """One test's worst outcome over its GPUs and 4.x's ``test_summary``; whether its skip is not applicable here;
+    its warnings. A skipped entry is not applicable when its own lines say so, or it has none and the summary does."""
+    results = t.get("results")
+    entries = [r for r in results if isinstance(r, dict)][:1024] if isinstance(results, list) else []
+    summary = t.get("test_summary")
+    if isinstance(summary, dict):
+        entries.append(summary)
+    lines = [_lines(e) for e in entries]
+    summary_lines = lines[-1] if isinstance(summary, dict) else []
+    statuses = [_status(e) for e in entries]
+    worst = max(statuses, key=_RANK.__getitem__) if statuses else "skip"
+    skipped = [ln for st, ln in zip(statuses, lines, strict=True) if st == "skip"]
+    na = worst == "skip" and bool(skipped) and all(_na(ln) or (not ln and _na(summary_lines)) for ln in skipped)
+    name = str(t.get("name") or "?")[:100]
+    warned = list(dict.fromkeys(f"{name}: {text}" for st, ln in zip(statuses, lines, strict=True) if st == "warn"
+                                for text, _ in ln if text))
+    said = list(dict.fromkeys(text for ln in lines for text, _ in ln if text))
+    info = "; ".join(said)[:MAX_INFO] if statuses else "not run"
+    return DiagTest(category=str(category or "")[:100], name=name, status=worst, info=info), na, warned
+
+
+def parse_diag(text: str, level: int) -> DiagResult:
+    """``dcgmi diag -j`` output -> per-test outcomes and the verdict for run ``level``. Total: any text is a result.
+    Keys: "DCGM GPU Diagnostic" (3.x) or "DCGM Diagnostic" (4.x), each with ``test_categories`` and, when the run
+    could not start, ``runtime_error``."""
+    try:
+        doc = json.loads(text[text.find("{"):text.rfind("}") + 1])
+    except (ValueError, RecursionError) as exc:
+        return DiagResult(problem=f"not JSON: {str(exc)[:200]}", level=level)
+    root = (doc.get("DCGM GPU Diagnostic") or doc.get("DCGM Diagnostic")) if isinstance(doc, dict) else None
+    if not isinstance(root, dict):
+        return DiagResult(problem="no DCGM diagnostic object in the JSON", level=level)
+    tests: list[DiagTest] = []
+    na: set[str] = set()
+    skipped: set[str] = set()  # skipped for another reason somewhere (a test listed twice): not excused
+    warnings: list[str] = []
+    categories = root.get("test_categories")
+    for cat in categories if isinstance(categories, list) else []:
+        listed = cat.get("tests") if isinstance(cat, dict) else None
+        for t in listed if isinstance(listed, list) else []:
+            if isinstance(t, dict) and len(tests) < MAX_TESTS:
+                test, not_applicable, warned = _test(cat.get("category"), t)
+                tests.append(test)
+                warnings.extend(warned)
+                if test.status == "skip":
+                    (na if not_applicable else skipped).add(canonical_test(test.name))
+    error = root.get("runtime_error")
+    problem = f"DCGM runtime error: {str(error)[:300]}" if error else "" if tests else "no tests in the result"
+    return judge(tuple(tests), na - skipped, level, warnings=tuple(warnings[:50]), problem=problem)
+
+
+def judge(tests: tuple[DiagTest, ...], na: set[str], level: int, *, warnings: tuple[str, ...] = (),
+          problem: str = "") -> DiagResult:
+    """The verdict: no test failed, and each hardware test of ``level`` passed (or warned), or is not applicable on
+    this GPU model (``na``) while at least one of them did pass."""
+    worst: dict[str, DiagTest] = {}
+    for t in tests:
+        key = canonical_test(t.name)
+        if key not in worst or _RANK.get(t.status, 3) > _RANK.get(worst[key].status, 3):
+            worst[key] = t
+    required = LEVEL_TESTS.get(min(max(level, 1), 4), frozenset())
+    not_passed: list[str] = []
+    disabled: list[str] = []
+    for key in sorted(required):
+        got = worst.get(key)
+        if got is None:
+            not_passed.append(f"{key} (not run)")
+        elif got.status == "skip" and key in na:
+            disabled.append(got.name)
+        elif got.status == "skip":
+            not_passed.append(f"{got.name} (skipped{': ' + got.info[:150] if got.info else ''})")
+    ran = [k for k in required if k in worst and worst[k].status in ("pass", "warn")]
+    if required and disabled and not ran and not not_passed:  # nothing tested the hardware: not a pass
+        not_passed = [f"{n} (disabled for this GPU model, and no hardware test ran)" for n in disabled]
+        disabled = []
+    return DiagResult(tests=tests, failed=tuple(t.name for t in tests if t.status == "fail"),
+                      not_passed=tuple(not_passed), not_applicable=tuple(disabled), warnings=warnings,
+                      problem=problem, level=level)
