@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -297,3 +298,84 @@ class TestLifecycleExecution:
         await h.executor.run(incident("gpu_reset_required"), plan_of(Step(action=StepAction.RETURN_TO_SERVICE,
                                                                           params=N1)))
         assert [r.waiting for r in h.records if r.outcome is ActionOutcome.WAITING] == [WaitingOn.SOAK]
+
+
+class _HeldDrain(SimCluster):
+    """A GPU drain that takes until the test lets it finish (a step in flight)."""
+
+    def __init__(self) -> None:
+        super().__init__({"n1": SimNode("n1", pods={"a/p0": 2, "a/p1": 5})})
+        self.draining, self.finish = asyncio.Event(), asyncio.Event()
+
+    async def drain_gpu(self, node: str, gpu: int, *, incident: str, pods: tuple[str, ...] = ()) -> StepResult:
+        self.draining.set()
+        await self.finish.wait()
+        return await super().drain_gpu(node, gpu, incident=incident, pods=pods)
+
+
+class TestStopsAndInterruptedWaits:
+    async def test_a_stop_lets_the_step_in_flight_finish_and_starts_no_further_step(self, policy: Policy) -> None:
+        from breakfix.remediator.records import Progress, ProgressState
+
+        c = _HeldDrain()
+        h = Harness(c)
+        saved: list[Progress] = []
+
+        async def save(p: Progress) -> None:
+            saved.append(p.model_copy())
+
+        inc = incident("gpu_reset_required")
+        run = asyncio.create_task(h.executor.run(inc, decide(inc, await c.view(), policy), attempt=3, save=save),
+                                  name="test-plan")
+        await asyncio.wait_for(c.draining.wait(), 5)
+        h.executor.stop_at_next_step("inc-9", 2, "another attempt's stop")  # not this plan's
+        h.executor.stop_at_next_step("inc-9", 3, "re-decided: unknown-fault never resets")
+        await asyncio.sleep(0.05)
+        assert not run.done(), "the drain in flight is not cut off"
+        c.finish.set()
+        assert await asyncio.wait_for(run, 5) is ActionOutcome.CANCELLED
+        assert [x[0] for x in c.history] == ["cordon", "drain_gpu"] and c.nodes["n1"].gpu_resets == {}
+        assert h.outcomes()[-2:] == ["drain_gpu:succeeded", "plan:cancelled"], "the drain's end is recorded"
+        assert h.records[-1].reason == "re-decided: unknown-fault never resets"
+        assert saved[-1].state is ProgressState.CANCELLED and (saved[-1].rung, saved[-1].step) == (0, 2)
+        assert h.executor._stops == {("inc-9", 2): "another attempt's stop"}
+
+    async def test_a_stop_during_the_last_step_lets_the_plan_end_and_is_forgotten(self) -> None:
+        c = _HeldDrain()
+        h = Harness(c)
+        plan = plan_of(Step(action=StepAction.DRAIN_GPU, params=N1))
+        run = asyncio.create_task(h.executor.run(incident("gpu_reset_required"), plan), name="test-plan")
+        await asyncio.wait_for(c.draining.wait(), 5)
+        h.executor.stop_at_next_step("inc-9", 0, "too late: no step is left")
+        c.finish.set()
+        assert await asyncio.wait_for(run, 5) is ActionOutcome.COMPLETED
+        assert h.executor._stops == {}, "a later run of the same attempt is not stopped by it"
+
+    async def test_a_deferred_wait_ends_at_once_when_the_incident_changes(self) -> None:
+        c = cluster()
+        clk = ManualClock(T0)
+        h = Harness(c)
+        h.executor.clock = clk
+        polled, job_runs = asyncio.Event(), asyncio.Event()
+
+        async def busy(node: str, gpu: int, *, pods: tuple[str, ...] = ()) -> bool:
+            if polled.is_set():
+                await job_runs.wait()  # the job on the GPU runs on
+            polled.set()
+            return False
+
+        c.gpu_idle = busy  # type: ignore[method-assign]
+        step = Step(action=StepAction.DRAIN_GPU, params={**N1, "defer_s": 14400})
+        changed = asyncio.Event()
+        wait = asyncio.create_task(h.executor.wait_idle(incident("gpu_reset_required"), plan_of(step), 0, step,
+                                                        T0 + timedelta(hours=4), changed=changed), name="test-wait")
+        await asyncio.wait_for(polled.wait(), 5)
+        await asyncio.sleep(0.05)
+        assert not wait.done()
+        changed.set()
+        assert await asyncio.wait_for(wait, 5) is True
+        assert clk.now() < T0 + timedelta(hours=4) and c.history == [], "nothing acted, the deadline did not pass"
+        assert [r.waiting for r in h.records] == [WaitingOn.IDLE]
+        unchanged = asyncio.Event()
+        assert await h.executor.wait_idle(incident("gpu_reset_required"), plan_of(step), 0, step, T0, changed=unchanged
+                                          ) is False, "at its deadline the wait ends as before"

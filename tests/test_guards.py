@@ -20,7 +20,7 @@ from breakfix.remediator.guards import (
 from breakfix.remediator.policy import Policy
 from breakfix.remediator.view import ClusterView, NodeView
 from breakfix.schemas.common import GpuRef, Severity
-from breakfix.schemas.incident import Domain, Incident, IncidentScope, Step, StepAction
+from breakfix.schemas.incident import Domain, Incident, IncidentScope, Step, StepAction, WaitingOn
 from tests.conftest import T0
 
 
@@ -177,6 +177,27 @@ class TestLoopsAndSwitches:
                              T0 + timedelta(minutes=5), key=key)
         assert (refusal is not None and refusal.guard == "retry_cap") is refused
 
+    @pytest.mark.parametrize(("category", "action", "refused"), [
+        ("unknown_fault", StepAction.RESET_GPU, True),
+        ("unknown_fault", StepAction.REBOOT, True),
+        ("unknown_fault", StepAction.REPROVISION, True),
+        ("unknown_fault", StepAction.CORDON, False),
+        ("unknown_fault", StepAction.VALIDATE, False),
+        ("unknown_fault", StepAction.ESCALATE, False),
+        ("gpu_reset_required", StepAction.RESET_GPU, False),
+        ("node_reboot_required", StepAction.REBOOT, False),
+    ], ids=["unknown-no-reset", "unknown-no-reboot", "unknown-no-reprovision", "unknown-still-cordons",
+            "unknown-may-validate", "unknown-still-pages", "known-reset-runs", "known-reboot-runs"])
+    def test_a_running_plan_never_resets_reboots_or_reprovisions_an_incident_now_unknown(
+            self, category: str, action: StepAction, refused: bool) -> None:
+        now = inc(category=category, codes=("xid:48", "xid:173"))  # the incident as it stands when the step comes
+        refusal = step_check(now, Step(action=action, params={"node": "n1", "gpu": 0}), GuardState(),
+                             GuardsSpec(retry_caps={}), T0, rule="gpu-reset", key="inc-1:0:1:2")
+        assert (refusal is not None) is refused
+        if refusal is not None:
+            assert refusal.guard == "unknown_fault" and refusal.fence and not refusal.retry
+            assert refusal.waiting is WaitingOn.HUMAN and f"{action.value} refused" in refusal.reason
+
     def test_state_round_trips_through_the_store_form(self) -> None:
         state = GuardState(active={"n1": "i"}, holds={"n1": {"i": "in remediation"}}, queued={"j": T0},
                            cleared={"i": ("i:0:1:2", T0)})
@@ -208,6 +229,35 @@ class TestLadders:
         rules = tuple(r.model_copy(update={"shadow": r.name == "gpu-reset"}) for r in policy.rules)
         plan = decide(inc(), view(4), policy.model_copy(update={"rules": rules}))
         assert plan.shadow and plan.rule == "gpu-reset"
+
+
+class TestReturnValidation:
+    """What a human release and the cooldown return validate (``breaker.return_plan``): the whole node unless the
+    incident is one GPU's, and DCGM level 3 (post-mortem: targeted_stress, targeted_power) after a hardware,
+    thermal or power, multi-GPU, NVSwitch or reboot-class fault, else level 2 (the epilogue after a failed job)."""
+
+    @pytest.mark.parametrize(("category", "scope", "gpus", "validated"), [
+        ("gpu_reset_required", IncidentScope.GPU, (2,), {"node": "n1", "gpu": 2, "scope": "gpu", "level": 2}),
+        ("hardware_support", IncidentScope.GPU, (1,), {"node": "n1", "gpu": 1, "scope": "gpu", "level": 3}),
+        ("mechanical_inspection", IncidentScope.GPU, (1,), {"node": "n1", "gpu": 1, "scope": "gpu", "level": 3}),
+        ("thermal_power", IncidentScope.GPU, (4,), {"node": "n1", "gpu": 4, "scope": "gpu", "level": 3}),
+        ("node_reboot_required", IncidentScope.GPU, (3,), {"node": "n1", "gpu": 3, "scope": "gpu", "level": 3}),
+        ("multi_gpu_failure", IncidentScope.NODE, (1, 5), {"node": "n1", "scope": "node", "level": 3}),
+        ("nvswitch_fatal", IncidentScope.NODE, (0, 1, 2), {"node": "n1", "scope": "node", "level": 3}),
+        ("nvswitch_fatal", IncidentScope.NODE, (0,), {"node": "n1", "scope": "node", "level": 3}),
+        ("gpu_reset_required", IncidentScope.GPU, (2, 6), {"node": "n1", "scope": "node", "level": 2}),
+        ("fabric_link", IncidentScope.NODE, (), {"node": "n1", "scope": "node", "level": 2}),
+    ], ids=["one-gpu-reset-r2-on-the-gpu", "rma-r3-on-the-gpu", "mechanics-r3", "thermal-r3", "reboot-class-r3",
+            "multi-gpu-r3-on-the-node", "nvswitch-with-folded-gpus-r3-on-the-node",
+            "node-scope-with-one-gpu-on-the-node", "two-gpus-on-the-node", "no-gpu-on-the-node"])
+    def test_the_return_validates_what_the_fault_touched_at_its_level(
+            self, category: str, scope: IncidentScope, gpus: tuple[int, ...], validated: dict[str, object]) -> None:
+        from breakfix.remediator.breaker import return_plan
+
+        i = inc(category=category).model_copy(update={"scope": scope, "gpus": tuple(GpuRef(index=g) for g in gpus)})
+        plan = return_plan(i, ("n1",), "released by alice: checked", rule="human-release")
+        assert [s.action for s in plan.steps] == [StepAction.VALIDATE, StepAction.RETURN_TO_SERVICE]
+        assert plan.steps[0].params == validated
 
 
 def test_the_cooldown_cordons_kept_are_bounded_oldest_first() -> None:

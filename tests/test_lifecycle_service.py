@@ -101,7 +101,7 @@ class TestHolds:
             await h.human("release", "inc-rma", reason="GPU 1 replaced, RMA closed")
             await h.until(lambda: "completed" in plans(h, "inc-rma"))
         assert not c.nodes["n1"].cordoned, "nothing holds it any more"
-        assert ("validate", "n1", "2", "gpu1") in c.history, "the release validated first"
+        assert ("validate", "n1", "3", "gpu1") in c.history, "the release validated first"
 
     async def test_a_release_may_skip_validation_with_a_reason(self, policy: Policy) -> None:
         c = one_node()

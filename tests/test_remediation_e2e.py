@@ -8,8 +8,9 @@ Kubernetes (kmock, an API emulator) and the node agent (stand-in nvidia-smi / dc
   validate r3, return, and the node is uncordoned because breakfix cordoned it;
 - the lifecycle (issue 10): an RMA incident holds its node through another GPU's reset until a human releases
   it (validated on that GPU only); XID 79 again after its reboot fences the node and pages with the reason;
-  XID 154 "Node Reboot Required" during a reset re-decides the plan; a repeat during the soak blocks the
-  return while an XID 63 companion does not.
+  XID 154 "Node Reboot Required" during a reset re-decides the plan; an XID not in NVIDIA's catalog during its
+  validation stops the plan after that step, and the node stays fenced and paged; a repeat during the soak blocks
+  the return while an XID 63 companion does not.
 """
 
 from __future__ import annotations
@@ -295,6 +296,22 @@ class TestLifecyclePipeline:
         reboot = next(r for r in rig.records if r.action is StepAction.REBOOT and r.outcome is ActionOutcome.SUCCEEDED)
         assert len(returns) == 1 and returns[0].at >= reboot.at, "the node returned only after its reboot"
         assert done.at >= reboot.at
+
+    async def test_an_unknown_xid_during_a_resets_validation_stops_the_plan_there_and_the_node_stays_fenced(
+            self, rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("FAKE_DCGMI_SLEEP", "2")  # the reset plan is still validating when the unknown XID arrives
+        async with Running(rig):
+            await publish_signal(rig, code="48", gpu_index=2)
+            await until_record(rig, "the validation", lambda r: r.action is StepAction.VALIDATE
+                               and r.outcome is ActionOutcome.STARTED)
+            await publish_signal(rig, code="173", gpu_index=2, at=1)  # not in NVIDIA's catalog: unknown_fault
+            await until_record(rig, "the cautious plan's page", lambda r: r.kind is ActionKind.PLAN
+                               and r.outcome is ActionOutcome.ESCALATED and r.rule == "unknown-fault")
+        stopped = next(r for r in rig.records if r.outcome is ActionOutcome.CANCELLED)
+        assert stopped.rule == "gpu-reset" and "gpu_reset_required -> unknown_fault" in stopped.reason
+        assert rig.steps() == ["cordon", "drain_gpu", "reset_gpu", "validate", "cordon", "escalate"], \
+            "the validation in flight finished; nothing after it ran"
+        assert unschedulable(rig), "an unknown fault's node is never returned automatically"
 
     async def test_the_soak_sees_the_fault_recur_and_ignores_an_informational_companion(self, rig: Rig) -> None:
         async with Running(rig, soak_s=2.0):

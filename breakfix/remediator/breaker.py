@@ -19,13 +19,31 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from breakfix.schemas.incident import ActionKind, ActionOutcome, Domain, Incident, Plan, Step, StepAction, WaitingOn
+from breakfix.schemas.incident import (
+    ActionKind,
+    ActionOutcome,
+    Domain,
+    Incident,
+    IncidentScope,
+    Plan,
+    Step,
+    StepAction,
+    WaitingOn,
+)
 
 if TYPE_CHECKING:
     from breakfix.remediator.guards import Refusal
     from breakfix.remediator.service import RemediatorService
 
 log = structlog.get_logger("breakfix.remediator")
+
+# The DCGM diagnostic a node proves itself with before it returns (NVIDIA DCGM diagnostics, dcgmi diag run levels;
+# /work/shared/reference/dcgm_health_and_diag.md section 2): r2 (medium: memory, PCIe/NVLink) is NVIDIA's
+# epilogue after a failed job; r3 (long: adds the SM stress diagnostic, targeted_stress and targeted_power) is for
+# post-mortem and pre-RMA, which is what a node back from these faults (hardware, mechanics, thermal or power, several
+# GPUs, a fatal NVSwitch error, a reboot-class fault) is.
+DEEP_VALIDATION = frozenset({"hardware_support", "mechanical_inspection", "thermal_power", "multi_gpu_failure",
+                             "nvswitch_fatal", "node_reboot_required"})
 
 
 async def page_breaker(svc: RemediatorService, inc: Incident) -> None:
@@ -69,15 +87,19 @@ async def fence(svc: RemediatorService, inc: Incident, refusal: Refusal, attempt
 
 
 def return_plan(inc: Incident, nodes: Sequence[str], why: str, *, rule: str, validate: bool = True) -> Plan:
-    """Validate (on the incident's GPU when it names one, else the node; unless ``validate`` is False) and return
-    each of ``nodes`` to service, in one rung: a failed validation stops there and escalates, the node cordoned."""
+    """Validate (unless ``validate`` is False) and return each of ``nodes`` to service, in one rung: a failed
+    validation stops there and escalates, the node cordoned. The validation runs on the incident's GPU only when it
+    is a GPU-scope incident that names one GPU, else on the whole node (several GPUs, a node-scope fault, an
+    NVSwitch error with its GPUs folded in); at level 3 after the categories in ``DEEP_VALIDATION``, else 2."""
+    one_gpu = inc.gpus[0].index if inc.scope is IncidentScope.GPU and len(inc.gpus) == 1 else None
+    level = 3 if inc.category in DEEP_VALIDATION else 2
     steps: list[Step] = []
     for node in nodes:
         params: dict[str, str | int | bool] = {"node": node}
-        if inc.node == node and inc.gpus and inc.gpus[0].index is not None:
-            params["gpu"] = inc.gpus[0].index
+        if inc.node == node and one_gpu is not None:
+            params["gpu"] = one_gpu
         if validate:
-            steps.append(Step(action=StepAction.VALIDATE, params={**params, "level": 2,
+            steps.append(Step(action=StepAction.VALIDATE, params={**params, "level": level,
                                                                   "scope": "gpu" if "gpu" in params else "node"}))
         steps.append(Step(action=StepAction.RETURN_TO_SERVICE, params={**params, "soak": False}))
     return Plan(domain=Domain.OPERATOR, rule=rule, reason=why, steps=tuple(steps))

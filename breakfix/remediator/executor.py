@@ -12,8 +12,11 @@ Enforced here, per step: its ``timeout_s`` and what is left of its rung's ``time
 ``gate`` before every step (kill switches switched on since the plan started, retry caps; a
 human's release runs ungated); the ``hold`` check before a return to service (the
 node is uncordoned only when no other incident holds it); the ``soak`` before capacity returns; a
-deferred step (``defer_s``) waits for the GPU to go idle or the deadline. A reset the node agent
-refuses as ``busy:`` drains the node's pods and is tried once more, instead of climbing to a reboot.
+deferred step (``defer_s``) waits for the GPU to go idle or the deadline (``wait_idle``; the service's own wait
+also ends when the incident changes). A reset the node agent refuses as ``busy:`` drains the node's pods and is
+tried once more, instead of climbing to a reboot. ``stop_at_next_step``: a plan re-decided to a cautious one
+starts no further step; the step in flight finishes (node-side steps are idempotent by key, below) and is
+recorded, and the plan ends ``CANCELLED``.
 
 Crash safety: before and after every step the executor hands a ``Progress`` to ``save``
 (the plan store, with optimistic concurrency), and every node-side step carries an
@@ -24,12 +27,13 @@ answers a repeated key without acting again (no double reboot).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
-from breakfix.bus.clock import Clock
+from breakfix.bus.clock import Clock, first_of
 from breakfix.remediator.actuator import Actuator, StepResult
 from breakfix.remediator.records import Progress, ProgressState
 from breakfix.schemas.incident import (
@@ -122,6 +126,13 @@ class Executor:
         self.gate = gate
         self.holders = holders
         self.idle_poll_s = idle_poll_s
+        self._stops: dict[tuple[str, int], str] = {}  # (incident, attempt) -> why its plan starts no further step
+
+    def stop_at_next_step(self, incident: str, attempt: int, why: str) -> None:
+        """The plan ``run`` carries out for ``incident``'s ``attempt`` starts no further step: the one in flight ends
+        as it would (a node agent call is not cut off mid-way), then the plan ends ``CANCELLED`` with ``why``, its
+        progress saved as cancelled so no restart resumes it. A plan that ends first forgets the request."""
+        self._stops[(incident, attempt)] = why
 
     async def _record(self, incident: Incident, plan: Plan, attempt: int, kind: ActionKind,
                       outcome: ActionOutcome, *, step: Step | None = None, index: int | None = None,
@@ -148,6 +159,13 @@ class Executor:
                   save: Save = _no_save, guarded: bool = True) -> ActionOutcome:
         """Carry the plan out from ``progress`` (the start when None); return the plan's final outcome.
         ``guarded=False``: a plan a human ordered (a release), which the ``gate`` does not stop."""
+        try:
+            return await self._carry(incident, plan, attempt, progress, save, guarded)
+        finally:
+            self._stops.pop((incident.id, attempt), None)
+
+    async def _carry(self, incident: Incident, plan: Plan, attempt: int, progress: Progress | None, save: Save,
+                     guarded: bool) -> ActionOutcome:
         fresh = progress is None
         prog = progress or Progress(incident=incident.id, attempt=attempt)
         if fresh:
@@ -167,6 +185,8 @@ class Executor:
             used = 0.0  # seconds this rung's steps have taken (waits for a human, soak and idle excluded)
             failed: tuple[Step, StepResult] | None = None
             while prog.step < len(rung.steps):
+                if (stop := self._stops.pop((incident.id, attempt), None)) is not None:
+                    return await self._stopped(incident, plan, attempt, prog, save, stop)
                 step = rung.steps[prog.step]
                 if step.requires_approval and prog.tag not in prog.approved:
                     prog.state = ProgressState.AWAITING_APPROVAL
@@ -249,20 +269,44 @@ class Executor:
         return result, max(0.0, self.clock.monotonic() - start)
 
     async def wait_idle(self, incident: Incident, plan: Plan, attempt: int, step: Step, deadline: datetime, *,
-                        rung: int = 0, index: int = 0) -> None:
-        """Deferred repair: wait until the GPU's job has ended, or ``deadline``, whichever comes first."""
+                        rung: int = 0, index: int = 0, changed: asyncio.Event | None = None) -> bool:
+        """Deferred repair: wait until the GPU's job has ended, or ``deadline``, whichever comes first, or until
+        ``changed`` is set (the incident changed so that another plan fits: the caller decides again). True when
+        ``changed`` ended the wait."""
+        if changed is not None and changed.is_set():
+            return True
         node, gpu = str(step.params.get("node", incident.node or "")), _gpu(step)
         pods = _pod_list(step.params.get("pods"))
         if gpu is None or self.clock.now() >= deadline or await self.actuator.gpu_idle(node, gpu, pods=pods):
-            return
+            return False
         await self._record(incident, plan, attempt, ActionKind.STEP, ActionOutcome.WAITING, step=step,
                            index=index, rung=rung, waiting=WaitingOn.IDLE,
                            reason=f"deferred repair: waits for gpu{gpu} to go idle or until "
                                   f"{deadline.isoformat()}; the running job is not evicted now")
-        while self.clock.now() < deadline:
-            await self.clock.sleep(min(self.idle_poll_s, (deadline - self.clock.now()).total_seconds()))
-            if await self.actuator.gpu_idle(node, gpu, pods=pods):
-                return
+        if changed is None:
+            await self._until_idle(node, gpu, pods, deadline)
+            return False
+        await first_of(self._until_idle(node, gpu, pods, deadline), changed.wait(), name=f"wait-idle-{incident.id}")
+        return changed.is_set()
+
+    async def _until_idle(self, node: str, gpu: int, pods: tuple[str, ...], deadline: datetime) -> None:
+        """Poll every ``idle_poll_s`` until the GPU is idle or ``deadline``; the loop's own timer bounds it too, so a
+        node agent that stops answering does not stretch the wait past the deadline."""
+        left = (deadline - self.clock.now()).total_seconds()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, left) + self.idle_poll_s):
+                while self.clock.now() < deadline:
+                    await self.clock.sleep(min(self.idle_poll_s, (deadline - self.clock.now()).total_seconds()))
+                    if await self.actuator.gpu_idle(node, gpu, pods=pods):
+                        return
+
+    async def _stopped(self, incident: Incident, plan: Plan, attempt: int, prog: Progress, save: Save,
+                       why: str) -> ActionOutcome:
+        """``stop_at_next_step``: saved as cancelled (no restart resumes it), recorded with the reason."""
+        prog.state = ProgressState.CANCELLED
+        await save(prog)
+        await self._record(incident, plan, attempt, ActionKind.PLAN, ActionOutcome.CANCELLED, reason=why)
+        return ActionOutcome.CANCELLED
 
     async def _exhausted(self, incident: Incident, plan: Plan, attempt: int, prog: Progress, save: Save,
                          why: str) -> ActionOutcome:

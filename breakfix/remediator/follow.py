@@ -1,14 +1,17 @@
 """Plans that follow their incident, and a soak that sees recurrences: pure rules, no I/O.
 
 The service (``remediator.service``) asks ``redecision`` on every incident update while a plan is
-in flight, and ``recurrence`` at the end of the soak before capacity returns. Inputs are the
-incident versions the correlator published (``breakfix.incidents.>``) and the plans ``decide`` chose.
+in flight (``turns_cautious``: whether it stops at its next step rather than at once), ``wait_ends`` while
+a deferred repair waits for its GPU to go idle, and ``recurrence`` at the end of the soak before capacity
+returns. Inputs are the incident versions the correlator published (``breakfix.incidents.>``) and the plans
+``decide`` chose.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from breakfix.remediator.policy import FORBIDDEN_FOR_UNKNOWN
 from breakfix.schemas.incident import Domain, Incident, Plan, Step, StepAction
 
 # how far each action takes capacity away: a plan is re-decided when the new one needs more
@@ -24,9 +27,25 @@ def plan_rank(plan: Plan) -> int:
     return max((ACTION_RANK[s.action] for s in first), default=0)
 
 
+def _forbidden(plan: Plan) -> bool:
+    """The plan (any rung) would reset, reboot or reprovision: what an unknown fault never gets automatically."""
+    return any(s.action in FORBIDDEN_FOR_UNKNOWN for r in plan.rungs() for s in r.steps)
+
+
+def turns_cautious(old: Plan, old_category: str, new: Plan, incident: Incident) -> bool:
+    """The incident's category changed to ``unknown_fault``, or to one whose plan takes none of the actions an
+    unknown fault never gets (``policy.FORBIDDEN_FOR_UNKNOWN``: reset, reboot, reprovision) while the plan in flight
+    would take one (in any rung: a failed validation climbs to a reboot). Such a plan stops at its next step, whatever
+    it ran already, and the new plan replaces it (README: an unknown fault takes the most cautious path)."""
+    if new.rule == old.rule or incident.category == old_category:
+        return False
+    return incident.category == "unknown_fault" or (_forbidden(old) and not _forbidden(new))
+
+
 def redecision(old: Plan, old_category: str, new: Plan, incident: Incident, acted: bool) -> str | None:
     """Why the plan in flight must be replaced by ``new``, or None to keep it.
 
+    - the category turned cautious (``turns_cautious``: an unknown fault joined a reset): always, whatever ran;
     - the required action became more severe (XID 48 then XID 154 "node reboot required"): always;
     - a late signal changed the category (XID 63 3.5 s after XID 48: drain-and-reset) before the old
       plan ran anything disruptive: the plan is revised; after that the old plan runs on, so a
@@ -34,11 +53,26 @@ def redecision(old: Plan, old_category: str, new: Plan, incident: Incident, acte
     """
     if new.rule == old.rule:
         return None
+    if turns_cautious(old, old_category, new, incident):
+        return (f"re-decided: {new.rule} never resets, reboots or reprovisions ({old_category} -> "
+                f"{incident.category}); {old.rule} stops at its next step, whatever it ran")
     if plan_rank(new) > plan_rank(old):
         return f"re-decided: {new.rule} needs more than {old.rule} ({old_category} -> {incident.category})"
     if incident.category != old_category and not acted:
         return f"re-decided: {new.rule} now fits the incident ({old_category} -> {incident.category})"
     return None
+
+
+def wait_ends(old: Plan, old_category: str, new: Plan, incident: Incident) -> str | None:
+    """Why a deferred repair's wait for its GPU to go idle ends now (the incident changed while it waited: XID 154,
+    XID 48 or a failed row remap joined a pending remap), or None to keep waiting. Nothing of the deferred plan ran
+    yet: any other rule ``decide`` now picks replaces it (a more disruptive plan, or one that does not wait); the same
+    rule keeps waiting (the plan is decided again from the incident as it stands once the wait is over)."""
+    if new.rule == old.rule:
+        return None
+    return redecision(old, old_category, new, incident, acted=False) or \
+        f"re-decided: {new.rule} now fits the incident ({', '.join(incident.codes) or incident.category}), " \
+        f"not {old.rule}"
 
 
 def recurrence(before: Incident, after: Incident, companion: Callable[[str], bool]) -> str | None:

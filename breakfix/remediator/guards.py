@@ -6,6 +6,9 @@ keeper (``remediator.keeper``) stores ``GuardState`` in the plan store so a rest
 Every refusal carries its reason, what the plan now waits on (``WaitingOn``) and whether the node
 must be fenced and a human paged; it is published as an audit record.
 
+- an unknown fault (the incident's category as it stands now is ``unknown_fault``) never gets a step in
+  ``policy.FORBIDDEN_FOR_UNKNOWN`` (reset, reboot, reprovision): ``step_check`` refuses it, fences and pages,
+  even in a plan decided before the fault turned unknown;
 - kill switches (policy file, or ``breakfix kill-switch`` at run time): a rule or a fault code
   switched off refuses everything it would do, at the start of a plan and before each later step of
   one already running (only a step that fences or pages still runs); the node is fenced and a human
@@ -41,6 +44,7 @@ from breakfix.remediator.guardspec import (
     KillSwitchSpec,
     TopologyBudgetSpec,
 )
+from breakfix.remediator.policy import FORBIDDEN_FOR_UNKNOWN
 from breakfix.remediator.view import ClusterView
 from breakfix.schemas.incident import Domain, Incident, Plan, Step, StepAction, WaitingOn
 
@@ -55,7 +59,7 @@ MAX_COOLED = 10_000  # nodes the cooldown cordoned, awaiting their incident's re
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    guard: str   # kill_switch | breaker | budget | topology_budget | cooldown | retry_cap
+    guard: str   # unknown_fault | kill_switch | breaker | budget | topology_budget | cooldown | retry_cap
     reason: str
     retry: bool  # True: the same plan may pass later (budget, cooldown); False: needs a human or a reset
     waiting: WaitingOn | None = None
@@ -346,10 +350,17 @@ def kill_switch(incident: Incident, rule: str, state: GuardState, spec: GuardsSp
 
 def step_check(incident: Incident, step: Step, state: GuardState, spec: GuardsSpec, now: datetime, *,
                rule: str | None = None, key: str = "") -> Refusal | None:
-    """May this step run now? With ``rule`` (a step of a running plan of that rule) the kill switches first: one
-    switched on since the plan started stops every step but one that fences or pages. Then its retry cap (per GPU
-    or per node, executed actions), unless the step ``key`` names was let run already (``state.cleared``: a plan
-    resumed at it after a restart; its start is counted already and the node agent answers the key only once)."""
+    """May this step run now? Never a reset, reboot or reprovision for an unknown fault (``incident``: as it stands
+    now, so a plan decided before the fault turned unknown is stopped too). With ``rule`` (a step of a running plan of
+    that rule) the kill switches: one switched on since the plan started stops every step but one that fences or
+    pages. Then its retry cap (per GPU or per node, executed actions), unless the step ``key`` names was let run
+    already (``state.cleared``: a plan resumed at it after a restart; its start is counted already and the node
+    agent answers the key only once)."""
+    if incident.category == "unknown_fault" and step.action in FORBIDDEN_FOR_UNKNOWN:
+        return Refusal("unknown_fault", f"{step.action.value} refused: {incident.id} is an unknown fault now "
+                                        f"({', '.join(incident.codes) or 'no code'}), which never gets a reset, "
+                                        "reboot or reprovision automatically; a human decides",
+                       retry=False, waiting=WaitingOn.HUMAN, fence=True)
     if rule is not None and step.action not in FENCING and \
             (off := kill_switch(incident, rule, state, spec)) is not None:
         return off

@@ -5,7 +5,11 @@ Reads ``breakfix.incidents.>`` (durable ``remediator``) and the human verbs on
 ``remediator.human``). For each opened or reopened incident that is not folded into another it waits
 ``policy.settle_s`` for companion signals, runs the pure ``decide`` and ``guards.check`` and hands
 the plan to the ``Executor``. A plan follows its incident: when later signals change the category
-before anything disruptive ran, or make the required action more severe, it is re-decided.
+before anything disruptive ran, or make the required action more severe, it is re-decided; when they turn it
+into an unknown fault (or a category whose plan never resets, reboots or reprovisions), the plan stops at its
+next step whatever it ran, and the cautious plan replaces it (``follow.turns_cautious``). A deferred repair
+waiting for its GPU to go idle is decided again at once when the incident changes so that another plan fits
+(``follow.wait_ends``).
 
 Refusals fence and page (retry cap, kill switch, a budget wait past ``budget_wait_s``), wait and retry
 (cooldown, budget) or queue until ``breakfix breaker reset`` (breaker); every wait is published as
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import structlog
@@ -41,7 +46,9 @@ from breakfix.remediator.follow import (
     redecision,
     step_at,
     takes_node,
+    turns_cautious,
     undefer,
+    wait_ends,
 )
 from breakfix.remediator.guards import GPU_ACTIONS, GuardState, Refusal, check, step_check, wait_key
 from breakfix.remediator.keeper import GuardKeeper
@@ -74,6 +81,16 @@ from breakfix.schemas.incident import (
 log = structlog.get_logger("breakfix.remediator")
 
 
+@dataclass(slots=True)
+class IdleWait:
+    """A deferred repair waiting for its GPU to go idle: the plan it waits with, and what ends the wait early."""
+
+    plan: Plan
+    category: str
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set when the incident changed so another plan fits
+    why: str = ""
+
+
 class RemediatorService:
     def __init__(self, bus: Bus, actuator: Actuator, policy: Policy, clock: Clock, *, cluster: str,
                  actor: str = "remediator", durable: str = "remediator", store: PlanStore | None = None,
@@ -98,6 +115,8 @@ class RemediatorService:
         self.current: dict[str, tuple[Plan, str, int]] = {}       # incident -> (plan, category, attempt) in flight
         self.acted: set[str] = set()                              # incidents whose plan ran a disruptive step
         self.deferred: set[str] = set()                           # incidents whose deferred repair waited
+        self.waits: dict[str, IdleWait] = {}                      # incidents whose deferred repair waits now
+        self.redo: dict[str, int] = {}                            # incident -> attempt, once its plan stops at a step
         self.taken_up: dict[str, int] = {}                        # incident -> version taken up from the index
         self.helpers: set[asyncio.Task[None]] = set()            # short guarded tasks (resume_after)
         self.stats, self.control_stats = ConsumerStats(), ConsumerStats()
@@ -179,6 +198,8 @@ class RemediatorService:
         self._forget_old()
         if change.kind is ChangeKind.UPDATED and inc.id in self.current:
             await self._maybe_redecide(inc)
+        if inc.id in self.waits:
+            await self._maybe_end_wait(inc)
         if not opening:
             return
         await self.observe_open(inc)
@@ -285,6 +306,7 @@ class RemediatorService:
         if self.guards.cooled.pop(iid, None) is not None:
             self.keeper.save()
         self.deferred.discard(iid)
+        self.redo.pop(iid, None)
         self.decisions.forget(iid)
         if self.guards.end_waits(iid):
             self.keeper.save()
@@ -298,14 +320,34 @@ class RemediatorService:
         why = redecision(plan, category, now, inc, inc.id in self.acted)
         if why is None:
             return
-        log.warning("redecide", incident=inc.id, old=plan.rule, why=why)
+        log.warning("redecide", incident=inc.id, node=inc.node, old=plan.rule, why=why)
+        if turns_cautious(plan, category, now, inc):
+            # no further step of the old plan (no reset, reboot or return), the one in flight ends as it would;
+            # then the same task runs the new plan (``_guarded``)
+            self.redo[inc.id] = attempt + 1
+            self.executor.stop_at_next_step(inc.id, attempt, why)
+            return
         await self.stop_plan(inc, why, outcome=ActionOutcome.CANCELLED, rule=plan.rule)
         self.spawn(inc.id, attempt + 1, None, settle=False)
+
+    async def _maybe_end_wait(self, inc: Incident) -> None:
+        """The incident's deferred repair waits for its GPU to go idle: a change after which ``decide`` picks another
+        plan (XID 154, XID 48 or a failed row remap joined a pending remap) ends the wait now (``follow.wait_ends``),
+        and the waiting task decides again."""
+        wait = self.waits[inc.id]
+        if wait.ended.is_set():
+            return
+        now = self.decisions.plan(inc, await self._view(), self.policy, busy=self.guards.active)
+        why = wait_ends(wait.plan, wait.category, now, inc)
+        if why is not None:
+            wait.why = why
+            wait.ended.set()
 
     async def stop_plan(self, inc: Incident, why: str, *, outcome: ActionOutcome, rule: str,
                         waiting: WaitingOn | None = None) -> None:
         task = self.tasks.pop(inc.id, None)
         self.current.pop(inc.id, None)
+        self.redo.pop(inc.id, None)
         if task is not None and task is not asyncio.current_task():
             await cancel_until_done(task)
         await self.cancel_record(inc.id)
@@ -327,8 +369,13 @@ class RemediatorService:
             await self._leading.wait()
             if resume is None and settle:
                 await self.clock.sleep(self.policy.settle_s)
-            while await self._remediate(incident_id, attempt, resume):
-                await self.clock.sleep(self.retry_refused_s)
+            while True:
+                while await self._remediate(incident_id, attempt, resume):
+                    await self.clock.sleep(self.retry_refused_s)
+                again = self.redo.pop(incident_id, None)  # its plan stopped at a step: the re-decided one runs now
+                if again is None:
+                    break
+                attempt, resume = again, None
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -336,6 +383,7 @@ class RemediatorService:
         finally:
             if self.tasks.get(incident_id) is asyncio.current_task():
                 del self.tasks[incident_id]
+                self.redo.pop(incident_id, None)
 
     async def _remediate(self, incident_id: str, attempt: int, resume: PlanRecord | None) -> bool:
         """One try; True when a guard said 'not now' and the same incident should be tried again later."""
@@ -350,17 +398,42 @@ class RemediatorService:
                 log.info("covered", incident=inc.id, by=cover)
                 return False
             first = self.decisions.plan(inc, await self._view(), self.policy, busy=self.guards.active)
-            if inc.id not in self.deferred and (early := deferral(first)) is not None:  # outside the node lock
-                until = self.guards.defer_until.get(wait_key(inc))  # set before a restart: the same deadline
-                if until is None:
-                    until = self.guards.defer_until[wait_key(inc)] = self.clock.now() + timedelta(seconds=early[1])
-                    self.keeper.save()
-                await self.executor.wait_idle(inc, first, attempt, early[0], until)
-                self.deferred.add(inc.id)
+            while inc.id not in self.deferred and (early := deferral(first)) is not None:  # outside the node lock
+                if not await self._wait_idle(inc, first, attempt, early):
+                    self.deferred.add(inc.id)
+                    break
+                inc = self.latest.get(inc.id, inc)  # the incident changed while it waited: decide again
+                if inc.status.terminal:
+                    return False
+                first = self.decisions.plan(inc, await self._view(), self.policy, busy=self.guards.active)
         else:
             inc = resume.incident
         async with self.node_locks.hold(inc.node or f"fabric:{inc.id}"):
             return await self._decide_and_run(inc, attempt, resume)
+
+    async def _wait_idle(self, inc: Incident, plan: Plan, attempt: int, early: tuple[Step, float]) -> bool:
+        """The deferred repair waits (outside the node lock) for its GPU to go idle, at most until the deadline kept
+        in the guard state (a restart keeps it); True when the incident changed meanwhile so that another plan fits
+        (``_maybe_end_wait``): the wait ended early, audited with the reason, and the caller decides again."""
+        until = self.guards.defer_until.get(wait_key(inc))  # set before a restart: the same deadline
+        if until is None:
+            until = self.guards.defer_until[wait_key(inc)] = self.clock.now() + timedelta(seconds=early[1])
+            self.keeper.save()
+        wait = self.waits[inc.id] = IdleWait(plan, inc.category)
+        try:
+            if (latest := self.latest.get(inc.id, inc)) is not inc:  # a change that came while this was decided
+                await self._maybe_end_wait(latest)
+            ended = await self.executor.wait_idle(inc, plan, attempt, early[0], until, changed=wait.ended)
+        finally:
+            if self.waits.get(inc.id) is wait:
+                del self.waits[inc.id]
+        if not ended:
+            return False
+        why = f"the wait for the GPU to go idle ended because the incident changed: {wait.why}"
+        log.warning("deferred_wait_ended", incident=inc.id, node=inc.node, rule=plan.rule, why=wait.why)
+        await self.publish(self.record(inc, ActionKind.PLAN, ActionOutcome.CANCELLED, why, tag="wait-ended",
+                                       rule=plan.rule, details={"wait_ended": "incident_changed"}))
+        return True
 
     async def _decide_and_run(self, inc: Incident, attempt: int, resume: PlanRecord | None) -> bool:
         view = await self._view()
@@ -453,6 +526,9 @@ class RemediatorService:
                 self.current.pop(inc.id, None)
         if self.guards.cleared.pop(inc.id, None) is not None:
             self.keeper.save()
+        if outcome is ActionOutcome.CANCELLED:  # stopped at a step for a re-decision: the new plan takes the node on
+            log.info("plan_stopped", incident=inc.id, node=inc.node, rule=plan.rule)
+            return False
         if held and outcome is not ActionOutcome.REFUSED:
             if inc.node is not None:  # the cooldown compares with the fault as it is now, companions included
                 self.guards.finish(inc.node, inc.id, self.clock.now(), self.latest.get(inc.id, inc))

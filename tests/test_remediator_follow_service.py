@@ -1,0 +1,184 @@
+"""Plans that follow their incident, through the service on the in-memory bus: an unknown fault that joins a plan
+in flight stops it at its next step (no reset, reboot or return afterwards) and the cautious plan runs; the step
+gate refuses a reset, reboot or reprovision for an incident now unknown; a deferred repair's wait ends when a worse
+fault joins; a human release validates what the fault touched, at its level."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from breakfix.remediator.actuator import StepResult
+from breakfix.remediator.policy import Policy
+from breakfix.remediator.simcluster import SimCluster, SimNode
+from breakfix.schemas.common import GpuRef, Severity
+from breakfix.schemas.incident import ActionKind, ActionOutcome, ChangeKind, Incident, StepAction, WaitingOn
+from tests.test_remediator_service import Harness, fast, incident
+
+
+class Held(SimCluster):
+    """Ten nodes; the named actions take until the test lets them finish (a step in flight)."""
+
+    def __init__(self, *held: str, **kw: Any) -> None:
+        super().__init__({f"n{i}": SimNode(f"n{i}", pods={"ml/p": 2, "ml/q": 1}) for i in range(1, 11)}, **kw)
+        self.started = {a: asyncio.Event() for a in held}
+        self.finish = {a: asyncio.Event() for a in held}
+
+    async def _hold(self, action: str) -> None:
+        if action in self.started:
+            self.started[action].set()
+            await self.finish[action].wait()
+
+    async def drain_gpu(self, node: str, gpu: int, *, incident: str, pods: tuple[str, ...] = ()) -> StepResult:
+        await self._hold("drain_gpu")
+        return await super().drain_gpu(node, gpu, incident=incident, pods=pods)
+
+    async def _validate(self, node: str, gpu: int | None, level: int, *, incident: str) -> StepResult:
+        await self._hold("validate")
+        return await super()._validate(node, gpu, level, incident=incident)
+
+
+def plans(h: Harness, rule: str | None = None) -> list[str]:
+    return [r.outcome.value for r in h.records() if r.kind is ActionKind.PLAN and rule in (None, r.rule)]
+
+
+def steps(c: SimCluster) -> list[str]:
+    return [x[0] for x in c.history]
+
+
+def unknown(first: Incident, version: int = 2) -> Incident:
+    """The same incident once an unknown code joined it: the correlator makes it an unknown fault."""
+    return first.model_copy(update={"category": "unknown_fault", "codes": (*first.codes, "xid:173"),
+                                    "version": version})
+
+
+async def joins(h: Harness, later: Incident) -> None:
+    """Publish the incident's update and wait until the service handled it."""
+    handled = h.svc.stats.handled
+    await h.open(later, ChangeKind.UPDATED)
+    await h.until(lambda: h.svc.stats.handled > handled)
+
+
+class TestAnUnknownFaultStopsThePlanInFlight:
+    async def test_an_unknown_fault_after_the_drain_started_stops_the_reset_and_the_node_is_fenced_and_paged(
+            self, policy: Policy) -> None:
+        c = Held("drain_gpu")
+        async with Harness(fast(policy), c) as h:
+            first = incident()
+            await h.open(first)
+            await asyncio.wait_for(c.started["drain_gpu"].wait(), 5)
+            await joins(h, unknown(first))
+            await asyncio.sleep(0.05)
+            assert not any(r.action is StepAction.DRAIN_GPU and r.outcome is ActionOutcome.SUCCEEDED
+                           for r in h.records()), "the drain in flight is not cut off"
+            c.finish["drain_gpu"].set()
+            await h.until(lambda: "escalated" in plans(h, "unknown-fault"))
+        assert c.nodes["n1"].gpu_resets == {} and c.nodes["n1"].reboots == 0 and "return_to_service" not in steps(c)
+        assert c.nodes["n1"].cordoned and c.escalations, "fenced, and a human is paged"
+        assert any(r.action is StepAction.DRAIN_GPU and r.outcome is ActionOutcome.SUCCEEDED for r in h.records())
+        stopped = next(r for r in h.records() if r.kind is ActionKind.PLAN and r.outcome is ActionOutcome.CANCELLED)
+        assert stopped.rule == "gpu-reset" and "unknown-fault never resets, reboots or reprovisions" in stopped.reason
+        assert list(h.svc.guards.holders("n1", besides="-")) == ["inc-1"], "the node stays held for a human"
+
+    @pytest.mark.parametrize(("validation_fails", "never"), [
+        (False, ("return_to_service",)),
+        (True, ("drain", "reboot")),
+    ], ids=["a-passed-validation-does-not-return-the-node", "a-failed-validation-does-not-climb-to-a-reboot"])
+    async def test_an_unknown_fault_during_validation_stops_the_ladder_whatever_ran(
+            self, policy: Policy, validation_fails: bool, never: tuple[str, ...]) -> None:
+        c = Held("validate", failing_validation={"n1"} if validation_fails else set())
+        async with Harness(fast(policy, retry_caps={}), c) as h:
+            first = incident()
+            await h.open(first)
+            await asyncio.wait_for(c.started["validate"].wait(), 5)
+            await joins(h, unknown(first))
+            c.finish["validate"].set()
+            await h.until(lambda: "escalated" in plans(h, "unknown-fault"))
+        assert c.nodes["n1"].gpu_resets == {2: 1}, "the reset had run already"
+        assert not set(never) & set(steps(c)) and c.nodes["n1"].reboots == 0 and c.nodes["n1"].cordoned
+        assert plans(h, "gpu-reset") == ["planned", "cancelled"]
+
+    async def test_an_approved_reprovision_is_refused_once_the_incident_is_unknown(self, policy: Policy) -> None:
+        c = SimCluster({"n1": SimNode("n1")}, failing_resets={("n1", 2)}, failing_validation={"n1"})
+        async with Harness(fast(policy, retry_caps={}), c) as h:
+            first = incident()
+            await h.open(first)
+            await h.until(lambda: any(r.waiting is WaitingOn.APPROVAL for r in h.records()))
+            await joins(h, unknown(first, version=5))
+            await h.human("approve", action=StepAction.REPROVISION, reason="RMA agreed")
+            await h.until(lambda: plans(h, "gpu-reset")[-1:] == ["escalated"])
+        assert c.nodes["n1"].reprovisions == 0 and c.nodes["n1"].cordoned
+        refused = next(r for r in h.records() if r.kind is ActionKind.PLAN and r.outcome is ActionOutcome.ESCALATED)
+        assert "reprovision refused: inc-1 is an unknown fault now" in refused.reason
+
+
+class TestADeferredRepairFollowsItsIncident:
+    @pytest.mark.parametrize(("category", "code", "severity", "rule", "done"), [
+        ("node_reboot_required", "xid:154", Severity.FATAL, "node-reboot", "completed"),
+        ("gpu_reset_required", "xid:48", Severity.CRITICAL, "gpu-reset", "completed"),
+        ("hardware_support", "row_remap.failure", Severity.CRITICAL, "hardware-escalation", "escalated"),
+    ], ids=["xid154-reboots-now", "xid48-resets-now", "failed-remap-fences-and-pages-now"])
+    async def test_a_worse_fault_ends_the_wait_for_an_idle_gpu_and_the_new_plan_runs_at_once(
+            self, policy: Policy, category: str, code: str, severity: Severity, rule: str, done: str) -> None:
+        c = SimCluster({f"n{i}": SimNode(f"n{i}", pods={"ml/p": 2}) for i in range(1, 11)})
+        job_runs = asyncio.Event()
+        polls: list[int] = []
+
+        async def busy(node: str, gpu: int, *, pods: tuple[str, ...] = ()) -> bool:
+            polls.append(gpu)
+            if len(polls) > 1:
+                await job_runs.wait()  # the job on the GPU runs on: never idle in this test
+            return False
+
+        c.gpu_idle = busy  # type: ignore[method-assign]
+        async with Harness(fast(policy, cooldown_s=0), c) as h:
+            remap = incident(codes=("row_remap.pending",), severity=Severity.WARNING)
+            await h.open(remap)
+            await h.until(lambda: any(r.waiting is WaitingOn.IDLE for r in h.records()))
+            deadline = h.svc.guards.defer_until["inc-1@0"]
+            await joins(h, remap.model_copy(update={"category": category, "codes": ("row_remap.pending", code),
+                                                    "severity": severity, "version": 2}))
+            await h.until(lambda: done in plans(h, rule))
+            assert h.svc.guards.defer_until["inc-1@0"] == deadline, "the stored deadline is kept"
+        ended = next(r for r in h.records() if r.kind is ActionKind.PLAN and r.outcome is ActionOutcome.CANCELLED)
+        assert ended.rule == "gpu-reset-when-idle" and ended.details == {"wait_ended": "incident_changed"}
+        assert ended.reason.startswith("the wait for the GPU to go idle ended because the incident changed: "
+                                       f"re-decided: {rule}")
+        assert "cordon" in steps(c) and plans(h, "gpu-reset-when-idle") == ["cancelled"]
+
+    async def test_a_sympathetic_companion_keeps_the_wait(self, policy: Policy) -> None:
+        c = SimCluster({"n1": SimNode("n1", pods={"ml/p": 2})})
+        idle = asyncio.Event()
+
+        async def until_idle(node: str, gpu: int, *, pods: tuple[str, ...] = ()) -> bool:
+            await idle.wait()
+            return True
+
+        c.gpu_idle = until_idle  # type: ignore[method-assign]
+        async with Harness(fast(policy, cooldown_s=0), c) as h:
+            xid94 = incident(category="application_fault", codes=("xid:94",), severity=Severity.WARNING)
+            await h.open(xid94)
+            await h.until(lambda: "inc-1" in h.svc.waits)
+            await joins(h, xid94.model_copy(update={"codes": ("xid:94", "xid:45"), "version": 2}))
+            await asyncio.sleep(0.05)
+            assert c.history == [] and plans(h) == [], "still waiting for the GPU's job"
+            idle.set()
+            await h.until(lambda: "completed" in plans(h, "gpu-reset-when-idle"))
+        assert c.nodes["n1"].gpu_resets == {2: 1}
+
+
+class TestReleaseValidation:
+    async def test_a_release_of_an_rma_fault_on_two_gpus_validates_the_whole_node_at_level_3(
+            self, policy: Policy) -> None:
+        c = SimCluster({f"n{i}": SimNode(f"n{i}") for i in range(1, 11)})
+        async with Harness(fast(policy), c) as h:
+            rma = incident(category="hardware_support").model_copy(update={"gpus": (GpuRef(index=1),
+                                                                                    GpuRef(index=5))})
+            await h.open(rma)
+            await h.until(lambda: "escalated" in plans(h))
+            await h.human("release", reason="baseboard replaced")
+            await h.until(lambda: "completed" in plans(h, "human-release"))
+        assert [x for x in c.history if x[0] == "validate"] == [("validate", "n1", "3")]
+        assert not c.nodes["n1"].cordoned
