@@ -85,7 +85,7 @@ class TestXid154:
 class TestDcgm:
     @pytest.mark.parametrize(
         ("code", "category"),
-        [("DCGM_FR_VOLATILE_DBE_DETECTED", "gpu_reset_required"), ("DCGM_FR_NVLINK_DOWN", "node_reboot_required"),
+        [("DCGM_FR_VOLATILE_DBE_DETECTED", "gpu_reset_required"), ("DCGM_FR_SXID_ERROR", "node_reboot_required"),
          ("DCGM_FR_VOLATILE_SBE_DETECTED", "informational"), ("DCGM_FR_RETIRED_PAGES_LIMIT", "hardware_support")],
     )
     def test_dcgm_failure_codes_follow_nvsentinel_mapping(self, catalog: Catalog, code: str, category: str) -> None:

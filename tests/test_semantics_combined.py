@@ -344,6 +344,15 @@ def test_dcgm_and_nvml_reports_of_one_fact_get_the_same_rule(catalog: Catalog, p
         assert rules == ["gpu-reset-when-idle"] * 2, (nvml, rules)
 
 
+def test_a_link_down_seen_by_dcgm_or_nvml_gets_the_same_plan(catalog: Catalog, policy: Policy) -> None:
+    """DCGM's NVLINK watch (DCGM_FR_NVLINK_DOWN) and NVML's link state report one fact: the same rule plans it
+    (NVSentinel's mapping would reboot the node for DCGM's report and reset the GPU for NVML's)."""
+    incidents = [run(catalog, policy, [s]).incidents[0] for s in
+                 (sig(check="nvlink.down", code=None, component="nvlink3"), dcgm("DCGM_FR_NVLINK_DOWN"))]
+    assert [i.category for i in incidents] == ["nvlink_fault"] * 2
+    assert len({decide(i, ClusterView(), policy).rule for i in incidents}) == 1
+
+
 def resolved(core: Correlator, at: float) -> str:
     """The remediator's "plan completed" record for the only incident: it resolves."""
     from datetime import timedelta
