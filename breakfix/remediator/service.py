@@ -9,7 +9,7 @@ before anything disruptive ran, or make the required action more severe, it is r
 into an unknown fault (or a category whose plan never resets, reboots or reprovisions), the plan stops at its
 next step whatever it ran, and the cautious plan replaces it (``follow.turns_cautious``). A deferred repair
 waiting for its GPU to go idle is decided again at once when the incident changes so that another plan fits
-(``follow.wait_ends``).
+(``remediator.deferral``, ``follow.wait_ends``).
 
 Refusals fence and page (retry cap, kill switch, a budget wait past ``budget_wait_s``), wait and retry
 (cooldown, budget) or queue until ``breakfix breaker reset`` (breaker); every wait is published as
@@ -24,8 +24,6 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import timedelta
 
 import structlog
 
@@ -33,6 +31,7 @@ from breakfix.bus.clock import Clock
 from breakfix.bus.codec import encode
 from breakfix.bus.consumer import ConsumerStats, Redeliver
 from breakfix.bus.protocol import Bus, Delivery
+from breakfix.remediator import deferral as deferral_wait
 from breakfix.remediator.actuator import Actuator, StepResult
 from breakfix.remediator.audit import AuditWriter
 from breakfix.remediator.breaker import fence, page_breaker, page_stale_hold, return_plan
@@ -48,7 +47,6 @@ from breakfix.remediator.follow import (
     takes_node,
     turns_cautious,
     undefer,
-    wait_ends,
 )
 from breakfix.remediator.guards import GPU_ACTIONS, GuardState, Refusal, check, step_check, wait_key
 from breakfix.remediator.keeper import GuardKeeper
@@ -81,16 +79,6 @@ from breakfix.schemas.incident import (
 log = structlog.get_logger("breakfix.remediator")
 
 
-@dataclass(slots=True)
-class IdleWait:
-    """A deferred repair waiting for its GPU to go idle: the plan it waits with, and what ends the wait early."""
-
-    plan: Plan
-    category: str
-    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set when the incident changed so another plan fits
-    why: str = ""
-
-
 class RemediatorService:
     def __init__(self, bus: Bus, actuator: Actuator, policy: Policy, clock: Clock, *, cluster: str,
                  actor: str = "remediator", durable: str = "remediator", store: PlanStore | None = None,
@@ -115,7 +103,7 @@ class RemediatorService:
         self.current: dict[str, tuple[Plan, str, int]] = {}       # incident -> (plan, category, attempt) in flight
         self.acted: set[str] = set()                              # incidents whose plan ran a disruptive step
         self.deferred: set[str] = set()                           # incidents whose deferred repair waited
-        self.waits: dict[str, IdleWait] = {}                      # incidents whose deferred repair waits now
+        self.waits: dict[str, deferral_wait.IdleWait] = {}        # incidents whose deferred repair waits now
         self.redo: dict[str, int] = {}                            # incident -> attempt, once its plan stops at a step
         self.taken_up: dict[str, int] = {}                        # incident -> version taken up from the index
         self.helpers: set[asyncio.Task[None]] = set()            # short guarded tasks (resume_after)
@@ -167,7 +155,7 @@ class RemediatorService:
                             reason=reason, node=inc.node, domain=Domain.OPERATOR, details=details or {},
                             waiting=waiting, action=action, at=now)
 
-    async def _view(self) -> ClusterView:
+    async def view(self) -> ClusterView:
         """The actuator's cluster view, reused for ``view_ttl_s`` (listing every node per incident is O(nodes))."""
         if self._view_cache is None or self.clock.monotonic() - self._view_cache[0] > self.view_ttl_s:
             self._view_cache = (self.clock.monotonic(), await self.actuator.view())
@@ -199,7 +187,7 @@ class RemediatorService:
         if change.kind is ChangeKind.UPDATED and inc.id in self.current:
             await self._maybe_redecide(inc)
         if inc.id in self.waits:
-            await self._maybe_end_wait(inc)
+            await deferral_wait.end_if_changed(self, inc)
         if not opening:
             return
         await self.observe_open(inc)
@@ -213,7 +201,7 @@ class RemediatorService:
         trips. A reopening counts when it happened (``last_seen``), not when the incident first opened."""
         if inc.node is None:
             return
-        view = await self._view()
+        view = await self.view()
         if takes_node(self.decisions.plan(inc, view, self.policy, busy=self.guards.active)) and \
                 self.guards.observe_open(inc.node, inc.last_seen if inc.flaps else inc.first_seen,
                                          self.policy.guards.breaker, len(view.nodes)):
@@ -222,7 +210,7 @@ class RemediatorService:
     async def admit(self, inc: Incident) -> None:
         """Decide now, hold the node (a group incident: the members its plan fences) when the plan needs it, and
         start the incident's task (after the settle)."""
-        plan = self.decisions.plan(inc, await self._view(), self.policy, busy=self.guards.active)
+        plan = self.decisions.plan(inc, await self.view(), self.policy, busy=self.guards.active)
         nodes = held_nodes(plan, inc) if inc.parent is None and deferral(plan) is None else ()
         for node in nodes:
             self.guards.hold(node, inc.id, inc.category)  # from now on, no other plan returns this node
@@ -316,7 +304,7 @@ class RemediatorService:
 
     async def _maybe_redecide(self, inc: Incident) -> None:
         plan, category, attempt = self.current[inc.id]
-        now = self.decisions.plan(inc, await self._view(), self.policy, busy=self.guards.active)
+        now = self.decisions.plan(inc, await self.view(), self.policy, busy=self.guards.active)
         why = redecision(plan, category, now, inc, inc.id in self.acted)
         if why is None:
             return
@@ -329,19 +317,6 @@ class RemediatorService:
             return
         await self.stop_plan(inc, why, outcome=ActionOutcome.CANCELLED, rule=plan.rule)
         self.spawn(inc.id, attempt + 1, None, settle=False)
-
-    async def _maybe_end_wait(self, inc: Incident) -> None:
-        """The incident's deferred repair waits for its GPU to go idle: a change after which ``decide`` picks another
-        plan (XID 154, XID 48 or a failed row remap joined a pending remap) ends the wait now (``follow.wait_ends``),
-        and the waiting task decides again."""
-        wait = self.waits[inc.id]
-        if wait.ended.is_set():
-            return
-        now = self.decisions.plan(inc, await self._view(), self.policy, busy=self.guards.active)
-        why = wait_ends(wait.plan, wait.category, now, inc)
-        if why is not None:
-            wait.why = why
-            wait.ended.set()
 
     async def stop_plan(self, inc: Incident, why: str, *, outcome: ActionOutcome, rule: str,
                         waiting: WaitingOn | None = None) -> None:
@@ -397,46 +372,22 @@ class RemediatorService:
             if cover is not None:
                 log.info("covered", incident=inc.id, by=cover)
                 return False
-            first = self.decisions.plan(inc, await self._view(), self.policy, busy=self.guards.active)
+            first = self.decisions.plan(inc, await self.view(), self.policy, busy=self.guards.active)
             while inc.id not in self.deferred and (early := deferral(first)) is not None:  # outside the node lock
-                if not await self._wait_idle(inc, first, attempt, early):
+                if not await deferral_wait.wait_idle(self, inc, first, attempt, early):
                     self.deferred.add(inc.id)
                     break
                 inc = self.latest.get(inc.id, inc)  # the incident changed while it waited: decide again
                 if inc.status.terminal:
                     return False
-                first = self.decisions.plan(inc, await self._view(), self.policy, busy=self.guards.active)
+                first = self.decisions.plan(inc, await self.view(), self.policy, busy=self.guards.active)
         else:
             inc = resume.incident
         async with self.node_locks.hold(inc.node or f"fabric:{inc.id}"):
             return await self._decide_and_run(inc, attempt, resume)
 
-    async def _wait_idle(self, inc: Incident, plan: Plan, attempt: int, early: tuple[Step, float]) -> bool:
-        """The deferred repair waits (outside the node lock) for its GPU to go idle, at most until the deadline kept
-        in the guard state (a restart keeps it); True when the incident changed meanwhile so that another plan fits
-        (``_maybe_end_wait``): the wait ended early, audited with the reason, and the caller decides again."""
-        until = self.guards.defer_until.get(wait_key(inc))  # set before a restart: the same deadline
-        if until is None:
-            until = self.guards.defer_until[wait_key(inc)] = self.clock.now() + timedelta(seconds=early[1])
-            self.keeper.save()
-        wait = self.waits[inc.id] = IdleWait(plan, inc.category)
-        try:
-            if (latest := self.latest.get(inc.id, inc)) is not inc:  # a change that came while this was decided
-                await self._maybe_end_wait(latest)
-            ended = await self.executor.wait_idle(inc, plan, attempt, early[0], until, changed=wait.ended)
-        finally:
-            if self.waits.get(inc.id) is wait:
-                del self.waits[inc.id]
-        if not ended:
-            return False
-        why = f"the wait for the GPU to go idle ended because the incident changed: {wait.why}"
-        log.warning("deferred_wait_ended", incident=inc.id, node=inc.node, rule=plan.rule, why=wait.why)
-        await self.publish(self.record(inc, ActionKind.PLAN, ActionOutcome.CANCELLED, why, tag="wait-ended",
-                                       rule=plan.rule, details={"wait_ended": "incident_changed"}))
-        return True
-
     async def _decide_and_run(self, inc: Incident, attempt: int, resume: PlanRecord | None) -> bool:
-        view = await self._view()
+        view = await self.view()
         if resume is None:
             inc = self.latest.get(inc.id, inc)
             if inc.status.terminal:
