@@ -117,3 +117,52 @@ def test_every_nats_command_takes_the_connection_flags() -> None:
         assert res.exit_code == 0, (command, res.output)
         for flag in ("--nats", "--creds", "--tls-ca", "--tls-cert", "--tls-key"):
             assert flag in res.output, (command, flag)
+
+
+@pytest.mark.parametrize(("args", "lifetime_s"), [
+    (["--role", "operator", "--name", "alice"], 24 * 3600),  # a person: a day by default
+    (["--role", "viewer", "--name", "vera", "--expires", "12h"], 12 * 3600),
+    (["--role", "admin", "--name", "root", "--expires", "30m"], 30 * 60),
+    (["--node", "n1", "--expires", "7d"], 7 * 86400),  # a service or node may be given one
+    (["--role", "operator", "--name", "alice", "--expires", "never"], None),
+    (["--node", "n1"], None),  # a node and a service: never by default
+    (["--role", "console"], None),
+])
+def test_user_expires_says_how_long_the_creds_connect_and_when_they_end(
+        tmp_path: Path, args: list[str], lifetime_s: int | None) -> None:
+    from datetime import UTC, datetime
+
+    assert runner.invoke(app, ["bus", "init", "--dir", str(tmp_path), "--cluster", "c1"]).exit_code == 0
+    before = datetime.now(UTC).timestamp()
+    res = runner.invoke(app, ["bus", "user", "--dir", str(tmp_path), *args], env={"COLUMNS": "300"})
+    after = datetime.now(UTC).timestamp()
+    assert res.exit_code == 0, res.output
+    name = next(p.stem for p in (tmp_path / "users").glob("*.creds"))
+    claims = jwt_claims((tmp_path / "users" / f"{name}.creds").read_text().splitlines()[1])
+    record = json.loads((tmp_path / "bus.json").read_text())["users"][name]
+    if lifetime_s is None:
+        assert "exp" not in claims and "expires" not in record
+        assert "do not expire" in res.output
+    else:
+        assert before + lifetime_s <= claims["exp"] <= after + lifetime_s + 1
+        assert datetime.fromisoformat(record["expires"]).timestamp() == claims["exp"]
+        assert f"expire at {record['expires']}" in res.output
+
+
+@pytest.mark.parametrize("value", ["59s", "0m", "367d", "99999999999999d", "-5m", "12", "1.5h", "1w", "", "forever"])
+def test_user_refuses_a_bad_expires_in_one_line(tmp_path: Path, value: str) -> None:
+    assert runner.invoke(app, ["bus", "init", "--dir", str(tmp_path), "--cluster", "c1"]).exit_code == 0
+    res = runner.invoke(app, ["bus", "user", "--dir", str(tmp_path), "--role", "operator", "--name", "alice",
+                              f"--expires={value}"])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and repr(value) in lines[0], res.output
+    assert not (tmp_path / "users" / "alice.creds").exists()
+
+
+def test_user_accepts_the_expiry_bounds(tmp_path: Path) -> None:
+    assert runner.invoke(app, ["bus", "init", "--dir", str(tmp_path), "--cluster", "c1"]).exit_code == 0
+    for value in ("60s", "1m", "366d", "NEVER"):
+        res = runner.invoke(app, ["bus", "user", "--dir", str(tmp_path), "--role", "operator", "--name", "alice",
+                                  "--expires", value])
+        assert res.exit_code == 0, (value, res.output)

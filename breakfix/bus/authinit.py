@@ -7,19 +7,28 @@ by the ``node`` key. Adding the 10,001st node is ``breakfix bus user --node N``,
 config change and no reload. Revoking one is a new account JWT (``nats.revocations``).
 
 Layout of the directory (secrets 0600 under ``keys/``):
-``bus.json`` (cluster, public keys), ``operator.jwt``, ``keys/*.nk`` (operator, accounts, role signing
+``bus.json`` (cluster, public keys, each name's current user key and expiry under ``users``, the expiry of
+revoked keys under ``revoked``), ``operator.jwt``, ``keys/*.nk`` (operator, accounts, role signing
 keys), ``tls/ca.crt|ca.key|server.crt|server.key``, ``nats-server.conf`` (TLS with client
 certificates required, operator mode with a preloaded MEMORY resolver, JetStream, monitor port on
 loopback), and ``users/<name>.creds|.crt|.key`` written by ``issue_user``.
+
+Expiry: a human's credentials (roles in ``HUMAN_ROLES``) carry a JWT ``exp``, 24 h by default; a service's
+or a node's carry none (they are rotated by re-issue). Revocations would otherwise only grow: each rewrite of
+the account JWT (a revocation, a re-issue, ``refresh_roles``) drops every revoked key whose JWT has expired
+(``prune_revocations``), since the server refuses an expired JWT anyway. A revoked key whose expiry is not on
+record (a service identity, or one revoked before expiries were recorded) stays revoked for ever.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 import nkeys
 
@@ -41,6 +50,23 @@ from breakfix.schemas import subjects
 
 META = "bus.json"
 
+HUMAN_ROLES: Final = ("operator", "admin", "viewer")  # people: short-lived credentials by default
+HUMAN_EXPIRY_S: Final = 24 * 3600.0
+PRUNE_MARGIN: Final = dt.timedelta(minutes=5)  # clock skew between this host and nats-server
+
+
+class _Default(enum.Enum):
+    ROLE = "role"
+
+
+ROLE_DEFAULT: Final = _Default.ROLE  # ``issue_user(expires_s=...)``: the role's default expiry
+
+
+def default_expiry_s(role: str) -> float | None:
+    """How long credentials issued for ``role`` last by default: a day for a person, for ever for a service or
+    a node (rotated by re-issue)."""
+    return HUMAN_EXPIRY_S if role in HUMAN_ROLES else None
+
 
 class BusAuthError(ValueError):
     """A refusal with one line for the operator (exists already, unknown role, bad name)."""
@@ -53,6 +79,7 @@ class UserFiles:
     key: Path
     ca: Path
     revoked: str = ""  # the user key of the credentials this issue replaced and revoked
+    expires: dt.datetime | None = None  # when the credentials stop connecting (None: never)
 
 
 def _secret(path: Path, text: str) -> None:
@@ -194,12 +221,13 @@ def _load_account(root: Path) -> _Account:
     return _Account(root, conf, cluster, meta, operator, account, lines, at[0], current)
 
 
-def refresh_roles(root: Path) -> Path:
+def refresh_roles(root: Path, *, now: dt.datetime) -> Path:
     """Re-sign the cluster's account with this version's role permissions (``breakfix bus roles``), keeping
     every key, so every issued credential stays valid; a role this version added gets its signing key.
 
     The account's other claims are carried over from the JWT in ``nats-server.conf`` (revocations, limits an
-    operator tuned): only its role signing keys and their templates change. Only the account's entry in
+    operator tuned): only its role signing keys and their templates change, and revocations of keys whose JWTs
+    have all expired by ``now`` are dropped (``prune_revocations``). Only the account's entry in
     ``resolver_preload`` is rewritten (listen address, TLS and store stay as written), atomically; returns the
     config's path. nats-server applies it on a reload or restart.
     """
@@ -215,26 +243,73 @@ def refresh_roles(root: Path) -> Path:
             signers[role] = fresh[role] = Key.new("account")
     claims = jwt_claims(_cluster_account(acct.account, acct.cluster, acct.operator, signers))
     raw = acct.claims.get("nats")
-    kept: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    kept: dict[str, Any] = dict(raw) if isinstance(raw, dict) else {}
+    revoked = _revoked_record(acct.meta)
+    if isinstance(kept.get("revocations"), dict):
+        kept["revocations"], revoked = prune_revocations(kept["revocations"], revoked, now)
     for role, key in fresh.items():
         _secret(keys / f"role-{role}.nk", key.seed + "\n")
     acct.write({**claims["nats"], **kept, "signing_keys": claims["nats"]["signing_keys"]})  # revocations etc. stay
-    meta = dict(acct.meta)
+    meta = _with_revoked(dict(acct.meta), revoked)
     meta["signing_keys"] = {r: k.public for r, k in signers.items()}
     _atomic(acct.root / META, json.dumps(meta, indent=2) + "\n")
     return acct.conf
 
 
-def _revoke(acct: _Account, pubs: list[str], now: dt.datetime) -> None:
+def _iso(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).isoformat()
+
+
+def _parse_iso(text: object) -> dt.datetime | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else None  # a naive time is no expiry we can trust
+
+
+def prune_revocations(revocations: dict[str, Any], revoked: dict[str, str], now: dt.datetime,
+                      margin: dt.timedelta = PRUNE_MARGIN) -> tuple[dict[str, Any], dict[str, str]]:
+    """The account's ``nats.revocations`` and bus.json's ``revoked`` record (user key -> expiry of its JWT, ISO)
+    without the keys whose JWT expired more than ``margin`` before ``now``: nats-server refuses those JWTs
+    anyway, so their revocation is dead weight in the account JWT. A key whose expiry is not on record, or
+    not readable, is kept (revoked for ever). Pure: nothing read or written."""
+    expired = {pub for pub, iso in revoked.items()
+               if (when := _parse_iso(iso)) is not None and when + margin < now}
+    return ({pub: at for pub, at in revocations.items() if pub not in expired},
+            {pub: iso for pub, iso in revoked.items() if pub not in expired})
+
+
+def _revoked_record(meta: dict[str, Any]) -> dict[str, str]:
+    raw = meta.get("revoked")
+    return {str(k): v for k, v in raw.items() if isinstance(v, str)} if isinstance(raw, dict) else {}
+
+
+def _with_revoked(meta: dict[str, Any], revoked: dict[str, str]) -> dict[str, Any]:
+    meta = {k: v for k, v in meta.items() if k != "revoked"}
+    if revoked:
+        meta["revoked"] = revoked
+    return meta
+
+
+def _revoke(acct: _Account, pubs: dict[str, str | None], now: dt.datetime) -> dict[str, str]:
     """Add ``nats.revocations`` for these user keys (JWTs issued up to ``now`` no longer connect; a live
-    connection is closed when the server applies it), every other claim kept."""
+    connection is closed when the server applies it), every other claim kept, and drop the revocations whose
+    JWTs have all expired (``prune_revocations``). ``pubs`` maps each key to its JWT's expiry (ISO) or None.
+    Returns bus.json's new ``revoked`` record for the caller to write."""
     raw = acct.claims.get("nats")
     nats: dict[str, Any] = dict(raw) if isinstance(raw, dict) else {}
     revocations = dict(nats.get("revocations") or {})
-    for pub in pubs:
+    revoked = _revoked_record(acct.meta)
+    for pub, expires in pubs.items():
         revocations[pub] = int(now.timestamp()) + 1  # "issued at or before": our JWTs' iat is whole seconds
-    nats["revocations"] = revocations
+        if isinstance(expires, str) and expires:
+            revoked[pub] = expires
+    nats["revocations"], revoked = prune_revocations(revocations, revoked, now)
     acct.write(nats)
+    return revoked
 
 
 def revoke_user(root: Path, *, name: str, now: dt.datetime) -> Path:
@@ -246,15 +321,23 @@ def revoke_user(root: Path, *, name: str, now: dt.datetime) -> Path:
     current = users.pop(name, None)
     if not isinstance(current, dict) or not current.get("key"):
         raise BusAuthError(f"no credentials issued to {name!r} are on record in {acct.root / META}")
-    _revoke(acct, [str(current["key"])], now)
-    _atomic(acct.root / META, json.dumps({**acct.meta, "users": users}, indent=2) + "\n")
+    revoked = _revoke(acct, {str(current["key"]): current.get("expires")}, now)
+    _atomic(acct.root / META, json.dumps(_with_revoked({**acct.meta, "users": users}, revoked), indent=2) + "\n")
     return acct.conf
 
 
-def issue_user(root: Path, *, role: str, name: str, now: dt.datetime, out_dir: Path | None = None) -> UserFiles:
-    """Credentials (user JWT + seed) and a client certificate for ``name`` in ``role``."""
+def issue_user(root: Path, *, role: str, name: str, now: dt.datetime, out_dir: Path | None = None,
+               expires_s: float | Literal[_Default.ROLE] | None = ROLE_DEFAULT) -> UserFiles:
+    """Credentials (user JWT + seed) and a client certificate for ``name`` in ``role``. The JWT expires
+    ``expires_s`` after ``now`` (the role's default: ``default_expiry_s``; None: never)."""
     if role not in ROLES:
         raise BusAuthError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+    if expires_s is ROLE_DEFAULT:
+        expires_s = default_expiry_s(role)
+    if expires_s is not None and not (math.isfinite(expires_s) and expires_s > 0):
+        raise BusAuthError(f"expiry {expires_s!r} s: give a positive number of seconds, or none")
+    expires = None if expires_s is None else \
+        dt.datetime.fromtimestamp(math.ceil(now.timestamp() + expires_s), dt.UTC)
     if not name or subjects.token(name) != name or len(name) > 128:
         raise BusAuthError(f"name {name!r} must be one subject token (letters, digits, '-', '_'), at most 128")
     root = root.resolve()
@@ -264,9 +347,11 @@ def issue_user(root: Path, *, role: str, name: str, now: dt.datetime, out_dir: P
     account = Key.from_seed((root / "keys" / "account.nk").read_text())
     signer = Key.from_seed((root / "keys" / f"role-{role}.nk").read_text())
     user = Key.new("user")
-    token = user_jwt(user, name, account=account, signer=signer, tags=[f"role:{role}", f"cluster:{meta['cluster']}"])
+    token = user_jwt(user, name, account=account, signer=signer, tags=[f"role:{role}", f"cluster:{meta['cluster']}"],
+                     expires_at=None if expires is None else int(expires.timestamp()))
     out = (out_dir or root / "users").resolve()
-    files = UserFiles(out / f"{name}.creds", out / f"{name}.crt", out / f"{name}.key", root / "tls" / "ca.crt")
+    files = UserFiles(out / f"{name}.creds", out / f"{name}.crt", out / f"{name}.key", root / "tls" / "ca.crt",
+                      expires=expires)
     _secret(files.creds, creds_text(token, user))
     ca = tls.read(root / "tls" / "ca.crt", root / "tls" / "ca.key")
     tls.write(tls.issue(ca, f"{role}:{name}", server=False, now=now), files.cert, files.key)
@@ -274,10 +359,12 @@ def issue_user(root: Path, *, role: str, name: str, now: dt.datetime, out_dir: P
     # actually end it); bus.json keeps each name's current user key for that and for 'breakfix bus revoke'
     users = dict(meta.get("users") or {})
     previous = users.get(name)
-    users[name] = {"role": role, "key": user.public, "issued": now.isoformat()}
+    users[name] = {"role": role, "key": user.public, "issued": now.isoformat(),
+                   **({"expires": _iso(expires)} if expires is not None else {})}
     if isinstance(previous, dict) and previous.get("key") and previous["key"] != user.public \
             and (root / "nats-server.conf").is_file():
-        _revoke(_load_account(root), [str(previous["key"])], now)
+        revoked = _revoke(_load_account(root), {str(previous["key"]): previous.get("expires")}, now)
+        meta = _with_revoked(meta, revoked)
         files = replace(files, revoked=str(previous["key"]))
     _atomic(root / META, json.dumps({**meta, "users": users}, indent=2) + "\n")
     return files

@@ -107,15 +107,20 @@ def scoped_signing_key(key: Key, role: str, template: dict[str, Any]) -> dict[st
 
 
 def user_jwt(user: Key, name: str, *, account: Key, signer: Key, tags: list[str] | None = None,
-             permissions: dict[str, Any] | None = None) -> str:
+             permissions: dict[str, Any] | None = None, expires_at: int | None = None) -> str:
     """A user. Signed by a scoped signing key it must carry no permissions (the key's template
-    applies); signed by the account key itself it carries ``permissions``."""
+    applies); signed by the account key itself it carries ``permissions``. ``expires_at`` (seconds since
+    the epoch) is the standard ``exp`` claim: nats-server refuses the JWT from then on and closes a
+    connection made with it when it passes; None: no ``exp``, the JWT never expires."""
     nats: dict[str, Any] = {"type": "user", "version": 2, "tags": tags or []}
     if signer.public != account.public:
         nats["issuer_account"] = account.public
     if permissions:
         nats.update(permissions)
-    return encode_jwt({"sub": user.public, "name": name, "nats": nats}, signer)
+    claims: dict[str, Any] = {"sub": user.public, "name": name, "nats": nats}
+    if expires_at is not None:
+        claims["exp"] = int(expires_at)
+    return encode_jwt(claims, signer)
 
 
 def creds_text(jwt: str, user: Key) -> str:

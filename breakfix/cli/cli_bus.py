@@ -3,14 +3,16 @@
 ``init`` writes an operator, the cluster's account with one scoped signing key per role, a CA and a
 server certificate, and a nats-server config (TLS with client certificates, JWT auth, monitor port on
 loopback) into one directory. ``user`` issues one identity: a .creds file (user JWT + seed) and a client
-certificate, for a node (``--node N``) or a role (``--role R --name NAME``). ``roles`` gives the roles of an
-existing bus the permissions of this version (after an upgrade) without changing any key. Everything is written by
-``breakfix.bus.authinit``; daemons and commands read the files through ``--creds --tls-*``.
+certificate, for a node (``--node N``) or a role (``--role R --name NAME``); a person's (operator, admin,
+viewer) expire after a day unless ``--expires`` says otherwise, a service's and a node's never. ``roles`` gives
+the roles of an existing bus the permissions of this version (after an upgrade) without changing any key.
+Everything is written by ``breakfix.bus.authinit``; daemons and commands read the files through
+``--creds --tls-*``.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -24,6 +26,9 @@ app.add_typer(bus_app, name="bus")
 # names the deploy manifests use for the same roles: a node's collector and agent share the node identity
 ALIASES = {"collector": "node", "agent": "node", "fleet-collector": "fleet", "correlator-fleet": "correlator"}
 SERVICES = ("correlator", "remediator", "fleet", "console")  # one identity each: the name defaults to the role
+
+MIN_EXPIRY = timedelta(seconds=60)
+MAX_EXPIRY = timedelta(days=366)
 
 BusDir = Annotated[Path, typer.Option("--dir", envvar="BREAKFIX_BUS_DIR",
                                       help="Where the bus's keys, certificates and server config live.")]
@@ -61,11 +66,37 @@ def bus_roles(directory: BusDir = Path("breakfix-bus")) -> None:
     from breakfix.bus.authinit import BusAuthError, refresh_roles
 
     try:
-        conf = refresh_roles(directory)
+        conf = refresh_roles(directory, now=datetime.now(UTC))
     except (BusAuthError, OSError, ValueError) as exc:
         raise fail(str(exc)) from None
     out.print(f"updated {conf}; apply it with 'nats-server --signal reload' (or a restart); issued credentials "
               "stay valid", highlight=False)
+
+
+def parse_expiry(text: str) -> float | None:
+    """``--expires``: ``never`` (None) or a duration (``30m``, ``12h``, ``7d``) between a minute and 366 days, in
+    seconds; anything else is a one-line error (exit 2)."""
+    from breakfix.cli.cli_ops import parse_duration  # the on-call verbs' durations (silence --for)
+
+    if text.strip().lower() == "never":
+        return None
+    bounds = f"--expires {text!r}: between 60s and 366d, or 'never'"
+    try:
+        span = parse_duration(text)
+    except OverflowError:  # more days than timedelta holds
+        raise fail(bounds) from None
+    if not MIN_EXPIRY <= span <= MAX_EXPIRY:
+        raise fail(bounds)
+    return span.total_seconds()
+
+
+def _expiry_line(expires: datetime | None, now: datetime) -> str:
+    if expires is None:
+        return "the credentials do not expire (rotate them by issuing new ones)"
+    left = max(0, round((expires - now).total_seconds()))
+    days, rest = divmod(left, 86400)
+    parts = [f"{n}{unit}" for n, unit in ((days, "d"), (rest // 3600, "h"), (rest % 3600 // 60, "m")) if n]
+    return f"the credentials expire at {expires.isoformat()} (in {' '.join(parts) or f'{left}s'})"
 
 
 @bus_app.command("user")
@@ -78,9 +109,15 @@ def bus_user(
     name: Annotated[str | None, typer.Option(help="The identity's name (a person's login for operator/admin).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write (default DIR/users).")] = None,
     partition: Annotated[int | None, typer.Option(min=0, help="Correlator partition (name correlator-pP).")] = None,
+    expires: Annotated[str | None, typer.Option(
+        "--expires", metavar="DURATION",
+        help="How long the credentials connect: 30m, 12h, 7d (60s to 366d) or 'never'. Default: 24h for a person "
+             "(operator, admin, viewer), never for a service or a node.")] = None,
 ) -> None:
     """Write NAME.creds (user JWT + seed) and a client certificate NAME.crt/NAME.key."""
-    from breakfix.bus.authinit import BusAuthError, issue_user
+    from breakfix.bus.authinit import ROLE_DEFAULT, BusAuthError, issue_user
+
+    lifetime = ROLE_DEFAULT if expires is None else parse_expiry(expires)
 
     requested = role
     role = ALIASES.get(role, role) if role else None
@@ -93,11 +130,13 @@ def bus_user(
     name = name or (requested if role in SERVICES else None)
     if not name:
         raise fail(f"--role {role} needs --name NAME")
+    now = datetime.now(UTC)
     try:
-        files = issue_user(directory, role=role, name=name, now=datetime.now(UTC), out_dir=out_dir)
+        files = issue_user(directory, role=role, name=name, now=now, out_dir=out_dir, expires_s=lifetime)
     except (BusAuthError, OSError) as exc:
         raise fail(str(exc)) from None
     out.print(f"wrote {files.creds}, {files.cert}, {files.key}", highlight=False)
+    out.print(_expiry_line(files.expires, now), highlight=False)
     out.print(f"connect with: --creds {files.creds} --tls-ca {files.ca} --tls-cert {files.cert} "
               f"--tls-key {files.key}", highlight=False)
     if files.revoked:

@@ -64,7 +64,7 @@ async def test_bus_roles_gives_an_older_bus_this_versions_permissions_and_keeps_
         assert await answered(vera), "the older template let a viewer create consumers anonymously"
         await vera.close()
 
-        refresh_roles(tmp_path / "bus")
+        refresh_roles(tmp_path / "bus", now=NOW)
         if apply == "restart":
             server.stop()
             server.start()  # same port, same JetStream store
@@ -116,7 +116,7 @@ def test_bus_roles_keeps_revocations_and_limits_an_operator_set(tmp_path: Path) 
     lines[i] = f"{entry}{json.dumps(encode_jwt(claims, operator))}\n"
     conf.write_text("".join(lines))
 
-    refresh_roles(root)
+    refresh_roles(root, now=NOW)
     after = next(line for line in conf.read_text().splitlines() if line.startswith(entry))
     nats = jwt_claims(json.loads(after[len(entry):]))["nats"]
     assert nats["revocations"] == revoked and nats["limits"]["conn"] == 5000
@@ -130,13 +130,13 @@ def test_bus_roles_refuses_keys_that_are_not_the_bus_s(tmp_path: Path) -> None:
     (tmp_path / "bus" / "keys" / "operator.nk").write_text((other / "keys" / "operator.nk").read_text())
     before = (tmp_path / "bus" / "nats-server.conf").read_text()
     with pytest.raises(BusAuthError, match="not the one"):
-        refresh_roles(tmp_path / "bus")
+        refresh_roles(tmp_path / "bus", now=NOW)
     assert (tmp_path / "bus" / "nats-server.conf").read_text() == before
 
 
 def test_bus_roles_on_a_directory_without_a_bus_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(BusAuthError, match="bus init"):
-        refresh_roles(tmp_path / "nothing")
+        refresh_roles(tmp_path / "nothing", now=NOW)
     result = CliRunner().invoke(app, ["bus", "roles", "--dir", str(tmp_path / "nothing")])
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "bus init" in result.output
