@@ -91,6 +91,18 @@ class TestDcgm:
     def test_dcgm_failure_codes_follow_nvsentinel_mapping(self, catalog: Catalog, code: str, category: str) -> None:
         assert catalog.classify(check="dcgm.health", code=code).category == category
 
+    def test_an_sram_threshold_from_nvml_or_dcgm_is_one_critical_hardware_support_fact(self, catalog: Catalog) -> None:
+        """NVIDIA Xid catalog WORKFLOW_XID_48 (SRAM threshold flag set -> RUN_FIELDDIAG, RMA); DCGM reports the same
+        flag as DCGM_FR_SRAM_THRESHOLD (dcgm_errors.c: DCGM_ERROR_ISOLATE): counted as the NVML check."""
+        nvml = catalog.classify(check="ecc.sram_threshold", code=None)
+        dcgm = catalog.classify(check="dcgm.health", code="DCGM_FR_SRAM_THRESHOLD")
+        assert nvml.known and dcgm.known
+        assert (nvml.category, nvml.severity, nvml.domain) == (dcgm.category, dcgm.severity, dcgm.domain) == (
+            "hardware_support", Severity.CRITICAL, Domain.OPERATOR)
+        assert dcgm.equivalent == "ecc.sram_threshold"
+        sem = catalog.semantics.dcgm["DCGM_FR_SRAM_THRESHOLD"]
+        assert (sem.severity, sem.can_perform_workload) == ("ISOLATE", False), "never capped to monitoring"
+
 
 class TestEndpointChecks:
     def test_a_stuck_engine_is_classified_like_a_down_endpoint(self, catalog: Catalog) -> None:

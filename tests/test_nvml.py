@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import shutil
+from collections.abc import Callable
 from datetime import timedelta
 
 import pynvml
 import pytest
+from structlog.testing import capture_logs
 
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.edge import Cycle, EdgeFilter
 from breakfix.collectors.nvml import NvmlSource
-from breakfix.collectors.nvml_api import FakeNvml, real_nvml
+from breakfix.collectors.nvml_api import FakeGpu, FakeNvml, real_nvml
 from breakfix.schemas.catalog import Catalog
 from breakfix.schemas.signal import Signal
 from tests.conftest import T0, wait_until
@@ -77,6 +80,8 @@ FAULT_CASES = [
                  "fabric.gpu", None, id="fabric-route-unhealthy"),
     pytest.param(lambda g: setattr(g, "fabric_health", HEALTHY_FABRIC & ~(0xF << 8) | (5 << 8)),
                  "fabric.gpu", None, id="fabric-insufficient-nvlinks"),
+    pytest.param(lambda g: setattr(g, "sram_threshold_exceeded", True), "ecc.sram_threshold", None,
+                 id="sram-threshold-exceeded"),
     pytest.param(lambda g: setattr(g, "lost", True), "gpu.lost", None, id="gpu-is-lost"),
     pytest.param(lambda g: setattr(g, "reset_required", True), "gpu.reset_required", None, id="reset-required"),
     pytest.param(lambda g: setattr(g, "recovery_action", pynvml.NVML_GPU_RECOVERY_ACTION_GPU_RESET),
@@ -265,6 +270,139 @@ class TestFakeFieldValues:
         assert (s.code, s.details) == ("DCGM_FR_GPU_RECOVERY_RESET", {"recovery_action": "Reset"})
 
 
+# c_nvmlEccSramErrorStatus_v1_t counts of a GPU past its SRAM threshold: aggregate parity 2 + SEC-DED 10, in L2 4 and
+# SM 8; the volatile counts are not what the threshold counts and do not ride along
+SRAM_ERRORS = {"aggregateUncParity": 2, "aggregateUncSecDed": 10, "aggregateUncBucketL2": 4,
+               "aggregateUncBucketSm": 8, "volatileUncSecDed": 1, "aggregateCor": 7}
+SRAM_DETAILS = {"sram_aggregate_unc": "12", "sram_aggregate_unc_parity": "2", "sram_aggregate_unc_sec_ded": "10",
+                "sram_aggregate_unc_l2": "4", "sram_aggregate_unc_sm": "8", "sram_aggregate_unc_microcontroller": "0",
+                "sram_aggregate_unc_pcie": "0", "sram_aggregate_unc_other": "0"}
+
+
+def sram(cycle: Cycle) -> dict[int, Signal]:
+    return {s.gpu.index: s for s in cycle.states if s.check == "ecc.sram_threshold" and s.gpu and
+            s.gpu.index is not None}
+
+
+class TestSramThreshold:
+    """``nvmlDeviceGetSramEccErrorStatus`` (NVIDIA WORKFLOW_XID_48: SRAM threshold flag set -> field diag, RMA)."""
+
+    def test_an_exceeded_sram_threshold_is_a_critical_hardware_support_fault_with_the_aggregate_counts(
+            self, catalog: Catalog) -> None:
+        fake = FakeNvml.hgx(2)
+        fake.gpus[1].sram_threshold_exceeded = True
+        fake.gpus[1].sram_errors = dict(SRAM_ERRORS)
+        cycle = poll(NvmlSource(fake, ctx(catalog)))
+        assert faults(cycle) == {("ecc.sram_threshold", 1, None)}
+        s = sram(cycle)[1]
+        assert (s.healthy, s.severity.value, s.value, s.details) == (False, "critical", 12.0, SRAM_DETAILS)
+        assert "exceeded" in s.message and "parity 2, sec-ded 10, l2 4, sm 8" in s.message
+        assert catalog.classify(check=s.check, code=s.code).category == "hardware_support"
+
+    def test_a_threshold_not_exceeded_reads_healthy_on_every_gpu_every_poll(self, catalog: Catalog) -> None:
+        fake = FakeNvml.hgx(8)
+        fake.gpus[3].sram_errors = {"aggregateUncSecDed": 3}  # errors below the threshold: counted, not a fault
+        src = NvmlSource(fake, ctx(catalog))
+        for t in (0, 10):
+            got = sram(poll(src, t))
+            assert sorted(got) == list(range(8)) and all(s.healthy for s in got.values())
+        assert (got[3].value, got[3].details["sram_aggregate_unc_sec_ded"]) == (3.0, "3")
+
+    @pytest.mark.parametrize("absent", [
+        pytest.param(lambda g: setattr(g, "sram_threshold_exceeded", None), id="gpu-not-supported"),
+        pytest.param(lambda g: g.fail.update({"nvmlDeviceGetSramEccErrorStatus": pynvml.NVMLError_FunctionNotFound()}),
+                     id="driver-without-the-function"),
+        pytest.param(lambda g: g.fail.update({"nvmlDeviceGetSramEccErrorStatus": pynvml.NVMLError_NoPermission()}),
+                     id="not-root"),
+        pytest.param(lambda g: g.fail.update(
+            {"nvmlDeviceGetSramEccErrorStatus": pynvml.NVMLError_ArgumentVersionMismatch()}), id="struct-version"),
+    ])
+    def test_a_gpu_or_driver_without_the_call_is_asked_once_logged_once_and_says_nothing(
+            self, catalog: Catalog, absent: Callable[[FakeGpu], object]) -> None:
+        fake = FakeNvml.hgx(4)
+        for g in fake.gpus[:3]:
+            absent(g)
+        asked: list[int] = []
+        real = fake.nvmlDeviceGetSramEccErrorStatus
+
+        def counted(handle: object, status: object) -> int:
+            asked.append(FakeNvml.index_of(handle))
+            return real(handle, status)
+
+        fake.nvmlDeviceGetSramEccErrorStatus = counted  # type: ignore[method-assign]
+        src = NvmlSource(fake, ctx(catalog))
+        with capture_logs() as logs:
+            cycles = [poll(src, t) for t in (0, 10, 20)]
+        assert sorted(asked) == [0, 1, 2] + [3] * 3, "an absent call is never asked again"
+        assert all(sorted(sram(c)) == [3] for c in cycles), "nothing said for the GPUs without it, never healthy"
+        assert all(faults(c) == set() for c in cycles) and src.sram_absent == {0, 1, 2}
+        assert sorted(e["gpu"] for e in logs if e["event"] == "gpu_sram_ecc_status_unavailable") == [0, 1, 2]
+        assert {"gpu.lost", "ecc.dbe"} <= {s.check for s in cycles[-1].states if s.gpu and s.gpu.index == 0}
+
+    def test_a_nvidia_ml_py_without_the_struct_is_absent_not_a_crash(self, catalog: Catalog,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delattr(pynvml, "c_nvmlEccSramErrorStatus_v1_t")
+        src = NvmlSource(FakeNvml.hgx(2), ctx(catalog))
+        cycle = poll(src)
+        assert sram(cycle) == {} and faults(cycle) == set() and src.sram_absent == {0, 1}
+
+    def test_a_read_that_fails_after_the_threshold_was_read_keeps_it_never_clears_it(self, catalog: Catalog) -> None:
+        fake = FakeNvml.hgx(2)
+        fake.gpus[0].sram_threshold_exceeded = True
+        src = NvmlSource(fake, ctx(catalog))
+        edge = EdgeFilter(resync_s=3600)
+        sent = edge.apply(poll(src), T0)
+        for g in fake.gpus:  # GPU 1 was never read: a failed read says nothing about it
+            g.fail["nvmlDeviceGetSramEccErrorStatus"] = pynvml.NVMLError_InsufficientResources()
+        cycle = poll(src, 10)
+        sent += edge.apply(cycle, T0 + timedelta(seconds=10))
+        assert [(s.check, s.healthy, s.gpu.index if s.gpu else None) for s in sent
+                if s.check == "ecc.sram_threshold"] == [("ecc.sram_threshold", False, 0)], "no clearing"
+        assert sorted(sram(cycle)) == [0, 1] and src.sram_absent == set(), "a transient failure is no absence"
+
+    def test_a_gpu_lost_while_the_sram_status_is_read_is_lost_not_unsupported(self, catalog: Catalog) -> None:
+        fake = FakeNvml.hgx(1)
+        fake.gpus[0].fail["nvmlDeviceGetSramEccErrorStatus"] = pynvml.NVMLError_GpuIsLost()
+        src = NvmlSource(fake, ctx(catalog))
+        assert faults(poll(src)) == {("gpu.lost", 0, None)} and src.sram_absent == set()
+
+    @pytest.mark.parametrize("error", [pynvml.NVMLError_Unknown, pynvml.NVMLError_Timeout],
+                             ids=["unknown-error", "timeout"])
+    def test_the_sram_call_alone_failing_never_makes_an_answering_gpu_lost(self, catalog: Catalog,
+                                                                           error: type) -> None:
+        """Every other read of the GPU answered: the optional SRAM call failing is no GPU off the bus (a node reboot
+        for a failed optional read would be the costliest false positive)."""
+        fake = FakeNvml.hgx(1)
+        fake.gpus[0].fail["nvmlDeviceGetSramEccErrorStatus"] = error()
+        src = NvmlSource(fake, ctx(catalog))
+        with capture_logs() as logs:
+            cycles = [poll(src, t) for t in (0, 10, 20)]
+        assert all(faults(c) == set() and sram(c) == {} for c in cycles)
+        assert {"gpu.lost", "ecc.dbe"} <= {s.check for s in cycles[-1].states} and src.sram_absent == set()
+        assert [e["event"] for e in logs if "sram" in e["event"]] == ["gpu_sram_ecc_status_unavailable"], \
+            "asked every poll (it may answer again), logged once"
+
+    def test_the_fake_fills_pynvmls_own_struct_and_raises_the_drivers_errors(self) -> None:
+        fake = FakeNvml([FakeGpu(uuid="GPU-a", pci_bus_id="00000000:18:00.0", sram_threshold_exceeded=True,
+                                 sram_errors={"aggregateUncSecDed": 5, "aggregateUncBucketPcie": 5}),
+                         FakeGpu(uuid="GPU-b", pci_bus_id="00000000:2a:00.0", sram_threshold_exceeded=None)])
+        fake.nvmlInit()
+        h0, h1 = fake.nvmlDeviceGetHandleByIndex(0), fake.nvmlDeviceGetHandleByIndex(1)
+        status = pynvml.c_nvmlEccSramErrorStatus_v1_t()
+        assert fake.nvmlDeviceGetSramEccErrorStatus(h0, ctypes.byref(status)) == pynvml.NVML_SUCCESS
+        assert (status.version, status.bThresholdExceeded, status.aggregateUncSecDed, status.aggregateUncBucketPcie,
+                status.aggregateUncParity) == (pynvml.nvmlEccSramErrorStatus_v1, 1, 5, 5, 0)
+        old = pynvml.c_nvmlEccSramErrorStatus_v1_t()
+        old.version = 0
+        with pytest.raises(pynvml.NVMLError_ArgumentVersionMismatch):
+            fake.nvmlDeviceGetSramEccErrorStatus(h0, ctypes.byref(old))
+        with pytest.raises(pynvml.NVMLError_NotSupported):
+            fake.nvmlDeviceGetSramEccErrorStatus(h1, ctypes.byref(status))
+        fake.gpus[0].lost = True
+        with pytest.raises(pynvml.NVMLError_GpuIsLost):
+            fake.nvmlDeviceGetSramEccErrorStatus(h0, ctypes.byref(status))
+
+
 class TestXidEvents:
     async def test_xid_event_becomes_signal_without_blocking_the_loop(self, catalog: Catalog) -> None:
         fake = FakeNvml.hgx(8)
@@ -373,3 +511,29 @@ def test_real_nvml_reads_the_recovery_action_or_marks_it_absent(catalog: Catalog
     cycle = poll(src)
     assert set(src.refs) == set(src.recovery_last) | src.recovery_absent
     assert [s for s in cycle.states if s.check in ("gpu.lost", "gpu.reset_required") and not s.healthy] == []
+
+
+@pytest.mark.gpu
+def test_real_nvml_reads_the_sram_threshold_or_marks_it_absent(catalog: Catalog) -> None:
+    """The real ``nvmlDeviceGetSramEccErrorStatus`` on every GPU: a driver and GPU that have it fill pynvml's struct
+    (version 1) and the source reads the same flag; one without it (NotSupported, FunctionNotFound, NoPermission when
+    not root) is absent, with no signal and no crash. A healthy GPU's threshold is not exceeded."""
+    if shutil.which("nvidia-smi") is None:
+        pytest.skip("no NVIDIA driver on this machine (gpu marker)")
+    from breakfix.collectors.nvml import SRAM_ABSENT
+
+    nvml = real_nvml()
+    src = NvmlSource(nvml, ctx(catalog))
+    got = sram(poll(src))
+    assert set(src.refs) == set(src.sram_last) | src.sram_absent and not set(src.sram_last) & src.sram_absent
+    assert sorted(got) == sorted(src.sram_last)
+    for i, h in src.handles.items():
+        status = pynvml.c_nvmlEccSramErrorStatus_v1_t()
+        try:
+            nvml.nvmlDeviceGetSramEccErrorStatus(h, ctypes.byref(status))
+        except SRAM_ABSENT:
+            assert i in src.sram_absent
+            continue
+        assert status.version == pynvml.nvmlEccSramErrorStatus_v1
+        assert got[i].healthy is (not status.bThresholdExceeded) is (not src.sram_last[i][0])
+        assert got[i].details["sram_aggregate_unc_sec_ded"] == str(status.aggregateUncSecDed)

@@ -1,7 +1,7 @@
 """``nvidia-smi -q`` / ``-q -x`` readers against real captures (sources in ``tests/data/SOURCES.md``): a GPU lost after
 nvidia-smi opened it, an unhealthy NVLink fabric, T.Limit temperature thresholds (R535+ Hopper/Ada/Blackwell), and the
 ways real captures arrive (after ``Unable to determine the device handle`` lines, cut short, one log per ``-l``
-interval, indented, without the banner, through Windows)."""
+interval, indented, without the banner, through Windows), and the SRAM uncorrectable-error threshold flag (R535+)."""
 
 from __future__ import annotations
 
@@ -186,6 +186,95 @@ class TestReadings:
         assert faults(catalog, clocks) == [("clock.hw_slowdown", "0000:01:00.0")]
         xml = "<nvidia_smi_log><gpu id='0000:01:00.0'>" + "<a>" * depth + "</a>" * depth + "</gpu></nvidia_smi_log>"
         assert [g.sample.gpu.pci_bus_id for g in parse_nvsmi(xml).gpus] == ["0000:01:00.0"]
+
+
+# The first H100's aggregate ECC block as nvidia-smi 535.161.08 prints it, then with its SRAM threshold exceeded after
+# 2 parity and 10 SEC-DED uncorrectable SRAM errors (4 in L2, 8 in the SMs)
+SRAM_NO = ("            SRAM Uncorrectable Parity     : 0\n            SRAM Uncorrectable SEC-DED    : 0\n"
+           "            DRAM Correctable              : 0\n            DRAM Uncorrectable            : 0\n"
+           "            SRAM Threshold Exceeded       : No\n        Aggregate Uncorrectable SRAM Sources\n"
+           "            SRAM L2                       : 0\n            SRAM SM                       : 0\n")
+SRAM_YES = SRAM_NO.replace("Parity     : 0", "Parity     : 2").replace("SEC-DED    : 0", "SEC-DED    : 10").replace(
+    ": No", ": Yes").replace("L2                       : 0", "L2                       : 4").replace(
+    "SM                       : 0", "SM                       : 8")
+SRAM_DETAILS = {"sram_aggregate_unc": "12", "sram_aggregate_unc_parity": "2", "sram_aggregate_unc_sec_ded": "10",
+                "sram_aggregate_unc_l2": "4", "sram_aggregate_unc_sm": "8", "sram_aggregate_unc_microcontroller": "0",
+                "sram_aggregate_unc_pcie": "0", "sram_aggregate_unc_other": "0"}
+
+
+def sram(catalog: Catalog, text: str) -> list[Signal]:
+    return [s for s in states(catalog, text) if s.check == "ecc.sram_threshold"]
+
+
+class TestSramThreshold:
+    """ECC Errors / Aggregate ``SRAM Threshold Exceeded`` (NVIDIA Xid catalog WORKFLOW_XID_48: the SRAM threshold flag
+    set -> run field diag, RMA; DCGM_FR_SRAM_THRESHOLD)."""
+
+    def test_the_real_r535_h100_text_capture_reads_no_as_healthy_on_every_gpu(self, catalog: Catalog) -> None:
+        got = sram(catalog, H100)
+        assert len(got) == 8 and all(s.healthy and s.value == 0 for s in got)
+        assert got[0].details == {k: "0" for k in SRAM_DETAILS}
+
+    def test_a_real_xml_capture_reading_no_is_healthy_with_its_aggregate_sram_errors(self, catalog: Catalog) -> None:
+        """nvsmi_1gpu_mig.xml: 3 aggregate SEC-DED SRAM errors, the threshold not exceeded."""
+        (s,) = sram(catalog, (DATA / "nvsmi_1gpu_mig.xml").read_text())
+        assert (s.healthy, s.value, s.details) == (True, 3.0, {
+            "sram_aggregate_unc": "3", "sram_aggregate_unc_parity": "0", "sram_aggregate_unc_sec_ded": "3"})
+
+    def test_the_real_gb200_xml_reading_n_a_says_nothing(self, catalog: Catalog) -> None:
+        assert "<sram_threshold_exceeded>N/A</sram_threshold_exceeded>" in FABRIC
+        assert [g.sample.sram_threshold for g in parse_nvsmi(FABRIC).gpus] == [None, None], "not read, not No"
+        assert sram(catalog, FABRIC) == [] and sram(catalog, LOST) == []
+
+    def test_a_dump_without_the_line_says_nothing(self, catalog: Catalog) -> None:
+        """Drivers before R535 print no SRAM Threshold Exceeded line (nvsmi_1gpu_v100_r470.txt)."""
+        (r470,) = parse_nvsmi((DATA / "nvsmi_1gpu_v100_r470.txt").read_text()).gpus
+        assert r470.sample.sram_threshold is None and r470.sample.sram_counts == {}
+        assert sram(catalog, (DATA / "nvsmi_1gpu_v100_r470.txt").read_text()) == []
+        assert sram(catalog, H100.replace("SRAM Threshold Exceeded       : No", "SRAM Threshold Exceeded : N/A")) == []
+
+    def test_yes_in_the_text_capture_is_a_critical_hardware_support_fault_with_the_aggregate_counts(
+            self, catalog: Catalog) -> None:
+        text = H100.replace(SRAM_NO, SRAM_YES, 1)
+        assert text != H100
+        bad = [s for s in sram(catalog, text) if not s.healthy]
+        assert [(s.gpu.pci_bus_id if s.gpu else None, s.severity.value, s.value) for s in bad] == [
+            ("0000:19:00.0", "critical", 12.0)]
+        assert bad[0].details == SRAM_DETAILS and "parity 2, sec-ded 10, l2 4, sm 8" in bad[0].message
+        assert catalog.classify(check=bad[0].check, code=bad[0].code).category == "hardware_support"
+        assert len([s for s in sram(catalog, text) if s.healthy]) == 7, "the other GPUs stay healthy"
+
+    def test_yes_in_the_xml_captures_is_the_fault_and_counts_read_n_a_are_absent_never_zero(
+            self, catalog: Catalog) -> None:
+        mig = (DATA / "nvsmi_1gpu_mig.xml").read_text().replace(
+            "<sram_threshold_exceeded>No<", "<sram_threshold_exceeded>Yes<")
+        (s,) = sram(catalog, mig)
+        assert (s.healthy, s.value, s.details["sram_aggregate_unc_sec_ded"]) == (False, 3.0, "3")
+        gb200 = FABRIC.replace("<sram_threshold_exceeded>N/A<", "<sram_threshold_exceeded>Yes<", 1)
+        (bad,) = [s for s in sram(catalog, gb200) if not s.healthy]
+        assert (bad.gpu.pci_bus_id if bad.gpu else None, bad.value, bad.details) == ("0000:0a:00.0", None, {})
+
+    def test_the_cli_prints_the_fault_of_a_dump_with_the_flag_set(self, tmp_path: Path) -> None:
+        f = tmp_path / "smi.txt"
+        f.write_text(H100.replace(SRAM_NO, SRAM_YES, 1))
+        got = [r for r in rows(f) if r["check"] == "ecc.sram_threshold"]
+        assert [(r["healthy"], r["severity"], r["gpu"]["index"], r["details"]["sram_aggregate_unc"]) for r in got] == [
+            (False, "critical", 0, "12")]
+
+    def test_the_dump_and_live_nvml_read_the_same_flag_and_counts_alike(self, catalog: Catalog) -> None:
+        """One fact, one signal: what ``nvidia-smi -q`` prints and what ``nvmlDeviceGetSramEccErrorStatus`` fills."""
+        from breakfix.collectors.nvml import NvmlSource
+        from breakfix.collectors.nvml_api import FakeGpu, FakeNvml
+
+        (dump,) = [s for s in sram(catalog, H100.replace(SRAM_NO, SRAM_YES, 1)) if not s.healthy]
+        assert dump.gpu is not None and dump.gpu.uuid
+        fake = FakeNvml([FakeGpu(uuid=dump.gpu.uuid, pci_bus_id="00000000:19:00.0", sram_threshold_exceeded=True,
+                                 sram_errors={"aggregateUncParity": 2, "aggregateUncSecDed": 10,
+                                              "aggregateUncBucketL2": 4, "aggregateUncBucketSm": 8})])
+        c = NodeContext(cluster="c1", node="n1", catalog=catalog)
+        (live,) = [s for s in NvmlSource(fake, c).collect(T0, 0.0).states if s.check == "ecc.sram_threshold"]
+        assert (live.healthy, live.severity, live.value, live.details, live.message, live.id) == (
+            dump.healthy, dump.severity, dump.value, dump.details, dump.message, dump.id)
 
 
 # --- from a review ------------------------------------------------------------------------------------------------

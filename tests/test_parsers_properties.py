@@ -57,7 +57,10 @@ SERIES = st.builds(Series, st.dictionaries(LABEL_KEYS, LABEL_VALUES, max_size=8)
 NVSMI_BITS = st.sampled_from(["==============NVSMI LOG==============\n", "GPU 00000000:18:00.0\n", "    ECC Errors\n",
                               "        Volatile\n", "            SRAM Uncorrectable     : ", "N/A", "9" * 30, "Yes",
                               "    Remapped Rows\n", "        Pending      : ", "    Fabric\n", "        State  : ",
-                              "In Progress", "<nvidia_smi_log>", "<gpu id=\"x\">", "</gpu>", "<!ENTITY a", "\n", " : "])
+                              "In Progress", "<nvidia_smi_log>", "<gpu id=\"x\">", "</gpu>", "<!ENTITY a", "\n", " : ",
+                              "        Aggregate\n", "            SRAM Threshold Exceeded : ", "No",
+                              "        Aggregate Uncorrectable SRAM Sources\n", "            SRAM L2  : ",
+                              "<ecc_errors>", "<aggregate>", "<sram_threshold_exceeded>", "</sram_threshold_exceeded>"])
 IBSTAT_BITS = st.sampled_from(["CA 'mlx5_0'\n", "\tPort 1:\n", "\t\tState: ", "\t\tPhysical state: ", "Active", "Down",
                                "4: ACTIVE", "LinkUp", "\t\tRate: ", "400", "9" * 30, "\t\tLink layer: ", "Ethernet",
                                "Infiniband device 'x' port 1 status:\n", "\tphys state:\t ", "\n"])

@@ -353,6 +353,27 @@ def test_a_link_down_seen_by_dcgm_or_nvml_gets_the_same_plan(catalog: Catalog, p
     assert len({decide(i, ClusterView(), policy).rule for i in incidents}) == 1
 
 
+def test_an_sram_threshold_seen_by_nvml_nvidia_smi_or_dcgm_is_one_hardware_support_fault_with_one_plan(
+        catalog: Catalog, policy: Policy) -> None:
+    """NVIDIA Xid catalog WORKFLOW_XID_48: an SRAM threshold flag set means field diag and RMA. NVML and nvidia-smi
+    (``ecc.sram_threshold``) and DCGM (DCGM_FR_SRAM_THRESHOLD) report one fact: the same rule takes the node out and
+    hands it to a human (cordon, drain, escalate), never a reset, a reboot or a return to service; both reports
+    together are one incident counted as the NVML check."""
+    incidents = [run(catalog, policy, [s]).incidents[0] for s in
+                 (sig(check="ecc.sram_threshold", code=None), dcgm("DCGM_FR_SRAM_THRESHOLD"))]
+    assert [i.category for i in incidents] == ["hardware_support"] * 2
+    plans = [decide(i, ClusterView(), policy) for i in incidents]
+    assert {p.rule for p in plans} == {"hardware-escalation"}
+    for o in (run(catalog, policy, [sig(check="ecc.sram_threshold", code=None)]),
+              run(catalog, policy, [dcgm("DCGM_FR_SRAM_THRESHOLD")])):
+        acts = o.actions()
+        assert [a for a in acts if a in ("cordon", "drain", "escalate")] == ["cordon", "drain", "escalate"], acts
+        assert not (REBOOTS | {"reset_gpu", "return_to_service"}) & set(acts), acts
+    both = run(catalog, policy, [sig(check="ecc.sram_threshold", code=None), dcgm("DCGM_FR_SRAM_THRESHOLD", at=1)])
+    (inc,) = both.incidents
+    assert inc.category == "hardware_support" and [(c.key, c.count) for c in inc.counts] == [("ecc.sram_threshold", 2)]
+
+
 def resolved(core: Correlator, at: float) -> str:
     """The remediator's "plan completed" record for the only incident: it resolves."""
     from datetime import timedelta

@@ -4,7 +4,7 @@
 (real ``pynvml`` or ``FakeNvml``) into a ``GpuSample``; the pure ``evaluate`` turns a sample
 (and the previous one, for counter rates) into state signals: ``gpu.lost`` /
 ``gpu.reset_required`` (``NVMLError_GpuIsLost`` / ``ResetRequired`` never escape), volatile
-``ecc.dbe`` and SBE bursts, ``row_remap.pending`` / ``failure``, ``retired_pages.pending`` and
+``ecc.dbe`` and SBE bursts, ``ecc.sram_threshold``, ``row_remap.pending`` / ``failure``, ``retired_pages.pending`` and
 ``retired_pages.limit`` (pre-Ampere page retirement near NVIDIA's 64-page limit),
 clocks-event reasons (``clock.hw_slowdown`` / ``hw_thermal`` / ``power_brake``),
 ``temperature.slowdown``, ``pcie.replay`` rate, per-link ``nvlink.down`` / ``nvlink.errors``,
@@ -23,6 +23,17 @@ with an unknown ``DCGM_FR_GPU_RECOVERY_<n>`` code (the cautious path), never hea
 without the field (the call or the field's own ``nvmlReturn`` not SUCCESS) is logged once and says nothing;
 a read that fails after the field has been read keeps the last verdict (a failed read is no clearing).
 The dcgm source reads DCGM's mirror of the field (DCGM_FI_DEV_GPU_RECOVERY_ACTION, 1523) with the same rule.
+
+The SRAM uncorrectable-error threshold (NVIDIA Xid catalog WORKFLOW_XID_48: "SRAM: check SRAM threshold flag
+(nvidia-smi sram_threshold_exceeded) -> RUN_FIELDDIAG", RMA if exceeded) is read each poll with
+``nvmlDeviceGetSramEccErrorStatus(h, byref(c_nvmlEccSramErrorStatus_v1_t()))`` (``bThresholdExceeded``: "the error
+threshold of field diag is exceeded", nvml.h) and judged exactly as a dump's ``SRAM Threshold Exceeded`` is: exceeded
+-> ``ecc.sram_threshold`` (hardware_support, the fact DCGM reports as DCGM_FR_SRAM_THRESHOLD), not exceeded ->
+healthy, each with the aggregate SRAM uncorrectable counts (parity, SEC-DED, per unit) in ``details``. A driver or GPU
+without the call (FunctionNotFound, NotSupported, NoPermission: NVML asks for root, ArgumentVersionMismatch, or a
+nvidia-ml-py without it) is logged once per GPU, not asked again and says nothing; a read that fails otherwise keeps
+the last reading (the flag is the InfoROM's aggregate: a failed read is no clearing), and an Unknown or Timeout from
+this call alone never makes a GPU whose other reads answered lost.
 """
 
 from __future__ import annotations
@@ -66,6 +77,28 @@ RECOVERY_MAX = 0xFFFF_FFFF  # nvmlDeviceGpuRecoveryAction_t is an unsigned int (
 # Per-field or call errors that say the driver will never have the field for this GPU: stop asking for it.
 RECOVERY_ABSENT = (pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_INVALID_ARGUMENT,
                    pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+
+
+# nvmlDeviceGetSramEccErrorStatus errors that say the driver or GPU will never answer it (nvml.h: NOT_SUPPORTED on a
+# GPU without it, "Requires root/admin permissions", ARGUMENT_VERSION_MISMATCH for a struct version the driver does
+# not know; FUNCTION_NOT_FOUND from a libnvidia-ml without the entry point; AttributeError from a nvidia-ml-py
+# without the call or its struct): stop asking for it on that GPU.
+SRAM_ABSENT: tuple[type[Exception], ...] = (
+    pynvml.NVMLError_FunctionNotFound, pynvml.NVMLError_NotSupported, pynvml.NVMLError_NoPermission,
+    pynvml.NVMLError_ArgumentVersionMismatch, AttributeError)
+# The aggregate SRAM uncorrectable counts that ride with the threshold flag: this breakfix name -> the
+# c_nvmlEccSramErrorStatus_v1_t member (nvidia-ml-py) and the ``nvidia-smi -q`` ECC Errors node (text and XML keys
+# normalised by ``collectors.nvsmi``: Aggregate "SRAM Uncorrectable Parity" / "SEC-DED", "Aggregate Uncorrectable
+# SRAM Sources" L2, SM, Microcontroller, PCIE, Other).
+SRAM_COUNTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("parity", "aggregateUncParity", ("aggregate/sram_uncorrectable_parity",)),
+    ("sec_ded", "aggregateUncSecDed", ("aggregate/sram_uncorrectable_sec_ded", "aggregate/sram_uncorrectable_secded")),
+    ("l2", "aggregateUncBucketL2", ("aggregate_uncorrectable_sram_sources/sram_l2",)),
+    ("sm", "aggregateUncBucketSm", ("aggregate_uncorrectable_sram_sources/sram_sm",)),
+    ("microcontroller", "aggregateUncBucketMcu", ("aggregate_uncorrectable_sram_sources/sram_microcontroller",)),
+    ("pcie", "aggregateUncBucketPcie", ("aggregate_uncorrectable_sram_sources/sram_pcie",)),
+    ("other", "aggregateUncBucketOther", ("aggregate_uncorrectable_sram_sources/sram_other",)),
+)
 
 
 class RecoveryVerdict(NamedTuple):
@@ -132,6 +165,11 @@ class GpuSample:
     fabric: tuple[int, int] | None = None
     fabric_health: int | None = None  # nvmlGpuFabricInfo_v2 ``healthMask``; None: not read (a v1-only driver)
     recovery: int | None = None  # NVML_GPU_RECOVERY_ACTION_*; None: not read (no field on this driver or GPU)
+    # SRAM uncorrectable-error threshold exceeded (field diag / RMA); None: not read (no call on this driver or GPU,
+    # a dump's N/A or no line): nothing said. ``sram_counts``: the aggregate SRAM uncorrectable counts read with it
+    # (SRAM_COUNTS names), each only where read
+    sram_threshold: bool | None = None
+    sram_counts: dict[str, int] = field(default_factory=dict)
 
 
 FABRIC_SETTLING = (pynvml.NVML_GPU_FABRIC_STATE_NOT_STARTED, pynvml.NVML_GPU_FABRIC_STATE_IN_PROGRESS)
@@ -157,6 +195,24 @@ def fabric_health_problems(mask: int) -> list[str]:
     if config > pynvml.NVML_GPU_FABRIC_HEALTH_MASK_INCORRECT_CONFIGURATION_NONE:  # 0: not supported, 1: none
         out.append(f"incorrect configuration {config}")
     return out
+
+
+def sram_signal(ctx: NodeContext, s: GpuSample, at: datetime) -> Signal | None:
+    """``ecc.sram_threshold`` for a sample whose SRAM threshold flag was read (NVML or a dump alike), else None. The
+    aggregate uncorrectable SRAM count (parity + SEC-DED) is the value; every count read is in ``details``."""
+    if s.sram_threshold is None:
+        return None
+    counts = {k: s.sram_counts[k] for k, _m, _p in SRAM_COUNTS if k in s.sram_counts}
+    total = counts["parity"] + counts["sec_ded"] if "parity" in counts and "sec_ded" in counts else None
+    details = {f"sram_aggregate_unc_{k}": str(v) for k, v in counts.items()}
+    if total is not None:
+        details["sram_aggregate_unc"] = str(total)
+    said = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in counts.items())
+    message = (f"SRAM uncorrectable-error threshold {'exceeded' if s.sram_threshold else 'not exceeded'} on "
+               f"{s.gpu.label()}" + (f" (aggregate SRAM uncorrectable: {said})" if said else "")
+               + (": run field diagnostics, RMA (NVIDIA WORKFLOW_XID_48)" if s.sram_threshold else ""))
+    return ctx.signal(source=SignalSource.NVML, check="ecc.sram_threshold", healthy=not s.sram_threshold, at=at,
+                      gpu=s.gpu, value=total, details=details, message=message)
 
 
 def evaluate(ctx: NodeContext, s: GpuSample, prev: GpuSample | None, at: datetime, elapsed_s: float,
@@ -192,6 +248,8 @@ def evaluate(ctx: NodeContext, s: GpuSample, prev: GpuSample | None, at: datetim
         return out
     if s.dbe is not None:
         state("ecc.dbe", s.dbe > 0, value=s.dbe, threshold=0)
+    if (sram := sram_signal(ctx, s, at)) is not None:
+        out.append(sram)
     if s.sbe is not None and prev is not None and prev.sbe is not None:
         state("ecc.sbe", s.sbe - prev.sbe >= th.sbe_burst, value=s.sbe - prev.sbe, threshold=th.sbe_burst)
     if s.remap_pending is not None:
@@ -306,6 +364,9 @@ class NvmlSource:
         self.recovery_absent: set[int] = set()  # GPUs whose driver does not have the recovery-action field
         self.recovery_last: dict[int, int] = {}  # GPU index -> its last recovery action read
         self.recovery_logged = False  # the field's absence or a failed read is logged once per source
+        self.sram_absent: set[int] = set()  # GPUs whose driver or GPU does not answer nvmlDeviceGetSramEccErrorStatus
+        self.sram_last: dict[int, tuple[bool, dict[str, int]]] = {}  # GPU index -> its last SRAM status read
+        self.sram_logged = False  # a failed SRAM status read (other than its absence) is logged once per source
 
     def start(self) -> None:
         """``nvmlInit`` and enumerate GPUs (index, UUID, PCI bus id) into the node context, once: the poll's
@@ -364,6 +425,9 @@ class NvmlSource:
                 s.links[link] = LinkSample(up=st == pynvml.NVML_FEATURE_ENABLED, errors=sum(e or 0 for e in errs))
             s.fabric, s.fabric_health = self._fabric(h)
             s.recovery = self._recovery(index, h)
+            sram = self._sram(index, h)
+            if sram is not None:
+                s.sram_threshold, s.sram_counts = sram[0], dict(sram[1])
         except pynvml.NVMLError_GpuIsLost:
             s = GpuSample(gpu=ref, lost="gpu.lost")
         except pynvml.NVMLError_ResetRequired:
@@ -426,6 +490,35 @@ class NvmlSource:
             self.recovery_logged = True
             log.warning("gpu_recovery_action_unavailable", node=self.ctx.node, gpu=index, reason=why)
         return self.recovery_last.get(index)
+
+    def _sram(self, index: int, h: Any) -> tuple[bool, dict[str, int]] | None:
+        """(threshold exceeded, aggregate SRAM uncorrectable counts) from ``nvmlDeviceGetSramEccErrorStatus``, or
+        None where the driver or GPU does not have it (SRAM_ABSENT, or a nvidia-ml-py without the call or struct):
+        that GPU is logged once and not asked again. Any other failure keeps the last reading (the flag is the
+        InfoROM's aggregate, so a read that fails is never taken for a threshold no longer exceeded). GpuIsLost and
+        ResetRequired say what the GPU is, as from any read; an Unknown or Timeout here alone, after the sample's
+        other reads answered, is this call failing, not the GPU off the bus, so it never makes the GPU lost."""
+        if index in self.sram_absent:
+            return None
+        try:
+            status = pynvml.c_nvmlEccSramErrorStatus_v1_t()  # its constructor sets version nvmlEccSramErrorStatus_v1
+            self.nvml.nvmlDeviceGetSramEccErrorStatus(h, ctypes.byref(status))  # NVML fills the struct in place
+        except (pynvml.NVMLError_GpuIsLost, pynvml.NVMLError_ResetRequired):
+            raise  # the GPU itself is lost or needs a reset: the sample says so, as for any other read
+        except SRAM_ABSENT as exc:
+            self.sram_absent.add(index)
+            log.warning("gpu_sram_ecc_status_unavailable", node=self.ctx.node, gpu=index,
+                        reason=f"not available on this driver or GPU ({type(exc).__name__}: {exc})"[:200])
+            return None
+        except pynvml.NVMLError as exc:
+            if not self.sram_logged:
+                self.sram_logged = True
+                log.warning("gpu_sram_ecc_status_unavailable", node=self.ctx.node, gpu=index,
+                            reason=f"read failed ({exc}); the last reading stands"[:200])
+            return self.sram_last.get(index)
+        reading = (bool(status.bThresholdExceeded), {k: int(getattr(status, m)) for k, m, _p in SRAM_COUNTS})
+        self.sram_last[index] = reading
+        return reading
 
     def read(self) -> list[GpuSample]:
         """One sample of every GPU (blocking NVML calls: the daemon runs this in a worker thread).

@@ -15,6 +15,13 @@ one by its ``valueType``. The fake answers ``NVML_FI_DEV_GET_GPU_RECOVERY_ACTION
 ``FakeGpu.recovery_action`` as an UNSIGNED_INT (as NVIDIA/k8s-test-infra's mock NVML fills it), a per-field
 ``NVML_ERROR_NOT_SUPPORTED`` for a field it does not hold (``recovery_action=None``: a driver before the
 field), and any per-field return a test sets in ``FakeGpu.field_returns``.
+
+``nvmlDeviceGetSramEccErrorStatus(handle, status)`` fills a ``c_nvmlEccSramErrorStatus_v1_t`` (passed by
+``ctypes.byref``, as ``nvmlDeviceGetGpuFabricInfoV``'s struct is: nvidia-ml-py hands the argument to NVML as given)
+with ``bThresholdExceeded`` and the SRAM error counts; the fake fills it from ``FakeGpu.sram_threshold_exceeded``
+and ``FakeGpu.sram_errors``, raises ``NVMLError_ArgumentVersionMismatch`` for a struct version other than
+``nvmlEccSramErrorStatus_v1`` and ``NVMLError_NotSupported`` for a GPU without it (``sram_threshold_exceeded=None``);
+a driver without the entry point is ``fail["nvmlDeviceGetSramEccErrorStatus"] = NVMLError_FunctionNotFound()``.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ class Nvml(Protocol):
     def nvmlDeviceGetGpuFabricInfo(self, handle: Any, info: Any) -> None: ...
     def nvmlDeviceGetGpuFabricInfoV(self, handle: Any, info: Any) -> None: ...
     def nvmlDeviceGetFieldValues(self, handle: Any, field_ids: Sequence[int | tuple[int, int]]) -> Any: ...
+    def nvmlDeviceGetSramEccErrorStatus(self, handle: Any, status: Any) -> int: ...
     def nvmlEventSetCreate(self) -> Any: ...
     def nvmlDeviceGetSupportedEventTypes(self, handle: Any) -> int: ...
     def nvmlDeviceRegisterEvents(self, handle: Any, mask: int, event_set: Any) -> None: ...
@@ -88,6 +96,10 @@ class FakeGpu:
     # None: a driver before R570 that does not know the field (per-field NVML_ERROR_NOT_SUPPORTED)
     recovery_action: int | None = pynvml.NVML_GPU_RECOVERY_ACTION_NONE
     field_returns: dict[int, int] = field(default_factory=dict)  # NVML_FI_* -> a per-field nvmlReturn to report
+    # nvmlEccSramErrorStatus_v1_t bThresholdExceeded (the SRAM uncorrectable-error threshold of field diag);
+    # None: a GPU without nvmlDeviceGetSramEccErrorStatus (NVMLError_NotSupported, as before Ampere)
+    sram_threshold_exceeded: bool | None = False
+    sram_errors: dict[str, int] = field(default_factory=dict)  # c_nvmlEccSramErrorStatus_v1_t member -> count
     lost: bool = False
     reset_required: bool = False
     fail: dict[str, pynvml.NVMLError] = field(default_factory=dict)  # method name -> error to raise
@@ -297,6 +309,25 @@ class FakeNvml:
             else:
                 v.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
         return values
+
+    def nvmlDeviceGetSramEccErrorStatus(self, handle: Any, status: Any) -> int:
+        """Fills pynvml's ``c_nvmlEccSramErrorStatus_v1_t`` (by ``byref`` or the struct itself) as the driver does;
+        returns NVML_SUCCESS as nvidia-ml-py's wrapper does."""
+        g = self._gpu(handle, "nvmlDeviceGetSramEccErrorStatus")
+        if g.sram_threshold_exceeded is None:
+            raise pynvml.NVMLError_NotSupported()
+        struct = getattr(status, "_obj", status)
+        if not isinstance(struct, pynvml.c_nvmlEccSramErrorStatus_v1_t):
+            raise pynvml.NVMLError_InvalidArgument()
+        if struct.version != pynvml.nvmlEccSramErrorStatus_v1:
+            raise pynvml.NVMLError_ArgumentVersionMismatch()
+        counts = [name for name, _ctype in struct._fields_ if name not in ("version", "bThresholdExceeded")]
+        if set(g.sram_errors) - set(counts):
+            raise ValueError(f"no such c_nvmlEccSramErrorStatus_v1_t count: {sorted(set(g.sram_errors) - set(counts))}")
+        for name in counts:
+            setattr(struct, name, g.sram_errors.get(name, 0))
+        struct.bThresholdExceeded = int(g.sram_threshold_exceeded)
+        return int(pynvml.NVML_SUCCESS)
 
     def nvmlEventSetCreate(self) -> str:
         return "event-set"

@@ -7,6 +7,10 @@ signals, so a fault reads the same from a dump as from a live GPU:
 
 - ECC: volatile uncorrectable (DRAM + SRAM, any ``SRAM Uncorrectable*`` field; older drivers'
   ``Double Bit / Total``) -> ``ecc.dbe``; aggregate counts ride along in ``details``;
+- ECC Errors / Aggregate ``SRAM Threshold Exceeded`` (R535+; XML ``ecc_errors/aggregate/sram_threshold_exceeded``,
+  NVML ``nvmlEccSramErrorStatus_v1_t.bThresholdExceeded``): Yes -> ``ecc.sram_threshold`` (NVIDIA WORKFLOW_XID_48:
+  run field diag, RMA; DCGM's DCGM_FR_SRAM_THRESHOLD), No -> healthy, N/A or no line -> nothing; the aggregate SRAM
+  uncorrectable counts (Parity, SEC-DED, ``Aggregate Uncorrectable SRAM Sources``) ride along in ``details``;
 - ``Remapped Rows`` Pending / Remapping Failure Occurred -> ``row_remap.pending`` / ``failure``;
 - ``Retired Pages`` (pre-Ampere) single + double bit counts -> ``retired_pages.limit``, Pending Page
   Blacklist -> ``retired_pages.pending``;
@@ -48,7 +52,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from breakfix.collectors.context import NodeContext
-from breakfix.collectors.nvml import GpuSample, Thresholds, evaluate
+from breakfix.collectors.nvml import SRAM_COUNTS, GpuSample, Thresholds, evaluate
 from breakfix.schemas.common import GpuRef, normalize_pci_bus_id
 from breakfix.schemas.signal import Signal, SignalSource
 
@@ -379,6 +383,11 @@ def gpu_sample(gpu: Node, index: int) -> NvsmiGpu:
     agg = _ecc(gpu.get("ecc_errors/aggregate"))
     if "dram_unc" in vol or "sram_unc" in vol:
         s.dbe = vol.get("dram_unc", 0) + vol.get("sram_unc", 0)
+    ecc = gpu.get("ecc_errors")
+    if ecc is not None:  # the SRAM threshold flag as NVML's nvmlDeviceGetSramEccErrorStatus reads it (SRAM_COUNTS)
+        s.sram_threshold = _yes(ecc.get("aggregate/sram_threshold_exceeded"))
+        if s.sram_threshold is not None:
+            s.sram_counts = {k: n for k, _m, paths in SRAM_COUNTS if (n := _int(first(ecc, *paths))) is not None}
     rows = gpu.get("remapped_rows")
     if rows is not None:
         s.remap_pending = _yes(first(rows, "pending", "remapped_row_pending"))
