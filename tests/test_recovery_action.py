@@ -41,8 +41,8 @@ PAGE = (DATA / "dcgm_recovery_action_page.txt").read_text()
 XID154 = next(line for line in (DATA / "kmsg_real.log").read_text().splitlines() if "): 154," in line)
 
 # NVML_GPU_RECOVERY_ACTION_* -> (faulted check, code, action name as nvidia-smi reads it, catalog category); the
-# other of gpu.lost / gpu.reset_required reads healthy. 5 (RECOVER_IMEX_DOMAIN) and numbers no driver defines take
-# the nvsmi path's cautious unknown code: never healthy, never an automatic action.
+# other of gpu.lost / gpu.reset_required reads healthy. 5 (RECOVER_IMEX_DOMAIN: its number and its name give one code)
+# and numbers no driver defines take the nvsmi path's cautious unknown code: never healthy, never an automatic action.
 TABLE = [
     pytest.param(pynvml.NVML_GPU_RECOVERY_ACTION_NONE, None, None, None, None, id="0-none-healthy"),
     pytest.param(pynvml.NVML_GPU_RECOVERY_ACTION_GPU_RESET, "gpu.reset_required", "DCGM_FR_GPU_RECOVERY_RESET",
@@ -54,8 +54,9 @@ TABLE = [
     pytest.param(pynvml.NVML_GPU_RECOVERY_ACTION_DRAIN_AND_RESET, "gpu.reset_required",
                  "DCGM_FR_GPU_RECOVERY_DRAIN_RESET", "Drain and Reset", "gpu_drain_reset_required",
                  id="4-drain-and-reset"),
-    pytest.param(pynvml.NVML_GPU_RECOVERY_ACTION_RECOVER_IMEX_DOMAIN, "gpu.reset_required", "DCGM_FR_GPU_RECOVERY_5",
-                 "5", "unknown_fault", id="5-recover-imex-domain-cautious"),
+    pytest.param(pynvml.NVML_GPU_RECOVERY_ACTION_RECOVER_IMEX_DOMAIN, "gpu.reset_required",
+                 "DCGM_FR_GPU_RECOVERY_RECOVER_IMEX_DOMAIN", "Recover IMEX Domain", "unknown_fault",
+                 id="5-recover-imex-domain-cautious"),
     pytest.param(pynvml.NVML_GPU_RECOVERY_ACTION_BUS_RESET, "gpu.reset_required", "DCGM_FR_GPU_RECOVERY_RESET",
                  "Bus Reset", "gpu_reset_required", id="6-bus-reset"),
     pytest.param(pynvml.NVML_GPU_RECOVERY_ACTION_SYSTEM_REBOOT, "gpu.lost", "DCGM_FR_GPU_RECOVERY_REBOOT",
@@ -255,7 +256,7 @@ class TestDcgmRecoveryAction:
             (3, RECOVERY_CHECK, "DCGM_FR_GPU_RECOVERY_DRAIN_P2P"),
             (3, "dcgm.health", "DCGM_FR_GPU_RECOVERY_DRAIN_P2P"),
             (4, RECOVERY_CHECK, "DCGM_FR_GPU_RECOVERY_DRAIN_RESET"),
-            (5, RECOVERY_CHECK, "DCGM_FR_GPU_RECOVERY_5"),
+            (5, RECOVERY_CHECK, "DCGM_FR_GPU_RECOVERY_RECOVER_IMEX_DOMAIN"),
         }
         healthy = {(s.gpu.index if s.gpu else None, s.check) for s in cycle.states if s.healthy}
         assert {(0, RECOVERY_CHECK), (7, RECOVERY_CHECK)} <= healthy

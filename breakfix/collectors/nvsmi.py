@@ -90,8 +90,8 @@ RECOVERY_ACTIONS: dict[str, tuple[str, str | None]] = {
     "drain p2p": ("gpu.reset_required", "DCGM_FR_GPU_RECOVERY_DRAIN_P2P"),
     "drain and reset": ("gpu.reset_required", "DCGM_FR_GPU_RECOVERY_DRAIN_RESET"),
 }
-_RECOVERY_NUMBERS = {"1": "Reset", "2": "Reboot", "3": "Drain P2P", "4": "Drain and Reset", "6": "Bus Reset",
-                     "7": "System Reboot"}  # NVML_GPU_RECOVERY_ACTION_*; 0 is NONE, 5 RECOVER_IMEX_DOMAIN
+_RECOVERY_NUMBERS = {"1": "Reset", "2": "Reboot", "3": "Drain P2P", "4": "Drain and Reset", "5": "Recover IMEX Domain",
+                     "6": "Bus Reset", "7": "System Reboot"}  # NVML_GPU_RECOVERY_ACTION_*; 0 is NONE
 _DEPRECATED = "requested functionality has been deprecated"
 
 
