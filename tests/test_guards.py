@@ -260,6 +260,21 @@ class TestReturnValidation:
         assert plan.steps[0].params == validated
 
 
+def test_a_return_gives_its_validation_the_time_a_deep_diagnostic_takes() -> None:
+    """DCGM r3 runs for tens of minutes: the release's validate step has the validate action's timeout and its rung
+    the sum of its steps', for every node of a group release, never a default that cuts the diagnostic short."""
+    from breakfix.remediator.breaker import return_plan
+    from breakfix.remediator.policy import ACTION_TIMEOUT_S
+
+    i = inc(category="hardware_support").model_copy(update={"scope": IncidentScope.NODE})
+    plan = return_plan(i, ("n1", "n2", "n3"), "released by alice: checked", rule="human-release")
+    validates = [s for s in plan.steps if s.action is StepAction.VALIDATE]
+    assert len(validates) == 3 and {s.params["level"] for s in validates} == {3}
+    assert all(s.timeout_s == ACTION_TIMEOUT_S[StepAction.VALIDATE] for s in validates)
+    (rung,) = plan.rungs()
+    assert rung.timeout_s >= 3 * ACTION_TIMEOUT_S[StepAction.VALIDATE]
+
+
 def test_the_cooldown_cordons_kept_are_bounded_oldest_first() -> None:
     from breakfix.remediator.guards import MAX_COOLED, GuardState
     from breakfix.remediator.policy import load_policy

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from breakfix.remediator.policy import ACTION_TIMEOUT_S
 from breakfix.schemas.incident import (
     ActionKind,
     ActionOutcome,
@@ -26,6 +27,7 @@ from breakfix.schemas.incident import (
     Incident,
     IncidentScope,
     Plan,
+    Rung,
     Step,
     StepAction,
     WaitingOn,
@@ -98,8 +100,10 @@ def return_plan(inc: Incident, nodes: Sequence[str], why: str, *, rule: str, val
         params: dict[str, str | int | bool] = {"node": node}
         if inc.node == node and one_gpu is not None:
             params["gpu"] = one_gpu
-        if validate:
+        if validate:  # r3 runs for tens of minutes: the validate action's own timeout, not a step's default
             steps.append(Step(action=StepAction.VALIDATE, params={**params, "level": level,
-                                                                  "scope": "gpu" if "gpu" in params else "node"}))
+                                                                  "scope": "gpu" if "gpu" in params else "node"},
+                              timeout_s=ACTION_TIMEOUT_S[StepAction.VALIDATE]))
         steps.append(Step(action=StepAction.RETURN_TO_SERVICE, params={**params, "soak": False}))
-    return Plan(domain=Domain.OPERATOR, rule=rule, reason=why, steps=tuple(steps))
+    rung = Rung(name="return", steps=tuple(steps), timeout_s=sum(s.timeout_s for s in steps))
+    return Plan(domain=Domain.OPERATOR, rule=rule, reason=why, steps=rung.steps, ladder=(rung,))
