@@ -208,6 +208,14 @@ class TestMultiGpu:
         (node,) = top_level(later)
         assert node.category == "hardware_support", "an RMA member folding into an existing node incident too"
 
+    def test_a_node_sent_to_a_human_keeps_taking_its_failing_gpus(self, catalog: Catalog) -> None:
+        """Once a multi-GPU incident needs RMA, a later GPU fault on that node joins it: a node awaiting a technician
+        never gets a GPU reset ladder (whose next rung reboots it) of its own."""
+        core = run(catalog, [sig(code="48", gpu_index=g, at=g) for g in range(2)] + [
+            sig(code=RMA_XID, gpu_index=2, at=2), sig(code="48", gpu_index=5, at=10)])
+        (node,) = top_level(core)
+        assert node.category == "hardware_support" and sorted(g.index for g in node.gpus) == [0, 1, 2, 5]
+
     def test_two_gpus_stay_gpu_incidents(self, catalog: Catalog) -> None:
         core = run(catalog, [sig(code="48", gpu_index=g, at=g) for g in range(2)])
         assert {i.scope for i in top_level(core)} == {IncidentScope.GPU}

@@ -148,8 +148,11 @@ class Patterns:
             return []  # only hardware faults: XID 74 on several GPUs is an NVLink fault, not a host fault
         node_key = f"node|{inc.cluster}|{inc.node}"
         host = self.state.live(self.state.by_key.get(node_key))
-        if host is not None and host.category in (rule.category, "node_reboot_required"):
-            return self._fold_into_node(host, [inc], at)  # the node is already the unit being fixed
+        if host is not None and (host.category in (rule.category, "node_reboot_required") or (
+                host.category in _HUMAN_REPAIR and host.source.startswith(MULTI_GPU_SOURCE))):
+            # the node is already the unit being fixed (a multi-GPU incident sent to a human keeps taking its GPUs:
+            # a node awaiting RMA or a hands-on check never gets a GPU reset ladder of its own)
+            return self._fold_into_node(host, [inc], at)
         if host is not None:
             return []  # a node incident of another kind (an IB link, say) owns the key: keep GPUs separate
         peers = [p for iid in self.state.on_node.get(inc.node, ()) if (p := self.state.live(iid)) is not None
