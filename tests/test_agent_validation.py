@@ -267,3 +267,33 @@ def test_inventory_rules_merge_and_missing() -> None:
     assert merge(remembered, Reading((a, swapped))) == (a, swapped)
     assert merge(remembered, Reading((Gpu("GPU-b", 7),))) == (a, Gpu("GPU-b", 7, "0000:2a:00.0")), "-L: index only"
     assert missing(remembered, Reading(), index=1) == (b,) and missing(remembered, Reading((b,)), index=0) == (a,)
+
+
+async def test_a_child_that_outlives_its_kill_never_holds_the_agent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nvidia-smi on a GPU that fell off the bus can sit in uninterruptible sleep, where SIGKILL does not take: the
+    agent's command runner gives up after its kill wait and answers, so a reboot or validation is never held up."""
+    import asyncio
+
+    from breakfix.collectors import agent as agent_mod
+
+    class Stuck:
+        pid = 4242
+
+        async def communicate(self) -> tuple[bytes, bytes]:
+            await asyncio.sleep(3600)
+            return b"", b""
+
+        def kill(self) -> None:
+            pass  # the kernel has not delivered it: the process stays
+
+        async def wait(self) -> int:
+            await asyncio.sleep(3600)
+            return -9
+
+    async def spawn(*_argv: str, **_kw: object) -> Stuck:
+        return Stuck()
+
+    monkeypatch.setattr(agent_mod.asyncio, "create_subprocess_exec", spawn)
+    monkeypatch.setattr(agent_mod, "KILL_WAIT_S", 0.05)
+    rc, out = await asyncio.wait_for(agent_mod.run(["nvidia-smi", "-q"], 0.05), timeout=5)
+    assert rc == 124 and "timed out" in out

@@ -81,6 +81,7 @@ from breakfix.schemas.agent import AgentAction, AgentCommand, AgentReply
 from breakfix.schemas.common import first_error
 
 log = structlog.get_logger("breakfix.collector.agent")
+KILL_WAIT_S = 5.0  # after SIGKILL, how long a child may take to go before the agent moves on without it
 INVENTORY_READ_S = 30.0  # the look at the GPUs before a reboot: a hung nvidia-smi must not hold the reboot up long
 
 
@@ -95,7 +96,10 @@ async def run(argv: list[str], timeout_s: float) -> tuple[int, str]:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout=timeout_s)
     except TimeoutError:
         proc.kill()
-        await proc.wait()
+        try:  # a process in uninterruptible sleep (nvidia-smi on a GPU that fell off the bus) outlives SIGKILL
+            await asyncio.wait_for(proc.wait(), timeout=KILL_WAIT_S)
+        except TimeoutError:
+            log.warning("agent_child_unkillable", argv0=argv[0], pid=proc.pid)
         return 124, f"{argv[0]} timed out after {timeout_s:g}s"
     return proc.returncode or 0, out.decode(errors="replace").strip()
 
