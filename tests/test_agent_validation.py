@@ -269,6 +269,19 @@ def test_inventory_rules_merge_and_missing() -> None:
     assert missing(remembered, Reading(), index=1) == (b,) and missing(remembered, Reading((b,)), index=0) == (a,)
 
 
+def test_a_new_card_first_seen_without_its_slot_still_counts_as_its_slots_replacement() -> None:
+    """``gpu_pods`` reads ``nvidia-smi -L`` (no bus ids) before any ``-q``: the new card in b's slot must not be
+    recorded slotless, or its UUID would be "known" and b reported missing on every validation from then on."""
+    from breakfix.collectors.agent_inventory import Gpu, Reading, merge, missing
+
+    a, b = Gpu("GPU-a", 0, "0000:18:00.0"), Gpu("GPU-b", 1, "0000:2a:00.0")
+    remembered = merge(merge((), Reading((a, b))), Reading((Gpu("GPU-a", 0), Gpu("GPU-c", 1))))  # -L after the swap
+    assert remembered == (a, b), "a slotless reading refreshes, never adds"
+    now = Reading((a, Gpu("GPU-c", 1, "0000:2a:00.0")))  # the validation's -q
+    assert missing(remembered, now) == ()
+    assert merge(remembered, now) == (a, Gpu("GPU-c", 1, "0000:2a:00.0"))
+
+
 async def test_a_child_that_outlives_its_kill_never_holds_the_agent(monkeypatch: pytest.MonkeyPatch) -> None:
     """nvidia-smi on a GPU that fell off the bus can sit in uninterruptible sleep, where SIGKILL does not take: the
     agent's command runner gives up after its kill wait and answers, so a reboot or validation is never held up."""

@@ -93,8 +93,9 @@ def from_gpu_list(listing: dict[int, tuple[str, tuple[str, ...]]]) -> Reading:
 
 
 def merge(remembered: tuple[Gpu, ...], reading: Reading) -> tuple[Gpu, ...]:
-    """The inventory after ``reading``: every GPU it shows is remembered (its fields refreshed); a remembered GPU
-    whose slot now holds a GPU with another UUID was replaced and gives way; nothing else is ever dropped."""
+    """The inventory after ``reading``: every GPU it shows with its PCI slot is remembered (its fields refreshed; a
+    GPU shown without a slot only refreshes one already known); a remembered GPU whose slot now holds a GPU with
+    another UUID was replaced and gives way; nothing else is ever dropped."""
     out = [g for g in remembered if g.uuid or g.pci_bus_id]
     for gpu in (g for g in (*reading.present, *reading.lost) if g.uuid or g.pci_bus_id):
         same = next((i for i, g in enumerate(out) if gpu.uuid and g.uuid == gpu.uuid), None)
@@ -106,7 +107,8 @@ def merge(remembered: tuple[Gpu, ...], reading: Reading) -> tuple[Gpu, ...]:
             elif slot:  # lost now, known before: keep what we knew (its UUID)
                 continue
         if same is None:
-            out.append(gpu)
+            if gpu.pci_bus_id:  # a reading without slots (``nvidia-smi -L``) refreshes known GPUs, never adds one:
+                out.append(gpu)  # a new card recorded slotless would no longer count as its slot's replacement
         else:
             old = out[same]
             out[same] = Gpu(gpu.uuid or old.uuid, gpu.index if gpu.index is not None else old.index,
