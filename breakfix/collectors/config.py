@@ -136,8 +136,8 @@ class SloConfig(BaseModel):
     kv_cache: float = Field(0.95, gt=0, le=1)
     stuck_after_s: float = Field(120.0, ge=30, le=3600, allow_inf_nan=False,
                                  description="endpoint.stuck: requests running with no token generated (or waiting "
-                                             "with none running or finished) for this long; set it above the longest "
-                                             "generation where the engine counts tokens only as requests finish")
+                                             "with none running or finished) for this long (an engine that counts "
+                                             "tokens only as requests finish, TensorRT-LLM, is judged on waiting only)")
 
 
 class EndpointConfig(BaseModel):

@@ -27,13 +27,16 @@ class Engine:
     ``running`` / ``waiting``: gauges of the requests in its batch and in its queue; ``progress``: counters that rise
     as it generates (tokens, or forward passes); ``also``: further counters that rise only when it made progress
     (first-token / inter-token histogram counts, finished requests' tokens), read once the engine is known. The
-    engine is known by its running gauge or a ``progress`` counter on the page: one with neither is not judged."""
+    engine is known by its running gauge or a ``progress`` counter on the page: one with neither is not judged.
+    ``streams`` False: every counter it has rises only when a request finishes, so one generation longer than
+    ``stuck_after_s`` is not a stall: requests running without progress are not judged, requests waiting are."""
 
     name: str
     running: str
     waiting: str | None
     progress: tuple[str, ...] = ()
     also: tuple[str, ...] = ()
+    streams: bool = True  # False: no counter moves while a request generates, only as it finishes (case a unjudged)
 
     def counters(self) -> tuple[str, ...]:
         return self.progress + self.also
@@ -55,9 +58,9 @@ ENGINES: tuple[Engine, ...] = (
     # tensorrt_llm/metrics/collector.py: num_requests_running/waiting from the iteration stats
     # (enable_iter_perf_stats); generation_tokens_total and num_requests_completed_total rise as requests finish
     Engine("TensorRT-LLM", "trtllm_num_requests_running", "trtllm_num_requests_waiting",
-           ("trtllm_generation_tokens_total",), ("trtllm_num_requests_completed_total",)),
+           ("trtllm_generation_tokens_total",), ("trtllm_num_requests_completed_total",), streams=False),
     Engine("TensorRT-LLM", "trtllm:num_requests_running", "trtllm:num_requests_waiting",
-           ("trtllm:generation_tokens_total",), ("trtllm:num_requests_completed_total",)),
+           ("trtllm:generation_tokens_total",), ("trtllm:num_requests_completed_total",), streams=False),
     # Dynamo frontend (lib/llm/src/http/service/metrics.rs): inflight_requests (queued ones included),
     # queued_requests (before the first token), output_tokens_total increased as each response chunk streams
     Engine("Dynamo", "dynamo_frontend_inflight_requests", "dynamo_frontend_queued_requests",
@@ -213,6 +216,8 @@ def judge_stuck(before: Scrape | None, now: Scrape, since: Mapping[str, datetime
     scopes = _scopes(engine, prev, now.samples)
     for model, s in scopes.items():
         verdict = _stalled(s)
+        if verdict == "running" and not engine.streams:
+            verdict = None  # its counters move only as requests finish: a long generation looks the same
         verdicts.append(verdict)
         if verdict not in ("running", "waiting"):
             continue
