@@ -379,3 +379,26 @@ class TestStopsAndInterruptedWaits:
         unchanged = asyncio.Event()
         assert await h.executor.wait_idle(incident("gpu_reset_required"), plan_of(step), 0, step, T0, changed=unchanged
                                           ) is False, "at its deadline the wait ends as before"
+
+    @pytest.mark.parametrize("with_changed", [True, False], ids=["service-wait", "executor-wait"])
+    async def test_an_api_error_polling_the_gpu_does_not_end_the_deferred_wait(self, with_changed: bool) -> None:
+        c = cluster()
+        clk = ManualClock(T0)
+        h = Harness(c)
+        h.executor.clock, h.executor.idle_poll_s = clk, 60.0
+        polls: list[int] = []
+
+        async def blip(node: str, gpu: int, *, pods: tuple[str, ...] = ()) -> bool:
+            polls.append(gpu)
+            if len(polls) > 1:
+                raise ConnectionError("apiserver: connection reset")  # every poll after the first fails
+            return False
+
+        c.gpu_idle = blip  # type: ignore[method-assign]
+        step = Step(action=StepAction.DRAIN_GPU, params={**N1, "defer_s": 3600})
+        deadline = T0 + timedelta(hours=1)
+        changed = asyncio.Event() if with_changed else None
+        ended = await asyncio.wait_for(h.executor.wait_idle(incident("gpu_reset_required"), plan_of(step), 0, step,
+                                                            deadline, changed=changed), 5)
+        assert ended is False and clk.now() >= deadline, "the wait went on polling until its deadline"
+        assert len(polls) > 2 and c.history == []

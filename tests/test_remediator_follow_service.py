@@ -10,12 +10,27 @@ from typing import Any
 
 import pytest
 
+from breakfix.bus.memory import MemoryBus
 from breakfix.remediator.actuator import StepResult
+from breakfix.remediator.app import companion_codes
+from breakfix.remediator.decide import decide
 from breakfix.remediator.policy import Policy
+from breakfix.remediator.records import PlanBook, PlanRecord, Progress
 from breakfix.remediator.simcluster import SimCluster, SimNode
+from breakfix.remediator.store import MemoryStore
+from breakfix.schemas.catalog import default_catalog
 from breakfix.schemas.common import GpuRef, Severity
-from breakfix.schemas.incident import ActionKind, ActionOutcome, ChangeKind, Incident, StepAction, WaitingOn
-from tests.test_remediator_service import Harness, fast, incident
+from breakfix.schemas.incident import (
+    ActionKind,
+    ActionOutcome,
+    ChangeKind,
+    Incident,
+    IncidentStatus,
+    StepAction,
+    WaitingOn,
+)
+from tests.conftest import T0
+from tests.test_remediator_service import Harness, fast, incident, index
 
 
 class Held(SimCluster):
@@ -108,10 +123,12 @@ class TestAnUnknownFaultStopsThePlanInFlight:
             await h.until(lambda: any(r.waiting is WaitingOn.APPROVAL for r in h.records()))
             await joins(h, unknown(first, version=5))
             await h.human("approve", action=StepAction.REPROVISION, reason="RMA agreed")
-            await h.until(lambda: plans(h, "gpu-reset")[-1:] == ["escalated"])
-        assert c.nodes["n1"].reprovisions == 0 and c.nodes["n1"].cordoned
-        refused = next(r for r in h.records() if r.kind is ActionKind.PLAN and r.outcome is ActionOutcome.ESCALATED)
-        assert "reprovision refused: inc-1 is an unknown fault now" in refused.reason
+            await h.until(lambda: "escalated" in plans(h, "unknown-fault"))
+        assert c.nodes["n1"].reprovisions == 0 and c.nodes["n1"].cordoned and c.escalations
+        # resumed by the approval with an incident that turned unknown meanwhile: re-decided before any step
+        # (service._behind); the step gate would refuse the reprovision too (guards.step_check)
+        stopped = next(r for r in h.records() if r.kind is ActionKind.PLAN and r.outcome is ActionOutcome.CANCELLED)
+        assert stopped.rule == "gpu-reset" and "unknown-fault never resets, reboots or reprovisions" in stopped.reason
 
 
 class TestADeferredRepairFollowsItsIncident:
@@ -133,7 +150,7 @@ class TestADeferredRepairFollowsItsIncident:
             return False
 
         c.gpu_idle = busy  # type: ignore[method-assign]
-        async with Harness(fast(policy, cooldown_s=0), c) as h:
+        async with Harness(fast(policy, cooldown_s=0), c, companion=companion_codes(default_catalog())) as h:
             remap = incident(codes=("row_remap.pending",), severity=Severity.WARNING)
             await h.open(remap)
             await h.until(lambda: any(r.waiting is WaitingOn.IDLE for r in h.records()))
@@ -148,24 +165,36 @@ class TestADeferredRepairFollowsItsIncident:
                                        f"re-decided: {rule}")
         assert "cordon" in steps(c) and plans(h, "gpu-reset-when-idle") == ["cancelled"]
 
-    async def test_a_sympathetic_companion_keeps_the_wait(self, policy: Policy) -> None:
+    @pytest.mark.parametrize(("category", "first", "joined"), [
+        ("application_fault", "xid:94", "xid:45"),
+        ("gpu_reset_required", "row_remap.pending", "xid:63"),
+        ("gpu_reset_required", "row_remap.pending", "xid:92"),
+        ("gpu_reset_required", "row_remap.pending", "ecc.sbe"),
+    ], ids=["xid45-joins-xid94", "xid63-joins-a-pending-remap", "xid92-joins-a-pending-remap",
+            "a-corrected-ecc-error-joins-a-pending-remap"])
+    async def test_a_sympathetic_companion_keeps_the_wait(self, policy: Policy, category: str, first: str,
+                                                          joined: str) -> None:
         c = SimCluster({"n1": SimNode("n1", pods={"ml/p": 2})})
         idle = asyncio.Event()
+        polls: list[int] = []
 
         async def until_idle(node: str, gpu: int, *, pods: tuple[str, ...] = ()) -> bool:
+            polls.append(gpu)
+            if len(polls) == 1:
+                return False  # busy when the wait starts: it polls on (and an update may end it)
             await idle.wait()
             return True
 
         c.gpu_idle = until_idle  # type: ignore[method-assign]
-        async with Harness(fast(policy, cooldown_s=0), c) as h:
-            xid94 = incident(category="application_fault", codes=("xid:94",), severity=Severity.WARNING)
-            await h.open(xid94)
-            await h.until(lambda: "inc-1" in h.svc.waits)
-            await joins(h, xid94.model_copy(update={"codes": ("xid:94", "xid:45"), "version": 2}))
+        async with Harness(fast(policy, cooldown_s=0), c, companion=companion_codes(default_catalog())) as h:
+            deferred = incident(category=category, codes=(first,), severity=Severity.WARNING)
+            await h.open(deferred)
+            await h.until(lambda: "inc-1" in h.svc.waits and len(polls) > 1)
+            await joins(h, deferred.model_copy(update={"codes": (first, joined), "version": 2}))
             await asyncio.sleep(0.05)
             assert c.history == [] and plans(h) == [], "still waiting for the GPU's job"
             idle.set()
-            await h.until(lambda: "completed" in plans(h, "gpu-reset-when-idle"))
+            await h.until(lambda: "completed" in plans(h))
         assert c.nodes["n1"].gpu_resets == {2: 1}
 
 
@@ -182,3 +211,79 @@ class TestReleaseValidation:
             await h.until(lambda: "completed" in plans(h, "human-release"))
         assert [x for x in c.history if x[0] == "validate"] == [("validate", "n1", "3")]
         assert not c.nodes["n1"].cordoned
+
+
+class SlowView(Held):
+    """``view`` waits while ``block`` is set: the cluster listing is slow (the service's cache expired)."""
+
+    def __init__(self, *held: str, **kw: Any) -> None:
+        super().__init__(*held, **kw)
+        self.block = False
+        self.listing = asyncio.Event()
+        self.listed = asyncio.Event()
+
+    async def view(self) -> Any:
+        if self.block:
+            self.listing.set()
+            await self.listed.wait()
+        return await super().view()
+
+
+class TestTheRaceWithTheLastStep:
+    async def test_a_plan_that_completes_while_the_update_is_decided_is_followed_by_the_cautious_plan(
+            self, policy: Policy) -> None:
+        c = SlowView("validate")
+        async with Harness(fast(policy), c) as h:
+            first = incident()
+            await h.open(first)
+            await asyncio.wait_for(c.started["validate"].wait(), 5)
+            c.block, h.svc._view_cache = True, None  # the next listing is slow: the update waits for it
+            await h.open(unknown(first), ChangeKind.UPDATED)
+            await asyncio.wait_for(c.listing.wait(), 5)
+            c.finish["validate"].set()  # the plan's last steps complete while the update waits for the view
+            await h.until(lambda: "completed" in plans(h, "gpu-reset"))
+            c.block = False
+            c.listed.set()
+            await h.until(lambda: "escalated" in plans(h, "unknown-fault"))
+        assert c.nodes["n1"].cordoned and c.escalations, "the unknown fault fences the node again and pages"
+        assert h.svc.executor._stops == {} and "inc-1" not in h.svc.redo
+
+
+class TestAResumedPlanFollowsItsIncident:
+    async def test_a_plan_resumed_after_its_incident_turned_unknown_stops_and_the_node_is_fenced_and_paged(
+            self, policy: Policy) -> None:
+        c = Held("validate")
+        bus, store = MemoryBus(), MemoryStore()
+        first = incident()
+        plan = decide(first, await c.view(), fast(policy))
+        await PlanBook(store).put(PlanRecord(incident=first, plan=plan,  # stopped (or lost its lease) at validate
+                                             progress=Progress(incident=first.id, attempt=0, rung=0, step=3)), None)
+        await index(bus, unknown(first), ChangeKind.UPDATED)  # the incident turned unknown while no replica led
+        c.finish["validate"].set()
+        async with Harness(fast(policy), c, store, bus) as h:
+            await h.until(lambda: "escalated" in plans(h, "unknown-fault"))
+        assert "validate" not in steps(c) and "return_to_service" not in steps(c), "the stale plan ran no further step"
+        assert c.nodes["n1"].cordoned and c.escalations, "fenced, and a human is paged"
+        assert plans(h, "gpu-reset") == ["cancelled"]
+        assert list(h.svc.guards.holders("n1", besides="-")) == ["inc-1"], "the node stays held for a human"
+
+
+class TestAStoppedPlanWhoseReplacementHasNothingToDo:
+    async def test_an_incident_resolved_after_its_plan_stopped_returns_the_node_validated(
+            self, policy: Policy) -> None:
+        c = Held("validate")
+        async with Harness(fast(policy), c) as h:
+            first = incident()
+            await h.open(first)
+            await asyncio.wait_for(c.started["validate"].wait(), 5)
+            await joins(h, unknown(first))
+            handled = h.svc.stats.handled
+            await h.open(first.model_copy(update={"status": IncidentStatus.RESOLVED, "version": 3,
+                                                  "resolved_at": T0}), ChangeKind.RESOLVED)
+            await h.until(lambda: h.svc.stats.handled > handled)
+            c.finish["validate"].set()
+            await h.until(lambda: "completed" in plans(h, "stopped-return"))
+            await h.svc.idle()
+        assert plans(h, "gpu-reset") == ["planned", "cancelled"] and plans(h, "unknown-fault") == []
+        assert steps(c)[-2:] == ["validate", "return_to_service"] and not c.nodes["n1"].cordoned
+        assert h.svc.guards.holders("n1", besides="-") == {} and h.svc.guards.active == {}, "held nor counted"

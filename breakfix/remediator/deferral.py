@@ -5,8 +5,9 @@ contained ECC), the policy's deferring rule (``defer_s``) waits for the GPU's po
 kept in the guard state so a restart keeps it (``guards.defer_until``). The service
 (``remediator.service``) runs the wait outside the node lock through ``wait_idle``; the executor polls the
 actuator (``Executor.wait_idle``). While it waits, every update of the incident goes to ``end_if_changed``:
-when ``decide`` now picks another plan (XID 154, XID 48 or a failed row remap joined: ``follow.wait_ends``),
-the wait ends at once, a ``cancelled`` plan record says why, and the service decides again.
+when ``decide`` now picks a plan that must not wait (XID 154, XID 48 or a failed row remap joined, not an
+informational or sympathetic companion such as XID 63: ``follow.wait_ends``), the wait ends at once, a
+``cancelled`` plan record says why, and the service decides again.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from breakfix.remediator.follow import wait_ends
+from breakfix.remediator.decide import decide
+from breakfix.remediator.follow import wait_ends, without_companions
 from breakfix.remediator.guards import wait_key
 from breakfix.schemas.incident import ActionKind, ActionOutcome, Incident, Plan, Step
 
@@ -44,8 +46,11 @@ async def end_if_changed(svc: RemediatorService, inc: Incident) -> None:
     wait = svc.waits.get(inc.id)
     if wait is None or wait.ended.is_set():
         return
-    now = svc.decisions.plan(inc, await svc.view(), svc.policy, busy=svc.guards.active)
-    why = wait_ends(wait.plan, wait.category, now, inc)
+    view = await svc.view()
+    now = svc.decisions.plan(inc, view, svc.policy, busy=svc.guards.active)
+    stripped = without_companions(inc, svc.companion) if now.rule != wait.plan.rule else None
+    bare = decide(stripped, view, svc.policy, busy=svc.guards.active) if stripped is not None else None
+    why = wait_ends(wait.plan, wait.category, now, inc, bare)
     if why is not None:
         wait.why = why
         wait.ended.set()

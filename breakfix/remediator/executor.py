@@ -33,6 +33,8 @@ import hmac
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
+import structlog
+
 from breakfix.bus.clock import Clock, first_of
 from breakfix.remediator.actuator import Actuator, StepResult
 from breakfix.remediator.records import Progress, ProgressState
@@ -52,6 +54,7 @@ Soak = Callable[[Incident], Awaitable[StepResult]]
 Gate = Callable[[Incident, Plan, Step, str], str | None]  # a reason the step (its idempotency key) may not run
 Holders = Callable[[Incident, str], str | None]            # who else still holds the node, or None
 Save = Callable[[Progress], Awaitable[None]]
+log = structlog.get_logger("breakfix.remediator")
 BUSY = "busy:"  # the node agent's refusal while processes hold the GPU
 ESCALATE_MARKS_S = 120.0  # marking the escalated node (condition, event) may not hold up the page
 
@@ -133,6 +136,11 @@ class Executor:
         as it would (a node agent call is not cut off mid-way), then the plan ends ``CANCELLED`` with ``why``, its
         progress saved as cancelled so no restart resumes it. A plan that ends first forgets the request."""
         self._stops[(incident, attempt)] = why
+
+    def forget_stop(self, incident: str, attempt: int) -> None:
+        """Drop a stop requested for ``incident``'s ``attempt`` (its plan ended, or never started): a request that
+        came after the run ended must not stop a later run under the same attempt."""
+        self._stops.pop((incident, attempt), None)
 
     async def _record(self, incident: Incident, plan: Plan, attempt: int, kind: ActionKind,
                       outcome: ActionOutcome, *, step: Step | None = None, index: int | None = None,
@@ -277,27 +285,44 @@ class Executor:
             return True
         node, gpu = str(step.params.get("node", incident.node or "")), _gpu(step)
         pods = _pod_list(step.params.get("pods"))
-        if gpu is None or self.clock.now() >= deadline or await self.actuator.gpu_idle(node, gpu, pods=pods):
+        failed: list[str] = []  # the errors already logged in this wait (once each kind)
+        if gpu is None or self.clock.now() >= deadline or await self._idle(incident.id, node, gpu, pods, failed):
             return False
         await self._record(incident, plan, attempt, ActionKind.STEP, ActionOutcome.WAITING, step=step,
                            index=index, rung=rung, waiting=WaitingOn.IDLE,
                            reason=f"deferred repair: waits for gpu{gpu} to go idle or until "
                                   f"{deadline.isoformat()}; the running job is not evicted now")
         if changed is None:
-            await self._until_idle(node, gpu, pods, deadline)
+            await self._until_idle(incident.id, node, gpu, pods, deadline, failed)
             return False
-        await first_of(self._until_idle(node, gpu, pods, deadline), changed.wait(), name=f"wait-idle-{incident.id}")
+        await first_of(self._until_idle(incident.id, node, gpu, pods, deadline, failed), changed.wait(),
+                       name=f"wait-idle-{incident.id}")
         return changed.is_set()
 
-    async def _until_idle(self, node: str, gpu: int, pods: tuple[str, ...], deadline: datetime) -> None:
+    async def _idle(self, incident: str, node: str, gpu: int, pods: tuple[str, ...], failed: list[str]) -> bool:
+        """Whether the GPU is idle; False when the actuator could not say (an API server blip): the wait goes on
+        until the deadline, never ends early on an error. Each kind of error is logged once per wait."""
+        try:
+            return await self.actuator.gpu_idle(node, gpu, pods=pods)
+        except Exception as exc:
+            kind = type(exc).__name__
+            if kind not in failed:
+                failed.append(kind)
+                log.warning("gpu_idle_unknown", incident=incident, node=node, gpu=gpu, error=repr(exc)[:300],
+                            note="the deferred repair keeps waiting until the GPU is idle or the deadline")
+            return False
+
+    async def _until_idle(self, incident: str, node: str, gpu: int, pods: tuple[str, ...], deadline: datetime,
+                          failed: list[str]) -> None:
         """Poll every ``idle_poll_s`` until the GPU is idle or ``deadline``; the loop's own timer bounds it too, so a
-        node agent that stops answering does not stretch the wait past the deadline."""
+        node agent that stops answering does not stretch the wait past the deadline. An error polling is not an end
+        (``_idle``)."""
         left = (deadline - self.clock.now()).total_seconds()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, left) + self.idle_poll_s):
                 while self.clock.now() < deadline:
                     await self.clock.sleep(min(self.idle_poll_s, (deadline - self.clock.now()).total_seconds()))
-                    if await self.actuator.gpu_idle(node, gpu, pods=pods):
+                    if await self._idle(incident, node, gpu, pods, failed):
                         return
 
     async def _stopped(self, incident: Incident, plan: Plan, attempt: int, prog: Progress, save: Save,

@@ -63,16 +63,38 @@ def redecision(old: Plan, old_category: str, new: Plan, incident: Incident, acte
     return None
 
 
-def wait_ends(old: Plan, old_category: str, new: Plan, incident: Incident) -> str | None:
+def wait_ends(old: Plan, old_category: str, new: Plan, incident: Incident, bare: Plan | None = None) -> str | None:
     """Why a deferred repair's wait for its GPU to go idle ends now (the incident changed while it waited: XID 154,
     XID 48 or a failed row remap joined a pending remap), or None to keep waiting. Nothing of the deferred plan ran
-    yet: any other rule ``decide`` now picks replaces it (a more disruptive plan, or one that does not wait); the same
-    rule keeps waiting (the plan is decided again from the incident as it stands once the wait is over)."""
+    yet. The wait ends when the incident turned cautious (``turns_cautious``), when its category changed, or when
+    the plan ``decide`` now picks is more disruptive than the deferred one (a higher ``plan_rank``, or the same rank
+    acting now instead of waiting) and not only because of companions: ``bare`` is the plan decided for the incident
+    without its informational or sympathetic companion codes (XID 63, XID 92, ecc.sbe: NVIDIA IGNORE), None when it
+    has none; when that is still the deferring rule, the companions alone changed the rule and the job is not evicted
+    for them. Otherwise it keeps waiting (the plan is decided again from the incident as it stands once the wait is
+    over)."""
     if new.rule == old.rule:
         return None
-    return redecision(old, old_category, new, incident, acted=False) or \
-        f"re-decided: {new.rule} now fits the incident ({', '.join(incident.codes) or incident.category}), " \
-        f"not {old.rule}"
+    if turns_cautious(old, old_category, new, incident):
+        return redecision(old, old_category, new, incident, acted=False)
+    if incident.category != old_category:
+        return f"re-decided: {new.rule} now fits the incident ({old_category} -> {incident.category}), not {old.rule}"
+    if bare is not None and bare.rule == old.rule:
+        return None  # only companions joined: the deferring rule still fits the fault itself
+    if (plan_rank(new), deferral(new) is None) > (plan_rank(old), deferral(old) is None):
+        return f"re-decided: {new.rule} needs more than {old.rule} now " \
+            f"({', '.join(incident.codes) or incident.category})"
+    return None
+
+
+def without_companions(incident: Incident, companion: Callable[[str], bool]) -> Incident | None:
+    """The incident without its informational or sympathetic companion codes (``companion``), or None when it has
+    none: what ``wait_ends`` decides again to tell a change of fault from a companion that joined."""
+    codes = tuple(c for c in incident.codes if not companion(c))
+    if len(codes) == len(incident.codes):
+        return None
+    return incident.model_copy(update={"codes": codes,
+                                       "counts": tuple(c for c in incident.counts if not companion(c.key))})
 
 
 def recurrence(before: Incident, after: Incident, companion: Callable[[str], bool]) -> str | None:

@@ -105,6 +105,7 @@ class RemediatorService:
         self.deferred: set[str] = set()                           # incidents whose deferred repair waited
         self.waits: dict[str, deferral_wait.IdleWait] = {}        # incidents whose deferred repair waits now
         self.redo: dict[str, int] = {}                            # incident -> attempt, once its plan stops at a step
+        self.stopped: set[str] = set()                            # incidents whose plan stopped for a re-decision
         self.taken_up: dict[str, int] = {}                        # incident -> version taken up from the index
         self.helpers: set[asyncio.Task[None]] = set()            # short guarded tasks (resume_after)
         self.stats, self.control_stats = ConsumerStats(), ConsumerStats()
@@ -185,7 +186,7 @@ class RemediatorService:
             await self._end_approval_wait(inc)
         self._forget_old()
         if change.kind is ChangeKind.UPDATED and inc.id in self.current:
-            await self._maybe_redecide(inc)
+            await self.maybe_redecide(inc)
         if inc.id in self.waits:
             await deferral_wait.end_if_changed(self, inc)
         if not opening:
@@ -295,6 +296,7 @@ class RemediatorService:
             self.keeper.save()
         self.deferred.discard(iid)
         self.redo.pop(iid, None)
+        self.stopped.discard(iid)
         self.decisions.forget(iid)
         if self.guards.end_waits(iid):
             self.keeper.save()
@@ -302,13 +304,28 @@ class RemediatorService:
         if inc is not None and inc.status is IncidentStatus.RESOLVED:
             self.guards.forget(iid)  # an escalated incident keeps its hold until a human releases it
 
-    async def _maybe_redecide(self, inc: Incident) -> None:
-        plan, category, attempt = self.current[inc.id]
+    async def maybe_redecide(self, inc: Incident) -> None:
+        """A newer version of an incident whose plan is in flight (a live update, or one the index had when a plan
+        was resumed: ``remediator.takeup``): re-decide it (``follow.redecision``)."""
+        held = self.current.get(inc.id)
+        if held is None:
+            return
+        plan, category, attempt = held
         now = self.decisions.plan(inc, await self.view(), self.policy, busy=self.guards.active)
         why = redecision(plan, category, now, inc, inc.id in self.acted)
         if why is None:
             return
         log.warning("redecide", incident=inc.id, node=inc.node, old=plan.rule, why=why)
+        if self.current.get(inc.id) is not held:
+            # the plan ended (or another took over) while the view was read: nothing is left to stop, but the incident
+            # as it is now is decided again (a plan that completed meanwhile left an unknown fault unhandled)
+            if inc.id not in self.current:
+                task = self.tasks.get(inc.id)
+                if task is not None and not task.done():
+                    self.redo[inc.id] = attempt + 1  # its task, still returning, runs the re-decided plan
+                else:
+                    self.spawn(inc.id, attempt + 1, None, settle=False)
+            return
         if turns_cautious(plan, category, now, inc):
             # no further step of the old plan (no reset, reboot or return), the one in flight ends as it would;
             # then the same task runs the new plan (``_guarded``)
@@ -366,6 +383,9 @@ class RemediatorService:
             inc = self.latest.get(incident_id)
             if inc is not None and inc.status is IncidentStatus.RESOLVED and inc.id in self.guards.cooled:
                 return await self._return_cordoned(inc, attempt)
+            if inc is not None and inc.id in self.stopped and \
+                    (inc.status.terminal or inc.parent or self.covered.get(inc.id)):
+                return await self._after_stop(inc, attempt)
             if inc is None or inc.status.terminal or inc.flaps * ATTEMPT_STRIDE > attempt:
                 return False
             cover = inc.parent or self.covered.get(inc.id)
@@ -419,7 +439,7 @@ class RemediatorService:
         if self.guards.budget_since.pop(wait_key(inc), None) is not None:
             self.keeper.save()
         self.guards.queued.pop(inc.id, None)
-        return await self._run(inc, plan, attempt, progress, held)
+        return await self._run(inc, plan, attempt, progress, held, view)
 
     async def _refused(self, inc: Incident, plan: Plan, refusal: Refusal, attempt: int) -> bool:
         now = self.clock.now()
@@ -456,7 +476,7 @@ class RemediatorService:
         return refusal.retry
 
     async def _run(self, inc: Incident, plan: Plan, attempt: int, progress: Progress | None,
-                   held: tuple[str, ...]) -> bool:
+                   held: tuple[str, ...], view: ClusterView | None = None) -> bool:
         got = await self.book.get(inc.id)
         save = self.book.saver(inc, plan, got[1] if got else None)
         for node in held:  # a group's member already in another incident's plan stays counted once, under that one
@@ -465,6 +485,18 @@ class RemediatorService:
         if held:
             self.keeper.save()
         self.current[inc.id] = (plan, inc.category, attempt)
+        if progress is not None and view is not None and (why := self._behind(inc, plan, attempt, view)) is not None:
+            # resumed with an incident that changed meanwhile so that a more severe plan fits: it replaces this one
+            self.current.pop(inc.id, None)
+            self.guards.stop(inc.id)  # the re-decided plan takes the node on (held) and counts again when it starts
+            self.stopped.add(inc.id)
+            self.keeper.save()
+            await self.cancel_record(inc.id)
+            await self.publish(self.record(inc, ActionKind.PLAN, ActionOutcome.CANCELLED, why,
+                                           tag=ActionOutcome.CANCELLED.value, rule=plan.rule))
+            self.redo[inc.id] = attempt + 1
+            return False
+        self.stopped.discard(inc.id)  # the re-decided plan (or a resumed one) has the node now
         log.info("plan", incident=inc.id, node=inc.node, rule=plan.rule, rungs=[r.name for r in plan.rungs()],
                  resume=progress is not None)
         try:
@@ -475,10 +507,15 @@ class RemediatorService:
         finally:
             if self.current.get(inc.id, (None, "", -1))[2] == attempt:
                 self.current.pop(inc.id, None)
+            self.executor.forget_stop(inc.id, attempt)  # a stop asked for as the plan ended never lingers
         if self.guards.cleared.pop(inc.id, None) is not None:
             self.keeper.save()
         if outcome is ActionOutcome.CANCELLED:  # stopped at a step for a re-decision: the new plan takes the node on
             log.info("plan_stopped", incident=inc.id, node=inc.node, rule=plan.rule)
+            if held:  # its budget slot is free (the re-decided plan counts when it starts); the node stays held
+                self.guards.stop(inc.id)
+                self.stopped.add(inc.id)
+                self.keeper.save()
             return False
         if held and outcome is not ActionOutcome.REFUSED:
             if inc.node is not None:  # the cooldown compares with the fault as it is now, companions included
@@ -491,13 +528,52 @@ class RemediatorService:
         log.info("plan_done", incident=inc.id, outcome=outcome.value)
         return False
 
-    async def _return_cordoned(self, inc: Incident, attempt: int) -> bool:
+    def _behind(self, inc: Incident, plan: Plan, attempt: int, view: ClusterView) -> str | None:
+        """A plan resumed (a restart, a new leader) from a stored record whose incident is older than the latest
+        version known (the index, a change that came meanwhile): re-decided as a live update would be
+        (``maybe_redecide``). Turned cautious: it stops at its next step and the cautious plan runs (None); more
+        severe, or a late category change before anything disruptive ran: why it is replaced now."""
+        latest = self.latest.get(inc.id)
+        if latest is None or latest.version <= inc.version:
+            return None
+        now = self.decisions.plan(latest, view, self.policy, busy=self.guards.active)
+        why = redecision(plan, inc.category, now, latest, inc.id in self.acted)
+        if why is None:
+            return None
+        log.warning("redecide_resumed", incident=inc.id, node=inc.node, old=plan.rule, why=why,
+                    stored=inc.version, latest=latest.version)
+        if turns_cautious(plan, inc.category, now, latest):
+            self.redo[inc.id] = attempt + 1
+            self.executor.stop_at_next_step(inc.id, attempt, why)
+            return None
+        return why
+
+    async def _after_stop(self, inc: Incident, attempt: int) -> bool:
+        """The incident's plan stopped at a step for a re-decision (``turns_cautious``, ``_behind``), and the
+        re-decided plan has nothing to run: the incident resolved (its node, left cordoned and held by the stopped
+        plan, is validated and returned as a cooldown-cordoned one is: ``_return_cordoned``), or a parent incident
+        covers it (the parent's plan has the node; this incident holds it no longer). Escalated or stale, the node
+        stays held for the human already paged."""
+        self.stopped.discard(inc.id)
+        if inc.status is IncidentStatus.RESOLVED and inc.node is not None:
+            why = f"{inc.id} resolved after its plan stopped for a re-decision, {inc.node} still cordoned; " \
+                  "validate, then return it"
+            return await self._return_cordoned(inc, attempt, why=why, rule="stopped-return")
+        if not inc.status.terminal:  # covered: the parent's plan has the node, this incident holds it no longer
+            log.info("stopped_plan_covered", incident=inc.id, by=inc.parent or self.covered.get(inc.id))
+            self.guards.unhold(inc.id)
+            self.keeper.save()
+        return False
+
+    async def _return_cordoned(self, inc: Incident, attempt: int, *, why: str = "",
+                               rule: str = "cooldown-return") -> bool:
         """The incident resolved while its node stayed cordoned for a repair the cooldown damped (``_refused``):
         nothing else would return the node, so it is validated and returned unless another incident holds it; a
         failed validation keeps it cordoned and held, and pages (the executor escalates)."""
         assert inc.node is not None
-        why = f"{inc.id} resolved while {inc.node} stayed cordoned for its damped repair; validate, then return it"
-        plan = return_plan(inc, (inc.node,), why, rule="cooldown-return")
+        why = why or f"{inc.id} resolved while {inc.node} stayed cordoned for its damped repair; validate, then " \
+                     "return it"
+        plan = return_plan(inc, (inc.node,), why, rule=rule)
         async with self.node_locks.hold(inc.node):
             outcome = await self.executor.run(inc, plan, attempt=attempt + 60)
         self.guards.cooled.pop(inc.id, None)  # kept until the return ran: one cut short is taken up by the next leader

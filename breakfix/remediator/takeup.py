@@ -84,10 +84,15 @@ async def take_up(svc: RemediatorService) -> int:
             log.warning("cooldown_cordon_left_to_a_human", incident=inc.id, node=svc.guards.cooled.pop(inc.id, ""),
                         status=inc.status.value)
             svc.keeper.save()
+    behind = []  # plans resumed (and started) with an older version of their incident than the index holds
     for inc in found.incidents:
         prev = svc.latest.get(inc.id)
         if prev is None or inc.version >= prev.version:
             svc.track(inc)
+            if prev is not None and inc.version > prev.version and inc.id in svc.current:
+                behind.append(inc)
+    for inc in behind:  # re-decided as a live update would be (one not started yet is, when it starts: service._run)
+        await svc.maybe_redecide(inc)
     for inc in sorted(found.incidents, key=lambda i: (i.first_seen, i.id)):
         await svc.observe_open(inc)  # counts nodes once: an opening already seen before the stop is harmless
     planned = {rec.incident.id: rec.progress.attempt for rec in records  # a cancelled plan covers nothing: a
