@@ -137,11 +137,6 @@ class Executor:
         progress saved as cancelled so no restart resumes it. A plan that ends first forgets the request."""
         self._stops[(incident, attempt)] = why
 
-    def forget_stop(self, incident: str, attempt: int) -> None:
-        """Drop a stop requested for ``incident``'s ``attempt`` (its plan ended, or never started): a request that
-        came after the run ended must not stop a later run under the same attempt."""
-        self._stops.pop((incident, attempt), None)
-
     async def _record(self, incident: Incident, plan: Plan, attempt: int, kind: ActionKind,
                       outcome: ActionOutcome, *, step: Step | None = None, index: int | None = None,
                       rung: int = 0, reason: str = "", details: dict[str, str] | None = None,
@@ -169,7 +164,7 @@ class Executor:
         ``guarded=False``: a plan a human ordered (a release), which the ``gate`` does not stop."""
         try:
             return await self._carry(incident, plan, attempt, progress, save, guarded)
-        finally:
+        finally:  # a stop asked for as the plan ended never lingers for a later run under the same attempt
             self._stops.pop((incident.id, attempt), None)
 
     async def _carry(self, incident: Incident, plan: Plan, attempt: int, progress: Progress | None, save: Save,

@@ -327,10 +327,7 @@ class RemediatorService:
                     self.spawn(inc.id, attempt + 1, None, settle=False)
             return
         if turns_cautious(plan, category, now, inc):
-            # no further step of the old plan (no reset, reboot or return), the one in flight ends as it would;
-            # then the same task runs the new plan (``_guarded``)
-            self.redo[inc.id] = attempt + 1
-            self.executor.stop_at_next_step(inc.id, attempt, why)
+            self._stop_at_step(inc.id, attempt, why)
             return
         await self.stop_plan(inc, why, outcome=ActionOutcome.CANCELLED, rule=plan.rule)
         self.spawn(inc.id, attempt + 1, None, settle=False)
@@ -507,7 +504,6 @@ class RemediatorService:
         finally:
             if self.current.get(inc.id, (None, "", -1))[2] == attempt:
                 self.current.pop(inc.id, None)
-            self.executor.forget_stop(inc.id, attempt)  # a stop asked for as the plan ended never lingers
         if self.guards.cleared.pop(inc.id, None) is not None:
             self.keeper.save()
         if outcome is ActionOutcome.CANCELLED:  # stopped at a step for a re-decision: the new plan takes the node on
@@ -543,10 +539,15 @@ class RemediatorService:
         log.warning("redecide_resumed", incident=inc.id, node=inc.node, old=plan.rule, why=why,
                     stored=inc.version, latest=latest.version)
         if turns_cautious(plan, inc.category, now, latest):
-            self.redo[inc.id] = attempt + 1
-            self.executor.stop_at_next_step(inc.id, attempt, why)
+            self._stop_at_step(inc.id, attempt, why)
             return None
         return why
+
+    def _stop_at_step(self, incident_id: str, attempt: int, why: str) -> None:
+        """A plan turned cautious: no further step of it (no reset, reboot or return), the one in flight ends as it
+        would; then the same task runs the re-decided plan (``_guarded``, from ``redo``)."""
+        self.redo[incident_id] = attempt + 1
+        self.executor.stop_at_next_step(incident_id, attempt, why)
 
     async def _after_stop(self, inc: Incident, attempt: int) -> bool:
         """The incident's plan stopped at a step for a re-decision (``turns_cautious``, ``_behind``), and the
