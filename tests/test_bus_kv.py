@@ -112,3 +112,50 @@ class TestKeyValue:
         await kv.kv_delete(B, "p.one")
         await asyncio.wait_for(task, 5)
         assert [(e.key, e.value) for e in seen] == [("p.one", b"1"), ("p.two", b"2"), ("p.one", None)]
+
+
+class TestSourcedBucket:
+    """``ensure_kv_sourced``: the store writes the bucket from a stream (JetStream: a source with a subject
+    transform). A bucket a reader created first is sourced in place; what the stream held before counts."""
+
+    async def test_the_bucket_holds_each_keys_latest_message_from_before_and_after_it_was_sourced(
+            self, kv: KvBus) -> None:
+        from breakfix.schemas.subjects import StreamSpec
+
+        bus: Any = kv
+        await bus.ensure_streams([StreamSpec("TEST_SRC", ("src.>",))])
+        await bus.publish("src.c1.a", b"a1", msg_id="a1")
+        await bus.publish("src.c1", b"too short: not a key")
+        await kv.ensure_kv("test-src")  # a reader got there first: a plain bucket
+        await kv.ensure_kv_sourced("test-src", stream="TEST_SRC", subject="src.*.*")
+        await kv.ensure_kv_sourced("test-src", stream="TEST_SRC", subject="src.*.*")  # idempotent
+        await bus.publish("src.c1.a", b"a2", msg_id="a2")
+        await bus.publish("src.c2.b", b"b1", msg_id="b1")
+        await bus.publish("src.c1.a", b"a1", msg_id="a1")  # a duplicate the stream drops: not indexed again
+
+        async def settled() -> bool:
+            return {e.key: e.value for e in await kv.kv_snapshot("test-src")} == {"c1.a": b"a2", "c2.b": b"b1"}
+
+        await wait_until(settled, 10, "the store to file the stream's messages under their keys")
+        await asyncio.sleep(0.2)  # nothing more arrives (no second source, no late duplicate)
+        assert {e.key: e.value for e in await kv.kv_snapshot("test-src")} == {"c1.a": b"a2", "c2.b": b"b1"}
+
+    async def test_a_pattern_without_wildcards_or_with_a_tail_wildcard_is_refused(self, kv: KvBus) -> None:
+        for subject in ("src.c1.a", "src.>"):
+            with pytest.raises(ValueError, match="wildcards"):
+                await kv.ensure_kv_sourced("test-src", stream="TEST_SRC", subject=subject)
+
+
+@pytest.mark.parametrize(("pattern", "subject", "key"), [
+    ("breakfix.incidents.*.*", "breakfix.incidents.c1.inc-1", "c1.inc-1"),
+    ("breakfix.incidents.*.*", "breakfix.incidents.c1", None),  # too short
+    ("breakfix.incidents.*.*", "breakfix.incidents.c1.inc-1.x", None),  # too long
+    ("breakfix.incidents.*.*", "breakfix.actions.c1.a1", None),  # another literal
+    ("a.*.b.*", "a.x.b.y", "x.y"),
+])
+def test_a_sourced_bucket_files_a_subject_under_the_tokens_its_wildcards_matched(
+        pattern: str, subject: str, key: str | None) -> None:
+    from breakfix.bus.protocol import source_key, source_transform
+
+    assert source_key(pattern, subject) == key
+    assert source_transform("bk", "a.*.b.*") == "$KV.bk.{{wildcard(1)}}.{{wildcard(2)}}"
