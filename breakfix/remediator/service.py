@@ -32,35 +32,32 @@ from breakfix.bus.codec import encode
 from breakfix.bus.consumer import ConsumerStats, Redeliver
 from breakfix.bus.protocol import Bus, Delivery
 from breakfix.remediator import deferral as deferral_wait
+from breakfix.remediator import planrun
 from breakfix.remediator.actuator import Actuator, StepResult
 from breakfix.remediator.audit import AuditWriter
-from breakfix.remediator.breaker import fence, page_breaker, page_stale_hold, return_plan
+from breakfix.remediator.breaker import page_breaker, page_stale_hold
 from breakfix.remediator.decisions import Decisions
-from breakfix.remediator.executor import Executor, keyed_digest, step_key
+from breakfix.remediator.executor import Executor, keyed_digest
 from breakfix.remediator.follow import (
     deferral,
     held_nodes,
-    ran_until,
     recurrence,
     redecision,
-    step_at,
     takes_node,
     turns_cautious,
-    undefer,
 )
-from breakfix.remediator.guards import GPU_ACTIONS, GuardState, Refusal, check, step_check, wait_key
+from breakfix.remediator.guards import GPU_ACTIONS, GuardState, step_check
 from breakfix.remediator.keeper import GuardKeeper
 from breakfix.remediator.leading import Elector, lead
 from breakfix.remediator.locks import KeyedLocks
 from breakfix.remediator.metrics import Observers, RemediatorMetrics
 from breakfix.remediator.policy import Policy
 from breakfix.remediator.reconcile import ATTEMPT_STRIDE
-from breakfix.remediator.records import PlanBook, PlanRecord, Progress, ProgressState
+from breakfix.remediator.records import PlanBook, PlanRecord, ProgressState
 from breakfix.remediator.store import Conflict, MemoryStore, PlanStore
 from breakfix.remediator.terms import cancel_until_done, end_plans, serve
 from breakfix.remediator.view import ClusterView
 from breakfix.schemas import subjects
-from breakfix.schemas.common import Severity
 from breakfix.schemas.incident import (
     ActionKind,
     ActionOutcome,
@@ -327,7 +324,7 @@ class RemediatorService:
                     self.spawn(inc.id, attempt + 1, None, settle=False)
             return
         if turns_cautious(plan, category, now, inc):
-            self._stop_at_step(inc.id, attempt, why)
+            self.stop_at_step(inc.id, attempt, why)
             return
         await self.stop_plan(inc, why, outcome=ActionOutcome.CANCELLED, rule=plan.rule)
         self.spawn(inc.id, attempt + 1, None, settle=False)
@@ -379,10 +376,10 @@ class RemediatorService:
         if resume is None:
             inc = self.latest.get(incident_id)
             if inc is not None and inc.status is IncidentStatus.RESOLVED and inc.id in self.guards.cooled:
-                return await self._return_cordoned(inc, attempt)
+                return await planrun.return_cordoned(self, inc, attempt)
             if inc is not None and inc.id in self.stopped and \
                     (inc.status.terminal or inc.parent or self.covered.get(inc.id)):
-                return await self._after_stop(inc, attempt)
+                return await planrun.after_stop(self, inc, attempt)
             if inc is None or inc.status.terminal or inc.flaps * ATTEMPT_STRIDE > attempt:
                 return False
             cover = inc.parent or self.covered.get(inc.id)
@@ -401,189 +398,13 @@ class RemediatorService:
         else:
             inc = resume.incident
         async with self.node_locks.hold(inc.node or f"fabric:{inc.id}"):
-            return await self._decide_and_run(inc, attempt, resume)
+            return await planrun.decide_and_run(self, inc, attempt, resume)
 
-    async def _decide_and_run(self, inc: Incident, attempt: int, resume: PlanRecord | None) -> bool:
-        view = await self.view()
-        if resume is None:
-            inc = self.latest.get(inc.id, inc)
-            if inc.status.terminal:
-                return False
-            plan = self.decisions.plan(inc, view, self.policy, busy=self.guards.active)
-            self.decisions.forget(inc.id)  # what runs is decided: the next ask is a new version or a retry
-            plan = undefer(plan) if inc.id in self.deferred else plan
-            progress = None
-        else:
-            plan, progress = resume.plan, resume.progress
-            if ran_until(plan, progress.rung, progress.step):
-                self.acted.add(inc.id)  # a late companion never re-decides it into a second reset
-            here = step_at(plan, progress.rung, progress.step)
-            if here is not None and not here.requires_approval and here.action in self.policy.guards.retry_caps:
-                # progress stands at a step only once its gate let it run (an approved step: once a human approved
-                # it): resumed there, the step's own start is not a second run against its retry cap
-                self.guards.cleared[inc.id] = (step_key(inc.id, progress.attempt, progress.rung, progress.step),
-                                               self.clock.now())
-        live = not (plan.dry_run or plan.shadow)
-        held = held_nodes(plan, inc)
-        for node in held:
-            self.guards.hold(node, inc.id, f"{plan.rule}: {inc.category}")
-        if held:
-            self.keeper.save()
-        if resume is None:
-            refusal = check(inc, plan, self.guards, view, self.policy.guards, self.clock.now())
-            if refusal is not None and live:
-                return await self._refused(inc, plan, refusal, attempt)
-        if self.guards.budget_since.pop(wait_key(inc), None) is not None:
-            self.keeper.save()
-        self.guards.queued.pop(inc.id, None)
-        return await self._run(inc, plan, attempt, progress, held, view)
-
-    async def _refused(self, inc: Incident, plan: Plan, refusal: Refusal, attempt: int) -> bool:
-        now = self.clock.now()
-        reason = refusal.reason
-        if refusal.guard in ("budget", "topology_budget"):
-            since = self.guards.budget_since.setdefault(wait_key(inc), now)  # kept across restarts (guard state)
-            if since == now:
-                self.keeper.save()
-            waited = (now - since).total_seconds()
-            if waited > self.policy.guards.budget_wait_s:
-                reason = f"waited {waited:.0f}s for remediation budget (limit {self.policy.guards.budget_wait_s:g}s)"
-                refusal = Refusal(refusal.guard, f"{reason}: {refusal.reason}", False, WaitingOn.HUMAN, fence=True)
-        rec = self.record(inc, ActionKind.REFUSAL, ActionOutcome.REFUSED, refusal.reason,
-                          tag=f"refusal-{refusal.guard}", waiting=refusal.waiting, rule=plan.rule,
-                          details={"guard": refusal.guard})
-        await self.publish(rec)
-        log.warning("refused", incident=inc.id, guard=refusal.guard, reason=refusal.reason)
-        if refusal.guard == "breaker":
-            self.guards.queued[inc.id] = inc.first_seen
-            self.keeper.save()
-            return False
-        if refusal.fence and inc.node is not None:
-            await fence(self, inc, refusal, attempt)
-            return False
-        if refusal.guard == "cooldown" and inc.node is not None and inc.severity.rank >= Severity.CRITICAL.rank \
-                and inc.id not in self.guards.cooled:
-            self.guards.cooled[inc.id] = inc.node  # a broken node does not take work while its repair is damped
-            self.keeper.save()  # kept, so a restart or the next leader returns it when the incident resolves
-            done = await self.actuator.cordon(inc.node, incident=inc.id, reason=f"breakfix {inc.id}: {inc.category}")
-            await self.publish(self.record(inc, ActionKind.STEP, ActionOutcome.SUCCEEDED if done.ok else
-                                           ActionOutcome.FAILED, f"{done.detail} while the cooldown damps the repair",
-                                           tag="cooldown-cordon", action=StepAction.CORDON,
-                                           waiting=WaitingOn.COOLDOWN, rule=plan.rule))
-        return refusal.retry
-
-    async def _run(self, inc: Incident, plan: Plan, attempt: int, progress: Progress | None,
-                   held: tuple[str, ...], view: ClusterView | None = None) -> bool:
-        got = await self.book.get(inc.id)
-        save = self.book.saver(inc, plan, got[1] if got else None)
-        for node in held:  # a group's member already in another incident's plan stays counted once, under that one
-            if inc.node is not None or node not in self.guards.active:
-                self.guards.start(node, inc.id)
-        if held:
-            self.keeper.save()
-        self.current[inc.id] = (plan, inc.category, attempt)
-        if progress is not None and view is not None and (why := self._behind(inc, plan, attempt, view)) is not None:
-            # resumed with an incident that changed meanwhile so that a more severe plan fits: it replaces this one
-            self.current.pop(inc.id, None)
-            self.guards.stop(inc.id)  # the re-decided plan takes the node on (held) and counts again when it starts
-            self.stopped.add(inc.id)
-            self.keeper.save()
-            await self.cancel_record(inc.id)
-            await self.publish(self.record(inc, ActionKind.PLAN, ActionOutcome.CANCELLED, why,
-                                           tag=ActionOutcome.CANCELLED.value, rule=plan.rule))
-            self.redo[inc.id] = attempt + 1
-            return False
-        self.stopped.discard(inc.id)  # the re-decided plan (or a resumed one) has the node now
-        log.info("plan", incident=inc.id, node=inc.node, rule=plan.rule, rungs=[r.name for r in plan.rungs()],
-                 resume=progress is not None)
-        try:
-            outcome = await self.executor.run(inc, plan, attempt=attempt, progress=progress, save=save)
-        except Conflict:
-            log.warning("plan_taken_over", incident=inc.id)  # another remediator owns it now
-            return False
-        finally:
-            if self.current.get(inc.id, (None, "", -1))[2] == attempt:
-                self.current.pop(inc.id, None)
-        if self.guards.cleared.pop(inc.id, None) is not None:
-            self.keeper.save()
-        if outcome is ActionOutcome.CANCELLED:  # stopped at a step for a re-decision: the new plan takes the node on
-            log.info("plan_stopped", incident=inc.id, node=inc.node, rule=plan.rule)
-            if held:  # its budget slot is free (the re-decided plan counts when it starts); the node stays held
-                self.guards.stop(inc.id)
-                self.stopped.add(inc.id)
-                self.keeper.save()
-            return False
-        if held and outcome is not ActionOutcome.REFUSED:
-            if inc.node is not None:  # the cooldown compares with the fault as it is now, companions included
-                self.guards.finish(inc.node, inc.id, self.clock.now(), self.latest.get(inc.id, inc))
-            else:
-                self.guards.stop(inc.id)  # a group's plan repaired nothing: no cooldown on its members
-            if outcome is ActionOutcome.COMPLETED:
-                self.guards.unhold(inc.id)
-            self.keeper.save()
-        log.info("plan_done", incident=inc.id, outcome=outcome.value)
-        return False
-
-    def _behind(self, inc: Incident, plan: Plan, attempt: int, view: ClusterView) -> str | None:
-        """A plan resumed (a restart, a new leader) from a stored record whose incident is older than the latest
-        version known (the index, a change that came meanwhile): re-decided as a live update would be
-        (``maybe_redecide``). Turned cautious: it stops at its next step and the cautious plan runs (None); more
-        severe, or a late category change before anything disruptive ran: why it is replaced now."""
-        latest = self.latest.get(inc.id)
-        if latest is None or latest.version <= inc.version:
-            return None
-        now = self.decisions.plan(latest, view, self.policy, busy=self.guards.active)
-        why = redecision(plan, inc.category, now, latest, inc.id in self.acted)
-        if why is None:
-            return None
-        log.warning("redecide_resumed", incident=inc.id, node=inc.node, old=plan.rule, why=why,
-                    stored=inc.version, latest=latest.version)
-        if turns_cautious(plan, inc.category, now, latest):
-            self._stop_at_step(inc.id, attempt, why)
-            return None
-        return why
-
-    def _stop_at_step(self, incident_id: str, attempt: int, why: str) -> None:
+    def stop_at_step(self, incident_id: str, attempt: int, why: str) -> None:
         """A plan turned cautious: no further step of it (no reset, reboot or return), the one in flight ends as it
         would; then the same task runs the re-decided plan (``_guarded``, from ``redo``)."""
         self.redo[incident_id] = attempt + 1
         self.executor.stop_at_next_step(incident_id, attempt, why)
-
-    async def _after_stop(self, inc: Incident, attempt: int) -> bool:
-        """The incident's plan stopped at a step for a re-decision (``turns_cautious``, ``_behind``), and the
-        re-decided plan has nothing to run: the incident resolved (its node, left cordoned and held by the stopped
-        plan, is validated and returned as a cooldown-cordoned one is: ``_return_cordoned``), or a parent incident
-        covers it (the parent's plan has the node; this incident holds it no longer). Escalated or stale, the node
-        stays held for the human already paged."""
-        self.stopped.discard(inc.id)
-        if inc.status is IncidentStatus.RESOLVED and inc.node is not None:
-            why = f"{inc.id} resolved after its plan stopped for a re-decision, {inc.node} still cordoned; " \
-                  "validate, then return it"
-            return await self._return_cordoned(inc, attempt, why=why, rule="stopped-return")
-        if not inc.status.terminal:  # covered: the parent's plan has the node, this incident holds it no longer
-            log.info("stopped_plan_covered", incident=inc.id, by=inc.parent or self.covered.get(inc.id))
-            self.guards.unhold(inc.id)
-            self.keeper.save()
-        return False
-
-    async def _return_cordoned(self, inc: Incident, attempt: int, *, why: str = "",
-                               rule: str = "cooldown-return") -> bool:
-        """The incident resolved while its node stayed cordoned for a repair the cooldown damped (``_refused``):
-        nothing else would return the node, so it is validated and returned unless another incident holds it; a
-        failed validation keeps it cordoned and held, and pages (the executor escalates)."""
-        assert inc.node is not None
-        why = why or f"{inc.id} resolved while {inc.node} stayed cordoned for its damped repair; validate, then " \
-                     "return it"
-        plan = return_plan(inc, (inc.node,), why, rule=rule)
-        async with self.node_locks.hold(inc.node):
-            outcome = await self.executor.run(inc, plan, attempt=attempt + 60)
-        self.guards.cooled.pop(inc.id, None)  # kept until the return ran: one cut short is taken up by the next leader
-        if outcome is ActionOutcome.COMPLETED:
-            self.guards.unhold(inc.id)
-        else:
-            self.guards.hold(inc.node, inc.id, "cordoned while the cooldown damped its repair; validation failed")
-        self.keeper.save()
-        return False
 
     def _gate(self, inc: Incident, plan: Plan, step: Step, key: str) -> str | None:
         """The executor asks before every step: kill switches switched on since the plan started (on the rule, or on

@@ -1,0 +1,209 @@
+"""Running one incident's plan for the remediator service: decide, guard, carry out, and what follows a stop.
+
+``RemediatorService._remediate`` calls ``decide_and_run`` under the node lock for an opened, reopened, retried
+or resumed incident: the pure ``decide`` (through the service's decision memory) and ``guards.check``, then the
+``Executor``. A refusal (``refused``) waits, queues behind the breaker, fences and pages, or cordons a broken node
+while its cooldown damps the repair. A plan resumed from its stored record whose incident moved on meanwhile is
+re-decided first (``behind``). A plan stopped for a re-decision that has nothing left to run hands its node back
+(``after_stop``); a node left cordoned by a damped repair or a stopped plan is validated and returned when its
+incident resolves (``return_cordoned``). State lives on the service (guards, plan book, current plans) and is
+written through its keeper; every effect goes through the executor, the actuator or an audit record.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import structlog
+
+from breakfix.remediator.breaker import fence, return_plan
+from breakfix.remediator.executor import step_key
+from breakfix.remediator.follow import held_nodes, ran_until, redecision, step_at, turns_cautious, undefer
+from breakfix.remediator.guards import Refusal, check, wait_key
+from breakfix.remediator.records import PlanRecord, Progress
+from breakfix.remediator.store import Conflict
+from breakfix.remediator.view import ClusterView
+from breakfix.schemas.common import Severity
+from breakfix.schemas.incident import ActionKind, ActionOutcome, Incident, IncidentStatus, Plan, StepAction, WaitingOn
+
+if TYPE_CHECKING:
+    from breakfix.remediator.service import RemediatorService
+
+log = structlog.get_logger("breakfix.remediator")
+
+
+async def decide_and_run(svc: RemediatorService, inc: Incident, attempt: int, resume: PlanRecord | None) -> bool:
+    view = await svc.view()
+    if resume is None:
+        inc = svc.latest.get(inc.id, inc)
+        if inc.status.terminal:
+            return False
+        plan = svc.decisions.plan(inc, view, svc.policy, busy=svc.guards.active)
+        svc.decisions.forget(inc.id)  # what runs is decided: the next ask is a new version or a retry
+        plan = undefer(plan) if inc.id in svc.deferred else plan
+        progress = None
+    else:
+        plan, progress = resume.plan, resume.progress
+        if ran_until(plan, progress.rung, progress.step):
+            svc.acted.add(inc.id)  # a late companion never re-decides it into a second reset
+        here = step_at(plan, progress.rung, progress.step)
+        if here is not None and not here.requires_approval and here.action in svc.policy.guards.retry_caps:
+            # progress stands at a step only once its gate let it run (an approved step: once a human approved
+            # it): resumed there, the step's own start is not a second run against its retry cap
+            svc.guards.cleared[inc.id] = (step_key(inc.id, progress.attempt, progress.rung, progress.step),
+                                           svc.clock.now())
+    live = not (plan.dry_run or plan.shadow)
+    held = held_nodes(plan, inc)
+    for node in held:
+        svc.guards.hold(node, inc.id, f"{plan.rule}: {inc.category}")
+    if held:
+        svc.keeper.save()
+    if resume is None:
+        refusal = check(inc, plan, svc.guards, view, svc.policy.guards, svc.clock.now())
+        if refusal is not None and live:
+            return await refused(svc, inc, plan, refusal, attempt)
+    if svc.guards.budget_since.pop(wait_key(inc), None) is not None:
+        svc.keeper.save()
+    svc.guards.queued.pop(inc.id, None)
+    return await run_plan(svc, inc, plan, attempt, progress, held, view)
+
+async def refused(svc: RemediatorService, inc: Incident, plan: Plan, refusal: Refusal, attempt: int) -> bool:
+    now = svc.clock.now()
+    reason = refusal.reason
+    if refusal.guard in ("budget", "topology_budget"):
+        since = svc.guards.budget_since.setdefault(wait_key(inc), now)  # kept across restarts (guard state)
+        if since == now:
+            svc.keeper.save()
+        waited = (now - since).total_seconds()
+        if waited > svc.policy.guards.budget_wait_s:
+            reason = f"waited {waited:.0f}s for remediation budget (limit {svc.policy.guards.budget_wait_s:g}s)"
+            refusal = Refusal(refusal.guard, f"{reason}: {refusal.reason}", False, WaitingOn.HUMAN, fence=True)
+    rec = svc.record(inc, ActionKind.REFUSAL, ActionOutcome.REFUSED, refusal.reason,
+                      tag=f"refusal-{refusal.guard}", waiting=refusal.waiting, rule=plan.rule,
+                      details={"guard": refusal.guard})
+    await svc.publish(rec)
+    log.warning("refused", incident=inc.id, guard=refusal.guard, reason=refusal.reason)
+    if refusal.guard == "breaker":
+        svc.guards.queued[inc.id] = inc.first_seen
+        svc.keeper.save()
+        return False
+    if refusal.fence and inc.node is not None:
+        await fence(svc, inc, refusal, attempt)
+        return False
+    if refusal.guard == "cooldown" and inc.node is not None and inc.severity.rank >= Severity.CRITICAL.rank \
+            and inc.id not in svc.guards.cooled:
+        svc.guards.cooled[inc.id] = inc.node  # a broken node does not take work while its repair is damped
+        svc.keeper.save()  # kept, so a restart or the next leader returns it when the incident resolves
+        done = await svc.actuator.cordon(inc.node, incident=inc.id, reason=f"breakfix {inc.id}: {inc.category}")
+        await svc.publish(svc.record(inc, ActionKind.STEP, ActionOutcome.SUCCEEDED if done.ok else
+                                       ActionOutcome.FAILED, f"{done.detail} while the cooldown damps the repair",
+                                       tag="cooldown-cordon", action=StepAction.CORDON,
+                                       waiting=WaitingOn.COOLDOWN, rule=plan.rule))
+    return refusal.retry
+
+async def run_plan(svc: RemediatorService, inc: Incident, plan: Plan, attempt: int, progress: Progress | None,
+               held: tuple[str, ...], view: ClusterView | None = None) -> bool:
+    got = await svc.book.get(inc.id)
+    save = svc.book.saver(inc, plan, got[1] if got else None)
+    for node in held:  # a group's member already in another incident's plan stays counted once, under that one
+        if inc.node is not None or node not in svc.guards.active:
+            svc.guards.start(node, inc.id)
+    if held:
+        svc.keeper.save()
+    svc.current[inc.id] = (plan, inc.category, attempt)
+    if progress is not None and view is not None and (why := behind(svc, inc, plan, attempt, view)) is not None:
+        # resumed with an incident that changed meanwhile so that a more severe plan fits: it replaces this one
+        svc.current.pop(inc.id, None)
+        svc.guards.stop(inc.id)  # the re-decided plan takes the node on (held) and counts again when it starts
+        svc.stopped.add(inc.id)
+        svc.keeper.save()
+        await svc.cancel_record(inc.id)
+        await svc.publish(svc.record(inc, ActionKind.PLAN, ActionOutcome.CANCELLED, why,
+                                       tag=ActionOutcome.CANCELLED.value, rule=plan.rule))
+        svc.redo[inc.id] = attempt + 1
+        return False
+    svc.stopped.discard(inc.id)  # the re-decided plan (or a resumed one) has the node now
+    log.info("plan", incident=inc.id, node=inc.node, rule=plan.rule, rungs=[r.name for r in plan.rungs()],
+             resume=progress is not None)
+    try:
+        outcome = await svc.executor.run(inc, plan, attempt=attempt, progress=progress, save=save)
+    except Conflict:
+        log.warning("plan_taken_over", incident=inc.id)  # another remediator owns it now
+        return False
+    finally:
+        if svc.current.get(inc.id, (None, "", -1))[2] == attempt:
+            svc.current.pop(inc.id, None)
+    if svc.guards.cleared.pop(inc.id, None) is not None:
+        svc.keeper.save()
+    if outcome is ActionOutcome.CANCELLED:  # stopped at a step for a re-decision: the new plan takes the node on
+        log.info("plan_stopped", incident=inc.id, node=inc.node, rule=plan.rule)
+        if held:  # its budget slot is free (the re-decided plan counts when it starts); the node stays held
+            svc.guards.stop(inc.id)
+            svc.stopped.add(inc.id)
+            svc.keeper.save()
+        return False
+    if held and outcome is not ActionOutcome.REFUSED:
+        if inc.node is not None:  # the cooldown compares with the fault as it is now, companions included
+            svc.guards.finish(inc.node, inc.id, svc.clock.now(), svc.latest.get(inc.id, inc))
+        else:
+            svc.guards.stop(inc.id)  # a group's plan repaired nothing: no cooldown on its members
+        if outcome is ActionOutcome.COMPLETED:
+            svc.guards.unhold(inc.id)
+        svc.keeper.save()
+    log.info("plan_done", incident=inc.id, outcome=outcome.value)
+    return False
+
+def behind(svc: RemediatorService, inc: Incident, plan: Plan, attempt: int, view: ClusterView) -> str | None:
+    """A plan resumed (a restart, a new leader) from a stored record whose incident is older than the latest
+    version known (the index, a change that came meanwhile): re-decided as a live update would be
+    (``RemediatorService.maybe_redecide``). Turned cautious: it stops at its next step and the cautious plan runs
+    (None); more severe, or a late category change before anything disruptive ran: why it is replaced now."""
+    latest = svc.latest.get(inc.id)
+    if latest is None or latest.version <= inc.version:
+        return None
+    now = svc.decisions.plan(latest, view, svc.policy, busy=svc.guards.active)
+    why = redecision(plan, inc.category, now, latest, inc.id in svc.acted)
+    if why is None:
+        return None
+    log.warning("redecide_resumed", incident=inc.id, node=inc.node, old=plan.rule, why=why,
+                stored=inc.version, latest=latest.version)
+    if turns_cautious(plan, inc.category, now, latest):
+        svc.stop_at_step(inc.id, attempt, why)
+        return None
+    return why
+
+async def after_stop(svc: RemediatorService, inc: Incident, attempt: int) -> bool:
+    """The incident's plan stopped at a step for a re-decision (``turns_cautious``, ``behind``), and the
+    re-decided plan has nothing to run: the incident resolved (its node, left cordoned and held by the stopped
+    plan, is validated and returned as a cooldown-cordoned one is: ``return_cordoned``), or a parent incident
+    covers it (the parent's plan has the node; this incident holds it no longer). Escalated or stale, the node
+    stays held for the human already paged."""
+    svc.stopped.discard(inc.id)
+    if inc.status is IncidentStatus.RESOLVED and inc.node is not None:
+        why = f"{inc.id} resolved after its plan stopped for a re-decision, {inc.node} still cordoned; " \
+              "validate, then return it"
+        return await return_cordoned(svc, inc, attempt, why=why, rule="stopped-return")
+    if not inc.status.terminal:  # covered: the parent's plan has the node, this incident holds it no longer
+        log.info("stopped_plan_covered", incident=inc.id, by=inc.parent or svc.covered.get(inc.id))
+        svc.guards.unhold(inc.id)
+        svc.keeper.save()
+    return False
+
+async def return_cordoned(svc: RemediatorService, inc: Incident, attempt: int, *, why: str = "",
+                           rule: str = "cooldown-return") -> bool:
+    """The incident resolved while its node stayed cordoned for a repair the cooldown damped (``refused``):
+    nothing else would return the node, so it is validated and returned unless another incident holds it; a
+    failed validation keeps it cordoned and held, and pages (the executor escalates)."""
+    assert inc.node is not None
+    why = why or f"{inc.id} resolved while {inc.node} stayed cordoned for its damped repair; validate, then " \
+                 "return it"
+    plan = return_plan(inc, (inc.node,), why, rule=rule)
+    async with svc.node_locks.hold(inc.node):
+        outcome = await svc.executor.run(inc, plan, attempt=attempt + 60)
+    svc.guards.cooled.pop(inc.id, None)  # kept until the return ran: one cut short is taken up by the next leader
+    if outcome is ActionOutcome.COMPLETED:
+        svc.guards.unhold(inc.id)
+    else:
+        svc.guards.hold(inc.node, inc.id, "cordoned while the cooldown damped its repair; validation failed")
+    svc.keeper.save()
+    return False
