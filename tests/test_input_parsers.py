@@ -386,7 +386,7 @@ class TestNvsmi:
             ("ecc.dbe", 2.0), ("retired_pages.limit", 62.0), ("retired_pages.pending", None)]
 
     def test_dump_and_live_nvml_give_the_same_signal(self, catalog: Catalog) -> None:
-        from breakfix.collectors.nvml import Thresholds, evaluate
+        from breakfix.collectors.nvml_eval import Thresholds, evaluate
 
         read = parse_nvsmi((DATA / "nvsmi_8gpu_row_remap_pending.txt").read_text())
         offline = {s.id for s in nvsmi_signals(read, ctx(catalog), T0) if s.check == "row_remap.pending"}

@@ -75,7 +75,7 @@ from breakfix.collectors.agent_pods import gpu_devices, parse_gpu_list
 from breakfix.collectors.gpuinfo import dra_name, read_minors
 from breakfix.collectors.keyfile import write_json
 from breakfix.collectors.kmsg_follow import read_boot_id
-from breakfix.collectors.nvml import FABRIC_SETTLING
+from breakfix.collectors.nvml_eval import FABRIC_SETTLING
 from breakfix.collectors.nvsmi import NvsmiRead
 from breakfix.schemas.agent import AgentAction, AgentCommand, AgentReply
 from breakfix.schemas.common import first_error

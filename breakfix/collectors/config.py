@@ -23,7 +23,7 @@ from breakfix.bus.options import NatsOptions
 from breakfix.collectors.dcgm import DcgmThresholds
 from breakfix.collectors.fabric import FabricThresholds
 from breakfix.collectors.kmsg_follow import log_zone
-from breakfix.collectors.nvml import Thresholds as NvmlThresholds
+from breakfix.collectors.nvml_eval import Thresholds as NvmlThresholds
 from breakfix.schemas.datafile import DataFileError, load_model
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")

@@ -64,7 +64,7 @@ import structlog
 
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.edge import Cycle
-from breakfix.collectors.nvml import RETIRED_PAGES_LIMIT, recovery_verdict
+from breakfix.collectors.nvml_eval import RETIRED_PAGES_LIMIT, recovery_verdict
 from breakfix.collectors.promlines import parse_tolerant
 from breakfix.collectors.promtext import Sample
 from breakfix.schemas.common import GpuRef, normalize_pci_bus_id

@@ -2,7 +2,7 @@
 
 Both outputs become one tree of (key, value) nodes with normalised keys (``ECC Errors`` and
 ``<ecc_errors>`` are both ``ecc_errors``); ``gpu_sample`` reads from it what the nvml source reads
-through NVML, and the nvml source's own pure rules (``collectors.nvml.evaluate``) turn it into
+through NVML, and the nvml source's own pure rules (``collectors.nvml_eval.evaluate``) turn it into
 signals, so a fault reads the same from a dump as from a live GPU:
 
 - ECC: volatile uncorrectable (DRAM + SRAM, any ``SRAM Uncorrectable*`` field; older drivers'
@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from breakfix.collectors.context import NodeContext
-from breakfix.collectors.nvml import SRAM_COUNTS, GpuSample, Thresholds, evaluate
+from breakfix.collectors.nvml_eval import SRAM_COUNTS, GpuSample, Thresholds, evaluate
 from breakfix.schemas.common import GpuRef, normalize_pci_bus_id
 from breakfix.schemas.signal import Signal, SignalSource
 

@@ -36,8 +36,9 @@ from breakfix.collectors.fabric import FabricRules, PortSample, read_ports
 from breakfix.collectors.keyfile import load_keys, save_keys
 from breakfix.collectors.kmsg_follow import KmsgFollower, Line, PositionStore, log_zone
 from breakfix.collectors.kmsg_source import KmsgSource
-from breakfix.collectors.nvml import GpuSample, NvmlSource, in_daemon_thread
+from breakfix.collectors.nvml import NvmlSource, in_daemon_thread
 from breakfix.collectors.nvml_api import FakeNvml, real_nvml
+from breakfix.collectors.nvml_eval import GpuSample
 from breakfix.collectors.source import Plugin, SourceEnv, register
 from breakfix.schemas.signal import Signal
 
