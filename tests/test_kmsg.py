@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from breakfix.collectors.context import NodeContext
-from breakfix.collectors.kmsg import gpu_map_entry, parse_line, to_signal
+from breakfix.collectors.kmsg import gpu_map_entry, parse_line, records, to_signal
 from breakfix.schemas.catalog import Catalog
 from breakfix.schemas.common import GpuRef
 from tests.conftest import T0
@@ -259,6 +259,23 @@ class TestRealForms:
         assert ev is not None and (ev.code, ev.pci) == ("48", "0000:07:00.0")
         assert "pid" not in ev.details and "process" not in ev.details
 
+    @pytest.mark.parametrize(("line", "codes"), [
+        ("[  219.470994] NVRM: Xid (PCI:0000:07:00): 48, pid='<unkn[  219.471050] NVRM: Xid (PCI:0000:07:00): 64, "
+         "pid='<unknown>', name=<unknown>, Dynamic Page Retirement", [("xid", "48"), ("xid", "64")]),
+        ("NVRM: Xid (PCI:0000:3b:00): 79, pid=12, name=pt, GPU has fallen oNVRM: Xid (PCI:0000:86:00): 48, pid=9, "
+         "name=x, An uncorrectable double bit error", [("xid", "79"), ("xid", "48")]),
+        ("[ 5.1] nvidia-nvswitch2: SXid (PCI:0000:05:00.0): 24007, Fatal, Link 44 sourcetrack timeout error (Non-fat"
+         "[ 5.2] NVRM: Xid (PCI:0000:18:00): 74, pid=1, name=x, NVLink: fatal error detected on link 2",
+         [("sxid", "24007"), ("xid", "74")]),
+        ("NVRM: The NVIDIA GPU 0000:01:00.0\\x0aNVRM: (PCI ID: 10de:2330) installed in this system has"
+         "\\x0aNVRM: fallen off the bus and is not responding to commands.", [("gpu.lost", None)]),
+    ], ids=["dmesg-times", "bare-records", "sxid-then-xid", "kmsg-joined-lines-stay-one-record"])
+    def test_a_record_glued_to_the_next_is_read_as_two(self, line: str, codes: list[tuple[str, str | None]]) -> None:
+        """A record cut short and glued to the next one (a log copy that lost a newline) loses neither: each record
+        is read on its own. The lines of one /dev/kmsg record, joined by ``\\x0a``, stay one record."""
+        events = [parse_line(r) for r in records(line)]
+        assert [(e.kind, e.code) for e in events if e is not None] == codes
+
 
 def test_signals_kmsg_cli_reads_the_real_forms_with_their_gpus_and_talos_times() -> None:
     from typer.testing import CliRunner
@@ -293,3 +310,20 @@ def test_an_sxid_signal_has_the_catalogs_severity(line: str, severity: str, cata
     s = to_signal(ev, NodeContext(cluster="c1", node="n1", catalog=catalog), observed_at=T0)
     assert s.severity.value == severity
     assert s.severity is catalog.classify(check="sxid", code=s.code, message=s.message).severity
+
+
+def test_signals_kmsg_reads_both_glued_records_with_their_own_ids_at_the_lines_time(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from breakfix.cli.main import app
+    from breakfix.schemas.signal import Signal
+
+    log = tmp_path / "glued.log"
+    log.write_text("2026-04-01T10:00:00+00:00 gpu-1 kernel: NVRM: Xid (PCI:0000:07:00): 48, pid='<unkn"
+                   "NVRM: Xid (PCI:0000:07:00): 64, pid='<unknown>', name=<unknown>, Dynamic Page Retirement\n")
+    result = CliRunner().invoke(app, ["signals", "kmsg", str(log), "--node", "n1"])
+    assert result.exit_code == 0, result.output
+    got = [Signal.model_validate_json(x) for x in result.stdout.splitlines()]
+    assert [s.code for s in got] == ["48", "64"]
+    assert got[0].id != got[1].id and got[0].observed_at == got[1].observed_at
+    assert all(s.gpu is not None and s.gpu.pci_bus_id == "0000:07:00.0" for s in got)

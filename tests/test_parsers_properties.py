@@ -21,7 +21,7 @@ from breakfix.collectors.context import NodeContext
 from breakfix.collectors.dcgm import DcgmRules
 from breakfix.collectors.fabric import FabricRules, FabricThresholds, read_ports
 from breakfix.collectors.ibstat import parse_ibstat
-from breakfix.collectors.kmsg import BadLine, line_signal
+from breakfix.collectors.kmsg import MAX_RECORDS, BadLine, line_signal, records
 from breakfix.collectors.kmsg_follow import NO_TIME, has_time, line_time, line_time_source
 from breakfix.collectors.nvsmi import NvsmiFormatError, nvsmi_signals, parse_nvsmi
 from breakfix.collectors.promfleet import FleetRules, Series, load_fleet_rules
@@ -102,6 +102,21 @@ def test_kmsg_any_text_is_a_signal_none_or_badline(text: str) -> None:
             continue
         if "NVRM" not in line and "SXid" not in line:
             assert sig is None
+
+
+@BUDGET
+@given(st.one_of(TEXT, st.lists(st.one_of(KMSG_BITS, TEXT), max_size=24).map("".join)))
+def test_kmsg_glued_records_split_losing_nothing_and_each_reads_alone(text: str) -> None:
+    """A line's records, put back together, are the line; at most MAX_RECORDS; each is a signal, None or a
+    BadLine on its own."""
+    for line in text.splitlines() or [text]:
+        parts = records(line)
+        assert "".join(parts) == line and 1 <= len(parts) <= MAX_RECORDS
+        for part in parts:
+            try:
+                line_signal(part, ctx(), observed_at=at, discriminator="d")
+            except BadLine:
+                continue
 
 
 @BUDGET

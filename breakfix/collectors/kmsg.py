@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import pairwise
 
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.kmsg_follow import NO_TIME, has_time
@@ -78,6 +79,10 @@ _GPU_MAP = re.compile(r"NVRM: GPU at (?:PCI:)?(?P<pci>[0-9a-fA-F:.]+): (?P<uuid>
 _RECOVERY = re.compile(r"recovery action changed from 0x[0-9a-fA-F]+ \([^)]*\) to 0x[0-9a-fA-F]+ \((?P<action>[^)]*)\)")
 _RAW_KMSG = re.compile(r"^\d+,(?P<seq>\d+),(?P<usec>\d+),[^;]*;")
 _MONO = re.compile(r"\[\s*(?P<mono>\d+\.\d+)(?: <\s*-?\d+\.\d+>)?\]")  # dmesg -d adds `` <delta>``
+# Where an Xid or SXid record starts, with the dmesg time in front of it when there is one: a record cut short and
+# glued to the next one (a console or log copy that lost a newline) holds a second start, and that record is read too.
+_RECORD_START = re.compile(r"(?:\[\s*\d+\.\d+(?: <\s*-?\d+\.\d+>)?\]\s*)?(?:NVRM: Xid\b|nvidia-nvswitch\d+: SXid\b)")
+MAX_RECORDS = 16  # records read from one line; the rest stay in the last one's text
 
 
 class BadLine(ValueError):
@@ -107,6 +112,19 @@ def _pci(raw: str) -> str:
         return normalize_pci_bus_id(raw)
     except ValueError as exc:
         raise BadLine(str(exc)) from None
+
+
+def records(line: str) -> list[str]:
+    """The kernel records in one line: the line itself, or, where a record was cut and glued to the next one(s),
+    the line up to the second record's start, then each further record (its dmesg time in front when it had one).
+    Only Xid and SXid starts cut a line: a /dev/kmsg record whose lines are joined by ``\\x0a`` stays whole."""
+    if "Xid" not in line:
+        return [line]
+    starts = [m.start() for m in _RECORD_START.finditer(line)]
+    if len(starts) < 2:
+        return [line]
+    cuts = [0, *starts[1:MAX_RECORDS], len(line)]
+    return [line[a:b] for a, b in pairwise(cuts) if line[a:b].strip()]
 
 
 def parse_line(line: str) -> KernelEvent | None:
