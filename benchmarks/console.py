@@ -73,10 +73,9 @@ async def seed(url: str, history: int) -> dict[str, float]:
     old = open_incident(0).model_copy(update={"status": IncidentStatus.RESOLVED, "id": "old-000000000000",
                                               "first_seen": NOW - timedelta(days=30)})
     template = encode(IncidentChange(kind=ChangeKind.UPDATED, at=NOW, incident=old))
+    subject = subjects.incident_subject("c0")
     for k in range(history):  # five changes per old incident; the id is patched into the encoded bytes
-        iid = f"old-{k // 5:012x}"
-        await bus.publish_core(subjects.incident_subject("c0", iid), template.replace(b"old-000000000000",
-                                                                                      iid.encode()))
+        await bus.publish_core(subject, template.replace(b"old-000000000000", f"old-{k // 5:012x}".encode()))
         if k % 5000 == 4999:
             await bus.flush()
     await bus.flush()

@@ -108,7 +108,7 @@ async def one_round(n: int, notify: bool) -> dict[str, float]:
                 inc = Incident(id=f"inc-nb-{i:05d}", cluster="bench", scope=IncidentScope.NODE, node=f"n{i}",
                                nodes=(f"n{i}",), category="unknown_fault", severity=Severity.CRITICAL,
                                domain=Domain.OPERATOR, codes=("xid:999",), first_seen=t0, last_seen=t0)
-                await bus.publish_core(subjects.incident_subject("bench", inc.id),
+                await bus.publish_core(subjects.incident_subject("bench"),
                                          encode(IncidentChange(kind=ChangeKind.OPENED, incident=inc, at=t0)))
                 if i % 50 == 0:
                     await asyncio.sleep(0)

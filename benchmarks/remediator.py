@@ -122,7 +122,7 @@ async def bench_first_action(n: int = 1000) -> dict[str, float]:
         bodies = [change(i) for i in range(n)]
         for i, body in enumerate(bodies):
             watch.sent[f"inc-bench-{i:05d}"] = time.perf_counter()
-            await bus.publish_core(subjects.incident_subject("bench", f"inc-bench-{i:05d}"), body)
+            await bus.publish_core(subjects.incident_subject("bench"), body)
             if i % 50 == 0:
                 await asyncio.sleep(0)
         await _wait_for(watch, n, 120)
@@ -149,7 +149,7 @@ async def bench_steady(rate: float = 100.0, seconds: float = 30.0) -> dict[str, 
                 await asyncio.sleep(wait)
             body = change(i)
             watch.sent[f"inc-bench-{i:05d}"] = time.perf_counter()
-            await bus.publish_core(subjects.incident_subject("bench", f"inc-bench-{i:05d}"), body)
+            await bus.publish_core(subjects.incident_subject("bench"), body)
         await _wait_for(watch, n, 30)
 
     watch = await _run(n, steady)

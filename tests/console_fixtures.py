@@ -72,7 +72,7 @@ async def seed(bus: JetStreamBus, incidents: list[Incident], records: list[Actio
     """Publish as the correlator and remediator would: changes on the stream, latest in the index."""
     await bus.ensure_streams(subjects.STREAMS)
     for inc in incidents:
-        await bus.publish(subjects.incident_subject(inc.cluster, inc.id),
+        await bus.publish(subjects.incident_subject(inc.cluster),
                           encode(IncidentChange(kind=ChangeKind.OPENED, incident=inc, at=inc.first_seen)))
     await IncidentIndex(bus).write(incidents)
     for rec in records:

@@ -1,5 +1,5 @@
-"""The incident index (KV ``breakfix-incidents``): the store keeps the latest version of every incident from
-the incident stream; readers take a snapshot and follow changes without replaying the stream."""
+"""The incident index (KV ``breakfix-incidents``): the correlator writes the latest version of every
+incident with each change; readers take a snapshot and follow changes without replaying the stream."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import asyncio
 from breakfix.bus.codec import encode
 from breakfix.bus.memory import MemoryBus
 from breakfix.correlator.grouping import Correlator
-from breakfix.correlator.index import BUCKET, IncidentIndex, ensure_index, index_key
+from breakfix.correlator.index import BUCKET, IncidentIndex, index_for, index_key
 from breakfix.correlator.service import CorrelatorService
 from breakfix.schemas import subjects
 from breakfix.schemas.catalog import Catalog
-from breakfix.schemas.incident import ChangeKind, IncidentChange, IncidentStatus
+from breakfix.schemas.incident import IncidentStatus
 from tests.conftest import T0, sig
 from tests.console_fixtures import incident
 
@@ -67,26 +67,8 @@ async def test_correlator_indexes_every_change_it_publishes(catalog: Catalog) ->
     assert indexed == {i.id: i.snapshot() for i in svc.core.incidents.values()}
 
 
-async def test_a_bus_without_key_value_support_keeps_no_index() -> None:
-    await ensure_index(object())  # no error, nothing to keep
-
-
-async def test_the_memory_bus_index_holds_what_the_stream_took_before_and_after_it_was_sourced() -> None:
-    """As JetStream sources a stream: what it held when the bucket was sourced, then each message it stores;
-    a change the stream dropped as a duplicate (same msg-id) does not replace the value, and a subject without
-    the incident token (an older correlator's) is not indexed."""
-    bus = MemoryBus()
-    await bus.ensure_streams(subjects.STREAMS)
-    old = encode(IncidentChange(kind=ChangeKind.OPENED, incident=incident("inc-a").model_copy(), at=T0))
-    await bus.publish(subjects.incident_subject("c1", "inc-a"), old, msg_id="inc-a:1")
-    await bus.publish("breakfix.incidents.c1", old)
-    await ensure_index(bus)
-    assert [e.key for e in await bus.kv_snapshot(BUCKET)] == ["c1.inc-a"]
-    newer = encode(IncidentChange(kind=ChangeKind.UPDATED, incident=incident("inc-a", version=2), at=T0))
-    await bus.publish(subjects.incident_subject("c1", "inc-a"), newer, msg_id="inc-a:2")
-    await bus.publish(subjects.incident_subject("c1", "inc-a"), old, msg_id="inc-a:1")  # a duplicate: dropped
-    got = await IncidentIndex(bus).get("c1", "inc-a")
-    assert got is not None and got.version == 2
+async def test_a_bus_without_key_value_support_writes_no_index() -> None:
+    await index_for(object()).write([incident("inc-a")])  # no error, nothing to write to
 
 
 async def test_an_incident_is_found_when_the_key_listing_comes_back_short() -> None:

@@ -81,7 +81,7 @@ async def running() -> AsyncIterator[Any]:
 
 
 async def publish_change(bus: MemoryBus, ch: Any) -> None:
-    await bus.publish(subjects.incident_subject("c1", ch.incident.id), encode(ch))
+    await bus.publish(subjects.incident_subject("c1"), encode(ch))
 
 
 async def test_an_escalation_handed_over_by_the_remediator_is_sent_and_audited(running: Any) -> None:

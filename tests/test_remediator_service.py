@@ -69,8 +69,7 @@ class Harness:
 
     async def open(self, inc: Incident, kind: ChangeKind = ChangeKind.OPENED) -> None:
         ch = IncidentChange(kind=kind, incident=inc, at=T0)
-        await self.bus.publish(subjects.incident_subject("c1", inc.id), encode(ch),
-                               msg_id=f"{inc.id}:{kind}:{inc.version}")
+        await self.bus.publish(subjects.incident_subject("c1"), encode(ch), msg_id=f"{inc.id}:{kind}:{inc.version}")
 
     async def human(self, verb: str, incident: str = "inc-1", *, actor: str = "alice", reason: str = "ok",
                     subject: str | None = None, **kw: Any) -> None:
@@ -333,7 +332,7 @@ class TestRestartTakesUpUnplannedIncidents:
         await bus.ensure_streams(subjects.STREAMS)
         for i in range(1, 5):  # 4 of 10 nodes within the window: over the breaker's 10 %
             inc = incident(f"n{i}", iid=f"inc-{i}", category="node_reboot_required")
-            await bus.publish(subjects.incident_subject("c1", inc.id), encode(IncidentChange(
+            await bus.publish(subjects.incident_subject("c1"), encode(IncidentChange(
                 kind=ChangeKind.OPENED, incident=inc, at=T0)), msg_id=f"{inc.id}:opened:0")
             await index(bus, inc.model_copy(update={"version": 2}), ChangeKind.UPDATED)
         async with Harness(fast(policy), bus=bus) as h:

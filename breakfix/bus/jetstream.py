@@ -183,11 +183,6 @@ class JetStreamBus:
     async def ensure_kv(self, bucket: str, *, history: int = 1, max_age_s: float | None = None) -> None:
         await self._kv.ensure_kv(bucket, history=history, max_age_s=max_age_s)
 
-    async def ensure_kv_sourced(self, bucket: str, *, stream: str, subject: str, history: int = 1,
-                                max_age_s: float | None = None) -> None:
-        await self._kv.ensure_kv_sourced(bucket, stream=stream, subject=subject, history=history,
-                                         max_age_s=max_age_s)
-
     async def kv_exists(self, bucket: str) -> bool:
         return await self._kv.kv_exists(bucket)
 

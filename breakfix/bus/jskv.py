@@ -26,7 +26,7 @@ from nats.js.kv import KV_DEL, KV_PURGE
 from nats.js.kv import KeyValue as NatsKv
 
 from breakfix.bus.pipeline import PipelinedPublisher, PublishError
-from breakfix.bus.protocol import KvConflict, KvEntry, source_transform
+from breakfix.bus.protocol import KvConflict, KvEntry
 from breakfix.bus.retry import transient_retry
 
 _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
@@ -51,29 +51,9 @@ class JetStreamKv:
         self._timeout_s = timeout_s
         self._buckets: dict[str, NatsKv] = {}
         self._opening = asyncio.Lock()  # a burst of first calls opens each bucket once, not once per call
-        self._sourced: set[str] = set()
 
     async def ensure_kv(self, bucket: str, *, history: int = 1, max_age_s: float | None = None) -> None:
         await self._bucket(bucket, history=history, max_age_s=max_age_s)
-
-    async def ensure_kv_sourced(self, bucket: str, *, stream: str, subject: str, history: int = 1,
-                                max_age_s: float | None = None) -> None:
-        """The bucket's stream (``KV_<bucket>``) sources ``stream`` with a subject transform onto the bucket's
-        keys, so the server writes the values (nats-server 2.10+; a bucket made earlier, or by a reader, is
-        updated in place). A source is read from the stream's first message."""
-        await self._bucket(bucket, history=history, max_age_s=max_age_s)
-        if bucket in self._sourced:
-            return
-        want = [api.SubjectTransform(src=subject, dest=source_transform(bucket, subject))]
-        name = f"KV_{bucket}"
-        info = await transient_retry(lambda: self._js.stream_info(name))
-        config = info.config
-        sources = list(config.sources or [])
-        if not any(s.name == stream and s.subject_transforms == want for s in sources):
-            config.sources = [*(s for s in sources if s.name != stream),
-                              api.StreamSource(name=stream, subject_transforms=want)]
-            await transient_retry(lambda: self._js.update_stream(config))
-        self._sourced.add(bucket)
 
     async def _bucket(self, bucket: str, *, history: int = 1, max_age_s: float | None = None) -> NatsKv:
         kv = self._buckets.get(bucket)

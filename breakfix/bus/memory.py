@@ -12,16 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 
 from breakfix.bus.memkv import MemoryKv
-from breakfix.bus.protocol import (
-    ConsumerState,
-    Delivery,
-    KvEntry,
-    PublishAck,
-    Unsubscribe,
-    source_key,
-    source_transform,
-    subject_matches,
-)
+from breakfix.bus.protocol import ConsumerState, Delivery, KvEntry, PublishAck, Unsubscribe, subject_matches
 from breakfix.schemas.subjects import StreamSpec
 
 
@@ -98,7 +89,6 @@ class MemoryBus:
         self.closed = False
         self.kv = MemoryKv()
         self.subscribers: list[tuple[str, Callable[[str, bytes], Awaitable[None]]]] = []
-        self._sources: list[tuple[str, str, str]] = []  # (stream, subject pattern, bucket): ensure_kv_sourced
 
     def _wake(self) -> None:
         async def _notify() -> None:
@@ -139,20 +129,6 @@ class MemoryBus:
 
     async def ensure_kv(self, bucket: str, *, history: int = 1, max_age_s: float | None = None) -> None:
         await self.kv.ensure_kv(bucket, history=history, max_age_s=max_age_s)
-
-    async def ensure_kv_sourced(self, bucket: str, *, stream: str, subject: str, history: int = 1,
-                                max_age_s: float | None = None) -> None:
-        """As JetStream sources a stream into a bucket: what the stream holds now, then each message it stores."""
-        source_transform(bucket, subject)  # the same pattern rule as the server's transform
-        await self.kv.ensure_kv(bucket, history=history, max_age_s=max_age_s)
-        if (stream, subject, bucket) in self._sources:
-            return
-        self._sources.append((stream, subject, bucket))
-        st = self.streams.get(stream)
-        for m in st.messages if st is not None else ():
-            key = source_key(subject, m.subject)
-            if key is not None:
-                await self.kv.kv_put(bucket, key, m.data)
 
     async def kv_exists(self, bucket: str) -> bool:
         return await self.kv.kv_exists(bucket)
@@ -219,10 +195,6 @@ class MemoryBus:
             st.msg_ids.add(msg_id)
         seq = len(st.messages) + 1
         st.messages.append(_Stored(seq, subject, data, dict(headers or {})))
-        for stream, pattern, bucket in self._sources:
-            key = source_key(pattern, subject) if stream == st.spec.name else None
-            if key is not None:
-                await self.kv.kv_put(bucket, key, data)
         async with self._cond:
             self._cond.notify_all()
         return PublishAck(st.spec.name, seq, duplicate=False)

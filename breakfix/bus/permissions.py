@@ -13,10 +13,8 @@ Roles:
   streams' info (the collector's ``ensure_streams`` at connect); receive only requests on
   ``breakfix.agent.<cluster>.<node>`` and reply only to those (``resp``).
 - ``fleet``: the fleet collector publishes signals for any node of its cluster.
-- ``correlator``: reads signals and action records, publishes its cluster's incidents
-  (``breakfix.incidents.<cluster>.*``) and dead letters, keeps its checkpoint in object store
-  ``breakfix-correlator``, and creates the incident index KV ``breakfix-incidents``, which the server fills
-  from the incident stream: no identity may write the index's values itself.
+- ``correlator``: reads signals and action records, publishes incidents and dead letters, keeps its
+  checkpoint in object store ``breakfix-correlator`` and the incident index in KV ``breakfix-incidents``.
 - ``remediator``: reads incidents and action records, publishes action records and dead letters,
   keeps plans in KV ``breakfix-remediator``, reads the incident index at start-up (no writes); the
   only identity that may call ``breakfix.agent.>``.
@@ -48,9 +46,9 @@ def _stream_info() -> list[str]:
     return [f"$JS.API.STREAM.INFO.{name}" for name in STREAM_NAMES]
 
 
-def _manage_streams(names: tuple[str, ...] = STREAM_NAMES) -> list[str]:
-    """Create and update the breakfix streams (the services' ``ensure_streams``), or the streams named."""
-    return [f"$JS.API.STREAM.{verb}.{name}" for name in names for verb in ("INFO", "CREATE", "UPDATE")]
+def _manage_streams() -> list[str]:
+    """Create and update the breakfix streams (the services' ``ensure_streams``)."""
+    return [f"$JS.API.STREAM.{verb}.{name}" for name in STREAM_NAMES for verb in ("INFO", "CREATE", "UPDATE")]
 
 
 def _consume(stream: str) -> list[str]:
@@ -109,12 +107,11 @@ def role_template(role: str, cluster: str) -> dict[str, Any]:
     if role == "fleet":
         return _perm([f"{signals}.*", *_stream_info()], [])
     if role == "correlator":
-        # the incident index: it creates and sources the bucket, the server writes it (no $KV publish right)
-        return _perm([subjects.cluster_incidents(cluster), dlq, *_manage_streams(),
+        return _perm([subjects.incident_subject(cluster), dlq, *_manage_streams(),
                       *_consume(subjects.SIGNALS.name), *_consume(subjects.ACTIONS.name),
                       *_consume(subjects.INCIDENTS.name),
                       *_store(f"OBJ_{CORRELATOR_BUCKET}", f"$O.{CORRELATOR_BUCKET}"),
-                      *_manage_streams((f"KV_{INDEX_BUCKET}",)), *_read_store(f"KV_{INDEX_BUCKET}")], [])
+                      *_store(f"KV_{INDEX_BUCKET}", f"$KV.{INDEX_BUCKET}")], [])
     if role == "remediator":
         return _perm([actions, dlq, f"{subjects.PREFIX}.agent.{c}.*", *_manage_streams(),
                       *_consume(subjects.INCIDENTS.name), *_consume(subjects.ACTIONS.name),

@@ -160,14 +160,6 @@ class KeyValue(Protocol):
         """True when the bucket is there; never creates it (a reader of another service's bucket)."""
         ...
 
-    async def ensure_kv_sourced(self, bucket: str, *, stream: str, subject: str, history: int = 1,
-                                max_age_s: float | None = None) -> None:
-        """``ensure_kv``, and the store fills the bucket itself: every message ``stream`` stores on a subject
-        matching ``subject`` (``*`` wildcards only), from the stream's first message on, becomes the value of
-        the key made of the tokens its wildcards matched, in stream order. No client writes those values
-        (JetStream: the bucket's stream sources ``stream`` through a subject transform)."""
-        ...
-
     async def kv_get(self, bucket: str, key: str) -> KvEntry | None: ...
     async def kv_put(self, bucket: str, key: str, value: bytes) -> int: ...
     async def kv_create(self, bucket: str, key: str, value: bytes) -> int: ...
@@ -211,28 +203,3 @@ def subject_matches(pattern: str, subject: str) -> bool:
         if tok != "*" and tok != s[i]:
             return False
     return len(p) == len(s)
-
-
-def source_key(pattern: str, subject: str) -> str | None:
-    """The key a sourced bucket (``KeyValue.ensure_kv_sourced``) files ``subject`` under: the tokens matched by
-    the ``*`` wildcards of ``pattern``, joined by dots; None when the subject does not match."""
-    p = pattern.split(".")
-    s = subject.split(".")
-    if len(p) != len(s):
-        return None
-    key: list[str] = []
-    for want, tok in zip(p, s, strict=True):
-        if want == "*":
-            key.append(tok)
-        elif want != tok:
-            return None
-    return ".".join(key) if key else None
-
-
-def source_transform(bucket: str, pattern: str) -> str:
-    """JetStream's subject-transform destination for ``source_key``: ``$KV.<bucket>.{{wildcard(1)}}...``."""
-    if ">" in pattern.split(".") or "*" not in pattern.split("."):
-        raise ValueError(f"a sourced bucket needs '*' wildcards and no '>': {pattern!r}")
-    n = pattern.split(".").count("*")
-    return f"$KV.{bucket}." + ".".join(f"{{{{wildcard({i})}}}}" for i in range(1, n + 1))
-

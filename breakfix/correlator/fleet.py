@@ -21,7 +21,6 @@ import structlog
 from breakfix.bus.codec import decoder
 from breakfix.bus.consumer import ConsumerSpec, ConsumerStats, run_consumer
 from breakfix.bus.protocol import Bus, Delivery
-from breakfix.correlator.index import ensure_index
 from breakfix.correlator.metrics import CorrelatorMetrics
 from breakfix.correlator.model import Change, TrackedIncident, coalesce
 from breakfix.correlator.publish import publish_changes
@@ -94,7 +93,6 @@ class FleetService:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.bus.ensure_streams(subjects.STREAMS)
-        await ensure_index(self.bus)
         # the stage's state is derived from the incident stream: re-read it from the start
         await self.bus.reset_consumer(stream=subjects.INCIDENTS.name, durable=self.durable,
                                       filter_subject=subjects.INCIDENTS_ALL, start_seq=1, ack_all=False)

@@ -1,21 +1,19 @@
 """The incident index: the latest version of every incident in the JetStream KV bucket ``breakfix-incidents``.
 
-Kept by the server: the bucket sources the ``BREAKFIX_INCIDENTS`` stream, and each change the correlator
-publishes on ``breakfix.incidents.<cluster>.<incident>`` becomes the value of key ``<cluster>.<incident>``
-(``KeyValue.ensure_kv_sourced``, set up by ``ensure_index`` when the correlator starts). So the index holds
-exactly what the stream took, in its order, with no second write from the correlator, and no client can write
-it (the correlator's credentials have no ``$KV.breakfix-incidents`` publish right). Read by ``breakfix
-incidents``, the console and the remediator's take-up, so the current state loads in time proportional to the
-incidents kept, never to the history: the history stays in the stream. A cluster's incidents are a key prefix.
-The value is the ``IncidentChange`` JSON the correlator published, the very bytes it sent. Entries expire with
-the bucket's ``max_age`` (the retention). ``IncidentIndex.write`` puts values directly, for tests, benchmarks
-and tools that seed a bucket of their own.
+Written by the correlator with every change it publishes (``CorrelatorService._publish`` calls
+``index_for(bus).write``), read by ``breakfix incidents``, the console and the remediator, so the
+current state loads in time proportional to the incidents kept, never to the history: the
+history stays in the ``BREAKFIX_INCIDENTS`` stream. One key per incident, ``<cluster>.<incident>``
+(subject-safe tokens), so one cluster's incidents are a key prefix. The value is the last
+``IncidentChange`` JSON the correlator published for it, the very bytes it sent on the stream
+(no second encoding on the hot path). Entries expire with the bucket's ``max_age`` (the retention).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass, field
 
 import structlog
@@ -67,11 +65,24 @@ class IncidentIndex:
             await self.kv.ensure_kv(self.bucket, history=1, max_age_s=self.retention_s)
             self._ready = True
 
-    async def ensure_sourced(self) -> None:
-        """The bucket, filled by the server from the incident stream (idempotent; the correlator at start-up)."""
-        await self.kv.ensure_kv_sourced(self.bucket, stream=subjects.INCIDENTS.name,
-                                        subject=subjects.INCIDENT_INDEX_SOURCE, max_age_s=self.retention_s)
-        self._ready = True
+    async def write_items(self, items: Iterable[tuple[str, bytes, str | None]]) -> None:
+        """Index what the correlator publishes: ``(subject, IncidentChange JSON, msg-id)`` items.
+
+        The cluster is the subject's last token (``breakfix.incidents.<cluster>``), the incident
+        the msg-id's first part (``<incident>:<version>`` or ``<incident>:<event>:<flaps>``).
+        Items come one per incident per batch, latest last; a later item for a key wins.
+        """
+        await self._put(_latest(items))
+
+    async def write_items_start(self, items: Iterable[tuple[str, bytes, str | None]]) -> Awaitable[object]:
+        """``write_items`` in two halves (the correlator service): the puts go out now, in order, and the
+        returned awaitable waits for the store to take them (raising if it did not; ``KeyValue.kv_put_start``)."""
+        latest = _latest(items)
+        if not latest:
+            return _done()
+        await self.ensure()
+        self.written += len(latest)
+        return await self.kv.kv_put_start(self.bucket, latest)
 
     async def write(self, incidents: Iterable[Incident]) -> None:
         """Put incidents as they are now (the highest version wins when an id repeats)."""
@@ -143,6 +154,18 @@ class IncidentIndex:
             await _close(it)
 
 
+def _latest(items: Iterable[tuple[str, bytes, str | None]]) -> dict[str, bytes]:
+    latest: dict[str, bytes] = {}
+    for subject, data, msg_id in items:
+        if msg_id:
+            latest[f"{subject.rsplit('.', 1)[-1]}.{token(msg_id.split(':', 1)[0])}"] = data
+    return latest
+
+
+async def _done() -> None:
+    return None
+
+
 async def _close(it: AsyncIterator[KvEntry]) -> None:
     aclose = getattr(it, "aclose", None)
     if aclose is not None:
@@ -150,11 +173,31 @@ async def _close(it: AsyncIterator[KvEntry]) -> None:
             await aclose()
 
 
-async def ensure_index(bus: object) -> None:
-    """Have the server keep the incident index from the incident stream; nothing for a bus without
-    key-value support (test fakes)."""
-    if hasattr(bus, "ensure_kv_sourced"):
-        await IncidentIndex(bus).ensure_sourced()  # type: ignore[arg-type]
+_INDEXES: weakref.WeakKeyDictionary[object, IncidentIndex] = weakref.WeakKeyDictionary()
 
 
-__all__ = ["BUCKET", "IncidentIndex", "cluster_prefix", "decode", "ensure_index", "index_key"]
+class _NoIndex:
+    """For a bus without key-value support (test fakes): nothing is written."""
+
+    async def write(self, incidents: Iterable[Incident]) -> None:
+        del incidents
+
+    async def write_items(self, items: Iterable[tuple[str, bytes, str | None]]) -> None:
+        del items
+
+    async def write_items_start(self, items: Iterable[tuple[str, bytes, str | None]]) -> Awaitable[object]:
+        del items
+        return _done()
+
+
+def index_for(bus: object) -> IncidentIndex | _NoIndex:
+    """The index writer of this bus (one per bus); a no-op when the bus has no key-value store."""
+    if not all(hasattr(bus, m) for m in ("ensure_kv", "kv_put", "kv_watch")):
+        return _NoIndex()
+    idx = _INDEXES.get(bus)
+    if idx is None:
+        idx = _INDEXES[bus] = IncidentIndex(bus)  # type: ignore[arg-type]
+    return idx
+
+
+__all__ = ["BUCKET", "IncidentIndex", "cluster_prefix", "decode", "index_for", "index_key"]

@@ -1,15 +1,16 @@
-"""Publishing incident changes on ``breakfix.incidents.<cluster>.<incident>`` with their msg-ids.
+"""Publishing incident changes on ``breakfix.incidents.<cluster>`` with their msg-ids.
 
 Used by the correlator service (``correlator.service``) and the fleet stage (``correlator.fleet``);
 the msg-id rule lives with the model (``correlator.model.msg_id``). A lifecycle event that the
 stream already held was dropped by JetStream as a duplicate; its (possibly newer) state goes out
-again as an update, so consumers (and the incident index the server keeps from the stream) see the latest.
+again as an update, so consumers always see the latest.
 """
 
 from __future__ import annotations
 
 from breakfix.bus.codec import encode
 from breakfix.bus.protocol import Bus, PublishAck
+from breakfix.correlator.index import index_for
 from breakfix.correlator.model import LIFECYCLE, change_msg_id
 from breakfix.schemas import subjects
 from breakfix.schemas.incident import ChangeKind, IncidentChange
@@ -18,8 +19,7 @@ Item = tuple[str, bytes, str | None]
 
 
 def items_of(wire: list[IncidentChange]) -> list[Item]:
-    return [(subjects.incident_subject(ch.incident.cluster, ch.incident.id), encode(ch), change_msg_id(ch))
-            for ch in wire]
+    return [(subjects.incident_subject(ch.incident.cluster), encode(ch), change_msg_id(ch)) for ch in wire]
 
 
 async def settle_publishes(bus: Bus, items: list[Item], acks: list[PublishAck]) -> None:
@@ -39,4 +39,5 @@ async def publish_changes(bus: Bus, wire: list[IncidentChange]) -> None:
     """Publish and wait for the acks (the fleet stage; the correlator pipelines instead)."""
     if wire:
         items = items_of(wire)
+        await index_for(bus).write_items(items)  # the incident index (KV bucket): latest versions
         await settle_publishes(bus, items, await bus.publish_many(items))

@@ -3,8 +3,7 @@
 Reads ``breakfix.signals.>`` (or one partition of it, ``breakfix.signals.*.*.<p>``) and
 ``breakfix.actions.>``, feeds the pure core (``correlator.grouping``) a batch at a time with
 an injected clock, and publishes one ``IncidentChange`` per touched incident per batch on
-``breakfix.incidents.<cluster>.<incident>``, with a deterministic msg-id (``correlator.model.msg_id``).
-The server keeps the incident index from that stream (``correlator.index``): no second write here.
+``breakfix.incidents.<cluster>``, with a deterministic msg-id (``correlator.model.msg_id``).
 
 Durability: the checkpoint (``correlator.checkpoint``: the core's state plus the last stream
 sequence of each consumer) is the truth. Messages are acked (ack-all) only after a checkpoint
@@ -34,7 +33,7 @@ from breakfix.bus.consumer import ConsumerStats, DecodeError, decode_message
 from breakfix.bus.protocol import BlobStore, Bus, Delivery, PublishAck
 from breakfix.correlator.checkpoint import Checkpoint, CheckpointStore
 from breakfix.correlator.grouping import Correlator
-from breakfix.correlator.index import ensure_index
+from breakfix.correlator.index import index_for
 from breakfix.correlator.metrics import CorrelatorMetrics
 from breakfix.correlator.model import Change, change_json, coalesce, msg_id
 from breakfix.correlator.publish import Item, settle_publishes
@@ -99,6 +98,7 @@ class CorrelatorService:
         self.positions: dict[str, int] = {}
         self._unacked: dict[str, Delivery] = {}
         self._inflight: list[tuple[list[Item], Awaitable[list[PublishAck]]]] = []
+        self._index_inflight: list[tuple[list[Item], Awaitable[object]]] = []
         self._lock = asyncio.Lock()
         self._dirty = False
         self.last_checkpoint_s = 0.0
@@ -131,12 +131,13 @@ class CorrelatorService:
         for ch in coalesce(changes):
             inc = ch.incident
             self.metrics.change(ch)
-            items.append((subjects.incident_subject(inc.cluster, inc.id), change_json(ch.kind, inc, now, limit),
+            items.append((subjects.incident_subject(inc.cluster), change_json(ch.kind, inc, now, limit),
                           msg_id(ch.kind, inc.id, inc.version, inc.flaps)))
             blog.info("incident_" + ch.kind.value, incident=inc.id, node=inc.node, category=inc.category,
                       status=inc.status.value, signals=inc.signal_count, parent=inc.parent)
-        # the changes go out now, in order; their acks are collected before the next checkpoint (``_settle``), so
-        # the batch loop does not wait on them (the server puts each into the incident index as the stream takes it)
+        # the incident index (KV bucket, latest versions) and the changes go out now, in order; both sets of
+        # acks are collected before the next checkpoint (``_settle``), so the batch loop does not wait on them
+        self._index_inflight.append((items, await index_for(self.bus).write_items_start(items)))
         self._inflight.append((items, await self.bus.publish_start(items)))
         self.published += len(items)
         if len(self._inflight) >= 256:
@@ -145,6 +146,17 @@ class CorrelatorService:
     async def _settle(self) -> None:
         """Wait for every publish in flight; on a failure publish again one by one (msg-ids dedupe),
         once. A change that still fails is logged, counted and dead-lettered, never retried forever."""
+        indexing, self._index_inflight = self._index_inflight, []
+        failed_at: int | None = None
+        for n, (items, written) in enumerate(indexing):
+            try:
+                await written
+            except Exception as exc:
+                log.warning("index_write_retry", error=repr(exc), changes=len(items))
+                failed_at = n if failed_at is None else failed_at
+        if failed_at is not None:  # put again, awaited, once, from the first refused batch on and in order (a
+            for items, _ in indexing[failed_at:]:  # later batch's newer version of a key must be put last); a
+                await index_for(self.bus).write_items(items)  # store that still refuses stops the daemon
         inflight, self._inflight = self._inflight, []
         for items, pending in inflight:
             try:
@@ -275,7 +287,6 @@ class CorrelatorService:
         """Load the checkpoint (if any) and point both consumers just past it."""
         cfg = self.config
         await self.bus.ensure_streams(subjects.streams(cfg.partitions) if cfg.partitions > 1 else subjects.STREAMS)
-        await ensure_index(self.bus)  # after the incident stream it sources
         cp = await self.checkpoints.load()
         if cp is not None:
             self.core.load_state(cp.state)

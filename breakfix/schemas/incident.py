@@ -1,7 +1,7 @@
 """Incidents, plans and the audit record (``breakfix.incident/v1``, ``breakfix.action/v1``).
 
 The correlator builds ``Incident``s from signals and publishes an ``IncidentChange`` on
-``breakfix.incidents.<cluster>.<incident>`` on every change. The remediator reads them, decides a
+``breakfix.incidents.<cluster>`` on every change. The remediator reads them, decides a
 ``Plan`` (an ordered list of typed ``Step``s), carries it out, and publishes one
 ``ActionRecord`` per plan, step, refusal or approval on ``breakfix.actions.<cluster>``;
 the correlator folds those records back into the incident's lifecycle.

@@ -25,15 +25,9 @@ def signal_subject(cluster: str, node: str) -> str:
     return f"{PREFIX}.signals.{token(cluster)}.{token(node)}"
 
 
-def incident_subject(cluster: str, incident_id: str) -> str:
-    """``breakfix.incidents.<cluster>.<incident>``: the correlator publishes each incident's changes here. The
-    incident in the subject lets the server keep the incident index (``INCIDENT_INDEX_SOURCE``)."""
-    return f"{PREFIX}.incidents.{token(cluster)}.{token(incident_id)}"
-
-
-def cluster_incidents(cluster: str) -> str:
-    """``breakfix.incidents.<cluster>.*``: every incident change of one cluster (a correlator's publish right)."""
-    return f"{PREFIX}.incidents.{token(cluster)}.*"
+def incident_subject(cluster: str) -> str:
+    """``breakfix.incidents.<cluster>``: the correlator publishes incident changes here."""
+    return f"{PREFIX}.incidents.{token(cluster)}"
 
 
 def action_subject(cluster: str) -> str:
@@ -83,11 +77,9 @@ def dead_letter_subject(stream: str) -> str:
     return f"{PREFIX}.dlq.{token(stream.lower())}"
 
 
-# JetStream KV bucket with the latest version of every incident, read by the console, ``breakfix incidents``,
-# on-call tools and the remediator's take-up. The server fills it: the bucket sources BREAKFIX_INCIDENTS, and
-# each change on ``breakfix.incidents.<cluster>.<incident>`` becomes the value of key ``<cluster>.<incident>``.
+# JetStream KV bucket with the latest version of every incident (written by the correlator, read by
+# the console, ``breakfix incidents`` and on-call tools).
 INCIDENT_INDEX_BUCKET = "breakfix-incidents"
-INCIDENT_INDEX_SOURCE = f"{PREFIX}.incidents.*.*"
 
 SIGNALS_ALL = f"{PREFIX}.signals.>"
 INCIDENTS_ALL = f"{PREFIX}.incidents.>"

@@ -163,7 +163,7 @@ class TestRemediatorService:
                                   ("incident", "time_to_repair_s"))
         record_poison = poison_of(encode(action_record(0)), ("at",), None)
         for data in change_poison.values():
-            await bus.publish(subjects.incident_subject("c1", "inc-poison"), data)
+            await bus.publish(subjects.incident_subject("c1"), data)
         for data in record_poison.values():
             await bus.publish(subjects.action_subject("c1"), data)
         rem_bus = await JetStreamBus.connect(nats_server.url)
@@ -173,7 +173,7 @@ class TestRemediatorService:
         task = asyncio.create_task(svc.run(stop), name="poison-remediator")
         try:
             ok = incident_change(1)
-            await bus.publish(subjects.incident_subject("c1", ok.incident.id), encode(ok), msg_id="poison-ok-change")
+            await bus.publish(subjects.incident_subject("c1"), encode(ok), msg_id="poison-ok-change")
             await bus.publish(subjects.action_subject("c1"), encode(action_record(1)), msg_id="poison-ok-record")
 
             async def valid_ones_handled() -> bool:
@@ -189,7 +189,7 @@ class TestRemediatorService:
             await asyncio.wait_for(task, 10)
             await rem_bus.close()
         letters = await dead_letters(bus, "poison-audit-remediator")
-        reasons = [r for s, r in letters if s == subjects.incident_subject("c1", "inc-poison")]
+        reasons = [r for s, r in letters if s == subjects.incident_subject("c1")]
         assert len(reasons) == len(change_poison)
         assert any("IncidentChange" in r and "first_seen" in r for r in reasons)
 

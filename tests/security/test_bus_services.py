@@ -44,7 +44,7 @@ class TestServicesUnderTheirOwnIdentity:
             inc = Incident(id="inc-secure-1", cluster="c1", scope=IncidentScope.GPU, node="n1", nodes=("n1",),
                            gpus=(GpuRef(index=0),), category="gpu_reset_required", severity=Severity.CRITICAL,
                            codes=("xid:48",), first_seen=NOW, last_seen=NOW)
-            await streams.publish(subjects.incident_subject("c1", inc.id),
+            await streams.publish(subjects.incident_subject("c1"),
                                   encode(IncidentChange(kind=ChangeKind.OPENED, incident=inc, at=NOW)))
 
             async def recorded() -> bool:
