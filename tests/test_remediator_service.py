@@ -124,6 +124,60 @@ class TestApprovalsAndBreaker:
             await asyncio.sleep(0.2)
         assert cluster.nodes["n1"].reprovisions == 0
 
+    async def test_an_update_that_turns_the_incident_unknown_ends_the_approval_wait_and_the_cautious_plan_runs(
+            self, policy: Policy) -> None:
+        """A reprovision waits for approval; the incident turns into an unknown fault meanwhile. The wait ends at
+        once (a cancelled plan record says why), the cautious plan pages, and a late approval reprovisions nothing."""
+        cluster = SimCluster({"n1": SimNode("n1")}, failing_resets={("n1", 2)}, failing_validation={"n1"})
+        async with Harness(fast(policy, retry_caps={}), cluster) as h:
+            await h.open(incident())
+            await h.until(lambda: any(r.kind is ActionKind.REFUSAL and r.action is StepAction.REPROVISION
+                                      for r in h.records()))
+            await h.open(incident(category="unknown_fault", codes=("xid:48", "xid:999"), version=2),
+                         ChangeKind.UPDATED)
+            await h.until(lambda: any(r.kind is ActionKind.PLAN and r.outcome is ActionOutcome.CANCELLED
+                                      and "waiting for approval will not run" in r.reason for r in h.records()))
+            await h.until(lambda: any(r.kind is ActionKind.STEP and r.action is StepAction.ESCALATE
+                                      and r.rule == "unknown-fault" for r in h.records()))
+            got = await PlanBook(h.store).get("inc-1")
+            assert got is not None and got[0].plan.rule == "unknown-fault"
+            cluster.failing_validation.clear()
+            await h.human("approve", action=StepAction.REPROVISION, reason="too late")
+            await asyncio.sleep(0.2)
+        assert cluster.nodes["n1"].reprovisions == 0
+
+    async def test_a_restarted_remediator_still_ends_an_approval_wait_the_incident_outgrew(
+            self, policy: Policy) -> None:
+        """The approval wait is known from the plan store after a restart (or a change of leader), so an update
+        that comes afterwards re-decides it as well."""
+        cluster = SimCluster({"n1": SimNode("n1")}, failing_resets={("n1", 2)}, failing_validation={"n1"})
+        store, bus = MemoryStore(), MemoryBus()
+        async with Harness(fast(policy, retry_caps={}), cluster, store=store, bus=bus) as h:
+            await h.open(incident())
+            await h.until(lambda: any(r.kind is ActionKind.REFUSAL and r.action is StepAction.REPROVISION
+                                      for r in h.records()))
+        async with Harness(fast(policy, retry_caps={}), cluster, store=store, bus=bus) as again:
+            await again.until(lambda: "inc-1" in again.svc.awaiting)
+            await again.open(incident(category="unknown_fault", codes=("xid:48", "xid:999"), version=2),
+                             ChangeKind.UPDATED)
+            await again.until(lambda: any(r.kind is ActionKind.STEP and r.action is StepAction.ESCALATE
+                                          and r.rule == "unknown-fault" for r in again.records()))
+        assert cluster.nodes["n1"].reprovisions == 0
+
+    async def test_an_update_that_fits_the_same_plan_keeps_the_approval_wait(self, policy: Policy) -> None:
+        cluster = SimCluster({"n1": SimNode("n1")}, failing_resets={("n1", 2)}, failing_validation={"n1"})
+        async with Harness(fast(policy, retry_caps={}), cluster) as h:
+            await h.open(incident())
+            await h.until(lambda: any(r.kind is ActionKind.REFUSAL and r.action is StepAction.REPROVISION
+                                      for r in h.records()))
+            await h.open(incident(version=2, signal_count=5), ChangeKind.UPDATED)  # more of the same fault
+            await asyncio.sleep(0.2)
+            assert not any(r.kind is ActionKind.PLAN and r.outcome is ActionOutcome.CANCELLED for r in h.records())
+            cluster.failing_validation.clear()
+            await h.human("approve", action=StepAction.REPROVISION, reason="RMA agreed")
+            await h.until(lambda: "completed" in outcome_of_plan(h))
+        assert cluster.nodes["n1"].reprovisions == 1
+
     async def test_breaker_refuses_until_an_audited_reset(self, policy: Policy) -> None:
         async with Harness(fast(policy)) as h:
             for i in range(1, 5):  # 4 of 10 nodes open operator incidents within the window: > 10%

@@ -20,7 +20,7 @@ from breakfix.remediator.breaker import fence, return_plan
 from breakfix.remediator.executor import step_key
 from breakfix.remediator.follow import held_nodes, ran_until, redecision, step_at, turns_cautious, undefer
 from breakfix.remediator.guards import Refusal, check, wait_key
-from breakfix.remediator.records import PlanRecord, Progress
+from breakfix.remediator.records import PlanRecord, Progress, ProgressState
 from breakfix.remediator.store import Conflict
 from breakfix.remediator.view import ClusterView
 from breakfix.schemas.common import Severity
@@ -135,6 +135,8 @@ async def run_plan(svc: RemediatorService, inc: Incident, plan: Plan, attempt: i
             svc.current.pop(inc.id, None)
     if svc.guards.cleared.pop(inc.id, None) is not None:
         svc.keeper.save()
+    if outcome is ActionOutcome.REFUSED:  # a step waits for approval: incident updates may re-decide it meanwhile
+        svc.awaiting[inc.id] = (plan, inc.category, attempt)
     if outcome is ActionOutcome.CANCELLED:  # stopped at a step for a re-decision: the new plan takes the node on
         log.info("plan_stopped", incident=inc.id, node=inc.node, rule=plan.rule)
         if held:  # its budget slot is free (the re-decided plan counts when it starts); the node stays held
@@ -207,3 +209,31 @@ async def return_cordoned(svc: RemediatorService, inc: Incident, attempt: int, *
         svc.guards.hold(inc.node, inc.id, "cordoned while the cooldown damped its repair; validation failed")
     svc.keeper.save()
     return False
+
+
+async def redecide_awaiting(svc: RemediatorService, inc: Incident) -> None:
+    """A newer version of an incident whose plan waits for an approval (a reprovision, say): re-decided as a plan
+    in flight is (``follow.redecision``: turned cautious, more severe, or a late category change before anything
+    disruptive ran). When another plan fits now, the wait ends: the stored plan is cancelled, so a late approval
+    finds nothing to approve and no restart resumes it, a ``cancelled`` record says why, and the new plan starts.
+    Before, the change waited until someone approved (the resumed plan was re-decided then) or denied it."""
+    held = svc.awaiting[inc.id]
+    plan, category, attempt = held
+    now = svc.decisions.plan(inc, await svc.view(), svc.policy, busy=svc.guards.active)
+    why = redecision(plan, category, now, inc, inc.id in svc.acted)
+    if why is None or svc.awaiting.get(inc.id) is not held:
+        return
+    del svc.awaiting[inc.id]
+    if not await svc.cancel_record(inc.id, only=ProgressState.AWAITING_APPROVAL):
+        return  # approved, denied or cancelled meanwhile: that path goes on
+    log.warning("redecide_awaiting_approval", incident=inc.id, node=inc.node, old=plan.rule, new=now.rule, why=why)
+    svc.guards.stop(inc.id)  # the node stays held; the new plan counts against the budget when it starts
+    svc.keeper.save()
+    await svc.publish(svc.record(inc, ActionKind.PLAN, ActionOutcome.CANCELLED,
+                                 f"{why}; the step waiting for approval will not run",
+                                 tag=ActionOutcome.CANCELLED.value, rule=plan.rule))
+    task = svc.tasks.get(inc.id)
+    if task is not None and not task.done():
+        svc.redo[inc.id] = attempt + 1  # its task, still returning from the approval wait, runs the new plan
+    else:
+        svc.spawn(inc.id, attempt + 1, None, settle=False)

@@ -103,6 +103,7 @@ class RemediatorService:
         self.waits: dict[str, deferral_wait.IdleWait] = {}        # incidents whose deferred repair waits now
         self.redo: dict[str, int] = {}                            # incident -> attempt, once its plan stops at a step
         self.stopped: set[str] = set()                            # incidents whose plan stopped for a re-decision
+        self.awaiting: dict[str, tuple[Plan, str, int]] = {}      # incident -> (plan, category, attempt) at approval
         self.taken_up: dict[str, int] = {}                        # incident -> version taken up from the index
         self.helpers: set[asyncio.Task[None]] = set()            # short guarded tasks (resume_after)
         self.stats, self.control_stats = ConsumerStats(), ConsumerStats()
@@ -184,6 +185,8 @@ class RemediatorService:
         self._forget_old()
         if change.kind is ChangeKind.UPDATED and inc.id in self.current:
             await self.maybe_redecide(inc)
+        elif change.kind is ChangeKind.UPDATED and inc.id in self.awaiting:
+            await planrun.redecide_awaiting(self, inc)
         if inc.id in self.waits:
             await deferral_wait.end_if_changed(self, inc)
         if not opening:
@@ -219,6 +222,7 @@ class RemediatorService:
     async def _end_approval_wait(self, inc: Incident) -> None:
         """The incident resolved (or went stale) while a step of its plan waited for approval: the plan is cancelled,
         so neither a late approval nor a restart runs the step on a node with no open fault."""
+        self.awaiting.pop(inc.id, None)
         if await self.cancel_record(inc.id, only=ProgressState.AWAITING_APPROVAL):
             why = f"{inc.id} is {inc.status.value}: the step waiting for approval will not run"
             log.warning("approval_wait_ended", incident=inc.id, status=inc.status.value)
@@ -294,6 +298,7 @@ class RemediatorService:
         self.deferred.discard(iid)
         self.redo.pop(iid, None)
         self.stopped.discard(iid)
+        self.awaiting.pop(iid, None)
         self.decisions.forget(iid)
         if self.guards.end_waits(iid):
             self.keeper.save()
@@ -348,6 +353,7 @@ class RemediatorService:
         if old is not None and not old.done():
             return
         name = f"remediate-{incident_id}-{attempt}"
+        self.awaiting.pop(incident_id, None)  # approved, resumed or re-decided: no step of it waits for approval now
         self.tasks[incident_id] = asyncio.create_task(self._guarded(incident_id, attempt, resume, settle), name=name)
 
     async def _guarded(self, incident_id: str, attempt: int, resume: PlanRecord | None, settle: bool) -> None:

@@ -114,6 +114,9 @@ def resume(svc: RemediatorService, records: list[PlanRecord]) -> None:
     approvals gauges count the plans the store says wait for one."""
     svc.observe.metrics.awaiting(rec.incident.id for rec in records
                                  if rec.progress.state is ProgressState.AWAITING_APPROVAL)
+    for rec in records:  # incident updates may re-decide a plan that waits for an approval (planrun.redecide_awaiting)
+        if rec.progress.state is ProgressState.AWAITING_APPROVAL:
+            svc.awaiting[rec.incident.id] = (rec.plan, rec.incident.category, rec.progress.attempt)
     for rec in records:
         if not rec.progress.state.live:
             continue
