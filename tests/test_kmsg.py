@@ -327,3 +327,4 @@ def test_signals_kmsg_reads_both_glued_records_with_their_own_ids_at_the_lines_t
     assert [s.code for s in got] == ["48", "64"]
     assert got[0].id != got[1].id and got[0].observed_at == got[1].observed_at
     assert all(s.gpu is not None and s.gpu.pci_bus_id == "0000:07:00.0" for s in got)
+    assert all("time_source" not in s.details for s in got), "the line's own time, not the reader's now"

@@ -170,7 +170,7 @@ def signals_kmsg(
             continue
         for i, piece in enumerate(records(line)):  # a record glued to the next is two, at the line's time
             try:
-                sig = line_signal(piece, ctx, observed_at=partial(at_line, line),
+                sig = line_signal(piece, ctx, observed_at=partial(at_line, line), line=line,
                                   discriminator=f"{file.name}:{lineno}" + (f"#{i}" if i else ""))
             except BadLine as exc:
                 bad.append(f"line {lineno}: {exc}")

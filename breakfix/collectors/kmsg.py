@@ -219,7 +219,7 @@ def to_signal(ev: KernelEvent, ctx: NodeContext, *, observed_at: datetime, discr
 
 
 def line_signal(text: str, ctx: NodeContext, *, observed_at: Callable[[str], tuple[datetime, str]],
-                discriminator: str, extra: dict[str, str] | None = None) -> Signal | None:
+                discriminator: str, extra: dict[str, str] | None = None, line: str | None = None) -> Signal | None:
     """One line -> its signal (or None), learning PCI-to-UUID pairs on the way. ``observed_at`` gives the line's
     time and how it was found (``""``: not worth saying); a line that carries no time at all is marked
     ``details.time_source=none`` whatever it says, so a reader's now never passes for the kernel's time. Any
@@ -237,7 +237,8 @@ def line_signal(text: str, ctx: NodeContext, *, observed_at: Callable[[str], tup
         if ev is None:
             return None
         at, source = observed_at(text)  # source: "" or how the time was found, for details.time_source
-        if not source and not has_time(text):  # no time in the line: ``at`` is the reader's now, and says so
+        if not source and not has_time(line or text):  # no time in the line (``line``: the whole line of a record
+            # glued to another, ``records``): ``at`` is the reader's now, and says so
             source = NO_TIME
         more = dict(extra or {})
         if source:

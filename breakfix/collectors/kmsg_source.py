@@ -67,7 +67,7 @@ class KmsgSource:
             placed = self.clock.step(ln.text, now=now)
             for i, text in enumerate(records(ln.text)):  # a record glued to the next is two (the line's time)
                 try:
-                    sig = line_signal(text, self.ctx, observed_at=partial(at_line, ln.text),
+                    sig = line_signal(text, self.ctx, observed_at=partial(at_line, ln.text), line=ln.text,
                                       discriminator=ln.key if i == 0 else f"{ln.key}#{i}")
                 except BadLine as exc:
                     bad += 1
