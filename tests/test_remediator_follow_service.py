@@ -126,7 +126,7 @@ class TestAnUnknownFaultStopsThePlanInFlight:
             await h.until(lambda: "escalated" in plans(h, "unknown-fault"))
         assert c.nodes["n1"].reprovisions == 0 and c.nodes["n1"].cordoned and c.escalations
         # resumed by the approval with an incident that turned unknown meanwhile: re-decided before any step
-        # (service._behind); the step gate would refuse the reprovision too (guards.step_check)
+        # (planrun.behind); the step gate would refuse the reprovision too (guards.step_check)
         stopped = next(r for r in h.records() if r.kind is ActionKind.PLAN and r.outcome is ActionOutcome.CANCELLED)
         assert stopped.rule == "gpu-reset" and "unknown-fault never resets, reboots or reprovisions" in stopped.reason
 

@@ -33,7 +33,7 @@ accepted):
   ``DCGM_FI_DEV_GET_GPU_RECOVERY_ACTION``, so a counters CSV may export either; not in dcgm-exporter's default
   CSV) is DCGM's mirror of NVML_FI_DEV_GET_GPU_RECOVERY_ACTION (DCGM ``dcgm_fields.cpp``): the driver's own
   remediation verdict, read as the nvml source and an ``nvidia-smi -q`` dump read it
-  (``collectors.nvml.recovery_verdict``), under the check ``dcgm.recovery_action``: 0 NONE -> healthy (a
+  (``collectors.nvml_eval.recovery_verdict``), under the check ``dcgm.recovery_action``: 0 NONE -> healthy (a
   verdict that is gone clears its fault); 1 GPU reset, 2 node reboot, 3 drain P2P, 4 drain and reset -> a fault
   with code ``DCGM_FR_GPU_RECOVERY_*`` (DCGM ``DcgmHealthWatch.cpp`` ``MonitorGpuRecoveryAction``), which the
   catalog classifies as XID 154 with that action, so it joins the GPU's incident of the verdict from any source;
@@ -334,7 +334,7 @@ class DcgmRules:
         if GPU_TEMP[0] in v and v.get(SLOWDOWN_TEMP[0]):
             state("temperature.slowdown", v[GPU_TEMP[0]] >= v[SLOWDOWN_TEMP[0]], v[GPU_TEMP[0]],
                   v[SLOWDOWN_TEMP[0]])
-        if RECOVERY[0] in v:  # the nvsmi and nvml sources' verdict and code (``collectors.nvml.recovery_verdict``),
+        if RECOVERY[0] in v:  # the nvsmi and nvml sources' verdict and code (``nvml_eval.recovery_verdict``),
             # under a check of its own: a healthy reading here must never clear the nvml source's gpu.lost (an NVML
             # GpuIsLost) nor its verdict, which the exporter can lag or miss
             verdict = recovery_verdict(int(v[RECOVERY[0]]))

@@ -91,7 +91,7 @@ async def take_up(svc: RemediatorService) -> int:
             svc.track(inc)
             if prev is not None and inc.version > prev.version and inc.id in svc.current:
                 behind.append(inc)
-    for inc in behind:  # re-decided as a live update would be (one not started yet is, when it starts: service._run)
+    for inc in behind:  # re-decided as a live update would be (one not started yet is, when it starts: planrun.behind)
         await svc.maybe_redecide(inc)
     for inc in sorted(found.incidents, key=lambda i: (i.first_seen, i.id)):
         await svc.observe_open(inc)  # counts nodes once: an opening already seen before the stop is harmless
