@@ -145,28 +145,6 @@ class TestDeferredReset:
         inc = incident("application_fault", domain=Domain.TENANT, tenants=(POD,), codes=codes)
         assert decide(inc, OWNED, policy).rule == rule
 
-    @pytest.mark.parametrize(("category", "codes", "view", "first"), [
-        ("application_fault", ("xid:94",), OWNED, ["notify_tenant", "restart_pod", "cordon", "drain_gpu"]),
-        ("application_fault", ("xid:45", "xid:94"), OWNED, ["notify_tenant", "restart_pod", "cordon", "drain_gpu"]),
-        ("application_fault", ("xid:94",), ClusterView(), ["notify_tenant", "cordon", "drain_gpu"]),
-        ("gpu_reset_required", ("row_remap.pending",), OWNED, ["notify_tenant", "cordon", "drain_gpu"]),
-        ("gpu_reset_required", ("retired_pages.pending",), OWNED, ["notify_tenant", "cordon", "drain_gpu"]),
-    ], ids=["xid94-restarts-its-pod", "xid94-read-after-its-xid45", "xid94-bare-pod-not-deleted",
-            "pending-remap-leaves-the-job", "pending-retirement-leaves-the-job"])
-    def test_xid94s_application_restarts_now_and_the_reset_waits_for_the_gpu_to_go_idle(
-            self, policy: Policy, category: str, codes: tuple[str, ...], view: ClusterView,
-            first: list[str]) -> None:
-        """NVIDIA Xid catalog, XID 94: "the application that encountered this error must be restarted. All other
-        applications running at the time of the Xid are unaffected. It is recommended to reset the GPU when
-        convenient." A pending row remap or page retirement lets the job run on (no restart). A pod no controller
-        owns is not deleted (it would not come back). The tenant steps run at once; the fence (cordon) is the
-        step that waits for the GPU to go idle."""
-        inc = incident(category, domain=Domain.TENANT, tenants=(POD,), codes=codes)
-        plan = decide(inc, view, policy)
-        assert plan.rule == "gpu-reset-when-idle" and plan.actions()[:len(first)] == first
-        waits = [s for s in plan.steps if "defer_s" in s.params]
-        assert [s.action.value for s in waits] == ["cordon"], "only the fence before the GPU's drain waits"
-
 
 POLICY_ERRORS = [
     pytest.param("version: 1\nrules:\n  - name: r1\n    domain: operator\n    reason: x\n    match: {categories: [x]}\n"

@@ -21,13 +21,12 @@ from breakfix.remediator.service import RemediatorService
 from breakfix.remediator.simcluster import SimCluster, SimNode
 from breakfix.remediator.store import MemoryStore
 from breakfix.schemas import subjects
-from breakfix.schemas.common import GpuRef, Severity, TenantRef
+from breakfix.schemas.common import GpuRef, Severity
 from breakfix.schemas.incident import (
     ActionKind,
     ActionOutcome,
     ActionRecord,
     ChangeKind,
-    Domain,
     Incident,
     IncidentChange,
     IncidentScope,
@@ -357,29 +356,6 @@ class TestRestartTakesUpUnplannedIncidents:
             await again.until(lambda: "completed" in outcome_of_plan(again))
         planned = next(r for r in again.records() if r.kind is ActionKind.PLAN and r.outcome.value == "planned")
         assert planned.at == restarted, "acted at once: the deadline set before the restart had passed"
-        assert cluster.nodes["n1"].gpu_resets == {2: 1}
-
-    async def test_xid94_restarts_its_pod_and_tells_the_tenant_before_the_reset_waits_and_not_again_after(
-            self, policy: Policy) -> None:
-        """NVIDIA Xid catalog, XID 94: the application that hit the contained error must be restarted; the GPU is
-        reset when convenient. The tenant steps run before the wait for the GPU to go idle, once: the repair that
-        runs after the wait (here after a restart past its deadline) leaves them out."""
-        cluster = SimCluster({"n1": SimNode("n1", pods={"ml/p": 2})}, controller_owned={"ml/p"})
-        bus, store = MemoryBus(), MemoryStore()
-        xid94 = incident(category="application_fault", codes=("xid:94",), severity=Severity.WARNING,
-                         domain=Domain.TENANT, tenants=(TenantRef(namespace="ml", pod="p"),))
-        await index(bus, xid94)
-        async with Harness(fast(policy, cooldown_s=0, idle_poll_s=3600), cluster, store, bus=bus,
-                           clock=StalledClock(T0)) as h:  # stops while it waits for the job
-            await h.open(xid94)
-            await h.until(lambda: any(r.waiting is WaitingOn.IDLE for r in h.records()))
-        assert [a for a, *_ in cluster.history] == ["notify_tenant", "restart_pod"]
-        assert not cluster.nodes["n1"].cordoned, "the fence waits for the GPU to go idle"
-        later = ManualClock(T0 + timedelta(seconds=14401))  # restarted past the wait's deadline
-        async with Harness(fast(policy, cooldown_s=0), cluster, store, bus=bus, clock=later) as again:
-            await again.until(lambda: "completed" in outcome_of_plan(again))
-        assert [a for a, *_ in cluster.history].count("restart_pod") == 1
-        assert [a for a, *_ in cluster.history].count("notify_tenant") == 1
         assert cluster.nodes["n1"].gpu_resets == {2: 1}
 
     async def test_planned_terminal_and_folded_incidents_are_left_alone(self, policy: Policy) -> None:

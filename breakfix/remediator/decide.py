@@ -117,8 +117,6 @@ def _steps(specs: tuple[StepSpec, ...], incident: Incident, view: ClusterView,
 
 
 def _when(spec: StepSpec, incident: Incident) -> bool:
-    if spec.if_codes and spec.if_codes.isdisjoint(incident.codes):
-        return False
     if spec.when == "tenant_known":
         return bool(incident.tenants)
     return True
@@ -179,12 +177,7 @@ def _fenced(steps: tuple[Step, ...], incident: Incident, view: ClusterView) -> t
 
 
 def _deferred(steps: tuple[Step, ...], defer_s: float) -> tuple[Step, ...]:
-    """The first step that would take the GPU from its job waits for the GPU to go idle (or ``defer_s``). The
-    tenant steps before it run at once, ahead of the fence: the tenant hears of the pending repair now, and an
-    application NVIDIA says must restart (XID 94) restarts now, not when the GPU goes idle."""
-    first = next((i for i, s in enumerate(steps) if s.action.disruptive), len(steps))
-    now = [s for s in steps[:first] if s.action in (StepAction.NOTIFY_TENANT, StepAction.RESTART_POD)]
-    steps = (*now, *(s for s in steps if not any(s is t for t in now)))
+    """The first step that would take the GPU from its job waits for the GPU to go idle (or ``defer_s``)."""
     out, done = [], False
     for s in steps:
         if not done and (s.action.disruptive or s.action is StepAction.CORDON):

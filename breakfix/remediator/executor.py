@@ -244,28 +244,6 @@ class Executor:
                                          f"{step.action.value} failed: {result.detail}")
         return await self._exhausted(incident, plan, attempt, prog, save, "ladder exhausted")
 
-    async def run_now(self, incident: Incident, plan: Plan, steps: tuple[Step, ...], *, attempt: int) -> None:
-        """Steps a plan runs ahead of itself (a deferred repair's tenant steps, before its wait): each recorded as a
-        step, started then its outcome, under its timeout; no plan record (the plan's own come when it runs), and a
-        failed one stops nothing (telling a tenant or restarting a pod never holds up the repair)."""
-        for i, step in enumerate(steps):
-            if plan.dry_run or plan.shadow:
-                why = "dry-run" if plan.dry_run else f"shadow mode (rule {plan.rule})"
-                await self._record(incident, plan, attempt, ActionKind.STEP, ActionOutcome.DRY_RUN, step=step,
-                                   index=i, reason=f"{why}: would have run this step")
-                continue
-            await self._record(incident, plan, attempt, ActionKind.STEP, ActionOutcome.STARTED, step=step, index=i)
-            try:
-                async with asyncio.timeout(step.timeout_s):
-                    result = await self._call(incident, step, step_key(incident.id, attempt, 0, i))
-            except TimeoutError:
-                result = StepResult(False, f"{step.action.value} timed out after {step.timeout_s:g}s")
-            except Exception as exc:  # an adapter bug must not kill the remediator
-                result = StepResult(False, f"{type(exc).__name__}: {exc}")
-            await self._record(incident, plan, attempt, ActionKind.STEP,
-                               ActionOutcome.SUCCEEDED if result.ok else ActionOutcome.FAILED, step=step, index=i,
-                               reason=result.detail)
-
     async def _timed(self, incident: Incident, plan: Plan, attempt: int, prog: Progress, step: Step,
                      rung_left: float, climbed: str = "") -> tuple[StepResult, float]:
         """Run one step under its timeout and what is left of the rung's; (result, seconds it took)."""

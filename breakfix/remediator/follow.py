@@ -158,33 +158,6 @@ def deferral(plan: Plan) -> tuple[Step, float] | None:
     return None
 
 
-_TELL = (StepAction.NOTIFY_TENANT, StepAction.RESTART_POD)
-
-
-def told_first(plan: Plan) -> tuple[Step, ...]:
-    """The tenant steps a deferred plan runs at once, before its wait for the GPU to go idle: those ahead of the
-    deferred step in its first rung (``decide._deferred`` puts them there: the tenant hears of the pending repair
-    now, and XID 94's application restarts now, NVIDIA Xid catalog). None for a plan that acts at once."""
-    early = deferral(plan)
-    if early is None:
-        return ()
-    out: list[Step] = []
-    for s in plan.rungs()[0].steps:
-        if "defer_s" in s.params or s.action not in _TELL:
-            break
-        out.append(s)
-    return tuple(out)
-
-
-def without_told(plan: Plan) -> Plan:
-    """The deferred plan without the tenant steps it ran before its wait (``told_first``)."""
-    n = len(told_first(plan))
-    if n == 0:
-        return plan
-    ladder = tuple(r.model_copy(update={"steps": r.steps[n:]}) if i == 0 else r for i, r in enumerate(plan.ladder))
-    return plan.model_copy(update={"steps": plan.steps[n:], "ladder": ladder})
-
-
 def undefer(plan: Plan) -> Plan:
     """The plan once its deferral is over: the same steps, acting at once."""
     def strip(steps: tuple[Step, ...]) -> tuple[Step, ...]:

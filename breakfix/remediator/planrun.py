@@ -18,16 +18,7 @@ import structlog
 
 from breakfix.remediator.breaker import fence, return_plan
 from breakfix.remediator.executor import step_key
-from breakfix.remediator.follow import (
-    held_nodes,
-    ran_until,
-    redecision,
-    step_at,
-    told_first,
-    turns_cautious,
-    undefer,
-    without_told,
-)
+from breakfix.remediator.follow import held_nodes, ran_until, redecision, step_at, turns_cautious, undefer
 from breakfix.remediator.guards import Refusal, check, wait_key
 from breakfix.remediator.records import PlanRecord, Progress, ProgressState
 from breakfix.remediator.store import Conflict
@@ -49,8 +40,7 @@ async def decide_and_run(svc: RemediatorService, inc: Incident, attempt: int, re
             return False
         plan = svc.decisions.plan(inc, view, svc.policy, busy=svc.guards.active)
         svc.decisions.forget(inc.id)  # what runs is decided: the next ask is a new version or a retry
-        if inc.id in svc.deferred:  # its wait is over: it acts now, without the tenant steps it ran before the wait
-            plan = undefer(without_told(plan) if wait_key(inc) in svc.guards.defer_until else plan)
+        plan = undefer(plan) if inc.id in svc.deferred else plan
         progress = None
     else:
         plan, progress = resume.plan, resume.progress
@@ -247,18 +237,3 @@ async def redecide_awaiting(svc: RemediatorService, inc: Incident) -> None:
         svc.redo[inc.id] = attempt + 1  # its task, still returning from the approval wait, runs the new plan
     else:
         svc.spawn(inc.id, attempt + 1, None, settle=False)
-
-
-TELL_STRIDE = 70  # attempt offset of the tenant steps run before a deferred repair waits (return_cordoned: +60)
-
-
-async def tell_before_waiting(svc: RemediatorService, inc: Incident, plan: Plan, attempt: int) -> None:
-    """A deferred repair runs its tenant steps (``follow.told_first``: notify, and XID 94's pod restart) before it
-    waits for the GPU to go idle, once: a wait already begun (its deadline is in the guard state, so a restart
-    knows) ran them. The plan that runs after the wait leaves them out (``decide_and_run``)."""
-    steps = told_first(plan)
-    if not steps or wait_key(inc) in svc.guards.defer_until:
-        return
-    log.info("tell_before_waiting", incident=inc.id, node=inc.node, rule=plan.rule,
-             steps=[s.action.value for s in steps])
-    await svc.executor.run_now(inc, plan, steps, attempt=attempt + TELL_STRIDE)

@@ -8,7 +8,6 @@ matches rules in order; the first match wins. The shipped default is
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -57,8 +56,6 @@ class StepSpec(BaseModel):
     timeout_s: float | None = Field(default=None, gt=0, description="Default: ACTION_TIMEOUT_S for the action.")
     requires_approval: bool = False
     when: str | None = Field(default=None, pattern=r"^(controller_owned|tenant_known)$")
-    if_codes: frozenset[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
-        default=frozenset(), max_length=64, description="Only when the incident holds one of these codes.")
 
     def timeout(self) -> float:
         return self.timeout_s or ACTION_TIMEOUT_S.get(self.action, DEFAULT_STEP_TIMEOUT_S)

@@ -393,8 +393,6 @@ class RemediatorService:
                 log.info("covered", incident=inc.id, by=cover)
                 return False
             first = self.decisions.plan(inc, await self.view(), self.policy, busy=self.guards.active)
-            if inc.id not in self.deferred and deferral(first) is not None:
-                await planrun.tell_before_waiting(self, inc, first, attempt)
             while inc.id not in self.deferred and (early := deferral(first)) is not None:  # outside the node lock
                 if not await deferral_wait.wait_idle(self, inc, first, attempt, early):
                     self.deferred.add(inc.id)
