@@ -162,7 +162,50 @@ class TestApprovalsAndBreaker:
                              ChangeKind.UPDATED)
             await again.until(lambda: any(r.kind is ActionKind.STEP and r.action is StepAction.ESCALATE
                                           and r.rule == "unknown-fault" for r in again.records()))
+            cluster.failing_validation.clear()
+            await again.human("approve", action=StepAction.REPROVISION, reason="too late")
+            await asyncio.sleep(0.2)
         assert cluster.nodes["n1"].reprovisions == 0
+
+    async def test_an_incident_that_outgrew_its_approval_wait_while_the_remediator_was_down_is_re_decided(
+            self, policy: Policy) -> None:
+        """The index holds a newer version than the plan waiting for approval (it changed during the outage): the
+        take-up re-decides it at once, as a live update would be, without waiting for the next change."""
+        cluster = SimCluster({"n1": SimNode("n1")}, failing_resets={("n1", 2)}, failing_validation={"n1"})
+        store, bus = MemoryStore(), MemoryBus()
+        async with Harness(fast(policy, retry_caps={}), cluster, store=store, bus=bus) as h:
+            await h.open(incident())
+            await h.until(lambda: any(r.kind is ActionKind.REFUSAL and r.action is StepAction.REPROVISION
+                                      for r in h.records()))
+        await index(bus, incident(category="unknown_fault", codes=("xid:48", "xid:999"), version=2),
+                    ChangeKind.UPDATED)
+        async with Harness(fast(policy, retry_caps={}), cluster, store=store, bus=bus) as again:
+            await again.until(lambda: any(r.kind is ActionKind.STEP and r.action is StepAction.ESCALATE
+                                          and r.rule == "unknown-fault" for r in again.records()))
+        assert cluster.nodes["n1"].reprovisions == 0
+
+    async def test_after_a_restart_a_late_category_change_keeps_the_approval_wait_of_a_plan_that_acted(
+            self, policy: Policy) -> None:
+        """The plan reset the GPU and rebooted before it asked to reprovision: a companion that changes the
+        category (XID 63 with XID 48: drain-and-reset) does not re-decide it into a second reset, after a restart
+        as before one."""
+        cluster = SimCluster({"n1": SimNode("n1")}, failing_resets={("n1", 2)}, failing_validation={"n1"})
+        store, bus = MemoryStore(), MemoryBus()
+        async with Harness(fast(policy, retry_caps={}), cluster, store=store, bus=bus) as h:
+            await h.open(incident())
+            await h.until(lambda: any(r.kind is ActionKind.REFUSAL and r.action is StepAction.REPROVISION
+                                      for r in h.records()))
+        async with Harness(fast(policy, retry_caps={}), cluster, store=store, bus=bus) as again:
+            await again.until(lambda: "inc-1" in again.svc.awaiting)
+            await again.open(incident(category="gpu_drain_reset_required", codes=("xid:48", "xid:63"), version=2),
+                             ChangeKind.UPDATED)
+            await asyncio.sleep(0.2)
+            assert not any(r.kind is ActionKind.PLAN and r.outcome is ActionOutcome.CANCELLED
+                           for r in again.records())
+            cluster.failing_validation.clear()
+            await again.human("approve", action=StepAction.REPROVISION, reason="RMA agreed")
+            await again.until(lambda: "completed" in outcome_of_plan(again))
+        assert cluster.nodes["n1"].reprovisions == 1
 
     async def test_an_update_that_fits_the_same_plan_keeps_the_approval_wait(self, policy: Policy) -> None:
         cluster = SimCluster({"n1": SimNode("n1")}, failing_resets={("n1", 2)}, failing_validation={"n1"})
