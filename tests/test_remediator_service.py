@@ -90,17 +90,52 @@ class Harness:
                                   for r in self.records()]))
 
 
+def reprovision_cluster() -> SimCluster:
+    """One node whose GPU reset and validations fail, so the default plan climbs to its reprovision rung."""
+    return SimCluster({"n1": SimNode("n1")}, failing_resets={("n1", 2)}, failing_validation={"n1"})
+
+
+async def awaiting_reprovision(h: Harness) -> None:
+    """Open the XID 48 incident and wait until its plan asks for approval to reprovision."""
+    await h.open(incident())
+    await h.until(lambda: any(r.kind is ActionKind.REFUSAL and r.action is StepAction.REPROVISION
+                              for r in h.records()))
+
+
+async def stopped_awaiting_reprovision(policy: Policy, cluster: SimCluster) -> tuple[MemoryStore, MemoryBus]:
+    """A remediator that stopped while its plan waited for approval to reprovision: the store and bus it leaves."""
+    store, bus = MemoryStore(), MemoryBus()
+    async with Harness(fast(policy, retry_caps={}), cluster, store=store, bus=bus) as h:
+        await awaiting_reprovision(h)
+    return store, bus
+
+
+async def approve_late(h: Harness, cluster: SimCluster) -> None:
+    """Approve the reprovision (that would now succeed) after the plan waiting for it was ended."""
+    cluster.failing_validation.clear()
+    await h.human("approve", action=StepAction.REPROVISION, reason="too late")
+    await asyncio.sleep(0.2)
+
+
+def turned_unknown() -> Incident:
+    """The XID 48 incident, version 2, after a code the catalog does not know joined it."""
+    return incident(category="unknown_fault", codes=("xid:48", "xid:999"), version=2)
+
+
+def escalated_as_unknown(h: Harness) -> bool:
+    return any(r.kind is ActionKind.STEP and r.action is StepAction.ESCALATE and r.rule == "unknown-fault"
+               for r in h.records())
+
+
 def outcome_of_plan(h: Harness) -> list[str]:
     return [r.outcome.value for r in h.records() if r.kind is ActionKind.PLAN]
 
 
 class TestApprovalsAndBreaker:
     async def test_approval_resumes_the_waiting_step(self, policy: Policy) -> None:
-        cluster = SimCluster({"n1": SimNode("n1")}, failing_resets={("n1", 2)}, failing_validation={"n1"})
+        cluster = reprovision_cluster()
         async with Harness(fast(policy, retry_caps={}), cluster) as h:
-            await h.open(incident())
-            await h.until(lambda: any(r.kind is ActionKind.REFUSAL and r.action is StepAction.REPROVISION
-                                      for r in h.records()))
+            await awaiting_reprovision(h)
             assert cluster.nodes["n1"].reprovisions == 0
             cluster.failing_validation.clear()
             await h.human("approve", action=StepAction.REPROVISION, reason="RMA agreed")
@@ -109,79 +144,58 @@ class TestApprovalsAndBreaker:
 
     async def test_a_release_cancels_a_plan_awaiting_approval_so_a_later_approve_runs_nothing(
             self, policy: Policy) -> None:
-        cluster = SimCluster({"n1": SimNode("n1")}, failing_resets={("n1", 2)}, failing_validation={"n1"})
+        cluster = reprovision_cluster()
         async with Harness(fast(policy, retry_caps={}), cluster) as h:
-            await h.open(incident())
-            await h.until(lambda: any(r.kind is ActionKind.REFUSAL and r.action is StepAction.REPROVISION
-                                      for r in h.records()))
+            await awaiting_reprovision(h)
             await h.human("release", reason="repaired by hand", details={"skip_validation": "true"})
             await h.until(lambda: any(r.kind is ActionKind.STEP and r.action is StepAction.RETURN_TO_SERVICE
                                       and r.outcome is ActionOutcome.SUCCEEDED for r in h.records()))
             got = await PlanBook(h.store).get("inc-1")
             assert got is not None and got[0].progress.state is ProgressState.CANCELLED
-            cluster.failing_validation.clear()
-            await h.human("approve", action=StepAction.REPROVISION, reason="too late")
-            await asyncio.sleep(0.2)
+            await approve_late(h, cluster)
         assert cluster.nodes["n1"].reprovisions == 0
 
     async def test_an_update_that_turns_the_incident_unknown_ends_the_approval_wait_and_the_cautious_plan_runs(
             self, policy: Policy) -> None:
         """A reprovision waits for approval; the incident turns into an unknown fault meanwhile. The wait ends at
         once (a cancelled plan record says why), the cautious plan pages, and a late approval reprovisions nothing."""
-        cluster = SimCluster({"n1": SimNode("n1")}, failing_resets={("n1", 2)}, failing_validation={"n1"})
+        cluster = reprovision_cluster()
         async with Harness(fast(policy, retry_caps={}), cluster) as h:
-            await h.open(incident())
-            await h.until(lambda: any(r.kind is ActionKind.REFUSAL and r.action is StepAction.REPROVISION
-                                      for r in h.records()))
-            await h.open(incident(category="unknown_fault", codes=("xid:48", "xid:999"), version=2),
+            await awaiting_reprovision(h)
+            await h.open(turned_unknown(),
                          ChangeKind.UPDATED)
             await h.until(lambda: any(r.kind is ActionKind.PLAN and r.outcome is ActionOutcome.CANCELLED
                                       and "waiting for approval will not run" in r.reason for r in h.records()))
-            await h.until(lambda: any(r.kind is ActionKind.STEP and r.action is StepAction.ESCALATE
-                                      and r.rule == "unknown-fault" for r in h.records()))
+            await h.until(lambda: escalated_as_unknown(h))
             got = await PlanBook(h.store).get("inc-1")
             assert got is not None and got[0].plan.rule == "unknown-fault"
-            cluster.failing_validation.clear()
-            await h.human("approve", action=StepAction.REPROVISION, reason="too late")
-            await asyncio.sleep(0.2)
+            await approve_late(h, cluster)
         assert cluster.nodes["n1"].reprovisions == 0
 
     async def test_a_restarted_remediator_still_ends_an_approval_wait_the_incident_outgrew(
             self, policy: Policy) -> None:
         """The approval wait is known from the plan store after a restart (or a change of leader), so an update
         that comes afterwards re-decides it as well."""
-        cluster = SimCluster({"n1": SimNode("n1")}, failing_resets={("n1", 2)}, failing_validation={"n1"})
-        store, bus = MemoryStore(), MemoryBus()
-        async with Harness(fast(policy, retry_caps={}), cluster, store=store, bus=bus) as h:
-            await h.open(incident())
-            await h.until(lambda: any(r.kind is ActionKind.REFUSAL and r.action is StepAction.REPROVISION
-                                      for r in h.records()))
+        cluster = reprovision_cluster()
+        store, bus = await stopped_awaiting_reprovision(policy, cluster)
         async with Harness(fast(policy, retry_caps={}), cluster, store=store, bus=bus) as again:
             await again.until(lambda: "inc-1" in again.svc.awaiting)
-            await again.open(incident(category="unknown_fault", codes=("xid:48", "xid:999"), version=2),
+            await again.open(turned_unknown(),
                              ChangeKind.UPDATED)
-            await again.until(lambda: any(r.kind is ActionKind.STEP and r.action is StepAction.ESCALATE
-                                          and r.rule == "unknown-fault" for r in again.records()))
-            cluster.failing_validation.clear()
-            await again.human("approve", action=StepAction.REPROVISION, reason="too late")
-            await asyncio.sleep(0.2)
+            await again.until(lambda: escalated_as_unknown(again))
+            await approve_late(again, cluster)
         assert cluster.nodes["n1"].reprovisions == 0
 
     async def test_an_incident_that_outgrew_its_approval_wait_while_the_remediator_was_down_is_re_decided(
             self, policy: Policy) -> None:
         """The index holds a newer version than the plan waiting for approval (it changed during the outage): the
         take-up re-decides it at once, as a live update would be, without waiting for the next change."""
-        cluster = SimCluster({"n1": SimNode("n1")}, failing_resets={("n1", 2)}, failing_validation={"n1"})
-        store, bus = MemoryStore(), MemoryBus()
-        async with Harness(fast(policy, retry_caps={}), cluster, store=store, bus=bus) as h:
-            await h.open(incident())
-            await h.until(lambda: any(r.kind is ActionKind.REFUSAL and r.action is StepAction.REPROVISION
-                                      for r in h.records()))
-        await index(bus, incident(category="unknown_fault", codes=("xid:48", "xid:999"), version=2),
+        cluster = reprovision_cluster()
+        store, bus = await stopped_awaiting_reprovision(policy, cluster)
+        await index(bus, turned_unknown(),
                     ChangeKind.UPDATED)
         async with Harness(fast(policy, retry_caps={}), cluster, store=store, bus=bus) as again:
-            await again.until(lambda: any(r.kind is ActionKind.STEP and r.action is StepAction.ESCALATE
-                                          and r.rule == "unknown-fault" for r in again.records()))
+            await again.until(lambda: escalated_as_unknown(again))
         assert cluster.nodes["n1"].reprovisions == 0
 
     async def test_after_a_restart_a_late_category_change_keeps_the_approval_wait_of_a_plan_that_acted(
@@ -189,12 +203,8 @@ class TestApprovalsAndBreaker:
         """The plan reset the GPU and rebooted before it asked to reprovision: a companion that changes the
         category (XID 63 with XID 48: drain-and-reset) does not re-decide it into a second reset, after a restart
         as before one."""
-        cluster = SimCluster({"n1": SimNode("n1")}, failing_resets={("n1", 2)}, failing_validation={"n1"})
-        store, bus = MemoryStore(), MemoryBus()
-        async with Harness(fast(policy, retry_caps={}), cluster, store=store, bus=bus) as h:
-            await h.open(incident())
-            await h.until(lambda: any(r.kind is ActionKind.REFUSAL and r.action is StepAction.REPROVISION
-                                      for r in h.records()))
+        cluster = reprovision_cluster()
+        store, bus = await stopped_awaiting_reprovision(policy, cluster)
         async with Harness(fast(policy, retry_caps={}), cluster, store=store, bus=bus) as again:
             await again.until(lambda: "inc-1" in again.svc.awaiting)
             await again.open(incident(category="gpu_drain_reset_required", codes=("xid:48", "xid:63"), version=2),
@@ -208,11 +218,9 @@ class TestApprovalsAndBreaker:
         assert cluster.nodes["n1"].reprovisions == 1
 
     async def test_an_update_that_fits_the_same_plan_keeps_the_approval_wait(self, policy: Policy) -> None:
-        cluster = SimCluster({"n1": SimNode("n1")}, failing_resets={("n1", 2)}, failing_validation={"n1"})
+        cluster = reprovision_cluster()
         async with Harness(fast(policy, retry_caps={}), cluster) as h:
-            await h.open(incident())
-            await h.until(lambda: any(r.kind is ActionKind.REFUSAL and r.action is StepAction.REPROVISION
-                                      for r in h.records()))
+            await awaiting_reprovision(h)
             await h.open(incident(version=2, signal_count=5), ChangeKind.UPDATED)  # more of the same fault
             await asyncio.sleep(0.2)
             assert not any(r.kind is ActionKind.PLAN and r.outcome is ActionOutcome.CANCELLED for r in h.records())
