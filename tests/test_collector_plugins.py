@@ -171,14 +171,14 @@ class TestKmsgBatch:
 
     async def test_a_bad_line_between_two_fatal_xids_costs_neither(self, tmp_path: Path, catalog: Catalog,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-        real = kmsg_source.line_signal
+        real = kmsg_source.line_signals
 
         def hostile(text: str, *args: Any, **kw: Any) -> Any:
             if "POISON" in text:
                 raise OverflowError("date value out of range")
             return real(text, *args, **kw)
 
-        monkeypatch.setattr(kmsg_source, "line_signal", hostile)
+        monkeypatch.setattr(kmsg_source, "line_signals", hostile)
         daemon, plugin = await self.kmsg_daemon(tmp_path, catalog, XID79 + "[ 219.5] NVRM: Xid POISON\n" + XID48)
         await daemon.poll_once(plugin)
         spooled = [Signal.model_validate_json(d) for _, d in daemon.spool.peek(10)]

@@ -69,6 +69,14 @@ def unknown(first: Incident, version: int = 2) -> Incident:
                                     "version": version})
 
 
+async def at_step(h: Harness, c: Held, step: str) -> Incident:
+    """Open the XID 48 incident and wait until its plan's ``step`` has started (and is held there)."""
+    first = incident()
+    await h.open(first)
+    await asyncio.wait_for(c.started[step].wait(), 5)
+    return first
+
+
 async def joins(h: Harness, later: Incident) -> None:
     """Publish the incident's update and wait until the service handled it."""
     handled = h.svc.stats.handled
@@ -81,9 +89,7 @@ class TestAnUnknownFaultStopsThePlanInFlight:
             self, policy: Policy) -> None:
         c = Held("drain_gpu")
         async with Harness(fast(policy), c) as h:
-            first = incident()
-            await h.open(first)
-            await asyncio.wait_for(c.started["drain_gpu"].wait(), 5)
+            first = await at_step(h, c, "drain_gpu")
             await joins(h, unknown(first))
             await asyncio.sleep(0.05)
             assert not any(r.action is StepAction.DRAIN_GPU and r.outcome is ActionOutcome.SUCCEEDED
@@ -105,9 +111,7 @@ class TestAnUnknownFaultStopsThePlanInFlight:
             self, policy: Policy, validation_fails: bool, never: tuple[str, ...]) -> None:
         c = Held("validate", failing_validation={"n1"} if validation_fails else set())
         async with Harness(fast(policy, retry_caps={}), c) as h:
-            first = incident()
-            await h.open(first)
-            await asyncio.wait_for(c.started["validate"].wait(), 5)
+            first = await at_step(h, c, "validate")
             await joins(h, unknown(first))
             c.finish["validate"].set()
             await h.until(lambda: "escalated" in plans(h, "unknown-fault"))
@@ -234,9 +238,7 @@ class TestTheRaceWithTheLastStep:
             self, policy: Policy) -> None:
         c = SlowView("validate")
         async with Harness(fast(policy), c) as h:
-            first = incident()
-            await h.open(first)
-            await asyncio.wait_for(c.started["validate"].wait(), 5)
+            first = await at_step(h, c, "validate")
             c.block, h.svc._view_cache = True, None  # the next listing is slow: the update waits for it
             await h.open(unknown(first), ChangeKind.UPDATED)
             await asyncio.wait_for(c.listing.wait(), 5)
@@ -273,9 +275,7 @@ class TestAStoppedPlanWhoseReplacementHasNothingToDo:
             self, policy: Policy) -> None:
         c = Held("validate")
         async with Harness(fast(policy), c) as h:
-            first = incident()
-            await h.open(first)
-            await asyncio.wait_for(c.started["validate"].wait(), 5)
+            first = await at_step(h, c, "validate")
             await joins(h, unknown(first))
             handled = h.svc.stats.handled
             await h.open(first.model_copy(update={"status": IncidentStatus.RESOLVED, "version": 3,

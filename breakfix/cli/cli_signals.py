@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import sys
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -133,7 +132,7 @@ def signals_kmsg(
     = "UTC",
 ) -> None:
     """Parse NVIDIA XID, SXid and fallen-off-the-bus lines from a copied kernel log."""
-    from breakfix.collectors.kmsg import BadLine, line_signal, records
+    from breakfix.collectors.kmsg import line_signals
     from breakfix.collectors.kmsg_follow import DELTA, RELATIVE, HumanClock, line_time_source, log_zone
 
     try:
@@ -160,23 +159,15 @@ def signals_kmsg(
             return t, RELATIVE
         return t, ""
 
-    def at_line(whole: str, _record: str) -> tuple[datetime, str]:
-        return at(whole)
-
     write = sys.stdout.write
     for lineno, line in enumerate(text.splitlines(), start=1):
         placed = human.step(line, now=now)  # every line: the deltas of the lines between count
         if "NVRM" not in line and "SXid" not in line:
             continue
-        for i, piece in enumerate(records(line)):  # a record glued to the next is two, at the line's time
-            try:
-                sig = line_signal(piece, ctx, observed_at=partial(at_line, line), line=line,
-                                  discriminator=f"{file.name}:{lineno}" + (f"#{i}" if i else ""))
-            except BadLine as exc:
-                bad.append(f"line {lineno}: {exc}")
-                continue
-            if sig is not None:
-                write(sig.model_dump_json(by_alias=True) + "\n")
+        sigs, refused = line_signals(line, ctx, observed_at=at, discriminator=f"{file.name}:{lineno}")
+        bad.extend(f"line {lineno}: {exc}" for exc in refused)
+        for sig in sigs:
+            write(sig.model_dump_json(by_alias=True) + "\n")
     if relative:
         err.print(f"[yellow]warning:[/yellow] {relative} line(s) carry only seconds since boot; their times are "
                   "not real (details.time_source=relative). Give --boot-time or --reference.", highlight=False)

@@ -248,3 +248,22 @@ def line_signal(text: str, ctx: NodeContext, *, observed_at: Callable[[str], tup
         raise
     except (ValueError, OverflowError, TypeError, IndexError, KeyError) as exc:
         raise BadLine(f"{type(exc).__name__}: {exc}"[:300]) from None
+
+
+def line_signals(line: str, ctx: NodeContext, *, observed_at: Callable[[str], tuple[datetime, str]],
+                 discriminator: str) -> tuple[list[Signal], list[BadLine]]:
+    """Every record of one line (``records``: a record glued to the next is two) -> its signal, each at the whole
+    line's time; the first keeps the line's ``discriminator`` (its id as before), the n-th adds ``#n``. A record
+    that is a ``BadLine`` is returned with the others' signals, so the caller counts it and keeps the rest."""
+    out: list[Signal] = []
+    bad: list[BadLine] = []
+    for i, text in enumerate(records(line)):
+        try:
+            sig = line_signal(text, ctx, observed_at=lambda _record: observed_at(line), line=line,
+                              discriminator=discriminator + (f"#{i}" if i else ""))
+        except BadLine as exc:
+            bad.append(exc)
+            continue
+        if sig is not None:
+            out.append(sig)
+    return out, bad

@@ -16,12 +16,11 @@ forwarder took the batch).
 from __future__ import annotations
 
 from datetime import UTC, datetime, tzinfo
-from functools import partial
 
 import structlog
 
 from breakfix.collectors.context import NodeContext
-from breakfix.collectors.kmsg import BadLine, line_signal, records
+from breakfix.collectors.kmsg import line_signals
 from breakfix.collectors.kmsg_follow import DELTA, HumanClock, KmsgFollower, Line, Position, boot_time, line_time
 from breakfix.schemas.signal import Signal
 
@@ -60,25 +59,17 @@ class KmsgSource:
                 return placed, DELTA
             return line_time(text, booted=self.booted, now=now, tz=self.tz), ""
 
-        def at_line(whole: str, _record: str) -> tuple[datetime, str]:
-            return at(whole)
-
         for ln in lines:
             placed = self.clock.step(ln.text, now=now)
-            for i, text in enumerate(records(ln.text)):  # a record glued to the next is two (the line's time)
-                try:
-                    sig = line_signal(text, self.ctx, observed_at=partial(at_line, ln.text), line=ln.text,
-                                      discriminator=ln.key if i == 0 else f"{ln.key}#{i}")
-                except BadLine as exc:
-                    bad += 1
-                    first = first or f"{ln.key}: {exc}"
-                    continue
-                except Exception as exc:  # the daemon's own guard: no line may cost the batch its fatal XIDs
-                    bad += 1
-                    first = first or f"{ln.key}: {exc!r}"[:300]
-                    continue
-                if sig is not None:
-                    out.append(sig)
+            try:  # a record glued to the next is two, at the line's time (kmsg.line_signals)
+                sigs, refused = line_signals(ln.text, self.ctx, observed_at=at, discriminator=ln.key)
+            except Exception as exc:  # the daemon's own guard: no line may cost the batch its fatal XIDs
+                bad += 1
+                first = first or f"{ln.key}: {exc!r}"[:300]
+                continue
+            out.extend(sigs)
+            bad += len(refused)
+            first = first or (f"{ln.key}: {refused[0]}" if refused else "")
         if bad:
             self.skipped += bad
             log.warning("kmsg_lines_skipped", node=self.ctx.node, count=bad, first=first, total=self.skipped)

@@ -44,8 +44,7 @@ async def decide_and_run(svc: RemediatorService, inc: Incident, attempt: int, re
         progress = None
     else:
         plan, progress = resume.plan, resume.progress
-        if ran_until(plan, progress.rung, progress.step):
-            svc.acted.add(inc.id)  # a late companion never re-decides it into a second reset
+        remember_acted(svc, resume)
         here = step_at(plan, progress.rung, progress.step)
         if here is not None and not here.requires_approval and here.action in svc.policy.guards.retry_caps:
             # progress stands at a step only once its gate let it run (an approved step: once a human approved
@@ -211,6 +210,12 @@ async def return_cordoned(svc: RemediatorService, inc: Incident, attempt: int, *
     return False
 
 
+def remember_acted(svc: RemediatorService, rec: PlanRecord) -> None:
+    """A stored plan that already ran a step: a late companion never re-decides it into a second reset."""
+    if ran_until(rec.plan, rec.progress.rung, rec.progress.step):
+        svc.acted.add(rec.incident.id)
+
+
 async def redecide_awaiting(svc: RemediatorService, inc: Incident) -> None:
     """A newer version of an incident whose plan waits for an approval (a reprovision, say): re-decided as a plan
     in flight is (``follow.redecision``: turned cautious, more severe, or a late category change before anything
@@ -232,8 +237,4 @@ async def redecide_awaiting(svc: RemediatorService, inc: Incident) -> None:
     await svc.publish(svc.record(inc, ActionKind.PLAN, ActionOutcome.CANCELLED,
                                  f"{why}; the step waiting for approval will not run",
                                  tag=ActionOutcome.CANCELLED.value, rule=plan.rule))
-    task = svc.tasks.get(inc.id)
-    if task is not None and not task.done():
-        svc.redo[inc.id] = attempt + 1  # its task, still returning from the approval wait, runs the new plan
-    else:
-        svc.spawn(inc.id, attempt + 1, None, settle=False)
+    svc.decide_again(inc.id, attempt + 1)  # its task may still be returning from the approval wait

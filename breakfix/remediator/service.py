@@ -183,10 +183,8 @@ class RemediatorService:
         if inc.status.terminal and (prev is None or not prev.status.terminal) and inc.id not in self.current:
             await self._end_approval_wait(inc)
         self._forget_old()
-        if change.kind is ChangeKind.UPDATED and inc.id in self.current:
+        if change.kind is ChangeKind.UPDATED:
             await self.maybe_redecide(inc)
-        elif change.kind is ChangeKind.UPDATED and inc.id in self.awaiting:
-            await planrun.redecide_awaiting(self, inc)
         if inc.id in self.waits:
             await deferral_wait.end_if_changed(self, inc)
         if not opening:
@@ -307,10 +305,12 @@ class RemediatorService:
             self.guards.forget(iid)  # an escalated incident keeps its hold until a human releases it
 
     async def maybe_redecide(self, inc: Incident) -> None:
-        """A newer version of an incident whose plan is in flight (a live update, or one the index had when a plan
-        was resumed: ``remediator.takeup``): re-decide it (``follow.redecision``)."""
+        """A newer version of an incident whose plan is in flight or waits for an approval (a live update, or one the
+        index had when a plan was resumed: ``remediator.takeup``): re-decide it (``follow.redecision``)."""
         held = self.current.get(inc.id)
         if held is None:
+            if inc.id in self.awaiting:
+                await planrun.redecide_awaiting(self, inc)
             return
         plan, category, attempt = held
         now = self.decisions.plan(inc, await self.view(), self.policy, busy=self.guards.active)
@@ -322,17 +322,21 @@ class RemediatorService:
             # the plan ended (or another took over) while the view was read: nothing is left to stop, but the incident
             # as it is now is decided again (a plan that completed meanwhile left an unknown fault unhandled)
             if inc.id not in self.current:
-                task = self.tasks.get(inc.id)
-                if task is not None and not task.done():
-                    self.redo[inc.id] = attempt + 1  # its task, still returning, runs the re-decided plan
-                else:
-                    self.spawn(inc.id, attempt + 1, None, settle=False)
+                self.decide_again(inc.id, attempt + 1)
             return
         if turns_cautious(plan, category, now, inc):
             self.stop_at_step(inc.id, attempt, why)
             return
         await self.stop_plan(inc, why, outcome=ActionOutcome.CANCELLED, rule=plan.rule)
         self.spawn(inc.id, attempt + 1, None, settle=False)
+
+    def decide_again(self, incident_id: str, attempt: int) -> None:
+        """Run the incident's re-decided plan: in its task when that is still returning (``redo``), else a new one."""
+        task = self.tasks.get(incident_id)
+        if task is not None and not task.done():
+            self.redo[incident_id] = attempt
+        else:
+            self.spawn(incident_id, attempt, None, settle=False)
 
     async def stop_plan(self, inc: Incident, why: str, *, outcome: ActionOutcome, rule: str,
                         waiting: WaitingOn | None = None) -> None:

@@ -27,7 +27,7 @@ import structlog
 
 from breakfix.bus.clock import first_of
 from breakfix.remediator import planrun
-from breakfix.remediator.follow import held_nodes, ran_until
+from breakfix.remediator.follow import held_nodes
 from breakfix.remediator.reconcile import ATTEMPT_STRIDE, OpenIncidents, unplanned
 from breakfix.remediator.records import PlanRecord, ProgressState
 from breakfix.schemas import subjects
@@ -93,10 +93,7 @@ async def take_up(svc: RemediatorService) -> int:
             if prev is not None and inc.version > prev.version and (inc.id in svc.current or inc.id in svc.awaiting):
                 behind.append(inc)
     for inc in behind:  # re-decided as a live update would be (one not started yet is, when it starts: planrun.behind)
-        if inc.id in svc.current:
-            await svc.maybe_redecide(inc)
-        elif inc.id in svc.awaiting:  # a plan that waits for an approval
-            await planrun.redecide_awaiting(svc, inc)
+        await svc.maybe_redecide(inc)
     for inc in sorted(found.incidents, key=lambda i: (i.first_seen, i.id)):
         await svc.observe_open(inc)  # counts nodes once: an opening already seen before the stop is harmless
     planned = {rec.incident.id: rec.progress.attempt for rec in records  # a cancelled plan covers nothing: a
@@ -116,13 +113,11 @@ async def take_up(svc: RemediatorService) -> int:
 def resume(svc: RemediatorService, records: list[PlanRecord]) -> None:
     """Resume every running plan in the store at its step (on becoming the leader, ``remediator.takeup``); the
     approvals gauges count the plans the store says wait for one."""
-    svc.observe.metrics.awaiting(rec.incident.id for rec in records
-                                 if rec.progress.state is ProgressState.AWAITING_APPROVAL)
-    for rec in records:  # incident updates may re-decide a plan that waits for an approval (planrun.redecide_awaiting)
-        if rec.progress.state is ProgressState.AWAITING_APPROVAL:
-            svc.awaiting[rec.incident.id] = (rec.plan, rec.incident.category, rec.progress.attempt)
-            if ran_until(rec.plan, rec.progress.rung, rec.progress.step):
-                svc.acted.add(rec.incident.id)  # a late companion never re-decides it into a second reset
+    waiting = [rec for rec in records if rec.progress.state is ProgressState.AWAITING_APPROVAL]
+    svc.observe.metrics.awaiting(rec.incident.id for rec in waiting)
+    for rec in waiting:  # incident updates may re-decide a plan that waits for an approval (planrun.redecide_awaiting)
+        svc.awaiting[rec.incident.id] = (rec.plan, rec.incident.category, rec.progress.attempt)
+        planrun.remember_acted(svc, rec)
     for rec in records:
         if not rec.progress.state.live:
             continue
