@@ -322,8 +322,9 @@ async def test_fleet_collector_spools_while_nats_is_down_and_replays_when_it_ret
     try:
         await bus.reset_consumer(stream=subjects.SIGNALS.name, durable="audit", filter_subject=subjects.SIGNALS_ALL,
                                  start_seq=1, ack_all=False)
-        ids = [Signal.model_validate_json(m.data).id
-               for m in await bus.pull(stream=subjects.SIGNALS.name, durable="audit", batch=1000, timeout_s=0.5)]
+        ids: list[str] = []  # a pull hands out what has arrived: read until the stream has nothing more
+        while batch := await bus.pull(stream=subjects.SIGNALS.name, durable="audit", batch=1000, timeout_s=0.5):
+            ids.extend(Signal.model_validate_json(m.data).id for m in batch)
     finally:
         await bus.close()
         server.stop()
