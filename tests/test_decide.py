@@ -156,6 +156,25 @@ POLICY_ERRORS = [
     pytest.param("version: 1\nrules: []\n", 2, "rules", id="no-rules"),
     pytest.param("version: 1\nrules:\n  - name: r1\n    domain: sideways\n    reason: x\n", 4, "domain",
                  id="bad-domain"),
+    # names a rule matches on or the kill switch names must exist in the catalog and the policy: a typo would match
+    # nothing (the incident falls to a later rule) or leave a switched-off code acting
+    pytest.param("version: 1\nrules:\n  - name: r1\n    domain: operator\n    reason: x\n"
+                 "    match: {categories: [gpu_rest_required]}\n", 6,
+                 "rules.0.match.categories (rule r1): unknown category 'gpu_rest_required'", id="unknown-category"),
+    pytest.param("version: 1\nrules:\n  - name: r0\n    domain: tenant\n    reason: x\n  - name: r1\n"
+                 "    domain: tenant\n    reason: x\n    match:\n      categories: [application_fault]\n"
+                 "      only_codes: [xid:94, rowremap.pending]\n", 11,
+                 "no check 'rowremap.pending'", id="only-codes-typo"),
+    pytest.param("version: 1\nrules:\n  - name: r1\n    domain: operator\n    reason: x\n"
+                 "    match: {codes: [\"xid:4800\"]}\n", 6, "XID '4800' is not in NVIDIA's Xid catalog",
+                 id="codes-unknown-xid"),
+    pytest.param("version: 1\nrules:\n  - name: r1\n    domain: operator\n    reason: x\n"
+                 "    match: {codes: [\"xid:\"]}\n", 6, "XID '' is not", id="codes-empty-xid"),
+    pytest.param("version: 1\nguards:\n  kill_switch:\n    rules: [gpu-rest]\nrules:\n  - name: gpu-reset\n"
+                 "    domain: operator\n    reason: x\n", 4, "no rule named 'gpu-rest'", id="kill-switch-rule"),
+    pytest.param("version: 1\nguards:\n  kill_switch:\n    codes: [\"xid:79\", \"sxid:99999\"]\nrules:\n"
+                 "  - name: r1\n    domain: operator\n    reason: x\n", 4, "SXid '99999' is not in the SXid catalog",
+                 id="kill-switch-code"),
 ]
 
 
@@ -172,6 +191,15 @@ class TestPolicyFile:
         assert exc.value.path == str(p)
         assert exc.value.line == line, str(exc.value)
         assert needle in str(exc.value)
+
+    @pytest.mark.parametrize("key", ["xid:48", "xid:94", "sxid:12028", "sxid", "row_remap.pending", "ecc.dbe",
+                                     "retired_pages.pending", "dcgm.health:DCGM_FR_PCIE_REPLAY_THRESHOLD_VIOLATION",
+                                     "nvlink.errors:crc"])
+    def test_every_kind_of_code_key_the_correlator_counts_is_accepted(self, tmp_path: Path, key: str) -> None:
+        p = tmp_path / "policy.yaml"
+        p.write_text(f"version: 1\nguards:\n  kill_switch:\n    codes: [{key!r}]\nrules:\n  - name: r1\n"
+                     f"    domain: operator\n    reason: x\n    match: {{codes: [{key!r}], only_codes: [{key!r}]}}\n")
+        assert load_policy(p).guards.kill_switch.codes == {key}
 
     def test_missing_policy_file_is_a_clear_error(self, tmp_path: Path) -> None:
         with pytest.raises(DataFileError, match="cannot read"):

@@ -160,7 +160,8 @@ def test_deployed_configs_validate_against_the_real_config_models(overlay: str,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from breakfix.collectors.config import CollectorConfig
     from breakfix.remediator.config import RemediatorConfig
-    from breakfix.remediator.policy import Policy
+    from breakfix.remediator.policy import Policy, check_names
+    from breakfix.schemas.catalog import default_catalog
 
     monkeypatch.setenv("NODE_NAME", "gpu-node-000")
     collector = CollectorConfig.model_validate(yaml.safe_load(config_text(overlay, "breakfix-collector",
@@ -176,6 +177,7 @@ def test_deployed_configs_validate_against_the_real_config_models(overlay: str,
                                                                             "remediator.yaml")))
     assert remediator.policy == Path("/etc/breakfix/policy.yaml")
     policy = Policy.model_validate(yaml.safe_load(config_text(overlay, "breakfix-remediator", "policy.yaml")))
+    check_names(policy, default_catalog(), "policy.yaml", {})  # every category and code it names exists
     assert policy.dry_run, "a first install must change nothing"
 
 

@@ -162,6 +162,16 @@ def test_admin_records_breaker_reset_and_kill_switch() -> None:
         verbs.kill_switch("c1", adam, rule="r", code="c", enabled=True, reason="x", at=T0)
 
 
+@pytest.mark.parametrize("code", ["xid:7900", "xid79", "rowremap.pending"])
+def test_a_kill_switch_on_a_code_the_catalog_does_not_know_is_refused_as_it_would_stop_nothing(code: str) -> None:
+    adam = Identity("adam", Role.ADMIN)
+    with pytest.raises(VerbError, match="kill switch code"):
+        verbs.kill_switch("c1", adam, code=code, enabled=True, reason="bad driver", at=T0)
+    off = verbs.kill_switch("c1", adam, code=code, enabled=False, reason="typo", at=T0)  # a mistyped one can go
+    assert off.details == {"code": code, "enabled": "false"}
+
+
+
 def test_the_remediator_ignores_a_verb_whose_actor_only_shares_the_subjects_user_token() -> None:
     """``jane.doe@corp`` and ``jane_doe_corp`` are one subject token: the NATS user ``jane_doe_corp`` may
     publish on that subject, so a record there is that user's, under that exact name, or nobody's."""

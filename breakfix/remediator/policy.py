@@ -12,8 +12,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from breakfix.remediator.guardspec import GuardsSpec
+from breakfix.schemas.catalog import Catalog, default_catalog
 from breakfix.schemas.common import Severity
-from breakfix.schemas.datafile import load_model
+from breakfix.schemas.datafile import DataFileError, LineMap, line_for, parse_yaml, read_text, validate
 from breakfix.schemas.incident import Domain, IncidentScope, StepAction
 
 POLICY_DIR = Path(__file__).resolve().parent / "policies"
@@ -129,6 +130,36 @@ class Policy(BaseModel):
         return self
 
 
-def load_policy(path: str | Path | None = None) -> Policy:
-    """Load and validate a policy file (the shipped default when ``path`` is None)."""
-    return load_model(Policy, path or DEFAULT_POLICY)
+def load_policy(path: str | Path | None = None, catalog: Catalog | None = None) -> Policy:
+    """Load and validate a policy file (the shipped default when ``path`` is None) against the catalog
+    (the shipped one when ``catalog`` is None): see ``check_names``."""
+    p = Path(path or DEFAULT_POLICY)
+    data, lines = parse_yaml(read_text(p), p)
+    policy = validate(Policy, data, p, lines)
+    check_names(policy, catalog or default_catalog(), p, lines)
+    return policy
+
+
+def check_names(policy: Policy, catalog: Catalog, path: str | Path, lines: LineMap) -> None:
+    """Every category and code a rule matches on, and every code and rule the kill switch names, must exist: a typo
+    would make a rule match nothing (its incidents fall to a later rule) or leave a switched-off code acting, with
+    nothing said. ``DataFileError`` (``file:line: reason``) on the first unknown name."""
+    cats = catalog.classes.categories
+    for i, rule in enumerate(policy.rules):
+        m = rule.match
+        for field, names in (("categories", m.categories), ("codes", m.codes), ("only_codes", m.only_codes)):
+            for name in sorted(names):
+                why = (None if name in cats else f"unknown category {name!r} (not in the catalog)") \
+                    if field == "categories" else catalog.unknown_code_key(name)
+                if why is not None:
+                    raise DataFileError(path, line_for(lines, ("rules", i, "match", field)),
+                                        f"rules.{i}.match.{field} (rule {rule.name}): {why}")
+    ks = policy.guards.kill_switch
+    for name in sorted(ks.rules - {r.name for r in policy.rules}):
+        raise DataFileError(path, line_for(lines, ("guards", "kill_switch", "rules")),
+                            f"guards.kill_switch.rules: no rule named {name!r} in this policy")
+    for code in sorted(ks.codes):
+        why = catalog.unknown_code_key(code)
+        if why is not None:
+            raise DataFileError(path, line_for(lines, ("guards", "kill_switch", "codes")),
+                                f"guards.kill_switch.codes: {why}")

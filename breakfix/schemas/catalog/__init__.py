@@ -140,6 +140,29 @@ class Catalog:
         """True when the same check and code can classify differently by message (no caching)."""
         return check == "sxid" or (check == "xid" and code in self.message_xids)
 
+    def unknown_code_key(self, key: str) -> str | None:
+        """Why ``key`` is not a code key this catalog knows (None when it is one). Code keys are what the
+        correlator counts on an incident (``Incident.codes``): ``xid:48``, ``sxid:12028``, a check
+        (``row_remap.pending``), or a check with a DCGM failure code (``dcgm.health:DCGM_FR_PCIE_REPLAY``).
+        A policy or kill switch naming anything else would match nothing, silently."""
+        check, sep, code = key.partition(":")
+        if check == "xid":
+            if code.isdigit() and int(code) in self.xids:
+                return None
+            return f"{key!r}: XID {code!r} is not in NVIDIA's Xid catalog"
+        if check == "sxid" and sep:
+            if code in self.semantics.sxids:
+                return None
+            return f"{key!r}: SXid {code!r} is not in the SXid catalog"
+        if sep and not code:
+            return f"{key!r}: no code after the colon"
+        if sep and self.dcgm_name(code):
+            return None
+        if check in self.classes.checks:
+            return None
+        return f"{key!r}: no check {check!r} in the catalog (code keys look like xid:48, sxid:12028, " \
+               "row_remap.pending or dcgm.health:DCGM_FR_...)"
+
     def category(self, name: str) -> CategorySpec:
         return self.classes.categories.get(name) or self.classes.categories[UNKNOWN]
 
