@@ -1,7 +1,7 @@
 """``nvidia-smi -q`` text and ``nvidia-smi -q -x`` XML -> the nvml source's ``GpuSample``s -> signals.
 
-Both outputs become one tree of (key, value) nodes with normalised keys (``ECC Errors`` and
-``<ecc_errors>`` are both ``ecc_errors``); ``gpu_sample`` reads from it what the nvml source reads
+Both outputs become one tree of (key, value) nodes with normalised keys (``collectors.nvsmi_tree``: ``ECC Errors``
+and ``<ecc_errors>`` are both ``ecc_errors``); ``gpu_sample`` reads from it what the nvml source reads
 through NVML, and the nvml source's own pure rules (``collectors.nvml_eval.evaluate``) turn it into
 signals, so a fault reads the same from a dump as from a live GPU:
 
@@ -35,9 +35,12 @@ signals, so a fault reads the same from a dump as from a live GPU:
   margins (``GPU T.Limit Temp``, ``GPU Slowdown T.Limit Temp``) turned into the same two -> ``temperature.slowdown``;
 - ``Fabric`` Health (Summary Unhealthy / Limited Capacity, Bandwidth Degraded, Route Unhealthy, Incorrect
   Configuration) and a Status other than Success -> ``fabric.gpu`` with ``details.fabric_health``.
-Inputs as they arrive: ``-l N`` captures (one log or XML document per interval: GPUs numbered within their log, the
-latest reading of each GPU wins), XML after the ``Unable to determine ...`` lines of ``2>&1``, XML cut short (the
-GPUs before the cut are read; ``attached_gpus`` shows what is missing), indented or banner-less text, a BOM and CRLF.
+A GPU's NVML index is claimed only where the dump proves it (``parse_nvsmi``): its position in a log listing all
+``Attached GPUs``; ``-i 3`` (one section of 8) names GPUs by UUID and bus id, ``nvsmi_signals`` adds the index the
+node's registered GPUs (``NodeContext.register_gpus``) give them. Inputs as they arrive: ``-l N`` captures (one log
+or XML document per interval, the latest reading of each GPU wins), XML after the ``Unable to determine ...`` lines
+of ``2>&1``, XML cut short (the GPUs before the cut are read; ``attached_gpus`` shows what is missing), indented or
+banner-less text, a BOM and CRLF.
 MIG mode and MIG devices are read per GPU (``details.mig_mode``, ``details.mig_devices``). Values that read
 ``N/A``, ``[N/A]``, ``Not Supported`` or ``[Requires Root]`` are absent, never zero. XML with entity
 declarations is refused (no entity expansion). Field names: NVIDIA nvidia-smi(1) and ``nvsmi_device_v12.dtd``.
@@ -47,18 +50,17 @@ Used by ``breakfix signals nvsmi``.
 from __future__ import annotations
 
 import re
-import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.nvml_eval import SRAM_COUNTS, GpuSample, Thresholds, evaluate
+from breakfix.collectors.nvsmi_tree import Node as Node  # re-exported: callers read dumps through this module
+from breakfix.collectors.nvsmi_tree import NvsmiFormatError as NvsmiFormatError
+from breakfix.collectors.nvsmi_tree import flatten, parse_tree
 from breakfix.schemas.common import GpuRef, normalize_pci_bus_id
 from breakfix.schemas.signal import Signal, SignalSource
 
-MAX_NODES = 200_000
-_KV = re.compile(r"^(?P<indent> *)(?P<key>\S.*?)\s+:\s?(?P<value>.*?)\s*$")
-_GPU = re.compile(r"^\s*GPU (?P<bus>[0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7])\s*$")
 _ABSENT = {"n/a", "[n/a]", "not supported", "[not supported]", "[requires root]", "unknown error", "[unknown error]",
            "none", ""}
 # What nvidia-smi prints for a GPU NVML cannot open: "GPU is lost. Reboot the system to recover this GPU",
@@ -95,141 +97,11 @@ _RECOVERY_NUMBERS = {"1": "Reset", "2": "Reboot", "3": "Drain P2P", "4": "Drain 
 _DEPRECATED = "requested functionality has been deprecated"
 
 
-class NvsmiFormatError(ValueError):
-    """Not ``nvidia-smi -q`` output."""
-
-
-@dataclass
-class Node:
-    key: str
-    value: str = ""
-    children: list[Node] = field(default_factory=list)
-
-    def get(self, path: str) -> Node | None:
-        node: Node | None = self
-        for part in path.split("/"):
-            node = next((c for c in node.children if c.key == part), None) if node else None
-        return node
-
-    def all(self, key: str) -> list[Node]:
-        return [c for c in self.children if c.key == key]
-
-
-def norm(key: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", key.lower()).strip("_")
-
-
 def looks_like_nvsmi(text: str) -> bool:
     head = text[:65536]
     return ("NVSMI LOG" in head or "<nvidia_smi_log" in head or _NO_HANDLE_LINE.search(head) is not None
             or bool(re.search(r"^GPU [0-9A-Fa-f]{8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7]\s*$", head, re.M)
                     and "Product Name" in head))
-
-
-def _text_tree(text: str) -> Node:
-    """Every ``NVSMI LOG`` of a text dump as one tree: each banner adds a ``nvsmi_log`` marker to the root, so the
-    GPUs of ``nvidia-smi -q -l N`` (one log per interval) can be told apart. A GPU header may be indented (a dump
-    pasted into an issue or a shell heredoc): its children are the lines indented deeper than it."""
-    root = Node("")
-    stack: list[tuple[int, Node]] = [(-1, root)]
-    count = 0
-    lines = text.expandtabs(4).splitlines()
-    if lines and not text.endswith(("\n", "\r")):
-        lines.pop()  # a dump cut mid-line (a capture killed on a hung GPU): a half-written value is no reading
-    for raw in lines:
-        if not raw.strip() or len(raw) > 4096:
-            continue
-        count += 1
-        if count > MAX_NODES:
-            break
-        indent = len(raw) - len(raw.lstrip(" "))
-        if raw.lstrip().startswith("="):
-            if "NVSMI LOG" in raw:
-                root.children.append(Node("nvsmi_log"))
-                stack = [(-1, root)]
-            continue
-        if m := _GPU.match(raw):
-            node = Node("gpu", m.group("bus"))
-            root.children.append(node)
-            stack = [(-1, root), (indent, node)]
-            continue
-        m = _KV.match(raw)
-        node = Node(norm(m.group("key")), m.group("value")) if m else Node(norm(raw), "")
-        while len(stack) > 1 and stack[-1][0] >= indent:
-            stack.pop()
-        stack[-1][1].children.append(node)
-        stack.append((indent, node))
-    return root
-
-
-def _xml_doc(text: str) -> tuple[Node, bool]:
-    """One ``nvidia-smi -q -x`` document -> (tree, cut short). A document cut off mid-way (nvidia-smi killed by a
-    timeout on a hung GPU, a capture truncated on copy) keeps every element read before the cut, so its complete
-    GPUs are read and the ``attached_gpus`` count says what is missing; anything that is no ``nvidia_smi_log``
-    document is refused."""
-    parser: ET.XMLPullParser[ET.Element] = ET.XMLPullParser(events=("start",))
-    root: ET.Element | None = None
-    cut = False
-    try:
-        parser.feed(text)
-        parser.close()
-    except ET.ParseError:
-        cut = True
-    try:
-        for event in parser.read_events():
-            if root is None and isinstance(event[-1], ET.Element):
-                root = event[-1]
-    except ET.ParseError:
-        cut = True
-    if root is None or root.tag != "nvidia_smi_log":
-        raise NvsmiFormatError("not nvidia-smi -q -x XML: no <nvidia_smi_log> document")
-
-    def conv(e: ET.Element, depth: int = 0) -> Node:
-        n = Node(norm(e.tag), (e.text or "").strip())
-        n.children = [conv(c, depth + 1) for c in e] if depth < 32 else []  # nvsmi_device_v13.dtd nests 6 deep
-        if n.key == "gpu":
-            n.value = e.get("id", "")
-        return n
-
-    return conv(root), cut
-
-
-# Where XML documents start: nvidia-smi -q -x prints "Unable to determine the device handle ..." for a GPU it cannot
-# open before the document (captured with 2>&1), and ``-q -x -l N`` prints one document per interval.
-_XML_START = re.compile(r"<\?xml\b|<!DOCTYPE\s+nvidia_smi_log|<nvidia_smi_log\b")
-_XML_DECL = re.compile(r"<\?xml\b")
-_XML_ROOT = re.compile(r"(?:<!DOCTYPE\s+nvidia_smi_log[^>]*>\s*)?<nvidia_smi_log\b")
-
-
-def _xml_tree(text: str) -> Node:
-    """Every XML document of a dump as one tree, in the shape ``_text_tree`` gives (a ``nvsmi_log`` marker before
-    each document's children, its value ``truncated`` when the document was cut short)."""
-    if "<!ENTITY" in text:
-        raise NvsmiFormatError("XML entity declarations are not nvidia-smi output")
-    docs = [m.start() for m in _XML_DECL.finditer(text)] or [m.start() for m in _XML_ROOT.finditer(text)]
-    if not docs:
-        raise NvsmiFormatError("not nvidia-smi -q -x XML: no <nvidia_smi_log> document")
-    root = Node("")
-    for i, at in enumerate(docs[:64]):
-        tree, cut = _xml_doc(text[at:docs[i + 1] if i + 1 < len(docs) else len(text)])
-        root.children.append(Node("nvsmi_log", "truncated" if cut else ""))
-        root.children.extend(tree.children)
-    return root
-
-
-def is_xml(text: str) -> bool:
-    """``-q -x`` XML: it starts with ``<``, or an XML document follows lines nvidia-smi printed before it."""
-    head = text.lstrip()
-    return head.startswith("<") or ("NVSMI LOG" not in text and _XML_START.search(text) is not None)
-
-
-def parse_tree(text: str) -> Node:
-    """The whole dump as one tree; GPUs are the root's ``gpu`` children, each log (``-l N`` prints one per
-    interval) after a ``nvsmi_log`` marker."""
-    text = text.removeprefix("\ufeff")
-    if is_xml(text):
-        return _xml_tree(text)
-    return _text_tree(text)
 
 
 def _value(node: Node | None) -> str | None:
@@ -321,7 +193,7 @@ def recovery_check(action: str) -> tuple[str, str | None]:
 def lost_reading(gpu: Node) -> tuple[str, str] | None:
     """(check, value) when a reading of this GPU is NVML's GPU-is-lost or reset-required error; lost wins."""
     found = None
-    for n in _flatten(gpu):
+    for n in flatten(gpu):
         said = n.value.strip()
         check = _LOST_VALUES.get(said.strip("[]").rstrip(".").strip().lower()) if len(said) < 40 else None
         if check == "gpu.lost":
@@ -371,7 +243,7 @@ def _fabric_health(health: Node | None) -> list[str]:
     return out
 
 
-def gpu_sample(gpu: Node, index: int) -> NvsmiGpu:
+def gpu_sample(gpu: Node, index: int | None) -> NvsmiGpu:
     bus = gpu.value or _value(first(gpu, "pci/bus_id", "pci/pci_bus_id")) or ""
     try:
         pci = normalize_pci_bus_id(bus) if bus else None
@@ -405,7 +277,7 @@ def gpu_sample(gpu: Node, index: int) -> NvsmiGpu:
     if reasons is not None:
         bits = 0
         seen = False
-        for c in _flatten(reasons):
+        for c in flatten(reasons):
             active = _yes(c)
             name = re.sub(r"^clocks_(event|throttle)_reason_", "", c.key)
             bit = {"hw_slowdown": 0x8, "hw_thermal_slowdown": 0x40, "hw_power_brake_slowdown": 0x80}.get(name)
@@ -447,16 +319,6 @@ def gpu_sample(gpu: Node, index: int) -> NvsmiGpu:
     return NvsmiGpu(s, details, replays, recovery_action(gpu), ", ".join(health))
 
 
-def _flatten(node: Node) -> list[Node]:
-    """Every node under ``node``, depth first, without recursion (a text dump's depth is its indentation)."""
-    out: list[Node] = []
-    todo = list(reversed(node.children))
-    while todo:
-        c = todo.pop()
-        out.append(c)
-        todo.extend(reversed(c.children))
-    return out
-
 
 @dataclass
 class NvsmiRead:
@@ -464,23 +326,44 @@ class NvsmiRead:
     attached: int | None
 
 
+def _logs(tree: Node) -> list[tuple[int | None, list[Node]]]:
+    """(``Attached GPUs``, GPU sections) of each log of the dump: one per ``-l N`` interval, the whole dump if one."""
+    logs: list[tuple[int | None, list[Node]]] = [(None, [])]
+    for node in tree.children:
+        if node.key == "nvsmi_log":
+            logs.append((None, []))
+        elif node.key == "attached_gpus":
+            logs[-1] = (_int(node), logs[-1][1])
+        elif node.key == "gpu":
+            logs[-1][1].append(node)
+    return logs
+
+
 def parse_nvsmi(text: str) -> NvsmiRead:
-    """Every GPU of a dump. ``NvsmiFormatError`` when the text is no nvidia-smi -q output."""
+    """Every GPU of a dump. ``NvsmiFormatError`` when the text is no nvidia-smi -q output.
+
+    A GPU's ``index`` (NVML's, the one the remediator resets by) is its position only in a log that lists every
+    attached GPU (as many sections as ``Attached GPUs``: nvidia-smi lists them in index order); a log of fewer
+    (``-i 3``, ``--id=<uuid>``, a GPU it could not open, a cut) or with no count proves no index, and its GPUs are
+    known by UUID and bus id (``Minor Number`` is the /dev/nvidia<N> minor, not the NVML index). A GPU read in an
+    earlier, whole log of the same dump keeps the index that log gave it (same UUID and bus id)."""
     if not looks_like_nvsmi(text):
         raise NvsmiFormatError("not nvidia-smi -q output")
     tree = parse_tree(text)
     latest: dict[str, NvsmiGpu] = {}
-    index = 0
-    attached = None
-    for node in tree.children:
-        if node.key == "nvsmi_log":  # nvidia-smi -q -l N: GPUs are numbered within each log, the latest reading wins
-            index = 0
-        elif node.key == "attached_gpus":
-            attached = _int(node)
-        elif node.key == "gpu" and len(latest) < 4096:
-            g = gpu_sample(node, index)
-            latest[g.sample.gpu.pci_bus_id or g.sample.gpu.uuid or f"#{index}"] = g
-            index += 1
+    attached = next((_int(n) for n in reversed(tree.children) if n.key == "attached_gpus"), None)
+    for count, sections in _logs(tree):  # -l N: the latest reading of each GPU wins
+        whole = count is not None and len(sections) == count
+        for index, node in enumerate(sections):
+            if len(latest) >= 4096:
+                break
+            g = gpu_sample(node, index if whole else None)
+            ref = g.sample.gpu
+            key = ref.pci_bus_id or ref.uuid or f"#{index}"
+            was = latest[key].sample.gpu if key in latest else None
+            if ref.index is None and was is not None and (was.uuid, was.pci_bus_id) == (ref.uuid, ref.pci_bus_id):
+                g.sample.gpu = was  # numbered by an earlier, whole log (or not at all)
+            latest[key] = g
     lost_now: set[str] = set()
     for m in _NO_HANDLE.finditer(text[:1 << 20]):
         try:
@@ -506,6 +389,16 @@ class NvsmiThresholds:
     expected_gpus: int | None = None
 
 
+def known_gpu(ctx: NodeContext, ref: GpuRef) -> GpuRef:
+    """``ref`` with the NVML index the node's GPUs (``ctx.register_gpus``: the nvml source's enumeration) give the
+    same GPU when the dump proves none; one known there with another UUID or bus id is another card: no index."""
+    known = ctx.gpu(uuid=ref.uuid, pci=ref.pci_bus_id)
+    if ref.index is not None or known.index is None or (ref.uuid and known.uuid and ref.uuid != known.uuid) or (
+            ref.pci_bus_id and known.pci_bus_id and ref.pci_bus_id != known.pci_bus_id):
+        return ref
+    return GpuRef(index=known.index, uuid=ref.uuid or known.uuid, pci_bus_id=ref.pci_bus_id or known.pci_bus_id)
+
+
 def nvsmi_signals(read: NvsmiRead, ctx: NodeContext, at: datetime, th: NvsmiThresholds | None = None) -> list[Signal]:
     """The nvml source's rules over one dump, plus the one-reading checks (replay total, GPU count)."""
     th = th or NvsmiThresholds()
@@ -517,14 +410,16 @@ def nvsmi_signals(read: NvsmiRead, ctx: NodeContext, at: datetime, th: NvsmiThre
                               message=f"nvidia-smi lists {count} GPUs (attached: {read.attached}), "
                                       f"expected {th.expected_gpus}"))
     for g in read.gpus:
-        ctx.register_gpus([g.sample.gpu])
+        gpu = known_gpu(ctx, g.sample.gpu)
+        ctx.register_gpus([gpu])
+        sample = g.sample if gpu == g.sample.gpu else replace(g.sample, gpu=gpu)
         action = None if g.sample.lost else g.recovery  # a GPU nvidia-smi cannot open says nothing more
         asked = recovery_check(action) if action else None
-        for sig in evaluate(ctx, g.sample, None, at, 0.0, th.nvml, set()):
+        for sig in evaluate(ctx, sample, None, at, 0.0, th.nvml, set()):
             if action and asked is not None and sig.check == asked[0]:  # the driver's verdict, not a healthy GPU
                 sig = ctx.signal(source=SignalSource.NVML, check=asked[0], code=asked[1], healthy=False, at=at,
-                                 gpu=g.sample.gpu, details={**g.details, "recovery_action": action},
-                                 message=f"nvidia-smi: GPU Recovery Action {action!r} on {g.sample.gpu.label()}")
+                                 gpu=gpu, details={**g.details, "recovery_action": action},
+                                 message=f"nvidia-smi: GPU Recovery Action {action!r} on {gpu.label()}")
             elif g.details and (sig.check == "ecc.dbe" or (g.sample.lost and sig.check == g.sample.lost)):
                 sig = sig.model_copy(update={"details": {**sig.details, **g.details}})
             elif sig.check == "fabric.gpu" and g.fabric_health:
@@ -532,8 +427,8 @@ def nvsmi_signals(read: NvsmiRead, ctx: NodeContext, at: datetime, th: NvsmiThre
                                              "message": f"{sig.message}: {g.fabric_health}"})
             out.append(sig)
         if g.pcie_replays is not None:
-            out.append(ctx.signal(source=SignalSource.NVML, check="pcie.replay", at=at, gpu=g.sample.gpu,
+            out.append(ctx.signal(source=SignalSource.NVML, check="pcie.replay", at=at, gpu=gpu,
                                   healthy=g.pcie_replays < th.pcie_replay_total, value=g.pcie_replays,
                                   threshold=th.pcie_replay_total, details={"basis": "total"},
-                                  message=f"{g.pcie_replays} PCIe replays since reset on {g.sample.gpu.label()}"))
+                                  message=f"{g.pcie_replays} PCIe replays since reset on {gpu.label()}"))
     return out
