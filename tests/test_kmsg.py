@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from breakfix.collectors.context import NodeContext
-from breakfix.collectors.kmsg import gpu_map_entry, parse_line, records, to_signal
+from breakfix.collectors.kmsg import gpu_map_entry, line_signals, parse_line, records, to_signal
 from breakfix.schemas.catalog import Catalog
 from breakfix.schemas.common import GpuRef
 from tests.conftest import T0
@@ -328,3 +329,97 @@ def test_signals_kmsg_reads_both_glued_records_with_their_own_ids_at_the_lines_t
     assert got[0].id != got[1].id and got[0].observed_at == got[1].observed_at
     assert all(s.gpu is not None and s.gpu.pci_bus_id == "0000:07:00.0" for s in got)
     assert all("time_source" not in s.details for s in got), "the line's own time, not the reader's now"
+
+
+# A record a driver record is glued after (a log copy that lost a newline), verbatim from kernel_log_formats.md 2 and 4
+# (gpu-operator #1146, NVSentinel's SXid tests), with the event it is.
+GLUED_AFTER = {
+    "after-xid": ("Dec  2 11:38:47 worker4 kernel: [  219.470994] NVRM: Xid (PCI:0000:07:00): 48, pid='<unknown>', "
+                  "name=<unknown>, An uncorrectable double bit error (DBE) has been detected on GPU in the framebuffer "
+                  "at physAddr 0x7fffa8860 partition 7, subpartition 1.", ("xid", "48")),
+    "after-sxid": ("[ 1108.858286] nvidia-nvswitch0: SXid (PCI:0000:c3:00.0): 24007, Fatal, Link 28 sourcetrack "
+                   "timeout error (First)", ("sxid", "24007")),
+}
+# Every other driver record the rules read (kernel_log_formats.md 3 and 5; kmsg_real.log, gpud's kmsg tests), with its
+# event: each starts a record of its own when it follows another one on the same line.
+DRIVER_RECORDS = {
+    "gpu-colon-fallen-off": ("[  219.480000] NVRM: GPU 0000:07:00.0: GPU has fallen off the bus.", "gpu.lost"),
+    "older-gpu-at-fallen-off": ("[  900.000000] NVRM: GPU at 0000:01:00.0 has fallen off the bus.", "gpu.lost"),
+    "domainless-fallen-off": ("NVRM: GPU 18:00.0: GPU has fallen off the bus.", "gpu.lost"),
+    "the-nvidia-gpu-first-line": ("[ 1843.308145] NVRM: The NVIDIA GPU 0000:b3:00.0", "gpu.lost"),
+    "the-nvidia-gpu-kmsg-joined": ("NVRM: The NVIDIA GPU 0000:b3:00.0\\x0aNVRM: (PCI ID: 10de:26b5) installed in this "
+                                   "system has\\x0aNVRM: fallen off the bus and is not responding to commands.",
+                                   "gpu.lost"),
+    "rminitadapter-failed": ("[    6.000000] NVRM: GPU 0000:0a:00.0: RmInitAdapter failed! (0x24:0x72:1568)",
+                             "gpu.init_failed"),
+    "rm-init-adapter-failed-minor": ("[    6.000100] NVRM: GPU 0000:0a:00.0: rm_init_adapter failed, device minor "
+                                     "number 5", "gpu.init_failed"),
+    "rminitadapter-failed-no-address": ("NVRM: RmInitAdapter failed! (0x25:0xffff:1207)", "gpu.init_failed"),
+    "nvlink-discovery-wedged": ("[  912.112233] NVRM: knvlinkDiscoverPostRxDetLinks_GH100: Getting peer0's "
+                                "postRxDetLinkMask failed!", "nvlink.driver_wedge"),
+    "nvlink-rx-detect-mask-wedged": ("[  912.112240] NVRM: knvlinkUpdatePostRxDetectLinkMask_IMPL: Failed to update Rx "
+                                     "Detect Link mask!", "nvlink.driver_wedge"),
+}
+GPU_UUID_LINE = "[  219.470990] NVRM: GPU at PCI:0000:07:00: GPU-8a47641b-dff6-f09f-618c-c3eb58fb430d"
+
+
+def _at(_line: str) -> tuple[datetime, str]:
+    return T0, ""
+
+
+class TestGluedDriverRecords:
+    @pytest.mark.parametrize("second", list(DRIVER_RECORDS), ids=list(DRIVER_RECORDS))
+    @pytest.mark.parametrize("first", list(GLUED_AFTER), ids=list(GLUED_AFTER))
+    def test_a_driver_record_glued_after_an_xid_or_sxid_is_a_record_of_its_own(
+            self, catalog: Catalog, first: str, second: str) -> None:
+        """A fallen-off-the-bus, GPU-init-failed or NVLink-wedged record glued after an Xid or SXid record is cut
+        off like a second Xid (its dmesg time with it): neither fault is lost, and each signal has its own id."""
+        (head, head_event), (tail, kind) = GLUED_AFTER[first], DRIVER_RECORDS[second]
+        assert records(head + tail) == [head, tail]
+        sigs, bad = line_signals(head + tail, NodeContext(cluster="c1", node="n1", catalog=catalog), observed_at=_at,
+                                 discriminator="f:1")
+        assert [(s.check, s.code) for s in sigs] == [head_event, (kind, None)] and bad == []
+        assert sigs[0].id != sigs[1].id
+
+    @pytest.mark.parametrize("first", list(GLUED_AFTER), ids=list(GLUED_AFTER))
+    def test_a_gpu_uuid_line_glued_after_a_record_is_learned_and_the_record_kept(
+            self, catalog: Catalog, first: str) -> None:
+        """The PCI-to-UUID line is a record of its own too: glued after an Xid or SXid it neither swallows that record
+        (read whole, the line would be taken for the UUID line alone) nor is lost."""
+        head, head_event = GLUED_AFTER[first]
+        assert records(head + GPU_UUID_LINE) == [head, GPU_UUID_LINE]
+        c = NodeContext(cluster="c1", node="n1", catalog=catalog)
+        sigs, bad = line_signals(head + GPU_UUID_LINE, c, observed_at=_at, discriminator="f:1")
+        assert [(s.check, s.code) for s in sigs] == [head_event] and bad == []
+        assert c.gpus_by_pci["0000:07:00.0"].uuid == "GPU-8a47641b-dff6-f09f-618c-c3eb58fb430d"
+
+    def test_driver_records_glued_together_are_each_read(self) -> None:
+        """No Xid needed: the init failure and the minor-number line after it, then a lost GPU, are three records."""
+        line = (DRIVER_RECORDS["rminitadapter-failed"][0] + DRIVER_RECORDS["rm-init-adapter-failed-minor"][0]
+                + DRIVER_RECORDS["gpu-colon-fallen-off"][0])
+        events = [parse_line(r) for r in records(line)]
+        assert [(e.kind, e.pci, e.details.get("minor")) for e in events if e is not None] == [
+            ("gpu.init_failed", "0000:0a:00.0", None), ("gpu.init_failed", "0000:0a:00.0", "5"),
+            ("gpu.lost", "0000:07:00.0", None)]
+
+    @pytest.mark.parametrize("line", [
+        "4,812,1843308145,-;NVRM: The NVIDIA GPU 0000:b3:00.0\\x0aNVRM: (PCI ID: 10de:26b5) installed in this system "
+        "has\\x0aNVRM: fallen off the bus and is not responding to commands.",
+        "6,900,6000000,-;NVRM: GPU 0000:0a:00.0: RmInitAdapter failed! (0x24:0x72:1568)\\x0aNVRM: GPU 0000:0a:00.0: "
+        "rm_init_adapter failed, device minor number 5",
+        "NVRM: Xid (PCI:0000:91:00): 79, pid='<unknown>', name=<unknown>, GPU has fallen off the bus.",
+        "[ 2288.7] NVRM: Xid (PCI:0000:01:00): 79, pid=1, name=x, GPU has fallen off the bus.[ 2288.712311] NVRM: The "
+        "NVIDIA GPU 0000:01:00.0 (PCI ID: 10de:1292)",
+        "[16450076.435595] NVRM: Xid (PCI:0002:00:00): 119, pid=1582259, name=nvc:[driver], Timeout after 6s of "
+        "waiting for RPC response from GPU1 GSP! Expected function 76 (GSP_RM_CONTROL) (0x20802a02 0x8)."
+        "[16450076.435600] NVRM: GPU1 GSP RPC buffer contains function 76 (GSP_RM_CONTROL) and data "
+        "0x0000000020802a02 0x0000000000000008.",
+        "[ 1108.858286] nvidia-nvswitch0: SXid (PCI:0000:c3:00.0): 24007, Fatal, Link 28 sourcetrack timeout error "
+        "(First)NVRM: knvlinkCoreShutdownDeviceLinks: link 3 is not in L2",
+    ], ids=["kmsg-joined-fallen-off-record", "kmsg-joined-line-that-reads-like-a-record", "xid79-text-says-fallen-off",
+            "xid-then-driver-not-supported-message", "xid119-then-gsp-rpc-history", "sxid-then-nvlink-chatter"])
+    def test_what_starts_no_driver_record_is_no_cut_and_the_record_reads_as_before(self, line: str) -> None:
+        """The lines of one /dev/kmsg record, joined by ``\\x0a``, are one record whatever they say; an Xid's own text
+        (``GPU has fallen off the bus``), and driver chatter the rules do not read, cut nothing: the line stays one
+        record and reads as it did before any driver record started one."""
+        assert records(line) == [line]

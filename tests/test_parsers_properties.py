@@ -21,7 +21,7 @@ from breakfix.collectors.context import NodeContext
 from breakfix.collectors.dcgm import DcgmRules
 from breakfix.collectors.fabric import FabricRules, FabricThresholds, read_ports
 from breakfix.collectors.ibstat import parse_ibstat
-from breakfix.collectors.kmsg import MAX_RECORDS, BadLine, line_signal, records
+from breakfix.collectors.kmsg import MAX_RECORDS, BadLine, line_signal, parse_line, records
 from breakfix.collectors.kmsg_follow import NO_TIME, has_time, line_time, line_time_source
 from breakfix.collectors.nvsmi import NvsmiFormatError, nvsmi_signals, parse_nvsmi
 from breakfix.collectors.promfleet import FleetRules, Series, load_fleet_rules
@@ -41,7 +41,26 @@ KMSG_BITS = st.sampled_from(["NVRM: Xid (", "PCI:", "0000:", "ffff:", "1ffff:", 
                              "nvidia-nvswitch0: SXid (PCI:", "GPU at PCI:", ": GPU-", "has fallen off the bus", "\n",
                              "<4>", "<4>1 ", "kern  :warn  : ", "99999999999.999999 ", "Fri 9999-12-31 23:59:59 -23 ",
                              "Fri 2024-08-30 11:43:09 CEST ", "The NVIDIA GPU ", "0000:01:00.0", " (PCI ID: 10de:1292)",
-                             "\\x0a", "fallen off the bus"])
+                             "\\x0a", "fallen off the bus", "NVRM: ", "NVRM: GPU ", ": GPU has fallen off the bus.",
+                             "NVRM: The NVIDIA GPU 0000:01:00.0", "RmInitAdapter failed! (0x24:0x72:1568)",
+                             "rm_init_adapter failed, device minor number 5",
+                             "NVRM: knvlinkDiscoverPostRxDetLinks_GH100: Getting peer0's postRxDetLinkMask failed!"])
+# Whole records, each a start the kernel-log rules cut at (kernel_log_formats.md 2-5): glued in any order, they come
+# back as they were. The first may carry a syslog prefix; the \\x0a-joined one is one /dev/kmsg record.
+KMSG_RECORDS = st.sampled_from([
+    "[  219.470994] NVRM: Xid (PCI:0000:07:00): 48, pid='<unknown>', name=<unknown>, An uncorrectable double bit error",
+    "NVRM: Xid (PCI:0000:91:00): 79, pid='<unknown>', name=<unknown>, GPU has fallen off the bus.",
+    "NVRM: Xid (PCI:0000:07:00): 64, pid='<unkn",
+    "[ 1108.858286] nvidia-nvswitch0: SXid (PCI:0000:c3:00.0): 24007, Fatal, Link 28 sourcetrack timeout error (First)",
+    "[  219.480000] NVRM: GPU 0000:07:00.0: GPU has fallen off the bus.",
+    "NVRM: GPU at 0000:01:00.0 has fallen off the bus.", "[ 1843.308145] NVRM: The NVIDIA GPU 0000:b3:00.0",
+    "NVRM: The NVIDIA GPU 0000:b3:00.0\\x0aNVRM: (PCI ID: 10de:26b5) installed in this system has\\x0aNVRM: fallen off "
+    "the bus and is not responding to commands.",
+    "[    6.000000] NVRM: GPU 0000:0a:00.0: RmInitAdapter failed! (0x24:0x72:1568)",
+    "NVRM: rm_init_adapter failed for device bearing minor number 0",
+    "[  912.112233] NVRM: knvlinkDiscoverPostRxDetLinks_GH100: Getting peer0's postRxDetLinkMask failed!",
+    "NVRM: knvlinkUpdatePostRxDetectLinkMask_IMPL: Failed to update Rx Detect Link mask!",
+    "[  219.470990] NVRM: GPU at PCI:0000:07:00: GPU-8a47641b-dff6-f09f-618c-c3eb58fb430d"])
 DCGM_BITS = st.sampled_from(["DCGM_FI_DEV_XID_ERRORS", "DCGM_EXP_XID_ERRORS_COUNT", "DCGM_FI_DEV_CLOCKS_EVENT_REASONS",
                              "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", '{gpu="0",UUID="GPU-a",pci_bus_id="', "N/A", '"', "}",
                              ' xid="', "1e308", "-Inf", "NaN", "ERROR", " ", "\n", "# TYPE ", " counter", " gauge",
@@ -115,6 +134,36 @@ def test_kmsg_glued_records_split_losing_nothing_and_each_reads_alone(text: str)
         for part in parts:
             try:
                 line_signal(part, ctx(), observed_at=at, discriminator="d")
+            except BadLine:
+                continue
+
+
+@BUDGET
+@given(st.sampled_from(["", "2026-04-01T10:00:00+00:00 gpu-1 kernel: "]),
+       st.lists(KMSG_RECORDS, min_size=1, max_size=MAX_RECORDS + 4))
+def test_kmsg_whole_records_glued_in_any_order_come_back_as_they_were(prefix: str, glued: list[str]) -> None:
+    """Xid, SXid and every driver record the rules read, glued one after the other, are cut back into those records
+    (the first keeping the line's prefix), up to MAX_RECORDS; the rest stay in the last one's text."""
+    parts = records(prefix + "".join(glued))
+    kept = [*glued[:MAX_RECORDS - 1], "".join(glued[MAX_RECORDS - 1:])] if len(glued) > MAX_RECORDS else glued
+    assert parts == [prefix + kept[0], *kept[1:]]
+
+
+@BUDGET
+@given(st.lists(st.one_of(KMSG_BITS, TEXT), max_size=24).map("".join))
+def test_kmsg_a_record_after_the_first_is_an_xid_sxid_or_a_driver_record_the_rules_read(text: str) -> None:
+    """Every record a line is cut into after its first starts (after its dmesg time) with an Xid or SXid, or is a
+    driver record the rules read on its own: a signal, a BadLine, or the PCI-to-UUID line. Only an Xid or SXid start
+    cuts right after a ``\\x0a`` (a /dev/kmsg record's lines, joined, stay one record)."""
+    for line in text.splitlines() or [text]:
+        parts = records(line)
+        for i, part in enumerate(parts[1:], 1):
+            body = part.split("]", 1)[1].lstrip() if part.startswith("[") else part
+            if body.startswith(("NVRM: Xid", "nvidia-nvswitch")):
+                continue
+            assert body.startswith("NVRM: ") and not "".join(parts[:i]).endswith("\\x0a")
+            try:
+                assert parse_line(part) is not None or body.startswith("NVRM: GPU at ")
             except BadLine:
                 continue
 

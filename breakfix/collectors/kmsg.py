@@ -5,9 +5,11 @@ Pure: ``parse_line`` takes one line in any prefix seen in the wild (raw ``/dev/k
 records ``6,1234,5678,-;``, dmesg ``[ts]``, ``dmesg -T`` / ``-H`` / ``-d`` / ``-r`` / ``-x``, syslog (RFC 5424 too),
 journald short-iso / short-unix / short-full / short-monotonic, ``talosctl dmesg``; CRLF endings and NUL padding
 ignored) and returns a ``KernelEvent`` or None for everything else (non-XID NVRM noise and the SXid detail lines
-included). ``to_signal`` turns an event into a ``Signal`` through the node's ``NodeContext``, mapping the
-PCI address to the GPU (from NVML, or from the ``NVRM: GPU at [PCI:]... GPU-<uuid>`` lines the
-driver prints); the MIG GPU / compute instance of an Xid goes to ``details.GPU_I_ID`` / ``GPU_CI_ID``, the
+included). ``records`` first cuts a line that holds records glued together (a copy that lost a newline) at each
+Xid, SXid or other driver record start the rules read, never inside a /dev/kmsg record's ``\\x0a``-joined lines;
+``line_signals`` reads each of them. ``to_signal`` turns an event into a ``Signal`` through the node's
+``NodeContext``, mapping the PCI address to the GPU (from NVML, or from the ``NVRM: GPU at [PCI:]... GPU-<uuid>``
+lines the driver prints); the MIG GPU / compute instance of an Xid goes to ``details.GPU_I_ID`` / ``GPU_CI_ID``, the
 severity is the catalog's. Line grammar and real examples: NVIDIA driver output collected in
 tests/data/kmsg_real.log and kmsg_real_forms.log (sources in tests/data/SOURCES.md). A line's time is read by
 ``collectors.kmsg_follow`` (the caller's ``observed_at``), which also follows the log with persisted positions;
@@ -79,9 +81,14 @@ _GPU_MAP = re.compile(r"NVRM: GPU at (?:PCI:)?(?P<pci>[0-9a-fA-F:.]+): (?P<uuid>
 _RECOVERY = re.compile(r"recovery action changed from 0x[0-9a-fA-F]+ \([^)]*\) to 0x[0-9a-fA-F]+ \((?P<action>[^)]*)\)")
 _RAW_KMSG = re.compile(r"^\d+,(?P<seq>\d+),(?P<usec>\d+),[^;]*;")
 _MONO = re.compile(r"\[\s*(?P<mono>\d+\.\d+)(?: <\s*-?\d+\.\d+>)?\]")  # dmesg -d adds `` <delta>``
-# Where an Xid or SXid record starts, with the dmesg time in front of it when there is one: a record cut short and
-# glued to the next one (a console or log copy that lost a newline) holds a second start, and that record is read too.
-_RECORD_START = re.compile(r"(?:\[\s*\d+\.\d+(?: <\s*-?\d+\.\d+>)?\]\s*)?(?:NVRM: Xid\b|nvidia-nvswitch\d+: SXid\b)")
+# Where a record may start, with the dmesg time in front of it when there is one: a record cut short and glued to the
+# next one (a console or log copy that lost a newline) holds a second start, and that record is read too. An Xid or
+# SXid start always starts one; any other ``NVRM: `` only where the record it begins is one the rules above read on
+# its own (fallen off the bus, init failed, NVLink wedged, the PCI-to-UUID line: ``_DRIVER_RECORDS``), and never right
+# after a ``\x0a``: there it is a line of the same /dev/kmsg record, as in the three-line fallen-off message.
+_RECORD_START = re.compile(r"(?:\[\s*\d+\.\d+(?: <\s*-?\d+\.\d+>)?\]\s*)?(?P<at>NVRM: |nvidia-nvswitch\d+: SXid\b)")
+_XID_START = re.compile(r"NVRM: Xid\b|nvidia-nvswitch")  # at ``at``: the SXid form is whole once the above matched
+_DRIVER_RECORDS = (_FALLEN, _INIT_FAILED, _NVLINK_WEDGE, _GPU_MAP)
 MAX_RECORDS = 16  # records read from one line; the rest stay in the last one's text
 
 
@@ -117,12 +124,20 @@ def _pci(raw: str) -> str:
 def records(line: str) -> list[str]:
     """The kernel records in one line: the line itself, or, where a record was cut and glued to the next one(s),
     the line up to the second record's start, then each further record (its dmesg time in front when it had one).
-    Only Xid and SXid starts cut a line: a /dev/kmsg record whose lines are joined by ``\\x0a`` stays whole."""
-    if "Xid" not in line:
+    An Xid or SXid start cuts a line; so does the start of any other driver record the rules read (``_RECORD_START``),
+    but not after ``\\x0a``: a /dev/kmsg record whose lines are joined by ``\\x0a`` stays whole."""
+    if line.count("NVRM: ") + line.count("SXid") < 2:
         return [line]
-    starts = [m.start() for m in _RECORD_START.finditer(line)]
+    starts: list[int] = []
+    end = len(line)  # from the last start back: a record ends where the next one starts
+    for start, at in reversed([(m.start(), m.start("at")) for m in _RECORD_START.finditer(line)]):
+        if _XID_START.match(line, at) or (not line.endswith("\\x0a", 0, start)
+                                          and any(r.match(line, at, end) for r in _DRIVER_RECORDS)):
+            starts.append(start)
+            end = start
     if len(starts) < 2:
         return [line]
+    starts.reverse()
     cuts = [0, *starts[1:MAX_RECORDS], len(line)]
     return [line[a:b] for a, b in pairwise(cuts) if line[a:b].strip()]
 
