@@ -56,6 +56,9 @@ GROUPING_CASES = [
     pytest.param([sig(code="173")], 1, "unknown_fault", IncidentScope.GPU, id="unknown-xid-is-unknown-fault"),
     pytest.param([sig(code="63"), sig(code="173", at=1)], 1, "unknown_fault", IncidentScope.GPU,
                  id="unknown-code-raises-category-to-most-cautious"),
+    # a fabric left unhealthy by its configuration: the GPU's one incident is a human's, never the reset ladder's
+    pytest.param([sig(check="fabric.gpu", code=None), sig(check="fabric.config", code=None, at=1)], 1,
+                 "fabric_config", IncidentScope.GPU, id="fabric-configuration-outranks-the-fabric-fault-it-explains"),
 ]
 
 

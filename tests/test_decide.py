@@ -46,6 +46,8 @@ DECISIONS = [
                  ["cordon", "drain", "escalate"], id="contact-support"),
     pytest.param(incident("unknown_fault"), OWNED, "unknown-fault", Domain.OPERATOR, ["cordon", "escalate"],
                  id="unknown-cordons-and-escalates"),
+    pytest.param(incident("fabric_config", codes=("fabric.config",)), OWNED, "fabric-configuration",
+                 Domain.OPERATOR, ["cordon", "escalate"], id="fabric-configuration-is-a-humans-never-a-reset"),
     pytest.param(incident("brand_new_category"), OWNED, CAUTIOUS_RULE, Domain.OPERATOR, ["cordon", "escalate"],
                  id="unmatched-takes-cautious-fallback"),
 ]

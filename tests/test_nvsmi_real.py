@@ -93,6 +93,34 @@ class TestFabric:
         assert [s.details["fabric_health"] for s in bad] == ["summary Limited Capacity, bandwidth degraded"]
 
 
+    @pytest.mark.parametrize("said", ["No Partition", "Incorrect SysGuid", "Incorrect Chassis SN",
+                                      "Incompatible GPU Firmware", "Invalid Location"])
+    def test_an_incorrect_configuration_no_reset_fixes_is_fabric_config_not_a_fabric_fault(
+            self, catalog: Catalog, said: str) -> None:
+        """The real GB200 document's healthy GPU 0 with its Incorrect Configuration set (nvml.h
+        NVML_GPU_FABRIC_HEALTH_MASK_INCORRECT_CONFIGURATION_*): fabric.config, not the fabric.gpu reset ladder."""
+        text = FABRIC.replace("<incorrect_configuration>None</incorrect_configuration>",
+                              f"<incorrect_configuration>{said}</incorrect_configuration>", 1)
+        got = {(s.check, s.healthy) for s in states(catalog, text) if s.gpu and s.gpu.pci_bus_id == "0000:0a:00.0"}
+        assert ("fabric.config", False) in got and ("fabric.gpu", True) in got
+        config = next(s for s in states(catalog, text) if s.check == "fabric.config" and not s.healthy)
+        assert said in config.message and "a reset cannot fix it" in config.message
+        assert catalog.classify(check=config.check, code=config.code).category == "fabric_config"
+
+    @pytest.mark.parametrize("said", ["Insufficient NvLinks", "GPU State Invalid"])
+    def test_an_incorrect_configuration_a_reset_may_fix_stays_a_fabric_fault(self, catalog: Catalog,
+                                                                             said: str) -> None:
+        text = FABRIC.replace("<incorrect_configuration>None</incorrect_configuration>",
+                              f"<incorrect_configuration>{said}</incorrect_configuration>", 1)
+        got = {(s.check, s.healthy) for s in states(catalog, text) if s.gpu and s.gpu.pci_bus_id == "0000:0a:00.0"}
+        assert ("fabric.gpu", False) in got and ("fabric.config", True) in got
+
+    def test_a_configuration_read_as_none_is_a_healthy_fabric_config_and_a_dump_without_it_says_nothing(
+            self, catalog: Catalog) -> None:
+        assert {s.healthy for s in states(catalog, FABRIC) if s.check == "fabric.config"} == {True}
+        assert [s for s in states(catalog, H100) if s.check == "fabric.config"] == []
+
+
 class TestTLimitTemperature:
     def test_tlimit_thresholds_give_the_slowdown_temperature(self, catalog: Catalog) -> None:
         """H100 on 535.161.08: current 29 C, T.Limit headroom 56 C, slowdown 2 C past T.Limit: slowdown at 87 C."""

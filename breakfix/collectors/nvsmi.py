@@ -34,7 +34,8 @@ signals, so a fault reads the same from a dump as from a live GPU:
 - ``Temperature``: ``GPU Current Temp`` against ``GPU Slowdown Temp``, or on R535+ Hopper/Ada/Blackwell the T.Limit
   margins (``GPU T.Limit Temp``, ``GPU Slowdown T.Limit Temp``) turned into the same two -> ``temperature.slowdown``;
 - ``Fabric`` Health (Summary Unhealthy / Limited Capacity, Bandwidth Degraded, Route Unhealthy, Incorrect
-  Configuration) and a Status other than Success -> ``fabric.gpu`` with ``details.fabric_health``.
+  Configuration) and a Status other than Success -> ``fabric.gpu`` with ``details.fabric_health``; an Incorrect
+  Configuration no reset fixes (No Partition, a system GUID, chassis serial, firmware or location) -> ``fabric.config``;
 A GPU's NVML index is claimed only where the dump proves it (``parse_nvsmi``): its position in a log listing all
 ``Attached GPUs``; ``-i 3`` (one section of 8) names GPUs by UUID and bus id, ``nvsmi_signals`` adds the index the
 node's registered GPUs (``NodeContext.register_gpus``) give them. Inputs as they arrive: ``-l N`` captures (one log
@@ -54,7 +55,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from breakfix.collectors.context import NodeContext
-from breakfix.collectors.nvml_eval import SRAM_COUNTS, GpuSample, Thresholds, evaluate
+from breakfix.collectors.nvml_eval import SRAM_COUNTS, GpuSample, Thresholds, evaluate, fabric_config_problem
 from breakfix.collectors.nvsmi_tree import Node as Node  # re-exported: callers read dumps through this module
 from breakfix.collectors.nvsmi_tree import NvsmiFormatError as NvsmiFormatError
 from breakfix.collectors.nvsmi_tree import flatten, parse_tree
@@ -238,9 +239,18 @@ def _fabric_health(health: Node | None) -> list[str]:
     if _yes(health.get("route_unhealthy")):
         out.append("route unhealthy")
     config = _value(health.get("incorrect_configuration"))
-    if config and config.lower() not in ("none", "false", "no"):
-        out.append(f"incorrect configuration {config[:60]}")
+    if config and config.lower() not in ("none", "false", "no") and fabric_config_problem(config) is None:
+        out.append(f"incorrect configuration {config[:60]}")  # the others are fabric.config (``_fabric_config``)
     return out
+
+
+def _fabric_config(health: Node | None) -> str | None:
+    """A Fabric Health block's Incorrect Configuration that no reset fixes (``nvml_eval.fabric_config_problem``), ""
+    when it reads none or another value, None when the block has no such line."""
+    if health is None or (node := health.get("incorrect_configuration")) is None:
+        return None
+    said = node.value.strip()
+    return (fabric_config_problem(said) or "") if said.lower() not in _ABSENT else ""
 
 
 def gpu_sample(gpu: Node, index: int | None) -> NvsmiGpu:
@@ -296,6 +306,7 @@ def gpu_sample(gpu: Node, index: int | None) -> NvsmiGpu:
         failed = status is not None and status.value.strip().lower() not in _FABRIC_NO_STATUS
         health = _fabric_health(fabric.get("health"))
         s.fabric = (FABRIC_STATES[fstate], 1 if failed or health else 0)
+        s.fabric_config = _fabric_config(fabric.get("health"))
         if failed and status is not None:
             health.insert(0, f"status {status.value.strip()[:60]}")
     details = {f"ecc_volatile_{k}": str(v) for k, v in vol.items()} | {f"ecc_aggregate_{k}": str(v) for k, v in

@@ -43,6 +43,7 @@ CATEGORY_PRIORITY: tuple[str, ...] = (
     "hardware_support",
     "mechanical_inspection",
     "software_update",
+    "fabric_config",
     "gpu_drain_reset_required",
     "gpu_reset_required",
     "nvlink_fault",
