@@ -23,7 +23,9 @@ CAUTIOUS_RULE = "fallback-cautious"
 MIG_INCIDENT_LABELS = frozenset({"gpu_i_id", "gpu_i_profile", "mig", "mig_instance"})
 
 
-def matches(match: Match, incident: Incident) -> bool:
+def matches(match: Match, incident: Incident, view: ClusterView | None = None) -> bool:
+    if match.mig is not None and is_mig(incident, view or ClusterView()) is not match.mig:
+        return False
     if match.categories and incident.category not in match.categories:
         return False
     if match.scopes and incident.scope not in match.scopes:
@@ -210,7 +212,7 @@ def decide(incident: Incident, view: ClusterView, policy: Policy, *, busy: Colle
     group = incident.scope is IncidentScope.FABRIC and not incident.node
     fenced = fenced_members(incident, view, policy.guards, busy) if group else None
     for rule in policy.rules:
-        if not rule.enabled or not matches(rule.match, incident):
+        if not rule.enabled or not matches(rule.match, incident, view):
             continue
         ladder = tuple(Rung(name=r.name, steps=_fenced(_steps(r.steps, incident, view, fenced), incident, view),
                             timeout_s=r.timeout())

@@ -47,6 +47,8 @@ class Match(BaseModel):
     only_codes: frozenset[str] = Field(default=frozenset(), description="Every code of the incident is one of these.")
     min_severity: Severity | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+    mig: bool | None = Field(default=None, description="True: only a MIG GPU's incident, false: only a whole GPU's "
+                             "(the incident names no MIG instance and the node is not MIG-enabled); unset: either.")
 
 
 class StepSpec(BaseModel):
