@@ -83,8 +83,11 @@ FAULT_CASES = [
     pytest.param(lambda g: setattr(g, "fabric_health", HEALTHY_FABRIC & ~(0xF << 8) | (8 << 8)),
                  "fabric.gpu", None, id="fabric-gpu-state-invalid"),
     # how the system is set up, not the GPU's state: fabric.config, which no reset fixes
+    # in no NVLink partition (the deprecated NO_PARTITION value, or PARTITION_ASSIGNED false): recorded, no action
     pytest.param(lambda g: setattr(g, "fabric_health", HEALTHY_FABRIC & ~(0xF << 8) | (4 << 8)),
-                 "fabric.config", None, id="fabric-no-partition"),
+                 "fabric.partition", None, id="fabric-no-partition"),
+    pytest.param(lambda g: setattr(g, "fabric_health", HEALTHY_FABRIC | (2 << 12)),
+                 "fabric.partition", None, id="fabric-partition-not-assigned"),
     pytest.param(lambda g: setattr(g, "fabric_health", HEALTHY_FABRIC & ~(0xF << 8) | (2 << 8)),
                  "fabric.config", None, id="fabric-incorrect-sysguid"),
     pytest.param(lambda g: setattr(g, "fabric_health", HEALTHY_FABRIC & ~(0xF << 8) | (3 << 8)),
@@ -118,6 +121,16 @@ class TestPolledChecks:
         fake.gpus[2].fabric = (pynvml.NVML_GPU_FABRIC_STATE_COMPLETED, pynvml.NVML_SUCCESS)
         fake.gpus[2].fabric_health = HEALTHY_FABRIC
         assert faults(poll(src, 20)) == set()
+
+    def test_a_configuration_fault_clears_when_a_later_reading_has_no_health_mask(self, catalog: Catalog) -> None:
+        """The v2 call failing later (the source falls back to v1) must not leave fabric.config open for ever."""
+        fake = FakeNvml.hgx(8)
+        fake.gpus[2].fabric = (pynvml.NVML_GPU_FABRIC_STATE_COMPLETED, pynvml.NVML_SUCCESS)
+        fake.gpus[2].fabric_health = HEALTHY_FABRIC & ~(0xF << 8) | (2 << 8)  # incorrect system GUID
+        src = NvmlSource(fake, ctx(catalog))
+        assert faults(poll(src)) == {("fabric.config", 2, None)}
+        fake.gpus[2].fabric_health = None
+        assert faults(poll(src, 10)) == set()
 
     def test_a_driver_with_only_the_v1_fabric_call_is_judged_on_state_and_status(self, catalog: Catalog) -> None:
         fake = FakeNvml.hgx(8)

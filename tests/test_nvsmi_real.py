@@ -93,14 +93,16 @@ class TestFabric:
         assert [s.details["fabric_health"] for s in bad] == ["summary Limited Capacity, bandwidth degraded"]
 
 
-    @pytest.mark.parametrize("said", ["No Partition", "Incorrect SysGuid", "Incorrect Chassis SN",
-                                      "Incompatible GPU Firmware", "Invalid Location"])
+    @pytest.mark.parametrize("said", ["Incorrect SysGuid", "Incorrect Chassis SN", "Incompatible GPU Firmware",
+                                      "Invalid Location"])
     def test_an_incorrect_configuration_no_reset_fixes_is_fabric_config_not_a_fabric_fault(
             self, catalog: Catalog, said: str) -> None:
         """The real GB200 document's healthy GPU 0 with its Incorrect Configuration set (nvml.h
-        NVML_GPU_FABRIC_HEALTH_MASK_INCORRECT_CONFIGURATION_*): fabric.config, not the fabric.gpu reset ladder."""
-        text = FABRIC.replace("<incorrect_configuration>None</incorrect_configuration>",
-                              f"<incorrect_configuration>{said}</incorrect_configuration>", 1)
+        NVML_GPU_FABRIC_HEALTH_MASK_INCORRECT_CONFIGURATION_*) and the Summary Unhealthy it brings: fabric.config,
+        not the fabric.gpu reset ladder."""
+        text = FABRIC.replace("<summary>Healthy</summary>", "<summary>Unhealthy</summary>", 1).replace(
+            "<incorrect_configuration>None</incorrect_configuration>",
+            f"<incorrect_configuration>{said}</incorrect_configuration>", 1)
         got = {(s.check, s.healthy) for s in states(catalog, text) if s.gpu and s.gpu.pci_bus_id == "0000:0a:00.0"}
         assert ("fabric.config", False) in got and ("fabric.gpu", True) in got
         config = next(s for s in states(catalog, text) if s.check == "fabric.config" and not s.healthy)
@@ -115,10 +117,24 @@ class TestFabric:
         got = {(s.check, s.healthy) for s in states(catalog, text) if s.gpu and s.gpu.pci_bus_id == "0000:0a:00.0"}
         assert ("fabric.gpu", False) in got and ("fabric.config", True) in got
 
-    def test_a_configuration_read_as_none_is_a_healthy_fabric_config_and_a_dump_without_it_says_nothing(
-            self, catalog: Catalog) -> None:
-        assert {s.healthy for s in states(catalog, FABRIC) if s.check == "fabric.config"} == {True}
-        assert [s for s in states(catalog, H100) if s.check == "fabric.config"] == []
+    @pytest.mark.parametrize(("old", "new"), [
+        ("<incorrect_configuration>None</incorrect_configuration>",
+         "<incorrect_configuration>No Partition</incorrect_configuration>"),
+        ("<incorrect_configuration>None</incorrect_configuration>",
+         "<incorrect_configuration>None</incorrect_configuration><partition_assigned>False</partition_assigned>"),
+    ], ids=["no-partition-value", "partition-assigned-false"])
+    def test_a_gpu_in_no_nvlink_partition_is_recorded_not_a_fault_to_repair(self, catalog: Catalog, old: str,
+                                                                           new: str) -> None:
+        text = FABRIC.replace("<summary>Healthy</summary>", "<summary>Unhealthy</summary>", 1).replace(old, new, 1)
+        got = {(s.check, s.healthy) for s in states(catalog, text) if s.gpu and s.gpu.pci_bus_id == "0000:0a:00.0"}
+        assert {("fabric.partition", False), ("fabric.gpu", True), ("fabric.config", True)} <= got
+        assert catalog.classify(check="fabric.partition", code=None).category == "informational"
+
+    def test_every_fabric_verdict_is_said_healthy_where_a_dump_reads_the_fabric(self, catalog: Catalog) -> None:
+        assert {s.healthy for s in states(catalog, FABRIC) if s.check in ("fabric.config", "fabric.partition")} == {
+            True}
+        h100 = {s.check for s in states(catalog, H100) if s.check.startswith("fabric.")}
+        assert h100 == {"fabric.gpu", "fabric.config", "fabric.partition"}, "a Health-less block still clears them"
 
 
 class TestTLimitTemperature:

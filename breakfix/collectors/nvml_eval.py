@@ -5,16 +5,15 @@ the same sample from an ``nvidia-smi -q`` dump, so both give one verdict for one
 sample into state signals: ``gpu.lost`` / ``gpu.reset_required``, volatile ``ecc.dbe`` and SBE bursts,
 ``ecc.sram_threshold`` (``sram_signal``), ``row_remap.pending`` / ``failure``, ``retired_pages.pending`` and
 ``retired_pages.limit``, clocks-event reasons (``clock.hw_slowdown`` / ``hw_thermal`` / ``power_brake``),
-``temperature.slowdown``, the ``pcie.replay`` rate, per-link ``nvlink.down`` / ``nvlink.errors``, ``fabric.gpu``
-(``fabric_health_problems`` reads nvmlGpuFabricInfo_v2's healthMask) and ``fabric.config`` (a configuration the
-healthMask or a dump reports that no reset fixes: ``FABRIC_CONFIG_VALUES``). ``recovery_verdict`` reads an
+``temperature.slowdown``, the ``pcie.replay`` rate, per-link ``nvlink.down`` / ``nvlink.errors``, and ``fabric.gpu``,
+``fabric.config`` and ``fabric.partition`` (``collectors.nvlink_fabric`` reads nvmlGpuFabricInfo_v2's healthMask or a
+dump's Fabric Health block into those three verdicts). ``recovery_verdict`` reads an
 NVML_GPU_RECOVERY_ACTION_* number as a dump's ``GPU Recovery Action`` line is read; the dcgm source uses it too.
 Thresholds are data (``Thresholds``, from the collector config). The constants are NVML's (nvml.h via pynvml).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -23,6 +22,7 @@ from typing import NamedTuple
 import pynvml
 
 from breakfix.collectors.context import NodeContext
+from breakfix.collectors.nvlink_fabric import FabricHealth, from_mask
 from breakfix.schemas.common import GpuRef
 from breakfix.schemas.signal import Signal, SignalSource
 
@@ -108,9 +108,7 @@ class GpuSample:
     links: dict[int, LinkSample] = field(default_factory=dict)
     fabric: tuple[int, int] | None = None
     fabric_health: int | None = None  # nvmlGpuFabricInfo_v2 ``healthMask``; None: not read (a v1-only driver)
-    # a dump's Fabric Health "Incorrect Configuration" that no reset fixes (``fabric_config_problem``'s words); "":
-    # read and none; None: not read (NVML's is read from ``fabric_health``)
-    fabric_config: str | None = None
+    fabric_dump: FabricHealth | None = None  # a dump's Fabric > Health block, read (``collectors.nvsmi``)
     recovery: int | None = None  # NVML_GPU_RECOVERY_ACTION_*; None: not read (no field on this driver or GPU)
     # SRAM uncorrectable-error threshold exceeded (field diag / RMA); None: not read (no call on this driver or GPU,
     # a dump's N/A or no line): nothing said. ``sram_counts``: the aggregate SRAM uncorrectable counts read with it
@@ -120,61 +118,6 @@ class GpuSample:
 
 
 FABRIC_SETTLING = (pynvml.NVML_GPU_FABRIC_STATE_NOT_STARTED, pynvml.NVML_GPU_FABRIC_STATE_IN_PROGRESS)
-
-
-# nvmlGpuFabricInfo_v2 healthMask "incorrect configuration" values (nvml.h NVML_GPU_FABRIC_HEALTH_MASK_INCORRECT_
-# CONFIGURATION_*) that describe how the system is set up, not the state of the GPU or its links: a GPU reset, a reboot
-# or a reprovision cannot fix them, Fabric Manager's (NMX's) configuration or the GPU's firmware must change, so they
-# are ``fabric.config`` (a human's). INSUFFICIENT_NVLINKS (links that did not train) and GPU_STATE_INVALID, and any
-# value nvml.h may add, stay ``fabric.gpu`` faults, whose repair retrains the GPU's links.
-FABRIC_CONFIG_VALUES: dict[int, str] = {
-    pynvml.NVML_GPU_FABRIC_HEALTH_MASK_INCORRECT_CONFIGURATION_INCORRECT_SYSGUID: "incorrect system GUID",
-    pynvml.NVML_GPU_FABRIC_HEALTH_MASK_INCORRECT_CONFIGURATION_INCORRECT_CHASSIS_SN: "incorrect chassis serial number",
-    pynvml.NVML_GPU_FABRIC_HEALTH_MASK_INCORRECT_CONFIGURATION_NO_PARTITION: "no partition",
-    pynvml.NVML_GPU_FABRIC_HEALTH_MASK_INCORRECT_CONFIGURATION_INCOMPATIBLE_GPU_FW: "incompatible GPU firmware",
-    pynvml.NVML_GPU_FABRIC_HEALTH_MASK_INCORRECT_CONFIGURATION_INVALID_LOCATION: "invalid location",
-}
-_FABRIC_CONFIG_WORDS = frozenset({"sysguid", "guid", "chassis", "sn", "serial", "partition", "firmware", "fw",
-                                   "location"})
-
-
-def fabric_config_problem(said: str) -> str | None:
-    """A dump's ``Incorrect Configuration`` text -> its words when it is one of ``FABRIC_CONFIG_VALUES`` (nvidia-smi
-    prints the value's name: "No Partition", "Incorrect SysGuid", "Incompatible GPU Firmware", ...), else None."""
-    words = set(re.split(r"[^a-z]+", said.lower()))
-    return said.strip()[:60] if not words.isdisjoint(_FABRIC_CONFIG_WORDS) else None
-
-
-def _mask_field(mask: int, shift: int, width: int) -> int:
-    return (mask >> shift) & width
-
-
-def fabric_mask_config(mask: int) -> str:
-    """The configuration fault a ``healthMask`` reports (``FABRIC_CONFIG_VALUES``'s words), or ""."""
-    value = _mask_field(mask, pynvml.NVML_GPU_FABRIC_HEALTH_MASK_SHIFT_INCORRECT_CONFIGURATION,
-                        pynvml.NVML_GPU_FABRIC_HEALTH_MASK_WIDTH_INCORRECT_CONFIGURATION)
-    return FABRIC_CONFIG_VALUES.get(value, "")
-
-
-def fabric_health_problems(mask: int) -> list[str]:
-    """What a fabric's ``healthMask`` (nvml.h NVML_GPU_FABRIC_HEALTH_MASK_*) reports wrong with the GPU's fabric, in
-    the words of ``nvidia-smi -q``'s Fabric Health block (``collectors.nvsmi``): degraded bandwidth, an unhealthy
-    route, an incorrect configuration other than ``FABRIC_CONFIG_VALUES`` (those are ``fabric_mask_config``'s). Route
-    and access-timeout recovery under way are not faults by themselves."""
-    n = pynvml
-    out = []
-    if _mask_field(mask, n.NVML_GPU_FABRIC_HEALTH_MASK_SHIFT_DEGRADED_BW,
-                   n.NVML_GPU_FABRIC_HEALTH_MASK_WIDTH_DEGRADED_BW) == n.NVML_GPU_FABRIC_HEALTH_MASK_DEGRADED_BW_TRUE:
-        out.append("bandwidth degraded")
-    route = _mask_field(mask, n.NVML_GPU_FABRIC_HEALTH_MASK_SHIFT_ROUTE_UNHEALTHY,
-                        n.NVML_GPU_FABRIC_HEALTH_MASK_WIDTH_ROUTE_UNHEALTHY)
-    if route == n.NVML_GPU_FABRIC_HEALTH_MASK_ROUTE_UNHEALTHY_TRUE:
-        out.append("route unhealthy")
-    config = _mask_field(mask, n.NVML_GPU_FABRIC_HEALTH_MASK_SHIFT_INCORRECT_CONFIGURATION,
-                         n.NVML_GPU_FABRIC_HEALTH_MASK_WIDTH_INCORRECT_CONFIGURATION)
-    if config > n.NVML_GPU_FABRIC_HEALTH_MASK_INCORRECT_CONFIGURATION_NONE and config not in FABRIC_CONFIG_VALUES:
-        out.append(f"incorrect configuration {config}")  # 0: not supported, 1: none
-    return out
 
 
 def sram_signal(ctx: NodeContext, s: GpuSample, at: datetime) -> Signal | None:
@@ -268,16 +211,18 @@ def evaluate(ctx: NodeContext, s: GpuSample, prev: GpuSample | None, at: datetim
         fstate, status = s.fabric
         # a fabric COMPLETED with success can still be unhealthy (GB200 NVL72: degraded bandwidth, an unhealthy
         # route; nvmlGpuFabricInfo_v2 healthMask, as nvidia-smi -q prints it under Fabric Health)
-        problems = fabric_health_problems(s.fabric_health) if s.fabric_health is not None else []
+        health = s.fabric_dump or (from_mask(s.fabric_health) if s.fabric_health is not None else FabricHealth())
+        problems = health.problems
         state("fabric.gpu", fstate != pynvml.NVML_GPU_FABRIC_STATE_COMPLETED or status != pynvml.NVML_SUCCESS
               or bool(problems), value=fstate, message=f"GPU fabric state {fstate} status {status} on "
               f"{s.gpu.label()}" + (f": {', '.join(problems)}" if problems else ""))
-        # how the system is set up leaves the GPU out of its NVLink partition: no reset fixes that (a human's)
-        config = s.fabric_config if s.fabric_config is not None else \
-            fabric_mask_config(s.fabric_health) if s.fabric_health is not None else None
-        if config is not None:
-            state("fabric.config", bool(config), message=f"GPU fabric configuration on {s.gpu.label()}: "
-                  + (f"{config} (Fabric Manager / NMX configuration or GPU firmware; a reset cannot fix it)"
-                     if config else "correct"))
+        # how the system is set up (no reset fixes it: a human's), and whether the GPU is in an NVLink partition (an
+        # administrator's choice as often as not: recorded); both said healthy where the health was not read, so a
+        # fault clears when a later reading cannot tell (a driver that falls back to the v1 call)
+        state("fabric.config", bool(health.config), message=f"GPU fabric configuration on {s.gpu.label()}: "
+              + (f"{health.config} (Fabric Manager / NMX configuration or GPU firmware; a reset cannot fix it)"
+                 if health.config else "no incorrect configuration read"))
+        state("fabric.partition", health.unpartitioned, message=f"GPU {s.gpu.label()} "
+              + ("is in no NVLink partition" if health.unpartitioned else "is not reported outside a partition"))
     return out
 

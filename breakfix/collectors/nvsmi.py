@@ -34,11 +34,12 @@ signals, so a fault reads the same from a dump as from a live GPU:
 - ``Temperature``: ``GPU Current Temp`` against ``GPU Slowdown Temp``, or on R535+ Hopper/Ada/Blackwell the T.Limit
   margins (``GPU T.Limit Temp``, ``GPU Slowdown T.Limit Temp``) turned into the same two -> ``temperature.slowdown``;
 - ``Fabric`` Health (Summary Unhealthy / Limited Capacity, Bandwidth Degraded, Route Unhealthy, Incorrect
-  Configuration) and a Status other than Success -> ``fabric.gpu`` with ``details.fabric_health``; an Incorrect
-  Configuration no reset fixes (No Partition, a system GUID, chassis serial, firmware or location) -> ``fabric.config``;
+  Configuration, Partition Assigned) and a Status other than Success -> ``fabric.gpu`` with ``details.fabric_health``,
+  ``fabric.config`` and ``fabric.partition`` (``collectors.nvlink_fabric``: the same verdicts as NVML's healthMask);
 A GPU's NVML index is claimed only where the dump proves it (``parse_nvsmi``): its position in a log listing all
 ``Attached GPUs``; ``-i 3`` (one section of 8) names GPUs by UUID and bus id, ``nvsmi_signals`` adds the index the
-node's registered GPUs (``NodeContext.register_gpus``) give them. Inputs as they arrive: ``-l N`` captures (one log
+node's registered GPUs (``NodeContext.register_gpus``, filled by the NVML source in the node daemon; ``breakfix signals
+nvsmi`` starts with none) give them. Inputs as they arrive: ``-l N`` captures (one log
 or XML document per interval, the latest reading of each GPU wins), XML after the ``Unable to determine ...`` lines
 of ``2>&1``, XML cut short (the GPUs before the cut are read; ``attached_gpus`` shows what is missing), indented or
 banner-less text, a BOM and CRLF.
@@ -55,7 +56,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from breakfix.collectors.context import NodeContext
-from breakfix.collectors.nvml_eval import SRAM_COUNTS, GpuSample, Thresholds, evaluate, fabric_config_problem
+from breakfix.collectors.nvlink_fabric import FabricHealth, from_dump
+from breakfix.collectors.nvml_eval import SRAM_COUNTS, GpuSample, Thresholds, evaluate
 from breakfix.collectors.nvsmi_tree import Node as Node  # re-exported: callers read dumps through this module
 from breakfix.collectors.nvsmi_tree import NvsmiFormatError as NvsmiFormatError
 from breakfix.collectors.nvsmi_tree import flatten, parse_tree
@@ -222,35 +224,18 @@ def _slowdown(temp: Node) -> tuple[int | None, int | None]:
     return current, slowdown
 
 
-def _fabric_health(health: Node | None) -> list[str]:
-    """What a fabric ``Health`` block (R550+, NVML nvmlGpuFabricInfo_v3 healthMask / healthSummary; nvidia-smi(1)
-    "Fabric") reports wrong: a Summary of Unhealthy or Limited Capacity, Bandwidth Degraded, Route Unhealthy True,
-    an Incorrect Configuration. Route Recovery in progress and Access Timeout Recovery are the driver's recoveries
-    under way and are named only (NVIDIA/k8s-test-infra qx-gb200-fabric-degraded.xml: Summary Unhealthy with
+def _fabric_health(health: Node | None) -> FabricHealth:
+    """A fabric ``Health`` block (R550+, NVML nvmlGpuFabricInfo_v3 healthMask / healthSummary; nvidia-smi(1) "Fabric")
+    -> ``collectors.nvlink_fabric``'s verdicts. Route Recovery in progress and Access Timeout Recovery are the driver's
+    recoveries under way, not faults (NVIDIA/k8s-test-infra qx-gb200-fabric-degraded.xml: Summary Unhealthy with
     route_unhealthy True on nvidia-smi 580.65.06)."""
     if health is None:
-        return []
-    out: list[str] = []
-    summary = _value(health.get("summary"))
-    if summary and summary.lower() in ("unhealthy", "limited capacity"):
-        out.append(f"summary {summary}")
-    if (_value(health.get("bandwidth")) or "").lower() == "degraded":
-        out.append("bandwidth degraded")
-    if _yes(health.get("route_unhealthy")):
-        out.append("route unhealthy")
-    config = _value(health.get("incorrect_configuration"))
-    if config and config.lower() not in ("none", "false", "no") and fabric_config_problem(config) is None:
-        out.append(f"incorrect configuration {config[:60]}")  # the others are fabric.config (``_fabric_config``)
-    return out
-
-
-def _fabric_config(health: Node | None) -> str | None:
-    """A Fabric Health block's Incorrect Configuration that no reset fixes (``nvml_eval.fabric_config_problem``), ""
-    when it reads none or another value, None when the block has no such line."""
-    if health is None or (node := health.get("incorrect_configuration")) is None:
-        return None
-    said = node.value.strip()
-    return (fabric_config_problem(said) or "") if said.lower() not in _ABSENT else ""
+        return FabricHealth()
+    config = health.get("incorrect_configuration")
+    return from_dump(summary=_value(health.get("summary")), bandwidth=_value(health.get("bandwidth")),
+                     route_unhealthy=_yes(health.get("route_unhealthy")),
+                     incorrect_configuration=config.value if config is not None else None,
+                     partition_assigned=_yes(health.get("partition_assigned")))
 
 
 def gpu_sample(gpu: Node, index: int | None) -> NvsmiGpu:
@@ -304,9 +289,9 @@ def gpu_sample(gpu: Node, index: int | None) -> NvsmiGpu:
     if fabric is not None and (fstate := (_value(fabric.get("state")) or "").lower()) in FABRIC_STATES:
         status = fabric.get("status")
         failed = status is not None and status.value.strip().lower() not in _FABRIC_NO_STATUS
-        health = _fabric_health(fabric.get("health"))
-        s.fabric = (FABRIC_STATES[fstate], 1 if failed or health else 0)
-        s.fabric_config = _fabric_config(fabric.get("health"))
+        s.fabric_dump = _fabric_health(fabric.get("health"))
+        s.fabric = (FABRIC_STATES[fstate], 1 if failed else 0)
+        health = list(s.fabric_dump.problems)
         if failed and status is not None:
             health.insert(0, f"status {status.value.strip()[:60]}")
     details = {f"ecc_volatile_{k}": str(v) for k, v in vol.items()} | {f"ecc_aggregate_{k}": str(v) for k, v in
@@ -435,7 +420,7 @@ def nvsmi_signals(read: NvsmiRead, ctx: NodeContext, at: datetime, th: NvsmiThre
                 sig = sig.model_copy(update={"details": {**sig.details, **g.details}})
             elif sig.check == "fabric.gpu" and g.fabric_health:
                 sig = sig.model_copy(update={"details": {**sig.details, "fabric_health": g.fabric_health},
-                                             "message": f"{sig.message}: {g.fabric_health}"})
+                                             "message": f"{sig.message.partition(': ')[0]}: {g.fabric_health}"})
             out.append(sig)
         if g.pcie_replays is not None:
             out.append(ctx.signal(source=SignalSource.NVML, check="pcie.replay", at=at, gpu=gpu,

@@ -43,9 +43,9 @@ CATEGORY_PRIORITY: tuple[str, ...] = (
     "hardware_support",
     "mechanical_inspection",
     "software_update",
-    "fabric_config",
     "gpu_drain_reset_required",
     "gpu_reset_required",
+    "fabric_config",  # explains a fabric.gpu fault (nvlink_fault), never a memory or reset fault on the same GPU
     "nvlink_fault",
     "gpu_suspect",
     "fabric_link",
