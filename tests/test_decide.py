@@ -196,9 +196,10 @@ POLICY_ERRORS = [
                  "    match: {codes: [\"xid:\"]}\n", 6, "XID '' is not", id="codes-empty-xid"),
     pytest.param("version: 1\nguards:\n  kill_switch:\n    rules: [gpu-rest]\nrules:\n  - name: gpu-reset\n"
                  "    domain: operator\n    reason: x\n", 4, "no rule named 'gpu-rest'", id="kill-switch-rule"),
-    pytest.param("version: 1\nguards:\n  kill_switch:\n    codes: [\"xid:79\", \"sxid:99999\"]\nrules:\n"
-                 "  - name: r1\n    domain: operator\n    reason: x\n", 4, "SXid '99999' is not in the SXid catalog",
-                 id="kill-switch-code"),
+    pytest.param("version: 1\nguards:\n  kill_switch:\n"
+                 "    codes: [\"xid:79\", \"dcgm.health:DCGM_FR_PENDING_ROW_REMAP\"]"
+                 "\nrules:\n  - name: r1\n    domain: operator\n    reason: x\n", 4,
+                 "is counted as 'row_remap.pending'", id="kill-switch-code-counted-as-another"),
 ]
 
 
@@ -217,12 +218,37 @@ class TestPolicyFile:
         assert needle in str(exc.value)
 
     @pytest.mark.parametrize("key", ["xid:48", "xid:94", "sxid:12028", "sxid", "row_remap.pending", "ecc.dbe",
-                                     "retired_pages.pending", "dcgm.health:DCGM_FR_PCIE_REPLAY_THRESHOLD_VIOLATION",
-                                     "nvlink.errors:crc"])
+                                     "retired_pages.pending", "dcgm.health:DCGM_FR_PCI_REPLAY_RATE", "dcgm.health",
+                                     "dcgm.recovery_action", "nvlink.errors:crc", "fabric.config"])
     def test_every_kind_of_code_key_the_correlator_counts_is_accepted(self, tmp_path: Path, key: str) -> None:
         p = tmp_path / "policy.yaml"
         p.write_text(f"version: 1\nguards:\n  kill_switch:\n    codes: [{key!r}]\nrules:\n  - name: r1\n"
                      f"    domain: operator\n    reason: x\n    match: {{codes: [{key!r}], only_codes: [{key!r}]}}\n")
+        assert load_policy(p).guards.kill_switch.codes == {key}
+
+    @pytest.mark.parametrize(("key", "why"), [
+        ("xid:079", "not a number as the driver prints it"),
+        ("xid:9999", "not in NVIDIA's Xid catalog"),
+        ("typo.chk:DCGM_FR_PCI_REPLAY_RATE", "no check 'typo.chk'"),
+        ("dcgm.health:DCGM_FR_BRAND_NEW", "not a DCGM failure code in the catalog"),
+        ("dcgm.health:DCGM_FR_UNCONTAINED_ERROR", "is counted as 'xid:95'"),
+        ("gpu.lost:DCGM_FR_GPU_RECOVERY_REBOOT", "is counted as 'xid:154'"),
+    ])
+    def test_a_rule_matching_a_code_the_correlator_never_counts_is_refused(self, tmp_path: Path, key: str,
+                                                                           why: str) -> None:
+        p = tmp_path / "policy.yaml"
+        p.write_text(f"version: 1\nrules:\n  - name: r1\n    domain: operator\n    reason: x\n"
+                     f"    match: {{codes: [{key!r}]}}\n")
+        with pytest.raises(DataFileError, match=why):
+            load_policy(p)
+
+    @pytest.mark.parametrize("key", ["xid:9999", "sxid:99999", "dcgm.health:DCGM_FR_BRAND_NEW"])
+    def test_a_kill_switch_may_name_a_code_newer_than_the_catalog(self, tmp_path: Path, key: str) -> None:
+        """A new driver's XID storm is when a kill switch is needed: a canonical code the catalog does not list yet
+        is taken (a rule's match on it is not: such a fault is always unknown_fault)."""
+        p = tmp_path / "policy.yaml"
+        p.write_text(f"version: 1\nguards:\n  kill_switch:\n    codes: [{key!r}]\nrules:\n  - name: r1\n"
+                     f"    domain: operator\n    reason: x\n")
         assert load_policy(p).guards.kill_switch.codes == {key}
 
     def test_missing_policy_file_is_a_clear_error(self, tmp_path: Path) -> None:

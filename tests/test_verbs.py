@@ -162,7 +162,7 @@ def test_admin_records_breaker_reset_and_kill_switch() -> None:
         verbs.kill_switch("c1", adam, rule="r", code="c", enabled=True, reason="x", at=T0)
 
 
-@pytest.mark.parametrize("code", ["xid:7900", "xid79", "rowremap.pending"])
+@pytest.mark.parametrize("code", ["xid:0079", "xid79", "rowremap.pending", "dcgm.health:DCGM_FR_UNCONTAINED_ERROR"])
 def test_a_kill_switch_on_a_code_the_catalog_does_not_know_is_refused_as_it_would_stop_nothing(code: str) -> None:
     adam = Identity("adam", Role.ADMIN)
     with pytest.raises(VerbError, match="kill switch code"):
@@ -191,3 +191,9 @@ def test_the_remediator_passes_over_the_console_and_notifier_verbs_without_faili
     rec = verbs.incident_verb(verb, incident("inc-a"), Identity("alice"), reason="looking", at=T0,
                               **({"assignee": "bob"} if verb == "assign" else {}))
     assert refuse_reason(subjects.oncall_subject("c1", "alice", verb), rec, "c1") == (None, None)
+
+
+def test_a_kill_switch_takes_a_new_drivers_xid_the_catalog_does_not_list_yet() -> None:
+    adam = Identity("adam", Role.ADMIN)
+    ks = verbs.kill_switch("c1", adam, code="xid:9999", enabled=True, reason="new driver storm", at=T0)
+    assert ks.details == {"code": "xid:9999", "enabled": "true"}

@@ -238,7 +238,7 @@ def kill_switch(cluster: str, who: Identity, *, rule: str = "", code: str = "", 
     """``enabled`` true: the switch is on, the rule or code stops acting automatically."""
     if bool(rule) == bool(code):
         raise VerbError("a kill switch names exactly one of a rule (--rule) or a code (--code)")
-    if code and enabled and (why := default_catalog().unknown_code_key(code)) is not None:
+    if code and enabled and (why := default_catalog().unknown_code_key(code, listed_only=False)) is not None:
         raise VerbError(f"kill switch code {why}")  # it would stop nothing; switching a mistyped one off stays possible
     key = {"rule": rule} if rule else {"code": code}
     return _base("kill_switch", ActionKind.KILL_SWITCH, ActionOutcome.REQUESTED, cluster=cluster, incident="-",

@@ -161,7 +161,7 @@ def check_names(policy: Policy, catalog: Catalog, path: str | Path, lines: LineM
         raise DataFileError(path, line_for(lines, ("guards", "kill_switch", "rules")),
                             f"guards.kill_switch.rules: no rule named {name!r} in this policy")
     for code in sorted(ks.codes):
-        why = catalog.unknown_code_key(code)
+        why = catalog.unknown_code_key(code, listed_only=False)
         if why is not None:
             raise DataFileError(path, line_for(lines, ("guards", "kill_switch", "codes")),
                                 f"guards.kill_switch.codes: {why}")

@@ -35,6 +35,10 @@ UNKNOWN = "unknown_fault"
 UNKNOWN_SOURCE = ("breakfix cautious default: not in NVIDIA's Xid catalog "
                   "(https://docs.nvidia.com/deploy/xid-errors/analyzing-xid-catalog.html) or DCGM/NVSentinel tables")
 
+_CANONICAL_NUMBER = re.compile(r"[1-9][0-9]{0,5}")  # an XID or SXid as the driver prints it, the correlator counts it
+_DCGM_CODE = re.compile(r"DCGM_FR_[A-Z0-9_]{1,80}")
+# checks whose code is a DCGM failure code (collectors.dcgm, collectors.promfleet): classified by that code alone
+_CODED_CHECKS = frozenset({"dcgm.health", "dcgm.recovery_action"})
 _XID154_RE = re.compile(r"recovery action changed from 0x[0-9a-fA-F]+ \([^)]*\) to 0x[0-9a-fA-F]+ \(([^)]*)\)")
 
 
@@ -140,28 +144,37 @@ class Catalog:
         """True when the same check and code can classify differently by message (no caching)."""
         return check == "sxid" or (check == "xid" and code in self.message_xids)
 
-    def unknown_code_key(self, key: str) -> str | None:
-        """Why ``key`` is not a code key this catalog knows (None when it is one). Code keys are what the
-        correlator counts on an incident (``Incident.codes``): ``xid:48``, ``sxid:12028``, a check
-        (``row_remap.pending``), or a check with a DCGM failure code (``dcgm.health:DCGM_FR_PCIE_REPLAY``).
-        A policy or kill switch naming anything else would match nothing, silently."""
+    def unknown_code_key(self, key: str, *, listed_only: bool = True) -> str | None:
+        """Why ``key`` is not a code key the correlator counts on an incident (``Incident.codes``), None when it is:
+        ``xid:48``, ``sxid:12028``, a check (``row_remap.pending``, ``dcgm.health``), a check with its code
+        (``dcgm.health:DCGM_FR_PCI_REPLAY_RATE``). A code counted as another (a DCGM code with an XID or NVML
+        equivalent) is refused with the key it is counted as. ``listed_only=False`` (kill switches) also takes an XID,
+        SXid or DCGM failure code the catalog does not list yet, in its canonical form: a new driver's XID storm is
+        when a switch is needed. A policy or kill switch naming anything else would match nothing, silently."""
         check, sep, code = key.partition(":")
-        if check == "xid":
-            if code.isdigit() and int(code) in self.xids:
-                return None
-            return f"{key!r}: XID {code!r} is not in NVIDIA's Xid catalog"
-        if check == "sxid" and sep:
-            if code in self.semantics.sxids:
-                return None
-            return f"{key!r}: SXid {code!r} is not in the SXid catalog"
-        if sep and not code:
+        if check in ("xid", "sxid") and sep:
+            name = "XID" if check == "xid" else "SXid"
+            if not _CANONICAL_NUMBER.fullmatch(code):
+                return f"{key!r}: {name} {code!r} is not a number as the driver prints it (e.g. {check}:79)"
+            listed = int(code) in self.xids if check == "xid" else code in self.semantics.sxids
+            if not listed and listed_only:
+                which = "NVIDIA's Xid catalog" if check == "xid" else "the SXid catalog"
+                return f"{key!r}: {name} {code!r} is not in {which}"
+            return None
+        if check not in self.classes.checks and check not in _CODED_CHECKS:
+            return f"{key!r}: no check {check!r} in the catalog (code keys look like xid:48, sxid:12028, " \
+                   "row_remap.pending or dcgm.health:DCGM_FR_...)"
+        if not sep:
+            return None
+        if not code:
             return f"{key!r}: no code after the colon"
-        if sep and self.dcgm_name(code):
-            return None
-        if check in self.classes.checks:
-            return None
-        return f"{key!r}: no check {check!r} in the catalog (code keys look like xid:48, sxid:12028, " \
-               "row_remap.pending or dcgm.health:DCGM_FR_...)"
+        if (check in _CODED_CHECKS or code.startswith("DCGM_FR_")) and self.dcgm_name(code) is None \
+                and (listed_only or not _DCGM_CODE.fullmatch(code)):
+            return f"{key!r}: {code!r} is not a DCGM failure code in the catalog"
+        equivalent = self.classify(check=check, code=code).equivalent
+        if equivalent and equivalent != key:
+            return f"{key!r} is counted as {equivalent!r} (the same fault from NVML or the driver): name that"
+        return None
 
     def category(self, name: str) -> CategorySpec:
         return self.classes.categories.get(name) or self.classes.categories[UNKNOWN]
