@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import pairwise
+from itertools import islice, pairwise
 
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.kmsg_follow import NO_TIME, has_time
@@ -59,7 +59,7 @@ _BDF = r"(?:[0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]"
 _FALLEN = re.compile(
     rf"NVRM: (?:GPU (?:at )?(?:PCI:)?(?P<pci1>{_BDF}):? "
     rf"(?:GPU )?has fallen off the bus|The NVIDIA GPU (?P<pci2>{_BDF})"
-    r"(?:\s*$|\\x0a.*?fallen off the bus))"
+    r"(?:\s*$|\\x0a.{0,400}?fallen off the bus))"  # bounded: a long line costs a bounded scan per candidate
 )
 # A GPU the driver failed to initialise (kernel_log_formats.md section 5, NVIDIA/gpu-operator issue 1146):
 # ``NVRM: GPU 0000:0a:00.0: RmInitAdapter failed! (0x24:0x72:1568)``, and ``rm_init_adapter failed, device minor number
@@ -90,6 +90,7 @@ _RECORD_START = re.compile(r"(?:\[\s*\d+\.\d+(?: <\s*-?\d+\.\d+>)?\]\s*)?(?P<at>
 _XID_START = re.compile(r"NVRM: Xid\b|nvidia-nvswitch")  # at ``at``: the SXid form is whole once the above matched
 _DRIVER_RECORDS = (_FALLEN, _INIT_FAILED, _NVLINK_WEDGE, _GPU_MAP)
 MAX_RECORDS = 16  # records read from one line; the rest stay in the last one's text
+MAX_CANDIDATES = 256  # record starts looked at in one line (a hostile line of "NVRM: " costs no more than these)
 
 
 class BadLine(ValueError):
@@ -130,7 +131,8 @@ def records(line: str) -> list[str]:
         return [line]
     starts: list[int] = []
     end = len(line)  # from the last start back: a record ends where the next one starts
-    for start, at in reversed([(m.start(), m.start("at")) for m in _RECORD_START.finditer(line)]):
+    candidates = [(m.start(), m.start("at")) for m in islice(_RECORD_START.finditer(line), MAX_CANDIDATES)]
+    for start, at in reversed(candidates):
         if _XID_START.match(line, at) or (not line.endswith("\\x0a", 0, start)
                                           and any(r.match(line, at, end) for r in _DRIVER_RECORDS)):
             starts.append(start)
