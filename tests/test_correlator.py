@@ -59,8 +59,10 @@ GROUPING_CASES = [
     # a fabric left unhealthy by its configuration: the GPU's one incident is a human's, never the reset ladder's
     pytest.param([sig(check="fabric.gpu", code=None), sig(check="fabric.config", code=None, at=1)], 1,
                  "fabric_config", IncidentScope.GPU, id="fabric-configuration-outranks-the-fabric-fault-it-explains"),
-    pytest.param([sig(check="fabric.config", code=None), sig(code="48", at=1)], 1, "gpu_reset_required",
-                 IncidentScope.GPU, id="a-dbe-on-a-misconfigured-gpu-still-takes-the-reset-path"),
+    pytest.param([sig(check="fabric.config", code=None), sig(code="48", at=1)], 1, "fabric_config",
+                 IncidentScope.GPU, id="a-dbe-on-a-misconfigured-gpu-goes-to-the-human-a-reset-could-not-return-it"),
+    pytest.param([sig(code="48"), sig(check="fabric.config", code=None, at=1)], 1, "fabric_config",
+                 IncidentScope.GPU, id="a-configuration-fault-after-a-dbe-stops-the-reset-returning-the-node"),
 ]
 
 

@@ -134,39 +134,47 @@ class TestGroupFencing:
 
 MIG_NODE = ClusterView(nodes={"n1": NodeView("n1", {"nvidia.com/mig.config": "all-1g.10gb"})},
                        controller_owned_pods=frozenset({"team-a/train-0"}))
+WHOLE = ClusterView(nodes={"n1": NodeView("n1", {"nvidia.com/mig.config": "all-disabled",
+                                                 "nvidia.com/gpu.sharing-strategy": "none"})},
+                    controller_owned_pods=frozenset({"team-a/train-0"}))
+SHARED = ClusterView(nodes={"n1": NodeView("n1", {"nvidia.com/mig.capable": "false", "nvidia.com/gpu.replicas": "4"})})
 
 
 class TestDeferredReset:
     @pytest.mark.parametrize(("codes", "view", "rule"), [
+        (("xid:94",), OWNED, "gpu-reset-when-idle"),
+        (("xid:94", "xid:45"), OWNED, "gpu-reset-when-idle"),
+        (("xid:45", "xid:94"), OWNED, "gpu-reset-when-idle"),
         (("xid:94",), MIG_NODE, "gpu-reset-when-idle"),
-        (("xid:94", "xid:45"), MIG_NODE, "gpu-reset-when-idle"),
-        (("xid:45", "xid:94"), MIG_NODE, "gpu-reset-when-idle"),
-        (("xid:94",), OWNED, "contained-error-restart"),
-        (("xid:94", "xid:45"), OWNED, "contained-error-restart"),
+        (("xid:94",), SHARED, "gpu-reset-when-idle"),
+        (("xid:94",), WHOLE, "contained-error-restart"),
+        (("xid:94", "xid:45"), WHOLE, "contained-error-restart"),
         (("xid:94", "xid:13"), OWNED, "tenant-application-fault"),
-        (("xid:94", "xid:13"), MIG_NODE, "tenant-application-fault"),
+        (("xid:94", "xid:13"), WHOLE, "tenant-application-fault"),
         (("xid:13", "xid:45"), OWNED, "tenant-application-fault"),
-    ], ids=["mig-xid94-alone", "mig-xid94-with-its-xid45", "mig-xid45-read-first", "whole-gpu-xid94",
-            "whole-gpu-xid94-with-its-xid45", "xid13-is-worse", "mig-xid13-is-worse", "no-xid94-no-reset"])
-    def test_xid94_with_its_sympathetic_xid45_and_nothing_worse_restarts_now_on_a_whole_gpu_waits_on_mig(
+    ], ids=["xid94-alone", "xid94-with-its-xid45", "xid45-read-first", "mig-waits", "time-sliced-gpu-waits",
+            "whole-unshared-gpu-xid94", "whole-unshared-gpu-xid94-with-its-xid45", "xid13-is-worse",
+            "whole-gpu-xid13-is-worse", "no-xid94-no-reset"])
+    def test_xid94_restarts_now_only_where_the_gpu_is_known_whole_and_unshared_and_otherwise_waits(
             self, policy: Policy, codes: tuple[str, ...], view: ClusterView, rule: str) -> None:
         """NVIDIA Xid catalog, XID 94: "the application that encountered this error must be restarted. All other
         applications running at the time of the Xid are unaffected. It is recommended to reset the GPU when
-        convenient"; "Xid 45 will be seen in relation to this error". On a whole GPU the application is the GPU's only
-        one: its pod moves now and the idle GPU is reset; on MIG the other instances' work goes on until it ends."""
+        convenient"; "Xid 45 will be seen in relation to this error". Where the node's labels prove its GPUs whole and
+        unshared the application is the GPU's only one: its pod moves now and the idle GPU is reset; anywhere else
+        (MIG, time-slicing or MPS, nothing known) other work may be on the GPU and goes on until it ends."""
         inc = incident("application_fault", domain=Domain.TENANT, tenants=(POD,), codes=codes)
         assert decide(inc, view, policy).rule == rule
 
     def test_a_whole_gpus_contained_error_moves_the_pod_and_resets_at_once_without_a_wait(self, policy: Policy) -> None:
-        plan = decide(incident("application_fault", domain=Domain.TENANT, tenants=(POD,), codes=("xid:94",)), OWNED,
+        plan = decide(incident("application_fault", domain=Domain.TENANT, tenants=(POD,), codes=("xid:94",)), WHOLE,
                       policy)
         assert plan.actions() == ["cordon", "notify_tenant", "drain_gpu", "reset_gpu", "validate", "return_to_service"]
         assert not any("defer_s" in s.params for s in plan.steps), "nothing waits for the GPU to go idle"
         assert plan.domain is Domain.OPERATOR and [r.name for r in plan.ladder] == ["restart-and-reset", "reboot"]
 
-    def test_a_mig_instance_named_by_the_incident_keeps_the_wait(self, policy: Policy) -> None:
+    def test_a_mig_instance_named_by_the_incident_keeps_the_wait_on_a_node_labelled_whole(self, policy: Policy) -> None:
         inc = incident("application_fault", domain=Domain.TENANT, tenants=(POD,), codes=("xid:94",))
-        plan = decide(inc.model_copy(update={"labels": {"GPU_I_ID": "2"}}), OWNED, policy)
+        plan = decide(inc.model_copy(update={"labels": {"GPU_I_ID": "2"}}), WHOLE, policy)
         assert plan.rule == "gpu-reset-when-idle" and any("defer_s" in s.params for s in plan.steps)
 
 

@@ -175,16 +175,20 @@ class TestFencedScopedRepair:
 class TestDeferredRepair:
     @pytest.mark.parametrize(("codes", "category", "severity", "labels", "deferred"), [
         (("row_remap.pending",), "gpu_reset_required", Severity.WARNING, {}, True),
-        (("xid:94",), "application_fault", Severity.WARNING, {"gpu_i_id": "5"}, True),
-        (("xid:94",), "application_fault", Severity.WARNING, {}, False),
+        (("xid:94",), "application_fault", Severity.WARNING, {}, True),
+        (("xid:94",), "application_fault", Severity.WARNING, {"nvidia.com/mig.config": "all-1g.10gb"}, True),
+        (("xid:94",), "application_fault", Severity.WARNING,
+         {"nvidia.com/mig.config": "all-disabled", "nvidia.com/gpu.sharing-strategy": "time-slicing"}, True),
+        (("xid:94",), "application_fault", Severity.WARNING, {"nvidia.com/mig.capable": "false"}, False),
         (("row_remap.pending", "xid:48"), "gpu_reset_required", Severity.CRITICAL, {}, False),
         (("xid:48",), "gpu_reset_required", Severity.CRITICAL, {}, False),
-    ], ids=["pending-row-remap-waits", "xid94-contained-on-a-mig-instance-waits",
-            "xid94-contained-on-a-whole-gpu-restarts-its-app-now", "with-a-dbe-acts-now", "dbe-acts-now"])
+    ], ids=["pending-row-remap-waits", "xid94-on-a-gpu-not-known-whole-waits", "xid94-on-mig-waits",
+            "xid94-on-a-shared-gpu-waits", "xid94-on-a-whole-unshared-gpu-restarts-its-app-now", "with-a-dbe-acts-now",
+            "dbe-acts-now"])
     def test_reset_waits_for_the_gpu_to_go_idle_when_nvidia_says_work_may_continue(
             self, policy: Policy, codes: tuple[str, ...], category: str, severity: Severity, labels: dict[str, str],
             deferred: bool) -> None:
-        plan = decide(inc(codes=codes, category=category, severity=severity, labels=labels), view(), policy)
+        plan = decide(inc(codes=codes, category=category, severity=severity), view(n1=labels), policy)
         first = next(s for s in plan.rungs()[0].steps if s.action.disruptive or s.action is StepAction.CORDON)
         assert ("defer_s" in first.params) is deferred
         if deferred:

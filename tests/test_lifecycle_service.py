@@ -430,9 +430,7 @@ class TestBreakerCountsWhatActs:
         c = one_node()
         async with Harness(fast(policy, budget=BudgetSpec(max_nodes=10, max_percent=100), topology_budgets=()),
                            c) as h:
-            # 4 of 10 nodes: XID 94 as the correlator publishes it, a tenant application fault, whose plan restarts
-            # the application and resets the GPU
-            for i in range(1, 5):
+            for i in range(1, 5):  # 4 of 10 nodes: XID 94 as the correlator publishes it, a tenant application fault
                 xid94 = incident(f"n{i}", iid=f"inc-{i}", category="application_fault", codes=("xid:94",),
                                  severity=Severity.WARNING, domain=Domain.TENANT,
                                  tenants=(TenantRef(namespace="ml", pod=f"job{i}"),))
@@ -440,7 +438,7 @@ class TestBreakerCountsWhatActs:
             await h.until(lambda: h.svc.guards.breaker_tripped_at is not None)
         page = next(r for r in h.records() if r.kind is ActionKind.NOTIFICATION)
         assert all(f"inc-{i}" in page.reason for i in range(1, 4)), "the page lists the incidents it holds"
-        assert all(r.rule == "contained-error-restart" for r in h.records() if r.kind is ActionKind.REFUSAL)
+        assert all(r.rule == "gpu-reset-when-idle" for r in h.records() if r.kind is ActionKind.REFUSAL)
 
     async def test_reopenings_count_towards_the_breaker_when_they_happen(self, policy: Policy) -> None:
         c = one_node()

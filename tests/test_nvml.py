@@ -122,15 +122,19 @@ class TestPolledChecks:
         fake.gpus[2].fabric_health = HEALTHY_FABRIC
         assert faults(poll(src, 20)) == set()
 
-    def test_a_configuration_fault_clears_when_a_later_reading_has_no_health_mask(self, catalog: Catalog) -> None:
-        """The v2 call failing later (the source falls back to v1) must not leave fabric.config open for ever."""
+    def test_a_configuration_fault_holds_while_the_mask_is_unread_and_clears_when_it_reads_none(
+            self, catalog: Catalog) -> None:
+        """A v2 call that fails once (the source falls back to v1) says nothing about the configuration: the fault
+        is neither repeated nor cleared (a clear mid-repair would let the node return with it), until read again."""
         fake = FakeNvml.hgx(8)
         fake.gpus[2].fabric = (pynvml.NVML_GPU_FABRIC_STATE_COMPLETED, pynvml.NVML_SUCCESS)
         fake.gpus[2].fabric_health = HEALTHY_FABRIC & ~(0xF << 8) | (2 << 8)  # incorrect system GUID
         src = NvmlSource(fake, ctx(catalog))
         assert faults(poll(src)) == {("fabric.config", 2, None)}
         fake.gpus[2].fabric_health = None
-        assert faults(poll(src, 10)) == set()
+        assert [s for s in poll(src, 10).states if s.check == "fabric.config"] == []
+        fake.gpus[2].fabric_health = HEALTHY_FABRIC
+        assert faults(poll(src, 20)) == set()
 
     def test_a_driver_with_only_the_v1_fabric_call_is_judged_on_state_and_status(self, catalog: Catalog) -> None:
         fake = FakeNvml.hgx(8)

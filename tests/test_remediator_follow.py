@@ -27,8 +27,7 @@ def inc(category: str = "gpu_reset_required", codes: tuple[str, ...] = ("xid:48"
 VIEW = ClusterView(nodes={f"n{i}": NodeView(f"n{i}", {}) for i in range(1, 11)})
 XID48 = inc()
 REMAP = inc(codes=("row_remap.pending",), severity=Severity.WARNING)
-MIG = {"GPU_I_ID": "1"}  # XID 94 on a MIG instance: its reset waits for the GPU to go idle (on a whole GPU it does not)
-XID94 = inc("application_fault", ("xid:94",), Severity.WARNING, labels=MIG)
+XID94 = inc("application_fault", ("xid:94",), Severity.WARNING)
 SUSPECT = inc("gpu_suspect", ("xid:13",))
 UNKNOWN = inc("unknown_fault", ("xid:48", "xid:173"))
 
@@ -39,7 +38,7 @@ class TestAPlanInFlightTurnsCautious:
         (XID48, UNKNOWN, False, True, True),
         (SUSPECT, inc("unknown_fault", ("xid:13", "xid:173")), True, True, True),
         (XID48, inc("hardware_support", ("xid:48", "row_remap.failure")), True, True, True),
-        (XID94, inc("gpu_monitor", ("xid:94", "dcgm:DCGM_FR_SXID_ERROR"), labels=MIG), True, True, True),
+        (XID94, inc("gpu_monitor", ("xid:94", "dcgm:DCGM_FR_SXID_ERROR")), True, True, True),
         (XID48, inc("node_reboot_required", ("xid:48", "xid:154")), True, False, True),
         (XID48, inc("gpu_drain_reset_required", ("xid:48", "xid:63")), True, False, False),
         (XID48, inc(codes=("xid:48", "xid:31")), True, False, False),
@@ -68,10 +67,9 @@ class TestADeferredWaitEndsWhenAnotherPlanFits:
         (REMAP, inc("node_reboot_required", ("row_remap.pending", "xid:154"), Severity.FATAL), "node-reboot", True),
         (REMAP, inc(codes=("row_remap.pending", "xid:48")), "gpu-reset", True),
         (REMAP, inc("hardware_support", ("row_remap.pending", "row_remap.failure")), "hardware-escalation", True),
-        (XID94, inc("gpu_reset_required", ("xid:94", "xid:48"), labels=MIG), "gpu-reset", True),
-        (XID94, inc("unknown_fault", ("xid:94", "xid:173"), labels=MIG), "unknown-fault", True),
-        (XID94, inc("application_fault", ("xid:94", "xid:45"), Severity.WARNING, labels=MIG), "gpu-reset-when-idle",
-         False),
+        (XID94, inc("gpu_reset_required", ("xid:94", "xid:48")), "gpu-reset", True),
+        (XID94, inc("unknown_fault", ("xid:94", "xid:173")), "unknown-fault", True),
+        (XID94, inc("application_fault", ("xid:94", "xid:45"), Severity.WARNING), "gpu-reset-when-idle", False),
         (REMAP, inc(codes=("row_remap.pending", "retired_pages.pending"), severity=Severity.WARNING),
          "gpu-reset-when-idle", False),
     ], ids=["xid154-joins-a-pending-remap", "xid48-joins-a-pending-remap", "failed-remap-joins-a-pending-remap",

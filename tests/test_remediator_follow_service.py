@@ -191,9 +191,7 @@ class TestADeferredRepairFollowsItsIncident:
 
         c.gpu_idle = until_idle  # type: ignore[method-assign]
         async with Harness(fast(policy, cooldown_s=0), c, companion=companion_codes(default_catalog())) as h:
-            # XID 94 waits on a MIG instance (on a whole GPU its application restarts and the GPU resets at once)
-            deferred = incident(category=category, codes=(first,), severity=Severity.WARNING,
-                                labels={"GPU_I_ID": "1"} if first == "xid:94" else {})
+            deferred = incident(category=category, codes=(first,), severity=Severity.WARNING)
             await h.open(deferred)
             await h.until(lambda: "inc-1" in h.svc.waits and len(polls) > 1)
             await joins(h, deferred.model_copy(update={"codes": (first, joined), "version": 2}))

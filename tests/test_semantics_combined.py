@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 
 from breakfix.correlator.grouping import Correlator
-from breakfix.remediator.decide import ClusterView, decide
+from breakfix.remediator.decide import ClusterView, NodeView, decide
 from breakfix.remediator.policy import Policy
 from breakfix.schemas.catalog import Catalog
 from breakfix.schemas.common import TenantRef
@@ -421,19 +421,22 @@ def test_three_gpus_failing_together_after_a_benign_resolved_code_are_a_multi_gp
     assert [i.category for i in standing] == ["multi_gpu_failure"]
 
 
-@pytest.mark.parametrize(("details", "rule", "deferred"), [
-    ({}, "contained-error-restart", False),
-    ({"GPU_I_ID": "3", "GPU_CI_ID": "0"}, "gpu-reset-when-idle", True),
-], ids=["whole-gpu-restarts-its-app-and-resets-now", "mig-instance-waits-for-the-gpu-to-go-idle"])
-def test_xid94_restarts_its_app_now_on_a_whole_gpu_and_waits_on_a_mig_instance(
-        catalog: Catalog, policy: Policy, details: dict[str, str], rule: str, deferred: bool) -> None:
+WHOLE = ClusterView(nodes={"n1": NodeView("n1", {"nvidia.com/mig.capable": "false"})})
+
+
+@pytest.mark.parametrize(("view", "rule", "deferred"), [
+    (WHOLE, "contained-error-restart", False),
+    (ClusterView(), "gpu-reset-when-idle", True),
+], ids=["whole-unshared-gpu-restarts-its-app-and-resets-now", "a-gpu-not-known-whole-waits-for-it-to-go-idle"])
+def test_xid94_restarts_its_app_now_on_a_whole_gpu_and_otherwise_waits(catalog: Catalog, policy: Policy,
+                                                                      view: ClusterView, rule: str,
+                                                                      deferred: bool) -> None:
     """NVIDIA Xid catalog, XID 94: "the application that encountered this error must be restarted. All other
     applications running at the time of the Xid are unaffected. It is recommended to reset the GPU when convenient."
-    The MIG instance an XID names (kmsg ``GPU-I``, dcgm-exporter ``GPU_I_ID``) reaches the incident as ``gpu_i_id``."""
+    Only where the node's labels prove the GPU whole and unshared is the application the GPU's only one."""
     core = Correlator(catalog)
-    core.ingest(s := sig(code="94", pod="api-7d9f8c6b5-x2k4p", details=details), s.observed_at)
+    core.ingest(s := sig(code="94", pod="api-7d9f8c6b5-x2k4p"), s.observed_at)
     (inc,) = [t.snapshot() for t in core.incidents.values()]
-    assert inc.labels.get("gpu_i_id") == details.get("GPU_I_ID")
-    plan = decide(inc, ClusterView(), policy)
+    plan = decide(inc, view, policy)
     assert plan.rule == rule and "notify_tenant" in plan.actions() and "reset_gpu" in plan.actions()
     assert any("defer_s" in st.params for st in plan.steps) is deferred

@@ -211,18 +211,18 @@ def evaluate(ctx: NodeContext, s: GpuSample, prev: GpuSample | None, at: datetim
         fstate, status = s.fabric
         # a fabric COMPLETED with success can still be unhealthy (GB200 NVL72: degraded bandwidth, an unhealthy
         # route; nvmlGpuFabricInfo_v2 healthMask, as nvidia-smi -q prints it under Fabric Health)
-        health = s.fabric_dump or (from_mask(s.fabric_health) if s.fabric_health is not None else FabricHealth())
-        problems = health.problems
+        health = s.fabric_dump or (from_mask(s.fabric_health) if s.fabric_health is not None else None)
+        problems = health.problems if health is not None else ()
         state("fabric.gpu", fstate != pynvml.NVML_GPU_FABRIC_STATE_COMPLETED or status != pynvml.NVML_SUCCESS
               or bool(problems), value=fstate, message=f"GPU fabric state {fstate} status {status} on "
               f"{s.gpu.label()}" + (f": {', '.join(problems)}" if problems else ""))
-        # how the system is set up (no reset fixes it: a human's), and whether the GPU is in an NVLink partition (an
-        # administrator's choice as often as not: recorded); both said healthy where the health was not read, so a
-        # fault clears when a later reading cannot tell (a driver that falls back to the v1 call)
-        state("fabric.config", bool(health.config), message=f"GPU fabric configuration on {s.gpu.label()}: "
-              + (f"{health.config} (Fabric Manager / NMX configuration or GPU firmware; a reset cannot fix it)"
-                 if health.config else "no incorrect configuration read"))
-        state("fabric.partition", health.unpartitioned, message=f"GPU {s.gpu.label()} "
-              + ("is in no NVLink partition" if health.unpartitioned else "is not reported outside a partition"))
+        if health is not None:  # where the health was not read (a v1-only call, a dump without it) nothing is said
+            # how the system is set up (no reset fixes it: a human's), and whether the GPU is in an NVLink partition
+            # (an administrator's choice as often as not: recorded)
+            state("fabric.config", bool(health.config), message=f"GPU fabric configuration on {s.gpu.label()}: "
+                  + (f"{health.config} (Fabric Manager / NMX configuration or GPU firmware; a reset cannot fix it)"
+                     if health.config else "no incorrect configuration"))
+            state("fabric.partition", health.unpartitioned, message=f"GPU {s.gpu.label()} "
+                  + ("is in no NVLink partition" if health.unpartitioned else "is not reported outside a partition"))
     return out
 

@@ -224,13 +224,13 @@ def _slowdown(temp: Node) -> tuple[int | None, int | None]:
     return current, slowdown
 
 
-def _fabric_health(health: Node | None) -> FabricHealth:
+def _fabric_health(health: Node | None) -> FabricHealth | None:
     """A fabric ``Health`` block (R550+, NVML nvmlGpuFabricInfo_v3 healthMask / healthSummary; nvidia-smi(1) "Fabric")
     -> ``collectors.nvlink_fabric``'s verdicts. Route Recovery in progress and Access Timeout Recovery are the driver's
     recoveries under way, not faults (NVIDIA/k8s-test-infra qx-gb200-fabric-degraded.xml: Summary Unhealthy with
     route_unhealthy True on nvidia-smi 580.65.06)."""
     if health is None:
-        return FabricHealth()
+        return None
     config = health.get("incorrect_configuration")
     return from_dump(summary=_value(health.get("summary")), bandwidth=_value(health.get("bandwidth")),
                      route_unhealthy=_yes(health.get("route_unhealthy")),
@@ -291,7 +291,7 @@ def gpu_sample(gpu: Node, index: int | None) -> NvsmiGpu:
         failed = status is not None and status.value.strip().lower() not in _FABRIC_NO_STATUS
         s.fabric_dump = _fabric_health(fabric.get("health"))
         s.fabric = (FABRIC_STATES[fstate], 1 if failed else 0)
-        health = list(s.fabric_dump.problems)
+        health = list(s.fabric_dump.problems) if s.fabric_dump is not None else []
         if failed and status is not None:
             health.insert(0, f"status {status.value.strip()[:60]}")
     details = {f"ecc_volatile_{k}": str(v) for k, v in vol.items()} | {f"ecc_aggregate_{k}": str(v) for k, v in

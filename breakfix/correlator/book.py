@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from breakfix.correlator.patterns import Patterns
 
 _COMPANION_SOURCE = "NVIDIA Xid catalog WORKFLOW_XID_48: with XID 63/64, DRAIN_AND_RESET"
-MIG_LABEL = "gpu_i_id"  # the GPU instance a signal names (``details.GPU_I_ID``: kmsg, dcgm-exporter), first one kept
 
 
 class IncidentBook:
@@ -197,8 +196,6 @@ class IncidentBook:
                     material = True
                 else:
                     inc.over("components", at, caps.components, rules.timeline_limit)
-            if s.details and (gi := s.details.get("GPU_I_ID")) and MIG_LABEL not in inc.labels:
-                inc.labels[MIG_LABEL] = gi[:32]  # a MIG instance's fault: the remediator's is_mig reads it
             g = o.gkey
             if g is not None:
                 if o.gpu_key is not None:

@@ -43,9 +43,11 @@ CATEGORY_PRIORITY: tuple[str, ...] = (
     "hardware_support",
     "mechanical_inspection",
     "software_update",
+    # a GPU its system's setup leaves out of the NVLink fabric goes to a human with whatever else it has: a reset
+    # ladder would return the node to service with the configuration still wrong
+    "fabric_config",
     "gpu_drain_reset_required",
     "gpu_reset_required",
-    "fabric_config",  # explains a fabric.gpu fault (nvlink_fault), never a memory or reset fault on the same GPU
     "nvlink_fault",
     "gpu_suspect",
     "fabric_link",

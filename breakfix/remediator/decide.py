@@ -24,7 +24,7 @@ MIG_INCIDENT_LABELS = frozenset({"gpu_i_id", "gpu_i_profile", "mig", "mig_instan
 
 
 def matches(match: Match, incident: Incident, view: ClusterView | None = None) -> bool:
-    if match.mig is not None and is_mig(incident, view or ClusterView()) is not match.mig:
+    if match.whole_gpu is not None and whole_gpu(incident, view or ClusterView()) is not match.whole_gpu:
         return False
     if match.categories and incident.category not in match.categories:
         return False
@@ -149,6 +149,23 @@ def is_mig(incident: Incident, view: ClusterView) -> bool:
     node = view.node(incident.node)
     mig = node.labels.get("nvidia.com/mig.config", "") if node else ""
     return bool(mig) and mig != "all-disabled"
+
+
+# GPU feature discovery's and the MIG manager's node labels (NVIDIA GPU operator): a node whose GPUs cannot run MIG, or
+# whose MIG manager disabled it, and whose GPUs are not shared (time-slicing or MPS replicas)
+_NOT_MIG = (("nvidia.com/mig.capable", "false"), ("nvidia.com/mig.config", "all-disabled"))
+_UNSHARED = (("nvidia.com/gpu.sharing-strategy", ("", "none")), ("nvidia.com/gpu.replicas", ("", "0", "1")))
+
+
+def whole_gpu(incident: Incident, view: ClusterView) -> bool:
+    """The node's labels prove its GPUs whole and unshared: MIG not capable or disabled by the MIG manager, and no
+    time-slicing or MPS replicas. No labels prove nothing (False): other work may then be on the GPU, and the policy
+    rule ``contained-error-restart`` (restart the pod and reset at once) must not evict it."""
+    node = view.node(incident.node)
+    if node is None or is_mig(incident, view):
+        return False
+    labels = node.labels
+    return any(labels.get(k) == v for k, v in _NOT_MIG) and all(labels.get(k, "") in ok for k, ok in _UNSHARED)
 
 
 def _fenced(steps: tuple[Step, ...], incident: Incident, view: ClusterView) -> tuple[Step, ...]:

@@ -114,7 +114,7 @@ def recurrence(before: Incident, after: Incident, companion: Callable[[str], boo
 
 def takes_node(plan: Plan) -> bool:
     """An operator plan that would cordon or disrupt its node, in a dry run or shadow mode too: what the circuit
-    breaker counts, whatever the incident's domain (an XID 94 is a tenant fault whose deferred reset is not)."""
+    breaker counts, whatever the incident's domain (an XID 94 is a tenant fault whose GPU reset is not)."""
     return plan.domain is Domain.OPERATOR and any(
         s.action.disruptive or s.action is StepAction.CORDON for r in plan.rungs() for s in r.steps)
 

@@ -47,8 +47,8 @@ class Match(BaseModel):
     only_codes: frozenset[str] = Field(default=frozenset(), description="Every code of the incident is one of these.")
     min_severity: Severity | None = None
     labels: dict[str, str] = Field(default_factory=dict)
-    mig: bool | None = Field(default=None, description="True: only a MIG GPU's incident, false: only a whole GPU's "
-                             "(the incident names no MIG instance and the node is not MIG-enabled); unset: either.")
+    whole_gpu: bool | None = Field(default=None, description="True: only where the node's labels prove whole, "
+                                   "unshared GPUs (decide.whole_gpu); false: only where they do not; unset: either.")
 
 
 class StepSpec(BaseModel):
