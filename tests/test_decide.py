@@ -227,7 +227,7 @@ class TestPolicyFile:
 
     @pytest.mark.parametrize("key", ["xid:48", "xid:94", "sxid:12028", "sxid", "row_remap.pending", "ecc.dbe",
                                      "retired_pages.pending", "dcgm.health:DCGM_FR_PCI_REPLAY_RATE", "dcgm.health",
-                                     "dcgm.recovery_action", "nvlink.errors:crc", "fabric.config"])
+                                     "nvlink.errors:crc", "fabric.config"])
     def test_every_kind_of_code_key_the_correlator_counts_is_accepted(self, tmp_path: Path, key: str) -> None:
         p = tmp_path / "policy.yaml"
         p.write_text(f"version: 1\nguards:\n  kill_switch:\n    codes: [{key!r}]\nrules:\n  - name: r1\n"
@@ -241,6 +241,7 @@ class TestPolicyFile:
         ("dcgm.health:DCGM_FR_BRAND_NEW", "not a DCGM failure code in the catalog"),
         ("dcgm.health:DCGM_FR_UNCONTAINED_ERROR", "is counted as 'xid:95'"),
         ("gpu.lost:DCGM_FR_GPU_RECOVERY_REBOOT", "is counted as 'xid:154'"),
+        ("dcgm.recovery_action", "always carries its DCGM code"),
     ])
     def test_a_rule_matching_a_code_the_correlator_never_counts_is_refused(self, tmp_path: Path, key: str,
                                                                            why: str) -> None:

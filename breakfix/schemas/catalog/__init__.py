@@ -164,8 +164,9 @@ class Catalog:
         if check not in self.classes.checks and check not in _CODED_CHECKS:
             return f"{key!r}: no check {check!r} in the catalog (code keys look like xid:48, sxid:12028, " \
                    "row_remap.pending or dcgm.health:DCGM_FR_...)"
-        if not sep:
-            return None
+        if not sep:  # dcgm.health comes without a code for a DCGM verdict that names none; a recovery action never
+            return f"{key!r}: {check} always carries its DCGM code (counted as XID 154)" \
+                if check == "dcgm.recovery_action" else None
         if not code:
             return f"{key!r}: no code after the colon"
         if (check in _CODED_CHECKS or code.startswith("DCGM_FR_")) and self.dcgm_name(code) is None \
