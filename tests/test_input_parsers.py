@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from breakfix.cli.main import app
 from breakfix.collectors.context import NodeContext
 from breakfix.collectors.dcgm import DcgmRules
+from breakfix.collectors.edge import Cycle
 from breakfix.collectors.fabric import FabricRules, FabricThresholds, PortSample, port_sample
 from breakfix.collectors.ibstat import parse_ibstat
 from breakfix.collectors.ibstate import PHYS_STATES, PORT_STATES, parse_state
@@ -256,6 +257,55 @@ class TestDcgmEdges:
         assert [e.code for e in rules.apply(risen, T0, 60.0).events] == ["94"]
         active = risen.replace("DCGM_EXP_XID_ERRORS_COUNT", "DCGM_FI_DEV_XID_ERRORS_ACTIVE")
         assert [e.code for e in DcgmRules(ctx(catalog)).apply(active, T0, 0.0, baseline_xids=False).events] == ["94"]
+
+
+class TestDcgmClockEventsCount:
+    """dcgm-exporter's DCGM_EXP_CLOCK_EVENTS_COUNT (counters CSV; label ``clock_event``, the names of its
+    clockThrottleReasons map; a series only for reasons seen in the window), on the real sample page's two GPUs, whose
+    page carries no clocks-event bitmask."""
+    SAMPLE = (DATA / "dcgm_exporter_sample.txt").read_text()
+    LABELS = ('gpu="{g}",UUID="{uuid}",pci_bus_id="{bus}",device="nvidia{g}",modelName="NVIDIA H100 80GB HBM3",'
+              'Hostname="gpu-node-074"')
+    GPUS = {0: ("GPU-58e8f5ea-13cc-013a-d88f-2bcf5ae8bc77", "00000000:1A:00.0"),
+            1: ("GPU-6043e4b2-feaa-8010-34c7-61d1a01576bb", "00000000:40:00.0")}
+
+    def page(self, *events: tuple[int, str, int]) -> str:
+        lines = ["# HELP DCGM_EXP_CLOCK_EVENTS_COUNT Count of clock events within the user-specified time window.",
+                 "# TYPE DCGM_EXP_CLOCK_EVENTS_COUNT gauge"]
+        for g, event, n in events:
+            uuid, bus = self.GPUS[g]
+            labels = self.LABELS.format(g=g, uuid=uuid, bus=bus)
+            lines.append(f'DCGM_EXP_CLOCK_EVENTS_COUNT{{{labels},clock_event="{event}",'
+                         f'window_size_in_ms="300000"}} {n}')
+        return self.SAMPLE + "\n".join(lines) + "\n"
+
+    @staticmethod
+    def clocks(cycle: Cycle) -> set[tuple[str, int | None, bool]]:
+        return {(s.check, s.gpu.index if s.gpu else None, s.healthy) for s in cycle.states
+                if s.check.startswith("clock.")}
+
+    def test_a_hardware_reason_seen_in_the_window_is_a_fault_and_its_absence_later_clears_it(
+            self, catalog: Catalog) -> None:
+        rules = DcgmRules(ctx(catalog))
+        first = self.clocks(rules.apply(self.page((1, "hw_slowdown", 3), (0, "sw_power_cap", 12)), T0, 0.0))
+        assert ("clock.hw_slowdown", 1, False) in first and ("clock.power_brake", 1, True) in first
+        assert ("clock.hw_slowdown", 0, True) in first, "a software power cap is normal under load"
+        later = self.clocks(rules.apply(self.page((0, "sw_power_cap", 4)), T0, 300.0))
+        assert ("clock.hw_slowdown", 1, True) in later, "the series went with the window: seen 0 times"
+
+    @pytest.mark.parametrize(("event", "check"), [("hw_thermal", "clock.hw_thermal"),
+                                                  ("hw_power_brake", "clock.power_brake")])
+    def test_each_hardware_reason_is_its_check(self, catalog: Catalog, event: str, check: str) -> None:
+        got = self.clocks(DcgmRules(ctx(catalog)).apply(self.page((0, event, 1)), T0, 0.0))
+        assert (check, 0, False) in got
+
+    def test_a_page_without_the_family_says_nothing_of_it(self, catalog: Catalog) -> None:
+        assert self.clocks(DcgmRules(ctx(catalog)).apply(self.SAMPLE, T0, 0.0)) == set()
+
+    def test_a_bad_count_is_skipped_not_read(self, catalog: Catalog) -> None:
+        rules = DcgmRules(ctx(catalog))
+        rules.apply(self.page((1, "hw_slowdown", -5)), T0, 0.0)
+        assert rules.skipped >= 1 and "DCGM_EXP_CLOCK_EVENTS_COUNT: value -5 out of range" in rules.reasons
 
 
 def port(state: str, phys: str, rate: str = "400 Gb/sec (4X NDR)", layer: str = "InfiniBand",

@@ -15,8 +15,10 @@ accepted):
 - NVLink CRC/replay/recovery counters rising faster than the threshold -> ``nvlink.errors``; a field the exporter
   writes per link (``nvlink`` label, ``gpu_uuid``: ``render_metrics.go`` ``linkMetricsFormat``) counts as the sum of
   the GPU's links;
-- clocks-event reasons bitmask -> ``clock.hw_slowdown`` / ``hw_thermal`` / ``power_brake``; without
-  it, the share of time under ``DCGM_FI_DEV_THERMAL_VIOLATION`` -> ``clock.hw_thermal``;
+- clocks-event reasons bitmask -> ``clock.hw_slowdown`` / ``hw_thermal`` / ``power_brake``; without it, the
+  exporter's ``DCGM_EXP_CLOCK_EVENTS_COUNT`` (a hardware reason seen in its window: a fault; once the exporter writes
+  the family, a reason with no series reads 0); else the share of time under ``DCGM_FI_DEV_THERMAL_VIOLATION`` ->
+  ``clock.hw_thermal``;
 - ``DCGM_FI_DEV_PCIE_REPLAY_COUNTER`` rate -> ``pcie.replay``; GPU temperature at its slowdown
   threshold -> ``temperature.slowdown``;
 - the exporter's XID-count family (dcgm-exporter PR 239: ``DCGM_EXP_XID_ERRORS_COUNT``, some builds
@@ -91,6 +93,12 @@ PCIE_REPLAY = ("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "DCGM_FI_DEV_PCIE_REPLAY_TOTAL
 GPU_TEMP = ("DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_GPU_TEMP_CELSIUS")
 SLOWDOWN_TEMP = ("DCGM_FI_DEV_SLOWDOWN_TEMP", "DCGM_FI_DEV_GPU_TEMP_SLOWDOWN_CELSIUS")
 XID_COUNT = ("DCGM_EXP_XID_ERRORS_COUNT", "DCGM_FI_DEV_XID_ERRORS_ACTIVE")
+# dcgm-exporter's own family (counters CSV, off by default): per GPU and ``clock_event`` (gpu_idle, clocks_setting,
+# sw_power_cap, hw_slowdown, sync_boost, sw_thermal, hw_thermal, hw_power_brake, display_clocks), how many times the
+# reason was seen in the last DCGM_EXPORTER_CLOCK_EVENTS_COUNT_WINDOW_SIZE (5 min); only reasons seen have a series
+CLOCK_EVENTS_COUNT = ("DCGM_EXP_CLOCK_EVENTS_COUNT",)
+CLOCK_EVENTS = (("clock.hw_slowdown", "hw_slowdown"), ("clock.hw_thermal", "hw_thermal"),
+                ("clock.power_brake", "hw_power_brake"))
 # Page retirement (pre-Ampere; dcgm-exporter etc/default-counters.csv "Retired pages", fields 390-392, DCGM 4.x names
 # from dcgm_fields.csv): pages pending retirement need a GPU reset / reboot, as the nvml source's retired_pages.pending
 RETIRED_PENDING = ("DCGM_FI_DEV_RETIRED_PENDING", "DCGM_FI_DEV_PAGE_RETIRED_PENDING")
@@ -103,7 +111,7 @@ RECOVERY = ("DCGM_FI_DEV_GPU_RECOVERY_ACTION", "DCGM_FI_DEV_GET_GPU_RECOVERY_ACT
 RECOVERY_MAX = 0xFFFF_FFFF  # nvmlDeviceGpuRecoveryAction_t: an unsigned int
 RECOVERY_CHECK = "dcgm.recovery_action"
 FIELDS = (XID, DBE, REMAP_FAILURE, REMAP_PENDING, CLOCK_REASONS, THERMAL_VIOLATION, PCIE_REPLAY, GPU_TEMP,
-          SLOWDOWN_TEMP, XID_COUNT, HEALTH, RECOVERY, RETIRED_PENDING, RETIRED_SBE, RETIRED_DBE,
+          SLOWDOWN_TEMP, XID_COUNT, CLOCK_EVENTS_COUNT, HEALTH, RECOVERY, RETIRED_PENDING, RETIRED_SBE, RETIRED_DBE,
           *NVLINK)  # every family read, each with its aliases
 HEALTH_RESULTS = {0.0: "PASS", 10.0: "WARN", 20.0: "FAIL"}  # dcgmHealthWatchResults_t
 HEALTH_WARN = 10.0
@@ -131,6 +139,7 @@ class GpuFields:
     hostname: str | None = None
     mig: dict[str, str] = field(default_factory=dict)  # GPU_I_ID / GPU_I_PROFILE of a MIG row
     health: dict[str, tuple[float, str]] = field(default_factory=dict)  # watch -> (result, DCGM_FR_* code or "")
+    clock_events: dict[str, float] = field(default_factory=dict)  # clock_event -> times seen in the exporter's window
     links: dict[str, dict[str, float]] = field(default_factory=dict)  # NVLink field -> link -> counter (per-link rows)
 
 
@@ -177,7 +186,8 @@ def by_gpu(samples: dict[str, list[Sample]], skipped: list[tuple[str, str]] | No
                 try:
                     key, ref, host = gpu_of(s.labels)
                     value = _value(s)
-                    if names in (XID, XID_COUNT) and not (0 <= value <= (MAX_XID if names is XID else 2.0**31)):
+                    if names in (XID, XID_COUNT, CLOCK_EVENTS_COUNT) \
+                            and not (0 <= value <= (MAX_XID if names is XID else 2.0**31)):
                         raise BadSample(f"value {value:g} out of range")
                     xid = s.labels.get("xid", "")
                     if names is XID_COUNT and not (xid.isdigit() and int(xid) <= MAX_XID):
@@ -196,6 +206,11 @@ def by_gpu(samples: dict[str, list[Sample]], skipped: list[tuple[str, str]] | No
                                                   mig={k: s.labels[k] for k in MIG_LABELS if s.labels.get(k)}))
                 if names is XID_COUNT:
                     g.xid_counts[str(int(xid))] = (value, s.labels.get("window_size_in_ms", ""))
+                    continue
+                if names is CLOCK_EVENTS_COUNT:
+                    event = s.labels.get("clock_event", "")
+                    if _WATCH.match(event) and len(g.clock_events) < 32:
+                        g.clock_events[event.lower()] = value
                     continue
                 if names is HEALTH:  # one result per watch (the exporter's rule); two: the worse one counts
                     code = s.labels.get("health_error_code", "")
@@ -230,6 +245,7 @@ class DcgmRules:
         self.foreign = 0  # GPUs on the page that NVML does not list on this node (skipped, counted)
         self.logged: set[str] = set()  # families already logged as bad (once each)
         self.reasons: list[str] = []  # the first bad samples' reasons, for the offline command
+        self.clock_events_seen = False  # the exporter writes DCGM_EXP_CLOCK_EVENTS_COUNT: a reason with no series is 0
 
     def _skip(self, bad: list[tuple[str, str]]) -> None:
         self.skipped += len(bad)
@@ -245,6 +261,7 @@ class DcgmRules:
         bad = [(s.family, s.reason) for s in skipped]
         gpus = by_gpu(samples, bad)
         self._skip(bad)
+        self.clock_events_seen |= any(g.clock_events for g in gpus.values())
         states: list[Signal] = []
         events: list[Signal] = []
         for key, g in gpus.items():
@@ -323,6 +340,10 @@ class DcgmRules:
             bits = int(v[CLOCK_REASONS[0]])
             for check, bit in CLOCK_BITS:
                 state(check, bool(bits & bit), bits)
+        elif self.clock_events_seen:  # how often each hardware reason was seen in the exporter's window
+            for check, event in CLOCK_EVENTS:
+                seen = g.clock_events.get(event, 0.0)
+                state(check, seen > 0, seen, what=f"{check} ({event} seen {seen:g}x in the exporter's window)")
         elif THERMAL_VIOLATION[0] in v and THERMAL_VIOLATION[0] in prev and elapsed > 0:
             share = max(0.0, v[THERMAL_VIOLATION[0]] - prev[THERMAL_VIOLATION[0]]) / 1e9 / elapsed
             state("clock.hw_thermal", share >= self.th.thermal_violation_share, round(share, 3),
