@@ -23,9 +23,11 @@ from breakfix.schemas.common import GpuRef, Severity, TenantRef
 from breakfix.schemas.incident import (
     ActionKind,
     ActionOutcome,
+    ActionRecord,
     ChangeKind,
     Domain,
     Incident,
+    IncidentChange,
     IncidentScope,
     IncidentStatus,
     StepAction,
@@ -402,6 +404,29 @@ class TestRunTimeKillSwitch:
 
 
 class TestApprovalsFollowTheIncident:
+    async def test_an_incident_resolved_while_its_plan_reaches_the_approval_wait_cancels_the_wait(
+            self, policy: Policy) -> None:
+        """The resolved change is handled while the plan's task still runs (it is publishing the awaiting-approval
+        record): the wait is ended when the task returns, not left for a late approve to run."""
+        c = one_node(failing_resets={("n1", 2)}, failing_validation={"n1"})
+        async with Harness(fast(policy, retry_caps={}), c) as h:
+            inc = incident()
+            done = inc.model_copy(update={"status": IncidentStatus.RESOLVED, "resolved_at": T0, "version": 2})
+            publish = h.svc.executor.publish
+
+            async def resolved_meanwhile(rec: ActionRecord) -> None:
+                await publish(rec)
+                if rec.waiting is WaitingOn.APPROVAL:
+                    await h.svc.on_change(IncidentChange(kind=ChangeKind.RESOLVED, incident=done, at=T0),
+                                          None)  # type: ignore[arg-type]
+
+            h.svc.executor.publish = resolved_meanwhile
+            await h.open(inc)
+            await h.until(lambda: "cancelled" in plans(h, "inc-1"))
+            got = await PlanBook(h.store).get("inc-1")
+            assert got is not None and got[0].progress.state is ProgressState.CANCELLED
+            assert "inc-1" not in h.svc.awaiting
+
     async def test_an_approve_after_the_incident_resolved_is_refused_and_the_waiting_plan_is_cancelled(
             self, policy: Policy) -> None:
         c = one_node(failing_resets={("n1", 2)}, failing_validation={"n1"})

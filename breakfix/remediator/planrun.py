@@ -136,6 +136,9 @@ async def run_plan(svc: RemediatorService, inc: Incident, plan: Plan, attempt: i
         svc.keeper.save()
     if outcome is ActionOutcome.REFUSED:  # a step waits for approval: incident updates may re-decide it meanwhile
         svc.awaiting[inc.id] = (plan, inc.category, attempt)
+        latest = svc.latest.get(inc.id)
+        if latest is not None and latest.status.terminal:  # resolved while the plan ran to its wait: the update saw
+            await svc.end_approval_wait(latest)  # the plan still running and left the wait to be ended here
     if outcome is ActionOutcome.CANCELLED:  # stopped at a step for a re-decision: the new plan takes the node on
         log.info("plan_stopped", incident=inc.id, node=inc.node, rule=plan.rule)
         if held:  # its budget slot is free (the re-decided plan counts when it starts); the node stays held

@@ -181,7 +181,7 @@ class RemediatorService:
         elif inc.status is IncidentStatus.STALE and prev is not None and prev.status is not IncidentStatus.STALE:
             await page_stale_hold(self, inc)
         if inc.status.terminal and (prev is None or not prev.status.terminal) and inc.id not in self.current:
-            await self._end_approval_wait(inc)
+            await self.end_approval_wait(inc)
         self._forget_old()
         if change.kind is ChangeKind.UPDATED:
             await self.maybe_redecide(inc)
@@ -217,7 +217,7 @@ class RemediatorService:
             self.keeper.save()
         self.spawn(inc.id, inc.flaps * ATTEMPT_STRIDE, None)
 
-    async def _end_approval_wait(self, inc: Incident) -> None:
+    async def end_approval_wait(self, inc: Incident) -> None:
         """The incident resolved (or went stale) while a step of its plan waited for approval: the plan is cancelled,
         so neither a late approval nor a restart runs the step on a node with no open fault."""
         self.awaiting.pop(inc.id, None)
