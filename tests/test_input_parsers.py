@@ -353,6 +353,26 @@ class TestFabricEdges:
         skip = FabricThresholds(expected_rate_gbps=400, skip_ethernet=True)
         assert FabricRules(ctx(catalog), skip).apply([roce], T0, 0.0).states == []
 
+    def test_a_port_the_subnet_manager_cycles_between_init_and_active_is_flapping(self, catalog: Catalog) -> None:
+        """INIT with the physical link up restarts the bring-up hold each time and moves no counter: only the
+        state read down after ACTIVE shows the cycling (flap_count times within flap_window_s)."""
+        rules = FabricRules(ctx(catalog), FabricThresholds(flap_count=2, flap_window_s=600))
+        up, init = port("4: ACTIVE", "5: LinkUp"), port("2: INIT", "5: LinkUp")
+        got = [rules.apply([p], T0, t) for t, p in enumerate([up, init, up, init, up], start=1)]
+        flapping = [s.healthy for c in got for s in c.states if s.check == "ib.flapping"]
+        assert flapping[-1] is False, "two drops from ACTIVE within the window"
+        assert not any(s.check == "ib.link_down" and not s.healthy for c in got for s in c.states), "held each time"
+        quiet = rules.apply([up], T0, 1000.0)
+        assert next(s for s in quiet.states if s.check == "ib.flapping").healthy, "healthy after a quiet window"
+
+    def test_a_link_drop_seen_in_its_counter_and_its_state_counts_once(self, catalog: Catalog) -> None:
+        rules = FabricRules(ctx(catalog), FabricThresholds(flap_count=2, flap_window_s=600))
+        rules.apply([port("4: ACTIVE", "5: LinkUp", link_downed=0)], T0, 0.0)
+        rules.apply([port("1: DOWN", "2: Polling", link_downed=1)], T0, 10.0)
+        back = rules.apply([port("4: ACTIVE", "5: LinkUp", link_downed=1)], T0, 20.0)
+        flap = next(s for s in back.states if s.check == "ib.flapping")
+        assert flap.healthy and flap.value == 1
+
     def test_single_reading_counters_against_limits_then_rates(self, catalog: Catalog) -> None:
         rules = FabricRules(ctx(catalog), FabricThresholds(single_reading=True))
         first = rules.apply([port("4: ACTIVE", "5: LinkUp", link_downed=3, symbol_error=5000)], T0, 0.0)

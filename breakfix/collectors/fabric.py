@@ -14,7 +14,8 @@ samples and the previous ones into per-port states (component ``<dev>/<port>``):
   state that is no kernel value (number and name disagree, e.g. ``phys_state`` ``4: ACTIVE``) is a
   *warning* ``ib.link_down``, never critical (``collectors.ibstate``);
 - ``ib.flapping``: ``link_downed`` or ``link_error_recovery`` rose ``flap_count`` times within
-  ``flap_window_s`` (healthy again after a quiet window);
+  ``flap_window_s``, or the port was read down after ACTIVE that often (a subnet manager cycling it between INIT and
+  ACTIVE, which no counter shows and whose bring-up hold restarts each time); healthy again after a quiet window;
 - ``ib.errors``: symbol / receive / link-integrity / remote-physical errors per minute at or
   above the threshold;
 - one reading with no reading before (``single_reading``: the offline commands): the counters
@@ -211,6 +212,8 @@ class FabricRules:
         self.th = thresholds or FabricThresholds()
         self.prev: dict[str, tuple[PortSample, float]] = {}
         self.flaps: dict[str, list[float]] = {}
+        self.drops: dict[str, list[float]] = {}  # port -> when it was read ACTIVE, then not (in flap_window_s)
+        self.was_active: dict[str, bool] = {}  # port -> whether its last reading was ACTIVE and LinkUp
         self.best_rate: dict[str, float] = {}
         self.inactive: set[str] = set()  # ports down and never seen up here: not judged (README: fabric)
         self.coming_up: dict[str, float] = {}  # port -> when (monotonic) it was first read coming up, in its hold
@@ -295,6 +298,7 @@ class FabricRules:
                 state("ib.link_down", False, f"{readings}; never ACTIVE on this node: not judged", reading="inactive")
                 continue
             self.inactive.discard(p.port)
+            self._count_drop(p.port, known_down, mono)
             if self._holding(p, known_down, mono, th, booting):
                 continue  # coming up: the edge keeps the port's last state meanwhile; counters are read next time
             if not known_down and unknown:
@@ -317,8 +321,12 @@ class FabricRules:
                 flaps = self.flaps.setdefault(p.port, [])
                 flaps.extend([mono] * min(delta(FLAP_COUNTERS), 100))
                 flaps[:] = [t for t in flaps if mono - t <= th.flap_window_s]
-                state("ib.flapping", len(flaps) >= th.flap_count,
-                      f"{len(flaps)} link downs/recoveries within {th.flap_window_s:g}s", len(flaps), th.flap_count)
+                # a link that drops shows in its counters and its state alike: the larger count, never their sum;
+                # a port the subnet manager takes from ACTIVE back to INIT and up again shows in its state only
+                drops = [t for t in self.drops.get(p.port, ()) if mono - t <= th.flap_window_s]
+                n = max(len(flaps), len(drops))
+                state("ib.flapping", n >= th.flap_count, f"{len(flaps)} link downs/recoveries, {len(drops)} times "
+                      f"read down after ACTIVE, within {th.flap_window_s:g}s", n, th.flap_count)
             elif prev is None and th.single_reading:
                 self._totals(p, state)
             if p.rate_gbps is not None and not down:
@@ -331,6 +339,17 @@ class FabricRules:
             names = {p.port for p in ports}
             self.coming_up = {k: v for k, v in self.coming_up.items() if k in names}
         return Cycle(states=states)
+
+    def _count_drop(self, port: str, down: bool, mono: float) -> None:
+        """A port read ACTIVE and LinkUp, then down (any state, INIT included, held or not): one drop, kept for
+        ``flap_window_s``; a port cycling between INIT and ACTIVE restarts its bring-up hold each time and is never
+        judged down, so its drops are what make it ``ib.flapping``."""
+        if down and self.was_active.get(port):
+            drops = self.drops.setdefault(port, [])
+            drops[:] = [t for t in drops if mono - t <= self.th.flap_window_s][-100:]
+            drops.append(mono)
+        if port in self.was_active or len(self.was_active) < MAX_PORTS:
+            self.was_active[port] = not down
 
     def _holding(self, p: PortSample, down: bool, mono: float, th: FabricThresholds, booting: bool) -> bool:
         """A down port still coming up, within ``bringup_hold_s`` of first being read so: not judged yet.
