@@ -404,6 +404,21 @@ class TestRunTimeKillSwitch:
 
 
 class TestApprovalsFollowTheIncident:
+    async def test_an_escalated_incident_keeps_its_plans_approval_wait(self, policy: Policy) -> None:
+        """An incident marked escalated (a page went out) still waits for the approval the human was paged for."""
+        c = one_node(failing_resets={("n1", 2)}, failing_validation={"n1"})
+        async with Harness(fast(policy, retry_caps={}), c) as h:
+            inc = incident()
+            await h.open(inc)
+            await h.until(lambda: any(r.waiting is WaitingOn.APPROVAL for r in h.records()))
+            paged = inc.model_copy(update={"status": IncidentStatus.ESCALATED, "version": 2})
+            await h.open(paged, ChangeKind.STATUS)
+            await asyncio.sleep(0.1)
+            assert "cancelled" not in plans(h, "inc-1") and "inc-1" in h.svc.awaiting
+            c.failing_validation.clear()
+            await h.human("approve", action=StepAction.REPROVISION, reason="RMA agreed")
+            await h.until(lambda: c.nodes["n1"].reprovisions == 1)
+
     async def test_an_incident_resolved_while_its_plan_reaches_the_approval_wait_cancels_the_wait(
             self, policy: Policy) -> None:
         """The resolved change is handled while the plan's task still runs (it is publishing the awaiting-approval
@@ -426,6 +441,7 @@ class TestApprovalsFollowTheIncident:
             got = await PlanBook(h.store).get("inc-1")
             assert got is not None and got[0].progress.state is ProgressState.CANCELLED
             assert "inc-1" not in h.svc.awaiting
+            await h.until(lambda: h.svc.guards.holds == {} and "inc-1" not in h.svc.guards.active.values())
 
     async def test_an_approve_after_the_incident_resolved_is_refused_and_the_waiting_plan_is_cancelled(
             self, policy: Policy) -> None:

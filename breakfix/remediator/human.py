@@ -35,7 +35,7 @@ from breakfix.bus.consumer import Redeliver
 from breakfix.bus.protocol import Delivery
 from breakfix.remediator.breaker import return_plan
 from breakfix.remediator.reconcile import ATTEMPT_STRIDE
-from breakfix.remediator.records import PlanRecord, ProgressState
+from breakfix.remediator.records import WAIT_ENDS, PlanRecord, ProgressState
 from breakfix.schemas import subjects
 from breakfix.schemas.incident import (
     ActionKind,
@@ -113,7 +113,7 @@ class HumanVerbs:
                 log.warning("human_record_ignored", subject=msg.subject, incident=rec.incident_id,
                             actor=rec.actor, reason="no such incident")
                 return
-            if verb == "approve" and inc.status.terminal:
+            if verb == "approve" and inc.status in WAIT_ENDS:
                 log.warning("human_record_ignored", incident=rec.incident_id, actor=rec.actor, verb=verb,
                             reason=f"the incident is {inc.status.value}: no step of it waits for approval")
                 return

@@ -20,7 +20,7 @@ from breakfix.remediator.breaker import fence, return_plan
 from breakfix.remediator.executor import step_key
 from breakfix.remediator.follow import held_nodes, ran_until, redecision, step_at, turns_cautious, undefer
 from breakfix.remediator.guards import Refusal, check, wait_key
-from breakfix.remediator.records import PlanRecord, Progress, ProgressState
+from breakfix.remediator.records import WAIT_ENDS, PlanRecord, Progress, ProgressState
 from breakfix.remediator.store import Conflict
 from breakfix.remediator.view import ClusterView
 from breakfix.schemas.common import Severity
@@ -137,8 +137,10 @@ async def run_plan(svc: RemediatorService, inc: Incident, plan: Plan, attempt: i
     if outcome is ActionOutcome.REFUSED:  # a step waits for approval: incident updates may re-decide it meanwhile
         svc.awaiting[inc.id] = (plan, inc.category, attempt)
         latest = svc.latest.get(inc.id)
-        if latest is not None and latest.status.terminal:  # resolved while the plan ran to its wait: the update saw
-            await svc.end_approval_wait(latest)  # the plan still running and left the wait to be ended here
+        if latest is not None and latest.status in WAIT_ENDS:  # resolved while the plan ran to its wait: the update
+            await svc.end_approval_wait(latest)  # found the plan still running and left the wait to be ended here
+            if latest.status is IncidentStatus.RESOLVED and inc.id not in svc.guards.cooled:
+                svc.release_resolved(latest)
     if outcome is ActionOutcome.CANCELLED:  # stopped at a step for a re-decision: the new plan takes the node on
         log.info("plan_stopped", incident=inc.id, node=inc.node, rule=plan.rule)
         if held:  # its budget slot is free (the re-decided plan counts when it starts); the node stays held

@@ -16,7 +16,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from breakfix.remediator.store import PlanStore, plan_key
-from breakfix.schemas.incident import Incident, Plan
+from breakfix.schemas.incident import Incident, IncidentStatus, Plan
+
+# An incident status that ends a plan's wait for approval (the wait is cancelled, a late approve refused): fixed, or
+# no longer reported. An escalated incident does not: a page went out, and the plan may escalate before the step it
+# asks approval for.
+WAIT_ENDS = frozenset({IncidentStatus.RESOLVED, IncidentStatus.STALE})
 
 
 class ProgressState(StrEnum):

@@ -53,7 +53,7 @@ from breakfix.remediator.locks import KeyedLocks
 from breakfix.remediator.metrics import Observers, RemediatorMetrics
 from breakfix.remediator.policy import Policy
 from breakfix.remediator.reconcile import ATTEMPT_STRIDE
-from breakfix.remediator.records import PlanBook, PlanRecord, ProgressState
+from breakfix.remediator.records import WAIT_ENDS, PlanBook, PlanRecord, ProgressState
 from breakfix.remediator.store import Conflict, MemoryStore, PlanStore
 from breakfix.remediator.terms import cancel_until_done, end_plans, serve
 from breakfix.remediator.view import ClusterView
@@ -176,11 +176,10 @@ class RemediatorService:
         if inc.status is IncidentStatus.RESOLVED and inc.id in self.guards.cooled:
             self.spawn(inc.id, inc.flaps * ATTEMPT_STRIDE, None, settle=False)  # its task returns the node
         elif inc.status is IncidentStatus.RESOLVED and inc.id not in self.current:
-            self.guards.unhold(inc.id)  # fixed (healthy signals, or its plan completed): it holds nothing
-            self.keeper.save()
+            self.release_resolved(inc)
         elif inc.status is IncidentStatus.STALE and prev is not None and prev.status is not IncidentStatus.STALE:
             await page_stale_hold(self, inc)
-        if inc.status.terminal and (prev is None or not prev.status.terminal) and inc.id not in self.current:
+        if inc.status in WAIT_ENDS and (prev is None or prev.status not in WAIT_ENDS) and inc.id not in self.current:
             await self.end_approval_wait(inc)
         self._forget_old()
         if change.kind is ChangeKind.UPDATED:
@@ -217,11 +216,18 @@ class RemediatorService:
             self.keeper.save()
         self.spawn(inc.id, inc.flaps * ATTEMPT_STRIDE, None)
 
+    def release_resolved(self, inc: Incident) -> None:
+        """Fixed (healthy signals, or its plan completed) and no plan of it running: it holds no node."""
+        self.guards.unhold(inc.id)
+        self.keeper.save()
+
     async def end_approval_wait(self, inc: Incident) -> None:
         """The incident resolved (or went stale) while a step of its plan waited for approval: the plan is cancelled,
         so neither a late approval nor a restart runs the step on a node with no open fault."""
         self.awaiting.pop(inc.id, None)
         if await self.cancel_record(inc.id, only=ProgressState.AWAITING_APPROVAL):
+            self.guards.stop(inc.id)  # its budget slot is free; a resolved incident's node hold went with it
+            self.keeper.save()
             why = f"{inc.id} is {inc.status.value}: the step waiting for approval will not run"
             log.warning("approval_wait_ended", incident=inc.id, status=inc.status.value)
             await self.publish(self.record(inc, ActionKind.PLAN, ActionOutcome.CANCELLED, why, tag="cancelled"))
