@@ -134,9 +134,11 @@ class TestGroupFencing:
 
 MIG_NODE = ClusterView(nodes={"n1": NodeView("n1", {"nvidia.com/mig.config": "all-1g.10gb"})},
                        controller_owned_pods=frozenset({"team-a/train-0"}))
-WHOLE = ClusterView(nodes={"n1": NodeView("n1", {"nvidia.com/mig.config": "all-disabled",
-                                                 "nvidia.com/gpu.sharing-strategy": "none"})},
-                    controller_owned_pods=frozenset({"team-a/train-0"}))
+WHOLE_LABELS = {"nvidia.com/mig.config": "all-disabled", "nvidia.com/mig.config.state": "success",
+                "nvidia.com/gpu.replicas": "1", "nvidia.com/gpu.sharing-strategy": "none"}
+WHOLE = ClusterView(nodes={"n1": NodeView("n1", WHOLE_LABELS)}, controller_owned_pods=frozenset({"team-a/train-0"}))
+MIG_PENDING = ClusterView(nodes={"n1": NodeView("n1", {**WHOLE_LABELS, "nvidia.com/mig.config.state": "pending"})})
+NO_GFD = ClusterView(nodes={"n1": NodeView("n1", {"nvidia.com/mig.capable": "false"})})
 SHARED = ClusterView(nodes={"n1": NodeView("n1", {"nvidia.com/mig.capable": "false", "nvidia.com/gpu.replicas": "4"})})
 
 
@@ -147,12 +149,15 @@ class TestDeferredReset:
         (("xid:45", "xid:94"), OWNED, "gpu-reset-when-idle"),
         (("xid:94",), MIG_NODE, "gpu-reset-when-idle"),
         (("xid:94",), SHARED, "gpu-reset-when-idle"),
+        (("xid:94",), MIG_PENDING, "gpu-reset-when-idle"),
+        (("xid:94",), NO_GFD, "gpu-reset-when-idle"),
         (("xid:94",), WHOLE, "contained-error-restart"),
         (("xid:94", "xid:45"), WHOLE, "contained-error-restart"),
         (("xid:94", "xid:13"), OWNED, "tenant-application-fault"),
         (("xid:94", "xid:13"), WHOLE, "tenant-application-fault"),
         (("xid:13", "xid:45"), OWNED, "tenant-application-fault"),
     ], ids=["xid94-alone", "xid94-with-its-xid45", "xid45-read-first", "mig-waits", "time-sliced-gpu-waits",
+            "mig-disable-not-applied-waits", "no-replicas-label-proves-nothing-waits",
             "whole-unshared-gpu-xid94", "whole-unshared-gpu-xid94-with-its-xid45", "xid13-is-worse",
             "whole-gpu-xid13-is-worse", "no-xid94-no-reset"])
     def test_xid94_restarts_now_only_where_the_gpu_is_known_whole_and_unshared_and_otherwise_waits(
@@ -172,9 +177,11 @@ class TestDeferredReset:
         assert not any("defer_s" in s.params for s in plan.steps), "nothing waits for the GPU to go idle"
         assert plan.domain is Domain.OPERATOR and [r.name for r in plan.ladder] == ["restart-and-reset", "reboot"]
 
-    def test_a_mig_instance_named_by_the_incident_keeps_the_wait_on_a_node_labelled_whole(self, policy: Policy) -> None:
+    @pytest.mark.parametrize("label", ["GPU_I_ID", "breakfix.io/mig-instance-seen"])
+    def test_a_mig_instance_named_by_the_incident_keeps_the_wait_on_a_node_labelled_whole(self, policy: Policy,
+                                                                                        label: str) -> None:
         inc = incident("application_fault", domain=Domain.TENANT, tenants=(POD,), codes=("xid:94",))
-        plan = decide(inc.model_copy(update={"labels": {"GPU_I_ID": "2"}}), WHOLE, policy)
+        plan = decide(inc.model_copy(update={"labels": {label: "2"}}), WHOLE, policy)
         assert plan.rule == "gpu-reset-when-idle" and any("defer_s" in s.params for s in plan.steps)
 
 

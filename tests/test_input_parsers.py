@@ -287,10 +287,10 @@ class TestDcgmClockEventsCount:
     def test_a_hardware_reason_seen_in_the_window_is_a_fault_and_its_absence_later_clears_it(
             self, catalog: Catalog) -> None:
         rules = DcgmRules(ctx(catalog))
-        first = self.clocks(rules.apply(self.page((1, "hw_slowdown", 3), (0, "sw_power_cap", 12)), T0, 0.0))
+        first = self.clocks(rules.apply(self.page((1, "hw_slowdown", 3), (0, "power_cap", 12)), T0, 0.0))
         assert ("clock.hw_slowdown", 1, False) in first and ("clock.power_brake", 1, True) in first
         assert ("clock.hw_slowdown", 0, True) in first, "a software power cap is normal under load"
-        later = self.clocks(rules.apply(self.page((0, "sw_power_cap", 4)), T0, 300.0))
+        later = self.clocks(rules.apply(self.page((0, "power_cap", 4)), T0, 300.0))
         assert ("clock.hw_slowdown", 1, True) in later, "the series went with the window: seen 0 times"
 
     @pytest.mark.parametrize(("event", "check"), [("hw_thermal", "clock.hw_thermal"),
@@ -299,7 +299,11 @@ class TestDcgmClockEventsCount:
         got = self.clocks(DcgmRules(ctx(catalog)).apply(self.page((0, event, 1)), T0, 0.0))
         assert (check, 0, False) in got
 
-    def test_a_page_without_the_family_says_nothing_of_it(self, catalog: Catalog) -> None:
+    def test_a_page_without_the_family_says_nothing_of_it_even_after_pages_with_it(self, catalog: Catalog) -> None:
+        """A counters CSV changed, or a partial scrape: no family on the page is no evidence, so nothing clears."""
+        rules = DcgmRules(ctx(catalog))
+        assert ("clock.hw_slowdown", 1, False) in self.clocks(rules.apply(self.page((1, "hw_slowdown", 3)), T0, 0.0))
+        assert self.clocks(rules.apply(self.SAMPLE, T0, 30.0)) == set()
         assert self.clocks(DcgmRules(ctx(catalog)).apply(self.SAMPLE, T0, 0.0)) == set()
 
     def test_a_bad_count_is_skipped_not_read(self, catalog: Catalog) -> None:
@@ -364,6 +368,15 @@ class TestFabricEdges:
         assert not any(s.check == "ib.link_down" and not s.healthy for c in got for s in c.states), "held each time"
         quiet = rules.apply([up], T0, 1000.0)
         assert next(s for s in quiet.states if s.check == "ib.flapping").healthy, "healthy after a quiet window"
+
+    def test_a_down_port_with_odd_readings_between_is_not_flapping(self, catalog: Catalog) -> None:
+        """A reading that is no kernel value (phys_state ``4: ACTIVE``) is not up: no drop when the next reads DOWN."""
+        rules = FabricRules(ctx(catalog), FabricThresholds(flap_count=2, flap_window_s=600))
+        up, down, odd = port("4: ACTIVE", "5: LinkUp"), port("1: DOWN", "2: Polling"), port("4: ACTIVE", "4: ACTIVE")
+        for t, p in enumerate([up, down, odd, down, odd, down, up], start=1):
+            last = rules.apply([p], T0, float(t))
+        flap = next(s for s in last.states if s.check == "ib.flapping")
+        assert flap.healthy and flap.value == 1
 
     def test_a_link_drop_seen_in_its_counter_and_its_state_counts_once(self, catalog: Catalog) -> None:
         rules = FabricRules(ctx(catalog), FabricThresholds(flap_count=2, flap_window_s=600))

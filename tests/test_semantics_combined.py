@@ -421,21 +421,23 @@ def test_three_gpus_failing_together_after_a_benign_resolved_code_are_a_multi_gp
     assert [i.category for i in standing] == ["multi_gpu_failure"]
 
 
-WHOLE = ClusterView(nodes={"n1": NodeView("n1", {"nvidia.com/mig.capable": "false"})})
+WHOLE = ClusterView(nodes={"n1": NodeView("n1", {"nvidia.com/mig.capable": "false", "nvidia.com/gpu.replicas": "1"})})
 
 
-@pytest.mark.parametrize(("view", "rule", "deferred"), [
-    (WHOLE, "contained-error-restart", False),
-    (ClusterView(), "gpu-reset-when-idle", True),
-], ids=["whole-unshared-gpu-restarts-its-app-and-resets-now", "a-gpu-not-known-whole-waits-for-it-to-go-idle"])
+@pytest.mark.parametrize(("view", "details", "rule", "deferred"), [
+    (WHOLE, {}, "contained-error-restart", False),
+    (ClusterView(), {}, "gpu-reset-when-idle", True),
+    (WHOLE, {"GPU_I_ID": "3", "GPU_CI_ID": "0"}, "gpu-reset-when-idle", True),
+], ids=["whole-unshared-gpu-restarts-its-app-and-resets-now", "a-gpu-not-known-whole-waits-for-it-to-go-idle",
+        "an-xid-naming-a-gpu-instance-is-no-whole-gpu-whatever-the-labels"])
 def test_xid94_restarts_its_app_now_on_a_whole_gpu_and_otherwise_waits(catalog: Catalog, policy: Policy,
-                                                                      view: ClusterView, rule: str,
-                                                                      deferred: bool) -> None:
+                                                                      view: ClusterView, details: dict[str, str],
+                                                                      rule: str, deferred: bool) -> None:
     """NVIDIA Xid catalog, XID 94: "the application that encountered this error must be restarted. All other
     applications running at the time of the Xid are unaffected. It is recommended to reset the GPU when convenient."
     Only where the node's labels prove the GPU whole and unshared is the application the GPU's only one."""
     core = Correlator(catalog)
-    core.ingest(s := sig(code="94", pod="api-7d9f8c6b5-x2k4p"), s.observed_at)
+    core.ingest(s := sig(code="94", pod="api-7d9f8c6b5-x2k4p", details=details), s.observed_at)
     (inc,) = [t.snapshot() for t in core.incidents.values()]
     plan = decide(inc, view, policy)
     assert plan.rule == rule and "notify_tenant" in plan.actions() and "reset_gpu" in plan.actions()

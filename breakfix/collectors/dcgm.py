@@ -16,7 +16,7 @@ accepted):
   writes per link (``nvlink`` label, ``gpu_uuid``: ``render_metrics.go`` ``linkMetricsFormat``) counts as the sum of
   the GPU's links;
 - clocks-event reasons bitmask -> ``clock.hw_slowdown`` / ``hw_thermal`` / ``power_brake``; without it, the
-  exporter's ``DCGM_EXP_CLOCK_EVENTS_COUNT`` (a hardware reason seen in its window: a fault; once the exporter writes
+  exporter's ``DCGM_EXP_CLOCK_EVENTS_COUNT`` (a hardware reason seen in its window: a fault; on a page that carries
   the family, a reason with no series reads 0); else the share of time under ``DCGM_FI_DEV_THERMAL_VIOLATION`` ->
   ``clock.hw_thermal``;
 - ``DCGM_FI_DEV_PCIE_REPLAY_COUNTER`` rate -> ``pcie.replay``; GPU temperature at its slowdown
@@ -94,8 +94,9 @@ GPU_TEMP = ("DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_GPU_TEMP_CELSIUS")
 SLOWDOWN_TEMP = ("DCGM_FI_DEV_SLOWDOWN_TEMP", "DCGM_FI_DEV_GPU_TEMP_SLOWDOWN_CELSIUS")
 XID_COUNT = ("DCGM_EXP_XID_ERRORS_COUNT", "DCGM_FI_DEV_XID_ERRORS_ACTIVE")
 # dcgm-exporter's own family (counters CSV, off by default): per GPU and ``clock_event`` (gpu_idle, clocks_setting,
-# sw_power_cap, hw_slowdown, sync_boost, sw_thermal, hw_thermal, hw_power_brake, display_clocks), how many times the
-# reason was seen in the last DCGM_EXPORTER_CLOCK_EVENTS_COUNT_WINDOW_SIZE (5 min); only reasons seen have a series
+# power_cap, hw_slowdown, sync_boost, sw_thermal, hw_thermal, hw_power_brake, display_clocks), how many times the
+# reason was seen in the last DCGM_EXPORTER_CLOCK_EVENTS_COUNT_WINDOW_SIZE (5 min); only reasons seen have a series,
+# a GPU that saw none has one zero row without ``clock_event``
 CLOCK_EVENTS_COUNT = ("DCGM_EXP_CLOCK_EVENTS_COUNT",)
 CLOCK_EVENTS = (("clock.hw_slowdown", "hw_slowdown"), ("clock.hw_thermal", "hw_thermal"),
                 ("clock.power_brake", "hw_power_brake"))
@@ -245,7 +246,6 @@ class DcgmRules:
         self.foreign = 0  # GPUs on the page that NVML does not list on this node (skipped, counted)
         self.logged: set[str] = set()  # families already logged as bad (once each)
         self.reasons: list[str] = []  # the first bad samples' reasons, for the offline command
-        self.clock_events_seen = False  # the exporter writes DCGM_EXP_CLOCK_EVENTS_COUNT: a reason with no series is 0
 
     def _skip(self, bad: list[tuple[str, str]]) -> None:
         self.skipped += len(bad)
@@ -261,15 +261,17 @@ class DcgmRules:
         bad = [(s.family, s.reason) for s in skipped]
         gpus = by_gpu(samples, bad)
         self._skip(bad)
-        self.clock_events_seen |= any(g.clock_events for g in gpus.values())
+        # this page carries the family (a zero row without clock_event where a GPU saw nothing): a hardware reason
+        # with no series of a GPU was seen 0 times; a page without it says nothing through it
+        clock_events = any(samples.get(n) for n in CLOCK_EVENTS_COUNT)
         states: list[Signal] = []
         events: list[Signal] = []
         for key, g in gpus.items():
-            self._gpu(key, g, at, mono, baseline_xids, states, events)
+            self._gpu(key, g, at, mono, baseline_xids, states, events, clock_events)
         return Cycle(states=states, events=events)
 
     def _gpu(self, key: str, g: GpuFields, at: datetime, mono: float, baseline_xids: bool,
-             states: list[Signal], events: list[Signal]) -> None:
+             states: list[Signal], events: list[Signal], clock_events: bool) -> None:
         known = self.ctx.nvml_uuids
         if known and g.gpu.uuid and g.gpu.uuid not in known:  # another node's GPU (an exporter URL that reaches
             if not self.foreign:                             # past this node): never reported as this node's
@@ -340,7 +342,7 @@ class DcgmRules:
             bits = int(v[CLOCK_REASONS[0]])
             for check, bit in CLOCK_BITS:
                 state(check, bool(bits & bit), bits)
-        elif self.clock_events_seen:  # how often each hardware reason was seen in the exporter's window
+        elif clock_events:  # how often each hardware reason was seen in the exporter's window
             for check, event in CLOCK_EVENTS:
                 seen = g.clock_events.get(event, 0.0)
                 state(check, seen > 0, seen, what=f"{check} ({event} seen {seen:g}x in the exporter's window)")

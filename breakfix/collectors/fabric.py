@@ -298,7 +298,7 @@ class FabricRules:
                 state("ib.link_down", False, f"{readings}; never ACTIVE on this node: not judged", reading="inactive")
                 continue
             self.inactive.discard(p.port)
-            self._count_drop(p.port, known_down, mono)
+            self._count_drop(p.port, p.state in ACTIVE and p.phys_state == LINK_UP, mono)
             if self._holding(p, known_down, mono, th, booting):
                 continue  # coming up: the edge keeps the port's last state meanwhile; counters are read next time
             if not known_down and unknown:
@@ -340,16 +340,16 @@ class FabricRules:
             self.coming_up = {k: v for k, v in self.coming_up.items() if k in names}
         return Cycle(states=states)
 
-    def _count_drop(self, port: str, down: bool, mono: float) -> None:
-        """A port read ACTIVE and LinkUp, then down (any state, INIT included, held or not): one drop, kept for
+    def _count_drop(self, port: str, up: bool, mono: float) -> None:
+        """A port read ACTIVE and LinkUp, then not (any state, INIT included, held or not): one drop, kept for
         ``flap_window_s``; a port cycling between INIT and ACTIVE restarts its bring-up hold each time and is never
-        judged down, so its drops are what make it ``ib.flapping``."""
-        if down and self.was_active.get(port):
+        judged down, so its drops are what make it ``ib.flapping``. A reading that is no kernel value is not up."""
+        if not up and self.was_active.get(port):
             drops = self.drops.setdefault(port, [])
             drops[:] = [t for t in drops if mono - t <= self.th.flap_window_s][-100:]
             drops.append(mono)
         if port in self.was_active or len(self.was_active) < MAX_PORTS:
-            self.was_active[port] = not down
+            self.was_active[port] = up
 
     def _holding(self, p: PortSample, down: bool, mono: float, th: FabricThresholds, booting: bool) -> bool:
         """A down port still coming up, within ``bringup_hold_s`` of first being read so: not judged yet.

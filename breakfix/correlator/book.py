@@ -17,7 +17,7 @@ from breakfix.correlator.model import Change, Observation, TrackedIncident, cate
 from breakfix.correlator.state import TENANT_LABEL, CoreState
 from breakfix.schemas.catalog import FaultClass
 from breakfix.schemas.common import max_severity
-from breakfix.schemas.incident import ChangeKind, Domain, IncidentScope, IncidentStatus
+from breakfix.schemas.incident import MIG_SEEN_LABEL, ChangeKind, Domain, IncidentScope, IncidentStatus
 from breakfix.schemas.signal import Signal
 
 if TYPE_CHECKING:
@@ -196,6 +196,9 @@ class IncidentBook:
                     material = True
                 else:
                     inc.over("components", at, caps.components, rules.timeline_limit)
+            if s.details and "GPU_I_ID" in s.details and MIG_SEEN_LABEL not in inc.labels:
+                inc.labels[MIG_SEEN_LABEL] = "true"  # a GPU instance's fault (kmsg GPU-I, dcgm-exporter GPU_I_ID): the
+                material = True  # remediator does not take the GPUs for whole (remediator.decide.whole_gpu)
             g = o.gkey
             if g is not None:
                 if o.gpu_key is not None:

@@ -14,7 +14,7 @@ from breakfix.remediator.guardspec import GuardsSpec
 from breakfix.remediator.policy import FORBIDDEN_FOR_UNKNOWN, Match, Policy, StepSpec
 from breakfix.remediator.view import ClusterView, NodeView
 from breakfix.schemas.common import Severity
-from breakfix.schemas.incident import Domain, Incident, IncidentScope, Plan, Rung, Step, StepAction
+from breakfix.schemas.incident import MIG_SEEN_LABEL, Domain, Incident, IncidentScope, Plan, Rung, Step, StepAction
 
 __all__ = ["CAUTIOUS_RULE", "ClusterView", "NodeView", "cautious_plan", "decide", "matches"]
 
@@ -142,8 +142,10 @@ def _tenant_steps(spec: StepSpec, incident: Incident, view: ClusterView,
 
 
 def is_mig(incident: Incident, view: ClusterView) -> bool:
-    """MIG on the failing GPU: the incident names an instance, or the GPU operator labels the node as MIG-enabled
-    (``nvidia.com/mig.config`` other than ``all-disabled``; NVIDIA GPU operator MIG manager)."""
+    """MIG on the failing GPU: the GPU operator labels the node as MIG-enabled (``nvidia.com/mig.config`` other than
+    ``all-disabled``; NVIDIA GPU operator MIG manager), or the incident carries a MIG label a producer or policy set
+    (``MIG_INCIDENT_LABELS``; the correlator's own ``MIG_SEEN_LABEL`` only vetoes ``whole_gpu``, since it is
+    incident-wide and would mark another GPU of the incident MIG)."""
     if any(k.lower() in MIG_INCIDENT_LABELS for k in incident.labels):
         return True
     node = view.node(incident.node)
@@ -151,21 +153,24 @@ def is_mig(incident: Incident, view: ClusterView) -> bool:
     return bool(mig) and mig != "all-disabled"
 
 
-# GPU feature discovery's and the MIG manager's node labels (NVIDIA GPU operator): a node whose GPUs cannot run MIG, or
-# whose MIG manager disabled it, and whose GPUs are not shared (time-slicing or MPS replicas)
-_NOT_MIG = (("nvidia.com/mig.capable", "false"), ("nvidia.com/mig.config", "all-disabled"))
-_UNSHARED = (("nvidia.com/gpu.sharing-strategy", ("", "none")), ("nvidia.com/gpu.replicas", ("", "0", "1")))
-
+# GPU feature discovery's and the MIG manager's node labels (NVIDIA GPU operator) say whether a node's GPUs are whole
 
 def whole_gpu(incident: Incident, view: ClusterView) -> bool:
-    """The node's labels prove its GPUs whole and unshared: MIG not capable or disabled by the MIG manager, and no
-    time-slicing or MPS replicas. No labels prove nothing (False): other work may then be on the GPU, and the policy
-    rule ``contained-error-restart`` (restart the pod and reset at once) must not evict it."""
+    """The node's labels prove its GPUs whole and unshared: MIG not capable (GPU feature discovery), or disabled by
+    the MIG manager and applied (``nvidia.com/mig.config.state=success``), and GPU feature discovery's replicas label
+    says no time-slicing or MPS sharing; no signal of the incident named a GPU instance. Anything less proves nothing
+    (False): other work may then be on the GPU, and the policy rule ``contained-error-restart`` (restart the pod and
+    reset at once) must not evict it."""
     node = view.node(incident.node)
-    if node is None or is_mig(incident, view):
+    if node is None or is_mig(incident, view) or incident.labels.get(MIG_SEEN_LABEL):
         return False
     labels = node.labels
-    return any(labels.get(k) == v for k, v in _NOT_MIG) and all(labels.get(k, "") in ok for k, ok in _UNSHARED)
+    not_mig = labels.get("nvidia.com/mig.capable") == "false" or (  # a MIG configuration being applied, or one that
+        labels.get("nvidia.com/mig.config") == "all-disabled"    # failed, may leave instances behind
+        and labels.get("nvidia.com/mig.config.state") == "success")
+    unshared = labels.get("nvidia.com/gpu.replicas") in ("0", "1") and \
+        labels.get("nvidia.com/gpu.sharing-strategy", "none") == "none"
+    return not_mig and unshared
 
 
 def _fenced(steps: tuple[Step, ...], incident: Incident, view: ClusterView) -> tuple[Step, ...]:

@@ -29,6 +29,11 @@ class IncidentScope(StrEnum):
     FABRIC = "fabric"
 
 
+# An incident label the correlator sets when one of its signals named a MIG GPU instance (kmsg ``GPU-I``, dcgm-exporter
+# ``GPU_I_ID``); incident-wide, so the remediator reads it only to refuse taking the GPUs for whole.
+MIG_SEEN_LABEL = "breakfix.io/mig-instance-seen"
+
+
 class IncidentStatus(StrEnum):
     OPEN = "open"
     MITIGATING = "mitigating"
