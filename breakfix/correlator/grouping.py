@@ -147,6 +147,9 @@ class Correlator:
             return []
         fk = s.fault_key()
         if s.healthy:  # not remembered: a repeated healthy reading clears nothing twice
+            if fk not in st.by_fault:  # the common case (a heartbeat for something that is fine), without a call
+                st.stats["healthy"] += 1
+                return []
             return self.lifecycle.clear(fk, s)
         r = self._route(s)
         fc, ck, eck = r.fc, r.ck, r.eck

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import datetime
+from functools import lru_cache
 
 from breakfix.correlator.book import IncidentBook
 from breakfix.correlator.model import Change, Observation, TrackedIncident, incident_id
-from breakfix.correlator.state import LEMON_LABEL, CoreState
+from breakfix.correlator.state import LEMON_LABEL, TERMINAL, CoreState
 from breakfix.schemas.catalog import FaultClass
-from breakfix.schemas.common import max_severity
+from breakfix.schemas.common import TenantRef, max_severity
 from breakfix.schemas.incident import ChangeKind, Domain, IncidentScope
 from breakfix.schemas.signal import Signal
 
@@ -42,16 +43,24 @@ def controller_of(s: Signal) -> str:
     pod naming: Deployment/ReplicaSet ``api-7d9f8c6b5-x2k4p`` -> ``api``, Job ``batch-x7k2q`` -> ``batch``,
     StatefulSet ``train-3`` -> ``train``, LeaderWorkerSet ``lws-2`` (leader) / ``lws-2-1`` (worker) -> ``lws``.
     """
-    assert s.tenant is not None
-    owner = s.details.get("controller") or s.details.get("owner")
+    t = s.tenant
+    assert t is not None
+    d = s.details
+    owner = (d.get("controller") or d.get("owner")) if d else None
     if owner:
-        return f"{s.tenant.namespace}/{owner}"
-    w = s.tenant.workload()
-    if s.tenant.pod and w != s.tenant.pod:
+        return f"{t.namespace}/{owner}"
+    return _controller_by_name(t.namespace, t.pod, t.endpoint)
+
+
+@lru_cache(maxsize=65536)
+def _controller_by_name(namespace: str, pod: str | None, endpoint: str | None) -> str:
+    """``controller_of`` from the pod's name alone (cached: a storm repeats the same pods; bounded)."""
+    w = TenantRef(namespace=namespace, pod=pod, endpoint=endpoint).workload()
+    if pod and w != pod:
         head, _, tail = w.rpartition("-")
         if head and tail.isdigit():  # a LeaderWorkerSet worker: <lws>-<group>-<index>
             w = head
-    return f"{s.tenant.namespace}/{w}"
+    return f"{namespace}/{w}"
 
 
 class Patterns:
@@ -66,7 +75,9 @@ class Patterns:
     def suspect(self, gpu_key: str, o: Observation) -> list[Change] | None:
         rule, s, st = self.rules.suspect, o.signal, self.state
         assert rule is not None and s.tenant is not None
-        host = st.live(st.by_key.get(gpu_key))
+        host = st.incidents.get(st.by_key.get(gpu_key, ""))  # CoreState.live, inlined: every application XID
+        if host is not None and host.status in TERMINAL:
+            host = None
         if host is not None and host.category == rule.category:
             return self.book.add(host, o)
         at = s.observed_at

@@ -77,9 +77,14 @@ class Signal(BaseModel):
 
     def entity_key(self) -> str:
         """The entity this signal speaks about: node, GPU, component, and tenant endpoint."""
-        key = self.node
+        return self.fault_key()[len(self.check) + 1:]
+
+    def fault_key(self) -> str:
+        """Check plus entity (``check@entity_key``): what a healthy signal must match to clear a fault. Built here,
+        not from ``entity_key``: the correlator works it out for every signal it reads."""
+        key = self.check + "@" + self.node
         g = self.gpu
-        if g is not None:  # GpuRef.key(), inlined: this runs for every signal the correlator sees
+        if g is not None:
             key += "/" + (g.uuid or (f"gpu{g.index}" if g.index is not None else g.pci_bus_id or "gpu?"))
         if self.component:
             key += "/" + self.component
@@ -87,10 +92,6 @@ class Signal(BaseModel):
         if t is not None and t.endpoint:
             key += "/" + t.key()
         return key
-
-    def fault_key(self) -> str:
-        """Check plus entity: what a healthy signal must match to clear a fault."""
-        return self.check + "@" + self.entity_key()
 
 
 def make_signal_id(
