@@ -156,10 +156,13 @@ class TestDeferredReset:
         (("xid:94", "xid:13"), OWNED, "tenant-application-fault"),
         (("xid:94", "xid:13"), WHOLE, "tenant-application-fault"),
         (("xid:13", "xid:45"), OWNED, "tenant-application-fault"),
+        (("xid:94", "xid:63"), OWNED, "gpu-reset-when-idle"),
+        (("xid:94", "xid:63"), WHOLE, "contained-error-restart"),
     ], ids=["xid94-alone", "xid94-with-its-xid45", "xid45-read-first", "mig-waits", "time-sliced-gpu-waits",
             "mig-disable-not-applied-waits", "no-replicas-label-proves-nothing-waits",
             "whole-unshared-gpu-xid94", "whole-unshared-gpu-xid94-with-its-xid45", "xid13-is-worse",
-            "whole-gpu-xid13-is-worse", "no-xid94-no-reset"])
+            "whole-gpu-xid13-is-worse", "no-xid94-no-reset", "xid94-with-the-row-remap-it-reports-waits",
+            "whole-gpu-xid94-with-its-row-remap"])
     def test_xid94_restarts_now_only_where_the_gpu_is_known_whole_and_unshared_and_otherwise_waits(
             self, policy: Policy, codes: tuple[str, ...], view: ClusterView, rule: str) -> None:
         """NVIDIA Xid catalog, XID 94: "the application that encountered this error must be restarted. All other
@@ -176,6 +179,16 @@ class TestDeferredReset:
         assert plan.actions() == ["cordon", "notify_tenant", "drain_gpu", "reset_gpu", "validate", "return_to_service"]
         assert not any("defer_s" in s.params for s in plan.steps), "nothing waits for the GPU to go idle"
         assert plan.domain is Domain.OPERATOR and [r.name for r in plan.ladder] == ["restart-and-reset", "reboot"]
+
+    @pytest.mark.parametrize("view", [OWNED, WHOLE], ids=["any-node", "whole-unshared-gpu"])
+    def test_an_xid94_with_its_dbe_gets_the_dbes_reset_now_not_the_deferred_one(self, policy: Policy,
+                                                                             view: ClusterView) -> None:
+        """The correlator keeps an XID 94 and its DBE in one incident, raised to the DBE's category
+        (catalog containment_xids); the DBE's repair (NVIDIA WORKFLOW_XID_48, solo: RESET_GPU) runs, no wait."""
+        inc = incident("gpu_reset_required", tenants=(POD,), codes=("xid:94", "xid:48"), scope=IncidentScope.TENANT)
+        plan = decide(inc, view, policy)
+        assert plan.rule == "gpu-reset" and not any("defer_s" in s.params for s in plan.steps)
+        assert "reset_gpu" in plan.actions()
 
     @pytest.mark.parametrize("label", ["GPU_I_ID", "breakfix.io/mig-instance-seen"])
     def test_a_mig_instance_named_by_the_incident_keeps_the_wait_on_a_node_labelled_whole(self, policy: Policy,

@@ -14,6 +14,7 @@ Grouping, in the order a fault signal meets it (its facts bundled once into an `
 3. XID 154 (or its DCGM equivalent) and a GPU off the bus join the incident already holding that
    GPU's codes, raising its required action (NVIDIA Xid catalog, XID_154); a tenant XID after the GPU's
    XID 154 joins it (XID_154_EVAL), and the same fault from another source joins the GPU's incident of it;
+   a DBE or row remap and its containment XID (94/95), in either order, are one incident;
 4. XID 74 / NVLink errors on the peers of a GPU that just went down (or behind a fatal NVSwitch
    SXid) fold into its incident; peers' incidents opened just before fold in when it arrives;
 5. an endpoint SLO breach served by a node with an open hardware incident becomes its impact;
@@ -66,6 +67,8 @@ class Route:
     threshold: Threshold | None  # count-in-window per code (step 8)
     category_threshold: CategoryThreshold | None  # count-in-window per category (step 8)
     same_fault: bool  # a DCGM equivalent or a tenant-domain code: may join the GPU's incident of that fault (step 3)
+    memory: bool  # a DBE or row-remap fact from any source: joins the GPU's incident of a containment XID (step 3)
+    contained: bool  # a containment XID (94, 95): joins the GPU's DBE incident (step 3)
     no_action: bool  # informational or sympathetic: never reopens a resolved incident (step 7)
 
 
@@ -170,7 +173,7 @@ class Correlator:
             if host is not None:  # not folded: an unreadable recovery action (unknown_fault) makes the host cautious
                 changes = book.add(host, o)
                 return changes + book.after_down(host, o) if down else changes
-        if r.same_fault and gpu_key is not None:
+        if (r.same_fault or r.memory or r.contained) and gpu_key is not None:
             host = book.gpu_host(gpu_key, s)
             # NVIDIA XID_154_EVAL: "If an XID 154 is seen along with this error, take that action"; XID 154
             # "summarizes the recovery action required for other Xids": a tenant XID after the GPU's 154 joins it.
@@ -178,9 +181,14 @@ class Correlator:
             # its pod) joins the GPU's incident of that fault rather than opening a second plan.
             # (an application XID that may make the GPU suspect does not join by code: two workloads hitting one GPU
             # is step 6's evidence, and joining would hide it)
-            if host is not None and ((fc.domain is Domain.TENANT and _XID154 in host.counts) or (
+            # A DBE or its row remap and the XID saying how it was contained (94, 95: investigatory "IGNORE
+            # (sympathetic)" in the Xid catalog) are one memory fault, whichever is read first: the worst repair
+            # decides.
+            if host is not None and ((r.same_fault and ((fc.domain is Domain.TENANT and _XID154 in host.counts) or (
                     eck in host.counts and (bool(fc.equivalent) or (host.scope is IncidentScope.GPU
-                                                                    and not r.suspect)))):
+                                                                    and not r.suspect)))))
+                                     or (r.contained and any(st.is_memory_fault(k) for k in host.counts))
+                                     or (r.memory and not st.contained_facts.isdisjoint(host.counts))):
                 changes = book.add(host, o)
                 return changes + book.after_down(host, o) if down else changes
         if r.peer:
@@ -250,6 +258,7 @@ class Correlator:
                       threshold=rules.thresholds.get(eck),
                       category_threshold=rules.category_thresholds.get(fc.category),
                       same_fault=bool(fc.equivalent) or fc.domain is Domain.TENANT,
+                      memory=st.is_memory_fault(eck), contained=eck in st.contained_facts,
                       no_action=fc.category in NO_ACTION)
             if st.class_cacheable(s):
                 if len(self._routes) >= _ROUTES:

@@ -66,6 +66,7 @@ class CoreState:
         corr = catalog.correlation
         self.dbe_facts = frozenset({"xid:48", *corr.dbe_equivalents})
         self.remap_facts = frozenset({*(f"xid:{c}" for c in corr.dbe_companions), *corr.remap_equivalents})
+        self.contained_facts = frozenset(f"xid:{c}" for c in corr.containment_xids)
 
     # -- helpers shared by the collaborators --------------------------------------------------------------
     def class_cacheable(self, s: Signal) -> bool:
@@ -91,6 +92,12 @@ class CoreState:
         """A DBE and a row-remap event on one incident, from any source (a DCGM code counts by its name)."""
         facts = {k if k in self.dbe_facts or k in self.remap_facts else k.rpartition(":")[2] for k in counts}
         return not facts.isdisjoint(self.dbe_facts) and not facts.isdisjoint(self.remap_facts)
+
+    def is_memory_fault(self, key: str) -> bool:
+        """A code key that is a DBE or a row-remap event from any source (``xid:48``, ``xid:63``, ``ecc.dbe``,
+        ``row_remap.pending``, a DCGM code counted by its name): the facts an XID 94/95 reports the containment of."""
+        facts = self.dbe_facts | self.remap_facts
+        return key in facts or key.rpartition(":")[2] in facts
 
     def remember(self, signal_id: str, incident: str) -> None:
         seen = self.seen

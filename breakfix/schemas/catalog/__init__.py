@@ -63,6 +63,8 @@ class CorrelationFacts(BaseModel):
     # the same facts from other sources: a DBE (XID 48) and a row-remap event/failure (XID 63/64)
     dbe_equivalents: frozenset[str] = frozenset()
     remap_equivalents: frozenset[str] = frozenset()
+    # XIDs that say how the driver contained an uncorrectable memory error (94, 95): with a DBE on the GPU, one fault
+    containment_xids: frozenset[str] = frozenset()
 
 
 class ClassesFile(BaseModel):
