@@ -67,10 +67,10 @@ RULE_CASES = [
     # 94/95 investigatory IGNORE (sympathetic); WORKFLOW_XID_48 with 63/64: drain and reset)
     pytest.param([sig(code="48"), sig(code="94", pod="job-a-0", at=1)], [("gpu_reset_required", "gpu", "operator")],
                  id="dbe-then-its-contained-xid94-is-one-incident"),
-    pytest.param([sig(code="94", pod="job-a-0"), sig(code="48", at=1)], [("gpu_reset_required", "tenant", "operator")],
+    pytest.param([sig(code="94", pod="job-a-0"), sig(code="48", at=1)], [("gpu_reset_required", "gpu", "operator")],
                  id="contained-xid94-then-its-dbe-is-one-incident-raised-to-the-reset"),
     pytest.param([sig(code="94", pod="job-a-0"), sig(code="63", at=1), sig(code="48", at=2)],
-                 [("gpu_drain_reset_required", "tenant", "operator")],
+                 [("gpu_drain_reset_required", "gpu", "operator")],
                  id="xid94-then-row-remap-then-dbe-is-one-drain-and-reset"),
     pytest.param([sig(code="63"), sig(code="94", pod="job-a-0", at=1), sig(code="48", at=2)],
                  [("gpu_drain_reset_required", "gpu", "operator")],
@@ -78,10 +78,14 @@ RULE_CASES = [
     pytest.param([sig(check="ecc.dbe", code=None), sig(code="94", pod="job-a-0", at=1)],
                  [("gpu_reset_required", "gpu", "operator")], id="an-nvml-dbe-and-xid94-are-one-incident"),
     pytest.param([sig(code="94", pod="job-a-0"), sig(check="row_remap.pending", code=None, at=1)],
-                 [("gpu_reset_required", "tenant", "operator")], id="xid94-and-the-pending-remap-it-reports-are-one"),
+                 [("gpu_reset_required", "gpu", "operator")], id="xid94-and-the-pending-remap-it-reports-are-one"),
     pytest.param([sig(code="94", pod="job-a-0", gpu_index=1), sig(code="48", at=1)],
-                 [("application_fault", "tenant", "tenant"), ("gpu_reset_required", "gpu", "operator")],
+                 [("application_fault", "gpu", "tenant"), ("gpu_reset_required", "gpu", "operator")],
                  id="xid94-and-a-dbe-on-another-gpu-stay-two"),
+    pytest.param([sig(code="94", pod="job-a-0"), sig(code="94", pod="job-b-0", at=1), sig(code="48", at=2)],
+                 [("gpu_reset_required", "gpu", "operator")], id="two-workloads-xid94-on-one-gpu-and-its-dbe-are-one"),
+    pytest.param([sig(code="94", pod="job-a-0"), sig(code="95", at=1), sig(code="48", at=2)],
+                 [("gpu_reset_required", "gpu", "operator")], id="xid94-xid95-then-the-dbe-are-one"),
     pytest.param([sig(code="13", pod="job-a-0"), sig(code="48", at=1)],
                  [("application_fault", "tenant", "tenant"), ("gpu_reset_required", "gpu", "operator")],
                  id="an-application-xid-and-a-dbe-stay-two"),
@@ -119,6 +123,35 @@ class TestRules:
         assert incs[-1].category == "hardware_support" and incs[-1].labels[LEMON_LABEL] == "true"
         assert all(LEMON_LABEL not in i.labels for i in incs[:2])
         assert any(e.event == "lemon" for e in incs[-1].timeline)
+
+    @pytest.mark.parametrize("xid94_first", [True, False], ids=["xid94-first", "dbe-first"])
+    def test_a_dbe_raising_an_xid94_incident_counts_as_a_hardware_burst_for_the_lemon_rule(
+            self, catalog: Catalog, xid94_first: bool) -> None:
+        signals = []
+        for burst in range(3):
+            t = burst * 2 * HOUR
+            pair = [sig(code="94", pod="job-a-0", at=t, n=burst), sig(code="48", at=t + 1, n=burst)]
+            signals += (pair if xid94_first else pair[::-1]) + [
+                sig(code="94", pod="job-a-0", at=t + 60, healthy=True, n=burst),
+                sig(code="48", at=t + 60, healthy=True, n=burst)]
+        core = run(catalog, signals, windows={"flap_s": 60})
+        last = max(top_level(core), key=lambda i: i.first_seen)
+        assert last.category == "hardware_support" and last.labels[LEMON_LABEL] == "true"
+
+    def test_a_dbe_raising_an_xid94_incident_counts_toward_a_multi_gpu_failure(self, catalog: Catalog) -> None:
+        core = run(catalog, [sig(code="94", pod="job-a-0"), *(sig(code="48", gpu_index=g, at=1 + g) for g in range(4))])
+        (node,) = top_level(core)
+        assert node.category == "multi_gpu_failure" and len(node.gpus) == 4
+
+    def test_a_rescheduled_pods_xid94_elsewhere_never_reopens_the_repaired_gpus_incident(self,
+                                                                                      catalog: Catalog) -> None:
+        core = run(catalog, [sig(code="94", pod="job-a-0"), sig(code="48", at=1),
+                             sig(code="94", pod="job-a-0", at=60, healthy=True),
+                             sig(code="48", at=60, healthy=True),
+                             sig(node="n2", code="94", pod="job-a-0", gpu_index=5, at=200)],
+                   windows={"flap_s": 600})
+        new = next(i for i in top_level(core) if i.status is IncidentStatus.OPEN)
+        assert (new.node, [g.index for g in new.gpus], new.flaps) == ("n2", [5], 0)
 
     def test_folded_peer_is_evidence_not_a_gpu_to_reset(self, catalog: Catalog) -> None:
         core = run(catalog, [sig(code="79", gpu_index=0), sig(code="74", gpu_index=1, at=1)])

@@ -169,8 +169,8 @@ async def test_xid48_runs_drain_reset_validate_return_and_survives_a_kill_mid_va
         proc.kill()
         proc.wait(10)
     assert [r.outcome for r in rig.records if r.kind is ActionKind.PLAN][-1] is ActionOutcome.COMPLETED
-    assert rig.steps() == ["cordon", "drain_gpu", "reset_gpu", "validate", "return_to_service"]
-    assert rig.cluster.evictions == ["ml/train-0"], "only the pod on the failing GPU moved"
+    assert rig.steps() == ["cordon", "notify_tenant", "drain_gpu", "reset_gpu", "validate", "return_to_service"]
+    assert rig.cluster.evictions == ["ml/train-0"], "only the pod on the failing GPU moved, told first"
     assert (rig.tmp / "nvidia-smi.log").read_text().count("--gpu-reset") == 1, "the GPU was reset once"
     assert dcgmi_log.read_text().count("diag") == 1, "the resumed plan got the agent's stored diagnosis"
     node = rig.cluster.obj("v1/nodes", None, "gpu-node-1")
@@ -192,7 +192,8 @@ async def test_failed_reset_escalates_to_the_reboot_rung(rig: Rig, catalog: Cata
         await task
         await bus.close()
     assert "reset_gpu" in rig.steps(ActionOutcome.FAILED)
-    assert rig.steps() == ["cordon", "drain_gpu", "cordon", "drain", "reboot", "validate", "return_to_service"]
+    assert rig.steps() == ["cordon", "notify_tenant", "drain_gpu", "cordon", "drain", "reboot", "validate",
+                           "return_to_service"]
     validate = next(r for r in rig.records if r.action and r.action.value == "validate"
                     and r.outcome is ActionOutcome.STARTED)
     assert validate.details["rung"] == "reboot"

@@ -154,10 +154,17 @@ class IncidentBook:
             return [Change(ChangeKind.UPDATED, inc)]
         if fold:
             self.state.stats["folded"] += 1
+        tenant_domain = inc.domain is not Domain.OPERATOR
         if not self.absorb(inc, o, fold=fold) and inc.status is not IncidentStatus.VALIDATING:
             return []
         inc.version += 1
         changes = [Change(ChangeKind.UPDATED, inc)]
+        if tenant_domain and inc.domain is Domain.OPERATOR and inc.scope is IncidentScope.GPU and inc.parent is None:
+            # a GPU's tenant incident turned hardware (a DBE joining its XID 94): from here on it is a new hardware
+            # incident on the node, as if opened so: lemon bursts, multi-GPU and endpoint impact see it
+            self.patterns.lemon(inc, s)
+            changes.extend(self._after_open(inc, s, new=True))
+            return changes
         if self.state.topology is not None and not fold and inc.parent is None and inc.node is not None:
             changes.extend(self.state.topology.observe(inc, self.state.incidents, self.state.by_key, at))
         return changes

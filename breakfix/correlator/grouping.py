@@ -19,8 +19,9 @@ Grouping, in the order a fault signal meets it (its facts bundled once into an `
    SXid) fold into its incident; peers' incidents opened just before fold in when it arrives;
 5. an endpoint SLO breach served by a node with an open hardware incident becomes its impact;
 6. application XIDs on one GPU from different workloads (controllers) open a suspect-GPU incident;
-7. otherwise the key: tenant (namespace, workload), GPU (node, GPU) or node; a resolved incident under the
-   key reopens (a flap) only for the same fault needing action within ``flap_s``, else a new one opens;
+7. otherwise the key: tenant (namespace, workload; never for XID 94/95), GPU (node, GPU) or node; a resolved
+   incident under the key reopens (a flap) only for the same fault needing action within ``flap_s``,
+   else a new one opens;
 8. count-in-window thresholds (per code, or per category and entity) hold back an incident;
 9. new and reopened incidents feed lemon detection, multi-GPU and topology grouping.
 """
@@ -206,7 +207,9 @@ class Correlator:
             if found is not None:
                 return found
         t = s.tenant  # the key (Correlator._key, inlined: most fault signals get here)
-        if fc.domain is Domain.TENANT and t is not None:
+        if fc.domain is Domain.TENANT and t is not None and not r.contained:
+            # (a containment XID is keyed by its GPU even with a pod: its repair is the GPU's reset, and the DBE or
+            # row remap it reports, or another workload's XID 94 on that GPU, meets it there in any order)
             key, scope = f"tenant|{s.cluster}|{t.namespace}|{t.workload()}", IncidentScope.TENANT
         elif gpu_key is not None and fc.category not in NODE_CATEGORIES:
             key, scope = gpu_key, IncidentScope.GPU
