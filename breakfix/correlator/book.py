@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from breakfix.correlator.model import Change, Observation, TrackedIncident, category_rank, incident_id
-from breakfix.correlator.state import TENANT_LABEL, TERMINAL, CoreState
+from breakfix.correlator.state import TENANT_LABEL, CoreState
 from breakfix.schemas.catalog import FaultClass
 from breakfix.schemas.common import max_severity
 from breakfix.schemas.incident import MIG_SEEN_LABEL, ChangeKind, Domain, IncidentScope, IncidentStatus
@@ -37,12 +37,9 @@ class IncidentBook:
     def gpu_host(self, gpu_key: str, s: Signal) -> TrackedIncident | None:
         """The live incident holding this GPU's codes (its own, or the one that took them), or its parent.
         A tenant incident qualifies only when this GPU on this node is all it holds (a plan targets one GPU)."""
-        st = self.state  # CoreState.live, inlined: every XID 154, tenant XID and DCGM equivalent asks
-        host = st.incidents.get(st.by_key.get(gpu_key, ""))
-        if host is None or host.status in TERMINAL:
-            host = st.incidents.get(st.by_gpu.get(gpu_key, ""))
-            if host is None or host.status in TERMINAL:
-                return None
+        host = self.state.live(self.state.by_key.get(gpu_key)) or self.state.live(self.state.by_gpu.get(gpu_key))
+        if host is None:
+            return None
         if host.scope is IncidentScope.TENANT and (len(host.gpus) != 1 or list(host.nodes) != [s.node]):
             return None
         parent = self.state.live(host.parent)

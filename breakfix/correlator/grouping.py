@@ -151,10 +151,10 @@ class Correlator:
             return []
         fk = s.fault_key()
         if s.healthy:  # not remembered: a repeated healthy reading clears nothing twice
-            if fk not in st.by_fault:  # the common case (a heartbeat for something that is fine), without a call
-                st.stats["healthy"] += 1
-                return []
-            return self.lifecycle.clear(fk, s)
+            st.stats["healthy"] += 1
+            iid = st.by_fault.get(fk)
+            # the common case, a heartbeat for something that is fine, answered here without a call
+            return [] if iid is None else self.lifecycle.clear(fk, s, iid)
         r = self._route(s)
         fc, ck, eck = r.fc, r.ck, r.eck
         at = s.observed_at
@@ -176,20 +176,7 @@ class Correlator:
                 return changes + book.after_down(host, o) if down else changes
         if (r.same_fault or r.memory or r.contained) and gpu_key is not None:
             host = book.gpu_host(gpu_key, s)
-            # NVIDIA XID_154_EVAL: "If an XID 154 is seen along with this error, take that action"; XID 154
-            # "summarizes the recovery action required for other Xids": a tenant XID after the GPU's 154 joins it.
-            # And the same fault from another source (a DCGM code counted as its XID; an XID read first without
-            # its pod) joins the GPU's incident of that fault rather than opening a second plan.
-            # (an application XID that may make the GPU suspect does not join by code: two workloads hitting one GPU
-            # is step 6's evidence, and joining would hide it)
-            # A DBE or its row remap and the XID saying how it was contained (94, 95: investigatory "IGNORE
-            # (sympathetic)" in the Xid catalog) are one memory fault, whichever is read first: the worst repair
-            # decides.
-            if host is not None and ((r.same_fault and ((fc.domain is Domain.TENANT and _XID154 in host.counts) or (
-                    eck in host.counts and (bool(fc.equivalent) or (host.scope is IncidentScope.GPU
-                                                                    and not r.suspect)))))
-                                     or (r.contained and any(st.is_memory_fault(k) for k in host.counts))
-                                     or (r.memory and not st.contained_facts.isdisjoint(host.counts))):
+            if host is not None and self._joins(host, r):
                 changes = book.add(host, o)
                 return changes + book.after_down(host, o) if down else changes
         if r.peer:
@@ -241,6 +228,25 @@ class Correlator:
             return changes + book.after_down(st.incidents[st.by_key[key]], o) if down else changes
         changes = book.add(inc, o)
         return changes + book.after_down(inc, o) if down else changes
+
+    def _joins(self, host: TrackedIncident, r: Route) -> bool:
+        """Step 3: whether a fault joins the live incident holding its GPU's codes (``IncidentBook.gpu_host``)."""
+        counts, st = host.counts, self.state
+        if r.same_fault:
+            # NVIDIA XID_154_EVAL: "If an XID 154 is seen along with this error, take that action"; XID 154
+            # "summarizes the recovery action required for other Xids": a tenant XID after the GPU's 154 joins it.
+            if r.fc.domain is Domain.TENANT and _XID154 in counts:
+                return True
+            # The same fault from another source (a DCGM code counted as its XID; an XID read first without its pod)
+            # joins the GPU's incident of that fault rather than opening a second plan. (An application XID that may
+            # make the GPU suspect does not join by code: two workloads hitting one GPU is step 6's evidence.)
+            if r.eck in counts and (bool(r.fc.equivalent) or (host.scope is IncidentScope.GPU and not r.suspect)):
+                return True
+        # A DBE or its row remap and the XID saying how it was contained (94, 95: investigatory "IGNORE (sympathetic)"
+        # in the Xid catalog) are one memory fault, whichever is read first: the worst repair decides.
+        if r.contained and any(st.is_memory_fault(k) for k in counts):
+            return True
+        return r.memory and not st.contained_facts.isdisjoint(counts)
 
     def _route(self, s: Signal) -> Route:
         """The signal's ``Route``: cached by (check, code) unless its class depends on the message

@@ -38,11 +38,8 @@ class Lifecycle:
         self.state = state
         self.rules = state.rules
 
-    def clear(self, fk: str, s: Signal) -> list[Change]:
-        self.state.stats["healthy"] += 1
-        iid = self.state.by_fault.get(fk)
-        if iid is None:  # the common case: a heartbeat for something that is fine
-            return []
+    def clear(self, fk: str, s: Signal, iid: str) -> list[Change]:
+        """A healthy signal for fault ``fk``, which incident ``iid`` holds open (``CoreState.by_fault``)."""
         inc = self.state.incidents.get(iid)
         if inc is None:
             return []

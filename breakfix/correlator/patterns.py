@@ -20,7 +20,7 @@ from functools import lru_cache
 
 from breakfix.correlator.book import IncidentBook
 from breakfix.correlator.model import Change, Observation, TrackedIncident, incident_id
-from breakfix.correlator.state import LEMON_LABEL, TERMINAL, CoreState
+from breakfix.correlator.state import LEMON_LABEL, CoreState
 from breakfix.schemas.catalog import FaultClass
 from breakfix.schemas.common import TenantRef, max_severity
 from breakfix.schemas.incident import ChangeKind, Domain, IncidentScope
@@ -75,9 +75,7 @@ class Patterns:
     def suspect(self, gpu_key: str, o: Observation) -> list[Change] | None:
         rule, s, st = self.rules.suspect, o.signal, self.state
         assert rule is not None and s.tenant is not None
-        host = st.incidents.get(st.by_key.get(gpu_key, ""))  # CoreState.live, inlined: every application XID
-        if host is not None and host.status in TERMINAL:
-            host = None
+        host = st.live(st.by_key.get(gpu_key))
         if host is not None and host.category == rule.category:
             return self.book.add(host, o)
         at = s.observed_at

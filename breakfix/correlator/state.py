@@ -66,6 +66,7 @@ class CoreState:
         corr = catalog.correlation
         self.dbe_facts = frozenset({"xid:48", *corr.dbe_equivalents})
         self.remap_facts = frozenset({*(f"xid:{c}" for c in corr.dbe_companions), *corr.remap_equivalents})
+        self.memory_facts = self.dbe_facts | self.remap_facts
         self.contained_facts = frozenset(f"xid:{c}" for c in corr.containment_xids)
 
     # -- helpers shared by the collaborators --------------------------------------------------------------
@@ -96,8 +97,7 @@ class CoreState:
     def is_memory_fault(self, key: str) -> bool:
         """A code key that is a DBE or a row-remap event from any source (``xid:48``, ``xid:63``, ``ecc.dbe``,
         ``row_remap.pending``, a DCGM code counted by its name): the facts an XID 94/95 reports the containment of."""
-        facts = self.dbe_facts | self.remap_facts
-        return key in facts or key.rpartition(":")[2] in facts
+        return key in self.memory_facts or key.rpartition(":")[2] in self.memory_facts
 
     def remember(self, signal_id: str, incident: str) -> None:
         seen = self.seen
