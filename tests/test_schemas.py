@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
-from pydantic import ValidationError
+from datetime import UTC, datetime, timedelta, timezone
 
-from breakfix.schemas.common import normalize_pci_bus_id
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import BaseModel, ValidationError
+
+from breakfix.schemas.common import EARLIEST, LATEST, UtcDatetime, format_rfc3339, normalize_pci_bus_id
 from breakfix.schemas.export import stale
 from breakfix.schemas.incident import IncidentChange
 from breakfix.schemas.signal import Signal
@@ -50,6 +54,25 @@ class TestSignal:
 
     def test_observed_at_is_rfc3339_utc(self) -> None:
         assert '"observed_at":"2026-11-23T12:00:00Z"' in sig().model_dump_json(by_alias=True)
+
+
+class _Stamped(BaseModel):
+    at: UtcDatetime
+
+
+@given(st.datetimes(min_value=EARLIEST.replace(tzinfo=None) + timedelta(days=1),
+                    max_value=LATEST.replace(tzinfo=None) - timedelta(days=1)),
+       st.integers(min_value=-23 * 60, max_value=23 * 60))
+def test_any_offset_is_written_as_utc_rfc3339_with_z_and_microseconds_only_when_present(
+        naive: datetime, offset_min: int) -> None:
+    """Whatever offset a timestamp arrives with, the contracts write it in UTC as ``format_rfc3339`` does
+    (pydantic-core's serializer, once the validator has moved the value to UTC), and read the same instant back."""
+    value = naive.replace(tzinfo=timezone(timedelta(minutes=offset_min)))
+    stamped = _Stamped(at=value)
+    assert stamped.model_dump_json() == f'{{"at":"{format_rfc3339(value)}"}}'
+    assert stamped.model_dump(mode="json") == {"at": format_rfc3339(value)}
+    assert stamped.at.tzinfo is UTC
+    assert _Stamped.model_validate_json(stamped.model_dump_json()).at == value
 
     @pytest.mark.parametrize(
         ("field", "value"),
