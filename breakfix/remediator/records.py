@@ -13,6 +13,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from breakfix.remediator.store import PlanStore, plan_key
@@ -99,9 +100,10 @@ class PlanBook:
     def saver(self, incident: Incident, plan: Plan, revision: int | None) -> Callable[[Progress], Awaitable[None]]:
         """The executor's ``save`` for one run of ``plan``: each call stores ``PlanRecord(incident, plan, progress)``
         at the revision the previous call wrote (``revision`` first; ``Conflict`` when another writer moved it).
-        Neither the incident nor the plan changes during a run, so their JSON is made once, not at every step."""
-        fixed: dict[str, Any] = {"incident": incident.model_dump(mode="json", by_alias=True),
-                                 "plan": plan.model_dump(mode="json", by_alias=True)}
+        Neither the incident nor the plan changes during a run, so their JSON is made once, not at every step, and
+        goes into every write as it is (``orjson.Fragment``: no Python dict of it is built or walked again)."""
+        fixed: dict[str, Any] = {"incident": orjson.Fragment(incident.model_dump_json(by_alias=True)),
+                                 "plan": orjson.Fragment(plan.model_dump_json(by_alias=True))}
         rev = revision
         key = plan_key(incident.id)
 
