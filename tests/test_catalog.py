@@ -31,6 +31,8 @@ class TestDocumentedXids:
             ("95", "RESET_GPU", "gpu_reset_required", Domain.OPERATOR),
             ("119", "RESET_GPU", "gpu_reset_required", Domain.OPERATOR),
             ("120", "RESET_GPU", "gpu_reset_required", Domain.OPERATOR),
+            # CHECK_UVM: "If UVM/vGPU is being utilized, RESET_GPU": every CUDA process uses UVM (classes.yaml)
+            ("159", "CHECK_UVM", "gpu_reset_required", Domain.OPERATOR),
         ],
         ids=lambda v: str(v),
     )
