@@ -121,6 +121,24 @@ class TestEdgeFilter:
         assert trailing.observed_at == T0 + timedelta(seconds=30) and trailing.details["suppressed_repeats"] == "2"
         assert edge.apply(Cycle(), T0 + timedelta(seconds=200)) == [], "sent once, not again"
 
+    def test_a_repeat_the_catalog_rates_more_severe_goes_at_once_and_no_milder_repeat_replaces_it(
+            self, catalog: Catalog) -> None:
+        """XID 154's class is in its line: None, then GPU Reset Required, then None again, all inside one window.
+        Keyed without the severity, the reset waited behind the first None and the last None replaced it."""
+        edge = EdgeFilter(repeat_window_s=60)
+
+        def xid154(at: int, verdict: str) -> Signal:
+            msg = f"NVRM: Xid (PCI:0000:18:00): 154, GPU recovery action changed from 0x0 (None) to 0x1 ({verdict})"
+            return sig(code="154", at=at, n=at, message=msg,
+                       severity=catalog.classify(check="xid", code="154", message=msg).severity)
+
+        sent = [s for at, v in ((0, "None"), (10, "GPU Reset Required"), (20, "None"))
+                for s in edge.apply(Cycle(events=[xid154(at, v)]), T0 + timedelta(seconds=at))]
+        sent += edge.apply(Cycle(), T0 + timedelta(seconds=61))
+        assert [(s.observed_at, s.severity) for s in sent] == [
+            (T0, Severity.INFO), (T0 + timedelta(seconds=10), Severity.CRITICAL),
+            (T0 + timedelta(seconds=20), Severity.INFO)]
+
     def test_same_xid_from_another_pod_is_not_a_repeat(self) -> None:
         edge = EdgeFilter(repeat_window_s=60)
         sent = [s for x in (sig(code="13", pod="p1"), sig(code="13", at=1, pod="p2"))

@@ -13,8 +13,11 @@ to the forwarder (``collectors.forwarder``):
   check is never read again. An entity missing from a cycle is never cleared.
 - every ``resync_s`` the current faults, and the healthy state of every entity that was ever
   faulted, are sent again (``details.resync``) so the correlator can reconcile after a loss;
-- events: the same (check, entity, code, workload) again within ``repeat_window_s`` is counted,
-  not sent; the next one sent carries ``details.suppressed_repeats``. A window that closes with
+- events: the same (check, entity, code, workload, severity) again within ``repeat_window_s`` is counted,
+  not sent; the next one sent carries ``details.suppressed_repeats``. The severity is the catalog's for the
+  whole line, so a repeat it rates differently (an XID 154 whose recovery action went from None to a reset, an
+  NVLink5 XID whose decode turned from IGNORE to RESET_GPU, an SXid turned fatal) is news and goes at once; it
+  is never replaced by a milder repeat inside the window. A window that closes with
   repeats counted and none sent sends its latest repeat then (the trailing edge), so a fault that
   recurs always reaches the correlator within one window: the remediator's soak (longer than the
   window) sees a recurrence however the collector rate-limits it.
@@ -156,7 +159,7 @@ class EdgeFilter:
         return out
 
     def _event(self, s: Signal) -> list[Signal]:
-        key = f"{s.fault_key()}#{s.code or ''}#{s.tenant.key() if s.tenant else ''}"
+        key = f"{s.fault_key()}#{s.code or ''}#{s.tenant.key() if s.tenant else ''}#{s.severity.value}"
         last = self.events.get(key)
         if last is not None and (s.observed_at - last[0]).total_seconds() < self.repeat_window_s:
             self.events[key] = (last[0], last[1] + 1)
