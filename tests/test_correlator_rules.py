@@ -105,6 +105,25 @@ class TestRules:
         got = sorted((i.category, i.scope.value, i.domain.value) for i in top_level(core))
         assert got == sorted(expected)
 
+    @pytest.mark.parametrize(("first", "then", "category", "published"),
+                             [("None", "GPU Reset Required", "gpu_reset_required", [1, 1]),
+                              ("None", "Drain and Reset", "gpu_drain_reset_required", [1, 1]),
+                              ("GPU Reset Required", "None", "gpu_reset_required", [1, 0])],
+                             ids=["none-then-reset", "none-then-drain-reset", "reset-then-none-only-counted"])
+    def test_a_repeat_whose_own_line_is_worse_raises_the_incident_inside_the_dedupe_window(
+            self, catalog: Catalog, first: str, then: str, category: str, published: list[int]) -> None:
+        """XID 154's class is its recovery action, read from its line: a second XID 154 ten seconds after a "None"
+        that says the GPU now needs a reset is not a storm repeat (it was counted and dropped before)."""
+        def xid154(at: int, verdict: str) -> Signal:
+            return sig(code="154", at=at, n=at, message="NVRM: Xid (PCI:0000:18:00): 154, GPU recovery action "
+                                                       f"changed from 0x0 (None) to 0x1 ({verdict})")
+
+        core = Correlator(catalog)
+        changes = [len(core.ingest(s, s.observed_at)) for s in (xid154(0, first), xid154(10, then))]
+        (inc,) = top_level(core)
+        assert (inc.category, inc.signal_count) == (category, 2)
+        assert changes == published
+
     def test_suspect_incident_names_the_workloads(self, catalog: Catalog) -> None:
         core = run(catalog, [sig(code="13", pod="job-a"), sig(code="31", pod="job-b", at=60)])
         inc = next(i for i in top_level(core) if i.category == "gpu_suspect")

@@ -134,8 +134,14 @@ class IncidentBook:
         s, fk, ck, lk = o.signal, o.fk, o.ck, o.lk
         at = s.observed_at
         last = inc.last_at.get(lk)
-        if last is not None and fk in inc.open_faults and at - last <= self.state.dedupe_td and ck in inc.counts:
-            # the storm path: count it, store nothing new, publish nothing
+        fc = o.fc
+        if last is not None and fk in inc.open_faults and at - last <= self.state.dedupe_td and ck in inc.counts \
+                and (fc.category == inc.category or category_rank(fc.category) >= category_rank(inc.category)) \
+                and fc.severity.rank <= inc.severity.rank:
+            # the storm path: count it, store nothing new, publish nothing. Not for a repeat whose own line rates it
+            # worse than the incident (XID 154's recovery action gone from None to a reset, an NVLink5 decode turned
+            # RESET_GPU, an SXid turned fatal: the class comes from the message, CoreState.class_cacheable): that
+            # one is absorbed and raises the incident, as it would a minute later
             self.state.stats["suppressed"] += 1
             self.state.remember(s.id, inc.id)
             inc.signal_count += 1
