@@ -139,6 +139,21 @@ class TestEdgeFilter:
             (T0, Severity.INFO), (T0 + timedelta(seconds=10), Severity.CRITICAL),
             (T0 + timedelta(seconds=20), Severity.INFO)]
 
+    def test_a_repeat_of_another_class_at_the_same_severity_is_not_replaced_either(self, catalog: Catalog) -> None:
+        """GPU Reset Required and Drain and Reset are both critical: the class from the line keys them apart."""
+        edge = EdgeFilter(repeat_window_s=60, catalog=catalog)
+
+        def xid154(at: int, verdict: str) -> Signal:
+            msg = f"NVRM: Xid (PCI:0000:18:00): 154, GPU recovery action changed from 0x0 (None) to 0x1 ({verdict})"
+            return sig(code="154", at=at, n=at, message=msg,
+                       severity=catalog.classify(check="xid", code="154", message=msg).severity)
+
+        sent = [s for at, v in ((0, "GPU Reset Required"), (10, "Drain and Reset"), (20, "GPU Reset Required"))
+                for s in edge.apply(Cycle(events=[xid154(at, v)]), T0 + timedelta(seconds=at))]
+        sent += edge.apply(Cycle(), T0 + timedelta(seconds=61))
+        assert [(s.observed_at - T0).seconds for s in sent] == [0, 10, 20]
+        assert "Drain and Reset" in sent[1].message
+
     def test_same_xid_from_another_pod_is_not_a_repeat(self) -> None:
         edge = EdgeFilter(repeat_window_s=60)
         sent = [s for x in (sig(code="13", pod="p1"), sig(code="13", at=1, pod="p2"))

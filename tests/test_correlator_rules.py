@@ -123,6 +123,24 @@ class TestRules:
         (inc,) = top_level(core)
         assert (inc.category, inc.signal_count) == (category, 2)
         assert changes == published
+        suppressed = core.stats.get("suppressed", 0)
+        third = xid154(20, then)
+        assert core.ingest(third, third.observed_at) == [], "a third, no worse: the storm path again"
+        assert core.stats["suppressed"] == suppressed + 1
+
+    def test_repeats_folded_into_a_milder_incident_stay_counted_only(self, catalog: Catalog) -> None:
+        """XID 45 (sympathetic) folds into the GPU's XID 154 "None" incident (informational): a fold never sets the
+        host's class, so its repeats inside the window are storm repeats, not absorbed one by one."""
+        core = Correlator(catalog)
+        none = sig(code="154", message="NVRM: Xid (PCI:0000:18:00): 154, GPU recovery action changed from 0x0 "
+                                       "(None) to 0x0 (None)")
+        core.ingest(none, none.observed_at)
+        for i in range(1, 6):
+            xid45 = sig(code="45", at=i, n=i, pod="job")
+            core.ingest(xid45, xid45.observed_at)
+        (inc,) = top_level(core)
+        assert inc.category == "informational" and inc.signal_count == 6
+        assert (core.stats.get("folded"), core.stats.get("suppressed")) == (1, 4)
 
     def test_suspect_incident_names_the_workloads(self, catalog: Catalog) -> None:
         core = run(catalog, [sig(code="13", pod="job-a"), sig(code="31", pod="job-b", at=60)])

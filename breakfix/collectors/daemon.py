@@ -93,7 +93,7 @@ class CollectorDaemon:
                                labels=dict(config.labels))
         self.faults_path = config.state_dir / "edge-faults.json"  # the faults open now, for the next start
         self.edge = EdgeFilter(resync_s=config.edge.resync_s, repeat_window_s=config.edge.repeat_window_s,
-                               faulted=load_keys(self.faults_path))
+                               faulted=load_keys(self.faults_path), catalog=catalog)
         self._faults_saved = self.edge.faulted_keys()
         self._faults_retry = 0.0  # monotonic: when a refused save may be tried again
         self._faults_marker = (0, len(self.edge.carried))  # what the saved file reflects

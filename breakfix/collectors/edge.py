@@ -13,9 +13,10 @@ to the forwarder (``collectors.forwarder``):
   check is never read again. An entity missing from a cycle is never cleared.
 - every ``resync_s`` the current faults, and the healthy state of every entity that was ever
   faulted, are sent again (``details.resync``) so the correlator can reconcile after a loss;
-- events: the same (check, entity, code, workload, severity) again within ``repeat_window_s`` is counted,
-  not sent; the next one sent carries ``details.suppressed_repeats``. The severity is the catalog's for the
-  whole line, so a repeat it rates differently (an XID 154 whose recovery action went from None to a reset, an
+- events: the same (check, entity, code, workload, severity, and for a code whose class comes from its line the
+  class) again within ``repeat_window_s`` is counted, not sent; the next one sent carries
+  ``details.suppressed_repeats``. Severity and class are the catalog's for the whole line, so a repeat it rates
+  differently (an XID 154 whose recovery action went from None to a reset, an
   NVLink5 XID whose decode turned from IGNORE to RESET_GPU, an SXid turned fatal) is news and goes at once; it
   is never replaced by a milder repeat inside the window. A window that closes with
   repeats counted and none sent sends its latest repeat then (the trailing edge), so a fault that
@@ -29,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from breakfix.schemas.catalog import Catalog
 from breakfix.schemas.common import Severity
 from breakfix.schemas.signal import Signal
 
@@ -66,10 +68,12 @@ def _with(s: Signal, **details: str) -> Signal:
 
 class EdgeFilter:
     def __init__(self, *, resync_s: float = 300.0, repeat_window_s: float = 60.0,
-                 faulted: Iterable[str] = ()) -> None:
+                 faulted: Iterable[str] = (), catalog: Catalog | None = None) -> None:
         """``faulted``: the fault keys that were open when the previous process stopped (``faulted_keys``, kept
         by the daemon): their first reading here counts against that, so a fault fixed while the collector
-        was down is cleared (a first healthy reading is otherwise not news)."""
+        was down is cleared (a first healthy reading is otherwise not news). ``catalog``: classes the events
+        whose class comes from their own line (``Catalog.message_dependent``) for their repeat key."""
+        self.catalog = catalog
         self.carried: set[str] = set(faulted)  # bounded by its file (collectors.keyfile.MAX_KEYS)
         self.checks_seen: dict[str, datetime] = {}  # check -> first cycle that read it here (its source is up)
         self.resync_s = resync_s
@@ -160,6 +164,9 @@ class EdgeFilter:
 
     def _event(self, s: Signal) -> list[Signal]:
         key = f"{s.fault_key()}#{s.code or ''}#{s.tenant.key() if s.tenant else ''}#{s.severity.value}"
+        cat = self.catalog
+        if cat is not None and cat.message_dependent(s.check, s.code):  # XID 154 Reset, Drain and Reset: both critical
+            key += "#" + cat.classify(check=s.check, code=s.code, message=s.message, details=s.details).category
         last = self.events.get(key)
         if last is not None and (s.observed_at - last[0]).total_seconds() < self.repeat_window_s:
             self.events[key] = (last[0], last[1] + 1)

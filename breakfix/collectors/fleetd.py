@@ -50,7 +50,7 @@ class FleetCollector:
         self.connect = connect
         self.retry_s = retry_s
         self.connect_timeout_s = connect_timeout_s
-        self.edge = EdgeFilter(resync_s=resync_s)
+        self.edge = EdgeFilter(resync_s=resync_s, catalog=rules.catalog)
         self.spool = spool
         self.forwarder = Forwarder(spool, retry_s=min(retry_s, 1.0), clock=clock)
         self.bus: FleetBus | None = None

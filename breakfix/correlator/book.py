@@ -136,12 +136,14 @@ class IncidentBook:
         last = inc.last_at.get(lk)
         fc = o.fc
         if last is not None and fk in inc.open_faults and at - last <= self.state.dedupe_td and ck in inc.counts \
-                and (fc.category == inc.category or category_rank(fc.category) >= category_rank(inc.category)) \
-                and fc.severity.rank <= inc.severity.rank:
+                and (fold or fc.category == inc.category  # (equal categories: the rank lookups skipped)
+                     or category_rank(fc.category) >= category_rank(inc.category)) \
+                and (fold or fc.severity.rank <= inc.severity.rank):
             # the storm path: count it, store nothing new, publish nothing. Not for a repeat whose own line rates it
             # worse than the incident (XID 154's recovery action gone from None to a reset, an NVLink5 decode turned
             # RESET_GPU, an SXid turned fatal: the class comes from the message, CoreState.class_cacheable): that
-            # one is absorbed and raises the incident, as it would a minute later
+            # one is absorbed and raises the incident, as it would a minute later. A folded signal never sets its
+            # host's class (absorb), so its repeats stay on this path whatever their class.
             self.state.stats["suppressed"] += 1
             self.state.remember(s.id, inc.id)
             inc.signal_count += 1
