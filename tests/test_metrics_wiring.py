@@ -137,6 +137,9 @@ async def test_a_standby_exports_no_breaker_it_cannot_know_so_a_reset_resolves_t
         for i in range(1, 5):  # 4 of 10 nodes at once: the breaker trips
             await a.open(incident(f"n{i}", iid=f"inc-{i}", category="node_reboot_required"))
         await a.until(lambda: a.svc.guards.breaker_tripped_at is not None)
+        # the leader's keeper stores the trip soon after (write-behind): the standby starts once it is stored
+        await a.until(lambda: (store.data.get("guards") is not None
+                               and store.data["guards"].value.get("breaker_tripped_at") is not None))
         async with Harness(fast(policy), store=store, bus=bus, clock=clock, elector=Lease(False),
                            lease_renew_s=0.05) as b:  # the standby (re)starts during the trip: it loads it
             await b.until(lambda: b.svc.guards.breaker_tripped_at is not None)
