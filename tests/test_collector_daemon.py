@@ -126,14 +126,8 @@ class TestEdgeFilter:
         """XID 154's class is in its line: None, then GPU Reset Required, then None again, all inside one window.
         Keyed without the severity, the reset waited behind the first None and the last None replaced it."""
         edge = EdgeFilter(repeat_window_s=60)
-
-        def xid154(at: int, verdict: str) -> Signal:
-            msg = f"NVRM: Xid (PCI:0000:18:00): 154, GPU recovery action changed from 0x0 (None) to 0x1 ({verdict})"
-            return sig(code="154", at=at, n=at, message=msg,
-                       severity=catalog.classify(check="xid", code="154", message=msg).severity)
-
         sent = [s for at, v in ((0, "None"), (10, "GPU Reset Required"), (20, "None"))
-                for s in edge.apply(Cycle(events=[xid154(at, v)]), T0 + timedelta(seconds=at))]
+                for s in edge.apply(Cycle(events=[xid154_event(catalog, at, v)]), T0 + timedelta(seconds=at))]
         sent += edge.apply(Cycle(), T0 + timedelta(seconds=61))
         assert [(s.observed_at, s.severity) for s in sent] == [
             (T0, Severity.INFO), (T0 + timedelta(seconds=10), Severity.CRITICAL),
@@ -142,14 +136,8 @@ class TestEdgeFilter:
     def test_a_repeat_of_another_class_at_the_same_severity_is_not_replaced_either(self, catalog: Catalog) -> None:
         """GPU Reset Required and Drain and Reset are both critical: the class from the line keys them apart."""
         edge = EdgeFilter(repeat_window_s=60, catalog=catalog)
-
-        def xid154(at: int, verdict: str) -> Signal:
-            msg = f"NVRM: Xid (PCI:0000:18:00): 154, GPU recovery action changed from 0x0 (None) to 0x1 ({verdict})"
-            return sig(code="154", at=at, n=at, message=msg,
-                       severity=catalog.classify(check="xid", code="154", message=msg).severity)
-
         sent = [s for at, v in ((0, "GPU Reset Required"), (10, "Drain and Reset"), (20, "GPU Reset Required"))
-                for s in edge.apply(Cycle(events=[xid154(at, v)]), T0 + timedelta(seconds=at))]
+                for s in edge.apply(Cycle(events=[xid154_event(catalog, at, v)]), T0 + timedelta(seconds=at))]
         sent += edge.apply(Cycle(), T0 + timedelta(seconds=61))
         assert [(s.observed_at - T0).seconds for s in sent] == [0, 10, 20]
         assert "Drain and Reset" in sent[1].message
@@ -159,6 +147,13 @@ class TestEdgeFilter:
         sent = [s for x in (sig(code="13", pod="p1"), sig(code="13", at=1, pod="p2"))
                 for s in edge.apply(Cycle(events=[x]), T0)]
         assert len(sent) == 2
+
+
+def xid154_event(catalog: Catalog, at: int, verdict: str) -> Signal:
+    """An XID 154 line whose recovery action is ``verdict``, with the severity the collector gives it."""
+    msg = f"NVRM: Xid (PCI:0000:18:00): 154, GPU recovery action changed from 0x0 (None) to 0x1 ({verdict})"
+    return sig(code="154", at=at, n=at, message=msg,
+               severity=catalog.classify(check="xid", code="154", message=msg).severity)
 
 
 def sev_sig(i: int, severity: Severity) -> Signal:
