@@ -134,11 +134,8 @@ class IncidentBook:
         s, fk, ck, lk = o.signal, o.fk, o.ck, o.lk
         at = s.observed_at
         last = inc.last_at.get(lk)
-        fc = o.fc
         if last is not None and fk in inc.open_faults and at - last <= self.state.dedupe_td and ck in inc.counts \
-                and (fold or fc.category == inc.category  # (equal categories: the rank lookups skipped)
-                     or category_rank(fc.category) >= category_rank(inc.category)) \
-                and (fold or fc.severity.rank <= inc.severity.rank):
+                and (fold or not raises_class(inc, o.fc)):
             # the storm path: count it, store nothing new, publish nothing. Not for a repeat whose own line rates it
             # worse than the incident (XID 154's recovery action gone from None to a reset, an NVLink5 decode turned
             # RESET_GPU, an SXid turned fatal: the class comes from the message, CoreState.class_cacheable): that
@@ -251,6 +248,7 @@ class IncidentBook:
         return material
 
     def merge_class(self, inc: TrackedIncident, fc: FaultClass, at: datetime) -> bool:
+        """Raise the incident to ``fc`` where it is worse (``raises_class``); True when something changed."""
         changed = False
         if category_rank(fc.category) < category_rank(inc.category):
             inc.note(at, "category", f"{inc.category} -> {fc.category}", self.rules.timeline_limit)
@@ -272,3 +270,11 @@ class IncidentBook:
         inc.source = _COMPANION_SOURCE
         inc.severity = max_severity(inc.severity, spec.severity)
         return True
+
+
+def raises_class(inc: TrackedIncident, fc: FaultClass) -> bool:
+    """Whether ``IncidentBook.merge_class`` would change the incident: ``fc`` is a more cautious category or a higher
+    severity than it has (equal categories skip the rank lookups: the storm path asks on every repeat)."""
+    if fc.category != inc.category and category_rank(fc.category) < category_rank(inc.category):
+        return True
+    return fc.severity.rank > inc.severity.rank
