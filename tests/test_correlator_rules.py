@@ -161,6 +161,21 @@ class TestRules:
         assert all(LEMON_LABEL not in i.labels for i in incs[:2])
         assert any(e.event == "lemon" for e in incs[-1].timeline)
 
+    @pytest.mark.parametrize("repeat", ["79", "48"])
+    def test_a_lemon_stays_on_the_rma_path_when_a_reboot_or_reset_fault_repeats_inside_the_dedupe_window(
+            self, catalog: Catalog, repeat: str) -> None:
+        """The lemon rule's hardware_support outranks every automatic ladder: a repeat seconds later (XID 79 off the
+        bus, the DBE again) must not turn the GPU back onto a reboot or reset that returns it to service."""
+        signals = []
+        for burst in range(3):
+            t = burst * 2 * HOUR
+            signals += [sig(code="48", at=t, n=burst), sig(code="48", at=t + 60, healthy=True, n=burst)]
+        signals = [*signals[:-1], sig(code=repeat, at=4 * HOUR + 10, n=9)]  # the third burst still open
+        core = run(catalog, signals, windows={"flap_s": 60})
+        last = max(top_level(core), key=lambda i: i.first_seen)
+        assert (last.category, last.labels[LEMON_LABEL]) == ("hardware_support", "true")
+        assert any(c.key == f"xid:{repeat}" and c.count == (1 if repeat == "79" else 2) for c in last.counts)
+
     @pytest.mark.parametrize("xid94_first", [True, False], ids=["xid94-first", "dbe-first"])
     def test_a_dbe_raising_an_xid94_incident_counts_as_a_hardware_burst_for_the_lemon_rule(
             self, catalog: Catalog, xid94_first: bool) -> None:

@@ -265,6 +265,22 @@ CASES = [
                  id=f"{XID_CATALOG} WORKFLOW_XID_45: XID 45 after XID 79 folds into it"),
     pytest.param([app("94", "api-7d9f8c6b5-x2k4p"), sig(code="45", at=1)], one("application_fault"),
                  id=f"{XID_CATALOG} WORKFLOW_XID_45: XID 45 after a pod's XID 94 folds into it"),
+    # 8. a fault that needs a human keeps the node out, whatever automatic repair joins it (every ladder ends by
+    # returning the node after a passing diagnostic; CONTACT_SUPPORT and CHECK_MECHANICALS are not fixed by one)
+    *(pytest.param(pair if first else pair[::-1], one("hardware_support", has=("cordon", "drain", "escalate"),
+                                                      never=("reboot", "reset_gpu", "return_to_service")),
+                   id=f"{XID_CATALOG}: CONTACT_SUPPORT (XID 122) and RESTART_BM ({name}) on one GPU go to support, "
+                      f"{'support' if first else 'reboot'} first")
+      for name, pair in (("XID 79", [sig(code="122"), sig(code="79", at=1)]),
+                         ("XID 154 Node Reboot Required", [sig(code="122"), xid154(0, 1, "Node Reboot Required")]))
+      for first in (True, False)),
+    pytest.param([sig(code="79"), sig(code="54", at=1)],
+                 one("mechanical_inspection", has=("escalate",), never=("reboot", "return_to_service")),
+                 id=f"{XID_CATALOG}: CHECK_MECHANICALS (XID 54) after XID 79 on the GPU goes to a hands-on check"),
+    pytest.param([sig(code="78"), sig(code="79", at=1)],
+                 one("software_update", has=("reprovision",), never=("reboot",)),
+                 id=f"{XID_CATALOG}: XID 79 joining an UPDATE_SWFW (XID 78) incident reprovisions, which reboots on "
+                    "the way"),
 ]
 LEMON = "breakfix.io/lemon"
 

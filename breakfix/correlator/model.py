@@ -34,18 +34,24 @@ from breakfix.schemas.incident import (
 )
 from breakfix.schemas.signal import Signal
 
-# Most cautious first. Merging two faults into one incident keeps the earlier entry here.
+# Most cautious first. Merging two faults into one incident keeps the earlier entry here: the worst repair decides.
+# The classes that hand the node to a human come before every automatic ladder, because each ladder ends by
+# returning the node to service after a passing diagnostic, which none of their faults allows:
+# - CONTACT_SUPPORT ("contact your support organization") and CHECK_MECHANICALS (seating and connections) are not
+#   repaired by RESTART_BM or RESET_GPU (NVIDIA Xid catalog, Resolution Buckets): a GPU off the bus (XID 79) or a
+#   fatal SXid on a node whose GPU awaits RMA is handled by the human who takes the node for the RMA;
+# - a GPU its system's setup leaves out of the NVLink fabric (nvmlGpuFabricInfo_v2 INCORRECT_CONFIGURATION) is not
+#   fixed by a reset, reboot or reprovision;
+# - UPDATE_SWFW's reprovision reboots the node on the way, so it covers a RESTART_BM.
 CATEGORY_PRIORITY: tuple[str, ...] = (
     "unknown_fault",
+    "hardware_support",
+    "mechanical_inspection",
+    "fabric_config",
+    "software_update",
     "node_reboot_required",
     "nvswitch_fatal",
     "multi_gpu_failure",
-    "hardware_support",
-    "mechanical_inspection",
-    "software_update",
-    # a GPU its system's setup leaves out of the NVLink fabric goes to a human with whatever else it has: a reset
-    # ladder would return the node to service with the configuration still wrong
-    "fabric_config",
     "gpu_drain_reset_required",
     "gpu_reset_required",
     "nvlink_fault",
