@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from breakfix.correlator.checkpoint import Checkpoint
 from breakfix.correlator.grouping import LEMON_LABEL, Correlator
 from breakfix.correlator.rules import load_rules
 from breakfix.schemas.catalog import Catalog
 from breakfix.schemas.common import TenantRef
 from breakfix.schemas.datafile import DataFileError
-from breakfix.schemas.incident import Domain, Incident, IncidentScope, IncidentStatus
+from breakfix.schemas.incident import (
+    ActionKind,
+    ActionOutcome,
+    ActionRecord,
+    Domain,
+    Incident,
+    IncidentScope,
+    IncidentStatus,
+)
 from breakfix.schemas.signal import Signal
-from tests.conftest import make_rules, sig
+from tests.conftest import T0, make_rules, sig
 
 HOUR = 3600.0
 XID154_DRAIN = ("NVRM: Xid (PCI:0000:18:00): 154, GPU recovery action changed from 0x0 (None) to 0x2 "
@@ -337,6 +347,60 @@ class TestMultiGpu:
         core = run(catalog, faults + heals)
         (node,) = top_level(core)
         assert node.status is IncidentStatus.RESOLVED and node.time_to_repair_s is not None
+
+
+GPU_RESET_154 = "GPU recovery action changed from 0x0 (None) to 0x1 (GPU Reset Required)"
+
+
+class TestTenantIncidentTurnedHardware:
+    """XID_154_EVAL joins the workload's one-GPU incident to the GPU's XID 154; from then on it is the GPU's."""
+
+    def test_an_application_fault_a_gpu_reset_joins_becomes_that_gpus_hardware_incident(
+            self, catalog: Catalog) -> None:
+        """Lemon, multi-GPU and endpoint impact see it (on_node), and the workload's next fault on another GPU opens
+        its own incident."""
+        core = run(catalog, [sig(code="13", pod="job-a-0"), sig(code="154", at=1, message=GPU_RESET_154),
+                             sig(code="13", pod="job-a-0", gpu_index=1, at=2)])
+        hw, app = sorted(top_level(core), key=lambda i: i.first_seen)
+        gpu0 = sig().gpu
+        assert gpu0 is not None and core.incidents[hw.id].key == f"gpu|c1|n1|{gpu0.key()}"
+        assert (hw.scope, hw.category) == (IncidentScope.GPU, "gpu_reset_required")
+        assert any(e.event == "scope" for e in hw.timeline) and hw.id in core.state.on_node["n1"]
+        assert (app.scope, app.category) == (IncidentScope.TENANT, "application_fault")
+        assert [g.index for g in app.gpus] == [1]
+
+    def test_application_faults_on_three_gpus_raised_to_resets_are_a_multi_gpu_failure(
+            self, catalog: Catalog) -> None:
+        core = run(catalog, [sig(code="13", pod=f"job{g}-0", gpu_index=g, at=g) for g in range(3)]
+                   + [sig(code="154", gpu_index=g, at=10 + g, message=GPU_RESET_154) for g in range(3)])
+        (node,) = top_level(core)
+        assert (node.scope, node.category) == (IncidentScope.NODE, "multi_gpu_failure")
+        assert sorted(g.index for g in node.gpus) == [0, 1, 2] and len(node.members) == 3
+
+    @pytest.mark.parametrize("older_settled", ["tenant", "gpu"])
+    def test_a_restored_core_continues_like_the_uninterrupted_one_after_a_rekey(
+            self, catalog: Catalog, older_settled: str) -> None:
+        """An older settled incident under the workload's key (or the GPU's key) must not come back from a checkpoint:
+        the workload's next fault opens a new incident in both cores, and the indexes are equal."""
+        first: list[Signal] = [sig(code="13", pod="job-a-0")] if older_settled == "tenant" else [
+            sig(code="13", pod="job-a-0"), sig(check="ecc.dbe", code=None, at=5)]
+        core = run(catalog, first)
+        settled = next(i for i in core.incidents.values() if i.scope is (
+            IncidentScope.TENANT if older_settled == "tenant" else IncidentScope.GPU))
+        core.apply_action(ActionRecord(id="r1", cluster="c1", incident_id=settled.id, kind=ActionKind.PLAN,
+                                       outcome=ActionOutcome.COMPLETED, actor="remediator/test", rule="x",
+                                       reason="done", at=T0 + timedelta(seconds=10)), T0 + timedelta(seconds=10))
+        assert core.incidents[settled.id].status.terminal
+        for s in [sig(code="31", pod="job-a-0", at=20), sig(code="154", at=30, message=GPU_RESET_154)]:
+            core.ingest(s, s.observed_at)
+        assert any(event == "scope" for i in core.incidents.values() for _, event, _ in i.timeline)
+        restored = Correlator(catalog)
+        restored.load_state(Checkpoint.decode(Checkpoint(core.to_state()).encode()).state)
+        assert (restored.state.by_key, restored.state.by_fault) == (core.state.by_key, core.state.by_fault)
+        nxt = sig(code="13", pod="job-a-0", gpu_index=1, at=40)
+        assert [(c.kind, c.incident.id) for c in restored.ingest(nxt, nxt.observed_at)] == [
+            (c.kind, c.incident.id) for c in core.ingest(nxt, nxt.observed_at)]
+        assert next(c for c in core.incidents.values() if c.last_seen == nxt.observed_at).status.value == "open"
 
 
 class TestTenantWorkload:

@@ -161,15 +161,31 @@ class IncidentBook:
             return []
         inc.version += 1
         changes = [Change(ChangeKind.UPDATED, inc)]
-        if tenant_domain and inc.domain is Domain.OPERATOR and inc.scope is IncidentScope.GPU and inc.parent is None:
-            # a GPU's tenant incident turned hardware (a DBE joining its XID 94): from here on it is a new hardware
-            # incident on the node, as if opened so: lemon bursts, multi-GPU and endpoint impact see it
+        if tenant_domain and inc.domain is Domain.OPERATOR and inc.parent is None \
+                and (inc.scope is IncidentScope.GPU or self._to_gpu_scope(inc, o)):
+            # a GPU's tenant incident turned hardware (a DBE joining its XID 94, XID 154's action joining an
+            # application XID): from here on it is a new hardware incident on the node, as if opened so: lemon
+            # bursts, multi-GPU and endpoint impact see it
             self.patterns.lemon(inc, s)
             changes.extend(self._after_open(inc, s, new=True))
-            return changes
-        if self.state.topology is not None and not fold and inc.parent is None and inc.node is not None:
+        elif self.state.topology is not None and not fold and inc.parent is None and inc.node is not None:
             changes.extend(self.state.topology.observe(inc, self.state.incidents, self.state.by_key, at))
         return changes
+
+    def _to_gpu_scope(self, inc: TrackedIncident, o: Observation) -> bool:
+        """Re-key a one-GPU tenant incident that a hardware fault joined (``gpu_host`` lets only those take a GPU's
+        codes) as that GPU's incident; False for any other. The workload's next fault opens its own incident."""
+        st, gpu_key = self.state, o.gpu_key
+        if inc.scope is not IncidentScope.TENANT or gpu_key is None or len(inc.gpus) != 1 \
+                or list(inc.nodes) != [o.signal.node]:
+            return False
+        if st.by_key.get(inc.key) == inc.id:
+            del st.by_key[inc.key]
+        inc.note(o.signal.observed_at, "scope", f"tenant -> gpu: {o.ck} is the GPU's fault, not the workload's",
+                 self.rules.timeline_limit)
+        inc.key, inc.scope, inc.node = gpu_key, IncidentScope.GPU, o.signal.node
+        st.by_key[gpu_key] = inc.id
+        return True
 
     def absorb(self, inc: TrackedIncident, o: Observation, fold: bool = False) -> bool:
         """Add a fault signal's facts to an incident; True when something an SRE would notice changed."""

@@ -23,7 +23,8 @@ Grouping, in the order a fault signal meets it (its facts bundled once into an `
    incident under the key reopens (a flap) only for the same fault needing action within ``flap_s``,
    else a new one opens;
 8. count-in-window thresholds (per code, or per category and entity) hold back an incident;
-9. new and reopened incidents feed lemon detection, multi-GPU and topology grouping.
+9. new and reopened incidents feed lemon detection, multi-GPU and topology grouping, and so does a workload's
+   one-GPU incident a hardware fault joined, re-keyed as the GPU's from then on (``IncidentBook._to_gpu_scope``).
 """
 
 from __future__ import annotations

@@ -122,6 +122,7 @@ class CoreState:
             "serving": {k: list(v) for k, v in self.serving.items()},
             "down": {k: [i, g, _ts(t)] for k, (i, g, t) in self.down.items()},
             "by_gpu": dict(self.by_gpu),
+            "by_key": dict(self.by_key),  # not rebuilt from the incidents: a re-keyed incident leaves its old key
             "app_hist": {k: {w: _ts(t) for w, t in v.items()} for k, v in self.app_hist.items()},
             "bursts": {k: [_ts(t) for t in v] for k, v in self.bursts.items()},
             "pending": {k: [_ts(t) for t in v] for k, v in self.pending.items()},
@@ -138,7 +139,9 @@ class CoreState:
         for raw in d["incidents"]:
             inc = TrackedIncident.from_state(raw)
             self.incidents[inc.id] = inc
-        for inc in sorted(self.incidents.values(), key=lambda i: i.first_seen):
+        # a key names its live incident where it has one (an incident re-keyed to its GPU may be older than a settled
+        # one under that key), else its newest
+        for inc in sorted(self.incidents.values(), key=lambda i: (not i.status.terminal, i.first_seen)):
             self.by_key[inc.key] = inc.id
             if not inc.status.terminal:
                 for fk in inc.open_faults:
@@ -149,6 +152,8 @@ class CoreState:
         self.serving = {k: dict.fromkeys(v) for k, v in d["serving"].items()}
         self.down = {k: (i, g, _dt(t)) for k, (i, g, t) in d["down"].items()}
         self.by_gpu = dict(d.get("by_gpu", {}))
+        if "by_key" in d:  # a checkpoint from before it was stored keeps the index rebuilt above
+            self.by_key = dict(d["by_key"])
         self.app_hist = {k: {w: _dt(t) for w, t in v.items()} for k, v in d["app_hist"].items()}
         self.bursts = {k: [_dt(t) for t in v] for k, v in d["bursts"].items()}
         self.pending = {k: [_dt(t) for t in v] for k, v in d["pending"].items()}
