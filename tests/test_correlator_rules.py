@@ -333,6 +333,28 @@ class TestMultiGpu:
         (node,) = top_level(core)
         assert node.category == "hardware_support" and sorted(g.index for g in node.gpus) == [0, 1, 2, 5]
 
+    def test_a_gpu_off_the_bus_keeps_its_node_incident_open_when_a_gpu_incident_folded_into_it_clears(
+            self, catalog: Catalog) -> None:
+        """XID 79 opens a node incident that takes the node's later GPU faults; the folded DBE clearing must not
+        resolve it (and stop its reboot) while the GPU that fell off the bus is still gone."""
+        lost = sig(code="79", gpu_index=3)
+        core = run(catalog, [lost, sig(check="ecc.dbe", code=None, gpu_index=0, at=1),
+                             sig(check="ecc.dbe", code=None, gpu_index=0, at=30, healthy=True)])
+        (node,) = top_level(core)
+        member = core.incidents[next(iter(node.members))]
+        assert member.status is IncidentStatus.RESOLVED
+        assert node.status is IncidentStatus.OPEN and list(node.open_faults) == [lost.fault_key()]
+        back = sig(code="79", gpu_index=3, at=60, healthy=True)
+        core.ingest(back, back.observed_at)
+        assert core.incidents[node.id].status is IncidentStatus.RESOLVED
+
+    def test_a_restored_core_clears_a_node_incidents_faults_where_the_uninterrupted_one_does(
+            self, catalog: Catalog) -> None:
+        core = run(catalog, [sig(check="ecc.dbe", code=None, gpu_index=g, at=0) for g in range(3)])
+        restored = Correlator(catalog)
+        restored.load_state(Checkpoint.decode(Checkpoint(core.to_state()).encode()).state)
+        assert restored.state.by_fault == core.state.by_fault
+
     def test_two_gpus_stay_gpu_incidents(self, catalog: Catalog) -> None:
         core = run(catalog, [sig(code="48", gpu_index=g, at=g) for g in range(2)])
         assert {i.scope for i in top_level(core)} == {IncidentScope.GPU}

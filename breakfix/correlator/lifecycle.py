@@ -60,7 +60,7 @@ class Lifecycle:
         """Hooks when an incident resolves or escalates: fabric parents and members follow."""
         changes: list[Change] = []
         if inc.parent is not None:
-            changes.extend(settle_parent(inc, self.state.incidents, at, self.rules.timeline_limit))
+            changes.extend(settle_parent(inc, self.state.incidents, at, self.rules.timeline_limit, self.state.by_fault))
         if inc.members:
             for mid in inc.members:
                 member = self.state.incidents.get(mid)

@@ -122,7 +122,10 @@ class CoreState:
             "serving": {k: list(v) for k, v in self.serving.items()},
             "down": {k: [i, g, _ts(t)] for k, (i, g, t) in self.down.items()},
             "by_gpu": dict(self.by_gpu),
-            "by_key": dict(self.by_key),  # not rebuilt from the incidents: a re-keyed incident leaves its old key
+            # the indexes are stored, not rebuilt from the incidents: a re-keyed incident leaves its old key, and a
+            # node incident shares its members' faults while healthy signals clear them on the member holding them
+            "by_key": dict(self.by_key),
+            "by_fault": dict(self.by_fault),
             "app_hist": {k: {w: _ts(t) for w, t in v.items()} for k, v in self.app_hist.items()},
             "bursts": {k: [_ts(t) for t in v] for k, v in self.bursts.items()},
             "pending": {k: [_ts(t) for t in v] for k, v in self.pending.items()},
@@ -152,8 +155,9 @@ class CoreState:
         self.serving = {k: dict.fromkeys(v) for k, v in d["serving"].items()}
         self.down = {k: (i, g, _dt(t)) for k, (i, g, t) in d["down"].items()}
         self.by_gpu = dict(d.get("by_gpu", {}))
-        if "by_key" in d:  # a checkpoint from before it was stored keeps the index rebuilt above
-            self.by_key = dict(d["by_key"])
+        # a checkpoint from before the indexes were stored keeps them as rebuilt above
+        self.by_key = dict(d.get("by_key", self.by_key))
+        self.by_fault = dict(d.get("by_fault", self.by_fault))
         self.app_hist = {k: {w: _dt(t) for w, t in v.items()} for k, v in d["app_hist"].items()}
         self.bursts = {k: [_dt(t) for t in v] for k, v in d["bursts"].items()}
         self.pending = {k: [_dt(t) for t in v] for k, v in d["pending"].items()}

@@ -11,6 +11,7 @@ incidents published by partitioned correlators. No I/O, no clock reads.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -29,14 +30,17 @@ class _Candidates:
 
 
 def settle_parent(inc: TrackedIncident, incidents: dict[str, TrackedIncident], at: datetime,
-                  limit: int) -> list[Change]:
-    """A member resolved or escalated: resolve its parent (fabric or node group) once every member has."""
+                  limit: int, by_fault: Mapping[str, str] | None = None) -> list[Change]:
+    """A member resolved or escalated: resolve its parent (fabric or node group) once every member has and none of
+    the parent's own faults is open. A parent's own faults are those ``by_fault`` names it for: a node incident a
+    GPU off the bus opened keeps that fault when a GPU incident folded into it clears (a group parent has none)."""
     parent = incidents.get(inc.parent) if inc.parent else None
     if parent is None or parent.status.terminal:
         return []
     live = [incidents[m] for m in parent.members if m in incidents and not incidents[m].status.terminal]
-    parent.open_faults = {fk: t for m in live for fk, t in m.open_faults.items()}
-    if not live:
+    own = {fk: t for fk, t in parent.open_faults.items() if by_fault.get(fk) == parent.id} if by_fault else {}
+    parent.open_faults = {**own, **{fk: t for m in live for fk, t in m.open_faults.items()}}
+    if not live and not own:
         parent.status = IncidentStatus.RESOLVED
         parent.resolved_at = at
         parent.time_to_repair_s = round((at - parent.first_seen).total_seconds(), 3)
