@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 
+from breakfix.bus.codec import encode
 from breakfix.bus.memory import MemoryBus
+from breakfix.correlator.grouping import Correlator
+from breakfix.correlator.model import coalesce
 from breakfix.remediator.actuator import StepResult
 from breakfix.remediator.app import companion_codes
 from breakfix.remediator.decide import decide
@@ -18,6 +21,7 @@ from breakfix.remediator.policy import Policy
 from breakfix.remediator.records import PlanBook, PlanRecord, Progress
 from breakfix.remediator.simcluster import SimCluster, SimNode
 from breakfix.remediator.store import MemoryStore
+from breakfix.schemas import subjects
 from breakfix.schemas.catalog import default_catalog
 from breakfix.schemas.common import GpuRef, Severity
 from breakfix.schemas.incident import (
@@ -25,11 +29,13 @@ from breakfix.schemas.incident import (
     ActionOutcome,
     ChangeKind,
     Incident,
+    IncidentScope,
     IncidentStatus,
     StepAction,
     WaitingOn,
 )
-from tests.conftest import T0
+from breakfix.schemas.signal import Signal
+from tests.conftest import T0, sig
 from tests.test_remediator_service import Harness, fast, incident, index
 
 
@@ -287,3 +293,84 @@ class TestAStoppedPlanWhoseReplacementHasNothingToDo:
         assert plans(h, "gpu-reset") == ["planned", "cancelled"] and plans(h, "unknown-fault") == []
         assert steps(c)[-2:] == ["validate", "return_to_service"] and not c.nodes["n1"].cordoned
         assert h.svc.guards.holders("n1", besides="-") == {} and h.svc.guards.active == {}, "held nor counted"
+
+
+class TestAnIncidentFoldedIntoItsNodesIncident:
+    """Three GPUs failing together become one node incident (multi-GPU rule): the GPU incidents opened before it fold
+    in, and the node incident's plan has the node."""
+
+    @pytest.mark.parametrize("members_first", [False, True], ids=["node-incident-first", "members-first"])
+    async def test_the_gpu_plans_let_the_node_go_and_the_node_incidents_plan_returns_it(
+            self, policy: Policy, members_first: bool) -> None:
+        """``members_first``: one correlator batch touches GPU 1's incident, whose plan is in flight (an XID 63 joins
+        its XID 48), before the third GPU opens the node incident, so GPU 1's folding is published before the node
+        incident itself."""
+        c = Held("drain_gpu")
+        core = Correlator(default_catalog())
+        async with Harness(fast(policy), c) as h:
+            async def batch(*signals: Signal) -> list[str]:
+                handled = h.svc.stats.handled
+                changes = coalesce([ch for s in signals for ch in core.ingest(s, s.observed_at)])
+                for ch in changes:
+                    await h.bus.publish(subjects.incident_subject("c1"), encode(ch.to_wire(signals[-1].observed_at)),
+                                        msg_id=f"{ch.incident.id}:{ch.incident.version}")
+                await h.until(lambda: h.svc.stats.handled >= handled + len(changes))
+                return [f"{ch.kind.value} {ch.incident.scope.value}" for ch in changes]
+
+            await batch(sig(code="48", gpu_index=1))  # GPU 1's reset plan starts and drains
+            await asyncio.wait_for(c.started["drain_gpu"].wait(), 5)
+            await batch(sig(code="48", gpu_index=0, at=1))  # GPU 0's: admitted, holds the node, waits for the lock
+            third = sig(code="48", gpu_index=2, at=2)  # one multi-GPU node incident takes all three
+            order = await batch(sig(code="63", gpu_index=1, at=1.5), third) if members_first else await batch(third)
+            assert (order[0] == "folded gpu") is members_first, order
+            (node,) = [i for i in core.incidents.values() if i.parent is None]
+            c.finish["drain_gpu"].set()
+            await h.until(lambda: "completed" in plans(h, "multi-gpu-node"))
+            await h.svc.idle()
+        assert plans(h, "gpu-reset") == ["planned", "cancelled"], "the GPU plan in flight stopped at its next step"
+        assert "reset_gpu" not in steps(c) and steps(c)[-1] == "return_to_service"
+        assert not c.nodes["n1"].cordoned, "no folded GPU incident holds the node back from its return"
+        assert set(h.svc.guards.holders("n1", besides="-")) <= {node.id}, "no folded incident holds the node"
+
+    async def test_a_plan_resumed_after_its_incident_folded_while_no_replica_led_runs_no_further_step(
+            self, policy: Policy) -> None:
+        """The GPU plan stopped (a restart) before its reset; meanwhile the incident folded into a multi-GPU node
+        incident. The next leader stops the resumed plan before its next step and the node incident has the node."""
+        c = Held()
+        bus, store = MemoryBus(), MemoryStore()
+        first = incident()
+        plan = decide(first, await c.view(), fast(policy))
+        await PlanBook(store).put(PlanRecord(incident=first, plan=plan,  # at its reset_gpu step
+                                             progress=Progress(incident=first.id, attempt=0, rung=0, step=3)), None)
+        node = incident(iid="inc-node", category="multi_gpu_failure", members=(first.id,)).model_copy(
+            update={"scope": IncidentScope.NODE, "gpus": ()})
+        await index(bus, node)
+        await index(bus, first.model_copy(update={"parent": node.id, "version": 2}), ChangeKind.FOLDED)
+        async with Harness(fast(policy), c, store, bus) as h:
+            await h.until(lambda: "cancelled" in plans(h, "gpu-reset"))
+            await h.until(lambda: "completed" in plans(h, "multi-gpu-node"))
+            await h.svc.idle()
+        assert plans(h, "gpu-reset") == ["cancelled"], "the resumed GPU plan started no step"
+        assert "reset_gpu" not in steps(c) and "reboot" in steps(c) and not c.nodes["n1"].cordoned
+        assert set(h.svc.guards.holders("n1", besides="-")) <= {node.id}
+
+    async def test_a_step_waiting_for_approval_is_cancelled_when_its_incident_folds(self, policy: Policy) -> None:
+        """The GPU plan waits for approval of its reprovision rung; folded into a node incident, the wait ends and a
+        late approval reprovisions nothing (the node incident's plan has the node)."""
+        c = SimCluster({"n1": SimNode("n1")}, failing_resets={("n1", 2)}, failing_validation={"n1"})
+        async with Harness(fast(policy, retry_caps={}), c) as h:
+            first = incident()
+            await h.open(first)
+            await h.until(lambda: any(r.waiting is WaitingOn.APPROVAL for r in h.records()))
+            node = incident(iid="inc-node", category="multi_gpu_failure", members=(first.id,)).model_copy(
+                update={"scope": IncidentScope.NODE, "gpus": (), "status": IncidentStatus.ESCALATED})
+            await h.open(node)
+            await joins(h, first.model_copy(update={"parent": node.id, "version": 5}))
+            await h.until(lambda: first.id not in h.svc.awaiting)
+            await h.human("approve", incident=first.id, action=StepAction.REPROVISION, reason="RMA agreed")
+            await asyncio.sleep(0.2)
+            await h.svc.idle()
+        assert c.nodes["n1"].reprovisions == 0
+        cancelled = [r for r in h.records() if r.kind is ActionKind.PLAN and r.outcome is ActionOutcome.CANCELLED]
+        assert len(cancelled) == 1 and "folded into inc-node" in (cancelled[0].reason or "")
+        assert first.id not in h.svc.guards.holders("n1", besides="-")

@@ -6,8 +6,9 @@ or resumed incident: the pure ``decide`` (through the service's decision memory)
 while its cooldown damps the repair. A plan resumed from its stored record whose incident moved on meanwhile is
 re-decided first (``behind``). A plan stopped for a re-decision that has nothing left to run hands its node back
 (``after_stop``); a node left cordoned by a damped repair or a stopped plan is validated and returned when its
-incident resolves (``return_cordoned``). State lives on the service (guards, plan book, current plans) and is
-written through its keeper; every effect goes through the executor, the actuator or an audit record.
+incident resolves (``return_cordoned``). An incident folded into another on its node lets the node go (``folded``).
+State lives on the service (guards, plan book, current plans) and is written through its keeper; every effect goes
+through the executor, the actuator or an audit record.
 """
 
 from __future__ import annotations
@@ -24,7 +25,16 @@ from breakfix.remediator.records import WAIT_ENDS, PlanRecord, Progress, Progres
 from breakfix.remediator.store import Conflict
 from breakfix.remediator.view import ClusterView
 from breakfix.schemas.common import Severity
-from breakfix.schemas.incident import ActionKind, ActionOutcome, Incident, IncidentStatus, Plan, StepAction, WaitingOn
+from breakfix.schemas.incident import (
+    ActionKind,
+    ActionOutcome,
+    Incident,
+    IncidentScope,
+    IncidentStatus,
+    Plan,
+    StepAction,
+    WaitingOn,
+)
 
 if TYPE_CHECKING:
     from breakfix.remediator.service import RemediatorService
@@ -37,6 +47,11 @@ async def decide_and_run(svc: RemediatorService, inc: Incident, attempt: int, re
     if resume is None:
         inc = svc.latest.get(inc.id, inc)
         if inc.status.terminal:
+            return False
+        cover = inc.parent or svc.covered.get(inc.id)
+        if cover is not None:  # folded while it waited for the node lock: the parent's plan has the node
+            log.info("covered", incident=inc.id, by=cover)
+            let_go(svc, inc)
             return False
         plan = svc.decisions.plan(inc, view, svc.policy, busy=svc.guards.active)
         svc.decisions.forget(inc.id)  # what runs is decided: the next ask is a new version or a retry
@@ -165,6 +180,9 @@ def behind(svc: RemediatorService, inc: Incident, plan: Plan, attempt: int, view
     (``RemediatorService.maybe_redecide``). Turned cautious: it stops at its next step and the cautious plan runs
     (None); more severe, or a late category change before anything disruptive ran: why it is replaced now."""
     latest = svc.latest.get(inc.id)
+    if latest is not None and fold_parent(svc, latest) is not None:  # folded while no replica ran it: it ends here
+        svc.stop_at_step(inc.id, attempt, f"folded into {latest.parent}, whose plan has {inc.node}")
+        return None
     if latest is None or latest.version <= inc.version:
         return None
     now = svc.decisions.plan(latest, view, svc.policy, busy=svc.guards.active)
@@ -177,6 +195,49 @@ def behind(svc: RemediatorService, inc: Incident, plan: Plan, attempt: int, view
         svc.stop_at_step(inc.id, attempt, why)
         return None
     return why
+
+def fold_parent(svc: RemediatorService, inc: Incident) -> Incident | None:
+    """The incident ``inc`` folded into, where that one stands on its node (a multi-GPU node incident, the GPU that went
+    down taking its NVLink peers) and its plan has the node; None for no parent, one not seen yet, or a fabric parent,
+    whose plan fences and escalates its members' nodes: a fabric member keeps its node hold and its plan in flight
+    (one not started yet does not start, as for any folded incident: ``covered``)."""
+    parent = svc.latest.get(inc.parent) if inc.parent else None
+    return parent if parent is not None and parent.scope is not IncidentScope.FABRIC else None
+
+
+def let_go(svc: RemediatorService, inc: Incident) -> None:
+    """A folded incident (``fold_parent``) holds its node no longer, so the parent's return is not held back by it."""
+    if inc.node is not None and inc.id in svc.guards.holders(inc.node, "") and fold_parent(svc, inc) is not None:
+        log.info("folded_node_released", incident=inc.id, node=inc.node, into=inc.parent)
+        svc.guards.unhold(inc.id)
+        svc.keeper.save()
+
+
+async def folded(svc: RemediatorService, inc: Incident) -> None:
+    """The incident folded into another whose plan has its node (``fold_parent``): its plan in flight stops at its next
+    step (``after_stop`` then lets the node go), a step of it waiting for approval is cancelled, and one not running
+    lets go of the node at once (``let_go``)."""
+    parent = fold_parent(svc, inc)
+    if parent is None or inc.status.terminal:
+        return
+    why = f"folded into {parent.id}, whose plan has {inc.node}"
+    held = svc.current.get(inc.id)
+    if held is not None:
+        log.info("folded_plan_stops", incident=inc.id, node=inc.node, into=parent.id, rule=held[0].rule)
+        svc.stop_at_step(inc.id, held[2], why)
+        return
+    if inc.id in svc.awaiting:
+        await svc.end_approval_wait(inc, why=why)
+    let_go(svc, inc)
+
+
+async def fold_members(svc: RemediatorService, inc: Incident) -> None:
+    """``folded`` for the members of ``inc`` already seen folded into it (their change came before its own)."""
+    for mid in inc.members:
+        member = svc.latest.get(mid)
+        if member is not None and member.parent == inc.id:
+            await folded(svc, member)
+
 
 async def after_stop(svc: RemediatorService, inc: Incident, attempt: int) -> bool:
     """The incident's plan stopped at a step for a re-decision (``turns_cautious``, ``behind``), and the

@@ -182,6 +182,10 @@ class RemediatorService:
         if inc.status in WAIT_ENDS and (prev is None or prev.status not in WAIT_ENDS) and inc.id not in self.current:
             await self.end_approval_wait(inc)
         self._forget_old()
+        if inc.parent is not None and (prev is None or prev.parent != inc.parent):
+            await planrun.folded(self, inc)
+        elif inc.members and (prev is None or prev.members != inc.members):
+            await planrun.fold_members(self, inc)  # members whose folding came before this incident's own change
         if change.kind is ChangeKind.UPDATED:
             await self.maybe_redecide(inc)
         if inc.id in self.waits:
@@ -221,15 +225,16 @@ class RemediatorService:
         self.guards.unhold(inc.id)
         self.keeper.save()
 
-    async def end_approval_wait(self, inc: Incident) -> None:
-        """The incident resolved (or went stale) while a step of its plan waited for approval: the plan is cancelled,
-        so neither a late approval nor a restart runs the step on a node with no open fault."""
+    async def end_approval_wait(self, inc: Incident, *, why: str = "") -> None:
+        """The incident resolved (or went stale, or folded into another whose plan has the node: ``why``) while a step
+        of its plan waited for approval: the plan is cancelled, so neither a late approval nor a restart runs the step
+        on a node with no open fault of its own."""
         self.awaiting.pop(inc.id, None)
         if await self.cancel_record(inc.id, only=ProgressState.AWAITING_APPROVAL):
             self.guards.stop(inc.id)  # its budget slot is free; a resolved incident's node hold went with it
             self.keeper.save()
-            why = f"{inc.id} is {inc.status.value}: the step waiting for approval will not run"
-            log.warning("approval_wait_ended", incident=inc.id, status=inc.status.value)
+            why = f"{why or f'{inc.id} is {inc.status.value}'}: the step waiting for approval will not run"
+            log.warning("approval_wait_ended", incident=inc.id, status=inc.status.value, why=why)
             await self.publish(self.record(inc, ActionKind.PLAN, ActionOutcome.CANCELLED, why, tag="cancelled"))
 
     async def cancel_record(self, incident_id: str, *, only: ProgressState | None = None) -> bool:
@@ -401,6 +406,7 @@ class RemediatorService:
             cover = inc.parent or self.covered.get(inc.id)
             if cover is not None:
                 log.info("covered", incident=inc.id, by=cover)
+                planrun.let_go(self, inc)
                 return False
             first = self.decisions.plan(inc, await self.view(), self.policy, busy=self.guards.active)
             while inc.id not in self.deferred and (early := deferral(first)) is not None:  # outside the node lock

@@ -94,6 +94,9 @@ async def take_up(svc: RemediatorService) -> int:
                 behind.append(inc)
     for inc in behind:  # re-decided as a live update would be (one not started yet is, when it starts: planrun.behind)
         await svc.maybe_redecide(inc)
+    for inc in found.incidents:  # folded while no replica led: the parent's plan has the node
+        if inc.parent is not None:
+            await planrun.folded(svc, inc)
     for inc in sorted(found.incidents, key=lambda i: (i.first_seen, i.id)):
         await svc.observe_open(inc)  # counts nodes once: an opening already seen before the stop is harmless
     planned = {rec.incident.id: rec.progress.attempt for rec in records  # a cancelled plan covers nothing: a
