@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import ipaddress
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
@@ -173,6 +176,74 @@ async def test_an_address_with_many_failed_logins_is_refused_without_a_check_unt
     statuses = sorted(r.status for r in results if isinstance(r, auth_module.Refusal))
     assert statuses == [401] * auth_module.MAX_LOGIN_FAILURES + [429] * (100 - auth_module.MAX_LOGIN_FAILURES)
     assert len(checks) == auth_module.MAX_LOGIN_FAILURES
+
+
+# -- 4b: login limits behind an ingress or reverse proxy ---------------------------------------------------
+PROXIES = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
+
+
+@pytest.mark.parametrize(("peer", "forwarded_for", "expected"), [
+    pytest.param("10.1.2.3", "203.0.113.5", "203.0.113.5", id="the-proxy-names-its-client"),
+    pytest.param("10.1.2.3", "198.51.100.1, 203.0.113.5", "203.0.113.5", id="hops-the-client-sent-are-not-its-address"),
+    pytest.param("10.1.2.3", "203.0.113.5, 10.9.9.9", "203.0.113.5", id="a-chain-of-trusted-proxies-is-walked"),
+    pytest.param("192.0.2.7", "203.0.113.5", "192.0.2.7", id="a-peer-that-is-no-proxy-cannot-name-a-client"),
+    pytest.param("10.1.2.3", None, "10.1.2.3", id="no-header-counts-the-proxy"),
+    pytest.param("10.1.2.3", "203.0.113.5, not-an-address", "10.1.2.3", id="a-malformed-proxy-hop-counts-the-proxy"),
+    pytest.param("10.1.2.3", "10.4.4.4, 10.5.5.5", "10.1.2.3", id="only-proxies-counts-the-nearest"),
+    pytest.param("fd00::1", " 2001:db8::1 ", "2001:db8::1", id="ipv6"),
+    pytest.param("10.1.2.3", "1.1.1.1, " * 2000 + "203.0.113.5", "203.0.113.5", id="a-huge-header-reads-its-last-hops"),
+])
+def test_the_address_a_login_counts_as_is_the_client_a_trusted_proxy_names(
+        peer: str, forwarded_for: str | None, expected: str) -> None:
+    assert auth_module.client_address(peer, forwarded_for, PROXIES) == expected
+    assert auth_module.client_address(peer, forwarded_for, ()) == peer, "without forwarded_by the header is ignored"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300), st.sampled_from(["10.1.2.3", "192.0.2.7", "-"]))
+def test_any_forwarded_for_header_gives_the_peer_or_a_client_address_outside_the_proxies(
+        header: str, peer: str) -> None:
+    got = auth_module.client_address(peer, header, PROXIES)
+    assert got == peer or (ipaddress.ip_address(got) and not any(ipaddress.ip_address(got) in n for n in PROXIES))
+
+
+@pytest.mark.parametrize("behind_proxy", [True, False], ids=["forwarded_by-set", "no-forwarded_by"])
+async def test_one_client_guessing_behind_the_ingress_does_not_lock_out_the_others(
+        nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch, behind_proxy: bool) -> None:
+    """The console sits behind an ingress (deploy/base/networkpolicy.yaml): every request's peer is the ingress.
+    With ``forwarded_by`` naming it, the limit counts each client; without it, X-Forwarded-For is never believed,
+    so rotating it does not escape the limit."""
+
+    class Fake:
+        def hash(self, token: str) -> str:
+            return "$argon2id$fake"
+
+        def verify(self, token_hash: str, token: str) -> bool:
+            return token == "right"
+
+    monkeypatch.setattr(auth_module, "_HASHER", Fake())
+    monkeypatch.setattr(auth_module, "_dummy_hash", lambda: "$argon2id$dummy")
+    cfg = AuthConfig.model_validate({"mode": "users", "forwarded_by": ["127.0.0.0/8"] if behind_proxy else [],
+                                     "users": [{"name": "olga", "role": "operator", "token_hash": "$argon2id$o"}]})
+    async with console(nats_server.url, cfg) as (run, _bus), httpx.AsyncClient(base_url=run.url) as c:
+        for i in range(auth_module.MAX_LOGIN_FAILURES):
+            xff = "203.0.113.5" if behind_proxy else f"198.51.100.{i}"
+            r = await c.post("/login", data={"name": "olga", "token": "wrong"}, headers={"X-Forwarded-For": xff})
+            assert r.headers["location"] == "/login?error=1"
+        with capture_logs() as logs:
+            again = await c.post("/login", data={"name": "olga", "token": "right"},
+                                 headers={"X-Forwarded-For": "203.0.113.5" if behind_proxy else "198.51.100.99"})
+        assert again.headers["location"] == "/login?error=throttled"
+        assert [e["remote"] for e in logs if e["event"] == "console_refused"] == [
+            "203.0.113.5" if behind_proxy else "127.0.0.1"]
+        other = await c.post("/login", data={"name": "olga", "token": "right"},
+                             headers={"X-Forwarded-For": "203.0.113.9"})
+        assert other.headers["location"] == ("/incidents" if behind_proxy else "/login?error=throttled")
+
+
+def test_forwarded_by_must_be_addresses_or_networks() -> None:
+    with pytest.raises(ValidationError, match="forwarded_by"):
+        AuthConfig.model_validate({"mode": "lab", "forwarded_by": ["ingress-nginx"]})
 
 
 # -- 5: clusters -------------------------------------------------------------------------------------------

@@ -59,8 +59,9 @@ class Guard:
             await self.app(scope, receive, send)
             return
         request = Request(scope)
-        path, remote = request.url.path, request.client.host if request.client else "-"
         headers = request.headers
+        path = request.url.path
+        remote = self.auth.client(request.client.host if request.client else "-", headers.get("x-forwarded-for"))
         try:
             self.auth.check_lab(host=headers.get("host", ""), origin=headers.get("origin") or headers.get("referer"),
                                 write=request.method not in ("GET", "HEAD"), path=path, remote=remote)
@@ -97,11 +98,14 @@ class Console:
 
     # -- plumbing ----------------------------------------------------------------------------------
     def _remote(self, request: Request) -> str:
-        return request.client.host if request.client else "-"
+        """The client's address for login limits and logs (``Auth.client``: behind a configured proxy, the client it
+        names); proxy-mode identity headers are trusted from the socket's peer only (``_session``)."""
+        return self.auth.client(request.client.host if request.client else "-", request.headers.get("x-forwarded-for"))
 
     def _session(self, request: Request) -> tuple[Session | None, bool]:
         headers = {k.lower(): v for k, v in request.headers.items()}
-        return self.auth.session(request.cookies.get(COOKIE), headers, self._remote(request), request.url.path)
+        peer = request.client.host if request.client else "-"
+        return self.auth.session(request.cookies.get(COOKIE), headers, peer, request.url.path)
 
     def _page(self, request: Request, template: str, s: Session, new: bool, **ctx: Any) -> HTMLResponse:
         html = self.env.get_template(template).render(who=s.who, csrf=s.csrf, mode=self.auth.config.mode,

@@ -12,7 +12,10 @@ also resets the breaker and flips kill switches. Every refusal is logged (``cons
 User names are single subject tokens (letters, digits, ``-``, ``_``): the remediator acts on a verb only
 when its actor is exactly the user its subject names. Tokens are checked with argon2 off the event loop,
 a few at a time, and an unknown name costs one verification too, so timing does not tell names apart. An address
-with ``MAX_LOGIN_FAILURES`` failed logins within a minute is refused (429) without a check until they age out.
+with ``MAX_LOGIN_FAILURES`` failed logins within a minute is refused (429) without a check until they age out. The
+address is the socket's peer, or, when the peer is one of ``forwarded_by`` (the ingress or reverse proxy in front),
+the client that proxy names in ``X-Forwarded-For`` (``client_address``), so one client's guessing does not lock
+every user behind the proxy out.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ MAX_VERIFYING = 4  # argon2 verifications at once (64 MiB and ~0.1 s of CPU each
 MAX_LOGIN_FAILURES = 20  # failed logins from one address within LOGIN_WINDOW_S; then refused without a check
 LOGIN_WINDOW_S = 60.0
 MAX_REMOTES = 10_000  # addresses whose failures are remembered (the oldest forgotten first)
+MAX_FORWARDED_CHARS = 2048  # an X-Forwarded-For longer than this is read from its last hops only
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _HASHER = PasswordHasher()
 
 
@@ -65,9 +70,39 @@ class ProxySpec(BaseModel):
     @field_validator("trusted")
     @classmethod
     def _nets(cls, v: list[str]) -> list[str]:
-        for n in v:
-            ipaddress.ip_network(n, strict=False)
-        return v
+        return _networks(v)
+
+
+def _networks(v: list[str]) -> list[str]:
+    for n in v:
+        ipaddress.ip_network(n, strict=False)
+    return v
+
+
+def client_address(peer: str, forwarded_for: str | None, proxies: tuple[Network, ...]) -> str:
+    """The address a request counts as for login limits and logs: ``peer``, unless ``peer`` is one of ``proxies``
+    and ``X-Forwarded-For`` names a hop that is not: then the rightmost such hop (the one the nearest trusted proxy
+    appended; hops to its left are whatever the client sent, so a client cannot pick its own address). A
+    malformed hop where a trusted proxy's would be leaves ``peer``: every client behind it shares one limit, as
+    without the setting."""
+    if not proxies or not forwarded_for or not _within(peer, proxies):
+        return peer
+    for hop in reversed(forwarded_for[-MAX_FORWARDED_CHARS:].split(",")):
+        hop = hop.strip()
+        if not _within(hop, proxies):
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer
+    return peer
+
+
+def _within(address: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(addr in n for n in networks)
 
 
 class AuthConfig(BaseModel):
@@ -77,6 +112,17 @@ class AuthConfig(BaseModel):
     users: list[UserEntry] = Field(default_factory=list)
     proxy: ProxySpec | None = None
     lab_user: str = "lab"
+    forwarded_by: list[str] = Field(default_factory=list, description=(
+        "Addresses or networks (CIDR) of the ingress or reverse proxy in front of the console: from them, the client "
+        "named in X-Forwarded-For is the address login limits and logs count, not the proxy's."))
+
+    @field_validator("forwarded_by")
+    @classmethod
+    def _forwarders(cls, v: list[str]) -> list[str]:
+        return _networks(v)
+
+    def forwarders(self) -> tuple[Network, ...]:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.forwarded_by)
 
     def model_post_init(self, _ctx: object) -> None:
         if self.mode == "users" and not self.users:
@@ -167,6 +213,14 @@ class Auth:
     refusals: int = 0
     verifying: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_VERIFYING))
     failures: dict[str, list[float]] = field(default_factory=dict)  # remote -> times of its recent failed logins
+    forwarders: tuple[Network, ...] = ()  # config.forwarded_by, parsed once
+
+    def __post_init__(self) -> None:
+        self.forwarders = self.config.forwarders()
+
+    def client(self, peer: str, forwarded_for: str | None) -> str:
+        """The address login limits and refusal logs count for a request from ``peer`` (``client_address``)."""
+        return client_address(peer, forwarded_for, self.forwarders)
 
     def refuse(self, status: int, reason: str, *, user: str = "-", path: str = "-", remote: str = "-") -> Refusal:
         self.refusals += 1
