@@ -17,10 +17,12 @@ from breakfix.schemas.incident import (
     ActionKind,
     ActionOutcome,
     ActionRecord,
+    ChangeKind,
     Domain,
     Incident,
     IncidentScope,
     IncidentStatus,
+    StepAction,
 )
 from breakfix.schemas.signal import Signal
 from tests.conftest import T0, make_rules, sig
@@ -372,6 +374,143 @@ class TestMultiGpu:
 
 
 GPU_RESET_154 = "GPU recovery action changed from 0x0 (None) to 0x1 (GPU Reset Required)"
+
+
+def reboot_154(gpu: int, at: float, node: str = "n1") -> Signal:
+    return sig(code="154", gpu_index=gpu, at=at, node=node,
+               message="GPU recovery action changed from 0x0 (None) to 0x2 (Node Reboot Required)")
+
+
+def standing(core: Correlator) -> list[Incident]:
+    return [i for i in top_level(core) if not i.status.terminal]
+
+
+def validating(core: Correlator, inc: Incident, at: float) -> None:
+    """The remediator's record that the incident's plan started validating (its repair ran)."""
+    when = T0 + timedelta(seconds=at)
+    core.apply_action(ActionRecord(id=f"v-{inc.id}", cluster="c1", incident_id=inc.id, kind=ActionKind.STEP,
+                                   outcome=ActionOutcome.STARTED, actor="remediator/test", rule="node-reboot",
+                                   reason="validate", action=StepAction.VALIDATE, at=when), when)
+    assert core.incidents[inc.id].status is IncidentStatus.VALIDATING
+
+
+def completed(core: Correlator, inc: Incident, at: float) -> None:
+    """The remediator's record that the incident's plan completed (a reboot, validated, returned)."""
+    when = T0 + timedelta(seconds=at)
+    core.apply_action(ActionRecord(id=f"done-{inc.id}", cluster="c1", incident_id=inc.id, kind=ActionKind.PLAN,
+                                   outcome=ActionOutcome.COMPLETED, actor="remediator/test", rule="node-reboot",
+                                   reason="rebooted", at=when), when)
+
+
+class TestOneRebootPerNode:
+    """NVIDIA RESTART_BM repairs the whole node: the incidents on a node that need a reboot are one incident, one
+    plan, however each came to need it."""
+
+    def test_two_gpu_incidents_raised_to_a_node_reboot_fold_into_one_node_incident(self, catalog: Catalog) -> None:
+        core = run(catalog, [sig(code="48", gpu_index=g, at=g) for g in range(2)]
+                   + [reboot_154(g, 10 + g) for g in range(2)])
+        (node,) = standing(core)
+        assert (node.scope, node.category) == (IncidentScope.NODE, "node_reboot_required")
+        assert sorted(g.index for g in node.gpus) == [0, 1] and len(node.members) == 2
+        assert node.title.startswith("Node reboot for 2 incidents on n1")
+
+    def test_a_gpu_off_the_bus_takes_the_gpu_incident_already_needing_the_reboot(self, catalog: Catalog) -> None:
+        core = run(catalog, [sig(code="48"), reboot_154(0, 1), sig(code="79", gpu_index=3, at=2)])
+        (node,) = standing(core)
+        assert node.scope is IncidentScope.NODE and sorted(g.index for g in node.gpus) == [0, 3]
+        assert node.title.startswith("XID 79"), "a node reboot keeps the title of what needs it"
+
+    def test_the_nodes_own_incident_raised_to_a_reboot_takes_the_gpu_incident_needing_one(
+            self, catalog: Catalog) -> None:
+        core = run(catalog, [ib_down("n1", "leaf-01"), sig(code="48", at=1), reboot_154(0, 2),
+                             sig(code="79", gpu_index=3, at=3)])
+        (node,) = standing(core)
+        assert (node.scope, node.category) == (IncidentScope.NODE, "node_reboot_required")
+        assert sorted(g.index for g in node.gpus) == [0, 3] and "ib.link_down" in {c.key for c in node.counts}
+
+    def test_reboots_on_different_nodes_stay_apart(self, catalog: Catalog) -> None:
+        core = run(catalog, [sig(code="48", node="n1"), sig(code="48", node="n2", at=1),
+                             reboot_154(0, 10), reboot_154(0, 11, node="n2")])
+        assert sorted(i.node or "" for i in standing(core)) == ["n1", "n2"]
+
+    def test_the_node_incident_stays_open_until_every_member_clears(self, catalog: Catalog) -> None:
+        core = run(catalog, [sig(check="ecc.dbe", code=None, gpu_index=g, at=g) for g in range(2)]
+                   + [reboot_154(g, 10 + g) for g in range(2)])
+        (node,) = standing(core)
+        for g, check in [(1, "ecc.dbe"), (1, "xid")]:
+            s = sig(check=check, code=None if check == "ecc.dbe" else "154", gpu_index=g, at=60, healthy=True)
+            core.ingest(s, s.observed_at)
+        assert core.incidents[node.id].status is IncidentStatus.OPEN, "GPU 0 still needs the reboot"
+        for check in ("ecc.dbe", "xid"):
+            s = sig(check=check, code=None if check == "ecc.dbe" else "154", gpu_index=0, at=70, healthy=True)
+            core.ingest(s, s.observed_at)
+        assert core.incidents[node.id].status is IncidentStatus.RESOLVED
+
+    def test_application_faults_on_four_gpus_raised_to_a_reboot_are_one_node_incident(
+            self, catalog: Catalog) -> None:
+        core = run(catalog, [sig(code="13", pod=f"job{g}-0", gpu_index=g, at=g) for g in range(4)]
+                   + [reboot_154(g, 10 + g) for g in range(4)])
+        (node,) = standing(core)
+        assert (node.scope, node.category) == (IncidentScope.NODE, "node_reboot_required")
+        assert sorted(g.index for g in node.gpus) == [0, 1, 2, 3]
+        assert all(core.incidents[m].parent == node.id for m in node.members)
+
+    def test_a_node_validating_after_its_reboot_takes_no_new_reboot_fault(self, catalog: Catalog) -> None:
+        """Its reboot already ran: a GPU that needs one now gets a reboot of its own, not a return with the node."""
+        core = run(catalog, [sig(code="48"), reboot_154(0, 1), sig(code="79", gpu_index=3, at=2)])
+        (node,) = standing(core)
+        validating(core, node, 100)
+        for s in [sig(code="48", gpu_index=5, at=110), reboot_154(5, 111)]:
+            core.ingest(s, s.observed_at)
+        assert sorted((i.scope.value, sorted(g.index for g in i.gpus)) for i in standing(core)) == [
+            ("gpu", [5]), ("node", [0, 3])]
+
+    def test_a_reboot_holding_a_gpu_that_took_its_nvlink_peers_hears_of_them_and_settles_them_all(
+            self, catalog: Catalog) -> None:
+        """GPU 2's DBE took GPU 0's XID 74 incident (its NVLink peer) before both it and GPU 5 needed a reboot: three
+        levels. GPU 0's XID 74 again while the node validates is a recurrence on the node incident (its soak sees
+        it), and the node incident's completed plan settles every level."""
+        core = run(catalog, [sig(code="74", gpu_index=0), sig(code="48", gpu_index=2, at=1), reboot_154(2, 2),
+                             sig(code="48", gpu_index=5, at=3), reboot_154(5, 4)])
+        (node,) = standing(core)
+        peer = next(i for i in core.incidents.values() if i.parent not in (None, node.id))
+        assert core.incidents[peer.parent or ""].parent == node.id, "GPU 0's incident sits under GPU 2's"
+        validating(core, node, 200)
+        before = core.incidents[node.id].counts["xid:74"]
+        late = sig(code="74", gpu_index=0, at=300)
+        assert node.id in [c.incident.id for c in core.ingest(late, late.observed_at)]
+        assert core.incidents[node.id].counts["xid:74"] == before + 1
+        completed(core, node, 400)
+        assert not [i.id for i in core.incidents.values() if not i.status.terminal], "every level settled"
+
+    def test_a_member_that_faulted_again_still_clears_and_its_node_incident_resolves(self, catalog: Catalog) -> None:
+        core = run(catalog, [sig(code="48", gpu_index=g, at=g) for g in range(2)]
+                   + [reboot_154(g, 10 + g) for g in range(2)] + [sig(code="48", gpu_index=0, at=200)])
+        assert len(standing(core)) == 1
+        for g in range(2):
+            s = sig(code="48", gpu_index=g, at=300, healthy=True)
+            core.ingest(s, s.observed_at)
+        assert [i.status for i in core.incidents.values()] == [IncidentStatus.RESOLVED] * 3
+
+    def test_a_member_flapping_back_is_a_recurrence_for_its_validating_node_incident_or_its_own_once_that_settled(
+            self, catalog: Catalog) -> None:
+        core = run(catalog, [sig(code="48", gpu_index=g, at=g) for g in range(2)]
+                   + [reboot_154(g, 10 + g) for g in range(2)], windows={"flap_s": 3600})
+        (node,) = standing(core)
+        gpu0 = next(core.incidents[m] for m in node.members if "xid:48" in core.incidents[m].counts
+                    and next(iter(core.incidents[m].gpus.values())).index == 0)
+        healed = sig(code="48", gpu_index=0, at=100, healthy=True)
+        core.ingest(healed, healed.observed_at)
+        assert gpu0.status is IncidentStatus.RESOLVED
+        validating(core, node, 150)
+        back = sig(code="48", gpu_index=0, at=200)
+        kinds = {(c.kind, c.incident.id) for c in core.ingest(back, back.observed_at)}
+        assert {(ChangeKind.REOPENED, gpu0.id), (ChangeKind.UPDATED, node.id)} <= kinds
+        completed(core, node, 300)
+        again = sig(code="48", gpu_index=0, at=400)
+        core.ingest(sig(code="48", gpu_index=0, at=350, healthy=True), T0 + timedelta(seconds=350))
+        core.ingest(again, again.observed_at)
+        assert gpu0.status is IncidentStatus.OPEN and gpu0.parent is None, "its node incident settled: on its own"
 
 
 class TestTenantIncidentTurnedHardware:

@@ -281,6 +281,18 @@ CASES = [
                  one("software_update", has=("reprovision",), never=("reboot",)),
                  id=f"{XID_CATALOG}: XID 79 joining an UPDATE_SWFW (XID 78) incident reprovisions, which reboots on "
                     "the way"),
+    # 9. RESTART_BM repairs the whole node: one reboot plan per node, however each fault came to need it
+    pytest.param([sig(code="48", gpu_index=g, at=g) for g in range(2)]
+                 + [xid154(g, 10 + g, "Node Reboot Required") for g in range(2)],
+                 one("node_reboot_required", has=("reboot",), never=("reset_gpu",)),
+                 id=f"{XID_CATALOG}: XID 154 Node Reboot Required on two GPUs' incidents is one reboot of the node"),
+    pytest.param([sig(code="48"), xid154(0, 1, "Node Reboot Required"), sig(code="79", gpu_index=3, at=2)],
+                 one("node_reboot_required", has=("reboot",)),
+                 id=f"{XID_CATALOG}: a GPU off the bus takes the GPU incident already needing the reboot"),
+    pytest.param([app("13", "a-0"), app("31", "b-0", gpu=1, at=1)]
+                 + [xid154(g, 10 + g, "Node Reboot Required") for g in range(2)],
+                 one("node_reboot_required", has=("reboot",), never=("restart_pod",)),
+                 id=f"{XID_CATALOG} XID_154_EVAL: two workloads' faults raised to a node reboot are one reboot"),
 ]
 LEMON = "breakfix.io/lemon"
 

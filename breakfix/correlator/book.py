@@ -13,7 +13,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from breakfix.correlator.model import Change, Observation, TrackedIncident, category_rank, incident_id
+from breakfix.correlator.model import (
+    NODE_CATEGORIES,
+    Change,
+    Observation,
+    TrackedIncident,
+    category_rank,
+    incident_id,
+)
 from breakfix.correlator.state import TENANT_LABEL, CoreState
 from breakfix.schemas.catalog import FaultClass
 from breakfix.schemas.common import max_severity
@@ -42,8 +49,17 @@ class IncidentBook:
             return None
         if host.scope is IncidentScope.TENANT and (len(host.gpus) != 1 or list(host.nodes) != [s.node]):
             return None
-        parent = self.state.live(host.parent)
-        return parent if parent is not None and parent.scope is not IncidentScope.FABRIC else host
+        return self.top(host)
+
+    def top(self, inc: TrackedIncident) -> TrackedIncident:
+        """The incident standing on its own that ``inc`` folded into (up through a node's reboot holding a GPU's
+        incident that took its NVLink peers), short of a fabric incident; ``inc`` when it has no live parent."""
+        for _ in range(4):
+            parent = self.state.live(inc.parent)
+            if parent is None or parent.scope is IncidentScope.FABRIC:
+                break
+            inc = parent
+        return inc
 
     def after_down(self, host: TrackedIncident, o: Observation) -> list[Change]:
         """A GPU went down (or a fatal NVSwitch SXid): NVLink peers' incidents opened just before fold in."""
@@ -105,10 +121,18 @@ class IncidentBook:
         inc.note(s.observed_at, "opened", note or f"{o.ck} on {s.entity_key()}", self.rules.timeline_limit)
         if scope is IncidentScope.GPU and inc.domain is Domain.OPERATOR:
             self.patterns.lemon(inc, s)  # a new incident is a new burst; a flap reopen is not
-        return [Change(ChangeKind.OPENED, inc), *self._after_open(inc, s, new=True)]
+        changes = [Change(ChangeKind.OPENED, inc), *self._after_open(inc, s, new=True)]
+        if scope is IncidentScope.NODE and inc.category in NODE_CATEGORIES:
+            changes.extend(self.patterns.one_reboot(inc, s.observed_at))  # it takes the node's other reboots
+        return changes
 
     def reopen(self, inc: TrackedIncident, o: Observation) -> list[Change]:
         s = o.signal
+        if inc.parent is not None and self.state.live(inc.parent) is None:
+            # folded into an incident settled since: back on its own, so its plan runs (a live parent keeps it, and
+            # hears of it: ``echo``)
+            inc.note(s.observed_at, "unfolded", f"parent {inc.parent} settled", self.rules.timeline_limit)
+            inc.parent = None
         inc.status = IncidentStatus.OPEN
         inc.flaps += 1
         inc.plan = None
@@ -118,6 +142,24 @@ class IncidentBook:
         self.absorb(inc, o)
         inc.note(s.observed_at, "reopened", f"{o.ck} again (flap {inc.flaps})", self.rules.timeline_limit)
         return [Change(ChangeKind.REOPENED, inc), *self._after_open(inc, s)]
+
+    def echo(self, member: TrackedIncident, o: Observation) -> list[Change]:
+        """A fault counted on a folded incident (its repeat, or its flap reopening it) while the incident standing on
+        its own validates or soaks after its repair: counted there too, so the remediator sees the recurrence
+        (``follow.recurrence`` compares counts). Otherwise the parent's counts stay as they were at the fold."""
+        top = self.top(member)
+        if top is member or top.status is not IncidentStatus.VALIDATING:
+            return []
+        n = top.counts.get(o.ck)
+        if n is None and len(top.counts) >= self.rules.caps.codes:
+            top.over("codes", o.signal.observed_at, self.rules.caps.codes, self.rules.timeline_limit)
+        else:
+            top.counts[o.ck] = (n or 0) + 1
+        top.signal_count += 1
+        top.last_seen = max(top.last_seen, o.signal.observed_at)
+        top.version += 1
+        top.note(o.signal.observed_at, "recurred", f"{o.ck} on folded {member.id}", self.rules.timeline_limit)
+        return [Change(ChangeKind.UPDATED, top)]
 
     def _after_open(self, inc: TrackedIncident, s: Signal, new: bool = False) -> list[Change]:
         changes: list[Change] = []
@@ -157,10 +199,15 @@ class IncidentBook:
         if fold:
             self.state.stats["folded"] += 1
         tenant_domain = inc.domain is not Domain.OPERATOR
+        before = inc.category
         if not self.absorb(inc, o, fold=fold) and inc.status is not IncidentStatus.VALIDATING:
             return []
         inc.version += 1
         changes = [Change(ChangeKind.UPDATED, inc)]
+        if not fold and inc.parent is None and inc.category in NODE_CATEGORIES and before not in NODE_CATEGORIES:
+            if tenant_domain and self._to_gpu_scope(inc, o) and inc.node is not None:
+                self.state.on_node.setdefault(inc.node, {})[inc.id] = None  # as a restored core has it, folded or not
+            changes.extend(self.patterns.one_reboot(inc, at))  # one reboot incident per node (RESTART_BM)
         if tenant_domain and inc.domain is Domain.OPERATOR and inc.parent is None \
                 and (inc.scope is IncidentScope.GPU or self._to_gpu_scope(inc, o)):
             # a GPU's tenant incident turned hardware (a DBE joining its XID 94, XID 154's action joining an

@@ -24,7 +24,8 @@ Grouping, in the order a fault signal meets it (its facts bundled once into an `
    else a new one opens;
 8. count-in-window thresholds (per code, or per category and entity) hold back an incident;
 9. new and reopened incidents feed lemon detection, multi-GPU and topology grouping, and so does a workload's
-   one-GPU incident a hardware fault joined, re-keyed as the GPU's from then on (``IncidentBook._to_gpu_scope``).
+   one-GPU incident a hardware fault joined, re-keyed as the GPU's from then on (``IncidentBook._to_gpu_scope``);
+   an incident opened with or raised to a node reboot makes one reboot incident of its node (``Patterns.one_reboot``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 
 from breakfix.correlator.book import IncidentBook
 from breakfix.correlator.lifecycle import Lifecycle
-from breakfix.correlator.model import Change, Observation, TrackedIncident
+from breakfix.correlator.model import NODE_CATEGORIES, Change, Observation, TrackedIncident
 from breakfix.correlator.patterns import Patterns
 from breakfix.correlator.rules import CategoryThreshold, Rules, Threshold
 from breakfix.correlator.state import LEMON_LABEL, TERMINAL, CoreState
@@ -45,11 +46,10 @@ from breakfix.schemas.catalog import Catalog, FaultClass
 from breakfix.schemas.incident import ActionRecord, Domain, IncidentChange, IncidentScope, IncidentStatus
 from breakfix.schemas.signal import Signal
 
-NODE_CATEGORIES = frozenset({"node_reboot_required"})
 NO_ACTION = frozenset({"informational", "sympathetic"})  # NVIDIA IGNORE and collateral XIDs: no repair of their own
 _ROUTES = 4096  # (check, code) pairs are open-ended input: the route cache is bounded
 _XID154 = "xid:154"
-__all__ = ["LEMON_LABEL", "CoreState", "Correlator", "Observation", "code_key"]
+__all__ = ["LEMON_LABEL", "NODE_CATEGORIES", "CoreState", "Correlator", "Observation", "code_key"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +211,8 @@ class Correlator:
             if inc.status is IncidentStatus.RESOLVED and inc.resolved_at is not None and not r.no_action \
                     and ck in inc.counts and (at - inc.resolved_at).total_seconds() <= st.rules.flap_s:
                 changes = book.reopen(inc, o)
+                if inc.parent is not None:
+                    changes.extend(book.echo(inc, o))
                 return changes + book.after_down(inc, o) if down else changes
             inc = None
         if inc is None:
@@ -228,6 +230,8 @@ class Correlator:
             changes = book.open(key, scope, o)
             return changes + book.after_down(st.incidents[st.by_key[key]], o) if down else changes
         changes = book.add(inc, o)
+        if inc.parent is not None:  # folded: the incident standing on its own hears of it while it validates
+            changes.extend(book.echo(inc, o))
         return changes + book.after_down(inc, o) if down else changes
 
     def _joins(self, host: TrackedIncident, r: Route) -> bool:

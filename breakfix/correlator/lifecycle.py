@@ -56,19 +56,21 @@ class Lifecycle:
             return [Change(ChangeKind.RESOLVED, inc), *self._settled(inc, s.observed_at)]
         return [Change(ChangeKind.UPDATED, inc)]
 
-    def _settled(self, inc: TrackedIncident, at: datetime) -> list[Change]:
-        """Hooks when an incident resolves or escalates: fabric parents and members follow."""
+    def _settled(self, inc: TrackedIncident, at: datetime, depth: int = 0) -> list[Change]:
+        """Hooks when an incident resolves or escalates: its parents settle once every member has (``settle_parent``),
+        and its members follow it, theirs too (a node's reboot holding a GPU's incident that took NVLink peers)."""
         changes: list[Change] = []
-        if inc.parent is not None:
+        if inc.parent is not None and depth == 0:
             changes.extend(settle_parent(inc, self.state.incidents, at, self.rules.timeline_limit, self.state.by_fault))
-        if inc.members:
+        if inc.members and depth < 4:
             for mid in inc.members:
                 member = self.state.incidents.get(mid)
                 if member is not None and not member.status.terminal:
-                    self._set_status(member, inc.status, at, f"fabric incident {inc.id} settled")
+                    self._set_status(member, inc.status, at, f"parent incident {inc.id} settled")
                     member.version += 1
                     changes.append(Change(ChangeKind.STATUS if inc.status is IncidentStatus.ESCALATED
                                           else ChangeKind.RESOLVED, member))
+                    changes.extend(self._settled(member, at, depth + 1))
         return changes
 
     def adopt(self, change: IncidentChange, now: datetime) -> list[Change]:

@@ -66,6 +66,8 @@ CATEGORY_PRIORITY: tuple[str, ...] = (
     "informational",
 )
 _RANK = {c: i for i, c in enumerate(CATEGORY_PRIORITY)}
+# Categories whose repair is the whole node (NVIDIA RESTART_BM): keyed by the node, one incident per node.
+NODE_CATEGORIES = frozenset({"node_reboot_required"})
 
 # When one batch holds several changes to one incident, the published kind is the strongest.
 KIND_STRENGTH = {ChangeKind.UPDATED: 0, ChangeKind.STATUS: 1, ChangeKind.FOLDED: 2, ChangeKind.RESOLVED: 3,

@@ -19,11 +19,11 @@ from datetime import datetime
 from functools import lru_cache
 
 from breakfix.correlator.book import IncidentBook
-from breakfix.correlator.model import Change, Observation, TrackedIncident, incident_id
+from breakfix.correlator.model import NODE_CATEGORIES, Change, Observation, TrackedIncident, incident_id
 from breakfix.correlator.state import LEMON_LABEL, CoreState
 from breakfix.schemas.catalog import FaultClass
 from breakfix.schemas.common import TenantRef, max_severity
-from breakfix.schemas.incident import ChangeKind, Domain, IncidentScope
+from breakfix.schemas.incident import ChangeKind, Domain, IncidentScope, IncidentStatus
 from breakfix.schemas.signal import Signal
 
 _HISTORY_CAP = 32
@@ -128,7 +128,7 @@ class Patterns:
             for iid in self.state.on_node.get(node, ()):
                 host = self.state.live(iid)
                 if host is not None and host.domain is Domain.OPERATOR and host.scope is not IncidentScope.TENANT:
-                    return self._impact(host, o)
+                    return self._impact(self.book.top(host), o)  # the incident standing on its own, not a member
         key = f"tenant|{s.cluster}|{s.tenant.namespace}|{s.tenant.workload()}"
         for node in serving:
             self.state.serving.setdefault(node, {})[key] = None
@@ -157,10 +157,10 @@ class Patterns:
             return []  # only hardware faults: XID 74 on several GPUs is an NVLink fault, not a host fault
         node_key = f"node|{inc.cluster}|{inc.node}"
         host = self.state.live(self.state.by_key.get(node_key))
-        if host is not None and (host.category in (rule.category, "node_reboot_required") or (
-                host.category in _HUMAN_REPAIR and host.source.startswith(MULTI_GPU_SOURCE))):
+        if host is not None and self.node_is_the_unit(host) and host.status is not IncidentStatus.VALIDATING:
             # the node is already the unit being fixed (a multi-GPU incident sent to a human keeps taking its GPUs:
-            # a node awaiting RMA or a hands-on check never gets a GPU reset ladder of its own)
+            # a node awaiting RMA or a hands-on check never gets a GPU reset ladder of its own); one validating after
+            # its reboot takes no new fault, which gets a repair of its own
             return self._fold_into_node(host, [inc], at)
         if host is not None:
             return []  # a node incident of another kind (an IB link, say) owns the key: keep GPUs separate
@@ -185,6 +185,55 @@ class Patterns:
         self.state.by_key[node_key] = node.id
         self.state.on_node.setdefault(inc.node, {})[node.id] = None
         return [Change(ChangeKind.OPENED, node), *self._fold_into_node(node, peers, at, opening=True)]
+
+    def node_is_the_unit(self, host: TrackedIncident) -> bool:
+        """Whether a node's own incident takes the node's failing GPUs: a node reboot or a multi-GPU failure, or a
+        multi-GPU incident sent to a human."""
+        rule = self.rules.multi_gpu
+        return host.category in NODE_CATEGORIES or (rule is not None and host.category == rule.category) or (
+            host.category in _HUMAN_REPAIR and host.source.startswith(MULTI_GPU_SOURCE))
+
+    def one_reboot(self, inc: TrackedIncident, at: datetime) -> list[Change]:
+        """NVIDIA RESTART_BM ("restart bare metal") repairs the whole node, so a node gets one reboot incident and one
+        plan. ``inc`` just opened with, or was raised to, a node reboot: the node's own incident takes the node's other
+        incidents needing one; a GPU's or workload's joins the node's own incident where that takes the node's GPUs
+        (``node_is_the_unit``), else it and the others needing a reboot fold into a node incident opened for them."""
+        st = self.state
+        if inc.node is None or inc.parent is not None or inc.category not in NODE_CATEGORIES:
+            return []
+        # an incident validating after its reboot takes no new fault (that one gets a reboot of its own), nor joins one
+        others = [p for iid in st.on_node.get(inc.node, ()) if (p := st.live(iid)) is not None and p is not inc
+                  and p.parent is None and p.cluster == inc.cluster and p.category in NODE_CATEGORIES
+                  and p.scope in (IncidentScope.GPU, IncidentScope.TENANT)
+                  and p.status is not IncidentStatus.VALIDATING]
+        if inc.scope is IncidentScope.NODE:
+            return self._fold_into_node(inc, others, at) if others and inc.status is not IncidentStatus.VALIDATING \
+                else []
+        node_key = f"node|{inc.cluster}|{inc.node}"
+        host = st.live(st.by_key.get(node_key))
+        if host is not None:  # the node's own incident: it takes this one, or it is of another kind (an IB link)
+            takes = host.parent is None and self.node_is_the_unit(host) and host.status is not IncidentStatus.VALIDATING
+            return self._fold_into_node(host, [inc], at) if takes else []
+        if not others:
+            return []
+        group = [*others, inc]
+        first = min(group, key=lambda p: p.first_seen)
+        node = TrackedIncident(
+            id=incident_id(node_key, first.id), key=node_key, cluster=inc.cluster, scope=IncidentScope.NODE,
+            node=inc.node, category=inc.category, severity=inc.severity, domain=Domain.OPERATOR,
+            title=f"Node reboot for {len(group)} incidents on {inc.node}: {inc.title}", first_seen=first.first_seen,
+            last_seen=at, source=inc.source)
+        node.nodes[inc.node] = None
+        node.labels.update(first.labels)
+        node.note(at, "opened", f"{len(group)} incidents on {inc.node} need a node reboot: one reboot for them",
+                  self.rules.timeline_limit)
+        st.incidents[node.id] = node
+        st.by_key[node_key] = node.id
+        st.on_node.setdefault(inc.node, {})[node.id] = None
+        changes = [Change(ChangeKind.OPENED, node), *self._fold_into_node(node, group, at, opening=True)]
+        if st.topology is not None:  # the node's reboot counts towards a rack or switch incident, as an XID 79's does
+            changes.extend(st.topology.observe(node, st.incidents, st.by_key, at))
+        return changes
 
     def _fold_into_node(self, node: TrackedIncident, members: list[TrackedIncident], at: datetime,
                         opening: bool = False) -> list[Change]:
@@ -216,7 +265,8 @@ class Patterns:
             node.severity = max_severity(node.severity, spec.severity)
         if not opening:
             node.version += 1
-            node.title = f"{len(node.gpus)} GPUs failing together on {node.node}"
+            if node.category not in NODE_CATEGORIES:  # a node reboot keeps the title of what needs it
+                node.title = f"{len(node.gpus)} GPUs failing together on {node.node}"
             changes.append(Change(ChangeKind.UPDATED, node))
         elif rma is not None:
             node.title = f"{len(node.gpus)} GPUs failing together on {node.node}, one needing {rma}"

@@ -30,7 +30,7 @@ class _Candidates:
 
 
 def settle_parent(inc: TrackedIncident, incidents: dict[str, TrackedIncident], at: datetime,
-                  limit: int, by_fault: Mapping[str, str] | None = None) -> list[Change]:
+                  limit: int, by_fault: Mapping[str, str] | None = None, depth: int = 0) -> list[Change]:
     """A member resolved or escalated: resolve its parent (fabric or node group) once every member has and none of
     the parent's own faults is open. A parent's own faults are those ``by_fault`` names it for: a node incident a
     GPU off the bus opened keeps that fault when a GPU incident folded into it clears (a group parent has none)."""
@@ -47,7 +47,9 @@ def settle_parent(inc: TrackedIncident, incidents: dict[str, TrackedIncident], a
         parent.open_faults.clear()
         parent.version += 1
         parent.note(at, "resolved", "every member incident settled", limit)
-        return [Change(ChangeKind.RESOLVED, parent)]
+        # a parent that is itself a member (a GPU's reboot incident under its node's) settles its own parent in turn
+        above = settle_parent(parent, incidents, at, limit, by_fault, depth + 1) if depth < 4 else []
+        return [Change(ChangeKind.RESOLVED, parent), *above]
     return []
 
 
@@ -80,7 +82,8 @@ class TopologyGrouper:
         group.members[inc.id] = (inc.node, inc.first_seen)
         for mid, (_node, seen) in list(group.members.items()):
             member = incidents.get(mid)
-            if inc.first_seen - seen > window or member is None or member.status.terminal:
+            if inc.first_seen - seen > window or member is None or member.status.terminal or (
+                    member is not inc and member.parent is not None):  # folded since: its parent stands for it
                 del group.members[mid]
         nodes = {node for node, _ in group.members.values()}
         if len(nodes) < rule.min_nodes:
