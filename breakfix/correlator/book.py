@@ -49,7 +49,7 @@ class IncidentBook:
             return None
         if host.scope is IncidentScope.TENANT and (len(host.gpus) != 1 or list(host.nodes) != [s.node]):
             return None
-        return self.top(host)
+        return host if host.parent is None else self.top(host)
 
     def top(self, inc: TrackedIncident) -> TrackedIncident:
         """The incident standing on its own that ``inc`` folded into (up through a node's reboot holding a GPU's
@@ -142,6 +142,12 @@ class IncidentBook:
         self.absorb(inc, o)
         inc.note(s.observed_at, "reopened", f"{o.ck} again (flap {inc.flaps})", self.rules.timeline_limit)
         return [Change(ChangeKind.REOPENED, inc), *self._after_open(inc, s)]
+
+    def echoes(self, member: TrackedIncident) -> bool:
+        """The cheap test before ``echo`` (a folded incident's repeats are common in a storm): its parent validates,
+        or is itself folded."""
+        parent = self.state.incidents.get(member.parent or "")
+        return parent is not None and (parent.status is IncidentStatus.VALIDATING or parent.parent is not None)
 
     def echo(self, member: TrackedIncident, o: Observation) -> list[Change]:
         """A fault counted on a folded incident (its repeat, or its flap reopening it) while the incident standing on
