@@ -48,6 +48,17 @@ MAX_FIELD = 32 * 1024  # 2000 characters of 4-byte UTF-8, percent-encoded, fit
 PUBLISH_TIMEOUT_S = 5.0
 
 
+def peer_of(request: Request) -> str:
+    """The socket's peer: the only address proxy-mode identity headers are trusted from."""
+    return request.client.host if request.client else "-"
+
+
+def client_of(auth: Auth, request: Request) -> str:
+    """The client's address for login limits and logs (``Auth.client``: behind a configured proxy, the client it
+    names)."""
+    return auth.client(peer_of(request), request.headers.get("x-forwarded-for"))
+
+
 class Guard:
     """ASGI middleware in front of every route: the body cap and lab mode's Host / Origin check."""
 
@@ -61,7 +72,7 @@ class Guard:
         request = Request(scope)
         headers = request.headers
         path = request.url.path
-        remote = self.auth.client(request.client.host if request.client else "-", headers.get("x-forwarded-for"))
+        remote = client_of(self.auth, request)
         try:
             self.auth.check_lab(host=headers.get("host", ""), origin=headers.get("origin") or headers.get("referer"),
                                 write=request.method not in ("GET", "HEAD"), path=path, remote=remote)
@@ -98,14 +109,11 @@ class Console:
 
     # -- plumbing ----------------------------------------------------------------------------------
     def _remote(self, request: Request) -> str:
-        """The client's address for login limits and logs (``Auth.client``: behind a configured proxy, the client it
-        names); proxy-mode identity headers are trusted from the socket's peer only (``_session``)."""
-        return self.auth.client(request.client.host if request.client else "-", request.headers.get("x-forwarded-for"))
+        return client_of(self.auth, request)
 
     def _session(self, request: Request) -> tuple[Session | None, bool]:
         headers = {k.lower(): v for k, v in request.headers.items()}
-        peer = request.client.host if request.client else "-"
-        return self.auth.session(request.cookies.get(COOKIE), headers, peer, request.url.path)
+        return self.auth.session(request.cookies.get(COOKIE), headers, peer_of(request), request.url.path)
 
     def _page(self, request: Request, template: str, s: Session, new: bool, **ctx: Any) -> HTMLResponse:
         html = self.env.get_template(template).render(who=s.who, csrf=s.csrf, mode=self.auth.config.mode,

@@ -143,16 +143,13 @@ class IncidentBook:
         inc.note(s.observed_at, "reopened", f"{o.ck} again (flap {inc.flaps})", self.rules.timeline_limit)
         return [Change(ChangeKind.REOPENED, inc), *self._after_open(inc, s)]
 
-    def echoes(self, member: TrackedIncident) -> bool:
-        """The cheap test before ``echo`` (a folded incident's repeats are common in a storm): its parent validates,
-        or is itself folded."""
-        parent = self.state.incidents.get(member.parent or "")
-        return parent is not None and (parent.status is IncidentStatus.VALIDATING or parent.parent is not None)
-
     def echo(self, member: TrackedIncident, o: Observation) -> list[Change]:
         """A fault counted on a folded incident (its repeat, or its flap reopening it) while the incident standing on
         its own validates or soaks after its repair: counted there too, so the remediator sees the recurrence
         (``follow.recurrence`` compares counts). Otherwise the parent's counts stay as they were at the fold."""
+        parent = self.state.incidents.get(member.parent or "")
+        if parent is None or (parent.status is not IncidentStatus.VALIDATING and parent.parent is None):
+            return []  # the common case first (a storm's repeats land on multi-GPU members): no climb
         top = self.top(member)
         if top is member or top.status is not IncidentStatus.VALIDATING:
             return []
@@ -210,17 +207,19 @@ class IncidentBook:
             return []
         inc.version += 1
         changes = [Change(ChangeKind.UPDATED, inc)]
+        # a GPU's tenant incident turned hardware (a DBE joining its XID 94, XID 154's action joining an application
+        # XID): from here on it is a new hardware incident on the node, as if opened so: lemon bursts, multi-GPU and
+        # endpoint impact see it (a one-GPU workload incident is re-keyed as the GPU's first)
+        turned = tenant_domain and inc.domain is Domain.OPERATOR and inc.parent is None \
+            and (inc.scope is IncidentScope.GPU or self._to_gpu_scope(inc, o))
         if not fold and inc.parent is None and inc.category in NODE_CATEGORIES and before not in NODE_CATEGORIES:
-            if tenant_domain and self._to_gpu_scope(inc, o) and inc.node is not None:
-                self.state.on_node.setdefault(inc.node, {})[inc.id] = None  # as a restored core has it, folded or not
             changes.extend(self.patterns.one_reboot(inc, at))  # one reboot incident per node (RESTART_BM)
-        if tenant_domain and inc.domain is Domain.OPERATOR and inc.parent is None \
-                and (inc.scope is IncidentScope.GPU or self._to_gpu_scope(inc, o)):
-            # a GPU's tenant incident turned hardware (a DBE joining its XID 94, XID 154's action joining an
-            # application XID): from here on it is a new hardware incident on the node, as if opened so: lemon
-            # bursts, multi-GPU and endpoint impact see it
+        if turned and inc.parent is None:
             self.patterns.lemon(inc, s)
             changes.extend(self._after_open(inc, s, new=True))
+        elif turned and inc.scope is IncidentScope.GPU and inc.node is not None:
+            self.state.on_node.setdefault(inc.node, {})[inc.id] = None  # folded into its node's reboot: as a restored
+            # core has it
         elif self.state.topology is not None and not fold and inc.parent is None and inc.node is not None:
             changes.extend(self.state.topology.observe(inc, self.state.incidents, self.state.by_key, at))
         return changes

@@ -211,7 +211,7 @@ class Correlator:
             if inc.status is IncidentStatus.RESOLVED and inc.resolved_at is not None and not r.no_action \
                     and ck in inc.counts and (at - inc.resolved_at).total_seconds() <= st.rules.flap_s:
                 changes = book.reopen(inc, o)
-                if inc.parent is not None and book.echoes(inc):
+                if inc.parent is not None:
                     changes.extend(book.echo(inc, o))
                 return changes + book.after_down(inc, o) if down else changes
             inc = None
@@ -230,7 +230,7 @@ class Correlator:
             changes = book.open(key, scope, o)
             return changes + book.after_down(st.incidents[st.by_key[key]], o) if down else changes
         changes = book.add(inc, o)
-        if inc.parent is not None and book.echoes(inc):  # folded: the one standing on its own hears of it
+        if inc.parent is not None:  # folded: the incident standing on its own hears of it while it validates
             changes.extend(book.echo(inc, o))
         return changes + book.after_down(inc, o) if down else changes
 

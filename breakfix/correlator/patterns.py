@@ -22,7 +22,7 @@ from breakfix.correlator.book import IncidentBook
 from breakfix.correlator.model import NODE_CATEGORIES, Change, Observation, TrackedIncident, incident_id
 from breakfix.correlator.state import LEMON_LABEL, CoreState
 from breakfix.schemas.catalog import FaultClass
-from breakfix.schemas.common import TenantRef, max_severity
+from breakfix.schemas.common import Severity, TenantRef, max_severity
 from breakfix.schemas.incident import ChangeKind, Domain, IncidentScope, IncidentStatus
 from breakfix.schemas.signal import Signal
 
@@ -171,20 +171,10 @@ class Patterns:
         if len(gpus) < rule.min_gpus:
             return []
         spec = self.catalog.category(rule.category)
-        first = min(peers, key=lambda p: p.first_seen)
-        node = TrackedIncident(
-            id=incident_id(node_key, first.id), key=node_key, cluster=inc.cluster, scope=IncidentScope.NODE,
-            node=inc.node, category=rule.category, severity=spec.severity, domain=Domain.OPERATOR,
-            title=f"{len(gpus)} GPUs failing together on {inc.node}: {spec.title}", first_seen=first.first_seen,
-            last_seen=at, source=MULTI_GPU_SOURCE)
-        node.nodes[inc.node] = None
-        node.labels.update(first.labels)
-        node.note(at, "opened", f"{len(gpus)} GPU incidents on {inc.node} within {rule.window_s:g}s",
-                  self.rules.timeline_limit)
-        self.state.incidents[node.id] = node
-        self.state.by_key[node_key] = node.id
-        self.state.on_node.setdefault(inc.node, {})[node.id] = None
-        return [Change(ChangeKind.OPENED, node), *self._fold_into_node(node, peers, at, opening=True)]
+        return self._open_node(inc, peers, at, category=rule.category, severity=spec.severity,
+                               title=f"{len(gpus)} GPUs failing together on {inc.node}: {spec.title}",
+                               source=MULTI_GPU_SOURCE,
+                               why=f"{len(gpus)} GPU incidents on {inc.node} within {rule.window_s:g}s")
 
     def node_is_the_unit(self, host: TrackedIncident) -> bool:
         """Whether a node's own incident takes the node's failing GPUs: a node reboot or a multi-GPU failure, or a
@@ -217,23 +207,32 @@ class Patterns:
         if not others:
             return []
         group = [*others, inc]
-        first = min(group, key=lambda p: p.first_seen)
+        changes = self._open_node(inc, group, at, category=inc.category, severity=inc.severity,
+                                  title=f"Node reboot for {len(group)} incidents on {inc.node}: {inc.title}",
+                                  source=inc.source,
+                                  why=f"{len(group)} incidents on {inc.node} need a node reboot: one reboot for them")
+        if st.topology is not None:  # the node's reboot counts towards a rack or switch incident, as an XID 79's does
+            changes.extend(st.topology.observe(st.incidents[st.by_key[node_key]], st.incidents, st.by_key, at))
+        return changes
+
+    def _open_node(self, inc: TrackedIncident, members: list[TrackedIncident], at: datetime, *, category: str,
+                   severity: Severity, title: str, source: str, why: str) -> list[Change]:
+        """Open the node incident of ``inc``'s node (its key, named after its earliest member) and fold ``members``
+        into it: a multi-GPU failure, or one reboot for the node."""
+        assert inc.node is not None
+        node_key = f"node|{inc.cluster}|{inc.node}"
+        first = min(members, key=lambda p: p.first_seen)
         node = TrackedIncident(
             id=incident_id(node_key, first.id), key=node_key, cluster=inc.cluster, scope=IncidentScope.NODE,
-            node=inc.node, category=inc.category, severity=inc.severity, domain=Domain.OPERATOR,
-            title=f"Node reboot for {len(group)} incidents on {inc.node}: {inc.title}", first_seen=first.first_seen,
-            last_seen=at, source=inc.source)
+            node=inc.node, category=category, severity=severity, domain=Domain.OPERATOR, title=title,
+            first_seen=first.first_seen, last_seen=at, source=source)
         node.nodes[inc.node] = None
         node.labels.update(first.labels)
-        node.note(at, "opened", f"{len(group)} incidents on {inc.node} need a node reboot: one reboot for them",
-                  self.rules.timeline_limit)
-        st.incidents[node.id] = node
-        st.by_key[node_key] = node.id
-        st.on_node.setdefault(inc.node, {})[node.id] = None
-        changes = [Change(ChangeKind.OPENED, node), *self._fold_into_node(node, group, at, opening=True)]
-        if st.topology is not None:  # the node's reboot counts towards a rack or switch incident, as an XID 79's does
-            changes.extend(st.topology.observe(node, st.incidents, st.by_key, at))
-        return changes
+        node.note(at, "opened", why, self.rules.timeline_limit)
+        self.state.incidents[node.id] = node
+        self.state.by_key[node_key] = node.id
+        self.state.on_node.setdefault(inc.node, {})[node.id] = None
+        return [Change(ChangeKind.OPENED, node), *self._fold_into_node(node, members, at, opening=True)]
 
     def _fold_into_node(self, node: TrackedIncident, members: list[TrackedIncident], at: datetime,
                         opening: bool = False) -> list[Change]:

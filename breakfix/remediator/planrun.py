@@ -48,10 +48,7 @@ async def decide_and_run(svc: RemediatorService, inc: Incident, attempt: int, re
         inc = svc.latest.get(inc.id, inc)
         if inc.status.terminal:
             return False
-        cover = inc.parent or svc.covered.get(inc.id)
-        if cover is not None:  # folded while it waited for the node lock: the parent's plan has the node
-            log.info("covered", incident=inc.id, by=cover)
-            let_go(svc, inc)
+        if covered(svc, inc):  # folded while it waited for the node lock: the parent's plan has the node
             return False
         plan = svc.decisions.plan(inc, view, svc.policy, busy=svc.guards.active)
         svc.decisions.forget(inc.id)  # what runs is decided: the next ask is a new version or a retry
@@ -203,6 +200,17 @@ def fold_parent(svc: RemediatorService, inc: Incident) -> Incident | None:
     (one not started yet does not start, as for any folded incident: ``covered``)."""
     parent = svc.latest.get(inc.parent) if inc.parent else None
     return parent if parent is not None and parent.scope is not IncidentScope.FABRIC else None
+
+
+def covered(svc: RemediatorService, inc: Incident) -> bool:
+    """Whether a parent incident (a fold, or a fabric incident fencing the node) has the node, so this incident's plan
+    does not start; a folded one lets go of the node (``let_go``)."""
+    cover = inc.parent or svc.covered.get(inc.id)
+    if cover is None:
+        return False
+    log.info("covered", incident=inc.id, by=cover)
+    let_go(svc, inc)
+    return True
 
 
 def let_go(svc: RemediatorService, inc: Incident) -> None:

@@ -403,10 +403,7 @@ class RemediatorService:
                 return await planrun.after_stop(self, inc, attempt)
             if inc is None or inc.status.terminal or inc.flaps * ATTEMPT_STRIDE > attempt:
                 return False
-            cover = inc.parent or self.covered.get(inc.id)
-            if cover is not None:
-                log.info("covered", incident=inc.id, by=cover)
-                planrun.let_go(self, inc)
+            if planrun.covered(self, inc):
                 return False
             first = self.decisions.plan(inc, await self.view(), self.policy, busy=self.guards.active)
             while inc.id not in self.deferred and (early := deferral(first)) is not None:  # outside the node lock
