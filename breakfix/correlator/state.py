@@ -126,6 +126,8 @@ class CoreState:
             # node incident shares its members' faults while healthy signals clear them on the member holding them
             "by_key": dict(self.by_key),
             "by_fault": dict(self.by_fault),
+            # in order: endpoint impact goes to the first operator incident standing on a serving node
+            "on_node": {k: list(v) for k, v in self.on_node.items()},
             "app_hist": {k: {w: _ts(t) for w, t in v.items()} for k, v in self.app_hist.items()},
             "bursts": {k: [_ts(t) for t in v] for k, v in self.bursts.items()},
             "pending": {k: [_ts(t) for t in v] for k, v in self.pending.items()},
@@ -155,9 +157,11 @@ class CoreState:
         self.serving = {k: dict.fromkeys(v) for k, v in d["serving"].items()}
         self.down = {k: (i, g, _dt(t)) for k, (i, g, t) in d["down"].items()}
         self.by_gpu = dict(d.get("by_gpu", {}))
-        # a checkpoint from before the indexes were stored keeps them as rebuilt above
+        # a checkpoint from before the indexes were stored keeps them as rebuilt above (by_key, by_fault, on_node)
         self.by_key = dict(d.get("by_key", self.by_key))
         self.by_fault = dict(d.get("by_fault", self.by_fault))
+        if "on_node" in d:
+            self.on_node = {k: dict.fromkeys(v) for k, v in d["on_node"].items()}
         self.app_hist = {k: {w: _dt(t) for w, t in v.items()} for k, v in d["app_hist"].items()}
         self.bursts = {k: [_dt(t) for t in v] for k, v in d["bursts"].items()}
         self.pending = {k: [_dt(t) for t in v] for k, v in d["pending"].items()}
