@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from datetime import timedelta
 from pathlib import Path
 
@@ -422,11 +423,44 @@ class TestOneRebootPerNode:
 
     def test_the_nodes_own_incident_raised_to_a_reboot_takes_the_gpu_incident_needing_one(
             self, catalog: Catalog) -> None:
-        core = run(catalog, [ib_down("n1", "leaf-01"), sig(code="48", at=1), reboot_154(0, 2),
-                             sig(code="79", gpu_index=3, at=3)])
+        nvswitch = sig(check="sxid", code="24007", gpu_index=None, component="nvswitch0:0000:c3:00.0",
+                       message="nvidia-nvswitch0: SXid (PCI:0000:c3:00.0): 24007, Fatal, Link 10",
+                       details={"fatal": "Fatal"})
+        core = run(catalog, [nvswitch, sig(code="48", at=1), reboot_154(0, 2), sig(code="79", gpu_index=3, at=3)])
         (node,) = standing(core)
         assert (node.scope, node.category) == (IncidentScope.NODE, "node_reboot_required")
-        assert sorted(g.index for g in node.gpus) == [0, 3] and "ib.link_down" in {c.key for c in node.counts}
+        assert sorted(g.index for g in node.gpus) == [0, 3] and "sxid:24007" in {c.key for c in node.counts}
+
+    def test_a_nodes_infiniband_link_stays_its_own_incident_beside_its_reboot(self, catalog: Catalog) -> None:
+        """The link's repair is its cable, transceiver or switch: a reboot neither carries it nor waits on it."""
+        core = run(catalog, [ib_down("n1", "leaf-01"), sig(code="48", at=1), reboot_154(0, 2),
+                             sig(code="79", gpu_index=3, at=3)])
+        link, node = sorted(standing(core), key=lambda i: i.category)
+        assert (link.category, core.incidents[link.id].key, link.gpus) == ("fabric_link", "link|c1|n1", ())
+        assert (node.scope, node.category, core.incidents[node.id].key) == (IncidentScope.NODE,
+                                                                            "node_reboot_required", "node|c1|n1")
+        assert sorted(g.index for g in node.gpus) == [0, 3] and "ib.link_down" not in {c.key for c in node.counts}
+
+    def test_a_link_incident_from_an_older_checkpoint_moves_to_the_links_key(self, catalog: Catalog) -> None:
+        """Checkpoints written before links had their own key hold the link incident under the node's key."""
+        old = Checkpoint(run(catalog, [ib_down("n1", "leaf-01")]).to_state()).to_json().replace(b"link|", b"node|")
+        core = Correlator(catalog)
+        core.load_state(Checkpoint.decode(zlib.compress(old)).state)
+        (link,) = core.incidents.values()
+        assert (link.key, core.state.by_key) == ("link|c1|n1", {"link|c1|n1": link.id})
+        reboot = sig(code="79", at=5)
+        assert [c.kind for c in core.ingest(reboot, reboot.observed_at)] == [ChangeKind.OPENED]
+        assert link.category == "fabric_link" and "xid:79" not in link.counts
+
+    def test_a_switch_under_a_node_already_rebooting_is_still_one_fabric_incident(self, catalog: Catalog) -> None:
+        """A node's reboot incident does not hide its link from the leaf switch's grouping (rules ``topology``)."""
+        core = run(catalog, [sig(code="79", at=0), ib_down("n1", "leaf-01", at=10), ib_down("n2", "leaf-01", at=11),
+                             ib_down("n3", "leaf-01", at=12)])
+        fabric, reboot = sorted(standing(core), key=lambda i: i.scope.value)
+        assert (fabric.scope, fabric.category, sorted(fabric.nodes)) == (IncidentScope.FABRIC, "fabric_link",
+                                                                          ["n1", "n2", "n3"])
+        assert (reboot.category, reboot.node, reboot.open_faults) == ("node_reboot_required", "n1",
+                                                                       ("xid@n1/" + reboot.gpus[0].key(),))
 
     def test_reboots_on_different_nodes_stay_apart(self, catalog: Catalog) -> None:
         core = run(catalog, [sig(code="48", node="n1"), sig(code="48", node="n2", at=1),

@@ -37,7 +37,7 @@ from typing import Any
 
 from breakfix.correlator.book import IncidentBook
 from breakfix.correlator.lifecycle import Lifecycle
-from breakfix.correlator.model import NODE_CATEGORIES, Change, Observation, TrackedIncident
+from breakfix.correlator.model import NODE_CATEGORIES, Change, Observation, TrackedIncident, node_key_for
 from breakfix.correlator.patterns import Patterns
 from breakfix.correlator.rules import CategoryThreshold, Rules, Threshold
 from breakfix.correlator.state import LEMON_LABEL, TERMINAL, CoreState
@@ -202,7 +202,7 @@ class Correlator:
         elif gpu_key is not None and fc.category not in NODE_CATEGORIES:
             key, scope = gpu_key, IncidentScope.GPU
         else:
-            key, scope = f"node|{s.cluster}|{s.node}", IncidentScope.NODE
+            key, scope = node_key_for(s.cluster, s.node, fc.category), IncidentScope.NODE
         inc = st.incidents.get(st.by_key.get(key, ""))
         if inc is not None and inc.status in TERMINAL:
             # a flap is the same fault back within flap_s; an IGNORE or collateral code after a repair (a tenant's

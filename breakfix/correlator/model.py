@@ -68,6 +68,12 @@ CATEGORY_PRIORITY: tuple[str, ...] = (
 _RANK = {c: i for i, c in enumerate(CATEGORY_PRIORITY)}
 # Categories whose repair is the whole node (NVIDIA RESTART_BM): keyed by the node, one incident per node.
 NODE_CATEGORIES = frozenset({"node_reboot_required"})
+# A node's network links (InfiniBand or RoCE ports: ib.link_down, ib.flapping, ib.errors, ib.rate_degraded) are a
+# fault domain of their own: their repair is the cable, transceiver or leaf switch, and the same switch failing under
+# several nodes is one fabric incident (rules ``topology``). They get their own node incident, ``link|cluster|node``,
+# beside the host's (``node|cluster|node``: a GPU off the bus, a node reboot, several GPUs failing), so neither
+# takes the other's faults: a reboot does not carry a switch's link, and a link does not hold the reboot's key.
+LINK_CATEGORIES = frozenset({"fabric_link"})
 
 # When one batch holds several changes to one incident, the published kind is the strongest.
 KIND_STRENGTH = {ChangeKind.UPDATED: 0, ChangeKind.STATUS: 1, ChangeKind.FOLDED: 2, ChangeKind.RESOLVED: 3,
@@ -77,6 +83,11 @@ KIND_STRENGTH = {ChangeKind.UPDATED: 0, ChangeKind.STATUS: 1, ChangeKind.FOLDED:
 def category_rank(category: str) -> int:
     """Lower is more cautious; an unlisted category ranks with ``unknown_fault``."""
     return _RANK.get(category, 0)
+
+
+def node_key_for(cluster: str, node: str, category: str = "") -> str:
+    """The key of a node's own incident for a fault of ``category`` (``LINK_CATEGORIES``: its links' incident)."""
+    return f"{'link' if category in LINK_CATEGORIES else 'node'}|{cluster}|{node}"
 
 
 def incident_id(key: str, first_signal_id: str) -> str:

@@ -19,7 +19,14 @@ from datetime import datetime
 from functools import lru_cache
 
 from breakfix.correlator.book import IncidentBook
-from breakfix.correlator.model import NODE_CATEGORIES, Change, Observation, TrackedIncident, incident_id
+from breakfix.correlator.model import (
+    NODE_CATEGORIES,
+    Change,
+    Observation,
+    TrackedIncident,
+    incident_id,
+    node_key_for,
+)
 from breakfix.correlator.state import LEMON_LABEL, CoreState
 from breakfix.schemas.catalog import FaultClass
 from breakfix.schemas.common import Severity, TenantRef, max_severity
@@ -155,7 +162,7 @@ class Patterns:
         if rule is None or inc.scope is not IncidentScope.GPU or inc.domain is not Domain.OPERATOR \
                 or inc.parent is not None or inc.node is None or inc.category not in self.rules.multi_gpu_categories:
             return []  # only hardware faults: XID 74 on several GPUs is an NVLink fault, not a host fault
-        node_key = f"node|{inc.cluster}|{inc.node}"
+        node_key = node_key_for(inc.cluster, inc.node)
         host = self.state.live(self.state.by_key.get(node_key))
         if host is not None and self.node_is_the_unit(host) and host.status is not IncidentStatus.VALIDATING:
             # the node is already the unit being fixed (a multi-GPU incident sent to a human keeps taking its GPUs:
@@ -199,7 +206,7 @@ class Patterns:
         if inc.scope is IncidentScope.NODE:
             return self._fold_into_node(inc, others, at) if others and inc.status is not IncidentStatus.VALIDATING \
                 else []
-        node_key = f"node|{inc.cluster}|{inc.node}"
+        node_key = node_key_for(inc.cluster, inc.node)
         host = st.live(st.by_key.get(node_key))
         if host is not None:  # the node's own incident: it takes this one, or it is of another kind (an IB link)
             takes = host.parent is None and self.node_is_the_unit(host) and host.status is not IncidentStatus.VALIDATING
@@ -220,7 +227,7 @@ class Patterns:
         """Open the node incident of ``inc``'s node (its key, named after its earliest member) and fold ``members``
         into it: a multi-GPU failure, or one reboot for the node."""
         assert inc.node is not None
-        node_key = f"node|{inc.cluster}|{inc.node}"
+        node_key = node_key_for(inc.cluster, inc.node)
         first = min(members, key=lambda p: p.first_seen)
         node = TrackedIncident(
             id=incident_id(node_key, first.id), key=node_key, cluster=inc.cluster, scope=IncidentScope.NODE,

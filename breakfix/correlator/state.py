@@ -14,11 +14,11 @@ from collections import OrderedDict
 from datetime import datetime, timedelta
 from typing import Any
 
-from breakfix.correlator.model import TrackedIncident
+from breakfix.correlator.model import LINK_CATEGORIES, TrackedIncident, node_key_for
 from breakfix.correlator.rules import Rules, default_rules
 from breakfix.correlator.topology import TopologyGrouper, _Candidates
 from breakfix.schemas.catalog import Catalog, FaultClass
-from breakfix.schemas.incident import IncidentStatus
+from breakfix.schemas.incident import IncidentScope, IncidentStatus
 from breakfix.schemas.signal import Signal
 
 LEMON_LABEL = "breakfix.io/lemon"
@@ -135,6 +135,18 @@ class CoreState:
             "stats": dict(self.stats),
         }
 
+    def _link_keys(self) -> None:
+        """A checkpoint from before a node's links had an incident key of their own (``model.LINK_CATEGORIES``):
+        its link incidents move to that key, so a host fault on the node opens the host's incident beside them."""
+        for inc in sorted(self.incidents.values(), key=lambda i: (not i.status.terminal, i.first_seen)):
+            if inc.scope is not IncidentScope.NODE or inc.node is None or inc.category not in LINK_CATEGORIES \
+                    or not inc.key.startswith("node|"):
+                continue
+            if self.by_key.get(inc.key) == inc.id:
+                del self.by_key[inc.key]
+                self.by_key[node_key_for(inc.cluster, inc.node, inc.category)] = inc.id
+            inc.key = node_key_for(inc.cluster, inc.node, inc.category)
+
     def load_state(self, d: dict[str, Any]) -> None:
         """Replace this core's state with a checkpoint's; indexes are rebuilt from the incidents."""
         if d.get("version") != STATE_VERSION:
@@ -162,6 +174,7 @@ class CoreState:
         self.by_fault = dict(d.get("by_fault", self.by_fault))
         if "on_node" in d:
             self.on_node = {k: dict.fromkeys(v) for k, v in d["on_node"].items()}
+        self._link_keys()
         self.app_hist = {k: {w: _dt(t) for w, t in v.items()} for k, v in d["app_hist"].items()}
         self.bursts = {k: [_dt(t) for t in v] for k, v in d["bursts"].items()}
         self.pending = {k: [_dt(t) for t in v] for k, v in d["pending"].items()}
