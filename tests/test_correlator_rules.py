@@ -29,6 +29,7 @@ from breakfix.schemas.signal import Signal
 from tests.conftest import T0, make_rules, sig
 
 HOUR = 3600.0
+DATA = Path(__file__).parent / "data"
 XID154_DRAIN = ("NVRM: Xid (PCI:0000:18:00): 154, GPU recovery action changed from 0x0 (None) to 0x2 "
                 "(Drain and Reset)")
 
@@ -451,6 +452,26 @@ class TestOneRebootPerNode:
         reboot = sig(code="79", at=5)
         assert [c.kind for c in core.ingest(reboot, reboot.observed_at)] == [ChangeKind.OPENED]
         assert link.category == "fabric_link" and "xid:79" not in link.counts
+
+    @pytest.mark.parametrize(("fixture", "host"), [
+        ("link_and_slowdown", sig(check="clock.hw_slowdown", code=None, gpu_index=None, at=100)),
+        ("link_and_xid79", sig(code="79", at=100))])
+    def test_an_older_checkpoints_node_incident_holding_a_link_beside_a_host_fault_still_clears_it(
+            self, catalog: Catalog, fixture: str, host: Signal) -> None:
+        """Written before links had their own key: the link's fault stays where it is open, and repeats and clears
+        there (a second incident for it would hold the node and never clear)."""
+        core = Correlator(catalog)
+        core.load_state(Checkpoint.decode(zlib.compress(
+            (DATA / f"correlator_checkpoint_v1_{fixture}.json").read_bytes())).state)
+        (legacy,) = core.incidents.values()
+        for s in (ib_down("n1", "leaf-01", at=50), host,
+                  sig(node="n1", check="ib.link_down", code=None, gpu_index=None, at=150, healthy=True,
+                      component="mlx5_0/1"),
+                  host.model_copy(update={"id": host.id + "-ok", "healthy": True, "observed_at": T0 + timedelta(
+                      seconds=200)})):
+            core.ingest(s, s.observed_at)
+        assert list(core.incidents) == [legacy.id]
+        assert not legacy.open_faults and legacy.status is IncidentStatus.RESOLVED
 
     def test_a_switch_under_a_node_already_rebooting_is_still_one_fabric_incident(self, catalog: Catalog) -> None:
         """A node's reboot incident does not hide its link from the leaf switch's grouping (rules ``topology``)."""

@@ -136,16 +136,28 @@ class CoreState:
         }
 
     def _link_keys(self) -> None:
-        """A checkpoint from before a node's links had an incident key of their own (``model.LINK_CATEGORIES``):
-        its link incidents move to that key, so a host fault on the node opens the host's incident beside them."""
+        """A checkpoint from before a node's links had an incident key of their own (``model.LINK_CATEGORIES``).
+
+        A node incident holding only link faults moves to the links' key, so a host fault on the node opens the
+        host's incident beside it. One holding link faults beside host faults (a link an XID 79 joined) stays under
+        the node's key and is also named by the links' key while it is open, so its link faults keep clearing and
+        repeating where they are open; once it settles, the next link fault opens a link incident."""
         for inc in sorted(self.incidents.values(), key=lambda i: (not i.status.terminal, i.first_seen)):
-            if inc.scope is not IncidentScope.NODE or inc.node is None or inc.category not in LINK_CATEGORIES \
-                    or not inc.key.startswith("node|"):
+            if inc.scope is not IncidentScope.NODE or inc.node is None or not inc.key.startswith("node|"):
                 continue
-            if self.by_key.get(inc.key) == inc.id:
-                del self.by_key[inc.key]
-                self.by_key[node_key_for(inc.cluster, inc.node, inc.category)] = inc.id
-            inc.key = node_key_for(inc.cluster, inc.node, inc.category)
+            link_key = node_key_for(inc.cluster, inc.node, next(iter(LINK_CATEGORIES)))
+            links = [fk for fk in inc.open_faults if self._is_link(fk)]
+            if inc.category in LINK_CATEGORIES and len(links) == len(inc.open_faults):
+                if self.by_key.get(inc.key) == inc.id:
+                    del self.by_key[inc.key]
+                    self.by_key[link_key] = inc.id
+                inc.key = link_key
+            elif links and not inc.status.terminal and self.by_key.get(inc.key) == inc.id:
+                self.by_key.setdefault(link_key, inc.id)
+
+    def _is_link(self, fault_key: str) -> bool:
+        check = fault_key.partition("@")[0]
+        return self.catalog.classify(check=check, code=None).category in LINK_CATEGORIES
 
     def load_state(self, d: dict[str, Any]) -> None:
         """Replace this core's state with a checkpoint's; indexes are rebuilt from the incidents."""
