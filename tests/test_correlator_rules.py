@@ -432,6 +432,30 @@ class TestOneRebootPerNode:
         assert (node.scope, node.category) == (IncidentScope.NODE, "node_reboot_required")
         assert sorted(g.index for g in node.gpus) == [0, 3] and "sxid:24007" in {c.key for c in node.counts}
 
+    @pytest.mark.parametrize(("host", "category"), [
+        (sig(check="sxid", code="24007", gpu_index=None, component="nvswitch0:0000:c3:00.0", details={"fatal": "Fatal"},
+             message="nvidia-nvswitch0: SXid (PCI:0000:c3:00.0): 24007, Fatal, Link 10"), "node_reboot_required"),
+        (sig(check="clock.hw_slowdown", code=None, gpu_index=None), "node_reboot_required"),
+        (sig(check="gpu.count_mismatch", code=None, gpu_index=None), "hardware_support")],
+        ids=["fatal-sxid-reboots-the-node-already", "gpu-less-slowdown-is-raised", "count-mismatch-keeps-the-human"])
+    def test_the_nodes_own_incident_of_another_kind_takes_the_gpu_incidents_needing_a_reboot(
+            self, catalog: Catalog, host: Signal, category: str) -> None:
+        """One reboot plan per node whatever holds the node's key; a human's repair covers the reboot."""
+        core = run(catalog, [host, *(sig(code="48", gpu_index=g, at=1 + g) for g in range(2)),
+                             reboot_154(0, 3), reboot_154(1, 4)])
+        (node,) = standing(core)
+        assert (node.scope, node.category, sorted(g.index for g in node.gpus)) == (IncidentScope.NODE, category,
+                                                                                   [0, 1])
+        assert len(node.members) == 2
+
+    def test_three_gpus_failing_beside_a_gpu_less_node_fault_make_that_incident_the_multi_gpu_one(
+            self, catalog: Catalog) -> None:
+        core = run(catalog, [sig(check="clock.hw_slowdown", code=None, gpu_index=None),
+                             *(sig(code="48", gpu_index=g, at=1 + g) for g in range(3))])
+        (node,) = standing(core)
+        assert (node.category, sorted(g.index for g in node.gpus)) == ("multi_gpu_failure", [0, 1, 2])
+        assert "clock.hw_slowdown" in {c.key for c in node.counts}
+
     def test_a_nodes_infiniband_link_stays_its_own_incident_beside_its_reboot(self, catalog: Catalog) -> None:
         """The link's repair is its cable, transceiver or switch: a reboot neither carries it nor waits on it."""
         core = run(catalog, [ib_down("n1", "leaf-01"), sig(code="48", at=1), reboot_154(0, 2),

@@ -66,8 +66,11 @@ CATEGORY_PRIORITY: tuple[str, ...] = (
     "informational",
 )
 _RANK = {c: i for i, c in enumerate(CATEGORY_PRIORITY)}
-# Categories whose repair is the whole node (NVIDIA RESTART_BM): keyed by the node, one incident per node.
-NODE_CATEGORIES = frozenset({"node_reboot_required"})
+# Categories whose repair is the whole node (NVIDIA RESTART_BM): keyed by the node, one incident per node. A fatal
+# NVSwitch SXid is one too: the Fabric Manager User Guide has the GPUs and switches reset together after it, which on
+# an HGX baseboard is one node reboot (the default policy's nvswitch-fatal rule), so it takes the node's other
+# incidents needing a reboot and they take no second one.
+NODE_CATEGORIES = frozenset({"node_reboot_required", "nvswitch_fatal"})
 # A node's network links (InfiniBand or RoCE ports: ib.link_down, ib.flapping, ib.errors, ib.rate_degraded) are a
 # fault domain of their own: their repair is the cable, transceiver or leaf switch, and the same switch failing under
 # several nodes is one fabric incident (rules ``topology``). They get their own node incident, ``link|cluster|node``,

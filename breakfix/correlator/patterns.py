@@ -24,6 +24,7 @@ from breakfix.correlator.model import (
     Change,
     Observation,
     TrackedIncident,
+    category_rank,
     incident_id,
     node_key_for,
 )
@@ -169,8 +170,8 @@ class Patterns:
             # a node awaiting RMA or a hands-on check never gets a GPU reset ladder of its own); one validating after
             # its reboot takes no new fault, which gets a repair of its own
             return self._fold_into_node(host, [inc], at)
-        if host is not None:
-            return []  # a node incident of another kind (an IB link, say) owns the key: keep GPUs separate
+        if host is not None and (host.parent is not None or host.status is IncidentStatus.VALIDATING):
+            return []
         peers = [p for iid in self.state.on_node.get(inc.node, ()) if (p := self.state.live(iid)) is not None
                  and p.scope is IncidentScope.GPU and p.parent is None and p.category in self.rules.multi_gpu_categories
                  and (at - p.first_seen).total_seconds() <= rule.window_s]
@@ -178,10 +179,13 @@ class Patterns:
         if len(gpus) < rule.min_gpus:
             return []
         spec = self.catalog.category(rule.category)
-        return self._open_node(inc, peers, at, category=rule.category, severity=spec.severity,
-                               title=f"{len(gpus)} GPUs failing together on {inc.node}: {spec.title}",
-                               source=MULTI_GPU_SOURCE,
-                               why=f"{len(gpus)} GPU incidents on {inc.node} within {rule.window_s:g}s")
+        title = f"{len(gpus)} GPUs failing together on {inc.node}: {spec.title}"
+        why = f"{len(gpus)} GPU incidents on {inc.node} within {rule.window_s:g}s"
+        if host is not None:  # the node's own incident of another kind (a GPU-less thermal fault, a count mismatch)
+            return self._host_takes(host, peers, at, category=rule.category, title=title, source=MULTI_GPU_SOURCE,
+                                    why=why)
+        return self._open_node(inc, peers, at, category=rule.category, severity=spec.severity, title=title,
+                               source=MULTI_GPU_SOURCE, why=why)
 
     def node_is_the_unit(self, host: TrackedIncident) -> bool:
         """Whether a node's own incident takes the node's failing GPUs: a node reboot or a multi-GPU failure, or a
@@ -208,9 +212,18 @@ class Patterns:
                 else []
         node_key = node_key_for(inc.cluster, inc.node)
         host = st.live(st.by_key.get(node_key))
-        if host is not None:  # the node's own incident: it takes this one, or it is of another kind (an IB link)
-            takes = host.parent is None and self.node_is_the_unit(host) and host.status is not IncidentStatus.VALIDATING
-            return self._fold_into_node(host, [inc], at) if takes else []
+        if host is not None:  # the node's own incident takes this one
+            if host.parent is not None or host.status is IncidentStatus.VALIDATING:
+                return []
+            if self.node_is_the_unit(host):
+                return self._fold_into_node(host, [inc], at)
+            # one of another kind (a GPU-less thermal or non-fatal NVSwitch fault, a count mismatch) becomes the node's
+            # reboot, or keeps a human's repair, which covers the reboot; either way it takes every incident needing one
+            changes = self._host_takes(host, [*others, inc], at, category=inc.category, title=inc.title,
+                                       source=inc.source, why=f"{inc.id} needs a node reboot")
+            if st.topology is not None:  # as a node incident opened for the reboot counts towards its rack
+                changes.extend(st.topology.observe(host, st.incidents, st.by_key, at))
+            return changes
         if not others:
             return []
         group = [*others, inc]
@@ -221,6 +234,17 @@ class Patterns:
         if st.topology is not None:  # the node's reboot counts towards a rack or switch incident, as an XID 79's does
             changes.extend(st.topology.observe(st.incidents[st.by_key[node_key]], st.incidents, st.by_key, at))
         return changes
+
+    def _host_takes(self, host: TrackedIncident, members: list[TrackedIncident], at: datetime, *, category: str,
+                    title: str, source: str, why: str) -> list[Change]:
+        """The node's own incident of another kind takes ``members``: raised to ``category`` where that is the more
+        cautious repair (the order of ``model.CATEGORY_PRIORITY``), as a node-scope signal of that class joining it
+        would raise it; one already more cautious (a human's repair, a reprovision) keeps its path, which covers it."""
+        if category_rank(category) < category_rank(host.category):
+            host.note(at, "category", f"{host.category} -> {category}: {why}", self.rules.timeline_limit)
+            host.category, host.title, host.source, host.domain = category, title, source, Domain.OPERATOR
+            host.severity = max_severity(host.severity, self.catalog.category(category).severity)
+        return self._fold_into_node(host, members, at)
 
     def _open_node(self, inc: TrackedIncident, members: list[TrackedIncident], at: datetime, *, category: str,
                    severity: Severity, title: str, source: str, why: str) -> list[Change]:
