@@ -121,15 +121,17 @@ def fleet_grid(incidents: Iterable[Incident], group_by: str = "rack") -> dict[st
 
 
 def budget_use(incidents: Iterable[Incident]) -> dict[str, int]:
-    """Nodes in operator remediation now, per cluster and per topology key (``rack=r1``)."""
-    use: dict[str, int] = defaultdict(int)
+    """Nodes in operator remediation now, per cluster and per topology key (``rack=r1``): a node counts once,
+    however many of its incidents are being remediated (its links' incident beside its reboot, say)."""
+    use: dict[str, set[tuple[str, str]]] = defaultdict(set)
     for inc in incidents:
         if inc.status in (IncidentStatus.MITIGATING, IncidentStatus.VALIDATING) and _holds(inc) and inc.node:
-            use[f"cluster={inc.cluster}"] += 1
+            node = (inc.cluster, inc.node)
+            use[f"cluster={inc.cluster}"].add(node)
             for key in ("rack", "switch", "nodepool"):
                 if inc.labels.get(key):
-                    use[f"{key}={inc.labels[key]}"] += 1
-    return dict(sorted(use.items()))
+                    use[f"{key}={inc.labels[key]}"].add(node)
+    return {k: len(v) for k, v in sorted(use.items())}
 
 
 def kill_switches(records: Iterable[ActionRecord]) -> dict[tuple[str, str], tuple[bool, str]]:
