@@ -456,6 +456,40 @@ class TestOneRebootPerNode:
         assert (node.category, sorted(g.index for g in node.gpus)) == ("multi_gpu_failure", [0, 1, 2])
         assert "clock.hw_slowdown" in {c.key for c in node.counts}
 
+    def test_a_node_reboot_flapping_back_takes_the_gpu_incident_that_needed_one_meanwhile(
+            self, catalog: Catalog) -> None:
+        lost = sig(check="gpu.lost", code=None, gpu_index=2)
+        core = run(catalog, [lost])
+        (node,) = standing(core)
+        completed(core, node, 10)
+        for s in (sig(code="48", gpu_index=1, at=20), reboot_154(1, 30), sig(check="gpu.lost", code=None,
+                                                                               gpu_index=2, at=40, n=1)):
+            core.ingest(s, s.observed_at)
+        (again,) = standing(core)
+        assert again.id == node.id and sorted(g.index for g in again.gpus) == [1, 2]
+
+    def test_gpu_incidents_needing_a_reboot_while_the_nodes_reboot_validates_get_one_node_incident(
+            self, catalog: Catalog) -> None:
+        core = run(catalog, [sig(code="79", gpu_index=0)])
+        (first,) = standing(core)
+        validating(core, first, 10)
+        for s in (sig(code="48", gpu_index=1, at=20), sig(code="48", gpu_index=2, at=21), reboot_154(1, 30),
+                  reboot_154(2, 31)):
+            core.ingest(s, s.observed_at)
+        second = next(i for i in standing(core) if i.status is not IncidentStatus.VALIDATING)
+        assert (second.scope, second.category, sorted(g.index for g in second.gpus)) == (
+            IncidentScope.NODE, "node_reboot_required", [1, 2])
+        assert core.incidents[first.id].status is IncidentStatus.VALIDATING
+        healthy = sig(code="79", gpu_index=0, at=40, healthy=True)
+        core.ingest(healthy, healthy.observed_at)
+        assert not core.incidents[first.id].open_faults, "its own faults still clear on it"
+
+    def test_a_multi_gpu_failure_takes_the_gpu_incident_already_needing_a_reboot(self, catalog: Catalog) -> None:
+        core = run(catalog, [sig(code="48", gpu_index=3), reboot_154(3, 1),
+                             *(sig(code="48", gpu_index=g, at=HOUR + g) for g in range(3))])
+        (node,) = standing(core)
+        assert (node.category, sorted(g.index for g in node.gpus)) == ("multi_gpu_failure", [0, 1, 2, 3])
+
     def test_a_nodes_infiniband_link_stays_its_own_incident_beside_its_reboot(self, catalog: Catalog) -> None:
         """The link's repair is its cable, transceiver or switch: a reboot neither carries it nor waits on it."""
         core = run(catalog, [ib_down("n1", "leaf-01"), sig(code="48", at=1), reboot_154(0, 2),

@@ -141,7 +141,10 @@ class IncidentBook:
         inc.version += 1
         self.absorb(inc, o)
         inc.note(s.observed_at, "reopened", f"{o.ck} again (flap {inc.flaps})", self.rules.timeline_limit)
-        return [Change(ChangeKind.REOPENED, inc), *self._after_open(inc, s)]
+        changes = [Change(ChangeKind.REOPENED, inc), *self._after_open(inc, s)]
+        if inc.category in NODE_CATEGORIES:  # back needing a node reboot: one reboot incident for the node again
+            changes.extend(self.patterns.one_reboot(inc, s.observed_at))
+        return changes
 
     def echo(self, member: TrackedIncident, o: Observation) -> list[Change]:
         """A fault counted on a folded incident (its repeat, or its flap reopening it) while the incident standing on

@@ -181,11 +181,13 @@ class Patterns:
         spec = self.catalog.category(rule.category)
         title = f"{len(gpus)} GPUs failing together on {inc.node}: {spec.title}"
         why = f"{len(gpus)} GPU incidents on {inc.node} within {rule.window_s:g}s"
+        # the node's reboot for the host takes the node's GPU incidents already needing one (a GPU off the bus earlier)
+        rebooting = [p for p in self._needing_reboot(inc) if p not in peers]
         if host is not None:  # the node's own incident of another kind (a GPU-less thermal fault, a count mismatch)
-            return self._host_takes(host, peers, at, category=rule.category, title=title, source=MULTI_GPU_SOURCE,
-                                    why=why)
-        return self._open_node(inc, peers, at, category=rule.category, severity=spec.severity, title=title,
-                               source=MULTI_GPU_SOURCE, why=why)
+            return self._host_takes(host, peers + rebooting, at, category=rule.category, title=title,
+                                    source=MULTI_GPU_SOURCE, why=why)
+        return self._open_node(inc, peers + rebooting, at, category=rule.category, severity=spec.severity,
+                               title=title, source=MULTI_GPU_SOURCE, why=why)
 
     def node_is_the_unit(self, host: TrackedIncident) -> bool:
         """Whether a node's own incident takes the node's failing GPUs: a node reboot or a multi-GPU failure, or a
@@ -202,18 +204,17 @@ class Patterns:
         st = self.state
         if inc.node is None or inc.parent is not None or inc.category not in NODE_CATEGORIES:
             return []
-        # an incident validating after its reboot takes no new fault (that one gets a reboot of its own), nor joins one
-        others = [p for iid in st.on_node.get(inc.node, ()) if (p := st.live(iid)) is not None and p is not inc
-                  and p.parent is None and p.cluster == inc.cluster and p.category in NODE_CATEGORIES
-                  and p.scope in (IncidentScope.GPU, IncidentScope.TENANT)
-                  and p.status is not IncidentStatus.VALIDATING]
+        others = self._needing_reboot(inc)
         if inc.scope is IncidentScope.NODE:
             return self._fold_into_node(inc, others, at) if others and inc.status is not IncidentStatus.VALIDATING \
                 else []
         node_key = node_key_for(inc.cluster, inc.node)
         host = st.live(st.by_key.get(node_key))
+        if host is not None and host.status is IncidentStatus.VALIDATING and host.parent is None:
+            host = None  # validating after its reboot, it takes no new fault: a node incident opened for these takes
+            # the node's key from it (its own faults still clear on it), else this one stands alone
         if host is not None:  # the node's own incident takes this one
-            if host.parent is not None or host.status is IncidentStatus.VALIDATING:
+            if host.parent is not None:
                 return []
             if self.node_is_the_unit(host):
                 return self._fold_into_node(host, [inc], at)
@@ -234,6 +235,14 @@ class Patterns:
         if st.topology is not None:  # the node's reboot counts towards a rack or switch incident, as an XID 79's does
             changes.extend(st.topology.observe(st.incidents[st.by_key[node_key]], st.incidents, st.by_key, at))
         return changes
+
+    def _needing_reboot(self, inc: TrackedIncident) -> list[TrackedIncident]:
+        """The GPU and workload incidents on ``inc``'s node, other than it, standing on their own and needing a node
+        reboot; one validating after its reboot takes no new fault (that gets a reboot of its own), nor joins one."""
+        st = self.state
+        return [p for iid in st.on_node.get(inc.node or "", ()) if (p := st.live(iid)) is not None and p is not inc
+                and p.parent is None and p.cluster == inc.cluster and p.category in NODE_CATEGORIES
+                and p.scope in (IncidentScope.GPU, IncidentScope.TENANT) and p.status is not IncidentStatus.VALIDATING]
 
     def _host_takes(self, host: TrackedIncident, members: list[TrackedIncident], at: datetime, *, category: str,
                     title: str, source: str, why: str) -> list[Change]:
