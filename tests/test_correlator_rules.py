@@ -281,6 +281,28 @@ class TestEndpointImpact:
         assert (inc.category, inc.scope) == ("endpoint_slo", IncidentScope.TENANT)
 
 
+    def test_a_breach_counted_on_two_hosts_as_its_serving_nodes_moved_clears_on_both(self, catalog: Catalog) -> None:
+        """The first host's own fault cleared meanwhile: the breach was its last, so it resolves with the endpoint."""
+        core = run(catalog, [ib_down("n1", "leaf-01"), endpoint(10, "n1"),
+                             sig(node="n1", check="ib.link_down", code=None, gpu_index=None, at=20, healthy=True,
+                                 component="mlx5_0/1"),
+                             sig(code="48", node="n2", at=30), endpoint(100, "n2"), endpoint(200, "n1", healthy=True)])
+        link = next(i for i in core.incidents.values() if i.category == "fabric_link")
+        gpu = next(i for i in core.incidents.values() if i.category == "gpu_reset_required")
+        assert link.status is IncidentStatus.RESOLVED and not link.open_faults
+        assert gpu.status is IncidentStatus.OPEN and list(gpu.open_faults) == [sig(code="48", node="n2").fault_key()]
+
+    def test_a_members_fault_clearing_leaves_its_fabric_incident_while_the_member_stays_open(
+            self, catalog: Catalog) -> None:
+        core = run(catalog, [ib_down("n1", "leaf-01"), ib_down("n2", "leaf-01", at=1), ib_down("n3", "leaf-01", at=2),
+                             sig(node="n3", check="ib.flapping", code=None, gpu_index=None, at=3,
+                                 component="mlx5_0/1", labels={"switch": "leaf-01"}),
+                             sig(node="n3", check="ib.link_down", code=None, gpu_index=None, at=10, healthy=True,
+                                 component="mlx5_0/1")])
+        (fabric,) = (i for i in core.incidents.values() if i.scope is IncidentScope.FABRIC)
+        assert sorted(fabric.open_faults) == ["ib.link_down@n1/mlx5_0/1", "ib.link_down@n2/mlx5_0/1"]
+        assert not core.incidents[core.state.by_fault["ib.flapping@n3/mlx5_0/1"]].status.terminal
+
 class TestRulesFile:
     def test_shipped_rules_load(self, catalog: Catalog) -> None:
         rules = load_rules(catalog=catalog)

@@ -38,23 +38,64 @@ class Lifecycle:
         self.state = state
         self.rules = state.rules
 
-    def clear(self, fk: str, s: Signal, iid: str) -> list[Change]:
-        """A healthy signal for fault ``fk``, which incident ``iid`` holds open (``CoreState.by_fault``)."""
-        inc = self.state.incidents.get(iid)
-        if inc is None:
-            return []
+    def clear(self, fk: str, s: Signal, iid: str | None) -> list[Change]:
+        """A healthy signal for fault ``fk``, which incident ``iid`` holds open (``CoreState.by_fault``; None when no
+        incident is indexed for it: only an endpoint's breach is then looked for, see below).
+
+        The same fault may also be open on incidents the index does not name, and is cleared there too: the
+        incident ``iid`` folded into (a parent lists its members' faults) and the members holding the fault their
+        parent took (a peer's NVLink fault a GPU off the bus folded), both following their parent's resolution; and
+        for an endpoint's breach, every incident it was counted on (its impact moves with its serving nodes), each
+        resolving when it was its last fault."""
+        inc = self.state.incidents.get(iid) if iid is not None else None
+        changes: list[Change] = []
+        if inc is not None:
+            opened = inc.open_faults.get(fk)
+            if opened is None or s.observed_at < opened:
+                return []  # a healthy reading older than the fault never clears it
+            del self.state.by_fault[fk]
+            changes = self._drop(inc, fk, s, settle=True)
+        for other, settle in self._copies(inc, fk, s):
+            changes.extend(self._drop(other, fk, s, settle=settle))
+        return changes
+
+    def _drop(self, inc: TrackedIncident, fk: str, s: Signal, *, settle: bool) -> list[Change]:
         opened = inc.open_faults.get(fk)
-        if opened is None or s.observed_at < opened:
-            return []  # a healthy reading older than the fault never clears it
+        if opened is None or s.observed_at < opened or inc.status.terminal:
+            return []
         del inc.open_faults[fk]
-        del self.state.by_fault[fk]
         inc.version += 1
         inc.note(s.observed_at, "cleared", fk, self.rules.timeline_limit)
-        if not inc.open_faults and inc.status is IncidentStatus.OPEN and inc.plan is None \
+        if settle and not inc.open_faults and inc.status is IncidentStatus.OPEN and inc.plan is None \
                 and not inc.overflow.get("open_faults"):  # faults past the cap were never listed, so never cleared
             self._set_status(inc, IncidentStatus.RESOLVED, s.observed_at, "every fault cleared by a healthy signal")
             return [Change(ChangeKind.RESOLVED, inc), *self._settled(inc, s.observed_at)]
         return [Change(ChangeKind.UPDATED, inc)]
+
+    def _copies(self, inc: TrackedIncident | None, fk: str, s: Signal) -> list[tuple[TrackedIncident, bool]]:
+        """Other live incidents holding ``fk`` open, each with whether it settles on its own (see ``clear``)."""
+        st = self.state
+        out: dict[str, tuple[TrackedIncident, bool]] = {}
+        up, depth = inc, 0
+        while up is not None and up.parent is not None and depth < 4:  # parents settle with their members
+            parent = st.live(up.parent)
+            if parent is None:
+                break
+            out[parent.id] = (parent, False)
+            up, depth = parent, depth + 1
+        for mid in inc.members if inc is not None else ():  # members follow their parent (_settled)
+            member = st.live(mid)
+            if member is not None:
+                out[member.id] = (member, False)
+        t = s.tenant
+        if t is not None and t.endpoint:
+            # an endpoint's breach is counted where it stood at the time: as the impact of the hardware incident then
+            # standing on a serving node, or on its own; the serving nodes move, so every holder hears it is over (an
+            # endpoint recovers rarely: a pass over the live incidents is cheap)
+            for other in st.incidents.values():
+                if other is not inc and other.id not in out and not other.status.terminal and fk in other.open_faults:
+                    out[other.id] = (other, other.parent is None)
+        return [v for v in out.values() if fk in v[0].open_faults]
 
     def _settled(self, inc: TrackedIncident, at: datetime, depth: int = 0) -> list[Change]:
         """Hooks when an incident resolves or escalates: its parents settle once every member has (``settle_parent``),
