@@ -36,7 +36,7 @@ from datetime import datetime
 from typing import Any
 
 from breakfix.correlator.book import IncidentBook
-from breakfix.correlator.lifecycle import Lifecycle
+from breakfix.correlator.lifecycle import ENDPOINT_FAULT, Lifecycle
 from breakfix.correlator.model import NODE_CATEGORIES, Change, Observation, TrackedIncident, node_key_for
 from breakfix.correlator.patterns import Patterns
 from breakfix.correlator.rules import CategoryThreshold, Rules, Threshold
@@ -155,7 +155,7 @@ class Correlator:
             st.stats["healthy"] += 1
             iid = st.by_fault.get(fk)
             # the common case, a heartbeat for something that is fine, answered here without a call
-            if iid is None and (s.tenant is None or not s.tenant.endpoint):
+            if iid is None and not fk.startswith(ENDPOINT_FAULT):
                 return []
             return self.lifecycle.clear(fk, s, iid)  # an endpoint's breach may be open where no index names it
         r = self._route(s)

@@ -29,6 +29,7 @@ from breakfix.schemas.incident import (
 from breakfix.schemas.signal import Signal
 
 _MITIGATING_EXEMPT = (StepAction.RETURN_TO_SERVICE, StepAction.NOTIFY_TENANT)
+ENDPOINT_FAULT = "endpoint."  # an endpoint's checks (endpoint.down, .ttft, ...) and so its fault keys begin so
 
 
 class Lifecycle:
@@ -55,6 +56,8 @@ class Lifecycle:
                 return []  # a healthy reading older than the fault never clears it
             del self.state.by_fault[fk]
             changes = self._drop(inc, fk, s, settle=True)
+            if inc.parent is None and not inc.members and not fk.startswith(ENDPOINT_FAULT):
+                return changes  # the common case: held nowhere else
         for other, settle in self._copies(inc, fk, s):
             changes.extend(self._drop(other, fk, s, settle=settle))
         return changes
@@ -87,8 +90,7 @@ class Lifecycle:
             member = st.live(mid)
             if member is not None:
                 out[member.id] = (member, False)
-        t = s.tenant
-        if t is not None and t.endpoint:
+        if fk.startswith(ENDPOINT_FAULT):
             # an endpoint's breach is counted where it stood at the time: as the impact of the hardware incident then
             # standing on a serving node, or on its own; the serving nodes move, so every holder hears it is over (an
             # endpoint recovers rarely: a pass over the live incidents is cheap)
