@@ -506,6 +506,22 @@ class TestOneRebootPerNode:
         core.ingest(healthy, healthy.observed_at)
         assert not core.incidents[first.id].open_faults, "its own faults still clear on it"
 
+    def test_a_gpu_less_fault_back_on_a_validating_node_is_its_recurrence_after_another_took_the_node_key(
+            self, catalog: Catalog) -> None:
+        wedge = sig(check="nvlink.driver_wedge", code=None, gpu_index=None,
+                    message="knvlinkDiscoverPostRxDetLinks_GH100: postRxDetLinkMask failed!")
+        core = run(catalog, [wedge])
+        (first,) = standing(core)
+        assert first.category == "node_reboot_required"
+        validating(core, first, 10)
+        for s in (sig(code="48", gpu_index=1, at=20), sig(code="48", gpu_index=2, at=21), reboot_154(1, 30),
+                  reboot_154(2, 31), wedge.model_copy(update={"id": wedge.id + "-again",
+                                                              "observed_at": T0 + timedelta(seconds=100)})):
+            core.ingest(s, s.observed_at)
+        assert core.incidents[first.id].counts["nvlink.driver_wedge"] == 2, "the soak sees its fault come back"
+        (second,) = (i for i in standing(core) if i.id != first.id)
+        assert "nvlink.driver_wedge" not in {c.key for c in second.counts}
+
     def test_a_multi_gpu_failure_takes_the_gpu_incident_already_needing_a_reboot(self, catalog: Catalog) -> None:
         core = run(catalog, [sig(code="48", gpu_index=3), reboot_154(3, 1),
                              *(sig(code="48", gpu_index=g, at=HOUR + g) for g in range(3))])

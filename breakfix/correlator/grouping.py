@@ -205,6 +205,11 @@ class Correlator:
             key, scope = gpu_key, IncidentScope.GPU
         else:
             key, scope = node_key_for(s.cluster, s.node, fc.category), IncidentScope.NODE
+            held = st.live(st.by_fault.get(fk))
+            if held is not None and held.status is IncidentStatus.VALIDATING and st.by_key.get(key) != held.id:
+                # its own fault back on a node incident validating after its reboot, whose key a node incident opened
+                # since for other reboots took (Patterns.one_reboot): the recurrence is the validating one's to see
+                return book.add(held, o) + (book.after_down(held, o) if down else [])
         inc = st.incidents.get(st.by_key.get(key, ""))
         if inc is not None and inc.status in TERMINAL:
             # a flap is the same fault back within flap_s; an IGNORE or collateral code after a repair (a tenant's
