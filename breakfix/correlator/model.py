@@ -90,7 +90,12 @@ def category_rank(category: str) -> int:
 
 def node_key_for(cluster: str, node: str, category: str = "") -> str:
     """The key of a node's own incident for a fault of ``category`` (``LINK_CATEGORIES``: its links' incident)."""
-    return f"{'link' if category in LINK_CATEGORIES else 'node'}|{cluster}|{node}"
+    return link_key_for(cluster, node) if category in LINK_CATEGORIES else f"node|{cluster}|{node}"
+
+
+def link_key_for(cluster: str, node: str) -> str:
+    """The key of the incident of a node's network links (``LINK_CATEGORIES``)."""
+    return f"link|{cluster}|{node}"
 
 
 def incident_id(key: str, first_signal_id: str) -> str:

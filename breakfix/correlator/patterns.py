@@ -182,7 +182,8 @@ class Patterns:
         title = f"{len(gpus)} GPUs failing together on {inc.node}: {spec.title}"
         why = f"{len(gpus)} GPU incidents on {inc.node} within {rule.window_s:g}s"
         # the node's reboot for the host takes the node's GPU incidents already needing one (a GPU off the bus earlier)
-        rebooting = [p for p in self._needing_reboot(inc) if p not in peers]
+        taken = {p.id for p in peers}  # by id: TrackedIncident's dataclass equality compares every field
+        rebooting = [p for p in self._needing_reboot(inc) if p.id not in taken]
         if host is not None:  # the node's own incident of another kind (a GPU-less thermal fault, a count mismatch)
             return self._host_takes(host, peers + rebooting, at, category=rule.category, title=title,
                                     source=MULTI_GPU_SOURCE, why=why)
@@ -222,16 +223,14 @@ class Patterns:
             # reboot, or keeps a human's repair, which covers the reboot; either way it takes every incident needing one
             changes = self._host_takes(host, [*others, inc], at, category=inc.category, title=inc.title,
                                        source=inc.source, why=f"{inc.id} needs a node reboot")
-            if st.topology is not None:  # as a node incident opened for the reboot counts towards its rack
-                changes.extend(st.topology.observe(host, st.incidents, st.by_key, at))
-            return changes
-        if not others:
+        elif not others:
             return []
-        group = [*others, inc]
-        changes = self._open_node(inc, group, at, category=inc.category, severity=inc.severity,
-                                  title=f"Node reboot for {len(group)} incidents on {inc.node}: {inc.title}",
-                                  source=inc.source,
-                                  why=f"{len(group)} incidents on {inc.node} need a node reboot: one reboot for them")
+        else:
+            group = [*others, inc]
+            why = f"{len(group)} incidents on {inc.node} need a node reboot: one reboot for them"
+            changes = self._open_node(inc, group, at, category=inc.category, severity=inc.severity,
+                                      title=f"Node reboot for {len(group)} incidents on {inc.node}: {inc.title}",
+                                      source=inc.source, why=why)
         if st.topology is not None:  # the node's reboot counts towards a rack or switch incident, as an XID 79's does
             changes.extend(st.topology.observe(st.incidents[st.by_key[node_key]], st.incidents, st.by_key, at))
         return changes

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from datetime import datetime, timedelta
 from typing import Any
 
-from breakfix.correlator.model import LINK_CATEGORIES, TrackedIncident, node_key_for
+from breakfix.correlator.model import LINK_CATEGORIES, TrackedIncident, link_key_for
 from breakfix.correlator.rules import Rules, default_rules
 from breakfix.correlator.topology import TopologyGrouper, _Candidates
 from breakfix.schemas.catalog import Catalog, FaultClass
@@ -145,7 +145,7 @@ class CoreState:
         for inc in sorted(self.incidents.values(), key=lambda i: (not i.status.terminal, i.first_seen)):
             if inc.scope is not IncidentScope.NODE or inc.node is None or not inc.key.startswith("node|"):
                 continue
-            link_key = node_key_for(inc.cluster, inc.node, next(iter(LINK_CATEGORIES)))
+            link_key = link_key_for(inc.cluster, inc.node)
             links = [fk for fk in inc.open_faults if self._is_link(fk)]
             if inc.category in LINK_CATEGORIES and len(links) == len(inc.open_faults):
                 if self.by_key.get(inc.key) == inc.id:
