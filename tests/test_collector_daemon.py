@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -222,8 +223,12 @@ class TestStoreAndForward:
             await bus.reset_consumer(stream=subjects.SIGNALS.name, durable="count", filter_subject=subjects.SIGNALS_ALL,
                                      start_seq=1, ack_all=False)
             ids: list[str] = []
-            while batch := await bus.pull(stream=subjects.SIGNALS.name, durable="count", batch=500, timeout_s=0.5):
+            deadline = time.monotonic() + 20  # a pull under load may come back short or empty before the end
+            while len(ids) < stored and time.monotonic() < deadline:
+                batch = await bus.pull(stream=subjects.SIGNALS.name, durable="count", batch=500, timeout_s=0.5)
                 ids.extend(Signal.model_validate_json(m.data).id for m in batch)
+            while batch := await bus.pull(stream=subjects.SIGNALS.name, durable="count", batch=500, timeout_s=0.5):
+                ids.extend(Signal.model_validate_json(m.data).id for m in batch)  # anything past the count: duplicates
         finally:
             stop.set()
             await drain
