@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench schema clean venv system-deps proto checkov image image-base vendor
+.PHONY: demo test lint bench schema clean venv system-deps proto checkov image image-base vendor native
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+# The correlator's grouping core compiled to C with mypyc (tools/build_native.py; gcc and the Python headers).
+# Rebuilt when a core source changes; until then an edited source runs as Python (breakfix/correlator/__init__.py).
+NATIVE_SRC := $(addprefix breakfix/correlator/,__init__.py model.py state.py topology.py book.py patterns.py lifecycle.py grouping.py)
+NATIVE_STAMP := breakfix/correlator/_native/STAMP
+$(NATIVE_STAMP): $(STAMP) $(NATIVE_SRC) tools/build_native.py
+	$(BIN)/python tools/build_native.py
+native: $(NATIVE_STAMP)
+
+demo: $(STAMP) $(NATIVE_STAMP)
 	$(BIN)/breakfix demo
 
 lint: $(STAMP)
@@ -49,14 +57,14 @@ image-base:
 image:
 	deploy/image/build.sh $(IMAGE) $(BASE_IMAGE)
 
-test: $(STAMP) system-deps $(CHECKOV_STAMP)
+test: $(STAMP) $(NATIVE_STAMP) system-deps $(CHECKOV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy breakfix benchmarks
 	$(BIN)/lint-imports
 	$(BIN)/breakfix schema check
 	$(BIN)/pytest -q -rs
 
-bench: $(STAMP)
+bench: $(STAMP) $(NATIVE_STAMP)
 	$(BIN)/python -m benchmarks.run
 
 proto: $(STAMP)
@@ -75,4 +83,4 @@ schema: $(STAMP)
 	$(BIN)/breakfix schema export
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info breakfix/correlator/_native

@@ -1,7 +1,8 @@
 """``make bench``: correlator figures, measured side by side in one run.
 
 1. The pure grouping core (signals/s) on three mixes from ``benchmarks/mixes.py``: an hour of a
-   10,000-GPU fleet (the realistic mix), the storm below, and a change-heavy stress mix.
+   10,000-GPU fleet (the realistic mix), the storm below, and a change-heavy stress mix; compiled (mypyc, as
+   ``make`` builds it) and, in a child process, its Python sources, each beside its dict-store baseline.
 2. Through one real nats-server: the raw nats-py JetStream pull-and-ack rate, then the
    correlator service (consume, correlate, publish incident changes, checkpoint, ack) over
    the same signals on the same machine, reported as a ratio (fleet hour and stress mix).
@@ -24,6 +25,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -45,6 +49,7 @@ from breakfix.bus.server import EmbeddedNats
 from breakfix.cli.logs import configure
 from breakfix.collectors.fleet import build_fleet
 from breakfix.collectors.storm import switch_storm
+from breakfix.correlator import CORE_BUILD, PURE_ENV
 from breakfix.correlator.app import CorrelatorConfig, build_core, build_correlator
 from breakfix.correlator.service import ServiceConfig
 from breakfix.schemas import subjects
@@ -224,14 +229,34 @@ async def bench_storm(data: Path) -> dict[str, object]:
         server.stop()
 
 
+def core_figures(hour: list[Signal], storm: list[Signal], stress: list[Signal]) -> dict[str, object]:
+    """The pure core on the three mixes, in this process's build of it (``breakfix.correlator.CORE_BUILD``)."""
+    return {"core_build": CORE_BUILD, "core_fleet_hour": bench_core(hour), "core_storm_mix": bench_core(storm),
+            "core_stress_mix": bench_core(stress)}
+
+
+def core_figures_python() -> dict[str, object]:
+    """``core_figures`` in a child process that runs the core's Python sources (``BREAKFIX_PURE_CORE=1``), for the
+    compiled core's ratio in the same run."""
+    code = ("import gc, json; from benchmarks.run import core_figures, mixes; h, st, sx = mixes(); gc.freeze(); "
+            "print(json.dumps(core_figures(h, st, sx)))")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, PURE_ENV: "1"}, capture_output=True,
+                          text=True, timeout=900, check=True)
+    figures: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def mixes() -> tuple[list[Signal], list[Signal], list[Signal]]:
+    """The fleet hour, the storm and the stress mix."""
+    return fleet_hour(), switch_storm(build_fleet(1000), start=T0).signals, stress_mix(200_000)
+
+
 def main() -> None:
     configure(json=True, level="WARNING")
-    hour = fleet_hour()
-    stress = stress_mix(200_000)
-    storm = switch_storm(build_fleet(1000), start=T0).signals
+    hour, storm, stress = mixes()
     gc.freeze()  # the inputs are long-lived; keep the collector off them, as the daemon does with its state
-    result: dict[str, object] = {"core_fleet_hour": bench_core(hour), "core_storm_mix": bench_core(storm),
-                                 "core_stress_mix": bench_core(stress)}
+    result: dict[str, object] = core_figures(hour, storm, stress)
+    result["core_python_sources"] = core_figures_python()
     with tempfile.TemporaryDirectory(prefix="breakfix-bench-") as d:
         result["nats_fleet_hour"] = asyncio.run(bench_nats(hour[:60_000], Path(d) / "a"))
         result["nats_stress_mix"] = asyncio.run(bench_nats(stress[:60_000], Path(d) / "b"))

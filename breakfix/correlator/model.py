@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -163,8 +164,11 @@ class TrackedIncident:
         return Incident.model_construct(**{f.wire_name: f.wire(getattr(self, f.attr)) for f in _WIRE})
 
     # -- checkpoint form ------------------------------------------------------------------------
-    # ``correlator.checkpoint`` writes a TrackedIncident with orjson's native dataclass support
-    # (pydantic values through ``model_dump``); ``from_state`` reads that dict back through ``FIELDS``.
+    # ``correlator.checkpoint`` writes ``state_dict`` with orjson (pydantic values through ``model_dump``), every field
+    # in declaration order; ``from_state`` reads that dict back through ``FIELDS``.
+    def state_dict(self) -> dict[str, Any]:
+        return dict(zip(_STATE_NAMES, _state_values(self), strict=True))
+
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> TrackedIncident:
         return cls(**{name: dec(d[name]) for name, dec in _STATE.items() if name in d})
@@ -236,8 +240,7 @@ def change_json(kind: ChangeKind, inc: TrackedIncident, at: datetime, max_bytes:
     ``max_bytes`` the long lists (signal ids, evidence, timeline) are trimmed and counted in
     ``overflow``, so a change always fits under NATS's ``max_payload``.
     """
-    d = inc.__dict__
-    body = {name: d[attr] if conv is None else conv(d[attr]) for name, attr, conv in _JSON_PLAN}
+    body = {name: v if conv is None else conv(v) for (name, conv), v in zip(_JSON_PLAN, _json_values(inc), strict=True)}
     body["schema"] = "breakfix.incident/v1"
     data = orjson.dumps({"kind": kind.value, "at": at, "incident": body}, option=_OPTS)
     if max_bytes is not None and len(data) > max_bytes:
@@ -367,5 +370,10 @@ FIELDS: tuple[Field, ...] = (
 _WIRE = tuple(f for f in FIELDS if f.wire_name)
 # change_json's view of _WIRE: (wire name, attribute, JSON conversion or None). Plain values and enums need
 # none: orjson writes a StrEnum member as its string value, the bytes ``_value`` would give.
-_JSON_PLAN = tuple((f.wire_name, f.attr, None if f.json in (_same, _value) else f.json) for f in _WIRE)
+_JSON_PLAN = tuple((f.wire_name, None if f.json in (_same, _value) else f.json) for f in _WIRE)
+# the attributes read in one call (a compiled TrackedIncident has no ``__dict__``, and one getter is the cheaper read
+# in either build)
+_json_values = attrgetter(*(f.attr for f in _WIRE))
 _STATE: dict[str, Callable[[Any], Any]] = {f.attr: f.state for f in FIELDS if f.state is not None}
+_STATE_NAMES = tuple(f.name for f in fields(TrackedIncident))
+_state_values = attrgetter(*_STATE_NAMES)

@@ -31,6 +31,7 @@ from breakfix.bus.clock import Clock, SystemClock
 from breakfix.bus.codec import decoder
 from breakfix.bus.consumer import ConsumerStats, DecodeError, decode_message
 from breakfix.bus.protocol import BlobStore, Bus, Delivery, PublishAck
+from breakfix.correlator import CORE_BUILD
 from breakfix.correlator.checkpoint import Checkpoint, CheckpointStore
 from breakfix.correlator.grouping import Correlator
 from breakfix.correlator.index import index_for
@@ -307,6 +308,7 @@ class CorrelatorService:
         return out
 
     async def run(self, stop: asyncio.Event) -> None:
+        log.info("correlator_starting", core_build=CORE_BUILD)  # compiled (mypyc) or the Python sources
         await self.restore()
         consumers = self._consumers()
         (sig_stream, sig_durable, _), (act_stream, act_durable, _) = consumers[:2]

@@ -117,7 +117,7 @@ class CoreState:
                   for k, g in (self.topology.groups.items() if self.topology else ())}
         return {
             "version": STATE_VERSION,
-            "incidents": list(self.incidents.values()),  # dataclasses: orjson writes them natively
+            "incidents": [inc.state_dict() for inc in self.incidents.values()],
             "seen": list(self.seen.items()),
             "serving": {k: list(v) for k, v in self.serving.items()},
             "down": {k: [i, g, _ts(t)] for k, (i, g, t) in self.down.items()},
