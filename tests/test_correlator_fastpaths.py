@@ -3,7 +3,7 @@
 - the signal decoder (direct validator call, remembered subject matches) accepts and rejects exactly
   what ``Signal.model_validate_json`` does, with the same dead-letter reason, and a node it has
   accepted still cannot send on another node's subject;
-- ``Signal.fault_key`` is ``check@entity_key()``;
+- ``Signal.fault_key`` is ``check@entity_key()``, and the core reads the same keys from the field values;
 - the core's per-(check, code) route cache leaves a class that depends on the message to the message;
 - the signal counter's cached labels keep the check-label cap;
 - incident index writes collected at the checkpoint: a refused batch is put again, in order, so the
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from breakfix.bus.codec import DecodeError, decoder, encode
 from breakfix.bus.memory import MemoryBus
 from breakfix.correlator.app import CorrelatorConfig, build_correlator
-from breakfix.correlator.grouping import Correlator
+from breakfix.correlator.grouping import Correlator, signal_keys
 from breakfix.correlator.index import IncidentIndex
 from breakfix.correlator.metrics import CorrelatorMetrics
 from breakfix.correlator.service import ServiceConfig
@@ -135,10 +135,16 @@ class TestFaultKey:
            tenant=st.one_of(st.none(), st.builds(TenantRef, namespace=st.just("ns"),
                                                  endpoint=st.one_of(st.none(), st.just(""), st.just("api")),
                                                  pod=st.one_of(st.none(), st.just("p-0")))))
-    def test_the_fault_key_is_the_check_at_the_entity_key(self, gpu: GpuRef | None, component: str | None,
-                                                         tenant: TenantRef | None) -> None:
+    def test_the_core_reads_the_fault_and_gpu_keys_the_signal_gives(self, gpu: GpuRef | None, component: str | None,
+                                                                    tenant: TenantRef | None) -> None:
+        """``check@node[/gpu][/component][/tenant endpoint]``, from ``Signal.fault_key`` and from the compiled core's
+        read of the field values (``signal_keys``) alike; ``entity_key`` is the part after the check."""
         s = sig(component=component).model_copy(update={"gpu": gpu, "tenant": tenant})
-        assert s.fault_key() == f"{s.check}@{s.entity_key()}"
+        parts = [s.node] + ([gpu.key()] if gpu is not None else []) + ([component] if component else []) \
+            + ([tenant.key()] if tenant is not None and tenant.endpoint else [])
+        assert s.fault_key() == f"{s.check}@{'/'.join(parts)}"
+        assert s.entity_key() == "/".join(parts)
+        assert signal_keys(s.__dict__) == (s.fault_key(), None if gpu is None else gpu.key())
 
 
 class TestRoutes:
@@ -146,7 +152,7 @@ class TestRoutes:
         core = Correlator(catalog)
         for message in ("GPU Reset Required", "Node Reboot Required", "Drain and Reset", ""):
             s = sig(code="154", message=message)
-            assert core._route(s).fc == catalog.classify(check="xid", code="154", message=message)
+            assert core._route(s, s.check, s.code).fc == catalog.classify(check="xid", code="154", message=message)
 
 
 class TestSignalCounter:

@@ -11,7 +11,7 @@ Returns ``Change``s; no I/O, no clock reads.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from breakfix.correlator.model import (
     NODE_CATEGORIES,
@@ -23,7 +23,7 @@ from breakfix.correlator.model import (
 )
 from breakfix.correlator.state import TENANT_LABEL, CoreState
 from breakfix.schemas.catalog import FaultClass
-from breakfix.schemas.common import max_severity
+from breakfix.schemas.common import TenantRef, max_severity
 from breakfix.schemas.incident import MIG_SEEN_LABEL, ChangeKind, Domain, IncidentScope, IncidentStatus
 from breakfix.schemas.signal import Signal
 
@@ -106,24 +106,27 @@ class IncidentBook:
 
     def open(self, key: str, scope: IncidentScope, o: Observation, note: str = "") -> list[Change]:
         s, fc = o.signal, o.fc
+        d: dict[str, Any] = s.__dict__  # the field values, read once (``Correlator.ingest``)
+        at: datetime = d["observed_at"]
         inc = TrackedIncident(
-            id=incident_id(key, s.id), key=key, cluster=s.cluster, scope=scope, node=s.node,
-            category=fc.category, severity=fc.severity if fc.known else max_severity(fc.severity, s.severity),
-            domain=fc.domain, title=fc.title, first_seen=s.observed_at, last_seen=s.observed_at, source=fc.source,
+            id=incident_id(key, d["id"]), key=key, cluster=d["cluster"], scope=scope, node=d["node"],
+            category=fc.category, severity=fc.severity if fc.known else max_severity(fc.severity, d["severity"]),
+            domain=fc.domain, title=fc.title, first_seen=at, last_seen=at, source=fc.source,
         )
-        if fc.category == "application_fault" and s.tenant is None:
+        if fc.category == "application_fault" and d["tenant"] is None:
             # NVIDIA RESTART_APP, but no pod is known to hold the GPU: on-call must find the workload
             inc.labels[TENANT_LABEL] = "unknown"
             inc.title = f"Tenant unknown: {fc.title}"
         self.state.incidents[inc.id] = inc
         self.state.by_key[key] = inc.id
         self.absorb(inc, o)
-        inc.note(s.observed_at, "opened", note or f"{o.ck} on {s.entity_key()}", self.rules.timeline_limit)
+        # the signal's entity, as ``Signal.entity_key`` has it: the fault key past its check
+        inc.note(at, "opened", note or f"{o.ck} on {o.fk[len(d['check']) + 1:]}", self.rules.timeline_limit)
         if scope is IncidentScope.GPU and inc.domain is Domain.OPERATOR:
             self.patterns.lemon(inc, s)  # a new incident is a new burst; a flap reopen is not
         changes = [Change(ChangeKind.OPENED, inc), *self._after_open(inc, s, new=True)]
         if scope is IncidentScope.NODE and inc.category in NODE_CATEGORIES:
-            changes.extend(self.patterns.one_reboot(inc, s.observed_at))  # it takes the node's other reboots
+            changes.extend(self.patterns.one_reboot(inc, at))  # it takes the node's other reboots
         return changes
 
     def reopen(self, inc: TrackedIncident, o: Observation) -> list[Change]:
@@ -180,7 +183,7 @@ class IncidentBook:
 
     def add(self, inc: TrackedIncident, o: Observation, fold: bool = False) -> list[Change]:
         s, fk, ck, lk = o.signal, o.fk, o.ck, o.lk
-        at = s.observed_at
+        at: datetime = s.__dict__["observed_at"]  # the field value (``Correlator.ingest``)
         last = inc.last_at.get(lk)
         if last is not None and fk in inc.open_faults and at - last <= self.state.dedupe_td and ck in inc.counts \
                 and (fold or not raises_class(inc, o.fc)):
@@ -190,7 +193,7 @@ class IncidentBook:
             # one is absorbed and raises the incident, as it would a minute later. A folded signal never sets its
             # host's class (absorb), so its repeats stay on this path whatever their class.
             self.state.stats["suppressed"] += 1
-            self.state.remember(s.id, inc.id)
+            self.state.remember(s.__dict__["id"], inc.id)
             inc.signal_count += 1
             inc.counts[ck] += 1
             inc.last_at[lk] = at
@@ -245,15 +248,18 @@ class IncidentBook:
     def absorb(self, inc: TrackedIncident, o: Observation, fold: bool = False) -> bool:
         """Add a fault signal's facts to an incident; True when something an SRE would notice changed."""
         rules, st, s, fk, ck, fc = self.rules, self.state, o.signal, o.fk, o.ck, o.fc
-        at = s.observed_at
-        st.remember(s.id, inc.id)
+        d: dict[str, Any] = s.__dict__  # the field values, read once (``Correlator.ingest``)
+        at: datetime = d["observed_at"]
+        sid: str = d["id"]
+        st.remember(sid, inc.id)
         inc.last_at[o.lk] = at
         material = False
         inc.signal_count += 1
         if len(inc.signal_ids) < rules.evidence_ids:
-            inc.signal_ids.append(s.id)
-        if s.message and len(inc.evidence) < rules.evidence_messages:
-            inc.evidence.append(s.message[:rules.message_chars])
+            inc.signal_ids.append(sid)
+        message: str = d["message"]
+        if message and len(inc.evidence) < rules.evidence_messages:
+            inc.evidence.append(message[:rules.message_chars])
         if at > inc.last_seen:
             inc.last_seen = at
         caps = rules.caps
@@ -265,21 +271,25 @@ class IncidentBook:
             counts[ck] = 1
             material = True
             if fold:
-                inc.note(at, "folded", f"{ck} on {s.entity_key()}", rules.timeline_limit)
+                inc.note(at, "folded", f"{ck} on {fk[len(d['check']) + 1:]}", rules.timeline_limit)  # its entity
         else:
             inc.over("codes", at, caps.codes, rules.timeline_limit)
-        if s.check not in inc.checks and len(inc.checks) < caps.codes:
-            inc.checks[s.check] = None
+        check: str = d["check"]
+        if check not in inc.checks and len(inc.checks) < caps.codes:
+            inc.checks[check] = None
+        node: str = d["node"]
         if not fold:
-            if s.node not in inc.nodes:
+            if node not in inc.nodes:
                 if len(inc.nodes) < caps.components:
-                    inc.nodes[s.node] = None
-                    for k, v in s.labels.items():
+                    inc.nodes[node] = None
+                    labels: dict[str, str] = d["labels"]
+                    for k, v in labels.items():
                         inc.labels.setdefault(k, v)
                     material = True
                 else:
                     inc.over("components", at, caps.components, rules.timeline_limit)
-            if s.details and "GPU_I_ID" in s.details and MIG_SEEN_LABEL not in inc.labels:
+            details: dict[str, str] = d["details"]
+            if details and "GPU_I_ID" in details and MIG_SEEN_LABEL not in inc.labels:
                 inc.labels[MIG_SEEN_LABEL] = "true"  # a GPU instance's fault (kmsg GPU-I, dcgm-exporter GPU_I_ID): the
                 material = True  # remediator does not take the GPUs for whole (remediator.decide.whole_gpu)
             g = o.gkey
@@ -288,15 +298,16 @@ class IncidentBook:
                     st.by_gpu[o.gpu_key] = inc.id
                 if g not in inc.gpus:
                     if len(inc.gpus) < caps.components:
-                        inc.gpus[g] = s.gpu  # type: ignore[assignment]  # gkey is set only with a GPU
+                        inc.gpus[g] = d["gpu"]  # gkey is set only with a GPU
                         material = True
                     else:
                         inc.over("components", at, caps.components, rules.timeline_limit)
-            if s.tenant is not None:
-                t = s.tenant.key()
+            tenant: TenantRef | None = d["tenant"]
+            if tenant is not None:
+                t = tenant.key()
                 if t not in inc.tenants:
                     if len(inc.tenants) < caps.components:
-                        inc.tenants[t] = s.tenant
+                        inc.tenants[t] = tenant
                         inc.labels.pop(TENANT_LABEL, None)
                         material = True
                     else:
@@ -311,9 +322,9 @@ class IncidentBook:
             st.by_fault[fk] = inc.id
             material |= prev is None
         if o.gkey is not None and (fc.equivalent or ck) in rules.down_codes:  # fc: maybe a pattern's, not o.eck's
-            st.down[s.node] = (inc.id, o.gkey, at)
+            st.down[node] = (inc.id, o.gkey, at)
         elif fc.category in rules.down_categories:
-            st.down[s.node] = (inc.id, "", at)
+            st.down[node] = (inc.id, "", at)
         if inc.category == "gpu_reset_required" and st.dbe_with_remap(counts):
             material |= self.companions(inc, at)
         return material

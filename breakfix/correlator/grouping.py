@@ -37,14 +37,15 @@ from typing import Any
 
 from breakfix.correlator.book import IncidentBook
 from breakfix.correlator.lifecycle import ENDPOINT_FAULT, Lifecycle
-from breakfix.correlator.model import NODE_CATEGORIES, Change, Observation, TrackedIncident, node_key_for
+from breakfix.correlator.model import NODE_CATEGORIES, TERMINAL, Change, Observation, TrackedIncident, node_key_for
 from breakfix.correlator.patterns import Patterns
 from breakfix.correlator.rules import CategoryThreshold, Rules, Threshold
-from breakfix.correlator.state import LEMON_LABEL, TERMINAL, CoreState
+from breakfix.correlator.state import LEMON_LABEL, CoreState
 from breakfix.correlator.topology import TopologyGrouper
 from breakfix.schemas.catalog import Catalog, FaultClass
+from breakfix.schemas.common import GpuRef, TenantRef, gpu_key_of
 from breakfix.schemas.incident import ActionRecord, Domain, IncidentChange, IncidentScope, IncidentStatus
-from breakfix.schemas.signal import Signal
+from breakfix.schemas.signal import Signal, fault_key_of
 
 NO_ACTION = frozenset({"informational", "sympathetic"})  # NVIDIA IGNORE and collateral XIDs: no repair of their own
 _ROUTES = 4096  # (check, code) pairs are open-ended input: the route cache is bounded
@@ -79,6 +80,20 @@ def code_key(signal: Signal) -> str:
     if signal.code:
         return f"{signal.check}:{signal.code}"
     return signal.check
+
+
+def signal_keys(d: dict[str, Any]) -> tuple[str, str | None]:
+    """A signal's fault key (``Signal.fault_key``) and its GPU's key (``GpuRef.key``) from its field values
+    (``Signal.__dict__``), through the same functions (``fault_key_of``, ``gpu_key_of``), with no method calls on the
+    models: the per-signal work of the compiled core stays native."""
+    g: GpuRef | None = d["gpu"]
+    gkey = None
+    if g is not None:
+        gd: dict[str, Any] = g.__dict__
+        gkey = gpu_key_of(gd["uuid"], gd["index"], gd["pci_bus_id"])
+    t: TenantRef | None = d["tenant"]
+    endpoint = t.key() if t is not None and t.__dict__["endpoint"] else None
+    return fault_key_of(d["check"], d["node"], gkey, d["component"], endpoint), gkey
 
 
 class Correlator:
@@ -143,27 +158,30 @@ class Correlator:
         """Fold one signal in; return the changes to publish (often none)."""
         st, book = self.state, self.book
         st.stats["signals"] += 1
-        hit = st.seen.get(s.id)
+        # the signal's field values, read once: each attribute read of a pydantic model goes through its
+        # ``__getattr__`` hook (slower in both builds, and the compiled one cannot read its fields natively)
+        d: dict[str, Any] = s.__dict__
+        hit = st.seen.get(d["id"])
         if hit is not None:
             st.stats["duplicates"] += 1
             inc = st.incidents.get(hit)
             if inc is not None:
                 inc.duplicate_count += 1
             return []
-        fk = s.fault_key()
-        if s.healthy:  # not remembered: a repeated healthy reading clears nothing twice
+        fk, gkey = signal_keys(d)
+        if d["healthy"]:  # not remembered: a repeated healthy reading clears nothing twice
             st.stats["healthy"] += 1
             iid = st.by_fault.get(fk)
             # the common case, a heartbeat for something that is fine, answered here without a call
             if iid is None and not fk.startswith(ENDPOINT_FAULT):
                 return []
             return self.lifecycle.clear(fk, s, iid)  # an endpoint's breach may be open where no index names it
-        r = self._route(s)
+        r = self._route(s, d["check"], d["code"])
         fc, ck, eck = r.fc, r.ck, r.eck
-        at = s.observed_at
-        g = s.gpu
-        gkey = None if g is None else g.key()
-        gpu_key = None if gkey is None else f"gpu|{s.cluster}|{s.node}|{gkey}"
+        at: datetime = d["observed_at"]
+        node: str = d["node"]
+        cluster: str = d["cluster"]
+        gpu_key = None if gkey is None else f"gpu|{cluster}|{node}|{gkey}"
         o = Observation(s, fk, ck, eck, fc, gpu_key, gkey, f"{fk}#{ck}")
         down = r.down  # may fold peers opened before
         if r.symp and gpu_key is not None:  # the GPU's own incident, or the node or tenant one holding its codes
@@ -183,28 +201,29 @@ class Correlator:
                 changes = book.add(host, o)
                 return changes + book.after_down(host, o) if down else changes
         if r.peer:
-            d = st.down.get(s.node)
-            if d is not None and at - d[2] <= st.peer_td:  # peers, and the downed GPU's own NVLink codes
-                host = st.live(d[0])
+            dn = st.down.get(node)
+            if dn is not None and at - dn[2] <= st.peer_td:  # peers, and the downed GPU's own NVLink codes
+                host = st.live(dn[0])
                 if host is not None:
                     return book.add(host, o, fold=True)
-        if r.impact and s.tenant is not None:
+        tenant: TenantRef | None = d["tenant"]
+        if r.impact and tenant is not None:
             found = self.patterns.endpoint(o)
             if found is not None:
                 return found
-        if r.suspect and gpu_key is not None and s.tenant is not None:
+        if r.suspect and gpu_key is not None and tenant is not None:
             found = self.patterns.suspect(gpu_key, o)
             if found is not None:
                 return found
-        t = s.tenant  # the key (Correlator._key, inlined: most fault signals get here)
+        t = tenant  # the key (Correlator._key, inlined: most fault signals get here)
         if fc.domain is Domain.TENANT and t is not None and not r.contained:
             # (a containment XID is keyed by its GPU even with a pod: its repair is the GPU's reset, and the DBE or
             # row remap it reports, or another workload's XID 94 on that GPU, meets it there in any order)
-            key, scope = f"tenant|{s.cluster}|{t.namespace}|{t.workload()}", IncidentScope.TENANT
+            key, scope = f"tenant|{cluster}|{t.namespace}|{t.workload()}", IncidentScope.TENANT
         elif gpu_key is not None and fc.category not in NODE_CATEGORIES:
             key, scope = gpu_key, IncidentScope.GPU
         else:
-            key, scope = node_key_for(s.cluster, s.node, fc.category), IncidentScope.NODE
+            key, scope = node_key_for(cluster, node, fc.category), IncidentScope.NODE
             held = st.live(st.by_fault.get(fk))
             if held is not None and held.status is IncidentStatus.VALIDATING and st.by_key.get(key) != held.id:
                 # its own fault back on a node incident validating after its reboot, whose key a node incident opened
@@ -226,13 +245,13 @@ class Correlator:
             thr = r.threshold
             if thr is not None and not book.threshold_met(f"{fk}#{eck}", at, thr.count, thr.window_s):
                 st.stats["below_threshold"] += 1
-                st.remember(s.id, "")
+                st.remember(d["id"], "")
                 return []
             cthr = r.category_threshold
             if cthr is not None and not book.threshold_met(f"{fk}#cat:{fc.category}", at, cthr.count,
                                                             cthr.window_s):
                 st.stats["below_threshold"] += 1
-                st.remember(s.id, "")
+                st.remember(d["id"], "")
                 return []
             changes = book.open(key, scope, o)
             return changes + book.after_down(st.incidents[st.by_key[key]], o) if down else changes
@@ -260,10 +279,10 @@ class Correlator:
             return True
         return r.memory and not st.contained_facts.isdisjoint(counts)
 
-    def _route(self, s: Signal) -> Route:
-        """The signal's ``Route``: cached by (check, code) unless its class depends on the message
+    def _route(self, s: Signal, check: str, code: str | None) -> Route:
+        """The signal's ``Route``: cached by (check, code) (the signal's) unless its class depends on the message
         (``CoreState.classify`` caches the same way), bounded."""
-        k = (s.check, s.code)
+        k = (check, code)
         r = self._routes.get(k)
         if r is None:
             st, rules = self.state, self.state.rules

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from breakfix.correlator.model import Change, TrackedIncident
+from breakfix.correlator.model import TERMINAL, Change, TrackedIncident
 from breakfix.correlator.state import CoreState
 from breakfix.correlator.topology import settle_parent
 from breakfix.schemas.incident import (
@@ -64,7 +64,7 @@ class Lifecycle:
 
     def _drop(self, inc: TrackedIncident, fk: str, s: Signal, *, settle: bool) -> list[Change]:
         opened = inc.open_faults.get(fk)
-        if opened is None or s.observed_at < opened or inc.status.terminal:
+        if opened is None or s.observed_at < opened or inc.status in TERMINAL:
             return []
         del inc.open_faults[fk]
         inc.version += 1
@@ -95,7 +95,8 @@ class Lifecycle:
             # standing on a serving node, or on its own; the serving nodes move, so every holder hears it is over (an
             # endpoint recovers rarely: a pass over the live incidents is cheap)
             for other in st.incidents.values():
-                if other is not inc and other.id not in out and not other.status.terminal and fk in other.open_faults:
+                if other is not inc and other.id not in out and other.status not in TERMINAL \
+                        and fk in other.open_faults:
                     out[other.id] = (other, other.parent is None)
         return [v for v in out.values() if fk in v[0].open_faults]
 
@@ -108,7 +109,7 @@ class Lifecycle:
         if inc.members and depth < 4:
             for mid in inc.members:
                 member = self.state.incidents.get(mid)
-                if member is not None and not member.status.terminal:
+                if member is not None and member.status not in TERMINAL:
                     self._set_status(member, inc.status, at, f"parent incident {inc.id} settled")
                     member.version += 1
                     changes.append(Change(ChangeKind.STATUS if inc.status is IncidentStatus.ESCALATED
@@ -119,12 +120,12 @@ class Lifecycle:
     def adopt(self, change: IncidentChange, now: datetime) -> list[Change]:
         """A fabric incident from the fleet stage (partitioned mode): fold the members we own."""
         fab = change.incident
-        if fab.scope is not IncidentScope.FABRIC or fab.status.terminal:
+        if fab.scope is not IncidentScope.FABRIC or fab.status in TERMINAL:
             return []
         changes: list[Change] = []
         for mid in fab.members:
             inc = self.state.incidents.get(mid)
-            if inc is None or inc.parent is not None or inc.status.terminal:
+            if inc is None or inc.parent is not None or inc.status in TERMINAL:
                 continue
             inc.parent = fab.id
             inc.version += 1
@@ -145,7 +146,7 @@ class Lifecycle:
                 return [Change(ChangeKind.STATUS, inc)]
             return []
         before = (inc.status, inc.plan, inc.waiting)
-        if not inc.status.terminal:
+        if inc.status not in TERMINAL:
             inc.waiting = rec.waiting  # what the plan waits on now (approval, budget, ...); None once it moves
         if rec.kind is ActionKind.PLAN:
             if rec.outcome is ActionOutcome.PLANNED and rec.plan is not None:
@@ -165,23 +166,23 @@ class Lifecycle:
                 self._set_status(inc, IncidentStatus.ESCALATED, rec.at, rec.reason or "escalated")
             elif rec.action not in _MITIGATING_EXEMPT:
                 self._set_status(inc, IncidentStatus.MITIGATING, rec.at, f"{rec.action} {rec.outcome}")
-        if inc.status.terminal:
+        if inc.status in TERMINAL:
             inc.waiting = None
         if (inc.status, inc.plan, inc.waiting) == before:
             return []
         inc.version += 1
         kind = ChangeKind.RESOLVED if inc.status is IncidentStatus.RESOLVED else ChangeKind.STATUS
         changes = [Change(kind, inc)]
-        if inc.status.terminal:
+        if inc.status in TERMINAL:
             changes.extend(self._settled(inc, rec.at))
         return changes
 
     def _set_status(self, inc: TrackedIncident, status: IncidentStatus, at: datetime, why: str) -> None:
-        if inc.status.terminal or inc.status is status:
+        if inc.status in TERMINAL or inc.status is status:
             return
         inc.status = status
         inc.note(at, status.value, why, self.rules.timeline_limit)
-        if status.terminal:
+        if status in TERMINAL:
             if status is IncidentStatus.RESOLVED:
                 inc.resolved_at = at
                 inc.time_to_repair_s = round((at - inc.first_seen).total_seconds(), 3)

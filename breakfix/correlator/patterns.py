@@ -14,7 +14,6 @@ Wired by ``correlator.grouping.Correlator`` with the shared ``CoreState`` and th
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import datetime
 from functools import lru_cache
 
@@ -102,10 +101,10 @@ class Patterns:
         suspect = FaultClass(rule.category, spec.severity, spec.domain, "", True, spec.title, SUSPECT_SOURCE)
         note = f"{o.ck} from {len(workloads)} workloads within {rule.window_s:g}s: {', '.join(workloads)}"
         if host is not None:
-            changes = self.book.add(host, replace(o, fc=suspect))
+            changes = self.book.add(host, o.with_class(suspect))
             host.note(at, "suspect", note, self.rules.timeline_limit)
             return changes
-        return self.book.open(gpu_key, IncidentScope.GPU, replace(o, fc=suspect), note=note)
+        return self.book.open(gpu_key, IncidentScope.GPU, o.with_class(suspect), note=note)
 
     def lemon(self, inc: TrackedIncident, s: Signal) -> None:
         rule = self.rules.lemon

@@ -14,18 +14,17 @@ from collections import OrderedDict
 from datetime import datetime, timedelta
 from typing import Any
 
-from breakfix.correlator.model import LINK_CATEGORIES, TrackedIncident, link_key_for
+from breakfix.correlator.model import LINK_CATEGORIES, TERMINAL, TrackedIncident, link_key_for
 from breakfix.correlator.rules import Rules, default_rules
 from breakfix.correlator.topology import TopologyGrouper, _Candidates
 from breakfix.schemas.catalog import Catalog, FaultClass
-from breakfix.schemas.incident import IncidentScope, IncidentStatus
+from breakfix.schemas.incident import IncidentScope
 from breakfix.schemas.signal import Signal
 
 LEMON_LABEL = "breakfix.io/lemon"
 TENANT_LABEL = "breakfix.io/tenant"
 STATE_VERSION = 1
 _CLASS_CACHE = 4096
-TERMINAL = frozenset(st for st in IncidentStatus if st.terminal)  # ``status.terminal`` as one set lookup
 
 
 def _ts(d: datetime) -> str:
@@ -142,7 +141,7 @@ class CoreState:
         host's incident beside it. One holding link faults beside host faults (a link an XID 79 joined) stays under
         the node's key and is also named by the links' key while it is open, so its link faults keep clearing and
         repeating where they are open; once it settles, the next link fault opens a link incident."""
-        for inc in sorted(self.incidents.values(), key=lambda i: (not i.status.terminal, i.first_seen)):
+        for inc in sorted(self.incidents.values(), key=lambda i: (i.status not in TERMINAL, i.first_seen)):
             if inc.scope is not IncidentScope.NODE or inc.node is None or not inc.key.startswith("node|"):
                 continue
             link_key = link_key_for(inc.cluster, inc.node)
@@ -152,7 +151,7 @@ class CoreState:
                     del self.by_key[inc.key]
                     self.by_key[link_key] = inc.id
                 inc.key = link_key
-            elif links and not inc.status.terminal and self.by_key.get(inc.key) == inc.id:
+            elif links and inc.status not in TERMINAL and self.by_key.get(inc.key) == inc.id:
                 self.by_key.setdefault(link_key, inc.id)
 
     def _is_link(self, fault_key: str) -> bool:
@@ -170,9 +169,9 @@ class CoreState:
             self.incidents[inc.id] = inc
         # a key names its live incident where it has one (an incident re-keyed to its GPU may be older than a settled
         # one under that key), else its newest
-        for inc in sorted(self.incidents.values(), key=lambda i: (not i.status.terminal, i.first_seen)):
+        for inc in sorted(self.incidents.values(), key=lambda i: (i.status not in TERMINAL, i.first_seen)):
             self.by_key[inc.key] = inc.id
-            if not inc.status.terminal:
+            if inc.status not in TERMINAL:
                 for fk in inc.open_faults:
                     self.by_fault[fk] = inc.id
                 if inc.domain.value == "operator" and inc.node is not None:

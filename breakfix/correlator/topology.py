@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from breakfix.correlator.model import Change, TrackedIncident, incident_id
+from breakfix.correlator.model import TERMINAL, Change, TrackedIncident, incident_id
 from breakfix.correlator.rules import Rules, TopologyRule
 from breakfix.schemas.common import max_severity
 from breakfix.schemas.incident import ChangeKind, Domain, IncidentScope, IncidentStatus
@@ -35,9 +35,9 @@ def settle_parent(inc: TrackedIncident, incidents: dict[str, TrackedIncident], a
     the parent's own faults is open. A parent's own faults are those ``by_fault`` names it for: a node incident a
     GPU off the bus opened keeps that fault when a GPU incident folded into it clears (a group parent has none)."""
     parent = incidents.get(inc.parent) if inc.parent else None
-    if parent is None or parent.status.terminal:
+    if parent is None or parent.status in TERMINAL:
         return []
-    live = [incidents[m] for m in parent.members if m in incidents and not incidents[m].status.terminal]
+    live = [incidents[m] for m in parent.members if m in incidents and incidents[m].status not in TERMINAL]
     own = {fk: t for fk, t in parent.open_faults.items() if by_fault.get(fk) == parent.id} if by_fault else {}
     parent.open_faults = {**own, **{fk: t for m in live for fk, t in m.open_faults.items()}}
     if not live and not own:
@@ -76,13 +76,13 @@ class TopologyGrouper:
         key = fabric_key(inc.cluster, rule, value)
         group = self.groups.setdefault(key, _Candidates())
         fab = incidents.get(group.fabric) if group.fabric else None
-        if fab is not None and not fab.status.terminal:
+        if fab is not None and fab.status not in TERMINAL:
             return self._join(fab, inc, at)
         window = timedelta(seconds=rule.window_s)
         group.members[inc.id] = (inc.node, inc.first_seen)
         for mid, (_node, seen) in list(group.members.items()):
             member = incidents.get(mid)
-            if inc.first_seen - seen > window or member is None or member.status.terminal or (
+            if inc.first_seen - seen > window or member is None or member.status in TERMINAL or (
                     member is not inc and member.parent is not None):  # folded since: its parent stands for it
                 del group.members[mid]
         nodes = {node for node, _ in group.members.values()}
