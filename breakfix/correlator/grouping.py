@@ -43,9 +43,9 @@ from breakfix.correlator.rules import CategoryThreshold, Rules, Threshold
 from breakfix.correlator.state import LEMON_LABEL, CoreState
 from breakfix.correlator.topology import TopologyGrouper
 from breakfix.schemas.catalog import Catalog, FaultClass
-from breakfix.schemas.common import GpuRef, TenantRef, gpu_key_of
+from breakfix.schemas.common import GpuRef, TenantRef
 from breakfix.schemas.incident import ActionRecord, Domain, IncidentChange, IncidentScope, IncidentStatus
-from breakfix.schemas.signal import Signal, fault_key_of
+from breakfix.schemas.signal import Signal
 
 NO_ACTION = frozenset({"informational", "sympathetic"})  # NVIDIA IGNORE and collateral XIDs: no repair of their own
 _ROUTES = 4096  # (check, code) pairs are open-ended input: the route cache is bounded
@@ -83,17 +83,26 @@ def code_key(signal: Signal) -> str:
 
 
 def signal_keys(d: dict[str, Any]) -> tuple[str, str | None]:
-    """A signal's fault key (``Signal.fault_key``) and its GPU's key (``GpuRef.key``) from its field values
-    (``Signal.__dict__``), through the same functions (``fault_key_of``, ``gpu_key_of``), with no method calls on the
-    models: the per-signal work of the compiled core stays native."""
+    """A signal's fault key (``Signal.fault_key``: ``fault_key_of``) and its GPU's key (``GpuRef.key``: ``gpu_key_of``)
+    from its field values (``Signal.__dict__``). Written out here rather than calling those: this is the per-signal
+    work of the compiled core, and a call into Python code costs it more than the rest of a heartbeat.
+    ``tests/test_correlator_fastpaths.py`` pins both keys to the models' own over generated signals."""
+    key: str = d["check"] + "@" + d["node"]
     g: GpuRef | None = d["gpu"]
-    gkey = None
+    gkey: str | None = None
     if g is not None:
         gd: dict[str, Any] = g.__dict__
-        gkey = gpu_key_of(gd["uuid"], gd["index"], gd["pci_bus_id"])
+        gkey = gd["uuid"] or (f"gpu{gd['index']}" if gd["index"] is not None else gd["pci_bus_id"] or "gpu?")
+        key += "/" + gkey
+    component: str | None = d["component"]
+    if component:
+        key += "/" + component
     t: TenantRef | None = d["tenant"]
-    endpoint = t.key() if t is not None and t.__dict__["endpoint"] else None
-    return fault_key_of(d["check"], d["node"], gkey, d["component"], endpoint), gkey
+    if t is not None:
+        td: dict[str, Any] = t.__dict__
+        if td["endpoint"]:
+            key += "/" + td["namespace"] + "/" + td["endpoint"]  # TenantRef.key with an endpoint
+    return key, gkey
 
 
 class Correlator:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from functools import lru_cache
+from typing import Any
 
 from breakfix.correlator.book import IncidentBook
 from breakfix.correlator.model import (
@@ -50,13 +51,15 @@ def controller_of(s: Signal) -> str:
     pod naming: Deployment/ReplicaSet ``api-7d9f8c6b5-x2k4p`` -> ``api``, Job ``batch-x7k2q`` -> ``batch``,
     StatefulSet ``train-3`` -> ``train``, LeaderWorkerSet ``lws-2`` (leader) / ``lws-2-1`` (worker) -> ``lws``.
     """
-    t = s.tenant
+    sd: dict[str, Any] = s.__dict__  # the field values, read once (``Correlator.ingest``)
+    t: TenantRef | None = sd["tenant"]
     assert t is not None
-    d = s.details
+    td: dict[str, Any] = t.__dict__
+    d: dict[str, str] = sd["details"]
     owner = (d.get("controller") or d.get("owner")) if d else None
     if owner:
-        return f"{t.namespace}/{owner}"
-    return _controller_by_name(t.namespace, t.pod, t.endpoint)
+        return f"{td['namespace']}/{owner}"
+    return _controller_by_name(td["namespace"], td["pod"], td["endpoint"])
 
 
 @lru_cache(maxsize=65536)

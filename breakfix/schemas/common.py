@@ -97,16 +97,6 @@ cost of a Python serializer called per field (every audit record and plan-store 
 FROZEN = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True, allow_inf_nan=False)
 
 
-def gpu_key_of(uuid: str | None, index: int | None, pci_bus_id: str | None) -> str:
-    """``GpuRef.key`` from its fields: UUID when known, then index, then PCI address (a plain function, for the
-    correlator's compiled core)."""
-    if uuid:
-        return uuid
-    if index is not None:
-        return f"gpu{index}"
-    return pci_bus_id or "gpu?"
-
-
 class GpuRef(BaseModel):
     """One GPU on a node. ``index`` is the NVML index; ``pci_bus_id`` is normalised."""
 
@@ -123,8 +113,11 @@ class GpuRef(BaseModel):
 
     def key(self) -> str:
         """A stable identity for grouping: UUID when known, then index, then PCI address."""
-        d = self.__dict__  # the field values: one read, where each attribute read goes through pydantic's hook
-        return gpu_key_of(d["uuid"], d["index"], d["pci_bus_id"])
+        if self.uuid:
+            return self.uuid
+        if self.index is not None:
+            return f"gpu{self.index}"
+        return self.pci_bus_id or "gpu?"
 
     def label(self) -> str:
         """Short human label, e.g. ``gpu3``."""

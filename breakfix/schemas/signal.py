@@ -29,20 +29,6 @@ def _valid_check(name: str) -> bool:
     return _CHECK_RE.match(name) is not None
 
 
-def fault_key_of(check: str, node: str, gpu: str | None, component: str | None, endpoint: str | None) -> str:
-    """``check@node[/gpu][/component][/endpoint]``: a signal's fault key (``Signal.fault_key``) from its check, node,
-    GPU key (``GpuRef.key``), component and, for a tenant endpoint, its tenant key (``TenantRef.key``). A plain
-    function of strings, so the correlator's compiled core computes the same key without the model's methods."""
-    key = check + "@" + node
-    if gpu is not None:
-        key += "/" + gpu
-    if component:
-        key += "/" + component
-    if endpoint is not None:
-        key += "/" + endpoint
-    return key
-
-
 class SignalSource(StrEnum):
     """Which collector source produced a signal."""
 
@@ -94,13 +80,18 @@ class Signal(BaseModel):
         return self.fault_key()[len(self.check) + 1:]
 
     def fault_key(self) -> str:
-        """Check plus entity (``check@entity_key``): what a healthy signal must match to clear a fault
-        (``fault_key_of``)."""
-        d = self.__dict__  # the field values: one read, where each attribute read goes through pydantic's hook
-        g: GpuRef | None = d["gpu"]
-        t: TenantRef | None = d["tenant"]
-        return fault_key_of(d["check"], d["node"], None if g is None else g.key(), d["component"],
-                            t.key() if t is not None and t.endpoint else None)
+        """Check plus entity (``check@entity_key``): what a healthy signal must match to clear a fault. Built here,
+        not from ``entity_key``: the correlator works it out for every signal it reads."""
+        key = self.check + "@" + self.node
+        g = self.gpu
+        if g is not None:
+            key += "/" + (g.uuid or (f"gpu{g.index}" if g.index is not None else g.pci_bus_id or "gpu?"))
+        if self.component:
+            key += "/" + self.component
+        t = self.tenant
+        if t is not None and t.endpoint:
+            key += "/" + t.key()
+        return key
 
 
 def make_signal_id(
