@@ -83,9 +83,9 @@ def code_key(signal: Signal) -> str:
 
 
 def signal_keys(d: dict[str, Any]) -> tuple[str, str | None]:
-    """A signal's fault key (``Signal.fault_key``: ``fault_key_of``) and its GPU's key (``GpuRef.key``: ``gpu_key_of``)
-    from its field values (``Signal.__dict__``). Written out here rather than calling those: this is the per-signal
-    work of the compiled core, and a call into Python code costs it more than the rest of a heartbeat.
+    """A signal's fault key (``Signal.fault_key``) and its GPU's key (``GpuRef.key``) from its field values
+    (``Signal.__dict__``). Written out here rather than calling those methods: this is the per-signal work of the
+    compiled core, and a call into Python code costs it more than the rest of a heartbeat.
     ``tests/test_correlator_fastpaths.py`` pins both keys to the models' own over generated signals."""
     key: str = d["check"] + "@" + d["node"]
     g: GpuRef | None = d["gpu"]
