@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench schema clean venv system-deps proto checkov image image-base vendor native
+.PHONY: demo test lint bench schema clean venv system-deps proto checkov image image-base vendor native FORCE
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,11 +17,12 @@ venv: $(STAMP)
 
 # The correlator's grouping core compiled to C with mypyc (tools/build_native.py; gcc and the Python headers).
 # Rebuilt when a core source changes; until then an edited source runs as Python (breakfix/correlator/__init__.py).
-NATIVE_SRC := $(addprefix breakfix/correlator/,__init__.py model.py state.py topology.py book.py patterns.py lifecycle.py grouping.py)
+# The script checks the stamp itself (sources, rules, schemas, this Python) and builds only when it differs.
 NATIVE_STAMP := breakfix/correlator/_native/STAMP
-$(NATIVE_STAMP): $(STAMP) $(NATIVE_SRC) tools/build_native.py
+$(NATIVE_STAMP): $(STAMP) FORCE
 	$(BIN)/python tools/build_native.py
 native: $(NATIVE_STAMP)
+FORCE:
 
 demo: $(STAMP) $(NATIVE_STAMP)
 	$(BIN)/breakfix demo

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from breakfix.correlator import NATIVE_DIR, NATIVE_MODULES, sources_digest  # noqa: E402
+from breakfix.correlator import CORE_BUILD, NATIVE_DIR, NATIVE_MODULES, PURE_ENV, sources_digest  # noqa: E402
 
 _SETUP = """
 from setuptools import setup
@@ -76,7 +76,8 @@ def main() -> None:
         clean()
         return
     stamp = NATIVE_DIR / "STAMP"
-    if not args.force and stamp.exists() and stamp.read_text(encoding="utf-8").strip() == sources_digest():
+    usable = CORE_BUILD == "compiled" or os.environ.get(PURE_ENV) == "1"  # stamp, modules, and it loads
+    if not args.force and usable and stamp.exists() and stamp.read_text(encoding="utf-8").strip() == sources_digest():
         stamp.touch()  # for make: up to date
         print("build_native: the compiled core matches its sources")
         return

@@ -6,16 +6,19 @@ The grouping core (``correlator.grouping``) is pure; ``correlator.service`` does
 
 The grouping core's modules (``NATIVE_MODULES``) may also be compiled to C with mypyc
 (``tools/build_native.py``, run by ``make``) into ``_native/``, beside their sources. The compiled
-modules are used only when the build's stamp names these exact sources and this Python, and
-``BREAKFIX_PURE_CORE=1`` is not set; otherwise the sources run as they are. Both behave the same
+modules are used only when the build's stamp names these exact sources (``native_inputs``: the modules, the rules and
+the schemas) and this Python, every compiled module is there and loads, and ``BREAKFIX_PURE_CORE=1`` is not set;
+otherwise the sources run as they are. Both behave the same
 (``tests/test_correlator_native.py`` compares them); ``CORE_BUILD`` says which one this process runs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import sys
+import sysconfig
 from pathlib import Path
 
 NATIVE_MODULES = ("model", "state", "topology", "book", "patterns", "lifecycle", "grouping")
@@ -23,12 +26,19 @@ NATIVE_DIR = Path(__file__).parent / "_native"
 PURE_ENV = "BREAKFIX_PURE_CORE"
 
 
-def sources_digest() -> str:
-    """What a compiled core must have been built from: this Python and the modules' sources."""
-    h = hashlib.sha256(f"{sys.implementation.cache_tag} {sys.version}".encode())
+def native_inputs() -> list[Path]:
+    """Every source a compiled core depends on: its modules, and the rules and schemas whose types it checks."""
     here = Path(__file__).parent
-    for m in NATIVE_MODULES:
-        h.update(m.encode() + b"\0" + (here / f"{m}.py").read_bytes())
+    return [*(here / f"{m}.py" for m in NATIVE_MODULES), here / "rules.py",
+            *sorted((here.parent / "schemas").rglob("*.py"))]
+
+
+def sources_digest() -> str:
+    """What a compiled core must have been built from: this Python and ``native_inputs``."""
+    h = hashlib.sha256(f"{sys.implementation.cache_tag} {sys.version}".encode())
+    root = Path(__file__).parent.parent
+    for p in native_inputs():
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
     return h.hexdigest()
 
 
@@ -41,7 +51,16 @@ def _choose() -> str:
         return "python (no compiled core: make native)"
     if stamp != sources_digest():
         return "python (the compiled core is older than its sources: make native)"
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    missing = [m for m in (*NATIVE_MODULES, "native__mypyc") if not (NATIVE_DIR / f"{m}{suffix}").is_file()]
+    if missing:
+        return f"python (the compiled core lacks {', '.join(missing)}: make native)"
     __path__.insert(0, str(NATIVE_DIR))  # the compiled modules are found before the sources
+    try:
+        importlib.import_module(f"{__name__}.native__mypyc")  # their shared library: loads, or the sources run
+    except ImportError as exc:
+        __path__.remove(str(NATIVE_DIR))
+        return f"python (the compiled core does not load: {exc}; make native)"
     return "compiled"
 
 
