@@ -26,7 +26,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from breakfix.correlator import CORE_BUILD, NATIVE_DIR, NATIVE_MODULES, PURE_ENV, sources_digest  # noqa: E402
+from breakfix.correlator import (  # noqa: E402
+    CORE_BUILD,
+    NATIVE_DIR,
+    NATIVE_MODULES,
+    PURE_ENV,
+    native_files,
+    sources_digest,
+)
 
 _SETUP = """
 from setuptools import setup
@@ -52,7 +59,7 @@ def build() -> None:
             raise SystemExit(f"build_native: mypyc failed (exit {done.returncode}); the sources still run as Python")
         built = sorted((work / "breakfix" / "correlator").glob(f"*{suffix}"))
         names = {p.name for p in built}
-        wanted = {f"{m}{suffix}" for m in NATIVE_MODULES} | {f"native__mypyc{suffix}"}
+        wanted = set(native_files())
         if not wanted <= names:
             raise SystemExit(f"build_native: mypyc did not produce {sorted(wanted - names)}")
         clean()

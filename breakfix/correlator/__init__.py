@@ -33,6 +33,12 @@ def native_inputs() -> list[Path]:
             *sorted((here.parent / "schemas").rglob("*.py"))]
 
 
+def native_files() -> list[str]:
+    """The files a complete compiled core has in ``NATIVE_DIR``: one extension per module and their shared library."""
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    return [f"{m}{suffix}" for m in (*NATIVE_MODULES, "native__mypyc")]
+
+
 def sources_digest() -> str:
     """What a compiled core must have been built from: this Python and ``native_inputs``."""
     h = hashlib.sha256(f"{sys.implementation.cache_tag} {sys.version}".encode())
@@ -51,8 +57,7 @@ def _choose() -> str:
         return "python (no compiled core: make native)"
     if stamp != sources_digest():
         return "python (the compiled core is older than its sources: make native)"
-    suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    missing = [m for m in (*NATIVE_MODULES, "native__mypyc") if not (NATIVE_DIR / f"{m}{suffix}").is_file()]
+    missing = [f for f in native_files() if not (NATIVE_DIR / f).is_file()]
     if missing:
         return f"python (the compiled core lacks {', '.join(missing)}: make native)"
     __path__.insert(0, str(NATIVE_DIR))  # the compiled modules are found before the sources
