@@ -80,6 +80,15 @@ class TestBus:
         await bus.ensure_consumer(stream=subjects.SIGNALS.name, durable="once", filter_subject=subjects.SIGNALS_ALL)
         assert await bus.delete_consumer(subjects.SIGNALS.name, "once") is True
 
+    async def test_a_durable_ensured_with_a_new_filter_reads_only_what_the_new_filter_matches(self, bus: Any) -> None:
+        stream = subjects.ACTIONS.name
+        await bus.ensure_consumer(stream=stream, durable="narrowed", filter_subject=subjects.ACTIONS_ALL)
+        await bus.publish(subjects.action_subject("c1"), b"own", msg_id="own-1")
+        await bus.publish(subjects.oncall_subject("c1", "alice", "approve"), b"verb", msg_id="verb-1")
+        await bus.ensure_consumer(stream=stream, durable="narrowed", filter_subject=subjects.HUMAN_ACTIONS_ALL)
+        got = await bus.pull(stream=stream, durable="narrowed", batch=10, timeout_s=0.5)
+        assert [(m.subject, m.data) for m in got] == [(subjects.oncall_subject("c1", "alice", "approve"), b"verb")]
+
     async def test_core_subscribers_see_publishes_until_they_unsubscribe(self, bus: Any) -> None:
         seen: list[tuple[str, bytes]] = []
 

@@ -131,6 +131,42 @@ def outcome_of_plan(h: Harness) -> list[str]:
     return [r.outcome.value for r in h.records() if r.kind is ActionKind.PLAN]
 
 
+class Heard:
+    """A listener (as the notifier is): what it heard, and whether each of the remediator's records was in the
+    actions stream by then."""
+
+    def __init__(self, bus: MemoryBus) -> None:
+        self.bus = bus
+        self.records: list[tuple[str, str, bool]] = []  # (record id, subject, stored when heard)
+
+    def change(self, change: IncidentChange) -> None:
+        pass
+
+    def record(self, rec: ActionRecord, subject: str) -> None:
+        stored = any(m.subject == subject and ActionRecord.model_validate_json(m.data).id == rec.id
+                     for m in self.bus.messages(subjects.ACTIONS.name))
+        self.records.append((rec.id, subject, stored))
+
+
+class TestObservers:
+    async def test_listeners_hear_each_own_record_once_stored_and_the_control_consumer_reads_only_human_verbs(
+            self, policy: Policy) -> None:
+        async with Harness(fast(policy)) as h:
+            heard = Heard(h.bus)
+            h.svc.observe.listeners.append(heard)
+            await h.open(incident())
+            await h.until(lambda: any(r.kind is ActionKind.PLAN and r.outcome is ActionOutcome.COMPLETED
+                                      for r in h.records()))
+            await h.human("cancel", incident="inc-none", reason="not ours")
+            await h.until(lambda: h.svc.control_stats.handled == 1)
+        own = [m for m in h.bus.messages(subjects.ACTIONS.name) if m.subject == subjects.action_subject("c1")]
+        assert len(own) >= 5
+        assert [(i, s) for i, s, _ in heard.records] == \
+            [(ActionRecord.model_validate_json(m.data).id, m.subject) for m in h.bus.messages(subjects.ACTIONS.name)]
+        assert all(stored for _, _, stored in heard.records)
+        assert h.svc.control_stats.handled == 1  # the cancel; none of the remediator's own records came back
+
+
 class TestApprovalsAndBreaker:
     async def test_approval_resumes_the_waiting_step(self, policy: Policy) -> None:
         cluster = reprovision_cluster()

@@ -144,10 +144,14 @@ class JetStreamBus:
     async def ensure_consumer(self, *, stream: str, durable: str, filter_subject: str,
                               ack_wait_s: float = 30.0, max_deliver: int = 20) -> None:
         try:
-            await self._js.consumer_info(stream, durable)
-            return
+            info = await self._js.consumer_info(stream, durable)
         except nats.js.errors.NotFoundError:
             pass
+        else:
+            if (info.config.filter_subject or ">") != filter_subject:  # the stage now reads other subjects
+                config = info.config.evolve(filter_subject=filter_subject, filter_subjects=None)
+                await transient_retry(lambda: self._js.add_consumer(stream, config=config))
+            return
         config = api.ConsumerConfig(
             durable_name=durable,
             name=durable,

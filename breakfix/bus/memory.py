@@ -110,7 +110,8 @@ class MemoryBus:
     async def ensure_consumer(self, *, stream: str, durable: str, filter_subject: str,
                               ack_wait_s: float = 30.0, max_deliver: int = 20) -> None:
         st = self.streams[stream]
-        st.consumers.setdefault(durable, _Consumer(filter_subject))
+        consumer = st.consumers.setdefault(durable, _Consumer(filter_subject))
+        consumer.filter_subject = filter_subject  # a new filter replaces the old, as JetStream updates it
 
     async def reset_consumer(self, *, stream: str, durable: str, filter_subject: str, start_seq: int,
                              ack_all: bool = True, max_ack_pending: int = 200_000,

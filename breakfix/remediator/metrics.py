@@ -175,7 +175,7 @@ class Listener(Protocol):
 
 
 class Observers:
-    """What the remediator's three hooks call (``on_change``, ``publish``, the control consumer): the metrics
+    """What the remediator's hooks call (``on_change``, ``publish``, the control consumer): the metrics
     always, and the notifier (``notify.service.NotifierService``) once ``remediator.metrics_serve`` attaches one.
     Both only count or queue, so a hook never waits."""
 
@@ -189,10 +189,18 @@ class Observers:
             listener.change(change)
 
     def published(self, rec: ActionRecord) -> None:
+        """A record the remediator is about to write (``RemediatorService.publish``)."""
         self.metrics.record(rec)
 
+    def stored(self, rec: ActionRecord, subject: str) -> None:
+        """A record the remediator wrote, once JetStream has stored it. The control consumer reads only human
+        verbs (``subjects.HUMAN_ACTIONS_ALL``), so the listeners hear the remediator's own records here, and
+        the remediator does not read back, decode and ack every record it wrote."""
+        for listener in self.listeners:
+            listener.record(rec, subject)
+
     def control(self, rec: ActionRecord, subject: str) -> None:
-        """Every record the control consumer reads (the remediator's own come back this way too)."""
+        """Every human verb the control consumer reads."""
         self.metrics.control(rec)
         for listener in self.listeners:
             listener.record(rec, subject)

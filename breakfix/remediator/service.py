@@ -141,7 +141,9 @@ class RemediatorService:
             self.guards.record_action(f"{rec.node}/gpu{gpu}" if rec.action in GPU_ACTIONS else rec.node,
                                       rec.action, rec.at)
             self.keeper.save()
-        await self.audit.write(subjects.action_subject(rec.cluster), encode(rec), rec.id)
+        subject = subjects.action_subject(rec.cluster)
+        await self.audit.write(subject, encode(rec), rec.id)
+        self.observe.stored(rec, subject)  # the notifier hears it once it is in the stream
 
     def record(self, inc: Incident, kind: ActionKind, outcome: ActionOutcome, reason: str, *, tag: str,
                waiting: WaitingOn | None = None, rule: str = "", details: dict[str, str] | None = None,

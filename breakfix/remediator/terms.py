@@ -32,8 +32,8 @@ async def serve(svc: RemediatorService, stop: asyncio.Event) -> None:
     """Consume incident changes and human verbs only while ``svc`` leads; one term per lease held."""
     incidents = ConsumerSpec(subjects.INCIDENTS.name, svc.durable, subjects.INCIDENTS_ALL,
                              decoder(IncidentChange), svc.on_change, batch=1024)  # a burst: decided in one pass
-    control = ConsumerSpec(subjects.ACTIONS.name, f"{svc.durable}-control", subjects.ACTIONS_ALL,
-                           decoder(ActionRecord), svc.human.on_record)
+    control = ConsumerSpec(subjects.ACTIONS.name, f"{svc.durable}-control", subjects.HUMAN_ACTIONS_ALL,
+                           decoder(ActionRecord), svc.human.on_record)  # its own records: ``Observers.stored``
     leading = svc.leading_event
     # the guard state is loaded at start; with a lease it is read again when a term begins after time as a
     # standby (the other leader may have moved it), never under plans of this replica's own running term

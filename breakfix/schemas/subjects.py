@@ -84,6 +84,9 @@ INCIDENT_INDEX_BUCKET = "breakfix-incidents"
 SIGNALS_ALL = f"{PREFIX}.signals.>"
 INCIDENTS_ALL = f"{PREFIX}.incidents.>"
 ACTIONS_ALL = f"{PREFIX}.actions.>"
+# Every on-call and admin verb of every cluster (``oncall_subject``, ``admin_subject``: six tokens), and none of
+# the remediator's own records (``action_subject``: three); what the remediator's control consumer reads.
+HUMAN_ACTIONS_ALL = f"{PREFIX}.actions.*.*.*.*"
 DLQ_ALL = f"{PREFIX}.dlq.>"
 
 HDR_MSG_ID = "Nats-Msg-Id"

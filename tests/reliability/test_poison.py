@@ -164,8 +164,9 @@ class TestRemediatorService:
         record_poison = poison_of(encode(action_record(0)), ("at",), None)
         for data in change_poison.values():
             await bus.publish(subjects.incident_subject("c1"), data)
+        verbs = subjects.oncall_subject("c1", "alice", "note")  # what its control consumer reads: human verbs
         for data in record_poison.values():
-            await bus.publish(subjects.action_subject("c1"), data)
+            await bus.publish(verbs, data)
         rem_bus = await JetStreamBus.connect(nats_server.url)
         svc = RemediatorService(rem_bus, SimCluster({"n1": SimNode("n1")}), policy.model_copy(update={"dry_run": True}),
                                 SystemClock(), cluster="c1", store=MemoryStore())
@@ -174,7 +175,7 @@ class TestRemediatorService:
         try:
             ok = incident_change(1)
             await bus.publish(subjects.incident_subject("c1"), encode(ok), msg_id="poison-ok-change")
-            await bus.publish(subjects.action_subject("c1"), encode(action_record(1)), msg_id="poison-ok-record")
+            await bus.publish(verbs, encode(action_record(1)), msg_id="poison-ok-record")
 
             async def valid_ones_handled() -> bool:
                 return svc.stats.handled >= 1 and svc.control_stats.handled >= 1

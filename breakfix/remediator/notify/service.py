@@ -1,16 +1,16 @@
 """The notifier inside the remediator daemon: incident changes and records in, notifications out.
 
-The remediator hands it what it already decoded (``remediator.metrics.Observers``: every incident change it
-consumes and every record on ``breakfix.actions.>`` its control consumer reads), so notifying costs no second
-consumer. At start-up ``run`` reads both streams once from the start, merged in time order, so the pure
+The remediator hands it what it already has (``remediator.metrics.Observers``: every incident change it consumes,
+every record it wrote once JetStream stored it, and every human verb its control consumer reads), so notifying costs
+no second consumer. At start-up ``run`` reads both streams once from the start, merged in time order, so the pure
 ``NotifyCore`` rebuilds what was paged and resolved; the NOTIFICATION records on the actions stream say what was
 delivered already, and is not sent again. Events older than ``replay_send_s`` before the start are only remembered
 (Alertmanager keeps re-posting what still fires; nobody is paged twice), except a resolve whose page the records
-show delivered on a PagerDuty or webhook channel and the resolve not: it joins that channel's retry. The hooks
-only queue: a slow or failing channel can only fill its own bounded queue (``notify.sender.Dispatcher``). Only the
-leader sends (``is_leader``); a standby consumes nothing, so when it starts to lead it replays the streams again
-(what the last leader paged, delivered and resolved). On-call acks and silences are believed only when the
-subject's user and cluster match the record (``schemas.subjects.human_subject_parts``).
+show delivered on a PagerDuty or webhook channel and the resolve not: it joins that channel's retry. The hooks only
+queue: a slow or failing channel can only fill its own bounded queue (``notify.sender.Dispatcher``). Only the leader
+sends (``is_leader``); a standby consumes nothing, so when it starts to lead it replays the streams again (what the
+last leader paged, delivered and resolved). On-call acks and silences are believed only when the subject's user and
+cluster match the record (``schemas.subjects.human_subject_parts``).
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ class NotifierService:
             log.error("notify_change_failed", incident=change.incident.id, error=repr(exc))
 
     def record(self, rec: ActionRecord | StepSeen, subject: str) -> None:
-        """A record from ``breakfix.actions.>`` (the remediator's own, or a human verb on its on-call subject)."""
+        """A record on ``breakfix.actions.>``: the remediator's own (once stored), or a human verb on its subject."""
         if self._holding():
             self._hold(partial(self._record, rec, subject))
         else:
