@@ -24,9 +24,7 @@ MIG_INCIDENT_LABELS = frozenset({"gpu_i_id", "gpu_i_profile", "mig", "mig_instan
 
 
 def matches(match: Match, incident: Incident, view: ClusterView | None = None) -> bool:
-    if match.whole_gpu is not None and whole_gpu(incident, view or ClusterView()) is not match.whole_gpu:
-        return False
-    if match.categories and incident.category not in match.categories:
+    if match.categories and incident.category not in match.categories:  # the cheap tests first: most rules end here
         return False
     if match.scopes and incident.scope not in match.scopes:
         return False
@@ -37,6 +35,8 @@ def matches(match: Match, incident: Incident, view: ClusterView | None = None) -
     if match.min_severity is not None and incident.severity.rank < match.min_severity.rank:
         return False
     if match.only_codes and not (incident.codes and set(incident.codes) <= match.only_codes):
+        return False
+    if match.whole_gpu is not None and whole_gpu(incident, view or ClusterView()) is not match.whole_gpu:
         return False
     return all(incident.labels.get(k) == v for k, v in match.labels.items())
 
@@ -92,9 +92,9 @@ def fenced_members(incident: Incident, view: ClusterView, spec: GuardsSpec, busy
     return out
 
 
-def _steps(specs: tuple[StepSpec, ...], incident: Incident, view: ClusterView,
-           fenced: list[str] | None = None) -> tuple[Step, ...]:
-    base = _target_params(incident)
+def _steps(specs: tuple[StepSpec, ...], incident: Incident, view: ClusterView, fenced: list[str] | None,
+           base: dict[str, str | int | bool]) -> tuple[Step, ...]:
+    """The steps of one rung for this incident: ``base`` (its ``_target_params``) under each spec's params."""
     out: list[Step] = []
     for spec in specs:
         if not _when(spec, incident):
@@ -173,7 +173,7 @@ def whole_gpu(incident: Incident, view: ClusterView) -> bool:
     return not_mig and unshared
 
 
-def _fenced(steps: tuple[Step, ...], incident: Incident, view: ClusterView) -> tuple[Step, ...]:
+def _fenced(steps: tuple[Step, ...], mig: bool, base: dict[str, str | int | bool]) -> tuple[Step, ...]:
     """Single-GPU repair is fenced and scoped, whatever the policy file says: the node is cordoned before a GPU is
     drained or reset (so no new work lands on it), the GPU's pods are drained before the reset, a MIG GPU drains
     every instance, and a validation in a rung that touched only one GPU runs on that GPU only."""
@@ -182,9 +182,7 @@ def _fenced(steps: tuple[Step, ...], incident: Incident, view: ClusterView) -> t
         return tuple(s.model_copy(update={"params": {**s.params, "scope": "node"}})
                      if s.action is StepAction.VALIDATE else s for s in steps)
     node_wide = any(a in (StepAction.DRAIN, StepAction.REBOOT, StepAction.REPROVISION) for a in actions)
-    mig = is_mig(incident, view)
     out: list[Step] = []
-    base = _target_params(incident)
     for s in steps:
         if s.action in (StepAction.DRAIN_GPU, StepAction.RESET_GPU) and all(o.action is not StepAction.CORDON
                                                                              for o in out):
@@ -236,7 +234,8 @@ def decide(incident: Incident, view: ClusterView, policy: Policy, *, busy: Colle
     for rule in policy.rules:
         if not rule.enabled or not matches(rule.match, incident, view):
             continue
-        ladder = tuple(Rung(name=r.name, steps=_fenced(_steps(r.steps, incident, view, fenced), incident, view),
+        base, mig = _target_params(incident), is_mig(incident, view)
+        ladder = tuple(Rung(name=r.name, steps=_fenced(_steps(r.steps, incident, view, fenced, base), mig, base),
                             timeout_s=r.timeout())
                        for r in rule.rungs())
         if rule.defer_s is not None and ladder:
@@ -245,7 +244,7 @@ def decide(incident: Incident, view: ClusterView, policy: Policy, *, busy: Colle
         if incident.category == "unknown_fault" and any(s.action in FORBIDDEN_FOR_UNKNOWN for s in every):
             break
         reason = rule.reason
-        if is_mig(incident, view) and any(s.params.get("mig") for r in ladder for s in r.steps):
+        if mig and any(s.params.get("mig") for r in ladder for s in r.steps):
             reason += " MIG: the reset destroys every instance on this GPU; they must be recreated afterwards."
         return Plan(domain=rule.domain, rule=rule.name, reason=reason, steps=ladder[0].steps if ladder else (),
                     ladder=ladder if len(ladder) > 1 else (), dry_run=policy.dry_run, shadow=rule.shadow)
