@@ -24,33 +24,41 @@ MIG_INCIDENT_LABELS = frozenset({"gpu_i_id", "gpu_i_profile", "mig", "mig_instan
 
 
 def matches(match: Match, incident: Incident, view: ClusterView | None = None) -> bool:
-    if match.categories and incident.category not in match.categories:  # the cheap tests first: most rules end here
+    # field values read from the models' ``__dict__``: every rule is matched against every incident decided, and each
+    # attribute read of a pydantic model goes through its ``__getattr__`` hook (about a quarter of a decision)
+    m, i = match.__dict__, incident.__dict__
+    categories, codes, only_codes = m["categories"], m["codes"], m["only_codes"]
+    if categories and i["category"] not in categories:  # the cheap tests first: most rules end here
         return False
-    if match.scopes and incident.scope not in match.scopes:
+    if m["scopes"] and i["scope"] not in m["scopes"]:
         return False
-    if match.domains and incident.domain not in match.domains:
+    if m["domains"] and i["domain"] not in m["domains"]:
         return False
-    if match.codes and not (match.codes & set(incident.codes)):
+    if codes and not (codes & set(i["codes"])):
         return False
-    if match.min_severity is not None and incident.severity.rank < match.min_severity.rank:
+    if m["min_severity"] is not None and i["severity"].rank < m["min_severity"].rank:
         return False
-    if match.only_codes and not (incident.codes and set(incident.codes) <= match.only_codes):
+    if only_codes and not (i["codes"] and set(i["codes"]) <= only_codes):
         return False
-    if match.whole_gpu is not None and whole_gpu(incident, view or ClusterView()) is not match.whole_gpu:
+    if m["whole_gpu"] is not None and whole_gpu(incident, view or ClusterView()) is not m["whole_gpu"]:
         return False
-    return all(incident.labels.get(k) == v for k, v in match.labels.items())
+    labels = i["labels"]
+    return all(labels.get(k) == v for k, v in m["labels"].items())
 
 
 def _target_params(incident: Incident) -> dict[str, str | int | bool]:
+    i = incident.__dict__
     params: dict[str, str | int | bool] = {}
-    if incident.node:
-        params["node"] = incident.node
-    if incident.gpus and incident.gpus[0].index is not None:
-        params["gpu"] = incident.gpus[0].index
-    if incident.gpus and incident.gpus[0].uuid:
-        params["gpu_uuid"] = incident.gpus[0].uuid
-    pods = [f"{t.namespace}/{t.pod}" for t in incident.tenants if t.pod]
-    if pods and incident.gpus:
+    if i["node"]:
+        params["node"] = i["node"]
+    gpus = i["gpus"]
+    g = gpus[0].__dict__ if gpus else None
+    if g is not None and g["index"] is not None:
+        params["gpu"] = g["index"]
+    if g is not None and g["uuid"]:
+        params["gpu_uuid"] = g["uuid"]
+    pods = [f"{t.namespace}/{t.pod}" for t in i["tenants"] if t.pod]
+    if pods and gpus:
         params["pods"] = ",".join(pods)  # the pods holding the GPU, for a partial drain
     return params
 
@@ -92,41 +100,41 @@ def fenced_members(incident: Incident, view: ClusterView, spec: GuardsSpec, busy
     return out
 
 
+# A step before it is built: (action, params, timeout_s, requires_approval). ``decide`` assembles, fences and defers
+# drafts, then builds each ``Step`` once, rather than building steps and copying them for every later change.
+Draft = tuple[StepAction, dict[str, str | int | bool], float, bool]
+STEP_TIMEOUT_S: float = Step.model_fields["timeout_s"].default  # a ``Step`` built without one (the fencing steps)
+
+
 def _steps(specs: tuple[StepSpec, ...], incident: Incident, view: ClusterView, fenced: list[str] | None,
-           base: dict[str, str | int | bool]) -> tuple[Step, ...]:
+           base: dict[str, str | int | bool]) -> list[Draft]:
     """The steps of one rung for this incident: ``base`` (its ``_target_params``) under each spec's params."""
-    out: list[Step] = []
+    out: list[Draft] = []
     for spec in specs:
-        if not _when(spec, incident):
+        sd = spec.__dict__  # its fields without the attribute hook, as in ``matches``
+        action = sd["action"]
+        if sd["when"] == "tenant_known" and not incident.tenants:
             continue
-        if spec.action in (StepAction.NOTIFY_TENANT, StepAction.RESTART_POD):
+        if action in (StepAction.NOTIFY_TENANT, StepAction.RESTART_POD):
             out.extend(_tenant_steps(spec, incident, view, base))
             continue
+        params, timeout_s, approval = sd["params"], spec.timeout(), sd["requires_approval"]
         if fenced is not None:  # a group (fabric) incident
-            if spec.action in _MEMBER_ACTIONS:
+            if action in _MEMBER_ACTIONS:
                 # a group incident reaches its members: one step per fenced member node (issue 11 item 5)
-                out.extend(Step(action=spec.action, params={**base, "node": n, **spec.params},
-                                timeout_s=spec.timeout(), requires_approval=spec.requires_approval) for n in fenced)
+                out.extend((action, {**base, "node": n, **params}, timeout_s, approval) for n in fenced)
                 continue
-            if spec.action is StepAction.ESCALATE:  # the page names every member and which ones were fenced
-                out.append(Step(action=spec.action, params={**base, "members": ",".join(incident.nodes),
-                                                            "fenced": ",".join(fenced), **spec.params},
-                                timeout_s=spec.timeout(), requires_approval=spec.requires_approval))
+            if action is StepAction.ESCALATE:  # the page names every member and which ones were fenced
+                out.append((action, {**base, "members": ",".join(incident.nodes), "fenced": ",".join(fenced),
+                                     **params}, timeout_s, approval))
                 continue
-        out.append(Step(action=spec.action, params={**base, **spec.params}, timeout_s=spec.timeout(),
-                        requires_approval=spec.requires_approval))
-    return tuple(out)
-
-
-def _when(spec: StepSpec, incident: Incident) -> bool:
-    if spec.when == "tenant_known":
-        return bool(incident.tenants)
-    return True
+        out.append((action, {**base, **params}, timeout_s, approval))
+    return out
 
 
 def _tenant_steps(spec: StepSpec, incident: Incident, view: ClusterView,
-                  base: dict[str, str | int | bool]) -> list[Step]:
-    steps: list[Step] = []
+                  base: dict[str, str | int | bool]) -> list[Draft]:
+    steps: list[Draft] = []
     for t in incident.tenants:
         if spec.action is StepAction.RESTART_POD:
             if not t.pod:
@@ -136,8 +144,7 @@ def _tenant_steps(spec: StepSpec, incident: Incident, view: ClusterView,
         params: dict[str, str | int | bool] = {**base, "namespace": t.namespace, **spec.params}
         if t.pod:
             params["pod"] = t.pod
-        steps.append(Step(action=spec.action, params=params, timeout_s=spec.timeout(),
-                          requires_approval=spec.requires_approval))
+        steps.append((spec.action, params, spec.timeout(), spec.requires_approval))
     return steps
 
 
@@ -173,39 +180,40 @@ def whole_gpu(incident: Incident, view: ClusterView) -> bool:
     return not_mig and unshared
 
 
-def _fenced(steps: tuple[Step, ...], mig: bool, base: dict[str, str | int | bool]) -> tuple[Step, ...]:
+def _fenced(steps: list[Draft], mig: bool, base: dict[str, str | int | bool]) -> list[Draft]:
     """Single-GPU repair is fenced and scoped, whatever the policy file says: the node is cordoned before a GPU is
     drained or reset (so no new work lands on it), the GPU's pods are drained before the reset, a MIG GPU drains
     every instance, and a validation in a rung that touched only one GPU runs on that GPU only."""
-    actions = [s.action for s in steps]
+    actions = [s[0] for s in steps]
     if StepAction.RESET_GPU not in actions and StepAction.DRAIN_GPU not in actions:
-        return tuple(s.model_copy(update={"params": {**s.params, "scope": "node"}})
-                     if s.action is StepAction.VALIDATE else s for s in steps)
+        return [(a, {**p, "scope": "node"}, t, r) if a is StepAction.VALIDATE else (a, p, t, r) for a, p, t, r in steps]
     node_wide = any(a in (StepAction.DRAIN, StepAction.REBOOT, StepAction.REPROVISION) for a in actions)
-    out: list[Step] = []
-    for s in steps:
-        if s.action in (StepAction.DRAIN_GPU, StepAction.RESET_GPU) and all(o.action is not StepAction.CORDON
-                                                                             for o in out):
-            out.insert(0, Step(action=StepAction.CORDON, params=base))
-        if s.action is StepAction.RESET_GPU and not any(o.action in (StepAction.DRAIN_GPU, StepAction.DRAIN)
-                                                        for o in out):
-            out.append(Step(action=StepAction.DRAIN_GPU, params=base, timeout_s=s.timeout_s))
-        if s.action in (StepAction.DRAIN_GPU, StepAction.RESET_GPU) and mig:
-            s = s.model_copy(update={"params": {**s.params, "mig": True}})
-        if s.action is StepAction.VALIDATE:
-            s = s.model_copy(update={"params": {**s.params, "scope": "node" if node_wide else "gpu"}})
-        out.append(s)
-    return tuple(out)
+    out: list[Draft] = []
+    for a, p, t, r in steps:
+        if a in (StepAction.DRAIN_GPU, StepAction.RESET_GPU) and all(o[0] is not StepAction.CORDON for o in out):
+            out.insert(0, (StepAction.CORDON, base, STEP_TIMEOUT_S, False))
+        if a is StepAction.RESET_GPU and not any(o[0] in (StepAction.DRAIN_GPU, StepAction.DRAIN) for o in out):
+            out.append((StepAction.DRAIN_GPU, base, t, False))
+        if a in (StepAction.DRAIN_GPU, StepAction.RESET_GPU) and mig:
+            p = {**p, "mig": True}
+        if a is StepAction.VALIDATE:
+            p = {**p, "scope": "node" if node_wide else "gpu"}
+        out.append((a, p, t, r))
+    return out
 
 
-def _deferred(steps: tuple[Step, ...], defer_s: float) -> tuple[Step, ...]:
+def _deferred(steps: list[Draft], defer_s: float) -> list[Draft]:
     """The first step that would take the GPU from its job waits for the GPU to go idle (or ``defer_s``)."""
     out, done = [], False
-    for s in steps:
-        if not done and (s.action.disruptive or s.action is StepAction.CORDON):
-            s, done = s.model_copy(update={"params": {**s.params, "defer_s": int(defer_s)}}), True
-        out.append(s)
-    return tuple(out)
+    for a, p, t, r in steps:
+        if not done and (a.disruptive or a is StepAction.CORDON):
+            p, done = {**p, "defer_s": int(defer_s)}, True
+        out.append((a, p, t, r))
+    return out
+
+
+def _built(steps: list[Draft]) -> tuple[Step, ...]:
+    return tuple(Step(action=a, params=p, timeout_s=t, requires_approval=r) for a, p, t, r in steps)
 
 
 def cautious_plan(incident: Incident, reason: str, rule: str = CAUTIOUS_RULE) -> Plan:
@@ -232,14 +240,16 @@ def decide(incident: Incident, view: ClusterView, policy: Policy, *, busy: Colle
     group = incident.scope is IncidentScope.FABRIC and not incident.node
     fenced = fenced_members(incident, view, policy.guards, busy) if group else None
     for rule in policy.rules:
-        if not rule.enabled or not matches(rule.match, incident, view):
+        rd = rule.__dict__
+        if not rd["enabled"] or not matches(rd["match"], incident, view):
             continue
         base, mig = _target_params(incident), is_mig(incident, view)
-        ladder = tuple(Rung(name=r.name, steps=_fenced(_steps(r.steps, incident, view, fenced, base), mig, base),
-                            timeout_s=r.timeout())
-                       for r in rule.rungs())
-        if rule.defer_s is not None and ladder:
-            ladder = (ladder[0].model_copy(update={"steps": _deferred(ladder[0].steps, rule.defer_s)}), *ladder[1:])
+        specs = rule.rungs()
+        drafts = [_fenced(_steps(r.steps, incident, view, fenced, base), mig, base) for r in specs]
+        if rule.defer_s is not None and drafts:
+            drafts[0] = _deferred(drafts[0], rule.defer_s)
+        ladder = tuple(Rung(name=r.name, steps=_built(d), timeout_s=r.timeout())
+                       for r, d in zip(specs, drafts, strict=True))
         every = [s for r in ladder for s in r.steps]
         if incident.category == "unknown_fault" and any(s.action in FORBIDDEN_FOR_UNKNOWN for s in every):
             break
