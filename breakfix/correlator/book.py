@@ -14,7 +14,18 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from breakfix.correlator.model import (
+    DOMAIN_OPERATOR,
+    KIND_FOLDED,
+    KIND_OPENED,
+    KIND_REOPENED,
+    KIND_UPDATED,
     NODE_CATEGORIES,
+    SCOPE_FABRIC,
+    SCOPE_GPU,
+    SCOPE_NODE,
+    SCOPE_TENANT,
+    STATUS_OPEN,
+    STATUS_VALIDATING,
     Change,
     Observation,
     TrackedIncident,
@@ -24,7 +35,7 @@ from breakfix.correlator.model import (
 from breakfix.correlator.state import TENANT_LABEL, CoreState
 from breakfix.schemas.catalog import FaultClass
 from breakfix.schemas.common import TenantRef, max_severity
-from breakfix.schemas.incident import MIG_SEEN_LABEL, ChangeKind, Domain, IncidentScope, IncidentStatus
+from breakfix.schemas.incident import MIG_SEEN_LABEL, IncidentScope
 from breakfix.schemas.signal import Signal
 
 if TYPE_CHECKING:
@@ -47,7 +58,7 @@ class IncidentBook:
         host = self.state.live(self.state.by_key.get(gpu_key)) or self.state.live(self.state.by_gpu.get(gpu_key))
         if host is None:
             return None
-        if host.scope is IncidentScope.TENANT and (len(host.gpus) != 1 or list(host.nodes) != [s.node]):
+        if host.scope is SCOPE_TENANT and (len(host.gpus) != 1 or list(host.nodes) != [s.node]):
             return None
         return host if host.parent is None else self.top(host)
 
@@ -56,7 +67,7 @@ class IncidentBook:
         incident that took its NVLink peers), short of a fabric incident; ``inc`` when it has no live parent."""
         for _ in range(4):
             parent = self.state.live(inc.parent)
-            if parent is None or parent.scope is IncidentScope.FABRIC:
+            if parent is None or parent.scope is SCOPE_FABRIC:
                 break
             inc = parent
         return inc
@@ -71,7 +82,7 @@ class IncidentBook:
         at = s.observed_at
         for iid in list(self.state.on_node.get(s.node, ())):
             p = self.state.live(iid)
-            if p is None or p is host or p.parent is not None or p.scope is not IncidentScope.GPU \
+            if p is None or p is host or p.parent is not None or p.scope is not SCOPE_GPU \
                     or not p.counts or not rules.peer_codes.issuperset(p.counts) or down_gpu in p.gpus \
                     or abs(at - p.first_seen) > self.state.peer_td:
                 continue
@@ -87,10 +98,10 @@ class IncidentBook:
                 self.state.by_fault[fk] = host.id
             host.note(at, "folded", f"peer incident {p.id} ({', '.join(p.counts)})", rules.timeline_limit)
             self.state.stats["folded"] += 1
-            changes.append(Change(ChangeKind.FOLDED, p))
+            changes.append(Change(KIND_FOLDED, p))
         if changes:
             host.version += 1
-            changes.append(Change(ChangeKind.UPDATED, host))
+            changes.append(Change(KIND_UPDATED, host))
         return changes
 
     def threshold_met(self, key: str, at: datetime, count: int, window_s: float) -> bool:
@@ -122,10 +133,10 @@ class IncidentBook:
         self.absorb(inc, o)
         # the signal's entity, as ``Signal.entity_key`` has it: the fault key past its check
         inc.note(at, "opened", note or f"{o.ck} on {o.fk[len(d['check']) + 1:]}", self.rules.timeline_limit)
-        if scope is IncidentScope.GPU and inc.domain is Domain.OPERATOR:
+        if scope is SCOPE_GPU and inc.domain is DOMAIN_OPERATOR:
             self.patterns.lemon(inc, s)  # a new incident is a new burst; a flap reopen is not
-        changes = [Change(ChangeKind.OPENED, inc), *self._after_open(inc, s, new=True)]
-        if scope is IncidentScope.NODE and inc.category in NODE_CATEGORIES:
+        changes = [Change(KIND_OPENED, inc), *self._after_open(inc, s, new=True)]
+        if scope is SCOPE_NODE and inc.category in NODE_CATEGORIES:
             changes.extend(self.patterns.one_reboot(inc, at))  # it takes the node's other reboots
         return changes
 
@@ -136,7 +147,7 @@ class IncidentBook:
             # hears of it: ``echo``)
             inc.note(s.observed_at, "unfolded", f"parent {inc.parent} settled", self.rules.timeline_limit)
             inc.parent = None
-        inc.status = IncidentStatus.OPEN
+        inc.status = STATUS_OPEN
         inc.flaps += 1
         inc.plan = None
         inc.resolved_at = None
@@ -144,7 +155,7 @@ class IncidentBook:
         inc.version += 1
         self.absorb(inc, o)
         inc.note(s.observed_at, "reopened", f"{o.ck} again (flap {inc.flaps})", self.rules.timeline_limit)
-        changes = [Change(ChangeKind.REOPENED, inc), *self._after_open(inc, s)]
+        changes = [Change(KIND_REOPENED, inc), *self._after_open(inc, s)]
         if inc.category in NODE_CATEGORIES:  # back needing a node reboot: one reboot incident for the node again
             changes.extend(self.patterns.one_reboot(inc, s.observed_at))
         return changes
@@ -154,10 +165,10 @@ class IncidentBook:
         its own validates or soaks after its repair: counted there too, so the remediator sees the recurrence
         (``follow.recurrence`` compares counts). Otherwise the parent's counts stay as they were at the fold."""
         parent = self.state.incidents.get(member.parent or "")
-        if parent is None or (parent.status is not IncidentStatus.VALIDATING and parent.parent is None):
+        if parent is None or (parent.status is not STATUS_VALIDATING and parent.parent is None):
             return []  # the common case first (a storm's repeats land on multi-GPU members): no climb
         top = self.top(member)
-        if top is member or top.status is not IncidentStatus.VALIDATING:
+        if top is member or top.status is not STATUS_VALIDATING:
             return []
         n = top.counts.get(o.ck)
         if n is None and len(top.counts) >= self.rules.caps.codes:
@@ -168,11 +179,11 @@ class IncidentBook:
         top.last_seen = max(top.last_seen, o.signal.observed_at)
         top.version += 1
         top.note(o.signal.observed_at, "recurred", f"{o.ck} on folded {member.id}", self.rules.timeline_limit)
-        return [Change(ChangeKind.UPDATED, top)]
+        return [Change(KIND_UPDATED, top)]
 
     def _after_open(self, inc: TrackedIncident, s: Signal, new: bool = False) -> list[Change]:
         changes: list[Change] = []
-        if inc.domain is Domain.OPERATOR and inc.node is not None:
+        if inc.domain is DOMAIN_OPERATOR and inc.node is not None:
             self.state.on_node.setdefault(inc.node, {})[inc.id] = None
             changes.extend(self.patterns.link_impacted(inc))
             if new:  # a flap reopening its incident is not another GPU failing
@@ -201,29 +212,29 @@ class IncidentBook:
                 inc.last_seen = at
             if at > inc.open_faults[fk]:
                 inc.open_faults[fk] = at
-            if inc.status is not IncidentStatus.VALIDATING:
+            if inc.status is not STATUS_VALIDATING:
                 return []
             inc.version += 1  # a repeat while the remediator validates and soaks is a recurrence it must see
-            return [Change(ChangeKind.UPDATED, inc)]
+            return [Change(KIND_UPDATED, inc)]
         if fold:
             self.state.stats["folded"] += 1
-        tenant_domain = inc.domain is not Domain.OPERATOR
+        tenant_domain = inc.domain is not DOMAIN_OPERATOR
         before = inc.category
-        if not self.absorb(inc, o, fold=fold) and inc.status is not IncidentStatus.VALIDATING:
+        if not self.absorb(inc, o, fold=fold) and inc.status is not STATUS_VALIDATING:
             return []
         inc.version += 1
-        changes = [Change(ChangeKind.UPDATED, inc)]
+        changes = [Change(KIND_UPDATED, inc)]
         # a GPU's tenant incident turned hardware (a DBE joining its XID 94, XID 154's action joining an application
         # XID): from here on it is a new hardware incident on the node, as if opened so: lemon bursts, multi-GPU and
         # endpoint impact see it (a one-GPU workload incident is re-keyed as the GPU's first)
-        turned = tenant_domain and inc.domain is Domain.OPERATOR and inc.parent is None \
-            and (inc.scope is IncidentScope.GPU or self._to_gpu_scope(inc, o))
+        turned = tenant_domain and inc.domain is DOMAIN_OPERATOR and inc.parent is None \
+            and (inc.scope is SCOPE_GPU or self._to_gpu_scope(inc, o))
         if not fold and inc.parent is None and inc.category in NODE_CATEGORIES and before not in NODE_CATEGORIES:
             changes.extend(self.patterns.one_reboot(inc, at))  # one reboot incident per node (RESTART_BM)
         if turned and inc.parent is None:
             self.patterns.lemon(inc, s)
             changes.extend(self._after_open(inc, s, new=True))
-        elif turned and inc.scope is IncidentScope.GPU and inc.node is not None:
+        elif turned and inc.scope is SCOPE_GPU and inc.node is not None:
             self.state.on_node.setdefault(inc.node, {})[inc.id] = None  # folded into its node's reboot: as a restored
             # core has it
         elif self.state.topology is not None and not fold and inc.parent is None and inc.node is not None:
@@ -234,14 +245,14 @@ class IncidentBook:
         """Re-key a one-GPU tenant incident that a hardware fault joined (``gpu_host`` lets only those take a GPU's
         codes) as that GPU's incident; False for any other. The workload's next fault opens its own incident."""
         st, gpu_key = self.state, o.gpu_key
-        if inc.scope is not IncidentScope.TENANT or gpu_key is None or len(inc.gpus) != 1 \
+        if inc.scope is not SCOPE_TENANT or gpu_key is None or len(inc.gpus) != 1 \
                 or list(inc.nodes) != [o.signal.node]:
             return False
         if st.by_key.get(inc.key) == inc.id:
             del st.by_key[inc.key]
         inc.note(o.signal.observed_at, "scope", f"tenant -> gpu: {o.ck} is the GPU's fault, not the workload's",
                  self.rules.timeline_limit)
-        inc.key, inc.scope, inc.node = gpu_key, IncidentScope.GPU, o.signal.node
+        inc.key, inc.scope, inc.node = gpu_key, SCOPE_GPU, o.signal.node
         st.by_key[gpu_key] = inc.id
         return True
 
@@ -335,7 +346,7 @@ class IncidentBook:
         if category_rank(fc.category) < category_rank(inc.category):
             inc.note(at, "category", f"{inc.category} -> {fc.category}", self.rules.timeline_limit)
             inc.category, inc.title, inc.source = fc.category, fc.title, fc.source
-            if fc.domain is Domain.OPERATOR or inc.domain is not Domain.OPERATOR:
+            if fc.domain is DOMAIN_OPERATOR or inc.domain is not DOMAIN_OPERATOR:
                 inc.domain = fc.domain
             changed = True
         sev = max_severity(inc.severity, fc.severity)

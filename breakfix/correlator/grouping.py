@@ -37,14 +37,27 @@ from typing import Any
 
 from breakfix.correlator.book import IncidentBook
 from breakfix.correlator.lifecycle import ENDPOINT_FAULT, Lifecycle
-from breakfix.correlator.model import NODE_CATEGORIES, TERMINAL, Change, Observation, TrackedIncident, node_key_for
+from breakfix.correlator.model import (
+    DOMAIN_TENANT,
+    NODE_CATEGORIES,
+    SCOPE_GPU,
+    SCOPE_NODE,
+    SCOPE_TENANT,
+    STATUS_RESOLVED,
+    STATUS_VALIDATING,
+    TERMINAL,
+    Change,
+    Observation,
+    TrackedIncident,
+    node_key_for,
+)
 from breakfix.correlator.patterns import Patterns
 from breakfix.correlator.rules import CategoryThreshold, Rules, Threshold
 from breakfix.correlator.state import LEMON_LABEL, CoreState
 from breakfix.correlator.topology import TopologyGrouper
 from breakfix.schemas.catalog import Catalog, FaultClass
 from breakfix.schemas.common import GpuRef, TenantRef
-from breakfix.schemas.incident import ActionRecord, Domain, IncidentChange, IncidentScope, IncidentStatus
+from breakfix.schemas.incident import ActionRecord, IncidentChange
 from breakfix.schemas.signal import Signal
 
 NO_ACTION = frozenset({"informational", "sympathetic"})  # NVIDIA IGNORE and collateral XIDs: no repair of their own
@@ -225,16 +238,16 @@ class Correlator:
             if found is not None:
                 return found
         t = tenant  # the key (Correlator._key, inlined: most fault signals get here)
-        if fc.domain is Domain.TENANT and t is not None and not r.contained:
+        if fc.domain is DOMAIN_TENANT and t is not None and not r.contained:
             # (a containment XID is keyed by its GPU even with a pod: its repair is the GPU's reset, and the DBE or
             # row remap it reports, or another workload's XID 94 on that GPU, meets it there in any order)
-            key, scope = f"tenant|{cluster}|{t.namespace}|{t.workload()}", IncidentScope.TENANT
+            key, scope = f"tenant|{cluster}|{t.namespace}|{t.workload()}", SCOPE_TENANT
         elif gpu_key is not None and fc.category not in NODE_CATEGORIES:
-            key, scope = gpu_key, IncidentScope.GPU
+            key, scope = gpu_key, SCOPE_GPU
         else:
-            key, scope = node_key_for(cluster, node, fc.category), IncidentScope.NODE
+            key, scope = node_key_for(cluster, node, fc.category), SCOPE_NODE
             held = st.live(st.by_fault.get(fk))
-            if held is not None and held.status is IncidentStatus.VALIDATING and st.by_key.get(key) != held.id:
+            if held is not None and held.status is STATUS_VALIDATING and st.by_key.get(key) != held.id:
                 # its own fault back on a node incident validating after its reboot, whose key a node incident opened
                 # since for other reboots took (Patterns.one_reboot): the recurrence is the validating one's to see
                 return book.add(held, o) + (book.after_down(held, o) if down else [])
@@ -243,7 +256,7 @@ class Correlator:
             # a flap is the same fault back within flap_s; an IGNORE or collateral code after a repair (a tenant's
             # Ctrl-C XID 45, XID 92) is not, nor is another fault, which opens its own incident (and is seen by
             # multi-GPU and lemon detection)
-            if inc.status is IncidentStatus.RESOLVED and inc.resolved_at is not None and not r.no_action \
+            if inc.status is STATUS_RESOLVED and inc.resolved_at is not None and not r.no_action \
                     and ck in inc.counts and (at - inc.resolved_at).total_seconds() <= st.rules.flap_s:
                 changes = book.reopen(inc, o)
                 if inc.parent is not None:
@@ -275,12 +288,12 @@ class Correlator:
         if r.same_fault:
             # NVIDIA XID_154_EVAL: "If an XID 154 is seen along with this error, take that action"; XID 154
             # "summarizes the recovery action required for other Xids": a tenant XID after the GPU's 154 joins it.
-            if r.fc.domain is Domain.TENANT and _XID154 in counts:
+            if r.fc.domain is DOMAIN_TENANT and _XID154 in counts:
                 return True
             # The same fault from another source (a DCGM code counted as its XID; an XID read first without its pod)
             # joins the GPU's incident of that fault rather than opening a second plan. (An application XID that may
             # make the GPU suspect does not join by code: two workloads hitting one GPU is step 6's evidence.)
-            if r.eck in counts and (bool(r.fc.equivalent) or (host.scope is IncidentScope.GPU and not r.suspect)):
+            if r.eck in counts and (bool(r.fc.equivalent) or (host.scope is SCOPE_GPU and not r.suspect)):
                 return True
         # A DBE or its row remap and the XID saying how it was contained (94, 95: investigatory "IGNORE (sympathetic)"
         # in the Xid catalog) are one memory fault, whichever is read first: the worst repair decides.
@@ -306,7 +319,7 @@ class Correlator:
                       impact=fc.category in rules.impact_categories, suspect=eck in rules.suspect_codes,
                       threshold=rules.thresholds.get(eck),
                       category_threshold=rules.category_thresholds.get(fc.category),
-                      same_fault=bool(fc.equivalent) or fc.domain is Domain.TENANT,
+                      same_fault=bool(fc.equivalent) or fc.domain is DOMAIN_TENANT,
                       memory=st.is_memory_fault(eck), contained=eck in st.contained_facts,
                       no_action=fc.category in NO_ACTION)
             if st.class_cacheable(s):

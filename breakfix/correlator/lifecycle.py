@@ -13,16 +13,29 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from breakfix.correlator.model import TERMINAL, Change, TrackedIncident
+from breakfix.correlator.model import (
+    KIND_FOLDED,
+    KIND_RESOLVED,
+    KIND_STATUS,
+    KIND_UPDATED,
+    SCOPE_FABRIC,
+    STATUS_ESCALATED,
+    STATUS_MITIGATING,
+    STATUS_OPEN,
+    STATUS_RESOLVED,
+    STATUS_STALE,
+    STATUS_VALIDATING,
+    TERMINAL,
+    Change,
+    TrackedIncident,
+)
 from breakfix.correlator.state import CoreState
 from breakfix.correlator.topology import settle_parent
 from breakfix.schemas.incident import (
     ActionKind,
     ActionOutcome,
     ActionRecord,
-    ChangeKind,
     IncidentChange,
-    IncidentScope,
     IncidentStatus,
     StepAction,
 )
@@ -69,11 +82,11 @@ class Lifecycle:
         del inc.open_faults[fk]
         inc.version += 1
         inc.note(s.observed_at, "cleared", fk, self.rules.timeline_limit)
-        if settle and not inc.open_faults and inc.status is IncidentStatus.OPEN and inc.plan is None \
+        if settle and not inc.open_faults and inc.status is STATUS_OPEN and inc.plan is None \
                 and not inc.overflow.get("open_faults"):  # faults past the cap were never listed, so never cleared
-            self._set_status(inc, IncidentStatus.RESOLVED, s.observed_at, "every fault cleared by a healthy signal")
-            return [Change(ChangeKind.RESOLVED, inc), *self._settled(inc, s.observed_at)]
-        return [Change(ChangeKind.UPDATED, inc)]
+            self._set_status(inc, STATUS_RESOLVED, s.observed_at, "every fault cleared by a healthy signal")
+            return [Change(KIND_RESOLVED, inc), *self._settled(inc, s.observed_at)]
+        return [Change(KIND_UPDATED, inc)]
 
     def _copies(self, inc: TrackedIncident | None, fk: str, s: Signal) -> list[tuple[TrackedIncident, bool]]:
         """Other live incidents holding ``fk`` open, each with whether it settles on its own (see ``clear``)."""
@@ -112,15 +125,15 @@ class Lifecycle:
                 if member is not None and member.status not in TERMINAL:
                     self._set_status(member, inc.status, at, f"parent incident {inc.id} settled")
                     member.version += 1
-                    changes.append(Change(ChangeKind.STATUS if inc.status is IncidentStatus.ESCALATED
-                                          else ChangeKind.RESOLVED, member))
+                    changes.append(Change(KIND_STATUS if inc.status is STATUS_ESCALATED
+                                          else KIND_RESOLVED, member))
                     changes.extend(self._settled(member, at, depth + 1))
         return changes
 
     def adopt(self, change: IncidentChange, now: datetime) -> list[Change]:
         """A fabric incident from the fleet stage (partitioned mode): fold the members we own."""
         fab = change.incident
-        if fab.scope is not IncidentScope.FABRIC or fab.status in TERMINAL:
+        if fab.scope is not SCOPE_FABRIC or fab.status in TERMINAL:
             return []
         changes: list[Change] = []
         for mid in fab.members:
@@ -130,7 +143,7 @@ class Lifecycle:
             inc.parent = fab.id
             inc.version += 1
             inc.note(fab.last_seen, "folded", f"into fabric incident {fab.id}", self.rules.timeline_limit)
-            changes.append(Change(ChangeKind.FOLDED, inc))
+            changes.append(Change(KIND_FOLDED, inc))
         return changes
 
     def apply_action(self, rec: ActionRecord, now: datetime) -> list[Change]:
@@ -143,7 +156,7 @@ class Lifecycle:
                 inc.plan = rec.plan
                 inc.version += 1
                 inc.note(rec.at, "plan", f"{rec.plan.rule} (dry run)", self.rules.timeline_limit)
-                return [Change(ChangeKind.STATUS, inc)]
+                return [Change(KIND_STATUS, inc)]
             return []
         before = (inc.status, inc.plan, inc.waiting)
         if inc.status not in TERMINAL:
@@ -154,24 +167,24 @@ class Lifecycle:
                 inc.note(rec.at, "plan", f"{rec.plan.rule}: {' -> '.join(rec.plan.actions())}",
                          self.rules.timeline_limit)
             elif rec.outcome is ActionOutcome.COMPLETED:
-                self._set_status(inc, IncidentStatus.RESOLVED, rec.at, rec.reason or "plan completed")
+                self._set_status(inc, STATUS_RESOLVED, rec.at, rec.reason or "plan completed")
             elif rec.outcome in (ActionOutcome.ESCALATED, ActionOutcome.FAILED):
-                self._set_status(inc, IncidentStatus.ESCALATED, rec.at, rec.reason or "plan failed")
+                self._set_status(inc, STATUS_ESCALATED, rec.at, rec.reason or "plan failed")
         elif rec.kind is ActionKind.STEP and rec.outcome in (ActionOutcome.STARTED, ActionOutcome.SUCCEEDED):
             if rec.action is StepAction.VALIDATE:
-                self._set_status(inc, IncidentStatus.VALIDATING, rec.at, "validation started")
+                self._set_status(inc, STATUS_VALIDATING, rec.at, "validation started")
             elif rec.action is StepAction.RETURN_TO_SERVICE and rec.outcome is ActionOutcome.SUCCEEDED:
-                self._set_status(inc, IncidentStatus.RESOLVED, rec.at, "returned to service")
+                self._set_status(inc, STATUS_RESOLVED, rec.at, "returned to service")
             elif rec.action is StepAction.ESCALATE:
-                self._set_status(inc, IncidentStatus.ESCALATED, rec.at, rec.reason or "escalated")
+                self._set_status(inc, STATUS_ESCALATED, rec.at, rec.reason or "escalated")
             elif rec.action not in _MITIGATING_EXEMPT:
-                self._set_status(inc, IncidentStatus.MITIGATING, rec.at, f"{rec.action} {rec.outcome}")
+                self._set_status(inc, STATUS_MITIGATING, rec.at, f"{rec.action} {rec.outcome}")
         if inc.status in TERMINAL:
             inc.waiting = None
         if (inc.status, inc.plan, inc.waiting) == before:
             return []
         inc.version += 1
-        kind = ChangeKind.RESOLVED if inc.status is IncidentStatus.RESOLVED else ChangeKind.STATUS
+        kind = KIND_RESOLVED if inc.status is STATUS_RESOLVED else KIND_STATUS
         changes = [Change(kind, inc)]
         if inc.status in TERMINAL:
             changes.extend(self._settled(inc, rec.at))
@@ -183,7 +196,7 @@ class Lifecycle:
         inc.status = status
         inc.note(at, status.value, why, self.rules.timeline_limit)
         if status in TERMINAL:
-            if status is IncidentStatus.RESOLVED:
+            if status is STATUS_RESOLVED:
                 inc.resolved_at = at
                 inc.time_to_repair_s = round((at - inc.first_seen).total_seconds(), 3)
             self._forget_faults(inc)
@@ -206,19 +219,19 @@ class Lifecycle:
         max_age = timedelta(seconds=self.rules.max_open_age_s)
         changes: list[Change] = []
         for inc in list(self.state.incidents.values()):
-            if inc.status in (IncidentStatus.RESOLVED, IncidentStatus.STALE) or now - inc.last_seen <= max_age:
+            if inc.status in (STATUS_RESOLVED, STATUS_STALE) or now - inc.last_seen <= max_age:
                 continue
             was = inc.status
-            inc.status = IncidentStatus.STALE
+            inc.status = STATUS_STALE
             inc.resolved_at = now
             inc.waiting = None
             held = f"; {inc.node} may still be held (cordoned) for it: release by hand" \
-                if inc.node and (inc.plan is not None or was is IncidentStatus.ESCALATED) else ""
+                if inc.node and (inc.plan is not None or was is STATUS_ESCALATED) else ""
             inc.note(now, "stale", f"{was.value} with no signal for {(now - inc.last_seen).days} days "
                                    f"(max_open_age_s {self.rules.max_open_age_s:g}){held}", self.rules.timeline_limit)
             self._forget_faults(inc)
             inc.version += 1
-            changes.append(Change(ChangeKind.STATUS, inc))
+            changes.append(Change(KIND_STATUS, inc))
         return changes
 
     def expire(self, now: datetime) -> list[str]:
@@ -229,7 +242,7 @@ class Lifecycle:
         rules = self.rules
         cutoff = now - timedelta(seconds=rules.flap_s + rules.retention_s)
         gone = {i for i, inc in self.state.incidents.items()
-                if inc.status in (IncidentStatus.RESOLVED, IncidentStatus.STALE) and inc.resolved_at is not None
+                if inc.status in (STATUS_RESOLVED, STATUS_STALE) and inc.resolved_at is not None
                 and inc.resolved_at < cutoff and not any(self.state.live(m) for m in inc.members)}
         for iid in gone:
             inc = self.state.incidents.pop(iid)

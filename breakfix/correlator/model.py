@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from operator import attrgetter
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -80,6 +80,28 @@ NODE_CATEGORIES = frozenset({"node_reboot_required", "nvswitch_fatal"})
 LINK_CATEGORIES = frozenset({"fabric_link"})
 
 TERMINAL = frozenset(st for st in IncidentStatus if st.terminal)  # ``status.terminal`` as one set lookup
+
+# The enum members the core compares with and hands out, as module constants (the same objects: ``inc.scope is
+# SCOPE_GPU`` is ``inc.scope is IncidentScope.GPU``). In the compiled core a member read off its class goes through
+# ``EnumType.__getattr__`` at every use, as costly as a short call; a ``Final`` name is read as a C static.
+SCOPE_GPU: Final = IncidentScope.GPU
+SCOPE_NODE: Final = IncidentScope.NODE
+SCOPE_TENANT: Final = IncidentScope.TENANT
+SCOPE_FABRIC: Final = IncidentScope.FABRIC
+DOMAIN_OPERATOR: Final = Domain.OPERATOR
+DOMAIN_TENANT: Final = Domain.TENANT
+STATUS_OPEN: Final = IncidentStatus.OPEN
+STATUS_MITIGATING: Final = IncidentStatus.MITIGATING
+STATUS_VALIDATING: Final = IncidentStatus.VALIDATING
+STATUS_RESOLVED: Final = IncidentStatus.RESOLVED
+STATUS_ESCALATED: Final = IncidentStatus.ESCALATED
+STATUS_STALE: Final = IncidentStatus.STALE
+KIND_OPENED: Final = ChangeKind.OPENED
+KIND_REOPENED: Final = ChangeKind.REOPENED
+KIND_UPDATED: Final = ChangeKind.UPDATED
+KIND_STATUS: Final = ChangeKind.STATUS
+KIND_FOLDED: Final = ChangeKind.FOLDED
+KIND_RESOLVED: Final = ChangeKind.RESOLVED
 
 # When one batch holds several changes to one incident, the published kind is the strongest.
 KIND_STRENGTH = {ChangeKind.UPDATED: 0, ChangeKind.STATUS: 1, ChangeKind.FOLDED: 2, ChangeKind.RESOLVED: 3,

@@ -20,7 +20,15 @@ from typing import Any
 
 from breakfix.correlator.book import IncidentBook
 from breakfix.correlator.model import (
+    DOMAIN_OPERATOR,
+    KIND_FOLDED,
+    KIND_OPENED,
+    KIND_UPDATED,
     NODE_CATEGORIES,
+    SCOPE_GPU,
+    SCOPE_NODE,
+    SCOPE_TENANT,
+    STATUS_VALIDATING,
     Change,
     Observation,
     TrackedIncident,
@@ -31,7 +39,6 @@ from breakfix.correlator.model import (
 from breakfix.correlator.state import LEMON_LABEL, CoreState
 from breakfix.schemas.catalog import FaultClass
 from breakfix.schemas.common import Severity, TenantRef, max_severity
-from breakfix.schemas.incident import ChangeKind, Domain, IncidentScope, IncidentStatus
 from breakfix.schemas.signal import Signal
 
 _HISTORY_CAP = 32
@@ -107,7 +114,7 @@ class Patterns:
             changes = self.book.add(host, o.with_class(suspect))
             host.note(at, "suspect", note, self.rules.timeline_limit)
             return changes
-        return self.book.open(gpu_key, IncidentScope.GPU, o.with_class(suspect), note=note)
+        return self.book.open(gpu_key, SCOPE_GPU, o.with_class(suspect), note=note)
 
     def lemon(self, inc: TrackedIncident, s: Signal) -> None:
         rule = self.rules.lemon
@@ -128,7 +135,7 @@ class Patterns:
         inc.source = LEMON_SOURCE
         inc.title = f"Lemon GPU ({len(times)} incidents within {rule.window_s / 3600:g} h): {spec.title}"
         inc.severity = max_severity(inc.severity, spec.severity)
-        inc.domain = Domain.OPERATOR
+        inc.domain = DOMAIN_OPERATOR
 
     def endpoint(self, o: Observation) -> list[Change] | None:
         s = o.signal
@@ -137,7 +144,7 @@ class Patterns:
         for node in serving:
             for iid in self.state.on_node.get(node, ()):
                 host = self.state.live(iid)
-                if host is not None and host.domain is Domain.OPERATOR and host.scope is not IncidentScope.TENANT:
+                if host is not None and host.domain is DOMAIN_OPERATOR and host.scope is not SCOPE_TENANT:
                     return self._impact(self.book.top(host), o)  # the incident standing on its own, not a member
         key = f"tenant|{s.cluster}|{s.tenant.namespace}|{s.tenant.workload()}"
         for node in serving:
@@ -156,26 +163,26 @@ class Patterns:
             host.note(s.observed_at, "impact", f"endpoint {t} out of SLO ({o.ck})", self.rules.timeline_limit)
             if not changes:
                 host.version += 1
-                changes = [Change(ChangeKind.UPDATED, host)]
+                changes = [Change(KIND_UPDATED, host)]
         return changes
 
     def multi_gpu(self, inc: TrackedIncident, at: datetime) -> list[Change]:
         """Several GPU incidents on one node within the window become one node incident."""
         rule = self.rules.multi_gpu
-        if rule is None or inc.scope is not IncidentScope.GPU or inc.domain is not Domain.OPERATOR \
+        if rule is None or inc.scope is not SCOPE_GPU or inc.domain is not DOMAIN_OPERATOR \
                 or inc.parent is not None or inc.node is None or inc.category not in self.rules.multi_gpu_categories:
             return []  # only hardware faults: XID 74 on several GPUs is an NVLink fault, not a host fault
         node_key = node_key_for(inc.cluster, inc.node)
         host = self.state.live(self.state.by_key.get(node_key))
-        if host is not None and self.node_is_the_unit(host) and host.status is not IncidentStatus.VALIDATING:
+        if host is not None and self.node_is_the_unit(host) and host.status is not STATUS_VALIDATING:
             # the node is already the unit being fixed (a multi-GPU incident sent to a human keeps taking its GPUs:
             # a node awaiting RMA or a hands-on check never gets a GPU reset ladder of its own); one validating after
             # its reboot takes no new fault, which gets a repair of its own
             return self._fold_into_node(host, [inc], at)
-        if host is not None and (host.parent is not None or host.status is IncidentStatus.VALIDATING):
+        if host is not None and (host.parent is not None or host.status is STATUS_VALIDATING):
             return []
         peers = [p for iid in self.state.on_node.get(inc.node, ()) if (p := self.state.live(iid)) is not None
-                 and p.scope is IncidentScope.GPU and p.parent is None and p.category in self.rules.multi_gpu_categories
+                 and p.scope is SCOPE_GPU and p.parent is None and p.category in self.rules.multi_gpu_categories
                  and (at - p.first_seen).total_seconds() <= rule.window_s]
         gpus = {g for p in peers for g in p.gpus}
         if len(gpus) < rule.min_gpus:
@@ -208,12 +215,12 @@ class Patterns:
         if inc.node is None or inc.parent is not None or inc.category not in NODE_CATEGORIES:
             return []
         others = self._needing_reboot(inc)
-        if inc.scope is IncidentScope.NODE:
-            return self._fold_into_node(inc, others, at) if others and inc.status is not IncidentStatus.VALIDATING \
+        if inc.scope is SCOPE_NODE:
+            return self._fold_into_node(inc, others, at) if others and inc.status is not STATUS_VALIDATING \
                 else []
         node_key = node_key_for(inc.cluster, inc.node)
         host = st.live(st.by_key.get(node_key))
-        if host is not None and host.status is IncidentStatus.VALIDATING and host.parent is None:
+        if host is not None and host.status is STATUS_VALIDATING and host.parent is None:
             host = None  # validating after its reboot, it takes no new fault: a node incident opened for these takes
             # the node's key from it (its own faults still clear on it), else this one stands alone
         if host is not None:  # the node's own incident takes this one
@@ -243,7 +250,7 @@ class Patterns:
         st = self.state
         return [p for iid in st.on_node.get(inc.node or "", ()) if (p := st.live(iid)) is not None and p is not inc
                 and p.parent is None and p.cluster == inc.cluster and p.category in NODE_CATEGORIES
-                and p.scope in (IncidentScope.GPU, IncidentScope.TENANT) and p.status is not IncidentStatus.VALIDATING]
+                and p.scope in (SCOPE_GPU, SCOPE_TENANT) and p.status is not STATUS_VALIDATING]
 
     def _host_takes(self, host: TrackedIncident, members: list[TrackedIncident], at: datetime, *, category: str,
                     title: str, source: str, why: str) -> list[Change]:
@@ -252,7 +259,7 @@ class Patterns:
         would raise it; one already more cautious (a human's repair, a reprovision) keeps its path, which covers it."""
         if category_rank(category) < category_rank(host.category):
             host.note(at, "category", f"{host.category} -> {category}: {why}", self.rules.timeline_limit)
-            host.category, host.title, host.source, host.domain = category, title, source, Domain.OPERATOR
+            host.category, host.title, host.source, host.domain = category, title, source, DOMAIN_OPERATOR
             host.severity = max_severity(host.severity, self.catalog.category(category).severity)
         return self._fold_into_node(host, members, at)
 
@@ -264,8 +271,8 @@ class Patterns:
         node_key = node_key_for(inc.cluster, inc.node)
         first = min(members, key=lambda p: p.first_seen)
         node = TrackedIncident(
-            id=incident_id(node_key, first.id), key=node_key, cluster=inc.cluster, scope=IncidentScope.NODE,
-            node=inc.node, category=category, severity=severity, domain=Domain.OPERATOR, title=title,
+            id=incident_id(node_key, first.id), key=node_key, cluster=inc.cluster, scope=SCOPE_NODE,
+            node=inc.node, category=category, severity=severity, domain=DOMAIN_OPERATOR, title=title,
             first_seen=first.first_seen, last_seen=at, source=source)
         node.nodes[inc.node] = None
         node.labels.update(first.labels)
@@ -273,7 +280,7 @@ class Patterns:
         self.state.incidents[node.id] = node
         self.state.by_key[node_key] = node.id
         self.state.on_node.setdefault(inc.node, {})[node.id] = None
-        return [Change(ChangeKind.OPENED, node), *self._fold_into_node(node, members, at, opening=True)]
+        return [Change(KIND_OPENED, node), *self._fold_into_node(node, members, at, opening=True)]
 
     def _fold_into_node(self, node: TrackedIncident, members: list[TrackedIncident], at: datetime,
                         opening: bool = False) -> list[Change]:
@@ -293,7 +300,7 @@ class Patterns:
             node.last_seen = max(node.last_seen, m.last_seen)
             if len(node.evidence) < self.rules.evidence_messages and m.evidence:
                 node.evidence.append(m.evidence[0])
-            changes.append(Change(ChangeKind.FOLDED, m))
+            changes.append(Change(KIND_FOLDED, m))
         rma = next((c for c in _HUMAN_REPAIR if any(m.category == c for m in members)), None)
         if rma is not None and node.category not in _HUMAN_REPAIR and node.category != "unknown_fault":
             # a member NVIDIA sends to support (CONTACT_SUPPORT: RMA) or to a hands-on check (CHECK_MECHANICALS)
@@ -307,7 +314,7 @@ class Patterns:
             node.version += 1
             if node.category not in NODE_CATEGORIES:  # a node reboot keeps the title of what needs it
                 node.title = f"{len(node.gpus)} GPUs failing together on {node.node}"
-            changes.append(Change(ChangeKind.UPDATED, node))
+            changes.append(Change(KIND_UPDATED, node))
         elif rma is not None:
             node.title = f"{len(node.gpus)} GPUs failing together on {node.node}, one needing {rma}"
         return changes
@@ -318,7 +325,7 @@ class Patterns:
         assert inc.node is not None
         for key in self.state.serving.get(inc.node, ()):
             ep = self.state.live(self.state.by_key.get(key))
-            if ep is None or ep.parent is not None or ep.scope is not IncidentScope.TENANT:
+            if ep is None or ep.parent is not None or ep.scope is not SCOPE_TENANT:
                 continue
             ep.parent = inc.id
             ep.version += 1
@@ -327,5 +334,5 @@ class Patterns:
             for t in ep.tenants.values():
                 inc.impact[t.key()] = t
             inc.note(inc.first_seen, "impact", f"endpoint incident {ep.id}", self.rules.timeline_limit)
-            changes.append(Change(ChangeKind.FOLDED, ep))
+            changes.append(Change(KIND_FOLDED, ep))
         return changes

@@ -14,11 +14,10 @@ from collections import OrderedDict
 from datetime import datetime, timedelta
 from typing import Any
 
-from breakfix.correlator.model import LINK_CATEGORIES, TERMINAL, TrackedIncident, link_key_for
+from breakfix.correlator.model import LINK_CATEGORIES, SCOPE_NODE, TERMINAL, TrackedIncident, link_key_for
 from breakfix.correlator.rules import Rules, default_rules
 from breakfix.correlator.topology import TopologyGrouper, _Candidates
 from breakfix.schemas.catalog import Catalog, FaultClass
-from breakfix.schemas.incident import IncidentScope
 from breakfix.schemas.signal import Signal
 
 LEMON_LABEL = "breakfix.io/lemon"
@@ -142,7 +141,7 @@ class CoreState:
         the node's key and is also named by the links' key while it is open, so its link faults keep clearing and
         repeating where they are open; once it settles, the next link fault opens a link incident."""
         for inc in sorted(self.incidents.values(), key=lambda i: (i.status not in TERMINAL, i.first_seen)):
-            if inc.scope is not IncidentScope.NODE or inc.node is None or not inc.key.startswith("node|"):
+            if inc.scope is not SCOPE_NODE or inc.node is None or not inc.key.startswith("node|"):
                 continue
             link_key = link_key_for(inc.cluster, inc.node)
             links = [fk for fk in inc.open_faults if self._is_link(fk)]

@@ -15,10 +15,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from breakfix.correlator.model import TERMINAL, Change, TrackedIncident, incident_id
+from breakfix.correlator.model import (
+    DOMAIN_OPERATOR,
+    KIND_FOLDED,
+    KIND_OPENED,
+    KIND_RESOLVED,
+    KIND_UPDATED,
+    SCOPE_FABRIC,
+    STATUS_RESOLVED,
+    TERMINAL,
+    Change,
+    TrackedIncident,
+    incident_id,
+)
 from breakfix.correlator.rules import Rules, TopologyRule
 from breakfix.schemas.common import max_severity
-from breakfix.schemas.incident import ChangeKind, Domain, IncidentScope, IncidentStatus
 
 
 @dataclass
@@ -41,7 +52,7 @@ def settle_parent(inc: TrackedIncident, incidents: dict[str, TrackedIncident], a
     own = {fk: t for fk, t in parent.open_faults.items() if by_fault.get(fk) == parent.id} if by_fault else {}
     parent.open_faults = {**own, **{fk: t for m in live for fk, t in m.open_faults.items()}}
     if not live and not own:
-        parent.status = IncidentStatus.RESOLVED
+        parent.status = STATUS_RESOLVED
         parent.resolved_at = at
         parent.time_to_repair_s = round((at - parent.first_seen).total_seconds(), 3)
         parent.open_faults.clear()
@@ -49,7 +60,7 @@ def settle_parent(inc: TrackedIncident, incidents: dict[str, TrackedIncident], a
         parent.note(at, "resolved", "every member incident settled", limit)
         # a parent that is itself a member (a GPU's reboot incident under its node's) settles its own parent in turn
         above = settle_parent(parent, incidents, at, limit, by_fault, depth + 1) if depth < 4 else []
-        return [Change(ChangeKind.RESOLVED, parent), *above]
+        return [Change(KIND_RESOLVED, parent), *above]
     return []
 
 
@@ -68,7 +79,7 @@ class TopologyGrouper:
                 by_key: dict[str, str], at: datetime) -> list[Change]:
         """Consider one node/GPU incident; open or grow a fabric incident when the rule says so."""
         rule = self.rules.topology.get(inc.category)
-        if rule is None or inc.parent is not None or inc.scope is IncidentScope.FABRIC or inc.node is None:
+        if rule is None or inc.parent is not None or inc.scope is SCOPE_FABRIC or inc.node is None:
             return []
         value = inc.labels.get(rule.key)
         if not value:
@@ -90,8 +101,8 @@ class TopologyGrouper:
             return []
         first = min(group.members.items(), key=lambda kv: kv[1][1])
         fab = TrackedIncident(
-            id=incident_id(key, first[0]), key=key, cluster=inc.cluster, scope=IncidentScope.FABRIC, node=None,
-            category=inc.category, severity=inc.severity, domain=Domain.OPERATOR,
+            id=incident_id(key, first[0]), key=key, cluster=inc.cluster, scope=SCOPE_FABRIC, node=None,
+            category=inc.category, severity=inc.severity, domain=DOMAIN_OPERATOR,
             title=f"{inc.category} on {len(nodes)} nodes under {rule.key} {value}",
             first_seen=first[1][1], last_seen=inc.last_seen, topology={rule.key: value},
         )
@@ -101,7 +112,7 @@ class TopologyGrouper:
         incidents[fab.id] = fab
         by_key[key] = fab.id
         group.fabric = fab.id
-        changes = [Change(ChangeKind.OPENED, fab)]
+        changes = [Change(KIND_OPENED, fab)]
         for mid in list(group.members):
             changes.extend(self._join(fab, incidents[mid], at, opening=True))
         group.members.clear()
@@ -126,10 +137,10 @@ class TopologyGrouper:
             fab.evidence.append(f"{inc.node}: {inc.evidence[0]}")
         value = next(iter(fab.topology.values()), "")
         fab.title = f"{fab.category} on {len(fab.nodes)} nodes under {next(iter(fab.topology), '')} {value}"
-        changes = [Change(ChangeKind.FOLDED, inc)]
+        changes = [Change(KIND_FOLDED, inc)]
         if not opening:
             fab.version += 1
-            changes.append(Change(ChangeKind.UPDATED, fab))
+            changes.append(Change(KIND_UPDATED, fab))
         return changes
 
     def forget(self, incident_ids: set[str]) -> None:
