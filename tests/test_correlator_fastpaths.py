@@ -4,6 +4,7 @@
   what ``Signal.model_validate_json`` does, with the same dead-letter reason, and a node it has
   accepted still cannot send on another node's subject;
 - ``Signal.fault_key`` is ``check@entity_key()``, and the core reads the same keys from the field values;
+- the core's own reads of a tenant ref's key and workload and of the worse severity give the schemas' answers;
 - the core's per-(check, code) route cache leaves a class that depends on the message to the message;
 - the signal counter's cached labels keep the check-label cap;
 - incident index writes collected at the checkpoint: a refused batch is put again, in order, so the
@@ -27,10 +28,11 @@ from breakfix.correlator.app import CorrelatorConfig, build_correlator
 from breakfix.correlator.grouping import Correlator, signal_keys
 from breakfix.correlator.index import IncidentIndex
 from breakfix.correlator.metrics import CorrelatorMetrics
+from breakfix.correlator.model import tenant_incident_key, tenant_key, workload, worse
 from breakfix.correlator.service import ServiceConfig
 from breakfix.schemas import subjects
 from breakfix.schemas.catalog import Catalog
-from breakfix.schemas.common import GpuRef, TenantRef, first_error
+from breakfix.schemas.common import GpuRef, Severity, TenantRef, first_error, max_severity
 from breakfix.schemas.incident import IncidentChange
 from breakfix.schemas.signal import Signal
 from tests.conftest import T0, sig
@@ -145,6 +147,28 @@ class TestFaultKey:
         assert s.fault_key() == f"{s.check}@{'/'.join(parts)}"
         assert s.entity_key() == "/".join(parts)
         assert signal_keys(s.__dict__) == (s.fault_key(), None if gpu is None else gpu.key())
+
+
+class TestTenantRefs:
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(pod=st.one_of(st.none(), st.just(""), st.sampled_from(["api-7d9f8c6b5-x2k4p", "batch-x7k2q", "train-3",
+                                                                  "lws-2-1", "p-0", "solo"]),
+                         st.text(alphabet="abz-079", min_size=1, max_size=24)),
+           endpoint=st.one_of(st.none(), st.just(""), st.just("api")))
+    def test_the_core_reads_a_tenant_refs_key_and_workload_as_the_ref_gives_them(self, pod: str | None,
+                                                                                endpoint: str | None) -> None:
+        """``model.tenant_key`` and ``model.workload`` (remembered by pod name) are ``TenantRef.key`` and
+        ``TenantRef.workload``, and a workload's incident key is built from the latter."""
+        t = TenantRef(namespace="ns", pod=pod, endpoint=endpoint)
+        assert tenant_key(t) == t.key()
+        for _ in range(2):  # the second read comes from the cache
+            assert workload(t) == t.workload()
+        assert tenant_incident_key("c1", t) == f"tenant|c1|ns|{t.workload()}"
+
+    def test_the_worse_severity_is_the_schemas(self) -> None:
+        for a in Severity:
+            for b in Severity:
+                assert worse(a, b) is max_severity(a, b)
 
 
 class TestRoutes:

@@ -50,6 +50,7 @@ from breakfix.correlator.model import (
     Observation,
     TrackedIncident,
     node_key_for,
+    tenant_incident_key,
 )
 from breakfix.correlator.patterns import Patterns
 from breakfix.correlator.rules import CategoryThreshold, Rules, Threshold
@@ -98,23 +99,34 @@ def code_key(signal: Signal) -> str:
 def signal_keys(d: dict[str, Any]) -> tuple[str, str | None]:
     """A signal's fault key (``Signal.fault_key``) and its GPU's key (``GpuRef.key``) from its field values
     (``Signal.__dict__``). Written out here rather than calling those methods: this is the per-signal work of the
-    compiled core, and a call into Python code costs it more than the rest of a heartbeat.
+    compiled core, and a call into Python code costs it more than the rest of a heartbeat. Every value read is given
+    its type, so the compiled core joins strings natively rather than through the generic ``+``.
     ``tests/test_correlator_fastpaths.py`` pins both keys to the models' own over generated signals."""
-    key: str = d["check"] + "@" + d["node"]
+    check: str = d["check"]
+    node: str = d["node"]
+    key = check + "@" + node
     g: GpuRef | None = d["gpu"]
     gkey: str | None = None
     if g is not None:
         gd: dict[str, Any] = g.__dict__
-        gkey = gd["uuid"] or (f"gpu{gd['index']}" if gd["index"] is not None else gd["pci_bus_id"] or "gpu?")
-        key += "/" + gkey
+        uuid: str | None = gd["uuid"]
+        if uuid:
+            gkey = uuid
+        else:
+            index: int | None = gd["index"]
+            pci: str | None = gd["pci_bus_id"]
+            gkey = f"gpu{index}" if index is not None else pci or "gpu?"
+        key = key + "/" + gkey
     component: str | None = d["component"]
     if component:
-        key += "/" + component
+        key = key + "/" + component
     t: TenantRef | None = d["tenant"]
     if t is not None:
         td: dict[str, Any] = t.__dict__
-        if td["endpoint"]:
-            key += "/" + td["namespace"] + "/" + td["endpoint"]  # TenantRef.key with an endpoint
+        endpoint: str | None = td["endpoint"]
+        if endpoint:
+            namespace: str = td["namespace"]
+            key = key + "/" + namespace + "/" + endpoint  # TenantRef.key with an endpoint
     return key, gkey
 
 
@@ -204,7 +216,7 @@ class Correlator:
         node: str = d["node"]
         cluster: str = d["cluster"]
         gpu_key = None if gkey is None else f"gpu|{cluster}|{node}|{gkey}"
-        o = Observation(s, fk, ck, eck, fc, gpu_key, gkey, f"{fk}#{ck}")
+        o = Observation(s, d, fk, ck, eck, fc, gpu_key, gkey, f"{fk}#{ck}")
         down = r.down  # may fold peers opened before
         if r.symp and gpu_key is not None:  # the GPU's own incident, or the node or tenant one holding its codes
             host = st.live(st.by_key.get(gpu_key)) or st.live(st.by_gpu.get(gpu_key))
@@ -213,12 +225,12 @@ class Correlator:
         if r.raises and gpu_key is not None:
             # NVIDIA Xid catalog, XID_154: the recovery action applies to the GPU's fault; it raises the
             # incident already holding that GPU's codes (and a GPU off the bus joins that incident too)
-            host = book.gpu_host(gpu_key, s)
+            host = book.gpu_host(gpu_key, node)
             if host is not None:  # not folded: an unreadable recovery action (unknown_fault) makes the host cautious
                 changes = book.add(host, o)
                 return changes + book.after_down(host, o) if down else changes
         if (r.same_fault or r.memory or r.contained) and gpu_key is not None:
-            host = book.gpu_host(gpu_key, s)
+            host = book.gpu_host(gpu_key, node)
             if host is not None and self._joins(host, r):
                 changes = book.add(host, o)
                 return changes + book.after_down(host, o) if down else changes
@@ -228,7 +240,7 @@ class Correlator:
                 host = st.live(dn[0])
                 if host is not None:
                     return book.add(host, o, fold=True)
-        tenant: TenantRef | None = d["tenant"]
+        tenant = o.tenant
         if r.impact and tenant is not None:
             found = self.patterns.endpoint(o)
             if found is not None:
@@ -241,7 +253,7 @@ class Correlator:
         if fc.domain is DOMAIN_TENANT and t is not None and not r.contained:
             # (a containment XID is keyed by its GPU even with a pod: its repair is the GPU's reset, and the DBE or
             # row remap it reports, or another workload's XID 94 on that GPU, meets it there in any order)
-            key, scope = f"tenant|{cluster}|{t.namespace}|{t.workload()}", SCOPE_TENANT
+            key, scope = tenant_incident_key(cluster, t), SCOPE_TENANT
         elif gpu_key is not None and fc.category not in NODE_CATEGORIES:
             key, scope = gpu_key, SCOPE_GPU
         else:

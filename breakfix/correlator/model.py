@@ -259,9 +259,17 @@ class Observation:
     """The facts of one fault signal that the core's collaborators need, worked out once per signal.
     Not frozen only because a frozen dataclass is slower to build on this per-signal path; never mutated
     (``with_class`` makes a copy). Its ``__init__`` is written out: a generated one runs as Python in the compiled
-    core."""
+    core. The signal's fields the core reads on every signal are carried here too, read once from its field values
+    (``Correlator.ingest``): each attribute read of a pydantic model goes through its ``__getattr__`` hook, and
+    the compiled core reads these as native fields."""
 
     signal: Signal
+    d: dict[str, Any]  # the signal's field values (``Signal.__dict__``), for the fields read less often
+    at: datetime  # ``observed_at``
+    sid: str  # ``id``
+    node: str
+    check: str
+    tenant: TenantRef | None
     fk: str  # fault key: check@entity, what a healthy signal must match to clear it
     ck: str  # code key as counted on the incident: ``xid:48``, ``dcgm:DCGM_FR_...``, or the check
     eck: str  # the key the rules match: a DCGM code's XID equivalent, otherwise ``ck``
@@ -270,14 +278,63 @@ class Observation:
     gkey: str | None  # the GPU's own key (``GpuRef.key()``) when the signal names one
     lk: str  # ``fk#ck``: the key of the incident's last occurrence of this fault and code (dedupe)
 
-    def __init__(self, signal: Signal, fk: str, ck: str, eck: str, fc: FaultClass, gpu_key: str | None,
-                 gkey: str | None, lk: str) -> None:
-        self.signal, self.fk, self.ck, self.eck, self.fc = signal, fk, ck, eck, fc
+    def __init__(self, signal: Signal, d: dict[str, Any], fk: str, ck: str, eck: str, fc: FaultClass,
+                 gpu_key: str | None, gkey: str | None, lk: str) -> None:
+        self.signal, self.d, self.fk, self.ck, self.eck, self.fc = signal, d, fk, ck, eck, fc
         self.gpu_key, self.gkey, self.lk = gpu_key, gkey, lk
+        self.at, self.sid, self.node, self.check, self.tenant = (d["observed_at"], d["id"], d["node"], d["check"],
+                                                                 d["tenant"])
 
     def with_class(self, fc: FaultClass) -> Observation:
         """The same facts under another class (a pattern's verdict, such as a suspect GPU)."""
-        return Observation(self.signal, self.fk, self.ck, self.eck, fc, self.gpu_key, self.gkey, self.lk)
+        return Observation(self.signal, self.d, self.fk, self.ck, self.eck, fc, self.gpu_key, self.gkey, self.lk)
+
+
+def tenant_key(t: TenantRef) -> str:
+    """``TenantRef.key`` from the ref's field values, without a call into Python code on the per-signal path
+    (``tests/test_correlator_fastpaths.py`` pins the two together)."""
+    td: dict[str, Any] = t.__dict__
+    namespace: str = td["namespace"]
+    name: str | None = td["endpoint"] or td["pod"]
+    return namespace + "/" + (name or "*")
+
+
+_WORKLOADS: Final[dict[str, str]] = {}  # pod name -> ``TenantRef.workload`` of a ref without an endpoint
+_WORKLOADS_CAP = 65536  # pod names are open-ended input: the cache is bounded
+
+
+def workload(t: TenantRef) -> str:
+    """``TenantRef.workload``, remembered by pod name (it depends on nothing else when the ref has no endpoint):
+    the method is a call into Python code and a regular expression match, on every application fault
+    (``tests/test_correlator_fastpaths.py`` pins the two together)."""
+    td: dict[str, Any] = t.__dict__
+    endpoint: str | None = td["endpoint"]
+    if endpoint:
+        return endpoint
+    pod: str | None = td["pod"]
+    if not pod:
+        return "*"
+    w = _WORKLOADS.get(pod)
+    if w is None:
+        if len(_WORKLOADS) >= _WORKLOADS_CAP:
+            _WORKLOADS.clear()
+        w = _WORKLOADS[pod] = t.workload()
+    return w
+
+
+def tenant_incident_key(cluster: str, t: TenantRef) -> str:
+    """The key of a workload's own incident: ``tenant|cluster|namespace|workload``."""
+    namespace: str = t.__dict__["namespace"]
+    return f"tenant|{cluster}|{namespace}|{workload(t)}"
+
+
+# Severity ranks from ``Severity.rank``, read as one dict lookup: the property is a call into Python code.
+SEVERITY_RANK: Final[dict[Severity, int]] = {sev: sev.rank for sev in Severity}
+
+
+def worse(a: Severity, b: Severity) -> Severity:
+    """``schemas.common.max_severity`` (the worse of two severities; ``a`` on a tie), by ``SEVERITY_RANK``."""
+    return a if SEVERITY_RANK[a] >= SEVERITY_RANK[b] else b
 
 
 @dataclass(slots=True, init=False)

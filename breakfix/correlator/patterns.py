@@ -15,7 +15,6 @@ Wired by ``correlator.grouping.Correlator`` with the shared ``CoreState`` and th
 from __future__ import annotations
 
 from datetime import datetime
-from functools import lru_cache
 from typing import Any
 
 from breakfix.correlator.book import IncidentBook
@@ -35,11 +34,14 @@ from breakfix.correlator.model import (
     category_rank,
     incident_id,
     node_key_for,
+    tenant_incident_key,
+    tenant_key,
+    workload,
+    worse,
 )
 from breakfix.correlator.state import LEMON_LABEL, CoreState
 from breakfix.schemas.catalog import FaultClass
-from breakfix.schemas.common import Severity, TenantRef, max_severity
-from breakfix.schemas.signal import Signal
+from breakfix.schemas.common import Severity
 
 _HISTORY_CAP = 32
 SUSPECT_SOURCE = ("NVIDIA Xid catalog WORKFLOW_XID_13 / WORKFLOW_XID_31 (repeats on one GPU: run diagnostics); "
@@ -51,28 +53,23 @@ _HUMAN_REPAIR = {"hardware_support": "NVIDIA Xid catalog CONTACT_SUPPORT: invest
                  "mechanical_inspection": "NVIDIA Xid catalog CHECK_MECHANICALS: check seating and connections"}
 
 
-def controller_of(s: Signal) -> str:
+def controller_of(o: Observation) -> str:
     """The workload an application fault belongs to: its controller, not its pod name (issue 11).
 
     ``details.controller`` (e.g. ``Deployment/api``) when a collector knows it; otherwise Kubernetes'
     pod naming: Deployment/ReplicaSet ``api-7d9f8c6b5-x2k4p`` -> ``api``, Job ``batch-x7k2q`` -> ``batch``,
     StatefulSet ``train-3`` -> ``train``, LeaderWorkerSet ``lws-2`` (leader) / ``lws-2-1`` (worker) -> ``lws``.
     """
-    sd: dict[str, Any] = s.__dict__  # the field values, read once (``Correlator.ingest``)
-    t: TenantRef | None = sd["tenant"]
+    t = o.tenant
     assert t is not None
-    td: dict[str, Any] = t.__dict__
-    d: dict[str, str] = sd["details"]
+    td: dict[str, Any] = t.__dict__  # the ref's field values, read once
+    namespace: str = td["namespace"]
+    d: dict[str, str] = o.d["details"]
     owner = (d.get("controller") or d.get("owner")) if d else None
     if owner:
-        return f"{td['namespace']}/{owner}"
-    return _controller_by_name(td["namespace"], td["pod"], td["endpoint"])
-
-
-@lru_cache(maxsize=65536)
-def _controller_by_name(namespace: str, pod: str | None, endpoint: str | None) -> str:
-    """``controller_of`` from the pod's name alone (cached: a storm repeats the same pods; bounded)."""
-    w = TenantRef(namespace=namespace, pod=pod, endpoint=endpoint).workload()
+        return f"{namespace}/{owner}"
+    w = workload(t)
+    pod: str | None = td["pod"]
     if pod and w != pod:
         head, _, tail = w.rpartition("-")
         if head and tail.isdigit():  # a LeaderWorkerSet worker: <lws>-<group>-<index>
@@ -88,20 +85,27 @@ class Patterns:
         self.book = book
         self.rules = state.rules
         self.catalog = state.catalog
+        # the suspect-GPU rule's fields read on every application XID, copied once (a pydantic model's attribute reads
+        # go through its ``__getattr__`` hook)
+        suspect = self.rules.suspect
+        self.suspect_category = suspect.category if suspect is not None else ""
+        self.suspect_window_s = suspect.window_s if suspect is not None else 0.0
+        self.multi_gpu_window_s = self.rules.multi_gpu.window_s if self.rules.multi_gpu is not None else 0.0
 
     def suspect(self, gpu_key: str, o: Observation) -> list[Change] | None:
-        rule, s, st = self.rules.suspect, o.signal, self.state
-        assert rule is not None and s.tenant is not None
+        rule, st = self.rules.suspect, self.state
+        assert rule is not None and o.tenant is not None
         host = st.live(st.by_key.get(gpu_key))
-        if host is not None and host.category == rule.category:
+        if host is not None and host.category == self.suspect_category:
             return self.book.add(host, o)
-        at = s.observed_at
-        workload = controller_of(s)
+        at = o.at
+        controller = controller_of(o)
         hist = self.state.app_hist.setdefault(gpu_key, {})  # workload -> last time, oldest first
-        hist.pop(workload, None)
-        hist[workload] = at
+        hist.pop(controller, None)
+        hist[controller] = at
+        window_s = self.suspect_window_s
         for w, t in list(hist.items()):
-            if (at - t).total_seconds() <= rule.window_s and len(hist) <= _HISTORY_CAP:
+            if (at - t).total_seconds() <= window_s and len(hist) <= _HISTORY_CAP:
                 break
             del hist[w]
         if len(hist) < rule.min_workloads:
@@ -116,11 +120,10 @@ class Patterns:
             return changes
         return self.book.open(gpu_key, SCOPE_GPU, o.with_class(suspect), note=note)
 
-    def lemon(self, inc: TrackedIncident, s: Signal) -> None:
+    def lemon(self, inc: TrackedIncident, at: datetime) -> None:
         rule = self.rules.lemon
         if rule is None or inc.labels.get(LEMON_LABEL) == "true" or inc.category not in self.rules.lemon_categories:
             return  # only hardware incidents count: application XIDs alone never take the RMA path
-        at = s.observed_at
         times = self.state.bursts.setdefault(inc.key, [])
         times.append(at)
         while times and (at - times[0]).total_seconds() > rule.window_s:
@@ -134,33 +137,33 @@ class Patterns:
         inc.category = rule.category
         inc.source = LEMON_SOURCE
         inc.title = f"Lemon GPU ({len(times)} incidents within {rule.window_s / 3600:g} h): {spec.title}"
-        inc.severity = max_severity(inc.severity, spec.severity)
+        inc.severity = worse(inc.severity, spec.severity)
         inc.domain = DOMAIN_OPERATOR
 
     def endpoint(self, o: Observation) -> list[Change] | None:
-        s = o.signal
-        assert s.tenant is not None
-        serving = [n for n in s.details.get("serving_nodes", "").split(",") if n] or [s.node]
+        assert o.tenant is not None
+        details: dict[str, str] = o.d["details"]
+        serving = [n for n in details.get("serving_nodes", "").split(",") if n] or [o.node]
         for node in serving:
             for iid in self.state.on_node.get(node, ()):
                 host = self.state.live(iid)
                 if host is not None and host.domain is DOMAIN_OPERATOR and host.scope is not SCOPE_TENANT:
                     return self._impact(self.book.top(host), o)  # the incident standing on its own, not a member
-        key = f"tenant|{s.cluster}|{s.tenant.namespace}|{s.tenant.workload()}"
+        key = tenant_incident_key(o.d["cluster"], o.tenant)
         for node in serving:
             self.state.serving.setdefault(node, {})[key] = None
         return None
 
     def _impact(self, host: TrackedIncident, o: Observation) -> list[Change]:
-        s = o.signal
-        assert s.tenant is not None
+        tenant = o.tenant
+        assert tenant is not None
         self.state.stats["impact"] += 1
-        t = s.tenant.key()
+        t = tenant_key(tenant)
         new = t not in host.impact
-        host.impact[t] = s.tenant
+        host.impact[t] = tenant
         changes = self.book.add(host, o, fold=True)
         if new:
-            host.note(s.observed_at, "impact", f"endpoint {t} out of SLO ({o.ck})", self.rules.timeline_limit)
+            host.note(o.at, "impact", f"endpoint {t} out of SLO ({o.ck})", self.rules.timeline_limit)
             if not changes:
                 host.version += 1
                 changes = [Change(KIND_UPDATED, host)]
@@ -181,9 +184,10 @@ class Patterns:
             return self._fold_into_node(host, [inc], at)
         if host is not None and (host.parent is not None or host.status is STATUS_VALIDATING):
             return []
+        window_s, categories = self.multi_gpu_window_s, self.rules.multi_gpu_categories
         peers = [p for iid in self.state.on_node.get(inc.node, ()) if (p := self.state.live(iid)) is not None
-                 and p.scope is SCOPE_GPU and p.parent is None and p.category in self.rules.multi_gpu_categories
-                 and (at - p.first_seen).total_seconds() <= rule.window_s]
+                 and p.scope is SCOPE_GPU and p.parent is None and p.category in categories
+                 and (at - p.first_seen).total_seconds() <= window_s]
         gpus = {g for p in peers for g in p.gpus}
         if len(gpus) < rule.min_gpus:
             return []
@@ -260,7 +264,7 @@ class Patterns:
         if category_rank(category) < category_rank(host.category):
             host.note(at, "category", f"{host.category} -> {category}: {why}", self.rules.timeline_limit)
             host.category, host.title, host.source, host.domain = category, title, source, DOMAIN_OPERATOR
-            host.severity = max_severity(host.severity, self.catalog.category(category).severity)
+            host.severity = worse(host.severity, self.catalog.category(category).severity)
         return self._fold_into_node(host, members, at)
 
     def _open_node(self, inc: TrackedIncident, members: list[TrackedIncident], at: datetime, *, category: str,
@@ -296,7 +300,7 @@ class Patterns:
                 node.counts[k] = node.counts.get(k, 0) + v
             node.open_faults.update(m.open_faults)
             node.signal_count += m.signal_count
-            node.severity = max_severity(node.severity, m.severity)
+            node.severity = worse(node.severity, m.severity)
             node.last_seen = max(node.last_seen, m.last_seen)
             if len(node.evidence) < self.rules.evidence_messages and m.evidence:
                 node.evidence.append(m.evidence[0])
@@ -309,7 +313,7 @@ class Patterns:
             node.note(at, "category", f"{node.category} -> {rma}: a member GPU needs a human ({_HUMAN_REPAIR[rma]})",
                       self.rules.timeline_limit)
             node.category, node.source = rma, f"{MULTI_GPU_SOURCE}; {_HUMAN_REPAIR[rma]}"
-            node.severity = max_severity(node.severity, spec.severity)
+            node.severity = worse(node.severity, spec.severity)
         if not opening:
             node.version += 1
             if node.category not in NODE_CATEGORIES:  # a node reboot keeps the title of what needs it

@@ -27,9 +27,9 @@ from breakfix.correlator.model import (
     Change,
     TrackedIncident,
     incident_id,
+    worse,
 )
 from breakfix.correlator.rules import Rules, TopologyRule
-from breakfix.schemas.common import max_severity
 
 
 @dataclass
@@ -128,7 +128,7 @@ class TopologyGrouper:
         for k, v in inc.counts.items():
             fab.counts[k] = fab.counts.get(k, 0) + v
         fab.signal_count += inc.signal_count
-        fab.severity = max_severity(fab.severity, inc.severity)
+        fab.severity = worse(fab.severity, inc.severity)
         fab.first_seen = min(fab.first_seen, inc.first_seen)
         fab.last_seen = max(fab.last_seen, inc.last_seen)
         for fk in inc.open_faults:
