@@ -100,11 +100,10 @@ def signal_keys(d: dict[str, Any]) -> tuple[str, str | None]:
     """A signal's fault key (``Signal.fault_key``) and its GPU's key (``GpuRef.key``) from its field values
     (``Signal.__dict__``). Written out here rather than calling those methods: this is the per-signal work of the
     compiled core, and a call into Python code costs it more than the rest of a heartbeat. Every value read is given
-    its type, so the compiled core joins strings natively rather than through the generic ``+``.
+    its type, and each key is one f-string, so the compiled core builds it natively in one allocation.
     ``tests/test_correlator_fastpaths.py`` pins both keys to the models' own over generated signals."""
     check: str = d["check"]
     node: str = d["node"]
-    key = check + "@" + node
     g: GpuRef | None = d["gpu"]
     gkey: str | None = None
     if g is not None:
@@ -116,17 +115,19 @@ def signal_keys(d: dict[str, Any]) -> tuple[str, str | None]:
             index: int | None = gd["index"]
             pci: str | None = gd["pci_bus_id"]
             gkey = f"gpu{index}" if index is not None else pci or "gpu?"
-        key = key + "/" + gkey
+        key = f"{check}@{node}/{gkey}"
+    else:
+        key = f"{check}@{node}"
     component: str | None = d["component"]
     if component:
-        key = key + "/" + component
+        key = f"{key}/{component}"
     t: TenantRef | None = d["tenant"]
     if t is not None:
         td: dict[str, Any] = t.__dict__
         endpoint: str | None = td["endpoint"]
         if endpoint:
             namespace: str = td["namespace"]
-            key = key + "/" + namespace + "/" + endpoint  # TenantRef.key with an endpoint
+            key = f"{key}/{namespace}/{endpoint}"  # TenantRef.key with an endpoint
     return key, gkey
 
 
