@@ -67,47 +67,6 @@ class TestPlanSaver:
             await save(Progress(incident=inc.id, attempt=0, step=1))
 
 
-    async def test_a_fresh_saver_creates_the_entry_without_reading_it_first(self, policy: Policy) -> None:
-        store, book, inc, plan, _ = saving(policy)
-        reads: list[str] = []
-        get = store.get
-
-        async def counted(key: str) -> Any:
-            reads.append(key)
-            return await get(key)
-
-        store.get = counted  # type: ignore[method-assign]
-        prog = Progress(incident=inc.id, attempt=0)
-        save = book.saver(inc, plan, fresh=True)
-        await save(prog)
-        prog.step = 1
-        await save(prog)
-        assert reads == []
-        got = await book.get(inc.id)
-        assert got is not None and got[0] == PlanRecord(incident=inc, plan=plan, progress=prog)
-
-    async def test_a_fresh_saver_writes_over_an_earlier_attempts_entry_at_its_revision(self, policy: Policy) -> None:
-        _store, book, inc, plan, _ = saving(policy)
-        old = Progress(incident=inc.id, attempt=0, state=ProgressState.CANCELLED)
-        await book.put(PlanRecord(incident=inc, plan=plan, progress=old), None)
-        save = book.saver(inc, plan, fresh=True)
-        prog = Progress(incident=inc.id, attempt=1)
-        await save(prog)
-        prog.step = 1
-        await save(prog)
-        got = await book.get(inc.id)
-        assert got is not None and got[0].progress == prog
-
-    async def test_a_fresh_saver_still_loses_to_a_writer_after_its_first_save(self, policy: Policy) -> None:
-        _store, book, inc, plan, _ = saving(policy)
-        save = book.saver(inc, plan, fresh=True)
-        await save(Progress(incident=inc.id, attempt=0))
-        rev = await book.revision(inc.id)
-        await book.put(PlanRecord(incident=inc, plan=plan, progress=Progress(incident=inc.id, attempt=1)), rev)
-        with pytest.raises(Conflict):
-            await save(Progress(incident=inc.id, attempt=0, step=1))
-
-
 class TestDecisions:
     def test_the_same_incident_view_and_policy_are_decided_once(self, policy: Policy) -> None:
         d = Decisions()

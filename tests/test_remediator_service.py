@@ -19,7 +19,7 @@ from breakfix.remediator.provider import ProviderHook
 from breakfix.remediator.records import PlanBook, PlanRecord, Progress, ProgressState
 from breakfix.remediator.service import RemediatorService
 from breakfix.remediator.simcluster import SimCluster, SimNode
-from breakfix.remediator.store import MemoryStore
+from breakfix.remediator.store import MemoryStore, plan_key
 from breakfix.schemas import subjects
 from breakfix.schemas.common import GpuRef, Severity
 from breakfix.schemas.incident import (
@@ -165,6 +165,18 @@ class TestObservers:
             [(ActionRecord.model_validate_json(m.data).id, m.subject) for m in h.bus.messages(subjects.ACTIONS.name)]
         assert all(stored for _, _, stored in heard.records)
         assert h.svc.control_stats.handled == 1  # the cancel; none of the remediator's own records came back
+
+
+class TestPlanEntries:
+    async def test_an_entry_from_an_incompatible_version_is_written_over_and_the_plan_runs(self, policy: Policy) -> None:
+        store = MemoryStore()
+        await store.put(plan_key("inc-1"), {"written_by": "an older release", "progress": 7}, None)
+        async with Harness(fast(policy), store=store) as h:
+            await h.open(incident())
+            await h.until(lambda: any(r.kind is ActionKind.PLAN and r.outcome is ActionOutcome.COMPLETED
+                                      for r in h.records()))
+        got = await PlanBook(store).get("inc-1")
+        assert got is not None and got[0].progress.state is ProgressState.DONE
 
 
 class TestApprovalsAndBreaker:

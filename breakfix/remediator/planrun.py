@@ -114,10 +114,9 @@ async def refused(svc: RemediatorService, inc: Incident, plan: Plan, refusal: Re
 
 async def run_plan(svc: RemediatorService, inc: Incident, plan: Plan, attempt: int, progress: Progress | None,
                held: tuple[str, ...], view: ClusterView | None = None) -> bool:
-    if progress is None:  # a new run: its first save creates the entry (or writes over an earlier attempt's)
-        save = svc.book.saver(inc, plan, fresh=True)
-    else:  # resumed: it goes on from the revision stored now
-        save = svc.book.saver(inc, plan, await svc.book.revision(inc.id))
+    # the revision as the run starts (the raw entry's: nothing validated): a writer that moves it before the run's
+    # first save (a stale ex-leader) stops this run with a conflict rather than being overwritten
+    save = svc.book.saver(inc, plan, await svc.book.revision(inc.id))
     for node in held:  # a group's member already in another incident's plan stays counted once, under that one
         if inc.node is not None or node not in svc.guards.active:
             svc.guards.start(node, inc.id)

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from breakfix.remediator.store import Conflict, PlanStore, plan_key
+from breakfix.remediator.store import PlanStore, plan_key
 from breakfix.schemas.incident import Incident, IncidentStatus, Plan
 
 # An incident status that ends a plan's wait for approval (the wait is cancelled, a late approve refused): fixed, or
@@ -97,32 +97,20 @@ class PlanBook:
         return await self.store.put(plan_key(record.incident.id), record.model_dump(mode="json", by_alias=True),
                                     revision)
 
-    def saver(self, incident: Incident, plan: Plan, revision: int | None = None, *,
-              fresh: bool = False) -> Callable[[Progress], Awaitable[None]]:
+    def saver(self, incident: Incident, plan: Plan, revision: int | None) -> Callable[[Progress], Awaitable[None]]:
         """The executor's ``save`` for one run of ``plan``: each call stores ``PlanRecord(incident, plan, progress)``
         at the revision the previous call wrote (``revision`` first; ``Conflict`` when another writer moved it).
-        ``fresh``: no revision was read; the first call creates the entry, and only when one is there already (an
-        earlier attempt's, another replica's) reads its revision and writes at it, as a caller that read it first
-        would have (one round trip fewer for a new incident's plan).
         Neither the incident nor the plan changes during a run, so their JSON is made once, not at every step, and
         goes into every write as it is (``orjson.Fragment``: no Python dict of it is built or walked again)."""
         fixed: dict[str, Any] = {"incident": orjson.Fragment(incident.model_dump_json(by_alias=True)),
                                  "plan": orjson.Fragment(plan.model_dump_json(by_alias=True))}
         rev = revision
         key = plan_key(incident.id)
-        first = fresh and revision is None
 
         async def save(progress: Progress) -> None:
-            nonlocal rev, first
-            value = {**fixed, "progress": progress.model_dump(mode="json", by_alias=True)}
-            if first:
-                first = False
-                try:
-                    rev = await self.store.put(key, value, None)
-                    return
-                except Conflict:
-                    rev = await self.revision(incident.id)
-            rev = await self.store.put(key, value, rev)
+            nonlocal rev
+            rev = await self.store.put(key, {**fixed, "progress": progress.model_dump(mode="json", by_alias=True)},
+                                       rev)
 
         return save
 
