@@ -168,7 +168,8 @@ class TestObservers:
 
 
 class TestPlanEntries:
-    async def test_an_entry_from_an_incompatible_version_is_written_over_and_the_plan_runs(self, policy: Policy) -> None:
+    async def test_an_entry_from_an_incompatible_version_is_written_over_and_the_plan_runs(
+            self, policy: Policy) -> None:
         store = MemoryStore()
         await store.put(plan_key("inc-1"), {"written_by": "an older release", "progress": 7}, None)
         async with Harness(fast(policy), store=store) as h:
