@@ -200,10 +200,9 @@ class Observers:
             listener.record(rec, subject)
 
     def control(self, rec: ActionRecord, subject: str) -> None:
-        """Every human verb the control consumer reads."""
+        """Every human verb the control consumer reads: counted, then heard as a stored record is."""
         self.metrics.control(rec)
-        for listener in self.listeners:
-            listener.record(rec, subject)
+        self.stored(rec, subject)
 
 
 __all__ = ["Listener", "Observers", "RemediatorMetrics", "awaiting_approval"]
