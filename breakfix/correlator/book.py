@@ -109,7 +109,7 @@ class IncidentBook:
                 host.open_faults[fk] = t
                 self.state.by_fault[fk] = host.id
             host.note(at, "folded", f"peer incident {p.id} ({', '.join(p.counts)})", rules.timeline_limit)
-            self.state.stats["folded"] += 1
+            self.state.counters.folded += 1
             changes.append(Change(KIND_FOLDED, p))
         if changes:
             host.version += 1
@@ -212,7 +212,7 @@ class IncidentBook:
             # RESET_GPU, an SXid turned fatal: the class comes from the message, CoreState.class_cacheable): that
             # one is absorbed and raises the incident, as it would a minute later. A folded signal never sets its
             # host's class (absorb), so its repeats stay on this path whatever their class.
-            self.state.stats["suppressed"] += 1
+            self.state.counters.suppressed += 1
             self.state.remember(o.sid, inc.id)
             inc.signal_count += 1
             inc.counts[ck] += 1
@@ -226,7 +226,7 @@ class IncidentBook:
             inc.version += 1  # a repeat while the remediator validates and soaks is a recurrence it must see
             return [Change(KIND_UPDATED, inc)]
         if fold:
-            self.state.stats["folded"] += 1
+            self.state.counters.folded += 1
         tenant_domain = inc.domain is not DOMAIN_OPERATOR
         before = inc.category
         if not self.absorb(inc, o, fold=fold) and inc.status is not STATUS_VALIDATING:

@@ -192,25 +192,28 @@ class Correlator:
     def ingest(self, s: Signal, now: datetime) -> list[Change]:
         """Fold one signal in; return the changes to publish (often none)."""
         st, book = self.state, self.book
-        st.stats["signals"] += 1
+        st.counters.signals += 1
         # the signal's field values, read once: each attribute read of a pydantic model goes through its
         # ``__getattr__`` hook (slower in both builds, and the compiled one cannot read its fields natively)
         d: dict[str, Any] = s.__dict__
-        hit = st.seen.get(d["id"])
-        if hit is not None:
-            st.stats["duplicates"] += 1
-            inc = st.incidents.get(hit)
-            if inc is not None:
-                inc.duplicate_count += 1
-            return []
-        fk, gkey = signal_keys(d)
-        if d["healthy"]:  # not remembered: a repeated healthy reading clears nothing twice
-            st.stats["healthy"] += 1
+        if d["healthy"]:
+            # never remembered (a repeated healthy reading clears nothing twice), so never looked up as a duplicate:
+            # only a fault signal's id is in ``seen``, and a signal's id covers its health (``make_signal_id``)
+            st.counters.healthy += 1
+            fk, gkey = signal_keys(d)
             iid = st.by_fault.get(fk)
             # the common case, a heartbeat for something that is fine, answered here without a call
             if iid is None and not fk.startswith(ENDPOINT_FAULT):
                 return []
             return self.lifecycle.clear(fk, s, iid)  # an endpoint's breach may be open where no index names it
+        hit = st.seen.get(d["id"])
+        if hit is not None:
+            st.counters.duplicates += 1
+            inc = st.incidents.get(hit)
+            if inc is not None:
+                inc.duplicate_count += 1
+            return []
+        fk, gkey = signal_keys(d)
         r = self._route(s, d["check"], d["code"])
         fc, ck, eck = r.fc, r.ck, r.eck
         at: datetime = d["observed_at"]
@@ -279,13 +282,13 @@ class Correlator:
         if inc is None:
             thr = r.threshold
             if thr is not None and not book.threshold_met(f"{fk}#{eck}", at, thr.count, thr.window_s):
-                st.stats["below_threshold"] += 1
+                st.counters.below_threshold += 1
                 st.remember(d["id"], "")
                 return []
             cthr = r.category_threshold
             if cthr is not None and not book.threshold_met(f"{fk}#cat:{fc.category}", at, cthr.count,
                                                             cthr.window_s):
-                st.stats["below_threshold"] += 1
+                st.counters.below_threshold += 1
                 st.remember(d["id"], "")
                 return []
             changes = book.open(key, scope, o)

@@ -257,7 +257,7 @@ class Lifecycle:
         self.state.by_gpu = {k: v for k, v in self.state.by_gpu.items() if self.state.live(v) is not None}
         if self.state.topology is not None:
             self.state.topology.forget(gone)
-        self.state.stats["expired"] += len(gone)
+        self.state.counters.expired += len(gone)
         self._prune(now)
         return sorted(gone)
 

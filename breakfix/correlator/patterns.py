@@ -157,7 +157,7 @@ class Patterns:
     def _impact(self, host: TrackedIncident, o: Observation) -> list[Change]:
         tenant = o.tenant
         assert tenant is not None
-        self.state.stats["impact"] += 1
+        self.state.counters.impact += 1
         t = tenant_key(tenant)
         new = t not in host.impact
         host.impact[t] = tenant

@@ -26,6 +26,37 @@ STATE_VERSION = 1
 _CLASS_CACHE = 4096
 
 
+class CoreStats:
+    """The core's counters (``Correlator.stats``, the checkpoint's ``stats``), one native integer each: a counter
+    kept in a dict costs a lookup, a boxed add and a store per signal, about a tenth of a heartbeat's work."""
+
+    def __init__(self) -> None:
+        self.signals = 0
+        self.duplicates = 0
+        self.suppressed = 0
+        self.healthy = 0
+        self.folded = 0
+        self.below_threshold = 0
+        self.impact = 0
+        self.expired = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"signals": self.signals, "duplicates": self.duplicates, "suppressed": self.suppressed,
+                "healthy": self.healthy, "folded": self.folded, "below_threshold": self.below_threshold,
+                "impact": self.impact, "expired": self.expired}
+
+    def load(self, d: dict[str, int]) -> None:
+        """A checkpoint's counters (names this version does not keep are left out)."""
+        self.signals = int(d.get("signals", self.signals))
+        self.duplicates = int(d.get("duplicates", self.duplicates))
+        self.suppressed = int(d.get("suppressed", self.suppressed))
+        self.healthy = int(d.get("healthy", self.healthy))
+        self.folded = int(d.get("folded", self.folded))
+        self.below_threshold = int(d.get("below_threshold", self.below_threshold))
+        self.impact = int(d.get("impact", self.impact))
+        self.expired = int(d.get("expired", self.expired))
+
+
 def _ts(d: datetime) -> str:
     return d.isoformat()
 
@@ -53,8 +84,7 @@ class CoreState:
         self.pending: dict[str, list[datetime]] = {}       # fault key -> times below its threshold
         self.topology = TopologyGrouper(self.rules) if topology else None
         self._classes: OrderedDict[tuple[str, str | None], FaultClass] = OrderedDict()  # LRU, _CLASS_CACHE
-        self.stats = {"signals": 0, "duplicates": 0, "suppressed": 0, "healthy": 0, "folded": 0,
-                      "below_threshold": 0, "impact": 0, "expired": 0}
+        self.counters = CoreStats()
         self.symp = catalog.correlation.sympathetic_xids
         self._message_xids = catalog.message_xids  # classes depend on the message: never cached
         self.seen_limit = self.rules.seen_limit
@@ -66,6 +96,11 @@ class CoreState:
         self.remap_facts = frozenset({*(f"xid:{c}" for c in corr.dbe_companions), *corr.remap_equivalents})
         self.memory_facts = self.dbe_facts | self.remap_facts
         self.contained_facts = frozenset(f"xid:{c}" for c in corr.containment_xids)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The counters by name (a copy)."""
+        return self.counters.as_dict()
 
     # -- helpers shared by the collaborators --------------------------------------------------------------
     def class_cacheable(self, s: Signal) -> bool:
@@ -130,7 +165,7 @@ class CoreState:
             "bursts": {k: [_ts(t) for t in v] for k, v in self.bursts.items()},
             "pending": {k: [_ts(t) for t in v] for k, v in self.pending.items()},
             "topology": groups,
-            "stats": dict(self.stats),
+            "stats": self.counters.as_dict(),
         }
 
     def _link_keys(self) -> None:
@@ -194,4 +229,4 @@ class CoreState:
                 c = _Candidates(fabric=g["fabric"])
                 c.members = {m: (n, _dt(t)) for m, (n, t) in g["members"].items()}
                 self.topology.groups[k] = c
-        self.stats.update(d["stats"])
+        self.counters.load(d["stats"])
