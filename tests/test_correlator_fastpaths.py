@@ -5,6 +5,8 @@
   accepted still cannot send on another node's subject;
 - ``Signal.fault_key`` is ``check@entity_key()``, and the core reads the same keys from the field values;
 - the core's own reads of a tenant ref's key and workload and of the worse severity give the schemas' answers;
+- the fault index's node filter never answers a wrong "no" (any node name, from a signal or a checkpoint), so a
+  healthy signal answered early clears nothing the full look-up would have;
 - the core's per-(check, code) route cache leaves a class that depends on the message to the message;
 - the signal counter's cached labels keep the check-label cap;
 - incident index writes collected at the checkpoint: a refused batch is put again, in order, so the
@@ -25,11 +27,13 @@ from hypothesis import strategies as st
 from breakfix.bus.codec import DecodeError, decoder, encode
 from breakfix.bus.memory import MemoryBus
 from breakfix.correlator.app import CorrelatorConfig, build_correlator
+from breakfix.correlator.checkpoint import Checkpoint
 from breakfix.correlator.grouping import Correlator, signal_keys
 from breakfix.correlator.index import IncidentIndex
 from breakfix.correlator.metrics import CorrelatorMetrics
 from breakfix.correlator.model import tenant_incident_key, tenant_key, workload, worse
 from breakfix.correlator.service import ServiceConfig
+from breakfix.correlator.state import FaultIndex
 from breakfix.schemas import subjects
 from breakfix.schemas.catalog import Catalog
 from breakfix.schemas.common import GpuRef, Severity, TenantRef, first_error, max_severity
@@ -147,6 +151,53 @@ class TestFaultKey:
         assert s.fault_key() == f"{s.check}@{'/'.join(parts)}"
         assert s.entity_key() == "/".join(parts)
         assert signal_keys(s.__dict__) == (s.fault_key(), None if gpu is None else gpu.key())
+
+
+_NODES = st.text(alphabet="ab/@-.", min_size=1, max_size=8)
+
+
+class TestFaultIndex:
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(ops=st.lists(st.tuples(st.booleans(), _NODES, st.sampled_from(["", "/gpu0", "/GPU-1/mlx5_0/1", "/ns/ep"]),
+                                  st.booleans()), max_size=40), probe=_NODES)
+    def test_a_node_with_a_fault_open_is_never_answered_no(self, ops: list[tuple[bool, str, str, bool]],
+                                                           probe: str) -> None:
+        """Faults set with their node or worked out of the key (a checkpoint), dropped again in any order: every node
+        holding an open fault is a "maybe", and once none is open anywhere every node is a "no"."""
+        index, held = FaultIndex(), {}
+        for add, node, rest, known in ops:
+            fk = f"ecc.dbe@{node}{rest}"
+            if add:
+                index.set(fk, "inc-1", node if known else None)
+                held[fk] = node
+            else:
+                index.pop(fk)
+                held.pop(fk, None)
+        for node in [*held.values(), probe]:
+            assert index.may_hold(node) or node not in held.values()
+        restored = FaultIndex(dict(index.items()))  # a checkpoint's index: nodes worked out of the keys
+        assert restored == index
+        for node in held.values():
+            assert restored.may_hold(node)
+        for fk in list(held):
+            index.pop(fk)
+            restored.pop(fk)
+        assert not index.may_hold(probe) and not restored.may_hold(probe) and len(index) == 0
+
+    @pytest.mark.parametrize("node", ["n1", "rack-2/n1", "n@1/x"])
+    def test_a_healthy_signal_clears_its_fault_on_any_node_name_before_and_after_a_restore(
+            self, catalog: Catalog, node: str) -> None:
+        for restore in (False, True):
+            core = Correlator(catalog)
+            core.ingest(sig(node=node, check="clock.hw_slowdown", code=None), T0)
+            if restore:
+                again = Correlator(catalog)
+                again.load_state(Checkpoint.decode(Checkpoint(core.to_state()).encode()).state)
+                core = again
+            assert core.ingest(sig(node="other", check="clock.hw_slowdown", code=None, healthy=True, at=1), T0) == []
+            cleared = core.ingest(sig(node=node, check="clock.hw_slowdown", code=None, healthy=True, at=2), T0)
+            assert cleared, f"the fault on {node!r} was not cleared (restored: {restore})"
+            assert not any(core.state.by_fault.may_hold(n) for n in (node, "other"))
 
 
 class TestTenantRefs:

@@ -107,7 +107,7 @@ class IncidentBook:
                 host.counts[k] = host.counts.get(k, 0) + v
             for fk, t in p.open_faults.items():
                 host.open_faults[fk] = t
-                self.state.by_fault[fk] = host.id
+                self.state.by_fault.set(fk, host.id)
             host.note(at, "folded", f"peer incident {p.id} ({', '.join(p.counts)})", rules.timeline_limit)
             self.state.counters.folded += 1
             changes.append(Change(KIND_FOLDED, p))
@@ -337,7 +337,7 @@ class IncidentBook:
             inc.over("open_faults", at, self.open_faults_cap, limit)
         elif prev is None or prev < at:
             inc.open_faults[fk] = at
-            st.by_fault[fk] = inc.id
+            st.by_fault.set(fk, inc.id, node)
             material |= prev is None
         if o.gkey is not None and (fc.equivalent or ck) in self.down_codes:  # fc: maybe a pattern's, not o.eck's
             st.down[node] = (inc.id, o.gkey, at)

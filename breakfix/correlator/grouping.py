@@ -200,12 +200,18 @@ class Correlator:
             # never remembered (a repeated healthy reading clears nothing twice), so never looked up as a duplicate:
             # only a fault signal's id is in ``seen``, and a signal's id covers its health (``make_signal_id``)
             st.counters.healthy += 1
+            # the common case, a heartbeat for something that is fine, answered here without a call: first from a
+            # node with no fault open (before its fault key is built), then by that key. An endpoint's breach may be
+            # open where no index names it (``Lifecycle.clear``).
+            check: str = d["check"]
+            endpoint = check.startswith(ENDPOINT_FAULT)
+            if not endpoint and not st.by_fault.may_hold(d["node"]):
+                return []
             fk, gkey = signal_keys(d)
             iid = st.by_fault.get(fk)
-            # the common case, a heartbeat for something that is fine, answered here without a call
-            if iid is None and not fk.startswith(ENDPOINT_FAULT):
+            if iid is None and not endpoint:
                 return []
-            return self.lifecycle.clear(fk, s, iid)  # an endpoint's breach may be open where no index names it
+            return self.lifecycle.clear(fk, s, iid)
         hit = st.seen.get(d["id"])
         if hit is not None:
             st.counters.duplicates += 1

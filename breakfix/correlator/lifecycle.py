@@ -67,7 +67,7 @@ class Lifecycle:
             opened = inc.open_faults.get(fk)
             if opened is None or s.observed_at < opened:
                 return []  # a healthy reading older than the fault never clears it
-            del self.state.by_fault[fk]
+            self.state.by_fault.pop(fk)
             changes = self._drop(inc, fk, s, settle=True)
             if inc.parent is None and not inc.members and not fk.startswith(ENDPOINT_FAULT):
                 return changes  # the common case: held nowhere else
@@ -118,7 +118,8 @@ class Lifecycle:
         and its members follow it, theirs too (a node's reboot holding a GPU's incident that took NVLink peers)."""
         changes: list[Change] = []
         if inc.parent is not None and depth == 0:
-            changes.extend(settle_parent(inc, self.state.incidents, at, self.rules.timeline_limit, self.state.by_fault))
+            changes.extend(settle_parent(inc, self.state.incidents, at, self.rules.timeline_limit,
+                                         self.state.by_fault.ids))
         if inc.members and depth < 4:
             for mid in inc.members:
                 member = self.state.incidents.get(mid)
@@ -205,7 +206,7 @@ class Lifecycle:
         """A closed incident holds no fault and no place on its node any more."""
         for fk in inc.open_faults:
             if self.state.by_fault.get(fk) == inc.id:
-                del self.state.by_fault[fk]
+                self.state.by_fault.pop(fk)
         inc.open_faults.clear()
         if inc.node is not None and inc.node in self.state.on_node:
             self.state.on_node[inc.node].pop(inc.id, None)

@@ -26,6 +26,82 @@ STATE_VERSION = 1
 _CLASS_CACHE = 4096
 
 
+class FaultIndex:
+    """Fault key -> the incident holding that fault open (``Signal.fault_key``, ``check@node/...``), and which nodes
+    any of them can be on. A healthy signal clears only an indexed fault, and most healthy signals come from nodes
+    with none open (every GPU's resync heartbeat): ``may_hold(node)`` answers those with one lookup, before the
+    signal's fault key is built. Every change goes through ``set`` and ``pop``, which keep the node counts.
+
+    ``set`` is given the fault's node where the caller knows it (a signal's). Otherwise (a checkpoint, a peer's
+    faults moving to the incident they fold into) the node is worked out of the key, where it is not delimited on
+    its own (a node name may hold ``/``): the key then counts for every prefix of its entity that ends before a
+    ``/``, and for the whole entity. The node is one of them, so the answer is never a wrong "no"; a wrong "maybe"
+    costs only the full look-up."""
+
+    def __init__(self, ids: dict[str, str] | None = None) -> None:
+        self.ids: dict[str, str] = {}
+        self._where: dict[str, list[str]] = {}  # fault key -> the node names it counts for
+        self._nodes: dict[str, int] = {}  # node name -> fault keys counting for it
+        for fk, iid in (ids or {}).items():
+            self.set(fk, iid)
+
+    def may_hold(self, node: str) -> bool:
+        return node in self._nodes
+
+    def get(self, fk: str) -> str | None:
+        return self.ids.get(fk)
+
+    def __getitem__(self, fk: str) -> str:
+        return self.ids[fk]
+
+    def __contains__(self, fk: str) -> bool:
+        return fk in self.ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FaultIndex) and self.ids == other.ids
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self.ids.items())
+
+    def set(self, fk: str, iid: str, node: str | None = None) -> None:
+        if fk not in self.ids:
+            where = [node] if node is not None else _node_candidates(fk)
+            self._where[fk] = where
+            nodes = self._nodes
+            for n in where:
+                nodes[n] = nodes.get(n, 0) + 1
+        self.ids[fk] = iid
+
+    def pop(self, fk: str) -> None:
+        if self.ids.pop(fk, None) is None:
+            return
+        nodes = self._nodes
+        for n in self._where.pop(fk):
+            left = nodes[n] - 1
+            if left:
+                nodes[n] = left
+            else:
+                del nodes[n]
+
+
+def _node_candidates(fk: str) -> list[str]:
+    """The strings a fault key's node may be: its entity (past the first ``@``: a check name holds none) up to each
+    ``/``, and whole."""
+    at = fk.find("@") + 1
+    out: list[str] = []
+    i = fk.find("/", at)
+    while i != -1:
+        out.append(fk[at:i])
+        i = fk.find("/", i + 1)
+    out.append(fk[at:])
+    return out
+
+
 class CoreStats:
     """The core's counters (``Correlator.stats``, the checkpoint's ``stats``), one native integer each: a counter
     kept in a dict costs a lookup, a boxed add and a store per signal, about a tenth of a heartbeat's work."""
@@ -73,7 +149,7 @@ class CoreState:
         self.rules = rules or default_rules()
         self.incidents: dict[str, TrackedIncident] = {}
         self.by_key: dict[str, str] = {}
-        self.by_fault: dict[str, str] = {}
+        self.by_fault = FaultIndex()
         self.seen: OrderedDict[str, str] = OrderedDict()
         self.on_node: dict[str, dict[str, None]] = {}      # node -> operator incidents touching it
         self.serving: dict[str, dict[str, None]] = {}      # node -> endpoint incidents served from it
@@ -158,7 +234,7 @@ class CoreState:
             # the indexes are stored, not rebuilt from the incidents: a re-keyed incident leaves its old key, and a
             # node incident shares its members' faults while healthy signals clear them on the member holding them
             "by_key": dict(self.by_key),
-            "by_fault": dict(self.by_fault),
+            "by_fault": dict(self.by_fault.ids),
             # in order: endpoint impact goes to the first operator incident standing on a serving node
             "on_node": {k: list(v) for k, v in self.on_node.items()},
             "app_hist": {k: {w: _ts(t) for w, t in v.items()} for k, v in self.app_hist.items()},
@@ -197,7 +273,8 @@ class CoreState:
         if d.get("version") != STATE_VERSION:
             raise ValueError(f"checkpoint state version {d.get('version')!r}, this correlator reads {STATE_VERSION}")
         self.incidents = {}
-        self.by_key, self.by_fault, self.on_node = {}, {}, {}
+        self.by_key, self.on_node = {}, {}
+        self.by_fault = FaultIndex()
         for raw in d["incidents"]:
             inc = TrackedIncident.from_state(raw)
             self.incidents[inc.id] = inc
@@ -207,7 +284,7 @@ class CoreState:
             self.by_key[inc.key] = inc.id
             if inc.status not in TERMINAL:
                 for fk in inc.open_faults:
-                    self.by_fault[fk] = inc.id
+                    self.by_fault.set(fk, inc.id)
                 if inc.domain.value == "operator" and inc.node is not None:
                     self.on_node.setdefault(inc.node, {})[inc.id] = None
         self.seen = OrderedDict((k, v) for k, v in d["seen"])
@@ -216,7 +293,8 @@ class CoreState:
         self.by_gpu = dict(d.get("by_gpu", {}))
         # a checkpoint from before the indexes were stored keeps them as rebuilt above (by_key, by_fault, on_node)
         self.by_key = dict(d.get("by_key", self.by_key))
-        self.by_fault = dict(d.get("by_fault", self.by_fault))
+        if "by_fault" in d:
+            self.by_fault = FaultIndex(d["by_fault"])
         if "on_node" in d:
             self.on_node = {k: dict.fromkeys(v) for k, v in d["on_node"].items()}
         self._link_keys()
