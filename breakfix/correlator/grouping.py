@@ -196,6 +196,7 @@ class Correlator:
         # the signal's field values, read once: each attribute read of a pydantic model goes through its
         # ``__getattr__`` hook (slower in both builds, and the compiled one cannot read its fields natively)
         d: dict[str, Any] = s.__dict__
+        check: str = d["check"]
         if d["healthy"]:
             # never remembered (a repeated healthy reading clears nothing twice), so never looked up as a duplicate:
             # only a fault signal's id is in ``seen``, and a signal's id covers its health (``make_signal_id``)
@@ -203,7 +204,6 @@ class Correlator:
             # the common case, a heartbeat for something that is fine, answered here without a call: first from a
             # node with no fault open (before its fault key is built), then by that key. An endpoint's breach may be
             # open where no index names it (``Lifecycle.clear``).
-            check: str = d["check"]
             endpoint = check.startswith(ENDPOINT_FAULT)
             if not endpoint and not st.by_fault.may_hold(d["node"]):
                 return []
@@ -212,7 +212,8 @@ class Correlator:
             if iid is None and not endpoint:
                 return []
             return self.lifecycle.clear(fk, s, iid)
-        hit = st.seen.get(d["id"])
+        sid: str = d["id"]
+        hit = st.seen.get(sid)
         if hit is not None:
             st.counters.duplicates += 1
             inc = st.incidents.get(hit)
@@ -220,13 +221,13 @@ class Correlator:
                 inc.duplicate_count += 1
             return []
         fk, gkey = signal_keys(d)
-        r = self._route(s, d["check"], d["code"])
+        r = self._route(s, check, d["code"])
         fc, ck, eck = r.fc, r.ck, r.eck
         at: datetime = d["observed_at"]
         node: str = d["node"]
         cluster: str = d["cluster"]
         gpu_key = None if gkey is None else f"gpu|{cluster}|{node}|{gkey}"
-        o = Observation(s, d, fk, ck, eck, fc, gpu_key, gkey, f"{fk}#{ck}")
+        o = Observation(s, d, fk, ck, eck, fc, gpu_key, gkey, f"{fk}#{ck}", at, sid, node, check, d["tenant"])
         down = r.down  # may fold peers opened before
         if r.symp and gpu_key is not None:  # the GPU's own incident, or the node or tenant one holding its codes
             host = st.live(st.by_key.get(gpu_key)) or st.live(st.by_gpu.get(gpu_key))
@@ -289,13 +290,13 @@ class Correlator:
             thr = r.threshold
             if thr is not None and not book.threshold_met(f"{fk}#{eck}", at, thr.count, thr.window_s):
                 st.counters.below_threshold += 1
-                st.remember(d["id"], "")
+                st.remember(sid, "")
                 return []
             cthr = r.category_threshold
             if cthr is not None and not book.threshold_met(f"{fk}#cat:{fc.category}", at, cthr.count,
                                                             cthr.window_s):
                 st.counters.below_threshold += 1
-                st.remember(d["id"], "")
+                st.remember(sid, "")
                 return []
             changes = book.open(key, scope, o)
             return changes + book.after_down(st.incidents[st.by_key[key]], o) if down else changes

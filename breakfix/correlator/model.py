@@ -279,15 +279,16 @@ class Observation:
     lk: str  # ``fk#ck``: the key of the incident's last occurrence of this fault and code (dedupe)
 
     def __init__(self, signal: Signal, d: dict[str, Any], fk: str, ck: str, eck: str, fc: FaultClass,
-                 gpu_key: str | None, gkey: str | None, lk: str) -> None:
+                 gpu_key: str | None, gkey: str | None, lk: str, at: datetime, sid: str, node: str, check: str,
+                 tenant: TenantRef | None) -> None:
         self.signal, self.d, self.fk, self.ck, self.eck, self.fc = signal, d, fk, ck, eck, fc
         self.gpu_key, self.gkey, self.lk = gpu_key, gkey, lk
-        self.at, self.sid, self.node, self.check, self.tenant = (d["observed_at"], d["id"], d["node"], d["check"],
-                                                                 d["tenant"])
+        self.at, self.sid, self.node, self.check, self.tenant = at, sid, node, check, tenant
 
     def with_class(self, fc: FaultClass) -> Observation:
         """The same facts under another class (a pattern's verdict, such as a suspect GPU)."""
-        return Observation(self.signal, self.d, self.fk, self.ck, self.eck, fc, self.gpu_key, self.gkey, self.lk)
+        return Observation(self.signal, self.d, self.fk, self.ck, self.eck, fc, self.gpu_key, self.gkey, self.lk,
+                           self.at, self.sid, self.node, self.check, self.tenant)
 
 
 def tenant_key(t: TenantRef) -> str:

@@ -40,7 +40,8 @@ class FaultIndex:
 
     def __init__(self, ids: dict[str, str] | None = None) -> None:
         self.ids: dict[str, str] = {}
-        self._where: dict[str, list[str]] = {}  # fault key -> the node names it counts for
+        self._node: dict[str, str] = {}  # fault key -> its node, where ``set`` was told it
+        self._where: dict[str, list[str]] = {}  # fault key -> the names it counts for, where it was not
         self._nodes: dict[str, int] = {}  # node name -> fault keys counting for it
         for fk, iid in (ids or {}).items():
             self.set(fk, iid)
@@ -70,23 +71,26 @@ class FaultIndex:
 
     def set(self, fk: str, iid: str, node: str | None = None) -> None:
         if fk not in self.ids:
-            where = [node] if node is not None else _node_candidates(fk)
-            self._where[fk] = where
             nodes = self._nodes
-            for n in where:
-                nodes[n] = nodes.get(n, 0) + 1
+            if node is not None:
+                self._node[fk] = node
+                nodes[node] = nodes.get(node, 0) + 1
+            else:
+                where = self._where[fk] = _node_candidates(fk)
+                for n in where:
+                    nodes[n] = nodes.get(n, 0) + 1
         self.ids[fk] = iid
 
     def pop(self, fk: str) -> None:
         if self.ids.pop(fk, None) is None:
             return
-        nodes = self._nodes
-        for n in self._where.pop(fk):
-            left = nodes[n] - 1
+        node = self._node.pop(fk, None)
+        for n in [node] if node is not None else self._where.pop(fk):
+            left = self._nodes[n] - 1
             if left:
-                nodes[n] = left
+                self._nodes[n] = left
             else:
-                del nodes[n]
+                del self._nodes[n]
 
 
 def _node_candidates(fk: str) -> list[str]:
