@@ -6,6 +6,7 @@ from datetime import timedelta
 
 import pytest
 
+from breakfix.correlator.checkpoint import Checkpoint
 from breakfix.correlator.grouping import Correlator
 from breakfix.schemas.catalog import Catalog
 from breakfix.schemas.incident import (
@@ -118,6 +119,22 @@ class TestDedupe:
         assert inc.signal_count == 5000 and len(inc.open_faults) == 1
         assert len(inc.signal_ids) == 5 and len(inc.evidence) == 5
         assert len(inc.timeline) <= core.rules.timeline_limit
+
+    def test_the_oldest_signal_ids_are_forgotten_first_and_a_restore_keeps_the_order(self, catalog: Catalog) -> None:
+        """Duplicates are found among the latest ``seen_ids`` ids; past that the first seen goes first, as before a
+        checkpoint and after it."""
+        rules = make_rules(evidence={"seen_ids": 1000})
+        signals = [sig(check="clock.hw_slowdown", code=None, at=i * 61, n=i) for i in range(1200)]
+        core = Correlator(catalog, rules)
+        feed(core, signals[:1100])
+        restored = Correlator(catalog, rules)
+        restored.load_state(Checkpoint.decode(Checkpoint(core.to_state()).encode()).state)
+        for c in (core, restored):
+            feed(c, signals[1100:])
+            assert list(c.seen) == [s.id for s in signals[200:]]
+            dup = c.stats["duplicates"]
+            feed(c, [signals[200], signals[199]])  # still remembered, then forgotten
+            assert c.stats["duplicates"] == dup + 1
 
 
 class TestHealthy:

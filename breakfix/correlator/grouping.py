@@ -30,7 +30,6 @@ Grouping, in the order a fault signal meets it (its facts bundled once into an `
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -158,7 +157,7 @@ class Correlator:
         return self.state.incidents
 
     @property
-    def seen(self) -> OrderedDict[str, str]:
+    def seen(self) -> dict[str, str]:
         return self.state.seen
 
     @property

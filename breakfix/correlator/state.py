@@ -10,7 +10,7 @@ it consumes again.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -154,7 +154,10 @@ class CoreState:
         self.incidents: dict[str, TrackedIncident] = {}
         self.by_key: dict[str, str] = {}
         self.by_fault = FaultIndex()
-        self.seen: OrderedDict[str, str] = OrderedDict()
+        # signal id -> the incident it went to ("" below a threshold), the latest ``seen_limit`` ids: a plain dict
+        # (a compiled lookup) and the ids in the order first seen, oldest dropped first (as an OrderedDict would)
+        self.seen: dict[str, str] = {}
+        self._seen_order: deque[str] = deque()
         self.on_node: dict[str, dict[str, None]] = {}      # node -> operator incidents touching it
         self.serving: dict[str, dict[str, None]] = {}      # node -> endpoint incidents served from it
         self.down: dict[str, tuple[str, str, datetime]] = {}  # node -> (incident, gpu key, at) of a GPU that died
@@ -214,9 +217,12 @@ class CoreState:
 
     def remember(self, signal_id: str, incident: str) -> None:
         seen = self.seen
+        if signal_id not in seen:
+            order = self._seen_order
+            order.append(signal_id)
+            if len(order) > self.seen_limit:
+                del seen[order.popleft()]
         seen[signal_id] = incident
-        if len(seen) > self.seen_limit:
-            seen.popitem(last=False)
 
     def live(self, iid: str | None) -> TrackedIncident | None:
         inc = self.incidents.get(iid) if iid else None
@@ -291,7 +297,8 @@ class CoreState:
                     self.by_fault.set(fk, inc.id)
                 if inc.domain.value == "operator" and inc.node is not None:
                     self.on_node.setdefault(inc.node, {})[inc.id] = None
-        self.seen = OrderedDict((k, v) for k, v in d["seen"])
+        self.seen = {k: v for k, v in d["seen"]}
+        self._seen_order = deque(self.seen)
         self.serving = {k: dict.fromkeys(v) for k, v in d["serving"].items()}
         self.down = {k: (i, g, _dt(t)) for k, (i, g, t) in d["down"].items()}
         self.by_gpu = dict(d.get("by_gpu", {}))
