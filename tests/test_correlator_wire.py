@@ -8,7 +8,7 @@ import pytest
 
 from breakfix.bus.codec import encode
 from breakfix.correlator.grouping import Correlator
-from breakfix.correlator.model import Change, change_json
+from breakfix.correlator.model import FIELDS, Change, change_json
 from breakfix.schemas.catalog import Catalog
 from breakfix.schemas.incident import (
     ActionKind,
@@ -47,6 +47,13 @@ def test_change_json_decodes_to_the_validated_model(catalog: Catalog) -> None:
         reference = IncidentChange.model_validate_json(encode(ch.to_wire(T0)))
         assert IncidentChange.model_validate_json(fast) == reference
         assert json.loads(fast) == json.loads(encode(reference))
+
+
+def test_change_json_writes_every_wire_field_in_the_field_maps_order(catalog: Catalog) -> None:
+    """``change_json``'s written-out body against ``FIELDS``: a wire field added to the map and not to the body
+    (or the other way round) fails here, before any decode."""
+    body = json.loads(change_json(ChangeKind.UPDATED, incidents(catalog)[0].incident, T0))["incident"]
+    assert list(body) == [f.wire_name for f in FIELDS if f.wire_name] + ["schema"]
 
 
 @pytest.mark.parametrize("kind", list(ChangeKind))

@@ -385,19 +385,41 @@ def _ref(obj: GpuRef | TenantRef) -> dict[str, Any]:
 
 
 def change_json(kind: ChangeKind, inc: TrackedIncident, at: datetime, max_bytes: int | None = None) -> bytes:
-    """The ``IncidentChange`` JSON for ``inc``, written directly (orjson) from ``FIELDS`` for the hot path.
+    """The ``IncidentChange`` JSON for ``inc``, written directly (orjson, ``_json_body``) for the hot path.
 
     It decodes to the same ``IncidentChange`` as ``Change.to_wire`` (pinned by
     ``tests/test_correlator_wire.py``); timestamps come out as RFC 3339 with ``Z``. Past
     ``max_bytes`` the long lists (signal ids, evidence, timeline) are trimmed and counted in
     ``overflow``, so a change always fits under NATS's ``max_payload``.
     """
-    body = {name: v if conv is None else conv(v) for (name, conv), v in zip(_JSON_PLAN, _json_values(inc), strict=True)}
-    body["schema"] = "breakfix.incident/v1"
+    body = _json_body(inc)
     data = orjson.dumps({"kind": kind.value, "at": at, "incident": body}, option=_OPTS)
     if max_bytes is not None and len(data) > max_bytes:
         data = _trimmed(kind, body, at, max_bytes)
     return data
+
+
+def _json_body(inc: TrackedIncident) -> dict[str, Any]:
+    """The incident's wire fields as JSON values, in ``FIELDS`` order (``tests/test_correlator_wire.py`` checks
+    the names and order against it). Written out, not driven by the table: the compiled core reads each attribute
+    natively and converts it inline, where a table needs a getter and a call per field (half of a change's JSON
+    time). Plain values and enums are written as they are: orjson writes a StrEnum member as its value."""
+    plan = inc.plan
+    return {
+        "id": inc.id, "cluster": inc.cluster, "scope": inc.scope, "node": inc.node, "nodes": list(inc.nodes),
+        "gpus": [_ref(g) for g in inc.gpus.values()], "tenants": [_ref(t) for t in inc.tenants.values()],
+        "category": inc.category, "severity": inc.severity, "domain": inc.domain, "status": inc.status,
+        "title": inc.title, "codes": list(inc.counts), "checks": list(inc.checks), "labels": inc.labels,
+        "first_seen": inc.first_seen, "last_seen": inc.last_seen, "signal_ids": inc.signal_ids,
+        "signal_count": inc.signal_count, "duplicate_count": inc.duplicate_count,
+        "counts": [{"key": k, "count": v} for k, v in inc.counts.items()], "flaps": inc.flaps,
+        "open_faults": list(inc.open_faults), "evidence": inc.evidence,
+        "plan": plan.model_dump(mode="json") if plan is not None else None, "resolved_at": inc.resolved_at,
+        "version": inc.version, "timeline": [{"at": a, "event": e, "note": n} for a, e, n in inc.timeline],
+        "parent": inc.parent, "members": list(inc.members), "topology": inc.topology,
+        "impact": [_ref(t) for t in inc.impact.values()], "time_to_repair_s": inc.time_to_repair_s,
+        "waiting": inc.waiting, "source": inc.source, "overflow": inc.overflow, "schema": "breakfix.incident/v1",
+    }
 
 
 _TRIM_ORDER = ("signal_ids", "evidence", "timeline", "members", "nodes", "gpus", "tenants", "impact", "counts",
@@ -442,8 +464,9 @@ def change_msg_id(ch: IncidentChange) -> str:
 
 # -- the one field map -------------------------------------------------------------------------------
 # Every field of the Incident's wire form and of the checkpoint form, once: the TrackedIncident
-# attribute, the wire field it becomes, how it becomes the pydantic value (``snapshot``), the JSON
-# value (``change_json``) and how the checkpoint's JSON reads back (``from_state``).
+# attribute, the wire field it becomes, how it becomes the pydantic value (``snapshot``) and how the
+# checkpoint's JSON reads back (``from_state``). ``change_json`` writes the same fields out by hand
+# (``_json_body``, its names and order checked against this map by a test).
 
 def _same(v: Any) -> Any:
     return v
@@ -457,16 +480,11 @@ def _opt_dt(v: str | None) -> datetime | None:
     return datetime.fromisoformat(v) if v else None
 
 
-def _value(v: Any) -> Any:
-    return v.value if v is not None else None
-
-
 @dataclass(frozen=True, slots=True)
 class Field:
     attr: str
     wire_name: str
     wire: Callable[[Any], Any] = _same
-    json: Callable[[Any], Any] = _same
     state: Callable[[Any], Any] | None = _same  # None: derived, not read back from this entry
 
 
@@ -477,55 +495,46 @@ def _refs(model: type[GpuRef] | type[TenantRef]) -> Callable[[Any], Any]:
 _NO_WIRE = ""
 FIELDS: tuple[Field, ...] = (
     Field("id", "id"), Field("cluster", "cluster"),
-    Field("scope", "scope", json=_value, state=IncidentScope),
+    Field("scope", "scope", state=IncidentScope),
     Field("node", "node"),
-    Field("nodes", "nodes", tuple, list, dict.fromkeys),
-    Field("gpus", "gpus", lambda d: tuple(d.values()), lambda d: [_ref(g) for g in d.values()], _refs(GpuRef)),
-    Field("tenants", "tenants", lambda d: tuple(d.values()), lambda d: [_ref(t) for t in d.values()],
-          _refs(TenantRef)),
+    Field("nodes", "nodes", tuple, dict.fromkeys),
+    Field("gpus", "gpus", lambda d: tuple(d.values()), _refs(GpuRef)),
+    Field("tenants", "tenants", lambda d: tuple(d.values()), _refs(TenantRef)),
     Field("category", "category"),
-    Field("severity", "severity", json=_value, state=Severity),
-    Field("domain", "domain", json=_value, state=Domain),
-    Field("status", "status", json=_value, state=IncidentStatus),
+    Field("severity", "severity", state=Severity),
+    Field("domain", "domain", state=Domain),
+    Field("status", "status", state=IncidentStatus),
     Field("title", "title"),
-    Field("counts", "codes", tuple, list, None),
-    Field("checks", "checks", tuple, list, dict.fromkeys),
-    Field("labels", "labels", dict, _same, dict),
+    Field("counts", "codes", tuple, None),
+    Field("checks", "checks", tuple, dict.fromkeys),
+    Field("labels", "labels", dict, dict),
     Field("first_seen", "first_seen", state=_dt), Field("last_seen", "last_seen", state=_dt),
-    Field("signal_ids", "signal_ids", tuple, _same, list),
+    Field("signal_ids", "signal_ids", tuple, list),
     Field("signal_count", "signal_count"), Field("duplicate_count", "duplicate_count"),
     Field("counts", "counts", lambda d: tuple(CodeCount.model_construct(key=k, count=v) for k, v in d.items()),
-          lambda d: [{"key": k, "count": v} for k, v in d.items()], dict),
+          dict),
     Field("flaps", "flaps"),
-    Field("open_faults", "open_faults", tuple, list, lambda d: {k: _dt(v) for k, v in d.items()}),
-    Field("evidence", "evidence", tuple, _same, list),
-    Field("plan", "plan", json=lambda p: p.model_dump(mode="json") if p else None,
-          state=lambda v: Plan.model_validate(v) if v else None),
+    Field("open_faults", "open_faults", tuple, lambda d: {k: _dt(v) for k, v in d.items()}),
+    Field("evidence", "evidence", tuple, list),
+    Field("plan", "plan", state=lambda v: Plan.model_validate(v) if v else None),
     Field("resolved_at", "resolved_at", state=_opt_dt),
     Field("version", "version"),
     Field("timeline", "timeline",
           lambda t: tuple(TimelineEntry.model_construct(at=a, event=e, note=n) for a, e, n in t),
-          lambda t: [{"at": a, "event": e, "note": n} for a, e, n in t], lambda t: [(_dt(a), e, n) for a, e, n in t]),
+          lambda t: [(_dt(a), e, n) for a, e, n in t]),
     Field("parent", "parent"),
-    Field("members", "members", tuple, list, dict.fromkeys),
-    Field("topology", "topology", dict, _same, dict),
-    Field("impact", "impact", lambda d: tuple(d.values()), lambda d: [_ref(t) for t in d.values()],
-          _refs(TenantRef)),
+    Field("members", "members", tuple, dict.fromkeys),
+    Field("topology", "topology", dict, dict),
+    Field("impact", "impact", lambda d: tuple(d.values()), _refs(TenantRef)),
     Field("time_to_repair_s", "time_to_repair_s"),
-    Field("waiting", "waiting", json=_value, state=lambda v: WaitingOn(v) if v else None),
+    Field("waiting", "waiting", state=lambda v: WaitingOn(v) if v else None),
     Field("source", "source"),
-    Field("overflow", "overflow", dict, _same, dict),
+    Field("overflow", "overflow", dict, dict),
     # checkpoint only
     Field("key", _NO_WIRE),
     Field("last_at", _NO_WIRE, state=lambda d: {k: _dt(v) for k, v in d.items()}),
 )
 _WIRE = tuple(f for f in FIELDS if f.wire_name)
-# change_json's view of _WIRE: (wire name, attribute, JSON conversion or None). Plain values and enums need
-# none: orjson writes a StrEnum member as its string value, the bytes ``_value`` would give.
-_JSON_PLAN = tuple((f.wire_name, None if f.json in (_same, _value) else f.json) for f in _WIRE)
-# the attributes read in one call (a compiled TrackedIncident has no ``__dict__``, and one getter is the cheaper read
-# in either build)
-_json_values = attrgetter(*(f.attr for f in _WIRE))
 _STATE: dict[str, Callable[[Any], Any]] = {f.attr: f.state for f in FIELDS if f.state is not None}
 _STATE_NAMES = tuple(f.name for f in fields(TrackedIncident))
 _state_values = attrgetter(*_STATE_NAMES)
