@@ -17,12 +17,16 @@ import orjson
 from pydantic import BaseModel
 
 from breakfix.bus.protocol import BlobStore
+from breakfix.correlator.model import cached_dump
+from breakfix.schemas.common import GpuRef, TenantRef
 
 BUCKET = "breakfix-correlator"
 FORMAT = "breakfix.correlator-checkpoint/v1"
 
 
 def _pydantic(obj: Any) -> Any:
+    if isinstance(obj, GpuRef | TenantRef):
+        return cached_dump(obj)  # the same refs repeat over every incident and every checkpoint
     if isinstance(obj, BaseModel):
         return obj.model_dump(mode="json")
     raise TypeError(f"cannot checkpoint {type(obj).__name__}")

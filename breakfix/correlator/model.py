@@ -371,7 +371,7 @@ _REFS: dict[int, tuple[GpuRef | TenantRef, dict[str, Any]]] = {}
 _REFS_CAP = 65536
 
 
-def _ref(obj: GpuRef | TenantRef) -> dict[str, Any]:
+def cached_dump(obj: GpuRef | TenantRef) -> dict[str, Any]:
     """Frozen refs repeat across changes; dump each once (callers never mutate the dict). Found by identity:
     the entry holds the ref, so its id is not reused while cached (cheaper than hashing the model)."""
     hit = _REFS.get(id(obj))
@@ -407,7 +407,8 @@ def _json_body(inc: TrackedIncident) -> dict[str, Any]:
     plan = inc.plan
     return {
         "id": inc.id, "cluster": inc.cluster, "scope": inc.scope, "node": inc.node, "nodes": list(inc.nodes),
-        "gpus": [_ref(g) for g in inc.gpus.values()], "tenants": [_ref(t) for t in inc.tenants.values()],
+        "gpus": [cached_dump(g) for g in inc.gpus.values()],
+        "tenants": [cached_dump(t) for t in inc.tenants.values()],
         "category": inc.category, "severity": inc.severity, "domain": inc.domain, "status": inc.status,
         "title": inc.title, "codes": list(inc.counts), "checks": list(inc.checks), "labels": inc.labels,
         "first_seen": inc.first_seen, "last_seen": inc.last_seen, "signal_ids": inc.signal_ids,
@@ -417,7 +418,7 @@ def _json_body(inc: TrackedIncident) -> dict[str, Any]:
         "plan": plan.model_dump(mode="json") if plan is not None else None, "resolved_at": inc.resolved_at,
         "version": inc.version, "timeline": [{"at": a, "event": e, "note": n} for a, e, n in inc.timeline],
         "parent": inc.parent, "members": list(inc.members), "topology": inc.topology,
-        "impact": [_ref(t) for t in inc.impact.values()], "time_to_repair_s": inc.time_to_repair_s,
+        "impact": [cached_dump(t) for t in inc.impact.values()], "time_to_repair_s": inc.time_to_repair_s,
         "waiting": inc.waiting, "source": inc.source, "overflow": inc.overflow, "schema": "breakfix.incident/v1",
     }
 
