@@ -21,7 +21,7 @@ import orjson
 import breakfix.correlator as correlator
 from breakfix.correlator.checkpoint import Checkpoint
 from breakfix.correlator.grouping import Correlator
-from breakfix.correlator.model import change_json
+from breakfix.correlator.wire import change_json
 from breakfix.schemas.catalog import default_catalog
 from tests.conftest import T0
 from tests.test_correlator_restore import mix, state_of, step

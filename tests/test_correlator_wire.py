@@ -8,7 +8,8 @@ import pytest
 
 from breakfix.bus.codec import encode
 from breakfix.correlator.grouping import Correlator
-from breakfix.correlator.model import FIELDS, Change, change_json
+from breakfix.correlator.model import FIELDS, Change
+from breakfix.correlator.wire import change_json
 from breakfix.schemas.catalog import Catalog
 from breakfix.schemas.incident import (
     ActionKind,

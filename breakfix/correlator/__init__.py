@@ -21,7 +21,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-NATIVE_MODULES = ("model", "state", "topology", "book", "patterns", "lifecycle", "grouping")
+NATIVE_MODULES = ("model", "wire", "state", "topology", "book", "patterns", "lifecycle", "grouping")
 NATIVE_DIR = Path(__file__).parent / "_native"
 PURE_ENV = "BREAKFIX_PURE_CORE"
 

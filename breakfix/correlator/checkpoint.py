@@ -17,7 +17,7 @@ import orjson
 from pydantic import BaseModel
 
 from breakfix.bus.protocol import BlobStore
-from breakfix.correlator.model import cached_dump
+from breakfix.correlator.wire import cached_dump
 from breakfix.schemas.common import GpuRef, TenantRef
 
 BUCKET = "breakfix-correlator"

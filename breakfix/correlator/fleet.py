@@ -5,7 +5,7 @@ nodes under one leaf switch land in different partitions, so no partition can se
 shared component. This stage consumes every partition's incident changes from
 ``breakfix.incidents.>``, mirrors the node/GPU incidents of topological categories, and runs
 the same ``TopologyGrouper`` as the single-instance core. It publishes only FABRIC incidents
-(msg-ids as ``correlator.model.msg_id``); their ``members`` name the node incidents they cover, which the
+(msg-ids as ``correlator.wire.msg_id``); their ``members`` name the node incidents they cover, which the
 remediator then leaves alone. Fabric ids are deterministic, so a restarted stage that
 re-reads the stream publishes the same incidents again and JetStream drops the repeats.
 """

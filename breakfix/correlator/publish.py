@@ -1,7 +1,7 @@
 """Publishing incident changes on ``breakfix.incidents.<cluster>`` with their msg-ids.
 
 Used by the correlator service (``correlator.service``) and the fleet stage (``correlator.fleet``);
-the msg-id rule lives with the model (``correlator.model.msg_id``). A lifecycle event that the
+the msg-id rule lives with the change's wire form (``correlator.wire.msg_id``). A lifecycle event that the
 stream already held was dropped by JetStream as a duplicate; its (possibly newer) state goes out
 again as an update, so consumers always see the latest.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from breakfix.bus.codec import encode
 from breakfix.bus.protocol import Bus, PublishAck
 from breakfix.correlator.index import index_for
-from breakfix.correlator.model import LIFECYCLE, change_msg_id
+from breakfix.correlator.wire import LIFECYCLE, change_msg_id
 from breakfix.schemas import subjects
 from breakfix.schemas.incident import ChangeKind, IncidentChange
 

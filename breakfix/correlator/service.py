@@ -3,7 +3,7 @@
 Reads ``breakfix.signals.>`` (or one partition of it, ``breakfix.signals.*.*.<p>``) and
 ``breakfix.actions.>``, feeds the pure core (``correlator.grouping``) a batch at a time with
 an injected clock, and publishes one ``IncidentChange`` per touched incident per batch on
-``breakfix.incidents.<cluster>``, with a deterministic msg-id (``correlator.model.msg_id``).
+``breakfix.incidents.<cluster>``, with a deterministic msg-id (``correlator.wire.msg_id``).
 
 Durability: the checkpoint (``correlator.checkpoint``: the core's state plus the last stream
 sequence of each consumer) is the truth. Messages are acked (ack-all) only after a checkpoint
@@ -36,8 +36,9 @@ from breakfix.correlator.checkpoint import Checkpoint, CheckpointStore
 from breakfix.correlator.grouping import Correlator
 from breakfix.correlator.index import index_for
 from breakfix.correlator.metrics import CorrelatorMetrics
-from breakfix.correlator.model import Change, change_json, coalesce, msg_id
+from breakfix.correlator.model import Change, coalesce
 from breakfix.correlator.publish import Item, settle_publishes
+from breakfix.correlator.wire import change_json, msg_id
 from breakfix.schemas import subjects
 from breakfix.schemas.incident import ActionRecord, IncidentChange
 from breakfix.schemas.signal import Signal
