@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 from breakfix.correlator.model import LINK_CATEGORIES, SCOPE_NODE, TERMINAL, TrackedIncident, link_key_for
 from breakfix.correlator.rules import Rules, default_rules
@@ -55,9 +55,6 @@ class FaultIndex:
     def __getitem__(self, fk: str) -> str:
         return self.ids[fk]
 
-    def __contains__(self, fk: str) -> bool:
-        return fk in self.ids
-
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -71,26 +68,31 @@ class FaultIndex:
 
     def set(self, fk: str, iid: str, node: str | None = None) -> None:
         if fk not in self.ids:
-            nodes = self._nodes
             if node is not None:
                 self._node[fk] = node
-                nodes[node] = nodes.get(node, 0) + 1
+                self._count(node, 1)
             else:
                 where = self._where[fk] = _node_candidates(fk)
                 for n in where:
-                    nodes[n] = nodes.get(n, 0) + 1
+                    self._count(n, 1)
         self.ids[fk] = iid
 
     def pop(self, fk: str) -> None:
         if self.ids.pop(fk, None) is None:
             return
         node = self._node.pop(fk, None)
-        for n in [node] if node is not None else self._where.pop(fk):
-            left = self._nodes[n] - 1
-            if left:
-                self._nodes[n] = left
-            else:
-                del self._nodes[n]
+        if node is not None:
+            self._count(node, -1)
+        else:
+            for n in self._where.pop(fk):
+                self._count(n, -1)
+
+    def _count(self, node: str, by: int) -> None:
+        n = self._nodes.get(node, 0) + by
+        if n:
+            self._nodes[node] = n
+        else:
+            del self._nodes[node]
 
 
 def _node_candidates(fk: str) -> list[str]:
@@ -104,6 +106,10 @@ def _node_candidates(fk: str) -> list[str]:
         i = fk.find("/", i + 1)
     out.append(fk[at:])
     return out
+
+
+_STAT_NAMES: Final = ("signals", "duplicates", "suppressed", "healthy", "folded", "below_threshold", "impact",
+                      "expired")
 
 
 class CoreStats:
@@ -121,20 +127,13 @@ class CoreStats:
         self.expired = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {"signals": self.signals, "duplicates": self.duplicates, "suppressed": self.suppressed,
-                "healthy": self.healthy, "folded": self.folded, "below_threshold": self.below_threshold,
-                "impact": self.impact, "expired": self.expired}
+        return {name: getattr(self, name) for name in _STAT_NAMES}
 
     def load(self, d: dict[str, int]) -> None:
         """A checkpoint's counters (names this version does not keep are left out)."""
-        self.signals = int(d.get("signals", self.signals))
-        self.duplicates = int(d.get("duplicates", self.duplicates))
-        self.suppressed = int(d.get("suppressed", self.suppressed))
-        self.healthy = int(d.get("healthy", self.healthy))
-        self.folded = int(d.get("folded", self.folded))
-        self.below_threshold = int(d.get("below_threshold", self.below_threshold))
-        self.impact = int(d.get("impact", self.impact))
-        self.expired = int(d.get("expired", self.expired))
+        for name in _STAT_NAMES:
+            if name in d:
+                setattr(self, name, int(d[name]))
 
 
 def _ts(d: datetime) -> str:
