@@ -5,8 +5,13 @@ correlator's own work per message. ``BatchPuller`` sends the JetStream pull requ
 (``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>``, ``{"batch": n, "expires": ns}``) itself,
 lets the subscription callback append the replies to a buffer, and hands out whatever has
 arrived. At most one request is outstanding; the server ends it by filling the batch or with
-a 404/408 status. Messages are ordinary ``nats.aio.msg.Msg``s, so ack and metadata work as
-usual. Used by ``bus.jetstream.JetStreamBus.pull``.
+a status message (404/408/409). Messages are ordinary ``nats.aio.msg.Msg``s, so ack and metadata
+work as usual. Used by ``bus.jetstream.JetStreamBus.pull``.
+
+A status lost with the connection (the server restarted, or the client reconnected while a request
+was out) would leave the request outstanding forever and the consumer wedged: every later pull
+would wait for messages nobody asked for. So the request's own expiry bounds it too: past it, plus a
+grace for the server's answer, a new request goes out.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections import deque
 
 from nats.aio.client import Client
@@ -21,6 +27,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 _STATUS = "Status"
+EXPIRY_GRACE_S = 0.5  # after a request's expiry, how long its status may take to arrive
 
 
 class BatchPuller:
@@ -31,6 +38,7 @@ class BatchPuller:
         self._sub: Subscription | None = None
         self._buffer: deque[Msg] = deque()
         self._remaining = 0  # messages the outstanding request may still bring
+        self._deadline = 0.0  # monotonic: past it the outstanding request is over, answered or not
         self._arrived = asyncio.Event()
 
     async def _on_msg(self, msg: Msg) -> None:
@@ -47,18 +55,24 @@ class BatchPuller:
         n = min(batch, len(self._buffer))
         return [self._buffer.popleft() for _ in range(n)]
 
+    def _outstanding(self) -> bool:
+        if self._remaining and time.monotonic() > self._deadline:
+            self._remaining = 0  # expired and its status never came: lost with the connection
+        return self._remaining > 0
+
     async def pull(self, batch: int, timeout_s: float) -> list[Msg]:
         if self._sub is None:
             self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg, pending_msgs_limit=1_000_000)
         if self._buffer:
             return self._take(batch)
-        if self._remaining == 0:
+        if not self._outstanding():
             self._arrived.clear()
             req = {"batch": batch, "expires": int(timeout_s * 1e9)}
             self._remaining = batch
+            self._deadline = time.monotonic() + timeout_s + EXPIRY_GRACE_S
             await self._nc.publish(self._subject, json.dumps(req).encode(), reply=self._inbox)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._arrived.wait(), timeout=timeout_s + 0.5)
+            await asyncio.wait_for(self._arrived.wait(), timeout=timeout_s + EXPIRY_GRACE_S)
         self._arrived.clear()
         await asyncio.sleep(0)  # let the rest of a burst land in the buffer
         return self._take(batch)

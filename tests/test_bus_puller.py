@@ -1,0 +1,59 @@
+"""The lean pull loop (``bus.puller``) against a real nats-server: a pull request whose end never arrives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nats
+from nats.aio.msg import Msg
+
+from breakfix.bus.codec import encode
+from breakfix.bus.jetstream import JetStreamBus
+from breakfix.bus.puller import BatchPuller
+from breakfix.bus.server import EmbeddedNats
+from breakfix.schemas import subjects
+from tests.conftest import sig, wait_until
+
+
+class StatusLosingPuller(BatchPuller):
+    """A puller whose request-ending status messages (408 expired) are lost, as they are when the server sends
+    them while the client is reconnecting."""
+
+    lost = 0
+
+    async def _on_msg(self, msg: Msg) -> None:
+        if msg.headers and msg.headers.get("Status") and not msg.data:
+            self.lost += 1
+            return
+        await super()._on_msg(msg)
+
+
+async def test_a_pull_request_whose_expiry_status_is_lost_does_not_wedge_the_consumer(tmp_path: Path) -> None:
+    server = EmbeddedNats(tmp_path / "nats").start()
+    bus = await JetStreamBus.connect(server.url, name="t")
+    nc = await nats.connect(server.url)
+    try:
+        await bus.ensure_streams(subjects.STREAMS)
+        await bus.reset_consumer(stream=subjects.SIGNALS.name, durable="c", filter_subject=subjects.SIGNALS_ALL,
+                                 start_seq=1)
+        puller = StatusLosingPuller(nc, subjects.SIGNALS.name, "c")
+        assert await puller.pull(64, 0.1) == []  # the request expires on the server; its 408 is lost here
+
+        async def lost_one() -> bool:
+            return puller.lost >= 1
+
+        await wait_until(lost_one, 5, "the server to end the first request")
+        s = sig(node="n1")
+        await bus.publish(subjects.signal_subject(s.cluster, s.node), encode(s), msg_id=s.id)
+        got: list[bytes] = []
+
+        async def delivered() -> bool:
+            got.extend(m.data for m in await puller.pull(64, 0.1))
+            return bool(got)
+
+        await wait_until(delivered, 10, "the signal published after the lost status to be pulled")
+        assert got == [encode(s)]
+    finally:
+        await nc.close()
+        await bus.close()
+        server.stop()
