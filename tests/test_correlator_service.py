@@ -11,10 +11,12 @@ import os
 import signal
 import subprocess
 import sys
+import zlib
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import zstandard
 
 from breakfix.bus.codec import encode
 from breakfix.bus.jetstream import JetStreamBus
@@ -22,8 +24,9 @@ from breakfix.bus.memory import MemoryBus
 from breakfix.bus.server import EmbeddedNats
 from breakfix.collectors.fleet import build_fleet
 from breakfix.collectors.storm import switch_storm
+from breakfix.correlator import checkpoint as checkpoint_mod
 from breakfix.correlator.app import CorrelatorConfig, build_correlator, build_fleet_stage
-from breakfix.correlator.checkpoint import Checkpoint, CheckpointError
+from breakfix.correlator.checkpoint import ZSTD_MAGIC, Checkpoint, CheckpointError
 from breakfix.correlator.grouping import Correlator
 from breakfix.correlator.service import CorrelatorService, ServiceConfig
 from breakfix.schemas import subjects
@@ -110,9 +113,37 @@ class TestCheckpoint:
         assert got == reference(catalog, signals)
         assert cp.positions == {"correlator": half}
 
-    @pytest.mark.parametrize("blob", [b"not zlib", b"x\x01\x03\x00\x00\x00\x00\x01"], ids=["garbage", "empty"])
+    @pytest.mark.parametrize("blob", [b"not zlib", b"x\x01\x03\x00\x00\x00\x00\x01", ZSTD_MAGIC + b"not a frame",
+                                      zstandard.ZstdCompressor().compress(b"")[:-2]],
+                             ids=["garbage", "empty", "zstd-garbage", "zstd-truncated"])
     def test_unreadable_checkpoint_refuses_to_start(self, blob: bytes) -> None:
         with pytest.raises(CheckpointError):
+            Checkpoint.decode(blob)
+
+    def test_a_checkpoint_is_stored_as_zstd_and_one_stored_as_zlib_before_still_loads(self, catalog: Catalog) -> None:
+        core = Correlator(catalog)
+        for s in workload(nodes=4, rounds=3):
+            core.ingest(s, s.observed_at)
+        cp = Checkpoint(core.to_state(), {"correlator": 7})
+        blob = cp.encode()
+        assert blob.startswith(ZSTD_MAGIC)
+        for stored in (blob, zlib.compress(cp.to_json(), 1)):
+            again = Checkpoint.decode(stored)
+            assert again.positions == {"correlator": 7}
+            assert again.state == Checkpoint.decode(blob).state
+            restored = Correlator(catalog)
+            restored.load_state(again.state)
+            assert {i.id: i.snapshot() for i in restored.incidents.values()} == \
+                {i.id: i.snapshot() for i in core.incidents.values()}
+
+    @pytest.mark.parametrize("codec", ["zstd", "zlib"])
+    def test_a_checkpoint_that_inflates_past_the_cap_is_refused_not_expanded(
+            self, codec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(checkpoint_mod, "MAX_CHECKPOINT_BYTES", 4 << 20)
+        zeros = b"0" * (6 << 20)  # 6 MiB of one byte: a blob of a few KiB
+        blob = zstandard.ZstdCompressor().compress(zeros) if codec == "zstd" else zlib.compress(zeros)
+        assert len(blob) < 64 << 10
+        with pytest.raises(CheckpointError, match="inflates past"):
             Checkpoint.decode(blob)
 
 
