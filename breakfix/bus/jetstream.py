@@ -269,10 +269,9 @@ class JetStreamBus:
         return [_NatsDelivery(m) for m in await puller.pull(batch, timeout_s)]
 
     async def publish_start(self, items: Sequence[tuple[str, bytes, str | None]]) -> Awaitable[list[PublishAck]]:
-        """Send now (nats-py publish_async), collect the acks later: the caller keeps working meanwhile."""
-        send = self._publisher().send
-        futures = [await send(subject, data, {HDR_MSG_ID: msg_id} if msg_id else None)
-                   for subject, data, msg_id in items]
+        """Send now (framed as one write, ``PipelinedPublisher.send_many``), collect the acks later: the caller keeps
+        working meanwhile."""
+        futures = await self._publisher().send_many(items)
 
         async def acks() -> list[PublishAck]:
             return list(await asyncio.wait_for(asyncio.gather(*futures), timeout=30.0))

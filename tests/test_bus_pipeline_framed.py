@@ -1,0 +1,106 @@
+"""The pipelined publisher's framed batches (``PipelinedPublisher.send_many``) against a real nats-server: the
+server stores what nats-py's own ``publish`` would have sent, in order, with its msg-ids, and anything the framing
+does not take goes through ``publish`` and fails as it did."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from breakfix.bus.jetstream import JetStreamBus
+from breakfix.bus.pipeline import PipelinedPublisher
+from breakfix.bus.server import EmbeddedNats
+from breakfix.schemas import subjects
+
+Items = list[tuple[str, bytes, str | None]]
+
+
+@pytest.fixture
+async def bus(tmp_path: Path) -> AsyncIterator[JetStreamBus]:
+    server = EmbeddedNats(tmp_path / "nats").start()
+    b = await JetStreamBus.connect(server.url, name="t")
+    try:
+        await b.ensure_streams(subjects.STREAMS)
+        yield b
+    finally:
+        await b.close()
+        server.stop()
+
+
+def _changes(n: int, *, cluster: str = "c1", tag: str = "a") -> Items:
+    return [(subjects.incident_subject(cluster), f'{{"n":{i},"tag":"{tag}","pad":"{"x" * (i % 700)}"}}'.encode(),
+             f"inc-{tag}-{i}:1") for i in range(n)]
+
+
+async def _stored(bus: JetStreamBus) -> list[tuple[str, bytes, str | None]]:
+    got: Items = []
+    await bus.reset_consumer(stream=subjects.INCIDENTS.name, durable="read", filter_subject=subjects.INCIDENTS_ALL,
+                             start_seq=1)
+    while batch := await bus.pull(stream=subjects.INCIDENTS.name, durable="read", batch=1000, timeout_s=0.3):
+        got.extend((m.subject, m.data, m.headers.get("Nats-Msg-Id")) for m in batch)
+    return got
+
+
+async def test_a_framed_batch_is_stored_in_order_with_each_msg_id_and_acked_one_by_one(
+        bus: JetStreamBus, monkeypatch: pytest.MonkeyPatch) -> None:
+    items = _changes(1500)  # more than one 64 KiB piece, and mixed sizes
+
+    async def not_framed(*args: object, **kwargs: object) -> None:
+        raise AssertionError("sent through nats-py's publish, not framed")
+
+    monkeypatch.setattr(bus._nc, "publish", not_framed)
+    acks = await (await bus.publish_start(items))
+    monkeypatch.undo()
+    assert [a.seq for a in acks] == list(range(1, 1501))
+    assert not any(a.duplicate for a in acks)
+    assert await _stored(bus) == items
+
+
+async def test_a_re_sent_batch_is_dropped_by_the_msg_ids_as_duplicates(bus: JetStreamBus) -> None:
+    items = _changes(50)
+    await (await bus.publish_start(items))
+    again = await (await bus.publish_start(items[10:20] + _changes(5, tag="b")))
+    assert [a.duplicate for a in again] == [True] * 10 + [False] * 5
+    assert len(await _stored(bus)) == 55
+
+
+async def test_messages_without_a_msg_id_are_framed_as_plain_publishes(bus: JetStreamBus) -> None:
+    await bus.ensure_kv("framed")
+    await (await bus.kv_put_start("framed", {f"k{i}": f"v{i}".encode() for i in range(20)}))
+    assert (await bus.kv_get("framed", "k7")).value == b"v7"  # type: ignore[union-attr]
+    assert len(await bus.kv_keys("framed")) == 20
+
+
+@pytest.mark.parametrize(("bad", "error"), [
+    ("breakfix.incidents.c 1", nats.errors.BadSubjectError),  # a space would split the command on the wire
+    ("breakfix.incidents.c\r\n1", nats.errors.BadSubjectError),
+])
+async def test_a_batch_the_framing_cannot_write_goes_through_publish_and_fails_as_it_did(
+        bus: JetStreamBus, bad: str, error: type[Exception]) -> None:
+    items = _changes(3)
+    with pytest.raises(error):
+        await bus.publish_start([*items, (bad, b"{}", "x:1")])
+    assert await (await bus.publish_start(_changes(2, tag="after"))) is not None  # the connection survived
+    assert [s for s, _, _ in await _stored(bus)][-2:] == [subjects.incident_subject("c1")] * 2
+
+
+async def test_a_payload_over_the_servers_limit_fails_the_batch_as_publish_did(bus: JetStreamBus) -> None:
+    big = b"x" * (bus._nc.max_payload + 1)
+    with pytest.raises(nats.errors.MaxPayloadError):
+        await bus.publish_start([*_changes(2), (subjects.incident_subject("c1"), big, "big:1")])
+    assert len(await _stored(bus)) == 2  # one by one: the two before it went out, as they always did
+
+
+async def test_a_closed_connection_refuses_a_framed_batch(tmp_path: Path) -> None:
+    server = EmbeddedNats(tmp_path / "nats").start()
+    try:
+        nc = await nats.connect(server.url)
+        pub = PipelinedPublisher(nc)
+        await nc.close()
+        with pytest.raises(nats.errors.ConnectionClosedError):
+            await pub.send_many(_changes(3))
+    finally:
+        server.stop()
