@@ -22,14 +22,16 @@ Crash safety: before and after every step the executor hands a ``Progress`` to `
 (the plan store, with optimistic concurrency), and every node-side step carries an
 idempotency key, so a remediator killed mid-step resumes at that step and the node agent
 answers a repeated key without acting again (no double reboot).
+
+What each step does on the actuator (the busy reset, MIG drains, the return's hold check) is in
+``remediator.stepcalls``; record ids and step keys are made by ``remediator.ids``; their public names are
+importable from here as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
@@ -37,7 +39,10 @@ import structlog
 
 from breakfix.bus.clock import Clock, first_of
 from breakfix.remediator.actuator import Actuator, StepResult
+from breakfix.remediator.ids import keyed_digest as keyed_digest
+from breakfix.remediator.ids import record_id, record_key, step_key
 from breakfix.remediator.records import Progress, ProgressState
+from breakfix.remediator.stepcalls import BUSY, _gpu, _pod_list, call_step, rma_summary
 from breakfix.schemas.incident import (
     ActionKind,
     ActionOutcome,
@@ -55,65 +60,13 @@ Gate = Callable[[Incident, Plan, Step, str], str | None]  # a reason the step (i
 Holders = Callable[[Incident, str], str | None]            # who else still holds the node, or None
 Save = Callable[[Progress], Awaitable[None]]
 log = structlog.get_logger("breakfix.remediator")
-BUSY = "busy:"  # the node agent's refusal while processes hold the GPU
 ESCALATE_MARKS_S = 120.0  # marking the escalated node (condition, event) may not hold up the page
 
 __all__ = ["BUSY", "Executor", "Progress", "ProgressState", "record_id", "record_key", "rma_summary", "step_key"]
 
 
-def record_id(incident: str, attempt: int, kind: str, index: int | None, action: str, outcome: str,
-              rung: int = 0, *, key: bytes = b"") -> str:
-    """The record's id, its ``Nats-Msg-Id``: the same record always gets the same id, so a re-publication after a
-    restart is dropped by JetStream as a duplicate. With ``key`` (the remediator's secret, ``record_key``) it is
-    an HMAC: JetStream de-duplicates ids whoever publishes them, and the actions stream also takes on-call
-    verbs, so an id anyone could compute could be published first by an operator and the record dropped."""
-    raw = f"{incident}\x1f{attempt}\x1f{rung}\x1f{kind}\x1f{index}\x1f{action}\x1f{outcome}".encode()
-    return "act-" + (keyed_digest(key, raw) if key else hashlib.sha256(raw).hexdigest())[:20]
-
-
-def keyed_digest(key: bytes, raw: bytes) -> str:
-    """HMAC-SHA256 of ``raw`` under ``key``, hex: the remediator's record ids (``record_id``, ``service.record``)."""
-    return hmac.new(key, raw, hashlib.sha256).hexdigest()
-
-
-def record_key(secret: bytes) -> bytes:
-    """The key of the remediator's record ids, from a secret only it holds (its NATS credentials); b"" (ids
-    anyone can compute) without one, as on an unauthenticated lab bus where anyone may publish anything."""
-    return hashlib.sha256(b"breakfix record ids\x00" + secret).digest() if secret else b""
-
-
-def step_key(incident: str, attempt: int, rung: int, index: int) -> str:
-    """The idempotency key of one step: the same step of the same plan always has the same key."""
-    return f"{incident}:{attempt}:{rung}:{index}"
-
-
-def rma_summary(incident: Incident) -> str:
-    """One line for the RMA ticket / page."""
-    gpus = ",".join(g.label() for g in incident.gpus) or "-"
-    codes = ",".join(incident.codes) or "-"
-    return (f"{incident.cluster}/{incident.node or '-'} gpus={gpus} category={incident.category} "
-            f"codes={codes} signals={incident.signal_count} first_seen={incident.first_seen.isoformat()}")
-
-
 async def _no_save(_p: Progress) -> None:
     return None
-
-
-def _gpu(step: Step) -> int | None:
-    g = step.params.get("gpu")
-    if isinstance(g, bool):
-        return None
-    return int(g) if isinstance(g, int | str) and str(g).isdigit() else None
-
-
-def _pod_list(value: object) -> tuple[str, ...]:
-    """``ns/pod,ns/pod`` (a step's ``pods`` parameter, the node agent's ``gpu_pods`` evidence) as a tuple."""
-    return tuple(x for x in str(value or "").split(",") if x)
-
-
-def _busy(result: StepResult) -> bool:
-    """The node agent refused a reset because processes hold the GPU (its error starts with ``busy:``)."""
-    return result.evidence.get("error", result.detail).startswith(BUSY)
 
 
 class Executor:
@@ -263,7 +216,7 @@ class Executor:
             if limit <= 0:
                 raise TimeoutError
             async with asyncio.timeout(limit):
-                result = await self._call(incident, step, key, climbed)
+                result = await call_step(self.actuator, incident, step, key, climbed, holders=self.holders)
         except TimeoutError:
             result = StepResult(False, f"{step.action.value} timed out after {max(limit, 0):g}s "
                                        f"({which} timeout_s)", {"timeout": which})
@@ -347,87 +300,3 @@ class Executor:
         await self._record(incident, plan, attempt, ActionKind.PLAN, ActionOutcome.ESCALATED, reason=summary,
                            waiting=WaitingOn.HUMAN)
         return ActionOutcome.ESCALATED
-
-    async def _drain_mig(self, incident: Incident, node: str, gpu: int, named: tuple[str, ...]) -> StepResult:
-        """A MIG GPU's reset destroys all its instances: move the pods on every one of them (the node agent
-        names them), not only the incident's tenants. When the agent cannot say, drain the whole node."""
-        a, iid = self.actuator, incident.id
-        held = await a.gpu_pods(node, gpu, incident=iid)
-        if held.ok and held.evidence.get("mig_devices") == "0":  # the agent saw no MIG device on a MIG GPU
-            held = StepResult(False, f"the node agent lists no MIG device on gpu{gpu} ({held.detail})")
-        if not held.ok:
-            drained = await a.drain(node, incident=iid)
-            return StepResult(drained.ok, f"{drained.detail}: the pods on gpu{gpu}'s MIG instances are not known "
-                                          f"({held.detail})", drained.evidence)
-        pods = tuple(dict.fromkeys([*named, *_pod_list(held.evidence.get("pods"))]))
-        moved = await a.drain_gpu(node, gpu, incident=iid, pods=pods)
-        return StepResult(moved.ok, f"{moved.detail} (every pod on its MIG instances: {len(pods)})",
-                          {**moved.evidence, "mig_pods": str(len(pods))})
-
-    async def _reset(self, incident: Incident, step: Step, node: str, gpu: int, key: str) -> StepResult:
-        a, iid = self.actuator, incident.id
-        first = await a.reset_gpu(node, gpu, incident=iid, key=key)
-        if first.ok or not _busy(first):
-            return first
-        # processes still hold the GPU (pods the incident did not name, a job that landed while the repair waited):
-        # the node is fenced; move the pods the node agent says hold this GPU and try again, and only when that is
-        # not known or not enough, move every pod on the node
-        held = await a.gpu_pods(node, gpu, incident=iid)
-        pods = _pod_list(held.evidence.get("pods")) if held.ok else ()
-        if pods and (moved := await a.drain_gpu(node, gpu, incident=iid, pods=pods)).ok:
-            again = await a.reset_gpu(node, gpu, incident=iid, key=f"{key}:after-gpu-drain")
-            if again.ok or not _busy(again):
-                return StepResult(again.ok, f"{first.detail}; moved the pods holding gpu{gpu} ({moved.detail}); "
-                                            f"{again.detail}", {**again.evidence, "drained_gpu_for_busy": "true"})
-        drained = await a.drain(node, incident=iid)
-        if not drained.ok:
-            return StepResult(False, f"{first.detail}; draining {node} to free it failed: {drained.detail}",
-                              first.evidence)
-        again = await a.reset_gpu(node, gpu, incident=iid, key=f"{key}:after-drain")
-        return StepResult(again.ok, f"{first.detail}; drained {node} ({drained.detail}); {again.detail}",
-                          {**again.evidence, "drained_for_busy": "true"})
-
-    async def _call(self, incident: Incident, step: Step, key: str, climbed: str = "") -> StepResult:
-        a, p, iid = self.actuator, step.params, incident.id
-        node = str(p.get("node", incident.node or ""))
-        gpu_i = _gpu(step)
-        match step.action:
-            case StepAction.CORDON:
-                return await a.cordon(node, incident=iid, reason=f"breakfix {iid}: {incident.category}")
-            case StepAction.DRAIN:
-                return await a.drain(node, incident=iid)
-            case StepAction.DRAIN_GPU | StepAction.RESET_GPU if gpu_i is None:
-                return StepResult(False, f"{step.action.value} needs a GPU index and the incident has none")
-            case StepAction.DRAIN_GPU:
-                assert gpu_i is not None
-                pods = _pod_list(p.get("pods"))
-                if p.get("mig") is True:  # every MIG instance on the physical GPU goes with the reset
-                    return await self._drain_mig(incident, node, gpu_i, pods)
-                return await a.drain_gpu(node, gpu_i, incident=iid, pods=pods)
-            case StepAction.RESET_GPU:
-                assert gpu_i is not None
-                return await self._reset(incident, step, node, gpu_i, key)
-            case StepAction.REBOOT:
-                return await a.reboot(node, incident=iid, key=key)
-            case StepAction.REPROVISION:
-                return await a.reprovision(node, incident=iid, key=key)
-            case StepAction.VALIDATE:
-                scoped = gpu_i if p.get("scope", "gpu") == "gpu" else None
-                return await a.validate(node, scoped, int(p.get("level", 2)), incident=iid, key=key)
-            case StepAction.RETURN_TO_SERVICE:
-                others = self.holders(incident, node) if self.holders is not None else None
-                if others:
-                    return StepResult(True, f"{node} stays cordoned: still held by {others}", {"held_by": others})
-                return await a.return_to_service(node, incident=iid)
-            case StepAction.NOTIFY_TENANT:
-                pod = p.get("pod")
-                msg = f"breakfix {iid}: {incident.title}"
-                return await a.notify_tenant(str(p.get("namespace", "")), str(pod) if pod else None, msg,
-                                             incident=iid)
-            case StepAction.RESTART_POD:
-                return await a.restart_pod(str(p.get("namespace", "")), str(p.get("pod", "")), incident=iid)
-            case StepAction.ESCALATE:
-                why = p.get("reason") or climbed
-                summary = f"{why}; {rma_summary(incident)}" if why else rma_summary(incident)
-                return await a.escalate(incident.node, summary, incident=iid)
-        return StepResult(False, f"no actuator for {step.action.value}")  # pragma: no cover
