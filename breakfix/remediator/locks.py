@@ -1,6 +1,6 @@
 """One plan at a time per node: a lock per key that exists only while someone holds it or waits for it.
 
-The remediator service (``RemediatorService._remediate``) takes ``KeyedLocks.hold(node)`` (or
+The remediator service (``plantask.remediate``) takes ``KeyedLocks.hold(node)`` (or
 ``fabric:<incident>`` for a fabric incident) around deciding and running a plan. Keys come from
 incidents, so a map that kept every lock would grow with the fleet's incident history; here an entry
 is dropped when its last holder or waiter leaves.

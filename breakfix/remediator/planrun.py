@@ -1,6 +1,6 @@
 """Running one incident's plan for the remediator service: decide, guard, carry out, and what follows a stop.
 
-``RemediatorService._remediate`` calls ``decide_and_run`` under the node lock for an opened, reopened, retried
+``plantask.remediate`` calls ``decide_and_run`` under the node lock for an opened, reopened, retried
 or resumed incident: the pure ``decide`` (through the service's decision memory) and ``guards.check``, then the
 ``Executor``. A refusal (``refused``) waits, queues behind the breaker, fences and pages, or cordons a broken node
 while its cooldown damps the repair. A plan resumed from its stored record whose incident moved on meanwhile is

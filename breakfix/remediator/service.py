@@ -17,6 +17,10 @@ Refusals fence and page (retry cap, kill switch, a budget wait past ``budget_wai
 ``PlanStore``, so a restart resumes each running plan at its step, and takes up again the open incidents
 that had no plan yet (``remediator.reconcile``, from the incident index); with a ``LeaseElector`` only the
 lease holder starts or resumes plans.
+
+Collaborators that take the service: an incident's task and the executor's step hooks (``remediator.plantask``),
+re-deciding, cancelling and resuming a plan (``remediator.stops``), what is remembered of incidents and for how
+long (``remediator.retention``).
 """
 
 from __future__ import annotations
@@ -32,21 +36,19 @@ from breakfix.bus.codec import encode
 from breakfix.bus.consumer import ConsumerStats, Redeliver
 from breakfix.bus.protocol import Bus, Delivery
 from breakfix.remediator import deferral as deferral_wait
-from breakfix.remediator import planrun
-from breakfix.remediator.actuator import Actuator, StepResult
+from breakfix.remediator import planrun, plantask, retention, stops
+from breakfix.remediator.actuator import Actuator
 from breakfix.remediator.audit import AuditWriter
 from breakfix.remediator.breaker import page_breaker, page_stale_hold
 from breakfix.remediator.decisions import Decisions
-from breakfix.remediator.executor import Executor, keyed_digest
+from breakfix.remediator.executor import Executor
 from breakfix.remediator.follow import (
     deferral,
     held_nodes,
-    recurrence,
-    redecision,
     takes_node,
-    turns_cautious,
 )
-from breakfix.remediator.guards import GPU_ACTIONS, GuardState, step_check
+from breakfix.remediator.guards import GPU_ACTIONS, GuardState
+from breakfix.remediator.ids import keyed_digest
 from breakfix.remediator.keeper import GuardKeeper
 from breakfix.remediator.leading import Elector, lead
 from breakfix.remediator.locks import KeyedLocks
@@ -54,7 +56,7 @@ from breakfix.remediator.metrics import Observers, RemediatorMetrics
 from breakfix.remediator.policy import Policy
 from breakfix.remediator.reconcile import ATTEMPT_STRIDE
 from breakfix.remediator.records import WAIT_ENDS, PlanBook, PlanRecord, ProgressState
-from breakfix.remediator.store import Conflict, MemoryStore, PlanStore
+from breakfix.remediator.store import MemoryStore, PlanStore
 from breakfix.remediator.terms import cancel_until_done, end_plans, serve
 from breakfix.remediator.view import ClusterView
 from breakfix.schemas import subjects
@@ -68,7 +70,6 @@ from breakfix.schemas.incident import (
     IncidentChange,
     IncidentStatus,
     Plan,
-    Step,
     StepAction,
     WaitingOn,
 )
@@ -109,9 +110,10 @@ class RemediatorService:
         self.stats, self.control_stats = ConsumerStats(), ConsumerStats()
         self._view_cache: tuple[float, ClusterView] | None = None
         self.view_ttl_s, self._swept = view_ttl_s, float("-inf")
-        self.id_key = id_key  # record ids are HMACs with it (executor.record_id): no one else can squat them
-        self.executor = Executor(actuator, self.publish, clock, actor=actor, soak=self._soak, gate=self._gate,
-                                 holders=self._holders, idle_poll_s=policy.guards.idle_poll_s, id_key=id_key)
+        self.id_key = id_key  # record ids are HMACs with it (ids.record_id): no one else can squat them
+        hooks = plantask.StepHooks(self)  # what the executor asks before and during steps (remediator.plantask)
+        self.executor = Executor(actuator, self.publish, clock, actor=actor, soak=hooks.soak, gate=hooks.gate,
+                                 holders=hooks.holders, idle_poll_s=policy.guards.idle_poll_s, id_key=id_key)
         self.human = HumanVerbs(self)
         self.observe = Observers(RemediatorMetrics(clock.now))  # metrics (+ notifier): remediator.metrics_serve
         self._leading = asyncio.Event()
@@ -183,7 +185,7 @@ class RemediatorService:
             await page_stale_hold(self, inc)
         if inc.status in WAIT_ENDS and (prev is None or prev.status not in WAIT_ENDS) and inc.id not in self.current:
             await self.end_approval_wait(inc)
-        self._forget_old()
+        retention.forget_old(self)
         if inc.parent is not None and (prev is None or prev.parent != inc.parent):
             await planrun.folded(self, inc)
         elif inc.members and (prev is None or prev.members != inc.members):
@@ -228,120 +230,24 @@ class RemediatorService:
         self.keeper.save()
 
     async def end_approval_wait(self, inc: Incident, *, why: str = "") -> None:
-        """The incident resolved (or went stale, or folded into another whose plan has the node: ``why``) while a step
-        of its plan waited for approval: the plan is cancelled, so neither a late approval nor a restart runs the step
-        on a node with no open fault of its own."""
-        self.awaiting.pop(inc.id, None)
-        if await self.cancel_record(inc.id, only=ProgressState.AWAITING_APPROVAL):
-            self.guards.stop(inc.id)  # its budget slot is free; a resolved incident's node hold went with it
-            self.keeper.save()
-            why = f"{why or f'{inc.id} is {inc.status.value}'}: the step waiting for approval will not run"
-            log.warning("approval_wait_ended", incident=inc.id, status=inc.status.value, why=why)
-            await self.publish(self.record(inc, ActionKind.PLAN, ActionOutcome.CANCELLED, why, tag="cancelled"))
+        """Cancel the plan whose step waits for approval (``stops.end_approval_wait``)."""
+        await stops.end_approval_wait(self, inc, why=why)
 
     async def cancel_record(self, incident_id: str, *, only: ProgressState | None = None) -> bool:
-        """Mark the incident's stored plan cancelled if it is live (and in state ``only``, when given), so no restart
-        or new leader resumes it; True when it was."""
-        for _ in range(2):
-            try:
-                got = await self.book.get(incident_id)
-                if got is None or not got[0].progress.state.live or \
-                        (only is not None and got[0].progress.state is not only):
-                    return False
-                got[0].progress.state = ProgressState.CANCELLED
-                await self.book.put(got[0], got[1])
-                return True
-            except Conflict:
-                continue  # another save landed in between: read it again
-            except Exception as exc:  # the store did not answer: logged; the stop itself stands
-                log.error("cancel_record_failed", incident=incident_id, error=repr(exc))
-                return False
-        log.warning("cancel_record_moved", incident=incident_id)  # another writer keeps moving it
-        return False
+        """Mark the stored plan cancelled so no restart resumes it (``stops.cancel_record``)."""
+        return await stops.cancel_record(self, incident_id, only=only)
 
     def resume_after(self, old: asyncio.Task[None], incident_id: str) -> None:
-        """Resume the incident's stored plan once ``old`` (its task, finishing) is done: an approval that came
-        while the task was still returning from its approval wait. A guarded task; the consumer does not wait."""
-        async def later() -> None:
-            try:
-                await asyncio.wait({old})
-                got = await self.book.get(incident_id)
-                if got is not None and got[0].progress.state is ProgressState.RUNNING:
-                    self.spawn(incident_id, got[0].progress.attempt, got[0])
-            except Exception as exc:
-                log.error("approval_resume_failed", incident=incident_id, error=repr(exc))
-            finally:
-                self.helpers.discard(task)
-
-        task = asyncio.create_task(later(), name=f"resume-after-approval-{incident_id}")
-        self.helpers.add(task)
+        """Resume the stored plan once ``old`` is done (``stops.resume_after``)."""
+        stops.resume_after(self, old, incident_id)
 
     def track(self, inc: Incident) -> None:
-        """Remember an incident's latest version and the members it covers."""
-        self.latest[inc.id] = inc
-        self.latest.move_to_end(inc.id)
-        for member in inc.members:
-            if inc.status.terminal:
-                self.covered.pop(member, None)
-            else:
-                self.covered[member] = inc.id
-
-    def _forget_old(self) -> None:
-        """Finished incidents leave memory after ``retention_s``; the map is LRU-capped at ``max_incidents``."""
-        horizon = self.policy.guards.retention_s
-        now = self.clock.now()
-        while len(self.latest) > self.max_incidents:
-            self._forget(next(iter(self.latest)))
-        if self.clock.monotonic() - self._swept < min(60.0, horizon / 10):
-            return  # a sweep is O(incidents): at most once a minute
-        self._swept = self.clock.monotonic()
-        for iid in [i for i, inc in self.latest.items() if inc.status.terminal and i not in self.tasks
-                    and (now - inc.last_seen).total_seconds() > horizon
-                    and (inc.resolved_at is None or (now - inc.resolved_at).total_seconds() > horizon)]:
-            self._forget(iid)
-
-    def _forget(self, iid: str) -> None:
-        inc = self.latest.pop(iid, None)
-        self.covered = {m: c for m, c in self.covered.items() if c != iid and m != iid}
-        self.acted.discard(iid)
-        if self.guards.cooled.pop(iid, None) is not None:
-            self.keeper.save()
-        self.deferred.discard(iid)
-        self.redo.pop(iid, None)
-        self.stopped.discard(iid)
-        self.awaiting.pop(iid, None)
-        self.decisions.forget(iid)
-        if self.guards.end_waits(iid):
-            self.keeper.save()
-        self.taken_up.pop(iid, None)
-        if inc is not None and inc.status is IncidentStatus.RESOLVED:
-            self.guards.forget(iid)  # an escalated incident keeps its hold until a human releases it
+        """Remember an incident's latest version and the members it covers (``retention.track``)."""
+        retention.track(self, inc)
 
     async def maybe_redecide(self, inc: Incident) -> None:
-        """A newer version of an incident whose plan is in flight or waits for an approval (a live update, or one the
-        index had when a plan was resumed: ``remediator.takeup``): re-decide it (``follow.redecision``)."""
-        held = self.current.get(inc.id)
-        if held is None:
-            if inc.id in self.awaiting:
-                await planrun.redecide_awaiting(self, inc)
-            return
-        plan, category, attempt = held
-        now = self.decisions.plan(inc, await self.view(), self.policy, busy=self.guards.active)
-        why = redecision(plan, category, now, inc, inc.id in self.acted)
-        if why is None:
-            return
-        log.warning("redecide", incident=inc.id, node=inc.node, old=plan.rule, why=why)
-        if self.current.get(inc.id) is not held:
-            # the plan ended (or another took over) while the view was read: nothing is left to stop, but the incident
-            # as it is now is decided again (a plan that completed meanwhile left an unknown fault unhandled)
-            if inc.id not in self.current:
-                self.decide_again(inc.id, attempt + 1)
-            return
-        if turns_cautious(plan, category, now, inc):
-            self.stop_at_step(inc.id, attempt, why)
-            return
-        await self.stop_plan(inc, why, outcome=ActionOutcome.CANCELLED, rule=plan.rule)
-        self.spawn(inc.id, attempt + 1, None, settle=False)
+        """Re-decide a plan its incident's newer version no longer fits (``stops.maybe_redecide``)."""
+        await stops.maybe_redecide(self, inc)
 
     def decide_again(self, incident_id: str, attempt: int) -> None:
         """Run the incident's re-decided plan: in its task when that is still returning (``redo``), else a new one."""
@@ -371,87 +277,14 @@ class RemediatorService:
             return
         name = f"remediate-{incident_id}-{attempt}"
         self.awaiting.pop(incident_id, None)  # approved, resumed or re-decided: no step of it waits for approval now
-        self.tasks[incident_id] = asyncio.create_task(self._guarded(incident_id, attempt, resume, settle), name=name)
-
-    async def _guarded(self, incident_id: str, attempt: int, resume: PlanRecord | None, settle: bool) -> None:
-        try:
-            await self._leading.wait()
-            if resume is None and settle:
-                await self.clock.sleep(self.policy.settle_s)
-            while True:
-                while await self._remediate(incident_id, attempt, resume):
-                    await self.clock.sleep(self.retry_refused_s)
-                again = self.redo.pop(incident_id, None)  # its plan stopped at a step: the re-decided one runs now
-                if again is None:
-                    break
-                attempt, resume = again, None
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.error("remediation_crashed", incident=incident_id, error=repr(exc))
-        finally:
-            if self.tasks.get(incident_id) is asyncio.current_task():
-                del self.tasks[incident_id]
-                self.redo.pop(incident_id, None)
-
-    async def _remediate(self, incident_id: str, attempt: int, resume: PlanRecord | None) -> bool:
-        """One try; True when a guard said 'not now' and the same incident should be tried again later."""
-        if resume is None:
-            inc = self.latest.get(incident_id)
-            if inc is not None and inc.status is IncidentStatus.RESOLVED and inc.id in self.guards.cooled:
-                return await planrun.return_cordoned(self, inc, attempt)
-            if inc is not None and inc.id in self.stopped and \
-                    (inc.status.terminal or inc.parent or self.covered.get(inc.id)):
-                return await planrun.after_stop(self, inc, attempt)
-            if inc is None or inc.status.terminal or inc.flaps * ATTEMPT_STRIDE > attempt:
-                return False
-            if planrun.covered(self, inc):
-                return False
-            first = self.decisions.plan(inc, await self.view(), self.policy, busy=self.guards.active)
-            while inc.id not in self.deferred and (early := deferral(first)) is not None:  # outside the node lock
-                if not await deferral_wait.wait_idle(self, inc, first, attempt, early):
-                    self.deferred.add(inc.id)
-                    break
-                inc = self.latest.get(inc.id, inc)  # the incident changed while it waited: decide again
-                if inc.status.terminal:
-                    return False
-                first = self.decisions.plan(inc, await self.view(), self.policy, busy=self.guards.active)
-        else:
-            inc = resume.incident
-        async with self.node_locks.hold(inc.node or f"fabric:{inc.id}"):
-            return await planrun.decide_and_run(self, inc, attempt, resume)
+        self.tasks[incident_id] = asyncio.create_task(plantask.guarded(self, incident_id, attempt, resume, settle),
+                                                      name=name)
 
     def stop_at_step(self, incident_id: str, attempt: int, why: str) -> None:
         """A plan turned cautious: no further step of it (no reset, reboot or return), the one in flight ends as it
-        would; then the same task runs the re-decided plan (``_guarded``, from ``redo``)."""
+        would; then the same task runs the re-decided plan (``plantask.guarded``, from ``redo``)."""
         self.redo[incident_id] = attempt + 1
         self.executor.stop_at_next_step(incident_id, attempt, why)
-
-    def _gate(self, inc: Incident, plan: Plan, step: Step, key: str) -> str | None:
-        """The executor asks before every step: kill switches switched on since the plan started (on the rule, or on
-        a code of the incident as it stands now), retry caps. A capped step let run is remembered
-        (``GuardState.cleared``), so a plan resumed at it is not refused for it."""
-        now = self.clock.now()
-        refusal = step_check(self.latest.get(inc.id, inc), step, self.guards, self.policy.guards, now, rule=plan.rule,
-                             key=key)
-        if refusal is None and inc.node is not None and step.action in self.policy.guards.retry_caps:
-            self.guards.cleared[inc.id] = (key, now)
-            self.keeper.save()
-        return refusal.reason if refusal else None
-
-    def _holders(self, inc: Incident, node: str) -> str | None:
-        others = self.guards.holders(node, inc.id)
-        return ", ".join(f"{i} ({why})" for i, why in sorted(others.items())) or None
-
-    async def _soak(self, inc: Incident) -> StepResult:
-        """Capacity returns only after a quiet period in which the fault did not recur (``follow.recurrence``)."""
-        before = self.latest.get(inc.id, inc)
-        await self.clock.sleep(self.policy.guards.soak_s)
-        what = recurrence(before, self.latest.get(inc.id, inc), self.companion)
-        if what is not None:
-            return StepResult(False, f"the fault recurred during the {self.policy.guards.soak_s:g}s soak: {what}",
-                              {"recurred": what})
-        return StepResult(True, f"quiet for {self.policy.guards.soak_s:g}s")
 
     async def idle(self) -> None:
         """Wait for every running plan (tests and the demo use this)."""
