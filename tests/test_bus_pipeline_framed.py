@@ -4,6 +4,7 @@ does not take goes through ``publish`` and fails as it did."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import nats
 import pytest
 
 from breakfix.bus.jetstream import JetStreamBus
-from breakfix.bus.pipeline import PipelinedPublisher
+from breakfix.bus.pipeline import PipelinedPublisher, PublishError, _Batch
+from breakfix.bus.protocol import PublishAck
 from breakfix.bus.server import EmbeddedNats
 from breakfix.schemas import subjects
 
@@ -104,3 +106,28 @@ async def test_a_closed_connection_refuses_a_framed_batch(tmp_path: Path) -> Non
             await pub.send_many(_changes(3))
     finally:
         server.stop()
+
+
+async def test_a_framed_batch_fails_with_the_first_refusal_and_the_rest_is_still_stored(bus: JetStreamBus) -> None:
+    items = _changes(4)
+    stray = ("breakfix.nowhere.c1", b"{}", "stray:1")  # no stream takes this subject: the server answers 503
+    with pytest.raises(PublishError) as refused:
+        await (await bus.publish_start([*items[:2], stray, *items[2:]]))
+    assert refused.value.status == "503"
+    assert [d for _, d, _ in await _stored(bus)] == [d for _, d, _ in items]
+    assert await (await bus.publish_start(_changes(2, tag="next"))) is not None  # later batches are unaffected
+
+
+async def test_a_batch_resolves_in_order_once_every_ack_is_in_and_ignores_acks_after_a_refusal() -> None:
+    loop = asyncio.get_running_loop()
+    ok = _Batch(3, loop.create_future())
+    for i in (2, 0, 1):
+        assert not ok.done.done()
+        ok.take(i, PublishAck(stream="S", seq=10 + i, duplicate=False))
+    assert [a.seq for a in ok.done.result()] == [10, 11, 12]
+    bad = _Batch(3, loop.create_future())
+    bad.take(0, PublishAck(stream="S", seq=1, duplicate=False))
+    bad.take(1, PublishError("wrong last sequence", err_code=10071))
+    bad.take(2, PublishAck(stream="S", seq=3, duplicate=False))
+    exc = bad.done.exception()
+    assert isinstance(exc, PublishError) and exc.err_code == 10071

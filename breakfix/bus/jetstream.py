@@ -271,10 +271,10 @@ class JetStreamBus:
     async def publish_start(self, items: Sequence[tuple[str, bytes, str | None]]) -> Awaitable[list[PublishAck]]:
         """Send now (framed as one write, ``PipelinedPublisher.send_many``), collect the acks later: the caller keeps
         working meanwhile."""
-        futures = await self._publisher().send_many(items)
+        done = await self._publisher().send_many(items)
 
         async def acks() -> list[PublishAck]:
-            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout=30.0))
+            return list(await asyncio.wait_for(done, timeout=30.0))
 
         return acks()
 

@@ -53,71 +53,105 @@ def _token_ok(text: str) -> bool:
     return bool(text) and text.isprintable() and " " not in text
 
 
+def decode_ack(msg: Msg) -> PublishAck | PublishError:
+    """What the server answered a publish: its ``PublishAck``, or why it was not stored (total: any reply)."""
+    if msg.headers and msg.headers.get("Status") == "503":
+        return PublishError("no stream answers this subject", status="503")
+    try:
+        resp = orjson.loads(msg.data)
+    except orjson.JSONDecodeError as exc:
+        return PublishError(f"unreadable publish ack: {exc}")
+    if not isinstance(resp, dict):
+        return PublishError(f"unreadable publish ack: {msg.data[:80]!r}")
+    if "error" in resp:
+        err = resp["error"]
+        if not isinstance(err, dict):
+            return PublishError(str(err))
+        return PublishError(str(err.get("description", err)), err_code=err.get("err_code"))
+    try:
+        return PublishAck(stream=str(resp.get("stream", "")), seq=int(resp.get("seq", 0)),
+                          duplicate=bool(resp.get("duplicate", False)))
+    except (TypeError, ValueError, OverflowError) as exc:
+        return PublishError(f"unreadable publish ack: {exc}")
+
+
+class _Batch:
+    """The acks of one framed batch, in order: its future resolves when the last arrives, or fails at the first
+    refusal (as ``asyncio.gather`` of one future each would, without a future and a callback per message)."""
+
+    __slots__ = ("acks", "done", "left")
+
+    def __init__(self, n: int, done: asyncio.Future[list[PublishAck]]) -> None:
+        self.acks: list[Any] = [None] * n
+        self.left = n
+        self.done = done
+
+    def take(self, i: int, result: PublishAck | PublishError) -> None:
+        if self.done.done():
+            return
+        if isinstance(result, PublishError):
+            self.done.set_exception(result)
+            return
+        self.acks[i] = result
+        self.left -= 1
+        if not self.left:
+            self.done.set_result(self.acks)
+
+
 class PipelinedPublisher:
     def __init__(self, nc: Client, *, max_pending: int = 20_000) -> None:
         self._nc = nc
         self._framing = all(hasattr(nc, name) for name in _FRAMING)
         self._prefix = nc.new_inbox() + "."
         self._sub: Subscription | None = None
-        self._futures: dict[str, asyncio.Future[PublishAck]] = {}
-        self._order: deque[asyncio.Future[PublishAck]] = deque()
+        self._futures: dict[str, asyncio.Future[PublishAck]] = {}  # reply token -> one publish's ack
+        self._batched: dict[str, tuple[_Batch, int]] = {}  # reply token -> its framed batch and place in it
+        self._order: deque[asyncio.Future[Any]] = deque()
         self._next = 0
         self._max = max_pending
 
     async def _on_ack(self, msg: Msg) -> None:
-        fut = self._futures.pop(msg.subject[len(self._prefix):], None)
+        token = msg.subject[len(self._prefix):]
+        batched = self._batched.pop(token, None)
+        if batched is not None:
+            batch, i = batched
+            batch.take(i, decode_ack(msg))
+            return
+        fut = self._futures.pop(token, None)
         if fut is None or fut.done():
             return
-        if msg.headers and msg.headers.get("Status") == "503":
-            fut.set_exception(PublishError("no stream answers this subject", status="503"))
-            return
-        try:
-            resp = orjson.loads(msg.data)
-        except orjson.JSONDecodeError as exc:
-            fut.set_exception(PublishError(f"unreadable publish ack: {exc}"))
-            return
-        if not isinstance(resp, dict):
-            fut.set_exception(PublishError(f"unreadable publish ack: {msg.data[:80]!r}"))
-            return
-        if "error" in resp:
-            err = resp["error"]
-            if not isinstance(err, dict):
-                fut.set_exception(PublishError(str(err)))
-                return
-            fut.set_exception(PublishError(str(err.get("description", err)), err_code=err.get("err_code")))
-            return
-        try:
-            ack = PublishAck(stream=str(resp.get("stream", "")), seq=int(resp.get("seq", 0)),
-                             duplicate=bool(resp.get("duplicate", False)))
-        except (TypeError, ValueError, OverflowError) as exc:
-            fut.set_exception(PublishError(f"unreadable publish ack: {exc}"))
-            return
-        fut.set_result(ack)
+        result = decode_ack(msg)
+        if isinstance(result, PublishError):
+            fut.set_exception(result)
+        else:
+            fut.set_result(result)
 
     async def _room(self, n: int) -> None:
         """Subscribe the ack inbox once; wait (for the oldest acks) until ``n`` more may be outstanding."""
         if self._sub is None:
             self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_ack, pending_msgs_limit=1_000_000)
-        while len(self._futures) + n > self._max and self._order:
+        while len(self._futures) + len(self._batched) + n > self._max and self._order:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._order.popleft()), timeout=30.0)
 
-    def _expect(self) -> tuple[str, asyncio.Future[PublishAck]]:
-        """A new reply token and the future its ack resolves."""
+    def _token(self) -> str:
         self._next += 1
-        token = str(self._next)
-        fut: asyncio.Future[PublishAck] = asyncio.get_running_loop().create_future()
-        self._futures[token] = fut
+        return str(self._next)
+
+    def _track(self, fut: asyncio.Future[Any]) -> None:
+        """Keep ``fut`` in the oldest-first order ``_room`` waits on."""
         while self._order and self._order[0].done():
             self._order.popleft()  # acked already: nothing to wait for, nothing to keep alive
         self._order.append(fut)
         if len(self._order) > 2 * self._max:
             self._order = deque(f for f in self._order if not f.done())
-        return token, fut
 
     async def send(self, subject: str, data: bytes, headers: dict[str, str] | None) -> asyncio.Future[PublishAck]:
         await self._room(1)
-        token, fut = self._expect()
+        token = self._token()
+        fut: asyncio.Future[PublishAck] = asyncio.get_running_loop().create_future()
+        self._futures[token] = fut
+        self._track(fut)
         await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
         return fut
 
@@ -128,11 +162,12 @@ class PipelinedPublisher:
         return all(_token_ok(subject) and len(data) <= limit and (mid is None or _token_ok(mid))
                    for subject, data, mid in items)
 
-    async def send_many(self, items: Sequence[tuple[str, bytes, str | None]]) -> list[asyncio.Future[PublishAck]]:
-        """Send ``(subject, data, msg_id)`` items in order, framed as one write; a future per item for its ack."""
+    async def send_many(self, items: Sequence[tuple[str, bytes, str | None]]) -> asyncio.Future[list[PublishAck]]:
+        """Send ``(subject, data, msg_id)`` items in order, framed as one write; the future of their acks, in order
+        (it fails with the first ``PublishError``)."""
         if not self._framable(items):
-            return [await self.send(subject, data, {_HDR_MSG_ID: mid} if mid else None)
-                    for subject, data, mid in items]
+            return asyncio.gather(*[await self.send(subject, data, {_HDR_MSG_ID: mid} if mid else None)
+                                    for subject, data, mid in items])
         nc: Any = self._nc  # the framing internals (``_FRAMING``), checked at construction
         if nc.is_closed:
             raise nats_errors.ConnectionClosedError
@@ -143,13 +178,16 @@ class PipelinedPublisher:
                                     or payload + nc._pending_data_size > nc._max_pending_size):
             raise nats_errors.OutboundBufferLimitError  # reconnecting, and its buffer cannot take the batch
         await self._room(len(items))
+        done: asyncio.Future[list[PublishAck]] = asyncio.get_running_loop().create_future()
+        batch = _Batch(len(items), done)
+        self._track(done)
+        batched = self._batched
         frames: list[bytes] = []
-        futures: list[asyncio.Future[PublishAck]] = []
         prefix = self._prefix
         size = 0
-        for subject, data, mid in items:
-            token, fut = self._expect()
-            futures.append(fut)
+        for i, (subject, data, mid) in enumerate(items):
+            token = self._token()
+            batched[token] = (batch, i)
             if mid is None:
                 frames.append(f"PUB {subject} {prefix}{token} {len(data)}\r\n".encode())
             else:
@@ -168,7 +206,7 @@ class PipelinedPublisher:
             await nc._send_command(b"".join(frames))
         if nc._flush_queue is not None and nc._flush_queue.empty():
             await nc._flush_pending()
-        return futures
+        return done
 
     async def close(self) -> None:
         if self._sub is not None:
@@ -179,3 +217,7 @@ class PipelinedPublisher:
             if not fut.done():
                 fut.cancel()
         self._futures.clear()
+        for batch, _ in self._batched.values():
+            if not batch.done.done():
+                batch.done.cancel()
+        self._batched.clear()
