@@ -10,6 +10,8 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from breakfix.bus.jetstream import JetStreamBus
 from breakfix.bus.pipeline import PipelinedPublisher, PublishError, _Batch
@@ -69,9 +71,16 @@ async def test_a_re_sent_batch_is_dropped_by_the_msg_ids_as_duplicates(bus: JetS
     assert len(await _stored(bus)) == 55
 
 
-async def test_messages_without_a_msg_id_are_framed_as_plain_publishes(bus: JetStreamBus) -> None:
+async def test_messages_without_a_msg_id_are_framed_as_plain_publishes(
+        bus: JetStreamBus, monkeypatch: pytest.MonkeyPatch) -> None:
     await bus.ensure_kv("framed")
+
+    async def not_framed(*args: object, **kwargs: object) -> None:
+        raise AssertionError("sent through nats-py's publish, not framed")
+
+    monkeypatch.setattr(bus._nc, "publish", not_framed)
     await (await bus.kv_put_start("framed", {f"k{i}": f"v{i}".encode() for i in range(20)}))
+    monkeypatch.undo()
     assert (await bus.kv_get("framed", "k7")).value == b"v7"  # type: ignore[union-attr]
     assert len(await bus.kv_keys("framed")) == 20
 
@@ -131,3 +140,54 @@ async def test_a_batch_resolves_in_order_once_every_ack_is_in_and_ignores_acks_a
     bad.take(2, PublishAck(stream="S", seq=3, duplicate=False))
     exc = bad.done.exception()
     assert isinstance(exc, PublishError) and exc.err_code == 10071
+
+
+@pytest.fixture
+async def quiet(tmp_path: Path) -> AsyncIterator[Client]:
+    """A client whose publishes on ``quiet.>`` reach a subscriber that never answers: no ack, no 503."""
+    server = EmbeddedNats(tmp_path / "nats").start()
+    nc = await nats.connect(server.url)
+
+    async def ignore(_msg: Msg) -> None:
+        return None
+
+    try:
+        await nc.subscribe("quiet.>", cb=ignore)
+        yield nc
+    finally:
+        await nc.close()
+        server.stop()
+
+
+def _quiet(*tags: str) -> Items:
+    return [("quiet.a", tag.encode(), f"m-{tag}") for tag in tags]
+
+
+async def test_a_batch_its_caller_gave_up_on_neither_blocks_nor_cancels_the_next_one(quiet: Client) -> None:
+    pub = PipelinedPublisher(quiet, max_pending=4)
+    first = await pub.send_many(_quiet("1", "2"))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(first, 0.1)  # what publish_start's acks() does after 30 s
+    assert first.cancelled() and not pub._batched  # its tokens went with it
+    second = await asyncio.wait_for(pub.send_many(_quiet("3", "4", "5")), 2)  # at capacity before the fix
+    assert not second.done()
+    second.cancel()
+
+
+async def test_a_connection_closed_while_a_batch_waits_for_room_refuses_the_batch(quiet: Client) -> None:
+    pub = PipelinedPublisher(quiet, max_pending=2)
+    first = await pub.send_many(_quiet("1", "2"))
+    second = asyncio.create_task(pub.send_many(_quiet("3", "4")), name="waits-for-room")
+    await asyncio.sleep(0.2)
+    assert not second.done()  # waiting for the first batch's acks
+    await quiet.close()
+    first.cancel()
+    with pytest.raises(nats.errors.ConnectionClosedError):
+        await asyncio.wait_for(second, 2)
+
+
+async def test_a_batch_that_fails_while_it_is_written_leaves_nothing_waiting(quiet: Client) -> None:
+    pub = PipelinedPublisher(quiet)
+    with pytest.raises(TypeError):
+        await pub.send_many([("quiet.a", b"1", "m1"), ("quiet.a", "not bytes", "m2")])  # type: ignore[list-item]
+    assert not pub._batched and all(f.done() for f in pub._order)

@@ -79,12 +79,13 @@ class _Batch:
     """The acks of one framed batch, in order: its future resolves when the last arrives, or fails at the first
     refusal (as ``asyncio.gather`` of one future each would, without a future and a callback per message)."""
 
-    __slots__ = ("acks", "done", "left")
+    __slots__ = ("acks", "done", "left", "tokens")
 
     def __init__(self, n: int, done: asyncio.Future[list[PublishAck]]) -> None:
         self.acks: list[Any] = [None] * n
         self.left = n
         self.done = done
+        self.tokens: list[str] = []  # its reply tokens, dropped from the publisher's map if it is given up
 
     def take(self, i: int, result: PublishAck | PublishError) -> None:
         if self.done.done():
@@ -131,8 +132,9 @@ class PipelinedPublisher:
         if self._sub is None:
             self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_ack, pending_msgs_limit=1_000_000)
         while len(self._futures) + len(self._batched) + n > self._max and self._order:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._order.popleft()), timeout=30.0)
+            oldest = self._order.popleft()
+            if not oldest.done():  # resolved, failed or given up (cancelled) by its caller: nothing to wait for
+                await asyncio.wait({oldest}, timeout=30.0)  # never raises the future's own outcome
 
     def _token(self) -> str:
         self._next += 1
@@ -151,6 +153,7 @@ class PipelinedPublisher:
         token = self._token()
         fut: asyncio.Future[PublishAck] = asyncio.get_running_loop().create_future()
         self._futures[token] = fut
+        fut.add_done_callback(lambda f: self._futures.pop(token, None) if f.cancelled() else None)
         self._track(fut)
         await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
         return fut
@@ -169,6 +172,7 @@ class PipelinedPublisher:
             return asyncio.gather(*[await self.send(subject, data, {_HDR_MSG_ID: mid} if mid else None)
                                     for subject, data, mid in items])
         nc: Any = self._nc  # the framing internals (``_FRAMING``), checked at construction
+        await self._room(len(items))  # may wait: the connection is checked after it, just before writing
         if nc.is_closed:
             raise nats_errors.ConnectionClosedError
         if nc.is_draining_pubs:
@@ -177,10 +181,29 @@ class PipelinedPublisher:
         if not nc.is_connected and (nc._max_pending_size <= 0
                                     or payload + nc._pending_data_size > nc._max_pending_size):
             raise nats_errors.OutboundBufferLimitError  # reconnecting, and its buffer cannot take the batch
-        await self._room(len(items))
         done: asyncio.Future[list[PublishAck]] = asyncio.get_running_loop().create_future()
         batch = _Batch(len(items), done)
+        batched = self._batched
+
+        def forget(f: asyncio.Future[list[PublishAck]]) -> None:
+            if f.cancelled() or f.exception() is not None:  # given up or refused: later acks have no one to tell
+                for t in batch.tokens:
+                    batched.pop(t, None)
+
+        done.add_done_callback(forget)  # run by the loop, soon after the future is done
         self._track(done)
+        try:
+            await self._write(nc, batch, items, payload)
+        except BaseException:
+            done.cancel()  # not (all) sent: no ack is awaited for it, and its tokens go now
+            for t in batch.tokens:
+                batched.pop(t, None)
+            raise
+        return done
+
+    async def _write(self, nc: Any, batch: _Batch, items: Sequence[tuple[str, bytes, str | None]],
+                     payload: int) -> None:
+        """Frame ``items`` (each under a new token of ``batch``) and hand them to the client, in pieces."""
         batched = self._batched
         frames: list[bytes] = []
         prefix = self._prefix
@@ -188,6 +211,7 @@ class PipelinedPublisher:
         for i, (subject, data, mid) in enumerate(items):
             token = self._token()
             batched[token] = (batch, i)
+            batch.tokens.append(token)
             if mid is None:
                 frames.append(f"PUB {subject} {prefix}{token} {len(data)}\r\n".encode())
             else:
@@ -206,7 +230,6 @@ class PipelinedPublisher:
             await nc._send_command(b"".join(frames))
         if nc._flush_queue is not None and nc._flush_queue.empty():
             await nc._flush_pending()
-        return done
 
     async def close(self) -> None:
         if self._sub is not None:
