@@ -127,6 +127,9 @@ class TestCheckpoint:
         cp = Checkpoint(core.to_state(), {"correlator": 7})
         blob = cp.encode()
         assert blob.startswith(ZSTD_MAGIC)
+        for damaged in (blob[: len(blob) // 2], blob[:-6], blob[:-4] + bytes(4)):  # cut short; its checksum wrong
+            with pytest.raises(CheckpointError):
+                Checkpoint.decode(damaged)
         for stored in (blob, zlib.compress(cp.to_json(), 1)):
             again = Checkpoint.decode(stored)
             assert again.positions == {"correlator": 7}

@@ -46,8 +46,9 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # the first bytes of every zstd frame (RFC 887
 
 
 def compress(body: bytes) -> bytes:
-    """The stored form of a checkpoint document (zstd, level 1; releases the GIL)."""
-    return zstandard.ZstdCompressor(level=1).compress(body)
+    """The stored form of a checkpoint document (zstd, level 1, with the frame's checksum; releases the GIL).
+    A blob cut short inflates to a document cut short, which the JSON parse refuses."""
+    return zstandard.ZstdCompressor(level=1, write_checksum=True).compress(body)
 
 
 def _inflate(blob: bytes) -> bytes:
