@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import nats
 import pytest
@@ -23,15 +22,13 @@ Items = list[tuple[str, bytes, str | None]]
 
 
 @pytest.fixture
-async def bus(tmp_path: Path) -> AsyncIterator[JetStreamBus]:
-    server = EmbeddedNats(tmp_path / "nats").start()
-    b = await JetStreamBus.connect(server.url, name="t")
+async def bus(nats_server: EmbeddedNats) -> AsyncIterator[JetStreamBus]:
+    b = await JetStreamBus.connect(nats_server.url, name="t")
     try:
         await b.ensure_streams(subjects.STREAMS)
         yield b
     finally:
         await b.close()
-        server.stop()
 
 
 def _changes(n: int, *, cluster: str = "c1", tag: str = "a") -> Items:
@@ -105,16 +102,12 @@ async def test_a_payload_over_the_servers_limit_fails_the_batch_as_publish_did(b
     assert len(await _stored(bus)) == 2  # one by one: the two before it went out, as they always did
 
 
-async def test_a_closed_connection_refuses_a_framed_batch(tmp_path: Path) -> None:
-    server = EmbeddedNats(tmp_path / "nats").start()
-    try:
-        nc = await nats.connect(server.url)
-        pub = PipelinedPublisher(nc)
-        await nc.close()
-        with pytest.raises(nats.errors.ConnectionClosedError):
-            await pub.send_many(_changes(3))
-    finally:
-        server.stop()
+async def test_a_closed_connection_refuses_a_framed_batch(nats_server: EmbeddedNats) -> None:
+    nc = await nats.connect(nats_server.url)
+    pub = PipelinedPublisher(nc)
+    await nc.close()
+    with pytest.raises(nats.errors.ConnectionClosedError):
+        await pub.send_many(_changes(3))
 
 
 async def test_a_framed_batch_fails_with_the_first_refusal_and_the_rest_is_still_stored(bus: JetStreamBus) -> None:
@@ -143,10 +136,9 @@ async def test_a_batch_resolves_in_order_once_every_ack_is_in_and_ignores_acks_a
 
 
 @pytest.fixture
-async def quiet(tmp_path: Path) -> AsyncIterator[Client]:
+async def quiet(nats_server: EmbeddedNats) -> AsyncIterator[Client]:
     """A client whose publishes on ``quiet.>`` reach a subscriber that never answers: no ack, no 503."""
-    server = EmbeddedNats(tmp_path / "nats").start()
-    nc = await nats.connect(server.url)
+    nc = await nats.connect(nats_server.url)
 
     async def ignore(_msg: Msg) -> None:
         return None
@@ -156,7 +148,6 @@ async def quiet(tmp_path: Path) -> AsyncIterator[Client]:
         yield nc
     finally:
         await nc.close()
-        server.stop()
 
 
 def _quiet(*tags: str) -> Items:

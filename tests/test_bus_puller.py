@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import nats
 import pytest
@@ -33,11 +32,10 @@ class StatusLosingPuller(BatchPuller):
 
 
 @pytest.fixture
-async def consumer(tmp_path: Path) -> AsyncIterator[tuple[JetStreamBus, Client]]:
+async def consumer(nats_server: EmbeddedNats) -> AsyncIterator[tuple[JetStreamBus, Client]]:
     """A real server with the signal stream and a durable ``c`` on it; breakfix's bus, and a plain client to pull on."""
-    server = EmbeddedNats(tmp_path / "nats").start()
-    bus = await JetStreamBus.connect(server.url, name="t")
-    nc = await nats.connect(server.url)
+    bus = await JetStreamBus.connect(nats_server.url, name="t")
+    nc = await nats.connect(nats_server.url)
     try:
         await bus.ensure_streams(subjects.STREAMS)
         await bus.reset_consumer(stream=subjects.SIGNALS.name, durable="c", filter_subject=subjects.SIGNALS_ALL,
@@ -46,7 +44,6 @@ async def consumer(tmp_path: Path) -> AsyncIterator[tuple[JetStreamBus, Client]]
     finally:
         await nc.close()
         await bus.close()
-        server.stop()
 
 
 async def test_a_pull_request_whose_expiry_status_is_lost_does_not_wedge_the_consumer(

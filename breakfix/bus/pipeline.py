@@ -7,13 +7,13 @@ may be outstanding (``max_pending``); past it, ``send`` waits for the oldest. Us
 ``bus.jetstream.JetStreamBus.publish_start``.
 
 ``send_many`` frames a whole batch (``HPUB``/``PUB`` commands, as nats-py's ``publish`` writes them) and
-hands it to the client's outbound buffer in one call: nats-py's ``publish`` costs about 8 us a message
+hands it to the client's outbound buffer in 64 KiB pieces: nats-py's ``publish`` costs about 8 us a message
 (subject and header validation, a bytearray per header, a command, a buffer check), the framing here
-about 1. It reaches into three of nats-py's internals (``_send_command``, ``_flush_pending``,
-``_flush_queue``); a client without them, a subject or msg-id that is not a plain printable token, or
-a payload over the server's limit goes through ``publish`` one by one instead, which validates and
-raises as before. The checks ``publish`` makes on the connection (closed, draining, over the
-reconnect buffer) are made here first.
+about 1. Its acks resolve one future for the batch. It reaches into nats-py's internals (``_FRAMING``:
+the outbound buffer, its size and limit, and its flusher); a client without them, a subject or msg-id
+that is not a plain printable token, or a payload over the server's limit goes through ``publish`` one
+by one instead, which validates and raises as before. The checks ``publish`` makes on the connection
+(closed, draining, over the reconnect buffer) are made here once there is room, just before writing.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from breakfix.bus.protocol import PublishAck
+from breakfix.schemas.subjects import HDR_MSG_ID
 
 
 class PublishError(RuntimeError):
@@ -43,7 +44,6 @@ class PublishError(RuntimeError):
         self.status = status
 
 
-_HDR_MSG_ID = "Nats-Msg-Id"
 _CHUNK = 64 * 1024
 _FRAMING = ("_send_command", "_flush_pending", "_flush_queue", "_pending_data_size", "_max_pending_size")
 
@@ -169,7 +169,7 @@ class PipelinedPublisher:
         """Send ``(subject, data, msg_id)`` items in order, framed as one write; the future of their acks, in order
         (it fails with the first ``PublishError``)."""
         if not self._framable(items):
-            return asyncio.gather(*[await self.send(subject, data, {_HDR_MSG_ID: mid} if mid else None)
+            return asyncio.gather(*[await self.send(subject, data, {HDR_MSG_ID: mid} if mid else None)
                                     for subject, data, mid in items])
         nc: Any = self._nc  # the framing internals (``_FRAMING``), checked at construction
         await self._room(len(items))  # may wait: the connection is checked after it, just before writing
@@ -183,23 +183,20 @@ class PipelinedPublisher:
             raise nats_errors.OutboundBufferLimitError  # reconnecting, and its buffer cannot take the batch
         done: asyncio.Future[list[PublishAck]] = asyncio.get_running_loop().create_future()
         batch = _Batch(len(items), done)
-        batched = self._batched
-
-        def forget(f: asyncio.Future[list[PublishAck]]) -> None:
-            if f.cancelled() or f.exception() is not None:  # given up or refused: later acks have no one to tell
-                for t in batch.tokens:
-                    batched.pop(t, None)
-
-        done.add_done_callback(forget)  # run by the loop, soon after the future is done
+        # given up or refused: later acks have no one to tell (run by the loop, soon after the future is done)
+        done.add_done_callback(lambda f: self._forget(batch) if f.cancelled() or f.exception() else None)
         self._track(done)
         try:
             await self._write(nc, batch, items, payload)
         except BaseException:
             done.cancel()  # not (all) sent: no ack is awaited for it, and its tokens go now
-            for t in batch.tokens:
-                batched.pop(t, None)
+            self._forget(batch)
             raise
         return done
+
+    def _forget(self, batch: _Batch) -> None:
+        for t in batch.tokens:
+            self._batched.pop(t, None)
 
     async def _write(self, nc: Any, batch: _Batch, items: Sequence[tuple[str, bytes, str | None]],
                      payload: int) -> None:
@@ -215,7 +212,7 @@ class PipelinedPublisher:
             if mid is None:
                 frames.append(f"PUB {subject} {prefix}{token} {len(data)}\r\n".encode())
             else:
-                hdr = f"NATS/1.0\r\n{_HDR_MSG_ID}: {mid}\r\n\r\n".encode()
+                hdr = f"NATS/1.0\r\n{HDR_MSG_ID}: {mid}\r\n\r\n".encode()
                 frames.append(f"HPUB {subject} {prefix}{token} {len(hdr)} {len(hdr) + len(data)}\r\n".encode())
                 frames.append(hdr)
             frames.append(data)
