@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 
+from breakfix.bus.clock import ManualClock
 from breakfix.bus.codec import encode
 from breakfix.bus.memory import MemoryBus
 from breakfix.correlator.grouping import Correlator
 from breakfix.correlator.index import BUCKET, IncidentIndex, index_for, index_key
-from breakfix.correlator.service import CorrelatorService
+from breakfix.correlator.service import CorrelatorService, ServiceConfig
 from breakfix.schemas import subjects
 from breakfix.schemas.catalog import Catalog
 from breakfix.schemas.incident import IncidentStatus
-from tests.conftest import T0, sig
+from tests.conftest import T0, sig, wait_until
 from tests.console_fixtures import incident
 
 
@@ -65,6 +66,51 @@ async def test_correlator_indexes_every_change_it_publishes(catalog: Catalog) ->
     indexed = await IncidentIndex(bus).snapshot("c1")
     assert {i.node for i in indexed.values()} == {"n1", "n2"}
     assert indexed == {i.id: i.snapshot() for i in svc.core.incidents.values()}
+
+
+class _SteppingClock(ManualClock):
+    """A monotonic clock that moves a second on every read: each batch finds the index interval gone."""
+
+    def monotonic(self) -> float:
+        self.advance(1.0)
+        return super().monotonic()
+
+
+async def _index_puts(catalog: Catalog, clock: ManualClock) -> tuple[CorrelatorService, MemoryBus, int]:
+    """Four signals on one GPU, one batch each (each changes its incident), through a service on ``clock``;
+    returns the service, the bus and how many index puts the service made."""
+    bus = MemoryBus()
+    await bus.ensure_streams(subjects.STREAMS)
+    for n, code in enumerate(("48", "63", "64", "94")):
+        s = sig(node="n1", code=code, gpu_index=0, at=n)
+        await bus.publish(subjects.signal_subject(s.cluster, s.node), encode(s))
+    svc = CorrelatorService(bus, Correlator(catalog), clock, config=ServiceConfig(batch=1, index_interval_s=0.5))
+    stop = asyncio.Event()
+    task = asyncio.create_task(svc.run(stop), name="test-correlator")
+    await wait_until(lambda: _true(svc.signal_stats.handled == 4 and not svc.index_pending), 5, "caught up")
+    written = index_for(bus).written
+    stop.set()
+    await task
+    assert svc.published == 4, "each signal changed the incident in its own batch"
+    assert len(svc.core.incidents) == 1
+    return svc, bus, written
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_an_incident_changed_in_several_batches_is_put_in_the_index_once_when_the_consumer_catches_up(
+        catalog: Catalog) -> None:
+    svc, bus, written = await _index_puts(catalog, ManualClock())
+    assert written == 1, "one put for the incident's latest version, not one per batch"
+    assert await IncidentIndex(bus).snapshot("c1") == {i.id: i.snapshot() for i in svc.core.incidents.values()}
+
+
+async def test_the_index_trails_a_busy_consumer_by_at_most_its_interval(catalog: Catalog) -> None:
+    svc, bus, written = await _index_puts(catalog, _SteppingClock())
+    assert written == 4, "the interval passed before every batch: each batch's change was put in the index"
+    assert await IncidentIndex(bus).snapshot("c1") == {i.id: i.snapshot() for i in svc.core.incidents.values()}
 
 
 async def test_a_bus_without_key_value_support_writes_no_index() -> None:

@@ -272,8 +272,9 @@ class TestIndexWrites:
         signals = [sig(node=f"n{i % 2}", check=f"test.fault{i // 2}", code=None, at=i, n=i) for i in range(16)]
         for s in signals:
             await bus.publish(subjects.signal_subject(s.cluster, s.node), encode(s))
-        svc = build_correlator(CorrelatorConfig(catalog=catalog, service=ServiceConfig(batch=4)), bus=bus,
-                               clock=lambda: T0)
+        # an index interval of 0: every batch's changes are put in the index with that batch
+        svc = build_correlator(CorrelatorConfig(catalog=catalog, service=ServiceConfig(batch=4, index_interval_s=0.0)),
+                               bus=bus, clock=lambda: T0)
         stop = asyncio.Event()
         task = asyncio.create_task(svc.run(stop), name="test-correlator")
         while svc.signal_stats.handled < len(signals):  # noqa: ASYNC110

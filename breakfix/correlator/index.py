@@ -1,8 +1,9 @@
 """The incident index: the latest version of every incident in the JetStream KV bucket ``breakfix-incidents``.
 
-Written by the correlator with every change it publishes (``CorrelatorService._publish`` calls
-``index_for(bus).write``), read by ``breakfix incidents``, the console and the remediator, so the
-current state loads in time proportional to the incidents kept, never to the history: the
+Written by the correlator with the changes it publishes (``CorrelatorService._flush_index``: each incident's
+latest change once its consumers have caught up, at most ``ServiceConfig.index_interval_s`` after it was
+published while they have not, and always before a checkpoint), read by ``breakfix incidents``, the console
+and the remediator, so the current state loads in time proportional to the incidents kept, never to the history: the
 history stays in the ``BREAKFIX_INCIDENTS`` stream. One key per incident, ``<cluster>.<incident>``
 (subject-safe tokens), so one cluster's incidents are a key prefix. The value is the last
 ``IncidentChange`` JSON the correlator published for it, the very bytes it sent on the stream

@@ -13,6 +13,12 @@ checkpoint did not cover. The core is deterministic in the signals, so the chang
 publishes again carry the same msg-ids and JetStream drops them: no lost signals, no
 duplicate incidents, nothing reopened twice. Undecodable messages go to the dead-letter
 subject with the reason and are covered by the next ack like any other.
+
+The incident index (``correlator.index``) follows the stream: each incident's latest change is put
+there when the consumer has caught up (an empty pull), at most ``index_interval_s`` after it was
+published while it has not, and before every checkpoint, so a checkpoint never covers a change the
+index has not stored. Under load an incident that changes in several batches is put once per
+interval instead of once per batch.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from breakfix.schemas.incident import ActionRecord, IncidentChange
 from breakfix.schemas.signal import Signal
 
 log = structlog.get_logger("breakfix.correlator")
+_INDEX_PENDING_CAP = 4096  # incidents waiting for their index put; past it they go out at once
 
 
 class StoreBus(Bus, BlobStore, Protocol):
@@ -60,6 +67,7 @@ class ServiceConfig:
     checkpoint_interval_s: float = 1.0
     expire_interval_s: float = 60.0
     stuck_after_s: float = 30.0  # no batch, pull or checkpoint completed for this long: not ready
+    index_interval_s: float = 0.5  # the longest the incident index trails the stream while batches keep coming
 
     @property
     def name(self) -> str:
@@ -101,6 +109,9 @@ class CorrelatorService:
         self._unacked: dict[str, Delivery] = {}
         self._inflight: list[tuple[list[Item], Awaitable[list[PublishAck]]]] = []
         self._index_inflight: list[tuple[list[Item], Awaitable[object]]] = []
+        self._index_pending: dict[str, Item] = {}  # incident id -> its latest change not yet put in the index
+        self._index_sent = self.clocks.monotonic()
+        self._behind: set[str] = set()  # consumers whose last pull returned messages
         self._lock = asyncio.Lock()
         self._dirty = False
         self.last_checkpoint_s = 0.0
@@ -130,24 +141,48 @@ class CorrelatorService:
         items: list[Item] = []
         limit = self.core.rules.caps.max_change_bytes
         blog = log.bind()  # the configured logger, resolved once per batch rather than once per change
-        for ch in coalesce(changes):
+        coalesced = coalesce(changes)
+        for ch in coalesced:
             inc = ch.incident
             self.metrics.change(ch)
             items.append((subjects.incident_subject(inc.cluster), change_json(ch.kind, inc, now, limit),
                           msg_id(ch.kind, inc.id, inc.version, inc.flaps)))
             blog.info("incident_" + ch.kind.value, incident=inc.id, node=inc.node, category=inc.category,
                       status=inc.status.value, signals=inc.signal_count, parent=inc.parent)
-        # the incident index (KV bucket, latest versions) and the changes go out now, in order; both sets of
-        # acks are collected before the next checkpoint (``_settle``), so the batch loop does not wait on them
-        self._index_inflight.append((items, await index_for(self.bus).write_items_start(items)))
+        # the changes go out now, in order; the incident index (KV bucket, latest versions) takes each incident's
+        # latest change per ``index_interval_s`` (``_flush_index``); both sets of acks are collected before the
+        # next checkpoint (``_settle``), so the batch loop does not wait on them
         self._inflight.append((items, await self.bus.publish_start(items)))
         self.published += len(items)
+        pending = self._index_pending
+        for ch, item in zip(coalesced, items, strict=True):
+            pending[ch.incident.id] = item
         if len(self._inflight) >= 256:
             await self._settle()
+
+    async def _flush_index(self) -> None:
+        """Put the pending latest changes in the index now (their acks are awaited in ``_settle``).
+        Called with the lock held: two flushes must not interleave, or an older version could land last."""
+        self._index_sent = self.clocks.monotonic()
+        if not self._index_pending:
+            return
+        items, self._index_pending = list(self._index_pending.values()), {}
+        self._index_inflight.append((items, await index_for(self.bus).write_items_start(items)))
+
+    @property
+    def index_pending(self) -> int:
+        """Incidents whose latest change is published but not yet put in the index."""
+        return len(self._index_pending)
+
+    async def flush_index(self) -> None:
+        """``_flush_index`` under the lock (the consume loop when it has caught up; benchmarks)."""
+        async with self._lock:
+            await self._flush_index()
 
     async def _settle(self) -> None:
         """Wait for every publish in flight; on a failure publish again one by one (msg-ids dedupe),
         once. A change that still fails is logged, counted and dead-lettered, never retried forever."""
+        await self._flush_index()  # what the next checkpoint covers is in the index too
         indexing, self._index_inflight = self._index_inflight, []
         failed_at: int | None = None
         for n, (items, written) in enumerate(indexing):
@@ -220,6 +255,10 @@ class CorrelatorService:
                     continue
                 stats.handled += 1
             await self._publish(changes, now)
+            pending = self._index_pending
+            if pending and (len(pending) >= _INDEX_PENDING_CAP
+                            or self.clocks.monotonic() - self._index_sent >= self.config.index_interval_s):
+                await self._flush_index()  # batches keep coming (a batch without changes too): the interval bounds
             self.metrics.observe_latency(self.clocks.monotonic() - began)
             self._unacked[durable] = msgs[-1]
             self._dirty = True
@@ -239,7 +278,12 @@ class CorrelatorService:
             if not self._inflight:
                 self._alive()  # a pull that returned (even empty) while nothing waits on a publish
             if msgs:
+                self._behind.add(durable)
                 await self._batch(msgs, stream=stream, durable=durable, decode=decode, handle=handle, stats=stats)
+            else:
+                self._behind.discard(durable)
+                if self._index_pending and not self._behind:  # every consumer caught up: the index need not trail
+                    await self.flush_index()
 
     # -- checkpoints -----------------------------------------------------------------------------
     async def checkpoint(self) -> bool:
@@ -250,7 +294,7 @@ class CorrelatorService:
         """
         started = time.perf_counter()
         async with self._lock:
-            if not self._dirty:
+            if not self._dirty and not self._index_pending:
                 return False
             await self._settle()
             for durable, msg in self._unacked.items():
