@@ -1,13 +1,16 @@
 """The incident index (KV ``breakfix-incidents``): the correlator writes the latest version of every
-incident with each change; readers take a snapshot and follow changes without replaying the stream."""
+incident (once its consumers catch up, per interval under load, before every checkpoint); readers take a
+snapshot and follow changes without replaying the stream."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from breakfix.bus.clock import ManualClock
 from breakfix.bus.codec import encode
 from breakfix.bus.memory import MemoryBus
+from breakfix.bus.protocol import Delivery
 from breakfix.correlator.grouping import Correlator
 from breakfix.correlator.index import BUCKET, IncidentIndex, index_for, index_key
 from breakfix.correlator.service import CorrelatorService, ServiceConfig
@@ -84,11 +87,14 @@ async def _index_puts(catalog: Catalog, clock: ManualClock) -> tuple[CorrelatorS
     for n, code in enumerate(("48", "63", "64", "94")):
         s = sig(node="n1", code=code, gpu_index=0, at=n)
         await bus.publish(subjects.signal_subject(s.cluster, s.node), encode(s))
-    svc = CorrelatorService(bus, Correlator(catalog), clock, config=ServiceConfig(batch=1, index_interval_s=0.5))
+    config = ServiceConfig(batch=1, index_interval_s=0.5, checkpoint_interval_s=60)  # no checkpoint while it runs
+    svc = CorrelatorService(bus, Correlator(catalog), clock, config=config)
     stop = asyncio.Event()
     task = asyncio.create_task(svc.run(stop), name="test-correlator")
     await wait_until(lambda: _true(svc.signal_stats.handled == 4 and not svc.index_pending), 5, "caught up")
-    written = index_for(bus).written
+    writer = index_for(bus)
+    assert isinstance(writer, IncidentIndex)
+    written = writer.written
     stop.set()
     await task
     assert svc.published == 4, "each signal changed the incident in its own batch"
@@ -111,6 +117,48 @@ async def test_the_index_trails_a_busy_consumer_by_at_most_its_interval(catalog:
     svc, bus, written = await _index_puts(catalog, _SteppingClock())
     assert written == 4, "the interval passed before every batch: each batch's change was put in the index"
     assert await IncidentIndex(bus).snapshot("c1") == {i.id: i.snapshot() for i in svc.core.incidents.values()}
+
+
+class _NeverCaughtUpBus(MemoryBus):
+    """Once the signal stream is drained its pulls hang until released (a consumer that never catches up), and
+    every stored checkpoint records what the index held at that moment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.index_at_checkpoint: list[dict[str, object]] = []
+
+    async def pull(self, *, stream: str, durable: str, batch: int, timeout_s: float) -> list[Delivery]:
+        msgs = await super().pull(stream=stream, durable=durable, batch=batch, timeout_s=timeout_s)
+        if not msgs and stream == subjects.SIGNALS.name:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.release.wait(), 10)
+        return msgs
+
+    async def put_blob(self, bucket: str, name: str, data: bytes) -> None:
+        self.index_at_checkpoint.append(dict(await IncidentIndex(self).snapshot("c1")))
+        await super().put_blob(bucket, name, data)
+
+
+async def test_a_checkpoint_is_stored_only_once_the_index_holds_every_change_it_covers(catalog: Catalog) -> None:
+    bus = _NeverCaughtUpBus()
+    await bus.ensure_streams(subjects.STREAMS)
+    for s in (sig(node="n1", code="79"), sig(node="n2", code="48", gpu_index=3)):
+        await bus.publish(subjects.signal_subject(s.cluster, s.node), encode(s))
+    # the index's interval never passes (a clock that does not move), the consumer never catches up: only the
+    # checkpoint puts the changes in the index
+    config = ServiceConfig(index_interval_s=0.5, checkpoint_interval_s=0.05)
+    svc = CorrelatorService(bus, Correlator(catalog), ManualClock(), config=config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(svc.run(stop), name="test-correlator")
+    try:
+        await wait_until(lambda: _true(svc.signal_stats.handled == 2 and bool(bus.index_at_checkpoint)), 5,
+                         "a checkpoint after the batch")
+        assert bus.index_at_checkpoint[-1] == {i.id: i.snapshot() for i in svc.core.incidents.values()}
+    finally:
+        stop.set()
+        bus.release.set()
+        await task
 
 
 async def test_a_bus_without_key_value_support_writes_no_index() -> None:

@@ -347,7 +347,7 @@ class TestResume:
 
 
 async def index(bus: MemoryBus, inc: Incident, kind: ChangeKind = ChangeKind.OPENED) -> None:
-    """What the correlator writes with every change: the latest IncidentChange under ``<cluster>.<incident>``."""
+    """What the correlator puts in the index: an incident's latest IncidentChange under ``<cluster>.<incident>``."""
     await bus.kv_put(subjects.INCIDENT_INDEX_BUCKET, f"{inc.cluster}.{inc.id}",
                      encode(IncidentChange(kind=kind, incident=inc, at=T0)))
 

@@ -15,10 +15,11 @@ duplicate incidents, nothing reopened twice. Undecodable messages go to the dead
 subject with the reason and are covered by the next ack like any other.
 
 The incident index (``correlator.index``) follows the stream: each incident's latest change is put
-there when the consumer has caught up (an empty pull), at most ``index_interval_s`` after it was
-published while it has not, and before every checkpoint, so a checkpoint never covers a change the
-index has not stored. Under load an incident that changes in several batches is put once per
-interval instead of once per batch.
+there as soon as every consumer has caught up (an empty pull), otherwise once ``index_interval_s``
+has passed since the last put (checked after each batch and by a timer, so about the interval plus
+the batch in hand), and always before a checkpoint, so a checkpoint never covers a change the index
+has not stored. Under load an incident that changes in several batches is put once per interval
+instead of once per batch.
 """
 
 from __future__ import annotations
@@ -166,8 +167,23 @@ class CorrelatorService:
         self._index_sent = self.clocks.monotonic()
         if not self._index_pending:
             return
-        items, self._index_pending = list(self._index_pending.values()), {}
-        self._index_inflight.append((items, await index_for(self.bus).write_items_start(items)))
+        items = list(self._index_pending.values())
+        written = await index_for(self.bus).write_items_start(items)
+        self._index_pending = {}  # only once the puts are out (and awaited by ``_settle``)
+        self._index_inflight.append((items, written))
+
+    def _index_due(self) -> bool:
+        pending = self._index_pending
+        return bool(pending) and (len(pending) >= _INDEX_PENDING_CAP or
+                                  self.clocks.monotonic() - self._index_sent >= self.config.index_interval_s)
+
+    async def _index_timer(self, stop: asyncio.Event) -> None:
+        """Bounds how long the index trails when no batch comes to check it (a consumer failing its pulls)."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=max(self.config.index_interval_s, 0.05))
+            if self._index_due():
+                await self.flush_index()
 
     @property
     def index_pending(self) -> int:
@@ -255,10 +271,8 @@ class CorrelatorService:
                     continue
                 stats.handled += 1
             await self._publish(changes, now)
-            pending = self._index_pending
-            if pending and (len(pending) >= _INDEX_PENDING_CAP
-                            or self.clocks.monotonic() - self._index_sent >= self.config.index_interval_s):
-                await self._flush_index()  # batches keep coming (a batch without changes too): the interval bounds
+            if self._index_due():  # batches keep coming (a batch without changes too): the interval bounds the lag
+                await self._flush_index()
             self.metrics.observe_latency(self.clocks.monotonic() - began)
             self._unacked[durable] = msgs[-1]
             self._dirty = True
@@ -272,6 +286,7 @@ class CorrelatorService:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection trouble: back off, keep running
+                self._behind.discard(durable)  # not a reason for the index to wait
                 log.warning("pull_failed", stream=stream, error=repr(exc))
                 await asyncio.sleep(0.5)
                 continue
@@ -371,4 +386,5 @@ class CorrelatorService:
                                              decode=decoder(IncidentChange), handle=self.core.adopt,
                                              stats=self.fabric_stats), name=f"{self.config.name}-fabric")
             tg.create_task(self._checkpointer(stop), name=f"{self.config.name}-checkpoint")
+            tg.create_task(self._index_timer(stop), name=f"{self.config.name}-index")
         await self.checkpoint()
