@@ -60,6 +60,17 @@ class _Stamped(BaseModel):
     at: UtcDatetime
 
 
+@given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)),
+       st.integers(min_value=-23 * 60, max_value=23 * 60), st.booleans())
+def test_rfc3339_text_is_strftimes_for_any_instant_and_offset(naive: datetime, offset_min: int, whole: bool) -> None:
+    """``format_rfc3339`` writes ``isoformat``'s text; it must stay byte for byte what ``strftime`` writes (signal ids
+    are hashed over it), including years before 1000, which ``strftime`` leaves unpadded."""
+    value = (naive.replace(microsecond=0) if whole else naive).replace(tzinfo=timezone(timedelta(minutes=offset_min)))
+    utc = value.astimezone(UTC)
+    expected = utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ" if utc.microsecond else "%Y-%m-%dT%H:%M:%SZ")
+    assert format_rfc3339(value) == expected
+
+
 @given(st.datetimes(min_value=EARLIEST.replace(tzinfo=None) + timedelta(days=1),
                     max_value=LATEST.replace(tzinfo=None) - timedelta(days=1)),
        st.integers(min_value=-23 * 60, max_value=23 * 60))

@@ -81,11 +81,15 @@ def _to_utc(value: datetime) -> datetime:
 
 
 def format_rfc3339(value: datetime) -> str:
-    """RFC 3339 in UTC with a ``Z`` suffix and microseconds only when present."""
+    """RFC 3339 in UTC with a ``Z`` suffix and microseconds only when present.
+
+    The text of ``strftime("%Y-%m-%dT%H:%M:%S[.%f]Z")``, written by ``isoformat`` (half the time: the collector
+    stamps every signal id with it on every poll); a year before 1000, which ``strftime`` writes unpadded, keeps
+    ``strftime``'s text (``tests/test_schemas.py`` pins the two together)."""
     value = value.astimezone(UTC)
-    if value.microsecond:
-        return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if value.year < 1000:
+        return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ" if value.microsecond else "%Y-%m-%dT%H:%M:%SZ")
+    return value.isoformat()[:-6] + "Z"  # "+00:00" -> "Z"
 
 
 UtcDatetime = Annotated[datetime, AfterValidator(_to_utc)]
