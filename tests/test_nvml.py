@@ -262,6 +262,55 @@ class TestPolledChecks:
         assert s.tenant is not None and s.tenant.pod == "train-0" and s.labels == {"rack": "r1"}
 
 
+def _healthy(fake: FakeNvml, i: int) -> None:
+    fake.gpus[i] = FakeNvml.hgx(8).gpus[i]
+    fake.gpus[i].fabric = (pynvml.NVML_GPU_FABRIC_STATE_COMPLETED, pynvml.NVML_SUCCESS)
+    fake.gpus[i].fabric_health = HEALTHY_FABRIC
+
+
+class TestReadings:
+    """The daemon's poll hands the edge filter ``Reading``s (a signal built only when sent); what it sends must be
+    exactly what it sent when every state was built as a signal."""
+
+    @pytest.mark.parametrize(("mutate", "check", "component"), FAULT_CASES)
+    def test_readings_send_exactly_the_signals_built_states_send(  # type: ignore[no-untyped-def]
+            self, catalog: Catalog, mutate, check: str, component: str | None) -> None:
+        fakes = [FakeNvml.hgx(8), FakeNvml.hgx(8)]
+        for fake in fakes:
+            _healthy(fake, 2)
+        built, lazy = NvmlSource(fakes[0], ctx(catalog)), NvmlSource(fakes[1], ctx(catalog))
+        edges = [EdgeFilter(resync_s=30.0, catalog=catalog), EdgeFilter(resync_s=30.0, catalog=catalog)]
+        sent: list[list[list[dict[str, object]]]] = [[], []]
+        # healthy, then the fault (read again and again, across resyncs), then healthy again, every 10 s
+        plan = [None] * 3 + [mutate] * 8 + [_healthy] * 8
+        for n, step in enumerate(plan):
+            t = 10.0 * n
+            at = T0 + timedelta(seconds=t)
+            for fake in fakes:
+                if step is _healthy:
+                    _healthy(fake, 2)
+                elif step is not None:
+                    step(fake.gpus[2])
+            cycles = [built.evaluate(built.read(), at, t), lazy.evaluate_readings(lazy.read(), at, t)]
+            assert cycles[1].states == [] and len(cycles[1].readings) == len(cycles[0].states)
+            for r, s in zip(cycles[1].readings, cycles[0].states, strict=True):
+                assert (r.key, r.check, r.healthy, r.code, r.severity) == (s.fault_key(), s.check, s.healthy, s.code,
+                                                                            s.severity)
+            for side in (0, 1):
+                sent[side].append([s.model_dump() for s in edges[side].apply(cycles[side], at)])
+        assert sent[1] == sent[0]
+        flat = [s for cycle in sent[0] for s in cycle]
+        assert any(s["check"] == check and not s["healthy"] for s in flat), "the fault was sent"
+        assert any(s["details"].get("resync") == "true" for s in flat), "a resync was sent"  # type: ignore[union-attr]
+
+    def test_a_reading_that_is_not_finite_skips_its_gpu_as_a_signal_that_would_not_build_did(
+            self, catalog: Catalog) -> None:
+        src = NvmlSource(FakeNvml.hgx(2), ctx(catalog), expected_gpus=2)
+        src.expected = float("nan")  # type: ignore[assignment]  # count_mismatch's threshold: refused when read
+        with pytest.raises(ValueError, match="not finite"):
+            src.evaluate_readings(src.read(), T0, 0.0)
+
+
 class TestFakeFieldValues:
     """``nvmlDeviceGetFieldValues`` as nvidia-ml-py returns it: a ``c_nvmlFieldValue_t`` array, each entry with its
     own ``nvmlReturn`` (per-field errors do not raise; NVML nvml.h ``nvmlFieldValue_st``)."""

@@ -5,13 +5,18 @@ topology labels, the catalog, the GPU identities that the nvml source enumerates
 (``register_gpus``) and the GPU-to-pod map that the PodResources client refreshes
 (``set_tenants``). Sources call ``signal(...)``: it fills identity, labels, tenant
 attribution and a severity from the catalog, and a deterministic id, so the same observation
-always yields the same signal.
+always yields the same signal. A source that reads many states per poll (nvml: every check of every GPU
+every second) calls ``reading(...)`` instead: the same arguments, the fields the edge filter compares
+(fault key, health, code, severity) worked out now, and the ``Signal`` built only when the edge filter
+sends it (a transition or a resync), with the very values it would have had when read.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from breakfix.schemas.catalog import Catalog
 from breakfix.schemas.common import GpuRef, Severity, TenantRef
@@ -57,11 +62,63 @@ class NodeContext:
         if severity is None:
             severity = Severity.INFO if healthy else self.catalog.classify(check=check, code=code,
                                                                            message=message).severity
-        return Signal(
-            id=make_signal_id(cluster=self.cluster, node=self.node, source=source.value, check=check, code=code,
-                              healthy=healthy, observed_at=at, gpu=gpu, component=component,
-                              discriminator=discriminator),
-            cluster=self.cluster, node=self.node, source=source, check=check, code=code, healthy=healthy,
-            severity=severity, gpu=gpu, component=component, tenant=tenant, value=value, threshold=threshold,
-            message=message or f"{check} {'ok' if healthy else 'fault'}", details=details or {},
-            labels=self.labels, observed_at=at)
+        return _build(self.cluster, self.node, self.labels, source=source, check=check, healthy=healthy, at=at,
+                      code=code, gpu=gpu, component=component, tenant=tenant, value=value, threshold=threshold,
+                      message=message, details=details, severity=severity, discriminator=discriminator)
+
+    def reading(self, *, source: SignalSource, check: str, healthy: bool, at: datetime, code: str | None = None,
+                gpu: GpuRef | None = None, component: str | None = None, value: float | None = None,
+                threshold: float | None = None, message: str = "", details: dict[str, str] | None = None) -> Reading:
+        """``signal``'s state, its ``Signal`` built on demand (``Reading.build``). A value ``Signal`` would refuse
+        (not finite) raises here, where ``signal`` would have."""
+        for number in (value, threshold):
+            if number is not None and not math.isfinite(number):
+                raise ValueError(f"{check}: reading {number!r} is not finite")
+        tenant = self.tenants.get(gpu.uuid) if gpu is not None and gpu.uuid else None
+        severity = Severity.INFO if healthy else self.catalog.classify(check=check, code=code,
+                                                                       message=message).severity
+        # ``Signal.fault_key`` over the values the Signal will hold (its strings are stripped when it is built)
+        key = check.strip() + "@" + self.node.strip()
+        if gpu is not None:
+            key += "/" + (gpu.uuid or (f"gpu{gpu.index}" if gpu.index is not None else gpu.pci_bus_id or "gpu?"))
+        if component and component.strip():
+            key += "/" + component.strip()
+        if tenant is not None and tenant.endpoint:
+            key += "/" + tenant.key()
+        return Reading(key, check, healthy, code, severity, (self.cluster, self.node, self.labels), {
+            "source": source, "check": check, "healthy": healthy, "at": at, "code": code, "gpu": gpu,
+            "component": component, "tenant": tenant, "value": value, "threshold": threshold, "message": message,
+            "details": details, "severity": severity})
+
+
+class Reading:
+    """One state as a source read it: what the edge filter compares, and the ``Signal`` it stands for, built the
+    first time it is asked for (``build``) from the arguments, tenant, severity and labels of the moment it was
+    read, so it is the signal ``NodeContext.signal`` would have built then."""
+
+    __slots__ = ("_args", "_node", "_signal", "check", "code", "healthy", "key", "severity")
+
+    def __init__(self, key: str, check: str, healthy: bool, code: str | None, severity: Severity,
+                 node: tuple[str, str, dict[str, str]], args: dict[str, Any]) -> None:
+        self.key, self.check, self.healthy, self.code, self.severity = key, check, healthy, code, severity
+        self._node, self._args = node, args
+        self._signal: Signal | None = None
+
+    def build(self) -> Signal:
+        if self._signal is None:
+            cluster, node, labels = self._node
+            self._signal = _build(cluster, node, labels, **self._args)
+        return self._signal
+
+
+def _build(cluster: str, node: str, labels: dict[str, str], *, source: SignalSource, check: str, healthy: bool,
+           at: datetime, code: str | None, gpu: GpuRef | None, component: str | None, tenant: TenantRef | None,
+           value: float | None, threshold: float | None, message: str, details: dict[str, str] | None,
+           severity: Severity, discriminator: str = "") -> Signal:
+    return Signal(
+        id=make_signal_id(cluster=cluster, node=node, source=source.value, check=check, code=code,
+                          healthy=healthy, observed_at=at, gpu=gpu, component=component, discriminator=discriminator),
+        cluster=cluster, node=node, source=source, check=check, code=code, healthy=healthy,
+        severity=severity, gpu=gpu, component=component, tenant=tenant, value=value, threshold=threshold,
+        message=message or f"{check} {'ok' if healthy else 'fault'}", details=details or {},
+        labels=labels, observed_at=at)

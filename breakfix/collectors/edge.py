@@ -2,7 +2,8 @@
 
 Sources (``collectors.nvml``, ``dcgm``, ``fabric``, ``endpoint``, ``kmsg``, ...) hand the daemon a
 ``Cycle``: *states* (the current health of every check/entity they observed this cycle, healthy
-or not) and *events* (occurrences such as an XID line). ``EdgeFilter.apply`` returns what goes
+or not; as built signals, or as ``context.Reading``s whose signal is built only if it is sent) and
+*events* (occurrences such as an XID line). ``EdgeFilter.apply`` returns what goes
 to the forwarder (``collectors.forwarder``):
 
 - states: only transitions per (check, entity): fault, a changed fault code or severity (a garbled port
@@ -30,6 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from breakfix.collectors.context import Reading
 from breakfix.schemas.catalog import Catalog
 from breakfix.schemas.common import Severity
 from breakfix.schemas.signal import Signal
@@ -39,6 +41,7 @@ from breakfix.schemas.signal import Signal
 class Cycle:
     states: list[Signal] = field(default_factory=list)
     events: list[Signal] = field(default_factory=list)
+    readings: list[Reading] = field(default_factory=list)  # states too, after ``states``, built only when sent
 
 
 @dataclass(slots=True)
@@ -46,7 +49,7 @@ class _State:
     healthy: bool
     code: str | None
     severity: Severity
-    signal: Signal
+    signal: Signal | Reading  # the latest reading, sent again at a resync
     ever_faulted: bool
 
 
@@ -56,6 +59,7 @@ class EdgeStats:
     suppressed_states: int = 0
     suppressed_events: int = 0
     resyncs: int = 0
+    unbuildable: int = 0  # readings whose signal could not be built (dropped; none are expected)
 
 
 CARRY_MAX_S = 24 * 3600.0  # a carried fault whose check is never read again (its source off) is kept this long
@@ -88,30 +92,13 @@ class EdgeFilter:
     def apply(self, cycle: Cycle, now: datetime) -> list[Signal]:
         out: list[Signal] = []
         if self.carried:
-            for s in cycle.states:
-                if s.check not in self.checks_seen and len(self.checks_seen) < _CHECKS_CAP:
-                    self.checks_seen[s.check] = now
+            for c in (*(s.check for s in cycle.states), *(r.check for r in cycle.readings)):
+                if c not in self.checks_seen and len(self.checks_seen) < _CHECKS_CAP:
+                    self.checks_seen[c] = now
         for s in cycle.states:
-            key = s.fault_key()
-            prev = self.states.get(key)
-            if prev is None and key in self.carried:  # open before the restart: compare with that
-                self.carried.discard(key)
-                prev = self.states[key] = _State(False, None if s.healthy else s.code, s.severity, s, True)
-            if prev is None:
-                self.states[key] = _State(s.healthy, s.code, s.severity, s, not s.healthy)
-                if not s.healthy:
-                    out.append(s)
-                    self.stats.transitions += 1
-                continue
-            changed = prev.healthy != s.healthy or (not s.healthy and (prev.code != s.code
-                                                                       or prev.severity != s.severity))
-            prev.healthy, prev.code, prev.severity, prev.signal = s.healthy, s.code, s.severity, s
-            prev.ever_faulted |= not s.healthy
-            if changed:
-                out.append(s)
-                self.stats.transitions += 1
-            else:
-                self.stats.suppressed_states += 1
+            self._state(s.fault_key(), s, s.healthy, s.code, s.severity, out)
+        for r in cycle.readings:
+            self._state(r.key, r, r.healthy, r.code, r.severity, out)
         for s in cycle.events:
             out.extend(self._event(s))
         if self.pending:
@@ -127,11 +114,45 @@ class EdgeFilter:
             sent = {s.fault_key() for s in out}
             for key, st in self.states.items():
                 if key not in sent and (not st.healthy or st.ever_faulted):
-                    out.append(_with(st.signal.model_copy(update={"observed_at": max(now, st.signal.observed_at),
-                                                                  "id": f"{st.signal.id[:24]}r{int(now.timestamp())}"}),
-                                     resync="true"))
-                    self.stats.resyncs += 1
+                    last: list[Signal] = []
+                    self._send(st.signal, last)
+                    for sig in last:
+                        out.append(_with(sig.model_copy(update={"observed_at": max(now, sig.observed_at),
+                                                                "id": f"{sig.id[:24]}r{int(now.timestamp())}"}),
+                                         resync="true"))
+                        self.stats.resyncs += 1
         return out
+
+    def _state(self, key: str, s: Signal | Reading, healthy: bool, code: str | None, severity: Severity,
+               out: list[Signal]) -> None:
+        """One state: sent when it is a transition (a ``Reading`` built then), remembered either way."""
+        prev = self.states.get(key)
+        if prev is None and key in self.carried:  # open before the restart: compare with that
+            self.carried.discard(key)
+            prev = self.states[key] = _State(False, None if healthy else code, severity, s, True)
+        if prev is None:
+            self.states[key] = _State(healthy, code, severity, s, not healthy)
+            if not healthy:
+                self._send(s, out)
+                self.stats.transitions += 1
+            return
+        changed = prev.healthy != healthy or (not healthy and (prev.code != code or prev.severity != severity))
+        prev.healthy, prev.code, prev.severity, prev.signal = healthy, code, severity, s
+        prev.ever_faulted |= not healthy
+        if changed:
+            self._send(s, out)
+            self.stats.transitions += 1
+        else:
+            self.stats.suppressed_states += 1
+
+    def _send(self, s: Signal | Reading, out: list[Signal]) -> None:
+        if isinstance(s, Signal):
+            out.append(s)
+            return
+        try:
+            out.append(s.build())
+        except ValueError:  # the source checks what a Signal refuses when it reads it: never expected here
+            self.stats.unbuildable += 1
 
     def _expire_carried(self, now: datetime) -> None:
         """Forget a carried fault whose check has been read for three resync periods without its entity (the entity

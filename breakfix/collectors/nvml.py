@@ -52,10 +52,10 @@ from typing import Any
 import pynvml
 import structlog
 
-from breakfix.collectors.context import NodeContext
+from breakfix.collectors.context import NodeContext, Reading
 from breakfix.collectors.edge import Cycle
 from breakfix.collectors.nvml_api import Nvml, field_number, handle_address
-from breakfix.collectors.nvml_eval import FABRIC_SETTLING, SRAM_COUNTS, GpuSample, LinkSample, Thresholds, evaluate
+from breakfix.collectors.nvml_eval import FABRIC_SETTLING, SRAM_COUNTS, GpuSample, LinkSample, Thresholds, readings
 from breakfix.schemas.common import GpuRef, normalize_pci_bus_id
 from breakfix.schemas.signal import Signal, SignalSource
 
@@ -345,27 +345,40 @@ class NvmlSource:
                          why=f"NVML calls on it have not returned for {n} polls")
 
     def evaluate(self, samples: list[GpuSample], at: datetime, mono: float) -> Cycle:
-        """Samples -> state signals, with counter rates against each GPU's previous sample."""
-        states: list[Signal] = []
+        """Samples -> state signals, each built (``collect``; the daemon's poll takes ``evaluate_readings``)."""
+        return Cycle(states=[r.build() for r in self._readings(samples, at, mono, built=True)])
+
+    def evaluate_readings(self, samples: list[GpuSample], at: datetime, mono: float) -> Cycle:
+        """Samples -> states whose signals are built only when the edge filter sends them: a poll reads every check
+        of every GPU, and almost all of them say what the last poll said (``context.Reading``)."""
+        return Cycle(readings=self._readings(samples, at, mono, built=False))
+
+    def _readings(self, samples: list[GpuSample], at: datetime, mono: float, *, built: bool) -> list[Reading]:
+        """With counter rates against each GPU's previous sample; ``built``: each signal built here, so a GPU
+        whose signal would not build is skipped with the rest of its sample, as a reading that fails is."""
+        states: list[Reading] = []
         if self.expected is not None:
             count = len(self.refs)
-            states.append(self.ctx.signal(source=SignalSource.NVML, check="gpu.count_mismatch",
-                                          healthy=count == self.expected, at=at, value=count, threshold=self.expected,
-                                          message=f"NVML sees {count} GPUs, expected {self.expected}"))
+            states.append(self.ctx.reading(source=SignalSource.NVML, check="gpu.count_mismatch",
+                                           healthy=count == self.expected, at=at, value=count, threshold=self.expected,
+                                           message=f"NVML sees {count} GPUs, expected {self.expected}"))
         for sample in samples:
             i = sample.gpu.index if sample.gpu.index is not None else -1
             prev, prev_t = self.prev.get(i, (None, mono))
             try:
-                states.extend(evaluate(self.ctx, sample, prev, at, mono - prev_t, self.th,
-                                       self.links_up.setdefault(i, set()),
-                                       fabric_settling=self._fabric_settling(i, sample, mono)))
+                got = readings(self.ctx, sample, prev, at, mono - prev_t, self.th, self.links_up.setdefault(i, set()),
+                               fabric_settling=self._fabric_settling(i, sample, mono))
+                if built:
+                    for r in got:
+                        r.build()
             except Exception as exc:  # one GPU's odd reading never hides another GPU's fault
                 self.skipped += 1
                 log.warning("gpu_sample_skipped", node=self.ctx.node, gpu=i, error=repr(exc)[:200])
                 continue
+            states.extend(got)
             if sample.lost is None and sample.known:
                 self.prev[i] = (sample, mono)
-        return Cycle(states=states)
+        return states
 
     def _fabric_settling(self, index: int, sample: GpuSample, mono: float) -> bool:
         """True while the GPU's fabric state has read NOT_STARTED / IN_PROGRESS for less than ``fabric_hold_s``."""

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import pynvml
 
-from breakfix.collectors.context import NodeContext
+from breakfix.collectors.context import NodeContext, Reading
 from breakfix.collectors.nvlink_fabric import FabricHealth, from_mask
 from breakfix.schemas.common import GpuRef
 from breakfix.schemas.signal import Signal, SignalSource
@@ -120,7 +120,7 @@ class GpuSample:
 FABRIC_SETTLING = (pynvml.NVML_GPU_FABRIC_STATE_NOT_STARTED, pynvml.NVML_GPU_FABRIC_STATE_IN_PROGRESS)
 
 
-def sram_signal(ctx: NodeContext, s: GpuSample, at: datetime) -> Signal | None:
+def sram_signal(ctx: NodeContext, s: GpuSample, at: datetime) -> Reading | None:
     """``ecc.sram_threshold`` for a sample whose SRAM threshold flag was read (NVML or a dump alike), else None. The
     aggregate uncorrectable SRAM count (parity + SEC-DED) is the value; every count read is in ``details``."""
     if s.sram_threshold is None:
@@ -134,22 +134,30 @@ def sram_signal(ctx: NodeContext, s: GpuSample, at: datetime) -> Signal | None:
     message = (f"SRAM uncorrectable-error threshold {'exceeded' if s.sram_threshold else 'not exceeded'} on "
                f"{s.gpu.label()}" + (f" (aggregate SRAM uncorrectable: {said})" if said else "")
                + (": run field diagnostics, RMA (NVIDIA WORKFLOW_XID_48)" if s.sram_threshold else ""))
-    return ctx.signal(source=SignalSource.NVML, check="ecc.sram_threshold", healthy=not s.sram_threshold, at=at,
-                      gpu=s.gpu, value=total, details=details, message=message)
+    return ctx.reading(source=SignalSource.NVML, check="ecc.sram_threshold", healthy=not s.sram_threshold, at=at,
+                       gpu=s.gpu, value=total, details=details, message=message)
 
 
 def evaluate(ctx: NodeContext, s: GpuSample, prev: GpuSample | None, at: datetime, elapsed_s: float,
              th: Thresholds, links_seen_up: set[int], *, fabric_settling: bool = False) -> list[Signal]:
-    """One GPU's sample -> its state signals. Checks whose reading failed are simply absent. ``fabric_settling``:
-    the GPU's fabric state is NOT_STARTED or IN_PROGRESS within ``fabric_hold_s`` of first being read so (the
-    caller keeps the time), so ``fabric.gpu`` says nothing yet."""
-    out: list[Signal] = []
+    """One GPU's sample -> its state signals (``readings``, each built)."""
+    return [r.build() for r in readings(ctx, s, prev, at, elapsed_s, th, links_seen_up,
+                                        fabric_settling=fabric_settling)]
+
+
+def readings(ctx: NodeContext, s: GpuSample, prev: GpuSample | None, at: datetime, elapsed_s: float,
+             th: Thresholds, links_seen_up: set[int], *, fabric_settling: bool = False) -> list[Reading]:
+    """One GPU's sample -> its states, each signal built only when asked for (``NodeContext.reading``). Checks
+    whose reading failed are simply absent. ``fabric_settling``: the GPU's fabric state is NOT_STARTED or
+    IN_PROGRESS within ``fabric_hold_s`` of first being read so (the caller keeps the time), so ``fabric.gpu``
+    says nothing yet."""
+    out: list[Reading] = []
 
     def state(check: str, bad: bool, *, value: float | None = None, threshold: float | None = None,
               component: str | None = None, message: str = "") -> None:
-        out.append(ctx.signal(source=SignalSource.NVML, check=check, healthy=not bad, at=at, gpu=s.gpu,
-                              component=component, value=value, threshold=threshold,
-                              message=message or f"{check} on {s.gpu.label()} {'fault' if bad else 'ok'}"))
+        out.append(ctx.reading(source=SignalSource.NVML, check=check, healthy=not bad, at=at, gpu=s.gpu,
+                               component=component, value=value, threshold=threshold,
+                               message=message or f"{check} on {s.gpu.label()} {'fault' if bad else 'ok'}"))
 
     if not s.known and not s.lost:
         return out  # one unanswered sample: neither a fault yet nor a reason to say healthy
@@ -158,10 +166,10 @@ def evaluate(ctx: NodeContext, s: GpuSample, prev: GpuSample | None, at: datetim
     verdict = None if s.lost or s.recovery is None else recovery_verdict(s.recovery)
     for check in ("gpu.lost", "gpu.reset_required"):
         if verdict is not None and verdict.check == check:
-            out.append(ctx.signal(source=SignalSource.NVML, check=check, code=verdict.code, healthy=False, at=at,
-                                  gpu=s.gpu, details={"recovery_action": verdict.name},
-                                  message=f"NVML: GPU recovery action {verdict.name!r} ({verdict.action}) on "
-                                          f"{s.gpu.label()}"))
+            out.append(ctx.reading(source=SignalSource.NVML, check=check, code=verdict.code, healthy=False, at=at,
+                                   gpu=s.gpu, details={"recovery_action": verdict.name},
+                                   message=f"NVML: GPU recovery action {verdict.name!r} ({verdict.action}) on "
+                                           f"{s.gpu.label()}"))
         elif check == "gpu.lost":
             state(check, s.lost == check,
                   message=f"NVML: GPU {s.gpu.label()} is lost{': ' + s.why if s.why else ''}" if s.lost else "")

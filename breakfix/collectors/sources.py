@@ -61,7 +61,7 @@ class NvmlPoll:
         return await asyncio.wrap_future(in_daemon_thread(self.src.read, name="nvml-poll"))  # a hung init: no exit
 
     def apply(self, raw: list[GpuSample], at: datetime, mono: float) -> Cycle:
-        return self.src.evaluate(raw, at, mono)
+        return self.src.evaluate_readings(raw, at, mono)
 
 
 class NvmlXids:
