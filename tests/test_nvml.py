@@ -10,6 +10,8 @@ from datetime import timedelta
 
 import pynvml
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from breakfix.collectors.context import NodeContext
@@ -302,6 +304,51 @@ class TestReadings:
         flat = [s for cycle in sent[0] for s in cycle]
         assert any(s["check"] == check and not s["healthy"] for s in flat), "the fault was sent"
         assert any(s["details"].get("resync") == "true" for s in flat), "a resync was sent"  # type: ignore[union-attr]
+
+    @given(check=st.sampled_from(["xid", "nvlink.down", "thermal.slowdown", " ecc.dbe "]), healthy=st.booleans(),
+           code=st.sampled_from([None, "48", "79", "DCGM_FR_NVLINK_DOWN"]),
+           component=st.sampled_from([None, "", "nvlink3", " link 2 ", "   "]),
+           ident=st.sampled_from(["uuid", "index", "pci", "none"]),
+           tenant=st.sampled_from(["none", "pod", "endpoint"]),
+           value=st.none() | st.floats(allow_nan=False, allow_infinity=False, width=32),
+           message=st.sampled_from(["", "  spaced  ", "XID 48 Double Bit ECC Error"]),
+           node=st.sampled_from(["n1", " n2 "]))
+    @settings(max_examples=300, deadline=None)
+    def test_a_reading_builds_the_signal_and_fault_key_the_context_builds_when_read(  # type: ignore[no-untyped-def]
+            self, check, healthy, code, component, ident, tenant, value, message, node) -> None:
+        from breakfix.schemas.catalog import default_catalog
+        from breakfix.schemas.common import GpuRef, TenantRef
+        from breakfix.schemas.signal import SignalSource
+        uuid = "GPU-00000002-aaaa-bbbb-cccc-dddddddddddd"
+        g = {"uuid": GpuRef(index=2, uuid=uuid, pci_bus_id="0000:1a:00.0"), "index": GpuRef(index=2),
+             "pci": GpuRef(pci_bus_id="0000:1a:00.0"), "none": None}[ident]
+        c = NodeContext(cluster="c1", node=node, catalog=default_catalog(), labels={"rack": "r1"})
+        if tenant != "none":
+            c.set_tenants({uuid: TenantRef(namespace="team-a", pod="p-0",
+                                           endpoint="http://p-0:8000" if tenant == "endpoint" else None)})
+        kw = {"source": SignalSource.NVML, "check": check, "healthy": healthy, "at": T0, "code": code, "gpu": g,
+              "component": component, "value": value, "message": message}
+        r = c.reading(**kw)  # type: ignore[arg-type]
+        expected = c.signal(**kw)  # type: ignore[arg-type]
+        c.set_tenants({})  # what changes after the read does not reach the signal built later
+        c.labels = {"rack": "r2"}
+        assert r.key == expected.fault_key()
+        assert (r.check, r.healthy, r.code, r.severity) == (check, expected.healthy, code, expected.severity)
+        assert r.build() == expected
+
+    def test_a_state_whose_signal_cannot_be_built_changes_nothing_and_is_tried_again(self, catalog: Catalog) -> None:
+        from breakfix.schemas.common import GpuRef
+        from breakfix.schemas.signal import SignalSource
+        c = ctx(catalog)
+        kw = {"source": SignalSource.NVML, "healthy": False, "at": T0, "gpu": GpuRef(index=0, uuid="GPU-0")}
+        good = c.reading(check="nvlink.down", **kw)  # type: ignore[arg-type]
+        bad = c.reading(check="nvlink.down", **kw)  # type: ignore[arg-type]
+        bad._args["details"] = {"n": 1}  # not a string: the Signal refuses it
+        edge = EdgeFilter()
+        assert edge.apply(Cycle(readings=[bad]), T0) == []
+        assert edge.stats.unbuildable == 1 and edge.faulted_keys() == []
+        assert edge.apply(Cycle(readings=[good]), T0 + timedelta(seconds=1)) == [good.build()]
+        assert edge.faulted_keys() == [good.key]
 
     def test_a_reading_that_is_not_finite_skips_its_gpu_as_a_signal_that_would_not_build_did(
             self, catalog: Catalog) -> None:

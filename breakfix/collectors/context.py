@@ -28,7 +28,7 @@ class NodeContext:
     cluster: str
     node: str
     catalog: Catalog
-    labels: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # replaced when it changes, never changed in place
     gpus_by_pci: dict[str, GpuRef] = field(default_factory=dict)
     gpus_by_uuid: dict[str, GpuRef] = field(default_factory=dict)
     tenants: dict[str, TenantRef] = field(default_factory=dict)  # GPU UUID -> the pod holding it

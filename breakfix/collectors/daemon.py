@@ -114,7 +114,11 @@ class CollectorDaemon:
 
     # -- plumbing ----------------------------------------------------------------------------------
     async def emit(self, source: str, cycle: Cycle) -> None:
+        unbuildable = self.edge.stats.unbuildable
         out = self.edge.apply(cycle, self.clock.now())
+        if self.edge.stats.unbuildable != unbuildable:
+            log.warning("states_unbuildable", node=self.ctx.node, source=source,
+                        states=self.edge.stats.unbuildable - unbuildable)
         if out:
             await self.forwarder.send(out)
             self.metrics.signals.labels(source).inc(len(out))
@@ -264,7 +268,8 @@ class CollectorDaemon:
         except Exception as exc:
             log.warning("node_labels_unavailable", node=self.ctx.node, error=repr(exc))
             return
-        self.ctx.labels.update(found)  # signals made from now on carry them
+        self.ctx.labels = {**self.ctx.labels, **found}  # signals read from now on carry them (replaced, never
+        # changed in place: a reading builds its signal later with the labels of the moment it was read)
         log.info("node_topology", node=self.ctx.node, labels=found)
 
     async def run(self, stop: asyncio.Event) -> None:

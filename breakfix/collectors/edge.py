@@ -66,6 +66,17 @@ CARRY_MAX_S = 24 * 3600.0  # a carried fault whose check is never read again (it
 _CHECKS_CAP = 4096  # check names are a source's own: bounded however many arrive
 
 
+def _built(s: Signal | Reading) -> Signal | None:
+    """The signal a state stands for; None for a reading whose signal cannot be built (a source checks what a
+    ``Signal`` refuses when it reads, so this is never expected; it must not stop the other sources' cycles)."""
+    if isinstance(s, Signal):
+        return s
+    try:
+        return s.build()
+    except Exception:
+        return None
+
+
 def _with(s: Signal, **details: str) -> Signal:
     return s.model_copy(update={"details": {**s.details, **details}})
 
@@ -114,45 +125,49 @@ class EdgeFilter:
             sent = {s.fault_key() for s in out}
             for key, st in self.states.items():
                 if key not in sent and (not st.healthy or st.ever_faulted):
-                    last: list[Signal] = []
-                    self._send(st.signal, last)
-                    for sig in last:
-                        out.append(_with(sig.model_copy(update={"observed_at": max(now, sig.observed_at),
-                                                                "id": f"{sig.id[:24]}r{int(now.timestamp())}"}),
-                                         resync="true"))
-                        self.stats.resyncs += 1
+                    sig = _built(st.signal)  # sent when it was read, so it builds; a state that did not is skipped
+                    if sig is None:
+                        self.stats.unbuildable += 1
+                        continue
+                    out.append(_with(sig.model_copy(update={"observed_at": max(now, sig.observed_at),
+                                                            "id": f"{sig.id[:24]}r{int(now.timestamp())}"}),
+                                     resync="true"))
+                    self.stats.resyncs += 1
         return out
 
     def _state(self, key: str, s: Signal | Reading, healthy: bool, code: str | None, severity: Severity,
                out: list[Signal]) -> None:
-        """One state: sent when it is a transition (a ``Reading`` built then), remembered either way."""
+        """One state: sent when it is a transition (a ``Reading`` built then), remembered either way. A reading
+        whose signal cannot be built changes nothing here (counted in ``unbuildable``): the next poll tries again."""
         prev = self.states.get(key)
         if prev is None and key in self.carried:  # open before the restart: compare with that
+            if not healthy and _built(s) is None:
+                self.stats.unbuildable += 1
+                return
             self.carried.discard(key)
             prev = self.states[key] = _State(False, None if healthy else code, severity, s, True)
         if prev is None:
+            sent = None if healthy else _built(s)
+            if not healthy and sent is None:
+                self.stats.unbuildable += 1
+                return
             self.states[key] = _State(healthy, code, severity, s, not healthy)
-            if not healthy:
-                self._send(s, out)
+            if sent is not None:
+                out.append(sent)
                 self.stats.transitions += 1
             return
         changed = prev.healthy != healthy or (not healthy and (prev.code != code or prev.severity != severity))
+        sent = _built(s) if changed else None
+        if changed and sent is None:
+            self.stats.unbuildable += 1
+            return
         prev.healthy, prev.code, prev.severity, prev.signal = healthy, code, severity, s
         prev.ever_faulted |= not healthy
-        if changed:
-            self._send(s, out)
+        if sent is not None:
+            out.append(sent)
             self.stats.transitions += 1
         else:
             self.stats.suppressed_states += 1
-
-    def _send(self, s: Signal | Reading, out: list[Signal]) -> None:
-        if isinstance(s, Signal):
-            out.append(s)
-            return
-        try:
-            out.append(s.build())
-        except ValueError:  # the source checks what a Signal refuses when it reads it: never expected here
-            self.stats.unbuildable += 1
 
     def _expire_carried(self, now: datetime) -> None:
         """Forget a carried fault whose check has been read for three resync periods without its entity (the entity
