@@ -20,7 +20,7 @@ from typing import Any
 
 from breakfix.schemas.catalog import Catalog
 from breakfix.schemas.common import GpuRef, Severity, TenantRef
-from breakfix.schemas.signal import Signal, SignalSource, make_signal_id
+from breakfix.schemas.signal import Signal, SignalSource, fault_key_of, make_signal_id
 
 
 @dataclass
@@ -57,11 +57,10 @@ class NodeContext:
                value: float | None = None, threshold: float | None = None, message: str = "",
                details: dict[str, str] | None = None, severity: Severity | None = None,
                discriminator: str = "") -> Signal:
-        if tenant is None and gpu is not None and gpu.uuid:
-            tenant = self.tenants.get(gpu.uuid)
+        if tenant is None:
+            tenant = self._tenant(gpu)
         if severity is None:
-            severity = Severity.INFO if healthy else self.catalog.classify(check=check, code=code,
-                                                                           message=message).severity
+            severity = self._severity(check, code, healthy, message)
         return _build(self.cluster, self.node, self.labels, source=source, check=check, healthy=healthy, at=at,
                       code=code, gpu=gpu, component=component, tenant=tenant, value=value, threshold=threshold,
                       message=message, details=details, severity=severity, discriminator=discriminator)
@@ -74,21 +73,23 @@ class NodeContext:
         for number in (value, threshold):
             if number is not None and not math.isfinite(number):
                 raise ValueError(f"{check}: reading {number!r} is not finite")
-        tenant = self.tenants.get(gpu.uuid) if gpu is not None and gpu.uuid else None
-        severity = Severity.INFO if healthy else self.catalog.classify(check=check, code=code,
-                                                                       message=message).severity
-        # ``Signal.fault_key`` over the values the Signal will hold (its strings are stripped when it is built)
-        key = check.strip() + "@" + self.node.strip()
-        if gpu is not None:
-            key += "/" + (gpu.uuid or (f"gpu{gpu.index}" if gpu.index is not None else gpu.pci_bus_id or "gpu?"))
-        if component and component.strip():
-            key += "/" + component.strip()
-        if tenant is not None and tenant.endpoint:
-            key += "/" + tenant.key()
+        tenant = self._tenant(gpu)
+        severity = self._severity(check, code, healthy, message)
+        # over the values the Signal will hold: its strings are stripped when it is built
+        key = fault_key_of(check=check.strip(), node=self.node.strip(), gpu=gpu,
+                           component=component.strip() if component else None, tenant=tenant)
         return Reading(key, check, healthy, code, severity, (self.cluster, self.node, self.labels), {
             "source": source, "check": check, "healthy": healthy, "at": at, "code": code, "gpu": gpu,
             "component": component, "tenant": tenant, "value": value, "threshold": threshold, "message": message,
             "details": details, "severity": severity})
+
+
+    def _tenant(self, gpu: GpuRef | None) -> TenantRef | None:
+        """The pod holding the GPU, if the PodResources client knows one."""
+        return self.tenants.get(gpu.uuid) if gpu is not None and gpu.uuid else None
+
+    def _severity(self, check: str, code: str | None, healthy: bool, message: str) -> Severity:
+        return Severity.INFO if healthy else self.catalog.classify(check=check, code=code, message=message).severity
 
 
 class Reading:

@@ -141,9 +141,6 @@ class EdgeFilter:
         whose signal cannot be built changes nothing here (counted in ``unbuildable``): the next poll tries again."""
         prev = self.states.get(key)
         if prev is None and key in self.carried:  # open before the restart: compare with that
-            if not healthy and _built(s) is None:
-                self.stats.unbuildable += 1
-                return
             self.carried.discard(key)
             prev = self.states[key] = _State(False, None if healthy else code, severity, s, True)
         if prev is None:

@@ -3,7 +3,7 @@
 ``collectors.nvml.NvmlSource`` reads each GPU through NVML into a ``GpuSample``; ``collectors.nvsmi`` builds
 the same sample from an ``nvidia-smi -q`` dump, so both give one verdict for one fact. ``evaluate`` turns a
 sample into state signals: ``gpu.lost`` / ``gpu.reset_required``, volatile ``ecc.dbe`` and SBE bursts,
-``ecc.sram_threshold`` (``sram_signal``), ``row_remap.pending`` / ``failure``, ``retired_pages.pending`` and
+``ecc.sram_threshold`` (``sram_reading``), ``row_remap.pending`` / ``failure``, ``retired_pages.pending`` and
 ``retired_pages.limit``, clocks-event reasons (``clock.hw_slowdown`` / ``hw_thermal`` / ``power_brake``),
 ``temperature.slowdown``, the ``pcie.replay`` rate, per-link ``nvlink.down`` / ``nvlink.errors``, and ``fabric.gpu``,
 ``fabric.config`` and ``fabric.partition`` (``collectors.nvlink_fabric`` reads nvmlGpuFabricInfo_v2's healthMask or a
@@ -120,7 +120,7 @@ class GpuSample:
 FABRIC_SETTLING = (pynvml.NVML_GPU_FABRIC_STATE_NOT_STARTED, pynvml.NVML_GPU_FABRIC_STATE_IN_PROGRESS)
 
 
-def sram_signal(ctx: NodeContext, s: GpuSample, at: datetime) -> Reading | None:
+def sram_reading(ctx: NodeContext, s: GpuSample, at: datetime) -> Reading | None:
     """``ecc.sram_threshold`` for a sample whose SRAM threshold flag was read (NVML or a dump alike), else None. The
     aggregate uncorrectable SRAM count (parity + SEC-DED) is the value; every count read is in ``details``."""
     if s.sram_threshold is None:
@@ -179,7 +179,7 @@ def readings(ctx: NodeContext, s: GpuSample, prev: GpuSample | None, at: datetim
         return out
     if s.dbe is not None:
         state("ecc.dbe", s.dbe > 0, value=s.dbe, threshold=0)
-    if (sram := sram_signal(ctx, s, at)) is not None:
+    if (sram := sram_reading(ctx, s, at)) is not None:
         out.append(sram)
     if s.sbe is not None and prev is not None and prev.sbe is not None:
         state("ecc.sbe", s.sbe - prev.sbe >= th.sbe_burst, value=s.sbe - prev.sbe, threshold=th.sbe_burst)

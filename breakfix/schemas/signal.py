@@ -82,16 +82,21 @@ class Signal(BaseModel):
     def fault_key(self) -> str:
         """Check plus entity (``check@entity_key``): what a healthy signal must match to clear a fault. Built here,
         not from ``entity_key``: the correlator works it out for every signal it reads."""
-        key = self.check + "@" + self.node
-        g = self.gpu
-        if g is not None:
-            key += "/" + (g.uuid or (f"gpu{g.index}" if g.index is not None else g.pci_bus_id or "gpu?"))
-        if self.component:
-            key += "/" + self.component
-        t = self.tenant
-        if t is not None and t.endpoint:
-            key += "/" + t.key()
-        return key
+        return fault_key_of(check=self.check, node=self.node, gpu=self.gpu, component=self.component,
+                            tenant=self.tenant)
+
+
+def fault_key_of(*, check: str, node: str, gpu: GpuRef | None, component: str | None, tenant: TenantRef | None) -> str:
+    """``Signal.fault_key`` from the values a signal holds (its strings stripped), for a state whose ``Signal`` is
+    not built yet (``collectors.context.Reading``)."""
+    key = check + "@" + node
+    if gpu is not None:
+        key += "/" + (gpu.uuid or (f"gpu{gpu.index}" if gpu.index is not None else gpu.pci_bus_id or "gpu?"))
+    if component:
+        key += "/" + component
+    if tenant is not None and tenant.endpoint:
+        key += "/" + tenant.key()
+    return key
 
 
 def make_signal_id(
