@@ -409,3 +409,24 @@ async def test_a_disk_that_refuses_the_open_faults_file_is_retried_a_minute_late
     clock.advance(61)
     await d.emit("nvml", Cycle(states=[flap(False, 2, node="n1")]))
     assert len(tries) == 2
+
+
+async def test_a_reading_whose_signal_cannot_be_built_is_counted_by_source_and_logged(
+        tmp_path: Path, catalog: Catalog) -> None:
+    from structlog.testing import capture_logs
+
+    from breakfix.schemas.common import GpuRef
+    from breakfix.schemas.signal import SignalSource
+
+    cfg = CollectorConfig.model_validate({"cluster": "c1", "node": "n1", "state_dir": str(tmp_path),
+                                          "spool": {"dir": str(tmp_path / "spool")}})
+    d = build_collector(cfg, clock=SystemClock(), catalog=catalog)
+    bad = d.ctx.reading(source=SignalSource.NVML, check="nvlink.down", healthy=False, at=T0,
+                        gpu=GpuRef(index=0, uuid="GPU-0"))
+    bad._args["details"] = {"n": 1}  # not a string: the Signal refuses it
+    with capture_logs() as logs:
+        await d.emit("nvml", Cycle(readings=[bad]))
+    got = d.metrics.registry.get_sample_value("breakfix_collector_states_unbuildable_total", {"source": "nvml"})
+    assert got == 1.0
+    assert [e["states"] for e in logs if e["event"] == "states_unbuildable"] == [1]
+    assert d.forwarder.stats.spooled + d.forwarder.stats.published == 0, "nothing was sent"

@@ -82,6 +82,9 @@ class Metrics:
         self.published = Gauge("breakfix_collector_published", "Signals acked by JetStream", registry=r)
         self.suppressed = Gauge("breakfix_collector_suppressed", "Repeats counted instead of sent", ["kind"],
                                 registry=r)
+        self.unbuildable = Counter("breakfix_collector_states_unbuildable",
+                                   "Readings whose signal could not be built (state kept, read again next cycle)",
+                                   ["source"], registry=r)
 
 
 class CollectorDaemon:
@@ -119,6 +122,7 @@ class CollectorDaemon:
         if self.edge.stats.unbuildable != unbuildable:
             log.warning("states_unbuildable", node=self.ctx.node, source=source,
                         states=self.edge.stats.unbuildable - unbuildable)
+            self.metrics.unbuildable.labels(source).inc(self.edge.stats.unbuildable - unbuildable)
         if out:
             await self.forwarder.send(out)
             self.metrics.signals.labels(source).inc(len(out))
