@@ -275,8 +275,8 @@ def nats_figures(mix: str) -> dict[str, float]:
 
 def nats_figures_child(mix: str) -> dict[str, float]:
     """``nats_figures`` in a child process. The correlator daemon holds only its own state; this process holds the
-    three mixes (well over a million signals) when the service runs, and the service measured about 7 % slower
-    beside them while the raw read did not move (see the README), so both are measured where neither carries them."""
+    three mixes (well over a million signals) when the service runs, and beside them the service's ratio to the raw
+    read came out about 7 % lower (see the README), so both are measured where neither carries them."""
     code = f"import json; from benchmarks.run import nats_figures; print(json.dumps(nats_figures({mix!r})))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, check=True)
     figures: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
