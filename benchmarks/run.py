@@ -262,7 +262,7 @@ def core_figures_python() -> dict[str, object]:
     return figures
 
 
-def nats_figures(mix: str) -> dict[str, float]:
+def nats_figures(mix: str) -> dict[str, object]:
     """``bench_nats`` over the first 60,000 signals of ``mix`` (``fleet_hour`` or ``stress_mix``), in a process that
     holds nothing else (``nats_figures_child``)."""
     configure(json=True, level="WARNING")
@@ -270,16 +270,16 @@ def nats_figures(mix: str) -> dict[str, float]:
     gc.collect()
     gc.freeze()
     with tempfile.TemporaryDirectory(prefix="breakfix-bench-") as d:
-        return asyncio.run(bench_nats(signals, Path(d)))
+        return {"core_build": CORE_BUILD, **asyncio.run(bench_nats(signals, Path(d)))}
 
 
-def nats_figures_child(mix: str) -> dict[str, float]:
+def nats_figures_child(mix: str) -> dict[str, object]:
     """``nats_figures`` in a child process. The correlator daemon holds only its own state; this process holds the
     three mixes (well over a million signals) when the service runs, and beside them the service's ratio to the raw
     read came out about 7 % lower (see the README), so both are measured where neither carries them."""
     code = f"import json; from benchmarks.run import nats_figures; print(json.dumps(nats_figures({mix!r})))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, check=True)
-    figures: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    figures: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
     return figures
 
 
