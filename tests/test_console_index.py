@@ -161,6 +161,24 @@ async def test_a_checkpoint_is_stored_only_once_the_index_holds_every_change_it_
         await task
 
 
+async def test_an_index_writer_does_not_keep_its_bus_alive() -> None:
+    import gc
+    import weakref
+
+    from breakfix.correlator import index as index_module
+
+    bus = MemoryBus()
+    before = len(index_module._INDEXES)
+    await index_for(bus).write([incident("inc-a")])
+    assert index_for(bus) is index_for(bus), "one writer per bus"
+    assert len(index_module._INDEXES) == before + 1
+    gone = weakref.ref(bus)
+    del bus
+    gc.collect()
+    assert gone() is None
+    assert len(index_module._INDEXES) <= before
+
+
 async def test_a_bus_without_key_value_support_writes_no_index() -> None:
     await index_for(object()).write([incident("inc-a")])  # no error, nothing to write to
 

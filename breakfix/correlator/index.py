@@ -196,8 +196,9 @@ def index_for(bus: object) -> IncidentIndex | _NoIndex:
     if not all(hasattr(bus, m) for m in ("ensure_kv", "kv_put", "kv_watch")):
         return _NoIndex()
     idx = _INDEXES.get(bus)
-    if idx is None:
-        idx = _INDEXES[bus] = IncidentIndex(bus)  # type: ignore[arg-type]
+    if idx is None:  # the writer reaches its bus through a proxy: a strong reference from the value would keep the
+        # key alive, and with it every bus (and its last acks) a process ever indexed through
+        idx = _INDEXES[bus] = IncidentIndex(weakref.proxy(bus))
     return idx
 
 
