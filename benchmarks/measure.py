@@ -40,8 +40,11 @@ def peak_rss_mb(pid: int) -> float:
 def daemon_heap() -> Iterator[Callable[[], None]]:
     """Yields ``settle``: call it once the daemon under test is built, as the CLI calls ``bus.heap.settle_heap``;
     on the way out the benchmark process's own collector thresholds come back, so the figures measured next keep
-    theirs."""
+    theirs. On the way in everything frozen before is unfrozen, so ``settle``'s collection frees what a daemon
+    measured earlier left behind (``settle_heap`` froze it, reference cycles and all) instead of measuring this
+    one beside it."""
     thresholds = gc.get_threshold()
+    gc.unfreeze()
     try:
         yield settle_heap
     finally:

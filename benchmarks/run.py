@@ -6,7 +6,8 @@
 2. Through one real nats-server: the raw nats-py JetStream pull-and-ack rate, then the
    correlator service (consume, correlate, publish incident changes, checkpoint, ack) over
    the same signals on the same machine, reported as a ratio (fleet hour and stress mix); three rounds on fresh
-   servers, the medians and the ratio's lowest and highest, in a child process that holds only those signals.
+   servers in alternating order, the medians and each round's ratio, in a child process that holds only those
+   signals.
 3. Latency from publish to incident published at a steady 1,000 signals/s (p50, p99).
 4. Storm: 1,000 nodes x 8 GPUs for 10 s (leaf-switch failures plus 100 flapping GPUs),
    published as fast as the server takes them; catch-up time after the storm and peak RSS.
@@ -81,20 +82,19 @@ def bench_core(signals: list[Signal]) -> dict[str, float]:
             len(signals), 2), "incidents": len(core.incidents)}
 
 
-async def bench_nats(signals: list[Signal], data: Path, rounds: int = 3) -> dict[str, float]:
+async def bench_nats(signals: list[Signal], data: Path, rounds: int = 3) -> dict[str, object]:
     """The correlator service beside raw nats-py over the same stream, ``rounds`` times, each round on a fresh
-    server (the raw read, the lean pull, then the service): the medians, and the ratio's spread over the rounds.
-    One ~2 s raw read per run set most of the ratio's run-to-run spread; the median of alternating reads does
-    not hang on one of them."""
-    runs = [await _nats_round(signals, data / f"round{i}") for i in range(rounds)]
-    ratios = sorted(r["ratio_to_raw"] for r in runs)
+    server, the order alternating (raw read, lean pull, service; then service, lean pull, raw read): the medians,
+    and each round's ratio. One ~2 s raw read per run set most of the ratio's run-to-run spread; the median of
+    alternating reads does not hang on one of them."""
+    runs = [await _nats_round(signals, data / f"round{i}", service_first=i % 2 == 1) for i in range(rounds)]
     out = {k: statistics.median(r[k] for r in runs) for k in ("raw_pull_ack_per_s", "lean_pull_ackall_per_s",
                                                                "correlator_per_s", "ratio_to_raw")}
     return {"signals": len(signals), "rounds": rounds, **{k: round(v, 3) for k, v in out.items()},
-            "ratio_min": ratios[0], "ratio_max": ratios[-1], "incidents": runs[-1]["incidents"]}
+            "ratio_per_round": [r["ratio_to_raw"] for r in runs], "incidents": runs[-1]["incidents"]}
 
 
-async def _nats_round(signals: list[Signal], data: Path) -> dict[str, float]:
+async def _nats_round(signals: list[Signal], data: Path, *, service_first: bool) -> dict[str, float]:
     server = EmbeddedNats(data / "nats").start()
     try:
         bus = await JetStreamBus.connect(server.url)
@@ -105,38 +105,50 @@ async def _nats_round(signals: list[Signal], data: Path) -> dict[str, float]:
         await bus.flush()
         while await bus.stream_messages(subjects.SIGNALS.name) < len(payloads):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        # raw: nats-py's own pull subscription, fetch and per-message ack, nothing else
-        raw_s = await raw_pull_ack_s(server.url, stream=subjects.SIGNALS.name, subject=subjects.SIGNALS_ALL,
-                                     n=len(payloads), durable="raw")
-        # breakfix's lean puller (bus.puller) with one ack-all per batch: the ceiling for our consume loop
-        await bus.reset_consumer(stream=subjects.SIGNALS.name, durable="lean", filter_subject=subjects.SIGNALS_ALL,
-                                 start_seq=1)
-        start, got = time.perf_counter(), 0
-        while got < len(payloads):
-            batch = await bus.pull(stream=subjects.SIGNALS.name, durable="lean", batch=1024, timeout_s=1)
-            got += len(batch)
-            if batch:
-                await batch[-1].ack()
-        lean_s = time.perf_counter() - start
-        # correlator service over the same stream, under the collector settings the daemon runs with
-        with daemon_heap() as settle:
-            svc = build_correlator(CorrelatorConfig(service=ServiceConfig(durable="bench")), bus=bus,
-                                   clock=SystemClock())
-            settle()
-            stop = asyncio.Event()
-            start = time.perf_counter()
-            task = asyncio.create_task(svc.run(stop), name="bench-correlator")
-            while svc.signal_stats.handled + svc.signal_stats.dead_lettered < len(payloads):  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-            await svc.flush_index()  # every change's index put written inside the timed run, as its publish is
-            corr_s = time.perf_counter() - start
-            stop.set()
-            await task
+        n = len(payloads)
+
+        async def raw() -> float:
+            """nats-py's own pull subscription, fetch and per-message ack, nothing else."""
+            return await raw_pull_ack_s(server.url, stream=subjects.SIGNALS.name, subject=subjects.SIGNALS_ALL,
+                                        n=n, durable="raw")
+
+        async def lean() -> float:
+            """breakfix's lean puller (bus.puller) with one ack-all per batch: the ceiling for our consume loop."""
+            await bus.reset_consumer(stream=subjects.SIGNALS.name, durable="lean",
+                                     filter_subject=subjects.SIGNALS_ALL, start_seq=1)
+            start, got = time.perf_counter(), 0
+            while got < n:
+                batch = await bus.pull(stream=subjects.SIGNALS.name, durable="lean", batch=1024, timeout_s=1)
+                got += len(batch)
+                if batch:
+                    await batch[-1].ack()
+            return time.perf_counter() - start
+
+        async def service() -> tuple[float, int]:
+            """The correlator service over the same stream, under the collector settings the daemon runs with."""
+            with daemon_heap() as settle:
+                svc = build_correlator(CorrelatorConfig(service=ServiceConfig(durable="bench")), bus=bus,
+                                       clock=SystemClock())
+                settle()
+                stop = asyncio.Event()
+                start = time.perf_counter()
+                task = asyncio.create_task(svc.run(stop), name="bench-correlator")
+                while svc.signal_stats.handled + svc.signal_stats.dead_lettered < n:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+                await svc.flush_index()  # every change's index put written inside the timed run, as its publish is
+                took = time.perf_counter() - start
+                stop.set()
+                await task
+                return took, len(svc.core.incidents)
+
+        if service_first:
+            (corr_s, incidents), lean_s, raw_s = await service(), await lean(), await raw()
+        else:
+            raw_s, lean_s, (corr_s, incidents) = await raw(), await lean(), await service()
         await bus.close()
-        return {"signals": len(payloads), "raw_pull_ack_per_s": round(len(payloads) / raw_s),
-                "lean_pull_ackall_per_s": round(len(payloads) / lean_s),
-                "correlator_per_s": round(len(payloads) / corr_s), "ratio_to_raw": round(raw_s / corr_s, 3),
-                "incidents": len(svc.core.incidents)}
+        return {"signals": n, "raw_pull_ack_per_s": round(n / raw_s), "lean_pull_ackall_per_s": round(n / lean_s),
+                "correlator_per_s": round(n / corr_s), "ratio_to_raw": round(raw_s / corr_s, 3),
+                "incidents": incidents}
     finally:
         server.stop()
 
@@ -254,9 +266,14 @@ def core_figures(hour: list[Signal], storm: list[Signal], stress: list[Signal]) 
 def core_figures_python() -> dict[str, object]:
     """``core_figures`` in a child process that runs the core's Python sources (``BREAKFIX_PURE_CORE=1``), for the
     compiled core's ratio in the same run."""
-    code = ("import gc, json; from benchmarks.run import core_figures, mixes; h, st, sx = mixes(); gc.freeze(); "
-            "print(json.dumps(core_figures(h, st, sx)))")
-    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, PURE_ENV: "1"}, capture_output=True,
+    return _child_json("import gc, json; from benchmarks.run import core_figures, mixes; h, st, sx = mixes(); "
+                       "gc.freeze(); print(json.dumps(core_figures(h, st, sx)))", env={PURE_ENV: "1"})
+
+
+def _child_json(code: str, *, env: dict[str, str] | None = None) -> dict[str, object]:
+    """Run ``code`` in a child Python and read the JSON object on its last line of output. Its stderr (logs, and
+    a traceback when it fails) passes through to this process's."""
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                           text=True, timeout=900, check=True)
     figures: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
     return figures
@@ -264,7 +281,7 @@ def core_figures_python() -> dict[str, object]:
 
 def nats_figures(mix: str) -> dict[str, object]:
     """``bench_nats`` over the first 60,000 signals of ``mix`` (``fleet_hour`` or ``stress_mix``), in a process that
-    holds nothing else (``nats_figures_child``)."""
+    holds nothing else once they are built (``nats_figures_child``)."""
     configure(json=True, level="WARNING")
     signals = fleet_hour()[:60_000] if mix == "fleet_hour" else stress_mix(200_000)[:60_000]
     gc.collect()
@@ -275,12 +292,10 @@ def nats_figures(mix: str) -> dict[str, object]:
 
 def nats_figures_child(mix: str) -> dict[str, object]:
     """``nats_figures`` in a child process. The correlator daemon holds only its own state; this process holds the
-    three mixes (well over a million signals) when the service runs, and beside them the service's ratio to the raw
-    read came out about 7 % lower (see the README), so both are measured where neither carries them."""
-    code = f"import json; from benchmarks.run import nats_figures; print(json.dumps(nats_figures({mix!r})))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, check=True)
-    figures: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
-    return figures
+    three mixes (about 440,000 signals) when the service runs, and beside them the service handled about 5 % fewer
+    signals a second (see the README), so the service and its raw read are measured where neither carries them."""
+    return _child_json(f"import json; from benchmarks.run import nats_figures; "
+                       f"print(json.dumps(nats_figures({mix!r})))")
 
 
 def mixes() -> tuple[list[Signal], list[Signal], list[Signal]]:
