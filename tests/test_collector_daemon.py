@@ -415,18 +415,31 @@ async def test_a_reading_whose_signal_cannot_be_built_is_counted_by_source_and_l
         tmp_path: Path, catalog: Catalog) -> None:
     from structlog.testing import capture_logs
 
+    from breakfix.collectors.context import Reading
     from breakfix.schemas.common import GpuRef
     from breakfix.schemas.signal import SignalSource
 
     cfg = CollectorConfig.model_validate({"cluster": "c1", "node": "n1", "state_dir": str(tmp_path),
                                           "spool": {"dir": str(tmp_path / "spool")}})
     d = build_collector(cfg, clock=SystemClock(), catalog=catalog)
-    bad = d.ctx.reading(source=SignalSource.NVML, check="nvlink.down", healthy=False, at=T0,
-                        gpu=GpuRef(index=0, uuid="GPU-0"))
-    bad._args["details"] = {"n": 1}  # not a string: the Signal refuses it
+
+    def reading(gpu: int, *, good: bool) -> Reading:
+        r = d.ctx.reading(source=SignalSource.NVML, check="nvlink.down", healthy=False, at=T0,
+                          gpu=GpuRef(index=gpu, uuid=f"GPU-{gpu}"))
+        if not good:
+            r._args["details"] = {"n": 1}  # not a string: the Signal refuses it
+        return r
+
+    def count(source: str) -> float | None:
+        return d.metrics.registry.get_sample_value("breakfix_collector_states_unbuildable_total", {"source": source})
+
     with capture_logs() as logs:
-        await d.emit("nvml", Cycle(readings=[bad]))
-    got = d.metrics.registry.get_sample_value("breakfix_collector_states_unbuildable_total", {"source": "nvml"})
-    assert got == 1.0
-    assert [e["states"] for e in logs if e["event"] == "states_unbuildable"] == [1]
-    assert d.forwarder.stats.spooled + d.forwarder.stats.published == 0, "nothing was sent"
+        await d.emit("nvml", Cycle(readings=[reading(0, good=False), reading(1, good=True)]))
+        await d.emit("nvml", Cycle(readings=[reading(0, good=False)]))
+        await d.emit("dcgm", Cycle(states=[]))
+    assert count("nvml") == 2.0, "each cycle's unbuildable reading counted"
+    assert count("dcgm") is None, "nothing counted under a source that had none"
+    assert [e["states"] for e in logs if e["event"] == "states_unbuildable"] == [1, 1]
+    sent = d.forwarder.stats.spooled + d.forwarder.stats.published
+    assert sent == 1, "the good reading beside it was still sent; the bad one never was"
+    assert d.edge.faulted_keys() == [reading(1, good=True).key]

@@ -83,8 +83,9 @@ class Metrics:
         self.suppressed = Gauge("breakfix_collector_suppressed", "Repeats counted instead of sent", ["kind"],
                                 registry=r)
         self.unbuildable = Counter("breakfix_collector_states_unbuildable",
-                                   "Readings whose signal could not be built (state kept, read again next cycle)",
-                                   ["source"], registry=r)
+                                   "Readings whose signal could not be built (state kept, read again next cycle); "
+                                   "a resync's are counted under the source whose cycle ran it", ["source"],
+                                   registry=r)
 
 
 class CollectorDaemon:

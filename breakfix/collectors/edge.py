@@ -125,7 +125,8 @@ class EdgeFilter:
             sent = {s.fault_key() for s in out}
             for key, st in self.states.items():
                 if key not in sent and (not st.healthy or st.ever_faulted):
-                    sig = _built(st.signal)  # sent when it was read, so it builds; a state that did not is skipped
+                    sig = _built(st.signal)  # an unchanged fault keeps its latest reading, never built: one that
+                    # does not build is skipped and counted (under the source whose cycle ran the resync)
                     if sig is None:
                         self.stats.unbuildable += 1
                         continue
