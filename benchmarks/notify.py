@@ -83,6 +83,7 @@ async def one_round(n: int, notify: bool) -> dict[str, float]:
             cluster = SimCluster({f"n{i}": SimNode(f"n{i}") for i in range(n)})
             svc = await build_remediator(RemediatorConfig(cluster="bench", actor="remediator/bench"), bus=bus,
                                          clock=SystemClock(), cluster_api=cluster, policy=policy)
+            settle_heap()  # as ``breakfix remediator`` does once the service is built, before it runs
             config = NotifyConfig.model_validate({
                 "channels": [{"name": "stall", "type": "webhook", "url": url, "timeout_s": 2, "attempts": 3,
                               "backoff_s": 0.5}], "default": ["stall"], "queue_size": 100,
@@ -103,7 +104,6 @@ async def one_round(n: int, notify: bool) -> dict[str, float]:
             notifier = svc.observe.listeners[0] if svc.observe.listeners else None
             if isinstance(notifier, NotifierService):
                 await asyncio.wait_for(notifier.ready.wait(), 30)
-            settle_heap()  # the collector settings the daemon runs under (``breakfix remediator`` settles once started)
             t0 = datetime.now(UTC)
             server_proc = psutil.Process(server._proc.pid) if server._proc else None
             cpu0 = time.process_time() + (sum(server_proc.cpu_times()[:2]) if server_proc else 0.0)

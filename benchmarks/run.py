@@ -84,9 +84,10 @@ def bench_core(signals: list[Signal]) -> dict[str, float]:
 
 async def bench_nats(signals: list[Signal], data: Path, rounds: int = 3) -> dict[str, object]:
     """The correlator service beside raw nats-py over the same stream, ``rounds`` times, each round on a fresh
-    server, the order alternating (raw read, lean pull, service; then service, lean pull, raw read): the medians,
-    and each round's ratio. One ~2 s raw read per run set most of the ratio's run-to-run spread; the median of
-    alternating reads does not hang on one of them."""
+    server, the order alternating (raw read, lean pull, service; then service, lean pull, raw read; with three
+    rounds two go raw first): the medians, and each round's ratio. One ~2 s raw read per run set most of the
+    ratio's run-to-run spread; the median of alternating reads does not hang on one of them. Each median is taken
+    on its own, so the median rates need not come from the round whose ratio is the median."""
     runs = [await _nats_round(signals, data / f"round{i}", service_first=i % 2 == 1) for i in range(rounds)]
     out = {k: statistics.median(r[k] for r in runs) for k in ("raw_pull_ack_per_s", "lean_pull_ackall_per_s",
                                                                "correlator_per_s", "ratio_to_raw")}
@@ -275,7 +276,11 @@ def _child_json(code: str, *, env: dict[str, str] | None = None) -> dict[str, ob
     a traceback when it fails) passes through to this process's."""
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                           text=True, timeout=900, check=True)
-    figures: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    last = (done.stdout.strip().splitlines() or [""])[-1]
+    try:
+        figures: dict[str, object] = json.loads(last)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"a benchmark child printed no JSON figures; its last line: {last[:300]!r}") from None
     return figures
 
 
@@ -311,6 +316,7 @@ def main() -> None:
     result["core_python_sources"] = core_figures_python()
     result["nats_fleet_hour"] = nats_figures_child("fleet_hour")
     result["nats_stress_mix"] = nats_figures_child("stress_mix")
+    del hour, storm, stress  # nothing after this reads the mixes: the daemons measured next do not run beside them
     with tempfile.TemporaryDirectory(prefix="breakfix-bench-") as d:
         result["latency"] = asyncio.run(bench_latency(Path(d)))
         result["storm"] = asyncio.run(bench_storm(Path(d)))
