@@ -120,10 +120,9 @@ class CollectorDaemon:
     async def emit(self, source: str, cycle: Cycle) -> None:
         unbuildable = self.edge.stats.unbuildable
         out = self.edge.apply(cycle, self.clock.now())
-        if self.edge.stats.unbuildable != unbuildable:
-            log.warning("states_unbuildable", node=self.ctx.node, source=source,
-                        states=self.edge.stats.unbuildable - unbuildable)
-            self.metrics.unbuildable.labels(source).inc(self.edge.stats.unbuildable - unbuildable)
+        if dropped := self.edge.stats.unbuildable - unbuildable:
+            log.warning("states_unbuildable", node=self.ctx.node, source=source, states=dropped)
+            self.metrics.unbuildable.labels(source).inc(dropped)
         if out:
             await self.forwarder.send(out)
             self.metrics.signals.labels(source).inc(len(out))

@@ -145,27 +145,25 @@ class EdgeFilter:
             self.carried.discard(key)
             prev = self.states[key] = _State(False, None if healthy else code, severity, s, True)
         if prev is None:
-            sent = None if healthy else _built(s)
-            if not healthy and sent is None:
-                self.stats.unbuildable += 1
-                return
-            self.states[key] = _State(healthy, code, severity, s, not healthy)
-            if sent is not None:
-                out.append(sent)
-                self.stats.transitions += 1
+            if healthy or self._send(s, out):
+                self.states[key] = _State(healthy, code, severity, s, not healthy)
             return
-        changed = prev.healthy != healthy or (not healthy and (prev.code != code or prev.severity != severity))
-        sent = _built(s) if changed else None
-        if changed and sent is None:
-            self.stats.unbuildable += 1
+        if not (prev.healthy != healthy or (not healthy and (prev.code != code or prev.severity != severity))):
+            self.stats.suppressed_states += 1
+        elif not self._send(s, out):
             return
         prev.healthy, prev.code, prev.severity, prev.signal = healthy, code, severity, s
         prev.ever_faulted |= not healthy
-        if sent is not None:
-            out.append(sent)
-            self.stats.transitions += 1
-        else:
-            self.stats.suppressed_states += 1
+
+    def _send(self, s: Signal | Reading, out: list[Signal]) -> bool:
+        """A transition goes out; False (counted) when its reading's signal cannot be built."""
+        sig = _built(s)
+        if sig is None:
+            self.stats.unbuildable += 1
+            return False
+        out.append(sig)
+        self.stats.transitions += 1
+        return True
 
     def _expire_carried(self, now: datetime) -> None:
         """Forget a carried fault whose check has been read for three resync periods without its entity (the entity
